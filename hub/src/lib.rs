@@ -1,1 +1,156 @@
+//! Fengda's connection hub: customers' WebSockets in, NLP answers streamed
+//! back token by token.
+//!
+//! Module map:
+//! - [`config`]: the one typed [`Config`] and the `serve` flags.
+//! - [`ids`]: validated newtype ids (`TenantId`, `ConversationId`, …).
+//! - [`protocol`]: the wire contract: frames, error codes, close codes.
+//! - [`http`]: routes: `/ws` upgrade, `/healthz`, `/readyz`, the web demo.
+//! - [`session`]: one connection: reader, writer, bounded outbound queue.
+//! - [`router`]: this node's sockets by conversation; encode once, fan out.
+//! - [`backend`]: the conversation store seam (logs, seqs, delivery); in memory today.
+//! - [`reply`]: one question's answer: history, NLP stream, deltas, stored reply.
+//! - [`nlp`]: the gRPC client of the NLP service.
+//!
+//! [`App::build`] binds the listener (and, without `nlp.url`, starts the
+//! built-in answerer in-process behind its real gRPC interface);
+//! [`App::run`] serves until the shutdown future resolves, then closes every
+//! session with 1001 and waits for its tasks within `shutdown_grace_ms`.
 
+pub mod backend;
+pub mod config;
+pub mod http;
+pub mod ids;
+pub mod nlp;
+pub mod protocol;
+pub mod reply;
+pub mod router;
+pub mod session;
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{info, warn};
+
+pub use config::Config;
+
+use backend::{Backend, MemoryBackend};
+use nlp::NlpClient;
+use reply::Replier;
+use router::Router;
+
+/// State shared by every request and session of this node.
+pub struct AppState {
+    pub config: Arc<Config>,
+    pub backend: Arc<dyn Backend>,
+    pub replier: Replier,
+    /// Owns every session task, so shutdown can wait for them.
+    pub tracker: TaskTracker,
+    /// Cancelled when the node shuts down; every session token is a child.
+    pub shutdown: CancellationToken,
+    /// False once shutdown begins: `/readyz` turns red and upgrades are refused.
+    pub accepting: AtomicBool,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("cannot bind {addr}: {source}")]
+    Bind { addr: SocketAddr, source: std::io::Error },
+    #[error("cannot start the built-in answerer: {0}")]
+    Answerer(#[from] fengda_nlp::error::BridgeError),
+    #[error(transparent)]
+    Nlp(#[from] nlp::NlpError),
+    #[error("server failed: {0}")]
+    Serve(std::io::Error),
+}
+
+/// A hub node, bound and ready to run.
+pub struct App {
+    listener: TcpListener,
+    local_addr: SocketAddr,
+    state: Arc<AppState>,
+    /// The in-process answerer, when no external NLP URL is configured.
+    embedded_answerer: Option<EmbeddedAnswerer>,
+}
+
+struct EmbeddedAnswerer {
+    stop: CancellationToken,
+    task: tokio::task::JoinHandle<Result<(), tonic::transport::Error>>,
+}
+
+impl App {
+    pub async fn build(config: Config) -> Result<Self, StartError> {
+        let (nlp_url, embedded_answerer) = match &config.nlp.url {
+            Some(url) => (url.clone(), None),
+            None => {
+                let addr = SocketAddr::from(([127, 0, 0, 1], 0));
+                let listener = TcpListener::bind(addr).await.map_err(|source| StartError::Bind { addr, source })?;
+                let url = format!("http://{}", listener.local_addr().map_err(StartError::Serve)?);
+                let service = fengda_nlp::NlpService::builtin(&config.answerer)?;
+                let stop = CancellationToken::new();
+                let task = tokio::spawn(fengda_nlp::serve(listener, service, stop.clone()));
+                info!(%url, "built-in answerer started in-process");
+                (url, Some(EmbeddedAnswerer { stop, task }))
+            }
+        };
+        let nlp = NlpClient::connect_lazy(&nlp_url, &config.nlp)?;
+        let router = Arc::new(Router::default());
+        let backend: Arc<dyn Backend> = Arc::new(MemoryBackend::new(router, config.conversation.log_cap));
+        let replier = Replier {
+            backend: backend.clone(),
+            nlp,
+            history_turns: config.conversation.history_turns,
+            first_chunk_timeout: Duration::from_millis(config.nlp.first_chunk_timeout_ms),
+        };
+        let listener = TcpListener::bind(config.listen)
+            .await
+            .map_err(|source| StartError::Bind { addr: config.listen, source })?;
+        let local_addr = listener.local_addr().map_err(StartError::Serve)?;
+        let state = Arc::new(AppState {
+            config: Arc::new(config),
+            backend,
+            replier,
+            tracker: TaskTracker::new(),
+            shutdown: CancellationToken::new(),
+            accepting: AtomicBool::new(true),
+        });
+        Ok(Self { listener, local_addr, state, embedded_answerer })
+    }
+
+    /// The address actually bound (useful with port 0).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// Serves until `shutdown` resolves, then drains: readiness goes red,
+    /// sessions close with 1001, their tasks get `shutdown_grace_ms` to end.
+    pub async fn run(self, shutdown: impl Future<Output = ()> + Send + 'static) -> Result<(), StartError> {
+        let state = self.state.clone();
+        let routes = http::routes(state.clone());
+        let stop_sessions = {
+            let state = state.clone();
+            async move {
+                shutdown.await;
+                info!("shutting down: refusing new sockets, closing sessions");
+                state.accepting.store(false, Ordering::Release);
+                state.shutdown.cancel();
+            }
+        };
+        axum::serve(self.listener, routes).with_graceful_shutdown(stop_sessions).await.map_err(StartError::Serve)?;
+        state.tracker.close();
+        if tokio::time::timeout(state.config.shutdown_grace(), state.tracker.wait()).await.is_err() {
+            warn!(remaining = state.tracker.len(), "sessions still running after the grace period");
+        }
+        if let Some(answerer) = self.embedded_answerer {
+            answerer.stop.cancel();
+            let _ = answerer.task.await;
+        }
+        Ok(())
+    }
+}

@@ -1,1 +1,62 @@
-fn main() {}
+//! `fengda`: the hub's command line.
+
+use std::io::Write;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use fengda::App;
+use fengda::config::ServeArgs;
+
+#[derive(Parser)]
+#[command(name = "fengda", version, about = "Realtime hub for AI customer service")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run a hub node (prints `listening on http://ADDR` first on stdout).
+    Serve(ServeArgs),
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info,tower_http=warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let Command::Serve(args) = Cli::parse().command;
+    let config = args.into_config().context("invalid configuration")?;
+    let app = App::build(config).await.context("cannot start the hub")?;
+    let mut stdout = std::io::stdout().lock();
+    writeln!(stdout, "listening on http://{}", app.local_addr())?;
+    stdout.flush()?;
+    drop(stdout);
+    app.run(shutdown_signal()).await.context("hub failed")?;
+    Ok(())
+}
+
+/// Resolves on Ctrl-C or SIGTERM.
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(_) => std::future::pending().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {},
+        () = terminate => {},
+    }
+}

@@ -1,1 +1,21 @@
-//! Test support.
+//! Test support: start the real binaries, speak the real protocols.
+//!
+//! - [`Hub`]: a `fengda serve` process on an ephemeral port, killed on drop.
+//! - [`NlpProcess`]: a `fengda-nlp` process, likewise.
+//! - [`Client`]: a WebSocket client with JSON helpers that fail loudly on timeout.
+//! - [`RecordingAnswerer`]: an in-test gRPC answerer that records every request.
+//!
+//! Binaries are taken from the cargo target dir next to the test executable
+//! (`cargo build --workspace --bins` or `cargo nextest run --workspace`
+//! builds them); a missing binary fails the test with instructions.
+
+mod answerer;
+mod client;
+mod process;
+
+pub use answerer::{RecordingAnswerer, Script};
+pub use client::{Client, Reply};
+pub use process::{Hub, NlpProcess, binary};
+
+/// How long any single expected event may take before the test fails.
+pub const STEP_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);

@@ -1,0 +1,150 @@
+//! The in-memory backend: one node, no Redis; the embedded default.
+//!
+//! Each conversation's log sits behind its own `std::sync::Mutex`. Append
+//! assigns the seq, stores the event and hands it to the [`Router`] under
+//! that lock, so events reach sockets in seq order; the lock is never held
+//! across an `.await` (delivery only does non-blocking `try_send`s).
+//! `attach` takes the same lock to snapshot the log and join the router, so
+//! a new session cannot miss an event appended in between.
+//!
+//! State lives as long as the process. Logs are capped at `log_cap` events.
+
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex};
+
+use async_trait::async_trait;
+use axum::extract::ws::Utf8Bytes;
+use dashmap::DashMap;
+
+use super::{Appended, Backend, BackendError, NewEvent, Snapshot, StoredEvent, now_ms};
+use crate::ids::{ConversationId, ConversationKey, SessionId, TenantId, UserId};
+use crate::protocol::Role;
+use crate::router::{Router, SessionHandle};
+
+#[derive(Debug)]
+pub struct MemoryBackend {
+    router: Arc<Router>,
+    conversations: DashMap<ConversationKey, Arc<Mutex<ConversationLog>>>,
+    /// Each user's most recent conversation.
+    latest: DashMap<(TenantId, UserId), ConversationId>,
+    log_cap: usize,
+}
+
+#[derive(Debug)]
+struct ConversationLog {
+    user: UserId,
+    last_seq: u64,
+    /// The newest `log_cap` events, oldest first.
+    events: VecDeque<Arc<StoredEvent>>,
+}
+
+impl MemoryBackend {
+    pub fn new(router: Arc<Router>, log_cap: usize) -> Self {
+        Self { router, conversations: DashMap::new(), latest: DashMap::new(), log_cap }
+    }
+
+    fn log(&self, key: &ConversationKey) -> Result<Arc<Mutex<ConversationLog>>, BackendError> {
+        self.conversations.get(key).map(|log| log.clone()).ok_or(BackendError::ConversationNotFound)
+    }
+}
+
+fn lock(log: &Mutex<ConversationLog>) -> std::sync::MutexGuard<'_, ConversationLog> {
+    // A panic while holding the lock cannot leave the log half-written (every
+    // mutation is a single push or pop), so a poisoned lock is still usable.
+    log.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+#[async_trait]
+impl Backend for MemoryBackend {
+    async fn open(
+        &self,
+        tenant: &TenantId,
+        user: &UserId,
+        requested: Option<&ConversationId>,
+    ) -> Result<ConversationKey, BackendError> {
+        if let Some(conversation) = requested {
+            let key = ConversationKey { tenant: tenant.clone(), conversation: conversation.clone() };
+            let owned = self.conversations.get(&key).is_some_and(|log| lock(&log).user == *user);
+            if !owned {
+                return Err(BackendError::ConversationNotFound);
+            }
+            self.latest.insert((tenant.clone(), user.clone()), conversation.clone());
+            return Ok(key);
+        }
+        let conversation = self
+            .latest
+            .entry((tenant.clone(), user.clone()))
+            .or_insert_with(|| {
+                let conversation = ConversationId::generate();
+                let key = ConversationKey { tenant: tenant.clone(), conversation: conversation.clone() };
+                let log = ConversationLog { user: user.clone(), last_seq: 0, events: VecDeque::new() };
+                self.conversations.insert(key, Arc::new(Mutex::new(log)));
+                conversation
+            })
+            .clone();
+        Ok(ConversationKey { tenant: tenant.clone(), conversation })
+    }
+
+    async fn attach(
+        &self,
+        key: &ConversationKey,
+        session: SessionHandle,
+        after: Option<u64>,
+    ) -> Result<Snapshot, BackendError> {
+        let log = self.log(key)?;
+        let log = lock(&log);
+        self.router.join(key, session);
+        let missed = match after {
+            Some(after) => log.events.iter().filter(|e| e.seq > after).cloned().collect(),
+            None => Vec::new(),
+        };
+        Ok(Snapshot { last_seq: log.last_seq, missed })
+    }
+
+    fn detach(&self, key: &ConversationKey, session: SessionId) {
+        self.router.leave(key, session);
+    }
+
+    async fn append(
+        &self,
+        key: &ConversationKey,
+        event: NewEvent,
+        origin: Option<SessionId>,
+    ) -> Result<Appended, BackendError> {
+        let log = self.log(key)?;
+        let mut log = lock(&log);
+        if event.from == Role::Customer
+            && let Some(existing) = log.events.iter().rev().find(|e| e.from == Role::Customer && e.id == event.id)
+        {
+            return Ok(Appended::Duplicate(existing.seq));
+        }
+        log.last_seq += 1;
+        let stored = Arc::new(StoredEvent {
+            seq: log.last_seq,
+            from: event.from,
+            id: event.id,
+            text: event.text,
+            fallback: event.fallback,
+            at_ms: now_ms(),
+        });
+        log.events.push_back(stored.clone());
+        while log.events.len() > self.log_cap {
+            log.events.pop_front();
+        }
+        self.router.deliver_event(key, &stored, origin);
+        Ok(Appended::New(stored.seq))
+    }
+
+    async fn recent_turns(&self, key: &ConversationKey, limit: usize) -> Result<Vec<Arc<StoredEvent>>, BackendError> {
+        let log = self.log(key)?;
+        let log = lock(&log);
+        let mut turns: Vec<_> =
+            log.events.iter().rev().filter(|e| e.from != Role::System).take(limit).cloned().collect();
+        turns.reverse();
+        Ok(turns)
+    }
+
+    fn publish_ephemeral(&self, key: &ConversationKey, frame: Utf8Bytes) {
+        self.router.deliver_frame(key, &frame);
+    }
+}

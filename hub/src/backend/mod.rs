@@ -1,0 +1,133 @@
+//! The conversation store seam: durable event logs plus delivery to sockets.
+//!
+//! A backend owns each conversation's log (durable events numbered by a
+//! per-conversation seq, 1, 2, 3, … with no gaps) and routes events to every
+//! socket that cares. The in-memory backend serves a single node; a Redis
+//! backend (cluster mode) implements the same trait for many nodes.
+//!
+//! Contract every implementation keeps:
+//! - `append` stores the event and assigns its seq atomically; a customer
+//!   message whose id is already in the log is not stored again
+//!   ([`Appended::Duplicate`] with the original seq).
+//! - Durable events reach each attached session in seq order; an event is
+//!   delivered only after it is stored.
+//! - `attach` returns the events after `after` and registers the session so
+//!   that no event is missed between the two; duplicates are possible and the
+//!   session drops any durable event with a seq it already sent.
+
+pub mod memory;
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use axum::extract::ws::Utf8Bytes;
+use serde::{Deserialize, Serialize};
+
+use crate::ids::{ConversationId, ConversationKey, SessionId, TenantId, UserId};
+use crate::protocol::{Role, ServerFrame};
+use crate::router::SessionHandle;
+
+pub use memory::MemoryBackend;
+
+/// One durable event of a conversation's log.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StoredEvent {
+    pub seq: u64,
+    pub from: Role,
+    /// The client message id for customer messages, the reply id for replies.
+    pub id: String,
+    pub text: String,
+    /// True for replies the hub wrote itself because the NLP service failed.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub fallback: bool,
+    /// When the event was stored, in milliseconds since the Unix epoch.
+    pub at_ms: u64,
+}
+
+impl StoredEvent {
+    /// The `message` frame used for replay and for other sockets.
+    pub fn message_frame(&self, conversation: &str) -> Utf8Bytes {
+        ServerFrame::Message { conversation, seq: self.seq, from: self.from, id: &self.id, text: &self.text }.encode()
+    }
+}
+
+/// An event to append; the backend assigns seq and time.
+#[derive(Debug, Clone)]
+pub struct NewEvent {
+    pub from: Role,
+    pub id: String,
+    pub text: String,
+    pub fallback: bool,
+}
+
+/// The outcome of an append.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Appended {
+    /// Stored with this new seq and delivered.
+    New(u64),
+    /// A customer message with this id was already stored with this seq;
+    /// nothing was stored or delivered.
+    Duplicate(u64),
+}
+
+/// What a new session needs to start: where the log stands and what it missed.
+#[derive(Debug, Clone, Default)]
+pub struct Snapshot {
+    /// The seq of the conversation's last durable event (0 if none).
+    pub last_seq: u64,
+    /// Durable events with a seq greater than the requested `after`, in order.
+    pub missed: Vec<Arc<StoredEvent>>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum BackendError {
+    /// The conversation does not exist, or belongs to another user or tenant.
+    #[error("conversation not found")]
+    ConversationNotFound,
+    /// The store could not be reached; nothing was stored.
+    #[error("conversation store unavailable: {0}")]
+    Unavailable(String),
+}
+
+#[async_trait]
+pub trait Backend: Send + Sync + 'static {
+    /// Chooses the conversation for a new socket: `requested` if it is one of
+    /// this user's, otherwise the user's most recent, otherwise a new one.
+    async fn open(
+        &self,
+        tenant: &TenantId,
+        user: &UserId,
+        requested: Option<&ConversationId>,
+    ) -> Result<ConversationKey, BackendError>;
+
+    /// Registers a session for live events and returns what it missed after `after`.
+    async fn attach(
+        &self,
+        key: &ConversationKey,
+        session: SessionHandle,
+        after: Option<u64>,
+    ) -> Result<Snapshot, BackendError>;
+
+    /// Stops live events to a session. Never fails: a session that is gone is gone.
+    fn detach(&self, key: &ConversationKey, session: SessionId);
+
+    /// Stores a durable event and delivers it to every attached session.
+    async fn append(
+        &self,
+        key: &ConversationKey,
+        event: NewEvent,
+        origin: Option<SessionId>,
+    ) -> Result<Appended, BackendError>;
+
+    /// The last `limit` turns (customer, assistant and agent events), oldest first.
+    async fn recent_turns(&self, key: &ConversationKey, limit: usize) -> Result<Vec<Arc<StoredEvent>>, BackendError>;
+
+    /// Delivers a non-durable frame (a `reply.delta`) to every attached session.
+    /// Best effort and never waits: a lost delta is repaired by `reply.done`.
+    fn publish_ephemeral(&self, key: &ConversationKey, frame: Utf8Bytes);
+}
+
+/// Milliseconds since the Unix epoch, for event timestamps.
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+}

@@ -1,0 +1,301 @@
+//! The hub's one typed configuration, with documented defaults.
+//!
+//! Values come from three layers, later ones winning: the defaults below,
+//! a TOML file (`--config` / `FENGDA_CONFIG`), and command-line flags or
+//! their `FENGDA_*` environment variables. [`Config::validate`] runs once at
+//! startup so a bad value stops the process with a clear message instead of
+//! misbehaving under load.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+/// Everything `fengda serve` can be told.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Address of the HTTP + WebSocket listener. Default `127.0.0.1:8080`;
+    /// port 0 binds an ephemeral port (printed on the first stdout line).
+    pub listen: SocketAddr,
+    /// Milliseconds sessions get to close cleanly on shutdown. Default 10000.
+    pub shutdown_grace_ms: u64,
+    pub websocket: WebSocketConfig,
+    pub conversation: ConversationConfig,
+    pub nlp: NlpConfig,
+    /// The built-in answerer started in-process when `nlp.url` is unset.
+    pub answerer: fengda_nlp::AnswererConfig,
+}
+
+/// Per-connection limits and keepalive.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct WebSocketConfig {
+    /// Largest frame or message accepted, in bytes; larger ones close the
+    /// socket with 1009. Default 65536.
+    pub max_frame_bytes: usize,
+    /// Longest customer message, in characters. Default 4000.
+    pub max_text_chars: usize,
+    /// Frames queued for one socket before it counts as a slow consumer and
+    /// is closed with 4008. Default 256.
+    pub outbound_queue_frames: usize,
+    /// Questions of one socket waiting for an answer before new ones get
+    /// `too_many_pending`. Default 8.
+    pub max_pending_questions: usize,
+    /// Interval of WebSocket pings sent to every client. Default 20000 ms.
+    pub ping_interval_ms: u64,
+    /// A client silent for this long (no frame, no pong) is closed with 4010.
+    /// Default 60000 ms.
+    pub idle_timeout_ms: u64,
+    /// Extra `Origin` values allowed to open sockets, e.g.
+    /// `https://shop.example.com`; `*` allows any. Same-origin pages and
+    /// clients sending no `Origin` (apps, servers) are always allowed.
+    /// Default empty.
+    pub allowed_origins: Vec<String>,
+}
+
+/// Conversation history.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ConversationConfig {
+    /// Turns (customer questions and completed replies) sent to the NLP
+    /// service with each question. Default 10.
+    pub history_turns: usize,
+    /// Durable events kept per conversation; older ones are dropped and can
+    /// no longer be replayed with `after`. Default 1000.
+    pub log_cap: usize,
+}
+
+/// The gRPC NLP service.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct NlpConfig {
+    /// URL of an external `fengda-nlp` (e.g. `http://10.0.0.5:50051`). Unset
+    /// (the default) starts the built-in answerer inside the hub.
+    pub url: Option<String>,
+    /// Deadline for the first chunk of an answer; past it the customer gets
+    /// the polite fallback reply. Default 1500 ms.
+    pub first_chunk_timeout_ms: u64,
+    /// Deadline for a whole answer, sent to the service as `grpc-timeout`.
+    /// Default 30000 ms.
+    pub reply_timeout_ms: u64,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            shutdown_grace_ms: 10_000,
+            websocket: WebSocketConfig::default(),
+            conversation: ConversationConfig::default(),
+            nlp: NlpConfig::default(),
+            answerer: fengda_nlp::AnswererConfig::default(),
+        }
+    }
+}
+
+impl Default for WebSocketConfig {
+    fn default() -> Self {
+        Self {
+            max_frame_bytes: 64 * 1024,
+            max_text_chars: 4000,
+            outbound_queue_frames: 256,
+            max_pending_questions: 8,
+            ping_interval_ms: 20_000,
+            idle_timeout_ms: 60_000,
+            allowed_origins: Vec::new(),
+        }
+    }
+}
+
+impl Default for ConversationConfig {
+    fn default() -> Self {
+        Self { history_turns: 10, log_cap: 1000 }
+    }
+}
+
+impl Default for NlpConfig {
+    fn default() -> Self {
+        Self { url: None, first_chunk_timeout_ms: 1500, reply_timeout_ms: 30_000 }
+    }
+}
+
+/// Why the configuration was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("invalid config file {path}: {source}")]
+    Parse { path: PathBuf, source: Box<toml::de::Error> },
+    #[error("invalid setting `{key}`: {reason}")]
+    Invalid { key: &'static str, reason: &'static str },
+}
+
+impl Config {
+    /// Reads a TOML file over the defaults.
+    pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
+        let text =
+            std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
+        toml::from_str(&text).map_err(|source| ConfigError::Parse { path: path.to_owned(), source: Box::new(source) })
+    }
+
+    /// Refuses values the hub cannot run with.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |key, reason| Err(ConfigError::Invalid { key, reason });
+        let ws = &self.websocket;
+        if !(1024..=16 * 1024 * 1024).contains(&ws.max_frame_bytes) {
+            return invalid("websocket.max_frame_bytes", "must be between 1 KiB and 16 MiB");
+        }
+        if ws.max_text_chars == 0 {
+            return invalid("websocket.max_text_chars", "must be at least 1");
+        }
+        if ws.outbound_queue_frames < 8 {
+            return invalid("websocket.outbound_queue_frames", "must be at least 8");
+        }
+        if ws.max_pending_questions == 0 {
+            return invalid("websocket.max_pending_questions", "must be at least 1");
+        }
+        if ws.ping_interval_ms == 0 || ws.idle_timeout_ms <= ws.ping_interval_ms {
+            return invalid("websocket.idle_timeout_ms", "must be larger than a non-zero ping_interval_ms");
+        }
+        if self.conversation.log_cap == 0 {
+            return invalid("conversation.log_cap", "must be at least 1");
+        }
+        if self.conversation.history_turns > 1000 {
+            return invalid("conversation.history_turns", "must be at most 1000");
+        }
+        if self.nlp.first_chunk_timeout_ms == 0 || self.nlp.reply_timeout_ms < self.nlp.first_chunk_timeout_ms {
+            return invalid("nlp.reply_timeout_ms", "must be at least first_chunk_timeout_ms, which must be non-zero");
+        }
+        if let Some(url) = &self.nlp.url
+            && !(url.starts_with("http://") || url.starts_with("https://"))
+        {
+            return invalid("nlp.url", "must start with http:// or https://");
+        }
+        Ok(())
+    }
+
+    pub fn shutdown_grace(&self) -> Duration {
+        Duration::from_millis(self.shutdown_grace_ms)
+    }
+}
+
+/// `fengda serve` flags; each also reads a `FENGDA_*` environment variable.
+/// Unset flags leave the file's (or default) value alone.
+#[derive(Debug, Default, clap::Args)]
+pub struct ServeArgs {
+    /// TOML config file (keys as in README's configuration table).
+    #[arg(long, env = "FENGDA_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Listen address [default: 127.0.0.1:8080] (key `listen`).
+    #[arg(long, env = "FENGDA_LISTEN")]
+    pub listen: Option<SocketAddr>,
+    /// External NLP service URL; unset runs the built-in answerer in-process (key `nlp.url`).
+    #[arg(long, env = "FENGDA_NLP_URL")]
+    pub nlp_url: Option<String>,
+    /// First-chunk deadline in ms [default: 1500] (key `nlp.first_chunk_timeout_ms`).
+    #[arg(long, env = "FENGDA_NLP_FIRST_CHUNK_TIMEOUT_MS")]
+    pub nlp_first_chunk_timeout_ms: Option<u64>,
+    /// Whole-answer deadline in ms [default: 30000] (key `nlp.reply_timeout_ms`).
+    #[arg(long, env = "FENGDA_NLP_REPLY_TIMEOUT_MS")]
+    pub nlp_reply_timeout_ms: Option<u64>,
+    /// Turns of history sent with each question [default: 10] (key `conversation.history_turns`).
+    #[arg(long, env = "FENGDA_HISTORY_TURNS")]
+    pub history_turns: Option<usize>,
+    /// Durable events kept per conversation [default: 1000] (key `conversation.log_cap`).
+    #[arg(long, env = "FENGDA_LOG_CAP")]
+    pub log_cap: Option<usize>,
+    /// Largest WebSocket frame in bytes [default: 65536] (key `websocket.max_frame_bytes`).
+    #[arg(long, env = "FENGDA_MAX_FRAME_BYTES")]
+    pub max_frame_bytes: Option<usize>,
+    /// Longest message text in characters [default: 4000] (key `websocket.max_text_chars`).
+    #[arg(long, env = "FENGDA_MAX_TEXT_CHARS")]
+    pub max_text_chars: Option<usize>,
+    /// Outbound frames queued per socket before 4008 [default: 256] (key `websocket.outbound_queue_frames`).
+    #[arg(long, env = "FENGDA_OUTBOUND_QUEUE_FRAMES")]
+    pub outbound_queue_frames: Option<usize>,
+    /// Ping interval in ms [default: 20000] (key `websocket.ping_interval_ms`).
+    #[arg(long, env = "FENGDA_PING_INTERVAL_MS")]
+    pub ping_interval_ms: Option<u64>,
+    /// Idle timeout in ms [default: 60000] (key `websocket.idle_timeout_ms`).
+    #[arg(long, env = "FENGDA_IDLE_TIMEOUT_MS")]
+    pub idle_timeout_ms: Option<u64>,
+    /// Extra allowed Origins, comma-separated (key `websocket.allowed_origins`).
+    #[arg(long, env = "FENGDA_ALLOWED_ORIGINS", value_delimiter = ',')]
+    pub allowed_origins: Option<Vec<String>>,
+    /// Built-in answerer: delay before the first token in ms [default: 150] (key `answerer.first_token_delay_ms`).
+    #[arg(long, env = "FENGDA_ANSWERER_FIRST_TOKEN_DELAY_MS")]
+    pub answerer_first_token_delay_ms: Option<u64>,
+    /// Built-in answerer: tokens per second, 0 = no pacing [default: 25] (key `answerer.tokens_per_second`).
+    #[arg(long, env = "FENGDA_ANSWERER_TOKENS_PER_SECOND")]
+    pub answerer_tokens_per_second: Option<f64>,
+}
+
+impl ServeArgs {
+    /// Builds the final config: defaults, then the file, then these flags.
+    pub fn into_config(self) -> Result<Config, ConfigError> {
+        let mut config = match &self.config {
+            Some(path) => Config::from_file(path)?,
+            None => Config::default(),
+        };
+        fn set<T>(slot: &mut T, value: Option<T>) {
+            if let Some(value) = value {
+                *slot = value;
+            }
+        }
+        set(&mut config.listen, self.listen);
+        if self.nlp_url.is_some() {
+            config.nlp.url = self.nlp_url.filter(|url| !url.is_empty());
+        }
+        set(&mut config.nlp.first_chunk_timeout_ms, self.nlp_first_chunk_timeout_ms);
+        set(&mut config.nlp.reply_timeout_ms, self.nlp_reply_timeout_ms);
+        set(&mut config.conversation.history_turns, self.history_turns);
+        set(&mut config.conversation.log_cap, self.log_cap);
+        set(&mut config.websocket.max_frame_bytes, self.max_frame_bytes);
+        set(&mut config.websocket.max_text_chars, self.max_text_chars);
+        set(&mut config.websocket.outbound_queue_frames, self.outbound_queue_frames);
+        set(&mut config.websocket.ping_interval_ms, self.ping_interval_ms);
+        set(&mut config.websocket.idle_timeout_ms, self.idle_timeout_ms);
+        set(&mut config.websocket.allowed_origins, self.allowed_origins);
+        set(&mut config.answerer.first_token_delay_ms, self.answerer_first_token_delay_ms);
+        set(&mut config.answerer.tokens_per_second, self.answerer_tokens_per_second);
+        config.validate()?;
+        Ok(config)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_valid() {
+        Config::default().validate().unwrap();
+    }
+
+    #[test]
+    fn file_then_flags() {
+        let dir = std::env::temp_dir().join(format!("fengda-config-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("fengda.toml");
+        std::fs::write(&path, "listen = \"127.0.0.1:9000\"\n[conversation]\nhistory_turns = 4\n").unwrap();
+        let args = ServeArgs { config: Some(path.clone()), history_turns: Some(6), ..Default::default() };
+        let config = args.into_config().unwrap();
+        assert_eq!(config.listen.port(), 9000);
+        assert_eq!(config.conversation.history_turns, 6);
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn unknown_keys_are_refused() {
+        assert!(toml::from_str::<Config>("listne = \"x\"").is_err());
+    }
+
+    #[test]
+    fn bad_values_are_refused() {
+        let mut config = Config::default();
+        config.websocket.idle_timeout_ms = 10;
+        assert!(matches!(config.validate(), Err(ConfigError::Invalid { key: "websocket.idle_timeout_ms", .. })));
+    }
+}

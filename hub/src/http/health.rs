@@ -1,0 +1,26 @@
+//! Liveness and readiness probes for load balancers and orchestrators.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use axum::Json;
+use axum::extract::State;
+use axum::http::StatusCode;
+use serde_json::{Value, json};
+
+use crate::AppState;
+
+/// Alive: the process answers HTTP.
+pub async fn healthz() -> Json<Value> {
+    Json(json!({ "status": "ok" }))
+}
+
+/// Ready to take sockets: false once shutdown has begun, so the load
+/// balancer stops sending new customers here while existing ones drain.
+pub async fn readyz(State(app): State<Arc<AppState>>) -> (StatusCode, Json<Value>) {
+    if app.accepting.load(Ordering::Acquire) {
+        (StatusCode::OK, Json(json!({ "status": "ready" })))
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, Json(json!({ "status": "shutting_down" })))
+    }
+}

@@ -1,0 +1,144 @@
+//! `GET /ws`: checks who is connecting, then upgrades to a session.
+//!
+//! Everything that can be refused before the upgrade is refused with an
+//! HTTP 4xx and a JSON body: missing or malformed ids, a bad `after`, a
+//! foreign `Origin`, a node that is shutting down.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use axum::extract::ws::rejection::WebSocketUpgradeRejection;
+use axum::extract::{Query, State, WebSocketUpgrade};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use serde::Deserialize;
+
+use super::ApiError;
+use crate::AppState;
+use crate::ids::{ConversationId, TenantId, UserId};
+use crate::session::{self, SessionParams};
+
+/// Bytes the socket library gathers before writing, within one flush.
+const WRITE_BUFFER_BYTES: usize = 16 * 1024;
+
+#[derive(Debug, Deserialize)]
+pub struct WsQuery {
+    tenant: Option<String>,
+    user: Option<String>,
+    conversation: Option<String>,
+    after: Option<String>,
+}
+
+pub async fn upgrade(
+    State(app): State<Arc<AppState>>,
+    headers: HeaderMap,
+    query: Result<Query<WsQuery>, axum::extract::rejection::QueryRejection>,
+    upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
+) -> Response {
+    match prepare(&app, &headers, query, upgrade) {
+        Ok((upgrade, params)) => {
+            let ws = &app.config.websocket;
+            upgrade
+                .max_message_size(ws.max_frame_bytes)
+                .max_frame_size(ws.max_frame_bytes)
+                // Our bounded queue is the real buffer: the library's only
+                // coalesces one burst of small frames until the writer flushes.
+                .write_buffer_size(WRITE_BUFFER_BYTES)
+                .max_write_buffer_size(WRITE_BUFFER_BYTES + ws.max_frame_bytes * 4)
+                .on_upgrade(move |socket| session::run(socket, params, app))
+        }
+        Err(error) => error.into_response(),
+    }
+}
+
+fn prepare(
+    app: &AppState,
+    headers: &HeaderMap,
+    query: Result<Query<WsQuery>, axum::extract::rejection::QueryRejection>,
+    upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
+) -> Result<(WebSocketUpgrade, SessionParams), ApiError> {
+    if !app.accepting.load(Ordering::Acquire) {
+        return Err(ApiError {
+            status: StatusCode::SERVICE_UNAVAILABLE,
+            code: "shutting_down",
+            message: "this node is shutting down; connect to another".into(),
+        });
+    }
+    let upgrade = upgrade.map_err(|rejection| ApiError {
+        status: rejection.status(),
+        code: "not_a_websocket_upgrade",
+        message: rejection.body_text(),
+    })?;
+    check_origin(headers, &app.config.websocket.allowed_origins)?;
+    let Query(query) = query.map_err(|rejection| ApiError::bad_request("invalid_query", rejection.body_text()))?;
+    let tenant = required_id(query.tenant.as_deref(), "tenant", TenantId::parse)?;
+    let user = required_id(query.user.as_deref(), "user", UserId::parse)?;
+    let conversation = match query.conversation.as_deref().filter(|c| !c.is_empty()) {
+        Some(raw) => Some(
+            ConversationId::parse(raw)
+                .map_err(|e| ApiError::bad_request("invalid_conversation", format!("`conversation` {e}")))?,
+        ),
+        None => None,
+    };
+    let after = match query.after.as_deref().filter(|a| !a.is_empty()) {
+        Some(raw) => Some(
+            raw.parse::<u64>()
+                .map_err(|_| ApiError::bad_request("invalid_after", "`after` must be a non-negative integer seq"))?,
+        ),
+        None => None,
+    };
+    Ok((upgrade, SessionParams { tenant, user, conversation, after }))
+}
+
+fn required_id<T>(
+    raw: Option<&str>,
+    name: &'static str,
+    parse: fn(&str) -> Result<T, crate::ids::IdError>,
+) -> Result<T, ApiError> {
+    let code = match name {
+        "tenant" => "invalid_tenant",
+        _ => "invalid_user",
+    };
+    let raw = raw.ok_or_else(|| ApiError::bad_request(code, format!("query parameter `{name}` is required")))?;
+    parse(raw).map_err(|e| ApiError::bad_request(code, format!("`{name}` {e}")))
+}
+
+/// Browsers always send `Origin`; refusing foreign ones stops cross-site
+/// WebSocket hijacking. Same-origin pages and non-browser clients pass.
+fn check_origin(headers: &HeaderMap, allowed: &[String]) -> Result<(), ApiError> {
+    let Some(origin) = headers.get(header::ORIGIN).and_then(|o| o.to_str().ok()) else {
+        return Ok(());
+    };
+    let host = headers.get(header::HOST).and_then(|h| h.to_str().ok()).unwrap_or("");
+    let origin_host = origin.split_once("://").map_or(origin, |(_, rest)| rest);
+    if origin_host.eq_ignore_ascii_case(host) || allowed.iter().any(|a| a == "*" || a.eq_ignore_ascii_case(origin)) {
+        return Ok(());
+    }
+    Err(ApiError {
+        status: StatusCode::FORBIDDEN,
+        code: "origin_not_allowed",
+        message: format!("origin {origin} is not allowed to open sockets here"),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn headers(origin: &str, host: &str) -> HeaderMap {
+        let mut headers = HeaderMap::new();
+        headers.insert(header::ORIGIN, origin.parse().unwrap());
+        headers.insert(header::HOST, host.parse().unwrap());
+        headers
+    }
+
+    #[test]
+    fn origin_policy() {
+        assert!(check_origin(&HeaderMap::new(), &[]).is_ok());
+        assert!(check_origin(&headers("http://127.0.0.1:8080", "127.0.0.1:8080"), &[]).is_ok());
+        assert!(check_origin(&headers("https://evil.example", "127.0.0.1:8080"), &[]).is_err());
+        let allowed = ["https://shop.example".to_string()];
+        assert!(check_origin(&headers("https://shop.example", "hub.example"), &allowed).is_ok());
+        assert!(check_origin(&headers("https://evil.example", "hub.example"), &["*".into()]).is_ok());
+    }
+}

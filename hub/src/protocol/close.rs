@@ -1,0 +1,25 @@
+//! WebSocket close codes the hub sends, with the reason text clients see.
+
+/// A close code and its short reason (reasons must stay under 123 bytes).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CloseReason {
+    pub code: u16,
+    pub reason: &'static str,
+}
+
+/// The client closed, or the session ended normally.
+pub const NORMAL: CloseReason = CloseReason { code: 1000, reason: "bye" };
+/// The hub is shutting down; reconnect (to another node).
+pub const GOING_AWAY: CloseReason = CloseReason { code: 1001, reason: "hub shutting down" };
+/// A frame or message exceeded the transport limit (`max_frame_bytes`).
+pub const TOO_BIG: CloseReason = CloseReason { code: 1009, reason: "frame too big" };
+/// The hub failed internally; reconnect.
+pub const INTERNAL: CloseReason = CloseReason { code: 1011, reason: "internal error" };
+/// The requested conversation does not exist for this user; reconnect without it.
+pub const CONVERSATION_NOT_FOUND: CloseReason = CloseReason { code: 4004, reason: "conversation not found" };
+/// The client did not read fast enough and its outbound queue filled up.
+pub const SLOW_CONSUMER: CloseReason = CloseReason { code: 4008, reason: "slow consumer" };
+/// Nothing was heard from the client (not even a pong) within `idle_timeout`.
+pub const IDLE_TIMEOUT: CloseReason = CloseReason { code: 4010, reason: "idle timeout" };
+/// The conversation store could not be reached while the session started.
+pub const UNAVAILABLE: CloseReason = CloseReason { code: 4503, reason: "backend unavailable" };

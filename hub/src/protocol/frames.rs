@@ -1,0 +1,237 @@
+//! Client and server frames: JSON text, one object per frame, tagged by `type`.
+
+use axum::extract::ws::Utf8Bytes;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+/// Who wrote a durable event.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    Customer,
+    Assistant,
+    Agent,
+    System,
+}
+
+/// A frame a client may send.
+#[derive(Debug, PartialEq, Eq)]
+pub enum ClientFrame {
+    /// A customer message; `id` is chosen by the client and makes resends idempotent.
+    Message { id: String, text: String },
+    /// Application-level keepalive, answered by `pong`.
+    Ping,
+}
+
+/// Stable, snake_case error codes sent in `error` frames.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ErrorCode {
+    /// The frame is not valid JSON.
+    InvalidJson,
+    /// The frame is JSON but not an object, or a field has the wrong type.
+    InvalidFrame,
+    /// A required field is absent.
+    MissingField,
+    /// `type` names no frame the hub knows.
+    UnknownType,
+    /// A message `id` is empty or too long.
+    InvalidId,
+    /// A message `text` is empty or only whitespace.
+    EmptyText,
+    /// A message `text` is longer than `max_text_chars`.
+    TextTooLong,
+    /// Binary frames are not part of the protocol.
+    BinaryNotSupported,
+    /// Too many questions of this socket are waiting for an answer.
+    TooManyPending,
+    /// The conversation store is unreachable; the message was NOT stored.
+    Unavailable,
+}
+
+impl ErrorCode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::InvalidJson => "invalid_json",
+            Self::InvalidFrame => "invalid_frame",
+            Self::MissingField => "missing_field",
+            Self::UnknownType => "unknown_type",
+            Self::InvalidId => "invalid_id",
+            Self::EmptyText => "empty_text",
+            Self::TextTooLong => "text_too_long",
+            Self::BinaryNotSupported => "binary_not_supported",
+            Self::TooManyPending => "too_many_pending",
+            Self::Unavailable => "unavailable",
+        }
+    }
+}
+
+/// Why a client frame was rejected; becomes an `error` frame.
+#[derive(Debug, PartialEq, Eq)]
+pub struct FrameError {
+    pub code: ErrorCode,
+    pub message: String,
+    /// The client message id, when the frame carried a usable one.
+    pub id: Option<String>,
+}
+
+impl FrameError {
+    fn new(code: ErrorCode, message: impl Into<String>) -> Self {
+        Self { code, message: message.into(), id: None }
+    }
+
+    pub fn to_frame(&self) -> Utf8Bytes {
+        ServerFrame::Error { code: self.code.as_str(), message: &self.message, id: self.id.as_deref() }.encode()
+    }
+}
+
+/// Longest client message id, in bytes.
+pub const MAX_MESSAGE_ID_LEN: usize = 128;
+
+/// Parses one text frame from a client, checking every field.
+pub fn parse_client_frame(text: &str, max_text_chars: usize) -> Result<ClientFrame, FrameError> {
+    let value: Value = serde_json::from_str(text)
+        .map_err(|e| FrameError::new(ErrorCode::InvalidJson, format!("frame is not valid JSON: {e}")))?;
+    let Value::Object(mut object) = value else {
+        return Err(FrameError::new(ErrorCode::InvalidFrame, "frame must be a JSON object"));
+    };
+    let kind = match object.get("type") {
+        None => return Err(FrameError::new(ErrorCode::MissingField, "missing field `type`")),
+        Some(Value::String(kind)) => kind.as_str(),
+        Some(_) => return Err(FrameError::new(ErrorCode::InvalidFrame, "field `type` must be a string")),
+    };
+    match kind {
+        "ping" => Ok(ClientFrame::Ping),
+        "message" => {
+            let id = take_string(&mut object, "id")?;
+            if id.is_empty() || id.len() > MAX_MESSAGE_ID_LEN {
+                return Err(FrameError::new(
+                    ErrorCode::InvalidId,
+                    format!("`id` must be 1 to {MAX_MESSAGE_ID_LEN} bytes"),
+                ));
+            }
+            let with_id = |mut e: FrameError| {
+                e.id = Some(id.clone());
+                e
+            };
+            let text = take_string(&mut object, "text").map_err(with_id)?;
+            if text.trim().is_empty() {
+                return Err(with_id(FrameError::new(ErrorCode::EmptyText, "`text` must not be empty")));
+            }
+            if text.chars().count() > max_text_chars {
+                return Err(with_id(FrameError::new(
+                    ErrorCode::TextTooLong,
+                    format!("`text` must be at most {max_text_chars} characters"),
+                )));
+            }
+            Ok(ClientFrame::Message { id, text })
+        }
+        other => {
+            let shown: String = other.chars().take(40).collect();
+            Err(FrameError::new(ErrorCode::UnknownType, format!("unknown frame type `{shown}`")))
+        }
+    }
+}
+
+fn take_string(object: &mut serde_json::Map<String, Value>, field: &str) -> Result<String, FrameError> {
+    match object.remove(field) {
+        None | Some(Value::Null) => Err(FrameError::new(ErrorCode::MissingField, format!("missing field `{field}`"))),
+        Some(Value::String(s)) => Ok(s),
+        Some(_) => Err(FrameError::new(ErrorCode::InvalidFrame, format!("field `{field}` must be a string"))),
+    }
+}
+
+/// A frame the hub sends. Encode it once and share the bytes.
+#[derive(Debug, Serialize)]
+#[serde(tag = "type")]
+pub enum ServerFrame<'a> {
+    #[serde(rename = "ready")]
+    Ready { conversation: &'a str, seq: u64 },
+    #[serde(rename = "ack")]
+    Ack { id: &'a str, seq: u64 },
+    #[serde(rename = "reply.delta")]
+    ReplyDelta { conversation: &'a str, reply: &'a str, index: u32, text: &'a str },
+    #[serde(rename = "reply.done")]
+    ReplyDone { conversation: &'a str, reply: &'a str, seq: u64, text: &'a str, fallback: bool },
+    #[serde(rename = "message")]
+    Message { conversation: &'a str, seq: u64, from: Role, id: &'a str, text: &'a str },
+    #[serde(rename = "error")]
+    Error {
+        code: &'a str,
+        message: &'a str,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        id: Option<&'a str>,
+    },
+    #[serde(rename = "pong")]
+    Pong,
+}
+
+impl ServerFrame<'_> {
+    /// Serializes the frame once; clones of the result share one buffer.
+    pub fn encode(&self) -> Utf8Bytes {
+        // Serializing these plain structs cannot fail: no maps with non-string keys, no custom impls.
+        Utf8Bytes::from(serde_json::to_string(self).expect("server frames always serialize"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn code(text: &str) -> ErrorCode {
+        parse_client_frame(text, 10).unwrap_err().code
+    }
+
+    #[test]
+    fn parses_message_and_ping() {
+        assert_eq!(
+            parse_client_frame(r#"{"type":"message","id":"m1","text":"hi"}"#, 10),
+            Ok(ClientFrame::Message { id: "m1".into(), text: "hi".into() })
+        );
+        assert_eq!(parse_client_frame(r#"{"type":"ping"}"#, 10), Ok(ClientFrame::Ping));
+    }
+
+    #[test]
+    fn rejects_each_bad_input_with_its_code() {
+        assert_eq!(code("{not json"), ErrorCode::InvalidJson);
+        assert_eq!(code("[1,2]"), ErrorCode::InvalidFrame);
+        assert_eq!(code(r#"{"id":"m1"}"#), ErrorCode::MissingField);
+        assert_eq!(code(r#"{"type":5}"#), ErrorCode::InvalidFrame);
+        assert_eq!(code(r#"{"type":"dance"}"#), ErrorCode::UnknownType);
+        assert_eq!(code(r#"{"type":"message","text":"hi"}"#), ErrorCode::MissingField);
+        assert_eq!(code(r#"{"type":"message","id":"m1"}"#), ErrorCode::MissingField);
+        assert_eq!(code(r#"{"type":"message","id":"","text":"hi"}"#), ErrorCode::InvalidId);
+        assert_eq!(code(r#"{"type":"message","id":"m1","text":7}"#), ErrorCode::InvalidFrame);
+        assert_eq!(code(r#"{"type":"message","id":"m1","text":"  "}"#), ErrorCode::EmptyText);
+        assert_eq!(code(r#"{"type":"message","id":"m1","text":"01234567890"}"#), ErrorCode::TextTooLong);
+    }
+
+    #[test]
+    fn text_limit_counts_characters_not_bytes() {
+        // Ten CJK characters are 30 bytes but within a 10-character limit.
+        let frame = r#"{"type":"message","id":"m1","text":"金卡金卡金卡金卡金卡"}"#;
+        assert!(parse_client_frame(frame, 10).is_ok());
+    }
+
+    #[test]
+    fn errors_about_a_message_carry_its_id() {
+        let err = parse_client_frame(r#"{"type":"message","id":"m9","text":""}"#, 10).unwrap_err();
+        assert_eq!(err.id.as_deref(), Some("m9"));
+        let json: Value = serde_json::from_str(err.to_frame().as_str()).unwrap();
+        assert_eq!(json["type"], "error");
+        assert_eq!(json["code"], "empty_text");
+        assert_eq!(json["id"], "m9");
+    }
+
+    #[test]
+    fn server_frames_use_wire_names() {
+        let delta = ServerFrame::ReplyDelta { conversation: "c", reply: "r", index: 0, text: "Hi" }.encode();
+        assert_eq!(delta.as_str(), r#"{"type":"reply.delta","conversation":"c","reply":"r","index":0,"text":"Hi"}"#);
+        let msg =
+            ServerFrame::Message { conversation: "c", seq: 3, from: Role::Assistant, id: "r", text: "x" }.encode();
+        assert_eq!(
+            msg.as_str(),
+            r#"{"type":"message","conversation":"c","seq":3,"from":"assistant","id":"r","text":"x"}"#
+        );
+        assert_eq!(ServerFrame::Pong.encode().as_str(), r#"{"type":"pong"}"#);
+    }
+}

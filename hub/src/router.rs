@@ -1,0 +1,233 @@
+//! Local fan-out: delivers a conversation's events to the sockets on this node.
+//!
+//! Every session of a conversation registers a [`SessionHandle`] here. An
+//! event is encoded once per node and the same bytes are pushed into each
+//! session's bounded outbound queue with `try_send`: delivery never waits, so
+//! one stalled client cannot slow the publisher or the other sockets. A
+//! session whose queue is full is closed as a slow consumer (4008) instead of
+//! being allowed to grow memory.
+//!
+//! The router knows nothing about storage. Backends call it: the in-memory
+//! backend directly on append, a clustered backend from its subscriber.
+
+use std::sync::{Arc, OnceLock};
+
+use axum::extract::ws::Utf8Bytes;
+use dashmap::DashMap;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::backend::StoredEvent;
+use crate::ids::{ConversationKey, SessionId};
+use crate::protocol::close::{self, CloseReason};
+use crate::protocol::{Role, ServerFrame};
+
+/// One frame queued for a socket's writer.
+#[derive(Debug, Clone)]
+pub struct Outbound {
+    /// The durable event's seq, or 0 for frames that are not durable events
+    /// (deltas, acks of duplicates, pongs, errors). The writer uses it to skip
+    /// events it already sent during replay.
+    pub seq: u64,
+    pub frame: Utf8Bytes,
+}
+
+impl Outbound {
+    pub fn ephemeral(frame: Utf8Bytes) -> Self {
+        Self { seq: 0, frame }
+    }
+}
+
+/// Ends one session, remembering the first reason given so the writer can
+/// send the matching close code.
+#[derive(Clone, Debug, Default)]
+pub struct SessionCloser {
+    token: CancellationToken,
+    reason: Arc<OnceLock<CloseReason>>,
+}
+
+impl SessionCloser {
+    pub fn child_of(parent: &CancellationToken) -> Self {
+        Self { token: parent.child_token(), reason: Arc::default() }
+    }
+
+    /// Asks the session to close; the first reason wins.
+    pub fn close(&self, reason: CloseReason) {
+        let _ = self.reason.set(reason);
+        self.token.cancel();
+    }
+
+    pub fn token(&self) -> &CancellationToken {
+        &self.token
+    }
+
+    /// The reason the session is closing. A cancelled parent token (hub
+    /// shutdown) without a reason of its own means "going away".
+    pub fn reason(&self) -> CloseReason {
+        match self.reason.get() {
+            Some(reason) => *reason,
+            None if self.token.is_cancelled() => close::GOING_AWAY,
+            None => close::NORMAL,
+        }
+    }
+}
+
+/// The router's view of one socket: its queue and a way to close it.
+#[derive(Clone, Debug)]
+pub struct SessionHandle {
+    pub id: SessionId,
+    pub tx: mpsc::Sender<Outbound>,
+    pub closer: SessionCloser,
+}
+
+impl SessionHandle {
+    /// Queues a frame without waiting; a full queue closes the session as a
+    /// slow consumer. Returns whether the frame was queued.
+    pub fn push(&self, item: Outbound) -> bool {
+        match self.tx.try_send(item) {
+            Ok(()) => true,
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                self.closer.close(close::SLOW_CONSUMER);
+                false
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => false,
+        }
+    }
+}
+
+/// This node's sessions, by conversation.
+#[derive(Debug, Default)]
+pub struct Router {
+    sessions: DashMap<ConversationKey, Vec<SessionHandle>>,
+}
+
+impl Router {
+    /// Adds a session; returns true when it is the conversation's first on this node.
+    pub fn join(&self, key: &ConversationKey, handle: SessionHandle) -> bool {
+        let mut entry = self.sessions.entry(key.clone()).or_default();
+        entry.push(handle);
+        entry.len() == 1
+    }
+
+    /// Removes a session; returns true when it was the conversation's last on this node.
+    pub fn leave(&self, key: &ConversationKey, id: SessionId) -> bool {
+        self.sessions
+            .remove_if_mut(key, |_, handles| {
+                handles.retain(|h| h.id != id);
+                handles.is_empty()
+            })
+            .is_some()
+    }
+
+    /// Number of sessions of this conversation on this node.
+    pub fn local_sessions(&self, key: &ConversationKey) -> usize {
+        self.sessions.get(key).map_or(0, |handles| handles.len())
+    }
+
+    /// Delivers a frame that is not a durable event (a `reply.delta`) to every session.
+    pub fn deliver_frame(&self, key: &ConversationKey, frame: &Utf8Bytes) {
+        if let Some(handles) = self.sessions.get(key) {
+            for handle in handles.iter() {
+                handle.push(Outbound::ephemeral(frame.clone()));
+            }
+        }
+    }
+
+    /// Delivers a durable event. Callers must deliver a conversation's events
+    /// in seq order. `origin` is the session that sent a customer message: it
+    /// gets an `ack`, the other sessions the `message` itself.
+    pub fn deliver_event(&self, key: &ConversationKey, event: &StoredEvent, origin: Option<SessionId>) {
+        let Some(handles) = self.sessions.get(key) else { return };
+        let conversation = key.conversation.as_str();
+        let (shared, for_origin) = match event.from {
+            Role::Customer => (
+                event.message_frame(conversation),
+                origin.map(|_| ServerFrame::Ack { id: &event.id, seq: event.seq }.encode()),
+            ),
+            Role::Assistant => (
+                ServerFrame::ReplyDone {
+                    conversation,
+                    reply: &event.id,
+                    seq: event.seq,
+                    text: &event.text,
+                    fallback: event.fallback,
+                }
+                .encode(),
+                None,
+            ),
+            Role::Agent | Role::System => (event.message_frame(conversation), None),
+        };
+        for handle in handles.iter() {
+            let frame = match (&for_origin, origin) {
+                (Some(ack), Some(origin)) if origin == handle.id => ack.clone(),
+                _ => shared.clone(),
+            };
+            handle.push(Outbound { seq: event.seq, frame });
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ids::{ConversationId, TenantId};
+
+    fn key() -> ConversationKey {
+        ConversationKey { tenant: TenantId::parse("t").unwrap(), conversation: ConversationId::parse("c").unwrap() }
+    }
+
+    fn session(capacity: usize) -> (SessionHandle, mpsc::Receiver<Outbound>) {
+        let (tx, rx) = mpsc::channel(capacity);
+        let handle =
+            SessionHandle { id: SessionId::next(), tx, closer: SessionCloser::child_of(&CancellationToken::new()) };
+        (handle, rx)
+    }
+
+    fn customer_event(seq: u64) -> StoredEvent {
+        StoredEvent { seq, from: Role::Customer, id: format!("m{seq}"), text: "hi".into(), fallback: false, at_ms: 0 }
+    }
+
+    #[test]
+    fn origin_gets_ack_and_others_get_the_message_sharing_bytes() {
+        let router = Router::default();
+        let (a, mut a_rx) = session(8);
+        let (b, mut b_rx) = session(8);
+        let (c, mut c_rx) = session(8);
+        assert!(router.join(&key(), a.clone()));
+        assert!(!router.join(&key(), b));
+        router.join(&key(), c);
+        router.deliver_event(&key(), &customer_event(1), Some(a.id));
+        assert!(a_rx.try_recv().unwrap().frame.as_str().contains(r#""type":"ack""#));
+        let b_frame = b_rx.try_recv().unwrap();
+        let c_frame = c_rx.try_recv().unwrap();
+        assert!(b_frame.frame.as_str().contains(r#""type":"message""#));
+        assert_eq!(b_frame.seq, 1);
+        // One encoding shared by both sockets, not one copy each.
+        assert_eq!(b_frame.frame.as_str().as_ptr(), c_frame.frame.as_str().as_ptr());
+    }
+
+    #[test]
+    fn full_queue_closes_the_session_as_slow_consumer() {
+        let router = Router::default();
+        let (slow, _rx) = session(1);
+        router.join(&key(), slow.clone());
+        let frame = Utf8Bytes::from_static("{}");
+        router.deliver_frame(&key(), &frame);
+        assert!(!slow.closer.token().is_cancelled());
+        router.deliver_frame(&key(), &frame);
+        assert!(slow.closer.token().is_cancelled());
+        assert_eq!(slow.closer.reason(), close::SLOW_CONSUMER);
+    }
+
+    #[test]
+    fn leave_reports_the_last_session() {
+        let router = Router::default();
+        let (a, _a_rx) = session(1);
+        let (b, _b_rx) = session(1);
+        router.join(&key(), a.clone());
+        router.join(&key(), b.clone());
+        assert!(!router.leave(&key(), a.id));
+        assert!(router.leave(&key(), b.id));
+        assert_eq!(router.local_sessions(&key()), 0);
+    }
+}

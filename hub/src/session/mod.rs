@@ -1,0 +1,116 @@
+//! One WebSocket connection, from upgrade to close.
+//!
+//! A session is three tasks: the reader (this task: parses client frames,
+//! stores messages), the [`writer`] (alone owns the sink, drains a bounded
+//! queue) and the replier (answers this socket's questions in order). They
+//! share one [`SessionCloser`]; whichever side ends first cancels it and
+//! the writer sends the close frame with the recorded reason.
+
+mod reader;
+mod writer;
+
+use std::sync::Arc;
+
+use axum::extract::ws::{Message, WebSocket};
+use futures::StreamExt;
+use tokio::sync::mpsc;
+use tracing::{Instrument, debug, info_span, warn};
+
+use crate::AppState;
+use crate::backend::BackendError;
+use crate::ids::{ConversationId, ConversationKey, SessionId, TenantId, UserId};
+use crate::protocol::close::{self, CloseReason};
+use crate::protocol::{ServerFrame, frames::ErrorCode};
+use crate::reply::Question;
+use crate::router::{SessionCloser, SessionHandle};
+
+/// Who is connecting and where they want to resume, from the `/ws` query.
+#[derive(Debug, Clone)]
+pub struct SessionParams {
+    pub tenant: TenantId,
+    pub user: UserId,
+    pub conversation: Option<ConversationId>,
+    pub after: Option<u64>,
+}
+
+/// Runs a session to completion.
+pub async fn run(mut socket: WebSocket, params: SessionParams, app: Arc<AppState>) {
+    let session_id = SessionId::next();
+    let span = info_span!("session", tenant_id = %params.tenant, user_id = %params.user, session_id = %session_id, conversation_id = tracing::field::Empty);
+    async move {
+        let key = match app.backend.open(&params.tenant, &params.user, params.conversation.as_ref()).await {
+            Ok(key) => key,
+            Err(error) => return refuse(&mut socket, &error).await,
+        };
+        tracing::Span::current().record("conversation_id", tracing::field::display(&key.conversation));
+        let ws = &app.config.websocket;
+        let closer = SessionCloser::child_of(&app.shutdown);
+        let (out_tx, out_rx) = mpsc::channel(ws.outbound_queue_frames);
+        let handle = SessionHandle { id: session_id, tx: out_tx.clone(), closer: closer.clone() };
+        let snapshot = match app.backend.attach(&key, handle.clone(), params.after).await {
+            Ok(snapshot) => snapshot,
+            Err(error) => return refuse(&mut socket, &error).await,
+        };
+        debug!(last_seq = snapshot.last_seq, missed = snapshot.missed.len(), "session ready");
+
+        let conversation = key.conversation.as_str();
+        let mut intro = Vec::with_capacity(1 + snapshot.missed.len());
+        intro.push(ServerFrame::Ready { conversation, seq: snapshot.last_seq }.encode());
+        intro.extend(snapshot.missed.iter().map(|event| event.message_frame(conversation)));
+
+        let (sink, stream) = socket.split();
+        let ping_interval = std::time::Duration::from_millis(ws.ping_interval_ms);
+        app.tracker.spawn(
+            writer::run_writer(sink, out_rx, intro, snapshot.last_seq, closer.clone(), ping_interval).in_current_span(),
+        );
+        let (question_tx, question_rx) = mpsc::channel(ws.max_pending_questions);
+        app.tracker.spawn(run_replier(app.clone(), key.clone(), question_rx, closer.clone()).in_current_span());
+
+        reader::run_reader(stream, &app, &key, &handle, question_tx).await;
+        closer.close(close::NORMAL);
+        app.backend.detach(&key, session_id);
+        debug!(reason = closer.reason().reason, "session ended");
+    }
+    .instrument(span)
+    .await
+}
+
+/// Answers this session's questions one at a time, in the order asked.
+async fn run_replier(
+    app: Arc<AppState>,
+    key: ConversationKey,
+    mut questions: mpsc::Receiver<Question>,
+    closer: SessionCloser,
+) {
+    loop {
+        let question = tokio::select! {
+            _ = closer.token().cancelled() => return,
+            question = questions.recv() => match question {
+                Some(question) => question,
+                None => return,
+            },
+        };
+        tokio::select! {
+            // Dropping the answer future drops the gRPC stream: the call is cancelled upstream.
+            _ = closer.token().cancelled() => return,
+            () = app.replier.answer(&key, question) => {}
+        }
+    }
+}
+
+/// Ends a session that could not start: an `error` frame, then a close code.
+async fn refuse(socket: &mut WebSocket, error: &BackendError) {
+    let (code, reason): (&str, CloseReason) = match error {
+        BackendError::ConversationNotFound => ("conversation_not_found", close::CONVERSATION_NOT_FOUND),
+        BackendError::Unavailable(_) => (ErrorCode::Unavailable.as_str(), close::UNAVAILABLE),
+    };
+    warn!(%error, "session refused");
+    let message = error.to_string();
+    let frame = ServerFrame::Error { code, message: &message, id: None }.encode();
+    let _ = socket.send(Message::Text(frame)).await;
+    let _ = socket.send(close_message(reason)).await;
+}
+
+pub(crate) fn close_message(reason: CloseReason) -> Message {
+    Message::Close(Some(axum::extract::ws::CloseFrame { code: reason.code, reason: reason.reason.into() }))
+}

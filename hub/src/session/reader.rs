@@ -1,0 +1,110 @@
+//! The reader half of a session: client frames in, stored messages out.
+//!
+//! Each text frame is parsed with precise error codes; a customer message is
+//! stored (which acks it through the router, in seq order) and then handed
+//! to the replier. Bad input gets an `error` frame and the socket stays
+//! open; an oversized frame closes with 1009; silence past `idle_timeout`
+//! closes with 4010.
+
+use std::time::Duration;
+
+use axum::extract::ws::{Message, WebSocket};
+use futures::StreamExt;
+use futures::stream::SplitStream;
+use tokio::sync::mpsc;
+use tokio_tungstenite::tungstenite;
+use tracing::{debug, warn};
+
+use crate::AppState;
+use crate::backend::{Appended, NewEvent};
+use crate::ids::ConversationKey;
+use crate::protocol::close;
+use crate::protocol::{ClientFrame, ErrorCode, Role, ServerFrame, parse_client_frame};
+use crate::reply::Question;
+use crate::router::{Outbound, SessionHandle};
+
+pub(super) async fn run_reader(
+    mut stream: SplitStream<WebSocket>,
+    app: &AppState,
+    key: &ConversationKey,
+    session: &SessionHandle,
+    questions: mpsc::Sender<Question>,
+) {
+    let idle_timeout = Duration::from_millis(app.config.websocket.idle_timeout_ms);
+    let max_text_chars = app.config.websocket.max_text_chars;
+    loop {
+        let next = tokio::select! {
+            _ = session.closer.token().cancelled() => return,
+            next = tokio::time::timeout(idle_timeout, stream.next()) => next,
+        };
+        let message = match next {
+            Err(_elapsed) => return session.closer.close(close::IDLE_TIMEOUT),
+            Ok(None) => return,
+            Ok(Some(Err(error))) => {
+                let error = error.into_inner();
+                if let Some(tungstenite::Error::Capacity(capacity)) = error.downcast_ref::<tungstenite::Error>() {
+                    debug!(%capacity, "frame over the transport limit");
+                    return session.closer.close(close::TOO_BIG);
+                }
+                debug!(%error, "socket read failed");
+                return;
+            }
+            Ok(Some(Ok(message))) => message,
+        };
+        match message {
+            Message::Text(text) => match parse_client_frame(text.as_str(), max_text_chars) {
+                Ok(ClientFrame::Ping) => reply(session, ServerFrame::Pong.encode()),
+                Ok(ClientFrame::Message { id, text }) => on_message(app, key, session, &questions, id, text).await,
+                Err(error) => reply(session, error.to_frame()),
+            },
+            Message::Binary(_) => reply(
+                session,
+                error_frame(ErrorCode::BinaryNotSupported, "binary frames are not supported; send JSON text", None),
+            ),
+            Message::Close(_) => return,
+            // Pings are answered by the library; any frame counts as a sign of life.
+            Message::Ping(_) | Message::Pong(_) => {}
+        }
+    }
+}
+
+async fn on_message(
+    app: &AppState,
+    key: &ConversationKey,
+    session: &SessionHandle,
+    questions: &mpsc::Sender<Question>,
+    id: String,
+    text: String,
+) {
+    // Reserve the replier's slot first: a message is only stored if it can be answered.
+    let permit = match questions.try_reserve() {
+        Ok(permit) => permit,
+        Err(_) => {
+            let message = "too many questions waiting for an answer; wait for the replies";
+            return reply(session, error_frame(ErrorCode::TooManyPending, message, Some(&id)));
+        }
+    };
+    let event = NewEvent { from: Role::Customer, id: id.clone(), text: text.clone(), fallback: false };
+    match app.backend.append(key, event, Some(session.id)).await {
+        // The ack went out through the router, in seq order with other events.
+        Ok(Appended::New(seq)) => permit.send(Question { seq, text }),
+        Ok(Appended::Duplicate(seq)) => {
+            debug!(seq, "duplicate message acked again");
+            reply(session, ServerFrame::Ack { id: &id, seq }.encode());
+        }
+        Err(error) => {
+            warn!(%error, "message not stored");
+            let message = "the message could not be stored; send it again with the same id";
+            reply(session, error_frame(ErrorCode::Unavailable, message, Some(&id)));
+        }
+    }
+}
+
+/// Queues a frame for this socket only (not a durable event).
+fn reply(session: &SessionHandle, frame: axum::extract::ws::Utf8Bytes) {
+    session.push(Outbound::ephemeral(frame));
+}
+
+fn error_frame(code: ErrorCode, message: &str, id: Option<&str>) -> axum::extract::ws::Utf8Bytes {
+    ServerFrame::Error { code: code.as_str(), message, id }.encode()
+}

@@ -1,0 +1,188 @@
+// End-to-end test of the Fengda web demo in headless Chromium.
+//
+//   FENGDA_URL=http://127.0.0.1:8080 ARTIFACT_DIR=/tmp/artifacts node chat.test.mjs
+//
+// Environment:
+//   FENGDA_URL    (required) origin of a running hub that serves the web demo at `/`
+//   ARTIFACT_DIR  (required) where chat.png (and chat-failure.png on failure) are written
+//   CHROMIUM_PATH (optional) Chromium binary, default /usr/bin/chromium (Debian's `chromium`)
+//
+// Opens the chat page, asks "Tell me about the Gold Card" and checks that the answer streams in
+// token by token (at least 3 distinct lengths before `data-done`), ends non-empty and mentions
+// "Gold Card", and that the customer's bubble shows the question. Exits 0 on success.
+
+import { existsSync, mkdirSync } from 'node:fs';
+import path from 'node:path';
+import { randomBytes } from 'node:crypto';
+import { chromium } from 'playwright-core';
+
+const OVERALL_TIMEOUT_MS = 60_000;
+const QUESTION = 'Tell me about the Gold Card';
+
+function fail(message) {
+  console.error(`FAIL: ${message}`);
+  console.error('browser: 0 passed, 1 failed');
+  process.exit(1);
+}
+
+const baseUrl = (process.env.FENGDA_URL || '').replace(/\/+$/, '');
+const artifactDir = process.env.ARTIFACT_DIR || '';
+const executablePath = process.env.CHROMIUM_PATH || '/usr/bin/chromium';
+
+if (!baseUrl) fail('FENGDA_URL is not set (e.g. FENGDA_URL=http://127.0.0.1:8080)');
+if (!/^https?:\/\//.test(baseUrl)) fail(`FENGDA_URL must start with http:// or https://, got ${baseUrl}`);
+if (!artifactDir) fail('ARTIFACT_DIR is not set (directory for screenshots)');
+if (!existsSync(executablePath)) {
+  fail(`Chromium not found at ${executablePath}; install it with \`apt-get install -y chromium\` or set CHROMIUM_PATH`);
+}
+mkdirSync(artifactDir, { recursive: true });
+
+const user = `browser-${randomBytes(6).toString('hex')}`;
+const pageUrl = `${baseUrl}/?tenant=demo&user=${user}`;
+const log = (...args) => console.log('[browser-test]', ...args);
+
+/** Runs the scenario; throws on any failed expectation. */
+async function scenario(page, pageErrors) {
+  log(`opening ${pageUrl}`);
+  const response = await page.goto(pageUrl, { waitUntil: 'load', timeout: 15_000 });
+  if (!response || !response.ok()) {
+    throw new Error(`GET ${pageUrl} answered ${response ? response.status() : 'nothing'}`);
+  }
+
+  await page
+    .waitForFunction(() => document.body.dataset.status === 'open', null, { timeout: 15_000 })
+    .catch(async () => {
+      const status = await page.evaluate(() => document.body.dataset.status).catch(() => '?');
+      throw new Error(`page never connected: body[data-status] is "${status}" after 15 s`);
+    });
+  log('socket is open');
+
+  // Watch the transcript before sending: record every distinct length of the new assistant
+  // bubble's text until it is marked done.
+  await page.evaluate(() => {
+    const transcript = document.querySelector('#transcript');
+    if (!transcript) throw new Error('#transcript is missing');
+    const before = new Set(transcript.querySelectorAll('.msg.assistant'));
+    const state = { lengths: [], texts: [], done: false, finalText: null, reply: null };
+    window.__fengdaTest = state;
+    let bubble = null;
+    const check = () => {
+      if (!bubble) {
+        bubble = [...transcript.querySelectorAll('.msg.assistant')].find((el) => !before.has(el)) || null;
+        if (!bubble) return;
+        state.reply = bubble.dataset.reply || null;
+      }
+      const text = bubble.textContent || '';
+      if (!state.lengths.includes(text.length)) {
+        state.lengths.push(text.length);
+        state.texts.push(text);
+      }
+      if (bubble.dataset.done === 'true' && !state.done) {
+        state.done = true;
+        state.finalText = text;
+        observer.disconnect();
+      }
+    };
+    const observer = new MutationObserver(check);
+    observer.observe(transcript, { childList: true, subtree: true, characterData: true, attributes: true });
+  });
+
+  await page.fill('#question', QUESTION);
+  await page.click('#send');
+  log(`sent "${QUESTION}"`);
+
+  await page
+    .waitForFunction(() => window.__fengdaTest && window.__fengdaTest.done, null, { timeout: 30_000, polling: 100 })
+    .catch(async () => {
+      const s = await page.evaluate(() => window.__fengdaTest).catch(() => null);
+      throw new Error(`assistant reply never got data-done="true" within 30 s (seen so far: ${JSON.stringify(s)})`);
+    });
+
+  const state = await page.evaluate(() => window.__fengdaTest);
+  const customerTexts = await page.$$eval('#transcript .msg.customer', (els) => els.map((el) => el.textContent));
+
+  log(`reply ${state.reply}: ${state.lengths.length} distinct lengths ${JSON.stringify(state.lengths)}`);
+  log(`final answer: ${JSON.stringify(state.finalText)}`);
+
+  const problems = [];
+  const nonEmptySteps = state.lengths.filter((n) => n > 0);
+  if (nonEmptySteps.length < 3) {
+    problems.push(`answer grew in ${nonEmptySteps.length} step(s) ${JSON.stringify(state.lengths)}; expected at least 3 (no streaming?)`);
+  }
+  if (!state.reply) problems.push('assistant bubble has no data-reply attribute');
+  if (!state.finalText || !state.finalText.trim()) problems.push('final answer is empty');
+  else if (!state.finalText.includes('Gold Card')) problems.push(`final answer does not mention "Gold Card": ${JSON.stringify(state.finalText)}`);
+  if (!customerTexts.some((t) => t.includes(QUESTION))) {
+    problems.push(`no customer bubble shows the question; customer bubbles: ${JSON.stringify(customerTexts)}`);
+  }
+  if (pageErrors.length) problems.push(`page threw uncaught exception(s): ${pageErrors.join(' | ')}`);
+
+  const shot = path.join(artifactDir, 'chat.png');
+  await page.screenshot({ path: shot });
+  log(`screenshot saved to ${shot}`);
+
+  if (problems.length) throw new Error(problems.join('\n  '));
+}
+
+async function main() {
+  let browser;
+  let page;
+  const pageErrors = [];
+  let timer;
+  try {
+    try {
+      browser = await chromium.launch({
+        executablePath,
+        args: [
+          '--headless',
+          '--no-sandbox',
+          '--disable-gpu',
+          '--disable-quic',
+          '--no-first-run',
+          '--disable-background-networking',
+          '--disable-component-update',
+          '--disable-sync',
+        ],
+        timeout: 20_000,
+      });
+    } catch (err) {
+      throw new Error(`could not launch Chromium at ${executablePath}: ${err.message}`);
+    }
+    const context = await browser.newContext({ viewport: { width: 480, height: 800 }, deviceScaleFactor: 1 });
+    page = await context.newPage();
+    page.on('console', (msg) => {
+      if (msg.type() === 'error') console.error(`[page console.error] ${msg.text()}`);
+    });
+    page.on('pageerror', (err) => {
+      pageErrors.push(err.message);
+      console.error(`[page uncaught exception] ${err.stack || err.message}`);
+    });
+
+    const overall = new Promise((_, reject) => {
+      timer = setTimeout(() => reject(new Error(`overall timeout of ${OVERALL_TIMEOUT_MS / 1000} s exceeded`)), OVERALL_TIMEOUT_MS);
+    });
+    await Promise.race([scenario(page, pageErrors), overall]);
+    console.log('PASS: Gold Card answer streamed into the chat widget');
+    console.log('browser: 1 passed, 0 failed');
+    return 0;
+  } catch (err) {
+    console.error(`FAIL: ${err.message}`);
+    if (page) {
+      const shot = path.join(artifactDir, 'chat-failure.png');
+      await page.screenshot({ path: shot, timeout: 5_000 }).then(
+        () => console.error(`failure screenshot saved to ${shot}`),
+        () => {},
+      );
+    }
+    console.error('browser: 0 passed, 1 failed');
+    return 1;
+  } finally {
+    clearTimeout(timer);
+    if (browser) await browser.close().catch((err) => console.error(`closing Chromium failed: ${err.message}`));
+  }
+}
+
+// Hard stop in case closing the browser itself hangs.
+const hardStop = setTimeout(() => fail(`hard timeout (${OVERALL_TIMEOUT_MS / 1000 + 15} s): browser did not shut down`), OVERALL_TIMEOUT_MS + 15_000);
+hardStop.unref();
+process.exitCode = await main();

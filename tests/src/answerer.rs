@@ -1,0 +1,116 @@
+//! A gRPC answerer started inside a test: records each request and answers
+//! from a script, so tests can see exactly what the hub sent to the NLP
+//! service and control how it answers.
+
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use fengda_proto::nlp::v1::nlp_server::{Nlp, NlpServer};
+use fengda_proto::nlp::v1::{AnswerChunk, AnswerRequest, FinishReason};
+use futures::Stream;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
+use tokio_util::sync::CancellationToken;
+use tonic::{Request, Response, Status};
+
+/// How the answerer replies.
+#[derive(Clone, Debug)]
+pub struct Script {
+    /// Wait this long before the first chunk.
+    pub first_chunk_delay: Duration,
+    /// Number of tokens per answer; token i is `"tok{i} "`.
+    pub tokens: usize,
+    /// Extra bytes of padding in every token (to fill buffers quickly).
+    pub token_padding: usize,
+    /// Wait between tokens.
+    pub token_delay: Duration,
+}
+
+impl Default for Script {
+    fn default() -> Self {
+        Self { first_chunk_delay: Duration::ZERO, tokens: 5, token_padding: 0, token_delay: Duration::ZERO }
+    }
+}
+
+pub struct RecordingAnswerer {
+    pub url: String,
+    requests: Arc<Mutex<Vec<AnswerRequest>>>,
+    /// How many answer streams ended because the client went away.
+    cancelled: Arc<Mutex<usize>>,
+    stop: CancellationToken,
+}
+
+struct Service {
+    script: Script,
+    requests: Arc<Mutex<Vec<AnswerRequest>>>,
+    cancelled: Arc<Mutex<usize>>,
+}
+
+impl RecordingAnswerer {
+    pub async fn start(script: Script) -> RecordingAnswerer {
+        let listener = tokio::net::TcpListener::bind(SocketAddr::from(([127, 0, 0, 1], 0))).await.expect("bind");
+        let url = format!("http://{}", listener.local_addr().expect("addr"));
+        let requests = Arc::new(Mutex::new(Vec::new()));
+        let cancelled = Arc::new(Mutex::new(0));
+        let stop = CancellationToken::new();
+        let service = Service { script, requests: requests.clone(), cancelled: cancelled.clone() };
+        let shutdown = stop.clone();
+        tokio::spawn(async move {
+            tonic::transport::Server::builder()
+                .add_service(NlpServer::new(service))
+                .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown.cancelled_owned())
+                .await
+                .expect("recording answerer failed");
+        });
+        RecordingAnswerer { url, requests, cancelled, stop }
+    }
+
+    pub fn requests(&self) -> Vec<AnswerRequest> {
+        self.requests.lock().unwrap().clone()
+    }
+
+    pub fn cancelled(&self) -> usize {
+        *self.cancelled.lock().unwrap()
+    }
+}
+
+impl Drop for RecordingAnswerer {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+type ChunkStream = Pin<Box<dyn Stream<Item = Result<AnswerChunk, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl Nlp for Service {
+    type AnswerStream = ChunkStream;
+
+    async fn answer(&self, request: Request<AnswerRequest>) -> Result<Response<ChunkStream>, Status> {
+        let request = request.into_inner();
+        self.requests.lock().unwrap().push(request);
+        let script = self.script.clone();
+        let cancelled = self.cancelled.clone();
+        let (tx, rx) = mpsc::channel(4);
+        tokio::spawn(async move {
+            tokio::time::sleep(script.first_chunk_delay).await;
+            let padding = "x".repeat(script.token_padding);
+            for index in 0..script.tokens {
+                if index > 0 && !script.token_delay.is_zero() {
+                    tokio::time::sleep(script.token_delay).await;
+                }
+                let chunk = AnswerChunk { index: index as u32, text: format!("tok{index}{padding} "), finish: 0 };
+                if tx.send(Ok(chunk)).await.is_err() {
+                    *cancelled.lock().unwrap() += 1;
+                    return;
+                }
+            }
+            let last =
+                AnswerChunk { index: script.tokens as u32, text: String::new(), finish: FinishReason::Stop as i32 };
+            let _ = tx.send(Ok(last)).await;
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+}

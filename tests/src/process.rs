@@ -1,0 +1,100 @@
+//! Spawning the real binaries and learning their bound address.
+
+use std::path::PathBuf;
+use std::process::Stdio;
+
+use anyhow::{Context, bail};
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+
+/// Path of a workspace binary built next to the running test.
+pub fn binary(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("current_exe");
+    // target/<profile>/deps/<test> -> target/<profile>/<name>
+    let dir = exe.parent().and_then(|deps| deps.parent()).expect("test exe lives in target/<profile>/deps");
+    let path = dir.join(name);
+    assert!(
+        path.exists(),
+        "binary {} not found; build it first with `cargo build --workspace --bins` (tests/run.sh does)",
+        path.display()
+    );
+    path
+}
+
+/// Starts `program args…`, waits for its first stdout line
+/// `listening on http://ADDR` and returns the child and the URL.
+async fn spawn_listening(program: &str, args: &[String]) -> anyhow::Result<(Child, String)> {
+    let mut child = Command::new(binary(program))
+        .args(args)
+        .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .kill_on_drop(true)
+        .spawn()
+        .with_context(|| format!("spawn {program}"))?;
+    let stdout = child.stdout.take().context("stdout")?;
+    let mut lines = BufReader::new(stdout).lines();
+    let line = tokio::time::timeout(crate::STEP_TIMEOUT, lines.next_line())
+        .await
+        .with_context(|| format!("{program} printed nothing within {:?}", crate::STEP_TIMEOUT))??
+        .with_context(|| format!("{program} exited before printing its address"))?;
+    let Some(url) = line.strip_prefix("listening on ") else {
+        bail!("{program}'s first line should be `listening on http://…`, got {line:?}");
+    };
+    // Keep draining stdout so the child never blocks on a full pipe.
+    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    Ok((child, url.to_owned()))
+}
+
+/// A running `fengda serve`.
+pub struct Hub {
+    pub child: Child,
+    /// `http://127.0.0.1:PORT`
+    pub url: String,
+}
+
+impl Hub {
+    /// Starts a hub with zero-delay built-in answerer pacing plus `extra` flags.
+    pub async fn start(extra: &[&str]) -> Hub {
+        let mut args: Vec<String> = ["serve", "--listen", "127.0.0.1:0"].map(String::from).to_vec();
+        if !extra.iter().any(|a| a.starts_with("--answerer-")) {
+            args.extend(
+                ["--answerer-first-token-delay-ms", "0", "--answerer-tokens-per-second", "0"].map(String::from),
+            );
+        }
+        args.extend(extra.iter().map(|a| a.to_string()));
+        let (child, url) = spawn_listening("fengda", &args).await.expect("start fengda");
+        Hub { child, url }
+    }
+
+    /// `ws://127.0.0.1:PORT/ws?<query>`
+    pub fn ws_url(&self, query: &str) -> String {
+        format!("{}/ws?{query}", self.url.replacen("http://", "ws://", 1))
+    }
+
+    /// Sends SIGTERM and waits for the exit status.
+    pub async fn terminate(mut self) -> std::process::ExitStatus {
+        let pid = self.child.id().expect("hub still running") as i32;
+        // SAFETY: plain kill(2) on a child we started and still own.
+        unsafe { libc::kill(pid, libc::SIGTERM) };
+        tokio::time::timeout(std::time::Duration::from_secs(20), self.child.wait())
+            .await
+            .expect("hub did not exit within 20 s of SIGTERM")
+            .expect("wait hub")
+    }
+}
+
+/// A running `fengda-nlp`.
+pub struct NlpProcess {
+    pub child: Child,
+    pub url: String,
+}
+
+impl NlpProcess {
+    pub async fn start(extra: &[&str]) -> NlpProcess {
+        let mut args: Vec<String> = ["--listen", "127.0.0.1:0"].map(String::from).to_vec();
+        args.extend(extra.iter().map(|a| a.to_string()));
+        let (child, url) = spawn_listening("fengda-nlp", &args).await.expect("start fengda-nlp");
+        NlpProcess { child, url }
+    }
+}

@@ -1,0 +1,181 @@
+//! One hub, real sockets: the conversation contract end to end.
+
+use fengda_tests::{Client, Hub};
+use serde_json::Value;
+
+fn user() -> String {
+    format!("u{}", std::process::id() as u64 * 1000 + rand_suffix())
+}
+
+fn rand_suffix() -> u64 {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static N: AtomicU64 = AtomicU64::new(0);
+    N.fetch_add(1, Ordering::Relaxed)
+}
+
+#[tokio::test]
+async fn a_question_is_acked_and_answered_token_by_token() {
+    let hub = Hub::start(&[]).await;
+    let mut client = Client::connect(&hub.ws_url(&format!("tenant=demo&user={}", user()))).await;
+    assert_eq!(client.ready["seq"], 0, "a new conversation starts at seq 0");
+    assert!(!client.conversation().is_empty());
+
+    let (ack, reply) = client.ask("m1", "Tell me about the Gold Card").await;
+    assert_eq!(ack["seq"], 1);
+    assert!(reply.deltas.len() >= 3, "the answer streams in several tokens: {:?}", reply.deltas);
+    assert_eq!(reply.done["seq"], 2);
+    assert_eq!(reply.done["fallback"], false);
+    assert_eq!(reply.done["conversation"], client.conversation().as_str());
+    assert!(reply.text().contains("Gold Card"), "answer about the Gold Card: {}", reply.text());
+}
+
+#[tokio::test]
+async fn a_follow_up_is_answered_from_context() {
+    let hub = Hub::start(&[]).await;
+    let mut client = Client::connect(&hub.ws_url(&format!("tenant=demo&user={}", user()))).await;
+    client.ask("m1", "Tell me about the Gold Card").await;
+    let (_, follow_up) = client.ask("m2", "And how much does it cost?").await;
+    assert!(
+        follow_up.text().contains("Gold Card"),
+        "the follow-up must be answered about the Gold Card: {}",
+        follow_up.text()
+    );
+    let (_, chinese) = client.ask("m3", "介绍一下金卡").await;
+    assert!(chinese.text().contains("金卡"), "{}", chinese.text());
+}
+
+#[tokio::test]
+async fn a_resent_message_is_acked_again_and_never_answered_twice() {
+    let hub = Hub::start(&[]).await;
+    let mut client = Client::connect(&hub.ws_url(&format!("tenant=demo&user={}", user()))).await;
+    let (first_ack, _) = client.ask("same-id", "I lost my card").await;
+    client.send_message("same-id", "I lost my card").await;
+    let again = client.expect("ack").await;
+    assert_eq!(again["seq"], first_ack["seq"], "a resend gets its original seq");
+    // The very next frames must belong to the next question, not a second answer.
+    let (ack, reply) = client.ask("other-id", "What are your opening hours?").await;
+    assert_eq!(ack["seq"], 3, "seq 1 question, 2 reply, 3 the new question");
+    assert_eq!(reply.done["seq"], 4);
+}
+
+#[tokio::test]
+async fn reconnecting_with_after_replays_what_was_missed() {
+    let hub = Hub::start(&[]).await;
+    let user = user();
+    let mut client = Client::connect(&hub.ws_url(&format!("tenant=demo&user={user}"))).await;
+    let conversation = client.conversation();
+    let (_, reply1) = client.ask("m1", "Tell me about the Gold Card").await;
+    client.ask("m2", "How much does it cost?").await;
+    drop(client);
+
+    // Without `conversation`, the user's most recent conversation is resumed.
+    let mut back = Client::connect(&hub.ws_url(&format!("tenant=demo&user={user}&after=1"))).await;
+    assert_eq!(back.conversation(), conversation);
+    assert_eq!(back.ready["seq"], 4);
+    let mut replayed = Vec::new();
+    for _ in 0..3 {
+        let frame = back.expect("message").await;
+        replayed.push(frame);
+    }
+    let seqs: Vec<_> = replayed.iter().map(|f| f["seq"].as_u64().unwrap()).collect();
+    assert_eq!(seqs, [2, 3, 4]);
+    assert_eq!(replayed[0]["from"], "assistant");
+    assert_eq!(replayed[0]["id"], reply1.reply_id.as_str());
+    assert_eq!(replayed[0]["text"], reply1.text());
+    assert_eq!(replayed[1]["from"], "customer");
+    assert_eq!(replayed[1]["id"], "m2");
+    back.assert_alive().await;
+
+    // A resend of an id stored before the reconnect is recognised on the new socket.
+    back.send_message("m2", "How much does it cost?").await;
+    assert_eq!(back.expect("ack").await["seq"], 3);
+    back.assert_alive().await;
+
+    // Explicit conversation id, nothing missed.
+    let mut explicit =
+        Client::connect(&hub.ws_url(&format!("tenant=demo&user={user}&conversation={conversation}&after=4"))).await;
+    assert_eq!(explicit.ready["seq"], 4);
+    explicit.assert_alive().await;
+}
+
+#[tokio::test]
+async fn two_sockets_of_one_conversation_see_the_same_events() {
+    let hub = Hub::start(&[]).await;
+    let user = user();
+    let mut phone = Client::connect(&hub.ws_url(&format!("tenant=demo&user={user}"))).await;
+    let conversation = phone.conversation();
+    let mut laptop =
+        Client::connect(&hub.ws_url(&format!("tenant=demo&user={user}&conversation={conversation}"))).await;
+
+    let questions = ["Tell me about the Gold Card", "How much does it cost?", "I lost my card"];
+    let mut phone_seqs = Vec::new();
+    let mut laptop_seqs = Vec::new();
+    for (i, question) in questions.iter().enumerate() {
+        let asker_is_phone = i % 2 == 0;
+        let id = format!("q{i}");
+        let (asker, watcher) = if asker_is_phone { (&mut phone, &mut laptop) } else { (&mut laptop, &mut phone) };
+        let (ack, reply) = asker.ask(&id, question).await;
+        let message = watcher.expect("message").await;
+        assert_eq!(message["from"], "customer");
+        assert_eq!(message["id"], id.as_str());
+        assert_eq!(message["text"], *question);
+        assert_eq!(message["seq"], ack["seq"]);
+        let watched = watcher.read_reply().await;
+        assert_eq!(watched.done, reply.done, "both sockets get the same reply.done");
+        assert_eq!(watched.deltas, reply.deltas, "both sockets get the same deltas");
+        let (asker_seqs, watcher_seqs) =
+            if asker_is_phone { (&mut phone_seqs, &mut laptop_seqs) } else { (&mut laptop_seqs, &mut phone_seqs) };
+        asker_seqs.extend([ack["seq"].as_u64().unwrap(), reply.done["seq"].as_u64().unwrap()]);
+        watcher_seqs.extend([message["seq"].as_u64().unwrap(), watched.done["seq"].as_u64().unwrap()]);
+    }
+    assert_eq!(phone_seqs, laptop_seqs);
+    assert_eq!(phone_seqs, (1..=6).collect::<Vec<_>>(), "seq is gap-free");
+}
+
+#[tokio::test]
+async fn tenants_and_users_do_not_share_conversations() {
+    let hub = Hub::start(&[]).await;
+    let mut alice = Client::connect(&hub.ws_url("tenant=demo&user=alice")).await;
+    alice.ask("m1", "Tell me about the Gold Card").await;
+    let conversation = alice.conversation();
+
+    // Same user id at another tenant: a different, empty conversation.
+    let other_tenant = Client::connect(&hub.ws_url("tenant=telco&user=alice")).await;
+    assert_ne!(other_tenant.conversation(), conversation);
+    assert_eq!(other_tenant.ready["seq"], 0);
+
+    // Another user, or another tenant, naming alice's conversation is refused like an unknown id.
+    for query in [
+        format!("tenant=demo&user=mallory&conversation={conversation}"),
+        format!("tenant=telco&user=alice&conversation={conversation}"),
+    ] {
+        let mut intruder = Client::connect_unready(&hub.ws_url(&query)).await;
+        let error = intruder.expect("error").await;
+        assert_eq!(error["code"], "conversation_not_found");
+        let close = intruder.expect_close().await.expect("close frame");
+        assert_eq!(u16::from(close.code), 4004);
+    }
+}
+
+#[tokio::test]
+async fn health_probes_and_web_demo_are_served() {
+    let hub = Hub::start(&[]).await;
+    let http = reqwest::Client::new();
+    let healthz = http.get(format!("{}/healthz", hub.url)).send().await.unwrap();
+    assert_eq!(healthz.status(), 200);
+    let readyz = http.get(format!("{}/readyz", hub.url)).send().await.unwrap();
+    assert_eq!(readyz.status(), 200);
+    let page = http.get(format!("{}/", hub.url)).send().await.unwrap();
+    assert_eq!(page.status(), 200);
+    assert!(page.headers()["content-type"].to_str().unwrap().starts_with("text/html"));
+    let body = page.text().await.unwrap();
+    assert!(body.contains("chat.js"), "index.html loads the widget");
+    for asset in ["client.js", "chat.js", "style.css"] {
+        let response = http.get(format!("{}/{asset}", hub.url)).send().await.unwrap();
+        assert_eq!(response.status(), 200, "{asset}");
+    }
+    let missing = http.get(format!("{}/nope", hub.url)).send().await.unwrap();
+    assert_eq!(missing.status(), 404);
+    let body: Value = missing.json().await.unwrap();
+    assert_eq!(body["error"], "not_found");
+}

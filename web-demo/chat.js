@@ -1,0 +1,301 @@
+// The Fengda demo chat widget: wires FengdaClient (client.js) to the page.
+// All text from the user or the hub is inserted with textContent, never as HTML.
+
+import { FengdaClient } from './client.js';
+
+const $ = (selector) => document.querySelector(selector);
+const transcript = $('#transcript');
+const form = $('#composer');
+const input = $('#question');
+const statusText = $('#status-text');
+const reconnectButton = $('#reconnect');
+const whoami = $('#whoami');
+
+// ---- who are we ---------------------------------------------------------------------------
+
+function randomUserId() {
+  const bytes = new Uint8Array(5);
+  crypto.getRandomValues(bytes);
+  return `web-${Array.from(bytes, (b) => b.toString(16).padStart(2, '0')).join('')}`;
+}
+
+function persistentUserId() {
+  const key = 'fengda-demo:user';
+  try {
+    let id = localStorage.getItem(key);
+    if (!id) {
+      id = randomUserId();
+      localStorage.setItem(key, id);
+    }
+    return id;
+  } catch {
+    return randomUserId(); // storage disabled: a fresh identity per page load
+  }
+}
+
+const params = new URLSearchParams(location.search);
+const tenant = params.get('tenant') || 'demo';
+const user = params.get('user') || persistentUserId();
+
+// ---- transcript rendering -----------------------------------------------------------------
+
+const ROLE_LABELS = { assistant: 'Assistant', agent: 'Agent', system: 'System', customer: 'You' };
+
+/** Whether the transcript is scrolled (nearly) to the bottom. */
+function nearBottom() {
+  return transcript.scrollHeight - transcript.scrollTop - transcript.clientHeight < 80;
+}
+
+/** Runs a DOM change and keeps the transcript pinned to the bottom if it was there. */
+function withScroll(change) {
+  const stick = nearBottom();
+  const result = change();
+  if (stick) transcript.scrollTop = transcript.scrollHeight;
+  return result;
+}
+
+/**
+ * Appends a message row and returns its bubble (the `.msg` element, whose textContent is exactly
+ * the message text).
+ * @param {'customer'|'assistant'|'agent'|'system'} role
+ * @param {string} text
+ */
+function addBubble(role, text) {
+  return withScroll(() => {
+    const row = document.createElement('div');
+    row.className = `row from-${role}`;
+    if (role === 'assistant' || role === 'agent') {
+      const avatar = document.createElement('div');
+      avatar.className = 'avatar';
+      avatar.setAttribute('aria-hidden', 'true');
+      avatar.textContent = role === 'agent' ? 'A' : 'F';
+      row.append(avatar);
+    }
+    const column = document.createElement('div');
+    column.className = 'column';
+    if (role === 'agent') {
+      const who = document.createElement('div');
+      who.className = 'who';
+      who.textContent = ROLE_LABELS.agent;
+      column.append(who);
+    }
+    const bubble = document.createElement('div');
+    bubble.className = `msg ${role}`;
+    bubble.textContent = text;
+    column.append(bubble);
+    row.append(column);
+    transcript.append(row);
+    return bubble;
+  });
+}
+
+/** Adds a small caption under a bubble (e.g. "Not sent"). */
+function setCaption(bubble, text, kind = '') {
+  const column = bubble.parentElement;
+  let caption = column.querySelector('.caption');
+  if (!text) {
+    caption?.remove();
+    return;
+  }
+  if (!caption) {
+    caption = document.createElement('div');
+    column.append(caption);
+  }
+  caption.className = `caption ${kind}`.trim();
+  caption.textContent = text;
+}
+
+/** A polite, non-message notice in the transcript (errors, connection news). */
+function addNotice(text, kind = 'info') {
+  withScroll(() => {
+    const notice = document.createElement('div');
+    notice.className = `notice ${kind}`;
+    notice.setAttribute('role', kind === 'error' ? 'alert' : 'status');
+    notice.textContent = text;
+    transcript.append(notice);
+  });
+}
+
+/** Finds the assistant bubble of a reply, creating it if needed. */
+function replyBubble(replyId) {
+  for (const el of transcript.querySelectorAll('.msg.assistant[data-reply]')) {
+    if (el.dataset.reply === replyId) return el;
+  }
+  hideTyping();
+  const bubble = addBubble('assistant', '');
+  bubble.dataset.reply = replyId;
+  return bubble;
+}
+
+function finishReply(replyId, text, fallback) {
+  const bubble = replyBubble(replyId);
+  withScroll(() => {
+    bubble.textContent = text;
+    bubble.classList.remove('streaming');
+    bubble.dataset.done = 'true';
+    if (fallback) {
+      bubble.classList.add('fallback');
+      setCaption(bubble, 'Automated answer — an agent can follow up if you need more help.', 'muted');
+    }
+  });
+}
+
+// "Assistant is typing" dots, shown between a question and the first token of the answer.
+let typingRow = null;
+let typingTimer = null;
+
+function showTyping() {
+  if (typingRow) return;
+  withScroll(() => {
+    typingRow = document.createElement('div');
+    typingRow.className = 'row from-assistant typing';
+    typingRow.setAttribute('aria-label', 'Assistant is typing');
+    const avatar = document.createElement('div');
+    avatar.className = 'avatar';
+    avatar.textContent = 'F';
+    const dots = document.createElement('div');
+    dots.className = 'dots';
+    dots.append(...[0, 1, 2].map(() => document.createElement('span')));
+    typingRow.append(avatar, dots);
+    transcript.append(typingRow);
+  });
+  clearTimeout(typingTimer);
+  typingTimer = setTimeout(hideTyping, 30000);
+}
+
+function hideTyping() {
+  clearTimeout(typingTimer);
+  typingRow?.remove();
+  typingRow = null;
+}
+
+// ---- client wiring ------------------------------------------------------------------------
+
+let client;
+try {
+  client = new FengdaClient({ tenant, user, replayHistory: true });
+} catch (err) {
+  addNotice(`This chat link is not valid (${err.message.replace(/^FengdaClient: /, '')}).`, 'error');
+  statusText.textContent = 'Not connected';
+  throw err;
+}
+/** Customer bubbles by client message id. */
+const sentBubbles = new Map();
+
+const STATUS_TEXT = {
+  idle: 'Starting…',
+  connecting: 'Connecting…',
+  open: 'Online — we usually answer right away',
+  reconnecting: 'Reconnecting…',
+  closed: 'Disconnected',
+};
+
+client.addEventListener('status', (e) => {
+  const { status } = e.detail;
+  document.body.dataset.status = status;
+  statusText.textContent = STATUS_TEXT[status] || status;
+  reconnectButton.hidden = status !== 'closed';
+  if (status !== 'open') hideTyping();
+});
+
+client.addEventListener('ready', (e) => {
+  whoami.textContent = `tenant ${tenant} · user ${user} · conversation ${e.detail.conversation}`;
+});
+
+client.addEventListener('ack', (e) => {
+  const bubble = sentBubbles.get(e.detail.id);
+  if (!bubble) return;
+  bubble.classList.remove('pending');
+  bubble.dataset.seq = String(e.detail.seq);
+  setCaption(bubble, '');
+  sentBubbles.delete(e.detail.id);
+});
+
+client.addEventListener('delta', (e) => {
+  const { reply, content } = e.detail;
+  const bubble = replyBubble(reply);
+  if (bubble.dataset.done === 'true') return;
+  withScroll(() => {
+    bubble.classList.add('streaming');
+    bubble.textContent = content;
+  });
+});
+
+client.addEventListener('done', (e) => {
+  hideTyping();
+  finishReply(e.detail.reply, e.detail.text, e.detail.fallback);
+});
+
+client.addEventListener('message', (e) => {
+  const { from, id, text, seq } = e.detail;
+  if (from === 'assistant') {
+    finishReply(id, text, false);
+    return;
+  }
+  const role = ['customer', 'agent', 'system'].includes(from) ? from : 'system';
+  if (role === 'agent') hideTyping();
+  const bubble = addBubble(role, text);
+  bubble.dataset.seq = String(seq);
+  bubble.dataset.id = id;
+});
+
+const FRIENDLY_ERRORS = {
+  text_too_long: 'That message is too long — please shorten it and try again.',
+  frame_too_big: 'That message is too long — please shorten it and try again.',
+  empty_text: 'Please type a message first.',
+  too_many_pending: 'You are sending messages faster than we can answer — please wait a moment.',
+  unavailable: 'Our assistant is briefly unavailable. Please try again in a moment.',
+};
+
+client.addEventListener('error', (e) => {
+  const { code, message, id } = e.detail;
+  hideTyping();
+  if (id && sentBubbles.has(id)) {
+    const bubble = sentBubbles.get(id);
+    bubble.classList.remove('pending');
+    bubble.classList.add('failed');
+    setCaption(bubble, 'Not sent', 'error');
+    sentBubbles.delete(id);
+  }
+  const friendly = FRIENDLY_ERRORS[code];
+  addNotice(friendly || `Sorry, something went wrong${message ? `: ${message}` : '.'}`, 'error');
+  if (!friendly && code) console.warn('Fengda error frame', code, message);
+});
+
+// ---- composer -----------------------------------------------------------------------------
+
+function send(text) {
+  const body = text.trim();
+  if (!body) return;
+  const id = client.send(body);
+  const bubble = addBubble('customer', body);
+  bubble.dataset.id = id;
+  if (client.isPending(id)) {
+    bubble.classList.add('pending');
+    if (client.status !== 'open') setCaption(bubble, 'Will send when reconnected…', 'muted');
+    sentBubbles.set(id, bubble);
+  }
+  showTyping();
+  transcript.scrollTop = transcript.scrollHeight;
+}
+
+form.addEventListener('submit', (e) => {
+  e.preventDefault();
+  send(input.value);
+  input.value = '';
+  input.focus();
+});
+
+// Enter while an input method (e.g. Chinese pinyin) is composing confirms the text, not sends.
+input.addEventListener('keydown', (e) => {
+  if (e.key === 'Enter' && (e.isComposing || e.keyCode === 229)) e.preventDefault();
+});
+
+for (const chip of document.querySelectorAll('#suggestions .chip')) {
+  chip.addEventListener('click', () => send(chip.textContent));
+}
+
+reconnectButton.addEventListener('click', () => client.connect());
+
+client.connect();
+input.focus();

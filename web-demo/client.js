@@ -1,0 +1,568 @@
+// Fengda browser client — a small, dependency-free WebSocket client for the
+// Fengda realtime hub. Copy this file into your own site if you like; it has
+// no imports and works in every current browser.
+//
+//   import { FengdaClient } from '/client.js';
+//   const client = new FengdaClient({ tenant: 'demo', user: 'alice' });
+//   client.addEventListener('delta', (e) => render(e.detail.reply, e.detail.content));
+//   client.addEventListener('done', (e) => finish(e.detail.reply, e.detail.text));
+//   client.connect();
+//   client.send('Tell me about the Gold Card');
+//
+// What it takes care of:
+//   * reconnecting with exponential backoff and jitter (capped at ~10 s);
+//   * resuming the conversation after a reconnect (`conversation` + `after`)
+//     and de-duplicating replayed events by seq and by reply id;
+//   * queueing messages while offline and resending unacknowledged ones with
+//     the same id (the hub acknowledges a resent id with its original seq and
+//     never answers it twice);
+//   * an application-level ping every 25 s, which also detects dead sockets;
+//   * remembering the conversation id and last seq in sessionStorage.
+
+/**
+ * Close codes used by the hub.
+ * @readonly
+ * @enum {number}
+ */
+export const CloseCode = Object.freeze({
+  NORMAL: 1000,
+  GOING_AWAY: 1001,
+  POLICY: 1008,
+  TOO_BIG: 1009,
+  INTERNAL: 1011,
+  CONVERSATION_NOT_FOUND: 4004,
+  SLOW_CONSUMER: 4008,
+  IDLE_TIMEOUT: 4010,
+  BAD_REQUEST: 4400,
+  UNAVAILABLE: 4503,
+});
+
+/** Tenant, user and conversation ids the hub accepts (it refuses others before the upgrade). */
+export const ID_PATTERN = /^[A-Za-z0-9._:@-]{1,128}$/;
+
+/** Close codes after which the client stays closed instead of reconnecting. */
+const FINAL_CLOSE_CODES = new Set([CloseCode.NORMAL, CloseCode.POLICY, CloseCode.BAD_REQUEST]);
+
+/**
+ * Connection status, reported by the `status` event.
+ * - `idle`: constructed, `connect()` not called yet
+ * - `connecting`: first connection attempt in progress
+ * - `open`: the hub said `ready`; messages flow
+ * - `reconnecting`: the connection dropped; a new attempt is scheduled or running
+ * - `closed`: stopped for good (`close()` was called, or the hub refused us)
+ * @typedef {'idle'|'connecting'|'open'|'reconnecting'|'closed'} FengdaStatus
+ */
+
+/**
+ * @typedef {object} FengdaClientOptions
+ * @property {string} tenant  Tenant id.
+ * @property {string} user    End-user id.
+ * @property {string} [url]   Full WebSocket endpoint, e.g. `wss://chat.example.com/ws`.
+ * @property {string} [base]  HTTP(S) or WS(S) origin of the hub, e.g. `https://chat.example.com`;
+ *                            `/ws` is appended. Default: the page's own origin.
+ * @property {boolean} [replayHistory=false]  On the first connection after construction, ask the
+ *                            hub for the whole stored conversation (`after=0`) instead of resuming
+ *                            after the remembered seq. Useful when a reloaded page wants to redraw
+ *                            the transcript.
+ * @property {Storage|null} [storage=sessionStorage]  Where the conversation id and last seq are
+ *                            remembered; `null` to not remember anything.
+ * @property {number} [pingIntervalMs=25000]  Application-level ping period.
+ * @property {number} [pongTimeoutMs=10000]   A socket that stays silent this long after a ping
+ *                            is considered dead and replaced.
+ * @property {number} [minBackoffMs=500]   First reconnect delay (before jitter).
+ * @property {number} [maxBackoffMs=10000] Reconnect delay cap.
+ * @property {typeof WebSocket} [WebSocket]  WebSocket implementation (for tests or Node).
+ */
+
+/**
+ * Events (all are `CustomEvent`s; the payload is in `event.detail`):
+ * - `status`  `{status, attempt?, delay?, code?, reason?}` — see {@link FengdaStatus}.
+ * - `ready`   `{conversation, seq}` — the hub accepted the connection.
+ * - `ack`     `{id, seq}` — a message you sent is stored. Fired once per id.
+ * - `delta`   `{conversation, reply, index, text, content}` — one streamed token of an assistant
+ *             reply; `content` is the reply text so far. Duplicate indexes are dropped.
+ * - `done`    `{conversation, reply, seq, text, fallback, replayed}` — a reply is complete;
+ *             `text` is the authoritative whole reply. Also fired (with `replayed: true`) when a
+ *             reply whose stream was cut off by a reconnect comes back as a replayed message.
+ * - `message` `{conversation, seq, from, id, text}` — any other durable event: replayed history,
+ *             or something said on another socket of the conversation (agent, system, assistant,
+ *             or the same customer on another device).
+ * - `error`   `{code, message, id?}` — an error frame from the hub (the socket stays open), or a
+ *             client-side problem such as `frame_too_big`. With an `id`, that message was refused
+ *             and will not be resent (it gets no `ack`).
+ * - `conversation` `{conversation, previous}` — the conversation id changed (new conversation,
+ *             or the old one was not found on the hub).
+ * @typedef {never} FengdaEvents
+ */
+
+/** Makes a unique id, also outside secure contexts where `crypto.randomUUID` is missing. */
+function newId() {
+  const c = globalThis.crypto;
+  if (c && typeof c.randomUUID === 'function') return c.randomUUID();
+  const b = new Uint8Array(16);
+  if (c && typeof c.getRandomValues === 'function') c.getRandomValues(b);
+  else for (let i = 0; i < 16; i++) b[i] = Math.floor(Math.random() * 256);
+  b[6] = (b[6] & 0x0f) | 0x40;
+  b[8] = (b[8] & 0x3f) | 0x80;
+  const h = Array.from(b, (x) => x.toString(16).padStart(2, '0')).join('');
+  return `${h.slice(0, 8)}-${h.slice(8, 12)}-${h.slice(12, 16)}-${h.slice(16, 20)}-${h.slice(20)}`;
+}
+
+/** Returns sessionStorage when it is usable (it throws in some privacy modes). */
+function defaultStorage() {
+  try {
+    const s = globalThis.sessionStorage;
+    const probe = '__fengda_probe__';
+    s.setItem(probe, '1');
+    s.removeItem(probe);
+    return s;
+  } catch {
+    return null;
+  }
+}
+
+/** Keeps a Set from growing without bound (oldest entries go first). */
+function rememberBounded(set, value, limit = 500) {
+  set.add(value);
+  if (set.size > limit) set.delete(set.values().next().value);
+}
+
+/**
+ * A WebSocket client for one end user of one tenant.
+ * @extends EventTarget
+ */
+export class FengdaClient extends EventTarget {
+  /** @param {FengdaClientOptions} options */
+  constructor(options) {
+    super();
+    const { tenant, user } = options || {};
+    if (!tenant || !user) throw new TypeError('FengdaClient: tenant and user are required');
+    for (const [name, value] of [['tenant', tenant], ['user', user]]) {
+      // The hub answers a bad id with HTTP 400 before the WebSocket opens, which a browser only
+      // sees as an anonymous failure (close code 1006): refuse it here instead of retrying forever.
+      if (!ID_PATTERN.test(String(value))) {
+        throw new TypeError(`FengdaClient: ${name} must be 1-128 characters of A-Z a-z 0-9 . _ : @ -`);
+      }
+    }
+    this.tenant = String(tenant);
+    this.user = String(user);
+    this.endpoint = FengdaClient.endpointFrom(options);
+    this.options = {
+      pingIntervalMs: 25000,
+      pongTimeoutMs: 10000,
+      minBackoffMs: 500,
+      maxBackoffMs: 10000,
+      ...options,
+    };
+    this.WebSocket = options.WebSocket || globalThis.WebSocket;
+    this.storage = options.storage === undefined ? defaultStorage() : options.storage;
+    this.storageKey = `fengda:${encodeURIComponent(this.tenant)}:${encodeURIComponent(this.user)}`;
+
+    /** @type {FengdaStatus} */
+    this.status = 'idle';
+    /** @type {string|null} Current conversation id. */
+    this.conversation = null;
+    /**
+     * Highest seq below which every durable event has been seen (seqs are gap-free, so this is
+     * what we resume `after`). Events above it that arrived early are kept in `seenAbove`.
+     */
+    this.lastSeq = 0;
+    this.seenAbove = new Set();
+
+    /** Messages not yet acknowledged, in send order: id → text. */
+    this.outbox = new Map();
+    /** Ids this client sent (to recognise our own messages when they are replayed). */
+    this.ownIds = new Set();
+    /** Streaming replies: reply id → array of tokens by index. */
+    this.streams = new Map();
+    /** Reply ids already finished. */
+    this.doneReplies = new Set();
+
+    this.ws = null;
+    this.attempt = 0;
+    this.stopped = true;
+    this.reconnectTimer = null;
+    this.pingTimer = null;
+    this.pongTimer = null;
+    this.sentOnSocket = []; // ids written to the current socket and not yet acked
+
+    this.restore();
+    if (this.options.replayHistory) this.lastSeq = 0;
+
+    this.onOnline = () => {
+      if (this.status === 'reconnecting' && this.reconnectTimer) {
+        clearTimeout(this.reconnectTimer);
+        this.reconnectTimer = null;
+        this.open();
+      }
+    };
+  }
+
+  /**
+   * Resolves the WebSocket endpoint (without query string) from `url` / `base` / the page origin.
+   * @param {{url?: string, base?: string}} options
+   * @returns {string}
+   */
+  static endpointFrom({ url, base } = {}) {
+    if (url) return String(url);
+    const origin = base || (globalThis.location && globalThis.location.origin);
+    if (!origin) throw new TypeError('FengdaClient: give `url` or `base` outside a browser page');
+    const u = new URL(origin);
+    if (u.protocol === 'http:') u.protocol = 'ws:';
+    else if (u.protocol === 'https:') u.protocol = 'wss:';
+    u.pathname = `${u.pathname.replace(/\/+$/, '')}/ws`;
+    u.search = '';
+    u.hash = '';
+    return u.toString();
+  }
+
+  /** Starts connecting (and keeps reconnecting until {@link close}). Safe to call twice. */
+  connect() {
+    if (!this.stopped) return;
+    this.stopped = false;
+    this.attempt = 0;
+    globalThis.addEventListener?.('online', this.onOnline);
+    this.setStatus('connecting');
+    this.open();
+  }
+
+  /**
+   * Sends a customer message. While disconnected it is queued and sent after the reconnect;
+   * if the socket drops before the hub acknowledges it, it is resent with the same id.
+   * @param {string} text
+   * @returns {string} the client message id (also reported by the `ack` event)
+   */
+  send(text) {
+    const body = String(text ?? '').trim();
+    if (!body) throw new TypeError('FengdaClient.send: text is empty');
+    const id = newId();
+    this.outbox.set(id, body);
+    rememberBounded(this.ownIds, id);
+    if (this.status === 'open') this.transmit(id, body);
+    return id;
+  }
+
+  /** Whether the message with this id is still waiting for the hub's acknowledgement. */
+  isPending(id) {
+    return this.outbox.has(id);
+  }
+
+  /**
+   * Stops for good: closes the socket with 1000 and cancels reconnects. Queued messages stay
+   * queued and go out if you call {@link connect} again.
+   */
+  close() {
+    this.stopped = true;
+    globalThis.removeEventListener?.('online', this.onOnline);
+    clearTimeout(this.reconnectTimer);
+    this.reconnectTimer = null;
+    this.dropSocket(CloseCode.NORMAL, 'client closed');
+    this.setStatus('closed');
+  }
+
+  /** Forgets the conversation (a new one starts on the next connection). */
+  resetConversation() {
+    const previous = this.conversation;
+    this.conversation = null;
+    this.lastSeq = 0;
+    this.seenAbove.clear();
+    this.streams.clear();
+    this.doneReplies.clear();
+    this.persist();
+    if (previous) this.emit('conversation', { conversation: null, previous });
+  }
+
+  // ---- internals -------------------------------------------------------------------------
+
+  /** @private */
+  emit(type, detail) {
+    this.dispatchEvent(new CustomEvent(type, { detail }));
+  }
+
+  /** @private */
+  setStatus(status, extra = {}) {
+    this.status = status;
+    this.emit('status', { status, ...extra });
+  }
+
+  /** @private */
+  restore() {
+    if (!this.storage) return;
+    try {
+      const saved = JSON.parse(this.storage.getItem(this.storageKey) || 'null');
+      if (saved && typeof saved.conversation === 'string') {
+        this.conversation = saved.conversation;
+        this.lastSeq = Number.isInteger(saved.seq) && saved.seq > 0 ? saved.seq : 0;
+      }
+    } catch {
+      /* corrupt entry: start fresh */
+    }
+  }
+
+  /** @private */
+  persist() {
+    if (!this.storage) return;
+    try {
+      if (this.conversation) {
+        this.storage.setItem(
+          this.storageKey,
+          JSON.stringify({ conversation: this.conversation, seq: this.lastSeq }),
+        );
+      } else {
+        this.storage.removeItem(this.storageKey);
+      }
+    } catch {
+      /* storage full or unavailable: resuming is best effort */
+    }
+  }
+
+  /** @private Builds the URL for the next connection attempt. */
+  socketUrl() {
+    const u = new URL(this.endpoint, globalThis.location?.href);
+    u.searchParams.set('tenant', this.tenant);
+    u.searchParams.set('user', this.user);
+    if (this.conversation) {
+      u.searchParams.set('conversation', this.conversation);
+      u.searchParams.set('after', String(this.lastSeq));
+    }
+    return u.toString();
+  }
+
+  /** @private */
+  open() {
+    if (this.stopped) return;
+    let ws;
+    try {
+      ws = new this.WebSocket(this.socketUrl());
+    } catch (err) {
+      this.emit('error', { code: 'connect_failed', message: String(err && err.message || err) });
+      this.scheduleReconnect();
+      return;
+    }
+    this.ws = ws;
+    this.sentOnSocket = [];
+    ws.onmessage = (ev) => this.onFrame(ws, ev.data);
+    ws.onclose = (ev) => this.onClose(ws, ev.code, ev.reason);
+    ws.onerror = () => { /* a close event always follows; handled there */ };
+  }
+
+  /** @private Detaches and closes the current socket without waiting for its close event. */
+  dropSocket(code, reason) {
+    const ws = this.ws;
+    this.ws = null;
+    this.stopHeartbeat();
+    if (!ws) return;
+    ws.onmessage = ws.onclose = ws.onerror = null;
+    try {
+      ws.close(code, reason);
+    } catch {
+      /* already closed */
+    }
+  }
+
+  /** @private */
+  onClose(ws, code, reason) {
+    if (ws !== this.ws) return;
+    this.ws = null;
+    this.stopHeartbeat();
+    if (this.stopped) return;
+
+    if (code === CloseCode.CONVERSATION_NOT_FOUND) {
+      // The hub does not know our conversation: start a new one (queued messages go there).
+      this.resetConversation();
+    } else if (code === CloseCode.TOO_BIG) {
+      // The hub refused a frame: the last message we wrote is the likely culprit. Drop it so a
+      // reconnect does not resend it forever.
+      const id = this.sentOnSocket.filter((x) => this.outbox.has(x)).pop();
+      if (id) {
+        this.outbox.delete(id);
+        this.emit('error', { code: 'frame_too_big', message: 'That message is too long to send.', id });
+      }
+    }
+
+    if (FINAL_CLOSE_CODES.has(code)) {
+      this.stopped = true;
+      globalThis.removeEventListener?.('online', this.onOnline);
+      this.setStatus('closed', { code, reason });
+      return;
+    }
+    this.scheduleReconnect({ code, reason });
+  }
+
+  /** @private Exponential backoff with jitter: delay in [d/2, d], d = min(max, min·2^attempt). */
+  scheduleReconnect(extra = {}) {
+    if (this.stopped || this.reconnectTimer) return;
+    const { minBackoffMs, maxBackoffMs } = this.options;
+    const ceiling = Math.min(maxBackoffMs, minBackoffMs * 2 ** this.attempt);
+    const delay = Math.round(ceiling / 2 + Math.random() * (ceiling / 2));
+    this.attempt += 1;
+    this.setStatus('reconnecting', { attempt: this.attempt, delay, ...extra });
+    this.reconnectTimer = setTimeout(() => {
+      this.reconnectTimer = null;
+      this.open();
+    }, delay);
+  }
+
+  /** @private */
+  startHeartbeat() {
+    this.stopHeartbeat();
+    this.pingTimer = setInterval(() => {
+      if (!this.ws || this.pongTimer) return;
+      this.write({ type: 'ping' });
+      this.pongTimer = setTimeout(() => {
+        // No frame at all since the ping: the connection is dead even if the browser thinks not.
+        this.pongTimer = null;
+        this.dropSocket(CloseCode.NORMAL, 'ping timeout');
+        this.scheduleReconnect({ reason: 'ping timeout' });
+      }, this.options.pongTimeoutMs);
+    }, this.options.pingIntervalMs);
+  }
+
+  /** @private */
+  stopHeartbeat() {
+    clearInterval(this.pingTimer);
+    clearTimeout(this.pongTimer);
+    this.pingTimer = null;
+    this.pongTimer = null;
+  }
+
+  /** @private */
+  write(frame) {
+    if (!this.ws || this.ws.readyState !== 1) return false;
+    this.ws.send(JSON.stringify(frame));
+    return true;
+  }
+
+  /** @private */
+  transmit(id, text) {
+    if (this.write({ type: 'message', id, text })) this.sentOnSocket.push(id);
+  }
+
+  /** @private Records a durable seq; returns false if it was seen already. */
+  markSeq(seq) {
+    if (!Number.isInteger(seq) || seq <= 0) return true; // no seq: cannot de-duplicate by it
+    if (seq <= this.lastSeq || this.seenAbove.has(seq)) return false;
+    this.seenAbove.add(seq);
+    while (this.seenAbove.has(this.lastSeq + 1)) {
+      this.lastSeq += 1;
+      this.seenAbove.delete(this.lastSeq);
+    }
+    if (this.seenAbove.size > 1000) {
+      // A hole that never fills (should not happen: seqs are gap-free). Give up on it.
+      this.lastSeq = Math.min(...this.seenAbove) - 1;
+      this.markSeq(this.lastSeq + 1);
+      return true;
+    }
+    this.persist();
+    return true;
+  }
+
+  /** @private */
+  acknowledge(id, seq) {
+    if (!this.outbox.has(id)) return; // already acked (e.g. a resend crossed a replay)
+    this.outbox.delete(id);
+    this.emit('ack', { id, seq });
+  }
+
+  /** @private */
+  onFrame(ws, data) {
+    if (ws !== this.ws) return;
+    clearTimeout(this.pongTimer); // any frame proves the socket is alive
+    this.pongTimer = null;
+    let f;
+    try {
+      f = JSON.parse(data);
+    } catch {
+      return; // not for us
+    }
+    if (!f || typeof f.type !== 'string') return;
+
+    switch (f.type) {
+      case 'ready': {
+        const previous = this.conversation;
+        const resumed = previous !== null && previous === f.conversation;
+        if (!resumed) {
+          this.conversation = f.conversation;
+          this.seenAbove.clear();
+          // Without `after` the hub replays nothing: start from its current seq.
+          this.lastSeq = Number.isInteger(f.seq) ? f.seq : 0;
+          if (previous !== f.conversation) this.emit('conversation', { conversation: f.conversation, previous });
+        }
+        this.persist();
+        this.attempt = 0;
+        this.setStatus('open');
+        this.emit('ready', { conversation: f.conversation, seq: f.seq });
+        this.startHeartbeat();
+        // Resend everything not yet acknowledged, oldest first, with the same ids.
+        for (const [id, text] of this.outbox) this.transmit(id, text);
+        break;
+      }
+      case 'ack':
+        this.markSeq(f.seq);
+        this.acknowledge(f.id, f.seq);
+        break;
+      case 'reply.delta': {
+        if (this.doneReplies.has(f.reply)) return;
+        let tokens = this.streams.get(f.reply);
+        if (!tokens) this.streams.set(f.reply, (tokens = []));
+        const index = Number.isInteger(f.index) ? f.index : tokens.length;
+        if (tokens[index] !== undefined) return; // duplicate token
+        tokens[index] = String(f.text ?? '');
+        let content = '';
+        for (const t of tokens) {
+          if (t === undefined) break; // hole: show the contiguous prefix only
+          content += t;
+        }
+        this.emit('delta', { conversation: f.conversation, reply: f.reply, index, text: tokens[index], content });
+        break;
+      }
+      case 'reply.done':
+        this.markSeq(f.seq);
+        this.finishReply(f, false);
+        break;
+      case 'message': {
+        if (!this.markSeq(f.seq)) return;
+        if (f.from === 'customer' && this.ownIds.has(f.id)) {
+          // Our own message coming back in a replay: it is stored, i.e. acknowledged.
+          this.acknowledge(f.id, f.seq);
+          return;
+        }
+        if (f.from === 'assistant' && (this.streams.has(f.id) || this.doneReplies.has(f.id))) {
+          // The stored form of a reply we already (partly) showed.
+          this.finishReply({ conversation: f.conversation, reply: f.id, seq: f.seq, text: f.text, fallback: false }, true);
+          return;
+        }
+        if (f.from === 'assistant') rememberBounded(this.doneReplies, f.id);
+        this.emit('message', {
+          conversation: f.conversation, seq: f.seq, from: f.from, id: f.id, text: f.text,
+        });
+        break;
+      }
+      case 'error':
+        // An error naming one of our messages means the hub refused it (empty, too long, ...):
+        // it was not stored, so stop resending it.
+        if (typeof f.id === 'string') this.outbox.delete(f.id);
+        this.emit('error', { code: f.code, message: f.message, ...(typeof f.id === 'string' ? { id: f.id } : {}) });
+        break;
+      case 'pong':
+        break;
+      default:
+        break; // unknown frame types are ignored so the hub can add new ones
+    }
+  }
+
+  /** @private */
+  finishReply(f, replayed) {
+    if (this.doneReplies.has(f.reply)) return;
+    rememberBounded(this.doneReplies, f.reply);
+    this.streams.delete(f.reply);
+    this.emit('done', {
+      conversation: f.conversation,
+      reply: f.reply,
+      seq: f.seq,
+      text: String(f.text ?? ''),
+      fallback: Boolean(f.fallback),
+      replayed,
+    });
+  }
+}

@@ -51,8 +51,10 @@ impl SessionCloser {
         Self { token: parent.child_token(), reason: Arc::default() }
     }
 
-    /// Asks the session to close; the first reason wins.
+    /// Asks the session to close; the first reason wins. A session already
+    /// cancelled by hub shutdown keeps "going away".
     pub fn close(&self, reason: CloseReason) {
+        let reason = if self.token.is_cancelled() { close::GOING_AWAY } else { reason };
         let _ = self.reason.set(reason);
         self.token.cancel();
     }

@@ -24,6 +24,9 @@ use crate::protocol::{ServerFrame, frames::ErrorCode};
 use crate::reply::Question;
 use crate::router::{SessionCloser, SessionHandle};
 
+/// How long a closing session waits for the client's close frame.
+const CLOSE_HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// Who is connecting and where they want to resume, from the `/ws` query.
 #[derive(Debug, Clone)]
 pub struct SessionParams {
@@ -58,17 +61,30 @@ pub async fn run(mut socket: WebSocket, params: SessionParams, app: Arc<AppState
         intro.push(ServerFrame::Ready { conversation, seq: snapshot.last_seq }.encode());
         intro.extend(snapshot.missed.iter().map(|event| event.message_frame(conversation)));
 
-        let (sink, stream) = socket.split();
+        let (sink, mut stream) = socket.split();
         let ping_interval = std::time::Duration::from_millis(ws.ping_interval_ms);
-        app.tracker.spawn(
+        let writer = app.tracker.spawn(
             writer::run_writer(sink, out_rx, intro, snapshot.last_seq, closer.clone(), ping_interval).in_current_span(),
         );
         let (question_tx, question_rx) = mpsc::channel(ws.max_pending_questions);
         app.tracker.spawn(run_replier(app.clone(), key.clone(), question_rx, closer.clone()).in_current_span());
 
-        reader::run_reader(stream, &app, &key, &handle, question_tx).await;
+        let client_closed = reader::run_reader(&mut stream, &app, &key, &handle, question_tx).await;
         closer.close(close::NORMAL);
         app.backend.detach(&key, session_id);
+        // Closing handshake: the writer sends our close frame; keep reading
+        // until the client answers it, so the client sees the code before TCP goes.
+        let _ = writer.await;
+        if !client_closed {
+            let _ = tokio::time::timeout(CLOSE_HANDSHAKE_TIMEOUT, async {
+                while let Some(Ok(message)) = stream.next().await {
+                    if matches!(message, Message::Close(_)) {
+                        break;
+                    }
+                }
+            })
+            .await;
+        }
         debug!(reason = closer.reason().reason, "session ended");
     }
     .instrument(span)

@@ -23,31 +23,37 @@ use crate::protocol::{ClientFrame, ErrorCode, Role, ServerFrame, parse_client_fr
 use crate::reply::Question;
 use crate::router::{Outbound, SessionHandle};
 
+/// Reads until the session ends; returns true when the client closed the
+/// socket itself (close frame or end of stream).
 pub(super) async fn run_reader(
-    mut stream: SplitStream<WebSocket>,
+    stream: &mut SplitStream<WebSocket>,
     app: &AppState,
     key: &ConversationKey,
     session: &SessionHandle,
     questions: mpsc::Sender<Question>,
-) {
+) -> bool {
     let idle_timeout = Duration::from_millis(app.config.websocket.idle_timeout_ms);
     let max_text_chars = app.config.websocket.max_text_chars;
     loop {
         let next = tokio::select! {
-            _ = session.closer.token().cancelled() => return,
+            _ = session.closer.token().cancelled() => return false,
             next = tokio::time::timeout(idle_timeout, stream.next()) => next,
         };
         let message = match next {
-            Err(_elapsed) => return session.closer.close(close::IDLE_TIMEOUT),
-            Ok(None) => return,
+            Err(_elapsed) => {
+                session.closer.close(close::IDLE_TIMEOUT);
+                return false;
+            }
+            Ok(None) => return true,
             Ok(Some(Err(error))) => {
                 let error = error.into_inner();
                 if let Some(tungstenite::Error::Capacity(capacity)) = error.downcast_ref::<tungstenite::Error>() {
                     debug!(%capacity, "frame over the transport limit");
-                    return session.closer.close(close::TOO_BIG);
+                    session.closer.close(close::TOO_BIG);
+                    return false;
                 }
                 debug!(%error, "socket read failed");
-                return;
+                return true;
             }
             Ok(Some(Ok(message))) => message,
         };
@@ -61,7 +67,7 @@ pub(super) async fn run_reader(
                 session,
                 error_frame(ErrorCode::BinaryNotSupported, "binary frames are not supported; send JSON text", None),
             ),
-            Message::Close(_) => return,
+            Message::Close(_) => return true,
             // Pings are answered by the library; any frame counts as a sign of life.
             Message::Ping(_) | Message::Pong(_) => {}
         }

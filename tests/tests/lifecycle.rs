@@ -1,0 +1,62 @@
+//! Connection lifecycle: slow consumers, dead peers, keepalive, shutdown.
+
+use std::time::Duration;
+
+use fengda_tests::{Client, Hub, RecordingAnswerer, Script};
+use futures::StreamExt;
+use tokio_tungstenite::tungstenite::Message;
+
+#[tokio::test]
+async fn a_client_that_stops_reading_is_closed_as_a_slow_consumer() {
+    // 20,000 chunks of ~1 KiB: far more than socket buffers plus an 8-frame queue hold.
+    let answerer = RecordingAnswerer::start(Script { tokens: 20_000, token_padding: 1000, ..Script::default() }).await;
+    let hub = Hub::start(&["--nlp-url", &answerer.url, "--outbound-queue-frames", "8"]).await;
+    let mut slow = Client::connect(&hub.ws_url("tenant=demo&user=slow-reader")).await;
+    slow.send_message("m1", "flood me").await;
+    // Read nothing until the hub gives up on us, then drain what was buffered.
+    let close = slow.expect_close().await.expect("a close frame");
+    assert_eq!(u16::from(close.code), 4008, "slow consumer close code");
+
+    // The hub itself is fine: a new client is served.
+    let mut fresh = Client::connect(&hub.ws_url("tenant=demo&user=fresh")).await;
+    fresh.assert_alive().await;
+}
+
+#[tokio::test]
+async fn a_silent_peer_is_closed_and_a_live_one_is_kept_by_pings() {
+    let hub = Hub::start(&["--ping-interval-ms", "100", "--idle-timeout-ms", "400"]).await;
+    let mut live = Client::connect(&hub.ws_url("tenant=demo&user=live")).await;
+    let mut silent = Client::connect(&hub.ws_url("tenant=demo&user=silent")).await;
+
+    // The live client keeps reading (tungstenite answers each ping with a pong) for 3 idle timeouts.
+    let mut pings = 0;
+    let until = tokio::time::Instant::now() + Duration::from_millis(1200);
+    while let Ok(message) = tokio::time::timeout_at(until, live.ws.next()).await {
+        match message {
+            Some(Ok(Message::Ping(_))) => pings += 1,
+            other => panic!("the live client should only see pings, got {other:?}"),
+        }
+    }
+    assert!(pings >= 5, "pings keep the connection alive: saw {pings}");
+    live.assert_alive().await;
+
+    // The silent client never read, so never answered a ping: it was closed with 4010.
+    let close = silent.expect_close().await.expect("close frame");
+    assert_eq!(u16::from(close.code), 4010);
+}
+
+#[tokio::test]
+async fn shutdown_closes_sockets_with_1001_and_exits_cleanly() {
+    let answerer = RecordingAnswerer::start(Script::default()).await;
+    let hub = Hub::start(&["--nlp-url", &answerer.url]).await;
+    let mut clients = Vec::new();
+    for i in 0..5 {
+        clients.push(Client::connect(&hub.ws_url(&format!("tenant=demo&user=bye{i}"))).await);
+    }
+    let status = hub.terminate().await;
+    assert!(status.success(), "the hub exits 0 on SIGTERM: {status:?}");
+    for client in &mut clients {
+        let close = client.expect_close().await.expect("close frame");
+        assert_eq!(u16::from(close.code), 1001);
+    }
+}

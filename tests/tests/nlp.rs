@@ -1,0 +1,109 @@
+//! The hub and the NLP service over real gRPC: what the hub sends, and how
+//! it behaves when the service is slow, gone, or a separate process.
+
+use std::time::Duration;
+
+use fengda_proto::nlp::v1::Role;
+use fengda_tests::{Client, Hub, NlpProcess, RecordingAnswerer, Script};
+
+#[tokio::test]
+async fn each_question_reaches_the_nlp_service_with_the_last_n_turns() {
+    let answerer = RecordingAnswerer::start(Script::default()).await;
+    let hub = Hub::start(&["--nlp-url", &answerer.url, "--history-turns", "3"]).await;
+    let mut client = Client::connect(&hub.ws_url("tenant=bank-a&user=history")).await;
+    let conversation = client.conversation();
+    let mut replies = Vec::new();
+    for (i, question) in ["first question", "second question", "third question"].iter().enumerate() {
+        let (_, reply) = client.ask(&format!("m{i}"), question).await;
+        assert_eq!(reply.text(), "tok0 tok1 tok2 tok3 tok4 ", "the scripted answer, relayed exactly");
+        replies.push(reply.text().to_owned());
+    }
+    let requests = answerer.requests();
+    assert_eq!(requests.len(), 3, "one call per question");
+    for request in &requests {
+        assert_eq!(request.tenant_id, "bank-a");
+        assert_eq!(request.conversation_id, conversation);
+        assert!(!request.request_id.is_empty());
+    }
+    assert_eq!(requests[0].question, "first question");
+    assert!(requests[0].history.is_empty(), "nothing before the first question");
+
+    let second: Vec<_> = requests[1].history.iter().map(|t| (t.role, t.text.as_str())).collect();
+    assert_eq!(second, [(Role::Customer as i32, "first question"), (Role::Assistant as i32, replies[0].as_str())]);
+
+    // Four turns precede the third question; --history-turns 3 keeps the newest three.
+    let third: Vec<_> = requests[2].history.iter().map(|t| (t.role, t.text.as_str())).collect();
+    assert_eq!(
+        third,
+        [
+            (Role::Assistant as i32, replies[0].as_str()),
+            (Role::Customer as i32, "second question"),
+            (Role::Assistant as i32, replies[1].as_str()),
+        ]
+    );
+    assert_eq!(requests[2].question, "third question");
+}
+
+#[tokio::test]
+async fn a_slow_first_chunk_gets_the_polite_fallback() {
+    let answerer =
+        RecordingAnswerer::start(Script { first_chunk_delay: Duration::from_secs(5), ..Script::default() }).await;
+    let hub = Hub::start(&["--nlp-url", &answerer.url, "--nlp-first-chunk-timeout-ms", "300"]).await;
+    let mut client = Client::connect(&hub.ws_url("tenant=demo&user=slow")).await;
+    let started = std::time::Instant::now();
+    let (_, reply) = client.ask("m1", "Tell me about the Gold Card").await;
+    assert_eq!(reply.done["fallback"], true);
+    assert!(reply.text().starts_with("Sorry"), "{}", reply.text());
+    assert!(started.elapsed() < Duration::from_secs(4), "the fallback must not wait for the slow answer");
+    assert_eq!(reply.done["seq"], 2, "the fallback is stored like any reply");
+
+    let (_, chinese) = client.ask("m2", "金卡年费多少").await;
+    assert_eq!(chinese.done["fallback"], true);
+    assert!(chinese.text().contains("抱歉"), "{}", chinese.text());
+}
+
+#[tokio::test]
+async fn an_unreachable_nlp_service_gets_the_fallback_and_the_hub_keeps_serving() {
+    // Reserve a port, then free it: nothing listens there.
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let url = format!("http://127.0.0.1:{port}");
+    let hub = Hub::start(&["--nlp-url", &url]).await;
+    let mut client = Client::connect(&hub.ws_url("tenant=demo&user=down")).await;
+    for i in 0..2 {
+        let (_, reply) = client.ask(&format!("m{i}"), "Hello?").await;
+        assert_eq!(reply.done["fallback"], true);
+    }
+    client.assert_alive().await;
+}
+
+#[tokio::test]
+async fn a_customer_leaving_mid_answer_cancels_the_nlp_stream() {
+    let answerer =
+        RecordingAnswerer::start(Script { tokens: 200, token_delay: Duration::from_millis(20), ..Script::default() })
+            .await;
+    let hub = Hub::start(&["--nlp-url", &answerer.url]).await;
+    let mut client = Client::connect(&hub.ws_url("tenant=demo&user=leaver")).await;
+    client.send_message("m1", "Tell me a long story").await;
+    client.expect("ack").await;
+    let first = client.expect("reply.delta").await;
+    assert_eq!(first["index"], 0);
+    drop(client);
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while answerer.cancelled() == 0 {
+        assert!(std::time::Instant::now() < deadline, "the answerer was never told the customer left");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
+async fn the_hub_answers_through_an_external_fengda_nlp_process() {
+    let nlp = NlpProcess::start(&["--first-token-delay-ms", "0", "--tokens-per-second", "0"]).await;
+    let hub = Hub::start(&["--nlp-url", &nlp.url]).await;
+    let mut client = Client::connect(&hub.ws_url("tenant=demo&user=external")).await;
+    let (_, reply) = client.ask("m1", "Tell me about the Gold Card").await;
+    assert_eq!(reply.done["fallback"], false);
+    assert!(reply.text().contains("Gold Card"), "{}", reply.text());
+    assert!(reply.deltas.len() >= 3);
+    let (_, follow_up) = client.ask("m2", "And how much does it cost?").await;
+    assert!(follow_up.text().contains("Gold Card"), "context crosses the process boundary: {}", follow_up.text());
+}

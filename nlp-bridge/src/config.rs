@@ -48,14 +48,9 @@ impl BridgeConfig {
     /// Reads and parses a TOML configuration file. Missing keys keep their
     /// defaults; unknown keys are an error.
     pub fn from_file(path: &Path) -> Result<Self, BridgeError> {
-        let text = std::fs::read_to_string(path).map_err(|source| BridgeError::ReadConfig {
-            path: path.to_owned(),
-            source,
-        })?;
-        Self::from_toml(&text).map_err(|source| BridgeError::ParseConfig {
-            path: path.to_owned(),
-            source,
-        })
+        let text = std::fs::read_to_string(path)
+            .map_err(|source| BridgeError::ReadConfig { path: path.to_owned(), source })?;
+        Self::from_toml(&text).map_err(|source| BridgeError::ParseConfig { path: path.to_owned(), source })
     }
 
     /// Parses TOML text (no validation beyond the schema).
@@ -94,22 +89,14 @@ pub struct AnswererConfig {
 
 impl Default for AnswererConfig {
     fn default() -> Self {
-        Self {
-            knowledge_base: None,
-            first_token_delay_ms: 150,
-            tokens_per_second: 25.0,
-        }
+        Self { knowledge_base: None, first_token_delay_ms: 150, tokens_per_second: 25.0 }
     }
 }
 
 impl AnswererConfig {
     /// A configuration that never sleeps: both delays at 0, embedded knowledge base.
     pub fn unpaced() -> Self {
-        Self {
-            knowledge_base: None,
-            first_token_delay_ms: 0,
-            tokens_per_second: 0.0,
-        }
+        Self { knowledge_base: None, first_token_delay_ms: 0, tokens_per_second: 0.0 }
     }
 
     /// Checks that `tokens_per_second` is a usable number.
@@ -131,9 +118,7 @@ impl AnswererConfig {
     /// The delay between two tokens, or `None` when disabled (0 or invalid).
     pub fn token_interval(&self) -> Option<Duration> {
         let tps = self.tokens_per_second;
-        (tps.is_finite() && tps > 0.0)
-            .then(|| Duration::try_from_secs_f64(1.0 / tps).ok())
-            .flatten()
+        (tps.is_finite() && tps > 0.0).then(|| Duration::try_from_secs_f64(1.0 / tps).ok()).flatten()
     }
 }
 
@@ -147,10 +132,7 @@ mod tests {
         assert_eq!(config.listen, "127.0.0.1:50051".parse().unwrap());
         assert_eq!(config.answerer.first_token_delay_ms, 150);
         assert_eq!(config.answerer.token_interval(), None);
-        assert_eq!(
-            AnswererConfig::default().token_interval(),
-            Some(Duration::from_millis(40))
-        );
+        assert_eq!(AnswererConfig::default().token_interval(), Some(Duration::from_millis(40)));
         assert_eq!(AnswererConfig::unpaced().first_token_delay(), None);
     }
 
@@ -158,10 +140,7 @@ mod tests {
     fn unknown_keys_and_bad_pace_are_rejected() {
         assert!(BridgeConfig::from_toml("lisen = \"127.0.0.1:1\"").is_err());
         assert!(BridgeConfig::from_toml("[answerer]\nspeed = 1").is_err());
-        let bad = AnswererConfig {
-            tokens_per_second: -1.0,
-            ..AnswererConfig::default()
-        };
+        let bad = AnswererConfig { tokens_per_second: -1.0, ..AnswererConfig::default() };
         assert!(bad.validate().is_err());
     }
 }

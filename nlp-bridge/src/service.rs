@@ -20,8 +20,8 @@ use tonic::{Request, Response, Status};
 use tracing::Instrument;
 
 use crate::backend::{
-    AnswerBackend, BackendRequest, BuiltinBackend, ConversationId, Finish, HistoryTurn, TenantId,
-    Token, TokenStream, TurnRole,
+    AnswerBackend, BackendRequest, BuiltinBackend, ConversationId, Finish, HistoryTurn, TenantId, Token, TokenStream,
+    TurnRole,
 };
 use crate::config::AnswererConfig;
 use crate::error::BridgeError;
@@ -45,19 +45,14 @@ pub struct NlpService {
 
 impl std::fmt::Debug for NlpService {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("NlpService")
-            .field("producers", &self.tasks.len())
-            .finish_non_exhaustive()
+        f.debug_struct("NlpService").field("producers", &self.tasks.len()).finish_non_exhaustive()
     }
 }
 
 impl NlpService {
     /// A service answering with `backend`.
     pub fn new(backend: Arc<dyn AnswerBackend>) -> Self {
-        Self {
-            backend,
-            tasks: TaskTracker::new(),
-        }
+        Self { backend, tasks: TaskTracker::new() }
     }
 
     /// A service answering with the built-in FAQ answerer.
@@ -75,15 +70,8 @@ impl NlpService {
 impl Nlp for NlpService {
     type AnswerStream = ReceiverStream<Result<AnswerChunk, Status>>;
 
-    async fn answer(
-        &self,
-        request: Request<AnswerRequest>,
-    ) -> Result<Response<Self::AnswerStream>, Status> {
-        let header_id = request
-            .metadata()
-            .get("x-request-id")
-            .and_then(|v| v.to_str().ok())
-            .map(str::to_owned);
+    async fn answer(&self, request: Request<AnswerRequest>) -> Result<Response<Self::AnswerStream>, Status> {
+        let header_id = request.metadata().get("x-request-id").and_then(|v| v.to_str().ok()).map(str::to_owned);
         let message = request.into_inner();
         let request_id = header_id.unwrap_or_else(|| message.request_id.clone());
         let span = tracing::info_span!(
@@ -95,7 +83,7 @@ impl Nlp for NlpService {
         let backend_request = span.in_scope(|| {
             let req = to_backend_request(message, request_id);
             match &req {
-                Ok(req) => tracing::info!(
+                Ok(req) => tracing::debug!(
                     question_chars = req.question.chars().count(),
                     history_turns = req.history.len(),
                     "answer started"
@@ -106,8 +94,7 @@ impl Nlp for NlpService {
         })?;
         let tokens = span.in_scope(|| self.backend.answer(backend_request));
         let (chunk_tx, chunk_rx) = mpsc::channel(CHUNK_BUFFER);
-        self.tasks
-            .spawn(run_producer(tokens, chunk_tx).instrument(span));
+        self.tasks.spawn(run_producer(tokens, chunk_tx).instrument(span));
         Ok(Response::new(ReceiverStream::new(chunk_rx)))
     }
 }
@@ -121,9 +108,7 @@ fn to_backend_request(message: AnswerRequest, request_id: String) -> Result<Back
         return Err(Status::invalid_argument("question is empty"));
     }
     if message.question.len() > MAX_QUESTION_BYTES {
-        return Err(Status::invalid_argument(format!(
-            "question is longer than {MAX_QUESTION_BYTES} bytes"
-        )));
+        return Err(Status::invalid_argument(format!("question is longer than {MAX_QUESTION_BYTES} bytes")));
     }
     let skip = message.history.len().saturating_sub(MAX_HISTORY_TURNS);
     let history = message
@@ -156,10 +141,7 @@ enum Outcome {
 /// Moves tokens from the backend to the response channel, numbering them,
 /// until the answer ends, the backend fails, or the client goes away.
 /// Returning drops `tokens`, which cancels the backend's work.
-async fn run_producer(
-    mut tokens: TokenStream,
-    chunk_tx: mpsc::Sender<Result<AnswerChunk, Status>>,
-) {
+async fn run_producer(mut tokens: TokenStream, chunk_tx: mpsc::Sender<Result<AnswerChunk, Status>>) {
     let mut index: u32 = 0;
     let outcome = loop {
         let item = tokio::select! {
@@ -183,11 +165,7 @@ async fn run_producer(
                 break Outcome::BackendFailed;
             }
         };
-        let chunk = AnswerChunk {
-            index,
-            text,
-            finish: finish.unwrap_or(FinishReason::Unspecified) as i32,
-        };
+        let chunk = AnswerChunk { index, text, finish: finish.unwrap_or(FinishReason::Unspecified) as i32 };
         index += 1;
         if chunk_tx.send(Ok(chunk)).await.is_err() {
             break Outcome::ClientGone;
@@ -199,7 +177,7 @@ async fn run_producer(
     drop(tokens);
     match outcome {
         Outcome::Finished(reason) => {
-            tracing::info!(chunks = index, finish = reason.as_str_name(), "answer finished")
+            tracing::debug!(chunks = index, finish = reason.as_str_name(), "answer finished")
         }
         Outcome::ClientGone => tracing::info!(chunks = index, "client went away; answer cancelled"),
         Outcome::BackendFailed => tracing::info!(chunks = index, "answer failed"),
@@ -218,10 +196,7 @@ mod tests {
             tenant_id: "demo".into(),
             conversation_id: "c".into(),
             request_id: "r".into(),
-            history: vec![Turn {
-                role: Role::Customer as i32,
-                text: "hi".into(),
-            }],
+            history: vec![Turn { role: Role::Customer as i32, text: "hi".into() }],
             question: question.into(),
         }
     }
@@ -247,11 +222,7 @@ mod tests {
 
     #[tokio::test]
     async fn backend_error_ends_the_stream_with_a_status() {
-        let items = vec![
-            Ok(Token::Text("a".into())),
-            Err(BackendError::Timeout),
-            Ok(Token::Text("never".into())),
-        ];
+        let items = vec![Ok(Token::Text("a".into())), Err(BackendError::Timeout), Ok(Token::Text("never".into()))];
         let out = drain(stream::iter(items).boxed()).await;
         assert_eq!(out.len(), 2);
         assert_eq!(out[0].as_ref().unwrap().text, "a");
@@ -265,11 +236,7 @@ mod tests {
         let last = out.last().unwrap().as_ref().unwrap();
         assert_eq!((last.index, last.finish()), (1, FinishReason::Stop));
 
-        let items = [
-            Ok(Token::Text(String::new())),
-            Ok(Token::End(Finish::NoMatch)),
-            Ok(Token::Text("late".into())),
-        ];
+        let items = [Ok(Token::Text(String::new())), Ok(Token::End(Finish::NoMatch)), Ok(Token::Text("late".into()))];
         let out = drain(stream::iter(items).boxed()).await;
         assert_eq!(out.len(), 1);
         let only = out[0].as_ref().unwrap();

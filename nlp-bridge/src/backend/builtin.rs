@@ -40,11 +40,7 @@ impl BuiltinBackend {
 
     /// Uses an already loaded knowledge base (ignores `config.knowledge_base`).
     pub fn with_knowledge(knowledge: Arc<KnowledgeBase>, config: &AnswererConfig) -> Self {
-        Self {
-            knowledge,
-            first_token_delay: config.first_token_delay(),
-            token_interval: config.token_interval(),
-        }
+        Self { knowledge, first_token_delay: config.first_token_delay(), token_interval: config.token_interval() }
     }
 
     pub fn knowledge(&self) -> &Arc<KnowledgeBase> {
@@ -53,11 +49,7 @@ impl BuiltinBackend {
 
     /// The answer text and finish reason this backend gives to `request`.
     pub fn resolve(&self, request: &BackendRequest) -> (String, Finish) {
-        let lookup = self.knowledge.lookup(
-            request.tenant.as_str(),
-            &request.question,
-            &request.history,
-        );
+        let lookup = self.knowledge.lookup(request.tenant.as_str(), &request.question, &request.history);
         match lookup {
             Lookup::Match { entry, coverage } => {
                 tracing::debug!(entry = %entry.id, coverage, "knowledge base match");
@@ -74,10 +66,7 @@ impl BuiltinBackend {
 impl AnswerBackend for BuiltinBackend {
     fn answer(&self, request: BackendRequest) -> TokenStream {
         let (answer, finish) = self.resolve(&request);
-        let tokens = split_tokens(&answer)
-            .into_iter()
-            .map(Token::Text)
-            .chain([Token::End(finish)]);
+        let tokens = split_tokens(&answer).into_iter().map(Token::Text).chain([Token::End(finish)]);
         let (first, interval) = (self.first_token_delay, self.token_interval);
         if first.is_none() && interval.is_none() {
             return stream::iter(tokens.map(Ok)).boxed();
@@ -204,12 +193,7 @@ mod tests {
     #[test]
     fn tokens_concatenate_to_every_answer() {
         let backend = BuiltinBackend::new(&AnswererConfig::unpaced()).unwrap();
-        let mut texts: Vec<&str> = backend
-            .knowledge()
-            .entries()
-            .iter()
-            .map(|e| e.answer.as_str())
-            .collect();
+        let mut texts: Vec<&str> = backend.knowledge().entries().iter().map(|e| e.answer.as_str()).collect();
         texts.push(default_answer(crate::knowledge::Lang::En));
         texts.push(default_answer(crate::knowledge::Lang::Zh));
         for text in texts {
@@ -234,15 +218,9 @@ mod tests {
     }
 
     async fn collect(backend: &BuiltinBackend, req: BackendRequest) -> (String, Finish) {
-        let items: Vec<Token> = backend
-            .answer(req)
-            .map(|item| item.expect("builtin never fails"))
-            .collect()
-            .await;
+        let items: Vec<Token> = backend.answer(req).map(|item| item.expect("builtin never fails")).collect().await;
         let (last, texts) = items.split_last().unwrap();
-        let Token::End(finish) = last else {
-            panic!("last item is {last:?}")
-        };
+        let Token::End(finish) = last else { panic!("last item is {last:?}") };
         let text = texts
             .iter()
             .map(|t| match t {
@@ -267,11 +245,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn paces_first_token_then_each_token() {
-        let config = AnswererConfig {
-            first_token_delay_ms: 150,
-            tokens_per_second: 10.0,
-            ..AnswererConfig::default()
-        };
+        let config = AnswererConfig { first_token_delay_ms: 150, tokens_per_second: 10.0, ..AnswererConfig::default() };
         let backend = BuiltinBackend::new(&config).unwrap();
         let start = tokio::time::Instant::now();
         let mut stream = backend.answer(request("demo", "hello"));

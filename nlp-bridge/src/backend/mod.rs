@@ -86,10 +86,7 @@ pub struct HistoryTurn {
 
 impl HistoryTurn {
     pub fn new(role: TurnRole, text: impl Into<String>) -> Self {
-        Self {
-            role,
-            text: text.into(),
-        }
+        Self { role, text: text.into() }
     }
 }
 

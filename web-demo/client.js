@@ -131,6 +131,10 @@ function rememberBounded(set, value, limit = 500) {
  * A WebSocket client for one end user of one tenant.
  * @extends EventTarget
  */
+/** Error codes after which a message is resent (same id) after RETRY_DELAY_MS. */
+const RETRYABLE_ERRORS = new Set(['unavailable', 'too_many_pending']);
+const RETRY_DELAY_MS = 2000;
+
 export class FengdaClient extends EventTarget {
   /** @param {FengdaClientOptions} options */
   constructor(options) {
@@ -539,9 +543,16 @@ export class FengdaClient extends EventTarget {
         break;
       }
       case 'error':
-        // An error naming one of our messages means the hub refused it (empty, too long, ...):
-        // it was not stored, so stop resending it.
-        if (typeof f.id === 'string') this.outbox.delete(f.id);
+        if (typeof f.id === 'string' && RETRYABLE_ERRORS.has(f.code)) {
+          // Not stored, but worth another try with the same id: the hub is busy or its store is down.
+          const id = f.id;
+          setTimeout(() => {
+            if (this.outbox.has(id) && this.ws && this.ws.readyState === WebSocket.OPEN) this.transmit(id, this.outbox.get(id));
+          }, RETRY_DELAY_MS);
+        } else if (typeof f.id === 'string') {
+          // The hub refused the message itself (empty, too long, ...): resending cannot help.
+          this.outbox.delete(f.id);
+        }
         this.emit('error', { code: f.code, message: f.message, ...(typeof f.id === 'string' ? { id: f.id } : {}) });
         break;
       case 'pong':

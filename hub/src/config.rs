@@ -128,6 +128,8 @@ pub enum ConfigError {
     Read { path: PathBuf, source: std::io::Error },
     #[error("invalid config file {path}: {source}")]
     Parse { path: PathBuf, source: Box<toml::de::Error> },
+    #[error("invalid [answerer] settings: {0}")]
+    Answerer(fengda_nlp::error::BridgeError),
     #[error("invalid setting `{key}`: {reason}")]
     Invalid { key: &'static str, reason: &'static str },
 }
@@ -168,6 +170,7 @@ impl Config {
         if self.nlp.first_chunk_timeout_ms == 0 || self.nlp.reply_timeout_ms < self.nlp.first_chunk_timeout_ms {
             return invalid("nlp.reply_timeout_ms", "must be at least first_chunk_timeout_ms, which must be non-zero");
         }
+        self.answerer.validate().map_err(ConfigError::Answerer)?;
         if let Some(url) = &self.nlp.url
             && !(url.starts_with("http://") || url.starts_with("https://"))
         {
@@ -215,6 +218,12 @@ pub struct ServeArgs {
     /// Outbound frames queued per socket before 4008 [default: 256] (key `websocket.outbound_queue_frames`).
     #[arg(long, env = "FENGDA_OUTBOUND_QUEUE_FRAMES")]
     pub outbound_queue_frames: Option<usize>,
+    /// Unanswered questions per socket [default: 8] (key `websocket.max_pending_questions`).
+    #[arg(long, env = "FENGDA_MAX_PENDING_QUESTIONS")]
+    pub max_pending_questions: Option<usize>,
+    /// Time sessions get to close on shutdown, in ms [default: 10000] (key `shutdown_grace_ms`).
+    #[arg(long, env = "FENGDA_SHUTDOWN_GRACE_MS")]
+    pub shutdown_grace_ms: Option<u64>,
     /// Ping interval in ms [default: 20000] (key `websocket.ping_interval_ms`).
     #[arg(long, env = "FENGDA_PING_INTERVAL_MS")]
     pub ping_interval_ms: Option<u64>,
@@ -255,6 +264,8 @@ impl ServeArgs {
         set(&mut config.websocket.max_frame_bytes, self.max_frame_bytes);
         set(&mut config.websocket.max_text_chars, self.max_text_chars);
         set(&mut config.websocket.outbound_queue_frames, self.outbound_queue_frames);
+        set(&mut config.websocket.max_pending_questions, self.max_pending_questions);
+        set(&mut config.shutdown_grace_ms, self.shutdown_grace_ms);
         set(&mut config.websocket.ping_interval_ms, self.ping_interval_ms);
         set(&mut config.websocket.idle_timeout_ms, self.idle_timeout_ms);
         set(&mut config.websocket.allowed_origins, self.allowed_origins);

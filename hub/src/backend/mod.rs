@@ -47,7 +47,15 @@ pub struct StoredEvent {
 impl StoredEvent {
     /// The `message` frame used for replay and for other sockets.
     pub fn message_frame(&self, conversation: &str) -> Utf8Bytes {
-        ServerFrame::Message { conversation, seq: self.seq, from: self.from, id: &self.id, text: &self.text }.encode()
+        ServerFrame::Message {
+            conversation,
+            seq: self.seq,
+            from: self.from,
+            id: &self.id,
+            text: &self.text,
+            fallback: self.fallback,
+        }
+        .encode()
     }
 }
 

@@ -18,6 +18,14 @@ impl ApiError {
         Self { status: StatusCode::BAD_REQUEST, code, message: message.into() }
     }
 
+    pub fn method_not_allowed() -> Self {
+        Self {
+            status: StatusCode::METHOD_NOT_ALLOWED,
+            code: "method_not_allowed",
+            message: "this route does not take that method".into(),
+        }
+    }
+
     pub fn not_found() -> Self {
         Self { status: StatusCode::NOT_FOUND, code: "not_found", message: "no such route".into() }
     }

@@ -21,5 +21,6 @@ pub fn routes(state: Arc<AppState>) -> Router {
         .route("/readyz", get(health::readyz))
         .merge(web_demo::routes())
         .fallback(|| async { ApiError::not_found() })
+        .method_not_allowed_fallback(|| async { ApiError::method_not_allowed() })
         .with_state(state)
 }

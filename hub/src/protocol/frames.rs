@@ -46,6 +46,8 @@ pub enum ErrorCode {
     TooManyPending,
     /// The conversation store is unreachable; the message was NOT stored.
     Unavailable,
+    /// The requested conversation does not exist for this user (then close 4004).
+    ConversationNotFound,
 }
 
 impl ErrorCode {
@@ -61,6 +63,7 @@ impl ErrorCode {
             Self::BinaryNotSupported => "binary_not_supported",
             Self::TooManyPending => "too_many_pending",
             Self::Unavailable => "unavailable",
+            Self::ConversationNotFound => "conversation_not_found",
         }
     }
 }
@@ -153,7 +156,16 @@ pub enum ServerFrame<'a> {
     #[serde(rename = "reply.done")]
     ReplyDone { conversation: &'a str, reply: &'a str, seq: u64, text: &'a str, fallback: bool },
     #[serde(rename = "message")]
-    Message { conversation: &'a str, seq: u64, from: Role, id: &'a str, text: &'a str },
+    Message {
+        conversation: &'a str,
+        seq: u64,
+        from: Role,
+        id: &'a str,
+        text: &'a str,
+        /// Only present (and true) on replayed fallback replies.
+        #[serde(skip_serializing_if = "std::ops::Not::not")]
+        fallback: bool,
+    },
     #[serde(rename = "error")]
     Error {
         code: &'a str,
@@ -226,8 +238,15 @@ mod tests {
     fn server_frames_use_wire_names() {
         let delta = ServerFrame::ReplyDelta { conversation: "c", reply: "r", index: 0, text: "Hi" }.encode();
         assert_eq!(delta.as_str(), r#"{"type":"reply.delta","conversation":"c","reply":"r","index":0,"text":"Hi"}"#);
-        let msg =
-            ServerFrame::Message { conversation: "c", seq: 3, from: Role::Assistant, id: "r", text: "x" }.encode();
+        let msg = ServerFrame::Message {
+            conversation: "c",
+            seq: 3,
+            from: Role::Assistant,
+            id: "r",
+            text: "x",
+            fallback: false,
+        }
+        .encode();
         assert_eq!(
             msg.as_str(),
             r#"{"type":"message","conversation":"c","seq":3,"from":"assistant","id":"r","text":"x"}"#

@@ -117,7 +117,7 @@ async fn run_replier(
 /// Ends a session that could not start: an `error` frame, then a close code.
 async fn refuse(socket: &mut WebSocket, error: &BackendError) {
     let (code, reason): (&str, CloseReason) = match error {
-        BackendError::ConversationNotFound => ("conversation_not_found", close::CONVERSATION_NOT_FOUND),
+        BackendError::ConversationNotFound => (ErrorCode::ConversationNotFound.as_str(), close::CONVERSATION_NOT_FOUND),
         BackendError::Unavailable(_) => (ErrorCode::Unavailable.as_str(), close::UNAVAILABLE),
     };
     warn!(%error, "session refused");

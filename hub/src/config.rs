@@ -21,11 +21,52 @@ pub struct Config {
     pub listen: SocketAddr,
     /// Milliseconds sessions get to close cleanly on shutdown. Default 10000.
     pub shutdown_grace_ms: u64,
+    /// Where conversations live: `memory` (one node, the default) or `redis`
+    /// (cluster mode: many nodes sharing `redis.url`).
+    pub backend: BackendKind,
+    pub redis: RedisConfig,
     pub websocket: WebSocketConfig,
     pub conversation: ConversationConfig,
     pub nlp: NlpConfig,
     /// The built-in answerer started in-process when `nlp.url` is unset.
     pub answerer: fengda_nlp::AnswererConfig,
+}
+
+/// The conversation store.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum BackendKind {
+    #[default]
+    Memory,
+    Redis,
+}
+
+/// Cluster mode over Redis (used when `backend = "redis"`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RedisConfig {
+    /// Redis URL (the primary: every read that decides correctness goes
+    /// there). Default `redis://127.0.0.1:6379`.
+    pub url: String,
+    /// Prefix of every key and channel, one per deployment sharing a Redis.
+    /// Default `fengda`.
+    pub key_prefix: String,
+    /// Seconds a conversation is kept after its last activity. Default 604800 (7 days).
+    pub retention_secs: u64,
+    /// Deadline of each Redis call; past it the operation fails as
+    /// `unavailable`. Default 2000 ms.
+    pub command_timeout_ms: u64,
+}
+
+impl Default for RedisConfig {
+    fn default() -> Self {
+        Self {
+            url: "redis://127.0.0.1:6379".into(),
+            key_prefix: "fengda".into(),
+            retention_secs: 7 * 24 * 3600,
+            command_timeout_ms: 2000,
+        }
+    }
 }
 
 /// Per-connection limits and keepalive.
@@ -65,6 +106,10 @@ pub struct ConversationConfig {
     /// Durable events kept per conversation; older ones are dropped and can
     /// no longer be replayed with `after`. Default 1000.
     pub log_cap: usize,
+    /// A user who comes back (connects without `conversation`) after this
+    /// long without activity starts a new conversation; the old one stays
+    /// readable by id. Default 1800000 ms (30 minutes).
+    pub idle_window_ms: u64,
 }
 
 /// The gRPC NLP service.
@@ -87,6 +132,8 @@ impl Default for Config {
         Self {
             listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
             shutdown_grace_ms: 10_000,
+            backend: BackendKind::default(),
+            redis: RedisConfig::default(),
             websocket: WebSocketConfig::default(),
             conversation: ConversationConfig::default(),
             nlp: NlpConfig::default(),
@@ -111,7 +158,7 @@ impl Default for WebSocketConfig {
 
 impl Default for ConversationConfig {
     fn default() -> Self {
-        Self { history_turns: 10, log_cap: 1000 }
+        Self { history_turns: 10, log_cap: 1000, idle_window_ms: 30 * 60 * 1000 }
     }
 }
 
@@ -164,6 +211,12 @@ impl Config {
         if self.conversation.log_cap == 0 {
             return invalid("conversation.log_cap", "must be at least 1");
         }
+        if self.redis.key_prefix.is_empty() || self.redis.key_prefix.contains(['{', '}']) {
+            return invalid("redis.key_prefix", "must be non-empty and free of { }");
+        }
+        if self.redis.retention_secs == 0 || self.redis.command_timeout_ms == 0 {
+            return invalid("redis.retention_secs", "retention and command timeout must be non-zero");
+        }
         if self.conversation.history_turns > 1000 {
             return invalid("conversation.history_turns", "must be at most 1000");
         }
@@ -194,6 +247,21 @@ pub struct ServeArgs {
     /// Listen address [default: 127.0.0.1:8080] (key `listen`).
     #[arg(long, env = "FENGDA_LISTEN")]
     pub listen: Option<SocketAddr>,
+    /// Conversation store: memory (one node) or redis (cluster) [default: memory] (key `backend`).
+    #[arg(long, env = "FENGDA_BACKEND")]
+    pub backend: Option<BackendKind>,
+    /// Redis URL for `--backend redis` [default: redis://127.0.0.1:6379] (key `redis.url`).
+    #[arg(long, env = "FENGDA_REDIS_URL")]
+    pub redis_url: Option<String>,
+    /// Prefix of Redis keys and channels [default: fengda] (key `redis.key_prefix`).
+    #[arg(long, env = "FENGDA_REDIS_KEY_PREFIX")]
+    pub redis_key_prefix: Option<String>,
+    /// Seconds conversations are kept after last activity [default: 604800] (key `redis.retention_secs`).
+    #[arg(long, env = "FENGDA_REDIS_RETENTION_SECS")]
+    pub redis_retention_secs: Option<u64>,
+    /// Idle time after which a returning user starts a new conversation, ms [default: 1800000] (key `conversation.idle_window_ms`).
+    #[arg(long, env = "FENGDA_IDLE_WINDOW_MS")]
+    pub idle_window_ms: Option<u64>,
     /// External NLP service URL; unset runs the built-in answerer in-process (key `nlp.url`).
     #[arg(long, env = "FENGDA_NLP_URL")]
     pub nlp_url: Option<String>,
@@ -254,6 +322,11 @@ impl ServeArgs {
             }
         }
         set(&mut config.listen, self.listen);
+        set(&mut config.backend, self.backend);
+        set(&mut config.redis.url, self.redis_url);
+        set(&mut config.redis.key_prefix, self.redis_key_prefix);
+        set(&mut config.redis.retention_secs, self.redis_retention_secs);
+        set(&mut config.conversation.idle_window_ms, self.idle_window_ms);
         if self.nlp_url.is_some() {
             config.nlp.url = self.nlp_url.filter(|url| !url.is_empty());
         }

@@ -89,6 +89,11 @@ impl ConversationId {
     }
 }
 
+/// A random token: conversation log epochs and node ids.
+pub fn generate_token() -> String {
+    uuid::Uuid::new_v4().simple().to_string()[..12].to_owned()
+}
+
 /// Identifies one assistant reply; it is also the `id` of the stored event.
 pub fn generate_reply_id() -> String {
     format!("r-{}", uuid::Uuid::new_v4().simple())
@@ -102,6 +107,15 @@ impl SessionId {
     pub fn next() -> Self {
         static NEXT: AtomicU64 = AtomicU64::new(1);
         Self(NEXT.fetch_add(1, Ordering::Relaxed))
+    }
+
+    /// The number behind the id, for carrying it through Redis.
+    pub fn as_u64(self) -> u64 {
+        self.0
+    }
+
+    pub fn from_u64(raw: u64) -> Self {
+        Self(raw)
     }
 }
 

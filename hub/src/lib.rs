@@ -8,7 +8,7 @@
 //! - [`http`]: routes: `/ws` upgrade, `/healthz`, `/readyz`, the web demo.
 //! - [`session`]: one connection: reader, writer, bounded outbound queue.
 //! - [`router`]: this node's sockets by conversation; encode once, fan out.
-//! - [`backend`]: the conversation store seam (logs, seqs, delivery); in memory today.
+//! - [`backend`]: the conversation store seam (logs, seqs, delivery): in memory, or Redis for clusters.
 //! - [`reply`]: one question's answer: history, NLP stream, deltas, stored reply.
 //! - [`nlp`]: the gRPC client of the NLP service.
 //!
@@ -40,7 +40,8 @@ use tracing::{info, warn};
 
 pub use config::Config;
 
-use backend::{Backend, MemoryBackend};
+use backend::{Backend, BackendError, MemoryBackend, RedisBackend};
+use config::BackendKind;
 use nlp::NlpClient;
 use reply::Replier;
 use router::Router;
@@ -66,6 +67,8 @@ pub enum StartError {
     Answerer(#[from] fengda_nlp::error::BridgeError),
     #[error(transparent)]
     Nlp(#[from] nlp::NlpError),
+    #[error("cannot connect to Redis: {0}")]
+    Redis(#[from] BackendError),
     #[error("server failed: {0}")]
     Serve(std::io::Error),
 }
@@ -101,7 +104,18 @@ impl App {
         };
         let nlp = NlpClient::connect_lazy(&nlp_url, &config.nlp)?;
         let router = Arc::new(Router::default());
-        let backend: Arc<dyn Backend> = Arc::new(MemoryBackend::new(router, config.conversation.log_cap));
+        let tracker = TaskTracker::new();
+        let shutdown = CancellationToken::new();
+        let backend: Arc<dyn Backend> = match config.backend {
+            BackendKind::Memory => Arc::new(MemoryBackend::new(
+                router,
+                config.conversation.log_cap,
+                Duration::from_millis(config.conversation.idle_window_ms),
+            )),
+            BackendKind::Redis => Arc::new(
+                RedisBackend::connect(&config.redis, &config.conversation, router, &tracker, shutdown.clone()).await?,
+            ),
+        };
         let replier = Replier {
             backend: backend.clone(),
             nlp,
@@ -116,8 +130,8 @@ impl App {
             config: Arc::new(config),
             backend,
             replier,
-            tracker: TaskTracker::new(),
-            shutdown: CancellationToken::new(),
+            tracker,
+            shutdown,
             accepting: AtomicBool::new(true),
         });
         Ok(Self { listener, local_addr, state, embedded_answerer })

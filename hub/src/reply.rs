@@ -84,6 +84,8 @@ impl Replier {
                 true
             }
         };
+        // The deltas must reach every node before the reply.done does.
+        self.backend.flush_ephemeral().await;
         let event = NewEvent { from: Role::Assistant, id: reply_id.clone(), text: reply.text, fallback };
         match self.backend.append(key, event, None).await {
             Ok(Appended::New(seq)) => debug!(seq, fallback, "reply stored"),

@@ -22,19 +22,31 @@ use crate::ids::{ConversationKey, SessionId};
 use crate::protocol::close::{self, CloseReason};
 use crate::protocol::{Role, ServerFrame};
 
-/// One frame queued for a socket's writer.
+/// One item queued for a socket's writer.
 #[derive(Debug, Clone)]
-pub struct Outbound {
-    /// The durable event's seq, or 0 for frames that are not durable events
-    /// (deltas, acks of duplicates, pongs, errors). The writer uses it to skip
-    /// events it already sent during replay.
-    pub seq: u64,
-    pub frame: Utf8Bytes,
+pub enum Outbound {
+    Frame {
+        /// The durable event's seq, or 0 for frames that are not durable
+        /// events (deltas, acks of duplicates, pongs, errors). The writer skips
+        /// events it already sent and fills gaps from the log.
+        seq: u64,
+        frame: Utf8Bytes,
+    },
+    /// This node may have missed events (its subscription dropped): the
+    /// writer re-reads the log after the last seq it sent.
+    Resync,
 }
 
 impl Outbound {
     pub fn ephemeral(frame: Utf8Bytes) -> Self {
-        Self { seq: 0, frame }
+        Self::Frame { seq: 0, frame }
+    }
+
+    pub fn frame(&self) -> Option<&Utf8Bytes> {
+        match self {
+            Self::Frame { frame, .. } => Some(frame),
+            Self::Resync => None,
+        }
     }
 }
 
@@ -121,6 +133,15 @@ impl Router {
             .is_some()
     }
 
+    /// Asks every session on this node to re-read its conversation's log.
+    pub fn resync_all(&self) {
+        for entry in self.sessions.iter() {
+            for handle in entry.value() {
+                handle.push(Outbound::Resync);
+            }
+        }
+    }
+
     /// Number of sessions of this conversation on this node.
     pub fn local_sessions(&self, key: &ConversationKey) -> usize {
         self.sessions.get(key).map_or(0, |handles| handles.len())
@@ -164,7 +185,7 @@ impl Router {
                 (Some(ack), Some(origin)) if origin == handle.id => ack.clone(),
                 _ => shared.clone(),
             };
-            handle.push(Outbound { seq: event.seq, frame });
+            handle.push(Outbound::Frame { seq: event.seq, frame });
         }
     }
 }
@@ -199,13 +220,13 @@ mod tests {
         assert!(!router.join(&key(), b));
         router.join(&key(), c);
         router.deliver_event(&key(), &customer_event(1), Some(a.id));
-        assert!(a_rx.try_recv().unwrap().frame.as_str().contains(r#""type":"ack""#));
-        let b_frame = b_rx.try_recv().unwrap();
+        assert!(a_rx.try_recv().unwrap().frame().unwrap().as_str().contains(r#""type":"ack""#));
+        let Outbound::Frame { seq, frame: b_frame } = b_rx.try_recv().unwrap() else { panic!("a frame") };
         let c_frame = c_rx.try_recv().unwrap();
-        assert!(b_frame.frame.as_str().contains(r#""type":"message""#));
-        assert_eq!(b_frame.seq, 1);
+        assert!(b_frame.as_str().contains(r#""type":"message""#));
+        assert_eq!(seq, 1);
         // One encoding shared by both sockets, not one copy each.
-        assert_eq!(b_frame.frame.as_str().as_ptr(), c_frame.frame.as_str().as_ptr());
+        assert_eq!(b_frame.as_str().as_ptr(), c_frame.frame().unwrap().as_str().as_ptr());
     }
 
     #[test]

@@ -8,16 +8,19 @@
 //! a new session cannot miss an event appended in between.
 //!
 //! State lives as long as the process. Logs are capped at `log_cap` events.
+//! A user who comes back after `idle_window` gets a new conversation; the
+//! old one stays readable by id.
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use async_trait::async_trait;
 use axum::extract::ws::Utf8Bytes;
 use dashmap::DashMap;
 
 use super::{Appended, Backend, BackendError, NewEvent, Snapshot, StoredEvent, now_ms};
-use crate::ids::{ConversationId, ConversationKey, SessionId, TenantId, UserId};
+use crate::ids::{ConversationId, ConversationKey, SessionId, TenantId, UserId, generate_token};
 use crate::protocol::Role;
 use crate::router::{Router, SessionHandle};
 
@@ -25,22 +28,38 @@ use crate::router::{Router, SessionHandle};
 pub struct MemoryBackend {
     router: Arc<Router>,
     conversations: DashMap<ConversationKey, Arc<Mutex<ConversationLog>>>,
-    /// Each user's most recent conversation.
-    latest: DashMap<(TenantId, UserId), ConversationId>,
+    /// Each user's most recent conversation and when they were last active in it.
+    latest: DashMap<(TenantId, UserId), Latest>,
     log_cap: usize,
+    idle_window: Duration,
+}
+
+#[derive(Debug, Clone)]
+struct Latest {
+    conversation: ConversationId,
+    last_active_ms: u64,
 }
 
 #[derive(Debug)]
 struct ConversationLog {
     user: UserId,
+    epoch: String,
     last_seq: u64,
     /// The newest `log_cap` events, oldest first.
     events: VecDeque<Arc<StoredEvent>>,
 }
 
 impl MemoryBackend {
-    pub fn new(router: Arc<Router>, log_cap: usize) -> Self {
-        Self { router, conversations: DashMap::new(), latest: DashMap::new(), log_cap }
+    pub fn new(router: Arc<Router>, log_cap: usize, idle_window: Duration) -> Self {
+        Self { router, conversations: DashMap::new(), latest: DashMap::new(), log_cap, idle_window }
+    }
+
+    fn create(&self, tenant: &TenantId, user: &UserId) -> ConversationId {
+        let conversation = ConversationId::generate();
+        let key = ConversationKey { tenant: tenant.clone(), conversation: conversation.clone() };
+        let log = ConversationLog { user: user.clone(), epoch: generate_token(), last_seq: 0, events: VecDeque::new() };
+        self.conversations.insert(key, Arc::new(Mutex::new(log)));
+        conversation
     }
 
     fn log(&self, key: &ConversationKey) -> Result<Arc<Mutex<ConversationLog>>, BackendError> {
@@ -68,21 +87,23 @@ impl Backend for MemoryBackend {
             if !owned {
                 return Err(BackendError::ConversationNotFound);
             }
-            self.latest.insert((tenant.clone(), user.clone()), conversation.clone());
+            self.latest.insert(
+                (tenant.clone(), user.clone()),
+                Latest { conversation: conversation.clone(), last_active_ms: now_ms() },
+            );
             return Ok(key);
         }
-        let conversation = self
+        let now = now_ms();
+        let idle_window = self.idle_window.as_millis() as u64;
+        let mut latest = self
             .latest
             .entry((tenant.clone(), user.clone()))
-            .or_insert_with(|| {
-                let conversation = ConversationId::generate();
-                let key = ConversationKey { tenant: tenant.clone(), conversation: conversation.clone() };
-                let log = ConversationLog { user: user.clone(), last_seq: 0, events: VecDeque::new() };
-                self.conversations.insert(key, Arc::new(Mutex::new(log)));
-                conversation
-            })
-            .clone();
-        Ok(ConversationKey { tenant: tenant.clone(), conversation })
+            .or_insert_with(|| Latest { conversation: self.create(tenant, user), last_active_ms: now });
+        if now.saturating_sub(latest.last_active_ms) > idle_window {
+            latest.conversation = self.create(tenant, user);
+        }
+        latest.last_active_ms = now;
+        Ok(ConversationKey { tenant: tenant.clone(), conversation: latest.conversation.clone() })
     }
 
     async fn attach(
@@ -98,11 +119,25 @@ impl Backend for MemoryBackend {
             Some(after) => log.events.iter().filter(|e| e.seq > after).cloned().collect(),
             None => Vec::new(),
         };
-        Ok(Snapshot { last_seq: log.last_seq, missed })
+        Ok(Snapshot { last_seq: log.last_seq, epoch: log.epoch.clone(), missed })
     }
 
-    fn detach(&self, key: &ConversationKey, session: SessionId) {
+    async fn detach(&self, key: &ConversationKey, session: SessionId) {
         self.router.leave(key, session);
+    }
+
+    async fn touch(&self, user: &UserId, key: &ConversationKey) {
+        if let Some(mut latest) = self.latest.get_mut(&(key.tenant.clone(), user.clone()))
+            && latest.conversation == key.conversation
+        {
+            latest.last_active_ms = now_ms();
+        }
+    }
+
+    async fn events_after(&self, key: &ConversationKey, after: u64) -> Result<Vec<Arc<StoredEvent>>, BackendError> {
+        let log = self.log(key)?;
+        let log = lock(&log);
+        Ok(log.events.iter().filter(|e| e.seq > after).cloned().collect())
     }
 
     async fn append(

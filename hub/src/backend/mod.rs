@@ -16,6 +16,7 @@
 //!   session drops any durable event with a seq it already sent.
 
 pub mod memory;
+pub mod redis;
 
 use std::sync::Arc;
 
@@ -28,6 +29,7 @@ use crate::protocol::{Role, ServerFrame};
 use crate::router::SessionHandle;
 
 pub use memory::MemoryBackend;
+pub use redis::RedisBackend;
 
 /// One durable event of a conversation's log.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -83,6 +85,9 @@ pub enum Appended {
 pub struct Snapshot {
     /// The seq of the conversation's last durable event (0 if none).
     pub last_seq: u64,
+    /// Identifies this incarnation of the log; it changes if the log was lost
+    /// and recreated, telling clients that seqs before it cannot be replayed.
+    pub epoch: String,
     /// Durable events with a seq greater than the requested `after`, in order.
     pub missed: Vec<Arc<StoredEvent>>,
 }
@@ -117,7 +122,21 @@ pub trait Backend: Send + Sync + 'static {
     ) -> Result<Snapshot, BackendError>;
 
     /// Stops live events to a session. Never fails: a session that is gone is gone.
-    fn detach(&self, key: &ConversationKey, session: SessionId);
+    async fn detach(&self, key: &ConversationKey, session: SessionId);
+
+    /// Records that the user was active in this conversation now (a message,
+    /// or leaving); the idle window for "come back to the same conversation"
+    /// counts from the last touch. Best effort.
+    async fn touch(&self, user: &UserId, key: &ConversationKey);
+
+    /// Durable events with a seq greater than `after`, in order (for filling gaps).
+    async fn events_after(&self, key: &ConversationKey, after: u64) -> Result<Vec<Arc<StoredEvent>>, BackendError>;
+
+    /// Whether this node currently receives live events (false while a
+    /// clustered backend's subscription is down). Drives `/readyz`.
+    fn is_receiving(&self) -> bool {
+        true
+    }
 
     /// Stores a durable event and delivers it to every attached session.
     async fn append(
@@ -133,6 +152,10 @@ pub trait Backend: Send + Sync + 'static {
     /// Delivers a non-durable frame (a `reply.delta`) to every attached session.
     /// Best effort and never waits: a lost delta is repaired by `reply.done`.
     fn publish_ephemeral(&self, key: &ConversationKey, frame: Utf8Bytes);
+
+    /// Waits until every frame given to `publish_ephemeral` so far has been
+    /// published, so a reply's deltas go out before its `reply.done`.
+    async fn flush_ephemeral(&self) {}
 }
 
 /// Milliseconds since the Unix epoch, for event timestamps.

@@ -16,11 +16,14 @@ pub async fn healthz() -> Json<Value> {
 }
 
 /// Ready to take sockets: false once shutdown has begun, so the load
-/// balancer stops sending new customers here while existing ones drain.
+/// balancer stops sending new customers here while existing ones drain, and
+/// false while a clustered backend cannot receive events (a deaf node).
 pub async fn readyz(State(app): State<Arc<AppState>>) -> (StatusCode, Json<Value>) {
-    if app.accepting.load(Ordering::Acquire) {
-        (StatusCode::OK, Json(json!({ "status": "ready" })))
-    } else {
+    if !app.accepting.load(Ordering::Acquire) {
         (StatusCode::SERVICE_UNAVAILABLE, Json(json!({ "status": "shutting_down" })))
+    } else if !app.backend.is_receiving() {
+        (StatusCode::SERVICE_UNAVAILABLE, Json(json!({ "status": "backend_unavailable" })))
+    } else {
+        (StatusCode::OK, Json(json!({ "status": "ready" })))
     }
 }

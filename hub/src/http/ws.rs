@@ -27,6 +27,7 @@ pub struct WsQuery {
     user: Option<String>,
     conversation: Option<String>,
     after: Option<String>,
+    epoch: Option<String>,
 }
 
 pub async fn upgrade(
@@ -87,7 +88,8 @@ fn prepare(
         ),
         None => None,
     };
-    Ok((upgrade, SessionParams { tenant, user, conversation, after }))
+    let epoch = query.epoch.filter(|e| !e.is_empty() && e.len() <= 64);
+    Ok((upgrade, SessionParams { tenant, user, conversation, after, epoch }))
 }
 
 fn required_id<T>(

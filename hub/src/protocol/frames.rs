@@ -48,6 +48,9 @@ pub enum ErrorCode {
     Unavailable,
     /// The requested conversation does not exist for this user (then close 4004).
     ConversationNotFound,
+    /// The conversation's log was lost and recreated (new epoch): events
+    /// before it cannot be replayed.
+    HistoryLost,
 }
 
 impl ErrorCode {
@@ -64,6 +67,7 @@ impl ErrorCode {
             Self::TooManyPending => "too_many_pending",
             Self::Unavailable => "unavailable",
             Self::ConversationNotFound => "conversation_not_found",
+            Self::HistoryLost => "history_lost",
         }
     }
 }
@@ -148,7 +152,7 @@ fn take_string(object: &mut serde_json::Map<String, Value>, field: &str) -> Resu
 #[serde(tag = "type")]
 pub enum ServerFrame<'a> {
     #[serde(rename = "ready")]
-    Ready { conversation: &'a str, seq: u64 },
+    Ready { conversation: &'a str, seq: u64, epoch: &'a str },
     #[serde(rename = "ack")]
     Ack { id: &'a str, seq: u64 },
     #[serde(rename = "reply.delta")]

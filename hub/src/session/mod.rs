@@ -34,6 +34,9 @@ pub struct SessionParams {
     pub user: UserId,
     pub conversation: Option<ConversationId>,
     pub after: Option<u64>,
+    /// The log epoch the client last saw; a different current epoch means
+    /// its history was lost.
+    pub epoch: Option<String>,
 }
 
 /// Runs a session to completion.
@@ -57,21 +60,35 @@ pub async fn run(mut socket: WebSocket, params: SessionParams, app: Arc<AppState
         debug!(last_seq = snapshot.last_seq, missed = snapshot.missed.len(), "session ready");
 
         let conversation = key.conversation.as_str();
-        let mut intro = Vec::with_capacity(1 + snapshot.missed.len());
-        intro.push(ServerFrame::Ready { conversation, seq: snapshot.last_seq }.encode());
-        intro.extend(snapshot.missed.iter().map(|event| event.message_frame(conversation)));
+        let mut intro = Vec::with_capacity(2 + snapshot.missed.len());
+        intro.push(ServerFrame::Ready { conversation, seq: snapshot.last_seq, epoch: &snapshot.epoch }.encode());
+        match &params.epoch {
+            Some(epoch) if *epoch != snapshot.epoch => {
+                let message = "this conversation's history was lost; events before the new epoch cannot be replayed";
+                intro.push(ServerFrame::Error { code: ErrorCode::HistoryLost.as_str(), message, id: None }.encode());
+            }
+            _ => intro.extend(snapshot.missed.iter().map(|event| event.message_frame(conversation))),
+        }
 
         let (sink, mut stream) = socket.split();
         let ping_interval = std::time::Duration::from_millis(ws.ping_interval_ms);
         let writer = app.tracker.spawn(
-            writer::run_writer(sink, out_rx, intro, snapshot.last_seq, closer.clone(), ping_interval).in_current_span(),
+            writer::run_writer(
+                sink,
+                out_rx,
+                writer::Replay { backend: app.backend.clone(), key: key.clone(), intro, sent_up_to: snapshot.last_seq },
+                closer.clone(),
+                ping_interval,
+            )
+            .in_current_span(),
         );
         let (question_tx, question_rx) = mpsc::channel(ws.max_pending_questions);
         app.tracker.spawn(run_replier(app.clone(), key.clone(), question_rx, closer.clone()).in_current_span());
 
-        let client_closed = reader::run_reader(&mut stream, &app, &key, &handle, question_tx).await;
+        let client_closed = reader::run_reader(&mut stream, &app, &params.user, &key, &handle, question_tx).await;
         closer.close(close::NORMAL);
-        app.backend.detach(&key, session_id);
+        app.backend.detach(&key, session_id).await;
+        app.backend.touch(&params.user, &key).await;
         // Closing handshake: the writer sends our close frame; keep reading
         // until the client answers it, so the client sees the code before TCP goes.
         let _ = writer.await;

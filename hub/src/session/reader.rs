@@ -16,8 +16,8 @@ use tokio_tungstenite::tungstenite;
 use tracing::{debug, warn};
 
 use crate::AppState;
-use crate::backend::{Appended, NewEvent};
-use crate::ids::ConversationKey;
+use crate::backend::{Appended, BackendError, NewEvent};
+use crate::ids::{ConversationKey, UserId};
 use crate::protocol::close;
 use crate::protocol::{ClientFrame, ErrorCode, Role, ServerFrame, parse_client_frame};
 use crate::reply::Question;
@@ -28,6 +28,7 @@ use crate::router::{Outbound, SessionHandle};
 pub(super) async fn run_reader(
     stream: &mut SplitStream<WebSocket>,
     app: &AppState,
+    user: &UserId,
     key: &ConversationKey,
     session: &SessionHandle,
     questions: mpsc::Sender<Question>,
@@ -60,7 +61,9 @@ pub(super) async fn run_reader(
         match message {
             Message::Text(text) => match parse_client_frame(text.as_str(), max_text_chars) {
                 Ok(ClientFrame::Ping) => reply(session, ServerFrame::Pong.encode()),
-                Ok(ClientFrame::Message { id, text }) => on_message(app, key, session, &questions, id, text).await,
+                Ok(ClientFrame::Message { id, text }) => {
+                    on_message(app, user, key, session, &questions, id, text).await
+                }
                 Err(error) => reply(session, error.to_frame()),
             },
             Message::Binary(_) => reply(
@@ -76,6 +79,7 @@ pub(super) async fn run_reader(
 
 async fn on_message(
     app: &AppState,
+    user: &UserId,
     key: &ConversationKey,
     session: &SessionHandle,
     questions: &mpsc::Sender<Question>,
@@ -93,10 +97,21 @@ async fn on_message(
     let event = NewEvent { from: Role::Customer, id: id.clone(), text: text.clone(), fallback: false };
     match app.backend.append(key, event, Some(session.id)).await {
         // The ack went out through the router, in seq order with other events.
-        Ok(Appended::New(seq)) => permit.send(Question { seq, text }),
+        Ok(Appended::New(seq)) => {
+            permit.send(Question { seq, text });
+            app.backend.touch(user, key).await;
+        }
         Ok(Appended::Duplicate(seq)) => {
             debug!(seq, "duplicate message acked again");
             reply(session, ServerFrame::Ack { id: &id, seq }.encode());
+        }
+        Err(BackendError::ConversationNotFound) => {
+            // The log vanished under a live session (expiry, flush, failover):
+            // the client must reconnect to learn the new epoch.
+            warn!("conversation log lost; closing the session");
+            let message = "this conversation no longer exists; reconnect";
+            reply(session, error_frame(ErrorCode::ConversationNotFound, message, Some(&id)));
+            session.closer.close(close::CONVERSATION_NOT_FOUND);
         }
         Err(error) => {
             warn!(%error, "message not stored");

@@ -1,20 +1,26 @@
 //! The writer half of a session: the only owner of the socket's sink.
 //!
 //! It drains the bounded outbound queue in bursts (feed every queued frame,
-//! flush once), skips durable events the client already got during replay,
-//! sends keepalive pings, and on cancellation sends the close frame whose
-//! reason the [`SessionCloser`] recorded. Every socket write races the
-//! cancellation token, so a client that stops reading cannot pin the task.
+//! flush once), keeps durable events in seq order without duplicates (an
+//! event at or below the last sent seq is skipped; a jump past the next seq
+//! is filled from the log first, as is a `Resync` after the node's
+//! subscription dropped), sends keepalive pings, and on cancellation sends
+//! the close frame whose reason the [`SessionCloser`] recorded. Every socket
+//! write races the cancellation token, so a client that stops reading cannot
+//! pin the task.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use axum::extract::ws::{Message, Utf8Bytes, WebSocket};
 use futures::SinkExt;
 use futures::stream::SplitSink;
 use tokio::sync::mpsc;
-use tracing::debug;
+use tracing::{debug, warn};
 
 use super::close_message;
+use crate::backend::Backend;
+use crate::ids::ConversationKey;
 use crate::router::{Outbound, SessionCloser};
 
 /// Frames written per flush at most.
@@ -24,17 +30,27 @@ const CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
 
 type Sink = SplitSink<WebSocket, Message>;
 
+/// Where the session's durable stream stands, and how to repair it.
+pub(super) struct Replay {
+    pub backend: Arc<dyn Backend>,
+    pub key: ConversationKey,
+    /// `ready` and the replayed events, sent before anything queued.
+    pub intro: Vec<Utf8Bytes>,
+    /// The highest durable seq the client has (or is about to have).
+    pub sent_up_to: u64,
+}
+
 pub(super) async fn run_writer(
     mut sink: Sink,
     mut queue: mpsc::Receiver<Outbound>,
-    intro: Vec<Utf8Bytes>,
-    mut sent_up_to: u64,
+    mut replay: Replay,
     closer: SessionCloser,
     ping_interval: Duration,
 ) {
     let mut ping = tokio::time::interval_at(tokio::time::Instant::now() + ping_interval, ping_interval);
     ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut burst = Vec::with_capacity(BURST);
+    let intro = std::mem::take(&mut replay.intro);
     let result: Result<(), axum::Error> = async {
         tokio::select! {
             biased;
@@ -52,7 +68,7 @@ pub(super) async fn run_writer(
                     tokio::select! {
                         biased;
                         _ = closer.token().cancelled() => return Ok(()),
-                        result = write_burst(&mut sink, &mut burst, &mut sent_up_to) => result?,
+                        result = write_burst(&mut sink, &mut burst, &mut replay) => result?,
                     }
                 }
                 _ = ping.tick() => {
@@ -82,15 +98,38 @@ async fn write_intro(sink: &mut Sink, intro: Vec<Utf8Bytes>) -> Result<(), axum:
     sink.flush().await
 }
 
-async fn write_burst(sink: &mut Sink, burst: &mut Vec<Outbound>, sent_up_to: &mut u64) -> Result<(), axum::Error> {
+async fn write_burst(sink: &mut Sink, burst: &mut Vec<Outbound>, replay: &mut Replay) -> Result<(), axum::Error> {
     for item in burst.drain(..) {
-        if item.seq != 0 {
-            if item.seq <= *sent_up_to {
-                continue;
+        match item {
+            Outbound::Frame { seq: 0, frame } => sink.feed(Message::Text(frame)).await?,
+            Outbound::Frame { seq, .. } if seq <= replay.sent_up_to => {}
+            Outbound::Frame { seq, frame } => {
+                if seq > replay.sent_up_to + 1 {
+                    fill_gap(sink, replay, seq).await?;
+                }
+                sink.feed(Message::Text(frame)).await?;
+                replay.sent_up_to = seq;
             }
-            *sent_up_to = item.seq;
+            Outbound::Resync => fill_gap(sink, replay, u64::MAX).await?,
         }
-        sink.feed(Message::Text(item.frame)).await?;
     }
     sink.flush().await
+}
+
+/// Sends the logged events between the last sent seq and `before` (exclusive).
+async fn fill_gap(sink: &mut Sink, replay: &mut Replay, before: u64) -> Result<(), axum::Error> {
+    let events = match replay.backend.events_after(&replay.key, replay.sent_up_to).await {
+        Ok(events) => events,
+        Err(error) => {
+            warn!(%error, after = replay.sent_up_to, "cannot fill a gap in the event stream");
+            return Ok(());
+        }
+    };
+    let conversation = replay.key.conversation.as_str();
+    let after = replay.sent_up_to;
+    for event in events.iter().filter(|e| e.seq > after && e.seq < before) {
+        sink.feed(Message::Text(event.message_frame(conversation))).await?;
+        replay.sent_up_to = event.seq;
+    }
+    Ok(())
 }

@@ -1,0 +1,35 @@
+-- Appends one durable event to a conversation log and publishes it, atomically.
+-- KEYS[1] meta hash, KEYS[2] log list, KEYS[3] message-id zset
+-- ARGV: 1 from, 2 id, 3 text, 4 fallback ("1"/"0"), 5 now_ms, 6 log cap,
+--       7 retention seconds, 8 channel, 9 origin ("node/session" or "")
+-- Returns {1, seq} when stored, {0, seq} for a customer message id already
+-- stored, {-1, 0} when the conversation does not exist (lost or expired).
+local meta, log, ids = KEYS[1], KEYS[2], KEYS[3]
+if redis.call('EXISTS', meta) == 0 then
+  return {-1, 0}
+end
+local from, id = ARGV[1], ARGV[2]
+if from == 'customer' then
+  local seen = redis.call('ZSCORE', ids, id)
+  if seen then
+    return {0, tonumber(seen)}
+  end
+end
+local seq = redis.call('HINCRBY', meta, 'seq', 1)
+local event = cjson.encode({
+  seq = seq, from = from, id = id, text = ARGV[3],
+  fallback = ARGV[4] == '1', at_ms = tonumber(ARGV[5]),
+})
+local cap = tonumber(ARGV[6])
+redis.call('RPUSH', log, event)
+redis.call('LTRIM', log, -cap, -1)
+if from == 'customer' then
+  redis.call('ZADD', ids, seq, id)
+  redis.call('ZREMRANGEBYSCORE', ids, '-inf', seq - cap)
+end
+local ttl = tonumber(ARGV[7])
+redis.call('EXPIRE', meta, ttl)
+redis.call('EXPIRE', log, ttl)
+redis.call('EXPIRE', ids, ttl)
+redis.call('PUBLISH', ARGV[8], 'E' .. ARGV[9] .. '\n' .. event)
+return {1, seq}

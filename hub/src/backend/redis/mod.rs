@@ -1,0 +1,565 @@
+//! The Redis backend: many hub nodes sharing one Redis (cluster mode).
+//!
+//! Storage: each conversation is a meta hash (owner, epoch, last seq), a
+//! capped list of durable events (JSON) and a zset of customer message ids
+//! for idempotent resends, all under one hash tag (see [`keys`]) and all
+//! refreshed to the retention TTL on every append. Append is one Lua script
+//! (`append.lua`): check duplicate, assign seq, push, trim, publish — atomic,
+//! so two nodes appending to one conversation can never race or leave a gap.
+//!
+//! Routing: pub/sub is the doorbell, the log is the truth. Every event of a
+//! conversation is published once on its channel; a node subscribes (on one
+//! dedicated RESP3 connection, whatever its socket count) when its first
+//! socket of the conversation arrives and unsubscribes when the last leaves.
+//! The dispatcher task hands pushes to the [`Router`] without blocking.
+//! Deltas are published by one publisher task in pipelined batches, in order.
+//! If the subscription drops, `/readyz` turns red, the connection manager
+//! reconnects and resubscribes by itself (a heartbeat PING makes sure it
+//! tries), and every local session re-reads the log after its last seq, so
+//! nothing durable is missed; deltas published meanwhile are lost and
+//! repaired by their `reply.done`.
+//!
+//! All reads that decide correctness go to the one configured Redis (the
+//! primary); there are no replica reads.
+
+pub mod keys;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use axum::extract::ws::Utf8Bytes;
+use dashmap::DashMap;
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::{PushInfo, PushKind, RedisError, Script, Value};
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{debug, info, warn};
+
+use super::{Appended, Backend, BackendError, NewEvent, Snapshot, StoredEvent, now_ms};
+use crate::config::{ConversationConfig, RedisConfig};
+use crate::ids::{ConversationId, ConversationKey, SessionId, TenantId, UserId, generate_token};
+use crate::protocol::Role;
+use crate::router::{Router, SessionHandle};
+use keys::Keys;
+
+/// Deltas waiting for the publisher task; beyond this they are dropped
+/// (best effort: `reply.done` carries the whole text).
+const PUBLISH_QUEUE: usize = 8192;
+/// Deltas sent per pipelined round trip at most.
+const PUBLISH_BATCH: usize = 256;
+/// How often the subscriber connection is probed.
+const HEARTBEAT: Duration = Duration::from_secs(1);
+
+impl From<RedisError> for BackendError {
+    fn from(error: RedisError) -> Self {
+        BackendError::Unavailable(error.to_string())
+    }
+}
+
+#[derive(Clone)]
+pub struct RedisBackend {
+    shared: Arc<Shared>,
+}
+
+struct Shared {
+    router: Arc<Router>,
+    keys: Keys,
+    /// Distinguishes this node's sessions in published events (for acks).
+    node_id: String,
+    commands: ConnectionManager,
+    /// RESP3 connection used only for SUBSCRIBE/UNSUBSCRIBE and its pushes.
+    subscriber: ConnectionManager,
+    /// Serializes router join/leave with SUBSCRIBE/UNSUBSCRIBE so a leave and
+    /// a join of the same conversation cannot reorder.
+    subscriptions: tokio::sync::Mutex<()>,
+    /// Subscribed channel name → conversation, for dispatching pushes.
+    channels: DashMap<String, ConversationKey>,
+    receiving: AtomicBool,
+    publish_tx: mpsc::Sender<Publish>,
+    append: Script,
+    read_after: Script,
+    log_cap: usize,
+    retention_secs: u64,
+    idle_window_ms: u64,
+    command_timeout: Duration,
+}
+
+enum Publish {
+    Frame { channel: String, payload: Vec<u8> },
+    Flush(oneshot::Sender<()>),
+}
+
+impl RedisBackend {
+    /// Connects to Redis (it must be reachable at startup) and starts the
+    /// dispatcher and publisher tasks on `tracker`, stopped by `shutdown`.
+    pub async fn connect(
+        config: &RedisConfig,
+        conversation: &ConversationConfig,
+        router: Arc<Router>,
+        tracker: &TaskTracker,
+        shutdown: CancellationToken,
+    ) -> Result<Self, BackendError> {
+        let command_timeout = Duration::from_millis(config.command_timeout_ms);
+        let manager_config = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(command_timeout))
+            .set_response_timeout(Some(command_timeout))
+            .set_number_of_retries(1)
+            .set_min_delay(Duration::from_millis(50))
+            .set_max_delay(Duration::from_millis(500));
+        let client = redis::Client::open(config.url.as_str())?;
+        let commands = with_timeout(command_timeout, client.get_connection_manager_with_config(manager_config.clone()))
+            .await
+            .and_then(|r| r.map_err(BackendError::from))?;
+
+        let resp3_url = with_resp3(&config.url);
+        let (push_tx, push_rx) = mpsc::unbounded_channel();
+        // Unbounded like the library's own internal push channel that feeds
+        // it; the dispatcher does only non-blocking work per push, so it keeps up.
+        let subscriber_config = manager_config.set_push_sender(push_tx).set_automatic_resubscription();
+        let subscriber = with_timeout(
+            command_timeout,
+            redis::Client::open(resp3_url)?.get_connection_manager_with_config(subscriber_config),
+        )
+        .await
+        .and_then(|r| r.map_err(BackendError::from))?;
+
+        let (publish_tx, publish_rx) = mpsc::channel(PUBLISH_QUEUE);
+        let shared = Arc::new(Shared {
+            router,
+            keys: Keys::new(&config.key_prefix),
+            node_id: generate_token(),
+            commands,
+            subscriber,
+            subscriptions: tokio::sync::Mutex::new(()),
+            channels: DashMap::new(),
+            receiving: AtomicBool::new(false),
+            publish_tx,
+            append: Script::new(include_str!("append.lua")),
+            read_after: Script::new(include_str!("read_after.lua")),
+            log_cap: conversation.log_cap,
+            retention_secs: config.retention_secs,
+            idle_window_ms: conversation.idle_window_ms,
+            command_timeout,
+        });
+        // One subscription always exists, so a reconnect always produces a
+        // `subscribe` push that tells the dispatcher routing is back.
+        let heartbeat_channel = format!("{}:node:{}:heartbeat", config.key_prefix, shared.node_id);
+        shared.subscriber.clone().subscribe(&heartbeat_channel).await?;
+        tracker.spawn(run_dispatcher(shared.clone(), push_rx, shutdown.clone()));
+        tracker.spawn(run_publisher(shared.commands.clone(), publish_rx, shutdown));
+        info!(node_id = %shared.node_id, prefix = %config.key_prefix, "connected to Redis");
+        Ok(Self { shared })
+    }
+}
+
+/// Adds `protocol=resp3` to a Redis URL (pushes need RESP3).
+fn with_resp3(url: &str) -> String {
+    if url.contains("protocol=") {
+        url.to_owned()
+    } else if url.contains('?') {
+        format!("{url}&protocol=resp3")
+    } else {
+        format!("{url}?protocol=resp3")
+    }
+}
+
+async fn with_timeout<T>(limit: Duration, future: impl Future<Output = T>) -> Result<T, BackendError> {
+    tokio::time::timeout(limit, future)
+        .await
+        .map_err(|_| BackendError::Unavailable(format!("Redis did not answer within {limit:?}")))
+}
+
+impl Shared {
+    /// Runs one Redis call with the command timeout (a connection manager
+    /// that is reconnecting would otherwise make the caller wait for it).
+    async fn call<T>(&self, future: impl Future<Output = Result<T, RedisError>>) -> Result<T, BackendError> {
+        with_timeout(self.command_timeout, future).await?.map_err(BackendError::from)
+    }
+
+    async fn read_after(
+        &self,
+        key: &ConversationKey,
+        after: u64,
+    ) -> Result<Option<(u64, String, Vec<Arc<StoredEvent>>)>, BackendError> {
+        let mut con = self.commands.clone();
+        let value: Value = self
+            .call(self.read_after.key(self.keys.meta(key)).key(self.keys.log(key)).arg(after).invoke_async(&mut con))
+            .await?;
+        let Value::Array(mut parts) = value else {
+            return Err(BackendError::Unavailable("unexpected reply from read_after".into()));
+        };
+        if parts.is_empty() {
+            return Ok(None);
+        }
+        let events = match parts.pop() {
+            Some(Value::Array(items)) => items.iter().filter_map(parse_event).filter(|e| e.seq > after).collect(),
+            _ => Vec::new(),
+        };
+        let malformed =
+            |e: redis::ParsingError| BackendError::Unavailable(format!("unexpected reply from read_after: {e}"));
+        let epoch: String = redis::from_redis_value(parts.pop().unwrap_or(Value::Nil)).map_err(malformed)?;
+        let seq: u64 = redis::from_redis_value(parts.pop().unwrap_or(Value::Nil)).map_err(malformed)?;
+        Ok(Some((seq, epoch, events)))
+    }
+
+    /// Creates a conversation log owned by `user` (or revives a lost one with
+    /// a fresh epoch, keeping whatever is still there).
+    async fn create_log(&self, key: &ConversationKey, user: &UserId) -> Result<(), BackendError> {
+        let meta = self.keys.meta(key);
+        let mut con = self.commands.clone();
+        let mut pipe = redis::pipe();
+        pipe.atomic()
+            .cmd("HSETNX")
+            .arg(&meta)
+            .arg("user")
+            .arg(user.as_str())
+            .ignore()
+            .cmd("HSETNX")
+            .arg(&meta)
+            .arg("epoch")
+            .arg(generate_token())
+            .ignore()
+            .cmd("HSETNX")
+            .arg(&meta)
+            .arg("seq")
+            .arg(0)
+            .ignore()
+            .cmd("HSETNX")
+            .arg(&meta)
+            .arg("created_ms")
+            .arg(now_ms())
+            .ignore()
+            .cmd("EXPIRE")
+            .arg(&meta)
+            .arg(self.retention_secs)
+            .ignore();
+        self.call(pipe.query_async::<()>(&mut con)).await
+    }
+
+    async fn set_latest(
+        &self,
+        tenant: &TenantId,
+        user: &UserId,
+        conversation: &ConversationId,
+    ) -> Result<(), BackendError> {
+        let latest = self.keys.latest(tenant, user);
+        let mut con = self.commands.clone();
+        let mut pipe = redis::pipe();
+        pipe.atomic()
+            .cmd("HSET")
+            .arg(&latest)
+            .arg("conversation")
+            .arg(conversation.as_str())
+            .arg("last_active_ms")
+            .arg(now_ms())
+            .ignore()
+            .cmd("EXPIRE")
+            .arg(&latest)
+            .arg(self.retention_secs)
+            .ignore();
+        self.call(pipe.query_async::<()>(&mut con)).await
+    }
+
+    /// Hands one pushed message to the router.
+    fn dispatch(&self, data: Vec<Value>) {
+        let mut data = data.into_iter();
+        let (Some(Value::BulkString(channel)), Some(Value::BulkString(payload))) = (data.next(), data.next()) else {
+            return;
+        };
+        let Some(key) = std::str::from_utf8(&channel).ok().and_then(|c| self.channels.get(c).map(|k| k.clone())) else {
+            return;
+        };
+        match payload.split_first() {
+            Some((b'D', frame)) => match String::from_utf8(frame.to_vec()) {
+                Ok(frame) => self.router.deliver_frame(&key, &Utf8Bytes::from(frame)),
+                Err(_) => warn!("dropping a delta that is not UTF-8"),
+            },
+            Some((b'E', rest)) => {
+                let Some(newline) = rest.iter().position(|b| *b == b'\n') else { return };
+                let (origin, event) = (&rest[..newline], &rest[newline + 1..]);
+                let Ok(event) = serde_json::from_slice::<StoredEvent>(event) else {
+                    warn!("dropping an event that does not parse");
+                    return;
+                };
+                self.router.deliver_event(&key, &event, self.local_origin(origin));
+            }
+            _ => {}
+        }
+    }
+
+    fn origin_of(&self, session: Option<SessionId>) -> String {
+        session.map_or_else(String::new, |s| format!("{}/{}", self.node_id, s.as_u64()))
+    }
+
+    fn local_origin(&self, origin: &[u8]) -> Option<SessionId> {
+        let origin = std::str::from_utf8(origin).ok()?;
+        let (node, session) = origin.split_once('/')?;
+        (node == self.node_id).then(|| session.parse().ok().map(SessionId::from_u64))?
+    }
+}
+
+fn parse_event(value: &Value) -> Option<Arc<StoredEvent>> {
+    match value {
+        Value::BulkString(bytes) => serde_json::from_slice(bytes).ok().map(Arc::new),
+        _ => None,
+    }
+}
+
+/// Reads pushes from the subscriber connection and routes them; tracks
+/// whether routing works and probes the connection so it never goes deaf.
+async fn run_dispatcher(shared: Arc<Shared>, mut pushes: mpsc::UnboundedReceiver<PushInfo>, stop: CancellationToken) {
+    let mut heartbeat = tokio::time::interval(HEARTBEAT);
+    heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        let push = tokio::select! {
+            _ = stop.cancelled() => return,
+            push = pushes.recv() => match push {
+                Some(push) => push,
+                None => return,
+            },
+            _ = heartbeat.tick() => {
+                // A PING on the subscriber connection: fails (and makes the
+                // manager reconnect and resubscribe) if the link is dead.
+                let mut con = shared.subscriber.clone();
+                let ping = redis::cmd("PING");
+                if let Err(error) = shared.call(ping.query_async::<Value>(&mut con)).await
+                    && shared.receiving.swap(false, Ordering::AcqRel)
+                {
+                    warn!(%error, "Redis subscriber connection failed its heartbeat");
+                }
+                continue;
+            }
+        };
+        match push.kind {
+            PushKind::Message => shared.dispatch(push.data),
+            PushKind::Disconnection => {
+                if shared.receiving.swap(false, Ordering::AcqRel) {
+                    warn!("Redis subscriber connection lost; reconnecting");
+                }
+            }
+            PushKind::Subscribe => {
+                if !shared.receiving.swap(true, Ordering::AcqRel) {
+                    info!(channels = shared.channels.len(), "Redis subscriptions active; resyncing local sessions");
+                    shared.router.resync_all();
+                }
+            }
+            _ => {}
+        }
+    }
+}
+
+/// Publishes deltas in order, one pipelined round trip per batch.
+async fn run_publisher(mut con: ConnectionManager, mut queue: mpsc::Receiver<Publish>, stop: CancellationToken) {
+    let mut batch = Vec::with_capacity(PUBLISH_BATCH);
+    let mut flushed = Vec::new();
+    loop {
+        let received = tokio::select! {
+            _ = stop.cancelled() => return,
+            received = queue.recv_many(&mut batch, PUBLISH_BATCH) => received,
+        };
+        if received == 0 {
+            return;
+        }
+        let mut pipe = redis::pipe();
+        for item in batch.drain(..) {
+            match item {
+                Publish::Frame { channel, payload } => {
+                    pipe.cmd("PUBLISH").arg(channel).arg(payload).ignore();
+                }
+                Publish::Flush(done) => flushed.push(done),
+            }
+        }
+        if !pipe.is_empty()
+            && let Err(error) = pipe.query_async::<()>(&mut con).await
+        {
+            debug!(%error, "deltas not published");
+        }
+        for done in flushed.drain(..) {
+            let _ = done.send(());
+        }
+    }
+}
+
+#[async_trait]
+impl Backend for RedisBackend {
+    async fn open(
+        &self,
+        tenant: &TenantId,
+        user: &UserId,
+        requested: Option<&ConversationId>,
+    ) -> Result<ConversationKey, BackendError> {
+        let shared = &self.shared;
+        let mut con = shared.commands.clone();
+        if let Some(conversation) = requested {
+            let key = ConversationKey { tenant: tenant.clone(), conversation: conversation.clone() };
+            let owner: Option<String> =
+                shared.call(redis::cmd("HGET").arg(shared.keys.meta(&key)).arg("user").query_async(&mut con)).await?;
+            if owner.as_deref() != Some(user.as_str()) {
+                return Err(BackendError::ConversationNotFound);
+            }
+            shared.set_latest(tenant, user, conversation).await?;
+            return Ok(key);
+        }
+        let latest: (Option<String>, Option<u64>) = shared
+            .call(
+                redis::cmd("HMGET")
+                    .arg(shared.keys.latest(tenant, user))
+                    .arg("conversation")
+                    .arg("last_active_ms")
+                    .query_async(&mut con),
+            )
+            .await?;
+        let recent = match latest {
+            (Some(conversation), Some(last_active))
+                if now_ms().saturating_sub(last_active) <= shared.idle_window_ms =>
+            {
+                ConversationId::parse(&conversation).ok()
+            }
+            _ => None,
+        };
+        let conversation = recent.unwrap_or_else(ConversationId::generate);
+        let key = ConversationKey { tenant: tenant.clone(), conversation };
+        // New, or recent but possibly lost (flush, failover, expiry): either
+        // way make sure the log exists; a revived log gets a new epoch.
+        shared.create_log(&key, user).await?;
+        shared.set_latest(tenant, user, &key.conversation).await?;
+        Ok(key)
+    }
+
+    async fn attach(
+        &self,
+        key: &ConversationKey,
+        session: SessionHandle,
+        after: Option<u64>,
+    ) -> Result<Snapshot, BackendError> {
+        let shared = &self.shared;
+        let session_id = session.id;
+        {
+            let _guard = shared.subscriptions.lock().await;
+            if shared.router.join(key, session) {
+                let channel = shared.keys.channel(key);
+                shared.channels.insert(channel.clone(), key.clone());
+                let mut subscriber = shared.subscriber.clone();
+                if let Err(error) = shared.call(subscriber.subscribe(&channel)).await {
+                    shared.router.leave(key, session_id);
+                    shared.channels.remove(&channel);
+                    return Err(error);
+                }
+            }
+        }
+        // Subscribed first, read second: nothing falls between; duplicates
+        // are dropped by the session's writer.
+        let read = shared.read_after(key, after.unwrap_or(u64::MAX)).await;
+        match read {
+            Ok(Some((last_seq, epoch, missed))) => Ok(Snapshot { last_seq, epoch, missed }),
+            Ok(None) => {
+                self.detach(key, session_id).await;
+                Err(BackendError::ConversationNotFound)
+            }
+            Err(error) => {
+                self.detach(key, session_id).await;
+                Err(error)
+            }
+        }
+    }
+
+    async fn detach(&self, key: &ConversationKey, session: SessionId) {
+        let shared = &self.shared;
+        let _guard = shared.subscriptions.lock().await;
+        if shared.router.leave(key, session) {
+            let channel = shared.keys.channel(key);
+            shared.channels.remove(&channel);
+            let mut subscriber = shared.subscriber.clone();
+            if let Err(error) = shared.call(subscriber.unsubscribe(&channel)).await {
+                debug!(%error, "unsubscribe failed; the channel stays subscribed until reconnect");
+            }
+        }
+    }
+
+    async fn touch(&self, user: &UserId, key: &ConversationKey) {
+        if let Err(error) = self.shared.set_latest(&key.tenant, user, &key.conversation).await {
+            debug!(%error, "could not record activity");
+        }
+    }
+
+    async fn events_after(&self, key: &ConversationKey, after: u64) -> Result<Vec<Arc<StoredEvent>>, BackendError> {
+        match self.shared.read_after(key, after).await? {
+            Some((_, _, events)) => Ok(events),
+            None => Err(BackendError::ConversationNotFound),
+        }
+    }
+
+    fn is_receiving(&self) -> bool {
+        self.shared.receiving.load(Ordering::Acquire)
+    }
+
+    async fn append(
+        &self,
+        key: &ConversationKey,
+        event: NewEvent,
+        origin: Option<SessionId>,
+    ) -> Result<Appended, BackendError> {
+        let shared = &self.shared;
+        let from = match event.from {
+            Role::Customer => "customer",
+            Role::Assistant => "assistant",
+            Role::Agent => "agent",
+            Role::System => "system",
+        };
+        let mut con = shared.commands.clone();
+        let mut invocation = shared.append.prepare_invoke();
+        invocation
+            .key(shared.keys.meta(key))
+            .key(shared.keys.log(key))
+            .key(shared.keys.message_ids(key))
+            .arg(from)
+            .arg(&event.id)
+            .arg(&event.text)
+            .arg(if event.fallback { "1" } else { "0" })
+            .arg(now_ms())
+            .arg(shared.log_cap)
+            .arg(shared.retention_secs)
+            .arg(shared.keys.channel(key))
+            .arg(shared.origin_of(origin));
+        match shared.call(invocation.invoke_async::<(i64, u64)>(&mut con)).await? {
+            (1, seq) => Ok(Appended::New(seq)),
+            (0, seq) => Ok(Appended::Duplicate(seq)),
+            _ => Err(BackendError::ConversationNotFound),
+        }
+    }
+
+    async fn recent_turns(&self, key: &ConversationKey, limit: usize) -> Result<Vec<Arc<StoredEvent>>, BackendError> {
+        let shared = &self.shared;
+        let mut con = shared.commands.clone();
+        let start = -(limit as i64).max(1);
+        let raw: Vec<Vec<u8>> = shared
+            .call(redis::cmd("LRANGE").arg(shared.keys.log(key)).arg(start).arg(-1).query_async(&mut con))
+            .await?;
+        Ok(raw
+            .iter()
+            .filter_map(|bytes| serde_json::from_slice::<StoredEvent>(bytes).ok())
+            .filter(|e| e.from != Role::System)
+            .map(Arc::new)
+            .collect())
+    }
+
+    fn publish_ephemeral(&self, key: &ConversationKey, frame: Utf8Bytes) {
+        let mut payload = Vec::with_capacity(frame.as_str().len() + 1);
+        payload.push(b'D');
+        payload.extend_from_slice(frame.as_str().as_bytes());
+        let item = Publish::Frame { channel: self.shared.keys.channel(key), payload };
+        if self.shared.publish_tx.try_send(item).is_err() {
+            debug!("delta dropped: publish queue full");
+        }
+    }
+
+    async fn flush_ephemeral(&self) {
+        let (done_tx, done_rx) = oneshot::channel();
+        if self.shared.publish_tx.send(Publish::Flush(done_tx)).await.is_ok() {
+            let _ = tokio::time::timeout(self.shared.command_timeout, done_rx).await;
+        }
+    }
+}

@@ -37,7 +37,10 @@ fi
 
 say "building"
 cargo build --workspace --all-targets --locked
-say "testing"
 profile=default
 [ "${CI:-}" = "true" ] && profile=ci
+say "testing (memory backend)"
 cargo nextest run --workspace --locked --profile "$profile" "$@"
+# The cross-process suite again, every hub on its own real Redis.
+say "testing (redis backend)"
+FENGDA_TEST_BACKEND=redis cargo nextest run -p fengda-tests --locked --profile "$profile" -E 'not binary(cluster)' "$@"

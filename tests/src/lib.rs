@@ -4,6 +4,10 @@
 //! - [`NlpProcess`]: a `fengda-nlp` process, likewise.
 //! - [`Client`]: a WebSocket client with JSON helpers that fail loudly on timeout.
 //! - [`RecordingAnswerer`]: an in-test gRPC answerer that records every request.
+//! - [`RedisServer`]: a real `redis-server` on an ephemeral port.
+//!
+//! `FENGDA_TEST_BACKEND=redis` makes every [`Hub::start`] run against its
+//! own fresh Redis (tests/run.sh runs the suite once per backend).
 //!
 //! Binaries are taken from the cargo target dir next to the test executable
 //! (`cargo build --workspace --bins` or `cargo nextest run --workspace`
@@ -12,10 +16,12 @@
 mod answerer;
 mod client;
 mod process;
+mod redis;
 
 pub use answerer::{RecordingAnswerer, Script};
 pub use client::{Client, Reply};
 pub use process::{Hub, NlpProcess, binary};
+pub use redis::RedisServer;
 
 /// How long any single expected event may take before the test fails.
 pub const STEP_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);

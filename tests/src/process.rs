@@ -51,11 +51,43 @@ pub struct Hub {
     pub child: Child,
     /// `http://127.0.0.1:PORT`
     pub url: String,
+    /// The hub's private Redis when the suite runs with `FENGDA_TEST_BACKEND=redis`.
+    pub redis: Option<crate::RedisServer>,
+}
+
+/// The backend the suite runs against: `memory` (default) or `redis`.
+pub fn test_backend() -> String {
+    let backend = std::env::var("FENGDA_TEST_BACKEND").unwrap_or_else(|_| "memory".into());
+    assert!(
+        matches!(backend.as_str(), "memory" | "redis"),
+        "FENGDA_TEST_BACKEND must be memory or redis, not {backend}"
+    );
+    backend
 }
 
 impl Hub {
-    /// Starts a hub with zero-delay built-in answerer pacing plus `extra` flags.
+    /// Starts a hub with zero-delay built-in answerer pacing plus `extra`
+    /// flags, on the suite's backend (a private Redis when it is `redis`).
     pub async fn start(extra: &[&str]) -> Hub {
+        if test_backend() == "redis" && !extra.contains(&"--backend") {
+            let redis = crate::RedisServer::start().await;
+            let mut args = vec!["--backend", "redis", "--redis-url", &redis.url];
+            args.extend_from_slice(extra);
+            let mut hub = Self::spawn(&args).await;
+            hub.redis = Some(redis);
+            return hub;
+        }
+        Self::spawn(extra).await
+    }
+
+    /// Starts a cluster node on a shared Redis.
+    pub async fn start_node(redis: &crate::RedisServer, extra: &[&str]) -> Hub {
+        let mut args = vec!["--backend", "redis", "--redis-url", &redis.url];
+        args.extend_from_slice(extra);
+        Self::spawn(&args).await
+    }
+
+    async fn spawn(extra: &[&str]) -> Hub {
         let mut args: Vec<String> = ["serve", "--listen", "127.0.0.1:0"].map(String::from).to_vec();
         if !extra.iter().any(|a| a.starts_with("--answerer-")) {
             args.extend(
@@ -64,7 +96,7 @@ impl Hub {
         }
         args.extend(extra.iter().map(|a| a.to_string()));
         let (child, url) = spawn_listening("fengda", &args).await.expect("start fengda");
-        Hub { child, url }
+        Hub { child, url, redis: None }
     }
 
     /// `ws://127.0.0.1:PORT/ws?<query>`
@@ -72,9 +104,24 @@ impl Hub {
         format!("{}/ws?{query}", self.url.replacen("http://", "ws://", 1))
     }
 
+    /// GET /readyz status code.
+    pub async fn readyz(&self) -> u16 {
+        reqwest::get(format!("{}/readyz", self.url)).await.map(|r| r.status().as_u16()).unwrap_or(0)
+    }
+
+    /// Waits until /readyz answers 200 (e.g. after Redis came back).
+    pub async fn wait_ready(&self) {
+        let deadline = tokio::time::Instant::now() + crate::STEP_TIMEOUT;
+        while self.readyz().await != 200 {
+            assert!(tokio::time::Instant::now() < deadline, "hub {} did not become ready", self.url);
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+    }
+
     /// Sends SIGTERM and waits for the exit status.
     pub async fn terminate(mut self) -> std::process::ExitStatus {
         let pid = self.child.id().expect("hub still running") as i32;
+        let _redis = self.redis.take();
         // SAFETY: plain kill(2) on a child we started and still own.
         unsafe { libc::kill(pid, libc::SIGTERM) };
         tokio::time::timeout(std::time::Duration::from_secs(20), self.child.wait())

@@ -1,0 +1,208 @@
+//! Cluster mode: several real hub processes sharing one real Redis.
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use fengda_tests::{Client, Hub, RedisServer};
+use serde_json::Value;
+
+async fn cluster(redis: &RedisServer, nodes: usize, extra: &[&str]) -> Vec<Hub> {
+    let mut hubs = Vec::new();
+    for _ in 0..nodes {
+        hubs.push(Hub::start_node(redis, extra).await);
+    }
+    hubs
+}
+
+/// Durable seqs a client saw, in order (acks, messages, reply.done).
+fn durable_seq(frame: &Value) -> Option<u64> {
+    match frame["type"].as_str() {
+        Some("ack" | "message" | "reply.done") => frame["seq"].as_u64(),
+        _ => None,
+    }
+}
+
+#[tokio::test]
+async fn sockets_on_two_nodes_see_the_same_gap_free_events_and_streamed_tokens() {
+    let redis = RedisServer::start().await;
+    let nodes = cluster(&redis, 3, &[]).await;
+    let mut on_a = Client::connect(&nodes[0].ws_url("tenant=demo&user=two-nodes")).await;
+    let conversation = on_a.conversation();
+    let mut on_b =
+        Client::connect(&nodes[1].ws_url(&format!("tenant=demo&user=two-nodes&conversation={conversation}"))).await;
+    assert_eq!(on_b.ready["epoch"], on_a.ready["epoch"]);
+
+    let mut a_seqs = Vec::new();
+    let mut b_seqs = Vec::new();
+    for (i, question) in ["Tell me about the Gold Card", "How much does it cost?", "I lost my card"].iter().enumerate()
+    {
+        let a_asks = i % 2 == 0;
+        let id = format!("q{i}");
+        let (asker, watcher) = if a_asks { (&mut on_a, &mut on_b) } else { (&mut on_b, &mut on_a) };
+        let (ack, reply) = asker.ask(&id, question).await;
+        let message = watcher.expect("message").await;
+        assert_eq!((message["id"].as_str(), message["seq"].as_u64()), (Some(id.as_str()), ack["seq"].as_u64()));
+        let watched = watcher.read_reply().await;
+        assert!(watched.deltas.len() >= 3, "the reply streams token by token on the other node too");
+        assert_eq!(watched.deltas, reply.deltas);
+        assert_eq!(watched.done, reply.done);
+        let (asker_seqs, watcher_seqs) = if a_asks { (&mut a_seqs, &mut b_seqs) } else { (&mut b_seqs, &mut a_seqs) };
+        asker_seqs.extend([ack["seq"].as_u64().unwrap(), reply.done["seq"].as_u64().unwrap()]);
+        watcher_seqs.extend([message["seq"].as_u64().unwrap(), watched.done["seq"].as_u64().unwrap()]);
+    }
+    assert_eq!(a_seqs, b_seqs);
+    assert_eq!(a_seqs, (1..=6).collect::<Vec<_>>());
+}
+
+#[tokio::test]
+async fn a_customer_moving_to_another_node_misses_nothing_and_keeps_context() {
+    let redis = RedisServer::start().await;
+    let nodes = cluster(&redis, 3, &[]).await;
+    let user = "mover";
+    let mut phone = Client::connect(&nodes[0].ws_url(&format!("tenant=demo&user={user}"))).await;
+    let conversation = phone.conversation();
+    let epoch = phone.ready["epoch"].as_str().unwrap().to_owned();
+    let mut laptop =
+        Client::connect(&nodes[1].ws_url(&format!("tenant=demo&user={user}&conversation={conversation}"))).await;
+    phone.ask("p1", "Tell me about the Gold Card").await;
+    laptop.expect("message").await;
+    laptop.read_reply().await;
+    drop(phone);
+
+    // While the phone is away, the laptop asks something.
+    let (_, missed_reply) = laptop.ask("l1", "What are your opening hours?").await;
+
+    // The phone comes back on node C, without naming the conversation.
+    let mut phone = Client::connect(&nodes[2].ws_url(&format!("tenant=demo&user={user}&after=2&epoch={epoch}"))).await;
+    assert_eq!(phone.conversation(), conversation, "the most recent conversation is found from any node");
+    assert_eq!(phone.ready["seq"], 4);
+    let first = phone.expect("message").await;
+    let second = phone.expect("message").await;
+    assert_eq!((first["seq"].as_u64(), first["id"].as_str()), (Some(3), Some("l1")));
+    assert_eq!((second["seq"].as_u64(), second["text"].as_str()), (Some(4), Some(missed_reply.text())));
+
+    // The follow-up is answered from the earlier turns, stored in Redis.
+    let (ack, follow_up) = phone.ask("p2", "And how much does the Gold Card cost?").await;
+    assert_eq!(ack["seq"], 5, "nothing duplicated, nothing skipped");
+    assert!(follow_up.text().contains("Gold Card"), "{}", follow_up.text());
+    let (_, pronoun) = phone.ask("p3", "Tell me about the Gold Card").await;
+    assert!(pronoun.text().contains("Gold Card"));
+
+    // A resend of an id stored through node A is recognised on node C.
+    phone.send_message("p1", "Tell me about the Gold Card").await;
+    assert_eq!(phone.expect("ack").await["seq"], 1);
+    phone.assert_alive().await;
+}
+
+#[tokio::test]
+async fn a_user_returning_after_the_idle_window_starts_a_new_conversation() {
+    let redis = RedisServer::start().await;
+    let nodes = cluster(&redis, 2, &["--idle-window-ms", "600"]).await;
+    let mut first = Client::connect(&nodes[0].ws_url("tenant=demo&user=returning")).await;
+    let conversation = first.conversation();
+    first.ask("m1", "Tell me about the Gold Card").await;
+    drop(first);
+
+    let within = Client::connect(&nodes[1].ws_url("tenant=demo&user=returning")).await;
+    assert_eq!(within.conversation(), conversation, "back within the window: same conversation");
+    drop(within);
+
+    // The idle window is time without activity; wait it out.
+    tokio::time::sleep(Duration::from_millis(900)).await;
+    let later = Client::connect(&nodes[0].ws_url("tenant=demo&user=returning")).await;
+    assert_ne!(later.conversation(), conversation, "after the window: a new conversation");
+    assert_eq!(later.ready["seq"], 0);
+
+    // The old conversation is still readable by id.
+    let mut old =
+        Client::connect(&nodes[1].ws_url(&format!("tenant=demo&user=returning&conversation={conversation}&after=0")))
+            .await;
+    assert_eq!(old.expect("message").await["seq"], 1);
+    assert_eq!(old.expect("message").await["seq"], 2);
+}
+
+#[tokio::test]
+async fn two_nodes_appending_concurrently_keep_seq_gap_free() {
+    const PER_SOCKET: usize = 40;
+    let redis = RedisServer::start().await;
+    let nodes = cluster(&redis, 2, &["--max-pending-questions", "64", "--outbound-queue-frames", "4096"]).await;
+    let mut a = Client::connect(&nodes[0].ws_url("tenant=demo&user=racer")).await;
+    let conversation = a.conversation();
+    let mut b = Client::connect(&nodes[1].ws_url(&format!("tenant=demo&user=racer&conversation={conversation}"))).await;
+    for i in 0..PER_SOCKET {
+        a.send_message(&format!("a{i}"), "Tell me about the Gold Card").await;
+        b.send_message(&format!("b{i}"), "What are your opening hours?").await;
+    }
+    // Every message is stored and answered: 2 durable events per message.
+    let total = (PER_SOCKET * 2 * 2) as u64;
+    for client in [&mut a, &mut b] {
+        let mut seen = Vec::new();
+        while seen.len() < total as usize {
+            let frame = client.next().await;
+            assert_ne!(frame["type"], "error", "{frame}");
+            if let Some(seq) = durable_seq(&frame) {
+                seen.push(seq);
+            }
+        }
+        assert!(seen.windows(2).all(|w| w[0] < w[1]), "durable events arrive in strictly increasing seq order");
+        let unique: BTreeSet<_> = seen.iter().copied().collect();
+        assert_eq!(unique, (1..=total).collect(), "every seq exactly once, no gaps");
+    }
+}
+
+#[tokio::test]
+async fn lost_history_is_reported_not_replayed_as_a_silent_gap() {
+    let redis = RedisServer::start().await;
+    let nodes = cluster(&redis, 2, &[]).await;
+    let mut client = Client::connect(&nodes[0].ws_url("tenant=demo&user=forgotten")).await;
+    let epoch = client.ready["epoch"].as_str().unwrap().to_owned();
+    client.ask("m1", "Tell me about the Gold Card").await;
+    drop(client);
+
+    assert_eq!(redis.cli(&["FLUSHALL"]).await, "OK");
+    let mut back =
+        Client::connect(&nodes[1].ws_url(&format!("tenant=demo&user=forgotten&after=2&epoch={epoch}"))).await;
+    assert_ne!(back.ready["epoch"].as_str().unwrap(), epoch, "a new log has a new epoch");
+    let error = back.expect("error").await;
+    assert_eq!(error["code"], "history_lost");
+    back.assert_alive().await;
+    let (ack, _) = back.ask("m2", "Hello").await;
+    assert_eq!(ack["seq"], 1, "the new log starts again at 1");
+}
+
+#[tokio::test]
+async fn nodes_survive_a_redis_restart_and_route_again_by_themselves() {
+    let mut redis = RedisServer::start_persistent().await;
+    let nodes = cluster(&redis, 2, &[]).await;
+    let mut a = Client::connect(&nodes[0].ws_url("tenant=demo&user=outage")).await;
+    let conversation = a.conversation();
+    let mut b =
+        Client::connect(&nodes[1].ws_url(&format!("tenant=demo&user=outage&conversation={conversation}"))).await;
+    a.ask("m1", "Tell me about the Gold Card").await;
+    b.expect("message").await;
+    b.read_reply().await;
+
+    redis.kill().await;
+    // Sockets stay open; a message that cannot be stored gets `unavailable`, never an ack.
+    a.assert_alive().await;
+    a.send_message("m2", "How much does it cost?").await;
+    let error = a.expect("error").await;
+    assert_eq!((error["code"].as_str(), error["id"].as_str()), (Some("unavailable"), Some("m2")));
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while nodes[0].readyz().await == 200 {
+        assert!(tokio::time::Instant::now() < deadline, "readyz stays green while Redis is down");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    redis.restart().await;
+    for node in &nodes {
+        node.wait_ready().await;
+    }
+    // Same sockets, no hub restart: the resend is stored and routed to the other node.
+    let (ack, reply) = a.ask("m2", "How much does it cost?").await;
+    assert_eq!(ack["seq"], 3);
+    assert!(reply.text().contains("Gold Card"), "context survived the restart: {}", reply.text());
+    let message = b.expect("message").await;
+    assert_eq!(message["seq"], 3);
+    assert_eq!(b.read_reply().await.done, reply.done);
+}

@@ -206,3 +206,29 @@ async fn nodes_survive_a_redis_restart_and_route_again_by_themselves() {
     assert_eq!(message["seq"], 3);
     assert_eq!(b.read_reply().await.done, reply.done);
 }
+
+#[tokio::test]
+async fn a_node_subscribes_on_the_first_socket_and_unsubscribes_after_the_last() {
+    let redis = RedisServer::start().await;
+    let nodes = cluster(&redis, 1, &[]).await;
+    let conversation_channels = || redis.cli(&["PUBSUB", "CHANNELS", "*:conv:*"]);
+    let mut first = Client::connect(&nodes[0].ws_url("tenant=demo&user=subs")).await;
+    let conversation = first.conversation();
+    let channel = format!("fengda:conv:{{demo:{conversation}}}:events");
+    assert_eq!(conversation_channels().await, channel, "one channel, with the conversation's hash tag");
+    let mut sockets = Vec::new();
+    for _ in 0..3 {
+        sockets.push(
+            Client::connect(&nodes[0].ws_url(&format!("tenant=demo&user=subs&conversation={conversation}"))).await,
+        );
+    }
+    assert_eq!(redis.cli(&["PUBSUB", "NUMSUB", &channel]).await, format!("{channel}\n1"), "one subscription per node");
+    first.assert_alive().await;
+    drop(first);
+    drop(sockets);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while !conversation_channels().await.is_empty() {
+        assert!(tokio::time::Instant::now() < deadline, "the node never unsubscribed");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}

@@ -78,6 +78,8 @@ struct Shared {
     /// Subscribed channel name → conversation, for dispatching pushes.
     channels: DashMap<String, ConversationKey>,
     receiving: AtomicBool,
+    /// Always subscribed, so every reconnect yields a `subscribe` push.
+    heartbeat_channel: String,
     publish_tx: mpsc::Sender<Publish>,
     append: Script,
     read_after: Script,
@@ -127,15 +129,18 @@ impl RedisBackend {
         .and_then(|r| r.map_err(BackendError::from))?;
 
         let (publish_tx, publish_rx) = mpsc::channel(PUBLISH_QUEUE);
+        let node_id = generate_token();
+        let heartbeat_channel = format!("{}:node:{node_id}:heartbeat", config.key_prefix);
         let shared = Arc::new(Shared {
             router,
             keys: Keys::new(&config.key_prefix),
-            node_id: generate_token(),
+            node_id,
             commands,
             subscriber,
             subscriptions: tokio::sync::Mutex::new(()),
             channels: DashMap::new(),
             receiving: AtomicBool::new(false),
+            heartbeat_channel,
             publish_tx,
             append: Script::new(include_str!("append.lua")),
             read_after: Script::new(include_str!("read_after.lua")),
@@ -144,10 +149,7 @@ impl RedisBackend {
             idle_window_ms: conversation.idle_window_ms,
             command_timeout,
         });
-        // One subscription always exists, so a reconnect always produces a
-        // `subscribe` push that tells the dispatcher routing is back.
-        let heartbeat_channel = format!("{}:node:{}:heartbeat", config.key_prefix, shared.node_id);
-        shared.subscriber.clone().subscribe(&heartbeat_channel).await?;
+        shared.subscriber.clone().subscribe(&shared.heartbeat_channel).await?;
         tracker.spawn(run_dispatcher(shared.clone(), push_rx, shutdown.clone()));
         tracker.spawn(run_publisher(shared.commands.clone(), publish_rx, shutdown));
         info!(node_id = %shared.node_id, prefix = %config.key_prefix, "connected to Redis");
@@ -325,10 +327,22 @@ async fn run_dispatcher(shared: Arc<Shared>, mut pushes: mpsc::UnboundedReceiver
                 // manager reconnect and resubscribe) if the link is dead.
                 let mut con = shared.subscriber.clone();
                 let ping = redis::cmd("PING");
-                if let Err(error) = shared.call(ping.query_async::<Value>(&mut con)).await
-                    && shared.receiving.swap(false, Ordering::AcqRel)
-                {
-                    warn!(%error, "Redis subscriber connection failed its heartbeat");
+                match shared.call(ping.query_async::<Value>(&mut con)).await {
+                    Err(error) => {
+                        if shared.receiving.swap(false, Ordering::AcqRel) {
+                            warn!(%error, "Redis subscriber connection failed its heartbeat");
+                        }
+                    }
+                    // The link answers but no `subscribe` confirmation came
+                    // (e.g. a heartbeat timed out on a slow link): subscribe
+                    // the heartbeat channel again; its confirmation restores
+                    // `receiving` and resyncs sessions.
+                    Ok(_) if !shared.receiving.load(Ordering::Acquire) => {
+                        if let Err(error) = shared.call(con.subscribe(&shared.heartbeat_channel)).await {
+                            debug!(%error, "heartbeat resubscribe failed");
+                        }
+                    }
+                    Ok(_) => {}
                 }
                 continue;
             }

@@ -33,6 +33,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
+use axum::serve::ListenerExt;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -156,7 +157,13 @@ impl App {
                 state.shutdown.cancel();
             }
         };
-        axum::serve(self.listener, routes).with_graceful_shutdown(stop_sessions).await.map_err(StartError::Serve)?;
+        // Small frames (acks, deltas) must leave at once, not wait for Nagle.
+        let listener = self.listener.tap_io(|tcp| {
+            if let Err(error) = tcp.set_nodelay(true) {
+                warn!(%error, "cannot set TCP_NODELAY");
+            }
+        });
+        axum::serve(listener, routes).with_graceful_shutdown(stop_sessions).await.map_err(StartError::Serve)?;
         state.tracker.close();
         if tokio::time::timeout(state.config.shutdown_grace(), state.tracker.wait()).await.is_err() {
             warn!(remaining = state.tracker.len(), "sessions still running after the grace period");

@@ -109,6 +109,10 @@ impl Replier {
                 reply.push(&chunk.text);
             }
             if chunk.finish != 0 {
+                // Read the stream to its end so the HTTP/2 stream closes
+                // cleanly; dropping it here would reset it, and a server
+                // answers too many resets with GOAWAY.
+                while let Ok(Some(_)) = stream.message().await {}
                 return Ok(());
             }
             next = match stream.next().await {

@@ -20,6 +20,8 @@ use crate::session::{self, SessionParams};
 
 /// Bytes the socket library gathers before writing, within one flush.
 const WRITE_BUFFER_BYTES: usize = 16 * 1024;
+/// Initial read buffer per socket; client frames are small.
+const READ_BUFFER_BYTES: usize = 4 * 1024;
 
 #[derive(Debug, Deserialize)]
 pub struct WsQuery {
@@ -40,6 +42,9 @@ pub async fn upgrade(
         Ok((upgrade, params)) => {
             let ws = &app.config.websocket;
             upgrade
+                // A small read buffer: idle sockets are the common case and the
+                // library's 128 KiB default would stay resident per socket.
+                .read_buffer_size(READ_BUFFER_BYTES)
                 .max_message_size(ws.max_frame_bytes)
                 .max_frame_size(ws.max_frame_bytes)
                 // Our bounded queue is the real buffer: the library's only

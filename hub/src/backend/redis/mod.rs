@@ -349,16 +349,12 @@ async fn run_dispatcher(shared: Arc<Shared>, mut pushes: mpsc::UnboundedReceiver
         };
         match push.kind {
             PushKind::Message => shared.dispatch(push.data),
-            PushKind::Disconnection => {
-                if shared.receiving.swap(false, Ordering::AcqRel) {
-                    warn!("Redis subscriber connection lost; reconnecting");
-                }
+            PushKind::Disconnection if shared.receiving.swap(false, Ordering::AcqRel) => {
+                warn!("Redis subscriber connection lost; reconnecting");
             }
-            PushKind::Subscribe => {
-                if !shared.receiving.swap(true, Ordering::AcqRel) {
-                    info!(channels = shared.channels.len(), "Redis subscriptions active; resyncing local sessions");
-                    shared.router.resync_all();
-                }
+            PushKind::Subscribe if !shared.receiving.swap(true, Ordering::AcqRel) => {
+                info!(channels = shared.channels.len(), "Redis subscriptions active; resyncing local sessions");
+                shared.router.resync_all();
             }
             _ => {}
         }

@@ -1,0 +1,1095 @@
+//! `fengda-load`: measures what one hub node costs per reply and per idle socket.
+//!
+//! It starts its own processes from the cargo target dir it lives in (build
+//! them with `cargo build --release -p fengda -p fengda-nlp -p fengda-tests --bins`):
+//! one external `fengda-nlp --first-token-delay-ms 0 --tokens-per-second 0`
+//! (no pacing, so the hub is the thing under load) and one
+//! `fengda serve --listen 0.0.0.0:0 --nlp-url <bridge>`. Or it attaches to a
+//! running hub with `--hub-url` (add `--hub-pid` for CPU and memory figures).
+//! Client sockets are spread over 127.0.0.1–127.0.0.8 (`--addrs`) so that
+//! many thousands of connections do not run out of ephemeral ports.
+//! Everything targets loopback, is bounded in count and time, stops by
+//! itself, and the child processes are killed when it ends.
+//!
+//! Scenarios:
+//!
+//! - `replies`: C connections (default 200), each asks Q questions (default
+//!   20) one after another, the next after `reply.done`. Measures end-to-end
+//!   latency send→`reply.done` (p50/p95/p99/max), time to the first
+//!   `reply.delta`, replies/s, tokens per reply, and CPU time per reply and
+//!   per token of the hub and of the bridge, from utime+stime in
+//!   `/proc/<pid>/stat` read just before the first question and just after
+//!   the last reply (connection set-up is outside that window).
+//! - `idle`: opens N sockets (default 10,000) that only wait, and reports the
+//!   hub's VmRSS before, with all of them open, and after they closed, and
+//!   KiB per idle socket.
+//! - `burst`: an open-loop schedule of questions: R/s for a few seconds, then
+//!   15×R/s, then R/s again. Latency counts from the scheduled send time, so
+//!   waiting for a free connection counts too (no coordinated omission).
+//!
+//! Every reply is verified: an `ack` for the message id, delta indexes
+//! 0..n-1 of one reply id, deltas that add up to the `reply.done` text, and
+//! `fallback: false`. Errors, timeouts, closes and mismatches are counted and
+//! make the exit status non-zero.
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail, ensure};
+use clap::{Args, Parser, Subcommand};
+use futures::{SinkExt, StreamExt};
+use hdrhistogram::Histogram;
+use serde::Deserialize;
+use serde_json::{Value, json};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::TcpStream;
+use tokio::process::{Child, Command};
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream, connect_async_with_config};
+use tokio_util::sync::CancellationToken;
+
+type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
+
+#[derive(Parser)]
+#[command(name = "fengda-load", about = "Load generator for the fengda hub (loopback only)")]
+struct Cli {
+    #[command(flatten)]
+    common: Common,
+    #[command(subcommand)]
+    scenario: Scenario,
+}
+
+#[derive(Args, Clone)]
+struct Common {
+    /// Attach to this running hub (`http://HOST:PORT`) instead of starting one.
+    #[arg(long, global = true)]
+    hub_url: Option<String>,
+    /// PID of the attached hub, for its CPU and memory figures.
+    #[arg(long, global = true)]
+    hub_pid: Option<u32>,
+    /// Spread connections over 127.0.0.1..=127.0.0.N (default 8 for a hub
+    /// we start, which listens on 0.0.0.0; 1 when attaching).
+    #[arg(long, global = true)]
+    addrs: Option<u8>,
+    #[arg(long, global = true, default_value = "demo")]
+    tenant: String,
+    /// The question every client asks (its answer is 41 tokens in the demo knowledge base).
+    #[arg(long, global = true, default_value = "Tell me about the Gold Card")]
+    question: String,
+    /// Worker threads of the load generator itself (the hub and bridge share the machine).
+    #[arg(long, global = true, default_value_t = 1)]
+    threads: usize,
+    /// Seconds one reply (or one connect) may take before it counts as a timeout.
+    #[arg(long, global = true, default_value_t = 10)]
+    timeout_secs: u64,
+    /// Extra flag for `fengda serve`; repeat it (`--hub-arg=--idle-timeout-ms=120000`).
+    #[arg(long = "hub-arg", global = true, allow_hyphen_values = true)]
+    hub_args: Vec<String>,
+    /// Where the children's stderr logs go (default: <target>/fengda-load/).
+    #[arg(long, global = true)]
+    log_dir: Option<PathBuf>,
+    /// Print the report as one JSON object instead of text.
+    #[arg(long, global = true)]
+    json: bool,
+}
+
+#[derive(Subcommand)]
+enum Scenario {
+    /// C connections × Q sequential questions: latency, throughput, CPU per reply.
+    Replies {
+        #[arg(short = 'c', long, default_value_t = 200)]
+        connections: usize,
+        #[arg(short = 'q', long, default_value_t = 20)]
+        questions: usize,
+    },
+    /// N idle sockets: the hub's resident memory per socket.
+    Idle {
+        #[arg(short = 'n', long, default_value_t = 10_000)]
+        sockets: usize,
+        /// Seconds to hold the sockets open after the last `ready`.
+        #[arg(long, default_value_t = 3)]
+        hold_secs: u64,
+    },
+    /// R questions/s, then factor×R/s, then R/s again: latency per phase.
+    Burst {
+        /// Baseline questions per second.
+        #[arg(short = 'r', long, default_value_t = 40.0)]
+        rate: f64,
+        #[arg(long, default_value_t = 15.0)]
+        factor: f64,
+        #[arg(long, default_value_t = 5)]
+        base_secs: u64,
+        #[arg(long, default_value_t = 5)]
+        peak_secs: u64,
+        /// Connections in the pool (default: one second of peak rate, at least 200).
+        #[arg(long)]
+        connections: Option<usize>,
+    },
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(cli.common.threads.max(1))
+        .enable_all()
+        .build()
+        .context("tokio runtime")?;
+    let clean = runtime.block_on(run(cli))?;
+    drop(runtime);
+    if !clean {
+        eprintln!("fengda-load: FAILED (errors, timeouts or mismatches; see the report)");
+        std::process::exit(1);
+    }
+    Ok(())
+}
+
+async fn run(cli: Cli) -> anyhow::Result<bool> {
+    let nofile = raise_nofile_limit();
+    let target = Target::start(&cli.common).await?;
+    let result = match cli.scenario {
+        Scenario::Replies { connections, questions } => replies(&cli.common, &target, connections, questions).await,
+        Scenario::Idle { sockets, hold_secs } => idle(&cli.common, &target, sockets, hold_secs, nofile).await,
+        Scenario::Burst { rate, factor, base_secs, peak_secs, connections } => {
+            let pool = connections.unwrap_or(((rate * factor).ceil() as usize).max(200));
+            burst(&cli.common, &target, rate, factor, base_secs, peak_secs, pool).await
+        }
+    };
+    let logs = target.stop().await;
+    let (mut report, clean) = result?;
+    report["child_logs"] = logs;
+    if cli.common.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print_text(&report);
+    }
+    Ok(clean)
+}
+
+// ---------------------------------------------------------------- processes
+
+/// Counts WARN/ERROR lines of a child's stderr and copies it to a log file.
+#[derive(Default)]
+struct LogStats {
+    warn: AtomicU64,
+    error: AtomicU64,
+    samples: Mutex<Vec<String>>,
+}
+
+struct Spawned {
+    name: &'static str,
+    child: Child,
+    pid: u32,
+    url: String,
+    log_path: PathBuf,
+    stats: Arc<LogStats>,
+}
+
+/// The hub under test: started by us, or attached.
+struct Target {
+    ips: Vec<String>,
+    port: u16,
+    hub_pid: Option<u32>,
+    bridge_pid: Option<u32>,
+    children: Vec<Spawned>,
+}
+
+fn bin_dir() -> anyhow::Result<PathBuf> {
+    let exe = std::env::current_exe().context("current_exe")?;
+    Ok(exe.parent().context("exe has a parent dir")?.to_path_buf())
+}
+
+async fn spawn_listening(name: &'static str, args: &[String], log_dir: &Path) -> anyhow::Result<Spawned> {
+    let path = bin_dir()?.join(name);
+    ensure!(
+        path.exists(),
+        "{} not found; build with `cargo build --release -p fengda -p fengda-nlp -p fengda-tests --bins`",
+        path.display()
+    );
+    let mut child = Command::new(&path)
+        .args(args)
+        .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()))
+        .env("NO_COLOR", "1")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .with_context(|| format!("spawn {}", path.display()))?;
+    let pid = child.id().context("child pid")?;
+    let log_path = log_dir.join(format!("{name}.log"));
+    let stats = Arc::new(LogStats::default());
+    let stderr = child.stderr.take().context("stderr")?;
+    let mut file =
+        tokio::fs::File::create(&log_path).await.with_context(|| format!("create {}", log_path.display()))?;
+    let counters = stats.clone();
+    tokio::spawn(async move {
+        let mut lines = BufReader::new(stderr).lines();
+        while let Ok(Some(line)) = lines.next_line().await {
+            let counter = if line.contains(" ERROR ") {
+                Some(&counters.error)
+            } else if line.contains(" WARN ") {
+                Some(&counters.warn)
+            } else {
+                None
+            };
+            if let Some(counter) = counter {
+                counter.fetch_add(1, Ordering::Relaxed);
+                let mut samples = counters.samples.lock().unwrap();
+                if samples.len() < 5 {
+                    samples.push(line.clone());
+                }
+            }
+            let _ = file.write_all(line.as_bytes()).await;
+            let _ = file.write_all(b"\n").await;
+        }
+        let _ = file.flush().await;
+    });
+    let stdout = child.stdout.take().context("stdout")?;
+    let mut lines = BufReader::new(stdout).lines();
+    let line = tokio::time::timeout(Duration::from_secs(15), lines.next_line())
+        .await
+        .with_context(|| format!("{name} printed nothing within 15 s"))??
+        .with_context(|| format!("{name} exited before printing its address (see {})", log_path.display()))?;
+    let url = line
+        .strip_prefix("listening on ")
+        .with_context(|| format!("{name}'s first line should be `listening on http://…`, got {line:?}"))?
+        .to_owned();
+    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    Ok(Spawned { name, child, pid, url, log_path, stats })
+}
+
+/// `http://HOST:PORT[/]` → (HOST, PORT).
+fn host_port(url: &str) -> anyhow::Result<(String, u16)> {
+    let rest = url.split_once("://").map_or(url, |(_, rest)| rest).trim_end_matches('/');
+    let (host, port) = rest.rsplit_once(':').with_context(|| format!("no port in {url}"))?;
+    Ok((host.to_owned(), port.parse().with_context(|| format!("bad port in {url}"))?))
+}
+
+impl Target {
+    async fn start(common: &Common) -> anyhow::Result<Target> {
+        if let Some(url) = &common.hub_url {
+            let (host, port) = host_port(url)?;
+            let addrs = common.addrs.unwrap_or(1);
+            let ips = if addrs <= 1 { vec![host] } else { loopback_ips(addrs) };
+            return Ok(Target { ips, port, hub_pid: common.hub_pid, bridge_pid: None, children: Vec::new() });
+        }
+        let log_dir = match &common.log_dir {
+            Some(dir) => dir.clone(),
+            None => bin_dir()?.parent().context("target dir")?.join("fengda-load"),
+        };
+        std::fs::create_dir_all(&log_dir).with_context(|| format!("create {}", log_dir.display()))?;
+        let bridge_args = ["--listen", "127.0.0.1:0", "--first-token-delay-ms", "0", "--tokens-per-second", "0"];
+        let bridge = spawn_listening("fengda-nlp", &bridge_args.map(String::from), &log_dir).await?;
+        let mut hub_args: Vec<String> =
+            ["serve", "--listen", "0.0.0.0:0", "--nlp-url", &bridge.url].map(String::from).to_vec();
+        hub_args.extend(common.hub_args.iter().cloned());
+        let hub = spawn_listening("fengda", &hub_args, &log_dir).await?;
+        let (_, port) = host_port(&hub.url)?;
+        let ips = loopback_ips(common.addrs.unwrap_or(8));
+        Ok(Target { ips, port, hub_pid: Some(hub.pid), bridge_pid: Some(bridge.pid), children: vec![bridge, hub] })
+    }
+
+    fn ws_url(&self, i: usize, tenant: &str, user: &str) -> String {
+        format!("ws://{}:{}/ws?tenant={tenant}&user={user}", self.ips[i % self.ips.len()], self.port)
+    }
+
+    /// Kills what we started; returns a summary of their logs.
+    async fn stop(mut self) -> Value {
+        let mut logs = serde_json::Map::new();
+        for child in self.children.iter_mut().rev() {
+            let exited = child.child.try_wait().ok().flatten();
+            if exited.is_none() {
+                let _ = child.child.kill().await;
+            }
+            // Give the stderr copier a moment to finish the file.
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            logs.insert(
+                child.name.to_owned(),
+                json!({
+                    "pid": child.pid,
+                    "log": child.log_path.display().to_string(),
+                    "exited_early": exited.map(|s| s.to_string()),
+                    "warn_lines": child.stats.warn.load(Ordering::Relaxed),
+                    "error_lines": child.stats.error.load(Ordering::Relaxed),
+                    "samples": *child.stats.samples.lock().unwrap(),
+                }),
+            );
+        }
+        Value::Object(logs)
+    }
+}
+
+fn loopback_ips(n: u8) -> Vec<String> {
+    (1..=n.max(1)).map(|i| format!("127.0.0.{i}")).collect()
+}
+
+fn raise_nofile_limit() -> u64 {
+    // SAFETY: getrlimit/setrlimit on our own process with a valid struct.
+    unsafe {
+        let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) != 0 {
+            return 1024;
+        }
+        limit.rlim_cur = limit.rlim_max;
+        if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) != 0 {
+            libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit);
+        }
+        limit.rlim_cur
+    }
+}
+
+// ---------------------------------------------------------------- /proc
+
+/// utime+stime of a process, in microseconds.
+fn cpu_us(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the command name, which may contain spaces: state is field 3.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let utime: u64 = fields.get(11)?.parse().ok()?;
+    let stime: u64 = fields.get(12)?.parse().ok()?;
+    // SAFETY: sysconf has no preconditions.
+    let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
+    Some((utime + stime) * 1_000_000 / ticks)
+}
+
+fn self_cpu_us() -> u64 {
+    // SAFETY: getrusage fills the struct we own.
+    unsafe {
+        let mut usage: libc::rusage = std::mem::zeroed();
+        libc::getrusage(libc::RUSAGE_SELF, &mut usage);
+        let tv = |t: libc::timeval| t.tv_sec as u64 * 1_000_000 + t.tv_usec as u64;
+        tv(usage.ru_utime) + tv(usage.ru_stime)
+    }
+}
+
+fn status_kib(pid: u32, field: &str) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status.lines().find(|l| l.starts_with(field))?;
+    line[field.len()..].trim().trim_end_matches("kB").trim().parse().ok()
+}
+
+fn open_fds(pid: u32) -> Option<usize> {
+    Some(std::fs::read_dir(format!("/proc/{pid}/fd")).ok()?.count())
+}
+
+#[derive(Clone, Copy)]
+struct CpuSnapshot {
+    hub: Option<u64>,
+    bridge: Option<u64>,
+    loadgen: u64,
+    at: Instant,
+}
+
+impl CpuSnapshot {
+    fn take(target: &Target) -> CpuSnapshot {
+        CpuSnapshot {
+            hub: target.hub_pid.and_then(cpu_us),
+            bridge: target.bridge_pid.and_then(cpu_us),
+            loadgen: self_cpu_us(),
+            at: Instant::now(),
+        }
+    }
+
+    /// CPU µs spent by each process between `self` and `later`, and the wall time.
+    fn delta(&self, later: &CpuSnapshot) -> CpuDelta {
+        let sub = |a: Option<u64>, b: Option<u64>| Some(b?.saturating_sub(a?));
+        CpuDelta {
+            hub_us: sub(self.hub, later.hub),
+            bridge_us: sub(self.bridge, later.bridge),
+            loadgen_us: later.loadgen.saturating_sub(self.loadgen),
+            wall: later.at - self.at,
+        }
+    }
+}
+
+struct CpuDelta {
+    hub_us: Option<u64>,
+    bridge_us: Option<u64>,
+    loadgen_us: u64,
+    wall: Duration,
+}
+
+impl CpuDelta {
+    fn json(&self, replies: u64, tokens: u64) -> Value {
+        let per = |us: Option<u64>, n: u64| us.filter(|_| n > 0).map(|us| round2(us as f64 / n as f64));
+        let cores = |us: Option<u64>| us.map(|us| round2(us as f64 / 1e6 / self.wall.as_secs_f64()));
+        json!({
+            "window_s": round2(self.wall.as_secs_f64()),
+            "hub_cpu_ms": self.hub_us.map(|us| us / 1000),
+            "hub_us_per_reply": per(self.hub_us, replies),
+            "hub_us_per_token": per(self.hub_us, tokens),
+            "hub_cores_busy": cores(self.hub_us),
+            "bridge_cpu_ms": self.bridge_us.map(|us| us / 1000),
+            "bridge_us_per_reply": per(self.bridge_us, replies),
+            "bridge_us_per_token": per(self.bridge_us, tokens),
+            "bridge_cores_busy": cores(self.bridge_us),
+            "loadgen_us_per_reply": per(Some(self.loadgen_us), replies),
+            "loadgen_cores_busy": cores(Some(self.loadgen_us)),
+        })
+    }
+}
+
+fn round2(x: f64) -> f64 {
+    (x * 100.0).round() / 100.0
+}
+
+// ---------------------------------------------------------------- protocol
+
+#[derive(Deserialize)]
+struct Frame {
+    #[serde(rename = "type")]
+    kind: String,
+    id: Option<String>,
+    reply: Option<String>,
+    index: Option<u64>,
+    text: Option<String>,
+    fallback: Option<bool>,
+    code: Option<String>,
+    message: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum Failure {
+    Connect,
+    Timeout,
+    Closed,
+    ErrorFrame,
+    Mismatch,
+    Fallback,
+}
+
+impl Failure {
+    fn name(self) -> &'static str {
+        match self {
+            Failure::Connect => "connect_failed",
+            Failure::Timeout => "timeout",
+            Failure::Closed => "closed_by_hub",
+            Failure::ErrorFrame => "error_frame",
+            Failure::Mismatch => "mismatch",
+            Failure::Fallback => "fallback_reply",
+        }
+    }
+}
+
+/// Failure counts plus the first few details.
+#[derive(Default)]
+struct Failures {
+    counts: std::collections::BTreeMap<&'static str, u64>,
+    samples: Vec<String>,
+}
+
+impl Failures {
+    fn add(&mut self, failure: Failure, detail: String) {
+        *self.counts.entry(failure.name()).or_default() += 1;
+        if self.samples.len() < 8 {
+            self.samples.push(format!("{}: {detail}", failure.name()));
+        }
+    }
+
+    fn merge(&mut self, other: Failures) {
+        for (k, v) in other.counts {
+            *self.counts.entry(k).or_default() += v;
+        }
+        for s in other.samples {
+            if self.samples.len() < 8 {
+                self.samples.push(s);
+            }
+        }
+    }
+
+    fn total(&self) -> u64 {
+        self.counts.values().sum()
+    }
+
+    fn json(&self) -> Value {
+        json!({ "total": self.total(), "by_kind": self.counts, "samples": self.samples })
+    }
+}
+
+/// Connects and waits for `ready`.
+async fn connect(url: &str, timeout: Duration) -> anyhow::Result<Ws> {
+    let step = async {
+        // TCP_NODELAY on our side, so any Nagle delay measured is the hub's.
+        let (mut ws, _) = connect_async_with_config(url, None, true).await.with_context(|| format!("connect {url}"))?;
+        loop {
+            match ws.next().await {
+                Some(Ok(Message::Text(text))) => {
+                    let frame: Frame = serde_json::from_str(text.as_str()).context("first frame is not JSON")?;
+                    ensure!(frame.kind == "ready", "first frame should be ready, got {}", frame.kind);
+                    return Ok(ws);
+                }
+                Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
+                Some(Ok(other)) => bail!("unexpected first frame {other:?}"),
+                Some(Err(e)) => return Err(e).context("socket failed before ready"),
+                None => bail!("socket ended before ready"),
+            }
+        }
+    };
+    tokio::time::timeout(timeout, step).await.context("no ready within the timeout")?
+}
+
+struct Answered {
+    ack: Duration,
+    first_delta: Duration,
+    done: Duration,
+    tokens: u64,
+}
+
+/// Sends one question and reads its ack, deltas and done, checking each.
+/// Times are measured from `t0`.
+async fn ask(ws: &mut Ws, id: &str, text: &str, t0: Instant, deadline: Instant) -> Result<Answered, (Failure, String)> {
+    let frame = json!({"type": "message", "id": id, "text": text}).to_string();
+    let sent = tokio::time::timeout_at(deadline.into(), ws.send(Message::text(frame))).await;
+    match sent {
+        Err(_) => return Err((Failure::Timeout, format!("{id}: send"))),
+        Ok(Err(e)) => return Err((Failure::Closed, format!("{id}: send failed: {e}"))),
+        Ok(Ok(())) => {}
+    }
+    let mut acked = false;
+    let mut ack_at = Duration::ZERO;
+    let mut reply_id: Option<String> = None;
+    let mut joined = String::new();
+    let mut deltas = 0u64;
+    let mut first_delta = None;
+    loop {
+        let message = match tokio::time::timeout_at(deadline.into(), ws.next()).await {
+            Err(_) => {
+                let state = format!("acked={acked} deltas={deltas}");
+                return Err((Failure::Timeout, format!("{id}: no reply.done in time ({state})")));
+            }
+            Ok(None) => return Err((Failure::Closed, format!("{id}: socket ended"))),
+            Ok(Some(Err(e))) => return Err((Failure::Closed, format!("{id}: socket failed: {e}"))),
+            Ok(Some(Ok(message))) => message,
+        };
+        let text = match message {
+            Message::Text(text) => text,
+            Message::Ping(_) | Message::Pong(_) => continue,
+            Message::Close(frame) => return Err((Failure::Closed, format!("{id}: close {frame:?}"))),
+            other => return Err((Failure::Mismatch, format!("{id}: unexpected {other:?}"))),
+        };
+        let frame: Frame = match serde_json::from_str(text.as_str()) {
+            Ok(frame) => frame,
+            Err(e) => return Err((Failure::Mismatch, format!("{id}: frame is not JSON: {e}"))),
+        };
+        match frame.kind.as_str() {
+            "ack" => {
+                if frame.id.as_deref() != Some(id) || acked {
+                    return Err((Failure::Mismatch, format!("{id}: unexpected ack {:?}", frame.id)));
+                }
+                acked = true;
+                ack_at = t0.elapsed();
+            }
+            "reply.delta" => {
+                if first_delta.is_none() {
+                    first_delta = Some(t0.elapsed());
+                }
+                if frame.index != Some(deltas) {
+                    return Err((Failure::Mismatch, format!("{id}: delta index {:?}, expected {deltas}", frame.index)));
+                }
+                match (&reply_id, &frame.reply) {
+                    (None, Some(r)) => reply_id = Some(r.clone()),
+                    (Some(a), Some(b)) if a == b => {}
+                    _ => return Err((Failure::Mismatch, format!("{id}: delta of another reply {:?}", frame.reply))),
+                }
+                joined.push_str(frame.text.as_deref().unwrap_or_default());
+                deltas += 1;
+            }
+            "reply.done" => {
+                let done = t0.elapsed();
+                if !acked {
+                    return Err((Failure::Mismatch, format!("{id}: reply.done before ack")));
+                }
+                if reply_id.is_some() && frame.reply != reply_id {
+                    return Err((Failure::Mismatch, format!("{id}: done of another reply {:?}", frame.reply)));
+                }
+                if frame.text.as_deref() != Some(joined.as_str()) {
+                    return Err((Failure::Mismatch, format!("{id}: deltas do not add up to the done text")));
+                }
+                if frame.fallback == Some(true) {
+                    return Err((Failure::Fallback, format!("{id}: fallback reply")));
+                }
+                return Ok(Answered { ack: ack_at, first_delta: first_delta.unwrap_or(done), done, tokens: deltas });
+            }
+            "error" => {
+                let detail = format!("{id}: error {:?} {:?}", frame.code, frame.message);
+                return Err((Failure::ErrorFrame, detail));
+            }
+            // Other sockets' messages of the same conversation: none expected with unique users.
+            other => return Err((Failure::Mismatch, format!("{id}: unexpected frame type {other}"))),
+        }
+    }
+}
+
+async fn close_quietly(mut ws: Ws) {
+    let _ = tokio::time::timeout(Duration::from_secs(2), async {
+        let _ = ws.close(None).await;
+        while let Some(Ok(_)) = ws.next().await {}
+    })
+    .await;
+}
+
+fn new_histogram() -> Histogram<u64> {
+    // Microseconds, 1 µs .. 10 min, 3 significant digits.
+    Histogram::new_with_bounds(1, 600_000_000, 3).expect("histogram bounds")
+}
+
+fn record(h: &mut Histogram<u64>, d: Duration) {
+    let _ = h.record((d.as_micros() as u64).clamp(1, 600_000_000));
+}
+
+fn percentiles_ms(h: &Histogram<u64>) -> Value {
+    if h.is_empty() {
+        return Value::Null;
+    }
+    let ms = |us: u64| round2(us as f64 / 1000.0);
+    json!({
+        "p50": ms(h.value_at_quantile(0.50)),
+        "p95": ms(h.value_at_quantile(0.95)),
+        "p99": ms(h.value_at_quantile(0.99)),
+        "max": ms(h.max()),
+    })
+}
+
+fn run_id() -> String {
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_nanos();
+    format!("{:x}", nanos % 0xffff_ffff)
+}
+
+/// Opens `n` ready connections, `parallel` handshakes at a time.
+async fn open_many(
+    target: &Target,
+    common: &Common,
+    n: usize,
+    parallel: usize,
+    prefix: &str,
+) -> (Vec<(usize, Ws)>, Failures, Duration) {
+    let started = Instant::now();
+    let timeout = Duration::from_secs(common.timeout_secs);
+    let urls: Vec<(usize, String)> =
+        (0..n).map(|i| (i, target.ws_url(i, &common.tenant, &format!("{prefix}-{i}")))).collect();
+    let results: Vec<(usize, anyhow::Result<Ws>)> = futures::stream::iter(urls)
+        .map(|(i, url)| async move { (i, connect(&url, timeout).await) })
+        .buffer_unordered(parallel)
+        .collect()
+        .await;
+    let mut failures = Failures::default();
+    let mut sockets = Vec::with_capacity(n);
+    for (i, result) in results {
+        match result {
+            Ok(ws) => sockets.push((i, ws)),
+            Err(e) => failures.add(Failure::Connect, format!("#{i}: {e:#}")),
+        }
+    }
+    (sockets, failures, started.elapsed())
+}
+
+// ---------------------------------------------------------------- replies
+
+async fn replies(
+    common: &Common,
+    target: &Target,
+    connections: usize,
+    questions: usize,
+) -> anyhow::Result<(Value, bool)> {
+    let prefix = format!("lg-{}", run_id());
+    let (sockets, mut failures, connect_time) = open_many(target, common, connections, 100, &prefix).await;
+    let timeout = Duration::from_secs(common.timeout_secs);
+    let before = CpuSnapshot::take(target);
+    let mut tasks = Vec::with_capacity(sockets.len());
+    for (i, mut ws) in sockets {
+        let text = common.question.clone();
+        tasks.push(tokio::spawn(async move {
+            let (mut latency, mut ttfd, mut acks) = (new_histogram(), new_histogram(), new_histogram());
+            let mut failures = Failures::default();
+            let (mut ok, mut tokens) = (0u64, 0u64);
+            let mut alive = true;
+            for q in 0..questions {
+                let id = format!("c{i}-q{q}");
+                let t0 = Instant::now();
+                match ask(&mut ws, &id, &text, t0, t0 + timeout).await {
+                    Ok(answer) => {
+                        ok += 1;
+                        tokens += answer.tokens;
+                        record(&mut latency, answer.done);
+                        record(&mut ttfd, answer.first_delta);
+                        record(&mut acks, answer.ack);
+                    }
+                    Err((failure, detail)) => {
+                        failures.add(failure, detail);
+                        // The socket's state is unknown now: stop using it.
+                        alive = false;
+                        break;
+                    }
+                }
+            }
+            let finished = Instant::now();
+            if alive {
+                close_quietly(ws).await;
+            }
+            (latency, ttfd, acks, failures, ok, tokens, finished)
+        }));
+    }
+    let (mut latency, mut ttfd, mut acks) = (new_histogram(), new_histogram(), new_histogram());
+    let (mut ok, mut tokens) = (0u64, 0u64);
+    let mut last_done = before.at;
+    for task in tasks {
+        let (l, t, a, f, o, k, finished) = task.await.context("client task panicked")?;
+        latency.add(l).ok();
+        ttfd.add(t).ok();
+        acks.add(a).ok();
+        failures.merge(f);
+        ok += o;
+        tokens += k;
+        last_done = last_done.max(finished);
+    }
+    // Clients close as they finish; the snapshot after all joined includes
+    // those closes, a small share next to thousands of replies.
+    let after = CpuSnapshot::take(target);
+    let cpu = before.delta(&after);
+    let wall = (last_done - before.at).as_secs_f64();
+    let clean = failures.total() == 0 && ok == (connections * questions) as u64;
+    let report = json!({
+        "scenario": "replies",
+        "connections": connections,
+        "questions_per_connection": questions,
+        "question": common.question,
+        "connect_s": round2(connect_time.as_secs_f64()),
+        "replies_ok": ok,
+        "replies_expected": connections * questions,
+        "failures": failures.json(),
+        "wall_s": round2(wall),
+        "replies_per_s": round2(ok as f64 / wall),
+        "tokens_per_s": round2(tokens as f64 / wall),
+        "tokens_per_reply": if ok > 0 { round2(tokens as f64 / ok as f64) } else { 0.0 },
+        "latency_ms": percentiles_ms(&latency),
+        "first_delta_ms": percentiles_ms(&ttfd),
+        "ack_ms": percentiles_ms(&acks),
+        "cpu": cpu.json(ok, tokens),
+    });
+    Ok((report, clean))
+}
+
+// ---------------------------------------------------------------- idle
+
+async fn idle(
+    common: &Common,
+    target: &Target,
+    sockets: usize,
+    hold_secs: u64,
+    nofile: u64,
+) -> anyhow::Result<(Value, bool)> {
+    ensure!(sockets <= 19_000, "at most 19,000 idle sockets (each process may open 20,000 files)");
+    ensure!(
+        (sockets as u64) + 200 <= nofile,
+        "RLIMIT_NOFILE is {nofile}; {sockets} sockets need {} (raise the hard limit)",
+        sockets + 200
+    );
+    // Let the freshly started hub settle before the baseline.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let rss_before = target.hub_pid.and_then(|p| status_kib(p, "VmRSS:"));
+    let fds_before = target.hub_pid.and_then(open_fds);
+    let cpu_before = CpuSnapshot::take(target);
+    let prefix = format!("idle-{}", run_id());
+    let (opened, failures, connect_time) = open_many(target, common, sockets, 256, &prefix).await;
+    let cpu_connected = CpuSnapshot::take(target);
+    let ready = opened.len();
+
+    // Hold: each socket gets a reader (answers pings) until we cancel.
+    let stop = CancellationToken::new();
+    let dropped = Arc::new(AtomicU64::new(0));
+    let mut holders = Vec::with_capacity(ready);
+    for (_, mut ws) in opened {
+        let stop = stop.clone();
+        let dropped = dropped.clone();
+        holders.push(tokio::spawn(async move {
+            tokio::select! {
+                _ = stop.cancelled() => close_quietly(ws).await,
+                _ = async {
+                    while let Some(Ok(message)) = ws.next().await {
+                        if matches!(message, Message::Close(_)) {
+                            break;
+                        }
+                    }
+                } => { dropped.fetch_add(1, Ordering::Relaxed); }
+            }
+        }));
+    }
+    tokio::time::sleep(Duration::from_secs(hold_secs)).await;
+    let rss_open = target.hub_pid.and_then(|p| status_kib(p, "VmRSS:"));
+    let fds_open = target.hub_pid.and_then(open_fds);
+    let self_rss = status_kib(std::process::id(), "VmRSS:");
+    let hold_cpu = CpuSnapshot::take(target);
+    stop.cancel();
+    for holder in holders {
+        let _ = holder.await;
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let rss_closed = target.hub_pid.and_then(|p| status_kib(p, "VmRSS:"));
+    let fds_closed = target.hub_pid.and_then(open_fds);
+
+    let dropped = dropped.load(Ordering::Relaxed);
+    let per_socket = match (rss_before, rss_open) {
+        (Some(a), Some(b)) if ready > 0 => Some(round2(b.saturating_sub(a) as f64 / ready as f64)),
+        _ => None,
+    };
+    let connect_cpu = cpu_before.delta(&cpu_connected);
+    let hold = cpu_connected.delta(&hold_cpu);
+    let clean = failures.total() == 0 && dropped == 0 && ready == sockets;
+    let report = json!({
+        "scenario": "idle",
+        "sockets_requested": sockets,
+        "sockets_ready": ready,
+        "dropped_while_idle": dropped,
+        "failures": failures.json(),
+        "nofile_limit": nofile,
+        "connect_s": round2(connect_time.as_secs_f64()),
+        "connects_per_s": round2(ready as f64 / connect_time.as_secs_f64()),
+        "hub_us_per_connect": connect_cpu.hub_us.filter(|_| ready > 0).map(|us| round2(us as f64 / ready as f64)),
+        "hub_cpu_ms_while_idle": hold.hub_us.map(|us| us / 1000),
+        "hold_s": round2(hold.wall.as_secs_f64()),
+        "hub_rss_kib": { "before": rss_before, "all_open": rss_open, "after_close": rss_closed },
+        "hub_open_fds": { "before": fds_before, "all_open": fds_open, "after_close": fds_closed },
+        "hub_kib_per_idle_socket": per_socket,
+        "loadgen_rss_kib": self_rss,
+    });
+    Ok((report, clean))
+}
+
+// ---------------------------------------------------------------- burst
+
+struct Outcome {
+    phase: usize,
+    result: Result<(Duration, Duration), (Failure, String)>,
+}
+
+async fn burst(
+    common: &Common,
+    target: &Target,
+    rate: f64,
+    factor: f64,
+    base_secs: u64,
+    peak_secs: u64,
+    pool_size: usize,
+) -> anyhow::Result<(Value, bool)> {
+    ensure!(rate > 0.0 && factor >= 1.0, "rate must be > 0 and factor ≥ 1");
+    ensure!(rate * factor <= 20_000.0, "peak rate above 20,000/s is not a loopback test");
+    let prefix = format!("burst-{}", run_id());
+    let (sockets, mut failures, connect_time) = open_many(target, common, pool_size, 100, &prefix).await;
+    let pool_ready = sockets.len();
+    let (pool_tx, pool_rx) = tokio::sync::mpsc::unbounded_channel::<Ws>();
+    for (_, ws) in sockets {
+        let _ = pool_tx.send(ws);
+    }
+    let pool_rx = Arc::new(tokio::sync::Mutex::new(pool_rx));
+    let phases = [("baseline", rate, base_secs), ("peak", rate * factor, peak_secs), ("recovery", rate, base_secs)];
+    let timeout = Duration::from_secs(common.timeout_secs);
+    let (out_tx, mut out_rx) = tokio::sync::mpsc::unbounded_channel::<Outcome>();
+    let mut snapshots = vec![CpuSnapshot::take(target)];
+    let mut scheduled = [0u64; 3];
+    let mut next = Instant::now();
+    let mut seq = 0u64;
+    for (phase, &(_, phase_rate, secs)) in phases.iter().enumerate() {
+        let interval = Duration::from_secs_f64(1.0 / phase_rate);
+        let count = (phase_rate * secs as f64).round() as u64;
+        for _ in 0..count {
+            tokio::time::sleep_until(next.into()).await;
+            let t0 = next;
+            next += interval;
+            seq += 1;
+            scheduled[phase] += 1;
+            let (pool_rx, pool_tx, out_tx) = (pool_rx.clone(), pool_tx.clone(), out_tx.clone());
+            let text = common.question.clone();
+            tokio::spawn(async move {
+                let deadline = t0 + timeout;
+                let ws = tokio::time::timeout_at(deadline.into(), async { pool_rx.lock().await.recv().await }).await;
+                let result = match ws {
+                    Err(_) => Err((Failure::Timeout, format!("b{seq}: no free connection in time"))),
+                    Ok(None) => Err((Failure::Closed, format!("b{seq}: connection pool is empty"))),
+                    Ok(Some(mut ws)) => {
+                        let waited = t0.elapsed();
+                        let result = ask(&mut ws, &format!("b{seq}"), &text, t0, deadline).await;
+                        if result.is_ok() {
+                            let _ = pool_tx.send(ws);
+                        }
+                        result.map(|a| (a.done, waited))
+                    }
+                };
+                let _ = out_tx.send(Outcome { phase, result });
+            });
+        }
+        snapshots.push(CpuSnapshot::take(target));
+    }
+    drop(out_tx);
+    let mut latency: Vec<Histogram<u64>> = (0..3).map(|_| new_histogram()).collect();
+    let mut waits: Vec<Histogram<u64>> = (0..3).map(|_| new_histogram()).collect();
+    let mut ok = [0u64; 3];
+    let mut phase_failures: Vec<Failures> = (0..3).map(|_| Failures::default()).collect();
+    while let Some(outcome) = out_rx.recv().await {
+        match outcome.result {
+            Ok((done, waited)) => {
+                ok[outcome.phase] += 1;
+                record(&mut latency[outcome.phase], done);
+                record(&mut waits[outcome.phase], waited);
+            }
+            Err((failure, detail)) => phase_failures[outcome.phase].add(failure, detail),
+        }
+    }
+    let drained = CpuSnapshot::take(target);
+    // Close the pool.
+    drop(pool_tx);
+    let mut rx = pool_rx.lock().await;
+    rx.close();
+    let mut idle = Vec::new();
+    while let Some(ws) = rx.recv().await {
+        idle.push(close_quietly(ws));
+    }
+    futures::future::join_all(idle).await;
+
+    let mut phase_reports = Vec::new();
+    for (i, (name, phase_rate, secs)) in phases.iter().enumerate() {
+        let cpu = snapshots[i].delta(&snapshots[i + 1]);
+        phase_reports.push(json!({
+            "phase": name,
+            "rate_per_s": round2(*phase_rate),
+            "secs": secs,
+            "scheduled": scheduled[i],
+            "ok": ok[i],
+            "failures": phase_failures[i].json(),
+            "latency_ms": percentiles_ms(&latency[i]),
+            "wait_for_connection_ms": percentiles_ms(&waits[i]),
+            "hub_cores_busy": cpu.hub_us.map(|us| round2(us as f64 / 1e6 / cpu.wall.as_secs_f64())),
+            "bridge_cores_busy": cpu.bridge_us.map(|us| round2(us as f64 / 1e6 / cpu.wall.as_secs_f64())),
+        }));
+    }
+    let total_ok: u64 = ok.iter().sum();
+    let total_scheduled: u64 = scheduled.iter().sum();
+    let whole = snapshots[0].delta(&drained);
+    for f in phase_failures {
+        failures.merge(f);
+    }
+    let clean = failures.total() == 0 && total_ok == total_scheduled;
+    let report = json!({
+        "scenario": "burst",
+        "pool_connections": pool_ready,
+        "connect_s": round2(connect_time.as_secs_f64()),
+        "phases": phase_reports,
+        "scheduled": total_scheduled,
+        "ok": total_ok,
+        "failures": failures.json(),
+        "cpu": whole.json(total_ok, 0),
+    });
+    Ok((report, clean))
+}
+
+// ---------------------------------------------------------------- report
+
+fn print_text(r: &Value) {
+    let ms = |v: &Value| {
+        if v.is_null() {
+            "n/a".to_owned()
+        } else {
+            format!("p50 {} / p95 {} / p99 {} / max {} ms", v["p50"], v["p95"], v["p99"], v["max"])
+        }
+    };
+    match r["scenario"].as_str() {
+        Some("replies") => {
+            println!(
+                "replies: {} connections × {} questions ({}), connected in {} s",
+                r["connections"], r["questions_per_connection"], r["question"], r["connect_s"]
+            );
+            println!(
+                "  ok {} / {}   failures {}   wall {} s",
+                r["replies_ok"], r["replies_expected"], r["failures"]["total"], r["wall_s"]
+            );
+            println!(
+                "  {} replies/s   {} tokens/s   {} tokens/reply",
+                r["replies_per_s"], r["tokens_per_s"], r["tokens_per_reply"]
+            );
+            println!("  send→reply.done  {}", ms(&r["latency_ms"]));
+            println!("  send→1st delta   {}", ms(&r["first_delta_ms"]));
+            println!("  send→ack         {}", ms(&r["ack_ms"]));
+            let c = &r["cpu"];
+            println!(
+                "  hub CPU    {} µs/reply  {} µs/token  ({} cores busy)",
+                c["hub_us_per_reply"], c["hub_us_per_token"], c["hub_cores_busy"]
+            );
+            println!(
+                "  bridge CPU {} µs/reply  {} µs/token  ({} cores busy)",
+                c["bridge_us_per_reply"], c["bridge_us_per_token"], c["bridge_cores_busy"]
+            );
+            println!("  loadgen CPU {} µs/reply ({} cores busy)", c["loadgen_us_per_reply"], c["loadgen_cores_busy"]);
+        }
+        Some("idle") => {
+            println!(
+                "idle: {} of {} sockets ready in {} s ({} /s), {} dropped while idle",
+                r["sockets_ready"],
+                r["sockets_requested"],
+                r["connect_s"],
+                r["connects_per_s"],
+                r["dropped_while_idle"]
+            );
+            let rss = &r["hub_rss_kib"];
+            println!(
+                "  hub VmRSS  before {} KiB   all open {} KiB   after close {} KiB",
+                rss["before"], rss["all_open"], rss["after_close"]
+            );
+            println!("  hub KiB per idle socket: {}", r["hub_kib_per_idle_socket"]);
+            let fds = &r["hub_open_fds"];
+            println!(
+                "  hub open fds: before {} all open {} after close {}",
+                fds["before"], fds["all_open"], fds["after_close"]
+            );
+            println!(
+                "  hub CPU: {} µs per connect (upgrade + ready), {} ms while holding {} s",
+                r["hub_us_per_connect"], r["hub_cpu_ms_while_idle"], r["hold_s"]
+            );
+            println!("  loadgen VmRSS {} KiB", r["loadgen_rss_kib"]);
+        }
+        Some("burst") => {
+            println!("burst: pool of {} connections (connected in {} s)", r["pool_connections"], r["connect_s"]);
+            for p in r["phases"].as_array().into_iter().flatten() {
+                println!(
+                    "  {:<9} {:>7}/s × {} s: ok {}/{} failures {}  latency {}  (hub {} cores)",
+                    p["phase"].as_str().unwrap_or(""),
+                    p["rate_per_s"],
+                    p["secs"],
+                    p["ok"],
+                    p["scheduled"],
+                    p["failures"]["total"],
+                    ms(&p["latency_ms"]),
+                    p["hub_cores_busy"]
+                );
+                if p["wait_for_connection_ms"]["p99"].as_f64().unwrap_or(0.0) > 1.0 {
+                    println!("            waited for a free pool connection: {}", ms(&p["wait_for_connection_ms"]));
+                }
+            }
+            println!("  hub CPU {} µs/reply over the run", r["cpu"]["hub_us_per_reply"]);
+        }
+        _ => println!("{}", serde_json::to_string_pretty(r).unwrap_or_default()),
+    }
+    let failures = r["failures"]["total"].as_u64().unwrap_or(0);
+    if failures > 0 {
+        println!("  failures by kind: {}", r["failures"]["by_kind"]);
+        for s in r["failures"]["samples"].as_array().into_iter().flatten() {
+            println!("    {}", s.as_str().unwrap_or(""));
+        }
+    }
+    if let Some(logs) = r["child_logs"].as_object() {
+        for (name, log) in logs {
+            println!(
+                "  {name} log: {} WARN, {} ERROR lines ({}){}",
+                log["warn_lines"],
+                log["error_lines"],
+                log["log"].as_str().unwrap_or(""),
+                log["exited_early"].as_str().map(|s| format!(" EXITED EARLY: {s}")).unwrap_or_default()
+            );
+            for s in log["samples"].as_array().into_iter().flatten() {
+                println!("    {}", s.as_str().unwrap_or(""));
+            }
+        }
+    }
+}

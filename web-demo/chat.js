@@ -107,6 +107,8 @@ function setCaption(bubble, text, kind = '') {
 
 /** A polite, non-message notice in the transcript (errors, connection news). */
 function addNotice(text, kind = 'info') {
+  const last = transcript.lastElementChild;
+  if (last && last.classList.contains('notice') && last.textContent === text) return; // no repeats
   withScroll(() => {
     const notice = document.createElement('div');
     notice.className = `notice ${kind}`;
@@ -202,6 +204,22 @@ client.addEventListener('ready', (e) => {
   whoami.textContent = `tenant ${tenant} · user ${user} · conversation ${e.detail.conversation}`;
 });
 
+// The hub no longer has the conversation's earlier messages (its history was lost): drop them from
+// the transcript and say so. Messages still waiting for their ack were resent into the new history,
+// so they stay, after the note.
+client.addEventListener('reset', () => {
+  const waiting = new Set([...sentBubbles.values()].map((bubble) => bubble.closest('.row')));
+  for (const el of [...transcript.children]) {
+    if (el.classList.contains('welcome') || el === typingRow || waiting.has(el)) continue;
+    el.remove();
+  }
+  addNotice('Earlier messages are no longer available.', 'info');
+  withScroll(() => {
+    for (const row of waiting) if (row) transcript.append(row);
+    if (typingRow) transcript.append(typingRow);
+  });
+});
+
 client.addEventListener('ack', (e) => {
   const bubble = sentBubbles.get(e.detail.id);
   if (!bubble) return;
@@ -244,18 +262,24 @@ const FRIENDLY_ERRORS = {
   frame_too_big: 'That message is too long — please shorten it and try again.',
   empty_text: 'Please type a message first.',
   too_many_pending: 'You are sending messages faster than we can answer — please wait a moment.',
-  unavailable: 'Our assistant is briefly unavailable. Please try again in a moment.',
+  unavailable: 'Our assistant is briefly unavailable — we will keep trying.',
+  conversation_not_found: 'This conversation is no longer available — continuing in a new one.',
 };
 
 client.addEventListener('error', (e) => {
-  const { code, message, id } = e.detail;
+  const { code, message, id, retry } = e.detail;
   hideTyping();
   if (id && sentBubbles.has(id)) {
     const bubble = sentBubbles.get(id);
-    bubble.classList.remove('pending');
-    bubble.classList.add('failed');
-    setCaption(bubble, 'Not sent', 'error');
-    sentBubbles.delete(id);
+    if (retry) {
+      // Still queued: the client sends it again with the same id, and an ack may follow.
+      setCaption(bubble, 'Not delivered yet — retrying…', 'muted');
+    } else {
+      bubble.classList.remove('pending');
+      bubble.classList.add('failed');
+      setCaption(bubble, 'Not sent', 'error');
+      sentBubbles.delete(id);
+    }
   }
   const friendly = FRIENDLY_ERRORS[code];
   addNotice(friendly || `Sorry, something went wrong${message ? `: ${message}` : '.'}`, 'error');

@@ -10,14 +10,20 @@
 //   client.send('Tell me about the Gold Card');
 //
 // What it takes care of:
-//   * reconnecting with exponential backoff and jitter (capped at ~10 s);
-//   * resuming the conversation after a reconnect (`conversation` + `after`)
-//     and de-duplicating replayed events by seq and by reply id;
+//   * reconnecting with exponential backoff and jitter (capped at ~10 s), to
+//     whichever hub node the load balancer picks;
+//   * resuming the conversation after a reconnect (`conversation` + `after` +
+//     `epoch`) and de-duplicating replayed events by seq and by reply id;
+//   * noticing when the hub lost the conversation's history (`history_lost`:
+//     the log was recreated under a new epoch) and starting over from the new
+//     log, reported as a `reset` event so the page can clear its transcript;
 //   * queueing messages while offline and resending unacknowledged ones with
 //     the same id (the hub acknowledges a resent id with its original seq and
-//     never answers it twice);
+//     never answers it twice), also after `unavailable` (the hub's store is
+//     down) and `too_many_pending`;
 //   * an application-level ping every 25 s, which also detects dead sockets;
-//   * remembering the conversation id and last seq in sessionStorage.
+//   * remembering the conversation id, its epoch and the last seq in
+//     sessionStorage.
 
 /**
  * Close codes used by the hub.
@@ -64,8 +70,8 @@ const FINAL_CLOSE_CODES = new Set([CloseCode.NORMAL, CloseCode.POLICY, CloseCode
  *                            hub for the whole stored conversation (`after=0`) instead of resuming
  *                            after the remembered seq. Useful when a reloaded page wants to redraw
  *                            the transcript.
- * @property {Storage|null} [storage=sessionStorage]  Where the conversation id and last seq are
- *                            remembered; `null` to not remember anything.
+ * @property {Storage|null} [storage=sessionStorage]  Where the conversation id, its epoch and the
+ *                            last seq are remembered; `null` to not remember anything.
  * @property {number} [pingIntervalMs=25000]  Application-level ping period.
  * @property {number} [pongTimeoutMs=10000]   A socket that stays silent this long after a ping
  *                            is considered dead and replaced.
@@ -77,7 +83,8 @@ const FINAL_CLOSE_CODES = new Set([CloseCode.NORMAL, CloseCode.POLICY, CloseCode
 /**
  * Events (all are `CustomEvent`s; the payload is in `event.detail`):
  * - `status`  `{status, attempt?, delay?, code?, reason?}` — see {@link FengdaStatus}.
- * - `ready`   `{conversation, seq}` — the hub accepted the connection.
+ * - `ready`   `{conversation, seq, epoch}` — the hub accepted the connection. `epoch` identifies
+ *             the conversation's log (`null` from a hub that does not send it).
  * - `ack`     `{id, seq}` — a message you sent is stored. Fired once per id.
  * - `delta`   `{conversation, reply, index, text, content}` — one streamed token of an assistant
  *             reply; `content` is the reply text so far. Duplicate indexes are dropped.
@@ -87,9 +94,20 @@ const FINAL_CLOSE_CODES = new Set([CloseCode.NORMAL, CloseCode.POLICY, CloseCode
  * - `message` `{conversation, seq, from, id, text}` — any other durable event: replayed history,
  *             or something said on another socket of the conversation (agent, system, assistant,
  *             or the same customer on another device).
- * - `error`   `{code, message, id?}` — an error frame from the hub (the socket stays open), or a
- *             client-side problem such as `frame_too_big`. With an `id`, that message was refused
- *             and will not be resent (it gets no `ack`).
+ * - `error`   `{code, message, id?, retry?}` — an error frame from the hub, or a client-side
+ *             problem such as `frame_too_big`. With an `id` it is about that message, which was
+ *             not stored. With `retry: true` the message stays queued and is resent with the same
+ *             id by itself (`unavailable`, `too_many_pending`: after 2 s; `conversation_not_found`:
+ *             in the new conversation after the reconnect), so an `ack` may still follow; without
+ *             it the message was refused for good and gets no `ack`. `history_lost` is not
+ *             reported here but as `reset`.
+ * - `reset`   `{conversation, seq, epoch, previousEpoch, reason}` — the hub no longer has the
+ *             conversation's earlier events (`reason: 'history_lost'`: its log was lost and
+ *             recreated under a new epoch; `reason: 'rewound'`: the log is behind what this client
+ *             already saw, e.g. after a Redis failover). The client has forgotten its last seq
+ *             and the replies it saw and continues from `seq`; unacknowledged messages are
+ *             resent as usual. Clear or mark the transcript shown so far: those events will never
+ *             be replayed.
  * - `conversation` `{conversation, previous}` — the conversation id changed (new conversation,
  *             or the old one was not found on the hub).
  * @typedef {never} FengdaEvents
@@ -127,14 +145,19 @@ function rememberBounded(set, value, limit = 500) {
   if (set.size > limit) set.delete(set.values().next().value);
 }
 
+/** Error codes after which a message is resent (same id) after RETRY_DELAY_MS. */
+const RETRYABLE_ERRORS = new Set(['unavailable', 'too_many_pending']);
+const RETRY_DELAY_MS = 2000;
+/**
+ * Error codes after which a message stays queued for the next connection: the hub closes with
+ * 4004 and the message is resent, same id, in the conversation the reconnect gets.
+ */
+const REQUEUE_ERRORS = new Set(['conversation_not_found']);
+
 /**
  * A WebSocket client for one end user of one tenant.
  * @extends EventTarget
  */
-/** Error codes after which a message is resent (same id) after RETRY_DELAY_MS. */
-const RETRYABLE_ERRORS = new Set(['unavailable', 'too_many_pending']);
-const RETRY_DELAY_MS = 2000;
-
 export class FengdaClient extends EventTarget {
   /** @param {FengdaClientOptions} options */
   constructor(options) {
@@ -166,6 +189,10 @@ export class FengdaClient extends EventTarget {
     this.status = 'idle';
     /** @type {string|null} Current conversation id. */
     this.conversation = null;
+    /** @type {string|null} Epoch of the conversation's log, from `ready` (sent back as `epoch`). */
+    this.epoch = null;
+    /** @type {{seq: number, epoch: string|null}|null} The current socket's `ready`. */
+    this.lastReady = null;
     /**
      * Highest seq below which every durable event has been seen (seqs are gap-free, so this is
      * what we resume `after`). Events above it that arrived early are kept in `seenAbove`.
@@ -268,6 +295,7 @@ export class FengdaClient extends EventTarget {
   resetConversation() {
     const previous = this.conversation;
     this.conversation = null;
+    this.epoch = null;
     this.lastSeq = 0;
     this.seenAbove.clear();
     this.streams.clear();
@@ -296,6 +324,7 @@ export class FengdaClient extends EventTarget {
       const saved = JSON.parse(this.storage.getItem(this.storageKey) || 'null');
       if (saved && typeof saved.conversation === 'string') {
         this.conversation = saved.conversation;
+        this.epoch = typeof saved.epoch === 'string' ? saved.epoch : null;
         this.lastSeq = Number.isInteger(saved.seq) && saved.seq > 0 ? saved.seq : 0;
       }
     } catch {
@@ -310,7 +339,7 @@ export class FengdaClient extends EventTarget {
       if (this.conversation) {
         this.storage.setItem(
           this.storageKey,
-          JSON.stringify({ conversation: this.conversation, seq: this.lastSeq }),
+          JSON.stringify({ conversation: this.conversation, epoch: this.epoch, seq: this.lastSeq }),
         );
       } else {
         this.storage.removeItem(this.storageKey);
@@ -328,6 +357,8 @@ export class FengdaClient extends EventTarget {
     if (this.conversation) {
       u.searchParams.set('conversation', this.conversation);
       u.searchParams.set('after', String(this.lastSeq));
+      // Lets the hub tell us (`history_lost`) if this conversation's log was lost and recreated.
+      if (this.epoch) u.searchParams.set('epoch', this.epoch);
     }
     return u.toString();
   }
@@ -485,17 +516,31 @@ export class FengdaClient extends EventTarget {
       case 'ready': {
         const previous = this.conversation;
         const resumed = previous !== null && previous === f.conversation;
+        const seq = Number.isInteger(f.seq) ? f.seq : 0;
+        const epoch = typeof f.epoch === 'string' && f.epoch ? f.epoch : null;
+        this.lastReady = { seq, epoch };
+        let rewound = false;
         if (!resumed) {
           this.conversation = f.conversation;
+          this.epoch = epoch;
           this.seenAbove.clear();
           // Without `after` the hub replays nothing: start from its current seq.
-          this.lastSeq = Number.isInteger(f.seq) ? f.seq : 0;
+          this.lastSeq = seq;
           if (previous !== f.conversation) this.emit('conversation', { conversation: f.conversation, previous });
+        } else if (epoch && !this.epoch) {
+          this.epoch = epoch; // first epoch learnt for this conversation (e.g. saved by an older client)
+        } else if (epoch && epoch === this.epoch && seq < this.lastSeq) {
+          // Same log, but behind what we already saw (e.g. Redis failed over to a replica that
+          // missed the newest writes): those events are gone and their seqs will be reused.
+          rewound = true;
         }
+        // A different epoch than ours: the hub follows this frame with `history_lost` (it got our
+        // epoch), and that is where we start over; until then our saved state stays as it was.
         this.persist();
         this.attempt = 0;
         this.setStatus('open');
-        this.emit('ready', { conversation: f.conversation, seq: f.seq });
+        this.emit('ready', { conversation: f.conversation, seq: f.seq, epoch });
+        if (rewound) this.startOver('rewound');
         this.startHeartbeat();
         // Resend everything not yet acknowledged, oldest first, with the same ids.
         for (const [id, text] of this.outbox) this.transmit(id, text);
@@ -542,24 +587,57 @@ export class FengdaClient extends EventTarget {
         });
         break;
       }
-      case 'error':
-        if (typeof f.id === 'string' && RETRYABLE_ERRORS.has(f.code)) {
+      case 'error': {
+        if (f.code === 'history_lost') {
+          // The conversation's log was lost and recreated: nothing was replayed, and what we saw
+          // before will never come back. Start over from this socket's `ready`.
+          this.startOver('history_lost');
+          break;
+        }
+        const hasId = typeof f.id === 'string';
+        let retry = false;
+        if (hasId && RETRYABLE_ERRORS.has(f.code)) {
           // Not stored, but worth another try with the same id: the hub is busy or its store is down.
           const id = f.id;
+          retry = true;
           setTimeout(() => {
-            if (this.outbox.has(id) && this.ws && this.ws.readyState === WebSocket.OPEN) this.transmit(id, this.outbox.get(id));
+            if (this.outbox.has(id) && this.ws && this.ws.readyState === 1) this.transmit(id, this.outbox.get(id));
           }, RETRY_DELAY_MS);
-        } else if (typeof f.id === 'string') {
+        } else if (hasId && REQUEUE_ERRORS.has(f.code)) {
+          // Not stored; the hub closes with 4004 and the message goes to the next conversation.
+          retry = true;
+        } else if (hasId) {
           // The hub refused the message itself (empty, too long, ...): resending cannot help.
           this.outbox.delete(f.id);
         }
-        this.emit('error', { code: f.code, message: f.message, ...(typeof f.id === 'string' ? { id: f.id } : {}) });
+        this.emit('error', { code: f.code, message: f.message, ...(hasId ? { id: f.id, retry } : {}) });
         break;
+      }
       case 'pong':
         break;
       default:
         break; // unknown frame types are ignored so the hub can add new ones
     }
+  }
+
+  /**
+   * @private Forgets what this client saw of the conversation (the hub no longer has it) and
+   * continues from the current socket's `ready`. Unacknowledged messages stay queued; they were
+   * already resent after `ready`.
+   * @param {'history_lost'|'rewound'} reason
+   */
+  startOver(reason) {
+    const ready = this.lastReady || { seq: 0, epoch: null };
+    const previousEpoch = this.epoch;
+    if (ready.epoch) this.epoch = ready.epoch;
+    this.lastSeq = ready.seq;
+    this.seenAbove.clear();
+    this.streams.clear();
+    this.doneReplies.clear();
+    this.persist();
+    this.emit('reset', {
+      conversation: this.conversation, seq: this.lastSeq, epoch: this.epoch, previousEpoch, reason,
+    });
   }
 
   /** @private */

@@ -214,8 +214,14 @@ impl Config {
         if self.redis.key_prefix.is_empty() || self.redis.key_prefix.contains(['{', '}']) {
             return invalid("redis.key_prefix", "must be non-empty and free of { }");
         }
-        if self.redis.retention_secs == 0 || self.redis.command_timeout_ms == 0 {
-            return invalid("redis.retention_secs", "retention and command timeout must be non-zero");
+        if self.redis.retention_secs == 0 {
+            return invalid("redis.retention_secs", "must be non-zero");
+        }
+        if self.redis.command_timeout_ms == 0 {
+            return invalid("redis.command_timeout_ms", "must be non-zero");
+        }
+        if self.conversation.idle_window_ms == 0 {
+            return invalid("conversation.idle_window_ms", "must be non-zero");
         }
         if self.conversation.history_turns > 1000 {
             return invalid("conversation.history_turns", "must be at most 1000");

@@ -155,19 +155,40 @@ async fn lost_history_is_reported_not_replayed_as_a_silent_gap() {
     let redis = RedisServer::start().await;
     let nodes = cluster(&redis, 2, &[]).await;
     let mut client = Client::connect(&nodes[0].ws_url("tenant=demo&user=forgotten")).await;
+    let conversation = client.conversation();
     let epoch = client.ready["epoch"].as_str().unwrap().to_owned();
     client.ask("m1", "Tell me about the Gold Card").await;
-    drop(client);
 
-    assert_eq!(redis.cli(&["FLUSHALL"]).await, "OK");
+    // The log expires under a live session: its next message is refused, the
+    // socket is closed with 4004 so the client reconnects.
+    let tag = format!("fengda:conv:{{demo:{conversation}}}");
+    let deleted = redis.cli(&["DEL", &format!("{tag}:meta"), &format!("{tag}:log"), &format!("{tag}:ids")]).await;
+    assert_eq!(deleted, "3");
+    client.send_message("m2", "Hello?").await;
+    assert_eq!(client.expect("error").await["code"], "conversation_not_found");
+    assert_eq!(u16::from(client.expect_close().await.expect("close").code), 4004);
+
+    // Coming back: the same conversation id (the user's pointer survived), a
+    // new epoch, and `history_lost` instead of a silent replay of nothing.
     let mut back =
         Client::connect(&nodes[1].ws_url(&format!("tenant=demo&user=forgotten&after=2&epoch={epoch}"))).await;
-    assert_ne!(back.ready["epoch"].as_str().unwrap(), epoch, "a new log has a new epoch");
-    let error = back.expect("error").await;
-    assert_eq!(error["code"], "history_lost");
-    back.assert_alive().await;
-    let (ack, _) = back.ask("m2", "Hello").await;
-    assert_eq!(ack["seq"], 1, "the new log starts again at 1");
+    assert_eq!(back.conversation(), conversation);
+    let new_epoch = back.ready["epoch"].as_str().unwrap().to_owned();
+    assert_ne!(new_epoch, epoch, "a recreated log has a new epoch");
+    assert_eq!(back.ready["seq"], 0);
+    assert_eq!(back.expect("error").await["code"], "history_lost");
+    let (ack, _) = back.ask("m1", "Hello").await;
+    assert_eq!(ack["seq"], 1, "the new log starts at 1 and does not remember ids of the lost one");
+    drop(back);
+
+    // Everything lost (FLUSHALL, failover to an empty replica): a new
+    // conversation, and the old epoch is still reported as lost.
+    assert_eq!(redis.cli(&["FLUSHALL"]).await, "OK");
+    let mut fresh =
+        Client::connect(&nodes[0].ws_url(&format!("tenant=demo&user=forgotten&after=1&epoch={new_epoch}"))).await;
+    assert_ne!(fresh.ready["epoch"].as_str().unwrap(), new_epoch);
+    assert_eq!(fresh.expect("error").await["code"], "history_lost");
+    fresh.assert_alive().await;
 }
 
 #[tokio::test]

@@ -88,7 +88,17 @@ pub(super) async fn run_writer(
         return;
     }
     let reason = closer.reason();
-    let _ = tokio::time::timeout(CLOSE_TIMEOUT, sink.send(close_message(reason))).await;
+    let _ = tokio::time::timeout(CLOSE_TIMEOUT, async {
+        // Frames queued before the close (say, the error that explains it)
+        // still go out first, unless the client is the reason we stop.
+        if reason != crate::protocol::close::SLOW_CONSUMER {
+            while let Ok(Outbound::Frame { frame, .. }) = queue.try_recv() {
+                sink.feed(Message::Text(frame)).await?;
+            }
+        }
+        sink.send(close_message(reason)).await
+    })
+    .await;
 }
 
 async fn write_intro(sink: &mut Sink, intro: Vec<Utf8Bytes>) -> Result<(), axum::Error> {

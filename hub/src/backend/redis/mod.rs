@@ -82,6 +82,7 @@ struct Shared {
     heartbeat_channel: String,
     publish_tx: mpsc::Sender<Publish>,
     append: Script,
+    create: Script,
     read_after: Script,
     log_cap: usize,
     retention_secs: u64,
@@ -143,6 +144,7 @@ impl RedisBackend {
             heartbeat_channel,
             publish_tx,
             append: Script::new(include_str!("append.lua")),
+            create: Script::new(include_str!("create.lua")),
             read_after: Script::new(include_str!("read_after.lua")),
             log_cap: conversation.log_cap,
             retention_secs: config.retention_secs,
@@ -207,38 +209,31 @@ impl Shared {
         Ok(Some((seq, epoch, events)))
     }
 
-    /// Creates a conversation log owned by `user` (or revives a lost one with
-    /// a fresh epoch, keeping whatever is still there).
+    /// Creates a conversation log owned by `user`, or revives a lost one
+    /// with a fresh epoch and nothing of the old one (`create.lua`).
     async fn create_log(&self, key: &ConversationKey, user: &UserId) -> Result<(), BackendError> {
-        let meta = self.keys.meta(key);
+        let mut con = self.commands.clone();
+        let mut invocation = self.create.prepare_invoke();
+        invocation
+            .key(self.keys.meta(key))
+            .key(self.keys.log(key))
+            .key(self.keys.message_ids(key))
+            .arg(user.as_str())
+            .arg(generate_token())
+            .arg(now_ms())
+            .arg(self.retention_secs);
+        self.call(invocation.invoke_async::<i64>(&mut con)).await.map(drop)
+    }
+
+    /// Refreshes the retention of a conversation's keys and the user's pointer to it.
+    async fn refresh(&self, user: &UserId, key: &ConversationKey) -> Result<(), BackendError> {
         let mut con = self.commands.clone();
         let mut pipe = redis::pipe();
-        pipe.atomic()
-            .cmd("HSETNX")
-            .arg(&meta)
-            .arg("user")
-            .arg(user.as_str())
-            .ignore()
-            .cmd("HSETNX")
-            .arg(&meta)
-            .arg("epoch")
-            .arg(generate_token())
-            .ignore()
-            .cmd("HSETNX")
-            .arg(&meta)
-            .arg("seq")
-            .arg(0)
-            .ignore()
-            .cmd("HSETNX")
-            .arg(&meta)
-            .arg("created_ms")
-            .arg(now_ms())
-            .ignore()
-            .cmd("EXPIRE")
-            .arg(&meta)
-            .arg(self.retention_secs)
-            .ignore();
-        self.call(pipe.query_async::<()>(&mut con)).await
+        for name in [self.keys.meta(key), self.keys.log(key), self.keys.message_ids(key)] {
+            pipe.cmd("EXPIRE").arg(name).arg(self.retention_secs).ignore();
+        }
+        self.call(pipe.query_async::<()>(&mut con)).await?;
+        self.set_latest(&key.tenant, user, &key.conversation).await
     }
 
     async fn set_latest(
@@ -490,7 +485,7 @@ impl Backend for RedisBackend {
     }
 
     async fn touch(&self, user: &UserId, key: &ConversationKey) {
-        if let Err(error) = self.shared.set_latest(&key.tenant, user, &key.conversation).await {
+        if let Err(error) = self.shared.refresh(user, key).await {
             debug!(%error, "could not record activity");
         }
     }

@@ -11,6 +11,13 @@
 //! Everything targets loopback, is bounded in count and time, stops by
 //! itself, and the child processes are killed when it ends.
 //!
+//! Cluster mode: `--nodes N --backend redis` starts a private `redis-server`
+//! (free loopback port, `--save "" --appendonly no`), one shared bridge and N
+//! hubs with `--backend redis --redis-url …`; connection i goes to node
+//! i mod N. Hub CPU is summed over all nodes (and given per node), and
+//! redis-server's CPU is reported separately. `--backend redis` with one node
+//! works too; more than one node needs it.
+//!
 //! Scenarios:
 //!
 //! - `replies`: C connections (default 200), each asks Q questions (default
@@ -94,6 +101,29 @@ struct Common {
     /// Print the report as one JSON object instead of text.
     #[arg(long, global = true)]
     json: bool,
+    /// Hub nodes to start (more than one needs `--backend redis`); connections
+    /// go to them round-robin.
+    #[arg(long, global = true, default_value_t = 1)]
+    nodes: usize,
+    /// Conversation store of the hubs we start. `redis` starts a private
+    /// `redis-server` on a free loopback port (no persistence) for the run.
+    #[arg(long, global = true, value_enum, default_value_t = Backend::Memory)]
+    backend: Backend,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Backend {
+    Memory,
+    Redis,
+}
+
+impl Backend {
+    fn name(self) -> &'static str {
+        match self {
+            Backend::Memory => "memory",
+            Backend::Redis => "redis",
+        }
+    }
 }
 
 #[derive(Subcommand)]
@@ -179,7 +209,7 @@ struct LogStats {
 }
 
 struct Spawned {
-    name: &'static str,
+    name: String,
     child: Child,
     pid: u32,
     url: String,
@@ -187,12 +217,16 @@ struct Spawned {
     stats: Arc<LogStats>,
 }
 
-/// The hub under test: started by us, or attached.
+/// The hub node(s) under test: started by us, or attached.
 struct Target {
     ips: Vec<String>,
-    port: u16,
-    hub_pid: Option<u32>,
+    /// One port per hub node (nodes listen on 0.0.0.0).
+    ports: Vec<u16>,
+    /// One pid per hub node; empty when attached without `--hub-pid`.
+    hub_pids: Vec<u32>,
     bridge_pid: Option<u32>,
+    redis_pid: Option<u32>,
+    backend: Backend,
     children: Vec<Spawned>,
 }
 
@@ -201,8 +235,123 @@ fn bin_dir() -> anyhow::Result<PathBuf> {
     Ok(exe.parent().context("exe has a parent dir")?.to_path_buf())
 }
 
-async fn spawn_listening(name: &'static str, args: &[String], log_dir: &Path) -> anyhow::Result<Spawned> {
-    let path = bin_dir()?.join(name);
+/// Copies a child's output to `log_path`, counting lines `classify` calls warnings or errors.
+async fn copy_log<R>(
+    reader: R,
+    log_path: &Path,
+    classify: fn(&str) -> Option<Level>,
+) -> anyhow::Result<(Arc<LogStats>, tokio::sync::mpsc::UnboundedReceiver<String>)>
+where
+    R: tokio::io::AsyncRead + Unpin + Send + 'static,
+{
+    let stats = Arc::new(LogStats::default());
+    let mut file = tokio::fs::File::create(log_path).await.with_context(|| format!("create {}", log_path.display()))?;
+    let counters = stats.clone();
+    // Every line is also offered on this channel (for "ready" lines); nobody
+    // has to read it.
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        let mut lines = BufReader::new(reader).lines();
+        while let Ok(Some(line)) = lines.next_line().await {
+            let counter = match classify(&line) {
+                Some(Level::Error) => Some(&counters.error),
+                Some(Level::Warn) => Some(&counters.warn),
+                None => None,
+            };
+            if let Some(counter) = counter {
+                counter.fetch_add(1, Ordering::Relaxed);
+                let mut samples = counters.samples.lock().unwrap();
+                if samples.len() < 5 {
+                    samples.push(line.clone());
+                }
+            }
+            let _ = file.write_all(line.as_bytes()).await;
+            let _ = file.write_all(b"\n").await;
+            let _ = tx.send(line);
+        }
+        let _ = file.flush().await;
+    });
+    Ok((stats, rx))
+}
+
+enum Level {
+    Warn,
+    Error,
+}
+
+fn tracing_level(line: &str) -> Option<Level> {
+    if line.contains(" ERROR ") {
+        Some(Level::Error)
+    } else if line.contains(" WARN ") {
+        Some(Level::Warn)
+    } else {
+        None
+    }
+}
+
+/// redis-server prints its start-up banner at warning level (`#`) too, so
+/// only lines that say WARNING count.
+fn redis_level(line: &str) -> Option<Level> {
+    line.contains(" # WARNING").then_some(Level::Warn)
+}
+
+/// A free loopback TCP port (free when we looked; the caller retries if taken).
+fn free_port() -> anyhow::Result<u16> {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").context("bind 127.0.0.1:0")?;
+    Ok(listener.local_addr()?.port())
+}
+
+/// Starts `redis-server` on a free loopback port, in memory only, and waits
+/// for "Ready to accept connections".
+async fn spawn_redis(log_dir: &Path) -> anyhow::Result<Spawned> {
+    let mut last_error = None;
+    for attempt in 0..5 {
+        let port = free_port()?;
+        let mut child = match Command::new("redis-server")
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .current_dir(log_dir)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+        {
+            Ok(child) => child,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => bail!(
+                "redis-server not found on PATH; `--backend redis` needs it \
+                 (Debian: `apt-get install -y redis-server`)"
+            ),
+            Err(e) => return Err(e).context("spawn redis-server"),
+        };
+        let pid = child.id().context("redis-server pid")?;
+        let log_path = log_dir.join("redis-server.log");
+        let stdout = child.stdout.take().context("stdout")?;
+        let (stats, mut lines) = copy_log(stdout, &log_path, redis_level).await?;
+        let stderr = child.stderr.take().context("stderr")?;
+        let _ = copy_log(stderr, &log_dir.join("redis-server.stderr.log"), |_| Some(Level::Error)).await?;
+        let ready = tokio::time::timeout(Duration::from_secs(15), async {
+            while let Some(line) = lines.recv().await {
+                if line.contains("Ready to accept connections") {
+                    return true;
+                }
+            }
+            false
+        })
+        .await
+        .context("redis-server was not ready within 15 s")?;
+        if ready {
+            let url = format!("redis://127.0.0.1:{port}");
+            return Ok(Spawned { name: "redis-server".into(), child, pid, url, log_path, stats });
+        }
+        // It exited (most likely the port was taken meanwhile): try another port.
+        let _ = child.kill().await;
+        last_error = Some(format!("attempt {}: redis-server on port {port} exited before ready", attempt + 1));
+    }
+    bail!("could not start redis-server ({}; see {})", last_error.unwrap_or_default(), log_dir.display())
+}
+
+async fn spawn_listening(bin: &str, name: String, args: &[String], log_dir: &Path) -> anyhow::Result<Spawned> {
+    let path = bin_dir()?.join(bin);
     ensure!(
         path.exists(),
         "{} not found; build with `cargo build --release -p fengda -p fengda-nlp -p fengda-tests --bins`",
@@ -220,33 +369,8 @@ async fn spawn_listening(name: &'static str, args: &[String], log_dir: &Path) ->
         .with_context(|| format!("spawn {}", path.display()))?;
     let pid = child.id().context("child pid")?;
     let log_path = log_dir.join(format!("{name}.log"));
-    let stats = Arc::new(LogStats::default());
     let stderr = child.stderr.take().context("stderr")?;
-    let mut file =
-        tokio::fs::File::create(&log_path).await.with_context(|| format!("create {}", log_path.display()))?;
-    let counters = stats.clone();
-    tokio::spawn(async move {
-        let mut lines = BufReader::new(stderr).lines();
-        while let Ok(Some(line)) = lines.next_line().await {
-            let counter = if line.contains(" ERROR ") {
-                Some(&counters.error)
-            } else if line.contains(" WARN ") {
-                Some(&counters.warn)
-            } else {
-                None
-            };
-            if let Some(counter) = counter {
-                counter.fetch_add(1, Ordering::Relaxed);
-                let mut samples = counters.samples.lock().unwrap();
-                if samples.len() < 5 {
-                    samples.push(line.clone());
-                }
-            }
-            let _ = file.write_all(line.as_bytes()).await;
-            let _ = file.write_all(b"\n").await;
-        }
-        let _ = file.flush().await;
-    });
+    let (stats, _) = copy_log(stderr, &log_path, tracing_level).await?;
     let stdout = child.stdout.take().context("stdout")?;
     let mut lines = BufReader::new(stdout).lines();
     let line = tokio::time::timeout(Duration::from_secs(15), lines.next_line())
@@ -270,11 +394,29 @@ fn host_port(url: &str) -> anyhow::Result<(String, u16)> {
 
 impl Target {
     async fn start(common: &Common) -> anyhow::Result<Target> {
+        ensure!((1..=16).contains(&common.nodes), "--nodes must be 1..=16");
+        ensure!(
+            common.nodes == 1 || common.backend == Backend::Redis,
+            "--nodes {} needs --backend redis (the memory backend is single-node)",
+            common.nodes
+        );
         if let Some(url) = &common.hub_url {
+            ensure!(
+                common.nodes == 1 && common.backend == Backend::Memory,
+                "--nodes and --backend apply to hubs fengda-load starts, not with --hub-url"
+            );
             let (host, port) = host_port(url)?;
             let addrs = common.addrs.unwrap_or(1);
             let ips = if addrs <= 1 { vec![host] } else { loopback_ips(addrs) };
-            return Ok(Target { ips, port, hub_pid: common.hub_pid, bridge_pid: None, children: Vec::new() });
+            return Ok(Target {
+                ips,
+                ports: vec![port],
+                hub_pids: common.hub_pid.into_iter().collect(),
+                bridge_pid: None,
+                redis_pid: None,
+                backend: common.backend,
+                children: Vec::new(),
+            });
         }
         let log_dir = match &common.log_dir {
             Some(dir) => dir.clone(),
@@ -282,18 +424,71 @@ impl Target {
         };
         std::fs::create_dir_all(&log_dir).with_context(|| format!("create {}", log_dir.display()))?;
         let bridge_args = ["--listen", "127.0.0.1:0", "--first-token-delay-ms", "0", "--tokens-per-second", "0"];
-        let bridge = spawn_listening("fengda-nlp", &bridge_args.map(String::from), &log_dir).await?;
+        // Pushed as they start, so that an early error drops (and kills) them.
+        let mut children = Vec::new();
+        let redis = match common.backend {
+            Backend::Memory => None,
+            Backend::Redis => {
+                let redis = spawn_redis(&log_dir).await?;
+                let url = redis.url.clone();
+                let pid = redis.pid;
+                children.push(redis);
+                Some((url, pid))
+            }
+        };
+        let bridge =
+            spawn_listening("fengda-nlp", "fengda-nlp".into(), &bridge_args.map(String::from), &log_dir).await?;
+        let bridge_url = bridge.url.clone();
+        let bridge_pid = bridge.pid;
+        children.push(bridge);
         let mut hub_args: Vec<String> =
-            ["serve", "--listen", "0.0.0.0:0", "--nlp-url", &bridge.url].map(String::from).to_vec();
+            ["serve", "--listen", "0.0.0.0:0", "--nlp-url", &bridge_url].map(String::from).to_vec();
+        hub_args.extend(["--backend".into(), common.backend.name().into()]);
+        if let Some((url, _)) = &redis {
+            hub_args.extend(["--redis-url".into(), url.clone()]);
+        }
         hub_args.extend(common.hub_args.iter().cloned());
-        let hub = spawn_listening("fengda", &hub_args, &log_dir).await?;
-        let (_, port) = host_port(&hub.url)?;
+        let (mut ports, mut hub_pids) = (Vec::new(), Vec::new());
+        for node in 1..=common.nodes {
+            let name = if common.nodes == 1 { "fengda".to_owned() } else { format!("fengda-{node}") };
+            let hub = spawn_listening("fengda", name, &hub_args, &log_dir).await?;
+            ports.push(host_port(&hub.url)?.1);
+            hub_pids.push(hub.pid);
+            children.push(hub);
+        }
         let ips = loopback_ips(common.addrs.unwrap_or(8));
-        Ok(Target { ips, port, hub_pid: Some(hub.pid), bridge_pid: Some(bridge.pid), children: vec![bridge, hub] })
+        Ok(Target {
+            ips,
+            ports,
+            hub_pids,
+            bridge_pid: Some(bridge_pid),
+            redis_pid: redis.map(|(_, pid)| pid),
+            backend: common.backend,
+            children,
+        })
     }
 
+    /// Connection `i` goes to node `i % nodes` (round-robin), from one of the loopback addresses.
     fn ws_url(&self, i: usize, tenant: &str, user: &str) -> String {
-        format!("ws://{}:{}/ws?tenant={tenant}&user={user}", self.ips[i % self.ips.len()], self.port)
+        let port = self.ports[i % self.ports.len()];
+        format!("ws://{}:{port}/ws?tenant={tenant}&user={user}", self.ips[i % self.ips.len()])
+    }
+
+    /// Sum over all hub nodes; None if any is unknown.
+    fn hub_sum(&self, f: impl Fn(u32) -> Option<u64>) -> Option<u64> {
+        if self.hub_pids.is_empty() {
+            return None;
+        }
+        self.hub_pids.iter().map(|&pid| f(pid)).sum()
+    }
+
+    fn setup_json(&self) -> Value {
+        json!({
+            "backend": self.backend.name(),
+            "nodes": self.ports.len(),
+            "hub_pids": self.hub_pids,
+            "redis_pid": self.redis_pid,
+        })
     }
 
     /// Kills what we started; returns a summary of their logs.
@@ -307,7 +502,7 @@ impl Target {
             // Give the stderr copier a moment to finish the file.
             tokio::time::sleep(Duration::from_millis(50)).await;
             logs.insert(
-                child.name.to_owned(),
+                child.name.clone(),
                 json!({
                     "pid": child.pid,
                     "log": child.log_path.display().to_string(),
@@ -376,10 +571,12 @@ fn open_fds(pid: u32) -> Option<usize> {
     Some(std::fs::read_dir(format!("/proc/{pid}/fd")).ok()?.count())
 }
 
-#[derive(Clone, Copy)]
+#[derive(Clone)]
 struct CpuSnapshot {
-    hub: Option<u64>,
+    /// One per hub node.
+    hubs: Vec<Option<u64>>,
     bridge: Option<u64>,
+    redis: Option<u64>,
     loadgen: u64,
     at: Instant,
 }
@@ -387,8 +584,9 @@ struct CpuSnapshot {
 impl CpuSnapshot {
     fn take(target: &Target) -> CpuSnapshot {
         CpuSnapshot {
-            hub: target.hub_pid.and_then(cpu_us),
+            hubs: target.hub_pids.iter().map(|&pid| cpu_us(pid)).collect(),
             bridge: target.bridge_pid.and_then(cpu_us),
+            redis: target.redis_pid.and_then(cpu_us),
             loadgen: self_cpu_us(),
             at: Instant::now(),
         }
@@ -397,9 +595,13 @@ impl CpuSnapshot {
     /// CPU µs spent by each process between `self` and `later`, and the wall time.
     fn delta(&self, later: &CpuSnapshot) -> CpuDelta {
         let sub = |a: Option<u64>, b: Option<u64>| Some(b?.saturating_sub(a?));
+        let nodes: Vec<Option<u64>> = self.hubs.iter().zip(&later.hubs).map(|(&a, &b)| sub(a, b)).collect();
+        let hub_us = if nodes.is_empty() { None } else { nodes.iter().copied().sum() };
         CpuDelta {
-            hub_us: sub(self.hub, later.hub),
+            hub_us,
+            node_us: nodes,
             bridge_us: sub(self.bridge, later.bridge),
+            redis_us: sub(self.redis, later.redis),
             loadgen_us: later.loadgen.saturating_sub(self.loadgen),
             wall: later.at - self.at,
         }
@@ -407,8 +609,11 @@ impl CpuSnapshot {
 }
 
 struct CpuDelta {
+    /// Summed over all hub nodes.
     hub_us: Option<u64>,
+    node_us: Vec<Option<u64>>,
     bridge_us: Option<u64>,
+    redis_us: Option<u64>,
     loadgen_us: u64,
     wall: Duration,
 }
@@ -417,8 +622,27 @@ impl CpuDelta {
     fn json(&self, replies: u64, tokens: u64) -> Value {
         let per = |us: Option<u64>, n: u64| us.filter(|_| n > 0).map(|us| round2(us as f64 / n as f64));
         let cores = |us: Option<u64>| us.map(|us| round2(us as f64 / 1e6 / self.wall.as_secs_f64()));
+        let nodes: Vec<Value> = self
+            .node_us
+            .iter()
+            .enumerate()
+            .map(|(i, &us)| {
+                json!({
+                    "node": i + 1,
+                    "cpu_ms": us.map(|us| us / 1000),
+                    "cores_busy": cores(us),
+                    // Per reply of the whole run (each node serves 1/N of the connections).
+                    "us_per_reply_of_all": per(us, replies),
+                })
+            })
+            .collect();
         json!({
             "window_s": round2(self.wall.as_secs_f64()),
+            "hub_nodes": nodes,
+            "redis_cpu_ms": self.redis_us.map(|us| us / 1000),
+            "redis_us_per_reply": per(self.redis_us, replies),
+            "redis_us_per_token": per(self.redis_us, tokens),
+            "redis_cores_busy": cores(self.redis_us),
             "hub_cpu_ms": self.hub_us.map(|us| us / 1000),
             "hub_us_per_reply": per(self.hub_us, replies),
             "hub_us_per_token": per(self.hub_us, tokens),
@@ -764,6 +988,7 @@ async fn replies(
         "wall_s": round2(wall),
         "replies_per_s": round2(ok as f64 / wall),
         "tokens_per_s": round2(tokens as f64 / wall),
+        "setup": target.setup_json(),
         "tokens_per_reply": if ok > 0 { round2(tokens as f64 / ok as f64) } else { 0.0 },
         "latency_ms": percentiles_ms(&latency),
         "first_delta_ms": percentiles_ms(&ttfd),
@@ -790,8 +1015,10 @@ async fn idle(
     );
     // Let the freshly started hub settle before the baseline.
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let rss_before = target.hub_pid.and_then(|p| status_kib(p, "VmRSS:"));
-    let fds_before = target.hub_pid.and_then(open_fds);
+    let rss = |t: &Target| t.hub_sum(|p| status_kib(p, "VmRSS:"));
+    let fds = |t: &Target| t.hub_sum(|p| open_fds(p).map(|n| n as u64));
+    let rss_before = rss(target);
+    let fds_before = fds(target);
     let cpu_before = CpuSnapshot::take(target);
     let prefix = format!("idle-{}", run_id());
     let (opened, failures, connect_time) = open_many(target, common, sockets, 256, &prefix).await;
@@ -819,8 +1046,9 @@ async fn idle(
         }));
     }
     tokio::time::sleep(Duration::from_secs(hold_secs)).await;
-    let rss_open = target.hub_pid.and_then(|p| status_kib(p, "VmRSS:"));
-    let fds_open = target.hub_pid.and_then(open_fds);
+    let rss_open = rss(target);
+    let fds_open = fds(target);
+    let redis_rss = target.redis_pid.and_then(|p| status_kib(p, "VmRSS:"));
     let self_rss = status_kib(std::process::id(), "VmRSS:");
     let hold_cpu = CpuSnapshot::take(target);
     stop.cancel();
@@ -828,8 +1056,8 @@ async fn idle(
         let _ = holder.await;
     }
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let rss_closed = target.hub_pid.and_then(|p| status_kib(p, "VmRSS:"));
-    let fds_closed = target.hub_pid.and_then(open_fds);
+    let rss_closed = rss(target);
+    let fds_closed = fds(target);
 
     let dropped = dropped.load(Ordering::Relaxed);
     let per_socket = match (rss_before, rss_open) {
@@ -855,6 +1083,8 @@ async fn idle(
         "hub_open_fds": { "before": fds_before, "all_open": fds_open, "after_close": fds_closed },
         "hub_kib_per_idle_socket": per_socket,
         "loadgen_rss_kib": self_rss,
+        "redis_rss_kib_all_open": redis_rss,
+        "setup": target.setup_json(),
     });
     Ok((report, clean))
 }
@@ -981,6 +1211,7 @@ async fn burst(
         "ok": total_ok,
         "failures": failures.json(),
         "cpu": whole.json(total_ok, 0),
+        "setup": target.setup_json(),
     });
     Ok((report, clean))
 }
@@ -995,6 +1226,27 @@ fn print_text(r: &Value) {
             format!("p50 {} / p95 {} / p99 {} / max {} ms", v["p50"], v["p95"], v["p99"], v["max"])
         }
     };
+    let setup = &r["setup"];
+    if !setup.is_null() {
+        println!("setup: {} hub node(s), {} backend", setup["nodes"], setup["backend"].as_str().unwrap_or("?"));
+    }
+    // Per-node hub CPU and redis-server CPU, when there is more than one node or a Redis.
+    let cluster_cpu = |c: &Value| {
+        let nodes = c["hub_nodes"].as_array().cloned().unwrap_or_default();
+        if nodes.len() > 1 {
+            let each: Vec<String> = nodes
+                .iter()
+                .map(|n| format!("node {}: {} ms ({} cores)", n["node"], n["cpu_ms"], n["cores_busy"]))
+                .collect();
+            println!("  hub CPU by node: {}", each.join(", "));
+        }
+        if !c["redis_cpu_ms"].is_null() {
+            println!(
+                "  redis CPU  {} µs/reply  {} µs/token  ({} cores busy, {} ms)",
+                c["redis_us_per_reply"], c["redis_us_per_token"], c["redis_cores_busy"], c["redis_cpu_ms"]
+            );
+        }
+    };
     match r["scenario"].as_str() {
         Some("replies") => {
             println!(
@@ -1006,17 +1258,18 @@ fn print_text(r: &Value) {
                 r["replies_ok"], r["replies_expected"], r["failures"]["total"], r["wall_s"]
             );
             println!(
-                "  {} replies/s   {} tokens/s   {} tokens/reply",
+                "  {} replies/s   {} deltas/s   {} deltas/reply",
                 r["replies_per_s"], r["tokens_per_s"], r["tokens_per_reply"]
             );
             println!("  send→reply.done  {}", ms(&r["latency_ms"]));
-            println!("  send→1st delta   {}", ms(&r["first_delta_ms"]));
+            println!("  send→1st delta   {}  (time to first token)", ms(&r["first_delta_ms"]));
             println!("  send→ack         {}", ms(&r["ack_ms"]));
             let c = &r["cpu"];
             println!(
-                "  hub CPU    {} µs/reply  {} µs/token  ({} cores busy)",
+                "  hub CPU    {} µs/reply  {} µs/token  ({} cores busy, all nodes)",
                 c["hub_us_per_reply"], c["hub_us_per_token"], c["hub_cores_busy"]
             );
+            cluster_cpu(c);
             println!(
                 "  bridge CPU {} µs/reply  {} µs/token  ({} cores busy)",
                 c["bridge_us_per_reply"], c["bridge_us_per_token"], c["bridge_cores_busy"]
@@ -1048,6 +1301,9 @@ fn print_text(r: &Value) {
                 r["hub_us_per_connect"], r["hub_cpu_ms_while_idle"], r["hold_s"]
             );
             println!("  loadgen VmRSS {} KiB", r["loadgen_rss_kib"]);
+            if !r["redis_rss_kib_all_open"].is_null() {
+                println!("  redis-server VmRSS with all open {} KiB", r["redis_rss_kib_all_open"]);
+            }
         }
         Some("burst") => {
             println!("burst: pool of {} connections (connected in {} s)", r["pool_connections"], r["connect_s"]);
@@ -1068,6 +1324,7 @@ fn print_text(r: &Value) {
                 }
             }
             println!("  hub CPU {} µs/reply over the run", r["cpu"]["hub_us_per_reply"]);
+            cluster_cpu(&r["cpu"]);
         }
         _ => println!("{}", serde_json::to_string_pretty(r).unwrap_or_default()),
     }

@@ -152,6 +152,8 @@ impl RedisBackend {
             command_timeout,
         });
         shared.subscriber.clone().subscribe(&shared.heartbeat_channel).await?;
+        // Subscribed: routing works from the first socket on (`/readyz` green).
+        shared.receiving.store(true, Ordering::Release);
         tracker.spawn(run_dispatcher(shared.clone(), push_rx, shutdown.clone()));
         tracker.spawn(run_publisher(shared.commands.clone(), publish_rx, shutdown));
         info!(node_id = %shared.node_id, prefix = %config.key_prefix, "connected to Redis");

@@ -107,3 +107,26 @@ async fn the_hub_answers_through_an_external_fengda_nlp_process() {
     let (_, follow_up) = client.ask("m2", "And how much does it cost?").await;
     assert!(follow_up.text().contains("Gold Card"), "context crosses the process boundary: {}", follow_up.text());
 }
+
+#[tokio::test]
+async fn a_reply_outlives_the_asking_socket_while_another_socket_listens() {
+    let answerer =
+        RecordingAnswerer::start(Script { tokens: 30, token_delay: Duration::from_millis(10), ..Script::default() })
+            .await;
+    let hub = Hub::start(&["--nlp-url", &answerer.url]).await;
+    let mut phone = Client::connect(&hub.ws_url("tenant=demo&user=two-devices")).await;
+    let conversation = phone.conversation();
+    let mut laptop =
+        Client::connect(&hub.ws_url(&format!("tenant=demo&user=two-devices&conversation={conversation}"))).await;
+    phone.send_message("m1", "Tell me a story").await;
+    phone.expect("ack").await;
+    phone.expect("reply.delta").await;
+    drop(phone);
+
+    // The laptop still gets the whole reply, and it is stored.
+    assert_eq!(laptop.expect("message").await["id"], "m1");
+    let reply = laptop.read_reply().await;
+    assert_eq!(reply.deltas.len(), 30);
+    assert_eq!(reply.done["seq"], 2);
+    assert_eq!(answerer.cancelled(), 0, "the answer was not cancelled while someone listened");
+}

@@ -126,6 +126,10 @@ impl Backend for MemoryBackend {
         self.router.leave(key, session);
     }
 
+    async fn has_listeners(&self, key: &ConversationKey) -> bool {
+        self.router.local_sessions(key) > 0
+    }
+
     async fn touch(&self, user: &UserId, key: &ConversationKey) {
         if let Some(mut latest) = self.latest.get_mut(&(key.tenant.clone(), user.clone()))
             && latest.conversation == key.conversation

@@ -132,6 +132,10 @@ pub trait Backend: Send + Sync + 'static {
     /// Durable events with a seq greater than `after`, in order (for filling gaps).
     async fn events_after(&self, key: &ConversationKey, after: u64) -> Result<Vec<Arc<StoredEvent>>, BackendError>;
 
+    /// Whether any socket of the conversation is open, on any node (a reply
+    /// keeps streaming while someone listens). Errs on the side of true.
+    async fn has_listeners(&self, key: &ConversationKey) -> bool;
+
     /// Whether this node currently receives live events (false while a
     /// clustered backend's subscription is down). Drives `/readyz`.
     fn is_receiving(&self) -> bool {

@@ -109,6 +109,13 @@ pub async fn run(mut socket: WebSocket, params: SessionParams, app: Arc<AppState
 }
 
 /// Answers this session's questions one at a time, in the order asked.
+///
+/// A reply belongs to the conversation, not to the socket that asked: when
+/// that socket goes, the reply (and any question still queued) goes on as
+/// long as some socket of the conversation is open on any node, so the
+/// customer's other device, or the same customer reconnecting, gets it. Once
+/// no socket is left, the NLP stream is dropped, which cancels the call
+/// upstream. Hub shutdown cancels at once.
 async fn run_replier(
     app: Arc<AppState>,
     key: ConversationKey,
@@ -116,18 +123,34 @@ async fn run_replier(
     closer: SessionCloser,
 ) {
     loop {
+        // The channel closes when the session's reader ends; what was queued is still answered.
         let question = tokio::select! {
-            _ = closer.token().cancelled() => return,
+            _ = app.shutdown.cancelled() => return,
             question = questions.recv() => match question {
                 Some(question) => question,
                 None => return,
             },
         };
         tokio::select! {
-            // Dropping the answer future drops the gRPC stream: the call is cancelled upstream.
-            _ = closer.token().cancelled() => return,
+            _ = app.shutdown.cancelled() => return,
+            () = everyone_left(&app, &key, &closer) => {
+                debug!("no socket of the conversation is left; reply cancelled");
+                return;
+            }
             () = app.replier.answer(&key, question) => {}
         }
+    }
+}
+
+/// How often a reply whose asking socket is gone checks for listeners.
+const LISTENER_CHECK: std::time::Duration = std::time::Duration::from_millis(250);
+
+/// Resolves once the asking session has ended and no socket of the
+/// conversation is open anywhere.
+async fn everyone_left(app: &AppState, key: &ConversationKey, closer: &SessionCloser) {
+    closer.token().cancelled().await;
+    while app.backend.has_listeners(key).await {
+        tokio::time::sleep(LISTENER_CHECK).await;
     }
 }
 

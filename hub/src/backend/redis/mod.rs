@@ -486,6 +486,21 @@ impl Backend for RedisBackend {
         }
     }
 
+    async fn has_listeners(&self, key: &ConversationKey) -> bool {
+        let shared = &self.shared;
+        if shared.router.local_sessions(key) > 0 {
+            return true;
+        }
+        // This node unsubscribes after its last socket; any subscriber left is another node's.
+        let mut con = shared.commands.clone();
+        let mut numsub = redis::cmd("PUBSUB");
+        numsub.arg("NUMSUB").arg(shared.keys.channel(key));
+        match shared.call(numsub.query_async::<(String, u64)>(&mut con)).await {
+            Ok((_, subscribers)) => subscribers > 0,
+            Err(_) => true,
+        }
+    }
+
     async fn touch(&self, user: &UserId, key: &ConversationKey) {
         if let Err(error) = self.shared.refresh(user, key).await {
             debug!(%error, "could not record activity");

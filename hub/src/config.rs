@@ -112,19 +112,74 @@ pub struct ConversationConfig {
     pub idle_window_ms: u64,
 }
 
-/// The gRPC NLP service.
+/// The gRPC NLP service: endpoints, deadlines, retries, breaker, admission.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct NlpConfig {
     /// URL of an external `fengda-nlp` (e.g. `http://10.0.0.5:50051`). Unset
-    /// (the default) starts the built-in answerer inside the hub.
+    /// with `urls` empty (the default) starts the built-in answerer inside the hub.
     pub url: Option<String>,
-    /// Deadline for the first chunk of an answer; past it the customer gets
-    /// the polite fallback reply. Default 1500 ms.
+    /// More bridge endpoints; calls go to the healthy one with the fewest
+    /// calls in flight, skipping those whose breaker is open. Default empty.
+    pub urls: Vec<String>,
+    /// Deadline for the first chunk of an answer, covering queueing and every
+    /// retry; past it the customer gets the polite fallback. Default 1500 ms.
     pub first_chunk_timeout_ms: u64,
+    /// Longest wait between two chunks once streaming. Default 5000 ms.
+    pub token_gap_timeout_ms: u64,
     /// Deadline for a whole answer, sent to the service as `grpc-timeout`.
     /// Default 30000 ms.
     pub reply_timeout_ms: u64,
+    /// Attempts per question before the first token (1 = no retry). Default 3.
+    pub retry_max_attempts: u32,
+    /// First retry backoff; doubles per attempt, with full jitter. Default 50 ms.
+    pub retry_initial_backoff_ms: u64,
+    /// Largest retry backoff. Default 400 ms.
+    pub retry_max_backoff_ms: u64,
+    /// Failures in a row that open an endpoint's breaker. Default 5.
+    pub breaker_consecutive_failures: u32,
+    /// Share of failed calls in the window that opens the breaker. Default 0.5.
+    pub breaker_failure_rate: f64,
+    /// Calls in the failure-rate window. Default 20.
+    pub breaker_window: usize,
+    /// How long an open breaker refuses calls before probing. Default 30000 ms.
+    pub breaker_open_ms: u64,
+    /// Probe calls let through while half-open. Default 1.
+    pub breaker_half_open_probes: u32,
+    /// NLP calls in flight per node. Default 512.
+    pub max_concurrent: usize,
+    /// Questions waiting for a slot (within the first-chunk deadline); more
+    /// get the fallback at once. Default 1024.
+    pub max_queued: usize,
+    /// The polite fallback reply, by language. Defaults: English and Chinese.
+    pub fallback: FallbackText,
+    /// Per-tenant fallback texts, by tenant id. Default none.
+    pub tenant_fallback: std::collections::HashMap<String, FallbackText>,
+}
+
+/// A fallback reply in each supported language.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct FallbackText {
+    pub en: String,
+    pub zh: String,
+}
+
+impl Default for FallbackText {
+    fn default() -> Self {
+        Self {
+            en: "Sorry, the system is busy right now. Please try again in a moment, or type 'agent' to reach a person."
+                .into(),
+            zh: "抱歉，系统繁忙，请稍后再试，或输入“人工”联系客服。".into(),
+        }
+    }
+}
+
+impl NlpConfig {
+    /// The configured bridge endpoints (empty: use the built-in answerer).
+    pub fn endpoints(&self) -> Vec<String> {
+        self.url.iter().chain(self.urls.iter()).filter(|u| !u.is_empty()).cloned().collect()
+    }
 }
 
 impl Default for Config {
@@ -164,7 +219,25 @@ impl Default for ConversationConfig {
 
 impl Default for NlpConfig {
     fn default() -> Self {
-        Self { url: None, first_chunk_timeout_ms: 1500, reply_timeout_ms: 30_000 }
+        Self {
+            url: None,
+            urls: Vec::new(),
+            first_chunk_timeout_ms: 1500,
+            token_gap_timeout_ms: 5000,
+            reply_timeout_ms: 30_000,
+            retry_max_attempts: 3,
+            retry_initial_backoff_ms: 50,
+            retry_max_backoff_ms: 400,
+            breaker_consecutive_failures: 5,
+            breaker_failure_rate: 0.5,
+            breaker_window: 20,
+            breaker_open_ms: 30_000,
+            breaker_half_open_probes: 1,
+            max_concurrent: 512,
+            max_queued: 1024,
+            fallback: FallbackText::default(),
+            tenant_fallback: Default::default(),
+        }
     }
 }
 
@@ -230,10 +303,18 @@ impl Config {
             return invalid("nlp.reply_timeout_ms", "must be at least first_chunk_timeout_ms, which must be non-zero");
         }
         self.answerer.validate().map_err(ConfigError::Answerer)?;
-        if let Some(url) = &self.nlp.url
-            && !(url.starts_with("http://") || url.starts_with("https://"))
-        {
-            return invalid("nlp.url", "must start with http:// or https://");
+        let nlp = &self.nlp;
+        if nlp.endpoints().iter().any(|url| !(url.starts_with("http://") || url.starts_with("https://"))) {
+            return invalid("nlp.url", "every NLP URL must start with http:// or https://");
+        }
+        if nlp.token_gap_timeout_ms == 0 || nlp.retry_max_attempts == 0 || nlp.max_concurrent == 0 {
+            return invalid("nlp", "token_gap_timeout_ms, retry_max_attempts and max_concurrent must be non-zero");
+        }
+        if nlp.breaker_consecutive_failures == 0 || nlp.breaker_window == 0 || nlp.breaker_half_open_probes == 0 {
+            return invalid("nlp.breaker_*", "counts must be non-zero");
+        }
+        if !(nlp.breaker_failure_rate > 0.0 && nlp.breaker_failure_rate <= 1.0) {
+            return invalid("nlp.breaker_failure_rate", "must be in (0, 1]");
         }
         Ok(())
     }
@@ -268,9 +349,27 @@ pub struct ServeArgs {
     /// Idle time after which a returning user starts a new conversation, ms [default: 1800000] (key `conversation.idle_window_ms`).
     #[arg(long, env = "FENGDA_IDLE_WINDOW_MS")]
     pub idle_window_ms: Option<u64>,
-    /// External NLP service URL; unset runs the built-in answerer in-process (key `nlp.url`).
-    #[arg(long, env = "FENGDA_NLP_URL")]
-    pub nlp_url: Option<String>,
+    /// External NLP service URL(s), comma-separated; unset runs the built-in answerer in-process (keys `nlp.url`, `nlp.urls`).
+    #[arg(long, env = "FENGDA_NLP_URL", value_delimiter = ',')]
+    pub nlp_url: Option<Vec<String>>,
+    /// Longest gap between tokens in ms [default: 5000] (key `nlp.token_gap_timeout_ms`).
+    #[arg(long, env = "FENGDA_NLP_TOKEN_GAP_TIMEOUT_MS")]
+    pub nlp_token_gap_timeout_ms: Option<u64>,
+    /// Attempts before the first token [default: 3] (key `nlp.retry_max_attempts`).
+    #[arg(long, env = "FENGDA_NLP_RETRY_MAX_ATTEMPTS")]
+    pub nlp_retry_max_attempts: Option<u32>,
+    /// Failures in a row that open a breaker [default: 5] (key `nlp.breaker_consecutive_failures`).
+    #[arg(long, env = "FENGDA_NLP_BREAKER_CONSECUTIVE_FAILURES")]
+    pub nlp_breaker_consecutive_failures: Option<u32>,
+    /// How long an open breaker refuses calls, ms [default: 30000] (key `nlp.breaker_open_ms`).
+    #[arg(long, env = "FENGDA_NLP_BREAKER_OPEN_MS")]
+    pub nlp_breaker_open_ms: Option<u64>,
+    /// NLP calls in flight per node [default: 512] (key `nlp.max_concurrent`).
+    #[arg(long, env = "FENGDA_NLP_MAX_CONCURRENT")]
+    pub nlp_max_concurrent: Option<usize>,
+    /// Questions waiting for an NLP slot [default: 1024] (key `nlp.max_queued`).
+    #[arg(long, env = "FENGDA_NLP_MAX_QUEUED")]
+    pub nlp_max_queued: Option<usize>,
     /// First-chunk deadline in ms [default: 1500] (key `nlp.first_chunk_timeout_ms`).
     #[arg(long, env = "FENGDA_NLP_FIRST_CHUNK_TIMEOUT_MS")]
     pub nlp_first_chunk_timeout_ms: Option<u64>,
@@ -333,9 +432,16 @@ impl ServeArgs {
         set(&mut config.redis.key_prefix, self.redis_key_prefix);
         set(&mut config.redis.retention_secs, self.redis_retention_secs);
         set(&mut config.conversation.idle_window_ms, self.idle_window_ms);
-        if self.nlp_url.is_some() {
-            config.nlp.url = self.nlp_url.filter(|url| !url.is_empty());
+        if let Some(urls) = self.nlp_url {
+            config.nlp.url = None;
+            config.nlp.urls = urls.into_iter().filter(|url| !url.is_empty()).collect();
         }
+        set(&mut config.nlp.token_gap_timeout_ms, self.nlp_token_gap_timeout_ms);
+        set(&mut config.nlp.retry_max_attempts, self.nlp_retry_max_attempts);
+        set(&mut config.nlp.breaker_consecutive_failures, self.nlp_breaker_consecutive_failures);
+        set(&mut config.nlp.breaker_open_ms, self.nlp_breaker_open_ms);
+        set(&mut config.nlp.max_concurrent, self.nlp_max_concurrent);
+        set(&mut config.nlp.max_queued, self.nlp_max_queued);
         set(&mut config.nlp.first_chunk_timeout_ms, self.nlp_first_chunk_timeout_ms);
         set(&mut config.nlp.reply_timeout_ms, self.nlp_reply_timeout_ms);
         set(&mut config.conversation.history_turns, self.history_turns);

@@ -10,7 +10,7 @@
 //! - [`router`]: this node's sockets by conversation; encode once, fan out.
 //! - [`backend`]: the conversation store seam (logs, seqs, delivery): in memory, or Redis for clusters.
 //! - [`reply`]: one question's answer: history, NLP stream, deltas, stored reply.
-//! - [`nlp`]: the gRPC client of the NLP service.
+//! - [`nlp`]: the NLP endpoints: gRPC clients, breakers, retries, admission.
 //!
 //! [`App::build`] binds the listener (and, without `nlp.url`, starts the
 //! built-in answerer in-process behind its real gRPC interface);
@@ -43,7 +43,7 @@ pub use config::Config;
 
 use backend::{Backend, BackendError, MemoryBackend, RedisBackend};
 use config::BackendKind;
-use nlp::NlpClient;
+use nlp::NlpPool;
 use reply::Replier;
 use router::Router;
 
@@ -58,6 +58,8 @@ pub struct AppState {
     pub shutdown: CancellationToken,
     /// False once shutdown begins: `/readyz` turns red and upgrades are refused.
     pub accepting: AtomicBool,
+    /// Renders `/metrics` (Prometheus text format).
+    pub metrics: Option<metrics_exporter_prometheus::PrometheusHandle>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -90,9 +92,9 @@ struct EmbeddedAnswerer {
 
 impl App {
     pub async fn build(config: Config) -> Result<Self, StartError> {
-        let (nlp_url, embedded_answerer) = match &config.nlp.url {
-            Some(url) => (url.clone(), None),
-            None => {
+        let (nlp_urls, embedded_answerer) = match config.nlp.endpoints() {
+            urls if !urls.is_empty() => (urls, None),
+            _ => {
                 let addr = SocketAddr::from(([127, 0, 0, 1], 0));
                 let listener = TcpListener::bind(addr).await.map_err(|source| StartError::Bind { addr, source })?;
                 let url = format!("http://{}", listener.local_addr().map_err(StartError::Serve)?);
@@ -100,10 +102,10 @@ impl App {
                 let stop = CancellationToken::new();
                 let task = tokio::spawn(fengda_nlp::serve(listener, service, stop.clone()));
                 info!(%url, "built-in answerer started in-process");
-                (url, Some(EmbeddedAnswerer { stop, task }))
+                (vec![url], Some(EmbeddedAnswerer { stop, task }))
             }
         };
-        let nlp = NlpClient::connect_lazy(&nlp_url, &config.nlp)?;
+        let nlp = Arc::new(NlpPool::new(&nlp_urls, &config.nlp)?);
         let router = Arc::new(Router::default());
         let tracker = TaskTracker::new();
         let shutdown = CancellationToken::new();
@@ -117,11 +119,14 @@ impl App {
                 RedisBackend::connect(&config.redis, &config.conversation, router, &tracker, shutdown.clone()).await?,
             ),
         };
-        let replier = Replier {
-            backend: backend.clone(),
-            nlp,
-            history_turns: config.conversation.history_turns,
-            first_chunk_timeout: Duration::from_millis(config.nlp.first_chunk_timeout_ms),
+        let replier = Replier::new(backend.clone(), nlp.clone(), config.conversation.history_turns, &config.nlp);
+        tracker.spawn(nlp::run_health_checks(nlp, shutdown.clone()));
+        let metrics = match metrics_exporter_prometheus::PrometheusBuilder::new().install_recorder() {
+            Ok(handle) => Some(handle),
+            Err(error) => {
+                warn!(%error, "metrics recorder not installed; /metrics will be empty");
+                None
+            }
         };
         let listener = TcpListener::bind(config.listen)
             .await
@@ -133,6 +138,7 @@ impl App {
             replier,
             tracker,
             shutdown,
+            metrics,
             accepting: AtomicBool::new(true),
         });
         Ok(Self { listener, local_addr, state, embedded_answerer })

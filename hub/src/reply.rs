@@ -3,23 +3,27 @@
 //! The reply streams to every socket of the conversation as `reply.delta`
 //! frames (index 0, 1, 2, …) as chunks arrive, then is stored as one durable
 //! assistant event, which the router delivers as `reply.done`. The
-//! concatenated delta texts always equal the stored text, fallback included.
+//! concatenated delta texts always equal the stored text, whatever happens:
+//! - the NLP call cannot start (overload, every breaker open, no first token
+//!   within the deadline after retries): the polite fallback, `fallback: true`;
+//! - the stream breaks after some tokens (error, token gap): the partial
+//!   text plus the fallback sentence, `fallback: true, interrupted: true`;
+//! - a client sends `cancel`: the partial text, `cancelled: true`.
 //!
-//! If the NLP service fails or misses its first-chunk deadline, the customer
-//! gets a polite fallback (`fallback: true`) instead of silence. If the
-//! asking session ends, the stream is dropped at once, which cancels the
-//! call upstream so the answerer stops generating.
+//! Dropping [`Replier::answer`] drops the gRPC stream, which cancels the
+//! call upstream; nothing is stored then.
 
 use std::sync::Arc;
-use std::time::Duration;
 
+use dashmap::DashMap;
 use fengda_proto::nlp::v1::{AnswerRequest, Role as WireRole, Turn};
-use futures::StreamExt;
+use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
 use crate::backend::{Appended, Backend, NewEvent, StoredEvent};
+use crate::config::FallbackText;
 use crate::ids::{ConversationKey, generate_reply_id};
-use crate::nlp::{NlpClient, NlpError};
+use crate::nlp::{NlpPool, StreamError};
 use crate::protocol::{Role, ServerFrame};
 
 /// A stored customer message waiting for its answer.
@@ -30,34 +34,57 @@ pub struct Question {
 }
 
 /// What the replier needs, shared by all sessions of the node.
-#[derive(Clone)]
 pub struct Replier {
     pub backend: Arc<dyn Backend>,
-    pub nlp: NlpClient,
+    pub nlp: Arc<NlpPool>,
     pub history_turns: usize,
-    pub first_chunk_timeout: Duration,
+    pub fallback: FallbackText,
+    pub tenant_fallback: std::collections::HashMap<String, FallbackText>,
+    /// Replies streaming on this node, by reply id, for `cancel`.
+    in_flight: DashMap<String, (ConversationKey, CancellationToken)>,
 }
 
-const FALLBACK_EN: &str =
-    "Sorry, I can't answer right now. Please try again in a moment, or type 'agent' to reach a person.";
-const FALLBACK_ZH: &str = "抱歉，我暂时无法回答。请稍后再试，或输入“人工”联系客服。";
-
-/// Why the NLP stream did not complete.
-#[derive(Debug, thiserror::Error)]
-enum StreamFailure {
-    #[error("no first chunk within the deadline")]
-    FirstChunkTimeout,
-    #[error(transparent)]
-    Nlp(#[from] NlpError),
-    #[error("stream ended without a finish chunk")]
-    Truncated,
+/// How a reply ended, for the stored event's flags.
+#[derive(Debug, Default)]
+struct Ending {
+    fallback: bool,
+    interrupted: bool,
+    cancelled: bool,
 }
 
 impl Replier {
+    pub fn new(
+        backend: Arc<dyn Backend>,
+        nlp: Arc<NlpPool>,
+        history_turns: usize,
+        config: &crate::config::NlpConfig,
+    ) -> Self {
+        Self {
+            backend,
+            nlp,
+            history_turns,
+            fallback: config.fallback.clone(),
+            tenant_fallback: config.tenant_fallback.clone(),
+            in_flight: DashMap::new(),
+        }
+    }
+
+    /// Cancels a reply streaming on this node, if it belongs to `key`.
+    pub fn cancel(&self, key: &ConversationKey, reply_id: &str) {
+        if let Some(entry) = self.in_flight.get(reply_id)
+            && entry.0 == *key
+        {
+            entry.1.cancel();
+        }
+    }
+
     /// Streams and stores the answer to `question`. Cancel-safe: dropping the
     /// future stops the NLP call and stores nothing.
     pub async fn answer(&self, key: &ConversationKey, question: Question) {
         let reply_id = generate_reply_id();
+        let cancel = CancellationToken::new();
+        self.in_flight.insert(reply_id.clone(), (key.clone(), cancel.clone()));
+        let _unregister = InFlight { map: &self.in_flight, reply_id: &reply_id };
         let history = match self.backend.recent_turns(key, self.history_turns + 1).await {
             Ok(turns) => history_before(&turns, question.seq, self.history_turns),
             Err(error) => {
@@ -74,52 +101,82 @@ impl Replier {
         };
         let mut reply =
             ReplyStream { backend: &*self.backend, key, reply_id: &reply_id, text: String::new(), index: 0 };
-        let fallback = match self.stream(request, &mut reply).await {
-            Ok(()) => false,
-            Err(failure) => {
-                warn!(error = %failure, tokens = reply.index, "NLP answer failed; sending fallback");
-                let polite = if mostly_cjk(&question.text) { FALLBACK_ZH } else { FALLBACK_EN };
-                let separator = if reply.text.is_empty() { "" } else { "\n\n" };
-                reply.push(&format!("{separator}{polite}"));
-                true
-            }
-        };
+        let ending = self.stream(&request, &mut reply, &cancel).await;
+        if ending.fallback {
+            let texts = self.tenant_fallback.get(key.tenant.as_str()).unwrap_or(&self.fallback);
+            let polite = if mostly_cjk(&question.text) { &texts.zh } else { &texts.en };
+            let separator = if reply.text.is_empty() { "" } else { "\n\n" };
+            reply.push(&format!("{separator}{polite}"));
+        }
         // The deltas must reach every node before the reply.done does.
         self.backend.flush_ephemeral().await;
-        let event = NewEvent { from: Role::Assistant, id: reply_id.clone(), text: reply.text, fallback };
+        let event = NewEvent {
+            from: Role::Assistant,
+            id: reply_id.clone(),
+            text: reply.text,
+            fallback: ending.fallback,
+            interrupted: ending.interrupted,
+            cancelled: ending.cancelled,
+        };
         match self.backend.append(key, event, None).await {
-            Ok(Appended::New(seq)) => debug!(seq, fallback, "reply stored"),
+            Ok(Appended::New(seq)) => debug!(seq, ?ending, "reply stored"),
             Ok(Appended::Duplicate(_)) => {}
             Err(error) => warn!(%error, "reply streamed but could not be stored"),
         }
     }
 
-    async fn stream(&self, request: AnswerRequest, reply: &mut ReplyStream<'_>) -> Result<(), StreamFailure> {
-        let first = async {
-            let mut stream = self.nlp.answer(request).await?;
-            let first = stream.message().await.map_err(NlpError::from)?;
-            Ok::<_, StreamFailure>((stream, first))
+    async fn stream(&self, request: &AnswerRequest, reply: &mut ReplyStream<'_>, cancel: &CancellationToken) -> Ending {
+        let mut call = tokio::select! {
+            _ = cancel.cancelled() => return Ending { cancelled: true, ..Ending::default() },
+            started = self.nlp.start(request) => match started {
+                Ok(call) => call,
+                Err(error) => {
+                    warn!(%error, "no NLP answer; sending the fallback");
+                    metrics::counter!("fengda_hub_nlp_fallbacks_total", "reason" => error.reason()).increment(1);
+                    return Ending { fallback: true, ..Ending::default() };
+                }
+            },
         };
-        let (mut stream, mut next) = tokio::time::timeout(self.first_chunk_timeout, first)
-            .await
-            .map_err(|_| StreamFailure::FirstChunkTimeout)??;
         loop {
-            let Some(chunk) = next else { return Err(StreamFailure::Truncated) };
-            if !chunk.text.is_empty() {
-                reply.push(&chunk.text);
-            }
-            if chunk.finish != 0 {
-                // Read the stream to its end so the HTTP/2 stream closes
-                // cleanly; dropping it here would reset it, and a server
-                // answers too many resets with GOAWAY.
-                while let Ok(Some(_)) = stream.message().await {}
-                return Ok(());
-            }
-            next = match stream.next().await {
-                Some(item) => Some(item.map_err(NlpError::from)?),
-                None => None,
+            let next = tokio::select! {
+                _ = cancel.cancelled() => {
+                    // Dropping the stream resets it: that is how the bridge learns to stop.
+                    drop(call);
+                    return Ending { cancelled: true, ..Ending::default() };
+                }
+                next = call.next() => next,
             };
+            let failure = match next {
+                Ok(Some(chunk)) => {
+                    if !chunk.text.is_empty() {
+                        reply.push(&chunk.text);
+                    }
+                    if chunk.finish != 0 {
+                        call.finish(true).await;
+                        return Ending::default();
+                    }
+                    continue;
+                }
+                Ok(None) => StreamError::Truncated,
+                Err(error) => error,
+            };
+            warn!(error = %failure, tokens = reply.index, "NLP stream broke; completing with the fallback");
+            metrics::counter!("fengda_hub_nlp_fallbacks_total", "reason" => "interrupted").increment(1);
+            call.finish(false).await;
+            return Ending { fallback: true, interrupted: reply.index > 0, cancelled: false };
         }
+    }
+}
+
+/// Removes a reply from the in-flight map however `answer` ends.
+struct InFlight<'a> {
+    map: &'a DashMap<String, (ConversationKey, CancellationToken)>,
+    reply_id: &'a str,
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.map.remove(self.reply_id);
     }
 }
 
@@ -182,7 +239,16 @@ mod tests {
     use super::*;
 
     fn event(seq: u64, from: Role) -> Arc<StoredEvent> {
-        Arc::new(StoredEvent { seq, from, id: seq.to_string(), text: format!("t{seq}"), fallback: false, at_ms: 0 })
+        Arc::new(StoredEvent {
+            seq,
+            from,
+            id: seq.to_string(),
+            text: format!("t{seq}"),
+            fallback: false,
+            interrupted: false,
+            cancelled: false,
+            at_ms: 0,
+        })
     }
 
     #[test]

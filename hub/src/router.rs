@@ -174,6 +174,8 @@ impl Router {
                     seq: event.seq,
                     text: &event.text,
                     fallback: event.fallback,
+                    interrupted: event.interrupted,
+                    cancelled: event.cancelled,
                 }
                 .encode(),
                 None,
@@ -207,7 +209,16 @@ mod tests {
     }
 
     fn customer_event(seq: u64) -> StoredEvent {
-        StoredEvent { seq, from: Role::Customer, id: format!("m{seq}"), text: "hi".into(), fallback: false, at_ms: 0 }
+        StoredEvent {
+            seq,
+            from: Role::Customer,
+            id: format!("m{seq}"),
+            text: "hi".into(),
+            fallback: false,
+            interrupted: false,
+            cancelled: false,
+            at_ms: 0,
+        }
     }
 
     #[test]

@@ -1,12 +1,15 @@
 //! Typed configuration for the bridge: [`BridgeConfig`] for the `fengda-nlp`
-//! binary and its [`AnswererConfig`] section, which the hub also builds in
-//! code when it embeds the bridge in-process.
+//! binary and its sections: [`AnswererConfig`] (the built-in answerer, which
+//! the hub also builds in code when it embeds the bridge in-process),
+//! [`BackendConfig`] (named backends, e.g. an [`OpenAiConfig`] LLM server),
+//! the tenant → backend routing and the bridge's own [`Limits`].
 //!
 //! Both deny unknown keys so that a typo in a TOML file fails at startup
 //! instead of silently falling back to a default. Every default is documented
 //! at its field. Precedence (CLI/env > file > defaults) is applied by the
 //! binary; this module only parses and validates.
 
+use std::collections::BTreeMap;
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -15,24 +18,53 @@ use serde::Deserialize;
 
 use crate::error::BridgeError;
 
+/// The name under which the `[answerer]` section is always available as a
+/// backend; it cannot be redefined under `[backends]`.
+pub const BUILTIN_BACKEND: &str = "builtin";
+
 /// The whole `fengda-nlp` configuration file.
 ///
 /// ```toml
 /// listen = "127.0.0.1:50051"
+/// default_backend = "llm"          # default "builtin" (the [answerer] section)
 ///
 /// [answerer]
 /// first_token_delay_ms = 150
 /// tokens_per_second = 25.0
 /// # knowledge_base = "nlp-bridge/data/faq.json"
+///
+/// [limits]
+/// max_concurrent_streams = 256
+///
+/// [backends.llm]
+/// kind = "openai"
+/// base_url = "http://127.0.0.1:11434/v1"
+/// model = "qwen2.5:7b-instruct"
+///
+/// [tenants]
+/// demo = "builtin"                 # tenant id -> backend name
 /// ```
+///
+/// See `nlp-bridge/fengda-nlp.example.toml` for every key.
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct BridgeConfig {
     /// Address the gRPC server binds. Default `127.0.0.1:50051`; port 0 picks
     /// a free port (the bound address is printed on stdout).
     pub listen: SocketAddr,
-    /// The built-in answerer. Default: see [`AnswererConfig`].
+    /// The built-in answerer, available as the backend named
+    /// [`BUILTIN_BACKEND`]. Default: see [`AnswererConfig`].
     pub answerer: AnswererConfig,
+    /// Backend for tenants not listed in `tenants`. Default `"builtin"`.
+    pub default_backend: String,
+    /// Named backends (`[backends.NAME]`, with `kind = "builtin" | "openai"`).
+    /// Default: none (only `builtin`).
+    pub backends: BTreeMap<String, BackendConfig>,
+    /// Tenant id → backend name. Default: empty (every tenant uses
+    /// `default_backend`).
+    pub tenants: BTreeMap<String, String>,
+    /// The bridge's own limits. Default: see [`Limits`].
+    pub limits: Limits,
 }
 
 impl Default for BridgeConfig {
@@ -40,6 +72,10 @@ impl Default for BridgeConfig {
         Self {
             listen: SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::LOCALHOST, 50051)),
             answerer: AnswererConfig::default(),
+            default_backend: BUILTIN_BACKEND.to_owned(),
+            backends: BTreeMap::new(),
+            tenants: BTreeMap::new(),
+            limits: Limits::default(),
         }
     }
 }
@@ -58,9 +94,201 @@ impl BridgeConfig {
         toml::from_str(text)
     }
 
-    /// Checks the invariants serde cannot express.
+    /// Checks the invariants serde cannot express: sane numbers, and every
+    /// backend name used by `default_backend` and `tenants` defined.
     pub fn validate(&self) -> Result<(), BridgeError> {
-        self.answerer.validate()
+        self.answerer.validate()?;
+        self.limits.validate()?;
+        if self.backends.contains_key(BUILTIN_BACKEND) {
+            return Err(BridgeError::InvalidConfig(format!(
+                "backends.{BUILTIN_BACKEND} is reserved for the [answerer] section; pick another name"
+            )));
+        }
+        for (name, backend) in &self.backends {
+            backend.validate().map_err(|reason| BridgeError::InvalidConfig(format!("backends.{name}: {reason}")))?;
+        }
+        let known = |name: &str| name == BUILTIN_BACKEND || self.backends.contains_key(name);
+        if !known(&self.default_backend) {
+            return Err(BridgeError::InvalidConfig(format!(
+                "default_backend = {:?} is not defined under [backends]",
+                self.default_backend
+            )));
+        }
+        for (tenant, name) in &self.tenants {
+            if !known(name) {
+                return Err(BridgeError::InvalidConfig(format!(
+                    "tenants.{tenant} = {name:?} is not defined under [backends]"
+                )));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The bridge's own limits, applied before any backend sees a request.
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Limits {
+    /// Answer streams in flight at once; one more is refused at once with
+    /// `RESOURCE_EXHAUSTED` (never queued). Default 256; must be >= 1.
+    pub max_concurrent_streams: usize,
+    /// Longest accepted question, in bytes; longer is `INVALID_ARGUMENT`.
+    /// Default 8192.
+    pub max_question_bytes: usize,
+    /// Longest accepted tenant or conversation id, in bytes; longer is
+    /// `INVALID_ARGUMENT`. Default 256.
+    pub max_id_bytes: usize,
+    /// Only the most recent history turns are passed on; older ones are
+    /// dropped. Default 32.
+    pub max_history_turns: usize,
+    /// Total bytes of history text passed on; the oldest turns are dropped
+    /// until the rest fits. Default 32768.
+    pub max_history_bytes: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_concurrent_streams: 256,
+            max_question_bytes: 8 * 1024,
+            max_id_bytes: 256,
+            max_history_turns: 32,
+            max_history_bytes: 32 * 1024,
+        }
+    }
+}
+
+impl Limits {
+    pub fn validate(&self) -> Result<(), BridgeError> {
+        if self.max_concurrent_streams == 0 || self.max_question_bytes == 0 || self.max_id_bytes == 0 {
+            return Err(BridgeError::InvalidConfig(
+                "limits.max_concurrent_streams, max_question_bytes and max_id_bytes must be >= 1".into(),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// One named backend under `[backends.NAME]`, selected by `kind`.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(tag = "kind", rename_all = "lowercase", deny_unknown_fields)]
+pub enum BackendConfig {
+    /// Another instance of the built-in FAQ answerer, with its own settings.
+    Builtin(AnswererConfig),
+    /// An OpenAI-compatible chat-completions server (vLLM, Ollama,
+    /// llama.cpp's server, a hosted API).
+    Openai(OpenAiConfig),
+}
+
+impl BackendConfig {
+    fn validate(&self) -> Result<(), String> {
+        match self {
+            BackendConfig::Builtin(answerer) => answerer.validate().map_err(|e| e.to_string()),
+            BackendConfig::Openai(openai) => openai.validate(),
+        }
+    }
+}
+
+/// Settings of an OpenAI-compatible chat-completions backend
+/// (`POST {base_url}/chat/completions` with `stream: true`).
+///
+/// The API key never appears in the file: `api_key_env` names the
+/// environment variable that holds it, read once at startup.
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct OpenAiConfig {
+    /// Base URL including the API version path, e.g.
+    /// `http://127.0.0.1:11434/v1` (Ollama), `http://127.0.0.1:8000/v1`
+    /// (vLLM, llama.cpp), `https://api.openai.com/v1`. Required.
+    pub base_url: String,
+    /// Model name sent as `model`. Required.
+    pub model: String,
+    /// Name of the environment variable holding the API key, sent as
+    /// `Authorization: Bearer KEY`. Default `None`: no Authorization header
+    /// (local servers). A named but unset variable fails startup.
+    #[serde(default)]
+    pub api_key_env: Option<String>,
+    /// System prompt for tenants not in `tenant_prompts`. Default `None`: no
+    /// system message.
+    #[serde(default)]
+    pub system_prompt: Option<String>,
+    /// Tenant id → system prompt, overriding `system_prompt`. Default empty.
+    #[serde(default)]
+    pub tenant_prompts: BTreeMap<String, String>,
+    /// `max_tokens` sent upstream. Default 512; must be >= 1.
+    #[serde(default = "OpenAiConfig::default_max_tokens")]
+    pub max_tokens: u32,
+    /// `temperature` sent upstream. Default `None`: the server's default.
+    #[serde(default)]
+    pub temperature: Option<f32>,
+    /// Deadline from sending the request to the first streamed text, in ms:
+    /// connect, queueing and prompt processing. Missing it is `UNAVAILABLE`
+    /// (nothing was sent, so the hub may retry). Default 30000.
+    #[serde(default = "OpenAiConfig::default_timeout_ms")]
+    pub timeout_ms: u64,
+    /// Longest silence between two streamed events once text flows, in ms.
+    /// Missing it is `ABORTED`. Default 30000.
+    #[serde(default = "OpenAiConfig::default_timeout_ms")]
+    pub idle_timeout_ms: u64,
+    /// TCP (and TLS) connect timeout, in ms. Default 5000.
+    #[serde(default = "OpenAiConfig::default_connect_timeout_ms")]
+    pub connect_timeout_ms: u64,
+}
+
+impl OpenAiConfig {
+    /// A configuration with every optional key at its default.
+    pub fn new(base_url: impl Into<String>, model: impl Into<String>) -> Self {
+        Self {
+            base_url: base_url.into(),
+            model: model.into(),
+            api_key_env: None,
+            system_prompt: None,
+            tenant_prompts: BTreeMap::new(),
+            max_tokens: Self::default_max_tokens(),
+            temperature: None,
+            timeout_ms: Self::default_timeout_ms(),
+            idle_timeout_ms: Self::default_timeout_ms(),
+            connect_timeout_ms: Self::default_connect_timeout_ms(),
+        }
+    }
+
+    fn default_max_tokens() -> u32 {
+        512
+    }
+
+    fn default_timeout_ms() -> u64 {
+        30_000
+    }
+
+    fn default_connect_timeout_ms() -> u64 {
+        5_000
+    }
+
+    /// The system prompt for `tenant`, if any.
+    pub fn system_prompt_for(&self, tenant: &str) -> Option<&str> {
+        self.tenant_prompts.get(tenant).or(self.system_prompt.as_ref()).map(String::as_str).filter(|p| !p.is_empty())
+    }
+
+    fn validate(&self) -> Result<(), String> {
+        let url = reqwest::Url::parse(&self.base_url).map_err(|e| format!("base_url {:?}: {e}", self.base_url))?;
+        if !matches!(url.scheme(), "http" | "https") {
+            return Err(format!("base_url {:?} must be http or https", self.base_url));
+        }
+        if self.model.trim().is_empty() {
+            return Err("model is empty".into());
+        }
+        if self.max_tokens == 0 || self.timeout_ms == 0 || self.idle_timeout_ms == 0 || self.connect_timeout_ms == 0 {
+            return Err("max_tokens, timeout_ms, idle_timeout_ms and connect_timeout_ms must be >= 1".into());
+        }
+        if self.temperature.is_some_and(|t| !t.is_finite() || t < 0.0) {
+            return Err("temperature must be a finite number >= 0".into());
+        }
+        Ok(())
+    }
+
+    /// The chat-completions endpoint.
+    pub fn endpoint(&self) -> String {
+        format!("{}/chat/completions", self.base_url.trim_end_matches('/'))
     }
 }
 
@@ -142,5 +370,60 @@ mod tests {
         assert!(BridgeConfig::from_toml("[answerer]\nspeed = 1").is_err());
         let bad = AnswererConfig { tokens_per_second: -1.0, ..AnswererConfig::default() };
         assert!(bad.validate().is_err());
+    }
+
+    #[test]
+    fn backends_and_tenants() {
+        let text = r#"
+            default_backend = "llm"
+            [limits]
+            max_concurrent_streams = 4
+            [backends.llm]
+            kind = "openai"
+            base_url = "http://127.0.0.1:11434/v1/"
+            model = "qwen"
+            api_key_env = "LLM_KEY"
+            system_prompt = "Be brief."
+            tenant_prompts = { bank = "You are a bank." }
+            [backends.faq]
+            kind = "builtin"
+            tokens_per_second = 0
+            [tenants]
+            demo = "faq"
+            shop = "builtin"
+        "#;
+        let config = BridgeConfig::from_toml(text).unwrap();
+        config.validate().unwrap();
+        assert_eq!(config.limits.max_concurrent_streams, 4);
+        assert_eq!(config.limits.max_question_bytes, 8192);
+        let BackendConfig::Openai(llm) = &config.backends["llm"] else { panic!() };
+        assert_eq!(llm.endpoint(), "http://127.0.0.1:11434/v1/chat/completions");
+        assert_eq!(llm.max_tokens, 512);
+        assert_eq!(llm.system_prompt_for("bank"), Some("You are a bank."));
+        assert_eq!(llm.system_prompt_for("shop"), Some("Be brief."));
+        let BackendConfig::Builtin(faq) = &config.backends["faq"] else { panic!() };
+        assert_eq!((faq.tokens_per_second, faq.first_token_delay_ms), (0.0, 150));
+    }
+
+    #[test]
+    fn bad_backends_are_rejected() {
+        let invalid = |text: &str| {
+            BridgeConfig::from_toml(text)
+                .map_err(|e| e.to_string())
+                .and_then(|c| c.validate().map_err(|e| e.to_string()))
+        };
+        assert!(invalid("[backends.x]\nkind = \"gpt\"").is_err());
+        assert!(invalid("[backends.x]\nkind = \"openai\"\nbase_url = \"http://h/v1\"").is_err(), "model missing");
+        assert!(invalid("[backends.x]\nkind = \"openai\"\nbase_url = \"h\"\nmodel = \"m\"").is_err());
+        assert!(
+            invalid("[backends.x]\nkind = \"openai\"\nbase_url = \"http://h\"\nmodel = \"m\"\napi_key = \"k\"")
+                .is_err()
+        );
+        assert!(invalid("[backends.x]\nkind = \"builtin\"\nspeed = 1").is_err());
+        assert!(invalid("[backends.builtin]\nkind = \"builtin\"").is_err());
+        assert!(invalid("default_backend = \"llm\"").is_err());
+        assert!(invalid("[tenants]\ndemo = \"llm\"").is_err());
+        assert!(invalid("[limits]\nmax_concurrent_streams = 0").is_err());
+        assert!(invalid("[backends.x]\nkind = \"openai\"\nbase_url = \"http://h\"\nmodel = \"m\"").is_ok());
     }
 }

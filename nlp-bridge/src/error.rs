@@ -50,10 +50,17 @@ pub enum BridgeError {
 
 /// A failure inside an answer stream. The service ends the call with the
 /// mapped [`Status`] and never polls the backend stream again.
+///
+/// The variants are chosen so the hub's retry policy can tell "nothing was
+/// sent, try again" ([`Unavailable`](Self::Unavailable), a 429 or 5xx
+/// [`UpstreamStatus`](Self::UpstreamStatus)) from "a partial answer already
+/// reached the customer" ([`Interrupted`](Self::Interrupted)) and from "this
+/// request will never work" (the other upstream statuses).
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum BackendError {
-    /// The backend (e.g. an upstream LLM server) cannot be reached right now.
+    /// The backend (e.g. an upstream LLM server) cannot be reached right now,
+    /// or failed before producing any text. Nothing was sent; retryable.
     #[error("backend unavailable")]
     Unavailable(#[source] BoxError),
     /// The backend did not answer in time.
@@ -62,18 +69,75 @@ pub enum BackendError {
     /// The backend refused this request (too long, policy, ...).
     #[error("backend rejected the request: {0}")]
     Rejected(String),
+    /// The upstream server answered with a non-success HTTP status before
+    /// any text; `detail` (the start of its body) is for the log only.
+    #[error("upstream answered HTTP {status}: {detail}")]
+    UpstreamStatus { status: u16, detail: String },
+    /// The answer broke off after some text was already streamed (connection
+    /// lost, idle timeout, no `[DONE]`/finish). Not transparently retryable.
+    #[error("answer interrupted mid-stream")]
+    Interrupted(#[source] BoxError),
     /// Anything else; a bug or an unexpected upstream response.
     #[error("backend failed")]
     Internal(#[source] BoxError),
 }
 
+/// The one mapping from backend failures to gRPC statuses:
+///
+/// | failure | status | retry? |
+/// | --- | --- | --- |
+/// | `Unavailable` (connect error, timeout or broken stream before any text), HTTP 408/502/503/504/5xx | `UNAVAILABLE` | yes |
+/// | HTTP 429 | `RESOURCE_EXHAUSTED` | yes, with backoff |
+/// | `Timeout` | `DEADLINE_EXCEEDED` | caller decides |
+/// | `Rejected`, HTTP 400/413/422 | `INVALID_ARGUMENT` | no |
+/// | HTTP 401 | `UNAUTHENTICATED` | no (bridge's API key) |
+/// | HTTP 403 | `PERMISSION_DENIED` | no |
+/// | HTTP 404 (unknown model or path) | `NOT_FOUND` | no |
+/// | `Interrupted` (after text was streamed) | `ABORTED` | no: a partial answer was sent |
+/// | `Internal`, other HTTP statuses | `INTERNAL` | no |
 impl From<BackendError> for Status {
     fn from(error: BackendError) -> Self {
         match error {
             BackendError::Unavailable(_) => Status::unavailable("answer backend unavailable"),
             BackendError::Timeout => Status::deadline_exceeded("answer backend timed out"),
             BackendError::Rejected(reason) => Status::invalid_argument(reason),
+            BackendError::UpstreamStatus { status, .. } => upstream_status(status),
+            BackendError::Interrupted(_) => Status::aborted("answer interrupted mid-stream"),
             BackendError::Internal(_) => Status::internal("answer backend failed"),
         }
+    }
+}
+
+fn upstream_status(status: u16) -> Status {
+    let message = format!("answer backend answered HTTP {status}");
+    match status {
+        429 => Status::resource_exhausted(message),
+        400 | 413 | 422 => Status::invalid_argument(message),
+        401 => Status::unauthenticated(message),
+        403 => Status::permission_denied(message),
+        404 => Status::not_found(message),
+        408 | 500..=599 => Status::unavailable(message),
+        _ => Status::internal(message),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tonic::Code;
+
+    #[test]
+    fn upstream_statuses_map_to_retryable_or_final_codes() {
+        let code = |status| Status::from(BackendError::UpstreamStatus { status, detail: String::new() }).code();
+        assert_eq!(code(429), Code::ResourceExhausted);
+        assert_eq!(code(500), Code::Unavailable);
+        assert_eq!(code(503), Code::Unavailable);
+        assert_eq!(code(400), Code::InvalidArgument);
+        assert_eq!(code(401), Code::Unauthenticated);
+        assert_eq!(code(403), Code::PermissionDenied);
+        assert_eq!(code(404), Code::NotFound);
+        assert_eq!(code(302), Code::Internal);
+        assert_eq!(Status::from(BackendError::Interrupted("eof".into())).code(), Code::Aborted);
+        assert_eq!(Status::from(BackendError::Unavailable("refused".into())).code(), Code::Unavailable);
     }
 }

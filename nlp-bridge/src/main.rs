@@ -1,7 +1,11 @@
 //! `fengda-nlp`: runs the NLP bridge as a standalone gRPC server.
 //!
 //! Configuration precedence: command line / `FENGDA_NLP_*` environment >
-//! TOML file (`--config`) > built-in defaults. Once bound, the first line on
+//! TOML file (`--config`) > built-in defaults. Backends (the built-in FAQ
+//! answerer, OpenAI-compatible LLM servers), per-tenant routing and limits
+//! are configured in the file only; see `nlp-bridge/fengda-nlp.example.toml`.
+//! API keys are never in the file: a backend's `api_key_env` names the
+//! environment variable holding its key. Once bound, the first line on
 //! stdout is `listening on http://IP:PORT` (the real address, so port 0 works
 //! for tests); logs go to stderr (`RUST_LOG`, default `info`). Ctrl-C or
 //! SIGTERM shut down gracefully.
@@ -18,23 +22,26 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tracing_subscriber::EnvFilter;
 
-/// Fengda NLP bridge: streams FAQ answers token by token over gRPC.
+/// Fengda NLP bridge: streams answers token by token over gRPC, from the
+/// built-in FAQ answerer or an OpenAI-compatible LLM server (vLLM, Ollama,
+/// llama.cpp, hosted APIs), chosen per tenant in the config file.
 #[derive(Debug, Parser)]
 #[command(name = "fengda-nlp", version)]
 struct Cli {
     /// Address to listen on [default: 127.0.0.1:50051; port 0 picks a free port].
     #[arg(long, env = "FENGDA_NLP_LISTEN", value_name = "ADDR")]
     listen: Option<SocketAddr>,
-    /// TOML config file (keys: listen, [answerer] knowledge_base, first_token_delay_ms, tokens_per_second).
+    /// TOML config file: listen, default_backend, [answerer], [limits], [backends.NAME] (kind = "builtin" |
+    /// "openai"), [tenants] (see nlp-bridge/fengda-nlp.example.toml).
     #[arg(long, env = "FENGDA_NLP_CONFIG", value_name = "FILE")]
     config: Option<PathBuf>,
-    /// Delay before the first token, in ms; 0 disables it [default: 150].
+    /// Built-in answerer: delay before the first token, in ms; 0 disables it [default: 150].
     #[arg(long, env = "FENGDA_NLP_FIRST_TOKEN_DELAY_MS", value_name = "MS")]
     first_token_delay_ms: Option<u64>,
-    /// Token pace; 0 disables pacing [default: 25].
+    /// Built-in answerer: token pace; 0 disables pacing [default: 25].
     #[arg(long, env = "FENGDA_NLP_TOKENS_PER_SECOND", value_name = "N")]
     tokens_per_second: Option<f64>,
-    /// Knowledge-base JSON file [default: the embedded nlp-bridge/data/faq.json].
+    /// Built-in answerer: knowledge-base JSON file [default: the embedded nlp-bridge/data/faq.json].
     #[arg(long, env = "FENGDA_NLP_KNOWLEDGE_BASE", value_name = "FILE")]
     knowledge_base: Option<PathBuf>,
 }
@@ -73,7 +80,7 @@ async fn main() -> anyhow::Result<()> {
         .init();
 
     let config = cli.into_config()?;
-    let service = NlpService::builtin(&config.answerer).context("loading the answerer")?;
+    let service = NlpService::from_config(&config).context("building the answer backends")?;
     let listener = TcpListener::bind(config.listen).await.with_context(|| format!("binding {}", config.listen))?;
     let addr = listener.local_addr().context("reading the bound address")?;
 
@@ -87,7 +94,14 @@ async fn main() -> anyhow::Result<()> {
         writeln!(stdout, "listening on http://{addr}")?;
         stdout.flush()?;
     }
-    tracing::info!(%addr, answerer = ?config.answerer, "fengda-nlp started");
+    tracing::info!(
+        %addr,
+        default_backend = %config.default_backend,
+        backends = ?config.backends.keys().collect::<Vec<_>>(),
+        tenants = config.tenants.len(),
+        max_concurrent_streams = config.limits.max_concurrent_streams,
+        "fengda-nlp started"
+    );
 
     fengda_nlp::serve(listener, service, shutdown).await.context("gRPC server failed")?;
     tracing::info!("fengda-nlp stopped");

@@ -8,56 +8,91 @@
 //! stream: that drop is how a backend learns to stop generating (tonic #196,
 //! #377). A backend error ends the call with a [`Status`]; it is never
 //! retried or polled again (tonic #222).
+//!
+//! The bridge's own [`Limits`] apply before any backend work: at most
+//! `max_concurrent_streams` answers in flight (one more is refused at once
+//! with `RESOURCE_EXHAUSTED`; a permit lives as long as its producer), ids
+//! and the question are size-checked (`INVALID_ARGUMENT`), and history is
+//! trimmed to the most recent turns that fit the turn and byte caps.
 
 use std::sync::Arc;
 
 use fengda_proto::nlp::v1::{AnswerChunk, AnswerRequest, FinishReason, nlp_server::Nlp};
 use futures::StreamExt;
-use tokio::sync::mpsc;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::task::TaskTracker;
 use tonic::{Request, Response, Status};
 use tracing::Instrument;
 
 use crate::backend::{
-    AnswerBackend, BackendRequest, BuiltinBackend, ConversationId, Finish, HistoryTurn, TenantId, Token, TokenStream,
-    TurnRole,
+    AnswerBackend, BackendRequest, BuiltinBackend, ConversationId, Finish, HistoryTurn, TenantId, TenantRouter, Token,
+    TokenStream, TurnRole,
 };
-use crate::config::AnswererConfig;
+use crate::config::{AnswererConfig, BridgeConfig, Limits};
 use crate::error::BridgeError;
 
 /// Chunks buffered between the producer and the gRPC response. Small: the
 /// producer should feel back-pressure from a slow client, not run ahead.
 pub const CHUNK_BUFFER: usize = 32;
-/// Longest accepted question, in bytes.
+/// Longest accepted question, in bytes, by default ([`Limits`]).
 pub const MAX_QUESTION_BYTES: usize = 8 * 1024;
-/// Only the most recent history turns are passed to the backend.
+/// History turns passed to the backend, by default ([`Limits`]).
 pub const MAX_HISTORY_TURNS: usize = 32;
 
-/// The `Nlp` gRPC service. Cheap to clone; clones share the backend and the
-/// task tracker.
+/// The `Nlp` gRPC service. Cheap to clone; clones share the backend, the
+/// limits, the stream permits and the task tracker.
 #[derive(Clone)]
 pub struct NlpService {
     backend: Arc<dyn AnswerBackend>,
+    limits: Arc<Limits>,
+    /// One permit per answer in flight, held by its producer task. Acquired
+    /// with `try_acquire`: over the limit a call fails, it never waits.
+    streams: Arc<Semaphore>,
     /// Every producer task, so shutdown can wait for them.
     tasks: TaskTracker,
 }
 
 impl std::fmt::Debug for NlpService {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("NlpService").field("producers", &self.tasks.len()).finish_non_exhaustive()
+        f.debug_struct("NlpService")
+            .field("producers", &self.tasks.len())
+            .field("free_streams", &self.streams.available_permits())
+            .finish_non_exhaustive()
     }
 }
 
 impl NlpService {
-    /// A service answering with `backend`.
+    /// A service answering with `backend`, with default [`Limits`].
     pub fn new(backend: Arc<dyn AnswerBackend>) -> Self {
-        Self { backend, tasks: TaskTracker::new() }
+        Self::with_limits(backend, Limits::default())
+    }
+
+    /// A service answering with `backend` within `limits`.
+    pub fn with_limits(backend: Arc<dyn AnswerBackend>, limits: Limits) -> Self {
+        let streams = Arc::new(Semaphore::new(limits.max_concurrent_streams.clamp(1, Semaphore::MAX_PERMITS)));
+        Self { backend, limits: Arc::new(limits), streams, tasks: TaskTracker::new() }
     }
 
     /// A service answering with the built-in FAQ answerer.
     pub fn builtin(config: &AnswererConfig) -> Result<Self, BridgeError> {
         Ok(Self::new(Arc::new(BuiltinBackend::new(config)?)))
+    }
+
+    /// The service the `fengda-nlp` binary runs: every configured backend,
+    /// routed per tenant, within `config.limits`. API keys come from the
+    /// process environment.
+    pub fn from_config(config: &BridgeConfig) -> Result<Self, BridgeError> {
+        Self::from_config_with_env(config, &|name| std::env::var(name).ok())
+    }
+
+    /// [`Self::from_config`] with API keys looked up through `env`.
+    pub fn from_config_with_env(
+        config: &BridgeConfig,
+        env: &dyn Fn(&str) -> Option<String>,
+    ) -> Result<Self, BridgeError> {
+        let router = TenantRouter::from_config(config, env)?;
+        Ok(Self::with_limits(Arc::new(router), config.limits.clone()))
     }
 
     /// The producer tasks of this service (and its clones).
@@ -81,7 +116,7 @@ impl Nlp for NlpService {
             request_id = %request_id,
         );
         let backend_request = span.in_scope(|| {
-            let req = to_backend_request(message, request_id);
+            let req = to_backend_request(message, request_id, &self.limits);
             match &req {
                 Ok(req) => tracing::debug!(
                     question_chars = req.question.chars().count(),
@@ -92,35 +127,53 @@ impl Nlp for NlpService {
             }
             req
         })?;
+        let Ok(permit) = self.streams.clone().try_acquire_owned() else {
+            span.in_scope(|| tracing::warn!(limit = self.limits.max_concurrent_streams, "too many answer streams"));
+            return Err(Status::resource_exhausted("too many concurrent answer streams; retry later"));
+        };
         let tokens = span.in_scope(|| self.backend.answer(backend_request));
         let (chunk_tx, chunk_rx) = mpsc::channel(CHUNK_BUFFER);
-        self.tasks.spawn(run_producer(tokens, chunk_tx).instrument(span));
+        self.tasks.spawn(run_producer(tokens, chunk_tx, permit).instrument(span));
         Ok(Response::new(ReceiverStream::new(chunk_rx)))
     }
 }
 
-/// Validates the wire request and converts it to the backend's types.
-fn to_backend_request(message: AnswerRequest, request_id: String) -> Result<BackendRequest, Status> {
+/// Validates the wire request against `limits` and converts it to the
+/// backend's types. History is trimmed (oldest first), never rejected.
+fn to_backend_request(message: AnswerRequest, request_id: String, limits: &Limits) -> Result<BackendRequest, Status> {
     if message.tenant_id.trim().is_empty() {
         return Err(Status::invalid_argument("tenant_id is empty"));
+    }
+    if message.tenant_id.len() > limits.max_id_bytes || message.conversation_id.len() > limits.max_id_bytes {
+        return Err(Status::invalid_argument(format!(
+            "tenant_id and conversation_id must be at most {} bytes",
+            limits.max_id_bytes
+        )));
     }
     if message.question.trim().is_empty() {
         return Err(Status::invalid_argument("question is empty"));
     }
-    if message.question.len() > MAX_QUESTION_BYTES {
-        return Err(Status::invalid_argument(format!("question is longer than {MAX_QUESTION_BYTES} bytes")));
+    if message.question.len() > limits.max_question_bytes {
+        return Err(Status::invalid_argument(format!("question is longer than {} bytes", limits.max_question_bytes)));
     }
-    let skip = message.history.len().saturating_sub(MAX_HISTORY_TURNS);
-    let history = message
+    // Walk back from the newest turn while both caps allow.
+    let mut budget = limits.max_history_bytes;
+    let mut history: Vec<HistoryTurn> = message
         .history
         .into_iter()
-        .skip(skip)
-        .map(|turn| {
-            let role = turn.role().into();
-            HistoryTurn::new(role, turn.text)
+        .rev()
+        .map(|turn| HistoryTurn::new(turn.role().into(), turn.text))
+        .filter(|turn| turn.role != TurnRole::System || !turn.text.is_empty())
+        .take(limits.max_history_turns)
+        .take_while(|turn| match budget.checked_sub(turn.text.len()) {
+            Some(left) => {
+                budget = left;
+                true
+            }
+            None => false,
         })
-        .filter(|turn: &HistoryTurn| turn.role != TurnRole::System || !turn.text.is_empty())
         .collect();
+    history.reverse();
     Ok(BackendRequest {
         tenant: TenantId::new(message.tenant_id),
         conversation: ConversationId::new(message.conversation_id),
@@ -140,8 +193,13 @@ enum Outcome {
 
 /// Moves tokens from the backend to the response channel, numbering them,
 /// until the answer ends, the backend fails, or the client goes away.
-/// Returning drops `tokens`, which cancels the backend's work.
-async fn run_producer(mut tokens: TokenStream, chunk_tx: mpsc::Sender<Result<AnswerChunk, Status>>) {
+/// Returning drops `tokens`, which cancels the backend's work, and `permit`,
+/// which frees the stream slot.
+async fn run_producer(
+    mut tokens: TokenStream,
+    chunk_tx: mpsc::Sender<Result<AnswerChunk, Status>>,
+    permit: OwnedSemaphorePermit,
+) {
     let mut index: u32 = 0;
     let outcome = loop {
         let item = tokio::select! {
@@ -175,6 +233,7 @@ async fn run_producer(mut tokens: TokenStream, chunk_tx: mpsc::Sender<Result<Ans
         }
     };
     drop(tokens);
+    drop(permit);
     match outcome {
         Outcome::Finished(reason) => {
             tracing::debug!(chunks = index, finish = reason.as_str_name(), "answer finished")
@@ -203,20 +262,46 @@ mod tests {
 
     #[test]
     fn validation() {
-        let ok = to_backend_request(wire("hello"), "r".into()).unwrap();
+        let limits = Limits::default();
+        let ok = to_backend_request(wire("hello"), "r".into(), &limits).unwrap();
         assert_eq!(ok.history, [HistoryTurn::new(TurnRole::Customer, "hi")]);
-        let empty = to_backend_request(wire("  "), "r".into()).unwrap_err();
+        let empty = to_backend_request(wire("  "), "r".into(), &limits).unwrap_err();
         assert_eq!(empty.code(), tonic::Code::InvalidArgument);
         let mut no_tenant = wire("hello");
         no_tenant.tenant_id.clear();
-        assert!(to_backend_request(no_tenant, "r".into()).is_err());
+        assert!(to_backend_request(no_tenant, "r".into(), &limits).is_err());
+        let mut long_id = wire("hello");
+        long_id.conversation_id = "c".repeat(limits.max_id_bytes + 1);
+        assert_eq!(to_backend_request(long_id, "r".into(), &limits).unwrap_err().code(), tonic::Code::InvalidArgument);
         let long = "x".repeat(MAX_QUESTION_BYTES + 1);
-        assert!(to_backend_request(wire(&long), "r".into()).is_err());
+        assert!(to_backend_request(wire(&long), "r".into(), &limits).is_err());
+    }
+
+    #[test]
+    fn history_keeps_the_newest_turns_within_both_caps() {
+        let limits = Limits { max_history_turns: 3, max_history_bytes: 10, ..Limits::default() };
+        let mut message = wire("q");
+        message.history = ["aaaa", "bbbb", "", "cccc", "dd", "eeee"]
+            .iter()
+            .map(|t| Turn { role: if t.is_empty() { Role::System } else { Role::Customer } as i32, text: (*t).into() })
+            .collect();
+        let texts: Vec<String> = to_backend_request(message.clone(), "r".into(), &limits)
+            .unwrap()
+            .history
+            .into_iter()
+            .map(|t| t.text)
+            .collect();
+        assert_eq!(texts, ["cccc", "dd", "eeee"]);
+        let limits = Limits { max_history_bytes: 9, ..limits };
+        let texts: Vec<String> =
+            to_backend_request(message, "r".into(), &limits).unwrap().history.into_iter().map(|t| t.text).collect();
+        assert_eq!(texts, ["dd", "eeee"]);
     }
 
     async fn drain(tokens: TokenStream) -> Vec<Result<AnswerChunk, Status>> {
         let (tx, rx) = mpsc::channel(CHUNK_BUFFER);
-        run_producer(tokens, tx).await;
+        let permit = Arc::new(Semaphore::new(1)).try_acquire_owned().unwrap();
+        run_producer(tokens, tx, permit).await;
         ReceiverStream::new(rx).collect().await
     }
 

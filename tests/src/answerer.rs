@@ -26,16 +26,27 @@ pub struct Script {
     pub token_padding: usize,
     /// Wait between tokens.
     pub token_delay: Duration,
+    /// Refuse this many calls (counted from the start) with this code before answering.
+    pub fail_first: usize,
+    pub fail_code: tonic::Code,
 }
 
 impl Default for Script {
     fn default() -> Self {
-        Self { first_chunk_delay: Duration::ZERO, tokens: 5, token_padding: 0, token_delay: Duration::ZERO }
+        Self {
+            first_chunk_delay: Duration::ZERO,
+            tokens: 5,
+            token_padding: 0,
+            token_delay: Duration::ZERO,
+            fail_first: 0,
+            fail_code: tonic::Code::Unavailable,
+        }
     }
 }
 
 pub struct RecordingAnswerer {
     pub url: String,
+    script: Arc<Mutex<Script>>,
     requests: Arc<Mutex<Vec<AnswerRequest>>>,
     /// How many answer streams ended because the client went away.
     cancelled: Arc<Mutex<usize>>,
@@ -43,7 +54,7 @@ pub struct RecordingAnswerer {
 }
 
 struct Service {
-    script: Script,
+    script: Arc<Mutex<Script>>,
     requests: Arc<Mutex<Vec<AnswerRequest>>>,
     cancelled: Arc<Mutex<usize>>,
 }
@@ -55,7 +66,8 @@ impl RecordingAnswerer {
         let requests = Arc::new(Mutex::new(Vec::new()));
         let cancelled = Arc::new(Mutex::new(0));
         let stop = CancellationToken::new();
-        let service = Service { script, requests: requests.clone(), cancelled: cancelled.clone() };
+        let script = Arc::new(Mutex::new(script));
+        let service = Service { script: script.clone(), requests: requests.clone(), cancelled: cancelled.clone() };
         let shutdown = stop.clone();
         tokio::spawn(async move {
             tonic::transport::Server::builder()
@@ -64,7 +76,12 @@ impl RecordingAnswerer {
                 .await
                 .expect("recording answerer failed");
         });
-        RecordingAnswerer { url, requests, cancelled, stop }
+        RecordingAnswerer { url, script, requests, cancelled, stop }
+    }
+
+    /// Changes how later calls are answered.
+    pub fn set_script(&self, script: Script) {
+        *self.script.lock().unwrap() = script;
     }
 
     pub fn requests(&self) -> Vec<AnswerRequest> {
@@ -90,8 +107,15 @@ impl Nlp for Service {
 
     async fn answer(&self, request: Request<AnswerRequest>) -> Result<Response<ChunkStream>, Status> {
         let request = request.into_inner();
-        self.requests.lock().unwrap().push(request);
-        let script = self.script.clone();
+        let calls = {
+            let mut requests = self.requests.lock().unwrap();
+            requests.push(request);
+            requests.len()
+        };
+        let script = self.script.lock().unwrap().clone();
+        if calls <= script.fail_first {
+            return Err(Status::new(script.fail_code, "scripted failure"));
+        }
         let cancelled = self.cancelled.clone();
         let (tx, rx) = mpsc::channel(4);
         tokio::spawn(async move {

@@ -164,6 +164,8 @@ impl Backend for MemoryBackend {
             id: event.id,
             text: event.text,
             fallback: event.fallback,
+            interrupted: event.interrupted,
+            cancelled: event.cancelled,
             at_ms: now_ms(),
         });
         log.events.push_back(stored.clone());

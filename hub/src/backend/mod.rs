@@ -39,9 +39,15 @@ pub struct StoredEvent {
     /// The client message id for customer messages, the reply id for replies.
     pub id: String,
     pub text: String,
-    /// True for replies the hub wrote itself because the NLP service failed.
+    /// True for replies the hub wrote (or completed) itself because the NLP service failed.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub fallback: bool,
+    /// True for replies whose NLP stream broke after some tokens.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub interrupted: bool,
+    /// True for replies a client cancelled.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub cancelled: bool,
     /// When the event was stored, in milliseconds since the Unix epoch.
     pub at_ms: u64,
 }
@@ -68,6 +74,15 @@ pub struct NewEvent {
     pub id: String,
     pub text: String,
     pub fallback: bool,
+    pub interrupted: bool,
+    pub cancelled: bool,
+}
+
+impl NewEvent {
+    /// A customer message.
+    pub fn customer(id: String, text: String) -> Self {
+        Self { from: Role::Customer, id, text, fallback: false, interrupted: false, cancelled: false }
+    }
 }
 
 /// The outcome of an append.

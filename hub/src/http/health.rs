@@ -27,3 +27,11 @@ pub async fn readyz(State(app): State<Arc<AppState>>) -> (StatusCode, Json<Value
         (StatusCode::OK, Json(json!({ "status": "ready" })))
     }
 }
+
+/// Prometheus metrics (`fengda_hub_*`).
+pub async fn metrics(State(app): State<Arc<AppState>>) -> (StatusCode, String) {
+    match &app.metrics {
+        Some(handle) => (StatusCode::OK, handle.render()),
+        None => (StatusCode::SERVICE_UNAVAILABLE, String::new()),
+    }
+}

@@ -21,6 +21,8 @@ pub enum ClientFrame {
     Message { id: String, text: String },
     /// Application-level keepalive, answered by `pong`.
     Ping,
+    /// Stop a reply in progress; it ends with `reply.done` and `cancelled: true`.
+    Cancel { reply: String },
 }
 
 /// Stable, snake_case error codes sent in `error` frames.
@@ -108,6 +110,7 @@ pub fn parse_client_frame(text: &str, max_text_chars: usize) -> Result<ClientFra
     };
     match kind {
         "ping" => Ok(ClientFrame::Ping),
+        "cancel" => Ok(ClientFrame::Cancel { reply: take_string(&mut object, "reply")? }),
         "message" => {
             let id = take_string(&mut object, "id")?;
             if id.is_empty() || id.len() > MAX_MESSAGE_ID_LEN {
@@ -158,7 +161,18 @@ pub enum ServerFrame<'a> {
     #[serde(rename = "reply.delta")]
     ReplyDelta { conversation: &'a str, reply: &'a str, index: u32, text: &'a str },
     #[serde(rename = "reply.done")]
-    ReplyDone { conversation: &'a str, reply: &'a str, seq: u64, text: &'a str, fallback: bool },
+    ReplyDone {
+        conversation: &'a str,
+        reply: &'a str,
+        seq: u64,
+        text: &'a str,
+        fallback: bool,
+        /// The NLP stream broke after some tokens; the text is what arrived plus the fallback.
+        interrupted: bool,
+        /// Only present (and true) when a client cancelled the reply.
+        #[serde(skip_serializing_if = "std::ops::Not::not")]
+        cancelled: bool,
+    },
     #[serde(rename = "message")]
     Message {
         conversation: &'a str,
@@ -204,6 +218,11 @@ mod tests {
             Ok(ClientFrame::Message { id: "m1".into(), text: "hi".into() })
         );
         assert_eq!(parse_client_frame(r#"{"type":"ping"}"#, 10), Ok(ClientFrame::Ping));
+        assert_eq!(
+            parse_client_frame(r#"{"type":"cancel","reply":"r-1"}"#, 10),
+            Ok(ClientFrame::Cancel { reply: "r-1".into() })
+        );
+        assert_eq!(parse_client_frame(r#"{"type":"cancel"}"#, 10).unwrap_err().code, ErrorCode::MissingField);
     }
 
     #[test]

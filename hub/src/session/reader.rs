@@ -19,7 +19,7 @@ use crate::AppState;
 use crate::backend::{Appended, BackendError, NewEvent};
 use crate::ids::{ConversationKey, UserId};
 use crate::protocol::close;
-use crate::protocol::{ClientFrame, ErrorCode, Role, ServerFrame, parse_client_frame};
+use crate::protocol::{ClientFrame, ErrorCode, ServerFrame, parse_client_frame};
 use crate::reply::Question;
 use crate::router::{Outbound, SessionHandle};
 
@@ -61,6 +61,8 @@ pub(super) async fn run_reader(
         match message {
             Message::Text(text) => match parse_client_frame(text.as_str(), max_text_chars) {
                 Ok(ClientFrame::Ping) => reply(session, ServerFrame::Pong.encode()),
+                // Unknown or finished replies are ignored: a cancel may cross the reply.done.
+                Ok(ClientFrame::Cancel { reply }) => app.replier.cancel(key, &reply),
                 Ok(ClientFrame::Message { id, text }) => {
                     on_message(app, user, key, session, &questions, id, text).await
                 }
@@ -94,7 +96,7 @@ async fn on_message(
             return reply(session, error_frame(ErrorCode::TooManyPending, message, Some(&id)));
         }
     };
-    let event = NewEvent { from: Role::Customer, id: id.clone(), text: text.clone(), fallback: false };
+    let event = NewEvent::customer(id.clone(), text.clone());
     match app.backend.append(key, event, Some(session.id)).await {
         // The ack went out through the router, in seq order with other events.
         Ok(Appended::New(seq)) => {

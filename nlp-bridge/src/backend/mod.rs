@@ -8,9 +8,13 @@
 //! holds (abort the upstream HTTP request, stop generating) in its `Drop`.
 //! The service drops it as soon as the gRPC client goes away.
 //!
-//! [`builtin`] is the first implementation: a deterministic FAQ answerer.
+//! Implementations: [`builtin`], a deterministic FAQ answerer, and
+//! [`openai`], a client of any OpenAI-compatible chat-completions server.
+//! [`router`] picks one per tenant.
 
 pub mod builtin;
+pub mod openai;
+pub mod router;
 
 use std::fmt;
 
@@ -19,6 +23,8 @@ use futures::stream::BoxStream;
 
 pub use crate::error::BackendError;
 pub use builtin::BuiltinBackend;
+pub use openai::OpenAiBackend;
+pub use router::TenantRouter;
 
 /// Produces streamed answers. Implementations are shared across calls
 /// (`Arc<dyn AnswerBackend>`), so per-call state lives in the returned stream.

@@ -1,6 +1,7 @@
 -- Appends one durable event to a conversation log and publishes it, atomically.
 -- KEYS[1] meta hash, KEYS[2] log list, KEYS[3] message-id zset
--- ARGV: 1 from, 2 id, 3 text, 4 fallback ("1"/"0"), 5 now_ms, 6 log cap,
+-- ARGV: 1 from, 2 id, 3 text, 4 flags (letters: f fallback, i interrupted,
+--       c cancelled), 5 now_ms, 6 log cap,
 --       7 retention seconds, 8 channel, 9 origin ("node/session" or "")
 -- Returns {1, seq} when stored, {0, seq} for a customer message id already
 -- stored, {-1, 0} when the conversation does not exist (lost or expired).
@@ -18,7 +19,10 @@ end
 local seq = redis.call('HINCRBY', meta, 'seq', 1)
 local event = cjson.encode({
   seq = seq, from = from, id = id, text = ARGV[3],
-  fallback = ARGV[4] == '1', at_ms = tonumber(ARGV[5]),
+  fallback = string.find(ARGV[4], 'f', 1, true) ~= nil,
+  interrupted = string.find(ARGV[4], 'i', 1, true) ~= nil,
+  cancelled = string.find(ARGV[4], 'c', 1, true) ~= nil,
+  at_ms = tonumber(ARGV[5]),
 })
 local cap = tonumber(ARGV[6])
 redis.call('RPUSH', log, event)

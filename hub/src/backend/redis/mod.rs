@@ -300,6 +300,14 @@ impl Shared {
     }
 }
 
+/// Reply flags for append.lua: `f` fallback, `i` interrupted, `c` cancelled.
+fn flags(event: &NewEvent) -> String {
+    [(event.fallback, 'f'), (event.interrupted, 'i'), (event.cancelled, 'c')]
+        .into_iter()
+        .filter_map(|(set, flag)| set.then_some(flag))
+        .collect()
+}
+
 fn parse_event(value: &Value) -> Option<Arc<StoredEvent>> {
     match value {
         Value::BulkString(bytes) => serde_json::from_slice(bytes).ok().map(Arc::new),
@@ -540,7 +548,7 @@ impl Backend for RedisBackend {
             .arg(from)
             .arg(&event.id)
             .arg(&event.text)
-            .arg(if event.fallback { "1" } else { "0" })
+            .arg(flags(&event))
             .arg(now_ms())
             .arg(shared.log_cap)
             .arg(shared.retention_secs)

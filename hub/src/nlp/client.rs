@@ -1,4 +1,4 @@
-//! The gRPC client of the NLP service (`fengda.nlp.v1.Nlp/Answer`).
+//! One gRPC client of the NLP service (`fengda.nlp.v1.Nlp/Answer`).
 //!
 //! One HTTP/2 channel per hub node, shared by every call (tonic multiplexes
 //! streams over it and reconnects by itself). Each call carries its own

@@ -1,0 +1,185 @@
+//! A circuit breaker per NLP endpoint: closed, open, half-open.
+//!
+//! Closed: calls pass; the breaker opens after `consecutive_failures` failures
+//! in a row, or when at least `failure_rate` of the last `window` calls
+//! failed (once `window` calls were seen). Open: calls are refused (the
+//! customer gets the fallback at once instead of waiting for a deadline)
+//! until `open_for` has passed. Half-open: up to `half_open_probes` calls go
+//! through; one success closes the breaker, one failure opens it again.
+//!
+//! The state sits behind a `std::sync::Mutex` held only for a few field
+//! updates, never across an `.await`. Time is passed in, so the logic is
+//! tested without sleeping.
+
+use std::collections::VecDeque;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+/// Breaker settings (see `nlp` in the config for defaults).
+#[derive(Debug, Clone)]
+pub struct BreakerConfig {
+    pub consecutive_failures: u32,
+    pub failure_rate: f64,
+    pub window: usize,
+    pub open_for: Duration,
+    pub half_open_probes: u32,
+}
+
+/// What an observer sees: exported as a gauge (0 closed, 1 open, 2 half-open).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BreakerState {
+    Closed,
+    Open,
+    HalfOpen,
+}
+
+#[derive(Debug)]
+pub struct Breaker {
+    config: BreakerConfig,
+    inner: Mutex<Inner>,
+}
+
+#[derive(Debug)]
+enum Inner {
+    Closed { recent: VecDeque<bool>, failures_in_a_row: u32 },
+    Open { until: Instant },
+    HalfOpen { probes: u32 },
+}
+
+impl Breaker {
+    pub fn new(config: BreakerConfig) -> Self {
+        Self { config, inner: Mutex::new(closed()) }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        // Every update replaces or edits the state in one step; a poisoned lock is still consistent.
+        self.inner.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    pub fn state(&self) -> BreakerState {
+        match *self.lock() {
+            Inner::Closed { .. } => BreakerState::Closed,
+            Inner::Open { .. } => BreakerState::Open,
+            Inner::HalfOpen { .. } => BreakerState::HalfOpen,
+        }
+    }
+
+    /// Asks to make a call now; false means "do not call, fall back".
+    pub fn allow(&self, now: Instant) -> bool {
+        let mut inner = self.lock();
+        match &mut *inner {
+            Inner::Closed { .. } => true,
+            Inner::Open { until } if now < *until => false,
+            Inner::Open { .. } => {
+                *inner = Inner::HalfOpen { probes: 1 };
+                true
+            }
+            Inner::HalfOpen { probes } if *probes < self.config.half_open_probes => {
+                *probes += 1;
+                true
+            }
+            Inner::HalfOpen { .. } => false,
+        }
+    }
+
+    /// Records how an allowed call ended. Returns the new state when it changed.
+    pub fn record(&self, success: bool, now: Instant) -> Option<BreakerState> {
+        let mut inner = self.lock();
+        let config = &self.config;
+        match &mut *inner {
+            Inner::Closed { recent, failures_in_a_row } => {
+                recent.push_back(success);
+                if recent.len() > config.window {
+                    recent.pop_front();
+                }
+                *failures_in_a_row = if success { 0 } else { *failures_in_a_row + 1 };
+                let failed = recent.iter().filter(|ok| !**ok).count();
+                let rate_tripped =
+                    recent.len() >= config.window && failed as f64 >= config.failure_rate * recent.len() as f64;
+                if !success && (*failures_in_a_row >= config.consecutive_failures || rate_tripped) {
+                    *inner = Inner::Open { until: now + config.open_for };
+                    return Some(BreakerState::Open);
+                }
+                None
+            }
+            // A late result from before the breaker opened changes nothing.
+            Inner::Open { .. } => None,
+            Inner::HalfOpen { .. } if success => {
+                *inner = closed();
+                Some(BreakerState::Closed)
+            }
+            Inner::HalfOpen { .. } => {
+                *inner = Inner::Open { until: now + config.open_for };
+                Some(BreakerState::Open)
+            }
+        }
+    }
+}
+
+fn closed() -> Inner {
+    Inner::Closed { recent: VecDeque::new(), failures_in_a_row: 0 }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn breaker() -> Breaker {
+        Breaker::new(BreakerConfig {
+            consecutive_failures: 3,
+            failure_rate: 0.5,
+            window: 10,
+            open_for: Duration::from_secs(30),
+            half_open_probes: 1,
+        })
+    }
+
+    #[test]
+    fn opens_after_consecutive_failures_and_refuses_calls() {
+        let b = breaker();
+        let t = Instant::now();
+        assert_eq!(b.record(false, t), None);
+        assert_eq!(b.record(false, t), None);
+        assert_eq!(b.record(false, t), Some(BreakerState::Open));
+        assert!(!b.allow(t + Duration::from_secs(29)));
+    }
+
+    #[test]
+    fn a_success_resets_the_run_of_failures() {
+        let b = breaker();
+        let t = Instant::now();
+        b.record(false, t);
+        b.record(false, t);
+        b.record(true, t);
+        b.record(false, t);
+        assert_eq!(b.state(), BreakerState::Closed);
+    }
+
+    #[test]
+    fn opens_on_the_failure_rate_over_the_window() {
+        let b = breaker();
+        let t = Instant::now();
+        for i in 0..9 {
+            b.record(i % 2 == 0, t);
+        }
+        assert_eq!(b.state(), BreakerState::Closed, "9 calls: the window is not full yet");
+        assert_eq!(b.record(false, t), Some(BreakerState::Open), "5 of 10 failed");
+    }
+
+    #[test]
+    fn half_open_lets_one_probe_through_then_closes_or_reopens() {
+        let b = breaker();
+        let t = Instant::now();
+        for _ in 0..3 {
+            b.record(false, t);
+        }
+        let later = t + Duration::from_secs(30);
+        assert!(b.allow(later), "the probe");
+        assert!(!b.allow(later), "only one probe at a time");
+        assert_eq!(b.record(false, later), Some(BreakerState::Open));
+        let later = later + Duration::from_secs(30);
+        assert!(b.allow(later));
+        assert_eq!(b.record(true, later), Some(BreakerState::Closed));
+        assert!(b.allow(later));
+    }
+}

@@ -1,0 +1,335 @@
+//! The NLP side of the hub: endpoints, circuit breakers, retries, admission.
+//!
+//! [`NlpPool`] holds one [`client::NlpClient`] per configured bridge
+//! endpoint. Starting an answer ([`NlpPool::start`]):
+//! 1. **Admission**: at most `max_concurrent` calls run per node; up to
+//!    `max_queued` more wait (within the first-token deadline); beyond that
+//!    the caller gets [`StartError::Overloaded`] at once, never a pile-up.
+//! 2. **Endpoint choice**: healthy endpoints (per the gRPC health checks of
+//!    [`run_health_checks`]) whose breaker allows a call, least outstanding
+//!    calls first. All breakers open: [`StartError::AllOpen`] at once.
+//! 3. **Retries**: only before the first token (a retry after a token was
+//!    shown would garble the answer), only on codes that can succeed on retry
+//!    (unavailable, deadline exceeded, resource exhausted), with exponential
+//!    backoff and full jitter, bounded by `retry_max_attempts` and by the
+//!    first-token deadline, which covers queueing and every attempt.
+//!
+//! Each finished call feeds its endpoint's [`breaker::Breaker`]. Counters and
+//! the breaker states are exported as metrics (`fengda_hub_nlp_*`).
+
+pub mod breaker;
+mod client;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::Duration;
+
+use fengda_proto::nlp::v1::{AnswerChunk, AnswerRequest};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tonic::{Code, Status, Streaming};
+use tracing::{info, warn};
+
+pub use client::{NlpClient, NlpError};
+
+use crate::config::NlpConfig;
+use breaker::{Breaker, BreakerConfig, BreakerState};
+
+/// How often endpoints' gRPC health is checked.
+const HEALTH_INTERVAL: Duration = Duration::from_secs(2);
+
+/// One bridge endpoint and what the hub knows about it.
+#[derive(Debug)]
+pub struct Endpoint {
+    pub url: String,
+    client: NlpClient,
+    breaker: Breaker,
+    outstanding: AtomicUsize,
+    healthy: AtomicBool,
+}
+
+#[derive(Debug)]
+pub struct NlpPool {
+    endpoints: Vec<Arc<Endpoint>>,
+    admission: Arc<Semaphore>,
+    waiting: AtomicUsize,
+    max_queued: usize,
+    first_chunk_timeout: Duration,
+    token_gap_timeout: Duration,
+    max_attempts: u32,
+    initial_backoff: Duration,
+    max_backoff: Duration,
+}
+
+/// Why no answer stream could be started; every case gets the fallback.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("too many NLP calls in flight and waiting on this node")]
+    Overloaded,
+    #[error("every NLP endpoint's circuit breaker is open")]
+    AllOpen,
+    #[error("no first token within the deadline")]
+    Deadline,
+    #[error("NLP call failed: {0}")]
+    Failed(Status),
+}
+
+impl StartError {
+    /// Bounded metric label.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Self::Overloaded => "overloaded",
+            Self::AllOpen => "breaker_open",
+            Self::Deadline => "deadline",
+            Self::Failed(_) => "error",
+        }
+    }
+}
+
+/// Why a started stream did not finish.
+#[derive(Debug, thiserror::Error)]
+pub enum StreamError {
+    #[error("no token for {0:?}")]
+    TokenGap(Duration),
+    #[error("the stream failed: {0}")]
+    Failed(Status),
+    #[error("the stream ended without a finish chunk")]
+    Truncated,
+}
+
+impl NlpPool {
+    pub fn new(urls: &[String], config: &NlpConfig) -> Result<Self, NlpError> {
+        let breaker = BreakerConfig {
+            consecutive_failures: config.breaker_consecutive_failures,
+            failure_rate: config.breaker_failure_rate,
+            window: config.breaker_window,
+            open_for: Duration::from_millis(config.breaker_open_ms),
+            half_open_probes: config.breaker_half_open_probes,
+        };
+        let endpoints = urls
+            .iter()
+            .map(|url| {
+                Ok(Arc::new(Endpoint {
+                    url: url.clone(),
+                    client: NlpClient::connect_lazy(url, config)?,
+                    breaker: Breaker::new(breaker.clone()),
+                    outstanding: AtomicUsize::new(0),
+                    healthy: AtomicBool::new(true),
+                }))
+            })
+            .collect::<Result<Vec<_>, NlpError>>()?;
+        Ok(Self {
+            endpoints,
+            admission: Arc::new(Semaphore::new(config.max_concurrent)),
+            waiting: AtomicUsize::new(0),
+            max_queued: config.max_queued,
+            first_chunk_timeout: Duration::from_millis(config.first_chunk_timeout_ms),
+            token_gap_timeout: Duration::from_millis(config.token_gap_timeout_ms),
+            max_attempts: config.retry_max_attempts,
+            initial_backoff: Duration::from_millis(config.retry_initial_backoff_ms),
+            max_backoff: Duration::from_millis(config.retry_max_backoff_ms),
+        })
+    }
+
+    pub fn endpoints(&self) -> &[Arc<Endpoint>] {
+        &self.endpoints
+    }
+
+    /// Starts an answer stream and waits for its first chunk (see the module doc).
+    pub async fn start(&self, request: &AnswerRequest) -> Result<ActiveCall, StartError> {
+        let deadline = Instant::now() + self.first_chunk_timeout;
+        let permit = self.admit(deadline).await?;
+        let mut attempt = 0;
+        let mut tried: Vec<Arc<Endpoint>> = Vec::new();
+        loop {
+            attempt += 1;
+            let endpoint = self.pick(&tried).ok_or(StartError::AllOpen)?;
+            tried.push(endpoint.clone());
+            let outstanding = Outstanding::new(endpoint.clone());
+            let first = tokio::time::timeout_at(deadline, async {
+                let mut stream = endpoint.client.answer(request.clone()).await.map_err(status_of)?;
+                let first = stream.message().await?;
+                Ok::<_, Status>((stream, first))
+            })
+            .await;
+            let status = match first {
+                Ok(Ok((stream, Some(first)))) => {
+                    return Ok(ActiveCall {
+                        stream,
+                        first: Some(first),
+                        token_gap: self.token_gap_timeout,
+                        outstanding,
+                        _permit: permit,
+                    });
+                }
+                Ok(Ok((_, None))) => Status::unavailable("stream ended before its first chunk"),
+                Ok(Err(status)) => status,
+                Err(_) => {
+                    record(&endpoint, false);
+                    return Err(StartError::Deadline);
+                }
+            };
+            if counts_as_failure(status.code()) {
+                record(&endpoint, false);
+            }
+            let backoff = self.backoff(attempt);
+            let retryable =
+                matches!(status.code(), Code::Unavailable | Code::DeadlineExceeded | Code::ResourceExhausted);
+            if !retryable || attempt >= self.max_attempts || Instant::now() + backoff >= deadline {
+                return Err(StartError::Failed(status));
+            }
+            metrics::counter!("fengda_hub_nlp_retries_total").increment(1);
+            info!(attempt, backoff_ms = backoff.as_millis() as u64, code = ?status.code(), endpoint = %endpoint.url, "retrying the NLP call");
+            drop(outstanding);
+            tokio::time::sleep(backoff).await;
+        }
+    }
+
+    async fn admit(&self, deadline: Instant) -> Result<OwnedSemaphorePermit, StartError> {
+        if let Ok(permit) = self.admission.clone().try_acquire_owned() {
+            return Ok(permit);
+        }
+        if self.waiting.fetch_add(1, Ordering::AcqRel) >= self.max_queued {
+            self.waiting.fetch_sub(1, Ordering::AcqRel);
+            return Err(StartError::Overloaded);
+        }
+        let permit = tokio::time::timeout_at(deadline, self.admission.clone().acquire_owned()).await;
+        self.waiting.fetch_sub(1, Ordering::AcqRel);
+        match permit {
+            Ok(Ok(permit)) => Ok(permit),
+            _ => Err(StartError::Overloaded),
+        }
+    }
+
+    /// The healthy endpoint with the fewest calls whose breaker allows one;
+    /// endpoints this question already failed on, and unhealthy ones, only
+    /// when no other will take the call.
+    fn pick(&self, tried: &[Arc<Endpoint>]) -> Option<Arc<Endpoint>> {
+        let now = std::time::Instant::now();
+        let mut candidates: Vec<_> = self.endpoints.iter().collect();
+        candidates.sort_by_key(|e| {
+            let already_failed = tried.iter().any(|t| Arc::ptr_eq(t, e));
+            (already_failed, !e.healthy.load(Ordering::Acquire), e.outstanding.load(Ordering::Acquire))
+        });
+        candidates.into_iter().find(|e| e.breaker.allow(now)).cloned()
+    }
+
+    /// Exponential backoff with full jitter.
+    fn backoff(&self, attempt: u32) -> Duration {
+        let exponential = self.initial_backoff.saturating_mul(1 << attempt.saturating_sub(1).min(16));
+        let cap = exponential.min(self.max_backoff);
+        cap.mul_f64(fastrand::f64())
+    }
+}
+
+/// A started answer stream, holding its admission slot and endpoint count.
+pub struct ActiveCall {
+    stream: Streaming<AnswerChunk>,
+    first: Option<AnswerChunk>,
+    token_gap: Duration,
+    outstanding: Outstanding,
+    _permit: OwnedSemaphorePermit,
+}
+
+impl ActiveCall {
+    /// The next chunk, or `None` after the last one.
+    pub async fn next(&mut self) -> Result<Option<AnswerChunk>, StreamError> {
+        if let Some(first) = self.first.take() {
+            return Ok(Some(first));
+        }
+        match tokio::time::timeout(self.token_gap, self.stream.message()).await {
+            Err(_) => Err(StreamError::TokenGap(self.token_gap)),
+            Ok(result) => result.map_err(StreamError::Failed),
+        }
+    }
+
+    /// Ends the call and tells the breaker how it went. A successful stream
+    /// is read to its end so its HTTP/2 stream closes cleanly (dropped
+    /// streams are reset, and a server answers many resets with GOAWAY).
+    pub async fn finish(mut self, success: bool) {
+        if success {
+            let _ =
+                tokio::time::timeout(self.token_gap, async { while let Ok(Some(_)) = self.stream.message().await {} })
+                    .await;
+        }
+        record(&self.outstanding.0, success);
+    }
+}
+
+/// Counts a call against its endpoint while it lives.
+struct Outstanding(Arc<Endpoint>);
+
+impl Outstanding {
+    fn new(endpoint: Arc<Endpoint>) -> Self {
+        endpoint.outstanding.fetch_add(1, Ordering::AcqRel);
+        Self(endpoint)
+    }
+}
+
+impl Drop for Outstanding {
+    fn drop(&mut self) {
+        self.0.outstanding.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+fn record(endpoint: &Endpoint, success: bool) {
+    let outcome = if success { "ok" } else { "failed" };
+    metrics::counter!("fengda_hub_nlp_calls_total", "outcome" => outcome).increment(1);
+    if let Some(state) = endpoint.breaker.record(success, std::time::Instant::now()) {
+        warn!(endpoint = %endpoint.url, ?state, "NLP circuit breaker changed state");
+        let gauge = match state {
+            BreakerState::Closed => 0.0,
+            BreakerState::Open => 1.0,
+            BreakerState::HalfOpen => 2.0,
+        };
+        metrics::gauge!("fengda_hub_nlp_breaker_state", "endpoint" => endpoint.url.clone()).set(gauge);
+    }
+}
+
+/// Client-side mistakes say nothing about the endpoint's health.
+fn counts_as_failure(code: Code) -> bool {
+    !matches!(
+        code,
+        Code::InvalidArgument
+            | Code::NotFound
+            | Code::PermissionDenied
+            | Code::Unauthenticated
+            | Code::FailedPrecondition
+    )
+}
+
+fn status_of(error: NlpError) -> Status {
+    match error {
+        NlpError::Call(status) => status,
+        other => Status::unavailable(other.to_string()),
+    }
+}
+
+/// Checks each endpoint's standard gRPC health service every few seconds,
+/// so calls prefer endpoints that say they are serving.
+pub async fn run_health_checks(pool: Arc<NlpPool>, stop: CancellationToken) {
+    use tonic_health::pb::HealthCheckRequest;
+    use tonic_health::pb::health_client::HealthClient;
+    let mut clients: Vec<_> = pool
+        .endpoints
+        .iter()
+        .filter_map(|e| tonic::transport::Endpoint::from_shared(e.url.clone()).ok())
+        .map(|endpoint| HealthClient::new(endpoint.connect_lazy()))
+        .collect();
+    let mut interval = tokio::time::interval(HEALTH_INTERVAL);
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = interval.tick() => {}
+        }
+        for (endpoint, client) in pool.endpoints.iter().zip(clients.iter_mut()) {
+            let mut request = tonic::Request::new(HealthCheckRequest { service: String::new() });
+            request.set_timeout(Duration::from_secs(1));
+            let serving = matches!(client.check(request).await, Ok(r) if r.get_ref().status == 1);
+            if endpoint.healthy.swap(serving, Ordering::AcqRel) != serving {
+                info!(endpoint = %endpoint.url, serving, "NLP endpoint health changed");
+            }
+        }
+    }
+}

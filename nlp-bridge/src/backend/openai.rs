@@ -1,0 +1,415 @@
+//! An OpenAI-compatible chat-completions backend: vLLM, Ollama, llama.cpp's
+//! server or a hosted API, streamed with `stream: true` (server-sent events).
+//!
+//! One call is one `POST {base_url}/chat/completions`. The history becomes
+//! chat messages (the tenant's system prompt first; customer → `user`,
+//! assistant and agent → `assistant`, system → `system`), the question the
+//! last `user` message. Every non-empty `choices[0].delta.content` is
+//! forwarded as one [`Token::Text`] the moment it arrives; `finish_reason`
+//! becomes [`Token::End`] (`length` → [`Finish::Length`], anything else →
+//! [`Finish::Stop`]); `data: [DONE]` ends the stream. SSE framing, comments
+//! and keep-alives are handled by `eventsource-stream`.
+//!
+//! The whole call lives inside the returned stream: no task is spawned, so
+//! dropping the stream (the gRPC client went away) drops the in-flight
+//! request or the response body, which closes the upstream connection, and
+//! the server stops generating.
+//!
+//! Failures follow one rule: before any text was yielded they are retryable
+//! ([`BackendError::Unavailable`] for connect errors, timeouts and broken
+//! streams, [`BackendError::UpstreamStatus`] for HTTP errors); after text was
+//! yielded they are [`BackendError::Interrupted`] (`ABORTED`), because a
+//! partial answer already reached the customer.
+
+use std::collections::VecDeque;
+use std::fmt;
+use std::time::Duration;
+
+use eventsource_stream::{Event, EventStreamError, Eventsource};
+use futures::stream::{self, BoxStream};
+use futures::{StreamExt, TryStreamExt};
+use serde::{Deserialize, Serialize};
+use tokio::time::Instant;
+
+use super::{AnswerBackend, BackendRequest, Finish, Token, TokenStream, TurnRole};
+use crate::config::OpenAiConfig;
+use crate::error::{BackendError, BoxError, BridgeError};
+
+/// Bytes of an error response body kept for the log.
+const ERROR_BODY_BYTES: usize = 512;
+
+/// The OpenAI-compatible backend. Cheap to share: `reqwest::Client` is a
+/// handle to a connection pool.
+#[derive(Clone)]
+pub struct OpenAiBackend {
+    client: reqwest::Client,
+    config: OpenAiConfig,
+    endpoint: String,
+    /// Sent as `Authorization: Bearer ...`; never logged.
+    api_key: Option<String>,
+}
+
+impl fmt::Debug for OpenAiBackend {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("OpenAiBackend")
+            .field("endpoint", &self.endpoint)
+            .field("model", &self.config.model)
+            .field("api_key", &self.api_key.as_ref().map(|_| "<redacted>"))
+            .finish_non_exhaustive()
+    }
+}
+
+impl OpenAiBackend {
+    /// Builds the backend, reading the API key from the process environment.
+    pub fn new(config: &OpenAiConfig) -> Result<Self, BridgeError> {
+        Self::with_env(config, |name| std::env::var(name).ok())
+    }
+
+    /// Builds the backend, looking the variable named by `api_key_env` up
+    /// with `env` (tests pass a map instead of touching the process env).
+    pub fn with_env(config: &OpenAiConfig, env: impl Fn(&str) -> Option<String>) -> Result<Self, BridgeError> {
+        let api_key = match &config.api_key_env {
+            None => None,
+            Some(name) => match env(name) {
+                Some(key) if !key.trim().is_empty() => Some(key.trim().to_owned()),
+                _ => {
+                    return Err(BridgeError::InvalidConfig(format!(
+                        "api_key_env: environment variable {name} is not set or empty"
+                    )));
+                }
+            },
+        };
+        let client = reqwest::Client::builder()
+            .connect_timeout(Duration::from_millis(config.connect_timeout_ms))
+            .tcp_nodelay(true)
+            .build()
+            .map_err(|e| BridgeError::InvalidConfig(format!("cannot build the HTTP client: {e}")))?;
+        Ok(Self { client, endpoint: config.endpoint(), config: config.clone(), api_key })
+    }
+
+    /// The JSON body of the upstream request.
+    fn body(&self, request: &BackendRequest) -> ChatRequest<'_> {
+        let system = self.config.system_prompt_for(request.tenant.as_str());
+        let messages = system
+            .map(|prompt| ChatMessage { role: "system", content: prompt.to_owned() })
+            .into_iter()
+            .chain(request.history.iter().map(|turn| ChatMessage {
+                role: match turn.role {
+                    TurnRole::Customer => "user",
+                    TurnRole::Assistant | TurnRole::Agent => "assistant",
+                    TurnRole::System => "system",
+                },
+                content: turn.text.clone(),
+            }))
+            .chain([ChatMessage { role: "user", content: request.question.clone() }])
+            .collect();
+        ChatRequest {
+            model: &self.config.model,
+            messages,
+            stream: true,
+            max_tokens: self.config.max_tokens,
+            temperature: self.config.temperature,
+        }
+    }
+}
+
+impl AnswerBackend for OpenAiBackend {
+    fn answer(&self, request: BackendRequest) -> TokenStream {
+        let mut http = self.client.post(&self.endpoint).json(&self.body(&request));
+        if let Some(key) = &self.api_key {
+            http = http.bearer_auth(key);
+        }
+        if !request.request_id.is_empty() {
+            http = http.header("x-request-id", &request.request_id);
+        }
+        let call = Call {
+            http: Some(http),
+            events: None,
+            pending: VecDeque::new(),
+            sent_text: false,
+            done: false,
+            // The clock starts when the stream is first polled, not here.
+            deadline: None,
+            timeout: Duration::from_millis(self.config.timeout_ms),
+            idle_timeout: Duration::from_millis(self.config.idle_timeout_ms),
+        };
+        stream::unfold(call, Call::step).boxed()
+    }
+}
+
+#[derive(Serialize)]
+struct ChatRequest<'a> {
+    model: &'a str,
+    messages: Vec<ChatMessage>,
+    stream: bool,
+    max_tokens: u32,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    temperature: Option<f32>,
+}
+
+#[derive(Serialize)]
+struct ChatMessage {
+    role: &'static str,
+    content: String,
+}
+
+/// One `data:` payload of the stream. Unknown fields are ignored: servers add
+/// their own (`usage`, `system_fingerprint`, ...).
+#[derive(Deserialize)]
+struct ChatChunk {
+    #[serde(default)]
+    choices: Vec<ChunkChoice>,
+    /// vLLM and others report mid-stream failures as `{"error": {...}}`.
+    #[serde(default)]
+    error: Option<serde_json::Value>,
+}
+
+#[derive(Deserialize)]
+struct ChunkChoice {
+    #[serde(default)]
+    index: u32,
+    #[serde(default)]
+    delta: Option<ChunkDelta>,
+    #[serde(default)]
+    finish_reason: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct ChunkDelta {
+    #[serde(default)]
+    content: Option<String>,
+}
+
+type Events = BoxStream<'static, Result<Event, EventStreamError<reqwest::Error>>>;
+
+/// The state of one call, owned by the returned stream.
+struct Call {
+    /// The request, until it is sent.
+    http: Option<reqwest::RequestBuilder>,
+    /// The parsed response body, once the headers arrived.
+    events: Option<Events>,
+    /// Tokens parsed from one event and not yielded yet (text, then End).
+    pending: VecDeque<Token>,
+    /// Some text was yielded: failures are now `Interrupted`.
+    sent_text: bool,
+    /// End or an error was yielded; the stream is over.
+    done: bool,
+    /// Deadline for the first text; set on the first poll.
+    deadline: Option<Instant>,
+    timeout: Duration,
+    idle_timeout: Duration,
+}
+
+impl Call {
+    /// The `unfold` step: the next token or error, then `None` forever.
+    async fn step(mut self) -> Option<(Result<Token, BackendError>, Self)> {
+        loop {
+            if self.done {
+                return None;
+            }
+            if let Some(token) = self.pending.pop_front() {
+                match token {
+                    Token::Text(_) => self.sent_text = true,
+                    Token::End(_) => self.done = true,
+                }
+                return Some((Ok(token), self));
+            }
+            if let Err(error) = self.advance().await {
+                self.done = true;
+                // Release the connection now, not when the service drops us.
+                self.events = None;
+                return Some((Err(error), self));
+            }
+        }
+    }
+
+    /// Sends the request or reads the next event, queueing what it yields.
+    async fn advance(&mut self) -> Result<(), BackendError> {
+        let deadline = *self.deadline.get_or_insert_with(|| Instant::now() + self.timeout);
+        if let Some(http) = self.http.take() {
+            let response = tokio::time::timeout_at(deadline, http.send())
+                .await
+                .map_err(|_| self.broken("no response before the deadline".into()))?
+                .map_err(|e| self.broken(e.into()))?;
+            let status = response.status();
+            if !status.is_success() {
+                let detail = tokio::time::timeout_at(deadline, error_detail(response)).await.unwrap_or_default();
+                tracing::warn!(status = status.as_u16(), %detail, "upstream refused the request");
+                return Err(BackendError::UpstreamStatus { status: status.as_u16(), detail });
+            }
+            self.events = Some(response.bytes_stream().eventsource().boxed());
+            return Ok(());
+        }
+        let Some(events) = self.events.as_mut() else {
+            return Err(BackendError::Internal("answer stream polled after it ended".into()));
+        };
+        let next = if self.sent_text {
+            tokio::time::timeout(self.idle_timeout, events.next()).await
+        } else {
+            tokio::time::timeout_at(deadline, events.next()).await
+        };
+        let event = match next {
+            Err(_) => return Err(self.broken("upstream went silent".into())),
+            Ok(None) => return Err(self.broken("upstream stream ended without [DONE] or a finish reason".into())),
+            Ok(Some(Err(error))) => return Err(self.broken(error.into())),
+            Ok(Some(Ok(event))) => event,
+        };
+        self.on_event(event)
+    }
+
+    /// Interprets one server-sent event.
+    fn on_event(&mut self, event: Event) -> Result<(), BackendError> {
+        let data = event.data.trim();
+        if data.is_empty() || !(event.event.is_empty() || event.event == "message") {
+            return Ok(());
+        }
+        if data == "[DONE]" {
+            self.pending.push_back(Token::End(Finish::Stop));
+            return Ok(());
+        }
+        let chunk: ChatChunk = serde_json::from_str(data).map_err(|e| self.broken(e.into()))?;
+        if let Some(error) = chunk.error {
+            return Err(self.broken(format!("upstream error: {error}").into()));
+        }
+        let Some(choice) = chunk.choices.into_iter().find(|c| c.index == 0) else {
+            return Ok(()); // e.g. a trailing usage chunk
+        };
+        if let Some(text) = choice.delta.and_then(|d| d.content).filter(|t| !t.is_empty()) {
+            self.pending.push_back(Token::Text(text));
+        }
+        if let Some(reason) = choice.finish_reason {
+            let finish = match reason.as_str() {
+                "length" => Finish::Length,
+                "stop" => Finish::Stop,
+                other => {
+                    tracing::debug!(finish_reason = other, "unmapped finish reason; reporting STOP");
+                    Finish::Stop
+                }
+            };
+            self.pending.push_back(Token::End(finish));
+        }
+        Ok(())
+    }
+
+    /// A failure of the connection or the stream, classified by whether
+    /// text was already yielded.
+    fn broken(&self, cause: BoxError) -> BackendError {
+        if self.sent_text { BackendError::Interrupted(cause) } else { BackendError::Unavailable(cause) }
+    }
+}
+
+/// The start of an error response's body, for the log.
+async fn error_detail(response: reqwest::Response) -> String {
+    let mut body = Vec::new();
+    let mut chunks = response.bytes_stream();
+    while let Ok(Some(chunk)) = chunks.try_next().await {
+        body.extend_from_slice(&chunk);
+        if body.len() >= ERROR_BODY_BYTES {
+            break;
+        }
+    }
+    body.truncate(ERROR_BODY_BYTES);
+    String::from_utf8_lossy(&body).into_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::{ConversationId, HistoryTurn, TenantId};
+
+    fn backend(config: OpenAiConfig) -> OpenAiBackend {
+        OpenAiBackend::with_env(&config, |_| Some("sk-test".into())).unwrap()
+    }
+
+    fn request() -> BackendRequest {
+        BackendRequest {
+            tenant: TenantId::new("bank"),
+            conversation: ConversationId::new("c"),
+            request_id: String::new(),
+            history: vec![
+                HistoryTurn::new(TurnRole::Customer, "hi"),
+                HistoryTurn::new(TurnRole::Agent, "hello"),
+                HistoryTurn::new(TurnRole::System, "note"),
+                HistoryTurn::new(TurnRole::Assistant, "how can I help?"),
+            ],
+            question: "fees?".into(),
+        }
+    }
+
+    #[test]
+    fn messages_map_roles_with_the_tenant_prompt_first() {
+        let mut config = OpenAiConfig::new("http://h/v1", "m");
+        config.system_prompt = Some("default".into());
+        config.tenant_prompts.insert("bank".into(), "bank prompt".into());
+        let backend = backend(config);
+        let body = serde_json::to_value(backend.body(&request())).unwrap();
+        let roles: Vec<(&str, &str)> = body["messages"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|m| (m["role"].as_str().unwrap(), m["content"].as_str().unwrap()))
+            .collect();
+        assert_eq!(
+            roles,
+            [
+                ("system", "bank prompt"),
+                ("user", "hi"),
+                ("assistant", "hello"),
+                ("system", "note"),
+                ("assistant", "how can I help?"),
+                ("user", "fees?"),
+            ]
+        );
+        assert_eq!(body["stream"], true);
+        assert_eq!(body["max_tokens"], 512);
+        assert!(body.get("temperature").is_none());
+    }
+
+    #[test]
+    fn missing_key_variable_fails_and_debug_hides_the_key() {
+        let mut config = OpenAiConfig::new("http://h/v1", "m");
+        config.api_key_env = Some("FENGDA_TEST_NO_SUCH_VAR".into());
+        assert!(OpenAiBackend::with_env(&config, |_| None).is_err());
+        let backend = OpenAiBackend::with_env(&config, |_| Some("sk-secret".into())).unwrap();
+        assert!(!format!("{backend:?}").contains("sk-secret"));
+    }
+
+    fn call() -> Call {
+        Call {
+            http: None,
+            events: None,
+            pending: VecDeque::new(),
+            sent_text: false,
+            done: false,
+            deadline: None,
+            timeout: Duration::from_secs(1),
+            idle_timeout: Duration::from_secs(1),
+        }
+    }
+
+    fn event(data: &str) -> Event {
+        Event { data: data.into(), ..Event::default() }
+    }
+
+    #[test]
+    fn events_become_tokens() {
+        let mut call = call();
+        call.on_event(event(r#"{"choices":[{"index":0,"delta":{"role":"assistant"}}]}"#)).unwrap();
+        call.on_event(event(r#"{"choices":[{"index":0,"delta":{"content":""}}]}"#)).unwrap();
+        call.on_event(event(r#"{"choices":[{"index":0,"delta":{"content":"Hi"},"finish_reason":null}]}"#)).unwrap();
+        call.on_event(event(r#"{"choices":[{"index":0,"delta":{"content":"!"},"finish_reason":"length"}]}"#)).unwrap();
+        call.on_event(event(r#"{"choices":[],"usage":{"total_tokens":3}}"#)).unwrap();
+        assert_eq!(
+            Vec::from(std::mem::take(&mut call.pending)),
+            [Token::Text("Hi".into()), Token::Text("!".into()), Token::End(Finish::Length)]
+        );
+        call.on_event(event("[DONE]")).unwrap();
+        assert_eq!(Vec::from(std::mem::take(&mut call.pending)), [Token::End(Finish::Stop)]);
+        assert!(matches!(call.on_event(event("{oops")), Err(BackendError::Unavailable(_))));
+        call.sent_text = true;
+        assert!(matches!(
+            call.on_event(event(r#"{"error":{"message":"engine died"}}"#)),
+            Err(BackendError::Interrupted(_))
+        ));
+    }
+}

@@ -1,0 +1,188 @@
+//! The NLP path under failure: deadlines, retries, circuit breaker,
+//! fallback, interruption, cancellation and admission, over real gRPC.
+
+use std::time::{Duration, Instant};
+
+use fengda_tests::{Client, Hub, NlpProcess, RecordingAnswerer, Script};
+use serde_json::json;
+
+async fn metrics(hub: &Hub) -> String {
+    reqwest::get(format!("{}/metrics", hub.url)).await.unwrap().text().await.unwrap()
+}
+
+fn metric_value(metrics: &str, name: &str) -> f64 {
+    metrics
+        .lines()
+        .find(|line| line.starts_with(name) && !line.starts_with('#'))
+        .and_then(|line| line.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0)
+}
+
+#[tokio::test]
+async fn a_silent_bridge_gets_fallbacks_then_the_breaker_opens_then_recovers() {
+    let answerer =
+        RecordingAnswerer::start(Script { first_chunk_delay: Duration::from_secs(60), ..Script::default() }).await;
+    let hub = Hub::start(&[
+        "--nlp-url",
+        &answerer.url,
+        "--nlp-first-chunk-timeout-ms",
+        "300",
+        "--nlp-breaker-consecutive-failures",
+        "2",
+        "--nlp-breaker-open-ms",
+        "800",
+    ])
+    .await;
+    let mut client = Client::connect(&hub.ws_url("tenant=demo&user=silent-bridge")).await;
+    for i in 0..2 {
+        let started = Instant::now();
+        let (_, reply) = client.ask(&format!("m{i}"), "Tell me about the Gold Card").await;
+        assert_eq!(reply.done["fallback"], true);
+        assert_eq!(reply.done["interrupted"], false);
+        let took = started.elapsed();
+        assert!(
+            took >= Duration::from_millis(250) && took < Duration::from_millis(1000),
+            "deadline + margin: {took:?}"
+        );
+    }
+    assert_eq!(answerer.requests().len(), 2);
+
+    // Open: the fallback comes at once and the bridge is not called.
+    let started = Instant::now();
+    let (_, reply) = client.ask("m2", "Tell me about the Gold Card").await;
+    assert_eq!(reply.done["fallback"], true);
+    assert!(started.elapsed() < Duration::from_millis(200), "no waiting while open: {:?}", started.elapsed());
+    assert_eq!(answerer.requests().len(), 2, "an open breaker does not call the bridge");
+    assert!(metrics(&hub).await.contains(r#"reason="breaker_open""#));
+
+    // The bridge heals; after the open time a probe goes through and closes the breaker.
+    answerer.set_script(Script::default());
+    tokio::time::sleep(Duration::from_millis(900)).await;
+    for i in 3..5 {
+        let (_, reply) = client.ask(&format!("m{i}"), "Tell me about the Gold Card").await;
+        assert_eq!(reply.done["fallback"], false, "healthy again: {}", reply.done);
+    }
+    assert_eq!(answerer.requests().len(), 4);
+}
+
+#[tokio::test]
+async fn errors_before_the_first_token_are_retried_into_one_clean_answer() {
+    let answerer = RecordingAnswerer::start(Script { fail_first: 2, ..Script::default() }).await;
+    let hub = Hub::start(&["--nlp-url", &answerer.url]).await;
+    let mut client = Client::connect(&hub.ws_url("tenant=demo&user=retried")).await;
+    let (_, reply) = client.ask("m1", "Tell me about the Gold Card").await;
+    assert_eq!(reply.done["fallback"], false);
+    assert_eq!(reply.text(), "tok0 tok1 tok2 tok3 tok4 ");
+    assert_eq!(answerer.requests().len(), 3, "two refusals, one answer");
+    // Exactly one answer: the next frames belong to the next question.
+    let (ack, _) = client.ask("m2", "Again").await;
+    assert_eq!(ack["seq"], 3);
+    assert_eq!(metric_value(&metrics(&hub).await, "fengda_hub_nlp_retries_total"), 2.0);
+}
+
+#[tokio::test]
+async fn invalid_argument_is_not_retried() {
+    let answerer = RecordingAnswerer::start(Script {
+        fail_first: 1,
+        fail_code: tonic::Code::InvalidArgument,
+        ..Script::default()
+    })
+    .await;
+    let hub = Hub::start(&["--nlp-url", &answerer.url]).await;
+    let mut client = Client::connect(&hub.ws_url("tenant=demo&user=not-retried")).await;
+    let (_, reply) = client.ask("m1", "Tell me about the Gold Card").await;
+    assert_eq!(reply.done["fallback"], true);
+    assert_eq!(answerer.requests().len(), 1);
+}
+
+#[tokio::test]
+async fn a_bridge_killed_mid_stream_interrupts_the_reply_and_the_next_goes_elsewhere() {
+    let mut slow = NlpProcess::start(&["--first-token-delay-ms", "0", "--tokens-per-second", "20"]).await;
+    let fast = NlpProcess::start(&["--first-token-delay-ms", "0", "--tokens-per-second", "0"]).await;
+    let endpoints = format!("{},{}", slow.url, fast.url);
+    let hub = Hub::start(&["--nlp-url", &endpoints]).await;
+    let mut client = Client::connect(&hub.ws_url("tenant=demo&user=killed")).await;
+    client.send_message("m1", "Tell me about the Gold Card").await;
+    client.expect("ack").await;
+    client.expect("reply.delta").await;
+    client.expect("reply.delta").await;
+    slow.child.kill().await.unwrap();
+    // read_reply checks the remaining deltas (indexes continue) add up to the done text.
+    let mut rest = Vec::new();
+    let done = loop {
+        let frame = client.next().await;
+        if frame["type"] == "reply.done" {
+            break frame;
+        }
+        rest.push(frame);
+    };
+    assert_eq!(done["fallback"], true);
+    assert_eq!(done["interrupted"], true);
+    let text = done["text"].as_str().unwrap();
+    assert!(text.contains("\n\nSorry"), "partial answer, then the fallback sentence: {text}");
+    assert_eq!(rest.last().unwrap()["index"].as_u64().unwrap() as usize, rest.len() + 1, "indexes stay contiguous");
+
+    let (_, next) = client.ask("m2", "And how much does it cost?").await;
+    assert_eq!(next.done["fallback"], false, "the second endpoint answers: {}", next.done);
+    assert!(next.text().contains("Gold Card"));
+}
+
+#[tokio::test]
+async fn a_cancel_frame_stops_the_reply_and_the_bridge() {
+    let answerer =
+        RecordingAnswerer::start(Script { tokens: 200, token_delay: Duration::from_millis(20), ..Script::default() })
+            .await;
+    let hub = Hub::start(&["--nlp-url", &answerer.url]).await;
+    let mut client = Client::connect(&hub.ws_url("tenant=demo&user=canceller")).await;
+    client.send_message("m1", "Tell me a long story").await;
+    client.expect("ack").await;
+    let first = client.expect("reply.delta").await;
+    client.send_json(json!({"type": "cancel", "reply": first["reply"]})).await;
+    let mut deltas = vec![first];
+    let done = loop {
+        let frame = client.next().await;
+        if frame["type"] == "reply.done" {
+            break frame;
+        }
+        deltas.push(frame);
+    };
+    assert_eq!(done["cancelled"], true);
+    assert_eq!(done["fallback"], false);
+    let joined: String = deltas.iter().map(|d| d["text"].as_str().unwrap()).collect();
+    assert_eq!(done["text"], joined.as_str());
+    assert!(deltas.len() < 200);
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while answerer.cancelled() == 0 {
+        assert!(Instant::now() < deadline, "the bridge never saw the cancellation");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // A cancel for an unknown or finished reply is ignored.
+    client.send_json(json!({"type": "cancel", "reply": "r-nope"})).await;
+    client.assert_alive().await;
+}
+
+#[tokio::test]
+async fn beyond_the_concurrency_limit_questions_queue_or_fall_back_and_none_hangs() {
+    let answerer =
+        RecordingAnswerer::start(Script { tokens: 5, token_delay: Duration::from_millis(80), ..Script::default() })
+            .await;
+    let hub = Hub::start(&["--nlp-url", &answerer.url, "--nlp-max-concurrent", "1", "--nlp-max-queued", "1"]).await;
+    let mut clients = Vec::new();
+    for i in 0..3 {
+        clients.push(Client::connect(&hub.ws_url(&format!("tenant=demo&user=crowd{i}"))).await);
+    }
+    for client in &mut clients {
+        client.send_message("m1", "Tell me about the Gold Card").await;
+    }
+    let mut fallbacks = 0;
+    for client in &mut clients {
+        client.expect("ack").await;
+        let reply = client.read_reply().await;
+        if reply.done["fallback"] == true {
+            fallbacks += 1;
+        }
+    }
+    assert_eq!(fallbacks, 1, "one in flight, one queued and answered, one over the queue");
+    assert!(metrics(&hub).await.contains(r#"reason="overloaded""#));
+}

@@ -406,6 +406,19 @@ mod tests {
     }
 
     #[test]
+    fn the_example_file_is_valid() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("fengda-nlp.example.toml");
+        let config = BridgeConfig::from_file(&path).unwrap();
+        config.validate().unwrap();
+        assert_eq!(config.default_backend, "local-llm");
+        assert_eq!(config.limits, Limits::default());
+        let BackendConfig::Openai(llm) = &config.backends["local-llm"] else { panic!() };
+        assert!(llm.api_key_env.is_none());
+        assert!(llm.system_prompt_for("telco").unwrap().starts_with("你是"));
+        assert_eq!(config.tenants["shop"], "faq-fast");
+    }
+
+    #[test]
     fn bad_backends_are_rejected() {
         let invalid = |text: &str| {
             BridgeConfig::from_toml(text)

@@ -4,13 +4,28 @@
 //! relays the chunks to the customer as they arrive. This crate can run as
 //! the `fengda-nlp` binary or be embedded by the hub in-process via [`serve`].
 //!
+//! Answers come from a backend chosen per tenant: the built-in FAQ answerer
+//! (the default when nothing is configured) or any OpenAI-compatible
+//! chat-completions server (vLLM, Ollama, llama.cpp's server, a hosted API),
+//! streamed as server-sent events. See `nlp-bridge/fengda-nlp.example.toml`.
+//!
+//! Failure handling, as the hub sees it: before any text, upstream trouble is
+//! `UNAVAILABLE` (connect error, 5xx, timeout) or `RESOURCE_EXHAUSTED` (429,
+//! or the bridge's own `max_concurrent_streams`), both retryable; a request
+//! the upstream will never accept is `INVALID_ARGUMENT`, `UNAUTHENTICATED`,
+//! `PERMISSION_DENIED` or `NOT_FOUND`; a stream that breaks after text was
+//! sent ends with `ABORTED`. Cancelling the gRPC call aborts the upstream
+//! HTTP request. The table is at `From<BackendError> for Status` in [`error`].
+//!
 //! Module map:
-//! - [`config`]: [`AnswererConfig`] and the binary's `BridgeConfig`.
+//! - [`config`]: [`AnswererConfig`] and the binary's `BridgeConfig`
+//!   (backends, tenant routing, limits).
 //! - [`backend`]: the [`backend::AnswerBackend`] trait (async, streaming,
-//!   fallible, cancelled by drop) and [`backend::builtin`], the deterministic
-//!   FAQ answerer; an LLM backend will be a second implementation.
+//!   fallible, cancelled by drop); [`backend::builtin`], the deterministic
+//!   FAQ answerer; [`backend::openai`], the OpenAI-compatible LLM client;
+//!   [`backend::router`], per-tenant selection.
 //! - [`knowledge`]: the FAQ knowledge base, its tokenizer and matcher.
-//! - [`service`]: [`NlpService`], the gRPC handler and per-call producer.
+//! - [`service`]: [`NlpService`], the gRPC handler, limits and per-call producer.
 //! - [`error`]: startup and backend errors, and their mapping to `Status`.
 
 pub mod backend;

@@ -1,7 +1,7 @@
 //! The tonic implementation of `fengda.nlp.v1.Nlp`.
 //!
 //! Each `Answer` call is validated, turned into a [`BackendRequest`] and
-//! handed to the [`AnswerBackend`]. A spawned producer ([`run_producer`])
+//! handed to the [`AnswerBackend`]. A spawned producer (`run_producer`)
 //! feeds the backend's tokens into a bounded channel that tonic drains as the
 //! response stream. When the client goes away tonic drops that stream, the
 //! channel closes, and the producer stops at once and drops the backend

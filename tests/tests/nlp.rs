@@ -90,7 +90,10 @@ async fn a_customer_leaving_mid_answer_cancels_the_nlp_stream() {
     drop(client);
     let deadline = std::time::Instant::now() + Duration::from_secs(1);
     while answerer.cancelled() == 0 {
-        assert!(std::time::Instant::now() < deadline, "the answerer was not told within a second that the customer left");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the answerer was not told within a second that the customer left"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }

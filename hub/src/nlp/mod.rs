@@ -287,16 +287,11 @@ fn record(endpoint: &Endpoint, success: bool) {
     }
 }
 
-/// Client-side mistakes say nothing about the endpoint's health.
+/// A request the bridge found malformed says nothing about the endpoint's
+/// health; everything else does (a bridge whose upstream key is wrong answers
+/// unauthenticated/permission denied to every call: it should be skipped).
 fn counts_as_failure(code: Code) -> bool {
-    !matches!(
-        code,
-        Code::InvalidArgument
-            | Code::NotFound
-            | Code::PermissionDenied
-            | Code::Unauthenticated
-            | Code::FailedPrecondition
-    )
+    !matches!(code, Code::InvalidArgument | Code::OutOfRange)
 }
 
 fn status_of(error: NlpError) -> Status {

@@ -186,3 +186,25 @@ async fn beyond_the_concurrency_limit_questions_queue_or_fall_back_and_none_hang
     assert_eq!(fallbacks, 1, "one in flight, one queued and answered, one over the queue");
     assert!(metrics(&hub).await.contains(r#"reason="overloaded""#));
 }
+
+#[tokio::test]
+async fn fallback_texts_are_configurable_per_tenant_and_language() {
+    let answerer =
+        RecordingAnswerer::start(Script { fail_first: 100, fail_code: tonic::Code::Internal, ..Script::default() })
+            .await;
+    let dir = std::env::temp_dir().join(format!("fengda-fallback-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let config = dir.join("fengda.toml");
+    std::fs::write(&config, "[nlp.tenant_fallback.bank-a]\nen = \"Bank A is busy, sorry.\"\nzh = \"A银行繁忙。\"\n")
+        .unwrap();
+    let hub = Hub::start(&["--config", config.to_str().unwrap(), "--nlp-url", &answerer.url]).await;
+    let mut bank_a = Client::connect(&hub.ws_url("tenant=bank-a&user=u1")).await;
+    let (_, english) = bank_a.ask("m1", "Hello there").await;
+    assert_eq!(english.text(), "Bank A is busy, sorry.");
+    let (_, chinese) = bank_a.ask("m2", "你好，请问金卡年费多少").await;
+    assert_eq!(chinese.text(), "A银行繁忙。");
+    let mut other = Client::connect(&hub.ws_url("tenant=telco&user=u1")).await;
+    let (_, default) = other.ask("m1", "Hello there").await;
+    assert!(default.text().starts_with("Sorry, the system is busy"), "{}", default.text());
+    std::fs::remove_dir_all(dir).unwrap();
+}

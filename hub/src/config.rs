@@ -148,9 +148,12 @@ pub struct NlpConfig {
     pub breaker_half_open_probes: u32,
     /// NLP calls in flight per node. Default 512.
     pub max_concurrent: usize,
-    /// Questions waiting for a slot (within the first-chunk deadline); more
-    /// get the fallback at once. Default 1024.
+    /// Questions waiting for a slot, in a per-tenant fair queue; more get
+    /// the fallback at once. Default 1024.
     pub max_queued: usize,
+    /// Longest wait for a slot; past it the fallback. The customer sees
+    /// `queued` frames meanwhile. Default 10000 ms.
+    pub max_queue_wait_ms: u64,
     /// The polite fallback reply, by language. Defaults: English and Chinese.
     pub fallback: FallbackText,
     /// Per-tenant fallback texts, by tenant id. Default none.
@@ -235,6 +238,7 @@ impl Default for NlpConfig {
             breaker_half_open_probes: 1,
             max_concurrent: 512,
             max_queued: 1024,
+            max_queue_wait_ms: 10_000,
             fallback: FallbackText::default(),
             tenant_fallback: Default::default(),
         }
@@ -370,6 +374,9 @@ pub struct ServeArgs {
     /// Questions waiting for an NLP slot [default: 1024] (key `nlp.max_queued`).
     #[arg(long, env = "FENGDA_NLP_MAX_QUEUED")]
     pub nlp_max_queued: Option<usize>,
+    /// Longest wait for an NLP slot, ms [default: 10000] (key `nlp.max_queue_wait_ms`).
+    #[arg(long, env = "FENGDA_NLP_MAX_QUEUE_WAIT_MS")]
+    pub nlp_max_queue_wait_ms: Option<u64>,
     /// First-chunk deadline in ms [default: 1500] (key `nlp.first_chunk_timeout_ms`).
     #[arg(long, env = "FENGDA_NLP_FIRST_CHUNK_TIMEOUT_MS")]
     pub nlp_first_chunk_timeout_ms: Option<u64>,
@@ -442,6 +449,7 @@ impl ServeArgs {
         set(&mut config.nlp.breaker_open_ms, self.nlp_breaker_open_ms);
         set(&mut config.nlp.max_concurrent, self.nlp_max_concurrent);
         set(&mut config.nlp.max_queued, self.nlp_max_queued);
+        set(&mut config.nlp.max_queue_wait_ms, self.nlp_max_queue_wait_ms);
         set(&mut config.nlp.first_chunk_timeout_ms, self.nlp_first_chunk_timeout_ms);
         set(&mut config.nlp.reply_timeout_ms, self.nlp_reply_timeout_ms);
         set(&mut config.conversation.history_turns, self.history_turns);

@@ -126,16 +126,19 @@ impl Replier {
     }
 
     async fn stream(&self, request: &AnswerRequest, reply: &mut ReplyStream<'_>, cancel: &CancellationToken) -> Ending {
-        let mut call = tokio::select! {
+        let queued_reply = &*reply;
+        let mut on_queued = |position| queued_reply.queued(position);
+        let started = tokio::select! {
             _ = cancel.cancelled() => return Ending { cancelled: true, ..Ending::default() },
-            started = self.nlp.start(request) => match started {
-                Ok(call) => call,
-                Err(error) => {
-                    warn!(%error, "no NLP answer; sending the fallback");
-                    metrics::counter!("fengda_hub_nlp_fallbacks_total", "reason" => error.reason()).increment(1);
-                    return Ending { fallback: true, ..Ending::default() };
-                }
-            },
+            started = self.nlp.start(&queued_reply.key.tenant, request, &mut on_queued) => started,
+        };
+        let mut call = match started {
+            Ok(call) => call,
+            Err(error) => {
+                warn!(%error, "no NLP answer; sending the fallback");
+                metrics::counter!("fengda_hub_nlp_fallbacks_total", "reason" => error.reason()).increment(1);
+                return Ending { fallback: true, ..Ending::default() };
+            }
         };
         loop {
             let next = tokio::select! {
@@ -190,6 +193,14 @@ struct ReplyStream<'a> {
 }
 
 impl ReplyStream<'_> {
+    /// Tells every socket of the conversation where the question stands in line.
+    fn queued(&self, position: usize) {
+        let frame =
+            ServerFrame::Queued { conversation: self.key.conversation.as_str(), reply: self.reply_id, position }
+                .encode();
+        self.backend.publish_ephemeral(self.key, frame);
+    }
+
     fn push(&mut self, token: &str) {
         let frame = ServerFrame::ReplyDelta {
             conversation: self.key.conversation.as_str(),

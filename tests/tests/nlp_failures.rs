@@ -176,13 +176,27 @@ async fn beyond_the_concurrency_limit_questions_queue_or_fall_back_and_none_hang
         client.send_message("m1", "Tell me about the Gold Card").await;
     }
     let mut fallbacks = 0;
+    let mut queued_positions = Vec::new();
     for client in &mut clients {
         client.expect("ack").await;
-        let reply = client.read_reply().await;
-        if reply.done["fallback"] == true {
+        // A question waiting for a slot is told its place in line first.
+        let mut frame = client.next().await;
+        while frame["type"] == "queued" {
+            queued_positions.push(frame["position"].as_u64().unwrap());
+            frame = client.next().await;
+        }
+        let mut deltas = 0;
+        while frame["type"] == "reply.delta" {
+            deltas += 1;
+            frame = client.next().await;
+        }
+        assert_eq!(frame["type"], "reply.done", "{frame}");
+        assert!(deltas > 0);
+        if frame["fallback"] == true {
             fallbacks += 1;
         }
     }
+    assert_eq!(queued_positions, [1], "the waiting question saw its place in line");
     assert_eq!(fallbacks, 1, "one in flight, one queued and answered, one over the queue");
     assert!(metrics(&hub).await.contains(r#"reason="overloaded""#));
 }
@@ -207,4 +221,55 @@ async fn fallback_texts_are_configurable_per_tenant_and_language() {
     let (_, default) = other.ask("m1", "Hello there").await;
     assert!(default.text().starts_with("Sorry, the system is busy"), "{}", default.text());
     std::fs::remove_dir_all(dir).unwrap();
+}
+
+/// Asks on a fresh socket and returns when the reply finished and whether it was a fallback.
+async fn ask_and_time(hub: &Hub, tenant: &str, user: &str, start: Instant) -> (Duration, bool) {
+    let mut client = Client::connect(&hub.ws_url(&format!("tenant={tenant}&user={user}"))).await;
+    client.send_message("m1", "Tell me about the Gold Card").await;
+    loop {
+        let frame = client.next().await;
+        if frame["type"] == "reply.done" {
+            return (start.elapsed(), frame["fallback"] == true);
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_bursting_tenant_does_not_starve_another_tenant() {
+    let answerer =
+        RecordingAnswerer::start(Script { tokens: 3, token_delay: Duration::from_millis(60), ..Script::default() })
+            .await;
+    let hub = Hub::start(&["--nlp-url", &answerer.url, "--nlp-max-concurrent", "1"]).await;
+    let start = Instant::now();
+    let users: Vec<String> = (0..4).map(|i| format!("a{i}")).collect();
+    let burst = futures::future::join_all(users.iter().map(|user| ask_and_time(&hub, "bank-a", user, start)));
+    let steady = async {
+        // Arrive after the burst is queued.
+        tokio::time::sleep(Duration::from_millis(60)).await;
+        ask_and_time(&hub, "bank-b", "b0", start).await
+    };
+    let (mut burst, steady) = tokio::join!(burst, steady);
+    burst.sort();
+    assert!(burst.iter().chain([&steady]).all(|(_, fallback)| !fallback));
+    let later_than_steady = burst.iter().filter(|(done, _)| *done > steady.0).count();
+    assert!(later_than_steady >= 2, "bank-b is served before most of bank-a's burst: {burst:?} vs {steady:?}");
+}
+
+#[tokio::test]
+async fn a_question_waiting_too_long_for_a_slot_gets_the_fallback() {
+    let answerer =
+        RecordingAnswerer::start(Script { tokens: 10, token_delay: Duration::from_millis(100), ..Script::default() })
+            .await;
+    let hub =
+        Hub::start(&["--nlp-url", &answerer.url, "--nlp-max-concurrent", "1", "--nlp-max-queue-wait-ms", "200"]).await;
+    let start = Instant::now();
+    let (first, second) = tokio::join!(ask_and_time(&hub, "demo", "w1", start), async {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        ask_and_time(&hub, "demo", "w2", start).await
+    });
+    assert!(!first.1, "the first question is answered");
+    assert!(second.1, "the second waited past the maximum and got the fallback");
+    assert!(second.0 < first.0, "the fallback came after the maximum wait, not after the first reply");
+    assert!(metrics(&hub).await.contains(r#"reason="queue_timeout""#));
 }

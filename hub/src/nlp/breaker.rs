@@ -41,9 +41,19 @@ pub struct Breaker {
 
 #[derive(Debug)]
 enum Inner {
-    Closed { recent: VecDeque<bool>, failures_in_a_row: u32 },
-    Open { until: Instant },
-    HalfOpen { probes: u32 },
+    Closed {
+        recent: VecDeque<bool>,
+        failures_in_a_row: u32,
+    },
+    Open {
+        until: Instant,
+    },
+    /// `since` bounds a probe that never reports (cancelled, dropped): after
+    /// `open_for` a new round of probes is allowed, so the breaker cannot stick.
+    HalfOpen {
+        probes: u32,
+        since: Instant,
+    },
 }
 
 impl Breaker {
@@ -71,10 +81,14 @@ impl Breaker {
             Inner::Closed { .. } => true,
             Inner::Open { until } if now < *until => false,
             Inner::Open { .. } => {
-                *inner = Inner::HalfOpen { probes: 1 };
+                *inner = Inner::HalfOpen { probes: 1, since: now };
                 true
             }
-            Inner::HalfOpen { probes } if *probes < self.config.half_open_probes => {
+            Inner::HalfOpen { probes, since } if *since + self.config.open_for <= now => {
+                (*probes, *since) = (1, now);
+                true
+            }
+            Inner::HalfOpen { probes, .. } if *probes < self.config.half_open_probes => {
                 *probes += 1;
                 true
             }
@@ -181,5 +195,18 @@ mod tests {
         assert!(b.allow(later));
         assert_eq!(b.record(true, later), Some(BreakerState::Closed));
         assert!(b.allow(later));
+    }
+
+    #[test]
+    fn a_probe_that_never_reports_does_not_block_the_breaker_forever() {
+        let b = breaker();
+        let t = Instant::now();
+        for _ in 0..3 {
+            b.record(false, t);
+        }
+        let probe_time = t + Duration::from_secs(30);
+        assert!(b.allow(probe_time), "the probe, which is then cancelled and never recorded");
+        assert!(!b.allow(probe_time + Duration::from_secs(1)));
+        assert!(b.allow(probe_time + Duration::from_secs(30)), "a new probe after open_for");
     }
 }

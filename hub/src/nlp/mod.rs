@@ -2,9 +2,10 @@
 //!
 //! [`NlpPool`] holds one [`client::NlpClient`] per configured bridge
 //! endpoint. Starting an answer ([`NlpPool::start`]):
-//! 1. **Admission**: at most `max_concurrent` calls run per node; up to
-//!    `max_queued` more wait (within the first-token deadline); beyond that
-//!    the caller gets [`StartError::Overloaded`] at once, never a pile-up.
+//! 1. **Admission** ([`admission`]): at most `max_concurrent` calls run per
+//!    node; up to `max_queued` more wait, in a per-tenant fair queue, for at
+//!    most `max_queue_wait`; beyond that the caller gets the fallback at once,
+//!    never a pile-up. The first-token deadline starts once admitted.
 //! 2. **Endpoint choice**: healthy endpoints (per the gRPC health checks of
 //!    [`run_health_checks`]) whose breaker allows a call, least outstanding
 //!    calls first. All breakers open: [`StartError::AllOpen`] at once.
@@ -17,6 +18,7 @@
 //! Each finished call feeds its endpoint's [`breaker::Breaker`]. Counters and
 //! the breaker states are exported as metrics (`fengda_hub_nlp_*`).
 
+pub mod admission;
 pub mod breaker;
 mod client;
 
@@ -25,7 +27,6 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use fengda_proto::nlp::v1::{AnswerChunk, AnswerRequest};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tonic::{Code, Status, Streaming};
@@ -34,6 +35,8 @@ use tracing::{info, warn};
 pub use client::{NlpClient, NlpError};
 
 use crate::config::NlpConfig;
+use crate::ids::TenantId;
+use admission::{Admission, Entry, Permit, QueueFull};
 use breaker::{Breaker, BreakerConfig, BreakerState};
 
 /// How often endpoints' gRPC health is checked.
@@ -52,9 +55,8 @@ pub struct Endpoint {
 #[derive(Debug)]
 pub struct NlpPool {
     endpoints: Vec<Arc<Endpoint>>,
-    admission: Arc<Semaphore>,
-    waiting: AtomicUsize,
-    max_queued: usize,
+    admission: Arc<Admission>,
+    max_queue_wait: Duration,
     first_chunk_timeout: Duration,
     token_gap_timeout: Duration,
     max_attempts: u32,
@@ -67,6 +69,8 @@ pub struct NlpPool {
 pub enum StartError {
     #[error("too many NLP calls in flight and waiting on this node")]
     Overloaded,
+    #[error("waited too long for an NLP slot")]
+    QueueTimeout,
     #[error("every NLP endpoint's circuit breaker is open")]
     AllOpen,
     #[error("no first token within the deadline")]
@@ -80,6 +84,7 @@ impl StartError {
     pub fn reason(&self) -> &'static str {
         match self {
             Self::Overloaded => "overloaded",
+            Self::QueueTimeout => "queue_timeout",
             Self::AllOpen => "breaker_open",
             Self::Deadline => "deadline",
             Self::Failed(_) => "error",
@@ -121,9 +126,8 @@ impl NlpPool {
             .collect::<Result<Vec<_>, NlpError>>()?;
         Ok(Self {
             endpoints,
-            admission: Arc::new(Semaphore::new(config.max_concurrent)),
-            waiting: AtomicUsize::new(0),
-            max_queued: config.max_queued,
+            admission: Admission::new(config.max_concurrent, config.max_queued),
+            max_queue_wait: Duration::from_millis(config.max_queue_wait_ms),
             first_chunk_timeout: Duration::from_millis(config.first_chunk_timeout_ms),
             token_gap_timeout: Duration::from_millis(config.token_gap_timeout_ms),
             max_attempts: config.retry_max_attempts,
@@ -136,10 +140,17 @@ impl NlpPool {
         &self.endpoints
     }
 
-    /// Starts an answer stream and waits for its first chunk (see the module doc).
-    pub async fn start(&self, request: &AnswerRequest) -> Result<ActiveCall, StartError> {
+    /// Starts an answer stream and waits for its first chunk (see the module
+    /// doc). While the question waits for a slot, `on_queued` hears its place
+    /// in line each time it changes.
+    pub async fn start(
+        &self,
+        tenant: &TenantId,
+        request: &AnswerRequest,
+        on_queued: &mut (dyn FnMut(usize) + Send),
+    ) -> Result<ActiveCall, StartError> {
+        let permit = self.admit(tenant, on_queued).await?;
         let deadline = Instant::now() + self.first_chunk_timeout;
-        let permit = self.admit(deadline).await?;
         let mut attempt = 0;
         let mut tried: Vec<Arc<Endpoint>> = Vec::new();
         loop {
@@ -186,19 +197,26 @@ impl NlpPool {
         }
     }
 
-    async fn admit(&self, deadline: Instant) -> Result<OwnedSemaphorePermit, StartError> {
-        if let Ok(permit) = self.admission.clone().try_acquire_owned() {
-            return Ok(permit);
-        }
-        if self.waiting.fetch_add(1, Ordering::AcqRel) >= self.max_queued {
-            self.waiting.fetch_sub(1, Ordering::AcqRel);
-            return Err(StartError::Overloaded);
-        }
-        let permit = tokio::time::timeout_at(deadline, self.admission.clone().acquire_owned()).await;
-        self.waiting.fetch_sub(1, Ordering::AcqRel);
-        match permit {
-            Ok(Ok(permit)) => Ok(permit),
-            _ => Err(StartError::Overloaded),
+    /// A running slot, waiting in the tenant's line (at most `max_queue_wait`) if needed.
+    async fn admit(&self, tenant: &TenantId, on_queued: &mut (dyn FnMut(usize) + Send)) -> Result<Permit, StartError> {
+        let mut ticket = match self.admission.enter(tenant) {
+            Ok(Entry::Running(permit)) => return Ok(permit),
+            Ok(Entry::Waiting(ticket)) => ticket,
+            Err(QueueFull) => return Err(StartError::Overloaded),
+        };
+        let give_up = Instant::now() + self.max_queue_wait;
+        on_queued(*ticket.position.borrow_and_update());
+        loop {
+            tokio::select! {
+                admitted = &mut ticket.admitted => {
+                    return match admitted {
+                        Ok(()) => Ok(ticket.permit()),
+                        Err(_) => Err(StartError::Overloaded),
+                    };
+                }
+                Ok(()) = ticket.position.changed() => on_queued(*ticket.position.borrow_and_update()),
+                _ = tokio::time::sleep_until(give_up) => return Err(StartError::QueueTimeout),
+            }
         }
     }
 
@@ -212,7 +230,11 @@ impl NlpPool {
             let already_failed = tried.iter().any(|t| Arc::ptr_eq(t, e));
             (already_failed, !e.healthy.load(Ordering::Acquire), e.outstanding.load(Ordering::Acquire))
         });
-        candidates.into_iter().find(|e| e.breaker.allow(now)).cloned()
+        let chosen = candidates.into_iter().find(|e| e.breaker.allow(now)).cloned()?;
+        if chosen.breaker.state() == BreakerState::HalfOpen {
+            set_breaker_gauge(&chosen, BreakerState::HalfOpen);
+        }
+        Some(chosen)
     }
 
     /// Exponential backoff with full jitter.
@@ -229,7 +251,7 @@ pub struct ActiveCall {
     first: Option<AnswerChunk>,
     token_gap: Duration,
     outstanding: Outstanding,
-    _permit: OwnedSemaphorePermit,
+    _permit: Permit,
 }
 
 impl ActiveCall {
@@ -278,13 +300,18 @@ fn record(endpoint: &Endpoint, success: bool) {
     metrics::counter!("fengda_hub_nlp_calls_total", "outcome" => outcome).increment(1);
     if let Some(state) = endpoint.breaker.record(success, std::time::Instant::now()) {
         warn!(endpoint = %endpoint.url, ?state, "NLP circuit breaker changed state");
-        let gauge = match state {
-            BreakerState::Closed => 0.0,
-            BreakerState::Open => 1.0,
-            BreakerState::HalfOpen => 2.0,
-        };
-        metrics::gauge!("fengda_hub_nlp_breaker_state", "endpoint" => endpoint.url.clone()).set(gauge);
+        set_breaker_gauge(endpoint, state);
     }
+}
+
+/// `fengda_hub_nlp_breaker_state{endpoint}`: 0 closed, 1 open, 2 half-open.
+fn set_breaker_gauge(endpoint: &Endpoint, state: BreakerState) {
+    let gauge = match state {
+        BreakerState::Closed => 0.0,
+        BreakerState::Open => 1.0,
+        BreakerState::HalfOpen => 2.0,
+    };
+    metrics::gauge!("fengda_hub_nlp_breaker_state", "endpoint" => endpoint.url.clone()).set(gauge);
 }
 
 /// A request the bridge found malformed says nothing about the endpoint's
@@ -319,7 +346,8 @@ pub async fn run_health_checks(pool: Arc<NlpPool>, stop: CancellationToken) {
             _ = interval.tick() => {}
         }
         for (endpoint, client) in pool.endpoints.iter().zip(clients.iter_mut()) {
-            let mut request = tonic::Request::new(HealthCheckRequest { service: String::new() });
+            // The answer service's own status: a draining bridge marks it NOT_SERVING.
+            let mut request = tonic::Request::new(HealthCheckRequest { service: "fengda.nlp.v1.Nlp".into() });
             request.set_timeout(Duration::from_secs(1));
             let serving = matches!(client.check(request).await, Ok(r) if r.get_ref().status == 1);
             if endpoint.healthy.swap(serving, Ordering::AcqRel) != serving {

@@ -160,6 +160,10 @@ pub enum ServerFrame<'a> {
     Ack { id: &'a str, seq: u64 },
     #[serde(rename = "reply.delta")]
     ReplyDelta { conversation: &'a str, reply: &'a str, index: u32, text: &'a str },
+    /// The question waits for an NLP slot; `position` 1 is next. Repeated
+    /// when the place changes, until the reply's first `reply.delta`.
+    #[serde(rename = "queued")]
+    Queued { conversation: &'a str, reply: &'a str, position: usize },
     #[serde(rename = "reply.done")]
     ReplyDone {
         conversation: &'a str,

@@ -1,0 +1,270 @@
+//! Admission to the NLP service: a bounded, per-tenant fair queue.
+//!
+//! At most `max_concurrent` calls run per node. Further questions wait in
+//! one FIFO per tenant, and freed slots go round robin across the tenants
+//! that have someone waiting, so one tenant's burst cannot starve another
+//! tenant's customers. At most `max_queued` questions wait in all; beyond
+//! that a question is refused at once (the caller sends the fallback).
+//!
+//! Each waiter can watch its place in line (an estimate under round robin:
+//! the waiters that will be served before it, plus one), which the hub shows
+//! to the customer as `queued` frames. The state sits behind a std `Mutex`
+//! held for short, await-free updates.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex};
+
+use tokio::sync::{oneshot, watch};
+
+use crate::ids::TenantId;
+
+#[derive(Debug)]
+pub struct Admission {
+    max_concurrent: usize,
+    max_queued: usize,
+    state: Mutex<State>,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    running: usize,
+    queued: usize,
+    next_waiter: u64,
+    /// One FIFO per tenant with waiters.
+    queues: HashMap<TenantId, VecDeque<Waiter>>,
+    /// Tenants with waiters, in round-robin order; the front is served next.
+    ring: VecDeque<TenantId>,
+}
+
+#[derive(Debug)]
+struct Waiter {
+    id: u64,
+    admit: oneshot::Sender<()>,
+    position: watch::Sender<usize>,
+}
+
+/// Refused: the queue is full.
+#[derive(Debug, PartialEq, Eq)]
+pub struct QueueFull;
+
+/// A running slot; dropping it admits the next waiter.
+#[derive(Debug)]
+pub struct Permit {
+    admission: Arc<Admission>,
+}
+
+impl Drop for Permit {
+    fn drop(&mut self) {
+        self.admission.release();
+    }
+}
+
+/// A place in line.
+#[derive(Debug)]
+pub struct Ticket {
+    admission: Arc<Admission>,
+    tenant: TenantId,
+    id: u64,
+    /// Resolves when a slot was handed to this ticket (then call [`Ticket::permit`]).
+    pub admitted: oneshot::Receiver<()>,
+    /// The current place in line (1 = next).
+    pub position: watch::Receiver<usize>,
+    /// Set once the slot became a [`Permit`].
+    taken: bool,
+}
+
+impl Ticket {
+    /// Turns an admitted ticket into its running slot.
+    pub fn permit(mut self) -> Permit {
+        self.taken = true;
+        Permit { admission: self.admission.clone() }
+    }
+
+    /// Waits for the slot. Cancel-safe: dropping the ticket leaves the line.
+    pub async fn admitted(mut self) -> Permit {
+        let _ = (&mut self.admitted).await;
+        self.permit()
+    }
+}
+
+impl Drop for Ticket {
+    fn drop(&mut self) {
+        if self.taken {
+            return;
+        }
+        if self.admitted.try_recv().is_ok() {
+            // A slot was handed over but never used: pass it on.
+            self.admission.release();
+        } else {
+            self.admission.leave(&self.tenant, self.id);
+        }
+    }
+}
+
+/// What `enter` gives: a slot now, or a place in line.
+#[derive(Debug)]
+pub enum Entry {
+    Running(Permit),
+    Waiting(Ticket),
+}
+
+impl Admission {
+    pub fn new(max_concurrent: usize, max_queued: usize) -> Arc<Self> {
+        Arc::new(Self { max_concurrent, max_queued, state: Mutex::new(State::default()) })
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        // Updates are small and complete; a poisoned lock still holds a consistent state.
+        self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Takes a slot, or a place in `tenant`'s line, or is refused.
+    pub fn enter(self: &Arc<Self>, tenant: &TenantId) -> Result<Entry, QueueFull> {
+        let mut state = self.lock();
+        if state.running < self.max_concurrent && state.queued == 0 {
+            state.running += 1;
+            return Ok(Entry::Running(Permit { admission: self.clone() }));
+        }
+        if state.queued >= self.max_queued {
+            return Err(QueueFull);
+        }
+        let (admit, admitted) = oneshot::channel();
+        let (position, position_rx) = watch::channel(0);
+        state.next_waiter += 1;
+        let id = state.next_waiter;
+        state.queued += 1;
+        if !state.queues.contains_key(tenant) {
+            state.ring.push_back(tenant.clone());
+        }
+        state.queues.entry(tenant.clone()).or_default().push_back(Waiter { id, admit, position });
+        update_positions(&state);
+        Ok(Entry::Waiting(Ticket {
+            admission: self.clone(),
+            tenant: tenant.clone(),
+            id,
+            admitted,
+            position: position_rx,
+            taken: false,
+        }))
+    }
+
+    /// A running call ended: hand its slot to the next waiter, round robin.
+    fn release(&self) {
+        let mut state = self.lock();
+        state.running -= 1;
+        while state.running < self.max_concurrent {
+            let Some(tenant) = state.ring.pop_front() else { break };
+            let Some(queue) = state.queues.get_mut(&tenant) else { continue };
+            let waiter = queue.pop_front();
+            if queue.is_empty() {
+                state.queues.remove(&tenant);
+            } else {
+                state.ring.push_back(tenant);
+            }
+            if let Some(waiter) = waiter {
+                state.queued -= 1;
+                if waiter.admit.send(()).is_ok() {
+                    state.running += 1;
+                }
+            }
+        }
+        update_positions(&state);
+    }
+
+    /// A waiter gave up (deadline, customer gone) before being admitted.
+    fn leave(&self, tenant: &TenantId, id: u64) {
+        let mut state = self.lock();
+        let Some(queue) = state.queues.get_mut(tenant) else { return };
+        let Some(index) = queue.iter().position(|w| w.id == id) else { return };
+        queue.remove(index);
+        if queue.is_empty() {
+            state.queues.remove(tenant);
+            state.ring.retain(|t| t != tenant);
+        }
+        state.queued -= 1;
+        update_positions(&state);
+    }
+}
+
+/// Places in line under round robin: before the k-th waiter of the tenant at
+/// ring index r come, from every tenant, their first k waiters, plus the
+/// (k+1)-th waiters of the tenants ahead of it in the ring.
+fn update_positions(state: &State) {
+    let lengths: Vec<usize> = state.ring.iter().map(|t| state.queues.get(t).map_or(0, VecDeque::len)).collect();
+    for (rank, tenant) in state.ring.iter().enumerate() {
+        let Some(queue) = state.queues.get(tenant) else { continue };
+        for (k, waiter) in queue.iter().enumerate() {
+            let full_rounds: usize = lengths.iter().map(|len| (*len).min(k)).sum();
+            let ahead_this_round = lengths[..rank].iter().filter(|len| **len > k).count();
+            waiter.position.send_if_modified(|position| {
+                let new = full_rounds + ahead_this_round + 1;
+                std::mem::replace(position, new) != new
+            });
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tenant(name: &str) -> TenantId {
+        TenantId::parse(name).unwrap()
+    }
+
+    fn waiting(entry: Result<Entry, QueueFull>) -> Ticket {
+        match entry {
+            Ok(Entry::Waiting(ticket)) => ticket,
+            other => panic!("expected a place in line, got {other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_bursting_tenant_does_not_starve_another() {
+        let admission = Admission::new(1, 100);
+        let Ok(Entry::Running(running)) = admission.enter(&tenant("a")) else { panic!("a slot") };
+        let mut burst: VecDeque<_> = (0..5).map(|_| waiting(admission.enter(&tenant("a")))).collect();
+        let steady = waiting(admission.enter(&tenant("b")));
+        assert_eq!(*burst[0].position.borrow(), 1);
+        assert_eq!(*steady.position.borrow(), 2, "b is served right after a's first waiter");
+        assert_eq!(*burst[1].position.borrow(), 3);
+
+        drop(running);
+        let first = burst.pop_front().unwrap().admitted().await;
+        assert_eq!(*steady.position.borrow(), 1);
+        drop(first);
+        let _second = steady.admitted().await;
+        assert_eq!(*burst[0].position.borrow(), 1);
+    }
+
+    #[tokio::test]
+    async fn an_admitted_ticket_dropped_unused_passes_its_slot_on() {
+        let admission = Admission::new(1, 10);
+        let Ok(Entry::Running(running)) = admission.enter(&tenant("a")) else { panic!() };
+        let abandoned = waiting(admission.enter(&tenant("a")));
+        let next = waiting(admission.enter(&tenant("b")));
+        drop(running);
+        drop(abandoned);
+        let _permit = next.admitted().await;
+    }
+
+    #[test]
+    fn the_queue_is_bounded_and_leaving_frees_a_place() {
+        let admission = Admission::new(1, 2);
+        let _running = admission.enter(&tenant("a")).unwrap();
+        let first = waiting(admission.enter(&tenant("a")));
+        let second = waiting(admission.enter(&tenant("b")));
+        assert_eq!(admission.enter(&tenant("c")).unwrap_err(), QueueFull);
+        drop(first);
+        assert_eq!(*second.position.borrow(), 1);
+        assert!(admission.enter(&tenant("c")).is_ok());
+    }
+
+    #[tokio::test]
+    async fn a_slot_freed_while_nobody_waits_is_reused() {
+        let admission = Admission::new(1, 1);
+        let Ok(Entry::Running(permit)) = admission.enter(&tenant("a")) else { panic!() };
+        drop(permit);
+        assert!(matches!(admission.enter(&tenant("a")), Ok(Entry::Running(_))));
+    }
+}

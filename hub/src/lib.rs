@@ -122,7 +122,10 @@ impl App {
         let replier = Replier::new(backend.clone(), nlp.clone(), config.conversation.history_turns, &config.nlp);
         tracker.spawn(nlp::run_health_checks(nlp, shutdown.clone()));
         let metrics = match metrics_exporter_prometheus::PrometheusBuilder::new().install_recorder() {
-            Ok(handle) => Some(handle),
+            Ok(handle) => {
+                tracker.spawn(run_metrics_upkeep(handle.clone(), shutdown.clone()));
+                Some(handle)
+            }
             Err(error) => {
                 warn!(%error, "metrics recorder not installed; /metrics will be empty");
                 None
@@ -179,5 +182,17 @@ impl App {
             let _ = answerer.task.await;
         }
         Ok(())
+    }
+}
+
+/// Drains the metrics histograms into their summaries every few seconds (the
+/// exporter keeps raw samples until then).
+async fn run_metrics_upkeep(handle: metrics_exporter_prometheus::PrometheusHandle, stop: CancellationToken) {
+    let mut interval = tokio::time::interval(Duration::from_secs(5));
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = interval.tick() => handle.run_upkeep(),
+        }
     }
 }

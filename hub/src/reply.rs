@@ -31,6 +31,8 @@ use crate::protocol::{Role, ServerFrame};
 pub struct Question {
     pub seq: u64,
     pub text: String,
+    /// When the customer's message reached the hub.
+    pub received: std::time::Instant,
 }
 
 /// What the replier needs, shared by all sessions of the node.
@@ -99,6 +101,8 @@ impl Replier {
             history,
             question: question.text.clone(),
         };
+        // The hub's own share before the model: store, history, hand-over.
+        metrics::histogram!("fengda_hub_reply_before_nlp_seconds").record(question.received.elapsed().as_secs_f64());
         let mut reply =
             ReplyStream { backend: &*self.backend, key, reply_id: &reply_id, text: String::new(), index: 0 };
         let ending = self.stream(&request, &mut reply, &cancel).await;

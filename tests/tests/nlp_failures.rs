@@ -78,7 +78,11 @@ async fn errors_before_the_first_token_are_retried_into_one_clean_answer() {
     // Exactly one answer: the next frames belong to the next question.
     let (ack, _) = client.ask("m2", "Again").await;
     assert_eq!(ack["seq"], 3);
-    assert_eq!(metric_value(&metrics(&hub).await, "fengda_hub_nlp_retries_total"), 2.0);
+    let metrics = metrics(&hub).await;
+    assert_eq!(metric_value(&metrics, "fengda_hub_nlp_retries_total"), 2.0);
+    // Where each reply's time went: the hub's share before the model, and the model's first token.
+    assert!(metrics.contains("fengda_hub_reply_before_nlp_seconds_count 2"), "{metrics}");
+    assert!(metrics.contains("fengda_hub_nlp_first_token_seconds_count 2"), "{metrics}");
 }
 
 #[tokio::test]
@@ -198,7 +202,9 @@ async fn beyond_the_concurrency_limit_questions_queue_or_fall_back_and_none_hang
     }
     assert_eq!(queued_positions, [1], "the waiting question saw its place in line");
     assert_eq!(fallbacks, 1, "one in flight, one queued and answered, one over the queue");
-    assert!(metrics(&hub).await.contains(r#"reason="overloaded""#));
+    let metrics = metrics(&hub).await;
+    assert!(metrics.contains(r#"reason="overloaded""#));
+    assert!(metrics.contains("fengda_hub_nlp_queue_wait_seconds_count 1"), "{metrics}");
 }
 
 #[tokio::test]

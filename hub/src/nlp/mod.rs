@@ -158,6 +158,7 @@ impl NlpPool {
             let endpoint = self.pick(&tried).ok_or(StartError::AllOpen)?;
             tried.push(endpoint.clone());
             let outstanding = Outstanding::new(endpoint.clone());
+            let sent_at = Instant::now();
             let first = tokio::time::timeout_at(deadline, async {
                 let mut stream = endpoint.client.answer(request.clone()).await.map_err(status_of)?;
                 let first = stream.message().await?;
@@ -166,6 +167,7 @@ impl NlpPool {
             .await;
             let status = match first {
                 Ok(Ok((stream, Some(first)))) => {
+                    metrics::histogram!("fengda_hub_nlp_first_token_seconds").record(sent_at.elapsed().as_secs_f64());
                     return Ok(ActiveCall {
                         stream,
                         first: Some(first),
@@ -204,7 +206,9 @@ impl NlpPool {
             Ok(Entry::Waiting(ticket)) => ticket,
             Err(QueueFull) => return Err(StartError::Overloaded),
         };
-        let give_up = Instant::now() + self.max_queue_wait;
+        let queued_at = Instant::now();
+        let _record_wait = RecordOnDrop(queued_at, "fengda_hub_nlp_queue_wait_seconds");
+        let give_up = queued_at + self.max_queue_wait;
         on_queued(*ticket.position.borrow_and_update());
         loop {
             tokio::select! {
@@ -276,6 +280,15 @@ impl ActiveCall {
                     .await;
         }
         record(&self.outstanding.0, success);
+    }
+}
+
+/// Records how long something took into a histogram when dropped.
+struct RecordOnDrop(Instant, &'static str);
+
+impl Drop for RecordOnDrop {
+    fn drop(&mut self) {
+        metrics::histogram!(self.1).record(self.0.elapsed().as_secs_f64());
     }
 }
 

@@ -88,6 +88,7 @@ async fn on_message(
     id: String,
     text: String,
 ) {
+    let received = std::time::Instant::now();
     // Reserve the replier's slot first: a message is only stored if it can be answered.
     let permit = match questions.try_reserve() {
         Ok(permit) => permit,
@@ -100,7 +101,7 @@ async fn on_message(
     match app.backend.append(key, event, Some(session.id)).await {
         // The ack went out through the router, in seq order with other events.
         Ok(Appended::New(seq)) => {
-            permit.send(Question { seq, text });
+            permit.send(Question { seq, text, received });
             app.backend.touch(user, key).await;
         }
         Ok(Appended::Duplicate(seq)) => {

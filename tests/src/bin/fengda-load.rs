@@ -24,15 +24,40 @@
 //!   20) one after another, the next after `reply.done`. Measures end-to-end
 //!   latency send→`reply.done` (p50/p95/p99/max), time to the first
 //!   `reply.delta`, replies/s, tokens per reply, and CPU time per reply and
-//!   per token of the hub and of the bridge, from utime+stime in
-//!   `/proc/<pid>/stat` read just before the first question and just after
-//!   the last reply (connection set-up is outside that window).
+//!   per token of the hub and of the bridge, read just before the first
+//!   question and just after the last reply (connection set-up is outside
+//!   that window).
 //! - `idle`: opens N sockets (default 10,000) that only wait, and reports the
 //!   hub's VmRSS before, with all of them open, and after they closed, and
 //!   KiB per idle socket.
 //! - `burst`: an open-loop schedule of questions: R/s for a few seconds, then
 //!   15×R/s, then R/s again. Latency counts from the scheduled send time, so
 //!   waiting for a free connection counts too (no coordinated omission).
+//!
+//! - `rate`: open loop at a fixed R questions/s for S seconds (the `burst`
+//!   machinery with one phase); latency from the scheduled send time.
+//! - `storm`: N customers each get one question answered, then all lose their
+//!   sockets at once (no close handshake, as when a node dies) and reconnect
+//!   at once with `conversation`, `after` (the seq of their own message, so
+//!   the reply must come back in the replay) and `epoch`. Reports
+//!   reconnects/s, connect→`ready` latency, errors, and replayed/lost events.
+//! - `hold` is another name for `idle` (sockets/s and KiB per socket).
+//!
+//! The ceiling: `--target bare` runs a scenario against `fengda-bare`
+//! (tests/src/bin/fengda-bare.rs), a bare tokio-tungstenite server speaking
+//! the same contract minimally with a canned 40-token answer, with the same
+//! client code; its figures appear under the `hub_*` names. `--compare`
+//! runs the scenario against the bare server, then against the hub, in one
+//! invocation, and prints hub ÷ bare ratios (replies/s, CPU µs per reply,
+//! KiB per idle socket, sockets/s, …). The bare server replays nothing, so
+//! `storm` counts lost events only against the hub.
+//!
+//! CPU time is the sum over the process's threads of
+//! `/proc/<pid>/task/<tid>/schedstat` (ns), so that a bare server's few
+//! tens of milliseconds are measured precisely; see `cpu_us`.
+//!
+//! Every run ends with one line of JSON holding all its figures (with
+//! `--json`, that line is all that is printed).
 //!
 //! Every reply is verified: an `ack` for the message id, delta indexes
 //! 0..n-1 of one reply id, deltas that add up to the `reply.done` text, and
@@ -83,7 +108,8 @@ struct Common {
     addrs: Option<u8>,
     #[arg(long, global = true, default_value = "demo")]
     tenant: String,
-    /// The question every client asks (its answer is 41 tokens in the demo knowledge base).
+    /// The question every client asks (its answer is 40 tokens in the demo knowledge base,
+    /// the same 40 tokens the bare server streams).
     #[arg(long, global = true, default_value = "Tell me about the Gold Card")]
     question: String,
     /// Worker threads of the load generator itself (the hub and bridge share the machine).
@@ -98,7 +124,7 @@ struct Common {
     /// Where the children's stderr logs go (default: <target>/fengda-load/).
     #[arg(long, global = true)]
     log_dir: Option<PathBuf>,
-    /// Print the report as one JSON object instead of text.
+    /// Print only the final JSON line (every run ends with it), not the text report.
     #[arg(long, global = true)]
     json: bool,
     /// Hub nodes to start (more than one needs `--backend redis`); connections
@@ -109,6 +135,30 @@ struct Common {
     /// `redis-server` on a free loopback port (no persistence) for the run.
     #[arg(long, global = true, value_enum, default_value_t = Backend::Memory)]
     backend: Backend,
+    /// What to start and measure: the hub (with its bridge), or `fengda-bare`,
+    /// the bare tokio-tungstenite server that is the ceiling. With `bare`,
+    /// the figures named `hub_*` are the bare server's.
+    #[arg(long, global = true, value_enum, default_value_t = TargetKind::Hub)]
+    target: TargetKind,
+    /// Run the scenario against the bare server, then against the hub, and
+    /// print hub ÷ bare ratios.
+    #[arg(long, global = true)]
+    compare: bool,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum TargetKind {
+    Hub,
+    Bare,
+}
+
+impl TargetKind {
+    fn name(self) -> &'static str {
+        match self {
+            TargetKind::Hub => "hub",
+            TargetKind::Bare => "bare",
+        }
+    }
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -126,7 +176,7 @@ impl Backend {
     }
 }
 
-#[derive(Subcommand)]
+#[derive(Subcommand, Clone)]
 enum Scenario {
     /// C connections × Q sequential questions: latency, throughput, CPU per reply.
     Replies {
@@ -135,7 +185,8 @@ enum Scenario {
         #[arg(short = 'q', long, default_value_t = 20)]
         questions: usize,
     },
-    /// N idle sockets: the hub's resident memory per socket.
+    /// N idle sockets (alias `hold`): sockets/s, and the hub's resident memory per socket.
+    #[command(alias = "hold")]
     Idle {
         #[arg(short = 'n', long, default_value_t = 10_000)]
         sockets: usize,
@@ -155,6 +206,25 @@ enum Scenario {
         #[arg(long, default_value_t = 5)]
         peak_secs: u64,
         /// Connections in the pool (default: one second of peak rate, at least 200).
+        #[arg(long)]
+        connections: Option<usize>,
+    },
+    /// N customers with one answered question each lose their sockets at once
+    /// (as when a node dies) and all reconnect at once with `conversation`,
+    /// `after` (the seq before the reply, so the reply must be replayed) and
+    /// `epoch`: reconnects/s, errors, and events lost from the replay.
+    Storm {
+        #[arg(short = 'n', long, default_value_t = 2000)]
+        sockets: usize,
+    },
+    /// Open loop at a fixed R questions/s for S seconds; latency from the
+    /// scheduled send time.
+    Rate {
+        #[arg(short = 'r', long, default_value_t = 1000.0)]
+        rate: f64,
+        #[arg(short = 's', long, default_value_t = 10)]
+        secs: u64,
+        /// Connections in the pool (default: one second of the rate, at least 200).
         #[arg(long)]
         connections: Option<usize>,
     },
@@ -178,24 +248,158 @@ fn main() -> anyhow::Result<()> {
 
 async fn run(cli: Cli) -> anyhow::Result<bool> {
     let nofile = raise_nofile_limit();
-    let target = Target::start(&cli.common).await?;
-    let result = match cli.scenario {
-        Scenario::Replies { connections, questions } => replies(&cli.common, &target, connections, questions).await,
-        Scenario::Idle { sockets, hold_secs } => idle(&cli.common, &target, sockets, hold_secs, nofile).await,
+    let (report, clean) = if cli.common.compare {
+        ensure!(cli.common.hub_url.is_none(), "--compare starts both servers itself; drop --hub-url");
+        let mut common = cli.common.clone();
+        common.target = TargetKind::Bare;
+        let (bare, bare_clean) = run_one(&common, &cli.scenario, nofile).await?;
+        if !common.json {
+            print_text(&bare);
+            println!();
+        }
+        // Let the bare server's sockets leave TIME_WAIT accounting behind a little.
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        common.target = TargetKind::Hub;
+        let (hub, hub_clean) = run_one(&common, &cli.scenario, nofile).await?;
+        if !common.json {
+            print_text(&hub);
+            println!();
+        }
+        let ratios = ratios(&bare, &hub);
+        if !common.json {
+            print_ratios(&ratios);
+        }
+        let report = json!({
+            "scenario": "compare",
+            "compared": hub["scenario"],
+            "ratios_hub_over_bare": ratios,
+            "bare": bare,
+            "hub": hub,
+        });
+        (report, bare_clean && hub_clean)
+    } else {
+        let (report, clean) = run_one(&cli.common, &cli.scenario, nofile).await?;
+        if !cli.common.json {
+            print_text(&report);
+        }
+        (report, clean)
+    };
+    // Always end with one JSON line holding every figure of the run.
+    println!("{}", serde_json::to_string(&report)?);
+    Ok(clean)
+}
+
+async fn run_one(common: &Common, scenario: &Scenario, nofile: u64) -> anyhow::Result<(Value, bool)> {
+    let target = Target::start(common).await?;
+    let result = match *scenario {
+        Scenario::Replies { connections, questions } => replies(common, &target, connections, questions).await,
+        Scenario::Idle { sockets, hold_secs } => idle(common, &target, sockets, hold_secs, nofile).await,
         Scenario::Burst { rate, factor, base_secs, peak_secs, connections } => {
             let pool = connections.unwrap_or(((rate * factor).ceil() as usize).max(200));
-            burst(&cli.common, &target, rate, factor, base_secs, peak_secs, pool).await
+            let phases =
+                vec![("baseline", rate, base_secs), ("peak", rate * factor, peak_secs), ("recovery", rate, base_secs)];
+            open_loop(common, &target, "burst", phases, pool).await
+        }
+        Scenario::Storm { sockets } => storm(common, &target, sockets).await,
+        Scenario::Rate { rate, secs, connections } => {
+            let pool = connections.unwrap_or((rate.ceil() as usize).max(200));
+            open_loop(common, &target, "rate", vec![("rate", rate, secs)], pool).await
         }
     };
     let logs = target.stop().await;
     let (mut report, clean) = result?;
     report["child_logs"] = logs;
-    if cli.common.json {
-        println!("{}", serde_json::to_string_pretty(&report)?);
-    } else {
-        print_text(&report);
+    Ok((report, clean))
+}
+
+/// hub ÷ bare for the figures both runs of one scenario have.
+fn ratios(bare: &Value, hub: &Value) -> Value {
+    let ratio = |path: &[&str]| {
+        let get = |r: &Value| path.iter().fold(r, |v, k| &v[*k]).as_f64();
+        match (get(hub), get(bare)) {
+            (Some(h), Some(b)) if b > 0.0 => json!(round2(h / b)),
+            _ => Value::Null,
+        }
+    };
+    let hub_plus_bridge = {
+        let h = hub["cpu"]["hub_us_per_reply"].as_f64();
+        let br = hub["cpu"]["bridge_us_per_reply"].as_f64().unwrap_or(0.0);
+        match (h, bare["cpu"]["hub_us_per_reply"].as_f64()) {
+            (Some(h), Some(b)) if b > 0.0 => json!(round2((h + br) / b)),
+            _ => Value::Null,
+        }
+    };
+    match hub["scenario"].as_str() {
+        Some("replies") => json!({
+            "replies_per_s": ratio(&["replies_per_s"]),
+            "cpu_us_per_reply": ratio(&["cpu", "hub_us_per_reply"]),
+            "cpu_us_per_reply_hub_plus_bridge": hub_plus_bridge,
+            "latency_p50": ratio(&["latency_ms", "p50"]),
+            "latency_p99": ratio(&["latency_ms", "p99"]),
+            "first_delta_p50": ratio(&["first_delta_ms", "p50"]),
+            "bare": { "replies_per_s": bare["replies_per_s"], "cpu_us_per_reply": bare["cpu"]["hub_us_per_reply"] },
+            "hub": {
+                "replies_per_s": hub["replies_per_s"],
+                "cpu_us_per_reply": hub["cpu"]["hub_us_per_reply"],
+                "bridge_us_per_reply": hub["cpu"]["bridge_us_per_reply"],
+            },
+        }),
+        Some("idle") => json!({
+            "kib_per_idle_socket": ratio(&["hub_kib_per_idle_socket"]),
+            "sockets_per_s": ratio(&["connects_per_s"]),
+            "cpu_us_per_connect": ratio(&["hub_us_per_connect"]),
+            "bare": {
+                "kib_per_idle_socket": bare["hub_kib_per_idle_socket"],
+                "sockets_per_s": bare["connects_per_s"],
+                "cpu_us_per_connect": bare["hub_us_per_connect"],
+            },
+            "hub": {
+                "kib_per_idle_socket": hub["hub_kib_per_idle_socket"],
+                "sockets_per_s": hub["connects_per_s"],
+                "cpu_us_per_connect": hub["hub_us_per_connect"],
+            },
+        }),
+        Some("storm") => json!({
+            "reconnects_per_s": ratio(&["reconnects_per_s"]),
+            "cpu_us_per_reconnect": ratio(&["hub_us_per_reconnect"]),
+            "bare": { "reconnects_per_s": bare["reconnects_per_s"], "cpu_us_per_reconnect": bare["hub_us_per_reconnect"] },
+            "hub": { "reconnects_per_s": hub["reconnects_per_s"], "cpu_us_per_reconnect": hub["hub_us_per_reconnect"] },
+        }),
+        Some("burst" | "rate") => {
+            let phases: Vec<Value> = hub["phases"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .enumerate()
+                .map(|(i, p)| {
+                    let b = &bare["phases"][i];
+                    let r = |k: &str| match (p["latency_ms"][k].as_f64(), b["latency_ms"][k].as_f64()) {
+                        (Some(h), Some(b)) if b > 0.0 => json!(round2(h / b)),
+                        _ => Value::Null,
+                    };
+                    json!({ "phase": p["phase"], "latency_p50": r("p50"), "latency_p99": r("p99") })
+                })
+                .collect();
+            json!({
+                "cpu_us_per_reply": ratio(&["cpu", "hub_us_per_reply"]),
+                "cpu_us_per_reply_hub_plus_bridge": hub_plus_bridge,
+                "phases": phases,
+            })
+        }
+        _ => Value::Null,
     }
-    Ok(clean)
+}
+
+fn print_ratios(r: &Value) {
+    println!("hub ÷ bare (ceiling), same run:");
+    let Some(map) = r.as_object() else { return };
+    for (k, v) in map {
+        if v.is_object() || v.is_array() {
+            println!("  {k}: {v}");
+        } else {
+            println!("  {k}: {v}×");
+        }
+    }
 }
 
 // ---------------------------------------------------------------- processes
@@ -227,6 +431,7 @@ struct Target {
     bridge_pid: Option<u32>,
     redis_pid: Option<u32>,
     backend: Backend,
+    kind: TargetKind,
     children: Vec<Spawned>,
 }
 
@@ -415,6 +620,7 @@ impl Target {
                 bridge_pid: None,
                 redis_pid: None,
                 backend: common.backend,
+                kind: common.target,
                 children: Vec::new(),
             });
         }
@@ -423,6 +629,24 @@ impl Target {
             None => bin_dir()?.parent().context("target dir")?.join("fengda-load"),
         };
         std::fs::create_dir_all(&log_dir).with_context(|| format!("create {}", log_dir.display()))?;
+        if common.target == TargetKind::Bare {
+            ensure!(
+                common.nodes == 1 && common.backend == Backend::Memory,
+                "--nodes and --backend apply to the hub, not to --target bare"
+            );
+            let args = ["--listen", "0.0.0.0:0"].map(String::from);
+            let bare = spawn_listening("fengda-bare", "fengda-bare".into(), &args, &log_dir).await?;
+            return Ok(Target {
+                ips: loopback_ips(common.addrs.unwrap_or(8)),
+                ports: vec![host_port(&bare.url)?.1],
+                hub_pids: vec![bare.pid],
+                bridge_pid: None,
+                redis_pid: None,
+                backend: common.backend,
+                kind: TargetKind::Bare,
+                children: vec![bare],
+            });
+        }
         let bridge_args = ["--listen", "127.0.0.1:0", "--first-token-delay-ms", "0", "--tokens-per-second", "0"];
         // Pushed as they start, so that an early error drops (and kills) them.
         let mut children = Vec::new();
@@ -464,6 +688,7 @@ impl Target {
             bridge_pid: Some(bridge_pid),
             redis_pid: redis.map(|(_, pid)| pid),
             backend: common.backend,
+            kind: TargetKind::Hub,
             children,
         })
     }
@@ -484,6 +709,7 @@ impl Target {
 
     fn setup_json(&self) -> Value {
         json!({
+            "target": self.kind.name(),
             "backend": self.backend.name(),
             "nodes": self.ports.len(),
             "hub_pids": self.hub_pids,
@@ -538,8 +764,28 @@ fn raise_nofile_limit() -> u64 {
 
 // ---------------------------------------------------------------- /proc
 
-/// utime+stime of a process, in microseconds.
+/// CPU time of a process, in microseconds: the sum over its threads of
+/// `/proc/<pid>/task/<tid>/schedstat` (nanosecond clock; threads that exited
+/// are not counted, which for the hub's and bridge's long-lived runtime
+/// threads does not matter), or utime+stime from `/proc/<pid>/stat` (10 ms
+/// ticks) where schedstat is unavailable.
 fn cpu_us(pid: u32) -> Option<u64> {
+    schedstat_us(pid).or_else(|| stat_cpu_us(pid))
+}
+
+fn schedstat_us(pid: u32) -> Option<u64> {
+    let mut ns = 0u64;
+    let mut threads = 0;
+    for task in std::fs::read_dir(format!("/proc/{pid}/task")).ok()?.flatten() {
+        let Ok(line) = std::fs::read_to_string(task.path().join("schedstat")) else { continue };
+        ns += line.split_whitespace().next()?.parse::<u64>().ok()?;
+        threads += 1;
+    }
+    (threads > 0).then_some(ns / 1000)
+}
+
+/// utime+stime of a process, in microseconds (10 ms ticks).
+fn stat_cpu_us(pid: u32) -> Option<u64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     // Fields after the command name, which may contain spaces: state is field 3.
     let rest = &stat[stat.rfind(')')? + 2..];
@@ -674,6 +920,9 @@ struct Frame {
     fallback: Option<bool>,
     code: Option<String>,
     message: Option<String>,
+    seq: Option<u64>,
+    conversation: Option<String>,
+    epoch: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -761,6 +1010,8 @@ struct Answered {
     first_delta: Duration,
     done: Duration,
     tokens: u64,
+    /// `reply.done.seq`.
+    done_seq: Option<u64>,
 }
 
 /// Sends one question and reads its ack, deltas and done, checking each.
@@ -836,7 +1087,8 @@ async fn ask(ws: &mut Ws, id: &str, text: &str, t0: Instant, deadline: Instant) 
                 if frame.fallback == Some(true) {
                     return Err((Failure::Fallback, format!("{id}: fallback reply")));
                 }
-                return Ok(Answered { ack: ack_at, first_delta: first_delta.unwrap_or(done), done, tokens: deltas });
+                let first_delta = first_delta.unwrap_or(done);
+                return Ok(Answered { ack: ack_at, first_delta, done, tokens: deltas, done_seq: frame.seq });
             }
             "error" => {
                 let detail = format!("{id}: error {:?} {:?}", frame.code, frame.message);
@@ -998,6 +1250,183 @@ async fn replies(
     Ok((report, clean))
 }
 
+// ---------------------------------------------------------------- storm
+
+/// Connects and returns the socket with its `ready` frame.
+async fn connect_ready(url: &str, timeout: Duration) -> anyhow::Result<(Ws, Frame)> {
+    let step = async {
+        let (mut ws, _) = connect_async_with_config(url, None, true).await.with_context(|| format!("connect {url}"))?;
+        loop {
+            match ws.next().await {
+                Some(Ok(Message::Text(text))) => {
+                    let frame: Frame = serde_json::from_str(text.as_str()).context("first frame is not JSON")?;
+                    ensure!(frame.kind == "ready", "first frame should be ready, got {} {:?}", frame.kind, frame.code);
+                    return Ok((ws, frame));
+                }
+                Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
+                Some(Ok(other)) => bail!("unexpected first frame {other:?}"),
+                Some(Err(e)) => return Err(e).context("socket failed before ready"),
+                None => bail!("socket ended before ready"),
+            }
+        }
+    };
+    tokio::time::timeout(timeout, step).await.context("no ready within the timeout")?
+}
+
+/// One customer of the storm: its conversation, epoch and the seqs it saw.
+struct Resume {
+    i: usize,
+    user: String,
+    conversation: String,
+    epoch: String,
+    /// The seq of the customer's message (the `ack`): resume after it.
+    after: u64,
+    /// The seq of the reply, which the replay must bring back.
+    last: u64,
+}
+
+/// Time to `ready` from the start of the storm, events replayed, events lost.
+type Resumed = (Duration, u64, u64);
+
+async fn storm(common: &Common, target: &Target, sockets: usize) -> anyhow::Result<(Value, bool)> {
+    ensure!(sockets <= 10_000, "at most 10,000 storm sockets");
+    let timeout = Duration::from_secs(common.timeout_secs);
+    let prefix = format!("storm-{}", run_id());
+    // 1. Seed: every customer connects and gets one question answered.
+    let seeded: Vec<Result<Resume, (Failure, String)>> = futures::stream::iter(0..sockets)
+        .map(|i| {
+            let user = format!("{prefix}-{i}");
+            let url = target.ws_url(i, &common.tenant, &user);
+            let text = common.question.clone();
+            async move {
+                let (mut ws, ready) =
+                    connect_ready(&url, timeout).await.map_err(|e| (Failure::Connect, format!("#{i}: {e:#}")))?;
+                let t0 = Instant::now();
+                let answer = ask(&mut ws, &format!("s{i}"), &text, t0, t0 + timeout).await?;
+                let last = answer.done_seq.unwrap_or(0);
+                // 2. The node "dies": the socket goes away without a close handshake.
+                drop(ws);
+                Ok(Resume {
+                    i,
+                    user,
+                    conversation: ready.conversation.unwrap_or_default(),
+                    epoch: ready.epoch.unwrap_or_default(),
+                    after: last.saturating_sub(1),
+                    last,
+                })
+            }
+        })
+        .buffer_unordered(100)
+        .collect()
+        .await;
+    let mut seed_failures = Failures::default();
+    let mut resumes = Vec::with_capacity(sockets);
+    for r in seeded {
+        match r {
+            Ok(r) => resumes.push(r),
+            Err((failure, detail)) => seed_failures.add(failure, detail),
+        }
+    }
+    // Let the server notice every socket is gone.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    // The bare server keeps no history, so it cannot replay anything.
+    let expect_replay = target.kind == TargetKind::Hub;
+    // 3. Everyone reconnects at once, resuming.
+    let before = CpuSnapshot::take(target);
+    let started = Instant::now();
+    let n = resumes.len();
+    let results: Vec<Result<Resumed, (Failure, String)>> = futures::stream::iter(resumes)
+        .map(|r| {
+            let url = format!(
+                "{}&conversation={}&after={}&epoch={}",
+                target.ws_url(r.i, &common.tenant, &r.user),
+                r.conversation,
+                r.after,
+                r.epoch
+            );
+            async move {
+                let (mut ws, ready) =
+                    connect_ready(&url, timeout).await.map_err(|e| (Failure::Connect, format!("#{}: {e:#}", r.i)))?;
+                let ready_at = started.elapsed();
+                if ready.conversation.as_deref() != Some(r.conversation.as_str()) {
+                    return Err((Failure::Mismatch, format!("#{}: ready for another conversation", r.i)));
+                }
+                let (mut replayed, mut lost) = (0u64, 0u64);
+                if expect_replay {
+                    let deadline = Instant::now() + timeout;
+                    let mut seen = r.after;
+                    while seen < r.last {
+                        let message = match tokio::time::timeout_at(deadline.into(), ws.next()).await {
+                            Ok(Some(Ok(m))) => m,
+                            _ => break,
+                        };
+                        let Message::Text(text) = message else { continue };
+                        let Ok(frame) = serde_json::from_str::<Frame>(text.as_str()) else { continue };
+                        match frame.kind.as_str() {
+                            "message" => {
+                                let seq = frame.seq.unwrap_or(0);
+                                if seq != seen + 1 {
+                                    return Err((
+                                        Failure::Mismatch,
+                                        format!("#{}: replay seq {seq} after {seen}", r.i),
+                                    ));
+                                }
+                                seen = seq;
+                                replayed += 1;
+                            }
+                            "error" => {
+                                let detail = format!("#{}: error {:?} {:?}", r.i, frame.code, frame.message);
+                                return Err((Failure::ErrorFrame, detail));
+                            }
+                            _ => {}
+                        }
+                    }
+                    lost = r.last - seen;
+                }
+                close_quietly(ws).await;
+                Ok((ready_at, replayed, lost))
+            }
+        })
+        .buffer_unordered(n.max(1))
+        .collect()
+        .await;
+    let storm_time = started.elapsed();
+    let after = CpuSnapshot::take(target);
+    let mut failures = Failures::default();
+    let mut ready_hist = new_histogram();
+    let (mut ok, mut replayed, mut lost) = (0u64, 0u64, 0u64);
+    for r in results {
+        match r {
+            Ok((ready_at, rep, l)) => {
+                ok += 1;
+                record(&mut ready_hist, ready_at);
+                replayed += rep;
+                lost += l;
+            }
+            Err((failure, detail)) => failures.add(failure, detail),
+        }
+    }
+    let cpu = before.delta(&after);
+    let clean = seed_failures.total() == 0 && failures.total() == 0 && lost == 0 && ok == sockets as u64;
+    let report = json!({
+        "scenario": "storm",
+        "sockets": sockets,
+        "seeded": n,
+        "seed_failures": seed_failures.json(),
+        "reconnected": ok,
+        "failures": failures.json(),
+        "storm_s": round2(storm_time.as_secs_f64()),
+        "reconnects_per_s": round2(ok as f64 / storm_time.as_secs_f64()),
+        "ready_ms": percentiles_ms(&ready_hist),
+        "replay_expected": expect_replay,
+        "events_replayed": replayed,
+        "events_lost": if expect_replay { json!(lost) } else { Value::Null },
+        "hub_us_per_reconnect": cpu.hub_us.filter(|_| ok > 0).map(|us| round2(us as f64 / ok as f64)),
+        "setup": target.setup_json(),
+    });
+    Ok((report, clean))
+}
+
 // ---------------------------------------------------------------- idle
 
 async fn idle(
@@ -1096,18 +1525,19 @@ struct Outcome {
     result: Result<(Duration, Duration), (Failure, String)>,
 }
 
-async fn burst(
+/// Open loop: each phase sends questions at its rate for its seconds, each
+/// on a free pool connection; latency counts from the scheduled send time.
+async fn open_loop(
     common: &Common,
     target: &Target,
-    rate: f64,
-    factor: f64,
-    base_secs: u64,
-    peak_secs: u64,
+    scenario: &str,
+    phases: Vec<(&'static str, f64, u64)>,
     pool_size: usize,
 ) -> anyhow::Result<(Value, bool)> {
-    ensure!(rate > 0.0 && factor >= 1.0, "rate must be > 0 and factor ≥ 1");
-    ensure!(rate * factor <= 20_000.0, "peak rate above 20,000/s is not a loopback test");
-    let prefix = format!("burst-{}", run_id());
+    ensure!(phases.iter().all(|p| p.1 > 0.0), "rates must be > 0");
+    ensure!(phases.iter().all(|p| p.1 <= 20_000.0), "a rate above 20,000/s is not a loopback test");
+    let n = phases.len();
+    let prefix = format!("{scenario}-{}", run_id());
     let (sockets, mut failures, connect_time) = open_many(target, common, pool_size, 100, &prefix).await;
     let pool_ready = sockets.len();
     let (pool_tx, pool_rx) = tokio::sync::mpsc::unbounded_channel::<Ws>();
@@ -1115,11 +1545,10 @@ async fn burst(
         let _ = pool_tx.send(ws);
     }
     let pool_rx = Arc::new(tokio::sync::Mutex::new(pool_rx));
-    let phases = [("baseline", rate, base_secs), ("peak", rate * factor, peak_secs), ("recovery", rate, base_secs)];
     let timeout = Duration::from_secs(common.timeout_secs);
     let (out_tx, mut out_rx) = tokio::sync::mpsc::unbounded_channel::<Outcome>();
     let mut snapshots = vec![CpuSnapshot::take(target)];
-    let mut scheduled = [0u64; 3];
+    let mut scheduled = vec![0u64; n];
     let mut next = Instant::now();
     let mut seq = 0u64;
     for (phase, &(_, phase_rate, secs)) in phases.iter().enumerate() {
@@ -1154,10 +1583,10 @@ async fn burst(
         snapshots.push(CpuSnapshot::take(target));
     }
     drop(out_tx);
-    let mut latency: Vec<Histogram<u64>> = (0..3).map(|_| new_histogram()).collect();
-    let mut waits: Vec<Histogram<u64>> = (0..3).map(|_| new_histogram()).collect();
-    let mut ok = [0u64; 3];
-    let mut phase_failures: Vec<Failures> = (0..3).map(|_| Failures::default()).collect();
+    let mut latency: Vec<Histogram<u64>> = (0..n).map(|_| new_histogram()).collect();
+    let mut waits: Vec<Histogram<u64>> = (0..n).map(|_| new_histogram()).collect();
+    let mut ok = vec![0u64; n];
+    let mut phase_failures: Vec<Failures> = (0..n).map(|_| Failures::default()).collect();
     while let Some(outcome) = out_rx.recv().await {
         match outcome.result {
             Ok((done, waited)) => {
@@ -1203,7 +1632,7 @@ async fn burst(
     }
     let clean = failures.total() == 0 && total_ok == total_scheduled;
     let report = json!({
-        "scenario": "burst",
+        "scenario": scenario,
         "pool_connections": pool_ready,
         "connect_s": round2(connect_time.as_secs_f64()),
         "phases": phase_reports,
@@ -1227,7 +1656,9 @@ fn print_text(r: &Value) {
         }
     };
     let setup = &r["setup"];
-    if !setup.is_null() {
+    if setup["target"] == "bare" {
+        println!("setup: fengda-bare (the ceiling; figures labelled \"hub\" are the bare server's)");
+    } else if !setup.is_null() {
         println!("setup: {} hub node(s), {} backend", setup["nodes"], setup["backend"].as_str().unwrap_or("?"));
     }
     // Per-node hub CPU and redis-server CPU, when there is more than one node or a Redis.
@@ -1305,8 +1736,13 @@ fn print_text(r: &Value) {
                 println!("  redis-server VmRSS with all open {} KiB", r["redis_rss_kib_all_open"]);
             }
         }
-        Some("burst") => {
-            println!("burst: pool of {} connections (connected in {} s)", r["pool_connections"], r["connect_s"]);
+        Some("burst" | "rate") => {
+            println!(
+                "{}: pool of {} connections (connected in {} s)",
+                r["scenario"].as_str().unwrap_or(""),
+                r["pool_connections"],
+                r["connect_s"]
+            );
             for p in r["phases"].as_array().into_iter().flatten() {
                 println!(
                     "  {:<9} {:>7}/s × {} s: ok {}/{} failures {}  latency {}  (hub {} cores)",
@@ -1325,6 +1761,18 @@ fn print_text(r: &Value) {
             }
             println!("  hub CPU {} µs/reply over the run", r["cpu"]["hub_us_per_reply"]);
             cluster_cpu(&r["cpu"]);
+        }
+        Some("storm") => {
+            println!(
+                "storm: {} customers seeded ({} failures), {} reconnected at once in {} s ({} /s)",
+                r["seeded"], r["seed_failures"]["total"], r["reconnected"], r["storm_s"], r["reconnects_per_s"]
+            );
+            println!("  connect→ready    {}", ms(&r["ready_ms"]));
+            println!(
+                "  replayed events {}, lost events {}, failures {}",
+                r["events_replayed"], r["events_lost"], r["failures"]["total"]
+            );
+            println!("  hub CPU {} µs per reconnect (with replay)", r["hub_us_per_reconnect"]);
         }
         _ => println!("{}", serde_json::to_string_pretty(r).unwrap_or_default()),
     }

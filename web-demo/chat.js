@@ -118,7 +118,10 @@ function addNotice(text, kind = 'info') {
   });
 }
 
-/** Finds the assistant bubble of a reply, creating it if needed. */
+/**
+ * Finds the assistant bubble of a reply, creating it if needed. A new bubble takes the place of
+ * the reply's "in line" row, if it had one.
+ */
 function replyBubble(replyId) {
   for (const el of transcript.querySelectorAll('.msg.assistant[data-reply]')) {
     if (el.dataset.reply === replyId) return el;
@@ -126,6 +129,11 @@ function replyBubble(replyId) {
   hideTyping();
   const bubble = addBubble('assistant', '');
   bubble.dataset.reply = replyId;
+  const waiting = queuedRows.get(replyId);
+  if (waiting) {
+    waiting.row.replaceWith(bubble.closest('.row'));
+    dropQueued(replyId);
+  }
   return bubble;
 }
 
@@ -146,19 +154,29 @@ function finishReply(replyId, text, fallback) {
 let typingRow = null;
 let typingTimer = null;
 
+/** A row with the typing dots, and room under them for a status line. */
+function typingIndicator() {
+  const row = document.createElement('div');
+  row.className = 'row from-assistant typing';
+  row.setAttribute('aria-label', 'Assistant is typing');
+  const avatar = document.createElement('div');
+  avatar.className = 'avatar';
+  avatar.setAttribute('aria-hidden', 'true');
+  avatar.textContent = 'F';
+  const column = document.createElement('div');
+  column.className = 'column';
+  const dots = document.createElement('div');
+  dots.className = 'dots';
+  dots.append(...[0, 1, 2].map(() => document.createElement('span')));
+  column.append(dots);
+  row.append(avatar, column);
+  return row;
+}
+
 function showTyping() {
   if (typingRow) return;
   withScroll(() => {
-    typingRow = document.createElement('div');
-    typingRow.className = 'row from-assistant typing';
-    typingRow.setAttribute('aria-label', 'Assistant is typing');
-    const avatar = document.createElement('div');
-    avatar.className = 'avatar';
-    avatar.textContent = 'F';
-    const dots = document.createElement('div');
-    dots.className = 'dots';
-    dots.append(...[0, 1, 2].map(() => document.createElement('span')));
-    typingRow.append(avatar, dots);
+    typingRow = typingIndicator();
     transcript.append(typingRow);
   });
   clearTimeout(typingTimer);
@@ -169,6 +187,58 @@ function hideTyping() {
   clearTimeout(typingTimer);
   typingRow?.remove();
   typingRow = null;
+}
+
+// Questions waiting for a free slot at the NLP service (the hub sends `queued`): reply id →
+// {row, status, timer}. The row is the typing dots with the place in line under them; the
+// answer's bubble replaces it at the first token (see replyBubble). The status line is outside
+// any `.msg`, so a bubble's text stays exactly the answer.
+const queuedRows = new Map();
+/** Drop a waiting row that heard nothing for this long (the hub bounds the wait itself). */
+const QUEUED_ROW_TIMEOUT_MS = 120000;
+
+function queuedText(position) {
+  if (position === 1) return "You're next in line…";
+  if (position > 1) return `You're #${position} in line…`;
+  return 'Waiting for a free assistant…';
+}
+
+function showQueued(replyId, position) {
+  let waiting = queuedRows.get(replyId);
+  if (!waiting) {
+    let row = typingRow;
+    if (row) {
+      // The dots of the question just sent: that question is the one waiting.
+      clearTimeout(typingTimer);
+      typingRow = null;
+    } else {
+      row = typingIndicator();
+      withScroll(() => transcript.append(row));
+    }
+    row.dataset.queuedReply = replyId;
+    const status = document.createElement('div');
+    status.className = 'caption queue-status';
+    row.querySelector('.column').append(status);
+    waiting = { row, status, timer: null };
+    queuedRows.set(replyId, waiting);
+  }
+  withScroll(() => {
+    waiting.status.textContent = queuedText(position);
+  });
+  clearTimeout(waiting.timer);
+  waiting.timer = setTimeout(() => dropQueued(replyId), QUEUED_ROW_TIMEOUT_MS);
+}
+
+function dropQueued(replyId) {
+  const waiting = queuedRows.get(replyId);
+  if (!waiting) return;
+  clearTimeout(waiting.timer);
+  waiting.row.remove();
+  queuedRows.delete(replyId);
+}
+
+function dropAllQueued() {
+  for (const replyId of [...queuedRows.keys()]) dropQueued(replyId);
 }
 
 // ---- client wiring ------------------------------------------------------------------------
@@ -197,7 +267,11 @@ client.addEventListener('status', (e) => {
   document.body.dataset.status = status;
   statusText.textContent = STATUS_TEXT[status] || status;
   reconnectButton.hidden = status !== 'closed';
-  if (status !== 'open') hideTyping();
+  if (status !== 'open') {
+    // `queued` frames are not replayed: a reconnect shows the answer when it comes.
+    hideTyping();
+    dropAllQueued();
+  }
 });
 
 client.addEventListener('ready', (e) => {
@@ -213,6 +287,7 @@ client.addEventListener('reset', () => {
     if (el.classList.contains('welcome') || el === typingRow || waiting.has(el)) continue;
     el.remove();
   }
+  dropAllQueued();
   addNotice('Earlier messages are no longer available.', 'info');
   withScroll(() => {
     for (const row of waiting) if (row) transcript.append(row);
@@ -227,6 +302,13 @@ client.addEventListener('ack', (e) => {
   bubble.dataset.seq = String(e.detail.seq);
   setCaption(bubble, '');
   sentBubbles.delete(e.detail.id);
+});
+
+// The hub is busy: show the waiting question's place in line until its answer starts.
+client.addEventListener('queued', (e) => {
+  const { reply, position } = e.detail;
+  const answered = [...transcript.querySelectorAll('.msg.assistant[data-reply]')].some((el) => el.dataset.reply === reply);
+  if (!answered) showQueued(reply, position);
 });
 
 client.addEventListener('delta', (e) => {

@@ -86,6 +86,10 @@ const FINAL_CLOSE_CODES = new Set([CloseCode.NORMAL, CloseCode.POLICY, CloseCode
  * - `ready`   `{conversation, seq, epoch}` — the hub accepted the connection. `epoch` identifies
  *             the conversation's log (`null` from a hub that does not send it).
  * - `ack`     `{id, seq}` — a message you sent is stored. Fired once per id.
+ * - `queued`  `{conversation, reply, position}` — the hub is busy: the question that `reply` will
+ *             answer waits for a free slot at the NLP service. `position` is its estimated place
+ *             in line (1 = next; `null` if the hub sent none). Fired again whenever the place
+ *             changes, never after the reply's first `delta`; a question answered at once gets none.
  * - `delta`   `{conversation, reply, index, text, content}` — one streamed token of an assistant
  *             reply; `content` is the reply text so far. Duplicate indexes are dropped.
  * - `done`    `{conversation, reply, seq, text, fallback, replayed}` — a reply is complete;
@@ -550,6 +554,13 @@ export class FengdaClient extends EventTarget {
         this.markSeq(f.seq);
         this.acknowledge(f.id, f.seq);
         break;
+      case 'queued': {
+        // Only while the reply has not started: a late one must not revive a finished reply.
+        if (this.doneReplies.has(f.reply) || this.streams.has(f.reply)) return;
+        const position = Number.isInteger(f.position) && f.position > 0 ? f.position : null;
+        this.emit('queued', { conversation: f.conversation, reply: f.reply, position });
+        break;
+      }
       case 'reply.delta': {
         if (this.doneReplies.has(f.reply)) return;
         let tokens = this.streams.get(f.reply);

@@ -4,7 +4,7 @@
 //! frames (index 0, 1, 2, …) as chunks arrive, then is stored as one durable
 //! assistant event, which the router delivers as `reply.done`. The
 //! concatenated delta texts always equal the stored text, whatever happens:
-//! - the NLP call cannot start (overload, every breaker open, no first token
+//! - the NLP call cannot start (queue full or waited past `max_queue_wait_ms`, every breaker open, no first token
 //!   within the deadline after retries): the polite fallback, `fallback: true`;
 //! - the stream breaks after some tokens (error, token gap): the partial
 //!   text plus the fallback sentence, `fallback: true, interrupted: true`;

@@ -13,7 +13,7 @@
 //!    shown would garble the answer), only on codes that can succeed on retry
 //!    (unavailable, deadline exceeded, resource exhausted), with exponential
 //!    backoff and full jitter, bounded by `retry_max_attempts` and by the
-//!    first-token deadline, which covers queueing and every attempt.
+//!    first-token deadline, which starts once admitted and covers every attempt.
 //!
 //! Each finished call feeds its endpoint's [`breaker::Breaker`]. Counters and
 //! the breaker states are exported as metrics (`fengda_hub_nlp_*`).

@@ -1,7 +1,7 @@
 //! `fengda-load`: measures what one hub node costs per reply and per idle socket.
 //!
 //! It starts its own processes from the cargo target dir it lives in (build
-//! them with `cargo build --release -p fengda -p fengda-nlp -p fengda-tests --bins`):
+//! them with `cargo build --release -p fengda -p fengda-nlp -p fengda-load --bins`):
 //! one external `fengda-nlp --first-token-delay-ms 0 --tokens-per-second 0`
 //! (no pacing, so the hub is the thing under load) and one
 //! `fengda serve --listen 0.0.0.0:0 --nlp-url <bridge>`. Or it attaches to a
@@ -44,7 +44,7 @@
 //! - `hold` is another name for `idle` (sockets/s and KiB per socket).
 //!
 //! The ceiling: `--target bare` runs a scenario against `fengda-bare`
-//! (tests/src/bin/fengda-bare.rs), a bare tokio-tungstenite server speaking
+//! (tests/loadgen/src/bin/fengda-bare.rs), a bare tokio-tungstenite server speaking
 //! the same contract minimally with a canned 40-token answer, with the same
 //! client code; its figures appear under the `hub_*` names. `--compare`
 //! runs the scenario against the bare server, then against the hub, in one
@@ -178,7 +178,8 @@ impl Backend {
 
 #[derive(Subcommand, Clone)]
 enum Scenario {
-    /// C connections × Q sequential questions: latency, throughput, CPU per reply.
+    /// C connections × Q sequential questions (alias `chat`): latency, throughput, CPU per reply.
+    #[command(alias = "chat")]
     Replies {
         #[arg(short = 'c', long, default_value_t = 200)]
         connections: usize,
@@ -194,7 +195,8 @@ enum Scenario {
         #[arg(long, default_value_t = 3)]
         hold_secs: u64,
     },
-    /// R questions/s, then factor×R/s, then R/s again: latency per phase.
+    /// R questions/s, then factor×R/s, then R/s again (alias `peak`): latency per phase.
+    #[command(alias = "peak")]
     Burst {
         /// Baseline questions per second.
         #[arg(short = 'r', long, default_value_t = 40.0)]
@@ -559,7 +561,7 @@ async fn spawn_listening(bin: &str, name: String, args: &[String], log_dir: &Pat
     let path = bin_dir()?.join(bin);
     ensure!(
         path.exists(),
-        "{} not found; build with `cargo build --release -p fengda -p fengda-nlp -p fengda-tests --bins`",
+        "{} not found; build with `cargo build --release -p fengda -p fengda-nlp -p fengda-load --bins`",
         path.display()
     );
     let mut child = Command::new(&path)

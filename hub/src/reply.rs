@@ -24,7 +24,7 @@ use crate::backend::{Appended, Backend, NewEvent, StoredEvent};
 use crate::config::FallbackText;
 use crate::ids::{ConversationKey, generate_reply_id};
 use crate::nlp::{NlpPool, StreamError};
-use crate::protocol::{Role, ServerFrame};
+use crate::protocol::{ReplyTiming, Role, ServerFrame};
 
 /// A stored customer message waiting for its answer.
 #[derive(Debug)]
@@ -33,6 +33,8 @@ pub struct Question {
     pub text: String,
     /// When the customer's message reached the hub.
     pub received: std::time::Instant,
+    /// The asking socket wants a `timing` object on `reply.done`.
+    pub timing: bool,
 }
 
 /// What the replier needs, shared by all sessions of the node.
@@ -52,6 +54,15 @@ struct Ending {
     fallback: bool,
     interrupted: bool,
     cancelled: bool,
+    queue_wait: std::time::Duration,
+    first_token: std::time::Duration,
+    /// Token arrival to delta queued for the sockets, summed and at most.
+    relay_total_us: f64,
+    relay_max_us: f64,
+}
+
+fn ms(duration: std::time::Duration) -> f64 {
+    duration.as_secs_f64() * 1000.0
 }
 
 impl Replier {
@@ -105,6 +116,7 @@ impl Replier {
         metrics::histogram!("fengda_hub_reply_before_nlp_seconds").record(question.received.elapsed().as_secs_f64());
         let mut reply =
             ReplyStream { backend: &*self.backend, key, reply_id: &reply_id, text: String::new(), index: 0 };
+        let before_nlp = question.received.elapsed();
         let ending = self.stream(&request, &mut reply, &cancel).await;
         if ending.fallback {
             let texts = self.tenant_fallback.get(key.tenant.as_str()).unwrap_or(&self.fallback);
@@ -121,6 +133,14 @@ impl Replier {
             fallback: ending.fallback,
             interrupted: ending.interrupted,
             cancelled: ending.cancelled,
+            timing: question.timing.then(|| ReplyTiming {
+                hub_before_nlp_ms: ms(before_nlp),
+                queue_ms: ms(ending.queue_wait),
+                nlp_first_token_ms: ms(ending.first_token),
+                relay_mean_us: if reply.index == 0 { 0.0 } else { ending.relay_total_us / f64::from(reply.index) },
+                relay_max_us: ending.relay_max_us,
+                total_ms: ms(question.received.elapsed()),
+            }),
         };
         match self.backend.append(key, event, None).await {
             Ok(Appended::New(seq)) => debug!(seq, ?ending, "reply stored"),
@@ -144,23 +164,28 @@ impl Replier {
                 return Ending { fallback: true, ..Ending::default() };
             }
         };
+        let mut times = Ending { queue_wait: call.queue_wait, first_token: call.first_token, ..Ending::default() };
         loop {
             let next = tokio::select! {
                 _ = cancel.cancelled() => {
                     // Dropping the stream resets it: that is how the bridge learns to stop.
                     drop(call);
-                    return Ending { cancelled: true, ..Ending::default() };
+                    return Ending { cancelled: true, ..times };
                 }
                 next = call.next() => next,
             };
             let failure = match next {
                 Ok(Some(chunk)) => {
                     if !chunk.text.is_empty() {
+                        let arrived = std::time::Instant::now();
                         reply.push(&chunk.text);
+                        let relay_us = arrived.elapsed().as_secs_f64() * 1e6;
+                        times.relay_total_us += relay_us;
+                        times.relay_max_us = times.relay_max_us.max(relay_us);
                     }
                     if chunk.finish != 0 {
                         call.finish(true).await;
-                        return Ending::default();
+                        return times;
                     }
                     continue;
                 }
@@ -170,7 +195,7 @@ impl Replier {
             warn!(error = %failure, tokens = reply.index, "NLP stream broke; completing with the fallback");
             metrics::counter!("fengda_hub_nlp_fallbacks_total", "reason" => "interrupted").increment(1);
             call.finish(false).await;
-            return Ending { fallback: true, interrupted: reply.index > 0, cancelled: false };
+            return Ending { fallback: true, interrupted: reply.index > 0, ..times };
         }
     }
 }

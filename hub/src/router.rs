@@ -20,7 +20,7 @@ use tokio_util::sync::CancellationToken;
 use crate::backend::StoredEvent;
 use crate::ids::{ConversationKey, SessionId};
 use crate::protocol::close::{self, CloseReason};
-use crate::protocol::{Role, ServerFrame};
+use crate::protocol::{ReplyTiming, Role, ServerFrame};
 
 /// One item queued for a socket's writer.
 #[derive(Debug, Clone)]
@@ -159,7 +159,14 @@ impl Router {
     /// Delivers a durable event. Callers must deliver a conversation's events
     /// in seq order. `origin` is the session that sent a customer message: it
     /// gets an `ack`, the other sessions the `message` itself.
-    pub fn deliver_event(&self, key: &ConversationKey, event: &StoredEvent, origin: Option<SessionId>) {
+    /// `timing` rides along on a `reply.done` (it is not stored).
+    pub fn deliver_event(
+        &self,
+        key: &ConversationKey,
+        event: &StoredEvent,
+        origin: Option<SessionId>,
+        timing: Option<&ReplyTiming>,
+    ) {
         let Some(handles) = self.sessions.get(key) else { return };
         let conversation = key.conversation.as_str();
         let (shared, for_origin) = match event.from {
@@ -176,6 +183,7 @@ impl Router {
                     fallback: event.fallback,
                     interrupted: event.interrupted,
                     cancelled: event.cancelled,
+                    timing,
                 }
                 .encode(),
                 None,
@@ -230,7 +238,7 @@ mod tests {
         assert!(router.join(&key(), a.clone()));
         assert!(!router.join(&key(), b));
         router.join(&key(), c);
-        router.deliver_event(&key(), &customer_event(1), Some(a.id));
+        router.deliver_event(&key(), &customer_event(1), Some(a.id), None);
         assert!(a_rx.try_recv().unwrap().frame().unwrap().as_str().contains(r#""type":"ack""#));
         let Outbound::Frame { seq, frame: b_frame } = b_rx.try_recv().unwrap() else { panic!("a frame") };
         let c_frame = c_rx.try_recv().unwrap();

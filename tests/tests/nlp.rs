@@ -133,3 +133,23 @@ async fn a_reply_outlives_the_asking_socket_while_another_socket_listens() {
     assert_eq!(reply.done["seq"], 2);
     assert_eq!(answerer.cancelled(), 0, "the answer was not cancelled while someone listened");
 }
+
+#[tokio::test]
+async fn a_client_that_asks_gets_where_the_time_of_each_reply_went() {
+    let answerer =
+        RecordingAnswerer::start(Script { first_chunk_delay: Duration::from_millis(100), ..Script::default() }).await;
+    let hub = Hub::start(&["--nlp-url", &answerer.url]).await;
+    let mut timed = Client::connect(&hub.ws_url("tenant=demo&user=timed&timing=1")).await;
+    let (_, reply) = timed.ask("m1", "Tell me about the Gold Card").await;
+    let timing = &reply.done["timing"];
+    let field = |name: &str| timing[name].as_f64().unwrap_or_else(|| panic!("timing.{name} missing: {timing}"));
+    assert!(field("nlp_first_token_ms") >= 100.0, "the model's 100 ms is the NLP's share: {timing}");
+    assert!(field("hub_before_nlp_ms") < field("nlp_first_token_ms"), "{timing}");
+    assert!(field("total_ms") >= field("nlp_first_token_ms"));
+    assert!(field("relay_max_us") >= field("relay_mean_us"));
+    assert_eq!(field("queue_ms"), field("queue_ms").max(0.0));
+
+    let mut plain = Client::connect(&hub.ws_url("tenant=demo&user=untimed")).await;
+    let (_, reply) = plain.ask("m1", "Tell me about the Gold Card").await;
+    assert!(reply.done.get("timing").is_none(), "no timing unless asked: {}", reply.done);
+}

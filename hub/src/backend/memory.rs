@@ -157,6 +157,7 @@ impl Backend for MemoryBackend {
         {
             return Ok(Appended::Duplicate(existing.seq));
         }
+        let event_timing = event.timing;
         log.last_seq += 1;
         let stored = Arc::new(StoredEvent {
             seq: log.last_seq,
@@ -172,7 +173,7 @@ impl Backend for MemoryBackend {
         while log.events.len() > self.log_cap {
             log.events.pop_front();
         }
-        self.router.deliver_event(key, &stored, origin);
+        self.router.deliver_event(key, &stored, origin, event_timing.as_ref());
         Ok(Appended::New(stored.seq))
     }
 

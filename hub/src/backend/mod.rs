@@ -25,7 +25,7 @@ use axum::extract::ws::Utf8Bytes;
 use serde::{Deserialize, Serialize};
 
 use crate::ids::{ConversationId, ConversationKey, SessionId, TenantId, UserId};
-use crate::protocol::{Role, ServerFrame};
+use crate::protocol::{ReplyTiming, Role, ServerFrame};
 use crate::router::SessionHandle;
 
 pub use memory::MemoryBackend;
@@ -76,12 +76,14 @@ pub struct NewEvent {
     pub fallback: bool,
     pub interrupted: bool,
     pub cancelled: bool,
+    /// Delivered with a reply's `reply.done`, never stored.
+    pub timing: Option<ReplyTiming>,
 }
 
 impl NewEvent {
     /// A customer message.
     pub fn customer(id: String, text: String) -> Self {
-        Self { from: Role::Customer, id, text, fallback: false, interrupted: false, cancelled: false }
+        Self { from: Role::Customer, id, text, fallback: false, interrupted: false, cancelled: false, timing: None }
     }
 }
 

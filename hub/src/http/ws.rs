@@ -30,6 +30,7 @@ pub struct WsQuery {
     conversation: Option<String>,
     after: Option<String>,
     epoch: Option<String>,
+    timing: Option<String>,
 }
 
 pub async fn upgrade(
@@ -94,7 +95,8 @@ fn prepare(
         None => None,
     };
     let epoch = query.epoch.filter(|e| !e.is_empty() && e.len() <= 64);
-    Ok((upgrade, SessionParams { tenant, user, conversation, after, epoch }))
+    let timing = matches!(query.timing.as_deref(), Some("1" | "true"));
+    Ok((upgrade, SessionParams { tenant, user, conversation, after, epoch, timing }))
 }
 
 fn required_id<T>(

@@ -149,8 +149,10 @@ impl NlpPool {
         request: &AnswerRequest,
         on_queued: &mut (dyn FnMut(usize) + Send),
     ) -> Result<ActiveCall, StartError> {
+        let entered = Instant::now();
         let permit = self.admit(tenant, on_queued).await?;
-        let deadline = Instant::now() + self.first_chunk_timeout;
+        let admitted = Instant::now();
+        let deadline = admitted + self.first_chunk_timeout;
         let mut attempt = 0;
         let mut tried: Vec<Arc<Endpoint>> = Vec::new();
         loop {
@@ -169,6 +171,8 @@ impl NlpPool {
                 Ok(Ok((stream, Some(first)))) => {
                     metrics::histogram!("fengda_hub_nlp_first_token_seconds").record(sent_at.elapsed().as_secs_f64());
                     return Ok(ActiveCall {
+                        queue_wait: admitted - entered,
+                        first_token: admitted.elapsed(),
                         stream,
                         first: Some(first),
                         token_gap: self.token_gap_timeout,
@@ -251,6 +255,10 @@ impl NlpPool {
 
 /// A started answer stream, holding its admission slot and endpoint count.
 pub struct ActiveCall {
+    /// Time spent waiting for an admission slot.
+    pub queue_wait: Duration,
+    /// From admission to the first chunk, retries included: the NLP's share.
+    pub first_token: Duration,
     stream: Streaming<AnswerChunk>,
     first: Option<AnswerChunk>,
     token_gap: Duration,

@@ -150,6 +150,24 @@ fn take_string(object: &mut serde_json::Map<String, Value>, field: &str) -> Resu
     }
 }
 
+/// Where one reply's time went, split between the hub and the NLP service.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+pub struct ReplyTiming {
+    /// Hub: from the message reaching the hub to the NLP request leaving it
+    /// (storing, history, hand-over), excluding the wait for an NLP slot.
+    pub hub_before_nlp_ms: f64,
+    /// Waiting for an NLP slot (admission queue).
+    pub queue_ms: f64,
+    /// NLP: from the request leaving the hub to its first token (retries included).
+    pub nlp_first_token_ms: f64,
+    /// Hub: mean time from a token's arrival to its frame being queued for every socket.
+    pub relay_mean_us: f64,
+    /// Hub: the longest such time.
+    pub relay_max_us: f64,
+    /// From the message reaching the hub to the reply being complete.
+    pub total_ms: f64,
+}
+
 /// A frame the hub sends. Encode it once and share the bytes.
 #[derive(Debug, Serialize)]
 #[serde(tag = "type")]
@@ -176,6 +194,9 @@ pub enum ServerFrame<'a> {
         /// Only present (and true) when a client cancelled the reply.
         #[serde(skip_serializing_if = "std::ops::Not::not")]
         cancelled: bool,
+        /// Where the reply's time went; only when the asking socket connected with `timing=1`.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        timing: Option<&'a ReplyTiming>,
     },
     #[serde(rename = "message")]
     Message {

@@ -9,4 +9,4 @@
 pub mod close;
 pub mod frames;
 
-pub use frames::{ClientFrame, ErrorCode, FrameError, Role, ServerFrame, parse_client_frame};
+pub use frames::{ClientFrame, ErrorCode, FrameError, ReplyTiming, Role, ServerFrame, parse_client_frame};

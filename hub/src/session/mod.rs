@@ -37,6 +37,8 @@ pub struct SessionParams {
     /// The log epoch the client last saw; a different current epoch means
     /// its history was lost.
     pub epoch: Option<String>,
+    /// `timing=1`: replies to this socket's questions carry a `timing` object.
+    pub timing: bool,
 }
 
 /// Runs a session to completion.
@@ -85,7 +87,7 @@ pub async fn run(mut socket: WebSocket, params: SessionParams, app: Arc<AppState
         let (question_tx, question_rx) = mpsc::channel(ws.max_pending_questions);
         app.tracker.spawn(run_replier(app.clone(), key.clone(), question_rx, closer.clone()).in_current_span());
 
-        let client_closed = reader::run_reader(&mut stream, &app, &params.user, &key, &handle, question_tx).await;
+        let client_closed = reader::run_reader(&mut stream, &app, &params, &key, &handle, question_tx).await;
         closer.close(close::NORMAL);
         app.backend.detach(&key, session_id).await;
         app.backend.touch(&params.user, &key).await;

@@ -17,18 +17,19 @@ use tracing::{debug, warn};
 
 use crate::AppState;
 use crate::backend::{Appended, BackendError, NewEvent};
-use crate::ids::{ConversationKey, UserId};
+use crate::ids::ConversationKey;
 use crate::protocol::close;
 use crate::protocol::{ClientFrame, ErrorCode, ServerFrame, parse_client_frame};
 use crate::reply::Question;
 use crate::router::{Outbound, SessionHandle};
+use crate::session::SessionParams;
 
 /// Reads until the session ends; returns true when the client closed the
 /// socket itself (close frame or end of stream).
 pub(super) async fn run_reader(
     stream: &mut SplitStream<WebSocket>,
     app: &AppState,
-    user: &UserId,
+    params: &SessionParams,
     key: &ConversationKey,
     session: &SessionHandle,
     questions: mpsc::Sender<Question>,
@@ -64,7 +65,7 @@ pub(super) async fn run_reader(
                 // Unknown or finished replies are ignored: a cancel may cross the reply.done.
                 Ok(ClientFrame::Cancel { reply }) => app.replier.cancel(key, &reply),
                 Ok(ClientFrame::Message { id, text }) => {
-                    on_message(app, user, key, session, &questions, id, text).await
+                    on_message(app, params, key, session, &questions, id, text).await
                 }
                 Err(error) => reply(session, error.to_frame()),
             },
@@ -81,7 +82,7 @@ pub(super) async fn run_reader(
 
 async fn on_message(
     app: &AppState,
-    user: &UserId,
+    params: &SessionParams,
     key: &ConversationKey,
     session: &SessionHandle,
     questions: &mpsc::Sender<Question>,
@@ -101,8 +102,8 @@ async fn on_message(
     match app.backend.append(key, event, Some(session.id)).await {
         // The ack went out through the router, in seq order with other events.
         Ok(Appended::New(seq)) => {
-            permit.send(Question { seq, text, received });
-            app.backend.touch(user, key).await;
+            permit.send(Question { seq, text, received, timing: params.timing });
+            app.backend.touch(&params.user, key).await;
         }
         Ok(Appended::Duplicate(seq)) => {
             debug!(seq, "duplicate message acked again");

@@ -2,7 +2,8 @@
 -- KEYS[1] meta hash, KEYS[2] log list, KEYS[3] message-id zset
 -- ARGV: 1 from, 2 id, 3 text, 4 flags (letters: f fallback, i interrupted,
 --       c cancelled), 5 now_ms, 6 log cap,
---       7 retention seconds, 8 channel, 9 origin ("node/session" or "")
+--       7 retention seconds, 8 channel, 9 origin ("node/session" or ""),
+--       10 timing JSON for reply.done (published, not stored; may be "")
 -- Returns {1, seq} when stored, {0, seq} for a customer message id already
 -- stored, {-1, 0} when the conversation does not exist (lost or expired).
 local meta, log, ids = KEYS[1], KEYS[2], KEYS[3]
@@ -35,5 +36,5 @@ local ttl = tonumber(ARGV[7])
 redis.call('EXPIRE', meta, ttl)
 redis.call('EXPIRE', log, ttl)
 redis.call('EXPIRE', ids, ttl)
-redis.call('PUBLISH', ARGV[8], 'E' .. ARGV[9] .. '\n' .. event)
+redis.call('PUBLISH', ARGV[8], 'E' .. ARGV[9] .. '\n' .. ARGV[10] .. '\n' .. event)
 return {1, seq}

@@ -41,7 +41,7 @@ use tracing::{debug, info, warn};
 use super::{Appended, Backend, BackendError, NewEvent, Snapshot, StoredEvent, now_ms};
 use crate::config::{ConversationConfig, RedisConfig};
 use crate::ids::{ConversationId, ConversationKey, SessionId, TenantId, UserId, generate_token};
-use crate::protocol::Role;
+use crate::protocol::{ReplyTiming, Role};
 use crate::router::{Router, SessionHandle};
 use keys::Keys;
 
@@ -277,13 +277,17 @@ impl Shared {
                 Err(_) => warn!("dropping a delta that is not UTF-8"),
             },
             Some((b'E', rest)) => {
-                let Some(newline) = rest.iter().position(|b| *b == b'\n') else { return };
-                let (origin, event) = (&rest[..newline], &rest[newline + 1..]);
+                // E<origin>\n<timing JSON or nothing>\n<event JSON>
+                let mut parts = rest.splitn(3, |b| *b == b'\n');
+                let (Some(origin), Some(timing), Some(event)) = (parts.next(), parts.next(), parts.next()) else {
+                    return;
+                };
                 let Ok(event) = serde_json::from_slice::<StoredEvent>(event) else {
                     warn!("dropping an event that does not parse");
                     return;
                 };
-                self.router.deliver_event(&key, &event, self.local_origin(origin));
+                let timing = serde_json::from_slice::<ReplyTiming>(timing).ok();
+                self.router.deliver_event(&key, &event, self.local_origin(origin), timing.as_ref());
             }
             _ => {}
         }
@@ -553,7 +557,8 @@ impl Backend for RedisBackend {
             .arg(shared.log_cap)
             .arg(shared.retention_secs)
             .arg(shared.keys.channel(key))
-            .arg(shared.origin_of(origin));
+            .arg(shared.origin_of(origin))
+            .arg(event.timing.map(|t| serde_json::to_string(&t).unwrap_or_default()).unwrap_or_default());
         match shared.call(invocation.invoke_async::<(i64, u64)>(&mut con)).await? {
             (1, seq) => Ok(Appended::New(seq)),
             (0, seq) => Ok(Appended::Duplicate(seq)),

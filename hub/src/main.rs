@@ -1,6 +1,6 @@
 //! `fengda`: the hub's command line.
 
-use std::io::Write;
+use std::io::{IsTerminal, Write};
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
@@ -27,6 +27,8 @@ async fn main() -> anyhow::Result<()> {
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info,tower_http=warn".into()),
         )
         .with_writer(std::io::stderr)
+        // Colours only on a terminal: log files and collectors get plain text.
+        .with_ansi(std::io::stderr().is_terminal())
         .init();
     let Command::Serve(args) = Cli::parse().command;
     let config = args.into_config().context("invalid configuration")?;

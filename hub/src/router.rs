@@ -101,6 +101,10 @@ impl SessionHandle {
         match self.tx.try_send(item) {
             Ok(()) => true,
             Err(mpsc::error::TrySendError::Full(_)) => {
+                if !self.closer.token().is_cancelled() {
+                    metrics::counter!("fengda_hub_slow_consumer_closes_total").increment(1);
+                    tracing::info!(session_id = %self.id, "outbound queue full; closing as a slow consumer");
+                }
                 self.closer.close(close::SLOW_CONSUMER);
                 false
             }

@@ -117,7 +117,7 @@ impl Replier {
         let mut reply =
             ReplyStream { backend: &*self.backend, key, reply_id: &reply_id, text: String::new(), index: 0 };
         let before_nlp = question.received.elapsed();
-        let ending = self.stream(&request, &mut reply, &cancel).await;
+        let ending = self.stream(&request, &mut reply, &cancel, question.timing).await;
         if ending.fallback {
             let texts = self.tenant_fallback.get(key.tenant.as_str()).unwrap_or(&self.fallback);
             let polite = if mostly_cjk(&question.text) { &texts.zh } else { &texts.en };
@@ -149,7 +149,14 @@ impl Replier {
         }
     }
 
-    async fn stream(&self, request: &AnswerRequest, reply: &mut ReplyStream<'_>, cancel: &CancellationToken) -> Ending {
+    /// `measure`: time each token's relay (only for replies that report `timing`).
+    async fn stream(
+        &self,
+        request: &AnswerRequest,
+        reply: &mut ReplyStream<'_>,
+        cancel: &CancellationToken,
+        measure: bool,
+    ) -> Ending {
         let queued_reply = &*reply;
         let mut on_queued = |position| queued_reply.queued(position);
         let started = tokio::select! {
@@ -177,11 +184,13 @@ impl Replier {
             let failure = match next {
                 Ok(Some(chunk)) => {
                     if !chunk.text.is_empty() {
-                        let arrived = std::time::Instant::now();
+                        let arrived = measure.then(std::time::Instant::now);
                         reply.push(&chunk.text);
-                        let relay_us = arrived.elapsed().as_secs_f64() * 1e6;
-                        times.relay_total_us += relay_us;
-                        times.relay_max_us = times.relay_max_us.max(relay_us);
+                        if let Some(arrived) = arrived {
+                            let relay_us = arrived.elapsed().as_secs_f64() * 1e6;
+                            times.relay_total_us += relay_us;
+                            times.relay_max_us = times.relay_max_us.max(relay_us);
+                        }
                     }
                     if chunk.finish != 0 {
                         call.finish(true).await;

@@ -136,10 +136,6 @@ impl NlpPool {
         })
     }
 
-    pub fn endpoints(&self) -> &[Arc<Endpoint>] {
-        &self.endpoints
-    }
-
     /// Starts an answer stream and waits for its first chunk (see the module
     /// doc). While the question waits for a slot, `on_queued` hears its place
     /// in line each time it changes.

@@ -30,7 +30,7 @@ pub mod session;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use axum::serve::ListenerExt;
@@ -58,6 +58,8 @@ pub struct AppState {
     pub shutdown: CancellationToken,
     /// False once shutdown begins: `/readyz` turns red and upgrades are refused.
     pub accepting: AtomicBool,
+    /// Sessions running on this node (sockets past the upgrade).
+    pub sessions_open: AtomicUsize,
     /// Renders `/metrics` (Prometheus text format).
     pub metrics: Option<metrics_exporter_prometheus::PrometheusHandle>,
 }
@@ -143,6 +145,7 @@ impl App {
             shutdown,
             metrics,
             accepting: AtomicBool::new(true),
+            sessions_open: AtomicUsize::new(0),
         });
         Ok(Self { listener, local_addr, state, embedded_answerer })
     }

@@ -20,7 +20,7 @@ mod redis;
 
 pub use answerer::{RecordingAnswerer, Script};
 pub use client::{Client, Reply};
-pub use process::{Hub, NlpProcess, binary};
+pub use process::{Hub, NlpProcess, binary, metric_value};
 pub use redis::RedisServer;
 
 /// How long any single expected event may take before the test fails.

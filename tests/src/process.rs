@@ -109,6 +109,16 @@ impl Hub {
         reqwest::get(format!("{}/readyz", self.url)).await.map(|r| r.status().as_u16()).unwrap_or(0)
     }
 
+    /// GET /metrics (Prometheus text).
+    pub async fn metrics(&self) -> String {
+        reqwest::get(format!("{}/metrics", self.url)).await.unwrap().text().await.unwrap()
+    }
+
+    /// One unlabelled value from GET /metrics (0 when absent).
+    pub async fn metric(&self, name: &str) -> f64 {
+        metric_value(&self.metrics().await, name)
+    }
+
     /// Waits until /readyz answers 200 (e.g. after Redis came back).
     pub async fn wait_ready(&self) {
         let deadline = tokio::time::Instant::now() + crate::STEP_TIMEOUT;
@@ -144,4 +154,14 @@ impl NlpProcess {
         let (child, url) = spawn_listening("fengda-nlp", &args).await.expect("start fengda-nlp");
         NlpProcess { child, url }
     }
+}
+
+/// The value of the first sample of `name` in Prometheus text (0 when absent).
+pub fn metric_value(metrics: &str, name: &str) -> f64 {
+    metrics
+        .lines()
+        .find(|line| line.starts_with(name) && !line.starts_with('#'))
+        .and_then(|line| line.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0)
 }

@@ -60,3 +60,51 @@ async fn shutdown_closes_sockets_with_1001_and_exits_cleanly() {
         assert_eq!(u16::from(close.code), 1001);
     }
 }
+
+#[tokio::test]
+async fn sessions_and_tasks_return_to_baseline_after_sockets_close() {
+    let answerer = RecordingAnswerer::start(Script::default()).await;
+    let hub = Hub::start(&["--nlp-url", &answerer.url]).await;
+    assert!(hub.metric("fengda_hub_runtime_tasks_alive").await > 0.0, "the hub reports its live tasks");
+    // The first reply also opens the NLP connection (its tasks stay): warm up first.
+    let baseline_tasks = converse_and_leave(&hub, 1, "warm").await;
+
+    let mut clients = Vec::new();
+    for i in 0..5 {
+        let mut client = Client::connect(&hub.ws_url(&format!("tenant=demo&user=leak{i}"))).await;
+        client.ask("m1", "Tell me about the Gold Card").await;
+        clients.push(client);
+    }
+    assert_eq!(hub.metric("fengda_hub_sessions_open").await, 5.0);
+    assert!(hub.metric("fengda_hub_runtime_tasks_alive").await > baseline_tasks);
+    drop(clients);
+    converse_and_leave(&hub, 0, "after").await;
+    // A session's writer and replier end just after it: allow them a moment, bounded.
+    let deadline = tokio::time::Instant::now() + fengda_tests::STEP_TIMEOUT;
+    loop {
+        let tasks = hub.metric("fengda_hub_runtime_tasks_alive").await;
+        if tasks <= baseline_tasks {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{tasks} tasks left, baseline {baseline_tasks}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Has `n` customers ask once and close, waits until the hub has no session
+/// left, and returns its live task count then.
+async fn converse_and_leave(hub: &Hub, n: usize, prefix: &str) -> f64 {
+    for i in 0..n {
+        let mut client = Client::connect(&hub.ws_url(&format!("tenant=demo&user={prefix}{i}"))).await;
+        client.ask("m1", "Tell me about the Gold Card").await;
+        client.ws.close(None).await.unwrap();
+        while let Some(Ok(_)) = client.ws.next().await {}
+    }
+    // The hub finishes its side of each close after ours; wait for it, bounded.
+    let deadline = tokio::time::Instant::now() + fengda_tests::STEP_TIMEOUT;
+    while hub.metric("fengda_hub_sessions_open").await > 0.0 {
+        assert!(tokio::time::Instant::now() < deadline, "sessions did not end");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    hub.metric("fengda_hub_runtime_tasks_alive").await
+}

@@ -3,20 +3,11 @@
 
 use std::time::{Duration, Instant};
 
-use fengda_tests::{Client, Hub, NlpProcess, RecordingAnswerer, Script};
+use fengda_tests::{Client, Hub, NlpProcess, RecordingAnswerer, Script, metric_value};
 use serde_json::json;
 
 async fn metrics(hub: &Hub) -> String {
-    reqwest::get(format!("{}/metrics", hub.url)).await.unwrap().text().await.unwrap()
-}
-
-fn metric_value(metrics: &str, name: &str) -> f64 {
-    metrics
-        .lines()
-        .find(|line| line.starts_with(name) && !line.starts_with('#'))
-        .and_then(|line| line.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0.0)
+    hub.metrics().await
 }
 
 #[tokio::test]

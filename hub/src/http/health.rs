@@ -28,10 +28,15 @@ pub async fn readyz(State(app): State<Arc<AppState>>) -> (StatusCode, Json<Value
     }
 }
 
-/// Prometheus metrics (`fengda_hub_*`).
+/// Prometheus metrics (`fengda_hub_*`). The gauges read at scrape time (live
+/// tasks, open sessions) are how a soak test sees a leak.
 pub async fn metrics(State(app): State<Arc<AppState>>) -> (StatusCode, String) {
-    match &app.metrics {
-        Some(handle) => (StatusCode::OK, handle.render()),
-        None => (StatusCode::SERVICE_UNAVAILABLE, String::new()),
-    }
+    let Some(handle) = &app.metrics else {
+        return (StatusCode::SERVICE_UNAVAILABLE, String::new());
+    };
+    let runtime = tokio::runtime::Handle::current().metrics();
+    metrics::gauge!("fengda_hub_runtime_tasks_alive").set(runtime.num_alive_tasks() as f64);
+    metrics::gauge!("fengda_hub_runtime_workers").set(runtime.num_workers() as f64);
+    metrics::gauge!("fengda_hub_sessions_open").set(app.sessions_open.load(Ordering::Relaxed) as f64);
+    (StatusCode::OK, handle.render())
 }

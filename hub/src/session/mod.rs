@@ -10,6 +10,7 @@ mod reader;
 mod writer;
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use axum::extract::ws::{Message, WebSocket};
 use futures::StreamExt;
@@ -46,6 +47,7 @@ pub async fn run(mut socket: WebSocket, params: SessionParams, app: Arc<AppState
     let session_id = SessionId::next();
     let span = info_span!("session", tenant_id = %params.tenant, user_id = %params.user, session_id = %session_id, conversation_id = tracing::field::Empty);
     async move {
+        let _open = OpenSession::count(&app);
         let key = match app.backend.open(&params.tenant, &params.user, params.conversation.as_ref()).await {
             Ok(key) => key,
             Err(error) => return refuse(&mut socket, &error).await,
@@ -108,6 +110,22 @@ pub async fn run(mut socket: WebSocket, params: SessionParams, app: Arc<AppState
     }
     .instrument(span)
     .await
+}
+
+/// Counts a running session in `AppState::sessions_open` until dropped.
+struct OpenSession<'a>(&'a AtomicUsize);
+
+impl<'a> OpenSession<'a> {
+    fn count(app: &'a AppState) -> Self {
+        app.sessions_open.fetch_add(1, Ordering::Relaxed);
+        Self(&app.sessions_open)
+    }
+}
+
+impl Drop for OpenSession<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 /// Answers this session's questions one at a time, in the order asked.

@@ -7,6 +7,11 @@ use clap::{Parser, Subcommand};
 use fengda::App;
 use fengda::config::ServeArgs;
 
+/// mimalloc: the hub allocates and frees small buffers per frame on every
+/// worker thread; glibc malloc showed up at ~12 % of the hub's profile.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(name = "fengda", version, about = "Realtime hub for AI customer service")]
 struct Cli {

@@ -23,8 +23,8 @@ use tracing::{debug, warn};
 use crate::backend::{Appended, Backend, NewEvent, StoredEvent};
 use crate::config::FallbackText;
 use crate::ids::{ConversationKey, generate_reply_id};
-use crate::nlp::{NlpPool, StreamError};
-use crate::protocol::{ReplyTiming, Role, ServerFrame};
+use crate::nlp::{ActiveCall, NlpPool, StreamError};
+use crate::protocol::{DeltaEncoder, ReplyTiming, Role, ServerFrame};
 
 /// A stored customer message waiting for its answer.
 #[derive(Debug)]
@@ -114,10 +114,17 @@ impl Replier {
         };
         // The hub's own share before the model: store, history, hand-over.
         metrics::histogram!("fengda_hub_reply_before_nlp_seconds").record(question.received.elapsed().as_secs_f64());
-        let mut reply =
-            ReplyStream { backend: &*self.backend, key, reply_id: &reply_id, text: String::new(), index: 0 };
+        let mut reply = ReplyStream {
+            backend: &*self.backend,
+            key,
+            reply_id: &reply_id,
+            deltas: DeltaEncoder::new(key.conversation.as_str(), &reply_id),
+            text: String::new(),
+            index: 0,
+        };
         let before_nlp = question.received.elapsed();
-        let ending = self.stream(&request, &mut reply, &cancel, question.timing).await;
+        let mut completed_call = None;
+        let ending = self.stream(&request, &mut reply, &cancel, question.timing, &mut completed_call).await;
         if ending.fallback {
             let texts = self.tenant_fallback.get(key.tenant.as_str()).unwrap_or(&self.fallback);
             let polite = if mostly_cjk(&question.text) { &texts.zh } else { &texts.en };
@@ -147,20 +154,31 @@ impl Replier {
             Ok(Appended::Duplicate(_)) => {}
             Err(error) => warn!(%error, "reply streamed but could not be stored"),
         }
+        // The customer has the whole reply; only now wait for the call's trailers.
+        if let Some(call) = completed_call {
+            call.finish(true).await;
+        }
     }
 
     /// `measure`: time each token's relay (only for replies that report `timing`).
+    /// A call that delivered its finish chunk is handed back in `completed`
+    /// rather than finished here, so the `reply.done` does not wait for the
+    /// stream's trailers.
     async fn stream(
         &self,
         request: &AnswerRequest,
         reply: &mut ReplyStream<'_>,
         cancel: &CancellationToken,
         measure: bool,
+        completed: &mut Option<ActiveCall>,
     ) -> Ending {
+        // One waiter for the whole reply, not one registration per token.
+        let cancelled = cancel.cancelled();
+        tokio::pin!(cancelled);
         let queued_reply = &*reply;
         let mut on_queued = |position| queued_reply.queued(position);
         let started = tokio::select! {
-            _ = cancel.cancelled() => return Ending { cancelled: true, ..Ending::default() },
+            _ = &mut cancelled => return Ending { cancelled: true, ..Ending::default() },
             started = self.nlp.start(&queued_reply.key.tenant, request, &mut on_queued) => started,
         };
         let mut call = match started {
@@ -174,7 +192,7 @@ impl Replier {
         let mut times = Ending { queue_wait: call.queue_wait, first_token: call.first_token, ..Ending::default() };
         loop {
             let next = tokio::select! {
-                _ = cancel.cancelled() => {
+                _ = &mut cancelled => {
                     // Dropping the stream resets it: that is how the bridge learns to stop.
                     drop(call);
                     return Ending { cancelled: true, ..times };
@@ -193,7 +211,7 @@ impl Replier {
                         }
                     }
                     if chunk.finish != 0 {
-                        call.finish(true).await;
+                        *completed = Some(call);
                         return times;
                     }
                     continue;
@@ -226,6 +244,7 @@ struct ReplyStream<'a> {
     backend: &'a dyn Backend,
     key: &'a ConversationKey,
     reply_id: &'a str,
+    deltas: DeltaEncoder,
     text: String,
     index: u32,
 }
@@ -240,13 +259,7 @@ impl ReplyStream<'_> {
     }
 
     fn push(&mut self, token: &str) {
-        let frame = ServerFrame::ReplyDelta {
-            conversation: self.key.conversation.as_str(),
-            reply: self.reply_id,
-            index: self.index,
-            text: token,
-        }
-        .encode();
+        let frame = self.deltas.encode(self.index, token);
         self.backend.publish_ephemeral(self.key, frame);
         self.text.push_str(token);
         self.index += 1;

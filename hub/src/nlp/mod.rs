@@ -22,6 +22,7 @@ pub mod admission;
 pub mod breaker;
 mod client;
 
+use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
@@ -172,6 +173,8 @@ impl NlpPool {
                         stream,
                         first: Some(first),
                         token_gap: self.token_gap_timeout,
+                        last_chunk: Instant::now(),
+                        gap_timer: Box::pin(tokio::time::sleep(self.token_gap_timeout)),
                         outstanding,
                         _permit: permit,
                     });
@@ -258,6 +261,11 @@ pub struct ActiveCall {
     stream: Streaming<AnswerChunk>,
     first: Option<AnswerChunk>,
     token_gap: Duration,
+    /// When the last chunk arrived; the gap deadline counts from it.
+    last_chunk: Instant,
+    /// Fires at some point at or before the gap deadline and is re-armed
+    /// lazily, so a fast stream costs no timer operation per token.
+    gap_timer: Pin<Box<tokio::time::Sleep>>,
     outstanding: Outstanding,
     _permit: Permit,
 }
@@ -268,9 +276,21 @@ impl ActiveCall {
         if let Some(first) = self.first.take() {
             return Ok(Some(first));
         }
-        match tokio::time::timeout(self.token_gap, self.stream.message()).await {
-            Err(_) => Err(StreamError::TokenGap(self.token_gap)),
-            Ok(result) => result.map_err(StreamError::Failed),
+        loop {
+            tokio::select! {
+                biased;
+                result = self.stream.message() => {
+                    self.last_chunk = Instant::now();
+                    return result.map_err(StreamError::Failed);
+                }
+                () = &mut self.gap_timer => {
+                    let deadline = self.last_chunk + self.token_gap;
+                    if Instant::now() >= deadline {
+                        return Err(StreamError::TokenGap(self.token_gap));
+                    }
+                    self.gap_timer.as_mut().reset(deadline);
+                }
+            }
         }
     }
 

@@ -9,4 +9,6 @@
 pub mod close;
 pub mod frames;
 
-pub use frames::{ClientFrame, ErrorCode, FrameError, ReplyTiming, Role, ServerFrame, parse_client_frame};
+pub use frames::{
+    ClientFrame, DeltaEncoder, ErrorCode, FrameError, ReplyTiming, Role, ServerFrame, parse_client_frame,
+};

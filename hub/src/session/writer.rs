@@ -51,30 +51,33 @@ pub(super) async fn run_writer(
     ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut burst = Vec::with_capacity(BURST);
     let intro = std::mem::take(&mut replay.intro);
+    // One waiter for the session's life, not one registration per burst.
+    let cancelled = closer.token().cancelled();
+    tokio::pin!(cancelled);
     let result: Result<(), axum::Error> = async {
         tokio::select! {
             biased;
-            _ = closer.token().cancelled() => return Ok(()),
+            _ = &mut cancelled => return Ok(()),
             result = write_intro(&mut sink, intro) => result?,
         }
         loop {
             tokio::select! {
                 biased;
-                _ = closer.token().cancelled() => return Ok(()),
+                _ = &mut cancelled => return Ok(()),
                 received = queue.recv_many(&mut burst, BURST) => {
                     if received == 0 {
                         return Ok(());
                     }
                     tokio::select! {
                         biased;
-                        _ = closer.token().cancelled() => return Ok(()),
+                        _ = &mut cancelled => return Ok(()),
                         result = write_burst(&mut sink, &mut burst, &mut replay) => result?,
                     }
                 }
                 _ = ping.tick() => {
                     tokio::select! {
                         biased;
-                        _ = closer.token().cancelled() => return Ok(()),
+                        _ = &mut cancelled => return Ok(()),
                         result = sink.send(Message::Ping(Default::default())) => result?,
                     }
                 }

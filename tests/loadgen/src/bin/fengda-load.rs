@@ -54,15 +54,21 @@
 //!
 //! CPU time is the sum over the process's threads of
 //! `/proc/<pid>/task/<tid>/schedstat` (ns), so that a bare server's few
-//! tens of milliseconds are measured precisely; see `cpu_us`.
+//! tens of milliseconds are measured precisely; see [`fengda_load::procfs`].
 //!
 //! Every run ends with one line of JSON holding all its figures (with
 //! `--json`, that line is all that is printed).
 //!
 //! Every reply is verified: an `ack` for the message id, delta indexes
 //! 0..n-1 of one reply id, deltas that add up to the `reply.done` text, and
-//! `fallback: false`. Errors, timeouts, closes and mismatches are counted and
+//! `fallback: false`; `queued` frames of that reply may come before its
+//! first delta. Errors, timeouts, closes and mismatches are counted and
 //! make the exit status non-zero.
+//!
+//! This file starts the processes, opens the sockets and runs the
+//! scenarios; what needs no socket (schedules, reply verification,
+//! statistics, `/proc`, the text report) is the `fengda_load` library, with
+//! its tests.
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -72,9 +78,12 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail, ensure};
 use clap::{Args, Parser, Subcommand};
+use fengda_load::frames::{self, Answered, FallbackPolicy, Frame, Progress, ReplyCheck};
+use fengda_load::procfs::{self, CpuSnapshot, Watched};
+use fengda_load::report::{self, Failed, Failure, Failures, ReplyStats, record, round2};
+use fengda_load::schedule::{self, Phase};
+use fengda_load::text;
 use futures::{SinkExt, StreamExt};
-use hdrhistogram::Histogram;
-use serde::Deserialize;
 use serde_json::{Value, json};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
@@ -256,7 +265,7 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
         common.target = TargetKind::Bare;
         let (bare, bare_clean) = run_one(&common, &cli.scenario, nofile).await?;
         if !common.json {
-            print_text(&bare);
+            print!("{}", text::render(&bare));
             println!();
         }
         // Let the bare server's sockets leave TIME_WAIT accounting behind a little.
@@ -264,12 +273,12 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
         common.target = TargetKind::Hub;
         let (hub, hub_clean) = run_one(&common, &cli.scenario, nofile).await?;
         if !common.json {
-            print_text(&hub);
+            print!("{}", text::render(&hub));
             println!();
         }
-        let ratios = ratios(&bare, &hub);
+        let ratios = report::ratios(&bare, &hub);
         if !common.json {
-            print_ratios(&ratios);
+            print!("{}", text::render_ratios(&ratios));
         }
         let report = json!({
             "scenario": "compare",
@@ -282,7 +291,7 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
     } else {
         let (report, clean) = run_one(&cli.common, &cli.scenario, nofile).await?;
         if !cli.common.json {
-            print_text(&report);
+            print!("{}", text::render(&report));
         }
         (report, clean)
     };
@@ -297,111 +306,21 @@ async fn run_one(common: &Common, scenario: &Scenario, nofile: u64) -> anyhow::R
         Scenario::Replies { connections, questions } => replies(common, &target, connections, questions).await,
         Scenario::Idle { sockets, hold_secs } => idle(common, &target, sockets, hold_secs, nofile).await,
         Scenario::Burst { rate, factor, base_secs, peak_secs, connections } => {
-            let pool = connections.unwrap_or(((rate * factor).ceil() as usize).max(200));
-            let phases =
-                vec![("baseline", rate, base_secs), ("peak", rate * factor, peak_secs), ("recovery", rate, base_secs)];
-            open_loop(common, &target, "burst", phases, pool).await
+            // The bridge we start does not pace its tokens: a reply takes no time to speak of.
+            let pool = connections.unwrap_or_else(|| schedule::pool_size(rate * factor, Duration::ZERO));
+            let phases = schedule::burst(rate, factor, base_secs, peak_secs);
+            open_loop(common, &target, "burst", &phases, pool).await
         }
         Scenario::Storm { sockets } => storm(common, &target, sockets).await,
         Scenario::Rate { rate, secs, connections } => {
-            let pool = connections.unwrap_or((rate.ceil() as usize).max(200));
-            open_loop(common, &target, "rate", vec![("rate", rate, secs)], pool).await
+            let pool = connections.unwrap_or_else(|| schedule::pool_size(rate, Duration::ZERO));
+            open_loop(common, &target, "rate", &[Phase::new("rate", rate, secs)], pool).await
         }
     };
     let logs = target.stop().await;
     let (mut report, clean) = result?;
     report["child_logs"] = logs;
     Ok((report, clean))
-}
-
-/// hub ÷ bare for the figures both runs of one scenario have.
-fn ratios(bare: &Value, hub: &Value) -> Value {
-    let ratio = |path: &[&str]| {
-        let get = |r: &Value| path.iter().fold(r, |v, k| &v[*k]).as_f64();
-        match (get(hub), get(bare)) {
-            (Some(h), Some(b)) if b > 0.0 => json!(round2(h / b)),
-            _ => Value::Null,
-        }
-    };
-    let hub_plus_bridge = {
-        let h = hub["cpu"]["hub_us_per_reply"].as_f64();
-        let br = hub["cpu"]["bridge_us_per_reply"].as_f64().unwrap_or(0.0);
-        match (h, bare["cpu"]["hub_us_per_reply"].as_f64()) {
-            (Some(h), Some(b)) if b > 0.0 => json!(round2((h + br) / b)),
-            _ => Value::Null,
-        }
-    };
-    match hub["scenario"].as_str() {
-        Some("replies") => json!({
-            "replies_per_s": ratio(&["replies_per_s"]),
-            "cpu_us_per_reply": ratio(&["cpu", "hub_us_per_reply"]),
-            "cpu_us_per_reply_hub_plus_bridge": hub_plus_bridge,
-            "latency_p50": ratio(&["latency_ms", "p50"]),
-            "latency_p99": ratio(&["latency_ms", "p99"]),
-            "first_delta_p50": ratio(&["first_delta_ms", "p50"]),
-            "bare": { "replies_per_s": bare["replies_per_s"], "cpu_us_per_reply": bare["cpu"]["hub_us_per_reply"] },
-            "hub": {
-                "replies_per_s": hub["replies_per_s"],
-                "cpu_us_per_reply": hub["cpu"]["hub_us_per_reply"],
-                "bridge_us_per_reply": hub["cpu"]["bridge_us_per_reply"],
-            },
-        }),
-        Some("idle") => json!({
-            "kib_per_idle_socket": ratio(&["hub_kib_per_idle_socket"]),
-            "sockets_per_s": ratio(&["connects_per_s"]),
-            "cpu_us_per_connect": ratio(&["hub_us_per_connect"]),
-            "bare": {
-                "kib_per_idle_socket": bare["hub_kib_per_idle_socket"],
-                "sockets_per_s": bare["connects_per_s"],
-                "cpu_us_per_connect": bare["hub_us_per_connect"],
-            },
-            "hub": {
-                "kib_per_idle_socket": hub["hub_kib_per_idle_socket"],
-                "sockets_per_s": hub["connects_per_s"],
-                "cpu_us_per_connect": hub["hub_us_per_connect"],
-            },
-        }),
-        Some("storm") => json!({
-            "reconnects_per_s": ratio(&["reconnects_per_s"]),
-            "cpu_us_per_reconnect": ratio(&["hub_us_per_reconnect"]),
-            "bare": { "reconnects_per_s": bare["reconnects_per_s"], "cpu_us_per_reconnect": bare["hub_us_per_reconnect"] },
-            "hub": { "reconnects_per_s": hub["reconnects_per_s"], "cpu_us_per_reconnect": hub["hub_us_per_reconnect"] },
-        }),
-        Some("burst" | "rate") => {
-            let phases: Vec<Value> = hub["phases"]
-                .as_array()
-                .into_iter()
-                .flatten()
-                .enumerate()
-                .map(|(i, p)| {
-                    let b = &bare["phases"][i];
-                    let r = |k: &str| match (p["latency_ms"][k].as_f64(), b["latency_ms"][k].as_f64()) {
-                        (Some(h), Some(b)) if b > 0.0 => json!(round2(h / b)),
-                        _ => Value::Null,
-                    };
-                    json!({ "phase": p["phase"], "latency_p50": r("p50"), "latency_p99": r("p99") })
-                })
-                .collect();
-            json!({
-                "cpu_us_per_reply": ratio(&["cpu", "hub_us_per_reply"]),
-                "cpu_us_per_reply_hub_plus_bridge": hub_plus_bridge,
-                "phases": phases,
-            })
-        }
-        _ => Value::Null,
-    }
-}
-
-fn print_ratios(r: &Value) {
-    println!("hub ÷ bare (ceiling), same run:");
-    let Some(map) = r.as_object() else { return };
-    for (k, v) in map {
-        if v.is_object() || v.is_array() {
-            println!("  {k}: {v}");
-        } else {
-            println!("  {k}: {v}×");
-        }
-    }
 }
 
 // ---------------------------------------------------------------- processes
@@ -428,10 +347,8 @@ struct Target {
     ips: Vec<String>,
     /// One port per hub node (nodes listen on 0.0.0.0).
     ports: Vec<u16>,
-    /// One pid per hub node; empty when attached without `--hub-pid`.
-    hub_pids: Vec<u32>,
-    bridge_pid: Option<u32>,
-    redis_pid: Option<u32>,
+    /// The processes whose CPU and memory are measured.
+    watched: Watched,
     backend: Backend,
     kind: TargetKind,
     children: Vec<Spawned>,
@@ -618,9 +535,7 @@ impl Target {
             return Ok(Target {
                 ips,
                 ports: vec![port],
-                hub_pids: common.hub_pid.into_iter().collect(),
-                bridge_pid: None,
-                redis_pid: None,
+                watched: Watched { hubs: common.hub_pid.into_iter().collect(), bridge: None, redis: None },
                 backend: common.backend,
                 kind: common.target,
                 children: Vec::new(),
@@ -641,9 +556,7 @@ impl Target {
             return Ok(Target {
                 ips: loopback_ips(common.addrs.unwrap_or(8)),
                 ports: vec![host_port(&bare.url)?.1],
-                hub_pids: vec![bare.pid],
-                bridge_pid: None,
-                redis_pid: None,
+                watched: Watched { hubs: vec![bare.pid], bridge: None, redis: None },
                 backend: common.backend,
                 kind: TargetKind::Bare,
                 children: vec![bare],
@@ -686,9 +599,7 @@ impl Target {
         Ok(Target {
             ips,
             ports,
-            hub_pids,
-            bridge_pid: Some(bridge_pid),
-            redis_pid: redis.map(|(_, pid)| pid),
+            watched: Watched { hubs: hub_pids, bridge: Some(bridge_pid), redis: redis.map(|(_, pid)| pid) },
             backend: common.backend,
             kind: TargetKind::Hub,
             children,
@@ -703,10 +614,10 @@ impl Target {
 
     /// Sum over all hub nodes; None if any is unknown.
     fn hub_sum(&self, f: impl Fn(u32) -> Option<u64>) -> Option<u64> {
-        if self.hub_pids.is_empty() {
+        if self.watched.hubs.is_empty() {
             return None;
         }
-        self.hub_pids.iter().map(|&pid| f(pid)).sum()
+        self.watched.hubs.iter().map(|&pid| f(pid)).sum()
     }
 
     fn setup_json(&self) -> Value {
@@ -714,8 +625,8 @@ impl Target {
             "target": self.kind.name(),
             "backend": self.backend.name(),
             "nodes": self.ports.len(),
-            "hub_pids": self.hub_pids,
-            "redis_pid": self.redis_pid,
+            "hub_pids": self.watched.hubs,
+            "redis_pid": self.watched.redis,
         })
     }
 
@@ -764,238 +675,19 @@ fn raise_nofile_limit() -> u64 {
     }
 }
 
-// ---------------------------------------------------------------- /proc
+// ---------------------------------------------------------------- sockets
 
-/// CPU time of a process, in microseconds: the sum over its threads of
-/// `/proc/<pid>/task/<tid>/schedstat` (nanosecond clock; threads that exited
-/// are not counted, which for the hub's and bridge's long-lived runtime
-/// threads does not matter), or utime+stime from `/proc/<pid>/stat` (10 ms
-/// ticks) where schedstat is unavailable.
-fn cpu_us(pid: u32) -> Option<u64> {
-    schedstat_us(pid).or_else(|| stat_cpu_us(pid))
-}
-
-fn schedstat_us(pid: u32) -> Option<u64> {
-    let mut ns = 0u64;
-    let mut threads = 0;
-    for task in std::fs::read_dir(format!("/proc/{pid}/task")).ok()?.flatten() {
-        let Ok(line) = std::fs::read_to_string(task.path().join("schedstat")) else { continue };
-        ns += line.split_whitespace().next()?.parse::<u64>().ok()?;
-        threads += 1;
-    }
-    (threads > 0).then_some(ns / 1000)
-}
-
-/// utime+stime of a process, in microseconds (10 ms ticks).
-fn stat_cpu_us(pid: u32) -> Option<u64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // Fields after the command name, which may contain spaces: state is field 3.
-    let rest = &stat[stat.rfind(')')? + 2..];
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    let utime: u64 = fields.get(11)?.parse().ok()?;
-    let stime: u64 = fields.get(12)?.parse().ok()?;
-    // SAFETY: sysconf has no preconditions.
-    let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
-    Some((utime + stime) * 1_000_000 / ticks)
-}
-
-fn self_cpu_us() -> u64 {
-    // SAFETY: getrusage fills the struct we own.
-    unsafe {
-        let mut usage: libc::rusage = std::mem::zeroed();
-        libc::getrusage(libc::RUSAGE_SELF, &mut usage);
-        let tv = |t: libc::timeval| t.tv_sec as u64 * 1_000_000 + t.tv_usec as u64;
-        tv(usage.ru_utime) + tv(usage.ru_stime)
-    }
-}
-
-fn status_kib(pid: u32, field: &str) -> Option<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let line = status.lines().find(|l| l.starts_with(field))?;
-    line[field.len()..].trim().trim_end_matches("kB").trim().parse().ok()
-}
-
-fn open_fds(pid: u32) -> Option<usize> {
-    Some(std::fs::read_dir(format!("/proc/{pid}/fd")).ok()?.count())
-}
-
-#[derive(Clone)]
-struct CpuSnapshot {
-    /// One per hub node.
-    hubs: Vec<Option<u64>>,
-    bridge: Option<u64>,
-    redis: Option<u64>,
-    loadgen: u64,
-    at: Instant,
-}
-
-impl CpuSnapshot {
-    fn take(target: &Target) -> CpuSnapshot {
-        CpuSnapshot {
-            hubs: target.hub_pids.iter().map(|&pid| cpu_us(pid)).collect(),
-            bridge: target.bridge_pid.and_then(cpu_us),
-            redis: target.redis_pid.and_then(cpu_us),
-            loadgen: self_cpu_us(),
-            at: Instant::now(),
-        }
-    }
-
-    /// CPU µs spent by each process between `self` and `later`, and the wall time.
-    fn delta(&self, later: &CpuSnapshot) -> CpuDelta {
-        let sub = |a: Option<u64>, b: Option<u64>| Some(b?.saturating_sub(a?));
-        let nodes: Vec<Option<u64>> = self.hubs.iter().zip(&later.hubs).map(|(&a, &b)| sub(a, b)).collect();
-        let hub_us = if nodes.is_empty() { None } else { nodes.iter().copied().sum() };
-        CpuDelta {
-            hub_us,
-            node_us: nodes,
-            bridge_us: sub(self.bridge, later.bridge),
-            redis_us: sub(self.redis, later.redis),
-            loadgen_us: later.loadgen.saturating_sub(self.loadgen),
-            wall: later.at - self.at,
-        }
-    }
-}
-
-struct CpuDelta {
-    /// Summed over all hub nodes.
-    hub_us: Option<u64>,
-    node_us: Vec<Option<u64>>,
-    bridge_us: Option<u64>,
-    redis_us: Option<u64>,
-    loadgen_us: u64,
-    wall: Duration,
-}
-
-impl CpuDelta {
-    fn json(&self, replies: u64, tokens: u64) -> Value {
-        let per = |us: Option<u64>, n: u64| us.filter(|_| n > 0).map(|us| round2(us as f64 / n as f64));
-        let cores = |us: Option<u64>| us.map(|us| round2(us as f64 / 1e6 / self.wall.as_secs_f64()));
-        let nodes: Vec<Value> = self
-            .node_us
-            .iter()
-            .enumerate()
-            .map(|(i, &us)| {
-                json!({
-                    "node": i + 1,
-                    "cpu_ms": us.map(|us| us / 1000),
-                    "cores_busy": cores(us),
-                    // Per reply of the whole run (each node serves 1/N of the connections).
-                    "us_per_reply_of_all": per(us, replies),
-                })
-            })
-            .collect();
-        json!({
-            "window_s": round2(self.wall.as_secs_f64()),
-            "hub_nodes": nodes,
-            "redis_cpu_ms": self.redis_us.map(|us| us / 1000),
-            "redis_us_per_reply": per(self.redis_us, replies),
-            "redis_us_per_token": per(self.redis_us, tokens),
-            "redis_cores_busy": cores(self.redis_us),
-            "hub_cpu_ms": self.hub_us.map(|us| us / 1000),
-            "hub_us_per_reply": per(self.hub_us, replies),
-            "hub_us_per_token": per(self.hub_us, tokens),
-            "hub_cores_busy": cores(self.hub_us),
-            "bridge_cpu_ms": self.bridge_us.map(|us| us / 1000),
-            "bridge_us_per_reply": per(self.bridge_us, replies),
-            "bridge_us_per_token": per(self.bridge_us, tokens),
-            "bridge_cores_busy": cores(self.bridge_us),
-            "loadgen_us_per_reply": per(Some(self.loadgen_us), replies),
-            "loadgen_cores_busy": cores(Some(self.loadgen_us)),
-        })
-    }
-}
-
-fn round2(x: f64) -> f64 {
-    (x * 100.0).round() / 100.0
-}
-
-// ---------------------------------------------------------------- protocol
-
-#[derive(Deserialize)]
-struct Frame {
-    #[serde(rename = "type")]
-    kind: String,
-    id: Option<String>,
-    reply: Option<String>,
-    index: Option<u64>,
-    text: Option<String>,
-    fallback: Option<bool>,
-    code: Option<String>,
-    message: Option<String>,
-    seq: Option<u64>,
-    conversation: Option<String>,
-    epoch: Option<String>,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-enum Failure {
-    Connect,
-    Timeout,
-    Closed,
-    ErrorFrame,
-    Mismatch,
-    Fallback,
-}
-
-impl Failure {
-    fn name(self) -> &'static str {
-        match self {
-            Failure::Connect => "connect_failed",
-            Failure::Timeout => "timeout",
-            Failure::Closed => "closed_by_hub",
-            Failure::ErrorFrame => "error_frame",
-            Failure::Mismatch => "mismatch",
-            Failure::Fallback => "fallback_reply",
-        }
-    }
-}
-
-/// Failure counts plus the first few details.
-#[derive(Default)]
-struct Failures {
-    counts: std::collections::BTreeMap<&'static str, u64>,
-    samples: Vec<String>,
-}
-
-impl Failures {
-    fn add(&mut self, failure: Failure, detail: String) {
-        *self.counts.entry(failure.name()).or_default() += 1;
-        if self.samples.len() < 8 {
-            self.samples.push(format!("{}: {detail}", failure.name()));
-        }
-    }
-
-    fn merge(&mut self, other: Failures) {
-        for (k, v) in other.counts {
-            *self.counts.entry(k).or_default() += v;
-        }
-        for s in other.samples {
-            if self.samples.len() < 8 {
-                self.samples.push(s);
-            }
-        }
-    }
-
-    fn total(&self) -> u64 {
-        self.counts.values().sum()
-    }
-
-    fn json(&self) -> Value {
-        json!({ "total": self.total(), "by_kind": self.counts, "samples": self.samples })
-    }
-}
-
-/// Connects and waits for `ready`.
-async fn connect(url: &str, timeout: Duration) -> anyhow::Result<Ws> {
+/// Connects and waits for `ready`; returns the socket with its `ready` frame.
+async fn connect(url: &str, timeout: Duration) -> anyhow::Result<(Ws, Frame)> {
     let step = async {
         // TCP_NODELAY on our side, so any Nagle delay measured is the hub's.
         let (mut ws, _) = connect_async_with_config(url, None, true).await.with_context(|| format!("connect {url}"))?;
         loop {
             match ws.next().await {
                 Some(Ok(Message::Text(text))) => {
-                    let frame: Frame = serde_json::from_str(text.as_str()).context("first frame is not JSON")?;
-                    ensure!(frame.kind == "ready", "first frame should be ready, got {}", frame.kind);
-                    return Ok(ws);
+                    let frame = Frame::parse(text.as_str()).context("first frame is not JSON")?;
+                    ensure!(frame.kind == "ready", "first frame should be ready, got {} {:?}", frame.kind, frame.code);
+                    return Ok((ws, frame));
                 }
                 Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
                 Some(Ok(other)) => bail!("unexpected first frame {other:?}"),
@@ -1007,97 +699,32 @@ async fn connect(url: &str, timeout: Duration) -> anyhow::Result<Ws> {
     tokio::time::timeout(timeout, step).await.context("no ready within the timeout")?
 }
 
-struct Answered {
-    ack: Duration,
-    first_delta: Duration,
-    done: Duration,
-    tokens: u64,
-    /// `reply.done.seq`.
-    done_seq: Option<u64>,
-}
-
-/// Sends one question and reads its ack, deltas and done, checking each.
-/// Times are measured from `t0`.
-async fn ask(ws: &mut Ws, id: &str, text: &str, t0: Instant, deadline: Instant) -> Result<Answered, (Failure, String)> {
-    let frame = json!({"type": "message", "id": id, "text": text}).to_string();
-    let sent = tokio::time::timeout_at(deadline.into(), ws.send(Message::text(frame))).await;
+/// Sends one question and feeds what comes back to a [`ReplyCheck`] until
+/// it has the answer or fails. Times are measured from `t0`.
+async fn ask(ws: &mut Ws, id: &str, text: &str, t0: Instant, deadline: Instant) -> Result<Answered, Failed> {
+    let failed = |kind: Failure, what: String| Failed::new(kind, format!("{id}: {what}"));
+    let sent = tokio::time::timeout_at(deadline.into(), ws.send(Message::text(frames::message_frame(id, text)))).await;
     match sent {
-        Err(_) => return Err((Failure::Timeout, format!("{id}: send"))),
-        Ok(Err(e)) => return Err((Failure::Closed, format!("{id}: send failed: {e}"))),
+        Err(_) => return Err(failed(Failure::Timeout, "send".into())),
+        Ok(Err(e)) => return Err(failed(Failure::Closed, format!("send failed: {e}"))),
         Ok(Ok(())) => {}
     }
-    let mut acked = false;
-    let mut ack_at = Duration::ZERO;
-    let mut reply_id: Option<String> = None;
-    let mut joined = String::new();
-    let mut deltas = 0u64;
-    let mut first_delta = None;
+    let mut check = ReplyCheck::new(id, FallbackPolicy::Failure);
     loop {
         let message = match tokio::time::timeout_at(deadline.into(), ws.next()).await {
-            Err(_) => {
-                let state = format!("acked={acked} deltas={deltas}");
-                return Err((Failure::Timeout, format!("{id}: no reply.done in time ({state})")));
-            }
-            Ok(None) => return Err((Failure::Closed, format!("{id}: socket ended"))),
-            Ok(Some(Err(e))) => return Err((Failure::Closed, format!("{id}: socket failed: {e}"))),
+            Err(_) => return Err(failed(Failure::Timeout, format!("no reply.done in time ({})", check.state()))),
+            Ok(None) => return Err(failed(Failure::Closed, "socket ended".into())),
+            Ok(Some(Err(e))) => return Err(failed(Failure::Closed, format!("socket failed: {e}"))),
             Ok(Some(Ok(message))) => message,
         };
         let text = match message {
             Message::Text(text) => text,
             Message::Ping(_) | Message::Pong(_) => continue,
-            Message::Close(frame) => return Err((Failure::Closed, format!("{id}: close {frame:?}"))),
-            other => return Err((Failure::Mismatch, format!("{id}: unexpected {other:?}"))),
+            Message::Close(frame) => return Err(failed(Failure::Closed, format!("close {frame:?}"))),
+            other => return Err(failed(Failure::Mismatch, format!("unexpected {other:?}"))),
         };
-        let frame: Frame = match serde_json::from_str(text.as_str()) {
-            Ok(frame) => frame,
-            Err(e) => return Err((Failure::Mismatch, format!("{id}: frame is not JSON: {e}"))),
-        };
-        match frame.kind.as_str() {
-            "ack" => {
-                if frame.id.as_deref() != Some(id) || acked {
-                    return Err((Failure::Mismatch, format!("{id}: unexpected ack {:?}", frame.id)));
-                }
-                acked = true;
-                ack_at = t0.elapsed();
-            }
-            "reply.delta" => {
-                if first_delta.is_none() {
-                    first_delta = Some(t0.elapsed());
-                }
-                if frame.index != Some(deltas) {
-                    return Err((Failure::Mismatch, format!("{id}: delta index {:?}, expected {deltas}", frame.index)));
-                }
-                match (&reply_id, &frame.reply) {
-                    (None, Some(r)) => reply_id = Some(r.clone()),
-                    (Some(a), Some(b)) if a == b => {}
-                    _ => return Err((Failure::Mismatch, format!("{id}: delta of another reply {:?}", frame.reply))),
-                }
-                joined.push_str(frame.text.as_deref().unwrap_or_default());
-                deltas += 1;
-            }
-            "reply.done" => {
-                let done = t0.elapsed();
-                if !acked {
-                    return Err((Failure::Mismatch, format!("{id}: reply.done before ack")));
-                }
-                if reply_id.is_some() && frame.reply != reply_id {
-                    return Err((Failure::Mismatch, format!("{id}: done of another reply {:?}", frame.reply)));
-                }
-                if frame.text.as_deref() != Some(joined.as_str()) {
-                    return Err((Failure::Mismatch, format!("{id}: deltas do not add up to the done text")));
-                }
-                if frame.fallback == Some(true) {
-                    return Err((Failure::Fallback, format!("{id}: fallback reply")));
-                }
-                let first_delta = first_delta.unwrap_or(done);
-                return Ok(Answered { ack: ack_at, first_delta, done, tokens: deltas, done_seq: frame.seq });
-            }
-            "error" => {
-                let detail = format!("{id}: error {:?} {:?}", frame.code, frame.message);
-                return Err((Failure::ErrorFrame, detail));
-            }
-            // Other sockets' messages of the same conversation: none expected with unique users.
-            other => return Err((Failure::Mismatch, format!("{id}: unexpected frame type {other}"))),
+        if let Progress::Answered(answer) = check.on_text(text.as_str(), t0.elapsed())? {
+            return Ok(answer);
         }
     }
 }
@@ -1108,28 +735,6 @@ async fn close_quietly(mut ws: Ws) {
         while let Some(Ok(_)) = ws.next().await {}
     })
     .await;
-}
-
-fn new_histogram() -> Histogram<u64> {
-    // Microseconds, 1 µs .. 10 min, 3 significant digits.
-    Histogram::new_with_bounds(1, 600_000_000, 3).expect("histogram bounds")
-}
-
-fn record(h: &mut Histogram<u64>, d: Duration) {
-    let _ = h.record((d.as_micros() as u64).clamp(1, 600_000_000));
-}
-
-fn percentiles_ms(h: &Histogram<u64>) -> Value {
-    if h.is_empty() {
-        return Value::Null;
-    }
-    let ms = |us: u64| round2(us as f64 / 1000.0);
-    json!({
-        "p50": ms(h.value_at_quantile(0.50)),
-        "p95": ms(h.value_at_quantile(0.95)),
-        "p99": ms(h.value_at_quantile(0.99)),
-        "max": ms(h.max()),
-    })
 }
 
 fn run_id() -> String {
@@ -1150,7 +755,7 @@ async fn open_many(
     let urls: Vec<(usize, String)> =
         (0..n).map(|i| (i, target.ws_url(i, &common.tenant, &format!("{prefix}-{i}")))).collect();
     let results: Vec<(usize, anyhow::Result<Ws>)> = futures::stream::iter(urls)
-        .map(|(i, url)| async move { (i, connect(&url, timeout).await) })
+        .map(|(i, url)| async move { (i, connect(&url, timeout).await.map(|(ws, _ready)| ws)) })
         .buffer_unordered(parallel)
         .collect()
         .await;
@@ -1159,7 +764,7 @@ async fn open_many(
     for (i, result) in results {
         match result {
             Ok(ws) => sockets.push((i, ws)),
-            Err(e) => failures.add(Failure::Connect, format!("#{i}: {e:#}")),
+            Err(e) => failures.add(Failed::new(Failure::Connect, format!("#{i}: {e:#}"))),
         }
     }
     (sockets, failures, started.elapsed())
@@ -1174,30 +779,22 @@ async fn replies(
     questions: usize,
 ) -> anyhow::Result<(Value, bool)> {
     let prefix = format!("lg-{}", run_id());
-    let (sockets, mut failures, connect_time) = open_many(target, common, connections, 100, &prefix).await;
+    let (sockets, connect_failures, connect_time) = open_many(target, common, connections, 100, &prefix).await;
     let timeout = Duration::from_secs(common.timeout_secs);
-    let before = CpuSnapshot::take(target);
+    let before = CpuSnapshot::take(&target.watched);
     let mut tasks = Vec::with_capacity(sockets.len());
     for (i, mut ws) in sockets {
         let text = common.question.clone();
         tasks.push(tokio::spawn(async move {
-            let (mut latency, mut ttfd, mut acks) = (new_histogram(), new_histogram(), new_histogram());
-            let mut failures = Failures::default();
-            let (mut ok, mut tokens) = (0u64, 0u64);
+            let mut stats = ReplyStats::default();
             let mut alive = true;
             for q in 0..questions {
                 let id = format!("c{i}-q{q}");
                 let t0 = Instant::now();
                 match ask(&mut ws, &id, &text, t0, t0 + timeout).await {
-                    Ok(answer) => {
-                        ok += 1;
-                        tokens += answer.tokens;
-                        record(&mut latency, answer.done);
-                        record(&mut ttfd, answer.first_delta);
-                        record(&mut acks, answer.ack);
-                    }
-                    Err((failure, detail)) => {
-                        failures.add(failure, detail);
+                    Ok(answer) => stats.answered(&answer),
+                    Err(failed) => {
+                        stats.failed(failed);
                         // The socket's state is unknown now: stop using it.
                         alive = false;
                         break;
@@ -1208,27 +805,22 @@ async fn replies(
             if alive {
                 close_quietly(ws).await;
             }
-            (latency, ttfd, acks, failures, ok, tokens, finished)
+            (stats, finished)
         }));
     }
-    let (mut latency, mut ttfd, mut acks) = (new_histogram(), new_histogram(), new_histogram());
-    let (mut ok, mut tokens) = (0u64, 0u64);
+    let mut stats = ReplyStats { failures: connect_failures, ..ReplyStats::default() };
     let mut last_done = before.at;
     for task in tasks {
-        let (l, t, a, f, o, k, finished) = task.await.context("client task panicked")?;
-        latency.add(l).ok();
-        ttfd.add(t).ok();
-        acks.add(a).ok();
-        failures.merge(f);
-        ok += o;
-        tokens += k;
+        let (client, finished) = task.await.context("client task panicked")?;
+        stats.merge(client);
         last_done = last_done.max(finished);
     }
     // Clients close as they finish; the snapshot after all joined includes
     // those closes, a small share next to thousands of replies.
-    let after = CpuSnapshot::take(target);
+    let after = CpuSnapshot::take(&target.watched);
     let cpu = before.delta(&after);
     let wall = (last_done - before.at).as_secs_f64();
+    let (ok, tokens, failures) = (stats.ok, stats.tokens, &stats.failures);
     let clean = failures.total() == 0 && ok == (connections * questions) as u64;
     let report = json!({
         "scenario": "replies",
@@ -1244,36 +836,15 @@ async fn replies(
         "tokens_per_s": round2(tokens as f64 / wall),
         "setup": target.setup_json(),
         "tokens_per_reply": if ok > 0 { round2(tokens as f64 / ok as f64) } else { 0.0 },
-        "latency_ms": percentiles_ms(&latency),
-        "first_delta_ms": percentiles_ms(&ttfd),
-        "ack_ms": percentiles_ms(&acks),
+        "latency_ms": report::percentiles_ms(&stats.done),
+        "first_delta_ms": report::percentiles_ms(&stats.first_delta),
+        "ack_ms": report::percentiles_ms(&stats.ack),
         "cpu": cpu.json(ok, tokens),
     });
     Ok((report, clean))
 }
 
 // ---------------------------------------------------------------- storm
-
-/// Connects and returns the socket with its `ready` frame.
-async fn connect_ready(url: &str, timeout: Duration) -> anyhow::Result<(Ws, Frame)> {
-    let step = async {
-        let (mut ws, _) = connect_async_with_config(url, None, true).await.with_context(|| format!("connect {url}"))?;
-        loop {
-            match ws.next().await {
-                Some(Ok(Message::Text(text))) => {
-                    let frame: Frame = serde_json::from_str(text.as_str()).context("first frame is not JSON")?;
-                    ensure!(frame.kind == "ready", "first frame should be ready, got {} {:?}", frame.kind, frame.code);
-                    return Ok((ws, frame));
-                }
-                Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
-                Some(Ok(other)) => bail!("unexpected first frame {other:?}"),
-                Some(Err(e)) => return Err(e).context("socket failed before ready"),
-                None => bail!("socket ended before ready"),
-            }
-        }
-    };
-    tokio::time::timeout(timeout, step).await.context("no ready within the timeout")?
-}
 
 /// One customer of the storm: its conversation, epoch and the seqs it saw.
 struct Resume {
@@ -1295,14 +866,14 @@ async fn storm(common: &Common, target: &Target, sockets: usize) -> anyhow::Resu
     let timeout = Duration::from_secs(common.timeout_secs);
     let prefix = format!("storm-{}", run_id());
     // 1. Seed: every customer connects and gets one question answered.
-    let seeded: Vec<Result<Resume, (Failure, String)>> = futures::stream::iter(0..sockets)
+    let seeded: Vec<Result<Resume, Failed>> = futures::stream::iter(0..sockets)
         .map(|i| {
             let user = format!("{prefix}-{i}");
             let url = target.ws_url(i, &common.tenant, &user);
             let text = common.question.clone();
             async move {
                 let (mut ws, ready) =
-                    connect_ready(&url, timeout).await.map_err(|e| (Failure::Connect, format!("#{i}: {e:#}")))?;
+                    connect(&url, timeout).await.map_err(|e| Failed::new(Failure::Connect, format!("#{i}: {e:#}")))?;
                 let t0 = Instant::now();
                 let answer = ask(&mut ws, &format!("s{i}"), &text, t0, t0 + timeout).await?;
                 let last = answer.done_seq.unwrap_or(0);
@@ -1326,7 +897,7 @@ async fn storm(common: &Common, target: &Target, sockets: usize) -> anyhow::Resu
     for r in seeded {
         match r {
             Ok(r) => resumes.push(r),
-            Err((failure, detail)) => seed_failures.add(failure, detail),
+            Err(failed) => seed_failures.add(failed),
         }
     }
     // Let the server notice every socket is gone.
@@ -1334,10 +905,10 @@ async fn storm(common: &Common, target: &Target, sockets: usize) -> anyhow::Resu
     // The bare server keeps no history, so it cannot replay anything.
     let expect_replay = target.kind == TargetKind::Hub;
     // 3. Everyone reconnects at once, resuming.
-    let before = CpuSnapshot::take(target);
+    let before = CpuSnapshot::take(&target.watched);
     let started = Instant::now();
     let n = resumes.len();
-    let results: Vec<Result<Resumed, (Failure, String)>> = futures::stream::iter(resumes)
+    let results: Vec<Result<Resumed, Failed>> = futures::stream::iter(resumes)
         .map(|r| {
             let url = format!(
                 "{}&conversation={}&after={}&epoch={}",
@@ -1347,11 +918,12 @@ async fn storm(common: &Common, target: &Target, sockets: usize) -> anyhow::Resu
                 r.epoch
             );
             async move {
-                let (mut ws, ready) =
-                    connect_ready(&url, timeout).await.map_err(|e| (Failure::Connect, format!("#{}: {e:#}", r.i)))?;
+                let (mut ws, ready) = connect(&url, timeout)
+                    .await
+                    .map_err(|e| Failed::new(Failure::Connect, format!("#{}: {e:#}", r.i)))?;
                 let ready_at = started.elapsed();
                 if ready.conversation.as_deref() != Some(r.conversation.as_str()) {
-                    return Err((Failure::Mismatch, format!("#{}: ready for another conversation", r.i)));
+                    return Err(Failed::new(Failure::Mismatch, format!("#{}: ready for another conversation", r.i)));
                 }
                 let (mut replayed, mut lost) = (0u64, 0u64);
                 if expect_replay {
@@ -1363,22 +935,20 @@ async fn storm(common: &Common, target: &Target, sockets: usize) -> anyhow::Resu
                             _ => break,
                         };
                         let Message::Text(text) = message else { continue };
-                        let Ok(frame) = serde_json::from_str::<Frame>(text.as_str()) else { continue };
+                        let Ok(frame) = Frame::parse(text.as_str()) else { continue };
                         match frame.kind.as_str() {
                             "message" => {
                                 let seq = frame.seq.unwrap_or(0);
                                 if seq != seen + 1 {
-                                    return Err((
-                                        Failure::Mismatch,
-                                        format!("#{}: replay seq {seq} after {seen}", r.i),
-                                    ));
+                                    let detail = format!("#{}: replay seq {seq} after {seen}", r.i);
+                                    return Err(Failed::new(Failure::Mismatch, detail));
                                 }
                                 seen = seq;
                                 replayed += 1;
                             }
                             "error" => {
                                 let detail = format!("#{}: error {:?} {:?}", r.i, frame.code, frame.message);
-                                return Err((Failure::ErrorFrame, detail));
+                                return Err(Failed::new(Failure::ErrorFrame, detail));
                             }
                             _ => {}
                         }
@@ -1393,9 +963,9 @@ async fn storm(common: &Common, target: &Target, sockets: usize) -> anyhow::Resu
         .collect()
         .await;
     let storm_time = started.elapsed();
-    let after = CpuSnapshot::take(target);
+    let after = CpuSnapshot::take(&target.watched);
     let mut failures = Failures::default();
-    let mut ready_hist = new_histogram();
+    let mut ready_hist = report::new_histogram();
     let (mut ok, mut replayed, mut lost) = (0u64, 0u64, 0u64);
     for r in results {
         match r {
@@ -1405,7 +975,7 @@ async fn storm(common: &Common, target: &Target, sockets: usize) -> anyhow::Resu
                 replayed += rep;
                 lost += l;
             }
-            Err((failure, detail)) => failures.add(failure, detail),
+            Err(failed) => failures.add(failed),
         }
     }
     let cpu = before.delta(&after);
@@ -1419,7 +989,7 @@ async fn storm(common: &Common, target: &Target, sockets: usize) -> anyhow::Resu
         "failures": failures.json(),
         "storm_s": round2(storm_time.as_secs_f64()),
         "reconnects_per_s": round2(ok as f64 / storm_time.as_secs_f64()),
-        "ready_ms": percentiles_ms(&ready_hist),
+        "ready_ms": report::percentiles_ms(&ready_hist),
         "replay_expected": expect_replay,
         "events_replayed": replayed,
         "events_lost": if expect_replay { json!(lost) } else { Value::Null },
@@ -1446,14 +1016,14 @@ async fn idle(
     );
     // Let the freshly started hub settle before the baseline.
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let rss = |t: &Target| t.hub_sum(|p| status_kib(p, "VmRSS:"));
-    let fds = |t: &Target| t.hub_sum(|p| open_fds(p).map(|n| n as u64));
+    let rss = |t: &Target| t.hub_sum(procfs::rss_kib);
+    let fds = |t: &Target| t.hub_sum(|p| procfs::open_fds(p).map(|n| n as u64));
     let rss_before = rss(target);
     let fds_before = fds(target);
-    let cpu_before = CpuSnapshot::take(target);
+    let cpu_before = CpuSnapshot::take(&target.watched);
     let prefix = format!("idle-{}", run_id());
     let (opened, failures, connect_time) = open_many(target, common, sockets, 256, &prefix).await;
-    let cpu_connected = CpuSnapshot::take(target);
+    let cpu_connected = CpuSnapshot::take(&target.watched);
     let ready = opened.len();
 
     // Hold: each socket gets a reader (answers pings) until we cancel.
@@ -1479,9 +1049,9 @@ async fn idle(
     tokio::time::sleep(Duration::from_secs(hold_secs)).await;
     let rss_open = rss(target);
     let fds_open = fds(target);
-    let redis_rss = target.redis_pid.and_then(|p| status_kib(p, "VmRSS:"));
-    let self_rss = status_kib(std::process::id(), "VmRSS:");
-    let hold_cpu = CpuSnapshot::take(target);
+    let redis_rss = target.watched.redis.and_then(procfs::rss_kib);
+    let self_rss = procfs::rss_kib(std::process::id());
+    let hold_cpu = CpuSnapshot::take(&target.watched);
     stop.cancel();
     for holder in holders {
         let _ = holder.await;
@@ -1522,9 +1092,11 @@ async fn idle(
 
 // ---------------------------------------------------------------- burst
 
+/// One question of an open loop: its answer and how long it waited for a
+/// free pool connection, or why it failed.
 struct Outcome {
     phase: usize,
-    result: Result<(Duration, Duration), (Failure, String)>,
+    result: Result<(Answered, Duration), Failed>,
 }
 
 /// Open loop: each phase sends questions at its rate for its seconds, each
@@ -1533,15 +1105,14 @@ async fn open_loop(
     common: &Common,
     target: &Target,
     scenario: &str,
-    phases: Vec<(&'static str, f64, u64)>,
+    phases: &[Phase],
     pool_size: usize,
 ) -> anyhow::Result<(Value, bool)> {
-    ensure!(phases.iter().all(|p| p.1 > 0.0), "rates must be > 0");
-    ensure!(phases.iter().all(|p| p.1 <= 20_000.0), "a rate above 20,000/s is not a loopback test");
-    let n = phases.len();
+    schedule::validate(phases)?;
     let prefix = format!("{scenario}-{}", run_id());
     let (sockets, mut failures, connect_time) = open_many(target, common, pool_size, 100, &prefix).await;
     let pool_ready = sockets.len();
+    // Unbounded: it never holds more than the pool's connections.
     let (pool_tx, pool_rx) = tokio::sync::mpsc::unbounded_channel::<Ws>();
     for (_, ws) in sockets {
         let _ = pool_tx.send(ws);
@@ -1549,57 +1120,53 @@ async fn open_loop(
     let pool_rx = Arc::new(tokio::sync::Mutex::new(pool_rx));
     let timeout = Duration::from_secs(common.timeout_secs);
     let (out_tx, mut out_rx) = tokio::sync::mpsc::unbounded_channel::<Outcome>();
-    let mut snapshots = vec![CpuSnapshot::take(target)];
-    let mut scheduled = vec![0u64; n];
-    let mut next = Instant::now();
-    let mut seq = 0u64;
-    for (phase, &(_, phase_rate, secs)) in phases.iter().enumerate() {
-        let interval = Duration::from_secs_f64(1.0 / phase_rate);
-        let count = (phase_rate * secs as f64).round() as u64;
-        for _ in 0..count {
-            tokio::time::sleep_until(next.into()).await;
-            let t0 = next;
-            next += interval;
-            seq += 1;
-            scheduled[phase] += 1;
-            let (pool_rx, pool_tx, out_tx) = (pool_rx.clone(), pool_tx.clone(), out_tx.clone());
-            let text = common.question.clone();
-            tokio::spawn(async move {
-                let deadline = t0 + timeout;
-                let ws = tokio::time::timeout_at(deadline.into(), async { pool_rx.lock().await.recv().await }).await;
-                let result = match ws {
-                    Err(_) => Err((Failure::Timeout, format!("b{seq}: no free connection in time"))),
-                    Ok(None) => Err((Failure::Closed, format!("b{seq}: connection pool is empty"))),
-                    Ok(Some(mut ws)) => {
-                        let waited = t0.elapsed();
-                        let result = ask(&mut ws, &format!("b{seq}"), &text, t0, deadline).await;
-                        if result.is_ok() {
-                            let _ = pool_tx.send(ws);
-                        }
-                        result.map(|a| (a.done, waited))
-                    }
-                };
-                let _ = out_tx.send(Outcome { phase, result });
-            });
+    // Phase i's CPU runs from snapshots[i] (the previous phase's last send,
+    // or the start) to snapshots[i + 1] (its own last send).
+    let mut snapshots = vec![CpuSnapshot::take(&target.watched)];
+    let start = Instant::now();
+    for send in schedule::sends(phases) {
+        while snapshots.len() < send.phase + 1 {
+            snapshots.push(CpuSnapshot::take(&target.watched));
         }
-        snapshots.push(CpuSnapshot::take(target));
+        let t0 = start + send.at;
+        tokio::time::sleep_until(t0.into()).await;
+        let (pool_rx, pool_tx, out_tx) = (pool_rx.clone(), pool_tx.clone(), out_tx.clone());
+        let text = common.question.clone();
+        let (phase, id) = (send.phase, format!("b{}", send.seq));
+        tokio::spawn(async move {
+            let deadline = t0 + timeout;
+            let ws = tokio::time::timeout_at(deadline.into(), async { pool_rx.lock().await.recv().await }).await;
+            let result = match ws {
+                Err(_) => Err(Failed::new(Failure::Timeout, format!("{id}: no free connection in time"))),
+                Ok(None) => Err(Failed::new(Failure::Closed, format!("{id}: connection pool is empty"))),
+                Ok(Some(mut ws)) => {
+                    let waited = t0.elapsed();
+                    let result = ask(&mut ws, &id, &text, t0, deadline).await;
+                    if result.is_ok() {
+                        let _ = pool_tx.send(ws);
+                    }
+                    result.map(|answer| (answer, waited))
+                }
+            };
+            let _ = out_tx.send(Outcome { phase, result });
+        });
+    }
+    while snapshots.len() < phases.len() + 1 {
+        snapshots.push(CpuSnapshot::take(&target.watched));
     }
     drop(out_tx);
-    let mut latency: Vec<Histogram<u64>> = (0..n).map(|_| new_histogram()).collect();
-    let mut waits: Vec<Histogram<u64>> = (0..n).map(|_| new_histogram()).collect();
-    let mut ok = vec![0u64; n];
-    let mut phase_failures: Vec<Failures> = (0..n).map(|_| Failures::default()).collect();
+    let mut stats: Vec<ReplyStats> = phases.iter().map(|_| ReplyStats::default()).collect();
     while let Some(outcome) = out_rx.recv().await {
+        let phase = &mut stats[outcome.phase];
         match outcome.result {
-            Ok((done, waited)) => {
-                ok[outcome.phase] += 1;
-                record(&mut latency[outcome.phase], done);
-                record(&mut waits[outcome.phase], waited);
+            Ok((answer, waited)) => {
+                phase.answered(&answer);
+                record(&mut phase.wait_for_connection, waited);
             }
-            Err((failure, detail)) => phase_failures[outcome.phase].add(failure, detail),
+            Err(failed) => phase.failed(failed),
         }
     }
-    let drained = CpuSnapshot::take(target);
+    let drained = CpuSnapshot::take(&target.watched);
     // Close the pool.
     drop(pool_tx);
     let mut rx = pool_rx.lock().await;
@@ -1610,27 +1177,28 @@ async fn open_loop(
     }
     futures::future::join_all(idle).await;
 
+    let scheduled = schedule::counts(phases);
     let mut phase_reports = Vec::new();
-    for (i, (name, phase_rate, secs)) in phases.iter().enumerate() {
+    for (i, (phase, stats)) in phases.iter().zip(&stats).enumerate() {
         let cpu = snapshots[i].delta(&snapshots[i + 1]);
         phase_reports.push(json!({
-            "phase": name,
-            "rate_per_s": round2(*phase_rate),
-            "secs": secs,
+            "phase": phase.name,
+            "rate_per_s": round2(phase.rate_per_s),
+            "secs": phase.secs,
             "scheduled": scheduled[i],
-            "ok": ok[i],
-            "failures": phase_failures[i].json(),
-            "latency_ms": percentiles_ms(&latency[i]),
-            "wait_for_connection_ms": percentiles_ms(&waits[i]),
-            "hub_cores_busy": cpu.hub_us.map(|us| round2(us as f64 / 1e6 / cpu.wall.as_secs_f64())),
-            "bridge_cores_busy": cpu.bridge_us.map(|us| round2(us as f64 / 1e6 / cpu.wall.as_secs_f64())),
+            "ok": stats.ok,
+            "failures": stats.failures.json(),
+            "latency_ms": report::percentiles_ms(&stats.done),
+            "wait_for_connection_ms": report::percentiles_ms(&stats.wait_for_connection),
+            "hub_cores_busy": cpu.cores(cpu.hub_us),
+            "bridge_cores_busy": cpu.cores(cpu.bridge_us),
         }));
     }
-    let total_ok: u64 = ok.iter().sum();
+    let total_ok: u64 = stats.iter().map(|s| s.ok).sum();
     let total_scheduled: u64 = scheduled.iter().sum();
     let whole = snapshots[0].delta(&drained);
-    for f in phase_failures {
-        failures.merge(f);
+    for phase in stats {
+        failures.merge(phase.failures);
     }
     let clean = failures.total() == 0 && total_ok == total_scheduled;
     let report = json!({
@@ -1645,158 +1213,4 @@ async fn open_loop(
         "setup": target.setup_json(),
     });
     Ok((report, clean))
-}
-
-// ---------------------------------------------------------------- report
-
-fn print_text(r: &Value) {
-    let ms = |v: &Value| {
-        if v.is_null() {
-            "n/a".to_owned()
-        } else {
-            format!("p50 {} / p95 {} / p99 {} / max {} ms", v["p50"], v["p95"], v["p99"], v["max"])
-        }
-    };
-    let setup = &r["setup"];
-    if setup["target"] == "bare" {
-        println!("setup: fengda-bare (the ceiling; figures labelled \"hub\" are the bare server's)");
-    } else if !setup.is_null() {
-        println!("setup: {} hub node(s), {} backend", setup["nodes"], setup["backend"].as_str().unwrap_or("?"));
-    }
-    // Per-node hub CPU and redis-server CPU, when there is more than one node or a Redis.
-    let cluster_cpu = |c: &Value| {
-        let nodes = c["hub_nodes"].as_array().cloned().unwrap_or_default();
-        if nodes.len() > 1 {
-            let each: Vec<String> = nodes
-                .iter()
-                .map(|n| format!("node {}: {} ms ({} cores)", n["node"], n["cpu_ms"], n["cores_busy"]))
-                .collect();
-            println!("  hub CPU by node: {}", each.join(", "));
-        }
-        if !c["redis_cpu_ms"].is_null() {
-            println!(
-                "  redis CPU  {} µs/reply  {} µs/token  ({} cores busy, {} ms)",
-                c["redis_us_per_reply"], c["redis_us_per_token"], c["redis_cores_busy"], c["redis_cpu_ms"]
-            );
-        }
-    };
-    match r["scenario"].as_str() {
-        Some("replies") => {
-            println!(
-                "replies: {} connections × {} questions ({}), connected in {} s",
-                r["connections"], r["questions_per_connection"], r["question"], r["connect_s"]
-            );
-            println!(
-                "  ok {} / {}   failures {}   wall {} s",
-                r["replies_ok"], r["replies_expected"], r["failures"]["total"], r["wall_s"]
-            );
-            println!(
-                "  {} replies/s   {} deltas/s   {} deltas/reply",
-                r["replies_per_s"], r["tokens_per_s"], r["tokens_per_reply"]
-            );
-            println!("  send→reply.done  {}", ms(&r["latency_ms"]));
-            println!("  send→1st delta   {}  (time to first token)", ms(&r["first_delta_ms"]));
-            println!("  send→ack         {}", ms(&r["ack_ms"]));
-            let c = &r["cpu"];
-            println!(
-                "  hub CPU    {} µs/reply  {} µs/token  ({} cores busy, all nodes)",
-                c["hub_us_per_reply"], c["hub_us_per_token"], c["hub_cores_busy"]
-            );
-            cluster_cpu(c);
-            println!(
-                "  bridge CPU {} µs/reply  {} µs/token  ({} cores busy)",
-                c["bridge_us_per_reply"], c["bridge_us_per_token"], c["bridge_cores_busy"]
-            );
-            println!("  loadgen CPU {} µs/reply ({} cores busy)", c["loadgen_us_per_reply"], c["loadgen_cores_busy"]);
-        }
-        Some("idle") => {
-            println!(
-                "idle: {} of {} sockets ready in {} s ({} /s), {} dropped while idle",
-                r["sockets_ready"],
-                r["sockets_requested"],
-                r["connect_s"],
-                r["connects_per_s"],
-                r["dropped_while_idle"]
-            );
-            let rss = &r["hub_rss_kib"];
-            println!(
-                "  hub VmRSS  before {} KiB   all open {} KiB   after close {} KiB",
-                rss["before"], rss["all_open"], rss["after_close"]
-            );
-            println!("  hub KiB per idle socket: {}", r["hub_kib_per_idle_socket"]);
-            let fds = &r["hub_open_fds"];
-            println!(
-                "  hub open fds: before {} all open {} after close {}",
-                fds["before"], fds["all_open"], fds["after_close"]
-            );
-            println!(
-                "  hub CPU: {} µs per connect (upgrade + ready), {} ms while holding {} s",
-                r["hub_us_per_connect"], r["hub_cpu_ms_while_idle"], r["hold_s"]
-            );
-            println!("  loadgen VmRSS {} KiB", r["loadgen_rss_kib"]);
-            if !r["redis_rss_kib_all_open"].is_null() {
-                println!("  redis-server VmRSS with all open {} KiB", r["redis_rss_kib_all_open"]);
-            }
-        }
-        Some("burst" | "rate") => {
-            println!(
-                "{}: pool of {} connections (connected in {} s)",
-                r["scenario"].as_str().unwrap_or(""),
-                r["pool_connections"],
-                r["connect_s"]
-            );
-            for p in r["phases"].as_array().into_iter().flatten() {
-                println!(
-                    "  {:<9} {:>7}/s × {} s: ok {}/{} failures {}  latency {}  (hub {} cores)",
-                    p["phase"].as_str().unwrap_or(""),
-                    p["rate_per_s"],
-                    p["secs"],
-                    p["ok"],
-                    p["scheduled"],
-                    p["failures"]["total"],
-                    ms(&p["latency_ms"]),
-                    p["hub_cores_busy"]
-                );
-                if p["wait_for_connection_ms"]["p99"].as_f64().unwrap_or(0.0) > 1.0 {
-                    println!("            waited for a free pool connection: {}", ms(&p["wait_for_connection_ms"]));
-                }
-            }
-            println!("  hub CPU {} µs/reply over the run", r["cpu"]["hub_us_per_reply"]);
-            cluster_cpu(&r["cpu"]);
-        }
-        Some("storm") => {
-            println!(
-                "storm: {} customers seeded ({} failures), {} reconnected at once in {} s ({} /s)",
-                r["seeded"], r["seed_failures"]["total"], r["reconnected"], r["storm_s"], r["reconnects_per_s"]
-            );
-            println!("  connect→ready    {}", ms(&r["ready_ms"]));
-            println!(
-                "  replayed events {}, lost events {}, failures {}",
-                r["events_replayed"], r["events_lost"], r["failures"]["total"]
-            );
-            println!("  hub CPU {} µs per reconnect (with replay)", r["hub_us_per_reconnect"]);
-        }
-        _ => println!("{}", serde_json::to_string_pretty(r).unwrap_or_default()),
-    }
-    let failures = r["failures"]["total"].as_u64().unwrap_or(0);
-    if failures > 0 {
-        println!("  failures by kind: {}", r["failures"]["by_kind"]);
-        for s in r["failures"]["samples"].as_array().into_iter().flatten() {
-            println!("    {}", s.as_str().unwrap_or(""));
-        }
-    }
-    if let Some(logs) = r["child_logs"].as_object() {
-        for (name, log) in logs {
-            println!(
-                "  {name} log: {} WARN, {} ERROR lines ({}){}",
-                log["warn_lines"],
-                log["error_lines"],
-                log["log"].as_str().unwrap_or(""),
-                log["exited_early"].as_str().map(|s| format!(" EXITED EARLY: {s}")).unwrap_or_default()
-            );
-            for s in log["samples"].as_array().into_iter().flatten() {
-                println!("    {}", s.as_str().unwrap_or(""));
-            }
-        }
-    }
 }

@@ -9,9 +9,13 @@
 //!   [`frames::ReplyCheck`], the state machine that verifies one reply
 //!   (ack, delta indexes, concatenated text, `queued`, fallback, timing).
 //! - [`report`]: failure classification, latency histograms and their
-//!   percentiles, per-run reply statistics, hub ÷ bare ratios, series summaries.
-//! - [`prometheus`]: reading gauges from the hub's `/metrics` text (for a
-//!   soak; no scenario of the binary samples them yet).
+//!   percentiles, per-run reply statistics, hub ÷ bare ratios, the peak's
+//!   targets, the soak's resource series and their summaries.
+//! - [`setup`]: what the processes are told and what bounds a reply: the
+//!   bridge's pace and stream limit, hub flags, socket URLs (`timing=1`),
+//!   reply timeouts, the open-files budget.
+//! - [`prometheus`]: reading gauges from the hub's `/metrics` text (the
+//!   soak samples live tasks and open sessions).
 //! - [`procfs`]: CPU time, resident memory and open files of processes, from `/proc`.
 //! - [`text`]: the human-readable report printed before the JSON line.
 //!
@@ -23,4 +27,5 @@ pub mod procfs;
 pub mod prometheus;
 pub mod report;
 pub mod schedule;
+pub mod setup;
 pub mod text;

@@ -145,6 +145,11 @@ pub struct TimingStats {
     queue: Histogram<u64>,
     nlp_first_token: Histogram<u64>,
     total: Histogram<u64>,
+    /// The client-seen time to the first delta minus what the hub timed of it
+    /// (before NLP, queue, NLP first token): reading the question off the
+    /// socket, relaying and writing the first token, both ends' runtimes and
+    /// the load generator itself (in open loops, its wait for a connection too).
+    untimed: Histogram<u64>,
     /// Replies that had a `timing` object.
     with_timing: u64,
     /// Replies without one (the socket asked for it, the server did not send it).
@@ -160,6 +165,7 @@ impl Default for TimingStats {
             queue: new_histogram(),
             nlp_first_token: new_histogram(),
             total: new_histogram(),
+            untimed: new_histogram(),
             with_timing: 0,
             without_timing: 0,
         }
@@ -181,6 +187,13 @@ impl TimingStats {
         record_ms(&mut self.total, t.total_ms);
     }
 
+    /// The part of a reply's client-seen time to first delta that its
+    /// `timing` does not cover (0 if the hub's parts add up to more).
+    pub fn record_untimed(&mut self, timing: &ReplyTiming, first_delta: Duration) {
+        let timed = timing.hub_before_nlp_ms + timing.queue_ms + timing.nlp_first_token_ms;
+        record_ms(&mut self.untimed, (first_delta.as_secs_f64() * 1000.0 - timed).max(0.0));
+    }
+
     pub fn merge(&mut self, other: &TimingStats) {
         for (mine, theirs) in [
             (&mut self.hub_share, &other.hub_share),
@@ -189,6 +202,7 @@ impl TimingStats {
             (&mut self.queue, &other.queue),
             (&mut self.nlp_first_token, &other.nlp_first_token),
             (&mut self.total, &other.total),
+            (&mut self.untimed, &other.untimed),
         ] {
             mine.add(theirs).expect("histograms with the same bounds");
         }
@@ -206,6 +220,7 @@ impl TimingStats {
             "queue_ms": percentiles_ms(&self.queue),
             "nlp_first_token_ms": percentiles_ms(&self.nlp_first_token),
             "total_ms": percentiles_ms(&self.total),
+            "first_delta_untimed_ms": percentiles_ms(&self.untimed),
         })
     }
 }
@@ -218,6 +233,8 @@ pub struct ReplyStats {
     pub fallbacks: u64,
     /// Answered questions (ok or fallback) that got at least one `queued` frame first.
     pub queued: u64,
+    /// `queued` frames of the answered questions, all told.
+    pub queued_frames: u64,
     /// `reply.delta` frames of the ok replies.
     pub tokens: u64,
     pub done: Histogram<u64>,
@@ -235,6 +252,7 @@ impl Default for ReplyStats {
             ok: 0,
             fallbacks: 0,
             queued: 0,
+            queued_frames: 0,
             tokens: 0,
             done: new_histogram(),
             first_delta: new_histogram(),
@@ -253,6 +271,7 @@ impl ReplyStats {
         if answer.queued_frames > 0 {
             self.queued += 1;
         }
+        self.queued_frames += answer.queued_frames;
         if answer.fallback {
             self.fallbacks += 1;
             return;
@@ -262,6 +281,9 @@ impl ReplyStats {
         record(&mut self.done, answer.done);
         record(&mut self.first_delta, answer.first_delta);
         self.timing.record(answer.timing.as_ref());
+        if let Some(timing) = &answer.timing {
+            self.timing.record_untimed(timing, answer.first_delta);
+        }
     }
 
     pub fn failed(&mut self, failed: Failed) {
@@ -277,6 +299,7 @@ impl ReplyStats {
         self.ok += other.ok;
         self.fallbacks += other.fallbacks;
         self.queued += other.queued;
+        self.queued_frames += other.queued_frames;
         self.tokens += other.tokens;
         for (mine, theirs) in [
             (&mut self.done, &other.done),
@@ -289,6 +312,29 @@ impl ReplyStats {
         self.timing.merge(&other.timing);
         self.failures.merge(other.failures);
     }
+
+    /// How a set of questions ended and how long they took (open-loop phases,
+    /// per tenant): `ok`, `fallbacks` (counted apart, not failures, where
+    /// the policy says so), `queued` (questions that waited in line) and
+    /// `queued_frames`, `timeouts` (also among `failures`), and the ack,
+    /// first-delta and `reply.done` percentiles from the question's start.
+    /// `timing` (the hub's share, from `reply.done.timing`) only if the
+    /// sockets asked for it.
+    pub fn outcome_json(&self, with_timing: bool) -> Value {
+        json!({
+            "ok": self.ok,
+            "fallbacks": self.fallbacks,
+            "queued": self.queued,
+            "queued_frames": self.queued_frames,
+            "timeouts": self.failures.count(Failure::Timeout),
+            "failures": self.failures.json(),
+            "ack_ms": percentiles_ms(&self.ack),
+            "first_delta_ms": percentiles_ms(&self.first_delta),
+            "latency_ms": percentiles_ms(&self.done),
+            "wait_for_connection_ms": percentiles_ms(&self.wait_for_connection),
+            "timing": if with_timing { self.timing.json() } else { Value::Null },
+        })
+    }
 }
 
 /// First, last and largest value of a sampled series (null where unknown).
@@ -299,6 +345,154 @@ pub fn series_summary(values: &[Option<f64>]) -> Value {
         "end": values.last().copied().flatten(),
         "max": max,
     })
+}
+
+/// Acks must come within this in every phase of a peak (issue #7).
+pub const PEAK_ACK_P99_MS: f64 = 100.0;
+
+/// "The steady tenant's p95 is unchanged while another tenant bursts": its
+/// p95 time to first token in the peak phase is at most this many times its
+/// baseline p95, plus [`STEADY_P95_SLACK_MS`] (scheduling noise on a small
+/// shared machine, which matters when the baseline is a few ms).
+pub const STEADY_P95_RATIO: f64 = 1.2;
+pub const STEADY_P95_SLACK_MS: f64 = 20.0;
+
+/// The peak's targets, checked on the report's phases (the bursting
+/// tenant's `phases` and, if there is one, the steady tenant's object):
+/// zero timeouts over both tenants; ack p99 under [`PEAK_ACK_P99_MS`] in
+/// every phase of both; and the steady tenant's p95 time to first token in
+/// the `peak` phase against its `baseline` phase (and, for information,
+/// the same of `reply.done`). A target that cannot be judged (no steady
+/// tenant, no acks) has `met: null`.
+pub fn peak_targets(bursting_phases: &Value, steady: &Value) -> Value {
+    let phases = |v: &Value| v.as_array().cloned().unwrap_or_default();
+    let mut all = phases(bursting_phases);
+    all.extend(phases(&steady["phases"]));
+    let timeouts: u64 = all.iter().map(|p| p["timeouts"].as_u64().unwrap_or(0)).sum();
+    let ack_p99 = all.iter().filter_map(|p| p["ack_ms"]["p99"].as_f64()).reduce(f64::max);
+    let steady_phases = phases(&steady["phases"]);
+    let named = |name: &str| steady_phases.iter().find(|p| p["phase"] == name);
+    let p95 = |phase: Option<&Value>, key: &str| phase.and_then(|p| p[key]["p95"].as_f64());
+    let (baseline, peak) = (named("baseline"), named("peak"));
+    let (ttft_base, ttft_peak) = (p95(baseline, "first_delta_ms"), p95(peak, "first_delta_ms"));
+    let (done_base, done_peak) = (p95(baseline, "latency_ms"), p95(peak, "latency_ms"));
+    let ratio = |a: Option<f64>, b: Option<f64>| match (a, b) {
+        (Some(peak), Some(base)) if base > 0.0 => json!(round2(peak / base)),
+        _ => Value::Null,
+    };
+    let steady_met = match (ttft_base, ttft_peak) {
+        (Some(base), Some(peak)) => json!(peak <= base * STEADY_P95_RATIO + STEADY_P95_SLACK_MS),
+        _ => Value::Null,
+    };
+    json!({
+        "timeouts": { "value": timeouts, "target": 0, "met": timeouts == 0 },
+        "ack_p99_ms_worst_phase": {
+            "value": ack_p99,
+            "target_below": PEAK_ACK_P99_MS,
+            "met": ack_p99.map(|ms| ms < PEAK_ACK_P99_MS),
+        },
+        "steady_first_delta_p95_ms": {
+            "baseline": ttft_base,
+            "peak": ttft_peak,
+            "peak_over_baseline": ratio(ttft_peak, ttft_base),
+            "target": format!("peak <= {STEADY_P95_RATIO} × baseline + {STEADY_P95_SLACK_MS} ms"),
+            "met": steady_met,
+        },
+        "steady_done_p95_ms": {
+            "baseline": done_base,
+            "peak": done_peak,
+            "peak_over_baseline": ratio(done_peak, done_base),
+        },
+    })
+}
+
+/// One sample of one hub node in a soak: its resident memory (`/proc`) and
+/// its live-task and open-session gauges (`/metrics`); `None` where unknown.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct NodeSample {
+    pub rss_kib: Option<u64>,
+    pub tasks_alive: Option<f64>,
+    pub sessions_open: Option<f64>,
+}
+
+impl NodeSample {
+    pub fn json(&self) -> Value {
+        json!({ "rss_kib": self.rss_kib, "tasks_alive": self.tasks_alive, "sessions_open": self.sessions_open })
+    }
+}
+
+/// The samples a soak takes of every hub node, every `interval_s` while the
+/// load runs (the first at its start, the last after the last reply).
+#[derive(Debug)]
+pub struct ResourceSeries {
+    interval_s: u64,
+    /// Seconds from the start of the load, one per sample.
+    at_s: Vec<f64>,
+    /// `nodes[n][k]`: node n's k-th sample.
+    nodes: Vec<Vec<NodeSample>>,
+}
+
+impl ResourceSeries {
+    pub fn new(nodes: usize, interval_s: u64) -> ResourceSeries {
+        ResourceSeries { interval_s, at_s: Vec::new(), nodes: vec![Vec::new(); nodes] }
+    }
+
+    /// One sample of every node (in node order), taken `at` into the load.
+    pub fn push(&mut self, at: Duration, samples: &[NodeSample]) {
+        self.at_s.push(round2(at.as_secs_f64()));
+        for (i, series) in self.nodes.iter_mut().enumerate() {
+            series.push(samples.get(i).copied().unwrap_or_default());
+        }
+    }
+
+    /// Per node: start / end / max ([`series_summary`]) and growth (end −
+    /// start) of each series, the series itself, and the samples `before`
+    /// the load's connections opened and `after_close` (after they closed,
+    /// when the hub should be back where it started). A note says which
+    /// gauges no node exported.
+    pub fn json(&self, before: &[NodeSample], after_close: &[NodeSample]) -> Value {
+        let nodes: Vec<Value> = self
+            .nodes
+            .iter()
+            .enumerate()
+            .map(|(i, samples)| {
+                let rss: Vec<Option<f64>> = samples.iter().map(|s| s.rss_kib.map(|k| k as f64)).collect();
+                let tasks: Vec<Option<f64>> = samples.iter().map(|s| s.tasks_alive).collect();
+                let sessions: Vec<Option<f64>> = samples.iter().map(|s| s.sessions_open).collect();
+                let growth = |v: &[Option<f64>]| match (v.first().copied().flatten(), v.last().copied().flatten()) {
+                    (Some(start), Some(end)) => json!(end - start),
+                    _ => Value::Null,
+                };
+                json!({
+                    "node": i + 1,
+                    "rss_kib": series_summary(&rss),
+                    "tasks_alive": series_summary(&tasks),
+                    "sessions_open": series_summary(&sessions),
+                    "growth": { "rss_kib": growth(&rss), "tasks_alive": growth(&tasks), "sessions_open": growth(&sessions) },
+                    "series": { "rss_kib": rss, "tasks_alive": tasks, "sessions_open": sessions },
+                    "before": before.get(i).map(NodeSample::json),
+                    "after_close": after_close.get(i).map(NodeSample::json),
+                })
+            })
+            .collect();
+        let all = || self.nodes.iter().flatten().chain(before).chain(after_close);
+        let mut missing = Vec::new();
+        if all().all(|s| s.tasks_alive.is_none()) {
+            missing.push(crate::prometheus::TASKS_ALIVE);
+        }
+        if all().all(|s| s.sessions_open.is_none()) {
+            missing.push(crate::prometheus::SESSIONS_OPEN);
+        }
+        let note = (!missing.is_empty())
+            .then(|| format!("no {} in /metrics (the bare server has no /metrics)", missing.join(" or ")));
+        json!({
+            "interval_s": self.interval_s,
+            "samples_taken": self.at_s.len(),
+            "at_s": self.at_s,
+            "nodes": nodes,
+            "note": note,
+        })
+    }
 }
 
 /// hub ÷ bare for the figures both runs of one scenario have (`--compare`).
@@ -316,6 +510,7 @@ pub fn ratios(bare: &Value, hub: &Value) -> Value {
     match hub["scenario"].as_str() {
         Some("replies") => json!({
             "replies_per_s": ratio(&["replies_per_s"]),
+            "deltas_per_s": ratio(&["tokens_per_s"]),
             "cpu_us_per_reply": ratio(&["cpu", "hub_us_per_reply"]),
             "cpu_us_per_reply_hub_plus_bridge": hub_plus_bridge,
             "latency_p50": ratio(&["latency_ms", "p50"]),
@@ -508,6 +703,12 @@ mod tests {
         assert_eq!(json["nlp_first_token_ms"]["p50"], 1.5);
         // A queue wait of zero is recorded as the 1 µs floor.
         assert_eq!(json["queue_ms"]["max"], 0.0);
+        // The client saw its first delta at 5 ms; the hub timed 0.5 + 0 + 1.5 ms of it.
+        assert_eq!(json["first_delta_untimed_ms"]["p50"], 3.0);
+        // More timed than seen (clocks apart) counts as nothing untimed.
+        let mut t = TimingStats::default();
+        t.record_untimed(&timing, Duration::from_millis(1));
+        assert_eq!(t.json()["first_delta_untimed_ms"]["max"], 0.0);
     }
 
     #[test]
@@ -522,12 +723,15 @@ mod tests {
 
     #[test]
     fn ratios_divide_hub_by_bare() {
-        let bare = json!({"scenario": "replies", "replies_per_s": 10_000.0, "latency_ms": {"p50": 5.0, "p99": 10.0},
+        let bare = json!({"scenario": "replies", "replies_per_s": 10_000.0, "tokens_per_s": 400_000.0,
+            "latency_ms": {"p50": 5.0, "p99": 10.0},
             "first_delta_ms": {"p50": 4.0}, "cpu": {"hub_us_per_reply": 25.0}});
-        let hub = json!({"scenario": "replies", "replies_per_s": 4_000.0, "latency_ms": {"p50": 20.0, "p99": 40.0},
+        let hub = json!({"scenario": "replies", "replies_per_s": 4_000.0, "tokens_per_s": 100_000.0,
+            "latency_ms": {"p50": 20.0, "p99": 40.0},
             "first_delta_ms": {"p50": 18.0}, "cpu": {"hub_us_per_reply": 100.0, "bridge_us_per_reply": 75.0}});
         let r = ratios(&bare, &hub);
         assert_eq!(r["replies_per_s"], 0.4);
+        assert_eq!(r["deltas_per_s"], 0.25);
         assert_eq!(r["cpu_us_per_reply"], 4.0);
         assert_eq!(r["cpu_us_per_reply_hub_plus_bridge"], 7.0);
         assert_eq!(r["latency_p99"], 4.0);
@@ -551,6 +755,121 @@ mod tests {
         let rate = |p50: f64| json!({"scenario": "rate", "phases": [{"phase": "rate", "latency_ms": {"p50": p50, "p99": 4.0}}]});
         assert_eq!(ratios(&rate(2.0), &rate(3.0))["phases"][0]["latency_p50"], 1.5);
         assert_eq!(ratios(&bare, &json!({"scenario": "other"})), Value::Null);
+    }
+
+    #[test]
+    fn outcome_json_counts_fallbacks_queued_and_timeouts_apart() {
+        let mut stats = ReplyStats::default();
+        stats.answered(&answer(10));
+        stats.answered(&Answered { queued_frames: 3, ..answer(20) });
+        stats.answered(&Answered { fallback: true, queued_frames: 2, ..answer(10_000) });
+        stats.failed(Failed::new(Failure::Timeout, "q4".into()));
+        stats.failed(Failed::new(Failure::Closed, "q5".into()));
+        record(&mut stats.wait_for_connection, Duration::from_micros(5));
+        let json = stats.outcome_json(false);
+        assert_eq!(
+            (&json["ok"], &json["fallbacks"], &json["queued"], &json["queued_frames"], &json["timeouts"]),
+            (&json!(2), &json!(1), &json!(2), &json!(5), &json!(1))
+        );
+        assert_eq!(json["failures"]["total"], 2);
+        assert_eq!(json["ack_ms"]["p99"], 1.0);
+        // 10 ms reads 10.01 ms (three significant digits, never low).
+        assert_eq!(json["first_delta_ms"]["max"], 10.01);
+        assert_eq!(json["latency_ms"]["max"], 20.02);
+        assert_eq!(json["wait_for_connection_ms"]["max"], 0.01);
+        assert_eq!(json["timing"], Value::Null);
+        assert_eq!(stats.outcome_json(true)["timing"]["replies_without_timing"], 2);
+        assert_eq!(ReplyStats::default().outcome_json(false)["ack_ms"], Value::Null);
+    }
+
+    fn phase(name: &str, timeouts: u64, ack_p99: f64, ttft_p95: f64) -> Value {
+        json!({"phase": name, "timeouts": timeouts, "ack_ms": {"p99": ack_p99},
+            "first_delta_ms": {"p95": ttft_p95}, "latency_ms": {"p95": ttft_p95 + 1000.0}})
+    }
+
+    #[test]
+    fn peak_targets_are_met() {
+        let bursting = json!([phase("baseline", 0, 5.0, 400.0), phase("peak", 0, 60.0, 9000.0)]);
+        let steady = json!({"phases": [phase("baseline", 0, 4.0, 350.0), phase("peak", 0, 8.0, 400.0),
+            phase("recovery", 0, 4.0, 2000.0)]});
+        let t = peak_targets(&bursting, &steady);
+        assert_eq!(t["timeouts"], json!({"value": 0, "target": 0, "met": true}));
+        assert_eq!(t["ack_p99_ms_worst_phase"]["value"], 60.0);
+        assert_eq!(t["ack_p99_ms_worst_phase"]["met"], true);
+        let s = &t["steady_first_delta_p95_ms"];
+        assert_eq!(
+            (&s["baseline"], &s["peak"], &s["peak_over_baseline"]),
+            (&json!(350.0), &json!(400.0), &json!(1.14))
+        );
+        // 400 <= 1.2 × 350 + 20: met; the recovery phase is not judged.
+        assert_eq!(s["met"], true);
+        assert_eq!(t["steady_done_p95_ms"]["peak_over_baseline"], 1.04);
+    }
+
+    #[test]
+    fn peak_targets_are_missed_or_cannot_be_judged() {
+        let bursting = json!([phase("baseline", 1, 5.0, 2.0), phase("peak", 2, 150.0, 9.0)]);
+        let steady = json!({"phases": [phase("baseline", 3, 4.0, 2.0), phase("peak", 0, 8.0, 23.0)]});
+        let t = peak_targets(&bursting, &steady);
+        assert_eq!(t["timeouts"]["value"], 6);
+        assert_eq!(t["timeouts"]["met"], false);
+        assert_eq!(t["ack_p99_ms_worst_phase"]["met"], false);
+        // 23 > 1.2 × 2 + 20 = 22.4.
+        assert_eq!(t["steady_first_delta_p95_ms"]["met"], false);
+        // Without a steady tenant (or without acks) there is nothing to judge.
+        let t = peak_targets(&json!([{"phase": "peak", "timeouts": 0, "ack_ms": null}]), &Value::Null);
+        assert_eq!(t["ack_p99_ms_worst_phase"], json!({"value": null, "target_below": 100.0, "met": null}));
+        assert_eq!(t["steady_first_delta_p95_ms"]["met"], Value::Null);
+        assert_eq!(t["steady_first_delta_p95_ms"]["peak_over_baseline"], Value::Null);
+        assert_eq!(t["timeouts"]["met"], true);
+    }
+
+    #[test]
+    fn resource_series_sum_up_each_node() {
+        let sample = |rss: u64, tasks: f64, sessions: f64| NodeSample {
+            rss_kib: Some(rss),
+            tasks_alive: Some(tasks),
+            sessions_open: Some(sessions),
+        };
+        let mut series = ResourceSeries::new(2, 30);
+        series.push(Duration::ZERO, &[sample(1000, 50.0, 200.0), sample(900, 40.0, 100.0)]);
+        series.push(Duration::from_millis(30_004), &[sample(1500, 52.0, 200.0)]);
+        series.push(Duration::from_secs(60), &[sample(1200, 50.0, 200.0), sample(950, 41.0, 100.0)]);
+        let before = [sample(800, 10.0, 0.0), sample(700, 9.0, 0.0)];
+        let after = [sample(1100, 10.0, 0.0)];
+        let json = series.json(&before, &after);
+        assert_eq!((&json["interval_s"], &json["samples_taken"]), (&json!(30), &json!(3)));
+        assert_eq!(json["at_s"], json!([0.0, 30.0, 60.0]));
+        let first = &json["nodes"][0];
+        assert_eq!(first["node"], 1);
+        assert_eq!(first["rss_kib"], json!({"start": 1000.0, "end": 1200.0, "max": 1500.0}));
+        assert_eq!(first["tasks_alive"], json!({"start": 50.0, "end": 50.0, "max": 52.0}));
+        assert_eq!(first["growth"], json!({"rss_kib": 200.0, "tasks_alive": 0.0, "sessions_open": 0.0}));
+        assert_eq!(first["series"]["sessions_open"], json!([200.0, 200.0, 200.0]));
+        assert_eq!(first["before"]["tasks_alive"], 10.0);
+        assert_eq!(first["after_close"]["rss_kib"], 1100);
+        // Node 2 missed a sample: it is null in its series, and it has no after_close.
+        let second = &json["nodes"][1];
+        assert_eq!(second["series"]["rss_kib"], json!([900.0, null, 950.0]));
+        assert_eq!(second["rss_kib"]["max"], 950.0);
+        assert_eq!(second["after_close"], Value::Null);
+        assert_eq!(json["note"], Value::Null);
+    }
+
+    #[test]
+    fn resource_series_note_gauges_no_node_exports() {
+        let rss_only = NodeSample { rss_kib: Some(100), ..NodeSample::default() };
+        let mut series = ResourceSeries::new(1, 5);
+        series.push(Duration::ZERO, &[rss_only]);
+        let json = series.json(&[rss_only], &[rss_only]);
+        assert_eq!(
+            json["note"],
+            "no fengda_hub_runtime_tasks_alive or fengda_hub_sessions_open in /metrics (the bare server has no /metrics)"
+        );
+        assert_eq!(json["nodes"][0]["growth"]["tasks_alive"], Value::Null);
+        let some_tasks = NodeSample { tasks_alive: Some(3.0), ..rss_only };
+        let json = series.json(&[some_tasks], &[]);
+        assert_eq!(json["note"], "no fengda_hub_sessions_open in /metrics (the bare server has no /metrics)");
     }
 
     #[test]

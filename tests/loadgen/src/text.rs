@@ -102,8 +102,12 @@ fn write_timing(out: &mut String, t: &Value, indent: &str) -> std::fmt::Result {
         }
     )?;
     writeln!(out, "{indent}  hub share (before NLP + relay) {}", percentiles(&t["hub_share_ms"]))?;
+    writeln!(out, "{indent}    of which before NLP          {}", percentiles(&t["hub_before_nlp_ms"]))?;
+    writeln!(out, "{indent}    of which relay, worst token  {}", percentiles(&t["relay_max_ms"]))?;
     writeln!(out, "{indent}  NLP first token                {}", percentiles(&t["nlp_first_token_ms"]))?;
     writeln!(out, "{indent}  queue (waiting for a slot)     {}", percentiles(&t["queue_ms"]))?;
+    writeln!(out, "{indent}  1st delta outside these        {}", percentiles(&t["first_delta_untimed_ms"]))?;
+    writeln!(out, "{indent}    (socket read, first token's write, both ends' runtimes, the load generator)")?;
     Ok(())
 }
 
@@ -176,12 +180,13 @@ fn write_idle(out: &mut String, r: &Value) -> std::fmt::Result {
     Ok(())
 }
 
-/// One line per phase, plus the waits and timing lines where they say something.
+/// One line per phase, plus the outcome, ack, waits and timing lines where they say something.
 fn write_phases(out: &mut String, phases: &Value) -> std::fmt::Result {
     for p in phases.as_array().into_iter().flatten() {
+        let cores = &p["hub_cores_busy"];
         writeln!(
             out,
-            "  {:<9} {:>7}/s × {} s: ok {}/{} failures {}  latency {}  (hub {} cores)",
+            "  {:<9} {:>7}/s × {} s: ok {}/{} failures {}  latency {}{}",
             str_of(&p["phase"]),
             p["rate_per_s"],
             p["secs"],
@@ -189,8 +194,22 @@ fn write_phases(out: &mut String, phases: &Value) -> std::fmt::Result {
             p["scheduled"],
             p["failures"]["total"],
             percentiles(&p["latency_ms"]),
-            p["hub_cores_busy"]
+            if cores.is_null() { String::new() } else { format!("  (hub {cores} cores)") }
         )?;
+        if let Some(loadgen) = p["loadgen_cores_busy"].as_f64().filter(|&c| c >= 0.9) {
+            writeln!(out, "            load generator {loadgen} cores busy: it may be what limits this phase")?;
+        }
+        if p["fallbacks"].is_u64() {
+            writeln!(
+                out,
+                "            fallbacks {}  queued {} ({} queued frames)  timeouts {}",
+                p["fallbacks"], p["queued"], p["queued_frames"], p["timeouts"]
+            )?;
+        }
+        if !p["ack_ms"].is_null() {
+            writeln!(out, "            ack       {}", percentiles(&p["ack_ms"]))?;
+            writeln!(out, "            1st delta {}", percentiles(&p["first_delta_ms"]))?;
+        }
         if p["wait_for_connection_ms"]["p99"].as_f64().unwrap_or(0.0) > 1.0 {
             writeln!(
                 out,
@@ -212,8 +231,14 @@ fn write_open_loop(out: &mut String, r: &Value) -> std::fmt::Result {
         r["pool_connections"],
         r["connect_s"]
     )?;
-    write_phases(out, &r["phases"])?;
+    if r["fallback_policy"] == "counted" {
+        writeln!(out, "  (a fallback reply, e.g. after the hub's longest queue wait, is counted, not a failure)")?;
+    }
     let steady = &r["steady_tenant"];
+    if !steady.is_null() {
+        writeln!(out, "bursting tenant {} ({}):", str_of(&r["tenant"]), r["question"])?;
+    }
+    write_phases(out, &r["phases"])?;
     if !steady.is_null() {
         writeln!(
             out,
@@ -230,9 +255,48 @@ fn write_open_loop(out: &mut String, r: &Value) -> std::fmt::Result {
         write_phases(out, &steady["phases"])?;
         write_failures(out, &steady["failures"], "  steady tenant ")?;
     }
+    write_targets(out, &r["targets"])?;
     writeln!(out, "  hub CPU {} µs/reply over the run", r["cpu"]["hub_us_per_reply"])?;
     write_cluster_cpu(out, &r["cpu"])?;
     write_resources(out, &r["resources"])
+}
+
+/// The peak's targets (issue #7), one line each.
+fn write_targets(out: &mut String, t: &Value) -> std::fmt::Result {
+    if t.is_null() {
+        return Ok(());
+    }
+    let met = |v: &Value| match v.as_bool() {
+        Some(true) => "met",
+        Some(false) => "NOT MET",
+        None => "not judged",
+    };
+    writeln!(out, "peak targets:")?;
+    writeln!(out, "  timeouts {} (target 0): {}", t["timeouts"]["value"], met(&t["timeouts"]["met"]))?;
+    let ack = &t["ack_p99_ms_worst_phase"];
+    writeln!(
+        out,
+        "  ack p99, worst phase {} ms (target < {} ms): {}",
+        ack["value"],
+        ack["target_below"],
+        met(&ack["met"])
+    )?;
+    let s = &t["steady_first_delta_p95_ms"];
+    writeln!(
+        out,
+        "  steady tenant 1st delta p95: baseline {} ms, peak {} ms ({}×; target {}): {}",
+        s["baseline"],
+        s["peak"],
+        s["peak_over_baseline"],
+        str_of(&s["target"]),
+        met(&s["met"])
+    )?;
+    let d = &t["steady_done_p95_ms"];
+    writeln!(
+        out,
+        "  steady tenant reply.done p95: baseline {} ms, peak {} ms ({}×)",
+        d["baseline"], d["peak"], d["peak_over_baseline"]
+    )
 }
 
 /// The soak's samples of each node: resident memory, live tasks, open sessions.
@@ -251,6 +315,18 @@ fn write_resources(out: &mut String, res: &Value) -> std::fmt::Result {
             line(&node["tasks_alive"]),
             line(&node["sessions_open"])
         )?;
+        let sample = |v: &Value| {
+            format!(
+                "VmRSS KiB {}, tasks alive {}, sessions open {}",
+                v["rss_kib"], v["tasks_alive"], v["sessions_open"]
+            )
+        };
+        if !node["before"].is_null() {
+            writeln!(out, "      before the load's sockets: {}", sample(&node["before"]))?;
+        }
+        if !node["after_close"].is_null() {
+            writeln!(out, "      after they closed:         {}", sample(&node["after_close"]))?;
+        }
     }
     if let Some(note) = res["note"].as_str() {
         writeln!(out, "  NOTE: {note}")?;
@@ -385,6 +461,82 @@ mod tests {
             \x20 failures by kind: {\"timeout\":1}\n\
             \x20   timeout: b17: no reply.done in time\n";
         assert_eq!(render(&r), expected);
+    }
+
+    #[test]
+    fn peak_report_shows_both_tenants_per_phase_and_the_targets() {
+        let pct = |p50: f64| json!({"p50": p50, "p95": p50 * 2.0, "p99": p50 * 3.0, "max": p50 * 4.0});
+        let phase = |name: &str, cores: Value| {
+            json!({"phase": name, "rate_per_s": 10.0, "secs": 3, "scheduled": 30, "ok": 28,
+                "fallbacks": 2, "queued": 5, "queued_frames": 9, "timeouts": 0, "failures": {"total": 0},
+                "ack_ms": pct(1.0), "first_delta_ms": pct(300.0), "latency_ms": pct(1600.0),
+                "wait_for_connection_ms": null, "hub_cores_busy": cores, "timing": null})
+        };
+        let mut r = json!({
+            "scenario": "burst", "tenant": "demo", "question": "Q", "pool_connections": 200, "connect_s": 0.1,
+            "fallback_policy": "counted",
+            "phases": [phase("baseline", json!(0.1))],
+            "steady_tenant": {"tenant": "telco", "question": "S", "rate_per_s": 5.0, "pool_connections": 200,
+                "ok": 15, "scheduled": 15, "fallbacks": 0, "timeouts": 0, "failures": {"total": 0},
+                "phases": [phase("baseline", Value::Null)]},
+            "targets": {
+                "timeouts": {"value": 0, "target": 0, "met": true},
+                "ack_p99_ms_worst_phase": {"value": 3.0, "target_below": 100.0, "met": true},
+                "steady_first_delta_p95_ms": {"baseline": 600.0, "peak": 900.0, "peak_over_baseline": 1.5,
+                    "target": "peak <= 1.2 × baseline + 20 ms", "met": false},
+                "steady_done_p95_ms": {"baseline": 3200.0, "peak": null, "peak_over_baseline": null}},
+            "failures": {"total": 0}, "cpu": {"hub_us_per_reply": 50.0},
+        });
+        r["phases"][0]["loadgen_cores_busy"] = json!(0.95);
+        let text = render(&r);
+        assert!(text.contains("(hub 0.1 cores)\n            load generator 0.95 cores busy: it may be what limits"));
+        assert_eq!(text.matches("load generator").count(), 1, "{text}");
+        assert!(
+            text.starts_with(
+                "burst: pool of 200 connections (connected in 0.1 s)\n  (a fallback reply, e.g. after the hub's \
+                 longest queue wait, is counted, not a failure)\nbursting tenant demo (\"Q\"):\n"
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains("latency p50 1600.0 / p95 3200.0 / p99 4800.0 / max 6400.0 ms  (hub 0.1 cores)\n"),
+            "{text}"
+        );
+        assert!(text.contains("fallbacks 2  queued 5 (9 queued frames)  timeouts 0\n"), "{text}");
+        assert!(text.contains("            ack       p50 1.0 / p95 2.0 / p99 3.0 / max 4.0 ms\n"), "{text}");
+        assert!(text.contains("            1st delta p50 300.0 /"), "{text}");
+        assert!(
+            text.contains("steady tenant telco (\"S\"), 5.0/s through every phase, pool of 200: ok 15/15 fallbacks 0")
+        );
+        // The steady tenant's phases have no CPU of their own.
+        assert!(text.contains("max 6400.0 ms\n            fallbacks"), "{text}");
+        assert!(text.contains("  timeouts 0 (target 0): met\n"), "{text}");
+        assert!(text.contains("  ack p99, worst phase 3.0 ms (target < 100.0 ms): met\n"), "{text}");
+        assert!(
+            text.contains("baseline 600.0 ms, peak 900.0 ms (1.5×; target peak <= 1.2 × baseline + 20 ms): NOT MET"),
+            "{text}"
+        );
+        assert!(text.contains("reply.done p95: baseline 3200.0 ms, peak null ms (null×)"), "{text}");
+    }
+
+    #[test]
+    fn soak_report_shows_the_hub_before_and_after_the_load() {
+        let sample = json!({"rss_kib": 7000, "tasks_alive": 12.0, "sessions_open": 0.0});
+        let summary = json!({"start": 1, "end": 1, "max": 1});
+        let r = json!({
+            "scenario": "soak", "pool_connections": 200, "connect_s": 0.5, "phases": [], "cpu": {},
+            "resources": {"interval_s": 3, "samples_taken": 6, "note": null,
+                "nodes": [{"node": 1, "rss_kib": summary, "tasks_alive": summary, "sessions_open": summary,
+                    "before": sample, "after_close": sample}]},
+        });
+        let text = render(&r);
+        assert!(text.contains("  samples every 3 s (6 in all), start → end (max):\n"), "{text}");
+        assert!(
+            text.contains("      before the load's sockets: VmRSS KiB 7000, tasks alive 12.0, sessions open 0.0\n"),
+            "{text}"
+        );
+        assert!(text.contains("      after they closed:         VmRSS KiB 7000"), "{text}");
+        assert!(!text.contains("NOTE"), "{text}");
     }
 
     #[test]

@@ -3,8 +3,12 @@
 //! It starts its own processes from the cargo target dir it lives in (build
 //! them with `cargo build --release -p fengda -p fengda-nlp -p fengda-load --bins`):
 //! one external `fengda-nlp --first-token-delay-ms 0 --tokens-per-second 0`
-//! (no pacing, so the hub is the thing under load) and one
-//! `fengda serve --listen 0.0.0.0:0 --nlp-url <bridge>`. Or it attaches to a
+//! (no pacing, so the hub is the thing under load; `--pace-first-token-ms`
+//! and `--pace-tokens-per-s` set a realistic pace instead, and the reply
+//! timeout grows by the paced answer's time) with a config file that allows
+//! `--bridge-max-streams` answer streams (default: nodes × the hub's 512 NLP
+//! slots, so the bridge's own default of 256 is not what a peak meets), and
+//! one `fengda serve --listen 0.0.0.0:0 --nlp-url <bridge>`. Or it attaches to a
 //! running hub with `--hub-url` (add `--hub-pid` for CPU and memory figures).
 //! Client sockets are spread over 127.0.0.1–127.0.0.8 (`--addrs`) so that
 //! many thousands of connections do not run out of ephemeral ports.
@@ -30,10 +34,21 @@
 //! - `idle`: opens N sockets (default 10,000) that only wait, and reports the
 //!   hub's VmRSS before, with all of them open, and after they closed, and
 //!   KiB per idle socket.
-//! - `burst`: an open-loop schedule of questions: R/s for a few seconds, then
-//!   15×R/s, then R/s again. Latency counts from the scheduled send time, so
-//!   waiting for a free connection counts too (no coordinated omission).
-//!
+//! - `burst` (alias `peak`): an open-loop schedule of questions: R/s for
+//!   `--base-secs`, then `--factor`×R/s (15) for `--peak-secs`, then R/s
+//!   again. Latency counts from the scheduled send time, so waiting for a
+//!   free connection counts too (no coordinated omission). A fallback reply
+//!   (after the hub's longest queue wait) is counted apart, not a failure,
+//!   and a question may take that wait longer before it is a timeout. With
+//!   `--steady-rate R2`, a second tenant (`--steady-tenant`, default
+//!   `telco`) asks at R2/s through every phase on its own pool; both are
+//!   reported per phase (ok, fallbacks, queued, timeouts, ack, first delta
+//!   and `reply.done` percentiles), with the targets (zero timeouts,
+//!   ack p99 < 100 ms, the steady tenant's p95 unchanged by the peak).
+//! - `soak`: open loop at R questions/s for S seconds that samples, every
+//!   `--sample-secs`, each hub node's VmRSS and its `/metrics` gauges of live
+//!   tasks and open sessions: start, end, max and growth, the series, and a
+//!   sample before the load's sockets opened and after they closed.
 //! - `rate`: open loop at a fixed R questions/s for S seconds (the `burst`
 //!   machinery with one phase); latency from the scheduled send time.
 //! - `storm`: N customers each get one question answered, then all lose their
@@ -42,6 +57,14 @@
 //!   the reply must come back in the replay) and `epoch`. Reports
 //!   reconnects/s, connect→`ready` latency, errors, and replayed/lost events.
 //! - `hold` is another name for `idle` (sockets/s and KiB per socket).
+//!
+//! `--timing` connects every socket with `timing=1`, so each `reply.done`
+//! carries the hub's `timing` object (docs/protocol.md), and reports the
+//! hub's share of the time to first token (p50/p95/p99) apart from the
+//! NLP's and the queue's (hub targets only; the bare server is connected
+//! without it). `--idle-extra N` opens N more sockets that only wait before
+//! `replies`, `rate`, `burst` or `soak` starts and holds them to its end
+//! (e.g. `replies -c 1000 --idle-extra 9000`: 10,000 customers connected).
 //!
 //! The ceiling: `--target bare` runs a scenario against `fengda-bare`
 //! (tests/loadgen/src/bin/fengda-bare.rs), a bare tokio-tungstenite server speaking
@@ -61,8 +84,8 @@
 //!
 //! Every reply is verified: an `ack` for the message id, delta indexes
 //! 0..n-1 of one reply id, deltas that add up to the `reply.done` text, and
-//! `fallback: false`; `queued` frames of that reply may come before its
-//! first delta. Errors, timeouts, closes and mismatches are counted and
+//! `fallback: false` (in `burst`, a fallback is counted instead);
+//! `queued` frames of that reply may come before its first delta. Errors, timeouts, closes and mismatches are counted and
 //! make the exit status non-zero.
 //!
 //! This file starts the processes, opens the sockets and runs the
@@ -80,8 +103,10 @@ use anyhow::{Context, bail, ensure};
 use clap::{Args, Parser, Subcommand};
 use fengda_load::frames::{self, Answered, FallbackPolicy, Frame, Progress, ReplyCheck};
 use fengda_load::procfs::{self, CpuSnapshot, Watched};
-use fengda_load::report::{self, Failed, Failure, Failures, ReplyStats, record, round2};
+use fengda_load::prometheus;
+use fengda_load::report::{self, Failed, Failure, Failures, NodeSample, ReplyStats, ResourceSeries, record, round2};
 use fengda_load::schedule::{self, Phase};
+use fengda_load::setup::{self, Pace};
 use fengda_load::text;
 use futures::{SinkExt, StreamExt};
 use serde_json::{Value, json};
@@ -124,7 +149,10 @@ struct Common {
     /// Worker threads of the load generator itself (the hub and bridge share the machine).
     #[arg(long, global = true, default_value_t = 1)]
     threads: usize,
-    /// Seconds one reply (or one connect) may take before it counts as a timeout.
+    /// Seconds one reply (or one connect) may take before it counts as a
+    /// timeout. A reply gets more with `--pace-*` (the time the paced answer
+    /// takes) and in `burst`/`peak` (plus the hub's longest queue wait, after
+    /// which its answer is the fallback).
     #[arg(long, global = true, default_value_t = 10)]
     timeout_secs: u64,
     /// Extra flag for `fengda serve`; repeat it (`--hub-arg=--idle-timeout-ms=120000`).
@@ -153,6 +181,33 @@ struct Common {
     /// print hub ÷ bare ratios.
     #[arg(long, global = true)]
     compare: bool,
+    /// Connect with `timing=1`, so that every `reply.done` carries the hub's
+    /// `timing` object, and report the hub's share of the time to first token
+    /// apart from the NLP's (p50/p95/p99). Hub targets only: the bare server
+    /// is connected without it.
+    #[arg(long, global = true)]
+    timing: bool,
+    /// The bridge we start waits this long before an answer's first token
+    /// (its `--first-token-delay-ms`; 0, the default, is no delay). With a
+    /// pace, the reply timeout grows by the time an answer takes.
+    #[arg(long, global = true, default_value_t = 0, value_name = "MS")]
+    pace_first_token_ms: u64,
+    /// The bridge we start streams this many tokens per second (its
+    /// `--tokens-per-second`; 0, the default, is no pacing).
+    #[arg(long, global = true, default_value_t = 0.0, value_name = "N")]
+    pace_tokens_per_s: f64,
+    /// Answer streams the bridge we start allows at once (default: every NLP
+    /// slot of every node, nodes × the hub's `nlp.max_concurrent`, so that
+    /// the hub's admission queue is what a peak meets, not the bridge's
+    /// default limit of 256).
+    #[arg(long, global = true, value_name = "N")]
+    bridge_max_streams: Option<usize>,
+    /// `replies`, `rate`, `burst`/`peak`, `soak`: open N more sockets that only
+    /// wait (spread over the addresses and nodes) before the scenario starts,
+    /// and hold them to its end: the scenario then runs with N more customers
+    /// connected.
+    #[arg(long, global = true, default_value_t = 0, value_name = "N")]
+    idle_extra: usize,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -205,18 +260,51 @@ enum Scenario {
         hold_secs: u64,
     },
     /// R questions/s, then factor×R/s, then R/s again (alias `peak`): latency per phase.
+    /// With `--steady-rate`, a second tenant asks at a constant rate throughout.
+    /// A fallback reply is counted apart, not as a failure.
     #[command(alias = "peak")]
     Burst {
-        /// Baseline questions per second.
+        /// Baseline questions per second (of `--tenant`, the bursting tenant).
         #[arg(short = 'r', long, default_value_t = 40.0)]
         rate: f64,
+        /// The peak's rate is factor × the baseline's.
         #[arg(long, default_value_t = 15.0)]
         factor: f64,
+        /// Seconds of the baseline, and again of the recovery after the peak.
         #[arg(long, default_value_t = 5)]
         base_secs: u64,
+        /// Seconds of the peak.
         #[arg(long, default_value_t = 5)]
         peak_secs: u64,
-        /// Connections in the pool (default: one second of peak rate, at least 200).
+        /// Connections in the pool (default: one second of peak rate plus twice
+        /// the paced reply time, at least 200).
+        #[arg(long)]
+        connections: Option<usize>,
+        /// Questions per second of the steady tenant through every phase
+        /// (0, the default: no steady tenant).
+        #[arg(long, default_value_t = 0.0, value_name = "R")]
+        steady_rate: f64,
+        /// The steady tenant (one with answers in the built-in FAQ: demo, telco, shop).
+        #[arg(long, default_value = "telco", value_name = "TENANT")]
+        steady_tenant: String,
+        /// The question the steady tenant asks.
+        #[arg(long, default_value = "What mobile plans do you offer?")]
+        steady_question: String,
+    },
+    /// A steady open loop of R questions/s for S seconds that samples, every
+    /// N seconds, each hub node's VmRSS and its live-task and open-session
+    /// gauges (from `/metrics`): start, end, max and growth, to see that they
+    /// stay flat.
+    Soak {
+        #[arg(short = 'r', long, default_value_t = 100.0)]
+        rate: f64,
+        #[arg(short = 's', long, default_value_t = 600)]
+        secs: u64,
+        /// Seconds between two samples.
+        #[arg(long, default_value_t = 30)]
+        sample_secs: u64,
+        /// Connections in the pool (default: one second of the rate plus twice
+        /// the paced reply time, at least 200).
         #[arg(long)]
         connections: Option<usize>,
     },
@@ -235,7 +323,8 @@ enum Scenario {
         rate: f64,
         #[arg(short = 's', long, default_value_t = 10)]
         secs: u64,
-        /// Connections in the pool (default: one second of the rate, at least 200).
+        /// Connections in the pool (default: one second of the rate plus twice
+        /// the paced reply time, at least 200).
         #[arg(long)]
         connections: Option<usize>,
     },
@@ -259,6 +348,23 @@ fn main() -> anyhow::Result<()> {
 
 async fn run(cli: Cli) -> anyhow::Result<bool> {
     let nofile = raise_nofile_limit();
+    let common = &cli.common;
+    let pace = Pace { first_token_ms: common.pace_first_token_ms, tokens_per_s: common.pace_tokens_per_s };
+    pace.validate()?;
+    ensure!(
+        common.idle_extra == 0 || !matches!(cli.scenario, Scenario::Idle { .. } | Scenario::Storm { .. }),
+        "--idle-extra is for replies, rate, burst/peak and soak"
+    );
+    if !pace.is_zero() {
+        ensure!(
+            common.hub_url.is_none(),
+            "--pace-* sets the pace of the bridge fengda-load starts; an attached hub has its own bridge"
+        );
+        ensure!(
+            common.target == TargetKind::Hub && !common.compare,
+            "--pace-* paces the hub's bridge; the bare server answers at once, so there is nothing to compare"
+        );
+    }
     let (report, clean) = if cli.common.compare {
         ensure!(cli.common.hub_url.is_none(), "--compare starts both servers itself; drop --hub-url");
         let mut common = cli.common.clone();
@@ -302,25 +408,131 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
 
 async fn run_one(common: &Common, scenario: &Scenario, nofile: u64) -> anyhow::Result<(Value, bool)> {
     let target = Target::start(common).await?;
-    let result = match *scenario {
-        Scenario::Replies { connections, questions } => replies(common, &target, connections, questions).await,
-        Scenario::Idle { sockets, hold_secs } => idle(common, &target, sockets, hold_secs, nofile).await,
-        Scenario::Burst { rate, factor, base_secs, peak_secs, connections } => {
-            // The bridge we start does not pace its tokens: a reply takes no time to speak of.
-            let pool = connections.unwrap_or_else(|| schedule::pool_size(rate * factor, Duration::ZERO));
-            let phases = schedule::burst(rate, factor, base_secs, peak_secs);
-            open_loop(common, &target, "burst", &phases, pool).await
-        }
-        Scenario::Storm { sockets } => storm(common, &target, sockets).await,
-        Scenario::Rate { rate, secs, connections } => {
-            let pool = connections.unwrap_or_else(|| schedule::pool_size(rate, Duration::ZERO));
-            open_loop(common, &target, "rate", &[Phase::new("rate", rate, secs)], pool).await
+    let (plan, sockets) = plan(common, &target, scenario)?;
+    if !matches!(plan, Plan::Idle { .. }) {
+        // (`idle` checks its own.)
+        setup::check_nofile(common.idle_extra + sockets, nofile)?;
+    }
+    let idle_extra = match common.idle_extra {
+        0 => None,
+        n => Some(IdleExtra::open(common, &target, n).await),
+    };
+    let result = match plan {
+        Plan::Replies { connections, questions } => replies(common, &target, connections, questions).await,
+        Plan::Idle { sockets, hold_secs } => idle(common, &target, sockets, hold_secs, nofile).await,
+        Plan::Storm { sockets } => storm(common, &target, sockets).await,
+        Plan::OpenLoop(plan) => {
+            let OpenLoopPlan { scenario, main, steady, sample_every } = *plan;
+            open_loop(common, &target, scenario, main, steady, sample_every).await
         }
     };
+    let idle_extra = match idle_extra {
+        Some(idle) => Some(idle.close().await),
+        None => None,
+    };
     let logs = target.stop().await;
-    let (mut report, clean) = result?;
+    let (mut report, mut clean) = result?;
+    if let Some((idle, held)) = idle_extra {
+        report["idle_sockets"] = idle;
+        clean &= held;
+    }
     report["child_logs"] = logs;
     Ok((report, clean))
+}
+
+/// What a scenario will run, with the schedules, pools and timeouts of its
+/// open loops worked out.
+enum Plan {
+    Replies { connections: usize, questions: usize },
+    Idle { sockets: usize, hold_secs: u64 },
+    Storm { sockets: usize },
+    OpenLoop(Box<OpenLoopPlan>),
+}
+
+/// An open loop: the main tenant's, a steady tenant's alongside (`burst
+/// --steady-rate`), and resource samples every `sample_every` (`soak`).
+struct OpenLoopPlan {
+    scenario: &'static str,
+    main: LoopSpec,
+    steady: Option<LoopSpec>,
+    sample_every: Option<Duration>,
+}
+
+/// The plan of `scenario` and the sockets it holds at once (besides `--idle-extra`).
+fn plan(common: &Common, target: &Target, scenario: &Scenario) -> anyhow::Result<(Plan, usize)> {
+    let reply_time = target.pace.unwrap_or_default().reply_time(setup::ANSWER_TOKENS);
+    let id = run_id();
+    let spec = |name: &'static str, phases: Vec<Phase>, pool: usize, policy, timeout| LoopSpec {
+        tenant: common.tenant.clone(),
+        question: common.question.clone(),
+        phases,
+        pool_size: pool,
+        prefix: format!("{name}-{id}"),
+        first_index: 0,
+        id_prefix: "b",
+        policy,
+        timeout,
+    };
+    let open_loop = |scenario, main: LoopSpec, steady: Option<LoopSpec>, sample_every| {
+        let sockets = main.pool_size + steady.as_ref().map_or(0, |s| s.pool_size);
+        (Plan::OpenLoop(Box::new(OpenLoopPlan { scenario, main, steady, sample_every })), sockets)
+    };
+    Ok(match scenario.clone() {
+        Scenario::Replies { connections, questions } => (Plan::Replies { connections, questions }, connections),
+        Scenario::Idle { sockets, hold_secs } => (Plan::Idle { sockets, hold_secs }, sockets),
+        Scenario::Storm { sockets } => (Plan::Storm { sockets }, sockets),
+        Scenario::Rate { rate, secs, connections } => {
+            let pool = connections.unwrap_or_else(|| schedule::pool_size(rate, reply_time));
+            let phases = vec![Phase::new("rate", rate, secs)];
+            let main = spec("rate", phases, pool, FallbackPolicy::Failure, target.reply_timeout(Duration::ZERO));
+            open_loop("rate", main, None, None)
+        }
+        Scenario::Soak { rate, secs, sample_secs, connections } => {
+            ensure!(sample_secs >= 1, "--sample-secs must be >= 1");
+            let pool = connections.unwrap_or_else(|| schedule::pool_size(rate, reply_time));
+            let phases = vec![Phase::new("soak", rate, secs)];
+            let main = spec("soak", phases, pool, FallbackPolicy::Failure, target.reply_timeout(Duration::ZERO));
+            open_loop("soak", main, None, Some(Duration::from_secs(sample_secs)))
+        }
+        Scenario::Burst {
+            rate,
+            factor,
+            base_secs,
+            peak_secs,
+            connections,
+            steady_rate,
+            steady_tenant,
+            steady_question,
+        } => {
+            ensure!(steady_rate >= 0.0, "--steady-rate must be >= 0");
+            // A question may wait for an NLP slot up to the hub's longest
+            // queue wait and then get the fallback: not a timeout.
+            let queue_wait = match target.kind {
+                TargetKind::Hub => setup::hub_max_queue_wait(
+                    &common.hub_args,
+                    std::env::var("FENGDA_NLP_MAX_QUEUE_WAIT_MS").ok().as_deref(),
+                )?,
+                TargetKind::Bare => Duration::ZERO,
+            };
+            let timeout = target.reply_timeout(queue_wait);
+            let phases = schedule::burst(rate, factor, base_secs, peak_secs);
+            let pool = connections.unwrap_or_else(|| schedule::pool_size(rate * factor, reply_time));
+            let steady = (steady_rate > 0.0).then(|| LoopSpec {
+                tenant: steady_tenant,
+                question: steady_question,
+                phases: schedule::constant_alongside(&phases, steady_rate),
+                pool_size: schedule::pool_size(steady_rate, reply_time),
+                prefix: format!("steady-{id}"),
+                // After the bursting tenant's connections, so both spread over the nodes.
+                first_index: pool,
+                id_prefix: "s",
+                policy: FallbackPolicy::Counted,
+                timeout,
+            });
+            let main = spec("burst", phases, pool, FallbackPolicy::Counted, timeout);
+            open_loop("burst", main, steady, None)
+        }
+    })
 }
 
 // ---------------------------------------------------------------- processes
@@ -352,6 +564,16 @@ struct Target {
     backend: Backend,
     kind: TargetKind,
     children: Vec<Spawned>,
+    /// Where the nodes' `/metrics` are (on each node's port).
+    metrics_host: String,
+    /// Sockets connect with `timing=1` (`--timing`, hub targets only).
+    timing: bool,
+    /// The pace of the bridge we started; None without one (bare, attached).
+    pace: Option<Pace>,
+    /// `limits.max_concurrent_streams` of the bridge we started.
+    bridge_max_streams: Option<usize>,
+    /// `--timeout-secs`.
+    base_timeout: Duration,
 }
 
 fn bin_dir() -> anyhow::Result<PathBuf> {
@@ -518,6 +740,7 @@ fn host_port(url: &str) -> anyhow::Result<(String, u16)> {
 
 impl Target {
     async fn start(common: &Common) -> anyhow::Result<Target> {
+        let base_timeout = Duration::from_secs(common.timeout_secs);
         ensure!((1..=16).contains(&common.nodes), "--nodes must be 1..=16");
         ensure!(
             common.nodes == 1 || common.backend == Backend::Redis,
@@ -531,7 +754,7 @@ impl Target {
             );
             let (host, port) = host_port(url)?;
             let addrs = common.addrs.unwrap_or(1);
-            let ips = if addrs <= 1 { vec![host] } else { loopback_ips(addrs) };
+            let ips = if addrs <= 1 { vec![host.clone()] } else { loopback_ips(addrs) };
             return Ok(Target {
                 ips,
                 ports: vec![port],
@@ -539,6 +762,11 @@ impl Target {
                 backend: common.backend,
                 kind: common.target,
                 children: Vec::new(),
+                metrics_host: host,
+                timing: common.timing && common.target == TargetKind::Hub,
+                pace: None,
+                bridge_max_streams: None,
+                base_timeout,
             });
         }
         let log_dir = match &common.log_dir {
@@ -560,9 +788,24 @@ impl Target {
                 backend: common.backend,
                 kind: TargetKind::Bare,
                 children: vec![bare],
+                metrics_host: "127.0.0.1".into(),
+                timing: false,
+                pace: None,
+                bridge_max_streams: None,
+                base_timeout,
             });
         }
-        let bridge_args = ["--listen", "127.0.0.1:0", "--first-token-delay-ms", "0", "--tokens-per-second", "0"];
+        let pace = Pace { first_token_ms: common.pace_first_token_ms, tokens_per_s: common.pace_tokens_per_s };
+        let max_concurrent =
+            setup::hub_max_concurrent(&common.hub_args, std::env::var("FENGDA_NLP_MAX_CONCURRENT").ok().as_deref())?;
+        let max_streams = common.bridge_max_streams.unwrap_or(setup::bridge_max_streams(common.nodes, max_concurrent));
+        ensure!(max_streams >= 1, "--bridge-max-streams must be >= 1");
+        let bridge_config = log_dir.join("fengda-nlp.toml");
+        std::fs::write(&bridge_config, setup::bridge_config(max_streams))
+            .with_context(|| format!("write {}", bridge_config.display()))?;
+        let mut bridge_args: Vec<String> =
+            vec!["--config".into(), bridge_config.display().to_string(), "--listen".into(), "127.0.0.1:0".into()];
+        bridge_args.extend(pace.bridge_args());
         // Pushed as they start, so that an early error drops (and kills) them.
         let mut children = Vec::new();
         let redis = match common.backend {
@@ -575,8 +818,7 @@ impl Target {
                 Some((url, pid))
             }
         };
-        let bridge =
-            spawn_listening("fengda-nlp", "fengda-nlp".into(), &bridge_args.map(String::from), &log_dir).await?;
+        let bridge = spawn_listening("fengda-nlp", "fengda-nlp".into(), &bridge_args, &log_dir).await?;
         let bridge_url = bridge.url.clone();
         let bridge_pid = bridge.pid;
         children.push(bridge);
@@ -603,13 +845,24 @@ impl Target {
             backend: common.backend,
             kind: TargetKind::Hub,
             children,
+            metrics_host: "127.0.0.1".into(),
+            timing: common.timing,
+            pace: Some(pace),
+            bridge_max_streams: Some(max_streams),
+            base_timeout,
         })
     }
 
     /// Connection `i` goes to node `i % nodes` (round-robin), from one of the loopback addresses.
     fn ws_url(&self, i: usize, tenant: &str, user: &str) -> String {
         let port = self.ports[i % self.ports.len()];
-        format!("ws://{}:{port}/ws?tenant={tenant}&user={user}", self.ips[i % self.ips.len()])
+        setup::ws_url(&self.ips[i % self.ips.len()], port, tenant, user, self.timing)
+    }
+
+    /// How long a question may take to its `reply.done`: `--timeout-secs`,
+    /// plus the paced answer's time, plus `queue_wait`.
+    fn reply_timeout(&self, queue_wait: Duration) -> Duration {
+        setup::reply_timeout(self.base_timeout, self.pace.unwrap_or_default(), queue_wait)
     }
 
     /// Sum over all hub nodes; None if any is unknown.
@@ -627,6 +880,9 @@ impl Target {
             "nodes": self.ports.len(),
             "hub_pids": self.watched.hubs,
             "redis_pid": self.watched.redis,
+            "timing": self.timing,
+            "nlp_pace": self.pace.map(|p| p.json()),
+            "bridge_max_streams": self.bridge_max_streams,
         })
     }
 
@@ -701,7 +957,14 @@ async fn connect(url: &str, timeout: Duration) -> anyhow::Result<(Ws, Frame)> {
 
 /// Sends one question and feeds what comes back to a [`ReplyCheck`] until
 /// it has the answer or fails. Times are measured from `t0`.
-async fn ask(ws: &mut Ws, id: &str, text: &str, t0: Instant, deadline: Instant) -> Result<Answered, Failed> {
+async fn ask(
+    ws: &mut Ws,
+    id: &str,
+    text: &str,
+    policy: FallbackPolicy,
+    t0: Instant,
+    deadline: Instant,
+) -> Result<Answered, Failed> {
     let failed = |kind: Failure, what: String| Failed::new(kind, format!("{id}: {what}"));
     let sent = tokio::time::timeout_at(deadline.into(), ws.send(Message::text(frames::message_frame(id, text)))).await;
     match sent {
@@ -709,7 +972,7 @@ async fn ask(ws: &mut Ws, id: &str, text: &str, t0: Instant, deadline: Instant) 
         Ok(Err(e)) => return Err(failed(Failure::Closed, format!("send failed: {e}"))),
         Ok(Ok(())) => {}
     }
-    let mut check = ReplyCheck::new(id, FallbackPolicy::Failure);
+    let mut check = ReplyCheck::new(id, policy);
     loop {
         let message = match tokio::time::timeout_at(deadline.into(), ws.next()).await {
             Err(_) => return Err(failed(Failure::Timeout, format!("no reply.done in time ({})", check.state()))),
@@ -742,18 +1005,21 @@ fn run_id() -> String {
     format!("{:x}", nanos % 0xffff_ffff)
 }
 
-/// Opens `n` ready connections, `parallel` handshakes at a time.
+/// Opens `n` ready connections of `tenant`'s users `<prefix>-<i>`,
+/// `parallel` handshakes at a time; connection i goes to node and address
+/// `first_index + i`.
 async fn open_many(
     target: &Target,
-    common: &Common,
+    tenant: &str,
     n: usize,
+    first_index: usize,
     parallel: usize,
     prefix: &str,
+    timeout: Duration,
 ) -> (Vec<(usize, Ws)>, Failures, Duration) {
     let started = Instant::now();
-    let timeout = Duration::from_secs(common.timeout_secs);
     let urls: Vec<(usize, String)> =
-        (0..n).map(|i| (i, target.ws_url(i, &common.tenant, &format!("{prefix}-{i}")))).collect();
+        (0..n).map(|i| (i, target.ws_url(first_index + i, tenant, &format!("{prefix}-{i}")))).collect();
     let results: Vec<(usize, anyhow::Result<Ws>)> = futures::stream::iter(urls)
         .map(|(i, url)| async move { (i, connect(&url, timeout).await.map(|(ws, _ready)| ws)) })
         .buffer_unordered(parallel)
@@ -779,8 +1045,10 @@ async fn replies(
     questions: usize,
 ) -> anyhow::Result<(Value, bool)> {
     let prefix = format!("lg-{}", run_id());
-    let (sockets, connect_failures, connect_time) = open_many(target, common, connections, 100, &prefix).await;
-    let timeout = Duration::from_secs(common.timeout_secs);
+    let connect_timeout = Duration::from_secs(common.timeout_secs);
+    let (sockets, connect_failures, connect_time) =
+        open_many(target, &common.tenant, connections, 0, 100, &prefix, connect_timeout).await;
+    let timeout = target.reply_timeout(Duration::ZERO);
     let before = CpuSnapshot::take(&target.watched);
     let mut tasks = Vec::with_capacity(sockets.len());
     for (i, mut ws) in sockets {
@@ -791,7 +1059,7 @@ async fn replies(
             for q in 0..questions {
                 let id = format!("c{i}-q{q}");
                 let t0 = Instant::now();
-                match ask(&mut ws, &id, &text, t0, t0 + timeout).await {
+                match ask(&mut ws, &id, &text, FallbackPolicy::Failure, t0, t0 + timeout).await {
                     Ok(answer) => stats.answered(&answer),
                     Err(failed) => {
                         stats.failed(failed);
@@ -839,6 +1107,9 @@ async fn replies(
         "latency_ms": report::percentiles_ms(&stats.done),
         "first_delta_ms": report::percentiles_ms(&stats.first_delta),
         "ack_ms": report::percentiles_ms(&stats.ack),
+        "queued": stats.queued,
+        "reply_timeout_s": round2(timeout.as_secs_f64()),
+        "timing": if target.timing { stats.timing.json() } else { Value::Null },
         "cpu": cpu.json(ok, tokens),
     });
     Ok((report, clean))
@@ -864,6 +1135,7 @@ type Resumed = (Duration, u64, u64);
 async fn storm(common: &Common, target: &Target, sockets: usize) -> anyhow::Result<(Value, bool)> {
     ensure!(sockets <= 10_000, "at most 10,000 storm sockets");
     let timeout = Duration::from_secs(common.timeout_secs);
+    let reply_timeout = target.reply_timeout(Duration::ZERO);
     let prefix = format!("storm-{}", run_id());
     // 1. Seed: every customer connects and gets one question answered.
     let seeded: Vec<Result<Resume, Failed>> = futures::stream::iter(0..sockets)
@@ -875,7 +1147,8 @@ async fn storm(common: &Common, target: &Target, sockets: usize) -> anyhow::Resu
                 let (mut ws, ready) =
                     connect(&url, timeout).await.map_err(|e| Failed::new(Failure::Connect, format!("#{i}: {e:#}")))?;
                 let t0 = Instant::now();
-                let answer = ask(&mut ws, &format!("s{i}"), &text, t0, t0 + timeout).await?;
+                let answer =
+                    ask(&mut ws, &format!("s{i}"), &text, FallbackPolicy::Failure, t0, t0 + reply_timeout).await?;
                 let last = answer.done_seq.unwrap_or(0);
                 // 2. The node "dies": the socket goes away without a close handshake.
                 drop(ws);
@@ -1022,30 +1295,15 @@ async fn idle(
     let fds_before = fds(target);
     let cpu_before = CpuSnapshot::take(&target.watched);
     let prefix = format!("idle-{}", run_id());
-    let (opened, failures, connect_time) = open_many(target, common, sockets, 256, &prefix).await;
+    let timeout = Duration::from_secs(common.timeout_secs);
+    let (opened, failures, connect_time) = open_many(target, &common.tenant, sockets, 0, 256, &prefix, timeout).await;
     let cpu_connected = CpuSnapshot::take(&target.watched);
     let ready = opened.len();
 
     // Hold: each socket gets a reader (answers pings) until we cancel.
     let stop = CancellationToken::new();
     let dropped = Arc::new(AtomicU64::new(0));
-    let mut holders = Vec::with_capacity(ready);
-    for (_, mut ws) in opened {
-        let stop = stop.clone();
-        let dropped = dropped.clone();
-        holders.push(tokio::spawn(async move {
-            tokio::select! {
-                _ = stop.cancelled() => close_quietly(ws).await,
-                _ = async {
-                    while let Some(Ok(message)) = ws.next().await {
-                        if matches!(message, Message::Close(_)) {
-                            break;
-                        }
-                    }
-                } => { dropped.fetch_add(1, Ordering::Relaxed); }
-            }
-        }));
-    }
+    let holders: Vec<_> = opened.into_iter().map(|(_, ws)| hold(ws, stop.clone(), dropped.clone())).collect();
     tokio::time::sleep(Duration::from_secs(hold_secs)).await;
     let rss_open = rss(target);
     let fds_open = fds(target);
@@ -1090,7 +1348,65 @@ async fn idle(
     Ok((report, clean))
 }
 
-// ---------------------------------------------------------------- burst
+// ---------------------------------------------------------------- open loops
+
+/// One tenant's open loop: who asks what, on which schedule, on how many
+/// connections, and how an answer is judged.
+struct LoopSpec {
+    tenant: String,
+    question: String,
+    phases: Vec<Phase>,
+    pool_size: usize,
+    /// Users are `<prefix>-<i>`; connection i goes to node (first_index + i) mod N.
+    prefix: String,
+    first_index: usize,
+    /// Question ids are `<id_prefix><seq>`.
+    id_prefix: &'static str,
+    policy: FallbackPolicy,
+    /// From a question's scheduled send to its `reply.done`.
+    timeout: Duration,
+}
+
+/// The connections of one open loop: each question takes a free one and
+/// gives it back after its answer.
+struct Pool {
+    // Unbounded: it never holds more than the pool's connections.
+    tx: tokio::sync::mpsc::UnboundedSender<Ws>,
+    rx: Arc<tokio::sync::Mutex<tokio::sync::mpsc::UnboundedReceiver<Ws>>>,
+    ready: usize,
+    failures: Failures,
+    connect_time: Duration,
+}
+
+async fn open_pool(common: &Common, target: &Target, spec: &LoopSpec) -> Pool {
+    let (sockets, failures, connect_time) = open_many(
+        target,
+        &spec.tenant,
+        spec.pool_size,
+        spec.first_index,
+        100,
+        &spec.prefix,
+        Duration::from_secs(common.timeout_secs),
+    )
+    .await;
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel::<Ws>();
+    let ready = sockets.len();
+    for (_, ws) in sockets {
+        let _ = tx.send(ws);
+    }
+    Pool { tx, rx: Arc::new(tokio::sync::Mutex::new(rx)), ready, failures, connect_time }
+}
+
+async fn close_pool(pool: Pool) {
+    drop(pool.tx);
+    let mut rx = pool.rx.lock().await;
+    rx.close();
+    let mut idle = Vec::new();
+    while let Some(ws) = rx.recv().await {
+        idle.push(close_quietly(ws));
+    }
+    futures::future::join_all(idle).await;
+}
 
 /// One question of an open loop: its answer and how long it waited for a
 /// free pool connection, or why it failed.
@@ -1099,49 +1415,40 @@ struct Outcome {
     result: Result<(Answered, Duration), Failed>,
 }
 
-/// Open loop: each phase sends questions at its rate for its seconds, each
-/// on a free pool connection; latency counts from the scheduled send time.
-async fn open_loop(
-    common: &Common,
-    target: &Target,
-    scenario: &str,
-    phases: &[Phase],
-    pool_size: usize,
-) -> anyhow::Result<(Value, bool)> {
-    schedule::validate(phases)?;
-    let prefix = format!("{scenario}-{}", run_id());
-    let (sockets, mut failures, connect_time) = open_many(target, common, pool_size, 100, &prefix).await;
-    let pool_ready = sockets.len();
-    // Unbounded: it never holds more than the pool's connections.
-    let (pool_tx, pool_rx) = tokio::sync::mpsc::unbounded_channel::<Ws>();
-    for (_, ws) in sockets {
-        let _ = pool_tx.send(ws);
-    }
-    let pool_rx = Arc::new(tokio::sync::Mutex::new(pool_rx));
-    let timeout = Duration::from_secs(common.timeout_secs);
+/// What one open loop measured, per phase, with CPU snapshots at the phase
+/// boundaries: phase i runs from `snapshots[i]` (the previous phase's last
+/// send, or the start) to `snapshots[i + 1]` (its own last send).
+struct Driven {
+    stats: Vec<ReplyStats>,
+    snapshots: Vec<CpuSnapshot>,
+    /// After the last answer.
+    drained: CpuSnapshot,
+}
+
+/// Runs `spec`'s schedule from `start` on `pool`: each send at its time on a
+/// free connection, whatever the answers do; latency counts from the
+/// scheduled send time (no coordinated omission).
+async fn drive(spec: &LoopSpec, pool: &Pool, start: Instant, watched: &Watched) -> Driven {
     let (out_tx, mut out_rx) = tokio::sync::mpsc::unbounded_channel::<Outcome>();
-    // Phase i's CPU runs from snapshots[i] (the previous phase's last send,
-    // or the start) to snapshots[i + 1] (its own last send).
-    let mut snapshots = vec![CpuSnapshot::take(&target.watched)];
-    let start = Instant::now();
-    for send in schedule::sends(phases) {
+    let mut snapshots = vec![CpuSnapshot::take(watched)];
+    for send in schedule::sends(&spec.phases) {
         while snapshots.len() < send.phase + 1 {
-            snapshots.push(CpuSnapshot::take(&target.watched));
+            snapshots.push(CpuSnapshot::take(watched));
         }
         let t0 = start + send.at;
         tokio::time::sleep_until(t0.into()).await;
-        let (pool_rx, pool_tx, out_tx) = (pool_rx.clone(), pool_tx.clone(), out_tx.clone());
-        let text = common.question.clone();
-        let (phase, id) = (send.phase, format!("b{}", send.seq));
+        let (pool_rx, pool_tx, out_tx) = (pool.rx.clone(), pool.tx.clone(), out_tx.clone());
+        let text = spec.question.clone();
+        let (phase, id, policy) = (send.phase, format!("{}{}", spec.id_prefix, send.seq), spec.policy);
+        let deadline = t0 + spec.timeout;
         tokio::spawn(async move {
-            let deadline = t0 + timeout;
             let ws = tokio::time::timeout_at(deadline.into(), async { pool_rx.lock().await.recv().await }).await;
             let result = match ws {
                 Err(_) => Err(Failed::new(Failure::Timeout, format!("{id}: no free connection in time"))),
                 Ok(None) => Err(Failed::new(Failure::Closed, format!("{id}: connection pool is empty"))),
                 Ok(Some(mut ws)) => {
                     let waited = t0.elapsed();
-                    let result = ask(&mut ws, &id, &text, t0, deadline).await;
+                    let result = ask(&mut ws, &id, &text, policy, t0, deadline).await;
                     if result.is_ok() {
                         let _ = pool_tx.send(ws);
                     }
@@ -1151,11 +1458,11 @@ async fn open_loop(
             let _ = out_tx.send(Outcome { phase, result });
         });
     }
-    while snapshots.len() < phases.len() + 1 {
-        snapshots.push(CpuSnapshot::take(&target.watched));
+    while snapshots.len() < spec.phases.len() + 1 {
+        snapshots.push(CpuSnapshot::take(watched));
     }
     drop(out_tx);
-    let mut stats: Vec<ReplyStats> = phases.iter().map(|_| ReplyStats::default()).collect();
+    let mut stats: Vec<ReplyStats> = spec.phases.iter().map(|_| ReplyStats::default()).collect();
     while let Some(outcome) = out_rx.recv().await {
         let phase = &mut stats[outcome.phase];
         match outcome.result {
@@ -1166,51 +1473,290 @@ async fn open_loop(
             Err(failed) => phase.failed(failed),
         }
     }
-    let drained = CpuSnapshot::take(&target.watched);
-    // Close the pool.
-    drop(pool_tx);
-    let mut rx = pool_rx.lock().await;
-    rx.close();
-    let mut idle = Vec::new();
-    while let Some(ws) = rx.recv().await {
-        idle.push(close_quietly(ws));
-    }
-    futures::future::join_all(idle).await;
+    Driven { stats, snapshots, drained: CpuSnapshot::take(watched) }
+}
 
-    let scheduled = schedule::counts(phases);
-    let mut phase_reports = Vec::new();
-    for (i, (phase, stats)) in phases.iter().zip(&stats).enumerate() {
-        let cpu = snapshots[i].delta(&snapshots[i + 1]);
-        phase_reports.push(json!({
-            "phase": phase.name,
-            "rate_per_s": round2(phase.rate_per_s),
-            "secs": phase.secs,
-            "scheduled": scheduled[i],
-            "ok": stats.ok,
-            "failures": stats.failures.json(),
-            "latency_ms": report::percentiles_ms(&stats.done),
-            "wait_for_connection_ms": report::percentiles_ms(&stats.wait_for_connection),
-            "hub_cores_busy": cpu.cores(cpu.hub_us),
-            "bridge_cores_busy": cpu.cores(cpu.bridge_us),
-        }));
+/// The report of each phase: its schedule, how its questions ended, and
+/// (for the loop whose CPU the run reports) the cores the hub and the
+/// bridge kept busy.
+fn phase_reports(spec: &LoopSpec, driven: &Driven, with_cpu: bool, timing: bool) -> Vec<Value> {
+    let scheduled = schedule::counts(&spec.phases);
+    spec.phases
+        .iter()
+        .zip(&driven.stats)
+        .enumerate()
+        .map(|(i, (phase, stats))| {
+            let mut report = stats.outcome_json(timing);
+            report["phase"] = json!(phase.name);
+            report["rate_per_s"] = json!(round2(phase.rate_per_s));
+            report["secs"] = json!(phase.secs);
+            report["scheduled"] = json!(scheduled[i]);
+            if with_cpu {
+                let cpu = driven.snapshots[i].delta(&driven.snapshots[i + 1]);
+                report["hub_cores_busy"] = json!(cpu.cores(cpu.hub_us));
+                report["bridge_cores_busy"] = json!(cpu.cores(cpu.bridge_us));
+                // Near 1 core (one worker thread): the load generator limits the figures.
+                report["loadgen_cores_busy"] = json!(cpu.cores(Some(cpu.loadgen_us)));
+            }
+            report
+        })
+        .collect()
+}
+
+/// Totals over the phases of one loop, its connect failures included.
+struct Totals {
+    scheduled: u64,
+    ok: u64,
+    fallbacks: u64,
+    tokens: u64,
+    failures: Failures,
+}
+
+fn totals(spec: &LoopSpec, pool: Failures, driven: Driven) -> Totals {
+    let mut t = Totals {
+        scheduled: schedule::counts(&spec.phases).iter().sum(),
+        ok: 0,
+        fallbacks: 0,
+        tokens: 0,
+        failures: pool,
+    };
+    for phase in driven.stats {
+        t.ok += phase.ok;
+        t.fallbacks += phase.fallbacks;
+        t.tokens += phase.tokens;
+        t.failures.merge(phase.failures);
     }
-    let total_ok: u64 = stats.iter().map(|s| s.ok).sum();
-    let total_scheduled: u64 = scheduled.iter().sum();
-    let whole = snapshots[0].delta(&drained);
-    for phase in stats {
-        failures.merge(phase.failures);
+    t
+}
+
+/// Open loop of the main tenant, with a steady tenant's loop alongside
+/// (`burst --steady-rate`) and resource samples every `sample_every`
+/// (`soak`) if asked. Both loops open their pools first, then start their
+/// schedules at the same instant.
+async fn open_loop(
+    common: &Common,
+    target: &Target,
+    scenario: &str,
+    main: LoopSpec,
+    steady: Option<LoopSpec>,
+    sample_every: Option<Duration>,
+) -> anyhow::Result<(Value, bool)> {
+    schedule::validate(&main.phases)?;
+    if let Some(steady) = &steady {
+        schedule::validate(&steady.phases)?;
     }
-    let clean = failures.total() == 0 && total_ok == total_scheduled;
+    let before = match sample_every {
+        Some(_) => Some(sample_nodes(target).await),
+        None => None,
+    };
+    let mut pool = open_pool(common, target, &main).await;
+    let steady_pool = match &steady {
+        Some(spec) => Some(open_pool(common, target, spec).await),
+        None => None,
+    };
+    let start = Instant::now();
+    let stop = CancellationToken::new();
+    let loops = async {
+        let steady_run = async {
+            match (&steady, &steady_pool) {
+                (Some(spec), Some(pool)) => Some(drive(spec, pool, start, &target.watched).await),
+                _ => None,
+            }
+        };
+        let both = tokio::join!(drive(&main, &pool, start, &target.watched), steady_run);
+        stop.cancel();
+        both
+    };
+    let sampler = async {
+        match sample_every {
+            Some(every) => Some(sample_resources(target, every, start, stop.clone()).await),
+            None => None,
+        }
+    };
+    let ((driven, steady_driven), series) = tokio::join!(loops, sampler);
+    let (pool_ready, connect_time) = (pool.ready, pool.connect_time);
+    let pool_failures = std::mem::take(&mut pool.failures);
+    close_pool(pool).await;
+    let resources = match (series, before) {
+        (Some(series), Some(before)) => {
+            // Let the hub end the closed sessions' tasks before the last look.
+            tokio::time::sleep(Duration::from_secs(2)).await;
+            let after_close = sample_nodes(target).await;
+            series.json(&before, &after_close)
+        }
+        _ => Value::Null,
+    };
+
+    let phase_reports_main = phase_reports(&main, &driven, true, target.timing);
+    let whole = driven.snapshots[0].delta(&driven.drained);
+    let main_totals = totals(&main, pool_failures, driven);
+    let mut clean =
+        main_totals.failures.total() == 0 && main_totals.ok + main_totals.fallbacks == main_totals.scheduled;
+    let (mut all_ok, mut all_tokens) = (main_totals.ok, main_totals.tokens);
+
+    let steady_report = match (steady, steady_pool, steady_driven) {
+        (Some(spec), Some(mut pool), Some(driven)) => {
+            let phases = phase_reports(&spec, &driven, false, target.timing);
+            let failures = std::mem::take(&mut pool.failures);
+            let (ready, connect_time) = (pool.ready, pool.connect_time);
+            close_pool(pool).await;
+            let t = totals(&spec, failures, driven);
+            clean &= t.failures.total() == 0 && t.ok + t.fallbacks == t.scheduled;
+            all_ok += t.ok;
+            all_tokens += t.tokens;
+            json!({
+                "tenant": spec.tenant,
+                "question": spec.question,
+                "rate_per_s": round2(spec.phases[0].rate_per_s),
+                "pool_connections": ready,
+                "connect_s": round2(connect_time.as_secs_f64()),
+                "scheduled": t.scheduled,
+                "ok": t.ok,
+                "fallbacks": t.fallbacks,
+                "timeouts": t.failures.count(Failure::Timeout),
+                "failures": t.failures.json(),
+                "phases": phases,
+            })
+        }
+        _ => Value::Null,
+    };
+    let targets = if scenario == "burst" {
+        report::peak_targets(&Value::Array(phase_reports_main.clone()), &steady_report)
+    } else {
+        Value::Null
+    };
     let report = json!({
         "scenario": scenario,
+        "tenant": main.tenant,
+        "question": main.question,
         "pool_connections": pool_ready,
         "connect_s": round2(connect_time.as_secs_f64()),
-        "phases": phase_reports,
-        "scheduled": total_scheduled,
-        "ok": total_ok,
-        "failures": failures.json(),
-        "cpu": whole.json(total_ok, 0),
+        "reply_timeout_s": round2(main.timeout.as_secs_f64()),
+        "fallback_policy": match main.policy {
+            FallbackPolicy::Failure => "failure",
+            FallbackPolicy::Counted => "counted",
+        },
+        "phases": phase_reports_main,
+        "scheduled": main_totals.scheduled,
+        "ok": main_totals.ok,
+        "fallbacks": main_totals.fallbacks,
+        "timeouts": main_totals.failures.count(Failure::Timeout),
+        "failures": main_totals.failures.json(),
+        // Every reply of the run, the steady tenant's too.
+        "cpu": whole.json(all_ok, all_tokens),
+        "steady_tenant": steady_report,
+        "targets": targets,
+        "resources": resources,
         "setup": target.setup_json(),
     });
     Ok((report, clean))
+}
+
+// ---------------------------------------------------------------- soak samples
+
+/// Samples every hub node every `every` from `start` until `stop`, then once more.
+async fn sample_resources(target: &Target, every: Duration, start: Instant, stop: CancellationToken) -> ResourceSeries {
+    let mut series = ResourceSeries::new(target.ports.len(), every.as_secs());
+    let mut next = start;
+    loop {
+        let at = start.elapsed();
+        series.push(at, &sample_nodes(target).await);
+        next += every;
+        tokio::select! {
+            _ = stop.cancelled() => break,
+            _ = tokio::time::sleep_until(next.into()) => {}
+        }
+    }
+    // The last sample: after the last answer.
+    series.push(start.elapsed(), &sample_nodes(target).await);
+    series
+}
+
+/// VmRSS and the `/metrics` gauges of every hub node, in node order.
+async fn sample_nodes(target: &Target) -> Vec<NodeSample> {
+    let mut samples = Vec::with_capacity(target.ports.len());
+    for (i, &port) in target.ports.iter().enumerate() {
+        let metrics = fetch_metrics(&target.metrics_host, port).await.ok();
+        let gauge = |name: &str| metrics.as_deref().and_then(|text| prometheus::gauge(text, name));
+        samples.push(NodeSample {
+            rss_kib: target.watched.hubs.get(i).copied().and_then(procfs::rss_kib),
+            tasks_alive: gauge(prometheus::TASKS_ALIVE),
+            sessions_open: gauge(prometheus::SESSIONS_OPEN),
+        });
+    }
+    samples
+}
+
+/// `GET /metrics` of one node (HTTP/1.0: the body ends when the hub closes).
+async fn fetch_metrics(host: &str, port: u16) -> anyhow::Result<String> {
+    let fetch = async {
+        let mut stream = TcpStream::connect((host, port)).await.with_context(|| format!("connect {host}:{port}"))?;
+        stream.write_all(prometheus::request(&format!("{host}:{port}")).as_bytes()).await?;
+        let mut response = Vec::new();
+        tokio::io::AsyncReadExt::read_to_end(&mut stream, &mut response).await?;
+        let response = String::from_utf8_lossy(&response);
+        Ok::<_, anyhow::Error>(prometheus::response_body(&response)?.to_owned())
+    };
+    tokio::time::timeout(Duration::from_secs(5), fetch).await.context("/metrics took over 5 s")?
+}
+
+// ---------------------------------------------------------------- extra idle sockets
+
+/// `--idle-extra`: sockets that only wait through the whole scenario.
+struct IdleExtra {
+    requested: usize,
+    ready: usize,
+    failures: Failures,
+    connect_time: Duration,
+    stop: CancellationToken,
+    dropped: Arc<AtomicU64>,
+    holders: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl IdleExtra {
+    async fn open(common: &Common, target: &Target, n: usize) -> IdleExtra {
+        let prefix = format!("idle-extra-{}", run_id());
+        let timeout = Duration::from_secs(common.timeout_secs);
+        // Index 0.. like the scenario's own connections: both spread evenly over nodes and addresses.
+        let (opened, failures, connect_time) = open_many(target, &common.tenant, n, 0, 256, &prefix, timeout).await;
+        let ready = opened.len();
+        let (stop, dropped) = (CancellationToken::new(), Arc::new(AtomicU64::new(0)));
+        let holders = opened.into_iter().map(|(_, ws)| hold(ws, stop.clone(), dropped.clone())).collect();
+        IdleExtra { requested: n, ready, failures, connect_time, stop, dropped, holders }
+    }
+
+    /// Closes them; the report's `idle_sockets` and whether all held.
+    async fn close(self) -> (Value, bool) {
+        self.stop.cancel();
+        for holder in self.holders {
+            let _ = holder.await;
+        }
+        let dropped = self.dropped.load(Ordering::Relaxed);
+        let clean = self.failures.total() == 0 && dropped == 0 && self.ready == self.requested;
+        let report = json!({
+            "requested": self.requested,
+            "ready": self.ready,
+            "connect_s": round2(self.connect_time.as_secs_f64()),
+            "dropped": dropped,
+            "failures": self.failures.json(),
+        });
+        (report, clean)
+    }
+}
+
+/// Holds an idle socket, reading (and so answering pings) until `stop`;
+/// counts it in `dropped` if the server ends it first.
+fn hold(mut ws: Ws, stop: CancellationToken, dropped: Arc<AtomicU64>) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = stop.cancelled() => close_quietly(ws).await,
+            _ = async {
+                while let Some(Ok(message)) = ws.next().await {
+                    if matches!(message, Message::Close(_)) {
+                        break;
+                    }
+                }
+            } => { dropped.fetch_add(1, Ordering::Relaxed); }
+        }
+    })
 }

@@ -133,9 +133,8 @@ impl App {
                 None
             }
         };
-        let listener = TcpListener::bind(config.listen)
-            .await
-            .map_err(|source| StartError::Bind { addr: config.listen, source })?;
+        let listener =
+            bind_listener(config.listen).map_err(|source| StartError::Bind { addr: config.listen, source })?;
         let local_addr = listener.local_addr().map_err(StartError::Serve)?;
         let state = Arc::new(AppState {
             config: Arc::new(config),
@@ -175,7 +174,12 @@ impl App {
                 warn!(%error, "cannot set TCP_NODELAY");
             }
         });
-        axum::serve(listener, routes).with_graceful_shutdown(stop_sessions).await.map_err(StartError::Serve)?;
+        // `into_make_service` shares the router between connections; serving a
+        // `Router` directly rebuilds its route table for every connection.
+        axum::serve(listener, routes.into_make_service())
+            .with_graceful_shutdown(stop_sessions)
+            .await
+            .map_err(StartError::Serve)?;
         state.tracker.close();
         if tokio::time::timeout(state.config.shutdown_grace(), state.tracker.wait()).await.is_err() {
             warn!(remaining = state.tracker.len(), "sessions still running after the grace period");
@@ -186,6 +190,19 @@ impl App {
         }
         Ok(())
     }
+}
+
+/// Pending connections the kernel queues for `accept` (capped by
+/// `net.core.somaxconn`, 4096 on current kernels). tokio's default of 1024
+/// overflows when thousands of clients reconnect at once after a node
+/// dies, and each overflowed SYN costs its client a 1 s retransmit.
+const LISTEN_BACKLOG: u32 = 4096;
+
+fn bind_listener(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() { tokio::net::TcpSocket::new_v4()? } else { tokio::net::TcpSocket::new_v6()? };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(LISTEN_BACKLOG)
 }
 
 /// Drains the metrics histograms into their summaries every few seconds (the

@@ -152,11 +152,15 @@ impl Router {
     }
 
     /// Delivers a frame that is not a durable event (a `reply.delta`) to every session.
-    pub fn deliver_frame(&self, key: &ConversationKey, frame: &Utf8Bytes) {
-        if let Some(handles) = self.sessions.get(key) {
-            for handle in handles.iter() {
+    /// The last session gets the frame itself: most conversations have one
+    /// socket, and a clone would turn the buffer into a shared one.
+    pub fn deliver_frame(&self, key: &ConversationKey, frame: Utf8Bytes) {
+        let Some(handles) = self.sessions.get(key) else { return };
+        if let Some((last, others)) = handles.split_last() {
+            for handle in others {
                 handle.push(Outbound::ephemeral(frame.clone()));
             }
+            last.push(Outbound::ephemeral(frame));
         }
     }
 
@@ -258,9 +262,9 @@ mod tests {
         let (slow, _rx) = session(1);
         router.join(&key(), slow.clone());
         let frame = Utf8Bytes::from_static("{}");
-        router.deliver_frame(&key(), &frame);
+        router.deliver_frame(&key(), frame.clone());
         assert!(!slow.closer.token().is_cancelled());
-        router.deliver_frame(&key(), &frame);
+        router.deliver_frame(&key(), frame.clone());
         assert!(slow.closer.token().is_cancelled());
         assert_eq!(slow.closer.reason(), close::SLOW_CONSUMER);
     }

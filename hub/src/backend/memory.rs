@@ -11,7 +11,7 @@
 //! A user who comes back after `idle_window` gets a new conversation; the
 //! old one stays readable by id.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -47,6 +47,9 @@ struct ConversationLog {
     last_seq: u64,
     /// The newest `log_cap` events, oldest first.
     events: VecDeque<Arc<StoredEvent>>,
+    /// Seq of each customer message in `events`, by client message id: a
+    /// resent message is found without scanning the log.
+    customer_ids: HashMap<String, u64>,
 }
 
 impl MemoryBackend {
@@ -57,7 +60,13 @@ impl MemoryBackend {
     fn create(&self, tenant: &TenantId, user: &UserId) -> ConversationId {
         let conversation = ConversationId::generate();
         let key = ConversationKey { tenant: tenant.clone(), conversation: conversation.clone() };
-        let log = ConversationLog { user: user.clone(), epoch: generate_token(), last_seq: 0, events: VecDeque::new() };
+        let log = ConversationLog {
+            user: user.clone(),
+            epoch: generate_token(),
+            last_seq: 0,
+            events: VecDeque::new(),
+            customer_ids: HashMap::new(),
+        };
         self.conversations.insert(key, Arc::new(Mutex::new(log)));
         conversation
     }
@@ -153,9 +162,9 @@ impl Backend for MemoryBackend {
         let log = self.log(key)?;
         let mut log = lock(&log);
         if event.from == Role::Customer
-            && let Some(existing) = log.events.iter().rev().find(|e| e.from == Role::Customer && e.id == event.id)
+            && let Some(&seq) = log.customer_ids.get(&event.id)
         {
-            return Ok(Appended::Duplicate(existing.seq));
+            return Ok(Appended::Duplicate(seq));
         }
         let event_timing = event.timing;
         log.last_seq += 1;
@@ -169,9 +178,16 @@ impl Backend for MemoryBackend {
             cancelled: event.cancelled,
             at_ms: now_ms(),
         });
+        if stored.from == Role::Customer {
+            log.customer_ids.insert(stored.id.clone(), stored.seq);
+        }
         log.events.push_back(stored.clone());
         while log.events.len() > self.log_cap {
-            log.events.pop_front();
+            if let Some(old) = log.events.pop_front()
+                && old.from == Role::Customer
+            {
+                log.customer_ids.remove(&old.id);
+            }
         }
         self.router.deliver_event(key, &stored, origin, event_timing.as_ref());
         Ok(Appended::New(stored.seq))
@@ -187,6 +203,36 @@ impl Backend for MemoryBackend {
     }
 
     fn publish_ephemeral(&self, key: &ConversationKey, frame: Utf8Bytes) {
-        self.router.deliver_frame(key, &frame);
+        self.router.deliver_frame(key, frame);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn backend(log_cap: usize) -> MemoryBackend {
+        MemoryBackend::new(Arc::new(Router::default()), log_cap, Duration::from_secs(60))
+    }
+
+    #[tokio::test]
+    async fn a_resent_message_is_a_duplicate_while_it_is_in_the_log() {
+        let backend = backend(3);
+        let key = backend.open(&TenantId::parse("t").unwrap(), &UserId::parse("u").unwrap(), None).await.unwrap();
+        let send = |id: &str| backend.append(&key, NewEvent::customer(id.into(), "hi".into()), None);
+        assert_eq!(send("m1").await.unwrap(), Appended::New(1));
+        assert_eq!(send("m2").await.unwrap(), Appended::New(2));
+        assert_eq!(send("m1").await.unwrap(), Appended::Duplicate(1));
+        // An assistant event with a customer's id is not a customer message.
+        let reply = NewEvent { from: Role::Assistant, ..NewEvent::customer("m2".into(), "answer".into()) };
+        assert_eq!(backend.append(&key, reply, None).await.unwrap(), Appended::New(3));
+        assert_eq!(send("m2").await.unwrap(), Appended::Duplicate(2));
+        // m1 and m2 fall out of the capped log; m1 is new again, m4's index entry stays.
+        assert_eq!(send("m4").await.unwrap(), Appended::New(4));
+        assert_eq!(send("m5").await.unwrap(), Appended::New(5));
+        assert_eq!(send("m1").await.unwrap(), Appended::New(6));
+        assert_eq!(send("m4").await.unwrap(), Appended::Duplicate(4));
+        let ids: Vec<_> = backend.events_after(&key, 0).await.unwrap().iter().map(|e| e.id.clone()).collect();
+        assert_eq!(ids, ["m4", "m5", "m1"]);
     }
 }

@@ -1,14 +1,16 @@
 //! One WebSocket connection, from upgrade to close.
 //!
-//! A session is three tasks: the reader (this task: parses client frames,
-//! stores messages), the [`writer`] (alone owns the sink, drains a bounded
-//! queue) and the replier (answers this socket's questions in order). They
+//! A session is up to three tasks: the reader (this task: parses client
+//! frames, stores messages), the [`writer`] (alone owns the sink, drains a
+//! bounded queue) and the replier (answers this socket's questions in order;
+//! started by the first question, so an idle socket costs two tasks). They
 //! share one [`SessionCloser`]; whichever side ends first cancels it and
 //! the writer sends the close frame with the recorded reason.
 
 mod reader;
 mod writer;
 
+use std::future::Future;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
@@ -43,7 +45,11 @@ pub struct SessionParams {
 }
 
 /// Runs a session to completion.
-pub async fn run(mut socket: WebSocket, params: SessionParams, app: Arc<AppState>) {
+///
+/// Not an `async fn`: its future is the whole life of an idle socket, and an
+/// `async fn` would keep a second copy of the socket and params beside the
+/// inner block that takes them.
+pub fn run(mut socket: WebSocket, params: SessionParams, app: Arc<AppState>) -> impl Future<Output = ()> {
     let session_id = SessionId::next();
     let span = info_span!("session", tenant_id = %params.tenant, user_id = %params.user, session_id = %session_id, conversation_id = tracing::field::Empty);
     async move {
@@ -86,10 +92,16 @@ pub async fn run(mut socket: WebSocket, params: SessionParams, app: Arc<AppState
             )
             .in_current_span(),
         );
-        let (question_tx, question_rx) = mpsc::channel(ws.max_pending_questions);
-        app.tracker.spawn(run_replier(app.clone(), key.clone(), question_rx, closer.clone()).in_current_span());
-
-        let client_closed = reader::run_reader(&mut stream, &app, &params, &key, &handle, question_tx).await;
+        // Boxed questions: the channel's first block (32 slots) is allocated
+        // up front, and most sockets never ask anything.
+        let replies = Replies {
+            app: app.clone(),
+            key: key.clone(),
+            closer: closer.clone(),
+            capacity: ws.max_pending_questions,
+            questions: None,
+        };
+        let client_closed = reader::run_reader(&mut stream, &app, &params, &key, &handle, replies).await;
         closer.close(close::NORMAL);
         app.backend.detach(&key, session_id).await;
         app.backend.touch(&params.user, &key).await;
@@ -109,7 +121,6 @@ pub async fn run(mut socket: WebSocket, params: SessionParams, app: Arc<AppState
         debug!(reason = closer.reason().reason, "session ended");
     }
     .instrument(span)
-    .await
 }
 
 /// Counts a running session in `AppState::sessions_open` until dropped.
@@ -128,6 +139,30 @@ impl Drop for OpenSession<'_> {
     }
 }
 
+/// The way to this session's replier task, which the first question starts:
+/// most sockets never ask anything, and an idle one should not hold a task
+/// and a channel for it. Dropping it closes the channel; questions already
+/// queued are still answered.
+pub(super) struct Replies {
+    app: Arc<AppState>,
+    key: ConversationKey,
+    closer: SessionCloser,
+    capacity: usize,
+    questions: Option<mpsc::Sender<Box<Question>>>,
+}
+
+impl Replies {
+    pub(super) fn questions(&mut self) -> &mpsc::Sender<Box<Question>> {
+        self.questions.get_or_insert_with(|| {
+            // Boxed questions keep the channel's first block (32 slots) small.
+            let (tx, rx) = mpsc::channel(self.capacity);
+            let replier = run_replier(self.app.clone(), self.key.clone(), rx, self.closer.clone());
+            self.app.tracker.spawn(replier.in_current_span());
+            tx
+        })
+    }
+}
+
 /// Answers this session's questions one at a time, in the order asked.
 ///
 /// A reply belongs to the conversation, not to the socket that asked: when
@@ -139,7 +174,7 @@ impl Drop for OpenSession<'_> {
 async fn run_replier(
     app: Arc<AppState>,
     key: ConversationKey,
-    mut questions: mpsc::Receiver<Question>,
+    mut questions: mpsc::Receiver<Box<Question>>,
     closer: SessionCloser,
 ) {
     loop {
@@ -157,7 +192,9 @@ async fn run_replier(
                 debug!("no socket of the conversation is left; reply cancelled");
                 return;
             }
-            () = app.replier.answer(&key, question) => {}
+            // Boxed: the answer's state machine is ~4 KiB, and an idle
+            // session's task should not carry it while no question is asked.
+            () = Box::pin(app.replier.answer(&key, *question)) => {}
         }
     }
 }

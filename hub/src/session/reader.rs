@@ -11,7 +11,6 @@ use std::time::Duration;
 use axum::extract::ws::{Message, WebSocket};
 use futures::StreamExt;
 use futures::stream::SplitStream;
-use tokio::sync::mpsc;
 use tokio_tungstenite::tungstenite;
 use tracing::{debug, warn};
 
@@ -22,7 +21,7 @@ use crate::protocol::close;
 use crate::protocol::{ClientFrame, ErrorCode, ServerFrame, parse_client_frame};
 use crate::reply::Question;
 use crate::router::{Outbound, SessionHandle};
-use crate::session::SessionParams;
+use crate::session::{Replies, SessionParams};
 
 /// Reads until the session ends; returns true when the client closed the
 /// socket itself (close frame or end of stream).
@@ -32,7 +31,7 @@ pub(super) async fn run_reader(
     params: &SessionParams,
     key: &ConversationKey,
     session: &SessionHandle,
-    questions: mpsc::Sender<Question>,
+    mut replies: Replies,
 ) -> bool {
     let idle_timeout = Duration::from_millis(app.config.websocket.idle_timeout_ms);
     let max_text_chars = app.config.websocket.max_text_chars;
@@ -65,7 +64,7 @@ pub(super) async fn run_reader(
                 // Unknown or finished replies are ignored: a cancel may cross the reply.done.
                 Ok(ClientFrame::Cancel { reply }) => app.replier.cancel(key, &reply),
                 Ok(ClientFrame::Message { id, text }) => {
-                    on_message(app, params, key, session, &questions, id, text).await
+                    on_message(app, params, key, session, &mut replies, id, text).await
                 }
                 Err(error) => reply(session, error.to_frame()),
             },
@@ -85,13 +84,13 @@ async fn on_message(
     params: &SessionParams,
     key: &ConversationKey,
     session: &SessionHandle,
-    questions: &mpsc::Sender<Question>,
+    replies: &mut Replies,
     id: String,
     text: String,
 ) {
     let received = std::time::Instant::now();
     // Reserve the replier's slot first: a message is only stored if it can be answered.
-    let permit = match questions.try_reserve() {
+    let permit = match replies.questions().try_reserve() {
         Ok(permit) => permit,
         Err(_) => {
             let message = "too many questions waiting for an answer; wait for the replies";
@@ -102,7 +101,7 @@ async fn on_message(
     match app.backend.append(key, event, Some(session.id)).await {
         // The ack went out through the router, in seq order with other events.
         Ok(Appended::New(seq)) => {
-            permit.send(Question { seq, text, received, timing: params.timing });
+            permit.send(Box::new(Question { seq, text, received, timing: params.timing }));
             app.backend.touch(&params.user, key).await;
         }
         Ok(Appended::Duplicate(seq)) => {

@@ -49,7 +49,8 @@ pub(super) async fn run_writer(
 ) {
     let mut ping = tokio::time::interval_at(tokio::time::Instant::now() + ping_interval, ping_interval);
     ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut burst = Vec::with_capacity(BURST);
+    // Grows on the first burst (`recv_many` reserves); an idle socket never pays for it.
+    let mut burst = Vec::new();
     let intro = std::mem::take(&mut replay.intro);
     // One waiter for the session's life, not one registration per burst.
     let cancelled = closer.token().cancelled();

@@ -273,7 +273,7 @@ impl Shared {
         };
         match payload.split_first() {
             Some((b'D', frame)) => match String::from_utf8(frame.to_vec()) {
-                Ok(frame) => self.router.deliver_frame(&key, &Utf8Bytes::from(frame)),
+                Ok(frame) => self.router.deliver_frame(&key, Utf8Bytes::from(frame)),
                 Err(_) => warn!("dropping a delta that is not UTF-8"),
             },
             Some((b'E', rest)) => {

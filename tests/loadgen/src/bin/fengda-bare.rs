@@ -100,7 +100,12 @@ fn new_id() -> String {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    let listener = TcpListener::bind(&cli.listen).await.with_context(|| format!("bind {}", cli.listen))?;
+    let addr: std::net::SocketAddr = cli.listen.parse().with_context(|| format!("listen address {}", cli.listen))?;
+    // The hub's listen backlog (hub/src/lib.rs `LISTEN_BACKLOG`), so reconnect storms compare like with like.
+    let socket = if addr.is_ipv4() { tokio::net::TcpSocket::new_v4()? } else { tokio::net::TcpSocket::new_v6()? };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr).with_context(|| format!("bind {addr}"))?;
+    let listener: TcpListener = socket.listen(4096)?;
     println!("listening on http://{}", listener.local_addr()?);
     let tokens: &'static [&'static str] = Box::leak(tokens(ANSWER).into_boxed_slice());
     loop {

@@ -6,15 +6,17 @@
 //! tenant's customers. At most `max_queued` questions wait in all; beyond
 //! that a question is refused at once (the caller sends the fallback).
 //!
-//! Each waiter can watch its place in line (an estimate under round robin:
+//! Each waiter can ask its place in line (an estimate under round robin:
 //! the waiters that will be served before it, plus one), which the hub shows
-//! to the customer as `queued` frames. The state sits behind a std `Mutex`
-//! held for short, await-free updates.
+//! to the customer as `queued` frames. Places are computed when asked, not
+//! pushed on every change: under a 15x burst thousands wait, and telling each
+//! of them at every freed slot made the queue itself the bottleneck. The
+//! state sits behind a std `Mutex` held for short, await-free updates.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 
-use tokio::sync::{oneshot, watch};
+use tokio::sync::oneshot;
 
 use crate::ids::TenantId;
 
@@ -30,7 +32,7 @@ struct State {
     running: usize,
     queued: usize,
     next_waiter: u64,
-    /// One FIFO per tenant with waiters.
+    /// One FIFO per tenant with waiters, in increasing `id` order.
     queues: HashMap<TenantId, VecDeque<Waiter>>,
     /// Tenants with waiters, in round-robin order; the front is served next.
     ring: VecDeque<TenantId>,
@@ -40,7 +42,6 @@ struct State {
 struct Waiter {
     id: u64,
     admit: oneshot::Sender<()>,
-    position: watch::Sender<usize>,
 }
 
 /// Refused: the queue is full.
@@ -67,8 +68,6 @@ pub struct Ticket {
     id: u64,
     /// Resolves when a slot was handed to this ticket (then call [`Ticket::permit`]).
     pub admitted: oneshot::Receiver<()>,
-    /// The current place in line (1 = next).
-    pub position: watch::Receiver<usize>,
     /// Set once the slot became a [`Permit`].
     taken: bool,
 }
@@ -78,6 +77,11 @@ impl Ticket {
     pub fn permit(mut self) -> Permit {
         self.taken = true;
         Permit { admission: self.admission.clone() }
+    }
+
+    /// The current place in line (1 = next); 0 once admitted.
+    pub fn position(&self) -> usize {
+        self.admission.position(&self.tenant, self.id)
     }
 
     /// Waits for the slot. Cancel-safe: dropping the ticket leaves the line.
@@ -129,23 +133,14 @@ impl Admission {
             return Err(QueueFull);
         }
         let (admit, admitted) = oneshot::channel();
-        let (position, position_rx) = watch::channel(0);
         state.next_waiter += 1;
         let id = state.next_waiter;
         state.queued += 1;
         if !state.queues.contains_key(tenant) {
             state.ring.push_back(tenant.clone());
         }
-        state.queues.entry(tenant.clone()).or_default().push_back(Waiter { id, admit, position });
-        update_positions(&state);
-        Ok(Entry::Waiting(Ticket {
-            admission: self.clone(),
-            tenant: tenant.clone(),
-            id,
-            admitted,
-            position: position_rx,
-            taken: false,
-        }))
+        state.queues.entry(tenant.clone()).or_default().push_back(Waiter { id, admit });
+        Ok(Entry::Waiting(Ticket { admission: self.clone(), tenant: tenant.clone(), id, admitted, taken: false }))
     }
 
     /// A running call ended: hand its slot to the next waiter, round robin.
@@ -168,7 +163,6 @@ impl Admission {
                 }
             }
         }
-        update_positions(&state);
     }
 
     /// A waiter gave up (deadline, customer gone) before being admitted.
@@ -182,25 +176,27 @@ impl Admission {
             state.ring.retain(|t| t != tenant);
         }
         state.queued -= 1;
-        update_positions(&state);
     }
-}
 
-/// Places in line under round robin: before the k-th waiter of the tenant at
-/// ring index r come, from every tenant, their first k waiters, plus the
-/// (k+1)-th waiters of the tenants ahead of it in the ring.
-fn update_positions(state: &State) {
-    let lengths: Vec<usize> = state.ring.iter().map(|t| state.queues.get(t).map_or(0, VecDeque::len)).collect();
-    for (rank, tenant) in state.ring.iter().enumerate() {
-        let Some(queue) = state.queues.get(tenant) else { continue };
-        for (k, waiter) in queue.iter().enumerate() {
-            let full_rounds: usize = lengths.iter().map(|len| (*len).min(k)).sum();
-            let ahead_this_round = lengths[..rank].iter().filter(|len| **len > k).count();
-            waiter.position.send_if_modified(|position| {
-                let new = full_rounds + ahead_this_round + 1;
-                std::mem::replace(position, new) != new
-            });
+    /// Place in line under round robin: before the k-th waiter (from 0) of
+    /// the tenant at ring index r come, from every tenant, their first k
+    /// waiters, plus the (k+1)-th waiters of the tenants ahead of it in the
+    /// ring. O(tenants waiting + log waiters).
+    fn position(&self, tenant: &TenantId, id: u64) -> usize {
+        let state = self.lock();
+        let Some(k) = state.queues.get(tenant).and_then(|queue| queue.binary_search_by_key(&id, |w| w.id).ok()) else {
+            return 0;
+        };
+        let mut before = 0;
+        let mut ahead_in_ring = true;
+        for other in &state.ring {
+            if other == tenant {
+                ahead_in_ring = false;
+            }
+            let len = state.queues.get(other).map_or(0, VecDeque::len);
+            before += len.min(k) + usize::from(ahead_in_ring && len > k);
         }
+        before + 1
     }
 }
 
@@ -225,16 +221,40 @@ mod tests {
         let Ok(Entry::Running(running)) = admission.enter(&tenant("a")) else { panic!("a slot") };
         let mut burst: VecDeque<_> = (0..5).map(|_| waiting(admission.enter(&tenant("a")))).collect();
         let steady = waiting(admission.enter(&tenant("b")));
-        assert_eq!(*burst[0].position.borrow(), 1);
-        assert_eq!(*steady.position.borrow(), 2, "b is served right after a's first waiter");
-        assert_eq!(*burst[1].position.borrow(), 3);
+        assert_eq!(burst[0].position(), 1);
+        assert_eq!(steady.position(), 2, "b is served right after a's first waiter");
+        assert_eq!(burst[1].position(), 3);
 
         drop(running);
         let first = burst.pop_front().unwrap().admitted().await;
-        assert_eq!(*steady.position.borrow(), 1);
+        assert_eq!(steady.position(), 1);
         drop(first);
         let _second = steady.admitted().await;
-        assert_eq!(*burst[0].position.borrow(), 1);
+        assert_eq!(burst[0].position(), 1);
+    }
+
+    #[tokio::test]
+    async fn places_in_line_follow_the_round_robin_and_move_up_as_slots_free() {
+        let admission = Admission::new(1, 100);
+        let Ok(Entry::Running(running)) = admission.enter(&tenant("a")) else { panic!("a slot") };
+        let a: Vec<_> = (0..3).map(|_| waiting(admission.enter(&tenant("a")))).collect();
+        let b = waiting(admission.enter(&tenant("b")));
+        let c: Vec<_> = (0..2).map(|_| waiting(admission.enter(&tenant("c")))).collect();
+        let places = |a: &[Ticket], b: &Ticket, c: &[Ticket]| {
+            (a.iter().map(Ticket::position).collect::<Vec<_>>(), b.position(), c.iter().map(Ticket::position).collect())
+        };
+        assert_eq!(places(&a, &b, &c), (vec![1, 4, 6], 2, vec![3, 5]));
+        drop(running);
+        let mut a = a.into_iter();
+        let first = a.next().unwrap().admitted().await;
+        let a: Vec<_> = a.collect();
+        // a moved to the back of the ring after its turn: b, c, then a again.
+        assert_eq!(places(&a, &b, &c), (vec![3, 5], 1, vec![2, 4]));
+        drop(c);
+        assert_eq!(places(&a, &b, &[]), (vec![2, 3], 1, vec![]));
+        drop(first);
+        let _b = b.admitted().await;
+        assert_eq!(a.iter().map(Ticket::position).collect::<Vec<_>>(), [1, 2]);
     }
 
     #[tokio::test]
@@ -256,7 +276,7 @@ mod tests {
         let second = waiting(admission.enter(&tenant("b")));
         assert_eq!(admission.enter(&tenant("c")).unwrap_err(), QueueFull);
         drop(first);
-        assert_eq!(*second.position.borrow(), 1);
+        assert_eq!(second.position(), 1);
         assert!(admission.enter(&tenant("c")).is_ok());
     }
 

@@ -42,6 +42,9 @@ use breaker::{Breaker, BreakerConfig, BreakerState};
 
 /// How often endpoints' gRPC health is checked.
 const HEALTH_INTERVAL: Duration = Duration::from_secs(2);
+/// How often a waiting question re-reads its place in line; a `queued`
+/// frame goes out only when the place changed.
+const QUEUED_UPDATE_INTERVAL: Duration = Duration::from_secs(1);
 
 /// One bridge endpoint and what the hub knows about it.
 #[derive(Debug)]
@@ -212,7 +215,12 @@ impl NlpPool {
         let queued_at = Instant::now();
         let _record_wait = RecordOnDrop(queued_at, "fengda_hub_nlp_queue_wait_seconds");
         let give_up = queued_at + self.max_queue_wait;
-        on_queued(*ticket.position.borrow_and_update());
+        let mut told = ticket.position();
+        on_queued(told);
+        let mut recheck = tokio::time::interval_at(queued_at + QUEUED_UPDATE_INTERVAL, QUEUED_UPDATE_INTERVAL);
+        recheck.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let give_up = tokio::time::sleep_until(give_up);
+        tokio::pin!(give_up);
         loop {
             tokio::select! {
                 admitted = &mut ticket.admitted => {
@@ -221,8 +229,14 @@ impl NlpPool {
                         Err(_) => Err(StartError::Overloaded),
                     };
                 }
-                Ok(()) = ticket.position.changed() => on_queued(*ticket.position.borrow_and_update()),
-                _ = tokio::time::sleep_until(give_up) => return Err(StartError::QueueTimeout),
+                _ = recheck.tick() => {
+                    let position = ticket.position();
+                    if position != told && position != 0 {
+                        told = position;
+                        on_queued(position);
+                    }
+                }
+                () = &mut give_up => return Err(StartError::QueueTimeout),
             }
         }
     }

@@ -148,6 +148,11 @@ pub struct NlpConfig {
     pub breaker_half_open_probes: u32,
     /// NLP calls in flight per node. Default 512.
     pub max_concurrent: usize,
+    /// NLP calls in flight per node for one tenant: the rest of
+    /// `max_concurrent` stays free for other tenants while one bursts.
+    /// Default: three quarters of `max_concurrent` (rounded up); set it to
+    /// `max_concurrent` when the node serves a single tenant.
+    pub max_concurrent_per_tenant: Option<usize>,
     /// Questions waiting for a slot, in a per-tenant fair queue; more get
     /// the fallback at once. Default 1024.
     pub max_queued: usize,
@@ -182,6 +187,11 @@ impl NlpConfig {
     /// The configured bridge endpoints (empty: use the built-in answerer).
     pub fn endpoints(&self) -> Vec<String> {
         self.url.iter().chain(self.urls.iter()).filter(|u| !u.is_empty()).cloned().collect()
+    }
+
+    /// `max_concurrent_per_tenant` with its default applied.
+    pub fn per_tenant_limit(&self) -> usize {
+        self.max_concurrent_per_tenant.unwrap_or_else(|| (self.max_concurrent * 3).div_ceil(4))
     }
 }
 
@@ -237,6 +247,7 @@ impl Default for NlpConfig {
             breaker_open_ms: 30_000,
             breaker_half_open_probes: 1,
             max_concurrent: 512,
+            max_concurrent_per_tenant: None,
             max_queued: 1024,
             max_queue_wait_ms: 10_000,
             fallback: FallbackText::default(),
@@ -314,6 +325,9 @@ impl Config {
         if nlp.token_gap_timeout_ms == 0 || nlp.retry_max_attempts == 0 || nlp.max_concurrent == 0 {
             return invalid("nlp", "token_gap_timeout_ms, retry_max_attempts and max_concurrent must be non-zero");
         }
+        if nlp.max_concurrent_per_tenant.is_some_and(|n| n == 0 || n > nlp.max_concurrent) {
+            return invalid("nlp", "max_concurrent_per_tenant must be between 1 and max_concurrent");
+        }
         if nlp.breaker_consecutive_failures == 0 || nlp.breaker_window == 0 || nlp.breaker_half_open_probes == 0 {
             return invalid("nlp.breaker_*", "counts must be non-zero");
         }
@@ -371,6 +385,9 @@ pub struct ServeArgs {
     /// NLP calls in flight per node [default: 512] (key `nlp.max_concurrent`).
     #[arg(long, env = "FENGDA_NLP_MAX_CONCURRENT")]
     pub nlp_max_concurrent: Option<usize>,
+    /// NLP calls in flight per node for one tenant [default: 3/4 of nlp.max_concurrent] (key `nlp.max_concurrent_per_tenant`).
+    #[arg(long, env = "FENGDA_NLP_MAX_CONCURRENT_PER_TENANT")]
+    pub nlp_max_concurrent_per_tenant: Option<usize>,
     /// Questions waiting for an NLP slot [default: 1024] (key `nlp.max_queued`).
     #[arg(long, env = "FENGDA_NLP_MAX_QUEUED")]
     pub nlp_max_queued: Option<usize>,
@@ -448,6 +465,9 @@ impl ServeArgs {
         set(&mut config.nlp.breaker_consecutive_failures, self.nlp_breaker_consecutive_failures);
         set(&mut config.nlp.breaker_open_ms, self.nlp_breaker_open_ms);
         set(&mut config.nlp.max_concurrent, self.nlp_max_concurrent);
+        if self.nlp_max_concurrent_per_tenant.is_some() {
+            config.nlp.max_concurrent_per_tenant = self.nlp_max_concurrent_per_tenant;
+        }
         set(&mut config.nlp.max_queued, self.nlp_max_queued);
         set(&mut config.nlp.max_queue_wait_ms, self.nlp_max_queue_wait_ms);
         set(&mut config.nlp.first_chunk_timeout_ms, self.nlp_first_chunk_timeout_ms);

@@ -23,7 +23,7 @@ use tracing::{debug, warn};
 use crate::backend::{Appended, Backend, NewEvent, StoredEvent};
 use crate::config::FallbackText;
 use crate::ids::{ConversationKey, generate_reply_id};
-use crate::nlp::{ActiveCall, NlpPool, StreamError};
+use crate::nlp::{ActiveCall, NlpPool, StartError, StreamError};
 use crate::protocol::{DeltaEncoder, ReplyTiming, Role, ServerFrame};
 
 /// A stored customer message waiting for its answer.
@@ -183,6 +183,13 @@ impl Replier {
         };
         let mut call = match started {
             Ok(call) => call,
+            // Admission refusals are the designed answer to overload: counted,
+            // not logged one line per question (a 15x peak would flood the log).
+            Err(error @ (StartError::Overloaded | StartError::QueueTimeout)) => {
+                debug!(%error, "no NLP slot; sending the fallback");
+                metrics::counter!("fengda_hub_nlp_fallbacks_total", "reason" => error.reason()).increment(1);
+                return Ending { fallback: true, ..Ending::default() };
+            }
             Err(error) => {
                 warn!(%error, "no NLP answer; sending the fallback");
                 metrics::counter!("fengda_hub_nlp_fallbacks_total", "reason" => error.reason()).increment(1);

@@ -270,3 +270,46 @@ async fn a_question_waiting_too_long_for_a_slot_gets_the_fallback() {
     assert!(second.0 < first.0, "the fallback came after the maximum wait, not after the first reply");
     assert!(metrics(&hub).await.contains(r#"reason="queue_timeout""#));
 }
+
+#[tokio::test]
+async fn a_tenant_at_its_share_of_slots_waits_while_another_tenant_starts_at_once() {
+    let answerer =
+        RecordingAnswerer::start(Script { tokens: 5, token_delay: Duration::from_millis(200), ..Script::default() })
+            .await;
+    let hub =
+        Hub::start(&["--nlp-url", &answerer.url, "--nlp-max-concurrent", "4", "--nlp-max-concurrent-per-tenant", "3"])
+            .await;
+    let mut bank_a = Vec::new();
+    for i in 0..4 {
+        bank_a.push(Client::connect(&hub.ws_url(&format!("tenant=bank-a&user=a{i}"))).await);
+    }
+    // bank-a fills its share: three answers streaming.
+    for client in &mut bank_a[..3] {
+        client.send_message("m1", "Tell me about the Gold Card").await;
+        client.expect("ack").await;
+        assert_eq!(client.next().await["type"], "reply.delta");
+    }
+    // Its fourth question waits, although a slot of the node is free...
+    bank_a[3].send_message("m1", "Tell me about the Gold Card").await;
+    bank_a[3].expect("ack").await;
+    let frame = bank_a[3].next().await;
+    assert_eq!(frame["type"], "queued", "{frame}");
+    assert_eq!(frame["position"], 1);
+    // ...which bank-b's question takes at once.
+    let mut bank_b = Client::connect(&hub.ws_url("tenant=bank-b&user=b0")).await;
+    bank_b.send_message("m1", "Tell me about the Gold Card").await;
+    bank_b.expect("ack").await;
+    let frame = bank_b.next().await;
+    assert_eq!(frame["type"], "reply.delta", "bank-b is not queued behind bank-a: {frame}");
+    // Every question is answered in the end, none with the fallback.
+    for client in bank_a.iter_mut().chain([&mut bank_b]) {
+        let done = loop {
+            let frame = client.next().await;
+            if frame["type"] == "reply.done" {
+                break frame;
+            }
+            assert!(matches!(frame["type"].as_str(), Some("reply.delta" | "queued")), "{frame}");
+        };
+        assert_eq!(done["fallback"], false, "{done}");
+    }
+}

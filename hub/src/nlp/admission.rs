@@ -1,10 +1,16 @@
 //! Admission to the NLP service: a bounded, per-tenant fair queue.
 //!
-//! At most `max_concurrent` calls run per node. Further questions wait in
-//! one FIFO per tenant, and freed slots go round robin across the tenants
-//! that have someone waiting, so one tenant's burst cannot starve another
-//! tenant's customers. At most `max_queued` questions wait in all; beyond
-//! that a question is refused at once (the caller sends the fallback).
+//! At most `max_concurrent` calls run per node, and at most
+//! `max_per_tenant` of them for one tenant: the slots above a tenant's share
+//! stay free for the others, so a steady tenant's question starts at once
+//! even while another tenant's burst fills every slot it may (replies of
+//! the same length end in waves, and without that headroom a steady
+//! question would wait for the next wave). Further questions wait in one
+//! FIFO per tenant, and freed slots go round robin across the tenants that
+//! have someone waiting and are below their share. At most `max_queued`
+//! questions wait in all; when the line is full, a question of a tenant with
+//! a shorter line takes the place of the newest waiter of the longest line
+//! (which gets the fallback), otherwise it is refused at once.
 //!
 //! Each waiter can ask its place in line (an estimate under round robin:
 //! the waiters that will be served before it, plus one), which the hub shows
@@ -23,6 +29,7 @@ use crate::ids::TenantId;
 #[derive(Debug)]
 pub struct Admission {
     max_concurrent: usize,
+    max_per_tenant: usize,
     max_queued: usize,
     state: Mutex<State>,
 }
@@ -30,12 +37,45 @@ pub struct Admission {
 #[derive(Debug, Default)]
 struct State {
     running: usize,
+    /// Running calls by tenant; tenants with none are absent.
+    running_by_tenant: HashMap<TenantId, usize>,
     queued: usize,
     next_waiter: u64,
     /// One FIFO per tenant with waiters, in increasing `id` order.
     queues: HashMap<TenantId, VecDeque<Waiter>>,
     /// Tenants with waiters, in round-robin order; the front is served next.
     ring: VecDeque<TenantId>,
+}
+
+impl State {
+    fn running_of(&self, tenant: &TenantId) -> usize {
+        self.running_by_tenant.get(tenant).copied().unwrap_or(0)
+    }
+
+    fn start(&mut self, tenant: &TenantId) {
+        self.running += 1;
+        *self.running_by_tenant.entry(tenant.clone()).or_default() += 1;
+    }
+
+    /// Makes room in a full line for `tenant` by dropping the newest waiter
+    /// of the longest line (its ticket resolves as refused), if that line is
+    /// longer than `tenant`'s would be with the newcomer. Returns whether it did.
+    fn shed_longer_than(&mut self, tenant: &TenantId) -> bool {
+        let own = self.queues.get(tenant).map_or(0, VecDeque::len);
+        let Some((longest, len)) = self.queues.iter().map(|(t, queue)| (t, queue.len())).max_by_key(|(_, len)| *len)
+        else {
+            return false;
+        };
+        if len <= own + 1 {
+            return false;
+        }
+        let longest = longest.clone();
+        if let Some(queue) = self.queues.get_mut(&longest) {
+            queue.pop_back();
+        }
+        self.queued -= 1;
+        true
+    }
 }
 
 #[derive(Debug)]
@@ -52,11 +92,12 @@ pub struct QueueFull;
 #[derive(Debug)]
 pub struct Permit {
     admission: Arc<Admission>,
+    tenant: TenantId,
 }
 
 impl Drop for Permit {
     fn drop(&mut self) {
-        self.admission.release();
+        self.admission.release(&self.tenant);
     }
 }
 
@@ -76,7 +117,7 @@ impl Ticket {
     /// Turns an admitted ticket into its running slot.
     pub fn permit(mut self) -> Permit {
         self.taken = true;
-        Permit { admission: self.admission.clone() }
+        Permit { admission: self.admission.clone(), tenant: self.tenant.clone() }
     }
 
     /// The current place in line (1 = next); 0 once admitted.
@@ -98,7 +139,7 @@ impl Drop for Ticket {
         }
         if self.admitted.try_recv().is_ok() {
             // A slot was handed over but never used: pass it on.
-            self.admission.release();
+            self.admission.release(&self.tenant);
         } else {
             self.admission.leave(&self.tenant, self.id);
         }
@@ -113,8 +154,10 @@ pub enum Entry {
 }
 
 impl Admission {
-    pub fn new(max_concurrent: usize, max_queued: usize) -> Arc<Self> {
-        Arc::new(Self { max_concurrent, max_queued, state: Mutex::new(State::default()) })
+    /// `max_per_tenant` is clamped to `1..=max_concurrent`.
+    pub fn new(max_concurrent: usize, max_per_tenant: usize, max_queued: usize) -> Arc<Self> {
+        let max_per_tenant = max_per_tenant.clamp(1, max_concurrent.max(1));
+        Arc::new(Self { max_concurrent, max_per_tenant, max_queued, state: Mutex::new(State::default()) })
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
@@ -125,11 +168,14 @@ impl Admission {
     /// Takes a slot, or a place in `tenant`'s line, or is refused.
     pub fn enter(self: &Arc<Self>, tenant: &TenantId) -> Result<Entry, QueueFull> {
         let mut state = self.lock();
-        if state.running < self.max_concurrent && state.queued == 0 {
-            state.running += 1;
-            return Ok(Entry::Running(Permit { admission: self.clone() }));
+        // Invariant: while a slot is free, every waiter's tenant is at its
+        // share (others were admitted), so this tenant has nobody waiting
+        // ahead of it if it is below its share.
+        if state.running < self.max_concurrent && state.running_of(tenant) < self.max_per_tenant {
+            state.start(tenant);
+            return Ok(Entry::Running(Permit { admission: self.clone(), tenant: tenant.clone() }));
         }
-        if state.queued >= self.max_queued {
+        if state.queued >= self.max_queued && !state.shed_longer_than(tenant) {
             return Err(QueueFull);
         }
         let (admit, admitted) = oneshot::channel();
@@ -143,23 +189,39 @@ impl Admission {
         Ok(Entry::Waiting(Ticket { admission: self.clone(), tenant: tenant.clone(), id, admitted, taken: false }))
     }
 
-    /// A running call ended: hand its slot to the next waiter, round robin.
-    fn release(&self) {
+    /// A running call of `tenant` ended: hand free slots to waiters, round
+    /// robin over the tenants below their share.
+    fn release(&self, tenant: &TenantId) {
         let mut state = self.lock();
         state.running -= 1;
-        while state.running < self.max_concurrent {
+        if let Some(running) = state.running_by_tenant.get_mut(tenant) {
+            *running -= 1;
+            if *running == 0 {
+                state.running_by_tenant.remove(tenant);
+            }
+        }
+        // Tenants at their share are passed over (to the back of the ring);
+        // once the whole ring was passed over, nobody can be admitted.
+        let mut passed_over = 0;
+        while state.running < self.max_concurrent && passed_over < state.ring.len() {
             let Some(tenant) = state.ring.pop_front() else { break };
+            if state.running_of(&tenant) >= self.max_per_tenant {
+                state.ring.push_back(tenant);
+                passed_over += 1;
+                continue;
+            }
+            passed_over = 0;
             let Some(queue) = state.queues.get_mut(&tenant) else { continue };
             let waiter = queue.pop_front();
             if queue.is_empty() {
                 state.queues.remove(&tenant);
             } else {
-                state.ring.push_back(tenant);
+                state.ring.push_back(tenant.clone());
             }
             if let Some(waiter) = waiter {
                 state.queued -= 1;
                 if waiter.admit.send(()).is_ok() {
-                    state.running += 1;
+                    state.start(&tenant);
                 }
             }
         }
@@ -217,7 +279,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_bursting_tenant_does_not_starve_another() {
-        let admission = Admission::new(1, 100);
+        let admission = Admission::new(1, 1, 100);
         let Ok(Entry::Running(running)) = admission.enter(&tenant("a")) else { panic!("a slot") };
         let mut burst: VecDeque<_> = (0..5).map(|_| waiting(admission.enter(&tenant("a")))).collect();
         let steady = waiting(admission.enter(&tenant("b")));
@@ -235,7 +297,7 @@ mod tests {
 
     #[tokio::test]
     async fn places_in_line_follow_the_round_robin_and_move_up_as_slots_free() {
-        let admission = Admission::new(1, 100);
+        let admission = Admission::new(1, 1, 100);
         let Ok(Entry::Running(running)) = admission.enter(&tenant("a")) else { panic!("a slot") };
         let a: Vec<_> = (0..3).map(|_| waiting(admission.enter(&tenant("a")))).collect();
         let b = waiting(admission.enter(&tenant("b")));
@@ -258,8 +320,44 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_tenant_at_its_share_leaves_the_other_slots_to_other_tenants() {
+        let admission = Admission::new(4, 3, 100);
+        let mut running: Vec<_> = (0..3).map(|_| admission.enter(&tenant("a")).unwrap()).collect();
+        assert!(running.iter().all(|entry| matches!(entry, Entry::Running(_))));
+        // a is at its share: its fourth question waits though a slot is free...
+        let a_waiting = waiting(admission.enter(&tenant("a")));
+        // ...and b starts at once in that slot.
+        let Ok(Entry::Running(b_running)) = admission.enter(&tenant("b")) else { panic!("b starts at once") };
+        let b_waiting = waiting(admission.enter(&tenant("b")));
+        // One of a's calls ends: a is below its share again; round robin
+        // serves a first (it waited first), and b's waiter stays in line.
+        drop(running.remove(0));
+        let _a = a_waiting.admitted().await;
+        assert_eq!(b_waiting.position(), 1);
+        drop(b_running);
+        let _b = b_waiting.admitted().await;
+    }
+
+    #[tokio::test]
+    async fn a_full_line_makes_room_for_a_shorter_line_by_refusing_the_longest_lines_newest() {
+        let admission = Admission::new(1, 1, 3);
+        let Ok(Entry::Running(running)) = admission.enter(&tenant("a")) else { panic!("a slot") };
+        let a: Vec<_> = (0..3).map(|_| waiting(admission.enter(&tenant("a")))).collect();
+        assert_eq!(admission.enter(&tenant("a")).unwrap_err(), QueueFull, "a's own line is the longest");
+        let b = waiting(admission.enter(&tenant("b")));
+        let mut a = a.into_iter();
+        let (first, second, mut newest) = (a.next().unwrap(), a.next().unwrap(), a.next().unwrap());
+        assert!((&mut newest.admitted).await.is_err(), "a's newest waiter was refused to make room");
+        // Lines of 2 (a) and 1 (b): b may not push out another of a's.
+        assert_eq!(admission.enter(&tenant("b")).unwrap_err(), QueueFull);
+        assert_eq!((first.position(), b.position(), second.position()), (1, 2, 3));
+        drop(running);
+        let _first = first.admitted().await;
+    }
+
+    #[tokio::test]
     async fn an_admitted_ticket_dropped_unused_passes_its_slot_on() {
-        let admission = Admission::new(1, 10);
+        let admission = Admission::new(1, 1, 10);
         let Ok(Entry::Running(running)) = admission.enter(&tenant("a")) else { panic!() };
         let abandoned = waiting(admission.enter(&tenant("a")));
         let next = waiting(admission.enter(&tenant("b")));
@@ -270,7 +368,7 @@ mod tests {
 
     #[test]
     fn the_queue_is_bounded_and_leaving_frees_a_place() {
-        let admission = Admission::new(1, 2);
+        let admission = Admission::new(1, 1, 2);
         let _running = admission.enter(&tenant("a")).unwrap();
         let first = waiting(admission.enter(&tenant("a")));
         let second = waiting(admission.enter(&tenant("b")));
@@ -282,7 +380,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_slot_freed_while_nobody_waits_is_reused() {
-        let admission = Admission::new(1, 1);
+        let admission = Admission::new(1, 1, 1);
         let Ok(Entry::Running(permit)) = admission.enter(&tenant("a")) else { panic!() };
         drop(permit);
         assert!(matches!(admission.enter(&tenant("a")), Ok(Entry::Running(_))));

@@ -130,7 +130,7 @@ impl NlpPool {
             .collect::<Result<Vec<_>, NlpError>>()?;
         Ok(Self {
             endpoints,
-            admission: Admission::new(config.max_concurrent, config.max_queued),
+            admission: Admission::new(config.max_concurrent, config.per_tenant_limit(), config.max_queued),
             max_queue_wait: Duration::from_millis(config.max_queue_wait_ms),
             first_chunk_timeout: Duration::from_millis(config.first_chunk_timeout_ms),
             token_gap_timeout: Duration::from_millis(config.token_gap_timeout_ms),

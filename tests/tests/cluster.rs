@@ -253,3 +253,36 @@ async fn a_node_subscribes_on_the_first_socket_and_unsubscribes_after_the_last()
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+/// PUBLISH calls Redis has executed (scripts' included).
+async fn publishes(redis: &RedisServer) -> u64 {
+    let stats = redis.cli(&["INFO", "commandstats"]).await;
+    let line = stats.lines().find(|l| l.starts_with("cmdstat_publish:")).unwrap_or("cmdstat_publish:calls=0,");
+    line.split(['=', ',']).nth(1).and_then(|n| n.parse().ok()).expect("a calls= count")
+}
+
+#[tokio::test]
+async fn deltas_go_through_redis_only_while_another_node_listens() {
+    let redis = RedisServer::start().await;
+    // 40 tokens over ~200 ms: the node learns from its first PUBLISH that no one else listens.
+    let nodes =
+        cluster(&redis, 2, &["--answerer-first-token-delay-ms", "0", "--answerer-tokens-per-second", "200"]).await;
+    let mut customer = Client::connect(&nodes[0].ws_url("tenant=demo&user=alone")).await;
+    let before = publishes(&redis).await;
+    let (_, reply) = customer.ask("q1", "Tell me about the Gold Card").await;
+    let published = publishes(&redis).await - before;
+    assert!(reply.deltas.len() >= 30, "{} deltas", reply.deltas.len());
+    // Two durable events, a heartbeat or two, and the delta(s) before the first answer.
+    assert!(published < 10, "{published} PUBLISHes for a reply of {} deltas no other node wanted", reply.deltas.len());
+
+    // An agent opens the conversation on the other node: from the next reply
+    // on, every delta reaches it too.
+    let conversation = customer.conversation();
+    let mut agent =
+        Client::connect(&nodes[1].ws_url(&format!("tenant=demo&user=alone&conversation={conversation}"))).await;
+    let (_, reply) = customer.ask("q2", "How much does it cost?").await;
+    agent.expect("message").await;
+    let watched = agent.read_reply().await;
+    assert_eq!(watched.deltas, reply.deltas, "the other node saw every delta");
+    assert_eq!(watched.done, reply.done);
+}

@@ -13,6 +13,20 @@
 //! socket of the conversation arrives and unsubscribes when the last leaves.
 //! The dispatcher task hands pushes to the [`Router`] without blocking.
 //! Deltas are published by one publisher task in pipelined batches, in order.
+//!
+//! Local sockets do not wait for the round trip: the node delivers what it
+//! appends (once the script returns its seq) and what it publishes (deltas,
+//! `queued`) to its own sessions at once. A delta carries its node's id and
+//! the node skips its own when they come back; durable events come back too
+//! and the writer drops them by seq (keeping them is what repairs an append
+//! whose reply was lost on the way back). PUBLISH answers how many nodes
+//! got the delta: when no other node listens to the conversation (the usual
+//! case: a customer's one socket), the conversation's deltas are not
+//! published for [`ALONE_RECHECK`], then one is again to ask anew. A node
+//! that starts listening to a conversation says so on its channel (`H`), and
+//! nodes streaming into it publish again from the next delta; should that
+//! word be lost, the newcomer misses at most [`ALONE_RECHECK`] of deltas,
+//! which the `reply.done` repairs, like any lost delta.
 //! If the subscription drops, `/readyz` turns red, the connection manager
 //! reconnects and resubscribes by itself (a heartbeat PING makes sure it
 //! tries), and every local session re-reads the log after its last seq, so
@@ -50,6 +64,9 @@ use keys::Keys;
 const PUBLISH_QUEUE: usize = 8192;
 /// Deltas sent per pipelined round trip at most.
 const PUBLISH_BATCH: usize = 256;
+/// How long a conversation's deltas stay unpublished after a PUBLISH
+/// reached no other node.
+const ALONE_RECHECK: Duration = Duration::from_secs(1);
 /// How often the subscriber connection is probed.
 const HEARTBEAT: Duration = Duration::from_secs(1);
 
@@ -77,6 +94,9 @@ struct Shared {
     subscriptions: tokio::sync::Mutex<()>,
     /// Subscribed channel name → conversation, for dispatching pushes.
     channels: DashMap<String, ConversationKey>,
+    /// Channels whose last delta reached no other node → until when this
+    /// node delivers their deltas only locally.
+    alone_until: DashMap<String, std::time::Instant>,
     receiving: AtomicBool,
     /// Always subscribed, so every reconnect yields a `subscribe` push.
     heartbeat_channel: String,
@@ -140,6 +160,7 @@ impl RedisBackend {
             subscriber,
             subscriptions: tokio::sync::Mutex::new(()),
             channels: DashMap::new(),
+            alone_until: DashMap::new(),
             receiving: AtomicBool::new(false),
             heartbeat_channel,
             publish_tx,
@@ -155,7 +176,7 @@ impl RedisBackend {
         // Subscribed: routing works from the first socket on (`/readyz` green).
         shared.receiving.store(true, Ordering::Release);
         tracker.spawn(run_dispatcher(shared.clone(), push_rx, shutdown.clone()));
-        tracker.spawn(run_publisher(shared.commands.clone(), publish_rx, shutdown));
+        tracker.spawn(run_publisher(shared.clone(), publish_rx, shutdown));
         info!(node_id = %shared.node_id, prefix = %config.key_prefix, "connected to Redis");
         Ok(Self { shared })
     }
@@ -272,10 +293,24 @@ impl Shared {
             return;
         };
         match payload.split_first() {
-            Some((b'D', frame)) => match String::from_utf8(frame.to_vec()) {
-                Ok(frame) => self.router.deliver_frame(&key, Utf8Bytes::from(frame)),
-                Err(_) => warn!("dropping a delta that is not UTF-8"),
-            },
+            Some((b'D', rest)) => {
+                // D<node id>\n<frame>, or D<frame> from a node of an older version.
+                // (Frames are JSON and node ids hex: neither holds a raw newline.)
+                let frame = match rest.iter().position(|b| *b == b'\n') {
+                    // Delivered locally when it was published.
+                    Some(end) if &rest[..end] == self.node_id.as_bytes() => return,
+                    Some(end) => &rest[end + 1..],
+                    None => rest,
+                };
+                match String::from_utf8(frame.to_vec()) {
+                    Ok(frame) => self.router.deliver_frame(&key, Utf8Bytes::from(frame)),
+                    Err(_) => warn!("dropping a delta that is not UTF-8"),
+                }
+            }
+            // Another node started listening: publish this conversation's deltas again.
+            Some((b'H', _)) => {
+                self.alone_until.remove(std::str::from_utf8(&channel).unwrap_or_default());
+            }
             Some((b'E', rest)) => {
                 // E<origin>\n<timing JSON or nothing>\n<event JSON>
                 let mut parts = rest.splitn(3, |b| *b == b'\n');
@@ -290,6 +325,20 @@ impl Shared {
                 self.router.deliver_event(&key, &event, self.local_origin(origin), timing.as_ref());
             }
             _ => {}
+        }
+    }
+
+    /// Records, from PUBLISH replies, which channels reached no other node.
+    fn note_receivers(&self, replies: impl Iterator<Item = (String, i64)>) {
+        let now = std::time::Instant::now();
+        for (channel, receivers) in replies {
+            // This node's own subscriber is one of the receivers, if it works.
+            let here = self.receiving.load(Ordering::Acquire) && self.channels.contains_key(&channel);
+            if receivers - i64::from(here) <= 0 {
+                self.alone_until.insert(channel, now + ALONE_RECHECK);
+            } else {
+                self.alone_until.remove(&channel);
+            }
         }
     }
 
@@ -370,10 +419,13 @@ async fn run_dispatcher(shared: Arc<Shared>, mut pushes: mpsc::UnboundedReceiver
     }
 }
 
-/// Publishes deltas in order, one pipelined round trip per batch.
-async fn run_publisher(mut con: ConnectionManager, mut queue: mpsc::Receiver<Publish>, stop: CancellationToken) {
+/// Publishes deltas in order, one pipelined round trip per batch, and
+/// notes which conversations no other node listens to.
+async fn run_publisher(shared: Arc<Shared>, mut queue: mpsc::Receiver<Publish>, stop: CancellationToken) {
+    let mut con = shared.commands.clone();
     let mut batch = Vec::with_capacity(PUBLISH_BATCH);
     let mut flushed = Vec::new();
+    let mut published = Vec::new();
     loop {
         let received = tokio::select! {
             _ = stop.cancelled() => return,
@@ -386,16 +438,19 @@ async fn run_publisher(mut con: ConnectionManager, mut queue: mpsc::Receiver<Pub
         for item in batch.drain(..) {
             match item {
                 Publish::Frame { channel, payload } => {
-                    pipe.cmd("PUBLISH").arg(channel).arg(payload).ignore();
+                    pipe.cmd("PUBLISH").arg(&channel).arg(payload);
+                    published.push(channel);
                 }
                 Publish::Flush(done) => flushed.push(done),
             }
         }
-        if !pipe.is_empty()
-            && let Err(error) = pipe.query_async::<()>(&mut con).await
-        {
-            debug!(%error, "deltas not published");
+        if !pipe.is_empty() {
+            match pipe.query_async::<Vec<i64>>(&mut con).await {
+                Ok(receivers) => shared.note_receivers(published.drain(..).zip(receivers)),
+                Err(error) => debug!(%error, "deltas not published"),
+            }
         }
+        published.clear();
         for done in flushed.drain(..) {
             let _ = done.send(());
         }
@@ -467,6 +522,13 @@ impl Backend for RedisBackend {
                     shared.channels.remove(&channel);
                     return Err(error);
                 }
+                // Tells nodes streaming into this conversation to publish its deltas again.
+                let mut con = shared.commands.clone();
+                if let Err(error) =
+                    shared.call(redis::cmd("PUBLISH").arg(&channel).arg("H").query_async::<i64>(&mut con)).await
+                {
+                    debug!(%error, "could not announce the new listener; deltas resume within a second");
+                }
             }
         }
         // Subscribed first, read second: nothing falls between; duplicates
@@ -491,6 +553,7 @@ impl Backend for RedisBackend {
         if shared.router.leave(key, session) {
             let channel = shared.keys.channel(key);
             shared.channels.remove(&channel);
+            shared.alone_until.remove(&channel);
             let mut subscriber = shared.subscriber.clone();
             if let Err(error) = shared.call(subscriber.unsubscribe(&channel)).await {
                 debug!(%error, "unsubscribe failed; the channel stays subscribed until reconnect");
@@ -545,6 +608,7 @@ impl Backend for RedisBackend {
         };
         let mut con = shared.commands.clone();
         let mut invocation = shared.append.prepare_invoke();
+        let at_ms = now_ms();
         invocation
             .key(shared.keys.meta(key))
             .key(shared.keys.log(key))
@@ -553,14 +617,28 @@ impl Backend for RedisBackend {
             .arg(&event.id)
             .arg(&event.text)
             .arg(flags(&event))
-            .arg(now_ms())
+            .arg(at_ms)
             .arg(shared.log_cap)
             .arg(shared.retention_secs)
             .arg(shared.keys.channel(key))
             .arg(shared.origin_of(origin))
             .arg(event.timing.map(|t| serde_json::to_string(&t).unwrap_or_default()).unwrap_or_default());
         match shared.call(invocation.invoke_async::<(i64, u64)>(&mut con)).await? {
-            (1, seq) => Ok(Appended::New(seq)),
+            (1, seq) => {
+                // This node's sockets get it now; the echo through pub/sub is dropped by seq.
+                let stored = StoredEvent {
+                    seq,
+                    from: event.from,
+                    id: event.id,
+                    text: event.text,
+                    fallback: event.fallback,
+                    interrupted: event.interrupted,
+                    cancelled: event.cancelled,
+                    at_ms,
+                };
+                shared.router.deliver_event(key, &stored, origin, event.timing.as_ref());
+                Ok(Appended::New(seq))
+            }
             (0, seq) => Ok(Appended::Duplicate(seq)),
             _ => Err(BackendError::ConversationNotFound),
         }
@@ -582,10 +660,20 @@ impl Backend for RedisBackend {
     }
 
     fn publish_ephemeral(&self, key: &ConversationKey, frame: Utf8Bytes) {
-        let mut payload = Vec::with_capacity(frame.as_str().len() + 1);
+        let channel = self.shared.keys.channel(key);
+        if self.shared.alone_until.get(&channel).is_some_and(|until| std::time::Instant::now() < *until) {
+            self.shared.router.deliver_frame(key, frame);
+            return;
+        }
+        // D<node id>\n<frame>: the node id lets this node skip its own echo.
+        let node_id = self.shared.node_id.as_bytes();
+        let mut payload = Vec::with_capacity(frame.as_str().len() + node_id.len() + 2);
         payload.push(b'D');
+        payload.extend_from_slice(node_id);
+        payload.push(b'\n');
         payload.extend_from_slice(frame.as_str().as_bytes());
-        let item = Publish::Frame { channel: self.shared.keys.channel(key), payload };
+        self.shared.router.deliver_frame(key, frame);
+        let item = Publish::Frame { channel, payload };
         if self.shared.publish_tx.try_send(item).is_err() {
             debug!("delta dropped: publish queue full");
         }

@@ -27,7 +27,8 @@ use crate::router::{Router, SessionHandle};
 #[derive(Debug)]
 pub struct MemoryBackend {
     router: Arc<Router>,
-    conversations: DashMap<ConversationKey, Arc<Mutex<ConversationLog>>>,
+    /// foldhash (seeded per process): looked up on every append.
+    conversations: DashMap<ConversationKey, Arc<Mutex<ConversationLog>>, foldhash::fast::RandomState>,
     /// Each user's most recent conversation and when they were last active in it.
     latest: DashMap<(TenantId, UserId), Latest>,
     log_cap: usize,
@@ -54,7 +55,7 @@ struct ConversationLog {
 
 impl MemoryBackend {
     pub fn new(router: Arc<Router>, log_cap: usize, idle_window: Duration) -> Self {
-        Self { router, conversations: DashMap::new(), latest: DashMap::new(), log_cap, idle_window }
+        Self { router, conversations: DashMap::default(), latest: DashMap::new(), log_cap, idle_window }
     }
 
     fn create(&self, tenant: &TenantId, user: &UserId) -> ConversationId {

@@ -148,10 +148,10 @@ pub struct NlpConfig {
     pub breaker_half_open_probes: u32,
     /// NLP calls in flight per node. Default 512.
     pub max_concurrent: usize,
-    /// NLP calls in flight per node for one tenant: the rest of
-    /// `max_concurrent` stays free for other tenants while one bursts.
-    /// Default: three quarters of `max_concurrent` (rounded up); set it to
-    /// `max_concurrent` when the node serves a single tenant.
+    /// NLP calls in flight per node for one tenant while another tenant has
+    /// calls running or waiting: the rest of `max_concurrent` stays free for
+    /// the others while one bursts (a tenant alone may use every slot).
+    /// Default: three quarters of `max_concurrent` (rounded up).
     pub max_concurrent_per_tenant: Option<usize>,
     /// Questions waiting for a slot, in a per-tenant fair queue; more get
     /// the fallback at once. Default 1024.

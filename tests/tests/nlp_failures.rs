@@ -271,38 +271,41 @@ async fn a_question_waiting_too_long_for_a_slot_gets_the_fallback() {
     assert!(metrics(&hub).await.contains(r#"reason="queue_timeout""#));
 }
 
+/// Asks the Gold Card question; returns the first frame after the ack.
+async fn ask(client: &mut Client) -> serde_json::Value {
+    client.send_message("m1", "Tell me about the Gold Card").await;
+    client.expect("ack").await;
+    client.next().await
+}
+
 #[tokio::test]
 async fn a_tenant_at_its_share_of_slots_waits_while_another_tenant_starts_at_once() {
     let answerer =
-        RecordingAnswerer::start(Script { tokens: 5, token_delay: Duration::from_millis(200), ..Script::default() })
+        RecordingAnswerer::start(Script { tokens: 10, token_delay: Duration::from_millis(120), ..Script::default() })
             .await;
     let hub =
-        Hub::start(&["--nlp-url", &answerer.url, "--nlp-max-concurrent", "4", "--nlp-max-concurrent-per-tenant", "3"])
+        Hub::start(&["--nlp-url", &answerer.url, "--nlp-max-concurrent", "4", "--nlp-max-concurrent-per-tenant", "2"])
             .await;
+    // bank-b has an answer streaming, so bank-a is held to its share of 2.
+    let mut b0 = Client::connect(&hub.ws_url("tenant=bank-b&user=b0")).await;
+    assert_eq!(ask(&mut b0).await["type"], "reply.delta");
     let mut bank_a = Vec::new();
-    for i in 0..4 {
+    for i in 0..3 {
         bank_a.push(Client::connect(&hub.ws_url(&format!("tenant=bank-a&user=a{i}"))).await);
     }
-    // bank-a fills its share: three answers streaming.
-    for client in &mut bank_a[..3] {
-        client.send_message("m1", "Tell me about the Gold Card").await;
-        client.expect("ack").await;
-        assert_eq!(client.next().await["type"], "reply.delta");
+    for client in &mut bank_a[..2] {
+        assert_eq!(ask(client).await["type"], "reply.delta");
     }
-    // Its fourth question waits, although a slot of the node is free...
-    bank_a[3].send_message("m1", "Tell me about the Gold Card").await;
-    bank_a[3].expect("ack").await;
-    let frame = bank_a[3].next().await;
+    // bank-a's third question waits, although a slot of the node is free...
+    let frame = ask(&mut bank_a[2]).await;
     assert_eq!(frame["type"], "queued", "{frame}");
     assert_eq!(frame["position"], 1);
-    // ...which bank-b's question takes at once.
-    let mut bank_b = Client::connect(&hub.ws_url("tenant=bank-b&user=b0")).await;
-    bank_b.send_message("m1", "Tell me about the Gold Card").await;
-    bank_b.expect("ack").await;
-    let frame = bank_b.next().await;
+    // ...which bank-b's next question takes at once.
+    let mut b1 = Client::connect(&hub.ws_url("tenant=bank-b&user=b1")).await;
+    let frame = ask(&mut b1).await;
     assert_eq!(frame["type"], "reply.delta", "bank-b is not queued behind bank-a: {frame}");
     // Every question is answered in the end, none with the fallback.
-    for client in bank_a.iter_mut().chain([&mut bank_b]) {
+    for client in bank_a.iter_mut().chain([&mut b0, &mut b1]) {
         let done = loop {
             let frame = client.next().await;
             if frame["type"] == "reply.done" {

@@ -1,11 +1,12 @@
 //! Admission to the NLP service: a bounded, per-tenant fair queue.
 //!
 //! At most `max_concurrent` calls run per node, and at most
-//! `max_per_tenant` of them for one tenant: the slots above a tenant's share
-//! stay free for the others, so a steady tenant's question starts at once
-//! even while another tenant's burst fills every slot it may (replies of
-//! the same length end in waves, and without that headroom a steady
-//! question would wait for the next wave). Further questions wait in one
+//! `max_per_tenant` of them for one tenant while another tenant has calls
+//! running or waiting: the slots above a tenant's share stay free for the
+//! others, so a steady tenant's question starts at once even while another
+//! tenant's burst fills every slot it may (replies of the same length end in
+//! waves, and without that headroom a steady question would wait for the
+//! next wave). A tenant alone on the node may use every slot. Further questions wait in one
 //! FIFO per tenant, and freed slots go round robin across the tenants that
 //! have someone waiting and are below their share. At most `max_queued`
 //! questions wait in all; when the line is full, a question of a tenant with
@@ -171,7 +172,7 @@ impl Admission {
         // Invariant: while a slot is free, every waiter's tenant is at its
         // share (others were admitted), so this tenant has nobody waiting
         // ahead of it if it is below its share.
-        if state.running < self.max_concurrent && state.running_of(tenant) < self.max_per_tenant {
+        if state.running < self.max_concurrent && self.may_start(&state, tenant) {
             state.start(tenant);
             return Ok(Entry::Running(Permit { admission: self.clone(), tenant: tenant.clone() }));
         }
@@ -187,6 +188,12 @@ impl Admission {
         }
         state.queues.entry(tenant.clone()).or_default().push_back(Waiter { id, admit });
         Ok(Entry::Waiting(Ticket { admission: self.clone(), tenant: tenant.clone(), id, admitted, taken: false }))
+    }
+
+    /// Below its share, or alone: no other tenant has calls running or waiting.
+    fn may_start(&self, state: &State, tenant: &TenantId) -> bool {
+        state.running_of(tenant) < self.max_per_tenant
+            || (state.running_by_tenant.keys().all(|t| t == tenant) && state.ring.iter().all(|t| t == tenant))
     }
 
     /// A running call of `tenant` ended: hand free slots to waiters, round
@@ -205,7 +212,7 @@ impl Admission {
         let mut passed_over = 0;
         while state.running < self.max_concurrent && passed_over < state.ring.len() {
             let Some(tenant) = state.ring.pop_front() else { break };
-            if state.running_of(&tenant) >= self.max_per_tenant {
+            if !self.may_start(&state, &tenant) {
                 state.ring.push_back(tenant);
                 passed_over += 1;
                 continue;
@@ -321,21 +328,34 @@ mod tests {
 
     #[tokio::test]
     async fn a_tenant_at_its_share_leaves_the_other_slots_to_other_tenants() {
-        let admission = Admission::new(4, 3, 100);
-        let mut running: Vec<_> = (0..3).map(|_| admission.enter(&tenant("a")).unwrap()).collect();
-        assert!(running.iter().all(|entry| matches!(entry, Entry::Running(_))));
-        // a is at its share: its fourth question waits though a slot is free...
+        let admission = Admission::new(4, 2, 100);
+        let Ok(Entry::Running(b_running)) = admission.enter(&tenant("b")) else { panic!("b starts") };
+        let mut a_running: Vec<_> = (0..2).map(|_| admission.enter(&tenant("a")).unwrap()).collect();
+        assert!(a_running.iter().all(|entry| matches!(entry, Entry::Running(_))));
+        // With b running, a is at its share: its third question waits though a slot is free...
         let a_waiting = waiting(admission.enter(&tenant("a")));
-        // ...and b starts at once in that slot.
-        let Ok(Entry::Running(b_running)) = admission.enter(&tenant("b")) else { panic!("b starts at once") };
+        // ...and b's next question starts at once in that slot.
+        let Ok(Entry::Running(_b_second)) = admission.enter(&tenant("b")) else { panic!("b starts at once") };
         let b_waiting = waiting(admission.enter(&tenant("b")));
         // One of a's calls ends: a is below its share again; round robin
         // serves a first (it waited first), and b's waiter stays in line.
-        drop(running.remove(0));
+        drop(a_running.remove(0));
         let _a = a_waiting.admitted().await;
         assert_eq!(b_waiting.position(), 1);
         drop(b_running);
         let _b = b_waiting.admitted().await;
+    }
+
+    #[test]
+    fn a_tenant_alone_may_use_every_slot_until_another_tenant_comes() {
+        let admission = Admission::new(4, 2, 100);
+        let alone: Vec<_> = (0..4).map(|_| admission.enter(&tenant("a")).unwrap()).collect();
+        assert!(alone.iter().all(|entry| matches!(entry, Entry::Running(_))), "alone, a takes all four slots");
+        drop(alone);
+        let Ok(Entry::Running(_b)) = admission.enter(&tenant("b")) else { panic!("a slot for b") };
+        let a: Vec<_> = (0..3).map(|_| admission.enter(&tenant("a")).unwrap()).collect();
+        assert!(matches!(a[1], Entry::Running(_)), "a's share is 2");
+        assert!(matches!(a[2], Entry::Waiting(_)), "with b running, a waits beyond its share: {:?}", a[2]);
     }
 
     #[tokio::test]

@@ -48,8 +48,11 @@ pub struct SessionParams {
 ///
 /// Not an `async fn`: its future is the whole life of an idle socket, and an
 /// `async fn` would keep a second copy of the socket and params beside the
-/// inner block that takes them.
-pub fn run(mut socket: WebSocket, params: SessionParams, app: Arc<AppState>) -> impl Future<Output = ()> {
+/// inner block that takes them. The socket is boxed for the same reason: a
+/// future keeps room for what it captured even after moving it out, and the
+/// socket moves into its two halves as soon as the session starts.
+pub fn run(socket: WebSocket, params: SessionParams, app: Arc<AppState>) -> impl Future<Output = ()> {
+    let mut socket = Box::new(socket);
     let session_id = SessionId::next();
     let span = info_span!("session", tenant_id = %params.tenant, user_id = %params.user, session_id = %session_id, conversation_id = tracing::field::Empty);
     async move {
@@ -80,7 +83,7 @@ pub fn run(mut socket: WebSocket, params: SessionParams, app: Arc<AppState>) -> 
             _ => intro.extend(snapshot.missed.iter().map(|event| event.message_frame(conversation))),
         }
 
-        let (sink, mut stream) = socket.split();
+        let (sink, mut stream) = (*socket).split();
         let ping_interval = std::time::Duration::from_millis(ws.ping_interval_ms);
         let writer = app.tracker.spawn(
             writer::run_writer(

@@ -63,8 +63,9 @@ pub(super) async fn run_reader(
                 Ok(ClientFrame::Ping) => reply(session, ServerFrame::Pong.encode()),
                 // Unknown or finished replies are ignored: a cancel may cross the reply.done.
                 Ok(ClientFrame::Cancel { reply }) => app.replier.cancel(key, &reply),
+                // Boxed: the reader's future lives as long as the socket, a message's handling only briefly.
                 Ok(ClientFrame::Message { id, text }) => {
-                    on_message(app, params, key, session, &mut replies, id, text).await
+                    Box::pin(on_message(app, params, key, session, &mut replies, id, text)).await
                 }
                 Err(error) => reply(session, error.to_frame()),
             },

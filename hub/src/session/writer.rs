@@ -40,69 +40,74 @@ pub(super) struct Replay {
     pub sent_up_to: u64,
 }
 
-pub(super) async fn run_writer(
+/// Not an `async fn`, so that its arguments are not kept twice in the
+/// future (as arguments and as the locals they move into): it lives as long
+/// as the socket.
+pub(super) fn run_writer(
     mut sink: Sink,
     mut queue: mpsc::Receiver<Outbound>,
     mut replay: Replay,
     closer: SessionCloser,
     ping_interval: Duration,
-) {
-    let mut ping = tokio::time::interval_at(tokio::time::Instant::now() + ping_interval, ping_interval);
-    ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    // Grows on the first burst (`recv_many` reserves); an idle socket never pays for it.
-    let mut burst = Vec::new();
-    let intro = std::mem::take(&mut replay.intro);
-    // One waiter for the session's life, not one registration per burst.
-    let cancelled = closer.token().cancelled();
-    tokio::pin!(cancelled);
-    let result: Result<(), axum::Error> = async {
-        tokio::select! {
-            biased;
-            _ = &mut cancelled => return Ok(()),
-            result = write_intro(&mut sink, intro) => result?,
-        }
-        loop {
+) -> impl std::future::Future<Output = ()> {
+    async move {
+        let mut ping = tokio::time::interval_at(tokio::time::Instant::now() + ping_interval, ping_interval);
+        ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // Grows on the first burst (`recv_many` reserves); an idle socket never pays for it.
+        let mut burst = Vec::new();
+        let intro = std::mem::take(&mut replay.intro);
+        // One waiter for the session's life, not one registration per burst.
+        let cancelled = closer.token().cancelled();
+        tokio::pin!(cancelled);
+        let result: Result<(), axum::Error> = async {
             tokio::select! {
                 biased;
                 _ = &mut cancelled => return Ok(()),
-                received = queue.recv_many(&mut burst, BURST) => {
-                    if received == 0 {
-                        return Ok(());
+                result = write_intro(&mut sink, intro) => result?,
+            }
+            loop {
+                tokio::select! {
+                    biased;
+                    _ = &mut cancelled => return Ok(()),
+                    received = queue.recv_many(&mut burst, BURST) => {
+                        if received == 0 {
+                            return Ok(());
+                        }
+                        tokio::select! {
+                            biased;
+                            _ = &mut cancelled => return Ok(()),
+                            result = write_burst(&mut sink, &mut burst, &mut replay) => result?,
+                        }
                     }
-                    tokio::select! {
-                        biased;
-                        _ = &mut cancelled => return Ok(()),
-                        result = write_burst(&mut sink, &mut burst, &mut replay) => result?,
-                    }
-                }
-                _ = ping.tick() => {
-                    tokio::select! {
-                        biased;
-                        _ = &mut cancelled => return Ok(()),
-                        result = sink.send(Message::Ping(Default::default())) => result?,
+                    _ = ping.tick() => {
+                        tokio::select! {
+                            biased;
+                            _ = &mut cancelled => return Ok(()),
+                            result = sink.send(Message::Ping(Default::default())) => result?,
+                        }
                     }
                 }
             }
         }
-    }
-    .await;
-    if let Err(error) = result {
-        debug!(%error, "socket write failed");
-        closer.close(crate::protocol::close::NORMAL);
-        return;
-    }
-    let reason = closer.reason();
-    let _ = tokio::time::timeout(CLOSE_TIMEOUT, async {
-        // Frames queued before the close (say, the error that explains it)
-        // still go out first, unless the client is the reason we stop.
-        if reason != crate::protocol::close::SLOW_CONSUMER {
-            while let Ok(Outbound::Frame { frame, .. }) = queue.try_recv() {
-                sink.feed(Message::Text(frame)).await?;
-            }
+        .await;
+        if let Err(error) = result {
+            debug!(%error, "socket write failed");
+            closer.close(crate::protocol::close::NORMAL);
+            return;
         }
-        sink.send(close_message(reason)).await
-    })
-    .await;
+        let reason = closer.reason();
+        let _ = tokio::time::timeout(CLOSE_TIMEOUT, async {
+            // Frames queued before the close (say, the error that explains it)
+            // still go out first, unless the client is the reason we stop.
+            if reason != crate::protocol::close::SLOW_CONSUMER {
+                while let Ok(Outbound::Frame { frame, .. }) = queue.try_recv() {
+                    sink.feed(Message::Text(frame)).await?;
+                }
+            }
+            sink.send(close_message(reason)).await
+        })
+        .await;
+    }
 }
 
 async fn write_intro(sink: &mut Sink, intro: Vec<Utf8Bytes>) -> Result<(), axum::Error> {
@@ -119,12 +124,13 @@ async fn write_burst(sink: &mut Sink, burst: &mut Vec<Outbound>, replay: &mut Re
             Outbound::Frame { seq, .. } if seq <= replay.sent_up_to => {}
             Outbound::Frame { seq, frame } => {
                 if seq > replay.sent_up_to + 1 {
-                    fill_gap(sink, replay, seq).await?;
+                    // Boxed: gaps are rare, and the writer's future should not carry this one.
+                    Box::pin(fill_gap(sink, replay, seq)).await?;
                 }
                 sink.feed(Message::Text(frame)).await?;
                 replay.sent_up_to = seq;
             }
-            Outbound::Resync => fill_gap(sink, replay, u64::MAX).await?,
+            Outbound::Resync => Box::pin(fill_gap(sink, replay, u64::MAX)).await?,
         }
     }
     sink.flush().await

@@ -43,6 +43,7 @@ pub(super) struct Replay {
 /// Not an `async fn`, so that its arguments are not kept twice in the
 /// future (as arguments and as the locals they move into): it lives as long
 /// as the socket.
+#[allow(clippy::manual_async_fn, reason = "an async fn would keep its arguments twice")]
 pub(super) fn run_writer(
     mut sink: Sink,
     mut queue: mpsc::Receiver<Outbound>,

@@ -46,7 +46,7 @@ pub(super) struct Replay {
 #[allow(clippy::manual_async_fn, reason = "an async fn would keep its arguments twice")]
 pub(super) fn run_writer(
     mut sink: Sink,
-    mut queue: mpsc::Receiver<Outbound>,
+    mut queue: mpsc::Receiver<Box<Outbound>>,
     mut replay: Replay,
     closer: SessionCloser,
     ping_interval: Duration,
@@ -101,7 +101,7 @@ pub(super) fn run_writer(
             // Frames queued before the close (say, the error that explains it)
             // still go out first, unless the client is the reason we stop.
             if reason != crate::protocol::close::SLOW_CONSUMER {
-                while let Ok(Outbound::Frame { frame, .. }) = queue.try_recv() {
+                while let Ok(Outbound::Frame { frame, .. }) = queue.try_recv().map(|item| *item) {
                     sink.feed(Message::Text(frame)).await?;
                 }
             }
@@ -118,9 +118,9 @@ async fn write_intro(sink: &mut Sink, intro: Vec<Utf8Bytes>) -> Result<(), axum:
     sink.flush().await
 }
 
-async fn write_burst(sink: &mut Sink, burst: &mut Vec<Outbound>, replay: &mut Replay) -> Result<(), axum::Error> {
+async fn write_burst(sink: &mut Sink, burst: &mut Vec<Box<Outbound>>, replay: &mut Replay) -> Result<(), axum::Error> {
     for item in burst.drain(..) {
-        match item {
+        match *item {
             Outbound::Frame { seq: 0, frame } => sink.feed(Message::Text(frame)).await?,
             Outbound::Frame { seq, .. } if seq <= replay.sent_up_to => {}
             Outbound::Frame { seq, frame } => {

@@ -118,6 +118,7 @@ async fn write_intro(sink: &mut Sink, intro: Vec<Utf8Bytes>) -> Result<(), axum:
     sink.flush().await
 }
 
+#[allow(clippy::vec_box, reason = "the items arrive boxed from the queue (see `SessionHandle::tx`)")]
 async fn write_burst(sink: &mut Sink, burst: &mut Vec<Box<Outbound>>, replay: &mut Replay) -> Result<(), axum::Error> {
     for item in burst.drain(..) {
         match *item {

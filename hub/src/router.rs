@@ -11,6 +11,7 @@
 //! backend directly on append, a clustered backend from its subscriber.
 
 use std::sync::{Arc, OnceLock};
+use std::time::Instant;
 
 use axum::extract::ws::Utf8Bytes;
 use dashmap::DashMap;
@@ -31,6 +32,8 @@ pub enum Outbound {
         /// events it already sent and fills gaps from the log.
         seq: u64,
         frame: Utf8Bytes,
+        /// When the router queued it (for the delivery-time metric).
+        queued_at: Instant,
     },
     /// This node may have missed events (its subscription dropped): the
     /// writer re-reads the log after the last seq it sent.
@@ -39,7 +42,7 @@ pub enum Outbound {
 
 impl Outbound {
     pub fn ephemeral(frame: Utf8Bytes) -> Self {
-        Self::Frame { seq: 0, frame }
+        Self::Frame { seq: 0, frame, queued_at: Instant::now() }
     }
 
     pub fn frame(&self) -> Option<&Utf8Bytes> {
@@ -162,11 +165,12 @@ impl Router {
     /// socket, and a clone would turn the buffer into a shared one.
     pub fn deliver_frame(&self, key: &ConversationKey, frame: Utf8Bytes) {
         let Some(handles) = self.sessions.get(key) else { return };
+        let queued_at = Instant::now();
         if let Some((last, others)) = handles.split_last() {
             for handle in others {
-                handle.push(Outbound::ephemeral(frame.clone()));
+                handle.push(Outbound::Frame { seq: 0, frame: frame.clone(), queued_at });
             }
-            last.push(Outbound::ephemeral(frame));
+            last.push(Outbound::Frame { seq: 0, frame, queued_at });
         }
     }
 
@@ -204,12 +208,13 @@ impl Router {
             ),
             Role::Agent | Role::System => (event.message_frame(conversation), None),
         };
+        let queued_at = Instant::now();
         for handle in handles.iter() {
             let frame = match (&for_origin, origin) {
                 (Some(ack), Some(origin)) if origin == handle.id => ack.clone(),
                 _ => shared.clone(),
             };
-            handle.push(Outbound::Frame { seq: event.seq, frame });
+            handle.push(Outbound::Frame { seq: event.seq, frame, queued_at });
         }
     }
 }
@@ -254,7 +259,7 @@ mod tests {
         router.join(&key(), c);
         router.deliver_event(&key(), &customer_event(1), Some(a.id), None);
         assert!(a_rx.try_recv().unwrap().frame().unwrap().as_str().contains(r#""type":"ack""#));
-        let Outbound::Frame { seq, frame: b_frame } = *b_rx.try_recv().unwrap() else { panic!("a frame") };
+        let Outbound::Frame { seq, frame: b_frame, .. } = *b_rx.try_recv().unwrap() else { panic!("a frame") };
         let c_frame = c_rx.try_recv().unwrap();
         assert!(b_frame.as_str().contains(r#""type":"message""#));
         assert_eq!(seq, 1);

@@ -74,6 +74,9 @@ async fn errors_before_the_first_token_are_retried_into_one_clean_answer() {
     // Where each reply's time went: the hub's share before the model, and the model's first token.
     assert!(metrics.contains("fengda_hub_reply_before_nlp_seconds_count 2"), "{metrics}");
     assert!(metrics.contains("fengda_hub_nlp_first_token_seconds_count 2"), "{metrics}");
+    // ...and after it: frames handed to the router until written to the socket, once per write.
+    let writes = metric_value(&metrics, "fengda_hub_frame_delivery_seconds_count");
+    assert!(writes >= 4.0, "acks, deltas and reply.done went out in several writes: {writes}");
 }
 
 #[tokio::test]

@@ -10,7 +10,7 @@
 //! pin the task.
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use axum::extract::ws::{Message, Utf8Bytes, WebSocket};
 use futures::SinkExt;
@@ -120,11 +120,17 @@ async fn write_intro(sink: &mut Sink, intro: Vec<Utf8Bytes>) -> Result<(), axum:
 
 #[allow(clippy::vec_box, reason = "the items arrive boxed from the queue (see `SessionHandle::tx`)")]
 async fn write_burst(sink: &mut Sink, burst: &mut Vec<Box<Outbound>>, replay: &mut Replay) -> Result<(), axum::Error> {
+    // The oldest frame of this write, for the delivery-time metric.
+    let mut oldest: Option<Instant> = None;
     for item in burst.drain(..) {
         match *item {
-            Outbound::Frame { seq: 0, frame } => sink.feed(Message::Text(frame)).await?,
+            Outbound::Frame { seq: 0, frame, queued_at } => {
+                oldest = Some(oldest.map_or(queued_at, |o| o.min(queued_at)));
+                sink.feed(Message::Text(frame)).await?
+            }
             Outbound::Frame { seq, .. } if seq <= replay.sent_up_to => {}
-            Outbound::Frame { seq, frame } => {
+            Outbound::Frame { seq, frame, queued_at } => {
+                oldest = Some(oldest.map_or(queued_at, |o| o.min(queued_at)));
                 if seq > replay.sent_up_to + 1 {
                     // Boxed: gaps are rare, and the writer's future should not carry this one.
                     Box::pin(fill_gap(sink, replay, seq)).await?;
@@ -135,7 +141,11 @@ async fn write_burst(sink: &mut Sink, burst: &mut Vec<Box<Outbound>>, replay: &m
             Outbound::Resync => Box::pin(fill_gap(sink, replay, u64::MAX)).await?,
         }
     }
-    sink.flush().await
+    sink.flush().await?;
+    if let Some(oldest) = oldest {
+        metrics::histogram!("fengda_hub_frame_delivery_seconds").record(oldest.elapsed().as_secs_f64());
+    }
+    Ok(())
 }
 
 /// Sends the logged events between the last sent seq and `before` (exclusive).

@@ -89,7 +89,13 @@ pub fn run(socket: WebSocket, params: SessionParams, app: Arc<AppState>) -> impl
             writer::run_writer(
                 sink,
                 out_rx,
-                writer::Replay { backend: app.backend.clone(), key: key.clone(), intro, sent_up_to: snapshot.last_seq },
+                writer::Replay {
+                    backend: app.backend.clone(),
+                    key: key.clone(),
+                    intro,
+                    sent_up_to: snapshot.last_seq,
+                    delivery: metrics::histogram!("fengda_hub_frame_delivery_seconds"),
+                },
                 closer.clone(),
                 ping_interval,
             )

@@ -38,6 +38,8 @@ pub(super) struct Replay {
     pub intro: Vec<Utf8Bytes>,
     /// The highest durable seq the client has (or is about to have).
     pub sent_up_to: u64,
+    /// `fengda_hub_frame_delivery_seconds`, looked up once per session.
+    pub delivery: metrics::Histogram,
 }
 
 /// Not an `async fn`, so that its arguments are not kept twice in the
@@ -143,7 +145,7 @@ async fn write_burst(sink: &mut Sink, burst: &mut Vec<Box<Outbound>>, replay: &m
     }
     sink.flush().await?;
     if let Some(oldest) = oldest {
-        metrics::histogram!("fengda_hub_frame_delivery_seconds").record(oldest.elapsed().as_secs_f64());
+        replay.delivery.record(oldest.elapsed().as_secs_f64());
     }
     Ok(())
 }

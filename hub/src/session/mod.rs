@@ -85,6 +85,7 @@ pub fn run(socket: WebSocket, params: SessionParams, app: Arc<AppState>) -> impl
 
         let (sink, mut stream) = (*socket).split();
         let ping_interval = std::time::Duration::from_millis(ws.ping_interval_ms);
+        let first_ping = first_ping(ping_interval, session_id);
         let writer = app.tracker.spawn(
             writer::run_writer(
                 sink,
@@ -97,6 +98,7 @@ pub fn run(socket: WebSocket, params: SessionParams, app: Arc<AppState>) -> impl
                     delivery: metrics::histogram!("fengda_hub_frame_delivery_seconds"),
                 },
                 closer.clone(),
+                first_ping,
                 ping_interval,
             )
             .in_current_span(),
@@ -130,6 +132,18 @@ pub fn run(socket: WebSocket, params: SessionParams, app: Arc<AppState>) -> impl
         debug!(reason = closer.reason().reason, "session ended");
     }
     .instrument(span)
+}
+
+/// When a session sends its first ping: somewhere in the second half of the
+/// interval, spread by session id, so that sockets that connected together
+/// (after a node restart, a reconnect storm) are not all pinged, and do not
+/// all answer, in the same instant every interval.
+fn first_ping(interval: std::time::Duration, session: SessionId) -> std::time::Duration {
+    let half = interval / 2;
+    let spread = u64::try_from(half.as_micros()).unwrap_or(u64::MAX).max(1);
+    // Fibonacci hashing: consecutive ids land far apart.
+    let offset = session.as_u64().wrapping_mul(0x9E37_79B9_7F4A_7C15) % spread;
+    half + std::time::Duration::from_micros(offset)
 }
 
 /// Counts a running session in `AppState::sessions_open` until dropped.
@@ -235,4 +249,23 @@ async fn refuse(socket: &mut WebSocket, error: &BackendError) {
 
 pub(crate) fn close_message(reason: CloseReason) -> Message {
     Message::Close(Some(axum::extract::ws::CloseFrame { code: reason.code, reason: reason.reason.into() }))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    #[test]
+    fn first_pings_fall_in_the_second_half_of_the_interval_spread_over_sessions() {
+        let interval = Duration::from_secs(20);
+        let firsts: Vec<_> = (1..=1000).map(|id| first_ping(interval, SessionId::from_u64(id))).collect();
+        assert!(firsts.iter().all(|first| (interval / 2..interval).contains(first)), "{firsts:?}");
+        // Sessions that connected together are pinged apart: every second of the window is used.
+        let seconds: std::collections::BTreeSet<_> = firsts.iter().map(Duration::as_secs).collect();
+        assert_eq!(seconds, (10..20).collect());
+        // An interval too short to spread still pings within it.
+        assert_eq!(first_ping(Duration::from_micros(1), SessionId::from_u64(7)), Duration::from_nanos(500));
+    }
 }

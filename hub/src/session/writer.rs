@@ -51,10 +51,11 @@ pub(super) fn run_writer(
     mut queue: mpsc::Receiver<Box<Outbound>>,
     mut replay: Replay,
     closer: SessionCloser,
+    first_ping: Duration,
     ping_interval: Duration,
 ) -> impl std::future::Future<Output = ()> {
     async move {
-        let mut ping = tokio::time::interval_at(tokio::time::Instant::now() + ping_interval, ping_interval);
+        let mut ping = tokio::time::interval_at(tokio::time::Instant::now() + first_ping, ping_interval);
         ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         // Grows on the first burst (`recv_many` reserves); an idle socket never pays for it.
         let mut burst = Vec::new();

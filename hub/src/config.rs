@@ -149,8 +149,9 @@ pub struct NlpConfig {
     /// NLP calls in flight per node. Default 512.
     pub max_concurrent: usize,
     /// NLP calls in flight per node for one tenant while another tenant has
-    /// calls running or waiting: the rest of `max_concurrent` stays free for
-    /// the others while one bursts (a tenant alone may use every slot).
+    /// calls running or waiting or asked within 10 s: the rest of
+    /// `max_concurrent` stays free for the others while one bursts (a tenant
+    /// alone may use every slot).
     /// Default: three quarters of `max_concurrent` (rounded up).
     pub max_concurrent_per_tenant: Option<usize>,
     /// Questions waiting for a slot, in a per-tenant fair queue; more get

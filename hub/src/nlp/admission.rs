@@ -6,7 +6,8 @@
 //! others, so a steady tenant's question starts at once even while another
 //! tenant's burst fills every slot it may (replies of the same length end in
 //! waves, and without that headroom a steady question would wait for the
-//! next wave). A tenant alone on the node may use every slot. Further questions wait in one
+//! next wave). A tenant alone on the node (no other tenant asked within
+//! [`ACTIVE_WINDOW`]) may use every slot. Further questions wait in one
 //! FIFO per tenant, and freed slots go round robin across the tenants that
 //! have someone waiting and are below their share. At most `max_queued`
 //! questions wait in all; when the line is full, a question of a tenant with
@@ -24,8 +25,14 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 
 use tokio::sync::oneshot;
+use tokio::time::{Duration, Instant};
 
 use crate::ids::TenantId;
+
+/// How long after its last question a tenant still counts as active, and so
+/// still holds the others to their share. Longer than a reply, so a steady
+/// tenant between two questions is not taken for gone.
+pub const ACTIVE_WINDOW: Duration = Duration::from_secs(10);
 
 #[derive(Debug)]
 pub struct Admission {
@@ -40,6 +47,8 @@ struct State {
     running: usize,
     /// Running calls by tenant; tenants with none are absent.
     running_by_tenant: HashMap<TenantId, usize>,
+    /// When each tenant last asked (entries older than `ACTIVE_WINDOW` are pruned).
+    last_asked: HashMap<TenantId, Instant>,
     queued: usize,
     next_waiter: u64,
     /// One FIFO per tenant with waiters, in increasing `id` order.
@@ -51,6 +60,17 @@ struct State {
 impl State {
     fn running_of(&self, tenant: &TenantId) -> usize {
         self.running_by_tenant.get(tenant).copied().unwrap_or(0)
+    }
+
+    /// Records a question of `tenant`, forgetting tenants quiet for `ACTIVE_WINDOW`.
+    fn asked(&mut self, tenant: &TenantId, now: Instant) {
+        match self.last_asked.get_mut(tenant) {
+            Some(at) => *at = now,
+            None => {
+                self.last_asked.retain(|_, at| now.duration_since(*at) < ACTIVE_WINDOW);
+                self.last_asked.insert(tenant.clone(), now);
+            }
+        }
     }
 
     fn start(&mut self, tenant: &TenantId) {
@@ -169,6 +189,7 @@ impl Admission {
     /// Takes a slot, or a place in `tenant`'s line, or is refused.
     pub fn enter(self: &Arc<Self>, tenant: &TenantId) -> Result<Entry, QueueFull> {
         let mut state = self.lock();
+        state.asked(tenant, Instant::now());
         // Invariant: while a slot is free, every waiter's tenant is at its
         // share (others were admitted), so this tenant has nobody waiting
         // ahead of it if it is below its share.
@@ -190,10 +211,13 @@ impl Admission {
         Ok(Entry::Waiting(Ticket { admission: self.clone(), tenant: tenant.clone(), id, admitted, taken: false }))
     }
 
-    /// Below its share, or alone: no other tenant has calls running or waiting.
+    /// Below its share, or alone: no other tenant has calls running or
+    /// waiting, or asked within `ACTIVE_WINDOW`.
     fn may_start(&self, state: &State, tenant: &TenantId) -> bool {
         state.running_of(tenant) < self.max_per_tenant
-            || (state.running_by_tenant.keys().all(|t| t == tenant) && state.ring.iter().all(|t| t == tenant))
+            || (state.running_by_tenant.keys().all(|t| t == tenant)
+                && state.ring.iter().all(|t| t == tenant)
+                && state.last_asked.iter().all(|(t, at)| t == tenant || at.elapsed() >= ACTIVE_WINDOW))
     }
 
     /// A running call of `tenant` ended: hand free slots to waiters, round
@@ -346,16 +370,23 @@ mod tests {
         let _b = b_waiting.admitted().await;
     }
 
-    #[test]
-    fn a_tenant_alone_may_use_every_slot_until_another_tenant_comes() {
+    #[tokio::test(start_paused = true)]
+    async fn a_tenant_alone_may_use_every_slot_until_another_tenant_comes() {
         let admission = Admission::new(4, 2, 100);
         let alone: Vec<_> = (0..4).map(|_| admission.enter(&tenant("a")).unwrap()).collect();
         assert!(alone.iter().all(|entry| matches!(entry, Entry::Running(_))), "alone, a takes all four slots");
         drop(alone);
-        let Ok(Entry::Running(_b)) = admission.enter(&tenant("b")) else { panic!("a slot for b") };
+        let b = admission.enter(&tenant("b")).unwrap();
+        drop(b);
+        // b has no call running, but asked recently: a is held to its share.
         let a: Vec<_> = (0..3).map(|_| admission.enter(&tenant("a")).unwrap()).collect();
         assert!(matches!(a[1], Entry::Running(_)), "a's share is 2");
-        assert!(matches!(a[2], Entry::Waiting(_)), "with b running, a waits beyond its share: {:?}", a[2]);
+        assert!(matches!(a[2], Entry::Waiting(_)), "with b active, a waits beyond its share: {:?}", a[2]);
+        drop(a);
+        // Once b has been quiet for the window, a is alone again.
+        tokio::time::advance(ACTIVE_WINDOW).await;
+        let a: Vec<_> = (0..4).map(|_| admission.enter(&tenant("a")).unwrap()).collect();
+        assert!(a.iter().all(|entry| matches!(entry, Entry::Running(_))), "alone again: {a:?}");
     }
 
     #[tokio::test]

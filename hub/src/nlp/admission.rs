@@ -146,10 +146,13 @@ impl Ticket {
         self.admission.position(&self.tenant, self.id)
     }
 
-    /// Waits for the slot. Cancel-safe: dropping the ticket leaves the line.
-    pub async fn admitted(mut self) -> Permit {
-        let _ = (&mut self.admitted).await;
-        self.permit()
+    /// Waits for the slot; `QueueFull` if the ticket was shed from a full
+    /// line instead. Cancel-safe: dropping the ticket leaves the line.
+    pub async fn admitted(mut self) -> Result<Permit, QueueFull> {
+        match (&mut self.admitted).await {
+            Ok(()) => Ok(self.permit()),
+            Err(_) => Err(QueueFull),
+        }
     }
 }
 
@@ -158,6 +161,9 @@ impl Drop for Ticket {
         if self.taken {
             return;
         }
+        // Closed first, so a slot cannot be handed over between this check
+        // and `leave` (it would be counted as running forever).
+        self.admitted.close();
         if self.admitted.try_recv().is_ok() {
             // A slot was handed over but never used: pass it on.
             self.admission.release(&self.tenant);
@@ -190,10 +196,11 @@ impl Admission {
     pub fn enter(self: &Arc<Self>, tenant: &TenantId) -> Result<Entry, QueueFull> {
         let mut state = self.lock();
         state.asked(tenant, Instant::now());
-        // Invariant: while a slot is free, every waiter's tenant is at its
-        // share (others were admitted), so this tenant has nobody waiting
-        // ahead of it if it is below its share.
-        if state.running < self.max_concurrent && self.may_start(&state, tenant) {
+        // Who may start can change with time (a tenant falls quiet): admit
+        // eligible waiters first, then this question only if its tenant has
+        // nobody waiting (first come, first served within a tenant).
+        self.dispatch(&mut state);
+        if state.running < self.max_concurrent && !state.queues.contains_key(tenant) && self.may_start(&state, tenant) {
             state.start(tenant);
             return Ok(Entry::Running(Permit { admission: self.clone(), tenant: tenant.clone() }));
         }
@@ -220,8 +227,7 @@ impl Admission {
                 && state.last_asked.iter().all(|(t, at)| t == tenant || at.elapsed() >= ACTIVE_WINDOW))
     }
 
-    /// A running call of `tenant` ended: hand free slots to waiters, round
-    /// robin over the tenants below their share.
+    /// A running call of `tenant` ended: hand free slots to waiters.
     fn release(&self, tenant: &TenantId) {
         let mut state = self.lock();
         state.running -= 1;
@@ -231,12 +237,19 @@ impl Admission {
                 state.running_by_tenant.remove(tenant);
             }
         }
+        self.dispatch(&mut state);
+    }
+
+    /// Hands free slots to waiters, round robin over the tenants that may
+    /// start. Called whenever who may start can have changed: a call ended,
+    /// a waiter left, a question arrived, a waiter asks its place.
+    fn dispatch(&self, state: &mut State) {
         // Tenants at their share are passed over (to the back of the ring);
         // once the whole ring was passed over, nobody can be admitted.
         let mut passed_over = 0;
         while state.running < self.max_concurrent && passed_over < state.ring.len() {
             let Some(tenant) = state.ring.pop_front() else { break };
-            if !self.may_start(&state, &tenant) {
+            if !self.may_start(state, &tenant) {
                 state.ring.push_back(tenant);
                 passed_over += 1;
                 continue;
@@ -269,6 +282,8 @@ impl Admission {
             state.ring.retain(|t| t != tenant);
         }
         state.queued -= 1;
+        // With this tenant's line gone, another may now be alone.
+        self.dispatch(&mut state);
     }
 
     /// Place in line under round robin: before the k-th waiter (from 0) of
@@ -276,7 +291,9 @@ impl Admission {
     /// waiters, plus the (k+1)-th waiters of the tenants ahead of it in the
     /// ring. O(tenants waiting + log waiters).
     fn position(&self, tenant: &TenantId, id: u64) -> usize {
-        let state = self.lock();
+        let mut state = self.lock();
+        // Asked once a second by every waiter: time may have made someone eligible.
+        self.dispatch(&mut state);
         let Some(k) = state.queues.get(tenant).and_then(|queue| queue.binary_search_by_key(&id, |w| w.id).ok()) else {
             return 0;
         };
@@ -319,10 +336,10 @@ mod tests {
         assert_eq!(burst[1].position(), 3);
 
         drop(running);
-        let first = burst.pop_front().unwrap().admitted().await;
+        let first = burst.pop_front().unwrap().admitted().await.expect("admitted, not shed");
         assert_eq!(steady.position(), 1);
         drop(first);
-        let _second = steady.admitted().await;
+        let _second = steady.admitted().await.expect("admitted, not shed");
         assert_eq!(burst[0].position(), 1);
     }
 
@@ -339,14 +356,14 @@ mod tests {
         assert_eq!(places(&a, &b, &c), (vec![1, 4, 6], 2, vec![3, 5]));
         drop(running);
         let mut a = a.into_iter();
-        let first = a.next().unwrap().admitted().await;
+        let first = a.next().unwrap().admitted().await.expect("admitted, not shed");
         let a: Vec<_> = a.collect();
         // a moved to the back of the ring after its turn: b, c, then a again.
         assert_eq!(places(&a, &b, &c), (vec![3, 5], 1, vec![2, 4]));
         drop(c);
         assert_eq!(places(&a, &b, &[]), (vec![2, 3], 1, vec![]));
         drop(first);
-        let _b = b.admitted().await;
+        let _b = b.admitted().await.expect("admitted, not shed");
         assert_eq!(a.iter().map(Ticket::position).collect::<Vec<_>>(), [1, 2]);
     }
 
@@ -364,10 +381,10 @@ mod tests {
         // One of a's calls ends: a is below its share again; round robin
         // serves a first (it waited first), and b's waiter stays in line.
         drop(a_running.remove(0));
-        let _a = a_waiting.admitted().await;
+        let _a = a_waiting.admitted().await.expect("admitted, not shed");
         assert_eq!(b_waiting.position(), 1);
         drop(b_running);
-        let _b = b_waiting.admitted().await;
+        let _b = b_waiting.admitted().await.expect("admitted, not shed");
     }
 
     #[tokio::test(start_paused = true)]
@@ -389,6 +406,21 @@ mod tests {
         assert!(a.iter().all(|entry| matches!(entry, Entry::Running(_))), "alone again: {a:?}");
     }
 
+    #[tokio::test(start_paused = true)]
+    async fn a_waiter_is_admitted_once_its_tenant_is_alone_and_a_newer_question_does_not_pass_it() {
+        let admission = Admission::new(4, 2, 100);
+        drop(admission.enter(&tenant("b")).unwrap());
+        let _a_running: Vec<_> = (0..2).map(|_| admission.enter(&tenant("a")).unwrap()).collect();
+        let waiter = waiting(admission.enter(&tenant("a")));
+        tokio::time::advance(ACTIVE_WINDOW).await;
+        // b fell quiet: a may use every slot, and its waiter goes first.
+        assert_eq!(waiter.position(), 0, "admitted when it asked its place");
+        let newer = admission.enter(&tenant("a")).unwrap();
+        assert!(matches!(newer, Entry::Running(_)), "{newer:?}");
+        let _waiter = waiter.admitted().await.expect("admitted, not shed");
+        assert!(matches!(admission.enter(&tenant("a")).unwrap(), Entry::Waiting(_)), "all four slots taken");
+    }
+
     #[tokio::test]
     async fn a_full_line_makes_room_for_a_shorter_line_by_refusing_the_longest_lines_newest() {
         let admission = Admission::new(1, 1, 3);
@@ -403,7 +435,7 @@ mod tests {
         assert_eq!(admission.enter(&tenant("b")).unwrap_err(), QueueFull);
         assert_eq!((first.position(), b.position(), second.position()), (1, 2, 3));
         drop(running);
-        let _first = first.admitted().await;
+        let _first = first.admitted().await.expect("admitted, not shed");
     }
 
     #[tokio::test]
@@ -414,7 +446,7 @@ mod tests {
         let next = waiting(admission.enter(&tenant("b")));
         drop(running);
         drop(abandoned);
-        let _permit = next.admitted().await;
+        let _permit = next.admitted().await.expect("admitted, not shed");
     }
 
     #[test]

@@ -216,7 +216,10 @@ impl NlpPool {
         let _record_wait = RecordOnDrop(queued_at, "fengda_hub_nlp_queue_wait_seconds");
         let give_up = queued_at + self.max_queue_wait;
         let mut told = ticket.position();
-        on_queued(told);
+        // 0: admitted (or shed) in the meantime; no `queued` frame then.
+        if told != 0 {
+            on_queued(told);
+        }
         let mut recheck = tokio::time::interval_at(queued_at + QUEUED_UPDATE_INTERVAL, QUEUED_UPDATE_INTERVAL);
         recheck.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let give_up = tokio::time::sleep_until(give_up);

@@ -125,23 +125,45 @@ pub struct Router {
     /// foldhash, not SipHash: every delta looks its conversation up here, and
     /// hashing the key was a tenth of the hub's instructions per token.
     /// (Still seeded per process, so keys cannot be chosen to collide.)
-    sessions: DashMap<ConversationKey, Vec<SessionHandle>, foldhash::fast::RandomState>,
+    sessions: DashMap<ConversationKey, Local, foldhash::fast::RandomState>,
+}
+
+/// One conversation's sessions on this node.
+#[derive(Debug, Default)]
+struct Local {
+    handles: Vec<SessionHandle>,
+    /// The highest durable seq handed to these sessions: events come twice
+    /// in cluster mode (the appending node's own copy, then the pub/sub
+    /// echo), and an appender's copy must not overtake an earlier event.
+    delivered_seq: u64,
 }
 
 impl Router {
     /// Adds a session; returns true when it is the conversation's first on this node.
     pub fn join(&self, key: &ConversationKey, handle: SessionHandle) -> bool {
         let mut entry = self.sessions.entry(key.clone()).or_default();
-        entry.push(handle);
-        entry.len() == 1
+        entry.handles.push(handle);
+        entry.handles.len() == 1
+    }
+
+    /// The conversation's only session on this node has read the log up to
+    /// `seq`: later copies of those events are dropped, and this node's next
+    /// append can be delivered at once. Does nothing once a second session
+    /// joined (its own read may be older).
+    pub fn delivered_up_to(&self, key: &ConversationKey, seq: u64) {
+        if let Some(mut local) = self.sessions.get_mut(key)
+            && local.handles.len() == 1
+        {
+            local.delivered_seq = local.delivered_seq.max(seq);
+        }
     }
 
     /// Removes a session; returns true when it was the conversation's last on this node.
     pub fn leave(&self, key: &ConversationKey, id: SessionId) -> bool {
         self.sessions
-            .remove_if_mut(key, |_, handles| {
-                handles.retain(|h| h.id != id);
-                handles.is_empty()
+            .remove_if_mut(key, |_, local| {
+                local.handles.retain(|h| h.id != id);
+                local.handles.is_empty()
             })
             .is_some()
     }
@@ -149,7 +171,7 @@ impl Router {
     /// Asks every session on this node to re-read its conversation's log.
     pub fn resync_all(&self) {
         for entry in self.sessions.iter() {
-            for handle in entry.value() {
+            for handle in &entry.value().handles {
                 handle.push(Outbound::Resync);
             }
         }
@@ -157,16 +179,16 @@ impl Router {
 
     /// Number of sessions of this conversation on this node.
     pub fn local_sessions(&self, key: &ConversationKey) -> usize {
-        self.sessions.get(key).map_or(0, |handles| handles.len())
+        self.sessions.get(key).map_or(0, |local| local.handles.len())
     }
 
     /// Delivers a frame that is not a durable event (a `reply.delta`) to every session.
     /// The last session gets the frame itself: most conversations have one
     /// socket, and a clone would turn the buffer into a shared one.
     pub fn deliver_frame(&self, key: &ConversationKey, frame: Utf8Bytes) {
-        let Some(handles) = self.sessions.get(key) else { return };
+        let Some(local) = self.sessions.get(key) else { return };
         let queued_at = Instant::now();
-        if let Some((last, others)) = handles.split_last() {
+        if let Some((last, others)) = local.handles.split_last() {
             for handle in others {
                 handle.push(Outbound::Frame { seq: 0, frame: frame.clone(), queued_at });
             }
@@ -174,10 +196,11 @@ impl Router {
         }
     }
 
-    /// Delivers a durable event. Callers must deliver a conversation's events
-    /// in seq order. `origin` is the session that sent a customer message: it
-    /// gets an `ack`, the other sessions the `message` itself.
-    /// `timing` rides along on a `reply.done` (it is not stored).
+    /// Delivers a durable event, unless these sessions already have it.
+    /// Callers deliver a conversation's events in seq order (a jump is filled
+    /// from the log by each session's writer). `origin` is the session that
+    /// sent a customer message: it gets an `ack`, the other sessions the
+    /// `message` itself. `timing` rides along on a `reply.done` (it is not stored).
     pub fn deliver_event(
         &self,
         key: &ConversationKey,
@@ -185,7 +208,35 @@ impl Router {
         origin: Option<SessionId>,
         timing: Option<&ReplyTiming>,
     ) {
-        let Some(handles) = self.sessions.get(key) else { return };
+        self.deliver(key, event, origin, timing, |delivered| event.seq > delivered);
+    }
+
+    /// Delivers an event this node just appended, but only if it is the next
+    /// one these sessions need: an append that finished out of order waits
+    /// for its copy through pub/sub, which comes in order.
+    pub fn deliver_appended(
+        &self,
+        key: &ConversationKey,
+        event: &StoredEvent,
+        origin: Option<SessionId>,
+        timing: Option<&ReplyTiming>,
+    ) {
+        self.deliver(key, event, origin, timing, |delivered| event.seq == delivered + 1);
+    }
+
+    fn deliver(
+        &self,
+        key: &ConversationKey,
+        event: &StoredEvent,
+        origin: Option<SessionId>,
+        timing: Option<&ReplyTiming>,
+        wanted: impl Fn(u64) -> bool,
+    ) {
+        let Some(mut local) = self.sessions.get_mut(key) else { return };
+        if !wanted(local.delivered_seq) {
+            return;
+        }
+        local.delivered_seq = event.seq;
         let conversation = key.conversation.as_str();
         let (shared, for_origin) = match event.from {
             Role::Customer => (
@@ -209,7 +260,7 @@ impl Router {
             Role::Agent | Role::System => (event.message_frame(conversation), None),
         };
         let queued_at = Instant::now();
-        for handle in handles.iter() {
+        for handle in &local.handles {
             let frame = match (&for_origin, origin) {
                 (Some(ack), Some(origin)) if origin == handle.id => ack.clone(),
                 _ => shared.clone(),
@@ -265,6 +316,35 @@ mod tests {
         assert_eq!(seq, 1);
         // One encoding shared by both sockets, not one copy each.
         assert_eq!(b_frame.as_str().as_ptr(), c_frame.frame().unwrap().as_str().as_ptr());
+    }
+
+    #[test]
+    fn an_appenders_copy_never_overtakes_and_each_event_is_delivered_once() {
+        let router = Router::default();
+        let (a, mut a_rx) = session(16);
+        router.join(&key(), a.clone());
+        let mut seqs = || {
+            let mut seqs = Vec::new();
+            while let Ok(item) = a_rx.try_recv() {
+                if let Outbound::Frame { seq, .. } = *item {
+                    seqs.push(seq);
+                }
+            }
+            seqs
+        };
+        // seq 2 was appended here before seq 1 (appended elsewhere) arrived: it waits for its echo.
+        router.deliver_appended(&key(), &customer_event(2), None, None);
+        assert_eq!(seqs(), [] as [u64; 0]);
+        router.deliver_event(&key(), &customer_event(1), None, None);
+        router.deliver_event(&key(), &customer_event(2), None, None);
+        // The next append goes out at once, and its echo is dropped.
+        router.deliver_appended(&key(), &customer_event(3), Some(a.id), None);
+        router.deliver_event(&key(), &customer_event(3), None, None);
+        assert_eq!(seqs(), [1, 2, 3]);
+        // A first session that read the log up to 7 takes the append of 8 at once.
+        router.delivered_up_to(&key(), 7);
+        router.deliver_appended(&key(), &customer_event(8), None, None);
+        assert_eq!(seqs(), [8]);
     }
 
     #[test]

@@ -104,8 +104,11 @@ pub(super) fn run_writer(
             // Frames queued before the close (say, the error that explains it)
             // still go out first, unless the client is the reason we stop.
             if reason != crate::protocol::close::SLOW_CONSUMER {
-                while let Ok(Outbound::Frame { frame, .. }) = queue.try_recv().map(|item| *item) {
-                    sink.feed(Message::Text(frame)).await?;
+                while let Ok(Outbound::Frame { seq, frame, .. }) = queue.try_recv().map(|item| *item) {
+                    // Stored events already sent (a local copy and its echo) go once.
+                    if seq == 0 || seq > replay.sent_up_to {
+                        sink.feed(Message::Text(frame)).await?;
+                    }
                 }
             }
             sink.send(close_message(reason)).await

@@ -18,8 +18,10 @@
 //! appends (once the script returns its seq) and what it publishes (deltas,
 //! `queued`) to its own sessions at once. A delta carries its node's id and
 //! the node skips its own when they come back; durable events come back too
-//! and the writer drops them by seq (keeping them is what repairs an append
-//! whose reply was lost on the way back). PUBLISH answers how many nodes
+//! and the router drops the copies its sessions already have (keeping them
+//! is what repairs an append whose reply was lost on the way back, or one
+//! that finished out of order: the router hands an appended event over at
+//! once only if it is the next seq its sessions need). PUBLISH answers how many nodes
 //! got the delta: when no other node listens to the conversation (the usual
 //! case: a customer's one socket), the conversation's deltas are not
 //! published for [`ALONE_RECHECK`], then one is again to ask anew. A node
@@ -97,6 +99,9 @@ struct Shared {
     /// Channels whose last delta reached no other node → until when this
     /// node delivers their deltas only locally.
     alone_until: DashMap<String, std::time::Instant>,
+    /// Channels on which another node said hello lately → when: a PUBLISH
+    /// sent before that must not mark the channel alone again.
+    hello_at: DashMap<String, std::time::Instant>,
     receiving: AtomicBool,
     /// Always subscribed, so every reconnect yields a `subscribe` push.
     heartbeat_channel: String,
@@ -161,6 +166,7 @@ impl RedisBackend {
             subscriptions: tokio::sync::Mutex::new(()),
             channels: DashMap::new(),
             alone_until: DashMap::new(),
+            hello_at: DashMap::new(),
             receiving: AtomicBool::new(false),
             heartbeat_channel,
             publish_tx,
@@ -293,14 +299,17 @@ impl Shared {
             return;
         };
         match payload.split_first() {
-            Some((b'D', rest)) => {
-                // D<node id>\n<frame>, or D<frame> from a node of an older version.
-                // (Frames are JSON and node ids hex: neither holds a raw newline.)
-                let frame = match rest.iter().position(|b| *b == b'\n') {
+            // d<node id>\n<frame> (frames are JSON and node ids hex: neither
+            // holds a raw newline), or D<frame> from a node of an older version.
+            // A new letter, so that older nodes ignore the new format during a
+            // rolling restart instead of sending it to their sockets.
+            Some((tag @ (b'd' | b'D'), rest)) => {
+                let frame = match (tag, rest.iter().position(|b| *b == b'\n')) {
+                    (b'D', _) => rest,
                     // Delivered locally when it was published.
-                    Some(end) if &rest[..end] == self.node_id.as_bytes() => return,
-                    Some(end) => &rest[end + 1..],
-                    None => rest,
+                    (_, Some(end)) if &rest[..end] == self.node_id.as_bytes() => return,
+                    (_, Some(end)) => &rest[end + 1..],
+                    (_, None) => return,
                 };
                 match String::from_utf8(frame.to_vec()) {
                     Ok(frame) => self.router.deliver_frame(&key, Utf8Bytes::from(frame)),
@@ -309,7 +318,9 @@ impl Shared {
             }
             // Another node started listening: publish this conversation's deltas again.
             Some((b'H', _)) => {
-                self.alone_until.remove(std::str::from_utf8(&channel).unwrap_or_default());
+                let channel = std::str::from_utf8(&channel).unwrap_or_default();
+                self.alone_until.remove(channel);
+                self.hello_at.insert(channel.to_owned(), std::time::Instant::now());
             }
             Some((b'E', rest)) => {
                 // E<origin>\n<timing JSON or nothing>\n<event JSON>
@@ -328,10 +339,15 @@ impl Shared {
         }
     }
 
-    /// Records, from PUBLISH replies, which channels reached no other node.
-    fn note_receivers(&self, replies: impl Iterator<Item = (String, i64)>) {
+    /// Records, from the replies to PUBLISHes sent at `sent_at`, which
+    /// channels reached no other node.
+    fn note_receivers(&self, sent_at: std::time::Instant, replies: impl Iterator<Item = (String, i64)>) {
         let now = std::time::Instant::now();
         for (channel, receivers) in replies {
+            if self.hello_at.get(&channel).is_some_and(|hello| *hello >= sent_at) {
+                // Someone started listening after this PUBLISH went out.
+                continue;
+            }
             // This node's own subscriber is one of the receivers, if it works.
             let here = self.receiving.load(Ordering::Acquire) && self.channels.contains_key(&channel);
             if receivers - i64::from(here) <= 0 {
@@ -340,6 +356,14 @@ impl Shared {
                 self.alone_until.remove(&channel);
             }
         }
+    }
+
+    /// Drops the bookkeeping entries that no longer mean anything (called
+    /// every heartbeat), so neither map grows with conversations.
+    fn forget_expired(&self) {
+        let now = std::time::Instant::now();
+        self.alone_until.retain(|_, until| *until > now);
+        self.hello_at.retain(|_, at| now.duration_since(*at) < ALONE_RECHECK);
     }
 
     fn origin_of(&self, session: Option<SessionId>) -> String {
@@ -381,6 +405,7 @@ async fn run_dispatcher(shared: Arc<Shared>, mut pushes: mpsc::UnboundedReceiver
                 None => return,
             },
             _ = heartbeat.tick() => {
+                shared.forget_expired();
                 // A PING on the subscriber connection: fails (and makes the
                 // manager reconnect and resubscribe) if the link is dead.
                 let mut con = shared.subscriber.clone();
@@ -445,8 +470,9 @@ async fn run_publisher(shared: Arc<Shared>, mut queue: mpsc::Receiver<Publish>, 
             }
         }
         if !pipe.is_empty() {
+            let sent_at = std::time::Instant::now();
             match pipe.query_async::<Vec<i64>>(&mut con).await {
-                Ok(receivers) => shared.note_receivers(published.drain(..).zip(receivers)),
+                Ok(receivers) => shared.note_receivers(sent_at, published.drain(..).zip(receivers)),
                 Err(error) => debug!(%error, "deltas not published"),
             }
         }
@@ -511,7 +537,7 @@ impl Backend for RedisBackend {
     ) -> Result<Snapshot, BackendError> {
         let shared = &self.shared;
         let session_id = session.id;
-        {
+        let subscribed = {
             let _guard = shared.subscriptions.lock().await;
             if shared.router.join(key, session) {
                 let channel = shared.keys.channel(key);
@@ -522,20 +548,31 @@ impl Backend for RedisBackend {
                     shared.channels.remove(&channel);
                     return Err(error);
                 }
-                // Tells nodes streaming into this conversation to publish its deltas again.
-                let mut con = shared.commands.clone();
-                if let Err(error) =
-                    shared.call(redis::cmd("PUBLISH").arg(&channel).arg("H").query_async::<i64>(&mut con)).await
-                {
-                    debug!(%error, "could not announce the new listener; deltas resume within a second");
-                }
+                Some(channel)
+            } else {
+                None
+            }
+        };
+        if let Some(channel) = &subscribed {
+            // Tells nodes streaming into this conversation to publish its
+            // deltas again (outside the lock: other attaches need not wait for it).
+            let mut con = shared.commands.clone();
+            if let Err(error) =
+                shared.call(redis::cmd("PUBLISH").arg(channel).arg("H").query_async::<i64>(&mut con)).await
+            {
+                debug!(%error, "could not announce the new listener; deltas resume within a second");
             }
         }
         // Subscribed first, read second: nothing falls between; duplicates
         // are dropped by the session's writer.
         let read = shared.read_after(key, after.unwrap_or(u64::MAX)).await;
         match read {
-            Ok(Some((last_seq, epoch, missed))) => Ok(Snapshot { last_seq, epoch, missed }),
+            Ok(Some((last_seq, epoch, missed))) => {
+                if subscribed.is_some() {
+                    shared.router.delivered_up_to(key, last_seq);
+                }
+                Ok(Snapshot { last_seq, epoch, missed })
+            }
             Ok(None) => {
                 self.detach(key, session_id).await;
                 Err(BackendError::ConversationNotFound)
@@ -636,7 +673,7 @@ impl Backend for RedisBackend {
                     cancelled: event.cancelled,
                     at_ms,
                 };
-                shared.router.deliver_event(key, &stored, origin, event.timing.as_ref());
+                shared.router.deliver_appended(key, &stored, origin, event.timing.as_ref());
                 Ok(Appended::New(seq))
             }
             (0, seq) => Ok(Appended::Duplicate(seq)),
@@ -665,10 +702,10 @@ impl Backend for RedisBackend {
             self.shared.router.deliver_frame(key, frame);
             return;
         }
-        // D<node id>\n<frame>: the node id lets this node skip its own echo.
+        // d<node id>\n<frame>: the node id lets this node skip its own echo.
         let node_id = self.shared.node_id.as_bytes();
         let mut payload = Vec::with_capacity(frame.as_str().len() + node_id.len() + 2);
-        payload.push(b'D');
+        payload.push(b'd');
         payload.extend_from_slice(node_id);
         payload.push(b'\n');
         payload.extend_from_slice(frame.as_str().as_bytes());

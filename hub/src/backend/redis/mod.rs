@@ -254,15 +254,29 @@ impl Shared {
         self.call(invocation.invoke_async::<i64>(&mut con)).await.map(drop)
     }
 
-    /// Refreshes the retention of a conversation's keys and the user's pointer to it.
+    /// Refreshes the retention of a conversation's keys and the user's
+    /// pointer to it, in one round trip (not atomic: the pointer lives in
+    /// another cluster slot; should the link drop between its HSET and
+    /// EXPIRE, the next refresh sets the expiry).
     async fn refresh(&self, user: &UserId, key: &ConversationKey) -> Result<(), BackendError> {
         let mut con = self.commands.clone();
         let mut pipe = redis::pipe();
         for name in [self.keys.meta(key), self.keys.log(key), self.keys.message_ids(key)] {
             pipe.cmd("EXPIRE").arg(name).arg(self.retention_secs).ignore();
         }
-        self.call(pipe.query_async::<()>(&mut con)).await?;
-        self.set_latest(&key.tenant, user, &key.conversation).await
+        let latest = self.keys.latest(&key.tenant, user);
+        pipe.cmd("HSET")
+            .arg(&latest)
+            .arg("conversation")
+            .arg(key.conversation.as_str())
+            .arg("last_active_ms")
+            .arg(now_ms())
+            .ignore()
+            .cmd("EXPIRE")
+            .arg(&latest)
+            .arg(self.retention_secs)
+            .ignore();
+        self.call(pipe.query_async::<()>(&mut con)).await
     }
 
     async fn set_latest(

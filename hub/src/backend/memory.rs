@@ -169,16 +169,7 @@ impl Backend for MemoryBackend {
         }
         let event_timing = event.timing;
         log.last_seq += 1;
-        let stored = Arc::new(StoredEvent {
-            seq: log.last_seq,
-            from: event.from,
-            id: event.id,
-            text: event.text,
-            fallback: event.fallback,
-            interrupted: event.interrupted,
-            cancelled: event.cancelled,
-            at_ms: now_ms(),
-        });
+        let stored = Arc::new(event.stored(log.last_seq, now_ms()));
         if stored.from == Role::Customer {
             log.customer_ids.insert(stored.id.clone(), stored.seq);
         }

@@ -85,6 +85,20 @@ impl NewEvent {
     pub fn customer(id: String, text: String) -> Self {
         Self { from: Role::Customer, id, text, fallback: false, interrupted: false, cancelled: false, timing: None }
     }
+
+    /// The event as stored with its seq and time (the timing is not stored).
+    pub fn stored(self, seq: u64, at_ms: u64) -> StoredEvent {
+        StoredEvent {
+            seq,
+            from: self.from,
+            id: self.id,
+            text: self.text,
+            fallback: self.fallback,
+            interrupted: self.interrupted,
+            cancelled: self.cancelled,
+            at_ms,
+        }
+    }
 }
 
 /// The outcome of an append.

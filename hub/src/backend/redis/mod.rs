@@ -264,18 +264,7 @@ impl Shared {
         for name in [self.keys.meta(key), self.keys.log(key), self.keys.message_ids(key)] {
             pipe.cmd("EXPIRE").arg(name).arg(self.retention_secs).ignore();
         }
-        let latest = self.keys.latest(&key.tenant, user);
-        pipe.cmd("HSET")
-            .arg(&latest)
-            .arg("conversation")
-            .arg(key.conversation.as_str())
-            .arg("last_active_ms")
-            .arg(now_ms())
-            .ignore()
-            .cmd("EXPIRE")
-            .arg(&latest)
-            .arg(self.retention_secs)
-            .ignore();
+        self.point_latest(&mut pipe, &key.tenant, user, &key.conversation);
         self.call(pipe.query_async::<()>(&mut con)).await
     }
 
@@ -285,11 +274,22 @@ impl Shared {
         user: &UserId,
         conversation: &ConversationId,
     ) -> Result<(), BackendError> {
-        let latest = self.keys.latest(tenant, user);
         let mut con = self.commands.clone();
         let mut pipe = redis::pipe();
-        pipe.atomic()
-            .cmd("HSET")
+        self.point_latest(pipe.atomic(), tenant, user, conversation);
+        self.call(pipe.query_async::<()>(&mut con)).await
+    }
+
+    /// Adds to `pipe`: the user's pointer to its latest conversation, active now.
+    fn point_latest(
+        &self,
+        pipe: &mut redis::Pipeline,
+        tenant: &TenantId,
+        user: &UserId,
+        conversation: &ConversationId,
+    ) {
+        let latest = self.keys.latest(tenant, user);
+        pipe.cmd("HSET")
             .arg(&latest)
             .arg("conversation")
             .arg(conversation.as_str())
@@ -300,7 +300,6 @@ impl Shared {
             .arg(&latest)
             .arg(self.retention_secs)
             .ignore();
-        self.call(pipe.query_async::<()>(&mut con)).await
     }
 
     /// Hands one pushed message to the router.
@@ -677,17 +676,9 @@ impl Backend for RedisBackend {
         match shared.call(invocation.invoke_async::<(i64, u64)>(&mut con)).await? {
             (1, seq) => {
                 // This node's sockets get it now; the echo through pub/sub is dropped by seq.
-                let stored = StoredEvent {
-                    seq,
-                    from: event.from,
-                    id: event.id,
-                    text: event.text,
-                    fallback: event.fallback,
-                    interrupted: event.interrupted,
-                    cancelled: event.cancelled,
-                    at_ms,
-                };
-                shared.router.deliver_appended(key, &stored, origin, event.timing.as_ref());
+                let timing = event.timing;
+                let stored = event.stored(seq, at_ms);
+                shared.router.deliver_appended(key, &stored, origin, timing.as_ref());
                 Ok(Appended::New(seq))
             }
             (0, seq) => Ok(Appended::Duplicate(seq)),

@@ -123,8 +123,7 @@ impl Replier {
             index: 0,
         };
         let before_nlp = question.received.elapsed();
-        let mut completed_call = None;
-        let ending = self.stream(&request, &mut reply, &cancel, question.timing, &mut completed_call).await;
+        let (ending, completed_call) = self.stream(&request, &mut reply, &cancel, question.timing).await;
         if ending.fallback {
             let texts = self.tenant_fallback.get(key.tenant.as_str()).unwrap_or(&self.fallback);
             let polite = if mostly_cjk(&question.text) { &texts.zh } else { &texts.en };
@@ -161,39 +160,36 @@ impl Replier {
     }
 
     /// `measure`: time each token's relay (only for replies that report `timing`).
-    /// A call that delivered its finish chunk is handed back in `completed`
-    /// rather than finished here, so the `reply.done` does not wait for the
-    /// stream's trailers.
+    /// A call that delivered its finish chunk is handed back rather than
+    /// finished here, so the `reply.done` does not wait for the stream's trailers.
     async fn stream(
         &self,
         request: &AnswerRequest,
         reply: &mut ReplyStream<'_>,
         cancel: &CancellationToken,
         measure: bool,
-        completed: &mut Option<ActiveCall>,
-    ) -> Ending {
+    ) -> (Ending, Option<ActiveCall>) {
         // One waiter for the whole reply, not one registration per token.
         let cancelled = cancel.cancelled();
         tokio::pin!(cancelled);
         let queued_reply = &*reply;
         let mut on_queued = |position| queued_reply.queued(position);
         let started = tokio::select! {
-            _ = &mut cancelled => return Ending { cancelled: true, ..Ending::default() },
+            _ = &mut cancelled => return (Ending { cancelled: true, ..Ending::default() }, None),
             started = self.nlp.start(&queued_reply.key.tenant, request, &mut on_queued) => started,
         };
         let mut call = match started {
             Ok(call) => call,
-            // Admission refusals are the designed answer to overload: counted,
-            // not logged one line per question (a 15x peak would flood the log).
-            Err(error @ (StartError::Overloaded | StartError::QueueTimeout)) => {
-                debug!(%error, "no NLP slot; sending the fallback");
-                metrics::counter!("fengda_hub_nlp_fallbacks_total", "reason" => error.reason()).increment(1);
-                return Ending { fallback: true, ..Ending::default() };
-            }
             Err(error) => {
-                warn!(%error, "no NLP answer; sending the fallback");
+                // Admission refusals are the designed answer to overload:
+                // counted, not logged per question (a 15x peak would flood the log).
+                if matches!(error, StartError::Overloaded | StartError::QueueTimeout) {
+                    debug!(%error, "no NLP slot; sending the fallback");
+                } else {
+                    warn!(%error, "no NLP answer; sending the fallback");
+                }
                 metrics::counter!("fengda_hub_nlp_fallbacks_total", "reason" => error.reason()).increment(1);
-                return Ending { fallback: true, ..Ending::default() };
+                return (Ending { fallback: true, ..Ending::default() }, None);
             }
         };
         let mut times = Ending { queue_wait: call.queue_wait, first_token: call.first_token, ..Ending::default() };
@@ -202,7 +198,7 @@ impl Replier {
                 _ = &mut cancelled => {
                     // Dropping the stream resets it: that is how the bridge learns to stop.
                     drop(call);
-                    return Ending { cancelled: true, ..times };
+                    return (Ending { cancelled: true, ..times }, None);
                 }
                 next = call.next() => next,
             };
@@ -218,8 +214,7 @@ impl Replier {
                         }
                     }
                     if chunk.finish != 0 {
-                        *completed = Some(call);
-                        return times;
+                        return (times, Some(call));
                     }
                     continue;
                 }
@@ -229,7 +224,7 @@ impl Replier {
             warn!(error = %failure, tokens = reply.index, "NLP stream broke; completing with the fallback");
             metrics::counter!("fengda_hub_nlp_fallbacks_total", "reason" => "interrupted").increment(1);
             call.finish(false).await;
-            return Ending { fallback: true, interrupted: reply.index > 0, ..times };
+            return (Ending { fallback: true, interrupted: reply.index > 0, ..times }, None);
         }
     }
 }

@@ -103,8 +103,6 @@ pub fn run(socket: WebSocket, params: SessionParams, app: Arc<AppState>) -> impl
             )
             .in_current_span(),
         );
-        // Boxed questions: the channel's first block (32 slots) is allocated
-        // up front, and most sockets never ask anything.
         let replies = Replies {
             app: app.clone(),
             key: key.clone(),

@@ -193,8 +193,13 @@ impl NlpPool {
                 record(&endpoint, false);
             }
             let backoff = self.backoff(attempt);
-            let retryable =
-                matches!(status.code(), Code::Unavailable | Code::DeadlineExceeded | Code::ResourceExhausted);
+            // CANCELLED is never the hub's own doing here (the hub cancels by
+            // dropping the call): it is the connection closing under the
+            // request, e.g. a bridge that just died, so another endpoint may answer.
+            let retryable = matches!(
+                status.code(),
+                Code::Unavailable | Code::DeadlineExceeded | Code::ResourceExhausted | Code::Cancelled
+            );
             if !retryable || attempt >= self.max_attempts || Instant::now() + backoff >= deadline {
                 return Err(StartError::Failed(status));
             }

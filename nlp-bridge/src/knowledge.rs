@@ -20,7 +20,7 @@
 //! should not be penalised for it. Only entries of the
 //! request's tenant and shared (`"*"`) entries are ever scored.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::path::Path;
 
 use serde::Deserialize;
@@ -99,6 +99,10 @@ struct KnowledgeFile {
     entries: Vec<Entry>,
 }
 
+/// foldhash, not SipHash: every lookup hashes each term of the question and
+/// its history a few times, and the keys come from our own file.
+type HashMap<K, V> = std::collections::HashMap<K, V, foldhash::fast::RandomState>;
+
 /// An entry's index: its terms with their IDF, and the vector norm.
 #[derive(Debug)]
 struct EntryIndex {
@@ -124,6 +128,10 @@ pub struct KnowledgeBase {
     entries: Vec<Entry>,
     index: Vec<EntryIndex>,
     idf: HashMap<String, f64>,
+    /// The known terms of each entry's answer, by answer text: the assistant
+    /// turns of a history are mostly our own answers, and extracting their
+    /// terms on every lookup was most of the answerer's work.
+    answer_terms: HashMap<String, Vec<String>>,
     /// IDF of a term no entry contains: that of a term in one entry (an
     /// unseen word is rare, but no rarer than the rarest we know).
     unknown_idf: f64,
@@ -173,7 +181,7 @@ impl KnowledgeBase {
         }
 
         let n = file.entries.len() as f64;
-        let mut df: HashMap<&str, usize> = HashMap::new();
+        let mut df: HashMap<&str, usize> = HashMap::default();
         for set in &entry_terms {
             for term in set {
                 *df.entry(term.as_str()).or_default() += 1;
@@ -196,7 +204,12 @@ impl KnowledgeBase {
                 EntryIndex { terms, canonical, canonical_mass }
             })
             .collect();
-        Ok(Self { entries: file.entries, index, idf, unknown_idf: idf_of(1) })
+        let mut answer_terms = HashMap::default();
+        for answer in file.entries.iter().map(|e| e.answer.as_str()).chain([DEFAULT_ANSWER_EN, DEFAULT_ANSWER_ZH]) {
+            let known = terms(answer).into_iter().filter(|term| idf.contains_key(term)).collect();
+            answer_terms.insert(answer.to_owned(), known);
+        }
+        Ok(Self { entries: file.entries, index, idf, answer_terms, unknown_idf: idf_of(1) })
     }
 
     pub fn entries(&self) -> &[Entry] {
@@ -226,7 +239,7 @@ impl KnowledgeBase {
 
     /// Finds the best entry of `tenant` (or shared) for `question`, using
     /// `history` (oldest first) to break ties between candidates.
-    pub fn lookup(&self, tenant: &str, question: &str, history: &[HistoryTurn]) -> Lookup<'_> {
+    pub fn lookup<'a>(&'a self, tenant: &str, question: &str, history: &[HistoryTurn]) -> Lookup<'a> {
         let lang = Lang::detect(question);
         let question_terms = terms(question);
         let question_mass: f64 = question_terms.iter().map(|t| self.question_idf(t)).sum();
@@ -234,11 +247,21 @@ impl KnowledgeBase {
             return Lookup::NoMatch { lang };
         }
 
-        let mut query: HashMap<String, f64> = HashMap::new();
+        // Only terms some entry has can score, so the query keeps just those,
+        // keyed by the vocabulary's own strings.
+        let mut query: HashMap<&str, f64> = HashMap::default();
         let mut add = |text: &str, weight: f64| {
-            for term in terms(text) {
+            let mut add_known = |term: &'a str| {
                 let slot = query.entry(term).or_insert(0.0);
                 *slot = slot.max(weight);
+            };
+            match self.answer_terms.get(text) {
+                Some(known) => known.iter().for_each(|term| add_known(term)),
+                None => for_each_term(text, |term| {
+                    if let Some((known, _)) = self.idf.get_key_value(term) {
+                        add_known(known);
+                    }
+                }),
             }
         };
         add(question, QUESTION_WEIGHT);
@@ -263,7 +286,7 @@ impl KnowledgeBase {
             if coverage < MIN_COVERAGE {
                 continue;
             }
-            let dot: f64 = query.iter().filter_map(|(term, w)| index.terms.get(term).map(|idf| w * idf * idf)).sum();
+            let dot: f64 = query.iter().filter_map(|(term, w)| index.terms.get(*term).map(|idf| w * idf * idf)).sum();
             let canonical: f64 =
                 index.canonical.iter().filter(|t| question_terms.contains(t)).map(|t| self.idf(t)).sum();
             let canonical = canonical / index.canonical_mass.max(f64::EPSILON);
@@ -279,10 +302,10 @@ impl KnowledgeBase {
     }
 }
 
-/// English words that carry no meaning for matching.
+/// English words that carry no meaning for matching, sorted (binary search).
 const STOPWORDS: &[&str] = &[
     "a", "about", "am", "an", "and", "any", "are", "as", "at", "be", "but", "by", "can", "could", "did", "do", "does",
-    "for", "from", "have", "has", "how", "i", "if", "in", "is", "it", "its", "me", "my", "of", "on", "or", "our",
+    "for", "from", "has", "have", "how", "i", "if", "in", "is", "it", "its", "me", "my", "of", "on", "or", "our",
     "please", "should", "so", "that", "the", "there", "this", "to", "us", "was", "we", "were", "what", "when", "which",
     "will", "with", "would", "you", "your",
 ];
@@ -310,66 +333,85 @@ pub fn is_cjk(c: char) -> bool {
 pub fn terms(text: &str) -> Vec<String> {
     let mut out = Vec::new();
     let mut seen = HashSet::new();
-    let mut push = |term: String| {
-        if seen.insert(term.clone()) {
-            out.push(term);
+    for_each_term(text, |term| {
+        if !seen.contains(term) {
+            seen.insert(term.to_owned());
+            out.push(term.to_owned());
         }
-    };
+    });
+    out
+}
+
+/// Calls `f` with every term of `text` (see [`terms`]), repeats included,
+/// without allocating per term: lookups score several history turns per
+/// question, and building a `String` for each of their terms was most of
+/// the answerer's work.
+pub fn for_each_term(text: &str, mut f: impl FnMut(&str)) {
     let mut word = String::new();
     let mut run: Vec<char> = Vec::new();
-    let flush_word = |word: &mut String, push: &mut dyn FnMut(String)| {
+    let flush_word = |word: &mut String, f: &mut dyn FnMut(&str)| {
         if let Some(term) = normalize_word(word) {
-            push(term);
+            f(term);
         }
         word.clear();
     };
-    let flush_run = |run: &mut Vec<char>, push: &mut dyn FnMut(String)| {
+    let flush_run = |run: &mut Vec<char>, f: &mut dyn FnMut(&str)| {
+        let mut buf = [0u8; 8];
         for (i, &c) in run.iter().enumerate() {
             if !CJK_STOP_CHARS.contains(&c) {
-                push(c.to_string());
+                f(c.encode_utf8(&mut buf));
             }
             if let Some(&next) = run.get(i + 1) {
-                push([c, next].iter().collect());
+                let first = c.encode_utf8(&mut buf).len();
+                let second = next.encode_utf8(&mut buf[first..]).len();
+                // Both halves are whole characters, so this never fails.
+                if let Ok(pair) = std::str::from_utf8(&buf[..first + second]) {
+                    f(pair);
+                }
             }
         }
         run.clear();
     };
     for c in text.chars() {
         if is_cjk(c) {
-            flush_word(&mut word, &mut push);
+            flush_word(&mut word, &mut f);
             if CJK_PARTICLES.contains(&c) {
-                flush_run(&mut run, &mut push);
+                flush_run(&mut run, &mut f);
             } else {
                 run.push(c);
             }
         } else if c.is_alphanumeric() {
-            flush_run(&mut run, &mut push);
-            word.extend(c.to_lowercase());
+            flush_run(&mut run, &mut f);
+            if c.is_ascii() {
+                word.push(c.to_ascii_lowercase());
+            } else {
+                word.extend(c.to_lowercase());
+            }
         } else {
-            flush_word(&mut word, &mut push);
-            flush_run(&mut run, &mut push);
+            flush_word(&mut word, &mut f);
+            flush_run(&mut run, &mut f);
         }
     }
-    flush_word(&mut word, &mut push);
-    flush_run(&mut run, &mut push);
-    out
+    flush_word(&mut word, &mut f);
+    flush_run(&mut run, &mut f);
 }
 
-fn normalize_word(word: &str) -> Option<String> {
-    if word.is_empty() || STOPWORDS.contains(&word) {
+/// The term of one lowercase word, if it is one.
+fn normalize_word(word: &str) -> Option<&str> {
+    if word.is_empty() || STOPWORDS.binary_search(&word).is_ok() {
         return None;
     }
     let mut chars = word.chars();
     if let (Some(c), None) = (chars.next(), chars.next()) {
         // Single letters ("s" of "what's") say nothing; single digits might.
-        return c.is_numeric().then(|| word.to_owned());
+        return c.is_numeric().then_some(word);
     }
     let plural = word.len() > 3
         && word.ends_with('s')
         && !word.ends_with("ss")
         && !word.ends_with("us")
         && !word.ends_with("is");
-    Some(if plural { word[..word.len() - 1].to_owned() } else { word.to_owned() })
+    Some(if plural { &word[..word.len() - 1] } else { word })
 }
 
 #[cfg(test)]
@@ -393,6 +435,11 @@ mod tests {
 
     fn assistant(kb: &KnowledgeBase, id: &str) -> HistoryTurn {
         HistoryTurn::new(TurnRole::Assistant, kb.entry(id).unwrap().answer.clone())
+    }
+
+    #[test]
+    fn stopwords_are_sorted_for_binary_search() {
+        assert!(STOPWORDS.is_sorted());
     }
 
     #[test]

@@ -1,11 +1,12 @@
 //! The built-in answerer: deterministic, offline, paced like an LLM.
 //!
-//! It looks the question up in the [`KnowledgeBase`], splits the chosen
-//! answer (or the polite default) into word-sized tokens with
-//! [`split_tokens`], and streams them at the configured pace. It exists so
+//! It looks the question up in the [`KnowledgeBase`] and streams the chosen
+//! answer (or the polite default) as word-sized tokens ([`split_tokens`],
+//! done once per answer at load) at the configured pace. It exists so
 //! the hub, the demo and the load tests have a realistic token stream without
 //! a model; an LLM backend implements the same [`AnswerBackend`] trait.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -15,7 +16,7 @@ use futures::stream;
 use super::{AnswerBackend, BackendRequest, Finish, Token, TokenStream};
 use crate::config::AnswererConfig;
 use crate::error::BridgeError;
-use crate::knowledge::{KnowledgeBase, Lookup, default_answer, is_cjk};
+use crate::knowledge::{KnowledgeBase, Lang, Lookup, default_answer, is_cjk};
 
 /// The FAQ answerer. Cheap to share: the knowledge base sits behind an `Arc`.
 #[derive(Clone, Debug)]
@@ -25,6 +26,8 @@ pub struct BuiltinBackend {
     first_token_delay: Option<Duration>,
     /// Sleep before every later token; `None` = no timer at all.
     token_interval: Option<Duration>,
+    /// Every answer of the knowledge base (and the defaults), split once.
+    answer_tokens: Arc<HashMap<String, Arc<[String]>, foldhash::fast::RandomState>>,
 }
 
 impl BuiltinBackend {
@@ -40,7 +43,17 @@ impl BuiltinBackend {
 
     /// Uses an already loaded knowledge base (ignores `config.knowledge_base`).
     pub fn with_knowledge(knowledge: Arc<KnowledgeBase>, config: &AnswererConfig) -> Self {
-        Self { knowledge, first_token_delay: config.first_token_delay(), token_interval: config.token_interval() }
+        let answers = knowledge.entries().iter().map(|entry| entry.answer.as_str());
+        let answer_tokens = answers
+            .chain([default_answer(Lang::En), default_answer(Lang::Zh)])
+            .map(|answer| (answer.to_owned(), split_tokens(answer).into()))
+            .collect();
+        Self {
+            knowledge,
+            first_token_delay: config.first_token_delay(),
+            token_interval: config.token_interval(),
+            answer_tokens: Arc::new(answer_tokens),
+        }
     }
 
     pub fn knowledge(&self) -> &Arc<KnowledgeBase> {
@@ -48,16 +61,16 @@ impl BuiltinBackend {
     }
 
     /// The answer text and finish reason this backend gives to `request`.
-    pub fn resolve(&self, request: &BackendRequest) -> (String, Finish) {
+    pub fn resolve(&self, request: &BackendRequest) -> (&str, Finish) {
         let lookup = self.knowledge.lookup(request.tenant.as_str(), &request.question, &request.history);
         match lookup {
             Lookup::Match { entry, coverage } => {
                 tracing::debug!(entry = %entry.id, coverage, "knowledge base match");
-                (entry.answer.clone(), Finish::Stop)
+                (&entry.answer, Finish::Stop)
             }
             Lookup::NoMatch { lang } => {
                 tracing::debug!(?lang, "no knowledge base match");
-                (default_answer(lang).to_owned(), Finish::NoMatch)
+                (default_answer(lang), Finish::NoMatch)
             }
         }
     }
@@ -66,7 +79,9 @@ impl BuiltinBackend {
 impl AnswerBackend for BuiltinBackend {
     fn answer(&self, request: BackendRequest) -> TokenStream {
         let (answer, finish) = self.resolve(&request);
-        let tokens = split_tokens(&answer).into_iter().map(Token::Text).chain([Token::End(finish)]);
+        let split = self.answer_tokens.get(answer).cloned().unwrap_or_else(|| split_tokens(answer).into());
+        let texts = (0..split.len()).map(move |i| Token::Text(split[i].clone()));
+        let tokens = texts.chain([Token::End(finish)]);
         let (first, interval) = (self.first_token_delay, self.token_interval);
         if first.is_none() && interval.is_none() {
             return stream::iter(tokens.map(Ok)).boxed();

@@ -194,13 +194,16 @@ impl Replier {
         };
         let mut times = Ending { queue_wait: call.queue_wait, first_token: call.first_token, ..Ending::default() };
         loop {
+            // The stream first: a cancel is seen as soon as no chunk is ready,
+            // and a reply's tokens do not pay for a cancellation check each.
             let next = tokio::select! {
+                biased;
+                next = call.next() => next,
                 _ = &mut cancelled => {
                     // Dropping the stream resets it: that is how the bridge learns to stop.
                     drop(call);
                     return (Ending { cancelled: true, ..times }, None);
                 }
-                next = call.next() => next,
             };
             let failure = match next {
                 Ok(Some(chunk)) => {

@@ -235,37 +235,65 @@ impl ServerFrame<'_> {
 #[derive(Debug)]
 pub struct DeltaEncoder {
     /// `{"type":"reply.delta","conversation":"…","reply":"…","index":`
-    prefix: Vec<u8>,
+    prefix: String,
 }
 
 impl DeltaEncoder {
     pub fn new(conversation: &str, reply: &str) -> Self {
-        let mut prefix = Vec::with_capacity(64 + conversation.len() + reply.len());
-        prefix.extend_from_slice(br#"{"type":"reply.delta","conversation":"#);
+        let mut prefix = String::with_capacity(64 + conversation.len() + reply.len());
+        prefix.push_str(r#"{"type":"reply.delta","conversation":"#);
         push_json_string(&mut prefix, conversation);
-        prefix.extend_from_slice(br#","reply":"#);
+        prefix.push_str(r#","reply":"#);
         push_json_string(&mut prefix, reply);
-        prefix.extend_from_slice(br#","index":"#);
+        prefix.push_str(r#","index":"#);
         Self { prefix }
     }
 
     pub fn encode(&self, index: u32, text: &str) -> Utf8Bytes {
         // Room for the index, the field name, quotes and a few escapes.
-        let mut out = Vec::with_capacity(self.prefix.len() + text.len() + 32);
-        out.extend_from_slice(&self.prefix);
-        out.extend_from_slice(itoa::Buffer::new().format(index).as_bytes());
-        out.extend_from_slice(br#","text":"#);
+        let mut out = String::with_capacity(self.prefix.len() + text.len() + 32);
+        out.push_str(&self.prefix);
+        out.push_str(itoa::Buffer::new().format(index));
+        out.push_str(r#","text":"#);
         push_json_string(&mut out, text);
-        out.push(b'}');
-        // Only UTF-8 went in: the prefix and JSON string escapes of `&str`s.
-        Utf8Bytes::from(String::from_utf8(out).expect("JSON of UTF-8 strings is UTF-8"))
+        out.push('}');
+        Utf8Bytes::from(out)
     }
 }
 
-/// Appends `text` as a quoted, escaped JSON string.
-fn push_json_string(out: &mut Vec<u8>, text: &str) {
-    // Writing a `&str` into a `Vec` cannot fail.
-    serde_json::to_writer(out, text).expect("a string always serializes");
+/// Appends `text` as a quoted JSON string, escaped exactly as `serde_json`
+/// escapes it (so both encoders give the same bytes). Written out rather
+/// than going through `serde_json::to_writer`: this runs for every token, and
+/// tokens rarely need an escape, so the common case is one copy.
+fn push_json_string(out: &mut String, text: &str) {
+    out.push('"');
+    let mut start = 0;
+    for (i, byte) in text.bytes().enumerate() {
+        let escape = match byte {
+            b'"' => "\\\"",
+            b'\\' => "\\\\",
+            b'\n' => "\\n",
+            b'\r' => "\\r",
+            b'\t' => "\\t",
+            0x08 => "\\b",
+            0x0c => "\\f",
+            0x00..=0x1f => "",
+            _ => continue,
+        };
+        // `i` is an ASCII byte, so both slices end on character boundaries.
+        out.push_str(&text[start..i]);
+        if escape.is_empty() {
+            const HEX: &[u8; 16] = b"0123456789abcdef";
+            out.push_str("\\u00");
+            out.push(char::from(HEX[usize::from(byte >> 4)]));
+            out.push(char::from(HEX[usize::from(byte & 0xf)]));
+        } else {
+            out.push_str(escape);
+        }
+        start = i + 1;
+    }
+    out.push_str(&text[start..]);
+    out.push('"');
 }
 
 #[cfg(test)]
@@ -328,6 +356,13 @@ mod tests {
         for (index, text) in
             [(0, "Hi"), (7, " \"quoted\" \\ back"), (41, "line\nbreak\t\u{1}"), (u32::MAX, "金卡 ✓ 🎉"), (3, "")]
         {
+            let expected = ServerFrame::ReplyDelta { conversation: "conv-1", reply: "r-\"odd\"", index, text }.encode();
+            assert_eq!(encoder.encode(index, text), expected);
+        }
+        // Every ASCII byte, control characters and DEL included, escapes as serde_json does.
+        let ascii: String = (0u8..=0x7f).map(char::from).collect();
+        for text in [ascii.as_str(), "\u{1f}x\u{7f}\"\\é\u{2028}"] {
+            let index = 1;
             let expected = ServerFrame::ReplyDelta { conversation: "conv-1", reply: "r-\"odd\"", index, text }.encode();
             assert_eq!(encoder.encode(index, text), expected);
         }

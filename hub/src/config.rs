@@ -51,8 +51,9 @@ pub struct RedisConfig {
     /// Prefix of every key and channel, one per deployment sharing a Redis.
     /// Default `fengda`.
     pub key_prefix: String,
-    /// Seconds a conversation is kept after its last activity. Default 604800 (7 days).
-    pub retention_secs: u64,
+    /// Overrides `conversation.retention_secs` for Redis keys (kept for
+    /// configs written before that key existed). Default unset.
+    pub retention_secs: Option<u64>,
     /// Deadline of each Redis call; past it the operation fails as
     /// `unavailable`. Default 2000 ms.
     pub command_timeout_ms: u64,
@@ -63,7 +64,7 @@ impl Default for RedisConfig {
         Self {
             url: "redis://127.0.0.1:6379".into(),
             key_prefix: "fengda".into(),
-            retention_secs: 7 * 24 * 3600,
+            retention_secs: None,
             command_timeout_ms: 2000,
         }
     }
@@ -110,6 +111,19 @@ pub struct ConversationConfig {
     /// long without activity starts a new conversation; the old one stays
     /// readable by id. Default 1800000 ms (30 minutes).
     pub idle_window_ms: u64,
+    /// Seconds a conversation (its history and its id) is kept after its
+    /// last activity with no socket open on it; then it is forgotten, and
+    /// resuming it gets `conversation_not_found`. Redis keys expire after
+    /// this long; the in-memory backend sweeps once a minute. Default
+    /// 604800 (7 days).
+    pub retention_secs: u64,
+}
+
+impl ConversationConfig {
+    /// Retention for the Redis backend's keys: `redis.retention_secs` if set.
+    pub fn redis_retention_secs(&self, redis: &RedisConfig) -> u64 {
+        redis.retention_secs.unwrap_or(self.retention_secs)
+    }
 }
 
 /// The gRPC NLP service: endpoints, deadlines, retries, breaker, admission.
@@ -227,7 +241,7 @@ impl Default for WebSocketConfig {
 
 impl Default for ConversationConfig {
     fn default() -> Self {
-        Self { history_turns: 10, log_cap: 1000, idle_window_ms: 30 * 60 * 1000 }
+        Self { history_turns: 10, log_cap: 1000, idle_window_ms: 30 * 60 * 1000, retention_secs: 7 * 24 * 3600 }
     }
 }
 
@@ -303,8 +317,11 @@ impl Config {
         if self.redis.key_prefix.is_empty() || self.redis.key_prefix.contains(['{', '}']) {
             return invalid("redis.key_prefix", "must be non-empty and free of { }");
         }
-        if self.redis.retention_secs == 0 {
+        if self.redis.retention_secs == Some(0) {
             return invalid("redis.retention_secs", "must be non-zero");
+        }
+        if self.conversation.retention_secs == 0 {
+            return invalid("conversation.retention_secs", "must be non-zero");
         }
         if self.redis.command_timeout_ms == 0 {
             return invalid("redis.command_timeout_ms", "must be non-zero");
@@ -362,7 +379,10 @@ pub struct ServeArgs {
     /// Prefix of Redis keys and channels [default: fengda] (key `redis.key_prefix`).
     #[arg(long, env = "FENGDA_REDIS_KEY_PREFIX")]
     pub redis_key_prefix: Option<String>,
-    /// Seconds conversations are kept after last activity [default: 604800] (key `redis.retention_secs`).
+    /// Seconds a conversation is kept after its last activity [default: 604800] (key `conversation.retention_secs`).
+    #[arg(long, env = "FENGDA_RETENTION_SECS")]
+    pub retention_secs: Option<u64>,
+    /// Overrides `--retention-secs` for Redis keys [default: unset] (key `redis.retention_secs`).
     #[arg(long, env = "FENGDA_REDIS_RETENTION_SECS")]
     pub redis_retention_secs: Option<u64>,
     /// Idle time after which a returning user starts a new conversation, ms [default: 1800000] (key `conversation.idle_window_ms`).
@@ -455,7 +475,10 @@ impl ServeArgs {
         set(&mut config.backend, self.backend);
         set(&mut config.redis.url, self.redis_url);
         set(&mut config.redis.key_prefix, self.redis_key_prefix);
-        set(&mut config.redis.retention_secs, self.redis_retention_secs);
+        if self.redis_retention_secs.is_some() {
+            config.redis.retention_secs = self.redis_retention_secs;
+        }
+        set(&mut config.conversation.retention_secs, self.retention_secs);
         set(&mut config.conversation.idle_window_ms, self.idle_window_ms);
         if let Some(urls) = self.nlp_url {
             config.nlp.url = None;

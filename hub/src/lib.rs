@@ -112,11 +112,16 @@ impl App {
         let tracker = TaskTracker::new();
         let shutdown = CancellationToken::new();
         let backend: Arc<dyn Backend> = match config.backend {
-            BackendKind::Memory => Arc::new(MemoryBackend::new(
-                router,
-                config.conversation.log_cap,
-                Duration::from_millis(config.conversation.idle_window_ms),
-            )),
+            BackendKind::Memory => {
+                let memory = Arc::new(MemoryBackend::new(
+                    router,
+                    config.conversation.log_cap,
+                    Duration::from_millis(config.conversation.idle_window_ms),
+                    Duration::from_secs(config.conversation.retention_secs),
+                ));
+                tracker.spawn(memory.clone().run_sweeper(shutdown.clone()));
+                memory
+            }
             BackendKind::Redis => Arc::new(
                 RedisBackend::connect(&config.redis, &config.conversation, router, &tracker, shutdown.clone()).await?,
             ),

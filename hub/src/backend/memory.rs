@@ -7,9 +7,12 @@
 //! `attach` takes the same lock to snapshot the log and join the router, so
 //! a new session cannot miss an event appended in between.
 //!
-//! State lives as long as the process. Logs are capped at `log_cap` events.
-//! A user who comes back after `idle_window` gets a new conversation; the
-//! old one stays readable by id.
+//! Logs are capped at `log_cap` events. A user who comes back after
+//! `idle_window` gets a new conversation; the old one stays readable by id
+//! until it has had no socket and no activity for `retention`: then the
+//! [`MemoryBackend::run_sweeper`] task forgets it, as Redis expires its keys.
+//! Without that a long-running node would keep every conversation it ever
+//! saw.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
@@ -18,6 +21,8 @@ use std::time::Duration;
 use async_trait::async_trait;
 use axum::extract::ws::Utf8Bytes;
 use dashmap::DashMap;
+use tokio_util::sync::CancellationToken;
+use tracing::debug;
 
 use super::{Appended, Backend, BackendError, NewEvent, Snapshot, StoredEvent, now_ms};
 use crate::ids::{ConversationId, ConversationKey, SessionId, TenantId, UserId, generate_token};
@@ -33,7 +38,11 @@ pub struct MemoryBackend {
     latest: DashMap<(TenantId, UserId), Latest>,
     log_cap: usize,
     idle_window: Duration,
+    retention: Duration,
 }
+
+/// How often the sweeper looks for conversations past their retention.
+const SWEEP_INTERVAL: Duration = Duration::from_secs(60);
 
 #[derive(Debug, Clone)]
 struct Latest {
@@ -46,6 +55,8 @@ struct ConversationLog {
     user: UserId,
     epoch: String,
     last_seq: u64,
+    /// Last open, attach, detach or append; retention counts from here.
+    last_active_ms: u64,
     /// The newest `log_cap` events, oldest first.
     events: VecDeque<Arc<StoredEvent>>,
     /// Seq of each customer message in `events`, by client message id: a
@@ -54,8 +65,51 @@ struct ConversationLog {
 }
 
 impl MemoryBackend {
-    pub fn new(router: Arc<Router>, log_cap: usize, idle_window: Duration) -> Self {
-        Self { router, conversations: DashMap::default(), latest: DashMap::new(), log_cap, idle_window }
+    pub fn new(router: Arc<Router>, log_cap: usize, idle_window: Duration, retention: Duration) -> Self {
+        Self { router, conversations: DashMap::default(), latest: DashMap::new(), log_cap, idle_window, retention }
+    }
+
+    /// Forgets expired conversations every [`SWEEP_INTERVAL`] until `shutdown`.
+    pub async fn run_sweeper(self: Arc<Self>, shutdown: CancellationToken) {
+        let mut tick = tokio::time::interval(SWEEP_INTERVAL);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tick.tick() => {
+                    let forgotten = self.sweep(now_ms());
+                    if forgotten > 0 {
+                        debug!(forgotten, "conversations past their retention forgotten");
+                        metrics::counter!("fengda_hub_conversations_expired_total").increment(forgotten as u64);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Forgets the conversations that have had no socket on them and no
+    /// activity since `retention` before `now_ms`, and users' pointers to
+    /// them. Returns how many conversations went.
+    fn sweep(&self, now_ms: u64) -> usize {
+        let cutoff = now_ms.saturating_sub(self.retention.as_millis() as u64);
+        let mut forgotten = 0;
+        self.conversations.retain(|key, log| {
+            let keep = lock(log).last_active_ms > cutoff || self.router.local_sessions(key) > 0;
+            forgotten += usize::from(!keep);
+            keep
+        });
+        self.latest.retain(|(tenant, _), latest| {
+            let key = ConversationKey { tenant: tenant.clone(), conversation: latest.conversation.clone() };
+            self.conversations.contains_key(&key)
+        });
+        forgotten
+    }
+
+    /// Marks a conversation active now (it exists: callers just looked it up).
+    fn touch_log(&self, key: &ConversationKey) {
+        if let Some(log) = self.conversations.get(key) {
+            lock(&log).last_active_ms = now_ms();
+        }
     }
 
     fn create(&self, tenant: &TenantId, user: &UserId) -> ConversationId {
@@ -65,6 +119,7 @@ impl MemoryBackend {
             user: user.clone(),
             epoch: generate_token(),
             last_seq: 0,
+            last_active_ms: now_ms(),
             events: VecDeque::new(),
             customer_ids: HashMap::new(),
         };
@@ -93,7 +148,11 @@ impl Backend for MemoryBackend {
     ) -> Result<ConversationKey, BackendError> {
         if let Some(conversation) = requested {
             let key = ConversationKey { tenant: tenant.clone(), conversation: conversation.clone() };
-            let owned = self.conversations.get(&key).is_some_and(|log| lock(&log).user == *user);
+            let owned = self.conversations.get(&key).is_some_and(|log| {
+                let mut log = lock(&log);
+                log.last_active_ms = now_ms();
+                log.user == *user
+            });
             if !owned {
                 return Err(BackendError::ConversationNotFound);
             }
@@ -109,8 +168,12 @@ impl Backend for MemoryBackend {
             .latest
             .entry((tenant.clone(), user.clone()))
             .or_insert_with(|| Latest { conversation: self.create(tenant, user), last_active_ms: now });
-        if now.saturating_sub(latest.last_active_ms) > idle_window {
+        let key = ConversationKey { tenant: tenant.clone(), conversation: latest.conversation.clone() };
+        // A conversation the sweeper just forgot starts over, like an idle one.
+        if now.saturating_sub(latest.last_active_ms) > idle_window || !self.conversations.contains_key(&key) {
             latest.conversation = self.create(tenant, user);
+        } else {
+            self.touch_log(&key);
         }
         latest.last_active_ms = now;
         Ok(ConversationKey { tenant: tenant.clone(), conversation: latest.conversation.clone() })
@@ -123,7 +186,8 @@ impl Backend for MemoryBackend {
         after: Option<u64>,
     ) -> Result<Snapshot, BackendError> {
         let log = self.log(key)?;
-        let log = lock(&log);
+        let mut log = lock(&log);
+        log.last_active_ms = now_ms();
         self.router.join(key, session);
         let missed = match after {
             Some(after) => log.events.iter().filter(|e| e.seq > after).cloned().collect(),
@@ -134,6 +198,7 @@ impl Backend for MemoryBackend {
 
     async fn detach(&self, key: &ConversationKey, session: SessionId) {
         self.router.leave(key, session);
+        self.touch_log(key);
     }
 
     async fn has_listeners(&self, key: &ConversationKey) -> bool {
@@ -168,8 +233,10 @@ impl Backend for MemoryBackend {
             return Ok(Appended::Duplicate(seq));
         }
         let event_timing = event.timing;
+        let now = now_ms();
         log.last_seq += 1;
-        let stored = Arc::new(event.stored(log.last_seq, now_ms()));
+        log.last_active_ms = now;
+        let stored = Arc::new(event.stored(log.last_seq, now));
         if stored.from == Role::Customer {
             log.customer_ids.insert(stored.id.clone(), stored.seq);
         }
@@ -204,7 +271,7 @@ mod tests {
     use super::*;
 
     fn backend(log_cap: usize) -> MemoryBackend {
-        MemoryBackend::new(Arc::new(Router::default()), log_cap, Duration::from_secs(60))
+        MemoryBackend::new(Arc::new(Router::default()), log_cap, Duration::from_secs(60), Duration::from_secs(3600))
     }
 
     #[tokio::test]
@@ -226,5 +293,34 @@ mod tests {
         assert_eq!(send("m4").await.unwrap(), Appended::Duplicate(4));
         let ids: Vec<_> = backend.events_after(&key, 0).await.unwrap().iter().map(|e| e.id.clone()).collect();
         assert_eq!(ids, ["m4", "m5", "m1"]);
+    }
+
+    #[tokio::test]
+    async fn conversations_past_their_retention_are_forgotten_unless_a_socket_is_open() {
+        let backend = backend(10);
+        let (tenant, user) = (TenantId::parse("t").unwrap(), UserId::parse("u").unwrap());
+        let idle = backend.open(&tenant, &user, None).await.unwrap();
+        backend.append(&idle, NewEvent::customer("m1".into(), "hi".into()), None).await.unwrap();
+        let watched = backend.open(&tenant, &UserId::parse("w").unwrap(), None).await.unwrap();
+        let (tx, _rx) = tokio::sync::mpsc::channel(8);
+        let closer = crate::router::SessionCloser::child_of(&CancellationToken::new());
+        let session = SessionHandle { id: SessionId::next(), tx, closer };
+        backend.attach(&watched, session, None).await.unwrap();
+
+        // Within the hour nothing goes.
+        assert_eq!(backend.sweep(now_ms() + 59 * 60 * 1000), 0);
+        assert_eq!(backend.events_after(&idle, 0).await.unwrap().len(), 1);
+        // Past it, the idle conversation and the user's pointer to it go; the watched one stays.
+        assert_eq!(backend.sweep(now_ms() + 61 * 60 * 1000), 1);
+        assert!(matches!(backend.events_after(&idle, 0).await, Err(BackendError::ConversationNotFound)));
+        assert!(matches!(
+            backend.open(&tenant, &user, Some(&idle.conversation)).await,
+            Err(BackendError::ConversationNotFound)
+        ));
+        assert!(backend.events_after(&watched, 0).await.is_ok());
+        // The user starts a new conversation, not a dangling one.
+        let fresh = backend.open(&tenant, &user, None).await.unwrap();
+        assert_ne!(fresh, idle);
+        assert!(backend.events_after(&fresh, 0).await.is_ok());
     }
 }

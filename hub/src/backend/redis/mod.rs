@@ -174,7 +174,7 @@ impl RedisBackend {
             create: Script::new(include_str!("create.lua")),
             read_after: Script::new(include_str!("read_after.lua")),
             log_cap: conversation.log_cap,
-            retention_secs: config.retention_secs,
+            retention_secs: conversation.redis_retention_secs(config),
             idle_window_ms: conversation.idle_window_ms,
             command_timeout,
         });

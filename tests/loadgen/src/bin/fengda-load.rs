@@ -114,6 +114,7 @@ use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
 use tokio::process::{Child, Command};
 use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream, connect_async_with_config};
 use tokio_util::sync::CancellationToken;
 
@@ -937,7 +938,12 @@ fn raise_nofile_limit() -> u64 {
 async fn connect(url: &str, timeout: Duration) -> anyhow::Result<(Ws, Frame)> {
     let step = async {
         // TCP_NODELAY on our side, so any Nagle delay measured is the hub's.
-        let (mut ws, _) = connect_async_with_config(url, None, true).await.with_context(|| format!("connect {url}"))?;
+        // Small buffers as in the servers: tungstenite's default 128 KiB read
+        // buffer, zeroed per socket, froze the one runtime thread for about a
+        // second once 10,000 sockets were open.
+        let config = WebSocketConfig::default().read_buffer_size(4 * 1024).write_buffer_size(16 * 1024);
+        let (mut ws, _) =
+            connect_async_with_config(url, Some(config), true).await.with_context(|| format!("connect {url}"))?;
         loop {
             match ws.next().await {
                 Some(Ok(Message::Text(text))) => {

@@ -12,8 +12,8 @@
 //! - [`reply`]: one question's answer: history, NLP stream, deltas, stored reply.
 //! - [`nlp`]: the NLP endpoints: gRPC clients, breakers, retries, admission.
 //!
-//! [`App::build`] binds the listener (and, without `nlp.url`, starts the
-//! built-in answerer in-process behind its real gRPC interface);
+//! [`App::build`] binds the listener (and, without `nlp.url`, loads the
+//! built-in answerer, called in-process through its service trait);
 //! [`App::run`] serves until the shutdown future resolves, then closes every
 //! session with 1001 and waits for its tasks within `shutdown_grace_ms`.
 
@@ -43,7 +43,7 @@ pub use config::Config;
 
 use backend::{Backend, BackendError, MemoryBackend, RedisBackend};
 use config::BackendKind;
-use nlp::NlpPool;
+use nlp::{NlpClient, NlpPool};
 use reply::Replier;
 use router::Router;
 
@@ -78,36 +78,42 @@ pub enum StartError {
     Serve(std::io::Error),
 }
 
+/// The endpoint name of the built-in answerer in logs and metric labels.
+pub const IN_PROCESS: &str = "in-process";
+
 /// A hub node, bound and ready to run.
 pub struct App {
     listener: TcpListener,
     local_addr: SocketAddr,
     state: Arc<AppState>,
     /// The in-process answerer, when no external NLP URL is configured.
-    embedded_answerer: Option<EmbeddedAnswerer>,
-}
-
-struct EmbeddedAnswerer {
-    stop: CancellationToken,
-    task: tokio::task::JoinHandle<Result<(), tonic::transport::Error>>,
+    embedded_answerer: Option<fengda_nlp::NlpService>,
 }
 
 impl App {
     pub async fn build(config: Config) -> Result<Self, StartError> {
-        let (nlp_urls, embedded_answerer) = match config.nlp.endpoints() {
-            urls if !urls.is_empty() => (urls, None),
+        let (endpoints, embedded_answerer) = match config.nlp.endpoints() {
+            urls if !urls.is_empty() => {
+                let clients = urls.into_iter().map(|url| {
+                    let client = NlpClient::connect_lazy(&url, &config.nlp)?;
+                    Ok((url, client))
+                });
+                (clients.collect::<Result<Vec<_>, nlp::NlpError>>()?, None)
+            }
             _ => {
-                let addr = SocketAddr::from(([127, 0, 0, 1], 0));
-                let listener = TcpListener::bind(addr).await.map_err(|source| StartError::Bind { addr, source })?;
-                let url = format!("http://{}", listener.local_addr().map_err(StartError::Serve)?);
-                let service = fengda_nlp::NlpService::builtin(&config.answerer)?;
-                let stop = CancellationToken::new();
-                let task = tokio::spawn(fengda_nlp::serve(listener, service, stop.clone()));
-                info!(%url, "built-in answerer started in-process");
-                (vec![url], Some(EmbeddedAnswerer { stop, task }))
+                let backend = fengda_nlp::backend::BuiltinBackend::new(&config.answerer)?;
+                // The hub's admission bounds the calls; the service must not refuse below it.
+                let limits = fengda_nlp::config::Limits {
+                    max_concurrent_streams: config.nlp.max_concurrent,
+                    ..Default::default()
+                };
+                let service = fengda_nlp::NlpService::with_limits(Arc::new(backend), limits);
+                info!("built-in answerer loaded; answering in-process");
+                let client = NlpClient::in_process(service.clone(), &config.nlp);
+                (vec![(IN_PROCESS.to_owned(), client)], Some(service))
             }
         };
-        let nlp = Arc::new(NlpPool::new(&nlp_urls, &config.nlp)?);
+        let nlp = Arc::new(NlpPool::new(endpoints, &config.nlp));
         let router = Arc::new(Router::default());
         let tracker = TaskTracker::new();
         let shutdown = CancellationToken::new();
@@ -190,8 +196,9 @@ impl App {
             warn!(remaining = state.tracker.len(), "sessions still running after the grace period");
         }
         if let Some(answerer) = self.embedded_answerer {
-            answerer.stop.cancel();
-            let _ = answerer.task.await;
+            // Its token producers end once their replies are dropped.
+            answerer.tasks().close();
+            let _ = tokio::time::timeout(Duration::from_secs(1), answerer.tasks().wait()).await;
         }
         Ok(())
     }

@@ -1,19 +1,34 @@
-//! One gRPC client of the NLP service (`fengda.nlp.v1.Nlp/Answer`).
+//! One client of the NLP service (`fengda.nlp.v1.Nlp/Answer`): a bridge over
+//! gRPC, or the built-in answerer called in-process.
 //!
-//! One HTTP/2 channel per hub node, shared by every call (tonic multiplexes
-//! streams over it and reconnects by itself). Each call carries its own
-//! deadline as `grpc-timeout` (set per request: `Endpoint::timeout` would not
-//! tell the server) and an `x-request-id` for tracing across processes.
-//! Dropping the returned stream cancels the call on the server.
+//! A bridge gets one HTTP/2 channel per hub node, shared by every call (tonic
+//! multiplexes streams over it and reconnects by itself). Each call carries
+//! its own deadline as `grpc-timeout` (set per request: `Endpoint::timeout`
+//! would not tell the server) and an `x-request-id` for tracing across
+//! processes. Dropping the returned stream cancels the call on the server.
+//!
+//! The built-in answerer (no `nlp.url`) is the same [`NlpService`] the
+//! bridge serves, called through its service trait: same validation, limits
+//! and token stream, without a loopback socket, HTTP/2 framing and protobuf
+//! on both ends of every token. The whole-answer deadline is applied here,
+//! since no server reads `grpc-timeout`.
 
+use std::pin::Pin;
 use std::time::Duration;
 
+use fengda_nlp::NlpService;
 use fengda_proto::nlp::v1::nlp_client::NlpClient as GrpcClient;
+use fengda_proto::nlp::v1::nlp_server::Nlp;
 use fengda_proto::nlp::v1::{AnswerChunk, AnswerRequest};
+use futures::{Stream, StreamExt};
 use tonic::transport::{Channel, Endpoint};
-use tonic::{Request, Status, Streaming};
+use tonic::{Request, Status};
 
 use crate::config::NlpConfig;
+
+/// The chunks of one answer; ends after the finish chunk (or early, on a
+/// broken stream or the whole-answer deadline).
+pub type AnswerStream = Pin<Box<dyn Stream<Item = Result<AnswerChunk, Status>> + Send>>;
 
 #[derive(Debug, thiserror::Error)]
 pub enum NlpError {
@@ -23,11 +38,17 @@ pub enum NlpError {
     Call(#[from] Status),
 }
 
-/// A cheap-to-clone handle on the NLP service.
+/// A cheap-to-clone handle on one NLP service.
 #[derive(Debug, Clone)]
 pub struct NlpClient {
-    client: GrpcClient<Channel>,
+    transport: Transport,
     reply_timeout: Duration,
+}
+
+#[derive(Debug, Clone)]
+enum Transport {
+    Grpc(GrpcClient<Channel>),
+    InProcess(NlpService),
 }
 
 impl NlpClient {
@@ -42,20 +63,40 @@ impl NlpClient {
             .keep_alive_timeout(Duration::from_secs(10))
             .keep_alive_while_idle(true);
         Ok(Self {
-            client: GrpcClient::new(endpoint.connect_lazy()),
+            transport: Transport::Grpc(GrpcClient::new(endpoint.connect_lazy())),
             reply_timeout: Duration::from_millis(config.reply_timeout_ms),
         })
     }
 
+    /// Calls `service` directly, in this process.
+    pub fn in_process(service: NlpService, config: &NlpConfig) -> Self {
+        Self { transport: Transport::InProcess(service), reply_timeout: Duration::from_millis(config.reply_timeout_ms) }
+    }
+
+    /// Whether calls cross the network (and the endpoint has a health service to ask).
+    pub fn is_remote(&self) -> bool {
+        matches!(self.transport, Transport::Grpc(_))
+    }
+
     /// Starts one answer stream.
-    pub async fn answer(&self, request: AnswerRequest) -> Result<Streaming<AnswerChunk>, NlpError> {
+    pub async fn answer(&self, request: AnswerRequest) -> Result<AnswerStream, NlpError> {
         let request_id = request.request_id.clone();
         let mut request = Request::new(request);
         request.set_timeout(self.reply_timeout);
         if let Ok(value) = request_id.parse() {
             request.metadata_mut().insert("x-request-id", value);
         }
-        let mut client = self.client.clone();
-        Ok(client.answer(request).await?.into_inner())
+        match &self.transport {
+            Transport::Grpc(client) => {
+                let mut client = client.clone();
+                Ok(Box::pin(client.answer(request).await?.into_inner()))
+            }
+            Transport::InProcess(service) => {
+                let chunks = Nlp::answer(service, request).await?.into_inner();
+                // Ends the stream at the deadline; without its finish chunk
+                // the reply completes as interrupted, as over gRPC.
+                Ok(Box::pin(chunks.take_until(tokio::time::sleep(self.reply_timeout))))
+            }
+        }
     }
 }

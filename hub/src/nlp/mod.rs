@@ -28,12 +28,13 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use fengda_proto::nlp::v1::{AnswerChunk, AnswerRequest};
+use futures::StreamExt;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
-use tonic::{Code, Status, Streaming};
+use tonic::{Code, Status};
 use tracing::{info, warn};
 
-pub use client::{NlpClient, NlpError};
+pub use client::{AnswerStream, NlpClient, NlpError};
 
 use crate::config::NlpConfig;
 use crate::ids::TenantId;
@@ -108,7 +109,9 @@ pub enum StreamError {
 }
 
 impl NlpPool {
-    pub fn new(urls: &[String], config: &NlpConfig) -> Result<Self, NlpError> {
+    /// A pool over `endpoints`: each a name for logs and metrics (the URL of
+    /// a bridge) and its client.
+    pub fn new(endpoints: Vec<(String, NlpClient)>, config: &NlpConfig) -> Self {
         let breaker = BreakerConfig {
             consecutive_failures: config.breaker_consecutive_failures,
             failure_rate: config.breaker_failure_rate,
@@ -116,19 +119,19 @@ impl NlpPool {
             open_for: Duration::from_millis(config.breaker_open_ms),
             half_open_probes: config.breaker_half_open_probes,
         };
-        let endpoints = urls
-            .iter()
-            .map(|url| {
-                Ok(Arc::new(Endpoint {
-                    url: url.clone(),
-                    client: NlpClient::connect_lazy(url, config)?,
+        let endpoints = endpoints
+            .into_iter()
+            .map(|(url, client)| {
+                Arc::new(Endpoint {
+                    url,
+                    client,
                     breaker: Breaker::new(breaker.clone()),
                     outstanding: AtomicUsize::new(0),
                     healthy: AtomicBool::new(true),
-                }))
+                })
             })
-            .collect::<Result<Vec<_>, NlpError>>()?;
-        Ok(Self {
+            .collect();
+        Self {
             endpoints,
             admission: Admission::new(config.max_concurrent, config.per_tenant_limit(), config.max_queued),
             max_queue_wait: Duration::from_millis(config.max_queue_wait_ms),
@@ -137,7 +140,7 @@ impl NlpPool {
             max_attempts: config.retry_max_attempts,
             initial_backoff: Duration::from_millis(config.retry_initial_backoff_ms),
             max_backoff: Duration::from_millis(config.retry_max_backoff_ms),
-        })
+        }
     }
 
     /// Starts an answer stream and waits for its first chunk (see the module
@@ -163,7 +166,7 @@ impl NlpPool {
             let sent_at = Instant::now();
             let first = tokio::time::timeout_at(deadline, async {
                 let mut stream = endpoint.client.answer(request.clone()).await.map_err(status_of)?;
-                let first = stream.message().await?;
+                let first = stream.next().await.transpose()?;
                 Ok::<_, Status>((stream, first))
             })
             .await;
@@ -280,7 +283,7 @@ pub struct ActiveCall {
     pub queue_wait: Duration,
     /// From admission to the first chunk, retries included: the NLP's share.
     pub first_token: Duration,
-    stream: Streaming<AnswerChunk>,
+    stream: AnswerStream,
     first: Option<AnswerChunk>,
     token_gap: Duration,
     /// When the last chunk arrived; the gap deadline counts from it.
@@ -301,9 +304,9 @@ impl ActiveCall {
         loop {
             tokio::select! {
                 biased;
-                result = self.stream.message() => {
+                result = self.stream.next() => {
                     self.last_chunk = Instant::now();
-                    return result.map_err(StreamError::Failed);
+                    return result.transpose().map_err(StreamError::Failed);
                 }
                 () = &mut self.gap_timer => {
                     let deadline = self.last_chunk + self.token_gap;
@@ -321,9 +324,8 @@ impl ActiveCall {
     /// streams are reset, and a server answers many resets with GOAWAY).
     pub async fn finish(mut self, success: bool) {
         if success {
-            let _ =
-                tokio::time::timeout(self.token_gap, async { while let Ok(Some(_)) = self.stream.message().await {} })
-                    .await;
+            let _ = tokio::time::timeout(self.token_gap, async { while let Some(Ok(_)) = self.stream.next().await {} })
+                .await;
         }
         record(&self.outstanding.0, success);
     }
@@ -392,11 +394,15 @@ fn status_of(error: NlpError) -> Status {
 pub async fn run_health_checks(pool: Arc<NlpPool>, stop: CancellationToken) {
     use tonic_health::pb::HealthCheckRequest;
     use tonic_health::pb::health_client::HealthClient;
+    // One per endpoint; none for an in-process answerer (it is always there).
     let mut clients: Vec<_> = pool
         .endpoints
         .iter()
-        .filter_map(|e| tonic::transport::Endpoint::from_shared(e.url.clone()).ok())
-        .map(|endpoint| HealthClient::new(endpoint.connect_lazy()))
+        .map(|e| match e.client.is_remote() {
+            true => tonic::transport::Endpoint::from_shared(e.url.clone()).ok(),
+            false => None,
+        })
+        .map(|endpoint| endpoint.map(|endpoint| HealthClient::new(endpoint.connect_lazy())))
         .collect();
     let mut interval = tokio::time::interval(HEALTH_INTERVAL);
     loop {
@@ -405,6 +411,7 @@ pub async fn run_health_checks(pool: Arc<NlpPool>, stop: CancellationToken) {
             _ = interval.tick() => {}
         }
         for (endpoint, client) in pool.endpoints.iter().zip(clients.iter_mut()) {
+            let Some(client) = client else { continue };
             // The answer service's own status: a draining bridge marks it NOT_SERVING.
             let mut request = tonic::Request::new(HealthCheckRequest { service: "fengda.nlp.v1.Nlp".into() });
             request.set_timeout(Duration::from_secs(1));

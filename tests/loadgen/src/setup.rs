@@ -69,6 +69,16 @@ impl Pace {
         ]
     }
 
+    /// The same pace for a hub's in-process answerer (`fengda serve`'s flags).
+    pub fn hub_answerer_args(&self) -> [String; 4] {
+        [
+            "--answerer-first-token-delay-ms".into(),
+            self.first_token_ms.to_string(),
+            "--answerer-tokens-per-second".into(),
+            self.tokens_per_s.to_string(),
+        ]
+    }
+
     /// `setup.nlp_pace` of the report.
     pub fn json(&self) -> Value {
         json!({ "first_token_delay_ms": self.first_token_ms, "tokens_per_second": self.tokens_per_s })
@@ -181,6 +191,10 @@ mod tests {
         let pace = Pace { first_token_ms: 300, tokens_per_s: 30.0 };
         assert_eq!(pace.bridge_args(), ["--first-token-delay-ms", "300", "--tokens-per-second", "30"]);
         assert_eq!(Pace { first_token_ms: 0, tokens_per_s: 2.5 }.bridge_args()[3], "2.5");
+        assert_eq!(
+            pace.hub_answerer_args(),
+            ["--answerer-first-token-delay-ms", "300", "--answerer-tokens-per-second", "30"]
+        );
         assert_eq!(pace.json(), json!({"first_token_delay_ms": 300, "tokens_per_second": 30.0}));
         assert!(pace.validate().is_ok());
         assert!(Pace { first_token_ms: 0, tokens_per_s: -1.0 }.validate().is_err());

@@ -53,9 +53,10 @@ fn write_setup(out: &mut String, setup: &Value) -> std::fmt::Result {
         write!(out, "setup: {} hub node(s), {} backend", setup["nodes"], str_of(&setup["backend"]))?;
         let pace = &setup["nlp_pace"];
         if !pace.is_null() {
+            let answerer = if setup["embedded"] == true { "in-process answerer" } else { "bridge" };
             write!(
                 out,
-                ", bridge pace {} ms to the first token, {} tokens/s",
+                ", {answerer} pace {} ms to the first token, {} tokens/s",
                 pace["first_token_delay_ms"], pace["tokens_per_second"]
             )?;
         }
@@ -415,6 +416,20 @@ mod tests {
         assert!(text.contains("hub share (before NLP + relay) p50 0.2 / p95 0.3"), "{text}");
         assert!(!text.contains("WITHOUT"), "{text}");
         assert!(!text.contains("failures by kind"), "{text}");
+    }
+
+    #[test]
+    fn setup_line_names_who_answers() {
+        let setup = |embedded| {
+            json!({"target": "hub", "nodes": 1, "backend": "memory", "embedded": embedded,
+                   "nlp_pace": {"first_token_delay_ms": 0, "tokens_per_second": 0.0}})
+        };
+        let mut text = String::new();
+        write_setup(&mut text, &setup(true)).unwrap();
+        assert!(text.starts_with("setup: 1 hub node(s), memory backend, in-process answerer pace 0 ms"), "{text}");
+        text.clear();
+        write_setup(&mut text, &setup(false)).unwrap();
+        assert!(text.contains(", bridge pace 0 ms"), "{text}");
     }
 
     #[test]

@@ -197,6 +197,12 @@ struct Common {
     /// `--tokens-per-second`; 0, the default, is no pacing).
     #[arg(long, global = true, default_value_t = 0.0, value_name = "N")]
     pace_tokens_per_s: f64,
+    /// Start the hubs without a bridge: each answers with its built-in
+    /// answerer in-process (the single-binary mode, `fengda serve` without
+    /// `--nlp-url`), so the hub's CPU includes the answerer's. The `--pace-*`
+    /// options then pace the hubs' answerers.
+    #[arg(long, global = true)]
+    embedded: bool,
     /// Answer streams the bridge we start allows at once (default: every NLP
     /// slot of every node, nodes × the hub's `nlp.max_concurrent`, so that
     /// the hub's admission queue is what a peak meets, not the bridge's
@@ -355,6 +361,10 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
     ensure!(
         common.idle_extra == 0 || !matches!(cli.scenario, Scenario::Idle { .. } | Scenario::Storm { .. }),
         "--idle-extra is for replies, rate, burst/peak and soak"
+    );
+    ensure!(
+        !common.embedded || (common.hub_url.is_none() && common.bridge_max_streams.is_none()),
+        "--embedded starts hubs without a bridge: not with --hub-url or --bridge-max-streams"
     );
     if !pace.is_zero() {
         ensure!(
@@ -819,12 +829,17 @@ impl Target {
                 Some((url, pid))
             }
         };
-        let bridge = spawn_listening("fengda-nlp", "fengda-nlp".into(), &bridge_args, &log_dir).await?;
-        let bridge_url = bridge.url.clone();
-        let bridge_pid = bridge.pid;
-        children.push(bridge);
-        let mut hub_args: Vec<String> =
-            ["serve", "--listen", "0.0.0.0:0", "--nlp-url", &bridge_url].map(String::from).to_vec();
+        let mut hub_args: Vec<String> = ["serve", "--listen", "0.0.0.0:0"].map(String::from).to_vec();
+        let bridge_pid = if common.embedded {
+            hub_args.extend(pace.hub_answerer_args());
+            None
+        } else {
+            let bridge = spawn_listening("fengda-nlp", "fengda-nlp".into(), &bridge_args, &log_dir).await?;
+            hub_args.extend(["--nlp-url".into(), bridge.url.clone()]);
+            let pid = bridge.pid;
+            children.push(bridge);
+            Some(pid)
+        };
         hub_args.extend(["--backend".into(), common.backend.name().into()]);
         if let Some((url, _)) = &redis {
             hub_args.extend(["--redis-url".into(), url.clone()]);
@@ -842,14 +857,14 @@ impl Target {
         Ok(Target {
             ips,
             ports,
-            watched: Watched { hubs: hub_pids, bridge: Some(bridge_pid), redis: redis.map(|(_, pid)| pid) },
+            watched: Watched { hubs: hub_pids, bridge: bridge_pid, redis: redis.map(|(_, pid)| pid) },
             backend: common.backend,
             kind: TargetKind::Hub,
             children,
             metrics_host: "127.0.0.1".into(),
             timing: common.timing,
             pace: Some(pace),
-            bridge_max_streams: Some(max_streams),
+            bridge_max_streams: (!common.embedded).then_some(max_streams),
             base_timeout,
         })
     }
@@ -884,6 +899,7 @@ impl Target {
             "timing": self.timing,
             "nlp_pace": self.pace.map(|p| p.json()),
             "bridge_max_streams": self.bridge_max_streams,
+            "embedded": self.kind == TargetKind::Hub && self.pace.is_some() && self.watched.bridge.is_none(),
         })
     }
 
@@ -1057,39 +1073,50 @@ async fn replies(
         open_many(target, &common.tenant, connections, 0, 100, &prefix, connect_timeout).await;
     let timeout = target.reply_timeout(Duration::ZERO);
     let before = CpuSnapshot::take(&target.watched);
+    // One set of histograms for all clients: a set per client (eleven
+    // 170 KiB histograms) made the load generator page-fault its way through
+    // gigabytes, more against a faster server, which skewed the ratios.
+    let shared = Arc::new(Mutex::new(ReplyStats { failures: connect_failures, ..ReplyStats::default() }));
     let mut tasks = Vec::with_capacity(sockets.len());
     for (i, mut ws) in sockets {
         let text = common.question.clone();
+        let shared = shared.clone();
         tasks.push(tokio::spawn(async move {
-            let mut stats = ReplyStats::default();
+            let tally = |outcome: Result<Answered, Failed>| {
+                let mut stats = shared.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+                match outcome {
+                    Ok(answer) => stats.answered(&answer),
+                    Err(failed) => stats.failed(failed),
+                }
+            };
             let mut alive = true;
             for q in 0..questions {
                 let id = format!("c{i}-q{q}");
                 let t0 = Instant::now();
-                match ask(&mut ws, &id, &text, FallbackPolicy::Failure, t0, t0 + timeout).await {
-                    Ok(answer) => stats.answered(&answer),
-                    Err(failed) => {
-                        stats.failed(failed);
-                        // The socket's state is unknown now: stop using it.
-                        alive = false;
-                        break;
-                    }
+                let outcome = ask(&mut ws, &id, &text, FallbackPolicy::Failure, t0, t0 + timeout).await;
+                // The socket's state is unknown after a failure: stop using it.
+                alive = outcome.is_ok();
+                tally(outcome);
+                if !alive {
+                    break;
                 }
             }
             let finished = Instant::now();
             if alive {
                 close_quietly(ws).await;
             }
-            (stats, finished)
+            finished
         }));
     }
-    let mut stats = ReplyStats { failures: connect_failures, ..ReplyStats::default() };
     let mut last_done = before.at;
     for task in tasks {
-        let (client, finished) = task.await.context("client task panicked")?;
-        stats.merge(client);
+        let finished = task.await.context("client task panicked")?;
         last_done = last_done.max(finished);
     }
+    let stats = Arc::try_unwrap(shared)
+        .map_err(|_| anyhow::anyhow!("client tasks still hold the stats"))?
+        .into_inner()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
     // Clients close as they finish; the snapshot after all joined includes
     // those closes, a small share next to thousands of replies.
     let after = CpuSnapshot::take(&target.watched);

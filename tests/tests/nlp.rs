@@ -153,3 +153,31 @@ async fn a_client_that_asks_gets_where_the_time_of_each_reply_went() {
     let (_, reply) = plain.ask("m1", "Tell me about the Gold Card").await;
     assert!(reply.done.get("timing").is_none(), "no timing unless asked: {}", reply.done);
 }
+
+#[tokio::test]
+async fn the_in_process_answerer_takes_as_many_calls_as_the_hub_admits() {
+    // More answers at once than the answer service's own default limit (256):
+    // each holds its call for a second, so all of them overlap.
+    let hub = Hub::start(&[
+        "--nlp-max-concurrent",
+        "300",
+        "--answerer-first-token-delay-ms",
+        "1000",
+        "--answerer-tokens-per-second",
+        "0",
+    ])
+    .await;
+    let customers = 280;
+    let urls: Vec<_> = (0..customers).map(|i| hub.ws_url(&format!("tenant=demo&user=many-{i}"))).collect();
+    let mut clients = futures::future::join_all(urls.iter().map(|url| Client::connect(url))).await;
+    for client in &mut clients {
+        client.send_message("m1", "Tell me about the Gold Card").await;
+    }
+    let replies = futures::future::join_all(clients.iter_mut().map(|client| async move {
+        client.expect("ack").await;
+        client.read_reply().await
+    }))
+    .await;
+    let fallbacks = replies.iter().filter(|reply| reply.done["fallback"] == true).count();
+    assert_eq!(fallbacks, 0, "every question within the hub's slots gets its answer");
+}

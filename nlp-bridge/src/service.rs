@@ -1,9 +1,11 @@
 //! The tonic implementation of `fengda.nlp.v1.Nlp`.
 //!
 //! Each `Answer` call is validated, turned into a [`BackendRequest`] and
-//! handed to the [`AnswerBackend`]. A spawned producer (`run_producer`)
-//! feeds the backend's tokens into a bounded channel that tonic drains as the
-//! response stream. When the client goes away tonic drops that stream, the
+//! handed to the [`AnswerBackend`], whose tokens a [`ChunkStream`] numbers
+//! into chunks. A spawned producer (`run_producer`) feeds those into a
+//! bounded channel that tonic drains as the response stream. (A hub running
+//! the built-in answerer in-process polls the [`ChunkStream`] itself:
+//! [`NlpService::answer_in_process`].) When the client goes away tonic drops that stream, the
 //! channel closes, and the producer stops at once and drops the backend
 //! stream: that drop is how a backend learns to stop generating (tonic #196,
 //! #377). A backend error ends the call with a [`Status`]; it is never
@@ -15,10 +17,12 @@
 //! and the question are size-checked (`INVALID_ARGUMENT`), and history is
 //! trimmed to the most recent turns that fit the turn and byte caps.
 
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 
 use fengda_proto::nlp::v1::{AnswerChunk, AnswerRequest, FinishReason, nlp_server::Nlp};
-use futures::StreamExt;
+use futures::{Stream, StreamExt};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::task::TaskTracker;
@@ -101,11 +105,22 @@ impl NlpService {
     }
 }
 
-#[tonic::async_trait]
-impl Nlp for NlpService {
-    type AnswerStream = ReceiverStream<Result<AnswerChunk, Status>>;
+impl NlpService {
+    /// Answers in the caller's task: the same validation, limits and chunks
+    /// as the gRPC method, without the producer task and channel that tonic
+    /// needs (it drives a response stream from its connection task). For a
+    /// hub that runs the built-in answerer in-process. Dropping the stream
+    /// cancels the backend's work and frees the stream slot.
+    pub fn answer_in_process(&self, request: Request<AnswerRequest>) -> Result<ChunkStream, Status> {
+        let (tokens, permit, span) = self.start(request)?;
+        Ok(ChunkStream { tokens, index: 0, done: false, _permit: permit, span })
+    }
 
-    async fn answer(&self, request: Request<AnswerRequest>) -> Result<Response<Self::AnswerStream>, Status> {
+    /// Validates a call, takes a stream slot and starts the backend.
+    fn start(
+        &self,
+        request: Request<AnswerRequest>,
+    ) -> Result<(TokenStream, OwnedSemaphorePermit, tracing::Span), Status> {
         let header_id = request.metadata().get("x-request-id").and_then(|v| v.to_str().ok()).map(str::to_owned);
         let message = request.into_inner();
         let request_id = header_id.unwrap_or_else(|| message.request_id.clone());
@@ -132,9 +147,70 @@ impl Nlp for NlpService {
             return Err(Status::resource_exhausted("too many concurrent answer streams; retry later"));
         };
         let tokens = span.in_scope(|| self.backend.answer(backend_request));
+        Ok((tokens, permit, span))
+    }
+}
+
+#[tonic::async_trait]
+impl Nlp for NlpService {
+    type AnswerStream = ReceiverStream<Result<AnswerChunk, Status>>;
+
+    async fn answer(&self, request: Request<AnswerRequest>) -> Result<Response<Self::AnswerStream>, Status> {
+        let (tokens, permit, span) = self.start(request)?;
+        let chunks = ChunkStream { tokens, index: 0, done: false, _permit: permit, span: span.clone() };
         let (chunk_tx, chunk_rx) = mpsc::channel(CHUNK_BUFFER);
-        self.tasks.spawn(run_producer(tokens, chunk_tx, permit).instrument(span));
+        self.tasks.spawn(run_producer(chunks, chunk_tx).instrument(span));
         Ok(Response::new(ReceiverStream::new(chunk_rx)))
+    }
+}
+
+/// One answer's chunks: the backend's tokens numbered from 0, the last one
+/// carrying the finish reason; a backend error ends it with a [`Status`].
+/// Holds the answer's stream slot until dropped.
+pub struct ChunkStream {
+    tokens: TokenStream,
+    index: u32,
+    done: bool,
+    _permit: OwnedSemaphorePermit,
+    span: tracing::Span,
+}
+
+impl Stream for ChunkStream {
+    type Item = Result<AnswerChunk, Status>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        if self.done {
+            return Poll::Ready(None);
+        }
+        loop {
+            let (text, finish) = match std::task::ready!(self.tokens.poll_next_unpin(cx)) {
+                Some(Ok(Token::Text(text))) if text.is_empty() => continue,
+                Some(Ok(Token::Text(text))) => (text, None),
+                Some(Ok(Token::End(finish))) => (String::new(), Some(finish.into())),
+                None => {
+                    self.span
+                        .in_scope(|| tracing::warn!("backend stream ended without a finish reason; reporting STOP"));
+                    (String::new(), Some(Finish::Stop.into()))
+                }
+                Some(Err(error)) => {
+                    self.span.in_scope(|| {
+                        tracing::warn!(error = %error, source = ?std::error::Error::source(&error), "backend failed")
+                    });
+                    self.done = true;
+                    return Poll::Ready(Some(Err(error.into())));
+                }
+            };
+            let chunk =
+                AnswerChunk { index: self.index, text, finish: finish.unwrap_or(FinishReason::Unspecified) as i32 };
+            self.index += 1;
+            if let Some(reason) = finish {
+                self.done = true;
+                self.span.in_scope(|| {
+                    tracing::debug!(chunks = self.index, finish = reason.as_str_name(), "answer finished")
+                });
+            }
+            return Poll::Ready(Some(Ok(chunk)));
+        }
     }
 }
 
@@ -183,64 +259,23 @@ fn to_backend_request(message: AnswerRequest, request_id: String, limits: &Limit
     })
 }
 
-/// How a producer ended; logged once per call.
-#[derive(Debug, PartialEq, Eq)]
-enum Outcome {
-    Finished(FinishReason),
-    ClientGone,
-    BackendFailed,
-}
-
-/// Moves tokens from the backend to the response channel, numbering them,
-/// until the answer ends, the backend fails, or the client goes away.
-/// Returning drops `tokens`, which cancels the backend's work, and `permit`,
-/// which frees the stream slot.
-async fn run_producer(
-    mut tokens: TokenStream,
-    chunk_tx: mpsc::Sender<Result<AnswerChunk, Status>>,
-    permit: OwnedSemaphorePermit,
-) {
-    let mut index: u32 = 0;
-    let outcome = loop {
+/// Moves an answer's chunks into the response channel until the answer
+/// ends, fails, or the client goes away. Returning drops `chunks`, which
+/// cancels the backend's work and frees the stream slot.
+async fn run_producer(mut chunks: ChunkStream, chunk_tx: mpsc::Sender<Result<AnswerChunk, Status>>) {
+    loop {
         let item = tokio::select! {
             biased;
             // Notices a departed client even while the backend is thinking.
-            () = chunk_tx.closed() => break Outcome::ClientGone,
-            item = tokens.next() => item,
+            () = chunk_tx.closed() => break,
+            item = chunks.next() => item,
         };
-        let (text, finish) = match item {
-            Some(Ok(Token::Text(text))) if text.is_empty() => continue,
-            Some(Ok(Token::Text(text))) => (text, None),
-            Some(Ok(Token::End(finish))) => (String::new(), Some(finish.into())),
-            None => {
-                tracing::warn!("backend stream ended without a finish reason; reporting STOP");
-                (String::new(), Some(Finish::Stop.into()))
-            }
-            Some(Err(error)) => {
-                tracing::warn!(error = %error, source = ?std::error::Error::source(&error), "backend failed");
-                // The client may be gone too; nothing more to do either way.
-                let _ = chunk_tx.send(Err(error.into())).await;
-                break Outcome::BackendFailed;
-            }
-        };
-        let chunk = AnswerChunk { index, text, finish: finish.unwrap_or(FinishReason::Unspecified) as i32 };
-        index += 1;
-        if chunk_tx.send(Ok(chunk)).await.is_err() {
-            break Outcome::ClientGone;
+        let Some(item) = item else { return };
+        if chunk_tx.send(item).await.is_err() {
+            break;
         }
-        if let Some(reason) = finish {
-            break Outcome::Finished(reason);
-        }
-    };
-    drop(tokens);
-    drop(permit);
-    match outcome {
-        Outcome::Finished(reason) => {
-            tracing::debug!(chunks = index, finish = reason.as_str_name(), "answer finished")
-        }
-        Outcome::ClientGone => tracing::info!(chunks = index, "client went away; answer cancelled"),
-        Outcome::BackendFailed => tracing::info!(chunks = index, "answer failed"),
     }
+    tracing::info!(chunks = chunks.index, "client went away; answer cancelled");
 }
 
 #[cfg(test)]
@@ -298,17 +333,29 @@ mod tests {
         assert_eq!(texts, ["dd", "eeee"]);
     }
 
-    async fn drain(tokens: TokenStream) -> Vec<Result<AnswerChunk, Status>> {
-        let (tx, rx) = mpsc::channel(CHUNK_BUFFER);
+    fn chunks(tokens: TokenStream) -> ChunkStream {
         let permit = Arc::new(Semaphore::new(1)).try_acquire_owned().unwrap();
-        run_producer(tokens, tx, permit).await;
-        ReceiverStream::new(rx).collect().await
+        ChunkStream { tokens, index: 0, done: false, _permit: permit, span: tracing::Span::none() }
+    }
+
+    /// The chunks a gRPC client gets (through the producer task), checked
+    /// against what an in-process caller gets from the same tokens.
+    async fn drain(items: impl Fn() -> Vec<Result<Token, BackendError>>) -> Vec<Result<AnswerChunk, Status>> {
+        let (tx, rx) = mpsc::channel(CHUNK_BUFFER);
+        run_producer(chunks(stream::iter(items()).boxed()), tx).await;
+        let produced: Vec<_> = ReceiverStream::new(rx).collect().await;
+        let direct: Vec<_> = chunks(stream::iter(items()).boxed()).collect().await;
+        let summary = |items: &[Result<AnswerChunk, Status>]| -> Vec<String> {
+            items.iter().map(|item| format!("{:?}", item.as_ref().map_err(Status::code))).collect()
+        };
+        assert_eq!(summary(&produced), summary(&direct));
+        produced
     }
 
     #[tokio::test]
     async fn backend_error_ends_the_stream_with_a_status() {
-        let items = vec![Ok(Token::Text("a".into())), Err(BackendError::Timeout), Ok(Token::Text("never".into()))];
-        let out = drain(stream::iter(items).boxed()).await;
+        let items = || vec![Ok(Token::Text("a".into())), Err(BackendError::Timeout), Ok(Token::Text("never".into()))];
+        let out = drain(items).await;
         assert_eq!(out.len(), 2);
         assert_eq!(out[0].as_ref().unwrap().text, "a");
         let status = out[1].as_ref().unwrap_err();
@@ -317,12 +364,13 @@ mod tests {
 
     #[tokio::test]
     async fn missing_end_is_reported_as_stop_and_tokens_after_end_are_ignored() {
-        let out = drain(stream::iter([Ok(Token::Text("a".into()))]).boxed()).await;
+        let out = drain(|| vec![Ok(Token::Text("a".into()))]).await;
         let last = out.last().unwrap().as_ref().unwrap();
         assert_eq!((last.index, last.finish()), (1, FinishReason::Stop));
 
-        let items = [Ok(Token::Text(String::new())), Ok(Token::End(Finish::NoMatch)), Ok(Token::Text("late".into()))];
-        let out = drain(stream::iter(items).boxed()).await;
+        let items =
+            || vec![Ok(Token::Text(String::new())), Ok(Token::End(Finish::NoMatch)), Ok(Token::Text("late".into()))];
+        let out = drain(items).await;
         assert_eq!(out.len(), 1);
         let only = out[0].as_ref().unwrap();
         assert_eq!((only.index, only.finish()), (0, FinishReason::NoMatch));

@@ -45,12 +45,15 @@ run() {
 
 # Idle sockets up to the file limit, KiB per socket, sockets/s (hub ÷ bare).
 run idle --compare idle -n "$idle"
-# replies/s and deltas/s at 1,000 customers (hub ÷ bare): with one load-generator
+# replies/s and deltas/s at 1,000 customers (hub ÷ bare), hub and bridge: with one load-generator
 # thread (the bare run is limited by the load generator), with two (limited by
 # the box: hub, bridge and load generator share the two cores), then three
 # nodes with Redis.
 run replies-1000 "${slots[@]}" --compare replies -c "$customers" -q 20
 run replies-1000-box "${slots[@]}" --threads 2 --compare replies -c "$customers" -q 20
+# The same with the single-binary hub: its built-in answerer in-process, no bridge.
+run replies-1000-embedded "${slots[@]}" --embedded --compare replies -c "$customers" -q 20
+run replies-1000-embedded-box "${slots[@]}" --embedded --threads 2 --compare replies -c "$customers" -q 20
 run replies-1000-cluster "${slots[@]}" "${cluster[@]}" replies -c "$customers" -q 20
 # Hub share of the time to first token, zero-delay answerer: closed loop
 # (every customer asks again at once: the box saturates), then an open loop

@@ -8,9 +8,10 @@
 //! processes. Dropping the returned stream cancels the call on the server.
 //!
 //! The built-in answerer (no `nlp.url`) is the same [`NlpService`] the
-//! bridge serves, called through its service trait: same validation, limits
-//! and token stream, without a loopback socket, HTTP/2 framing and protobuf
-//! on both ends of every token. The whole-answer deadline is applied here,
+//! bridge serves, called in the replier's task
+//! ([`NlpService::answer_in_process`]): same validation, limits and chunks,
+//! without a loopback socket, HTTP/2 framing, protobuf, or a task and
+//! channel per answer. The whole-answer deadline is applied here,
 //! since no server reads `grpc-timeout`.
 
 use std::pin::Pin;
@@ -18,7 +19,6 @@ use std::time::Duration;
 
 use fengda_nlp::NlpService;
 use fengda_proto::nlp::v1::nlp_client::NlpClient as GrpcClient;
-use fengda_proto::nlp::v1::nlp_server::Nlp;
 use fengda_proto::nlp::v1::{AnswerChunk, AnswerRequest};
 use futures::{Stream, StreamExt};
 use tonic::transport::{Channel, Endpoint};
@@ -92,7 +92,7 @@ impl NlpClient {
                 Ok(Box::pin(client.answer(request).await?.into_inner()))
             }
             Transport::InProcess(service) => {
-                let chunks = Nlp::answer(service, request).await?.into_inner();
+                let chunks = service.answer_in_process(request)?;
                 // Ends the stream at the deadline; without its finish chunk
                 // the reply completes as interrupted, as over gRPC.
                 Ok(Box::pin(chunks.take_until(tokio::time::sleep(self.reply_timeout))))

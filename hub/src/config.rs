@@ -80,7 +80,8 @@ pub struct WebSocketConfig {
     /// Longest customer message, in characters. Default 4000.
     pub max_text_chars: usize,
     /// Frames queued for one socket before it counts as a slow consumer and
-    /// is closed with 4008. Default 256.
+    /// is closed with 4008 (a reply's deltas that arrived together, at most
+    /// 16, take one place). Default 256.
     pub outbound_queue_frames: usize,
     /// Questions of one socket waiting for an answer before new ones get
     /// `too_many_pending`. Default 8.

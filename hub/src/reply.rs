@@ -15,8 +15,10 @@
 
 use std::sync::Arc;
 
+use axum::extract::ws::Utf8Bytes;
 use dashmap::DashMap;
-use fengda_proto::nlp::v1::{AnswerRequest, Role as WireRole, Turn};
+use fengda_proto::nlp::v1::{AnswerChunk, AnswerRequest, Role as WireRole, Turn};
+use futures::FutureExt;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
@@ -121,6 +123,7 @@ impl Replier {
             deltas: DeltaEncoder::new(key.conversation.as_str(), &reply_id),
             text: String::new(),
             index: 0,
+            staged: Vec::new(),
         };
         let before_nlp = question.received.elapsed();
         let (ending, completed_call) = self.stream(&request, &mut reply, &cancel, question.timing).await;
@@ -193,30 +196,49 @@ impl Replier {
             }
         };
         let mut times = Ending { queue_wait: call.queue_wait, first_token: call.first_token, ..Ending::default() };
+        // A result read ahead while gathering a batch, handled next.
+        let mut read_ahead = None;
         loop {
             // The stream first: a cancel is seen as soon as no chunk is ready,
             // and a reply's tokens do not pay for a cancellation check each.
-            let next = tokio::select! {
-                biased;
-                next = call.next() => next,
-                _ = &mut cancelled => {
-                    // Dropping the stream resets it: that is how the bridge learns to stop.
-                    drop(call);
-                    return (Ending { cancelled: true, ..times }, None);
-                }
+            let next = match read_ahead.take() {
+                Some(next) => next,
+                None => tokio::select! {
+                    biased;
+                    next = call.next() => next,
+                    _ = &mut cancelled => {
+                        // Dropping the stream resets it: that is how the bridge learns to stop.
+                        drop(call);
+                        return (Ending { cancelled: true, ..times }, None);
+                    }
+                },
             };
             let failure = match next {
                 Ok(Some(chunk)) => {
-                    if !chunk.text.is_empty() {
-                        let arrived = measure.then(std::time::Instant::now);
-                        reply.push(&chunk.text);
-                        if let Some(arrived) = arrived {
-                            let relay_us = arrived.elapsed().as_secs_f64() * 1e6;
-                            times.relay_total_us += relay_us;
-                            times.relay_max_us = times.relay_max_us.max(relay_us);
+                    let arrived = measure.then(std::time::Instant::now);
+                    let mut finished = reply.stage(&chunk);
+                    // Chunks that have arrived already go out with this one: one
+                    // hand-over to the sockets for all of them (each is still its
+                    // own frame). A model streaming at its pace sends one at a time.
+                    while !finished && reply.staged.len() < MAX_BATCH {
+                        match call.next().now_or_never() {
+                            Some(Ok(Some(chunk))) => finished = reply.stage(&chunk),
+                            Some(other) => {
+                                read_ahead = Some(other);
+                                break;
+                            }
+                            None => break,
                         }
                     }
-                    if chunk.finish != 0 {
+                    let sent = reply.publish();
+                    if let Some(arrived) = arrived
+                        && sent > 0
+                    {
+                        let relay_us = arrived.elapsed().as_secs_f64() * 1e6;
+                        times.relay_total_us += relay_us * sent as f64;
+                        times.relay_max_us = times.relay_max_us.max(relay_us);
+                    }
+                    if finished {
                         return (times, Some(call));
                     }
                     continue;
@@ -244,6 +266,9 @@ impl Drop for InFlight<'_> {
     }
 }
 
+/// Deltas handed to the sockets together at most (see `Replier::stream`).
+const MAX_BATCH: usize = 16;
+
 /// The reply being built: publishes each token as a delta and keeps the text.
 struct ReplyStream<'a> {
     backend: &'a dyn Backend,
@@ -252,6 +277,8 @@ struct ReplyStream<'a> {
     deltas: DeltaEncoder,
     text: String,
     index: u32,
+    /// Delta frames encoded but not yet published.
+    staged: Vec<Utf8Bytes>,
 }
 
 impl ReplyStream<'_> {
@@ -260,14 +287,36 @@ impl ReplyStream<'_> {
         let frame =
             ServerFrame::Queued { conversation: self.key.conversation.as_str(), reply: self.reply_id, position }
                 .encode();
-        self.backend.publish_ephemeral(self.key, frame);
+        self.backend.publish_ephemeral(self.key, vec![frame]);
     }
 
-    fn push(&mut self, token: &str) {
-        let frame = self.deltas.encode(self.index, token);
-        self.backend.publish_ephemeral(self.key, frame);
-        self.text.push_str(token);
+    /// Encodes a chunk's text as the next delta (empty texts make none);
+    /// returns whether it was the last chunk.
+    fn stage(&mut self, chunk: &AnswerChunk) -> bool {
+        if !chunk.text.is_empty() {
+            self.staged.push(self.deltas.encode(self.index, &chunk.text));
+            self.text.push_str(&chunk.text);
+            self.index += 1;
+        }
+        chunk.finish != 0
+    }
+
+    /// Publishes the staged deltas; returns how many.
+    fn publish(&mut self) -> usize {
+        let staged = std::mem::take(&mut self.staged);
+        let count = staged.len();
+        if count > 0 {
+            self.backend.publish_ephemeral(self.key, staged);
+        }
+        count
+    }
+
+    /// Appends text outside the model's stream (the fallback sentence) as one delta.
+    fn push(&mut self, text: &str) {
+        self.staged.push(self.deltas.encode(self.index, text));
+        self.text.push_str(text);
         self.index += 1;
+        self.publish();
     }
 }
 

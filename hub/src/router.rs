@@ -35,6 +35,9 @@ pub enum Outbound {
         /// When the router queued it (for the delivery-time metric).
         queued_at: Instant,
     },
+    /// Non-durable frames that were ready together (tokens of a reply that
+    /// arrived at once), in order: one hand-over to the writer for all of them.
+    Frames { frames: Vec<Utf8Bytes>, queued_at: Instant },
     /// This node may have missed events (its subscription dropped): the
     /// writer re-reads the log after the last seq it sent.
     Resync,
@@ -45,10 +48,11 @@ impl Outbound {
         Self::Frame { seq: 0, frame, queued_at: Instant::now() }
     }
 
+    /// The frame of a single-frame item.
     pub fn frame(&self) -> Option<&Utf8Bytes> {
         match self {
             Self::Frame { frame, .. } => Some(frame),
-            Self::Resync => None,
+            Self::Frames { .. } | Self::Resync => None,
         }
     }
 }
@@ -182,17 +186,25 @@ impl Router {
         self.sessions.get(key).map_or(0, |local| local.handles.len())
     }
 
-    /// Delivers a frame that is not a durable event (a `reply.delta`) to every session.
-    /// The last session gets the frame itself: most conversations have one
-    /// socket, and a clone would turn the buffer into a shared one.
-    pub fn deliver_frame(&self, key: &ConversationKey, frame: Utf8Bytes) {
+    /// Delivers frames that are not durable events (`reply.delta`s,
+    /// `queued`), in order, to every session: one queue item per session
+    /// however many frames. The last session gets the frames themselves:
+    /// most conversations have one socket.
+    pub fn deliver_frames(&self, key: &ConversationKey, mut frames: Vec<Utf8Bytes>) {
         let Some(local) = self.sessions.get(key) else { return };
         let queued_at = Instant::now();
+        let item = |mut frames: Vec<Utf8Bytes>| match frames.len() {
+            1 => Outbound::Frame { seq: 0, frame: frames.remove(0), queued_at },
+            _ => Outbound::Frames { frames, queued_at },
+        };
+        if frames.is_empty() {
+            return;
+        }
         if let Some((last, others)) = local.handles.split_last() {
             for handle in others {
-                handle.push(Outbound::Frame { seq: 0, frame: frame.clone(), queued_at });
+                handle.push(item(frames.clone()));
             }
-            last.push(Outbound::Frame { seq: 0, frame, queued_at });
+            last.push(item(std::mem::take(&mut frames)));
         }
     }
 
@@ -353,9 +365,9 @@ mod tests {
         let (slow, _rx) = session(1);
         router.join(&key(), slow.clone());
         let frame = Utf8Bytes::from_static("{}");
-        router.deliver_frame(&key(), frame.clone());
-        assert!(!slow.closer.token().is_cancelled());
-        router.deliver_frame(&key(), frame.clone());
+        router.deliver_frames(&key(), vec![frame.clone(), frame.clone()]);
+        assert!(!slow.closer.token().is_cancelled(), "a batch is one item");
+        router.deliver_frames(&key(), vec![frame.clone()]);
         assert!(slow.closer.token().is_cancelled());
         assert_eq!(slow.closer.reason(), close::SLOW_CONSUMER);
     }

@@ -261,8 +261,8 @@ impl Backend for MemoryBackend {
         Ok(turns)
     }
 
-    fn publish_ephemeral(&self, key: &ConversationKey, frame: Utf8Bytes) {
-        self.router.deliver_frame(key, frame);
+    fn publish_ephemeral(&self, key: &ConversationKey, frames: Vec<Utf8Bytes>) {
+        self.router.deliver_frames(key, frames);
     }
 }
 

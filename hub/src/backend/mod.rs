@@ -184,9 +184,10 @@ pub trait Backend: Send + Sync + 'static {
     /// The last `limit` turns (customer, assistant and agent events), oldest first.
     async fn recent_turns(&self, key: &ConversationKey, limit: usize) -> Result<Vec<Arc<StoredEvent>>, BackendError>;
 
-    /// Delivers a non-durable frame (a `reply.delta`) to every attached session.
-    /// Best effort and never waits: a lost delta is repaired by `reply.done`.
-    fn publish_ephemeral(&self, key: &ConversationKey, frame: Utf8Bytes);
+    /// Delivers non-durable frames (`reply.delta`s, `queued`), in order, to
+    /// every attached session. Best effort and never waits: a lost delta is
+    /// repaired by `reply.done`.
+    fn publish_ephemeral(&self, key: &ConversationKey, frames: Vec<Utf8Bytes>);
 
     /// Waits until every frame given to `publish_ephemeral` so far has been
     /// published, so a reply's deltas go out before its `reply.done`.

@@ -250,15 +250,34 @@ impl DeltaEncoder {
     }
 
     pub fn encode(&self, index: u32, text: &str) -> Utf8Bytes {
-        // Room for the index, the field name, quotes and a few escapes.
-        let mut out = String::with_capacity(self.prefix.len() + text.len() + 32);
+        let mut digits = itoa::Buffer::new();
+        let index = digits.format(index);
+        const TEXT_FIELD: &str = r#","text":"#;
+        // The exact length: a buffer with spare capacity becomes a `Bytes`
+        // with a separately allocated, reference-counted header.
+        let len = self.prefix.len() + index.len() + TEXT_FIELD.len() + json_string_len(text) + 1;
+        let mut out = String::with_capacity(len);
         out.push_str(&self.prefix);
-        out.push_str(itoa::Buffer::new().format(index));
-        out.push_str(r#","text":"#);
+        out.push_str(index);
+        out.push_str(TEXT_FIELD);
         push_json_string(&mut out, text);
         out.push('}');
+        debug_assert_eq!(out.len(), len);
         Utf8Bytes::from(out)
     }
+}
+
+/// The length of `text` as a quoted JSON string from [`push_json_string`].
+fn json_string_len(text: &str) -> usize {
+    let escapes: usize = text
+        .bytes()
+        .map(|byte| match byte {
+            b'"' | b'\\' | b'\n' | b'\r' | b'\t' | 0x08 | 0x0c => 1,
+            0x00..=0x1f => 5,
+            _ => 0,
+        })
+        .sum();
+    text.len() + escapes + 2
 }
 
 /// Appends `text` as a quoted JSON string, escaped exactly as `serde_json`

@@ -104,10 +104,18 @@ pub(super) fn run_writer(
             // Frames queued before the close (say, the error that explains it)
             // still go out first, unless the client is the reason we stop.
             if reason != crate::protocol::close::SLOW_CONSUMER {
-                while let Ok(Outbound::Frame { seq, frame, .. }) = queue.try_recv().map(|item| *item) {
-                    // Stored events already sent (a local copy and its echo) go once.
-                    if seq == 0 || seq > replay.sent_up_to {
-                        sink.feed(Message::Text(frame)).await?;
+                while let Ok(item) = queue.try_recv() {
+                    match *item {
+                        // Stored events already sent (a local copy and its echo) go once.
+                        Outbound::Frame { seq, frame, .. } if seq == 0 || seq > replay.sent_up_to => {
+                            sink.feed(Message::Text(frame)).await?
+                        }
+                        Outbound::Frames { frames, .. } => {
+                            for frame in frames {
+                                sink.feed(Message::Text(frame)).await?;
+                            }
+                        }
+                        Outbound::Frame { .. } | Outbound::Resync => {}
                     }
                 }
             }
@@ -133,6 +141,12 @@ async fn write_burst(sink: &mut Sink, burst: &mut Vec<Box<Outbound>>, replay: &m
             Outbound::Frame { seq: 0, frame, queued_at } => {
                 oldest = Some(oldest.map_or(queued_at, |o| o.min(queued_at)));
                 sink.feed(Message::Text(frame)).await?
+            }
+            Outbound::Frames { frames, queued_at } => {
+                oldest = Some(oldest.map_or(queued_at, |o| o.min(queued_at)));
+                for frame in frames {
+                    sink.feed(Message::Text(frame)).await?;
+                }
             }
             Outbound::Frame { seq, .. } if seq <= replay.sent_up_to => {}
             Outbound::Frame { seq, frame, queued_at } => {

@@ -325,7 +325,7 @@ impl Shared {
                     (_, None) => return,
                 };
                 match String::from_utf8(frame.to_vec()) {
-                    Ok(frame) => self.router.deliver_frame(&key, Utf8Bytes::from(frame)),
+                    Ok(frame) => self.router.deliver_frames(&key, vec![Utf8Bytes::from(frame)]),
                     Err(_) => warn!("dropping a delta that is not UTF-8"),
                 }
             }
@@ -701,23 +701,31 @@ impl Backend for RedisBackend {
             .collect())
     }
 
-    fn publish_ephemeral(&self, key: &ConversationKey, frame: Utf8Bytes) {
+    fn publish_ephemeral(&self, key: &ConversationKey, frames: Vec<Utf8Bytes>) {
         let channel = self.shared.keys.channel(key);
         if self.shared.alone_until.get(&channel).is_some_and(|until| std::time::Instant::now() < *until) {
-            self.shared.router.deliver_frame(key, frame);
+            self.shared.router.deliver_frames(key, frames);
             return;
         }
         // d<node id>\n<frame>: the node id lets this node skip its own echo.
         let node_id = self.shared.node_id.as_bytes();
-        let mut payload = Vec::with_capacity(frame.as_str().len() + node_id.len() + 2);
-        payload.push(b'd');
-        payload.extend_from_slice(node_id);
-        payload.push(b'\n');
-        payload.extend_from_slice(frame.as_str().as_bytes());
-        self.shared.router.deliver_frame(key, frame);
-        let item = Publish::Frame { channel, payload };
-        if self.shared.publish_tx.try_send(item).is_err() {
-            debug!("delta dropped: publish queue full");
+        let payloads: Vec<_> = frames
+            .iter()
+            .map(|frame| {
+                let mut payload = Vec::with_capacity(frame.as_str().len() + node_id.len() + 2);
+                payload.push(b'd');
+                payload.extend_from_slice(node_id);
+                payload.push(b'\n');
+                payload.extend_from_slice(frame.as_str().as_bytes());
+                payload
+            })
+            .collect();
+        self.shared.router.deliver_frames(key, frames);
+        for payload in payloads {
+            let item = Publish::Frame { channel: channel.clone(), payload };
+            if self.shared.publish_tx.try_send(item).is_err() {
+                debug!("delta dropped: publish queue full");
+            }
         }
     }
 

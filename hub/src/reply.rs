@@ -18,7 +18,6 @@ use std::sync::Arc;
 use axum::extract::ws::Utf8Bytes;
 use dashmap::DashMap;
 use fengda_proto::nlp::v1::{AnswerChunk, AnswerRequest, Role as WireRole, Turn};
-use futures::FutureExt;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
@@ -221,7 +220,7 @@ impl Replier {
                     // hand-over to the sockets for all of them (each is still its
                     // own frame). A model streaming at its pace sends one at a time.
                     while !finished && reply.staged.len() < MAX_BATCH {
-                        match call.next().now_or_never() {
+                        match call.next_if_ready() {
                             Some(Ok(Some(chunk))) => finished = reply.stage(&chunk),
                             Some(other) => {
                                 read_ahead = Some(other);

@@ -28,7 +28,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use fengda_proto::nlp::v1::{AnswerChunk, AnswerRequest};
-use futures::StreamExt;
+use futures::{FutureExt, StreamExt};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tonic::{Code, Status};
@@ -317,6 +317,17 @@ impl ActiveCall {
                 }
             }
         }
+    }
+
+    /// The next chunk if it has already arrived; `None` if the stream would
+    /// wait. For reading ahead right after [`Self::next`] returned: the gap
+    /// clock it set still holds for these.
+    pub fn next_if_ready(&mut self) -> Option<Result<Option<AnswerChunk>, StreamError>> {
+        if let Some(first) = self.first.take() {
+            return Some(Ok(Some(first)));
+        }
+        let next = self.stream.next().now_or_never()?;
+        Some(next.transpose().map_err(StreamError::Failed))
     }
 
     /// Ends the call and tells the breaker how it went. A successful stream

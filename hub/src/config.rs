@@ -321,8 +321,8 @@ impl Config {
         if self.redis.retention_secs == Some(0) {
             return invalid("redis.retention_secs", "must be non-zero");
         }
-        if self.conversation.retention_secs == 0 {
-            return invalid("conversation.retention_secs", "must be non-zero");
+        if self.conversation.retention_secs.saturating_mul(1000) < self.conversation.idle_window_ms.max(1) {
+            return invalid("conversation.retention_secs", "must cover conversation.idle_window_ms");
         }
         if self.redis.command_timeout_ms == 0 {
             return invalid("redis.command_timeout_ms", "must be non-zero");
@@ -546,5 +546,23 @@ mod tests {
         let mut config = Config::default();
         config.websocket.idle_timeout_ms = 10;
         assert!(matches!(config.validate(), Err(ConfigError::Invalid { key: "websocket.idle_timeout_ms", .. })));
+        // A conversation must outlive the window in which a returning user resumes it.
+        let mut config = Config::default();
+        config.conversation.idle_window_ms = 60_000;
+        config.conversation.retention_secs = 59;
+        assert!(matches!(config.validate(), Err(ConfigError::Invalid { key: "conversation.retention_secs", .. })));
+        config.conversation.retention_secs = 60;
+        config.validate().unwrap();
+        config.redis.retention_secs = Some(0);
+        assert!(matches!(config.validate(), Err(ConfigError::Invalid { key: "redis.retention_secs", .. })));
+    }
+
+    #[test]
+    fn redis_retention_defaults_to_the_conversation_retention() {
+        let mut config = Config::default();
+        config.conversation.retention_secs = 3600;
+        assert_eq!(config.conversation.redis_retention_secs(&config.redis), 3600);
+        config.redis.retention_secs = Some(7200);
+        assert_eq!(config.conversation.redis_retention_secs(&config.redis), 7200);
     }
 }

@@ -240,6 +240,12 @@ impl Replier {
                     if finished {
                         return (times, Some(call));
                     }
+                    // A stream that is always ready (an unpaced answerer, a
+                    // full buffer) never lets the select above see a cancel.
+                    if cancel.is_cancelled() {
+                        drop(call);
+                        return (Ending { cancelled: true, ..times }, None);
+                    }
                     continue;
                 }
                 Ok(None) => StreamError::Truncated,

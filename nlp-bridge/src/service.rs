@@ -263,6 +263,8 @@ fn to_backend_request(message: AnswerRequest, request_id: String, limits: &Limit
 /// ends, fails, or the client goes away. Returning drops `chunks`, which
 /// cancels the backend's work and frees the stream slot.
 async fn run_producer(mut chunks: ChunkStream, chunk_tx: mpsc::Sender<Result<AnswerChunk, Status>>) {
+    // The backend's error, once sent, ends the answer ([`ChunkStream`] logged it).
+    let mut failed = false;
     loop {
         let item = tokio::select! {
             biased;
@@ -271,11 +273,16 @@ async fn run_producer(mut chunks: ChunkStream, chunk_tx: mpsc::Sender<Result<Ans
             item = chunks.next() => item,
         };
         let Some(item) = item else { return };
+        failed = item.is_err();
         if chunk_tx.send(item).await.is_err() {
             break;
         }
     }
-    tracing::info!(chunks = chunks.index, "client went away; answer cancelled");
+    if failed {
+        tracing::info!(chunks = chunks.index, "answer failed");
+    } else {
+        tracing::info!(chunks = chunks.index, "client went away; answer cancelled");
+    }
 }
 
 #[cfg(test)]

@@ -105,10 +105,14 @@ impl MemoryBackend {
         forgotten
     }
 
-    /// Marks a conversation active now (it exists: callers just looked it up).
-    fn touch_log(&self, key: &ConversationKey) {
-        if let Some(log) = self.conversations.get(key) {
-            lock(&log).last_active_ms = now_ms();
+    /// Marks a conversation active now; false if it no longer exists.
+    fn touch_log(&self, key: &ConversationKey) -> bool {
+        match self.conversations.get(key) {
+            Some(log) => {
+                lock(&log).last_active_ms = now_ms();
+                true
+            }
+            None => false,
         }
     }
 
@@ -150,8 +154,11 @@ impl Backend for MemoryBackend {
             let key = ConversationKey { tenant: tenant.clone(), conversation: conversation.clone() };
             let owned = self.conversations.get(&key).is_some_and(|log| {
                 let mut log = lock(&log);
-                log.last_active_ms = now_ms();
-                log.user == *user
+                let owned = log.user == *user;
+                if owned {
+                    log.last_active_ms = now_ms();
+                }
+                owned
             });
             if !owned {
                 return Err(BackendError::ConversationNotFound);
@@ -169,11 +176,9 @@ impl Backend for MemoryBackend {
             .entry((tenant.clone(), user.clone()))
             .or_insert_with(|| Latest { conversation: self.create(tenant, user), last_active_ms: now });
         let key = ConversationKey { tenant: tenant.clone(), conversation: latest.conversation.clone() };
-        // A conversation the sweeper just forgot starts over, like an idle one.
-        if now.saturating_sub(latest.last_active_ms) > idle_window || !self.conversations.contains_key(&key) {
+        // A conversation the sweeper forgot starts over, like an idle one.
+        if now.saturating_sub(latest.last_active_ms) > idle_window || !self.touch_log(&key) {
             latest.conversation = self.create(tenant, user);
-        } else {
-            self.touch_log(&key);
         }
         latest.last_active_ms = now;
         Ok(ConversationKey { tenant: tenant.clone(), conversation: latest.conversation.clone() })
@@ -198,7 +203,7 @@ impl Backend for MemoryBackend {
 
     async fn detach(&self, key: &ConversationKey, session: SessionId) {
         self.router.leave(key, session);
-        self.touch_log(key);
+        let _ = self.touch_log(key);
     }
 
     async fn has_listeners(&self, key: &ConversationKey) -> bool {

@@ -104,18 +104,25 @@ pub(super) fn run_writer(
             // Frames queued before the close (say, the error that explains it)
             // still go out first, unless the client is the reason we stop.
             if reason != crate::protocol::close::SLOW_CONSUMER {
+                // Stored events go only while they follow on from the last one
+                // sent: past a gap or a resync the client must resume with
+                // `after` from the last seq it got, or it would skip the gap.
+                let mut in_order = true;
                 while let Ok(item) = queue.try_recv() {
                     match *item {
-                        // Stored events already sent (a local copy and its echo) go once.
-                        Outbound::Frame { seq, frame, .. } if seq == 0 || seq > replay.sent_up_to => {
-                            sink.feed(Message::Text(frame)).await?
-                        }
+                        Outbound::Frame { seq: 0, frame, .. } => sink.feed(Message::Text(frame)).await?,
                         Outbound::Frames { frames, .. } => {
                             for frame in frames {
                                 sink.feed(Message::Text(frame)).await?;
                             }
                         }
-                        Outbound::Frame { .. } | Outbound::Resync => {}
+                        // Already sent (a local copy and its echo): once.
+                        Outbound::Frame { seq, .. } if seq <= replay.sent_up_to => {}
+                        Outbound::Frame { seq, frame, .. } if in_order && seq == replay.sent_up_to + 1 => {
+                            sink.feed(Message::Text(frame)).await?;
+                            replay.sent_up_to = seq;
+                        }
+                        Outbound::Frame { .. } | Outbound::Resync => in_order = false,
                     }
                 }
             }

@@ -382,6 +382,56 @@ mod tests {
         assert_eq!(history[1].role, WireRole::Customer as i32);
     }
 
+    #[tokio::test]
+    async fn chunks_that_arrived_together_reach_each_socket_as_one_item_of_ordered_deltas() {
+        use crate::backend::MemoryBackend;
+        use crate::ids::{SessionId, TenantId, UserId};
+        use crate::router::{Outbound, Router, SessionCloser, SessionHandle};
+
+        let backend = MemoryBackend::new(
+            Arc::new(Router::default()),
+            10,
+            std::time::Duration::from_secs(60),
+            std::time::Duration::from_secs(3600),
+        );
+        let key = backend.open(&TenantId::parse("t").unwrap(), &UserId::parse("u").unwrap(), None).await.unwrap();
+        let mut queues = Vec::new();
+        for _ in 0..2 {
+            let (tx, rx) = tokio::sync::mpsc::channel(8);
+            let closer = SessionCloser::child_of(&CancellationToken::new());
+            backend.attach(&key, SessionHandle { id: SessionId::next(), tx, closer }, None).await.unwrap();
+            queues.push(rx);
+        }
+        let mut reply = ReplyStream {
+            backend: &backend,
+            key: &key,
+            reply_id: "r-1",
+            deltas: DeltaEncoder::new(key.conversation.as_str(), "r-1"),
+            text: String::new(),
+            index: 0,
+            staged: Vec::new(),
+        };
+        let chunk = |text: &str, finish: i32| AnswerChunk { index: 0, text: text.into(), finish };
+        assert!(!reply.stage(&chunk("Hello", 0)));
+        assert!(!reply.stage(&chunk("", 0)), "an empty chunk makes no delta");
+        assert!(reply.stage(&chunk(" world", 1)));
+        assert_eq!(reply.publish(), 2);
+        assert_eq!(reply.publish(), 0, "nothing staged, nothing sent");
+        reply.push("!");
+        assert_eq!(reply.text, "Hello world!");
+        for queue in &mut queues {
+            let Outbound::Frames { frames, .. } = *queue.try_recv().unwrap() else { panic!("one item for the batch") };
+            let deltas: Vec<serde_json::Value> =
+                frames.iter().map(|f| serde_json::from_str(f.as_str()).unwrap()).collect();
+            assert_eq!((deltas[0]["index"].as_u64(), deltas[0]["text"].as_str()), (Some(0), Some("Hello")));
+            assert_eq!((deltas[1]["index"].as_u64(), deltas[1]["text"].as_str()), (Some(1), Some(" world")));
+            let last = queue.try_recv().unwrap();
+            let last: serde_json::Value = serde_json::from_str(last.frame().unwrap().as_str()).unwrap();
+            assert_eq!((last["index"].as_u64(), last["text"].as_str()), (Some(2), Some("!")));
+            assert!(queue.try_recv().is_err());
+        }
+    }
+
     #[test]
     fn fallback_language_follows_the_question() {
         assert!(mostly_cjk("金卡年费多少？"));

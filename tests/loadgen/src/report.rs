@@ -112,7 +112,7 @@ pub fn record_ms(h: &mut Histogram<u64>, ms: f64) {
     let _ = h.record(if us.is_finite() { (us as u64).clamp(1, HISTOGRAM_MAX_US) } else { HISTOGRAM_MAX_US });
 }
 
-/// p50/p95/p99/max in ms (2 decimals), or null for an empty histogram.
+/// p50/p95/p99/p99.9/max in ms (2 decimals), or null for an empty histogram.
 pub fn percentiles_ms(h: &Histogram<u64>) -> Value {
     if h.is_empty() {
         return Value::Null;
@@ -122,6 +122,7 @@ pub fn percentiles_ms(h: &Histogram<u64>) -> Value {
         "p50": ms(h.value_at_quantile(0.50)),
         "p95": ms(h.value_at_quantile(0.95)),
         "p99": ms(h.value_at_quantile(0.99)),
+        "p99_9": ms(h.value_at_quantile(0.999)),
         "max": ms(h.max()),
     })
 }
@@ -629,7 +630,15 @@ mod tests {
         for tenth in 1..=100 {
             record(&mut h, Duration::from_micros(tenth * 10));
         }
-        assert_eq!(percentiles_ms(&h), json!({"p50": 0.5, "p95": 0.95, "p99": 0.99, "max": 1.0}));
+        assert_eq!(percentiles_ms(&h), json!({"p50": 0.5, "p95": 0.95, "p99": 0.99, "p99_9": 1.0, "max": 1.0}));
+        // p99.9 tells one slow reply in a thousand apart from the max.
+        let mut h = new_histogram();
+        for _ in 0..998 {
+            record(&mut h, Duration::from_micros(100));
+        }
+        record(&mut h, Duration::from_micros(900));
+        record(&mut h, Duration::from_micros(2000));
+        assert_eq!(percentiles_ms(&h), json!({"p50": 0.1, "p95": 0.1, "p99": 0.1, "p99_9": 0.9, "max": 2.0}));
     }
 
     #[test]

@@ -5,13 +5,13 @@ use std::fmt::Write;
 
 use serde_json::Value;
 
-/// `p50 … / p95 … / p99 … / max … ms`, or `n/a`.
+/// `p50 … / p95 … / p99 … / p99.9 … / max … ms`, or `n/a`.
 fn percentiles(v: &Value) -> String {
     if v.is_null() {
-        "n/a".to_owned()
-    } else {
-        format!("p50 {} / p95 {} / p99 {} / max {} ms", v["p50"], v["p95"], v["p99"], v["max"])
+        return "n/a".to_owned();
     }
+    let p99_9 = if v["p99_9"].is_null() { String::new() } else { format!(" / p99.9 {}", v["p99_9"]) };
+    format!("p50 {} / p95 {} / p99 {}{p99_9} / max {} ms", v["p50"], v["p95"], v["p99"], v["max"])
 }
 
 fn str_of(v: &Value) -> &str {
@@ -412,6 +412,10 @@ mod tests {
         let text = render(&r);
         assert!(text.contains("setup: 1 hub node(s), memory backend, bridge pace 150 ms"), "{text}");
         assert!(text.contains("send→reply.done  p50 1.0 / p95 2.0 / p99 3.0 / max 4.0 ms"), "{text}");
+        assert_eq!(
+            percentiles(&serde_json::json!({"p50": 1.0, "p95": 2.0, "p99": 3.0, "p99_9": 3.5, "max": 4.0})),
+            "p50 1.0 / p95 2.0 / p99 3.0 / p99.9 3.5 / max 4.0 ms"
+        );
         assert!(text.contains("send→1st delta   n/a"), "{text}");
         assert!(text.contains("hub share (before NLP + relay) p50 0.2 / p95 0.3"), "{text}");
         assert!(!text.contains("WITHOUT"), "{text}");

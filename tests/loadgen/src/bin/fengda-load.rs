@@ -26,7 +26,7 @@
 //!
 //! - `replies`: C connections (default 200), each asks Q questions (default
 //!   20) one after another, the next after `reply.done`. Measures end-to-end
-//!   latency send→`reply.done` (p50/p95/p99/max), time to the first
+//!   latency send→`reply.done` (p50/p95/p99/p99.9/max), time to the first
 //!   `reply.delta`, replies/s, tokens per reply, and CPU time per reply and
 //!   per token of the hub and of the bridge, read just before the first
 //!   question and just after the last reply (connection set-up is outside

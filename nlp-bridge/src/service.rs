@@ -112,24 +112,26 @@ impl NlpService {
     /// hub that runs the built-in answerer in-process. Dropping the stream
     /// cancels the backend's work and frees the stream slot.
     pub fn answer_in_process(&self, request: Request<AnswerRequest>) -> Result<ChunkStream, Status> {
-        let (tokens, permit, span) = self.start(request)?;
+        // The caller's span already names the tenant and the conversation;
+        // a span of its own per answer would cost more than the lookup.
+        let (tokens, permit, span) = self.start(request, |_| tracing::Span::none())?;
         Ok(ChunkStream { tokens, index: 0, done: false, _permit: permit, span })
     }
 
-    /// Validates a call, takes a stream slot and starts the backend.
+    /// Validates a call, takes a stream slot and starts the backend, in the
+    /// span `span_of` makes for the request (its request id is resolved).
     fn start(
         &self,
         request: Request<AnswerRequest>,
+        span_of: impl FnOnce(&AnswerRequest) -> tracing::Span,
     ) -> Result<(TokenStream, OwnedSemaphorePermit, tracing::Span), Status> {
         let header_id = request.metadata().get("x-request-id").and_then(|v| v.to_str().ok()).map(str::to_owned);
-        let message = request.into_inner();
-        let request_id = header_id.unwrap_or_else(|| message.request_id.clone());
-        let span = tracing::info_span!(
-            "nlp.answer",
-            tenant_id = %message.tenant_id,
-            conversation_id = %message.conversation_id,
-            request_id = %request_id,
-        );
+        let mut message = request.into_inner();
+        if let Some(id) = header_id {
+            message.request_id = id;
+        }
+        let span = span_of(&message);
+        let request_id = std::mem::take(&mut message.request_id);
         let backend_request = span.in_scope(|| {
             let req = to_backend_request(message, request_id, &self.limits);
             match &req {
@@ -156,7 +158,15 @@ impl Nlp for NlpService {
     type AnswerStream = ReceiverStream<Result<AnswerChunk, Status>>;
 
     async fn answer(&self, request: Request<AnswerRequest>) -> Result<Response<Self::AnswerStream>, Status> {
-        let (tokens, permit, span) = self.start(request)?;
+        let span_of = |message: &AnswerRequest| {
+            tracing::info_span!(
+                "nlp.answer",
+                tenant_id = %message.tenant_id,
+                conversation_id = %message.conversation_id,
+                request_id = %message.request_id,
+            )
+        };
+        let (tokens, permit, span) = self.start(request, span_of)?;
         let chunks = ChunkStream { tokens, index: 0, done: false, _permit: permit, span: span.clone() };
         let (chunk_tx, chunk_rx) = mpsc::channel(CHUNK_BUFFER);
         self.tasks.spawn(run_producer(chunks, chunk_tx).instrument(span));

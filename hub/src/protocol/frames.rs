@@ -255,16 +255,30 @@ impl DeltaEncoder {
         const TEXT_FIELD: &str = r#","text":"#;
         // The exact length: a buffer with spare capacity becomes a `Bytes`
         // with a separately allocated, reference-counted header.
-        let len = self.prefix.len() + index.len() + TEXT_FIELD.len() + json_string_len(text) + 1;
+        // Most tokens need no escape: then the text is copied as it is.
+        let plain = !text.bytes().any(needs_escape);
+        let quoted = if plain { text.len() + 2 } else { json_string_len(text) };
+        let len = self.prefix.len() + index.len() + TEXT_FIELD.len() + quoted + 1;
         let mut out = String::with_capacity(len);
         out.push_str(&self.prefix);
         out.push_str(index);
         out.push_str(TEXT_FIELD);
-        push_json_string(&mut out, text);
+        if plain {
+            out.push('"');
+            out.push_str(text);
+            out.push('"');
+        } else {
+            push_json_string(&mut out, text);
+        }
         out.push('}');
         debug_assert_eq!(out.len(), len);
         Utf8Bytes::from(out)
     }
+}
+
+/// Whether JSON needs this byte of a string escaped.
+fn needs_escape(byte: u8) -> bool {
+    byte < 0x20 || byte == b'"' || byte == b'\\'
 }
 
 /// The length of `text` as a quoted JSON string from [`push_json_string`].

@@ -104,32 +104,38 @@ pub(super) fn run_writer(
             // Frames queued before the close (say, the error that explains it)
             // still go out first, unless the client is the reason we stop.
             if reason != crate::protocol::close::SLOW_CONSUMER {
-                // Stored events go only while they follow on from the last one
-                // sent: past a gap or a resync the client must resume with
-                // `after` from the last seq it got, or it would skip the gap.
-                let mut in_order = true;
-                while let Ok(item) = queue.try_recv() {
-                    match *item {
-                        Outbound::Frame { seq: 0, frame, .. } => sink.feed(Message::Text(frame)).await?,
-                        Outbound::Frames { frames, .. } => {
-                            for frame in frames {
-                                sink.feed(Message::Text(frame)).await?;
-                            }
-                        }
-                        // Already sent (a local copy and its echo): once.
-                        Outbound::Frame { seq, .. } if seq <= replay.sent_up_to => {}
-                        Outbound::Frame { seq, frame, .. } if in_order && seq == replay.sent_up_to + 1 => {
-                            sink.feed(Message::Text(frame)).await?;
-                            replay.sent_up_to = seq;
-                        }
-                        Outbound::Frame { .. } | Outbound::Resync => in_order = false,
-                    }
+                let queued = std::iter::from_fn(|| queue.try_recv().ok().map(|item| *item));
+                for frame in frames_before_close(queued, &mut replay.sent_up_to) {
+                    sink.feed(Message::Text(frame)).await?;
                 }
             }
             sink.send(close_message(reason)).await
         })
         .await;
     }
+}
+
+/// What a closing socket still gets of its queue: every non-durable frame,
+/// and stored events only while they follow on from the last one sent (past
+/// a gap or a resync the client must resume with `after` from the last seq
+/// it got, or it would skip the gap). Advances `sent_up_to`.
+fn frames_before_close(queued: impl Iterator<Item = Outbound>, sent_up_to: &mut u64) -> Vec<Utf8Bytes> {
+    let mut frames = Vec::new();
+    let mut in_order = true;
+    for item in queued {
+        match item {
+            Outbound::Frame { seq: 0, frame, .. } => frames.push(frame),
+            Outbound::Frames { frames: batch, .. } => frames.extend(batch),
+            // Already sent (a local copy and its echo): once.
+            Outbound::Frame { seq, .. } if seq <= *sent_up_to => {}
+            Outbound::Frame { seq, frame, .. } if in_order && seq == *sent_up_to + 1 => {
+                frames.push(frame);
+                *sent_up_to = seq;
+            }
+            Outbound::Frame { .. } | Outbound::Resync => in_order = false,
+        }
+    }
+    frames
 }
 
 async fn write_intro(sink: &mut Sink, intro: Vec<Utf8Bytes>) -> Result<(), axum::Error> {
@@ -191,4 +197,39 @@ async fn fill_gap(sink: &mut Sink, replay: &mut Replay, before: u64) -> Result<(
         replay.sent_up_to = event.seq;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_closing_socket_gets_stored_events_only_in_order() {
+        let at = Instant::now();
+        let frame =
+            |seq: u64, text: &'static str| Outbound::Frame { seq, frame: Utf8Bytes::from_static(text), queued_at: at };
+        let queued = vec![
+            frame(0, "delta-1"),
+            frame(5, "event-5"),
+            Outbound::Frames {
+                frames: vec![Utf8Bytes::from_static("delta-2"), Utf8Bytes::from_static("delta-3")],
+                queued_at: at,
+            },
+            frame(5, "event-5-echo"),
+            frame(6, "event-6"),
+            Outbound::Resync,
+            frame(8, "event-8"),
+            frame(0, "error"),
+        ];
+        let mut sent_up_to = 4;
+        let frames = frames_before_close(queued.into_iter(), &mut sent_up_to);
+        let texts: Vec<_> = frames.iter().map(Utf8Bytes::as_str).collect();
+        assert_eq!(texts, ["delta-1", "event-5", "delta-2", "delta-3", "event-6", "error"]);
+        assert_eq!(sent_up_to, 6, "the client resumes after 6 and gets 7 and 8 from the log");
+        // A gap stops stored events the same way.
+        let mut sent_up_to = 4;
+        let frames = frames_before_close(vec![frame(6, "event-6"), frame(5, "event-5")].into_iter(), &mut sent_up_to);
+        assert!(frames.is_empty());
+        assert_eq!(sent_up_to, 4);
+    }
 }

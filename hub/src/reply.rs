@@ -299,11 +299,15 @@ impl ReplyStream<'_> {
     /// returns whether it was the last chunk.
     fn stage(&mut self, chunk: &AnswerChunk) -> bool {
         if !chunk.text.is_empty() {
-            self.staged.push(self.deltas.encode(self.index, &chunk.text));
-            self.text.push_str(&chunk.text);
-            self.index += 1;
+            self.stage_text(&chunk.text);
         }
         chunk.finish != 0
+    }
+
+    fn stage_text(&mut self, text: &str) {
+        self.staged.push(self.deltas.encode(self.index, text));
+        self.text.push_str(text);
+        self.index += 1;
     }
 
     /// Publishes the staged deltas; returns how many.
@@ -318,9 +322,7 @@ impl ReplyStream<'_> {
 
     /// Appends text outside the model's stream (the fallback sentence) as one delta.
     fn push(&mut self, text: &str) {
-        self.staged.push(self.deltas.encode(self.index, text));
-        self.text.push_str(text);
-        self.index += 1;
+        self.stage_text(text);
         self.publish();
     }
 }

@@ -181,3 +181,28 @@ async fn the_in_process_answerer_takes_as_many_calls_as_the_hub_admits() {
     let fallbacks = replies.iter().filter(|reply| reply.done["fallback"] == true).count();
     assert_eq!(fallbacks, 0, "every question within the hub's slots gets its answer");
 }
+
+#[tokio::test]
+async fn an_answer_past_the_whole_answer_deadline_is_completed_as_interrupted() {
+    // 40 tokens at 5 per second take 8 s; the deadline is 1.5 s. The
+    // in-process answerer reads no grpc-timeout: the hub itself must stop it.
+    let hub = Hub::start(&[
+        "--nlp-reply-timeout-ms",
+        "1500",
+        "--answerer-first-token-delay-ms",
+        "0",
+        "--answerer-tokens-per-second",
+        "5",
+    ])
+    .await;
+    let mut client = Client::connect(&hub.ws_url("tenant=demo&user=deadline")).await;
+    let started = std::time::Instant::now();
+    let (_, reply) = client.ask("m1", "Tell me about the Gold Card").await;
+    assert_eq!(reply.done["fallback"], true, "{}", reply.done);
+    assert_eq!(reply.done["interrupted"], true, "{}", reply.done);
+    assert!(
+        started.elapsed() < Duration::from_secs(4),
+        "stopped at the deadline, not at the end: {:?}",
+        started.elapsed()
+    );
+}

@@ -11,8 +11,8 @@
 //! bridge serves, called in the replier's task
 //! ([`NlpService::answer_in_process`]): same validation, limits and chunks,
 //! without a loopback socket, HTTP/2 framing, protobuf, or a task and
-//! channel per answer. The whole-answer deadline is applied here,
-//! since no server reads `grpc-timeout`.
+//! channel per answer. No server reads its `grpc-timeout` there: the
+//! whole-answer deadline is enforced for every call by `ActiveCall`.
 
 use std::pin::Pin;
 use std::time::Duration;
@@ -20,7 +20,7 @@ use std::time::Duration;
 use fengda_nlp::NlpService;
 use fengda_proto::nlp::v1::nlp_client::NlpClient as GrpcClient;
 use fengda_proto::nlp::v1::{AnswerChunk, AnswerRequest};
-use futures::{Stream, StreamExt};
+use futures::Stream;
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Request, Status};
 
@@ -91,12 +91,7 @@ impl NlpClient {
                 let mut client = client.clone();
                 Ok(Box::pin(client.answer(request).await?.into_inner()))
             }
-            Transport::InProcess(service) => {
-                let chunks = service.answer_in_process(request)?;
-                // Ends the stream at the deadline; without its finish chunk
-                // the reply completes as interrupted, as over gRPC.
-                Ok(Box::pin(chunks.take_until(tokio::time::sleep(self.reply_timeout))))
-            }
+            Transport::InProcess(service) => Ok(Box::pin(service.answer_in_process(request)?)),
         }
     }
 }

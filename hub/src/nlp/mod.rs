@@ -64,6 +64,7 @@ pub struct NlpPool {
     max_queue_wait: Duration,
     first_chunk_timeout: Duration,
     token_gap_timeout: Duration,
+    reply_timeout: Duration,
     max_attempts: u32,
     initial_backoff: Duration,
     max_backoff: Duration,
@@ -137,6 +138,7 @@ impl NlpPool {
             max_queue_wait: Duration::from_millis(config.max_queue_wait_ms),
             first_chunk_timeout: Duration::from_millis(config.first_chunk_timeout_ms),
             token_gap_timeout: Duration::from_millis(config.token_gap_timeout_ms),
+            reply_timeout: Duration::from_millis(config.reply_timeout_ms),
             max_attempts: config.retry_max_attempts,
             initial_backoff: Duration::from_millis(config.retry_initial_backoff_ms),
             max_backoff: Duration::from_millis(config.retry_max_backoff_ms),
@@ -180,7 +182,10 @@ impl NlpPool {
                         first: Some(first),
                         token_gap: self.token_gap_timeout,
                         last_chunk: Instant::now(),
-                        gap_timer: Box::pin(tokio::time::sleep(self.token_gap_timeout)),
+                        reply_deadline: sent_at + self.reply_timeout,
+                        gap_timer: Box::pin(tokio::time::sleep_until(
+                            (Instant::now() + self.token_gap_timeout).min(sent_at + self.reply_timeout),
+                        )),
                         outstanding,
                         _permit: permit,
                     });
@@ -288,6 +293,10 @@ pub struct ActiveCall {
     token_gap: Duration,
     /// When the last chunk arrived; the gap deadline counts from it.
     last_chunk: Instant,
+    /// The whole-answer deadline (`nlp.reply_timeout_ms` from the request),
+    /// enforced here for every transport: a bridge also gets it as
+    /// `grpc-timeout`, the in-process answerer has nothing else to stop it.
+    reply_deadline: Instant,
     /// Fires at some point at or before the gap deadline and is re-armed
     /// lazily, so a fast stream costs no timer operation per token.
     gap_timer: Pin<Box<tokio::time::Sleep>>,
@@ -309,11 +318,15 @@ impl ActiveCall {
                     return result.transpose().map_err(StreamError::Failed);
                 }
                 () = &mut self.gap_timer => {
+                    let now = Instant::now();
+                    if now >= self.reply_deadline {
+                        return Err(StreamError::Failed(Status::deadline_exceeded("the whole-answer deadline passed")));
+                    }
                     let deadline = self.last_chunk + self.token_gap;
-                    if Instant::now() >= deadline {
+                    if now >= deadline {
                         return Err(StreamError::TokenGap(self.token_gap));
                     }
-                    self.gap_timer.as_mut().reset(deadline);
+                    self.gap_timer.as_mut().reset(deadline.min(self.reply_deadline));
                 }
             }
         }

@@ -19,10 +19,15 @@ fast_pace=(--pace-first-token-ms 200 --pace-tokens-per-s 30)
 cluster=(--nodes 3 --backend redis)
 # Every one of 1,000 customers gets an NLP slot (the default is 512 per node).
 slots=(--hub-arg=--nlp-max-concurrent=1024)
+# Each replies comparison runs the bare/hub pair five times, alternating, and
+# reports medians: one run on this shared VM moves by ±20 % against the next
+# run of the same server.
 if [[ ${QUICK:-0} == 1 ]]; then
+    rounds=(--rounds 2) questions=20
     secs=3 peak_secs=3 base_secs=2 soak_secs=10 sample_secs=2 idle=2000 customers=100 extra=900 storm=1000
     open_rate=50
 else
+    rounds=(--rounds 5) questions=60
     secs=30 peak_secs=60 base_secs=20 soak_secs=600 sample_secs=30 idle=19000 customers=1000 extra=9000 storm=10000
     open_rate=500
 fi
@@ -49,11 +54,11 @@ run idle --compare idle -n "$idle"
 # thread (the bare run is limited by the load generator), with two (limited by
 # the box: hub, bridge and load generator share the two cores), then three
 # nodes with Redis.
-run replies-1000 "${slots[@]}" --compare replies -c "$customers" -q 20
-run replies-1000-box "${slots[@]}" --threads 2 --compare replies -c "$customers" -q 20
+run replies-1000 "${slots[@]}" "${rounds[@]}" --compare replies -c "$customers" -q "$questions"
+run replies-1000-box "${slots[@]}" --threads 2 "${rounds[@]}" --compare replies -c "$customers" -q "$questions"
 # The same with the single-binary hub: its built-in answerer in-process, no bridge.
-run replies-1000-embedded "${slots[@]}" --embedded --compare replies -c "$customers" -q 20
-run replies-1000-embedded-box "${slots[@]}" --embedded --threads 2 --compare replies -c "$customers" -q 20
+run replies-1000-embedded "${slots[@]}" --embedded "${rounds[@]}" --compare replies -c "$customers" -q "$questions"
+run replies-1000-embedded-box "${slots[@]}" --embedded --threads 2 "${rounds[@]}" --compare replies -c "$customers" -q "$questions"
 run replies-1000-cluster "${slots[@]}" "${cluster[@]}" replies -c "$customers" -q 20
 # Hub share of the time to first token, zero-delay answerer: closed loop
 # (every customer asks again at once: the box saturates), then an open loop

@@ -496,6 +496,40 @@ impl ResourceSeries {
     }
 }
 
+/// The median of each figure over reports of the same shape (the rounds of
+/// `--compare --rounds`): numbers by their median (the mean of the middle
+/// two for an even count), objects key by key and arrays item by item; any
+/// other value, or a figure missing or null in some report, is taken from
+/// the first report that has it.
+pub fn median_of(reports: &[Value]) -> Value {
+    let Some(first) = reports.first() else { return Value::Null };
+    match first {
+        Value::Number(_) => {
+            let mut numbers: Vec<f64> = reports.iter().filter_map(Value::as_f64).collect();
+            if numbers.len() < reports.len() {
+                return first.clone();
+            }
+            numbers.sort_by(f64::total_cmp);
+            let mid = numbers.len() / 2;
+            let median = if numbers.len() % 2 == 1 { numbers[mid] } else { (numbers[mid - 1] + numbers[mid]) / 2.0 };
+            if first.is_f64() { json!(round2(median)) } else { json!(median.round() as i64) }
+        }
+        Value::Object(fields) => Value::Object(
+            fields
+                .keys()
+                .map(|key| {
+                    let values: Vec<Value> = reports.iter().map(|r| r[key.as_str()].clone()).collect();
+                    (key.clone(), median_of(&values))
+                })
+                .collect(),
+        ),
+        Value::Array(items) => Value::Array(
+            (0..items.len()).map(|i| median_of(&reports.iter().map(|r| r[i].clone()).collect::<Vec<_>>())).collect(),
+        ),
+        _ => first.clone(),
+    }
+}
+
 /// hub ÷ bare for the figures both runs of one scenario have (`--compare`).
 pub fn ratios(bare: &Value, hub: &Value) -> Value {
     let divide = |h: Option<f64>, b: Option<f64>| match (h, b) {
@@ -728,6 +762,26 @@ mod tests {
         );
         assert_eq!(series_summary(&[None, None]), json!({"start": null, "end": null, "max": null}));
         assert_eq!(series_summary(&[]), json!({"start": null, "end": null, "max": null}));
+    }
+
+    #[test]
+    fn median_of_takes_each_figure_on_its_own() {
+        let rounds = [
+            json!({"replies_per_s": 0.7, "n": 3, "bare": {"cpu": 30.0}, "phases": [{"p": 1.0}], "pid": 11}),
+            json!({"replies_per_s": 1.1, "n": 3, "bare": {"cpu": 50.0}, "phases": [{"p": 3.0}], "pid": 12}),
+            json!({"replies_per_s": 0.9, "n": 3, "bare": {"cpu": 20.0}, "phases": [{"p": 2.0}], "pid": null}),
+        ];
+        let m = median_of(&rounds);
+        assert_eq!(m["replies_per_s"], 0.9);
+        assert_eq!(m["n"], 3);
+        assert_eq!(m["bare"]["cpu"], 30.0);
+        assert_eq!(m["phases"][0]["p"], 2.0);
+        // Missing in one report: the first one's value, not a median of fewer.
+        assert_eq!(m["pid"], 11);
+        // An even count: the mean of the middle two.
+        assert_eq!(median_of(&[json!(1.0), json!(4.0), json!(2.0), json!(3.0)]), json!(2.5));
+        assert_eq!(median_of(&[json!("a"), json!("b")]), json!("a"));
+        assert_eq!(median_of(&[]), Value::Null);
     }
 
     #[test]

@@ -72,7 +72,9 @@
 //! client code; its figures appear under the `hub_*` names. `--compare`
 //! runs the scenario against the bare server, then against the hub, in one
 //! invocation, and prints hub ÷ bare ratios (replies/s, CPU µs per reply,
-//! KiB per idle socket, sockets/s, …). The bare server replays nothing, so
+//! KiB per idle socket, sockets/s, …); `--rounds N` repeats the pair N times,
+//! alternating, and reports medians (one run on this shared machine moves by
+//! ±20 % against the next run of the same server). The bare server replays nothing, so
 //! `storm` counts lost events only against the hub.
 //!
 //! CPU time is the sum over the process's threads of
@@ -182,6 +184,12 @@ struct Common {
     /// print hub ÷ bare ratios.
     #[arg(long, global = true)]
     compare: bool,
+    /// With `--compare`: run the pair this many times, alternating bare and
+    /// hub, and report every figure and ratio as its median over the rounds
+    /// (each round's ratios are kept under `rounds`). On a shared machine one
+    /// run of the same server moves by ±20 %; a median of rounds does not.
+    #[arg(long, global = true, default_value_t = 1, value_name = "N")]
+    rounds: usize,
     /// Connect with `timing=1`, so that every `reply.done` carries the hub's
     /// `timing` object, and report the hub's share of the time to first token
     /// apart from the NLP's (p50/p95/p99). Hub targets only: the bare server
@@ -376,35 +384,56 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
             "--pace-* paces the hub's bridge; the bare server answers at once, so there is nothing to compare"
         );
     }
+    ensure!(cli.common.rounds == 1 || cli.common.compare, "--rounds repeats the pair of --compare; add --compare");
     let (report, clean) = if cli.common.compare {
         ensure!(cli.common.hub_url.is_none(), "--compare starts both servers itself; drop --hub-url");
+        ensure!(cli.common.rounds >= 1, "--rounds must be at least 1");
         let mut common = cli.common.clone();
-        common.target = TargetKind::Bare;
-        let (bare, bare_clean) = run_one(&common, &cli.scenario, nofile).await?;
-        if !common.json {
-            print!("{}", text::render(&bare));
-            println!();
+        let (mut bares, mut hubs, mut rounds, mut clean) = (Vec::new(), Vec::new(), Vec::new(), true);
+        for round in 1..=cli.common.rounds {
+            let mut pair = Vec::with_capacity(2);
+            for target in [TargetKind::Bare, TargetKind::Hub] {
+                if round > 1 || target == TargetKind::Hub {
+                    // Let the previous server's sockets leave TIME_WAIT accounting behind a little.
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+                common.target = target;
+                let (report, run_clean) = run_one(&common, &cli.scenario, nofile).await?;
+                if !common.json {
+                    if cli.common.rounds > 1 {
+                        println!("-- round {round} of {}, {}", cli.common.rounds, target.name());
+                    }
+                    print!("{}", text::render(&report));
+                    println!();
+                }
+                clean &= run_clean;
+                pair.push(report);
+            }
+            let hub = pair.pop().expect("hub report");
+            let bare = pair.pop().expect("bare report");
+            rounds.push(report::ratios(&bare, &hub));
+            bares.push(bare);
+            hubs.push(hub);
         }
-        // Let the bare server's sockets leave TIME_WAIT accounting behind a little.
-        tokio::time::sleep(Duration::from_secs(1)).await;
-        common.target = TargetKind::Hub;
-        let (hub, hub_clean) = run_one(&common, &cli.scenario, nofile).await?;
+        let (bare, hub) = (report::median_of(&bares), report::median_of(&hubs));
+        let ratios = report::median_of(&rounds);
         if !common.json {
-            print!("{}", text::render(&hub));
-            println!();
-        }
-        let ratios = report::ratios(&bare, &hub);
-        if !common.json {
+            if rounds.len() > 1 {
+                println!("medians of {} rounds (each figure and each ratio on its own)", rounds.len());
+            }
             print!("{}", text::render_ratios(&ratios));
         }
-        let report = json!({
+        let mut report = json!({
             "scenario": "compare",
             "compared": hub["scenario"],
             "ratios_hub_over_bare": ratios,
             "bare": bare,
             "hub": hub,
         });
-        (report, bare_clean && hub_clean)
+        if rounds.len() > 1 {
+            report["rounds"] = json!(rounds);
+        }
+        (report, clean)
     } else {
         let (report, clean) = run_one(&cli.common, &cli.scenario, nofile).await?;
         if !cli.common.json {

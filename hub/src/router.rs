@@ -250,34 +250,37 @@ impl Router {
         }
         local.delivered_seq = event.seq;
         let conversation = key.conversation.as_str();
-        let (shared, for_origin) = match event.from {
-            Role::Customer => (
-                event.message_frame(conversation),
-                origin.map(|_| ServerFrame::Ack { id: &event.id, seq: event.seq }.encode()),
-            ),
-            Role::Assistant => (
-                ServerFrame::ReplyDone {
-                    conversation,
-                    reply: &event.id,
-                    seq: event.seq,
-                    text: &event.text,
-                    fallback: event.fallback,
-                    interrupted: event.interrupted,
-                    cancelled: event.cancelled,
-                    timing,
-                }
-                .encode(),
-                None,
-            ),
-            Role::Agent | Role::System => (event.message_frame(conversation), None),
+        // The frame every session gets, except the one that sent a customer message (an `ack`).
+        let shared = || match event.from {
+            Role::Assistant => ServerFrame::ReplyDone {
+                conversation,
+                reply: &event.id,
+                seq: event.seq,
+                text: &event.text,
+                fallback: event.fallback,
+                interrupted: event.interrupted,
+                cancelled: event.cancelled,
+                timing,
+            }
+            .encode(),
+            Role::Customer | Role::Agent | Role::System => event.message_frame(conversation),
         };
+        let origin = origin.filter(|_| event.from == Role::Customer);
         let queued_at = Instant::now();
-        for handle in &local.handles {
-            let frame = match (&for_origin, origin) {
-                (Some(ack), Some(origin)) if origin == handle.id => ack.clone(),
-                _ => shared.clone(),
-            };
-            handle.push(Outbound::Frame { seq: event.seq, frame, queued_at });
+        let push = |handle: &SessionHandle, frame| handle.push(Outbound::Frame { seq: event.seq, frame, queued_at });
+        // Encoded only if someone needs it (a lone customer socket needs just
+        // its ack), and moved rather than cloned into the last session.
+        let mut frame = None;
+        let Some((last, others)) = local.handles.split_last() else { return };
+        for handle in others.iter().chain([last]) {
+            let is_last = std::ptr::eq(handle, last);
+            if origin == Some(handle.id) {
+                push(handle, ServerFrame::Ack { id: &event.id, seq: event.seq }.encode());
+            } else if is_last {
+                push(handle, frame.take().unwrap_or_else(shared));
+            } else {
+                push(handle, frame.get_or_insert_with(shared).clone());
+            }
         }
     }
 }
@@ -328,6 +331,22 @@ mod tests {
         assert_eq!(seq, 1);
         // One encoding shared by both sockets, not one copy each.
         assert_eq!(b_frame.as_str().as_ptr(), c_frame.frame().unwrap().as_str().as_ptr());
+    }
+
+    #[test]
+    fn a_lone_sender_gets_its_ack_and_a_last_joined_sender_still_gets_an_ack() {
+        let router = Router::default();
+        let (a, mut a_rx) = session(8);
+        router.join(&key(), a.clone());
+        router.deliver_event(&key(), &customer_event(1), Some(a.id), None);
+        assert!(a_rx.try_recv().unwrap().frame().unwrap().as_str().contains(r#""type":"ack""#));
+        assert!(a_rx.try_recv().is_err(), "one frame: the ack");
+        // The sender joined last: the earlier socket gets the message, the sender its ack.
+        let (b, mut b_rx) = session(8);
+        router.join(&key(), b.clone());
+        router.deliver_event(&key(), &customer_event(2), Some(b.id), None);
+        assert!(a_rx.try_recv().unwrap().frame().unwrap().as_str().contains(r#""type":"message""#));
+        assert!(b_rx.try_recv().unwrap().frame().unwrap().as_str().contains(r#""type":"ack""#));
     }
 
     #[test]

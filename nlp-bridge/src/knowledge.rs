@@ -103,13 +103,23 @@ struct KnowledgeFile {
 /// its history a few times, and the keys come from our own file.
 type HashMap<K, V> = std::collections::HashMap<K, V, foldhash::fast::RandomState>;
 
-/// An entry's index: its terms with their IDF, and the vector norm.
+/// A term of the vocabulary (every term some entry has), by number: a
+/// lookup scores with these instead of hashing strings per entry.
+type TermId = u32;
+
+/// An entry's index: its terms with their IDF, and its own question's terms.
 #[derive(Debug)]
 struct EntryIndex {
-    terms: HashMap<String, f64>,
+    terms: Vec<(TermId, f64)>,
     /// Terms of the entry's own question, and their summed IDF.
-    canonical: Vec<String>,
+    canonical: Vec<TermId>,
     canonical_mass: f64,
+}
+
+impl EntryIndex {
+    fn has(&self, term: TermId) -> bool {
+        self.terms.iter().any(|&(t, _)| t == term)
+    }
 }
 
 /// The outcome of [`KnowledgeBase::lookup`].
@@ -127,11 +137,13 @@ pub enum Lookup<'a> {
 pub struct KnowledgeBase {
     entries: Vec<Entry>,
     index: Vec<EntryIndex>,
-    idf: HashMap<String, f64>,
+    /// The vocabulary: each term's number, an index into `idf`.
+    vocabulary: HashMap<String, TermId>,
+    idf: Vec<f64>,
     /// The known terms of each entry's answer, by answer text: the assistant
     /// turns of a history are mostly our own answers, and extracting their
     /// terms on every lookup was most of the answerer's work.
-    answer_terms: HashMap<String, Vec<String>>,
+    answer_terms: HashMap<String, Vec<TermId>>,
     /// IDF of a term no entry contains: that of a term in one entry (an
     /// unseen word is rare, but no rarer than the rarest we know).
     unknown_idf: f64,
@@ -188,28 +200,28 @@ impl KnowledgeBase {
             }
         }
         let idf_of = |df: usize| ((n + 1.0) / (df as f64 + 1.0)).ln() + 1.0;
-        let idf: HashMap<String, f64> = df.iter().map(|(term, &count)| ((*term).to_owned(), idf_of(count))).collect();
+        let mut vocabulary: HashMap<String, TermId> = HashMap::default();
+        let mut idf = Vec::with_capacity(df.len());
+        for (term, &count) in &df {
+            vocabulary.insert((*term).to_owned(), idf.len() as TermId);
+            idf.push(idf_of(count));
+        }
         let index = entry_terms
             .into_iter()
             .zip(canonical_terms)
             .map(|(set, canonical)| {
-                let terms: HashMap<String, f64> = set
-                    .into_iter()
-                    .map(|term| {
-                        let weight = idf[&term];
-                        (term, weight)
-                    })
-                    .collect();
-                let canonical_mass = canonical.iter().map(|t| idf[t]).sum();
+                let terms = set.iter().map(|term| vocabulary[term]).map(|id| (id, idf[id as usize])).collect();
+                let canonical: Vec<TermId> = canonical.iter().map(|term| vocabulary[term]).collect();
+                let canonical_mass = canonical.iter().map(|&id| idf[id as usize]).sum();
                 EntryIndex { terms, canonical, canonical_mass }
             })
             .collect();
         let mut answer_terms = HashMap::default();
         for answer in file.entries.iter().map(|e| e.answer.as_str()).chain([DEFAULT_ANSWER_EN, DEFAULT_ANSWER_ZH]) {
-            let known = terms(answer).into_iter().filter(|term| idf.contains_key(term)).collect();
+            let known = terms(answer).iter().filter_map(|term| vocabulary.get(term).copied()).collect();
             answer_terms.insert(answer.to_owned(), known);
         }
-        Ok(Self { entries: file.entries, index, idf, answer_terms, unknown_idf: idf_of(1) })
+        Ok(Self { entries: file.entries, index, vocabulary, idf, answer_terms, unknown_idf: idf_of(1) })
     }
 
     pub fn entries(&self) -> &[Entry] {
@@ -221,45 +233,57 @@ impl KnowledgeBase {
         self.entries.iter().find(|e| e.id == id)
     }
 
-    fn idf(&self, term: &str) -> f64 {
-        self.idf.get(term).copied().unwrap_or(self.unknown_idf)
+    fn idf(&self, term: TermId) -> f64 {
+        self.idf[term as usize]
     }
 
-    /// A question term's share of the coverage denominator: its IDF, except
-    /// that unknown CJK bigrams count nothing. Most of those straddle a word
-    /// boundary ("有什" in "有什么套餐") and would drown real matches; unknown
-    /// characters and English words still count in full.
-    fn question_idf(&self, term: &str) -> f64 {
-        match self.idf.get(term) {
-            Some(&idf) => idf,
-            None if term.chars().count() == 2 && term.chars().all(is_cjk) => 0.0,
-            None => self.unknown_idf,
-        }
+    /// An unknown question term's share of the coverage denominator: none
+    /// for a CJK bigram, [`Self::unknown_idf`] otherwise. Most unknown
+    /// bigrams straddle a word boundary ("有什" in "有什么套餐") and would
+    /// drown real matches; unknown characters and English words still count
+    /// in full. (A known term counts its IDF.)
+    fn unknown_question_idf(&self, term: &str) -> f64 {
+        if term.chars().count() == 2 && term.chars().all(is_cjk) { 0.0 } else { self.unknown_idf }
     }
 
     /// Finds the best entry of `tenant` (or shared) for `question`, using
     /// `history` (oldest first) to break ties between candidates.
     pub fn lookup<'a>(&'a self, tenant: &str, question: &str, history: &[HistoryTurn]) -> Lookup<'a> {
         let lang = Lang::detect(question);
-        let question_terms = terms(question);
-        let question_mass: f64 = question_terms.iter().map(|t| self.question_idf(t)).sum();
+        // The question's distinct terms: the known ones by number, the rest
+        // only for their share of the mass.
+        let mut question_terms: Vec<TermId> = Vec::new();
+        let mut unknown: Vec<String> = Vec::new();
+        let mut question_mass = 0.0;
+        for_each_term(question, |term| match self.vocabulary.get(term) {
+            Some(&id) if !question_terms.contains(&id) => {
+                question_terms.push(id);
+                question_mass += self.idf(id);
+            }
+            Some(_) => {}
+            None if !unknown.iter().any(|seen| seen == term) => {
+                question_mass += self.unknown_question_idf(term);
+                unknown.push(term.to_owned());
+            }
+            None => {}
+        });
         if question_mass <= 0.0 {
             return Lookup::NoMatch { lang };
         }
 
-        // Only terms some entry has can score, so the query keeps just those,
-        // keyed by the vocabulary's own strings.
-        let mut query: HashMap<&str, f64> = HashMap::default();
+        // Only terms some entry has can score, so the query is a weight per
+        // vocabulary term.
+        let mut query = vec![0.0f64; self.idf.len()];
         let mut add = |text: &str, weight: f64| {
-            let mut add_known = |term: &'a str| {
-                let slot = query.entry(term).or_insert(0.0);
+            let mut add_known = |term: TermId| {
+                let slot = &mut query[term as usize];
                 *slot = slot.max(weight);
             };
             match self.answer_terms.get(text) {
-                Some(known) => known.iter().for_each(|term| add_known(term)),
+                Some(known) => known.iter().for_each(|&term| add_known(term)),
                 None => for_each_term(text, |term| {
-                    if let Some((known, _)) = self.idf.get_key_value(term) {
-                        add_known(known);
+                    if let Some(&id) = self.vocabulary.get(term) {
+                        add_known(id);
                     }
                 }),
             }
@@ -280,15 +304,14 @@ impl KnowledgeBase {
                 continue;
             }
             let index = &self.index[i];
-            let covered: f64 =
-                question_terms.iter().filter(|t| index.terms.contains_key(*t)).map(|t| self.question_idf(t)).sum();
+            let covered: f64 = question_terms.iter().filter(|&&t| index.has(t)).map(|&t| self.idf(t)).sum();
             let coverage = covered / question_mass;
             if coverage < MIN_COVERAGE {
                 continue;
             }
-            let dot: f64 = query.iter().filter_map(|(term, w)| index.terms.get(*term).map(|idf| w * idf * idf)).sum();
+            let dot: f64 = index.terms.iter().map(|&(term, idf)| query[term as usize] * idf * idf).sum();
             let canonical: f64 =
-                index.canonical.iter().filter(|t| question_terms.contains(t)).map(|t| self.idf(t)).sum();
+                index.canonical.iter().filter(|t| question_terms.contains(t)).map(|&t| self.idf(t)).sum();
             let canonical = canonical / index.canonical_mass.max(f64::EPSILON);
             let score = dot * (1.0 + CANONICAL_BONUS * canonical);
             if best.is_none_or(|(_, best_score, _)| score > best_score) {

@@ -80,18 +80,20 @@ impl NlpClient {
 
     /// Starts one answer stream.
     pub async fn answer(&self, request: AnswerRequest) -> Result<AnswerStream, NlpError> {
-        let request_id = request.request_id.clone();
-        let mut request = Request::new(request);
-        request.set_timeout(self.reply_timeout);
-        if let Ok(value) = request_id.parse() {
-            request.metadata_mut().insert("x-request-id", value);
-        }
         match &self.transport {
             Transport::Grpc(client) => {
+                let request_id = request.request_id.clone();
+                let mut request = Request::new(request);
+                request.set_timeout(self.reply_timeout);
+                if let Ok(value) = request_id.parse() {
+                    request.metadata_mut().insert("x-request-id", value);
+                }
                 let mut client = client.clone();
                 Ok(Box::pin(client.answer(request).await?.into_inner()))
             }
-            Transport::InProcess(service) => Ok(Box::pin(service.answer_in_process(request)?)),
+            // No headers to carry the deadline and id: the request holds the
+            // id, and `ActiveCall` enforces the deadline for every transport.
+            Transport::InProcess(service) => Ok(Box::pin(service.answer_in_process(Request::new(request))?)),
         }
     }
 }

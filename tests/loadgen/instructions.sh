@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# Instructions per reply of the single-binary hub (built-in answerer
+# in-process) or of the bare server, counted by callgrind: the repeatable A/B
+# measure on a shared machine, where CPU time per reply moves by ±20 % between
+# runs. The server runs under valgrind while fengda-load asks 10 customers ×
+# FEW and then × MANY questions; the difference ÷ (10 × (MANY − FEW)) is the
+# marginal cost of one reply, start-up and connection set-up excluded.
+#
+#   cargo build --release -p fengda -p fengda-load --bins
+#   tests/loadgen/instructions.sh [hub|bare] [OUT_DIR]
+#
+# Keeps the callgrind profile of the MANY run in OUT_DIR (default
+# target/instructions/) for `callgrind_annotate --inclusive=yes`.
+set -euo pipefail
+
+cd "$(dirname "$0")/../.."
+target=${1:-hub}
+out=${2:-target/instructions}
+few=20 many=120
+mkdir -p "$out"
+command -v valgrind >/dev/null || { echo "valgrind is missing: apt-get install -y valgrind" >&2; exit 1; }
+
+case $target in
+hub) server=(./target/release/fengda serve --listen 127.0.0.1:0 --answerer-first-token-delay-ms 0 --answerer-tokens-per-second 0) ;;
+bare) server=(./target/release/fengda-bare --listen 127.0.0.1:0) ;;
+*) echo "usage: $0 [hub|bare] [OUT_DIR]" >&2; exit 2 ;;
+esac
+
+# Runs the server under callgrind for `$1` questions per customer; prints its instruction count.
+count() {
+    local questions=$1 log="$out/$target-$1.log" pid port=""
+    valgrind --tool=callgrind --callgrind-out-file="$out/$target-$questions.callgrind" "${server[@]}" >"$log" 2>&1 &
+    pid=$!
+    for _ in $(seq 600); do
+        port=$(grep -o 'listening on http://127.0.0.1:[0-9]*' "$log" | grep -o '[0-9]*$' || true)
+        [[ -n $port ]] && break
+        sleep 0.1
+    done
+    [[ -n $port ]] || { echo "the server did not start under valgrind; see $log" >&2; kill "$pid"; exit 1; }
+    ./target/release/fengda-load --json --timeout-secs 120 --hub-url "http://127.0.0.1:$port" --addrs 1 \
+        replies -c 10 -q "$questions" >"$out/$target-$questions.json"
+    kill -TERM "$pid"
+    wait "$pid" || true
+    grep '^summary' "$out/$target-$questions.callgrind" | awk '{print $2}'
+}
+
+low=$(count "$few")
+high=$(count "$many")
+echo "$target: $(( (high - low) / (10 * (many - few)) )) instructions per reply ($low for 10×$few, $high for 10×$many)"

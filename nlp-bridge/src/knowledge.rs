@@ -272,32 +272,56 @@ impl KnowledgeBase {
         }
 
         // Only terms some entry has can score, so the query is a weight per
-        // vocabulary term.
-        let mut query = vec![0.0f64; self.idf.len()];
-        let mut add = |text: &str, weight: f64| {
-            let mut add_known = |term: TermId| {
-                let slot = &mut query[term as usize];
-                *slot = slot.max(weight);
-            };
-            match self.answer_terms.get(text) {
-                Some(known) => known.iter().for_each(|&term| add_known(term)),
-                None => for_each_term(text, |term| {
-                    if let Some(&id) = self.vocabulary.get(term) {
-                        add_known(id);
+        // vocabulary term: a buffer kept per thread (a fresh zeroed one per
+        // lookup cost more than the scoring), reset where it was written.
+        QUERY.with_borrow_mut(|query| {
+            query.resize(self.idf.len(), 0.0);
+            let mut touched: Vec<TermId> = Vec::with_capacity(64);
+            let mut add = |text: &str, weight: f64| {
+                let mut add_known = |term: TermId| {
+                    let slot = &mut query[term as usize];
+                    if *slot == 0.0 {
+                        touched.push(term);
                     }
-                }),
+                    *slot = slot.max(weight);
+                };
+                match self.answer_terms.get(text) {
+                    Some(known) => known.iter().for_each(|&term| add_known(term)),
+                    None => for_each_term(text, |term| {
+                        if let Some(&id) = self.vocabulary.get(term) {
+                            add_known(id);
+                        }
+                    }),
+                }
+            };
+            add(question, QUESTION_WEIGHT);
+            let customer = history.iter().rev().filter(|t| t.role == TurnRole::Customer);
+            for (turn, weight) in customer.zip(CUSTOMER_TURN_WEIGHTS) {
+                add(&turn.text, weight);
             }
-        };
-        add(question, QUESTION_WEIGHT);
-        let customer = history.iter().rev().filter(|t| t.role == TurnRole::Customer);
-        for (turn, weight) in customer.zip(CUSTOMER_TURN_WEIGHTS) {
-            add(&turn.text, weight);
-        }
-        let assistant = history.iter().rev().filter(|t| matches!(t.role, TurnRole::Assistant | TurnRole::Agent));
-        for (turn, weight) in assistant.zip(ASSISTANT_TURN_WEIGHTS) {
-            add(&turn.text, weight);
-        }
+            let assistant = history.iter().rev().filter(|t| matches!(t.role, TurnRole::Assistant | TurnRole::Agent));
+            for (turn, weight) in assistant.zip(ASSISTANT_TURN_WEIGHTS) {
+                add(&turn.text, weight);
+            }
+            let best = self.best_entry(tenant, &question_terms, question_mass, query);
+            for term in touched {
+                query[term as usize] = 0.0;
+            }
+            match best {
+                Some((i, coverage)) => Lookup::Match { entry: &self.entries[i], coverage },
+                None => Lookup::NoMatch { lang },
+            }
+        })
+    }
 
+    /// The best-scoring candidate of `tenant` (or shared) and its coverage.
+    fn best_entry(
+        &self,
+        tenant: &str,
+        question_terms: &[TermId],
+        question_mass: f64,
+        query: &[f64],
+    ) -> Option<(usize, f64)> {
         let mut best: Option<(usize, f64, f64)> = None;
         for (i, entry) in self.entries.iter().enumerate() {
             if entry.tenant != tenant && entry.tenant != SHARED_TENANT {
@@ -318,11 +342,13 @@ impl KnowledgeBase {
                 best = Some((i, score, coverage));
             }
         }
-        match best {
-            Some((i, _, coverage)) => Lookup::Match { entry: &self.entries[i], coverage },
-            None => Lookup::NoMatch { lang },
-        }
+        best.map(|(i, _, coverage)| (i, coverage))
     }
+}
+
+thread_local! {
+    /// [`KnowledgeBase::lookup`]'s query weights, all zero between lookups.
+    static QUERY: std::cell::RefCell<Vec<f64>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
 /// English words that carry no meaning for matching.

@@ -2,7 +2,6 @@
 
 use axum::extract::ws::Utf8Bytes;
 use serde::{Deserialize, Serialize};
-use serde_json::Value;
 
 /// Who wrote a durable event.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -98,21 +97,21 @@ pub const MAX_MESSAGE_ID_LEN: usize = 128;
 
 /// Parses one text frame from a client, checking every field.
 pub fn parse_client_frame(text: &str, max_text_chars: usize) -> Result<ClientFrame, FrameError> {
-    let value: Value = serde_json::from_str(text)
-        .map_err(|e| FrameError::new(ErrorCode::InvalidJson, format!("frame is not valid JSON: {e}")))?;
-    let Value::Object(mut object) = value else {
+    let RawFrame::Object(mut fields) = serde_json::from_str(text)
+        .map_err(|e| FrameError::new(ErrorCode::InvalidJson, format!("frame is not valid JSON: {e}")))?
+    else {
         return Err(FrameError::new(ErrorCode::InvalidFrame, "frame must be a JSON object"));
     };
-    let kind = match object.get("type") {
+    let kind = match &fields.kind {
         None => return Err(FrameError::new(ErrorCode::MissingField, "missing field `type`")),
-        Some(Value::String(kind)) => kind.as_str(),
+        Some(Field::Str(kind)) => kind.as_ref(),
         Some(_) => return Err(FrameError::new(ErrorCode::InvalidFrame, "field `type` must be a string")),
     };
     match kind {
         "ping" => Ok(ClientFrame::Ping),
-        "cancel" => Ok(ClientFrame::Cancel { reply: take_string(&mut object, "reply")? }),
+        "cancel" => Ok(ClientFrame::Cancel { reply: take_string(fields.reply.take(), "reply")? }),
         "message" => {
-            let id = take_string(&mut object, "id")?;
+            let id = take_string(fields.id.take(), "id")?;
             if id.is_empty() || id.len() > MAX_MESSAGE_ID_LEN {
                 return Err(FrameError::new(
                     ErrorCode::InvalidId,
@@ -123,7 +122,7 @@ pub fn parse_client_frame(text: &str, max_text_chars: usize) -> Result<ClientFra
                 e.id = Some(id.clone());
                 e
             };
-            let text = take_string(&mut object, "text").map_err(with_id)?;
+            let text = take_string(fields.text.take(), "text").map_err(with_id)?;
             if text.trim().is_empty() {
                 return Err(with_id(FrameError::new(ErrorCode::EmptyText, "`text` must not be empty")));
             }
@@ -142,11 +141,141 @@ pub fn parse_client_frame(text: &str, max_text_chars: usize) -> Result<ClientFra
     }
 }
 
-fn take_string(object: &mut serde_json::Map<String, Value>, field: &str) -> Result<String, FrameError> {
-    match object.remove(field) {
-        None | Some(Value::Null) => Err(FrameError::new(ErrorCode::MissingField, format!("missing field `{field}`"))),
-        Some(Value::String(s)) => Ok(s),
-        Some(_) => Err(FrameError::new(ErrorCode::InvalidFrame, format!("field `{field}` must be a string"))),
+fn take_string(field: Option<Field<'_>>, name: &str) -> Result<String, FrameError> {
+    match field {
+        None | Some(Field::Null) => Err(FrameError::new(ErrorCode::MissingField, format!("missing field `{name}`"))),
+        Some(Field::Str(s)) => Ok(s.into_owned()),
+        Some(Field::Other) => Err(FrameError::new(ErrorCode::InvalidFrame, format!("field `{name}` must be a string"))),
+    }
+}
+
+/// A client frame as JSON: an object with the fields we read (borrowed from
+/// the text when they need no unescaping; others skipped), or anything else.
+/// Read field by field rather than into a `serde_json::Value`, whose map and
+/// keys cost several allocations for every message.
+enum RawFrame<'a> {
+    Object(RawFields<'a>),
+    NotObject,
+}
+
+#[derive(Default)]
+struct RawFields<'a> {
+    kind: Option<Field<'a>>,
+    id: Option<Field<'a>>,
+    text: Option<Field<'a>>,
+    reply: Option<Field<'a>>,
+}
+
+/// One field's value: a string, null, or anything else (an error for every
+/// field we read).
+enum Field<'a> {
+    Str(std::borrow::Cow<'a, str>),
+    Null,
+    Other,
+}
+
+impl<'de> Deserialize<'de> for RawFrame<'de> {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        use serde::de::{IgnoredAny, MapAccess, SeqAccess, Visitor};
+        struct FrameVisitor;
+        impl<'de> Visitor<'de> for FrameVisitor {
+            type Value = RawFrame<'de>;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a JSON value")
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+                let mut fields = RawFields::default();
+                // A repeated key keeps its last value.
+                // (`Field`, not `Cow<str>`, for the key: serde's `Cow` never borrows.)
+                while let Some(key) = map.next_key::<Field<'de>>()? {
+                    let Field::Str(key) = key else {
+                        map.next_value::<IgnoredAny>()?;
+                        continue;
+                    };
+                    let slot = match key.as_ref() {
+                        "type" => &mut fields.kind,
+                        "id" => &mut fields.id,
+                        "text" => &mut fields.text,
+                        "reply" => &mut fields.reply,
+                        _ => {
+                            map.next_value::<IgnoredAny>()?;
+                            continue;
+                        }
+                    };
+                    *slot = Some(map.next_value()?);
+                }
+                Ok(RawFrame::Object(fields))
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+                while seq.next_element::<IgnoredAny>()?.is_some() {}
+                Ok(RawFrame::NotObject)
+            }
+            fn visit_bool<E>(self, _: bool) -> Result<Self::Value, E> {
+                Ok(RawFrame::NotObject)
+            }
+            fn visit_i64<E>(self, _: i64) -> Result<Self::Value, E> {
+                Ok(RawFrame::NotObject)
+            }
+            fn visit_u64<E>(self, _: u64) -> Result<Self::Value, E> {
+                Ok(RawFrame::NotObject)
+            }
+            fn visit_f64<E>(self, _: f64) -> Result<Self::Value, E> {
+                Ok(RawFrame::NotObject)
+            }
+            fn visit_str<E>(self, _: &str) -> Result<Self::Value, E> {
+                Ok(RawFrame::NotObject)
+            }
+            fn visit_unit<E>(self) -> Result<Self::Value, E> {
+                Ok(RawFrame::NotObject)
+            }
+        }
+        deserializer.deserialize_any(FrameVisitor)
+    }
+}
+
+impl<'de> Deserialize<'de> for Field<'de> {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        use serde::de::{IgnoredAny, MapAccess, SeqAccess, Visitor};
+        struct FieldVisitor;
+        impl<'de> Visitor<'de> for FieldVisitor {
+            type Value = Field<'de>;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a JSON value")
+            }
+            fn visit_borrowed_str<E>(self, s: &'de str) -> Result<Self::Value, E> {
+                Ok(Field::Str(s.into()))
+            }
+            fn visit_str<E>(self, s: &str) -> Result<Self::Value, E> {
+                Ok(Field::Str(s.to_owned().into()))
+            }
+            fn visit_string<E>(self, s: String) -> Result<Self::Value, E> {
+                Ok(Field::Str(s.into()))
+            }
+            fn visit_unit<E>(self) -> Result<Self::Value, E> {
+                Ok(Field::Null)
+            }
+            fn visit_bool<E>(self, _: bool) -> Result<Self::Value, E> {
+                Ok(Field::Other)
+            }
+            fn visit_i64<E>(self, _: i64) -> Result<Self::Value, E> {
+                Ok(Field::Other)
+            }
+            fn visit_u64<E>(self, _: u64) -> Result<Self::Value, E> {
+                Ok(Field::Other)
+            }
+            fn visit_f64<E>(self, _: f64) -> Result<Self::Value, E> {
+                Ok(Field::Other)
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+                while seq.next_element::<IgnoredAny>()?.is_some() {}
+                Ok(Field::Other)
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+                while map.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
+                Ok(Field::Other)
+            }
+        }
+        deserializer.deserialize_any(FieldVisitor)
     }
 }
 
@@ -367,6 +496,24 @@ mod tests {
     }
 
     #[test]
+    fn reads_escaped_strings_and_keys_and_skips_other_fields() {
+        let frame = r#"{"extra":{"a":[1,{"b":null}]},"\u0074ype":"message","id":"m\"1","text":"line\nbreak","n":[]}"#;
+        assert_eq!(
+            parse_client_frame(frame, 20),
+            Ok(ClientFrame::Message { id: "m\"1".into(), text: "line\nbreak".into() })
+        );
+        // A repeated key keeps its last value, as JSON parsers commonly do.
+        assert_eq!(parse_client_frame(r#"{"type":"dance","type":"ping"}"#, 10), Ok(ClientFrame::Ping));
+        for not_an_object in ["7", "\"ping\"", "null", "true", "[]", "-1.5"] {
+            assert_eq!(code(not_an_object), ErrorCode::InvalidFrame, "{not_an_object}");
+        }
+        assert_eq!(code(r#"{"type":null}"#), ErrorCode::InvalidFrame);
+        assert_eq!(code(r#"{"type":"message","id":null,"text":"hi"}"#), ErrorCode::MissingField);
+        assert_eq!(code(r#"{"type":"message","id":["m1"],"text":"hi"}"#), ErrorCode::InvalidFrame);
+        assert_eq!(code(r#"{"type":"ping"} trailing"#), ErrorCode::InvalidJson);
+    }
+
+    #[test]
     fn text_limit_counts_characters_not_bytes() {
         // Ten CJK characters are 30 bytes but within a 10-character limit.
         let frame = r#"{"type":"message","id":"m1","text":"金卡金卡金卡金卡金卡"}"#;
@@ -377,7 +524,7 @@ mod tests {
     fn errors_about_a_message_carry_its_id() {
         let err = parse_client_frame(r#"{"type":"message","id":"m9","text":""}"#, 10).unwrap_err();
         assert_eq!(err.id.as_deref(), Some("m9"));
-        let json: Value = serde_json::from_str(err.to_frame().as_str()).unwrap();
+        let json: serde_json::Value = serde_json::from_str(err.to_frame().as_str()).unwrap();
         assert_eq!(json["type"], "error");
         assert_eq!(json["code"], "empty_text");
         assert_eq!(json["id"], "m9");

@@ -352,9 +352,31 @@ pub enum ServerFrame<'a> {
 impl ServerFrame<'_> {
     /// Serializes the frame once; clones of the result share one buffer.
     pub fn encode(&self) -> Utf8Bytes {
-        // Serializing these plain structs cannot fail: no maps with non-string keys, no custom impls.
-        Utf8Bytes::from(serde_json::to_string(self).expect("server frames always serialize"))
+        // Serialized into a buffer kept per thread, then copied once into an
+        // allocation of the exact length: `to_string` grows its buffer by
+        // doubling (half a dozen reallocations for a `reply.done`), and a
+        // buffer with spare capacity becomes a `Bytes` with a separately
+        // allocated, reference-counted header.
+        ENCODE_BUFFER.with_borrow_mut(|buffer| {
+            buffer.clear();
+            // Serializing these plain structs cannot fail: no maps with non-string keys, no custom impls.
+            serde_json::to_writer(&mut *buffer, self).expect("server frames always serialize");
+            let frame = Utf8Bytes::from(std::str::from_utf8(buffer).expect("serde_json writes UTF-8").to_owned());
+            // One huge frame (a long replayed message) must not stay allocated for the thread's life.
+            if buffer.capacity() > MAX_KEPT_ENCODE_BUFFER {
+                *buffer = Vec::new();
+            }
+            frame
+        })
     }
+}
+
+/// The largest scratch buffer [`ServerFrame::encode`] keeps between frames.
+const MAX_KEPT_ENCODE_BUFFER: usize = 64 * 1024;
+
+thread_local! {
+    /// [`ServerFrame::encode`]'s scratch buffer.
+    static ENCODE_BUFFER: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
 /// Encodes one reply's `reply.delta` frames, byte for byte what

@@ -2,7 +2,7 @@
 # Runs every benchmark of issue #7 with fengda-load, one after another, and
 # keeps each run's text report and JSON line in a results directory.
 # docs/benchmarks.md says what each run measures and records the figures.
-# About 35 minutes on a 2-core machine, most of it the two 10-minute soaks;
+# About 40 minutes on a 2-core machine, most of it the two 10-minute soaks;
 # `QUICK=1` runs every scenario for a few seconds instead (a smoke test of the
 # script, not figures). `ONLY="idle storm"` runs just the named runs.
 #

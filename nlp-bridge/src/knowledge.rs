@@ -210,7 +210,11 @@ impl KnowledgeBase {
             .into_iter()
             .zip(canonical_terms)
             .map(|(set, canonical)| {
-                let terms = set.iter().map(|term| vocabulary[term]).map(|id| (id, idf[id as usize])).collect();
+                // In term order: every entry sums its score in the same order, so
+                // entries with equal terms score exactly equal and the earlier wins.
+                let mut terms: Vec<(TermId, f64)> =
+                    set.iter().map(|term| vocabulary[term]).map(|id| (id, idf[id as usize])).collect();
+                terms.sort_unstable_by_key(|&(id, _)| id);
                 let canonical: Vec<TermId> = canonical.iter().map(|term| vocabulary[term]).collect();
                 let canonical_mass = canonical.iter().map(|&id| idf[id as usize]).sum();
                 EntryIndex { terms, canonical, canonical_mass }
@@ -274,17 +278,10 @@ impl KnowledgeBase {
         // Only terms some entry has can score, so the query is a weight per
         // vocabulary term: a buffer kept per thread (a fresh zeroed one per
         // lookup cost more than the scoring), reset where it was written.
-        QUERY.with_borrow_mut(|query| {
-            query.resize(self.idf.len(), 0.0);
-            let mut touched: Vec<TermId> = Vec::with_capacity(64);
+        QUERY.with_borrow_mut(|buffer| {
+            let mut query = Query::new(buffer, self.idf.len());
             let mut add = |text: &str, weight: f64| {
-                let mut add_known = |term: TermId| {
-                    let slot = &mut query[term as usize];
-                    if *slot == 0.0 {
-                        touched.push(term);
-                    }
-                    *slot = slot.max(weight);
-                };
+                let mut add_known = |term: TermId| query.raise(term, weight);
                 match self.answer_terms.get(text) {
                     Some(known) => known.iter().for_each(|&term| add_known(term)),
                     None => for_each_term(text, |term| {
@@ -303,10 +300,7 @@ impl KnowledgeBase {
             for (turn, weight) in assistant.zip(ASSISTANT_TURN_WEIGHTS) {
                 add(&turn.text, weight);
             }
-            let best = self.best_entry(tenant, &question_terms, question_mass, query);
-            for term in touched {
-                query[term as usize] = 0.0;
-            }
+            let best = self.best_entry(tenant, &question_terms, question_mass, &query.buffer.weights);
             match best {
                 Some((i, coverage)) => Lookup::Match { entry: &self.entries[i], coverage },
                 None => Lookup::NoMatch { lang },
@@ -347,8 +341,47 @@ impl KnowledgeBase {
 }
 
 thread_local! {
-    /// [`KnowledgeBase::lookup`]'s query weights, all zero between lookups.
-    static QUERY: std::cell::RefCell<Vec<f64>> = const { std::cell::RefCell::new(Vec::new()) };
+    /// [`KnowledgeBase::lookup`]'s query, all zero between lookups.
+    static QUERY: std::cell::RefCell<QueryBuffer> = const {
+        std::cell::RefCell::new(QueryBuffer { weights: Vec::new(), touched: Vec::new() })
+    };
+}
+
+/// A query weight per vocabulary term, and the terms written.
+struct QueryBuffer {
+    weights: Vec<f64>,
+    touched: Vec<TermId>,
+}
+
+/// One lookup's use of the thread's [`QueryBuffer`]: zeroes what it wrote
+/// when dropped, however the lookup ends.
+struct Query<'a> {
+    buffer: &'a mut QueryBuffer,
+}
+
+impl<'a> Query<'a> {
+    fn new(buffer: &'a mut QueryBuffer, vocabulary_len: usize) -> Self {
+        buffer.weights.resize(vocabulary_len, 0.0);
+        Self { buffer }
+    }
+
+    /// Raises `term`'s weight to at least `weight` (> 0).
+    fn raise(&mut self, term: TermId, weight: f64) {
+        let slot = &mut self.buffer.weights[term as usize];
+        if *slot == 0.0 {
+            self.buffer.touched.push(term);
+        }
+        *slot = slot.max(weight);
+    }
+}
+
+impl Drop for Query<'_> {
+    fn drop(&mut self) {
+        let QueryBuffer { weights, touched } = &mut *self.buffer;
+        for term in touched.drain(..) {
+            weights[term as usize] = 0.0;
+        }
+    }
 }
 
 /// English words that carry no meaning for matching.
@@ -595,6 +628,47 @@ mod tests {
         let fee_zh = &kb.entry("demo-gold-card-fee-zh").unwrap().answer;
         assert!(fee_zh.contains("金卡") && fee_zh.contains("元"), "{fee_zh}");
         assert!(kb.entry("demo-gold-card-zh").unwrap().answer.contains("金卡"));
+    }
+
+    #[test]
+    fn equal_entries_score_equal_and_the_earlier_wins() {
+        // The same terms in a tenant's entry and a shared one: the file's order decides, every time.
+        let entry = |id: &str, tenant: &str| {
+            format!(
+                r#"{{"id":"{id}","tenant":"{tenant}","lang":"en","question":"gold card annual fee waiver rules",
+                "keywords":["premium metal card yearly charge","lounge access travel insurance"],"answer":"{id}"}}"#
+            )
+        };
+        let file = format!(r#"{{"version":1,"entries":[{},{}]}}"#, entry("first", "*"), entry("second", "t"));
+        let kb = KnowledgeBase::from_json(&file, "t").unwrap();
+        // Summed in the same order (floating-point sums in another order can differ in the last bit).
+        assert_eq!(kb.index[0].terms, kb.index[1].terms);
+        let history = [customer("premium metal card lounge access"), customer("travel insurance yearly charge")];
+        for _ in 0..20 {
+            assert_eq!(matched(&kb, "t", "gold card annual fee waiver", &history), "first");
+        }
+    }
+
+    #[test]
+    fn a_lookup_leaves_no_weight_behind_for_the_next_one() {
+        // The query buffer is per thread: a lookup with history, then one
+        // without, must match what a first lookup on a fresh thread gives.
+        let fresh = std::thread::spawn(|| matched(&kb(), "demo", "how much is the annual fee?", &[]));
+        let kb = kb();
+        let history = [customer("tell me about the gold card"), assistant(&kb, "demo-gold-card")];
+        assert_eq!(matched(&kb, "demo", "how much is the annual fee?", &history), "demo-gold-card-fee");
+        assert_eq!(matched(&kb, "demo", "how much is the annual fee?", &[]), fresh.join().unwrap());
+        // A knowledge base with a smaller vocabulary on the same thread, then the big one again.
+        let small = KnowledgeBase::from_json(
+            r#"{"version":1,"entries":[{"id":"x","tenant":"demo","lang":"en","question":"annual fee","keywords":[],"answer":"a"}]}"#,
+            "t",
+        )
+        .unwrap();
+        assert_eq!(matched(&small, "demo", "annual fee?", &history), "x");
+        assert_eq!(matched(&kb, "demo", "how much is the annual fee?", &history), "demo-gold-card-fee");
+        QUERY.with_borrow(|buffer| {
+            assert!(buffer.weights.iter().all(|&w| w == 0.0) && buffer.touched.is_empty());
+        });
     }
 
     #[test]

@@ -11,8 +11,9 @@
 //! bridge serves, called in the replier's task
 //! ([`NlpService::answer_in_process`]): same validation, limits and chunks,
 //! without a loopback socket, HTTP/2 framing, protobuf, or a task and
-//! channel per answer. No server reads its `grpc-timeout` there: the
-//! whole-answer deadline is enforced for every call by `ActiveCall`.
+//! channel per answer. In-process calls carry no `grpc-timeout` or
+//! `x-request-id`: the request holds its id, and the whole-answer deadline
+//! is enforced for every call by `ActiveCall`.
 
 use std::pin::Pin;
 use std::time::Duration;

@@ -176,7 +176,7 @@ enum Field<'a> {
 
 impl<'de> Deserialize<'de> for RawFrame<'de> {
     fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        use serde::de::{IgnoredAny, MapAccess, SeqAccess, Visitor};
+        use serde::de::{MapAccess, SeqAccess, Visitor};
         struct FrameVisitor;
         impl<'de> Visitor<'de> for FrameVisitor {
             type Value = RawFrame<'de>;
@@ -189,7 +189,7 @@ impl<'de> Deserialize<'de> for RawFrame<'de> {
                 // (`Field`, not `Cow<str>`, for the key: serde's `Cow` never borrows.)
                 while let Some(key) = map.next_key::<Field<'de>>()? {
                     let Field::Str(key) = key else {
-                        map.next_value::<IgnoredAny>()?;
+                        map.next_value::<Skip>()?;
                         continue;
                     };
                     let slot = match key.as_ref() {
@@ -198,7 +198,7 @@ impl<'de> Deserialize<'de> for RawFrame<'de> {
                         "text" => &mut fields.text,
                         "reply" => &mut fields.reply,
                         _ => {
-                            map.next_value::<IgnoredAny>()?;
+                            map.next_value::<Skip>()?;
                             continue;
                         }
                     };
@@ -207,7 +207,7 @@ impl<'de> Deserialize<'de> for RawFrame<'de> {
                 Ok(RawFrame::Object(fields))
             }
             fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
-                while seq.next_element::<IgnoredAny>()?.is_some() {}
+                while seq.next_element::<Skip>()?.is_some() {}
                 Ok(RawFrame::NotObject)
             }
             fn visit_bool<E>(self, _: bool) -> Result<Self::Value, E> {
@@ -235,7 +235,7 @@ impl<'de> Deserialize<'de> for RawFrame<'de> {
 
 impl<'de> Deserialize<'de> for Field<'de> {
     fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        use serde::de::{IgnoredAny, MapAccess, SeqAccess, Visitor};
+        use serde::de::{MapAccess, SeqAccess, Visitor};
         struct FieldVisitor;
         impl<'de> Visitor<'de> for FieldVisitor {
             type Value = Field<'de>;
@@ -267,15 +267,61 @@ impl<'de> Deserialize<'de> for Field<'de> {
                 Ok(Field::Other)
             }
             fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
-                while seq.next_element::<IgnoredAny>()?.is_some() {}
+                while seq.next_element::<Skip>()?.is_some() {}
                 Ok(Field::Other)
             }
             fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
-                while map.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
+                while map.next_entry::<Skip, Skip>()?.is_some() {}
                 Ok(Field::Other)
             }
         }
         deserializer.deserialize_any(FieldVisitor)
+    }
+}
+
+/// A value the frame does not use, read and dropped. Not serde's
+/// `IgnoredAny`: serde_json skips that without its checks (nesting depth,
+/// number range, lone surrogates), and a frame it would reject as a value
+/// must not pass because the bad part sits in a field we ignore.
+struct Skip;
+
+impl<'de> Deserialize<'de> for Skip {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        use serde::de::{MapAccess, SeqAccess, Visitor};
+        struct SkipVisitor;
+        impl<'de> Visitor<'de> for SkipVisitor {
+            type Value = Skip;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a JSON value")
+            }
+            fn visit_bool<E>(self, _: bool) -> Result<Skip, E> {
+                Ok(Skip)
+            }
+            fn visit_i64<E>(self, _: i64) -> Result<Skip, E> {
+                Ok(Skip)
+            }
+            fn visit_u64<E>(self, _: u64) -> Result<Skip, E> {
+                Ok(Skip)
+            }
+            fn visit_f64<E>(self, _: f64) -> Result<Skip, E> {
+                Ok(Skip)
+            }
+            fn visit_str<E>(self, _: &str) -> Result<Skip, E> {
+                Ok(Skip)
+            }
+            fn visit_unit<E>(self) -> Result<Skip, E> {
+                Ok(Skip)
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Skip, A::Error> {
+                while seq.next_element::<Skip>()?.is_some() {}
+                Ok(Skip)
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Skip, A::Error> {
+                while map.next_entry::<Skip, Skip>()?.is_some() {}
+                Ok(Skip)
+            }
+        }
+        deserializer.deserialize_any(SkipVisitor)
     }
 }
 
@@ -533,6 +579,13 @@ mod tests {
         assert_eq!(code(r#"{"type":"message","id":null,"text":"hi"}"#), ErrorCode::MissingField);
         assert_eq!(code(r#"{"type":"message","id":["m1"],"text":"hi"}"#), ErrorCode::InvalidFrame);
         assert_eq!(code(r#"{"type":"ping"} trailing"#), ErrorCode::InvalidJson);
+        // What serde_json rejects as a value is rejected in a skipped field too.
+        assert_eq!(code(r#"{"type":"ping","x":1e400}"#), ErrorCode::InvalidJson);
+        assert_eq!(code(r#"{"type":"ping","x":"\ud800"}"#), ErrorCode::InvalidJson);
+        assert_eq!(code(r#"{"type":"ping","x":{"y":[1e400]}}"#), ErrorCode::InvalidJson);
+        assert_eq!(code("[1e400]"), ErrorCode::InvalidJson);
+        let deep = format!(r#"{{"type":"ping","x":{}{}}}"#, "[".repeat(200), "]".repeat(200));
+        assert_eq!(code(&deep), ErrorCode::InvalidJson, "nesting deeper than serde_json's limit");
     }
 
     #[test]

@@ -498,23 +498,19 @@ impl ResourceSeries {
 
 /// The median of each figure over reports of the same shape (the rounds of
 /// `--compare --rounds`): numbers by their median (the mean of the middle
-/// two for an even count), objects key by key and arrays item by item; any
-/// other value, or a figure missing or null in some report, is taken from
-/// the first report that has it.
+/// two for an even count) over the reports that have the figure (null if
+/// none does), objects key by key and arrays item by item; any other value
+/// is taken from the first report.
 pub fn median_of(reports: &[Value]) -> Value {
-    let Some(first) = reports.first() else { return Value::Null };
-    match first {
-        Value::Number(_) => {
-            let mut numbers: Vec<f64> = reports.iter().filter_map(Value::as_f64).collect();
-            if numbers.len() < reports.len() {
-                return first.clone();
-            }
-            numbers.sort_by(f64::total_cmp);
-            let mid = numbers.len() / 2;
-            let median = if numbers.len() % 2 == 1 { numbers[mid] } else { (numbers[mid - 1] + numbers[mid]) / 2.0 };
-            if first.is_f64() { json!(round2(median)) } else { json!(median.round() as i64) }
-        }
-        Value::Object(fields) => Value::Object(
+    let mut numbers: Vec<f64> = reports.iter().filter_map(Value::as_f64).collect();
+    if let Some(first) = reports.iter().find(|r| r.is_number()) {
+        numbers.sort_by(f64::total_cmp);
+        let mid = numbers.len() / 2;
+        let median = if numbers.len() % 2 == 1 { numbers[mid] } else { (numbers[mid - 1] + numbers[mid]) / 2.0 };
+        return if first.is_f64() { json!(round2(median)) } else { json!(median.round() as i64) };
+    }
+    match reports.iter().find(|r| r.is_object() || r.is_array()) {
+        Some(Value::Object(fields)) => Value::Object(
             fields
                 .keys()
                 .map(|key| {
@@ -523,10 +519,10 @@ pub fn median_of(reports: &[Value]) -> Value {
                 })
                 .collect(),
         ),
-        Value::Array(items) => Value::Array(
+        Some(Value::Array(items)) => Value::Array(
             (0..items.len()).map(|i| median_of(&reports.iter().map(|r| r[i].clone()).collect::<Vec<_>>())).collect(),
         ),
-        _ => first.clone(),
+        _ => reports.iter().find(|r| !r.is_null()).or(reports.first()).cloned().unwrap_or(Value::Null),
     }
 }
 
@@ -776,8 +772,10 @@ mod tests {
         assert_eq!(m["n"], 3);
         assert_eq!(m["bare"]["cpu"], 30.0);
         assert_eq!(m["phases"][0]["p"], 2.0);
-        // Missing in one report: the first one's value, not a median of fewer.
-        assert_eq!(m["pid"], 11);
+        // Missing in one report: the median of the others.
+        assert_eq!(m["pid"], 12, "integers stay integers (11.5 rounds up)");
+        assert_eq!(median_of(&[json!(null), json!(0.8), json!(null)]), json!(0.8));
+        assert_eq!(median_of(&[json!({"r": null}), json!({"r": null})]), json!({"r": null}));
         // An even count: the mean of the middle two.
         assert_eq!(median_of(&[json!(1.0), json!(4.0), json!(2.0), json!(3.0)]), json!(2.5));
         assert_eq!(median_of(&[json!("a"), json!("b")]), json!("a"));

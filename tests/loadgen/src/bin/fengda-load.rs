@@ -184,9 +184,9 @@ struct Common {
     /// print hub ÷ bare ratios.
     #[arg(long, global = true)]
     compare: bool,
-    /// With `--compare`: run the pair this many times, alternating bare and
-    /// hub, and report every figure and ratio as its median over the rounds
-    /// (each round's ratios are kept under `rounds`). On a shared machine one
+    /// With `--compare`: run the pair this many times (bare first in odd
+    /// rounds, hub first in even ones) and report every figure and ratio as
+    /// its median over the rounds (each round's ratios are kept under `rounds`). On a shared machine one
     /// run of the same server moves by ±20 %; a median of rounds does not.
     #[arg(long, global = true, default_value_t = 1, value_name = "N")]
     rounds: usize,
@@ -384,16 +384,20 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
             "--pace-* paces the hub's bridge; the bare server answers at once, so there is nothing to compare"
         );
     }
+    ensure!(cli.common.rounds >= 1, "--rounds must be at least 1");
     ensure!(cli.common.rounds == 1 || cli.common.compare, "--rounds repeats the pair of --compare; add --compare");
     let (report, clean) = if cli.common.compare {
         ensure!(cli.common.hub_url.is_none(), "--compare starts both servers itself; drop --hub-url");
-        ensure!(cli.common.rounds >= 1, "--rounds must be at least 1");
         let mut common = cli.common.clone();
         let (mut bares, mut hubs, mut rounds, mut clean) = (Vec::new(), Vec::new(), Vec::new(), true);
         for round in 1..=cli.common.rounds {
-            let mut pair = Vec::with_capacity(2);
-            for target in [TargetKind::Bare, TargetKind::Hub] {
-                if round > 1 || target == TargetKind::Hub {
+            // Bare first in odd rounds, hub first in even ones: a drift over the
+            // invocation (the machine, TIME_WAIT sockets) does not favour one side.
+            let order =
+                if round % 2 == 1 { [TargetKind::Bare, TargetKind::Hub] } else { [TargetKind::Hub, TargetKind::Bare] };
+            let (mut bare, mut hub) = (None, None);
+            for (i, target) in order.into_iter().enumerate() {
+                if round > 1 || i > 0 {
                     // Let the previous server's sockets leave TIME_WAIT accounting behind a little.
                     tokio::time::sleep(Duration::from_secs(1)).await;
                 }
@@ -407,10 +411,12 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
                     println!();
                 }
                 clean &= run_clean;
-                pair.push(report);
+                match target {
+                    TargetKind::Bare => bare = Some(report),
+                    TargetKind::Hub => hub = Some(report),
+                }
             }
-            let hub = pair.pop().expect("hub report");
-            let bare = pair.pop().expect("bare report");
+            let (bare, hub) = (bare.expect("bare ran"), hub.expect("hub ran"));
             rounds.push(report::ratios(&bare, &hub));
             bares.push(bare);
             hubs.push(hub);

@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
 # Instructions per reply of the single-binary hub (built-in answerer
-# in-process) or of the bare server, counted by callgrind: the repeatable A/B
+# in-process), of a hub calling a bridge over gRPC (`hub-bridge`: the
+# bridge runs outside valgrind, unpaced; only the hub is counted) or of the
+# bare server, counted by callgrind: the repeatable A/B
 # measure on a shared machine, where CPU time per reply moves by ±20 % between
 # runs. The server runs under valgrind while fengda-load asks 10 customers ×
 # FEW and then × MANY questions; the difference ÷ (10 × (MANY − FEW)) is the
 # marginal cost of one reply, start-up and connection set-up excluded.
 #
-#   cargo build --release -p fengda -p fengda-load --bins
-#   tests/loadgen/instructions.sh [hub|bare] [OUT_DIR]
+#   cargo build --release -p fengda -p fengda-nlp -p fengda-load --bins
+#   tests/loadgen/instructions.sh [hub|hub-bridge|bare] [OUT_DIR]
 #
 # Keeps the callgrind profile of the MANY run in OUT_DIR (default
 # target/instructions/) for `callgrind_annotate --inclusive=yes`.
@@ -22,8 +24,21 @@ command -v valgrind >/dev/null || { echo "valgrind is missing: apt-get install -
 
 case $target in
 hub) server=(./target/release/fengda serve --listen 127.0.0.1:0 --answerer-first-token-delay-ms 0 --answerer-tokens-per-second 0) ;;
+hub-bridge)
+    ./target/release/fengda-nlp --listen 127.0.0.1:0 --first-token-delay-ms 0 --tokens-per-second 0 >"$out/bridge.log" 2>&1 &
+    bridge=$!
+    trap 'kill "$bridge" 2>/dev/null || true' EXIT
+    bridge_url=""
+    for _ in $(seq 100); do
+        bridge_url=$(grep -o 'http://127.0.0.1:[0-9]*' "$out/bridge.log" | head -1 || true)
+        [[ -n $bridge_url ]] && break
+        sleep 0.1
+    done
+    [[ -n $bridge_url ]] || { echo "the bridge did not start; see $out/bridge.log" >&2; exit 1; }
+    server=(./target/release/fengda serve --listen 127.0.0.1:0 --nlp-url "$bridge_url")
+    ;;
 bare) server=(./target/release/fengda-bare --listen 127.0.0.1:0) ;;
-*) echo "usage: $0 [hub|bare] [OUT_DIR]" >&2; exit 2 ;;
+*) echo "usage: $0 [hub|hub-bridge|bare] [OUT_DIR]" >&2; exit 2 ;;
 esac
 
 # Runs the server under callgrind for `$1` questions per customer; prints its instruction count.

@@ -280,6 +280,10 @@ impl KnowledgeBase {
         // lookup cost more than the scoring), reset where it was written.
         QUERY.with_borrow_mut(|buffer| {
             let mut query = Query::new(buffer, self.idf.len());
+            // The question's known terms are found already.
+            for &term in &question_terms {
+                query.raise(term, QUESTION_WEIGHT);
+            }
             let mut add = |text: &str, weight: f64| {
                 let mut add_known = |term: TermId| query.raise(term, weight);
                 match self.answer_terms.get(text) {
@@ -291,7 +295,6 @@ impl KnowledgeBase {
                     }),
                 }
             };
-            add(question, QUESTION_WEIGHT);
             let customer = history.iter().rev().filter(|t| t.role == TurnRole::Customer);
             for (turn, weight) in customer.zip(CUSTOMER_TURN_WEIGHTS) {
                 add(&turn.text, weight);

@@ -97,7 +97,7 @@ pub const MAX_MESSAGE_ID_LEN: usize = 128;
 
 /// Parses one text frame from a client, checking every field.
 pub fn parse_client_frame(text: &str, max_text_chars: usize) -> Result<ClientFrame, FrameError> {
-    let RawFrame::Object(mut fields) = serde_json::from_str(text)
+    let Raw::Object(mut fields) = serde_json::from_str(text)
         .map_err(|e| FrameError::new(ErrorCode::InvalidJson, format!("frame is not valid JSON: {e}")))?
     else {
         return Err(FrameError::new(ErrorCode::InvalidFrame, "frame must be a JSON object"));
@@ -149,15 +149,21 @@ fn take_string(field: Option<Field<'_>>, name: &str) -> Result<String, FrameErro
     }
 }
 
-/// A client frame as JSON: an object with the fields we read (borrowed from
-/// the text when they need no unescaping; others skipped), or anything else.
-/// Read field by field rather than into a `serde_json::Value`, whose map and
-/// keys cost several allocations for every message.
-enum RawFrame<'a> {
+/// One JSON value of a client frame, read without building a
+/// `serde_json::Value` (whose map and keys cost several allocations for
+/// every message): an object keeps just the fields we read, a string is
+/// borrowed from the text when it needs no unescaping, anything else is
+/// checked and dropped. Every value, skipped ones too, goes through
+/// serde_json's checks (nesting depth, number range, lone surrogates):
+/// serde's `IgnoredAny` would skip them unchecked.
+enum Raw<'a> {
     Object(RawFields<'a>),
-    NotObject,
+    Str(std::borrow::Cow<'a, str>),
+    Null,
+    Other,
 }
 
+/// The fields of an object we read; a repeated key keeps its last value.
 #[derive(Default)]
 struct RawFields<'a> {
     kind: Option<Field<'a>>,
@@ -166,7 +172,7 @@ struct RawFields<'a> {
     reply: Option<Field<'a>>,
 }
 
-/// One field's value: a string, null, or anything else (an error for every
+/// A field's value: a string, null, or anything else (an error for every
 /// field we read).
 enum Field<'a> {
     Str(std::borrow::Cow<'a, str>),
@@ -174,154 +180,72 @@ enum Field<'a> {
     Other,
 }
 
-impl<'de> Deserialize<'de> for RawFrame<'de> {
+impl<'a> From<Raw<'a>> for Field<'a> {
+    fn from(raw: Raw<'a>) -> Self {
+        match raw {
+            Raw::Str(s) => Field::Str(s),
+            Raw::Null => Field::Null,
+            Raw::Object(_) | Raw::Other => Field::Other,
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for Raw<'de> {
     fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
         use serde::de::{MapAccess, SeqAccess, Visitor};
-        struct FrameVisitor;
-        impl<'de> Visitor<'de> for FrameVisitor {
-            type Value = RawFrame<'de>;
+        struct RawVisitor;
+        impl<'de> Visitor<'de> for RawVisitor {
+            type Value = Raw<'de>;
             fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
                 f.write_str("a JSON value")
             }
             fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
                 let mut fields = RawFields::default();
-                // A repeated key keeps its last value.
-                // (`Field`, not `Cow<str>`, for the key: serde's `Cow` never borrows.)
-                while let Some(key) = map.next_key::<Field<'de>>()? {
-                    let Field::Str(key) = key else {
-                        map.next_value::<Skip>()?;
-                        continue;
-                    };
+                // (`Raw`, not `Cow<str>`, for the key: serde's `Cow` never borrows.)
+                while let Some(key) = map.next_key::<Raw<'de>>()? {
+                    let value: Raw<'de> = map.next_value()?;
+                    let Raw::Str(key) = key else { continue };
                     let slot = match key.as_ref() {
                         "type" => &mut fields.kind,
                         "id" => &mut fields.id,
                         "text" => &mut fields.text,
                         "reply" => &mut fields.reply,
-                        _ => {
-                            map.next_value::<Skip>()?;
-                            continue;
-                        }
+                        _ => continue,
                     };
-                    *slot = Some(map.next_value()?);
+                    *slot = Some(value.into());
                 }
-                Ok(RawFrame::Object(fields))
+                Ok(Raw::Object(fields))
             }
             fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
-                while seq.next_element::<Skip>()?.is_some() {}
-                Ok(RawFrame::NotObject)
-            }
-            fn visit_bool<E>(self, _: bool) -> Result<Self::Value, E> {
-                Ok(RawFrame::NotObject)
-            }
-            fn visit_i64<E>(self, _: i64) -> Result<Self::Value, E> {
-                Ok(RawFrame::NotObject)
-            }
-            fn visit_u64<E>(self, _: u64) -> Result<Self::Value, E> {
-                Ok(RawFrame::NotObject)
-            }
-            fn visit_f64<E>(self, _: f64) -> Result<Self::Value, E> {
-                Ok(RawFrame::NotObject)
-            }
-            fn visit_str<E>(self, _: &str) -> Result<Self::Value, E> {
-                Ok(RawFrame::NotObject)
-            }
-            fn visit_unit<E>(self) -> Result<Self::Value, E> {
-                Ok(RawFrame::NotObject)
-            }
-        }
-        deserializer.deserialize_any(FrameVisitor)
-    }
-}
-
-impl<'de> Deserialize<'de> for Field<'de> {
-    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        use serde::de::{MapAccess, SeqAccess, Visitor};
-        struct FieldVisitor;
-        impl<'de> Visitor<'de> for FieldVisitor {
-            type Value = Field<'de>;
-            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
-                f.write_str("a JSON value")
+                while seq.next_element::<Raw<'de>>()?.is_some() {}
+                Ok(Raw::Other)
             }
             fn visit_borrowed_str<E>(self, s: &'de str) -> Result<Self::Value, E> {
-                Ok(Field::Str(s.into()))
+                Ok(Raw::Str(s.into()))
             }
             fn visit_str<E>(self, s: &str) -> Result<Self::Value, E> {
-                Ok(Field::Str(s.to_owned().into()))
+                Ok(Raw::Str(s.to_owned().into()))
             }
             fn visit_string<E>(self, s: String) -> Result<Self::Value, E> {
-                Ok(Field::Str(s.into()))
+                Ok(Raw::Str(s.into()))
             }
             fn visit_unit<E>(self) -> Result<Self::Value, E> {
-                Ok(Field::Null)
+                Ok(Raw::Null)
             }
             fn visit_bool<E>(self, _: bool) -> Result<Self::Value, E> {
-                Ok(Field::Other)
+                Ok(Raw::Other)
             }
             fn visit_i64<E>(self, _: i64) -> Result<Self::Value, E> {
-                Ok(Field::Other)
+                Ok(Raw::Other)
             }
             fn visit_u64<E>(self, _: u64) -> Result<Self::Value, E> {
-                Ok(Field::Other)
+                Ok(Raw::Other)
             }
             fn visit_f64<E>(self, _: f64) -> Result<Self::Value, E> {
-                Ok(Field::Other)
-            }
-            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
-                while seq.next_element::<Skip>()?.is_some() {}
-                Ok(Field::Other)
-            }
-            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
-                while map.next_entry::<Skip, Skip>()?.is_some() {}
-                Ok(Field::Other)
+                Ok(Raw::Other)
             }
         }
-        deserializer.deserialize_any(FieldVisitor)
-    }
-}
-
-/// A value the frame does not use, read and dropped. Not serde's
-/// `IgnoredAny`: serde_json skips that without its checks (nesting depth,
-/// number range, lone surrogates), and a frame it would reject as a value
-/// must not pass because the bad part sits in a field we ignore.
-struct Skip;
-
-impl<'de> Deserialize<'de> for Skip {
-    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        use serde::de::{MapAccess, SeqAccess, Visitor};
-        struct SkipVisitor;
-        impl<'de> Visitor<'de> for SkipVisitor {
-            type Value = Skip;
-            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
-                f.write_str("a JSON value")
-            }
-            fn visit_bool<E>(self, _: bool) -> Result<Skip, E> {
-                Ok(Skip)
-            }
-            fn visit_i64<E>(self, _: i64) -> Result<Skip, E> {
-                Ok(Skip)
-            }
-            fn visit_u64<E>(self, _: u64) -> Result<Skip, E> {
-                Ok(Skip)
-            }
-            fn visit_f64<E>(self, _: f64) -> Result<Skip, E> {
-                Ok(Skip)
-            }
-            fn visit_str<E>(self, _: &str) -> Result<Skip, E> {
-                Ok(Skip)
-            }
-            fn visit_unit<E>(self) -> Result<Skip, E> {
-                Ok(Skip)
-            }
-            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Skip, A::Error> {
-                while seq.next_element::<Skip>()?.is_some() {}
-                Ok(Skip)
-            }
-            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Skip, A::Error> {
-                while map.next_entry::<Skip, Skip>()?.is_some() {}
-                Ok(Skip)
-            }
-        }
-        deserializer.deserialize_any(SkipVisitor)
+        deserializer.deserialize_any(RawVisitor)
     }
 }
 

@@ -267,20 +267,19 @@ impl Router {
         };
         let origin = origin.filter(|_| event.from == Role::Customer);
         let queued_at = Instant::now();
-        let push = |handle: &SessionHandle, frame| handle.push(Outbound::Frame { seq: event.seq, frame, queued_at });
         // Encoded only if someone needs it (a lone customer socket needs just
         // its ack), and moved rather than cloned into the last session.
-        let mut frame = None;
-        let Some((last, others)) = local.handles.split_last() else { return };
-        for handle in others.iter().chain([last]) {
-            let is_last = std::ptr::eq(handle, last);
-            if origin == Some(handle.id) {
-                push(handle, ServerFrame::Ack { id: &event.id, seq: event.seq }.encode());
-            } else if is_last {
-                push(handle, frame.take().unwrap_or_else(shared));
+        let mut encoded = None;
+        let last = local.handles.len().saturating_sub(1);
+        for (i, handle) in local.handles.iter().enumerate() {
+            let frame = if origin == Some(handle.id) {
+                ServerFrame::Ack { id: &event.id, seq: event.seq }.encode()
+            } else if i == last {
+                encoded.take().unwrap_or_else(shared)
             } else {
-                push(handle, frame.get_or_insert_with(shared).clone());
-            }
+                encoded.get_or_insert_with(shared).clone()
+            };
+            handle.push(Outbound::Frame { seq: event.seq, frame, queued_at });
         }
     }
 }

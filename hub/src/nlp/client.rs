@@ -92,8 +92,6 @@ impl NlpClient {
                 let mut client = client.clone();
                 Ok(Box::pin(client.answer(request).await?.into_inner()))
             }
-            // No headers to carry the deadline and id: the request holds the
-            // id, and `ActiveCall` enforces the deadline for every transport.
             Transport::InProcess(service) => Ok(Box::pin(service.answer_in_process(Request::new(request))?)),
         }
     }

@@ -51,11 +51,16 @@ pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Serves the Nlp service plus the standard gRPC health service (tonic-health,
 /// `fengda.nlp.v1.Nlp` marked SERVING) on `listener` until `shutdown` is
-/// cancelled.
+/// cancelled. Every response, health checks included, carries the bridge's
+/// stream limit ([`fengda_proto::MAX_STREAMS_HEADER`]), so a hub knows how
+/// many calls to send before its first one.
 ///
-/// On cancellation the health status turns NOT_SERVING, new connections are
-/// refused and in-flight answers may finish for up to [`DRAIN_TIMEOUT`];
-/// then everything left is dropped, which stops its producer tasks.
+/// On cancellation the bridge drains: the health status turns NOT_SERVING
+/// and new calls are refused at once with `UNAVAILABLE` marked
+/// [`fengda_proto::DRAINING_HEADER`] (hubs move them to other bridges
+/// without counting a failure), while in-flight answers finish for up to
+/// [`DRAIN_TIMEOUT`]; then the server stops and everything left is dropped,
+/// which stops its producer tasks.
 pub async fn serve(
     listener: TcpListener,
     service: NlpService,
@@ -68,19 +73,33 @@ pub async fn serve(
 
     let signal = {
         let shutdown = shutdown.clone();
+        let service = service.clone();
         async move {
             shutdown.cancelled().await;
             reporter.set_not_serving::<NlpServer<NlpService>>().await;
-            tracing::info!("shutting down; draining in-flight answers");
+            service.start_draining();
+            tracing::info!(in_flight = service.tasks().len(), "shutting down; draining in-flight answers");
+            let tasks = service.tasks();
+            tasks.close();
+            if tokio::time::timeout(DRAIN_TIMEOUT, tasks.wait()).await.is_err() {
+                tracing::warn!(timeout = ?DRAIN_TIMEOUT, left = tasks.len(), "drain timed out; dropping remaining calls");
+            }
         }
     };
+    let max_streams = tonic::codegen::http::HeaderValue::from(service.max_streams());
+    let advertise = tower::util::MapResponseLayer::new(move |mut response: tonic::codegen::http::Response<_>| {
+        response.headers_mut().insert(fengda_proto::MAX_STREAMS_HEADER, max_streams.clone());
+        response
+    });
     let server = Server::builder()
+        .layer(advertise)
         .add_service(health)
         .add_service(NlpServer::new(service))
         .serve_with_incoming_shutdown(incoming, signal);
+    // The drain above ends by itself; this bounds the server's own graceful close.
     let deadline = async {
         shutdown.cancelled().await;
-        tokio::time::sleep(DRAIN_TIMEOUT).await;
+        tokio::time::sleep(DRAIN_TIMEOUT + Duration::from_secs(1)).await;
     };
     let result = tokio::select! {
         result = server => result,

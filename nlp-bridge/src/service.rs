@@ -19,6 +19,7 @@
 
 use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::{Context, Poll};
 
 use fengda_proto::nlp::v1::{AnswerChunk, AnswerRequest, FinishReason, nlp_server::Nlp};
@@ -55,6 +56,8 @@ pub struct NlpService {
     streams: Arc<Semaphore>,
     /// Every producer task, so shutdown can wait for them.
     tasks: TaskTracker,
+    /// Set once shutdown begins: new calls are refused as draining.
+    draining: Arc<AtomicBool>,
 }
 
 impl std::fmt::Debug for NlpService {
@@ -75,7 +78,7 @@ impl NlpService {
     /// A service answering with `backend` within `limits`.
     pub fn with_limits(backend: Arc<dyn AnswerBackend>, limits: Limits) -> Self {
         let streams = Arc::new(Semaphore::new(limits.max_concurrent_streams.clamp(1, Semaphore::MAX_PERMITS)));
-        Self { backend, limits: Arc::new(limits), streams, tasks: TaskTracker::new() }
+        Self { backend, limits: Arc::new(limits), streams, tasks: TaskTracker::new(), draining: Arc::default() }
     }
 
     /// A service answering with the built-in FAQ answerer.
@@ -103,6 +106,17 @@ impl NlpService {
     pub fn tasks(&self) -> &TaskTracker {
         &self.tasks
     }
+
+    /// Answer streams this service runs at once (`limits.max_concurrent_streams`).
+    pub fn max_streams(&self) -> usize {
+        self.limits.max_concurrent_streams
+    }
+
+    /// Refuses every new call from now on with `UNAVAILABLE` marked
+    /// [`fengda_proto::DRAINING_HEADER`]; answers in flight go on.
+    pub fn start_draining(&self) {
+        self.draining.store(true, Ordering::Release);
+    }
 }
 
 impl NlpService {
@@ -125,6 +139,13 @@ impl NlpService {
         request: Request<AnswerRequest>,
         span_of: impl FnOnce(&AnswerRequest) -> tracing::Span,
     ) -> Result<(TokenStream, OwnedSemaphorePermit, tracing::Span), Status> {
+        if self.draining.load(Ordering::Acquire) {
+            let mut status = Status::unavailable("the bridge is shutting down; send the call to another bridge");
+            status
+                .metadata_mut()
+                .insert(fengda_proto::DRAINING_HEADER, tonic::metadata::MetadataValue::from_static("1"));
+            return Err(status);
+        }
         let header_id = request.metadata().get("x-request-id").and_then(|v| v.to_str().ok()).map(str::to_owned);
         let mut message = request.into_inner();
         if let Some(id) = header_id {
@@ -145,7 +166,8 @@ impl NlpService {
             req
         })?;
         let Ok(permit) = self.streams.clone().try_acquire_owned() else {
-            span.in_scope(|| tracing::warn!(limit = self.limits.max_concurrent_streams, "too many answer streams"));
+            // Backpressure a hub handles (it queues the question and lowers its limit), not an error.
+            span.in_scope(|| tracing::debug!(limit = self.limits.max_concurrent_streams, "too many answer streams"));
             return Err(Status::resource_exhausted("too many concurrent answer streams; retry later"));
         };
         let tokens = span.in_scope(|| self.backend.answer(backend_request));

@@ -202,3 +202,46 @@ async fn shutdown_returns_promptly() {
     drop(client);
     server.stop().await;
 }
+
+#[tokio::test]
+async fn every_response_advertises_the_stream_limit_and_a_draining_bridge_refuses_new_calls_but_finishes_old_ones() {
+    // ~40 tokens at 50/s: an answer in flight for most of a second.
+    let config = AnswererConfig { first_token_delay_ms: 0, tokens_per_second: 50.0, knowledge_base: None };
+    let limits = fengda_nlp::config::Limits { max_concurrent_streams: 7, ..Default::default() };
+    let service = NlpService::with_limits(Arc::new(BuiltinBackend::new(&config).unwrap()), limits);
+    let server = Server::start(service).await;
+    let channel = server.channel().await;
+    let mut health = HealthClient::new(channel.clone());
+    let response = health.check(HealthCheckRequest { service: "fengda.nlp.v1.Nlp".into() }).await.unwrap();
+    assert_eq!(response.metadata().get(fengda_proto::MAX_STREAMS_HEADER).unwrap(), "7", "on health checks");
+
+    let mut client = NlpClient::new(channel);
+    let in_flight = client.answer(request("demo", "What is the Gold Card?", vec![])).await.unwrap();
+    assert_eq!(in_flight.metadata().get(fengda_proto::MAX_STREAMS_HEADER).unwrap(), "7", "on answers");
+    let mut in_flight = in_flight.into_inner();
+    let first = in_flight.next().await.unwrap().unwrap();
+    server.shutdown.cancel();
+
+    // Draining: health says NOT_SERVING and new calls are refused as draining, at once.
+    let deadline = tokio::time::Instant::now() + TIMEOUT;
+    loop {
+        let response = health.check(HealthCheckRequest { service: "fengda.nlp.v1.Nlp".into() }).await.unwrap();
+        if response.get_ref().status() == ServingStatus::NotServing {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "health turns NOT_SERVING");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let refused = client.answer(request("demo", "What is the Gold Card?", vec![])).await.unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::Unavailable);
+    assert!(refused.metadata().contains_key(fengda_proto::DRAINING_HEADER), "{refused:?}");
+
+    // The answer in flight still completes.
+    let mut chunks = vec![first];
+    while let Some(chunk) = tokio::time::timeout(TIMEOUT, in_flight.next()).await.expect("keeps streaming") {
+        chunks.push(chunk.unwrap());
+    }
+    assert_eq!(assemble(&chunks).1, FinishReason::Stop);
+    drop(in_flight);
+    tokio::time::timeout(TIMEOUT, server.handle).await.expect("serve returns after the drain").unwrap().unwrap();
+}

@@ -8,3 +8,14 @@ pub mod nlp {
         tonic::include_proto!("fengda.nlp.v1");
     }
 }
+
+/// Response metadata (HTTP/2 header) on every response of a `fengda-nlp`
+/// bridge, health checks included: how many answer streams it takes at once
+/// (`limits.max_concurrent_streams`). A hub starts its learned limit for the
+/// bridge there, and never goes above it.
+pub const MAX_STREAMS_HEADER: &str = "fengda-max-streams";
+
+/// Metadata on the `UNAVAILABLE` a draining bridge answers new calls with:
+/// it is shutting down on purpose, so a hub sends the call elsewhere and
+/// does not count it against the bridge's circuit breaker.
+pub const DRAINING_HEADER: &str = "fengda-draining";

@@ -29,6 +29,10 @@ pub struct Script {
     /// Refuse this many calls (counted from the start) with this code before answering.
     pub fail_first: usize,
     pub fail_code: tonic::Code,
+    /// Answer at most this many calls at once; refuse more with
+    /// `RESOURCE_EXHAUSTED` (without advertising the limit, as a bridge
+    /// other than `fengda-nlp` would).
+    pub max_streams: Option<usize>,
 }
 
 impl Default for Script {
@@ -40,6 +44,7 @@ impl Default for Script {
             token_delay: Duration::ZERO,
             fail_first: 0,
             fail_code: tonic::Code::Unavailable,
+            max_streams: None,
         }
     }
 }
@@ -50,6 +55,8 @@ pub struct RecordingAnswerer {
     requests: Arc<Mutex<Vec<AnswerRequest>>>,
     /// How many answer streams ended because the client went away.
     cancelled: Arc<Mutex<usize>>,
+    /// How many calls were refused as over `Script::max_streams`.
+    refused: Arc<Mutex<usize>>,
     stop: CancellationToken,
 }
 
@@ -57,6 +64,9 @@ struct Service {
     script: Arc<Mutex<Script>>,
     requests: Arc<Mutex<Vec<AnswerRequest>>>,
     cancelled: Arc<Mutex<usize>>,
+    refused: Arc<Mutex<usize>>,
+    /// Answers streaming now.
+    streaming: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 impl RecordingAnswerer {
@@ -67,7 +77,14 @@ impl RecordingAnswerer {
         let cancelled = Arc::new(Mutex::new(0));
         let stop = CancellationToken::new();
         let script = Arc::new(Mutex::new(script));
-        let service = Service { script: script.clone(), requests: requests.clone(), cancelled: cancelled.clone() };
+        let refused = Arc::new(Mutex::new(0));
+        let service = Service {
+            script: script.clone(),
+            requests: requests.clone(),
+            cancelled: cancelled.clone(),
+            refused: refused.clone(),
+            streaming: Arc::default(),
+        };
         let shutdown = stop.clone();
         tokio::spawn(async move {
             tonic::transport::Server::builder()
@@ -76,7 +93,7 @@ impl RecordingAnswerer {
                 .await
                 .expect("recording answerer failed");
         });
-        RecordingAnswerer { url, script, requests, cancelled, stop }
+        RecordingAnswerer { url, script, requests, cancelled, refused, stop }
     }
 
     /// Changes how later calls are answered.
@@ -91,6 +108,10 @@ impl RecordingAnswerer {
     pub fn cancelled(&self) -> usize {
         *self.cancelled.lock().unwrap()
     }
+
+    pub fn refused(&self) -> usize {
+        *self.refused.lock().unwrap()
+    }
 }
 
 impl Drop for RecordingAnswerer {
@@ -100,6 +121,15 @@ impl Drop for RecordingAnswerer {
 }
 
 type ChunkStream = Pin<Box<dyn Stream<Item = Result<AnswerChunk, Status>> + Send>>;
+
+/// One answer counted in `Service::streaming` while it lives.
+struct StreamSlot(Arc<std::sync::atomic::AtomicUsize>);
+
+impl Drop for StreamSlot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+    }
+}
 
 #[tonic::async_trait]
 impl Nlp for Service {
@@ -116,9 +146,16 @@ impl Nlp for Service {
         if calls <= script.fail_first {
             return Err(Status::new(script.fail_code, "scripted failure"));
         }
+        use std::sync::atomic::Ordering;
+        let streaming = StreamSlot(self.streaming.clone());
+        if streaming.0.fetch_add(1, Ordering::AcqRel) >= script.max_streams.unwrap_or(usize::MAX) {
+            *self.refused.lock().unwrap() += 1;
+            return Err(Status::resource_exhausted("too many concurrent answer streams"));
+        }
         let cancelled = self.cancelled.clone();
         let (tx, rx) = mpsc::channel(4);
         tokio::spawn(async move {
+            let _streaming = streaming;
             tokio::time::sleep(script.first_chunk_delay).await;
             let padding = "x".repeat(script.token_padding);
             for index in 0..script.tokens {

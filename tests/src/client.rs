@@ -20,6 +20,8 @@ pub struct Client {
 #[derive(Debug)]
 pub struct Reply {
     pub reply_id: String,
+    /// `queued` frames (places in line) seen before the first delta.
+    pub queued: Vec<Value>,
     pub deltas: Vec<Value>,
     pub done: Value,
 }
@@ -100,12 +102,14 @@ impl Client {
         (ack, self.read_reply().await)
     }
 
-    /// Reads `reply.delta`s until `reply.done`, checking indexes and text.
+    /// Reads `queued` frames and `reply.delta`s until `reply.done`,
+    /// checking indexes and text.
     pub async fn read_reply(&mut self) -> Reply {
-        let mut deltas = Vec::new();
+        let (mut queued, mut deltas) = (Vec::new(), Vec::new());
         loop {
             let frame = self.next().await;
             match frame["type"].as_str() {
+                Some("queued") if deltas.is_empty() => queued.push(frame),
                 Some("reply.delta") => deltas.push(frame),
                 Some("reply.done") => {
                     let reply_id = frame["reply"].as_str().expect("reply id").to_owned();
@@ -119,7 +123,7 @@ impl Client {
                         frame["text"].as_str().expect("done text"),
                         "deltas must add up to the done text"
                     );
-                    return Reply { reply_id, deltas, done: frame };
+                    return Reply { reply_id, queued, deltas, done: frame };
                 }
                 _ => panic!("expected reply.delta or reply.done, got {frame}"),
             }

@@ -145,14 +145,59 @@ impl Hub {
 pub struct NlpProcess {
     pub child: Child,
     pub url: String,
+    /// Its config file, removed on drop.
+    config: Option<PathBuf>,
 }
 
 impl NlpProcess {
     pub async fn start(extra: &[&str]) -> NlpProcess {
-        let mut args: Vec<String> = ["--listen", "127.0.0.1:0"].map(String::from).to_vec();
+        Self::start_on("127.0.0.1:0", None, extra).await
+    }
+
+    /// Starts one that takes at most `streams` answers at once (its
+    /// `limits.max_concurrent_streams`, set in a config file).
+    pub async fn start_with_max_streams(streams: usize, extra: &[&str]) -> NlpProcess {
+        Self::start_on("127.0.0.1:0", Some(streams), extra).await
+    }
+
+    /// Starts one on `listen` (e.g. the address of one that just stopped).
+    pub async fn start_on(listen: &str, max_streams: Option<usize>, extra: &[&str]) -> NlpProcess {
+        let mut args: Vec<String> = ["--listen", listen].map(String::from).to_vec();
+        let config = max_streams.map(|streams| {
+            static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+            let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let path = std::env::temp_dir().join(format!("fengda-nlp-test-{}-{n}.toml", std::process::id()));
+            std::fs::write(&path, format!("[limits]\nmax_concurrent_streams = {streams}\n")).expect("write config");
+            args.extend(["--config".to_owned(), path.display().to_string()]);
+            path
+        });
         args.extend(extra.iter().map(|a| a.to_string()));
         let (child, url) = spawn_listening("fengda-nlp", &args).await.expect("start fengda-nlp");
-        NlpProcess { child, url }
+        NlpProcess { child, url, config }
+    }
+
+    /// `127.0.0.1:PORT`
+    pub fn addr(&self) -> &str {
+        self.url.trim_start_matches("http://")
+    }
+
+    /// Sends SIGTERM (a graceful drain) and waits for the exit status.
+    pub async fn terminate(&mut self) -> std::process::ExitStatus {
+        let pid = self.child.id().expect("fengda-nlp still running") as i32;
+        // SAFETY: plain kill(2) on a child we started and still own.
+        unsafe { libc::kill(pid, libc::SIGTERM) };
+        tokio::time::timeout(std::time::Duration::from_secs(20), self.child.wait())
+            .await
+            .expect("fengda-nlp did not exit within 20 s of SIGTERM")
+            .expect("wait fengda-nlp")
+    }
+}
+
+impl Drop for NlpProcess {
+    fn drop(&mut self) {
+        if let Some(config) = &self.config {
+            let _ = std::fs::remove_file(config);
+        }
     }
 }
 

@@ -1,7 +1,10 @@
 //! Admission to the NLP service: a bounded, per-tenant fair queue.
 //!
-//! At most `max_concurrent` calls run per node, and at most
-//! `max_per_tenant` of them for one tenant while another tenant has calls
+//! At most `capacity` calls run per node: `max_concurrent` from the config,
+//! or less while the NLP endpoints take fewer (their learned limits, see
+//! [`super::limit`], set it through [`Admission::set_capacity`]). At most
+//! `max_per_tenant` of them (scaled down with the capacity) run for one
+//! tenant while another tenant has calls
 //! running or waiting: the slots above a tenant's share stay free for the
 //! others, so a steady tenant's question starts at once even while another
 //! tenant's burst fills every slot it may (replies of the same length end in
@@ -12,7 +15,9 @@
 //! have someone waiting and are below their share. At most `max_queued`
 //! questions wait in all; when the line is full, a question of a tenant with
 //! a shorter line takes the place of the newest waiter of the longest line
-//! (which gets the fallback), otherwise it is refused at once.
+//! (which gets the fallback), otherwise it is refused at once. A question
+//! whose call an endpoint refused as full comes back to the front of its
+//! tenant's line ([`Admission::reenter`]): it keeps its place.
 //!
 //! Each waiter can ask its place in line (an estimate under round robin:
 //! the waiters that will be served before it, plus one), which the hub shows
@@ -42,8 +47,17 @@ pub struct Admission {
     state: Mutex<State>,
 }
 
-#[derive(Debug, Default)]
+/// Waiter ids start here and grow; ids of questions coming back to the
+/// front of a line start here and shrink, so each line stays sorted by id.
+const FIRST_WAITER: u64 = 1 << 62;
+
+#[derive(Debug)]
 struct State {
+    /// Calls that may run now: `max_concurrent`, or less while the
+    /// endpoints take fewer.
+    capacity: usize,
+    /// The per-tenant share of `capacity`.
+    per_tenant: usize,
     running: usize,
     /// Running calls by tenant; tenants with none are absent.
     running_by_tenant: HashMap<TenantId, usize>,
@@ -51,6 +65,8 @@ struct State {
     last_asked: HashMap<TenantId, Instant>,
     queued: usize,
     next_waiter: u64,
+    /// The id of the last waiter put at the front of a line.
+    next_front: u64,
     /// One FIFO per tenant with waiters, in increasing `id` order.
     queues: HashMap<TenantId, VecDeque<Waiter>>,
     /// Tenants with waiters, in round-robin order; the front is served next.
@@ -184,7 +200,39 @@ impl Admission {
     /// `max_per_tenant` is clamped to `1..=max_concurrent`.
     pub fn new(max_concurrent: usize, max_per_tenant: usize, max_queued: usize) -> Arc<Self> {
         let max_per_tenant = max_per_tenant.clamp(1, max_concurrent.max(1));
-        Arc::new(Self { max_concurrent, max_per_tenant, max_queued, state: Mutex::new(State::default()) })
+        let state = State {
+            capacity: max_concurrent,
+            per_tenant: max_per_tenant,
+            running: 0,
+            running_by_tenant: HashMap::new(),
+            last_asked: HashMap::new(),
+            queued: 0,
+            next_waiter: FIRST_WAITER,
+            next_front: FIRST_WAITER,
+            queues: HashMap::new(),
+            ring: VecDeque::new(),
+        };
+        Arc::new(Self { max_concurrent, max_per_tenant, max_queued, state: Mutex::new(state) })
+    }
+
+    /// Sets how many calls may run at once (clamped to `1..=max_concurrent`)
+    /// and admits waiters if it grew. Calls already running above a lowered
+    /// capacity finish; no new one starts until the count is below it.
+    pub fn set_capacity(&self, capacity: usize) {
+        let mut state = self.lock();
+        state.capacity = capacity.clamp(1, self.max_concurrent.max(1));
+        // The share keeps its proportion: ¾ of 512 slots is ¾ of 8 slots.
+        state.per_tenant = if state.capacity >= self.max_concurrent {
+            self.max_per_tenant
+        } else {
+            (self.max_per_tenant * state.capacity).div_ceil(self.max_concurrent.max(1)).max(1)
+        };
+        self.dispatch(&mut state);
+    }
+
+    /// Calls that may run at once now.
+    pub fn capacity(&self) -> usize {
+        self.lock().capacity
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
@@ -192,15 +240,26 @@ impl Admission {
         self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    /// Takes a slot, or a place in `tenant`'s line, or is refused.
+    /// Takes a slot, or a place at the back of `tenant`'s line, or is refused.
     pub fn enter(self: &Arc<Self>, tenant: &TenantId) -> Result<Entry, QueueFull> {
+        self.enter_line(tenant, false)
+    }
+
+    /// [`Self::enter`] for a question that had a slot and lost it (its
+    /// endpoint was full): the front of `tenant`'s line, ahead of newer questions.
+    pub fn reenter(self: &Arc<Self>, tenant: &TenantId) -> Result<Entry, QueueFull> {
+        self.enter_line(tenant, true)
+    }
+
+    fn enter_line(self: &Arc<Self>, tenant: &TenantId, front: bool) -> Result<Entry, QueueFull> {
         let mut state = self.lock();
         state.asked(tenant, Instant::now());
         // Who may start can change with time (a tenant falls quiet): admit
         // eligible waiters first, then this question only if its tenant has
-        // nobody waiting (first come, first served within a tenant).
+        // nobody waiting before it (first come, first served within a tenant).
         self.dispatch(&mut state);
-        if state.running < self.max_concurrent && !state.queues.contains_key(tenant) && self.may_start(&state, tenant) {
+        let first_in_line = front || !state.queues.contains_key(tenant);
+        if state.running < state.capacity && first_in_line && self.may_start(&state, tenant) {
             state.start(tenant);
             return Ok(Entry::Running(Permit { admission: self.clone(), tenant: tenant.clone() }));
         }
@@ -208,20 +267,29 @@ impl Admission {
             return Err(QueueFull);
         }
         let (admit, admitted) = oneshot::channel();
-        state.next_waiter += 1;
-        let id = state.next_waiter;
+        let id = if front {
+            state.next_front -= 1;
+            state.next_front
+        } else {
+            state.next_waiter += 1;
+            state.next_waiter
+        };
         state.queued += 1;
         if !state.queues.contains_key(tenant) {
             state.ring.push_back(tenant.clone());
         }
-        state.queues.entry(tenant.clone()).or_default().push_back(Waiter { id, admit });
+        let queue = state.queues.entry(tenant.clone()).or_default();
+        match front {
+            true => queue.push_front(Waiter { id, admit }),
+            false => queue.push_back(Waiter { id, admit }),
+        }
         Ok(Entry::Waiting(Ticket { admission: self.clone(), tenant: tenant.clone(), id, admitted, taken: false }))
     }
 
     /// Below its share, or alone: no other tenant has calls running or
     /// waiting, or asked within `ACTIVE_WINDOW`.
     fn may_start(&self, state: &State, tenant: &TenantId) -> bool {
-        state.running_of(tenant) < self.max_per_tenant
+        state.running_of(tenant) < state.per_tenant
             || (state.running_by_tenant.keys().all(|t| t == tenant)
                 && state.ring.iter().all(|t| t == tenant)
                 && state.last_asked.iter().all(|(t, at)| t == tenant || at.elapsed() >= ACTIVE_WINDOW))
@@ -247,7 +315,7 @@ impl Admission {
         // Tenants at their share are passed over (to the back of the ring);
         // once the whole ring was passed over, nobody can be admitted.
         let mut passed_over = 0;
-        while state.running < self.max_concurrent && passed_over < state.ring.len() {
+        while state.running < state.capacity && passed_over < state.ring.len() {
             let Some(tenant) = state.ring.pop_front() else { break };
             if !self.may_start(state, &tenant) {
                 state.ring.push_back(tenant);
@@ -459,6 +527,47 @@ mod tests {
         drop(first);
         assert_eq!(second.position(), 1);
         assert!(admission.enter(&tenant("c")).is_ok());
+    }
+
+    #[tokio::test]
+    async fn a_lowered_capacity_holds_new_calls_back_until_running_calls_end_and_a_raised_one_admits() {
+        let admission = Admission::new(4, 4, 10);
+        let mut running: Vec<_> = (0..3).map(|_| admission.enter(&tenant("a")).unwrap()).collect();
+        admission.set_capacity(2);
+        let waiter = waiting(admission.enter(&tenant("a")));
+        drop(running.pop());
+        assert_eq!(waiter.position(), 1, "two still running: at capacity");
+        admission.set_capacity(3);
+        let _permit = waiter.admitted().await.expect("a raised capacity admits at once");
+        admission.set_capacity(100);
+        assert_eq!(admission.capacity(), 4, "never above max_concurrent");
+    }
+
+    #[test]
+    fn the_tenant_share_scales_with_the_capacity() {
+        let admission = Admission::new(8, 4, 10);
+        admission.set_capacity(4);
+        let _b = admission.enter(&tenant("b")).unwrap();
+        let a: Vec<_> = (0..3).map(|_| admission.enter(&tenant("a")).unwrap()).collect();
+        assert!(matches!(a[1], Entry::Running(_)), "{a:?}");
+        assert!(matches!(a[2], Entry::Waiting(_)), "a's share of 4 slots is 2 (4 of 8), though one is free: {a:?}");
+    }
+
+    #[tokio::test]
+    async fn a_question_that_lost_its_slot_goes_back_to_the_front_of_its_line() {
+        let admission = Admission::new(1, 1, 10);
+        let Ok(Entry::Running(running)) = admission.enter(&tenant("a")) else { panic!("a slot") };
+        let newer = waiting(admission.enter(&tenant("a")));
+        let returning = waiting(admission.reenter(&tenant("a")));
+        assert_eq!((returning.position(), newer.position()), (1, 2));
+        drop(running);
+        let permit = returning.admitted().await.expect("admitted first");
+        assert_eq!(newer.position(), 1);
+        drop(permit);
+        // With a free slot and nobody ahead, it runs at once.
+        let admission = Admission::new(2, 2, 10);
+        let _running = admission.enter(&tenant("a")).unwrap();
+        assert!(matches!(admission.reenter(&tenant("a")), Ok(Entry::Running(_))));
     }
 
     #[tokio::test]

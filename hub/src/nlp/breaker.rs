@@ -96,6 +96,19 @@ impl Breaker {
         }
     }
 
+    /// The endpoint is known to be back (its health check says serving
+    /// again): an open breaker lets a probe through now rather than after
+    /// `open_for`. Returns whether it was open.
+    pub fn probe_now(&self, now: Instant) -> bool {
+        match &mut *self.lock() {
+            Inner::Open { until } if now < *until => {
+                *until = now;
+                true
+            }
+            _ => false,
+        }
+    }
+
     /// Records how an allowed call ended. Returns the new state when it changed.
     pub fn record(&self, success: bool, now: Instant) -> Option<BreakerState> {
         let mut inner = self.lock();
@@ -195,6 +208,22 @@ mod tests {
         assert!(b.allow(later));
         assert_eq!(b.record(true, later), Some(BreakerState::Closed));
         assert!(b.allow(later));
+    }
+
+    #[test]
+    fn an_endpoint_seen_serving_again_gets_its_probe_at_once() {
+        let b = breaker();
+        let t = Instant::now();
+        assert!(!b.probe_now(t), "closed: nothing to do");
+        for _ in 0..3 {
+            b.record(false, t);
+        }
+        let back = t + Duration::from_secs(2);
+        assert!(!b.allow(back));
+        assert!(b.probe_now(back));
+        assert!(b.allow(back), "the probe, 28 s before open_for would allow it");
+        assert!(!b.allow(back), "still one probe at a time");
+        assert_eq!(b.record(true, back), Some(BreakerState::Closed));
     }
 
     #[test]

@@ -3,24 +3,37 @@
 //! [`NlpPool`] holds one [`client::NlpClient`] per configured bridge
 //! endpoint. Starting an answer ([`NlpPool::start`]):
 //! 1. **Admission** ([`admission`]): at most `max_concurrent` calls run per
-//!    node; up to `max_queued` more wait, in a per-tenant fair queue, for at
-//!    most `max_queue_wait`; beyond that the caller gets the fallback at once,
-//!    never a pile-up. The first-token deadline starts once admitted.
+//!    node, fewer while the endpoints take fewer (the sum of their learned
+//!    limits, [`limit`]); up to `max_queued` more wait, in a per-tenant fair
+//!    queue, for at most `max_queue_wait`; beyond that the caller gets the
+//!    fallback at once, never a pile-up. The first-token deadline starts once admitted.
 //! 2. **Endpoint choice**: healthy endpoints (per the gRPC health checks of
-//!    [`run_health_checks`]) whose breaker allows a call, least outstanding
-//!    calls first. All breakers open: [`StartError::AllOpen`] at once.
-//! 3. **Retries**: only before the first token (a retry after a token was
+//!    [`run_health_checks`]) whose breaker allows a call, those below their
+//!    limit first, then least outstanding calls. All breakers open:
+//!    [`StartError::AllOpen`] at once.
+//! 3. **Backpressure**: an endpoint that answers `RESOURCE_EXHAUSTED` is
+//!    full, not broken. Its limit is cut, the question gives its slot back
+//!    and waits again at the front of its tenant's line (with `queued`
+//!    frames), until a slot frees up or `max_queue_wait` (counted from the
+//!    first entry) has passed. This never counts against the breaker.
+//! 4. **Retries**: only before the first token (a retry after a token was
 //!    shown would garble the answer), only on codes that can succeed on retry
-//!    (unavailable, deadline exceeded, resource exhausted), with exponential
-//!    backoff and full jitter, bounded by `retry_max_attempts` and by the
-//!    first-token deadline, which starts once admitted and covers every attempt.
+//!    (unavailable, deadline exceeded, cancelled), with exponential backoff
+//!    and full jitter, bounded by `retry_max_attempts` and by the first-token
+//!    deadline, which starts once admitted and covers every attempt. A
+//!    draining bridge's refusal ([`fengda_proto::DRAINING_HEADER`]) marks it
+//!    not serving and moves the call elsewhere without counting as a failure.
 //!
-//! Each finished call feeds its endpoint's [`breaker::Breaker`]. Counters and
-//! the breaker states are exported as metrics (`fengda_hub_nlp_*`).
+//! Each finished call feeds its endpoint's [`breaker::Breaker`], which is
+//! for endpoints that are broken (unavailable, timing out, erroring), and
+//! its [`limit::ConcurrencyLimit`]. A health check that sees an endpoint
+//! serving again lets a probe through its open breaker at once. Counters,
+//! breaker states and limits are exported as metrics (`fengda_hub_nlp_*`).
 
 pub mod admission;
 pub mod breaker;
 mod client;
+pub mod limit;
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -32,7 +45,7 @@ use futures::{FutureExt, StreamExt};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tonic::{Code, Status};
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 pub use client::{AnswerStream, NlpClient, NlpError};
 
@@ -40,9 +53,13 @@ use crate::config::NlpConfig;
 use crate::ids::TenantId;
 use admission::{Admission, Entry, Permit, QueueFull};
 use breaker::{Breaker, BreakerConfig, BreakerState};
+use limit::{ConcurrencyLimit, Round};
 
 /// How often endpoints' gRPC health is checked.
 const HEALTH_INTERVAL: Duration = Duration::from_secs(2);
+/// How often while some endpoint is not serving: a bridge that comes back
+/// gets its calls (and its breaker probe) this soon.
+const HEALTH_INTERVAL_RECOVERING: Duration = Duration::from_millis(500);
 /// How often a waiting question re-reads its place in line; a `queued`
 /// frame goes out only when the place changed.
 const QUEUED_UPDATE_INTERVAL: Duration = Duration::from_secs(1);
@@ -53,6 +70,8 @@ pub struct Endpoint {
     pub url: String,
     client: NlpClient,
     breaker: Breaker,
+    /// Calls it takes at once, learned from its refusals.
+    limit: ConcurrencyLimit,
     outstanding: AtomicUsize,
     healthy: AtomicBool,
 }
@@ -61,6 +80,10 @@ pub struct Endpoint {
 pub struct NlpPool {
     endpoints: Vec<Arc<Endpoint>>,
     admission: Arc<Admission>,
+    max_concurrent: usize,
+    /// Wakes the health checks when a call found an endpoint unreachable or
+    /// draining, so they see it come back without waiting a whole interval.
+    recheck: tokio::sync::Notify,
     max_queue_wait: Duration,
     first_chunk_timeout: Duration,
     token_gap_timeout: Duration,
@@ -123,18 +146,24 @@ impl NlpPool {
         let endpoints = endpoints
             .into_iter()
             .map(|(url, client)| {
+                // The in-process answerer takes what the hub allows (its
+                // stream limit is set to it); a bridge's limit is learned.
+                let initial = if client.is_remote() { limit::INITIAL } else { config.max_concurrent };
                 Arc::new(Endpoint {
                     url,
                     client,
                     breaker: Breaker::new(breaker.clone()),
+                    limit: ConcurrencyLimit::new(initial, config.max_concurrent),
                     outstanding: AtomicUsize::new(0),
                     healthy: AtomicBool::new(true),
                 })
             })
             .collect();
-        Self {
+        let pool = Self {
             endpoints,
             admission: Admission::new(config.max_concurrent, config.per_tenant_limit(), config.max_queued),
+            max_concurrent: config.max_concurrent,
+            recheck: tokio::sync::Notify::new(),
             max_queue_wait: Duration::from_millis(config.max_queue_wait_ms),
             first_chunk_timeout: Duration::from_millis(config.first_chunk_timeout_ms),
             token_gap_timeout: Duration::from_millis(config.token_gap_timeout_ms),
@@ -142,6 +171,61 @@ impl NlpPool {
             max_attempts: config.retry_max_attempts,
             initial_backoff: Duration::from_millis(config.retry_initial_backoff_ms),
             max_backoff: Duration::from_millis(config.retry_max_backoff_ms),
+        };
+        for endpoint in &pool.endpoints {
+            set_limit_gauge(endpoint, endpoint.limit.current());
+        }
+        pool.update_capacity();
+        pool
+    }
+
+    /// The node's admission capacity follows the endpoints: the sum of the
+    /// limits of those that can take calls now (serving, breaker not open),
+    /// or of all of them when none can (a question then fails fast with the
+    /// fallback instead of waiting for a slot nobody will free).
+    fn update_capacity(&self) {
+        let usable = |e: &&Arc<Endpoint>| e.healthy.load(Ordering::Acquire) && e.breaker.state() != BreakerState::Open;
+        let sum = |usable_only: bool| -> usize {
+            self.endpoints.iter().filter(|e| !usable_only || usable(e)).map(|e| e.limit.current()).sum()
+        };
+        let capacity = match sum(true) {
+            0 => sum(false),
+            n => n,
+        }
+        .min(self.max_concurrent);
+        if capacity != self.admission.capacity() {
+            self.admission.set_capacity(capacity);
+            metrics::gauge!("fengda_hub_nlp_capacity").set(capacity as f64);
+        }
+    }
+
+    /// An endpoint refused a call sent in `round` as full.
+    fn overloaded(&self, endpoint: &Endpoint, round: Round, advertised: Option<usize>) {
+        metrics::counter!("fengda_hub_nlp_overloaded_total", "endpoint" => endpoint.url.clone()).increment(1);
+        let changed = advertised.and_then(|n| endpoint.limit.advertised(n));
+        if let Some(limit) = endpoint.limit.overloaded(round).or(changed) {
+            debug!(endpoint = %endpoint.url, limit, "NLP endpoint full; limit lowered");
+            set_limit_gauge(endpoint, limit);
+            self.update_capacity();
+        }
+    }
+
+    /// Records how a call ended: the breaker, and the limit on success.
+    fn record(&self, endpoint: &Endpoint, success: bool) {
+        let outcome = if success { "ok" } else { "failed" };
+        metrics::counter!("fengda_hub_nlp_calls_total", "outcome" => outcome).increment(1);
+        let mut changed = false;
+        if let Some(state) = endpoint.breaker.record(success, std::time::Instant::now()) {
+            warn!(endpoint = %endpoint.url, ?state, "NLP circuit breaker changed state");
+            set_breaker_gauge(endpoint, state);
+            changed = true;
+        }
+        if success && let Some(limit) = endpoint.limit.succeeded(endpoint.outstanding.load(Ordering::Acquire)) {
+            set_limit_gauge(endpoint, limit);
+            changed = true;
+        }
+        if changed {
+            self.update_capacity();
         }
     }
 
@@ -149,21 +233,24 @@ impl NlpPool {
     /// doc). While the question waits for a slot, `on_queued` hears its place
     /// in line each time it changes.
     pub async fn start(
-        &self,
+        self: &Arc<Self>,
         tenant: &TenantId,
         request: &AnswerRequest,
         on_queued: &mut (dyn FnMut(usize) + Send),
     ) -> Result<ActiveCall, StartError> {
         let entered = Instant::now();
-        let permit = self.admit(tenant, on_queued).await?;
-        let admitted = Instant::now();
-        let deadline = admitted + self.first_chunk_timeout;
+        let give_up = entered + self.max_queue_wait;
+        let mut permit = self.admit(tenant, false, give_up, on_queued).await?;
+        let mut admitted = Instant::now();
+        let mut queue_wait = admitted - entered;
+        let mut deadline = admitted + self.first_chunk_timeout;
         let mut attempt = 0;
+        let mut refusals = 0;
         let mut tried: Vec<Arc<Endpoint>> = Vec::new();
         loop {
             attempt += 1;
             let endpoint = self.pick(&tried).ok_or(StartError::AllOpen)?;
-            tried.push(endpoint.clone());
+            let round = endpoint.limit.round();
             let outstanding = Outstanding::new(endpoint.clone());
             let sent_at = Instant::now();
             let first = tokio::time::timeout_at(deadline, async {
@@ -176,7 +263,8 @@ impl NlpPool {
                 Ok(Ok((stream, Some(first)))) => {
                     metrics::histogram!("fengda_hub_nlp_first_token_seconds").record(sent_at.elapsed().as_secs_f64());
                     return Ok(ActiveCall {
-                        queue_wait: admitted - entered,
+                        pool: self.clone(),
+                        queue_wait,
                         first_token: admitted.elapsed(),
                         stream,
                         first: Some(first),
@@ -193,21 +281,51 @@ impl NlpPool {
                 Ok(Ok((_, None))) => Status::unavailable("stream ended before its first chunk"),
                 Ok(Err(status)) => status,
                 Err(_) => {
-                    record(&endpoint, false);
+                    self.record(&endpoint, false);
                     return Err(StartError::Deadline);
                 }
             };
-            if counts_as_failure(status.code()) {
-                record(&endpoint, false);
+            if status.code() == Code::ResourceExhausted {
+                // Full, not broken: give the slot back and wait in line again.
+                self.overloaded(&endpoint, round, advertised_streams(status.metadata()));
+                drop((outstanding, permit));
+                attempt -= 1;
+                refusals += 1;
+                let backoff = self.backoff(refusals);
+                if Instant::now() + backoff >= give_up {
+                    return Err(StartError::QueueTimeout);
+                }
+                tokio::time::sleep(backoff).await;
+                let waiting_since = Instant::now();
+                permit = self.admit(tenant, true, give_up, on_queued).await?;
+                admitted = Instant::now();
+                queue_wait += admitted - waiting_since;
+                deadline = admitted + self.first_chunk_timeout;
+                continue;
+            }
+            tried.push(endpoint.clone());
+            if status.metadata().contains_key(fengda_proto::DRAINING_HEADER) {
+                // Shutting down on purpose: skipped until its health check says serving.
+                if endpoint.healthy.swap(false, Ordering::AcqRel) {
+                    info!(endpoint = %endpoint.url, "NLP endpoint draining; sending calls elsewhere");
+                    self.update_capacity();
+                    self.recheck.notify_one();
+                }
+            } else if counts_as_failure(status.code()) {
+                // Not reached at all (refused, reset): a health observation
+                // too, so its next serving health check probes the breaker.
+                if never_reached(&status) && endpoint.healthy.swap(false, Ordering::AcqRel) {
+                    info!(endpoint = %endpoint.url, "NLP endpoint unreachable");
+                    self.update_capacity();
+                    self.recheck.notify_one();
+                }
+                self.record(&endpoint, false);
             }
             let backoff = self.backoff(attempt);
             // CANCELLED is never the hub's own doing here (the hub cancels by
             // dropping the call): it is the connection closing under the
             // request, e.g. a bridge that just died, so another endpoint may answer.
-            let retryable = matches!(
-                status.code(),
-                Code::Unavailable | Code::DeadlineExceeded | Code::ResourceExhausted | Code::Cancelled
-            );
+            let retryable = matches!(status.code(), Code::Unavailable | Code::DeadlineExceeded | Code::Cancelled);
             if !retryable || attempt >= self.max_attempts || Instant::now() + backoff >= deadline {
                 return Err(StartError::Failed(status));
             }
@@ -218,16 +336,23 @@ impl NlpPool {
         }
     }
 
-    /// A running slot, waiting in the tenant's line (at most `max_queue_wait`) if needed.
-    async fn admit(&self, tenant: &TenantId, on_queued: &mut (dyn FnMut(usize) + Send)) -> Result<Permit, StartError> {
-        let mut ticket = match self.admission.enter(tenant) {
+    /// A running slot, waiting in the tenant's line (until `give_up`) if
+    /// needed; `again`: at the front, for a question that lost its slot.
+    async fn admit(
+        &self,
+        tenant: &TenantId,
+        again: bool,
+        give_up: Instant,
+        on_queued: &mut (dyn FnMut(usize) + Send),
+    ) -> Result<Permit, StartError> {
+        let entry = if again { self.admission.reenter(tenant) } else { self.admission.enter(tenant) };
+        let mut ticket = match entry {
             Ok(Entry::Running(permit)) => return Ok(permit),
             Ok(Entry::Waiting(ticket)) => ticket,
             Err(QueueFull) => return Err(StartError::Overloaded),
         };
         let queued_at = Instant::now();
         let _record_wait = RecordOnDrop(queued_at, "fengda_hub_nlp_queue_wait_seconds");
-        let give_up = queued_at + self.max_queue_wait;
         let mut told = ticket.position();
         // 0: admitted (or shed) in the meantime; no `queued` frame then.
         if told != 0 {
@@ -257,15 +382,16 @@ impl NlpPool {
         }
     }
 
-    /// The healthy endpoint with the fewest calls whose breaker allows one;
-    /// endpoints this question already failed on, and unhealthy ones, only
-    /// when no other will take the call.
+    /// The healthy endpoint below its limit with the fewest calls whose
+    /// breaker allows one; endpoints this question already failed on,
+    /// unhealthy ones and full ones only when no other will take the call.
     fn pick(&self, tried: &[Arc<Endpoint>]) -> Option<Arc<Endpoint>> {
         let now = std::time::Instant::now();
         let mut candidates: Vec<_> = self.endpoints.iter().collect();
         candidates.sort_by_key(|e| {
             let already_failed = tried.iter().any(|t| Arc::ptr_eq(t, e));
-            (already_failed, !e.healthy.load(Ordering::Acquire), e.outstanding.load(Ordering::Acquire))
+            let outstanding = e.outstanding.load(Ordering::Acquire);
+            (already_failed, !e.healthy.load(Ordering::Acquire), outstanding >= e.limit.current(), outstanding)
         });
         let chosen = candidates.into_iter().find(|e| e.breaker.allow(now)).cloned()?;
         if chosen.breaker.state() == BreakerState::HalfOpen {
@@ -284,6 +410,7 @@ impl NlpPool {
 
 /// A started answer stream, holding its admission slot and endpoint count.
 pub struct ActiveCall {
+    pool: Arc<NlpPool>,
     /// Time spent waiting for an admission slot.
     pub queue_wait: Duration,
     /// From admission to the first chunk, retries included: the NLP's share.
@@ -351,7 +478,7 @@ impl ActiveCall {
             let _ = tokio::time::timeout(self.token_gap, async { while let Some(Ok(_)) = self.stream.next().await {} })
                 .await;
         }
-        record(&self.outstanding.0, success);
+        self.pool.record(&self.outstanding.0, success);
     }
 }
 
@@ -380,13 +507,14 @@ impl Drop for Outstanding {
     }
 }
 
-fn record(endpoint: &Endpoint, success: bool) {
-    let outcome = if success { "ok" } else { "failed" };
-    metrics::counter!("fengda_hub_nlp_calls_total", "outcome" => outcome).increment(1);
-    if let Some(state) = endpoint.breaker.record(success, std::time::Instant::now()) {
-        warn!(endpoint = %endpoint.url, ?state, "NLP circuit breaker changed state");
-        set_breaker_gauge(endpoint, state);
-    }
+/// `fengda_hub_nlp_endpoint_limit{endpoint}`: calls the endpoint takes at once, as learned.
+fn set_limit_gauge(endpoint: &Endpoint, limit: usize) {
+    metrics::gauge!("fengda_hub_nlp_endpoint_limit", "endpoint" => endpoint.url.clone()).set(limit as f64);
+}
+
+/// The stream limit a bridge advertises in its response metadata.
+fn advertised_streams(metadata: &tonic::metadata::MetadataMap) -> Option<usize> {
+    metadata.get(fengda_proto::MAX_STREAMS_HEADER)?.to_str().ok()?.parse().ok().filter(|n| *n > 0)
 }
 
 /// `fengda_hub_nlp_breaker_state{endpoint}`: 0 closed, 1 open, 2 half-open.
@@ -400,10 +528,18 @@ fn set_breaker_gauge(endpoint: &Endpoint, state: BreakerState) {
 }
 
 /// A request the bridge found malformed says nothing about the endpoint's
-/// health; everything else does (a bridge whose upstream key is wrong answers
-/// unauthenticated/permission denied to every call: it should be skipped).
+/// health, and a full endpoint is not a broken one; everything else counts
+/// (a bridge whose upstream key is wrong answers unauthenticated/permission
+/// denied to every call: it should be skipped).
 fn counts_as_failure(code: Code) -> bool {
-    !matches!(code, Code::InvalidArgument | Code::OutOfRange)
+    !matches!(code, Code::InvalidArgument | Code::OutOfRange | Code::ResourceExhausted)
+}
+
+/// The call failed in the transport (connect refused, connection reset),
+/// not with a status the service sent: tonic keeps the transport error as
+/// the status's source only then.
+fn never_reached(status: &Status) -> bool {
+    matches!(status.code(), Code::Unavailable | Code::Cancelled) && std::error::Error::source(status).is_some()
 }
 
 fn status_of(error: NlpError) -> Status {
@@ -428,21 +564,44 @@ pub async fn run_health_checks(pool: Arc<NlpPool>, stop: CancellationToken) {
         })
         .map(|endpoint| endpoint.map(|endpoint| HealthClient::new(endpoint.connect_lazy())))
         .collect();
-    let mut interval = tokio::time::interval(HEALTH_INTERVAL);
+    if clients.iter().all(Option::is_none) {
+        return;
+    }
+    let mut next = Duration::ZERO;
     loop {
         tokio::select! {
             _ = stop.cancelled() => return,
-            _ = interval.tick() => {}
+            () = tokio::time::sleep(next) => {}
+            () = pool.recheck.notified() => {}
         }
+        let mut all_serving = true;
         for (endpoint, client) in pool.endpoints.iter().zip(clients.iter_mut()) {
             let Some(client) = client else { continue };
             // The answer service's own status: a draining bridge marks it NOT_SERVING.
             let mut request = tonic::Request::new(HealthCheckRequest { service: "fengda.nlp.v1.Nlp".into() });
             request.set_timeout(Duration::from_secs(1));
-            let serving = matches!(client.check(request).await, Ok(r) if r.get_ref().status == 1);
+            let response = client.check(request).await;
+            let serving = matches!(&response, Ok(r) if r.get_ref().status == 1);
+            all_serving &= serving;
+            let mut changed = false;
+            let advertised = response.ok().and_then(|r| advertised_streams(r.metadata()));
+            if let Some(limit) = advertised.and_then(|streams| endpoint.limit.advertised(streams)) {
+                set_limit_gauge(endpoint, limit);
+                changed = true;
+            }
             if endpoint.healthy.swap(serving, Ordering::AcqRel) != serving {
                 info!(endpoint = %endpoint.url, serving, "NLP endpoint health changed");
+                changed = true;
+                // Back after a restart: its breaker, opened while it was
+                // gone, lets a probe through now instead of after `breaker_open_ms`.
+                if serving && endpoint.breaker.probe_now(std::time::Instant::now()) {
+                    info!(endpoint = %endpoint.url, "NLP endpoint serving again; probing its breaker at once");
+                }
+            }
+            if changed {
+                pool.update_capacity();
             }
         }
+        next = if all_serving { HEALTH_INTERVAL } else { HEALTH_INTERVAL_RECOVERING };
     }
 }

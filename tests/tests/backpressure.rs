@@ -1,0 +1,191 @@
+//! A full NLP bridge is backpressure, not failure: questions wait in the
+//! hub's admission queue (with `queued` frames) while the hub learns the
+//! bridge's capacity, the circuit breaker stays closed, nobody gets the
+//! fallback. A broken bridge still opens the breaker, and a planned restart
+//! of the only bridge costs fallbacks only while no bridge is serving.
+
+use std::time::Duration;
+
+use fengda_tests::{Client, Hub, NlpProcess, RecordingAnswerer, Script, metric_value};
+use futures::future::join_all;
+use tokio::time::Instant;
+
+const CUSTOMERS: usize = 100;
+const QUESTIONS: usize = 2;
+
+/// What a crowd of customers saw.
+#[derive(Debug, Default)]
+struct Outcome {
+    replies: usize,
+    fallbacks: usize,
+    /// Replies that waited in line (at least one `queued` frame).
+    queued: usize,
+}
+
+/// `CUSTOMERS` customers of `hub`, each on its own socket, ask `QUESTIONS`
+/// questions one after the other, all at once.
+async fn crowd(hub: &Hub, tag: &str) -> Outcome {
+    let customers = (0..CUSTOMERS).map(|i| async move {
+        let mut client = Client::connect(&hub.ws_url(&format!("tenant=demo&user={tag}-{i}"))).await;
+        let mut outcome = Outcome::default();
+        for q in 0..QUESTIONS {
+            let (_, reply) = client.ask(&format!("m{q}"), "Tell me about the Gold Card").await;
+            outcome.replies += 1;
+            outcome.fallbacks += usize::from(reply.done["fallback"] == true);
+            outcome.queued += usize::from(!reply.queued.is_empty());
+        }
+        outcome
+    });
+    join_all(customers).await.into_iter().fold(Outcome::default(), |mut all, one| {
+        all.replies += one.replies;
+        all.fallbacks += one.fallbacks;
+        all.queued += one.queued;
+        all
+    })
+}
+
+/// The breaker of every endpoint never left closed, nothing fell back.
+fn assert_no_breaker_and_no_fallback(metrics: &str) {
+    assert!(
+        !metrics.lines().any(|line| line.starts_with("fengda_hub_nlp_breaker_state") && !line.ends_with(" 0")),
+        "the breaker opened:\n{metrics}"
+    );
+    assert!(!metrics.contains("fengda_hub_nlp_fallbacks_total"), "fallbacks were counted:\n{metrics}");
+}
+
+/// The learned limit of the (only) endpoint.
+fn endpoint_limit(metrics: &str) -> f64 {
+    let line = metrics.lines().find(|line| line.starts_with("fengda_hub_nlp_endpoint_limit{"));
+    metric_value(line.unwrap_or_else(|| panic!("no endpoint limit:\n{metrics}")), "fengda_hub_nlp_endpoint_limit")
+}
+
+#[tokio::test]
+async fn a_small_bridge_makes_questions_wait_in_line_not_fall_back() {
+    // 8 streams behind a hub allowing 64: the bridge says its limit, the hub starts there.
+    let bridge =
+        NlpProcess::start_with_max_streams(8, &["--first-token-delay-ms", "20", "--tokens-per-second", "0"]).await;
+    let hub = Hub::start(&["--nlp-url", &bridge.url, "--nlp-max-concurrent", "64"]).await;
+    let outcome = crowd(&hub, "small").await;
+    assert_eq!(outcome.replies, CUSTOMERS * QUESTIONS);
+    assert_eq!(outcome.fallbacks, 0, "{outcome:?}");
+    assert!(outcome.queued > 0, "questions waited in line and were told so: {outcome:?}");
+    let metrics = hub.metrics().await;
+    assert_no_breaker_and_no_fallback(&metrics);
+    assert_eq!(endpoint_limit(&metrics), 8.0, "learned from the bridge's advertised limit");
+}
+
+#[tokio::test]
+async fn two_hubs_sharing_one_small_bridge_settle_within_its_capacity() {
+    let bridge =
+        NlpProcess::start_with_max_streams(8, &["--first-token-delay-ms", "20", "--tokens-per-second", "0"]).await;
+    let args = ["--nlp-url", &bridge.url, "--nlp-max-concurrent", "64"];
+    let (a, b) = tokio::join!(Hub::start(&args), Hub::start(&args));
+    let (from_a, from_b) = tokio::join!(crowd(&a, "a"), crowd(&b, "b"));
+    for outcome in [&from_a, &from_b] {
+        assert_eq!(outcome.replies, CUSTOMERS * QUESTIONS);
+        assert_eq!(outcome.fallbacks, 0, "{outcome:?}");
+    }
+    let (metrics_a, metrics_b) = (a.metrics().await, b.metrics().await);
+    assert_no_breaker_and_no_fallback(&metrics_a);
+    assert_no_breaker_and_no_fallback(&metrics_b);
+    // Each hub alone would send 8: together they overran the bridge and backed off.
+    let refusals = metric_value(&metrics_a, "fengda_hub_nlp_overloaded_total")
+        + metric_value(&metrics_b, "fengda_hub_nlp_overloaded_total");
+    assert!(refusals > 0.0, "the bridge refused some calls as full");
+    for metrics in [&metrics_a, &metrics_b] {
+        assert!(endpoint_limit(metrics) <= 8.0, "never above what the bridge advertises:\n{metrics}");
+    }
+}
+
+#[tokio::test]
+async fn a_bridge_that_does_not_advertise_its_limit_is_learned_from_its_refusals() {
+    let answerer = RecordingAnswerer::start(Script {
+        first_chunk_delay: Duration::from_millis(20),
+        max_streams: Some(8),
+        ..Script::default()
+    })
+    .await;
+    let hub = Hub::start(&["--nlp-url", &answerer.url, "--nlp-max-concurrent", "64"]).await;
+    let outcome = crowd(&hub, "silent").await;
+    assert_eq!(outcome.replies, CUSTOMERS * QUESTIONS);
+    assert_eq!(outcome.fallbacks, 0, "{outcome:?}");
+    assert!(outcome.queued > 0, "{outcome:?}");
+    assert!(answerer.refused() > 0, "the hub started above the answerer's limit and was refused");
+    let metrics = hub.metrics().await;
+    assert_no_breaker_and_no_fallback(&metrics);
+    assert!(endpoint_limit(&metrics) < 64.0, "the limit came down from where it started:\n{metrics}");
+    // Refusals are not failures: the calls that went through all succeeded.
+    assert_eq!(metric_value(&metrics, "fengda_hub_nlp_calls_total{outcome=\"failed\"}"), 0.0);
+}
+
+#[tokio::test]
+async fn a_bridge_that_really_fails_still_opens_the_breaker() {
+    let answerer = RecordingAnswerer::start(Script { fail_first: 1000, ..Script::default() }).await;
+    let hub = Hub::start(&[
+        "--nlp-url",
+        &answerer.url,
+        "--nlp-breaker-consecutive-failures",
+        "3",
+        "--nlp-retry-max-attempts",
+        "1",
+    ])
+    .await;
+    let mut client = Client::connect(&hub.ws_url("tenant=demo&user=broken")).await;
+    for i in 0..4 {
+        let (_, reply) = client.ask(&format!("m{i}"), "Tell me about the Gold Card").await;
+        assert_eq!(reply.done["fallback"], true);
+    }
+    assert_eq!(answerer.requests().len(), 3, "the fourth question met the open breaker");
+    let metrics = hub.metrics().await;
+    assert!(metrics.contains(r#"reason="breaker_open""#), "{metrics}");
+    let open = metrics.lines().any(|line| line.starts_with("fengda_hub_nlp_breaker_state{") && line.ends_with(" 1"));
+    assert!(open, "{metrics}");
+}
+
+/// One customer asking again and again; returns (asked at, fallback) per reply.
+async fn ask_until(hub: &Hub, user: String, stop: Instant) -> Vec<(Instant, bool)> {
+    let mut client = Client::connect(&hub.ws_url(&format!("tenant=demo&user={user}"))).await;
+    let mut seen = Vec::new();
+    let mut n = 0;
+    while Instant::now() < stop {
+        let asked = Instant::now();
+        let (_, reply) = client.ask(&format!("m{n}"), "Tell me about the Gold Card").await;
+        seen.push((asked, reply.done["fallback"] == true));
+        n += 1;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    seen
+}
+
+#[tokio::test]
+async fn a_planned_restart_of_the_only_bridge_costs_fallbacks_only_while_no_bridge_serves() {
+    let pacing = ["--first-token-delay-ms", "10", "--tokens-per-second", "0"];
+    let mut bridge = NlpProcess::start(&pacing).await;
+    let hub = Hub::start(&["--nlp-url", &bridge.url]).await;
+    let addr = bridge.addr().to_owned();
+    let stop = Instant::now() + Duration::from_secs(6);
+    let load = join_all((0..5).map(|i| ask_until(&hub, format!("restart-{i}"), stop)));
+    let restart = async {
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        let terminated = Instant::now();
+        assert!(bridge.terminate().await.success());
+        // Back on the same address, as a supervisor restarts it.
+        let restarted = NlpProcess::start_on(&addr, None, &pacing).await;
+        (terminated, Instant::now(), restarted)
+    };
+    let (seen, (terminated, serving_again, _restarted)) = tokio::join!(load, restart);
+    let seen: Vec<_> = seen.into_iter().flatten().collect();
+    // The hub checks a recovering endpoint's health every 500 ms; then one probe.
+    let settled = serving_again + Duration::from_millis(1500);
+    let before = seen.iter().filter(|(asked, _)| *asked < terminated).count();
+    let after: Vec<_> = seen.iter().filter(|(asked, _)| *asked > settled).collect();
+    assert!(before > 10 && after.len() > 10, "load before and after the restart: {before}, {}", after.len());
+    // A question asked just before the SIGTERM may reach the draining bridge.
+    let serving_until = terminated - Duration::from_millis(200);
+    assert!(
+        !seen.iter().any(|(asked, fallback)| *fallback && *asked < serving_until),
+        "no fallback while the bridge served"
+    );
+    let late: Vec<_> = after.iter().filter(|(_, fallback)| *fallback).collect();
+    assert!(late.is_empty(), "{} fallbacks after the new bridge was serving (+ a probe)", late.len());
+}

@@ -130,7 +130,9 @@ impl BridgeConfig {
 #[serde(deny_unknown_fields, default)]
 pub struct Limits {
     /// Answer streams in flight at once; one more is refused at once with
-    /// `RESOURCE_EXHAUSTED` (never queued). Default 256; must be >= 1.
+    /// `RESOURCE_EXHAUSTED` (never queued; the hub queues the question and
+    /// lowers its limit for this bridge). Advertised to hubs in the
+    /// `fengda-max-streams` header of every response. Default 256; must be >= 1.
     pub max_concurrent_streams: usize,
     /// Longest accepted question, in bytes; longer is `INVALID_ARGUMENT`.
     /// Default 8192.

@@ -17,9 +17,6 @@ pub const ANSWER_TOKENS: u64 = 48;
 /// long for an NLP slot before it gets the polite fallback.
 pub const HUB_MAX_QUEUE_WAIT_MS: u64 = 10_000;
 
-/// The hub's default `nlp.max_concurrent`: NLP calls in flight per node.
-pub const HUB_MAX_CONCURRENT: usize = 512;
-
 /// File descriptors the load generator keeps for itself besides its sockets
 /// (logs, pipes to the children, `/proc` reads, `/metrics` fetches).
 pub const SPARE_FDS: usize = 200;
@@ -125,20 +122,6 @@ pub fn hub_max_queue_wait(hub_args: &[String], env: Option<&str>) -> anyhow::Res
     hub_setting(hub_args, "--nlp-max-queue-wait-ms", env, HUB_MAX_QUEUE_WAIT_MS).map(Duration::from_millis)
 }
 
-/// The hub's `nlp.max_concurrent` from `--hub-arg=--nlp-max-concurrent=N` or
-/// `FENGDA_NLP_MAX_CONCURRENT` (`env`), else its default.
-pub fn hub_max_concurrent(hub_args: &[String], env: Option<&str>) -> anyhow::Result<usize> {
-    hub_setting(hub_args, "--nlp-max-concurrent", env, HUB_MAX_CONCURRENT as u64).map(|n| n as usize)
-}
-
-/// The bridge's answer streams in flight: what all hub nodes may ask for at
-/// once, so that the hub's admission queue, not the bridge's refusals
-/// (`RESOURCE_EXHAUSTED`, whose default limit of 256 is below one node's
-/// 512 slots), is what a peak meets.
-pub fn bridge_max_streams(nodes: usize, hub_max_concurrent: usize) -> usize {
-    nodes.max(1) * hub_max_concurrent.max(1)
-}
-
 /// The TOML config file of the bridge we start (`fengda-nlp --config`):
 /// only its stream limit; everything else keeps the bridge's defaults.
 pub fn bridge_config(max_streams: usize) -> String {
@@ -230,15 +213,10 @@ mod tests {
         let flag = args(&["--nlp-max-queue-wait-ms=3000"]);
         assert_eq!(hub_max_queue_wait(&flag, Some("2500")).unwrap(), Duration::from_secs(3));
         assert!(hub_max_queue_wait(&args(&["--nlp-max-queue-wait-ms=soon"]), None).is_err());
-        assert_eq!(hub_max_concurrent(&none, None).unwrap(), 512);
-        assert_eq!(hub_max_concurrent(&args(&["--nlp-max-concurrent", "128"]), None).unwrap(), 128);
     }
 
     #[test]
-    fn the_bridge_allows_every_slot_of_every_node() {
-        assert_eq!(bridge_max_streams(1, 512), 512);
-        assert_eq!(bridge_max_streams(3, 512), 1536);
-        assert_eq!(bridge_max_streams(0, 0), 1);
+    fn the_bridge_config_sets_only_its_stream_limit() {
         assert_eq!(
             bridge_config(1536),
             "# Written by fengda-load for the bridge it starts.\n[limits]\nmax_concurrent_streams = 1536\n"

@@ -5,10 +5,9 @@
 //! one external `fengda-nlp --first-token-delay-ms 0 --tokens-per-second 0`
 //! (no pacing, so the hub is the thing under load; `--pace-first-token-ms`
 //! and `--pace-tokens-per-s` set a realistic pace instead, and the reply
-//! timeout grows by the paced answer's time) with a config file that allows
-//! `--bridge-max-streams` answer streams (default: nodes × the hub's 512 NLP
-//! slots, so the bridge's own default of 256 is not what a peak meets), and
-//! one `fengda serve --listen 0.0.0.0:0 --nlp-url <bridge>`. Or it attaches to a
+//! timeout grows by the paced answer's time), with its own default limits
+//! unless `--bridge-max-streams` sets its answer streams, and one
+//! `fengda serve --listen 0.0.0.0:0 --nlp-url <bridge>`. Or it attaches to a
 //! running hub with `--hub-url` (add `--hub-pid` for CPU and memory figures).
 //! Client sockets are spread over 127.0.0.1–127.0.0.8 (`--addrs`) so that
 //! many thousands of connections do not run out of ephemeral ports.
@@ -211,10 +210,8 @@ struct Common {
     /// options then pace the hubs' answerers.
     #[arg(long, global = true)]
     embedded: bool,
-    /// Answer streams the bridge we start allows at once (default: every NLP
-    /// slot of every node, nodes × the hub's `nlp.max_concurrent`, so that
-    /// the hub's admission queue is what a peak meets, not the bridge's
-    /// default limit of 256).
+    /// Answer streams the bridge we start allows at once (default: the
+    /// bridge's own default, 256; the hubs learn it and queue the rest).
     #[arg(long, global = true, value_name = "N")]
     bridge_max_streams: Option<usize>,
     /// `replies`, `rate`, `burst`/`peak`, `soak`: open N more sockets that only
@@ -616,7 +613,7 @@ struct Target {
     timing: bool,
     /// The pace of the bridge we started; None without one (bare, attached).
     pace: Option<Pace>,
-    /// `limits.max_concurrent_streams` of the bridge we started.
+    /// `--bridge-max-streams`; None: the bridge's default (or no bridge).
     bridge_max_streams: Option<usize>,
     /// `--timeout-secs`.
     base_timeout: Duration,
@@ -842,15 +839,14 @@ impl Target {
             });
         }
         let pace = Pace { first_token_ms: common.pace_first_token_ms, tokens_per_s: common.pace_tokens_per_s };
-        let max_concurrent =
-            setup::hub_max_concurrent(&common.hub_args, std::env::var("FENGDA_NLP_MAX_CONCURRENT").ok().as_deref())?;
-        let max_streams = common.bridge_max_streams.unwrap_or(setup::bridge_max_streams(common.nodes, max_concurrent));
-        ensure!(max_streams >= 1, "--bridge-max-streams must be >= 1");
-        let bridge_config = log_dir.join("fengda-nlp.toml");
-        std::fs::write(&bridge_config, setup::bridge_config(max_streams))
-            .with_context(|| format!("write {}", bridge_config.display()))?;
-        let mut bridge_args: Vec<String> =
-            vec!["--config".into(), bridge_config.display().to_string(), "--listen".into(), "127.0.0.1:0".into()];
+        let mut bridge_args: Vec<String> = vec!["--listen".into(), "127.0.0.1:0".into()];
+        if let Some(max_streams) = common.bridge_max_streams {
+            ensure!(max_streams >= 1, "--bridge-max-streams must be >= 1");
+            let bridge_config = log_dir.join("fengda-nlp.toml");
+            std::fs::write(&bridge_config, setup::bridge_config(max_streams))
+                .with_context(|| format!("write {}", bridge_config.display()))?;
+            bridge_args.extend(["--config".into(), bridge_config.display().to_string()]);
+        }
         bridge_args.extend(pace.bridge_args());
         // Pushed as they start, so that an early error drops (and kills) them.
         let mut children = Vec::new();
@@ -899,7 +895,7 @@ impl Target {
             metrics_host: "127.0.0.1".into(),
             timing: common.timing,
             pace: Some(pace),
-            bridge_max_streams: (!common.embedded).then_some(max_streams),
+            bridge_max_streams: common.bridge_max_streams,
             base_timeout,
         })
     }

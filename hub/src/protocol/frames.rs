@@ -307,6 +307,12 @@ pub enum ServerFrame<'a> {
         /// Only present (and true) on replayed fallback replies.
         #[serde(skip_serializing_if = "std::ops::Not::not")]
         fallback: bool,
+        /// Only present (and true) on replayed interrupted replies.
+        #[serde(skip_serializing_if = "std::ops::Not::not")]
+        interrupted: bool,
+        /// Only present (and true) on replayed cancelled replies.
+        #[serde(skip_serializing_if = "std::ops::Not::not")]
+        cancelled: bool,
     },
     #[serde(rename = "error")]
     Error {
@@ -558,12 +564,26 @@ mod tests {
             id: "r",
             text: "x",
             fallback: false,
+            interrupted: false,
+            cancelled: false,
         }
         .encode();
         assert_eq!(
             msg.as_str(),
             r#"{"type":"message","conversation":"c","seq":3,"from":"assistant","id":"r","text":"x"}"#
         );
+        let cancelled = ServerFrame::Message {
+            conversation: "c",
+            seq: 3,
+            from: Role::Assistant,
+            id: "r",
+            text: "",
+            fallback: false,
+            interrupted: false,
+            cancelled: true,
+        }
+        .encode();
+        assert!(cancelled.as_str().ends_with(r#""text":"","cancelled":true}"#), "{}", cancelled.as_str());
         assert_eq!(ServerFrame::Pong.encode().as_str(), r#"{"type":"pong"}"#);
     }
 }

@@ -269,7 +269,10 @@ export class FengdaClient extends EventTarget {
    */
   send(text) {
     const body = String(text ?? '').trim();
-    if (!body) throw new TypeError('FengdaClient.send: text is empty');
+    // The hub's rule for `empty_text`: only white space and zero-width characters.
+    if (/^[\s\u0085\u180e\u200b-\u200d\u2060\ufeff]*$/u.test(body)) {
+      throw new TypeError('FengdaClient.send: text is empty');
+    }
     const id = newId();
     this.outbox.set(id, body);
     rememberBounded(this.ownIds, id);

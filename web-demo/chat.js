@@ -137,7 +137,8 @@ function replyBubble(replyId) {
   return bubble;
 }
 
-function finishReply(replyId, text, fallback) {
+/** Shows a finished reply (live or replayed) in place of whatever streamed of it. */
+function finishReply(replyId, text, { fallback, cancelled }) {
   const bubble = replyBubble(replyId);
   withScroll(() => {
     bubble.textContent = text;
@@ -146,6 +147,9 @@ function finishReply(replyId, text, fallback) {
     if (fallback) {
       bubble.classList.add('fallback');
       setCaption(bubble, 'Automated answer — an agent can follow up if you need more help.', 'muted');
+    } else if (cancelled) {
+      bubble.classList.add('cancelled');
+      setCaption(bubble, text ? 'This answer was stopped before it finished.' : 'Not answered — please ask again.', 'muted');
     }
   });
 }
@@ -323,13 +327,13 @@ client.addEventListener('delta', (e) => {
 
 client.addEventListener('done', (e) => {
   hideTyping();
-  finishReply(e.detail.reply, e.detail.text, e.detail.fallback);
+  finishReply(e.detail.reply, e.detail.text, e.detail);
 });
 
 client.addEventListener('message', (e) => {
   const { from, id, text, seq } = e.detail;
   if (from === 'assistant') {
-    finishReply(id, text, false);
+    finishReply(id, text, e.detail);
     return;
   }
   const role = ['customer', 'agent', 'system'].includes(from) ? from : 'system';

@@ -92,12 +92,16 @@ const FINAL_CLOSE_CODES = new Set([CloseCode.NORMAL, CloseCode.POLICY, CloseCode
  *             changes, never after the reply's first `delta`; a question answered at once gets none.
  * - `delta`   `{conversation, reply, index, text, content}` — one streamed token of an assistant
  *             reply; `content` is the reply text so far. Duplicate indexes are dropped.
- * - `done`    `{conversation, reply, seq, text, fallback, replayed}` — a reply is complete;
- *             `text` is the authoritative whole reply. Also fired (with `replayed: true`) when a
- *             reply whose stream was cut off by a reconnect comes back as a replayed message.
- * - `message` `{conversation, seq, from, id, text}` — any other durable event: replayed history,
- *             or something said on another socket of the conversation (agent, system, assistant,
- *             or the same customer on another device).
+ * - `done`    `{conversation, reply, seq, text, fallback, interrupted, cancelled, replayed}` — a
+ *             reply is complete; `text` is the authoritative whole reply: show it in place of the
+ *             streamed one. Also fired (with `replayed: true`) when a reply whose stream was cut
+ *             off by a reconnect comes back as a replayed message (finished while the socket was
+ *             away, or cancelled because no socket came back in time: `cancelled: true`, `text`
+ *             is what had streamed).
+ * - `message` `{conversation, seq, from, id, text, fallback, interrupted, cancelled}` — any other
+ *             durable event: replayed history, or something said on another socket of the
+ *             conversation (agent, system, assistant, or the same customer on another device).
+ *             The three flags describe assistant replies and are false otherwise.
  * - `error`   `{code, message, id?, retry?}` — an error frame from the hub, or a client-side
  *             problem such as `frame_too_big`. With an `id` it is about that message, which was
  *             not stored. With `retry: true` the message stays queued and is resent with the same
@@ -269,7 +273,10 @@ export class FengdaClient extends EventTarget {
    */
   send(text) {
     const body = String(text ?? '').trim();
-    if (!body) throw new TypeError('FengdaClient.send: text is empty');
+    // The hub's rule for `empty_text`: only white space and zero-width characters.
+    if (/^[\s\u0085\u180e\u200b-\u200d\u2060\ufeff]*$/u.test(body)) {
+      throw new TypeError('FengdaClient.send: text is empty');
+    }
     const id = newId();
     this.outbox.set(id, body);
     rememberBounded(this.ownIds, id);
@@ -588,13 +595,13 @@ export class FengdaClient extends EventTarget {
           return;
         }
         if (f.from === 'assistant' && (this.streams.has(f.id) || this.doneReplies.has(f.id))) {
-          // The stored form of a reply we already (partly) showed.
-          this.finishReply({ conversation: f.conversation, reply: f.id, seq: f.seq, text: f.text, fallback: false }, true);
+          // The stored form of a reply we already (partly) showed: it replaces the partial one.
+          this.finishReply({ ...f, reply: f.id }, true);
           return;
         }
         if (f.from === 'assistant') rememberBounded(this.doneReplies, f.id);
         this.emit('message', {
-          conversation: f.conversation, seq: f.seq, from: f.from, id: f.id, text: f.text,
+          conversation: f.conversation, seq: f.seq, from: f.from, id: f.id, text: f.text, ...replyFlags(f),
         });
         break;
       }
@@ -661,8 +668,13 @@ export class FengdaClient extends EventTarget {
       reply: f.reply,
       seq: f.seq,
       text: String(f.text ?? ''),
-      fallback: Boolean(f.fallback),
+      ...replyFlags(f),
       replayed,
     });
   }
+}
+
+/** How a reply ended, from a `reply.done` or a replayed `message` (absent flags are false). */
+function replyFlags(f) {
+  return { fallback: f.fallback === true, interrupted: f.interrupted === true, cancelled: f.cancelled === true };
 }

@@ -118,12 +118,20 @@ pub struct ConversationConfig {
     /// this long; the in-memory backend sweeps once a minute. Default
     /// 604800 (7 days).
     pub retention_secs: u64,
+    /// How long a reply goes on while no socket of its conversation is open
+    /// on any node, so a customer who reconnects gets it; past it the reply
+    /// is cancelled and stored with what had streamed. Default 15000 ms.
+    pub reply_grace_ms: u64,
 }
 
 impl ConversationConfig {
     /// Retention for the Redis backend's keys: `redis.retention_secs` if set.
     pub fn redis_retention_secs(&self, redis: &RedisConfig) -> u64 {
         redis.retention_secs.unwrap_or(self.retention_secs)
+    }
+
+    pub fn reply_grace(&self) -> Duration {
+        Duration::from_millis(self.reply_grace_ms)
     }
 }
 
@@ -242,7 +250,13 @@ impl Default for WebSocketConfig {
 
 impl Default for ConversationConfig {
     fn default() -> Self {
-        Self { history_turns: 10, log_cap: 1000, idle_window_ms: 30 * 60 * 1000, retention_secs: 7 * 24 * 3600 }
+        Self {
+            history_turns: 10,
+            log_cap: 1000,
+            idle_window_ms: 30 * 60 * 1000,
+            retention_secs: 7 * 24 * 3600,
+            reply_grace_ms: 15_000,
+        }
     }
 }
 
@@ -389,6 +403,9 @@ pub struct ServeArgs {
     /// Idle time after which a returning user starts a new conversation, ms [default: 1800000] (key `conversation.idle_window_ms`).
     #[arg(long, env = "FENGDA_IDLE_WINDOW_MS")]
     pub idle_window_ms: Option<u64>,
+    /// How long a reply goes on with no socket of its conversation open, ms [default: 15000] (key `conversation.reply_grace_ms`).
+    #[arg(long, env = "FENGDA_REPLY_GRACE_MS")]
+    pub reply_grace_ms: Option<u64>,
     /// External NLP service URL(s), comma-separated; unset runs the built-in answerer in-process (keys `nlp.url`, `nlp.urls`).
     #[arg(long, env = "FENGDA_NLP_URL", value_delimiter = ',')]
     pub nlp_url: Option<Vec<String>>,
@@ -481,6 +498,7 @@ impl ServeArgs {
         }
         set(&mut config.conversation.retention_secs, self.retention_secs);
         set(&mut config.conversation.idle_window_ms, self.idle_window_ms);
+        set(&mut config.conversation.reply_grace_ms, self.reply_grace_ms);
         if let Some(urls) = self.nlp_url {
             config.nlp.url = None;
             config.nlp.urls = urls.into_iter().filter(|url| !url.is_empty()).collect();

@@ -8,10 +8,12 @@
 //!   within the deadline after retries): the polite fallback, `fallback: true`;
 //! - the stream breaks after some tokens (error, token gap): the partial
 //!   text plus the fallback sentence, `fallback: true, interrupted: true`;
-//! - a client sends `cancel`: the partial text, `cancelled: true`.
+//! - a client sends `cancel`, or the caller cancels the reply's token (no
+//!   socket came back within the grace, hub shutdown): the partial text,
+//!   `cancelled: true`.
 //!
-//! Dropping [`Replier::answer`] drops the gRPC stream, which cancels the
-//! call upstream; nothing is stored then.
+//! Either way the NLP call is cancelled upstream (its stream is dropped) and
+//! the reply is stored: every question gets exactly one answer event.
 
 use std::sync::Arc;
 
@@ -92,14 +94,21 @@ impl Replier {
         }
     }
 
-    /// Streams and stores the answer to `question`. Cancel-safe: dropping the
-    /// future stops the NLP call and stores nothing.
-    pub async fn answer(&self, key: &ConversationKey, question: Question) {
+    /// Streams and stores the answer to `question`. Cancelling `stop` ends
+    /// it like a client's `cancel` (at once, without an NLP call, if it is
+    /// already cancelled): what streamed is stored with `cancelled: true`.
+    pub async fn answer(&self, key: &ConversationKey, question: Question, stop: &CancellationToken) {
         let reply_id = generate_reply_id();
-        let cancel = CancellationToken::new();
+        let cancel = stop.child_token();
         self.in_flight.insert(reply_id.clone(), (key.clone(), cancel.clone()));
         let _unregister = InFlight { map: &self.in_flight, reply_id: &reply_id };
-        let history = match self.backend.recent_turns(key, self.history_turns + 1).await {
+        // A question cancelled before its turn needs no history: it gets no NLP call.
+        let turns = if cancel.is_cancelled() {
+            Ok(Vec::new())
+        } else {
+            self.backend.recent_turns(key, self.history_turns + 1).await
+        };
+        let history = match turns {
             Ok(turns) => history_before(&turns, question.seq, self.history_turns),
             Err(error) => {
                 warn!(%error, "history unavailable; answering without it");
@@ -177,6 +186,7 @@ impl Replier {
         let queued_reply = &*reply;
         let mut on_queued = |position| queued_reply.queued(position);
         let started = tokio::select! {
+            biased;
             _ = &mut cancelled => return (Ending { cancelled: true, ..Ending::default() }, None),
             started = self.nlp.start(&queued_reply.key.tenant, request, &mut on_queued) => started,
         };

@@ -9,7 +9,10 @@
 //
 // Opens the chat page, asks "Tell me about the Gold Card" and checks that the answer streams in
 // token by token (at least 3 distinct lengths before `data-done`), ends non-empty and mentions
-// "Gold Card", and that the customer's bubble shows the question. Exits 0 on success.
+// "Gold Card", and that the customer's bubble shows the question. Then asks "How much does it
+// cost?", drops the socket after the first tokens and keeps the page offline until the answer
+// has finished on the hub: the answer that comes back in the replay must take the place of the
+// partial one. Exits 0 on success.
 
 import { existsSync, mkdirSync } from 'node:fs';
 import path from 'node:path';
@@ -18,6 +21,7 @@ import { chromium } from 'playwright-core';
 
 const OVERALL_TIMEOUT_MS = 60_000;
 const QUESTION = 'Tell me about the Gold Card';
+const FOLLOW_UP = 'How much does it cost?';
 
 function fail(message) {
   console.error(`FAIL: ${message}`);
@@ -43,6 +47,18 @@ const log = (...args) => console.log('[browser-test]', ...args);
 
 /** Runs the scenario; throws on any failed expectation. */
 async function scenario(page, pageErrors) {
+  // Every WebSocket the page opens, and a switch that sends new ones nowhere (a page offline).
+  await page.addInitScript(() => {
+    const Native = window.WebSocket;
+    window.__sockets = [];
+    window.__offline = false;
+    window.WebSocket = class extends Native {
+      constructor(url, protocols) {
+        super(window.__offline ? String(url).replace('/ws?', '/offline?') : url, protocols);
+        window.__sockets.push(this);
+      }
+    };
+  });
   log(`opening ${pageUrl}`);
   const response = await page.goto(pageUrl, { waitUntil: 'load', timeout: 15_000 });
   if (!response || !response.ok()) {
@@ -117,10 +133,62 @@ async function scenario(page, pageErrors) {
   }
   if (pageErrors.length) problems.push(`page threw uncaught exception(s): ${pageErrors.join(' | ')}`);
 
+  if (problems.length) throw new Error(problems.join('\n  '));
+  await replayReplacesPartialReply(page);
+
   const shot = path.join(artifactDir, 'chat.png');
   await page.screenshot({ path: shot });
   log(`screenshot saved to ${shot}`);
+}
 
+/** The socket drops mid-reply; the reply finishes on the hub and comes back in the replay. */
+async function replayReplacesPartialReply(page) {
+  const before = await page.$$eval('#transcript .msg.assistant', (els) => els.length);
+  await page.fill('#question', FOLLOW_UP);
+  await page.click('#send');
+  const partial = await page
+    .waitForFunction(
+      (n) => {
+        const bubble = document.querySelectorAll('#transcript .msg.assistant')[n];
+        return bubble && bubble.textContent.length > 0 && bubble.dataset.done !== 'true' ? bubble.textContent : null;
+      },
+      before,
+      { timeout: 15_000, polling: 'raf' },
+    )
+    .then((handle) => handle.jsonValue());
+  // Offline: the socket goes (4000, so the client reconnects) and new ones fail until the answer is complete.
+  await page.evaluate(() => {
+    window.__offline = true;
+    window.__sockets.at(-1).close(4000, 'offline');
+  });
+  log(`socket dropped mid-reply at ${JSON.stringify(partial)}`);
+  await new Promise((resolve) => setTimeout(resolve, 2_500));
+  await page.evaluate(() => {
+    window.__offline = false;
+  });
+  const final = await page
+    .waitForFunction(
+      (n) => {
+        const bubble = document.querySelectorAll('#transcript .msg.assistant')[n];
+        return bubble && bubble.dataset.done === 'true' ? bubble.textContent : null;
+      },
+      before,
+      { timeout: 20_000, polling: 100 },
+    )
+    .then((handle) => handle.jsonValue())
+    .catch(() => {
+      throw new Error(`the reply cut off at ${JSON.stringify(partial)} never completed after the reconnect`);
+    });
+  const bubbles = await page.$$eval('#transcript .msg.assistant', (els) => els.map((el) => el.textContent));
+  log(`replayed answer: ${JSON.stringify(final)}`);
+  const problems = [];
+  if (bubbles.length !== before + 1) problems.push(`expected ${before + 1} assistant bubbles, got ${JSON.stringify(bubbles)}`);
+  if (!final.startsWith(partial) || final.length <= partial.length) {
+    problems.push(`the replayed answer ${JSON.stringify(final)} does not complete the partial ${JSON.stringify(partial)}`);
+  }
+  if (!final.includes('$120')) problems.push(`the answer is not about the Gold Card's fee: ${JSON.stringify(final)}`);
+  const sockets = await page.evaluate(() => window.__sockets.length);
+  if (sockets < 3) problems.push(`expected a dropped socket, failed attempts and a new one; ${sockets} socket(s) opened`);
   if (problems.length) throw new Error(problems.join('\n  '));
 }
 
@@ -162,7 +230,7 @@ async function main() {
       timer = setTimeout(() => reject(new Error(`overall timeout of ${OVERALL_TIMEOUT_MS / 1000} s exceeded`)), OVERALL_TIMEOUT_MS);
     });
     await Promise.race([scenario(page, pageErrors), overall]);
-    console.log('PASS: Gold Card answer streamed into the chat widget');
+    console.log('PASS: Gold Card answer streamed into the chat widget, and a replayed answer replaced a cut-off one');
     console.log('browser: 1 passed, 0 failed');
     return 0;
   } catch (err) {

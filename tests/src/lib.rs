@@ -5,6 +5,7 @@
 //! - [`Client`]: a WebSocket client with JSON helpers that fail loudly on timeout.
 //! - [`RecordingAnswerer`]: an in-test gRPC answerer that records every request.
 //! - [`RedisServer`]: a real `redis-server` on an ephemeral port.
+//! - [`resume`]: the lost-reply scenario (drop the only socket mid-reply, come back).
 //!
 //! `FENGDA_TEST_BACKEND=redis` makes every [`Hub::start`] run against its
 //! own fresh Redis (tests/run.sh runs the suite once per backend).
@@ -17,6 +18,7 @@ mod answerer;
 mod client;
 mod process;
 mod redis;
+pub mod resume;
 
 pub use answerer::{RecordingAnswerer, Script};
 pub use client::{Client, Reply};

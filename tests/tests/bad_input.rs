@@ -99,3 +99,54 @@ async fn an_unknown_conversation_gets_an_error_and_4004() {
     let close = client.expect_close().await.expect("close frame");
     assert_eq!(u16::from(close.code), 4004);
 }
+
+#[tokio::test]
+async fn a_null_field_counts_as_missing_whichever_field_it_is() {
+    let hub = Hub::start(&[]).await;
+    let mut client = Client::connect(&hub.ws_url("tenant=demo&user=nulls")).await;
+    for frame in [
+        r#"{"type":null}"#,
+        r#"{"type":null,"id":"m1","text":"hi"}"#,
+        r#"{"type":"message","id":null,"text":"hi"}"#,
+        r#"{"type":"message","id":"m1","text":null}"#,
+        r#"{"type":"cancel","reply":null}"#,
+    ] {
+        client.send_text(frame.into()).await;
+        let error = client.expect("error").await;
+        assert_eq!(error["code"], "missing_field", "{frame} → {error}");
+    }
+    // Any other non-string value is a type error.
+    for frame in [r#"{"type":true}"#, r#"{"type":"message","id":{},"text":"hi"}"#, r#"{"type":"cancel","reply":7}"#] {
+        client.send_text(frame.into()).await;
+        let error = client.expect("error").await;
+        assert_eq!(error["code"], "invalid_frame", "{frame} → {error}");
+    }
+    client.assert_alive().await;
+}
+
+#[tokio::test]
+async fn a_text_of_only_white_space_or_zero_width_characters_is_empty() {
+    let hub = Hub::start(&[]).await;
+    let mut client = Client::connect(&hub.ws_url("tenant=demo&user=blanks")).await;
+    // Unicode White_Space (ASCII, no-break, ideographic, em space, next line) and zero-width characters.
+    let blanks =
+        [" \t\r\n", "\u{a0}", "\u{3000}", "\u{2003}\u{85}", "\u{200b}", "\u{feff}", "\u{200c}\u{200d}\u{2060}"];
+    for (i, blank) in blanks.into_iter().enumerate() {
+        let id = format!("b{i}");
+        client.send_message(&id, blank).await;
+        let error = client.expect("error").await;
+        assert_eq!(
+            (error["code"].as_str(), error["id"].as_str()),
+            (Some("empty_text"), Some(id.as_str())),
+            "{blank:?}"
+        );
+    }
+    // Anything visible is stored as sent, zero-width characters included.
+    for (i, text) in ["\u{200b}hi\u{200b}", "👩\u{200d}💻", "\u{3000}金卡"].into_iter().enumerate() {
+        client.send_message(&format!("t{i}"), text).await;
+        assert_eq!(client.expect("ack").await["seq"], 2 * i + 1, "{text:?} is stored");
+        client.read_reply().await;
+    }
+    let mut transcript = Client::connect(&hub.ws_url("tenant=demo&user=blanks&after=0")).await;
+    assert_eq!(transcript.expect("message").await["text"], "\u{200b}hi\u{200b}", "stored as sent, not trimmed");
+}

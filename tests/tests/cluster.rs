@@ -3,7 +3,7 @@
 use std::collections::BTreeSet;
 use std::time::Duration;
 
-use fengda_tests::{Client, Hub, RedisServer};
+use fengda_tests::{Client, Hub, RecordingAnswerer, RedisServer, Script, resume};
 use serde_json::Value;
 
 async fn cluster(redis: &RedisServer, nodes: usize, extra: &[&str]) -> Vec<Hub> {
@@ -285,4 +285,99 @@ async fn deltas_go_through_redis_only_while_another_node_listens() {
     let watched = agent.read_reply().await;
     assert_eq!(watched.deltas, reply.deltas, "the other node saw every delta");
     assert_eq!(watched.done, reply.done);
+}
+
+/// Two nodes on one Redis answering from one [`RecordingAnswerer`] with
+/// `script`, with the lost-reply scenario's short grace.
+async fn nodes_with_answerer(redis: &RedisServer, script: Script) -> (Vec<Hub>, RecordingAnswerer) {
+    let answerer = RecordingAnswerer::start(script).await;
+    let flags = resume::hub_flags(&answerer);
+    let nodes = cluster(redis, 2, &flags.iter().map(String::as_str).collect::<Vec<_>>()).await;
+    (nodes, answerer)
+}
+
+/// The only socket, on node A, drops after a random number of deltas; the
+/// customer is back on node B after `away`, within the grace: the rest of
+/// the reply streams to node B from the first delta after the reconnect.
+async fn back_on_another_node_within_the_grace(user: &str, away: Duration) {
+    let redis = RedisServer::start().await;
+    let (nodes, answerer) = nodes_with_answerer(&redis, resume::script()).await;
+    let outcome = resume::drop_and_resume(&nodes[0], &nodes[1], user, resume::random_in(10), away).await;
+    let resume::Delivery::Live { first_delta_after, .. } = outcome.delivery else {
+        panic!("the reply was still streaming: {outcome:?}");
+    };
+    // Tokens come every 100 ms: the new node gets them from the next one
+    // on, not after the streaming node's next check for listeners (1 s).
+    assert!(first_delta_after < Duration::from_millis(500), "{outcome:?}");
+    assert_eq!(outcome.reply["text"], resume::answer_prefix(resume::TOKENS), "{outcome:?}");
+    assert!(outcome.reply.get("cancelled").is_none(), "{outcome:?}");
+    assert_eq!(answerer.cancelled(), 0, "the NLP call went on: {outcome:?}");
+}
+
+#[tokio::test]
+async fn a_customer_back_on_another_node_50_ms_after_their_only_socket_dropped_gets_the_rest_of_the_reply() {
+    back_on_another_node_within_the_grace("back-50ms", Duration::from_millis(50)).await;
+}
+
+#[tokio::test]
+async fn a_customer_back_on_another_node_1_s_after_their_only_socket_dropped_gets_the_rest_of_the_reply() {
+    back_on_another_node_within_the_grace("back-1s", Duration::from_secs(1)).await;
+}
+
+#[tokio::test]
+async fn a_customer_back_on_another_node_just_after_a_token_gets_the_next_one() {
+    // Back just after the streaming node published a token that no node
+    // took: it must not wait for that node's next check for listeners.
+    back_on_another_node_within_the_grace("back-150ms", Duration::from_millis(150)).await;
+}
+
+#[tokio::test]
+async fn a_reply_that_finished_while_the_customer_was_away_is_replayed_on_another_node() {
+    let redis = RedisServer::start().await;
+    let script = Script { tokens: 12, token_delay: Duration::from_millis(20), ..Script::default() };
+    let (nodes, answerer) = nodes_with_answerer(&redis, script).await;
+    let away = Duration::from_secs(1);
+    let outcome = resume::drop_and_resume(&nodes[0], &nodes[1], "back-finished", resume::random_in(5), away).await;
+    assert_eq!(outcome.delivery, resume::Delivery::Replayed, "{outcome:?}");
+    assert_eq!(outcome.reply["text"], resume::answer_prefix(12), "{outcome:?}");
+    assert_eq!(answerer.cancelled(), 0);
+}
+
+#[tokio::test]
+async fn a_customer_back_on_another_node_after_the_grace_finds_the_reply_stored_as_cancelled() {
+    let redis = RedisServer::start().await;
+    let (nodes, answerer) = nodes_with_answerer(&redis, resume::script()).await;
+    let away = resume::GRACE + Duration::from_secs(1);
+    let outcome = resume::drop_and_resume(&nodes[0], &nodes[1], "back-late", resume::random_in(10), away).await;
+    resume::assert_cancelled_partial(&outcome);
+    resume::wait_for_cancellations(&answerer, 1).await;
+}
+
+#[tokio::test]
+async fn a_node_shutting_down_mid_reply_stores_what_streamed_as_cancelled() {
+    let redis = RedisServer::start().await;
+    let (mut nodes, answerer) = nodes_with_answerer(&redis, resume::script()).await;
+    let mut client = Client::connect(&nodes[0].ws_url("tenant=demo&user=node-gone")).await;
+    let conversation = client.conversation();
+    client.send_message("m1", "Tell me a story").await;
+    client.expect("ack").await;
+    let k = resume::random_in(10);
+    for _ in 0..k {
+        client.expect("reply.delta").await;
+    }
+    let status = nodes.remove(0).terminate().await;
+    assert!(status.success(), "{status:?}");
+    assert_eq!(u16::from(client.expect_close().await.expect("close frame").code), 1001);
+
+    let mut back =
+        Client::connect(&nodes[0].ws_url(&format!("tenant=demo&user=node-gone&conversation={conversation}&after=1")))
+            .await;
+    assert_eq!(back.ready["seq"], 2, "the question and its cancelled reply: {}", back.ready);
+    let reply = back.expect("message").await;
+    assert_eq!((reply["from"].as_str(), reply["cancelled"].as_bool()), (Some("assistant"), Some(true)), "{reply}");
+    let text = reply["text"].as_str().unwrap();
+    let streamed = text.matches(' ').count();
+    assert_eq!(text, resume::answer_prefix(streamed), "k = {k}");
+    assert!((k..resume::TOKENS).contains(&streamed), "{streamed} tokens stored, k = {k}");
+    resume::wait_for_cancellations(&answerer, 1).await;
 }

@@ -1,6 +1,8 @@
 //! One hub, real sockets: the conversation contract end to end.
 
-use fengda_tests::{Client, Hub};
+use std::time::Duration;
+
+use fengda_tests::{Client, Hub, RecordingAnswerer, Script, resume};
 use serde_json::Value;
 
 fn user() -> String {
@@ -178,4 +180,98 @@ async fn health_probes_and_web_demo_are_served() {
     assert_eq!(missing.status(), 404);
     let body: Value = missing.json().await.unwrap();
     assert_eq!(body["error"], "not_found");
+}
+
+/// A hub answering from a [`RecordingAnswerer`] with `script`, with the
+/// lost-reply scenario's short grace.
+async fn hub_with_answerer(script: fengda_tests::Script) -> (Hub, RecordingAnswerer) {
+    let answerer = RecordingAnswerer::start(script).await;
+    let flags = resume::hub_flags(&answerer);
+    let hub = Hub::start(&flags.iter().map(String::as_str).collect::<Vec<_>>()).await;
+    (hub, answerer)
+}
+
+/// The only socket drops after a random number of deltas and the customer
+/// is back after `away`, within the grace: the whole reply, once, live.
+async fn back_within_the_grace(away: Duration) {
+    let (hub, answerer) = hub_with_answerer(resume::script()).await;
+    let outcome = resume::drop_and_resume(&hub, &hub, &user(), resume::random_in(10), away).await;
+    assert_eq!(outcome.reply["type"], "reply.done", "the reply was still streaming: {outcome:?}");
+    assert_eq!(outcome.reply["text"], resume::answer_prefix(resume::TOKENS), "{outcome:?}");
+    assert_eq!(outcome.reply["fallback"], false);
+    assert!(outcome.reply.get("cancelled").is_none(), "{outcome:?}");
+    assert_eq!(answerer.cancelled(), 0, "the NLP call went on: {outcome:?}");
+    assert_eq!(answerer.requests().len(), 1);
+}
+
+#[tokio::test]
+async fn a_customer_back_50_ms_after_their_only_socket_dropped_gets_the_rest_of_the_reply() {
+    back_within_the_grace(Duration::from_millis(50)).await;
+}
+
+#[tokio::test]
+async fn a_customer_back_1_s_after_their_only_socket_dropped_gets_the_rest_of_the_reply() {
+    back_within_the_grace(Duration::from_secs(1)).await;
+}
+
+#[tokio::test]
+async fn a_reply_that_finished_while_the_customer_was_away_is_replayed() {
+    // 12 tokens in about 250 ms: done long before the customer is back.
+    let script = Script { tokens: 12, token_delay: Duration::from_millis(20), ..Script::default() };
+    let (hub, answerer) = hub_with_answerer(script).await;
+    let outcome = resume::drop_and_resume(&hub, &hub, &user(), resume::random_in(5), Duration::from_secs(1)).await;
+    assert_eq!(outcome.delivery, resume::Delivery::Replayed, "{outcome:?}");
+    assert_eq!(outcome.reply["text"], resume::answer_prefix(12), "{outcome:?}");
+    assert!(outcome.reply.get("cancelled").is_none(), "{outcome:?}");
+    assert_eq!(answerer.cancelled(), 0);
+}
+
+#[tokio::test]
+async fn a_customer_back_after_the_grace_finds_the_reply_stored_as_cancelled_with_what_streamed() {
+    let (hub, answerer) = hub_with_answerer(resume::script()).await;
+    let away = resume::GRACE + Duration::from_secs(1);
+    let outcome = resume::drop_and_resume(&hub, &hub, &user(), resume::random_in(10), away).await;
+    resume::assert_cancelled_partial(&outcome);
+    resume::wait_for_cancellations(&answerer, 1).await;
+    assert_eq!(answerer.requests().len(), 1);
+}
+
+#[tokio::test]
+async fn questions_still_queued_when_the_grace_ends_get_empty_cancelled_replies_without_an_nlp_call() {
+    let (hub, answerer) = hub_with_answerer(resume::script()).await;
+    let user = user();
+    let mut client = Client::connect(&hub.ws_url(&format!("tenant=demo&user={user}"))).await;
+    let conversation = client.conversation();
+    for id in ["m1", "m2", "m3"] {
+        client.send_message(id, "Tell me a story").await;
+    }
+    // The acks, and the first reply's first delta (they may interleave).
+    let (mut acks, mut deltas) = (Vec::new(), 0);
+    while acks.len() < 3 || deltas == 0 {
+        let frame = client.next().await;
+        match frame["type"].as_str() {
+            Some("ack") => acks.push(frame["seq"].as_u64().unwrap()),
+            Some("reply.delta") => deltas += 1,
+            _ => panic!("{frame}"),
+        }
+    }
+    assert_eq!(acks, [1, 2, 3]);
+    drop(client);
+    tokio::time::sleep(resume::GRACE + Duration::from_secs(1)).await;
+
+    let mut back =
+        Client::connect(&hub.ws_url(&format!("tenant=demo&user={user}&conversation={conversation}&after=3"))).await;
+    assert_eq!(back.ready["seq"], 6, "three questions, three answers: {}", back.ready);
+    let first = back.expect("message").await;
+    assert_eq!((first["from"].as_str(), first["cancelled"].as_bool()), (Some("assistant"), Some(true)), "{first}");
+    assert!(first["text"].as_str().unwrap().starts_with("tok0 "), "{first}");
+    for seq in [5, 6] {
+        let queued = back.expect("message").await;
+        assert_eq!(queued["seq"], seq);
+        assert_eq!((queued["from"].as_str(), queued["text"].as_str()), (Some("assistant"), Some("")), "{queued}");
+        assert_eq!(queued["cancelled"], true, "{queued}");
+    }
+    back.assert_alive().await;
+    resume::wait_for_cancellations(&answerer, 1).await;
+    assert_eq!(answerer.requests().len(), 1, "the queued questions never reached the NLP service");
 }

@@ -108,3 +108,29 @@ async fn converse_and_leave(hub: &Hub, n: usize, prefix: &str) -> f64 {
     }
     hub.metric("fengda_hub_runtime_tasks_alive").await
 }
+
+#[tokio::test]
+async fn a_client_close_is_answered_with_a_close_frame_echoing_its_code() {
+    use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+    use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+    let answerer =
+        RecordingAnswerer::start(Script { tokens: 200, token_delay: Duration::from_millis(10), ..Script::default() })
+            .await;
+    let hub = Hub::start(&["--nlp-url", &answerer.url]).await;
+    // An idle socket, and one whose reply is streaming when the client closes.
+    for (user, code, streaming) in [("closer-idle", 1000, false), ("closer-busy", 4321, true)] {
+        let mut client = Client::connect(&hub.ws_url(&format!("tenant=demo&user={user}"))).await;
+        if streaming {
+            client.send_message("m1", "Tell me a long story").await;
+            client.expect("ack").await;
+            client.expect("reply.delta").await;
+        }
+        let frame = CloseFrame { code: CloseCode::from(code), reason: "done".into() };
+        client.ws.close(Some(frame)).await.expect("close sent");
+        let echo = client.expect_close().await.expect("the hub answers with a close frame");
+        assert_eq!(u16::from(echo.code), code, "{user}: the close code comes back, not 1006");
+        // Then the hub ends the TCP connection.
+        let end = tokio::time::timeout(fengda_tests::STEP_TIMEOUT, client.ws.next()).await.expect("TCP closed");
+        assert!(end.is_none(), "{user}: nothing after the close frame: {end:?}");
+    }
+}

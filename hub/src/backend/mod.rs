@@ -62,6 +62,8 @@ impl StoredEvent {
             id: &self.id,
             text: &self.text,
             fallback: self.fallback,
+            interrupted: self.interrupted,
+            cancelled: self.cancelled,
         }
         .encode()
     }

@@ -37,7 +37,7 @@ pub enum ErrorCode {
     UnknownType,
     /// A message `id` is empty or too long.
     InvalidId,
-    /// A message `text` is empty or only whitespace.
+    /// A message `text` is empty or shows nothing ([`is_blank`]).
     EmptyText,
     /// A message `text` is longer than `max_text_chars`.
     TextTooLong,
@@ -102,8 +102,9 @@ pub fn parse_client_frame(text: &str, max_text_chars: usize) -> Result<ClientFra
     else {
         return Err(FrameError::new(ErrorCode::InvalidFrame, "frame must be a JSON object"));
     };
+    // A field that is `null` counts as absent, for every field.
     let kind = match &fields.kind {
-        None => return Err(FrameError::new(ErrorCode::MissingField, "missing field `type`")),
+        None | Some(Field::Null) => return Err(FrameError::new(ErrorCode::MissingField, "missing field `type`")),
         Some(Field::Str(kind)) => kind.as_ref(),
         Some(_) => return Err(FrameError::new(ErrorCode::InvalidFrame, "field `type` must be a string")),
     };
@@ -123,7 +124,7 @@ pub fn parse_client_frame(text: &str, max_text_chars: usize) -> Result<ClientFra
                 e
             };
             let text = take_string(fields.text.take(), "text").map_err(with_id)?;
-            if text.trim().is_empty() {
+            if is_blank(&text) {
                 return Err(with_id(FrameError::new(ErrorCode::EmptyText, "`text` must not be empty")));
             }
             if text.chars().count() > max_text_chars {
@@ -139,6 +140,21 @@ pub fn parse_client_frame(text: &str, max_text_chars: usize) -> Result<ClientFra
             Err(FrameError::new(ErrorCode::UnknownType, format!("unknown frame type `{shown}`")))
         }
     }
+}
+
+/// Whether a message text shows nothing: every character is Unicode
+/// White_Space (spaces of every script, U+00A0, U+3000, line breaks, …) or
+/// one of the invisible zero-width characters below.
+pub fn is_blank(text: &str) -> bool {
+    const ZERO_WIDTH: [char; 6] = [
+        '\u{180E}', // Mongolian vowel separator (White_Space before Unicode 6.3)
+        '\u{200B}', // zero width space
+        '\u{200C}', // zero width non-joiner
+        '\u{200D}', // zero width joiner
+        '\u{2060}', // word joiner
+        '\u{FEFF}', // zero width no-break space (byte order mark)
+    ];
+    text.chars().all(|c| c.is_whitespace() || ZERO_WIDTH.contains(&c))
 }
 
 fn take_string(field: Option<Field<'_>>, name: &str) -> Result<String, FrameError> {
@@ -307,6 +323,12 @@ pub enum ServerFrame<'a> {
         /// Only present (and true) on replayed fallback replies.
         #[serde(skip_serializing_if = "std::ops::Not::not")]
         fallback: bool,
+        /// Only present (and true) on replayed interrupted replies.
+        #[serde(skip_serializing_if = "std::ops::Not::not")]
+        interrupted: bool,
+        /// Only present (and true) on replayed cancelled replies.
+        #[serde(skip_serializing_if = "std::ops::Not::not")]
+        cancelled: bool,
     },
     #[serde(rename = "error")]
     Error {
@@ -499,7 +521,7 @@ mod tests {
         for not_an_object in ["7", "\"ping\"", "null", "true", "[]", "-1.5"] {
             assert_eq!(code(not_an_object), ErrorCode::InvalidFrame, "{not_an_object}");
         }
-        assert_eq!(code(r#"{"type":null}"#), ErrorCode::InvalidFrame);
+        assert_eq!(code(r#"{"type":null}"#), ErrorCode::MissingField);
         assert_eq!(code(r#"{"type":"message","id":null,"text":"hi"}"#), ErrorCode::MissingField);
         assert_eq!(code(r#"{"type":"message","id":["m1"],"text":"hi"}"#), ErrorCode::InvalidFrame);
         assert_eq!(code(r#"{"type":"ping"} trailing"#), ErrorCode::InvalidJson);
@@ -510,6 +532,25 @@ mod tests {
         assert_eq!(code("[1e400]"), ErrorCode::InvalidJson);
         let deep = format!(r#"{{"type":"ping","x":{}{}}}"#, "[".repeat(200), "]".repeat(200));
         assert_eq!(code(&deep), ErrorCode::InvalidJson, "nesting deeper than serde_json's limit");
+    }
+
+    #[test]
+    fn blank_is_white_space_and_zero_width_characters_only() {
+        for blank in [
+            "",
+            " \t\r\n",
+            "\u{a0}",
+            "\u{3000}",
+            "\u{2003}\u{85}",
+            "\u{200b}",
+            "\u{feff}",
+            "\u{200c}\u{200d}\u{2060}\u{180e}",
+        ] {
+            assert!(is_blank(blank), "{blank:?}");
+        }
+        for shown in ["a", " .", "\u{200b}x", "金", "👩\u{200d}💻"] {
+            assert!(!is_blank(shown), "{shown:?}");
+        }
     }
 
     #[test]
@@ -558,12 +599,26 @@ mod tests {
             id: "r",
             text: "x",
             fallback: false,
+            interrupted: false,
+            cancelled: false,
         }
         .encode();
         assert_eq!(
             msg.as_str(),
             r#"{"type":"message","conversation":"c","seq":3,"from":"assistant","id":"r","text":"x"}"#
         );
+        let cancelled = ServerFrame::Message {
+            conversation: "c",
+            seq: 3,
+            from: Role::Assistant,
+            id: "r",
+            text: "",
+            fallback: false,
+            interrupted: false,
+            cancelled: true,
+        }
+        .encode();
+        assert!(cancelled.as_str().ends_with(r#""text":"","cancelled":true}"#), "{}", cancelled.as_str());
         assert_eq!(ServerFrame::Pong.encode().as_str(), r#"{"type":"pong"}"#);
     }
 }

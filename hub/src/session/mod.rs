@@ -187,48 +187,59 @@ impl Replies {
 /// Answers this session's questions one at a time, in the order asked.
 ///
 /// A reply belongs to the conversation, not to the socket that asked: when
-/// that socket goes, the reply (and any question still queued) goes on as
-/// long as some socket of the conversation is open on any node, so the
-/// customer's other device, or the same customer reconnecting, gets it. Once
-/// no socket is left, the NLP stream is dropped, which cancels the call
-/// upstream. Hub shutdown cancels at once.
+/// that socket goes, the reply (and any question still queued) goes on while
+/// some socket of the conversation is open on any node, and for
+/// `conversation.reply_grace_ms` after the last one left (the clock starts
+/// again whenever one comes back), so the customer's other device, or the
+/// same customer reconnecting, gets it. Past the grace, and on hub shutdown,
+/// the reply is cancelled, never dropped: what streamed is stored as a
+/// cancelled reply, and each question still queued gets an empty cancelled
+/// reply without an NLP call.
 async fn run_replier(
     app: Arc<AppState>,
     key: ConversationKey,
     mut questions: mpsc::Receiver<Box<Question>>,
     closer: SessionCloser,
 ) {
-    loop {
-        // The channel closes when the session's reader ends; what was queued is still answered.
-        let question = tokio::select! {
-            _ = app.shutdown.cancelled() => return,
-            question = questions.recv() => match question {
-                Some(question) => question,
-                None => return,
-            },
-        };
-        tokio::select! {
-            _ = app.shutdown.cancelled() => return,
-            () = everyone_left(&app, &key, &closer) => {
-                debug!("no socket of the conversation is left; reply cancelled");
-                return;
-            }
+    let stop = app.shutdown.child_token();
+    let abandon = async {
+        nobody_came_back(&app, &key, &closer).await;
+        debug!("no socket of the conversation came back within the grace; cancelling its replies");
+        stop.cancel();
+        std::future::pending::<()>().await
+    };
+    // The channel closes when the session's reader ends; what was queued is still answered.
+    let answer_all = async {
+        while let Some(question) = questions.recv().await {
             // Boxed: the answer's state machine is ~4 KiB, and an idle
             // session's task should not carry it while no question is asked.
-            () = Box::pin(app.replier.answer(&key, *question)) => {}
+            Box::pin(app.replier.answer(&key, *question, &stop)).await;
         }
+    };
+    tokio::select! {
+        () = abandon => {}
+        () = answer_all => {}
     }
 }
 
 /// How often a reply whose asking socket is gone checks for listeners.
 const LISTENER_CHECK: std::time::Duration = std::time::Duration::from_millis(250);
 
-/// Resolves once the asking session has ended and no socket of the
-/// conversation is open anywhere.
-async fn everyone_left(app: &AppState, key: &ConversationKey, closer: &SessionCloser) {
+/// Resolves once the asking session has ended and the conversation has then
+/// had no socket open anywhere for the whole reply grace.
+async fn nobody_came_back(app: &AppState, key: &ConversationKey, closer: &SessionCloser) {
     closer.token().cancelled().await;
-    while app.backend.has_listeners(key).await {
-        tokio::time::sleep(LISTENER_CHECK).await;
+    let grace = app.config.conversation.reply_grace();
+    let mut alone_since = None;
+    loop {
+        if app.backend.has_listeners(key).await {
+            alone_since = None;
+        } else if alone_since.get_or_insert_with(tokio::time::Instant::now).elapsed() >= grace {
+            return;
+        }
+        let wait = alone_since
+            .map_or(LISTENER_CHECK, |since| (since + grace).saturating_duration_since(tokio::time::Instant::now()));
+        tokio::time::sleep(wait.min(LISTENER_CHECK)).await;
     }
 }
 

@@ -5,7 +5,8 @@
 //! event at or below the last sent seq is skipped; a jump past the next seq
 //! is filled from the log first, as is a `Resync` after the node's
 //! subscription dropped), sends keepalive pings, and on cancellation sends
-//! the close frame whose reason the [`SessionCloser`] recorded. Every socket
+//! the close frame whose reason the [`SessionCloser`] recorded, or, when the
+//! client closed first, the echo of the client's close frame. Every socket
 //! write races the cancellation token, so a client that stops reading cannot
 //! pin the task.
 
@@ -94,22 +95,29 @@ pub(super) fn run_writer(
             }
         }
         .await;
+        let failed = result.is_err();
         if let Err(error) = result {
+            // Also what a write after the client's close frame gets.
             debug!(%error, "socket write failed");
             closer.close(crate::protocol::close::NORMAL);
-            return;
         }
         let reason = closer.reason();
         let _ = tokio::time::timeout(CLOSE_TIMEOUT, async {
             // Frames queued before the close (say, the error that explains it)
             // still go out first, unless the client is the reason we stop.
-            if reason != crate::protocol::close::SLOW_CONSUMER {
+            if !failed && reason != crate::protocol::close::SLOW_CONSUMER {
                 let queued = std::iter::from_fn(|| queue.try_recv().ok().map(|item| *item));
                 for frame in frames_before_close(queued, &mut replay.sent_up_to) {
-                    sink.feed(Message::Text(frame)).await?;
+                    if sink.feed(Message::Text(frame)).await.is_err() {
+                        break;
+                    }
                 }
             }
-            sink.send(close_message(reason)).await
+            // Refused once the client's own close frame has arrived: the
+            // library has then queued its echo (RFC 6455 §5.5.1), which
+            // `close` sends; otherwise `close` just flushes ours.
+            let _ = sink.send(close_message(reason)).await;
+            sink.close().await
         })
         .await;
     }

@@ -24,7 +24,9 @@
 //! once only if it is the next seq its sessions need). PUBLISH answers how many nodes
 //! got the delta: when no other node listens to the conversation (the usual
 //! case: a customer's one socket), the conversation's deltas are not
-//! published for [`ALONE_RECHECK`], then one is again to ask anew. A node
+//! published for [`ALONE_RECHECK`], then one is again to ask anew. (Only
+//! while this node listens itself: a reply whose sockets are all gone is
+//! published for whoever reconnects, wherever.) A node
 //! that starts listening to a conversation says so on its channel (`H`), and
 //! nodes streaming into it publish again from the next delta; should that
 //! word be lost, the newcomer misses at most [`ALONE_RECHECK`] of deltas,
@@ -362,8 +364,10 @@ impl Shared {
                 continue;
             }
             // This node's own subscriber is one of the receivers, if it works.
+            // Only then can it hear a newcomer's hello: a node with no socket
+            // of the conversation (a reply outliving its sockets) keeps publishing.
             let here = self.receiving.load(Ordering::Acquire) && self.channels.contains_key(&channel);
-            if receivers - i64::from(here) <= 0 {
+            if here && receivers <= 1 {
                 self.alone_until.insert(channel, now + ALONE_RECHECK);
             } else {
                 self.alone_until.remove(&channel);

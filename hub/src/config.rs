@@ -41,6 +41,16 @@ pub enum BackendKind {
     Redis,
 }
 
+impl BackendKind {
+    /// The name used in the config file, flags and the `fengda_hub_info` metric.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Memory => "memory",
+            Self::Redis => "redis",
+        }
+    }
+}
+
 /// Cluster mode over Redis (used when `backend = "redis"`).
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]

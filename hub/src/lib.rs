@@ -137,6 +137,8 @@ impl App {
         let metrics = match metrics_exporter_prometheus::PrometheusBuilder::new().install_recorder() {
             Ok(handle) => {
                 tracker.spawn(run_metrics_upkeep(handle.clone(), shutdown.clone()));
+                let version = env!("CARGO_PKG_VERSION");
+                metrics::gauge!("fengda_hub_info", "backend" => config.backend.name(), "version" => version).set(1.0);
                 Some(handle)
             }
             Err(error) => {

@@ -55,36 +55,55 @@ pub struct Hub {
     pub redis: Option<crate::RedisServer>,
 }
 
-/// The backend the suite runs against: `memory` (default) or `redis`.
+/// The backend the suite runs against, `memory` or `redis`, from
+/// `FENGDA_TEST_BACKEND`. Required: a suite meant for Redis must never pass
+/// on the memory backend because the variable went missing.
 pub fn test_backend() -> String {
-    let backend = std::env::var("FENGDA_TEST_BACKEND").unwrap_or_else(|_| "memory".into());
+    let backend = std::env::var("FENGDA_TEST_BACKEND").unwrap_or_default();
     assert!(
         matches!(backend.as_str(), "memory" | "redis"),
-        "FENGDA_TEST_BACKEND must be memory or redis, not {backend}"
+        "set FENGDA_TEST_BACKEND to memory or redis (tests/run.sh runs the suite once with each), not {backend:?}"
     );
     backend
 }
 
 impl Hub {
     /// Starts a hub with zero-delay built-in answerer pacing plus `extra`
-    /// flags, on the suite's backend (a private Redis when it is `redis`).
+    /// flags, on the suite's backend (a private Redis when it is `redis`),
+    /// and checks from its metrics that it runs on that backend.
     pub async fn start(extra: &[&str]) -> Hub {
-        if test_backend() == "redis" && !extra.contains(&"--backend") {
+        let backend = test_backend();
+        let hub = if backend == "redis" && !extra.contains(&"--backend") {
             let redis = crate::RedisServer::start().await;
             let mut args = vec!["--backend", "redis", "--redis-url", &redis.url];
             args.extend_from_slice(extra);
             let mut hub = Self::spawn(&args).await;
             hub.redis = Some(redis);
-            return hub;
+            hub
+        } else {
+            Self::spawn(extra).await
+        };
+        if !extra.contains(&"--backend") {
+            hub.assert_backend(&backend).await;
         }
-        Self::spawn(extra).await
+        hub
+    }
+
+    /// Fails unless the hub says (`fengda_hub_info{backend}`) it runs on `backend`.
+    pub async fn assert_backend(&self, backend: &str) {
+        let metrics = self.metrics().await;
+        let info = metrics.lines().find(|line| line.starts_with("fengda_hub_info{"));
+        let info = info.unwrap_or_else(|| panic!("no fengda_hub_info in the hub's metrics:\n{metrics}"));
+        assert!(info.contains(&format!("backend=\"{backend}\"")), "expected the {backend} backend: {info}");
     }
 
     /// Starts a cluster node on a shared Redis.
     pub async fn start_node(redis: &crate::RedisServer, extra: &[&str]) -> Hub {
         let mut args = vec!["--backend", "redis", "--redis-url", &redis.url];
         args.extend_from_slice(extra);
-        Self::spawn(&args).await
+        let hub = Self::spawn(&args).await;
+        hub.assert_backend("redis").await;
+        hub
     }
 
     async fn spawn(extra: &[&str]) -> Hub {
@@ -202,10 +221,16 @@ impl Drop for NlpProcess {
 }
 
 /// The value of the first sample of `name` in Prometheus text (0 when absent).
+/// `name` is a whole metric name (`…_count` does not match `…_count_extra`),
+/// optionally with its labels (`name{label="v"}`); without labels, the first
+/// labelled sample of that name counts too.
 pub fn metric_value(metrics: &str, name: &str) -> f64 {
+    let labelled = name.contains('{');
     metrics
         .lines()
-        .find(|line| line.starts_with(name) && !line.starts_with('#'))
+        .find(|line| {
+            line.strip_prefix(name).is_some_and(|rest| rest.starts_with(' ') || (!labelled && rest.starts_with('{')))
+        })
         .and_then(|line| line.rsplit(' ').next())
         .and_then(|v| v.parse().ok())
         .unwrap_or(0.0)

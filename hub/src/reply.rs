@@ -19,6 +19,7 @@ use std::sync::Arc;
 
 use axum::extract::ws::Utf8Bytes;
 use dashmap::DashMap;
+use fengda_nlp::knowledge::Lang;
 use fengda_proto::nlp::v1::{AnswerChunk, AnswerRequest, Role as WireRole, Turn};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
@@ -137,7 +138,11 @@ impl Replier {
         let (ending, completed_call) = self.stream(&request, &mut reply, &cancel, question.timing).await;
         if ending.fallback {
             let texts = self.tenant_fallback.get(key.tenant.as_str()).unwrap_or(&self.fallback);
-            let polite = if mostly_cjk(&question.text) { &texts.zh } else { &texts.en };
+            // The built-in answerer's rule, so both pick a language alike.
+            let polite = match Lang::detect(&question.text) {
+                Lang::Zh => &texts.zh,
+                Lang::En => &texts.en,
+            };
             let separator = if reply.text.is_empty() { "" } else { "\n\n" };
             reply.push(&format!("{separator}{polite}"));
         }
@@ -355,18 +360,6 @@ fn history_before(turns: &[Arc<StoredEvent>], question_seq: u64, limit: usize) -
         .collect()
 }
 
-fn mostly_cjk(text: &str) -> bool {
-    let (mut cjk, mut other) = (0usize, 0usize);
-    for c in text.chars().filter(|c| c.is_alphanumeric()) {
-        if ('\u{4e00}'..='\u{9fff}').contains(&c) {
-            cjk += 1;
-        } else {
-            other += 1;
-        }
-    }
-    cjk > other
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -442,11 +435,5 @@ mod tests {
             assert_eq!((last["index"].as_u64(), last["text"].as_str()), (Some(2), Some("!")));
             assert!(queue.try_recv().is_err());
         }
-    }
-
-    #[test]
-    fn fallback_language_follows_the_question() {
-        assert!(mostly_cjk("金卡年费多少？"));
-        assert!(!mostly_cjk("How much is the Gold Card?"));
     }
 }

@@ -2,20 +2,26 @@
 //!
 //! Everything that can be refused before the upgrade is refused with an
 //! HTTP 4xx and a JSON body: missing or malformed ids, a bad `after`, a
-//! foreign `Origin`, a node that is shutting down.
+//! foreign `Origin`, a node that is shutting down, a client address over
+//! its limits (for upgrades through a trusted proxy; direct connections are
+//! limited when accepted, see [`crate::server`]).
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
+use axum::Extension;
 use axum::extract::ws::rejection::WebSocketUpgradeRejection;
-use axum::extract::{Query, State, WebSocketUpgrade};
+use axum::extract::{ConnectInfo, Query, State, WebSocketUpgrade};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
+use futures::FutureExt;
 use serde::Deserialize;
 
 use super::ApiError;
 use crate::AppState;
 use crate::ids::{ConversationId, TenantId, UserId};
+use crate::server::limits::AddressGuard;
 use crate::session::{self, SessionParams};
 
 /// Bytes the socket library gathers before writing, within one flush.
@@ -35,12 +41,14 @@ pub struct WsQuery {
 
 pub async fn upgrade(
     State(app): State<Arc<AppState>>,
+    peer: Option<Extension<ConnectInfo<SocketAddr>>>,
     headers: HeaderMap,
     query: Result<Query<WsQuery>, axum::extract::rejection::QueryRejection>,
     upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
 ) -> Response {
-    match prepare(&app, &headers, query, upgrade) {
-        Ok((upgrade, params)) => {
+    let peer = peer.map(|Extension(ConnectInfo(peer))| peer);
+    match prepare(&app, peer, &headers, query, upgrade) {
+        Ok((upgrade, params, address)) => {
             let ws = &app.config.websocket;
             upgrade
                 // A small read buffer: idle sockets are the common case and the
@@ -52,13 +60,34 @@ pub async fn upgrade(
                 // coalesces one burst of small frames until the writer flushes.
                 .write_buffer_size(WRITE_BUFFER_BYTES)
                 .max_write_buffer_size(WRITE_BUFFER_BYTES + ws.max_frame_bytes * 4)
-                .on_upgrade(move |socket| session::run(socket, params, app))
+                // The forwarded client's place under its address's cap goes with the session.
+                .on_upgrade(move |socket| session::run(socket, params, app).map(move |()| drop(address)))
         }
-        Err(error) => error.into_response(),
+        Err(refusal) => refusal,
     }
 }
 
 fn prepare(
+    app: &AppState,
+    peer: Option<SocketAddr>,
+    headers: &HeaderMap,
+    query: Result<Query<WsQuery>, axum::extract::rejection::QueryRejection>,
+    upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
+) -> Result<(WebSocketUpgrade, SessionParams, Option<AddressGuard>), Response> {
+    let (upgrade, params) = check(app, headers, query, upgrade).map_err(IntoResponse::into_response)?;
+    // Through a trusted proxy: the per-address limits apply to the client it forwards.
+    let limits = &app.connections;
+    let address = match peer.filter(|peer| limits.is_trusted_proxy(&peer.ip())) {
+        Some(_) => match limits.forwarded_client(headers) {
+            Some(client) => limits.admit_forwarded(client).map_err(IntoResponse::into_response)?,
+            None => None,
+        },
+        None => None,
+    };
+    Ok((upgrade, params, address))
+}
+
+fn check(
     app: &AppState,
     headers: &HeaderMap,
     query: Result<Query<WsQuery>, axum::extract::rejection::QueryRejection>,

@@ -875,6 +875,7 @@ impl Target {
         if let Some((url, _)) = &redis {
             hub_args.extend(["--redis-url".into(), url.clone()]);
         }
+        hub_args.extend(setup::HUB_LIMIT_ARGS.map(String::from));
         hub_args.extend(common.hub_args.iter().cloned());
         let (mut ports, mut hub_pids) = (Vec::new(), Vec::new());
         for node in 1..=common.nodes {

@@ -743,6 +743,19 @@ mod tests {
     }
 
     #[test]
+    fn trusted_proxies_are_addresses_or_cidr_blocks() {
+        let config: Config = toml::from_str("[server]\ntrusted_proxies = [\"10.0.0.5\", \"192.168.0.0/16\"]").unwrap();
+        let proxies = &config.server.trusted_proxies;
+        assert!(proxies[0].contains(&"10.0.0.5".parse().unwrap()));
+        assert!(!proxies[0].contains(&"10.0.0.6".parse().unwrap()));
+        assert!(proxies[1].contains(&"192.168.7.8".parse().unwrap()));
+        assert!(toml::from_str::<Config>("[server]\ntrusted_proxies = [\"proxy.example\"]").is_err());
+        let mut config = Config::default();
+        config.server.max_header_bytes = 4096;
+        assert!(matches!(config.validate(), Err(ConfigError::Invalid { key: "server.max_header_bytes", .. })));
+    }
+
+    #[test]
     fn redis_retention_defaults_to_the_conversation_retention() {
         let mut config = Config::default();
         config.conversation.retention_secs = 3600;

@@ -302,14 +302,15 @@ async fn a_socket_that_floods_messages_is_closed_with_4429() {
         }
     }
     let _ = flooder.ws.flush().await;
-    // Frames until the close: at most one burst answered, one burst refused.
-    let (mut rate_limited, mut frames) = (0, 0);
+    // Until the close: at most one burst of frames read (stored or refused as
+    // too many pending), then under one burst refused as rate limited.
+    let (mut rate_limited, mut acks) = (0, 0);
     let mut too_many_pending = 0;
     let close = loop {
         match tokio::time::timeout(Duration::from_secs(5), futures::StreamExt::next(&mut flooder.ws)).await {
             Ok(Some(Ok(Message::Text(text)))) => {
-                frames += 1;
                 let frame: Value = serde_json::from_str(text.as_str()).unwrap();
+                acks += usize::from(frame["type"] == "ack");
                 if frame["code"] == "rate_limited" {
                     assert!(frame["id"].as_str().is_some_and(|id| id.starts_with('m')), "{frame}");
                     rate_limited += 1;
@@ -323,8 +324,7 @@ async fn a_socket_that_floods_messages_is_closed_with_4429() {
     };
     assert_eq!(close.map(|frame| u16::from(frame.code)), Some(4429));
     assert!((1..60).contains(&rate_limited), "{rate_limited} rate_limited errors");
-    assert!(too_many_pending < 60, "{too_many_pending} too_many_pending errors");
-    assert!(frames < 1000, "{frames} frames before the close");
+    assert!(acks + too_many_pending <= 60 + 20, "{acks} acks, {too_many_pending} too_many_pending");
     assert!(started.elapsed() < Duration::from_secs(5), "closing the flood took {:?}", started.elapsed());
     calm.assert_alive().await;
     assert_eq!(hub.metric("fengda_hub_rate_limit_closes_total").await, 1.0);

@@ -21,7 +21,7 @@ use serde::Deserialize;
 use super::ApiError;
 use crate::AppState;
 use crate::ids::{ConversationId, TenantId, UserId};
-use crate::server::limits::AddressGuard;
+use crate::server::limits::{AddressGuard, Refusal};
 use crate::session::{self, SessionParams};
 
 /// Bytes the socket library gathers before writing, within one flush.
@@ -63,7 +63,7 @@ pub async fn upgrade(
                 // The forwarded client's place under its address's cap goes with the session.
                 .on_upgrade(move |socket| session::run(socket, params, app).map(move |()| drop(address)))
         }
-        Err(refusal) => refusal,
+        Err(refused) => refused.into_response(),
     }
 }
 
@@ -73,18 +73,45 @@ fn prepare(
     headers: &HeaderMap,
     query: Result<Query<WsQuery>, axum::extract::rejection::QueryRejection>,
     upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
-) -> Result<(WebSocketUpgrade, SessionParams, Option<AddressGuard>), Response> {
-    let (upgrade, params) = check(app, headers, query, upgrade).map_err(IntoResponse::into_response)?;
+) -> Result<(WebSocketUpgrade, SessionParams, Option<AddressGuard>), Refused> {
+    let (upgrade, params) = check(app, headers, query, upgrade)?;
     // Through a trusted proxy: the per-address limits apply to the client it forwards.
     let limits = &app.connections;
     let address = match peer.filter(|peer| limits.is_trusted_proxy(&peer.ip())) {
         Some(_) => match limits.forwarded_client(headers) {
-            Some(client) => limits.admit_forwarded(client).map_err(IntoResponse::into_response)?,
+            Some(client) => limits.admit_forwarded(client)?,
             None => None,
         },
         None => None,
     };
     Ok((upgrade, params, address))
+}
+
+/// Why an upgrade request was refused.
+enum Refused {
+    Invalid(ApiError),
+    Limited(Refusal),
+}
+
+impl From<ApiError> for Refused {
+    fn from(error: ApiError) -> Self {
+        Self::Invalid(error)
+    }
+}
+
+impl From<Refusal> for Refused {
+    fn from(refusal: Refusal) -> Self {
+        Self::Limited(refusal)
+    }
+}
+
+impl IntoResponse for Refused {
+    fn into_response(self) -> Response {
+        match self {
+            Self::Invalid(error) => error.into_response(),
+            Self::Limited(refusal) => refusal.into_response(),
+        }
+    }
 }
 
 fn check(

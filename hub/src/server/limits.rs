@@ -282,6 +282,7 @@ fn open_file_limit() -> Option<u64> {
         let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
         // SAFETY: getrlimit writes into the struct we pass and reads nothing else.
         if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } == 0 && limit.rlim_cur != libc::RLIM_INFINITY {
+            #[allow(clippy::unnecessary_cast, reason = "rlim_t is not u64 on every platform")]
             return Some(limit.rlim_cur as u64);
         }
     }

@@ -11,6 +11,7 @@
 //! - [`backend`]: the conversation store seam (logs, seqs, delivery): in memory, or Redis for clusters.
 //! - [`reply`]: one question's answer: history, NLP stream, deltas, stored reply.
 //! - [`nlp`]: the NLP endpoints: gRPC clients, breakers, retries, admission.
+//! - [`server`]: the accept loop, connection caps and HTTP limits before any upgrade.
 //!
 //! [`App::build`] binds the listener (and, without `nlp.url`, loads the
 //! built-in answerer, called in-process through its service trait);
@@ -25,6 +26,7 @@ pub mod nlp;
 pub mod protocol;
 pub mod reply;
 pub mod router;
+pub mod server;
 pub mod session;
 
 use std::future::Future;
@@ -33,7 +35,6 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
-use axum::serve::ListenerExt;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -62,6 +63,8 @@ pub struct AppState {
     pub sessions_open: AtomicUsize,
     /// Renders `/metrics` (Prometheus text format).
     pub metrics: Option<metrics_exporter_prometheus::PrometheusHandle>,
+    /// The node's connection caps (and per-address limits).
+    pub connections: Arc<server::limits::ConnectionLimits>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -114,7 +117,7 @@ impl App {
             }
         };
         let nlp = Arc::new(NlpPool::new(endpoints, &config.nlp));
-        let router = Arc::new(Router::default());
+        let router = Arc::new(Router::with_max_sockets(config.conversation.max_sockets));
         let tracker = TaskTracker::new();
         let shutdown = CancellationToken::new();
         let backend: Arc<dyn Backend> = match config.backend {
@@ -149,6 +152,10 @@ impl App {
         let listener =
             bind_listener(config.listen).map_err(|source| StartError::Bind { addr: config.listen, source })?;
         let local_addr = listener.local_addr().map_err(StartError::Serve)?;
+        let max_connections = server::limits::max_connections(config.server.max_connections);
+        info!(max_connections, "connection cap");
+        let connections = Arc::new(server::limits::ConnectionLimits::new(&config.server, max_connections));
+        tracker.spawn(run_limits_upkeep(connections.clone(), shutdown.clone()));
         let state = Arc::new(AppState {
             config: Arc::new(config),
             backend,
@@ -158,6 +165,7 @@ impl App {
             metrics,
             accepting: AtomicBool::new(true),
             sessions_open: AtomicUsize::new(0),
+            connections,
         });
         Ok(Self { listener, local_addr, state, embedded_answerer })
     }
@@ -172,29 +180,31 @@ impl App {
     pub async fn run(self, shutdown: impl Future<Output = ()> + Send + 'static) -> Result<(), StartError> {
         let state = self.state.clone();
         let routes = http::routes(state.clone());
+        let stop = CancellationToken::new();
         let stop_sessions = {
-            let state = state.clone();
+            let (state, stop) = (state.clone(), stop.clone());
             async move {
                 shutdown.await;
                 info!("shutting down: refusing new sockets, closing sessions");
                 state.accepting.store(false, Ordering::Release);
                 state.shutdown.cancel();
+                stop.cancel();
             }
         };
-        // Small frames (acks, deltas) must leave at once, not wait for Nagle.
-        let listener = self.listener.tap_io(|tcp| {
-            if let Err(error) = tcp.set_nodelay(true) {
-                warn!(%error, "cannot set TCP_NODELAY");
-            }
-        });
-        // `into_make_service` shares the router between connections; serving a
-        // `Router` directly rebuilds its route table for every connection.
-        axum::serve(listener, routes.into_make_service())
-            .with_graceful_shutdown(stop_sessions)
-            .await
-            .map_err(StartError::Serve)?;
+        let signal = tokio::spawn(stop_sessions);
+        let server = server::Server::new(&state.config.server, state.connections.clone(), routes);
+        let connections = TaskTracker::new();
+        server.run(self.listener, stop, connections.clone()).await;
+        signal.abort();
+        // Connections still speaking HTTP finish their request and close
+        // (each bounded by the header and idle timeouts).
+        let deadline = tokio::time::Instant::now() + state.config.shutdown_grace();
+        connections.close();
+        if tokio::time::timeout_at(deadline, connections.wait()).await.is_err() {
+            warn!(remaining = connections.len(), "HTTP connections still open after the grace period");
+        }
         state.tracker.close();
-        if tokio::time::timeout(state.config.shutdown_grace(), state.tracker.wait()).await.is_err() {
+        if tokio::time::timeout_at(deadline, state.tracker.wait()).await.is_err() {
             warn!(remaining = state.tracker.len(), "sessions still running after the grace period");
         }
         if let Some(answerer) = self.embedded_answerer {
@@ -217,6 +227,17 @@ fn bind_listener(addr: SocketAddr) -> std::io::Result<TcpListener> {
     socket.set_reuseaddr(true)?;
     socket.bind(addr)?;
     socket.listen(LISTEN_BACKLOG)
+}
+
+/// Forgets the connection-rate state of addresses that have been quiet.
+async fn run_limits_upkeep(limits: Arc<server::limits::ConnectionLimits>, stop: CancellationToken) {
+    let mut interval = tokio::time::interval(Duration::from_secs(60));
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = interval.tick() => limits.upkeep(),
+        }
+    }
 }
 
 /// Drains the metrics histograms into their summaries every few seconds (the

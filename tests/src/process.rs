@@ -24,7 +24,26 @@ pub fn binary(name: &str) -> PathBuf {
 /// Starts `program args…`, waits for its first stdout line
 /// `listening on http://ADDR` and returns the child and the URL.
 async fn spawn_listening(program: &str, args: &[String]) -> anyhow::Result<(Child, String)> {
-    let mut child = Command::new(binary(program))
+    spawn_listening_with(program, args, None).await
+}
+
+/// [`spawn_listening`], optionally with a lower open-files limit (`RLIMIT_NOFILE`).
+async fn spawn_listening_with(program: &str, args: &[String], nofile: Option<u64>) -> anyhow::Result<(Child, String)> {
+    let mut command = Command::new(binary(program));
+    if let Some(limit) = nofile {
+        // SAFETY: setrlimit is async-signal-safe; the closure touches nothing else.
+        unsafe {
+            command.pre_exec(move || {
+                let limit = libc::rlimit { rlim_cur: limit, rlim_max: limit };
+                if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) == 0 {
+                    Ok(())
+                } else {
+                    Err(std::io::Error::last_os_error())
+                }
+            });
+        }
+    }
+    let mut child = command
         .args(args)
         .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()))
         .stdout(Stdio::piped())
@@ -106,7 +125,27 @@ impl Hub {
         hub
     }
 
+    /// Starts a hub (on the suite's backend) whose open-files limit is `nofile`.
+    pub async fn start_with_open_files(nofile: u64, extra: &[&str]) -> Hub {
+        let redis = match test_backend().as_str() {
+            "redis" => Some(crate::RedisServer::start().await),
+            _ => None,
+        };
+        let mut args: Vec<&str> = Vec::new();
+        if let Some(redis) = &redis {
+            args.extend(["--backend", "redis", "--redis-url", &redis.url]);
+        }
+        args.extend_from_slice(extra);
+        let mut hub = Self::spawn_with(&args, Some(nofile)).await;
+        hub.redis = redis;
+        hub
+    }
+
     async fn spawn(extra: &[&str]) -> Hub {
+        Self::spawn_with(extra, None).await
+    }
+
+    async fn spawn_with(extra: &[&str], nofile: Option<u64>) -> Hub {
         let mut args: Vec<String> = ["serve", "--listen", "127.0.0.1:0"].map(String::from).to_vec();
         if !extra.iter().any(|a| a.starts_with("--answerer-")) {
             args.extend(
@@ -114,7 +153,7 @@ impl Hub {
             );
         }
         args.extend(extra.iter().map(|a| a.to_string()));
-        let (child, url) = spawn_listening("fengda", &args).await.expect("start fengda");
+        let (child, url) = spawn_listening_with("fengda", &args, nofile).await.expect("start fengda");
         Hub { child, url, redis: None }
     }
 

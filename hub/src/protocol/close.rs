@@ -21,5 +21,8 @@ pub const CONVERSATION_NOT_FOUND: CloseReason = CloseReason { code: 4004, reason
 pub const SLOW_CONSUMER: CloseReason = CloseReason { code: 4008, reason: "slow consumer" };
 /// Nothing was heard from the client (not even a pong) within `idle_timeout`.
 pub const IDLE_TIMEOUT: CloseReason = CloseReason { code: 4010, reason: "idle timeout" };
+/// The user hit the cap on conversations created per window
+/// (`conversation.max_created_per_user`); reconnecting does not help until it passes.
+pub const TOO_MANY_CONVERSATIONS: CloseReason = CloseReason { code: 4429, reason: "too many conversations" };
 /// The conversation store could not be reached while the session started.
 pub const UNAVAILABLE: CloseReason = CloseReason { code: 4503, reason: "backend unavailable" };

@@ -52,6 +52,9 @@ pub enum ErrorCode {
     /// The conversation's log was lost and recreated (new epoch): events
     /// before it cannot be replayed.
     HistoryLost,
+    /// The user created `conversation.max_created_per_user` conversations
+    /// within the window; the message was NOT stored (then close 4429).
+    TooManyConversations,
 }
 
 impl ErrorCode {
@@ -69,6 +72,7 @@ impl ErrorCode {
             Self::Unavailable => "unavailable",
             Self::ConversationNotFound => "conversation_not_found",
             Self::HistoryLost => "history_lost",
+            Self::TooManyConversations => "too_many_conversations",
         }
     }
 }

@@ -42,11 +42,15 @@ export const CloseCode = Object.freeze({
   BAD_REQUEST: 4400,
   TOO_MANY_SOCKETS: 4409,
   RATE_LIMITED: 4429,
+  TOO_MANY_CONVERSATIONS: 4430,
   UNAVAILABLE: 4503,
 });
 
-/** Tenant, user and conversation ids the hub accepts (it refuses others before the upgrade). */
+/** Tenant and user ids the hub accepts (it refuses others before the upgrade). */
 export const ID_PATTERN = /^[A-Za-z0-9._:@-]{1,128}$/;
+
+/** Conversation ids: only the hub's own (it refuses others before the upgrade). */
+export const CONVERSATION_ID_PATTERN = /^[0-9a-f]{32}$/;
 
 /** Close codes after which the client stays closed instead of reconnecting. */
 const FINAL_CLOSE_CODES = new Set([CloseCode.NORMAL, CloseCode.POLICY, CloseCode.BAD_REQUEST]);
@@ -335,7 +339,7 @@ export class FengdaClient extends EventTarget {
     if (!this.storage) return;
     try {
       const saved = JSON.parse(this.storage.getItem(this.storageKey) || 'null');
-      if (saved && typeof saved.conversation === 'string') {
+      if (saved && typeof saved.conversation === 'string' && CONVERSATION_ID_PATTERN.test(saved.conversation)) {
         this.conversation = saved.conversation;
         this.epoch = typeof saved.epoch === 'string' ? saved.epoch : null;
         this.lastSeq = Number.isInteger(saved.seq) && saved.seq > 0 ? saved.seq : 0;
@@ -367,7 +371,9 @@ export class FengdaClient extends EventTarget {
     const u = new URL(this.endpoint, globalThis.location?.href);
     u.searchParams.set('tenant', this.tenant);
     u.searchParams.set('user', this.user);
-    if (this.conversation) {
+    // A conversation exists from its first stored message on: with nothing seen and nothing sent,
+    // naming it would only get 4004, so let the hub choose (the user's most recent, or a new one).
+    if (this.conversation && (this.lastSeq > 0 || this.outbox.size > 0)) {
       u.searchParams.set('conversation', this.conversation);
       u.searchParams.set('after', String(this.lastSeq));
       // Lets the hub tell us (`history_lost`) if this conversation's log was lost and recreated.

@@ -230,6 +230,14 @@ pub struct ConversationConfig {
     /// Sockets of one conversation open at once on one hub node; more are
     /// refused with `too_many_sockets` and 4409. Default 32.
     pub max_sockets: usize,
+    /// Conversations one user (of one tenant) may create within
+    /// `created_window_ms`; a conversation is created by its first stored
+    /// message, so sockets that never send one count for nothing. The next
+    /// first message is refused (`too_many_conversations`, close 4430).
+    /// 0 turns the cap off. Default 20.
+    pub max_created_per_user: u32,
+    /// The sliding window of `max_created_per_user`. Default 3600000 ms (1 hour).
+    pub created_window_ms: u64,
 }
 
 impl ConversationConfig {
@@ -241,6 +249,21 @@ impl ConversationConfig {
     pub fn reply_grace(&self) -> Duration {
         Duration::from_millis(self.reply_grace_ms)
     }
+
+    /// The per-user creation cap, `None` when it is off.
+    pub fn creation_limit(&self) -> Option<CreationLimit> {
+        (self.max_created_per_user > 0).then(|| CreationLimit {
+            max: self.max_created_per_user,
+            window: Duration::from_millis(self.created_window_ms),
+        })
+    }
+}
+
+/// At most `max` conversations created per user within any `window`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CreationLimit {
+    pub max: u32,
+    pub window: Duration,
 }
 
 /// The gRPC NLP service: endpoints, deadlines, retries, breaker, admission.
@@ -368,6 +391,8 @@ impl Default for ConversationConfig {
             retention_secs: 7 * 24 * 3600,
             reply_grace_ms: 15_000,
             max_sockets: 32,
+            max_created_per_user: 20,
+            created_window_ms: 60 * 60 * 1000,
         }
     }
 }
@@ -475,6 +500,9 @@ impl Config {
         if self.conversation.idle_window_ms == 0 {
             return invalid("conversation.idle_window_ms", "must be non-zero");
         }
+        if self.conversation.created_window_ms == 0 {
+            return invalid("conversation.created_window_ms", "must be non-zero");
+        }
         if self.conversation.history_turns > 1000 {
             return invalid("conversation.history_turns", "must be at most 1000");
         }
@@ -537,6 +565,12 @@ pub struct ServeArgs {
     /// How long a reply goes on with no socket of its conversation open, ms [default: 15000] (key `conversation.reply_grace_ms`).
     #[arg(long, env = "FENGDA_REPLY_GRACE_MS")]
     pub reply_grace_ms: Option<u64>,
+    /// Conversations one user may create per window; 0 = no cap [default: 20] (key `conversation.max_created_per_user`).
+    #[arg(long, env = "FENGDA_MAX_CREATED_PER_USER")]
+    pub max_created_per_user: Option<u32>,
+    /// The window of `--max-created-per-user`, ms [default: 3600000] (key `conversation.created_window_ms`).
+    #[arg(long, env = "FENGDA_CREATED_WINDOW_MS")]
+    pub created_window_ms: Option<u64>,
     /// External NLP service URL(s), comma-separated; unset runs the built-in answerer in-process (keys `nlp.url`, `nlp.urls`).
     #[arg(long, env = "FENGDA_NLP_URL", value_delimiter = ',')]
     pub nlp_url: Option<Vec<String>>,
@@ -663,6 +697,8 @@ impl ServeArgs {
         set(&mut config.conversation.retention_secs, self.retention_secs);
         set(&mut config.conversation.idle_window_ms, self.idle_window_ms);
         set(&mut config.conversation.reply_grace_ms, self.reply_grace_ms);
+        set(&mut config.conversation.max_created_per_user, self.max_created_per_user);
+        set(&mut config.conversation.created_window_ms, self.created_window_ms);
         if let Some(urls) = self.nlp_url {
             config.nlp.url = None;
             config.nlp.urls = urls.into_iter().filter(|url| !url.is_empty()).collect();

@@ -2,8 +2,15 @@
 //!
 //! Ids come from clients (tenant, user, conversation in the `/ws` query) or
 //! from the hub (conversation, reply, session). Parsing validates the shape
-//! once at the edge so the rest of the hub never sees an empty or oversized
-//! id, and `Arc<str>` makes cloning them into tasks and maps cheap.
+//! once at the edge, for every backend alike, so the rest of the hub never
+//! sees an empty, oversized or foreign id, and `Arc<str>` makes cloning them
+//! into tasks and maps cheap.
+//!
+//! Tenant and user ids are the client's: 1–128 bytes of `A–Z a–z 0–9 - _ . : @`.
+//! Conversation ids are the hub's own ([`ConversationId::generate`]): exactly
+//! 32 lowercase hex digits; anything else is refused, so a client can only
+//! name a conversation it was given. Redis names escape every id anyway
+//! (`backend::redis::keys`), so no choice of ids can make two of them meet.
 
 use std::fmt;
 use std::sync::Arc;
@@ -21,7 +28,12 @@ pub enum IdError {
     TooLong,
     #[error("may contain only letters, digits and - _ . : @")]
     BadChar,
+    #[error("must be a conversation id given by the hub in `ready` (32 lowercase hex digits)")]
+    NotHubConversation,
 }
+
+/// Length of a conversation id: a UUID v4 in lowercase hex without dashes.
+pub const CONVERSATION_ID_LEN: usize = 32;
 
 fn validate(raw: &str) -> Result<(), IdError> {
     if raw.is_empty() {
@@ -37,8 +49,18 @@ fn validate(raw: &str) -> Result<(), IdError> {
     Ok(())
 }
 
+/// The one shape of a conversation id: what [`ConversationId::generate`] makes.
+fn validate_conversation(raw: &str) -> Result<(), IdError> {
+    let hex = |b: &u8| b.is_ascii_digit() || (b'a'..=b'f').contains(b);
+    if raw.len() == CONVERSATION_ID_LEN && raw.as_bytes().iter().all(hex) {
+        Ok(())
+    } else {
+        Err(IdError::NotHubConversation)
+    }
+}
+
 macro_rules! string_id {
-    ($(#[$doc:meta])* $name:ident) => {
+    ($(#[$doc:meta])* $name:ident, $validate:path) => {
         $(#[$doc])*
         #[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
         pub struct $name(Arc<str>);
@@ -46,7 +68,7 @@ macro_rules! string_id {
         impl $name {
             /// Validates a client-supplied id.
             pub fn parse(raw: &str) -> Result<Self, IdError> {
-                validate(raw)?;
+                $validate(raw)?;
                 Ok(Self(raw.into()))
             }
 
@@ -71,15 +93,19 @@ macro_rules! string_id {
 
 string_id!(
     /// A customer organisation sharing the cluster (a bank, a telco...).
-    TenantId
+    TenantId,
+    validate
 );
 string_id!(
     /// A customer of a tenant, stable across devices and reconnects.
-    UserId
+    UserId,
+    validate
 );
 string_id!(
-    /// One conversation: a log of durable events numbered by seq.
-    ConversationId
+    /// One conversation: a log of durable events numbered by seq. Always
+    /// the hub's own random id (32 lowercase hex digits).
+    ConversationId,
+    validate_conversation
 );
 
 impl ConversationId {
@@ -149,5 +175,25 @@ mod tests {
         assert_eq!(UserId::parse(&"x".repeat(129)), Err(IdError::TooLong));
         assert_eq!(UserId::parse("a b"), Err(IdError::BadChar));
         assert_eq!(UserId::parse("../etc"), Err(IdError::BadChar));
+    }
+
+    #[test]
+    fn conversation_ids_are_only_the_hubs_own() {
+        let generated = ConversationId::generate();
+        assert_eq!(ConversationId::parse(generated.as_str()), Ok(generated));
+        for foreign in [
+            "",
+            "nope",
+            "c1",
+            "y:3f2a9c0e5b7d4e1f8a6c2b9d0e4f7a1c",
+            "3F2A9C0E5B7D4E1F8A6C2B9D0E4F7A1C",
+            "3f2a9c0e-5b7d-4e1f-8a6c-2b9d0e4f7a1c",
+            "3f2a9c0e5b7d4e1f8a6c2b9d0e4f7a1",
+            "3f2a9c0e5b7d4e1f8a6c2b9d0e4f7a1c0",
+            "3f2a9c0e5b7d4e1f8a6c2b9d0e4f7a1g",
+            "{3f2a9c0e5b7d4e1f8a6c2b9d0e4f7a}",
+        ] {
+            assert_eq!(ConversationId::parse(foreign), Err(IdError::NotHubConversation), "{foreign}");
+        }
     }
 }

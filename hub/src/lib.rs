@@ -122,12 +122,7 @@ impl App {
         let shutdown = CancellationToken::new();
         let backend: Arc<dyn Backend> = match config.backend {
             BackendKind::Memory => {
-                let memory = Arc::new(MemoryBackend::new(
-                    router,
-                    config.conversation.log_cap,
-                    Duration::from_millis(config.conversation.idle_window_ms),
-                    Duration::from_secs(config.conversation.retention_secs),
-                ));
+                let memory = Arc::new(MemoryBackend::new(router, &config.conversation));
                 tracker.spawn(memory.clone().run_sweeper(shutdown.clone()));
                 memory
             }

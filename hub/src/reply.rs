@@ -172,7 +172,7 @@ impl Replier {
             interrupted,
             cancelled,
         };
-        match self.backend.append(key, event, None).await {
+        match self.backend.append(key, event, None, None).await {
             Ok(Appended::New(seq)) => debug!(seq, fallback, interrupted, cancelled, "reply stored"),
             Ok(Appended::Duplicate(_)) => {}
             Err(error) => warn!(%error, "reply streamed but could not be stored"),
@@ -426,18 +426,15 @@ mod tests {
         use crate::ids::{SessionId, TenantId, UserId};
         use crate::router::{Outbound, Router, SessionCloser, SessionHandle};
 
-        let backend = MemoryBackend::new(
-            Arc::new(Router::default()),
-            10,
-            std::time::Duration::from_secs(60),
-            std::time::Duration::from_secs(3600),
-        );
-        let key = backend.open(&TenantId::parse("t").unwrap(), &UserId::parse("u").unwrap(), None).await.unwrap();
+        let backend = MemoryBackend::new(Arc::new(Router::default()), &crate::config::ConversationConfig::default());
+        let opened = backend.open(&TenantId::parse("t").unwrap(), &UserId::parse("u").unwrap(), None).await.unwrap();
+        let key = opened.key;
         let mut queues = Vec::new();
         for _ in 0..2 {
             let (tx, rx) = tokio::sync::mpsc::channel(8);
             let closer = SessionCloser::child_of(&CancellationToken::new());
-            backend.attach(&key, SessionHandle { id: SessionId::next(), tx, closer }, None).await.unwrap();
+            let session = SessionHandle { id: SessionId::next(), tx, closer };
+            backend.attach(&key, session, None, opened.pending.as_ref()).await.unwrap();
             queues.push(rx);
         }
         let mut reply = Draft::new(&backend, &key, "r-1", false);

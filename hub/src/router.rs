@@ -312,7 +312,10 @@ mod tests {
     use crate::ids::{ConversationId, TenantId};
 
     fn key() -> ConversationKey {
-        ConversationKey { tenant: TenantId::parse("t").unwrap(), conversation: ConversationId::parse("c").unwrap() }
+        ConversationKey {
+            tenant: TenantId::parse("t").unwrap(),
+            conversation: ConversationId::parse(&"c".repeat(32)).unwrap(),
+        }
     }
 
     fn session(capacity: usize) -> (SessionHandle, mpsc::Receiver<Box<Outbound>>) {

@@ -6,6 +6,7 @@
 //! - [`RecordingAnswerer`]: an in-test gRPC answerer that records every request.
 //! - [`RedisServer`]: a real `redis-server` on an ephemeral port.
 //! - [`resume`]: the lost-reply scenario (drop the only socket mid-reply, come back).
+//! - [`isolation`]: the colliding-ids attack (tenant `x` naming `y:<id>` of tenant `x:y`).
 //!
 //! `FENGDA_TEST_BACKEND` (`memory` or `redis`, required) is the backend of
 //! every [`Hub::start`]: with `redis` each hub runs against its own fresh
@@ -18,6 +19,7 @@
 
 mod answerer;
 mod client;
+pub mod isolation;
 mod process;
 mod redis;
 pub mod resume;

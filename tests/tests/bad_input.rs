@@ -58,6 +58,12 @@ async fn bad_upgrade_requests_get_json_4xx() {
         ("tenant=demo&user=a%20b", 400, "invalid_user"),
         ("tenant=demo&user=u1&after=-3", 400, "invalid_after"),
         ("tenant=demo&user=u1&conversation=..%2Fx", 400, "invalid_conversation"),
+        // Conversation ids are the hub's own: 32 lowercase hex digits, nothing else.
+        ("tenant=demo&user=u1&conversation=nope", 400, "invalid_conversation"),
+        ("tenant=demo&user=u1&conversation=y%3A3f2a9c0e5b7d4e1f8a6c2b9d0e4f7a1c", 400, "invalid_conversation"),
+        ("tenant=demo&user=u1&conversation=3F2A9C0E5B7D4E1F8A6C2B9D0E4F7A1C", 400, "invalid_conversation"),
+        ("tenant=demo&user=u1&conversation=3f2a9c0e5b7d4e1f8a6c2b9d0e4f7a1c0", 400, "invalid_conversation"),
+        ("tenant=demo&user=u1&conversation=%7B3f2a9c0e5b7d4e1f8a6c2b9d0e4f7a%7D", 400, "invalid_conversation"),
     ];
     for (query, status, code) in cases {
         let error = tokio_tungstenite::connect_async(hub.ws_url(query)).await.expect_err("must be refused");
@@ -67,6 +73,7 @@ async fn bad_upgrade_requests_get_json_4xx() {
         assert_eq!(response.status(), status, "{query}");
         let body: Value = serde_json::from_slice(response.body().as_deref().unwrap_or_default()).unwrap();
         assert_eq!(body["error"], code, "{query}");
+        assert!(body["message"].as_str().is_some_and(|m| !m.is_empty()), "{query}: {body}");
     }
 
     // A plain GET (no upgrade) is refused with JSON too.
@@ -94,7 +101,9 @@ async fn a_foreign_origin_is_refused() {
 #[tokio::test]
 async fn an_unknown_conversation_gets_an_error_and_4004() {
     let hub = Hub::start(&[]).await;
-    let mut client = Client::connect_unready(&hub.ws_url("tenant=demo&user=u1&conversation=nope")).await;
+    // Well formed, but never given by this hub.
+    let query = "tenant=demo&user=u1&conversation=0123456789abcdef0123456789abcdef";
+    let mut client = Client::connect_unready(&hub.ws_url(query)).await;
     assert_eq!(client.expect("error").await["code"], "conversation_not_found");
     let close = client.expect_close().await.expect("close frame");
     assert_eq!(u16::from(close.code), 4004);

@@ -3,7 +3,7 @@
 use std::collections::BTreeSet;
 use std::time::Duration;
 
-use fengda_tests::{Client, Hub, RecordingAnswerer, RedisServer, Script, resume};
+use fengda_tests::{Client, Hub, RecordingAnswerer, RedisServer, Script, isolation, resume};
 use serde_json::Value;
 
 async fn cluster(redis: &RedisServer, nodes: usize, extra: &[&str]) -> Vec<Hub> {
@@ -27,6 +27,8 @@ async fn sockets_on_two_nodes_see_the_same_gap_free_events_and_streamed_tokens()
     let redis = RedisServer::start().await;
     let nodes = cluster(&redis, 3, &[]).await;
     let mut on_a = Client::connect(&nodes[0].ws_url("tenant=demo&user=two-nodes")).await;
+    // A conversation exists, and can be joined by id, from its first message on.
+    on_a.ask("q-first", "Hello").await;
     let conversation = on_a.conversation();
     let mut on_b =
         Client::connect(&nodes[1].ws_url(&format!("tenant=demo&user=two-nodes&conversation={conversation}"))).await;
@@ -51,7 +53,7 @@ async fn sockets_on_two_nodes_see_the_same_gap_free_events_and_streamed_tokens()
         watcher_seqs.extend([message["seq"].as_u64().unwrap(), watched.done["seq"].as_u64().unwrap()]);
     }
     assert_eq!(a_seqs, b_seqs);
-    assert_eq!(a_seqs, (1..=6).collect::<Vec<_>>());
+    assert_eq!(a_seqs, (3..=8).collect::<Vec<_>>());
 }
 
 #[tokio::test]
@@ -62,11 +64,10 @@ async fn a_customer_moving_to_another_node_misses_nothing_and_keeps_context() {
     let mut phone = Client::connect(&nodes[0].ws_url(&format!("tenant=demo&user={user}"))).await;
     let conversation = phone.conversation();
     let epoch = phone.ready["epoch"].as_str().unwrap().to_owned();
+    phone.ask("p1", "Tell me about the Gold Card").await;
     let mut laptop =
         Client::connect(&nodes[1].ws_url(&format!("tenant=demo&user={user}&conversation={conversation}"))).await;
-    phone.ask("p1", "Tell me about the Gold Card").await;
-    laptop.expect("message").await;
-    laptop.read_reply().await;
+    assert_eq!(laptop.ready["epoch"], epoch.as_str(), "the epoch given before the first message is the log's");
     drop(phone);
 
     // While the phone is away, the laptop asks something.
@@ -92,6 +93,56 @@ async fn a_customer_moving_to_another_node_misses_nothing_and_keeps_context() {
     phone.send_message("p1", "Tell me about the Gold Card").await;
     assert_eq!(phone.expect("ack").await["seq"], 1);
     phone.assert_alive().await;
+}
+
+#[tokio::test]
+async fn a_tenant_cannot_reach_another_tenants_conversation_through_colliding_ids_on_another_node() {
+    let redis = RedisServer::start().await;
+    let nodes = cluster(&redis, 2, &[]).await;
+    isolation::colliding_ids_stay_apart(&nodes[0], &nodes[1], Some(&redis)).await;
+}
+
+#[tokio::test]
+async fn connect_only_sockets_leave_no_redis_key_behind() {
+    const SOCKETS: usize = 200;
+    let redis = RedisServer::start().await;
+    let nodes = cluster(&redis, 1, &[]).await;
+    let keys = || async { redis.cli(&["DBSIZE"]).await.parse::<u64>().expect("DBSIZE") };
+    let mut sockets = Vec::new();
+    for i in 0..SOCKETS {
+        // 50 users with 4 sockets each: new users, and users coming back.
+        let client = Client::connect(&nodes[0].ws_url(&format!("tenant=demo&user=probe-{}", i % 50))).await;
+        assert_eq!(client.ready["seq"], 0);
+        sockets.push(client);
+    }
+    assert_eq!(keys().await, 0, "open sockets that sent nothing created no key");
+    for socket in &mut sockets {
+        socket.ws.close(None).await.expect("close");
+    }
+    drop(sockets);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while nodes[0].metric("fengda_hub_sessions_open").await > 0.0 {
+        assert!(tokio::time::Instant::now() < deadline, "sessions did not end");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(keys().await, 0, "closed sockets that sent nothing left no key");
+
+    // One message creates exactly the conversation's keys and the user's two.
+    let mut client = Client::connect(&nodes[0].ws_url("tenant=demo&user=probe-0")).await;
+    client.ask("m1", "Hello").await;
+    let mut names: Vec<_> = redis.cli(&["KEYS", "*"]).await.lines().map(str::to_owned).collect();
+    names.sort();
+    let tag = format!("fengda:conv:{{demo:{}}}", client.conversation());
+    let expected = [
+        format!("{tag}:ids"),
+        format!("{tag}:log"),
+        format!("{tag}:meta"),
+        "fengda:user:{demo:probe-0}:created".to_owned(),
+        "fengda:user:{demo:probe-0}:latest".to_owned(),
+    ];
+    assert_eq!(names, expected);
+    let ttl: u64 = redis.cli(&["PTTL", "fengda:user:{demo:probe-0}:created"]).await.parse().unwrap();
+    assert!((1..=3_600_000).contains(&ttl), "the creation count lasts one window: {ttl} ms");
 }
 
 #[tokio::test]
@@ -127,6 +178,7 @@ async fn two_nodes_appending_concurrently_keep_seq_gap_free() {
     let redis = RedisServer::start().await;
     let nodes = cluster(&redis, 2, &["--max-pending-questions", "64", "--outbound-queue-frames", "4096"]).await;
     let mut a = Client::connect(&nodes[0].ws_url("tenant=demo&user=racer")).await;
+    a.ask("a-first", "Hello").await;
     let conversation = a.conversation();
     let mut b = Client::connect(&nodes[1].ws_url(&format!("tenant=demo&user=racer&conversation={conversation}"))).await;
     for i in 0..PER_SOCKET {
@@ -146,7 +198,7 @@ async fn two_nodes_appending_concurrently_keep_seq_gap_free() {
         }
         assert!(seen.windows(2).all(|w| w[0] < w[1]), "durable events arrive in strictly increasing seq order");
         let unique: BTreeSet<_> = seen.iter().copied().collect();
-        assert_eq!(unique, (1..=total).collect(), "every seq exactly once, no gaps");
+        assert_eq!(unique, (3..=total + 2).collect(), "every seq exactly once, no gaps");
     }
 }
 
@@ -197,11 +249,9 @@ async fn nodes_survive_a_redis_restart_and_route_again_by_themselves() {
     let nodes = cluster(&redis, 2, &[]).await;
     let mut a = Client::connect(&nodes[0].ws_url("tenant=demo&user=outage")).await;
     let conversation = a.conversation();
+    a.ask("m1", "Tell me about the Gold Card").await;
     let mut b =
         Client::connect(&nodes[1].ws_url(&format!("tenant=demo&user=outage&conversation={conversation}"))).await;
-    a.ask("m1", "Tell me about the Gold Card").await;
-    b.expect("message").await;
-    b.read_reply().await;
 
     redis.kill().await;
     // Sockets stay open; a message that cannot be stored gets `unavailable`, never an ack.
@@ -237,6 +287,7 @@ async fn a_node_subscribes_on_the_first_socket_and_unsubscribes_after_the_last()
     let conversation = first.conversation();
     let channel = format!("fengda:conv:{{demo:{conversation}}}:events");
     assert_eq!(conversation_channels().await, channel, "one channel, with the conversation's hash tag");
+    first.ask("m1", "Hello").await;
     let mut sockets = Vec::new();
     for _ in 0..3 {
         sockets.push(

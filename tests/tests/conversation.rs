@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use fengda_tests::{Client, Hub, RecordingAnswerer, Script, resume};
+use fengda_tests::{Client, Hub, RecordingAnswerer, Script, isolation, resume};
 use serde_json::Value;
 
 fn user() -> String {
@@ -105,6 +105,8 @@ async fn two_sockets_of_one_conversation_see_the_same_events() {
     let hub = Hub::start(&[]).await;
     let user = user();
     let mut phone = Client::connect(&hub.ws_url(&format!("tenant=demo&user={user}"))).await;
+    // A conversation exists, and can be joined by id, from its first message on.
+    phone.ask("q-first", "Hello").await;
     let conversation = phone.conversation();
     let mut laptop =
         Client::connect(&hub.ws_url(&format!("tenant=demo&user={user}&conversation={conversation}"))).await;
@@ -131,7 +133,7 @@ async fn two_sockets_of_one_conversation_see_the_same_events() {
         watcher_seqs.extend([message["seq"].as_u64().unwrap(), watched.done["seq"].as_u64().unwrap()]);
     }
     assert_eq!(phone_seqs, laptop_seqs);
-    assert_eq!(phone_seqs, (1..=6).collect::<Vec<_>>(), "seq is gap-free");
+    assert_eq!(phone_seqs, (3..=8).collect::<Vec<_>>(), "seq is gap-free");
 }
 
 #[tokio::test]
@@ -156,6 +158,78 @@ async fn tenants_and_users_do_not_share_conversations() {
         assert_eq!(error["code"], "conversation_not_found");
         let close = intruder.expect_close().await.expect("close frame");
         assert_eq!(u16::from(close.code), 4004);
+    }
+}
+
+#[tokio::test]
+async fn tenant_and_user_ids_that_overlap_when_joined_stay_apart() {
+    let hub = Hub::start(&[]).await;
+    isolation::colliding_ids_stay_apart(&hub, &hub, hub.redis.as_ref()).await;
+}
+
+#[tokio::test]
+async fn a_conversation_exists_from_its_first_message_with_the_epoch_ready_gave() {
+    let hub = Hub::start(&[]).await;
+    let user = user();
+    let connect_only = Client::connect(&hub.ws_url(&format!("tenant=demo&user={user}"))).await;
+    let unsent = connect_only.conversation();
+    assert_eq!(connect_only.ready["seq"], 0);
+    // Nothing was created: neither another socket naming it nor the user's next socket finds it.
+    let mut naming =
+        Client::connect_unready(&hub.ws_url(&format!("tenant=demo&user={user}&conversation={unsent}&after=0"))).await;
+    assert_eq!(naming.expect("error").await["code"], "conversation_not_found");
+    assert_eq!(u16::from(naming.expect_close().await.expect("close frame").code), 4004);
+    drop(connect_only);
+    let mut client = Client::connect(&hub.ws_url(&format!("tenant=demo&user={user}"))).await;
+    assert_ne!(client.conversation(), unsent, "a conversation nobody wrote in is not the user's most recent");
+
+    // The first message creates it, with the epoch `ready` announced.
+    let epoch = client.ready["epoch"].as_str().unwrap().to_owned();
+    let (ack, _) = client.ask("m1", "Tell me about the Gold Card").await;
+    assert_eq!(ack["seq"], 1);
+    let conversation = client.conversation();
+    for query in [format!("conversation={conversation}&after=0&epoch={epoch}"), format!("after=0&epoch={epoch}")] {
+        let mut laptop = Client::connect(&hub.ws_url(&format!("tenant=demo&user={user}&{query}"))).await;
+        assert_eq!(laptop.conversation(), conversation, "{query}");
+        assert_eq!((laptop.ready["seq"].as_u64(), laptop.ready["epoch"].as_str()), (Some(2), Some(epoch.as_str())));
+        assert_eq!(laptop.expect("message").await["id"], "m1", "replayed, not history_lost");
+        assert_eq!(laptop.expect("message").await["seq"], 2);
+        laptop.assert_alive().await;
+    }
+}
+
+#[tokio::test]
+async fn a_user_creating_too_many_conversations_is_refused_and_other_users_are_not() {
+    // A new conversation on every connect (idle window 1 ms), three per hour at most.
+    let hub = Hub::start(&["--max-created-per-user", "3", "--idle-window-ms", "1"]).await;
+    let mut created = std::collections::BTreeSet::new();
+    for i in 0..3 {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        let mut client = Client::connect(&hub.ws_url("tenant=demo&user=greedy")).await;
+        let (ack, _) = client.ask(&format!("m{i}"), "Hello").await;
+        assert_eq!(ack["seq"], 1);
+        created.insert(client.conversation());
+    }
+    assert_eq!(created.len(), 3, "three new conversations");
+
+    // The fourth: the socket opens (nothing is created yet), its first message is refused.
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    let mut fourth = Client::connect(&hub.ws_url("tenant=demo&user=greedy")).await;
+    assert!(!created.contains(&fourth.conversation()));
+    fourth.send_message("m3", "Hello").await;
+    let error = fourth.expect("error").await;
+    assert_eq!((error["code"].as_str(), error["id"].as_str()), (Some("too_many_conversations"), Some("m3")), "{error}");
+    let close = fourth.expect_close().await.expect("close frame");
+    assert_eq!(u16::from(close.code), 4430);
+
+    // Writing in a conversation that exists is no creation.
+    let existing = created.first().unwrap();
+    let mut back = Client::connect(&hub.ws_url(&format!("tenant=demo&user=greedy&conversation={existing}"))).await;
+    assert_eq!(back.ask("m4", "Hello again").await.0["seq"], 3);
+    // Another user of the tenant, and the same user id at another tenant, are unaffected.
+    for query in ["tenant=demo&user=modest", "tenant=telco&user=greedy"] {
+        let mut other = Client::connect(&hub.ws_url(query)).await;
+        assert_eq!(other.ask("m1", "Hello").await.0["seq"], 1, "{query}");
     }
 }
 

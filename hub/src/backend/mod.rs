@@ -14,6 +14,13 @@
 //! - `attach` returns the events after `after` and registers the session so
 //!   that no event is missed between the two; duplicates are possible and the
 //!   session drops any durable event with a seq it already sent.
+//! - Nothing durable exists before a conversation's first message: `open`
+//!   only reads, and a conversation it allocates ([`Opened::pending`]) is
+//!   created, owned by its user, with the epoch `ready` announced, by the
+//!   first `append` given that [`Pending`]. That append also counts against
+//!   the user's creation cap ([`crate::config::CreationLimit`]). A socket
+//!   that never sends leaves no trace (no Redis key, no map entry) once it
+//!   is gone.
 
 pub mod memory;
 pub mod redis;
@@ -113,9 +120,36 @@ pub enum Appended {
     Duplicate(u64),
 }
 
+/// The conversation `open` chose for a socket.
+#[derive(Debug, Clone)]
+pub struct Opened {
+    pub key: ConversationKey,
+    /// Set when the conversation may not exist yet (a new id, or the user's
+    /// recent one whose log was lost): what its first append creates.
+    pub pending: Option<Pending>,
+}
+
+/// A conversation allocated but not created: the first append that carries
+/// this creates its log, owned by `user`, with `epoch` (the one `ready`
+/// gave), unless the log exists by then with another owner or epoch.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Pending {
+    pub user: UserId,
+    pub epoch: String,
+}
+
+impl Pending {
+    pub fn new(user: &UserId) -> Self {
+        Self { user: user.clone(), epoch: crate::ids::generate_token() }
+    }
+}
+
 /// What a new session needs to start: where the log stands and what it missed.
 #[derive(Debug, Clone, Default)]
 pub struct Snapshot {
+    /// False when the conversation has no log yet (pending): `last_seq` is
+    /// 0 and `epoch` the one its first append will create it with.
+    pub exists: bool,
     /// The seq of the conversation's last durable event (0 if none).
     pub last_seq: u64,
     /// Identifies this incarnation of the log; it changes if the log was lost
@@ -136,25 +170,33 @@ pub enum BackendError {
     /// The store could not be reached; nothing was stored.
     #[error("conversation store unavailable: {0}")]
     Unavailable(String),
+    /// Creating this conversation would exceed the user's creation cap.
+    #[error("this user created {max} conversations within the last {window_secs} s; try again later")]
+    TooManyConversations { max: u32, window_secs: u64 },
 }
 
 #[async_trait]
 pub trait Backend: Send + Sync + 'static {
-    /// Chooses the conversation for a new socket: `requested` if it is one of
-    /// this user's, otherwise the user's most recent, otherwise a new one.
+    /// Chooses the conversation for a new socket: `requested` if it exists
+    /// and is this user's, otherwise the user's most recent, otherwise a new
+    /// one. An existing conversation becomes the user's most recent; a
+    /// pending one is left for its first append to create (nothing is written).
     async fn open(
         &self,
         tenant: &TenantId,
         user: &UserId,
         requested: Option<&ConversationId>,
-    ) -> Result<ConversationKey, BackendError>;
+    ) -> Result<Opened, BackendError>;
 
-    /// Registers a session for live events and returns what it missed after `after`.
+    /// Registers a session for live events and returns what it missed after
+    /// `after`. A conversation without a log is `ConversationNotFound`,
+    /// unless `pending` is given: then an empty snapshot with its epoch.
     async fn attach(
         &self,
         key: &ConversationKey,
         session: SessionHandle,
         after: Option<u64>,
+        pending: Option<&Pending>,
     ) -> Result<Snapshot, BackendError>;
 
     /// Stops live events to a session. Never fails: a session that is gone is gone.
@@ -179,11 +221,16 @@ pub trait Backend: Send + Sync + 'static {
     }
 
     /// Stores a durable event and delivers it to every attached session.
+    /// With `create`, a missing log is created first (within the user's
+    /// creation cap, else `TooManyConversations`) and becomes the user's
+    /// most recent conversation; a log that exists with another owner or
+    /// epoch is `ConversationNotFound`.
     async fn append(
         &self,
         key: &ConversationKey,
         event: NewEvent,
         origin: Option<SessionId>,
+        create: Option<&Pending>,
     ) -> Result<Appended, BackendError>;
 
     /// The last `limit` turns (customer, assistant and agent events), oldest first.

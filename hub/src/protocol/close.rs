@@ -25,5 +25,8 @@ pub const IDLE_TIMEOUT: CloseReason = CloseReason { code: 4010, reason: "idle ti
 pub const TOO_MANY_SOCKETS: CloseReason = CloseReason { code: 4409, reason: "too many sockets on this conversation" };
 /// The client kept sending frames faster than its rate limit allows.
 pub const RATE_LIMITED: CloseReason = CloseReason { code: 4429, reason: "too many frames" };
+/// The user hit the cap on conversations created per window
+/// (`conversation.max_created_per_user`); reconnecting does not help until it passes.
+pub const TOO_MANY_CONVERSATIONS: CloseReason = CloseReason { code: 4430, reason: "too many conversations" };
 /// The conversation store could not be reached while the session started.
 pub const UNAVAILABLE: CloseReason = CloseReason { code: 4503, reason: "backend unavailable" };

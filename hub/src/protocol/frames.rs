@@ -58,6 +58,9 @@ pub enum ErrorCode {
     /// The conversation already has `conversation.max_sockets` sockets on
     /// this hub node (then close 4409).
     TooManySockets,
+    /// The user created `conversation.max_created_per_user` conversations
+    /// within the window; the message was NOT stored (then close 4429).
+    TooManyConversations,
 }
 
 impl ErrorCode {
@@ -77,6 +80,7 @@ impl ErrorCode {
             Self::HistoryLost => "history_lost",
             Self::RateLimited => "rate_limited",
             Self::TooManySockets => "too_many_sockets",
+            Self::TooManyConversations => "too_many_conversations",
         }
     }
 }

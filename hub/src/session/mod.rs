@@ -57,20 +57,28 @@ pub fn run(socket: WebSocket, params: SessionParams, app: Arc<AppState>) -> impl
     let span = info_span!("session", tenant_id = %params.tenant, user_id = %params.user, session_id = %session_id, conversation_id = tracing::field::Empty);
     async move {
         let _open = OpenSession::count(&app);
-        let key = match app.backend.open(&params.tenant, &params.user, params.conversation.as_ref()).await {
-            Ok(key) => key,
+        let opened = match app.backend.open(&params.tenant, &params.user, params.conversation.as_ref()).await {
+            Ok(opened) => opened,
             Err(error) => return refuse(&mut socket, &error).await,
         };
+        let key = opened.key;
         tracing::Span::current().record("conversation_id", tracing::field::display(&key.conversation));
         let ws = &app.config.websocket;
         let closer = SessionCloser::child_of(&app.shutdown);
         let (out_tx, out_rx) = mpsc::channel(ws.outbound_queue_frames);
         let handle = SessionHandle { id: session_id, tx: out_tx.clone(), closer: closer.clone() };
-        let snapshot = match app.backend.attach(&key, handle.clone(), params.after).await {
+        let snapshot = match app.backend.attach(&key, handle.clone(), params.after, opened.pending.as_ref()).await {
             Ok(snapshot) => snapshot,
             Err(error) => return refuse(&mut socket, &error).await,
         };
-        debug!(last_seq = snapshot.last_seq, missed = snapshot.missed.len(), "session ready");
+        // Until its first message is stored, the conversation exists only for this socket.
+        let mut pending = opened.pending.filter(|_| !snapshot.exists);
+        debug!(
+            last_seq = snapshot.last_seq,
+            missed = snapshot.missed.len(),
+            pending = pending.is_some(),
+            "session ready"
+        );
 
         let conversation = key.conversation.as_str();
         let mut intro = Vec::with_capacity(2 + snapshot.missed.len());
@@ -110,10 +118,13 @@ pub fn run(socket: WebSocket, params: SessionParams, app: Arc<AppState>) -> impl
             capacity: ws.max_pending_questions,
             questions: None,
         };
-        let client_closed = reader::run_reader(&mut stream, &app, &params, &key, &handle, replies).await;
+        let client_closed = reader::run_reader(&mut stream, &app, &params, &key, &mut pending, &handle, replies).await;
         closer.close(close::NORMAL);
         app.backend.detach(&key, session_id).await;
-        app.backend.touch(&params.user, &key).await;
+        // A conversation that was never created leaves nothing to touch.
+        if pending.is_none() {
+            app.backend.touch(&params.user, &key).await;
+        }
         // Closing handshake: the writer sends our close frame; keep reading
         // until the client answers it, so the client sees the code before TCP goes.
         let _ = writer.await;
@@ -245,11 +256,7 @@ async fn nobody_came_back(app: &AppState, key: &ConversationKey, closer: &Sessio
 
 /// Ends a session that could not start: an `error` frame, then a close code.
 async fn refuse(socket: &mut WebSocket, error: &BackendError) {
-    let (code, reason): (&str, CloseReason) = match error {
-        BackendError::ConversationNotFound => (ErrorCode::ConversationNotFound.as_str(), close::CONVERSATION_NOT_FOUND),
-        BackendError::Unavailable(_) => (ErrorCode::Unavailable.as_str(), close::UNAVAILABLE),
-        BackendError::TooManySockets => (ErrorCode::TooManySockets.as_str(), close::TOO_MANY_SOCKETS),
-    };
+    let (code, reason) = refusal(error);
     if matches!(error, BackendError::TooManySockets) {
         metrics::counter!("fengda_hub_sessions_refused_total", "reason" => "too_many_sockets").increment(1);
         debug!(%error, "session refused");
@@ -260,6 +267,18 @@ async fn refuse(socket: &mut WebSocket, error: &BackendError) {
     let frame = ServerFrame::Error { code, message: &message, id: None }.encode();
     let _ = socket.send(Message::Text(frame)).await;
     let _ = socket.send(close_message(reason)).await;
+}
+
+/// The error code and close code that tell a client why the store refused.
+pub(crate) fn refusal(error: &BackendError) -> (&'static str, CloseReason) {
+    match error {
+        BackendError::ConversationNotFound => (ErrorCode::ConversationNotFound.as_str(), close::CONVERSATION_NOT_FOUND),
+        BackendError::Unavailable(_) => (ErrorCode::Unavailable.as_str(), close::UNAVAILABLE),
+        BackendError::TooManyConversations { .. } => {
+            (ErrorCode::TooManyConversations.as_str(), close::TOO_MANY_CONVERSATIONS)
+        }
+        BackendError::TooManySockets => (ErrorCode::TooManySockets.as_str(), close::TOO_MANY_SOCKETS),
+    }
 }
 
 pub(crate) fn close_message(reason: CloseReason) -> Message {

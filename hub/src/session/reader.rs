@@ -20,7 +20,7 @@ use tokio_tungstenite::tungstenite;
 use tracing::{debug, warn};
 
 use crate::AppState;
-use crate::backend::{Appended, BackendError, NewEvent};
+use crate::backend::{Appended, BackendError, NewEvent, Pending};
 use crate::ids::ConversationKey;
 use crate::protocol::close;
 use crate::protocol::{ClientFrame, ErrorCode, ServerFrame, parse_client_frame};
@@ -35,6 +35,7 @@ pub(super) async fn run_reader(
     app: &AppState,
     params: &SessionParams,
     key: &ConversationKey,
+    pending: &mut Option<Pending>,
     session: &SessionHandle,
     mut replies: Replies,
 ) -> bool {
@@ -98,7 +99,7 @@ pub(super) async fn run_reader(
                 Ok(ClientFrame::Cancel { reply }) => app.replier.cancel(key, &reply),
                 // Boxed: the reader's future lives as long as the socket, a message's handling only briefly.
                 Ok(ClientFrame::Message { id, text }) => {
-                    Box::pin(on_message(app, params, key, session, &mut replies, id, text)).await
+                    Box::pin(on_message(app, params, key, pending, session, &mut replies, id, text)).await
                 }
                 Err(error) => reply(session, error.to_frame()),
             },
@@ -113,10 +114,12 @@ pub(super) async fn run_reader(
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn on_message(
     app: &AppState,
     params: &SessionParams,
     key: &ConversationKey,
+    pending: &mut Option<Pending>,
     session: &SessionHandle,
     replies: &mut Replies,
     id: String,
@@ -132,7 +135,12 @@ async fn on_message(
         }
     };
     let event = NewEvent::customer(id.clone(), text.clone());
-    match app.backend.append(key, event, Some(session.id)).await {
+    let appended = app.backend.append(key, event, Some(session.id), pending.as_ref()).await;
+    if appended.is_ok() {
+        // The conversation exists from its first stored message on.
+        *pending = None;
+    }
+    match appended {
         // The ack went out through the router, in seq order with other events.
         Ok(Appended::New(seq)) => {
             permit.send(Box::new(Question { seq, text, received, timing: params.timing }));
@@ -149,6 +157,13 @@ async fn on_message(
             let message = "this conversation no longer exists; reconnect";
             reply(session, error_frame(ErrorCode::ConversationNotFound, message, Some(&id)));
             session.closer.close(close::CONVERSATION_NOT_FOUND);
+        }
+        Err(error @ BackendError::TooManyConversations { .. }) => {
+            warn!(%error, "conversation not created: the user's creation cap is reached");
+            let (code, reason) = crate::session::refusal(&error);
+            let message = error.to_string();
+            reply(session, ServerFrame::Error { code, message: &message, id: Some(&id) }.encode());
+            session.closer.close(reason);
         }
         Err(error) => {
             warn!(%error, "message not stored");

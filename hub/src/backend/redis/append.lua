@@ -3,12 +3,27 @@
 -- ARGV: 1 from, 2 id, 3 text, 4 flags (letters: f fallback, i interrupted,
 --       c cancelled), 5 now_ms, 6 log cap,
 --       7 retention seconds, 8 channel, 9 origin ("node/session" or ""),
---       10 timing JSON for reply.done (published, not stored; may be "")
+--       10 timing JSON for reply.done (published, not stored; may be ""),
+--       11 owner and 12 epoch to create the log with if it is missing
+--       (both "" to never create)
 -- Returns {1, seq} when stored, {0, seq} for a customer message id already
--- stored, {-1, 0} when the conversation does not exist (lost or expired).
+-- stored, {-1, 0} when the conversation does not exist (lost or expired),
+-- or, when creating, exists with another owner or epoch.
 local meta, log, ids = KEYS[1], KEYS[2], KEYS[3]
+local owner, epoch = ARGV[11], ARGV[12]
 if redis.call('EXISTS', meta) == 0 then
-  return {-1, 0}
+  if owner == '' then
+    return {-1, 0}
+  end
+  -- A new log, or a lost one started again: leftovers of a lost one (its
+  -- list or ids, if they outlived the meta) go, so the epoch starts clean.
+  redis.call('DEL', log, ids)
+  redis.call('HSET', meta, 'user', owner, 'epoch', epoch, 'seq', 0, 'created_ms', ARGV[5])
+elseif owner ~= '' then
+  local current = redis.call('HMGET', meta, 'user', 'epoch')
+  if current[1] ~= owner or current[2] ~= epoch then
+    return {-1, 0}
+  end
 end
 local from, id = ARGV[1], ARGV[2]
 if from == 'customer' then

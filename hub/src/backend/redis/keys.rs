@@ -1,13 +1,43 @@
 //! Every Redis key and channel name the hub uses, in one place.
 //!
-//! Shape: `<prefix>:conv:{<tenant>:<conversation>}:<part>` and
-//! `<prefix>:user:{<tenant>:<user>}:latest`. The prefix separates
-//! deployments sharing a Redis; the tenant is in every name. All keys and the
-//! channel of one conversation share the hash tag `{tenant:conversation}`,
-//! so the atomic append touches a single Redis Cluster slot and a move to
-//! sharded pub/sub (`SPUBLISH`/`SSUBSCRIBE`) changes no name.
+//! Shape: `<prefix>:conv:{<tenant>:<conversation>}:<part>`,
+//! `<prefix>:user:{<tenant>:<user>}:<part>` and `<prefix>:node:<node>:heartbeat`.
+//! The prefix separates deployments sharing a Redis; the tenant is in every
+//! conversation and user name.
+//!
+//! Names are injective: each id is percent-escaped ([`escape`]: `%`, `:`,
+//! `{`, `}`, control and non-ASCII bytes become `%XX`) before it is joined,
+//! so an escaped id never holds the `:` that separates it from the next one
+//! nor a brace, and no two (tenant, conversation) or (tenant, user) pairs
+//! can ever produce the same name, whatever characters the ids hold (tenant
+//! `x:y` with conversation `c` is `{x%3Ay:c}`, tenant `x` with conversation
+//! `y:c` would be `{x:y%3Ac}`). Ids of the usual alphabet are unchanged.
+//!
+//! All keys and the channel of one conversation share the hash tag
+//! `{tenant:conversation}` (no escaped id holds a brace, so Redis Cluster
+//! hashes exactly that part), so the atomic append touches a single slot and
+//! a move to sharded pub/sub (`SPUBLISH`/`SSUBSCRIBE`) changes no name; a
+//! user's keys share `{tenant:user}` likewise.
+
+use std::borrow::Cow;
+
+use percent_encoding::{AsciiSet, CONTROLS, utf8_percent_encode};
 
 use crate::ids::{ConversationKey, TenantId, UserId};
+
+/// Bytes escaped in ids: the separator, the hash-tag braces, and `%` itself
+/// (so escaping stays reversible); controls and non-ASCII always are.
+const ESCAPED: &AsciiSet = &CONTROLS.add(b'%').add(b':').add(b'{').add(b'}');
+
+/// An id as it appears inside a name: no `:`, `{` or `}`, and reversible.
+fn escape(id: &str) -> Cow<'_, str> {
+    utf8_percent_encode(id, ESCAPED).into()
+}
+
+/// `<prefix>:<kind>:{<a>:<b>}:<part>` with both ids escaped.
+fn tagged(prefix: &str, kind: &str, a: &str, b: &str, part: &str) -> String {
+    format!("{prefix}:{kind}:{{{}:{}}}:{part}", escape(a), escape(b))
+}
 
 #[derive(Debug, Clone)]
 pub struct Keys {
@@ -20,7 +50,11 @@ impl Keys {
     }
 
     fn conversation(&self, key: &ConversationKey, part: &str) -> String {
-        format!("{}:conv:{{{}:{}}}:{part}", self.prefix, key.tenant, key.conversation)
+        tagged(&self.prefix, "conv", key.tenant.as_str(), key.conversation.as_str(), part)
+    }
+
+    fn user(&self, tenant: &TenantId, user: &UserId, part: &str) -> String {
+        tagged(&self.prefix, "user", tenant.as_str(), user.as_str(), part)
     }
 
     /// HASH: `user`, `epoch`, `seq` (last assigned), `created_ms`.
@@ -45,27 +79,145 @@ impl Keys {
 
     /// HASH: the user's most recent `conversation` and its `last_active_ms`.
     pub fn latest(&self, tenant: &TenantId, user: &UserId) -> String {
-        format!("{}:user:{{{tenant}:{user}}}:latest", self.prefix)
+        self.user(tenant, user, "latest")
+    }
+
+    /// ZSET: the conversations the user created lately → when (ms), for
+    /// the per-user creation cap.
+    pub fn created(&self, tenant: &TenantId, user: &UserId) -> String {
+        self.user(tenant, user, "created")
+    }
+
+    /// Pub/sub channel each node subscribes for its whole life (node ids
+    /// are the hub's hex tokens).
+    pub fn heartbeat(&self, node: &str) -> String {
+        format!("{}:node:{node}:heartbeat", self.prefix)
     }
 }
 
 #[cfg(test)]
 mod tests {
+    use proptest::prelude::*;
+
     use super::*;
     use crate::ids::ConversationId;
+
+    const CONVERSATION: &str = "3f2a9c0e5b7d4e1f8a6c2b9d0e4f7a1c";
+
+    fn conversation_key(tenant: &str, conversation: &str) -> ConversationKey {
+        ConversationKey {
+            tenant: TenantId::parse(tenant).unwrap(),
+            conversation: ConversationId::parse(conversation).unwrap(),
+        }
+    }
+
+    /// The part of a name Redis Cluster hashes: between the first `{` and
+    /// the first `}` after it, if not empty; else the whole name.
+    fn hash_tag(name: &str) -> &str {
+        if let Some(open) = name.find('{')
+            && let Some(len) = name[open + 1..].find('}')
+            && len > 0
+        {
+            return &name[open + 1..open + 1 + len];
+        }
+        name
+    }
 
     #[test]
     fn one_conversation_shares_one_hash_tag() {
         let keys = Keys::new("fengda");
-        let key = ConversationKey {
-            tenant: TenantId::parse("bank-a").unwrap(),
-            conversation: ConversationId::parse("c1").unwrap(),
-        };
-        assert_eq!(keys.meta(&key), "fengda:conv:{bank-a:c1}:meta");
-        assert_eq!(keys.log(&key), "fengda:conv:{bank-a:c1}:log");
-        assert_eq!(keys.message_ids(&key), "fengda:conv:{bank-a:c1}:ids");
-        assert_eq!(keys.channel(&key), "fengda:conv:{bank-a:c1}:events");
-        let latest = keys.latest(&TenantId::parse("bank-a").unwrap(), &UserId::parse("alice").unwrap());
-        assert_eq!(latest, "fengda:user:{bank-a:alice}:latest");
+        let key = conversation_key("bank-a", CONVERSATION);
+        let tag = format!("fengda:conv:{{bank-a:{CONVERSATION}}}");
+        assert_eq!(keys.meta(&key), format!("{tag}:meta"));
+        assert_eq!(keys.log(&key), format!("{tag}:log"));
+        assert_eq!(keys.message_ids(&key), format!("{tag}:ids"));
+        assert_eq!(keys.channel(&key), format!("{tag}:events"));
+        let (tenant, user) = (TenantId::parse("bank-a").unwrap(), UserId::parse("alice").unwrap());
+        assert_eq!(keys.latest(&tenant, &user), "fengda:user:{bank-a:alice}:latest");
+        assert_eq!(keys.created(&tenant, &user), "fengda:user:{bank-a:alice}:created");
+    }
+
+    #[test]
+    fn ids_with_the_separator_are_escaped_so_the_known_collisions_are_gone() {
+        let keys = Keys::new("fengda");
+        // Tenant `x:y` with conversation c, and what tenant `x` naming `y:c` used to reach.
+        let victim = conversation_key("x:y", CONVERSATION);
+        assert_eq!(keys.log(&victim), format!("fengda:conv:{{x%3Ay:{CONVERSATION}}}:log"));
+        assert_ne!(tagged("fengda", "conv", "x", &format!("y:{CONVERSATION}"), "log"), keys.log(&victim));
+        let id = |raw: &str| UserId::parse(raw).unwrap();
+        let tenant = |raw: &str| TenantId::parse(raw).unwrap();
+        let one = keys.latest(&tenant("a:b"), &id("c"));
+        let other = keys.latest(&tenant("a"), &id("b:c"));
+        assert_eq!((one.as_str(), other.as_str()), ("fengda:user:{a%3Ab:c}:latest", "fengda:user:{a:b%3Ac}:latest"));
+    }
+
+    /// Ids drawn from an alphabet where naive joins collide often: the
+    /// separator, braces, `%` and what escapes look like, possibly empty,
+    /// up to the longest id a client may send.
+    fn id() -> impl Strategy<Value = String> {
+        let piece = prop::sample::select(vec!["a", "b", ":", "{", "}", "%", "3A", "%3A", "", "é", "\n"]);
+        prop_oneof![
+            prop::collection::vec(piece, 0..6).prop_map(|pieces| pieces.concat()),
+            prop::collection::vec(prop::sample::select(vec!['a', ':', '{', '}', '%']), 128)
+                .prop_map(|chars| chars.into_iter().collect()),
+        ]
+    }
+
+    /// Two pairs: independent, or the second cut from the first's naive
+    /// join `<a>:<b>` at another `:` (or anywhere), the pairs that collide
+    /// when ids are joined as they are.
+    fn two_pairs() -> impl Strategy<Value = ((String, String), (String, String))> {
+        ((id(), id()), (id(), id()), any::<prop::sample::Index>(), any::<bool>()).prop_map(|(a, other, at, colons)| {
+            let joined = format!("{}:{}", a.0, a.1);
+            let cuts: Vec<usize> = joined
+                .char_indices()
+                .filter(|(_, c)| !colons || *c == ':')
+                .map(|(i, _)| i)
+                .chain((!colons).then_some(joined.len()))
+                .collect();
+            let b = match cuts.get(at.index(cuts.len().max(1))) {
+                Some(&cut) if colons => (joined[..cut].to_owned(), joined[cut + 1..].to_owned()),
+                Some(&cut) => (joined[..cut].to_owned(), joined[cut..].to_owned()),
+                None => other,
+            };
+            (a, b)
+        })
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(1024))]
+
+        #[test]
+        fn distinct_pairs_never_share_a_name((a, b) in two_pairs(), part in 0usize..2) {
+            let kinds = ["conv", "user"];
+            let parts = [["meta", "log", "ids", "events"], ["latest", "created", "latest", "created"]];
+            for (k, kind) in kinds.iter().enumerate() {
+                for name in parts[k] {
+                    let (x, y) = (tagged("fengda", kind, &a.0, &a.1, name), tagged("fengda", kind, &b.0, &b.1, name));
+                    prop_assert_eq!(x == y, a == b, "{} vs {}", x, y);
+                }
+            }
+            // Names of different kinds or parts never meet either.
+            let kind = kinds[part];
+            prop_assert_ne!(tagged("fengda", kind, &a.0, &a.1, "log"), tagged("fengda", kinds[1 - part], &b.0, &b.1, "log"));
+            prop_assert_ne!(tagged("fengda", kind, &a.0, &a.1, "log"), tagged("fengda", kind, &b.0, &b.1, "ids"));
+        }
+
+        #[test]
+        fn every_name_of_a_pair_hashes_its_own_whole_tag(pair in (id(), id())) {
+            let names: Vec<_> =
+                ["meta", "log", "ids", "events"].map(|part| tagged("fengda", "conv", &pair.0, &pair.1, part)).into();
+            let tag = format!("{}:{}", escape(&pair.0), escape(&pair.1));
+            for name in &names {
+                prop_assert_eq!(hash_tag(name), tag.as_str(), "{}", name);
+            }
+        }
+
+        #[test]
+        fn escaping_is_reversible(raw in id()) {
+            let escaped = escape(&raw);
+            prop_assert!(!escaped.contains([':', '{', '}']), "{}", escaped);
+            prop_assert_eq!(percent_encoding::percent_decode_str(&escaped).decode_utf8().unwrap(), raw.as_str());
+        }
     }
 }

@@ -6,6 +6,9 @@
 //! refreshed to the retention TTL on every append. Append is one Lua script
 //! (`append.lua`): check duplicate, assign seq, push, trim, publish — atomic,
 //! so two nodes appending to one conversation can never race or leave a gap.
+//! Opening a socket writes nothing for a conversation that has no log yet:
+//! the first message's append creates it (same script), after counting it
+//! against the user's creation cap (`quota.lua`, in the user's slot).
 //!
 //! Routing: pub/sub is the doorbell, the log is the truth. Every event of a
 //! conversation is published once on its channel; a node subscribes (on one
@@ -56,8 +59,8 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 
-use super::{Appended, Backend, BackendError, NewEvent, Snapshot, StoredEvent, now_ms};
-use crate::config::{ConversationConfig, RedisConfig};
+use super::{Appended, Backend, BackendError, NewEvent, Opened, Pending, Snapshot, StoredEvent, now_ms};
+use crate::config::{ConversationConfig, CreationLimit, RedisConfig};
 use crate::ids::{ConversationId, ConversationKey, SessionId, TenantId, UserId, generate_token};
 use crate::protocol::{ReplyTiming, Role};
 use crate::router::{Router, SessionHandle};
@@ -109,9 +112,10 @@ struct Shared {
     heartbeat_channel: String,
     publish_tx: mpsc::Sender<Publish>,
     append: Script,
-    create: Script,
+    quota: Script,
     read_after: Script,
     log_cap: usize,
+    creation_limit: Option<CreationLimit>,
     retention_secs: u64,
     idle_window_ms: u64,
     command_timeout: Duration,
@@ -158,10 +162,11 @@ impl RedisBackend {
 
         let (publish_tx, publish_rx) = mpsc::channel(PUBLISH_QUEUE);
         let node_id = generate_token();
-        let heartbeat_channel = format!("{}:node:{node_id}:heartbeat", config.key_prefix);
+        let keys = Keys::new(&config.key_prefix);
+        let heartbeat_channel = keys.heartbeat(&node_id);
         let shared = Arc::new(Shared {
             router,
-            keys: Keys::new(&config.key_prefix),
+            keys,
             node_id,
             commands,
             subscriber,
@@ -173,9 +178,10 @@ impl RedisBackend {
             heartbeat_channel,
             publish_tx,
             append: Script::new(include_str!("append.lua")),
-            create: Script::new(include_str!("create.lua")),
+            quota: Script::new(include_str!("quota.lua")),
             read_after: Script::new(include_str!("read_after.lua")),
             log_cap: conversation.log_cap,
+            creation_limit: conversation.creation_limit(),
             retention_secs: conversation.redis_retention_secs(config),
             idle_window_ms: conversation.idle_window_ms,
             command_timeout,
@@ -240,20 +246,30 @@ impl Shared {
         Ok(Some((seq, epoch, events)))
     }
 
-    /// Creates a conversation log owned by `user`, or revives a lost one
-    /// with a fresh epoch and nothing of the old one (`create.lua`).
-    async fn create_log(&self, key: &ConversationKey, user: &UserId) -> Result<(), BackendError> {
+    /// Counts the creation of `key`'s conversation against its user's cap
+    /// (`quota.lua`; counting one conversation twice is a no-op).
+    async fn count_creation(&self, key: &ConversationKey, user: &UserId) -> Result<(), BackendError> {
+        let Some(limit) = self.creation_limit else {
+            return Ok(());
+        };
         let mut con = self.commands.clone();
-        let mut invocation = self.create.prepare_invoke();
+        let mut invocation = self.quota.prepare_invoke();
         invocation
-            .key(self.keys.meta(key))
-            .key(self.keys.log(key))
-            .key(self.keys.message_ids(key))
-            .arg(user.as_str())
-            .arg(generate_token())
+            .key(self.keys.created(&key.tenant, user))
+            .arg(key.conversation.as_str())
             .arg(now_ms())
-            .arg(self.retention_secs);
-        self.call(invocation.invoke_async::<i64>(&mut con)).await.map(drop)
+            .arg(limit.window.as_millis() as u64)
+            .arg(limit.max);
+        match self.call(invocation.invoke_async::<i64>(&mut con)).await? {
+            1 => Ok(()),
+            _ => Err(BackendError::TooManyConversations { max: limit.max, window_secs: limit.window.as_secs() }),
+        }
+    }
+
+    /// The owner of a conversation, `None` if it has no log.
+    async fn owner(&self, key: &ConversationKey) -> Result<Option<String>, BackendError> {
+        let mut con = self.commands.clone();
+        self.call(redis::cmd("HGET").arg(self.keys.meta(key)).arg("user").query_async(&mut con)).await
     }
 
     /// Refreshes the retention of a conversation's keys and the user's
@@ -267,18 +283,6 @@ impl Shared {
             pipe.cmd("EXPIRE").arg(name).arg(self.retention_secs).ignore();
         }
         self.point_latest(&mut pipe, &key.tenant, user, &key.conversation);
-        self.call(pipe.query_async::<()>(&mut con)).await
-    }
-
-    async fn set_latest(
-        &self,
-        tenant: &TenantId,
-        user: &UserId,
-        conversation: &ConversationId,
-    ) -> Result<(), BackendError> {
-        let mut con = self.commands.clone();
-        let mut pipe = redis::pipe();
-        self.point_latest(pipe.atomic(), tenant, user, conversation);
         self.call(pipe.query_async::<()>(&mut con)).await
     }
 
@@ -507,19 +511,17 @@ impl Backend for RedisBackend {
         tenant: &TenantId,
         user: &UserId,
         requested: Option<&ConversationId>,
-    ) -> Result<ConversationKey, BackendError> {
+    ) -> Result<Opened, BackendError> {
         let shared = &self.shared;
-        let mut con = shared.commands.clone();
         if let Some(conversation) = requested {
             let key = ConversationKey { tenant: tenant.clone(), conversation: conversation.clone() };
-            let owner: Option<String> =
-                shared.call(redis::cmd("HGET").arg(shared.keys.meta(&key)).arg("user").query_async(&mut con)).await?;
-            if owner.as_deref() != Some(user.as_str()) {
+            if shared.owner(&key).await?.as_deref() != Some(user.as_str()) {
                 return Err(BackendError::ConversationNotFound);
             }
-            shared.set_latest(tenant, user, conversation).await?;
-            return Ok(key);
+            shared.refresh(user, &key).await?;
+            return Ok(Opened { key, pending: None });
         }
+        let mut con = shared.commands.clone();
         let latest: (Option<String>, Option<u64>) = shared
             .call(
                 redis::cmd("HMGET")
@@ -537,13 +539,21 @@ impl Backend for RedisBackend {
             }
             _ => None,
         };
-        let conversation = recent.unwrap_or_else(ConversationId::generate);
-        let key = ConversationKey { tenant: tenant.clone(), conversation };
-        // New, or recent but possibly lost (flush, failover, expiry): either
-        // way make sure the log exists; a revived log gets a new epoch.
-        shared.create_log(&key, user).await?;
-        shared.set_latest(tenant, user, &key.conversation).await?;
-        Ok(key)
+        if let Some(conversation) = recent {
+            let key = ConversationKey { tenant: tenant.clone(), conversation };
+            match shared.owner(&key).await? {
+                Some(owner) if owner == user.as_str() => {
+                    shared.refresh(user, &key).await?;
+                    return Ok(Opened { key, pending: None });
+                }
+                // Lost (flush, failover, expiry): its first message starts it
+                // again under the same id, with a new epoch.
+                None => return Ok(Opened { key, pending: Some(Pending::new(user)) }),
+                Some(_) => {}
+            }
+        }
+        let key = ConversationKey { tenant: tenant.clone(), conversation: ConversationId::generate() };
+        Ok(Opened { key, pending: Some(Pending::new(user)) })
     }
 
     async fn attach(
@@ -551,6 +561,7 @@ impl Backend for RedisBackend {
         key: &ConversationKey,
         session: SessionHandle,
         after: Option<u64>,
+        pending: Option<&Pending>,
     ) -> Result<Snapshot, BackendError> {
         let shared = &self.shared;
         let session_id = session.id;
@@ -588,7 +599,12 @@ impl Backend for RedisBackend {
                 if subscribed.is_some() {
                     shared.router.delivered_up_to(key, last_seq);
                 }
-                Ok(Snapshot { last_seq, epoch, missed })
+                Ok(Snapshot { exists: true, last_seq, epoch, missed })
+            }
+            // Not created yet: subscribed all the same, so the session hears
+            // its conversation from the first event on.
+            Ok(None) if let Some(pending) = pending => {
+                Ok(Snapshot { exists: false, last_seq: 0, epoch: pending.epoch.clone(), missed: Vec::new() })
             }
             Ok(None) => {
                 self.detach(key, session_id).await;
@@ -652,8 +668,12 @@ impl Backend for RedisBackend {
         key: &ConversationKey,
         event: NewEvent,
         origin: Option<SessionId>,
+        create: Option<&Pending>,
     ) -> Result<Appended, BackendError> {
         let shared = &self.shared;
+        if let Some(create) = create {
+            shared.count_creation(key, &create.user).await?;
+        }
         let from = match event.from {
             Role::Customer => "customer",
             Role::Assistant => "assistant",
@@ -676,13 +696,22 @@ impl Backend for RedisBackend {
             .arg(shared.retention_secs)
             .arg(shared.keys.channel(key))
             .arg(shared.origin_of(origin))
-            .arg(event.timing.map(|t| serde_json::to_string(&t).unwrap_or_default()).unwrap_or_default());
+            .arg(event.timing.map(|t| serde_json::to_string(&t).unwrap_or_default()).unwrap_or_default())
+            .arg(create.map_or("", |c| c.user.as_str()))
+            .arg(create.map_or("", |c| c.epoch.as_str()));
         match shared.call(invocation.invoke_async::<(i64, u64)>(&mut con)).await? {
             (1, seq) => {
                 // This node's sockets get it now; the echo through pub/sub is dropped by seq.
                 let timing = event.timing;
                 let stored = event.stored(seq, at_ms);
                 shared.router.deliver_appended(key, &stored, origin, timing.as_ref());
+                // A new conversation is the user's most recent (best effort,
+                // like every touch: the message is stored either way).
+                if let Some(create) = create
+                    && let Err(error) = shared.refresh(&create.user, key).await
+                {
+                    debug!(%error, "could not point the user to the new conversation");
+                }
                 Ok(Appended::New(seq))
             }
             (0, seq) => Ok(Appended::Duplicate(seq)),

@@ -256,6 +256,8 @@ async fn behind_a_trusted_proxy_the_forwarded_address_is_limited_not_the_proxy()
 async fn a_conversation_takes_only_so_many_sockets_per_node() {
     let hub = Hub::start(&["--max-sockets-per-conversation", "3"]).await;
     let mut first = Client::connect(&hub.ws_url("tenant=t&user=crowd")).await;
+    // A conversation can be named once its first message is stored.
+    first.ask("m0", "hello").await;
     let url = hub.ws_url(&format!("tenant=t&user=crowd&conversation={}", first.conversation()));
     let mut others = vec![Client::connect(&url).await, Client::connect(&url).await];
     for _ in 0..2 {

@@ -5,14 +5,16 @@
 //! - [`config`]: the one typed [`Config`] and the `serve` flags.
 //! - [`ids`]: validated newtype ids (`TenantId`, `ConversationId`, …).
 //! - [`protocol`]: the wire contract: frames, error codes, close codes.
-//! - [`http`]: routes: `/ws` upgrade, `/healthz`, `/readyz`, the web demo.
+//! - [`http`]: routes and listeners: `/ws` upgrade, `/healthz`, `/readyz`, the
+//!   web demo on the public port; `/metrics` on the admin port.
 //! - [`session`]: one connection: reader, writer, bounded outbound queue.
 //! - [`router`]: this node's sockets by conversation; encode once, fan out.
 //! - [`backend`]: the conversation store seam (logs, seqs, delivery): in memory, or Redis for clusters.
 //! - [`reply`]: one question's answer: history, NLP stream, deltas, stored reply.
 //! - [`nlp`]: the NLP endpoints: gRPC clients, breakers, retries, admission.
+//! - [`redact`]: URLs as logs and metric labels show them (no credentials).
 //!
-//! [`App::build`] binds the listener (and, without `nlp.url`, loads the
+//! [`App::build`] binds the listeners (and, without `nlp.url`, loads the
 //! built-in answerer, called in-process through its service trait);
 //! [`App::run`] serves until the shutdown future resolves, then closes every
 //! session with 1001 and waits for its tasks within `shutdown_grace_ms`.
@@ -23,6 +25,7 @@ pub mod http;
 pub mod ids;
 pub mod nlp;
 pub mod protocol;
+pub mod redact;
 pub mod reply;
 pub mod router;
 pub mod session;
@@ -33,7 +36,6 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
-use axum::serve::ListenerExt;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -60,7 +62,7 @@ pub struct AppState {
     pub accepting: AtomicBool,
     /// Sessions running on this node (sockets past the upgrade).
     pub sessions_open: AtomicUsize,
-    /// Renders `/metrics` (Prometheus text format).
+    /// Renders `/metrics` (Prometheus text format, on the admin listener).
     pub metrics: Option<metrics_exporter_prometheus::PrometheusHandle>,
 }
 
@@ -85,6 +87,9 @@ pub const IN_PROCESS: &str = "in-process";
 pub struct App {
     listener: TcpListener,
     local_addr: SocketAddr,
+    /// `admin_listen`: `/metrics` and the health probes, for operators.
+    admin_listener: TcpListener,
+    admin_addr: SocketAddr,
     state: Arc<AppState>,
     /// The in-process answerer, when no external NLP URL is configured.
     embedded_answerer: Option<fengda_nlp::NlpService>,
@@ -102,9 +107,11 @@ impl App {
             }
             _ => {
                 let backend = fengda_nlp::backend::BuiltinBackend::new(&config.answerer)?;
-                // The hub's admission bounds the calls; the service must not refuse below it.
+                // The hub's admission bounds the calls and its text limit the
+                // questions; the service must not refuse below either.
                 let limits = fengda_nlp::config::Limits {
                     max_concurrent_streams: config.nlp.max_concurrent,
+                    max_question_bytes: config.websocket.max_text_bytes,
                     ..Default::default()
                 };
                 let service = fengda_nlp::NlpService::with_limits(Arc::new(backend), limits);
@@ -147,6 +154,9 @@ impl App {
         let listener =
             bind_listener(config.listen).map_err(|source| StartError::Bind { addr: config.listen, source })?;
         let local_addr = listener.local_addr().map_err(StartError::Serve)?;
+        let admin_listener = bind_listener(config.admin_listen)
+            .map_err(|source| StartError::Bind { addr: config.admin_listen, source })?;
+        let admin_addr = admin_listener.local_addr().map_err(StartError::Serve)?;
         let state = Arc::new(AppState {
             config: Arc::new(config),
             backend,
@@ -157,12 +167,17 @@ impl App {
             accepting: AtomicBool::new(true),
             sessions_open: AtomicUsize::new(0),
         });
-        Ok(Self { listener, local_addr, state, embedded_answerer })
+        Ok(Self { listener, local_addr, admin_listener, admin_addr, state, embedded_answerer })
     }
 
     /// The address actually bound (useful with port 0).
     pub fn local_addr(&self) -> SocketAddr {
         self.local_addr
+    }
+
+    /// The admin listener's address (`/metrics`).
+    pub fn admin_addr(&self) -> SocketAddr {
+        self.admin_addr
     }
 
     /// Serves until `shutdown` resolves, then drains: readiness goes red,
@@ -179,22 +194,22 @@ impl App {
                 state.shutdown.cancel();
             }
         };
-        // Small frames (acks, deltas) must leave at once, not wait for Nagle.
-        let listener = self.listener.tap_io(|tcp| {
-            if let Err(error) = tcp.set_nodelay(true) {
-                warn!(%error, "cannot set TCP_NODELAY");
-            }
-        });
-        // `into_make_service` shares the router between connections; serving a
-        // `Router` directly rebuilds its route table for every connection.
-        axum::serve(listener, routes.into_make_service())
-            .with_graceful_shutdown(stop_sessions)
-            .await
-            .map_err(StartError::Serve)?;
+        let builder = http::connection_builder(&state.config);
+        // The admin port answers (readiness red, metrics) until the drain is over.
+        let stop_admin = CancellationToken::new();
+        let admin = tokio::spawn(http::serve(
+            self.admin_listener,
+            http::admin_routes(state.clone()),
+            builder.clone(),
+            stop_admin.clone().cancelled_owned(),
+        ));
+        http::serve(self.listener, routes, builder, stop_sessions).await;
         state.tracker.close();
         if tokio::time::timeout(state.config.shutdown_grace(), state.tracker.wait()).await.is_err() {
             warn!(remaining = state.tracker.len(), "sessions still running after the grace period");
         }
+        stop_admin.cancel();
+        let _ = admin.await;
         if let Some(answerer) = self.embedded_answerer {
             // Its token producers end once their replies are dropped.
             answerer.tasks().close();

@@ -18,7 +18,7 @@ use crate::AppState;
 use crate::backend::{Appended, BackendError, NewEvent};
 use crate::ids::ConversationKey;
 use crate::protocol::close;
-use crate::protocol::{ClientFrame, ErrorCode, ServerFrame, parse_client_frame};
+use crate::protocol::{ClientFrame, ErrorCode, ServerFrame, TextLimit, parse_client_frame};
 use crate::reply::Question;
 use crate::router::{Outbound, SessionHandle};
 use crate::session::{Replies, SessionParams};
@@ -34,7 +34,8 @@ pub(super) async fn run_reader(
     mut replies: Replies,
 ) -> bool {
     let idle_timeout = Duration::from_millis(app.config.websocket.idle_timeout_ms);
-    let max_text_chars = app.config.websocket.max_text_chars;
+    let text_limit =
+        TextLimit { chars: app.config.websocket.max_text_chars, bytes: app.config.websocket.max_text_bytes };
     loop {
         let next = tokio::select! {
             _ = session.closer.token().cancelled() => return false,
@@ -59,7 +60,7 @@ pub(super) async fn run_reader(
             Ok(Some(Ok(message))) => message,
         };
         match message {
-            Message::Text(text) => match parse_client_frame(text.as_str(), max_text_chars) {
+            Message::Text(text) => match parse_client_frame(text.as_str(), text_limit) {
                 Ok(ClientFrame::Ping) => reply(session, ServerFrame::Pong.encode()),
                 // Unknown or finished replies are ignored: a cancel may cross the reply.done.
                 Ok(ClientFrame::Cancel { reply }) => app.replier.cancel(key, &reply),

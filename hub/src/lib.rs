@@ -120,10 +120,21 @@ impl App {
                 (vec![(IN_PROCESS.to_owned(), client)], Some(service))
             }
         };
-        let nlp = Arc::new(NlpPool::new(endpoints, &config.nlp));
-        let router = Arc::new(Router::default());
         let tracker = TaskTracker::new();
         let shutdown = CancellationToken::new();
+        // Before anything records a metric (the pool sets its endpoints' gauges).
+        let metrics = match metrics_exporter_prometheus::PrometheusBuilder::new().install_recorder() {
+            Ok(handle) => {
+                tracker.spawn(run_metrics_upkeep(handle.clone(), shutdown.clone()));
+                Some(handle)
+            }
+            Err(error) => {
+                warn!(%error, "metrics recorder not installed; /metrics will be empty");
+                None
+            }
+        };
+        let nlp = Arc::new(NlpPool::new(endpoints, &config.nlp));
+        let router = Arc::new(Router::default());
         let backend: Arc<dyn Backend> = match config.backend {
             BackendKind::Memory => {
                 let memory = Arc::new(MemoryBackend::new(
@@ -141,16 +152,6 @@ impl App {
         };
         let replier = Replier::new(backend.clone(), nlp.clone(), config.conversation.history_turns, &config.nlp);
         tracker.spawn(nlp::run_health_checks(nlp, shutdown.clone()));
-        let metrics = match metrics_exporter_prometheus::PrometheusBuilder::new().install_recorder() {
-            Ok(handle) => {
-                tracker.spawn(run_metrics_upkeep(handle.clone(), shutdown.clone()));
-                Some(handle)
-            }
-            Err(error) => {
-                warn!(%error, "metrics recorder not installed; /metrics will be empty");
-                None
-            }
-        };
         let listener =
             bind_listener(config.listen).map_err(|source| StartError::Bind { addr: config.listen, source })?;
         let local_addr = listener.local_addr().map_err(StartError::Serve)?;

@@ -1,25 +1,42 @@
 //! The accept loop of both listeners: one task per connection, speaking
 //! HTTP/1.1 with WebSocket upgrades, and cleartext HTTP/2 with prior
 //! knowledge (h2c) only when `http2_cleartext` says so. hyper's automatic
-//! builder (what `axum::serve` uses) answers h2c to anyone by default, which
-//! widens what the public port exposes for no gain to a browser or an app.
+//! builder (what `axum::serve` uses) answers h2c to anyone, whatever it is
+//! told, once upgrades are on; that widens what the public port exposes
+//! for no gain to a browser or an app, so by default connections go to
+//! hyper's HTTP/1 server alone.
 
 use std::future::Future;
+use std::pin::{Pin, pin};
 use std::time::Duration;
 
+use hyper::server::conn::http1;
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use hyper_util::server::conn::auto::Builder;
-use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::server::conn::auto;
 use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 use tracing::warn;
 
 use crate::Config;
 
-/// How connections are served: HTTP/1.1 only, or HTTP/1.1 and h2c.
-pub fn connection_builder(config: &Config) -> Builder<TokioExecutor> {
-    let builder = Builder::new(TokioExecutor::new());
-    if config.http2_cleartext { builder } else { builder.http1_only() }
+/// How connections are served.
+#[derive(Clone, Debug)]
+pub enum ConnectionBuilder {
+    /// HTTP/1.1 only (the default).
+    Http1(http1::Builder),
+    /// HTTP/1.1, or HTTP/2 when the client starts with its preface (`http2_cleartext`).
+    WithH2c(auto::Builder<TokioExecutor>),
+}
+
+/// The builder `config` asks for.
+pub fn connection_builder(config: &Config) -> ConnectionBuilder {
+    if config.http2_cleartext {
+        ConnectionBuilder::WithH2c(auto::Builder::new(TokioExecutor::new()))
+    } else {
+        ConnectionBuilder::Http1(http1::Builder::new())
+    }
 }
 
 /// Serves `routes` on `listener` until `stop` resolves; then stops
@@ -28,11 +45,12 @@ pub fn connection_builder(config: &Config) -> Builder<TokioExecutor> {
 pub async fn serve(
     listener: TcpListener,
     routes: axum::Router,
-    builder: Builder<TokioExecutor>,
+    builder: ConnectionBuilder,
     stop: impl Future<Output = ()>,
 ) {
-    let connections = GracefulShutdown::new();
-    let mut stop = std::pin::pin!(stop);
+    let connections = TaskTracker::new();
+    let closing = CancellationToken::new();
+    let mut stop = pin!(stop);
     loop {
         let tcp = tokio::select! {
             () = &mut stop => break,
@@ -52,17 +70,37 @@ pub async fn serve(
         if let Err(error) = tcp.set_nodelay(true) {
             warn!(%error, "cannot set TCP_NODELAY");
         }
+        let io = TokioIo::new(tcp);
         // A `Router` clone is one reference count: its route table is shared.
         let service = TowerToHyperService::new(routes.clone());
-        let connection = builder.serve_connection_with_upgrades(TokioIo::new(tcp), service).into_owned();
-        let connection = connections.watch(connection);
-        tokio::spawn(async move {
-            // Errors are the peer's (reset, bad request, h2c refused): nothing to do.
-            let _ = connection.await;
-        });
+        let closing = closing.clone();
+        match &builder {
+            ConnectionBuilder::Http1(http1) => {
+                let connection = http1.serve_connection(io, service).with_upgrades();
+                connections.spawn(drive(connection, closing, |c| c.graceful_shutdown()));
+            }
+            ConnectionBuilder::WithH2c(auto) => {
+                let connection = auto.serve_connection_with_upgrades(io, service).into_owned();
+                connections.spawn(drive(connection, closing, |c| c.graceful_shutdown()));
+            }
+        }
     }
     drop(listener);
-    connections.shutdown().await;
+    closing.cancel();
+    connections.close();
+    connections.wait().await;
+}
+
+/// Runs one connection to its end; once `closing`, it finishes the request
+/// in flight and closes.
+async fn drive<C: Future>(connection: C, closing: CancellationToken, graceful_shutdown: impl FnOnce(Pin<&mut C>)) {
+    let mut connection = pin!(connection);
+    tokio::select! {
+        // Errors are the peer's (reset, bad request, h2c refused): nothing to do.
+        _ = connection.as_mut() => return,
+        () = closing.cancelled() => graceful_shutdown(connection.as_mut()),
+    }
+    let _ = connection.await;
 }
 
 fn is_connection_error(error: &std::io::Error) -> bool {

@@ -40,6 +40,8 @@ export const CloseCode = Object.freeze({
   SLOW_CONSUMER: 4008,
   IDLE_TIMEOUT: 4010,
   BAD_REQUEST: 4400,
+  TOO_MANY_SOCKETS: 4409,
+  RATE_LIMITED: 4429,
   UNAVAILABLE: 4503,
 });
 

@@ -24,16 +24,13 @@ pub struct Config {
     /// private network. Default `127.0.0.1:9090`; port 0 binds an ephemeral
     /// port (printed on the second stdout line).
     pub admin_listen: SocketAddr,
-    /// Accept HTTP/2 over cleartext TCP with prior knowledge (h2c) on the
-    /// public listener, for a proxy that speaks it to the hub. WebSockets
-    /// always use HTTP/1.1. Default false: HTTP/1.1 only.
-    pub http2_cleartext: bool,
     /// Milliseconds sessions get to close cleanly on shutdown. Default 10000.
     pub shutdown_grace_ms: u64,
     /// Where conversations live: `memory` (one node, the default) or `redis`
     /// (cluster mode: many nodes sharing `redis.url`).
     pub backend: BackendKind,
     pub redis: RedisConfig,
+    pub server: ServerConfig,
     pub websocket: WebSocketConfig,
     pub conversation: ConversationConfig,
     pub nlp: NlpConfig,
@@ -48,6 +45,16 @@ pub enum BackendKind {
     #[default]
     Memory,
     Redis,
+}
+
+impl BackendKind {
+    /// The name used in the config file, flags and the `fengda_hub_info` metric.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Memory => "memory",
+            Self::Redis => "redis",
+        }
+    }
 }
 
 /// Cluster mode over Redis (used when `backend = "redis"`).
@@ -79,6 +86,98 @@ impl Default for RedisConfig {
     }
 }
 
+/// Limits on TCP connections and their HTTP requests, before any upgrade.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerConfig {
+    /// TCP connections held at once, WebSockets included; beyond it new
+    /// connections are refused (`503 at_capacity`) while `/healthz` is still
+    /// answered. Default: the process's open-file limit (`RLIMIT_NOFILE`)
+    /// minus [`RESERVED_FDS`], which is also the most it may be set to.
+    pub max_connections: Option<usize>,
+    /// A request's head (request line and headers) must arrive whole within
+    /// this long from when the hub starts waiting for it: a new connection's
+    /// first request, or a keep-alive connection's next. Default 10000 ms.
+    pub header_read_timeout_ms: u64,
+    /// A connection that has not become a WebSocket is closed after this
+    /// long without a byte read or written. Default 30000 ms.
+    pub http_idle_timeout_ms: u64,
+    /// Largest request head in bytes; larger gets `431`. Default 16384.
+    pub max_header_bytes: usize,
+    /// TCP connections (WebSockets included) one client address may hold;
+    /// 0 = no limit. Default 1000.
+    pub max_connections_per_ip: usize,
+    /// New connections per second one client address may open, sustained;
+    /// 0 = no limit. Default 50.
+    pub connection_rate_per_ip: u32,
+    /// New connections one client address may open at once above the
+    /// sustained rate. Default 1000.
+    pub connection_burst_per_ip: u32,
+    /// Proxies (addresses or CIDR blocks) whose connections are not limited
+    /// per address; for their `/ws` upgrades the client address is the
+    /// rightmost `X-Forwarded-For` entry that is not itself a trusted proxy,
+    /// and the per-address limits apply to it. Default empty.
+    pub trusted_proxies: Vec<ProxyAddrs>,
+    /// Accept HTTP/2 over cleartext TCP with prior knowledge (h2c), for a
+    /// proxy that speaks it to the hub. WebSockets always use HTTP/1.1.
+    /// Default false: HTTP/1.1 only.
+    pub http2_cleartext: bool,
+}
+
+/// A trusted proxy: one address (`10.0.0.5`) or a CIDR block (`10.0.0.0/8`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(try_from = "String")]
+pub struct ProxyAddrs(pub ipnet::IpNet);
+
+impl std::str::FromStr for ProxyAddrs {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        let text = text.trim();
+        match text.parse::<std::net::IpAddr>() {
+            Ok(ip) => Ok(Self(ip.into())),
+            Err(_) => text
+                .parse::<ipnet::IpNet>()
+                .map(Self)
+                .map_err(|_| format!("{text:?} is neither an IP address nor a CIDR block")),
+        }
+    }
+}
+
+impl TryFrom<String> for ProxyAddrs {
+    type Error = String;
+
+    fn try_from(text: String) -> Result<Self, Self::Error> {
+        text.parse()
+    }
+}
+
+impl ProxyAddrs {
+    pub fn contains(&self, ip: &std::net::IpAddr) -> bool {
+        self.0.contains(ip)
+    }
+}
+
+/// File descriptors kept out of `server.max_connections`: the listener,
+/// Redis and NLP connections, logs, and connections being refused.
+pub const RESERVED_FDS: usize = 128;
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self {
+            max_connections: None,
+            header_read_timeout_ms: 10_000,
+            http_idle_timeout_ms: 30_000,
+            max_header_bytes: 16 * 1024,
+            max_connections_per_ip: 1000,
+            connection_rate_per_ip: 50,
+            connection_burst_per_ip: 1000,
+            trusted_proxies: Vec::new(),
+            http2_cleartext: false,
+        }
+    }
+}
+
 /// Per-connection limits and keepalive.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -106,6 +205,13 @@ pub struct WebSocketConfig {
     /// Questions of one socket waiting for an answer before new ones get
     /// `too_many_pending`. Default 8.
     pub max_pending_questions: usize,
+    /// Frames per second one socket may send, sustained (messages, pings,
+    /// cancels, anything). Default 20.
+    pub max_frames_per_second: u32,
+    /// Frames one socket may send at once above the sustained rate; beyond
+    /// it a frame is refused with `rate_limited`, and this many refusals in
+    /// a row close the socket with 4429. Default 60.
+    pub frame_burst: u32,
     /// Interval of WebSocket pings sent to every client. Default 20000 ms.
     pub ping_interval_ms: u64,
     /// A client silent for this long (no frame, no pong) is closed with 4010.
@@ -144,6 +250,9 @@ pub struct ConversationConfig {
     /// on any node, so a customer who reconnects gets it; past it the reply
     /// is cancelled and stored with what had streamed. Default 15000 ms.
     pub reply_grace_ms: u64,
+    /// Sockets of one conversation open at once on one hub node; more are
+    /// refused with `too_many_sockets` and 4409. Default 32.
+    pub max_sockets: usize,
 }
 
 impl ConversationConfig {
@@ -246,10 +355,10 @@ impl Default for Config {
         Self {
             listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
             admin_listen: SocketAddr::from(([127, 0, 0, 1], 9090)),
-            http2_cleartext: false,
             shutdown_grace_ms: 10_000,
             backend: BackendKind::default(),
             redis: RedisConfig::default(),
+            server: ServerConfig::default(),
             websocket: WebSocketConfig::default(),
             conversation: ConversationConfig::default(),
             nlp: NlpConfig::default(),
@@ -267,6 +376,8 @@ impl Default for WebSocketConfig {
             allow_timing: false,
             outbound_queue_frames: 256,
             max_pending_questions: 8,
+            max_frames_per_second: 20,
+            frame_burst: 60,
             ping_interval_ms: 20_000,
             idle_timeout_ms: 60_000,
             allowed_origins: Vec::new(),
@@ -282,6 +393,7 @@ impl Default for ConversationConfig {
             idle_window_ms: 30 * 60 * 1000,
             retention_secs: 7 * 24 * 3600,
             reply_grace_ms: 15_000,
+            max_sockets: 32,
         }
     }
 }
@@ -364,6 +476,25 @@ impl Config {
         if ws.ping_interval_ms == 0 || ws.idle_timeout_ms <= ws.ping_interval_ms {
             return invalid("websocket.idle_timeout_ms", "must be larger than a non-zero ping_interval_ms");
         }
+        if ws.max_frames_per_second == 0 || ws.frame_burst == 0 {
+            return invalid("websocket.max_frames_per_second", "and websocket.frame_burst must be at least 1");
+        }
+        if self.conversation.max_sockets == 0 {
+            return invalid("conversation.max_sockets", "must be at least 1");
+        }
+        let server = &self.server;
+        if server.max_connections == Some(0) {
+            return invalid("server.max_connections", "must be at least 1");
+        }
+        if server.header_read_timeout_ms == 0 || server.http_idle_timeout_ms == 0 {
+            return invalid("server.header_read_timeout_ms", "and server.http_idle_timeout_ms must be non-zero");
+        }
+        if !(8192..=1024 * 1024).contains(&server.max_header_bytes) {
+            return invalid("server.max_header_bytes", "must be between 8 KiB and 1 MiB");
+        }
+        if server.connection_rate_per_ip > 0 && server.connection_burst_per_ip == 0 {
+            return invalid("server.connection_burst_per_ip", "must be at least 1 when connection_rate_per_ip is set");
+        }
         if self.conversation.log_cap == 0 {
             return invalid("conversation.log_cap", "must be at least 1");
         }
@@ -438,7 +569,7 @@ pub struct ServeArgs {
     /// Admin listen address: /metrics, /healthz, /readyz [default: 127.0.0.1:9090] (key `admin_listen`).
     #[arg(long, env = "FENGDA_ADMIN_LISTEN")]
     pub admin_listen: Option<SocketAddr>,
-    /// Accept cleartext HTTP/2 with prior knowledge (h2c) [default: false] (key `http2_cleartext`).
+    /// Accept cleartext HTTP/2 with prior knowledge (h2c) [default: false] (key `server.http2_cleartext`).
     #[arg(long, env = "FENGDA_HTTP2_CLEARTEXT", num_args = 0..=1, default_missing_value = "true")]
     pub http2_cleartext: Option<bool>,
     /// Conversation store: memory (one node) or redis (cluster) [default: memory] (key `backend`).
@@ -531,6 +662,39 @@ pub struct ServeArgs {
     /// Extra allowed Origins, comma-separated (key `websocket.allowed_origins`).
     #[arg(long, env = "FENGDA_ALLOWED_ORIGINS", value_delimiter = ',')]
     pub allowed_origins: Option<Vec<String>>,
+    /// Frames per second one socket may send, sustained [default: 20] (key `websocket.max_frames_per_second`).
+    #[arg(long, env = "FENGDA_MAX_FRAMES_PER_SECOND")]
+    pub max_frames_per_second: Option<u32>,
+    /// Frames one socket may send at once above that rate [default: 60] (key `websocket.frame_burst`).
+    #[arg(long, env = "FENGDA_FRAME_BURST")]
+    pub frame_burst: Option<u32>,
+    /// Sockets of one conversation per node [default: 32] (key `conversation.max_sockets`).
+    #[arg(long, env = "FENGDA_MAX_SOCKETS_PER_CONVERSATION")]
+    pub max_sockets_per_conversation: Option<usize>,
+    /// TCP connections held at once [default: open-file limit minus 128] (key `server.max_connections`).
+    #[arg(long, env = "FENGDA_MAX_CONNECTIONS")]
+    pub max_connections: Option<usize>,
+    /// Deadline for a whole request head, ms [default: 10000] (key `server.header_read_timeout_ms`).
+    #[arg(long, env = "FENGDA_HEADER_READ_TIMEOUT_MS")]
+    pub header_read_timeout_ms: Option<u64>,
+    /// Idle time that closes a connection that is not a WebSocket, ms [default: 30000] (key `server.http_idle_timeout_ms`).
+    #[arg(long, env = "FENGDA_HTTP_IDLE_TIMEOUT_MS")]
+    pub http_idle_timeout_ms: Option<u64>,
+    /// Largest request head in bytes [default: 16384] (key `server.max_header_bytes`).
+    #[arg(long, env = "FENGDA_MAX_HEADER_BYTES")]
+    pub max_header_bytes: Option<usize>,
+    /// Connections one client address may hold, 0 = no limit [default: 1000] (key `server.max_connections_per_ip`).
+    #[arg(long, env = "FENGDA_MAX_CONNECTIONS_PER_IP")]
+    pub max_connections_per_ip: Option<usize>,
+    /// New connections per second per client address, 0 = no limit [default: 50] (key `server.connection_rate_per_ip`).
+    #[arg(long, env = "FENGDA_CONNECTION_RATE_PER_IP")]
+    pub connection_rate_per_ip: Option<u32>,
+    /// New connections at once per client address above that rate [default: 1000] (key `server.connection_burst_per_ip`).
+    #[arg(long, env = "FENGDA_CONNECTION_BURST_PER_IP")]
+    pub connection_burst_per_ip: Option<u32>,
+    /// Trusted proxies (addresses or CIDR blocks), comma-separated (key `server.trusted_proxies`).
+    #[arg(long, env = "FENGDA_TRUSTED_PROXIES", value_delimiter = ',')]
+    pub trusted_proxies: Option<Vec<ProxyAddrs>>,
     /// Built-in answerer: delay before the first token in ms [default: 150] (key `answerer.first_token_delay_ms`).
     #[arg(long, env = "FENGDA_ANSWERER_FIRST_TOKEN_DELAY_MS")]
     pub answerer_first_token_delay_ms: Option<u64>,
@@ -553,7 +717,7 @@ impl ServeArgs {
         }
         set(&mut config.listen, self.listen);
         set(&mut config.admin_listen, self.admin_listen);
-        set(&mut config.http2_cleartext, self.http2_cleartext);
+        set(&mut config.server.http2_cleartext, self.http2_cleartext);
         set(&mut config.backend, self.backend);
         set(&mut config.redis.url, self.redis_url);
         set(&mut config.redis.key_prefix, self.redis_key_prefix);
@@ -591,6 +755,19 @@ impl ServeArgs {
         set(&mut config.websocket.ping_interval_ms, self.ping_interval_ms);
         set(&mut config.websocket.idle_timeout_ms, self.idle_timeout_ms);
         set(&mut config.websocket.allowed_origins, self.allowed_origins);
+        set(&mut config.websocket.max_frames_per_second, self.max_frames_per_second);
+        set(&mut config.websocket.frame_burst, self.frame_burst);
+        set(&mut config.conversation.max_sockets, self.max_sockets_per_conversation);
+        if self.max_connections.is_some() {
+            config.server.max_connections = self.max_connections;
+        }
+        set(&mut config.server.header_read_timeout_ms, self.header_read_timeout_ms);
+        set(&mut config.server.http_idle_timeout_ms, self.http_idle_timeout_ms);
+        set(&mut config.server.max_header_bytes, self.max_header_bytes);
+        set(&mut config.server.max_connections_per_ip, self.max_connections_per_ip);
+        set(&mut config.server.connection_rate_per_ip, self.connection_rate_per_ip);
+        set(&mut config.server.connection_burst_per_ip, self.connection_burst_per_ip);
+        set(&mut config.server.trusted_proxies, self.trusted_proxies);
         set(&mut config.answerer.first_token_delay_ms, self.answerer_first_token_delay_ms);
         set(&mut config.answerer.tokens_per_second, self.answerer_tokens_per_second);
         config.validate()?;
@@ -642,6 +819,19 @@ mod tests {
     }
 
     #[test]
+    fn trusted_proxies_are_addresses_or_cidr_blocks() {
+        let config: Config = toml::from_str("[server]\ntrusted_proxies = [\"10.0.0.5\", \"192.168.0.0/16\"]").unwrap();
+        let proxies = &config.server.trusted_proxies;
+        assert!(proxies[0].contains(&"10.0.0.5".parse().unwrap()));
+        assert!(!proxies[0].contains(&"10.0.0.6".parse().unwrap()));
+        assert!(proxies[1].contains(&"192.168.7.8".parse().unwrap()));
+        assert!(toml::from_str::<Config>("[server]\ntrusted_proxies = [\"proxy.example\"]").is_err());
+        let mut config = Config::default();
+        config.server.max_header_bytes = 4096;
+        assert!(matches!(config.validate(), Err(ConfigError::Invalid { key: "server.max_header_bytes", .. })));
+    }
+
+    #[test]
     fn allowed_origins_are_origins_or_a_lone_star() {
         let check = |origins: &[&str]| {
             let mut config = Config::default();
@@ -666,11 +856,11 @@ mod tests {
         }
         let config = |args: &[&str]| Cli::parse_from([&["fengda"], args].concat()).serve.into_config().unwrap();
         let defaults = config(&[]);
-        assert!(!defaults.websocket.allow_timing && !defaults.http2_cleartext);
+        assert!(!defaults.websocket.allow_timing && !defaults.server.http2_cleartext);
         assert_eq!(defaults.admin_listen.to_string(), "127.0.0.1:9090");
         assert_eq!(defaults.websocket.max_text_bytes, 8192);
         let on = config(&["--allow-timing", "--http2-cleartext", "--admin-listen", "127.0.0.1:0"]);
-        assert!(on.websocket.allow_timing && on.http2_cleartext);
+        assert!(on.websocket.allow_timing && on.server.http2_cleartext);
         assert_eq!(on.admin_listen.port(), 0);
         assert!(!config(&["--allow-timing=false"]).websocket.allow_timing);
     }

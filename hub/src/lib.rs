@@ -12,6 +12,7 @@
 //! - [`backend`]: the conversation store seam (logs, seqs, delivery): in memory, or Redis for clusters.
 //! - [`reply`]: one question's answer: history, NLP stream, deltas, stored reply.
 //! - [`nlp`]: the NLP endpoints: gRPC clients, breakers, retries, admission.
+//! - [`server`]: the accept loop, connection caps and HTTP limits before any upgrade.
 //! - [`redact`]: URLs as logs and metric labels show them (no credentials).
 //!
 //! [`App::build`] binds the listeners (and, without `nlp.url`, loads the
@@ -28,9 +29,10 @@ pub mod protocol;
 pub mod redact;
 pub mod reply;
 pub mod router;
+pub mod server;
 pub mod session;
 
-use std::future::Future;
+use std::future::{Future, IntoFuture};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -64,6 +66,8 @@ pub struct AppState {
     pub sessions_open: AtomicUsize,
     /// Renders `/metrics` (Prometheus text format, on the admin listener).
     pub metrics: Option<metrics_exporter_prometheus::PrometheusHandle>,
+    /// The node's connection caps (and per-address limits).
+    pub connections: Arc<server::limits::ConnectionLimits>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -126,6 +130,8 @@ impl App {
         let metrics = match metrics_exporter_prometheus::PrometheusBuilder::new().install_recorder() {
             Ok(handle) => {
                 tracker.spawn(run_metrics_upkeep(handle.clone(), shutdown.clone()));
+                let version = env!("CARGO_PKG_VERSION");
+                metrics::gauge!("fengda_hub_info", "backend" => config.backend.name(), "version" => version).set(1.0);
                 Some(handle)
             }
             Err(error) => {
@@ -134,7 +140,7 @@ impl App {
             }
         };
         let nlp = Arc::new(NlpPool::new(endpoints, &config.nlp));
-        let router = Arc::new(Router::default());
+        let router = Arc::new(Router::with_max_sockets(config.conversation.max_sockets));
         let backend: Arc<dyn Backend> = match config.backend {
             BackendKind::Memory => {
                 let memory = Arc::new(MemoryBackend::new(
@@ -158,6 +164,10 @@ impl App {
         let admin_listener = bind_listener(config.admin_listen)
             .map_err(|source| StartError::Bind { addr: config.admin_listen, source })?;
         let admin_addr = admin_listener.local_addr().map_err(StartError::Serve)?;
+        let max_connections = server::limits::max_connections(config.server.max_connections);
+        info!(max_connections, "connection cap");
+        let connections = Arc::new(server::limits::ConnectionLimits::new(&config.server, max_connections));
+        tracker.spawn(run_limits_upkeep(connections.clone(), shutdown.clone()));
         let state = Arc::new(AppState {
             config: Arc::new(config),
             backend,
@@ -167,6 +177,7 @@ impl App {
             metrics,
             accepting: AtomicBool::new(true),
             sessions_open: AtomicUsize::new(0),
+            connections,
         });
         Ok(Self { listener, local_addr, admin_listener, admin_addr, state, embedded_answerer })
     }
@@ -186,27 +197,39 @@ impl App {
     pub async fn run(self, shutdown: impl Future<Output = ()> + Send + 'static) -> Result<(), StartError> {
         let state = self.state.clone();
         let routes = http::routes(state.clone());
+        let stop = CancellationToken::new();
         let stop_sessions = {
-            let state = state.clone();
+            let (state, stop) = (state.clone(), stop.clone());
             async move {
                 shutdown.await;
                 info!("shutting down: refusing new sockets, closing sessions");
                 state.accepting.store(false, Ordering::Release);
                 state.shutdown.cancel();
+                stop.cancel();
             }
         };
-        let builder = http::connection_builder(&state.config);
-        // The admin port answers (readiness red, metrics) until the drain is over.
+        // The admin port answers (readiness red, metrics) until the drain is
+        // over. It is the operators' (loopback by default): no connection limits.
         let stop_admin = CancellationToken::new();
-        let admin = tokio::spawn(http::serve(
-            self.admin_listener,
-            http::admin_routes(state.clone()),
-            builder.clone(),
-            stop_admin.clone().cancelled_owned(),
-        ));
-        http::serve(self.listener, routes, builder, stop_sessions).await;
+        let admin = tokio::spawn(
+            axum::serve(self.admin_listener, http::admin_routes(state.clone()).into_make_service())
+                .with_graceful_shutdown(stop_admin.clone().cancelled_owned())
+                .into_future(),
+        );
+        let signal = tokio::spawn(stop_sessions);
+        let server = server::Server::new(&state.config.server, state.connections.clone(), routes);
+        let connections = TaskTracker::new();
+        server.run(self.listener, stop, connections.clone()).await;
+        signal.abort();
+        // Connections still speaking HTTP finish their request and close
+        // (each bounded by the header and idle timeouts).
+        let deadline = tokio::time::Instant::now() + state.config.shutdown_grace();
+        connections.close();
+        if tokio::time::timeout_at(deadline, connections.wait()).await.is_err() {
+            warn!(remaining = connections.len(), "HTTP connections still open after the grace period");
+        }
         state.tracker.close();
-        if tokio::time::timeout(state.config.shutdown_grace(), state.tracker.wait()).await.is_err() {
+        if tokio::time::timeout_at(deadline, state.tracker.wait()).await.is_err() {
             warn!(remaining = state.tracker.len(), "sessions still running after the grace period");
         }
         stop_admin.cancel();
@@ -231,6 +254,17 @@ fn bind_listener(addr: SocketAddr) -> std::io::Result<TcpListener> {
     socket.set_reuseaddr(true)?;
     socket.bind(addr)?;
     socket.listen(LISTEN_BACKLOG)
+}
+
+/// Forgets the connection-rate state of addresses that have been quiet.
+async fn run_limits_upkeep(limits: Arc<server::limits::ConnectionLimits>, stop: CancellationToken) {
+    let mut interval = tokio::time::interval(Duration::from_secs(60));
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = interval.tick() => limits.upkeep(),
+        }
+    }
 }
 
 /// Drains the metrics histograms into their summaries every few seconds (the

@@ -19,6 +19,7 @@ use std::sync::Arc;
 
 use axum::extract::ws::Utf8Bytes;
 use dashmap::DashMap;
+use fengda_nlp::knowledge::Lang;
 use fengda_proto::nlp::v1::{AnswerChunk, AnswerRequest, Role as WireRole, Turn};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
@@ -51,12 +52,22 @@ pub struct Replier {
     in_flight: DashMap<String, (ConversationKey, CancellationToken)>,
 }
 
-/// How a reply ended, for the stored event's flags.
+/// How the NLP side of a reply ended; decides the stored event's flags.
+enum Outcome {
+    /// The answer streamed to its finish chunk. The call is handed back so
+    /// its trailers are read after the reply is stored, not before the
+    /// `reply.done`.
+    Completed(ActiveCall),
+    /// No answer, or part of one (`interrupted`: some text had streamed):
+    /// completed with the polite fallback sentence.
+    Fallback { interrupted: bool },
+    /// A client's `cancel`, the reply grace, shutdown: what streamed stays.
+    Cancelled,
+}
+
+/// Where a reply's time went, for its `timing` object.
 #[derive(Debug, Default)]
-struct Ending {
-    fallback: bool,
-    interrupted: bool,
-    cancelled: bool,
+struct Timings {
     queue_wait: std::time::Duration,
     first_token: std::time::Duration,
     /// Token arrival to delta queued for the sockets, summed and at most.
@@ -124,149 +135,125 @@ impl Replier {
         };
         // The hub's own share before the model: store, history, hand-over.
         metrics::histogram!("fengda_hub_reply_before_nlp_seconds").record(question.received.elapsed().as_secs_f64());
-        let mut reply = ReplyStream {
-            backend: &*self.backend,
-            key,
-            reply_id: &reply_id,
-            deltas: DeltaEncoder::new(key.conversation.as_str(), &reply_id),
-            text: String::new(),
-            index: 0,
-            staged: Vec::new(),
-        };
+        let mut draft = Draft::new(&*self.backend, key, &reply_id, question.timing);
         let before_nlp = question.received.elapsed();
-        let (ending, completed_call) = self.stream(&request, &mut reply, &cancel, question.timing).await;
-        if ending.fallback {
+        let outcome = self.stream(&request, &mut draft, &cancel).await;
+        let (fallback, interrupted, cancelled) = match &outcome {
+            Outcome::Completed(_) => (false, false, false),
+            Outcome::Fallback { interrupted } => (true, *interrupted, false),
+            Outcome::Cancelled => (false, false, true),
+        };
+        if fallback {
             let texts = self.tenant_fallback.get(key.tenant.as_str()).unwrap_or(&self.fallback);
-            let polite = if mostly_cjk(&question.text) { &texts.zh } else { &texts.en };
-            let separator = if reply.text.is_empty() { "" } else { "\n\n" };
-            reply.push(&format!("{separator}{polite}"));
+            // The built-in answerer's rule, so both pick a language alike.
+            let polite = match Lang::detect(&question.text) {
+                Lang::Zh => &texts.zh,
+                Lang::En => &texts.en,
+            };
+            let separator = if draft.text.is_empty() { "" } else { "\n\n" };
+            draft.push(&format!("{separator}{polite}"));
         }
         // The deltas must reach every node before the reply.done does.
         self.backend.flush_ephemeral().await;
+        let timings = &draft.timings;
         let event = NewEvent {
             from: Role::Assistant,
             id: reply_id.clone(),
-            text: reply.text,
-            fallback: ending.fallback,
-            interrupted: ending.interrupted,
-            cancelled: ending.cancelled,
             timing: question.timing.then(|| ReplyTiming {
                 hub_before_nlp_ms: ms(before_nlp),
-                queue_ms: ms(ending.queue_wait),
-                nlp_first_token_ms: ms(ending.first_token),
-                relay_mean_us: if reply.index == 0 { 0.0 } else { ending.relay_total_us / f64::from(reply.index) },
-                relay_max_us: ending.relay_max_us,
+                queue_ms: ms(timings.queue_wait),
+                nlp_first_token_ms: ms(timings.first_token),
+                relay_mean_us: if draft.index == 0 { 0.0 } else { timings.relay_total_us / f64::from(draft.index) },
+                relay_max_us: timings.relay_max_us,
                 total_ms: ms(question.received.elapsed()),
             }),
+            text: draft.text,
+            fallback,
+            interrupted,
+            cancelled,
         };
         match self.backend.append(key, event, None).await {
-            Ok(Appended::New(seq)) => debug!(seq, ?ending, "reply stored"),
+            Ok(Appended::New(seq)) => debug!(seq, fallback, interrupted, cancelled, "reply stored"),
             Ok(Appended::Duplicate(_)) => {}
             Err(error) => warn!(%error, "reply streamed but could not be stored"),
         }
         // The customer has the whole reply; only now wait for the call's trailers.
-        if let Some(call) = completed_call {
+        if let Outcome::Completed(call) = outcome {
             call.finish(true).await;
         }
     }
 
-    /// `measure`: time each token's relay (only for replies that report `timing`).
-    /// A call that delivered its finish chunk is handed back rather than
-    /// finished here, so the `reply.done` does not wait for the stream's trailers.
-    async fn stream(
-        &self,
-        request: &AnswerRequest,
-        reply: &mut ReplyStream<'_>,
-        cancel: &CancellationToken,
-        measure: bool,
-    ) -> (Ending, Option<ActiveCall>) {
+    /// Streams the answer into `draft` until it ends one way or another.
+    async fn stream(&self, request: &AnswerRequest, draft: &mut Draft<'_>, cancel: &CancellationToken) -> Outcome {
         // One waiter for the whole reply, not one registration per token.
         let cancelled = cancel.cancelled();
         tokio::pin!(cancelled);
-        let queued_reply = &*reply;
-        let mut on_queued = |position| queued_reply.queued(position);
         let started = tokio::select! {
             biased;
-            _ = &mut cancelled => return (Ending { cancelled: true, ..Ending::default() }, None),
-            started = self.nlp.start(&queued_reply.key.tenant, request, &mut on_queued) => started,
+            _ = &mut cancelled => return Outcome::Cancelled,
+            started = self.start(request, draft) => started,
         };
         let mut call = match started {
             Ok(call) => call,
-            Err(error) => {
-                // Admission refusals are the designed answer to overload:
-                // counted, not logged per question (a 15x peak would flood the log).
-                if matches!(error, StartError::Overloaded | StartError::QueueTimeout) {
-                    debug!(%error, "no NLP slot; sending the fallback");
-                } else {
-                    warn!(%error, "no NLP answer; sending the fallback");
-                }
-                metrics::counter!("fengda_hub_nlp_fallbacks_total", "reason" => error.reason()).increment(1);
-                return (Ending { fallback: true, ..Ending::default() }, None);
-            }
+            Err(outcome) => return outcome,
         };
-        let mut times = Ending { queue_wait: call.queue_wait, first_token: call.first_token, ..Ending::default() };
+        draft.timings.queue_wait = call.queue_wait;
+        draft.timings.first_token = call.first_token;
         // A result read ahead while gathering a batch, handled next.
         let mut read_ahead = None;
         loop {
             // The stream first: a cancel is seen as soon as no chunk is ready,
             // and a reply's tokens do not pay for a cancellation check each.
+            // Returning drops the call, which resets its stream: that is how
+            // the bridge learns to stop.
             let next = match read_ahead.take() {
                 Some(next) => next,
                 None => tokio::select! {
                     biased;
                     next = call.next() => next,
-                    _ = &mut cancelled => {
-                        // Dropping the stream resets it: that is how the bridge learns to stop.
-                        drop(call);
-                        return (Ending { cancelled: true, ..times }, None);
-                    }
+                    _ = &mut cancelled => return Outcome::Cancelled,
                 },
             };
-            let failure = match next {
-                Ok(Some(chunk)) => {
-                    let arrived = measure.then(std::time::Instant::now);
-                    let mut finished = reply.stage(&chunk);
-                    // Chunks that have arrived already go out with this one: one
-                    // hand-over to the sockets for all of them (each is still its
-                    // own frame). A model streaming at its pace sends one at a time.
-                    while !finished && reply.staged.len() < MAX_BATCH {
-                        match call.next_if_ready() {
-                            Some(Ok(Some(chunk))) => finished = reply.stage(&chunk),
-                            Some(other) => {
-                                read_ahead = Some(other);
-                                break;
-                            }
-                            None => break,
-                        }
-                    }
-                    let sent = reply.publish();
-                    if let Some(arrived) = arrived
-                        && sent > 0
-                    {
-                        let relay_us = arrived.elapsed().as_secs_f64() * 1e6;
-                        times.relay_total_us += relay_us * sent as f64;
-                        times.relay_max_us = times.relay_max_us.max(relay_us);
-                    }
-                    if finished {
-                        return (times, Some(call));
-                    }
-                    // A stream that is always ready (an unpaced answerer, a
-                    // full buffer) never lets the select above see a cancel.
-                    if cancel.is_cancelled() {
-                        drop(call);
-                        return (Ending { cancelled: true, ..times }, None);
-                    }
-                    continue;
-                }
-                Ok(None) => StreamError::Truncated,
-                Err(error) => error,
+            let chunk = match next {
+                Ok(Some(chunk)) => chunk,
+                Ok(None) => return broken(call, draft.index, StreamError::Truncated).await,
+                Err(error) => return broken(call, draft.index, error).await,
             };
-            warn!(error = %failure, tokens = reply.index, "NLP stream broke; completing with the fallback");
-            metrics::counter!("fengda_hub_nlp_fallbacks_total", "reason" => "interrupted").increment(1);
-            call.finish(false).await;
-            return (Ending { fallback: true, interrupted: reply.index > 0, ..times }, None);
+            if draft.relay_batch(chunk, &mut call, &mut read_ahead) {
+                return Outcome::Completed(call);
+            }
+            // A stream that is always ready (an unpaced answerer, a full
+            // buffer) never lets the select above see a cancel.
+            if cancel.is_cancelled() {
+                return Outcome::Cancelled;
+            }
         }
     }
+
+    /// Waits for an NLP slot (telling the sockets their place in line) and
+    /// the first chunk; a failure is the fallback.
+    async fn start(&self, request: &AnswerRequest, draft: &Draft<'_>) -> Result<ActiveCall, Outcome> {
+        let mut on_queued = |position| draft.queued(position);
+        self.nlp.start(&draft.key.tenant, request, &mut on_queued).await.map_err(|error| {
+            // Admission refusals are the designed answer to overload:
+            // counted, not logged per question (a 15x peak would flood the log).
+            if matches!(error, StartError::Overloaded | StartError::QueueTimeout) {
+                debug!(%error, "no NLP slot; sending the fallback");
+            } else {
+                warn!(%error, "no NLP answer; sending the fallback");
+            }
+            metrics::counter!("fengda_hub_nlp_fallbacks_total", "reason" => error.reason()).increment(1);
+            Outcome::Fallback { interrupted: false }
+        })
+    }
+}
+
+/// A started stream broke after `tokens` deltas: the fallback completes it.
+async fn broken(call: ActiveCall, tokens: u32, failure: StreamError) -> Outcome {
+    warn!(error = %failure, tokens, "NLP stream broke; completing with the fallback");
+    metrics::counter!("fengda_hub_nlp_fallbacks_total", "reason" => "interrupted").increment(1);
+    call.finish(false).await;
+    Outcome::Fallback { interrupted: tokens > 0 }
 }
 
 /// Removes a reply from the in-flight map however `answer` ends.
@@ -281,11 +268,12 @@ impl Drop for InFlight<'_> {
     }
 }
 
-/// Deltas handed to the sockets together at most (see `Replier::stream`).
+/// Deltas handed to the sockets together at most (see [`Draft::relay_batch`]).
 const MAX_BATCH: usize = 16;
 
-/// The reply being built: publishes each token as a delta and keeps the text.
-struct ReplyStream<'a> {
+/// The reply being written: publishes each token as a delta, keeps the text
+/// and where the time went.
+struct Draft<'a> {
     backend: &'a dyn Backend,
     key: &'a ConversationKey,
     reply_id: &'a str,
@@ -294,9 +282,59 @@ struct ReplyStream<'a> {
     index: u32,
     /// Delta frames encoded but not yet published.
     staged: Vec<Utf8Bytes>,
+    /// Time each batch's relay (only for replies that report `timing`).
+    measure: bool,
+    timings: Timings,
 }
 
-impl ReplyStream<'_> {
+impl<'a> Draft<'a> {
+    fn new(backend: &'a dyn Backend, key: &'a ConversationKey, reply_id: &'a str, measure: bool) -> Self {
+        Self {
+            backend,
+            key,
+            reply_id,
+            deltas: DeltaEncoder::new(key.conversation.as_str(), reply_id),
+            text: String::new(),
+            index: 0,
+            staged: Vec::new(),
+            measure,
+            timings: Timings::default(),
+        }
+    }
+
+    /// Relays `chunk` and the chunks that have arrived behind it as one
+    /// hand-over to the sockets (each still its own frame; a model streaming
+    /// at its pace sends one at a time). A result that is not a chunk is
+    /// left in `read_ahead`. Returns whether the answer finished.
+    fn relay_batch(
+        &mut self,
+        chunk: AnswerChunk,
+        call: &mut ActiveCall,
+        read_ahead: &mut Option<Result<Option<AnswerChunk>, StreamError>>,
+    ) -> bool {
+        let arrived = self.measure.then(std::time::Instant::now);
+        let mut finished = self.stage(&chunk);
+        while !finished && self.staged.len() < MAX_BATCH {
+            match call.next_if_ready() {
+                Some(Ok(Some(chunk))) => finished = self.stage(&chunk),
+                Some(other) => {
+                    *read_ahead = Some(other);
+                    break;
+                }
+                None => break,
+            }
+        }
+        let sent = self.publish();
+        if let Some(arrived) = arrived
+            && sent > 0
+        {
+            let relay_us = arrived.elapsed().as_secs_f64() * 1e6;
+            self.timings.relay_total_us += relay_us * sent as f64;
+            self.timings.relay_max_us = self.timings.relay_max_us.max(relay_us);
+        }
+        finished
+    }
+
     /// Tells every socket of the conversation where the question stands in line.
     fn queued(&self, position: usize) {
         let frame =
@@ -355,18 +393,6 @@ fn history_before(turns: &[Arc<StoredEvent>], question_seq: u64, limit: usize) -
         .collect()
 }
 
-fn mostly_cjk(text: &str) -> bool {
-    let (mut cjk, mut other) = (0usize, 0usize);
-    for c in text.chars().filter(|c| c.is_alphanumeric()) {
-        if ('\u{4e00}'..='\u{9fff}').contains(&c) {
-            cjk += 1;
-        } else {
-            other += 1;
-        }
-    }
-    cjk > other
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -414,15 +440,7 @@ mod tests {
             backend.attach(&key, SessionHandle { id: SessionId::next(), tx, closer }, None).await.unwrap();
             queues.push(rx);
         }
-        let mut reply = ReplyStream {
-            backend: &backend,
-            key: &key,
-            reply_id: "r-1",
-            deltas: DeltaEncoder::new(key.conversation.as_str(), "r-1"),
-            text: String::new(),
-            index: 0,
-            staged: Vec::new(),
-        };
+        let mut reply = Draft::new(&backend, &key, "r-1", false);
         let chunk = |text: &str, finish: i32| AnswerChunk { index: 0, text: text.into(), finish };
         assert!(!reply.stage(&chunk("Hello", 0)));
         assert!(!reply.stage(&chunk("", 0)), "an empty chunk makes no delta");
@@ -442,11 +460,5 @@ mod tests {
             assert_eq!((last["index"].as_u64(), last["text"].as_str()), (Some(2), Some("!")));
             assert!(queue.try_recv().is_err());
         }
-    }
-
-    #[test]
-    fn fallback_language_follows_the_question() {
-        assert!(mostly_cjk("金卡年费多少？"));
-        assert!(!mostly_cjk("How much is the Gold Card?"));
     }
 }

@@ -124,13 +124,27 @@ impl SessionHandle {
 }
 
 /// This node's sessions, by conversation.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Router {
     /// foldhash, not SipHash: every delta looks its conversation up here, and
     /// hashing the key was a tenth of the hub's instructions per token.
     /// (Still seeded per process, so keys cannot be chosen to collide.)
     sessions: DashMap<ConversationKey, Local, foldhash::fast::RandomState>,
+    /// Sessions one conversation may have on this node
+    /// (`conversation.max_sockets`): each event is pushed to every one, so
+    /// this bounds what one conversation's traffic costs the node.
+    max_sockets: usize,
 }
+
+impl Default for Router {
+    fn default() -> Self {
+        Self::with_max_sockets(usize::MAX)
+    }
+}
+
+/// A conversation already has `conversation.max_sockets` sessions on this node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ConversationFull;
 
 /// One conversation's sessions on this node.
 #[derive(Debug, Default)]
@@ -143,11 +157,19 @@ struct Local {
 }
 
 impl Router {
-    /// Adds a session; returns true when it is the conversation's first on this node.
-    pub fn join(&self, key: &ConversationKey, handle: SessionHandle) -> bool {
+    pub fn with_max_sockets(max_sockets: usize) -> Self {
+        Self { sessions: DashMap::default(), max_sockets }
+    }
+
+    /// Adds a session; returns true when it is the conversation's first on
+    /// this node, or refuses it when the conversation is full here.
+    pub fn join(&self, key: &ConversationKey, handle: SessionHandle) -> Result<bool, ConversationFull> {
         let mut entry = self.sessions.entry(key.clone()).or_default();
+        if entry.handles.len() >= self.max_sockets {
+            return Err(ConversationFull);
+        }
         entry.handles.push(handle);
-        entry.handles.len() == 1
+        Ok(entry.handles.len() == 1)
     }
 
     /// The conversation's only session on this node has read the log up to
@@ -319,9 +341,9 @@ mod tests {
         let (a, mut a_rx) = session(8);
         let (b, mut b_rx) = session(8);
         let (c, mut c_rx) = session(8);
-        assert!(router.join(&key(), a.clone()));
-        assert!(!router.join(&key(), b));
-        router.join(&key(), c);
+        assert_eq!(router.join(&key(), a.clone()), Ok(true));
+        assert_eq!(router.join(&key(), b), Ok(false));
+        router.join(&key(), c).unwrap();
         router.deliver_event(&key(), &customer_event(1), Some(a.id), None);
         assert!(a_rx.try_recv().unwrap().frame().unwrap().as_str().contains(r#""type":"ack""#));
         let Outbound::Frame { seq, frame: b_frame, .. } = *b_rx.try_recv().unwrap() else { panic!("a frame") };
@@ -336,13 +358,13 @@ mod tests {
     fn a_lone_sender_gets_its_ack_and_a_last_joined_sender_still_gets_an_ack() {
         let router = Router::default();
         let (a, mut a_rx) = session(8);
-        router.join(&key(), a.clone());
+        router.join(&key(), a.clone()).unwrap();
         router.deliver_event(&key(), &customer_event(1), Some(a.id), None);
         assert!(a_rx.try_recv().unwrap().frame().unwrap().as_str().contains(r#""type":"ack""#));
         assert!(a_rx.try_recv().is_err(), "one frame: the ack");
         // The sender joined last: the earlier socket gets the message, the sender its ack.
         let (b, mut b_rx) = session(8);
-        router.join(&key(), b.clone());
+        router.join(&key(), b.clone()).unwrap();
         router.deliver_event(&key(), &customer_event(2), Some(b.id), None);
         assert!(a_rx.try_recv().unwrap().frame().unwrap().as_str().contains(r#""type":"message""#));
         assert!(b_rx.try_recv().unwrap().frame().unwrap().as_str().contains(r#""type":"ack""#));
@@ -352,7 +374,7 @@ mod tests {
     fn an_appenders_copy_never_overtakes_and_each_event_is_delivered_once() {
         let router = Router::default();
         let (a, mut a_rx) = session(16);
-        router.join(&key(), a.clone());
+        router.join(&key(), a.clone()).unwrap();
         let mut seqs = || {
             let mut seqs = Vec::new();
             while let Ok(item) = a_rx.try_recv() {
@@ -381,7 +403,7 @@ mod tests {
     fn full_queue_closes_the_session_as_slow_consumer() {
         let router = Router::default();
         let (slow, _rx) = session(1);
-        router.join(&key(), slow.clone());
+        router.join(&key(), slow.clone()).unwrap();
         let frame = Utf8Bytes::from_static("{}");
         router.deliver_frames(&key(), vec![frame.clone(), frame.clone()]);
         assert!(!slow.closer.token().is_cancelled(), "a batch is one item");
@@ -391,12 +413,26 @@ mod tests {
     }
 
     #[test]
+    fn a_full_conversation_refuses_another_session_until_one_leaves() {
+        let router = Router::with_max_sockets(2);
+        let (a, _a_rx) = session(1);
+        let (b, _b_rx) = session(1);
+        let (c, _c_rx) = session(1);
+        router.join(&key(), a.clone()).unwrap();
+        router.join(&key(), b).unwrap();
+        assert_eq!(router.join(&key(), c.clone()), Err(ConversationFull));
+        assert_eq!(router.local_sessions(&key()), 2);
+        router.leave(&key(), a.id);
+        assert_eq!(router.join(&key(), c), Ok(false));
+    }
+
+    #[test]
     fn leave_reports_the_last_session() {
         let router = Router::default();
         let (a, _a_rx) = session(1);
         let (b, _b_rx) = session(1);
-        router.join(&key(), a.clone());
-        router.join(&key(), b.clone());
+        router.join(&key(), a.clone()).unwrap();
+        router.join(&key(), b.clone()).unwrap();
         assert!(!router.leave(&key(), a.id));
         assert!(router.leave(&key(), b.id));
         assert_eq!(router.local_sessions(&key()), 0);

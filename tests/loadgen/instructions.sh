@@ -22,8 +22,11 @@ few=20 many=120
 mkdir -p "$out"
 command -v valgrind >/dev/null || { echo "valgrind is missing: apt-get install -y valgrind" >&2; exit 1; }
 
+# Customers ask back to back: lift the per-socket frame rate (and the
+# per-address limits), as fengda-load does for the hubs it starts.
+limits=(--max-connections-per-ip 0 --connection-rate-per-ip 0 --max-frames-per-second 1000000 --frame-burst 1000000)
 case $target in
-hub) server=(./target/release/fengda serve --listen 127.0.0.1:0 --admin-listen 127.0.0.1:0 --answerer-first-token-delay-ms 0 --answerer-tokens-per-second 0) ;;
+hub) server=(./target/release/fengda serve --listen 127.0.0.1:0 --admin-listen 127.0.0.1:0 --answerer-first-token-delay-ms 0 --answerer-tokens-per-second 0 "${limits[@]}") ;;
 hub-bridge)
     ./target/release/fengda-nlp --listen 127.0.0.1:0 --first-token-delay-ms 0 --tokens-per-second 0 >"$out/bridge.log" 2>&1 &
     bridge=$!
@@ -35,7 +38,7 @@ hub-bridge)
         sleep 0.1
     done
     [[ -n $bridge_url ]] || { echo "the bridge did not start; see $out/bridge.log" >&2; exit 1; }
-    server=(./target/release/fengda serve --listen 127.0.0.1:0 --admin-listen 127.0.0.1:0 --nlp-url "$bridge_url")
+    server=(./target/release/fengda serve --listen 127.0.0.1:0 --admin-listen 127.0.0.1:0 --nlp-url "$bridge_url" "${limits[@]}")
     ;;
 bare) server=(./target/release/fengda-bare --listen 127.0.0.1:0) ;;
 *) echo "usage: $0 [hub|hub-bridge|bare] [OUT_DIR]" >&2; exit 2 ;;

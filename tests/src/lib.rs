@@ -7,8 +7,10 @@
 //! - [`RedisServer`]: a real `redis-server` on an ephemeral port.
 //! - [`resume`]: the lost-reply scenario (drop the only socket mid-reply, come back).
 //!
-//! `FENGDA_TEST_BACKEND=redis` makes every [`Hub::start`] run against its
-//! own fresh Redis (tests/run.sh runs the suite once per backend).
+//! `FENGDA_TEST_BACKEND` (`memory` or `redis`, required) is the backend of
+//! every [`Hub::start`]: with `redis` each hub runs against its own fresh
+//! Redis. tests/run.sh runs the suite once per backend, and every hub's
+//! `fengda_hub_info` metric is checked to name the backend asked for.
 //!
 //! Binaries are taken from the cargo target dir next to the test executable
 //! (`cargo build --workspace --bins` or `cargo nextest run --workspace`

@@ -38,9 +38,29 @@ const MAX_KEPT_LOG: usize = 1 << 20;
 
 /// Starts `program args…`, waits for its first stdout line
 /// `listening on http://ADDR` (and with `admin`, the second,
-/// `admin listening on http://ADDR`).
-async fn spawn_listening(program: &str, args: &[String], admin: bool) -> anyhow::Result<Listening> {
-    let mut child = Command::new(binary(program))
+/// `admin listening on http://ADDR`), optionally with a lower open-files
+/// limit (`RLIMIT_NOFILE`).
+async fn spawn_listening(
+    program: &str,
+    args: &[String],
+    admin: bool,
+    nofile: Option<u64>,
+) -> anyhow::Result<Listening> {
+    let mut command = Command::new(binary(program));
+    if let Some(limit) = nofile {
+        // SAFETY: setrlimit is async-signal-safe; the closure touches nothing else.
+        unsafe {
+            command.pre_exec(move || {
+                let limit = libc::rlimit { rlim_cur: limit, rlim_max: limit };
+                if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) == 0 {
+                    Ok(())
+                } else {
+                    Err(std::io::Error::last_os_error())
+                }
+            });
+        }
+    }
+    let mut child = command
         .args(args)
         .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()))
         .env("NO_COLOR", "1")
@@ -104,39 +124,78 @@ pub struct Hub {
     pub redis: Option<crate::RedisServer>,
 }
 
-/// The backend the suite runs against: `memory` (default) or `redis`.
+/// The backend the suite runs against, `memory` or `redis`, from
+/// `FENGDA_TEST_BACKEND`. Required: a suite meant for Redis must never pass
+/// on the memory backend because the variable went missing.
 pub fn test_backend() -> String {
-    let backend = std::env::var("FENGDA_TEST_BACKEND").unwrap_or_else(|_| "memory".into());
+    let backend = std::env::var("FENGDA_TEST_BACKEND").unwrap_or_default();
     assert!(
         matches!(backend.as_str(), "memory" | "redis"),
-        "FENGDA_TEST_BACKEND must be memory or redis, not {backend}"
+        "set FENGDA_TEST_BACKEND to memory or redis (tests/run.sh runs the suite once with each), not {backend:?}"
     );
     backend
 }
 
 impl Hub {
     /// Starts a hub with zero-delay built-in answerer pacing plus `extra`
-    /// flags, on the suite's backend (a private Redis when it is `redis`).
+    /// flags, on the suite's backend (a private Redis when it is `redis`),
+    /// and checks from its metrics that it runs on that backend.
     pub async fn start(extra: &[&str]) -> Hub {
-        if test_backend() == "redis" && !extra.contains(&"--backend") {
+        let backend = test_backend();
+        let hub = if backend == "redis" && !extra.contains(&"--backend") {
             let redis = crate::RedisServer::start().await;
             let mut args = vec!["--backend", "redis", "--redis-url", &redis.url];
             args.extend_from_slice(extra);
             let mut hub = Self::spawn(&args).await;
             hub.redis = Some(redis);
-            return hub;
+            hub
+        } else {
+            Self::spawn(extra).await
+        };
+        if !extra.contains(&"--backend") {
+            hub.assert_backend(&backend).await;
         }
-        Self::spawn(extra).await
+        hub
+    }
+
+    /// Fails unless the hub says (`fengda_hub_info{backend}`) it runs on `backend`.
+    pub async fn assert_backend(&self, backend: &str) {
+        let metrics = self.metrics().await;
+        let info = metrics.lines().find(|line| line.starts_with("fengda_hub_info{"));
+        let info = info.unwrap_or_else(|| panic!("no fengda_hub_info in the hub's metrics:\n{metrics}"));
+        assert!(info.contains(&format!("backend=\"{backend}\"")), "expected the {backend} backend: {info}");
     }
 
     /// Starts a cluster node on a shared Redis.
     pub async fn start_node(redis: &crate::RedisServer, extra: &[&str]) -> Hub {
         let mut args = vec!["--backend", "redis", "--redis-url", &redis.url];
         args.extend_from_slice(extra);
-        Self::spawn(&args).await
+        let hub = Self::spawn(&args).await;
+        hub.assert_backend("redis").await;
+        hub
+    }
+
+    /// Starts a hub (on the suite's backend) whose open-files limit is `nofile`.
+    pub async fn start_with_open_files(nofile: u64, extra: &[&str]) -> Hub {
+        let redis = match test_backend().as_str() {
+            "redis" => Some(crate::RedisServer::start().await),
+            _ => None,
+        };
+        let mut args: Vec<&str> = Vec::new();
+        if let Some(redis) = &redis {
+            args.extend(["--backend", "redis", "--redis-url", &redis.url]);
+        }
+        args.extend_from_slice(extra);
+        let mut hub = Self::spawn_with(&args, Some(nofile)).await;
+        hub.redis = redis;
+        hub
     }
 
     async fn spawn(extra: &[&str]) -> Hub {
+        Self::spawn_with(extra, None).await
+    }
+
+    async fn spawn_with(extra: &[&str], nofile: Option<u64>) -> Hub {
         let mut args: Vec<String> = ["serve", "--listen", "127.0.0.1:0"].map(String::from).to_vec();
         if !extra.iter().any(|a| a.starts_with("--admin-listen")) {
             args.extend(["--admin-listen", "127.0.0.1:0"].map(String::from));
@@ -147,7 +206,7 @@ impl Hub {
             );
         }
         args.extend(extra.iter().map(|a| a.to_string()));
-        let started = spawn_listening("fengda", &args, true).await.expect("start fengda");
+        let started = spawn_listening("fengda", &args, true, nofile).await.expect("start fengda");
         let admin_url = started.admin_url.expect("the hub prints its admin address");
         Hub { child: started.child, url: started.url, admin_url, logs: started.logs, redis: None }
     }
@@ -230,7 +289,7 @@ impl NlpProcess {
             path
         });
         args.extend(extra.iter().map(|a| a.to_string()));
-        let started = spawn_listening("fengda-nlp", &args, false).await.expect("start fengda-nlp");
+        let started = spawn_listening("fengda-nlp", &args, false, None).await.expect("start fengda-nlp");
         NlpProcess { child: started.child, url: started.url, config }
     }
 
@@ -260,10 +319,16 @@ impl Drop for NlpProcess {
 }
 
 /// The value of the first sample of `name` in Prometheus text (0 when absent).
+/// `name` is a whole metric name (`…_count` does not match `…_count_extra`),
+/// optionally with its labels (`name{label="v"}`); without labels, the first
+/// labelled sample of that name counts too.
 pub fn metric_value(metrics: &str, name: &str) -> f64 {
+    let labelled = name.contains('{');
     metrics
         .lines()
-        .find(|line| line.starts_with(name) && !line.starts_with('#'))
+        .find(|line| {
+            line.strip_prefix(name).is_some_and(|rest| rest.starts_with(' ') || (!labelled && rest.starts_with('{')))
+        })
         .and_then(|line| line.rsplit(' ').next())
         .and_then(|v| v.parse().ok())
         .unwrap_or(0.0)

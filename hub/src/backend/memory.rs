@@ -193,7 +193,7 @@ impl Backend for MemoryBackend {
         let log = self.log(key)?;
         let mut log = lock(&log);
         log.last_active_ms = now_ms();
-        self.router.join(key, session);
+        self.router.join(key, session).map_err(|_| BackendError::TooManySockets)?;
         let missed = match after {
             Some(after) => log.events.iter().filter(|e| e.seq > after).cloned().collect(),
             None => Vec::new(),

@@ -130,6 +130,9 @@ pub enum BackendError {
     /// The conversation does not exist, or belongs to another user or tenant.
     #[error("conversation not found")]
     ConversationNotFound,
+    /// The conversation has `conversation.max_sockets` sessions on this node.
+    #[error("too many sockets on this conversation")]
+    TooManySockets,
     /// The store could not be reached; nothing was stored.
     #[error("conversation store unavailable: {0}")]
     Unavailable(String),

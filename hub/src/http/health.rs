@@ -16,13 +16,16 @@ pub async fn healthz() -> Json<Value> {
 }
 
 /// Ready to take sockets: false once shutdown has begun, so the load
-/// balancer stops sending new customers here while existing ones drain, and
-/// false while a clustered backend cannot receive events (a deaf node).
+/// balancer stops sending new customers here while existing ones drain,
+/// false while a clustered backend cannot receive events (a deaf node), and
+/// false while the node holds `server.max_connections` connections.
 pub async fn readyz(State(app): State<Arc<AppState>>) -> (StatusCode, Json<Value>) {
     if !app.accepting.load(Ordering::Acquire) {
         (StatusCode::SERVICE_UNAVAILABLE, Json(json!({ "status": "shutting_down" })))
     } else if !app.backend.is_receiving() {
         (StatusCode::SERVICE_UNAVAILABLE, Json(json!({ "status": "backend_unavailable" })))
+    } else if app.connections.at_capacity() {
+        (StatusCode::SERVICE_UNAVAILABLE, Json(json!({ "status": "at_capacity" })))
     } else {
         (StatusCode::OK, Json(json!({ "status": "ready" })))
     }
@@ -38,5 +41,7 @@ pub async fn metrics(State(app): State<Arc<AppState>>) -> (StatusCode, String) {
     metrics::gauge!("fengda_hub_runtime_tasks_alive").set(runtime.num_alive_tasks() as f64);
     metrics::gauge!("fengda_hub_runtime_workers").set(runtime.num_workers() as f64);
     metrics::gauge!("fengda_hub_sessions_open").set(app.sessions_open.load(Ordering::Relaxed) as f64);
+    metrics::gauge!("fengda_hub_connections_open").set(app.connections.open() as f64);
+    metrics::gauge!("fengda_hub_connections_max").set(app.connections.max_open() as f64);
     (StatusCode::OK, handle.render())
 }

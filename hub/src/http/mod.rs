@@ -1,4 +1,4 @@
-//! HTTP routes and the listeners that serve them.
+//! HTTP routes, for the two listeners.
 //!
 //! Two listeners: the public one (`listen`) for customers: the `/ws`
 //! upgrade, the web demo and the health probes load balancers use; and the
@@ -7,7 +7,6 @@
 
 mod error;
 mod health;
-mod serve;
 mod web_demo;
 mod ws;
 
@@ -17,7 +16,6 @@ use axum::Router;
 use axum::routing::get;
 
 pub use error::ApiError;
-pub use serve::{connection_builder, serve};
 
 use crate::AppState;
 

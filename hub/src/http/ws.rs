@@ -3,20 +3,26 @@
 //! Everything that can be refused before the upgrade is refused with an
 //! HTTP 4xx and a JSON body: missing or malformed ids, a bad `after`, a
 //! foreign `Origin`, `timing=1` where it is not allowed, a node that is
-//! shutting down. Every message is the hub's own, never a library's text.
+//! shutting down, a client address over its limits (for upgrades through a
+//! trusted proxy; direct connections are limited when accepted, see
+//! [`crate::server`]). Every message is the hub's own, never a library's text.
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
+use axum::Extension;
 use axum::extract::ws::rejection::WebSocketUpgradeRejection;
-use axum::extract::{Query, State, WebSocketUpgrade};
+use axum::extract::{ConnectInfo, Query, State, WebSocketUpgrade};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
+use futures::FutureExt;
 use serde::Deserialize;
 
 use super::ApiError;
 use crate::AppState;
 use crate::ids::{ConversationId, TenantId, UserId};
+use crate::server::limits::{AddressGuard, Refusal};
 use crate::session::{self, SessionParams};
 
 /// Bytes the socket library gathers before writing, within one flush.
@@ -36,12 +42,14 @@ pub struct WsQuery {
 
 pub async fn upgrade(
     State(app): State<Arc<AppState>>,
+    peer: Option<Extension<ConnectInfo<SocketAddr>>>,
     headers: HeaderMap,
     query: Result<Query<WsQuery>, axum::extract::rejection::QueryRejection>,
     upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
 ) -> Response {
-    match prepare(&app, &headers, query, upgrade) {
-        Ok((upgrade, params)) => {
+    let peer = peer.map(|Extension(ConnectInfo(peer))| peer);
+    match prepare(&app, peer, &headers, query, upgrade) {
+        Ok((upgrade, params, address)) => {
             let ws = &app.config.websocket;
             upgrade
                 // A small read buffer: idle sockets are the common case and the
@@ -53,13 +61,61 @@ pub async fn upgrade(
                 // coalesces one burst of small frames until the writer flushes.
                 .write_buffer_size(WRITE_BUFFER_BYTES)
                 .max_write_buffer_size(WRITE_BUFFER_BYTES + ws.max_frame_bytes * 4)
-                .on_upgrade(move |socket| session::run(socket, params, app))
+                // The forwarded client's place under its address's cap goes with the session.
+                .on_upgrade(move |socket| session::run(socket, params, app).map(move |()| drop(address)))
         }
-        Err(error) => error.into_response(),
+        Err(refused) => refused.into_response(),
     }
 }
 
 fn prepare(
+    app: &AppState,
+    peer: Option<SocketAddr>,
+    headers: &HeaderMap,
+    query: Result<Query<WsQuery>, axum::extract::rejection::QueryRejection>,
+    upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
+) -> Result<(WebSocketUpgrade, SessionParams, Option<AddressGuard>), Refused> {
+    let (upgrade, params) = check(app, headers, query, upgrade)?;
+    // Through a trusted proxy: the per-address limits apply to the client it forwards.
+    let limits = &app.connections;
+    let address = match peer.filter(|peer| limits.is_trusted_proxy(&peer.ip())) {
+        Some(_) => match limits.forwarded_client(headers) {
+            Some(client) => limits.admit_forwarded(client)?,
+            None => None,
+        },
+        None => None,
+    };
+    Ok((upgrade, params, address))
+}
+
+/// Why an upgrade request was refused.
+enum Refused {
+    Invalid(ApiError),
+    Limited(Refusal),
+}
+
+impl From<ApiError> for Refused {
+    fn from(error: ApiError) -> Self {
+        Self::Invalid(error)
+    }
+}
+
+impl From<Refusal> for Refused {
+    fn from(refusal: Refusal) -> Self {
+        Self::Limited(refusal)
+    }
+}
+
+impl IntoResponse for Refused {
+    fn into_response(self) -> Response {
+        match self {
+            Self::Invalid(error) => error.into_response(),
+            Self::Limited(refusal) => refusal.into_response(),
+        }
+    }
+}
+
+fn check(
     app: &AppState,
     headers: &HeaderMap,
     query: Result<Query<WsQuery>, axum::extract::rejection::QueryRejection>,

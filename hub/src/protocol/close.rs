@@ -21,5 +21,9 @@ pub const CONVERSATION_NOT_FOUND: CloseReason = CloseReason { code: 4004, reason
 pub const SLOW_CONSUMER: CloseReason = CloseReason { code: 4008, reason: "slow consumer" };
 /// Nothing was heard from the client (not even a pong) within `idle_timeout`.
 pub const IDLE_TIMEOUT: CloseReason = CloseReason { code: 4010, reason: "idle timeout" };
+/// The conversation already has `conversation.max_sockets` sockets on this node.
+pub const TOO_MANY_SOCKETS: CloseReason = CloseReason { code: 4409, reason: "too many sockets on this conversation" };
+/// The client kept sending frames faster than its rate limit allows.
+pub const RATE_LIMITED: CloseReason = CloseReason { code: 4429, reason: "too many frames" };
 /// The conversation store could not be reached while the session started.
 pub const UNAVAILABLE: CloseReason = CloseReason { code: 4503, reason: "backend unavailable" };

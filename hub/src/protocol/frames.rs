@@ -54,6 +54,12 @@ pub enum ErrorCode {
     /// The conversation's log was lost and recreated (new epoch): events
     /// before it cannot be replayed.
     HistoryLost,
+    /// The socket sent frames faster than `websocket.max_frames_per_second`
+    /// allows; the frame was ignored (a message was NOT stored).
+    RateLimited,
+    /// The conversation already has `conversation.max_sockets` sockets on
+    /// this hub node (then close 4409).
+    TooManySockets,
 }
 
 impl ErrorCode {
@@ -71,6 +77,8 @@ impl ErrorCode {
             Self::Unavailable => "unavailable",
             Self::ConversationNotFound => "conversation_not_found",
             Self::HistoryLost => "history_lost",
+            Self::RateLimited => "rate_limited",
+            Self::TooManySockets => "too_many_sockets",
         }
     }
 }

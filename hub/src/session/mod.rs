@@ -248,8 +248,14 @@ async fn refuse(socket: &mut WebSocket, error: &BackendError) {
     let (code, reason): (&str, CloseReason) = match error {
         BackendError::ConversationNotFound => (ErrorCode::ConversationNotFound.as_str(), close::CONVERSATION_NOT_FOUND),
         BackendError::Unavailable(_) => (ErrorCode::Unavailable.as_str(), close::UNAVAILABLE),
+        BackendError::TooManySockets => (ErrorCode::TooManySockets.as_str(), close::TOO_MANY_SOCKETS),
     };
-    warn!(%error, "session refused");
+    if matches!(error, BackendError::TooManySockets) {
+        metrics::counter!("fengda_hub_sessions_refused_total", "reason" => "too_many_sockets").increment(1);
+        debug!(%error, "session refused");
+    } else {
+        warn!(%error, "session refused");
+    }
     let message = error.to_string();
     let frame = ServerFrame::Error { code, message: &message, id: None }.encode();
     let _ = socket.send(Message::Text(frame)).await;

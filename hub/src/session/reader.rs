@@ -4,8 +4,13 @@
 //! stored (which acks it through the router, in seq order) and then handed
 //! to the replier. Bad input gets an `error` frame and the socket stays
 //! open; an oversized frame closes with 1009; silence past `idle_timeout`
-//! closes with 4010.
+//! closes with 4010. Frames beyond the socket's rate
+//! (`websocket.max_frames_per_second`, bursts of `websocket.frame_burst`)
+//! are ignored with `rate_limited`, and a burst's worth of those in a row
+//! closes the socket with 4429: a flood costs the node a bounded amount of
+//! work and then the socket.
 
+use std::num::NonZeroU32;
 use std::time::Duration;
 
 use axum::extract::ws::{Message, WebSocket};
@@ -34,8 +39,12 @@ pub(super) async fn run_reader(
     mut replies: Replies,
 ) -> bool {
     let idle_timeout = Duration::from_millis(app.config.websocket.idle_timeout_ms);
-    let text_limit =
-        TextLimit { chars: app.config.websocket.max_text_chars, bytes: app.config.websocket.max_text_bytes };
+    let ws = &app.config.websocket;
+    let text_limit = TextLimit { chars: ws.max_text_chars, bytes: ws.max_text_bytes };
+    let burst = NonZeroU32::new(ws.frame_burst).unwrap_or(NonZeroU32::MIN);
+    let rate = NonZeroU32::new(ws.max_frames_per_second).unwrap_or(NonZeroU32::MIN);
+    let budget = governor::RateLimiter::direct(governor::Quota::per_second(rate).allow_burst(burst));
+    let mut refused_in_a_row = 0;
     loop {
         let next = tokio::select! {
             _ = session.closer.token().cancelled() => return false,
@@ -59,6 +68,29 @@ pub(super) async fn run_reader(
             }
             Ok(Some(Ok(message))) => message,
         };
+        if !matches!(message, Message::Close(_)) {
+            if budget.check().is_err() {
+                metrics::counter!("fengda_hub_frames_rate_limited_total").increment(1);
+                refused_in_a_row += 1;
+                if refused_in_a_row >= burst.get() {
+                    metrics::counter!("fengda_hub_rate_limit_closes_total").increment(1);
+                    debug!("frames keep coming over the rate limit; closing");
+                    session.closer.close(close::RATE_LIMITED);
+                    return false;
+                }
+                let id = match &message {
+                    Message::Text(text) => match parse_client_frame(text.as_str(), text_limit) {
+                        Ok(ClientFrame::Message { id, .. }) => Some(id),
+                        _ => None,
+                    },
+                    _ => None,
+                };
+                let text = "too many frames; slow down (this frame was ignored)";
+                reply(session, error_frame(ErrorCode::RateLimited, text, id.as_deref()));
+                continue;
+            }
+            refused_in_a_row = 0;
+        }
         match message {
             Message::Text(text) => match parse_client_frame(text.as_str(), text_limit) {
                 Ok(ClientFrame::Ping) => reply(session, ServerFrame::Pong.encode()),

@@ -122,6 +122,22 @@ pub fn hub_max_queue_wait(hub_args: &[String], env: Option<&str>) -> anyhow::Res
     hub_setting(hub_args, "--nlp-max-queue-wait-ms", env, HUB_MAX_QUEUE_WAIT_MS).map(Duration::from_millis)
 }
 
+/// Hub flags the load generator adds (before `--hub-arg`s, which may
+/// override them): its thousands of sockets come from a few loopback
+/// addresses and its customers ask back to back, so the hub's per-address
+/// connection limits and per-socket frame rate would throttle the
+/// generator instead of measuring the hub.
+pub const HUB_LIMIT_ARGS: [&str; 8] = [
+    "--max-connections-per-ip",
+    "0",
+    "--connection-rate-per-ip",
+    "0",
+    "--max-frames-per-second",
+    "1000000",
+    "--frame-burst",
+    "1000000",
+];
+
 /// The TOML config file of the bridge we start (`fengda-nlp --config`):
 /// only its stream limit; everything else keeps the bridge's defaults.
 pub fn bridge_config(max_streams: usize) -> String {

@@ -557,7 +557,7 @@ impl Backend for RedisBackend {
         let session_id = session.id;
         let subscribed = {
             let _guard = shared.subscriptions.lock().await;
-            if shared.router.join(key, session) {
+            if shared.router.join(key, session).map_err(|_| BackendError::TooManySockets)? {
                 let channel = shared.keys.channel(key);
                 shared.channels.insert(channel.clone(), key.clone());
                 let mut subscriber = shared.subscriber.clone();

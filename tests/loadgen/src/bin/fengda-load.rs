@@ -8,9 +8,12 @@
 //! timeout grows by the paced answer's time), with its own default limits
 //! unless `--bridge-max-streams` sets its answer streams, and one
 //! `fengda serve --listen 0.0.0.0:0 --admin-listen 127.0.0.1:0 --nlp-url <bridge>`
-//! (with `--allow-timing` under `--timing`). Or it attaches to a running hub
-//! with `--hub-url` (add `--hub-pid` for CPU and memory figures, and
-//! `--hub-admin-url` for its `/metrics` gauges).
+//! (with `--allow-timing` under `--timing`), without the per-address
+//! connection limits and per-socket frame rate (`setup::HUB_LIMIT_ARGS`;
+//! `--hub-arg` may set them again). Or it attaches to a running hub with
+//! `--hub-url` (add `--hub-pid` for CPU and memory figures, and
+//! `--hub-admin-url` for its `/metrics` gauges): start that hub with the
+//! same flags.
 //! Client sockets are spread over 127.0.0.1–127.0.0.8 (`--addrs`) so that
 //! many thousands of connections do not run out of ephemeral ports.
 //! Everything targets loopback, is bounded in count and time, stops by
@@ -915,6 +918,7 @@ impl Target {
         if let Some((url, _)) = &redis {
             hub_args.extend(["--redis-url".into(), url.clone()]);
         }
+        hub_args.extend(setup::HUB_LIMIT_ARGS.map(String::from));
         hub_args.extend(common.hub_args.iter().cloned());
         let (mut ports, mut hub_pids, mut metrics_addrs) = (Vec::new(), Vec::new(), Vec::new());
         for node in 1..=common.nodes {

@@ -19,6 +19,11 @@ pub struct Config {
     /// Address of the HTTP + WebSocket listener. Default `127.0.0.1:8080`;
     /// port 0 binds an ephemeral port (printed on the first stdout line).
     pub listen: SocketAddr,
+    /// Address of the admin listener: `/metrics`, and `/healthz` and
+    /// `/readyz` too. Never the customers' port: keep it on loopback or a
+    /// private network. Default `127.0.0.1:9090`; port 0 binds an ephemeral
+    /// port (printed on the second stdout line).
+    pub admin_listen: SocketAddr,
     /// Milliseconds sessions get to close cleanly on shutdown. Default 10000.
     pub shutdown_grace_ms: u64,
     /// Where conversations live: `memory` (one node, the default) or `redis`
@@ -113,6 +118,10 @@ pub struct ServerConfig {
     /// rightmost `X-Forwarded-For` entry that is not itself a trusted proxy,
     /// and the per-address limits apply to it. Default empty.
     pub trusted_proxies: Vec<ProxyAddrs>,
+    /// Accept HTTP/2 over cleartext TCP with prior knowledge (h2c), for a
+    /// proxy that speaks it to the hub. WebSockets always use HTTP/1.1.
+    /// Default false: HTTP/1.1 only.
+    pub http2_cleartext: bool,
 }
 
 /// A trusted proxy: one address (`10.0.0.5`) or a CIDR block (`10.0.0.0/8`).
@@ -164,6 +173,7 @@ impl Default for ServerConfig {
             connection_rate_per_ip: 50,
             connection_burst_per_ip: 1000,
             trusted_proxies: Vec::new(),
+            http2_cleartext: false,
         }
     }
 }
@@ -177,6 +187,17 @@ pub struct WebSocketConfig {
     pub max_frame_bytes: usize,
     /// Longest customer message, in characters. Default 4000.
     pub max_text_chars: usize,
+    /// Longest customer message, in UTF-8 bytes: the NLP bridge refuses
+    /// longer questions, so the hub refuses them first, with the same
+    /// `text_too_long` as `max_text_chars`. Default 8192
+    /// ([`fengda_nlp::service::MAX_QUESTION_BYTES`]); raise it only with the
+    /// bridges' `limits.max_question_bytes`.
+    pub max_text_bytes: usize,
+    /// Whether a socket may ask for `timing=1` (where each reply's time went,
+    /// hub and NLP latencies). Off, such a request is refused with
+    /// `403 timing_not_allowed`. Default false: enable for load tests and
+    /// diagnostics, not for customers.
+    pub allow_timing: bool,
     /// Frames queued for one socket before it counts as a slow consumer and
     /// is closed with 4008 (a reply's deltas that arrived together, at most
     /// 16, take one place). Default 256.
@@ -196,10 +217,12 @@ pub struct WebSocketConfig {
     /// A client silent for this long (no frame, no pong) is closed with 4010.
     /// Default 60000 ms.
     pub idle_timeout_ms: u64,
-    /// Extra `Origin` values allowed to open sockets, e.g.
-    /// `https://shop.example.com`; `*` allows any. Same-origin pages and
-    /// clients sending no `Origin` (apps, servers) are always allowed.
-    /// Default empty.
+    /// Browser origins allowed to open sockets. Empty (the default): pages
+    /// of the same origin as the request's `Host` only. A list of origins
+    /// (`https://shop.example.com`: scheme, host, optional port): those and
+    /// nothing else, whatever `Host` says (so DNS rebinding gets nowhere);
+    /// list the hub's own origin too if its demo page must work. `["*"]`:
+    /// any. Clients sending no `Origin` (apps, servers) are always allowed.
     pub allowed_origins: Vec<String>,
 }
 
@@ -354,6 +377,7 @@ impl Default for Config {
     fn default() -> Self {
         Self {
             listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            admin_listen: SocketAddr::from(([127, 0, 0, 1], 9090)),
             shutdown_grace_ms: 10_000,
             backend: BackendKind::default(),
             redis: RedisConfig::default(),
@@ -371,6 +395,8 @@ impl Default for WebSocketConfig {
         Self {
             max_frame_bytes: 64 * 1024,
             max_text_chars: 4000,
+            max_text_bytes: fengda_nlp::service::MAX_QUESTION_BYTES,
+            allow_timing: false,
             outbound_queue_frames: 256,
             max_pending_questions: 8,
             max_frames_per_second: 20,
@@ -454,6 +480,18 @@ impl Config {
         if ws.max_text_chars == 0 {
             return invalid("websocket.max_text_chars", "must be at least 1");
         }
+        if ws.max_text_bytes == 0 {
+            return invalid("websocket.max_text_bytes", "must be at least 1");
+        }
+        if !valid_origin_list(&ws.allowed_origins) {
+            return invalid(
+                "websocket.allowed_origins",
+                "each entry must be an origin (http[s]://host[:port], no path) or `*` alone",
+            );
+        }
+        if self.admin_listen == self.listen && self.listen.port() != 0 {
+            return invalid("admin_listen", "must differ from listen");
+        }
         if ws.outbound_queue_frames < 8 {
             return invalid("websocket.outbound_queue_frames", "must be at least 8");
         }
@@ -534,6 +572,18 @@ impl Config {
     }
 }
 
+/// `allowed_origins` is `["*"]`, or origins as browsers send them:
+/// `http://` or `https://`, a host, an optional port, nothing after.
+fn valid_origin_list(origins: &[String]) -> bool {
+    if origins.iter().any(|origin| origin == "*") {
+        return origins.len() == 1;
+    }
+    origins.iter().all(|origin| {
+        let host = origin.strip_prefix("https://").or_else(|| origin.strip_prefix("http://"));
+        host.is_some_and(|host| !host.is_empty() && !host.contains(['/', '?', '#', '@', ' ']))
+    })
+}
+
 /// `fengda serve` flags; each also reads a `FENGDA_*` environment variable.
 /// Unset flags leave the file's (or default) value alone.
 #[derive(Debug, Default, clap::Args)]
@@ -544,6 +594,12 @@ pub struct ServeArgs {
     /// Listen address [default: 127.0.0.1:8080] (key `listen`).
     #[arg(long, env = "FENGDA_LISTEN")]
     pub listen: Option<SocketAddr>,
+    /// Admin listen address: /metrics, /healthz, /readyz [default: 127.0.0.1:9090] (key `admin_listen`).
+    #[arg(long, env = "FENGDA_ADMIN_LISTEN")]
+    pub admin_listen: Option<SocketAddr>,
+    /// Accept cleartext HTTP/2 with prior knowledge (h2c) [default: false] (key `server.http2_cleartext`).
+    #[arg(long, env = "FENGDA_HTTP2_CLEARTEXT", num_args = 0..=1, default_missing_value = "true")]
+    pub http2_cleartext: Option<bool>,
     /// Conversation store: memory (one node) or redis (cluster) [default: memory] (key `backend`).
     #[arg(long, env = "FENGDA_BACKEND")]
     pub backend: Option<BackendKind>,
@@ -616,6 +672,12 @@ pub struct ServeArgs {
     /// Longest message text in characters [default: 4000] (key `websocket.max_text_chars`).
     #[arg(long, env = "FENGDA_MAX_TEXT_CHARS")]
     pub max_text_chars: Option<usize>,
+    /// Longest message text in UTF-8 bytes [default: 8192] (key `websocket.max_text_bytes`).
+    #[arg(long, env = "FENGDA_MAX_TEXT_BYTES")]
+    pub max_text_bytes: Option<usize>,
+    /// Let sockets ask for `timing=1` [default: false] (key `websocket.allow_timing`).
+    #[arg(long, env = "FENGDA_ALLOW_TIMING", num_args = 0..=1, default_missing_value = "true")]
+    pub allow_timing: Option<bool>,
     /// Outbound frames queued per socket before 4008 [default: 256] (key `websocket.outbound_queue_frames`).
     #[arg(long, env = "FENGDA_OUTBOUND_QUEUE_FRAMES")]
     pub outbound_queue_frames: Option<usize>,
@@ -688,6 +750,8 @@ impl ServeArgs {
             }
         }
         set(&mut config.listen, self.listen);
+        set(&mut config.admin_listen, self.admin_listen);
+        set(&mut config.server.http2_cleartext, self.http2_cleartext);
         set(&mut config.backend, self.backend);
         set(&mut config.redis.url, self.redis_url);
         set(&mut config.redis.key_prefix, self.redis_key_prefix);
@@ -719,6 +783,8 @@ impl ServeArgs {
         set(&mut config.conversation.log_cap, self.log_cap);
         set(&mut config.websocket.max_frame_bytes, self.max_frame_bytes);
         set(&mut config.websocket.max_text_chars, self.max_text_chars);
+        set(&mut config.websocket.max_text_bytes, self.max_text_bytes);
+        set(&mut config.websocket.allow_timing, self.allow_timing);
         set(&mut config.websocket.outbound_queue_frames, self.outbound_queue_frames);
         set(&mut config.websocket.max_pending_questions, self.max_pending_questions);
         set(&mut config.shutdown_grace_ms, self.shutdown_grace_ms);
@@ -799,6 +865,40 @@ mod tests {
         let mut config = Config::default();
         config.server.max_header_bytes = 4096;
         assert!(matches!(config.validate(), Err(ConfigError::Invalid { key: "server.max_header_bytes", .. })));
+    }
+
+    #[test]
+    fn allowed_origins_are_origins_or_a_lone_star() {
+        let check = |origins: &[&str]| {
+            let mut config = Config::default();
+            config.websocket.allowed_origins = origins.iter().map(|o| o.to_string()).collect();
+            config.validate().is_ok()
+        };
+        assert!(check(&[]));
+        assert!(check(&["*"]));
+        assert!(check(&["https://shop.example.com", "http://127.0.0.1:8080", "https://[::1]:8443"]));
+        for bad in [&["*", "https://a.example"][..], &["shop.example.com"], &["https://a.example/"], &["https://"]] {
+            assert!(!check(bad), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn flags_switch_booleans_on_and_off() {
+        use clap::Parser;
+        #[derive(clap::Parser)]
+        struct Cli {
+            #[command(flatten)]
+            serve: ServeArgs,
+        }
+        let config = |args: &[&str]| Cli::parse_from([&["fengda"], args].concat()).serve.into_config().unwrap();
+        let defaults = config(&[]);
+        assert!(!defaults.websocket.allow_timing && !defaults.server.http2_cleartext);
+        assert_eq!(defaults.admin_listen.to_string(), "127.0.0.1:9090");
+        assert_eq!(defaults.websocket.max_text_bytes, 8192);
+        let on = config(&["--allow-timing", "--http2-cleartext", "--admin-listen", "127.0.0.1:0"]);
+        assert!(on.websocket.allow_timing && on.server.http2_cleartext);
+        assert_eq!(on.admin_listen.port(), 0);
+        assert!(!config(&["--allow-timing=false"]).websocket.allow_timing);
     }
 
     #[test]

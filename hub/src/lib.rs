@@ -5,15 +5,17 @@
 //! - [`config`]: the one typed [`Config`] and the `serve` flags.
 //! - [`ids`]: validated newtype ids (`TenantId`, `ConversationId`, …).
 //! - [`protocol`]: the wire contract: frames, error codes, close codes.
-//! - [`http`]: routes: `/ws` upgrade, `/healthz`, `/readyz`, the web demo.
+//! - [`http`]: routes and listeners: `/ws` upgrade, `/healthz`, `/readyz`, the
+//!   web demo on the public port; `/metrics` on the admin port.
 //! - [`session`]: one connection: reader, writer, bounded outbound queue.
 //! - [`router`]: this node's sockets by conversation; encode once, fan out.
 //! - [`backend`]: the conversation store seam (logs, seqs, delivery): in memory, or Redis for clusters.
 //! - [`reply`]: one question's answer: history, NLP stream, deltas, stored reply.
 //! - [`nlp`]: the NLP endpoints: gRPC clients, breakers, retries, admission.
 //! - [`server`]: the accept loop, connection caps and HTTP limits before any upgrade.
+//! - [`redact`]: URLs as logs and metric labels show them (no credentials).
 //!
-//! [`App::build`] binds the listener (and, without `nlp.url`, loads the
+//! [`App::build`] binds the listeners (and, without `nlp.url`, loads the
 //! built-in answerer, called in-process through its service trait);
 //! [`App::run`] serves until the shutdown future resolves, then closes every
 //! session with 1001 and waits for its tasks within `shutdown_grace_ms`.
@@ -24,12 +26,13 @@ pub mod http;
 pub mod ids;
 pub mod nlp;
 pub mod protocol;
+pub mod redact;
 pub mod reply;
 pub mod router;
 pub mod server;
 pub mod session;
 
-use std::future::Future;
+use std::future::{Future, IntoFuture};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -61,7 +64,7 @@ pub struct AppState {
     pub accepting: AtomicBool,
     /// Sessions running on this node (sockets past the upgrade).
     pub sessions_open: AtomicUsize,
-    /// Renders `/metrics` (Prometheus text format).
+    /// Renders `/metrics` (Prometheus text format, on the admin listener).
     pub metrics: Option<metrics_exporter_prometheus::PrometheusHandle>,
     /// The node's connection caps (and per-address limits).
     pub connections: Arc<server::limits::ConnectionLimits>,
@@ -88,6 +91,9 @@ pub const IN_PROCESS: &str = "in-process";
 pub struct App {
     listener: TcpListener,
     local_addr: SocketAddr,
+    /// `admin_listen`: `/metrics` and the health probes, for operators.
+    admin_listener: TcpListener,
+    admin_addr: SocketAddr,
     state: Arc<AppState>,
     /// The in-process answerer, when no external NLP URL is configured.
     embedded_answerer: Option<fengda_nlp::NlpService>,
@@ -105,9 +111,11 @@ impl App {
             }
             _ => {
                 let backend = fengda_nlp::backend::BuiltinBackend::new(&config.answerer)?;
-                // The hub's admission bounds the calls; the service must not refuse below it.
+                // The hub's admission bounds the calls and its text limit the
+                // questions; the service must not refuse below either.
                 let limits = fengda_nlp::config::Limits {
                     max_concurrent_streams: config.nlp.max_concurrent,
+                    max_question_bytes: config.websocket.max_text_bytes,
                     ..Default::default()
                 };
                 let service = fengda_nlp::NlpService::with_limits(Arc::new(backend), limits);
@@ -116,22 +124,9 @@ impl App {
                 (vec![(IN_PROCESS.to_owned(), client)], Some(service))
             }
         };
-        let nlp = Arc::new(NlpPool::new(endpoints, &config.nlp));
-        let router = Arc::new(Router::with_max_sockets(config.conversation.max_sockets));
         let tracker = TaskTracker::new();
         let shutdown = CancellationToken::new();
-        let backend: Arc<dyn Backend> = match config.backend {
-            BackendKind::Memory => {
-                let memory = Arc::new(MemoryBackend::new(router, &config.conversation));
-                tracker.spawn(memory.clone().run_sweeper(shutdown.clone()));
-                memory
-            }
-            BackendKind::Redis => Arc::new(
-                RedisBackend::connect(&config.redis, &config.conversation, router, &tracker, shutdown.clone()).await?,
-            ),
-        };
-        let replier = Replier::new(backend.clone(), nlp.clone(), config.conversation.history_turns, &config.nlp);
-        tracker.spawn(nlp::run_health_checks(nlp, shutdown.clone()));
+        // Before anything records a metric (the pool sets its endpoints' gauges).
         let metrics = match metrics_exporter_prometheus::PrometheusBuilder::new().install_recorder() {
             Ok(handle) => {
                 tracker.spawn(run_metrics_upkeep(handle.clone(), shutdown.clone()));
@@ -144,9 +139,26 @@ impl App {
                 None
             }
         };
+        let nlp = Arc::new(NlpPool::new(endpoints, &config.nlp));
+        let router = Arc::new(Router::with_max_sockets(config.conversation.max_sockets));
+        let backend: Arc<dyn Backend> = match config.backend {
+            BackendKind::Memory => {
+                let memory = Arc::new(MemoryBackend::new(router, &config.conversation));
+                tracker.spawn(memory.clone().run_sweeper(shutdown.clone()));
+                memory
+            }
+            BackendKind::Redis => Arc::new(
+                RedisBackend::connect(&config.redis, &config.conversation, router, &tracker, shutdown.clone()).await?,
+            ),
+        };
+        let replier = Replier::new(backend.clone(), nlp.clone(), config.conversation.history_turns, &config.nlp);
+        tracker.spawn(nlp::run_health_checks(nlp, shutdown.clone()));
         let listener =
             bind_listener(config.listen).map_err(|source| StartError::Bind { addr: config.listen, source })?;
         let local_addr = listener.local_addr().map_err(StartError::Serve)?;
+        let admin_listener = bind_listener(config.admin_listen)
+            .map_err(|source| StartError::Bind { addr: config.admin_listen, source })?;
+        let admin_addr = admin_listener.local_addr().map_err(StartError::Serve)?;
         let max_connections = server::limits::max_connections(config.server.max_connections);
         info!(max_connections, "connection cap");
         let connections = Arc::new(server::limits::ConnectionLimits::new(&config.server, max_connections));
@@ -162,12 +174,17 @@ impl App {
             sessions_open: AtomicUsize::new(0),
             connections,
         });
-        Ok(Self { listener, local_addr, state, embedded_answerer })
+        Ok(Self { listener, local_addr, admin_listener, admin_addr, state, embedded_answerer })
     }
 
     /// The address actually bound (useful with port 0).
     pub fn local_addr(&self) -> SocketAddr {
         self.local_addr
+    }
+
+    /// The admin listener's address (`/metrics`).
+    pub fn admin_addr(&self) -> SocketAddr {
+        self.admin_addr
     }
 
     /// Serves until `shutdown` resolves, then drains: readiness goes red,
@@ -186,6 +203,14 @@ impl App {
                 stop.cancel();
             }
         };
+        // The admin port answers (readiness red, metrics) until the drain is
+        // over. It is the operators' (loopback by default): no connection limits.
+        let stop_admin = CancellationToken::new();
+        let admin = tokio::spawn(
+            axum::serve(self.admin_listener, http::admin_routes(state.clone()).into_make_service())
+                .with_graceful_shutdown(stop_admin.clone().cancelled_owned())
+                .into_future(),
+        );
         let signal = tokio::spawn(stop_sessions);
         let server = server::Server::new(&state.config.server, state.connections.clone(), routes);
         let connections = TaskTracker::new();
@@ -202,6 +227,8 @@ impl App {
         if tokio::time::timeout_at(deadline, state.tracker.wait()).await.is_err() {
             warn!(remaining = state.tracker.len(), "sessions still running after the grace period");
         }
+        stop_admin.cancel();
+        let _ = admin.await;
         if let Some(answerer) = self.embedded_answerer {
             // Its token producers end once their replies are dropped.
             answerer.tasks().close();

@@ -24,7 +24,7 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Run a hub node (prints `listening on http://ADDR` first on stdout).
+    /// Run a hub node (prints `listening on http://ADDR`, then `admin listening on http://ADDR`, on stdout).
     Serve(ServeArgs),
 }
 
@@ -43,6 +43,7 @@ async fn main() -> anyhow::Result<()> {
     let app = App::build(config).await.context("cannot start the hub")?;
     let mut stdout = std::io::stdout().lock();
     writeln!(stdout, "listening on http://{}", app.local_addr())?;
+    writeln!(stdout, "admin listening on http://{}", app.admin_addr())?;
     stdout.flush()?;
     drop(stdout);
     app.run(shutdown_signal()).await.context("hub failed")?;

@@ -152,7 +152,7 @@ impl Default for Limits {
     fn default() -> Self {
         Self {
             max_concurrent_streams: 256,
-            max_question_bytes: 8 * 1024,
+            max_question_bytes: crate::service::MAX_QUESTION_BYTES,
             max_id_bytes: 256,
             max_history_turns: 32,
             max_history_bytes: 32 * 1024,

@@ -12,7 +12,7 @@
 // "Gold Card", and that the customer's bubble shows the question. Then asks "How much does it
 // cost?", drops the socket after the first tokens and keeps the page offline until the answer
 // has finished on the hub: the answer that comes back in the replay must take the place of the
-// partial one. Exits 0 on success.
+// partial one. The page must send a Content-Security-Policy and break none of it. Exits 0 on success.
 
 import { existsSync, mkdirSync } from 'node:fs';
 import path from 'node:path';
@@ -58,11 +58,19 @@ async function scenario(page, pageErrors) {
         window.__sockets.push(this);
       }
     };
+    // Whatever the page's Content-Security-Policy blocks (the widget must need nothing it forbids).
+    window.__cspViolations = [];
+    document.addEventListener('securitypolicyviolation', (e) => {
+      window.__cspViolations.push(`${e.violatedDirective} blocked ${e.blockedURI || 'inline'}`);
+    });
   });
   log(`opening ${pageUrl}`);
   const response = await page.goto(pageUrl, { waitUntil: 'load', timeout: 15_000 });
   if (!response || !response.ok()) {
     throw new Error(`GET ${pageUrl} answered ${response ? response.status() : 'nothing'}`);
+  }
+  if (!(response.headers()['content-security-policy'] || '').includes("connect-src 'self'")) {
+    throw new Error(`the page has no Content-Security-Policy limiting connections: ${JSON.stringify(response.headers())}`);
   }
 
   await page
@@ -132,6 +140,8 @@ async function scenario(page, pageErrors) {
     problems.push(`no customer bubble shows the question; customer bubbles: ${JSON.stringify(customerTexts)}`);
   }
   if (pageErrors.length) problems.push(`page threw uncaught exception(s): ${pageErrors.join(' | ')}`);
+  const violations = await page.evaluate(() => window.__cspViolations);
+  if (violations.length) problems.push(`Content-Security-Policy violations: ${violations.join(' | ')}`);
 
   if (problems.length) throw new Error(problems.join('\n  '));
   await replayReplacesPartialReply(page);

@@ -26,7 +26,7 @@ command -v valgrind >/dev/null || { echo "valgrind is missing: apt-get install -
 # per-address limits), as fengda-load does for the hubs it starts.
 limits=(--max-connections-per-ip 0 --connection-rate-per-ip 0 --max-frames-per-second 1000000 --frame-burst 1000000)
 case $target in
-hub) server=(./target/release/fengda serve --listen 127.0.0.1:0 --answerer-first-token-delay-ms 0 --answerer-tokens-per-second 0 "${limits[@]}") ;;
+hub) server=(./target/release/fengda serve --listen 127.0.0.1:0 --admin-listen 127.0.0.1:0 --answerer-first-token-delay-ms 0 --answerer-tokens-per-second 0 "${limits[@]}") ;;
 hub-bridge)
     ./target/release/fengda-nlp --listen 127.0.0.1:0 --first-token-delay-ms 0 --tokens-per-second 0 >"$out/bridge.log" 2>&1 &
     bridge=$!
@@ -38,7 +38,7 @@ hub-bridge)
         sleep 0.1
     done
     [[ -n $bridge_url ]] || { echo "the bridge did not start; see $out/bridge.log" >&2; exit 1; }
-    server=(./target/release/fengda serve --listen 127.0.0.1:0 --nlp-url "$bridge_url" "${limits[@]}")
+    server=(./target/release/fengda serve --listen 127.0.0.1:0 --admin-listen 127.0.0.1:0 --nlp-url "$bridge_url" "${limits[@]}")
     ;;
 bare) server=(./target/release/fengda-bare --listen 127.0.0.1:0) ;;
 *) echo "usage: $0 [hub|hub-bridge|bare] [OUT_DIR]" >&2; exit 2 ;;
@@ -50,7 +50,7 @@ count() {
     valgrind --tool=callgrind --callgrind-out-file="$out/$target-$questions.callgrind" "${server[@]}" >"$log" 2>&1 &
     pid=$!
     for _ in $(seq 600); do
-        port=$(grep -o 'listening on http://127.0.0.1:[0-9]*' "$log" | grep -o '[0-9]*$' || true)
+        port=$(grep -o '^listening on http://127.0.0.1:[0-9]*' "$log" | grep -o '[0-9]*$' || true)
         [[ -n $port ]] && break
         sleep 0.1
     done

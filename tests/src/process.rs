@@ -2,6 +2,7 @@
 
 use std::path::PathBuf;
 use std::process::Stdio;
+use std::sync::{Arc, Mutex};
 
 use anyhow::{Context, bail};
 use tokio::io::{AsyncBufReadExt, BufReader};
@@ -21,14 +22,30 @@ pub fn binary(name: &str) -> PathBuf {
     path
 }
 
-/// Starts `program args…`, waits for its first stdout line
-/// `listening on http://ADDR` and returns the child and the URL.
-async fn spawn_listening(program: &str, args: &[String]) -> anyhow::Result<(Child, String)> {
-    spawn_listening_with(program, args, None).await
+/// What [`spawn_listening`] learned from a started process.
+struct Listening {
+    child: Child,
+    /// From the first stdout line, `listening on http://ADDR`.
+    url: String,
+    /// From the second, `admin listening on http://ADDR` (the hub's).
+    admin_url: Option<String>,
+    /// Its stderr so far (also copied to ours), up to [`MAX_KEPT_LOG`].
+    logs: Arc<Mutex<String>>,
 }
 
-/// [`spawn_listening`], optionally with a lower open-files limit (`RLIMIT_NOFILE`).
-async fn spawn_listening_with(program: &str, args: &[String], nofile: Option<u64>) -> anyhow::Result<(Child, String)> {
+/// The most of a process's log kept for [`Hub::logs`].
+const MAX_KEPT_LOG: usize = 1 << 20;
+
+/// Starts `program args…`, waits for its first stdout line
+/// `listening on http://ADDR` (and with `admin`, the second,
+/// `admin listening on http://ADDR`), optionally with a lower open-files
+/// limit (`RLIMIT_NOFILE`).
+async fn spawn_listening(
+    program: &str,
+    args: &[String],
+    admin: bool,
+    nofile: Option<u64>,
+) -> anyhow::Result<Listening> {
     let mut command = Command::new(binary(program));
     if let Some(limit) = nofile {
         // SAFETY: setrlimit is async-signal-safe; the closure touches nothing else.
@@ -46,23 +63,52 @@ async fn spawn_listening_with(program: &str, args: &[String], nofile: Option<u64
     let mut child = command
         .args(args)
         .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()))
+        .env("NO_COLOR", "1")
         .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
+        .stderr(Stdio::piped())
         .kill_on_drop(true)
         .spawn()
         .with_context(|| format!("spawn {program}"))?;
+    let logs = Arc::new(Mutex::new(String::new()));
+    let stderr = child.stderr.take().context("stderr")?;
+    let kept = logs.clone();
+    tokio::spawn(async move {
+        let mut lines = BufReader::new(stderr).lines();
+        while let Ok(Some(line)) = lines.next_line().await {
+            eprintln!("{line}");
+            let mut kept = kept.lock().unwrap();
+            if kept.len() + line.len() < MAX_KEPT_LOG {
+                kept.push_str(&line);
+                kept.push('\n');
+            }
+        }
+    });
     let stdout = child.stdout.take().context("stdout")?;
     let mut lines = BufReader::new(stdout).lines();
-    let line = tokio::time::timeout(crate::STEP_TIMEOUT, lines.next_line())
-        .await
-        .with_context(|| format!("{program} printed nothing within {:?}", crate::STEP_TIMEOUT))??
-        .with_context(|| format!("{program} exited before printing its address"))?;
+    let mut next_line = async |what: &str| -> anyhow::Result<String> {
+        tokio::time::timeout(crate::STEP_TIMEOUT, lines.next_line())
+            .await
+            .with_context(|| format!("{program} printed no {what} within {:?}", crate::STEP_TIMEOUT))??
+            .with_context(|| format!("{program} exited before printing its {what}"))
+    };
+    let line = next_line("address").await?;
     let Some(url) = line.strip_prefix("listening on ") else {
         bail!("{program}'s first line should be `listening on http://…`, got {line:?}");
     };
+    let url = url.to_owned();
+    let admin_url = match admin {
+        false => None,
+        true => {
+            let line = next_line("admin address").await?;
+            let Some(admin_url) = line.strip_prefix("admin listening on ") else {
+                bail!("{program}'s second line should be `admin listening on http://…`, got {line:?}");
+            };
+            Some(admin_url.to_owned())
+        }
+    };
     // Keep draining stdout so the child never blocks on a full pipe.
     tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-    Ok((child, url.to_owned()))
+    Ok(Listening { child, url, admin_url, logs })
 }
 
 /// A running `fengda serve`.
@@ -70,6 +116,10 @@ pub struct Hub {
     pub child: Child,
     /// `http://127.0.0.1:PORT`
     pub url: String,
+    /// The admin listener (`/metrics`), `http://127.0.0.1:PORT`.
+    pub admin_url: String,
+    /// Its stderr so far.
+    logs: Arc<Mutex<String>>,
     /// The hub's private Redis when the suite runs with `FENGDA_TEST_BACKEND=redis`.
     pub redis: Option<crate::RedisServer>,
 }
@@ -147,14 +197,23 @@ impl Hub {
 
     async fn spawn_with(extra: &[&str], nofile: Option<u64>) -> Hub {
         let mut args: Vec<String> = ["serve", "--listen", "127.0.0.1:0"].map(String::from).to_vec();
+        if !extra.iter().any(|a| a.starts_with("--admin-listen")) {
+            args.extend(["--admin-listen", "127.0.0.1:0"].map(String::from));
+        }
         if !extra.iter().any(|a| a.starts_with("--answerer-")) {
             args.extend(
                 ["--answerer-first-token-delay-ms", "0", "--answerer-tokens-per-second", "0"].map(String::from),
             );
         }
         args.extend(extra.iter().map(|a| a.to_string()));
-        let (child, url) = spawn_listening_with("fengda", &args, nofile).await.expect("start fengda");
-        Hub { child, url, redis: None }
+        let started = spawn_listening("fengda", &args, true, nofile).await.expect("start fengda");
+        let admin_url = started.admin_url.expect("the hub prints its admin address");
+        Hub { child: started.child, url: started.url, admin_url, logs: started.logs, redis: None }
+    }
+
+    /// What the hub has logged so far (stderr).
+    pub fn logs(&self) -> String {
+        self.logs.lock().unwrap().clone()
     }
 
     /// `ws://127.0.0.1:PORT/ws?<query>`
@@ -167,9 +226,9 @@ impl Hub {
         reqwest::get(format!("{}/readyz", self.url)).await.map(|r| r.status().as_u16()).unwrap_or(0)
     }
 
-    /// GET /metrics (Prometheus text).
+    /// GET /metrics on the admin listener (Prometheus text).
     pub async fn metrics(&self) -> String {
-        reqwest::get(format!("{}/metrics", self.url)).await.unwrap().text().await.unwrap()
+        reqwest::get(format!("{}/metrics", self.admin_url)).await.unwrap().text().await.unwrap()
     }
 
     /// One unlabelled value from GET /metrics (0 when absent).
@@ -230,8 +289,8 @@ impl NlpProcess {
             path
         });
         args.extend(extra.iter().map(|a| a.to_string()));
-        let (child, url) = spawn_listening("fengda-nlp", &args).await.expect("start fengda-nlp");
-        NlpProcess { child, url, config }
+        let started = spawn_listening("fengda-nlp", &args, false, None).await.expect("start fengda-nlp");
+        NlpProcess { child: started.child, url: started.url, config }
     }
 
     /// `127.0.0.1:PORT`

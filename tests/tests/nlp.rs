@@ -138,7 +138,7 @@ async fn a_reply_outlives_the_asking_socket_while_another_socket_listens() {
 async fn a_client_that_asks_gets_where_the_time_of_each_reply_went() {
     let answerer =
         RecordingAnswerer::start(Script { first_chunk_delay: Duration::from_millis(100), ..Script::default() }).await;
-    let hub = Hub::start(&["--nlp-url", &answerer.url]).await;
+    let hub = Hub::start(&["--nlp-url", &answerer.url, "--allow-timing"]).await;
     let mut timed = Client::connect(&hub.ws_url("tenant=demo&user=timed&timing=1")).await;
     let (_, reply) = timed.ask("m1", "Tell me about the Gold Card").await;
     let timing = &reply.done["timing"];

@@ -1,4 +1,9 @@
-//! HTTP routes: the WebSocket upgrade, health probes and the web demo.
+//! HTTP routes, for the two listeners.
+//!
+//! Two listeners: the public one (`listen`) for customers: the `/ws`
+//! upgrade, the web demo and the health probes load balancers use; and the
+//! admin one (`admin_listen`, loopback by default) for operators: `/metrics`
+//! and the same health probes. Nothing an operator reads is on the public port.
 
 mod error;
 mod health;
@@ -14,13 +19,24 @@ pub use error::ApiError;
 
 use crate::AppState;
 
+/// The customers' routes.
 pub fn routes(state: Arc<AppState>) -> Router {
     Router::new()
         .route("/ws", get(ws::upgrade))
         .route("/healthz", get(health::healthz))
         .route("/readyz", get(health::readyz))
-        .route("/metrics", get(health::metrics))
         .merge(web_demo::routes())
+        .fallback(|| async { ApiError::not_found() })
+        .method_not_allowed_fallback(|| async { ApiError::method_not_allowed() })
+        .with_state(state)
+}
+
+/// The operators' routes (`admin_listen`).
+pub fn admin_routes(state: Arc<AppState>) -> Router {
+    Router::new()
+        .route("/metrics", get(health::metrics))
+        .route("/healthz", get(health::healthz))
+        .route("/readyz", get(health::readyz))
         .fallback(|| async { ApiError::not_found() })
         .method_not_allowed_fallback(|| async { ApiError::method_not_allowed() })
         .with_state(state)

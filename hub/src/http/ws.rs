@@ -2,9 +2,10 @@
 //!
 //! Everything that can be refused before the upgrade is refused with an
 //! HTTP 4xx and a JSON body: missing or malformed ids, a bad `after`, a
-//! foreign `Origin`, a node that is shutting down, a client address over
-//! its limits (for upgrades through a trusted proxy; direct connections are
-//! limited when accepted, see [`crate::server`]).
+//! foreign `Origin`, `timing=1` where it is not allowed, a node that is
+//! shutting down, a client address over its limits (for upgrades through a
+//! trusted proxy; direct connections are limited when accepted, see
+//! [`crate::server`]). Every message is the hub's own, never a library's text.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -130,10 +131,12 @@ fn check(
     let upgrade = upgrade.map_err(|rejection| ApiError {
         status: rejection.status(),
         code: "not_a_websocket_upgrade",
-        message: rejection.body_text(),
+        message: upgrade_problem(&rejection).into(),
     })?;
     check_origin(headers, &app.config.websocket.allowed_origins)?;
-    let Query(query) = query.map_err(|rejection| ApiError::bad_request("invalid_query", rejection.body_text()))?;
+    // The only way the decoding of these optional strings can fail.
+    let Query(query) =
+        query.map_err(|_| ApiError::bad_request("invalid_query", "a query parameter is given more than once"))?;
     let tenant = required_id(query.tenant.as_deref(), "tenant", TenantId::parse)?;
     let user = required_id(query.user.as_deref(), "user", UserId::parse)?;
     let conversation = match query.conversation.as_deref().filter(|c| !c.is_empty()) {
@@ -152,6 +155,13 @@ fn check(
     };
     let epoch = query.epoch.filter(|e| !e.is_empty() && e.len() <= 64);
     let timing = matches!(query.timing.as_deref(), Some("1" | "true"));
+    if timing && !app.config.websocket.allow_timing {
+        return Err(ApiError {
+            status: StatusCode::FORBIDDEN,
+            code: "timing_not_allowed",
+            message: "`timing` is not enabled on this hub".into(),
+        });
+    }
     Ok((upgrade, SessionParams { tenant, user, conversation, after, epoch, timing }))
 }
 
@@ -168,22 +178,51 @@ fn required_id<T>(
     parse(raw).map_err(|e| ApiError::bad_request(code, format!("`{name}` {e}")))
 }
 
+/// What is wrong with a request that is not a WebSocket handshake.
+fn upgrade_problem(rejection: &WebSocketUpgradeRejection) -> &'static str {
+    match rejection {
+        WebSocketUpgradeRejection::MethodNotGet(_) => "a WebSocket handshake is a GET",
+        WebSocketUpgradeRejection::InvalidConnectionHeader(_) => "`Connection` must include `upgrade`",
+        WebSocketUpgradeRejection::InvalidUpgradeHeader(_) => "`Upgrade` must be `websocket`",
+        WebSocketUpgradeRejection::InvalidWebSocketVersionHeader(_) => "`Sec-WebSocket-Version` must be 13",
+        WebSocketUpgradeRejection::WebSocketKeyHeaderMissing(_) => "`Sec-WebSocket-Key` is missing",
+        WebSocketUpgradeRejection::ConnectionNotUpgradable(_) => "this connection cannot be upgraded",
+        _ => "not a WebSocket handshake",
+    }
+}
+
 /// Browsers always send `Origin`; refusing foreign ones stops cross-site
-/// WebSocket hijacking. Same-origin pages and non-browser clients pass.
+/// WebSocket hijacking. Non-browser clients (no `Origin`) pass. With no
+/// allow-list, an origin naming the request's own `Host` passes (the demo
+/// page); with one, only its origins do: a `Host` chosen by the page's own
+/// DNS (rebinding) proves nothing. A request with several `Origin`
+/// headers, or one that is not text, is refused whatever the list says.
 fn check_origin(headers: &HeaderMap, allowed: &[String]) -> Result<(), ApiError> {
-    let Some(origin) = headers.get(header::ORIGIN).and_then(|o| o.to_str().ok()) else {
+    let refuse = |message: String| Err(ApiError { status: StatusCode::FORBIDDEN, code: "origin_not_allowed", message });
+    let mut origins = headers.get_all(header::ORIGIN).iter();
+    let Some(origin) = origins.next() else {
         return Ok(());
     };
-    let host = headers.get(header::HOST).and_then(|h| h.to_str().ok()).unwrap_or("");
-    let origin_host = origin.split_once("://").map_or(origin, |(_, rest)| rest);
-    if origin_host.eq_ignore_ascii_case(host) || allowed.iter().any(|a| a == "*" || a.eq_ignore_ascii_case(origin)) {
+    if origins.next().is_some() {
+        return refuse("a request may carry one `Origin` header".into());
+    }
+    let Ok(origin) = origin.to_str() else {
+        return refuse("`Origin` is not a valid origin".into());
+    };
+    let allowed_here = match allowed {
+        [] => {
+            let host = headers.get(header::HOST).and_then(|h| h.to_str().ok()).unwrap_or("");
+            let origin_host = origin.split_once("://").map(|(_, rest)| rest);
+            origin_host.is_some_and(|origin_host| !host.is_empty() && origin_host.eq_ignore_ascii_case(host))
+        }
+        [star] if star == "*" => true,
+        list => list.iter().any(|a| a.eq_ignore_ascii_case(origin)),
+    };
+    if allowed_here {
         return Ok(());
     }
-    Err(ApiError {
-        status: StatusCode::FORBIDDEN,
-        code: "origin_not_allowed",
-        message: format!("origin {origin} is not allowed to open sockets here"),
-    })
+    let shown: String = origin.chars().take(100).collect();
+    refuse(format!("origin {shown} is not allowed to open sockets here"))
 }
 
 #[cfg(test)]
@@ -202,8 +241,29 @@ mod tests {
         assert!(check_origin(&HeaderMap::new(), &[]).is_ok());
         assert!(check_origin(&headers("http://127.0.0.1:8080", "127.0.0.1:8080"), &[]).is_ok());
         assert!(check_origin(&headers("https://evil.example", "127.0.0.1:8080"), &[]).is_err());
+        assert!(check_origin(&headers("null", "null"), &[]).is_err());
         let allowed = ["https://shop.example".to_string()];
         assert!(check_origin(&headers("https://shop.example", "hub.example"), &allowed).is_ok());
+        assert!(check_origin(&headers("HTTPS://SHOP.example", "hub.example"), &allowed).is_ok());
         assert!(check_origin(&headers("https://evil.example", "hub.example"), &["*".into()]).is_ok());
+        assert!(check_origin(&HeaderMap::new(), &allowed).is_ok(), "no Origin: not a browser");
+    }
+
+    #[test]
+    fn an_allow_list_ignores_host_so_dns_rebinding_is_not_same_origin() {
+        let allowed = ["https://shop.example".to_string()];
+        let rebound = headers("http://rebind.example:8080", "rebind.example:8080");
+        assert!(check_origin(&rebound, &[]).is_ok(), "without a list, Host decides");
+        assert!(check_origin(&rebound, &allowed).is_err());
+    }
+
+    #[test]
+    fn several_or_unreadable_origins_are_refused() {
+        let mut two = headers("https://shop.example", "hub.example");
+        two.append(header::ORIGIN, "https://shop.example".parse().unwrap());
+        assert!(check_origin(&two, &["*".into()]).is_err());
+        let mut opaque = HeaderMap::new();
+        opaque.insert(header::ORIGIN, axum::http::HeaderValue::from_bytes(b"https://\xff.example").unwrap());
+        assert!(check_origin(&opaque, &["*".into()]).is_err());
     }
 }

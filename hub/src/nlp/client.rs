@@ -33,6 +33,7 @@ pub type AnswerStream = Pin<Box<dyn Stream<Item = Result<AnswerChunk, Status>> +
 
 #[derive(Debug, thiserror::Error)]
 pub enum NlpError {
+    /// `url` is shown without credentials.
     #[error("invalid NLP service URL {url:?}: {source}")]
     InvalidUrl { url: String, source: tonic::transport::Error },
     #[error("NLP call failed: {0}")]
@@ -57,7 +58,7 @@ impl NlpClient {
     /// re-made after failures, so the hub starts even if the service is down.
     pub fn connect_lazy(url: &str, config: &NlpConfig) -> Result<Self, NlpError> {
         let endpoint = Endpoint::from_shared(url.to_owned())
-            .map_err(|source| NlpError::InvalidUrl { url: url.to_owned(), source })?
+            .map_err(|source| NlpError::InvalidUrl { url: crate::redact::display_url(url).into_owned(), source })?
             .tcp_nodelay(true)
             .connect_timeout(Duration::from_millis(config.first_chunk_timeout_ms))
             .http2_keep_alive_interval(Duration::from_secs(20))

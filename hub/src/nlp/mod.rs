@@ -67,7 +67,11 @@ const QUEUED_UPDATE_INTERVAL: Duration = Duration::from_secs(1);
 /// One bridge endpoint and what the hub knows about it.
 #[derive(Debug)]
 pub struct Endpoint {
-    pub url: String,
+    /// Where the client connects (may carry credentials: never shown).
+    url: String,
+    /// How logs and metric labels name it: the URL without credentials
+    /// ([`crate::redact::display_url`]).
+    pub name: String,
     client: NlpClient,
     breaker: Breaker,
     /// Calls it takes at once, learned from its refusals.
@@ -150,6 +154,7 @@ impl NlpPool {
                 // stream limit is set to it); a bridge's limit is learned.
                 let initial = if client.is_remote() { limit::INITIAL } else { config.max_concurrent };
                 Arc::new(Endpoint {
+                    name: crate::redact::display_url(&url).into_owned(),
                     url,
                     client,
                     breaker: Breaker::new(breaker.clone()),
@@ -201,10 +206,10 @@ impl NlpPool {
 
     /// An endpoint refused a call sent in `round` as full.
     fn overloaded(&self, endpoint: &Endpoint, round: Round, advertised: Option<usize>) {
-        metrics::counter!("fengda_hub_nlp_overloaded_total", "endpoint" => endpoint.url.clone()).increment(1);
+        metrics::counter!("fengda_hub_nlp_overloaded_total", "endpoint" => endpoint.name.clone()).increment(1);
         let changed = advertised.and_then(|n| endpoint.limit.advertised(n));
         if let Some(limit) = endpoint.limit.overloaded(round).or(changed) {
-            debug!(endpoint = %endpoint.url, limit, "NLP endpoint full; limit lowered");
+            debug!(endpoint = %endpoint.name, limit, "NLP endpoint full; limit lowered");
             set_limit_gauge(endpoint, limit);
             self.update_capacity();
         }
@@ -216,7 +221,7 @@ impl NlpPool {
         metrics::counter!("fengda_hub_nlp_calls_total", "outcome" => outcome).increment(1);
         let mut changed = false;
         if let Some(state) = endpoint.breaker.record(success, std::time::Instant::now()) {
-            warn!(endpoint = %endpoint.url, ?state, "NLP circuit breaker changed state");
+            warn!(endpoint = %endpoint.name, ?state, "NLP circuit breaker changed state");
             set_breaker_gauge(endpoint, state);
             changed = true;
         }
@@ -307,7 +312,7 @@ impl NlpPool {
             if status.metadata().contains_key(fengda_proto::DRAINING_HEADER) {
                 // Shutting down on purpose: skipped until its health check says serving.
                 if endpoint.healthy.swap(false, Ordering::AcqRel) {
-                    info!(endpoint = %endpoint.url, "NLP endpoint draining; sending calls elsewhere");
+                    info!(endpoint = %endpoint.name, "NLP endpoint draining; sending calls elsewhere");
                     self.update_capacity();
                     self.recheck.notify_one();
                 }
@@ -315,7 +320,7 @@ impl NlpPool {
                 // Not reached at all (refused, reset): a health observation
                 // too, so its next serving health check probes the breaker.
                 if never_reached(&status) && endpoint.healthy.swap(false, Ordering::AcqRel) {
-                    info!(endpoint = %endpoint.url, "NLP endpoint unreachable");
+                    info!(endpoint = %endpoint.name, "NLP endpoint unreachable");
                     self.update_capacity();
                     self.recheck.notify_one();
                 }
@@ -330,7 +335,7 @@ impl NlpPool {
                 return Err(StartError::Failed(status));
             }
             metrics::counter!("fengda_hub_nlp_retries_total").increment(1);
-            info!(attempt, backoff_ms = backoff.as_millis() as u64, code = ?status.code(), endpoint = %endpoint.url, "retrying the NLP call");
+            info!(attempt, backoff_ms = backoff.as_millis() as u64, code = ?status.code(), endpoint = %endpoint.name, "retrying the NLP call");
             drop(outstanding);
             tokio::time::sleep(backoff).await;
         }
@@ -509,7 +514,7 @@ impl Drop for Outstanding {
 
 /// `fengda_hub_nlp_endpoint_limit{endpoint}`: calls the endpoint takes at once, as learned.
 fn set_limit_gauge(endpoint: &Endpoint, limit: usize) {
-    metrics::gauge!("fengda_hub_nlp_endpoint_limit", "endpoint" => endpoint.url.clone()).set(limit as f64);
+    metrics::gauge!("fengda_hub_nlp_endpoint_limit", "endpoint" => endpoint.name.clone()).set(limit as f64);
 }
 
 /// The stream limit a bridge advertises in its response metadata.
@@ -524,7 +529,7 @@ fn set_breaker_gauge(endpoint: &Endpoint, state: BreakerState) {
         BreakerState::Open => 1.0,
         BreakerState::HalfOpen => 2.0,
     };
-    metrics::gauge!("fengda_hub_nlp_breaker_state", "endpoint" => endpoint.url.clone()).set(gauge);
+    metrics::gauge!("fengda_hub_nlp_breaker_state", "endpoint" => endpoint.name.clone()).set(gauge);
 }
 
 /// A request the bridge found malformed says nothing about the endpoint's
@@ -590,12 +595,12 @@ pub async fn run_health_checks(pool: Arc<NlpPool>, stop: CancellationToken) {
                 changed = true;
             }
             if endpoint.healthy.swap(serving, Ordering::AcqRel) != serving {
-                info!(endpoint = %endpoint.url, serving, "NLP endpoint health changed");
+                info!(endpoint = %endpoint.name, serving, "NLP endpoint health changed");
                 changed = true;
                 // Back after a restart: its breaker, opened while it was
                 // gone, lets a probe through now instead of after `breaker_open_ms`.
                 if serving && endpoint.breaker.probe_now(std::time::Instant::now()) {
-                    info!(endpoint = %endpoint.url, "NLP endpoint serving again; probing its breaker at once");
+                    info!(endpoint = %endpoint.name, "NLP endpoint serving again; probing its breaker at once");
                 }
             }
             if changed {

@@ -29,7 +29,8 @@ pub enum ClientFrame {
 pub enum ErrorCode {
     /// The frame is not valid JSON.
     InvalidJson,
-    /// The frame is JSON but not an object, or a field has the wrong type.
+    /// The frame is JSON but not an object, a field has the wrong type, or
+    /// a key appears twice in one object.
     InvalidFrame,
     /// A required field is absent.
     MissingField,
@@ -39,7 +40,8 @@ pub enum ErrorCode {
     InvalidId,
     /// A message `text` is empty or shows nothing ([`is_blank`]).
     EmptyText,
-    /// A message `text` is longer than `max_text_chars`.
+    /// A message `text` is longer than `max_text_chars` characters or
+    /// `max_text_bytes` bytes.
     TextTooLong,
     /// Binary frames are not part of the protocol.
     BinaryNotSupported,
@@ -107,10 +109,31 @@ impl FrameError {
 /// Longest client message id, in bytes.
 pub const MAX_MESSAGE_ID_LEN: usize = 128;
 
+/// How long a message `text` may be.
+#[derive(Clone, Copy, Debug)]
+pub struct TextLimit {
+    /// Unicode code points (`websocket.max_text_chars`).
+    pub chars: usize,
+    /// UTF-8 bytes (`websocket.max_text_bytes`, the NLP bridge's bound).
+    pub bytes: usize,
+}
+
 /// Parses one text frame from a client, checking every field.
-pub fn parse_client_frame(text: &str, max_text_chars: usize) -> Result<ClientFrame, FrameError> {
-    let Raw::Object(mut fields) = serde_json::from_str(text)
-        .map_err(|e| FrameError::new(ErrorCode::InvalidJson, format!("frame is not valid JSON: {e}")))?
+pub fn parse_client_frame(text: &str, limit: TextLimit) -> Result<ClientFrame, FrameError> {
+    let Raw::Object(mut fields) = serde_json::from_str(text).map_err(|e| {
+        // Our own words, with where it went wrong; a visitor's error (Data) is a repeated key.
+        let (line, column) = (e.line(), e.column());
+        match e.classify() {
+            serde_json::error::Category::Data => FrameError::new(
+                ErrorCode::InvalidFrame,
+                format!("a key appears twice in one object (line {line}, column {column})"),
+            ),
+            _ => FrameError::new(
+                ErrorCode::InvalidJson,
+                format!("frame is not valid JSON (line {line}, column {column})"),
+            ),
+        }
+    })?
     else {
         return Err(FrameError::new(ErrorCode::InvalidFrame, "frame must be a JSON object"));
     };
@@ -139,10 +162,16 @@ pub fn parse_client_frame(text: &str, max_text_chars: usize) -> Result<ClientFra
             if is_blank(&text) {
                 return Err(with_id(FrameError::new(ErrorCode::EmptyText, "`text` must not be empty")));
             }
-            if text.chars().count() > max_text_chars {
+            if text.len() > limit.bytes {
                 return Err(with_id(FrameError::new(
                     ErrorCode::TextTooLong,
-                    format!("`text` must be at most {max_text_chars} characters"),
+                    format!("`text` must be at most {} bytes of UTF-8", limit.bytes),
+                )));
+            }
+            if text.chars().count() > limit.chars {
+                return Err(with_id(FrameError::new(
+                    ErrorCode::TextTooLong,
+                    format!("`text` must be at most {} characters", limit.chars),
                 )));
             }
             Ok(ClientFrame::Message { id, text })
@@ -191,7 +220,9 @@ enum Raw<'a> {
     Other,
 }
 
-/// The fields of an object we read; a repeated key keeps its last value.
+/// The fields of an object we read. A key may appear once per object: a
+/// repeated key fails the parse (a filter in front of the hub may read the
+/// first value where a JSON library keeps the last).
 #[derive(Default)]
 struct RawFields<'a> {
     kind: Option<Field<'a>>,
@@ -228,7 +259,12 @@ impl<'de> Deserialize<'de> for Raw<'de> {
                 f.write_str("a JSON value")
             }
             fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+                use serde::de::Error;
                 let mut fields = RawFields::default();
+                // Keys we do not read, to refuse their repetition too; only
+                // allocated for a frame that has such keys (SipHash: a
+                // client cannot pick colliding keys).
+                let mut others: Option<std::collections::HashSet<std::borrow::Cow<'de, str>>> = None;
                 // (`Raw`, not `Cow<str>`, for the key: serde's `Cow` never borrows.)
                 while let Some(key) = map.next_key::<Raw<'de>>()? {
                     let value: Raw<'de> = map.next_value()?;
@@ -238,9 +274,16 @@ impl<'de> Deserialize<'de> for Raw<'de> {
                         "id" => &mut fields.id,
                         "text" => &mut fields.text,
                         "reply" => &mut fields.reply,
-                        _ => continue,
+                        _ => {
+                            if !others.get_or_insert_default().insert(key) {
+                                return Err(A::Error::custom("repeated key"));
+                            }
+                            continue;
+                        }
                     };
-                    *slot = Some(value.into());
+                    if slot.replace(value.into()).is_some() {
+                        return Err(A::Error::custom("repeated key"));
+                    }
                 }
                 Ok(Raw::Object(fields))
             }
@@ -488,22 +531,25 @@ fn push_json_string(out: &mut String, text: &str) {
 mod tests {
     use super::*;
 
+    /// Limits of 10 characters, 20 bytes.
+    const LIMIT: TextLimit = TextLimit { chars: 10, bytes: 20 };
+
     fn code(text: &str) -> ErrorCode {
-        parse_client_frame(text, 10).unwrap_err().code
+        parse_client_frame(text, LIMIT).unwrap_err().code
     }
 
     #[test]
     fn parses_message_and_ping() {
         assert_eq!(
-            parse_client_frame(r#"{"type":"message","id":"m1","text":"hi"}"#, 10),
+            parse_client_frame(r#"{"type":"message","id":"m1","text":"hi"}"#, LIMIT),
             Ok(ClientFrame::Message { id: "m1".into(), text: "hi".into() })
         );
-        assert_eq!(parse_client_frame(r#"{"type":"ping"}"#, 10), Ok(ClientFrame::Ping));
+        assert_eq!(parse_client_frame(r#"{"type":"ping"}"#, LIMIT), Ok(ClientFrame::Ping));
         assert_eq!(
-            parse_client_frame(r#"{"type":"cancel","reply":"r-1"}"#, 10),
+            parse_client_frame(r#"{"type":"cancel","reply":"r-1"}"#, LIMIT),
             Ok(ClientFrame::Cancel { reply: "r-1".into() })
         );
-        assert_eq!(parse_client_frame(r#"{"type":"cancel"}"#, 10).unwrap_err().code, ErrorCode::MissingField);
+        assert_eq!(parse_client_frame(r#"{"type":"cancel"}"#, LIMIT).unwrap_err().code, ErrorCode::MissingField);
     }
 
     #[test]
@@ -525,11 +571,22 @@ mod tests {
     fn reads_escaped_strings_and_keys_and_skips_other_fields() {
         let frame = r#"{"extra":{"a":[1,{"b":null}]},"\u0074ype":"message","id":"m\"1","text":"line\nbreak","n":[]}"#;
         assert_eq!(
-            parse_client_frame(frame, 20),
+            parse_client_frame(frame, TextLimit { chars: 20, bytes: 40 }),
             Ok(ClientFrame::Message { id: "m\"1".into(), text: "line\nbreak".into() })
         );
-        // A repeated key keeps its last value, as JSON parsers commonly do.
-        assert_eq!(parse_client_frame(r#"{"type":"dance","type":"ping"}"#, 10), Ok(ClientFrame::Ping));
+        // A repeated key is refused, whichever key and however it is spelled.
+        for repeated in [
+            r#"{"type":"dance","type":"ping"}"#,
+            r#"{"type":"ping","\u0074ype":"ping"}"#,
+            r#"{"type":"message","id":"m1","text":"hi","text":"bye"}"#,
+            r#"{"type":"ping","x":1,"x":1}"#,
+            r#"{"type":"ping","x":{"y":[{"z":1,"z":2}]}}"#,
+        ] {
+            let error = parse_client_frame(repeated, LIMIT).unwrap_err();
+            assert_eq!(error.code, ErrorCode::InvalidFrame, "{repeated}");
+            assert!(error.message.starts_with("a key appears twice"), "{}", error.message);
+        }
+        assert!(parse_client_frame(r#"{"type":"ping","x":{"type":1},"y":{"type":2}}"#, LIMIT).is_ok());
         for not_an_object in ["7", "\"ping\"", "null", "true", "[]", "-1.5"] {
             assert_eq!(code(not_an_object), ErrorCode::InvalidFrame, "{not_an_object}");
         }
@@ -566,15 +623,28 @@ mod tests {
     }
 
     #[test]
-    fn text_limit_counts_characters_not_bytes() {
-        // Ten CJK characters are 30 bytes but within a 10-character limit.
+    fn text_limit_counts_characters_and_bytes() {
+        // Ten CJK characters are 30 bytes: within a 10-character limit, not a 20-byte one.
         let frame = r#"{"type":"message","id":"m1","text":"金卡金卡金卡金卡金卡"}"#;
-        assert!(parse_client_frame(frame, 10).is_ok());
+        assert!(parse_client_frame(frame, TextLimit { chars: 10, bytes: 30 }).is_ok());
+        let error = parse_client_frame(frame, LIMIT).unwrap_err();
+        assert_eq!((error.code, error.id.as_deref()), (ErrorCode::TextTooLong, Some("m1")));
+        assert_eq!(error.message, "`text` must be at most 20 bytes of UTF-8");
+        // Exactly at both limits passes.
+        let frame = r#"{"type":"message","id":"m1","text":"金卡金卡金卡xy"}"#;
+        assert!(parse_client_frame(frame, TextLimit { chars: 8, bytes: 20 }).is_ok());
+    }
+
+    #[test]
+    fn json_errors_are_described_in_our_words() {
+        let error = parse_client_frame("{\"type\":", LIMIT).unwrap_err();
+        assert_eq!(error.code, ErrorCode::InvalidJson);
+        assert_eq!(error.message, "frame is not valid JSON (line 1, column 8)");
     }
 
     #[test]
     fn errors_about_a_message_carry_its_id() {
-        let err = parse_client_frame(r#"{"type":"message","id":"m9","text":""}"#, 10).unwrap_err();
+        let err = parse_client_frame(r#"{"type":"message","id":"m9","text":""}"#, LIMIT).unwrap_err();
         assert_eq!(err.id.as_deref(), Some("m9"));
         let json: serde_json::Value = serde_json::from_str(err.to_frame().as_str()).unwrap();
         assert_eq!(json["type"], "error");

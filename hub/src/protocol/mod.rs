@@ -10,5 +10,5 @@ pub mod close;
 pub mod frames;
 
 pub use frames::{
-    ClientFrame, DeltaEncoder, ErrorCode, FrameError, ReplyTiming, Role, ServerFrame, parse_client_frame,
+    ClientFrame, DeltaEncoder, ErrorCode, FrameError, ReplyTiming, Role, ServerFrame, TextLimit, parse_client_frame,
 };

@@ -10,7 +10,11 @@
 //! connection; refused ones are answered with a JSON `429`/`503` on a short
 //! deadline, and still get `/healthz` and `/readyz`, so a full node stays
 //! visibly alive. An `accept` that fails (out of descriptors) backs off
-//! instead of spinning.
+//! instead of spinning. Connections speak HTTP/1.1 only, unless
+//! `server.http2_cleartext` adds HTTP/2 with prior knowledge (h2c): hyper's
+//! automatic builder answers h2c to anyone once upgrades are on (its
+//! `http1_only` does not apply to them), which widens what the public port
+//! exposes for no gain to a browser or an app.
 //!
 //! Shutdown: the loop stops accepting when the node's token is cancelled,
 //! and every connection still speaking HTTP finishes its request and closes
@@ -27,6 +31,7 @@ use std::time::Duration;
 use axum::extract::{ConnectInfo, Request};
 use futures::future::Either;
 use hyper::body::Incoming;
+use hyper::server::conn::http1;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use tokio::net::{TcpListener, TcpStream};
@@ -54,7 +59,7 @@ const IDLE_CHECKS: u32 = 4;
 pub struct Server {
     limits: Arc<ConnectionLimits>,
     routes: axum::Router,
-    http: auto::Builder<TokioExecutor>,
+    http: Http,
     refusal_http: auto::Builder<TokioExecutor>,
     http_idle_timeout: Duration,
 }
@@ -62,12 +67,21 @@ pub struct Server {
 impl Server {
     pub fn new(config: &ServerConfig, limits: Arc<ConnectionLimits>, routes: axum::Router) -> Self {
         let header_read_timeout = Duration::from_millis(config.header_read_timeout_ms);
-        let mut http = auto::Builder::new(TokioExecutor::new());
-        http.http1()
-            .timer(TokioTimer::new())
-            .header_read_timeout(header_read_timeout)
-            .max_buf_size(config.max_header_bytes);
-        http.http2().timer(TokioTimer::new()).max_header_list_size(config.max_header_bytes as u32);
+        let http = if config.http2_cleartext {
+            let mut http = auto::Builder::new(TokioExecutor::new());
+            http.http1()
+                .timer(TokioTimer::new())
+                .header_read_timeout(header_read_timeout)
+                .max_buf_size(config.max_header_bytes);
+            http.http2().timer(TokioTimer::new()).max_header_list_size(config.max_header_bytes as u32);
+            Http::WithH2c(http)
+        } else {
+            let mut http = http1::Builder::new();
+            http.timer(TokioTimer::new())
+                .header_read_timeout(header_read_timeout)
+                .max_buf_size(config.max_header_bytes);
+            Http::Http1(http)
+        };
         // HTTP/1 only: its head timeout runs from the first byte awaited.
         let mut refusal_http = auto::Builder::new(TokioExecutor::new()).http1_only();
         refusal_http
@@ -148,40 +162,16 @@ impl Server {
             request.extensions_mut().insert(ConnectInfo(peer));
             routes.clone().call(request)
         });
-        let connection = self.http.serve_connection_with_upgrades(TokioIo::new(stream), service);
-        let mut connection = std::pin::pin!(connection);
-        let check_every = self.http_idle_timeout / IDLE_CHECKS;
-        let mut checks = tokio::time::interval_at(tokio::time::Instant::now() + check_every, check_every);
-        let (mut quiet_checks, mut draining) = (0, false);
-        loop {
-            tokio::select! {
-                // Ends after the response to an upgrade: the stream (and its slot) then belongs to the session.
-                result = connection.as_mut() => {
-                    if let Err(error) = result {
-                        let timed_out = error.downcast_ref::<hyper::Error>().is_some_and(hyper::Error::is_timeout);
-                        if timed_out {
-                            metrics::counter!("fengda_hub_connections_closed_total", "reason" => "header_timeout").increment(1);
-                        }
-                        debug!(%peer, %error, "connection ended with an error");
-                    }
-                    return;
-                }
-                () = stop.cancelled(), if !draining => {
-                    draining = true;
-                    connection.as_mut().graceful_shutdown();
-                }
-                _ = checks.tick() => {
-                    if active.swap(false, Ordering::Relaxed) {
-                        quiet_checks = 0;
-                    } else {
-                        quiet_checks += 1;
-                        if quiet_checks >= IDLE_CHECKS {
-                            metrics::counter!("fengda_hub_connections_closed_total", "reason" => "idle_timeout").increment(1);
-                            debug!(%peer, "connection idle; closing");
-                            return;
-                        }
-                    }
-                }
+        let io = TokioIo::new(stream);
+        let idle_timeout = self.http_idle_timeout;
+        match &self.http {
+            Http::Http1(http) => {
+                let connection = http.serve_connection(io, service).with_upgrades();
+                drive(connection, |c| c.graceful_shutdown(), peer, &active, idle_timeout, &stop).await
+            }
+            Http::WithH2c(http) => {
+                let connection = http.serve_connection_with_upgrades(io, service);
+                drive(connection, |c| c.graceful_shutdown(), peer, &active, idle_timeout, &stop).await
             }
         }
     }
@@ -202,6 +192,66 @@ impl Server {
         let connection = self.refusal_http.serve_connection(TokioIo::new(tcp), service);
         let _ = tokio::time::timeout(REFUSAL_DEADLINE, connection).await;
     }
+}
+
+/// Runs one connection until it closes, goes idle before an upgrade (no
+/// byte for `http_idle_timeout`, as `active` tells), or (after `stop`)
+/// finishes its request.
+async fn drive<C, E>(
+    connection: C,
+    graceful_shutdown: impl Fn(std::pin::Pin<&mut C>),
+    peer: SocketAddr,
+    active: &std::sync::atomic::AtomicBool,
+    http_idle_timeout: Duration,
+    stop: &CancellationToken,
+) where
+    C: std::future::Future<Output = Result<(), E>>,
+    E: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let mut connection = std::pin::pin!(connection);
+    let check_every = http_idle_timeout / IDLE_CHECKS;
+    let mut checks = tokio::time::interval_at(tokio::time::Instant::now() + check_every, check_every);
+    let (mut quiet_checks, mut draining) = (0, false);
+    loop {
+        tokio::select! {
+            // Ends after the response to an upgrade: the stream (and its slot) then belongs to the session.
+            result = connection.as_mut() => {
+                let result: Result<(), Box<dyn std::error::Error + Send + Sync>> = result.map_err(Into::into);
+                if let Err(error) = result {
+                    let timed_out = error.downcast_ref::<hyper::Error>().is_some_and(hyper::Error::is_timeout);
+                    if timed_out {
+                        metrics::counter!("fengda_hub_connections_closed_total", "reason" => "header_timeout").increment(1);
+                    }
+                    debug!(%peer, %error, "connection ended with an error");
+                }
+                return;
+            }
+            () = stop.cancelled(), if !draining => {
+                draining = true;
+                graceful_shutdown(connection.as_mut());
+            }
+            _ = checks.tick() => {
+                if active.swap(false, Ordering::Relaxed) {
+                    quiet_checks = 0;
+                } else {
+                    quiet_checks += 1;
+                    if quiet_checks >= IDLE_CHECKS {
+                        metrics::counter!("fengda_hub_connections_closed_total", "reason" => "idle_timeout").increment(1);
+                        debug!(%peer, "connection idle; closing");
+                        return;
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// How admitted connections are served.
+enum Http {
+    /// HTTP/1.1 only (the default).
+    Http1(http1::Builder),
+    /// HTTP/1.1, or HTTP/2 when the client starts with its preface.
+    WithH2c(auto::Builder<TokioExecutor>),
 }
 
 /// Errors of one connection that went away before `accept` returned it.

@@ -23,7 +23,7 @@ use crate::AppState;
 use crate::backend::{Appended, BackendError, NewEvent, Pending};
 use crate::ids::ConversationKey;
 use crate::protocol::close;
-use crate::protocol::{ClientFrame, ErrorCode, ServerFrame, parse_client_frame};
+use crate::protocol::{ClientFrame, ErrorCode, ServerFrame, TextLimit, parse_client_frame};
 use crate::reply::Question;
 use crate::router::{Outbound, SessionHandle};
 use crate::session::{Replies, SessionParams};
@@ -40,8 +40,8 @@ pub(super) async fn run_reader(
     mut replies: Replies,
 ) -> bool {
     let idle_timeout = Duration::from_millis(app.config.websocket.idle_timeout_ms);
-    let max_text_chars = app.config.websocket.max_text_chars;
     let ws = &app.config.websocket;
+    let text_limit = TextLimit { chars: ws.max_text_chars, bytes: ws.max_text_bytes };
     let burst = NonZeroU32::new(ws.frame_burst).unwrap_or(NonZeroU32::MIN);
     let rate = NonZeroU32::new(ws.max_frames_per_second).unwrap_or(NonZeroU32::MIN);
     let budget = governor::RateLimiter::direct(governor::Quota::per_second(rate).allow_burst(burst));
@@ -80,7 +80,7 @@ pub(super) async fn run_reader(
                     return false;
                 }
                 let id = match &message {
-                    Message::Text(text) => match parse_client_frame(text.as_str(), max_text_chars) {
+                    Message::Text(text) => match parse_client_frame(text.as_str(), text_limit) {
                         Ok(ClientFrame::Message { id, .. }) => Some(id),
                         _ => None,
                     },
@@ -93,7 +93,7 @@ pub(super) async fn run_reader(
             refused_in_a_row = 0;
         }
         match message {
-            Message::Text(text) => match parse_client_frame(text.as_str(), max_text_chars) {
+            Message::Text(text) => match parse_client_frame(text.as_str(), text_limit) {
                 Ok(ClientFrame::Ping) => reply(session, ServerFrame::Pong.encode()),
                 // Unknown or finished replies are ignored: a cancel may cross the reply.done.
                 Ok(ClientFrame::Cancel { reply }) => app.replier.cancel(key, &reply),

@@ -191,7 +191,8 @@ impl RedisBackend {
         shared.receiving.store(true, Ordering::Release);
         tracker.spawn(run_dispatcher(shared.clone(), push_rx, shutdown.clone()));
         tracker.spawn(run_publisher(shared.clone(), publish_rx, shutdown));
-        info!(node_id = %shared.node_id, prefix = %config.key_prefix, "connected to Redis");
+        let url = crate::redact::display_url(&config.url);
+        info!(node_id = %shared.node_id, prefix = %config.key_prefix, %url, "connected to Redis");
         Ok(Self { shared })
     }
 }

@@ -7,11 +7,13 @@
 //! and `--pace-tokens-per-s` set a realistic pace instead, and the reply
 //! timeout grows by the paced answer's time), with its own default limits
 //! unless `--bridge-max-streams` sets its answer streams, and one
-//! `fengda serve --listen 0.0.0.0:0 --nlp-url <bridge>`, without the
-//! per-address connection limits and per-socket frame rate
-//! (`setup::HUB_LIMIT_ARGS`; `--hub-arg` may set them again). Or it attaches
-//! to a running hub with `--hub-url` (add `--hub-pid` for CPU and memory
-//! figures): start that hub with the same flags.
+//! `fengda serve --listen 0.0.0.0:0 --admin-listen 127.0.0.1:0 --nlp-url <bridge>`
+//! (with `--allow-timing` under `--timing`), without the per-address
+//! connection limits and per-socket frame rate (`setup::HUB_LIMIT_ARGS`;
+//! `--hub-arg` may set them again). Or it attaches to a running hub with
+//! `--hub-url` (add `--hub-pid` for CPU and memory figures, and
+//! `--hub-admin-url` for its `/metrics` gauges): start that hub with the
+//! same flags.
 //! Client sockets are spread over 127.0.0.1–127.0.0.8 (`--addrs`) so that
 //! many thousands of connections do not run out of ephemeral ports.
 //! Everything targets loopback, is bounded in count and time, stops by
@@ -141,6 +143,10 @@ struct Common {
     /// PID of the attached hub, for its CPU and memory figures.
     #[arg(long, global = true)]
     hub_pid: Option<u32>,
+    /// The attached hub's admin listener (`http://HOST:PORT`, its
+    /// `admin_listen`), for its `/metrics` gauges.
+    #[arg(long, global = true)]
+    hub_admin_url: Option<String>,
     /// Spread connections over 127.0.0.1..=127.0.0.N (default 8 for a hub
     /// we start, which listens on 0.0.0.0; 1 when attaching).
     #[arg(long, global = true)]
@@ -596,6 +602,8 @@ struct Spawned {
     child: Child,
     pid: u32,
     url: String,
+    /// A hub's admin listener (`/metrics`), from its second stdout line.
+    admin_url: Option<String>,
     log_path: PathBuf,
     stats: Arc<LogStats>,
 }
@@ -610,8 +618,9 @@ struct Target {
     backend: Backend,
     kind: TargetKind,
     children: Vec<Spawned>,
-    /// Where the nodes' `/metrics` are (on each node's port).
-    metrics_host: String,
+    /// Each node's admin listener (`HOST:PORT`, where its `/metrics` is),
+    /// in node order; None where unknown (the bare server has none).
+    metrics_addrs: Vec<Option<String>>,
     /// Sockets connect with `timing=1` (`--timing`, hub targets only).
     timing: bool,
     /// The pace of the bridge we started; None without one (bare, attached).
@@ -733,7 +742,7 @@ async fn spawn_redis(log_dir: &Path) -> anyhow::Result<Spawned> {
         .context("redis-server was not ready within 15 s")?;
         if ready {
             let url = format!("redis://127.0.0.1:{port}");
-            return Ok(Spawned { name: "redis-server".into(), child, pid, url, log_path, stats });
+            return Ok(Spawned { name: "redis-server".into(), child, pid, url, admin_url: None, log_path, stats });
         }
         // It exited (most likely the port was taken meanwhile): try another port.
         let _ = child.kill().await;
@@ -742,7 +751,15 @@ async fn spawn_redis(log_dir: &Path) -> anyhow::Result<Spawned> {
     bail!("could not start redis-server ({}; see {})", last_error.unwrap_or_default(), log_dir.display())
 }
 
-async fn spawn_listening(bin: &str, name: String, args: &[String], log_dir: &Path) -> anyhow::Result<Spawned> {
+/// Starts `bin args…` and reads its first stdout line, `listening on
+/// http://ADDR`, and with `admin` (a hub) its second, `admin listening on http://ADDR`.
+async fn spawn_listening(
+    bin: &str,
+    name: String,
+    args: &[String],
+    log_dir: &Path,
+    admin: bool,
+) -> anyhow::Result<Spawned> {
     let path = bin_dir()?.join(bin);
     ensure!(
         path.exists(),
@@ -773,8 +790,26 @@ async fn spawn_listening(bin: &str, name: String, args: &[String], log_dir: &Pat
         .strip_prefix("listening on ")
         .with_context(|| format!("{name}'s first line should be `listening on http://…`, got {line:?}"))?
         .to_owned();
+    let admin_url = if admin {
+        let line = tokio::time::timeout(Duration::from_secs(15), lines.next_line())
+            .await
+            .with_context(|| format!("{name} printed no admin address within 15 s"))??
+            .with_context(|| format!("{name} exited before printing its admin address"))?;
+        let admin_url = line
+            .strip_prefix("admin listening on ")
+            .with_context(|| format!("{name}'s second line should be `admin listening on http://…`, got {line:?}"))?;
+        Some(admin_url.to_owned())
+    } else {
+        None
+    };
     tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-    Ok(Spawned { name, child, pid, url, log_path, stats })
+    Ok(Spawned { name, child, pid, url, admin_url, log_path, stats })
+}
+
+/// `http://HOST:PORT[/]` → `HOST:PORT`.
+fn host_port_text(url: &str) -> anyhow::Result<String> {
+    let (host, port) = host_port(url)?;
+    Ok(format!("{host}:{port}"))
 }
 
 /// `http://HOST:PORT[/]` → (HOST, PORT).
@@ -808,7 +843,7 @@ impl Target {
                 backend: common.backend,
                 kind: common.target,
                 children: Vec::new(),
-                metrics_host: host,
+                metrics_addrs: vec![common.hub_admin_url.as_deref().map(host_port_text).transpose()?],
                 timing: common.timing && common.target == TargetKind::Hub,
                 pace: None,
                 bridge_max_streams: None,
@@ -826,7 +861,7 @@ impl Target {
                 "--nodes and --backend apply to the hub, not to --target bare"
             );
             let args = ["--listen", "0.0.0.0:0"].map(String::from);
-            let bare = spawn_listening("fengda-bare", "fengda-bare".into(), &args, &log_dir).await?;
+            let bare = spawn_listening("fengda-bare", "fengda-bare".into(), &args, &log_dir, false).await?;
             return Ok(Target {
                 ips: loopback_ips(common.addrs.unwrap_or(8)),
                 ports: vec![host_port(&bare.url)?.1],
@@ -834,7 +869,7 @@ impl Target {
                 backend: common.backend,
                 kind: TargetKind::Bare,
                 children: vec![bare],
-                metrics_host: "127.0.0.1".into(),
+                metrics_addrs: vec![None],
                 timing: false,
                 pace: None,
                 bridge_max_streams: None,
@@ -863,12 +898,17 @@ impl Target {
                 Some((url, pid))
             }
         };
-        let mut hub_args: Vec<String> = ["serve", "--listen", "0.0.0.0:0"].map(String::from).to_vec();
+        // Each node's metrics on an ephemeral loopback port (printed second).
+        let mut hub_args: Vec<String> =
+            ["serve", "--listen", "0.0.0.0:0", "--admin-listen", "127.0.0.1:0"].map(String::from).to_vec();
+        if common.timing {
+            hub_args.push("--allow-timing".into());
+        }
         let bridge_pid = if common.embedded {
             hub_args.extend(pace.hub_answerer_args());
             None
         } else {
-            let bridge = spawn_listening("fengda-nlp", "fengda-nlp".into(), &bridge_args, &log_dir).await?;
+            let bridge = spawn_listening("fengda-nlp", "fengda-nlp".into(), &bridge_args, &log_dir, false).await?;
             hub_args.extend(["--nlp-url".into(), bridge.url.clone()]);
             let pid = bridge.pid;
             children.push(bridge);
@@ -880,11 +920,12 @@ impl Target {
         }
         hub_args.extend(setup::HUB_LIMIT_ARGS.map(String::from));
         hub_args.extend(common.hub_args.iter().cloned());
-        let (mut ports, mut hub_pids) = (Vec::new(), Vec::new());
+        let (mut ports, mut hub_pids, mut metrics_addrs) = (Vec::new(), Vec::new(), Vec::new());
         for node in 1..=common.nodes {
             let name = if common.nodes == 1 { "fengda".to_owned() } else { format!("fengda-{node}") };
-            let hub = spawn_listening("fengda", name, &hub_args, &log_dir).await?;
+            let hub = spawn_listening("fengda", name, &hub_args, &log_dir, true).await?;
             ports.push(host_port(&hub.url)?.1);
+            metrics_addrs.push(hub.admin_url.as_deref().map(host_port_text).transpose()?);
             hub_pids.push(hub.pid);
             children.push(hub);
         }
@@ -896,7 +937,7 @@ impl Target {
             backend: common.backend,
             kind: TargetKind::Hub,
             children,
-            metrics_host: "127.0.0.1".into(),
+            metrics_addrs,
             timing: common.timing,
             pace: Some(pace),
             bridge_max_streams: common.bridge_max_streams,
@@ -1744,8 +1785,11 @@ async fn sample_resources(target: &Target, every: Duration, start: Instant, stop
 /// VmRSS and the `/metrics` gauges of every hub node, in node order.
 async fn sample_nodes(target: &Target) -> Vec<NodeSample> {
     let mut samples = Vec::with_capacity(target.ports.len());
-    for (i, &port) in target.ports.iter().enumerate() {
-        let metrics = fetch_metrics(&target.metrics_host, port).await.ok();
+    for i in 0..target.ports.len() {
+        let metrics = match target.metrics_addrs.get(i).cloned().flatten() {
+            Some(addr) => fetch_metrics(&addr).await.ok(),
+            None => None,
+        };
         let gauge = |name: &str| metrics.as_deref().and_then(|text| prometheus::gauge(text, name));
         samples.push(NodeSample {
             rss_kib: target.watched.hubs.get(i).copied().and_then(procfs::rss_kib),
@@ -1756,11 +1800,12 @@ async fn sample_nodes(target: &Target) -> Vec<NodeSample> {
     samples
 }
 
-/// `GET /metrics` of one node (HTTP/1.0: the body ends when the hub closes).
-async fn fetch_metrics(host: &str, port: u16) -> anyhow::Result<String> {
+/// `GET /metrics` of one node's admin listener `addr` (`HOST:PORT`;
+/// HTTP/1.0: the body ends when the hub closes).
+async fn fetch_metrics(addr: &str) -> anyhow::Result<String> {
     let fetch = async {
-        let mut stream = TcpStream::connect((host, port)).await.with_context(|| format!("connect {host}:{port}"))?;
-        stream.write_all(prometheus::request(&format!("{host}:{port}")).as_bytes()).await?;
+        let mut stream = TcpStream::connect(addr).await.with_context(|| format!("connect {addr}"))?;
+        stream.write_all(prometheus::request(addr).as_bytes()).await?;
         let mut response = Vec::new();
         tokio::io::AsyncReadExt::read_to_end(&mut stream, &mut response).await?;
         let response = String::from_utf8_lossy(&response);

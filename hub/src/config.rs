@@ -28,7 +28,7 @@ pub struct Config {
     pub shutdown_grace_ms: u64,
     /// Where conversations live: `memory` (one node, the default) or `redis`
     /// (cluster mode: many nodes sharing `redis.url`).
-    pub backend: BackendKind,
+    pub backend: StoreKind,
     pub redis: RedisConfig,
     pub server: ServerConfig,
     pub websocket: WebSocketConfig,
@@ -41,13 +41,13 @@ pub struct Config {
 /// The conversation store.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
-pub enum BackendKind {
+pub enum StoreKind {
     #[default]
     Memory,
     Redis,
 }
 
-impl BackendKind {
+impl StoreKind {
     /// The name used in the config file, flags and the `fengda_hub_info` metric.
     pub fn name(self) -> &'static str {
         match self {
@@ -243,7 +243,7 @@ pub struct ConversationConfig {
     /// Seconds a conversation (its history and its id) is kept after its
     /// last activity with no socket open on it; then it is forgotten, and
     /// resuming it gets `conversation_not_found`. Redis keys expire after
-    /// this long; the in-memory backend sweeps once a minute. Default
+    /// this long; the in-memory store sweeps once a minute. Default
     /// 604800 (7 days).
     pub retention_secs: u64,
     /// How long a reply goes on while no socket of its conversation is open
@@ -264,7 +264,7 @@ pub struct ConversationConfig {
 }
 
 impl ConversationConfig {
-    /// Retention for the Redis backend's keys: `redis.retention_secs` if set.
+    /// Retention for the Redis store's keys: `redis.retention_secs` if set.
     pub fn redis_retention_secs(&self, redis: &RedisConfig) -> u64 {
         redis.retention_secs.unwrap_or(self.retention_secs)
     }
@@ -379,7 +379,7 @@ impl Default for Config {
             listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
             admin_listen: SocketAddr::from(([127, 0, 0, 1], 9090)),
             shutdown_grace_ms: 10_000,
-            backend: BackendKind::default(),
+            backend: StoreKind::default(),
             redis: RedisConfig::default(),
             server: ServerConfig::default(),
             websocket: WebSocketConfig::default(),
@@ -602,7 +602,7 @@ pub struct ServeArgs {
     pub http2_cleartext: Option<bool>,
     /// Conversation store: memory (one node) or redis (cluster) [default: memory] (key `backend`).
     #[arg(long, env = "FENGDA_BACKEND")]
-    pub backend: Option<BackendKind>,
+    pub backend: Option<StoreKind>,
     /// Redis URL for `--backend redis` [default: redis://127.0.0.1:6379] (key `redis.url`).
     #[arg(long, env = "FENGDA_REDIS_URL")]
     pub redis_url: Option<String>,

@@ -2,7 +2,7 @@
 //!
 //! Ids come from clients (tenant, user, conversation in the `/ws` query) or
 //! from the hub (conversation, reply, session). Parsing validates the shape
-//! once at the edge, for every backend alike, so the rest of the hub never
+//! once at the edge, for every store alike, so the rest of the hub never
 //! sees an empty, oversized or foreign id, and `Arc<str>` makes cloning them
 //! into tasks and maps cheap.
 //!
@@ -10,7 +10,7 @@
 //! Conversation ids are the hub's own ([`ConversationId::generate`]): exactly
 //! 32 lowercase hex digits; anything else is refused, so a client can only
 //! name a conversation it was given. Redis names escape every id anyway
-//! (`backend::redis::keys`), so no choice of ids can make two of them meet.
+//! (`store::redis::keys`), so no choice of ids can make two of them meet.
 
 use std::fmt;
 use std::sync::Arc;

@@ -8,8 +8,8 @@
 //! - [`http`]: routes and listeners: `/ws` upgrade, `/healthz`, `/readyz`, the
 //!   web demo on the public port; `/metrics` on the admin port.
 //! - [`session`]: one connection: reader, writer, bounded outbound queue.
-//! - [`router`]: this node's sockets by conversation; encode once, fan out.
-//! - [`backend`]: the conversation store seam (logs, seqs, delivery): in memory, or Redis for clusters.
+//! - [`fanout`]: this node's sockets by conversation; encode once, fan out.
+//! - [`store`]: the conversation store seam (logs, seqs, delivery): in memory, or Redis for clusters.
 //! - [`reply`]: one question's answer: history, NLP stream, deltas, stored reply.
 //! - [`nlp`]: the NLP endpoints: gRPC clients, breakers, retries, admission.
 //! - [`server`]: the accept loop, connection caps and HTTP limits before any upgrade.
@@ -20,17 +20,17 @@
 //! [`App::run`] serves until the shutdown future resolves, then closes every
 //! session with 1001 and waits for its tasks within `shutdown_grace_ms`.
 
-pub mod backend;
 pub mod config;
+pub mod fanout;
 pub mod http;
 pub mod ids;
 pub mod nlp;
 pub mod protocol;
 pub mod redact;
 pub mod reply;
-pub mod router;
 pub mod server;
 pub mod session;
+pub mod store;
 
 use std::future::{Future, IntoFuture};
 use std::net::SocketAddr;
@@ -45,16 +45,16 @@ use tracing::{info, warn};
 
 pub use config::Config;
 
-use backend::{Backend, BackendError, MemoryBackend, RedisBackend};
-use config::BackendKind;
+use config::StoreKind;
+use fanout::FanOut;
 use nlp::{NlpClient, NlpPool};
 use reply::Replier;
-use router::Router;
+use store::{ConversationStore, MemoryStore, RedisStore, StoreError};
 
 /// State shared by every request and session of this node.
 pub struct AppState {
     pub config: Arc<Config>,
-    pub backend: Arc<dyn Backend>,
+    pub store: Arc<dyn ConversationStore>,
     pub replier: Replier,
     /// Owns every session task, so shutdown can wait for them.
     pub tracker: TaskTracker,
@@ -71,7 +71,7 @@ pub struct AppState {
 }
 
 #[derive(Debug, thiserror::Error)]
-pub enum StartError {
+pub enum AppError {
     #[error("cannot bind {addr}: {source}")]
     Bind { addr: SocketAddr, source: std::io::Error },
     #[error("cannot start the built-in answerer: {0}")]
@@ -79,7 +79,7 @@ pub enum StartError {
     #[error(transparent)]
     Nlp(#[from] nlp::NlpError),
     #[error("cannot connect to Redis: {0}")]
-    Redis(#[from] BackendError),
+    Redis(#[from] StoreError),
     #[error("server failed: {0}")]
     Serve(std::io::Error),
 }
@@ -100,7 +100,7 @@ pub struct App {
 }
 
 impl App {
-    pub async fn build(config: Config) -> Result<Self, StartError> {
+    pub async fn build(config: Config) -> Result<Self, AppError> {
         let (endpoints, embedded_answerer) = match config.nlp.endpoints() {
             urls if !urls.is_empty() => {
                 let clients = urls.into_iter().map(|url| {
@@ -140,32 +140,31 @@ impl App {
             }
         };
         let nlp = Arc::new(NlpPool::new(endpoints, &config.nlp));
-        let router = Arc::new(Router::with_max_sockets(config.conversation.max_sockets));
-        let backend: Arc<dyn Backend> = match config.backend {
-            BackendKind::Memory => {
-                let memory = Arc::new(MemoryBackend::new(router, &config.conversation));
+        let fanout = Arc::new(FanOut::with_max_sockets(config.conversation.max_sockets));
+        let store: Arc<dyn ConversationStore> = match config.backend {
+            StoreKind::Memory => {
+                let memory = Arc::new(MemoryStore::new(fanout, &config.conversation));
                 tracker.spawn(memory.clone().run_sweeper(shutdown.clone()));
                 memory
             }
-            BackendKind::Redis => Arc::new(
-                RedisBackend::connect(&config.redis, &config.conversation, router, &tracker, shutdown.clone()).await?,
+            StoreKind::Redis => Arc::new(
+                RedisStore::connect(&config.redis, &config.conversation, fanout, &tracker, shutdown.clone()).await?,
             ),
         };
-        let replier = Replier::new(backend.clone(), nlp.clone(), config.conversation.history_turns, &config.nlp);
+        let replier = Replier::new(store.clone(), nlp.clone(), config.conversation.history_turns, &config.nlp);
         tracker.spawn(nlp::run_health_checks(nlp, shutdown.clone()));
-        let listener =
-            bind_listener(config.listen).map_err(|source| StartError::Bind { addr: config.listen, source })?;
-        let local_addr = listener.local_addr().map_err(StartError::Serve)?;
+        let listener = bind_listener(config.listen).map_err(|source| AppError::Bind { addr: config.listen, source })?;
+        let local_addr = listener.local_addr().map_err(AppError::Serve)?;
         let admin_listener = bind_listener(config.admin_listen)
-            .map_err(|source| StartError::Bind { addr: config.admin_listen, source })?;
-        let admin_addr = admin_listener.local_addr().map_err(StartError::Serve)?;
+            .map_err(|source| AppError::Bind { addr: config.admin_listen, source })?;
+        let admin_addr = admin_listener.local_addr().map_err(AppError::Serve)?;
         let max_connections = server::limits::max_connections(config.server.max_connections);
         info!(max_connections, "connection cap");
         let connections = Arc::new(server::limits::ConnectionLimits::new(&config.server, max_connections));
         tracker.spawn(run_limits_upkeep(connections.clone(), shutdown.clone()));
         let state = Arc::new(AppState {
             config: Arc::new(config),
-            backend,
+            store,
             replier,
             tracker,
             shutdown,
@@ -189,7 +188,7 @@ impl App {
 
     /// Serves until `shutdown` resolves, then drains: readiness goes red,
     /// sessions close with 1001, their tasks get `shutdown_grace_ms` to end.
-    pub async fn run(self, shutdown: impl Future<Output = ()> + Send + 'static) -> Result<(), StartError> {
+    pub async fn run(self, shutdown: impl Future<Output = ()> + Send + 'static) -> Result<(), AppError> {
         let state = self.state.clone();
         let routes = http::routes(state.clone());
         let stop = CancellationToken::new();

@@ -2,7 +2,7 @@
 //!
 //! The reply streams to every socket of the conversation as `reply.delta`
 //! frames (index 0, 1, 2, …) as chunks arrive, then is stored as one durable
-//! assistant event, which the router delivers as `reply.done`. The
+//! assistant event, which the fan-out delivers as `reply.done`. The
 //! concatenated delta texts always equal the stored text, whatever happens:
 //! - the NLP call cannot start (queue full or waited past `max_queue_wait_ms`, every breaker open, no first token
 //!   within the deadline after retries): the polite fallback, `fallback: true`;
@@ -24,11 +24,11 @@ use fengda_proto::nlp::v1::{AnswerChunk, AnswerRequest, Role as WireRole, Turn};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
-use crate::backend::{Appended, Backend, NewEvent, StoredEvent};
 use crate::config::FallbackText;
 use crate::ids::{ConversationKey, generate_reply_id};
 use crate::nlp::{ActiveCall, NlpPool, StartError, StreamError};
 use crate::protocol::{DeltaEncoder, ReplyTiming, Role, ServerFrame};
+use crate::store::{Appended, ConversationStore, NewEvent, StoredEvent};
 
 /// A stored customer message waiting for its answer.
 #[derive(Debug)]
@@ -43,7 +43,7 @@ pub struct Question {
 
 /// What the replier needs, shared by all sessions of the node.
 pub struct Replier {
-    pub backend: Arc<dyn Backend>,
+    pub store: Arc<dyn ConversationStore>,
     pub nlp: Arc<NlpPool>,
     pub history_turns: usize,
     pub fallback: FallbackText,
@@ -81,13 +81,13 @@ fn ms(duration: std::time::Duration) -> f64 {
 
 impl Replier {
     pub fn new(
-        backend: Arc<dyn Backend>,
+        store: Arc<dyn ConversationStore>,
         nlp: Arc<NlpPool>,
         history_turns: usize,
         config: &crate::config::NlpConfig,
     ) -> Self {
         Self {
-            backend,
+            store,
             nlp,
             history_turns,
             fallback: config.fallback.clone(),
@@ -117,7 +117,7 @@ impl Replier {
         let turns = if cancel.is_cancelled() {
             Ok(Vec::new())
         } else {
-            self.backend.recent_turns(key, self.history_turns + 1).await
+            self.store.recent_turns(key, self.history_turns + 1).await
         };
         let history = match turns {
             Ok(turns) => history_before(&turns, question.seq, self.history_turns),
@@ -135,7 +135,7 @@ impl Replier {
         };
         // The hub's own share before the model: store, history, hand-over.
         metrics::histogram!("fengda_hub_reply_before_nlp_seconds").record(question.received.elapsed().as_secs_f64());
-        let mut draft = Draft::new(&*self.backend, key, &reply_id, question.timing);
+        let mut draft = Draft::new(&*self.store, key, &reply_id, question.timing);
         let before_nlp = question.received.elapsed();
         let outcome = self.stream(&request, &mut draft, &cancel).await;
         let (fallback, interrupted, cancelled) = match &outcome {
@@ -154,7 +154,7 @@ impl Replier {
             draft.push(&format!("{separator}{polite}"));
         }
         // The deltas must reach every node before the reply.done does.
-        self.backend.flush_ephemeral().await;
+        self.store.flush_ephemeral().await;
         let timings = &draft.timings;
         let event = NewEvent {
             from: Role::Assistant,
@@ -172,7 +172,7 @@ impl Replier {
             interrupted,
             cancelled,
         };
-        match self.backend.append(key, event, None, None).await {
+        match self.store.append(key, event, None, None).await {
             Ok(Appended::New(seq)) => debug!(seq, fallback, interrupted, cancelled, "reply stored"),
             Ok(Appended::Duplicate(_)) => {}
             Err(error) => warn!(%error, "reply streamed but could not be stored"),
@@ -274,7 +274,7 @@ const MAX_BATCH: usize = 16;
 /// The reply being written: publishes each token as a delta, keeps the text
 /// and where the time went.
 struct Draft<'a> {
-    backend: &'a dyn Backend,
+    store: &'a dyn ConversationStore,
     key: &'a ConversationKey,
     reply_id: &'a str,
     deltas: DeltaEncoder,
@@ -288,9 +288,9 @@ struct Draft<'a> {
 }
 
 impl<'a> Draft<'a> {
-    fn new(backend: &'a dyn Backend, key: &'a ConversationKey, reply_id: &'a str, measure: bool) -> Self {
+    fn new(store: &'a dyn ConversationStore, key: &'a ConversationKey, reply_id: &'a str, measure: bool) -> Self {
         Self {
-            backend,
+            store,
             key,
             reply_id,
             deltas: DeltaEncoder::new(key.conversation.as_str(), reply_id),
@@ -340,7 +340,7 @@ impl<'a> Draft<'a> {
         let frame =
             ServerFrame::Queued { conversation: self.key.conversation.as_str(), reply: self.reply_id, position }
                 .encode();
-        self.backend.publish_ephemeral(self.key, vec![frame]);
+        self.store.publish_ephemeral(self.key, vec![frame]);
     }
 
     /// Encodes a chunk's text as the next delta (empty texts make none);
@@ -363,7 +363,7 @@ impl<'a> Draft<'a> {
         let staged = std::mem::take(&mut self.staged);
         let count = staged.len();
         if count > 0 {
-            self.backend.publish_ephemeral(self.key, staged);
+            self.store.publish_ephemeral(self.key, staged);
         }
         count
     }
@@ -422,11 +422,11 @@ mod tests {
 
     #[tokio::test]
     async fn chunks_that_arrived_together_reach_each_socket_as_one_item_of_ordered_deltas() {
-        use crate::backend::MemoryBackend;
+        use crate::fanout::{FanOut, Outbound, SessionCloser, SessionHandle};
         use crate::ids::{SessionId, TenantId, UserId};
-        use crate::router::{Outbound, Router, SessionCloser, SessionHandle};
+        use crate::store::MemoryStore;
 
-        let backend = MemoryBackend::new(Arc::new(Router::default()), &crate::config::ConversationConfig::default());
+        let backend = MemoryStore::new(Arc::new(FanOut::default()), &crate::config::ConversationConfig::default());
         let opened = backend.open(&TenantId::parse("t").unwrap(), &UserId::parse("u").unwrap(), None).await.unwrap();
         let key = opened.key;
         let mut queues = Vec::new();

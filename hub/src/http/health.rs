@@ -17,12 +17,12 @@ pub async fn healthz() -> Json<Value> {
 
 /// Ready to take sockets: false once shutdown has begun, so the load
 /// balancer stops sending new customers here while existing ones drain,
-/// false while a clustered backend cannot receive events (a deaf node), and
+/// false while a clustered store cannot receive events (a deaf node), and
 /// false while the node holds `server.max_connections` connections.
 pub async fn readyz(State(app): State<Arc<AppState>>) -> (StatusCode, Json<Value>) {
     if !app.accepting.load(Ordering::Acquire) {
         (StatusCode::SERVICE_UNAVAILABLE, Json(json!({ "status": "shutting_down" })))
-    } else if !app.backend.is_receiving() {
+    } else if !app.store.is_receiving() {
         (StatusCode::SERVICE_UNAVAILABLE, Json(json!({ "status": "backend_unavailable" })))
     } else if app.connections.at_capacity() {
         (StatusCode::SERVICE_UNAVAILABLE, Json(json!({ "status": "at_capacity" })))

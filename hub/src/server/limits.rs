@@ -84,7 +84,7 @@ impl IntoResponse for Refusal {
 }
 
 /// What the accept loop does with a new connection.
-pub enum Admission {
+pub enum Verdict {
     /// Serve it; the slot is released when the connection (or the WebSocket
     /// it became) closes.
     Admitted(Slot),
@@ -131,19 +131,19 @@ impl ConnectionLimits {
     }
 
     /// Decides on a connection accepted from `peer`.
-    pub fn admit(&self, peer: IpAddr) -> Admission {
+    pub fn admit(&self, peer: IpAddr) -> Verdict {
         let address = if self.is_trusted_proxy(&peer) { Ok(None) } else { self.addresses.acquire(peer) };
         let admitted = address.and_then(|address| match self.open.clone().try_acquire_owned() {
             Ok(open) => Ok(Slot { _open: open, _address: address }),
             Err(_) => Err(Refusal::AtCapacity),
         });
         match admitted {
-            Ok(slot) => Admission::Admitted(slot),
+            Ok(slot) => Verdict::Admitted(slot),
             Err(refusal) => {
                 refusal.count();
                 match self.refusing.clone().try_acquire_owned() {
-                    Ok(lane) => Admission::Refused(refusal, lane),
-                    Err(_) => Admission::Dropped(refusal),
+                    Ok(lane) => Verdict::Refused(refusal, lane),
+                    Err(_) => Verdict::Dropped(refusal),
                 }
             }
         }
@@ -306,10 +306,10 @@ mod tests {
         let limits = limits(ServerConfig { max_connections_per_ip: 2, ..Default::default() }, 10);
         let a = limits.admit(ip("10.0.0.1"));
         let b = limits.admit(ip("10.0.0.1"));
-        assert!(matches!(limits.admit(ip("10.0.0.1")), Admission::Refused(Refusal::AddressConnections, _)));
-        assert!(matches!(limits.admit(ip("10.0.0.2")), Admission::Admitted(_)));
+        assert!(matches!(limits.admit(ip("10.0.0.1")), Verdict::Refused(Refusal::AddressConnections, _)));
+        assert!(matches!(limits.admit(ip("10.0.0.2")), Verdict::Admitted(_)));
         drop(a);
-        assert!(matches!(limits.admit(ip("10.0.0.1")), Admission::Admitted(_)));
+        assert!(matches!(limits.admit(ip("10.0.0.1")), Verdict::Admitted(_)));
         drop(b);
         assert_eq!(limits.open(), 0, "every slot released");
         assert!(limits.addresses.counts.is_empty());
@@ -321,8 +321,8 @@ mod tests {
         let _held = limits.admit(ip("10.0.0.1"));
         assert!(limits.at_capacity());
         let lane: Vec<_> = (0..REFUSAL_LANE).map(|_| limits.admit(ip("10.0.0.2"))).collect();
-        assert!(lane.iter().all(|a| matches!(a, Admission::Refused(Refusal::AtCapacity, _))));
-        assert!(matches!(limits.admit(ip("10.0.0.2")), Admission::Dropped(Refusal::AtCapacity)));
+        assert!(lane.iter().all(|a| matches!(a, Verdict::Refused(Refusal::AtCapacity, _))));
+        assert!(matches!(limits.admit(ip("10.0.0.2")), Verdict::Dropped(Refusal::AtCapacity)));
     }
 
     #[test]
@@ -330,9 +330,9 @@ mod tests {
         let config = ServerConfig { connection_rate_per_ip: 1, connection_burst_per_ip: 3, ..Default::default() };
         let limits = limits(config, 100);
         let held: Vec<_> = (0..3).map(|_| limits.admit(ip("10.0.0.1"))).collect();
-        assert!(held.iter().all(|a| matches!(a, Admission::Admitted(_))));
+        assert!(held.iter().all(|a| matches!(a, Verdict::Admitted(_))));
         match limits.admit(ip("10.0.0.1")) {
-            Admission::Refused(Refusal::AddressRate { retry_after_secs }, _) => assert_eq!(retry_after_secs, 1),
+            Verdict::Refused(Refusal::AddressRate { retry_after_secs }, _) => assert_eq!(retry_after_secs, 1),
             _ => panic!("expected a rate refusal"),
         }
     }
@@ -346,7 +346,7 @@ mod tests {
         };
         let limits = limits(config, 100);
         let held: Vec<_> = (0..5).map(|_| limits.admit(ip("10.1.2.3"))).collect();
-        assert!(held.iter().all(|a| matches!(a, Admission::Admitted(_))));
+        assert!(held.iter().all(|a| matches!(a, Verdict::Admitted(_))));
         let forwarded = |value: &str| {
             let mut headers = HeaderMap::new();
             headers.insert("x-forwarded-for", value.parse().unwrap());

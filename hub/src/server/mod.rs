@@ -42,7 +42,7 @@ use tracing::{debug, warn};
 
 use crate::config::ServerConfig;
 use io::TrackedStream;
-use limits::{Admission, ConnectionLimits, Refusal};
+use limits::{ConnectionLimits, Refusal, Verdict};
 
 /// How long a refused connection may take to send its request head: a
 /// health probe sends it at once, and connections that idle in the refusal
@@ -131,10 +131,10 @@ impl Server {
                 debug!(%error, "cannot set TCP_NODELAY");
             }
             match server.limits.admit(peer.ip()) {
-                Admission::Admitted(slot) => {
+                Verdict::Admitted(slot) => {
                     connections.spawn(server.clone().serve(tcp, peer, Some(slot), stop.clone()));
                 }
-                Admission::Refused(refusal, lane) => {
+                Verdict::Refused(refusal, lane) => {
                     debug!(%peer, reason = refusal.reason(), "connection refused");
                     let server = server.clone();
                     connections.spawn(async move {
@@ -142,7 +142,7 @@ impl Server {
                         server.refuse(tcp, peer, refusal).await;
                     });
                 }
-                Admission::Dropped(refusal) => debug!(%peer, reason = refusal.reason(), "connection closed unanswered"),
+                Verdict::Dropped(refusal) => debug!(%peer, reason = refusal.reason(), "connection closed unanswered"),
             }
         }
     }

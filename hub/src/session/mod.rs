@@ -20,12 +20,12 @@ use tokio::sync::mpsc;
 use tracing::{Instrument, debug, info_span, warn};
 
 use crate::AppState;
-use crate::backend::BackendError;
+use crate::fanout::{SessionCloser, SessionHandle};
 use crate::ids::{ConversationId, ConversationKey, SessionId, TenantId, UserId};
 use crate::protocol::close::{self, CloseReason};
 use crate::protocol::{ServerFrame, frames::ErrorCode};
 use crate::reply::Question;
-use crate::router::{SessionCloser, SessionHandle};
+use crate::store::StoreError;
 
 /// How long a closing session waits for the client's close frame.
 const CLOSE_HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
@@ -57,7 +57,7 @@ pub fn run(socket: WebSocket, params: SessionParams, app: Arc<AppState>) -> impl
     let span = info_span!("session", tenant_id = %params.tenant, user_id = %params.user, session_id = %session_id, conversation_id = tracing::field::Empty);
     async move {
         let _open = OpenSession::count(&app);
-        let opened = match app.backend.open(&params.tenant, &params.user, params.conversation.as_ref()).await {
+        let opened = match app.store.open(&params.tenant, &params.user, params.conversation.as_ref()).await {
             Ok(opened) => opened,
             Err(error) => return refuse(&mut socket, &error).await,
         };
@@ -67,7 +67,7 @@ pub fn run(socket: WebSocket, params: SessionParams, app: Arc<AppState>) -> impl
         let closer = SessionCloser::child_of(&app.shutdown);
         let (out_tx, out_rx) = mpsc::channel(ws.outbound_queue_frames);
         let handle = SessionHandle { id: session_id, tx: out_tx.clone(), closer: closer.clone() };
-        let snapshot = match app.backend.attach(&key, handle.clone(), params.after, opened.pending.as_ref()).await {
+        let snapshot = match app.store.attach(&key, handle.clone(), params.after, opened.pending.as_ref()).await {
             Ok(snapshot) => snapshot,
             Err(error) => return refuse(&mut socket, &error).await,
         };
@@ -99,7 +99,7 @@ pub fn run(socket: WebSocket, params: SessionParams, app: Arc<AppState>) -> impl
                 sink,
                 out_rx,
                 writer::Replay {
-                    backend: app.backend.clone(),
+                    store: app.store.clone(),
                     key: key.clone(),
                     intro,
                     sent_up_to: snapshot.last_seq,
@@ -120,10 +120,10 @@ pub fn run(socket: WebSocket, params: SessionParams, app: Arc<AppState>) -> impl
         };
         let client_closed = reader::run_reader(&mut stream, &app, &params, &key, &mut pending, &handle, replies).await;
         closer.close(close::NORMAL);
-        app.backend.detach(&key, session_id).await;
+        app.store.detach(&key, session_id).await;
         // A conversation that was never created leaves nothing to touch.
         if pending.is_none() {
-            app.backend.touch(&params.user, &key).await;
+            app.store.touch(&params.user, &key).await;
         }
         // Closing handshake: the writer sends our close frame; keep reading
         // until the client answers it, so the client sees the code before TCP goes.
@@ -243,7 +243,7 @@ async fn nobody_came_back(app: &AppState, key: &ConversationKey, closer: &Sessio
     let grace = app.config.conversation.reply_grace();
     let mut alone_since = None;
     loop {
-        if app.backend.has_listeners(key).await {
+        if app.store.has_listeners(key).await {
             alone_since = None;
         } else if alone_since.get_or_insert_with(tokio::time::Instant::now).elapsed() >= grace {
             return;
@@ -255,9 +255,9 @@ async fn nobody_came_back(app: &AppState, key: &ConversationKey, closer: &Sessio
 }
 
 /// Ends a session that could not start: an `error` frame, then a close code.
-async fn refuse(socket: &mut WebSocket, error: &BackendError) {
+async fn refuse(socket: &mut WebSocket, error: &StoreError) {
     let (code, reason) = refusal(error);
-    if matches!(error, BackendError::TooManySockets) {
+    if matches!(error, StoreError::TooManySockets) {
         metrics::counter!("fengda_hub_sessions_refused_total", "reason" => "too_many_sockets").increment(1);
         debug!(%error, "session refused");
     } else {
@@ -270,14 +270,14 @@ async fn refuse(socket: &mut WebSocket, error: &BackendError) {
 }
 
 /// The error code and close code that tell a client why the store refused.
-pub(crate) fn refusal(error: &BackendError) -> (&'static str, CloseReason) {
+pub(crate) fn refusal(error: &StoreError) -> (&'static str, CloseReason) {
     match error {
-        BackendError::ConversationNotFound => (ErrorCode::ConversationNotFound.as_str(), close::CONVERSATION_NOT_FOUND),
-        BackendError::Unavailable(_) => (ErrorCode::Unavailable.as_str(), close::UNAVAILABLE),
-        BackendError::TooManyConversations { .. } => {
+        StoreError::ConversationNotFound => (ErrorCode::ConversationNotFound.as_str(), close::CONVERSATION_NOT_FOUND),
+        StoreError::Unavailable(_) => (ErrorCode::Unavailable.as_str(), close::UNAVAILABLE),
+        StoreError::TooManyConversations { .. } => {
             (ErrorCode::TooManyConversations.as_str(), close::TOO_MANY_CONVERSATIONS)
         }
-        BackendError::TooManySockets => (ErrorCode::TooManySockets.as_str(), close::TOO_MANY_SOCKETS),
+        StoreError::TooManySockets => (ErrorCode::TooManySockets.as_str(), close::TOO_MANY_SOCKETS),
     }
 }
 

@@ -1,7 +1,7 @@
 //! The reader half of a session: client frames in, stored messages out.
 //!
 //! Each text frame is parsed with precise error codes; a customer message is
-//! stored (which acks it through the router, in seq order) and then handed
+//! stored (which acks it through the fan-out, in seq order) and then handed
 //! to the replier. Bad input gets an `error` frame and the socket stays
 //! open; an oversized frame closes with 1009; silence past `idle_timeout`
 //! closes with 4010. Frames beyond the socket's rate
@@ -20,13 +20,13 @@ use tokio_tungstenite::tungstenite;
 use tracing::{debug, warn};
 
 use crate::AppState;
-use crate::backend::{Appended, BackendError, NewEvent, Pending};
+use crate::fanout::{Outbound, SessionHandle};
 use crate::ids::ConversationKey;
 use crate::protocol::close;
 use crate::protocol::{ClientFrame, ErrorCode, ServerFrame, TextLimit, parse_client_frame};
 use crate::reply::Question;
-use crate::router::{Outbound, SessionHandle};
 use crate::session::{Replies, SessionParams};
+use crate::store::{Appended, NewEvent, Pending, StoreError};
 
 /// Reads until the session ends; returns true when the client closed the
 /// socket itself (close frame or end of stream).
@@ -87,23 +87,23 @@ pub(super) async fn run_reader(
                     _ => None,
                 };
                 let text = "too many frames; slow down (this frame was ignored)";
-                reply(session, error_frame(ErrorCode::RateLimited, text, id.as_deref()));
+                send_to_this_socket(session, error_frame(ErrorCode::RateLimited, text, id.as_deref()));
                 continue;
             }
             refused_in_a_row = 0;
         }
         match message {
             Message::Text(text) => match parse_client_frame(text.as_str(), text_limit) {
-                Ok(ClientFrame::Ping) => reply(session, ServerFrame::Pong.encode()),
+                Ok(ClientFrame::Ping) => send_to_this_socket(session, ServerFrame::Pong.encode()),
                 // Unknown or finished replies are ignored: a cancel may cross the reply.done.
                 Ok(ClientFrame::Cancel { reply }) => app.replier.cancel(key, &reply),
                 // Boxed: the reader's future lives as long as the socket, a message's handling only briefly.
                 Ok(ClientFrame::Message { id, text }) => {
                     Box::pin(on_message(app, params, key, pending, session, &mut replies, id, text)).await
                 }
-                Err(error) => reply(session, error.to_frame()),
+                Err(error) => send_to_this_socket(session, error.to_frame()),
             },
-            Message::Binary(_) => reply(
+            Message::Binary(_) => send_to_this_socket(
                 session,
                 error_frame(ErrorCode::BinaryNotSupported, "binary frames are not supported; send JSON text", None),
             ),
@@ -131,50 +131,50 @@ async fn on_message(
         Ok(permit) => permit,
         Err(_) => {
             let message = "too many questions waiting for an answer; wait for the replies";
-            return reply(session, error_frame(ErrorCode::TooManyPending, message, Some(&id)));
+            return send_to_this_socket(session, error_frame(ErrorCode::TooManyPending, message, Some(&id)));
         }
     };
     let event = NewEvent::customer(id.clone(), text.clone());
-    let appended = app.backend.append(key, event, Some(session.id), pending.as_ref()).await;
+    let appended = app.store.append(key, event, Some(session.id), pending.as_ref()).await;
     if appended.is_ok() {
         // The conversation exists from its first stored message on.
         *pending = None;
     }
     match appended {
-        // The ack went out through the router, in seq order with other events.
+        // The ack went out through the fan-out, in seq order with other events.
         Ok(Appended::New(seq)) => {
             permit.send(Box::new(Question { seq, text, received, timing: params.timing }));
-            app.backend.touch(&params.user, key).await;
+            app.store.touch(&params.user, key).await;
         }
         Ok(Appended::Duplicate(seq)) => {
             debug!(seq, "duplicate message acked again");
-            reply(session, ServerFrame::Ack { id: &id, seq }.encode());
+            send_to_this_socket(session, ServerFrame::Ack { id: &id, seq }.encode());
         }
-        Err(BackendError::ConversationNotFound) => {
+        Err(StoreError::ConversationNotFound) => {
             // The log vanished under a live session (expiry, flush, failover):
             // the client must reconnect to learn the new epoch.
             warn!("conversation log lost; closing the session");
             let message = "this conversation no longer exists; reconnect";
-            reply(session, error_frame(ErrorCode::ConversationNotFound, message, Some(&id)));
+            send_to_this_socket(session, error_frame(ErrorCode::ConversationNotFound, message, Some(&id)));
             session.closer.close(close::CONVERSATION_NOT_FOUND);
         }
-        Err(error @ BackendError::TooManyConversations { .. }) => {
+        Err(error @ StoreError::TooManyConversations { .. }) => {
             warn!(%error, "conversation not created: the user's creation cap is reached");
             let (code, reason) = crate::session::refusal(&error);
             let message = error.to_string();
-            reply(session, ServerFrame::Error { code, message: &message, id: Some(&id) }.encode());
+            send_to_this_socket(session, ServerFrame::Error { code, message: &message, id: Some(&id) }.encode());
             session.closer.close(reason);
         }
         Err(error) => {
             warn!(%error, "message not stored");
             let message = "the message could not be stored; send it again with the same id";
-            reply(session, error_frame(ErrorCode::Unavailable, message, Some(&id)));
+            send_to_this_socket(session, error_frame(ErrorCode::Unavailable, message, Some(&id)));
         }
     }
 }
 
 /// Queues a frame for this socket only (not a durable event).
-fn reply(session: &SessionHandle, frame: axum::extract::ws::Utf8Bytes) {
+fn send_to_this_socket(session: &SessionHandle, frame: axum::extract::ws::Utf8Bytes) {
     session.push(Outbound::ephemeral(frame));
 }
 

@@ -20,9 +20,9 @@ use tokio::sync::mpsc;
 use tracing::{debug, warn};
 
 use super::close_message;
-use crate::backend::Backend;
+use crate::fanout::{Outbound, SessionCloser};
 use crate::ids::ConversationKey;
-use crate::router::{Outbound, SessionCloser};
+use crate::store::ConversationStore;
 
 /// Frames written per flush at most.
 const BURST: usize = 64;
@@ -33,7 +33,7 @@ type Sink = SplitSink<WebSocket, Message>;
 
 /// Where the session's durable stream stands, and how to repair it.
 pub(super) struct Replay {
-    pub backend: Arc<dyn Backend>,
+    pub store: Arc<dyn ConversationStore>,
     pub key: ConversationKey,
     /// `ready` and the replayed events, sent before anything queued.
     pub intro: Vec<Utf8Bytes>,
@@ -191,7 +191,7 @@ async fn write_burst(sink: &mut Sink, burst: &mut Vec<Box<Outbound>>, replay: &m
 
 /// Sends the logged events between the last sent seq and `before` (exclusive).
 async fn fill_gap(sink: &mut Sink, replay: &mut Replay, before: u64) -> Result<(), axum::Error> {
-    let events = match replay.backend.events_after(&replay.key, replay.sent_up_to).await {
+    let events = match replay.store.events_after(&replay.key, replay.sent_up_to).await {
         Ok(events) => events,
         Err(error) => {
             warn!(%error, after = replay.sent_up_to, "cannot fill a gap in the event stream");

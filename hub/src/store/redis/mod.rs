@@ -1,4 +1,4 @@
-//! The Redis backend: many hub nodes sharing one Redis (cluster mode).
+//! The Redis store: many hub nodes sharing one Redis (cluster mode).
 //!
 //! Storage: each conversation is a meta hash (owner, epoch, last seq), a
 //! capped list of durable events (JSON) and a zset of customer message ids
@@ -14,16 +14,16 @@
 //! conversation is published once on its channel; a node subscribes (on one
 //! dedicated RESP3 connection, whatever its socket count) when its first
 //! socket of the conversation arrives and unsubscribes when the last leaves.
-//! The dispatcher task hands pushes to the [`Router`] without blocking.
+//! The dispatcher task hands pushes to the [`FanOut`] without blocking.
 //! Deltas are published by one publisher task in pipelined batches, in order.
 //!
 //! Local sockets do not wait for the round trip: the node delivers what it
 //! appends (once the script returns its seq) and what it publishes (deltas,
 //! `queued`) to its own sessions at once. A delta carries its node's id and
 //! the node skips its own when they come back; durable events come back too
-//! and the router drops the copies its sessions already have (keeping them
+//! and the fan-out drops the copies its sessions already have (keeping them
 //! is what repairs an append whose reply was lost on the way back, or one
-//! that finished out of order: the router hands an appended event over at
+//! that finished out of order: the fan-out hands an appended event over at
 //! once only if it is the next seq its sessions need). PUBLISH answers how many nodes
 //! got the delta: when no other node listens to the conversation (the usual
 //! case: a customer's one socket), the conversation's deltas are not
@@ -59,11 +59,11 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 
-use super::{Appended, Backend, BackendError, NewEvent, Opened, Pending, Snapshot, StoredEvent, now_ms};
+use super::{Appended, ConversationStore, NewEvent, Opened, Pending, Snapshot, StoreError, StoredEvent, now_ms};
 use crate::config::{ConversationConfig, CreationLimit, RedisConfig};
+use crate::fanout::{FanOut, SessionHandle};
 use crate::ids::{ConversationId, ConversationKey, SessionId, TenantId, UserId, generate_token};
 use crate::protocol::{ReplyTiming, Role};
-use crate::router::{Router, SessionHandle};
 use keys::Keys;
 
 /// Deltas waiting for the publisher task; beyond this they are dropped
@@ -77,26 +77,26 @@ const ALONE_RECHECK: Duration = Duration::from_secs(1);
 /// How often the subscriber connection is probed.
 const HEARTBEAT: Duration = Duration::from_secs(1);
 
-impl From<RedisError> for BackendError {
+impl From<RedisError> for StoreError {
     fn from(error: RedisError) -> Self {
-        BackendError::Unavailable(error.to_string())
+        StoreError::Unavailable(error.to_string())
     }
 }
 
 #[derive(Clone)]
-pub struct RedisBackend {
+pub struct RedisStore {
     shared: Arc<Shared>,
 }
 
 struct Shared {
-    router: Arc<Router>,
+    fanout: Arc<FanOut>,
     keys: Keys,
     /// Distinguishes this node's sessions in published events (for acks).
     node_id: String,
     commands: ConnectionManager,
     /// RESP3 connection used only for SUBSCRIBE/UNSUBSCRIBE and its pushes.
     subscriber: ConnectionManager,
-    /// Serializes router join/leave with SUBSCRIBE/UNSUBSCRIBE so a leave and
+    /// Serializes fan-out join/leave with SUBSCRIBE/UNSUBSCRIBE so a leave and
     /// a join of the same conversation cannot reorder.
     subscriptions: tokio::sync::Mutex<()>,
     /// Subscribed channel name → conversation, for dispatching pushes.
@@ -126,16 +126,16 @@ enum Publish {
     Flush(oneshot::Sender<()>),
 }
 
-impl RedisBackend {
+impl RedisStore {
     /// Connects to Redis (it must be reachable at startup) and starts the
     /// dispatcher and publisher tasks on `tracker`, stopped by `shutdown`.
     pub async fn connect(
         config: &RedisConfig,
         conversation: &ConversationConfig,
-        router: Arc<Router>,
+        fanout: Arc<FanOut>,
         tracker: &TaskTracker,
         shutdown: CancellationToken,
-    ) -> Result<Self, BackendError> {
+    ) -> Result<Self, StoreError> {
         let command_timeout = Duration::from_millis(config.command_timeout_ms);
         let manager_config = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(command_timeout))
@@ -146,7 +146,7 @@ impl RedisBackend {
         let client = redis::Client::open(config.url.as_str())?;
         let commands = with_timeout(command_timeout, client.get_connection_manager_with_config(manager_config.clone()))
             .await
-            .and_then(|r| r.map_err(BackendError::from))?;
+            .and_then(|r| r.map_err(StoreError::from))?;
 
         let resp3_url = with_resp3(&config.url);
         let (push_tx, push_rx) = mpsc::unbounded_channel();
@@ -158,14 +158,14 @@ impl RedisBackend {
             redis::Client::open(resp3_url)?.get_connection_manager_with_config(subscriber_config),
         )
         .await
-        .and_then(|r| r.map_err(BackendError::from))?;
+        .and_then(|r| r.map_err(StoreError::from))?;
 
         let (publish_tx, publish_rx) = mpsc::channel(PUBLISH_QUEUE);
         let node_id = generate_token();
         let keys = Keys::new(&config.key_prefix);
         let heartbeat_channel = keys.heartbeat(&node_id);
         let shared = Arc::new(Shared {
-            router,
+            fanout,
             keys,
             node_id,
             commands,
@@ -208,30 +208,30 @@ fn with_resp3(url: &str) -> String {
     }
 }
 
-async fn with_timeout<T>(limit: Duration, future: impl Future<Output = T>) -> Result<T, BackendError> {
+async fn with_timeout<T>(limit: Duration, future: impl Future<Output = T>) -> Result<T, StoreError> {
     tokio::time::timeout(limit, future)
         .await
-        .map_err(|_| BackendError::Unavailable(format!("Redis did not answer within {limit:?}")))
+        .map_err(|_| StoreError::Unavailable(format!("Redis did not answer within {limit:?}")))
 }
 
 impl Shared {
     /// Runs one Redis call with the command timeout (a connection manager
     /// that is reconnecting would otherwise make the caller wait for it).
-    async fn call<T>(&self, future: impl Future<Output = Result<T, RedisError>>) -> Result<T, BackendError> {
-        with_timeout(self.command_timeout, future).await?.map_err(BackendError::from)
+    async fn call<T>(&self, future: impl Future<Output = Result<T, RedisError>>) -> Result<T, StoreError> {
+        with_timeout(self.command_timeout, future).await?.map_err(StoreError::from)
     }
 
     async fn read_after(
         &self,
         key: &ConversationKey,
         after: u64,
-    ) -> Result<Option<(u64, String, Vec<Arc<StoredEvent>>)>, BackendError> {
+    ) -> Result<Option<(u64, String, Vec<Arc<StoredEvent>>)>, StoreError> {
         let mut con = self.commands.clone();
         let value: Value = self
             .call(self.read_after.key(self.keys.meta(key)).key(self.keys.log(key)).arg(after).invoke_async(&mut con))
             .await?;
         let Value::Array(mut parts) = value else {
-            return Err(BackendError::Unavailable("unexpected reply from read_after".into()));
+            return Err(StoreError::Unavailable("unexpected reply from read_after".into()));
         };
         if parts.is_empty() {
             return Ok(None);
@@ -241,7 +241,7 @@ impl Shared {
             _ => Vec::new(),
         };
         let malformed =
-            |e: redis::ParsingError| BackendError::Unavailable(format!("unexpected reply from read_after: {e}"));
+            |e: redis::ParsingError| StoreError::Unavailable(format!("unexpected reply from read_after: {e}"));
         let epoch: String = redis::from_redis_value(parts.pop().unwrap_or(Value::Nil)).map_err(malformed)?;
         let seq: u64 = redis::from_redis_value(parts.pop().unwrap_or(Value::Nil)).map_err(malformed)?;
         Ok(Some((seq, epoch, events)))
@@ -249,7 +249,7 @@ impl Shared {
 
     /// Counts the creation of `key`'s conversation against its user's cap
     /// (`quota.lua`; counting one conversation twice is a no-op).
-    async fn count_creation(&self, key: &ConversationKey, user: &UserId) -> Result<(), BackendError> {
+    async fn count_creation(&self, key: &ConversationKey, user: &UserId) -> Result<(), StoreError> {
         let Some(limit) = self.creation_limit else {
             return Ok(());
         };
@@ -263,12 +263,12 @@ impl Shared {
             .arg(limit.max);
         match self.call(invocation.invoke_async::<i64>(&mut con)).await? {
             1 => Ok(()),
-            _ => Err(BackendError::TooManyConversations { max: limit.max, window_secs: limit.window.as_secs() }),
+            _ => Err(StoreError::TooManyConversations { max: limit.max, window_secs: limit.window.as_secs() }),
         }
     }
 
     /// The owner of a conversation, `None` if it has no log.
-    async fn owner(&self, key: &ConversationKey) -> Result<Option<String>, BackendError> {
+    async fn owner(&self, key: &ConversationKey) -> Result<Option<String>, StoreError> {
         let mut con = self.commands.clone();
         self.call(redis::cmd("HGET").arg(self.keys.meta(key)).arg("user").query_async(&mut con)).await
     }
@@ -277,7 +277,7 @@ impl Shared {
     /// pointer to it, in one round trip (not atomic: the pointer lives in
     /// another cluster slot; should the link drop between its HSET and
     /// EXPIRE, the next refresh sets the expiry).
-    async fn refresh(&self, user: &UserId, key: &ConversationKey) -> Result<(), BackendError> {
+    async fn refresh(&self, user: &UserId, key: &ConversationKey) -> Result<(), StoreError> {
         let mut con = self.commands.clone();
         let mut pipe = redis::pipe();
         for name in [self.keys.meta(key), self.keys.log(key), self.keys.message_ids(key)] {
@@ -309,7 +309,7 @@ impl Shared {
             .ignore();
     }
 
-    /// Hands one pushed message to the router.
+    /// Hands one pushed message to the fan-out.
     fn dispatch(&self, data: Vec<Value>) {
         let mut data = data.into_iter();
         let (Some(Value::BulkString(channel)), Some(Value::BulkString(payload))) = (data.next(), data.next()) else {
@@ -332,7 +332,7 @@ impl Shared {
                     (_, None) => return,
                 };
                 match String::from_utf8(frame.to_vec()) {
-                    Ok(frame) => self.router.deliver_frames(&key, vec![Utf8Bytes::from(frame)]),
+                    Ok(frame) => self.fanout.deliver_frames(&key, vec![Utf8Bytes::from(frame)]),
                     Err(_) => warn!("dropping a delta that is not UTF-8"),
                 }
             }
@@ -353,7 +353,7 @@ impl Shared {
                     return;
                 };
                 let timing = serde_json::from_slice::<ReplyTiming>(timing).ok();
-                self.router.deliver_event(&key, &event, self.local_origin(origin), timing.as_ref());
+                self.fanout.deliver_event(&key, &event, self.local_origin(origin), timing.as_ref());
             }
             _ => {}
         }
@@ -459,7 +459,7 @@ async fn run_dispatcher(shared: Arc<Shared>, mut pushes: mpsc::UnboundedReceiver
             }
             PushKind::Subscribe if !shared.receiving.swap(true, Ordering::AcqRel) => {
                 info!(channels = shared.channels.len(), "Redis subscriptions active; resyncing local sessions");
-                shared.router.resync_all();
+                shared.fanout.resync_all();
             }
             _ => {}
         }
@@ -506,18 +506,18 @@ async fn run_publisher(shared: Arc<Shared>, mut queue: mpsc::Receiver<Publish>, 
 }
 
 #[async_trait]
-impl Backend for RedisBackend {
+impl ConversationStore for RedisStore {
     async fn open(
         &self,
         tenant: &TenantId,
         user: &UserId,
         requested: Option<&ConversationId>,
-    ) -> Result<Opened, BackendError> {
+    ) -> Result<Opened, StoreError> {
         let shared = &self.shared;
         if let Some(conversation) = requested {
             let key = ConversationKey { tenant: tenant.clone(), conversation: conversation.clone() };
             if shared.owner(&key).await?.as_deref() != Some(user.as_str()) {
-                return Err(BackendError::ConversationNotFound);
+                return Err(StoreError::ConversationNotFound);
             }
             shared.refresh(user, &key).await?;
             return Ok(Opened { key, pending: None });
@@ -563,17 +563,17 @@ impl Backend for RedisBackend {
         session: SessionHandle,
         after: Option<u64>,
         pending: Option<&Pending>,
-    ) -> Result<Snapshot, BackendError> {
+    ) -> Result<Snapshot, StoreError> {
         let shared = &self.shared;
         let session_id = session.id;
         let subscribed = {
             let _guard = shared.subscriptions.lock().await;
-            if shared.router.join(key, session).map_err(|_| BackendError::TooManySockets)? {
+            if shared.fanout.join(key, session).map_err(|_| StoreError::TooManySockets)? {
                 let channel = shared.keys.channel(key);
                 shared.channels.insert(channel.clone(), key.clone());
                 let mut subscriber = shared.subscriber.clone();
                 if let Err(error) = shared.call(subscriber.subscribe(&channel)).await {
-                    shared.router.leave(key, session_id);
+                    shared.fanout.leave(key, session_id);
                     shared.channels.remove(&channel);
                     return Err(error);
                 }
@@ -598,7 +598,7 @@ impl Backend for RedisBackend {
         match read {
             Ok(Some((last_seq, epoch, missed))) => {
                 if subscribed.is_some() {
-                    shared.router.delivered_up_to(key, last_seq);
+                    shared.fanout.delivered_up_to(key, last_seq);
                 }
                 Ok(Snapshot { exists: true, last_seq, epoch, missed })
             }
@@ -609,7 +609,7 @@ impl Backend for RedisBackend {
             }
             Ok(None) => {
                 self.detach(key, session_id).await;
-                Err(BackendError::ConversationNotFound)
+                Err(StoreError::ConversationNotFound)
             }
             Err(error) => {
                 self.detach(key, session_id).await;
@@ -621,7 +621,7 @@ impl Backend for RedisBackend {
     async fn detach(&self, key: &ConversationKey, session: SessionId) {
         let shared = &self.shared;
         let _guard = shared.subscriptions.lock().await;
-        if shared.router.leave(key, session) {
+        if shared.fanout.leave(key, session) {
             let channel = shared.keys.channel(key);
             shared.channels.remove(&channel);
             shared.alone_until.remove(&channel);
@@ -634,7 +634,7 @@ impl Backend for RedisBackend {
 
     async fn has_listeners(&self, key: &ConversationKey) -> bool {
         let shared = &self.shared;
-        if shared.router.local_sessions(key) > 0 {
+        if shared.fanout.local_sessions(key) > 0 {
             return true;
         }
         // This node unsubscribes after its last socket; any subscriber left is another node's.
@@ -653,10 +653,10 @@ impl Backend for RedisBackend {
         }
     }
 
-    async fn events_after(&self, key: &ConversationKey, after: u64) -> Result<Vec<Arc<StoredEvent>>, BackendError> {
+    async fn events_after(&self, key: &ConversationKey, after: u64) -> Result<Vec<Arc<StoredEvent>>, StoreError> {
         match self.shared.read_after(key, after).await? {
             Some((_, _, events)) => Ok(events),
-            None => Err(BackendError::ConversationNotFound),
+            None => Err(StoreError::ConversationNotFound),
         }
     }
 
@@ -670,7 +670,7 @@ impl Backend for RedisBackend {
         event: NewEvent,
         origin: Option<SessionId>,
         create: Option<&Pending>,
-    ) -> Result<Appended, BackendError> {
+    ) -> Result<Appended, StoreError> {
         let shared = &self.shared;
         if let Some(create) = create {
             shared.count_creation(key, &create.user).await?;
@@ -705,7 +705,7 @@ impl Backend for RedisBackend {
                 // This node's sockets get it now; the echo through pub/sub is dropped by seq.
                 let timing = event.timing;
                 let stored = event.stored(seq, at_ms);
-                shared.router.deliver_appended(key, &stored, origin, timing.as_ref());
+                shared.fanout.deliver_appended(key, &stored, origin, timing.as_ref());
                 // A new conversation is the user's most recent (best effort,
                 // like every touch: the message is stored either way).
                 if let Some(create) = create
@@ -716,11 +716,11 @@ impl Backend for RedisBackend {
                 Ok(Appended::New(seq))
             }
             (0, seq) => Ok(Appended::Duplicate(seq)),
-            _ => Err(BackendError::ConversationNotFound),
+            _ => Err(StoreError::ConversationNotFound),
         }
     }
 
-    async fn recent_turns(&self, key: &ConversationKey, limit: usize) -> Result<Vec<Arc<StoredEvent>>, BackendError> {
+    async fn recent_turns(&self, key: &ConversationKey, limit: usize) -> Result<Vec<Arc<StoredEvent>>, StoreError> {
         let shared = &self.shared;
         let mut con = shared.commands.clone();
         let start = -(limit as i64).max(1);
@@ -738,7 +738,7 @@ impl Backend for RedisBackend {
     fn publish_ephemeral(&self, key: &ConversationKey, frames: Vec<Utf8Bytes>) {
         let channel = self.shared.keys.channel(key);
         if self.shared.alone_until.get(&channel).is_some_and(|until| std::time::Instant::now() < *until) {
-            self.shared.router.deliver_frames(key, frames);
+            self.shared.fanout.deliver_frames(key, frames);
             return;
         }
         // d<node id>\n<frame>: the node id lets this node skip its own echo.
@@ -754,7 +754,7 @@ impl Backend for RedisBackend {
                 payload
             })
             .collect();
-        self.shared.router.deliver_frames(key, frames);
+        self.shared.fanout.deliver_frames(key, frames);
         for payload in payloads {
             let item = Publish::Frame { channel: channel.clone(), payload };
             if self.shared.publish_tx.try_send(item).is_err() {

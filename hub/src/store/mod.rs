@@ -1,9 +1,9 @@
 //! The conversation store seam: durable event logs plus delivery to sockets.
 //!
-//! A backend owns each conversation's log (durable events numbered by a
+//! A store owns each conversation's log (durable events numbered by a
 //! per-conversation seq, 1, 2, 3, … with no gaps) and routes events to every
-//! socket that cares. The in-memory backend serves a single node; a Redis
-//! backend (cluster mode) implements the same trait for many nodes.
+//! socket that cares. The in-memory store serves a single node; a Redis
+//! store (cluster mode) implements the same trait for many nodes.
 //!
 //! Contract every implementation keeps:
 //! - `append` stores the event and assigns its seq atomically; a customer
@@ -31,12 +31,12 @@ use async_trait::async_trait;
 use axum::extract::ws::Utf8Bytes;
 use serde::{Deserialize, Serialize};
 
+use crate::fanout::SessionHandle;
 use crate::ids::{ConversationId, ConversationKey, SessionId, TenantId, UserId};
 use crate::protocol::{ReplyTiming, Role, ServerFrame};
-use crate::router::SessionHandle;
 
-pub use memory::MemoryBackend;
-pub use redis::RedisBackend;
+pub use memory::MemoryStore;
+pub use redis::RedisStore;
 
 /// One durable event of a conversation's log.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -76,7 +76,7 @@ impl StoredEvent {
     }
 }
 
-/// An event to append; the backend assigns seq and time.
+/// An event to append; the store assigns seq and time.
 #[derive(Debug, Clone)]
 pub struct NewEvent {
     pub from: Role,
@@ -160,7 +160,7 @@ pub struct Snapshot {
 }
 
 #[derive(Debug, thiserror::Error)]
-pub enum BackendError {
+pub enum StoreError {
     /// The conversation does not exist, or belongs to another user or tenant.
     #[error("conversation not found")]
     ConversationNotFound,
@@ -176,7 +176,7 @@ pub enum BackendError {
 }
 
 #[async_trait]
-pub trait Backend: Send + Sync + 'static {
+pub trait ConversationStore: Send + Sync + 'static {
     /// Chooses the conversation for a new socket: `requested` if it exists
     /// and is this user's, otherwise the user's most recent, otherwise a new
     /// one. An existing conversation becomes the user's most recent; a
@@ -186,7 +186,7 @@ pub trait Backend: Send + Sync + 'static {
         tenant: &TenantId,
         user: &UserId,
         requested: Option<&ConversationId>,
-    ) -> Result<Opened, BackendError>;
+    ) -> Result<Opened, StoreError>;
 
     /// Registers a session for live events and returns what it missed after
     /// `after`. A conversation without a log is `ConversationNotFound`,
@@ -197,7 +197,7 @@ pub trait Backend: Send + Sync + 'static {
         session: SessionHandle,
         after: Option<u64>,
         pending: Option<&Pending>,
-    ) -> Result<Snapshot, BackendError>;
+    ) -> Result<Snapshot, StoreError>;
 
     /// Stops live events to a session. Never fails: a session that is gone is gone.
     async fn detach(&self, key: &ConversationKey, session: SessionId);
@@ -208,14 +208,14 @@ pub trait Backend: Send + Sync + 'static {
     async fn touch(&self, user: &UserId, key: &ConversationKey);
 
     /// Durable events with a seq greater than `after`, in order (for filling gaps).
-    async fn events_after(&self, key: &ConversationKey, after: u64) -> Result<Vec<Arc<StoredEvent>>, BackendError>;
+    async fn events_after(&self, key: &ConversationKey, after: u64) -> Result<Vec<Arc<StoredEvent>>, StoreError>;
 
     /// Whether any socket of the conversation is open, on any node (a reply
     /// keeps streaming while someone listens). Errs on the side of true.
     async fn has_listeners(&self, key: &ConversationKey) -> bool;
 
     /// Whether this node currently receives live events (false while a
-    /// clustered backend's subscription is down). Drives `/readyz`.
+    /// clustered store's subscription is down). Drives `/readyz`.
     fn is_receiving(&self) -> bool {
         true
     }
@@ -231,10 +231,10 @@ pub trait Backend: Send + Sync + 'static {
         event: NewEvent,
         origin: Option<SessionId>,
         create: Option<&Pending>,
-    ) -> Result<Appended, BackendError>;
+    ) -> Result<Appended, StoreError>;
 
     /// The last `limit` turns (customer, assistant and agent events), oldest first.
-    async fn recent_turns(&self, key: &ConversationKey, limit: usize) -> Result<Vec<Arc<StoredEvent>>, BackendError>;
+    async fn recent_turns(&self, key: &ConversationKey, limit: usize) -> Result<Vec<Arc<StoredEvent>>, StoreError>;
 
     /// Delivers non-durable frames (`reply.delta`s, `queued`), in order, to
     /// every attached session. Best effort and never waits: a lost delta is

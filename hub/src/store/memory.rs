@@ -1,19 +1,19 @@
-//! The in-memory backend: one node, no Redis; the embedded default.
+//! The in-memory store: one node, no Redis; the embedded default.
 //!
 //! Each conversation's log sits behind its own `std::sync::Mutex`. Append
-//! assigns the seq, stores the event and hands it to the [`Router`] under
+//! assigns the seq, stores the event and hands it to the [`FanOut`] under
 //! that lock, so events reach sockets in seq order; the lock is never held
 //! across an `.await` (delivery only does non-blocking `try_send`s).
-//! `attach` takes the same lock to snapshot the log and join the router, so
+//! `attach` takes the same lock to snapshot the log and join the fan-out, so
 //! a new session cannot miss an event appended in between.
 //!
 //! Logs are capped at `log_cap` events. A user who comes back after
 //! `idle_window` gets a new conversation; the old one stays readable by id
 //! until it has had no socket and no activity for `retention`: then the
-//! [`MemoryBackend::run_sweeper`] task forgets it, as Redis expires its keys.
+//! [`MemoryStore::run_sweeper`] task forgets it, as Redis expires its keys.
 //! Without that a long-running node would keep every conversation it ever
 //! saw. A conversation enters the map with its first message (see
-//! [`Pending`]); a socket that never sends one leaves only its router entry,
+//! [`Pending`]); a socket that never sends one leaves only its fan-out entry,
 //! which goes with it.
 
 use std::collections::hash_map::RandomState;
@@ -28,15 +28,15 @@ use dashmap::mapref::entry::Entry;
 use tokio_util::sync::CancellationToken;
 use tracing::debug;
 
-use super::{Appended, Backend, BackendError, NewEvent, Opened, Pending, Snapshot, StoredEvent, now_ms};
+use super::{Appended, ConversationStore, NewEvent, Opened, Pending, Snapshot, StoreError, StoredEvent, now_ms};
 use crate::config::{ConversationConfig, CreationLimit};
+use crate::fanout::{FanOut, SessionHandle};
 use crate::ids::{ConversationId, ConversationKey, SessionId, TenantId, UserId};
 use crate::protocol::Role;
-use crate::router::{Router, SessionHandle};
 
 #[derive(Debug)]
-pub struct MemoryBackend {
-    router: Arc<Router>,
+pub struct MemoryStore {
+    fanout: Arc<FanOut>,
     /// foldhash (seeded per process): looked up on every append.
     conversations: DashMap<ConversationKey, Arc<Mutex<ConversationLog>>, foldhash::fast::RandomState>,
     /// Each user's most recent conversation and when they were last active in it.
@@ -73,10 +73,10 @@ struct ConversationLog {
     customer_ids: HashMap<String, u64>,
 }
 
-impl MemoryBackend {
-    pub fn new(router: Arc<Router>, config: &ConversationConfig) -> Self {
+impl MemoryStore {
+    pub fn new(fanout: Arc<FanOut>, config: &ConversationConfig) -> Self {
         Self {
-            router,
+            fanout,
             conversations: DashMap::default(),
             latest: DashMap::new(),
             created: DashMap::default(),
@@ -112,7 +112,7 @@ impl MemoryBackend {
         let cutoff = now_ms.saturating_sub(self.retention.as_millis() as u64);
         let mut forgotten = 0;
         self.conversations.retain(|key, log| {
-            let keep = lock(log).last_active_ms > cutoff || self.router.local_sessions(key) > 0;
+            let keep = lock(log).last_active_ms > cutoff || self.fanout.local_sessions(key) > 0;
             forgotten += usize::from(!keep);
             keep
         });
@@ -144,7 +144,7 @@ impl MemoryBackend {
         &self,
         key: &ConversationKey,
         create: &Pending,
-    ) -> Result<Arc<Mutex<ConversationLog>>, BackendError> {
+    ) -> Result<Arc<Mutex<ConversationLog>>, StoreError> {
         let vacant = match self.conversations.entry(key.clone()) {
             Entry::Occupied(existing) => {
                 let log = existing.get().clone();
@@ -153,7 +153,7 @@ impl MemoryBackend {
                     let log = lock(&log);
                     log.user == create.user && log.epoch == create.epoch
                 };
-                return if ours { Ok(log) } else { Err(BackendError::ConversationNotFound) };
+                return if ours { Ok(log) } else { Err(StoreError::ConversationNotFound) };
             }
             Entry::Vacant(vacant) => vacant,
         };
@@ -176,7 +176,7 @@ impl MemoryBackend {
     }
 
     /// Counts one creation against the user's cap, or refuses it.
-    fn count_creation(&self, tenant: &TenantId, user: &UserId) -> Result<(), BackendError> {
+    fn count_creation(&self, tenant: &TenantId, user: &UserId) -> Result<(), StoreError> {
         let Some(limit) = self.creation_limit else {
             return Ok(());
         };
@@ -187,14 +187,14 @@ impl MemoryBackend {
             times.pop_front();
         }
         if times.len() >= limit.max as usize {
-            return Err(BackendError::TooManyConversations { max: limit.max, window_secs: limit.window.as_secs() });
+            return Err(StoreError::TooManyConversations { max: limit.max, window_secs: limit.window.as_secs() });
         }
         times.push_back(now);
         Ok(())
     }
 
-    fn log(&self, key: &ConversationKey) -> Result<Arc<Mutex<ConversationLog>>, BackendError> {
-        self.conversations.get(key).map(|log| log.clone()).ok_or(BackendError::ConversationNotFound)
+    fn log(&self, key: &ConversationKey) -> Result<Arc<Mutex<ConversationLog>>, StoreError> {
+        self.conversations.get(key).map(|log| log.clone()).ok_or(StoreError::ConversationNotFound)
     }
 }
 
@@ -205,13 +205,13 @@ fn lock(log: &Mutex<ConversationLog>) -> std::sync::MutexGuard<'_, ConversationL
 }
 
 #[async_trait]
-impl Backend for MemoryBackend {
+impl ConversationStore for MemoryStore {
     async fn open(
         &self,
         tenant: &TenantId,
         user: &UserId,
         requested: Option<&ConversationId>,
-    ) -> Result<Opened, BackendError> {
+    ) -> Result<Opened, StoreError> {
         let now = now_ms();
         if let Some(conversation) = requested {
             let key = ConversationKey { tenant: tenant.clone(), conversation: conversation.clone() };
@@ -224,7 +224,7 @@ impl Backend for MemoryBackend {
                 owned
             });
             if !owned {
-                return Err(BackendError::ConversationNotFound);
+                return Err(StoreError::ConversationNotFound);
             }
             self.latest.insert(
                 (tenant.clone(), user.clone()),
@@ -260,22 +260,22 @@ impl Backend for MemoryBackend {
         session: SessionHandle,
         after: Option<u64>,
         pending: Option<&Pending>,
-    ) -> Result<Snapshot, BackendError> {
+    ) -> Result<Snapshot, StoreError> {
         // The entry's lock orders this against a creating append: the
         // session joins either before the first event or after the log exists.
         let log = match self.conversations.entry(key.clone()) {
             Entry::Occupied(log) => log.get().clone(),
             Entry::Vacant(_) => {
                 let Some(pending) = pending else {
-                    return Err(BackendError::ConversationNotFound);
+                    return Err(StoreError::ConversationNotFound);
                 };
-                self.router.join(key, session).map_err(|_| BackendError::TooManySockets)?;
+                self.fanout.join(key, session).map_err(|_| StoreError::TooManySockets)?;
                 return Ok(Snapshot { exists: false, last_seq: 0, epoch: pending.epoch.clone(), missed: Vec::new() });
             }
         };
         let mut log = lock(&log);
         log.last_active_ms = now_ms();
-        self.router.join(key, session).map_err(|_| BackendError::TooManySockets)?;
+        self.fanout.join(key, session).map_err(|_| StoreError::TooManySockets)?;
         let missed = match after {
             Some(after) => log.events.iter().filter(|e| e.seq > after).cloned().collect(),
             None => Vec::new(),
@@ -284,12 +284,12 @@ impl Backend for MemoryBackend {
     }
 
     async fn detach(&self, key: &ConversationKey, session: SessionId) {
-        self.router.leave(key, session);
+        self.fanout.leave(key, session);
         let _ = self.touch_log(key);
     }
 
     async fn has_listeners(&self, key: &ConversationKey) -> bool {
-        self.router.local_sessions(key) > 0
+        self.fanout.local_sessions(key) > 0
     }
 
     async fn touch(&self, user: &UserId, key: &ConversationKey) {
@@ -300,7 +300,7 @@ impl Backend for MemoryBackend {
         }
     }
 
-    async fn events_after(&self, key: &ConversationKey, after: u64) -> Result<Vec<Arc<StoredEvent>>, BackendError> {
+    async fn events_after(&self, key: &ConversationKey, after: u64) -> Result<Vec<Arc<StoredEvent>>, StoreError> {
         let log = self.log(key)?;
         let log = lock(&log);
         Ok(log.events.iter().filter(|e| e.seq > after).cloned().collect())
@@ -312,7 +312,7 @@ impl Backend for MemoryBackend {
         event: NewEvent,
         origin: Option<SessionId>,
         create: Option<&Pending>,
-    ) -> Result<Appended, BackendError> {
+    ) -> Result<Appended, StoreError> {
         let log = match create {
             Some(create) => self.log_or_create(key, create)?,
             None => self.log(key)?,
@@ -339,11 +339,11 @@ impl Backend for MemoryBackend {
                 log.customer_ids.remove(&old.id);
             }
         }
-        self.router.deliver_event(key, &stored, origin, event_timing.as_ref());
+        self.fanout.deliver_event(key, &stored, origin, event_timing.as_ref());
         Ok(Appended::New(stored.seq))
     }
 
-    async fn recent_turns(&self, key: &ConversationKey, limit: usize) -> Result<Vec<Arc<StoredEvent>>, BackendError> {
+    async fn recent_turns(&self, key: &ConversationKey, limit: usize) -> Result<Vec<Arc<StoredEvent>>, StoreError> {
         let log = self.log(key)?;
         let log = lock(&log);
         let mut turns: Vec<_> =
@@ -353,7 +353,7 @@ impl Backend for MemoryBackend {
     }
 
     fn publish_ephemeral(&self, key: &ConversationKey, frames: Vec<Utf8Bytes>) {
-        self.router.deliver_frames(key, frames);
+        self.fanout.deliver_frames(key, frames);
     }
 }
 
@@ -371,18 +371,18 @@ mod tests {
         }
     }
 
-    fn backend(log_cap: usize) -> MemoryBackend {
-        MemoryBackend::new(Arc::new(Router::default()), &config(log_cap, 20))
+    fn backend(log_cap: usize) -> MemoryStore {
+        MemoryStore::new(Arc::new(FanOut::default()), &config(log_cap, 20))
     }
 
-    fn session() -> (SessionHandle, tokio::sync::mpsc::Receiver<Box<crate::router::Outbound>>) {
+    fn session() -> (SessionHandle, tokio::sync::mpsc::Receiver<Box<crate::fanout::Outbound>>) {
         let (tx, rx) = tokio::sync::mpsc::channel(8);
-        let closer = crate::router::SessionCloser::child_of(&CancellationToken::new());
+        let closer = crate::fanout::SessionCloser::child_of(&CancellationToken::new());
         (SessionHandle { id: SessionId::next(), tx, closer }, rx)
     }
 
     /// Opens a new conversation for `user` and stores a first message in it.
-    async fn started(backend: &MemoryBackend, tenant: &TenantId, user: &UserId) -> ConversationKey {
+    async fn started(backend: &MemoryStore, tenant: &TenantId, user: &UserId) -> ConversationKey {
         let opened = backend.open(tenant, user, None).await.unwrap();
         let first = NewEvent::customer("m0".into(), "hi".into());
         backend.append(&opened.key, first, None, opened.pending.as_ref()).await.unwrap();
@@ -428,13 +428,13 @@ mod tests {
             );
             // Not resumable by id: it does not exist.
             let resumed = backend.open(&tenant, &user, Some(&opened.key.conversation)).await;
-            assert!(matches!(resumed, Err(BackendError::ConversationNotFound)));
+            assert!(matches!(resumed, Err(StoreError::ConversationNotFound)));
             backend.detach(&opened.key, id).await;
             backend.touch(&user, &opened.key).await;
         }
         assert_eq!((backend.conversations.len(), backend.latest.len(), backend.created.len()), (0, 0, 0));
         assert_eq!(
-            backend.router.local_sessions(&ConversationKey { tenant, conversation: ConversationId::generate() }),
+            backend.fanout.local_sessions(&ConversationKey { tenant, conversation: ConversationId::generate() }),
             0
         );
     }
@@ -452,7 +452,7 @@ mod tests {
         let first = NewEvent::customer("m1".into(), "hi".into());
         assert_eq!(backend.append(&opened.key, first.clone(), None, Some(&pending)).await.unwrap(), Appended::New(1));
         let stolen = backend.append(&opened.key, first.clone(), None, Some(&thief)).await;
-        assert!(matches!(stolen, Err(BackendError::ConversationNotFound)));
+        assert!(matches!(stolen, Err(StoreError::ConversationNotFound)));
         // The creator's resend (its first ack lost) is recognised.
         assert_eq!(backend.append(&opened.key, first, None, Some(&pending)).await.unwrap(), Appended::Duplicate(1));
         let (handle, _rx) = session();
@@ -464,7 +464,7 @@ mod tests {
 
     #[tokio::test]
     async fn creations_beyond_the_cap_are_refused_for_that_user_only() {
-        let backend = MemoryBackend::new(Arc::new(Router::default()), &config(10, 2));
+        let backend = MemoryStore::new(Arc::new(FanOut::default()), &config(10, 2));
         let tenant = TenantId::parse("t").unwrap();
         let (greedy, other) = (UserId::parse("greedy").unwrap(), UserId::parse("other").unwrap());
         for _ in 0..2 {
@@ -476,11 +476,8 @@ mod tests {
         let opened = backend.open(&tenant, &greedy, None).await.unwrap();
         let first = NewEvent::customer("m1".into(), "hi".into());
         let refused = backend.append(&opened.key, first, None, opened.pending.as_ref()).await;
-        assert!(
-            matches!(refused, Err(BackendError::TooManyConversations { max: 2, window_secs: 3600 })),
-            "{refused:?}"
-        );
-        assert!(matches!(backend.events_after(&opened.key, 0).await, Err(BackendError::ConversationNotFound)));
+        assert!(matches!(refused, Err(StoreError::TooManyConversations { max: 2, window_secs: 3600 })), "{refused:?}");
+        assert!(matches!(backend.events_after(&opened.key, 0).await, Err(StoreError::ConversationNotFound)));
         started(&backend, &tenant, &other).await;
         // Past the window the user may create again, and the sweeper forgets the count.
         assert_eq!(backend.created.len(), 2);
@@ -502,10 +499,10 @@ mod tests {
         assert_eq!(backend.events_after(&idle, 0).await.unwrap().len(), 1);
         // Past it, the idle conversation and the user's pointer to it go; the watched one stays.
         assert_eq!(backend.sweep(now_ms() + 61 * 60 * 1000), 1);
-        assert!(matches!(backend.events_after(&idle, 0).await, Err(BackendError::ConversationNotFound)));
+        assert!(matches!(backend.events_after(&idle, 0).await, Err(StoreError::ConversationNotFound)));
         assert!(matches!(
             backend.open(&tenant, &user, Some(&idle.conversation)).await,
-            Err(BackendError::ConversationNotFound)
+            Err(StoreError::ConversationNotFound)
         ));
         assert!(backend.events_after(&watched, 0).await.is_ok());
         // The user starts a new conversation, not a dangling one.

@@ -7,8 +7,8 @@
 //! session whose queue is full is closed as a slow consumer (4008) instead of
 //! being allowed to grow memory.
 //!
-//! The router knows nothing about storage. Backends call it: the in-memory
-//! backend directly on append, a clustered backend from its subscriber.
+//! The fan-out knows nothing about storage. Stores call it: the in-memory
+//! store directly on append, a clustered store from its subscriber.
 
 use std::sync::{Arc, OnceLock};
 use std::time::Instant;
@@ -18,10 +18,10 @@ use dashmap::DashMap;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use crate::backend::StoredEvent;
 use crate::ids::{ConversationKey, SessionId};
 use crate::protocol::close::{self, CloseReason};
 use crate::protocol::{ReplyTiming, Role, ServerFrame};
+use crate::store::StoredEvent;
 
 /// One item queued for a socket's writer.
 #[derive(Debug, Clone)]
@@ -32,7 +32,7 @@ pub enum Outbound {
         /// events it already sent and fills gaps from the log.
         seq: u64,
         frame: Utf8Bytes,
-        /// When the router queued it (for the delivery-time metric).
+        /// When the fan-out queued it (for the delivery-time metric).
         queued_at: Instant,
     },
     /// Non-durable frames that were ready together (tokens of a reply that
@@ -93,7 +93,7 @@ impl SessionCloser {
     }
 }
 
-/// The router's view of one socket: its queue and a way to close it.
+/// The fan-out's view of one socket: its queue and a way to close it.
 #[derive(Clone, Debug)]
 pub struct SessionHandle {
     pub id: SessionId,
@@ -125,7 +125,7 @@ impl SessionHandle {
 
 /// This node's sessions, by conversation.
 #[derive(Debug)]
-pub struct Router {
+pub struct FanOut {
     /// foldhash, not SipHash: every delta looks its conversation up here, and
     /// hashing the key was a tenth of the hub's instructions per token.
     /// (Still seeded per process, so keys cannot be chosen to collide.)
@@ -136,7 +136,7 @@ pub struct Router {
     max_sockets: usize,
 }
 
-impl Default for Router {
+impl Default for FanOut {
     fn default() -> Self {
         Self::with_max_sockets(usize::MAX)
     }
@@ -156,7 +156,7 @@ struct Local {
     delivered_seq: u64,
 }
 
-impl Router {
+impl FanOut {
     pub fn with_max_sockets(max_sockets: usize) -> Self {
         Self { sessions: DashMap::default(), max_sockets }
     }
@@ -340,14 +340,14 @@ mod tests {
 
     #[test]
     fn origin_gets_ack_and_others_get_the_message_sharing_bytes() {
-        let router = Router::default();
+        let fanout = FanOut::default();
         let (a, mut a_rx) = session(8);
         let (b, mut b_rx) = session(8);
         let (c, mut c_rx) = session(8);
-        assert_eq!(router.join(&key(), a.clone()), Ok(true));
-        assert_eq!(router.join(&key(), b), Ok(false));
-        router.join(&key(), c).unwrap();
-        router.deliver_event(&key(), &customer_event(1), Some(a.id), None);
+        assert_eq!(fanout.join(&key(), a.clone()), Ok(true));
+        assert_eq!(fanout.join(&key(), b), Ok(false));
+        fanout.join(&key(), c).unwrap();
+        fanout.deliver_event(&key(), &customer_event(1), Some(a.id), None);
         assert!(a_rx.try_recv().unwrap().frame().unwrap().as_str().contains(r#""type":"ack""#));
         let Outbound::Frame { seq, frame: b_frame, .. } = *b_rx.try_recv().unwrap() else { panic!("a frame") };
         let c_frame = c_rx.try_recv().unwrap();
@@ -359,25 +359,25 @@ mod tests {
 
     #[test]
     fn a_lone_sender_gets_its_ack_and_a_last_joined_sender_still_gets_an_ack() {
-        let router = Router::default();
+        let fanout = FanOut::default();
         let (a, mut a_rx) = session(8);
-        router.join(&key(), a.clone()).unwrap();
-        router.deliver_event(&key(), &customer_event(1), Some(a.id), None);
+        fanout.join(&key(), a.clone()).unwrap();
+        fanout.deliver_event(&key(), &customer_event(1), Some(a.id), None);
         assert!(a_rx.try_recv().unwrap().frame().unwrap().as_str().contains(r#""type":"ack""#));
         assert!(a_rx.try_recv().is_err(), "one frame: the ack");
         // The sender joined last: the earlier socket gets the message, the sender its ack.
         let (b, mut b_rx) = session(8);
-        router.join(&key(), b.clone()).unwrap();
-        router.deliver_event(&key(), &customer_event(2), Some(b.id), None);
+        fanout.join(&key(), b.clone()).unwrap();
+        fanout.deliver_event(&key(), &customer_event(2), Some(b.id), None);
         assert!(a_rx.try_recv().unwrap().frame().unwrap().as_str().contains(r#""type":"message""#));
         assert!(b_rx.try_recv().unwrap().frame().unwrap().as_str().contains(r#""type":"ack""#));
     }
 
     #[test]
     fn an_appenders_copy_never_overtakes_and_each_event_is_delivered_once() {
-        let router = Router::default();
+        let fanout = FanOut::default();
         let (a, mut a_rx) = session(16);
-        router.join(&key(), a.clone()).unwrap();
+        fanout.join(&key(), a.clone()).unwrap();
         let mut seqs = || {
             let mut seqs = Vec::new();
             while let Ok(item) = a_rx.try_recv() {
@@ -388,56 +388,56 @@ mod tests {
             seqs
         };
         // seq 2 was appended here before seq 1 (appended elsewhere) arrived: it waits for its echo.
-        router.deliver_appended(&key(), &customer_event(2), None, None);
+        fanout.deliver_appended(&key(), &customer_event(2), None, None);
         assert_eq!(seqs(), [] as [u64; 0]);
-        router.deliver_event(&key(), &customer_event(1), None, None);
-        router.deliver_event(&key(), &customer_event(2), None, None);
+        fanout.deliver_event(&key(), &customer_event(1), None, None);
+        fanout.deliver_event(&key(), &customer_event(2), None, None);
         // The next append goes out at once, and its echo is dropped.
-        router.deliver_appended(&key(), &customer_event(3), Some(a.id), None);
-        router.deliver_event(&key(), &customer_event(3), None, None);
+        fanout.deliver_appended(&key(), &customer_event(3), Some(a.id), None);
+        fanout.deliver_event(&key(), &customer_event(3), None, None);
         assert_eq!(seqs(), [1, 2, 3]);
         // A first session that read the log up to 7 takes the append of 8 at once.
-        router.delivered_up_to(&key(), 7);
-        router.deliver_appended(&key(), &customer_event(8), None, None);
+        fanout.delivered_up_to(&key(), 7);
+        fanout.deliver_appended(&key(), &customer_event(8), None, None);
         assert_eq!(seqs(), [8]);
     }
 
     #[test]
     fn full_queue_closes_the_session_as_slow_consumer() {
-        let router = Router::default();
+        let fanout = FanOut::default();
         let (slow, _rx) = session(1);
-        router.join(&key(), slow.clone()).unwrap();
+        fanout.join(&key(), slow.clone()).unwrap();
         let frame = Utf8Bytes::from_static("{}");
-        router.deliver_frames(&key(), vec![frame.clone(), frame.clone()]);
+        fanout.deliver_frames(&key(), vec![frame.clone(), frame.clone()]);
         assert!(!slow.closer.token().is_cancelled(), "a batch is one item");
-        router.deliver_frames(&key(), vec![frame.clone()]);
+        fanout.deliver_frames(&key(), vec![frame.clone()]);
         assert!(slow.closer.token().is_cancelled());
         assert_eq!(slow.closer.reason(), close::SLOW_CONSUMER);
     }
 
     #[test]
     fn a_full_conversation_refuses_another_session_until_one_leaves() {
-        let router = Router::with_max_sockets(2);
+        let fanout = FanOut::with_max_sockets(2);
         let (a, _a_rx) = session(1);
         let (b, _b_rx) = session(1);
         let (c, _c_rx) = session(1);
-        router.join(&key(), a.clone()).unwrap();
-        router.join(&key(), b).unwrap();
-        assert_eq!(router.join(&key(), c.clone()), Err(ConversationFull));
-        assert_eq!(router.local_sessions(&key()), 2);
-        router.leave(&key(), a.id);
-        assert_eq!(router.join(&key(), c), Ok(false));
+        fanout.join(&key(), a.clone()).unwrap();
+        fanout.join(&key(), b).unwrap();
+        assert_eq!(fanout.join(&key(), c.clone()), Err(ConversationFull));
+        assert_eq!(fanout.local_sessions(&key()), 2);
+        fanout.leave(&key(), a.id);
+        assert_eq!(fanout.join(&key(), c), Ok(false));
     }
 
     #[test]
     fn leave_reports_the_last_session() {
-        let router = Router::default();
+        let fanout = FanOut::default();
         let (a, _a_rx) = session(1);
         let (b, _b_rx) = session(1);
-        router.join(&key(), a.clone()).unwrap();
-        router.join(&key(), b.clone()).unwrap();
-        assert!(!router.leave(&key(), a.id));
-        assert!(router.leave(&key(), b.id));
-        assert_eq!(router.local_sessions(&key()), 0);
+        fanout.join(&key(), a.clone()).unwrap();
+        fanout.join(&key(), b.clone()).unwrap();
+        assert!(!fanout.leave(&key(), a.id));
+        assert!(fanout.leave(&key(), b.id));
+        assert_eq!(fanout.local_sessions(&key()), 0);
     }
 }

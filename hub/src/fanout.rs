@@ -18,10 +18,10 @@ use dashmap::DashMap;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
+use crate::event::StoredEvent;
 use crate::ids::{ConversationKey, SessionId};
 use crate::protocol::close::{self, CloseReason};
 use crate::protocol::{ReplyTiming, Role, ServerFrame};
-use crate::store::StoredEvent;
 
 /// One item queued for a socket's writer.
 #[derive(Debug, Clone)]

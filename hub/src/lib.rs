@@ -8,6 +8,7 @@
 //! - [`http`]: routes and listeners: `/ws` upgrade, `/healthz`, `/readyz`, the
 //!   web demo on the public port; `/metrics` on the admin port.
 //! - [`session`]: one connection: reader, writer, bounded outbound queue.
+//! - [`event`]: the durable events of a conversation (shared by store, fan-out, replier).
 //! - [`fanout`]: this node's sockets by conversation; encode once, fan out.
 //! - [`store`]: the conversation store seam (logs, seqs, delivery): in memory, or Redis for clusters.
 //! - [`reply`]: one question's answer: history, NLP stream, deltas, stored reply.
@@ -21,6 +22,7 @@
 //! session with 1001 and waits for its tasks within `shutdown_grace_ms`.
 
 pub mod config;
+pub mod event;
 pub mod fanout;
 pub mod http;
 pub mod ids;

@@ -1,9 +1,11 @@
 //! HTTP errors: one type, one JSON shape `{"error": code, "message": text}`.
 
 use axum::Json;
-use axum::http::StatusCode;
+use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde_json::json;
+
+use crate::server::limits::Refusal;
 
 #[derive(Debug)]
 pub struct ApiError {
@@ -34,5 +36,32 @@ impl ApiError {
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         (self.status, Json(json!({ "error": self.code, "message": self.message }))).into_response()
+    }
+}
+
+/// A connection refused by the node's limits: `429`/`503` with `Retry-After`.
+impl IntoResponse for Refusal {
+    fn into_response(self) -> Response {
+        let (status, code, message, retry_after) = match self {
+            Self::AtCapacity => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "at_capacity",
+                "this node holds all the connections it can; retry, or connect to another".to_owned(),
+                1,
+            ),
+            Self::AddressConnections => (
+                StatusCode::TOO_MANY_REQUESTS,
+                "too_many_connections",
+                "too many connections from your address; close some first".to_owned(),
+                5,
+            ),
+            Self::AddressRate { retry_after_secs } => (
+                StatusCode::TOO_MANY_REQUESTS,
+                "connection_rate_exceeded",
+                format!("too many new connections from your address; retry in {retry_after_secs} s"),
+                retry_after_secs,
+            ),
+        };
+        ([(header::RETRY_AFTER, retry_after.to_string())], ApiError { status, code, message }).into_response()
     }
 }

@@ -14,8 +14,7 @@ use std::net::IpAddr;
 use std::num::NonZeroU32;
 use std::sync::Arc;
 
-use axum::http::{HeaderMap, StatusCode, header};
-use axum::response::{IntoResponse, Response};
+use axum::http::HeaderMap;
 use dashmap::DashMap;
 use governor::clock::{Clock, DefaultClock};
 use governor::state::keyed::DefaultKeyedStateStore;
@@ -23,7 +22,6 @@ use governor::{Quota, RateLimiter};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::config::{ProxyAddrs, ServerConfig};
-use crate::http::ApiError;
 
 /// Connections being refused at once (each answered, then closed within
 /// [`super::REFUSAL_DEADLINE`]); beyond them a refused connection is closed
@@ -54,32 +52,6 @@ impl Refusal {
 
     pub fn count(self) {
         metrics::counter!("fengda_hub_connections_refused_total", "reason" => self.reason()).increment(1);
-    }
-}
-
-impl IntoResponse for Refusal {
-    fn into_response(self) -> Response {
-        let (status, code, message, retry_after) = match self {
-            Self::AtCapacity => (
-                StatusCode::SERVICE_UNAVAILABLE,
-                "at_capacity",
-                "this node holds all the connections it can; retry, or connect to another".to_owned(),
-                1,
-            ),
-            Self::AddressConnections => (
-                StatusCode::TOO_MANY_REQUESTS,
-                "too_many_connections",
-                "too many connections from your address; close some first".to_owned(),
-                5,
-            ),
-            Self::AddressRate { retry_after_secs } => (
-                StatusCode::TOO_MANY_REQUESTS,
-                "connection_rate_exceeded",
-                format!("too many new connections from your address; retry in {retry_after_secs} s"),
-                retry_after_secs,
-            ),
-        };
-        ([(header::RETRY_AFTER, retry_after.to_string())], ApiError { status, code, message }).into_response()
     }
 }
 

@@ -112,7 +112,7 @@ impl SessionHandle {
             Ok(()) => true,
             Err(mpsc::error::TrySendError::Full(_)) => {
                 if !self.closer.token().is_cancelled() {
-                    metrics::counter!("fengda_hub_slow_consumer_closes_total").increment(1);
+                    metrics::counter!(crate::metric::SLOW_CONSUMER_CLOSES).increment(1);
                     tracing::info!(session_id = %self.id, "outbound queue full; closing as a slow consumer");
                 }
                 self.closer.close(close::SLOW_CONSUMER);

@@ -14,6 +14,7 @@
 //! - [`reply`]: one question's answer: history, NLP stream, deltas, stored reply.
 //! - [`nlp`]: the NLP endpoints: gRPC clients, breakers, retries, admission.
 //! - [`server`]: the accept loop, connection caps and HTTP limits before any upgrade.
+//! - [`metric`]: every exported metric's name and help text.
 //! - [`redact`]: URLs as logs and metric labels show them (no credentials).
 //!
 //! [`App::build`] binds the listeners (and, without `nlp.url`, loads the
@@ -26,6 +27,7 @@ pub mod event;
 pub mod fanout;
 pub mod http;
 pub mod ids;
+pub mod metric;
 pub mod nlp;
 pub mod protocol;
 pub mod redact;
@@ -132,8 +134,9 @@ impl App {
         let metrics = match metrics_exporter_prometheus::PrometheusBuilder::new().install_recorder() {
             Ok(handle) => {
                 tracker.spawn(run_metrics_upkeep(handle.clone(), shutdown.clone()));
+                metric::describe();
                 let version = env!("CARGO_PKG_VERSION");
-                metrics::gauge!("fengda_hub_info", "backend" => config.backend.name(), "version" => version).set(1.0);
+                metrics::gauge!(crate::metric::INFO, "backend" => config.backend.name(), "version" => version).set(1.0);
                 Some(handle)
             }
             Err(error) => {

@@ -134,7 +134,7 @@ impl Replier {
             question: question.text.clone(),
         };
         // The hub's own share before the model: store, history, hand-over.
-        metrics::histogram!("fengda_hub_reply_before_nlp_seconds").record(question.received.elapsed().as_secs_f64());
+        metrics::histogram!(crate::metric::REPLY_BEFORE_NLP).record(question.received.elapsed().as_secs_f64());
         let mut draft = Draft::new(&*self.store, key, &reply_id, question.timing);
         let before_nlp = question.received.elapsed();
         let outcome = self.stream(&request, &mut draft, &cancel).await;
@@ -242,7 +242,7 @@ impl Replier {
             } else {
                 warn!(%error, "no NLP answer; sending the fallback");
             }
-            metrics::counter!("fengda_hub_nlp_fallbacks_total", "reason" => error.reason()).increment(1);
+            metrics::counter!(crate::metric::NLP_FALLBACKS, "reason" => error.reason()).increment(1);
             Outcome::Fallback { interrupted: false }
         })
     }
@@ -251,7 +251,7 @@ impl Replier {
 /// A started stream broke after `tokens` deltas: the fallback completes it.
 async fn broken(call: ActiveCall, tokens: u32, failure: StreamError) -> Outcome {
     warn!(error = %failure, tokens, "NLP stream broke; completing with the fallback");
-    metrics::counter!("fengda_hub_nlp_fallbacks_total", "reason" => "interrupted").increment(1);
+    metrics::counter!(crate::metric::NLP_FALLBACKS, "reason" => "interrupted").increment(1);
     call.finish(false).await;
     Outcome::Fallback { interrupted: tokens > 0 }
 }

@@ -38,10 +38,10 @@ pub async fn metrics(State(app): State<Arc<AppState>>) -> (StatusCode, String) {
         return (StatusCode::SERVICE_UNAVAILABLE, String::new());
     };
     let runtime = tokio::runtime::Handle::current().metrics();
-    metrics::gauge!("fengda_hub_runtime_tasks_alive").set(runtime.num_alive_tasks() as f64);
-    metrics::gauge!("fengda_hub_runtime_workers").set(runtime.num_workers() as f64);
-    metrics::gauge!("fengda_hub_sessions_open").set(app.sessions_open.load(Ordering::Relaxed) as f64);
-    metrics::gauge!("fengda_hub_connections_open").set(app.connections.open() as f64);
-    metrics::gauge!("fengda_hub_connections_max").set(app.connections.max_open() as f64);
+    metrics::gauge!(crate::metric::RUNTIME_TASKS_ALIVE).set(runtime.num_alive_tasks() as f64);
+    metrics::gauge!(crate::metric::RUNTIME_WORKERS).set(runtime.num_workers() as f64);
+    metrics::gauge!(crate::metric::SESSIONS_OPEN).set(app.sessions_open.load(Ordering::Relaxed) as f64);
+    metrics::gauge!(crate::metric::CONNECTIONS_OPEN).set(app.connections.open() as f64);
+    metrics::gauge!(crate::metric::CONNECTIONS_MAX).set(app.connections.max_open() as f64);
     (StatusCode::OK, handle.render())
 }

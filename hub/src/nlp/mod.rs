@@ -200,13 +200,13 @@ impl NlpPool {
         .min(self.max_concurrent);
         if capacity != self.admission.capacity() {
             self.admission.set_capacity(capacity);
-            metrics::gauge!("fengda_hub_nlp_capacity").set(capacity as f64);
+            metrics::gauge!(crate::metric::NLP_CAPACITY).set(capacity as f64);
         }
     }
 
     /// An endpoint refused a call sent in `round` as full.
     fn overloaded(&self, endpoint: &Endpoint, round: Round, advertised: Option<usize>) {
-        metrics::counter!("fengda_hub_nlp_overloaded_total", "endpoint" => endpoint.name.clone()).increment(1);
+        metrics::counter!(crate::metric::NLP_OVERLOADED, "endpoint" => endpoint.name.clone()).increment(1);
         let changed = advertised.and_then(|n| endpoint.limit.advertised(n));
         if let Some(limit) = endpoint.limit.overloaded(round).or(changed) {
             debug!(endpoint = %endpoint.name, limit, "NLP endpoint full; limit lowered");
@@ -218,7 +218,7 @@ impl NlpPool {
     /// Records how a call ended: the breaker, and the limit on success.
     fn record(&self, endpoint: &Endpoint, success: bool) {
         let outcome = if success { "ok" } else { "failed" };
-        metrics::counter!("fengda_hub_nlp_calls_total", "outcome" => outcome).increment(1);
+        metrics::counter!(crate::metric::NLP_CALLS, "outcome" => outcome).increment(1);
         let mut changed = false;
         if let Some(state) = endpoint.breaker.record(success, std::time::Instant::now()) {
             warn!(endpoint = %endpoint.name, ?state, "NLP circuit breaker changed state");
@@ -266,7 +266,7 @@ impl NlpPool {
             .await;
             let status = match first {
                 Ok(Ok((stream, Some(first)))) => {
-                    metrics::histogram!("fengda_hub_nlp_first_token_seconds").record(sent_at.elapsed().as_secs_f64());
+                    metrics::histogram!(crate::metric::NLP_FIRST_TOKEN).record(sent_at.elapsed().as_secs_f64());
                     return Ok(ActiveCall {
                         pool: self.clone(),
                         queue_wait,
@@ -334,7 +334,7 @@ impl NlpPool {
             if !retryable || attempt >= self.max_attempts || Instant::now() + backoff >= deadline {
                 return Err(StartError::Failed(status));
             }
-            metrics::counter!("fengda_hub_nlp_retries_total").increment(1);
+            metrics::counter!(crate::metric::NLP_RETRIES).increment(1);
             info!(attempt, backoff_ms = backoff.as_millis() as u64, code = ?status.code(), endpoint = %endpoint.name, "retrying the NLP call");
             drop(outstanding);
             tokio::time::sleep(backoff).await;
@@ -357,7 +357,7 @@ impl NlpPool {
             Err(QueueFull) => return Err(StartError::Overloaded),
         };
         let queued_at = Instant::now();
-        let _record_wait = RecordOnDrop(queued_at, "fengda_hub_nlp_queue_wait_seconds");
+        let _record_wait = RecordOnDrop(queued_at, crate::metric::NLP_QUEUE_WAIT);
         let mut told = ticket.position();
         // 0: admitted (or shed) in the meantime; no `queued` frame then.
         if told != 0 {
@@ -514,7 +514,7 @@ impl Drop for Outstanding {
 
 /// `fengda_hub_nlp_endpoint_limit{endpoint}`: calls the endpoint takes at once, as learned.
 fn set_limit_gauge(endpoint: &Endpoint, limit: usize) {
-    metrics::gauge!("fengda_hub_nlp_endpoint_limit", "endpoint" => endpoint.name.clone()).set(limit as f64);
+    metrics::gauge!(crate::metric::NLP_ENDPOINT_LIMIT, "endpoint" => endpoint.name.clone()).set(limit as f64);
 }
 
 /// The stream limit a bridge advertises in its response metadata.
@@ -529,7 +529,7 @@ fn set_breaker_gauge(endpoint: &Endpoint, state: BreakerState) {
         BreakerState::Open => 1.0,
         BreakerState::HalfOpen => 2.0,
     };
-    metrics::gauge!("fengda_hub_nlp_breaker_state", "endpoint" => endpoint.name.clone()).set(gauge);
+    metrics::gauge!(crate::metric::NLP_BREAKER_STATE, "endpoint" => endpoint.name.clone()).set(gauge);
 }
 
 /// A request the bridge found malformed says nothing about the endpoint's

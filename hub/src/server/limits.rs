@@ -51,7 +51,7 @@ impl Refusal {
     }
 
     pub fn count(self) {
-        metrics::counter!("fengda_hub_connections_refused_total", "reason" => self.reason()).increment(1);
+        metrics::counter!(crate::metric::CONNECTIONS_REFUSED, "reason" => self.reason()).increment(1);
     }
 }
 

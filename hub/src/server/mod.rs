@@ -118,7 +118,7 @@ impl Server {
                 Err(error) => {
                     // EMFILE / ENFILE / ENOBUFS: the connection waits in the backlog; try again later.
                     backoff = (backoff * 2).clamp(ACCEPT_BACKOFF.0, ACCEPT_BACKOFF.1);
-                    metrics::counter!("fengda_hub_accept_errors_total").increment(1);
+                    metrics::counter!(crate::metric::ACCEPT_ERRORS).increment(1);
                     warn!(%error, backoff_ms = backoff.as_millis() as u64, "accept failed; pausing");
                     tokio::select! {
                         () = stop.cancelled() => return,
@@ -220,7 +220,7 @@ async fn drive<C, E>(
                 if let Err(error) = result {
                     let timed_out = error.downcast_ref::<hyper::Error>().is_some_and(hyper::Error::is_timeout);
                     if timed_out {
-                        metrics::counter!("fengda_hub_connections_closed_total", "reason" => "header_timeout").increment(1);
+                        metrics::counter!(crate::metric::CONNECTIONS_CLOSED, "reason" => "header_timeout").increment(1);
                     }
                     debug!(%peer, %error, "connection ended with an error");
                 }
@@ -236,7 +236,7 @@ async fn drive<C, E>(
                 } else {
                     quiet_checks += 1;
                     if quiet_checks >= IDLE_CHECKS {
-                        metrics::counter!("fengda_hub_connections_closed_total", "reason" => "idle_timeout").increment(1);
+                        metrics::counter!(crate::metric::CONNECTIONS_CLOSED, "reason" => "idle_timeout").increment(1);
                         debug!(%peer, "connection idle; closing");
                         return;
                     }

@@ -103,7 +103,7 @@ pub fn run(socket: WebSocket, params: SessionParams, app: Arc<AppState>) -> impl
                     key: key.clone(),
                     intro,
                     sent_up_to: snapshot.last_seq,
-                    delivery: metrics::histogram!("fengda_hub_frame_delivery_seconds"),
+                    delivery: metrics::histogram!(crate::metric::FRAME_DELIVERY),
                 },
                 closer.clone(),
                 first_ping,
@@ -258,7 +258,7 @@ async fn nobody_came_back(app: &AppState, key: &ConversationKey, closer: &Sessio
 async fn refuse(socket: &mut WebSocket, error: &StoreError) {
     let (code, reason) = refusal(error);
     if matches!(error, StoreError::TooManySockets) {
-        metrics::counter!("fengda_hub_sessions_refused_total", "reason" => "too_many_sockets").increment(1);
+        metrics::counter!(crate::metric::SESSIONS_REFUSED, "reason" => "too_many_sockets").increment(1);
         debug!(%error, "session refused");
     } else {
         warn!(%error, "session refused");

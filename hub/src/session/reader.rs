@@ -71,10 +71,10 @@ pub(super) async fn run_reader(
         };
         if !matches!(message, Message::Close(_)) {
             if budget.check().is_err() {
-                metrics::counter!("fengda_hub_frames_rate_limited_total").increment(1);
+                metrics::counter!(crate::metric::FRAMES_RATE_LIMITED).increment(1);
                 refused_in_a_row += 1;
                 if refused_in_a_row >= burst.get() {
-                    metrics::counter!("fengda_hub_rate_limit_closes_total").increment(1);
+                    metrics::counter!(crate::metric::RATE_LIMIT_CLOSES).increment(1);
                     debug!("frames keep coming over the rate limit; closing");
                     session.closer.close(close::RATE_LIMITED);
                     return false;

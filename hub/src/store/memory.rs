@@ -98,7 +98,7 @@ impl MemoryStore {
                     let forgotten = self.sweep(now_ms());
                     if forgotten > 0 {
                         debug!(forgotten, "conversations past their retention forgotten");
-                        metrics::counter!("fengda_hub_conversations_expired_total").increment(forgotten as u64);
+                        metrics::counter!(crate::metric::CONVERSATIONS_EXPIRED).increment(forgotten as u64);
                     }
                 }
             }

@@ -10,10 +10,10 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 /// Everything `fengda serve` can be told.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
     /// Address of the HTTP + WebSocket listener. Default `127.0.0.1:8080`;
@@ -39,7 +39,7 @@ pub struct Config {
 }
 
 /// The conversation store.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum StoreKind {
     #[default]
@@ -58,7 +58,7 @@ impl StoreKind {
 }
 
 /// Cluster mode over Redis (used when `backend = "redis"`).
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RedisConfig {
     /// Redis URL (the primary: every read that decides correctness goes
@@ -87,7 +87,7 @@ impl Default for RedisConfig {
 }
 
 /// Limits on TCP connections and their HTTP requests, before any upgrade.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ServerConfig {
     /// TCP connections held at once, WebSockets included; beyond it new
@@ -125,8 +125,8 @@ pub struct ServerConfig {
 }
 
 /// A trusted proxy: one address (`10.0.0.5`) or a CIDR block (`10.0.0.0/8`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(try_from = "String")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(try_from = "String", into = "String")]
 pub struct ProxyAddrs(pub ipnet::IpNet);
 
 impl std::str::FromStr for ProxyAddrs {
@@ -149,6 +149,12 @@ impl TryFrom<String> for ProxyAddrs {
 
     fn try_from(text: String) -> Result<Self, Self::Error> {
         text.parse()
+    }
+}
+
+impl From<ProxyAddrs> for String {
+    fn from(addrs: ProxyAddrs) -> Self {
+        addrs.0.to_string()
     }
 }
 
@@ -179,7 +185,7 @@ impl Default for ServerConfig {
 }
 
 /// Per-connection limits and keepalive.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct WebSocketConfig {
     /// Largest frame or message accepted, in bytes; larger ones close the
@@ -227,7 +233,7 @@ pub struct WebSocketConfig {
 }
 
 /// Conversation history.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ConversationConfig {
     /// Turns (customer questions and completed replies) sent to the NLP
@@ -290,7 +296,7 @@ pub struct CreationLimit {
 }
 
 /// The gRPC NLP service: endpoints, deadlines, retries, breaker, admission.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct NlpConfig {
     /// URL of an external `fengda-nlp` (e.g. `http://10.0.0.5:50051`). Unset
@@ -344,7 +350,7 @@ pub struct NlpConfig {
 }
 
 /// A fallback reply in each supported language.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct FallbackText {
     pub en: String,
@@ -814,6 +820,101 @@ impl ServeArgs {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The default of every config key, by its dotted name, from the one
+    /// place defaults are written: the `Default` impls.
+    fn defaults() -> std::collections::BTreeMap<String, serde_json::Value> {
+        fn flatten(
+            prefix: &str,
+            value: serde_json::Value,
+            out: &mut std::collections::BTreeMap<String, serde_json::Value>,
+        ) {
+            match value {
+                serde_json::Value::Object(map) if !map.is_empty() => {
+                    for (key, value) in map {
+                        let name = if prefix.is_empty() { key } else { format!("{prefix}.{key}") };
+                        flatten(&name, value, out);
+                    }
+                }
+                other => {
+                    out.insert(prefix.to_owned(), other);
+                }
+            }
+        }
+        let mut out = std::collections::BTreeMap::new();
+        flatten("", serde_json::to_value(Config::default()).unwrap(), &mut out);
+        out
+    }
+
+    /// How a default is written in the README and in `--help`.
+    fn shown(value: &serde_json::Value) -> String {
+        match value {
+            serde_json::Value::Null => "unset".to_owned(),
+            serde_json::Value::String(text) => text.clone(),
+            serde_json::Value::Array(items) if items.is_empty() => "[]".to_owned(),
+            // 25.0 tokens per second reads as 25.
+            serde_json::Value::Number(n) if n.as_f64().is_some_and(|f| f.fract() == 0.0) && n.is_f64() => {
+                format!("{}", n.as_f64().unwrap_or_default() as i64)
+            }
+            other => other.to_string(),
+        }
+    }
+
+    #[test]
+    fn the_readme_configuration_table_lists_every_key_with_its_real_default() {
+        let readme = include_str!(concat!(env!("CARGO_MANIFEST_DIR"), "/../README.md"));
+        let table = readme.split("\n## Configuration").nth(1).expect("a Configuration section");
+        let table = table.split("\n## ").next().unwrap();
+        let defaults = defaults();
+        let mut documented = std::collections::BTreeSet::new();
+        for row in table.lines().filter(|line| line.starts_with("| `")) {
+            let cells: Vec<_> = row.split('|').map(str::trim).collect();
+            let (key, default) = (cells[1], cells[4]);
+            // Rows naming a family of keys (`nlp.fallback.en`, `.zh`) are prose.
+            let Some(key) = key.strip_prefix('`').and_then(|k| k.strip_suffix('`')).filter(|k| !k.contains('`')) else {
+                continue;
+            };
+            documented.insert(key.to_owned());
+            let Some(value) = defaults.get(key) else { panic!("README documents `{key}`, which is no config key") };
+            // Defaults that are rules, not values ("open-file limit − 128",
+            // "¾ of `max_concurrent`", "embedded `faq.json`") are not checked.
+            let literal = default.strip_prefix('`').and_then(|d| d.strip_suffix('`')).filter(|d| !d.contains('`'));
+            match (literal, value) {
+                (Some(literal), _) => assert_eq!(literal, shown(value), "README default of `{key}`"),
+                (None, serde_json::Value::Null) => {}
+                (None, _) if default == "unset" => panic!("README says `{key}` is unset by default; it is {value}"),
+                (None, _) => {}
+            }
+        }
+        let prose = ["nlp.fallback", "nlp.tenant_fallback"];
+        for key in defaults.keys().filter(|key| !prose.iter().any(|p| key.starts_with(p))) {
+            assert!(documented.contains(key), "README's configuration table has no row for `{key}`");
+        }
+    }
+
+    #[test]
+    fn every_flag_says_its_key_and_its_real_default() {
+        use clap::CommandFactory;
+        #[derive(clap::Parser)]
+        struct Cli {
+            #[command(flatten)]
+            serve: ServeArgs,
+        }
+        let defaults = defaults();
+        for arg in Cli::command().get_arguments() {
+            let help = arg.get_help().map(ToString::to_string).unwrap_or_default();
+            let Some(key) = help.split("(key `").nth(1).and_then(|rest| rest.split('`').next()) else { continue };
+            let Some(default) = help.split("[default: ").nth(1).and_then(|rest| rest.split(']').next()) else {
+                continue;
+            };
+            let value =
+                defaults.get(key).unwrap_or_else(|| panic!("--{} names `{key}`, which is no config key", arg.get_id()));
+            if default.contains(' ') && default != "unset" {
+                continue; // a rule ("3/4 of nlp.max_concurrent"), not a value
+            }
+            assert_eq!(default, shown(value), "--{} help", arg.get_id());
+        }
+    }
 
     #[test]
     fn defaults_are_valid() {

@@ -14,7 +14,7 @@ use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use crate::error::BridgeError;
 
@@ -301,7 +301,7 @@ impl OpenAiConfig {
 /// disables the per-token pace, `first_token_delay_ms = 0` disables the first
 /// delay; with both at 0 the answerer never sleeps and creates no timers (the
 /// zero-delay pace used by benchmarks and tests).
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct AnswererConfig {
     /// Path of a knowledge-base JSON file (same schema as

@@ -13,7 +13,6 @@
 //! (`store::redis::keys`), so no choice of ids can make two of them meet.
 
 use std::fmt;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 /// Longest id accepted from a client, in bytes.
@@ -59,49 +58,17 @@ fn validate_conversation(raw: &str) -> Result<(), IdError> {
     }
 }
 
-macro_rules! string_id {
-    ($(#[$doc:meta])* $name:ident, $validate:path) => {
-        $(#[$doc])*
-        #[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
-        pub struct $name(Arc<str>);
-
-        impl $name {
-            /// Validates a client-supplied id.
-            pub fn parse(raw: &str) -> Result<Self, IdError> {
-                $validate(raw)?;
-                Ok(Self(raw.into()))
-            }
-
-            pub fn as_str(&self) -> &str {
-                &self.0
-            }
-        }
-
-        impl fmt::Display for $name {
-            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                f.write_str(&self.0)
-            }
-        }
-
-        impl fmt::Debug for $name {
-            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                write!(f, "{}({:?})", stringify!($name), &*self.0)
-            }
-        }
-    };
-}
-
-string_id!(
+fengda_proto::string_id!(
     /// A customer organisation sharing the cluster (a bank, a telco...).
     TenantId,
     validate
 );
-string_id!(
+fengda_proto::string_id!(
     /// A customer of a tenant, stable across devices and reconnects.
     UserId,
     validate
 );
-string_id!(
+fengda_proto::string_id!(
     /// One conversation: a log of durable events numbered by seq. Always
     /// the hub's own random id (32 lowercase hex digits).
     ConversationId,

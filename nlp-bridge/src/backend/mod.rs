@@ -16,8 +16,6 @@ pub mod builtin;
 pub mod openai;
 pub mod router;
 
-use std::fmt;
-
 use fengda_proto::nlp::v1 as pb;
 use futures::stream::BoxStream;
 
@@ -119,35 +117,11 @@ impl From<pb::Role> for TurnRole {
     }
 }
 
-macro_rules! string_id {
-    ($(#[$doc:meta])* $name:ident) => {
-        $(#[$doc])*
-        #[derive(Clone, Debug, PartialEq, Eq, Hash)]
-        pub struct $name(String);
-
-        impl $name {
-            pub fn new(id: impl Into<String>) -> Self {
-                Self(id.into())
-            }
-
-            pub fn as_str(&self) -> &str {
-                &self.0
-            }
-        }
-
-        impl fmt::Display for $name {
-            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                f.write_str(&self.0)
-            }
-        }
-    };
-}
-
-string_id!(
+fengda_proto::string_id!(
     /// The tenant a conversation belongs to; backends never mix tenants' data.
     TenantId
 );
-string_id!(
+fengda_proto::string_id!(
     /// A conversation within a tenant.
     ConversationId
 );

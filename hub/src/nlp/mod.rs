@@ -32,22 +32,25 @@
 
 pub mod admission;
 pub mod breaker;
+mod call;
 mod client;
+mod health;
 pub mod limit;
 
-use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
-use fengda_proto::nlp::v1::{AnswerChunk, AnswerRequest};
-use futures::{FutureExt, StreamExt};
+use fengda_proto::nlp::v1::AnswerRequest;
+use futures::StreamExt;
 use tokio::time::Instant;
-use tokio_util::sync::CancellationToken;
 use tonic::{Code, Status};
 use tracing::{debug, info, warn};
 
+pub use call::ActiveCall;
+use call::Outstanding;
 pub use client::{AnswerStream, NlpClient, NlpError};
+pub use health::run_health_checks;
 
 use crate::config::NlpConfig;
 use crate::ids::TenantId;
@@ -55,11 +58,6 @@ use admission::{Admission, Entry, Permit, QueueFull};
 use breaker::{Breaker, BreakerConfig, BreakerState};
 use limit::{ConcurrencyLimit, Round};
 
-/// How often endpoints' gRPC health is checked.
-const HEALTH_INTERVAL: Duration = Duration::from_secs(2);
-/// How often while some endpoint is not serving: a bridge that comes back
-/// gets its calls (and its breaker probe) this soon.
-const HEALTH_INTERVAL_RECOVERING: Duration = Duration::from_millis(500);
 /// How often a waiting question re-reads its place in line; a `queued`
 /// frame goes out only when the place changed.
 const QUEUED_UPDATE_INTERVAL: Duration = Duration::from_secs(1);
@@ -413,102 +411,12 @@ impl NlpPool {
     }
 }
 
-/// A started answer stream, holding its admission slot and endpoint count.
-pub struct ActiveCall {
-    pool: Arc<NlpPool>,
-    /// Time spent waiting for an admission slot.
-    pub queue_wait: Duration,
-    /// From admission to the first chunk, retries included: the NLP's share.
-    pub first_token: Duration,
-    stream: AnswerStream,
-    first: Option<AnswerChunk>,
-    token_gap: Duration,
-    /// When the last chunk arrived; the gap deadline counts from it.
-    last_chunk: Instant,
-    /// The whole-answer deadline (`nlp.reply_timeout_ms` from the request),
-    /// enforced here for every transport: a bridge also gets it as
-    /// `grpc-timeout`, the in-process answerer has nothing else to stop it.
-    reply_deadline: Instant,
-    /// Fires at some point at or before the gap deadline and is re-armed
-    /// lazily, so a fast stream costs no timer operation per token.
-    gap_timer: Pin<Box<tokio::time::Sleep>>,
-    outstanding: Outstanding,
-    _permit: Permit,
-}
-
-impl ActiveCall {
-    /// The next chunk, or `None` after the last one.
-    pub async fn next(&mut self) -> Result<Option<AnswerChunk>, StreamError> {
-        if let Some(first) = self.first.take() {
-            return Ok(Some(first));
-        }
-        loop {
-            tokio::select! {
-                biased;
-                result = self.stream.next() => {
-                    self.last_chunk = Instant::now();
-                    return result.transpose().map_err(StreamError::Failed);
-                }
-                () = &mut self.gap_timer => {
-                    let now = Instant::now();
-                    if now >= self.reply_deadline {
-                        return Err(StreamError::Failed(Status::deadline_exceeded("the whole-answer deadline passed")));
-                    }
-                    let deadline = self.last_chunk + self.token_gap;
-                    if now >= deadline {
-                        return Err(StreamError::TokenGap(self.token_gap));
-                    }
-                    self.gap_timer.as_mut().reset(deadline.min(self.reply_deadline));
-                }
-            }
-        }
-    }
-
-    /// The next chunk if it has already arrived; `None` if the stream would
-    /// wait. For reading ahead right after [`Self::next`] returned: the gap
-    /// clock it set still holds for these.
-    pub fn next_if_ready(&mut self) -> Option<Result<Option<AnswerChunk>, StreamError>> {
-        if let Some(first) = self.first.take() {
-            return Some(Ok(Some(first)));
-        }
-        let next = self.stream.next().now_or_never()?;
-        Some(next.transpose().map_err(StreamError::Failed))
-    }
-
-    /// Ends the call and tells the breaker how it went. A successful stream
-    /// is read to its end so its HTTP/2 stream closes cleanly (dropped
-    /// streams are reset, and a server answers many resets with GOAWAY).
-    pub async fn finish(mut self, success: bool) {
-        if success {
-            let _ = tokio::time::timeout(self.token_gap, async { while let Some(Ok(_)) = self.stream.next().await {} })
-                .await;
-        }
-        self.pool.record(&self.outstanding.0, success);
-    }
-}
-
 /// Records how long something took into a histogram when dropped.
 struct RecordOnDrop(Instant, &'static str);
 
 impl Drop for RecordOnDrop {
     fn drop(&mut self) {
         metrics::histogram!(self.1).record(self.0.elapsed().as_secs_f64());
-    }
-}
-
-/// Counts a call against its endpoint while it lives.
-struct Outstanding(Arc<Endpoint>);
-
-impl Outstanding {
-    fn new(endpoint: Arc<Endpoint>) -> Self {
-        endpoint.outstanding.fetch_add(1, Ordering::AcqRel);
-        Self(endpoint)
-    }
-}
-
-impl Drop for Outstanding {
-    fn drop(&mut self) {
-        self.0.outstanding.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
@@ -551,62 +459,5 @@ fn status_of(error: NlpError) -> Status {
     match error {
         NlpError::Call(status) => status,
         other => Status::unavailable(other.to_string()),
-    }
-}
-
-/// Checks each endpoint's standard gRPC health service every few seconds,
-/// so calls prefer endpoints that say they are serving.
-pub async fn run_health_checks(pool: Arc<NlpPool>, stop: CancellationToken) {
-    use tonic_health::pb::HealthCheckRequest;
-    use tonic_health::pb::health_client::HealthClient;
-    // One per endpoint; none for an in-process answerer (it is always there).
-    let mut clients: Vec<_> = pool
-        .endpoints
-        .iter()
-        .map(|e| match e.client.is_remote() {
-            true => tonic::transport::Endpoint::from_shared(e.url.clone()).ok(),
-            false => None,
-        })
-        .map(|endpoint| endpoint.map(|endpoint| HealthClient::new(endpoint.connect_lazy())))
-        .collect();
-    if clients.iter().all(Option::is_none) {
-        return;
-    }
-    let mut next = Duration::ZERO;
-    loop {
-        tokio::select! {
-            _ = stop.cancelled() => return,
-            () = tokio::time::sleep(next) => {}
-            () = pool.recheck.notified() => {}
-        }
-        let mut all_serving = true;
-        for (endpoint, client) in pool.endpoints.iter().zip(clients.iter_mut()) {
-            let Some(client) = client else { continue };
-            // The answer service's own status: a draining bridge marks it NOT_SERVING.
-            let mut request = tonic::Request::new(HealthCheckRequest { service: "fengda.nlp.v1.Nlp".into() });
-            request.set_timeout(Duration::from_secs(1));
-            let response = client.check(request).await;
-            let serving = matches!(&response, Ok(r) if r.get_ref().status == 1);
-            all_serving &= serving;
-            let mut changed = false;
-            let advertised = response.ok().and_then(|r| advertised_streams(r.metadata()));
-            if let Some(limit) = advertised.and_then(|streams| endpoint.limit.advertised(streams)) {
-                set_limit_gauge(endpoint, limit);
-                changed = true;
-            }
-            if endpoint.healthy.swap(serving, Ordering::AcqRel) != serving {
-                info!(endpoint = %endpoint.name, serving, "NLP endpoint health changed");
-                changed = true;
-                // Back after a restart: its breaker, opened while it was
-                // gone, lets a probe through now instead of after `breaker_open_ms`.
-                if serving && endpoint.breaker.probe_now(std::time::Instant::now()) {
-                    info!(endpoint = %endpoint.name, "NLP endpoint serving again; probing its breaker at once");
-                }
-            }
-            if changed {
-                pool.update_capacity();
-            }
-        }
-        next = if all_serving { HEALTH_INTERVAL } else { HEALTH_INTERVAL_RECOVERING };
     }
 }

@@ -18,7 +18,7 @@ async fn a_silent_bridge_gets_fallbacks_then_the_breaker_opens_then_recovers() {
         "--nlp-url",
         &answerer.url,
         "--nlp-first-chunk-timeout-ms",
-        "300",
+        "1000",
         "--nlp-breaker-consecutive-failures",
         "2",
         "--nlp-breaker-open-ms",
@@ -32,10 +32,7 @@ async fn a_silent_bridge_gets_fallbacks_then_the_breaker_opens_then_recovers() {
         assert_eq!(reply.done["fallback"], true);
         assert_eq!(reply.done["interrupted"], false);
         let took = started.elapsed();
-        assert!(
-            took >= Duration::from_millis(250) && took < Duration::from_millis(1000),
-            "deadline + margin: {took:?}"
-        );
+        assert!(took >= Duration::from_millis(950), "waited for the first-token deadline: {took:?}");
     }
     assert_eq!(answerer.requests().len(), 2);
 
@@ -43,7 +40,8 @@ async fn a_silent_bridge_gets_fallbacks_then_the_breaker_opens_then_recovers() {
     let started = Instant::now();
     let (_, reply) = client.ask("m2", "Tell me about the Gold Card").await;
     assert_eq!(reply.done["fallback"], true);
-    assert!(started.elapsed() < Duration::from_millis(200), "no waiting while open: {:?}", started.elapsed());
+    // Far below the 1 s deadline a call would have waited for.
+    assert!(started.elapsed() < Duration::from_millis(500), "no waiting while open: {:?}", started.elapsed());
     assert_eq!(answerer.requests().len(), 2, "an open breaker does not call the bridge");
     assert!(metrics(&hub).await.contains(r#"reason="breaker_open""#));
 
@@ -227,6 +225,11 @@ async fn fallback_texts_are_configurable_per_tenant_and_language() {
 async fn ask_and_time(hub: &Hub, tenant: &str, user: &str, start: Instant) -> (Duration, bool) {
     let mut client = Client::connect(&hub.ws_url(&format!("tenant={tenant}&user={user}"))).await;
     client.send_message("m1", "Tell me about the Gold Card").await;
+    reply_done(&mut client, start).await
+}
+
+/// When the client's pending reply finished (since `start`) and whether it was a fallback.
+async fn reply_done(client: &mut Client, start: Instant) -> (Duration, bool) {
     loop {
         let frame = client.next().await;
         if frame["type"] == "reply.done" {
@@ -242,13 +245,16 @@ async fn a_bursting_tenant_does_not_starve_another_tenant() {
             .await;
     let hub = Hub::start(&["--nlp-url", &answerer.url, "--nlp-max-concurrent", "1"]).await;
     let start = Instant::now();
-    let users: Vec<String> = (0..4).map(|i| format!("a{i}")).collect();
-    let burst = futures::future::join_all(users.iter().map(|user| ask_and_time(&hub, "bank-a", user, start)));
-    let steady = async {
-        // Arrive after the burst is queued.
-        tokio::time::sleep(Duration::from_millis(60)).await;
-        ask_and_time(&hub, "bank-b", "b0", start).await
-    };
+    // The burst is stored (acked) and waiting before the steady tenant asks.
+    let mut burst_clients = Vec::new();
+    for i in 0..4 {
+        let mut client = Client::connect(&hub.ws_url(&format!("tenant=bank-a&user=a{i}"))).await;
+        client.send_message("m1", "Tell me about the Gold Card").await;
+        client.expect("ack").await;
+        burst_clients.push(client);
+    }
+    let burst = futures::future::join_all(burst_clients.iter_mut().map(|client| reply_done(client, start)));
+    let steady = ask_and_time(&hub, "bank-b", "b0", start);
     let (mut burst, steady) = tokio::join!(burst, steady);
     burst.sort();
     assert!(burst.iter().chain([&steady]).all(|(_, fallback)| !fallback));

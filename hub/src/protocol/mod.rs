@@ -6,9 +6,84 @@
 //! [`Utf8Bytes`](axum::extract::ws::Utf8Bytes) and shared by every socket
 //! that receives them.
 
+mod client;
 pub mod close;
-pub mod frames;
+mod server;
 
-pub use frames::{
-    ClientFrame, DeltaEncoder, ErrorCode, FrameError, ReplyTiming, Role, ServerFrame, TextLimit, parse_client_frame,
-};
+use serde::{Deserialize, Serialize};
+
+pub use client::{ClientFrame, FrameError, MAX_MESSAGE_ID_LEN, TextLimit, is_blank, parse_client_frame};
+pub use server::{DeltaEncoder, ReplyTiming, ServerFrame};
+
+/// Who wrote a durable event.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    Customer,
+    Assistant,
+    Agent,
+    System,
+}
+
+/// Stable, snake_case error codes sent in `error` frames.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ErrorCode {
+    /// The frame is not valid JSON.
+    InvalidJson,
+    /// The frame is JSON but not an object, a field has the wrong type, or
+    /// a key appears twice in one object.
+    InvalidFrame,
+    /// A required field is absent.
+    MissingField,
+    /// `type` names no frame the hub knows.
+    UnknownType,
+    /// A message `id` is empty or too long.
+    InvalidId,
+    /// A message `text` is empty or shows nothing ([`is_blank`]).
+    EmptyText,
+    /// A message `text` is longer than `max_text_chars` characters or
+    /// `max_text_bytes` bytes.
+    TextTooLong,
+    /// Binary frames are not part of the protocol.
+    BinaryNotSupported,
+    /// Too many questions of this socket are waiting for an answer.
+    TooManyPending,
+    /// The conversation store is unreachable; the message was NOT stored.
+    Unavailable,
+    /// The requested conversation does not exist for this user (then close 4004).
+    ConversationNotFound,
+    /// The conversation's log was lost and recreated (new epoch): events
+    /// before it cannot be replayed.
+    HistoryLost,
+    /// The socket sent frames faster than `websocket.max_frames_per_second`
+    /// allows; the frame was ignored (a message was NOT stored).
+    RateLimited,
+    /// The conversation already has `conversation.max_sockets` sockets on
+    /// this hub node (then close 4409).
+    TooManySockets,
+    /// The user created `conversation.max_created_per_user` conversations
+    /// within the window; the message was NOT stored (then close 4429).
+    TooManyConversations,
+}
+
+impl ErrorCode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::InvalidJson => "invalid_json",
+            Self::InvalidFrame => "invalid_frame",
+            Self::MissingField => "missing_field",
+            Self::UnknownType => "unknown_type",
+            Self::InvalidId => "invalid_id",
+            Self::EmptyText => "empty_text",
+            Self::TextTooLong => "text_too_long",
+            Self::BinaryNotSupported => "binary_not_supported",
+            Self::TooManyPending => "too_many_pending",
+            Self::Unavailable => "unavailable",
+            Self::ConversationNotFound => "conversation_not_found",
+            Self::HistoryLost => "history_lost",
+            Self::RateLimited => "rate_limited",
+            Self::TooManySockets => "too_many_sockets",
+            Self::TooManyConversations => "too_many_conversations",
+        }
+    }
+}

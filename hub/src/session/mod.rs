@@ -23,7 +23,7 @@ use crate::AppState;
 use crate::fanout::{SessionCloser, SessionHandle};
 use crate::ids::{ConversationId, ConversationKey, SessionId, TenantId, UserId};
 use crate::protocol::close::{self, CloseReason};
-use crate::protocol::{ServerFrame, frames::ErrorCode};
+use crate::protocol::{ErrorCode, ServerFrame};
 use crate::reply::Question;
 use crate::store::StoreError;
 

@@ -1,0 +1,271 @@
+//! Frames the hub sends: serialized once into `Utf8Bytes` and shared by
+//! every socket that receives them; reply deltas have their own fast encoder.
+
+use axum::extract::ws::Utf8Bytes;
+use serde::{Deserialize, Serialize};
+
+use super::Role;
+
+/// Where one reply's time went, split between the hub and the NLP service.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+pub struct ReplyTiming {
+    /// Hub: from the message reaching the hub to the NLP request leaving it
+    /// (storing, history, hand-over), excluding the wait for an NLP slot.
+    pub hub_before_nlp_ms: f64,
+    /// Waiting for an NLP slot (admission queue).
+    pub queue_ms: f64,
+    /// NLP: from the request leaving the hub to its first token (retries included).
+    pub nlp_first_token_ms: f64,
+    /// Hub: mean time from a token's arrival to its frame being queued for every socket.
+    pub relay_mean_us: f64,
+    /// Hub: the longest such time.
+    pub relay_max_us: f64,
+    /// From the message reaching the hub to the reply being complete.
+    pub total_ms: f64,
+}
+
+/// A frame the hub sends. Encode it once and share the bytes.
+#[derive(Debug, Serialize)]
+#[serde(tag = "type")]
+pub enum ServerFrame<'a> {
+    #[serde(rename = "ready")]
+    Ready { conversation: &'a str, seq: u64, epoch: &'a str },
+    #[serde(rename = "ack")]
+    Ack { id: &'a str, seq: u64 },
+    #[serde(rename = "reply.delta")]
+    ReplyDelta { conversation: &'a str, reply: &'a str, index: u32, text: &'a str },
+    /// The question waits for an NLP slot; `position` 1 is next. Repeated
+    /// when the place changes, until the reply's first `reply.delta`.
+    #[serde(rename = "queued")]
+    Queued { conversation: &'a str, reply: &'a str, position: usize },
+    #[serde(rename = "reply.done")]
+    ReplyDone {
+        conversation: &'a str,
+        reply: &'a str,
+        seq: u64,
+        text: &'a str,
+        fallback: bool,
+        /// The NLP stream broke after some tokens; the text is what arrived plus the fallback.
+        interrupted: bool,
+        /// Only present (and true) when a client cancelled the reply.
+        #[serde(skip_serializing_if = "std::ops::Not::not")]
+        cancelled: bool,
+        /// Where the reply's time went; only when the asking socket connected with `timing=1`.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        timing: Option<&'a ReplyTiming>,
+    },
+    #[serde(rename = "message")]
+    Message {
+        conversation: &'a str,
+        seq: u64,
+        from: Role,
+        id: &'a str,
+        text: &'a str,
+        /// Only present (and true) on replayed fallback replies.
+        #[serde(skip_serializing_if = "std::ops::Not::not")]
+        fallback: bool,
+        /// Only present (and true) on replayed interrupted replies.
+        #[serde(skip_serializing_if = "std::ops::Not::not")]
+        interrupted: bool,
+        /// Only present (and true) on replayed cancelled replies.
+        #[serde(skip_serializing_if = "std::ops::Not::not")]
+        cancelled: bool,
+    },
+    #[serde(rename = "error")]
+    Error {
+        code: &'a str,
+        message: &'a str,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        id: Option<&'a str>,
+    },
+    #[serde(rename = "pong")]
+    Pong,
+}
+
+impl ServerFrame<'_> {
+    /// Serializes the frame once; clones of the result share one buffer.
+    pub fn encode(&self) -> Utf8Bytes {
+        // Serialized into a buffer kept per thread, then copied once into an
+        // allocation of the exact length: `to_string` grows its buffer by
+        // doubling (half a dozen reallocations for a `reply.done`), and a
+        // buffer with spare capacity becomes a `Bytes` with a separately
+        // allocated, reference-counted header.
+        ENCODE_BUFFER.with_borrow_mut(|buffer| {
+            buffer.clear();
+            // Serializing these plain structs cannot fail: no maps with non-string keys, no custom impls.
+            serde_json::to_writer(&mut *buffer, self).expect("server frames always serialize");
+            let frame = Utf8Bytes::from(std::str::from_utf8(buffer).expect("serde_json writes UTF-8").to_owned());
+            // One huge frame (a long replayed message) must not stay allocated for the thread's life.
+            if buffer.capacity() > MAX_KEPT_ENCODE_BUFFER {
+                *buffer = Vec::new();
+            }
+            frame
+        })
+    }
+}
+
+/// The largest scratch buffer [`ServerFrame::encode`] keeps between frames.
+const MAX_KEPT_ENCODE_BUFFER: usize = 64 * 1024;
+
+thread_local! {
+    /// [`ServerFrame::encode`]'s scratch buffer.
+    static ENCODE_BUFFER: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Encodes one reply's `reply.delta` frames, byte for byte what
+/// [`ServerFrame::ReplyDelta`] encodes. Everything before the index is the
+/// same for every token of a reply, so it is serialized once per reply
+/// instead of once per token (the hottest path of the hub).
+#[derive(Debug)]
+pub struct DeltaEncoder {
+    /// `{"type":"reply.delta","conversation":"…","reply":"…","index":`
+    prefix: String,
+}
+
+impl DeltaEncoder {
+    pub fn new(conversation: &str, reply: &str) -> Self {
+        let mut prefix = String::with_capacity(64 + conversation.len() + reply.len());
+        prefix.push_str(r#"{"type":"reply.delta","conversation":"#);
+        push_json_string(&mut prefix, conversation);
+        prefix.push_str(r#","reply":"#);
+        push_json_string(&mut prefix, reply);
+        prefix.push_str(r#","index":"#);
+        Self { prefix }
+    }
+
+    pub fn encode(&self, index: u32, text: &str) -> Utf8Bytes {
+        let mut digits = itoa::Buffer::new();
+        let index = digits.format(index);
+        const TEXT_FIELD: &str = r#","text":"#;
+        // The exact length: a buffer with spare capacity becomes a `Bytes`
+        // with a separately allocated, reference-counted header.
+        // Most tokens need no escape: then the text is copied as it is.
+        let plain = !text.bytes().any(needs_escape);
+        let quoted = if plain { text.len() + 2 } else { json_string_len(text) };
+        let len = self.prefix.len() + index.len() + TEXT_FIELD.len() + quoted + 1;
+        let mut out = String::with_capacity(len);
+        out.push_str(&self.prefix);
+        out.push_str(index);
+        out.push_str(TEXT_FIELD);
+        if plain {
+            out.push('"');
+            out.push_str(text);
+            out.push('"');
+        } else {
+            push_json_string(&mut out, text);
+        }
+        out.push('}');
+        debug_assert_eq!(out.len(), len);
+        Utf8Bytes::from(out)
+    }
+}
+
+/// Whether JSON needs this byte of a string escaped.
+fn needs_escape(byte: u8) -> bool {
+    byte < 0x20 || byte == b'"' || byte == b'\\'
+}
+
+/// The length of `text` as a quoted JSON string from [`push_json_string`].
+fn json_string_len(text: &str) -> usize {
+    let escapes: usize = text
+        .bytes()
+        .map(|byte| match byte {
+            b'"' | b'\\' | b'\n' | b'\r' | b'\t' | 0x08 | 0x0c => 1,
+            0x00..=0x1f => 5,
+            _ => 0,
+        })
+        .sum();
+    text.len() + escapes + 2
+}
+
+/// Appends `text` as a quoted JSON string, escaped exactly as `serde_json`
+/// escapes it (so both encoders give the same bytes). Written out rather
+/// than going through `serde_json::to_writer`: this runs for every token, and
+/// tokens rarely need an escape, so the common case is one copy.
+fn push_json_string(out: &mut String, text: &str) {
+    out.push('"');
+    let mut start = 0;
+    for (i, byte) in text.bytes().enumerate() {
+        let escape = match byte {
+            b'"' => "\\\"",
+            b'\\' => "\\\\",
+            b'\n' => "\\n",
+            b'\r' => "\\r",
+            b'\t' => "\\t",
+            0x08 => "\\b",
+            0x0c => "\\f",
+            0x00..=0x1f => "",
+            _ => continue,
+        };
+        // `i` is an ASCII byte, so both slices end on character boundaries.
+        out.push_str(&text[start..i]);
+        if escape.is_empty() {
+            const HEX: &[u8; 16] = b"0123456789abcdef";
+            out.push_str("\\u00");
+            out.push(char::from(HEX[usize::from(byte >> 4)]));
+            out.push(char::from(HEX[usize::from(byte & 0xf)]));
+        } else {
+            out.push_str(escape);
+        }
+        start = i + 1;
+    }
+    out.push_str(&text[start..]);
+    out.push('"');
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn delta_encoder_matches_the_serde_encoding() {
+        let encoder = DeltaEncoder::new("conv-1", "r-\"odd\"");
+        for (index, text) in
+            [(0, "Hi"), (7, " \"quoted\" \\ back"), (41, "line\nbreak\t\u{1}"), (u32::MAX, "金卡 ✓ 🎉"), (3, "")]
+        {
+            let expected = ServerFrame::ReplyDelta { conversation: "conv-1", reply: "r-\"odd\"", index, text }.encode();
+            assert_eq!(encoder.encode(index, text), expected);
+        }
+        // Every ASCII byte, control characters and DEL included, escapes as serde_json does.
+        let ascii: String = (0u8..=0x7f).map(char::from).collect();
+        for text in [ascii.as_str(), "\u{1f}x\u{7f}\"\\é\u{2028}"] {
+            let index = 1;
+            let expected = ServerFrame::ReplyDelta { conversation: "conv-1", reply: "r-\"odd\"", index, text }.encode();
+            assert_eq!(encoder.encode(index, text), expected);
+        }
+    }
+
+    #[test]
+    fn server_frames_use_wire_names() {
+        let delta = ServerFrame::ReplyDelta { conversation: "c", reply: "r", index: 0, text: "Hi" }.encode();
+        assert_eq!(delta.as_str(), r#"{"type":"reply.delta","conversation":"c","reply":"r","index":0,"text":"Hi"}"#);
+        let msg = ServerFrame::Message {
+            conversation: "c",
+            seq: 3,
+            from: Role::Assistant,
+            id: "r",
+            text: "x",
+            fallback: false,
+            interrupted: false,
+            cancelled: false,
+        }
+        .encode();
+        assert_eq!(
+            msg.as_str(),
+            r#"{"type":"message","conversation":"c","seq":3,"from":"assistant","id":"r","text":"x"}"#
+        );
+        let cancelled = ServerFrame::Message {
+            conversation: "c",
+            seq: 3,
+            from: Role::Assistant,
+            id: "r",
+            text: "",
+            fallback: false,
+            interrupted: false,
+            cancelled: true,
+        }
+        .encode();
+        assert!(cancelled.as_str().ends_with(r#""text":"","cancelled":true}"#), "{}", cancelled.as_str());
+        assert_eq!(ServerFrame::Pong.encode().as_str(), r#"{"type":"pong"}"#);
+    }
+}

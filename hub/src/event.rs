@@ -78,3 +78,69 @@ impl NewEvent {
         }
     }
 }
+
+/// Where one delivery stream of durable events stands: the highest seq
+/// handed on. The one rule, for a socket's writer and for the fan-out of a
+/// conversation's sockets alike, of what an arriving event is.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Cursor {
+    last: u64,
+}
+
+/// What a durable event is to a [`Cursor`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Step {
+    /// The very next seq: hand it on.
+    Next,
+    /// At or below the last one handed on: a duplicate (a local copy and
+    /// its pub/sub echo, a replay that overlaps live traffic). Drop it.
+    Seen,
+    /// Past the next seq: the events in between must come first (from the
+    /// log, after [`Cursor::last`]).
+    Gap,
+}
+
+impl Cursor {
+    /// A stream that has handed on every event up to `last`.
+    pub fn at(last: u64) -> Self {
+        Self { last }
+    }
+
+    /// The highest seq handed on.
+    pub fn last(self) -> u64 {
+        self.last
+    }
+
+    /// What an event with `seq` is to this stream.
+    pub fn step(self, seq: u64) -> Step {
+        match seq {
+            seq if seq <= self.last => Step::Seen,
+            seq if seq == self.last + 1 => Step::Next,
+            _ => Step::Gap,
+        }
+    }
+
+    /// `seq` was handed on (a gap before it, if any, was filled or given up).
+    pub fn advance(&mut self, seq: u64) {
+        self.last = self.last.max(seq);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_cursor_tells_the_next_event_from_a_duplicate_and_a_gap() {
+        let mut cursor = Cursor::at(4);
+        assert_eq!(
+            (cursor.step(3), cursor.step(4), cursor.step(5), cursor.step(7)),
+            (Step::Seen, Step::Seen, Step::Next, Step::Gap)
+        );
+        cursor.advance(7);
+        assert_eq!((cursor.last(), cursor.step(6), cursor.step(8)), (7, Step::Seen, Step::Next));
+        cursor.advance(2);
+        assert_eq!(cursor.last(), 7, "never moves back");
+        assert_eq!(Cursor::default().step(1), Step::Next);
+    }
+}

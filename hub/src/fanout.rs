@@ -18,7 +18,7 @@ use dashmap::DashMap;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use crate::event::StoredEvent;
+use crate::event::{Cursor, Step, StoredEvent};
 use crate::ids::{ConversationKey, SessionId};
 use crate::protocol::close::{self, CloseReason};
 use crate::protocol::{ReplyTiming, Role, ServerFrame};
@@ -26,15 +26,18 @@ use crate::protocol::{ReplyTiming, Role, ServerFrame};
 /// One item queued for a socket's writer.
 #[derive(Debug, Clone)]
 pub enum Outbound {
-    Frame {
-        /// The durable event's seq, or 0 for frames that are not durable
-        /// events (deltas, acks of duplicates, pongs, errors). The writer skips
-        /// events it already sent and fills gaps from the log.
+    /// A durable event's frame (`message`, `ack`, `reply.done`): the writer
+    /// puts it through the socket's [`Cursor`], skipping events it already
+    /// sent and filling gaps from the log.
+    Event {
         seq: u64,
         frame: Utf8Bytes,
         /// When the fan-out queued it (for the delivery-time metric).
         queued_at: Instant,
     },
+    /// A frame that is not a durable event (a delta, `queued`, a pong, an
+    /// error, the ack of a duplicate): sent as it comes.
+    Frame { frame: Utf8Bytes, queued_at: Instant },
     /// Non-durable frames that were ready together (tokens of a reply that
     /// arrived at once), in order: one hand-over to the writer for all of them.
     Frames { frames: Vec<Utf8Bytes>, queued_at: Instant },
@@ -45,13 +48,13 @@ pub enum Outbound {
 
 impl Outbound {
     pub fn ephemeral(frame: Utf8Bytes) -> Self {
-        Self::Frame { seq: 0, frame, queued_at: Instant::now() }
+        Self::Frame { frame, queued_at: Instant::now() }
     }
 
     /// The frame of a single-frame item.
     pub fn frame(&self) -> Option<&Utf8Bytes> {
         match self {
-            Self::Frame { frame, .. } => Some(frame),
+            Self::Event { frame, .. } | Self::Frame { frame, .. } => Some(frame),
             Self::Frames { .. } | Self::Resync => None,
         }
     }
@@ -150,10 +153,10 @@ pub struct ConversationFull;
 #[derive(Debug, Default)]
 struct Local {
     handles: Vec<SessionHandle>,
-    /// The highest durable seq handed to these sessions: events come twice
-    /// in cluster mode (the appending node's own copy, then the pub/sub
-    /// echo), and an appender's copy must not overtake an earlier event.
-    delivered_seq: u64,
+    /// The durable events handed to these sessions: events come twice in
+    /// cluster mode (the appending node's own copy, then the pub/sub echo),
+    /// and an appender's copy must not overtake an earlier event.
+    delivered: Cursor,
 }
 
 impl FanOut {
@@ -180,7 +183,7 @@ impl FanOut {
         if let Some(mut local) = self.sessions.get_mut(key)
             && local.handles.len() == 1
         {
-            local.delivered_seq = local.delivered_seq.max(seq);
+            local.delivered.advance(seq);
         }
     }
 
@@ -216,7 +219,7 @@ impl FanOut {
         let Some(local) = self.sessions.get(key) else { return };
         let queued_at = Instant::now();
         let item = |mut frames: Vec<Utf8Bytes>| match frames.len() {
-            1 => Outbound::Frame { seq: 0, frame: frames.remove(0), queued_at },
+            1 => Outbound::Frame { frame: frames.remove(0), queued_at },
             _ => Outbound::Frames { frames, queued_at },
         };
         if frames.is_empty() {
@@ -242,7 +245,8 @@ impl FanOut {
         origin: Option<SessionId>,
         timing: Option<&ReplyTiming>,
     ) {
-        self.deliver(key, event, origin, timing, |delivered| event.seq > delivered);
+        // A gap is handed on too: each session's writer fills it from the log.
+        self.deliver(key, event, origin, timing, |step| step != Step::Seen);
     }
 
     /// Delivers an event this node just appended, but only if it is the next
@@ -255,7 +259,7 @@ impl FanOut {
         origin: Option<SessionId>,
         timing: Option<&ReplyTiming>,
     ) {
-        self.deliver(key, event, origin, timing, |delivered| event.seq == delivered + 1);
+        self.deliver(key, event, origin, timing, |step| step == Step::Next);
     }
 
     fn deliver(
@@ -264,13 +268,13 @@ impl FanOut {
         event: &StoredEvent,
         origin: Option<SessionId>,
         timing: Option<&ReplyTiming>,
-        wanted: impl Fn(u64) -> bool,
+        wanted: impl Fn(Step) -> bool,
     ) {
         let Some(mut local) = self.sessions.get_mut(key) else { return };
-        if !wanted(local.delivered_seq) {
+        if !wanted(local.delivered.step(event.seq)) {
             return;
         }
-        local.delivered_seq = event.seq;
+        local.delivered.advance(event.seq);
         let conversation = key.conversation.as_str();
         // The frame every session gets, except the one that sent a customer message (an `ack`).
         let shared = || match event.from {
@@ -301,7 +305,7 @@ impl FanOut {
             } else {
                 encoded.get_or_insert_with(shared).clone()
             };
-            handle.push(Outbound::Frame { seq: event.seq, frame, queued_at });
+            handle.push(Outbound::Event { seq: event.seq, frame, queued_at });
         }
     }
 }
@@ -349,7 +353,7 @@ mod tests {
         fanout.join(&key(), c).unwrap();
         fanout.deliver_event(&key(), &customer_event(1), Some(a.id), None);
         assert!(a_rx.try_recv().unwrap().frame().unwrap().as_str().contains(r#""type":"ack""#));
-        let Outbound::Frame { seq, frame: b_frame, .. } = *b_rx.try_recv().unwrap() else { panic!("a frame") };
+        let Outbound::Event { seq, frame: b_frame, .. } = *b_rx.try_recv().unwrap() else { panic!("an event") };
         let c_frame = c_rx.try_recv().unwrap();
         assert!(b_frame.as_str().contains(r#""type":"message""#));
         assert_eq!(seq, 1);
@@ -381,7 +385,7 @@ mod tests {
         let mut seqs = || {
             let mut seqs = Vec::new();
             while let Ok(item) = a_rx.try_recv() {
-                if let Outbound::Frame { seq, .. } = *item {
+                if let Outbound::Event { seq, .. } = *item {
                     seqs.push(seq);
                 }
             }

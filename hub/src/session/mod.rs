@@ -102,7 +102,7 @@ pub fn run(socket: WebSocket, params: SessionParams, app: Arc<AppState>) -> impl
                     store: app.store.clone(),
                     key: key.clone(),
                     intro,
-                    sent_up_to: snapshot.last_seq,
+                    sent: crate::event::Cursor::at(snapshot.last_seq),
                     delivery: metrics::histogram!(crate::metric::FRAME_DELIVERY),
                 },
                 closer.clone(),

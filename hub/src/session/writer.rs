@@ -20,6 +20,7 @@ use tokio::sync::mpsc;
 use tracing::{debug, warn};
 
 use super::close_message;
+use crate::event::{Cursor, Step};
 use crate::fanout::{Outbound, SessionCloser};
 use crate::ids::ConversationKey;
 use crate::store::ConversationStore;
@@ -37,8 +38,8 @@ pub(super) struct Replay {
     pub key: ConversationKey,
     /// `ready` and the replayed events, sent before anything queued.
     pub intro: Vec<Utf8Bytes>,
-    /// The highest durable seq the client has (or is about to have).
-    pub sent_up_to: u64,
+    /// The durable events the client has (or is about to have).
+    pub sent: Cursor,
     /// `fengda_hub_frame_delivery_seconds`, looked up once per session.
     pub delivery: metrics::Histogram,
 }
@@ -107,7 +108,7 @@ pub(super) fn run_writer(
             // still go out first, unless the client is the reason we stop.
             if !failed && reason != crate::protocol::close::SLOW_CONSUMER {
                 let queued = std::iter::from_fn(|| queue.try_recv().ok().map(|item| *item));
-                for frame in frames_before_close(queued, &mut replay.sent_up_to) {
+                for frame in frames_before_close(queued, &mut replay.sent) {
                     if sink.feed(Message::Text(frame)).await.is_err() {
                         break;
                     }
@@ -126,21 +127,24 @@ pub(super) fn run_writer(
 /// What a closing socket still gets of its queue: every non-durable frame,
 /// and stored events only while they follow on from the last one sent (past
 /// a gap or a resync the client must resume with `after` from the last seq
-/// it got, or it would skip the gap). Advances `sent_up_to`.
-fn frames_before_close(queued: impl Iterator<Item = Outbound>, sent_up_to: &mut u64) -> Vec<Utf8Bytes> {
+/// it got, or it would skip the gap). Advances `sent`.
+fn frames_before_close(queued: impl Iterator<Item = Outbound>, sent: &mut Cursor) -> Vec<Utf8Bytes> {
     let mut frames = Vec::new();
     let mut in_order = true;
     for item in queued {
         match item {
-            Outbound::Frame { seq: 0, frame, .. } => frames.push(frame),
+            Outbound::Frame { frame, .. } => frames.push(frame),
             Outbound::Frames { frames: batch, .. } => frames.extend(batch),
-            // Already sent (a local copy and its echo): once.
-            Outbound::Frame { seq, .. } if seq <= *sent_up_to => {}
-            Outbound::Frame { seq, frame, .. } if in_order && seq == *sent_up_to + 1 => {
-                frames.push(frame);
-                *sent_up_to = seq;
-            }
-            Outbound::Frame { .. } | Outbound::Resync => in_order = false,
+            Outbound::Event { seq, frame, .. } => match sent.step(seq) {
+                // Already sent (a local copy and its echo): once.
+                Step::Seen => {}
+                Step::Next if in_order => {
+                    frames.push(frame);
+                    sent.advance(seq);
+                }
+                Step::Next | Step::Gap => in_order = false,
+            },
+            Outbound::Resync => in_order = false,
         }
     }
     frames
@@ -159,7 +163,7 @@ async fn write_burst(sink: &mut Sink, burst: &mut Vec<Box<Outbound>>, replay: &m
     let mut oldest: Option<Instant> = None;
     for item in burst.drain(..) {
         match *item {
-            Outbound::Frame { seq: 0, frame, queued_at } => {
+            Outbound::Frame { frame, queued_at } => {
                 oldest = Some(oldest.map_or(queued_at, |o| o.min(queued_at)));
                 sink.feed(Message::Text(frame)).await?
             }
@@ -169,15 +173,18 @@ async fn write_burst(sink: &mut Sink, burst: &mut Vec<Box<Outbound>>, replay: &m
                     sink.feed(Message::Text(frame)).await?;
                 }
             }
-            Outbound::Frame { seq, .. } if seq <= replay.sent_up_to => {}
-            Outbound::Frame { seq, frame, queued_at } => {
+            Outbound::Event { seq, frame, queued_at } => {
+                let step = replay.sent.step(seq);
+                if step == Step::Seen {
+                    continue;
+                }
                 oldest = Some(oldest.map_or(queued_at, |o| o.min(queued_at)));
-                if seq > replay.sent_up_to + 1 {
+                if step == Step::Gap {
                     // Boxed: gaps are rare, and the writer's future should not carry this one.
                     Box::pin(fill_gap(sink, replay, seq)).await?;
                 }
                 sink.feed(Message::Text(frame)).await?;
-                replay.sent_up_to = seq;
+                replay.sent.advance(seq);
             }
             Outbound::Resync => Box::pin(fill_gap(sink, replay, u64::MAX)).await?,
         }
@@ -191,18 +198,18 @@ async fn write_burst(sink: &mut Sink, burst: &mut Vec<Box<Outbound>>, replay: &m
 
 /// Sends the logged events between the last sent seq and `before` (exclusive).
 async fn fill_gap(sink: &mut Sink, replay: &mut Replay, before: u64) -> Result<(), axum::Error> {
-    let events = match replay.store.events_after(&replay.key, replay.sent_up_to).await {
+    let after = replay.sent.last();
+    let events = match replay.store.events_after(&replay.key, after).await {
         Ok(events) => events,
         Err(error) => {
-            warn!(%error, after = replay.sent_up_to, "cannot fill a gap in the event stream");
+            warn!(%error, after, "cannot fill a gap in the event stream");
             return Ok(());
         }
     };
     let conversation = replay.key.conversation.as_str();
-    let after = replay.sent_up_to;
     for event in events.iter().filter(|e| e.seq > after && e.seq < before) {
         sink.feed(Message::Text(event.message_frame(conversation))).await?;
-        replay.sent_up_to = event.seq;
+        replay.sent.advance(event.seq);
     }
     Ok(())
 }
@@ -214,8 +221,10 @@ mod tests {
     #[test]
     fn a_closing_socket_gets_stored_events_only_in_order() {
         let at = Instant::now();
-        let frame =
-            |seq: u64, text: &'static str| Outbound::Frame { seq, frame: Utf8Bytes::from_static(text), queued_at: at };
+        let frame = |seq: u64, text: &'static str| match seq {
+            0 => Outbound::Frame { frame: Utf8Bytes::from_static(text), queued_at: at },
+            seq => Outbound::Event { seq, frame: Utf8Bytes::from_static(text), queued_at: at },
+        };
         let queued = vec![
             frame(0, "delta-1"),
             frame(5, "event-5"),
@@ -229,15 +238,15 @@ mod tests {
             frame(8, "event-8"),
             frame(0, "error"),
         ];
-        let mut sent_up_to = 4;
-        let frames = frames_before_close(queued.into_iter(), &mut sent_up_to);
+        let mut sent = Cursor::at(4);
+        let frames = frames_before_close(queued.into_iter(), &mut sent);
         let texts: Vec<_> = frames.iter().map(Utf8Bytes::as_str).collect();
         assert_eq!(texts, ["delta-1", "event-5", "delta-2", "delta-3", "event-6", "error"]);
-        assert_eq!(sent_up_to, 6, "the client resumes after 6 and gets 7 and 8 from the log");
+        assert_eq!(sent.last(), 6, "the client resumes after 6 and gets 7 and 8 from the log");
         // A gap stops stored events the same way.
-        let mut sent_up_to = 4;
-        let frames = frames_before_close(vec![frame(6, "event-6"), frame(5, "event-5")].into_iter(), &mut sent_up_to);
+        let mut sent = Cursor::at(4);
+        let frames = frames_before_close(vec![frame(6, "event-6"), frame(5, "event-5")].into_iter(), &mut sent);
         assert!(frames.is_empty());
-        assert_eq!(sent_up_to, 4);
+        assert_eq!(sent.last(), 4);
     }
 }

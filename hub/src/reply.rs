@@ -163,7 +163,12 @@ impl Replier {
                 hub_before_nlp_ms: ms(before_nlp),
                 queue_ms: ms(timings.queue_wait),
                 nlp_first_token_ms: ms(timings.first_token),
-                relay_mean_us: if draft.index == 0 { 0.0 } else { timings.relay_total_us / f64::from(draft.index) },
+                // Never above the max: r × n / n can round to a hair over r.
+                relay_mean_us: if draft.index == 0 {
+                    0.0
+                } else {
+                    (timings.relay_total_us / f64::from(draft.index)).min(timings.relay_max_us)
+                },
                 relay_max_us: timings.relay_max_us,
                 total_ms: ms(question.received.elapsed()),
             }),

@@ -13,10 +13,11 @@
 //! | [`Payload::Frame`] | `d<node>\n<frame>` | the node streaming a reply, from its publisher task | a server frame that is not stored (`reply.delta`, `queued`), already encoded for sockets and passed on as it is; the node that sent it skips its own echo |
 //! | [`Payload::Hello`] | `H` | a node that starts listening to the conversation | nodes that stopped publishing the conversation's deltas because no other node listened publish them again |
 //!
-//! Node ids are ASCII letters and digits ([`NodeId`]), frames and timings
-//! compact JSON: none holds a raw `\n`, so the first `\n`s split a payload
-//! without escaping, and a delta is published with one allocation and
-//! received without copying its frame. A durable event published by a node
+//! Node ids are ASCII letters and digits ([`NodeId`]) and timings compact
+//! JSON: neither holds a raw `\n`, so the first `\n`s split a payload
+//! without escaping (what comes last, an entry or a frame, is taken whole),
+//! and a delta is published with one allocation and received without
+//! copying its frame. A durable event published by a node
 //! comes back to that node too; its fan-out drops what its sockets already
 //! have, by seq.
 //!

@@ -1,16 +1,18 @@
 -- Appends one durable event to a conversation log and publishes it, atomically.
+-- The hub encodes the event (see wire.rs); this script only splices in the
+-- seq it assigns, so an entry is never decoded nor re-encoded here.
 -- KEYS[1] meta hash, KEYS[2] log list, KEYS[3] message-id zset
--- ARGV: 1 from, 2 id, 3 text, 4 flags (letters: f fallback, i interrupted,
---       c cancelled), 5 now_ms, 6 log cap,
---       7 retention seconds, 8 channel, 9 origin ("node/session" or ""),
---       10 timing JSON for reply.done (published, not stored; may be ""),
---       11 owner and 12 epoch to create the log with if it is missing
+-- ARGV: 1 the customer message id to de-duplicate by ("" for any other
+--       event; customer ids are never empty), 2 and 3 the log entry before
+--       and after its seq, 4 the published payload before the entry,
+--       5 now_ms, 6 log cap, 7 retention seconds, 8 channel,
+--       9 owner and 10 epoch to create the log with if it is missing
 --       (both "" to never create)
 -- Returns {1, seq} when stored, {0, seq} for a customer message id already
 -- stored, {-1, 0} when the conversation does not exist (lost or expired),
 -- or, when creating, exists with another owner or epoch.
 local meta, log, ids = KEYS[1], KEYS[2], KEYS[3]
-local owner, epoch = ARGV[11], ARGV[12]
+local owner, epoch = ARGV[9], ARGV[10]
 if redis.call('EXISTS', meta) == 0 then
   if owner == '' then
     return {-1, 0}
@@ -25,25 +27,19 @@ elseif owner ~= '' then
     return {-1, 0}
   end
 end
-local from, id = ARGV[1], ARGV[2]
-if from == 'customer' then
+local id = ARGV[1]
+if id ~= '' then
   local seen = redis.call('ZSCORE', ids, id)
   if seen then
     return {0, tonumber(seen)}
   end
 end
 local seq = redis.call('HINCRBY', meta, 'seq', 1)
-local event = cjson.encode({
-  seq = seq, from = from, id = id, text = ARGV[3],
-  fallback = string.find(ARGV[4], 'f', 1, true) ~= nil,
-  interrupted = string.find(ARGV[4], 'i', 1, true) ~= nil,
-  cancelled = string.find(ARGV[4], 'c', 1, true) ~= nil,
-  at_ms = tonumber(ARGV[5]),
-})
+local entry = ARGV[2] .. string.format('%d', seq) .. ARGV[3]
 local cap = tonumber(ARGV[6])
-redis.call('RPUSH', log, event)
+redis.call('RPUSH', log, entry)
 redis.call('LTRIM', log, -cap, -1)
-if from == 'customer' then
+if id ~= '' then
   redis.call('ZADD', ids, seq, id)
   redis.call('ZREMRANGEBYSCORE', ids, '-inf', seq - cap)
 end
@@ -51,5 +47,5 @@ local ttl = tonumber(ARGV[7])
 redis.call('EXPIRE', meta, ttl)
 redis.call('EXPIRE', log, ttl)
 redis.call('EXPIRE', ids, ttl)
-redis.call('PUBLISH', ARGV[8], 'E' .. ARGV[9] .. '\n' .. ARGV[10] .. '\n' .. event)
+redis.call('PUBLISH', ARGV[8], ARGV[4] .. entry)
 return {1, seq}

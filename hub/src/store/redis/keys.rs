@@ -62,7 +62,7 @@ impl Keys {
         self.conversation(key, "meta")
     }
 
-    /// LIST: the durable events as JSON, oldest first, capped.
+    /// LIST: the durable events (entries: [`super::wire`]), oldest first, capped.
     pub fn log(&self, key: &ConversationKey) -> String {
         self.conversation(key, "log")
     }
@@ -72,7 +72,8 @@ impl Keys {
         self.conversation(key, "ids")
     }
 
-    /// Pub/sub channel carrying the conversation's events to every node.
+    /// Pub/sub channel carrying the conversation's events to every node
+    /// (payloads: [`super::wire::Payload`]).
     pub fn channel(&self, key: &ConversationKey) -> String {
         self.conversation(key, "events")
     }

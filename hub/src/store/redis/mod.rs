@@ -6,12 +6,15 @@
 //! refreshed to the retention TTL on every append. Append is one Lua script
 //! (`append.lua`): check duplicate, assign seq, push, trim, publish — atomic,
 //! so two nodes appending to one conversation can never race or leave a gap.
+//! The hub encodes the event and its payload ([`wire`]); the script splices
+//! in the seq and decodes nothing.
 //! Opening a socket writes nothing for a conversation that has no log yet:
 //! the first message's append creates it (same script), after counting it
 //! against the user's creation cap (`quota.lua`, in the user's slot).
 //!
 //! Routing: pub/sub is the doorbell, the log is the truth. Every event of a
-//! conversation is published once on its channel; a node subscribes (on one
+//! conversation is published once on its channel (every payload is a
+//! [`wire::Payload`]); a node subscribes (on one
 //! dedicated RESP3 connection, whatever its socket count) when its first
 //! socket of the conversation arrives and unsubscribes when the last leaves.
 //! The dispatcher task hands pushes to the [`FanOut`] without blocking.
@@ -44,6 +47,7 @@
 //! primary); there are no replica reads.
 
 pub mod keys;
+pub mod wire;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -51,6 +55,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use axum::extract::ws::Utf8Bytes;
+use bytes::Bytes;
 use dashmap::DashMap;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{PushInfo, PushKind, RedisError, Script, Value};
@@ -62,9 +67,10 @@ use tracing::{debug, info, warn};
 use super::{Appended, ConversationStore, NewEvent, Opened, Pending, Snapshot, StoreError, StoredEvent, now_ms};
 use crate::config::{ConversationConfig, CreationLimit, RedisConfig};
 use crate::fanout::{FanOut, SessionHandle};
-use crate::ids::{ConversationId, ConversationKey, SessionId, TenantId, UserId, generate_token};
-use crate::protocol::{ReplyTiming, Role};
+use crate::ids::{ConversationId, ConversationKey, SessionId, TenantId, UserId};
+use crate::protocol::Role;
 use keys::Keys;
+use wire::{EncodedEvent, NodeId, Origin, Payload};
 
 /// Deltas waiting for the publisher task; beyond this they are dropped
 /// (best effort: `reply.done` carries the whole text).
@@ -91,8 +97,9 @@ pub struct RedisStore {
 struct Shared {
     fanout: Arc<FanOut>,
     keys: Keys,
-    /// Distinguishes this node's sessions in published events (for acks).
-    node_id: String,
+    /// Distinguishes this node's sessions in published events (for acks)
+    /// and its own deltas when they come back.
+    node_id: NodeId,
     commands: ConnectionManager,
     /// RESP3 connection used only for SUBSCRIBE/UNSUBSCRIBE and its pushes.
     subscriber: ConnectionManager,
@@ -161,9 +168,9 @@ impl RedisStore {
         .and_then(|r| r.map_err(StoreError::from))?;
 
         let (publish_tx, publish_rx) = mpsc::channel(PUBLISH_QUEUE);
-        let node_id = generate_token();
+        let node_id = NodeId::generate();
         let keys = Keys::new(&config.key_prefix);
-        let heartbeat_channel = keys.heartbeat(&node_id);
+        let heartbeat_channel = keys.heartbeat(node_id.as_str());
         let shared = Arc::new(Shared {
             fanout,
             keys,
@@ -237,7 +244,14 @@ impl Shared {
             return Ok(None);
         }
         let events = match parts.pop() {
-            Some(Value::Array(items)) => items.iter().filter_map(parse_event).filter(|e| e.seq > after).collect(),
+            Some(Value::Array(items)) => items
+                .iter()
+                .filter_map(|item| match item {
+                    Value::BulkString(entry) => parse_entry(entry),
+                    _ => None,
+                })
+                .filter(|e| e.seq > after)
+                .collect(),
             _ => Vec::new(),
         };
         let malformed =
@@ -318,44 +332,21 @@ impl Shared {
         let Some(key) = std::str::from_utf8(&channel).ok().and_then(|c| self.channels.get(c).map(|k| k.clone())) else {
             return;
         };
-        match payload.split_first() {
-            // d<node id>\n<frame> (frames are JSON and node ids hex: neither
-            // holds a raw newline), or D<frame> from a node of an older version.
-            // A new letter, so that older nodes ignore the new format during a
-            // rolling restart instead of sending it to their sockets.
-            Some((tag @ (b'd' | b'D'), rest)) => {
-                let frame = match (tag, rest.iter().position(|b| *b == b'\n')) {
-                    (b'D', _) => rest,
-                    // Delivered locally when it was published.
-                    (_, Some(end)) if &rest[..end] == self.node_id.as_bytes() => return,
-                    (_, Some(end)) => &rest[end + 1..],
-                    (_, None) => return,
-                };
-                match String::from_utf8(frame.to_vec()) {
-                    Ok(frame) => self.fanout.deliver_frames(&key, vec![Utf8Bytes::from(frame)]),
-                    Err(_) => warn!("dropping a delta that is not UTF-8"),
-                }
-            }
+        match Payload::decode(Bytes::from(payload)) {
+            // Delivered locally when it was published.
+            Ok(Payload::Frame { node, .. }) if node == self.node_id => {}
+            Ok(Payload::Frame { frame, .. }) => self.fanout.deliver_frames(&key, vec![frame]),
             // Another node started listening: publish this conversation's deltas again.
-            Some((b'H', _)) => {
+            Ok(Payload::Hello) => {
                 let channel = std::str::from_utf8(&channel).unwrap_or_default();
                 self.alone_until.remove(channel);
                 self.hello_at.insert(channel.to_owned(), std::time::Instant::now());
             }
-            Some((b'E', rest)) => {
-                // E<origin>\n<timing JSON or nothing>\n<event JSON>
-                let mut parts = rest.splitn(3, |b| *b == b'\n');
-                let (Some(origin), Some(timing), Some(event)) = (parts.next(), parts.next(), parts.next()) else {
-                    return;
-                };
-                let Ok(event) = serde_json::from_slice::<StoredEvent>(event) else {
-                    warn!("dropping an event that does not parse");
-                    return;
-                };
-                let timing = serde_json::from_slice::<ReplyTiming>(timing).ok();
-                self.fanout.deliver_event(&key, &event, self.local_origin(origin), timing.as_ref());
+            Ok(Payload::Event { origin, timing, event }) => {
+                let origin = origin.filter(|o| o.node == self.node_id).map(|o| o.session);
+                self.fanout.deliver_event(&key, &event, origin, timing.as_ref());
             }
-            _ => {}
+            Err(error) => warn!(%error, "dropping a payload that does not decode"),
         }
     }
 
@@ -388,29 +379,19 @@ impl Shared {
         self.hello_at.retain(|_, at| now.duration_since(*at) < ALONE_RECHECK);
     }
 
-    fn origin_of(&self, session: Option<SessionId>) -> String {
-        session.map_or_else(String::new, |s| format!("{}/{}", self.node_id, s.as_u64()))
-    }
-
-    fn local_origin(&self, origin: &[u8]) -> Option<SessionId> {
-        let origin = std::str::from_utf8(origin).ok()?;
-        let (node, session) = origin.split_once('/')?;
-        (node == self.node_id).then(|| session.parse().ok().map(SessionId::from_u64))?
+    fn origin_of(&self, session: Option<SessionId>) -> Option<Origin> {
+        session.map(|session| Origin { node: self.node_id.clone(), session })
     }
 }
 
-/// Reply flags for append.lua: `f` fallback, `i` interrupted, `c` cancelled.
-fn flags(event: &NewEvent) -> String {
-    [(event.fallback, 'f'), (event.interrupted, 'i'), (event.cancelled, 'c')]
-        .into_iter()
-        .filter_map(|(set, flag)| set.then_some(flag))
-        .collect()
-}
-
-fn parse_event(value: &Value) -> Option<Arc<StoredEvent>> {
-    match value {
-        Value::BulkString(bytes) => serde_json::from_slice(bytes).ok().map(Arc::new),
-        _ => None,
+/// A log entry as read back; one that does not decode is skipped.
+fn parse_entry(entry: &[u8]) -> Option<Arc<StoredEvent>> {
+    match wire::decode_entry(entry) {
+        Ok(event) => Some(Arc::new(event)),
+        Err(error) => {
+            warn!(%error, "skipping a log entry that does not decode");
+            None
+        }
     }
 }
 
@@ -586,8 +567,9 @@ impl ConversationStore for RedisStore {
             // Tells nodes streaming into this conversation to publish its
             // deltas again (outside the lock: other attaches need not wait for it).
             let mut con = shared.commands.clone();
-            if let Err(error) =
-                shared.call(redis::cmd("PUBLISH").arg(channel).arg("H").query_async::<i64>(&mut con)).await
+            if let Err(error) = shared
+                .call(redis::cmd("PUBLISH").arg(channel).arg(Payload::Hello.encode()).query_async::<i64>(&mut con))
+                .await
             {
                 debug!(%error, "could not announce the new listener; deltas resume within a second");
             }
@@ -675,36 +657,31 @@ impl ConversationStore for RedisStore {
         if let Some(create) = create {
             shared.count_creation(key, &create.user).await?;
         }
-        let from = match event.from {
-            Role::Customer => "customer",
-            Role::Assistant => "assistant",
-            Role::Agent => "agent",
-            Role::System => "system",
-        };
+        let timing = event.timing;
+        let mut stored = event.stored(0, now_ms());
+        // Only customer messages are de-duplicated (by their client-chosen id).
+        let dedup_id = if stored.from == Role::Customer { stored.id.as_str() } else { "" };
+        let encoded = EncodedEvent::new(&stored, shared.origin_of(origin).as_ref(), timing.as_ref());
         let mut con = shared.commands.clone();
         let mut invocation = shared.append.prepare_invoke();
-        let at_ms = now_ms();
         invocation
             .key(shared.keys.meta(key))
             .key(shared.keys.log(key))
             .key(shared.keys.message_ids(key))
-            .arg(from)
-            .arg(&event.id)
-            .arg(&event.text)
-            .arg(flags(&event))
-            .arg(at_ms)
+            .arg(dedup_id)
+            .arg(encoded.entry_head)
+            .arg(encoded.entry_tail)
+            .arg(encoded.payload_head)
+            .arg(stored.at_ms)
             .arg(shared.log_cap)
             .arg(shared.retention_secs)
             .arg(shared.keys.channel(key))
-            .arg(shared.origin_of(origin))
-            .arg(event.timing.map(|t| serde_json::to_string(&t).unwrap_or_default()).unwrap_or_default())
             .arg(create.map_or("", |c| c.user.as_str()))
             .arg(create.map_or("", |c| c.epoch.as_str()));
         match shared.call(invocation.invoke_async::<(i64, u64)>(&mut con)).await? {
             (1, seq) => {
                 // This node's sockets get it now; the echo through pub/sub is dropped by seq.
-                let timing = event.timing;
-                let stored = event.stored(seq, at_ms);
+                stored.seq = seq;
                 shared.fanout.deliver_appended(key, &stored, origin, timing.as_ref());
                 // A new conversation is the user's most recent (best effort,
                 // like every touch: the message is stored either way).
@@ -727,12 +704,7 @@ impl ConversationStore for RedisStore {
         let raw: Vec<Vec<u8>> = shared
             .call(redis::cmd("LRANGE").arg(shared.keys.log(key)).arg(start).arg(-1).query_async(&mut con))
             .await?;
-        Ok(raw
-            .iter()
-            .filter_map(|bytes| serde_json::from_slice::<StoredEvent>(bytes).ok())
-            .filter(|e| e.from != Role::System)
-            .map(Arc::new)
-            .collect())
+        Ok(raw.iter().filter_map(|entry| parse_entry(entry)).filter(|e| e.from != Role::System).collect())
     }
 
     fn publish_ephemeral(&self, key: &ConversationKey, frames: Vec<Utf8Bytes>) {
@@ -741,19 +713,9 @@ impl ConversationStore for RedisStore {
             self.shared.fanout.deliver_frames(key, frames);
             return;
         }
-        // d<node id>\n<frame>: the node id lets this node skip its own echo.
-        let node_id = self.shared.node_id.as_bytes();
-        let payloads: Vec<_> = frames
-            .iter()
-            .map(|frame| {
-                let mut payload = Vec::with_capacity(frame.as_str().len() + node_id.len() + 2);
-                payload.push(b'd');
-                payload.extend_from_slice(node_id);
-                payload.push(b'\n');
-                payload.extend_from_slice(frame.as_str().as_bytes());
-                payload
-            })
-            .collect();
+        // The node id lets this node skip its own echo.
+        let node = &self.shared.node_id;
+        let payloads: Vec<_> = frames.iter().map(|frame| Payload::encode_frame(node, frame)).collect();
         self.shared.fanout.deliver_frames(key, frames);
         for payload in payloads {
             let item = Publish::Frame { channel: channel.clone(), payload };

@@ -1,0 +1,374 @@
+//! The Redis wire: every payload nodes publish on a conversation's channel,
+//! and the bytes of a durable event in its log. Both are defined here only.
+//!
+//! # Channels
+//!
+//! Each conversation has one pub/sub channel ([`Keys::channel`]), which a
+//! node subscribes while it has a socket of the conversation. Every payload
+//! on it is one [`Payload`], its kind told by its first byte:
+//!
+//! | payload | bytes | published by | why |
+//! |---|---|---|---|
+//! | [`Payload::Event`] | `E<origin>\n<timing>\n<entry>` | `append.lua`, in the call that stores the event | every durable event (customer message, reply) reaches every node's sockets; `<origin>` (`<node>/<session>`, or empty) lets the sending socket's node ack it; `<timing>` (JSON, or empty) rides along to a reply's `reply.done`; `<entry>` is the log entry, byte for byte |
+//! | [`Payload::Frame`] | `d<node>\n<frame>` | the node streaming a reply, from its publisher task | a server frame that is not stored (`reply.delta`, `queued`), already encoded for sockets and passed on as it is; the node that sent it skips its own echo |
+//! | [`Payload::Hello`] | `H` | a node that starts listening to the conversation | nodes that stopped publishing the conversation's deltas because no other node listened publish them again |
+//!
+//! Node ids are ASCII letters and digits ([`NodeId`]) and timings compact
+//! JSON: neither holds a raw `\n`, so the first `\n`s split a payload
+//! without escaping (what comes last, an entry or a frame, is taken whole),
+//! and a delta is published with one allocation and received without
+//! copying its frame. A durable event published by a node
+//! comes back to that node too; its fan-out drops what its sockets already
+//! have, by seq.
+//!
+//! ```text
+//!  node A (customer)                Redis                         node B (agent)
+//!  message ──▶ EVALSHA append.lua ─▶ RPUSH entry; PUBLISH E… ─────▶ `message` to its sockets
+//!  ack + `message` locally at once ◀─ seq ┘         └─ echo to A (dropped: seq already delivered)
+//!  reply.delta locally ──▶ PUBLISH d<A>\n… ────────────────────────▶ `reply.delta` to its sockets
+//!                                                                    (first socket of a conversation:)
+//!  publishes deltas again ◀──────────────── PUBLISH H ◀──────────── subscribes, says hello
+//! ```
+//!
+//! # The log entry
+//!
+//! A durable event is stored as [`StoredEvent`]'s JSON (serde), encoded once
+//! by the hub. Its seq is assigned inside the atomic append, so the hub hands
+//! `append.lua` the entry cut around the seq ([`EncodedEvent`]) and the script
+//! splices the number in, stores the result and publishes it: Lua never
+//! decodes nor re-encodes an event.
+//!
+//! [`Keys::channel`]: super::keys::Keys::channel
+
+use axum::extract::ws::Utf8Bytes;
+use bytes::{Buf, Bytes};
+
+use crate::ids::{SessionId, generate_token};
+use crate::protocol::ReplyTiming;
+use crate::store::StoredEvent;
+
+/// Kind bytes, first of every payload.
+const EVENT: u8 = b'E';
+const FRAME: u8 = b'd';
+const HELLO: u8 = b'H';
+
+/// A payload that is not one this module encodes.
+#[derive(Debug, thiserror::Error)]
+pub enum WireError {
+    #[error("empty payload")]
+    Empty,
+    #[error("unknown payload kind {0:#04x}")]
+    UnknownKind(u8),
+    #[error("`{0}` payload cut short")]
+    Truncated(char),
+    #[error("`{0}` payload with unexpected bytes")]
+    Trailing(char),
+    #[error("node id is not ASCII letters and digits")]
+    NodeId,
+    #[error("origin is not `<node>/<session>`")]
+    Origin,
+    #[error("frame is not UTF-8")]
+    NotUtf8,
+    #[error("timing does not parse: {0}")]
+    Timing(serde_json::Error),
+    #[error("event does not parse: {0}")]
+    Event(serde_json::Error),
+}
+
+/// One hub node in a cluster, as payloads name it: fresh at every start,
+/// never empty, ASCII letters and digits only (so never `\n` nor `/`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeId(Utf8Bytes);
+
+impl NodeId {
+    pub fn generate() -> Self {
+        Self(generate_token().into())
+    }
+
+    pub fn as_str(&self) -> &str {
+        self.0.as_str()
+    }
+
+    fn parse(raw: Bytes) -> Result<Self, WireError> {
+        if raw.is_empty() || !raw.iter().all(u8::is_ascii_alphanumeric) {
+            return Err(WireError::NodeId);
+        }
+        Utf8Bytes::try_from(raw).map(Self).map_err(|_| WireError::NodeId)
+    }
+}
+
+impl std::fmt::Display for NodeId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// The socket a durable event came from, so its node can ack it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Origin {
+    pub node: NodeId,
+    pub session: SessionId,
+}
+
+/// One payload on a conversation's channel (see the module doc).
+#[derive(Debug, Clone, PartialEq)]
+pub enum Payload {
+    /// A durable event, as stored.
+    Event { origin: Option<Origin>, timing: Option<ReplyTiming>, event: StoredEvent },
+    /// A server frame that is not stored, as sockets receive it.
+    Frame { node: NodeId, frame: Utf8Bytes },
+    /// A node started listening.
+    Hello,
+}
+
+impl Payload {
+    pub fn encode(&self) -> Vec<u8> {
+        match self {
+            Payload::Event { origin, timing, event } => {
+                let mut out = event_head(origin.as_ref(), timing.as_ref());
+                serde_json::to_writer(&mut out, event).expect("stored events always serialize");
+                out
+            }
+            Payload::Frame { node, frame } => Self::encode_frame(node, frame),
+            Payload::Hello => vec![HELLO],
+        }
+    }
+
+    /// Encodes a [`Payload::Frame`] from borrowed parts (the hot path: one
+    /// allocation per delta, no clone).
+    pub fn encode_frame(node: &NodeId, frame: &str) -> Vec<u8> {
+        let mut out = Vec::with_capacity(2 + node.as_str().len() + frame.len());
+        out.push(FRAME);
+        out.extend_from_slice(node.as_str().as_bytes());
+        out.push(b'\n');
+        out.extend_from_slice(frame.as_bytes());
+        out
+    }
+
+    /// Decodes a payload; a frame is sliced out of `payload`, not copied.
+    pub fn decode(payload: Bytes) -> Result<Self, WireError> {
+        let kind = *payload.first().ok_or(WireError::Empty)?;
+        let mut rest = payload.slice(1..);
+        match kind {
+            EVENT => {
+                let origin = split_line(&mut rest, 'E')?;
+                let timing = split_line(&mut rest, 'E')?;
+                Ok(Payload::Event {
+                    origin: parse_origin(origin)?,
+                    timing: match timing.is_empty() {
+                        true => None,
+                        false => Some(serde_json::from_slice(&timing).map_err(WireError::Timing)?),
+                    },
+                    event: decode_entry(&rest)?,
+                })
+            }
+            FRAME => {
+                let node = NodeId::parse(split_line(&mut rest, 'd')?)?;
+                let frame = Utf8Bytes::try_from(rest).map_err(|_| WireError::NotUtf8)?;
+                Ok(Payload::Frame { node, frame })
+            }
+            HELLO if rest.is_empty() => Ok(Payload::Hello),
+            HELLO => Err(WireError::Trailing('H')),
+            other => Err(WireError::UnknownKind(other)),
+        }
+    }
+}
+
+/// A durable event encoded for `append.lua`, which assigns its seq: the log
+/// entry is `entry_head` + seq + `entry_tail`, and the payload published
+/// is `payload_head` + that entry ([`Payload::Event`]).
+#[derive(Debug, Clone)]
+pub struct EncodedEvent {
+    pub entry_head: Vec<u8>,
+    pub entry_tail: Vec<u8>,
+    pub payload_head: Vec<u8>,
+}
+
+impl EncodedEvent {
+    /// Encodes `event` with its seq cut out (whatever it is: the script
+    /// assigns the one stored).
+    pub fn new(event: &StoredEvent, origin: Option<&Origin>, timing: Option<&ReplyTiming>) -> Self {
+        const SEQ_KEY: &[u8] = b"\"seq\":";
+        let mut entry_head = serde_json::to_vec(event).expect("stored events always serialize");
+        // The first `"seq":` is the key: inside a JSON string every `"` is escaped.
+        let seq_at = entry_head.windows(SEQ_KEY.len()).position(|w| w == SEQ_KEY).expect("a stored event has a seq")
+            + SEQ_KEY.len();
+        let entry_tail = entry_head[seq_at + event.seq.to_string().len()..].to_vec();
+        entry_head.truncate(seq_at);
+        Self { entry_head, entry_tail, payload_head: event_head(origin, timing) }
+    }
+}
+
+/// Decodes one log entry.
+pub fn decode_entry(entry: &[u8]) -> Result<StoredEvent, WireError> {
+    serde_json::from_slice(entry).map_err(WireError::Event)
+}
+
+/// `E<origin>\n<timing>\n`, what a published event starts with.
+fn event_head(origin: Option<&Origin>, timing: Option<&ReplyTiming>) -> Vec<u8> {
+    let mut out = Vec::with_capacity(160);
+    out.push(EVENT);
+    if let Some(Origin { node, session }) = origin {
+        out.extend_from_slice(node.as_str().as_bytes());
+        out.push(b'/');
+        out.extend_from_slice(session.as_u64().to_string().as_bytes());
+    }
+    out.push(b'\n');
+    if let Some(timing) = timing {
+        serde_json::to_writer(&mut out, timing).expect("timings always serialize");
+    }
+    out.push(b'\n');
+    out
+}
+
+/// Takes the bytes before the next `\n` off `rest`, and the `\n`.
+fn split_line(rest: &mut Bytes, kind: char) -> Result<Bytes, WireError> {
+    let end = rest.iter().position(|b| *b == b'\n').ok_or(WireError::Truncated(kind))?;
+    let line = rest.split_to(end);
+    rest.advance(1);
+    Ok(line)
+}
+
+fn parse_origin(raw: Bytes) -> Result<Option<Origin>, WireError> {
+    if raw.is_empty() {
+        return Ok(None);
+    }
+    let slash = raw.iter().position(|b| *b == b'/').ok_or(WireError::Origin)?;
+    let session = std::str::from_utf8(&raw[slash + 1..]).ok().and_then(|s| s.parse().ok()).ok_or(WireError::Origin)?;
+    let node = NodeId::parse(raw.slice(..slash)).map_err(|_| WireError::Origin)?;
+    Ok(Some(Origin { node, session: SessionId::from_u64(session) }))
+}
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+
+    use super::*;
+    use crate::protocol::Role;
+
+    fn node(raw: &str) -> NodeId {
+        NodeId::parse(Bytes::copy_from_slice(raw.as_bytes())).unwrap()
+    }
+
+    fn event(seq: u64, text: &str) -> StoredEvent {
+        StoredEvent {
+            seq,
+            from: Role::Assistant,
+            id: "r-1".into(),
+            text: text.into(),
+            fallback: false,
+            interrupted: true,
+            cancelled: false,
+            at_ms: 1_700_000_000_123,
+        }
+    }
+
+    fn timing() -> ReplyTiming {
+        ReplyTiming {
+            hub_before_nlp_ms: 1.5,
+            queue_ms: 0.0,
+            nlp_first_token_ms: 12.25,
+            total_ms: 40.0,
+            ..Default::default()
+        }
+    }
+
+    fn round_trip(payload: Payload) {
+        let encoded = payload.encode();
+        assert_eq!(Payload::decode(Bytes::from(encoded)).unwrap(), payload);
+    }
+
+    #[test]
+    fn every_kind_round_trips() {
+        let origin = Origin { node: node("a1b2c3d4e5f6"), session: SessionId::from_u64(42) };
+        round_trip(Payload::Hello);
+        round_trip(Payload::Frame { node: node("a1b2c3d4e5f6"), frame: r#"{"type":"reply.delta","i":0}"#.into() });
+        round_trip(Payload::Frame { node: node("n"), frame: "".into() });
+        round_trip(Payload::Event { origin: Some(origin), timing: Some(timing()), event: event(7, "hi \"seq\":1\n") });
+        round_trip(Payload::Event { origin: None, timing: None, event: event(1, "") });
+    }
+
+    #[test]
+    fn the_wire_bytes_are_the_documented_ones() {
+        let frame = Payload::Frame { node: node("abc"), frame: r#"{"type":"queued"}"#.into() };
+        assert_eq!(frame.encode(), b"dabc\n{\"type\":\"queued\"}");
+        assert_eq!(Payload::Hello.encode(), b"H");
+        let origin = Origin { node: node("abc"), session: SessionId::from_u64(9) };
+        let published = Payload::Event { origin: Some(origin), timing: None, event: event(3, "x") }.encode();
+        assert_eq!(
+            String::from_utf8(published).unwrap(),
+            "Eabc/9\n\n{\"seq\":3,\"from\":\"assistant\",\"id\":\"r-1\",\"text\":\"x\",\"interrupted\":true,\"at_ms\":1700000000123}"
+        );
+    }
+
+    #[test]
+    fn malformed_payloads_are_errors() {
+        let decode = |raw: &[u8]| Payload::decode(Bytes::copy_from_slice(raw)).unwrap_err();
+        assert!(matches!(decode(b""), WireError::Empty));
+        assert!(matches!(decode(b"D{\"type\":\"queued\"}"), WireError::UnknownKind(b'D')));
+        assert!(matches!(decode(b"x"), WireError::UnknownKind(b'x')));
+        assert!(matches!(decode(b"Hx"), WireError::Trailing('H')));
+        assert!(matches!(decode(b"dabc"), WireError::Truncated('d')));
+        assert!(matches!(decode(b"d\n{}"), WireError::NodeId));
+        assert!(matches!(decode(b"da/b\n{}"), WireError::NodeId));
+        assert!(matches!(decode(b"dabc\n\xff\xfe"), WireError::NotUtf8));
+        assert!(matches!(decode(b"E"), WireError::Truncated('E')));
+        assert!(matches!(decode(b"Eabc/1\n"), WireError::Truncated('E')));
+        assert!(matches!(decode(b"Eabc\n\n{}"), WireError::Origin));
+        assert!(matches!(decode(b"Eabc/x\n\n{}"), WireError::Origin));
+        assert!(matches!(decode(b"E/1\n\n{}"), WireError::Origin));
+        assert!(matches!(decode(b"E\n{\n{}"), WireError::Timing(_)));
+        assert!(matches!(decode(b"E\n\n{\"seq\":1}"), WireError::Event(_)));
+        assert!(matches!(decode(b"E\n\nnot json"), WireError::Event(_)));
+    }
+
+    #[test]
+    fn entries_written_by_lua_cjson_still_decode() {
+        let cjson = br#"{"cancelled":false,"interrupted":true,"fallback":false,"text":"x","id":"r-1","at_ms":1700000000123,"from":"assistant","seq":3}"#;
+        assert_eq!(decode_entry(cjson).unwrap(), event(3, "x"));
+    }
+
+    /// What `append.lua` does with an [`EncodedEvent`].
+    fn splice(encoded: &EncodedEvent, seq: u64) -> (Vec<u8>, Vec<u8>) {
+        let entry = [&encoded.entry_head[..], seq.to_string().as_bytes(), &encoded.entry_tail[..]].concat();
+        let published = [&encoded.payload_head[..], &entry[..]].concat();
+        (entry, published)
+    }
+
+    proptest! {
+        #[test]
+        fn the_script_splices_exactly_what_serde_writes(
+            text in any::<String>(),
+            id in "[a-z\"\\\\:0-9-]{0,12}",
+            flags in any::<(bool, bool, bool)>(),
+            placeholder in any::<u64>(),
+            seq in 1u64..(1 << 53),
+            session in any::<Option<u64>>(),
+        ) {
+            let mut stored = StoredEvent {
+                seq: placeholder, from: Role::Customer, id, text,
+                fallback: flags.0, interrupted: flags.1, cancelled: flags.2, at_ms: 5,
+            };
+            let origin = session.map(|s| Origin { node: node("f00d"), session: SessionId::from_u64(s) });
+            let encoded = EncodedEvent::new(&stored, origin.as_ref(), Some(&timing()));
+            let (entry, published) = splice(&encoded, seq);
+            stored.seq = seq;
+            prop_assert_eq!(&entry, &serde_json::to_vec(&stored).unwrap());
+            prop_assert_eq!(decode_entry(&entry).unwrap(), stored.clone());
+            let payload = Payload::Event { origin, timing: Some(timing()), event: stored };
+            prop_assert_eq!(&published, &payload.encode());
+            prop_assert_eq!(Payload::decode(Bytes::from(published)).unwrap(), payload);
+        }
+
+        #[test]
+        fn frames_round_trip(frame in any::<String>()) {
+            round_trip(Payload::Frame { node: node("a1"), frame: frame.into() });
+        }
+
+        #[test]
+        fn arbitrary_bytes_never_panic(raw in prop::collection::vec(any::<u8>(), 0..64), kind in prop::sample::select(vec![b'E', b'd', b'H'])) {
+            let _ = Payload::decode(Bytes::from([&[kind][..], &raw[..]].concat()));
+            let _ = Payload::decode(Bytes::from(raw));
+        }
+    }
+}

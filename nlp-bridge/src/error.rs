@@ -111,7 +111,14 @@ impl From<BackendError> for Status {
 fn upstream_status(status: u16) -> Status {
     let message = format!("answer backend answered HTTP {status}");
     match status {
-        429 => Status::resource_exhausted(message),
+        429 => {
+            // The upstream's limit for this tenant's key or model, not the
+            // bridge's own: hubs retry it without lowering their limit for us.
+            let mut status = Status::resource_exhausted(message);
+            let marker = tonic::metadata::MetadataValue::from_static("1");
+            status.metadata_mut().insert(fengda_proto::UPSTREAM_LIMITED_HEADER, marker);
+            status
+        }
         400 | 413 | 422 => Status::invalid_argument(message),
         401 => Status::unauthenticated(message),
         403 => Status::permission_denied(message),
@@ -130,6 +137,9 @@ mod tests {
     fn upstream_statuses_map_to_retryable_or_final_codes() {
         let code = |status| Status::from(BackendError::UpstreamStatus { status, detail: String::new() }).code();
         assert_eq!(code(429), Code::ResourceExhausted);
+        // Marked as the upstream's limit, so hubs do not take the bridge for full.
+        let limited = Status::from(BackendError::UpstreamStatus { status: 429, detail: String::new() });
+        assert!(limited.metadata().contains_key(fengda_proto::UPSTREAM_LIMITED_HEADER));
         assert_eq!(code(500), Code::Unavailable);
         assert_eq!(code(503), Code::Unavailable);
         assert_eq!(code(400), Code::InvalidArgument);

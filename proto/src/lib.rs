@@ -15,6 +15,12 @@ pub mod nlp {
 /// bridge there, and never goes above it.
 pub const MAX_STREAMS_HEADER: &str = "fengda-max-streams";
 
+/// Metadata on a `RESOURCE_EXHAUSTED` that is an upstream's rate limit
+/// (an LLM server's HTTP 429 for one tenant's key or model), not the bridge
+/// being full: a hub retries the call but does not lower its limit for the
+/// bridge, which would hold back every other tenant.
+pub const UPSTREAM_LIMITED_HEADER: &str = "fengda-upstream-limited";
+
 /// Metadata on the `UNAVAILABLE` a draining bridge answers new calls with:
 /// it is shutting down on purpose, so a hub sends the call elsewhere and
 /// does not count it against the bridge's circuit breaker.

@@ -29,6 +29,9 @@ pub struct Script {
     /// Refuse this many calls (counted from the start) with this code before answering.
     pub fail_first: usize,
     pub fail_code: tonic::Code,
+    /// Mark those refusals as an upstream's rate limit
+    /// (`fengda-upstream-limited`), as `fengda-nlp` marks an LLM server's 429.
+    pub fail_upstream_limited: bool,
     /// Answer at most this many calls at once; refuse more with
     /// `RESOURCE_EXHAUSTED` (without advertising the limit, as a bridge
     /// other than `fengda-nlp` would).
@@ -44,6 +47,7 @@ impl Default for Script {
             token_delay: Duration::ZERO,
             fail_first: 0,
             fail_code: tonic::Code::Unavailable,
+            fail_upstream_limited: false,
             max_streams: None,
         }
     }
@@ -144,7 +148,12 @@ impl Nlp for Service {
         };
         let script = self.script.lock().unwrap().clone();
         if calls <= script.fail_first {
-            return Err(Status::new(script.fail_code, "scripted failure"));
+            let mut status = Status::new(script.fail_code, "scripted failure");
+            if script.fail_upstream_limited {
+                let marker = tonic::metadata::MetadataValue::from_static("1");
+                status.metadata_mut().insert(fengda_proto::UPSTREAM_LIMITED_HEADER, marker);
+            }
+            return Err(status);
         }
         use std::sync::atomic::Ordering;
         let streaming = StreamSlot(self.streaming.clone());

@@ -143,6 +143,26 @@ async fn a_bridge_that_really_fails_still_opens_the_breaker() {
     assert!(open, "{metrics}");
 }
 
+#[tokio::test]
+async fn an_upstreams_rate_limit_for_one_tenant_is_retried_without_lowering_the_bridges_limit() {
+    let answerer = RecordingAnswerer::start(Script {
+        fail_first: 2,
+        fail_code: tonic::Code::ResourceExhausted,
+        fail_upstream_limited: true,
+        ..Script::default()
+    })
+    .await;
+    let hub = Hub::start(&["--nlp-url", &answerer.url, "--nlp-max-concurrent", "64"]).await;
+    let mut client = Client::connect(&hub.ws_url("tenant=demo&user=throttled")).await;
+    let (_, reply) = client.ask("m1", "Tell me about the Gold Card").await;
+    assert_eq!(reply.done["fallback"], false, "retried into an answer: {}", reply.done);
+    assert_eq!(answerer.requests().len(), 3, "two refusals, then the answer");
+    let metrics = hub.metrics().await;
+    assert_eq!(metric_value(&metrics, "fengda_hub_nlp_overloaded_total"), 0.0, "not taken for a full bridge");
+    assert_eq!(endpoint_limit(&metrics), 64.0, "the limit every tenant shares is untouched");
+    assert_eq!(metric_value(&metrics, "fengda_hub_nlp_retries_total"), 2.0);
+}
+
 /// One customer asking again and again; returns (asked at, fallback) per reply.
 async fn ask_until(hub: &Hub, user: String, stop: Instant) -> Vec<(Instant, bool)> {
     let mut client = Client::connect(&hub.ws_url(&format!("tenant=demo&user={user}"))).await;

@@ -109,6 +109,15 @@ impl Breaker {
         }
     }
 
+    /// An allowed call ended without telling whether the endpoint works (it
+    /// was full, draining, refused the request as malformed, or cancelled by
+    /// the hub): a half-open probe it held is free again for the next call.
+    pub fn release_probe(&self) {
+        if let Inner::HalfOpen { probes, .. } = &mut *self.lock() {
+            *probes = probes.saturating_sub(1);
+        }
+    }
+
     /// Records how an allowed call ended. Returns the new state when it changed.
     pub fn record(&self, success: bool, now: Instant) -> Option<BreakerState> {
         let mut inner = self.lock();
@@ -224,6 +233,23 @@ mod tests {
         assert!(b.allow(back), "the probe, 28 s before open_for would allow it");
         assert!(!b.allow(back), "still one probe at a time");
         assert_eq!(b.record(true, back), Some(BreakerState::Closed));
+    }
+
+    #[test]
+    fn a_probe_that_ends_without_a_verdict_is_given_back() {
+        let b = breaker();
+        let t = Instant::now();
+        for _ in 0..3 {
+            b.record(false, t);
+        }
+        let later = t + Duration::from_secs(30);
+        assert!(b.allow(later), "the probe");
+        assert!(!b.allow(later));
+        b.release_probe();
+        assert!(b.allow(later), "the next call probes at once, not open_for later");
+        b.release_probe();
+        b.release_probe();
+        assert_eq!(b.state(), BreakerState::HalfOpen);
     }
 
     #[test]

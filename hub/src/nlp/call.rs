@@ -18,6 +18,8 @@ use super::{AnswerStream, Endpoint, NlpPool, StreamError};
 /// A started answer stream, holding its admission slot and endpoint count.
 pub struct ActiveCall {
     pub(super) pool: Arc<NlpPool>,
+    /// Set once the outcome went to the endpoint's breaker.
+    pub(super) reported: bool,
     /// Time spent waiting for an admission slot.
     pub queue_wait: Duration,
     /// From admission to the first chunk, retries included: the NLP's share.
@@ -86,6 +88,18 @@ impl ActiveCall {
                 .await;
         }
         self.pool.record(&self.outstanding.0, success);
+        self.reported = true;
+    }
+}
+
+impl Drop for ActiveCall {
+    /// A call dropped without [`ActiveCall::finish`] (the customer cancelled,
+    /// the reply grace ran out, the node shuts down) says nothing about its
+    /// endpoint: a half-open probe it held is given back.
+    fn drop(&mut self) {
+        if !self.reported {
+            self.outstanding.0.breaker.release_probe();
+        }
     }
 }
 

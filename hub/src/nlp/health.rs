@@ -17,6 +17,9 @@ const HEALTH_INTERVAL: Duration = Duration::from_secs(2);
 /// How often while some endpoint is not serving: a bridge that comes back
 /// gets its calls (and its breaker probe) this soon.
 const HEALTH_INTERVAL_RECOVERING: Duration = Duration::from_millis(500);
+/// How long one endpoint's check may take, connecting included.
+const CHECK_TIMEOUT: Duration = Duration::from_secs(1);
+
 /// Checks each endpoint's standard gRPC health service every few seconds,
 /// so calls prefer endpoints that say they are serving.
 pub async fn run_health_checks(pool: Arc<NlpPool>, stop: CancellationToken) {
@@ -47,28 +50,27 @@ pub async fn run_health_checks(pool: Arc<NlpPool>, stop: CancellationToken) {
             let Some(client) = client else { continue };
             // The answer service's own status: a draining bridge marks it NOT_SERVING.
             let mut request = tonic::Request::new(HealthCheckRequest { service: "fengda.nlp.v1.Nlp".into() });
-            request.set_timeout(Duration::from_secs(1));
-            let response = client.check(request).await;
-            let serving = matches!(&response, Ok(r) if r.get_ref().status == 1);
+            request.set_timeout(CHECK_TIMEOUT);
+            // The outer timeout also bounds connecting, which `grpc-timeout`
+            // does not: a host that drops SYNs must not stall the other checks.
+            let response = tokio::time::timeout(CHECK_TIMEOUT, client.check(request)).await.ok();
+            let response = response.and_then(Result::ok);
+            let serving = matches!(&response, Some(r) if r.get_ref().status == 1);
             all_serving &= serving;
-            let mut changed = false;
-            let advertised = response.ok().and_then(|r| advertised_streams(r.metadata()));
+            let advertised = response.and_then(|r| advertised_streams(r.metadata()));
             if let Some(limit) = advertised.and_then(|streams| endpoint.limit.advertised(streams)) {
                 set_limit_gauge(endpoint, limit);
-                changed = true;
             }
             if endpoint.healthy.swap(serving, Ordering::AcqRel) != serving {
                 info!(endpoint = %endpoint.name, serving, "NLP endpoint health changed");
-                changed = true;
                 // Back after a restart: its breaker, opened while it was
                 // gone, lets a probe through now instead of after `breaker_open_ms`.
                 if serving && endpoint.breaker.probe_now(std::time::Instant::now()) {
                     info!(endpoint = %endpoint.name, "NLP endpoint serving again; probing its breaker at once");
                 }
             }
-            if changed {
-                pool.update_capacity();
-            }
+            // Every round, not only on a change: cheap, and heals any drift.
+            pool.update_capacity();
         }
         next = if all_serving { HEALTH_INTERVAL } else { HEALTH_INTERVAL_RECOVERING };
     }

@@ -86,6 +86,9 @@ pub struct NlpPool {
     /// Wakes the health checks when a call found an endpoint unreachable or
     /// draining, so they see it come back without waiting a whole interval.
     recheck: tokio::sync::Notify,
+    /// Held while the admission capacity is worked out and set, so two
+    /// tasks' updates cannot land in the wrong order.
+    capacity_update: std::sync::Mutex<()>,
     max_queue_wait: Duration,
     first_chunk_timeout: Duration,
     token_gap_timeout: Duration,
@@ -167,6 +170,7 @@ impl NlpPool {
             admission: Admission::new(config.max_concurrent, config.per_tenant_limit(), config.max_queued),
             max_concurrent: config.max_concurrent,
             recheck: tokio::sync::Notify::new(),
+            capacity_update: std::sync::Mutex::new(()),
             max_queue_wait: Duration::from_millis(config.max_queue_wait_ms),
             first_chunk_timeout: Duration::from_millis(config.first_chunk_timeout_ms),
             token_gap_timeout: Duration::from_millis(config.token_gap_timeout_ms),
@@ -187,6 +191,8 @@ impl NlpPool {
     /// or of all of them when none can (a question then fails fast with the
     /// fallback instead of waiting for a slot nobody will free).
     fn update_capacity(&self) {
+        // Never held across an await; a poisoned lock guards no data.
+        let _ordered = self.capacity_update.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         let usable = |e: &&Arc<Endpoint>| e.healthy.load(Ordering::Acquire) && e.breaker.state() != BreakerState::Open;
         let sum = |usable_only: bool| -> usize {
             self.endpoints.iter().filter(|e| !usable_only || usable(e)).map(|e| e.limit.current()).sum()
@@ -198,15 +204,18 @@ impl NlpPool {
         .min(self.max_concurrent);
         if capacity != self.admission.capacity() {
             self.admission.set_capacity(capacity);
-            metrics::gauge!(crate::metric::NLP_CAPACITY).set(capacity as f64);
         }
+        metrics::gauge!(crate::metric::NLP_CAPACITY).set(capacity as f64);
     }
 
     /// An endpoint refused a call sent in `round` as full.
     fn overloaded(&self, endpoint: &Endpoint, round: Round, advertised: Option<usize>) {
         metrics::counter!(crate::metric::NLP_OVERLOADED, "endpoint" => endpoint.name.clone()).increment(1);
-        let changed = advertised.and_then(|n| endpoint.limit.advertised(n));
-        if let Some(limit) = endpoint.limit.overloaded(round).or(changed) {
+        // The cut first: it ends slow start, so the advertised limit can
+        // then only bound the limit, never raise it on a refusal.
+        let cut = endpoint.limit.overloaded(round);
+        let bounded = advertised.and_then(|n| endpoint.limit.advertised(n));
+        if let Some(limit) = bounded.or(cut) {
             debug!(endpoint = %endpoint.name, limit, "NLP endpoint full; limit lowered");
             set_limit_gauge(endpoint, limit);
             self.update_capacity();
@@ -267,6 +276,7 @@ impl NlpPool {
                     metrics::histogram!(crate::metric::NLP_FIRST_TOKEN).record(sent_at.elapsed().as_secs_f64());
                     return Ok(ActiveCall {
                         pool: self.clone(),
+                        reported: false,
                         queue_wait,
                         first_token: admitted.elapsed(),
                         stream,
@@ -288,7 +298,15 @@ impl NlpPool {
                     return Err(StartError::Deadline);
                 }
             };
-            if status.code() == Code::ResourceExhausted {
+            // A call that ends here reports nothing to the breaker: a
+            // half-open probe it took is given back.
+            let reports_to_breaker = status.code() != Code::ResourceExhausted
+                && !status.metadata().contains_key(fengda_proto::DRAINING_HEADER)
+                && counts_as_failure(status.code());
+            if !reports_to_breaker {
+                endpoint.breaker.release_probe();
+            }
+            if status.code() == Code::ResourceExhausted && !upstream_limited(&status) {
                 // Full, not broken: give the slot back and wait in line again.
                 self.overloaded(&endpoint, round, advertised_streams(status.metadata()));
                 drop((outstanding, permit));
@@ -314,7 +332,13 @@ impl NlpPool {
                     self.update_capacity();
                     self.recheck.notify_one();
                 }
-            } else if counts_as_failure(status.code()) {
+                // Not an attempt: the call goes to another endpoint at once.
+                if tried.len() < self.endpoints.len() {
+                    attempt -= 1;
+                    drop(outstanding);
+                    continue;
+                }
+            } else if reports_to_breaker {
                 // Not reached at all (refused, reset): a health observation
                 // too, so its next serving health check probes the breaker.
                 if never_reached(&status) && endpoint.healthy.swap(false, Ordering::AcqRel) {
@@ -328,7 +352,10 @@ impl NlpPool {
             // CANCELLED is never the hub's own doing here (the hub cancels by
             // dropping the call): it is the connection closing under the
             // request, e.g. a bridge that just died, so another endpoint may answer.
-            let retryable = matches!(status.code(), Code::Unavailable | Code::DeadlineExceeded | Code::Cancelled);
+            // An upstream's rate limit for one tenant is retried like a
+            // transient error (with backoff), not taken as the bridge being full.
+            let retryable = matches!(status.code(), Code::Unavailable | Code::DeadlineExceeded | Code::Cancelled)
+                || upstream_limited(&status);
             if !retryable || attempt >= self.max_attempts || Instant::now() + backoff >= deadline {
                 return Err(StartError::Failed(status));
             }
@@ -446,6 +473,13 @@ fn set_breaker_gauge(endpoint: &Endpoint, state: BreakerState) {
 /// denied to every call: it should be skipped).
 fn counts_as_failure(code: Code) -> bool {
     !matches!(code, Code::InvalidArgument | Code::OutOfRange | Code::ResourceExhausted)
+}
+
+/// A `RESOURCE_EXHAUSTED` that is an upstream's rate limit for one tenant
+/// ([`fengda_proto::UPSTREAM_LIMITED_HEADER`]), not the bridge being full:
+/// it must not lower the bridge's limit for every tenant.
+fn upstream_limited(status: &Status) -> bool {
+    status.metadata().contains_key(fengda_proto::UPSTREAM_LIMITED_HEADER)
 }
 
 /// The call failed in the transport (connect refused, connection reset),

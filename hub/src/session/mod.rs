@@ -104,6 +104,7 @@ pub fn run(socket: WebSocket, params: SessionParams, app: Arc<AppState>) -> impl
                     intro,
                     sent: crate::event::Cursor::at(snapshot.last_seq),
                     delivery: metrics::histogram!(crate::metric::FRAME_DELIVERY),
+                    gap_unfilled: false,
                 },
                 closer.clone(),
                 first_ping,

@@ -42,6 +42,10 @@ pub(super) struct Replay {
     pub sent: Cursor,
     /// `fengda_hub_frame_delivery_seconds`, looked up once per session.
     pub delivery: metrics::Histogram,
+    /// Set when a gap could not be filled from the store: the session then
+    /// closes with 4503 instead of skipping events, and the client resumes
+    /// from the last seq it really got.
+    pub gap_unfilled: bool,
 }
 
 /// Not an `async fn`, so that its arguments are not kept twice in the
@@ -98,9 +102,13 @@ pub(super) fn run_writer(
         .await;
         let failed = result.is_err();
         if let Err(error) = result {
-            // Also what a write after the client's close frame gets.
-            debug!(%error, "socket write failed");
-            closer.close(crate::protocol::close::NORMAL);
+            if replay.gap_unfilled {
+                closer.close(crate::protocol::close::UNAVAILABLE);
+            } else {
+                // Also what a write after the client's close frame gets.
+                debug!(%error, "socket write failed");
+                closer.close(crate::protocol::close::NORMAL);
+            }
         }
         let reason = closer.reason();
         let _ = tokio::time::timeout(CLOSE_TIMEOUT, async {
@@ -202,8 +210,11 @@ async fn fill_gap(sink: &mut Sink, replay: &mut Replay, before: u64) -> Result<(
     let events = match replay.store.events_after(&replay.key, after).await {
         Ok(events) => events,
         Err(error) => {
-            warn!(%error, after, "cannot fill a gap in the event stream");
-            return Ok(());
+            // Never skip past it: sending what comes after would tell the
+            // client it has events it never got.
+            warn!(%error, after, "cannot fill a gap in the event stream; closing the session");
+            replay.gap_unfilled = true;
+            return Err(axum::Error::new(error));
         }
     };
     let conversation = replay.key.conversation.as_str();

@@ -62,7 +62,12 @@ pub async fn upgrade(
                 .write_buffer_size(WRITE_BUFFER_BYTES)
                 .max_write_buffer_size(WRITE_BUFFER_BYTES + ws.max_frame_bytes * 4)
                 // The forwarded client's place under its address's cap goes with the session.
-                .on_upgrade(move |socket| session::run(socket, params, app).map(move |()| drop(address)))
+                // Tracked, so that shutdown waits for the session's own end
+                // (detach, the close handshake) and not only for its tasks.
+                .on_upgrade(move |socket| {
+                    let tracker = app.tracker.clone();
+                    tracker.track_future(session::run(socket, params, app).map(move |()| drop(address)))
+                })
         }
         Err(refused) => refused.into_response(),
     }

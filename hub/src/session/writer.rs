@@ -27,6 +27,10 @@ use crate::store::ConversationStore;
 
 /// Frames written per flush at most.
 const BURST: usize = 64;
+/// Pauses before each new try to read a gap's events from the store (about
+/// 1.5 s in all) before the session gives up and closes with 4503.
+const GAP_READ_RETRIES: [Duration; 4] =
+    [Duration::from_millis(100), Duration::from_millis(200), Duration::from_millis(400), Duration::from_millis(800)];
 /// How long a closing socket gets to take its close frame.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
 
@@ -207,14 +211,29 @@ async fn write_burst(sink: &mut Sink, burst: &mut Vec<Box<Outbound>>, replay: &m
 /// Sends the logged events between the last sent seq and `before` (exclusive).
 async fn fill_gap(sink: &mut Sink, replay: &mut Replay, before: u64) -> Result<(), axum::Error> {
     let after = replay.sent.last();
-    let events = match replay.store.events_after(&replay.key, after).await {
-        Ok(events) => events,
-        Err(error) => {
-            // Never skip past it: sending what comes after would tell the
-            // client it has events it never got.
-            warn!(%error, after, "cannot fill a gap in the event stream; closing the session");
-            replay.gap_unfilled = true;
-            return Err(axum::Error::new(error));
+    // A resync asks "did I miss anything?": if the store cannot say yet,
+    // the next event's seq will show any gap, which is then filled.
+    let resync = before == u64::MAX;
+    let mut tries = if resync { [].iter() } else { GAP_READ_RETRIES.iter() };
+    let events = loop {
+        match replay.store.events_after(&replay.key, after).await {
+            Ok(events) => break events,
+            Err(error) if resync => {
+                warn!(%error, after, "cannot re-read the event stream after a resync");
+                return Ok(());
+            }
+            // A store that just came back: try again shortly.
+            Err(error) if tries.len() > 0 => {
+                debug!(%error, after, "cannot fill a gap yet; retrying");
+                tokio::time::sleep(*tries.next().unwrap_or(&Duration::ZERO)).await;
+            }
+            Err(error) => {
+                // Never skip past it: sending what comes after would tell the
+                // client it has events it never got.
+                warn!(%error, after, "cannot fill a gap in the event stream; closing the session");
+                replay.gap_unfilled = true;
+                return Err(axum::Error::new(error));
+            }
         }
     };
     let conversation = replay.key.conversation.as_str();

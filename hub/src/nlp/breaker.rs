@@ -170,6 +170,15 @@ mod tests {
         })
     }
 
+    /// A breaker that three failures in a row opened at `t`.
+    fn opened_at(t: Instant) -> Breaker {
+        let b = breaker();
+        for _ in 0..3 {
+            b.record(false, t);
+        }
+        b
+    }
+
     #[test]
     fn opens_after_consecutive_failures_and_refuses_calls() {
         let b = breaker();
@@ -204,11 +213,8 @@ mod tests {
 
     #[test]
     fn half_open_lets_one_probe_through_then_closes_or_reopens() {
-        let b = breaker();
         let t = Instant::now();
-        for _ in 0..3 {
-            b.record(false, t);
-        }
+        let b = opened_at(t);
         let later = t + Duration::from_secs(30);
         assert!(b.allow(later), "the probe");
         assert!(!b.allow(later), "only one probe at a time");
@@ -237,11 +243,8 @@ mod tests {
 
     #[test]
     fn a_probe_that_ends_without_a_verdict_is_given_back() {
-        let b = breaker();
         let t = Instant::now();
-        for _ in 0..3 {
-            b.record(false, t);
-        }
+        let b = opened_at(t);
         let later = t + Duration::from_secs(30);
         assert!(b.allow(later), "the probe");
         assert!(!b.allow(later));
@@ -254,11 +257,8 @@ mod tests {
 
     #[test]
     fn a_probe_that_never_reports_does_not_block_the_breaker_forever() {
-        let b = breaker();
         let t = Instant::now();
-        for _ in 0..3 {
-            b.record(false, t);
-        }
+        let b = opened_at(t);
         let probe_time = t + Duration::from_secs(30);
         assert!(b.allow(probe_time), "the probe, which is then cancelled and never recorded");
         assert!(!b.allow(probe_time + Duration::from_secs(1)));

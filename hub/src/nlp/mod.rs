@@ -208,6 +208,16 @@ impl NlpPool {
         metrics::gauge!(crate::metric::NLP_CAPACITY).set(capacity as f64);
     }
 
+    /// A call found the endpoint not serving (draining, unreachable): calls
+    /// avoid it, and the health checks look again at once to see it back.
+    fn mark_unhealthy(&self, endpoint: &Endpoint, why: &'static str) {
+        if endpoint.healthy.swap(false, Ordering::AcqRel) {
+            info!(endpoint = %endpoint.name, "{why}");
+            self.update_capacity();
+            self.recheck.notify_one();
+        }
+    }
+
     /// An endpoint refused a call sent in `round` as full.
     fn overloaded(&self, endpoint: &Endpoint, round: Round, advertised: Option<usize>) {
         metrics::counter!(crate::metric::NLP_OVERLOADED, "endpoint" => endpoint.name.clone()).increment(1);
@@ -327,11 +337,7 @@ impl NlpPool {
             tried.push(endpoint.clone());
             if status.metadata().contains_key(fengda_proto::DRAINING_HEADER) {
                 // Shutting down on purpose: skipped until its health check says serving.
-                if endpoint.healthy.swap(false, Ordering::AcqRel) {
-                    info!(endpoint = %endpoint.name, "NLP endpoint draining; sending calls elsewhere");
-                    self.update_capacity();
-                    self.recheck.notify_one();
-                }
+                self.mark_unhealthy(&endpoint, "NLP endpoint draining; sending calls elsewhere");
                 // Not an attempt: the call goes to another endpoint at once.
                 if tried.len() < self.endpoints.len() {
                     attempt -= 1;
@@ -341,10 +347,8 @@ impl NlpPool {
             } else if reports_to_breaker {
                 // Not reached at all (refused, reset): a health observation
                 // too, so its next serving health check probes the breaker.
-                if never_reached(&status) && endpoint.healthy.swap(false, Ordering::AcqRel) {
-                    info!(endpoint = %endpoint.name, "NLP endpoint unreachable");
-                    self.update_capacity();
-                    self.recheck.notify_one();
+                if never_reached(&status) {
+                    self.mark_unhealthy(&endpoint, "NLP endpoint unreachable");
                 }
                 self.record(&endpoint, false);
             }

@@ -28,6 +28,12 @@ use crate::config::{ProxyAddrs, ServerConfig};
 /// without an answer. Taken from the reserved descriptors.
 pub const REFUSAL_LANE: usize = 64;
 
+/// The part of [`REFUSAL_LANE`] that refusals of one client address's
+/// limits may use. The rest is kept for refusals at the node's cap, whose
+/// lane is what still answers the orchestrator's health probes when the
+/// node is full: one flooding address must not crowd them out.
+pub const ADDRESS_REFUSAL_LANE: usize = REFUSAL_LANE / 4;
+
 /// Why a connection (or an upgrade through a trusted proxy) was refused.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Refusal {
@@ -76,7 +82,10 @@ pub struct Slot {
 pub struct ConnectionLimits {
     max_open: usize,
     open: Arc<Semaphore>,
+    /// Places for refusals at the node's cap.
     refusing: Arc<Semaphore>,
+    /// Places for refusals of a client address's limits (kept apart).
+    refusing_addresses: Arc<Semaphore>,
     addresses: Arc<AddressLimits>,
     trusted_proxies: Vec<ProxyAddrs>,
 }
@@ -91,7 +100,8 @@ impl ConnectionLimits {
         Self {
             max_open,
             open: Arc::new(Semaphore::new(max_open)),
-            refusing: Arc::new(Semaphore::new(REFUSAL_LANE)),
+            refusing: Arc::new(Semaphore::new(REFUSAL_LANE - ADDRESS_REFUSAL_LANE)),
+            refusing_addresses: Arc::new(Semaphore::new(ADDRESS_REFUSAL_LANE)),
             addresses: Arc::new(AddressLimits {
                 max: config.max_connections_per_ip,
                 counts: DashMap::default(),
@@ -113,7 +123,11 @@ impl ConnectionLimits {
             Ok(slot) => Verdict::Admitted(slot),
             Err(refusal) => {
                 refusal.count();
-                match self.refusing.clone().try_acquire_owned() {
+                let lane = match refusal {
+                    Refusal::AtCapacity => &self.refusing,
+                    Refusal::AddressConnections | Refusal::AddressRate { .. } => &self.refusing_addresses,
+                };
+                match lane.clone().try_acquire_owned() {
                     Ok(lane) => Verdict::Refused(refusal, lane),
                     Err(_) => Verdict::Dropped(refusal),
                 }
@@ -292,9 +306,21 @@ mod tests {
         let limits = limits(ServerConfig { max_connections_per_ip: 0, ..Default::default() }, 1);
         let _held = limits.admit(ip("10.0.0.1"));
         assert!(limits.at_capacity());
-        let lane: Vec<_> = (0..REFUSAL_LANE).map(|_| limits.admit(ip("10.0.0.2"))).collect();
+        let lane: Vec<_> = (0..REFUSAL_LANE - ADDRESS_REFUSAL_LANE).map(|_| limits.admit(ip("10.0.0.2"))).collect();
         assert!(lane.iter().all(|a| matches!(a, Verdict::Refused(Refusal::AtCapacity, _))));
         assert!(matches!(limits.admit(ip("10.0.0.2")), Verdict::Dropped(Refusal::AtCapacity)));
+    }
+
+    #[test]
+    fn a_flooding_address_cannot_take_the_lane_of_refusals_at_capacity() {
+        let config = ServerConfig { max_connections_per_ip: 1, ..Default::default() };
+        let limits = limits(config, 1);
+        let _held = limits.admit(ip("10.0.0.1"));
+        let flood: Vec<_> = (0..ADDRESS_REFUSAL_LANE).map(|_| limits.admit(ip("10.0.0.1"))).collect();
+        assert!(flood.iter().all(|a| matches!(a, Verdict::Refused(Refusal::AddressConnections, _))));
+        assert!(matches!(limits.admit(ip("10.0.0.1")), Verdict::Dropped(Refusal::AddressConnections)));
+        // A probe from elsewhere at the full node is still answered.
+        assert!(matches!(limits.admit(ip("10.0.0.9")), Verdict::Refused(Refusal::AtCapacity, _)));
     }
 
     #[test]

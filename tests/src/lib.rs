@@ -5,6 +5,8 @@
 //! - [`Client`]: a WebSocket client with JSON helpers that fail loudly on timeout.
 //! - [`RecordingAnswerer`]: an in-test gRPC answerer that records every request.
 //! - [`RedisServer`]: a real `redis-server` on an ephemeral port.
+//! - [`spawn`]: how those processes are started and their logs kept, shared
+//!   with the load generator (`fengda-load` depends on this library).
 //! - [`resume`]: the lost-reply scenario (drop the only socket mid-reply, come back).
 //! - [`isolation`]: the colliding-ids attack (tenant `x` naming `y:<id>` of tenant `x:y`).
 //!
@@ -23,6 +25,7 @@ pub mod isolation;
 mod process;
 mod redis;
 pub mod resume;
+pub mod spawn;
 
 pub use answerer::{RecordingAnswerer, Script};
 pub use client::{Client, Reply};

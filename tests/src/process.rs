@@ -154,14 +154,31 @@ impl Hub {
 
     /// Sends SIGTERM and waits for the exit status.
     pub async fn terminate(mut self) -> std::process::ExitStatus {
-        let pid = self.child.id().expect("hub still running") as i32;
+        self.sigterm();
         let _redis = self.redis.take();
+        self.wait_exit().await
+    }
+
+    /// Sends SIGTERM (the hub starts its drain) without waiting.
+    pub fn sigterm(&self) {
+        let pid = self.child.id().expect("hub still running") as i32;
         // SAFETY: plain kill(2) on a child we started and still own.
         unsafe { libc::kill(pid, libc::SIGTERM) };
+    }
+
+    /// Waits for the exit status (after [`Hub::sigterm`]).
+    pub async fn wait_exit(&mut self) -> std::process::ExitStatus {
         tokio::time::timeout(std::time::Duration::from_secs(20), self.child.wait())
             .await
             .expect("hub did not exit within 20 s of SIGTERM")
             .expect("wait hub")
+    }
+
+    /// GET `path` on the admin listener: status code and body (None if it does not answer).
+    pub async fn admin_get(&self, path: &str) -> Option<(u16, String)> {
+        let response = reqwest::get(format!("{}{path}", self.admin_url)).await.ok()?;
+        let status = response.status().as_u16();
+        Some((status, response.text().await.ok()?))
     }
 }
 

@@ -97,6 +97,36 @@ async fn shutdown_closes_sockets_with_1001_and_exits_cleanly() {
 }
 
 #[tokio::test]
+async fn during_shutdown_readyz_is_red_and_new_sockets_are_refused() {
+    let hub = Hub::start(&["--shutdown-grace-ms", "3000"]).await;
+    assert_eq!(hub.admin_get("/readyz").await, Some((200, r#"{"status":"ready"}"#.to_owned())));
+    // A peer that never reads never answers the hub's close frame: its
+    // session holds the drain open (up to the grace) while we look.
+    let mut silent = Client::connect(&hub.ws_url("tenant=demo&user=stays")).await;
+    let mut hub = hub;
+    hub.sigterm();
+    let deadline = tokio::time::Instant::now() + fengda_tests::STEP_TIMEOUT;
+    let (status, body) = loop {
+        match hub.admin_get("/readyz").await {
+            Some((200, _)) => assert!(tokio::time::Instant::now() < deadline, "readyz stayed green after SIGTERM"),
+            Some(answer) => break answer,
+            None => panic!("the admin listener stopped before the sessions closed"),
+        }
+    };
+    assert_eq!(status, 503);
+    let body: serde_json::Value = serde_json::from_str(&body).expect("JSON body");
+    assert_eq!(body, serde_json::json!({"status": "shutting_down"}));
+    // The public listener takes no new socket (refused, or 503 shutting_down).
+    match tokio_tungstenite::connect_async(hub.ws_url("tenant=demo&user=late")).await {
+        Ok(_) => panic!("a socket was accepted during shutdown"),
+        Err(tokio_tungstenite::tungstenite::Error::Http(response)) => assert_eq!(response.status(), 503),
+        Err(_refused) => {}
+    }
+    assert!(hub.wait_exit().await.success(), "the hub exits 0 after its drain");
+    assert_eq!(raw_close_code(&mut silent).await, 1001);
+}
+
+#[tokio::test]
 async fn sessions_and_tasks_return_to_baseline_after_sockets_close() {
     let answerer = RecordingAnswerer::start(Script::default()).await;
     let hub = Hub::start(&["--nlp-url", &answerer.url]).await;

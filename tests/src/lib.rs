@@ -3,8 +3,12 @@
 //! - [`Hub`]: a `fengda serve` process on an ephemeral port, killed on drop.
 //! - [`NlpProcess`]: a `fengda-nlp` process, likewise.
 //! - [`Client`]: a WebSocket client with JSON helpers that fail loudly on timeout.
+//! - [`InProcessHub`]: a hub in the test's own runtime, for tests of
+//!   durations under paused time.
 //! - [`RecordingAnswerer`]: an in-test gRPC answerer that records every request.
 //! - [`RedisServer`]: a real `redis-server` on an ephemeral port.
+//! - [`spawn`]: how those processes are started and their logs kept, shared
+//!   with the load generator (`fengda-load` depends on this library).
 //! - [`resume`]: the lost-reply scenario (drop the only socket mid-reply, come back).
 //! - [`isolation`]: the colliding-ids attack (tenant `x` naming `y:<id>` of tenant `x:y`).
 //!
@@ -19,13 +23,16 @@
 
 mod answerer;
 mod client;
+mod in_process;
 pub mod isolation;
 mod process;
 mod redis;
 pub mod resume;
+pub mod spawn;
 
 pub use answerer::{RecordingAnswerer, Script};
 pub use client::{Client, Reply};
+pub use in_process::InProcessHub;
 pub use process::{Hub, NlpProcess, binary, metric_value};
 pub use redis::RedisServer;
 

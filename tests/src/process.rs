@@ -1,114 +1,21 @@
 //! Spawning the real binaries and learning their bound address.
 
 use std::path::PathBuf;
-use std::process::Stdio;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
-use anyhow::{Context, bail};
-use tokio::io::{AsyncBufReadExt, BufReader};
-use tokio::process::{Child, Command};
+use tokio::process::Child;
+
+use crate::spawn::{ChildLog, Launch, LogTo, Started};
 
 /// Path of a workspace binary built next to the running test.
 pub fn binary(name: &str) -> PathBuf {
-    let exe = std::env::current_exe().expect("current_exe");
-    // target/<profile>/deps/<test> -> target/<profile>/<name>
-    let dir = exe.parent().and_then(|deps| deps.parent()).expect("test exe lives in target/<profile>/deps");
-    let path = dir.join(name);
-    assert!(
-        path.exists(),
-        "binary {} not found; build it first with `cargo build --workspace --bins` (tests/run.sh does)",
-        path.display()
-    );
-    path
+    crate::spawn::binary_path(name).unwrap_or_else(|error| panic!("{error:#}"))
 }
 
-/// What [`spawn_listening`] learned from a started process.
-struct Listening {
-    child: Child,
-    /// From the first stdout line, `listening on http://ADDR`.
-    url: String,
-    /// From the second, `admin listening on http://ADDR` (the hub's).
-    admin_url: Option<String>,
-    /// Its stderr so far (also copied to ours), up to [`MAX_KEPT_LOG`].
-    logs: Arc<Mutex<String>>,
-}
-
-/// The most of a process's log kept for [`Hub::logs`].
-const MAX_KEPT_LOG: usize = 1 << 20;
-
-/// Starts `program args…`, waits for its first stdout line
-/// `listening on http://ADDR` (and with `admin`, the second,
-/// `admin listening on http://ADDR`), optionally with a lower open-files
-/// limit (`RLIMIT_NOFILE`).
-async fn spawn_listening(
-    program: &str,
-    args: &[String],
-    admin: bool,
-    nofile: Option<u64>,
-) -> anyhow::Result<Listening> {
-    let mut command = Command::new(binary(program));
-    if let Some(limit) = nofile {
-        // SAFETY: setrlimit is async-signal-safe; the closure touches nothing else.
-        unsafe {
-            command.pre_exec(move || {
-                let limit = libc::rlimit { rlim_cur: limit, rlim_max: limit };
-                if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) == 0 {
-                    Ok(())
-                } else {
-                    Err(std::io::Error::last_os_error())
-                }
-            });
-        }
-    }
-    let mut child = command
-        .args(args)
-        .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()))
-        .env("NO_COLOR", "1")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .with_context(|| format!("spawn {program}"))?;
-    let logs = Arc::new(Mutex::new(String::new()));
-    let stderr = child.stderr.take().context("stderr")?;
-    let kept = logs.clone();
-    tokio::spawn(async move {
-        let mut lines = BufReader::new(stderr).lines();
-        while let Ok(Some(line)) = lines.next_line().await {
-            eprintln!("{line}");
-            let mut kept = kept.lock().unwrap();
-            if kept.len() + line.len() < MAX_KEPT_LOG {
-                kept.push_str(&line);
-                kept.push('\n');
-            }
-        }
-    });
-    let stdout = child.stdout.take().context("stdout")?;
-    let mut lines = BufReader::new(stdout).lines();
-    let mut next_line = async |what: &str| -> anyhow::Result<String> {
-        tokio::time::timeout(crate::STEP_TIMEOUT, lines.next_line())
-            .await
-            .with_context(|| format!("{program} printed no {what} within {:?}", crate::STEP_TIMEOUT))??
-            .with_context(|| format!("{program} exited before printing its {what}"))
-    };
-    let line = next_line("address").await?;
-    let Some(url) = line.strip_prefix("listening on ") else {
-        bail!("{program}'s first line should be `listening on http://…`, got {line:?}");
-    };
-    let url = url.to_owned();
-    let admin_url = match admin {
-        false => None,
-        true => {
-            let line = next_line("admin address").await?;
-            let Some(admin_url) = line.strip_prefix("admin listening on ") else {
-                bail!("{program}'s second line should be `admin listening on http://…`, got {line:?}");
-            };
-            Some(admin_url.to_owned())
-        }
-    };
-    // Keep draining stdout so the child never blocks on a full pipe.
-    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-    Ok(Listening { child, url, admin_url, logs })
+/// Starts a workspace binary with its log on our stderr (and kept for [`Hub::logs`]).
+async fn start(program: &str, args: Vec<String>, admin: bool, nofile: Option<u64>) -> Started {
+    let launch = Launch { admin, nofile, ..Launch::new(program, args, LogTo::Stderr) };
+    launch.start().await.unwrap_or_else(|error| panic!("start {program}: {error:#}"))
 }
 
 /// A running `fengda serve`.
@@ -119,7 +26,7 @@ pub struct Hub {
     /// The admin listener (`/metrics`), `http://127.0.0.1:PORT`.
     pub admin_url: String,
     /// Its stderr so far.
-    logs: Arc<Mutex<String>>,
+    log: Arc<ChildLog>,
     /// The hub's private Redis when the suite runs with `FENGDA_TEST_BACKEND=redis`.
     pub redis: Option<crate::RedisServer>,
 }
@@ -206,14 +113,14 @@ impl Hub {
             );
         }
         args.extend(extra.iter().map(|a| a.to_string()));
-        let started = spawn_listening("fengda", &args, true, nofile).await.expect("start fengda");
+        let started = start("fengda", args, true, nofile).await;
         let admin_url = started.admin_url.expect("the hub prints its admin address");
-        Hub { child: started.child, url: started.url, admin_url, logs: started.logs, redis: None }
+        Hub { child: started.child, url: started.url, admin_url, log: started.log, redis: None }
     }
 
     /// What the hub has logged so far (stderr).
     pub fn logs(&self) -> String {
-        self.logs.lock().unwrap().clone()
+        self.log.text()
     }
 
     /// `ws://127.0.0.1:PORT/ws?<query>`
@@ -247,14 +154,31 @@ impl Hub {
 
     /// Sends SIGTERM and waits for the exit status.
     pub async fn terminate(mut self) -> std::process::ExitStatus {
-        let pid = self.child.id().expect("hub still running") as i32;
+        self.sigterm();
         let _redis = self.redis.take();
+        self.wait_exit().await
+    }
+
+    /// Sends SIGTERM (the hub starts its drain) without waiting.
+    pub fn sigterm(&self) {
+        let pid = self.child.id().expect("hub still running") as i32;
         // SAFETY: plain kill(2) on a child we started and still own.
         unsafe { libc::kill(pid, libc::SIGTERM) };
+    }
+
+    /// Waits for the exit status (after [`Hub::sigterm`]).
+    pub async fn wait_exit(&mut self) -> std::process::ExitStatus {
         tokio::time::timeout(std::time::Duration::from_secs(20), self.child.wait())
             .await
             .expect("hub did not exit within 20 s of SIGTERM")
             .expect("wait hub")
+    }
+
+    /// GET `path` on the admin listener: status code and body (None if it does not answer).
+    pub async fn admin_get(&self, path: &str) -> Option<(u16, String)> {
+        let response = reqwest::get(format!("{}{path}", self.admin_url)).await.ok()?;
+        let status = response.status().as_u16();
+        Some((status, response.text().await.ok()?))
     }
 }
 
@@ -289,7 +213,7 @@ impl NlpProcess {
             path
         });
         args.extend(extra.iter().map(|a| a.to_string()));
-        let started = spawn_listening("fengda-nlp", &args, false, None).await.expect("start fengda-nlp");
+        let started = start("fengda-nlp", args, false, None).await;
         NlpProcess { child: started.child, url: started.url, config }
     }
 

@@ -1,84 +1,75 @@
-//! A real `redis-server` per test, on an ephemeral port.
+//! A real `redis-server` per test (or per load-generator run), on an ephemeral port.
 
 use std::path::PathBuf;
-use std::process::Stdio;
+use std::sync::Arc;
 
-use tokio::io::{AsyncBufReadExt, BufReader};
+use anyhow::bail;
 use tokio::process::{Child, Command};
+
+use crate::spawn::{self, ChildLog, LogTo};
 
 pub struct RedisServer {
     child: Option<Child>,
     pub port: u16,
     pub url: String,
-    /// Holds the append-only file when started with persistence.
+    /// Its working directory (the append-only file when started with
+    /// persistence), removed on drop.
     dir: PathBuf,
     persistent: bool,
+    log_to: LogTo,
+    log: Arc<ChildLog>,
 }
 
 impl RedisServer {
-    /// Starts an in-memory Redis (nothing survives a restart).
+    /// Starts an in-memory Redis (nothing survives a restart), its log on our stderr.
     pub async fn start() -> RedisServer {
-        Self::start_with(false).await
+        Self::launch(false, LogTo::Stderr).await.expect("start redis-server")
     }
 
     /// Starts a Redis that writes every change to an append-only file, so a
     /// killed and restarted server comes back with its data.
     pub async fn start_persistent() -> RedisServer {
-        Self::start_with(true).await
+        Self::launch(true, LogTo::Stderr).await.expect("start redis-server")
     }
 
-    async fn start_with(persistent: bool) -> RedisServer {
+    /// Starts a Redis (append-only with `persistent`, else in memory only)
+    /// on a free loopback port, its log copied as `log_to` says.
+    pub async fn launch(persistent: bool, log_to: LogTo) -> anyhow::Result<RedisServer> {
         let dir = std::env::temp_dir().join(format!("fengda-redis-{}-{}", std::process::id(), unique()));
-        std::fs::create_dir_all(&dir).expect("redis temp dir");
+        std::fs::create_dir_all(&dir)?;
+        let log = spawn::redis_log(&log_to)?;
+        let mut server = RedisServer { child: None, port: 0, url: String::new(), dir, persistent, log_to, log };
         for _ in 0..5 {
-            let port = free_port();
-            let mut server = RedisServer {
-                child: None,
-                port,
-                url: format!("redis://127.0.0.1:{port}"),
-                dir: dir.clone(),
-                persistent,
-            };
-            if server.spawn().await {
-                return server;
+            server.port = free_port()?;
+            server.url = format!("redis://127.0.0.1:{}", server.port);
+            if server.spawn().await? {
+                return Ok(server);
             }
         }
-        panic!("could not start redis-server on a free port after 5 tries");
+        bail!("could not start redis-server on a free port after 5 tries")
     }
 
     /// Starts the server process on `self.port`; false if it exited (port taken).
-    async fn spawn(&mut self) -> bool {
-        let mut command = Command::new("redis-server");
-        command
-            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1", "--save", ""])
-            .arg("--dir")
-            .arg(&self.dir);
-        if self.persistent {
-            command.args(["--appendonly", "yes", "--appendfsync", "always"]);
-        } else {
-            command.args(["--appendonly", "no"]);
-        }
-        let mut child =
-            command.stdout(Stdio::piped()).stderr(Stdio::inherit()).kill_on_drop(true).spawn().expect(
-                "redis-server not found: install it with `apt-get install -y redis-server` (tests/run.sh does)",
-            );
-        let mut lines = BufReader::new(child.stdout.take().expect("stdout")).lines();
-        let ready = tokio::time::timeout(crate::STEP_TIMEOUT, async {
-            while let Ok(Some(line)) = lines.next_line().await {
-                if line.contains("Ready to accept connections") {
-                    return true;
-                }
-            }
-            false
-        })
-        .await
-        .expect("redis-server did not become ready in time");
-        if !ready {
-            return false;
-        }
-        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-        self.child = Some(child);
-        true
+    async fn spawn(&mut self) -> anyhow::Result<bool> {
+        let child = spawn::start_redis(self.port, &self.dir, self.persistent, &self.log_to, &self.log).await?;
+        let started = child.is_some();
+        self.child = child;
+        Ok(started)
+    }
+
+    /// The running server's process id.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().and_then(Child::id)
+    }
+
+    /// How it exited, if it has (None while it runs, or after [`RedisServer::kill`]).
+    pub fn try_wait(&mut self) -> Option<std::process::ExitStatus> {
+        self.child.as_mut().and_then(|child| child.try_wait().ok().flatten())
+    }
+
+    /// Its log so far.
+    pub fn log(&self) -> &Arc<ChildLog> {
+        &self.log
     }
 
     /// Kills the server (SIGKILL, no goodbye to clients).
@@ -92,9 +83,10 @@ impl RedisServer {
     pub async fn restart(&mut self) {
         self.kill().await;
         for _ in 0..50 {
-            if self.spawn().await {
+            if self.spawn().await.expect("restart redis-server") {
                 return;
             }
+            // The port may linger for a moment after the kill: waiting is the point here.
             tokio::time::sleep(std::time::Duration::from_millis(100)).await;
         }
         panic!("redis-server could not restart on port {}", self.port);
@@ -122,8 +114,9 @@ impl Drop for RedisServer {
     }
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port()
+/// A free loopback TCP port (free when we looked; the caller retries if taken).
+fn free_port() -> std::io::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 
 fn unique() -> u64 {

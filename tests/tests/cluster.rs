@@ -148,7 +148,12 @@ async fn connect_only_sockets_leave_no_redis_key_behind() {
 #[tokio::test]
 async fn a_user_returning_after_the_idle_window_starts_a_new_conversation() {
     let redis = RedisServer::start().await;
-    let nodes = cluster(&redis, 2, &["--idle-window-ms", "600"]).await;
+    // The window is the opening node's setting: node 1's is long, so that
+    // "back within the window" does not race the clock; node 0's is short.
+    let nodes = [
+        Hub::start_node(&redis, &["--idle-window-ms", "600"]).await,
+        Hub::start_node(&redis, &["--idle-window-ms", "600000"]).await,
+    ];
     let mut first = Client::connect(&nodes[0].ws_url("tenant=demo&user=returning")).await;
     let conversation = first.conversation();
     first.ask("m1", "Tell me about the Gold Card").await;
@@ -158,8 +163,9 @@ async fn a_user_returning_after_the_idle_window_starts_a_new_conversation() {
     assert_eq!(within.conversation(), conversation, "back within the window: same conversation");
     drop(within);
 
-    // The idle window is time without activity; wait it out.
-    tokio::time::sleep(Duration::from_millis(900)).await;
+    // The idle window is time without activity: waiting it out is the point
+    // (a sleep lasts at least its duration, so this does not race).
+    tokio::time::sleep(Duration::from_millis(700)).await;
     let later = Client::connect(&nodes[0].ws_url("tenant=demo&user=returning")).await;
     assert_ne!(later.conversation(), conversation, "after the window: a new conversation");
     assert_eq!(later.ready["seq"], 0);

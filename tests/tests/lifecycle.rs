@@ -4,6 +4,7 @@ use std::time::Duration;
 
 use fengda_tests::{Client, Hub, RecordingAnswerer, Script};
 use futures::StreamExt;
+use tokio_tungstenite::MaybeTlsStream;
 use tokio_tungstenite::tungstenite::Message;
 
 #[tokio::test]
@@ -24,25 +25,59 @@ async fn a_client_that_stops_reading_is_closed_as_a_slow_consumer() {
 
 #[tokio::test]
 async fn a_silent_peer_is_closed_and_a_live_one_is_kept_by_pings() {
-    let hub = Hub::start(&["--ping-interval-ms", "100", "--idle-timeout-ms", "400"]).await;
+    let hub = Hub::start(&["--ping-interval-ms", "100", "--idle-timeout-ms", "1000"]).await;
     let mut live = Client::connect(&hub.ws_url("tenant=demo&user=live")).await;
     let mut silent = Client::connect(&hub.ws_url("tenant=demo&user=silent")).await;
 
-    // The live client keeps reading (tungstenite answers each ping with a pong) for 3 idle timeouts.
+    // The live client keeps reading (tungstenite answers each ping with a
+    // pong) until the hub has closed the silent one, which connected later:
+    // by then the live one has been connected longer than the idle timeout.
     let mut pings = 0;
-    let until = tokio::time::Instant::now() + Duration::from_millis(1200);
-    while let Ok(message) = tokio::time::timeout_at(until, live.ws.next()).await {
-        match message {
-            Some(Ok(Message::Ping(_))) => pings += 1,
-            other => panic!("the live client should only see pings, got {other:?}"),
+    let mut check = tokio::time::interval(Duration::from_millis(50));
+    while hub.metric("fengda_hub_sessions_open").await != 1.0 {
+        tokio::select! {
+            message = live.ws.next() => match message {
+                Some(Ok(Message::Ping(_))) => pings += 1,
+                other => panic!("the live client should only see pings, got {other:?}"),
+            },
+            _ = check.tick() => {}
         }
     }
     assert!(pings >= 5, "pings keep the connection alive: saw {pings}");
     live.assert_alive().await;
 
-    // The silent client never read, so never answered a ping: it was closed with 4010.
-    let close = silent.expect_close().await.expect("close frame");
-    assert_eq!(u16::from(close.code), 4010);
+    // The silent client never read, so never answered a ping: it was closed
+    // with 4010. Its frames are read raw, as a peer that never answers them
+    // (tungstenite would queue pongs to a closed socket).
+    assert_eq!(raw_close_code(&mut silent).await, 4010);
+}
+
+/// Reads a client's socket to its end without answering anything and
+/// returns the code of the close frame among the server's frames.
+async fn raw_close_code(client: &mut Client) -> u16 {
+    use tokio::io::AsyncReadExt;
+    let MaybeTlsStream::Plain(stream) = client.ws.get_mut() else { panic!("plain TCP") };
+    let mut bytes = Vec::new();
+    tokio::time::timeout(fengda_tests::STEP_TIMEOUT, stream.read_to_end(&mut bytes))
+        .await
+        .expect("the hub ends the connection")
+        .expect("read");
+    // Server frames are unmasked: opcode, length (7 bits, or 126 and 16 bits), payload.
+    let mut rest = &bytes[..];
+    while rest.len() >= 2 {
+        let (opcode, short) = (rest[0] & 0x0f, usize::from(rest[1] & 0x7f));
+        let (len, header) = match short {
+            126 => (usize::from(u16::from_be_bytes([rest[2], rest[3]])), 4),
+            127 => panic!("no frame this long expected"),
+            len => (len, 2),
+        };
+        let payload = &rest[header..header + len];
+        if opcode == 0x8 {
+            return u16::from_be_bytes([payload[0], payload[1]]);
+        }
+        rest = &rest[header + len..];
+    }
+    panic!("no close frame among {} bytes", bytes.len());
 }
 
 #[tokio::test]
@@ -59,6 +94,36 @@ async fn shutdown_closes_sockets_with_1001_and_exits_cleanly() {
         let close = client.expect_close().await.expect("close frame");
         assert_eq!(u16::from(close.code), 1001);
     }
+}
+
+#[tokio::test]
+async fn during_shutdown_readyz_is_red_and_new_sockets_are_refused() {
+    let hub = Hub::start(&["--shutdown-grace-ms", "3000"]).await;
+    assert_eq!(hub.admin_get("/readyz").await, Some((200, r#"{"status":"ready"}"#.to_owned())));
+    // A peer that never reads never answers the hub's close frame: its
+    // session holds the drain open (up to the grace) while we look.
+    let mut silent = Client::connect(&hub.ws_url("tenant=demo&user=stays")).await;
+    let mut hub = hub;
+    hub.sigterm();
+    let deadline = tokio::time::Instant::now() + fengda_tests::STEP_TIMEOUT;
+    let (status, body) = loop {
+        match hub.admin_get("/readyz").await {
+            Some((200, _)) => assert!(tokio::time::Instant::now() < deadline, "readyz stayed green after SIGTERM"),
+            Some(answer) => break answer,
+            None => panic!("the admin listener stopped before the sessions closed"),
+        }
+    };
+    assert_eq!(status, 503);
+    let body: serde_json::Value = serde_json::from_str(&body).expect("JSON body");
+    assert_eq!(body, serde_json::json!({"status": "shutting_down"}));
+    // The public listener takes no new socket (refused, or 503 shutting_down).
+    match tokio_tungstenite::connect_async(hub.ws_url("tenant=demo&user=late")).await {
+        Ok(_) => panic!("a socket was accepted during shutdown"),
+        Err(tokio_tungstenite::tungstenite::Error::Http(response)) => assert_eq!(response.status(), 503),
+        Err(_refused) => {}
+    }
+    assert!(hub.wait_exit().await.success(), "the hub exits 0 after its drain");
+    assert_eq!(raw_close_code(&mut silent).await, 1001);
 }
 
 #[tokio::test]

@@ -13,7 +13,7 @@
 
 use std::collections::VecDeque;
 use std::sync::Mutex;
-use std::time::{Duration, Instant};
+use tokio::time::{Duration, Instant};
 
 /// Breaker settings (see `nlp` in the config for defaults).
 #[derive(Debug, Clone)]

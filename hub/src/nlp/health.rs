@@ -65,7 +65,7 @@ pub async fn run_health_checks(pool: Arc<NlpPool>, stop: CancellationToken) {
                 info!(endpoint = %endpoint.name, serving, "NLP endpoint health changed");
                 // Back after a restart: its breaker, opened while it was
                 // gone, lets a probe through now instead of after `breaker_open_ms`.
-                if serving && endpoint.breaker.probe_now(std::time::Instant::now()) {
+                if serving && endpoint.breaker.probe_now(tokio::time::Instant::now()) {
                     info!(endpoint = %endpoint.name, "NLP endpoint serving again; probing its breaker at once");
                 }
             }

@@ -237,7 +237,7 @@ impl NlpPool {
         let outcome = if success { "ok" } else { "failed" };
         metrics::counter!(crate::metric::NLP_CALLS, "outcome" => outcome).increment(1);
         let mut changed = false;
-        if let Some(state) = endpoint.breaker.record(success, std::time::Instant::now()) {
+        if let Some(state) = endpoint.breaker.record(success, Instant::now()) {
             warn!(endpoint = %endpoint.name, ?state, "NLP circuit breaker changed state");
             set_breaker_gauge(endpoint, state);
             changed = true;
@@ -420,7 +420,7 @@ impl NlpPool {
     /// breaker allows one; endpoints this question already failed on,
     /// unhealthy ones and full ones only when no other will take the call.
     fn pick(&self, tried: &[Arc<Endpoint>]) -> Option<Arc<Endpoint>> {
-        let now = std::time::Instant::now();
+        let now = Instant::now();
         let mut candidates: Vec<_> = self.endpoints.iter().collect();
         candidates.sort_by_key(|e| {
             let already_failed = tried.iter().any(|t| Arc::ptr_eq(t, e));

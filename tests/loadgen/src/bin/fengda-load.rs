@@ -1,7 +1,9 @@
 //! `fengda-load`: measures what one hub node costs per reply and per idle socket.
 //!
 //! It starts its own processes from the cargo target dir it lives in (build
-//! them with `cargo build --release -p fengda -p fengda-nlp -p fengda-load --bins`):
+//! them with `cargo build --release -p fengda -p fengda-nlp -p fengda-load --bins`)
+//! the way the cross-process tests do (`fengda_tests::spawn`), each child's
+//! log in `--log-dir`:
 //! one external `fengda-nlp --first-token-delay-ms 0 --tokens-per-second 0`
 //! (no pacing, so the hub is the thing under load; `--pace-first-token-ms`
 //! and `--pace-tokens-per-s` set a realistic pace instead, and the reply
@@ -100,7 +102,6 @@
 //! its tests.
 
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -114,11 +115,13 @@ use fengda_load::report::{self, Failed, Failure, Failures, NodeSample, ReplyStat
 use fengda_load::schedule::{self, Phase};
 use fengda_load::setup::{self, Pace};
 use fengda_load::text;
+use fengda_tests::RedisServer;
+use fengda_tests::spawn::{ChildLog, Launch, LogTo, Started};
 use futures::{SinkExt, StreamExt};
 use serde_json::{Value, json};
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
-use tokio::process::{Child, Command};
+use tokio::process::Child;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream, connect_async_with_config};
@@ -589,23 +592,70 @@ fn plan(common: &Common, target: &Target, scenario: &Scenario) -> anyhow::Result
 
 // ---------------------------------------------------------------- processes
 
-/// Counts WARN/ERROR lines of a child's stderr and copies it to a log file.
-#[derive(Default)]
-struct LogStats {
-    warn: AtomicU64,
-    error: AtomicU64,
-    samples: Mutex<Vec<String>>,
-}
-
+/// A process we started, and its log.
 struct Spawned {
     name: String,
-    child: Child,
     pid: u32,
+    /// `http://ADDR` from its first stdout line (Redis: `redis://ADDR`).
     url: String,
     /// A hub's admin listener (`/metrics`), from its second stdout line.
     admin_url: Option<String>,
-    log_path: PathBuf,
-    stats: Arc<LogStats>,
+    log: Arc<ChildLog>,
+    process: Process,
+}
+
+enum Process {
+    Binary(Child),
+    Redis(RedisServer),
+}
+
+impl Spawned {
+    /// Starts `program args…` (its log in `log_dir/NAME.log`) and waits for its address line(s).
+    async fn binary(
+        program: &str,
+        name: String,
+        args: Vec<String>,
+        log_dir: &Path,
+        admin: bool,
+    ) -> anyhow::Result<Spawned> {
+        let log_to = LogTo::File(log_dir.join(format!("{name}.log")));
+        let Started { child, pid, url, admin_url, log } = Launch { admin, ..Launch::new(program, args, log_to) }
+            .start()
+            .await
+            .with_context(|| format!("start {name}"))?;
+        Ok(Spawned { name, pid, url, admin_url, log, process: Process::Binary(child) })
+    }
+
+    /// Starts `redis-server` on a free loopback port, in memory only (its log in `log_dir/redis-server.log`).
+    async fn redis(log_dir: &Path) -> anyhow::Result<Spawned> {
+        let redis = RedisServer::launch(false, LogTo::File(log_dir.join("redis-server.log"))).await?;
+        Ok(Spawned {
+            name: "redis-server".into(),
+            pid: redis.pid().context("redis-server pid")?,
+            url: redis.url.clone(),
+            admin_url: None,
+            log: redis.log().clone(),
+            process: Process::Redis(redis),
+        })
+    }
+
+    /// Kills it unless it has exited already; returns how it exited early, if it did.
+    async fn stop(&mut self) -> Option<std::process::ExitStatus> {
+        match &mut self.process {
+            Process::Binary(child) => {
+                let exited = child.try_wait().ok().flatten();
+                if exited.is_none() {
+                    let _ = child.kill().await;
+                }
+                exited
+            }
+            Process::Redis(redis) => {
+                let exited = redis.try_wait();
+                redis.kill().await;
+                exited
+            }
+        }
+    }
 }
 
 /// The hub node(s) under test: started by us, or attached.
@@ -634,176 +684,6 @@ struct Target {
 fn bin_dir() -> anyhow::Result<PathBuf> {
     let exe = std::env::current_exe().context("current_exe")?;
     Ok(exe.parent().context("exe has a parent dir")?.to_path_buf())
-}
-
-/// Copies a child's output to `log_path`, counting lines `classify` calls warnings or errors.
-async fn copy_log<R>(
-    reader: R,
-    log_path: &Path,
-    classify: fn(&str) -> Option<Level>,
-) -> anyhow::Result<(Arc<LogStats>, tokio::sync::mpsc::UnboundedReceiver<String>)>
-where
-    R: tokio::io::AsyncRead + Unpin + Send + 'static,
-{
-    let stats = Arc::new(LogStats::default());
-    let mut file = tokio::fs::File::create(log_path).await.with_context(|| format!("create {}", log_path.display()))?;
-    let counters = stats.clone();
-    // Every line is also offered on this channel (for "ready" lines); nobody
-    // has to read it.
-    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
-    tokio::spawn(async move {
-        let mut lines = BufReader::new(reader).lines();
-        while let Ok(Some(line)) = lines.next_line().await {
-            let counter = match classify(&line) {
-                Some(Level::Error) => Some(&counters.error),
-                Some(Level::Warn) => Some(&counters.warn),
-                None => None,
-            };
-            if let Some(counter) = counter {
-                counter.fetch_add(1, Ordering::Relaxed);
-                let mut samples = counters.samples.lock().unwrap();
-                if samples.len() < 5 {
-                    samples.push(line.clone());
-                }
-            }
-            let _ = file.write_all(line.as_bytes()).await;
-            let _ = file.write_all(b"\n").await;
-            let _ = tx.send(line);
-        }
-        let _ = file.flush().await;
-    });
-    Ok((stats, rx))
-}
-
-enum Level {
-    Warn,
-    Error,
-}
-
-fn tracing_level(line: &str) -> Option<Level> {
-    if line.contains(" ERROR ") {
-        Some(Level::Error)
-    } else if line.contains(" WARN ") {
-        Some(Level::Warn)
-    } else {
-        None
-    }
-}
-
-/// redis-server prints its start-up banner at warning level (`#`) too, so
-/// only lines that say WARNING count.
-fn redis_level(line: &str) -> Option<Level> {
-    line.contains(" # WARNING").then_some(Level::Warn)
-}
-
-/// A free loopback TCP port (free when we looked; the caller retries if taken).
-fn free_port() -> anyhow::Result<u16> {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").context("bind 127.0.0.1:0")?;
-    Ok(listener.local_addr()?.port())
-}
-
-/// Starts `redis-server` on a free loopback port, in memory only, and waits
-/// for "Ready to accept connections".
-async fn spawn_redis(log_dir: &Path) -> anyhow::Result<Spawned> {
-    let mut last_error = None;
-    for attempt in 0..5 {
-        let port = free_port()?;
-        let mut child = match Command::new("redis-server")
-            .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
-            .current_dir(log_dir)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .kill_on_drop(true)
-            .spawn()
-        {
-            Ok(child) => child,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => bail!(
-                "redis-server not found on PATH; `--backend redis` needs it \
-                 (Debian: `apt-get install -y redis-server`)"
-            ),
-            Err(e) => return Err(e).context("spawn redis-server"),
-        };
-        let pid = child.id().context("redis-server pid")?;
-        let log_path = log_dir.join("redis-server.log");
-        let stdout = child.stdout.take().context("stdout")?;
-        let (stats, mut lines) = copy_log(stdout, &log_path, redis_level).await?;
-        let stderr = child.stderr.take().context("stderr")?;
-        let _ = copy_log(stderr, &log_dir.join("redis-server.stderr.log"), |_| Some(Level::Error)).await?;
-        let ready = tokio::time::timeout(Duration::from_secs(15), async {
-            while let Some(line) = lines.recv().await {
-                if line.contains("Ready to accept connections") {
-                    return true;
-                }
-            }
-            false
-        })
-        .await
-        .context("redis-server was not ready within 15 s")?;
-        if ready {
-            let url = format!("redis://127.0.0.1:{port}");
-            return Ok(Spawned { name: "redis-server".into(), child, pid, url, admin_url: None, log_path, stats });
-        }
-        // It exited (most likely the port was taken meanwhile): try another port.
-        let _ = child.kill().await;
-        last_error = Some(format!("attempt {}: redis-server on port {port} exited before ready", attempt + 1));
-    }
-    bail!("could not start redis-server ({}; see {})", last_error.unwrap_or_default(), log_dir.display())
-}
-
-/// Starts `bin args…` and reads its first stdout line, `listening on
-/// http://ADDR`, and with `admin` (a hub) its second, `admin listening on http://ADDR`.
-async fn spawn_listening(
-    bin: &str,
-    name: String,
-    args: &[String],
-    log_dir: &Path,
-    admin: bool,
-) -> anyhow::Result<Spawned> {
-    let path = bin_dir()?.join(bin);
-    ensure!(
-        path.exists(),
-        "{} not found; build with `cargo build --release -p fengda -p fengda-nlp -p fengda-load --bins`",
-        path.display()
-    );
-    let mut child = Command::new(&path)
-        .args(args)
-        .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()))
-        .env("NO_COLOR", "1")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .with_context(|| format!("spawn {}", path.display()))?;
-    let pid = child.id().context("child pid")?;
-    let log_path = log_dir.join(format!("{name}.log"));
-    let stderr = child.stderr.take().context("stderr")?;
-    let (stats, _) = copy_log(stderr, &log_path, tracing_level).await?;
-    let stdout = child.stdout.take().context("stdout")?;
-    let mut lines = BufReader::new(stdout).lines();
-    let line = tokio::time::timeout(Duration::from_secs(15), lines.next_line())
-        .await
-        .with_context(|| format!("{name} printed nothing within 15 s"))??
-        .with_context(|| format!("{name} exited before printing its address (see {})", log_path.display()))?;
-    let url = line
-        .strip_prefix("listening on ")
-        .with_context(|| format!("{name}'s first line should be `listening on http://…`, got {line:?}"))?
-        .to_owned();
-    let admin_url = if admin {
-        let line = tokio::time::timeout(Duration::from_secs(15), lines.next_line())
-            .await
-            .with_context(|| format!("{name} printed no admin address within 15 s"))??
-            .with_context(|| format!("{name} exited before printing its admin address"))?;
-        let admin_url = line
-            .strip_prefix("admin listening on ")
-            .with_context(|| format!("{name}'s second line should be `admin listening on http://…`, got {line:?}"))?;
-        Some(admin_url.to_owned())
-    } else {
-        None
-    };
-    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-    Ok(Spawned { name, child, pid, url, admin_url, log_path, stats })
 }
 
 /// `http://HOST:PORT[/]` → `HOST:PORT`.
@@ -861,7 +741,7 @@ impl Target {
                 "--nodes and --backend apply to the hub, not to --target bare"
             );
             let args = ["--listen", "0.0.0.0:0"].map(String::from);
-            let bare = spawn_listening("fengda-bare", "fengda-bare".into(), &args, &log_dir, false).await?;
+            let bare = Spawned::binary("fengda-bare", "fengda-bare".into(), args.to_vec(), &log_dir, false).await?;
             return Ok(Target {
                 ips: loopback_ips(common.addrs.unwrap_or(8)),
                 ports: vec![host_port(&bare.url)?.1],
@@ -891,7 +771,7 @@ impl Target {
         let redis = match common.backend {
             Backend::Memory => None,
             Backend::Redis => {
-                let redis = spawn_redis(&log_dir).await?;
+                let redis = Spawned::redis(&log_dir).await?;
                 let url = redis.url.clone();
                 let pid = redis.pid;
                 children.push(redis);
@@ -908,7 +788,7 @@ impl Target {
             hub_args.extend(pace.hub_answerer_args());
             None
         } else {
-            let bridge = spawn_listening("fengda-nlp", "fengda-nlp".into(), &bridge_args, &log_dir, false).await?;
+            let bridge = Spawned::binary("fengda-nlp", "fengda-nlp".into(), bridge_args, &log_dir, false).await?;
             hub_args.extend(["--nlp-url".into(), bridge.url.clone()]);
             let pid = bridge.pid;
             children.push(bridge);
@@ -923,7 +803,7 @@ impl Target {
         let (mut ports, mut hub_pids, mut metrics_addrs) = (Vec::new(), Vec::new(), Vec::new());
         for node in 1..=common.nodes {
             let name = if common.nodes == 1 { "fengda".to_owned() } else { format!("fengda-{node}") };
-            let hub = spawn_listening("fengda", name, &hub_args, &log_dir, true).await?;
+            let hub = Spawned::binary("fengda", name, hub_args.clone(), &log_dir, true).await?;
             ports.push(host_port(&hub.url)?.1);
             metrics_addrs.push(hub.admin_url.as_deref().map(host_port_text).transpose()?);
             hub_pids.push(hub.pid);
@@ -983,21 +863,18 @@ impl Target {
     async fn stop(mut self) -> Value {
         let mut logs = serde_json::Map::new();
         for child in self.children.iter_mut().rev() {
-            let exited = child.child.try_wait().ok().flatten();
-            if exited.is_none() {
-                let _ = child.child.kill().await;
-            }
-            // Give the stderr copier a moment to finish the file.
+            let exited = child.stop().await;
+            // Give the log copier a moment to finish the file.
             tokio::time::sleep(Duration::from_millis(50)).await;
             logs.insert(
                 child.name.clone(),
                 json!({
                     "pid": child.pid,
-                    "log": child.log_path.display().to_string(),
+                    "log": child.log.path.as_ref().map(|path| path.display().to_string()),
                     "exited_early": exited.map(|s| s.to_string()),
-                    "warn_lines": child.stats.warn.load(Ordering::Relaxed),
-                    "error_lines": child.stats.error.load(Ordering::Relaxed),
-                    "samples": *child.stats.samples.lock().unwrap(),
+                    "warn_lines": child.log.warn_lines(),
+                    "error_lines": child.log.error_lines(),
+                    "samples": child.log.samples(),
                 }),
             );
         }

@@ -23,6 +23,8 @@ if redis.call('EXISTS', meta) == 0 then
   -- list or ids, if they outlived the meta) go, so the epoch starts clean.
   redis.call('DEL', log, ids)
   redis.call('HSET', meta, 'user', owner, 'epoch', epoch, 'seq', 0, 'created_ms', ARGV[5])
+  -- The creating socket listens on this node (see listen.lua).
+  redis.call('HSET', KEYS[4], ARGV[11], 1)
 elseif owner ~= '' then
   local current = redis.call('HMGET', meta, 'user', 'epoch')
   if current[1] ~= owner or current[2] ~= epoch then

@@ -42,6 +42,7 @@ struct Inner {
     /// Always subscribed, so every reconnect yields a `subscribe` push.
     heartbeat_channel: String,
     publisher: Publisher,
+    listen: redis::Script,
 }
 
 impl RedisBus {
@@ -57,7 +58,8 @@ impl RedisBus {
         let publisher = Publisher::new(publish_tx);
         let unpublished = publisher.unpublished();
         let heartbeat_channel = link.keys.heartbeat(link.node_id.as_str());
-        let inner = Arc::new(Inner { link: link.clone(), subscriber, heartbeat_channel, publisher });
+        let listen = redis::Script::new(include_str!("listen.lua"));
+        let inner = Arc::new(Inner { link: link.clone(), subscriber, heartbeat_channel, publisher, listen });
         inner.subscriber.clone().subscribe(&inner.heartbeat_channel).await?;
         // Subscribed: routing works from the first socket on (`/readyz` green).
         link.listeners.receiving.store(true, Ordering::Release);
@@ -74,14 +76,16 @@ impl EventBus for RedisBus {
         let channel = link.keys.channel(key);
         // In the listeners hash before subscribed: an append from now on is
         // published (or in the log read that follows the subscription).
-        // The hello tells nodes streaming into it to publish deltas again.
-        let listeners = link.keys.listeners(key);
-        let mut pipe = redis::pipe();
-        pipe.cmd("HSET").arg(&listeners).arg(link.node_id.as_str()).arg(1).ignore();
-        pipe.cmd("EXPIRE").arg(&listeners).arg(link.retention_secs).ignore();
-        pipe.cmd("PUBLISH").arg(&channel).arg(Payload::Hello.encode()).ignore();
         let mut con = link.commands.clone();
-        link.call(pipe.query_async::<()>(&mut con)).await?;
+        let mut listen = self.inner.listen.prepare_invoke();
+        listen
+            .key(link.keys.meta(key))
+            .key(link.keys.listeners(key))
+            .arg(link.node_id.as_str())
+            .arg(link.retention_secs)
+            .arg(&channel)
+            .arg(Payload::Hello.encode());
+        link.call(listen.invoke_async::<i64>(&mut con)).await?;
         link.listeners.channels.insert(channel.clone(), key.clone());
         let mut subscriber = self.inner.subscriber.clone();
         if let Err(error) = link.call(subscriber.subscribe(&channel)).await {

@@ -19,8 +19,9 @@
 //! to a conversation's channel (on one dedicated RESP3 connection, whatever
 //! its socket count) when its first socket of the conversation arrives,
 //! after entering the conversation's listeners hash and saying hello on the
-//! channel; it unsubscribes, then leaves the hash, when the last socket
-//! goes. The node that produces an event or a frame delivers it to its own
+//! channel (`listen.lua`; a conversation not created yet gets no hash: the
+//! append that creates it enters its node); it unsubscribes, then leaves
+//! the hash, when the last socket goes. The node that produces an event or a frame delivers it to its own
 //! sockets at once ([`crate::conversations`]) and publishes it only for the
 //! other nodes: the append script publishes a durable event only if the
 //! listeners hash names another node (exact: a node enters it before its

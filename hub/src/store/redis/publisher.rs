@@ -53,7 +53,7 @@ pub(super) struct Listeners {
 impl Listeners {
     /// Whether frames of `channel` must be published for other nodes.
     pub fn others_may_listen(&self, channel: &str) -> bool {
-        !self.alone_until.get(channel).is_some_and(|until| Instant::now() < *until)
+        self.alone_until.get(channel).is_none_or(|until| Instant::now() >= *until)
     }
 
     /// Notes that what was sent on `channel` at `sent_at` reached `others`

@@ -8,9 +8,17 @@
 //! - [`http`]: routes and listeners: `/ws` upgrade, `/healthz`, `/readyz`, the
 //!   web demo on the public port; `/metrics` on the admin port.
 //! - [`session`]: one connection: reader, writer, bounded outbound queue.
-//! - [`event`]: the durable events of a conversation (shared by store, fan-out, replier).
-//! - [`fanout`]: this node's sockets by conversation; encode once, fan out.
-//! - [`store`]: the conversation store seam (logs, seqs, delivery): in memory, or Redis for clusters.
+//! - [`event`]: a conversation's durable events and the delivery [`event::Cursor`]
+//!   (a leaf: shared by log, bus, fan-out and replier).
+//! - [`store`]: the conversation log seam (durable events, seqs, idempotency,
+//!   epochs, which conversation a user opens): in memory, or Redis for clusters
+//!   ([`store::redis`] also holds the Redis event bus: one wire, one set of names).
+//! - [`bus`]: the event bus seam (a conversation's events between nodes, handed
+//!   to an incoming-event handler; presence): local only, or Redis pub/sub.
+//! - [`fanout`]: this node's sockets by conversation; encode once, fan out
+//!   (the bus's incoming-event handler).
+//! - [`conversations`]: log, bus and fan-out composed, local first: what
+//!   sessions and replies call.
 //! - [`reply`]: one question's answer: history, NLP stream, deltas, stored reply.
 //! - [`nlp`]: the NLP endpoints: gRPC clients, breakers, retries, admission.
 //! - [`server`]: the accept loop, connection caps and HTTP limits before any upgrade.
@@ -22,7 +30,9 @@
 //! [`App::run`] serves until the shutdown future resolves, then closes every
 //! session with 1001 and waits for its tasks within `shutdown_grace_ms`.
 
+pub mod bus;
 pub mod config;
+pub mod conversations;
 pub mod event;
 pub mod fanout;
 pub mod http;
@@ -49,16 +59,18 @@ use tracing::{info, warn};
 
 pub use config::Config;
 
+use bus::{EventBus, LocalBus};
 use config::StoreKind;
+use conversations::Conversations;
 use fanout::FanOut;
 use nlp::{NlpClient, NlpPool};
 use reply::Replier;
-use store::{ConversationStore, MemoryStore, RedisStore, StoreError};
+use store::{ConversationLog, MemoryLog, StoreError};
 
 /// State shared by every request and session of this node.
 pub struct AppState {
     pub config: Arc<Config>,
-    pub store: Arc<dyn ConversationStore>,
+    pub conversations: Arc<Conversations>,
     pub replier: Replier,
     /// Owns every session task, so shutdown can wait for them.
     pub tracker: TaskTracker,
@@ -146,17 +158,22 @@ impl App {
         };
         let nlp = Arc::new(NlpPool::new(endpoints, &config.nlp));
         let fanout = Arc::new(FanOut::with_max_sockets(config.conversation.max_sockets));
-        let store: Arc<dyn ConversationStore> = match config.backend {
+        let (log, bus): (Arc<dyn ConversationLog>, Arc<dyn EventBus>) = match config.backend {
             StoreKind::Memory => {
-                let memory = Arc::new(MemoryStore::new(fanout, &config.conversation));
-                tracker.spawn(memory.clone().run_sweeper(shutdown.clone()));
-                memory
+                let memory = Arc::new(MemoryLog::new(&config.conversation));
+                tracker.spawn(memory.clone().run_sweeper(fanout.clone(), shutdown.clone()));
+                (memory, Arc::new(LocalBus))
             }
-            StoreKind::Redis => Arc::new(
-                RedisStore::connect(&config.redis, &config.conversation, fanout, &tracker, shutdown.clone()).await?,
-            ),
+            StoreKind::Redis => {
+                let incoming = fanout.clone();
+                let (log, bus) =
+                    store::redis::connect(&config.redis, &config.conversation, incoming, &tracker, shutdown.clone())
+                        .await?;
+                (Arc::new(log), Arc::new(bus))
+            }
         };
-        let replier = Replier::new(store.clone(), nlp.clone(), config.conversation.history_turns, &config.nlp);
+        let conversations = Arc::new(Conversations::new(log, bus, fanout));
+        let replier = Replier::new(conversations.clone(), nlp.clone(), config.conversation.history_turns, &config.nlp);
         tracker.spawn(nlp::run_health_checks(nlp, shutdown.clone()));
         let listener = bind_listener(config.listen).map_err(|source| AppError::Bind { addr: config.listen, source })?;
         let local_addr = listener.local_addr().map_err(AppError::Serve)?;
@@ -169,7 +186,7 @@ impl App {
         tracker.spawn(run_limits_upkeep(connections.clone(), shutdown.clone()));
         let state = Arc::new(AppState {
             config: Arc::new(config),
-            store,
+            conversations,
             replier,
             tracker,
             shutdown,

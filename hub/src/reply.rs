@@ -25,10 +25,11 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
 use crate::config::FallbackText;
+use crate::conversations::Conversations;
 use crate::ids::{ConversationKey, generate_reply_id};
 use crate::nlp::{ActiveCall, NlpPool, StartError, StreamError};
 use crate::protocol::{DeltaEncoder, ReplyTiming, Role, ServerFrame};
-use crate::store::{Appended, ConversationStore, NewEvent, StoredEvent};
+use crate::store::{Appended, NewEvent, StoredEvent};
 
 /// A stored customer message waiting for its answer.
 #[derive(Debug)]
@@ -43,7 +44,7 @@ pub struct Question {
 
 /// What the replier needs, shared by all sessions of the node.
 pub struct Replier {
-    pub store: Arc<dyn ConversationStore>,
+    pub conversations: Arc<Conversations>,
     pub nlp: Arc<NlpPool>,
     pub history_turns: usize,
     pub fallback: FallbackText,
@@ -81,13 +82,13 @@ fn ms(duration: std::time::Duration) -> f64 {
 
 impl Replier {
     pub fn new(
-        store: Arc<dyn ConversationStore>,
+        conversations: Arc<Conversations>,
         nlp: Arc<NlpPool>,
         history_turns: usize,
         config: &crate::config::NlpConfig,
     ) -> Self {
         Self {
-            store,
+            conversations,
             nlp,
             history_turns,
             fallback: config.fallback.clone(),
@@ -117,7 +118,7 @@ impl Replier {
         let turns = if cancel.is_cancelled() {
             Ok(Vec::new())
         } else {
-            self.store.recent_turns(key, self.history_turns + 1).await
+            self.conversations.recent_turns(key, self.history_turns + 1).await
         };
         let history = match turns {
             Ok(turns) => history_before(&turns, question.seq, self.history_turns),
@@ -135,7 +136,7 @@ impl Replier {
         };
         // The hub's own share before the model: store, history, hand-over.
         metrics::histogram!(crate::metric::REPLY_BEFORE_NLP).record(question.received.elapsed().as_secs_f64());
-        let mut draft = Draft::new(&*self.store, key, &reply_id, question.timing);
+        let mut draft = Draft::new(&self.conversations, key, &reply_id, question.timing);
         let before_nlp = question.received.elapsed();
         let outcome = self.stream(&request, &mut draft, &cancel).await;
         let (fallback, interrupted, cancelled) = match &outcome {
@@ -154,7 +155,7 @@ impl Replier {
             draft.push(&format!("{separator}{polite}"));
         }
         // The deltas must reach every node before the reply.done does.
-        self.store.flush_ephemeral().await;
+        self.conversations.flush_frames().await;
         let timings = &draft.timings;
         let event = NewEvent {
             from: Role::Assistant,
@@ -177,8 +178,8 @@ impl Replier {
             interrupted,
             cancelled,
         };
-        match self.store.append(key, event, None, None).await {
-            Ok(Appended::New(seq)) => debug!(seq, fallback, interrupted, cancelled, "reply stored"),
+        match self.conversations.append(key, event, None, None).await {
+            Ok(Appended::New(event)) => debug!(seq = event.seq, fallback, interrupted, cancelled, "reply stored"),
             Ok(Appended::Duplicate(_)) => {}
             Err(error) => warn!(%error, "reply streamed but could not be stored"),
         }
@@ -279,7 +280,7 @@ const MAX_BATCH: usize = 16;
 /// The reply being written: publishes each token as a delta, keeps the text
 /// and where the time went.
 struct Draft<'a> {
-    store: &'a dyn ConversationStore,
+    conversations: &'a Conversations,
     key: &'a ConversationKey,
     reply_id: &'a str,
     deltas: DeltaEncoder,
@@ -293,9 +294,9 @@ struct Draft<'a> {
 }
 
 impl<'a> Draft<'a> {
-    fn new(store: &'a dyn ConversationStore, key: &'a ConversationKey, reply_id: &'a str, measure: bool) -> Self {
+    fn new(conversations: &'a Conversations, key: &'a ConversationKey, reply_id: &'a str, measure: bool) -> Self {
         Self {
-            store,
+            conversations,
             key,
             reply_id,
             deltas: DeltaEncoder::new(key.conversation.as_str(), reply_id),
@@ -345,7 +346,7 @@ impl<'a> Draft<'a> {
         let frame =
             ServerFrame::Queued { conversation: self.key.conversation.as_str(), reply: self.reply_id, position }
                 .encode();
-        self.store.publish_ephemeral(self.key, vec![frame]);
+        self.conversations.publish_frames(self.key, vec![frame]);
     }
 
     /// Encodes a chunk's text as the next delta (empty texts make none);
@@ -368,7 +369,7 @@ impl<'a> Draft<'a> {
         let staged = std::mem::take(&mut self.staged);
         let count = staged.len();
         if count > 0 {
-            self.store.publish_ephemeral(self.key, staged);
+            self.conversations.publish_frames(self.key, staged);
         }
         count
     }
@@ -429,9 +430,10 @@ mod tests {
     async fn chunks_that_arrived_together_reach_each_socket_as_one_item_of_ordered_deltas() {
         use crate::fanout::{FanOut, Outbound, SessionCloser, SessionHandle};
         use crate::ids::{SessionId, TenantId, UserId};
-        use crate::store::MemoryStore;
+        use crate::store::MemoryLog;
 
-        let backend = MemoryStore::new(Arc::new(FanOut::default()), &crate::config::ConversationConfig::default());
+        let log = Arc::new(MemoryLog::new(&crate::config::ConversationConfig::default()));
+        let backend = Conversations::new(log, Arc::new(crate::bus::LocalBus), Arc::new(FanOut::default()));
         let opened = backend.open(&TenantId::parse("t").unwrap(), &UserId::parse("u").unwrap(), None).await.unwrap();
         let key = opened.key;
         let mut queues = Vec::new();

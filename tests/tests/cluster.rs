@@ -135,6 +135,7 @@ async fn connect_only_sockets_leave_no_redis_key_behind() {
     let tag = format!("fengda:conv:{{demo:{}}}", client.conversation());
     let expected = [
         format!("{tag}:ids"),
+        format!("{tag}:listeners"),
         format!("{tag}:log"),
         format!("{tag}:meta"),
         "fengda:user:{demo:probe-0}:created".to_owned(),

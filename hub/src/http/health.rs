@@ -22,7 +22,7 @@ pub async fn healthz() -> Json<Value> {
 pub async fn readyz(State(app): State<Arc<AppState>>) -> (StatusCode, Json<Value>) {
     if !app.accepting.load(Ordering::Acquire) {
         (StatusCode::SERVICE_UNAVAILABLE, Json(json!({ "status": "shutting_down" })))
-    } else if !app.store.is_receiving() {
+    } else if !app.conversations.is_receiving() {
         (StatusCode::SERVICE_UNAVAILABLE, Json(json!({ "status": "backend_unavailable" })))
     } else if app.connections.at_capacity() {
         (StatusCode::SERVICE_UNAVAILABLE, Json(json!({ "status": "at_capacity" })))

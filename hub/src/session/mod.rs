@@ -57,7 +57,7 @@ pub fn run(socket: WebSocket, params: SessionParams, app: Arc<AppState>) -> impl
     let span = info_span!("session", tenant_id = %params.tenant, user_id = %params.user, session_id = %session_id, conversation_id = tracing::field::Empty);
     async move {
         let _open = OpenSession::count(&app);
-        let opened = match app.store.open(&params.tenant, &params.user, params.conversation.as_ref()).await {
+        let opened = match app.conversations.open(&params.tenant, &params.user, params.conversation.as_ref()).await {
             Ok(opened) => opened,
             Err(error) => return refuse(&mut socket, &error).await,
         };
@@ -67,7 +67,8 @@ pub fn run(socket: WebSocket, params: SessionParams, app: Arc<AppState>) -> impl
         let closer = SessionCloser::child_of(&app.shutdown);
         let (out_tx, out_rx) = mpsc::channel(ws.outbound_queue_frames);
         let handle = SessionHandle { id: session_id, tx: out_tx.clone(), closer: closer.clone() };
-        let snapshot = match app.store.attach(&key, handle.clone(), params.after, opened.pending.as_ref()).await {
+        let snapshot = match app.conversations.attach(&key, handle.clone(), params.after, opened.pending.as_ref()).await
+        {
             Ok(snapshot) => snapshot,
             Err(error) => return refuse(&mut socket, &error).await,
         };
@@ -99,7 +100,7 @@ pub fn run(socket: WebSocket, params: SessionParams, app: Arc<AppState>) -> impl
                 sink,
                 out_rx,
                 writer::Replay {
-                    store: app.store.clone(),
+                    conversations: app.conversations.clone(),
                     key: key.clone(),
                     intro,
                     sent: crate::event::Cursor::at(snapshot.last_seq),
@@ -121,10 +122,10 @@ pub fn run(socket: WebSocket, params: SessionParams, app: Arc<AppState>) -> impl
         };
         let client_closed = reader::run_reader(&mut stream, &app, &params, &key, &mut pending, &handle, replies).await;
         closer.close(close::NORMAL);
-        app.store.detach(&key, session_id).await;
+        app.conversations.detach(&key, session_id).await;
         // A conversation that was never created leaves nothing to touch.
         if pending.is_none() {
-            app.store.touch(&params.user, &key).await;
+            app.conversations.touch(&params.user, &key).await;
         }
         // Closing handshake: the writer sends our close frame; keep reading
         // until the client answers it, so the client sees the code before TCP goes.
@@ -244,7 +245,7 @@ async fn nobody_came_back(app: &AppState, key: &ConversationKey, closer: &Sessio
     let grace = app.config.conversation.reply_grace();
     let mut alone_since = None;
     loop {
-        if app.store.has_listeners(key).await {
+        if app.conversations.has_listeners(key).await {
             alone_since = None;
         } else if alone_since.get_or_insert_with(tokio::time::Instant::now).elapsed() >= grace {
             return;

@@ -135,16 +135,17 @@ async fn on_message(
         }
     };
     let event = NewEvent::customer(id.clone(), text.clone());
-    let appended = app.store.append(key, event, Some(session.id), pending.as_ref()).await;
+    let appended = app.conversations.append(key, event, Some(session.id), pending.as_ref()).await;
     if appended.is_ok() {
         // The conversation exists from its first stored message on.
         *pending = None;
     }
     match appended {
         // The ack went out through the fan-out, in seq order with other events.
-        Ok(Appended::New(seq)) => {
+        Ok(Appended::New(event)) => {
+            let seq = event.seq;
             permit.send(Box::new(Question { seq, text, received, timing: params.timing }));
-            app.store.touch(&params.user, key).await;
+            app.conversations.touch(&params.user, key).await;
         }
         Ok(Appended::Duplicate(seq)) => {
             debug!(seq, "duplicate message acked again");

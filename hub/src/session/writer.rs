@@ -20,10 +20,10 @@ use tokio::sync::mpsc;
 use tracing::{debug, warn};
 
 use super::close_message;
+use crate::conversations::Conversations;
 use crate::event::{Cursor, Step};
 use crate::fanout::{Outbound, SessionCloser};
 use crate::ids::ConversationKey;
-use crate::store::ConversationStore;
 
 /// Frames written per flush at most.
 const BURST: usize = 64;
@@ -38,7 +38,7 @@ type Sink = SplitSink<WebSocket, Message>;
 
 /// Where the session's durable stream stands, and how to repair it.
 pub(super) struct Replay {
-    pub store: Arc<dyn ConversationStore>,
+    pub conversations: Arc<Conversations>,
     pub key: ConversationKey,
     /// `ready` and the replayed events, sent before anything queued.
     pub intro: Vec<Utf8Bytes>,
@@ -216,7 +216,7 @@ async fn fill_gap(sink: &mut Sink, replay: &mut Replay, before: u64) -> Result<(
     let resync = before == u64::MAX;
     let mut tries = if resync { [].iter() } else { GAP_READ_RETRIES.iter() };
     let events = loop {
-        match replay.store.events_after(&replay.key, after).await {
+        match replay.conversations.events_after(&replay.key, after).await {
             Ok(events) => break events,
             Err(error) if resync => {
                 warn!(%error, after, "cannot re-read the event stream after a resync");

@@ -1,19 +1,19 @@
-//! The conversation store seam: durable event logs plus delivery to sockets.
+//! The conversation log seam: each conversation's durable events.
 //!
-//! A store owns each conversation's log (durable events numbered by a
-//! per-conversation seq, 1, 2, 3, … with no gaps) and routes events to every
-//! socket that cares. The in-memory store serves a single node; a Redis
-//! store (cluster mode) implements the same trait for many nodes.
+//! A log holds a conversation's durable events, numbered by a
+//! per-conversation seq (1, 2, 3, … with no gaps), with the owner and epoch
+//! of its incarnation, the customer message ids that make resends
+//! idempotent, and which conversation a user comes back to. The in-memory
+//! log serves a single node; the Redis log ([`redis::RedisLog`], cluster
+//! mode) the same trait for many nodes. Delivery to sockets is not its job:
+//! see [`crate::conversations`], [`crate::bus`] and [`crate::fanout`].
 //!
 //! Contract every implementation keeps:
 //! - `append` stores the event and assigns its seq atomically; a customer
 //!   message whose id is already in the log is not stored again
-//!   ([`Appended::Duplicate`] with the original seq).
-//! - Durable events reach each attached session in seq order; an event is
-//!   delivered only after it is stored.
-//! - `attach` returns the events after `after` and registers the session so
-//!   that no event is missed between the two; duplicates are possible and the
-//!   session drops any durable event with a seq it already sent.
+//!   ([`Appended::Duplicate`] with the original seq). A log shared by nodes
+//!   publishes the event to the other nodes' [`crate::bus`] in the same
+//!   atomic step, and only if another node listens.
 //! - Nothing durable exists before a conversation's first message: `open`
 //!   only reads, and a conversation it allocates ([`Opened::pending`]) is
 //!   created, owned by its user, with the epoch `ready` announced, by the
@@ -21,6 +21,13 @@
 //!   the user's creation cap ([`crate::config::CreationLimit`]). A socket
 //!   that never sends leaves no trace (no Redis key, no map entry) once it
 //!   is gone.
+//!
+//! Room left for what comes next: conversation ownership (the assistant or a
+//! human agent, changed by compare-and-set with an epoch that every append
+//! carries) is a field of the log's meta and an argument of `append`, fenced
+//! in the same atomic step as the seq; per-reply token logs that a
+//! reconnecting client resumes from an index are a second, short-lived log
+//! per reply beside this one, with the same seq-and-cursor rules.
 
 pub mod memory;
 pub mod redis;
@@ -28,20 +35,18 @@ pub mod redis;
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use axum::extract::ws::Utf8Bytes;
 
-use crate::fanout::SessionHandle;
-use crate::ids::{ConversationId, ConversationKey, SessionId, TenantId, UserId};
+use crate::ids::{ConversationId, ConversationKey, TenantId, UserId};
 
 pub use crate::event::{NewEvent, StoredEvent};
-pub use memory::MemoryStore;
-pub use redis::RedisStore;
+pub use memory::MemoryLog;
+pub use redis::{RedisBus, RedisLog};
 
 /// The outcome of an append.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Appended {
-    /// Stored with this new seq and delivered.
-    New(u64),
+    /// Stored with a new seq (the event as stored).
+    New(Arc<StoredEvent>),
     /// A customer message with this id was already stored with this seq;
     /// nothing was stored or delivered.
     Duplicate(u64),
@@ -71,7 +76,7 @@ impl Pending {
     }
 }
 
-/// What a new session needs to start: where the log stands and what it missed.
+/// Where a log stands, and what a reader missed.
 #[derive(Debug, Clone, Default)]
 pub struct Snapshot {
     /// False when the conversation has no log yet (pending): `last_seq` is
@@ -103,7 +108,7 @@ pub enum StoreError {
 }
 
 #[async_trait]
-pub trait ConversationStore: Send + Sync + 'static {
+pub trait ConversationLog: Send + Sync + 'static {
     /// Chooses the conversation for a new socket: `requested` if it exists
     /// and is this user's, otherwise the user's most recent, otherwise a new
     /// one. An existing conversation becomes the user's most recent; a
@@ -115,62 +120,32 @@ pub trait ConversationStore: Send + Sync + 'static {
         requested: Option<&ConversationId>,
     ) -> Result<Opened, StoreError>;
 
-    /// Registers a session for live events and returns what it missed after
-    /// `after`. A conversation without a log is `ConversationNotFound`,
-    /// unless `pending` is given: then an empty snapshot with its epoch.
-    async fn attach(
-        &self,
-        key: &ConversationKey,
-        session: SessionHandle,
-        after: Option<u64>,
-        pending: Option<&Pending>,
-    ) -> Result<Snapshot, StoreError>;
-
-    /// Stops live events to a session. Never fails: a session that is gone is gone.
-    async fn detach(&self, key: &ConversationKey, session: SessionId);
+    /// Where the log stands and the events after `after` (none without
+    /// it); `None` when the conversation has no log.
+    async fn snapshot(&self, key: &ConversationKey, after: Option<u64>) -> Result<Option<Snapshot>, StoreError>;
 
     /// Records that the user was active in this conversation now (a message,
-    /// or leaving); the idle window for "come back to the same conversation"
-    /// counts from the last touch. Best effort.
+    /// or leaving): its retention, and the idle window for "come back to the
+    /// same conversation", count from the last touch. Best effort.
     async fn touch(&self, user: &UserId, key: &ConversationKey);
 
     /// Durable events with a seq greater than `after`, in order (for filling gaps).
     async fn events_after(&self, key: &ConversationKey, after: u64) -> Result<Vec<Arc<StoredEvent>>, StoreError>;
 
-    /// Whether any socket of the conversation is open, on any node (a reply
-    /// keeps streaming while someone listens). Errs on the side of true.
-    async fn has_listeners(&self, key: &ConversationKey) -> bool;
-
-    /// Whether this node currently receives live events (false while a
-    /// clustered store's subscription is down). Drives `/readyz`.
-    fn is_receiving(&self) -> bool {
-        true
-    }
-
-    /// Stores a durable event and delivers it to every attached session.
-    /// With `create`, a missing log is created first (within the user's
-    /// creation cap, else `TooManyConversations`) and becomes the user's
-    /// most recent conversation; a log that exists with another owner or
-    /// epoch is `ConversationNotFound`.
+    /// Stores a durable event (and, shared by nodes, publishes it to the
+    /// others). With `create`, a missing log is created first (within the
+    /// user's creation cap, else `TooManyConversations`) and becomes the
+    /// user's most recent conversation; a log that exists with another
+    /// owner or epoch is `ConversationNotFound`.
     async fn append(
         &self,
         key: &ConversationKey,
         event: NewEvent,
-        origin: Option<SessionId>,
         create: Option<&Pending>,
     ) -> Result<Appended, StoreError>;
 
     /// The last `limit` turns (customer, assistant and agent events), oldest first.
     async fn recent_turns(&self, key: &ConversationKey, limit: usize) -> Result<Vec<Arc<StoredEvent>>, StoreError>;
-
-    /// Delivers non-durable frames (`reply.delta`s, `queued`), in order, to
-    /// every attached session. Best effort and never waits: a lost delta is
-    /// repaired by `reply.done`.
-    fn publish_ephemeral(&self, key: &ConversationKey, frames: Vec<Utf8Bytes>);
-
-    /// Waits until every frame given to `publish_ephemeral` so far has been
-    /// published, so a reply's deltas go out before its `reply.done`.
-    async fn flush_ephemeral(&self) {}
 }
 
 /// Milliseconds since the Unix epoch, for event timestamps.

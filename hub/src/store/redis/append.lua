@@ -1,37 +1,41 @@
--- Appends one durable event to a conversation log and publishes it, atomically.
+-- Appends one durable event to a conversation log and, if another node
+-- listens to the conversation, publishes it, atomically.
 -- The hub encodes the event (see wire.rs); this script only splices in the
 -- seq it assigns, so an entry is never decoded nor re-encoded here.
--- KEYS[1] meta hash, KEYS[2] log list, KEYS[3] message-id zset
+-- KEYS[1] meta hash, KEYS[2] log list, KEYS[3] message-id zset,
+-- KEYS[4] listeners hash (node id -> 1, for each node with a socket of it)
 -- ARGV: 1 the customer message id to de-duplicate by ("" for any other
 --       event; customer ids are never empty), 2 and 3 the log entry before
 --       and after its seq, 4 the published payload before the entry,
 --       5 now_ms, 6 log cap, 7 retention seconds, 8 channel,
 --       9 owner and 10 epoch to create the log with if it is missing
---       (both "" to never create)
--- Returns {1, seq} when stored, {0, seq} for a customer message id already
+--       (both "" to never create), 11 this node's id
+-- Returns {1, seq, other listening nodes} when stored, {0, seq} for a customer message id already
 -- stored, {-1, 0} when the conversation does not exist (lost or expired),
 -- or, when creating, exists with another owner or epoch.
 local meta, log, ids = KEYS[1], KEYS[2], KEYS[3]
 local owner, epoch = ARGV[9], ARGV[10]
 if redis.call('EXISTS', meta) == 0 then
   if owner == '' then
-    return {-1, 0}
+    return {-1, 0, 0}
   end
   -- A new log, or a lost one started again: leftovers of a lost one (its
   -- list or ids, if they outlived the meta) go, so the epoch starts clean.
   redis.call('DEL', log, ids)
   redis.call('HSET', meta, 'user', owner, 'epoch', epoch, 'seq', 0, 'created_ms', ARGV[5])
+  -- The creating socket listens on this node (see listen.lua).
+  redis.call('HSET', KEYS[4], ARGV[11], 1)
 elseif owner ~= '' then
   local current = redis.call('HMGET', meta, 'user', 'epoch')
   if current[1] ~= owner or current[2] ~= epoch then
-    return {-1, 0}
+    return {-1, 0, 0}
   end
 end
 local id = ARGV[1]
 if id ~= '' then
   local seen = redis.call('ZSCORE', ids, id)
   if seen then
-    return {0, tonumber(seen)}
+    return {0, tonumber(seen), 0}
   end
 end
 local seq = redis.call('HINCRBY', meta, 'seq', 1)
@@ -47,5 +51,10 @@ local ttl = tonumber(ARGV[7])
 redis.call('EXPIRE', meta, ttl)
 redis.call('EXPIRE', log, ttl)
 redis.call('EXPIRE', ids, ttl)
-redis.call('PUBLISH', ARGV[8], ARGV[4] .. entry)
-return {1, seq}
+redis.call('EXPIRE', KEYS[4], ttl)
+-- This node's sockets had the event at once: only other nodes need it.
+local others = redis.call('HLEN', KEYS[4]) - redis.call('HEXISTS', KEYS[4], ARGV[11])
+if others > 0 then
+  redis.call('PUBLISH', ARGV[8], ARGV[4] .. entry)
+end
+return {1, seq, others}

@@ -78,6 +78,13 @@ impl Keys {
         self.conversation(key, "events")
     }
 
+    /// HASH: node id → 1 for each node with a socket of the conversation
+    /// (set before it subscribes, removed after it unsubscribes): the
+    /// append publishes only while another node is in it.
+    pub fn listeners(&self, key: &ConversationKey) -> String {
+        self.conversation(key, "listeners")
+    }
+
     /// HASH: the user's most recent `conversation` and its `last_active_ms`.
     pub fn latest(&self, tenant: &TenantId, user: &UserId) -> String {
         self.user(tenant, user, "latest")
@@ -133,6 +140,7 @@ mod tests {
         assert_eq!(keys.log(&key), format!("{tag}:log"));
         assert_eq!(keys.message_ids(&key), format!("{tag}:ids"));
         assert_eq!(keys.channel(&key), format!("{tag}:events"));
+        assert_eq!(keys.listeners(&key), format!("{tag}:listeners"));
         let (tenant, user) = (TenantId::parse("bank-a").unwrap(), UserId::parse("alice").unwrap());
         assert_eq!(keys.latest(&tenant, &user), "fengda:user:{bank-a:alice}:latest");
         assert_eq!(keys.created(&tenant, &user), "fengda:user:{bank-a:alice}:created");
@@ -191,7 +199,7 @@ mod tests {
         #[test]
         fn distinct_pairs_never_share_a_name((a, b) in two_pairs(), part in 0usize..2) {
             let kinds = ["conv", "user"];
-            let parts = [["meta", "log", "ids", "events"], ["latest", "created", "latest", "created"]];
+            let parts = [["meta", "log", "ids", "events", "listeners"], ["latest", "created", "latest", "created", "latest"]];
             for (k, kind) in kinds.iter().enumerate() {
                 for name in parts[k] {
                     let (x, y) = (tagged("fengda", kind, &a.0, &a.1, name), tagged("fengda", kind, &b.0, &b.1, name));
@@ -207,7 +215,7 @@ mod tests {
         #[test]
         fn every_name_of_a_pair_hashes_its_own_whole_tag(pair in (id(), id())) {
             let names: Vec<_> =
-                ["meta", "log", "ids", "events"].map(|part| tagged("fengda", "conv", &pair.0, &pair.1, part)).into();
+                ["meta", "log", "ids", "events", "listeners"].map(|part| tagged("fengda", "conv", &pair.0, &pair.1, part)).into();
             let tag = format!("{}:{}", escape(&pair.0), escape(&pair.1));
             for name in &names {
                 prop_assert_eq!(hash_tag(name), tag.as_str(), "{}", name);

@@ -9,25 +9,26 @@
 //!
 //! | payload | bytes | published by | why |
 //! |---|---|---|---|
-//! | [`Payload::Event`] | `E<origin>\n<timing>\n<entry>` | `append.lua`, in the call that stores the event | every durable event (customer message, reply) reaches every node's sockets; `<origin>` (`<node>/<session>`, or empty) lets the sending socket's node ack it; `<timing>` (JSON, or empty) rides along to a reply's `reply.done`; `<entry>` is the log entry, byte for byte |
-//! | [`Payload::Frame`] | `d<node>\n<frame>` | the node streaming a reply, from its publisher task | a server frame that is not stored (`reply.delta`, `queued`), already encoded for sockets and passed on as it is; the node that sent it skips its own echo |
+//! | [`Payload::Event`] | `E<node>\n<timing>\n<entry>` | `append.lua`, in the call that stores the event, when another node listens | every durable event (customer message, reply) reaches the other nodes' sockets; `<node>` is the appending node (its own sockets had the event at once, so it skips the echo); `<timing>` (JSON, or empty) rides along to a reply's `reply.done`; `<entry>` is the log entry, byte for byte |
+//! | [`Payload::Frame`] | `d<node>\n<frame>` | the node streaming a reply, from its publisher task, when another node listens | a server frame that is not stored (`reply.delta`, `queued`), already encoded for sockets and passed on as it is; the node that sent it skips its own echo |
 //! | [`Payload::Hello`] | `H` | a node that starts listening to the conversation | nodes that stopped publishing the conversation's deltas because no other node listened publish them again |
 //!
 //! Node ids are ASCII letters and digits ([`NodeId`]) and timings compact
 //! JSON: neither holds a raw `\n`, so the first `\n`s split a payload
 //! without escaping (what comes last, an entry or a frame, is taken whole),
 //! and a delta is published with one allocation and received without
-//! copying its frame. A durable event published by a node
-//! comes back to that node too; its fan-out drops what its sockets already
-//! have, by seq.
+//! copying its frame. A payload published by a node comes back to that node
+//! too when it listens to the conversation: [`published_by`] tells it so
+//! from the first bytes, without decoding the rest.
 //!
 //! ```text
 //!  node A (customer)                Redis                         node B (agent)
-//!  message ──▶ EVALSHA append.lua ─▶ RPUSH entry; PUBLISH E… ─────▶ `message` to its sockets
-//!  ack + `message` locally at once ◀─ seq ┘         └─ echo to A (dropped: seq already delivered)
+//!  message ──▶ EVALSHA append.lua ─▶ RPUSH entry; another node listens?
+//!  ack + `message` locally at once ◀─ seq ┘  └ yes: PUBLISH E<A>… ─▶ `message` to its sockets
+//!                                               (echo to A: skipped unread)
 //!  reply.delta locally ──▶ PUBLISH d<A>\n… ────────────────────────▶ `reply.delta` to its sockets
 //!                                                                    (first socket of a conversation:)
-//!  publishes deltas again ◀──────────────── PUBLISH H ◀──────────── subscribes, says hello
+//!  publishes deltas again ◀──── HSET listeners B; PUBLISH H ◀─────── says hello, then subscribes
 //! ```
 //!
 //! # The log entry
@@ -43,7 +44,7 @@
 use axum::extract::ws::Utf8Bytes;
 use bytes::{Buf, Bytes};
 
-use crate::ids::{SessionId, generate_token};
+use crate::ids::generate_token;
 use crate::protocol::ReplyTiming;
 use crate::store::StoredEvent;
 
@@ -65,8 +66,6 @@ pub enum WireError {
     Trailing(char),
     #[error("node id is not ASCII letters and digits")]
     NodeId,
-    #[error("origin is not `<node>/<session>`")]
-    Origin,
     #[error("frame is not UTF-8")]
     NotUtf8,
     #[error("timing does not parse: {0}")]
@@ -103,18 +102,11 @@ impl std::fmt::Display for NodeId {
     }
 }
 
-/// The socket a durable event came from, so its node can ack it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Origin {
-    pub node: NodeId,
-    pub session: SessionId,
-}
-
 /// One payload on a conversation's channel (see the module doc).
 #[derive(Debug, Clone, PartialEq)]
 pub enum Payload {
-    /// A durable event, as stored.
-    Event { origin: Option<Origin>, timing: Option<ReplyTiming>, event: StoredEvent },
+    /// A durable event, as stored, from the node that appended it.
+    Event { node: NodeId, timing: Option<ReplyTiming>, event: StoredEvent },
     /// A server frame that is not stored, as sockets receive it.
     Frame { node: NodeId, frame: Utf8Bytes },
     /// A node started listening.
@@ -124,8 +116,8 @@ pub enum Payload {
 impl Payload {
     pub fn encode(&self) -> Vec<u8> {
         match self {
-            Payload::Event { origin, timing, event } => {
-                let mut out = event_head(origin.as_ref(), timing.as_ref());
+            Payload::Event { node, timing, event } => {
+                let mut out = event_head(node, timing.as_ref());
                 serde_json::to_writer(&mut out, event).expect("stored events always serialize");
                 out
             }
@@ -151,10 +143,10 @@ impl Payload {
         let mut rest = payload.slice(1..);
         match kind {
             EVENT => {
-                let origin = split_line(&mut rest, 'E')?;
+                let node = NodeId::parse(split_line(&mut rest, 'E')?)?;
                 let timing = split_line(&mut rest, 'E')?;
                 Ok(Payload::Event {
-                    origin: parse_origin(origin)?,
+                    node,
                     timing: match timing.is_empty() {
                         true => None,
                         false => Some(serde_json::from_slice(&timing).map_err(WireError::Timing)?),
@@ -187,7 +179,7 @@ pub struct EncodedEvent {
 impl EncodedEvent {
     /// Encodes `event` with its seq cut out (whatever it is: the script
     /// assigns the one stored).
-    pub fn new(event: &StoredEvent, origin: Option<&Origin>, timing: Option<&ReplyTiming>) -> Self {
+    pub fn new(event: &StoredEvent, node: &NodeId, timing: Option<&ReplyTiming>) -> Self {
         const SEQ_KEY: &[u8] = b"\"seq\":";
         let mut entry_head = serde_json::to_vec(event).expect("stored events always serialize");
         // The first `"seq":` is the key: inside a JSON string every `"` is escaped.
@@ -195,7 +187,7 @@ impl EncodedEvent {
             + SEQ_KEY.len();
         let entry_tail = entry_head[seq_at + event.seq.to_string().len()..].to_vec();
         entry_head.truncate(seq_at);
-        Self { entry_head, entry_tail, payload_head: event_head(origin, timing) }
+        Self { entry_head, entry_tail, payload_head: event_head(node, timing) }
     }
 }
 
@@ -204,15 +196,20 @@ pub fn decode_entry(entry: &[u8]) -> Result<StoredEvent, WireError> {
     serde_json::from_slice(entry).map_err(WireError::Event)
 }
 
-/// `E<origin>\n<timing>\n`, what a published event starts with.
-fn event_head(origin: Option<&Origin>, timing: Option<&ReplyTiming>) -> Vec<u8> {
+/// Whether `payload` is an event or a frame `node` published (its own
+/// echo), read from its first bytes only.
+pub fn published_by(payload: &[u8], node: &NodeId) -> bool {
+    let node = node.as_str().as_bytes();
+    matches!(payload.first(), Some(&(EVENT | FRAME)))
+        && payload.get(1..=node.len()) == Some(node)
+        && payload.get(node.len() + 1) == Some(&b'\n')
+}
+
+/// `E<node>\n<timing>\n`, what a published event starts with.
+fn event_head(node: &NodeId, timing: Option<&ReplyTiming>) -> Vec<u8> {
     let mut out = Vec::with_capacity(160);
     out.push(EVENT);
-    if let Some(Origin { node, session }) = origin {
-        out.extend_from_slice(node.as_str().as_bytes());
-        out.push(b'/');
-        out.extend_from_slice(session.as_u64().to_string().as_bytes());
-    }
+    out.extend_from_slice(node.as_str().as_bytes());
     out.push(b'\n');
     if let Some(timing) = timing {
         serde_json::to_writer(&mut out, timing).expect("timings always serialize");
@@ -227,16 +224,6 @@ fn split_line(rest: &mut Bytes, kind: char) -> Result<Bytes, WireError> {
     let line = rest.split_to(end);
     rest.advance(1);
     Ok(line)
-}
-
-fn parse_origin(raw: Bytes) -> Result<Option<Origin>, WireError> {
-    if raw.is_empty() {
-        return Ok(None);
-    }
-    let slash = raw.iter().position(|b| *b == b'/').ok_or(WireError::Origin)?;
-    let session = std::str::from_utf8(&raw[slash + 1..]).ok().and_then(|s| s.parse().ok()).ok_or(WireError::Origin)?;
-    let node = NodeId::parse(raw.slice(..slash)).map_err(|_| WireError::Origin)?;
-    Ok(Some(Origin { node, session: SessionId::from_u64(session) }))
 }
 
 #[cfg(test)]
@@ -280,12 +267,11 @@ mod tests {
 
     #[test]
     fn every_kind_round_trips() {
-        let origin = Origin { node: node("a1b2c3d4e5f6"), session: SessionId::from_u64(42) };
         round_trip(Payload::Hello);
         round_trip(Payload::Frame { node: node("a1b2c3d4e5f6"), frame: r#"{"type":"reply.delta","i":0}"#.into() });
         round_trip(Payload::Frame { node: node("n"), frame: "".into() });
-        round_trip(Payload::Event { origin: Some(origin), timing: Some(timing()), event: event(7, "hi \"seq\":1\n") });
-        round_trip(Payload::Event { origin: None, timing: None, event: event(1, "") });
+        round_trip(Payload::Event { node: node("a1b2c3"), timing: Some(timing()), event: event(7, "hi \"seq\":1\n") });
+        round_trip(Payload::Event { node: node("n"), timing: None, event: event(1, "") });
     }
 
     #[test]
@@ -293,11 +279,10 @@ mod tests {
         let frame = Payload::Frame { node: node("abc"), frame: r#"{"type":"queued"}"#.into() };
         assert_eq!(frame.encode(), b"dabc\n{\"type\":\"queued\"}");
         assert_eq!(Payload::Hello.encode(), b"H");
-        let origin = Origin { node: node("abc"), session: SessionId::from_u64(9) };
-        let published = Payload::Event { origin: Some(origin), timing: None, event: event(3, "x") }.encode();
+        let published = Payload::Event { node: node("abc"), timing: None, event: event(3, "x") }.encode();
         assert_eq!(
             String::from_utf8(published).unwrap(),
-            "Eabc/9\n\n{\"seq\":3,\"from\":\"assistant\",\"id\":\"r-1\",\"text\":\"x\",\"interrupted\":true,\"at_ms\":1700000000123}"
+            "Eabc\n\n{\"seq\":3,\"from\":\"assistant\",\"id\":\"r-1\",\"text\":\"x\",\"interrupted\":true,\"at_ms\":1700000000123}"
         );
     }
 
@@ -313,13 +298,23 @@ mod tests {
         assert!(matches!(decode(b"da/b\n{}"), WireError::NodeId));
         assert!(matches!(decode(b"dabc\n\xff\xfe"), WireError::NotUtf8));
         assert!(matches!(decode(b"E"), WireError::Truncated('E')));
-        assert!(matches!(decode(b"Eabc/1\n"), WireError::Truncated('E')));
-        assert!(matches!(decode(b"Eabc\n\n{}"), WireError::Origin));
-        assert!(matches!(decode(b"Eabc/x\n\n{}"), WireError::Origin));
-        assert!(matches!(decode(b"E/1\n\n{}"), WireError::Origin));
-        assert!(matches!(decode(b"E\n{\n{}"), WireError::Timing(_)));
-        assert!(matches!(decode(b"E\n\n{\"seq\":1}"), WireError::Event(_)));
-        assert!(matches!(decode(b"E\n\nnot json"), WireError::Event(_)));
+        assert!(matches!(decode(b"Eabc\n"), WireError::Truncated('E')));
+        assert!(matches!(decode(b"Eabc/1\n\n{}"), WireError::NodeId));
+        assert!(matches!(decode(b"E\n\n{}"), WireError::NodeId));
+        assert!(matches!(decode(b"Ea\n{\n{}"), WireError::Timing(_)));
+        assert!(matches!(decode(b"Ea\n\n{\"seq\":1}"), WireError::Event(_)));
+        assert!(matches!(decode(b"Ea\n\nnot json"), WireError::Event(_)));
+    }
+
+    #[test]
+    fn a_node_knows_its_own_payloads_from_their_first_bytes() {
+        let (mine, other) = (node("abc"), node("abcd"));
+        let delta = Payload::encode_frame(&mine, "{}");
+        let event = Payload::Event { node: mine.clone(), timing: None, event: event(1, "") }.encode();
+        assert!(published_by(&delta, &mine) && published_by(&event, &mine));
+        assert!(!published_by(&delta, &other) && !published_by(&event, &other));
+        assert!(!published_by(&Payload::encode_frame(&other, "{}"), &mine), "a longer id is another node");
+        assert!(!published_by(b"H", &mine) && !published_by(b"", &mine) && !published_by(b"Eab", &mine));
     }
 
     #[test]
@@ -343,19 +338,17 @@ mod tests {
             flags in any::<(bool, bool, bool)>(),
             placeholder in any::<u64>(),
             seq in 1u64..(1 << 53),
-            session in any::<Option<u64>>(),
         ) {
             let mut stored = StoredEvent {
                 seq: placeholder, from: Role::Customer, id, text,
                 fallback: flags.0, interrupted: flags.1, cancelled: flags.2, at_ms: 5,
             };
-            let origin = session.map(|s| Origin { node: node("f00d"), session: SessionId::from_u64(s) });
-            let encoded = EncodedEvent::new(&stored, origin.as_ref(), Some(&timing()));
+            let encoded = EncodedEvent::new(&stored, &node("f00d"), Some(&timing()));
             let (entry, published) = splice(&encoded, seq);
             stored.seq = seq;
             prop_assert_eq!(&entry, &serde_json::to_vec(&stored).unwrap());
             prop_assert_eq!(decode_entry(&entry).unwrap(), stored.clone());
-            let payload = Payload::Event { origin, timing: Some(timing()), event: stored };
+            let payload = Payload::Event { node: node("f00d"), timing: Some(timing()), event: stored };
             prop_assert_eq!(&published, &payload.encode());
             prop_assert_eq!(Payload::decode(Bytes::from(published)).unwrap(), payload);
         }

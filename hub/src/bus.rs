@@ -1,0 +1,107 @@
+//! The event bus seam: a conversation's events between hub nodes.
+//!
+//! The bus carries what one node's sockets need from another node: durable
+//! events appended elsewhere and non-durable frames (`reply.delta`,
+//! `queued`) streamed elsewhere. It never sees sockets: what it receives it
+//! hands to an [`IncomingEvents`] handler, which the node's
+//! [`crate::fanout::FanOut`] implements (as centrifuge's broker hands
+//! publications to a `BrokerEventHandler`, and socketioxide's adapter
+//! reaches sockets only through an injected emitter). What the node
+//! produces itself goes to its own sockets directly, never through the bus
+//! (see [`crate::conversations`]).
+//!
+//! Two implementations: [`LocalBus`] for a single node (nothing to carry),
+//! and [`crate::store::redis::RedisBus`] (Redis pub/sub, cluster mode).
+//! Durable events are published by the log's append itself (atomically with
+//! storing them, centrifuge's "publish and save atomically"), so the bus
+//! publishes only frames.
+//!
+//! Contract: delivery is at most once (pub/sub is a doorbell, the log is the
+//! truth): the fan-out drops what its sockets already have, and a socket
+//! that sees a later seq first fills the gap from the log; a bus that may
+//! have missed events (its subscription dropped) calls
+//! [`IncomingEvents::resync`].
+//!
+//! Room left for what comes next, each with its place here: per-conversation
+//! presence and typing across nodes (a payload kind on the conversation's
+//! channel and an [`IncomingEvents`] method; typing expires by itself), a
+//! tenant-wide feed of conversation changes for the agent console (a
+//! per-tenant channel the bus subscribes with its own handler method), and
+//! sharded pub/sub on Redis Cluster (`SSUBSCRIBE`/`SPUBLISH` inside
+//! [`crate::store::redis::RedisBus`]; channel names already share their
+//! conversation's hash tag).
+
+use async_trait::async_trait;
+use axum::extract::ws::Utf8Bytes;
+
+use crate::event::StoredEvent;
+use crate::ids::ConversationKey;
+use crate::protocol::ReplyTiming;
+use crate::store::StoreError;
+
+/// Where a bus hands what it receives from other nodes. Never blocks: it is
+/// called from the bus's receiving loop.
+pub trait IncomingEvents: Send + Sync + 'static {
+    /// A durable event another node appended (`timing` rides along on a
+    /// reply's `reply.done`; it is not stored).
+    fn event(&self, key: &ConversationKey, event: &StoredEvent, timing: Option<&ReplyTiming>);
+    /// Non-durable frames another node streamed, in order.
+    fn frames(&self, key: &ConversationKey, frames: Vec<Utf8Bytes>);
+    /// Events may have been missed (the subscription was down): every
+    /// session re-reads its log after the last seq it sent.
+    fn resync(&self);
+}
+
+/// Carries a conversation's events between nodes (see the module doc).
+#[async_trait]
+pub trait EventBus: Send + Sync + 'static {
+    /// Starts receiving the conversation's events from other nodes (this
+    /// node's first socket of it). Once this returns, every event another
+    /// node appends reaches the handler, or is in a log read started now.
+    async fn subscribe(&self, key: &ConversationKey) -> Result<(), StoreError>;
+
+    /// Stops receiving them (this node's last socket left). Never fails.
+    async fn unsubscribe(&self, key: &ConversationKey);
+
+    /// Publishes non-durable frames for other nodes' sockets, in order. Best
+    /// effort and never waits; frames no other node listens for are not sent.
+    fn publish_frames(&self, key: &ConversationKey, frames: &[Utf8Bytes]);
+
+    /// Waits until every frame given to `publish_frames` so far has been
+    /// published, so that a reply's deltas reach other nodes before its
+    /// `reply.done`.
+    async fn flush(&self);
+
+    /// Whether another node has a socket of the conversation. Errs on the
+    /// side of true.
+    async fn has_remote_listeners(&self, key: &ConversationKey) -> bool;
+
+    /// Whether this node currently receives other nodes' events (false
+    /// while a subscription is down). Drives `/readyz`.
+    fn is_receiving(&self) -> bool;
+}
+
+/// The bus of a single node: there is no other node to hear from or to tell.
+#[derive(Debug, Default)]
+pub struct LocalBus;
+
+#[async_trait]
+impl EventBus for LocalBus {
+    async fn subscribe(&self, _: &ConversationKey) -> Result<(), StoreError> {
+        Ok(())
+    }
+
+    async fn unsubscribe(&self, _: &ConversationKey) {}
+
+    fn publish_frames(&self, _: &ConversationKey, _: &[Utf8Bytes]) {}
+
+    async fn flush(&self) {}
+
+    async fn has_remote_listeners(&self, _: &ConversationKey) -> bool {
+        false
+    }
+
+    fn is_receiving(&self) -> bool {
+        true
+    }
+}

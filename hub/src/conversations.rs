@@ -1,0 +1,162 @@
+//! A node's conversations: the log, the bus and the local fan-out composed
+//! into what sessions and replies do (attach, append, stream, leave).
+//!
+//! Local first: what this node appends or streams goes to its own sockets at
+//! once, through the [`FanOut`], and reaches other nodes through the log's
+//! atomic append (durable events) or the [`EventBus`] (frames), each only if
+//! another node listens; nothing this node produced comes back to it. What
+//! other nodes produce arrives through the bus, which hands it to the same
+//! fan-out. Ordering comes from seqs, not from paths: the fan-out drops what
+//! its sessions have, a session's writer fills a gap from the log, and this
+//! node's appends to one conversation take turns ([`FanOut::append_turn`])
+//! so their local deliveries are in seq order.
+//!
+//! The same code runs on both backends: the single node has the in-memory
+//! log and the [`crate::bus::LocalBus`], cluster mode the Redis log and bus.
+
+use std::sync::Arc;
+
+use axum::extract::ws::Utf8Bytes;
+
+use crate::bus::EventBus;
+use crate::event::{NewEvent, StoredEvent};
+use crate::fanout::{FanOut, SessionHandle};
+use crate::ids::{ConversationId, ConversationKey, SessionId, TenantId, UserId};
+use crate::store::{Appended, ConversationLog, Opened, Pending, Snapshot, StoreError};
+
+pub struct Conversations {
+    log: Arc<dyn ConversationLog>,
+    bus: Arc<dyn EventBus>,
+    fanout: Arc<FanOut>,
+    /// Serializes fan-out join/leave with the bus's subscribe/unsubscribe,
+    /// so that a leave and a join of one conversation cannot reorder.
+    subscriptions: tokio::sync::Mutex<()>,
+}
+
+impl Conversations {
+    pub fn new(log: Arc<dyn ConversationLog>, bus: Arc<dyn EventBus>, fanout: Arc<FanOut>) -> Self {
+        Self { log, bus, fanout, subscriptions: tokio::sync::Mutex::new(()) }
+    }
+
+    /// See [`ConversationLog::open`].
+    pub async fn open(
+        &self,
+        tenant: &TenantId,
+        user: &UserId,
+        requested: Option<&ConversationId>,
+    ) -> Result<Opened, StoreError> {
+        self.log.open(tenant, user, requested).await
+    }
+
+    /// Registers a session for live events and returns what it missed after
+    /// `after`. A conversation without a log is `ConversationNotFound`,
+    /// unless `pending` is given: then an empty snapshot with its epoch.
+    ///
+    /// Joined and subscribed first, read second: no event falls between;
+    /// one that is both read and delivered is sent once (the writer's cursor).
+    pub async fn attach(
+        &self,
+        key: &ConversationKey,
+        session: SessionHandle,
+        after: Option<u64>,
+        pending: Option<&Pending>,
+    ) -> Result<Snapshot, StoreError> {
+        let id = session.id;
+        {
+            let _guard = self.subscriptions.lock().await;
+            if self.fanout.join(key, session).map_err(|_| StoreError::TooManySockets)?
+                && let Err(error) = self.bus.subscribe(key).await
+            {
+                self.fanout.leave(key, id);
+                return Err(error);
+            }
+        }
+        match self.log.snapshot(key, after).await {
+            Ok(Some(snapshot)) => Ok(snapshot),
+            // Not created yet: subscribed all the same, so the session hears
+            // its conversation from the first event on.
+            Ok(None) if let Some(pending) = pending => {
+                Ok(Snapshot { exists: false, last_seq: 0, epoch: pending.epoch.clone(), missed: Vec::new() })
+            }
+            Ok(None) => {
+                self.detach(key, id).await;
+                Err(StoreError::ConversationNotFound)
+            }
+            Err(error) => {
+                self.detach(key, id).await;
+                Err(error)
+            }
+        }
+    }
+
+    /// Stops live events to a session. Never fails: a session that is gone is gone.
+    pub async fn detach(&self, key: &ConversationKey, session: SessionId) {
+        let _guard = self.subscriptions.lock().await;
+        if self.fanout.leave(key, session) {
+            self.bus.unsubscribe(key).await;
+        }
+    }
+
+    /// See [`ConversationLog::touch`].
+    pub async fn touch(&self, user: &UserId, key: &ConversationKey) {
+        self.log.touch(user, key).await;
+    }
+
+    /// Stores a durable event and delivers it to this node's sessions at
+    /// once (`origin`, the sending socket, gets an `ack`); the log's append
+    /// carries it to other nodes. See [`ConversationLog::append`].
+    pub async fn append(
+        &self,
+        key: &ConversationKey,
+        event: NewEvent,
+        origin: Option<SessionId>,
+        create: Option<&Pending>,
+    ) -> Result<Appended, StoreError> {
+        let timing = event.timing;
+        let turn = self.fanout.append_turn(key);
+        let _turn = match &turn {
+            Some(turn) => Some(turn.lock().await),
+            None => None,
+        };
+        let appended = self.log.append(key, event, create).await?;
+        if let Appended::New(stored) = &appended {
+            self.fanout.deliver_event(key, stored, origin, timing.as_ref());
+        }
+        Ok(appended)
+    }
+
+    /// Delivers non-durable frames (`reply.delta`s, `queued`), in order, to
+    /// every socket of the conversation: this node's at once, other nodes'
+    /// through the bus. Best effort and never waits: a lost delta is
+    /// repaired by `reply.done`.
+    pub fn publish_frames(&self, key: &ConversationKey, frames: Vec<Utf8Bytes>) {
+        self.bus.publish_frames(key, &frames);
+        self.fanout.deliver_frames(key, frames);
+    }
+
+    /// Waits until the frames published so far have left for other nodes.
+    pub async fn flush_frames(&self) {
+        self.bus.flush().await;
+    }
+
+    /// Whether any socket of the conversation is open, on any node (a reply
+    /// keeps streaming while someone listens). Errs on the side of true.
+    pub async fn has_listeners(&self, key: &ConversationKey) -> bool {
+        self.fanout.local_sessions(key) > 0 || self.bus.has_remote_listeners(key).await
+    }
+
+    /// Whether this node currently receives other nodes' events.
+    pub fn is_receiving(&self) -> bool {
+        self.bus.is_receiving()
+    }
+
+    /// See [`ConversationLog::events_after`].
+    pub async fn events_after(&self, key: &ConversationKey, after: u64) -> Result<Vec<Arc<StoredEvent>>, StoreError> {
+        self.log.events_after(key, after).await
+    }
+
+    /// See [`ConversationLog::recent_turns`].
+    pub async fn recent_turns(&self, key: &ConversationKey, limit: usize) -> Result<Vec<Arc<StoredEvent>>, StoreError> {
+        self.log.recent_turns(key, limit).await
+    }
+}

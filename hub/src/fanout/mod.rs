@@ -1,0 +1,211 @@
+//! Local fan-out: delivers a conversation's events to the sockets on this node.
+//!
+//! Every session of a conversation registers a [`SessionHandle`] here. An
+//! event is encoded once per node and the same bytes are pushed into each
+//! session's bounded outbound queue with `try_send`: delivery never waits, so
+//! one stalled client cannot slow the publisher or the other sockets. A
+//! session whose queue is full is closed as a slow consumer (4008) instead of
+//! being allowed to grow memory.
+//!
+//! The fan-out knows nothing about storage nor about other nodes. It gets
+//! events from two places, by the same rule: what this node appends and
+//! streams ([`crate::conversations`]), and what other nodes did, as the
+//! [`IncomingEvents`] handler of the node's [`crate::bus`]. Either way a
+//! durable event goes through one [`Cursor`] per conversation: one its
+//! sessions already have is dropped (a copy that came back), the next one
+//! or one past a gap is handed on (each session's writer fills a gap from
+//! the log with its own cursor), so a socket's frames are never reordered.
+
+mod session;
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::extract::ws::Utf8Bytes;
+use dashmap::DashMap;
+
+use crate::bus::IncomingEvents;
+use crate::event::{Cursor, Step, StoredEvent};
+use crate::ids::{ConversationKey, SessionId};
+use crate::protocol::{ReplyTiming, Role, ServerFrame};
+
+pub use session::{Outbound, SessionCloser, SessionHandle};
+
+/// Serializes this node's appends to one conversation, so that their local
+/// deliveries reach the fan-out in seq order (an `ack` stays an `ack`, a
+/// `reply.done` a `reply.done`, instead of being filled from the log).
+pub type AppendTurn = Arc<tokio::sync::Mutex<()>>;
+
+/// This node's sessions, by conversation.
+#[derive(Debug)]
+pub struct FanOut {
+    /// foldhash, not SipHash: every delta looks its conversation up here, and
+    /// hashing the key was a tenth of the hub's instructions per token.
+    /// (Still seeded per process, so keys cannot be chosen to collide.)
+    sessions: DashMap<ConversationKey, Local, foldhash::fast::RandomState>,
+    /// Sessions one conversation may have on this node
+    /// (`conversation.max_sockets`): each event is pushed to every one, so
+    /// this bounds what one conversation's traffic costs the node.
+    max_sockets: usize,
+}
+
+impl Default for FanOut {
+    fn default() -> Self {
+        Self::with_max_sockets(usize::MAX)
+    }
+}
+
+/// A conversation already has `conversation.max_sockets` sessions on this node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ConversationFull;
+
+/// One conversation's sessions on this node.
+#[derive(Debug, Default)]
+struct Local {
+    handles: Vec<SessionHandle>,
+    /// The durable events handed to these sessions: one that comes again
+    /// (a replay overlapping live traffic) is dropped here, once for all
+    /// sessions.
+    delivered: Cursor,
+    /// Taken by this node's appends to the conversation (made by the first).
+    turn: Option<AppendTurn>,
+}
+
+impl FanOut {
+    pub fn with_max_sockets(max_sockets: usize) -> Self {
+        Self { sessions: DashMap::default(), max_sockets }
+    }
+
+    /// Adds a session; returns true when it is the conversation's first on
+    /// this node, or refuses it when the conversation is full here.
+    pub fn join(&self, key: &ConversationKey, handle: SessionHandle) -> Result<bool, ConversationFull> {
+        let mut entry = self.sessions.entry(key.clone()).or_default();
+        if entry.handles.len() >= self.max_sockets {
+            return Err(ConversationFull);
+        }
+        entry.handles.push(handle);
+        Ok(entry.handles.len() == 1)
+    }
+
+    /// The turn this node's appends to the conversation take, if it has
+    /// sessions here (without them, there is no local order to keep).
+    pub fn append_turn(&self, key: &ConversationKey) -> Option<AppendTurn> {
+        let mut local = self.sessions.get_mut(key)?;
+        Some(local.turn.get_or_insert_with(AppendTurn::default).clone())
+    }
+
+    /// Removes a session; returns true when it was the conversation's last on this node.
+    pub fn leave(&self, key: &ConversationKey, id: SessionId) -> bool {
+        self.sessions
+            .remove_if_mut(key, |_, local| {
+                local.handles.retain(|h| h.id != id);
+                local.handles.is_empty()
+            })
+            .is_some()
+    }
+
+    /// Asks every session on this node to re-read its conversation's log.
+    pub fn resync_all(&self) {
+        for entry in self.sessions.iter() {
+            for handle in &entry.value().handles {
+                handle.push(Outbound::Resync);
+            }
+        }
+    }
+
+    /// Number of sessions of this conversation on this node.
+    pub fn local_sessions(&self, key: &ConversationKey) -> usize {
+        self.sessions.get(key).map_or(0, |local| local.handles.len())
+    }
+
+    /// Delivers frames that are not durable events (`reply.delta`s,
+    /// `queued`), in order, to every session: one queue item per session
+    /// however many frames. The last session gets the frames themselves:
+    /// most conversations have one socket.
+    pub fn deliver_frames(&self, key: &ConversationKey, mut frames: Vec<Utf8Bytes>) {
+        let Some(local) = self.sessions.get(key) else { return };
+        let queued_at = Instant::now();
+        let item = |mut frames: Vec<Utf8Bytes>| match frames.len() {
+            1 => Outbound::Frame { frame: frames.remove(0), queued_at },
+            _ => Outbound::Frames { frames, queued_at },
+        };
+        if frames.is_empty() {
+            return;
+        }
+        if let Some((last, others)) = local.handles.split_last() {
+            for handle in others {
+                handle.push(item(frames.clone()));
+            }
+            last.push(item(std::mem::take(&mut frames)));
+        }
+    }
+
+    /// Delivers a durable event, unless these sessions already have it
+    /// (each session's writer fills a gap before it from the log). `origin`
+    /// is the session that sent a customer message: it gets an `ack`, the
+    /// other sessions the `message` itself. `timing` rides along on a
+    /// `reply.done` (it is not stored).
+    pub fn deliver_event(
+        &self,
+        key: &ConversationKey,
+        event: &StoredEvent,
+        origin: Option<SessionId>,
+        timing: Option<&ReplyTiming>,
+    ) {
+        let Some(mut local) = self.sessions.get_mut(key) else { return };
+        if local.delivered.step(event.seq) == Step::Seen {
+            return;
+        }
+        local.delivered.advance(event.seq);
+        let conversation = key.conversation.as_str();
+        // The frame every session gets, except the one that sent a customer message (an `ack`).
+        let shared = || match event.from {
+            Role::Assistant => ServerFrame::ReplyDone {
+                conversation,
+                reply: &event.id,
+                seq: event.seq,
+                text: &event.text,
+                fallback: event.fallback,
+                interrupted: event.interrupted,
+                cancelled: event.cancelled,
+                timing,
+            }
+            .encode(),
+            Role::Customer | Role::Agent | Role::System => event.message_frame(conversation),
+        };
+        let origin = origin.filter(|_| event.from == Role::Customer);
+        let queued_at = Instant::now();
+        // Encoded only if someone needs it (a lone customer socket needs just
+        // its ack), and moved rather than cloned into the last session.
+        let mut encoded = None;
+        let last = local.handles.len().saturating_sub(1);
+        for (i, handle) in local.handles.iter().enumerate() {
+            let frame = if origin == Some(handle.id) {
+                ServerFrame::Ack { id: &event.id, seq: event.seq }.encode()
+            } else if i == last {
+                encoded.take().unwrap_or_else(shared)
+            } else {
+                encoded.get_or_insert_with(shared).clone()
+            };
+            handle.push(Outbound::Event { seq: event.seq, frame, queued_at });
+        }
+    }
+}
+
+impl IncomingEvents for FanOut {
+    fn event(&self, key: &ConversationKey, event: &StoredEvent, timing: Option<&ReplyTiming>) {
+        // Another node's socket sent it: every session here gets the `message`.
+        self.deliver_event(key, event, None, timing);
+    }
+
+    fn frames(&self, key: &ConversationKey, frames: Vec<Utf8Bytes>) {
+        self.deliver_frames(key, frames);
+    }
+
+    fn resync(&self) {
+        self.resync_all();
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,115 @@
+//! One socket as the fan-out sees it: the items queued for its writer, its
+//! bounded queue, and the way to close it.
+
+use std::sync::{Arc, OnceLock};
+use std::time::Instant;
+
+use axum::extract::ws::Utf8Bytes;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::ids::SessionId;
+use crate::protocol::close::{self, CloseReason};
+
+/// One item queued for a socket's writer.
+#[derive(Debug, Clone)]
+pub enum Outbound {
+    /// A durable event's frame (`message`, `ack`, `reply.done`): the writer
+    /// puts it through the socket's [`Cursor`], skipping events it already
+    /// sent and filling gaps from the log.
+    Event {
+        seq: u64,
+        frame: Utf8Bytes,
+        /// When the fan-out queued it (for the delivery-time metric).
+        queued_at: Instant,
+    },
+    /// A frame that is not a durable event (a delta, `queued`, a pong, an
+    /// error, the ack of a duplicate): sent as it comes.
+    Frame { frame: Utf8Bytes, queued_at: Instant },
+    /// Non-durable frames that were ready together (tokens of a reply that
+    /// arrived at once), in order: one hand-over to the writer for all of them.
+    Frames { frames: Vec<Utf8Bytes>, queued_at: Instant },
+    /// This node may have missed events (its subscription dropped): the
+    /// writer re-reads the log after the last seq it sent.
+    Resync,
+}
+
+impl Outbound {
+    pub fn ephemeral(frame: Utf8Bytes) -> Self {
+        Self::Frame { frame, queued_at: Instant::now() }
+    }
+
+    /// The frame of a single-frame item.
+    pub fn frame(&self) -> Option<&Utf8Bytes> {
+        match self {
+            Self::Event { frame, .. } | Self::Frame { frame, .. } => Some(frame),
+            Self::Frames { .. } | Self::Resync => None,
+        }
+    }
+}
+
+/// Ends one session, remembering the first reason given so the writer can
+/// send the matching close code.
+#[derive(Clone, Debug, Default)]
+pub struct SessionCloser {
+    token: CancellationToken,
+    reason: Arc<OnceLock<CloseReason>>,
+}
+
+impl SessionCloser {
+    pub fn child_of(parent: &CancellationToken) -> Self {
+        Self { token: parent.child_token(), reason: Arc::default() }
+    }
+
+    /// Asks the session to close; the first reason wins. A session already
+    /// cancelled by hub shutdown keeps "going away".
+    pub fn close(&self, reason: CloseReason) {
+        let reason = if self.token.is_cancelled() { close::GOING_AWAY } else { reason };
+        let _ = self.reason.set(reason);
+        self.token.cancel();
+    }
+
+    pub fn token(&self) -> &CancellationToken {
+        &self.token
+    }
+
+    /// The reason the session is closing. A cancelled parent token (hub
+    /// shutdown) without a reason of its own means "going away".
+    pub fn reason(&self) -> CloseReason {
+        match self.reason.get() {
+            Some(reason) => *reason,
+            None if self.token.is_cancelled() => close::GOING_AWAY,
+            None => close::NORMAL,
+        }
+    }
+}
+
+/// The fan-out's view of one socket: its queue and a way to close it.
+#[derive(Clone, Debug)]
+pub struct SessionHandle {
+    pub id: SessionId,
+    /// Boxed items: a tokio channel allocates its first block of 32 slots up
+    /// front, which for 40-byte items was the largest part of an idle
+    /// socket's memory after the socket buffer; a box per frame costs less.
+    pub tx: mpsc::Sender<Box<Outbound>>,
+    pub closer: SessionCloser,
+}
+
+impl SessionHandle {
+    /// Queues a frame without waiting; a full queue closes the session as a
+    /// slow consumer. Returns whether the frame was queued.
+    pub fn push(&self, item: Outbound) -> bool {
+        match self.tx.try_send(Box::new(item)) {
+            Ok(()) => true,
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                if !self.closer.token().is_cancelled() {
+                    metrics::counter!(crate::metric::SLOW_CONSUMER_CLOSES).increment(1);
+                    tracing::info!(session_id = %self.id, "outbound queue full; closing as a slow consumer");
+                }
+                self.closer.close(close::SLOW_CONSUMER);
+                false
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => false,
+        }
+    }
+}

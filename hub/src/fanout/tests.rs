@@ -1,0 +1,163 @@
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use super::*;
+use crate::ids::{ConversationId, TenantId};
+use crate::protocol::close;
+
+fn key() -> ConversationKey {
+    ConversationKey {
+        tenant: TenantId::parse("t").unwrap(),
+        conversation: ConversationId::parse(&"c".repeat(32)).unwrap(),
+    }
+}
+
+fn session(capacity: usize) -> (SessionHandle, mpsc::Receiver<Box<Outbound>>) {
+    let (tx, rx) = mpsc::channel(capacity);
+    let handle =
+        SessionHandle { id: SessionId::next(), tx, closer: SessionCloser::child_of(&CancellationToken::new()) };
+    (handle, rx)
+}
+
+fn customer_event(seq: u64) -> StoredEvent {
+    StoredEvent {
+        seq,
+        from: Role::Customer,
+        id: format!("m{seq}"),
+        text: "hi".into(),
+        fallback: false,
+        interrupted: false,
+        cancelled: false,
+        at_ms: 0,
+    }
+}
+
+#[test]
+fn origin_gets_ack_and_others_get_the_message_sharing_bytes() {
+    let fanout = FanOut::default();
+    let (a, mut a_rx) = session(8);
+    let (b, mut b_rx) = session(8);
+    let (c, mut c_rx) = session(8);
+    assert_eq!(fanout.join(&key(), a.clone()), Ok(true));
+    assert_eq!(fanout.join(&key(), b), Ok(false));
+    fanout.join(&key(), c).unwrap();
+    fanout.deliver_event(&key(), &customer_event(1), Some(a.id), None);
+    assert!(a_rx.try_recv().unwrap().frame().unwrap().as_str().contains(r#""type":"ack""#));
+    let Outbound::Event { seq, frame: b_frame, .. } = *b_rx.try_recv().unwrap() else { panic!("an event") };
+    let c_frame = c_rx.try_recv().unwrap();
+    assert!(b_frame.as_str().contains(r#""type":"message""#));
+    assert_eq!(seq, 1);
+    // One encoding shared by both sockets, not one copy each.
+    assert_eq!(b_frame.as_str().as_ptr(), c_frame.frame().unwrap().as_str().as_ptr());
+}
+
+#[test]
+fn a_lone_sender_gets_its_ack_and_a_last_joined_sender_still_gets_an_ack() {
+    let fanout = FanOut::default();
+    let (a, mut a_rx) = session(8);
+    fanout.join(&key(), a.clone()).unwrap();
+    fanout.deliver_event(&key(), &customer_event(1), Some(a.id), None);
+    assert!(a_rx.try_recv().unwrap().frame().unwrap().as_str().contains(r#""type":"ack""#));
+    assert!(a_rx.try_recv().is_err(), "one frame: the ack");
+    // The sender joined last: the earlier socket gets the message, the sender its ack.
+    let (b, mut b_rx) = session(8);
+    fanout.join(&key(), b.clone()).unwrap();
+    fanout.deliver_event(&key(), &customer_event(2), Some(b.id), None);
+    assert!(a_rx.try_recv().unwrap().frame().unwrap().as_str().contains(r#""type":"message""#));
+    assert!(b_rx.try_recv().unwrap().frame().unwrap().as_str().contains(r#""type":"ack""#));
+}
+
+/// The seqs of the durable events queued for a session, and whether each is an `ack`.
+fn events(rx: &mut mpsc::Receiver<Box<Outbound>>) -> Vec<(u64, bool)> {
+    let mut events = Vec::new();
+    while let Ok(item) = rx.try_recv() {
+        if let Outbound::Event { seq, frame, .. } = *item {
+            events.push((seq, frame.as_str().contains(r#""type":"ack""#)));
+        }
+    }
+    events
+}
+
+#[test]
+fn the_echo_of_a_locally_delivered_event_is_dropped() {
+    let fanout = FanOut::default();
+    let (a, mut a_rx) = session(16);
+    fanout.join(&key(), a.clone()).unwrap();
+    fanout.deliver_event(&key(), &customer_event(1), Some(a.id), None);
+    // The same event again, as the bus would hand it over: once is enough.
+    IncomingEvents::event(&fanout, &key(), &customer_event(1), None);
+    assert_eq!(events(&mut a_rx), [(1, true)]);
+}
+
+#[test]
+fn remote_events_fill_in_in_order_and_a_gap_is_left_to_the_writer() {
+    let fanout = FanOut::default();
+    let (a, mut a_rx) = session(16);
+    fanout.join(&key(), a.clone()).unwrap();
+    IncomingEvents::event(&fanout, &key(), &customer_event(1), None);
+    IncomingEvents::event(&fanout, &key(), &customer_event(2), None);
+    // This node appended 4 while 3 (another node's) is still on its way:
+    // handed on at once, the writer reads 3 from the log before it.
+    fanout.deliver_event(&key(), &customer_event(4), Some(a.id), None);
+    let received = events(&mut a_rx);
+    assert_eq!(received, [(1, false), (2, false), (4, true)]);
+    let mut writer = crate::event::Cursor::at(2);
+    assert_eq!(writer.step(4), crate::event::Step::Gap, "the writer fills 3 from the log");
+    writer.advance(4);
+    // 3 arrives late: every session already has it (from the log).
+    IncomingEvents::event(&fanout, &key(), &customer_event(3), None);
+    IncomingEvents::event(&fanout, &key(), &customer_event(5), None);
+    assert_eq!(events(&mut a_rx), [(5, false)]);
+}
+
+#[tokio::test]
+async fn appends_of_one_conversation_take_turns_only_while_it_has_sessions() {
+    let fanout = FanOut::default();
+    assert!(fanout.append_turn(&key()).is_none(), "no session here: no order to keep");
+    let (a, _a_rx) = session(1);
+    fanout.join(&key(), a).unwrap();
+    let turn = fanout.append_turn(&key()).unwrap();
+    let held = turn.lock().await;
+    assert!(fanout.append_turn(&key()).unwrap().try_lock().is_err(), "the second append waits for the first");
+    drop(held);
+    assert!(fanout.append_turn(&key()).unwrap().try_lock().is_ok());
+}
+
+#[test]
+fn full_queue_closes_the_session_as_slow_consumer() {
+    let fanout = FanOut::default();
+    let (slow, _rx) = session(1);
+    fanout.join(&key(), slow.clone()).unwrap();
+    let frame = Utf8Bytes::from_static("{}");
+    fanout.deliver_frames(&key(), vec![frame.clone(), frame.clone()]);
+    assert!(!slow.closer.token().is_cancelled(), "a batch is one item");
+    fanout.deliver_frames(&key(), vec![frame.clone()]);
+    assert!(slow.closer.token().is_cancelled());
+    assert_eq!(slow.closer.reason(), close::SLOW_CONSUMER);
+}
+
+#[test]
+fn a_full_conversation_refuses_another_session_until_one_leaves() {
+    let fanout = FanOut::with_max_sockets(2);
+    let (a, _a_rx) = session(1);
+    let (b, _b_rx) = session(1);
+    let (c, _c_rx) = session(1);
+    fanout.join(&key(), a.clone()).unwrap();
+    fanout.join(&key(), b).unwrap();
+    assert_eq!(fanout.join(&key(), c.clone()), Err(ConversationFull));
+    assert_eq!(fanout.local_sessions(&key()), 2);
+    fanout.leave(&key(), a.id);
+    assert_eq!(fanout.join(&key(), c), Ok(false));
+}
+
+#[test]
+fn leave_reports_the_last_session() {
+    let fanout = FanOut::default();
+    let (a, _a_rx) = session(1);
+    let (b, _b_rx) = session(1);
+    fanout.join(&key(), a.clone()).unwrap();
+    fanout.join(&key(), b.clone()).unwrap();
+    assert!(!fanout.leave(&key(), a.id));
+    assert!(fanout.leave(&key(), b.id));
+    assert_eq!(fanout.local_sessions(&key()), 0);
+}

@@ -1,0 +1,322 @@
+//! The in-memory log: one node, no Redis; the embedded default.
+//!
+//! Each conversation's log sits behind its own `std::sync::Mutex`, never
+//! held across an `.await`: append assigns the seq and stores the event
+//! under it.
+//!
+//! Logs are capped at `log_cap` events. A user who comes back after
+//! `idle_window` gets a new conversation; the old one stays readable by id
+//! until it has had no socket and no activity for `retention`: then the
+//! [`MemoryLog::run_sweeper`] task forgets it, as Redis expires its keys.
+//! Without that a long-running node would keep every conversation it ever
+//! saw (a conversation with a socket open on the node is kept). A
+//! conversation enters the map with its first message (see [`Pending`]); a
+//! socket that never sends one leaves only its fan-out entry, which goes
+//! with it.
+
+use std::collections::hash_map::RandomState;
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use dashmap::DashMap;
+use dashmap::mapref::entry::Entry;
+use tokio_util::sync::CancellationToken;
+use tracing::debug;
+
+use super::{Appended, ConversationLog, NewEvent, Opened, Pending, Snapshot, StoreError, StoredEvent, now_ms};
+use crate::config::{ConversationConfig, CreationLimit};
+use crate::fanout::FanOut;
+use crate::ids::{ConversationId, ConversationKey, TenantId, UserId};
+use crate::protocol::Role;
+
+#[derive(Debug)]
+pub struct MemoryLog {
+    /// foldhash (seeded per process): looked up on every append.
+    conversations: DashMap<ConversationKey, Arc<Mutex<Conversation>>, foldhash::fast::RandomState>,
+    /// Each user's most recent conversation and when they were last active in it.
+    latest: DashMap<(TenantId, UserId), Latest>,
+    /// When each user created their conversations within the creation
+    /// window, oldest first (only users with a recent creation have an entry).
+    created: DashMap<(TenantId, UserId), VecDeque<u64>, RandomState>,
+    log_cap: usize,
+    idle_window: Duration,
+    retention: Duration,
+    creation_limit: Option<CreationLimit>,
+}
+
+/// How often the sweeper looks for conversations past their retention.
+const SWEEP_INTERVAL: Duration = Duration::from_secs(60);
+
+#[derive(Debug, Clone)]
+struct Latest {
+    conversation: ConversationId,
+    last_active_ms: u64,
+}
+
+#[derive(Debug)]
+struct Conversation {
+    user: UserId,
+    epoch: String,
+    last_seq: u64,
+    /// Last open, attach, detach or append; retention counts from here.
+    last_active_ms: u64,
+    /// The newest `log_cap` events, oldest first.
+    events: VecDeque<Arc<StoredEvent>>,
+    /// Seq of each customer message in `events`, by client message id: a
+    /// resent message is found without scanning the log.
+    customer_ids: HashMap<String, u64>,
+}
+
+impl MemoryLog {
+    pub fn new(config: &ConversationConfig) -> Self {
+        Self {
+            conversations: DashMap::default(),
+            latest: DashMap::new(),
+            created: DashMap::default(),
+            log_cap: config.log_cap,
+            idle_window: Duration::from_millis(config.idle_window_ms),
+            retention: Duration::from_secs(config.retention_secs),
+            creation_limit: config.creation_limit(),
+        }
+    }
+
+    /// Forgets expired conversations every [`SWEEP_INTERVAL`] until
+    /// `shutdown`, but none that has a socket in `fanout`.
+    pub async fn run_sweeper(self: Arc<Self>, fanout: Arc<FanOut>, shutdown: CancellationToken) {
+        let mut tick = tokio::time::interval(SWEEP_INTERVAL);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tick.tick() => {
+                    let forgotten = self.sweep(now_ms(), |key| fanout.local_sessions(key) > 0);
+                    if forgotten > 0 {
+                        debug!(forgotten, "conversations past their retention forgotten");
+                        metrics::counter!(crate::metric::CONVERSATIONS_EXPIRED).increment(forgotten as u64);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Forgets the conversations that are not `watched` (no socket on them)
+    /// and have had no activity since `retention` before `now_ms`, and
+    /// users' pointers to them. Returns how many conversations went.
+    fn sweep(&self, now_ms: u64, watched: impl Fn(&ConversationKey) -> bool) -> usize {
+        let cutoff = now_ms.saturating_sub(self.retention.as_millis() as u64);
+        let mut forgotten = 0;
+        self.conversations.retain(|key, log| {
+            let keep = lock(log).last_active_ms > cutoff || watched(key);
+            forgotten += usize::from(!keep);
+            keep
+        });
+        self.latest.retain(|(tenant, _), latest| {
+            let key = ConversationKey { tenant: tenant.clone(), conversation: latest.conversation.clone() };
+            self.conversations.contains_key(&key)
+        });
+        if let Some(limit) = self.creation_limit {
+            let window = limit.window.as_millis() as u64;
+            self.created.retain(|_, times| times.back().is_some_and(|at| now_ms.saturating_sub(*at) < window));
+        }
+        forgotten
+    }
+
+    /// Marks a conversation active now; false if it no longer exists.
+    fn touch_log(&self, key: &ConversationKey) -> bool {
+        match self.conversations.get(key) {
+            Some(log) => {
+                lock(&log).last_active_ms = now_ms();
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// The log to append to; with `create`, a missing one is created (within
+    /// the user's creation cap) and becomes the user's most recent.
+    fn log_or_create(&self, key: &ConversationKey, create: &Pending) -> Result<Arc<Mutex<Conversation>>, StoreError> {
+        let vacant = match self.conversations.entry(key.clone()) {
+            Entry::Occupied(existing) => {
+                let log = existing.get().clone();
+                drop(existing);
+                let ours = {
+                    let log = lock(&log);
+                    log.user == create.user && log.epoch == create.epoch
+                };
+                return if ours { Ok(log) } else { Err(StoreError::ConversationNotFound) };
+            }
+            Entry::Vacant(vacant) => vacant,
+        };
+        self.count_creation(&key.tenant, &create.user)?;
+        let now = now_ms();
+        let log = Conversation {
+            user: create.user.clone(),
+            epoch: create.epoch.clone(),
+            last_seq: 0,
+            last_active_ms: now,
+            events: VecDeque::new(),
+            customer_ids: HashMap::new(),
+        };
+        let log = vacant.insert(Arc::new(Mutex::new(log))).clone();
+        self.latest.insert(
+            (key.tenant.clone(), create.user.clone()),
+            Latest { conversation: key.conversation.clone(), last_active_ms: now },
+        );
+        Ok(log)
+    }
+
+    /// Counts one creation against the user's cap, or refuses it.
+    fn count_creation(&self, tenant: &TenantId, user: &UserId) -> Result<(), StoreError> {
+        let Some(limit) = self.creation_limit else {
+            return Ok(());
+        };
+        let now = now_ms();
+        let window = limit.window.as_millis() as u64;
+        let mut times = self.created.entry((tenant.clone(), user.clone())).or_default();
+        while times.front().is_some_and(|at| now.saturating_sub(*at) >= window) {
+            times.pop_front();
+        }
+        if times.len() >= limit.max as usize {
+            return Err(StoreError::TooManyConversations { max: limit.max, window_secs: limit.window.as_secs() });
+        }
+        times.push_back(now);
+        Ok(())
+    }
+
+    fn log(&self, key: &ConversationKey) -> Result<Arc<Mutex<Conversation>>, StoreError> {
+        self.conversations.get(key).map(|log| log.clone()).ok_or(StoreError::ConversationNotFound)
+    }
+}
+
+fn lock(log: &Mutex<Conversation>) -> std::sync::MutexGuard<'_, Conversation> {
+    // A panic while holding the lock cannot leave the log half-written (every
+    // mutation is a single push or pop), so a poisoned lock is still usable.
+    log.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+#[async_trait]
+impl ConversationLog for MemoryLog {
+    async fn open(
+        &self,
+        tenant: &TenantId,
+        user: &UserId,
+        requested: Option<&ConversationId>,
+    ) -> Result<Opened, StoreError> {
+        let now = now_ms();
+        if let Some(conversation) = requested {
+            let key = ConversationKey { tenant: tenant.clone(), conversation: conversation.clone() };
+            let owned = self.conversations.get(&key).is_some_and(|log| {
+                let mut log = lock(&log);
+                let owned = log.user == *user;
+                if owned {
+                    log.last_active_ms = now;
+                }
+                owned
+            });
+            if !owned {
+                return Err(StoreError::ConversationNotFound);
+            }
+            self.latest.insert(
+                (tenant.clone(), user.clone()),
+                Latest { conversation: conversation.clone(), last_active_ms: now },
+            );
+            return Ok(Opened { key, pending: None });
+        }
+        let idle_window = self.idle_window.as_millis() as u64;
+        let recent = self.latest.get_mut(&(tenant.clone(), user.clone())).and_then(|mut latest| {
+            if now.saturating_sub(latest.last_active_ms) > idle_window {
+                return None;
+            }
+            latest.last_active_ms = now;
+            Some(latest.conversation.clone())
+        });
+        match recent {
+            Some(conversation) => {
+                let key = ConversationKey { tenant: tenant.clone(), conversation };
+                // A log the sweeper forgot meanwhile starts again under the same id.
+                let pending = (!self.touch_log(&key)).then(|| Pending::new(user));
+                Ok(Opened { key, pending })
+            }
+            None => {
+                let key = ConversationKey { tenant: tenant.clone(), conversation: ConversationId::generate() };
+                Ok(Opened { key, pending: Some(Pending::new(user)) })
+            }
+        }
+    }
+
+    async fn snapshot(&self, key: &ConversationKey, after: Option<u64>) -> Result<Option<Snapshot>, StoreError> {
+        let Some(log) = self.conversations.get(key).map(|log| log.clone()) else {
+            return Ok(None);
+        };
+        let mut log = lock(&log);
+        log.last_active_ms = now_ms();
+        let missed = match after {
+            Some(after) => log.events.iter().filter(|e| e.seq > after).cloned().collect(),
+            None => Vec::new(),
+        };
+        Ok(Some(Snapshot { exists: true, last_seq: log.last_seq, epoch: log.epoch.clone(), missed }))
+    }
+
+    async fn touch(&self, user: &UserId, key: &ConversationKey) {
+        let _ = self.touch_log(key);
+        if let Some(mut latest) = self.latest.get_mut(&(key.tenant.clone(), user.clone()))
+            && latest.conversation == key.conversation
+        {
+            latest.last_active_ms = now_ms();
+        }
+    }
+
+    async fn events_after(&self, key: &ConversationKey, after: u64) -> Result<Vec<Arc<StoredEvent>>, StoreError> {
+        let log = self.log(key)?;
+        let log = lock(&log);
+        Ok(log.events.iter().filter(|e| e.seq > after).cloned().collect())
+    }
+
+    async fn append(
+        &self,
+        key: &ConversationKey,
+        event: NewEvent,
+        create: Option<&Pending>,
+    ) -> Result<Appended, StoreError> {
+        let log = match create {
+            Some(create) => self.log_or_create(key, create)?,
+            None => self.log(key)?,
+        };
+        let mut log = lock(&log);
+        if event.from == Role::Customer
+            && let Some(&seq) = log.customer_ids.get(&event.id)
+        {
+            return Ok(Appended::Duplicate(seq));
+        }
+        let now = now_ms();
+        log.last_seq += 1;
+        log.last_active_ms = now;
+        let stored = Arc::new(event.stored(log.last_seq, now));
+        if stored.from == Role::Customer {
+            log.customer_ids.insert(stored.id.clone(), stored.seq);
+        }
+        log.events.push_back(stored.clone());
+        while log.events.len() > self.log_cap {
+            if let Some(old) = log.events.pop_front()
+                && old.from == Role::Customer
+            {
+                log.customer_ids.remove(&old.id);
+            }
+        }
+        Ok(Appended::New(stored))
+    }
+
+    async fn recent_turns(&self, key: &ConversationKey, limit: usize) -> Result<Vec<Arc<StoredEvent>>, StoreError> {
+        let log = self.log(key)?;
+        let log = lock(&log);
+        let mut turns: Vec<_> =
+            log.events.iter().rev().filter(|e| e.from != Role::System).take(limit).cloned().collect();
+        turns.reverse();
+        Ok(turns)
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,218 @@
+use super::*;
+use crate::bus::LocalBus;
+use crate::conversations::Conversations;
+use crate::fanout::SessionHandle;
+use crate::ids::SessionId;
+
+fn config(log_cap: usize, max_created_per_user: u32) -> ConversationConfig {
+    ConversationConfig {
+        log_cap,
+        idle_window_ms: 60_000,
+        retention_secs: 3600,
+        max_created_per_user,
+        ..ConversationConfig::default()
+    }
+}
+
+/// A single node: the log under test, composed as the hub composes it.
+struct Node {
+    log: Arc<MemoryLog>,
+    fanout: Arc<FanOut>,
+    composed: Conversations,
+}
+
+impl std::ops::Deref for Node {
+    type Target = MemoryLog;
+
+    fn deref(&self) -> &MemoryLog {
+        &self.log
+    }
+}
+
+impl Node {
+    fn new(config: &ConversationConfig) -> Self {
+        let (log, fanout) = (Arc::new(MemoryLog::new(config)), Arc::new(FanOut::default()));
+        let composed = Conversations::new(log.clone(), Arc::new(LocalBus), fanout.clone());
+        Self { log, fanout, composed }
+    }
+
+    async fn open(&self, t: &TenantId, u: &UserId, c: Option<&ConversationId>) -> Result<Opened, StoreError> {
+        self.composed.open(t, u, c).await
+    }
+
+    async fn append(
+        &self,
+        key: &ConversationKey,
+        event: NewEvent,
+        origin: Option<SessionId>,
+        create: Option<&Pending>,
+    ) -> Result<Outcome, StoreError> {
+        self.composed.append(key, event, origin, create).await.map(|appended| match appended {
+            Appended::New(event) => Outcome::New(event.seq),
+            Appended::Duplicate(seq) => Outcome::Duplicate(seq),
+        })
+    }
+
+    async fn attach(
+        &self,
+        key: &ConversationKey,
+        session: SessionHandle,
+        after: Option<u64>,
+        pending: Option<&Pending>,
+    ) -> Result<Snapshot, StoreError> {
+        self.composed.attach(key, session, after, pending).await
+    }
+
+    async fn detach(&self, key: &ConversationKey, session: SessionId) {
+        self.composed.detach(key, session).await
+    }
+
+    async fn touch(&self, user: &UserId, key: &ConversationKey) {
+        self.composed.touch(user, key).await
+    }
+
+    fn sweep(&self, now_ms: u64) -> usize {
+        self.log.sweep(now_ms, |key| self.fanout.local_sessions(key) > 0)
+    }
+}
+
+/// An append's outcome, by seq.
+#[derive(Debug, PartialEq, Eq)]
+enum Outcome {
+    New(u64),
+    Duplicate(u64),
+}
+
+fn backend(log_cap: usize) -> Node {
+    Node::new(&config(log_cap, 20))
+}
+
+fn session() -> (SessionHandle, tokio::sync::mpsc::Receiver<Box<crate::fanout::Outbound>>) {
+    let (tx, rx) = tokio::sync::mpsc::channel(8);
+    let closer = crate::fanout::SessionCloser::child_of(&CancellationToken::new());
+    (SessionHandle { id: SessionId::next(), tx, closer }, rx)
+}
+
+/// Opens a new conversation for `user` and stores a first message in it.
+async fn started(backend: &Node, tenant: &TenantId, user: &UserId) -> ConversationKey {
+    let opened = backend.open(tenant, user, None).await.unwrap();
+    let first = NewEvent::customer("m0".into(), "hi".into());
+    backend.append(&opened.key, first, None, opened.pending.as_ref()).await.unwrap();
+    opened.key
+}
+
+#[tokio::test]
+async fn a_resent_message_is_a_duplicate_while_it_is_in_the_log() {
+    let backend = backend(3);
+    let opened = backend.open(&TenantId::parse("t").unwrap(), &UserId::parse("u").unwrap(), None).await.unwrap();
+    let key = opened.key;
+    let first = NewEvent::customer("m1".into(), "hi".into());
+    assert_eq!(backend.append(&key, first, None, opened.pending.as_ref()).await.unwrap(), Outcome::New(1));
+    let send = |id: &str| backend.append(&key, NewEvent::customer(id.into(), "hi".into()), None, None);
+    assert_eq!(send("m2").await.unwrap(), Outcome::New(2));
+    assert_eq!(send("m1").await.unwrap(), Outcome::Duplicate(1));
+    // An assistant event with a customer's id is not a customer message.
+    let reply = NewEvent { from: Role::Assistant, ..NewEvent::customer("m2".into(), "answer".into()) };
+    assert_eq!(backend.append(&key, reply, None, None).await.unwrap(), Outcome::New(3));
+    assert_eq!(send("m2").await.unwrap(), Outcome::Duplicate(2));
+    // m1 and m2 fall out of the capped log; m1 is new again, m4's index entry stays.
+    assert_eq!(send("m4").await.unwrap(), Outcome::New(4));
+    assert_eq!(send("m5").await.unwrap(), Outcome::New(5));
+    assert_eq!(send("m1").await.unwrap(), Outcome::New(6));
+    assert_eq!(send("m4").await.unwrap(), Outcome::Duplicate(4));
+    let ids: Vec<_> = backend.events_after(&key, 0).await.unwrap().iter().map(|e| e.id.clone()).collect();
+    assert_eq!(ids, ["m4", "m5", "m1"]);
+}
+
+#[tokio::test]
+async fn a_socket_that_never_sends_leaves_nothing_behind() {
+    let backend = backend(10);
+    let (tenant, user) = (TenantId::parse("t").unwrap(), UserId::parse("u").unwrap());
+    for _ in 0..3 {
+        let opened = backend.open(&tenant, &user, None).await.unwrap();
+        let pending = opened.pending.expect("a new conversation is pending");
+        let (handle, _rx) = session();
+        let id = handle.id;
+        let snapshot = backend.attach(&opened.key, handle, Some(0), Some(&pending)).await.unwrap();
+        assert_eq!((snapshot.exists, snapshot.last_seq, snapshot.epoch.as_str()), (false, 0, pending.epoch.as_str()));
+        // Not resumable by id: it does not exist.
+        let resumed = backend.open(&tenant, &user, Some(&opened.key.conversation)).await;
+        assert!(matches!(resumed, Err(StoreError::ConversationNotFound)));
+        backend.detach(&opened.key, id).await;
+        backend.touch(&user, &opened.key).await;
+    }
+    assert_eq!((backend.conversations.len(), backend.latest.len(), backend.created.len()), (0, 0, 0));
+    assert_eq!(backend.fanout.local_sessions(&ConversationKey { tenant, conversation: ConversationId::generate() }), 0);
+}
+
+#[tokio::test]
+async fn the_first_message_creates_the_conversation_with_the_announced_epoch() {
+    let backend = backend(10);
+    let (tenant, user) = (TenantId::parse("t").unwrap(), UserId::parse("u").unwrap());
+    let opened = backend.open(&tenant, &user, None).await.unwrap();
+    let pending = opened.pending.clone().unwrap();
+    // Another user cannot take it over by naming it, nor create it with another epoch.
+    let thief = Pending::new(&UserId::parse("mallory").unwrap());
+    let key = started(&backend, &tenant, &user).await;
+    assert_ne!(key, opened.key, "the second open got its own new id: nothing pointed to the first");
+    let first = NewEvent::customer("m1".into(), "hi".into());
+    assert_eq!(backend.append(&opened.key, first.clone(), None, Some(&pending)).await.unwrap(), Outcome::New(1));
+    let stolen = backend.append(&opened.key, first.clone(), None, Some(&thief)).await;
+    assert!(matches!(stolen, Err(StoreError::ConversationNotFound)));
+    // The creator's resend (its first ack lost) is recognised.
+    assert_eq!(backend.append(&opened.key, first, None, Some(&pending)).await.unwrap(), Outcome::Duplicate(1));
+    let (handle, _rx) = session();
+    let snapshot = backend.attach(&opened.key, handle, None, None).await.unwrap();
+    assert_eq!((snapshot.exists, snapshot.last_seq, snapshot.epoch), (true, 1, pending.epoch));
+    // The latest created conversation is the user's most recent.
+    assert_eq!(backend.open(&tenant, &user, None).await.unwrap().key, opened.key);
+}
+
+#[tokio::test]
+async fn creations_beyond_the_cap_are_refused_for_that_user_only() {
+    let backend = Node::new(&config(10, 2));
+    let tenant = TenantId::parse("t").unwrap();
+    let (greedy, other) = (UserId::parse("greedy").unwrap(), UserId::parse("other").unwrap());
+    for _ in 0..2 {
+        let opened = backend.open(&tenant, &greedy, None).await.unwrap();
+        let first = NewEvent::customer("m1".into(), "hi".into());
+        backend.append(&opened.key, first, None, opened.pending.as_ref()).await.unwrap();
+        backend.latest.clear(); // as if the idle window had passed
+    }
+    let opened = backend.open(&tenant, &greedy, None).await.unwrap();
+    let first = NewEvent::customer("m1".into(), "hi".into());
+    let refused = backend.append(&opened.key, first, None, opened.pending.as_ref()).await;
+    assert!(matches!(refused, Err(StoreError::TooManyConversations { max: 2, window_secs: 3600 })), "{refused:?}");
+    assert!(matches!(backend.events_after(&opened.key, 0).await, Err(StoreError::ConversationNotFound)));
+    started(&backend, &tenant, &other).await;
+    // Past the window the user may create again, and the sweeper forgets the count.
+    assert_eq!(backend.created.len(), 2);
+    backend.sweep(now_ms() + 3_600_001);
+    assert_eq!(backend.created.len(), 0);
+}
+
+#[tokio::test]
+async fn conversations_past_their_retention_are_forgotten_unless_a_socket_is_open() {
+    let backend = backend(10);
+    let (tenant, user) = (TenantId::parse("t").unwrap(), UserId::parse("u").unwrap());
+    let idle = started(&backend, &tenant, &user).await;
+    let watched = started(&backend, &tenant, &UserId::parse("w").unwrap()).await;
+    let (handle, _rx) = session();
+    backend.attach(&watched, handle, None, None).await.unwrap();
+
+    // Within the hour nothing goes.
+    assert_eq!(backend.sweep(now_ms() + 59 * 60 * 1000), 0);
+    assert_eq!(backend.events_after(&idle, 0).await.unwrap().len(), 1);
+    // Past it, the idle conversation and the user's pointer to it go; the watched one stays.
+    assert_eq!(backend.sweep(now_ms() + 61 * 60 * 1000), 1);
+    assert!(matches!(backend.events_after(&idle, 0).await, Err(StoreError::ConversationNotFound)));
+    assert!(matches!(
+        backend.open(&tenant, &user, Some(&idle.conversation)).await,
+        Err(StoreError::ConversationNotFound)
+    ));
+    assert!(backend.events_after(&watched, 0).await.is_ok());
+    // The user starts a new conversation, not a dangling one.
+    let fresh = started(&backend, &tenant, &user).await;
+    assert_ne!(fresh, idle);
+    assert!(backend.events_after(&fresh, 0).await.is_ok());
+}

@@ -1,0 +1,244 @@
+//! The Redis event bus: a conversation's events between nodes over pub/sub.
+//!
+//! One dedicated RESP3 connection carries every SUBSCRIBE and its pushes;
+//! the dispatcher task reads them and hands each payload ([`wire::Payload`])
+//! to the [`IncomingEvents`] handler without blocking, skipping this node's
+//! own echoes unread. It also probes the connection every [`HEARTBEAT`] so
+//! the node never goes deaf unnoticed, and resyncs every session when the
+//! subscriptions come back.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use axum::extract::ws::Utf8Bytes;
+use bytes::Bytes;
+use redis::aio::ConnectionManager;
+use redis::{PushInfo, PushKind, Value};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{debug, info, warn};
+
+use super::publisher::{PUBLISH_QUEUE, Publisher, run_publisher};
+use super::wire::{self, Payload};
+use super::{Link, StoreError};
+use crate::bus::{EventBus, IncomingEvents};
+use crate::ids::ConversationKey;
+
+/// How often the subscriber connection is probed.
+const HEARTBEAT: Duration = Duration::from_secs(1);
+
+#[derive(Clone)]
+pub struct RedisBus {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    link: Arc<Link>,
+    /// RESP3 connection used only for SUBSCRIBE/UNSUBSCRIBE and its pushes.
+    subscriber: ConnectionManager,
+    /// Always subscribed, so every reconnect yields a `subscribe` push.
+    heartbeat_channel: String,
+    publisher: Publisher,
+    listen: redis::Script,
+}
+
+impl RedisBus {
+    pub(super) async fn start(
+        link: Arc<Link>,
+        subscriber: ConnectionManager,
+        incoming: Arc<dyn IncomingEvents>,
+        pushes: mpsc::UnboundedReceiver<PushInfo>,
+        tracker: &TaskTracker,
+        shutdown: CancellationToken,
+    ) -> Result<Self, StoreError> {
+        let (publish_tx, publish_rx) = mpsc::channel(PUBLISH_QUEUE);
+        let publisher = Publisher::new(publish_tx);
+        let unpublished = publisher.unpublished();
+        let heartbeat_channel = link.keys.heartbeat(link.node_id.as_str());
+        let listen = redis::Script::new(include_str!("listen.lua"));
+        let inner = Arc::new(Inner { link: link.clone(), subscriber, heartbeat_channel, publisher, listen });
+        inner.subscriber.clone().subscribe(&inner.heartbeat_channel).await?;
+        // Subscribed: routing works from the first socket on (`/readyz` green).
+        link.listeners.receiving.store(true, Ordering::Release);
+        tracker.spawn(run_dispatcher(inner.clone(), incoming, pushes, shutdown.clone()));
+        tracker.spawn(run_publisher(link, publish_rx, unpublished, shutdown));
+        Ok(Self { inner })
+    }
+}
+
+#[async_trait]
+impl EventBus for RedisBus {
+    async fn subscribe(&self, key: &ConversationKey) -> Result<(), StoreError> {
+        let link = &self.inner.link;
+        let channel = link.keys.channel(key);
+        // In the listeners hash before subscribed: an append from now on is
+        // published (or in the log read that follows the subscription).
+        let mut con = link.commands.clone();
+        let mut listen = self.inner.listen.prepare_invoke();
+        listen
+            .key(link.keys.meta(key))
+            .key(link.keys.listeners(key))
+            .arg(link.node_id.as_str())
+            .arg(link.retention_secs)
+            .arg(&channel)
+            .arg(Payload::Hello.encode());
+        link.call(listen.invoke_async::<i64>(&mut con)).await?;
+        link.listeners.channels.insert(channel.clone(), key.clone());
+        let mut subscriber = self.inner.subscriber.clone();
+        if let Err(error) = link.call(subscriber.subscribe(&channel)).await {
+            link.listeners.left(&channel);
+            self.leave_listeners(key).await;
+            return Err(error);
+        }
+        Ok(())
+    }
+
+    async fn unsubscribe(&self, key: &ConversationKey) {
+        let link = &self.inner.link;
+        let channel = link.keys.channel(key);
+        link.listeners.left(&channel);
+        let mut subscriber = self.inner.subscriber.clone();
+        if let Err(error) = link.call(subscriber.unsubscribe(&channel)).await {
+            debug!(%error, "unsubscribe failed; the channel stays subscribed until reconnect");
+        }
+        self.leave_listeners(key).await;
+    }
+
+    fn publish_frames(&self, key: &ConversationKey, frames: &[Utf8Bytes]) {
+        let link = &self.inner.link;
+        let channel = link.keys.channel(key);
+        if !link.listeners.others_may_listen(&channel) {
+            return;
+        }
+        for frame in frames {
+            // The node id lets this node skip its own echo.
+            self.inner.publisher.publish(channel.clone(), Payload::encode_frame(&link.node_id, frame));
+        }
+    }
+
+    async fn flush(&self) {
+        self.inner.publisher.flush(self.inner.link.command_timeout).await;
+    }
+
+    async fn has_remote_listeners(&self, key: &ConversationKey) -> bool {
+        let link = &self.inner.link;
+        // Asked only while this node has no socket of it: it is unsubscribed,
+        // so any subscriber left is another node's.
+        let mut con = link.commands.clone();
+        let mut numsub = redis::cmd("PUBSUB");
+        numsub.arg("NUMSUB").arg(link.keys.channel(key));
+        match link.call(numsub.query_async::<(String, u64)>(&mut con)).await {
+            Ok((_, subscribers)) => subscribers > 0,
+            Err(_) => true,
+        }
+    }
+
+    fn is_receiving(&self) -> bool {
+        self.inner.link.listeners.receiving.load(Ordering::Acquire)
+    }
+}
+
+impl RedisBus {
+    /// Takes this node out of the conversation's listeners hash (best
+    /// effort: a name left behind costs other nodes needless PUBLISHes
+    /// until the hash expires).
+    async fn leave_listeners(&self, key: &ConversationKey) {
+        let link = &self.inner.link;
+        let mut con = link.commands.clone();
+        let hdel = redis::cmd("HDEL").arg(link.keys.listeners(key)).arg(link.node_id.as_str()).clone();
+        if let Err(error) = link.call(hdel.query_async::<()>(&mut con)).await {
+            debug!(%error, "could not leave the listeners of a conversation");
+        }
+    }
+}
+
+/// Hands one pushed message to `incoming`.
+fn dispatch(link: &Link, incoming: &dyn IncomingEvents, data: Vec<Value>) {
+    let mut data = data.into_iter();
+    let (Some(Value::BulkString(channel)), Some(Value::BulkString(payload))) = (data.next(), data.next()) else {
+        return;
+    };
+    let Ok(channel) = std::str::from_utf8(&channel) else { return };
+    let Some(key) = link.listeners.channels.get(channel).map(|k| k.clone()) else {
+        return;
+    };
+    // This node delivered what it published when it published it.
+    if wire::published_by(&payload, &link.node_id) {
+        return;
+    }
+    match Payload::decode(Bytes::from(payload)) {
+        Ok(Payload::Frame { frame, .. }) => incoming.frames(&key, vec![frame]),
+        // Another node started listening: publish this conversation's deltas again.
+        Ok(Payload::Hello) => link.listeners.hello(channel),
+        Ok(Payload::Event { timing, event, .. }) => incoming.event(&key, &event, timing.as_ref()),
+        Err(error) => warn!(%error, "dropping a payload that does not decode"),
+    }
+}
+
+/// Reads pushes from the subscriber connection and routes them; tracks
+/// whether routing works and probes the connection so it never goes deaf.
+async fn run_dispatcher(
+    inner: Arc<Inner>,
+    incoming: Arc<dyn IncomingEvents>,
+    mut pushes: mpsc::UnboundedReceiver<PushInfo>,
+    stop: CancellationToken,
+) {
+    let link = &inner.link;
+    let receiving = &link.listeners.receiving;
+    let mut heartbeat = tokio::time::interval(HEARTBEAT);
+    heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        let push = tokio::select! {
+            _ = stop.cancelled() => return,
+            push = pushes.recv() => match push {
+                Some(push) => push,
+                None => return,
+            },
+            _ = heartbeat.tick() => {
+                link.listeners.forget_expired();
+                probe(&inner).await;
+                continue;
+            }
+        };
+        match push.kind {
+            PushKind::Message => dispatch(link, &*incoming, push.data),
+            PushKind::Disconnection if receiving.swap(false, Ordering::AcqRel) => {
+                warn!("Redis subscriber connection lost; reconnecting");
+            }
+            PushKind::Subscribe if !receiving.swap(true, Ordering::AcqRel) => {
+                info!(channels = link.listeners.channels.len(), "Redis subscriptions active; resyncing local sessions");
+                incoming.resync();
+            }
+            _ => {}
+        }
+    }
+}
+
+/// A PING on the subscriber connection: fails (and makes the manager
+/// reconnect and resubscribe) if the link is dead.
+async fn probe(inner: &Inner) {
+    let link = &inner.link;
+    let receiving = &link.listeners.receiving;
+    let mut con = inner.subscriber.clone();
+    let ping = redis::cmd("PING");
+    match link.call(ping.query_async::<Value>(&mut con)).await {
+        Err(error) => {
+            if receiving.swap(false, Ordering::AcqRel) {
+                warn!(%error, "Redis subscriber connection failed its heartbeat");
+            }
+        }
+        // The link answers but no `subscribe` confirmation came (e.g. a
+        // heartbeat timed out on a slow link): subscribe the heartbeat
+        // channel again; its confirmation restores `receiving` and resyncs
+        // sessions.
+        Ok(_) if !receiving.load(Ordering::Acquire) => {
+            if let Err(error) = link.call(con.subscribe(&inner.heartbeat_channel)).await {
+                debug!(%error, "heartbeat resubscribe failed");
+            }
+        }
+        Ok(_) => {}
+    }
+}

@@ -1,0 +1,283 @@
+//! The Redis conversation log (see the parent module for its layout).
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use async_trait::async_trait;
+use redis::{Script, Value};
+use tracing::{debug, warn};
+
+use super::Link;
+use super::wire::{self, EncodedEvent};
+use crate::config::{ConversationConfig, CreationLimit};
+use crate::ids::{ConversationId, ConversationKey, TenantId, UserId};
+use crate::protocol::Role;
+use crate::store::{Appended, ConversationLog, NewEvent, Opened, Pending, Snapshot, StoreError, StoredEvent, now_ms};
+
+#[derive(Clone)]
+pub struct RedisLog {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    link: Arc<Link>,
+    append: Script,
+    quota: Script,
+    read_after: Script,
+    log_cap: usize,
+    creation_limit: Option<CreationLimit>,
+    idle_window_ms: u64,
+}
+
+impl RedisLog {
+    pub(super) fn new(link: Arc<Link>, conversation: &ConversationConfig) -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                link,
+                append: Script::new(include_str!("append.lua")),
+                quota: Script::new(include_str!("quota.lua")),
+                read_after: Script::new(include_str!("read_after.lua")),
+                log_cap: conversation.log_cap,
+                creation_limit: conversation.creation_limit(),
+                idle_window_ms: conversation.idle_window_ms,
+            }),
+        }
+    }
+}
+
+impl Inner {
+    /// The log's last seq, its epoch and the events after `after`, or
+    /// `None` if it does not exist.
+    async fn read_after(&self, key: &ConversationKey, after: u64) -> Result<Option<Snapshot>, StoreError> {
+        let link = &self.link;
+        let mut con = link.commands.clone();
+        let value: Value = link
+            .call(self.read_after.key(link.keys.meta(key)).key(link.keys.log(key)).arg(after).invoke_async(&mut con))
+            .await?;
+        let Value::Array(mut parts) = value else {
+            return Err(StoreError::Unavailable("unexpected reply from read_after".into()));
+        };
+        if parts.is_empty() {
+            return Ok(None);
+        }
+        let missed = match parts.pop() {
+            Some(Value::Array(items)) => items
+                .iter()
+                .filter_map(|item| match item {
+                    Value::BulkString(entry) => parse_entry(entry),
+                    _ => None,
+                })
+                .filter(|e| e.seq > after)
+                .collect(),
+            _ => Vec::new(),
+        };
+        let malformed =
+            |e: redis::ParsingError| StoreError::Unavailable(format!("unexpected reply from read_after: {e}"));
+        let epoch: String = redis::from_redis_value(parts.pop().unwrap_or(Value::Nil)).map_err(malformed)?;
+        let last_seq: u64 = redis::from_redis_value(parts.pop().unwrap_or(Value::Nil)).map_err(malformed)?;
+        Ok(Some(Snapshot { exists: true, last_seq, epoch, missed }))
+    }
+
+    /// Counts the creation of `key`'s conversation against its user's cap
+    /// (`quota.lua`; counting one conversation twice is a no-op).
+    async fn count_creation(&self, key: &ConversationKey, user: &UserId) -> Result<(), StoreError> {
+        let Some(limit) = self.creation_limit else {
+            return Ok(());
+        };
+        let link = &self.link;
+        let mut con = link.commands.clone();
+        let mut invocation = self.quota.prepare_invoke();
+        invocation
+            .key(link.keys.created(&key.tenant, user))
+            .arg(key.conversation.as_str())
+            .arg(now_ms())
+            .arg(limit.window.as_millis() as u64)
+            .arg(limit.max);
+        match link.call(invocation.invoke_async::<i64>(&mut con)).await? {
+            1 => Ok(()),
+            _ => Err(StoreError::TooManyConversations { max: limit.max, window_secs: limit.window.as_secs() }),
+        }
+    }
+
+    /// The owner of a conversation, `None` if it has no log.
+    async fn owner(&self, key: &ConversationKey) -> Result<Option<String>, StoreError> {
+        let link = &self.link;
+        let mut con = link.commands.clone();
+        link.call(redis::cmd("HGET").arg(link.keys.meta(key)).arg("user").query_async(&mut con)).await
+    }
+
+    /// Refreshes the retention of a conversation's keys and the user's
+    /// pointer to it, in one round trip (not atomic: the pointer lives in
+    /// another cluster slot; should the link drop between its HSET and
+    /// EXPIRE, the next refresh sets the expiry).
+    async fn refresh(&self, user: &UserId, key: &ConversationKey) -> Result<(), StoreError> {
+        let link = &self.link;
+        let keys = &link.keys;
+        let mut con = link.commands.clone();
+        let mut pipe = redis::pipe();
+        for name in [keys.meta(key), keys.log(key), keys.message_ids(key), keys.listeners(key)] {
+            pipe.cmd("EXPIRE").arg(name).arg(link.retention_secs).ignore();
+        }
+        let latest = keys.latest(&key.tenant, user);
+        pipe.cmd("HSET")
+            .arg(&latest)
+            .arg("conversation")
+            .arg(key.conversation.as_str())
+            .arg("last_active_ms")
+            .arg(now_ms())
+            .ignore()
+            .cmd("EXPIRE")
+            .arg(&latest)
+            .arg(link.retention_secs)
+            .ignore();
+        link.call(pipe.query_async::<()>(&mut con)).await
+    }
+
+    /// The user's most recent conversation, if it was active within the idle window.
+    async fn recent(&self, tenant: &TenantId, user: &UserId) -> Result<Option<ConversationId>, StoreError> {
+        let link = &self.link;
+        let mut con = link.commands.clone();
+        let latest: (Option<String>, Option<u64>) = link
+            .call(
+                redis::cmd("HMGET")
+                    .arg(link.keys.latest(tenant, user))
+                    .arg("conversation")
+                    .arg("last_active_ms")
+                    .query_async(&mut con),
+            )
+            .await?;
+        Ok(match latest {
+            (Some(conversation), Some(last_active)) if now_ms().saturating_sub(last_active) <= self.idle_window_ms => {
+                ConversationId::parse(&conversation).ok()
+            }
+            _ => None,
+        })
+    }
+}
+
+/// A log entry as read back; one that does not decode is skipped.
+fn parse_entry(entry: &[u8]) -> Option<Arc<StoredEvent>> {
+    match wire::decode_entry(entry) {
+        Ok(event) => Some(Arc::new(event)),
+        Err(error) => {
+            warn!(%error, "skipping a log entry that does not decode");
+            None
+        }
+    }
+}
+
+#[async_trait]
+impl ConversationLog for RedisLog {
+    async fn open(
+        &self,
+        tenant: &TenantId,
+        user: &UserId,
+        requested: Option<&ConversationId>,
+    ) -> Result<Opened, StoreError> {
+        let inner = &self.inner;
+        if let Some(conversation) = requested {
+            let key = ConversationKey { tenant: tenant.clone(), conversation: conversation.clone() };
+            if inner.owner(&key).await?.as_deref() != Some(user.as_str()) {
+                return Err(StoreError::ConversationNotFound);
+            }
+            inner.refresh(user, &key).await?;
+            return Ok(Opened { key, pending: None });
+        }
+        if let Some(conversation) = inner.recent(tenant, user).await? {
+            let key = ConversationKey { tenant: tenant.clone(), conversation };
+            match inner.owner(&key).await? {
+                Some(owner) if owner == user.as_str() => {
+                    inner.refresh(user, &key).await?;
+                    return Ok(Opened { key, pending: None });
+                }
+                // Lost (flush, failover, expiry): its first message starts it
+                // again under the same id, with a new epoch.
+                None => return Ok(Opened { key, pending: Some(Pending::new(user)) }),
+                Some(_) => {}
+            }
+        }
+        let key = ConversationKey { tenant: tenant.clone(), conversation: ConversationId::generate() };
+        Ok(Opened { key, pending: Some(Pending::new(user)) })
+    }
+
+    async fn snapshot(&self, key: &ConversationKey, after: Option<u64>) -> Result<Option<Snapshot>, StoreError> {
+        self.inner.read_after(key, after.unwrap_or(u64::MAX)).await
+    }
+
+    async fn touch(&self, user: &UserId, key: &ConversationKey) {
+        if let Err(error) = self.inner.refresh(user, key).await {
+            debug!(%error, "could not record activity");
+        }
+    }
+
+    async fn events_after(&self, key: &ConversationKey, after: u64) -> Result<Vec<Arc<StoredEvent>>, StoreError> {
+        match self.inner.read_after(key, after).await? {
+            Some(snapshot) => Ok(snapshot.missed),
+            None => Err(StoreError::ConversationNotFound),
+        }
+    }
+
+    async fn append(
+        &self,
+        key: &ConversationKey,
+        event: NewEvent,
+        create: Option<&Pending>,
+    ) -> Result<Appended, StoreError> {
+        let inner = &self.inner;
+        let link = &inner.link;
+        if let Some(create) = create {
+            inner.count_creation(key, &create.user).await?;
+        }
+        let timing = event.timing;
+        let mut stored = event.stored(0, now_ms());
+        // Only customer messages are de-duplicated (by their client-chosen id).
+        let dedup_id = if stored.from == Role::Customer { stored.id.as_str() } else { "" };
+        let encoded = EncodedEvent::new(&stored, &link.node_id, timing.as_ref());
+        let channel = link.keys.channel(key);
+        let mut con = link.commands.clone();
+        let mut invocation = inner.append.prepare_invoke();
+        invocation
+            .key(link.keys.meta(key))
+            .key(link.keys.log(key))
+            .key(link.keys.message_ids(key))
+            .key(link.keys.listeners(key))
+            .arg(dedup_id)
+            .arg(encoded.entry_head)
+            .arg(encoded.entry_tail)
+            .arg(encoded.payload_head)
+            .arg(stored.at_ms)
+            .arg(inner.log_cap)
+            .arg(link.retention_secs)
+            .arg(&channel)
+            .arg(create.map_or("", |c| c.user.as_str()))
+            .arg(create.map_or("", |c| c.epoch.as_str()))
+            .arg(link.node_id.as_str());
+        let sent_at = Instant::now();
+        match link.call(invocation.invoke_async::<(i64, u64, i64)>(&mut con)).await? {
+            (1, seq, others) => {
+                // The reply's deltas that follow go out only if someone else listens.
+                link.listeners.note(&channel, sent_at, others);
+                stored.seq = seq;
+                // A new conversation is the user's most recent (best effort,
+                // like every touch: the message is stored either way).
+                if let Some(create) = create
+                    && let Err(error) = inner.refresh(&create.user, key).await
+                {
+                    debug!(%error, "could not point the user to the new conversation");
+                }
+                Ok(Appended::New(Arc::new(stored)))
+            }
+            (0, seq, _) => Ok(Appended::Duplicate(seq)),
+            _ => Err(StoreError::ConversationNotFound),
+        }
+    }
+
+    async fn recent_turns(&self, key: &ConversationKey, limit: usize) -> Result<Vec<Arc<StoredEvent>>, StoreError> {
+        let link = &self.inner.link;
+        let mut con = link.commands.clone();
+        let start = -(limit as i64).max(1);
+        let raw: Vec<Vec<u8>> =
+            link.call(redis::cmd("LRANGE").arg(link.keys.log(key)).arg(start).arg(-1).query_async(&mut con)).await?;
+        Ok(raw.iter().filter_map(|entry| parse_entry(entry)).filter(|e| e.from != Role::System).collect())
+    }
+}

@@ -328,8 +328,13 @@ async fn a_socket_that_floods_messages_is_closed_with_4429() {
         }
     };
     assert_eq!(close.map(|frame| u16::from(frame.code)), Some(4429));
-    assert!((1..60).contains(&rate_limited), "{rate_limited} rate_limited errors");
-    assert!(acks + too_many_pending <= 60 + 20, "{acks} acks, {too_many_pending} too_many_pending");
+    // The close comes after a burst (60) refused in a row; on a loaded
+    // machine the budget refills (20/s) while frames are handled, so a few
+    // pass between refusals: frames read are bounded by the budget over the
+    // time it took, not by one burst.
+    let budget = 60 + (20.0 * started.elapsed().as_secs_f64()).ceil() as usize;
+    assert!(rate_limited >= 1, "no rate_limited error before the close");
+    assert!(acks + too_many_pending <= budget, "{acks} acks, {too_many_pending} too_many_pending, budget {budget}");
     assert!(started.elapsed() < Duration::from_secs(5), "closing the flood took {:?}", started.elapsed());
     calm.assert_alive().await;
     assert_eq!(hub.metric("fengda_hub_rate_limit_closes_total").await, 1.0);

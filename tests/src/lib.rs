@@ -6,6 +6,7 @@
 //! - [`RecordingAnswerer`]: an in-test gRPC answerer that records every request.
 //! - [`RedisServer`]: a real `redis-server` on an ephemeral port.
 //! - [`resume`]: the lost-reply scenario (drop the only socket mid-reply, come back).
+//! - [`tokens`]: real keys (openssl), signed and forged tokens, for the identity tests.
 //! - [`isolation`]: the colliding-ids attack (tenant `x` naming `y:<id>` of tenant `x:y`).
 //!
 //! `FENGDA_TEST_BACKEND` (`memory` or `redis`, required) is the backend of
@@ -23,6 +24,7 @@ pub mod isolation;
 mod process;
 mod redis;
 pub mod resume;
+pub mod tokens;
 
 pub use answerer::{RecordingAnswerer, Script};
 pub use client::{Client, Reply};

@@ -24,19 +24,22 @@ use crate::protocol::{ErrorCode, ServerFrame, close};
 /// refreshes it) and the watcher (which acts on its `exp`).
 pub struct SessionToken {
     identity: watch::Sender<Identity>,
+    /// `auth.leeway_secs` when the socket opened: the clock skew the upgrade allowed.
+    leeway_secs: u64,
 }
 
 impl SessionToken {
     /// Starts watching a token-authenticated session.
     pub fn start(auth: Arc<Auth>, identity: Identity, session: SessionHandle, tracker: &tokio_util::task::TaskTracker) -> Self {
+        let leeway_secs = auth.current().config.leeway_secs;
         let (tx, rx) = watch::channel(identity);
         tracker.spawn(run_token_watch(auth, rx, session).in_current_span());
-        Self { identity: tx }
+        Self { identity: tx, leeway_secs }
     }
 
-    /// Whether the token has expired (new messages are then refused).
+    /// Whether the token has expired, leeway included (new messages are then refused).
     pub fn expired(&self) -> bool {
-        self.identity.borrow().exp <= super::identity::now_secs()
+        self.identity.borrow().exp.saturating_add(self.leeway_secs) <= super::identity::now_secs()
     }
 
     /// Handles a `refresh` frame: verifies the new token, checks it names

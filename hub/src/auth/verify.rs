@@ -116,8 +116,9 @@ pub async fn verify(keyring: &Keyring, token: &str, leeway_secs: u64) -> Result<
                 }
             }
         },
+        // Without a kid: the tenant's one key, if it has only one.
         None => match (&keys.fixed[..], keys.jwks.len()) {
-            ([only], 0) if only.kid.is_none() => only.clone(),
+            ([only], 0) => only.clone(),
             _ => return Err(Refusal::KidRequired),
         },
     };

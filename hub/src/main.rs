@@ -26,7 +26,7 @@ struct Cli {
 enum Command {
     /// Run a hub node (prints `listening on http://ADDR`, then `admin listening on http://ADDR`, on stdout).
     /// SIGHUP reloads `[auth]` (keys and their settings) from the config file.
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Check a config file, key files included, without starting anything; exits 0 when it is valid.
     CheckConfig {
         /// The TOML file `serve --config` would read.
@@ -45,7 +45,7 @@ async fn main() -> anyhow::Result<()> {
         .with_ansi(std::io::stderr().is_terminal())
         .init();
     let args = match Cli::parse().command {
-        Command::Serve(args) => args,
+        Command::Serve(args) => *args,
         Command::CheckConfig { file } => return check_config(&file),
     };
     let config = args.clone().into_config().context("invalid configuration")?;
@@ -81,11 +81,16 @@ async fn reload_on_hangup(args: ServeArgs, auth: std::sync::Arc<fengda::auth::Au
         };
         while hangups.recv().await.is_some() {
             tracing::info!("SIGHUP: reloading the auth configuration");
-            let reloaded = args.clone().into_config().map_err(anyhow::Error::from).and_then(|config| {
-                auth.reload(&config.auth, config.listen).map_err(anyhow::Error::from)
-            });
+            let reloaded = args
+                .clone()
+                .into_config()
+                .map_err(anyhow::Error::from)
+                .and_then(|config| auth.reload(&config.auth, config.listen).map_err(anyhow::Error::from));
             if let Err(error) = reloaded {
-                tracing::error!(error = format!("{error:#}"), "configuration NOT reloaded; the previous one stays in force");
+                tracing::error!(
+                    error = format!("{error:#}"),
+                    "configuration NOT reloaded; the previous one stays in force"
+                );
             }
         }
     }

@@ -12,11 +12,18 @@ use serde_json::json;
 use fengda_tests::tokens::{KeyDir, claims, now, toml_path, with};
 use fengda_tests::{Client, Hub, RecordingAnswerer, STEP_TIMEOUT, Script, binary};
 
-fn jwt_config(dir: &KeyDir, settings: &str, keys: &[(&str, Option<&str>, &str, &std::path::Path)]) -> std::path::PathBuf {
+fn jwt_config(
+    dir: &KeyDir,
+    settings: &str,
+    keys: &[(&str, Option<&str>, &str, &std::path::Path)],
+) -> std::path::PathBuf {
     let mut text = format!("[auth]\nmode = \"jwt\"\n{settings}\n");
     for (tenant, kid, alg, path) in keys {
         let file = if alg.starts_with("HS") { "secret_file" } else { "public_key_file" };
-        text.push_str(&format!("[[auth.keys]]\ntenant = \"{tenant}\"\nalg = \"{alg}\"\n{file} = {}\n", toml_path(path)));
+        text.push_str(&format!(
+            "[[auth.keys]]\ntenant = \"{tenant}\"\nalg = \"{alg}\"\n{file} = {}\n",
+            toml_path(path)
+        ));
         if let Some(kid) = kid {
             text.push_str(&format!("kid = \"{kid}\"\n"));
         }
@@ -28,7 +35,11 @@ fn jwt_config(dir: &KeyDir, settings: &str, keys: &[(&str, Option<&str>, &str, &
 async fn a_refresh_in_place_moves_the_expiry_and_only_for_the_same_party() {
     let dir = KeyDir::new();
     let acme = dir.hmac_secret("acme.secret");
-    let config = jwt_config(&dir, "leeway_secs = 0\nexpiring_notice_secs = 2\nexpiry_grace_secs = 1", &[("acme", None, "HS256", &acme.path)]);
+    let config = jwt_config(
+        &dir,
+        "leeway_secs = 0\nexpiring_notice_secs = 2\nexpiry_grace_secs = 1",
+        &[("acme", None, "HS256", &acme.path)],
+    );
     let hub = Hub::start(&["--config", config.to_str().unwrap()]).await;
     let started = tokio::time::Instant::now();
     let exp = now() + 3;
@@ -39,7 +50,9 @@ async fn a_refresh_in_place_moves_the_expiry_and_only_for_the_same_party() {
     // Another user, role or tenant (even a valid token) is refused; so is garbage.
     let bob = acme.sign(Algorithm::HS256, None, &claims("acme", "bob"));
     let agent = acme.sign(Algorithm::HS256, None, &with(claims("acme", "alice"), json!({ "role": "agent" })));
-    for (token, code) in [(bob.as_str(), "identity_mismatch"), (agent.as_str(), "identity_mismatch"), ("x.y.z", "token_invalid")] {
+    for (token, code) in
+        [(bob.as_str(), "identity_mismatch"), (agent.as_str(), "identity_mismatch"), ("x.y.z", "token_invalid")]
+    {
         client.send_json(json!({ "type": "refresh", "token": token })).await;
         assert_eq!(client.expect("error").await["code"], code);
     }
@@ -59,9 +72,15 @@ async fn a_refresh_in_place_moves_the_expiry_and_only_for_the_same_party() {
 async fn an_expired_token_gets_its_grace_then_4001_and_a_reply_in_progress_finishes() {
     let dir = KeyDir::new();
     let acme = dir.hmac_secret("acme.secret");
-    let config = jwt_config(&dir, "leeway_secs = 0\nexpiring_notice_secs = 5\nexpiry_grace_secs = 4", &[("acme", None, "HS256", &acme.path)]);
+    let config = jwt_config(
+        &dir,
+        "leeway_secs = 0\nexpiring_notice_secs = 5\nexpiry_grace_secs = 4",
+        &[("acme", None, "HS256", &acme.path)],
+    );
     // A reply that streams for about 3 s.
-    let answerer = RecordingAnswerer::start(Script { tokens: 10, token_delay: Duration::from_millis(300), ..Script::default() }).await;
+    let answerer =
+        RecordingAnswerer::start(Script { tokens: 10, token_delay: Duration::from_millis(300), ..Script::default() })
+            .await;
     let hub = Hub::start(&["--config", config.to_str().unwrap(), "--nlp-url", &answerer.url]).await;
     let exp = now() + 2;
     let token = acme.sign(Algorithm::HS256, None, &with(claims("acme", "alice"), json!({ "exp": exp })));
@@ -96,7 +115,15 @@ async fn sighup_adds_a_tenant_rotates_and_removes_keys_and_keeps_a_broken_config
     assert_eq!(fengda_tests::isolation::refused_upgrade(&url(&of_telco)).await.0, 401);
 
     // Rotation: a2 joins a1, and tenant telco arrives.
-    jwt_config(&dir, "", &[("acme", Some("a1"), "HS256", &a1.path), ("acme", Some("a2"), "HS256", &a2.path), ("telco", None, "EdDSA", &telco.path)]);
+    jwt_config(
+        &dir,
+        "",
+        &[
+            ("acme", Some("a1"), "HS256", &a1.path),
+            ("acme", Some("a2"), "HS256", &a2.path),
+            ("telco", None, "EdDSA", &telco.path),
+        ],
+    );
     hangup();
     let deadline = tokio::time::Instant::now() + STEP_TIMEOUT;
     while tokio_tungstenite::connect_async(url(&of_telco)).await.is_err() {
@@ -132,7 +159,9 @@ async fn sighup_adds_a_tenant_rotates_and_removes_keys_and_keeps_a_broken_config
 async fn check_config_validates_key_files_without_starting() {
     let dir = KeyDir::new();
     let acme = dir.hmac_secret("acme.secret");
-    let check = |path: &std::path::Path| std::process::Command::new(binary("fengda")).arg("check-config").arg(path).output().unwrap();
+    let check = |path: &std::path::Path| {
+        std::process::Command::new(binary("fengda")).arg("check-config").arg(path).output().unwrap()
+    };
     let good = jwt_config(&dir, "", &[("acme", None, "HS256", &acme.path)]);
     let output = check(&good);
     assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));

@@ -134,8 +134,10 @@ impl AuthConfig {
         for (index, key) in self.keys.iter().enumerate() {
             let bad = |reason: &str| AuthConfigError::Key { index, tenant: key.tenant.clone(), reason: reason.into() };
             crate::ids::TenantId::parse(&key.tenant).map_err(|e| bad(&format!("`tenant` {e}")))?;
-            let sources =
-                [key.secret_file.is_some(), key.public_key_file.is_some(), key.jwks_url.is_some()].iter().filter(|s| **s).count();
+            let sources = [key.secret_file.is_some(), key.public_key_file.is_some(), key.jwks_url.is_some()]
+                .iter()
+                .filter(|s| **s)
+                .count();
             if sources != 1 {
                 return Err(bad("needs exactly one of secret_file, public_key_file, jwks_url"));
             }
@@ -149,7 +151,9 @@ impl AuthConfig {
                     _ => key.secret_file.is_none(),
                 };
                 if !fits {
-                    return Err(bad("an HS* alg needs secret_file; RS*, PS*, ES* and EdDSA need public_key_file or jwks_url"));
+                    return Err(bad(
+                        "an HS* alg needs secret_file; RS*, PS*, ES* and EdDSA need public_key_file or jwks_url",
+                    ));
                 }
             } else if key.jwks_url.is_none() {
                 return Err(bad("`alg` is required (one algorithm per key)"));

@@ -72,13 +72,14 @@ impl DemoIssuer {
         if header.alg != Algorithm::HS256 {
             return Err(Refusal::BadAlgorithm);
         }
-        let data = jsonwebtoken::decode::<Claims>(token, &self.decoding, &self.validation).map_err(|error| {
-            match error.kind() {
-                jsonwebtoken::errors::ErrorKind::ExpiredSignature => Refusal::Expired,
-                jsonwebtoken::errors::ErrorKind::ImmatureSignature => Refusal::NotYetValid,
-                _ => Refusal::Invalid("not a token of this hub's demo issuer"),
-            }
-        })?;
+        let data =
+            jsonwebtoken::decode::<Claims>(token, &self.decoding, &self.validation).map_err(|error| {
+                match error.kind() {
+                    jsonwebtoken::errors::ErrorKind::ExpiredSignature => Refusal::Expired,
+                    jsonwebtoken::errors::ErrorKind::ImmatureSignature => Refusal::NotYetValid,
+                    _ => Refusal::Invalid("not a token of this hub's demo issuer"),
+                }
+            })?;
         let claims = data.claims;
         Ok(Identity {
             tenant: TenantId::parse(&claims.tid).map_err(|_| Refusal::Invalid("the `tid` claim is not a tenant id"))?,

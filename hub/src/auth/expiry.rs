@@ -30,7 +30,12 @@ pub struct SessionToken {
 
 impl SessionToken {
     /// Starts watching a token-authenticated session.
-    pub fn start(auth: Arc<Auth>, identity: Identity, session: SessionHandle, tracker: &tokio_util::task::TaskTracker) -> Self {
+    pub fn start(
+        auth: Arc<Auth>,
+        identity: Identity,
+        session: SessionHandle,
+        tracker: &tokio_util::task::TaskTracker,
+    ) -> Self {
         let leeway_secs = auth.current().config.leeway_secs;
         let (tx, rx) = watch::channel(identity);
         tracker.spawn(run_token_watch(auth, rx, session).in_current_span());

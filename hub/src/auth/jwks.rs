@@ -47,7 +47,10 @@ pub struct JwksSource {
 
 impl std::fmt::Debug for JwksSource {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("JwksSource").field("tenant", &self.tenant).field("url", &crate::redact::display_url(&self.url)).finish()
+        f.debug_struct("JwksSource")
+            .field("tenant", &self.tenant)
+            .field("url", &crate::redact::display_url(&self.url))
+            .finish()
     }
 }
 
@@ -93,7 +96,8 @@ impl JwksSource {
         if let Some(key) = self.cached(kid) {
             return Ok(Some(key));
         }
-        let due = self.last_fetch.lock().unwrap_or_else(|e| e.into_inner()).is_none_or(|at| at.elapsed() >= self.min_refresh);
+        let due =
+            self.last_fetch.lock().unwrap_or_else(|e| e.into_inner()).is_none_or(|at| at.elapsed() >= self.min_refresh);
         if !due {
             return Ok(None);
         }
@@ -125,7 +129,9 @@ impl JwksSource {
             serde_json::from_slice::<JwkSet>(&body).map_err(|e| JwksError::Fetch(format!("not a JWKS: {e}")))
         }
         .await
-        .inspect_err(|error| warn!(tenant_id = %self.tenant, url = %shown, %error, "JWKS fetch failed; keeping the keys cached"))?;
+        .inspect_err(
+            |error| warn!(tenant_id = %self.tenant, url = %shown, %error, "JWKS fetch failed; keeping the keys cached"),
+        )?;
         let mut keys = HashMap::new();
         for jwk in &set.keys {
             let Some(kid) = jwk.common.key_id.clone().filter(|kid| !kid.is_empty()) else { continue };
@@ -149,7 +155,9 @@ impl JwksSource {
         }
         let own = jwk.common.key_algorithm.map(Algorithm::try_from).transpose().map_err(|e| e.to_string())?;
         let alg = match (self.pinned, own) {
-            (Some(pinned), Some(own)) if pinned != own => return Err(format!("its alg {own:?} is not the pinned {pinned:?}")),
+            (Some(pinned), Some(own)) if pinned != own => {
+                return Err(format!("its alg {own:?} is not the pinned {pinned:?}"));
+            }
             (Some(alg), _) | (None, Some(alg)) => alg,
             (None, None) => return Err("it names no alg and the config pins none".into()),
         };

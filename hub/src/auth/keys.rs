@@ -139,7 +139,14 @@ impl Keyring {
             };
             let keys = tenants.entry(tenant.clone()).or_default();
             if let Some(url) = &entry.jwks_url {
-                keys.jwks.push(Arc::new(JwksSource::new(tenant, url.clone(), pinned, entry.clone(), config, http.clone())));
+                keys.jwks.push(Arc::new(JwksSource::new(
+                    tenant,
+                    url.clone(),
+                    pinned,
+                    entry.clone(),
+                    config,
+                    http.clone(),
+                )));
                 continue;
             }
             let alg = pinned.ok_or_else(|| fail("`alg` is required".into()))?;
@@ -151,7 +158,8 @@ impl Keyring {
             let path = config.resolve(path);
             let material =
                 std::fs::read(&path).map_err(|e| fail(format!("cannot read {what} {}: {e}", path.display())))?;
-            let decoding = decoding_key(alg, &material).map_err(|reason| fail(format!("{what} {}: {reason}", path.display())))?;
+            let decoding =
+                decoding_key(alg, &material).map_err(|reason| fail(format!("{what} {}: {reason}", path.display())))?;
             keys.fixed.push(Arc::new(Key {
                 tenant,
                 kid: entry.kid.clone(),

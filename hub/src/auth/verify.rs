@@ -57,11 +57,9 @@ impl Refusal {
             Self::NotYetValid => "token_not_yet_valid",
             Self::UnknownKid => "unknown_kid",
             Self::KeysUnavailable => "keys_unavailable",
-            Self::Malformed(_)
-            | Self::BadAlgorithm
-            | Self::KidRequired
-            | Self::UnknownTenant
-            | Self::Invalid(_) => "token_invalid",
+            Self::Malformed(_) | Self::BadAlgorithm | Self::KidRequired | Self::UnknownTenant | Self::Invalid(_) => {
+                "token_invalid"
+            }
         }
     }
 }
@@ -125,19 +123,22 @@ pub async fn verify(keyring: &Keyring, token: &str, leeway_secs: u64) -> Result<
     if header.alg != key.alg {
         return Err(Refusal::BadAlgorithm);
     }
-    let data = jsonwebtoken::decode::<Claims>(token, &key.decoding, &key.validation).map_err(|error| match error.kind() {
-        ErrorKind::ExpiredSignature => Refusal::Expired,
-        ErrorKind::ImmatureSignature => Refusal::NotYetValid,
-        ErrorKind::InvalidAlgorithm => Refusal::BadAlgorithm,
-        ErrorKind::InvalidSignature => Refusal::Invalid("the signature does not verify"),
-        ErrorKind::InvalidAudience => Refusal::Invalid("wrong `aud`"),
-        ErrorKind::InvalidIssuer => Refusal::Invalid("wrong `iss`"),
-        ErrorKind::MissingRequiredClaim(_) => Refusal::Invalid("a required claim (exp, sub, aud or iss) is missing"),
-        ErrorKind::Json(_) | ErrorKind::InvalidClaimFormat(_) => {
-            Refusal::Invalid("the claims must include sub, tid, role (customer or agent) and a numeric exp")
-        }
-        _ => Refusal::Invalid("the signature does not verify"),
-    })?;
+    let data =
+        jsonwebtoken::decode::<Claims>(token, &key.decoding, &key.validation).map_err(|error| match error.kind() {
+            ErrorKind::ExpiredSignature => Refusal::Expired,
+            ErrorKind::ImmatureSignature => Refusal::NotYetValid,
+            ErrorKind::InvalidAlgorithm => Refusal::BadAlgorithm,
+            ErrorKind::InvalidSignature => Refusal::Invalid("the signature does not verify"),
+            ErrorKind::InvalidAudience => Refusal::Invalid("wrong `aud`"),
+            ErrorKind::InvalidIssuer => Refusal::Invalid("wrong `iss`"),
+            ErrorKind::MissingRequiredClaim(_) => {
+                Refusal::Invalid("a required claim (exp, sub, aud or iss) is missing")
+            }
+            ErrorKind::Json(_) | ErrorKind::InvalidClaimFormat(_) => {
+                Refusal::Invalid("the claims must include sub, tid, role (customer or agent) and a numeric exp")
+            }
+            _ => Refusal::Invalid("the signature does not verify"),
+        })?;
     let claims = data.claims;
     if claims.iat.is_some_and(|iat| iat > now_secs().saturating_add(leeway_secs)) {
         return Err(Refusal::NotYetValid);

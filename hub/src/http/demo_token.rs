@@ -47,6 +47,7 @@ pub async fn demo_token(
         return ApiError::bad_request("invalid_role", "`role` must be customer or agent").into_response();
     };
     let (token, exp) = issuer.mint(&tenant, &user, role, app.auth.current().config.demo_token_ttl_secs);
-    let body = json!({ "token": token, "exp": exp, "tenant": tenant.as_str(), "user": user.as_str(), "role": role.as_str() });
+    let body =
+        json!({ "token": token, "exp": exp, "tenant": tenant.as_str(), "user": user.as_str(), "role": role.as_str() });
     ([(header::CACHE_CONTROL, "no-store")], Json(body)).into_response()
 }

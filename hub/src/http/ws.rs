@@ -102,7 +102,10 @@ enum Refused {
     Invalid(ApiError),
     Limited(Refusal),
     /// No acceptable token: 401 (503 while the tenant's keys cannot be fetched).
-    Unauthenticated { code: &'static str, message: String },
+    Unauthenticated {
+        code: &'static str,
+        message: String,
+    },
 }
 
 impl From<auth::Refusal> for Refused {
@@ -128,11 +131,10 @@ impl IntoResponse for Refused {
         match self {
             Self::Invalid(error) => error.into_response(),
             Self::Limited(refusal) => refusal.into_response(),
-            Self::Unauthenticated { code: code @ "keys_unavailable", message } => (
-                [(header::RETRY_AFTER, "5")],
-                ApiError { status: StatusCode::SERVICE_UNAVAILABLE, code, message },
-            )
-                .into_response(),
+            Self::Unauthenticated { code: code @ "keys_unavailable", message } => {
+                ([(header::RETRY_AFTER, "5")], ApiError { status: StatusCode::SERVICE_UNAVAILABLE, code, message })
+                    .into_response()
+            }
             // RFC 6750: a bearer-token challenge, without saying more than the body does.
             Self::Unauthenticated { code, message } => (
                 [(header::WWW_AUTHENTICATE, "Bearer realm=\"fengda\", error=\"invalid_token\"")],
@@ -216,7 +218,9 @@ async fn authenticate(
     };
     // The tenant comes only from the token; a query naming another is refused, not ignored.
     let disagrees = |given: Option<&str>, verified: &str| given.is_some_and(|g| !g.is_empty() && g != verified);
-    if disagrees(query.tenant.as_deref(), identity.tenant.as_str()) || disagrees(query.user.as_deref(), identity.user.as_str()) {
+    if disagrees(query.tenant.as_deref(), identity.tenant.as_str())
+        || disagrees(query.user.as_deref(), identity.user.as_str())
+    {
         return Err(refuse("identity_mismatch", "`tenant` and `user`, when given, must be the token's"));
     }
     Ok((identity.tenant.clone(), identity.user.clone(), Some(identity)))

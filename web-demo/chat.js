@@ -249,7 +249,14 @@ function dropAllQueued() {
 
 let client;
 try {
-  client = new FengdaClient({ tenant, user, replayHistory: true });
+  // The hub in demo mode mints short-lived tokens; a production page gets them from its own backend.
+  const getToken = async () => {
+    const query = new URLSearchParams({ tenant, user });
+    const response = await fetch(`/demo/token?${query}`, { cache: 'no-store' });
+    if (!response.ok) throw new Error(`demo token: HTTP ${response.status}`);
+    return (await response.json()).token;
+  };
+  client = new FengdaClient({ tenant, user, replayHistory: true, getToken });
 } catch (err) {
   addNotice(`This chat link is not valid (${err.message.replace(/^FengdaClient: /, '')}).`, 'error');
   statusText.textContent = 'Not connected';

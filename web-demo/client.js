@@ -44,6 +44,7 @@ export const CloseCode = Object.freeze({
   RATE_LIMITED: 4429,
   TOO_MANY_CONVERSATIONS: 4430,
   UNAVAILABLE: 4503,
+  TOKEN_EXPIRED: 4001,
 });
 
 /** Tenant and user ids the hub accepts (it refuses others before the upgrade). */
@@ -83,6 +84,11 @@ const FINAL_CLOSE_CODES = new Set([CloseCode.NORMAL, CloseCode.POLICY, CloseCode
  *                            is considered dead and replaced.
  * @property {number} [minBackoffMs=500]   First reconnect delay (before jitter).
  * @property {number} [maxBackoffMs=10000] Reconnect delay cap.
+ * @property {() => Promise<string>} [getToken]  Returns a fresh signed token for this tenant and
+ *                            user (from your backend). Called before every connection, and
+ *                            again on `token.expiring` to send `refresh`; the socket then carries
+ *                            `?token=` instead of `tenant`/`user` (required when the hub runs in
+ *                            jwt mode).
  * @property {typeof WebSocket} [WebSocket]  WebSocket implementation (for tests or Node).
  */
 
@@ -229,6 +235,8 @@ export class FengdaClient extends EventTarget {
     this.reconnectTimer = null;
     this.pingTimer = null;
     this.pongTimer = null;
+    /** The token of the current or next connection (with `getToken`). */
+    this.token = null;
     this.sentOnSocket = []; // ids written to the current socket and not yet acked
 
     this.restore();
@@ -369,8 +377,13 @@ export class FengdaClient extends EventTarget {
   /** @private Builds the URL for the next connection attempt. */
   socketUrl() {
     const u = new URL(this.endpoint, globalThis.location?.href);
-    u.searchParams.set('tenant', this.tenant);
-    u.searchParams.set('user', this.user);
+    if (this.token) {
+      // The token names the tenant and user; the hub takes them from it alone.
+      u.searchParams.set('token', this.token);
+    } else {
+      u.searchParams.set('tenant', this.tenant);
+      u.searchParams.set('user', this.user);
+    }
     // A conversation exists from its first stored message on: with nothing seen and nothing sent,
     // naming it would only get 4004, so let the hub choose (the user's most recent, or a new one).
     if (this.conversation && (this.lastSeq > 0 || this.outbox.size > 0)) {
@@ -382,8 +395,44 @@ export class FengdaClient extends EventTarget {
     return u.toString();
   }
 
-  /** @private */
+  /** @private Fetches a fresh token first when the client has `getToken`. */
   open() {
+    if (this.stopped) return;
+    if (!this.options.getToken) {
+      this.openSocket();
+      return;
+    }
+    Promise.resolve()
+      .then(() => this.options.getToken())
+      .then(
+        (token) => {
+          if (this.stopped || this.ws) return;
+          this.token = String(token);
+          this.openSocket();
+        },
+        (err) => {
+          this.emit('error', { code: 'token_unavailable', message: String(err && err.message || err) });
+          this.scheduleReconnect();
+        },
+      );
+  }
+
+  /** @private Asks `getToken` for a new token and sends it as `refresh` on `ws`. */
+  refreshToken(ws) {
+    if (!this.options.getToken) return;
+    Promise.resolve()
+      .then(() => this.options.getToken())
+      .then(
+        (token) => {
+          this.token = String(token);
+          if (ws === this.ws) this.write({ type: 'refresh', token: this.token });
+        },
+        (err) => this.emit('error', { code: 'token_unavailable', message: String(err && err.message || err) }),
+      );
+  }
+
+  /** @private */
+  openSocket() {
     if (this.stopped) return;
     let ws;
     try {
@@ -532,6 +581,11 @@ export class FengdaClient extends EventTarget {
     if (!f || typeof f.type !== 'string') return;
 
     switch (f.type) {
+      case 'token.expiring':
+        this.refreshToken(ws);
+        break;
+      case 'refreshed':
+        break;
       case 'ready': {
         const previous = this.conversation;
         const resumed = previous !== null && previous === f.conversation;

@@ -36,6 +36,8 @@ pub struct Config {
     pub nlp: NlpConfig,
     /// The built-in answerer started in-process when `nlp.url` is unset.
     pub answerer: fengda_nlp::AnswererConfig,
+    /// Who may open sockets: `[auth]` and `[[auth.keys]]` ([`crate::auth::config`]).
+    pub auth: crate::auth::AuthConfig,
 }
 
 /// The conversation store.
@@ -392,6 +394,7 @@ impl Default for Config {
             conversation: ConversationConfig::default(),
             nlp: NlpConfig::default(),
             answerer: fengda_nlp::AnswererConfig::default(),
+            auth: crate::auth::AuthConfig::default(),
         }
     }
 }
@@ -466,6 +469,8 @@ pub enum ConfigError {
     Answerer(fengda_nlp::error::BridgeError),
     #[error("invalid setting `{key}`: {reason}")]
     Invalid { key: &'static str, reason: &'static str },
+    #[error(transparent)]
+    Auth(#[from] crate::auth::AuthConfigError),
 }
 
 impl Config {
@@ -473,7 +478,10 @@ impl Config {
     pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
         let text =
             std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
-        toml::from_str(&text).map_err(|source| ConfigError::Parse { path: path.to_owned(), source: Box::new(source) })
+        let mut config: Self = toml::from_str(&text)
+            .map_err(|source| ConfigError::Parse { path: path.to_owned(), source: Box::new(source) })?;
+        config.auth.base_dir = path.parent().map(Path::to_owned);
+        Ok(config)
     }
 
     /// Refuses values the hub cannot run with.
@@ -570,6 +578,7 @@ impl Config {
         if !(nlp.breaker_failure_rate > 0.0 && nlp.breaker_failure_rate <= 1.0) {
             return invalid("nlp.breaker_failure_rate", "must be in (0, 1]");
         }
+        self.auth.check(self.listen)?;
         Ok(())
     }
 
@@ -592,7 +601,7 @@ fn valid_origin_list(origins: &[String]) -> bool {
 
 /// `fengda serve` flags; each also reads a `FENGDA_*` environment variable.
 /// Unset flags leave the file's (or default) value alone.
-#[derive(Debug, Default, clap::Args)]
+#[derive(Debug, Default, Clone, clap::Args)]
 pub struct ServeArgs {
     /// TOML config file (keys as in README's configuration table).
     #[arg(long, env = "FENGDA_CONFIG")]
@@ -741,6 +750,12 @@ pub struct ServeArgs {
     /// Built-in answerer: tokens per second, 0 = no pacing [default: 25] (key `answerer.tokens_per_second`).
     #[arg(long, env = "FENGDA_ANSWERER_TOKENS_PER_SECOND")]
     pub answerer_tokens_per_second: Option<f64>,
+    /// How sockets are authenticated: demo or jwt [default: demo] (key `auth.mode`).
+    #[arg(long, env = "FENGDA_AUTH_MODE")]
+    pub auth_mode: Option<crate::auth::AuthMode>,
+    /// Let demo mode listen beyond loopback (insecure) [default: false] (key `auth.insecure_demo`).
+    #[arg(long, env = "FENGDA_INSECURE_DEMO", num_args = 0..=1, default_missing_value = "true")]
+    pub insecure_demo: Option<bool>,
 }
 
 impl ServeArgs {
@@ -812,6 +827,8 @@ impl ServeArgs {
         set(&mut config.server.trusted_proxies, self.trusted_proxies);
         set(&mut config.answerer.first_token_delay_ms, self.answerer_first_token_delay_ms);
         set(&mut config.answerer.tokens_per_second, self.answerer_tokens_per_second);
+        set(&mut config.auth.mode, self.auth_mode);
+        set(&mut config.auth.insecure_demo, self.insecure_demo);
         config.validate()?;
         Ok(config)
     }

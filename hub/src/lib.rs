@@ -3,6 +3,7 @@
 //!
 //! Module map:
 //! - [`config`]: the one typed [`Config`] and the `serve` flags.
+//! - [`auth`]: identity: tokens verified at the upgrade, per-tenant keys, expiry, reload.
 //! - [`ids`]: validated newtype ids (`TenantId`, `ConversationId`, …).
 //! - [`protocol`]: the wire contract: frames, error codes, close codes.
 //! - [`http`]: routes and listeners: `/ws` upgrade, `/healthz`, `/readyz`, the
@@ -30,6 +31,7 @@
 //! [`App::run`] serves until the shutdown future resolves, then closes every
 //! session with 1001 and waits for its tasks within `shutdown_grace_ms`.
 
+pub mod auth;
 pub mod bus;
 pub mod config;
 pub mod conversations;
@@ -84,6 +86,8 @@ pub struct AppState {
     pub metrics: Option<metrics_exporter_prometheus::PrometheusHandle>,
     /// The node's connection caps (and per-address limits).
     pub connections: Arc<server::limits::ConnectionLimits>,
+    /// Who may open sockets: token verification and the keys (reloadable).
+    pub auth: Arc<auth::Auth>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -96,6 +100,8 @@ pub enum AppError {
     Nlp(#[from] nlp::NlpError),
     #[error("cannot connect to Redis: {0}")]
     Redis(#[from] StoreError),
+    #[error("cannot load the auth keys: {0}")]
+    Keys(#[from] auth::keys::KeyError),
     #[error("server failed: {0}")]
     Serve(std::io::Error),
 }
@@ -117,6 +123,8 @@ pub struct App {
 
 impl App {
     pub async fn build(config: Config) -> Result<Self, AppError> {
+        let auth = Arc::new(auth::Auth::new(&config.auth)?);
+        auth.warn_if_exposed(config.listen);
         let (endpoints, embedded_answerer) = match config.nlp.endpoints() {
             urls if !urls.is_empty() => {
                 let clients = urls.into_iter().map(|url| {
@@ -194,6 +202,7 @@ impl App {
             accepting: AtomicBool::new(true),
             sessions_open: AtomicUsize::new(0),
             connections,
+            auth,
         });
         Ok(Self { listener, local_addr, admin_listener, admin_addr, state, embedded_answerer })
     }
@@ -201,6 +210,11 @@ impl App {
     /// The address actually bound (useful with port 0).
     pub fn local_addr(&self) -> SocketAddr {
         self.local_addr
+    }
+
+    /// The node's identity checks, for reloading them (SIGHUP).
+    pub fn auth(&self) -> Arc<auth::Auth> {
+        self.state.auth.clone()
     }
 
     /// The admin listener's address (`/metrics`).

@@ -25,7 +25,13 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run a hub node (prints `listening on http://ADDR`, then `admin listening on http://ADDR`, on stdout).
-    Serve(ServeArgs),
+    /// SIGHUP reloads `[auth]` (keys and their settings) from the config file.
+    Serve(Box<ServeArgs>),
+    /// Check a config file, key files included, without starting anything; exits 0 when it is valid.
+    CheckConfig {
+        /// The TOML file `serve --config` would read.
+        file: std::path::PathBuf,
+    },
 }
 
 #[tokio::main]
@@ -38,9 +44,13 @@ async fn main() -> anyhow::Result<()> {
         // Colours only on a terminal: log files and collectors get plain text.
         .with_ansi(std::io::stderr().is_terminal())
         .init();
-    let Command::Serve(args) = Cli::parse().command;
-    let config = args.into_config().context("invalid configuration")?;
+    let args = match Cli::parse().command {
+        Command::Serve(args) => *args,
+        Command::CheckConfig { file } => return check_config(&file),
+    };
+    let config = args.clone().into_config().context("invalid configuration")?;
     let app = App::build(config).await.context("cannot start the hub")?;
+    tokio::spawn(reload_on_hangup(args, app.auth()));
     let mut stdout = std::io::stdout().lock();
     writeln!(stdout, "listening on http://{}", app.local_addr())?;
     writeln!(stdout, "admin listening on http://{}", app.admin_addr())?;
@@ -48,6 +58,44 @@ async fn main() -> anyhow::Result<()> {
     drop(stdout);
     app.run(shutdown_signal()).await.context("hub failed")?;
     Ok(())
+}
+
+/// `fengda check-config FILE`: everything `serve` would refuse, without serving.
+fn check_config(file: &std::path::Path) -> anyhow::Result<()> {
+    let config = fengda::Config::from_file(file)?;
+    config.validate()?;
+    fengda::auth::Auth::new(&config.auth)?;
+    println!("{}: valid ({} auth keys)", file.display(), config.auth.keys.len());
+    Ok(())
+}
+
+/// On each SIGHUP, reads the configuration again (file, then the same
+/// flags) and swaps in its `[auth]`; a configuration with any error is
+/// refused whole, logged, and the one in force stays.
+async fn reload_on_hangup(args: ServeArgs, auth: std::sync::Arc<fengda::auth::Auth>) {
+    #[cfg(unix)]
+    {
+        let Ok(mut hangups) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) else {
+            tracing::warn!("cannot listen for SIGHUP; the configuration will not be reloaded");
+            return;
+        };
+        while hangups.recv().await.is_some() {
+            tracing::info!("SIGHUP: reloading the auth configuration");
+            let reloaded = args
+                .clone()
+                .into_config()
+                .map_err(anyhow::Error::from)
+                .and_then(|config| auth.reload(&config.auth, config.listen).map_err(anyhow::Error::from));
+            if let Err(error) = reloaded {
+                tracing::error!(
+                    error = format!("{error:#}"),
+                    "configuration NOT reloaded; the previous one stays in force"
+                );
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = (args, auth);
 }
 
 /// Resolves on Ctrl-C or SIGTERM.

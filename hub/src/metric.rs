@@ -37,6 +37,7 @@ metrics_table! {
     NLP_FIRST_TOKEN = "fengda_hub_nlp_first_token_seconds", Histogram, "NLP request sent to first token, per successful attempt.";
     REPLY_BEFORE_NLP = "fengda_hub_reply_before_nlp_seconds", Histogram, "The hub's own time before the NLP request: message received to request built.";
     FRAME_DELIVERY = "fengda_hub_frame_delivery_seconds", Histogram, "Frame handed to the fan-out to written to its socket, per write.";
+    AUTH_REFUSALS = "fengda_hub_auth_refusals_total", Counter, "Tokens refused (at the upgrade or in a refresh), by code.";
     SLOW_CONSUMER_CLOSES = "fengda_hub_slow_consumer_closes_total", Counter, "Sockets closed with 4008 because their outbound queue filled.";
     SESSIONS_OPEN = "fengda_hub_sessions_open", Gauge, "WebSocket sessions open on this node.";
     SESSIONS_REFUSED = "fengda_hub_sessions_refused_total", Counter, "Sockets refused after the upgrade, by reason.";

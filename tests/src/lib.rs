@@ -10,6 +10,7 @@
 //! - [`spawn`]: how those processes are started and their logs kept, shared
 //!   with the load generator (`fengda-load` depends on this library).
 //! - [`resume`]: the lost-reply scenario (drop the only socket mid-reply, come back).
+//! - [`tokens`]: real keys (openssl), signed and forged tokens, for the identity tests.
 //! - [`isolation`]: the colliding-ids attack (tenant `x` naming `y:<id>` of tenant `x:y`).
 //!
 //! `FENGDA_TEST_BACKEND` (`memory` or `redis`, required) is the backend of
@@ -29,6 +30,7 @@ mod process;
 mod redis;
 pub mod resume;
 pub mod spawn;
+pub mod tokens;
 
 pub use answerer::{RecordingAnswerer, Script};
 pub use client::{Client, Reply};

@@ -5,6 +5,7 @@
 //! admin one (`admin_listen`, loopback by default) for operators: `/metrics`
 //! and the same health probes. Nothing an operator reads is on the public port.
 
+mod demo_token;
 mod error;
 mod health;
 mod web_demo;
@@ -19,9 +20,13 @@ pub use error::ApiError;
 
 use crate::AppState;
 
-/// The customers' routes.
+/// The customers' routes (`/demo/token` in demo mode only).
 pub fn routes(state: Arc<AppState>) -> Router {
-    Router::new()
+    let router = match state.auth.mode() {
+        crate::auth::AuthMode::Demo => Router::new().route("/demo/token", get(demo_token::demo_token)),
+        crate::auth::AuthMode::Jwt => Router::new(),
+    };
+    router
         .route("/ws", get(ws::upgrade))
         .route("/healthz", get(health::healthz))
         .route("/readyz", get(health::readyz))

@@ -1,7 +1,8 @@
 //! `GET /ws`: checks who is connecting, then upgrades to a session.
 //!
 //! Everything that can be refused before the upgrade is refused with an
-//! HTTP 4xx and a JSON body: missing or malformed ids, a bad `after`, a
+//! HTTP 4xx and a JSON body: a missing, invalid or expired token (401, see
+//! [`crate::auth`]), missing or malformed ids, a bad `after`, a
 //! foreign `Origin`, `timing=1` where it is not allowed, a node that is
 //! shutting down, a client address over its limits (for upgrades through a
 //! trusted proxy; direct connections are limited when accepted, see
@@ -21,6 +22,7 @@ use serde::Deserialize;
 
 use super::ApiError;
 use crate::AppState;
+use crate::auth::{self, AuthMode, Identity};
 use crate::ids::{ConversationId, TenantId, UserId};
 use crate::server::limits::{AddressGuard, Refusal};
 use crate::session::{self, SessionParams};
@@ -38,6 +40,8 @@ pub struct WsQuery {
     after: Option<String>,
     epoch: Option<String>,
     timing: Option<String>,
+    /// A token, for browsers (which cannot set `Authorization` on a WebSocket).
+    token: Option<String>,
 }
 
 pub async fn upgrade(
@@ -48,7 +52,7 @@ pub async fn upgrade(
     upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
 ) -> Response {
     let peer = peer.map(|Extension(ConnectInfo(peer))| peer);
-    match prepare(&app, peer, &headers, query, upgrade) {
+    match prepare(&app, peer, &headers, query, upgrade).await {
         Ok((upgrade, params, address)) => {
             let ws = &app.config.websocket;
             upgrade
@@ -73,14 +77,14 @@ pub async fn upgrade(
     }
 }
 
-fn prepare(
+async fn prepare(
     app: &AppState,
     peer: Option<SocketAddr>,
     headers: &HeaderMap,
     query: Result<Query<WsQuery>, axum::extract::rejection::QueryRejection>,
     upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
 ) -> Result<(WebSocketUpgrade, SessionParams, Option<AddressGuard>), Refused> {
-    let (upgrade, params) = check(app, headers, query, upgrade)?;
+    let (upgrade, params) = check(app, headers, query, upgrade).await?;
     // Through a trusted proxy: the per-address limits apply to the client it forwards.
     let limits = &app.connections;
     let address = match peer.filter(|peer| limits.is_trusted_proxy(&peer.ip())) {
@@ -97,6 +101,17 @@ fn prepare(
 enum Refused {
     Invalid(ApiError),
     Limited(Refusal),
+    /// No acceptable token: 401 (503 while the tenant's keys cannot be fetched).
+    Unauthenticated {
+        code: &'static str,
+        message: String,
+    },
+}
+
+impl From<auth::Refusal> for Refused {
+    fn from(refusal: auth::Refusal) -> Self {
+        Self::Unauthenticated { code: refusal.code(), message: refusal.to_string() }
+    }
 }
 
 impl From<ApiError> for Refused {
@@ -116,22 +131,33 @@ impl IntoResponse for Refused {
         match self {
             Self::Invalid(error) => error.into_response(),
             Self::Limited(refusal) => refusal.into_response(),
+            Self::Unauthenticated { code: code @ "keys_unavailable", message } => {
+                ([(header::RETRY_AFTER, "5")], ApiError { status: StatusCode::SERVICE_UNAVAILABLE, code, message })
+                    .into_response()
+            }
+            // RFC 6750: a bearer-token challenge, without saying more than the body does.
+            Self::Unauthenticated { code, message } => (
+                [(header::WWW_AUTHENTICATE, "Bearer realm=\"fengda\", error=\"invalid_token\"")],
+                ApiError { status: StatusCode::UNAUTHORIZED, code, message },
+            )
+                .into_response(),
         }
     }
 }
 
-fn check(
+async fn check(
     app: &AppState,
     headers: &HeaderMap,
     query: Result<Query<WsQuery>, axum::extract::rejection::QueryRejection>,
     upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
-) -> Result<(WebSocketUpgrade, SessionParams), ApiError> {
+) -> Result<(WebSocketUpgrade, SessionParams), Refused> {
     if !app.accepting.load(Ordering::Acquire) {
         return Err(ApiError {
             status: StatusCode::SERVICE_UNAVAILABLE,
             code: "shutting_down",
             message: "this node is shutting down; connect to another".into(),
-        });
+        }
+        .into());
     }
     let upgrade = upgrade.map_err(|rejection| ApiError {
         status: rejection.status(),
@@ -142,8 +168,7 @@ fn check(
     // The only way the decoding of these optional strings can fail.
     let Query(query) =
         query.map_err(|_| ApiError::bad_request("invalid_query", "a query parameter is given more than once"))?;
-    let tenant = required_id(query.tenant.as_deref(), "tenant", TenantId::parse)?;
-    let user = required_id(query.user.as_deref(), "user", UserId::parse)?;
+    let (tenant, user, identity) = authenticate(app, headers, &query).await?;
     let conversation = match query.conversation.as_deref().filter(|c| !c.is_empty()) {
         Some(raw) => Some(
             ConversationId::parse(raw)
@@ -165,9 +190,69 @@ fn check(
             status: StatusCode::FORBIDDEN,
             code: "timing_not_allowed",
             message: "`timing` is not enabled on this hub".into(),
-        });
+        }
+        .into());
     }
-    Ok((upgrade, SessionParams { tenant, user, conversation, after, epoch, timing }))
+    Ok((upgrade, SessionParams { tenant, user, conversation, after, epoch, timing, identity }))
+}
+
+/// Who is connecting: the verified token's tenant and user when a token
+/// is presented (required in jwt mode), else (demo mode) the query's.
+async fn authenticate(
+    app: &AppState,
+    headers: &HeaderMap,
+    query: &WsQuery,
+) -> Result<(TenantId, UserId, Option<Identity>), Refused> {
+    let refuse = |code: &'static str, message: &str| {
+        metrics::counter!(crate::metric::AUTH_REFUSALS, "code" => code).increment(1);
+        Refused::Unauthenticated { code, message: message.into() }
+    };
+    let identity = match presented_token(headers, query.token.as_deref()).map_err(|(c, m)| refuse(c, m))? {
+        Some(token) => app.auth.verify(token).await?,
+        None if app.auth.mode() == AuthMode::Jwt => return Err(refuse("token_missing", "a token is required")),
+        None => {
+            let tenant = required_id(query.tenant.as_deref(), "tenant", TenantId::parse)?;
+            let user = required_id(query.user.as_deref(), "user", UserId::parse)?;
+            return Ok((tenant, user, None));
+        }
+    };
+    // The tenant comes only from the token; a query naming another is refused, not ignored.
+    let disagrees = |given: Option<&str>, verified: &str| given.is_some_and(|g| !g.is_empty() && g != verified);
+    if disagrees(query.tenant.as_deref(), identity.tenant.as_str())
+        || disagrees(query.user.as_deref(), identity.user.as_str())
+    {
+        return Err(refuse("identity_mismatch", "`tenant` and `user`, when given, must be the token's"));
+    }
+    Ok((identity.tenant.clone(), identity.user.clone(), Some(identity)))
+}
+
+/// The token from `Authorization: Bearer` or `?token=`; both present and
+/// different is refused (`token_conflict`): which one a proxy or log saw
+/// would be anyone's guess.
+fn presented_token<'a>(
+    headers: &'a HeaderMap,
+    query: Option<&'a str>,
+) -> Result<Option<&'a str>, (&'static str, &'static str)> {
+    let mut values = headers.get_all(header::AUTHORIZATION).iter();
+    let bearer = match (values.next(), values.next()) {
+        (None, _) => None,
+        (Some(_), Some(_)) => return Err(("token_invalid", "a request may carry one `Authorization` header")),
+        (Some(value), None) => {
+            let value = value.to_str().map_err(|_| ("token_invalid", "`Authorization` is not text"))?;
+            match value.split_once(' ') {
+                Some((scheme, token)) if scheme.eq_ignore_ascii_case("bearer") && !token.trim().is_empty() => {
+                    Some(token.trim())
+                }
+                _ => return Err(("token_invalid", "`Authorization` must be `Bearer <token>`")),
+            }
+        }
+    };
+    match (bearer, query.filter(|q| !q.is_empty())) {
+        (Some(bearer), Some(query)) if bearer != query => {
+            Err(("token_conflict", "`Authorization` and `token` carry different tokens"))
+        }
+        (bearer, query) => Ok(bearer.or(query)),
+    }
 }
 
 fn required_id<T>(

@@ -15,6 +15,8 @@ pub enum ClientFrame {
     Ping,
     /// Stop a reply in progress; it ends with `reply.done` and `cancelled: true`.
     Cancel { reply: String },
+    /// A new token for this socket, before the current one expires.
+    Refresh { token: String },
 }
 
 /// Why a client frame was rejected; becomes an `error` frame.
@@ -76,6 +78,7 @@ pub fn parse_client_frame(text: &str, limit: TextLimit) -> Result<ClientFrame, F
     match kind {
         "ping" => Ok(ClientFrame::Ping),
         "cancel" => Ok(ClientFrame::Cancel { reply: take_string(fields.reply.take(), "reply")? }),
+        "refresh" => Ok(ClientFrame::Refresh { token: take_string(fields.token.take(), "token")? }),
         "message" => {
             let id = take_string(fields.id.take(), "id")?;
             if id.is_empty() || id.len() > MAX_MESSAGE_ID_LEN {
@@ -159,6 +162,7 @@ struct RawFields<'a> {
     id: Option<Field<'a>>,
     text: Option<Field<'a>>,
     reply: Option<Field<'a>>,
+    token: Option<Field<'a>>,
 }
 
 /// A field's value: a string, null, or anything else (an error for every
@@ -204,6 +208,7 @@ impl<'de> Deserialize<'de> for Raw<'de> {
                         "id" => &mut fields.id,
                         "text" => &mut fields.text,
                         "reply" => &mut fields.reply,
+                        "token" => &mut fields.token,
                         _ => {
                             if !others.get_or_insert_default().insert(key) {
                                 return Err(A::Error::custom("repeated key"));

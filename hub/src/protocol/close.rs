@@ -15,6 +15,10 @@ pub const GOING_AWAY: CloseReason = CloseReason { code: 1001, reason: "hub shutt
 pub const TOO_BIG: CloseReason = CloseReason { code: 1009, reason: "frame too big" };
 /// The hub failed internally; reconnect.
 pub const INTERNAL: CloseReason = CloseReason { code: 1011, reason: "internal error" };
+/// The socket's token expired and no `refresh` came within `auth.expiry_grace_secs`.
+pub const TOKEN_EXPIRED: CloseReason = CloseReason { code: 4001, reason: "token expired" };
+/// The key that verified the socket's token was removed from the configuration.
+pub const TOKEN_REVOKED: CloseReason = CloseReason { code: 4001, reason: "token key removed" };
 /// The requested conversation does not exist for this user; reconnect without it.
 pub const CONVERSATION_NOT_FOUND: CloseReason = CloseReason { code: 4004, reason: "conversation not found" };
 /// The client did not read fast enough and its outbound queue filled up.

@@ -64,6 +64,13 @@ pub enum ErrorCode {
     /// The user created `conversation.max_created_per_user` conversations
     /// within the window; the message was NOT stored (then close 4429).
     TooManyConversations,
+    /// The socket's token has expired: the message was NOT stored; send
+    /// `refresh` (or reconnect with a new token).
+    TokenExpired,
+    /// A `refresh` token names another tenant, user or role than the socket's.
+    IdentityMismatch,
+    /// `refresh` on a socket that was not opened with a token.
+    RefreshNotApplicable,
 }
 
 impl ErrorCode {
@@ -84,6 +91,9 @@ impl ErrorCode {
             Self::RateLimited => "rate_limited",
             Self::TooManySockets => "too_many_sockets",
             Self::TooManyConversations => "too_many_conversations",
+            Self::TokenExpired => "token_expired",
+            Self::IdentityMismatch => "identity_mismatch",
+            Self::RefreshNotApplicable => "refresh_not_applicable",
         }
     }
 }

@@ -80,6 +80,12 @@ pub enum ServerFrame<'a> {
     },
     #[serde(rename = "pong")]
     Pong,
+    /// The socket's token expires at `exp` (Unix seconds): send `refresh`.
+    #[serde(rename = "token.expiring")]
+    TokenExpiring { exp: u64 },
+    /// A `refresh` was accepted; the socket's token now expires at `exp`.
+    #[serde(rename = "refreshed")]
+    Refreshed { exp: u64 },
 }
 
 impl ServerFrame<'_> {

@@ -42,6 +42,9 @@ pub struct SessionParams {
     pub epoch: Option<String>,
     /// `timing=1`: replies to this socket's questions carry a `timing` object.
     pub timing: bool,
+    /// The verified token's identity, when the socket was opened with one
+    /// (`tenant` and `user` above are then the token's).
+    pub identity: Option<crate::auth::Identity>,
 }
 
 /// Runs a session to completion.
@@ -120,7 +123,11 @@ pub fn run(socket: WebSocket, params: SessionParams, app: Arc<AppState>) -> impl
             capacity: ws.max_pending_questions,
             questions: None,
         };
-        let client_closed = reader::run_reader(&mut stream, &app, &params, &key, &mut pending, &handle, replies).await;
+        let token = params.identity.clone().map(|identity| {
+            crate::auth::expiry::SessionToken::start(app.auth.clone(), identity, handle.clone(), &app.tracker)
+        });
+        let client_closed =
+            reader::run_reader(&mut stream, &app, &params, &key, &mut pending, &handle, replies, token.as_ref()).await;
         closer.close(close::NORMAL);
         app.conversations.detach(&key, session_id).await;
         // A conversation that was never created leaves nothing to touch.

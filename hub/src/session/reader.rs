@@ -20,6 +20,7 @@ use tokio_tungstenite::tungstenite;
 use tracing::{debug, warn};
 
 use crate::AppState;
+use crate::auth::expiry::SessionToken;
 use crate::fanout::{Outbound, SessionHandle};
 use crate::ids::ConversationKey;
 use crate::protocol::close;
@@ -30,6 +31,7 @@ use crate::store::{Appended, NewEvent, Pending, StoreError};
 
 /// Reads until the session ends; returns true when the client closed the
 /// socket itself (close frame or end of stream).
+#[allow(clippy::too_many_arguments)]
 pub(super) async fn run_reader(
     stream: &mut SplitStream<WebSocket>,
     app: &AppState,
@@ -38,6 +40,7 @@ pub(super) async fn run_reader(
     pending: &mut Option<Pending>,
     session: &SessionHandle,
     mut replies: Replies,
+    token: Option<&SessionToken>,
 ) -> bool {
     let idle_timeout = Duration::from_millis(app.config.websocket.idle_timeout_ms);
     let ws = &app.config.websocket;
@@ -97,6 +100,18 @@ pub(super) async fn run_reader(
                 Ok(ClientFrame::Ping) => send_to_this_socket(session, ServerFrame::Pong.encode()),
                 // Unknown or finished replies are ignored: a cancel may cross the reply.done.
                 Ok(ClientFrame::Cancel { reply }) => app.replier.cancel(key, &reply),
+                Ok(ClientFrame::Refresh { token: fresh }) => match token {
+                    Some(token) => token.refresh(&app.auth, session, &fresh).await,
+                    None => {
+                        let text = "this socket was not opened with a token; there is nothing to refresh";
+                        send_to_this_socket(session, error_frame(ErrorCode::RefreshNotApplicable, text, None));
+                    }
+                },
+                // Inside the expiry grace the socket reads and streams, but stores nothing new.
+                Ok(ClientFrame::Message { id, .. }) if token.is_some_and(SessionToken::expired) => {
+                    let text = "this socket's token has expired; send `refresh` with a new token";
+                    send_to_this_socket(session, error_frame(ErrorCode::TokenExpired, text, Some(&id)));
+                }
                 // Boxed: the reader's future lives as long as the socket, a message's handling only briefly.
                 Ok(ClientFrame::Message { id, text }) => {
                     Box::pin(on_message(app, params, key, pending, session, &mut replies, id, text)).await

@@ -1,0 +1,72 @@
+//! Who a verified token says is connecting: the claims the hub reads, and
+//! the [`Identity`] a session carries.
+
+use serde::{Deserialize, Serialize};
+
+use super::keys::KeyFingerprint;
+use crate::ids::{TenantId, UserId};
+
+/// What a connecting party is, from the token's `role` claim.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    Customer,
+    Agent,
+}
+
+impl Role {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Customer => "customer",
+            Self::Agent => "agent",
+        }
+    }
+
+    pub fn parse(raw: &str) -> Option<Self> {
+        match raw {
+            "customer" => Some(Self::Customer),
+            "agent" => Some(Self::Agent),
+            _ => None,
+        }
+    }
+}
+
+/// The claims a token must carry (beyond the registered ones the
+/// validation checks: `exp`, `nbf`, `aud`, `iss`).
+#[derive(Debug, Clone, Deserialize, Serialize)]
+pub struct Claims {
+    /// The user id.
+    pub sub: String,
+    /// The tenant.
+    pub tid: String,
+    pub role: Role,
+    pub exp: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub iat: Option<u64>,
+}
+
+/// A verified identity: every socket authenticated by a token carries one.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Identity {
+    pub tenant: TenantId,
+    pub user: UserId,
+    pub role: Role,
+    /// The header's `kid`, when the token had one.
+    pub kid: Option<String>,
+    /// Expiry, seconds since the Unix epoch.
+    pub exp: u64,
+    /// The key that verified the token: when a reload removes it, the socket closes.
+    pub key: KeyFingerprint,
+}
+
+impl Identity {
+    /// Whether `other` (a refreshed token's identity) names the same party.
+    pub fn same_party(&self, other: &Identity) -> bool {
+        self.tenant == other.tenant && self.user == other.user && self.role == other.role
+    }
+}
+
+/// Seconds since the Unix epoch, as JWTs count time.
+pub fn now_secs() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}

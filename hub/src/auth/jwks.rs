@@ -1,0 +1,184 @@
+//! A tenant's JWKS (`jwks_url`): fetched with the hub's HTTP client and
+//! cached per (tenant, kid).
+//!
+//! Each source belongs to exactly one tenant, so a kid found in it can only
+//! ever verify that tenant's tokens (a cache keyed by kid alone let one
+//! tenant's key verify another's, centrifugo #1142). The URL is the
+//! operator's; nothing from a token goes into it. A kid the cache does not
+//! know triggers a fetch, at most once per `auth.jwks_min_refresh_secs` per
+//! source, so a stream of made-up kids costs the identity provider one
+//! request per interval. Fetches of one source are serialized by its own
+//! lock: a slow identity provider holds up only upgrades of its tenant
+//! that name a kid not yet cached, never another tenant's.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+use jsonwebtoken::jwk::{AlgorithmParameters, JwkSet};
+use jsonwebtoken::{Algorithm, DecodingKey};
+use tracing::{info, warn};
+
+use super::config::{AuthConfig, KeyConfig};
+use super::keys::{Key, KeyFingerprint, family};
+use crate::ids::TenantId;
+
+/// Largest JWKS document accepted, in bytes.
+const MAX_JWKS_BYTES: usize = 256 * 1024;
+
+/// One `jwks_url` of one tenant.
+pub struct JwksSource {
+    tenant: TenantId,
+    url: String,
+    /// The config's `alg`, pinning every key of the set.
+    pinned: Option<Algorithm>,
+    entry: KeyConfig,
+    leeway_secs: u64,
+    min_refresh: Duration,
+    timeout: Duration,
+    http: reqwest::Client,
+    /// kid → key, as of the last good fetch.
+    cache: RwLock<HashMap<String, Arc<Key>>>,
+    /// When the last fetch started (successful or not).
+    last_fetch: Mutex<Option<Instant>>,
+    /// Held while fetching: one fetch per source at a time.
+    fetching: tokio::sync::Mutex<()>,
+}
+
+impl std::fmt::Debug for JwksSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("JwksSource")
+            .field("tenant", &self.tenant)
+            .field("url", &crate::redact::display_url(&self.url))
+            .finish()
+    }
+}
+
+/// Why a JWKS could not be used.
+#[derive(Debug, thiserror::Error)]
+pub enum JwksError {
+    #[error("fetching the JWKS failed: {0}")]
+    Fetch(String),
+}
+
+impl JwksSource {
+    pub fn new(
+        tenant: TenantId,
+        url: String,
+        pinned: Option<Algorithm>,
+        entry: KeyConfig,
+        config: &AuthConfig,
+        http: reqwest::Client,
+    ) -> Self {
+        Self {
+            tenant,
+            url,
+            pinned,
+            entry,
+            leeway_secs: config.leeway_secs,
+            min_refresh: Duration::from_secs(config.jwks_min_refresh_secs),
+            timeout: Duration::from_millis(config.jwks_timeout_ms),
+            http,
+            cache: RwLock::default(),
+            last_fetch: Mutex::default(),
+            fetching: tokio::sync::Mutex::new(()),
+        }
+    }
+
+    /// The key with this kid: from the cache, or from a fetch when the
+    /// cache does not have it and the last fetch is old enough.
+    pub async fn key(&self, kid: &str) -> Result<Option<Arc<Key>>, JwksError> {
+        if let Some(key) = self.cached(kid) {
+            return Ok(Some(key));
+        }
+        let _fetching = self.fetching.lock().await;
+        // Someone may have fetched while we waited.
+        if let Some(key) = self.cached(kid) {
+            return Ok(Some(key));
+        }
+        let due =
+            self.last_fetch.lock().unwrap_or_else(|e| e.into_inner()).is_none_or(|at| at.elapsed() >= self.min_refresh);
+        if !due {
+            return Ok(None);
+        }
+        *self.last_fetch.lock().unwrap_or_else(|e| e.into_inner()) = Some(Instant::now());
+        self.fetch().await?;
+        Ok(self.cached(kid))
+    }
+
+    fn cached(&self, kid: &str) -> Option<Arc<Key>> {
+        self.cache.read().unwrap_or_else(|e| e.into_inner()).get(kid).cloned()
+    }
+
+    /// Whether the set, as last fetched, still holds the key with this fingerprint.
+    pub fn holds(&self, fingerprint: KeyFingerprint) -> bool {
+        self.cache.read().unwrap_or_else(|e| e.into_inner()).values().any(|k| k.fingerprint == fingerprint)
+    }
+
+    async fn fetch(&self) -> Result<(), JwksError> {
+        let shown = crate::redact::display_url(&self.url);
+        let set = async {
+            let response = self.http.get(&self.url).timeout(self.timeout).send().await?.error_for_status()?;
+            if response.content_length().is_some_and(|len| len as usize > MAX_JWKS_BYTES) {
+                return Err(JwksError::Fetch("the JWKS is too large".into()));
+            }
+            let body = response.bytes().await?;
+            if body.len() > MAX_JWKS_BYTES {
+                return Err(JwksError::Fetch("the JWKS is too large".into()));
+            }
+            serde_json::from_slice::<JwkSet>(&body).map_err(|e| JwksError::Fetch(format!("not a JWKS: {e}")))
+        }
+        .await
+        .inspect_err(
+            |error| warn!(tenant_id = %self.tenant, url = %shown, %error, "JWKS fetch failed; keeping the keys cached"),
+        )?;
+        let mut keys = HashMap::new();
+        for jwk in &set.keys {
+            let Some(kid) = jwk.common.key_id.clone().filter(|kid| !kid.is_empty()) else { continue };
+            match self.key_of(jwk, &kid) {
+                Ok(key) => {
+                    keys.insert(kid, Arc::new(key));
+                }
+                Err(reason) => warn!(tenant_id = %self.tenant, url = %shown, kid, reason, "JWKS key skipped"),
+            }
+        }
+        info!(tenant_id = %self.tenant, url = %shown, keys = keys.len(), "JWKS fetched");
+        *self.cache.write().unwrap_or_else(|e| e.into_inner()) = keys;
+        Ok(())
+    }
+
+    /// One JWK as a key pinned to one algorithm; symmetric keys are never
+    /// taken from a JWKS (a published secret is no secret).
+    fn key_of(&self, jwk: &jsonwebtoken::jwk::Jwk, kid: &str) -> Result<Key, String> {
+        if matches!(jwk.algorithm, AlgorithmParameters::OctetKey(_)) {
+            return Err("symmetric keys are not taken from a JWKS".into());
+        }
+        let own = jwk.common.key_algorithm.map(Algorithm::try_from).transpose().map_err(|e| e.to_string())?;
+        let alg = match (self.pinned, own) {
+            (Some(pinned), Some(own)) if pinned != own => {
+                return Err(format!("its alg {own:?} is not the pinned {pinned:?}"));
+            }
+            (Some(alg), _) | (None, Some(alg)) => alg,
+            (None, None) => return Err("it names no alg and the config pins none".into()),
+        };
+        let decoding = DecodingKey::from_jwk(jwk).map_err(|e| e.to_string())?;
+        if decoding.family() != family(alg) {
+            return Err(format!("a {:?} key cannot verify {alg:?}", decoding.family()));
+        }
+        let material = serde_json::to_vec(jwk).unwrap_or_default();
+        Ok(Key {
+            tenant: self.tenant.clone(),
+            kid: Some(kid.to_owned()),
+            alg,
+            decoding,
+            validation: Key::validation(alg, &self.entry, self.leeway_secs),
+            fingerprint: Key::fingerprint(&self.entry, &material, Some(kid)),
+        })
+    }
+}
+
+impl From<reqwest::Error> for JwksError {
+    fn from(error: reqwest::Error) -> Self {
+        Self::Fetch(error.without_url().to_string())
+    }
+}

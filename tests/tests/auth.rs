@@ -309,7 +309,8 @@ async fn every_wrong_token_is_refused_with_its_code_and_never_upgrades() {
         match upgrade(url, &headers).await {
             Ok(client) => panic!("{what}: upgraded ({})", client.ready),
             Err((got, body)) => {
-                assert_eq!((got, body["error"].as_str()), (*status, Some(*code)), "{what}: {body}");
+                assert_eq!((got, body["code"].as_str()), (*status, Some(*code)), "{what}: {body}");
+                assert_eq!(body["error"], body["code"], "{what}: {body}");
                 assert!(body["message"].as_str().is_some_and(|m| !m.is_empty()), "{what}: {body}");
             }
         }

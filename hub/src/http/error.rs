@@ -1,4 +1,6 @@
-//! HTTP errors: one type, one JSON shape `{"error": code, "message": text}`.
+//! HTTP errors: one type, one JSON shape `{"error": code, "code": code, "message": text}`
+//! (`code` and `error` carry the same value: `code` is the name the identity
+//! contract uses, `error` the one the first clients read).
 
 use axum::Json;
 use axum::http::{StatusCode, header};
@@ -35,7 +37,7 @@ impl ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        (self.status, Json(json!({ "error": self.code, "message": self.message }))).into_response()
+        (self.status, Json(json!({ "error": self.code, "code": self.code, "message": self.message }))).into_response()
     }
 }
 

@@ -9,8 +9,9 @@
 //! and `--pace-tokens-per-s` set a realistic pace instead, and the reply
 //! timeout grows by the paced answer's time), with its own default limits
 //! unless `--bridge-max-streams` sets its answer streams, and one
-//! `fengda serve --listen 0.0.0.0:0 --admin-listen 127.0.0.1:0 --nlp-url <bridge>`
-//! (with `--allow-timing` under `--timing`), without the per-address
+//! `fengda serve --listen 0.0.0.0:0 --admin-listen 127.0.0.1:0 --insecure-demo --nlp-url <bridge>`
+//! (demo identities on all addresses, so that clients can use every
+//! loopback address; run it on a machine whose network you trust; with `--allow-timing` under `--timing`), without the per-address
 //! connection limits and per-socket frame rate (`setup::HUB_LIMIT_ARGS`;
 //! `--hub-arg` may set them again). Or it attaches to a running hub with
 //! `--hub-url` (add `--hub-pid` for CPU and memory figures, and
@@ -780,7 +781,9 @@ impl Target {
         };
         // Each node's metrics on an ephemeral loopback port (printed second).
         let mut hub_args: Vec<String> =
-            ["serve", "--listen", "0.0.0.0:0", "--admin-listen", "127.0.0.1:0"].map(String::from).to_vec();
+            ["serve", "--listen", "0.0.0.0:0", "--admin-listen", "127.0.0.1:0", "--insecure-demo"]
+                .map(String::from)
+                .to_vec();
         if common.timing {
             hub_args.push("--allow-timing".into());
         }

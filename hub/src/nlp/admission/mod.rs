@@ -36,7 +36,7 @@ mod share;
 use std::sync::{Arc, Mutex};
 
 use tokio::sync::oneshot;
-use tokio::time::Instant;
+use tokio::time::{Duration, Instant};
 
 use crate::ids::TenantId;
 use line::Line;
@@ -56,9 +56,22 @@ struct State {
     line: Line,
 }
 
+/// How often a waiting question re-reads its place in line; it is told
+/// only when the place changed.
+const QUEUED_UPDATE_INTERVAL: Duration = Duration::from_secs(1);
+
 /// Refused: the queue is full.
 #[derive(Debug, PartialEq, Eq)]
 pub struct QueueFull;
+
+/// Why [`Admission::slot`] gave no slot.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Refused {
+    /// The line was full, or the question was shed from it.
+    Full,
+    /// Its time to wait ran out first.
+    TimedOut,
+}
 
 /// A running slot; dropping it admits the next waiter.
 #[derive(Debug)]
@@ -187,6 +200,53 @@ impl Admission {
         Ok(Entry::Waiting(Ticket { admission: self.clone(), tenant: tenant.clone(), id, admitted, taken: false }))
     }
 
+    /// A running slot for a question of `tenant`, waiting in its line until
+    /// `give_up` if needed (`front`: at the front, for a question that lost
+    /// its slot). While it waits, `on_queued` hears its place in line each
+    /// time it changed (checked every [`QUEUED_UPDATE_INTERVAL`]).
+    pub async fn slot(
+        self: &Arc<Self>,
+        tenant: &TenantId,
+        front: bool,
+        give_up: Instant,
+        on_queued: &mut (dyn FnMut(usize) + Send),
+    ) -> Result<Permit, Refused> {
+        let mut ticket = match self.enter_line(tenant, front) {
+            Ok(Entry::Running(permit)) => return Ok(permit),
+            Ok(Entry::Waiting(ticket)) => ticket,
+            Err(QueueFull) => return Err(Refused::Full),
+        };
+        let queued_at = Instant::now();
+        let _record_wait = RecordOnDrop(queued_at, crate::metric::NLP_QUEUE_WAIT);
+        let mut told = ticket.position();
+        // 0: admitted (or shed) in the meantime; nothing to tell then.
+        if told != 0 {
+            on_queued(told);
+        }
+        let mut recheck = tokio::time::interval_at(queued_at + QUEUED_UPDATE_INTERVAL, QUEUED_UPDATE_INTERVAL);
+        recheck.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let give_up = tokio::time::sleep_until(give_up);
+        tokio::pin!(give_up);
+        loop {
+            tokio::select! {
+                admitted = &mut ticket.admitted => {
+                    return match admitted {
+                        Ok(()) => Ok(ticket.permit()),
+                        Err(_) => Err(Refused::Full),
+                    };
+                }
+                _ = recheck.tick() => {
+                    let position = ticket.position();
+                    if position != told && position != 0 {
+                        told = position;
+                        on_queued(position);
+                    }
+                }
+                () = &mut give_up => return Err(Refused::TimedOut),
+            }
+        }
+    }
+
     /// A running call of `tenant` ended: hand free slots to waiters.
     fn release(&self, tenant: &TenantId) {
         let mut state = self.lock();
@@ -224,6 +284,15 @@ impl Admission {
         // Asked once a second by every waiter: time may have made someone eligible.
         Self::dispatch(&mut state);
         state.line.position(tenant, id)
+    }
+}
+
+/// Records how long something took into a histogram when dropped.
+struct RecordOnDrop(Instant, &'static str);
+
+impl Drop for RecordOnDrop {
+    fn drop(&mut self) {
+        metrics::histogram!(self.1).record(self.0.elapsed().as_secs_f64());
     }
 }
 

@@ -10,7 +10,7 @@ use std::time::Duration;
 use fengda_proto::nlp::v1::nlp_server::{Nlp, NlpServer};
 use fengda_proto::nlp::v1::{AnswerChunk, AnswerRequest, FinishReason};
 use futures::Stream;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
@@ -58,7 +58,7 @@ pub struct RecordingAnswerer {
     script: Arc<Mutex<Script>>,
     requests: Arc<Mutex<Vec<AnswerRequest>>>,
     /// How many answer streams ended because the client went away.
-    cancelled: Arc<Mutex<usize>>,
+    cancelled: Arc<watch::Sender<usize>>,
     /// How many calls were refused as over `Script::max_streams`.
     refused: Arc<Mutex<usize>>,
     stop: CancellationToken,
@@ -67,7 +67,7 @@ pub struct RecordingAnswerer {
 struct Service {
     script: Arc<Mutex<Script>>,
     requests: Arc<Mutex<Vec<AnswerRequest>>>,
-    cancelled: Arc<Mutex<usize>>,
+    cancelled: Arc<watch::Sender<usize>>,
     refused: Arc<Mutex<usize>>,
     /// Answers streaming now.
     streaming: Arc<std::sync::atomic::AtomicUsize>,
@@ -78,7 +78,7 @@ impl RecordingAnswerer {
         let listener = tokio::net::TcpListener::bind(SocketAddr::from(([127, 0, 0, 1], 0))).await.expect("bind");
         let url = format!("http://{}", listener.local_addr().expect("addr"));
         let requests = Arc::new(Mutex::new(Vec::new()));
-        let cancelled = Arc::new(Mutex::new(0));
+        let cancelled = Arc::new(watch::Sender::new(0));
         let stop = CancellationToken::new();
         let script = Arc::new(Mutex::new(script));
         let refused = Arc::new(Mutex::new(0));
@@ -110,7 +110,15 @@ impl RecordingAnswerer {
     }
 
     pub fn cancelled(&self) -> usize {
-        *self.cancelled.lock().unwrap()
+        *self.cancelled.borrow()
+    }
+
+    /// Waits until `n` answer streams ended because the client went away
+    /// (the answerer notices at its next token), failing after a step timeout.
+    pub async fn wait_cancelled(&self, n: usize) {
+        let mut cancelled = self.cancelled.subscribe();
+        let seen = tokio::time::timeout(crate::STEP_TIMEOUT, cancelled.wait_for(|c| *c >= n)).await;
+        assert!(seen.is_ok(), "the NLP service saw {} cancellations, not {n}", self.cancelled());
     }
 
     pub fn refused(&self) -> usize {
@@ -173,7 +181,7 @@ impl Nlp for Service {
                 }
                 let chunk = AnswerChunk { index: index as u32, text: format!("tok{index}{padding} "), finish: 0 };
                 if tx.send(Ok(chunk)).await.is_err() {
-                    *cancelled.lock().unwrap() += 1;
+                    cancelled.send_modify(|n| *n += 1);
                     return;
                 }
             }

@@ -13,8 +13,15 @@ pub fn binary(name: &str) -> PathBuf {
 }
 
 /// Starts a workspace binary with its log on our stderr (and kept for [`Hub::logs`]).
-async fn start(program: &str, args: Vec<String>, admin: bool, nofile: Option<u64>) -> Started {
-    let launch = Launch { admin, nofile, ..Launch::new(program, args, LogTo::Stderr) };
+async fn start(
+    program: &str,
+    args: Vec<String>,
+    admin: bool,
+    nofile: Option<u64>,
+    log_filter: Option<&str>,
+) -> Started {
+    let log_filter = log_filter.map(str::to_owned);
+    let launch = Launch { admin, nofile, log_filter, ..Launch::new(program, args, LogTo::Stderr) };
     launch.start().await.unwrap_or_else(|error| panic!("start {program}: {error:#}"))
 }
 
@@ -48,16 +55,26 @@ impl Hub {
     /// flags, on the suite's backend (a private Redis when it is `redis`),
     /// and checks from its metrics that it runs on that backend.
     pub async fn start(extra: &[&str]) -> Hub {
+        Self::start_with_log(extra, None).await
+    }
+
+    /// [`Hub::start`], logging with `RUST_LOG=log_filter` (for tests that
+    /// read what it logs at debug level).
+    pub async fn start_logging(log_filter: &str, extra: &[&str]) -> Hub {
+        Self::start_with_log(extra, Some(log_filter)).await
+    }
+
+    async fn start_with_log(extra: &[&str], log_filter: Option<&str>) -> Hub {
         let backend = test_backend();
         let hub = if backend == "redis" && !extra.contains(&"--backend") {
             let redis = crate::RedisServer::start().await;
             let mut args = vec!["--backend", "redis", "--redis-url", &redis.url];
             args.extend_from_slice(extra);
-            let mut hub = Self::spawn(&args).await;
+            let mut hub = Self::spawn_logging(&args, None, log_filter).await;
             hub.redis = Some(redis);
             hub
         } else {
-            Self::spawn(extra).await
+            Self::spawn_logging(extra, None, log_filter).await
         };
         if !extra.contains(&"--backend") {
             hub.assert_backend(&backend).await;
@@ -103,6 +120,10 @@ impl Hub {
     }
 
     async fn spawn_with(extra: &[&str], nofile: Option<u64>) -> Hub {
+        Self::spawn_logging(extra, nofile, None).await
+    }
+
+    async fn spawn_logging(extra: &[&str], nofile: Option<u64>, log_filter: Option<&str>) -> Hub {
         let mut args: Vec<String> = ["serve", "--listen", "127.0.0.1:0"].map(String::from).to_vec();
         if !extra.iter().any(|a| a.starts_with("--admin-listen")) {
             args.extend(["--admin-listen", "127.0.0.1:0"].map(String::from));
@@ -113,7 +134,7 @@ impl Hub {
             );
         }
         args.extend(extra.iter().map(|a| a.to_string()));
-        let started = start("fengda", args, true, nofile).await;
+        let started = start("fengda", args, true, nofile, log_filter).await;
         let admin_url = started.admin_url.expect("the hub prints its admin address");
         Hub { child: started.child, url: started.url, admin_url, log: started.log, redis: None }
     }
@@ -213,7 +234,7 @@ impl NlpProcess {
             path
         });
         args.extend(extra.iter().map(|a| a.to_string()));
-        let started = start("fengda-nlp", args, false, None).await;
+        let started = start("fengda-nlp", args, false, None, None).await;
         NlpProcess { child: started.child, url: started.url, config }
     }
 

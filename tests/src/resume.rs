@@ -63,12 +63,23 @@ pub struct Outcome {
     pub k: usize,
 }
 
-/// Asks on `asking`, drops the only socket after `k` deltas, waits `away`,
+/// How long the customer stays away.
+pub enum Away<'a> {
+    /// This long, within the grace: the time away is what the test is about.
+    For(Duration),
+    /// Until the hub stored the reply (it finished while nobody listened).
+    UntilStored,
+    /// Past the grace: until the hub cancelled the NLP call (`answerer` saw
+    /// it) and stored the reply.
+    PastGrace(&'a RecordingAnswerer),
+}
+
+/// Asks on `asking`, drops the only socket after `k` deltas, stays `away`,
 /// resumes on `resuming`, and returns the reply once it arrives (live or
 /// replayed), after checking that the deltas the customer saw agree with
 /// it, that it arrives exactly once, and that the conversation's log holds
 /// the question and exactly one answer after it.
-pub async fn drop_and_resume(asking: &Hub, resuming: &Hub, user: &str, k: usize, away: Duration) -> Outcome {
+pub async fn drop_and_resume(asking: &Hub, resuming: &Hub, user: &str, k: usize, away: Away<'_>) -> Outcome {
     let mut first = Client::connect(&asking.ws_url(&format!("tenant=demo&user={user}"))).await;
     let conversation = first.conversation();
     let epoch = first.ready["epoch"].as_str().expect("ready.epoch").to_owned();
@@ -80,7 +91,14 @@ pub async fn drop_and_resume(asking: &Hub, resuming: &Hub, user: &str, k: usize,
     }
     // The phone loses its network: no close frame, the TCP connection just goes.
     drop(first);
-    tokio::time::sleep(away).await;
+    match away {
+        Away::For(away) => tokio::time::sleep(away).await,
+        Away::UntilStored => wait_until_stored(asking, user, &conversation, 2).await,
+        Away::PastGrace(answerer) => {
+            answerer.wait_cancelled(1).await;
+            wait_until_stored(asking, user, &conversation, 2).await;
+        }
+    }
 
     let query = format!("tenant=demo&user={user}&conversation={conversation}&after=1&epoch={epoch}");
     let mut back = Client::connect(&resuming.ws_url(&query)).await;
@@ -141,9 +159,23 @@ pub async fn drop_and_resume(asking: &Hub, resuming: &Hub, user: &str, k: usize,
 /// Waits until the answerer has seen `n` cancelled calls (it notices at its
 /// next token), failing after a step timeout.
 pub async fn wait_for_cancellations(answerer: &RecordingAnswerer, n: usize) {
+    answerer.wait_cancelled(n).await;
+}
+
+/// Waits until `conversation`'s log on `hub` holds `seq` events (each look
+/// is a socket that reads `ready.seq` and goes), failing after a step timeout.
+pub async fn wait_until_stored(hub: &Hub, user: &str, conversation: &str, seq: u64) {
     let deadline = Instant::now() + STEP_TIMEOUT;
-    while answerer.cancelled() < n {
-        assert!(Instant::now() < deadline, "the NLP service saw {} cancellations, not {n}", answerer.cancelled());
+    let query = format!("tenant=demo&user={user}&conversation={conversation}");
+    loop {
+        let look = Client::connect(&hub.ws_url(&query)).await;
+        let stored = look.ready["seq"].as_u64().expect("ready.seq");
+        if stored >= seq {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{conversation} holds {stored} events, not {seq}");
+        drop(look);
+        // Pacing between looks, not a wait for the event itself.
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }

@@ -202,6 +202,8 @@ pub struct Launch {
     pub admin: bool,
     /// A lower open-files limit (`RLIMIT_NOFILE`) for the child.
     pub nofile: Option<u64>,
+    /// Its `RUST_LOG`; default the test's own, or `info`.
+    pub log_filter: Option<String>,
     pub log_to: LogTo,
 }
 
@@ -219,7 +221,7 @@ pub struct Started {
 
 impl Launch {
     pub fn new(program: &str, args: Vec<String>, log_to: LogTo) -> Launch {
-        Launch { program: program.to_owned(), args, admin: false, nofile: None, log_to }
+        Launch { program: program.to_owned(), args, admin: false, nofile: None, log_filter: None, log_to }
     }
 
     /// Starts the binary, waits for its first stdout line `listening on
@@ -244,7 +246,10 @@ impl Launch {
         }
         let mut child = command
             .args(&self.args)
-            .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()))
+            .env(
+                "RUST_LOG",
+                self.log_filter.clone().or(std::env::var("RUST_LOG").ok()).unwrap_or_else(|| "info".into()),
+            )
             .env("NO_COLOR", "1")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())

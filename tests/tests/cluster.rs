@@ -360,6 +360,8 @@ async fn nodes_with_answerer(redis: &RedisServer, script: Script) -> (Vec<Hub>, 
 async fn back_on_another_node_within_the_grace(user: &str, away: Duration) {
     let redis = RedisServer::start().await;
     let (nodes, answerer) = nodes_with_answerer(&redis, resume::script()).await;
+    // The time away is what is tested: back at most 1 s into a 1.5 s grace.
+    let away = resume::Away::For(away);
     let outcome = resume::drop_and_resume(&nodes[0], &nodes[1], user, resume::random_in(10), away).await;
     let resume::Delivery::Live { first_delta_after, .. } = outcome.delivery else {
         panic!("the reply was still streaming: {outcome:?}");
@@ -394,7 +396,7 @@ async fn a_reply_that_finished_while_the_customer_was_away_is_replayed_on_anothe
     let redis = RedisServer::start().await;
     let script = Script { tokens: 12, token_delay: Duration::from_millis(20), ..Script::default() };
     let (nodes, answerer) = nodes_with_answerer(&redis, script).await;
-    let away = Duration::from_secs(1);
+    let away = resume::Away::UntilStored;
     let outcome = resume::drop_and_resume(&nodes[0], &nodes[1], "back-finished", resume::random_in(5), away).await;
     assert_eq!(outcome.delivery, resume::Delivery::Replayed, "{outcome:?}");
     assert_eq!(outcome.reply["text"], resume::answer_prefix(12), "{outcome:?}");
@@ -405,10 +407,10 @@ async fn a_reply_that_finished_while_the_customer_was_away_is_replayed_on_anothe
 async fn a_customer_back_on_another_node_after_the_grace_finds_the_reply_stored_as_cancelled() {
     let redis = RedisServer::start().await;
     let (nodes, answerer) = nodes_with_answerer(&redis, resume::script()).await;
-    let away = resume::GRACE + Duration::from_secs(1);
+    let away = resume::Away::PastGrace(&answerer);
     let outcome = resume::drop_and_resume(&nodes[0], &nodes[1], "back-late", resume::random_in(10), away).await;
     resume::assert_cancelled_partial(&outcome);
-    resume::wait_for_cancellations(&answerer, 1).await;
+    assert_eq!(answerer.cancelled(), 1);
 }
 
 #[tokio::test]

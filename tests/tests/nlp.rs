@@ -46,15 +46,14 @@ async fn each_question_reaches_the_nlp_service_with_the_last_n_turns() {
 
 #[tokio::test]
 async fn a_slow_first_chunk_gets_the_polite_fallback() {
-    let answerer =
-        RecordingAnswerer::start(Script { first_chunk_delay: Duration::from_secs(5), ..Script::default() }).await;
+    // The answer never comes: any reply is the hub's own, at its deadline.
+    let never = Duration::from_secs(3600);
+    let answerer = RecordingAnswerer::start(Script { first_chunk_delay: never, ..Script::default() }).await;
     let hub = Hub::start(&["--nlp-url", &answerer.url, "--nlp-first-chunk-timeout-ms", "300"]).await;
     let mut client = Client::connect(&hub.ws_url("tenant=demo&user=slow")).await;
-    let started = std::time::Instant::now();
     let (_, reply) = client.ask("m1", "Tell me about the Gold Card").await;
     assert_eq!(reply.done["fallback"], true);
     assert!(reply.text().starts_with("Sorry"), "{}", reply.text());
-    assert!(started.elapsed() < Duration::from_secs(4), "the fallback must not wait for the slow answer");
     assert_eq!(reply.done["seq"], 2, "the fallback is stored like any reply");
 
     let (_, chinese) = client.ask("m2", "金卡年费多少").await;
@@ -87,12 +86,12 @@ async fn a_customer_gone_for_the_whole_reply_grace_cancels_the_nlp_stream() {
     client.expect("ack").await;
     let first = client.expect("reply.delta").await;
     assert_eq!(first["index"], 0);
-    drop(client);
+    // Taken before the socket goes, so the hub's grace starts after it: a
+    // slow machine only makes the measured time longer, never shorter than
+    // the grace, which is what this bound is about.
     let left = std::time::Instant::now();
-    while answerer.cancelled() == 0 {
-        assert!(left.elapsed() < Duration::from_secs(2), "the answerer was not told that the customer left");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    drop(client);
+    answerer.wait_cancelled(1).await;
     assert!(left.elapsed() >= Duration::from_millis(300), "cancelled before the grace: {:?}", left.elapsed());
 }
 
@@ -157,15 +156,19 @@ async fn a_client_that_asks_gets_where_the_time_of_each_reply_went() {
 #[tokio::test]
 async fn the_in_process_answerer_takes_as_many_calls_as_the_hub_admits() {
     // More answers at once than the answer service's own default limit (256):
-    // each holds its call for a second, so all of them overlap.
-    let hub = Hub::start(&[
-        "--nlp-max-concurrent",
-        "300",
-        "--answerer-first-token-delay-ms",
-        "1000",
-        "--answerer-tokens-per-second",
-        "0",
-    ])
+    // each holds its call for a second, so all of them overlap (checked below
+    // from the answer service's own log of calls starting and finishing).
+    let hub = Hub::start_logging(
+        "info,fengda_nlp::service=debug",
+        &[
+            "--nlp-max-concurrent",
+            "300",
+            "--answerer-first-token-delay-ms",
+            "1000",
+            "--answerer-tokens-per-second",
+            "0",
+        ],
+    )
     .await;
     let customers = 280;
     let urls: Vec<_> = (0..customers).map(|i| hub.ws_url(&format!("tenant=demo&user=many-{i}"))).collect();
@@ -180,6 +183,35 @@ async fn the_in_process_answerer_takes_as_many_calls_as_the_hub_admits() {
     .await;
     let fallbacks = replies.iter().filter(|reply| reply.done["fallback"] == true).count();
     assert_eq!(fallbacks, 0, "every question within the hub's slots gets its answer");
+    // In the order the answer service logged them: every call started before the first one finished.
+    let calls = answer_service_log(&hub, customers).await;
+    let first_finish = calls.iter().position(|started| !started).expect("a call finished");
+    let started_late = calls[first_finish..].iter().filter(|started| **started).count();
+    assert_eq!((first_finish, started_late), (customers, 0), "not all {customers} calls overlapped");
+}
+
+/// The in-process answer service's calls as it logged them (at debug level),
+/// in order: `true` for a call starting, `false` for one finishing. Waits
+/// until `calls` have finished.
+async fn answer_service_log(hub: &Hub, calls: usize) -> Vec<bool> {
+    let deadline = std::time::Instant::now() + fengda_tests::STEP_TIMEOUT;
+    loop {
+        let logs = hub.logs();
+        let events: Vec<bool> = logs
+            .lines()
+            .filter_map(|line| match line {
+                _ if line.contains("answer started") => Some(true),
+                _ if line.contains("answer finished") => Some(false),
+                _ => None,
+            })
+            .collect();
+        if events.iter().filter(|started| !**started).count() >= calls {
+            return events;
+        }
+        assert!(std::time::Instant::now() < deadline, "the answer service logged {} events", events.len());
+        // Pacing while the log is copied, not a wait for the event itself.
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
 #[tokio::test]
@@ -196,13 +228,10 @@ async fn an_answer_past_the_whole_answer_deadline_is_completed_as_interrupted() 
     ])
     .await;
     let mut client = Client::connect(&hub.ws_url("tenant=demo&user=deadline")).await;
-    let started = std::time::Instant::now();
     let (_, reply) = client.ask("m1", "Tell me about the Gold Card").await;
     assert_eq!(reply.done["fallback"], true, "{}", reply.done);
     assert_eq!(reply.done["interrupted"], true, "{}", reply.done);
-    assert!(
-        started.elapsed() < Duration::from_secs(4),
-        "stopped at the deadline, not at the end: {:?}",
-        started.elapsed()
-    );
+    // Stopped at the deadline, not at the end: the answer's pieces, then the fallback's one.
+    let streamed = reply.deltas.len() - 1;
+    assert!((1..40).contains(&streamed), "{streamed} of the answer's 40 pieces: {}", reply.done);
 }

@@ -13,34 +13,71 @@ use tokio::time::Instant;
 use tonic::Status;
 
 use super::admission::Permit;
-use super::{AnswerStream, Endpoint, NlpPool, StreamError};
+use super::endpoint::Endpoint;
+use super::{AnswerStream, NlpPool, StreamError};
+
+/// When a call's question got its slot and when the call was sent.
+pub(super) struct StartTimes {
+    /// Time spent waiting for an admission slot.
+    pub(super) queue_wait: Duration,
+    pub(super) admitted: Instant,
+    pub(super) sent_at: Instant,
+}
 
 /// A started answer stream, holding its admission slot and endpoint count.
 pub struct ActiveCall {
-    pub(super) pool: Arc<NlpPool>,
+    pool: Arc<NlpPool>,
     /// Set once the outcome went to the endpoint's breaker.
-    pub(super) reported: bool,
+    reported: bool,
     /// Time spent waiting for an admission slot.
     pub queue_wait: Duration,
     /// From admission to the first chunk, retries included: the NLP's share.
     pub first_token: Duration,
-    pub(super) stream: AnswerStream,
-    pub(super) first: Option<AnswerChunk>,
-    pub(super) token_gap: Duration,
+    stream: AnswerStream,
+    first: Option<AnswerChunk>,
+    token_gap: Duration,
     /// When the last chunk arrived; the gap deadline counts from it.
-    pub(super) last_chunk: Instant,
+    last_chunk: Instant,
     /// The whole-answer deadline (`nlp.reply_timeout_ms` from the request),
     /// enforced here for every transport: a bridge also gets it as
     /// `grpc-timeout`, the in-process answerer has nothing else to stop it.
-    pub(super) reply_deadline: Instant,
+    reply_deadline: Instant,
     /// Fires at some point at or before the gap deadline and is re-armed
     /// lazily, so a fast stream costs no timer operation per token.
-    pub(super) gap_timer: Pin<Box<tokio::time::Sleep>>,
-    pub(super) outstanding: Outstanding,
-    pub(super) _permit: Permit,
+    gap_timer: Pin<Box<tokio::time::Sleep>>,
+    outstanding: Outstanding,
+    _permit: Permit,
 }
 
 impl ActiveCall {
+    /// A call whose first chunk arrived: sent at `sent_at`, after the
+    /// question got its slot at `admitted` (having waited `queue_wait` for it).
+    pub(super) fn started(
+        pool: Arc<NlpPool>,
+        outstanding: Outstanding,
+        permit: Permit,
+        (stream, first): (AnswerStream, AnswerChunk),
+        times: StartTimes,
+    ) -> Self {
+        let now = Instant::now();
+        let reply_deadline = times.sent_at + pool.reply_timeout;
+        let token_gap = pool.token_gap_timeout;
+        Self {
+            pool,
+            reported: false,
+            queue_wait: times.queue_wait,
+            first_token: now - times.admitted,
+            stream,
+            first: Some(first),
+            token_gap,
+            last_chunk: now,
+            reply_deadline,
+            gap_timer: Box::pin(tokio::time::sleep_until((now + token_gap).min(reply_deadline))),
+            outstanding,
+            _permit: permit,
+        }
+    }
+
     /// The next chunk, or `None` after the last one.
     pub async fn next(&mut self) -> Result<Option<AnswerChunk>, StreamError> {
         if let Some(first) = self.first.take() {

@@ -10,7 +10,8 @@ use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 use tracing::info;
 
-use super::{NlpPool, advertised_streams, set_limit_gauge};
+use super::NlpPool;
+use super::limit::advertised_streams;
 
 /// How often endpoints' gRPC health is checked.
 const HEALTH_INTERVAL: Duration = Duration::from_secs(2);
@@ -59,7 +60,7 @@ pub async fn run_health_checks(pool: Arc<NlpPool>, stop: CancellationToken) {
             all_serving &= serving;
             let advertised = response.and_then(|r| advertised_streams(r.metadata()));
             if let Some(limit) = advertised.and_then(|streams| endpoint.limit.advertised(streams)) {
-                set_limit_gauge(endpoint, limit);
+                endpoint.set_limit_gauge(limit);
             }
             if endpoint.healthy.swap(serving, Ordering::AcqRel) != serving {
                 info!(endpoint = %endpoint.name, serving, "NLP endpoint health changed");

@@ -123,6 +123,12 @@ impl ConcurrencyLimit {
     }
 }
 
+/// The stream limit a bridge advertises in its response metadata
+/// ([`fengda_proto::MAX_STREAMS_HEADER`]).
+pub fn advertised_streams(metadata: &tonic::metadata::MetadataMap) -> Option<usize> {
+    metadata.get(fengda_proto::MAX_STREAMS_HEADER)?.to_str().ok()?.parse().ok().filter(|n| *n > 0)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

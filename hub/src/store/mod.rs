@@ -45,11 +45,29 @@ pub use redis::{RedisBus, RedisLog};
 /// The outcome of an append.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Appended {
-    /// Stored with a new seq (the event as stored).
-    New(Arc<StoredEvent>),
+    /// Stored with a new seq.
+    New {
+        /// The event as stored.
+        event: Arc<StoredEvent>,
+        /// The last [`AppendWith::turns_before`] turns before it (customer,
+        /// assistant and agent events), oldest first: a question's history.
+        turns_before: Vec<Arc<StoredEvent>>,
+    },
     /// A customer message with this id was already stored with this seq;
     /// nothing was stored or delivered.
     Duplicate(u64),
+}
+
+/// What an append does besides storing the event, in the same round trip.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct AppendWith<'a> {
+    /// Creates the log if it is missing (see [`Pending`]).
+    pub create: Option<&'a Pending>,
+    /// The user who wrote the event: the append also records their activity
+    /// (what [`ConversationLog::touch`] does).
+    pub active_user: Option<&'a UserId>,
+    /// Turns before the event to return with it ([`Appended::New`]); 0 for none.
+    pub turns_before: usize,
 }
 
 /// The conversation `open` chose for a socket.
@@ -133,19 +151,17 @@ pub trait ConversationLog: Send + Sync + 'static {
     async fn events_after(&self, key: &ConversationKey, after: u64) -> Result<Vec<Arc<StoredEvent>>, StoreError>;
 
     /// Stores a durable event (and, shared by nodes, publishes it to the
-    /// others). With `create`, a missing log is created first (within the
-    /// user's creation cap, else `TooManyConversations`) and becomes the
-    /// user's most recent conversation; a log that exists with another
-    /// owner or epoch is `ConversationNotFound`.
+    /// others), and does what `with` asks in the same step. With
+    /// `with.create`, a missing log is created first (within the user's
+    /// creation cap, else `TooManyConversations`) and becomes the user's
+    /// most recent conversation; a log that exists with another owner or
+    /// epoch is `ConversationNotFound`.
     async fn append(
         &self,
         key: &ConversationKey,
         event: NewEvent,
-        create: Option<&Pending>,
+        with: AppendWith<'_>,
     ) -> Result<Appended, StoreError>;
-
-    /// The last `limit` turns (customer, assistant and agent events), oldest first.
-    async fn recent_turns(&self, key: &ConversationKey, limit: usize) -> Result<Vec<Arc<StoredEvent>>, StoreError>;
 }
 
 /// Milliseconds since the Unix epoch, for event timestamps.

@@ -25,7 +25,9 @@ use dashmap::mapref::entry::Entry;
 use tokio_util::sync::CancellationToken;
 use tracing::debug;
 
-use super::{Appended, ConversationLog, NewEvent, Opened, Pending, Snapshot, StoreError, StoredEvent, now_ms};
+use super::{
+    AppendWith, Appended, ConversationLog, NewEvent, Opened, Pending, Snapshot, StoreError, StoredEvent, now_ms,
+};
 use crate::config::{ConversationConfig, CreationLimit};
 use crate::fanout::FanOut;
 use crate::ids::{ConversationId, ConversationKey, TenantId, UserId};
@@ -131,6 +133,15 @@ impl MemoryLog {
                 true
             }
             None => false,
+        }
+    }
+
+    /// Marks the user active now in `key`, if it is their most recent conversation.
+    fn touch_latest(&self, user: &UserId, key: &ConversationKey) {
+        if let Some(mut latest) = self.latest.get_mut(&(key.tenant.clone(), user.clone()))
+            && latest.conversation == key.conversation
+        {
+            latest.last_active_ms = now_ms();
         }
     }
 
@@ -261,11 +272,7 @@ impl ConversationLog for MemoryLog {
 
     async fn touch(&self, user: &UserId, key: &ConversationKey) {
         let _ = self.touch_log(key);
-        if let Some(mut latest) = self.latest.get_mut(&(key.tenant.clone(), user.clone()))
-            && latest.conversation == key.conversation
-        {
-            latest.last_active_ms = now_ms();
-        }
+        self.touch_latest(user, key);
     }
 
     async fn events_after(&self, key: &ConversationKey, after: u64) -> Result<Vec<Arc<StoredEvent>>, StoreError> {
@@ -278,43 +285,43 @@ impl ConversationLog for MemoryLog {
         &self,
         key: &ConversationKey,
         event: NewEvent,
-        create: Option<&Pending>,
+        with: AppendWith<'_>,
     ) -> Result<Appended, StoreError> {
-        let log = match create {
+        let log = match with.create {
             Some(create) => self.log_or_create(key, create)?,
             None => self.log(key)?,
         };
-        let mut log = lock(&log);
-        if event.from == Role::Customer
-            && let Some(&seq) = log.customer_ids.get(&event.id)
-        {
-            return Ok(Appended::Duplicate(seq));
-        }
-        let now = now_ms();
-        log.last_seq += 1;
-        log.last_active_ms = now;
-        let stored = Arc::new(event.stored(log.last_seq, now));
-        if stored.from == Role::Customer {
-            log.customer_ids.insert(stored.id.clone(), stored.seq);
-        }
-        log.events.push_back(stored.clone());
-        while log.events.len() > self.log_cap {
-            if let Some(old) = log.events.pop_front()
-                && old.from == Role::Customer
+        let appended = {
+            let mut log = lock(&log);
+            if event.from == Role::Customer
+                && let Some(&seq) = log.customer_ids.get(&event.id)
             {
-                log.customer_ids.remove(&old.id);
+                return Ok(Appended::Duplicate(seq));
             }
+            let mut turns_before: Vec<_> =
+                log.events.iter().rev().filter(|e| e.from != Role::System).take(with.turns_before).cloned().collect();
+            turns_before.reverse();
+            let now = now_ms();
+            log.last_seq += 1;
+            log.last_active_ms = now;
+            let stored = Arc::new(event.stored(log.last_seq, now));
+            if stored.from == Role::Customer {
+                log.customer_ids.insert(stored.id.clone(), stored.seq);
+            }
+            log.events.push_back(stored.clone());
+            while log.events.len() > self.log_cap {
+                if let Some(old) = log.events.pop_front()
+                    && old.from == Role::Customer
+                {
+                    log.customer_ids.remove(&old.id);
+                }
+            }
+            Appended::New { event: stored, turns_before }
+        };
+        if let Some(user) = with.active_user {
+            self.touch_latest(user, key);
         }
-        Ok(Appended::New(stored))
-    }
-
-    async fn recent_turns(&self, key: &ConversationKey, limit: usize) -> Result<Vec<Arc<StoredEvent>>, StoreError> {
-        let log = self.log(key)?;
-        let log = lock(&log);
-        let mut turns: Vec<_> =
-            log.events.iter().rev().filter(|e| e.from != Role::System).take(limit).cloned().collect();
-        turns.reverse();
-        Ok(turns)
+        Ok(appended)
     }
 }
 

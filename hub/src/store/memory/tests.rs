@@ -47,8 +47,9 @@ impl Node {
         origin: Option<SessionId>,
         create: Option<&Pending>,
     ) -> Result<Outcome, StoreError> {
-        self.composed.append(key, event, origin, create).await.map(|appended| match appended {
-            Appended::New(event) => Outcome::New(event.seq),
+        let with = AppendWith { create, ..AppendWith::default() };
+        self.composed.append(key, event, origin, with).await.map(|appended| match appended {
+            Appended::New { event, .. } => Outcome::New(event.seq),
             Appended::Duplicate(seq) => Outcome::Duplicate(seq),
         })
     }
@@ -215,4 +216,33 @@ async fn conversations_past_their_retention_are_forgotten_unless_a_socket_is_ope
     let fresh = started(&backend, &tenant, &user).await;
     assert_ne!(fresh, idle);
     assert!(backend.events_after(&fresh, 0).await.is_ok());
+}
+
+#[tokio::test]
+async fn an_append_returns_the_newest_turns_before_it_and_records_the_users_activity() {
+    let backend = backend(100);
+    let (tenant, user) = (TenantId::parse("t").unwrap(), UserId::parse("u").unwrap());
+    let key = started(&backend, &tenant, &user).await;
+    for (seq, from) in [(2, Role::Assistant), (3, Role::Customer), (4, Role::Agent)] {
+        let event = NewEvent { from, ..NewEvent::customer(format!("m{seq}"), format!("t{seq}")) };
+        backend.append(&key, event, None, None).await.unwrap();
+    }
+    let latest = |backend: &Node| backend.latest.get(&(tenant.clone(), user.clone())).unwrap().last_active_ms;
+    let before = latest(&backend);
+    std::thread::sleep(std::time::Duration::from_millis(2));
+    let question = NewEvent::customer("m5".into(), "t5".into());
+    let with = AppendWith { active_user: Some(&user), turns_before: 3, ..AppendWith::default() };
+    let Appended::New { event, turns_before } = backend.log.append(&key, question, with).await.unwrap() else {
+        panic!("stored")
+    };
+    assert_eq!(event.seq, 5);
+    let turns: Vec<_> = turns_before.iter().map(|e| (e.seq, e.from, e.text.as_str())).collect();
+    assert_eq!(turns, [(2, Role::Assistant, "t2"), (3, Role::Customer, "t3"), (4, Role::Agent, "t4")]);
+    assert!(latest(&backend) > before, "the append recorded the user's activity");
+    let reply = NewEvent { from: Role::Assistant, ..NewEvent::customer("r".into(), "a".into()) };
+    let Appended::New { turns_before, .. } = backend.log.append(&key, reply, AppendWith::default()).await.unwrap()
+    else {
+        panic!("stored")
+    };
+    assert!(turns_before.is_empty(), "none asked for, none read");
 }

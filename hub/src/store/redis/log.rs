@@ -298,7 +298,7 @@ impl ConversationLog for RedisLog {
         match status {
             1 => {
                 // The reply's deltas that follow go out only if someone else listens.
-                link.listeners.note(&channel, sent_at, others);
+                link.listeners.note(key, &channel, sent_at, others);
                 stored.seq = seq;
                 let turns_before =
                     before.iter().filter_map(|entry| parse_entry(entry)).filter(|e| e.from != Role::System).collect();

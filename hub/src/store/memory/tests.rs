@@ -1,3 +1,6 @@
+//! The in-memory log's tests, run through [`Conversations`] as the hub
+//! composes it on a single node.
+
 use super::*;
 use crate::bus::LocalBus;
 use crate::conversations::Conversations;
@@ -142,7 +145,7 @@ async fn a_socket_that_never_sends_leaves_nothing_behind() {
         backend.detach(&opened.key, id).await;
         backend.touch(&user, &opened.key).await;
     }
-    assert_eq!((backend.conversations.len(), backend.latest.len(), backend.created.len()), (0, 0, 0));
+    assert_eq!((backend.conversations.len(), backend.users.latest.len(), backend.users.created.len()), (0, 0, 0));
     assert_eq!(backend.fanout.local_sessions(&ConversationKey { tenant, conversation: ConversationId::generate() }), 0);
 }
 
@@ -178,7 +181,7 @@ async fn creations_beyond_the_cap_are_refused_for_that_user_only() {
         let opened = backend.open(&tenant, &greedy, None).await.unwrap();
         let first = NewEvent::customer("m1".into(), "hi".into());
         backend.append(&opened.key, first, None, opened.pending.as_ref()).await.unwrap();
-        backend.latest.clear(); // as if the idle window had passed
+        backend.users.latest.clear(); // as if the idle window had passed
     }
     let opened = backend.open(&tenant, &greedy, None).await.unwrap();
     let first = NewEvent::customer("m1".into(), "hi".into());
@@ -187,9 +190,9 @@ async fn creations_beyond_the_cap_are_refused_for_that_user_only() {
     assert!(matches!(backend.events_after(&opened.key, 0).await, Err(StoreError::ConversationNotFound)));
     started(&backend, &tenant, &other).await;
     // Past the window the user may create again, and the sweeper forgets the count.
-    assert_eq!(backend.created.len(), 2);
+    assert_eq!(backend.users.created.len(), 2);
     backend.sweep(now_ms() + 3_600_001);
-    assert_eq!(backend.created.len(), 0);
+    assert_eq!(backend.users.created.len(), 0);
 }
 
 #[tokio::test]
@@ -227,7 +230,7 @@ async fn an_append_returns_the_newest_turns_before_it_and_records_the_users_acti
         let event = NewEvent { from, ..NewEvent::customer(format!("m{seq}"), format!("t{seq}")) };
         backend.append(&key, event, None, None).await.unwrap();
     }
-    let latest = |backend: &Node| backend.latest.get(&(tenant.clone(), user.clone())).unwrap().last_active_ms;
+    let latest = |backend: &Node| backend.users.latest.get(&(tenant.clone(), user.clone())).unwrap().last_active_ms;
     let before = latest(&backend);
     std::thread::sleep(std::time::Duration::from_millis(2));
     let question = NewEvent::customer("m5".into(), "t5".into());

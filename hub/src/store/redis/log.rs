@@ -262,15 +262,16 @@ impl ConversationLog for RedisLog {
         // Only customer messages are de-duplicated (by their client-chosen id).
         let dedup_id = if stored.from == Role::Customer { stored.id.as_str() } else { "" };
         let encoded = EncodedEvent::new(&stored, &link.node_id, timing.as_ref());
-        let channel = link.keys.channel(key);
+        let names = link.keys.conversation_names(key);
+        let channel = names.channel;
         let mut append = redis::cmd("EVALSHA");
         append
             .arg(inner.append.get_hash())
             .arg(4)
-            .arg(link.keys.meta(key))
-            .arg(link.keys.log(key))
-            .arg(link.keys.message_ids(key))
-            .arg(link.keys.listeners(key))
+            .arg(names.meta)
+            .arg(names.log)
+            .arg(names.message_ids)
+            .arg(names.listeners)
             .arg(dedup_id)
             .arg(encoded.entry_head)
             .arg(encoded.entry_tail)

@@ -68,7 +68,14 @@ impl Listeners {
         // Only a node that listens itself can hear a newcomer's hello.
         let here = self.receiving.load(Ordering::Acquire) && self.channels.contains_key(channel);
         if here && others <= 0 {
-            self.alone_until.insert(key.clone(), Instant::now() + ALONE_RECHECK);
+            let until = Instant::now() + ALONE_RECHECK;
+            // Updated in place when present: no key cloned per append.
+            match self.alone_until.get_mut(key) {
+                Some(mut alone) => *alone = until,
+                None => {
+                    self.alone_until.insert(key.clone(), until);
+                }
+            }
         } else {
             self.alone_until.remove(key);
         }

@@ -1,7 +1,7 @@
 //! Answers one customer question: NLP stream, deltas, stored reply.
 //!
 //! The reply streams to every socket of the conversation as `reply.delta`
-//! frames (index 0, 1, 2, …) as chunks arrive ([`stream`]), then is stored
+//! frames (index 0, 1, 2, …) as chunks arrive (`stream.rs`), then is stored
 //! as one durable assistant event, which the fan-out delivers as
 //! `reply.done`. The concatenated delta texts always equal the stored text,
 //! whatever happens:
@@ -9,7 +9,7 @@
 //!   within the deadline after retries): the polite fallback, `fallback: true`;
 //! - the stream breaks after some tokens (error, token gap): the partial
 //!   text plus the fallback sentence, `fallback: true, interrupted: true`;
-//! - a client sends `cancel` ([`in_flight`]), or the caller cancels the
+//! - a client sends `cancel` (`in_flight.rs`), or the caller cancels the
 //!   reply's token (no socket came back within the grace, hub shutdown): the
 //!   partial text, `cancelled: true`.
 //!

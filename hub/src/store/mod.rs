@@ -142,9 +142,10 @@ pub trait ConversationLog: Send + Sync + 'static {
     /// it); `None` when the conversation has no log.
     async fn snapshot(&self, key: &ConversationKey, after: Option<u64>) -> Result<Option<Snapshot>, StoreError>;
 
-    /// Records that the user was active in this conversation now (a message,
-    /// or leaving): its retention, and the idle window for "come back to the
-    /// same conversation", count from the last touch. Best effort.
+    /// Records that the user was active in this conversation now (leaving;
+    /// a message records it with its append, [`AppendWith::active_user`]):
+    /// its retention, and the idle window for "come back to the same
+    /// conversation", count from the last touch. Best effort.
     async fn touch(&self, user: &UserId, key: &ConversationKey);
 
     /// Durable events with a seq greater than `after`, in order (for filling gaps).

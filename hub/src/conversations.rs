@@ -22,7 +22,7 @@ use crate::bus::EventBus;
 use crate::event::{NewEvent, StoredEvent};
 use crate::fanout::{FanOut, SessionHandle};
 use crate::ids::{ConversationId, ConversationKey, SessionId, TenantId, UserId};
-use crate::store::{Appended, ConversationLog, Opened, Pending, Snapshot, StoreError};
+use crate::store::{AppendWith, Appended, ConversationLog, Opened, Pending, Snapshot, StoreError};
 
 pub struct Conversations {
     log: Arc<dyn ConversationLog>,
@@ -110,7 +110,7 @@ impl Conversations {
         key: &ConversationKey,
         event: NewEvent,
         origin: Option<SessionId>,
-        create: Option<&Pending>,
+        with: AppendWith<'_>,
     ) -> Result<Appended, StoreError> {
         let timing = event.timing;
         let turn = self.fanout.append_turn(key);
@@ -118,9 +118,9 @@ impl Conversations {
             Some(turn) => Some(turn.lock().await),
             None => None,
         };
-        let appended = self.log.append(key, event, create).await?;
-        if let Appended::New(stored) = &appended {
-            self.fanout.deliver_event(key, stored, origin, timing.as_ref());
+        let appended = self.log.append(key, event, with).await?;
+        if let Appended::New { event, .. } = &appended {
+            self.fanout.deliver_event(key, event, origin, timing.as_ref());
         }
         Ok(appended)
     }
@@ -153,10 +153,5 @@ impl Conversations {
     /// See [`ConversationLog::events_after`].
     pub async fn events_after(&self, key: &ConversationKey, after: u64) -> Result<Vec<Arc<StoredEvent>>, StoreError> {
         self.log.events_after(key, after).await
-    }
-
-    /// See [`ConversationLog::recent_turns`].
-    pub async fn recent_turns(&self, key: &ConversationKey, limit: usize) -> Result<Vec<Arc<StoredEvent>>, StoreError> {
-        self.log.recent_turns(key, limit).await
     }
 }

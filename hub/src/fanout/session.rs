@@ -15,7 +15,7 @@ use crate::protocol::close::{self, CloseReason};
 #[derive(Debug, Clone)]
 pub enum Outbound {
     /// A durable event's frame (`message`, `ack`, `reply.done`): the writer
-    /// puts it through the socket's [`Cursor`], skipping events it already
+    /// puts it through the socket's [`Cursor`](crate::event::Cursor), skipping events it already
     /// sent and filling gaps from the log.
     Event {
         seq: u64,

@@ -1,3 +1,6 @@
+//! The fan-out's tests: delivery order, the cursor that drops what
+//! sessions have, slow consumers, and the incoming-event handler.
+
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 

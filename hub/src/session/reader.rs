@@ -27,7 +27,7 @@ use crate::protocol::close;
 use crate::protocol::{ClientFrame, ErrorCode, ServerFrame, TextLimit, parse_client_frame};
 use crate::reply::Question;
 use crate::session::{Replies, SessionParams};
-use crate::store::{Appended, NewEvent, Pending, StoreError};
+use crate::store::{AppendWith, Appended, NewEvent, Pending, StoreError};
 
 /// Reads until the session ends; returns true when the client closed the
 /// socket itself (close frame or end of stream).
@@ -150,17 +150,22 @@ async fn on_message(
         }
     };
     let event = NewEvent::customer(id.clone(), text.clone());
-    let appended = app.conversations.append(key, event, Some(session.id), pending.as_ref()).await;
+    // The user's activity and the question's history come with the append.
+    let with = AppendWith {
+        create: pending.as_ref(),
+        active_user: Some(&params.user),
+        turns_before: app.replier.history_turns,
+    };
+    let appended = app.conversations.append(key, event, Some(session.id), with).await;
     if appended.is_ok() {
         // The conversation exists from its first stored message on.
         *pending = None;
     }
     match appended {
         // The ack went out through the fan-out, in seq order with other events.
-        Ok(Appended::New(event)) => {
+        Ok(Appended::New { event, turns_before }) => {
             let seq = event.seq;
-            permit.send(Box::new(Question { seq, text, received, timing: params.timing }));
-            app.conversations.touch(&params.user, key).await;
+            permit.send(Box::new(Question { seq, text, history: turns_before, received, timing: params.timing }));
         }
         Ok(Appended::Duplicate(seq)) => {
             debug!(seq, "duplicate message acked again");

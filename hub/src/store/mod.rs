@@ -45,11 +45,29 @@ pub use redis::{RedisBus, RedisLog};
 /// The outcome of an append.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Appended {
-    /// Stored with a new seq (the event as stored).
-    New(Arc<StoredEvent>),
+    /// Stored with a new seq.
+    New {
+        /// The event as stored.
+        event: Arc<StoredEvent>,
+        /// The last [`AppendWith::turns_before`] turns before it (customer,
+        /// assistant and agent events), oldest first: a question's history.
+        turns_before: Vec<Arc<StoredEvent>>,
+    },
     /// A customer message with this id was already stored with this seq;
     /// nothing was stored or delivered.
     Duplicate(u64),
+}
+
+/// What an append does besides storing the event, in the same round trip.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct AppendWith<'a> {
+    /// Creates the log if it is missing (see [`Pending`]).
+    pub create: Option<&'a Pending>,
+    /// The user who wrote the event: the append also records their activity
+    /// (what [`ConversationLog::touch`] does).
+    pub active_user: Option<&'a UserId>,
+    /// Turns before the event to return with it ([`Appended::New`]); 0 for none.
+    pub turns_before: usize,
 }
 
 /// The conversation `open` chose for a socket.
@@ -124,28 +142,27 @@ pub trait ConversationLog: Send + Sync + 'static {
     /// it); `None` when the conversation has no log.
     async fn snapshot(&self, key: &ConversationKey, after: Option<u64>) -> Result<Option<Snapshot>, StoreError>;
 
-    /// Records that the user was active in this conversation now (a message,
-    /// or leaving): its retention, and the idle window for "come back to the
-    /// same conversation", count from the last touch. Best effort.
+    /// Records that the user was active in this conversation now (leaving;
+    /// a message records it with its append, [`AppendWith::active_user`]):
+    /// its retention, and the idle window for "come back to the same
+    /// conversation", count from the last touch. Best effort.
     async fn touch(&self, user: &UserId, key: &ConversationKey);
 
     /// Durable events with a seq greater than `after`, in order (for filling gaps).
     async fn events_after(&self, key: &ConversationKey, after: u64) -> Result<Vec<Arc<StoredEvent>>, StoreError>;
 
     /// Stores a durable event (and, shared by nodes, publishes it to the
-    /// others). With `create`, a missing log is created first (within the
-    /// user's creation cap, else `TooManyConversations`) and becomes the
-    /// user's most recent conversation; a log that exists with another
-    /// owner or epoch is `ConversationNotFound`.
+    /// others), and does what `with` asks in the same step. With
+    /// `with.create`, a missing log is created first (within the user's
+    /// creation cap, else `TooManyConversations`) and becomes the user's
+    /// most recent conversation; a log that exists with another owner or
+    /// epoch is `ConversationNotFound`.
     async fn append(
         &self,
         key: &ConversationKey,
         event: NewEvent,
-        create: Option<&Pending>,
+        with: AppendWith<'_>,
     ) -> Result<Appended, StoreError>;
-
-    /// The last `limit` turns (customer, assistant and agent events), oldest first.
-    async fn recent_turns(&self, key: &ConversationKey, limit: usize) -> Result<Vec<Arc<StoredEvent>>, StoreError>;
 }
 
 /// Milliseconds since the Unix epoch, for event timestamps.

@@ -14,7 +14,8 @@
 //! socket that never sends one leaves only its fan-out entry, which goes
 //! with it.
 
-use std::collections::hash_map::RandomState;
+mod users;
+
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -24,9 +25,12 @@ use dashmap::DashMap;
 use dashmap::mapref::entry::Entry;
 use tokio_util::sync::CancellationToken;
 use tracing::debug;
+use users::Users;
 
-use super::{Appended, ConversationLog, NewEvent, Opened, Pending, Snapshot, StoreError, StoredEvent, now_ms};
-use crate::config::{ConversationConfig, CreationLimit};
+use super::{
+    AppendWith, Appended, ConversationLog, NewEvent, Opened, Pending, Snapshot, StoreError, StoredEvent, now_ms,
+};
+use crate::config::ConversationConfig;
 use crate::fanout::FanOut;
 use crate::ids::{ConversationId, ConversationKey, TenantId, UserId};
 use crate::protocol::Role;
@@ -35,25 +39,14 @@ use crate::protocol::Role;
 pub struct MemoryLog {
     /// foldhash (seeded per process): looked up on every append.
     conversations: DashMap<ConversationKey, Arc<Mutex<Conversation>>, foldhash::fast::RandomState>,
-    /// Each user's most recent conversation and when they were last active in it.
-    latest: DashMap<(TenantId, UserId), Latest>,
-    /// When each user created their conversations within the creation
-    /// window, oldest first (only users with a recent creation have an entry).
-    created: DashMap<(TenantId, UserId), VecDeque<u64>, RandomState>,
+    /// Which conversation each user comes back to, and their creations.
+    users: Users,
     log_cap: usize,
-    idle_window: Duration,
     retention: Duration,
-    creation_limit: Option<CreationLimit>,
 }
 
 /// How often the sweeper looks for conversations past their retention.
 const SWEEP_INTERVAL: Duration = Duration::from_secs(60);
-
-#[derive(Debug, Clone)]
-struct Latest {
-    conversation: ConversationId,
-    last_active_ms: u64,
-}
 
 #[derive(Debug)]
 struct Conversation {
@@ -73,12 +66,9 @@ impl MemoryLog {
     pub fn new(config: &ConversationConfig) -> Self {
         Self {
             conversations: DashMap::default(),
-            latest: DashMap::new(),
-            created: DashMap::default(),
+            users: Users::new(config),
             log_cap: config.log_cap,
-            idle_window: Duration::from_millis(config.idle_window_ms),
             retention: Duration::from_secs(config.retention_secs),
-            creation_limit: config.creation_limit(),
         }
     }
 
@@ -112,14 +102,7 @@ impl MemoryLog {
             forgotten += usize::from(!keep);
             keep
         });
-        self.latest.retain(|(tenant, _), latest| {
-            let key = ConversationKey { tenant: tenant.clone(), conversation: latest.conversation.clone() };
-            self.conversations.contains_key(&key)
-        });
-        if let Some(limit) = self.creation_limit {
-            let window = limit.window.as_millis() as u64;
-            self.created.retain(|_, times| times.back().is_some_and(|at| now_ms.saturating_sub(*at) < window));
-        }
+        self.users.sweep(now_ms, |key| self.conversations.contains_key(key));
         forgotten
     }
 
@@ -149,7 +132,7 @@ impl MemoryLog {
             }
             Entry::Vacant(vacant) => vacant,
         };
-        self.count_creation(&key.tenant, &create.user)?;
+        self.users.count_creation(&key.tenant, &create.user)?;
         let now = now_ms();
         let log = Conversation {
             user: create.user.clone(),
@@ -160,29 +143,8 @@ impl MemoryLog {
             customer_ids: HashMap::new(),
         };
         let log = vacant.insert(Arc::new(Mutex::new(log))).clone();
-        self.latest.insert(
-            (key.tenant.clone(), create.user.clone()),
-            Latest { conversation: key.conversation.clone(), last_active_ms: now },
-        );
+        self.users.point(&key.tenant, &create.user, &key.conversation, now);
         Ok(log)
-    }
-
-    /// Counts one creation against the user's cap, or refuses it.
-    fn count_creation(&self, tenant: &TenantId, user: &UserId) -> Result<(), StoreError> {
-        let Some(limit) = self.creation_limit else {
-            return Ok(());
-        };
-        let now = now_ms();
-        let window = limit.window.as_millis() as u64;
-        let mut times = self.created.entry((tenant.clone(), user.clone())).or_default();
-        while times.front().is_some_and(|at| now.saturating_sub(*at) >= window) {
-            times.pop_front();
-        }
-        if times.len() >= limit.max as usize {
-            return Err(StoreError::TooManyConversations { max: limit.max, window_secs: limit.window.as_secs() });
-        }
-        times.push_back(now);
-        Ok(())
     }
 
     fn log(&self, key: &ConversationKey) -> Result<Arc<Mutex<Conversation>>, StoreError> {
@@ -218,21 +180,10 @@ impl ConversationLog for MemoryLog {
             if !owned {
                 return Err(StoreError::ConversationNotFound);
             }
-            self.latest.insert(
-                (tenant.clone(), user.clone()),
-                Latest { conversation: conversation.clone(), last_active_ms: now },
-            );
+            self.users.point(tenant, user, conversation, now);
             return Ok(Opened { key, pending: None });
         }
-        let idle_window = self.idle_window.as_millis() as u64;
-        let recent = self.latest.get_mut(&(tenant.clone(), user.clone())).and_then(|mut latest| {
-            if now.saturating_sub(latest.last_active_ms) > idle_window {
-                return None;
-            }
-            latest.last_active_ms = now;
-            Some(latest.conversation.clone())
-        });
-        match recent {
+        match self.users.recent(tenant, user, now) {
             Some(conversation) => {
                 let key = ConversationKey { tenant: tenant.clone(), conversation };
                 // A log the sweeper forgot meanwhile starts again under the same id.
@@ -261,11 +212,7 @@ impl ConversationLog for MemoryLog {
 
     async fn touch(&self, user: &UserId, key: &ConversationKey) {
         let _ = self.touch_log(key);
-        if let Some(mut latest) = self.latest.get_mut(&(key.tenant.clone(), user.clone()))
-            && latest.conversation == key.conversation
-        {
-            latest.last_active_ms = now_ms();
-        }
+        self.users.touch(user, key);
     }
 
     async fn events_after(&self, key: &ConversationKey, after: u64) -> Result<Vec<Arc<StoredEvent>>, StoreError> {
@@ -278,43 +225,43 @@ impl ConversationLog for MemoryLog {
         &self,
         key: &ConversationKey,
         event: NewEvent,
-        create: Option<&Pending>,
+        with: AppendWith<'_>,
     ) -> Result<Appended, StoreError> {
-        let log = match create {
+        let log = match with.create {
             Some(create) => self.log_or_create(key, create)?,
             None => self.log(key)?,
         };
-        let mut log = lock(&log);
-        if event.from == Role::Customer
-            && let Some(&seq) = log.customer_ids.get(&event.id)
-        {
-            return Ok(Appended::Duplicate(seq));
-        }
-        let now = now_ms();
-        log.last_seq += 1;
-        log.last_active_ms = now;
-        let stored = Arc::new(event.stored(log.last_seq, now));
-        if stored.from == Role::Customer {
-            log.customer_ids.insert(stored.id.clone(), stored.seq);
-        }
-        log.events.push_back(stored.clone());
-        while log.events.len() > self.log_cap {
-            if let Some(old) = log.events.pop_front()
-                && old.from == Role::Customer
+        let appended = {
+            let mut log = lock(&log);
+            if event.from == Role::Customer
+                && let Some(&seq) = log.customer_ids.get(&event.id)
             {
-                log.customer_ids.remove(&old.id);
+                return Ok(Appended::Duplicate(seq));
             }
+            let mut turns_before: Vec<_> =
+                log.events.iter().rev().filter(|e| e.from != Role::System).take(with.turns_before).cloned().collect();
+            turns_before.reverse();
+            let now = now_ms();
+            log.last_seq += 1;
+            log.last_active_ms = now;
+            let stored = Arc::new(event.stored(log.last_seq, now));
+            if stored.from == Role::Customer {
+                log.customer_ids.insert(stored.id.clone(), stored.seq);
+            }
+            log.events.push_back(stored.clone());
+            while log.events.len() > self.log_cap {
+                if let Some(old) = log.events.pop_front()
+                    && old.from == Role::Customer
+                {
+                    log.customer_ids.remove(&old.id);
+                }
+            }
+            Appended::New { event: stored, turns_before }
+        };
+        if let Some(user) = with.active_user {
+            self.users.touch(user, key);
         }
-        Ok(Appended::New(stored))
-    }
-
-    async fn recent_turns(&self, key: &ConversationKey, limit: usize) -> Result<Vec<Arc<StoredEvent>>, StoreError> {
-        let log = self.log(key)?;
-        let log = lock(&log);
-        let mut turns: Vec<_> =
-            log.events.iter().rev().filter(|e| e.from != Role::System).take(limit).cloned().collect();
-        turns.reverse();
-        Ok(turns)
+        Ok(appended)
     }
 }
 

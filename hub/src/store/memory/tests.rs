@@ -1,3 +1,6 @@
+//! The in-memory log's tests, run through [`Conversations`] as the hub
+//! composes it on a single node.
+
 use super::*;
 use crate::bus::LocalBus;
 use crate::conversations::Conversations;
@@ -47,8 +50,9 @@ impl Node {
         origin: Option<SessionId>,
         create: Option<&Pending>,
     ) -> Result<Outcome, StoreError> {
-        self.composed.append(key, event, origin, create).await.map(|appended| match appended {
-            Appended::New(event) => Outcome::New(event.seq),
+        let with = AppendWith { create, ..AppendWith::default() };
+        self.composed.append(key, event, origin, with).await.map(|appended| match appended {
+            Appended::New { event, .. } => Outcome::New(event.seq),
             Appended::Duplicate(seq) => Outcome::Duplicate(seq),
         })
     }
@@ -141,7 +145,7 @@ async fn a_socket_that_never_sends_leaves_nothing_behind() {
         backend.detach(&opened.key, id).await;
         backend.touch(&user, &opened.key).await;
     }
-    assert_eq!((backend.conversations.len(), backend.latest.len(), backend.created.len()), (0, 0, 0));
+    assert_eq!((backend.conversations.len(), backend.users.latest.len(), backend.users.created.len()), (0, 0, 0));
     assert_eq!(backend.fanout.local_sessions(&ConversationKey { tenant, conversation: ConversationId::generate() }), 0);
 }
 
@@ -177,7 +181,7 @@ async fn creations_beyond_the_cap_are_refused_for_that_user_only() {
         let opened = backend.open(&tenant, &greedy, None).await.unwrap();
         let first = NewEvent::customer("m1".into(), "hi".into());
         backend.append(&opened.key, first, None, opened.pending.as_ref()).await.unwrap();
-        backend.latest.clear(); // as if the idle window had passed
+        backend.users.latest.clear(); // as if the idle window had passed
     }
     let opened = backend.open(&tenant, &greedy, None).await.unwrap();
     let first = NewEvent::customer("m1".into(), "hi".into());
@@ -186,9 +190,9 @@ async fn creations_beyond_the_cap_are_refused_for_that_user_only() {
     assert!(matches!(backend.events_after(&opened.key, 0).await, Err(StoreError::ConversationNotFound)));
     started(&backend, &tenant, &other).await;
     // Past the window the user may create again, and the sweeper forgets the count.
-    assert_eq!(backend.created.len(), 2);
+    assert_eq!(backend.users.created.len(), 2);
     backend.sweep(now_ms() + 3_600_001);
-    assert_eq!(backend.created.len(), 0);
+    assert_eq!(backend.users.created.len(), 0);
 }
 
 #[tokio::test]
@@ -215,4 +219,33 @@ async fn conversations_past_their_retention_are_forgotten_unless_a_socket_is_ope
     let fresh = started(&backend, &tenant, &user).await;
     assert_ne!(fresh, idle);
     assert!(backend.events_after(&fresh, 0).await.is_ok());
+}
+
+#[tokio::test]
+async fn an_append_returns_the_newest_turns_before_it_and_records_the_users_activity() {
+    let backend = backend(100);
+    let (tenant, user) = (TenantId::parse("t").unwrap(), UserId::parse("u").unwrap());
+    let key = started(&backend, &tenant, &user).await;
+    for (seq, from) in [(2, Role::Assistant), (3, Role::Customer), (4, Role::Agent)] {
+        let event = NewEvent { from, ..NewEvent::customer(format!("m{seq}"), format!("t{seq}")) };
+        backend.append(&key, event, None, None).await.unwrap();
+    }
+    let latest = |backend: &Node| backend.users.latest.get(&(tenant.clone(), user.clone())).unwrap().last_active_ms;
+    let before = latest(&backend);
+    std::thread::sleep(std::time::Duration::from_millis(2));
+    let question = NewEvent::customer("m5".into(), "t5".into());
+    let with = AppendWith { active_user: Some(&user), turns_before: 3, ..AppendWith::default() };
+    let Appended::New { event, turns_before } = backend.log.append(&key, question, with).await.unwrap() else {
+        panic!("stored")
+    };
+    assert_eq!(event.seq, 5);
+    let turns: Vec<_> = turns_before.iter().map(|e| (e.seq, e.from, e.text.as_str())).collect();
+    assert_eq!(turns, [(2, Role::Assistant, "t2"), (3, Role::Customer, "t3"), (4, Role::Agent, "t4")]);
+    assert!(latest(&backend) > before, "the append recorded the user's activity");
+    let reply = NewEvent { from: Role::Assistant, ..NewEvent::customer("r".into(), "a".into()) };
+    let Appended::New { turns_before, .. } = backend.log.append(&key, reply, AppendWith::default()).await.unwrap()
+    else {
+        panic!("stored")
+    };
+    assert!(turns_before.is_empty(), "none asked for, none read");
 }

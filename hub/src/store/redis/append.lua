@@ -9,15 +9,17 @@
 --       and after its seq, 4 the published payload before the entry,
 --       5 now_ms, 6 log cap, 7 retention seconds, 8 channel,
 --       9 owner and 10 epoch to create the log with if it is missing
---       (both "" to never create), 11 this node's id
--- Returns {1, seq, other listening nodes} when stored, {0, seq} for a customer message id already
--- stored, {-1, 0} when the conversation does not exist (lost or expired),
--- or, when creating, exists with another owner or epoch.
+--       (both "" to never create), 11 this node's id, 12 how many entries
+--       before the new one to return (a question's history; 0 for none)
+-- Returns {1, seq, other listening nodes, {entries before}} when stored,
+-- {0, seq, 0, {}} for a customer message id already stored, {-1, 0, 0, {}}
+-- when the conversation does not exist (lost or expired), or, when
+-- creating, exists with another owner or epoch.
 local meta, log, ids = KEYS[1], KEYS[2], KEYS[3]
 local owner, epoch = ARGV[9], ARGV[10]
 if redis.call('EXISTS', meta) == 0 then
   if owner == '' then
-    return {-1, 0, 0}
+    return {-1, 0, 0, {}}
   end
   -- A new log, or a lost one started again: leftovers of a lost one (its
   -- list or ids, if they outlived the meta) go, so the epoch starts clean.
@@ -28,15 +30,20 @@ if redis.call('EXISTS', meta) == 0 then
 elseif owner ~= '' then
   local current = redis.call('HMGET', meta, 'user', 'epoch')
   if current[1] ~= owner or current[2] ~= epoch then
-    return {-1, 0, 0}
+    return {-1, 0, 0, {}}
   end
 end
 local id = ARGV[1]
 if id ~= '' then
   local seen = redis.call('ZSCORE', ids, id)
   if seen then
-    return {0, tonumber(seen), 0}
+    return {0, tonumber(seen), 0, {}}
   end
+end
+local before = {}
+local wanted = tonumber(ARGV[12])
+if wanted > 0 then
+  before = redis.call('LRANGE', log, -wanted, -1)
 end
 local seq = redis.call('HINCRBY', meta, 'seq', 1)
 local entry = ARGV[2] .. string.format('%d', seq) .. ARGV[3]
@@ -57,4 +64,4 @@ local others = redis.call('HLEN', KEYS[4]) - redis.call('HEXISTS', KEYS[4], ARGV
 if others > 0 then
   redis.call('PUBLISH', ARGV[8], ARGV[4] .. entry)
 end
-return {1, seq, others}
+return {1, seq, others, before}

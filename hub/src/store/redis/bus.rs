@@ -89,7 +89,7 @@ impl EventBus for RedisBus {
         link.listeners.channels.insert(channel.clone(), key.clone());
         let mut subscriber = self.inner.subscriber.clone();
         if let Err(error) = link.call(subscriber.subscribe(&channel)).await {
-            link.listeners.left(&channel);
+            link.listeners.left(key, &channel);
             self.leave_listeners(key).await;
             return Err(error);
         }
@@ -99,7 +99,7 @@ impl EventBus for RedisBus {
     async fn unsubscribe(&self, key: &ConversationKey) {
         let link = &self.inner.link;
         let channel = link.keys.channel(key);
-        link.listeners.left(&channel);
+        link.listeners.left(key, &channel);
         let mut subscriber = self.inner.subscriber.clone();
         if let Err(error) = link.call(subscriber.unsubscribe(&channel)).await {
             debug!(%error, "unsubscribe failed; the channel stays subscribed until reconnect");
@@ -109,13 +109,13 @@ impl EventBus for RedisBus {
 
     fn publish_frames(&self, key: &ConversationKey, frames: &[Utf8Bytes]) {
         let link = &self.inner.link;
-        let channel = link.keys.channel(key);
-        if !link.listeners.others_may_listen(&channel) {
+        if !link.listeners.others_may_listen(key) {
             return;
         }
+        let channel = link.keys.channel(key);
         for frame in frames {
             // The node id lets this node skip its own echo.
-            self.inner.publisher.publish(channel.clone(), Payload::encode_frame(&link.node_id, frame));
+            self.inner.publisher.publish(key, channel.clone(), Payload::encode_frame(&link.node_id, frame));
         }
     }
 
@@ -172,7 +172,7 @@ fn dispatch(link: &Link, incoming: &dyn IncomingEvents, data: Vec<Value>) {
     match Payload::decode(Bytes::from(payload)) {
         Ok(Payload::Frame { frame, .. }) => incoming.frames(&key, vec![frame]),
         // Another node started listening: publish this conversation's deltas again.
-        Ok(Payload::Hello) => link.listeners.hello(channel),
+        Ok(Payload::Hello) => link.listeners.hello(&key),
         Ok(Payload::Event { timing, event, .. }) => incoming.event(&key, &event, timing.as_ref()),
         Err(error) => warn!(%error, "dropping a payload that does not decode"),
     }

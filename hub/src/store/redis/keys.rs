@@ -85,6 +85,25 @@ impl Keys {
         self.conversation(key, "listeners")
     }
 
+    /// Every name of one conversation, its tag escaped and joined once
+    /// (an append needs them all).
+    pub fn conversation_names(&self, key: &ConversationKey) -> ConversationNames {
+        let tag = self.conversation(key, "");
+        let name = |part: &str| {
+            let mut name = String::with_capacity(tag.len() + part.len());
+            name.push_str(&tag);
+            name.push_str(part);
+            name
+        };
+        ConversationNames {
+            meta: name("meta"),
+            log: name("log"),
+            message_ids: name("ids"),
+            listeners: name("listeners"),
+            channel: name("events"),
+        }
+    }
+
     /// HASH: the user's most recent `conversation` and its `last_active_ms`.
     pub fn latest(&self, tenant: &TenantId, user: &UserId) -> String {
         self.user(tenant, user, "latest")
@@ -101,6 +120,16 @@ impl Keys {
     pub fn heartbeat(&self, node: &str) -> String {
         format!("{}:node:{node}:heartbeat", self.prefix)
     }
+}
+
+/// The names of one conversation (see the [`Keys`] method of each).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConversationNames {
+    pub meta: String,
+    pub log: String,
+    pub message_ids: String,
+    pub listeners: String,
+    pub channel: String,
 }
 
 #[cfg(test)]
@@ -141,6 +170,14 @@ mod tests {
         assert_eq!(keys.message_ids(&key), format!("{tag}:ids"));
         assert_eq!(keys.channel(&key), format!("{tag}:events"));
         assert_eq!(keys.listeners(&key), format!("{tag}:listeners"));
+        let names = ConversationNames {
+            meta: keys.meta(&key),
+            log: keys.log(&key),
+            message_ids: keys.message_ids(&key),
+            listeners: keys.listeners(&key),
+            channel: keys.channel(&key),
+        };
+        assert_eq!(keys.conversation_names(&key), names);
         let (tenant, user) = (TenantId::parse("bank-a").unwrap(), UserId::parse("alice").unwrap());
         assert_eq!(keys.latest(&tenant, &user), "fengda:user:{bank-a:alice}:latest");
         assert_eq!(keys.created(&tenant, &user), "fengda:user:{bank-a:alice}:created");

@@ -12,7 +12,9 @@ use super::wire::{self, EncodedEvent};
 use crate::config::{ConversationConfig, CreationLimit};
 use crate::ids::{ConversationId, ConversationKey, TenantId, UserId};
 use crate::protocol::Role;
-use crate::store::{Appended, ConversationLog, NewEvent, Opened, Pending, Snapshot, StoreError, StoredEvent, now_ms};
+use crate::store::{
+    AppendWith, Appended, ConversationLog, NewEvent, Opened, Pending, Snapshot, StoreError, StoredEvent, now_ms,
+};
 
 #[derive(Clone)]
 pub struct RedisLog {
@@ -118,7 +120,14 @@ impl Inner {
         for name in [keys.meta(key), keys.log(key), keys.message_ids(key), keys.listeners(key)] {
             pipe.cmd("EXPIRE").arg(name).arg(link.retention_secs).ignore();
         }
-        let latest = keys.latest(&key.tenant, user);
+        self.point_latest(&mut pipe, user, key);
+        link.call(pipe.query_async::<()>(&mut con)).await
+    }
+
+    /// Adds to `pipe` what makes `key` the user's most recent conversation,
+    /// active now.
+    fn point_latest(&self, pipe: &mut redis::Pipeline, user: &UserId, key: &ConversationKey) {
+        let latest = self.link.keys.latest(&key.tenant, user);
         pipe.cmd("HSET")
             .arg(&latest)
             .arg("conversation")
@@ -128,9 +137,28 @@ impl Inner {
             .ignore()
             .cmd("EXPIRE")
             .arg(&latest)
-            .arg(link.retention_secs)
+            .arg(self.link.retention_secs)
             .ignore();
-        link.call(pipe.query_async::<()>(&mut con)).await
+    }
+
+    /// Runs `pipe`, whose commands include an EVALSHA of `script`, in one
+    /// round trip; should Redis not know the script (it restarted), loads
+    /// it and runs the pipeline once more (every command in it is one that
+    /// may run twice: an EVALSHA that failed did nothing).
+    async fn run_with_script<T: redis::FromRedisValue>(
+        &self,
+        script: &Script,
+        pipe: &redis::Pipeline,
+    ) -> Result<T, StoreError> {
+        let link = &self.link;
+        let mut con = link.commands.clone();
+        match super::with_timeout(link.command_timeout, pipe.query_async::<T>(&mut con)).await? {
+            Err(error) if error.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) => {
+                link.call(script.load_async(&mut con)).await?;
+                link.call(pipe.query_async::<T>(&mut con)).await
+            }
+            other => other.map_err(StoreError::from),
+        }
     }
 
     /// The user's most recent conversation, if it was active within the idle window.
@@ -221,10 +249,11 @@ impl ConversationLog for RedisLog {
         &self,
         key: &ConversationKey,
         event: NewEvent,
-        create: Option<&Pending>,
+        with: AppendWith<'_>,
     ) -> Result<Appended, StoreError> {
         let inner = &self.inner;
         let link = &inner.link;
+        let create = with.create;
         if let Some(create) = create {
             inner.count_creation(key, &create.user).await?;
         }
@@ -233,14 +262,16 @@ impl ConversationLog for RedisLog {
         // Only customer messages are de-duplicated (by their client-chosen id).
         let dedup_id = if stored.from == Role::Customer { stored.id.as_str() } else { "" };
         let encoded = EncodedEvent::new(&stored, &link.node_id, timing.as_ref());
-        let channel = link.keys.channel(key);
-        let mut con = link.commands.clone();
-        let mut invocation = inner.append.prepare_invoke();
-        invocation
-            .key(link.keys.meta(key))
-            .key(link.keys.log(key))
-            .key(link.keys.message_ids(key))
-            .key(link.keys.listeners(key))
+        let names = link.keys.conversation_names(key);
+        let channel = names.channel;
+        let mut append = redis::cmd("EVALSHA");
+        append
+            .arg(inner.append.get_hash())
+            .arg(4)
+            .arg(names.meta)
+            .arg(names.log)
+            .arg(names.message_ids)
+            .arg(names.listeners)
             .arg(dedup_id)
             .arg(encoded.entry_head)
             .arg(encoded.entry_tail)
@@ -251,33 +282,31 @@ impl ConversationLog for RedisLog {
             .arg(&channel)
             .arg(create.map_or("", |c| c.user.as_str()))
             .arg(create.map_or("", |c| c.epoch.as_str()))
-            .arg(link.node_id.as_str());
+            .arg(link.node_id.as_str())
+            .arg(with.turns_before);
+        let mut pipe = redis::pipe();
+        pipe.add_command(append);
+        // The user's activity rides in the same round trip (a new
+        // conversation becomes their most recent). Not atomic with the
+        // append: the pointer lives in another cluster slot; it is best
+        // effort like every touch, and `open` checks the owner it points to.
+        if let Some(user) = with.active_user.or(create.map(|c| &c.user)) {
+            inner.point_latest(&mut pipe, user, key);
+        }
         let sent_at = Instant::now();
-        match link.call(invocation.invoke_async::<(i64, u64, i64)>(&mut con)).await? {
-            (1, seq, others) => {
+        let ((status, seq, others, before),): ((i64, u64, i64, Vec<Vec<u8>>),) =
+            inner.run_with_script(&inner.append, &pipe).await?;
+        match status {
+            1 => {
                 // The reply's deltas that follow go out only if someone else listens.
-                link.listeners.note(&channel, sent_at, others);
+                link.listeners.note(key, &channel, sent_at, others);
                 stored.seq = seq;
-                // A new conversation is the user's most recent (best effort,
-                // like every touch: the message is stored either way).
-                if let Some(create) = create
-                    && let Err(error) = inner.refresh(&create.user, key).await
-                {
-                    debug!(%error, "could not point the user to the new conversation");
-                }
-                Ok(Appended::New(Arc::new(stored)))
+                let turns_before =
+                    before.iter().filter_map(|entry| parse_entry(entry)).filter(|e| e.from != Role::System).collect();
+                Ok(Appended::New { event: Arc::new(stored), turns_before })
             }
-            (0, seq, _) => Ok(Appended::Duplicate(seq)),
+            0 => Ok(Appended::Duplicate(seq)),
             _ => Err(StoreError::ConversationNotFound),
         }
-    }
-
-    async fn recent_turns(&self, key: &ConversationKey, limit: usize) -> Result<Vec<Arc<StoredEvent>>, StoreError> {
-        let link = &self.inner.link;
-        let mut con = link.commands.clone();
-        let start = -(limit as i64).max(1);
-        let raw: Vec<Vec<u8>> =
-            link.call(redis::cmd("LRANGE").arg(link.keys.log(key)).arg(start).arg(-1).query_async(&mut con)).await?;
-        Ok(raw.iter().filter_map(|entry| parse_entry(entry)).filter(|e| e.from != Role::System).collect())
     }
 }

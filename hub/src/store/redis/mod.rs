@@ -13,7 +13,12 @@
 //! seq and decodes nothing. Opening a socket writes nothing for a
 //! conversation that has no log yet: the first message's append creates it
 //! (same script), after counting it against the user's creation cap
-//! (`quota.lua`, in the user's slot).
+//! (`quota.lua`, in the user's slot). A customer message's append also
+//! returns the turns before it (the question's history, read by the script
+//! from the list it holds) and carries, pipelined in the same round trip,
+//! the refresh of the user's `latest` pointer (another slot, so not inside
+//! the script): a reply costs two round trips, the question's append and
+//! its own.
 //!
 //! Routing: pub/sub is the doorbell, the log is the truth. A node subscribes
 //! to a conversation's channel (on one dedicated RESP3 connection, whatever

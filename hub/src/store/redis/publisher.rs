@@ -42,46 +42,55 @@ pub(super) struct Listeners {
     pub channels: DashMap<String, ConversationKey>,
     /// Whether the subscriber connection works (`/readyz`).
     pub receiving: AtomicBool,
-    /// Channels whose last append or PUBLISH reached no other node → until
-    /// when this node delivers their deltas only locally.
-    alone_until: DashMap<String, Instant>,
-    /// Channels on which another node said hello lately → when: an answer
-    /// to something sent before that must not mark the channel alone again.
-    hello_at: DashMap<String, Instant>,
+    /// Conversations whose last append or PUBLISH reached no other node →
+    /// until when this node delivers their deltas only locally. Looked up
+    /// for every batch of deltas, by key (no channel name built for a
+    /// delta that stays local).
+    alone_until: DashMap<ConversationKey, Instant, foldhash::fast::RandomState>,
+    /// Conversations in which another node said hello lately → when: an
+    /// answer to something sent before that must not mark them alone again.
+    hello_at: DashMap<ConversationKey, Instant, foldhash::fast::RandomState>,
 }
 
 impl Listeners {
-    /// Whether frames of `channel` must be published for other nodes.
-    pub fn others_may_listen(&self, channel: &str) -> bool {
-        self.alone_until.get(channel).is_none_or(|until| Instant::now() >= *until)
+    /// Whether frames of `key` must be published for other nodes.
+    pub fn others_may_listen(&self, key: &ConversationKey) -> bool {
+        self.alone_until.get(key).is_none_or(|until| Instant::now() >= *until)
     }
 
-    /// Notes that what was sent on `channel` at `sent_at` reached `others`
-    /// other nodes.
-    pub fn note(&self, channel: &str, sent_at: Instant, others: i64) {
-        if self.hello_at.get(channel).is_some_and(|hello| *hello >= sent_at) {
+    /// Notes that what was sent on `key`'s `channel` at `sent_at` reached
+    /// `others` other nodes.
+    pub fn note(&self, key: &ConversationKey, channel: &str, sent_at: Instant, others: i64) {
+        if self.hello_at.get(key).is_some_and(|hello| *hello >= sent_at) {
             // Someone started listening after it went out.
             return;
         }
         // Only a node that listens itself can hear a newcomer's hello.
         let here = self.receiving.load(Ordering::Acquire) && self.channels.contains_key(channel);
         if here && others <= 0 {
-            self.alone_until.insert(channel.to_owned(), Instant::now() + ALONE_RECHECK);
+            let until = Instant::now() + ALONE_RECHECK;
+            // Updated in place when present: no key cloned per append.
+            match self.alone_until.get_mut(key) {
+                Some(mut alone) => *alone = until,
+                None => {
+                    self.alone_until.insert(key.clone(), until);
+                }
+            }
         } else {
-            self.alone_until.remove(channel);
+            self.alone_until.remove(key);
         }
     }
 
-    /// Another node started listening to `channel`.
-    pub fn hello(&self, channel: &str) {
-        self.alone_until.remove(channel);
-        self.hello_at.insert(channel.to_owned(), Instant::now());
+    /// Another node started listening to `key`.
+    pub fn hello(&self, key: &ConversationKey) {
+        self.alone_until.remove(key);
+        self.hello_at.insert(key.clone(), Instant::now());
     }
 
-    /// This node stopped listening to `channel`.
-    pub fn left(&self, channel: &str) {
+    /// This node stopped listening to `key` (on `channel`).
+    pub fn left(&self, key: &ConversationKey, channel: &str) {
         self.channels.remove(channel);
-        self.alone_until.remove(channel);
+        self.alone_until.remove(key);
     }
 
     /// Drops the bookkeeping entries that no longer mean anything (called
@@ -94,7 +103,7 @@ impl Listeners {
 }
 
 pub(super) enum Publish {
-    Frame { channel: String, payload: Vec<u8> },
+    Frame { key: ConversationKey, channel: String, payload: Vec<u8> },
     Flush(oneshot::Sender<()>),
 }
 
@@ -115,9 +124,9 @@ impl Publisher {
     }
 
     /// Queues a frame's payload without waiting; a full queue drops it.
-    pub fn publish(&self, channel: String, payload: Vec<u8>) {
+    pub fn publish(&self, key: &ConversationKey, channel: String, payload: Vec<u8>) {
         self.unpublished.fetch_add(1, Ordering::AcqRel);
-        if self.tx.try_send(Publish::Frame { channel, payload }).is_err() {
+        if self.tx.try_send(Publish::Frame { key: key.clone(), channel, payload }).is_err() {
             self.unpublished.fetch_sub(1, Ordering::AcqRel);
             debug!("delta dropped: publish queue full");
         }
@@ -158,9 +167,9 @@ pub(super) async fn run_publisher(
         let mut pipe = redis::pipe();
         for item in batch.drain(..) {
             match item {
-                Publish::Frame { channel, payload } => {
+                Publish::Frame { key, channel, payload } => {
                     pipe.cmd("PUBLISH").arg(&channel).arg(payload);
-                    published.push(channel);
+                    published.push((key, channel));
                 }
                 Publish::Flush(done) => flushed.push(done),
             }
@@ -169,10 +178,10 @@ pub(super) async fn run_publisher(
             let sent_at = Instant::now();
             match pipe.query_async::<Vec<i64>>(&mut con).await {
                 Ok(receivers) => {
-                    for (channel, receivers) in published.iter().zip(receivers) {
+                    for ((key, channel), receivers) in published.iter().zip(receivers) {
                         // This node's own subscriber is one of the receivers, if it listens.
                         let here = link.listeners.channels.contains_key(channel);
-                        link.listeners.note(channel, sent_at, receivers - i64::from(here));
+                        link.listeners.note(key, channel, sent_at, receivers - i64::from(here));
                     }
                 }
                 Err(error) => debug!(%error, "deltas not published"),

@@ -1,60 +1,21 @@
-//! Answers one customer question: history, NLP stream, deltas, stored reply.
-//!
-//! The reply streams to every socket of the conversation as `reply.delta`
-//! frames (index 0, 1, 2, …) as chunks arrive, then is stored as one durable
-//! assistant event, which the fan-out delivers as `reply.done`. The
-//! concatenated delta texts always equal the stored text, whatever happens:
-//! - the NLP call cannot start (queue full or waited past `max_queue_wait_ms`, every breaker open, no first token
-//!   within the deadline after retries): the polite fallback, `fallback: true`;
-//! - the stream breaks after some tokens (error, token gap): the partial
-//!   text plus the fallback sentence, `fallback: true, interrupted: true`;
-//! - a client sends `cancel`, or the caller cancels the reply's token (no
-//!   socket came back within the grace, hub shutdown): the partial text,
-//!   `cancelled: true`.
-//!
-//! Either way the NLP call is cancelled upstream (its stream is dropped) and
-//! the reply is stored: every question gets exactly one answer event.
-
-use std::sync::Arc;
+//! A reply's NLP stream turned into `reply.delta` frames: waits for an NLP
+//! slot (telling the sockets their place in line), relays the chunks as
+//! they arrive, in batches of what arrived together, and ends in one
+//! [`Outcome`] that decides the stored reply's flags.
 
 use axum::extract::ws::Utf8Bytes;
-use dashmap::DashMap;
-use fengda_nlp::knowledge::Lang;
-use fengda_proto::nlp::v1::{AnswerChunk, AnswerRequest, Role as WireRole, Turn};
+use fengda_proto::nlp::v1::{AnswerChunk, AnswerRequest};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
-use crate::config::FallbackText;
+use super::Replier;
 use crate::conversations::Conversations;
-use crate::ids::{ConversationKey, generate_reply_id};
-use crate::nlp::{ActiveCall, NlpPool, StartError, StreamError};
-use crate::protocol::{DeltaEncoder, ReplyTiming, Role, ServerFrame};
-use crate::store::{Appended, NewEvent, StoredEvent};
-
-/// A stored customer message waiting for its answer.
-#[derive(Debug)]
-pub struct Question {
-    pub seq: u64,
-    pub text: String,
-    /// When the customer's message reached the hub.
-    pub received: std::time::Instant,
-    /// The asking socket wants a `timing` object on `reply.done`.
-    pub timing: bool,
-}
-
-/// What the replier needs, shared by all sessions of the node.
-pub struct Replier {
-    pub conversations: Arc<Conversations>,
-    pub nlp: Arc<NlpPool>,
-    pub history_turns: usize,
-    pub fallback: FallbackText,
-    pub tenant_fallback: std::collections::HashMap<String, FallbackText>,
-    /// Replies streaming on this node, by reply id, for `cancel`.
-    in_flight: DashMap<String, (ConversationKey, CancellationToken)>,
-}
+use crate::ids::ConversationKey;
+use crate::nlp::{ActiveCall, StartError, StreamError};
+use crate::protocol::{DeltaEncoder, ServerFrame};
 
 /// How the NLP side of a reply ended; decides the stored event's flags.
-enum Outcome {
+pub(super) enum Outcome {
     /// The answer streamed to its finish chunk. The call is handed back so
     /// its trailers are read after the reply is stored, not before the
     /// `reply.done`.
@@ -68,129 +29,22 @@ enum Outcome {
 
 /// Where a reply's time went, for its `timing` object.
 #[derive(Debug, Default)]
-struct Timings {
-    queue_wait: std::time::Duration,
-    first_token: std::time::Duration,
+pub(super) struct Timings {
+    pub queue_wait: std::time::Duration,
+    pub first_token: std::time::Duration,
     /// Token arrival to delta queued for the sockets, summed and at most.
-    relay_total_us: f64,
-    relay_max_us: f64,
-}
-
-fn ms(duration: std::time::Duration) -> f64 {
-    duration.as_secs_f64() * 1000.0
+    pub relay_total_us: f64,
+    pub relay_max_us: f64,
 }
 
 impl Replier {
-    pub fn new(
-        conversations: Arc<Conversations>,
-        nlp: Arc<NlpPool>,
-        history_turns: usize,
-        config: &crate::config::NlpConfig,
-    ) -> Self {
-        Self {
-            conversations,
-            nlp,
-            history_turns,
-            fallback: config.fallback.clone(),
-            tenant_fallback: config.tenant_fallback.clone(),
-            in_flight: DashMap::new(),
-        }
-    }
-
-    /// Cancels a reply streaming on this node, if it belongs to `key`.
-    pub fn cancel(&self, key: &ConversationKey, reply_id: &str) {
-        if let Some(entry) = self.in_flight.get(reply_id)
-            && entry.0 == *key
-        {
-            entry.1.cancel();
-        }
-    }
-
-    /// Streams and stores the answer to `question`. Cancelling `stop` ends
-    /// it like a client's `cancel` (at once, without an NLP call, if it is
-    /// already cancelled): what streamed is stored with `cancelled: true`.
-    pub async fn answer(&self, key: &ConversationKey, question: Question, stop: &CancellationToken) {
-        let reply_id = generate_reply_id();
-        let cancel = stop.child_token();
-        self.in_flight.insert(reply_id.clone(), (key.clone(), cancel.clone()));
-        let _unregister = InFlight { map: &self.in_flight, reply_id: &reply_id };
-        // A question cancelled before its turn needs no history: it gets no NLP call.
-        let turns = if cancel.is_cancelled() {
-            Ok(Vec::new())
-        } else {
-            self.conversations.recent_turns(key, self.history_turns + 1).await
-        };
-        let history = match turns {
-            Ok(turns) => history_before(&turns, question.seq, self.history_turns),
-            Err(error) => {
-                warn!(%error, "history unavailable; answering without it");
-                Vec::new()
-            }
-        };
-        let request = AnswerRequest {
-            tenant_id: key.tenant.to_string(),
-            conversation_id: key.conversation.to_string(),
-            request_id: uuid::Uuid::new_v4().to_string(),
-            history,
-            question: question.text.clone(),
-        };
-        // The hub's own share before the model: store, history, hand-over.
-        metrics::histogram!(crate::metric::REPLY_BEFORE_NLP).record(question.received.elapsed().as_secs_f64());
-        let mut draft = Draft::new(&self.conversations, key, &reply_id, question.timing);
-        let before_nlp = question.received.elapsed();
-        let outcome = self.stream(&request, &mut draft, &cancel).await;
-        let (fallback, interrupted, cancelled) = match &outcome {
-            Outcome::Completed(_) => (false, false, false),
-            Outcome::Fallback { interrupted } => (true, *interrupted, false),
-            Outcome::Cancelled => (false, false, true),
-        };
-        if fallback {
-            let texts = self.tenant_fallback.get(key.tenant.as_str()).unwrap_or(&self.fallback);
-            // The built-in answerer's rule, so both pick a language alike.
-            let polite = match Lang::detect(&question.text) {
-                Lang::Zh => &texts.zh,
-                Lang::En => &texts.en,
-            };
-            let separator = if draft.text.is_empty() { "" } else { "\n\n" };
-            draft.push(&format!("{separator}{polite}"));
-        }
-        // The deltas must reach every node before the reply.done does.
-        self.conversations.flush_frames().await;
-        let timings = &draft.timings;
-        let event = NewEvent {
-            from: Role::Assistant,
-            id: reply_id.clone(),
-            timing: question.timing.then(|| ReplyTiming {
-                hub_before_nlp_ms: ms(before_nlp),
-                queue_ms: ms(timings.queue_wait),
-                nlp_first_token_ms: ms(timings.first_token),
-                // Never above the max: r × n / n can round to a hair over r.
-                relay_mean_us: if draft.index == 0 {
-                    0.0
-                } else {
-                    (timings.relay_total_us / f64::from(draft.index)).min(timings.relay_max_us)
-                },
-                relay_max_us: timings.relay_max_us,
-                total_ms: ms(question.received.elapsed()),
-            }),
-            text: draft.text,
-            fallback,
-            interrupted,
-            cancelled,
-        };
-        match self.conversations.append(key, event, None, None).await {
-            Ok(Appended::New(event)) => debug!(seq = event.seq, fallback, interrupted, cancelled, "reply stored"),
-            Ok(Appended::Duplicate(_)) => {}
-            Err(error) => warn!(%error, "reply streamed but could not be stored"),
-        }
-        // The customer has the whole reply; only now wait for the call's trailers.
-        if let Outcome::Completed(call) = outcome {
-            call.finish(true).await;
-        }
-    }
-
     /// Streams the answer into `draft` until it ends one way or another.
-    async fn stream(&self, request: &AnswerRequest, draft: &mut Draft<'_>, cancel: &CancellationToken) -> Outcome {
+    pub(super) async fn stream(
+        &self,
+        request: &AnswerRequest,
+        draft: &mut Draft<'_>,
+        cancel: &CancellationToken,
+    ) -> Outcome {
         // One waiter for the whole reply, not one registration per token.
         let cancelled = cancel.cancelled();
         tokio::pin!(cancelled);
@@ -262,39 +116,32 @@ async fn broken(call: ActiveCall, tokens: u32, failure: StreamError) -> Outcome 
     Outcome::Fallback { interrupted: tokens > 0 }
 }
 
-/// Removes a reply from the in-flight map however `answer` ends.
-struct InFlight<'a> {
-    map: &'a DashMap<String, (ConversationKey, CancellationToken)>,
-    reply_id: &'a str,
-}
-
-impl Drop for InFlight<'_> {
-    fn drop(&mut self) {
-        self.map.remove(self.reply_id);
-    }
-}
-
 /// Deltas handed to the sockets together at most (see [`Draft::relay_batch`]).
 const MAX_BATCH: usize = 16;
 
 /// The reply being written: publishes each token as a delta, keeps the text
 /// and where the time went.
-struct Draft<'a> {
+pub(super) struct Draft<'a> {
     conversations: &'a Conversations,
     key: &'a ConversationKey,
     reply_id: &'a str,
     deltas: DeltaEncoder,
-    text: String,
-    index: u32,
+    pub(super) text: String,
+    pub(super) index: u32,
     /// Delta frames encoded but not yet published.
     staged: Vec<Utf8Bytes>,
     /// Time each batch's relay (only for replies that report `timing`).
     measure: bool,
-    timings: Timings,
+    pub(super) timings: Timings,
 }
 
 impl<'a> Draft<'a> {
-    fn new(conversations: &'a Conversations, key: &'a ConversationKey, reply_id: &'a str, measure: bool) -> Self {
+    pub(super) fn new(
+        conversations: &'a Conversations,
+        key: &'a ConversationKey,
+        reply_id: &'a str,
+        measure: bool,
+    ) -> Self {
         Self {
             conversations,
             key,
@@ -375,56 +222,17 @@ impl<'a> Draft<'a> {
     }
 
     /// Appends text outside the model's stream (the fallback sentence) as one delta.
-    fn push(&mut self, text: &str) {
+    pub(super) fn push(&mut self, text: &str) {
         self.stage_text(text);
         self.publish();
     }
 }
 
-/// The turns before the question, at most `limit`, oldest first.
-fn history_before(turns: &[Arc<StoredEvent>], question_seq: u64, limit: usize) -> Vec<Turn> {
-    let before: Vec<_> = turns.iter().filter(|e| e.seq < question_seq).collect();
-    let skip = before.len().saturating_sub(limit);
-    before[skip..]
-        .iter()
-        .map(|event| Turn {
-            role: match event.from {
-                Role::Customer => WireRole::Customer,
-                Role::Assistant => WireRole::Assistant,
-                Role::Agent => WireRole::Agent,
-                Role::System => WireRole::System,
-            } as i32,
-            text: event.text.clone(),
-        })
-        .collect()
-}
-
 #[cfg(test)]
 mod tests {
+    use std::sync::Arc;
+
     use super::*;
-
-    fn event(seq: u64, from: Role) -> Arc<StoredEvent> {
-        Arc::new(StoredEvent {
-            seq,
-            from,
-            id: seq.to_string(),
-            text: format!("t{seq}"),
-            fallback: false,
-            interrupted: false,
-            cancelled: false,
-            at_ms: 0,
-        })
-    }
-
-    #[test]
-    fn history_excludes_the_question_and_keeps_the_newest_turns() {
-        let turns: Vec<_> =
-            (1..=6).map(|seq| event(seq, if seq % 2 == 1 { Role::Customer } else { Role::Assistant })).collect();
-        let history = history_before(&turns, 5, 3);
-        let texts: Vec<_> = history.iter().map(|t| t.text.as_str()).collect();
-        assert_eq!(texts, ["t2", "t3", "t4"]);
-        assert_eq!(history[1].role, WireRole::Customer as i32);
-    }
 
     #[tokio::test]
     async fn chunks_that_arrived_together_reach_each_socket_as_one_item_of_ordered_deltas() {

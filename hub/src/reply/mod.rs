@@ -1,0 +1,184 @@
+//! Answers one customer question: NLP stream, deltas, stored reply.
+//!
+//! The reply streams to every socket of the conversation as `reply.delta`
+//! frames (index 0, 1, 2, …) as chunks arrive (`stream.rs`), then is stored
+//! as one durable assistant event, which the fan-out delivers as
+//! `reply.done`. The concatenated delta texts always equal the stored text,
+//! whatever happens:
+//! - the NLP call cannot start (queue full or waited past `max_queue_wait_ms`, every breaker open, no first token
+//!   within the deadline after retries): the polite fallback, `fallback: true`;
+//! - the stream breaks after some tokens (error, token gap): the partial
+//!   text plus the fallback sentence, `fallback: true, interrupted: true`;
+//! - a client sends `cancel` (`in_flight.rs`), or the caller cancels the
+//!   reply's token (no socket came back within the grace, hub shutdown): the
+//!   partial text, `cancelled: true`.
+//!
+//! Either way the NLP call is cancelled upstream (its stream is dropped) and
+//! the reply is stored: every question gets exactly one answer event. The
+//! question's history came with its append (see [`crate::store::AppendWith`]).
+
+mod in_flight;
+mod stream;
+
+use std::sync::Arc;
+
+use fengda_nlp::knowledge::Lang;
+use fengda_proto::nlp::v1::{AnswerRequest, Role as WireRole, Turn};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, warn};
+
+use crate::config::FallbackText;
+use crate::conversations::Conversations;
+use crate::ids::{ConversationKey, generate_reply_id};
+use crate::nlp::NlpPool;
+use crate::protocol::{ReplyTiming, Role};
+use crate::store::{AppendWith, Appended, NewEvent, StoredEvent};
+use in_flight::InFlight;
+use stream::{Draft, Outcome};
+
+/// A stored customer message waiting for its answer.
+#[derive(Debug)]
+pub struct Question {
+    pub seq: u64,
+    pub text: String,
+    /// The turns before it, oldest first, at most `conversation.history_turns`.
+    pub history: Vec<Arc<StoredEvent>>,
+    /// When the customer's message reached the hub.
+    pub received: std::time::Instant,
+    /// The asking socket wants a `timing` object on `reply.done`.
+    pub timing: bool,
+}
+
+/// What the replier needs, shared by all sessions of the node.
+pub struct Replier {
+    pub conversations: Arc<Conversations>,
+    pub nlp: Arc<NlpPool>,
+    /// Turns of history each question is asked with.
+    pub history_turns: usize,
+    pub fallback: FallbackText,
+    pub tenant_fallback: std::collections::HashMap<String, FallbackText>,
+    in_flight: InFlight,
+}
+
+impl Replier {
+    pub fn new(
+        conversations: Arc<Conversations>,
+        nlp: Arc<NlpPool>,
+        history_turns: usize,
+        config: &crate::config::NlpConfig,
+    ) -> Self {
+        Self {
+            conversations,
+            nlp,
+            history_turns,
+            fallback: config.fallback.clone(),
+            tenant_fallback: config.tenant_fallback.clone(),
+            in_flight: InFlight::default(),
+        }
+    }
+
+    /// Cancels a reply streaming on this node, if it belongs to `key`.
+    pub fn cancel(&self, key: &ConversationKey, reply_id: &str) {
+        self.in_flight.cancel(key, reply_id);
+    }
+
+    /// Streams and stores the answer to `question`. Cancelling `stop` ends
+    /// it like a client's `cancel` (at once, without an NLP call, if it is
+    /// already cancelled): what streamed is stored with `cancelled: true`.
+    pub async fn answer(&self, key: &ConversationKey, question: Question, stop: &CancellationToken) {
+        let reply_id = generate_reply_id();
+        let cancel = stop.child_token();
+        let _registered = self.in_flight.register(&reply_id, key, cancel.clone());
+        let request = AnswerRequest {
+            tenant_id: key.tenant.to_string(),
+            conversation_id: key.conversation.to_string(),
+            request_id: uuid::Uuid::new_v4().to_string(),
+            history: question.history.iter().map(|event| turn(event)).collect(),
+            question: question.text.clone(),
+        };
+        // The hub's own share before the model: store, hand-over.
+        metrics::histogram!(crate::metric::REPLY_BEFORE_NLP).record(question.received.elapsed().as_secs_f64());
+        let mut draft = Draft::new(&self.conversations, key, &reply_id, question.timing);
+        let before_nlp = question.received.elapsed();
+        let outcome = self.stream(&request, &mut draft, &cancel).await;
+        if matches!(outcome, Outcome::Fallback { .. }) {
+            let separator = if draft.text.is_empty() { "" } else { "\n\n" };
+            draft.push(&format!("{separator}{}", self.polite_fallback(key, &question.text)));
+        }
+        // The deltas must reach every node before the reply.done does.
+        self.conversations.flush_frames().await;
+        let event = stored_reply(&reply_id, draft, &outcome, &question, before_nlp);
+        let (fallback, interrupted, cancelled) = (event.fallback, event.interrupted, event.cancelled);
+        match self.conversations.append(key, event, None, AppendWith::default()).await {
+            Ok(Appended::New { event, .. }) => {
+                debug!(seq = event.seq, fallback, interrupted, cancelled, "reply stored")
+            }
+            Ok(Appended::Duplicate(_)) => {}
+            Err(error) => warn!(%error, "reply streamed but could not be stored"),
+        }
+        // The customer has the whole reply; only now wait for the call's trailers.
+        if let Outcome::Completed(call) = outcome {
+            call.finish(true).await;
+        }
+    }
+
+    /// The tenant's fallback sentence, in the question's language.
+    fn polite_fallback(&self, key: &ConversationKey, question: &str) -> &str {
+        let texts = self.tenant_fallback.get(key.tenant.as_str()).unwrap_or(&self.fallback);
+        // The built-in answerer's rule, so both pick a language alike.
+        match Lang::detect(question) {
+            Lang::Zh => &texts.zh,
+            Lang::En => &texts.en,
+        }
+    }
+}
+
+/// The assistant event that stores a reply: its text, the flags its
+/// outcome sets, and where its time went when the question asked for that.
+fn stored_reply(
+    reply_id: &str,
+    draft: Draft<'_>,
+    outcome: &Outcome,
+    question: &Question,
+    before_nlp: std::time::Duration,
+) -> NewEvent {
+    let (fallback, interrupted, cancelled) = match outcome {
+        Outcome::Completed(_) => (false, false, false),
+        Outcome::Fallback { interrupted } => (true, *interrupted, false),
+        Outcome::Cancelled => (false, false, true),
+    };
+    let timings = &draft.timings;
+    let ms = |duration: std::time::Duration| duration.as_secs_f64() * 1000.0;
+    NewEvent {
+        from: Role::Assistant,
+        id: reply_id.to_owned(),
+        timing: question.timing.then(|| ReplyTiming {
+            hub_before_nlp_ms: ms(before_nlp),
+            queue_ms: ms(timings.queue_wait),
+            nlp_first_token_ms: ms(timings.first_token),
+            // Never above the max: r × n / n can round to a hair over r.
+            relay_mean_us: if draft.index == 0 {
+                0.0
+            } else {
+                (timings.relay_total_us / f64::from(draft.index)).min(timings.relay_max_us)
+            },
+            relay_max_us: timings.relay_max_us,
+            total_ms: ms(question.received.elapsed()),
+        }),
+        text: draft.text,
+        fallback,
+        interrupted,
+        cancelled,
+    }
+}
+
+/// A stored event as a turn of an NLP request's history.
+fn turn(event: &StoredEvent) -> Turn {
+    let role = match event.from {
+        Role::Customer => WireRole::Customer,
+        Role::Assistant => WireRole::Assistant,
+        Role::Agent => WireRole::Agent,
+        Role::System => WireRole::System,
+    };
+    Turn { role: role as i32, text: event.text.clone() }
+}

@@ -255,11 +255,7 @@ async fn run_user(trial: Arc<Trial>, party: Party, seed: u64) {
                             }
                             reply = Some(id);
                         }
-                        "reply.done" => {
-                            if reply.as_deref().is_none_or(|r| frame["reply"] == r) {
-                                break;
-                            }
-                        }
+                        "reply.done" if reply.as_deref().is_none_or(|r| frame["reply"] == r) => break,
                         "error" => panic!("{party:?}: {frame}"),
                         _ => {}
                     }
@@ -285,12 +281,15 @@ async fn run_user(trial: Arc<Trial>, party: Party, seed: u64) {
                 }
                 trial.replays.fetch_add(1, Ordering::Relaxed);
             }
-            // A new conversation (the idle window is a millisecond).
+            // A new conversation (the idle window is a millisecond; the
+            // closing socket's leave is activity too, so within that
+            // millisecond the most recent one is given again).
             70..76 => {
                 primary.close().await;
                 node = other_node(&mut rng, node);
                 primary = Socket::open(&trial, node, party, "").await;
-                assert_eq!(primary.ready["seq"], 0, "a new conversation");
+                let fresh = primary.ready["seq"] == 0;
+                assert!(fresh || mine.contains(&primary.conversation), "{party:?}: {}", primary.ready);
             }
             // Name another tenant's conversation (or, one time in four, another
             // user's of this tenant), or a made-up one, with this user's token.

@@ -1,7 +1,8 @@
 //! What a stranger on the customers' port can reach and read: no metrics,
 //! no credentials, no internal latencies, no foreign origins, no library
 //! internals, no second reading of a frame, no h2c; and the demo pages
-//! keep to themselves.
+//! keep to themselves. Also what the operator's log holds: no message
+//! text at info level or above.
 
 use std::time::Duration;
 
@@ -238,4 +239,65 @@ async fn refusals_are_in_our_words_not_a_librarys() {
     let error = client.expect("error").await;
     assert_eq!(error["code"], "invalid_json");
     assert_eq!(error["message"], "frame is not valid JSON (line 1, column 8)");
+}
+
+#[tokio::test]
+async fn message_text_never_reaches_the_log_at_info_in_jwt_mode() {
+    use fengda_tests::tokens::{KeyDir, claims, toml_path};
+    use jsonwebtoken::Algorithm;
+
+    let dir = KeyDir::new();
+    let acme = dir.hmac_secret("acme.secret");
+    let config = format!(
+        "[auth]\nmode = \"jwt\"\n[[auth.keys]]\ntenant = \"acme\"\nalg = \"HS256\"\nsecret_file = {}\n",
+        toml_path(&acme.path)
+    );
+    let config = dir.write("fengda.toml", config.as_bytes());
+    let hub = Hub::start_logging("info", &["--config", config.to_str().unwrap(), "--max-text-chars", "200"]).await;
+    let marker = format!("zq{}x", std::process::id());
+    let token = acme.sign(Algorithm::HS256, None, &claims("acme", "alice"));
+    let mut client = Client::connect(&hub.ws_url(&format!("token={token}"))).await;
+
+    // Stored and answered; the answer's text is message text too.
+    let (_, reply) = client.ask("m1", &format!("Tell me about the Gold Card {marker}")).await;
+    let answer = reply.text().to_owned();
+    // Refused frames that carry the text: too long, not JSON, an unknown type, a bad refresh.
+    client.send_message("m2", &format!("{marker} {}", "x".repeat(300))).await;
+    assert_eq!(client.expect("error").await["code"], "text_too_long");
+    client.send_text(format!("{{\"type\":\"message\",\"id\":\"m3\",\"text\":\"{marker}\"")).await;
+    client.expect("error").await;
+    client.send_text(format!("{{\"type\":\"{marker}\",\"text\":\"{marker}\"}}")).await;
+    client.expect("error").await;
+    client.send_json(serde_json::json!({ "type": "refresh", "token": format!("{marker}.{marker}.{marker}") })).await;
+    client.expect("error").await;
+    // Another socket of the conversation gets the replay, then a cancelled reply.
+    let mut other =
+        Client::connect(&hub.ws_url(&format!("token={token}&conversation={}&after=0", client.conversation()))).await;
+    other.expect("message").await;
+    other.expect("message").await;
+    other.send_message("m4", &format!("How much does it cost? {marker}")).await;
+    other.expect("ack").await;
+    let first = other.next().await;
+    other.send_json(serde_json::json!({ "type": "cancel", "reply": first["reply"] })).await;
+    while other.next().await["type"] != "reply.done" {}
+    // A session refused at start (logged as a warning, with its span).
+    let mut unknown = Client::connect_unready(&hub.ws_url(&format!("token={token}&conversation={:032x}", 7))).await;
+    assert_eq!(unknown.expect("error").await["code"], "conversation_not_found");
+    // A refused upgrade whose token is the marker.
+    let refused = tokio_tungstenite::connect_async(hub.ws_url(&format!("token={marker}"))).await;
+    assert!(refused.is_err());
+
+    // Every line the traffic caused is in the log once a later line is.
+    let pid = hub.child.id().unwrap() as i32;
+    // SAFETY: plain kill(2) on a child we started and still own.
+    unsafe { libc::kill(pid, libc::SIGHUP) };
+    let deadline = tokio::time::Instant::now() + STEP_TIMEOUT;
+    while !hub.logs().contains("auth configuration reloaded") {
+        assert!(tokio::time::Instant::now() < deadline, "no reload line:\n{}", hub.logs());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let logs = hub.logs();
+    assert!(logs.contains("session refused"), "the traffic's warnings are in the log:\n{logs}");
+    assert!(!logs.contains(&marker), "message text in the log:\n{logs}");
+    assert!(!logs.contains(&answer[..answer.len().min(40)]), "an answer's text in the log:\n{logs}");
 }

@@ -77,9 +77,10 @@ async fn an_expired_token_gets_its_grace_then_4001_and_a_reply_in_progress_finis
         "leeway_secs = 0\nexpiring_notice_secs = 5\nexpiry_grace_secs = 4",
         &[("acme", None, "HS256", &acme.path)],
     );
-    // A reply that streams for about 3 s.
+    // A reply that streams for about 3.6 s (9 gaps of 400 ms): longer than
+    // the 2 s to `exp` plus the second `exp` is truncated to.
     let answerer =
-        RecordingAnswerer::start(Script { tokens: 10, token_delay: Duration::from_millis(300), ..Script::default() })
+        RecordingAnswerer::start(Script { tokens: 10, token_delay: Duration::from_millis(400), ..Script::default() })
             .await;
     let hub = Hub::start(&["--config", config.to_str().unwrap(), "--nlp-url", &answerer.url]).await;
     let exp = now() + 2;

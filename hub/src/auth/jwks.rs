@@ -7,15 +7,22 @@
 //! operator's; nothing from a token goes into it. A kid the cache does not
 //! know triggers a fetch, at most once per `auth.jwks_min_refresh_secs` per
 //! source, so a stream of made-up kids costs the identity provider one
-//! request per interval. Fetches of one source are serialized by its own
-//! lock: a slow identity provider holds up only upgrades of its tenant
-//! that name a kid not yet cached, never another tenant's.
+//! request per interval; until the next fetch is due, a failed fetch keeps
+//! answering "unavailable" (not "unknown kid"). Fetches of one source are
+//! serialized by its own lock: a slow identity provider holds up only
+//! upgrades of its tenant that name a kid not yet cached, never another
+//! tenant's.
+//!
+//! Each JWK is read on its own: one the hub cannot use (another key type or
+//! curve, published for encryption by `use` or `key_ops`, symmetric, of an
+//! algorithm other than the pinned one) is skipped and logged, and the rest
+//! of the set still verifies.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
-use jsonwebtoken::jwk::{AlgorithmParameters, JwkSet};
+use jsonwebtoken::jwk::{AlgorithmParameters, Jwk, KeyOperations, PublicKeyUse};
 use jsonwebtoken::{Algorithm, DecodingKey};
 use tracing::{info, warn};
 
@@ -39,8 +46,8 @@ pub struct JwksSource {
     http: reqwest::Client,
     /// kid → key, as of the last good fetch.
     cache: RwLock<HashMap<String, Arc<Key>>>,
-    /// When the last fetch started (successful or not).
-    last_fetch: Mutex<Option<Instant>>,
+    /// When the last fetch started, and whether it failed.
+    last_fetch: Mutex<Option<LastFetch>>,
     /// Held while fetching: one fetch per source at a time.
     fetching: tokio::sync::Mutex<()>,
 }
@@ -54,11 +61,25 @@ impl std::fmt::Debug for JwksSource {
     }
 }
 
+#[derive(Debug, Clone, Copy)]
+struct LastFetch {
+    at: Instant,
+    failed: bool,
+}
+
+/// A JWKS document: its keys, each read on its own ([`JwksSource::key_of`]).
+#[derive(serde::Deserialize)]
+struct RawSet {
+    keys: Vec<serde_json::Value>,
+}
+
 /// Why a JWKS could not be used.
 #[derive(Debug, thiserror::Error)]
 pub enum JwksError {
     #[error("fetching the JWKS failed: {0}")]
     Fetch(String),
+    #[error("the last JWKS fetch failed; the next is not due yet")]
+    LastFetchFailed,
 }
 
 impl JwksSource {
@@ -96,13 +117,20 @@ impl JwksSource {
         if let Some(key) = self.cached(kid) {
             return Ok(Some(key));
         }
-        let due =
-            self.last_fetch.lock().unwrap_or_else(|e| e.into_inner()).is_none_or(|at| at.elapsed() >= self.min_refresh);
-        if !due {
-            return Ok(None);
+        let last = *self.last_fetch.lock().unwrap_or_else(|e| e.into_inner());
+        match last {
+            Some(last) if last.at.elapsed() < self.min_refresh => {
+                return if last.failed { Err(JwksError::LastFetchFailed) } else { Ok(None) };
+            }
+            _ => {}
         }
-        *self.last_fetch.lock().unwrap_or_else(|e| e.into_inner()) = Some(Instant::now());
-        self.fetch().await?;
+        // Recorded before fetching, so that a fetch abandoned half-way (its
+        // upgrade's client left) still counts against the interval.
+        let at = Instant::now();
+        *self.last_fetch.lock().unwrap_or_else(|e| e.into_inner()) = Some(LastFetch { at, failed: false });
+        let fetched = self.fetch().await;
+        *self.last_fetch.lock().unwrap_or_else(|e| e.into_inner()) = Some(LastFetch { at, failed: fetched.is_err() });
+        fetched?;
         Ok(self.cached(kid))
     }
 
@@ -126,16 +154,26 @@ impl JwksSource {
             if body.len() > MAX_JWKS_BYTES {
                 return Err(JwksError::Fetch("the JWKS is too large".into()));
             }
-            serde_json::from_slice::<JwkSet>(&body).map_err(|e| JwksError::Fetch(format!("not a JWKS: {e}")))
+            serde_json::from_slice::<RawSet>(&body).map_err(|e| JwksError::Fetch(format!("not a JWKS: {e}")))
         }
         .await
         .inspect_err(
             |error| warn!(tenant_id = %self.tenant, url = %shown, %error, "JWKS fetch failed; keeping the keys cached"),
         )?;
         let mut keys = HashMap::new();
-        for jwk in &set.keys {
-            let Some(kid) = jwk.common.key_id.clone().filter(|kid| !kid.is_empty()) else { continue };
-            match self.key_of(jwk, &kid) {
+        for raw in set.keys {
+            let Some(kid) = raw.get("kid").and_then(|kid| kid.as_str()).filter(|kid| !kid.is_empty()) else {
+                continue;
+            };
+            let kid = kid.to_owned();
+            let jwk = match serde_json::from_value::<Jwk>(raw) {
+                Ok(jwk) => jwk,
+                Err(error) => {
+                    warn!(tenant_id = %self.tenant, url = %shown, kid, %error, "JWKS key skipped: not a key this hub reads");
+                    continue;
+                }
+            };
+            match self.key_of(&jwk, &kid) {
                 Ok(key) => {
                     keys.insert(kid, Arc::new(key));
                 }
@@ -148,10 +186,17 @@ impl JwksSource {
     }
 
     /// One JWK as a key pinned to one algorithm; symmetric keys are never
-    /// taken from a JWKS (a published secret is no secret).
-    fn key_of(&self, jwk: &jsonwebtoken::jwk::Jwk, kid: &str) -> Result<Key, String> {
+    /// taken from a JWKS (a published secret is no secret), nor keys
+    /// published for anything but verifying signatures (`use`, `key_ops`).
+    fn key_of(&self, jwk: &Jwk, kid: &str) -> Result<Key, String> {
         if matches!(jwk.algorithm, AlgorithmParameters::OctetKey(_)) {
             return Err("symmetric keys are not taken from a JWKS".into());
+        }
+        if jwk.common.public_key_use.as_ref().is_some_and(|used| *used != PublicKeyUse::Signature) {
+            return Err("its `use` is not `sig`".into());
+        }
+        if jwk.common.key_operations.as_ref().is_some_and(|ops| !ops.contains(&KeyOperations::Verify)) {
+            return Err("its `key_ops` do not include `verify`".into());
         }
         let own = jwk.common.key_algorithm.map(Algorithm::try_from).transpose().map_err(|e| e.to_string())?;
         let alg = match (self.pinned, own) {

@@ -40,13 +40,14 @@ pub struct Question {
     pub received: std::time::Instant,
     /// The asking socket wants a `timing` object on `reply.done`.
     pub timing: bool,
+    /// Turns of history sent with it (its tenant's `history_turns`).
+    pub history_turns: usize,
 }
 
 /// What the replier needs, shared by all sessions of the node.
 pub struct Replier {
     pub conversations: Arc<Conversations>,
     pub nlp: Arc<NlpPool>,
-    pub history_turns: usize,
     pub fallback: FallbackText,
     pub tenant_fallback: std::collections::HashMap<String, FallbackText>,
     /// Replies streaming on this node, by reply id, for `cancel`.
@@ -81,16 +82,10 @@ fn ms(duration: std::time::Duration) -> f64 {
 }
 
 impl Replier {
-    pub fn new(
-        conversations: Arc<Conversations>,
-        nlp: Arc<NlpPool>,
-        history_turns: usize,
-        config: &crate::config::NlpConfig,
-    ) -> Self {
+    pub fn new(conversations: Arc<Conversations>, nlp: Arc<NlpPool>, config: &crate::config::NlpConfig) -> Self {
         Self {
             conversations,
             nlp,
-            history_turns,
             fallback: config.fallback.clone(),
             tenant_fallback: config.tenant_fallback.clone(),
             in_flight: DashMap::new(),
@@ -118,10 +113,10 @@ impl Replier {
         let turns = if cancel.is_cancelled() {
             Ok(Vec::new())
         } else {
-            self.conversations.recent_turns(key, self.history_turns + 1).await
+            self.conversations.recent_turns(key, question.history_turns + 1).await
         };
         let history = match turns {
-            Ok(turns) => history_before(&turns, question.seq, self.history_turns),
+            Ok(turns) => history_before(&turns, question.seq, question.history_turns),
             Err(error) => {
                 warn!(%error, "history unavailable; answering without it");
                 Vec::new()

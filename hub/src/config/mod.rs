@@ -8,7 +8,7 @@
 //!
 //! Each section of the file has its own module, which owns its struct, its
 //! defaults (written once, in its `Default` impl) and its own checks:
-//! `server`, `websocket`, `conversation`, `nlp`, `redis`; the
+//! `server`, `websocket`, `conversation`, `nlp`, `redis`, `tenants`; the
 //! `serve` flags are in `flags`. `[auth]` belongs to [`crate::auth`].
 
 mod conversation;
@@ -16,6 +16,7 @@ mod flags;
 mod nlp;
 mod redis;
 mod server;
+mod tenants;
 #[cfg(test)]
 mod tests;
 mod websocket;
@@ -31,6 +32,7 @@ pub use flags::ServeArgs;
 pub use nlp::{FallbackText, NlpConfig};
 pub use redis::RedisConfig;
 pub use server::{ProxyAddrs, RESERVED_FDS, ServerConfig};
+pub use tenants::{TenantLimits, TenantOverrides, TenantsConfig};
 pub use websocket::WebSocketConfig;
 
 /// Everything `fengda serve` can be told.
@@ -59,6 +61,8 @@ pub struct Config {
     pub answerer: fengda_nlp::AnswererConfig,
     /// Who may open sockets: `[auth]` and `[[auth.keys]]` ([`crate::auth::config`]).
     pub auth: crate::auth::AuthConfig,
+    /// Per-tenant limits: `[tenants.default]` and `[tenants.<id>]` ([`TenantsConfig`]).
+    pub tenants: TenantsConfig,
 }
 
 /// The conversation store.
@@ -94,6 +98,7 @@ impl Default for Config {
             nlp: NlpConfig::default(),
             answerer: fengda_nlp::AnswererConfig::default(),
             auth: crate::auth::AuthConfig::default(),
+            tenants: TenantsConfig::default(),
         }
     }
 }
@@ -138,6 +143,7 @@ impl Config {
         self.nlp.validate()?;
         self.answerer.validate().map_err(ConfigError::Answerer)?;
         self.auth.check(self.listen)?;
+        self.tenants.validate(self.websocket.max_text_bytes)?;
         Ok(())
     }
 

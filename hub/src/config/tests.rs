@@ -49,8 +49,10 @@ fn the_readme_configuration_table_lists_every_key_with_its_real_default() {
     for row in table.lines().filter(|line| line.starts_with("| `")) {
         let cells: Vec<_> = row.split('|').map(str::trim).collect();
         let (key, default) = (cells[1], cells[4]);
-        // Rows naming a family of keys (`nlp.fallback.en`, `.zh`) are prose.
-        let Some(key) = key.strip_prefix('`').and_then(|k| k.strip_suffix('`')).filter(|k| !k.contains('`')) else {
+        // Rows naming a family of keys (`nlp.fallback.en`, `.zh`; `tenants.<tenant>.*`) are prose.
+        let Some(key) =
+            key.strip_prefix('`').and_then(|k| k.strip_suffix('`')).filter(|k| !k.contains('`') && !k.contains('<'))
+        else {
             continue;
         };
         documented.insert(key.to_owned());
@@ -188,4 +190,20 @@ fn redis_retention_defaults_to_the_conversation_retention() {
     assert_eq!(config.conversation.redis_retention_secs(&config.redis), 3600);
     config.redis.retention_secs = Some(7200);
     assert_eq!(config.conversation.redis_retention_secs(&config.redis), 7200);
+}
+
+#[test]
+fn a_tenant_section_overrides_the_default_one_key_at_a_time() {
+    let text = "[tenants.default]\nmax_connections = 100\nhistory_turns = 4\n[tenants.acme]\nhistory_turns = 2\n";
+    let config: Config = toml::from_str(text).unwrap();
+    config.validate().unwrap();
+    let acme = config.tenants.default.with(&config.tenants.tenants["acme"]);
+    assert_eq!((acme.max_connections, acme.history_turns), (100, Some(2)));
+    assert!(toml::from_str::<Config>("[tenants.acme]\nmax_conections = 1\n").is_err(), "unknown key");
+    let mut config = Config::default();
+    config.tenants.tenants.insert("bad tenant".into(), Default::default());
+    assert!(matches!(config.validate(), Err(ConfigError::Invalid { key: "tenants", .. })));
+    let mut config = Config::default();
+    config.tenants.default.max_text_bytes = Some(config.websocket.max_text_bytes + 1);
+    assert!(config.validate().is_err(), "longer than the node allows");
 }

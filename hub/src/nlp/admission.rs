@@ -47,6 +47,25 @@ pub struct Admission {
     state: Mutex<State>,
 }
 
+/// Hard caps on one tenant's running calls (`tenants.<id>.nlp_max_concurrent`),
+/// below which the fair share above applies; set by [`Admission::set_tenant_caps`].
+#[derive(Debug, Clone, Default)]
+pub struct TenantCaps {
+    /// The cap of tenants not in `named`.
+    pub default: Option<usize>,
+    pub named: HashMap<TenantId, Option<usize>>,
+}
+
+impl TenantCaps {
+    fn allows(&self, tenant: &TenantId, running: usize) -> bool {
+        let cap = match self.named.get(tenant) {
+            Some(cap) => *cap,
+            None => self.default,
+        };
+        cap.is_none_or(|cap| running < cap)
+    }
+}
+
 /// Waiter ids start here and grow; ids of questions coming back to the
 /// front of a line start here and shrink, so each line stays sorted by id.
 const FIRST_WAITER: u64 = 1 << 62;
@@ -71,6 +90,7 @@ struct State {
     queues: HashMap<TenantId, VecDeque<Waiter>>,
     /// Tenants with waiters, in round-robin order; the front is served next.
     ring: VecDeque<TenantId>,
+    caps: TenantCaps,
 }
 
 impl State {
@@ -211,6 +231,7 @@ impl Admission {
             next_front: FIRST_WAITER,
             queues: HashMap::new(),
             ring: VecDeque::new(),
+            caps: TenantCaps::default(),
         };
         Arc::new(Self { max_concurrent, max_per_tenant, max_queued, state: Mutex::new(state) })
     }
@@ -227,6 +248,13 @@ impl Admission {
         } else {
             (self.max_per_tenant * state.capacity).div_ceil(self.max_concurrent.max(1)).max(1)
         };
+        self.dispatch(&mut state);
+    }
+
+    /// Sets the tenants' hard caps and admits waiters they no longer hold back.
+    pub fn set_tenant_caps(&self, caps: TenantCaps) {
+        let mut state = self.lock();
+        state.caps = caps;
         self.dispatch(&mut state);
     }
 
@@ -286,9 +314,12 @@ impl Admission {
         Ok(Entry::Waiting(Ticket { admission: self.clone(), tenant: tenant.clone(), id, admitted, taken: false }))
     }
 
-    /// Below its share, or alone: no other tenant has calls running or
-    /// waiting, or asked within `ACTIVE_WINDOW`.
+    /// Below its own cap, and below its share or alone: no other tenant
+    /// has calls running or waiting, or asked within `ACTIVE_WINDOW`.
     fn may_start(&self, state: &State, tenant: &TenantId) -> bool {
+        if !state.caps.allows(tenant, state.running_of(tenant)) {
+            return false;
+        }
         state.running_of(tenant) < state.per_tenant
             || (state.running_by_tenant.keys().all(|t| t == tenant)
                 && state.ring.iter().all(|t| t == tenant)

@@ -86,11 +86,12 @@ async fn reload_on_hangup(args: ServeArgs, reloader: fengda::Reloader) {
                 .into_config()
                 .map_err(anyhow::Error::from)
                 .and_then(|config| reloader.reload(&config).map_err(anyhow::Error::from));
-            if let Err(error) = reloaded {
-                tracing::error!(
+            match reloaded {
+                Ok(()) => tracing::info!("configuration reloaded"),
+                Err(error) => tracing::error!(
                     error = format!("{error:#}"),
                     "configuration NOT reloaded; the previous one stays in force"
-                );
+                ),
             }
         }
     }

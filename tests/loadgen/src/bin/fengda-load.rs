@@ -1436,7 +1436,8 @@ async fn drive(spec: &LoopSpec, pool: &Pool, start: Instant, watched: &Watched) 
                 Ok(Some(mut ws)) => {
                     let waited = t0.elapsed();
                     let result = ask(&mut ws, &id, &text, policy, t0, deadline).await;
-                    if result.is_ok() {
+                    // A question refused at its tenant's rate leaves its socket open and usable.
+                    if result.as_ref().map_or_else(|failed| failed.kind == Failure::RateLimited, |_| true) {
                         let _ = pool_tx.send(ws);
                     }
                     result.map(|answer| (answer, waited))

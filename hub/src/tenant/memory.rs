@@ -30,13 +30,14 @@ impl MemoryCounts {
         Self::default()
     }
 
-    /// Forgets users whose rate state is back to fresh (run periodically).
+    /// Forgets users whose rate state is back to fresh, and tenants left
+    /// with none (run periodically; tenant ids are unbounded in demo mode).
     pub fn upkeep(&self) {
-        let limiters: Vec<_> = self.lock_messages().values().map(|(_, limiter)| limiter.clone()).collect();
-        for limiter in limiters {
+        self.lock_messages().retain(|_, (_, limiter)| {
             limiter.retain_recent();
             limiter.shrink_to_fit();
-        }
+            !limiter.is_empty()
+        });
     }
 
     fn lock_messages(&self) -> std::sync::MutexGuard<'_, HashMap<TenantId, MessageLimiter>> {
@@ -88,5 +89,41 @@ impl Counts for MemoryCounts {
             }
         };
         Ok(limiter.check_key(user).err().map(|not_until| not_until.wait_time_from(DefaultClock::default().now())))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ids(tenant: &str, user: &str) -> (TenantId, UserId) {
+        (TenantId::parse(tenant).unwrap(), UserId::parse(user).unwrap())
+    }
+
+    #[tokio::test]
+    async fn connections_count_per_tenant_and_are_released() {
+        let counts = MemoryCounts::new();
+        let ((acme, _), (shop, _)) = (ids("acme", "u"), ids("shop", "u"));
+        assert!(counts.connect(&acme, "a", 2).await.unwrap());
+        assert!(counts.connect(&acme, "b", 2).await.unwrap());
+        assert!(!counts.connect(&acme, "c", 2).await.unwrap());
+        assert!(counts.connect(&shop, "d", 2).await.unwrap());
+        counts.release(&acme, "a");
+        assert!(counts.connect(&acme, "c", 2).await.unwrap());
+    }
+
+    #[tokio::test]
+    async fn messages_come_in_a_burst_then_one_per_window_share() {
+        let counts = MemoryCounts::new();
+        let ((acme, alice), (_, bob)) = (ids("acme", "alice"), ids("acme", "bob"));
+        let window = Duration::from_secs(60);
+        for _ in 0..3 {
+            assert_eq!(counts.message(&acme, &alice, 3, window).await.unwrap(), None);
+        }
+        let wait = counts.message(&acme, &alice, 3, window).await.unwrap().expect("over the rate");
+        assert!(wait > Duration::from_secs(19) && wait <= Duration::from_secs(20), "{wait:?}");
+        assert_eq!(counts.message(&acme, &bob, 3, window).await.unwrap(), None, "per user");
+        counts.upkeep();
+        assert!(counts.message(&acme, &alice, 3, window).await.unwrap().is_some(), "upkeep keeps live state");
     }
 }

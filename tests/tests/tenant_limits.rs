@@ -262,3 +262,36 @@ async fn sighup_reloads_the_tenant_limits() {
     second.send_message("m1", "eleven byte").await;
     assert_eq!(next_error(&mut second).await["code"], "text_too_long");
 }
+
+#[tokio::test]
+async fn a_dead_nodes_sockets_stop_counting_when_their_leases_expire() {
+    // Cluster mode whatever the suite's backend: it is about a node dying.
+    let (_dir, path) = config("[redis]\nconnection_lease_ms = 1500\n[tenants.acme]\nmax_connections = 2\n");
+    let redis = RedisServer::start().await;
+    let args = ["--config", path.to_str().unwrap()];
+    let mut nodes =
+        Nodes { hubs: vec![Hub::start_node(&redis, &args).await, Hub::start_node(&redis, &args).await], _redis: None };
+    let mut held = Vec::new();
+    for user in ["d1", "d2"] {
+        held.push(Client::connect(&nodes.node(0).ws_url(&format!("tenant=acme&user={user}"))).await);
+    }
+    let on_b = nodes.node(1).ws_url("tenant=acme&user=d3");
+    assert!(matches!(upgrade(&on_b, &[]).await, Err((429, ..))));
+    // Node A dies without a word: its sockets are never released, only no longer renewed.
+    nodes.hubs[0].child.kill().await.expect("kill node A");
+    let died = tokio::time::Instant::now();
+    let mut refusals = 0;
+    let client = loop {
+        match upgrade(&on_b, &[]).await {
+            Ok(client) => break client,
+            Err((429, ..)) => refusals += 1,
+            Err(other) => panic!("{other:?}"),
+        }
+        assert!(died.elapsed() < Duration::from_secs(5), "node A's places never freed");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(refusals > 0, "the places were still counted right after the node died");
+    // A lease was renewed at most a third of it before the death, so it expires within 1.5 s of it.
+    assert!(died.elapsed() < Duration::from_millis(2500), "{:?}", died.elapsed());
+    drop(client);
+}

@@ -7,7 +7,7 @@
 //! (`governor` for the message rate), [`redis`] for a cluster (one atomic
 //! Lua script, `limits.lua`). Connections are counted as leases that the
 //! node holding them renews, so a node that dies stops counting within
-//! [`LEASE`]. The limits enforced elsewhere are read from here: the longest
+//! `redis.connection_lease_ms`. The limits enforced elsewhere are read from here: the longest
 //! message (the session's reader), history turns (the replier), NLP calls in
 //! flight (the NLP admission) and browser origins (the `/ws` upgrade).
 //!
@@ -26,11 +26,6 @@ use tracing::warn;
 use crate::config::{Config, TenantLimits};
 use crate::ids::{TenantId, UserId};
 
-/// How long a connection counts without its node renewing it: a node that
-/// dies frees its tenants' places within this long.
-pub const LEASE: Duration = Duration::from_secs(30);
-/// How often a node renews its connections' leases.
-pub const RENEW_EVERY: Duration = Duration::from_secs(10);
 /// `Retry-After` of an upgrade refused at the tenant's connection cap: a
 /// place frees when one of the tenant's customers leaves, which nothing predicts.
 pub const CONNECTION_RETRY_AFTER_SECS: u64 = 5;

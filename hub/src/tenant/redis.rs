@@ -5,8 +5,8 @@
 //! cluster's connection leases, scored by expiry) and
 //! `<prefix>:user:{<tenant>:<user>}:messages` (the user's rate state), ids
 //! escaped as in [`crate::store::redis::keys`]. Each node renews its own
-//! leases every [`super::RENEW_EVERY`]; those of a node that died expire
-//! after [`super::LEASE`] and are dropped by the next `connect`.
+//! leases every third of `redis.connection_lease_ms`; those of a node that
+//! died expire after it and are dropped by the next `connect`.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -17,7 +17,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::warn;
 
-use super::{CountError, Counts, LEASE, RENEW_EVERY};
+use super::{CountError, Counts};
 use crate::config::RedisConfig;
 use crate::ids::{TenantId, UserId};
 use crate::store::redis::keys::escape;
@@ -28,6 +28,8 @@ static SCRIPT: std::sync::LazyLock<redis::Script> =
 pub struct RedisCounts {
     commands: ConnectionManager,
     timeout: Duration,
+    /// `redis.connection_lease_ms`.
+    lease: Duration,
     prefix: String,
     /// This node's counted leases, by lease id, for renewal.
     leases: Mutex<HashMap<String, TenantId>>,
@@ -55,6 +57,7 @@ impl RedisCounts {
         let counts = Arc::new(Self {
             commands,
             timeout,
+            lease: Duration::from_millis(config.connection_lease_ms),
             prefix: config.key_prefix.clone(),
             leases: Mutex::new(HashMap::new()),
             tracker: tracker.clone(),
@@ -87,10 +90,10 @@ impl RedisCounts {
             .map_err(CountError::from)
     }
 
-    /// Renews this node's leases every `RENEW_EVERY`, one call per tenant.
+    /// Renews this node's leases every third of a lease, one call per tenant.
     async fn run_renewal(self: Arc<Self>, stop: CancellationToken) {
-        let mut interval = tokio::time::interval(RENEW_EVERY);
-        let ttl = LEASE.as_millis().to_string();
+        let mut interval = tokio::time::interval(self.lease / 3);
+        let ttl = self.lease.as_millis().to_string();
         loop {
             tokio::select! {
                 _ = stop.cancelled() => return,
@@ -114,7 +117,7 @@ impl RedisCounts {
 #[async_trait::async_trait]
 impl Counts for RedisCounts {
     async fn connect(&self, tenant: &TenantId, lease: &str, max: u32) -> Result<bool, CountError> {
-        let (ttl, max) = (LEASE.as_millis().to_string(), max.to_string());
+        let (ttl, max) = (self.lease.as_millis().to_string(), max.to_string());
         let counted = self.run(self.connections_key(tenant), &["connect", lease, &ttl, &max]).await? == 1;
         if counted {
             self.leases().insert(lease.to_owned(), tenant.clone());

@@ -227,11 +227,6 @@ impl App {
         self.local_addr
     }
 
-    /// The node's identity checks, for reloading them (SIGHUP).
-    pub fn auth(&self) -> Arc<auth::Auth> {
-        self.state.auth.clone()
-    }
-
     /// What SIGHUP reloads: the auth keys and the tenant limits.
     pub fn reloader(&self) -> Reloader {
         Reloader {

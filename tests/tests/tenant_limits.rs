@@ -2,16 +2,19 @@
 //! its users' message rate hold across two nodes (on Redis; on the memory
 //! backend both "nodes" are the one hub), its longest message, its history
 //! turns as the NLP service receives them, its NLP calls in flight and its
-//! browser origins; and a tenant at its limits leaves another tenant's
-//! customers untouched.
+//! browser origins (in jwt mode, the verified token's tenant's); and a
+//! tenant at its limits leaves another tenant's customers untouched. Also:
+//! a dead node's sockets stop counting when their leases expire, and
+//! SIGHUP reloads the limits.
 
 use std::time::Duration;
 
 use serde_json::{Value, json};
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 
-use fengda_tests::tokens::KeyDir;
+use fengda_tests::tokens::{KeyDir, claims, toml_path};
 use fengda_tests::{Client, Hub, RecordingAnswerer, RedisServer, STEP_TIMEOUT, Script, test_backend};
+use jsonwebtoken::Algorithm;
 
 /// Two nodes of one cluster: two hubs sharing a fresh Redis on the redis
 /// backend, one hub standing for both on the memory backend.
@@ -294,4 +297,40 @@ async fn a_dead_nodes_sockets_stop_counting_when_their_leases_expire() {
     // A lease was renewed at most a third of it before the death, so it expires within 1.5 s of it.
     assert!(died.elapsed() < Duration::from_millis(2500), "{:?}", died.elapsed());
     drop(client);
+}
+
+#[tokio::test]
+async fn in_jwt_mode_the_origin_is_checked_against_the_verified_tokens_tenant() {
+    let dir = KeyDir::new();
+    let (acme, shop) = (dir.hmac_secret("acme.secret"), dir.hmac_secret("shop.secret"));
+    let text = format!(
+        "[auth]\nmode = \"jwt\"\n\
+         [[auth.keys]]\ntenant = \"acme\"\nalg = \"HS256\"\nsecret_file = {}\n\
+         [[auth.keys]]\ntenant = \"shop\"\nalg = \"HS256\"\nsecret_file = {}\n\
+         [websocket]\nallowed_origins = [\"https://shop.example\"]\n\
+         [tenants.acme]\nallowed_origins = [\"https://acme.example\"]\n",
+        toml_path(&acme.path),
+        toml_path(&shop.path)
+    );
+    let path = dir.write("fengda.toml", text.as_bytes());
+    let hub = Hub::start(&["--config", path.to_str().unwrap()]).await;
+    let of_acme = acme.sign(Algorithm::HS256, None, &claims("acme", "alice"));
+    let of_shop = shop.sign(Algorithm::HS256, None, &claims("shop", "sam"));
+    let open = |token: &str, origin: &'static str| {
+        let url = hub.ws_url(&format!("token={token}"));
+        async move {
+            upgrade(&url, &[("origin", origin)])
+                .await
+                .map(|_| ())
+                .map_err(|(status, _, body)| (status, body["error"].clone()))
+        }
+    };
+    assert_eq!(open(&of_acme, "https://acme.example").await, Ok(()));
+    assert_eq!(open(&of_shop, "https://shop.example").await, Ok(()));
+    // The tenant is the token's: another tenant's page may not open its sockets.
+    assert_eq!(open(&of_shop, "https://acme.example").await, Err((403, json!("origin_not_allowed"))));
+    assert_eq!(open(&of_acme, "https://shop.example").await, Err((403, json!("origin_not_allowed"))));
+    // A page no tenant allows is refused before its token is looked at.
+    assert_eq!(open("not-a-token", "https://evil.example").await, Err((403, json!("origin_not_allowed"))));
+    assert_eq!(open("not-a-token", "https://acme.example").await, Err((401, json!("token_invalid"))));
 }

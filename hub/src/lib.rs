@@ -22,6 +22,8 @@
 //!   sessions and replies call.
 //! - [`reply`]: one question's answer: history, NLP stream, deltas, stored reply.
 //! - [`nlp`]: the NLP endpoints: gRPC clients, breakers, retries, admission.
+//! - [`tenant`]: per-tenant limits (connections and message rates counted
+//!   across the cluster, message length, history turns, NLP calls, origins).
 //! - [`server`]: the accept loop, connection caps and HTTP limits before any upgrade.
 //! - [`metric`]: every exported metric's name and help text.
 //! - [`redact`]: URLs as logs and metric labels show them (no credentials).
@@ -47,6 +49,7 @@ pub mod reply;
 pub mod server;
 pub mod session;
 pub mod store;
+pub mod tenant;
 
 use std::future::{Future, IntoFuture};
 use std::net::SocketAddr;
@@ -88,6 +91,8 @@ pub struct AppState {
     pub connections: Arc<server::limits::ConnectionLimits>,
     /// Who may open sockets: token verification and the keys (reloadable).
     pub auth: Arc<auth::Auth>,
+    /// Per-tenant limits and their counts (reloadable).
+    pub tenants: Arc<tenant::Tenants>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -100,6 +105,8 @@ pub enum AppError {
     Nlp(#[from] nlp::NlpError),
     #[error("cannot connect to Redis: {0}")]
     Redis(#[from] StoreError),
+    #[error("cannot connect to Redis for the tenant limits: {0}")]
+    TenantCounts(#[from] tenant::CountError),
     #[error("cannot load the auth keys: {0}")]
     Keys(#[from] auth::keys::KeyError),
     #[error("server failed: {0}")]
@@ -166,22 +173,29 @@ impl App {
         };
         let nlp = Arc::new(NlpPool::new(endpoints, &config.nlp));
         let fanout = Arc::new(FanOut::with_max_sockets(config.conversation.max_sockets));
-        let (log, bus): (Arc<dyn ConversationLog>, Arc<dyn EventBus>) = match config.backend {
+        let (log, bus, counts): (Arc<dyn ConversationLog>, Arc<dyn EventBus>, Arc<dyn tenant::Counts>) = match config
+            .backend
+        {
             StoreKind::Memory => {
                 let memory = Arc::new(MemoryLog::new(&config.conversation));
                 tracker.spawn(memory.clone().run_sweeper(fanout.clone(), shutdown.clone()));
-                (memory, Arc::new(LocalBus))
+                let counts = Arc::new(tenant::memory::MemoryCounts::new());
+                tracker.spawn(run_tenant_upkeep(counts.clone(), shutdown.clone()));
+                (memory, Arc::new(LocalBus), counts)
             }
             StoreKind::Redis => {
                 let incoming = fanout.clone();
                 let (log, bus) =
                     store::redis::connect(&config.redis, &config.conversation, incoming, &tracker, shutdown.clone())
                         .await?;
-                (Arc::new(log), Arc::new(bus))
+                let counts = tenant::redis::RedisCounts::connect(&config.redis, &tracker, shutdown.clone()).await?;
+                (Arc::new(log), Arc::new(bus), counts)
             }
         };
+        let tenants = Arc::new(tenant::Tenants::new(&config, counts));
+        nlp.set_tenant_caps(tenants.nlp_caps());
         let conversations = Arc::new(Conversations::new(log, bus, fanout));
-        let replier = Replier::new(conversations.clone(), nlp.clone(), config.conversation.history_turns, &config.nlp);
+        let replier = Replier::new(conversations.clone(), nlp.clone(), &config.nlp);
         tracker.spawn(nlp::run_health_checks(nlp, shutdown.clone()));
         let listener = bind_listener(config.listen).map_err(|source| AppError::Bind { addr: config.listen, source })?;
         let local_addr = listener.local_addr().map_err(AppError::Serve)?;
@@ -203,6 +217,7 @@ impl App {
             sessions_open: AtomicUsize::new(0),
             connections,
             auth,
+            tenants,
         });
         Ok(Self { listener, local_addr, admin_listener, admin_addr, state, embedded_answerer })
     }
@@ -212,9 +227,13 @@ impl App {
         self.local_addr
     }
 
-    /// The node's identity checks, for reloading them (SIGHUP).
-    pub fn auth(&self) -> Arc<auth::Auth> {
-        self.state.auth.clone()
+    /// What SIGHUP reloads: the auth keys and the tenant limits.
+    pub fn reloader(&self) -> Reloader {
+        Reloader {
+            auth: self.state.auth.clone(),
+            tenants: self.state.tenants.clone(),
+            nlp: self.state.replier.nlp.clone(),
+        }
     }
 
     /// The admin listener's address (`/metrics`).
@@ -284,6 +303,34 @@ fn bind_listener(addr: SocketAddr) -> std::io::Result<TcpListener> {
     socket.set_reuseaddr(true)?;
     socket.bind(addr)?;
     socket.listen(LISTEN_BACKLOG)
+}
+
+/// Swaps in a new configuration's reloadable parts (SIGHUP).
+pub struct Reloader {
+    auth: Arc<auth::Auth>,
+    tenants: Arc<tenant::Tenants>,
+    nlp: Arc<NlpPool>,
+}
+
+impl Reloader {
+    /// `config` was validated. The keys first: if they are refused, nothing changes.
+    pub fn reload(&self, config: &Config) -> Result<(), auth::ReloadError> {
+        self.auth.reload(&config.auth, config.listen)?;
+        self.tenants.reload(config);
+        self.nlp.set_tenant_caps(self.tenants.nlp_caps());
+        Ok(())
+    }
+}
+
+/// Forgets the message-rate state of users who have been quiet.
+async fn run_tenant_upkeep(counts: Arc<tenant::memory::MemoryCounts>, stop: CancellationToken) {
+    let mut interval = tokio::time::interval(Duration::from_secs(60));
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = interval.tick() => counts.upkeep(),
+        }
+    }
 }
 
 /// Forgets the connection-rate state of addresses that have been quiet.

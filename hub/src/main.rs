@@ -25,7 +25,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run a hub node (prints `listening on http://ADDR`, then `admin listening on http://ADDR`, on stdout).
-    /// SIGHUP reloads `[auth]` (keys and their settings) from the config file.
+    /// SIGHUP reloads `[auth]` (keys and their settings) and `[tenants]` from the config file.
     Serve(Box<ServeArgs>),
     /// Check a config file, key files included, without starting anything; exits 0 when it is valid.
     CheckConfig {
@@ -50,7 +50,7 @@ async fn main() -> anyhow::Result<()> {
     };
     let config = args.clone().into_config().context("invalid configuration")?;
     let app = App::build(config).await.context("cannot start the hub")?;
-    tokio::spawn(reload_on_hangup(args, app.auth()));
+    tokio::spawn(reload_on_hangup(args, app.reloader()));
     let mut stdout = std::io::stdout().lock();
     writeln!(stdout, "listening on http://{}", app.local_addr())?;
     writeln!(stdout, "admin listening on http://{}", app.admin_addr())?;
@@ -70,9 +70,9 @@ fn check_config(file: &std::path::Path) -> anyhow::Result<()> {
 }
 
 /// On each SIGHUP, reads the configuration again (file, then the same
-/// flags) and swaps in its `[auth]`; a configuration with any error is
-/// refused whole, logged, and the one in force stays.
-async fn reload_on_hangup(args: ServeArgs, auth: std::sync::Arc<fengda::auth::Auth>) {
+/// flags) and swaps in its `[auth]` and `[tenants]`; a configuration with
+/// any error is refused whole, logged, and the one in force stays.
+async fn reload_on_hangup(args: ServeArgs, reloader: fengda::Reloader) {
     #[cfg(unix)]
     {
         let Ok(mut hangups) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) else {
@@ -80,22 +80,23 @@ async fn reload_on_hangup(args: ServeArgs, auth: std::sync::Arc<fengda::auth::Au
             return;
         };
         while hangups.recv().await.is_some() {
-            tracing::info!("SIGHUP: reloading the auth configuration");
+            tracing::info!("SIGHUP: reloading the auth and tenant configuration");
             let reloaded = args
                 .clone()
                 .into_config()
                 .map_err(anyhow::Error::from)
-                .and_then(|config| auth.reload(&config.auth, config.listen).map_err(anyhow::Error::from));
-            if let Err(error) = reloaded {
-                tracing::error!(
+                .and_then(|config| reloader.reload(&config).map_err(anyhow::Error::from));
+            match reloaded {
+                Ok(()) => tracing::info!("configuration reloaded"),
+                Err(error) => tracing::error!(
                     error = format!("{error:#}"),
                     "configuration NOT reloaded; the previous one stays in force"
-                );
+                ),
             }
         }
     }
     #[cfg(not(unix))]
-    let _ = (args, auth);
+    let _ = (args, reloader);
 }
 
 /// Resolves on Ctrl-C or SIGTERM.

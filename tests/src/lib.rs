@@ -35,7 +35,7 @@ pub mod tokens;
 pub use answerer::{RecordingAnswerer, Script};
 pub use client::{Client, Reply};
 pub use in_process::InProcessHub;
-pub use process::{Hub, NlpProcess, binary, metric_value};
+pub use process::{Hub, NlpProcess, binary, metric_value, test_backend};
 pub use redis::RedisServer;
 
 /// How long any single expected event may take before the test fails.

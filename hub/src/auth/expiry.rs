@@ -59,11 +59,17 @@ impl SessionToken {
             }
             Ok(_) => {
                 let message = "a refresh must be for the same tenant, user and role";
-                ServerFrame::Error { code: ErrorCode::IdentityMismatch.as_str(), message, id: None }.encode()
+                ServerFrame::Error {
+                    code: ErrorCode::IdentityMismatch.as_str(),
+                    message,
+                    id: None,
+                    retry_after_ms: None,
+                }
+                .encode()
             }
             Err(refusal) => {
                 let message = refusal.to_string();
-                ServerFrame::Error { code: refusal.code(), message: &message, id: None }.encode()
+                ServerFrame::Error { code: refusal.code(), message: &message, id: None, retry_after_ms: None }.encode()
             }
         };
         session.push(Outbound::ephemeral(frame));

@@ -3,10 +3,12 @@
 //! Everything that can be refused before the upgrade is refused with an
 //! HTTP 4xx and a JSON body: a missing, invalid or expired token (401, see
 //! [`crate::auth`]), missing or malformed ids, a bad `after`, a
-//! foreign `Origin`, `timing=1` where it is not allowed, a node that is
-//! shutting down, a client address over its limits (for upgrades through a
-//! trusted proxy; direct connections are limited when accepted, see
-//! [`crate::server`]). Every message is the hub's own, never a library's text.
+//! foreign `Origin` (403: one no tenant allows before the token is read,
+//! one the tenant does not allow after), `timing=1` where it is not
+//! allowed, a node that is shutting down, a tenant at its connection cap
+//! (429, see [`crate::tenant`]), a client address over its limits (for
+//! upgrades through a trusted proxy; direct connections are limited when
+//! accepted, see [`crate::server`]). Every message is the hub's own, never a library's text.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -26,6 +28,7 @@ use crate::auth::{self, AuthMode, Identity};
 use crate::ids::{ConversationId, TenantId, UserId};
 use crate::server::limits::{AddressGuard, Refusal};
 use crate::session::{self, SessionParams};
+use crate::tenant::{AtConnectionCap, CONNECTION_RETRY_AFTER_SECS, ConnectionLease};
 
 /// Bytes the socket library gathers before writing, within one flush.
 const WRITE_BUFFER_BYTES: usize = 16 * 1024;
@@ -53,7 +56,7 @@ pub async fn upgrade(
 ) -> Response {
     let peer = peer.map(|Extension(ConnectInfo(peer))| peer);
     match prepare(&app, peer, &headers, query, upgrade).await {
-        Ok((upgrade, params, address)) => {
+        Ok((upgrade, params, address, lease)) => {
             let ws = &app.config.websocket;
             upgrade
                 // A small read buffer: idle sockets are the common case and the
@@ -70,7 +73,7 @@ pub async fn upgrade(
                 // (detach, the close handshake) and not only for its tasks.
                 .on_upgrade(move |socket| {
                     let tracker = app.tracker.clone();
-                    tracker.track_future(session::run(socket, params, app).map(move |()| drop(address)))
+                    tracker.track_future(session::run(socket, params, app).map(move |()| drop((address, lease))))
                 })
         }
         Err(refused) => refused.into_response(),
@@ -83,8 +86,12 @@ async fn prepare(
     headers: &HeaderMap,
     query: Result<Query<WsQuery>, axum::extract::rejection::QueryRejection>,
     upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
-) -> Result<(WebSocketUpgrade, SessionParams, Option<AddressGuard>), Refused> {
+) -> Result<(WebSocketUpgrade, SessionParams, Option<AddressGuard>, Option<ConnectionLease>), Refused> {
     let (upgrade, params) = check(app, headers, query, upgrade).await?;
+    // The tenant is known now (from the token in jwt mode): its own origins, then its cap.
+    let limits = app.tenants.limits(&params.tenant);
+    check_origin(headers, &limits.allowed_origins)?;
+    let lease = app.tenants.admit_connection(&params.tenant, &limits).await?;
     // Through a trusted proxy: the per-address limits apply to the client it forwards.
     let limits = &app.connections;
     let address = match peer.filter(|peer| limits.is_trusted_proxy(&peer.ip())) {
@@ -94,13 +101,15 @@ async fn prepare(
         },
         None => None,
     };
-    Ok((upgrade, params, address))
+    Ok((upgrade, params, address, lease))
 }
 
 /// Why an upgrade request was refused.
 enum Refused {
     Invalid(ApiError),
     Limited(Refusal),
+    /// The tenant has all the sockets its `max_connections` allows.
+    TenantFull,
     /// No acceptable token: 401 (503 while the tenant's keys cannot be fetched).
     Unauthenticated {
         code: &'static str,
@@ -120,6 +129,12 @@ impl From<ApiError> for Refused {
     }
 }
 
+impl From<AtConnectionCap> for Refused {
+    fn from(_: AtConnectionCap) -> Self {
+        Self::TenantFull
+    }
+}
+
 impl From<Refusal> for Refused {
     fn from(refusal: Refusal) -> Self {
         Self::Limited(refusal)
@@ -131,6 +146,15 @@ impl IntoResponse for Refused {
         match self {
             Self::Invalid(error) => error.into_response(),
             Self::Limited(refusal) => refusal.into_response(),
+            Self::TenantFull => (
+                [(header::RETRY_AFTER, CONNECTION_RETRY_AFTER_SECS.to_string())],
+                ApiError {
+                    status: StatusCode::TOO_MANY_REQUESTS,
+                    code: "tenant_connections",
+                    message: "this service has all the connections it may hold; retry later".into(),
+                },
+            )
+                .into_response(),
             Self::Unauthenticated { code: code @ "keys_unavailable", message } => {
                 ([(header::RETRY_AFTER, "5")], ApiError { status: StatusCode::SERVICE_UNAVAILABLE, code, message })
                     .into_response()
@@ -164,7 +188,12 @@ async fn check(
         code: "not_a_websocket_upgrade",
         message: upgrade_problem(&rejection).into(),
     })?;
-    check_origin(headers, &app.config.websocket.allowed_origins)?;
+    // Before the token is read: an origin no tenant allows gets no further.
+    if let Err(refused) = check_origin(headers, &app.config.websocket.allowed_origins)
+        && !app.tenants.any_origin_list(|list| check_origin(headers, list).is_ok())
+    {
+        return Err(refused.into());
+    }
     // The only way the decoding of these optional strings can fail.
     let Query(query) =
         query.map_err(|_| ApiError::bad_request("invalid_query", "a query parameter is given more than once"))?;

@@ -172,6 +172,11 @@ impl NlpPool {
         pool
     }
 
+    /// Each tenant's cap on its calls in flight (`tenants.*.nlp_max_concurrent`).
+    pub fn set_tenant_caps(&self, caps: admission::TenantCaps) {
+        self.admission.set_tenant_caps(caps);
+    }
+
     /// The node's admission capacity follows the endpoints: the sum of the
     /// limits of those that can take calls now (serving, breaker not open),
     /// or of all of them when none can (a question then fails fast with the

@@ -34,7 +34,13 @@ impl FrameError {
     }
 
     pub fn to_frame(&self) -> Utf8Bytes {
-        ServerFrame::Error { code: self.code.as_str(), message: &self.message, id: self.id.as_deref() }.encode()
+        ServerFrame::Error {
+            code: self.code.as_str(),
+            message: &self.message,
+            id: self.id.as_deref(),
+            retry_after_ms: None,
+        }
+        .encode()
     }
 }
 

@@ -77,6 +77,9 @@ pub enum ServerFrame<'a> {
         message: &'a str,
         #[serde(skip_serializing_if = "Option::is_none")]
         id: Option<&'a str>,
+        /// With `rate_limited` for a tenant's message rate: when to send again.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        retry_after_ms: Option<u64>,
     },
     #[serde(rename = "pong")]
     Pong,

@@ -41,7 +41,7 @@ use stream::{Draft, Outcome};
 pub struct Question {
     pub seq: u64,
     pub text: String,
-    /// The turns before it, oldest first, at most `conversation.history_turns`.
+    /// The turns before it, oldest first, at most its tenant's `history_turns`.
     pub history: Vec<Arc<StoredEvent>>,
     /// When the customer's message reached the hub.
     pub received: std::time::Instant,
@@ -53,24 +53,16 @@ pub struct Question {
 pub struct Replier {
     pub conversations: Arc<Conversations>,
     pub nlp: Arc<NlpPool>,
-    /// Turns of history each question is asked with.
-    pub history_turns: usize,
     pub fallback: FallbackText,
     pub tenant_fallback: std::collections::HashMap<String, FallbackText>,
     in_flight: InFlight,
 }
 
 impl Replier {
-    pub fn new(
-        conversations: Arc<Conversations>,
-        nlp: Arc<NlpPool>,
-        history_turns: usize,
-        config: &crate::config::NlpConfig,
-    ) -> Self {
+    pub fn new(conversations: Arc<Conversations>, nlp: Arc<NlpPool>, config: &crate::config::NlpConfig) -> Self {
         Self {
             conversations,
             nlp,
-            history_turns,
             fallback: config.fallback.clone(),
             tenant_fallback: config.tenant_fallback.clone(),
             in_flight: InFlight::default(),

@@ -90,7 +90,15 @@ pub fn run(socket: WebSocket, params: SessionParams, app: Arc<AppState>) -> impl
         match &params.epoch {
             Some(epoch) if *epoch != snapshot.epoch => {
                 let message = "this conversation's history was lost; events before the new epoch cannot be replayed";
-                intro.push(ServerFrame::Error { code: ErrorCode::HistoryLost.as_str(), message, id: None }.encode());
+                intro.push(
+                    ServerFrame::Error {
+                        code: ErrorCode::HistoryLost.as_str(),
+                        message,
+                        id: None,
+                        retry_after_ms: None,
+                    }
+                    .encode(),
+                );
             }
             _ => intro.extend(snapshot.missed.iter().map(|event| event.message_frame(conversation))),
         }
@@ -273,7 +281,7 @@ async fn refuse(socket: &mut WebSocket, error: &StoreError) {
         warn!(%error, "session refused");
     }
     let message = error.to_string();
-    let frame = ServerFrame::Error { code, message: &message, id: None }.encode();
+    let frame = ServerFrame::Error { code, message: &message, id: None, retry_after_ms: None }.encode();
     let _ = socket.send(Message::Text(frame)).await;
     let _ = socket.send(close_message(reason)).await;
 }

@@ -8,7 +8,10 @@
 //! (`websocket.max_frames_per_second`, bursts of `websocket.frame_burst`)
 //! are ignored with `rate_limited`, and a burst's worth of those in a row
 //! closes the socket with 4429: a flood costs the node a bounded amount of
-//! work and then the socket.
+//! work and then the socket. The tenant's limits ([`crate::tenant`]) are
+//! read when the session starts: its longest message, and its messages per
+//! user per window (over it: `rate_limited` with `retry_after_ms`, the
+//! message is not stored, the socket stays open).
 
 use std::num::NonZeroU32;
 use std::time::Duration;
@@ -44,7 +47,8 @@ pub(super) async fn run_reader(
 ) -> bool {
     let idle_timeout = Duration::from_millis(app.config.websocket.idle_timeout_ms);
     let ws = &app.config.websocket;
-    let text_limit = TextLimit { chars: ws.max_text_chars, bytes: ws.max_text_bytes };
+    let limits = app.tenants.limits(&params.tenant);
+    let text_limit = TextLimit { chars: ws.max_text_chars, bytes: limits.max_text_bytes.min(ws.max_text_bytes) };
     let burst = NonZeroU32::new(ws.frame_burst).unwrap_or(NonZeroU32::MIN);
     let rate = NonZeroU32::new(ws.max_frames_per_second).unwrap_or(NonZeroU32::MIN);
     let budget = governor::RateLimiter::direct(governor::Quota::per_second(rate).allow_burst(burst));
@@ -114,7 +118,14 @@ pub(super) async fn run_reader(
                 }
                 // Boxed: the reader's future lives as long as the socket, a message's handling only briefly.
                 Ok(ClientFrame::Message { id, text }) => {
-                    Box::pin(on_message(app, params, key, pending, session, &mut replies, id, text)).await
+                    match app.tenants.admit_message(&params.tenant, &params.user, &limits).await {
+                        Err(wait) => send_to_this_socket(session, over_message_rate(&id, wait)),
+                        Ok(()) => {
+                            let turns = limits.history_turns;
+                            Box::pin(on_message(app, params, key, pending, session, &mut replies, id, text, turns))
+                                .await
+                        }
+                    }
                 }
                 Err(error) => send_to_this_socket(session, error.to_frame()),
             },
@@ -139,6 +150,7 @@ async fn on_message(
     replies: &mut Replies,
     id: String,
     text: String,
+    history_turns: usize,
 ) {
     let received = std::time::Instant::now();
     // Reserve the replier's slot first: a message is only stored if it can be answered.
@@ -151,11 +163,7 @@ async fn on_message(
     };
     let event = NewEvent::customer(id.clone(), text.clone());
     // The user's activity and the question's history come with the append.
-    let with = AppendWith {
-        create: pending.as_ref(),
-        active_user: Some(&params.user),
-        turns_before: app.replier.history_turns,
-    };
+    let with = AppendWith { create: pending.as_ref(), active_user: Some(&params.user), turns_before: history_turns };
     let appended = app.conversations.append(key, event, Some(session.id), with).await;
     if appended.is_ok() {
         // The conversation exists from its first stored message on.
@@ -183,7 +191,10 @@ async fn on_message(
             warn!(%error, "conversation not created: the user's creation cap is reached");
             let (code, reason) = crate::session::refusal(&error);
             let message = error.to_string();
-            send_to_this_socket(session, ServerFrame::Error { code, message: &message, id: Some(&id) }.encode());
+            send_to_this_socket(
+                session,
+                ServerFrame::Error { code, message: &message, id: Some(&id), retry_after_ms: None }.encode(),
+            );
             session.closer.close(reason);
         }
         Err(error) => {
@@ -199,6 +210,14 @@ fn send_to_this_socket(session: &SessionHandle, frame: axum::extract::ws::Utf8By
     session.push(Outbound::ephemeral(frame));
 }
 
+/// A message over its user's rate (`tenants.*.max_messages_per_user`).
+fn over_message_rate(id: &str, wait: Duration) -> axum::extract::ws::Utf8Bytes {
+    let retry_after_ms = u64::try_from(wait.as_millis()).unwrap_or(u64::MAX).max(1);
+    let message = format!("too many messages; send this one again in {retry_after_ms} ms (it was not stored)");
+    let code = ErrorCode::RateLimited.as_str();
+    ServerFrame::Error { code, message: &message, id: Some(id), retry_after_ms: Some(retry_after_ms) }.encode()
+}
+
 fn error_frame(code: ErrorCode, message: &str, id: Option<&str>) -> axum::extract::ws::Utf8Bytes {
-    ServerFrame::Error { code: code.as_str(), message, id }.encode()
+    ServerFrame::Error { code: code.as_str(), message, id, retry_after_ms: None }.encode()
 }

@@ -183,7 +183,11 @@ impl ReplyCheck {
             "reply.done" => return self.done(frame, at).map(Progress::Answered),
             "error" => {
                 let detail = format!("error {:?} {:?}", frame.code, frame.message);
-                return Err(self.fail(Failure::ErrorFrame, detail));
+                let kind = match frame.code.as_deref() {
+                    Some("rate_limited") => Failure::RateLimited,
+                    _ => Failure::ErrorFrame,
+                };
+                return Err(self.fail(kind, detail));
             }
             other => return Err(self.fail(Failure::Mismatch, format!("unexpected frame type {other}"))),
         }
@@ -373,6 +377,8 @@ mod tests {
         assert!(detail.contains("too_many_pending"), "{detail}");
         assert_eq!(failure(&[ACK, r#"{"type":"message","seq":3}"#]).0, Failure::Mismatch);
         assert_eq!(failure(&["not json"]).0, Failure::Mismatch);
+        let limited = r#"{"type":"error","code":"rate_limited","message":"later","id":"q1","retry_after_ms":900}"#;
+        assert_eq!(failure(&[limited]).0, Failure::RateLimited);
     }
 
     #[test]

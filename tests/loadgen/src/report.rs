@@ -26,6 +26,9 @@ pub enum Failure {
     ErrorFrame,
     Mismatch,
     Fallback,
+    /// `rate_limited`: the hub refused the question at its tenant's message
+    /// rate (the connection stays usable); counted apart from the errors.
+    RateLimited,
 }
 
 impl Failure {
@@ -38,6 +41,7 @@ impl Failure {
             Failure::ErrorFrame => "error_frame",
             Failure::Mismatch => "mismatch",
             Failure::Fallback => "fallback_reply",
+            Failure::RateLimited => "rate_limited",
         }
     }
 }
@@ -641,9 +645,12 @@ mod tests {
             Failure::ErrorFrame,
             Failure::Mismatch,
             Failure::Fallback,
+            Failure::RateLimited,
         ];
         let names: Vec<&str> = kinds.iter().map(|k| k.name()).collect();
-        assert_eq!(names, ["connect_failed", "timeout", "closed_by_hub", "error_frame", "mismatch", "fallback_reply"]);
+        let expected =
+            ["connect_failed", "timeout", "closed_by_hub", "error_frame", "mismatch", "fallback_reply", "rate_limited"];
+        assert_eq!(names, expected);
         let mut failures = Failures::default();
         for kind in kinds {
             failures.add(Failed::new(kind, "x".into()));

@@ -40,8 +40,8 @@ use tokio::time::{Duration, Instant};
 
 use crate::ids::TenantId;
 use line::Line;
-pub use share::ACTIVE_WINDOW;
 use share::Shares;
+pub use share::{ACTIVE_WINDOW, TenantCaps};
 
 #[derive(Debug)]
 pub struct Admission {
@@ -157,6 +157,13 @@ impl Admission {
     pub fn set_capacity(&self, capacity: usize) {
         let mut state = self.lock();
         state.shares.set_capacity(capacity);
+        Self::dispatch(&mut state);
+    }
+
+    /// Sets the tenants' hard caps and admits waiters they no longer hold back.
+    pub fn set_tenant_caps(&self, caps: TenantCaps) {
+        let mut state = self.lock();
+        state.shares.set_tenant_caps(caps);
         Self::dispatch(&mut state);
     }
 

@@ -19,6 +19,25 @@ use crate::ids::TenantId;
 /// tenant between two questions is not taken for gone.
 pub const ACTIVE_WINDOW: Duration = Duration::from_secs(10);
 
+/// Hard caps on one tenant's running calls (`tenants.<id>.nlp_max_concurrent`),
+/// below which the fair share applies; set by [`super::Admission::set_tenant_caps`].
+#[derive(Debug, Clone, Default)]
+pub struct TenantCaps {
+    /// The cap of tenants not in `named`.
+    pub default: Option<usize>,
+    pub named: HashMap<TenantId, Option<usize>>,
+}
+
+impl TenantCaps {
+    fn allows(&self, tenant: &TenantId, running: usize) -> bool {
+        let cap = match self.named.get(tenant) {
+            Some(cap) => *cap,
+            None => self.default,
+        };
+        cap.is_none_or(|cap| running < cap)
+    }
+}
+
 #[derive(Debug)]
 pub(super) struct Shares {
     max_concurrent: usize,
@@ -33,6 +52,7 @@ pub(super) struct Shares {
     running_by_tenant: HashMap<TenantId, usize>,
     /// When each tenant last asked (entries older than `ACTIVE_WINDOW` are pruned).
     last_asked: HashMap<TenantId, Instant>,
+    caps: TenantCaps,
 }
 
 impl Shares {
@@ -47,6 +67,7 @@ impl Shares {
             running: 0,
             running_by_tenant: HashMap::new(),
             last_asked: HashMap::new(),
+            caps: TenantCaps::default(),
         }
     }
 
@@ -99,10 +120,17 @@ impl Shares {
         }
     }
 
-    /// Below its share, or alone: no other tenant has calls running or
-    /// waiting (`alone_in_line`), or asked within `ACTIVE_WINDOW`.
+    pub(super) fn set_tenant_caps(&mut self, caps: TenantCaps) {
+        self.caps = caps;
+    }
+
+    /// Below its own cap, and below its share or alone: no other tenant has
+    /// calls running or waiting (`alone_in_line`), or asked within `ACTIVE_WINDOW`.
     pub(super) fn may_start(&self, tenant: &TenantId, alone_in_line: bool) -> bool {
         let running = self.running_by_tenant.get(tenant).copied().unwrap_or(0);
+        if !self.caps.allows(tenant, running) {
+            return false;
+        }
         running < self.per_tenant
             || (alone_in_line
                 && self.running_by_tenant.keys().all(|t| t == tenant)

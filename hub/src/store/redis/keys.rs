@@ -30,7 +30,7 @@ use crate::ids::{ConversationKey, TenantId, UserId};
 const ESCAPED: &AsciiSet = &CONTROLS.add(b'%').add(b':').add(b'{').add(b'}');
 
 /// An id as it appears inside a name: no `:`, `{` or `}`, and reversible.
-fn escape(id: &str) -> Cow<'_, str> {
+pub(crate) fn escape(id: &str) -> Cow<'_, str> {
     utf8_percent_encode(id, ESCAPED).into()
 }
 

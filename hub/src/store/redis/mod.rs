@@ -52,6 +52,7 @@ mod bus;
 pub mod keys;
 mod log;
 mod publisher;
+mod recent;
 pub mod wire;
 
 use std::sync::Arc;
@@ -69,6 +70,7 @@ use crate::bus::IncomingEvents;
 use crate::config::{ConversationConfig, RedisConfig};
 use keys::Keys;
 use publisher::Listeners;
+use recent::RecentTurns;
 use wire::NodeId;
 
 pub use bus::RedisBus;
@@ -92,6 +94,8 @@ struct Link {
     /// Seconds every key of a conversation lives after its last activity.
     retention_secs: u64,
     listeners: Listeners,
+    /// The last turns of the conversations this node listens to.
+    recent: RecentTurns,
 }
 
 impl Link {
@@ -142,6 +146,7 @@ pub async fn connect(
         command_timeout,
         retention_secs: conversation.redis_retention_secs(config),
         listeners: Listeners::default(),
+        recent: RecentTurns::new(conversation.history_turns, conversation.log_cap),
     });
     let log = RedisLog::new(link.clone(), conversation);
     let bus = RedisBus::start(link.clone(), subscriber, incoming, push_rx, tracker, shutdown).await?;

@@ -14,8 +14,10 @@
 //! conversation that has no log yet: the first message's append creates it
 //! (same script), after counting it against the user's creation cap
 //! (`quota.lua`, in the user's slot). A customer message's append also
-//! returns the turns before it (the question's history, read by the script
-//! from the list it holds) and carries, pipelined in the same round trip,
+//! returns the turns before it (the question's history): the script reads
+//! them from the list it holds only when the log is not at the epoch and
+//! seq this node knows its last turns at (see `recent.rs`), and carries,
+//! pipelined in the same round trip,
 //! the refresh of the user's `latest` pointer (another slot, so not inside
 //! the script): a reply costs two round trips, the question's append and
 //! its own.

@@ -152,8 +152,7 @@ impl Known {
 /// Whether `read` are the events right before `seq`, with no gap (an entry
 /// that did not decode leaves one).
 fn consecutive(read: &[Arc<StoredEvent>], seq: u64) -> bool {
-    seq >= 1 + read.len() as u64
-        && read.iter().zip(seq - read.len() as u64..).all(|(event, expected)| event.seq == expected)
+    seq > read.len() as u64 && read.iter().zip(seq - read.len() as u64..).all(|(event, expected)| event.seq == expected)
 }
 
 #[cfg(test)]

@@ -3,6 +3,7 @@
 use std::collections::BTreeSet;
 use std::time::Duration;
 
+use fengda_proto::nlp::v1::Role;
 use fengda_tests::{Client, Hub, RecordingAnswerer, RedisServer, Script, isolation, resume};
 use serde_json::Value;
 
@@ -93,6 +94,43 @@ async fn a_customer_moving_to_another_node_misses_nothing_and_keeps_context() {
     phone.send_message("p1", "Tell me about the Gold Card").await;
     assert_eq!(phone.expect("ack").await["seq"], 1);
     phone.assert_alive().await;
+}
+
+#[tokio::test]
+async fn questions_asked_on_alternate_nodes_each_get_the_last_turns_of_the_log() {
+    // Each node keeps the turns it knows; the other node's appends move the
+    // log past them, and every question must still get exactly the log's.
+    let redis = RedisServer::start().await;
+    let answerer = RecordingAnswerer::start(Script::default()).await;
+    let nodes = cluster(&redis, 2, &["--nlp-url", &answerer.url, "--history-turns", "3"]).await;
+    let mut on_a = Client::connect(&nodes[0].ws_url("tenant=demo&user=alternate")).await;
+    on_a.ask("a0", "question 0").await;
+    let conversation = on_a.conversation();
+    let mut on_b =
+        Client::connect(&nodes[1].ws_url(&format!("tenant=demo&user=alternate&conversation={conversation}"))).await;
+    // Who asks each question: A twice in a row, then back and forth.
+    for (i, a_asks) in [true, false, false, true, false, true, true].into_iter().enumerate() {
+        let i = i + 1;
+        let (asker, watcher) = if a_asks { (&mut on_a, &mut on_b) } else { (&mut on_b, &mut on_a) };
+        asker.ask(&format!("q{i}"), &format!("question {i}")).await;
+        watcher.expect("message").await;
+        watcher.read_reply().await;
+    }
+    let requests = answerer.requests();
+    assert_eq!(requests.len(), 8);
+    let answer = "tok0 tok1 tok2 tok3 tok4 ";
+    for (i, request) in requests.iter().enumerate() {
+        // The log: question 0, answer, question 1, answer, … ; the last 3 before question i.
+        let log: Vec<String> =
+            (0..i).flat_map(|j| [format!("customer: question {j}"), format!("assistant: {answer}")]).collect();
+        let expected = &log[log.len().saturating_sub(3)..];
+        let history: Vec<String> = request
+            .history
+            .iter()
+            .map(|t| format!("{}: {}", if t.role == Role::Customer as i32 { "customer" } else { "assistant" }, t.text))
+            .collect();
+        assert_eq!((request.question.as_str(), &history[..]), (format!("question {i}").as_str(), expected));
+    }
 }
 
 #[tokio::test]

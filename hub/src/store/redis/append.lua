@@ -10,16 +10,21 @@
 --       5 now_ms, 6 log cap, 7 retention seconds, 8 channel,
 --       9 owner and 10 epoch to create the log with if it is missing
 --       (both "" to never create), 11 this node's id, 12 how many entries
---       before the new one to return (a question's history; 0 for none)
--- Returns {1, seq, other listening nodes, {entries before}} when stored,
--- {0, seq, 0, {}} for a customer message id already stored, {-1, 0, 0, {}}
--- when the conversation does not exist (lost or expired), or, when
--- creating, exists with another owner or epoch.
+--       before the new one to return (a question's history; 0 for none),
+--       13 and 14 the epoch and last seq the hub knows those entries at
+--       ("" and 0 for none): when the log is at exactly these, the entries
+--       are not read (the hub has them, see recent.rs)
+-- Returns {1, seq, other listening nodes, {entries before} or false when
+-- not read, epoch} when stored, {0, seq, 0, false, ""} for a customer
+-- message id already stored, {-1, 0, 0, false, ""} when the conversation
+-- does not exist (lost or expired), or, when creating, exists with another
+-- owner or epoch.
 local meta, log, ids = KEYS[1], KEYS[2], KEYS[3]
 local owner, epoch = ARGV[9], ARGV[10]
-if redis.call('EXISTS', meta) == 0 then
+local current = redis.call('HMGET', meta, 'user', 'epoch', 'seq')
+if not current[2] then
   if owner == '' then
-    return {-1, 0, 0, {}}
+    return {-1, 0, 0, false, ''}
   end
   -- A new log, or a lost one started again: leftovers of a lost one (its
   -- list or ids, if they outlived the meta) go, so the epoch starts clean.
@@ -27,22 +32,21 @@ if redis.call('EXISTS', meta) == 0 then
   redis.call('HSET', meta, 'user', owner, 'epoch', epoch, 'seq', 0, 'created_ms', ARGV[5])
   -- The creating socket listens on this node (see listen.lua).
   redis.call('HSET', KEYS[4], ARGV[11], 1)
-elseif owner ~= '' then
-  local current = redis.call('HMGET', meta, 'user', 'epoch')
-  if current[1] ~= owner or current[2] ~= epoch then
-    return {-1, 0, 0, {}}
-  end
+  current = {owner, epoch, '0'}
+elseif owner ~= '' and (current[1] ~= owner or current[2] ~= epoch) then
+  return {-1, 0, 0, false, ''}
 end
+epoch = current[2]
 local id = ARGV[1]
 if id ~= '' then
   local seen = redis.call('ZSCORE', ids, id)
   if seen then
-    return {0, tonumber(seen), 0, {}}
+    return {0, tonumber(seen), 0, false, ''}
   end
 end
-local before = {}
+local before = false
 local wanted = tonumber(ARGV[12])
-if wanted > 0 then
+if wanted > 0 and not (epoch == ARGV[13] and current[3] == ARGV[14]) then
   before = redis.call('LRANGE', log, -wanted, -1)
 end
 local seq = redis.call('HINCRBY', meta, 'seq', 1)
@@ -64,4 +68,4 @@ local others = redis.call('HLEN', KEYS[4]) - redis.call('HEXISTS', KEYS[4], ARGV
 if others > 0 then
   redis.call('PUBLISH', ARGV[8], ARGV[4] .. entry)
 end
-return {1, seq, others, before}
+return {1, seq, others, before, epoch}

@@ -87,9 +87,11 @@ impl EventBus for RedisBus {
             .arg(Payload::Hello.encode());
         link.call(listen.invoke_async::<i64>(&mut con)).await?;
         link.listeners.channels.insert(channel.clone(), key.clone());
+        link.recent.listen(key);
         let mut subscriber = self.inner.subscriber.clone();
         if let Err(error) = link.call(subscriber.subscribe(&channel)).await {
             link.listeners.left(key, &channel);
+            link.recent.forget(key);
             self.leave_listeners(key).await;
             return Err(error);
         }
@@ -100,6 +102,7 @@ impl EventBus for RedisBus {
         let link = &self.inner.link;
         let channel = link.keys.channel(key);
         link.listeners.left(key, &channel);
+        link.recent.forget(key);
         let mut subscriber = self.inner.subscriber.clone();
         if let Err(error) = link.call(subscriber.unsubscribe(&channel)).await {
             debug!(%error, "unsubscribe failed; the channel stays subscribed until reconnect");
@@ -173,7 +176,10 @@ fn dispatch(link: &Link, incoming: &dyn IncomingEvents, data: Vec<Value>) {
         Ok(Payload::Frame { frame, .. }) => incoming.frames(&key, vec![frame]),
         // Another node started listening: publish this conversation's deltas again.
         Ok(Payload::Hello) => link.listeners.hello(&key),
-        Ok(Payload::Event { timing, event, .. }) => incoming.event(&key, &event, timing.as_ref()),
+        Ok(Payload::Event { timing, event, .. }) => {
+            link.recent.heard(&key, event.seq);
+            incoming.event(&key, &event, timing.as_ref());
+        }
         Err(error) => warn!(%error, "dropping a payload that does not decode"),
     }
 }
@@ -206,10 +212,12 @@ async fn run_dispatcher(
         match push.kind {
             PushKind::Message => dispatch(link, &*incoming, push.data),
             PushKind::Disconnection if receiving.swap(false, Ordering::AcqRel) => {
+                link.recent.invalidate_all();
                 warn!("Redis subscriber connection lost; reconnecting");
             }
             PushKind::Subscribe if !receiving.swap(true, Ordering::AcqRel) => {
                 info!(channels = link.listeners.channels.len(), "Redis subscriptions active; resyncing local sessions");
+                link.recent.invalidate_all();
                 incoming.resync();
             }
             _ => {}
@@ -227,6 +235,7 @@ async fn probe(inner: &Inner) {
     match link.call(ping.query_async::<Value>(&mut con)).await {
         Err(error) => {
             if receiving.swap(false, Ordering::AcqRel) {
+                link.recent.invalidate_all();
                 warn!(%error, "Redis subscriber connection failed its heartbeat");
             }
         }

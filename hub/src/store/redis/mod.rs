@@ -14,8 +14,10 @@
 //! conversation that has no log yet: the first message's append creates it
 //! (same script), after counting it against the user's creation cap
 //! (`quota.lua`, in the user's slot). A customer message's append also
-//! returns the turns before it (the question's history, read by the script
-//! from the list it holds) and carries, pipelined in the same round trip,
+//! returns the turns before it (the question's history): the script reads
+//! them from the list it holds only when the log is not at the epoch and
+//! seq this node knows its last turns at (see `recent.rs`), and carries,
+//! pipelined in the same round trip,
 //! the refresh of the user's `latest` pointer (another slot, so not inside
 //! the script): a reply costs two round trips, the question's append and
 //! its own.
@@ -52,6 +54,7 @@ mod bus;
 pub mod keys;
 mod log;
 mod publisher;
+mod recent;
 pub mod wire;
 
 use std::sync::Arc;
@@ -69,6 +72,7 @@ use crate::bus::IncomingEvents;
 use crate::config::{ConversationConfig, RedisConfig};
 use keys::Keys;
 use publisher::Listeners;
+use recent::RecentTurns;
 use wire::NodeId;
 
 pub use bus::RedisBus;
@@ -92,6 +96,8 @@ struct Link {
     /// Seconds every key of a conversation lives after its last activity.
     retention_secs: u64,
     listeners: Listeners,
+    /// The last turns of the conversations this node listens to.
+    recent: RecentTurns,
 }
 
 impl Link {
@@ -142,6 +148,7 @@ pub async fn connect(
         command_timeout,
         retention_secs: conversation.redis_retention_secs(config),
         listeners: Listeners::default(),
+        recent: RecentTurns::new(conversation.history_turns, conversation.log_cap),
     });
     let log = RedisLog::new(link.clone(), conversation);
     let bus = RedisBus::start(link.clone(), subscriber, incoming, push_rx, tracker, shutdown).await?;

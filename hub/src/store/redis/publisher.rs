@@ -38,8 +38,10 @@ const ALONE_RECHECK: Duration = Duration::from_secs(1);
 /// subscriptions) and, as far as it knows, other nodes.
 #[derive(Default)]
 pub(super) struct Listeners {
-    /// Subscribed channel name → conversation, for dispatching pushes.
-    pub channels: DashMap<String, ConversationKey>,
+    /// Subscribed channel name → conversation, for dispatching pushes (and
+    /// looked up by every append: foldhash, seeded per process, like the
+    /// fan-out's map).
+    pub channels: DashMap<String, ConversationKey, foldhash::fast::RandomState>,
     /// Whether the subscriber connection works (`/readyz`).
     pub receiving: AtomicBool,
     /// Conversations whose last append or PUBLISH reached no other node →

@@ -189,6 +189,11 @@ impl EncodedEvent {
         entry_head.truncate(seq_at);
         Self { entry_head, entry_tail, payload_head: event_head(node, timing) }
     }
+
+    /// Bytes in all three parts.
+    pub fn byte_len(&self) -> usize {
+        self.entry_head.len() + self.entry_tail.len() + self.payload_head.len()
+    }
 }
 
 /// Decodes one log entry.

@@ -43,7 +43,7 @@ metrics_table! {
     SESSIONS_REFUSED = "fengda_hub_sessions_refused_total", Counter, "Sockets refused after the upgrade, by reason.";
     FRAMES_RATE_LIMITED = "fengda_hub_frames_rate_limited_total", Counter, "Client frames refused with rate_limited.";
     /// `{limit}`: `connections` or `messages`.
-    TENANT_LIMITED = "fengda_hub_tenant_limited_total", Counter, "Upgrades (limit=connections) and messages (limit=messages) refused at a tenant's limits.";
+    TENANT_LIMITED = "fengda_hub_tenant_limited_total", Counter, "Upgrades (limit=connections) and messages (limit=messages) refused at a tenant's limits, by tenant (its [tenants.<id>] section, else default).";
     RATE_LIMIT_CLOSES = "fengda_hub_rate_limit_closes_total", Counter, "Sockets closed with 4429 for flooding frames.";
     CONNECTIONS_OPEN = "fengda_hub_connections_open", Gauge, "TCP connections open on this node (WebSockets included).";
     CONNECTIONS_MAX = "fengda_hub_connections_max", Gauge, "The node's connection cap (server.max_connections as applied).";

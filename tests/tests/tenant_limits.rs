@@ -127,7 +127,9 @@ async fn a_tenants_connection_cap_holds_across_nodes_and_leaves_other_tenants_al
     let limited: f64 = futures::future::join_all(nodes.hubs.iter().map(|hub| hub.metrics()))
         .await
         .iter()
-        .map(|m| fengda_tests::metric_value(m, "fengda_hub_tenant_limited_total{limit=\"connections\"}"))
+        .map(|m| {
+            fengda_tests::metric_value(m, "fengda_hub_tenant_limited_total{limit=\"connections\",tenant=\"acme\"}")
+        })
         .sum();
     assert_eq!(limited, f64::from(refusals));
 }
@@ -163,7 +165,7 @@ async fn a_users_message_rate_holds_across_nodes_and_the_socket_stays_open() {
     let limited: f64 = futures::future::join_all(nodes.hubs.iter().map(|hub| hub.metrics()))
         .await
         .iter()
-        .map(|m| fengda_tests::metric_value(m, "fengda_hub_tenant_limited_total{limit=\"messages\"}"))
+        .map(|m| fengda_tests::metric_value(m, "fengda_hub_tenant_limited_total{limit=\"messages\",tenant=\"acme\"}"))
         .sum();
     assert_eq!(limited, 2.0);
 }

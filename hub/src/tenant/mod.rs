@@ -42,11 +42,16 @@ pub struct Limits {
     pub history_turns: usize,
     pub nlp_max_concurrent: Option<usize>,
     pub allowed_origins: Vec<String>,
+    /// The `tenant` label of its metrics: the tenant's id when it has its
+    /// own `[tenants.<id>]` section, else `default` (a label set bounded
+    /// by the configuration, whatever ids clients name).
+    pub label: Arc<str>,
 }
 
 impl Limits {
-    fn resolve(limits: &TenantLimits, config: &Config) -> Self {
+    fn resolve(limits: &TenantLimits, config: &Config, label: &str) -> Self {
         Self {
+            label: label.into(),
             max_connections: limits.max_connections,
             max_messages_per_user: limits.max_messages_per_user,
             message_window: Duration::from_millis(limits.message_window_ms),
@@ -74,10 +79,11 @@ impl Settings {
             // Ids were checked by `Config::validate`.
             .filter_map(|(id, overrides)| {
                 let id = TenantId::parse(id).ok()?;
-                Some((id, Arc::new(Limits::resolve(&tenants.default.with(overrides), config))))
+                let limits = Limits::resolve(&tenants.default.with(overrides), config, id.as_str());
+                Some((id, Arc::new(limits)))
             })
             .collect();
-        Self { default: Arc::new(Limits::resolve(&tenants.default, config)), named }
+        Self { default: Arc::new(Limits::resolve(&tenants.default, config, "default")), named }
     }
 }
 
@@ -184,7 +190,9 @@ impl Tenants {
         match self.counts.connect(tenant, &id, limits.max_connections).await {
             Ok(true) => Ok(Some(ConnectionLease { counts: self.counts.clone(), tenant: tenant.clone(), id })),
             Ok(false) => {
-                metrics::counter!(crate::metric::TENANT_LIMITED, "limit" => "connections").increment(1);
+                let tenant_label = limits.label.to_string();
+                metrics::counter!(crate::metric::TENANT_LIMITED, "limit" => "connections", "tenant" => tenant_label)
+                    .increment(1);
                 Err(AtConnectionCap)
             }
             Err(error) => {
@@ -202,7 +210,9 @@ impl Tenants {
         match self.counts.message(tenant, user, limits.max_messages_per_user, limits.message_window).await {
             Ok(None) => Ok(()),
             Ok(Some(wait)) => {
-                metrics::counter!(crate::metric::TENANT_LIMITED, "limit" => "messages").increment(1);
+                let tenant_label = limits.label.to_string();
+                metrics::counter!(crate::metric::TENANT_LIMITED, "limit" => "messages", "tenant" => tenant_label)
+                    .increment(1);
                 Err(wait)
             }
             Err(error) => {

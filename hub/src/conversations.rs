@@ -21,7 +21,7 @@ use axum::extract::ws::Utf8Bytes;
 use crate::bus::EventBus;
 use crate::event::{NewEvent, StoredEvent};
 use crate::fanout::{FanOut, SessionHandle};
-use crate::ids::{ConversationId, ConversationKey, SessionId, TenantId, UserId};
+use crate::ids::{ConversationId, ConversationKey, Party, SessionId, UserId};
 use crate::store::{AppendWith, Appended, ConversationLog, Opened, Pending, Snapshot, StoreError};
 
 pub struct Conversations {
@@ -39,13 +39,8 @@ impl Conversations {
     }
 
     /// See [`ConversationLog::open`].
-    pub async fn open(
-        &self,
-        tenant: &TenantId,
-        user: &UserId,
-        requested: Option<&ConversationId>,
-    ) -> Result<Opened, StoreError> {
-        self.log.open(tenant, user, requested).await
+    pub async fn open(&self, party: &Party, requested: Option<&ConversationId>) -> Result<Opened, StoreError> {
+        self.log.open(party, requested).await
     }
 
     /// Registers a session for live events and returns what it missed after

@@ -118,12 +118,50 @@ impl fmt::Display for SessionId {
     }
 }
 
+/// Who a socket speaks for: a tenant and one of its users, as settled at
+/// the upgrade (from the verified token in jwt mode, from the query in demo
+/// mode). [`Party::conversation`] is the one way to name a conversation's
+/// data: every key, channel and map entry of a conversation is derived from
+/// a [`ConversationKey`], and only a party makes one, so a conversation's
+/// tenant is always the tenant of the party asking.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct Party {
+    pub tenant: TenantId,
+    pub user: UserId,
+}
+
+impl Party {
+    /// The key of `conversation` within this party's tenant.
+    pub fn conversation(&self, conversation: ConversationId) -> ConversationKey {
+        ConversationKey { tenant: self.tenant.clone(), conversation }
+    }
+}
+
 /// A conversation is always addressed together with its tenant, so no code
-/// path can reach another tenant's conversation by id alone.
+/// path can reach another tenant's conversation by id alone. Made only by
+/// [`Party::conversation`].
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct ConversationKey {
-    pub tenant: TenantId,
-    pub conversation: ConversationId,
+    tenant: TenantId,
+    conversation: ConversationId,
+}
+
+impl ConversationKey {
+    pub fn tenant(&self) -> &TenantId {
+        &self.tenant
+    }
+
+    pub fn conversation(&self) -> &ConversationId {
+        &self.conversation
+    }
+
+    /// A key from raw ids, for unit tests (`c` repeated to a valid id when short).
+    #[cfg(test)]
+    pub fn for_test(tenant: &str, conversation: &str) -> Self {
+        let conversation =
+            if conversation.len() == 32 { conversation.to_owned() } else { conversation.repeat(32)[..32].to_owned() };
+        Self { tenant: TenantId::parse(tenant).unwrap(), conversation: ConversationId::parse(&conversation).unwrap() }
+    }
 }
 
 #[cfg(test)]

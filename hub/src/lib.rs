@@ -4,7 +4,8 @@
 //! Module map:
 //! - [`config`]: the one typed [`Config`] and the `serve` flags.
 //! - [`auth`]: identity: tokens verified at the upgrade, per-tenant keys, expiry, reload.
-//! - [`ids`]: validated newtype ids (`TenantId`, `ConversationId`, …).
+//! - [`ids`]: validated newtype ids (`TenantId`, `ConversationId`, …) and `Party`, the
+//!   only maker of a `ConversationKey` (a conversation within its tenant).
 //! - [`protocol`]: the wire contract: frames, error codes, close codes.
 //! - [`http`]: routes and listeners: `/ws` upgrade, `/healthz`, `/readyz`, the
 //!   web demo on the public port; `/metrics` on the admin port.

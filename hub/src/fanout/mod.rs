@@ -157,7 +157,7 @@ impl FanOut {
             return;
         }
         local.delivered.advance(event.seq);
-        let conversation = key.conversation.as_str();
+        let conversation = key.conversation().as_str();
         // The frame every session gets, except the one that sent a customer message (an `ack`).
         let shared = || match event.from {
             Role::Assistant => ServerFrame::ReplyDone {

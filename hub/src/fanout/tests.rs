@@ -5,14 +5,10 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use super::*;
-use crate::ids::{ConversationId, TenantId};
 use crate::protocol::close;
 
 fn key() -> ConversationKey {
-    ConversationKey {
-        tenant: TenantId::parse("t").unwrap(),
-        conversation: ConversationId::parse(&"c".repeat(32)).unwrap(),
-    }
+    ConversationKey::for_test("t", "c")
 }
 
 fn session(capacity: usize) -> (SessionHandle, mpsc::Receiver<Box<Outbound>>) {

@@ -25,7 +25,7 @@ use serde::Deserialize;
 use super::ApiError;
 use crate::AppState;
 use crate::auth::{self, AuthMode, Identity};
-use crate::ids::{ConversationId, TenantId, UserId};
+use crate::ids::{ConversationId, Party, TenantId, UserId};
 use crate::server::limits::{AddressGuard, Refusal};
 use crate::session::{self, SessionParams};
 use crate::tenant::{AtConnectionCap, CONNECTION_RETRY_AFTER_SECS, ConnectionLease};
@@ -89,9 +89,9 @@ async fn prepare(
 ) -> Result<(WebSocketUpgrade, SessionParams, Option<AddressGuard>, Option<ConnectionLease>), Refused> {
     let (upgrade, params) = check(app, headers, query, upgrade).await?;
     // The tenant is known now (from the token in jwt mode): its own origins, then its cap.
-    let limits = app.tenants.limits(&params.tenant);
+    let limits = app.tenants.limits(&params.party.tenant);
     check_origin(headers, &limits.allowed_origins)?;
-    let lease = app.tenants.admit_connection(&params.tenant, &limits).await?;
+    let lease = app.tenants.admit_connection(&params.party.tenant, &limits).await?;
     // Through a trusted proxy: the per-address limits apply to the client it forwards.
     let limits = &app.connections;
     let address = match peer.filter(|peer| limits.is_trusted_proxy(&peer.ip())) {
@@ -222,7 +222,7 @@ async fn check(
         }
         .into());
     }
-    Ok((upgrade, SessionParams { tenant, user, conversation, after, epoch, timing, identity }))
+    Ok((upgrade, SessionParams { party: Party { tenant, user }, conversation, after, epoch, timing, identity }))
 }
 
 /// Who is connecting: the verified token's tenant and user when a token

@@ -82,8 +82,8 @@ impl Replier {
         let cancel = stop.child_token();
         let _registered = self.in_flight.register(&reply_id, key, cancel.clone());
         let request = AnswerRequest {
-            tenant_id: key.tenant.to_string(),
-            conversation_id: key.conversation.to_string(),
+            tenant_id: key.tenant().to_string(),
+            conversation_id: key.conversation().to_string(),
             request_id: uuid::Uuid::new_v4().to_string(),
             history: question.history.iter().map(|event| turn(event)).collect(),
             question: question.text.clone(),
@@ -116,7 +116,7 @@ impl Replier {
 
     /// The tenant's fallback sentence, in the question's language.
     fn polite_fallback(&self, key: &ConversationKey, question: &str) -> &str {
-        let texts = self.tenant_fallback.get(key.tenant.as_str()).unwrap_or(&self.fallback);
+        let texts = self.tenant_fallback.get(key.tenant().as_str()).unwrap_or(&self.fallback);
         // The built-in answerer's rule, so both pick a language alike.
         match Lang::detect(question) {
             Lang::Zh => &texts.zh,

@@ -94,7 +94,7 @@ impl Replier {
     /// the first chunk; a failure is the fallback.
     async fn start(&self, request: &AnswerRequest, draft: &Draft<'_>) -> Result<ActiveCall, Outcome> {
         let mut on_queued = |position| draft.queued(position);
-        self.nlp.start(&draft.key.tenant, request, &mut on_queued).await.map_err(|error| {
+        self.nlp.start(draft.key.tenant(), request, &mut on_queued).await.map_err(|error| {
             // Admission refusals are the designed answer to overload:
             // counted, not logged per question (a 15x peak would flood the log).
             if matches!(error, StartError::Overloaded | StartError::QueueTimeout) {
@@ -146,7 +146,7 @@ impl<'a> Draft<'a> {
             conversations,
             key,
             reply_id,
-            deltas: DeltaEncoder::new(key.conversation.as_str(), reply_id),
+            deltas: DeltaEncoder::new(key.conversation().as_str(), reply_id),
             text: String::new(),
             index: 0,
             staged: Vec::new(),
@@ -191,7 +191,7 @@ impl<'a> Draft<'a> {
     /// Tells every socket of the conversation where the question stands in line.
     fn queued(&self, position: usize) {
         let frame =
-            ServerFrame::Queued { conversation: self.key.conversation.as_str(), reply: self.reply_id, position }
+            ServerFrame::Queued { conversation: self.key.conversation().as_str(), reply: self.reply_id, position }
                 .encode();
         self.conversations.publish_frames(self.key, vec![frame]);
     }
@@ -237,12 +237,13 @@ mod tests {
     #[tokio::test]
     async fn chunks_that_arrived_together_reach_each_socket_as_one_item_of_ordered_deltas() {
         use crate::fanout::{FanOut, Outbound, SessionCloser, SessionHandle};
-        use crate::ids::{SessionId, TenantId, UserId};
+        use crate::ids::{Party, SessionId, TenantId, UserId};
         use crate::store::MemoryLog;
 
         let log = Arc::new(MemoryLog::new(&crate::config::ConversationConfig::default()));
         let backend = Conversations::new(log, Arc::new(crate::bus::LocalBus), Arc::new(FanOut::default()));
-        let opened = backend.open(&TenantId::parse("t").unwrap(), &UserId::parse("u").unwrap(), None).await.unwrap();
+        let party = Party { tenant: TenantId::parse("t").unwrap(), user: UserId::parse("u").unwrap() };
+        let opened = backend.open(&party, None).await.unwrap();
         let key = opened.key;
         let mut queues = Vec::new();
         for _ in 0..2 {

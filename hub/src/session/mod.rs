@@ -21,7 +21,7 @@ use tracing::{Instrument, debug, info_span, warn};
 
 use crate::AppState;
 use crate::fanout::{SessionCloser, SessionHandle};
-use crate::ids::{ConversationId, ConversationKey, SessionId, TenantId, UserId};
+use crate::ids::{ConversationId, ConversationKey, Party, SessionId};
 use crate::protocol::close::{self, CloseReason};
 use crate::protocol::{ErrorCode, ServerFrame};
 use crate::reply::Question;
@@ -33,8 +33,8 @@ const CLOSE_HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_s
 /// Who is connecting and where they want to resume, from the `/ws` query.
 #[derive(Debug, Clone)]
 pub struct SessionParams {
-    pub tenant: TenantId,
-    pub user: UserId,
+    /// The tenant and user it speaks for (see [`Party`]).
+    pub party: Party,
     pub conversation: Option<ConversationId>,
     pub after: Option<u64>,
     /// The log epoch the client last saw; a different current epoch means
@@ -57,15 +57,15 @@ pub struct SessionParams {
 pub fn run(socket: WebSocket, params: SessionParams, app: Arc<AppState>) -> impl Future<Output = ()> {
     let mut socket = Box::new(socket);
     let session_id = SessionId::next();
-    let span = info_span!("session", tenant_id = %params.tenant, user_id = %params.user, session_id = %session_id, conversation_id = tracing::field::Empty);
+    let span = info_span!("session", tenant_id = %params.party.tenant, user_id = %params.party.user, session_id = %session_id, conversation_id = tracing::field::Empty);
     async move {
         let _open = OpenSession::count(&app);
-        let opened = match app.conversations.open(&params.tenant, &params.user, params.conversation.as_ref()).await {
+        let opened = match app.conversations.open(&params.party, params.conversation.as_ref()).await {
             Ok(opened) => opened,
             Err(error) => return refuse(&mut socket, &error).await,
         };
         let key = opened.key;
-        tracing::Span::current().record("conversation_id", tracing::field::display(&key.conversation));
+        tracing::Span::current().record("conversation_id", tracing::field::display(&key.conversation()));
         let ws = &app.config.websocket;
         let closer = SessionCloser::child_of(&app.shutdown);
         let (out_tx, out_rx) = mpsc::channel(ws.outbound_queue_frames);
@@ -84,7 +84,7 @@ pub fn run(socket: WebSocket, params: SessionParams, app: Arc<AppState>) -> impl
             "session ready"
         );
 
-        let conversation = key.conversation.as_str();
+        let conversation = key.conversation().as_str();
         let mut intro = Vec::with_capacity(2 + snapshot.missed.len());
         intro.push(ServerFrame::Ready { conversation, seq: snapshot.last_seq, epoch: &snapshot.epoch }.encode());
         match &params.epoch {
@@ -140,7 +140,7 @@ pub fn run(socket: WebSocket, params: SessionParams, app: Arc<AppState>) -> impl
         app.conversations.detach(&key, session_id).await;
         // A conversation that was never created leaves nothing to touch.
         if pending.is_none() {
-            app.conversations.touch(&params.user, &key).await;
+            app.conversations.touch(&params.party.user, &key).await;
         }
         // Closing handshake: the writer sends our close frame; keep reading
         // until the client answers it, so the client sees the code before TCP goes.

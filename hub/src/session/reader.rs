@@ -47,7 +47,7 @@ pub(super) async fn run_reader(
 ) -> bool {
     let idle_timeout = Duration::from_millis(app.config.websocket.idle_timeout_ms);
     let ws = &app.config.websocket;
-    let limits = app.tenants.limits(&params.tenant);
+    let limits = app.tenants.limits(&params.party.tenant);
     let text_limit = TextLimit { chars: ws.max_text_chars, bytes: limits.max_text_bytes.min(ws.max_text_bytes) };
     let burst = NonZeroU32::new(ws.frame_burst).unwrap_or(NonZeroU32::MIN);
     let rate = NonZeroU32::new(ws.max_frames_per_second).unwrap_or(NonZeroU32::MIN);
@@ -118,7 +118,7 @@ pub(super) async fn run_reader(
                 }
                 // Boxed: the reader's future lives as long as the socket, a message's handling only briefly.
                 Ok(ClientFrame::Message { id, text }) => {
-                    match app.tenants.admit_message(&params.tenant, &params.user, &limits).await {
+                    match app.tenants.admit_message(&params.party.tenant, &params.party.user, &limits).await {
                         Err(wait) => send_to_this_socket(session, over_message_rate(&id, wait)),
                         Ok(()) => {
                             let turns = limits.history_turns;
@@ -163,7 +163,8 @@ async fn on_message(
     };
     let event = NewEvent::customer(id.clone(), text.clone());
     // The user's activity and the question's history come with the append.
-    let with = AppendWith { create: pending.as_ref(), active_user: Some(&params.user), turns_before: history_turns };
+    let with =
+        AppendWith { create: pending.as_ref(), active_user: Some(&params.party.user), turns_before: history_turns };
     let appended = app.conversations.append(key, event, Some(session.id), with).await;
     if appended.is_ok() {
         // The conversation exists from its first stored message on.

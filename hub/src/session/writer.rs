@@ -236,7 +236,7 @@ async fn fill_gap(sink: &mut Sink, replay: &mut Replay, before: u64) -> Result<(
             }
         }
     };
-    let conversation = replay.key.conversation.as_str();
+    let conversation = replay.key.conversation().as_str();
     for event in events.iter().filter(|e| e.seq > after && e.seq < before) {
         sink.feed(Message::Text(event.message_frame(conversation))).await?;
         replay.sent.advance(event.seq);

@@ -36,7 +36,7 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 
-use crate::ids::{ConversationId, ConversationKey, TenantId, UserId};
+use crate::ids::{ConversationId, ConversationKey, Party, UserId};
 
 pub use crate::event::{NewEvent, StoredEvent};
 pub use memory::MemoryLog;
@@ -131,12 +131,7 @@ pub trait ConversationLog: Send + Sync + 'static {
     /// and is this user's, otherwise the user's most recent, otherwise a new
     /// one. An existing conversation becomes the user's most recent; a
     /// pending one is left for its first append to create (nothing is written).
-    async fn open(
-        &self,
-        tenant: &TenantId,
-        user: &UserId,
-        requested: Option<&ConversationId>,
-    ) -> Result<Opened, StoreError>;
+    async fn open(&self, party: &Party, requested: Option<&ConversationId>) -> Result<Opened, StoreError>;
 
     /// Where the log stands and the events after `after` (none without
     /// it); `None` when the conversation has no log.

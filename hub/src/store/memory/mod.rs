@@ -32,7 +32,7 @@ use super::{
 };
 use crate::config::ConversationConfig;
 use crate::fanout::FanOut;
-use crate::ids::{ConversationId, ConversationKey, TenantId, UserId};
+use crate::ids::{ConversationId, ConversationKey, Party, UserId};
 use crate::protocol::Role;
 
 #[derive(Debug)]
@@ -132,7 +132,7 @@ impl MemoryLog {
             }
             Entry::Vacant(vacant) => vacant,
         };
-        self.users.count_creation(&key.tenant, &create.user)?;
+        self.users.count_creation(key.tenant(), &create.user)?;
         let now = now_ms();
         let log = Conversation {
             user: create.user.clone(),
@@ -143,7 +143,7 @@ impl MemoryLog {
             customer_ids: HashMap::new(),
         };
         let log = vacant.insert(Arc::new(Mutex::new(log))).clone();
-        self.users.point(&key.tenant, &create.user, &key.conversation, now);
+        self.users.point(key.tenant(), &create.user, key.conversation(), now);
         Ok(log)
     }
 
@@ -160,15 +160,11 @@ fn lock(log: &Mutex<Conversation>) -> std::sync::MutexGuard<'_, Conversation> {
 
 #[async_trait]
 impl ConversationLog for MemoryLog {
-    async fn open(
-        &self,
-        tenant: &TenantId,
-        user: &UserId,
-        requested: Option<&ConversationId>,
-    ) -> Result<Opened, StoreError> {
+    async fn open(&self, party: &Party, requested: Option<&ConversationId>) -> Result<Opened, StoreError> {
+        let (tenant, user) = (&party.tenant, &party.user);
         let now = now_ms();
         if let Some(conversation) = requested {
-            let key = ConversationKey { tenant: tenant.clone(), conversation: conversation.clone() };
+            let key = party.conversation(conversation.clone());
             let owned = self.conversations.get(&key).is_some_and(|log| {
                 let mut log = lock(&log);
                 let owned = log.user == *user;
@@ -185,13 +181,13 @@ impl ConversationLog for MemoryLog {
         }
         match self.users.recent(tenant, user, now) {
             Some(conversation) => {
-                let key = ConversationKey { tenant: tenant.clone(), conversation };
+                let key = party.conversation(conversation);
                 // A log the sweeper forgot meanwhile starts again under the same id.
                 let pending = (!self.touch_log(&key)).then(|| Pending::new(user));
                 Ok(Opened { key, pending })
             }
             None => {
-                let key = ConversationKey { tenant: tenant.clone(), conversation: ConversationId::generate() };
+                let key = party.conversation(ConversationId::generate());
                 Ok(Opened { key, pending: Some(Pending::new(user)) })
             }
         }

@@ -6,6 +6,7 @@ use crate::bus::LocalBus;
 use crate::conversations::Conversations;
 use crate::fanout::SessionHandle;
 use crate::ids::SessionId;
+use crate::ids::TenantId;
 
 fn config(log_cap: usize, max_created_per_user: u32) -> ConversationConfig {
     ConversationConfig {
@@ -40,7 +41,7 @@ impl Node {
     }
 
     async fn open(&self, t: &TenantId, u: &UserId, c: Option<&ConversationId>) -> Result<Opened, StoreError> {
-        self.composed.open(t, u, c).await
+        self.composed.open(&Party { tenant: t.clone(), user: u.clone() }, c).await
     }
 
     async fn append(
@@ -140,13 +141,18 @@ async fn a_socket_that_never_sends_leaves_nothing_behind() {
         let snapshot = backend.attach(&opened.key, handle, Some(0), Some(&pending)).await.unwrap();
         assert_eq!((snapshot.exists, snapshot.last_seq, snapshot.epoch.as_str()), (false, 0, pending.epoch.as_str()));
         // Not resumable by id: it does not exist.
-        let resumed = backend.open(&tenant, &user, Some(&opened.key.conversation)).await;
+        let resumed = backend.open(&tenant, &user, Some(opened.key.conversation())).await;
         assert!(matches!(resumed, Err(StoreError::ConversationNotFound)));
         backend.detach(&opened.key, id).await;
         backend.touch(&user, &opened.key).await;
     }
     assert_eq!((backend.conversations.len(), backend.users.latest.len(), backend.users.created.len()), (0, 0, 0));
-    assert_eq!(backend.fanout.local_sessions(&ConversationKey { tenant, conversation: ConversationId::generate() }), 0);
+    assert_eq!(
+        backend.fanout.local_sessions(
+            &Party { tenant, user: UserId::parse("nobody").unwrap() }.conversation(ConversationId::generate())
+        ),
+        0
+    );
 }
 
 #[tokio::test]
@@ -211,7 +217,7 @@ async fn conversations_past_their_retention_are_forgotten_unless_a_socket_is_ope
     assert_eq!(backend.sweep(now_ms() + 61 * 60 * 1000), 1);
     assert!(matches!(backend.events_after(&idle, 0).await, Err(StoreError::ConversationNotFound)));
     assert!(matches!(
-        backend.open(&tenant, &user, Some(&idle.conversation)).await,
+        backend.open(&tenant, &user, Some(idle.conversation())).await,
         Err(StoreError::ConversationNotFound)
     ));
     assert!(backend.events_after(&watched, 0).await.is_ok());

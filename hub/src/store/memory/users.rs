@@ -11,7 +11,7 @@ use std::time::Duration;
 use dashmap::DashMap;
 
 use crate::config::{ConversationConfig, CreationLimit};
-use crate::ids::{ConversationId, ConversationKey, TenantId, UserId};
+use crate::ids::{ConversationId, ConversationKey, Party, TenantId, UserId};
 use crate::store::{StoreError, now_ms};
 
 #[derive(Debug)]
@@ -62,8 +62,8 @@ impl Users {
 
     /// Marks the user active now in `key`, if it is their most recent conversation.
     pub fn touch(&self, user: &UserId, key: &ConversationKey) {
-        if let Some(mut latest) = self.latest.get_mut(&(key.tenant.clone(), user.clone()))
-            && latest.conversation == key.conversation
+        if let Some(mut latest) = self.latest.get_mut(&(key.tenant().clone(), user.clone()))
+            && latest.conversation == *key.conversation()
         {
             latest.last_active_ms = now_ms();
         }
@@ -90,8 +90,9 @@ impl Users {
     /// Forgets pointers to conversations that no longer `exist`, and
     /// creation times past the window at `now_ms`.
     pub fn sweep(&self, now_ms: u64, exists: impl Fn(&ConversationKey) -> bool) {
-        self.latest.retain(|(tenant, _), latest| {
-            exists(&ConversationKey { tenant: tenant.clone(), conversation: latest.conversation.clone() })
+        self.latest.retain(|(tenant, user), latest| {
+            let party = Party { tenant: tenant.clone(), user: user.clone() };
+            exists(&party.conversation(latest.conversation.clone()))
         });
         if let Some(limit) = self.creation_limit {
             let window = limit.window.as_millis() as u64;

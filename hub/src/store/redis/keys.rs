@@ -50,7 +50,7 @@ impl Keys {
     }
 
     fn conversation(&self, key: &ConversationKey, part: &str) -> String {
-        tagged(&self.prefix, "conv", key.tenant.as_str(), key.conversation.as_str(), part)
+        tagged(&self.prefix, "conv", key.tenant().as_str(), key.conversation().as_str(), part)
     }
 
     fn user(&self, tenant: &TenantId, user: &UserId, part: &str) -> String {
@@ -137,15 +137,11 @@ mod tests {
     use proptest::prelude::*;
 
     use super::*;
-    use crate::ids::ConversationId;
 
     const CONVERSATION: &str = "3f2a9c0e5b7d4e1f8a6c2b9d0e4f7a1c";
 
     fn conversation_key(tenant: &str, conversation: &str) -> ConversationKey {
-        ConversationKey {
-            tenant: TenantId::parse(tenant).unwrap(),
-            conversation: ConversationId::parse(conversation).unwrap(),
-        }
+        ConversationKey::for_test(tenant, conversation)
     }
 
     /// The part of a name Redis Cluster hashes: between the first `{` and

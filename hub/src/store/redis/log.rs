@@ -10,7 +10,7 @@ use tracing::{debug, warn};
 use super::wire::{self, EncodedEvent};
 use super::{Link, recent};
 use crate::config::{ConversationConfig, CreationLimit};
-use crate::ids::{ConversationId, ConversationKey, TenantId, UserId};
+use crate::ids::{ConversationId, ConversationKey, Party, TenantId, UserId};
 use crate::protocol::Role;
 use crate::store::{
     AppendWith, Appended, ConversationLog, NewEvent, Opened, Pending, Snapshot, StoreError, StoredEvent, now_ms,
@@ -90,8 +90,8 @@ impl Inner {
         let mut con = link.commands.clone();
         let mut invocation = self.quota.prepare_invoke();
         invocation
-            .key(link.keys.created(&key.tenant, user))
-            .arg(key.conversation.as_str())
+            .key(link.keys.created(key.tenant(), user))
+            .arg(key.conversation().as_str())
             .arg(now_ms())
             .arg(limit.window.as_millis() as u64)
             .arg(limit.max);
@@ -127,11 +127,11 @@ impl Inner {
     /// Adds to `pipe` what makes `key` the user's most recent conversation,
     /// active now.
     fn point_latest(&self, pipe: &mut redis::Pipeline, user: &UserId, key: &ConversationKey) {
-        let latest = self.link.keys.latest(&key.tenant, user);
+        let latest = self.link.keys.latest(key.tenant(), user);
         pipe.cmd("HSET")
             .arg(&latest)
             .arg("conversation")
-            .arg(key.conversation.as_str())
+            .arg(key.conversation().as_str())
             .arg("last_active_ms")
             .arg(now_ms())
             .ignore()
@@ -196,15 +196,10 @@ fn parse_entry(entry: &[u8]) -> Option<Arc<StoredEvent>> {
 
 #[async_trait]
 impl ConversationLog for RedisLog {
-    async fn open(
-        &self,
-        tenant: &TenantId,
-        user: &UserId,
-        requested: Option<&ConversationId>,
-    ) -> Result<Opened, StoreError> {
-        let inner = &self.inner;
+    async fn open(&self, party: &Party, requested: Option<&ConversationId>) -> Result<Opened, StoreError> {
+        let (inner, tenant, user) = (&self.inner, &party.tenant, &party.user);
         if let Some(conversation) = requested {
-            let key = ConversationKey { tenant: tenant.clone(), conversation: conversation.clone() };
+            let key = party.conversation(conversation.clone());
             if inner.owner(&key).await?.as_deref() != Some(user.as_str()) {
                 return Err(StoreError::ConversationNotFound);
             }
@@ -212,7 +207,7 @@ impl ConversationLog for RedisLog {
             return Ok(Opened { key, pending: None });
         }
         if let Some(conversation) = inner.recent(tenant, user).await? {
-            let key = ConversationKey { tenant: tenant.clone(), conversation };
+            let key = party.conversation(conversation);
             match inner.owner(&key).await? {
                 Some(owner) if owner == user.as_str() => {
                     inner.refresh(user, &key).await?;
@@ -224,7 +219,7 @@ impl ConversationLog for RedisLog {
                 Some(_) => {}
             }
         }
-        let key = ConversationKey { tenant: tenant.clone(), conversation: ConversationId::generate() };
+        let key = party.conversation(ConversationId::generate());
         Ok(Opened { key, pending: Some(Pending::new(user)) })
     }
 

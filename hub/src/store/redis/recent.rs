@@ -158,13 +158,9 @@ fn consecutive(read: &[Arc<StoredEvent>], seq: u64) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ids::{ConversationId, TenantId};
 
     fn key() -> ConversationKey {
-        ConversationKey {
-            tenant: TenantId::parse("t").unwrap(),
-            conversation: ConversationId::parse(&"c".repeat(32)).unwrap(),
-        }
+        ConversationKey::for_test("t", "c")
     }
 
     fn event(seq: u64, from: Role) -> Arc<StoredEvent> {

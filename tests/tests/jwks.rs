@@ -491,3 +491,74 @@ async fn each_jwk_verifies_only_its_pinned_algorithm_and_only_signatures() {
     refused(&hub, &ec.sign(Algorithm::ES256, Some("ed"), &claims("free", "alice")), 401, "token_invalid").await;
     assert_eq!((pinned.requests(), free.requests()), (1, 1));
 }
+
+/// Waits until the hub's log holds `line`.
+async fn logged(hub: &Hub, line: &str) {
+    let deadline = tokio::time::Instant::now() + STEP_TIMEOUT;
+    while !hub.logs().contains(line) {
+        assert!(tokio::time::Instant::now() < deadline, "no {line:?} in the log");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_reload_keeps_the_fetched_set_and_the_sockets_it_verified() {
+    let dir = KeyDir::new();
+    let shop = dir.key_pair("shop", "ed25519");
+    let server = JwksServer::start(vec![ed25519_jwk(&shop.public, "shop-1")]).await;
+    let path = config(&dir, "jwks_min_refresh_secs = 3600", &[jwks_entry("shop", &server.url, None)]);
+    let hub = Hub::start(&["--config", &path]).await;
+    let mut alice = accepted(&hub, &ed_token(&shop, "shop-1", "shop", "alice"), "shop", "alice").await;
+    assert_eq!(server.requests(), 1);
+
+    unsafe { libc::kill(hub.child.id().unwrap() as i32, libc::SIGHUP) };
+    logged(&hub, "auth configuration reloaded").await;
+    alice.assert_alive().await;
+    accepted(&hub, &ed_token(&shop, "shop-1", "shop", "bob"), "shop", "bob").await;
+    assert_eq!(server.requests(), 1, "the reload kept the cached set");
+}
+
+#[tokio::test]
+async fn a_withdrawn_key_stops_verifying_past_the_max_age_and_a_provider_outage_keeps_the_last_keys() {
+    let dir = KeyDir::new();
+    let shop = dir.key_pair("shop", "ed25519");
+    let server = JwksServer::start(vec![ed25519_jwk(&shop.public, "shop-1")]).await;
+    let settings = "jwks_min_refresh_secs = 1\njwks_max_age_secs = 1";
+    let path = config(&dir, settings, &[jwks_entry("shop", &server.url, None)]);
+    let hub = Hub::start(&["--config", &path]).await;
+    let token = ed_token(&shop, "shop-1", "shop", "alice");
+    accepted(&hub, &token, "shop", "alice").await;
+
+    // The provider withdraws the key: once the set is a second old, the
+    // next upgrade fetches it again and the key no longer verifies.
+    server.set_keys(Vec::new());
+    let deadline = tokio::time::Instant::now() + STEP_TIMEOUT;
+    loop {
+        match upgrade(&hub.ws_url(&format!("token={token}"))).await {
+            Ok(_) => assert!(tokio::time::Instant::now() < deadline, "the withdrawn key kept verifying"),
+            Err(refused) => {
+                assert_eq!((refused.status, refused.code.as_str()), (401, "unknown_kid"), "{refused:?}");
+                break;
+            }
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+
+    // It comes back (a new fetch is due a second later); then the provider
+    // fails: the set it last published keeps verifying past its age.
+    server.set_keys(vec![ed25519_jwk(&shop.public, "shop-1")]);
+    let deadline = tokio::time::Instant::now() + STEP_TIMEOUT;
+    while upgrade(&hub.ws_url(&format!("token={token}"))).await.is_err() {
+        assert!(tokio::time::Instant::now() < deadline, "the key never verified again");
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    server.set_mode(Mode::Fail);
+    let failed_from = server.requests();
+    let deadline = tokio::time::Instant::now() + STEP_TIMEOUT;
+    while server.requests() == failed_from {
+        assert!(tokio::time::Instant::now() < deadline, "the stale set was never fetched again");
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        accepted(&hub, &token, "shop", "alice").await;
+    }
+    accepted(&hub, &token, "shop", "alice").await;
+}

@@ -42,6 +42,10 @@ pub struct AuthConfig {
     pub jwks_min_refresh_secs: u64,
     /// Deadline of one JWKS fetch, in milliseconds. Default 2000.
     pub jwks_timeout_ms: u64,
+    /// A fetched JWKS is trusted this long; the first token of its tenant
+    /// after that fetches it again (keys the provider withdrew stop
+    /// verifying), keeping the old keys if the fetch fails. In seconds. Default 300.
+    pub jwks_max_age_secs: u64,
     /// The keys that sign tokens, per tenant. Default none.
     pub keys: Vec<KeyConfig>,
     /// Where relative key file paths start: the config file's directory
@@ -61,6 +65,7 @@ impl Default for AuthConfig {
             demo_token_ttl_secs: 900,
             jwks_min_refresh_secs: 60,
             jwks_timeout_ms: 2000,
+            jwks_max_age_secs: 300,
             keys: Vec::new(),
             base_dir: None,
         }
@@ -159,8 +164,10 @@ impl AuthConfig {
                 return Err(bad("`alg` is required (one algorithm per key)"));
             }
             if let Some(url) = &key.jwks_url {
-                if !(url.starts_with("https://") || url.starts_with("http://")) {
-                    return Err(bad("`jwks_url` must be an http(s) URL"));
+                if !(url.starts_with("https://") || is_loopback_http(url)) {
+                    return Err(bad(
+                        "`jwks_url` must be an https URL (http only on loopback): whoever can change the set can sign tokens",
+                    ));
                 }
                 if key.kid.is_some() {
                     return Err(bad("a jwks_url entry takes its kids from the JWKS; drop `kid`"));
@@ -189,6 +196,42 @@ impl AuthConfig {
         match &self.base_dir {
             Some(base) if path.is_relative() => base.join(path),
             _ => path.to_owned(),
+        }
+    }
+}
+
+/// An `http://` URL whose host is a loopback address or `localhost` (an
+/// identity provider on the same machine; anywhere else a JWKS needs TLS).
+fn is_loopback_http(url: &str) -> bool {
+    let Some(rest) = url.strip_prefix("http://") else { return false };
+    let authority = rest.split(['/', '?', '#']).next().unwrap_or("");
+    let host = authority.rsplit_once('@').map_or(authority, |(_, host)| host);
+    let host = match host.strip_prefix('[') {
+        Some(v6) => v6.split(']').next().unwrap_or(""),
+        None => host.rsplit_once(':').map_or(host, |(host, _)| host),
+    };
+    host == "localhost" || host.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::is_loopback_http;
+
+    #[test]
+    fn plain_http_is_only_for_a_provider_on_this_machine() {
+        for url in ["http://127.0.0.1:8080/jwks", "http://localhost/jwks", "http://[::1]:9/x", "http://u:p@127.0.0.2/"]
+        {
+            assert!(is_loopback_http(url), "{url}");
+        }
+        for url in [
+            "http://idp.example/jwks",
+            "http://127.0.0.1.evil.example/jwks",
+            "http://10.0.0.1/jwks",
+            "http://localhost.evil/x",
+            "https://127.0.0.1/jwks",
+            "ftp://127.0.0.1/",
+        ] {
+            assert!(!is_loopback_http(url), "{url}");
         }
     }
 }

@@ -116,6 +116,20 @@ async fn run_token_watch(auth: Arc<Auth>, mut identity: watch::Receiver<Identity
 
 /// How long until a Unix time, in whole seconds (zero when past).
 fn until(unix_secs: u64) -> Duration {
-    let target = UNIX_EPOCH + Duration::from_secs(unix_secs);
+    // An `exp` past what the clock can hold is as good as never.
+    let Some(target) = UNIX_EPOCH.checked_add(Duration::from_secs(unix_secs)) else {
+        return Duration::MAX;
+    };
     target.duration_since(SystemTime::now()).unwrap_or(Duration::ZERO)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_exp_past_what_the_clock_holds_is_never_and_a_past_one_is_now() {
+        assert_eq!(until(u64::MAX), Duration::MAX);
+        assert_eq!(until(1), Duration::ZERO);
+    }
 }

@@ -42,6 +42,9 @@ pub struct JwksSource {
     entry: KeyConfig,
     leeway_secs: u64,
     min_refresh: Duration,
+    max_age: Duration,
+    /// When the cached set was fetched (None: never).
+    fetched_at: Mutex<Option<Instant>>,
     timeout: Duration,
     http: reqwest::Client,
     /// kid → key, as of the last good fetch.
@@ -98,6 +101,8 @@ impl JwksSource {
             entry,
             leeway_secs: config.leeway_secs,
             min_refresh: Duration::from_secs(config.jwks_min_refresh_secs),
+            max_age: Duration::from_secs(config.jwks_max_age_secs),
+            fetched_at: Mutex::default(),
             timeout: Duration::from_millis(config.jwks_timeout_ms),
             http,
             cache: RwLock::default(),
@@ -109,12 +114,22 @@ impl JwksSource {
     /// The key with this kid: from the cache, or from a fetch when the
     /// cache does not have it and the last fetch is old enough.
     pub async fn key(&self, kid: &str) -> Result<Option<Arc<Key>>, JwksError> {
-        if let Some(key) = self.cached(kid) {
+        if !self.stale()
+            && let Some(key) = self.cached(kid)
+        {
             return Ok(Some(key));
         }
         let _fetching = self.fetching.lock().await;
         // Someone may have fetched while we waited.
-        if let Some(key) = self.cached(kid) {
+        if !self.stale() {
+            if let Some(key) = self.cached(kid) {
+                return Ok(Some(key));
+            }
+        } else if self.refetch_stale().await.is_ok() {
+            return Ok(self.cached(kid));
+        } else if let Some(key) = self.cached(kid) {
+            // The provider cannot be reached: the keys it last published
+            // still verify (an outage there must not lock every customer out).
             return Ok(Some(key));
         }
         let last = *self.last_fetch.lock().unwrap_or_else(|e| e.into_inner());
@@ -124,14 +139,53 @@ impl JwksSource {
             }
             _ => {}
         }
-        // Recorded before fetching, so that a fetch abandoned half-way (its
-        // upgrade's client left) still counts against the interval.
-        let at = Instant::now();
-        *self.last_fetch.lock().unwrap_or_else(|e| e.into_inner()) = Some(LastFetch { at, failed: false });
-        let fetched = self.fetch().await;
-        *self.last_fetch.lock().unwrap_or_else(|e| e.into_inner()) = Some(LastFetch { at, failed: fetched.is_err() });
-        fetched?;
+        self.fetch_counted().await?;
         Ok(self.cached(kid))
+    }
+
+    /// Whether the cached set is older than `jwks_max_age_secs` (a set
+    /// never fetched is not stale: it is empty).
+    fn stale(&self) -> bool {
+        self.fetched_at.lock().unwrap_or_else(|e| e.into_inner()).is_some_and(|at| at.elapsed() >= self.max_age)
+    }
+
+    /// Fetches a stale set again, at most once per `min_refresh`.
+    async fn refetch_stale(&self) -> Result<(), JwksError> {
+        let last = *self.last_fetch.lock().unwrap_or_else(|e| e.into_inner());
+        match last {
+            Some(last) if last.at.elapsed() < self.min_refresh => {
+                if last.failed {
+                    Err(JwksError::LastFetchFailed)
+                } else {
+                    Ok(())
+                }
+            }
+            _ => self.fetch_counted().await,
+        }
+    }
+
+    /// One fetch, counted against the interval. Recorded as failed before
+    /// it starts: a fetch abandoned half-way (its upgrade's client left)
+    /// counts against the interval, and the tokens that wait for it get the
+    /// retryable `keys_unavailable`, not `unknown_kid`.
+    async fn fetch_counted(&self) -> Result<(), JwksError> {
+        let at = Instant::now();
+        *self.last_fetch.lock().unwrap_or_else(|e| e.into_inner()) = Some(LastFetch { at, failed: true });
+        self.fetch().await?;
+        *self.last_fetch.lock().unwrap_or_else(|e| e.into_inner()) = Some(LastFetch { at, failed: false });
+        *self.fetched_at.lock().unwrap_or_else(|e| e.into_inner()) = Some(at);
+        Ok(())
+    }
+
+    /// Whether this source reads the same set the same way as a new entry
+    /// would: a reload then keeps it, with its cache.
+    pub fn same_as(&self, tenant: &TenantId, entry: &KeyConfig, config: &AuthConfig) -> bool {
+        self.tenant == *tenant
+            && self.entry == *entry
+            && self.leeway_secs == config.leeway_secs
+            && self.min_refresh == Duration::from_secs(config.jwks_min_refresh_secs)
+            && self.max_age == Duration::from_secs(config.jwks_max_age_secs)
+            && self.timeout == Duration::from_millis(config.jwks_timeout_ms)
     }
 
     fn cached(&self, kid: &str) -> Option<Arc<Key>> {

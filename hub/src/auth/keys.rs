@@ -128,7 +128,10 @@ pub struct Keyring {
 
 impl Keyring {
     /// Reads every key file; JWKS sources are created empty (fetched on first use).
-    pub fn load(config: &AuthConfig, http: &reqwest::Client) -> Result<Self, KeyError> {
+    /// A reload passes the keyring in force as `previous`: each JWKS source
+    /// that reads the same set the same way is kept, with its cache, so a
+    /// reload neither refetches every set nor drops the sockets they verified.
+    pub fn load(config: &AuthConfig, http: &reqwest::Client, previous: Option<&Keyring>) -> Result<Self, KeyError> {
         let mut tenants: HashMap<TenantId, TenantKeys> = HashMap::new();
         for (index, entry) in config.keys.iter().enumerate() {
             let fail = |reason: String| KeyError { index, tenant: entry.tenant.clone(), reason };
@@ -139,14 +142,13 @@ impl Keyring {
             };
             let keys = tenants.entry(tenant.clone()).or_default();
             if let Some(url) = &entry.jwks_url {
-                keys.jwks.push(Arc::new(JwksSource::new(
-                    tenant,
-                    url.clone(),
-                    pinned,
-                    entry.clone(),
-                    config,
-                    http.clone(),
-                )));
+                let kept = previous
+                    .and_then(|keyring| keyring.tenants.get(&tenant))
+                    .and_then(|old| old.jwks.iter().find(|source| source.same_as(&tenant, entry, config)).cloned());
+                let source = kept.unwrap_or_else(|| {
+                    Arc::new(JwksSource::new(tenant, url.clone(), pinned, entry.clone(), config, http.clone()))
+                });
+                keys.jwks.push(source);
                 continue;
             }
             let alg = pinned.ok_or_else(|| fail("`alg` is required".into()))?;

@@ -67,7 +67,7 @@ impl Auth {
             .user_agent(concat!("fengda/", env!("CARGO_PKG_VERSION")))
             .build()
             .unwrap_or_default();
-        let keyring = Keyring::load(config, &http)?;
+        let keyring = Keyring::load(config, &http, None)?;
         let demo = (config.mode == AuthMode::Demo).then(|| DemoIssuer::new(config.leeway_secs));
         let (current, _) = watch::channel(Arc::new(Loaded { config: config.clone(), keyring }));
         Ok(Self { mode: config.mode, current, demo, http })
@@ -120,7 +120,7 @@ impl Auth {
             return Err(ReloadError::ModeChanged);
         }
         config.check(listen)?;
-        let keyring = Keyring::load(config, &self.http)?;
+        let keyring = Keyring::load(config, &self.http, Some(&self.current().keyring))?;
         let tenants = keyring.tenants.len();
         self.current.send_replace(Arc::new(Loaded { config: config.clone(), keyring }));
         info!(keys = config.keys.len(), tenants, "auth configuration reloaded");

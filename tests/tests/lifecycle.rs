@@ -14,7 +14,13 @@ async fn a_client_that_stops_reading_is_closed_as_a_slow_consumer() {
     let hub = Hub::start(&["--nlp-url", &answerer.url, "--outbound-queue-frames", "8"]).await;
     let mut slow = Client::connect(&hub.ws_url("tenant=demo&user=slow-reader")).await;
     slow.send_message("m1", "flood me").await;
-    // Read nothing until the hub gives up on us, then drain what was buffered.
+    // Read nothing until the hub gives up on us (its metric says so), then
+    // drain what was buffered up to the close frame.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while hub.metric("fengda_hub_slow_consumer_closes_total").await != 1.0 {
+        assert!(tokio::time::Instant::now() < deadline, "the hub never closed the socket that stopped reading");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     let close = slow.expect_close().await.expect("a close frame");
     assert_eq!(u16::from(close.code), 4008, "slow consumer close code");
 

@@ -33,6 +33,8 @@ enum Mode {
     Fail,
     /// 200 with a body that is not a JWKS.
     Garbage,
+    /// 200 with a 300 KiB body sent in chunks, without a length.
+    Huge,
 }
 
 struct Served {
@@ -106,6 +108,10 @@ async fn answer(State(served): State<Arc<Served>>, uri: Uri) -> Response {
         Mode::Hang => std::future::pending().await,
         Mode::Fail => (StatusCode::INTERNAL_SERVER_ERROR, "down for maintenance").into_response(),
         Mode::Garbage => "<html>Sign in</html>".into_response(),
+        Mode::Huge => {
+            let chunks = (0..300).map(|_| Ok::<_, std::io::Error>(vec![b' '; 1024]));
+            axum::body::Body::from_stream(futures::stream::iter(chunks)).into_response()
+        }
     }
 }
 
@@ -561,4 +567,16 @@ async fn a_withdrawn_key_stops_verifying_past_the_max_age_and_a_provider_outage_
         accepted(&hub, &token, "shop", "alice").await;
     }
     accepted(&hub, &token, "shop", "alice").await;
+}
+
+#[tokio::test]
+async fn a_set_larger_than_the_limit_is_refused_even_without_a_length() {
+    let dir = KeyDir::new();
+    let shop = dir.key_pair("shop", "ed25519");
+    let server = JwksServer::start(vec![ed25519_jwk(&shop.public, "shop-1")]).await;
+    server.set_mode(Mode::Huge);
+    let path = config(&dir, "", &[jwks_entry("shop", &server.url, None)]);
+    let hub = Hub::start(&["--config", &path]).await;
+    refused(&hub, &ed_token(&shop, "shop-1", "shop", "alice"), 503, "keys_unavailable").await;
+    assert!(hub.logs().contains("the JWKS is too large"), "the log says why");
 }

@@ -200,13 +200,17 @@ impl JwksSource {
     async fn fetch(&self) -> Result<(), JwksError> {
         let shown = crate::redact::display_url(&self.url);
         let set = async {
-            let response = self.http.get(&self.url).timeout(self.timeout).send().await?.error_for_status()?;
+            let mut response = self.http.get(&self.url).timeout(self.timeout).send().await?.error_for_status()?;
             if response.content_length().is_some_and(|len| len as usize > MAX_JWKS_BYTES) {
                 return Err(JwksError::Fetch("the JWKS is too large".into()));
             }
-            let body = response.bytes().await?;
-            if body.len() > MAX_JWKS_BYTES {
-                return Err(JwksError::Fetch("the JWKS is too large".into()));
+            // Read chunk by chunk: a body without a length stops at the limit too.
+            let mut body = Vec::new();
+            while let Some(chunk) = response.chunk().await? {
+                if body.len() + chunk.len() > MAX_JWKS_BYTES {
+                    return Err(JwksError::Fetch("the JWKS is too large".into()));
+                }
+                body.extend_from_slice(&chunk);
             }
             serde_json::from_slice::<RawSet>(&body).map_err(|e| JwksError::Fetch(format!("not a JWKS: {e}")))
         }

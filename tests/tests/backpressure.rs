@@ -198,7 +198,10 @@ async fn ask_until_settled(client: &mut Client, tag: &str, restarted: &AtomicBoo
 async fn a_planned_restart_of_the_only_bridge_costs_fallbacks_only_while_no_bridge_serves() {
     let pacing = ["--first-token-delay-ms", "10", "--tokens-per-second", "0"];
     let mut bridge = NlpProcess::start(&pacing).await;
-    let hub = Hub::start(&["--nlp-url", &bridge.url]).await;
+    // While no bridge serves, fallbacks come at once and each customer asks
+    // again every 20 ms: more than a socket's default frame rate (20/s,
+    // bursts of 60), which is not what this test is about.
+    let hub = Hub::start(&["--nlp-url", &bridge.url, "--max-frames-per-second", "1000"]).await;
     let addr = bridge.addr().to_owned();
     let urls: Vec<_> = (0..5).map(|i| hub.ws_url(&format!("tenant=demo&user=restart-{i}"))).collect();
     let mut clients = join_all(urls.iter().map(|url| Client::connect(url))).await;

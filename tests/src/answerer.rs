@@ -61,6 +61,8 @@ pub struct RecordingAnswerer {
     cancelled: Arc<watch::Sender<usize>>,
     /// How many calls were refused as over `Script::max_streams`.
     refused: Arc<Mutex<usize>>,
+    /// Tokens handed to answer streams so far, over all calls.
+    tokens: Arc<std::sync::atomic::AtomicUsize>,
     stop: CancellationToken,
 }
 
@@ -69,6 +71,7 @@ struct Service {
     requests: Arc<Mutex<Vec<AnswerRequest>>>,
     cancelled: Arc<watch::Sender<usize>>,
     refused: Arc<Mutex<usize>>,
+    tokens: Arc<std::sync::atomic::AtomicUsize>,
     /// Answers streaming now.
     streaming: Arc<std::sync::atomic::AtomicUsize>,
 }
@@ -82,11 +85,13 @@ impl RecordingAnswerer {
         let stop = CancellationToken::new();
         let script = Arc::new(Mutex::new(script));
         let refused = Arc::new(Mutex::new(0));
+        let tokens = Arc::default();
         let service = Service {
             script: script.clone(),
             requests: requests.clone(),
             cancelled: cancelled.clone(),
             refused: refused.clone(),
+            tokens: Arc::clone(&tokens),
             streaming: Arc::default(),
         };
         let shutdown = stop.clone();
@@ -97,7 +102,7 @@ impl RecordingAnswerer {
                 .await
                 .expect("recording answerer failed");
         });
-        RecordingAnswerer { url, script, requests, cancelled, refused, stop }
+        RecordingAnswerer { url, script, requests, cancelled, refused, tokens, stop }
     }
 
     /// Changes how later calls are answered.
@@ -123,6 +128,11 @@ impl RecordingAnswerer {
 
     pub fn refused(&self) -> usize {
         *self.refused.lock().unwrap()
+    }
+
+    /// Tokens handed to answer streams so far, over all calls.
+    pub fn tokens_sent(&self) -> usize {
+        self.tokens.load(std::sync::atomic::Ordering::Acquire)
     }
 }
 
@@ -170,6 +180,7 @@ impl Nlp for Service {
             return Err(Status::resource_exhausted("too many concurrent answer streams"));
         }
         let cancelled = self.cancelled.clone();
+        let tokens = self.tokens.clone();
         let (tx, rx) = mpsc::channel(4);
         tokio::spawn(async move {
             let _streaming = streaming;
@@ -184,6 +195,7 @@ impl Nlp for Service {
                     cancelled.send_modify(|n| *n += 1);
                     return;
                 }
+                tokens.fetch_add(1, Ordering::AcqRel);
             }
             let last =
                 AnswerChunk { index: script.tokens as u32, text: String::new(), finish: FinishReason::Stop as i32 };

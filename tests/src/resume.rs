@@ -47,8 +47,10 @@ pub fn random_in(max: usize) -> usize {
 /// How the stored reply reached the returning customer.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Delivery {
-    /// Deltas (from `first_index` on) and `reply.done`.
-    Live { first_index: u64, first_delta_after: Duration },
+    /// Deltas (from `first_index` on) and `reply.done`. `sent_at_attach`:
+    /// the tokens the answerer had sent when the customer was back (known
+    /// when [`Away::Watching`] gave the answerer).
+    Live { first_index: u64, sent_at_attach: Option<usize> },
     /// A replayed `message` `from: "assistant"`.
     Replayed,
 }
@@ -67,6 +69,9 @@ pub struct Outcome {
 pub enum Away<'a> {
     /// This long, within the grace: the time away is what the test is about.
     For(Duration),
+    /// Like `For`, noting how many tokens `answerer` had sent when the
+    /// customer was back.
+    Watching(Duration, &'a RecordingAnswerer),
     /// Until the hub stored the reply (it finished while nobody listened).
     UntilStored,
     /// Past the grace: until the hub cancelled the NLP call (`answerer` saw
@@ -92,7 +97,7 @@ pub async fn drop_and_resume(asking: &Hub, resuming: &Hub, user: &str, k: usize,
     // The phone loses its network: no close frame, the TCP connection just goes.
     drop(first);
     match away {
-        Away::For(away) => tokio::time::sleep(away).await,
+        Away::For(away) | Away::Watching(away, _) => tokio::time::sleep(away).await,
         Away::UntilStored => wait_until_stored(asking, user, &conversation, 2).await,
         Away::PastGrace(answerer) => {
             answerer.wait_cancelled(1).await;
@@ -102,23 +107,23 @@ pub async fn drop_and_resume(asking: &Hub, resuming: &Hub, user: &str, k: usize,
 
     let query = format!("tenant=demo&user={user}&conversation={conversation}&after=1&epoch={epoch}");
     let mut back = Client::connect(&resuming.ws_url(&query)).await;
-    let attached = Instant::now();
+    let sent_at_attach = match away {
+        Away::Watching(_, answerer) => Some(answerer.tokens_sent()),
+        _ => None,
+    };
     assert_eq!(back.conversation(), conversation);
     assert_eq!(back.ready["epoch"], epoch.as_str());
     let mut deltas: Vec<Value> = Vec::new();
-    let mut first_delta_after = None;
     let (reply, delivery) = loop {
         let frame = back.next().await;
         match frame["type"].as_str() {
             Some("reply.delta") => {
-                first_delta_after.get_or_insert_with(|| attached.elapsed());
                 deltas.push(frame);
             }
             Some("reply.done") => {
                 let first = deltas.first().expect("a reply continuing live streams deltas before its reply.done");
                 let first_index = first["index"].as_u64().expect("index");
-                let first_delta_after = first_delta_after.expect("a delta arrived");
-                break (frame, Delivery::Live { first_index, first_delta_after });
+                break (frame, Delivery::Live { first_index, sent_at_attach });
             }
             Some("message") => {
                 assert_eq!(frame["from"], "assistant", "only the reply was missed: {frame}");

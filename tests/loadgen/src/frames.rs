@@ -121,6 +121,9 @@ pub struct ReplyCheck {
     deltas: u64,
     first_delta: Option<Duration>,
     queued_frames: u64,
+    /// A second socket of the conversation: the question arrives as the
+    /// customer's `message` instead of the `ack` (its time is `ack`).
+    watching: bool,
 }
 
 impl ReplyCheck {
@@ -134,7 +137,14 @@ impl ReplyCheck {
             deltas: 0,
             first_delta: None,
             queued_frames: 0,
+            watching: false,
         }
+    }
+
+    /// The check of another socket of the conversation, which sees the
+    /// question as a `message` from the customer.
+    pub fn watching(id: &str, policy: FallbackPolicy) -> ReplyCheck {
+        ReplyCheck { watching: true, ..ReplyCheck::new(id, policy) }
     }
 
     /// What has arrived so far, for a timeout's detail.
@@ -157,7 +167,7 @@ impl ReplyCheck {
     /// One parsed frame received `at` after the question's start.
     pub fn on_frame(&mut self, frame: Frame, at: Duration) -> Result<Progress, Failed> {
         match frame.kind.as_str() {
-            "ack" => {
+            "ack" | "message" if (frame.kind == "message") == self.watching => {
                 if frame.id.as_deref() != Some(self.id.as_str()) || self.ack.is_some() {
                     return Err(self.fail(Failure::Mismatch, format!("unexpected ack {:?}", frame.id)));
                 }
@@ -356,6 +366,21 @@ mod tests {
         assert_eq!(failure(&[&done("", false)]).0, Failure::Mismatch);
         assert_eq!(failure(&[r#"{"type":"ack","id":"other","seq":1}"#]).0, Failure::Mismatch);
         assert_eq!(failure(&[ACK, ACK]).0, Failure::Mismatch);
+    }
+
+    #[test]
+    fn a_watcher_sees_the_question_as_the_customers_message_and_never_an_ack() {
+        let question = r#"{"type":"message","conversation":"c","seq":1,"from":"customer","id":"q1","text":"hi"}"#;
+        let (d0, end) = (delta(0, "Hello"), done("Hello", false));
+        let mut watcher = ReplyCheck::watching("q1", FallbackPolicy::Failure);
+        let Progress::Answered(answer) = feed(&mut watcher, &[question, &d0, &end]).unwrap() else {
+            panic!("the watcher saw the whole reply");
+        };
+        assert_eq!((answer.ack, answer.first_delta, answer.done, answer.tokens), (MS, MS * 2, MS * 3, 1));
+        let other = r#"{"type":"message","conversation":"c","seq":1,"from":"customer","id":"q2","text":"hi"}"#;
+        assert!(feed(&mut ReplyCheck::watching("q1", FallbackPolicy::Failure), &[other]).is_err());
+        assert!(feed(&mut ReplyCheck::watching("q1", FallbackPolicy::Failure), &[ACK]).is_err());
+        assert_eq!(failure(&[question]).0, Failure::Mismatch, "the asker gets an ack, not its message");
     }
 
     #[test]

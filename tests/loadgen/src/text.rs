@@ -131,6 +131,13 @@ fn write_replies(out: &mut String, r: &Value) -> std::fmt::Result {
     writeln!(out, "  send→reply.done  {}", percentiles(&r["latency_ms"]))?;
     writeln!(out, "  send→1st delta   {}  (time to first token)", percentiles(&r["first_delta_ms"]))?;
     writeln!(out, "  send→ack         {}", percentiles(&r["ack_ms"]))?;
+    let w = &r["watchers"];
+    if !w.is_null() {
+        writeln!(out, "  watchers on the next node: ok {}   failures {}", w["replies_ok"], w["failures"]["total"])?;
+        writeln!(out, "    send→message     {}", percentiles(&w["message_ms"]))?;
+        writeln!(out, "    send→1st delta   {}", percentiles(&w["first_delta_ms"]))?;
+        writeln!(out, "    send→reply.done  {}", percentiles(&w["latency_ms"]))?;
+    }
     if r["queued"].as_u64().unwrap_or(0) > 0 {
         writeln!(out, "  {} replies waited in line (queued frames) first", r["queued"])?;
     }

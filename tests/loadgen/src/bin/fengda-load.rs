@@ -38,7 +38,9 @@
 //!   `reply.delta`, replies/s, tokens per reply, and CPU time per reply and
 //!   per token of the hub and of the bridge, read just before the first
 //!   question and just after the last reply (connection set-up is outside
-//!   that window).
+//!   that window). With `--watchers` (two nodes or more) each conversation
+//!   also has a reading socket on the next node from its second question
+//!   on: cross-node delivery, checked and timed.
 //! - `idle`: opens N sockets (default 10,000) that only wait, and reports the
 //!   hub's VmRSS before, with all of them open, and after they closed, and
 //!   KiB per idle socket.
@@ -279,6 +281,12 @@ enum Scenario {
         connections: usize,
         #[arg(short = 'q', long, default_value_t = 20)]
         questions: usize,
+        /// Give each customer's conversation a second socket on the next hub
+        /// node that only reads (an agent or a second device elsewhere):
+        /// every event and delta then also crosses nodes. Needs two nodes or
+        /// more. Reports the watchers' replies under `watchers`.
+        #[arg(long)]
+        watchers: bool,
     },
     /// N idle sockets (alias `hold`): sockets/s, and the hub's resident memory per socket.
     #[command(alias = "hold")]
@@ -479,7 +487,9 @@ async fn run_one(common: &Common, scenario: &Scenario, nofile: u64) -> anyhow::R
         n => Some(IdleExtra::open(common, &target, n).await),
     };
     let result = match plan {
-        Plan::Replies { connections, questions } => replies(common, &target, connections, questions).await,
+        Plan::Replies { connections, questions, watchers } => {
+            replies(common, &target, connections, questions, watchers).await
+        }
         Plan::Idle { sockets, hold_secs } => idle(common, &target, sockets, hold_secs, nofile).await,
         Plan::Storm { sockets } => storm(common, &target, sockets).await,
         Plan::OpenLoop(plan) => {
@@ -504,7 +514,7 @@ async fn run_one(common: &Common, scenario: &Scenario, nofile: u64) -> anyhow::R
 /// What a scenario will run, with the schedules, pools and timeouts of its
 /// open loops worked out.
 enum Plan {
-    Replies { connections: usize, questions: usize },
+    Replies { connections: usize, questions: usize, watchers: bool },
     Idle { sockets: usize, hold_secs: u64 },
     Storm { sockets: usize },
     OpenLoop(Box<OpenLoopPlan>),
@@ -539,7 +549,9 @@ fn plan(common: &Common, target: &Target, scenario: &Scenario) -> anyhow::Result
         (Plan::OpenLoop(Box::new(OpenLoopPlan { scenario, main, steady, sample_every })), sockets)
     };
     Ok(match scenario.clone() {
-        Scenario::Replies { connections, questions } => (Plan::Replies { connections, questions }, connections),
+        Scenario::Replies { connections, questions, watchers } => {
+            (Plan::Replies { connections, questions, watchers }, connections * (1 + usize::from(watchers)))
+        }
         Scenario::Idle { sockets, hold_secs } => (Plan::Idle { sockets, hold_secs }, sockets),
         Scenario::Storm { sockets } => (Plan::Storm { sockets }, sockets),
         Scenario::Rate { rate, secs, connections } => {
@@ -993,7 +1005,7 @@ fn run_id() -> String {
 
 /// Opens `n` ready connections of `tenant`'s users `<prefix>-<i>`,
 /// `parallel` handshakes at a time; connection i goes to node and address
-/// `first_index + i`.
+/// `first_index + i`. Each comes with its `ready` frame.
 async fn open_many(
     target: &Target,
     tenant: &str,
@@ -1002,12 +1014,12 @@ async fn open_many(
     parallel: usize,
     prefix: &str,
     timeout: Duration,
-) -> (Vec<(usize, Ws)>, Failures, Duration) {
+) -> (Vec<(usize, Ws, Frame)>, Failures, Duration) {
     let started = Instant::now();
     let urls: Vec<(usize, String)> =
         (0..n).map(|i| (i, target.ws_url(first_index + i, tenant, &format!("{prefix}-{i}")))).collect();
-    let results: Vec<(usize, anyhow::Result<Ws>)> = futures::stream::iter(urls)
-        .map(|(i, url)| async move { (i, connect(&url, timeout).await.map(|(ws, _ready)| ws)) })
+    let results: Vec<(usize, anyhow::Result<(Ws, Frame)>)> = futures::stream::iter(urls)
+        .map(|(i, url)| async move { (i, connect(&url, timeout).await) })
         .buffer_unordered(parallel)
         .collect()
         .await;
@@ -1015,7 +1027,7 @@ async fn open_many(
     let mut sockets = Vec::with_capacity(n);
     for (i, result) in results {
         match result {
-            Ok(ws) => sockets.push((i, ws)),
+            Ok((ws, ready)) => sockets.push((i, ws, ready)),
             Err(e) => failures.add(Failed::new(Failure::Connect, format!("#{i}: {e:#}"))),
         }
     }
@@ -1029,7 +1041,9 @@ async fn replies(
     target: &Target,
     connections: usize,
     questions: usize,
+    watch: bool,
 ) -> anyhow::Result<(Value, bool)> {
+    ensure!(!watch || target.ports.len() >= 2, "--watchers needs two hub nodes or more (--nodes)");
     let prefix = format!("lg-{}", run_id());
     let connect_timeout = Duration::from_secs(common.timeout_secs);
     let (sockets, connect_failures, connect_time) =
@@ -1040,11 +1054,23 @@ async fn replies(
     // 170 KiB histograms) made the load generator page-fault its way through
     // gigabytes, more against a faster server, which skewed the ratios.
     let shared = Arc::new(Mutex::new(ReplyStats { failures: connect_failures, ..ReplyStats::default() }));
+    let watched = Arc::new(Mutex::new(ReplyStats::default()));
     let mut tasks = Vec::with_capacity(sockets.len());
-    for (i, mut ws) in sockets {
+    for (i, mut ws, ready) in sockets {
         let text = common.question.clone();
         let shared = shared.clone();
+        // The watcher's socket, opened once the first question created the
+        // conversation: the next node (and address), the same user.
+        let watcher_url = watch.then(|| {
+            let url = target.ws_url(i + 1, &common.tenant, &format!("{prefix}-{i}"));
+            format!("{url}&conversation={}", ready.conversation.as_deref().unwrap_or_default())
+        });
+        let watched = watched.clone();
         tasks.push(tokio::spawn(async move {
+            // When each question was sent, for the watcher's latencies.
+            let sent: Arc<Mutex<Vec<Instant>>> = Arc::default();
+            let asked = CancellationToken::new();
+            let mut watcher = None;
             let tally = |outcome: Result<Answered, Failed>| {
                 let mut stats = shared.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
                 match outcome {
@@ -1056,6 +1082,7 @@ async fn replies(
             for q in 0..questions {
                 let id = format!("c{i}-q{q}");
                 let t0 = Instant::now();
+                lock(&sent).push(t0);
                 let outcome = ask(&mut ws, &id, &text, FallbackPolicy::Failure, t0, t0 + timeout).await;
                 // The socket's state is unknown after a failure: stop using it.
                 alive = outcome.is_ok();
@@ -1063,10 +1090,30 @@ async fn replies(
                 if !alive {
                     break;
                 }
+                if q == 0
+                    && let Some(url) = &watcher_url
+                {
+                    match connect(url, connect_timeout).await {
+                        Ok((socket, _)) => {
+                            let (sent, asked, watched) = (sent.clone(), asked.clone(), watched.clone());
+                            watcher = Some(tokio::spawn(async move {
+                                let socket =
+                                    watch_replies(socket, i, questions, &sent, &asked, timeout, &watched).await;
+                                close_quietly(socket).await;
+                                Instant::now()
+                            }));
+                        }
+                        Err(e) => lock(&watched).failed(Failed::new(Failure::Connect, format!("watcher #{i}: {e:#}"))),
+                    }
+                }
             }
-            let finished = Instant::now();
+            let mut finished = Instant::now();
+            asked.cancel();
             if alive {
                 close_quietly(ws).await;
+            }
+            if let Some(watcher) = watcher {
+                finished = finished.max(watcher.await.unwrap_or(finished));
             }
             finished
         }));
@@ -1076,17 +1123,22 @@ async fn replies(
         let finished = task.await.context("client task panicked")?;
         last_done = last_done.max(finished);
     }
-    let stats = Arc::try_unwrap(shared)
-        .map_err(|_| anyhow::anyhow!("client tasks still hold the stats"))?
-        .into_inner()
-        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    let unwrap_stats = |stats: Arc<Mutex<ReplyStats>>| {
+        Arc::try_unwrap(stats)
+            .map_err(|_| anyhow::anyhow!("client tasks still hold the stats"))
+            .map(|stats| stats.into_inner().unwrap_or_else(|poisoned| poisoned.into_inner()))
+    };
+    let stats = unwrap_stats(shared)?;
+    let watched = unwrap_stats(watched)?;
     // Clients close as they finish; the snapshot after all joined includes
     // those closes, a small share next to thousands of replies.
     let after = CpuSnapshot::take(&target.watched);
     let cpu = before.delta(&after);
     let wall = (last_done - before.at).as_secs_f64();
     let (ok, tokens, failures) = (stats.ok, stats.tokens, &stats.failures);
-    let clean = failures.total() == 0 && ok == (connections * questions) as u64;
+    let watched_expected = if watch { connections * questions.saturating_sub(1) } else { 0 };
+    let watchers_clean = watched.failures.total() == 0 && watched.ok == watched_expected as u64;
+    let clean = failures.total() == 0 && ok == (connections * questions) as u64 && watchers_clean;
     let report = json!({
         "scenario": "replies",
         "connections": connections,
@@ -1108,8 +1160,79 @@ async fn replies(
         "reply_timeout_s": round2(timeout.as_secs_f64()),
         "timing": if target.timing { stats.timing.json() } else { Value::Null },
         "cpu": cpu.json(ok, tokens),
+        "watchers": if watch {
+            json!({
+                "replies_ok": watched.ok,
+                "replies_expected": watched_expected,
+                "failures": watched.failures.json(),
+                "tokens": watched.tokens,
+                "latency_ms": report::percentiles_ms(&watched.done),
+                "first_delta_ms": report::percentiles_ms(&watched.first_delta),
+                "message_ms": report::percentiles_ms(&watched.ack),
+            })
+        } else {
+            Value::Null
+        },
     });
     Ok((report, clean))
+}
+
+/// A watcher's side of customer `i`'s questions after the first: each question (the
+/// customer's `message`), then its reply's deltas and `reply.done`, checked
+/// like the asker's and timed from the question's send (`sent`). Stops at
+/// the first failure, or once the asker is done (`asked`) and every question
+/// it sent was watched.
+async fn watch_replies(
+    mut ws: Ws,
+    i: usize,
+    questions: usize,
+    sent: &Mutex<Vec<Instant>>,
+    asked: &CancellationToken,
+    timeout: Duration,
+    stats: &Mutex<ReplyStats>,
+) -> Ws {
+    'questions: for q in 1..questions {
+        let id = format!("c{i}-q{q}");
+        let mut check = ReplyCheck::watching(&id, FallbackPolicy::Failure);
+        let deadline = Instant::now() + timeout;
+        let outcome = loop {
+            // The asker is done and never sent this question: nothing more comes.
+            if asked.is_cancelled() && lock(sent).len() <= q {
+                break 'questions;
+            }
+            let next = tokio::select! {
+                next = tokio::time::timeout_at(deadline.into(), ws.next()) => next,
+                () = asked.cancelled(), if !asked.is_cancelled() => continue,
+            };
+            let text = match next {
+                Err(_) => break Err(Failed::new(Failure::Timeout, format!("watcher {id}: {}", check.state()))),
+                Ok(Some(Ok(Message::Text(text)))) => text,
+                Ok(Some(Ok(Message::Ping(_) | Message::Pong(_)))) => continue,
+                Ok(other) => break Err(Failed::new(Failure::Closed, format!("watcher {id}: {other:?}"))),
+            };
+            let Some(&t0) = lock(sent).get(q) else {
+                break Err(Failed::new(Failure::Mismatch, format!("watcher {id}: a frame before the question")));
+            };
+            match check.on_text(text.as_str(), t0.elapsed()) {
+                Ok(Progress::Answered(answer)) => break Ok(answer),
+                Ok(Progress::Waiting) => {}
+                Err(failed) => break Err(failed),
+            }
+        };
+        let mut stats = lock(stats);
+        match outcome {
+            Ok(answer) => stats.answered(&answer),
+            Err(failed) => {
+                stats.failed(failed);
+                break;
+            }
+        }
+    }
+    ws
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 // ---------------------------------------------------------------- storm
@@ -1300,7 +1423,7 @@ async fn idle(
     // Hold: each socket gets a reader (answers pings) until we cancel.
     let stop = CancellationToken::new();
     let dropped = Arc::new(AtomicU64::new(0));
-    let holders: Vec<_> = opened.into_iter().map(|(_, ws)| hold(ws, stop.clone(), dropped.clone())).collect();
+    let holders: Vec<_> = opened.into_iter().map(|(_, ws, _)| hold(ws, stop.clone(), dropped.clone())).collect();
     tokio::time::sleep(Duration::from_secs(hold_secs)).await;
     let rss_open = rss(target);
     let fds_open = fds(target);
@@ -1388,7 +1511,7 @@ async fn open_pool(common: &Common, target: &Target, spec: &LoopSpec) -> Pool {
     .await;
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel::<Ws>();
     let ready = sockets.len();
-    for (_, ws) in sockets {
+    for (_, ws, _) in sockets {
         let _ = tx.send(ws);
     }
     Pool { tx, rx: Arc::new(tokio::sync::Mutex::new(rx)), ready, failures, connect_time }
@@ -1725,7 +1848,7 @@ impl IdleExtra {
         let (opened, failures, connect_time) = open_many(target, &common.tenant, n, 0, 256, &prefix, timeout).await;
         let ready = opened.len();
         let (stop, dropped) = (CancellationToken::new(), Arc::new(AtomicU64::new(0)));
-        let holders = opened.into_iter().map(|(_, ws)| hold(ws, stop.clone(), dropped.clone())).collect();
+        let holders = opened.into_iter().map(|(_, ws, _)| hold(ws, stop.clone(), dropped.clone())).collect();
         IdleExtra { requested: n, ready, failures, connect_time, stop, dropped, holders }
     }
 

@@ -70,11 +70,18 @@ async fn replies_through_the_bridge_report_the_hubs_share_and_the_bridges_cpu() 
 }
 
 #[tokio::test]
-async fn three_redis_nodes_answer_every_question() {
-    let report = fengda_load(&["--nodes", "3", "--backend", "redis", "replies", "-c", "12", "-q", "2"]).await;
+async fn three_redis_nodes_answer_every_question_and_watchers_on_the_next_node_see_every_reply() {
+    let args = ["--nodes", "3", "--backend", "redis", "replies", "-c", "12", "-q", "3", "--watchers"];
+    let report = fengda_load(&args).await;
     assert_all_answered(&report);
     assert_eq!(report["setup"]["nodes"], 3);
     assert_eq!(report["cpu"]["hub_nodes"].as_array().map(Vec::len), Some(3), "{report}");
+    // Every question after the first, delivered across nodes.
+    let watchers = &report["watchers"];
+    assert_eq!(watchers["replies_ok"], 24, "{report}");
+    assert_eq!(watchers["replies_expected"], 24, "{report}");
+    assert_eq!(watchers["failures"]["total"], 0, "{report}");
+    assert!(watchers["tokens"].as_u64() >= Some(24), "{report}");
 }
 
 #[tokio::test]

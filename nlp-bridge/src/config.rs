@@ -235,6 +235,82 @@ pub struct OpenAiConfig {
     /// TCP (and TLS) connect timeout, in ms. Default 5000.
     #[serde(default = "OpenAiConfig::default_connect_timeout_ms")]
     pub connect_timeout_ms: u64,
+    /// Ask for the model's token counts (`stream_options.include_usage`),
+    /// passed to the hub on the answer's last chunk. Default true; turn it
+    /// off for a server that rejects the field. A server that ignores it
+    /// sends no counts (llama-cpp-python's server; vLLM, llama.cpp's
+    /// `llama-server`, Ollama and OpenAI send them).
+    #[serde(default = "OpenAiConfig::default_include_usage")]
+    pub include_usage: bool,
+    /// More top-level fields for every request body, for a server's own
+    /// options (`top_k`, `repeat_penalty`, vLLM's `ignore_eos`,
+    /// llama-cpp-python's `min_tokens`). It may not name a field the bridge
+    /// sets (`model`, `messages`, `stream`, `stream_options`, `max_tokens`,
+    /// `temperature`). Default empty.
+    #[serde(default)]
+    pub extra_body: serde_json::Map<String, serde_json::Value>,
+    /// Grounded answers: the tenant's knowledge-base entries that best match
+    /// the question (and recent history) go into the system message as
+    /// context. Default `None`: no context, the plain prompt.
+    #[serde(default)]
+    pub knowledge: Option<GroundingConfig>,
+    /// Answers of this backend in flight at once, over all tenants (the
+    /// model server's slots); one more is refused at once with
+    /// `RESOURCE_EXHAUSTED` marked as an upstream limit, which a hub
+    /// retries and then answers with its fallback. Default `None`: no
+    /// limit but `limits.max_concurrent_streams`. Must be >= 1.
+    #[serde(default)]
+    pub max_concurrent: Option<usize>,
+    /// Answers of this backend in flight at once for one tenant, so one
+    /// tenant's long answers cannot take every slot; refused like
+    /// `max_concurrent`. Default `None`: no per-tenant limit. Must be >= 1.
+    #[serde(default)]
+    pub max_concurrent_per_tenant: Option<usize>,
+}
+
+/// `[backends.NAME.knowledge]`: which knowledge-base entries ground an
+/// OpenAI-compatible backend's answers, and how much of them.
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct GroundingConfig {
+    /// Knowledge-base JSON file (the schema of `nlp-bridge/data/faq.json`).
+    /// Default `None`: the embedded `nlp-bridge/data/faq.json`.
+    pub path: Option<PathBuf>,
+    /// Entries given as context at most, best match first. Default 3; 0
+    /// gives none.
+    pub top_k: usize,
+    /// Bytes of context at most (entries' questions and answers); entries
+    /// are added best first while they fit. Default 2048.
+    pub max_bytes: usize,
+    /// Tenant id → `top_k` for that tenant (0 turns grounding off for it).
+    /// Default empty.
+    pub tenant_top_k: BTreeMap<String, usize>,
+    /// Put before the entries in the system message. Default
+    /// [`GroundingConfig::DEFAULT_HEADING`].
+    pub heading: String,
+}
+
+impl GroundingConfig {
+    /// The default `heading`.
+    pub const DEFAULT_HEADING: &str = "Answer from these knowledge-base entries when they cover the question. \
+         If they do not, say you are not sure and offer a human agent.";
+
+    /// How many entries ground `tenant`'s answers.
+    pub fn top_k_for(&self, tenant: &str) -> usize {
+        self.tenant_top_k.get(tenant).copied().unwrap_or(self.top_k)
+    }
+}
+
+impl Default for GroundingConfig {
+    fn default() -> Self {
+        Self {
+            path: None,
+            top_k: 3,
+            max_bytes: 2048,
+            tenant_top_k: BTreeMap::new(),
+            heading: Self::DEFAULT_HEADING.to_owned(),
+        }
+    }
 }
 
 impl OpenAiConfig {
@@ -251,7 +327,16 @@ impl OpenAiConfig {
             timeout_ms: Self::default_timeout_ms(),
             idle_timeout_ms: Self::default_timeout_ms(),
             connect_timeout_ms: Self::default_connect_timeout_ms(),
+            include_usage: Self::default_include_usage(),
+            extra_body: serde_json::Map::new(),
+            knowledge: None,
+            max_concurrent: None,
+            max_concurrent_per_tenant: None,
         }
+    }
+
+    fn default_include_usage() -> bool {
+        true
     }
 
     fn default_max_tokens() -> u32 {
@@ -285,8 +370,17 @@ impl OpenAiConfig {
         if self.temperature.is_some_and(|t| !t.is_finite() || t < 0.0) {
             return Err("temperature must be a finite number >= 0".into());
         }
+        if let Some(key) = self.extra_body.keys().find(|key| Self::BRIDGE_FIELDS.contains(&key.as_str())) {
+            return Err(format!("extra_body may not set {key:?}: the bridge sets it"));
+        }
+        if self.max_concurrent == Some(0) || self.max_concurrent_per_tenant == Some(0) {
+            return Err("max_concurrent and max_concurrent_per_tenant must be >= 1".into());
+        }
         Ok(())
     }
+
+    /// Request fields the bridge sets, which `extra_body` may not name.
+    const BRIDGE_FIELDS: &[&str] = &["model", "messages", "stream", "stream_options", "max_tokens", "temperature"];
 
     /// The chat-completions endpoint.
     pub fn endpoint(&self) -> String {

@@ -253,7 +253,25 @@ impl KnowledgeBase {
     /// Finds the best entry of `tenant` (or shared) for `question`, using
     /// `history` (oldest first) to break ties between candidates.
     pub fn lookup<'a>(&'a self, tenant: &str, question: &str, history: &[HistoryTurn]) -> Lookup<'a> {
-        let lang = Lang::detect(question);
+        match self.ranked(tenant, question, history, 1).first() {
+            Some(&(entry, coverage)) => Lookup::Match { entry, coverage },
+            None => Lookup::NoMatch { lang: Lang::detect(question) },
+        }
+    }
+
+    /// The retriever of grounded LLM answers: up to `k` entries of `tenant`
+    /// (or shared) for `question`, best first, by the rule of [`Self::lookup`]
+    /// (every one a candidate, ranked by score), so the first is the one
+    /// the built-in answerer would give.
+    pub fn retrieve<'a>(&'a self, tenant: &str, question: &str, history: &[HistoryTurn], k: usize) -> Vec<&'a Entry> {
+        self.ranked(tenant, question, history, k).into_iter().map(|(entry, _)| entry).collect()
+    }
+
+    /// Up to `k` candidates with their coverage, best first.
+    fn ranked<'a>(&'a self, tenant: &str, question: &str, history: &[HistoryTurn], k: usize) -> Vec<(&'a Entry, f64)> {
+        if k == 0 {
+            return Vec::new();
+        }
         // The question's distinct terms: the known ones by number, the rest
         // only for their share of the mass.
         let mut question_terms: Vec<TermId> = Vec::new();
@@ -272,7 +290,7 @@ impl KnowledgeBase {
             None => {}
         });
         if question_mass <= 0.0 {
-            return Lookup::NoMatch { lang };
+            return Vec::new();
         }
 
         // Only terms some entry has can score, so the query is a weight per
@@ -303,23 +321,22 @@ impl KnowledgeBase {
             for (turn, weight) in assistant.zip(ASSISTANT_TURN_WEIGHTS) {
                 add(&turn.text, weight);
             }
-            let best = self.best_entry(tenant, &question_terms, question_mass, &query.buffer.weights);
-            match best {
-                Some((i, coverage)) => Lookup::Match { entry: &self.entries[i], coverage },
-                None => Lookup::NoMatch { lang },
-            }
+            let best = self.best_entries(tenant, &question_terms, question_mass, &query.buffer.weights, k);
+            best.into_iter().map(|(i, _, coverage)| (&self.entries[i], coverage)).collect()
         })
     }
 
-    /// The best-scoring candidate of `tenant` (or shared) and its coverage.
-    fn best_entry(
+    /// The `k` best-scoring candidates of `tenant` (or shared): index,
+    /// score and coverage, best first; of equal scores the earlier entry.
+    fn best_entries(
         &self,
         tenant: &str,
         question_terms: &[TermId],
         question_mass: f64,
         query: &[f64],
-    ) -> Option<(usize, f64)> {
-        let mut best: Option<(usize, f64, f64)> = None;
+        k: usize,
+    ) -> Vec<(usize, f64, f64)> {
+        let mut best: Vec<(usize, f64, f64)> = Vec::with_capacity(k + 1);
         for (i, entry) in self.entries.iter().enumerate() {
             if entry.tenant != tenant && entry.tenant != SHARED_TENANT {
                 continue;
@@ -335,11 +352,14 @@ impl KnowledgeBase {
                 index.canonical.iter().filter(|t| question_terms.contains(t)).map(|&t| self.idf(t)).sum();
             let canonical = canonical / index.canonical_mass.max(f64::EPSILON);
             let score = dot * (1.0 + CANONICAL_BONUS * canonical);
-            if best.is_none_or(|(_, best_score, _)| score > best_score) {
-                best = Some((i, score, coverage));
+            // Kept sorted; a later entry goes after equal scores.
+            let at = best.partition_point(|&(_, better, _)| better >= score);
+            if at < k {
+                best.insert(at, (i, score, coverage));
+                best.truncate(k);
             }
         }
-        best.map(|(i, _, coverage)| (i, coverage))
+        best
     }
 }
 
@@ -572,6 +592,34 @@ mod tests {
 
     fn assistant(kb: &KnowledgeBase, id: &str) -> HistoryTurn {
         HistoryTurn::new(TurnRole::Assistant, kb.entry(id).unwrap().answer.clone())
+    }
+
+    fn retrieved(kb: &KnowledgeBase, tenant: &str, q: &str, history: &[HistoryTurn], k: usize) -> Vec<String> {
+        kb.retrieve(tenant, q, history, k).into_iter().map(|e| e.id.clone()).collect()
+    }
+
+    #[test]
+    fn the_retriever_ranks_candidates_and_history_reorders_them() {
+        let kb = kb();
+        let fee = "How much is the annual fee?";
+        // Both card fees match; with nothing else, the Gold Card (earlier, equal) first.
+        assert_eq!(retrieved(&kb, "demo", fee, &[], 3), ["demo-gold-card-fee", "demo-platinum-card-fee"]);
+        // After talk of the Platinum Card, its fee comes first.
+        let history = [customer("Tell me about the Platinum Card")];
+        assert_eq!(retrieved(&kb, "demo", fee, &history, 3), ["demo-platinum-card-fee", "demo-gold-card-fee"]);
+        // k bounds the list; the first is always what lookup picks.
+        assert_eq!(retrieved(&kb, "demo", fee, &history, 1), [matched(&kb, "demo", fee, &history)]);
+        assert!(retrieved(&kb, "demo", fee, &[], 0).is_empty());
+    }
+
+    #[test]
+    fn the_retriever_keeps_to_the_tenant_and_gives_nothing_unrelated() {
+        let kb = kb();
+        // Another tenant's entries never come back, nor does an unrelated question match anything.
+        assert!(retrieved(&kb, "telco", "How much is the Gold Card annual fee?", &[], 5).is_empty());
+        assert!(retrieved(&kb, "demo", "What is the capital of France?", &[], 5).is_empty());
+        assert!(retrieved(&kb, "nobody", "How much is the annual fee?", &[], 5).is_empty());
+        assert_eq!(retrieved(&kb, "telco", "漫游怎么收费？", &[], 2)[0], "telco-roaming-zh");
     }
 
     #[test]

@@ -32,7 +32,7 @@ use tracing::Instrument;
 
 use crate::backend::{
     AnswerBackend, BackendRequest, BuiltinBackend, ConversationId, Finish, HistoryTurn, TenantId, TenantRouter, Token,
-    TokenStream, TurnRole,
+    TokenStream, TurnRole, Usage,
 };
 use crate::config::{AnswererConfig, BridgeConfig, Limits};
 use crate::error::BridgeError;
@@ -129,7 +129,7 @@ impl NlpService {
         // The caller's span already names the tenant and the conversation;
         // a span of its own per answer would cost more than the lookup.
         let (tokens, permit, span) = self.start(request, |_| tracing::Span::none())?;
-        Ok(ChunkStream { tokens, index: 0, done: false, _permit: permit, span })
+        Ok(ChunkStream { tokens, index: 0, done: false, usage: None, _permit: permit, span })
     }
 
     /// Validates a call, takes a stream slot and starts the backend, in the
@@ -189,7 +189,7 @@ impl Nlp for NlpService {
             )
         };
         let (tokens, permit, span) = self.start(request, span_of)?;
-        let chunks = ChunkStream { tokens, index: 0, done: false, _permit: permit, span: span.clone() };
+        let chunks = ChunkStream { tokens, index: 0, done: false, usage: None, _permit: permit, span: span.clone() };
         let (chunk_tx, chunk_rx) = mpsc::channel(CHUNK_BUFFER);
         self.tasks.spawn(run_producer(chunks, chunk_tx).instrument(span));
         Ok(Response::new(ReceiverStream::new(chunk_rx)))
@@ -203,6 +203,8 @@ pub struct ChunkStream {
     tokens: TokenStream,
     index: u32,
     done: bool,
+    /// The backend's token count, for the last chunk.
+    usage: Option<Usage>,
     _permit: OwnedSemaphorePermit,
     span: tracing::Span,
 }
@@ -218,6 +220,10 @@ impl Stream for ChunkStream {
             let (text, finish) = match std::task::ready!(self.tokens.poll_next_unpin(cx)) {
                 Some(Ok(Token::Text(text))) if text.is_empty() => continue,
                 Some(Ok(Token::Text(text))) => (text, None),
+                Some(Ok(Token::Usage(usage))) => {
+                    self.usage = Some(usage);
+                    continue;
+                }
                 Some(Ok(Token::End(finish))) => (String::new(), Some(finish.into())),
                 None => {
                     self.span
@@ -232,8 +238,12 @@ impl Stream for ChunkStream {
                     return Poll::Ready(Some(Err(error.into())));
                 }
             };
-            let chunk =
-                AnswerChunk { index: self.index, text, finish: finish.unwrap_or(FinishReason::Unspecified) as i32 };
+            let chunk = AnswerChunk {
+                index: self.index,
+                text,
+                finish: finish.unwrap_or(FinishReason::Unspecified) as i32,
+                usage: finish.and(self.usage.take()).map(Into::into),
+            };
             self.index += 1;
             if let Some(reason) = finish {
                 self.done = true;
@@ -374,7 +384,7 @@ mod tests {
 
     fn chunks(tokens: TokenStream) -> ChunkStream {
         let permit = Arc::new(Semaphore::new(1)).try_acquire_owned().unwrap();
-        ChunkStream { tokens, index: 0, done: false, _permit: permit, span: tracing::Span::none() }
+        ChunkStream { tokens, index: 0, done: false, usage: None, _permit: permit, span: tracing::Span::none() }
     }
 
     /// The chunks a gRPC client gets (through the producer task), checked

@@ -138,6 +138,16 @@ impl Drop for BodyGuard {
 }
 
 async fn chat(State(state): State<Arc<Upstream>>, headers: HeaderMap, Json(body): Json<Value>) -> Response {
+    // Counts as OpenAI sends them, after the finish chunk, when asked: one
+    // prompt token per message, one completion token per piece.
+    let usage = (body["stream_options"]["include_usage"] == true).then(|| {
+        let prompt = body["messages"].as_array().map_or(0, Vec::len);
+        move |pieces: usize| {
+            let usage =
+                json!({ "prompt_tokens": prompt, "completion_tokens": pieces, "total_tokens": prompt + pieces });
+            format!("data: {}\n\n", json!({ "id": "chatcmpl-1", "choices": [], "usage": usage }))
+        }
+    });
     state.requests.lock().unwrap().push((headers, body));
     let (pieces, first_delay, interval, ending) = match state.script.clone() {
         Script::Status(code) => {
@@ -146,9 +156,11 @@ async fn chat(State(state): State<Arc<Upstream>>, headers: HeaderMap, Json(body)
         }
         Script::Stream { pieces, first_delay, interval, ending } => (pieces, first_delay, interval, ending),
     };
+    let trailer = usage.map(|usage| usage(pieces.len())).unwrap_or_default();
     let guard = BodyGuard { state: state.clone(), finished: false };
-    let frames =
-        futures::stream::unfold((pieces.into_iter().enumerate(), guard), move |(mut pieces, mut guard)| async move {
+    let frames = futures::stream::unfold((pieces.into_iter().enumerate(), guard), move |(mut pieces, mut guard)| {
+        let trailer = trailer.clone();
+        async move {
             match pieces.next() {
                 Some((i, piece)) => {
                     tokio::time::sleep(if i == 0 { first_delay } else { interval }).await;
@@ -162,13 +174,16 @@ async fn chat(State(state): State<Arc<Upstream>>, headers: HeaderMap, Json(body)
                     tokio::time::sleep(interval).await;
                     guard.finished = true;
                     let last = match ending {
-                        Ending::FinishAndDone => Ok(Bytes::from(chunk(None, Some("stop")) + "data: [DONE]\n\n")),
+                        Ending::FinishAndDone => {
+                            Ok(Bytes::from(chunk(None, Some("stop")) + &trailer + "data: [DONE]\n\n"))
+                        }
                         Ending::BreakConnection => Err(std::io::Error::other("scripted connection break")),
                     };
                     Some((last, (pieces, guard)))
                 }
             }
-        });
+        }
+    });
     Response::builder()
         .header(header::CONTENT_TYPE, "text/event-stream")
         .header(header::CACHE_CONTROL, "no-cache")
@@ -289,6 +304,10 @@ async fn tokens_are_relayed_in_order_and_the_request_is_well_formed() {
             (4, "", FinishReason::Stop),
         ]
     );
+    // The trailing usage chunk rides on the last chunk, and only there.
+    let usage = chunks[4].usage.expect("the token counts on the last chunk");
+    assert_eq!((usage.prompt_tokens, usage.completion_tokens), (6, 4));
+    assert!(chunks[..4].iter().all(|c| c.usage.is_none()));
 
     let requests = llm.requests();
     assert_eq!(requests.len(), 1);
@@ -298,6 +317,7 @@ async fn tokens_are_relayed_in_order_and_the_request_is_well_formed() {
     assert_eq!(body["model"], "test-model");
     assert_eq!(body["stream"], true);
     assert_eq!(body["max_tokens"], 64);
+    assert_eq!(body["stream_options"], json!({ "include_usage": true }));
     assert_eq!(
         body["messages"],
         json!([

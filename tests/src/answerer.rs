@@ -190,15 +190,20 @@ impl Nlp for Service {
                 if index > 0 && !script.token_delay.is_zero() {
                     tokio::time::sleep(script.token_delay).await;
                 }
-                let chunk = AnswerChunk { index: index as u32, text: format!("tok{index}{padding} "), finish: 0 };
+                let chunk =
+                    AnswerChunk { index: index as u32, text: format!("tok{index}{padding} "), finish: 0, usage: None };
                 if tx.send(Ok(chunk)).await.is_err() {
                     cancelled.send_modify(|n| *n += 1);
                     return;
                 }
                 tokens.fetch_add(1, Ordering::AcqRel);
             }
-            let last =
-                AnswerChunk { index: script.tokens as u32, text: String::new(), finish: FinishReason::Stop as i32 };
+            let last = AnswerChunk {
+                index: script.tokens as u32,
+                text: String::new(),
+                finish: FinishReason::Stop as i32,
+                usage: None,
+            };
             let _ = tx.send(Ok(last)).await;
         });
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))

@@ -254,7 +254,7 @@ mod tests {
             queues.push(rx);
         }
         let mut reply = Draft::new(&backend, &key, "r-1", false);
-        let chunk = |text: &str, finish: i32| AnswerChunk { index: 0, text: text.into(), finish };
+        let chunk = |text: &str, finish: i32| AnswerChunk { index: 0, text: text.into(), finish, usage: None };
         assert!(!reply.stage(&chunk("Hello", 0)));
         assert!(!reply.stage(&chunk("", 0)), "an empty chunk makes no delta");
         assert!(reply.stage(&chunk(" world", 1)));

@@ -89,7 +89,7 @@ impl AnswerBackend for BuiltinBackend {
         stream::iter(tokens.enumerate())
             .then(move |(i, token)| async move {
                 let delay = match (&token, i) {
-                    (Token::End(_), _) => None,
+                    (Token::End(_) | Token::Usage(_), _) => None,
                     (_, 0) => first,
                     _ => interval,
                 };
@@ -240,7 +240,7 @@ mod tests {
             .iter()
             .map(|t| match t {
                 Token::Text(s) => s.as_str(),
-                Token::End(_) => panic!("End before the last item"),
+                other => panic!("{other:?} before the last item"),
             })
             .collect();
         (text, *finish)

@@ -41,9 +41,28 @@ pub type TokenStream = BoxStream<'static, Result<Token, BackendError>>;
 pub enum Token {
     /// A piece of answer text; concatenating all pieces gives the answer.
     Text(String),
+    /// The model's own count of the answer's tokens, when it reports one;
+    /// at most once, before [`Token::End`], whose chunk carries it.
+    Usage(Usage),
     /// The answer is over. Anything after it is ignored. A stream that ends
     /// without it is reported to the client as [`Finish::Stop`].
     End(Finish),
+}
+
+/// Tokens a model counted for one answer (an OpenAI-compatible server's
+/// trailing `usage` chunk).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Usage {
+    /// Tokens of the prompt: system prompt, context, history, question.
+    pub prompt_tokens: u32,
+    /// Tokens generated.
+    pub completion_tokens: u32,
+}
+
+impl From<Usage> for pb::Usage {
+    fn from(usage: Usage) -> Self {
+        pb::Usage { prompt_tokens: usage.prompt_tokens, completion_tokens: usage.completion_tokens }
+    }
 }
 
 /// Why an answer ended.

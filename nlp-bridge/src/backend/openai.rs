@@ -1,14 +1,19 @@
 //! An OpenAI-compatible chat-completions backend: vLLM, Ollama, llama.cpp's
 //! server or a hosted API, streamed with `stream: true` (server-sent events).
 //!
-//! One call is one `POST {base_url}/chat/completions`. The history becomes
-//! chat messages (the tenant's system prompt first; customer → `user`,
-//! assistant and agent → `assistant`, system → `system`), the question the
-//! last `user` message. Every non-empty `choices[0].delta.content` is
-//! forwarded as one [`Token::Text`] the moment it arrives; `finish_reason`
-//! becomes [`Token::End`] (`length` → [`Finish::Length`], anything else →
-//! [`Finish::Stop`]); `data: [DONE]` ends the stream. SSE framing, comments
-//! and keep-alives are handled by `eventsource-stream`.
+//! One call is one `POST {base_url}/chat/completions`. The prompt is the
+//! system message (the tenant's system prompt, then, when the backend is
+//! grounded, its heading and the tenant's best-matching knowledge-base
+//! entries: see [`Grounding`]), the history as chat messages (customer →
+//! `user`, assistant and agent → `assistant`, system → `system`) and the
+//! question as the last `user` message. Every non-empty
+//! `choices[0].delta.content` is forwarded as one [`Token::Text`] the moment
+//! it arrives. `finish_reason` (`length` → [`Finish::Length`], anything else
+//! → [`Finish::Stop`]) ends the answer at `data: [DONE]`, after the trailing
+//! `usage` chunk that `stream_options.include_usage` asks for, which becomes
+//! a [`Token::Usage`]; a server that sends no `[DONE]` within
+//! [`TRAILER_TIMEOUT`] of the finish reason ends it there. SSE framing,
+//! comments and keep-alives are handled by `eventsource-stream`.
 //!
 //! The whole call lives inside the returned stream: no task is spawned, so
 //! dropping the stream (the gRPC client went away) drops the in-flight
@@ -31,12 +36,17 @@ use futures::{StreamExt, TryStreamExt};
 use serde::{Deserialize, Serialize};
 use tokio::time::Instant;
 
-use super::{AnswerBackend, BackendRequest, Finish, Token, TokenStream, TurnRole};
-use crate::config::OpenAiConfig;
+use super::{AnswerBackend, BackendRequest, Finish, Token, TokenStream, TurnRole, Usage};
+use crate::config::{GroundingConfig, OpenAiConfig};
 use crate::error::{BackendError, BoxError, BridgeError};
+use crate::knowledge::KnowledgeBase;
 
 /// Bytes of an error response body kept for the log.
 const ERROR_BODY_BYTES: usize = 512;
+
+/// How long after the finish reason the usage chunk and `[DONE]` may take;
+/// past it the answer ends without them.
+pub const TRAILER_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// The OpenAI-compatible backend. Cheap to share: `reqwest::Client` is a
 /// handle to a connection pool.
@@ -47,6 +57,47 @@ pub struct OpenAiBackend {
     endpoint: String,
     /// Sent as `Authorization: Bearer ...`; never logged.
     api_key: Option<String>,
+    /// Where context comes from, when the backend is grounded.
+    grounding: Option<Grounding>,
+}
+
+/// A grounded backend's retriever: its knowledge base (shared by every
+/// call) and its settings.
+#[derive(Clone, Debug)]
+pub struct Grounding {
+    knowledge: std::sync::Arc<KnowledgeBase>,
+    config: GroundingConfig,
+}
+
+impl Grounding {
+    /// Loads the configured (or embedded) knowledge base.
+    pub fn new(config: &GroundingConfig) -> Result<Self, BridgeError> {
+        let knowledge = match &config.path {
+            Some(path) => KnowledgeBase::from_path(path)?,
+            None => KnowledgeBase::embedded()?,
+        };
+        Ok(Self { knowledge: knowledge.into(), config: config.clone() })
+    }
+
+    /// The context for `request`: the heading, then its tenant's best
+    /// entries (`top_k_for` the tenant) while their text fits `max_bytes`,
+    /// best first, each as `Q: …` / `A: …`. `None` when no entry matches
+    /// (or fits): the plain prompt.
+    pub fn context(&self, request: &BackendRequest) -> Option<String> {
+        let tenant = request.tenant.as_str();
+        let k = self.config.top_k_for(tenant);
+        let entries = self.knowledge.retrieve(tenant, &request.question, &request.history, k);
+        let mut budget = self.config.max_bytes;
+        let mut context = String::new();
+        for entry in entries {
+            let block = format!("\n\nQ: {}\nA: {}", entry.question, entry.answer);
+            let Some(left) = budget.checked_sub(block.len()) else { break };
+            budget = left;
+            tracing::debug!(entry = %entry.id, "context entry");
+            context.push_str(&block);
+        }
+        (!context.is_empty()).then(|| format!("{}{context}", self.config.heading))
+    }
 }
 
 impl fmt::Debug for OpenAiBackend {
@@ -84,14 +135,28 @@ impl OpenAiBackend {
             .tcp_nodelay(true)
             .build()
             .map_err(|e| BridgeError::InvalidConfig(format!("cannot build the HTTP client: {e}")))?;
-        Ok(Self { client, endpoint: config.endpoint(), config: config.clone(), api_key })
+        let grounding = config.knowledge.as_ref().map(Grounding::new).transpose()?;
+        Ok(Self { client, endpoint: config.endpoint(), config: config.clone(), api_key, grounding })
+    }
+
+    /// The system message: the tenant's prompt and the grounding context,
+    /// whichever there are, a blank line apart.
+    fn system_message(&self, request: &BackendRequest) -> Option<String> {
+        let prompt = self.config.system_prompt_for(request.tenant.as_str());
+        let context = self.grounding.as_ref().and_then(|grounding| grounding.context(request));
+        match (prompt, context) {
+            (None, None) => None,
+            (Some(prompt), None) => Some(prompt.to_owned()),
+            (None, Some(context)) => Some(context),
+            (Some(prompt), Some(context)) => Some(format!("{prompt}\n\n{context}")),
+        }
     }
 
     /// The JSON body of the upstream request.
     fn body(&self, request: &BackendRequest) -> ChatRequest<'_> {
-        let system = self.config.system_prompt_for(request.tenant.as_str());
-        let messages = system
-            .map(|prompt| ChatMessage { role: "system", content: prompt.to_owned() })
+        let messages = self
+            .system_message(request)
+            .map(|content| ChatMessage { role: "system", content })
             .into_iter()
             .chain(request.history.iter().map(|turn| ChatMessage {
                 role: match turn.role {
@@ -109,6 +174,8 @@ impl OpenAiBackend {
             stream: true,
             max_tokens: self.config.max_tokens,
             temperature: self.config.temperature,
+            stream_options: self.config.include_usage.then_some(StreamOptions { include_usage: true }),
+            extra: &self.config.extra_body,
         }
     }
 }
@@ -128,6 +195,8 @@ impl AnswerBackend for OpenAiBackend {
             pending: VecDeque::new(),
             sent_text: false,
             done: false,
+            finish: None,
+            usage: None,
             // The clock starts when the stream is first polled, not here.
             deadline: None,
             timeout: Duration::from_millis(self.config.timeout_ms),
@@ -145,6 +214,16 @@ struct ChatRequest<'a> {
     max_tokens: u32,
     #[serde(skip_serializing_if = "Option::is_none")]
     temperature: Option<f32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    stream_options: Option<StreamOptions>,
+    /// `extra_body`, which names none of the fields above (checked at startup).
+    #[serde(flatten)]
+    extra: &'a serde_json::Map<String, serde_json::Value>,
+}
+
+#[derive(Serialize)]
+struct StreamOptions {
+    include_usage: bool,
 }
 
 #[derive(Serialize)]
@@ -162,6 +241,18 @@ struct ChatChunk {
     /// vLLM and others report mid-stream failures as `{"error": {...}}`.
     #[serde(default)]
     error: Option<serde_json::Value>,
+    /// The token counts: on a trailing chunk without choices (OpenAI, vLLM),
+    /// or on the last one (llama.cpp's `llama-server`).
+    #[serde(default)]
+    usage: Option<ChunkUsage>,
+}
+
+#[derive(Deserialize)]
+struct ChunkUsage {
+    #[serde(default)]
+    prompt_tokens: u32,
+    #[serde(default)]
+    completion_tokens: u32,
 }
 
 #[derive(Deserialize)]
@@ -194,6 +285,10 @@ struct Call {
     sent_text: bool,
     /// End or an error was yielded; the stream is over.
     done: bool,
+    /// The finish reason, once seen; the answer ends at `[DONE]`.
+    finish: Option<Finish>,
+    /// The latest token counts seen.
+    usage: Option<Usage>,
     /// Deadline for the first text; set on the first poll.
     deadline: Option<Instant>,
     timeout: Duration,
@@ -210,6 +305,7 @@ impl Call {
             if let Some(token) = self.pending.pop_front() {
                 match token {
                     Token::Text(_) => self.sent_text = true,
+                    Token::Usage(_) => {}
                     Token::End(_) => self.done = true,
                 }
                 return Some((Ok(token), self));
@@ -243,12 +339,20 @@ impl Call {
         let Some(events) = self.events.as_mut() else {
             return Err(BackendError::Internal("answer stream polled after it ended".into()));
         };
-        let next = if self.sent_text {
+        let next = if self.finish.is_some() {
+            tokio::time::timeout(TRAILER_TIMEOUT, events.next()).await
+        } else if self.sent_text {
             tokio::time::timeout(self.idle_timeout, events.next()).await
         } else {
             tokio::time::timeout_at(deadline, events.next()).await
         };
         let event = match next {
+            // The answer is whole; only the trailer is missing.
+            Err(_) | Ok(None) if self.finish.is_some() => {
+                tracing::debug!(usage = self.usage.is_some(), "no [DONE] after the finish reason");
+                self.end();
+                return Ok(());
+            }
             Err(_) => return Err(self.broken("upstream went silent".into())),
             Ok(None) => return Err(self.broken("upstream stream ended without [DONE] or a finish reason".into())),
             Ok(Some(Err(error))) => return Err(self.broken(error.into())),
@@ -264,15 +368,18 @@ impl Call {
             return Ok(());
         }
         if data == "[DONE]" {
-            self.pending.push_back(Token::End(Finish::Stop));
+            self.end();
             return Ok(());
         }
         let chunk: ChatChunk = serde_json::from_str(data).map_err(|e| self.broken(e.into()))?;
         if let Some(error) = chunk.error {
             return Err(self.broken(format!("upstream error: {error}").into()));
         }
+        if let Some(usage) = chunk.usage {
+            self.usage = Some(Usage { prompt_tokens: usage.prompt_tokens, completion_tokens: usage.completion_tokens });
+        }
         let Some(choice) = chunk.choices.into_iter().find(|c| c.index == 0) else {
-            return Ok(()); // e.g. a trailing usage chunk
+            return Ok(()); // e.g. the trailing usage chunk
         };
         if let Some(text) = choice.delta.and_then(|d| d.content).filter(|t| !t.is_empty()) {
             self.pending.push_back(Token::Text(text));
@@ -286,9 +393,20 @@ impl Call {
                     Finish::Stop
                 }
             };
-            self.pending.push_back(Token::End(finish));
+            self.finish.get_or_insert(finish);
         }
         Ok(())
+    }
+
+    /// Queues the end of the answer: its token counts, if the server sent
+    /// them, then its finish reason (`STOP` when `[DONE]` came without one).
+    fn end(&mut self) {
+        if let Some(usage) = self.usage.take() {
+            self.pending.push_back(Token::Usage(usage));
+        } else {
+            tracing::debug!("the server sent no token counts");
+        }
+        self.pending.push_back(Token::End(self.finish.unwrap_or(Finish::Stop)));
     }
 
     /// A failure of the connection or the stream, classified by whether
@@ -366,6 +484,54 @@ mod tests {
     }
 
     #[test]
+    fn usage_and_extra_fields_are_asked_for() {
+        let mut config = OpenAiConfig::new("http://h/v1", "m");
+        config.extra_body.insert("top_k".into(), 40.into());
+        let body = serde_json::to_value(backend(config.clone()).body(&request())).unwrap();
+        assert_eq!(body["stream_options"], serde_json::json!({ "include_usage": true }));
+        assert_eq!(body["top_k"], 40);
+        config.include_usage = false;
+        let body = serde_json::to_value(backend(config).body(&request())).unwrap();
+        assert!(body.get("stream_options").is_none());
+    }
+
+    fn system_of(backend: &OpenAiBackend, tenant: &str, question: &str) -> Option<String> {
+        let request = BackendRequest {
+            tenant: TenantId::new(tenant),
+            question: question.into(),
+            history: Vec::new(),
+            ..request()
+        };
+        let body = serde_json::to_value(backend.body(&request)).unwrap();
+        let first = &body["messages"][0];
+        (first["role"] == "system").then(|| first["content"].as_str().unwrap().to_owned())
+    }
+
+    #[test]
+    fn grounded_prompts_carry_the_tenants_best_entries_within_the_budget() {
+        let mut config = OpenAiConfig::new("http://h/v1", "m");
+        config.system_prompt = Some("Be brief.".into());
+        let grounding = GroundingConfig { tenant_top_k: [("shop".to_owned(), 0)].into(), ..Default::default() };
+        config.knowledge = Some(grounding.clone());
+        let grounded = backend(config.clone());
+        let system = system_of(&grounded, "demo", "How much is the annual fee?").unwrap();
+        let gold = system.find("Q: How much is the Gold Card annual fee?\nA: The Gold Card costs $120").unwrap();
+        let platinum = system.find("Q: How much is the Platinum Card annual fee?").unwrap();
+        assert!(system.starts_with("Be brief.\n\nAnswer from these knowledge-base entries") && gold < platinum);
+        // No matching entry, another tenant's question, grounding off for the tenant: the plain prompt.
+        assert_eq!(system_of(&grounded, "demo", "What is the capital of France?").unwrap(), "Be brief.");
+        assert_eq!(system_of(&grounded, "telco", "How much is the Gold Card annual fee?").unwrap(), "Be brief.");
+        assert_eq!(system_of(&grounded, "shop", "How do I return an item?").unwrap(), "Be brief.");
+        assert!(system_of(&grounded, "demo", "How do I return an item?").unwrap() == "Be brief.");
+        // The budget keeps the best entry whole and leaves out what does not fit.
+        let one_entry = GroundingConfig { max_bytes: 400, ..grounding };
+        config.knowledge = Some(one_entry);
+        config.system_prompt = None;
+        let system = system_of(&backend(config), "demo", "How much is the annual fee?").unwrap();
+        assert!(system.contains("Gold Card costs $120") && !system.contains("Platinum"), "{system}");
+    }
+
+    #[test]
     fn missing_key_variable_fails_and_debug_hides_the_key() {
         let mut config = OpenAiConfig::new("http://h/v1", "m");
         config.api_key_env = Some("FENGDA_TEST_NO_SUCH_VAR".into());
@@ -381,6 +547,8 @@ mod tests {
             pending: VecDeque::new(),
             sent_text: false,
             done: false,
+            finish: None,
+            usage: None,
             deadline: None,
             timeout: Duration::from_secs(1),
             idle_timeout: Duration::from_secs(1),
@@ -398,13 +566,18 @@ mod tests {
         call.on_event(event(r#"{"choices":[{"index":0,"delta":{"content":""}}]}"#)).unwrap();
         call.on_event(event(r#"{"choices":[{"index":0,"delta":{"content":"Hi"},"finish_reason":null}]}"#)).unwrap();
         call.on_event(event(r#"{"choices":[{"index":0,"delta":{"content":"!"},"finish_reason":"length"}]}"#)).unwrap();
-        call.on_event(event(r#"{"choices":[],"usage":{"total_tokens":3}}"#)).unwrap();
+        call.on_event(event(r#"{"choices":[],"usage":{"prompt_tokens":7,"completion_tokens":2,"total_tokens":9}}"#))
+            .unwrap();
+        assert_eq!(Vec::from(std::mem::take(&mut call.pending)), [Token::Text("Hi".into()), Token::Text("!".into())]);
+        call.on_event(event("[DONE]")).unwrap();
         assert_eq!(
             Vec::from(std::mem::take(&mut call.pending)),
-            [Token::Text("Hi".into()), Token::Text("!".into()), Token::End(Finish::Length)]
+            [Token::Usage(Usage { prompt_tokens: 7, completion_tokens: 2 }), Token::End(Finish::Length)]
         );
-        call.on_event(event("[DONE]")).unwrap();
-        assert_eq!(Vec::from(std::mem::take(&mut call.pending)), [Token::End(Finish::Stop)]);
+        // No finish reason and no usage: [DONE] alone ends with STOP.
+        let mut bare = super::tests::call();
+        bare.on_event(event("[DONE]")).unwrap();
+        assert_eq!(Vec::from(std::mem::take(&mut bare.pending)), [Token::End(Finish::Stop)]);
         assert!(matches!(call.on_event(event("{oops")), Err(BackendError::Unavailable(_))));
         call.sent_text = true;
         assert!(matches!(

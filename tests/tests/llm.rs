@@ -1,0 +1,219 @@
+//! The LLM path against a real model server: llama.cpp (llama-cpp-python's
+//! OpenAI-compatible server) running SmolLM2-135M-Instruct on one thread,
+//! behind the real `fengda-nlp` and `fengda` binaries. Nothing here is
+//! faked: the SSE framing, the tokenizer (Chinese characters are two or
+//! three byte-level tokens each), the finish reasons, the disconnects.
+//!
+//! The model server answers one request at a time, and prints
+//! `Disconnected from client` when it stops generating for a client that
+//! left: cancellation is proven from its side, by that line and by a second
+//! answer that would otherwise wait behind a 1,500-token one.
+//!
+//! CPU heavy: `.config/nextest.toml` runs these tests alone, one at a time.
+
+use std::time::Duration;
+
+use fengda_proto::nlp::v1::nlp_client::NlpClient;
+use fengda_proto::nlp::v1::{AnswerChunk, AnswerRequest, FinishReason};
+use fengda_tests::{Client, Hub, LlamaServer, NlpProcess, STEP_TIMEOUT};
+use futures::StreamExt;
+use serde_json::json;
+use tokio::time::Instant;
+
+/// A bridge config: tenant `chat` on short, deterministic answers; tenant
+/// `long` on answers the model may not end before 1,500 tokens (about 20 s
+/// on one core), for cancellation and crashes.
+fn bridge_config(llama_base_url: &str) -> String {
+    format!(
+        r#"
+        default_backend = "short"
+        [backends.short]
+        kind = "openai"
+        base_url = "{llama_base_url}"
+        model = "smollm2"
+        max_tokens = 24
+        temperature = 0.0
+        timeout_ms = 20000
+        idle_timeout_ms = 10000
+        [backends.long]
+        kind = "openai"
+        base_url = "{llama_base_url}"
+        model = "smollm2"
+        max_tokens = 1500
+        extra_body = {{ min_tokens = 1500 }}
+        timeout_ms = 20000
+        idle_timeout_ms = 10000
+        [tenants]
+        long = "long"
+        "#
+    )
+}
+
+/// A hub in front of `bridge` that waits for a model on a shared core.
+async fn hub(bridge: &NlpProcess) -> Hub {
+    Hub::start(&["--nlp-url", &bridge.url, "--nlp-first-chunk-timeout-ms", "20000", "--allow-timing"]).await
+}
+
+/// Every chunk of one gRPC answer.
+async fn answer(bridge: &NlpProcess, tenant: &str, question: &str) -> Vec<AnswerChunk> {
+    let mut client = NlpClient::connect(bridge.url.clone()).await.expect("connect to the bridge");
+    let request = AnswerRequest {
+        tenant_id: tenant.into(),
+        conversation_id: "c-1".into(),
+        // A UUID, as the hub sends: llama-cpp-python answers 400 to any other `x-request-id`.
+        request_id: "0d9c7a52-4f0e-4d1b-9a51-0c6f3e2b8a17".into(),
+        history: vec![],
+        question: question.into(),
+    };
+    let stream = client.answer(request).await.expect("the call starts").into_inner();
+    let items: Vec<_> = tokio::time::timeout(Duration::from_secs(30), stream.collect()).await.expect("answer ends");
+    items.into_iter().map(|item| item.expect("no error")).collect()
+}
+
+fn text_of(chunks: &[AnswerChunk]) -> String {
+    chunks.iter().map(|c| c.text.as_str()).collect()
+}
+
+#[tokio::test]
+async fn the_bridge_relays_a_real_models_tokens_finish_reasons_and_chinese_text() {
+    let llama = LlamaServer::start().await;
+    let bridge = NlpProcess::start_with_config(&bridge_config(&llama.base_url)).await;
+
+    // A question the model answers in a few tokens: it stops by itself.
+    let stop = answer(&bridge, "chat", "What is 2+2? Answer with one number.").await;
+    let last = stop.last().unwrap();
+    assert_eq!(last.finish(), FinishReason::Stop, "{stop:?}");
+    assert!(stop.len() >= 3 && !text_of(&stop).trim().is_empty(), "{stop:?}");
+    for (i, chunk) in stop.iter().enumerate() {
+        assert_eq!(chunk.index as usize, i);
+        assert_eq!(chunk.finish() != FinishReason::Unspecified, i == stop.len() - 1);
+    }
+    // llama-cpp-python's server ignores stream_options.include_usage: no counts.
+    assert_eq!(last.usage, None, "this server sends no usage chunk; docs/operations.md says so");
+
+    // Chinese: every character is two or three byte-level tokens, and the
+    // reply hits max_tokens (24) in fewer chunks, each of whole characters.
+    let zh = answer(&bridge, "chat", "请用中文回答：你好吗？").await;
+    let text = text_of(&zh);
+    assert_eq!(zh.last().unwrap().finish(), FinishReason::Length, "{text:?}");
+    assert!(text.chars().filter(|c| ('\u{4e00}'..='\u{9fff}').contains(c)).count() >= 2, "{text:?}");
+    assert!(!text.contains('\u{fffd}'), "no character split into replacement chars: {text:?}");
+    assert!(zh.len() - 1 < 24, "{} text chunks for 24 tokens: multi-byte characters were joined", zh.len() - 1);
+}
+
+#[tokio::test]
+async fn a_customer_gets_a_real_model_answer_through_the_hub() {
+    let llama = LlamaServer::start().await;
+    let bridge = NlpProcess::start_with_config(&bridge_config(&llama.base_url)).await;
+    let hub = hub(&bridge).await;
+    let mut client = Client::connect(&hub.ws_url("tenant=chat&user=alice&timing=1")).await;
+    let (_, reply) = client.ask("m1", "What is 2+2? Answer with one number.").await;
+    assert_eq!(reply.done["fallback"], false, "{}", reply.done);
+    assert!(reply.deltas.len() >= 3, "streamed token by token: {:?}", reply.deltas);
+    // No usage chunk from this server, so no token counts on the timing object.
+    let timing = &reply.done["timing"];
+    assert!(timing["total_ms"].as_f64().unwrap() > 0.0, "{timing}");
+    assert!(timing.get("completion_tokens").is_none(), "{timing}");
+
+    // Chinese, in a conversation of its own (after English turns this model answers in English).
+    let mut chinese = Client::connect(&hub.ws_url("tenant=chat&user=li")).await;
+    let (_, zh) = chinese.ask("m1", "请用中文回答：你好吗？").await;
+    assert_eq!(zh.done["fallback"], false, "{}", zh.done);
+    let text = zh.text();
+    assert!(!text.contains('\u{fffd}') && text.chars().any(|c| ('\u{4e00}'..='\u{9fff}').contains(&c)), "{text:?}");
+}
+
+#[tokio::test]
+async fn cancelling_or_leaving_stops_generation_on_the_model_server() {
+    let llama = LlamaServer::start().await;
+    let bridge = NlpProcess::start_with_config(&bridge_config(&llama.base_url)).await;
+    let hub =
+        Hub::start(&["--nlp-url", &bridge.url, "--nlp-first-chunk-timeout-ms", "20000", "--reply-grace-ms", "200"])
+            .await;
+
+    // The customer cancels a 1,500-token answer after two tokens.
+    let mut client = Client::connect(&hub.ws_url("tenant=long&user=bob")).await;
+    client.send_message("m1", "Tell me a long story.").await;
+    client.expect("ack").await;
+    let delta = client.expect("reply.delta").await;
+    client.expect("reply.delta").await;
+    client.send_json(json!({ "type": "cancel", "reply": delta["reply"] })).await;
+    let done = loop {
+        let frame = client.next().await;
+        if frame["type"] == "reply.done" {
+            break frame;
+        }
+    };
+    assert_eq!(done["cancelled"], true, "{done}");
+    llama.wait_disconnects(1).await;
+
+    // The one-slot server is free at once: another tenant's answer is not
+    // stuck behind the cancelled one (which would take about 20 s).
+    let started = Instant::now();
+    let mut other = Client::connect(&hub.ws_url("tenant=chat&user=carol")).await;
+    let (_, reply) = other.ask("m1", "What is 2+2? Answer with one number.").await;
+    assert_eq!(reply.done["fallback"], false, "{}", reply.done);
+    assert!(started.elapsed() < Duration::from_secs(8), "the model was still busy: {:?}", started.elapsed());
+
+    // The customer closes the widget mid-answer: past the reply grace the
+    // reply is cancelled, and the model server stops too.
+    let mut leaving = Client::connect(&hub.ws_url("tenant=long&user=dave")).await;
+    leaving.send_message("m1", "Tell me a long story.").await;
+    leaving.expect("ack").await;
+    leaving.expect("reply.delta").await;
+    drop(leaving);
+    llama.wait_disconnects(2).await;
+    assert_eq!(llama.disconnects(), 2);
+}
+
+#[tokio::test]
+async fn a_model_server_killed_mid_stream_leaves_an_interrupted_reply() {
+    let mut llama = LlamaServer::start().await;
+    let bridge = NlpProcess::start_with_config(&bridge_config(&llama.base_url)).await;
+    let hub = hub(&bridge).await;
+    let mut client = Client::connect(&hub.ws_url("tenant=long&user=erin")).await;
+    let (conversation, epoch) = (client.conversation(), client.ready["epoch"].as_str().unwrap().to_owned());
+    client.send_message("m1", "Tell me a long story.").await;
+    client.expect("ack").await;
+    client.expect("reply.delta").await;
+    client.expect("reply.delta").await;
+    llama.kill().await;
+    let done = loop {
+        let frame = client.next().await;
+        if frame["type"] == "reply.done" {
+            break frame;
+        }
+    };
+    assert_eq!((done["interrupted"].clone(), done["fallback"].clone()), (json!(true), json!(true)), "{done}");
+    assert!(bridge.logs().contains("backend failed"), "the bridge logged the broken stream");
+
+    // Stored with its marker: a reconnecting client replays it so.
+    let query = format!("tenant=long&user=erin&conversation={conversation}&after=0&epoch={epoch}");
+    let mut back = Client::connect(&hub.ws_url(&query)).await;
+    back.expect("message").await;
+    let stored = back.expect("message").await;
+    assert_eq!((stored["from"].clone(), stored["interrupted"].clone()), (json!("assistant"), json!(true)), "{stored}");
+    assert_eq!(stored["text"], done["text"]);
+}
+
+#[tokio::test]
+async fn a_model_server_slow_to_start_gets_the_fallback_until_it_listens() {
+    // The bridge and the hub start first; the model server is still loading.
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let bridge = NlpProcess::start_with_config(&bridge_config(&format!("http://127.0.0.1:{port}/v1"))).await;
+    let hub = hub(&bridge).await;
+    let mut client = Client::connect(&hub.ws_url("tenant=chat&user=frank")).await;
+    let started = Instant::now();
+    let (_, early) = client.ask("m1", "What is 2+2? Answer with one number.").await;
+    assert_eq!(early.done["fallback"], true, "{}", early.done);
+    assert!(early.text().starts_with("Sorry"), "{}", early.text());
+    assert!(started.elapsed() < STEP_TIMEOUT, "the customer is told promptly: {:?}", started.elapsed());
+    let log = bridge.logs();
+    assert!(log.contains("backend failed") && log.contains("backend unavailable"), "the bridge says why: {log}");
+
+    // Once the model listens, the same bridge and hub answer, no restart.
+    let _llama = LlamaServer::start_on(port).await;
+    let (_, later) = client.ask("m2", "What is 2+2? Answer with one number.").await;
+    assert_eq!(later.done["fallback"], false, "{}", later.done);
+    assert!(!later.text().starts_with("Sorry"), "{}", later.text());
+}

@@ -27,6 +27,8 @@ metrics_table! {
     /// `{backend, version}`, always 1.
     INFO = "fengda_hub_info", Gauge, "Always 1: the node's conversation store (backend) and release (version).";
     NLP_CALLS = "fengda_hub_nlp_calls_total", Counter, "NLP call attempts reported to their endpoint's circuit breaker, by outcome (ok, failed).";
+    /// `{tenant, kind}`: `kind` is `prompt` or `completion`.
+    NLP_TOKENS = "fengda_hub_nlp_tokens_total", Counter, "Model tokens of the node's replies as the model server counted them (prompt, completion), by tenant (its [tenants.<id>] section, else default); replies whose server sent no counts add nothing.";
     NLP_RETRIES = "fengda_hub_nlp_retries_total", Counter, "NLP calls retried before their first token.";
     NLP_FALLBACKS = "fengda_hub_nlp_fallbacks_total", Counter, "Replies completed with the fallback sentence, by reason.";
     NLP_OVERLOADED = "fengda_hub_nlp_overloaded_total", Counter, "Calls an NLP endpoint refused as full (RESOURCE_EXHAUSTED), by endpoint.";

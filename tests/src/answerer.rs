@@ -36,6 +36,8 @@ pub struct Script {
     /// `RESOURCE_EXHAUSTED` (without advertising the limit, as a bridge
     /// other than `fengda-nlp` would).
     pub max_streams: Option<usize>,
+    /// Token counts on the last chunk, as a bridge sends a model's usage.
+    pub usage: Option<fengda_proto::nlp::v1::Usage>,
 }
 
 impl Default for Script {
@@ -49,6 +51,7 @@ impl Default for Script {
             fail_code: tonic::Code::Unavailable,
             fail_upstream_limited: false,
             max_streams: None,
+            usage: None,
         }
     }
 }
@@ -202,7 +205,7 @@ impl Nlp for Service {
                 index: script.tokens as u32,
                 text: String::new(),
                 finish: FinishReason::Stop as i32,
-                usage: None,
+                usage: script.usage,
             };
             let _ = tx.send(Ok(last)).await;
         });

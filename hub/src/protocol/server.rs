@@ -22,6 +22,12 @@ pub struct ReplyTiming {
     pub relay_max_us: f64,
     /// From the message reaching the hub to the reply being complete.
     pub total_ms: f64,
+    /// The model's count of the prompt's tokens, when its server reports it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prompt_tokens: Option<u32>,
+    /// The model's count of the answer's tokens, when its server reports it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub completion_tokens: Option<u32>,
 }
 
 /// A frame the hub sends. Encode it once and share the bytes.

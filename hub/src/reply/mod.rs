@@ -47,6 +47,8 @@ pub struct Question {
     pub received: std::time::Instant,
     /// The asking socket wants a `timing` object on `reply.done`.
     pub timing: bool,
+    /// The `tenant` label of the reply's metrics ([`crate::tenant`]).
+    pub tenant_label: Arc<str>,
 }
 
 /// What the replier needs, shared by all sessions of the node.
@@ -99,6 +101,13 @@ impl Replier {
         }
         // The deltas must reach every node before the reply.done does.
         self.conversations.flush_frames().await;
+        if let Some(usage) = draft.usage {
+            let tenant = question.tenant_label.to_string();
+            metrics::counter!(crate::metric::NLP_TOKENS, "tenant" => tenant.clone(), "kind" => "prompt")
+                .increment(usage.prompt_tokens.into());
+            metrics::counter!(crate::metric::NLP_TOKENS, "tenant" => tenant, "kind" => "completion")
+                .increment(usage.completion_tokens.into());
+        }
         let event = stored_reply(&reply_id, draft, &outcome, &question, before_nlp);
         let (fallback, interrupted, cancelled) = (event.fallback, event.interrupted, event.cancelled);
         match self.conversations.append(key, event, None, AppendWith::default()).await {
@@ -156,6 +165,8 @@ fn stored_reply(
             },
             relay_max_us: timings.relay_max_us,
             total_ms: ms(question.received.elapsed()),
+            prompt_tokens: draft.usage.map(|usage| usage.prompt_tokens),
+            completion_tokens: draft.usage.map(|usage| usage.completion_tokens),
         }),
         text: draft.text,
         fallback,

@@ -133,6 +133,8 @@ pub(super) struct Draft<'a> {
     /// Time each batch's relay (only for replies that report `timing`).
     measure: bool,
     pub(super) timings: Timings,
+    /// The model's token counts, from the last chunk, when it sent them.
+    pub(super) usage: Option<fengda_proto::nlp::v1::Usage>,
 }
 
 impl<'a> Draft<'a> {
@@ -152,6 +154,7 @@ impl<'a> Draft<'a> {
             staged: Vec::new(),
             measure,
             timings: Timings::default(),
+            usage: None,
         }
     }
 
@@ -201,6 +204,9 @@ impl<'a> Draft<'a> {
     fn stage(&mut self, chunk: &AnswerChunk) -> bool {
         if !chunk.text.is_empty() {
             self.stage_text(&chunk.text);
+        }
+        if chunk.usage.is_some() {
+            self.usage = chunk.usage;
         }
         chunk.finish != 0
     }

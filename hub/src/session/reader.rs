@@ -174,7 +174,14 @@ async fn on_message(
         // The ack went out through the fan-out, in seq order with other events.
         Ok(Appended::New { event, turns_before }) => {
             let seq = event.seq;
-            permit.send(Box::new(Question { seq, text, history: turns_before, received, timing: params.timing }));
+            permit.send(Box::new(Question {
+                seq,
+                text,
+                history: turns_before,
+                received,
+                timing: params.timing,
+                tenant_label: app.tenants.limits(&params.party.tenant).label.clone(),
+            }));
         }
         Ok(Appended::Duplicate(seq)) => {
             debug!(seq, "duplicate message acked again");

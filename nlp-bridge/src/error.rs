@@ -80,6 +80,10 @@ pub enum BackendError {
     /// Anything else; a bug or an unexpected upstream response.
     #[error("backend failed")]
     Internal(#[source] BoxError),
+    /// The backend runs as many answers as its `limit` allows
+    /// (`max_concurrent` or `max_concurrent_per_tenant`); nothing was sent.
+    #[error("backend {backend} is at its {limit}")]
+    Busy { backend: String, limit: &'static str },
 }
 
 /// The one mapping from backend failures to gRPC statuses:
@@ -87,7 +91,7 @@ pub enum BackendError {
 /// | failure | status | retry? |
 /// | --- | --- | --- |
 /// | `Unavailable` (connect error, timeout or broken stream before any text), HTTP 408/502/503/504/5xx | `UNAVAILABLE` | yes |
-/// | HTTP 429 | `RESOURCE_EXHAUSTED` | yes, with backoff |
+/// | HTTP 429, `Busy` (a backend's own concurrency limit) | `RESOURCE_EXHAUSTED`, marked upstream-limited | yes, with backoff |
 /// | `Timeout` | `DEADLINE_EXCEEDED` | caller decides |
 /// | `Rejected`, HTTP 400/413/422 | `INVALID_ARGUMENT` | no |
 /// | HTTP 401 | `UNAUTHENTICATED` | no (bridge's API key) |
@@ -104,21 +108,27 @@ impl From<BackendError> for Status {
             BackendError::UpstreamStatus { status, .. } => upstream_status(status),
             BackendError::Interrupted(_) => Status::aborted("answer interrupted mid-stream"),
             BackendError::Internal(_) => Status::internal("answer backend failed"),
+            // One backend's (or tenant's) slots, not the bridge's: hubs retry
+            // without lowering their limit for the whole bridge.
+            BackendError::Busy { limit, .. } => upstream_limited(format!("answer backend at its {limit}; retry later")),
         }
     }
+}
+
+/// `RESOURCE_EXHAUSTED` marked [`fengda_proto::UPSTREAM_LIMITED_HEADER`].
+fn upstream_limited(message: String) -> Status {
+    let mut status = Status::resource_exhausted(message);
+    let marker = tonic::metadata::MetadataValue::from_static("1");
+    status.metadata_mut().insert(fengda_proto::UPSTREAM_LIMITED_HEADER, marker);
+    status
 }
 
 fn upstream_status(status: u16) -> Status {
     let message = format!("answer backend answered HTTP {status}");
     match status {
-        429 => {
-            // The upstream's limit for this tenant's key or model, not the
-            // bridge's own: hubs retry it without lowering their limit for us.
-            let mut status = Status::resource_exhausted(message);
-            let marker = tonic::metadata::MetadataValue::from_static("1");
-            status.metadata_mut().insert(fengda_proto::UPSTREAM_LIMITED_HEADER, marker);
-            status
-        }
+        // The upstream's limit for this tenant's key or model, not the
+        // bridge's own: hubs retry it without lowering their limit for us.
+        429 => upstream_limited(message),
         400 | 413 | 422 => Status::invalid_argument(message),
         401 => Status::unauthenticated(message),
         403 => Status::permission_denied(message),
@@ -148,6 +158,9 @@ mod tests {
         assert_eq!(code(404), Code::NotFound);
         assert_eq!(code(302), Code::Internal);
         assert_eq!(Status::from(BackendError::Interrupted("eof".into())).code(), Code::Aborted);
+        let busy = Status::from(BackendError::Busy { backend: "llm".into(), limit: "max_concurrent" });
+        assert_eq!(busy.code(), Code::ResourceExhausted);
+        assert!(busy.metadata().contains_key(fengda_proto::UPSTREAM_LIMITED_HEADER));
         assert_eq!(Status::from(BackendError::Unavailable("refused".into())).code(), Code::Unavailable);
     }
 }

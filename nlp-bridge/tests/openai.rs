@@ -524,3 +524,53 @@ async fn streams_over_the_limit_are_refused_at_once() {
     }
     bridge.stop().await;
 }
+
+#[tokio::test]
+async fn a_tenant_at_its_backend_limit_is_refused_while_others_are_answered() {
+    let llm = Llm::start(Script::Stream {
+        pieces: (0..100).map(|i| format!(" t{i}")).collect(),
+        first_delay: Duration::ZERO,
+        interval: Duration::from_millis(50),
+        ending: Ending::FinishAndDone,
+    })
+    .await;
+    let bridge = Bridge::start(&llm_config(&llm, "max_concurrent = 2\nmax_concurrent_per_tenant = 1")).await;
+    let mut client = bridge.client().await;
+    let mut first = client.answer(request("bank", "one", vec![])).await.unwrap().into_inner();
+    first.next().await.unwrap().unwrap();
+
+    // The same tenant again: refused at once, marked as an upstream limit, never sent upstream.
+    let start = Instant::now();
+    let mut second = client.answer(request("bank", "two", vec![])).await.unwrap().into_inner();
+    let refused = second.next().await.unwrap().unwrap_err();
+    assert_eq!(refused.code(), Code::ResourceExhausted, "{refused:?}");
+    assert!(refused.metadata().contains_key(fengda_proto::UPSTREAM_LIMITED_HEADER));
+    assert!(start.elapsed() < Duration::from_millis(500), "refused at once, not queued");
+    assert_eq!(llm.requests().len(), 1);
+
+    // Another tenant takes the backend's second slot; a third tenant finds it full.
+    let mut other = client.answer(request("shop", "one", vec![])).await.unwrap().into_inner();
+    assert_eq!(other.next().await.unwrap().unwrap().text, " t0");
+    let mut third = client.answer(request("telco", "one", vec![])).await.unwrap().into_inner();
+    assert_eq!(third.next().await.unwrap().unwrap_err().code(), Code::ResourceExhausted);
+    assert_eq!(llm.requests().len(), 2);
+
+    // Hanging up frees the tenant's slot.
+    drop(first);
+    let deadline = Instant::now() + TIMEOUT;
+    loop {
+        let mut again = client.answer(request("bank", "three", vec![])).await.unwrap().into_inner();
+        match again.next().await.unwrap() {
+            Ok(chunk) => {
+                assert_eq!(chunk.text, " t0");
+                break;
+            }
+            Err(status) if status.code() == Code::ResourceExhausted && Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            Err(status) => panic!("slot never freed: {status:?}"),
+        }
+    }
+    drop(other);
+    bridge.stop().await;
+}

@@ -10,9 +10,11 @@
 //!
 //! Implementations: [`builtin`], a deterministic FAQ answerer, and
 //! [`openai`], a client of any OpenAI-compatible chat-completions server.
-//! [`router`] picks one per tenant.
+//! [`router`] picks one per tenant; [`limit`] keeps a backend within its
+//! concurrency limits.
 
 pub mod builtin;
+pub mod limit;
 pub mod openai;
 pub mod router;
 

@@ -11,6 +11,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
+use super::limit::ConcurrencyLimit;
 use super::{AnswerBackend, BackendRequest, BuiltinBackend, OpenAiBackend, TenantId, TokenStream};
 use crate::config::{BUILTIN_BACKEND, BackendConfig, BridgeConfig};
 use crate::error::BridgeError;
@@ -54,10 +55,16 @@ impl TenantRouter {
                 None if name == BUILTIN_BACKEND => Arc::new(BuiltinBackend::new(&config.answerer)?),
                 None => return Err(BridgeError::InvalidConfig(format!("backend {name:?} is not defined"))),
                 Some(BackendConfig::Builtin(answerer)) => Arc::new(BuiltinBackend::new(answerer)?),
-                Some(BackendConfig::Openai(openai)) => Arc::new(
-                    OpenAiBackend::with_env(openai, env)
-                        .map_err(|e| BridgeError::InvalidConfig(format!("backends.{name}: {e}")))?,
-                ),
+                Some(BackendConfig::Openai(openai)) => {
+                    let backend: Arc<dyn AnswerBackend> = Arc::new(
+                        OpenAiBackend::with_env(openai, env)
+                            .map_err(|e| BridgeError::InvalidConfig(format!("backends.{name}: {e}")))?,
+                    );
+                    match (openai.max_concurrent, openai.max_concurrent_per_tenant) {
+                        (None, None) => backend,
+                        (total, per_tenant) => Arc::new(ConcurrencyLimit::new(backend, name, total, per_tenant)),
+                    }
+                }
             };
             tracing::debug!(backend = name, "backend ready");
             named.insert(name, backend);

@@ -179,7 +179,7 @@ pub enum BackendConfig {
     Builtin(AnswererConfig),
     /// An OpenAI-compatible chat-completions server (vLLM, Ollama,
     /// llama.cpp's server, a hosted API).
-    Openai(OpenAiConfig),
+    Openai(Box<OpenAiConfig>),
 }
 
 impl BackendConfig {

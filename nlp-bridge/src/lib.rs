@@ -23,8 +23,10 @@
 //! - [`backend`]: the [`backend::AnswerBackend`] trait (async, streaming,
 //!   fallible, cancelled by drop); [`backend::builtin`], the deterministic
 //!   FAQ answerer; [`backend::openai`], the OpenAI-compatible LLM client;
-//!   [`backend::router`], per-tenant selection.
-//! - [`knowledge`]: the FAQ knowledge base, its tokenizer and matcher.
+//!   [`backend::router`], per-tenant selection; [`backend::limit`], a
+//!   backend's per-backend and per-tenant concurrency limits.
+//! - [`knowledge`]: the FAQ knowledge base, its tokenizer and matcher (also
+//!   the retriever of grounded LLM answers).
 //! - [`service`]: [`NlpService`], the gRPC handler, limits and per-call producer.
 //! - [`error`]: startup and backend errors, and their mapping to `Status`.
 

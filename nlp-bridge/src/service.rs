@@ -14,7 +14,8 @@
 //! The bridge's own [`Limits`] apply before any backend work: at most
 //! `max_concurrent_streams` answers in flight (one more is refused at once
 //! with `RESOURCE_EXHAUSTED`; a permit lives as long as its producer), ids
-//! and the question are size-checked (`INVALID_ARGUMENT`), and history is
+//! and the question are size-checked and a request id must be visible ASCII
+//! (`INVALID_ARGUMENT`), and history is
 //! trimmed to the most recent turns that fit the turn and byte caps.
 
 use std::pin::Pin;
@@ -150,6 +151,15 @@ impl NlpService {
         let mut message = request.into_inner();
         if let Some(id) = header_id {
             message.request_id = id;
+        }
+        // It goes into logs and an upstream header: no control characters, no spaces.
+        if message.request_id.len() > self.limits.max_id_bytes
+            || !message.request_id.bytes().all(|b| b.is_ascii_graphic())
+        {
+            return Err(Status::invalid_argument(format!(
+                "request_id must be at most {} bytes of visible ASCII",
+                self.limits.max_id_bytes
+            )));
         }
         let span = span_of(&message);
         let request_id = std::mem::take(&mut message.request_id);

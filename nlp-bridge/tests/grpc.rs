@@ -107,6 +107,20 @@ async fn answers_stream_over_a_real_socket() {
     let status = client.answer(request("demo", "   ", vec![])).await.unwrap_err();
     assert_eq!(status.code(), tonic::Code::InvalidArgument);
 
+    // A request id goes into logs and an upstream header: visible ASCII only, within max_id_bytes.
+    for bad in ["two words", "line\nbreak", "é", &"r".repeat(257)] {
+        let mut req = request("demo", "Tell me about the Gold Card", vec![]);
+        req.metadata_mut().remove("x-request-id");
+        req.get_mut().request_id = bad.to_owned();
+        let status = client.answer(req).await.unwrap_err();
+        assert_eq!(status.code(), tonic::Code::InvalidArgument, "{bad:?}");
+        assert!(status.message().contains("request_id"), "{status:?}");
+    }
+    let mut ok = request("demo", "Tell me about the Gold Card", vec![]);
+    ok.metadata_mut().remove("x-request-id");
+    ok.get_mut().request_id = "r".repeat(256);
+    assert_eq!(assemble(&answer(&mut client, ok).await).1, FinishReason::Stop);
+
     server.stop().await;
 }
 

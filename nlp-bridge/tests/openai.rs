@@ -5,7 +5,8 @@
 //!
 //! Covers relaying in order, the upstream request's shape, mid-stream
 //! failure, a slow first token, HTTP error statuses, cancellation reaching
-//! the upstream server, per-tenant routing and the concurrency limit.
+//! the upstream server, per-tenant routing, the concurrency limit and the
+//! request id's header.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -459,6 +460,25 @@ async fn cancelling_the_grpc_stream_aborts_the_upstream_request() {
     assert!(llm.state.cut_off.load(Ordering::SeqCst));
     assert!(dropped_at.elapsed() < Duration::from_secs(1));
     bridge.stop().await;
+}
+
+#[tokio::test]
+async fn the_request_id_goes_in_the_configured_header_or_none() {
+    for (setting, expected) in [
+        ("", Some("x-request-id")),
+        ("request_id_header = \"X-Fengda-Request-Id\"", Some("x-fengda-request-id")),
+        ("request_id_header = false", None),
+    ] {
+        let llm = Llm::start(stream_of(&["ok"])).await;
+        let bridge = Bridge::start(&llm_config(&llm, setting)).await;
+        let mut client = bridge.client().await;
+        assert_eq!(texts(&collect(&mut client, request("bank", "hello?", vec![])).await), ["ok"], "{setting}");
+        let (headers, _) = &llm.requests()[0];
+        let sent: Vec<&str> =
+            headers.iter().filter(|(_, value)| *value == "req-1").map(|(name, _)| name.as_str()).collect();
+        assert_eq!(sent, expected.into_iter().collect::<Vec<_>>(), "{setting}: {headers:?}");
+        bridge.stop().await;
+    }
 }
 
 #[tokio::test]

@@ -6,7 +6,8 @@
 //! grounded, its heading and the tenant's best-matching knowledge-base
 //! entries: see [`Grounding`]), the history as chat messages (customer →
 //! `user`, assistant and agent → `assistant`, system → `system`) and the
-//! question as the last `user` message. Every non-empty
+//! question as the last `user` message; the caller's request id goes in the
+//! configured `request_id_header` (default `x-request-id`). Every non-empty
 //! `choices[0].delta.content` is forwarded as one [`Token::Text`] the moment
 //! it arrives. `finish_reason` (`length` → [`Finish::Length`], anything else
 //! → [`Finish::Stop`]) ends the answer at `data: [DONE]`, after the trailing
@@ -59,6 +60,8 @@ pub struct OpenAiBackend {
     api_key: Option<String>,
     /// Where context comes from, when the backend is grounded.
     grounding: Option<Grounding>,
+    /// The header carrying the request id upstream; `None`: not sent.
+    request_id_header: Option<reqwest::header::HeaderName>,
 }
 
 /// A grounded backend's retriever: its knowledge base (shared by every
@@ -136,7 +139,8 @@ impl OpenAiBackend {
             .build()
             .map_err(|e| BridgeError::InvalidConfig(format!("cannot build the HTTP client: {e}")))?;
         let grounding = config.knowledge.as_ref().map(Grounding::new).transpose()?;
-        Ok(Self { client, endpoint: config.endpoint(), config: config.clone(), api_key, grounding })
+        let request_id_header = config.request_id_header_name().map_err(BridgeError::InvalidConfig)?;
+        Ok(Self { client, endpoint: config.endpoint(), config: config.clone(), api_key, grounding, request_id_header })
     }
 
     /// The system message: the tenant's prompt and the grounding context,
@@ -186,8 +190,8 @@ impl AnswerBackend for OpenAiBackend {
         if let Some(key) = &self.api_key {
             http = http.bearer_auth(key);
         }
-        if !request.request_id.is_empty() {
-            http = http.header("x-request-id", &request.request_id);
+        if let Some(header) = self.request_id_header.as_ref().filter(|_| !request.request_id.is_empty()) {
+            http = http.header(header, &request.request_id);
         }
         let call = Call {
             http: Some(http),

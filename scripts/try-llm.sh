@@ -46,7 +46,7 @@ trap cleanup EXIT INT TERM
 
 say "starting the model server on 127.0.0.1:$model_port ($work/model.log)"
 "$venv/bin/python" -m llama_cpp.server --model "$model" --host 127.0.0.1 --port "$model_port" \
-  --n_threads "$(nproc)" --verbose false >"$work/model.log" 2>&1 &
+  --n_threads "$(nproc)" --verbose false --interrupt_requests false >"$work/model.log" 2>&1 &
 pids+=($!)
 for _ in $(seq 120); do
   grep -q "Uvicorn running" "$work/model.log" && break

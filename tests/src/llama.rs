@@ -7,10 +7,15 @@
 //! `tests/run.sh` creates. A missing environment or a server that does not
 //! start fails the test with instructions: these tests never skip.
 //!
-//! The server answers one request at a time (one model, one lock) and
-//! prints `Disconnected from client` when it notices that a streaming
-//! client went away and stops generating for it: the tests read both from
-//! its side.
+//! The server answers one request at a time (one model, one lock); others
+//! wait their turn, as docs/operations.md recommends running it
+//! (`--interrupt_requests false`), except from [`LlamaServer::start_interrupting`],
+//! which keeps its default: a request that arrives ends the answer in
+//! flight. It logs each chat completion when it arrives (uvicorn's access
+//! log: a streamed answer's headers go out before it waits for the model),
+//! and prints `Disconnected from client` when it stops generating for a
+//! client that went away (or, interrupting, for the answer it cut short):
+//! the tests read both from its side.
 
 use std::path::PathBuf;
 use std::process::Stdio;
@@ -31,6 +36,10 @@ const MODEL_FILE: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
 /// What the server prints when it stops generating for a client that left.
 pub const DISCONNECT_LINE: &str = "Disconnected from client";
 
+/// The start of the access-log line of a chat completion, logged with its
+/// status when the request arrives (before it waits for the model).
+pub const COMPLETION_LINE: &str = "\"POST /v1/chat/completions HTTP/1.1\"";
+
 /// A running `python -m llama_cpp.server`, killed on drop.
 pub struct LlamaServer {
     child: Child,
@@ -49,10 +58,16 @@ impl LlamaServer {
 
     /// Starts the server on `port` (0: a free one) and waits until it listens.
     pub async fn start_on(port: u16) -> LlamaServer {
-        Self::launch(port).await.unwrap_or_else(|error| panic!("start the llama.cpp server: {error:#}"))
+        Self::launch(port, false).await.unwrap_or_else(|error| panic!("start the llama.cpp server: {error:#}"))
     }
 
-    async fn launch(port: u16) -> anyhow::Result<LlamaServer> {
+    /// Starts the server with its default `interrupt_requests`: each request
+    /// that arrives ends the answer in flight (`[DONE]` without a finish reason).
+    pub async fn start_interrupting() -> LlamaServer {
+        Self::launch(0, true).await.unwrap_or_else(|error| panic!("start the llama.cpp server: {error:#}"))
+    }
+
+    async fn launch(port: u16, interrupting: bool) -> anyhow::Result<LlamaServer> {
         let python = python()?;
         let model = model_path(&python).await?;
         let mut child = Command::new(&python)
@@ -61,6 +76,7 @@ impl LlamaServer {
             .args(["--host", "127.0.0.1", "--port", &port.to_string()])
             // One thread: the tests share two cores with everything else.
             .args(["--n_threads", "1", "--n_ctx", "2048", "--verbose", "false"])
+            .args(["--interrupt_requests", if interrupting { "true" } else { "false" }])
             .env("PYTHONUNBUFFERED", "1")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -102,6 +118,30 @@ impl LlamaServer {
     /// What the server printed so far.
     pub fn logs(&self) -> String {
         self.log.lock().unwrap().clone()
+    }
+
+    /// The statuses of the chat completions the server started to answer,
+    /// in order (`200`; `400` for a request it refused).
+    pub fn completions(&self) -> Vec<u16> {
+        self.logs()
+            .lines()
+            .filter_map(|line| line.split(COMPLETION_LINE).nth(1))
+            .filter_map(|rest| rest.split_whitespace().next()?.parse().ok())
+            .collect()
+    }
+
+    /// Waits until `count` chat completions have reached the server.
+    pub async fn wait_completions(&self, count: usize) {
+        let deadline = tokio::time::Instant::now() + crate::STEP_TIMEOUT;
+        while self.completions().len() < count {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{} of {count} chat completions reached the model server within {:?}",
+                self.completions().len(),
+                crate::STEP_TIMEOUT
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
 
     /// How many streaming clients the server saw leave mid-answer (and

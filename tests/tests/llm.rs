@@ -17,8 +17,13 @@ use fengda_proto::nlp::v1::nlp_client::NlpClient;
 use fengda_proto::nlp::v1::{AnswerChunk, AnswerRequest, FinishReason};
 use fengda_tests::{Client, Hub, LlamaServer, NlpProcess, STEP_TIMEOUT};
 use futures::StreamExt;
-use serde_json::json;
+use serde_json::{Value, json};
 use tokio::time::Instant;
+use tonic::Status;
+
+/// A request id as the hub sends it: llama-cpp-python answers 400 to an
+/// `x-request-id` that is not a UUID.
+const UUID: &str = "0d9c7a52-4f0e-4d1b-9a51-0c6f3e2b8a17";
 
 /// A bridge config: tenant `chat` on short, deterministic answers; tenant
 /// `long` on answers the model may not end before 1,500 tokens (about 20 s
@@ -56,18 +61,33 @@ async fn hub(bridge: &NlpProcess) -> Hub {
 
 /// Every chunk of one gRPC answer.
 async fn answer(bridge: &NlpProcess, tenant: &str, question: &str) -> Vec<AnswerChunk> {
+    call(bridge, tenant, question, UUID).await.into_iter().map(|item| item.expect("no error")).collect()
+}
+
+/// Every item of one gRPC call with `request_id`, errors included.
+async fn call(bridge: &NlpProcess, tenant: &str, question: &str, request_id: &str) -> Vec<Result<AnswerChunk, Status>> {
     let mut client = NlpClient::connect(bridge.url.clone()).await.expect("connect to the bridge");
     let request = AnswerRequest {
         tenant_id: tenant.into(),
         conversation_id: "c-1".into(),
-        // A UUID, as the hub sends: llama-cpp-python answers 400 to any other `x-request-id`.
-        request_id: "0d9c7a52-4f0e-4d1b-9a51-0c6f3e2b8a17".into(),
+        request_id: request_id.into(),
         history: vec![],
         question: question.into(),
     };
     let stream = client.answer(request).await.expect("the call starts").into_inner();
-    let items: Vec<_> = tokio::time::timeout(Duration::from_secs(30), stream.collect()).await.expect("answer ends");
-    items.into_iter().map(|item| item.expect("no error")).collect()
+    tokio::time::timeout(Duration::from_secs(30), stream.collect()).await.expect("answer ends")
+}
+
+/// Cancels the reply `delta` belongs to; returns its `reply.done`.
+async fn cancel(client: &mut Client, delta: &Value) -> Value {
+    client.send_json(json!({ "type": "cancel", "reply": delta["reply"] })).await;
+    loop {
+        let frame = client.next().await;
+        if frame["type"] == "reply.done" {
+            assert_eq!(frame["cancelled"], true, "{frame}");
+            return frame;
+        }
+    }
 }
 
 fn text_of(chunks: &[AnswerChunk]) -> String {
@@ -137,14 +157,7 @@ async fn cancelling_or_leaving_stops_generation_on_the_model_server() {
     client.expect("ack").await;
     let delta = client.expect("reply.delta").await;
     client.expect("reply.delta").await;
-    client.send_json(json!({ "type": "cancel", "reply": delta["reply"] })).await;
-    let done = loop {
-        let frame = client.next().await;
-        if frame["type"] == "reply.done" {
-            break frame;
-        }
-    };
-    assert_eq!(done["cancelled"], true, "{done}");
+    cancel(&mut client, &delta).await;
     llama.wait_disconnects(1).await;
 
     // The one-slot server is free at once: another tenant's answer is not
@@ -216,4 +229,33 @@ async fn a_model_server_slow_to_start_gets_the_fallback_until_it_listens() {
     let (_, later) = client.ask("m2", "What is 2+2? Answer with one number.").await;
     assert_eq!(later.done["fallback"], false, "{}", later.done);
     assert!(!later.text().starts_with("Sorry"), "{}", later.text());
+}
+
+#[tokio::test]
+async fn an_answer_the_model_server_cuts_short_for_another_request_ends_interrupted() {
+    // llama-cpp-python's default: a request that arrives ends the answer in
+    // flight with `[DONE]` and no finish reason.
+    let llama = LlamaServer::start_interrupting().await;
+    let bridge = NlpProcess::start_with_config(&bridge_config(&llama.base_url)).await;
+    let hub = hub(&bridge).await;
+    let mut long = Client::connect(&hub.ws_url("tenant=long&user=gina")).await;
+    long.send_message("m1", "Tell me a long story.").await;
+    long.expect("ack").await;
+    long.expect("reply.delta").await;
+    long.expect("reply.delta").await;
+
+    let mut other = Client::connect(&hub.ws_url("tenant=chat&user=hank")).await;
+    let (_, reply) = other.ask("m1", "What is 2+2? Answer with one number.").await;
+    assert_eq!(reply.done["fallback"], false, "{}", reply.done);
+    // The cut-short answer is not passed off as whole: the customer keeps
+    // its text plus the fallback, marked interrupted.
+    let done = loop {
+        let frame = long.next().await;
+        if frame["type"] == "reply.done" {
+            break frame;
+        }
+    };
+    assert_eq!((done["interrupted"].clone(), done["fallback"].clone()), (json!(true), json!(true)), "{done}");
+    assert!(bridge.logs().contains("upstream ended the answer without a finish reason"), "{}", bridge.logs());
+    assert_eq!(llama.completions(), [200, 200]);
 }

@@ -13,8 +13,10 @@
 //! → [`Finish::Stop`]) ends the answer at `data: [DONE]`, after the trailing
 //! `usage` chunk that `stream_options.include_usage` asks for, which becomes
 //! a [`Token::Usage`]; a server that sends no `[DONE]` within
-//! [`TRAILER_TIMEOUT`] of the finish reason ends it there. SSE framing,
-//! comments and keep-alives are handled by `eventsource-stream`.
+//! [`TRAILER_TIMEOUT`] of the finish reason ends it there. A stream that
+//! ends, `[DONE]` included, before any finish reason is broken: the answer
+//! was cut short. SSE framing, comments and keep-alives are handled by
+//! `eventsource-stream`.
 //!
 //! The whole call lives inside the returned stream: no task is spawned, so
 //! dropping the stream (the gRPC client went away) drops the in-flight
@@ -350,17 +352,19 @@ impl Call {
         } else {
             tokio::time::timeout_at(deadline, events.next()).await
         };
-        let event = match next {
+        let event = match (next, self.finish) {
             // The answer is whole; only the trailer is missing.
-            Err(_) | Ok(None) if self.finish.is_some() => {
+            (Err(_) | Ok(None), Some(finish)) => {
                 tracing::debug!(usage = self.usage.is_some(), "no [DONE] after the finish reason");
-                self.end();
+                self.end(finish);
                 return Ok(());
             }
-            Err(_) => return Err(self.broken("upstream went silent".into())),
-            Ok(None) => return Err(self.broken("upstream stream ended without [DONE] or a finish reason".into())),
-            Ok(Some(Err(error))) => return Err(self.broken(error.into())),
-            Ok(Some(Ok(event))) => event,
+            (Err(_), None) => return Err(self.broken("upstream went silent".into())),
+            (Ok(None), None) => {
+                return Err(self.broken("upstream stream ended without [DONE] or a finish reason".into()));
+            }
+            (Ok(Some(Err(error))), _) => return Err(self.broken(error.into())),
+            (Ok(Some(Ok(event))), _) => event,
         };
         self.on_event(event)
     }
@@ -372,7 +376,14 @@ impl Call {
             return Ok(());
         }
         if data == "[DONE]" {
-            self.end();
+            // Servers end every answer with a finish reason; a `[DONE]`
+            // without one is an answer cut short (llama-cpp-python's server
+            // does that to the answer in flight when another request
+            // arrives, unless it runs with `--interrupt_requests false`).
+            let Some(finish) = self.finish else {
+                return Err(self.broken("upstream ended the answer without a finish reason".into()));
+            };
+            self.end(finish);
             return Ok(());
         }
         let chunk: ChatChunk = serde_json::from_str(data).map_err(|e| self.broken(e.into()))?;
@@ -403,14 +414,14 @@ impl Call {
     }
 
     /// Queues the end of the answer: its token counts, if the server sent
-    /// them, then its finish reason (`STOP` when `[DONE]` came without one).
-    fn end(&mut self) {
+    /// them, then its finish reason.
+    fn end(&mut self, finish: Finish) {
         if let Some(usage) = self.usage.take() {
             self.pending.push_back(Token::Usage(usage));
         } else {
             tracing::debug!("the server sent no token counts");
         }
-        self.pending.push_back(Token::End(self.finish.unwrap_or(Finish::Stop)));
+        self.pending.push_back(Token::End(finish));
     }
 
     /// A failure of the connection or the stream, classified by whether
@@ -578,10 +589,12 @@ mod tests {
             Vec::from(std::mem::take(&mut call.pending)),
             [Token::Usage(Usage { prompt_tokens: 7, completion_tokens: 2 }), Token::End(Finish::Length)]
         );
-        // No finish reason and no usage: [DONE] alone ends with STOP.
+        // [DONE] without a finish reason: cut short, before or after text.
         let mut bare = super::tests::call();
-        bare.on_event(event("[DONE]")).unwrap();
-        assert_eq!(Vec::from(std::mem::take(&mut bare.pending)), [Token::End(Finish::Stop)]);
+        assert!(matches!(bare.on_event(event("[DONE]")), Err(BackendError::Unavailable(_))));
+        bare.sent_text = true;
+        assert!(matches!(bare.on_event(event("[DONE]")), Err(BackendError::Interrupted(_))));
+        assert!(bare.pending.is_empty());
         assert!(matches!(call.on_event(event("{oops")), Err(BackendError::Unavailable(_))));
         call.sent_text = true;
         assert!(matches!(

@@ -231,6 +231,74 @@ async fn a_model_server_slow_to_start_gets_the_fallback_until_it_listens() {
     assert!(!later.text().starts_with("Sorry"), "{}", later.text());
 }
 
+/// Tenant `acme`'s knowledge base: a fact no model can know, and an entry
+/// the question does not match.
+const KNOWLEDGE: &str = r#"{ "version": 1, "entries": [
+  { "id": "acme-code-word", "tenant": "acme", "lang": "en",
+    "question": "What is the code word for the Zephyr account?",
+    "keywords": ["code word", "zephyr", "password"],
+    "answer": "The code word for the Zephyr account is PERIWINKLE-42." },
+  { "id": "acme-hours", "tenant": "acme", "lang": "en",
+    "question": "When are you open?",
+    "keywords": ["opening hours", "open", "hours"],
+    "answer": "We are open from 9 am to 5 pm, Monday to Friday." }
+] }"#;
+
+#[tokio::test]
+async fn a_grounded_answer_carries_the_tenants_knowledge_and_a_tenant_without_any_gets_the_plain_prompt() {
+    let llama = LlamaServer::start().await;
+    let knowledge = std::env::temp_dir().join(format!("fengda-llm-knowledge-{}.json", std::process::id()));
+    std::fs::write(&knowledge, KNOWLEDGE).unwrap();
+    // Two backends alike but for the knowledge section, greedy and seeded:
+    // the same prompt gets the same answer, token for token.
+    let backend = |name: &str| {
+        format!(
+            r#"
+            [backends.{name}]
+            kind = "openai"
+            base_url = "{}"
+            model = "smollm2"
+            max_tokens = 24
+            temperature = 0.0
+            extra_body = {{ seed = 7 }}
+            system_prompt = "Be brief."
+            timeout_ms = 20000
+            idle_timeout_ms = 10000
+            "#,
+            llama.base_url
+        )
+    };
+    let config = format!(
+        "default_backend = \"grounded\"\n{}\n[backends.grounded.knowledge]\npath = \"{}\"\n{}\n[tenants]\nplain = \"plain\"\n",
+        backend("grounded"),
+        knowledge.display(),
+        backend("plain"),
+    );
+    let bridge = NlpProcess::start_with_config(&config).await;
+    let hub = hub(&bridge).await;
+    let question = "What is the code word for the Zephyr account?";
+    let ask = async |tenant: &str| {
+        let mut client = Client::connect(&hub.ws_url(&format!("tenant={tenant}&user=u"))).await;
+        let (_, reply) = client.ask("m1", question).await;
+        assert_eq!(reply.done["fallback"], false, "{tenant}: {}", reply.done);
+        assert!(reply.deltas.len() >= 3, "{tenant}: streamed token by token: {:?}", reply.deltas);
+        reply.text().to_owned()
+    };
+
+    // The tenant whose knowledge base has the fact: the model repeats it.
+    let grounded = ask("acme").await;
+    assert!(grounded.contains("PERIWINKLE-42"), "{grounded:?}");
+    // A tenant with no entries, on the same grounded backend: not a trace
+    // of it, and the very answer of the backend without a knowledge base,
+    // so its prompt was the plain one (any context would change it).
+    let other = ask("other").await;
+    assert!(!other.contains("PERIWINKLE"), "{other:?}");
+    let plain = ask("plain").await;
+    assert_eq!(other, plain, "the tenant without knowledge got the plain prompt");
+    assert_eq!(llama.completions(), [200, 200, 200]);
+    std::fs::remove_file(knowledge).unwrap();
+}
+
 #[tokio::test]
 async fn an_answer_the_model_server_cuts_short_for_another_request_ends_interrupted() {
     // llama-cpp-python's default: a request that arrives ends the answer in

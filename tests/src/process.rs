@@ -234,6 +234,20 @@ impl NlpProcess {
         Self::start_configured("127.0.0.1:0", Some(toml), &[]).await
     }
 
+    /// Waits until its log has `count` lines containing `needle`.
+    pub async fn wait_log_lines(&self, needle: &str, count: usize) {
+        let deadline = tokio::time::Instant::now() + crate::STEP_TIMEOUT;
+        while self.logs().lines().filter(|line| line.contains(needle)).count() < count {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "fengda-nlp did not log {count} lines with {needle:?} within {:?}:\n{}",
+                crate::STEP_TIMEOUT,
+                self.logs()
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    }
+
     async fn start_configured(listen: &str, toml: Option<&str>, extra: &[&str]) -> NlpProcess {
         let mut args: Vec<String> = ["--listen", listen].map(String::from).to_vec();
         let config = toml.map(|toml| {

@@ -300,6 +300,98 @@ async fn a_grounded_answer_carries_the_tenants_knowledge_and_a_tenant_without_an
 }
 
 #[tokio::test]
+async fn one_tenant_cannot_take_a_second_model_slot_nor_any_tenant_one_past_the_backends_limit() {
+    let llama = LlamaServer::start().await;
+    // Answers the model does not end before 1,500 tokens (each is cancelled
+    // after its first tokens): `shared` takes one per tenant, `solo` one at all.
+    let backend = |name: &str, limit: &str| {
+        format!(
+            r#"
+            [backends.{name}]
+            kind = "openai"
+            base_url = "{}"
+            model = "smollm2"
+            max_tokens = 1500
+            extra_body = {{ min_tokens = 1500 }}
+            timeout_ms = 20000
+            idle_timeout_ms = 10000
+            {limit}
+            "#,
+            llama.base_url
+        )
+    };
+    let config = format!(
+        "default_backend = \"shared\"\n{}\n{}\n[tenants]\nc = \"solo\"\nd = \"solo\"\n",
+        backend("shared", "max_concurrent_per_tenant = 1"),
+        backend("solo", "max_concurrent = 1"),
+    );
+    let bridge = NlpProcess::start_with_config(&config).await;
+    let hub = Hub::start(&[
+        "--nlp-url",
+        &bridge.url,
+        "--nlp-first-chunk-timeout-ms",
+        "20000",
+        "--nlp-retry-max-attempts",
+        "3",
+    ])
+    .await;
+    let connect =
+        async |tenant: &str, user: &str| Client::connect(&hub.ws_url(&format!("tenant={tenant}&user={user}"))).await;
+    let story = "Tell me a long story.";
+
+    // Tenant a's answer has the model.
+    let mut a1 = connect("a", "a1").await;
+    a1.send_message("m1", story).await;
+    a1.expect("ack").await;
+    let a1_delta = a1.expect("reply.delta").await;
+    // Tenant b's question reaches the model server, and waits there for its turn.
+    let mut b1 = connect("b", "b1").await;
+    b1.send_message("m1", story).await;
+    b1.expect("ack").await;
+    llama.wait_completions(2).await;
+    // Tenant a's second question, meanwhile: refused by the bridge at once,
+    // on each of the hub's three attempts, and answered with the fallback;
+    // it never reaches the model server.
+    let mut a2 = connect("a", "a2").await;
+    let (_, refused) = a2.ask("m1", story).await;
+    assert_eq!(refused.done["fallback"], true, "{}", refused.done);
+    bridge.wait_log_lines("backend shared is at its max_concurrent_per_tenant", 3).await;
+    assert_eq!(hub.metric("fengda_hub_nlp_retries_total").await, 2.0);
+    assert_eq!(hub.metric("fengda_hub_nlp_fallbacks_total{reason=\"error\"}").await, 1.0);
+    assert_eq!(llama.completions().len(), 2);
+    // a1 ends, and b's answer gets the model.
+    cancel(&mut a1, &a1_delta).await;
+    llama.wait_disconnects(1).await;
+    let b1_delta = b1.expect("reply.delta").await;
+    cancel(&mut b1, &b1_delta).await;
+    llama.wait_disconnects(2).await;
+
+    // The per-backend limit: tenant c's answer has `solo`'s one slot, so
+    // tenant d's question is refused (on each attempt) until it ends.
+    let mut c1 = connect("c", "c1").await;
+    c1.send_message("m1", story).await;
+    c1.expect("ack").await;
+    let c1_delta = c1.expect("reply.delta").await;
+    let mut d1 = connect("d", "d1").await;
+    let (_, refused) = d1.ask("m1", story).await;
+    assert_eq!(refused.done["fallback"], true, "{}", refused.done);
+    bridge.wait_log_lines("backend solo is at its max_concurrent", 3).await;
+    assert_eq!(hub.metric("fengda_hub_nlp_retries_total").await, 4.0);
+    assert_eq!(llama.completions().len(), 3);
+    cancel(&mut c1, &c1_delta).await;
+    llama.wait_disconnects(3).await;
+    d1.send_message("m2", story).await;
+    d1.expect("ack").await;
+    let d1_delta = d1.expect("reply.delta").await;
+    cancel(&mut d1, &d1_delta).await;
+    llama.wait_disconnects(4).await;
+
+    // The model server answered exactly the four admitted questions.
+    assert_eq!(llama.completions(), [200; 4]);
+    assert_eq!(bridge.logs().matches("answer refused at the backend's limit").count(), 6);
+}
+
+#[tokio::test]
 async fn an_answer_the_model_server_cuts_short_for_another_request_ends_interrupted() {
     // llama-cpp-python's default: a request that arrives ends the answer in
     // flight with `[DONE]` and no finish reason.

@@ -19,7 +19,7 @@ use fengda_tests::{Client, Hub, LlamaServer, NlpProcess, STEP_TIMEOUT};
 use futures::StreamExt;
 use serde_json::{Value, json};
 use tokio::time::Instant;
-use tonic::Status;
+use tonic::{Code, Status};
 
 /// A request id as the hub sends it: llama-cpp-python answers 400 to an
 /// `x-request-id` that is not a UUID.
@@ -389,6 +389,46 @@ async fn one_tenant_cannot_take_a_second_model_slot_nor_any_tenant_one_past_the_
     // The model server answered exactly the four admitted questions.
     assert_eq!(llama.completions(), [200; 4]);
     assert_eq!(bridge.logs().matches("answer refused at the backend's limit").count(), 6);
+}
+
+#[tokio::test]
+async fn the_request_id_goes_upstream_as_configured_per_backend() {
+    let llama = LlamaServer::start().await;
+    let backend = |name: &str, header: &str| {
+        format!(
+            r#"
+            [backends.{name}]
+            kind = "openai"
+            base_url = "{}"
+            model = "smollm2"
+            max_tokens = 4
+            temperature = 0.0
+            timeout_ms = 20000
+            {header}
+            "#,
+            llama.base_url
+        )
+    };
+    let config = format!(
+        "default_backend = \"forwarded\"\n{}{}{}\n[tenants]\nrenamed = \"renamed\"\ndropped = \"dropped\"\n",
+        backend("forwarded", ""),
+        backend("renamed", "request_id_header = \"x-fengda-request-id\""),
+        backend("dropped", "request_id_header = false"),
+    );
+    let bridge = NlpProcess::start_with_config(&config).await;
+    let ok = |items: &[Result<AnswerChunk, Status>]| items.iter().all(Result::is_ok) && items.len() >= 2;
+
+    // The default forwards it as x-request-id: a UUID passes, another id
+    // gets the model server's 400, which the caller gets as INVALID_ARGUMENT.
+    assert!(ok(&call(&bridge, "forwarded", "Say hi.", UUID).await));
+    let refused = call(&bridge, "forwarded", "Say hi.", "req-1").await;
+    assert_eq!(refused.len(), 1, "{refused:?}");
+    assert_eq!(refused[0].as_ref().unwrap_err().code(), Code::InvalidArgument, "{refused:?}");
+    assert!(bridge.logs().contains("upstream refused the request status=400"), "{}", bridge.logs());
+    // Renamed or turned off, the same id does not bother it.
+    assert!(ok(&call(&bridge, "renamed", "Say hi.", "req-1").await));
+    assert!(ok(&call(&bridge, "dropped", "Say hi.", "req-1").await));
+    assert_eq!(llama.completions(), [200, 400, 200, 200]);
 }
 
 #[tokio::test]

@@ -2,12 +2,15 @@
 //! OpenAI-compatible server) running SmolLM2-135M-Instruct on one thread,
 //! behind the real `fengda-nlp` and `fengda` binaries. Nothing here is
 //! faked: the SSE framing, the tokenizer (Chinese characters are two or
-//! three byte-level tokens each), the finish reasons, the disconnects.
+//! three byte-level tokens each), the finish reasons, the disconnects, the
+//! model's reading of a grounded prompt.
 //!
-//! The model server answers one request at a time, and prints
-//! `Disconnected from client` when it stops generating for a client that
-//! left: cancellation is proven from its side, by that line and by a second
-//! answer that would otherwise wait behind a 1,500-token one.
+//! The model server answers one request at a time; the others wait their
+//! turn (or, as it does by default, cut the answer in flight short). Its
+//! side of every claim is read from its log: the chat completions that
+//! reached it (and their statuses), and `Disconnected from client` when it
+//! stops generating for a client that left. Greedy decoding (temperature
+//! 0, a fixed seed) makes an answer a function of its prompt.
 //!
 //! CPU heavy: `.config/nextest.toml` runs these tests alone, one at a time.
 

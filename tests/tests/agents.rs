@@ -401,6 +401,7 @@ async fn while_an_agent_owns_it_the_customer_talks_to_the_agent_and_hand_back_gi
     use fengda_proto::nlp::v1::Role;
     assert!(history.contains(&(Role::Agent as i32, "Yes, within 30 days.")), "{history:?}");
     assert!(history.contains(&(Role::Customer as i32, "Can I get a refund?")), "{history:?}");
+    assert!(!requests.iter().any(|r| format!("{r:?}").contains("Refund approved")), "no note reaches the NLP service");
     // After handing back, the agent's messages are refused again.
     anna.send_json(json!({"type": "message", "conversation": conversation, "id": "a2", "text": "One more thing"}))
         .await;
@@ -536,4 +537,67 @@ async fn a_customer_who_asks_for_a_person_waits_until_an_agent_takes_it_or_the_t
     assert_eq!(back["event"], "assistant_back", "{back}");
     other.read_reply().await;
     assert_eq!(answerer.requests().len(), 3, "carl's and dora's first questions, and dora's after the timeout");
+}
+
+#[tokio::test]
+async fn a_note_reaches_every_watching_agent_on_every_node_and_never_a_customer() {
+    let answerer = RecordingAnswerer::start(Script { tokens: 3, ..Script::default() }).await;
+    let nodes = Nodes::start(&["--nlp-url", &answerer.url]).await;
+    let mut customer = customer_with_history(nodes.node(2), "bank", "carl").await;
+    let conversation = customer.conversation();
+    let mut agents = Vec::new();
+    for (i, name) in ["anna", "bob", "cara"].iter().enumerate() {
+        let mut agent = agent(nodes.node(i), "bank", name).await;
+        agent.send_json(json!({"type": "watch", "conversation": conversation})).await;
+        agent.expect("watching").await;
+        agent.expect("message").await;
+        agent.expect("message").await;
+        agents.push(agent);
+    }
+    agents[0]
+        .send_json(json!({"type": "note", "conversation": conversation, "id": "n1", "text": "VIP customer"}))
+        .await;
+    let mut notes = Vec::new();
+    for agent in &mut agents {
+        notes.push(agent.expect("note").await);
+    }
+    assert_eq!(
+        (&notes[0]["seq"], &notes[0]["after"], &notes[0]["agent"], &notes[0]["name"], &notes[0]["id"]),
+        (&json!(1), &json!(2), &json!("anna"), &json!("anna"), &json!("n1"))
+    );
+    assert_eq!(notes[0]["conversation"], conversation.as_str());
+    assert!(notes.iter().all(|note| *note == notes[0]), "{notes:?}");
+    // Cara is on the customer's node: it had the note, the customer's socket did not.
+    customer.assert_alive().await;
+    // The conversation goes on; a second note follows the next events.
+    customer.ask("q2", "Thanks").await;
+    agents[1].send_json(json!({"type": "note", "conversation": conversation, "id": "n2", "text": "Follow up"})).await;
+    for agent in &mut agents {
+        loop {
+            let frame = agent.next().await;
+            if frame["type"] == "note" {
+                assert_eq!((&frame["seq"], &frame["after"], &frame["agent"]), (&json!(2), &json!(4), &json!("bob")));
+                break;
+            }
+        }
+    }
+    customer.assert_alive().await;
+    // A watch replays the notes after the history; `after` keeps those written since.
+    let mut dora = agent(nodes.node(1), "bank", "dora").await;
+    dora.send_json(json!({"type": "watch", "conversation": conversation})).await;
+    dora.expect("watching").await;
+    for seq in 1..=4 {
+        assert_eq!(dora.expect("message").await["seq"], seq);
+    }
+    assert_eq!(dora.expect("note").await["id"], "n1");
+    assert_eq!(dora.expect("note").await["id"], "n2");
+    dora.send_json(json!({"type": "watch", "conversation": conversation, "after": 3})).await;
+    dora.expect("watching").await;
+    assert_eq!(dora.expect("message").await["seq"], 4);
+    assert_eq!(dora.expect("note").await["id"], "n2");
+    dora.assert_alive().await;
+    // Not a conversation of this tenant: not found.
+    let other = customer_with_history(nodes.node(0), "telco", "tom").await;
+    dora.send_json(json!({"type": "note", "conversation": other.conversation(), "id": "n3", "text": "x"})).await;
+    assert_eq!(dora.expect("error").await["code"], "conversation_not_found");
 }

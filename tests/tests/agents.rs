@@ -601,3 +601,54 @@ async fn a_note_reaches_every_watching_agent_on_every_node_and_never_a_customer(
     dora.send_json(json!({"type": "note", "conversation": other.conversation(), "id": "n3", "text": "x"})).await;
     assert_eq!(dora.expect("error").await["code"], "conversation_not_found");
 }
+
+#[tokio::test]
+async fn a_supervisor_may_steal_and_the_name_claim_is_shown_to_the_customer() {
+    use fengda_tests::tokens::{KeyDir, claims, with};
+    use jsonwebtoken::Algorithm;
+    let dir = KeyDir::new();
+    let signer = dir.hmac_secret("bank.secret");
+    let config = dir.write(
+        "fengda.toml",
+        b"[auth]\nmode = \"jwt\"\n[[auth.keys]]\ntenant = \"bank\"\nalg = \"HS256\"\nsecret_file = \"bank.secret\"\n",
+    );
+    let nodes = Nodes::start(&["--config", config.to_str().unwrap()]).await;
+    let token = |user: &str, changes: Value| signer.sign(Algorithm::HS256, None, &with(claims("bank", user), changes));
+    let connect = |node: usize, token: String| {
+        let url = nodes.node(node).ws_url(&format!("token={token}"));
+        async move { Client::connect(&url).await }
+    };
+    // A bad name is a bad token.
+    for name in [json!(""), json!(" "), json!("x".repeat(65)), json!(7)] {
+        let url = nodes.node(0).ws_url(&format!("token={}", token("anna", json!({"role": "agent", "name": name}))));
+        let error = tokio_tungstenite::connect_async(url).await.expect_err("refused");
+        let tokio_tungstenite::tungstenite::Error::Http(response) = error else { panic!("{error:?}") };
+        assert_eq!(response.status(), 401, "{name}");
+    }
+    let mut customer = connect(2, token("carl", json!({}))).await;
+    customer.ask("q1", "Tell me about the Gold Card").await;
+    let conversation = customer.conversation();
+    let mut anna = connect(0, token("anna", json!({"role": "agent", "name": "Anna from Cards"}))).await;
+    assert_eq!((&anna.ready["name"], &anna.ready["supervisor"]), (&json!("Anna from Cards"), &json!(false)));
+    let mut sue = connect(1, token("sue", json!({"role": "agent", "name": "Sue", "supervisor": true}))).await;
+    assert_eq!((&sue.ready["agent"], &sue.ready["supervisor"]), (&json!("sue"), &json!(true)));
+    anna.send_json(json!({"type": "take", "conversation": conversation})).await;
+    agent_through_take(&mut anna, 1).await;
+    let joined = customer.expect("message").await;
+    assert_eq!(joined["text"], "Anna from Cards from Support has joined the conversation.");
+    // Anna cannot steal back from a supervisor without rights of her own; Sue can steal.
+    sue.send_json(json!({"type": "take", "conversation": conversation, "steal": true})).await;
+    let (errors, owner) = agent_through_take(&mut sue, 2).await;
+    assert!(errors.is_empty(), "{errors:?}");
+    assert_eq!((&owner["agent"], &owner["agent_name"]), (&json!("sue"), &json!("Sue")));
+    anna.send_json(json!({"type": "take", "conversation": conversation, "steal": true})).await;
+    let refused = loop {
+        let frame = anna.next().await;
+        if frame["type"] == "error" {
+            break frame;
+        }
+    };
+    assert_eq!(refused["code"], "forbidden", "{refused}");
+    assert_eq!(customer.expect("message").await["name"], "Sue");
+    assert_eq!(nodes.node(1).metric("fengda_hub_agent_steals_total").await, 1.0);
+}

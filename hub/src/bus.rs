@@ -22,10 +22,12 @@
 //! have missed events (its subscription dropped) calls
 //! [`IncomingEvents::resync`].
 //!
-//! Room left for what comes next, each with its place here: per-conversation
-//! presence and typing across nodes (a payload kind on the conversation's
-//! channel and an [`IncomingEvents`] method; typing expires by itself), a
-//! tenant-wide feed of conversation changes for the agent console (a
+//! Presence and typing ([`crate::presence`]) ride on the conversation's
+//! channel too: typing signals published by the typist's node
+//! ([`EventBus::publish_typing`]), and each node's presence entry when it
+//! changes (written by the node's [`crate::presence::PresenceBoard`]).
+//!
+//! Room left for what comes next, each with its place here: a tenant-wide feed of conversation changes for the agent console (a
 //! per-tenant channel the bus subscribes with its own handler method), and
 //! sharded pub/sub on Redis Cluster (`SSUBSCRIBE`/`SPUBLISH` inside
 //! [`crate::store::redis::RedisBus`]; channel names already share their
@@ -36,6 +38,7 @@ use axum::extract::ws::Utf8Bytes;
 
 use crate::event::StoredEvent;
 use crate::ids::ConversationKey;
+use crate::presence::{Present, Typing};
 use crate::protocol::ReplyTiming;
 use crate::store::StoreError;
 
@@ -52,6 +55,10 @@ pub trait IncomingEvents: Send + Sync + 'static {
     /// Events may have been missed (the subscription was down): every
     /// session re-reads its log after the last seq it sent.
     fn resync(&self);
+    /// Someone typing on another node.
+    fn typing(&self, key: &ConversationKey, typing: &Typing);
+    /// Another node's presence entry of the conversation changed (empty: it has none).
+    fn presence(&self, key: &ConversationKey, node: &str, entry: Present);
 }
 
 /// Carries a conversation's events between nodes (see the module doc).
@@ -69,6 +76,10 @@ pub trait EventBus: Send + Sync + 'static {
     /// other nodes' sockets, in order. Best effort and never waits; frames no
     /// other node listens for are not sent.
     fn publish_frames(&self, key: &ConversationKey, frames: &[Utf8Bytes], epoch: u64);
+
+    /// Publishes a typing signal for other nodes' sockets; best effort and
+    /// never waits, like frames.
+    fn publish_typing(&self, key: &ConversationKey, typing: &Typing);
 
     /// Waits until every frame given to `publish_frames` so far has been
     /// published, so that a reply's deltas reach other nodes before its
@@ -97,6 +108,8 @@ impl EventBus for LocalBus {
     async fn unsubscribe(&self, _: &ConversationKey) {}
 
     fn publish_frames(&self, _: &ConversationKey, _: &[Utf8Bytes], _: u64) {}
+
+    fn publish_typing(&self, _: &ConversationKey, _: &Typing) {}
 
     async fn flush(&self) {}
 

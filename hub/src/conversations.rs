@@ -22,20 +22,45 @@ use crate::bus::EventBus;
 use crate::event::{NewEvent, StoredEvent};
 use crate::fanout::{FanOut, SessionHandle};
 use crate::ids::{ConversationId, ConversationKey, Party, SessionId, UserId};
+use crate::presence::{PresenceBoard, Present, Typing};
 use crate::store::{AppendWith, Appended, ConversationLog, Opened, Pending, Snapshot, StoreError};
 
 pub struct Conversations {
     log: Arc<dyn ConversationLog>,
     bus: Arc<dyn EventBus>,
     fanout: Arc<FanOut>,
+    /// Where nodes keep who is in a conversation ([`crate::presence`]).
+    board: Arc<dyn PresenceBoard>,
     /// Serializes fan-out join/leave with the bus's subscribe/unsubscribe,
     /// so that a leave and a join of one conversation cannot reorder.
     subscriptions: tokio::sync::Mutex<()>,
 }
 
 impl Conversations {
-    pub fn new(log: Arc<dyn ConversationLog>, bus: Arc<dyn EventBus>, fanout: Arc<FanOut>) -> Self {
-        Self { log, bus, fanout, subscriptions: tokio::sync::Mutex::new(()) }
+    pub fn new(
+        log: Arc<dyn ConversationLog>,
+        bus: Arc<dyn EventBus>,
+        fanout: Arc<FanOut>,
+        board: Arc<dyn PresenceBoard>,
+    ) -> Self {
+        Self { log, bus, fanout, board, subscriptions: tokio::sync::Mutex::new(()) }
+    }
+
+    /// Who is in the conversation, on every node (read from the board now:
+    /// a node that just joined has heard nothing yet), for the snapshot of
+    /// `session`, which joined it on this node (the other agents watching
+    /// here get `presence` if the read changed what they knew).
+    pub async fn presence(&self, key: &ConversationKey, session: SessionId) -> Result<Present, StoreError> {
+        let remote = self.board.read(std::slice::from_ref(key)).await?.pop().unwrap_or_default();
+        Ok(self.fanout.set_remote_presence(key, remote, Some(session)))
+    }
+
+    /// Someone typing (or stopped): to this node's sockets of the
+    /// conversation at once, but the typist's own (`origin`), and to other
+    /// nodes' through the bus.
+    pub fn typing(&self, key: &ConversationKey, typing: &Typing, origin: SessionId) {
+        self.bus.publish_typing(key, typing);
+        self.fanout.deliver_typing(key, typing, Some(origin));
     }
 
     /// See [`ConversationLog::open`].
@@ -118,9 +143,14 @@ impl Conversations {
             Some(turn) => Some(turn.lock().await),
             None => None,
         };
+        let creates = with.create.is_some();
         let appended = self.log.append(key, event, with).await?;
         if let Appended::New { event, .. } = &appended {
             self.fanout.deliver_event(key, event, origin, timing.as_ref());
+            if creates {
+                // Its sockets' presence could not be kept before it existed.
+                self.fanout.mark_presence(key);
+            }
         }
         Ok(appended)
     }

@@ -42,9 +42,13 @@ async fn agent_token(hub: &Hub, tenant: &str, agent: &str) -> String {
     body["token"].as_str().expect("a token").to_owned()
 }
 
+/// An agent's socket; `presence` frames (who comes and goes) are skipped
+/// unless a test clears [`Client::ignored`].
 async fn agent(hub: &Hub, tenant: &str, agent: &str) -> Client {
     let token = agent_token(hub, tenant, agent).await;
-    Client::connect(&hub.ws_url(&format!("token={token}"))).await
+    let mut client = Client::connect(&hub.ws_url(&format!("token={token}"))).await;
+    client.ignored = &["presence"];
+    client
 }
 
 /// A customer on `hub` with one question asked and answered.
@@ -651,4 +655,115 @@ async fn a_supervisor_may_steal_and_the_name_claim_is_shown_to_the_customer() {
     assert_eq!(refused["code"], "forbidden", "{refused}");
     assert_eq!(customer.expect("message").await["name"], "Sue");
     assert_eq!(nodes.node(1).metric("fengda_hub_agent_steals_total").await, 1.0);
+}
+
+/// Reads frames until one of type `kind` satisfies `wanted`; returns it and
+/// every frame read before it.
+async fn until(client: &mut Client, kind: &str, wanted: impl Fn(&Value) -> bool) -> (Value, Vec<Value>) {
+    let mut before = Vec::new();
+    loop {
+        let frame = client.next().await;
+        if frame["type"] == kind && wanted(&frame) {
+            return (frame, before);
+        }
+        before.push(frame);
+    }
+}
+
+/// Whether a `watching` or `presence` frame shows exactly this.
+fn shows(frame: &Value, online: bool, viewers: &[&str]) -> bool {
+    let names: Vec<&str> =
+        frame["viewers"].as_array().map_or(Vec::new(), |v| v.iter().filter_map(|v| v["agent"].as_str()).collect());
+    frame["online"] == online && names == viewers
+}
+
+#[tokio::test]
+async fn typing_reaches_whom_it_may_and_stops_by_itself_when_the_typists_socket_dies() {
+    let nodes = Nodes::start(&["--agents-typing-ttl-ms", "1000"]).await;
+    let mut customer = customer_with_history(nodes.node(1), "bank", "carl").await;
+    let conversation = customer.conversation();
+    let (mut anna, mut bob) = (agent(nodes.node(0), "bank", "anna").await, agent(nodes.node(2), "bank", "bob").await);
+    for agent in [&mut anna, &mut bob] {
+        agent.send_json(json!({"type": "watch", "conversation": conversation})).await;
+        until(agent, "watching", |_| true).await;
+    }
+    // Anna owns it and types a note, then an answer: bob sees both, the customer only the answer.
+    anna.send_json(json!({"type": "take", "conversation": conversation})).await;
+    until(&mut anna, "owner", |frame| frame["agent"] == "anna").await;
+    anna.send_json(json!({"type": "typing", "conversation": conversation, "on": true, "note": true})).await;
+    let (note, _) = until(&mut bob, "typing", |_| true).await;
+    assert_eq!(
+        note,
+        json!({"type": "typing", "conversation": conversation, "from": "agent", "agent": "anna", "name": "anna", "on": true, "note": true})
+    );
+    anna.send_json(json!({"type": "typing", "conversation": conversation, "on": true})).await;
+    let (answer, _) = until(&mut bob, "typing", |_| true).await;
+    assert_eq!((&answer["note"], &answer["on"]), (&json!(false), &json!(true)), "{answer}");
+    let (seen, before) = until(&mut customer, "typing", |_| true).await;
+    assert_eq!(
+        seen,
+        json!({"type": "typing", "conversation": conversation, "from": "agent", "name": "anna", "on": true})
+    );
+    assert!(before.iter().all(|frame| frame["type"] != "typing"), "a customer never sees note typing: {before:?}");
+    // Nobody types again: each side stops it by itself, once.
+    let (stopped, before) = until(&mut customer, "typing", |_| true).await;
+    assert_eq!(stopped["on"], false, "{stopped}");
+    assert!(before.iter().all(|frame| frame["type"] != "typing"), "{before:?}");
+
+    // The customer types, then its socket dies without a word.
+    customer.send_json(json!({"type": "typing", "on": true})).await;
+    let (typing, _) = until(&mut anna, "typing", |frame| frame["from"] == "customer").await;
+    assert_eq!(typing, json!({"type": "typing", "conversation": conversation, "from": "customer", "on": true}));
+    let dropped_at = std::time::Instant::now();
+    drop(customer);
+    // (Bob's `on: true` is still to be read; anna's was read above.)
+    for (agent, started) in [(&mut anna, 0), (&mut bob, 1)] {
+        let (stopped, before) =
+            until(agent, "typing", |frame| frame["from"] == "customer" && frame["on"] == false).await;
+        assert_eq!(stopped["conversation"], conversation.as_str());
+        let earlier = before.iter().filter(|frame| frame["type"] == "typing" && frame["from"] == "customer").count();
+        assert_eq!(earlier, started, "{before:?}");
+    }
+    assert!(dropped_at.elapsed() < Duration::from_millis(2500), "within the TTL: {:?}", dropped_at.elapsed());
+    anna.assert_alive().await;
+}
+
+#[tokio::test]
+async fn presence_shows_who_is_there_and_a_dead_node_stops_counting_within_the_ttl() {
+    let nodes = Nodes::start(&["--agents-presence-ttl-secs", "2"]).await;
+    let customer = customer_with_history(nodes.node(1), "bank", "carl").await;
+    let conversation = customer.conversation();
+    let mut anna = agent(nodes.node(0), "bank", "anna").await;
+    anna.ignored = &[];
+    anna.send_json(json!({"type": "watch", "conversation": conversation})).await;
+    let (watching, _) = until(&mut anna, "watching", |_| true).await;
+    if !shows(&watching, true, &["anna"]) {
+        // The customer's node had not written its entry yet: it is told as it lands.
+        until(&mut anna, "presence", |frame| shows(frame, true, &["anna"])).await;
+    }
+    // Bob watches from the customer's node: anna sees him come.
+    let mut bob = agent(nodes.node(1), "bank", "bob").await;
+    bob.send_json(json!({"type": "watch", "conversation": conversation})).await;
+    let (watching, _) = until(&mut bob, "watching", |_| true).await;
+    assert!(shows(&watching, true, &["anna", "bob"]), "{watching}");
+    until(&mut anna, "presence", |frame| shows(frame, true, &["anna", "bob"])).await;
+
+    // The node holding the customer and bob dies (killed; on one node, their sockets drop).
+    let died_at = std::time::Instant::now();
+    if nodes.hubs.len() > 1 {
+        let mut nodes = nodes;
+        nodes.hubs[1].child.start_kill().unwrap();
+        nodes.hubs[1].child.wait().await.unwrap();
+        let (gone, _) = until(&mut anna, "presence", |frame| shows(frame, false, &["anna"])).await;
+        assert_eq!(gone["conversation"], conversation.as_str());
+        assert!(died_at.elapsed() < Duration::from_millis(3500), "within the TTL: {:?}", died_at.elapsed());
+        // A new look agrees.
+        anna.send_json(json!({"type": "watch", "conversation": conversation})).await;
+        let (watching, _) = until(&mut anna, "watching", |_| true).await;
+        assert!(shows(&watching, false, &["anna"]), "{watching}");
+    } else {
+        drop((customer, bob));
+        until(&mut anna, "presence", |frame| shows(frame, false, &["anna"])).await;
+        assert!(died_at.elapsed() < Duration::from_millis(2000), "{:?}", died_at.elapsed());
+    }
 }

@@ -55,7 +55,8 @@ async fn run_session(socket: WebSocket, party: Party, identity: Identity, sessio
     let ws = &app.config.websocket;
     let closer = SessionCloser::child_of(&app.shutdown);
     let (out_tx, out_rx) = mpsc::channel(ws.outbound_queue_frames);
-    let handle = SessionHandle::agent(session_id, out_tx, closer.clone());
+    let viewer = crate::protocol::Viewer { agent: identity.user.as_str().to_owned(), name: identity.name.clone() };
+    let handle = SessionHandle::agent(session_id, out_tx, closer.clone(), viewer);
     let (command_tx, command_rx) = mpsc::channel(COMMAND_QUEUE);
     let ready = ServerFrame::AgentReady {
         role: "agent",
@@ -177,6 +178,17 @@ async fn run_reader(
             Ok(ClientFrame::Message { id, conversation: None, .. }) => {
                 let text = "an agent's `message` names its `conversation`";
                 send_to_this_socket(handle, session::error_frame(ErrorCode::MissingField, text, Some(&id)));
+                continue;
+            }
+            Ok(ClientFrame::Typing { conversation: Some(conversation), on, note }) => {
+                if let Some(conversation) = conversation_id(handle, &conversation) {
+                    Box::pin(owning.typing(conversation, on, note)).await;
+                }
+                continue;
+            }
+            Ok(ClientFrame::Typing { conversation: None, .. }) => {
+                let text = "an agent's `typing` names its `conversation`";
+                send_to_this_socket(handle, session::error_frame(ErrorCode::MissingField, text, None));
                 continue;
             }
             Ok(ClientFrame::Cancel { .. } | ClientFrame::Handoff) => continue,

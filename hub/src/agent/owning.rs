@@ -19,6 +19,7 @@ use crate::event::SystemEvent;
 use crate::fanout::SessionHandle;
 use crate::ids::{ConversationId, ConversationKey, Party};
 use crate::owner::{self, Owner, Take, TakeRefused};
+use crate::presence::{Typing, Typist};
 use crate::protocol::{ErrorCode, ServerFrame};
 use crate::session::send_to_this_socket;
 use crate::store::{AppendWith, Appended, NewEvent, OwnerOp, StoreError, StoredNote};
@@ -155,6 +156,22 @@ impl Owning<'_> {
 
     /// A private note: any agent of the tenant may write one; every
     /// watcher gets it (the writer too, directly when not watching).
+    /// `typing`: to the conversation's other watchers, and to its customer
+    /// when this agent owns it and is not writing a note (the owner is read
+    /// for each signal: a typist who lost the conversation is not shown).
+    pub async fn typing(&mut self, conversation: ConversationId, on: bool, note: bool) {
+        let key = self.party.conversation(conversation.clone());
+        let ownership = match self.app.conversations.ownership(&key).await {
+            Ok(Some(ownership)) => ownership,
+            Ok(None) => return self.reply(super::not_found(conversation.as_str())),
+            Err(error) => return self.store_error(&error, &conversation),
+        };
+        let owns = ownership.owner.agent().is_some_and(|(id, _)| id == self.agent());
+        let typist = Typist::Agent { agent: self.agent().to_owned(), name: self.identity.name.clone() };
+        let typing = Typing { typist, on, note, to_customer: owns && !note };
+        self.app.conversations.typing(&key, &typing, self.handle.id);
+    }
+
     pub async fn note(&mut self, conversation: ConversationId, id: String, text: String) {
         let key = self.party.conversation(conversation.clone());
         let note = StoredNote {

@@ -247,6 +247,13 @@ impl Watches {
                 }
             }
         }
+        let present = match app.conversations.presence(&key, self.handle.id).await {
+            Ok(present) => present,
+            Err(error) => {
+                app.conversations.detach(&key, self.handle.id).await;
+                return Ok(sink.send(Message::Text(refused(&error))).await?);
+            }
+        };
         // Notes written since the first event replayed (all, without history).
         let notes = match app.conversations.notes(&key).await {
             Ok(notes) => notes,
@@ -266,8 +273,8 @@ impl Watches {
             agent: snapshot.ownership.owner.agent().map(|(id, _)| id),
             agent_name: snapshot.ownership.owner.agent().map(|(_, name)| name),
             owner_epoch: snapshot.ownership.epoch,
-            online: false,
-            viewers: &[],
+            online: present.online,
+            viewers: &present.viewers,
         }
         .encode();
         sink.feed(Message::Text(watching)).await?;

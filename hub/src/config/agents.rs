@@ -21,11 +21,26 @@ pub struct AgentsConfig {
     /// Seconds a conversation waits for a person (after the customer's
     /// `handoff`) before the assistant answers again. Default 300.
     pub handoff_timeout_secs: u64,
+    /// Milliseconds a `typing` with `on: true` holds: a typist who sends no
+    /// new one within it (or whose socket died) stops typing by itself and
+    /// the conversation's sockets get `on: false`. Default 4000.
+    pub typing_ttl_ms: u64,
+    /// Seconds a node's presence entries (customers online, agents viewing)
+    /// hold without its heartbeat (every third of it): a node that dies
+    /// stops counting within it. Default 15.
+    pub presence_ttl_secs: u64,
 }
 
 impl Default for AgentsConfig {
     fn default() -> Self {
-        Self { max_watched: 50, watch_history: 50, allow_steal: false, handoff_timeout_secs: 300 }
+        Self {
+            max_watched: 50,
+            watch_history: 50,
+            allow_steal: false,
+            handoff_timeout_secs: 300,
+            typing_ttl_ms: 4000,
+            presence_ttl_secs: 15,
+        }
     }
 }
 
@@ -38,9 +53,25 @@ impl AgentsConfig {
         if self.handoff_timeout_secs == 0 {
             return invalid("agents.handoff_timeout_secs", "must be at least 1");
         }
+        if self.typing_ttl_ms < 100 {
+            return invalid("agents.typing_ttl_ms", "must be at least 100");
+        }
+        if self.presence_ttl_secs < 2 {
+            return invalid("agents.presence_ttl_secs", "must be at least 2");
+        }
         if self.watch_history > 1000 {
             return invalid("agents.watch_history", "must be at most 1000");
         }
         Ok(())
+    }
+
+    /// How long a `typing` with `on: true` holds.
+    pub fn typing_ttl(&self) -> std::time::Duration {
+        std::time::Duration::from_millis(self.typing_ttl_ms)
+    }
+
+    /// How long a node's presence entries hold without its heartbeat.
+    pub fn presence_ttl(&self) -> std::time::Duration {
+        std::time::Duration::from_secs(self.presence_ttl_secs)
     }
 }

@@ -37,6 +37,7 @@ use tokio_util::sync::CancellationToken;
 use crate::bus::IncomingEvents;
 use crate::event::{Cursor, Step, StoredEvent};
 use crate::ids::{ConversationKey, SessionId};
+use crate::presence::{Present, Typing};
 use crate::protocol::{ReplyTiming, Role, ServerFrame};
 
 pub use session::{Audience, Outbound, SessionCloser, SessionHandle};
@@ -57,6 +58,15 @@ pub struct FanOut {
     /// (`conversation.max_sockets`): each event is pushed to every one, so
     /// this bounds what one conversation's traffic costs the node.
     max_sockets: usize,
+    /// How long a typing signal holds (`agents.typing_ttl_ms`).
+    typing_ttl: std::time::Duration,
+    /// Conversations with someone typing (the ones [`FanOut::expire_typing`] looks at).
+    typing: dashmap::DashSet<ConversationKey, foldhash::fast::RandomState>,
+    /// Conversations whose entry on this node changed since
+    /// [`FanOut::take_changed_presence`] last took them.
+    presence_changed: dashmap::DashSet<ConversationKey, foldhash::fast::RandomState>,
+    /// Wakes [`FanOut::presence_changed`].
+    presence_notify: tokio::sync::Notify,
 }
 
 impl Default for FanOut {
@@ -86,29 +96,229 @@ struct Local {
     /// under: an owner change cancels the older ones. While any is here the
     /// entry stays (and the node subscribed) even without sessions.
     replies: Vec<(u64, CancellationToken)>,
+    /// Who types, each until when (each typist once).
+    typists: Vec<(Typing, Instant)>,
+    /// Other nodes' presence entries (by node), as last heard or read.
+    remote: Vec<(String, Present)>,
+    /// The presence view agents' handles were last given.
+    presence_sent: Present,
 }
 
 impl Local {
     fn is_empty(&self) -> bool {
         self.handles.is_empty() && self.replies.is_empty()
     }
+
+    /// This node's presence entry: from its handles.
+    fn entry(&self) -> Present {
+        let mut entry = Present::default();
+        for handle in &self.handles {
+            match handle.viewer() {
+                Some(viewer) => entry.viewers.push(viewer.clone()),
+                None => entry.online = true,
+            }
+        }
+        entry.viewers.sort();
+        entry.viewers.dedup();
+        entry
+    }
+
+    /// Every node's entries merged.
+    fn view(&self) -> Present {
+        let mut view = self.entry();
+        for (_, entry) in &self.remote {
+            view.merge(entry);
+        }
+        view
+    }
+
+    /// Sends `presence` to the agents' handles (but `except`) if the view
+    /// changed since they were last given it.
+    fn tell_presence(&mut self, key: &ConversationKey, except: Option<SessionId>) {
+        let view = self.view();
+        if view == self.presence_sent {
+            return;
+        }
+        let frame = view.frame(key.conversation().as_str());
+        self.presence_sent = view;
+        for handle in self.handles.iter().filter(|h| h.is_agent() && Some(h.id) != except) {
+            handle.push(Outbound::ephemeral(frame.clone()));
+        }
+    }
+
+    /// Pushes a typing signal to every handle but the typist's own
+    /// (`origin`, and a typing agent's every socket): agents get it all,
+    /// customers only an owner's (see [`Typing`]).
+    fn tell_typing(&self, key: &ConversationKey, typing: &Typing, origin: Option<SessionId>) {
+        let conversation = key.conversation().as_str();
+        let (mut agents, mut customers) = (None, None);
+        let typist = typing.typist_id();
+        let own = |h: &&SessionHandle| Some(h.id) == origin || h.viewer().is_some_and(|v| v.agent == typist);
+        for handle in self.handles.iter().filter(|h| !own(h)) {
+            let frame = match handle.is_agent() {
+                true => agents.get_or_insert_with(|| typing.agent_frame(conversation)),
+                false if typing.to_customer => customers.get_or_insert_with(|| typing.customer_frame(conversation)),
+                false => continue,
+            };
+            handle.push(Outbound::ephemeral(frame.clone()));
+        }
+    }
 }
 
 impl FanOut {
     pub fn with_max_sockets(max_sockets: usize) -> Self {
-        Self { sessions: DashMap::default(), max_sockets }
+        Self {
+            sessions: DashMap::default(),
+            max_sockets,
+            typing_ttl: std::time::Duration::from_millis(4000),
+            typing: Default::default(),
+            presence_changed: Default::default(),
+            presence_notify: Default::default(),
+        }
+    }
+
+    /// How long typing signals hold here.
+    pub fn with_typing_ttl(self, typing_ttl: std::time::Duration) -> Self {
+        Self { typing_ttl, ..self }
     }
 
     /// Adds a session; returns true when it is the conversation's first on
-    /// this node, or refuses it when the conversation is full here.
+    /// this node, or refuses it when the conversation is full here. The
+    /// other agents watching get `presence` if it changes who is there (the
+    /// session itself learns it from its snapshot).
     pub fn join(&self, key: &ConversationKey, handle: SessionHandle) -> Result<bool, ConversationFull> {
         let mut entry = self.sessions.entry(key.clone()).or_default();
         if entry.handles.len() >= self.max_sockets {
             return Err(ConversationFull);
         }
         let first = entry.is_empty();
+        let before = entry.entry();
+        let id = handle.id;
         entry.handles.push(handle);
+        if entry.entry() != before {
+            entry.tell_presence(key, Some(id));
+            self.mark_presence(key);
+        }
         Ok(first)
+    }
+
+    /// Notes that this node's presence entry of `key` changed (or must be
+    /// written again).
+    pub fn mark_presence(&self, key: &ConversationKey) {
+        self.presence_changed.insert(key.clone());
+        self.presence_notify.notify_one();
+    }
+
+    /// Resolves when some conversation's entry on this node changed.
+    pub async fn presence_changed(&self) {
+        self.presence_notify.notified().await;
+    }
+
+    /// This node's entries that changed (an empty one: it has none left).
+    pub fn take_changed_presence(&self) -> Vec<(ConversationKey, Present)> {
+        let keys: Vec<ConversationKey> = self.presence_changed.iter().map(|key| key.clone()).collect();
+        keys.into_iter()
+            .map(|key| {
+                self.presence_changed.remove(&key);
+                let entry = self.sessions.get(&key).map(|local| local.entry()).unwrap_or_default();
+                (key, entry)
+            })
+            .collect()
+    }
+
+    /// Every non-empty entry of this node (for the heartbeat).
+    pub fn presence_entries(&self) -> Vec<(ConversationKey, Present)> {
+        self.sessions
+            .iter()
+            .map(|local| (local.key().clone(), local.entry()))
+            .filter(|(_, entry)| !entry.is_empty())
+            .collect()
+    }
+
+    /// The conversations agents watch on this node.
+    pub fn watched_conversations(&self) -> Vec<ConversationKey> {
+        self.sessions
+            .iter()
+            .filter(|local| local.handles.iter().any(|h| h.is_agent()))
+            .map(|l| l.key().clone())
+            .collect()
+    }
+
+    /// Replaces what this node knows of the other nodes' entries of `key`
+    /// (telling its agents but `except` if the view changed); returns the view.
+    pub fn set_remote_presence(
+        &self,
+        key: &ConversationKey,
+        remote: Vec<(String, Present)>,
+        except: Option<SessionId>,
+    ) -> Present {
+        let Some(mut local) = self.sessions.get_mut(key) else { return Present::default() };
+        local.remote = remote;
+        local.tell_presence(key, except);
+        local.view()
+    }
+
+    /// Another node's entry of `key` changed.
+    pub fn remote_presence(&self, key: &ConversationKey, node: &str, entry: Present) {
+        let Some(mut local) = self.sessions.get_mut(key) else { return };
+        local.remote.retain(|(other, _)| other != node);
+        if !entry.is_empty() {
+            local.remote.push((node.to_owned(), entry));
+        }
+        local.tell_presence(key, None);
+    }
+
+    /// Delivers a typing signal to the conversation's sockets here, but
+    /// the typist's own (`origin`), and holds it until it expires: a repeated
+    /// `on: true` only extends it; an `on: false` for nobody typing is dropped.
+    pub fn deliver_typing(&self, key: &ConversationKey, typing: &Typing, origin: Option<SessionId>) {
+        let Some(mut local) = self.sessions.get_mut(key) else { return };
+        let held = local.typists.iter().position(|(held, _)| held.typist_id() == typing.typist_id());
+        if !typing.on {
+            if let Some(at) = held {
+                local.typists.swap_remove(at);
+                local.tell_typing(key, typing, origin);
+            }
+            return;
+        }
+        let until = Instant::now() + self.typing_ttl;
+        match held {
+            Some(at) if local.typists[at].0 == *typing => local.typists[at].1 = until,
+            Some(at) => {
+                let (before, _) = std::mem::replace(&mut local.typists[at], (typing.clone(), until));
+                if before.to_customer && !typing.to_customer {
+                    // The customer saw it; now it is a note, or not the owner's.
+                    for handle in local.handles.iter().filter(|h| !h.is_agent() && Some(h.id) != origin) {
+                        handle.push(Outbound::ephemeral(before.stopped().customer_frame(key.conversation().as_str())));
+                    }
+                }
+                local.tell_typing(key, typing, origin);
+            }
+            None => {
+                local.typists.push((typing.clone(), until));
+                local.tell_typing(key, typing, origin);
+                self.typing.insert(key.clone());
+            }
+        }
+    }
+
+    /// Stops every typing signal whose time is up, telling the sockets
+    /// `on: false`.
+    pub fn expire_typing(&self) {
+        let now = Instant::now();
+        self.typing.retain(|key| {
+            let Some(mut local) = self.sessions.get_mut(key) else { return false };
+            let mut at = 0;
+            while at < local.typists.len() {
+                if local.typists[at].1 <= now {
+                    let (typing, _) = local.typists.swap_remove(at);
+                    local.tell_typing(key, &typing.stopped(), None);
+                } else {
+                    at += 1;
+                }
+            }
+            !local.typists.is_empty()
+        });
     }
 
     /// Registers a reply streaming on this node under owner epoch `epoch`:
@@ -176,14 +386,27 @@ impl FanOut {
         Some(local.turn.get_or_insert_with(AppendTurn::default).clone())
     }
 
-    /// Removes a session; returns true when it was the conversation's last on this node.
+    /// Removes a session; returns true when it was the conversation's last
+    /// on this node. The agents left watching get `presence` if it changes
+    /// who is there.
     pub fn leave(&self, key: &ConversationKey, id: SessionId) -> bool {
-        self.sessions
+        let mut changed = false;
+        let last = self
+            .sessions
             .remove_if_mut(key, |_, local| {
+                let before = local.entry();
                 local.handles.retain(|h| h.id != id);
+                if local.entry() != before {
+                    changed = true;
+                    local.tell_presence(key, None);
+                }
                 local.is_empty()
             })
-            .is_some()
+            .is_some();
+        if changed {
+            self.mark_presence(key);
+        }
+        last
     }
 
     /// Delivers an agents' note to the agents watching the conversation
@@ -319,6 +542,14 @@ impl IncomingEvents for FanOut {
 
     fn resync(&self) {
         self.resync_all();
+    }
+
+    fn typing(&self, key: &ConversationKey, typing: &Typing) {
+        self.deliver_typing(key, typing, None);
+    }
+
+    fn presence(&self, key: &ConversationKey, node: &str, entry: Present) {
+        self.remote_presence(key, node, entry);
     }
 }
 

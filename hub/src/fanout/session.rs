@@ -9,6 +9,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::ids::{ConversationKey, SessionId};
+use crate::protocol::Viewer;
 use crate::protocol::close::{self, CloseReason};
 
 /// One item queued for a socket's writer.
@@ -100,10 +101,10 @@ pub enum Audience {
     /// A customer's socket: never gets agent-only frames (notes, presence,
     /// owner changes, agents' note typing).
     Customer,
-    /// An agent's socket; as a watcher of a conversation (the handle the
-    /// fan-out holds), every item pushed is wrapped in [`Outbound::Watched`]
-    /// with the conversation.
-    Agent { watching: Option<ConversationKey> },
+    /// An agent's socket (`viewer`: who it is, as presence lists it); as a
+    /// watcher of a conversation (the handle the fan-out holds), every item
+    /// pushed is wrapped in [`Outbound::Watched`] with the conversation.
+    Agent { watching: Option<ConversationKey>, viewer: Arc<Viewer> },
 }
 
 /// The fan-out's view of one socket: its queue and a way to close it.
@@ -125,13 +126,25 @@ impl SessionHandle {
     }
 
     /// An agent's socket (its own frames: `ready`, `pong`, errors).
-    pub fn agent(id: SessionId, tx: mpsc::Sender<Box<Outbound>>, closer: SessionCloser) -> Self {
-        Self { id, tx, closer, audience: Audience::Agent { watching: None } }
+    pub fn agent(id: SessionId, tx: mpsc::Sender<Box<Outbound>>, closer: SessionCloser, viewer: Viewer) -> Self {
+        Self { id, tx, closer, audience: Audience::Agent { watching: None, viewer: Arc::new(viewer) } }
     }
 
     /// The same agent's socket as a watcher of `key`.
     pub fn watching(&self, key: ConversationKey) -> Self {
-        Self { audience: Audience::Agent { watching: Some(key) }, ..self.clone() }
+        let viewer = match &self.audience {
+            Audience::Agent { viewer, .. } => viewer.clone(),
+            Audience::Customer => Arc::new(Viewer { agent: String::new(), name: String::new() }),
+        };
+        Self { audience: Audience::Agent { watching: Some(key), viewer }, ..self.clone() }
+    }
+
+    /// The agent, when this is an agent's socket.
+    pub fn viewer(&self) -> Option<&Viewer> {
+        match &self.audience {
+            Audience::Agent { viewer, .. } => Some(viewer),
+            Audience::Customer => None,
+        }
     }
 
     pub fn is_agent(&self) -> bool {
@@ -142,8 +155,8 @@ impl SessionHandle {
     /// slow consumer. Returns whether the frame was queued.
     pub fn push(&self, item: Outbound) -> bool {
         let item = match &self.audience {
-            Audience::Agent { watching: Some(key) } => Outbound::Watched { key: key.clone(), item: Box::new(item) },
-            Audience::Customer | Audience::Agent { watching: None } => item,
+            Audience::Agent { watching: Some(key), .. } => Outbound::Watched { key: key.clone(), item: Box::new(item) },
+            Audience::Customer | Audience::Agent { watching: None, .. } => item,
         };
         match self.tx.try_send(Box::new(item)) {
             Ok(()) => true,

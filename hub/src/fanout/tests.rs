@@ -170,7 +170,7 @@ fn an_agents_handle_gets_every_item_wrapped_with_its_conversation() {
     let key = ConversationKey::for_test("t", "a");
     let (customer, mut customer_rx) = session(8);
     let (tx, mut agent_rx) = mpsc::channel(8);
-    let agent = SessionHandle::agent(SessionId::next(), tx, SessionCloser::child_of(&CancellationToken::new()));
+    let agent = agent_handle("anna", tx);
     assert!(agent.is_agent() && !customer.is_agent());
     fanout.join(&key, customer).unwrap();
     fanout.join(&key, agent.watching(key.clone())).unwrap();
@@ -228,4 +228,106 @@ fn an_owner_change_fences_off_older_frames_and_stops_older_replies() {
     assert!(!fanout.unhold_unless_last(&key(), &later), "the last hold goes the slow way");
     assert!(fanout.unhold(&key(), &later), "and then the entry goes");
     assert!(fanout.deliver_frames(&key(), vec![delta.clone()], 0), "nothing here any more to fence");
+}
+
+fn agent_handle(agent: &str, tx: mpsc::Sender<Box<Outbound>>) -> SessionHandle {
+    let viewer = crate::protocol::Viewer { agent: agent.into(), name: agent.to_uppercase() };
+    SessionHandle::agent(SessionId::next(), tx, SessionCloser::child_of(&CancellationToken::new()), viewer)
+}
+
+/// The frames queued for a socket (unwrapped from a watch), as JSON.
+fn drain(rx: &mut mpsc::Receiver<Box<Outbound>>) -> Vec<serde_json::Value> {
+    let mut frames = Vec::new();
+    while let Ok(item) = rx.try_recv() {
+        let item = match *item {
+            Outbound::Watched { item, .. } => *item,
+            other => other,
+        };
+        let frame = item.frame().expect("a single frame").clone();
+        frames.push(serde_json::from_str(frame.as_str()).unwrap());
+    }
+    frames
+}
+
+#[test]
+fn typing_reaches_whom_it_may_and_expires_by_itself() {
+    use crate::presence::{Typing, Typist};
+    let fanout = FanOut::default().with_typing_ttl(std::time::Duration::from_millis(20));
+    let key = ConversationKey::for_test("t", "a");
+    let (customer, mut customer_rx) = session(16);
+    let customer_id = customer.id;
+    let ((anna_tx, mut anna_rx), (bob_tx, mut bob_rx)) = (mpsc::channel(16), mpsc::channel(16));
+    let (anna, bob) = (agent_handle("anna", anna_tx), agent_handle("bob", bob_tx));
+    fanout.join(&key, customer).unwrap();
+    fanout.join(&key, anna.watching(key.clone())).unwrap();
+    fanout.join(&key, bob.watching(key.clone())).unwrap();
+    let present = drain(&mut anna_rx);
+    assert_eq!(present.len(), 1, "anna is told bob came: {present:?}");
+    assert_eq!(present[0]["type"], "presence");
+    assert_eq!(present[0]["online"], true);
+    assert_eq!(
+        present[0]["viewers"],
+        serde_json::json!([{"agent": "anna", "name": "ANNA"}, {"agent": "bob", "name": "BOB"}])
+    );
+    assert!(drain(&mut bob_rx).is_empty(), "bob learns it from his snapshot");
+
+    // The customer types: both agents see it, the customer's socket does not get it back.
+    let customer_typing = Typing { typist: Typist::Customer, on: true, note: false, to_customer: false };
+    fanout.deliver_typing(&key, &customer_typing, Some(customer_id));
+    fanout.deliver_typing(&key, &customer_typing, Some(customer_id));
+    for rx in [&mut anna_rx, &mut bob_rx] {
+        let frames = drain(rx);
+        assert_eq!(
+            frames,
+            [
+                serde_json::json!({"type": "typing", "conversation": key.conversation().as_str(), "from": "customer", "on": true})
+            ],
+            "a repeat only extends it"
+        );
+    }
+    // Anna types a note: bob sees it as a note, the customer never.
+    let anna_as = Typist::Agent { agent: "anna".into(), name: "ANNA".into() };
+    let note = Typing { typist: anna_as.clone(), on: true, note: true, to_customer: false };
+    fanout.deliver_typing(&key, &note, Some(anna.id));
+    assert_eq!(drain(&mut bob_rx)[0]["note"], true);
+    assert!(drain(&mut anna_rx).is_empty() && drain(&mut customer_rx).is_empty());
+    // Now a message as the owner: the customer sees the name, not the id.
+    let owner = Typing { typist: anna_as, on: true, note: false, to_customer: true };
+    fanout.deliver_typing(&key, &owner, Some(anna.id));
+    assert_eq!(
+        drain(&mut customer_rx),
+        [
+            serde_json::json!({"type": "typing", "conversation": key.conversation().as_str(), "from": "agent", "name": "ANNA", "on": true})
+        ]
+    );
+    assert_eq!(drain(&mut bob_rx).len(), 1);
+    // Nobody sends again: each stops by itself, told once.
+    std::thread::sleep(std::time::Duration::from_millis(30));
+    fanout.expire_typing();
+    let stopped = drain(&mut bob_rx);
+    assert_eq!(stopped.len(), 2, "{stopped:?}");
+    assert!(stopped.iter().all(|frame| frame["on"] == false), "{stopped:?}");
+    assert_eq!(
+        drain(&mut customer_rx),
+        [
+            serde_json::json!({"type": "typing", "conversation": key.conversation().as_str(), "from": "agent", "name": "ANNA", "on": false})
+        ]
+    );
+    assert_eq!(
+        drain(&mut anna_rx),
+        [
+            serde_json::json!({"type": "typing", "conversation": key.conversation().as_str(), "from": "customer", "on": false})
+        ]
+    );
+    fanout.expire_typing();
+    assert!(drain(&mut bob_rx).is_empty());
+
+    // The customer leaves: the agents are told, and the entry is marked for the board.
+    fanout.take_changed_presence();
+    fanout.leave(&key, customer_id);
+    assert_eq!(drain(&mut anna_rx)[0]["online"], false);
+    assert_eq!(drain(&mut bob_rx)[0]["online"], false);
+    let changed = fanout.take_changed_presence();
+    assert_eq!(changed.len(), 1);
+    assert!(!changed[0].1.online && changed[0].1.viewers.len() == 2);
 }

@@ -30,6 +30,9 @@ pub enum ClientFrame {
     Handoff,
     /// Agents: a private note about the conversation.
     Note { conversation: String, id: String, text: String },
+    /// The sender is typing (`on`) or stopped; an agent's names its
+    /// `conversation` and says whether it types a `note`.
+    Typing { conversation: Option<String>, on: bool, note: bool },
 }
 
 impl ClientFrame {
@@ -59,6 +62,7 @@ impl ClientFrame {
             Self::Release { .. } => "release",
             Self::Handoff => "handoff",
             Self::Note { .. } => "note",
+            Self::Typing { .. } => "typing",
         }
     }
 }
@@ -138,16 +142,24 @@ pub fn parse_client_frame(text: &str, limit: TextLimit) -> Result<ClientFrame, F
         }
         "take" => Ok(ClientFrame::Take {
             conversation: take_string(fields.conversation.take(), "conversation")?,
-            steal: match fields.steal.take() {
-                None | Some(Field::Null) => false,
-                Some(Field::Bool(steal)) => steal,
-                Some(_) => return Err(FrameError::new(ErrorCode::InvalidFrame, "field `steal` must be a boolean")),
-            },
+            steal: take_optional_bool(fields.steal.take(), "steal")?,
         }),
         "release" => {
             Ok(ClientFrame::Release { conversation: take_string(fields.conversation.take(), "conversation")? })
         }
         "handoff" => Ok(ClientFrame::Handoff),
+        "typing" => Ok(ClientFrame::Typing {
+            conversation: match fields.conversation.take() {
+                None | Some(Field::Null) => None,
+                field => Some(take_string(field, "conversation")?),
+            },
+            on: match fields.on.take() {
+                Some(Field::Bool(on)) => on,
+                None | Some(Field::Null) => return Err(FrameError::new(ErrorCode::MissingField, "missing field `on`")),
+                Some(_) => return Err(FrameError::new(ErrorCode::InvalidFrame, "field `on` must be a boolean")),
+            },
+            note: take_optional_bool(fields.note.take(), "note")?,
+        }),
         "message" | "note" => {
             let id = take_string(fields.id.take(), "id")?;
             if id.is_empty() || id.len() > MAX_MESSAGE_ID_LEN {
@@ -218,6 +230,15 @@ fn take_string(field: Option<Field<'_>>, name: &str) -> Result<String, FrameErro
     }
 }
 
+/// An optional boolean field; absent or `null` is false.
+fn take_optional_bool(field: Option<Field<'_>>, name: &str) -> Result<bool, FrameError> {
+    match field {
+        None | Some(Field::Null) => Ok(false),
+        Some(Field::Bool(value)) => Ok(value),
+        Some(_) => Err(FrameError::new(ErrorCode::InvalidFrame, format!("field `{name}` must be a boolean"))),
+    }
+}
+
 fn take_optional_u64(field: Option<Field<'_>>, name: &str) -> Result<Option<u64>, FrameError> {
     match field {
         None | Some(Field::Null) => Ok(None),
@@ -235,6 +256,10 @@ fn take_optional_u64(field: Option<Field<'_>>, name: &str) -> Result<Option<u64>
 /// checked and dropped. Every value, skipped ones too, goes through
 /// serde_json's checks (nesting depth, number range, lone surrogates):
 /// serde's `IgnoredAny` would skip them unchecked.
+#[allow(
+    clippy::large_enum_variant,
+    reason = "lives on the stack while one frame parses; boxing the object would allocate for every frame"
+)]
 enum Raw<'a> {
     Object(RawFields<'a>),
     Str(std::borrow::Cow<'a, str>),
@@ -257,6 +282,8 @@ struct RawFields<'a> {
     conversation: Option<Field<'a>>,
     after: Option<Field<'a>>,
     steal: Option<Field<'a>>,
+    on: Option<Field<'a>>,
+    note: Option<Field<'a>>,
 }
 
 /// A field's value: a string, null, or anything else (an error for every
@@ -310,6 +337,8 @@ impl<'de> Deserialize<'de> for Raw<'de> {
                         "conversation" => &mut fields.conversation,
                         "after" => &mut fields.after,
                         "steal" => &mut fields.steal,
+                        "on" => &mut fields.on,
+                        "note" => &mut fields.note,
                         _ => {
                             if !others.get_or_insert_default().insert(key) {
                                 return Err(A::Error::custom("repeated key"));
@@ -414,6 +443,18 @@ mod tests {
         );
         assert_eq!(code(r#"{"type":"take","conversation":"c","steal":"yes"}"#), ErrorCode::InvalidFrame);
         assert_eq!(parse_client_frame(r#"{"type":"handoff"}"#, LIMIT), Ok(ClientFrame::Handoff));
+        assert_eq!(
+            parse_client_frame(r#"{"type":"typing","on":true}"#, LIMIT),
+            Ok(ClientFrame::Typing { conversation: None, on: true, note: false })
+        );
+        assert_eq!(
+            parse_client_frame(&format!(r#"{{"type":"typing","conversation":"{id}","on":false,"note":true}}"#), LIMIT),
+            Ok(ClientFrame::Typing { conversation: Some(id.into()), on: false, note: true })
+        );
+        assert_eq!(code(r#"{"type":"typing"}"#), ErrorCode::MissingField);
+        assert_eq!(code(r#"{"type":"typing","on":1}"#), ErrorCode::InvalidFrame);
+        assert_eq!(code(r#"{"type":"typing","on":true,"note":"no"}"#), ErrorCode::InvalidFrame);
+        assert_eq!(code(r#"{"type":"typing","on":true,"conversation":3}"#), ErrorCode::InvalidFrame);
         assert_eq!(
             parse_client_frame(&format!(r#"{{"type":"note","id":"n1","text":"VIP","conversation":"{id}"}}"#), LIMIT),
             Ok(ClientFrame::Note { conversation: id.into(), id: "n1".into(), text: "VIP".into() })

@@ -146,6 +146,23 @@ pub enum ServerFrame<'a> {
         text: &'a str,
         at: u64,
     },
+    /// Someone in the conversation is typing (`on`) or stopped. `agent` and
+    /// `note` only on agents' sockets; `name` for an agent typist.
+    #[serde(rename = "typing")]
+    Typing {
+        conversation: &'a str,
+        from: &'a str,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        agent: Option<&'a str>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        name: Option<&'a str>,
+        on: bool,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        note: Option<bool>,
+    },
+    /// Who is in a watched conversation (agents only).
+    #[serde(rename = "presence")]
+    Presence { conversation: &'a str, online: bool, viewers: &'a [Viewer] },
     /// `already_owned`: the conversation's owner, on an agent's socket.
     #[serde(rename = "error")]
     AlreadyOwned { code: &'a str, message: &'a str, conversation: &'a str, agent: &'a str, agent_name: &'a str },
@@ -162,7 +179,7 @@ pub enum ServerFrame<'a> {
 }
 
 /// An agent watching a conversation, as `watching` and `presence` list them.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub struct Viewer {
     pub agent: String,
     pub name: String,

@@ -270,7 +270,12 @@ mod tests {
         use crate::store::MemoryLog;
 
         let log = Arc::new(MemoryLog::new(&crate::config::ConversationConfig::default()));
-        let backend = Conversations::new(log, Arc::new(crate::bus::LocalBus), Arc::new(FanOut::default()));
+        let backend = Conversations::new(
+            log,
+            Arc::new(crate::bus::LocalBus),
+            Arc::new(FanOut::default()),
+            Arc::new(crate::presence::LocalBoard),
+        );
         let party = Party { tenant: TenantId::parse("t").unwrap(), user: UserId::parse("u").unwrap() };
         let opened = backend.open(&party, None).await.unwrap();
         let key = opened.key;

@@ -27,6 +27,7 @@ use crate::auth::expiry::SessionToken;
 use crate::fanout::{Outbound, SessionHandle};
 use crate::ids::ConversationKey;
 use crate::owner::Owner;
+use crate::presence::{Typing, Typist};
 use crate::protocol::close;
 use crate::protocol::{ClientFrame, ErrorCode, ServerFrame, TextLimit, parse_client_frame};
 use crate::reply::Question;
@@ -168,6 +169,11 @@ pub(super) async fn run_reader(
                         Box::pin(on_message(app, params, key, pending, session, &mut replies, id, text, turns)).await
                     }
                 }
+            }
+            // A customer's `conversation` is its socket's; whatever it names is ignored.
+            Ok(ClientFrame::Typing { on, .. }) => {
+                let typing = Typing { typist: Typist::Customer, on, note: false, to_customer: false };
+                app.conversations.typing(key, &typing, session.id);
             }
             Ok(ClientFrame::Watch { .. } | ClientFrame::Unwatch { .. } | ClientFrame::Take { .. }) => {}
             Ok(ClientFrame::Release { .. } | ClientFrame::Note { .. }) => {}

@@ -36,7 +36,8 @@ impl std::ops::Deref for Node {
 impl Node {
     fn new(config: &ConversationConfig) -> Self {
         let (log, fanout) = (Arc::new(MemoryLog::new(config)), Arc::new(FanOut::default()));
-        let composed = Conversations::new(log.clone(), Arc::new(LocalBus), fanout.clone());
+        let composed =
+            Conversations::new(log.clone(), Arc::new(LocalBus), fanout.clone(), Arc::new(crate::presence::LocalBoard));
         Self { log, fanout, composed }
     }
 

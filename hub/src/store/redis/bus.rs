@@ -32,11 +32,11 @@ const HEARTBEAT: Duration = Duration::from_secs(1);
 
 #[derive(Clone)]
 pub struct RedisBus {
-    inner: Arc<Inner>,
+    pub(super) inner: Arc<Inner>,
 }
 
-struct Inner {
-    link: Arc<Link>,
+pub(super) struct Inner {
+    pub(super) link: Arc<Link>,
     /// RESP3 connection used only for SUBSCRIBE/UNSUBSCRIBE and its pushes.
     subscriber: ConnectionManager,
     /// Always subscribed, so every reconnect yields a `subscribe` push.
@@ -122,6 +122,15 @@ impl EventBus for RedisBus {
         }
     }
 
+    fn publish_typing(&self, key: &ConversationKey, typing: &crate::presence::Typing) {
+        let link = &self.inner.link;
+        if !link.listeners.others_may_listen(key) {
+            return;
+        }
+        let payload = Payload::Typing { node: link.node_id.clone(), typing: typing.clone() }.encode();
+        self.inner.publisher.publish(key, link.keys.channel(key), payload);
+    }
+
     async fn flush(&self) {
         self.inner.publisher.flush(self.inner.link.command_timeout).await;
     }
@@ -180,6 +189,8 @@ fn dispatch(link: &Link, incoming: &dyn IncomingEvents, data: Vec<Value>) {
         // Another node started listening: publish this conversation's deltas again.
         Ok(Payload::Hello) => link.listeners.hello(&key),
         Ok(Payload::Note { note, .. }) => incoming.note(&key, &note),
+        Ok(Payload::Typing { typing, .. }) => incoming.typing(&key, &typing),
+        Ok(Payload::Presence { node, entry }) => incoming.presence(&key, node.as_str(), entry),
         Ok(Payload::Event { timing, event, .. }) => {
             link.recent.heard(&key, event.seq);
             incoming.event(&key, &event, timing.as_ref());

@@ -55,6 +55,7 @@
 mod bus;
 pub mod keys;
 mod log;
+mod presence;
 mod publisher;
 mod recent;
 pub mod wire;

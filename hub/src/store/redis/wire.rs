@@ -12,6 +12,8 @@
 //! | [`Payload::Event`] | `E<node>\n<timing>\n<entry>` | `append.lua`, in the call that stores the event, when another node listens | every durable event (customer message, reply) reaches the other nodes' sockets; `<node>` is the appending node (its own sockets had the event at once, so it skips the echo); `<timing>` (JSON, or empty) rides along to a reply's `reply.done`; `<entry>` is the log entry, byte for byte |
 //! | [`Payload::Frame`] | `d<node>\n<frame>`, or `f<node>\n<epoch>\n<frame>` | the node streaming a reply, from its publisher task, when another node listens | a server frame that is not stored (`reply.delta`, `queued`), already encoded for sockets and passed on as it is; the node that sent it skips its own echo. `<epoch>` (decimal) is the owner epoch the frame was produced under, for the fan-out's fence; `d` means epoch 0 (a conversation whose owner never changed) |
 //! | [`Payload::Note`] | `N<node>\n<note>` | `note.lua`, in the call that stores the note, when another node listens | an agents' private note reaches the other nodes' agents (never a customer's socket); `<note>` is the stored note, byte for byte |
+//! | [`Payload::Typing`] | `T<node>\n<typing>` | the typist's node, from its publisher task, when another node listens | someone is typing (or stopped): each node holds it until it expires and tells its sockets ([`crate::presence`]); `<typing>` is a [`Typing`] as JSON |
+//! | [`Payload::Presence`] | `P<node>\n<entry>` | a node whose entry of the conversation changed (a socket came or went), in the pipeline that writes it | the other nodes' agents see who is there at once; `<entry>` is a [`Present`] as JSON, empty when the node has none left |
 //! | [`Payload::Hello`] | `H` | a node that starts listening to the conversation | nodes that stopped publishing the conversation's deltas because no other node listened publish them again |
 //!
 //! Node ids are ASCII letters and digits ([`NodeId`]) and timings compact
@@ -46,6 +48,7 @@ use axum::extract::ws::Utf8Bytes;
 use bytes::{Buf, Bytes};
 
 use crate::ids::generate_token;
+use crate::presence::{Present, Typing};
 use crate::protocol::ReplyTiming;
 use crate::store::{StoredEvent, StoredNote};
 
@@ -64,6 +67,8 @@ const FRAME: u8 = b'd';
 const FENCED_FRAME: u8 = b'f';
 const HELLO: u8 = b'H';
 const NOTE: u8 = b'N';
+const TYPING: u8 = b'T';
+const PRESENCE: u8 = b'P';
 
 /// A payload that is not one this module encodes.
 #[derive(Debug, thiserror::Error)]
@@ -86,6 +91,8 @@ pub enum WireError {
     Timing(serde_json::Error),
     #[error("event does not parse: {0}")]
     Event(serde_json::Error),
+    #[error("typing or presence does not parse: {0}")]
+    Signal(serde_json::Error),
 }
 
 /// One hub node in a cluster, as payloads name it: fresh at every start,
@@ -126,6 +133,10 @@ pub enum Payload {
     Frame { node: NodeId, frame: Utf8Bytes, epoch: u64 },
     /// An agents' note, as stored, from the node that stored it.
     Note { node: NodeId, note: StoredNote },
+    /// Someone typing, from the typist's node.
+    Typing { node: NodeId, typing: Typing },
+    /// A node's presence entry (empty: it has none left).
+    Presence { node: NodeId, entry: Present },
     /// A node started listening.
     Hello,
 }
@@ -146,6 +157,8 @@ impl Payload {
                 serde_json::to_writer(&mut out, note).expect("notes always serialize");
                 out
             }
+            Payload::Typing { node, typing } => signal(TYPING, node, Some(typing)),
+            Payload::Presence { node, entry } => signal(PRESENCE, node, Some(entry).filter(|e| !e.is_empty())),
             Payload::Hello => vec![HELLO],
         }
     }
@@ -201,6 +214,18 @@ impl Payload {
                 let node = NodeId::parse(split_line(&mut rest, 'N')?)?;
                 Ok(Payload::Note { node, note: serde_json::from_slice(&rest).map_err(WireError::Event)? })
             }
+            TYPING => {
+                let node = NodeId::parse(split_line(&mut rest, 'T')?)?;
+                Ok(Payload::Typing { node, typing: serde_json::from_slice(&rest).map_err(WireError::Signal)? })
+            }
+            PRESENCE => {
+                let node = NodeId::parse(split_line(&mut rest, 'P')?)?;
+                let entry = match rest.is_empty() {
+                    true => Present::default(),
+                    false => serde_json::from_slice(&rest).map_err(WireError::Signal)?,
+                };
+                Ok(Payload::Presence { node, entry })
+            }
             HELLO if rest.is_empty() => Ok(Payload::Hello),
             HELLO => Err(WireError::Trailing('H')),
             other => Err(WireError::UnknownKind(other)),
@@ -247,9 +272,20 @@ pub fn decode_entry(entry: &[u8]) -> Result<StoredEvent, WireError> {
 /// echo), read from its first bytes only.
 pub fn published_by(payload: &[u8], node: &NodeId) -> bool {
     let node = node.as_str().as_bytes();
-    matches!(payload.first(), Some(&(EVENT | FRAME | FENCED_FRAME | NOTE)))
+    matches!(payload.first(), Some(&(EVENT | FRAME | FENCED_FRAME | NOTE | TYPING | PRESENCE)))
         && payload.get(1..=node.len()) == Some(node)
         && payload.get(node.len() + 1) == Some(&b'\n')
+}
+
+/// `<kind><node>\n<json>` (nothing after the `\n` for `None`).
+fn signal(kind: u8, node: &NodeId, value: Option<&impl serde::Serialize>) -> Vec<u8> {
+    let mut out = vec![kind];
+    out.extend_from_slice(node.as_str().as_bytes());
+    out.push(b'\n');
+    if let Some(value) = value {
+        serde_json::to_writer(&mut out, value).expect("typing and presence always serialize");
+    }
+    out
 }
 
 /// `E<node>\n<timing>\n`, what a published event starts with.
@@ -336,6 +372,20 @@ mod tests {
             at_ms: 5,
         };
         round_trip(Payload::Note { node: node("ab"), note: note.clone() });
+        let agent = crate::presence::Typist::Agent { agent: "anna".into(), name: "Anna\n".into() };
+        round_trip(Payload::Typing {
+            node: node("ab"),
+            typing: Typing { typist: agent, on: true, note: true, to_customer: false },
+        });
+        let customer = crate::presence::Typist::Customer;
+        round_trip(Payload::Typing {
+            node: node("ab"),
+            typing: Typing { typist: customer, on: false, note: false, to_customer: false },
+        });
+        let viewers = vec![crate::protocol::Viewer { agent: "a".into(), name: "A".into() }];
+        round_trip(Payload::Presence { node: node("ab"), entry: Present { online: true, viewers } });
+        assert_eq!(Payload::Presence { node: node("ab"), entry: Present::default() }.encode(), b"Pab\n");
+        round_trip(Payload::Presence { node: node("ab"), entry: Present::default() });
         // What note.lua stores: its head spliced before the tail decodes as the note.
         let mut entry = br#"{"seq":3,"after":9"#.to_vec();
         entry.extend(note_tail(&note));

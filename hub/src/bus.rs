@@ -22,10 +22,12 @@
 //! have missed events (its subscription dropped) calls
 //! [`IncomingEvents::resync`].
 //!
-//! Room left for what comes next, each with its place here: per-conversation
-//! presence and typing across nodes (a payload kind on the conversation's
-//! channel and an [`IncomingEvents`] method; typing expires by itself), a
-//! tenant-wide feed of conversation changes for the agent console (a
+//! Presence and typing ([`crate::presence`]) ride on the conversation's
+//! channel too: typing signals published by the typist's node
+//! ([`EventBus::publish_typing`]), and each node's presence entry when it
+//! changes (written by the node's [`crate::presence::PresenceBoard`]).
+//!
+//! Room left for what comes next, each with its place here: a tenant-wide feed of conversation changes for the agent console (a
 //! per-tenant channel the bus subscribes with its own handler method), and
 //! sharded pub/sub on Redis Cluster (`SSUBSCRIBE`/`SPUBLISH` inside
 //! [`crate::store::redis::RedisBus`]; channel names already share their
@@ -36,6 +38,7 @@ use axum::extract::ws::Utf8Bytes;
 
 use crate::event::StoredEvent;
 use crate::ids::ConversationKey;
+use crate::presence::{Present, Typing};
 use crate::protocol::ReplyTiming;
 use crate::store::StoreError;
 
@@ -45,11 +48,17 @@ pub trait IncomingEvents: Send + Sync + 'static {
     /// A durable event another node appended (`timing` rides along on a
     /// reply's `reply.done`; it is not stored).
     fn event(&self, key: &ConversationKey, event: &StoredEvent, timing: Option<&ReplyTiming>);
-    /// Non-durable frames another node streamed, in order.
-    fn frames(&self, key: &ConversationKey, frames: Vec<Utf8Bytes>);
+    /// Non-durable frames another node streamed, in order, under owner epoch `epoch`.
+    fn frames(&self, key: &ConversationKey, frames: Vec<Utf8Bytes>, epoch: u64);
+    /// An agents' note another node stored (for agents' sockets only).
+    fn note(&self, key: &ConversationKey, note: &crate::event::StoredNote);
     /// Events may have been missed (the subscription was down): every
     /// session re-reads its log after the last seq it sent.
     fn resync(&self);
+    /// Someone typing on another node.
+    fn typing(&self, key: &ConversationKey, typing: &Typing);
+    /// Another node's presence entry of the conversation changed (empty: it has none).
+    fn presence(&self, key: &ConversationKey, node: &str, entry: Present);
 }
 
 /// Carries a conversation's events between nodes (see the module doc).
@@ -63,9 +72,14 @@ pub trait EventBus: Send + Sync + 'static {
     /// Stops receiving them (this node's last socket left). Never fails.
     async fn unsubscribe(&self, key: &ConversationKey);
 
-    /// Publishes non-durable frames for other nodes' sockets, in order. Best
-    /// effort and never waits; frames no other node listens for are not sent.
-    fn publish_frames(&self, key: &ConversationKey, frames: &[Utf8Bytes]);
+    /// Publishes non-durable frames, produced under owner epoch `epoch`, for
+    /// other nodes' sockets, in order. Best effort and never waits; frames no
+    /// other node listens for are not sent.
+    fn publish_frames(&self, key: &ConversationKey, frames: &[Utf8Bytes], epoch: u64);
+
+    /// Publishes a typing signal for other nodes' sockets; best effort and
+    /// never waits, like frames.
+    fn publish_typing(&self, key: &ConversationKey, typing: &Typing);
 
     /// Waits until every frame given to `publish_frames` so far has been
     /// published, so that a reply's deltas reach other nodes before its
@@ -93,7 +107,9 @@ impl EventBus for LocalBus {
 
     async fn unsubscribe(&self, _: &ConversationKey) {}
 
-    fn publish_frames(&self, _: &ConversationKey, _: &[Utf8Bytes]) {}
+    fn publish_frames(&self, _: &ConversationKey, _: &[Utf8Bytes], _: u64) {}
+
+    fn publish_typing(&self, _: &ConversationKey, _: &Typing) {}
 
     async fn flush(&self) {}
 

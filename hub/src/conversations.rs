@@ -22,20 +22,45 @@ use crate::bus::EventBus;
 use crate::event::{NewEvent, StoredEvent};
 use crate::fanout::{FanOut, SessionHandle};
 use crate::ids::{ConversationId, ConversationKey, Party, SessionId, UserId};
+use crate::presence::{PresenceBoard, Present, Typing};
 use crate::store::{AppendWith, Appended, ConversationLog, Opened, Pending, Snapshot, StoreError};
 
 pub struct Conversations {
     log: Arc<dyn ConversationLog>,
     bus: Arc<dyn EventBus>,
     fanout: Arc<FanOut>,
+    /// Where nodes keep who is in a conversation ([`crate::presence`]).
+    board: Arc<dyn PresenceBoard>,
     /// Serializes fan-out join/leave with the bus's subscribe/unsubscribe,
     /// so that a leave and a join of one conversation cannot reorder.
     subscriptions: tokio::sync::Mutex<()>,
 }
 
 impl Conversations {
-    pub fn new(log: Arc<dyn ConversationLog>, bus: Arc<dyn EventBus>, fanout: Arc<FanOut>) -> Self {
-        Self { log, bus, fanout, subscriptions: tokio::sync::Mutex::new(()) }
+    pub fn new(
+        log: Arc<dyn ConversationLog>,
+        bus: Arc<dyn EventBus>,
+        fanout: Arc<FanOut>,
+        board: Arc<dyn PresenceBoard>,
+    ) -> Self {
+        Self { log, bus, fanout, board, subscriptions: tokio::sync::Mutex::new(()) }
+    }
+
+    /// Who is in the conversation, on every node (read from the board now:
+    /// a node that just joined has heard nothing yet), for the snapshot of
+    /// `session`, which joined it on this node (the other agents watching
+    /// here get `presence` if the read changed what they knew).
+    pub async fn presence(&self, key: &ConversationKey, session: SessionId) -> Result<Present, StoreError> {
+        let remote = self.board.read(std::slice::from_ref(key)).await?.pop().unwrap_or_default();
+        Ok(self.fanout.set_remote_presence(key, remote, Some(session)))
+    }
+
+    /// Someone typing (or stopped): to this node's sockets of the
+    /// conversation at once, but the typist's own (`origin`), and to other
+    /// nodes' through the bus.
+    pub fn typing(&self, key: &ConversationKey, typing: &Typing, origin: SessionId) {
+        self.bus.publish_typing(key, typing);
+        self.fanout.deliver_typing(key, typing, Some(origin));
     }
 
     /// See [`ConversationLog::open`].
@@ -70,9 +95,14 @@ impl Conversations {
             Ok(Some(snapshot)) => Ok(snapshot),
             // Not created yet: subscribed all the same, so the session hears
             // its conversation from the first event on.
-            Ok(None) if let Some(pending) = pending => {
-                Ok(Snapshot { exists: false, last_seq: 0, epoch: pending.epoch.clone(), missed: Vec::new() })
-            }
+            Ok(None) if let Some(pending) = pending => Ok(Snapshot {
+                exists: false,
+                last_seq: 0,
+                epoch: pending.epoch.clone(),
+                missed: Vec::new(),
+                customer: None,
+                ownership: Default::default(),
+            }),
             Ok(None) => {
                 self.detach(key, id).await;
                 Err(StoreError::ConversationNotFound)
@@ -113,20 +143,87 @@ impl Conversations {
             Some(turn) => Some(turn.lock().await),
             None => None,
         };
+        let creates = with.create.is_some();
         let appended = self.log.append(key, event, with).await?;
         if let Appended::New { event, .. } = &appended {
             self.fanout.deliver_event(key, event, origin, timing.as_ref());
+            if creates {
+                // Its sockets' presence could not be kept before it existed.
+                self.fanout.mark_presence(key);
+            }
         }
         Ok(appended)
     }
 
-    /// Delivers non-durable frames (`reply.delta`s, `queued`), in order, to
-    /// every socket of the conversation: this node's at once, other nodes'
-    /// through the bus. Best effort and never waits: a lost delta is
-    /// repaired by `reply.done`.
-    pub fn publish_frames(&self, key: &ConversationKey, frames: Vec<Utf8Bytes>) {
-        self.bus.publish_frames(key, &frames);
-        self.fanout.deliver_frames(key, frames);
+    /// Delivers non-durable frames (`reply.delta`s, `queued`) produced under
+    /// owner epoch `epoch`, in order, to every socket of the conversation:
+    /// this node's at once, other nodes' through the bus. Best effort and
+    /// never waits: a lost delta is repaired by `reply.done`. Returns false,
+    /// sending nothing, when this node has delivered an owner change after
+    /// `epoch` (the frames are fenced off: see [`FanOut`]).
+    pub fn publish_frames(&self, key: &ConversationKey, frames: Vec<Utf8Bytes>, epoch: u64) -> bool {
+        // The bus first, as always (one fan-out lookup per batch): another
+        // node's fan-out applies the same fence to what it receives, and
+        // the stored reply follows what this node's sockets got.
+        self.bus.publish_frames(key, &frames, epoch);
+        self.fanout.deliver_frames(key, frames, epoch)
+    }
+
+    /// Keeps the conversation subscribed on this node while a reply streams
+    /// here, even if its sockets leave, so the node hears of an owner
+    /// change: `takeover` is cancelled by one after `epoch` (see
+    /// [`FanOut::hold`]). Ended by [`Conversations::unhold`].
+    pub async fn hold(&self, key: &ConversationKey, epoch: u64, takeover: &tokio_util::sync::CancellationToken) {
+        // The common case, the asking socket still here: no lock, no round trip.
+        if self.fanout.hold_if_present(key, epoch, takeover) {
+            return;
+        }
+        let _guard = self.subscriptions.lock().await;
+        if self.fanout.hold(key, epoch, takeover.clone())
+            && let Err(error) = self.bus.subscribe(key).await
+        {
+            // The reply goes on; an owner change elsewhere reaches it only
+            // through the store's fence when it is stored.
+            tracing::warn!(%error, "cannot subscribe to the conversation of a reply");
+        }
+    }
+
+    /// Ends a [`Conversations::hold`].
+    pub async fn unhold(&self, key: &ConversationKey, takeover: &tokio_util::sync::CancellationToken) {
+        if self.fanout.unhold_unless_last(key, takeover) {
+            return;
+        }
+        let _guard = self.subscriptions.lock().await;
+        if self.fanout.unhold(key, takeover) {
+            self.bus.unsubscribe(key).await;
+        }
+    }
+
+    /// Stores an agents' note and delivers it to this node's agents at once
+    /// (the store carries it to other nodes'). See [`crate::store::NoteLog`].
+    pub async fn add_note(
+        &self,
+        key: &ConversationKey,
+        note: crate::event::StoredNote,
+    ) -> Result<Arc<crate::event::StoredNote>, StoreError> {
+        let note = self.log.add_note(key, note).await?;
+        self.fanout.deliver_note(key, &note);
+        Ok(note)
+    }
+
+    /// See [`crate::store::NoteLog::notes`].
+    pub async fn notes(&self, key: &ConversationKey) -> Result<Vec<Arc<crate::event::StoredNote>>, StoreError> {
+        self.log.notes(key).await
+    }
+
+    /// Who answers the conversation; `None` if it has no log.
+    pub async fn ownership(&self, key: &ConversationKey) -> Result<Option<crate::owner::Ownership>, StoreError> {
+        Ok(self.log.snapshot(key, None).await?.map(|snapshot| snapshot.ownership))
+    }
+
+    /// Whether this session has (or watches) the conversation on this node.
+    pub fn has_session(&self, key: &ConversationKey, session: SessionId) -> bool {
+        self.fanout.has_session(key, session)
     }
 
     /// Waits until the frames published so far have left for other nodes.

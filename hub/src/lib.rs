@@ -9,7 +9,9 @@
 //! - [`protocol`]: the wire contract: frames, error codes, close codes.
 //! - [`http`]: routes and listeners: `/ws` upgrade, `/healthz`, `/readyz`, the
 //!   web demo on the public port; `/metrics` on the admin port.
-//! - [`session`]: one connection: reader, writer, bounded outbound queue.
+//! - [`session`]: one customer's connection: reader, writer, bounded outbound queue.
+//! - [`agent`]: one agent's connection: the conversations it watches, each
+//!   with its own delivery cursor.
 //! - [`event`]: a conversation's durable events and the delivery [`event::Cursor`]
 //!   (a leaf: shared by log, bus, fan-out and replier).
 //! - [`store`]: the conversation log seam (durable events, seqs, idempotency,
@@ -17,6 +19,10 @@
 //!   ([`store::redis`] also holds the Redis event bus: one wire, one set of names).
 //! - [`bus`]: the event bus seam (a conversation's events between nodes, handed
 //!   to an incoming-event handler; presence): local only, or Redis pub/sub.
+//! - [`owner`]: who answers a conversation (assistant, waiting, an agent)
+//!   and the rules of taking it.
+//! - [`presence`]: who is in a conversation (customer online, agents
+//!   viewing) and who is typing: expiring signals, kept apart from the owner.
 //! - [`fanout`]: this node's sockets by conversation; encode once, fan out
 //!   (the bus's incoming-event handler).
 //! - [`conversations`]: log, bus and fan-out composed, local first: what
@@ -34,6 +40,7 @@
 //! [`App::run`] serves until the shutdown future resolves, then closes every
 //! session with 1001 and waits for its tasks within `shutdown_grace_ms`.
 
+pub mod agent;
 pub mod auth;
 pub mod bus;
 pub mod config;
@@ -44,6 +51,8 @@ pub mod http;
 pub mod ids;
 pub mod metric;
 pub mod nlp;
+pub mod owner;
+pub mod presence;
 pub mod protocol;
 pub mod redact;
 pub mod reply;
@@ -173,16 +182,18 @@ impl App {
             }
         };
         let nlp = Arc::new(NlpPool::new(endpoints, &config.nlp));
-        let fanout = Arc::new(FanOut::with_max_sockets(config.conversation.max_sockets));
-        let (log, bus, counts): (Arc<dyn ConversationLog>, Arc<dyn EventBus>, Arc<dyn tenant::Counts>) = match config
-            .backend
-        {
+        let fanout = Arc::new(
+            FanOut::with_max_sockets(config.conversation.max_sockets).with_typing_ttl(config.agents.typing_ttl()),
+        );
+        type Backend =
+            (Arc<dyn ConversationLog>, Arc<dyn EventBus>, Arc<dyn presence::PresenceBoard>, Arc<dyn tenant::Counts>);
+        let (log, bus, board, counts): Backend = match config.backend {
             StoreKind::Memory => {
                 let memory = Arc::new(MemoryLog::new(&config.conversation));
                 tracker.spawn(memory.clone().run_sweeper(fanout.clone(), shutdown.clone()));
                 let counts = Arc::new(tenant::memory::MemoryCounts::new());
                 tracker.spawn(run_tenant_upkeep(counts.clone(), shutdown.clone()));
-                (memory, Arc::new(LocalBus), counts)
+                (memory, Arc::new(LocalBus), Arc::new(presence::LocalBoard), counts)
             }
             StoreKind::Redis => {
                 let incoming = fanout.clone();
@@ -190,12 +201,19 @@ impl App {
                     store::redis::connect(&config.redis, &config.conversation, incoming, &tracker, shutdown.clone())
                         .await?;
                 let counts = tenant::redis::RedisCounts::connect(&config.redis, &tracker, shutdown.clone()).await?;
-                (Arc::new(log), Arc::new(bus), counts)
+                (Arc::new(log), Arc::new(bus.clone()), Arc::new(bus), counts)
             }
         };
+        tracker.spawn(presence::run_presence(
+            fanout.clone(),
+            board.clone(),
+            config.agents.presence_ttl(),
+            config.agents.typing_ttl(),
+            shutdown.clone(),
+        ));
         let tenants = Arc::new(tenant::Tenants::new(&config, counts));
         nlp.set_tenant_caps(tenants.nlp_caps());
-        let conversations = Arc::new(Conversations::new(log, bus, fanout));
+        let conversations = Arc::new(Conversations::new(log, bus, fanout, board));
         let replier = Replier::new(conversations.clone(), nlp.clone(), &config.nlp);
         tracker.spawn(nlp::run_health_checks(nlp, shutdown.clone()));
         let listener = bind_listener(config.listen).map_err(|source| AppError::Bind { addr: config.listen, source })?;

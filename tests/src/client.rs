@@ -14,6 +14,9 @@ pub struct Client {
     pub ws: WebSocketStream<MaybeTlsStream<TcpStream>>,
     /// The `ready` frame received on connect.
     pub ready: Value,
+    /// Frame types [`Client::next`] skips (for tests about something else,
+    /// e.g. `presence` on agents' sockets).
+    pub ignored: &'static [&'static str],
 }
 
 /// One streamed reply as a client saw it.
@@ -36,7 +39,7 @@ impl Client {
     /// Connects without waiting for `ready` (for sessions expected to be refused).
     pub async fn connect_unready(url: &str) -> Client {
         let (ws, _) = connect_async(url).await.unwrap_or_else(|e| panic!("connect {url}: {e}"));
-        Client { ws, ready: Value::Null }
+        Client { ws, ready: Value::Null, ignored: &[] }
     }
 
     /// Connects and waits for `ready`.
@@ -79,7 +82,13 @@ impl Client {
                 .context("no frame within the step timeout")?
                 .context("socket ended")??;
             match message {
-                Message::Text(text) => return serde_json::from_str(text.as_str()).context("frame is not JSON"),
+                Message::Text(text) => {
+                    let frame: Value = serde_json::from_str(text.as_str()).context("frame is not JSON")?;
+                    if frame["type"].as_str().is_some_and(|kind| self.ignored.contains(&kind)) {
+                        continue;
+                    }
+                    return Ok(frame);
+                }
                 Message::Ping(_) | Message::Pong(_) => continue,
                 Message::Close(frame) => bail!("socket closed: {frame:?}"),
                 other => bail!("unexpected frame {other:?}"),

@@ -168,14 +168,24 @@ async fn connect_only_sockets_leave_no_redis_key_behind() {
     // One message creates exactly the conversation's keys and the user's two.
     let mut client = Client::connect(&nodes[0].ws_url("tenant=demo&user=probe-0")).await;
     client.ask("m1", "Hello").await;
+    let tag = format!("fengda:conv:{{demo:{}}}", client.conversation());
+    // The customer's presence entry follows the creation, written in the background.
+    let presence = format!("{tag}:presence");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while redis.cli(&["EXISTS", &presence]).await != "1" {
+        assert!(tokio::time::Instant::now() < deadline, "no presence entry for the open socket");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let ttl: u64 = redis.cli(&["PTTL", &presence]).await.parse().unwrap();
+    assert!((1..=15_000).contains(&ttl), "presence lasts agents.presence_ttl_secs without a refresh: {ttl} ms");
     let mut names: Vec<_> = redis.cli(&["KEYS", "*"]).await.lines().map(str::to_owned).collect();
     names.sort();
-    let tag = format!("fengda:conv:{{demo:{}}}", client.conversation());
     let expected = [
         format!("{tag}:ids"),
         format!("{tag}:listeners"),
         format!("{tag}:log"),
         format!("{tag}:meta"),
+        presence,
         "fengda:user:{demo:probe-0}:created".to_owned(),
         "fengda:user:{demo:probe-0}:latest".to_owned(),
     ];

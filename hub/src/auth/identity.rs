@@ -43,6 +43,28 @@ pub struct Claims {
     pub exp: u64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub iat: Option<u64>,
+    /// An agent's display name, shown to customers (1–64 characters; the
+    /// `sub` when absent).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// An agent who may take a conversation another agent owns (a steal).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub supervisor: bool,
+}
+
+/// Longest display name (`name` claim), in characters.
+pub const MAX_NAME_CHARS: usize = 64;
+
+impl Claims {
+    /// The display name: the `name` claim, else the `sub`; `None` when the
+    /// claim is empty, blank or longer than [`MAX_NAME_CHARS`].
+    pub fn display_name(&self) -> Option<String> {
+        match &self.name {
+            None => Some(self.sub.clone()),
+            Some(name) if crate::protocol::is_blank(name) || name.chars().count() > MAX_NAME_CHARS => None,
+            Some(name) => Some(name.clone()),
+        }
+    }
 }
 
 /// A verified identity: every socket authenticated by a token carries one.
@@ -57,6 +79,10 @@ pub struct Identity {
     pub exp: u64,
     /// The key that verified the token: when a reload removes it, the socket closes.
     pub key: KeyFingerprint,
+    /// The display name (the `name` claim, else the user id).
+    pub name: String,
+    /// The `supervisor` claim: this agent may steal conversations.
+    pub supervisor: bool,
 }
 
 impl Identity {

@@ -128,6 +128,21 @@ pub struct ServeArgs {
     /// Sockets of one conversation per node [default: 32] (key `conversation.max_sockets`).
     #[arg(long, env = "FENGDA_MAX_SOCKETS_PER_CONVERSATION")]
     pub max_sockets_per_conversation: Option<usize>,
+    /// Conversations one agent socket may watch at once [default: 50] (key `agents.max_watched`).
+    #[arg(long, env = "FENGDA_AGENTS_MAX_WATCHED")]
+    pub agents_max_watched: Option<usize>,
+    /// Let every agent steal a conversation another agent owns [default: false] (key `agents.allow_steal`).
+    #[arg(long, env = "FENGDA_AGENTS_ALLOW_STEAL", num_args = 0..=1, default_missing_value = "true")]
+    pub agents_allow_steal: Option<bool>,
+    /// Seconds a conversation waits for a person before the assistant answers again [default: 300] (key `agents.handoff_timeout_secs`).
+    #[arg(long, env = "FENGDA_AGENTS_HANDOFF_TIMEOUT_SECS")]
+    pub agents_handoff_timeout_secs: Option<u64>,
+    /// Milliseconds a `typing` holds without a new one [default: 4000] (key `agents.typing_ttl_ms`).
+    #[arg(long, env = "FENGDA_AGENTS_TYPING_TTL_MS")]
+    pub agents_typing_ttl_ms: Option<u64>,
+    /// Seconds a node's presence entries hold without its heartbeat [default: 15] (key `agents.presence_ttl_secs`).
+    #[arg(long, env = "FENGDA_AGENTS_PRESENCE_TTL_SECS")]
+    pub agents_presence_ttl_secs: Option<u64>,
     /// TCP connections held at once [default: open-file limit minus 128] (key `server.max_connections`).
     #[arg(long, env = "FENGDA_MAX_CONNECTIONS")]
     pub max_connections: Option<usize>,
@@ -223,6 +238,11 @@ impl ServeArgs {
         set(&mut config.websocket.max_frames_per_second, self.max_frames_per_second);
         set(&mut config.websocket.frame_burst, self.frame_burst);
         set(&mut config.conversation.max_sockets, self.max_sockets_per_conversation);
+        set(&mut config.agents.max_watched, self.agents_max_watched);
+        set(&mut config.agents.allow_steal, self.agents_allow_steal);
+        set(&mut config.agents.handoff_timeout_secs, self.agents_handoff_timeout_secs);
+        set(&mut config.agents.typing_ttl_ms, self.agents_typing_ttl_ms);
+        set(&mut config.agents.presence_ttl_secs, self.agents_presence_ttl_secs);
         if self.max_connections.is_some() {
             config.server.max_connections = self.max_connections;
         }

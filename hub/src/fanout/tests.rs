@@ -13,8 +13,7 @@ fn key() -> ConversationKey {
 
 fn session(capacity: usize) -> (SessionHandle, mpsc::Receiver<Box<Outbound>>) {
     let (tx, rx) = mpsc::channel(capacity);
-    let handle =
-        SessionHandle { id: SessionId::next(), tx, closer: SessionCloser::child_of(&CancellationToken::new()) };
+    let handle = SessionHandle::customer(SessionId::next(), tx, SessionCloser::child_of(&CancellationToken::new()));
     (handle, rx)
 }
 
@@ -28,6 +27,10 @@ fn customer_event(seq: u64) -> StoredEvent {
         interrupted: false,
         cancelled: false,
         at_ms: 0,
+        agent: None,
+        name: None,
+        event: None,
+        owner_epoch: None,
     }
 }
 
@@ -128,9 +131,9 @@ fn full_queue_closes_the_session_as_slow_consumer() {
     let (slow, _rx) = session(1);
     fanout.join(&key(), slow.clone()).unwrap();
     let frame = Utf8Bytes::from_static("{}");
-    fanout.deliver_frames(&key(), vec![frame.clone(), frame.clone()]);
+    fanout.deliver_frames(&key(), vec![frame.clone(), frame.clone()], 0);
     assert!(!slow.closer.token().is_cancelled(), "a batch is one item");
-    fanout.deliver_frames(&key(), vec![frame.clone()]);
+    fanout.deliver_frames(&key(), vec![frame.clone()], 0);
     assert!(slow.closer.token().is_cancelled());
     assert_eq!(slow.closer.reason(), close::SLOW_CONSUMER);
 }
@@ -159,4 +162,172 @@ fn leave_reports_the_last_session() {
     assert!(!fanout.leave(&key(), a.id));
     assert!(fanout.leave(&key(), b.id));
     assert_eq!(fanout.local_sessions(&key()), 0);
+}
+
+#[test]
+fn an_agents_handle_gets_every_item_wrapped_with_its_conversation() {
+    let fanout = FanOut::default();
+    let key = ConversationKey::for_test("t", "a");
+    let (customer, mut customer_rx) = session(8);
+    let (tx, mut agent_rx) = mpsc::channel(8);
+    let agent = agent_handle("anna", tx);
+    assert!(agent.is_agent() && !customer.is_agent());
+    fanout.join(&key, customer).unwrap();
+    fanout.join(&key, agent.watching(key.clone())).unwrap();
+    fanout.deliver_frames(&key, vec![Utf8Bytes::from_static("delta")], 0);
+    fanout.resync_all();
+    let Outbound::Frame { frame, .. } = *customer_rx.try_recv().unwrap() else { panic!("a plain frame") };
+    assert_eq!(frame.as_str(), "delta");
+    for expected in ["frame", "resync"] {
+        let Outbound::Watched { key: watched, item } = *agent_rx.try_recv().unwrap() else { panic!("wrapped") };
+        assert_eq!(watched, key);
+        match (expected, *item) {
+            ("frame", Outbound::Frame { frame, .. }) => assert_eq!(frame.as_str(), "delta"),
+            ("resync", Outbound::Resync) => {}
+            (expected, other) => panic!("expected {expected}, got {other:?}"),
+        }
+    }
+    // The agent's own frames (not about a watched conversation) are not wrapped.
+    agent.push(Outbound::ephemeral(Utf8Bytes::from_static("pong")));
+    assert!(matches!(*agent_rx.try_recv().unwrap(), Outbound::Frame { .. }));
+}
+
+#[test]
+fn an_owner_change_fences_off_older_frames_and_stops_older_replies() {
+    use crate::event::SystemEvent;
+    let fanout = FanOut::default();
+    let (customer, mut rx) = session(16);
+    let customer_id = customer.id;
+    fanout.join(&key(), customer).unwrap();
+    let (asked_at_0, later) = (CancellationToken::new(), CancellationToken::new());
+    assert!(!fanout.hold(&key(), 0, asked_at_0.clone()), "the conversation was here already");
+    let delta = Utf8Bytes::from_static("delta");
+    assert!(fanout.deliver_frames(&key(), vec![delta.clone()], 0));
+    assert!(matches!(*rx.try_recv().unwrap(), Outbound::Frame { .. }));
+    // The takeover event: delivered, and the reply asked at epoch 0 is told to stop.
+    let mut joined = customer_event(1);
+    (joined.from, joined.event, joined.owner_epoch) = (Role::System, Some(SystemEvent::AgentJoined), Some(1));
+    fanout.deliver_event(&key(), &joined, None, None);
+    assert!(matches!(*rx.try_recv().unwrap(), Outbound::Event { seq: 1, .. }));
+    assert!(asked_at_0.is_cancelled());
+    // Older frames are dropped, newer ones pass; a customer gets no `owner` frame.
+    assert!(!fanout.deliver_frames(&key(), vec![delta.clone()], 0));
+    assert!(fanout.deliver_frames(&key(), vec![delta.clone()], 1));
+    assert!(matches!(*rx.try_recv().unwrap(), Outbound::Frame { .. }));
+    assert!(rx.try_recv().is_err());
+    // A reply registered under the old epoch now is stopped at once; one under the new is not.
+    let late = CancellationToken::new();
+    fanout.hold(&key(), 0, late.clone());
+    fanout.hold(&key(), 1, later.clone());
+    assert!(late.is_cancelled() && !later.is_cancelled());
+    // Holds keep the entry (the node subscribed) after the last socket left.
+    assert!(!fanout.leave(&key(), customer_id), "replies still hold it");
+    for token in [&asked_at_0, &late] {
+        assert!(fanout.unhold_unless_last(&key(), token));
+    }
+    assert!(!fanout.unhold_unless_last(&key(), &later), "the last hold goes the slow way");
+    assert!(fanout.unhold(&key(), &later), "and then the entry goes");
+    assert!(fanout.deliver_frames(&key(), vec![delta.clone()], 0), "nothing here any more to fence");
+}
+
+fn agent_handle(agent: &str, tx: mpsc::Sender<Box<Outbound>>) -> SessionHandle {
+    let viewer = crate::protocol::Viewer { agent: agent.into(), name: agent.to_uppercase() };
+    SessionHandle::agent(SessionId::next(), tx, SessionCloser::child_of(&CancellationToken::new()), viewer)
+}
+
+/// The frames queued for a socket (unwrapped from a watch), as JSON.
+fn drain(rx: &mut mpsc::Receiver<Box<Outbound>>) -> Vec<serde_json::Value> {
+    let mut frames = Vec::new();
+    while let Ok(item) = rx.try_recv() {
+        let item = match *item {
+            Outbound::Watched { item, .. } => *item,
+            other => other,
+        };
+        let frame = item.frame().expect("a single frame").clone();
+        frames.push(serde_json::from_str(frame.as_str()).unwrap());
+    }
+    frames
+}
+
+#[test]
+fn typing_reaches_whom_it_may_and_expires_by_itself() {
+    use crate::presence::{Typing, Typist};
+    let fanout = FanOut::default().with_typing_ttl(std::time::Duration::from_millis(20));
+    let key = ConversationKey::for_test("t", "a");
+    let (customer, mut customer_rx) = session(16);
+    let customer_id = customer.id;
+    let ((anna_tx, mut anna_rx), (bob_tx, mut bob_rx)) = (mpsc::channel(16), mpsc::channel(16));
+    let (anna, bob) = (agent_handle("anna", anna_tx), agent_handle("bob", bob_tx));
+    fanout.join(&key, customer).unwrap();
+    fanout.join(&key, anna.watching(key.clone())).unwrap();
+    fanout.join(&key, bob.watching(key.clone())).unwrap();
+    let present = drain(&mut anna_rx);
+    assert_eq!(present.len(), 1, "anna is told bob came: {present:?}");
+    assert_eq!(present[0]["type"], "presence");
+    assert_eq!(present[0]["online"], true);
+    assert_eq!(
+        present[0]["viewers"],
+        serde_json::json!([{"agent": "anna", "name": "ANNA"}, {"agent": "bob", "name": "BOB"}])
+    );
+    assert!(drain(&mut bob_rx).is_empty(), "bob learns it from his snapshot");
+
+    // The customer types: both agents see it, the customer's socket does not get it back.
+    let customer_typing = Typing { typist: Typist::Customer, on: true, note: false, to_customer: false };
+    fanout.deliver_typing(&key, &customer_typing, Some(customer_id));
+    fanout.deliver_typing(&key, &customer_typing, Some(customer_id));
+    for rx in [&mut anna_rx, &mut bob_rx] {
+        let frames = drain(rx);
+        assert_eq!(
+            frames,
+            [
+                serde_json::json!({"type": "typing", "conversation": key.conversation().as_str(), "from": "customer", "on": true})
+            ],
+            "a repeat only extends it"
+        );
+    }
+    // Anna types a note: bob sees it as a note, the customer never.
+    let anna_as = Typist::Agent { agent: "anna".into(), name: "ANNA".into() };
+    let note = Typing { typist: anna_as.clone(), on: true, note: true, to_customer: false };
+    fanout.deliver_typing(&key, &note, Some(anna.id));
+    assert_eq!(drain(&mut bob_rx)[0]["note"], true);
+    assert!(drain(&mut anna_rx).is_empty() && drain(&mut customer_rx).is_empty());
+    // Now a message as the owner: the customer sees the name, not the id.
+    let owner = Typing { typist: anna_as, on: true, note: false, to_customer: true };
+    fanout.deliver_typing(&key, &owner, Some(anna.id));
+    assert_eq!(
+        drain(&mut customer_rx),
+        [
+            serde_json::json!({"type": "typing", "conversation": key.conversation().as_str(), "from": "agent", "name": "ANNA", "on": true})
+        ]
+    );
+    assert_eq!(drain(&mut bob_rx).len(), 1);
+    // Nobody sends again: each stops by itself, told once.
+    std::thread::sleep(std::time::Duration::from_millis(30));
+    fanout.expire_typing();
+    let stopped = drain(&mut bob_rx);
+    assert_eq!(stopped.len(), 2, "{stopped:?}");
+    assert!(stopped.iter().all(|frame| frame["on"] == false), "{stopped:?}");
+    assert_eq!(
+        drain(&mut customer_rx),
+        [
+            serde_json::json!({"type": "typing", "conversation": key.conversation().as_str(), "from": "agent", "name": "ANNA", "on": false})
+        ]
+    );
+    assert_eq!(
+        drain(&mut anna_rx),
+        [
+            serde_json::json!({"type": "typing", "conversation": key.conversation().as_str(), "from": "customer", "on": false})
+        ]
+    );
+    fanout.expire_typing();
+    assert!(drain(&mut bob_rx).is_empty());
+
+    // The customer leaves: the agents are told, and the entry is marked for the board.
+    fanout.take_changed_presence();
+    fanout.leave(&key, customer_id);
+    assert_eq!(drain(&mut anna_rx)[0]["online"], false);
+    assert_eq!(drain(&mut bob_rx)[0]["online"], false);
+    let changed = fanout.take_changed_presence();
+    assert_eq!(changed.len(), 1);
+    assert!(!changed[0].1.online && changed[0].1.viewers.len() == 2);
 }

@@ -9,14 +9,62 @@ use super::{ErrorCode, ServerFrame};
 /// A frame a client may send.
 #[derive(Debug, PartialEq, Eq)]
 pub enum ClientFrame {
-    /// A customer message; `id` is chosen by the client and makes resends idempotent.
-    Message { id: String, text: String },
+    /// A message; `id` is chosen by the client and makes resends
+    /// idempotent. An agent's names its `conversation`.
+    Message { id: String, text: String, conversation: Option<String> },
     /// Application-level keepalive, answered by `pong`.
     Ping,
     /// Stop a reply in progress; it ends with `reply.done` and `cancelled: true`.
     Cancel { reply: String },
     /// A new token for this socket, before the current one expires.
     Refresh { token: String },
+    /// Agents: the conversation's history, then its events live.
+    Watch { conversation: String, after: Option<u64> },
+    /// Agents: stop a conversation's events.
+    Unwatch { conversation: String },
+    /// Agents: become the conversation's owner (`steal`: from another agent).
+    Take { conversation: String, steal: bool },
+    /// Agents: hand the conversation back to the assistant.
+    Release { conversation: String },
+    /// Customers: ask for a person.
+    Handoff,
+    /// Agents: a private note about the conversation.
+    Note { conversation: String, id: String, text: String },
+    /// The sender is typing (`on`) or stopped; an agent's names its
+    /// `conversation` and says whether it types a `note`.
+    Typing { conversation: Option<String>, on: bool, note: bool },
+}
+
+impl ClientFrame {
+    /// Whether only agents' sockets may send this frame (customers get `forbidden`).
+    pub fn is_agents(&self) -> bool {
+        matches!(
+            self,
+            Self::Watch { .. } | Self::Unwatch { .. } | Self::Take { .. } | Self::Release { .. } | Self::Note { .. }
+        )
+    }
+
+    /// Whether only customers' sockets may send this frame (agents get `forbidden`).
+    pub fn is_customers(&self) -> bool {
+        matches!(self, Self::Cancel { .. } | Self::Handoff)
+    }
+
+    /// The wire name of the frame's type.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::Message { .. } => "message",
+            Self::Ping => "ping",
+            Self::Cancel { .. } => "cancel",
+            Self::Refresh { .. } => "refresh",
+            Self::Watch { .. } => "watch",
+            Self::Unwatch { .. } => "unwatch",
+            Self::Take { .. } => "take",
+            Self::Release { .. } => "release",
+            Self::Handoff => "handoff",
+            Self::Note { .. } => "note",
+            Self::Typing { .. } => "typing",
+        }
+    }
 }
 
 /// Why a client frame was rejected; becomes an `error` frame.
@@ -85,7 +133,34 @@ pub fn parse_client_frame(text: &str, limit: TextLimit) -> Result<ClientFrame, F
         "ping" => Ok(ClientFrame::Ping),
         "cancel" => Ok(ClientFrame::Cancel { reply: take_string(fields.reply.take(), "reply")? }),
         "refresh" => Ok(ClientFrame::Refresh { token: take_string(fields.token.take(), "token")? }),
-        "message" => {
+        "watch" => Ok(ClientFrame::Watch {
+            conversation: take_string(fields.conversation.take(), "conversation")?,
+            after: take_optional_u64(fields.after.take(), "after")?,
+        }),
+        "unwatch" => {
+            Ok(ClientFrame::Unwatch { conversation: take_string(fields.conversation.take(), "conversation")? })
+        }
+        "take" => Ok(ClientFrame::Take {
+            conversation: take_string(fields.conversation.take(), "conversation")?,
+            steal: take_optional_bool(fields.steal.take(), "steal")?,
+        }),
+        "release" => {
+            Ok(ClientFrame::Release { conversation: take_string(fields.conversation.take(), "conversation")? })
+        }
+        "handoff" => Ok(ClientFrame::Handoff),
+        "typing" => Ok(ClientFrame::Typing {
+            conversation: match fields.conversation.take() {
+                None | Some(Field::Null) => None,
+                field => Some(take_string(field, "conversation")?),
+            },
+            on: match fields.on.take() {
+                Some(Field::Bool(on)) => on,
+                None | Some(Field::Null) => return Err(FrameError::new(ErrorCode::MissingField, "missing field `on`")),
+                Some(_) => return Err(FrameError::new(ErrorCode::InvalidFrame, "field `on` must be a boolean")),
+            },
+            note: take_optional_bool(fields.note.take(), "note")?,
+        }),
+        "message" | "note" => {
             let id = take_string(fields.id.take(), "id")?;
             if id.is_empty() || id.len() > MAX_MESSAGE_ID_LEN {
                 return Err(FrameError::new(
@@ -113,7 +188,17 @@ pub fn parse_client_frame(text: &str, limit: TextLimit) -> Result<ClientFrame, F
                     format!("`text` must be at most {} characters", limit.chars),
                 )));
             }
-            Ok(ClientFrame::Message { id, text })
+            let conversation = match fields.conversation.take() {
+                None | Some(Field::Null) => None,
+                field => Some(take_string(field, "conversation").map_err(with_id)?),
+            };
+            match (kind, conversation) {
+                ("note", Some(conversation)) => Ok(ClientFrame::Note { conversation, id, text }),
+                ("note", None) => {
+                    Err(with_id(FrameError::new(ErrorCode::MissingField, "missing field `conversation`")))
+                }
+                (_, conversation) => Ok(ClientFrame::Message { id, text, conversation }),
+            }
         }
         other => {
             let shown: String = other.chars().take(40).collect();
@@ -141,7 +226,26 @@ fn take_string(field: Option<Field<'_>>, name: &str) -> Result<String, FrameErro
     match field {
         None | Some(Field::Null) => Err(FrameError::new(ErrorCode::MissingField, format!("missing field `{name}`"))),
         Some(Field::Str(s)) => Ok(s.into_owned()),
-        Some(Field::Other) => Err(FrameError::new(ErrorCode::InvalidFrame, format!("field `{name}` must be a string"))),
+        Some(_) => Err(FrameError::new(ErrorCode::InvalidFrame, format!("field `{name}` must be a string"))),
+    }
+}
+
+/// An optional boolean field; absent or `null` is false.
+fn take_optional_bool(field: Option<Field<'_>>, name: &str) -> Result<bool, FrameError> {
+    match field {
+        None | Some(Field::Null) => Ok(false),
+        Some(Field::Bool(value)) => Ok(value),
+        Some(_) => Err(FrameError::new(ErrorCode::InvalidFrame, format!("field `{name}` must be a boolean"))),
+    }
+}
+
+fn take_optional_u64(field: Option<Field<'_>>, name: &str) -> Result<Option<u64>, FrameError> {
+    match field {
+        None | Some(Field::Null) => Ok(None),
+        Some(Field::U64(n)) => Ok(Some(n)),
+        Some(_) => {
+            Err(FrameError::new(ErrorCode::InvalidFrame, format!("field `{name}` must be a non-negative integer")))
+        }
     }
 }
 
@@ -152,9 +256,15 @@ fn take_string(field: Option<Field<'_>>, name: &str) -> Result<String, FrameErro
 /// checked and dropped. Every value, skipped ones too, goes through
 /// serde_json's checks (nesting depth, number range, lone surrogates):
 /// serde's `IgnoredAny` would skip them unchecked.
+#[allow(
+    clippy::large_enum_variant,
+    reason = "lives on the stack while one frame parses; boxing the object would allocate for every frame"
+)]
 enum Raw<'a> {
     Object(RawFields<'a>),
     Str(std::borrow::Cow<'a, str>),
+    U64(u64),
+    Bool(bool),
     Null,
     Other,
 }
@@ -169,12 +279,19 @@ struct RawFields<'a> {
     text: Option<Field<'a>>,
     reply: Option<Field<'a>>,
     token: Option<Field<'a>>,
+    conversation: Option<Field<'a>>,
+    after: Option<Field<'a>>,
+    steal: Option<Field<'a>>,
+    on: Option<Field<'a>>,
+    note: Option<Field<'a>>,
 }
 
 /// A field's value: a string, null, or anything else (an error for every
 /// field we read).
 enum Field<'a> {
     Str(std::borrow::Cow<'a, str>),
+    U64(u64),
+    Bool(bool),
     Null,
     Other,
 }
@@ -183,6 +300,8 @@ impl<'a> From<Raw<'a>> for Field<'a> {
     fn from(raw: Raw<'a>) -> Self {
         match raw {
             Raw::Str(s) => Field::Str(s),
+            Raw::U64(n) => Field::U64(n),
+            Raw::Bool(b) => Field::Bool(b),
             Raw::Null => Field::Null,
             Raw::Object(_) | Raw::Other => Field::Other,
         }
@@ -215,6 +334,11 @@ impl<'de> Deserialize<'de> for Raw<'de> {
                         "text" => &mut fields.text,
                         "reply" => &mut fields.reply,
                         "token" => &mut fields.token,
+                        "conversation" => &mut fields.conversation,
+                        "after" => &mut fields.after,
+                        "steal" => &mut fields.steal,
+                        "on" => &mut fields.on,
+                        "note" => &mut fields.note,
                         _ => {
                             if !others.get_or_insert_default().insert(key) {
                                 return Err(A::Error::custom("repeated key"));
@@ -244,14 +368,14 @@ impl<'de> Deserialize<'de> for Raw<'de> {
             fn visit_unit<E>(self) -> Result<Self::Value, E> {
                 Ok(Raw::Null)
             }
-            fn visit_bool<E>(self, _: bool) -> Result<Self::Value, E> {
-                Ok(Raw::Other)
+            fn visit_bool<E>(self, b: bool) -> Result<Self::Value, E> {
+                Ok(Raw::Bool(b))
             }
             fn visit_i64<E>(self, _: i64) -> Result<Self::Value, E> {
                 Ok(Raw::Other)
             }
-            fn visit_u64<E>(self, _: u64) -> Result<Self::Value, E> {
-                Ok(Raw::Other)
+            fn visit_u64<E>(self, n: u64) -> Result<Self::Value, E> {
+                Ok(Raw::U64(n))
             }
             fn visit_f64<E>(self, _: f64) -> Result<Self::Value, E> {
                 Ok(Raw::Other)
@@ -276,7 +400,7 @@ mod tests {
     fn parses_message_and_ping() {
         assert_eq!(
             parse_client_frame(r#"{"type":"message","id":"m1","text":"hi"}"#, LIMIT),
-            Ok(ClientFrame::Message { id: "m1".into(), text: "hi".into() })
+            Ok(ClientFrame::Message { id: "m1".into(), text: "hi".into(), conversation: None })
         );
         assert_eq!(parse_client_frame(r#"{"type":"ping"}"#, LIMIT), Ok(ClientFrame::Ping));
         assert_eq!(
@@ -284,6 +408,66 @@ mod tests {
             Ok(ClientFrame::Cancel { reply: "r-1".into() })
         );
         assert_eq!(parse_client_frame(r#"{"type":"cancel"}"#, LIMIT).unwrap_err().code, ErrorCode::MissingField);
+    }
+
+    #[test]
+    fn parses_agent_frames() {
+        let id = "0123456789abcdef0123456789abcdef";
+        assert_eq!(
+            parse_client_frame(&format!(r#"{{"type":"watch","conversation":"{id}","after":3}}"#), LIMIT),
+            Ok(ClientFrame::Watch { conversation: id.into(), after: Some(3) })
+        );
+        assert_eq!(
+            parse_client_frame(&format!(r#"{{"type":"watch","conversation":"{id}","after":null}}"#), LIMIT),
+            Ok(ClientFrame::Watch { conversation: id.into(), after: None })
+        );
+        assert_eq!(
+            parse_client_frame(&format!(r#"{{"type":"unwatch","conversation":"{id}"}}"#), LIMIT),
+            Ok(ClientFrame::Unwatch { conversation: id.into() })
+        );
+        assert_eq!(code(r#"{"type":"watch"}"#), ErrorCode::MissingField);
+        assert_eq!(code(r#"{"type":"watch","conversation":7}"#), ErrorCode::InvalidFrame);
+        for after in ["-1", "1.5", "\"3\"", "true"] {
+            let frame = format!(r#"{{"type":"watch","conversation":"c","after":{after}}}"#);
+            assert_eq!(code(&frame), ErrorCode::InvalidFrame, "{frame}");
+        }
+        assert!(ClientFrame::Watch { conversation: id.into(), after: None }.is_agents());
+        assert!(ClientFrame::Cancel { reply: "r".into() }.is_customers());
+        assert_eq!(
+            parse_client_frame(&format!(r#"{{"type":"take","conversation":"{id}","steal":true}}"#), LIMIT),
+            Ok(ClientFrame::Take { conversation: id.into(), steal: true })
+        );
+        assert_eq!(
+            parse_client_frame(&format!(r#"{{"type":"take","conversation":"{id}"}}"#), LIMIT),
+            Ok(ClientFrame::Take { conversation: id.into(), steal: false })
+        );
+        assert_eq!(code(r#"{"type":"take","conversation":"c","steal":"yes"}"#), ErrorCode::InvalidFrame);
+        assert_eq!(parse_client_frame(r#"{"type":"handoff"}"#, LIMIT), Ok(ClientFrame::Handoff));
+        assert_eq!(
+            parse_client_frame(r#"{"type":"typing","on":true}"#, LIMIT),
+            Ok(ClientFrame::Typing { conversation: None, on: true, note: false })
+        );
+        assert_eq!(
+            parse_client_frame(&format!(r#"{{"type":"typing","conversation":"{id}","on":false,"note":true}}"#), LIMIT),
+            Ok(ClientFrame::Typing { conversation: Some(id.into()), on: false, note: true })
+        );
+        assert_eq!(code(r#"{"type":"typing"}"#), ErrorCode::MissingField);
+        assert_eq!(code(r#"{"type":"typing","on":1}"#), ErrorCode::InvalidFrame);
+        assert_eq!(code(r#"{"type":"typing","on":true,"note":"no"}"#), ErrorCode::InvalidFrame);
+        assert_eq!(code(r#"{"type":"typing","on":true,"conversation":3}"#), ErrorCode::InvalidFrame);
+        assert_eq!(
+            parse_client_frame(&format!(r#"{{"type":"note","id":"n1","text":"VIP","conversation":"{id}"}}"#), LIMIT),
+            Ok(ClientFrame::Note { conversation: id.into(), id: "n1".into(), text: "VIP".into() })
+        );
+        assert_eq!(code(r#"{"type":"note","id":"n1","text":"VIP"}"#), ErrorCode::MissingField);
+        assert_eq!(code(r#"{"type":"note","id":"n1","text":" ","conversation":"c"}"#), ErrorCode::EmptyText);
+        assert_eq!(
+            parse_client_frame(&format!(r#"{{"type":"message","id":"m1","text":"hi","conversation":"{id}"}}"#), LIMIT),
+            Ok(ClientFrame::Message { id: "m1".into(), text: "hi".into(), conversation: Some(id.into()) })
+        );
+        let error = parse_client_frame(r#"{"type":"message","id":"m1","text":"hi","conversation":5}"#, LIMIT);
+        assert_eq!(error.unwrap_err().id.as_deref(), Some("m1"));
+        assert!(!ClientFrame::Ping.is_agents() && !ClientFrame::Ping.is_customers());
     }
 
     #[test]
@@ -306,7 +490,7 @@ mod tests {
         let frame = r#"{"extra":{"a":[1,{"b":null}]},"\u0074ype":"message","id":"m\"1","text":"line\nbreak","n":[]}"#;
         assert_eq!(
             parse_client_frame(frame, TextLimit { chars: 20, bytes: 40 }),
-            Ok(ClientFrame::Message { id: "m\"1".into(), text: "line\nbreak".into() })
+            Ok(ClientFrame::Message { id: "m\"1".into(), text: "line\nbreak".into(), conversation: None })
         );
         // A repeated key is refused, whichever key and however it is spelled.
         for repeated in [

@@ -28,11 +28,13 @@ use tracing::debug;
 use users::Users;
 
 use super::{
-    AppendWith, Appended, ConversationLog, NewEvent, Opened, Pending, Snapshot, StoreError, StoredEvent, now_ms,
+    AppendWith, Appended, ConversationLog, NewEvent, NoteLog, Opened, OwnerOp, Pending, Snapshot, StoreError,
+    StoredEvent, StoredNote, now_ms,
 };
 use crate::config::ConversationConfig;
 use crate::fanout::FanOut;
 use crate::ids::{ConversationId, ConversationKey, Party, UserId};
+use crate::owner::Ownership;
 use crate::protocol::Role;
 
 #[derive(Debug)]
@@ -60,6 +62,12 @@ struct Conversation {
     /// Seq of each customer message in `events`, by client message id: a
     /// resent message is found without scanning the log.
     customer_ids: HashMap<String, u64>,
+    /// Who answers it.
+    ownership: Ownership,
+    /// Agents' notes, the newest `log_cap`, oldest first.
+    notes: VecDeque<Arc<StoredNote>>,
+    /// The seq of the last note written.
+    last_note: u64,
 }
 
 impl MemoryLog {
@@ -141,6 +149,9 @@ impl MemoryLog {
             last_active_ms: now,
             events: VecDeque::new(),
             customer_ids: HashMap::new(),
+            ownership: Ownership::default(),
+            notes: VecDeque::new(),
+            last_note: 0,
         };
         let log = vacant.insert(Arc::new(Mutex::new(log))).clone();
         self.users.point(key.tenant(), &create.user, key.conversation(), now);
@@ -156,6 +167,27 @@ fn lock(log: &Mutex<Conversation>) -> std::sync::MutexGuard<'_, Conversation> {
     // A panic while holding the lock cannot leave the log half-written (every
     // mutation is a single push or pop), so a poisoned lock is still usable.
     log.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+#[async_trait]
+impl NoteLog for MemoryLog {
+    async fn add_note(&self, key: &ConversationKey, note: StoredNote) -> Result<Arc<StoredNote>, StoreError> {
+        let log = self.log(key)?;
+        let mut log = lock(&log);
+        log.last_note += 1;
+        let note = Arc::new(StoredNote { seq: log.last_note, after: log.last_seq, at_ms: now_ms(), ..note });
+        log.notes.push_back(note.clone());
+        while log.notes.len() > self.log_cap {
+            log.notes.pop_front();
+        }
+        Ok(note)
+    }
+
+    async fn notes(&self, key: &ConversationKey) -> Result<Vec<Arc<StoredNote>>, StoreError> {
+        let log = self.log(key)?;
+        let log = lock(&log);
+        Ok(log.notes.iter().cloned().collect())
+    }
 }
 
 #[async_trait]
@@ -203,7 +235,14 @@ impl ConversationLog for MemoryLog {
             Some(after) => log.events.iter().filter(|e| e.seq > after).cloned().collect(),
             None => Vec::new(),
         };
-        Ok(Some(Snapshot { exists: true, last_seq: log.last_seq, epoch: log.epoch.clone(), missed }))
+        Ok(Some(Snapshot {
+            exists: true,
+            last_seq: log.last_seq,
+            epoch: log.epoch.clone(),
+            missed,
+            customer: Some(log.user.clone()),
+            ownership: log.ownership.clone(),
+        }))
     }
 
     async fn touch(&self, user: &UserId, key: &ConversationKey) {
@@ -234,10 +273,27 @@ impl ConversationLog for MemoryLog {
             {
                 return Ok(Appended::Duplicate(seq));
             }
+            let now = now_ms();
+            let mut event = event;
+            match with.owner {
+                OwnerOp::Any => {}
+                OwnerOp::Fence { agent, epoch } => {
+                    let ownership = &log.ownership;
+                    if !ownership.owner.is_agent(agent) || epoch.is_some_and(|e| e != ownership.epoch) {
+                        return Err(StoreError::OwnerChanged(ownership.clone()));
+                    }
+                }
+                OwnerOp::Change { expected, to } => {
+                    if log.ownership.epoch != expected {
+                        return Err(StoreError::OwnerChanged(log.ownership.clone()));
+                    }
+                    log.ownership = Ownership { owner: to.clone(), epoch: expected + 1, since_ms: now };
+                    event.owner_epoch = Some(expected + 1);
+                }
+            }
             let mut turns_before: Vec<_> =
                 log.events.iter().rev().filter(|e| e.from != Role::System).take(with.turns_before).cloned().collect();
             turns_before.reverse();
-            let now = now_ms();
             log.last_seq += 1;
             log.last_active_ms = now;
             let stored = Arc::new(event.stored(log.last_seq, now));
@@ -252,7 +308,7 @@ impl ConversationLog for MemoryLog {
                     log.customer_ids.remove(&old.id);
                 }
             }
-            Appended::New { event: stored, turns_before }
+            Appended::New { event: stored, turns_before, ownership: log.ownership.clone() }
         };
         if let Some(user) = with.active_user {
             self.users.touch(user, key);

@@ -85,6 +85,18 @@ impl Keys {
         self.conversation(key, "listeners")
     }
 
+    /// HASH: node id → `<until ms>\n<entry>`, each node's presence entry
+    /// ([`crate::presence::Present`] as JSON), valid until then; the key
+    /// expires when no node refreshes it.
+    pub fn presence(&self, key: &ConversationKey) -> String {
+        self.conversation(key, "presence")
+    }
+
+    /// Agents' private notes of a conversation (a list of JSON notes).
+    pub fn notes(&self, key: &ConversationKey) -> String {
+        self.conversation(key, "notes")
+    }
+
     /// Every name of one conversation, its tag escaped and joined once
     /// (an append needs them all).
     pub fn conversation_names(&self, key: &ConversationKey) -> ConversationNames {

@@ -10,7 +10,10 @@
 //! | payload | bytes | published by | why |
 //! |---|---|---|---|
 //! | [`Payload::Event`] | `E<node>\n<timing>\n<entry>` | `append.lua`, in the call that stores the event, when another node listens | every durable event (customer message, reply) reaches the other nodes' sockets; `<node>` is the appending node (its own sockets had the event at once, so it skips the echo); `<timing>` (JSON, or empty) rides along to a reply's `reply.done`; `<entry>` is the log entry, byte for byte |
-//! | [`Payload::Frame`] | `d<node>\n<frame>` | the node streaming a reply, from its publisher task, when another node listens | a server frame that is not stored (`reply.delta`, `queued`), already encoded for sockets and passed on as it is; the node that sent it skips its own echo |
+//! | [`Payload::Frame`] | `d<node>\n<frame>`, or `f<node>\n<epoch>\n<frame>` | the node streaming a reply, from its publisher task, when another node listens | a server frame that is not stored (`reply.delta`, `queued`), already encoded for sockets and passed on as it is; the node that sent it skips its own echo. `<epoch>` (decimal) is the owner epoch the frame was produced under, for the fan-out's fence; `d` means epoch 0 (a conversation whose owner never changed) |
+//! | [`Payload::Note`] | `N<node>\n<note>` | `note.lua`, in the call that stores the note, when another node listens | an agents' private note reaches the other nodes' agents (never a customer's socket); `<note>` is the stored note, byte for byte |
+//! | [`Payload::Typing`] | `T<node>\n<typing>` | the typist's node, from its publisher task, when another node listens | someone is typing (or stopped): each node holds it until it expires and tells its sockets ([`crate::presence`]); `<typing>` is a [`Typing`] as JSON |
+//! | [`Payload::Presence`] | `P<node>\n<entry>` | a node whose entry of the conversation changed (a socket came or went), in the pipeline that writes it | the other nodes' agents see who is there at once; `<entry>` is a [`Present`] as JSON, empty when the node has none left |
 //! | [`Payload::Hello`] | `H` | a node that starts listening to the conversation | nodes that stopped publishing the conversation's deltas because no other node listened publish them again |
 //!
 //! Node ids are ASCII letters and digits ([`NodeId`]) and timings compact
@@ -45,13 +48,27 @@ use axum::extract::ws::Utf8Bytes;
 use bytes::{Buf, Bytes};
 
 use crate::ids::generate_token;
+use crate::presence::{Present, Typing};
 use crate::protocol::ReplyTiming;
-use crate::store::StoredEvent;
+use crate::store::{StoredEvent, StoredNote};
+
+/// A note encoded for `note.lua`, which splices in `"seq":<n>,"after":<m>`
+/// before it: the note's JSON after its `after` field.
+pub fn note_tail(note: &StoredNote) -> Vec<u8> {
+    const HEAD: &[u8] = b"{\"seq\":0,\"after\":0";
+    let json = serde_json::to_vec(&StoredNote { seq: 0, after: 0, ..note.clone() }).expect("notes always serialize");
+    debug_assert!(json.starts_with(HEAD), "seq and after are a note's first fields");
+    json[HEAD.len()..].to_vec()
+}
 
 /// Kind bytes, first of every payload.
 const EVENT: u8 = b'E';
 const FRAME: u8 = b'd';
+const FENCED_FRAME: u8 = b'f';
 const HELLO: u8 = b'H';
+const NOTE: u8 = b'N';
+const TYPING: u8 = b'T';
+const PRESENCE: u8 = b'P';
 
 /// A payload that is not one this module encodes.
 #[derive(Debug, thiserror::Error)]
@@ -66,12 +83,16 @@ pub enum WireError {
     Trailing(char),
     #[error("node id is not ASCII letters and digits")]
     NodeId,
+    #[error("owner epoch is not a decimal number")]
+    Epoch,
     #[error("frame is not UTF-8")]
     NotUtf8,
     #[error("timing does not parse: {0}")]
     Timing(serde_json::Error),
     #[error("event does not parse: {0}")]
     Event(serde_json::Error),
+    #[error("typing or presence does not parse: {0}")]
+    Signal(serde_json::Error),
 }
 
 /// One hub node in a cluster, as payloads name it: fresh at every start,
@@ -107,8 +128,15 @@ impl std::fmt::Display for NodeId {
 pub enum Payload {
     /// A durable event, as stored, from the node that appended it.
     Event { node: NodeId, timing: Option<ReplyTiming>, event: StoredEvent },
-    /// A server frame that is not stored, as sockets receive it.
-    Frame { node: NodeId, frame: Utf8Bytes },
+    /// A server frame that is not stored, as sockets receive it, produced
+    /// under owner epoch `epoch`.
+    Frame { node: NodeId, frame: Utf8Bytes, epoch: u64 },
+    /// An agents' note, as stored, from the node that stored it.
+    Note { node: NodeId, note: StoredNote },
+    /// Someone typing, from the typist's node.
+    Typing { node: NodeId, typing: Typing },
+    /// A node's presence entry (empty: it has none left).
+    Presence { node: NodeId, entry: Present },
     /// A node started listening.
     Hello,
 }
@@ -121,18 +149,33 @@ impl Payload {
                 serde_json::to_writer(&mut out, event).expect("stored events always serialize");
                 out
             }
-            Payload::Frame { node, frame } => Self::encode_frame(node, frame),
+            Payload::Frame { node, frame, epoch } => Self::encode_frame(node, frame, *epoch),
+            Payload::Note { node, note } => {
+                let mut out = vec![NOTE];
+                out.extend_from_slice(node.as_str().as_bytes());
+                out.push(b'\n');
+                serde_json::to_writer(&mut out, note).expect("notes always serialize");
+                out
+            }
+            Payload::Typing { node, typing } => signal(TYPING, node, Some(typing)),
+            Payload::Presence { node, entry } => signal(PRESENCE, node, Some(entry).filter(|e| !e.is_empty())),
             Payload::Hello => vec![HELLO],
         }
     }
 
     /// Encodes a [`Payload::Frame`] from borrowed parts (the hot path: one
     /// allocation per delta, no clone).
-    pub fn encode_frame(node: &NodeId, frame: &str) -> Vec<u8> {
-        let mut out = Vec::with_capacity(2 + node.as_str().len() + frame.len());
-        out.push(FRAME);
+    pub fn encode_frame(node: &NodeId, frame: &str, epoch: u64) -> Vec<u8> {
+        let mut digits = itoa::Buffer::new();
+        let epoch = (epoch > 0).then(|| digits.format(epoch));
+        let mut out = Vec::with_capacity(3 + node.as_str().len() + epoch.map_or(0, str::len) + frame.len());
+        out.push(if epoch.is_some() { FENCED_FRAME } else { FRAME });
         out.extend_from_slice(node.as_str().as_bytes());
         out.push(b'\n');
+        if let Some(epoch) = epoch {
+            out.extend_from_slice(epoch.as_bytes());
+            out.push(b'\n');
+        }
         out.extend_from_slice(frame.as_bytes());
         out
     }
@@ -154,10 +197,34 @@ impl Payload {
                     event: decode_entry(&rest)?,
                 })
             }
-            FRAME => {
-                let node = NodeId::parse(split_line(&mut rest, 'd')?)?;
+            FRAME | FENCED_FRAME => {
+                let node = NodeId::parse(split_line(&mut rest, char::from(kind))?)?;
+                let epoch = match kind {
+                    FRAME => 0,
+                    _ => {
+                        let line = split_line(&mut rest, 'f')?;
+                        let digits = std::str::from_utf8(&line).map_err(|_| WireError::Epoch)?;
+                        digits.parse().map_err(|_| WireError::Epoch)?
+                    }
+                };
                 let frame = Utf8Bytes::try_from(rest).map_err(|_| WireError::NotUtf8)?;
-                Ok(Payload::Frame { node, frame })
+                Ok(Payload::Frame { node, frame, epoch })
+            }
+            NOTE => {
+                let node = NodeId::parse(split_line(&mut rest, 'N')?)?;
+                Ok(Payload::Note { node, note: serde_json::from_slice(&rest).map_err(WireError::Event)? })
+            }
+            TYPING => {
+                let node = NodeId::parse(split_line(&mut rest, 'T')?)?;
+                Ok(Payload::Typing { node, typing: serde_json::from_slice(&rest).map_err(WireError::Signal)? })
+            }
+            PRESENCE => {
+                let node = NodeId::parse(split_line(&mut rest, 'P')?)?;
+                let entry = match rest.is_empty() {
+                    true => Present::default(),
+                    false => serde_json::from_slice(&rest).map_err(WireError::Signal)?,
+                };
+                Ok(Payload::Presence { node, entry })
             }
             HELLO if rest.is_empty() => Ok(Payload::Hello),
             HELLO => Err(WireError::Trailing('H')),
@@ -205,9 +272,20 @@ pub fn decode_entry(entry: &[u8]) -> Result<StoredEvent, WireError> {
 /// echo), read from its first bytes only.
 pub fn published_by(payload: &[u8], node: &NodeId) -> bool {
     let node = node.as_str().as_bytes();
-    matches!(payload.first(), Some(&(EVENT | FRAME)))
+    matches!(payload.first(), Some(&(EVENT | FRAME | FENCED_FRAME | NOTE | TYPING | PRESENCE)))
         && payload.get(1..=node.len()) == Some(node)
         && payload.get(node.len() + 1) == Some(&b'\n')
+}
+
+/// `<kind><node>\n<json>` (nothing after the `\n` for `None`).
+fn signal(kind: u8, node: &NodeId, value: Option<&impl serde::Serialize>) -> Vec<u8> {
+    let mut out = vec![kind];
+    out.extend_from_slice(node.as_str().as_bytes());
+    out.push(b'\n');
+    if let Some(value) = value {
+        serde_json::to_writer(&mut out, value).expect("typing and presence always serialize");
+    }
+    out
 }
 
 /// `E<node>\n<timing>\n`, what a published event starts with.
@@ -252,6 +330,10 @@ mod tests {
             interrupted: true,
             cancelled: false,
             at_ms: 1_700_000_000_123,
+            agent: None,
+            name: None,
+            event: None,
+            owner_epoch: None,
         }
     }
 
@@ -273,15 +355,51 @@ mod tests {
     #[test]
     fn every_kind_round_trips() {
         round_trip(Payload::Hello);
-        round_trip(Payload::Frame { node: node("a1b2c3d4e5f6"), frame: r#"{"type":"reply.delta","i":0}"#.into() });
-        round_trip(Payload::Frame { node: node("n"), frame: "".into() });
+        round_trip(Payload::Frame {
+            node: node("a1b2c3d4e5f6"),
+            frame: r#"{"type":"reply.delta","i":0}"#.into(),
+            epoch: 0,
+        });
+        round_trip(Payload::Frame { node: node("n"), frame: "".into(), epoch: 0 });
+        round_trip(Payload::Frame { node: node("n"), frame: "x\ny".into(), epoch: 7 });
+        let note = StoredNote {
+            seq: 3,
+            after: 9,
+            agent: "anna".into(),
+            name: "Anna \"A\"".into(),
+            id: "n1".into(),
+            text: "VIP\ncustomer".into(),
+            at_ms: 5,
+        };
+        round_trip(Payload::Note { node: node("ab"), note: note.clone() });
+        let agent = crate::presence::Typist::Agent { agent: "anna".into(), name: "Anna\n".into() };
+        round_trip(Payload::Typing {
+            node: node("ab"),
+            typing: Typing { typist: agent, on: true, note: true, to_customer: false },
+        });
+        let customer = crate::presence::Typist::Customer;
+        round_trip(Payload::Typing {
+            node: node("ab"),
+            typing: Typing { typist: customer, on: false, note: false, to_customer: false },
+        });
+        let viewers = vec![crate::protocol::Viewer { agent: "a".into(), name: "A".into() }];
+        round_trip(Payload::Presence { node: node("ab"), entry: Present { online: true, viewers } });
+        assert_eq!(Payload::Presence { node: node("ab"), entry: Present::default() }.encode(), b"Pab\n");
+        round_trip(Payload::Presence { node: node("ab"), entry: Present::default() });
+        // What note.lua stores: its head spliced before the tail decodes as the note.
+        let mut entry = br#"{"seq":3,"after":9"#.to_vec();
+        entry.extend(note_tail(&note));
+        assert_eq!(serde_json::from_slice::<StoredNote>(&entry).unwrap(), note);
+        let fenced = Payload::Frame { node: node("ab"), frame: "{}".into(), epoch: 12 }.encode();
+        assert_eq!(fenced, b"fab\n12\n{}");
+        assert!(published_by(&fenced, &node("ab")));
         round_trip(Payload::Event { node: node("a1b2c3"), timing: Some(timing()), event: event(7, "hi \"seq\":1\n") });
         round_trip(Payload::Event { node: node("n"), timing: None, event: event(1, "") });
     }
 
     #[test]
     fn the_wire_bytes_are_the_documented_ones() {
-        let frame = Payload::Frame { node: node("abc"), frame: r#"{"type":"queued"}"#.into() };
+        let frame = Payload::Frame { node: node("abc"), frame: r#"{"type":"queued"}"#.into(), epoch: 0 };
         assert_eq!(frame.encode(), b"dabc\n{\"type\":\"queued\"}");
         assert_eq!(Payload::Hello.encode(), b"H");
         let published = Payload::Event { node: node("abc"), timing: None, event: event(3, "x") }.encode();
@@ -314,11 +432,11 @@ mod tests {
     #[test]
     fn a_node_knows_its_own_payloads_from_their_first_bytes() {
         let (mine, other) = (node("abc"), node("abcd"));
-        let delta = Payload::encode_frame(&mine, "{}");
+        let delta = Payload::encode_frame(&mine, "{}", 0);
         let event = Payload::Event { node: mine.clone(), timing: None, event: event(1, "") }.encode();
         assert!(published_by(&delta, &mine) && published_by(&event, &mine));
         assert!(!published_by(&delta, &other) && !published_by(&event, &other));
-        assert!(!published_by(&Payload::encode_frame(&other, "{}"), &mine), "a longer id is another node");
+        assert!(!published_by(&Payload::encode_frame(&other, "{}", 0), &mine), "a longer id is another node");
         assert!(!published_by(b"H", &mine) && !published_by(b"", &mine) && !published_by(b"Eab", &mine));
     }
 
@@ -346,7 +464,7 @@ mod tests {
         ) {
             let mut stored = StoredEvent {
                 seq: placeholder, from: Role::Customer, id, text,
-                fallback: flags.0, interrupted: flags.1, cancelled: flags.2, at_ms: 5,
+                fallback: flags.0, interrupted: flags.1, cancelled: flags.2, at_ms: 5, agent: None, name: None, event: None, owner_epoch: None,
             };
             let encoded = EncodedEvent::new(&stored, &node("f00d"), Some(&timing()));
             let (entry, published) = splice(&encoded, seq);
@@ -360,7 +478,7 @@ mod tests {
 
         #[test]
         fn frames_round_trip(frame in any::<String>()) {
-            round_trip(Payload::Frame { node: node("a1"), frame: frame.into() });
+            round_trip(Payload::Frame { node: node("a1"), frame: frame.into(), epoch: 0 });
         }
 
         #[test]

@@ -43,6 +43,19 @@ pub struct Claims {
     pub exp: u64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub iat: Option<u64>,
+    /// An agent's display name, shown to customers (1–64 characters; the
+    /// `sub` when absent).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+}
+
+/// Longest display name (`name` claim), in characters.
+pub const MAX_NAME_CHARS: usize = 64;
+
+/// Whether `name` may be a display name: 1 to [`MAX_NAME_CHARS`]
+/// characters, not blank, no control characters.
+pub fn is_display_name(name: &str) -> bool {
+    !crate::protocol::is_blank(name) && name.chars().count() <= MAX_NAME_CHARS && !name.chars().any(char::is_control)
 }
 
 /// A verified identity: every socket authenticated by a token carries one.

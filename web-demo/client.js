@@ -1121,7 +1121,8 @@ export class WatchedConversation {
  *             `transcript` is its {@link WatchedConversation}; `change` is one of `watching`,
  *             `message`, `delta`, `done`, `queued`, `note`, `typing`, `presence`, `owner`, `ack`,
  *             `reset`, `unwatched`.
- * - `ack`     `{conversation, id, seq?, type}` — a message (`seq`) or note you sent is stored.
+ * - `ack`     `{conversation, id, seq?, kind}` — a message (`kind: 'message'`, with its `seq`) or a note
+ *             (`kind: 'note'`) you sent is stored.
  * - `error`   `{code, message, conversation?, id?, retry?, agent?, agentName?}` — an `error` frame
  *             (e.g. `already_owned` with the owner, `not_owner`, `forbidden`), or a client-side
  *             problem. With an `id` it is about that message or note, which was not stored; with
@@ -1369,7 +1370,7 @@ export class FengdaAgent extends Connection {
         }
         const event = { from: f.from, id: f.id, text: String(f.text ?? ''), ...replyFlags(f), ...speakerFields(f) };
         if (!w.addEvent(f.seq, event)) return;
-        if (f.from === 'agent' && this.settle(f.id)) this.emit('ack', { conversation: w.conversation, id: f.id, seq: f.seq, type: 'message' });
+        if (f.from === 'agent' && this.settle(f.id)) this.emit('ack', { conversation: w.conversation, id: f.id, seq: f.seq, kind: 'message' });
         if (f.from === 'customer') w.setTyping('customer', null);
         this.changed(w, 'message');
         return;
@@ -1379,7 +1380,7 @@ export class FengdaAgent extends Connection {
         const frame = this.outbox.get(f.id);
         if (!frame || !this.settle(f.id)) return;
         w.addEvent(f.seq, { from: 'agent', id: f.id, text: frame.text, name: this.name, agent: this.agent, ...replyFlags({}) });
-        this.emit('ack', { conversation: w.conversation, id: f.id, seq: f.seq, type: 'message' });
+        this.emit('ack', { conversation: w.conversation, id: f.id, seq: f.seq, kind: 'message' });
         this.changed(w, 'ack');
         return;
       }
@@ -1411,7 +1412,7 @@ export class FengdaAgent extends Connection {
           id: f.id, seq: f.seq, after: Number.isInteger(f.after) ? f.after : 0,
           agent: f.agent, name: f.name, text: String(f.text ?? ''), at: f.at,
         });
-        if (this.settle(f.id)) this.emit('ack', { conversation: w.conversation, id: f.id, type: 'note' });
+        if (this.settle(f.id)) this.emit('ack', { conversation: w.conversation, id: f.id, kind: 'note' });
         this.changed(w, 'note');
         return;
       }

@@ -70,9 +70,13 @@ impl Conversations {
             Ok(Some(snapshot)) => Ok(snapshot),
             // Not created yet: subscribed all the same, so the session hears
             // its conversation from the first event on.
-            Ok(None) if let Some(pending) = pending => {
-                Ok(Snapshot { exists: false, last_seq: 0, epoch: pending.epoch.clone(), missed: Vec::new() })
-            }
+            Ok(None) if let Some(pending) = pending => Ok(Snapshot {
+                exists: false,
+                last_seq: 0,
+                epoch: pending.epoch.clone(),
+                missed: Vec::new(),
+                customer: None,
+            }),
             Ok(None) => {
                 self.detach(key, id).await;
                 Err(StoreError::ConversationNotFound)

@@ -9,7 +9,9 @@
 //! - [`protocol`]: the wire contract: frames, error codes, close codes.
 //! - [`http`]: routes and listeners: `/ws` upgrade, `/healthz`, `/readyz`, the
 //!   web demo on the public port; `/metrics` on the admin port.
-//! - [`session`]: one connection: reader, writer, bounded outbound queue.
+//! - [`session`]: one customer's connection: reader, writer, bounded outbound queue.
+//! - [`agent`]: one agent's connection: the conversations it watches, each
+//!   with its own delivery cursor.
 //! - [`event`]: a conversation's durable events and the delivery [`event::Cursor`]
 //!   (a leaf: shared by log, bus, fan-out and replier).
 //! - [`store`]: the conversation log seam (durable events, seqs, idempotency,
@@ -34,6 +36,7 @@
 //! [`App::run`] serves until the shutdown future resolves, then closes every
 //! session with 1001 and waits for its tasks within `shutdown_grace_ms`.
 
+pub mod agent;
 pub mod auth;
 pub mod bus;
 pub mod config;

@@ -63,6 +63,7 @@ impl DemoIssuer {
             exp: now + ttl_secs,
             iat: Some(now),
             name: name.map(str::to_owned),
+            supervisor: false,
         };
         let header = Header { kid: Some(DEMO_KID.into()), ..Header::new(Algorithm::HS256) };
         let token = jsonwebtoken::encode(&header, &claims, &self.encoding).expect("HS256 signing cannot fail");
@@ -90,6 +91,7 @@ impl DemoIssuer {
                 }
             })?;
         let claims = data.claims;
+        let name = claims.display_name().ok_or(Refusal::Invalid("the `name` claim must be 1 to 64 characters"))?;
         Ok(Identity {
             tenant: TenantId::parse(&claims.tid).map_err(|_| Refusal::Invalid("the `tid` claim is not a tenant id"))?,
             user: UserId::parse(&claims.sub).map_err(|_| Refusal::Invalid("the `sub` claim is not a user id"))?,
@@ -97,6 +99,8 @@ impl DemoIssuer {
             kid: header.kid,
             exp: claims.exp,
             key: self.fingerprint,
+            name,
+            supervisor: claims.supervisor,
         })
     }
 }

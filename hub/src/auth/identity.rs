@@ -47,6 +47,9 @@ pub struct Claims {
     /// `sub` when absent).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub name: Option<String>,
+    /// An agent who may take a conversation another agent owns (a steal).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub supervisor: bool,
 }
 
 /// Longest display name (`name` claim), in characters.
@@ -56,6 +59,18 @@ pub const MAX_NAME_CHARS: usize = 64;
 /// characters, not blank, no control characters.
 pub fn is_display_name(name: &str) -> bool {
     !crate::protocol::is_blank(name) && name.chars().count() <= MAX_NAME_CHARS && !name.chars().any(char::is_control)
+}
+
+impl Claims {
+    /// The display name: the `name` claim, else the `sub`; `None` when the
+    /// claim is not a display name ([`is_display_name`]).
+    pub fn display_name(&self) -> Option<String> {
+        match &self.name {
+            None => Some(self.sub.clone()),
+            Some(name) if !is_display_name(name) => None,
+            Some(name) => Some(name.clone()),
+        }
+    }
 }
 
 /// A verified identity: every socket authenticated by a token carries one.
@@ -70,6 +85,10 @@ pub struct Identity {
     pub exp: u64,
     /// The key that verified the token: when a reload removes it, the socket closes.
     pub key: KeyFingerprint,
+    /// The display name (the `name` claim, else the user id).
+    pub name: String,
+    /// The `supervisor` claim: this agent may steal conversations.
+    pub supervisor: bool,
 }
 
 impl Identity {

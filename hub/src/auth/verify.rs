@@ -148,6 +148,7 @@ pub async fn verify(keyring: &Keyring, token: &str, leeway_secs: u64) -> Result<
         return Err(Refusal::Invalid("the token's tenant is not the tenant of its key"));
     }
     let user = UserId::parse(&claims.sub).map_err(|_| Refusal::Invalid("the `sub` claim is not a user id"))?;
+    let name = claims.display_name().ok_or(Refusal::Invalid("the `name` claim must be 1 to 64 characters"))?;
     Ok(Identity {
         tenant: key.tenant.clone(),
         user,
@@ -155,5 +156,7 @@ pub async fn verify(keyring: &Keyring, token: &str, leeway_secs: u64) -> Result<
         kid: header.kid,
         exp: claims.exp,
         key: key.fingerprint,
+        name,
+        supervisor: claims.supervisor,
     })
 }

@@ -128,6 +128,9 @@ pub struct ServeArgs {
     /// Sockets of one conversation per node [default: 32] (key `conversation.max_sockets`).
     #[arg(long, env = "FENGDA_MAX_SOCKETS_PER_CONVERSATION")]
     pub max_sockets_per_conversation: Option<usize>,
+    /// Conversations one agent socket may watch at once [default: 50] (key `agents.max_watched`).
+    #[arg(long, env = "FENGDA_AGENTS_MAX_WATCHED")]
+    pub agents_max_watched: Option<usize>,
     /// TCP connections held at once [default: open-file limit minus 128] (key `server.max_connections`).
     #[arg(long, env = "FENGDA_MAX_CONNECTIONS")]
     pub max_connections: Option<usize>,
@@ -223,6 +226,7 @@ impl ServeArgs {
         set(&mut config.websocket.max_frames_per_second, self.max_frames_per_second);
         set(&mut config.websocket.frame_burst, self.frame_burst);
         set(&mut config.conversation.max_sockets, self.max_sockets_per_conversation);
+        set(&mut config.agents.max_watched, self.agents_max_watched);
         if self.max_connections.is_some() {
             config.server.max_connections = self.max_connections;
         }

@@ -8,9 +8,10 @@
 //!
 //! Each section of the file has its own module, which owns its struct, its
 //! defaults (written once, in its `Default` impl) and its own checks:
-//! `server`, `websocket`, `conversation`, `nlp`, `redis`, `tenants`; the
+//! `server`, `websocket`, `conversation`, `agents`, `nlp`, `redis`, `tenants`; the
 //! `serve` flags are in `flags`. `[auth]` belongs to [`crate::auth`].
 
+mod agents;
 mod conversation;
 mod flags;
 mod nlp;
@@ -27,6 +28,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+pub use agents::AgentsConfig;
 pub use conversation::{ConversationConfig, CreationLimit};
 pub use flags::ServeArgs;
 pub use nlp::{FallbackText, NlpConfig};
@@ -56,6 +58,8 @@ pub struct Config {
     pub server: ServerConfig,
     pub websocket: WebSocketConfig,
     pub conversation: ConversationConfig,
+    /// Agents' sockets: `[agents]` ([`AgentsConfig`]).
+    pub agents: AgentsConfig,
     pub nlp: NlpConfig,
     /// The built-in answerer started in-process when `nlp.url` is unset.
     pub answerer: fengda_nlp::AnswererConfig,
@@ -95,6 +99,7 @@ impl Default for Config {
             server: ServerConfig::default(),
             websocket: WebSocketConfig::default(),
             conversation: ConversationConfig::default(),
+            agents: AgentsConfig::default(),
             nlp: NlpConfig::default(),
             answerer: fengda_nlp::AnswererConfig::default(),
             auth: crate::auth::AuthConfig::default(),
@@ -139,6 +144,7 @@ impl Config {
         }
         self.server.validate()?;
         self.conversation.validate()?;
+        self.agents.validate()?;
         self.redis.validate()?;
         self.nlp.validate()?;
         self.answerer.validate().map_err(ConfigError::Answerer)?;

@@ -29,7 +29,7 @@ use crate::event::{Cursor, Step, StoredEvent};
 use crate::ids::{ConversationKey, SessionId};
 use crate::protocol::{ReplyTiming, Role, ServerFrame};
 
-pub use session::{Outbound, SessionCloser, SessionHandle};
+pub use session::{Audience, Outbound, SessionCloser, SessionHandle};
 
 /// Serializes this node's appends to one conversation, so that their local
 /// deliveries reach the fan-out in seq order (an `ack` stays an `ack`, a

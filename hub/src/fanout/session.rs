@@ -8,7 +8,7 @@ use axum::extract::ws::Utf8Bytes;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use crate::ids::SessionId;
+use crate::ids::{ConversationKey, SessionId};
 use crate::protocol::close::{self, CloseReason};
 
 /// One item queued for a socket's writer.
@@ -32,6 +32,9 @@ pub enum Outbound {
     /// This node may have missed events (its subscription dropped): the
     /// writer re-reads the log after the last seq it sent.
     Resync,
+    /// An item for an agent's socket, about one of the conversations it
+    /// watches (an agent socket has one delivery cursor per conversation).
+    Watched { key: ConversationKey, item: Box<Outbound> },
 }
 
 impl Outbound {
@@ -43,7 +46,7 @@ impl Outbound {
     pub fn frame(&self) -> Option<&Utf8Bytes> {
         match self {
             Self::Event { frame, .. } | Self::Frame { frame, .. } => Some(frame),
-            Self::Frames { .. } | Self::Resync => None,
+            Self::Frames { .. } | Self::Resync | Self::Watched { .. } => None,
         }
     }
 }
@@ -84,6 +87,18 @@ impl SessionCloser {
     }
 }
 
+/// Who reads a socket: what the fan-out may push to it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Audience {
+    /// A customer's socket: never gets agent-only frames (notes, presence,
+    /// owner changes, agents' note typing).
+    Customer,
+    /// An agent's socket; as a watcher of a conversation (the handle the
+    /// fan-out holds), every item pushed is wrapped in [`Outbound::Watched`]
+    /// with the conversation.
+    Agent { watching: Option<ConversationKey> },
+}
+
 /// The fan-out's view of one socket: its queue and a way to close it.
 #[derive(Clone, Debug)]
 pub struct SessionHandle {
@@ -93,12 +108,36 @@ pub struct SessionHandle {
     /// socket's memory after the socket buffer; a box per frame costs less.
     pub tx: mpsc::Sender<Box<Outbound>>,
     pub closer: SessionCloser,
+    pub audience: Audience,
 }
 
 impl SessionHandle {
+    /// A customer's socket.
+    pub fn customer(id: SessionId, tx: mpsc::Sender<Box<Outbound>>, closer: SessionCloser) -> Self {
+        Self { id, tx, closer, audience: Audience::Customer }
+    }
+
+    /// An agent's socket (its own frames: `ready`, `pong`, errors).
+    pub fn agent(id: SessionId, tx: mpsc::Sender<Box<Outbound>>, closer: SessionCloser) -> Self {
+        Self { id, tx, closer, audience: Audience::Agent { watching: None } }
+    }
+
+    /// The same agent's socket as a watcher of `key`.
+    pub fn watching(&self, key: ConversationKey) -> Self {
+        Self { audience: Audience::Agent { watching: Some(key) }, ..self.clone() }
+    }
+
+    pub fn is_agent(&self) -> bool {
+        matches!(self.audience, Audience::Agent { .. })
+    }
+
     /// Queues a frame without waiting; a full queue closes the session as a
     /// slow consumer. Returns whether the frame was queued.
     pub fn push(&self, item: Outbound) -> bool {
+        let item = match &self.audience {
+            Audience::Agent { watching: Some(key) } => Outbound::Watched { key: key.clone(), item: Box::new(item) },
+            Audience::Customer | Audience::Agent { watching: None } => item,
+        };
         match self.tx.try_send(Box::new(item)) {
             Ok(()) => true,
             Err(mpsc::error::TrySendError::Full(_)) => {

@@ -13,8 +13,7 @@ fn key() -> ConversationKey {
 
 fn session(capacity: usize) -> (SessionHandle, mpsc::Receiver<Box<Outbound>>) {
     let (tx, rx) = mpsc::channel(capacity);
-    let handle =
-        SessionHandle { id: SessionId::next(), tx, closer: SessionCloser::child_of(&CancellationToken::new()) };
+    let handle = SessionHandle::customer(SessionId::next(), tx, SessionCloser::child_of(&CancellationToken::new()));
     (handle, rx)
 }
 
@@ -159,4 +158,32 @@ fn leave_reports_the_last_session() {
     assert!(!fanout.leave(&key(), a.id));
     assert!(fanout.leave(&key(), b.id));
     assert_eq!(fanout.local_sessions(&key()), 0);
+}
+
+#[test]
+fn an_agents_handle_gets_every_item_wrapped_with_its_conversation() {
+    let fanout = FanOut::default();
+    let key = ConversationKey::for_test("t", "a");
+    let (customer, mut customer_rx) = session(8);
+    let (tx, mut agent_rx) = mpsc::channel(8);
+    let agent = SessionHandle::agent(SessionId::next(), tx, SessionCloser::child_of(&CancellationToken::new()));
+    assert!(agent.is_agent() && !customer.is_agent());
+    fanout.join(&key, customer).unwrap();
+    fanout.join(&key, agent.watching(key.clone())).unwrap();
+    fanout.deliver_frames(&key, vec![Utf8Bytes::from_static("delta")]);
+    fanout.resync_all();
+    let Outbound::Frame { frame, .. } = *customer_rx.try_recv().unwrap() else { panic!("a plain frame") };
+    assert_eq!(frame.as_str(), "delta");
+    for expected in ["frame", "resync"] {
+        let Outbound::Watched { key: watched, item } = *agent_rx.try_recv().unwrap() else { panic!("wrapped") };
+        assert_eq!(watched, key);
+        match (expected, *item) {
+            ("frame", Outbound::Frame { frame, .. }) => assert_eq!(frame.as_str(), "delta"),
+            ("resync", Outbound::Resync) => {}
+            (expected, other) => panic!("expected {expected}, got {other:?}"),
+        }
+    }
+    // The agent's own frames (not about a watched conversation) are not wrapped.
+    agent.push(Outbound::ephemeral(Utf8Bytes::from_static("pong")));
+    assert!(matches!(*agent_rx.try_recv().unwrap(), Outbound::Frame { .. }));
 }

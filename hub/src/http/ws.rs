@@ -24,7 +24,7 @@ use serde::Deserialize;
 
 use super::ApiError;
 use crate::AppState;
-use crate::auth::{self, AuthMode, Identity};
+use crate::auth::{self, AuthMode, Identity, Role};
 use crate::ids::{ConversationId, Party, TenantId, UserId};
 use crate::server::limits::{AddressGuard, Refusal};
 use crate::session::{self, SessionParams};
@@ -73,7 +73,13 @@ pub async fn upgrade(
                 // (detach, the close handshake) and not only for its tasks.
                 .on_upgrade(move |socket| {
                     let tracker = app.tracker.clone();
-                    tracker.track_future(session::run(socket, params, app).map(move |()| drop((address, lease))))
+                    let agent = params.identity.as_ref().is_some_and(|identity| identity.role == Role::Agent);
+                    // Boxed: a customer's idle session should not be sized for an agent's.
+                    let session = match agent {
+                        true => futures::future::Either::Left(Box::pin(crate::agent::run(socket, params, app))),
+                        false => futures::future::Either::Right(session::run(socket, params, app)),
+                    };
+                    tracker.track_future(session.map(move |()| drop((address, lease))))
                 })
         }
         Err(refused) => refused.into_response(),
@@ -198,6 +204,17 @@ async fn check(
     let Query(query) =
         query.map_err(|_| ApiError::bad_request("invalid_query", "a query parameter is given more than once"))?;
     let (tenant, user, identity) = authenticate(app, headers, &query).await?;
+    // An agent's socket is not bound to a conversation: it watches them.
+    let given = |value: &Option<String>| value.as_deref().is_some_and(|v| !v.is_empty());
+    if identity.as_ref().is_some_and(|identity| identity.role == Role::Agent)
+        && (given(&query.conversation) || given(&query.after) || given(&query.epoch))
+    {
+        return Err(ApiError::bad_request(
+            "invalid_query",
+            "an agent's socket takes no `conversation`, `after` or `epoch`; send `watch`",
+        )
+        .into());
+    }
     let conversation = match query.conversation.as_deref().filter(|c| !c.is_empty()) {
         Some(raw) => Some(
             ConversationId::parse(raw)

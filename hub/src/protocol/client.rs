@@ -17,6 +17,34 @@ pub enum ClientFrame {
     Cancel { reply: String },
     /// A new token for this socket, before the current one expires.
     Refresh { token: String },
+    /// Agents: the conversation's history, then its events live.
+    Watch { conversation: String, after: Option<u64> },
+    /// Agents: stop a conversation's events.
+    Unwatch { conversation: String },
+}
+
+impl ClientFrame {
+    /// Whether only agents' sockets may send this frame (customers get `forbidden`).
+    pub fn is_agents(&self) -> bool {
+        matches!(self, Self::Watch { .. } | Self::Unwatch { .. })
+    }
+
+    /// Whether only customers' sockets may send this frame (agents get `forbidden`).
+    pub fn is_customers(&self) -> bool {
+        matches!(self, Self::Cancel { .. })
+    }
+
+    /// The wire name of the frame's type.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::Message { .. } => "message",
+            Self::Ping => "ping",
+            Self::Cancel { .. } => "cancel",
+            Self::Refresh { .. } => "refresh",
+            Self::Watch { .. } => "watch",
+            Self::Unwatch { .. } => "unwatch",
+        }
+    }
 }
 
 /// Why a client frame was rejected; becomes an `error` frame.
@@ -85,6 +113,13 @@ pub fn parse_client_frame(text: &str, limit: TextLimit) -> Result<ClientFrame, F
         "ping" => Ok(ClientFrame::Ping),
         "cancel" => Ok(ClientFrame::Cancel { reply: take_string(fields.reply.take(), "reply")? }),
         "refresh" => Ok(ClientFrame::Refresh { token: take_string(fields.token.take(), "token")? }),
+        "watch" => Ok(ClientFrame::Watch {
+            conversation: take_string(fields.conversation.take(), "conversation")?,
+            after: take_optional_u64(fields.after.take(), "after")?,
+        }),
+        "unwatch" => {
+            Ok(ClientFrame::Unwatch { conversation: take_string(fields.conversation.take(), "conversation")? })
+        }
         "message" => {
             let id = take_string(fields.id.take(), "id")?;
             if id.is_empty() || id.len() > MAX_MESSAGE_ID_LEN {
@@ -141,7 +176,17 @@ fn take_string(field: Option<Field<'_>>, name: &str) -> Result<String, FrameErro
     match field {
         None | Some(Field::Null) => Err(FrameError::new(ErrorCode::MissingField, format!("missing field `{name}`"))),
         Some(Field::Str(s)) => Ok(s.into_owned()),
-        Some(Field::Other) => Err(FrameError::new(ErrorCode::InvalidFrame, format!("field `{name}` must be a string"))),
+        Some(_) => Err(FrameError::new(ErrorCode::InvalidFrame, format!("field `{name}` must be a string"))),
+    }
+}
+
+fn take_optional_u64(field: Option<Field<'_>>, name: &str) -> Result<Option<u64>, FrameError> {
+    match field {
+        None | Some(Field::Null) => Ok(None),
+        Some(Field::U64(n)) => Ok(Some(n)),
+        Some(_) => {
+            Err(FrameError::new(ErrorCode::InvalidFrame, format!("field `{name}` must be a non-negative integer")))
+        }
     }
 }
 
@@ -155,6 +200,7 @@ fn take_string(field: Option<Field<'_>>, name: &str) -> Result<String, FrameErro
 enum Raw<'a> {
     Object(RawFields<'a>),
     Str(std::borrow::Cow<'a, str>),
+    U64(u64),
     Null,
     Other,
 }
@@ -169,12 +215,15 @@ struct RawFields<'a> {
     text: Option<Field<'a>>,
     reply: Option<Field<'a>>,
     token: Option<Field<'a>>,
+    conversation: Option<Field<'a>>,
+    after: Option<Field<'a>>,
 }
 
 /// A field's value: a string, null, or anything else (an error for every
 /// field we read).
 enum Field<'a> {
     Str(std::borrow::Cow<'a, str>),
+    U64(u64),
     Null,
     Other,
 }
@@ -183,6 +232,7 @@ impl<'a> From<Raw<'a>> for Field<'a> {
     fn from(raw: Raw<'a>) -> Self {
         match raw {
             Raw::Str(s) => Field::Str(s),
+            Raw::U64(n) => Field::U64(n),
             Raw::Null => Field::Null,
             Raw::Object(_) | Raw::Other => Field::Other,
         }
@@ -215,6 +265,8 @@ impl<'de> Deserialize<'de> for Raw<'de> {
                         "text" => &mut fields.text,
                         "reply" => &mut fields.reply,
                         "token" => &mut fields.token,
+                        "conversation" => &mut fields.conversation,
+                        "after" => &mut fields.after,
                         _ => {
                             if !others.get_or_insert_default().insert(key) {
                                 return Err(A::Error::custom("repeated key"));
@@ -250,8 +302,8 @@ impl<'de> Deserialize<'de> for Raw<'de> {
             fn visit_i64<E>(self, _: i64) -> Result<Self::Value, E> {
                 Ok(Raw::Other)
             }
-            fn visit_u64<E>(self, _: u64) -> Result<Self::Value, E> {
-                Ok(Raw::Other)
+            fn visit_u64<E>(self, n: u64) -> Result<Self::Value, E> {
+                Ok(Raw::U64(n))
             }
             fn visit_f64<E>(self, _: f64) -> Result<Self::Value, E> {
                 Ok(Raw::Other)
@@ -284,6 +336,32 @@ mod tests {
             Ok(ClientFrame::Cancel { reply: "r-1".into() })
         );
         assert_eq!(parse_client_frame(r#"{"type":"cancel"}"#, LIMIT).unwrap_err().code, ErrorCode::MissingField);
+    }
+
+    #[test]
+    fn parses_agent_frames() {
+        let id = "0123456789abcdef0123456789abcdef";
+        assert_eq!(
+            parse_client_frame(&format!(r#"{{"type":"watch","conversation":"{id}","after":3}}"#), LIMIT),
+            Ok(ClientFrame::Watch { conversation: id.into(), after: Some(3) })
+        );
+        assert_eq!(
+            parse_client_frame(&format!(r#"{{"type":"watch","conversation":"{id}","after":null}}"#), LIMIT),
+            Ok(ClientFrame::Watch { conversation: id.into(), after: None })
+        );
+        assert_eq!(
+            parse_client_frame(&format!(r#"{{"type":"unwatch","conversation":"{id}"}}"#), LIMIT),
+            Ok(ClientFrame::Unwatch { conversation: id.into() })
+        );
+        assert_eq!(code(r#"{"type":"watch"}"#), ErrorCode::MissingField);
+        assert_eq!(code(r#"{"type":"watch","conversation":7}"#), ErrorCode::InvalidFrame);
+        for after in ["-1", "1.5", "\"3\"", "true"] {
+            let frame = format!(r#"{{"type":"watch","conversation":"c","after":{after}}}"#);
+            assert_eq!(code(&frame), ErrorCode::InvalidFrame, "{frame}");
+        }
+        assert!(ClientFrame::Watch { conversation: id.into(), after: None }.is_agents());
+        assert!(ClientFrame::Cancel { reply: "r".into() }.is_customers());
+        assert!(!ClientFrame::Ping.is_agents() && !ClientFrame::Ping.is_customers());
     }
 
     #[test]

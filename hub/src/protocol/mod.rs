@@ -13,7 +13,7 @@ mod server;
 use serde::{Deserialize, Serialize};
 
 pub use client::{ClientFrame, FrameError, MAX_MESSAGE_ID_LEN, TextLimit, is_blank, parse_client_frame};
-pub use server::{DeltaEncoder, ReplyTiming, ServerFrame};
+pub use server::{DeltaEncoder, ReplyTiming, ServerFrame, Viewer};
 
 /// Who wrote a durable event.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -71,6 +71,13 @@ pub enum ErrorCode {
     IdentityMismatch,
     /// `refresh` on a socket that was not opened with a token.
     RefreshNotApplicable,
+    /// A frame this socket's role may not send (a customer frame on an
+    /// agent's socket, an agent frame on a customer's).
+    Forbidden,
+    /// A `watch` beyond `agents.max_watched`.
+    TooManyWatched,
+    /// An agent's `message` or `release` in a conversation it does not own.
+    NotOwner,
 }
 
 impl ErrorCode {
@@ -94,6 +101,9 @@ impl ErrorCode {
             Self::TokenExpired => "token_expired",
             Self::IdentityMismatch => "identity_mismatch",
             Self::RefreshNotApplicable => "refresh_not_applicable",
+            Self::Forbidden => "forbidden",
+            Self::TooManyWatched => "too_many_watched",
+            Self::NotOwner => "not_owner",
         }
     }
 }

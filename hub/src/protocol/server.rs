@@ -89,6 +89,35 @@ pub enum ServerFrame<'a> {
     /// A `refresh` was accepted; the socket's token now expires at `exp`.
     #[serde(rename = "refreshed")]
     Refreshed { exp: u64 },
+    /// An agent's socket is open (`role` is always `"agent"`).
+    #[serde(rename = "ready")]
+    AgentReady { role: &'a str, agent: &'a str, name: &'a str, supervisor: bool },
+    /// The snapshot that precedes a watched conversation's events.
+    #[serde(rename = "watching")]
+    Watching {
+        conversation: &'a str,
+        customer: &'a str,
+        seq: u64,
+        epoch: &'a str,
+        owner: &'a str,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        agent: Option<&'a str>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        agent_name: Option<&'a str>,
+        owner_epoch: u64,
+        online: bool,
+        viewers: &'a [Viewer],
+    },
+    /// An `error` about one conversation, on an agent's socket.
+    #[serde(rename = "error")]
+    ConversationError { code: &'a str, message: &'a str, conversation: &'a str },
+}
+
+/// An agent watching a conversation, as `watching` and `presence` list them.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Viewer {
+    pub agent: String,
+    pub name: String,
 }
 
 impl ServerFrame<'_> {

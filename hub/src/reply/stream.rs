@@ -249,7 +249,7 @@ mod tests {
         for _ in 0..2 {
             let (tx, rx) = tokio::sync::mpsc::channel(8);
             let closer = SessionCloser::child_of(&CancellationToken::new());
-            let session = SessionHandle { id: SessionId::next(), tx, closer };
+            let session = SessionHandle::customer(SessionId::next(), tx, closer);
             backend.attach(&key, session, None, opened.pending.as_ref()).await.unwrap();
             queues.push(rx);
         }

@@ -10,6 +10,9 @@
 mod reader;
 mod writer;
 
+pub(crate) use reader::{FrameReader, Inbound, error_frame, forbidden, refresh, send_to_this_socket};
+pub(crate) use writer::{BURST, CLOSE_TIMEOUT, GAP_READ_RETRIES};
+
 use std::future::Future;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -28,7 +31,7 @@ use crate::reply::Question;
 use crate::store::StoreError;
 
 /// How long a closing session waits for the client's close frame.
-const CLOSE_HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
+pub(crate) const CLOSE_HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// Who is connecting and where they want to resume, from the `/ws` query.
 #[derive(Debug, Clone)]
@@ -69,7 +72,7 @@ pub fn run(socket: WebSocket, params: SessionParams, app: Arc<AppState>) -> impl
         let ws = &app.config.websocket;
         let closer = SessionCloser::child_of(&app.shutdown);
         let (out_tx, out_rx) = mpsc::channel(ws.outbound_queue_frames);
-        let handle = SessionHandle { id: session_id, tx: out_tx.clone(), closer: closer.clone() };
+        let handle = SessionHandle::customer(session_id, out_tx.clone(), closer.clone());
         let snapshot = match app.conversations.attach(&key, handle.clone(), params.after, opened.pending.as_ref()).await
         {
             Ok(snapshot) => snapshot,
@@ -164,7 +167,7 @@ pub fn run(socket: WebSocket, params: SessionParams, app: Arc<AppState>) -> impl
 /// interval, spread by session id, so that sockets that connected together
 /// (after a node restart, a reconnect storm) are not all pinged, and do not
 /// all answer, in the same instant every interval.
-fn first_ping(interval: std::time::Duration, session: SessionId) -> std::time::Duration {
+pub(crate) fn first_ping(interval: std::time::Duration, session: SessionId) -> std::time::Duration {
     let half = interval / 2;
     let spread = u64::try_from(half.as_micros()).unwrap_or(u64::MAX).max(1);
     // Fibonacci hashing: consecutive ids land far apart.
@@ -173,10 +176,10 @@ fn first_ping(interval: std::time::Duration, session: SessionId) -> std::time::D
 }
 
 /// Counts a running session in `AppState::sessions_open` until dropped.
-struct OpenSession<'a>(&'a AtomicUsize);
+pub(crate) struct OpenSession<'a>(&'a AtomicUsize);
 
 impl<'a> OpenSession<'a> {
-    fn count(app: &'a AppState) -> Self {
+    pub(crate) fn count(app: &'a AppState) -> Self {
         app.sessions_open.fetch_add(1, Ordering::Relaxed);
         Self(&app.sessions_open)
     }

@@ -32,6 +32,99 @@ use crate::reply::Question;
 use crate::session::{Replies, SessionParams};
 use crate::store::{AppendWith, Appended, NewEvent, Pending, StoreError};
 
+/// What [`FrameReader::next`] read.
+pub(crate) enum Inbound {
+    /// A text frame, parsed (a bad one is the error to send back).
+    Frame(Result<ClientFrame, crate::protocol::FrameError>),
+    /// The session is over; true when the client closed the socket itself
+    /// (close frame or end of stream).
+    End { client_closed: bool },
+}
+
+/// The limits every socket's reader applies, customers' and agents' alike:
+/// the idle timeout, the frame rate, the transport's frame size, binary
+/// frames; what passes is a parsed text frame.
+pub(crate) struct FrameReader {
+    idle_timeout: Duration,
+    text_limit: TextLimit,
+    burst: NonZeroU32,
+    budget: governor::DefaultDirectRateLimiter,
+    refused_in_a_row: u32,
+}
+
+impl FrameReader {
+    pub(crate) fn new(app: &AppState, limits: &crate::tenant::Limits) -> Self {
+        let ws = &app.config.websocket;
+        let text_limit = TextLimit { chars: ws.max_text_chars, bytes: limits.max_text_bytes.min(ws.max_text_bytes) };
+        let burst = NonZeroU32::new(ws.frame_burst).unwrap_or(NonZeroU32::MIN);
+        let rate = NonZeroU32::new(ws.max_frames_per_second).unwrap_or(NonZeroU32::MIN);
+        let budget = governor::RateLimiter::direct(governor::Quota::per_second(rate).allow_burst(burst));
+        let idle_timeout = Duration::from_millis(ws.idle_timeout_ms);
+        Self { idle_timeout, text_limit, burst, budget, refused_in_a_row: 0 }
+    }
+
+    /// The next text frame within the limits; answers what it drops itself.
+    pub(crate) async fn next(&mut self, stream: &mut SplitStream<WebSocket>, session: &SessionHandle) -> Inbound {
+        loop {
+            let next = tokio::select! {
+                _ = session.closer.token().cancelled() => return Inbound::End { client_closed: false },
+                next = tokio::time::timeout(self.idle_timeout, stream.next()) => next,
+            };
+            let message = match next {
+                Err(_elapsed) => {
+                    session.closer.close(close::IDLE_TIMEOUT);
+                    return Inbound::End { client_closed: false };
+                }
+                Ok(None) => return Inbound::End { client_closed: true },
+                Ok(Some(Err(error))) => {
+                    let error = error.into_inner();
+                    if let Some(tungstenite::Error::Capacity(capacity)) = error.downcast_ref::<tungstenite::Error>() {
+                        debug!(%capacity, "frame over the transport limit");
+                        session.closer.close(close::TOO_BIG);
+                        return Inbound::End { client_closed: false };
+                    }
+                    debug!(%error, "socket read failed");
+                    return Inbound::End { client_closed: true };
+                }
+                Ok(Some(Ok(message))) => message,
+            };
+            if !matches!(message, Message::Close(_)) {
+                if self.budget.check().is_err() {
+                    metrics::counter!(crate::metric::FRAMES_RATE_LIMITED).increment(1);
+                    self.refused_in_a_row += 1;
+                    if self.refused_in_a_row >= self.burst.get() {
+                        metrics::counter!(crate::metric::RATE_LIMIT_CLOSES).increment(1);
+                        debug!("frames keep coming over the rate limit; closing");
+                        session.closer.close(close::RATE_LIMITED);
+                        return Inbound::End { client_closed: false };
+                    }
+                    let id = match &message {
+                        Message::Text(text) => match parse_client_frame(text.as_str(), self.text_limit) {
+                            Ok(ClientFrame::Message { id, .. }) => Some(id),
+                            _ => None,
+                        },
+                        _ => None,
+                    };
+                    let text = "too many frames; slow down (this frame was ignored)";
+                    send_to_this_socket(session, error_frame(ErrorCode::RateLimited, text, id.as_deref()));
+                    continue;
+                }
+                self.refused_in_a_row = 0;
+            }
+            match message {
+                Message::Text(text) => return Inbound::Frame(parse_client_frame(text.as_str(), self.text_limit)),
+                Message::Binary(_) => send_to_this_socket(
+                    session,
+                    error_frame(ErrorCode::BinaryNotSupported, "binary frames are not supported; send JSON text", None),
+                ),
+                Message::Close(_) => return Inbound::End { client_closed: true },
+                // Pings are answered by the library; any frame counts as a sign of life.
+                Message::Ping(_) | Message::Pong(_) => {}
+            }
+        }
+    }
+}
+
 /// Reads until the session ends; returns true when the client closed the
 /// socket itself (close frame or end of stream).
 #[allow(clippy::too_many_arguments)]
@@ -45,99 +138,59 @@ pub(super) async fn run_reader(
     mut replies: Replies,
     token: Option<&SessionToken>,
 ) -> bool {
-    let idle_timeout = Duration::from_millis(app.config.websocket.idle_timeout_ms);
-    let ws = &app.config.websocket;
     let limits = app.tenants.limits(&params.party.tenant);
-    let text_limit = TextLimit { chars: ws.max_text_chars, bytes: limits.max_text_bytes.min(ws.max_text_bytes) };
-    let burst = NonZeroU32::new(ws.frame_burst).unwrap_or(NonZeroU32::MIN);
-    let rate = NonZeroU32::new(ws.max_frames_per_second).unwrap_or(NonZeroU32::MIN);
-    let budget = governor::RateLimiter::direct(governor::Quota::per_second(rate).allow_burst(burst));
-    let mut refused_in_a_row = 0;
+    let mut frames = FrameReader::new(app, &limits);
     loop {
-        let next = tokio::select! {
-            _ = session.closer.token().cancelled() => return false,
-            next = tokio::time::timeout(idle_timeout, stream.next()) => next,
+        let frame = match frames.next(stream, session).await {
+            Inbound::End { client_closed } => return client_closed,
+            Inbound::Frame(frame) => frame,
         };
-        let message = match next {
-            Err(_elapsed) => {
-                session.closer.close(close::IDLE_TIMEOUT);
-                return false;
+        match frame {
+            Ok(ClientFrame::Ping) => send_to_this_socket(session, ServerFrame::Pong.encode()),
+            Ok(frame) if frame.is_agents() => send_to_this_socket(session, forbidden(&frame)),
+            // Unknown or finished replies are ignored: a cancel may cross the reply.done.
+            Ok(ClientFrame::Cancel { reply }) => app.replier.cancel(key, &reply),
+            Ok(ClientFrame::Refresh { token: fresh }) => refresh(app, session, token, &fresh).await,
+            // Inside the expiry grace the socket reads and streams, but stores nothing new.
+            Ok(ClientFrame::Message { id, .. }) if token.is_some_and(SessionToken::expired) => {
+                let text = "this socket's token has expired; send `refresh` with a new token";
+                send_to_this_socket(session, error_frame(ErrorCode::TokenExpired, text, Some(&id)));
             }
-            Ok(None) => return true,
-            Ok(Some(Err(error))) => {
-                let error = error.into_inner();
-                if let Some(tungstenite::Error::Capacity(capacity)) = error.downcast_ref::<tungstenite::Error>() {
-                    debug!(%capacity, "frame over the transport limit");
-                    session.closer.close(close::TOO_BIG);
-                    return false;
-                }
-                debug!(%error, "socket read failed");
-                return true;
-            }
-            Ok(Some(Ok(message))) => message,
-        };
-        if !matches!(message, Message::Close(_)) {
-            if budget.check().is_err() {
-                metrics::counter!(crate::metric::FRAMES_RATE_LIMITED).increment(1);
-                refused_in_a_row += 1;
-                if refused_in_a_row >= burst.get() {
-                    metrics::counter!(crate::metric::RATE_LIMIT_CLOSES).increment(1);
-                    debug!("frames keep coming over the rate limit; closing");
-                    session.closer.close(close::RATE_LIMITED);
-                    return false;
-                }
-                let id = match &message {
-                    Message::Text(text) => match parse_client_frame(text.as_str(), text_limit) {
-                        Ok(ClientFrame::Message { id, .. }) => Some(id),
-                        _ => None,
-                    },
-                    _ => None,
-                };
-                let text = "too many frames; slow down (this frame was ignored)";
-                send_to_this_socket(session, error_frame(ErrorCode::RateLimited, text, id.as_deref()));
-                continue;
-            }
-            refused_in_a_row = 0;
-        }
-        match message {
-            Message::Text(text) => match parse_client_frame(text.as_str(), text_limit) {
-                Ok(ClientFrame::Ping) => send_to_this_socket(session, ServerFrame::Pong.encode()),
-                // Unknown or finished replies are ignored: a cancel may cross the reply.done.
-                Ok(ClientFrame::Cancel { reply }) => app.replier.cancel(key, &reply),
-                Ok(ClientFrame::Refresh { token: fresh }) => match token {
-                    Some(token) => token.refresh(&app.auth, session, &fresh).await,
-                    None => {
-                        let text = "this socket was not opened with a token; there is nothing to refresh";
-                        send_to_this_socket(session, error_frame(ErrorCode::RefreshNotApplicable, text, None));
-                    }
-                },
-                // Inside the expiry grace the socket reads and streams, but stores nothing new.
-                Ok(ClientFrame::Message { id, .. }) if token.is_some_and(SessionToken::expired) => {
-                    let text = "this socket's token has expired; send `refresh` with a new token";
-                    send_to_this_socket(session, error_frame(ErrorCode::TokenExpired, text, Some(&id)));
-                }
-                // Boxed: the reader's future lives as long as the socket, a message's handling only briefly.
-                Ok(ClientFrame::Message { id, text }) => {
-                    match app.tenants.admit_message(&params.party.tenant, &params.party.user, &limits).await {
-                        Err(wait) => send_to_this_socket(session, over_message_rate(&id, wait)),
-                        Ok(()) => {
-                            let turns = limits.history_turns;
-                            Box::pin(on_message(app, params, key, pending, session, &mut replies, id, text, turns))
-                                .await
-                        }
+            // Boxed: the reader's future lives as long as the socket, a message's handling only briefly.
+            Ok(ClientFrame::Message { id, text }) => {
+                match app.tenants.admit_message(&params.party.tenant, &params.party.user, &limits).await {
+                    Err(wait) => send_to_this_socket(session, over_message_rate(&id, wait)),
+                    Ok(()) => {
+                        let turns = limits.history_turns;
+                        Box::pin(on_message(app, params, key, pending, session, &mut replies, id, text, turns)).await
                     }
                 }
-                Err(error) => send_to_this_socket(session, error.to_frame()),
-            },
-            Message::Binary(_) => send_to_this_socket(
-                session,
-                error_frame(ErrorCode::BinaryNotSupported, "binary frames are not supported; send JSON text", None),
-            ),
-            Message::Close(_) => return true,
-            // Pings are answered by the library; any frame counts as a sign of life.
-            Message::Ping(_) | Message::Pong(_) => {}
+            }
+            Ok(ClientFrame::Watch { .. } | ClientFrame::Unwatch { .. }) => {}
+            Err(error) => send_to_this_socket(session, error.to_frame()),
         }
     }
+}
+
+/// `refresh`: a new token for a socket opened with one.
+pub(crate) async fn refresh(app: &AppState, session: &SessionHandle, token: Option<&SessionToken>, fresh: &str) {
+    match token {
+        Some(token) => token.refresh(&app.auth, session, fresh).await,
+        None => {
+            let text = "this socket was not opened with a token; there is nothing to refresh";
+            send_to_this_socket(session, error_frame(ErrorCode::RefreshNotApplicable, text, None));
+        }
+    }
+}
+
+/// The `forbidden` error for a frame this socket's role may not send.
+pub(crate) fn forbidden(frame: &ClientFrame) -> axum::extract::ws::Utf8Bytes {
+    let kind = frame.kind();
+    let message = match frame.is_agents() {
+        true => format!("`{kind}` is an agent's frame; this is a customer's socket"),
+        false => format!("`{kind}` is a customer's frame; this is an agent's socket"),
+    };
+    error_frame(ErrorCode::Forbidden, &message, None)
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -207,7 +260,7 @@ async fn on_message(
 }
 
 /// Queues a frame for this socket only (not a durable event).
-fn send_to_this_socket(session: &SessionHandle, frame: axum::extract::ws::Utf8Bytes) {
+pub(crate) fn send_to_this_socket(session: &SessionHandle, frame: axum::extract::ws::Utf8Bytes) {
     session.push(Outbound::ephemeral(frame));
 }
 
@@ -219,6 +272,6 @@ fn over_message_rate(id: &str, wait: Duration) -> axum::extract::ws::Utf8Bytes {
     ServerFrame::Error { code, message: &message, id: Some(id), retry_after_ms: Some(retry_after_ms) }.encode()
 }
 
-fn error_frame(code: ErrorCode, message: &str, id: Option<&str>) -> axum::extract::ws::Utf8Bytes {
+pub(crate) fn error_frame(code: ErrorCode, message: &str, id: Option<&str>) -> axum::extract::ws::Utf8Bytes {
     ServerFrame::Error { code: code.as_str(), message, id, retry_after_ms: None }.encode()
 }

@@ -26,13 +26,13 @@ use crate::fanout::{Outbound, SessionCloser};
 use crate::ids::ConversationKey;
 
 /// Frames written per flush at most.
-const BURST: usize = 64;
+pub(crate) const BURST: usize = 64;
 /// Pauses before each new try to read a gap's events from the store (about
 /// 1.5 s in all) before the session gives up and closes with 4503.
-const GAP_READ_RETRIES: [Duration; 4] =
+pub(crate) const GAP_READ_RETRIES: [Duration; 4] =
     [Duration::from_millis(100), Duration::from_millis(200), Duration::from_millis(400), Duration::from_millis(800)];
 /// How long a closing socket gets to take its close frame.
-const CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
+pub(crate) const CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
 
 type Sink = SplitSink<WebSocket, Message>;
 
@@ -157,6 +157,8 @@ fn frames_before_close(queued: impl Iterator<Item = Outbound>, sent: &mut Cursor
                 Step::Next | Step::Gap => in_order = false,
             },
             Outbound::Resync => in_order = false,
+            // Only agents' sockets get these.
+            Outbound::Watched { .. } => {}
         }
     }
     frames
@@ -199,6 +201,8 @@ async fn write_burst(sink: &mut Sink, burst: &mut Vec<Box<Outbound>>, replay: &m
                 replay.sent.advance(seq);
             }
             Outbound::Resync => Box::pin(fill_gap(sink, replay, u64::MAX)).await?,
+            // Only agents' sockets get these.
+            Outbound::Watched { .. } => {}
         }
     }
     sink.flush().await?;

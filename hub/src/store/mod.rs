@@ -107,6 +107,8 @@ pub struct Snapshot {
     pub epoch: String,
     /// Durable events with a seq greater than the requested `after`, in order.
     pub missed: Vec<Arc<StoredEvent>>,
+    /// The customer the conversation belongs to (`None` while pending).
+    pub customer: Option<UserId>,
 }
 
 #[derive(Debug, thiserror::Error)]

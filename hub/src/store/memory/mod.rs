@@ -203,7 +203,8 @@ impl ConversationLog for MemoryLog {
             Some(after) => log.events.iter().filter(|e| e.seq > after).cloned().collect(),
             None => Vec::new(),
         };
-        Ok(Some(Snapshot { exists: true, last_seq: log.last_seq, epoch: log.epoch.clone(), missed }))
+        let customer = Some(log.user.clone());
+        Ok(Some(Snapshot { exists: true, last_seq: log.last_seq, epoch: log.epoch.clone(), missed, customer }))
     }
 
     async fn touch(&self, user: &UserId, key: &ConversationKey) {

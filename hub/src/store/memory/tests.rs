@@ -95,7 +95,7 @@ fn backend(log_cap: usize) -> Node {
 fn session() -> (SessionHandle, tokio::sync::mpsc::Receiver<Box<crate::fanout::Outbound>>) {
     let (tx, rx) = tokio::sync::mpsc::channel(8);
     let closer = crate::fanout::SessionCloser::child_of(&CancellationToken::new());
-    (SessionHandle { id: SessionId::next(), tx, closer }, rx)
+    (SessionHandle::customer(SessionId::next(), tx, closer), rx)
 }
 
 /// Opens a new conversation for `user` and stores a first message in it.

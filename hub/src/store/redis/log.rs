@@ -48,7 +48,7 @@ impl RedisLog {
 }
 
 impl Inner {
-    /// The log's last seq, its epoch and the events after `after`, or
+    /// The log's last seq, its epoch, its customer and the events after `after`, or
     /// `None` if it does not exist.
     async fn read_after(&self, key: &ConversationKey, after: u64) -> Result<Option<Snapshot>, StoreError> {
         let link = &self.link;
@@ -75,9 +75,11 @@ impl Inner {
         };
         let malformed =
             |e: redis::ParsingError| StoreError::Unavailable(format!("unexpected reply from read_after: {e}"));
+        let customer: String = redis::from_redis_value(parts.pop().unwrap_or(Value::Nil)).map_err(malformed)?;
         let epoch: String = redis::from_redis_value(parts.pop().unwrap_or(Value::Nil)).map_err(malformed)?;
         let last_seq: u64 = redis::from_redis_value(parts.pop().unwrap_or(Value::Nil)).map_err(malformed)?;
-        Ok(Some(Snapshot { exists: true, last_seq, epoch, missed }))
+        let customer = UserId::parse(&customer).ok();
+        Ok(Some(Snapshot { exists: true, last_seq, epoch, missed, customer }))
     }
 
     /// Counts the creation of `key`'s conversation against its user's cap

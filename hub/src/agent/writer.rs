@@ -1,0 +1,320 @@
+//! The writer half of an agent's session: the only owner of its sink and
+//! of its watches.
+//!
+//! It drains the socket's bounded queue like a customer's writer, but the
+//! durable events on it belong to many conversations: each arrives wrapped
+//! with its conversation ([`Outbound::Watched`]) and goes through that
+//! watch's own [`Cursor`] (a duplicate is skipped, a gap is filled from the
+//! log first). A watch is set up here, not in the reader: joined to the
+//! fan-out, then its snapshot read and written, while what the fan-out
+//! pushes meanwhile waits in the queue; so the snapshot always precedes the
+//! live events, and an event in both is sent once.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::ws::{Message, Utf8Bytes, WebSocket};
+use futures::SinkExt;
+use futures::stream::SplitSink;
+use tokio::sync::mpsc;
+use tracing::{debug, warn};
+
+use crate::AppState;
+use crate::event::{Cursor, Step};
+use crate::fanout::{Outbound, SessionCloser, SessionHandle};
+use crate::ids::{ConversationId, ConversationKey, Party};
+use crate::protocol::{ErrorCode, ServerFrame, close};
+use crate::session::{BURST, CLOSE_TIMEOUT, GAP_READ_RETRIES, close_message};
+use crate::store::StoreError;
+
+type Sink = SplitSink<WebSocket, Message>;
+
+/// What the reader asks of the writer.
+#[derive(Debug)]
+pub(super) enum Command {
+    /// Send the conversation's snapshot, then its events live.
+    Watch { conversation: ConversationId, after: Option<u64> },
+    /// Stop the conversation's events.
+    Unwatch { conversation: ConversationId },
+}
+
+/// One watched conversation.
+struct Watch {
+    key: ConversationKey,
+    /// The durable events of this conversation the agent has.
+    sent: Cursor,
+}
+
+/// An agent socket's watched conversations, and what it needs to set them up.
+pub(super) struct Watches {
+    app: Arc<AppState>,
+    party: Party,
+    /// The socket's own handle; each watch joins the fan-out with
+    /// [`SessionHandle::watching`] it.
+    handle: SessionHandle,
+    /// `ready`, written first.
+    intro: Option<Utf8Bytes>,
+    watched: HashMap<ConversationId, Watch>,
+}
+
+impl Watches {
+    pub(super) fn new(app: Arc<AppState>, party: Party, handle: SessionHandle, ready: Utf8Bytes) -> Self {
+        Self { app, party, handle, intro: Some(ready), watched: HashMap::new() }
+    }
+
+    /// Leaves every watched conversation (the session is over).
+    async fn leave_all(&mut self) {
+        for (_, watch) in self.watched.drain() {
+            self.app.conversations.detach(&watch.key, self.handle.id).await;
+        }
+    }
+}
+
+#[allow(clippy::manual_async_fn, reason = "an async fn would keep its arguments twice")]
+pub(super) fn run_writer(
+    mut sink: Sink,
+    mut queue: mpsc::Receiver<Box<Outbound>>,
+    mut commands: mpsc::Receiver<Command>,
+    mut watches: Watches,
+    closer: SessionCloser,
+    first_ping: Duration,
+    ping_interval: Duration,
+) -> impl std::future::Future<Output = ()> {
+    async move {
+        let mut ping = tokio::time::interval_at(tokio::time::Instant::now() + first_ping, ping_interval);
+        ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut burst = Vec::new();
+        let cancelled = closer.token().cancelled();
+        tokio::pin!(cancelled);
+        let result: Result<(), WriteError> = async {
+            if let Some(ready) = watches.intro.take() {
+                tokio::select! {
+                    biased;
+                    _ = &mut cancelled => return Ok(()),
+                    result = sink.send(Message::Text(ready)) => result?,
+                }
+            }
+            loop {
+                tokio::select! {
+                    biased;
+                    _ = &mut cancelled => return Ok(()),
+                    command = commands.recv() => {
+                        let Some(command) = command else { return Ok(()) };
+                        tokio::select! {
+                            biased;
+                            _ = &mut cancelled => return Ok(()),
+                            result = watches.apply(&mut sink, command) => result?,
+                        }
+                    }
+                    received = queue.recv_many(&mut burst, BURST) => {
+                        if received == 0 {
+                            return Ok(());
+                        }
+                        tokio::select! {
+                            biased;
+                            _ = &mut cancelled => return Ok(()),
+                            result = watches.write_burst(&mut sink, &mut burst) => result?,
+                        }
+                    }
+                    _ = ping.tick() => {
+                        tokio::select! {
+                            biased;
+                            _ = &mut cancelled => return Ok(()),
+                            result = sink.send(Message::Ping(Default::default())) => result?,
+                        }
+                    }
+                }
+            }
+        }
+        .await;
+        match result {
+            Err(WriteError::GapUnfilled) => closer.close(close::UNAVAILABLE),
+            Err(WriteError::Socket(error)) => {
+                debug!(%error, "socket write failed");
+                closer.close(close::NORMAL);
+            }
+            Ok(()) => {}
+        }
+        watches.leave_all().await;
+        let reason = closer.reason();
+        let _ = tokio::time::timeout(CLOSE_TIMEOUT, async {
+            let _ = sink.send(close_message(reason)).await;
+            sink.close().await
+        })
+        .await;
+    }
+}
+
+/// Why the writer stopped early.
+#[derive(Debug)]
+enum WriteError {
+    Socket(axum::Error),
+    /// A gap in a watched conversation could not be filled from the store:
+    /// the session closes with 4503 rather than skip events.
+    GapUnfilled,
+}
+
+impl From<axum::Error> for WriteError {
+    fn from(error: axum::Error) -> Self {
+        Self::Socket(error)
+    }
+}
+
+impl Watches {
+    async fn apply(&mut self, sink: &mut Sink, command: Command) -> Result<(), WriteError> {
+        match command {
+            Command::Watch { conversation, after } => self.watch(sink, conversation, after).await,
+            Command::Unwatch { conversation } => {
+                if let Some(watch) = self.watched.remove(&conversation) {
+                    self.app.conversations.detach(&watch.key, self.handle.id).await;
+                    debug!(conversation_id = %conversation, "unwatched");
+                }
+                Ok(())
+            }
+        }
+    }
+
+    /// Joins the conversation, then writes `watching` and its history; the
+    /// live events queued meanwhile follow through the watch's cursor.
+    async fn watch(
+        &mut self,
+        sink: &mut Sink,
+        conversation: ConversationId,
+        after: Option<u64>,
+    ) -> Result<(), WriteError> {
+        let app = self.app.clone();
+        let key = self.party.conversation(conversation.clone());
+        if self.watched.remove(&conversation).is_some() {
+            // Watching again: the snapshot again, from a fresh join.
+            app.conversations.detach(&key, self.handle.id).await;
+        } else if self.watched.len() >= app.config.agents.max_watched {
+            let message = format!("an agent may watch at most {} conversations at once", app.config.agents.max_watched);
+            let code = ErrorCode::TooManyWatched.as_str();
+            let frame = ServerFrame::ConversationError { code, message: &message, conversation: conversation.as_str() };
+            return Ok(sink.send(Message::Text(frame.encode())).await?);
+        }
+        let refused = |error: &StoreError| {
+            let (code, _) = crate::session::refusal(error);
+            let message = match error {
+                StoreError::ConversationNotFound => "no such conversation".to_owned(),
+                other => other.to_string(),
+            };
+            ServerFrame::ConversationError { code, message: &message, conversation: conversation.as_str() }.encode()
+        };
+        let snapshot = match app.conversations.attach(&key, self.handle.watching(key.clone()), after, None).await {
+            Ok(snapshot) => snapshot,
+            Err(error) => {
+                debug!(conversation_id = %conversation, %error, "watch refused");
+                return Ok(sink.send(Message::Text(refused(&error))).await?);
+            }
+        };
+        let mut history = snapshot.missed;
+        let last_seq = snapshot.last_seq;
+        let newest = app.config.agents.watch_history as u64;
+        if after.is_none() && newest > 0 && last_seq > 0 {
+            match app.conversations.events_after(&key, last_seq.saturating_sub(newest)).await {
+                Ok(events) => history = events.into_iter().filter(|e| e.seq <= last_seq).collect(),
+                Err(error) => {
+                    app.conversations.detach(&key, self.handle.id).await;
+                    return Ok(sink.send(Message::Text(refused(&error))).await?);
+                }
+            }
+        }
+        let customer = snapshot.customer.as_ref().map_or("", |c| c.as_str());
+        let watching = ServerFrame::Watching {
+            conversation: conversation.as_str(),
+            customer,
+            seq: last_seq,
+            epoch: &snapshot.epoch,
+            owner: "assistant",
+            agent: None,
+            agent_name: None,
+            owner_epoch: 0,
+            online: false,
+            viewers: &[],
+        }
+        .encode();
+        sink.feed(Message::Text(watching)).await?;
+        for event in &history {
+            sink.feed(Message::Text(event.message_frame(conversation.as_str()))).await?;
+        }
+        sink.flush().await?;
+        debug!(conversation_id = %conversation, last_seq, replayed = history.len(), "watching");
+        self.watched.insert(conversation, Watch { key, sent: Cursor::at(last_seq) });
+        Ok(())
+    }
+
+    #[allow(clippy::vec_box, reason = "the items arrive boxed from the queue (see `SessionHandle::tx`)")]
+    async fn write_burst(&mut self, sink: &mut Sink, burst: &mut Vec<Box<Outbound>>) -> Result<(), WriteError> {
+        for item in burst.drain(..) {
+            match *item {
+                Outbound::Frame { frame, .. } => sink.feed(Message::Text(frame)).await?,
+                Outbound::Frames { frames, .. } => {
+                    for frame in frames {
+                        sink.feed(Message::Text(frame)).await?;
+                    }
+                }
+                Outbound::Watched { key, item } => {
+                    // Left over from a conversation no longer watched: dropped.
+                    let Some(watch) = self.watched.get_mut(key.conversation()) else { continue };
+                    match *item {
+                        Outbound::Frame { frame, .. } => sink.feed(Message::Text(frame)).await?,
+                        Outbound::Frames { frames, .. } => {
+                            for frame in frames {
+                                sink.feed(Message::Text(frame)).await?;
+                            }
+                        }
+                        Outbound::Event { seq, frame, .. } => {
+                            let step = watch.sent.step(seq);
+                            if step == Step::Seen {
+                                continue;
+                            }
+                            if step == Step::Gap {
+                                Box::pin(fill_gap(&self.app, sink, watch, seq)).await?;
+                            }
+                            sink.feed(Message::Text(frame)).await?;
+                            watch.sent.advance(seq);
+                        }
+                        Outbound::Resync => Box::pin(fill_gap(&self.app, sink, watch, u64::MAX)).await?,
+                        Outbound::Watched { .. } => {}
+                    }
+                }
+                // Durable events reach an agent's socket only wrapped.
+                Outbound::Event { .. } | Outbound::Resync => {}
+            }
+        }
+        Ok(sink.flush().await?)
+    }
+}
+
+/// Sends a watched conversation's logged events between the last sent seq
+/// and `before` (exclusive); `u64::MAX` after a resync.
+async fn fill_gap(app: &AppState, sink: &mut Sink, watch: &mut Watch, before: u64) -> Result<(), WriteError> {
+    let after = watch.sent.last();
+    let resync = before == u64::MAX;
+    let mut tries = if resync { [].iter() } else { GAP_READ_RETRIES.iter() };
+    let events = loop {
+        match app.conversations.events_after(&watch.key, after).await {
+            Ok(events) => break events,
+            Err(error) if resync => {
+                warn!(%error, after, "cannot re-read a watched conversation after a resync");
+                return Ok(());
+            }
+            Err(error) if tries.len() > 0 => {
+                debug!(%error, after, "cannot fill a gap yet; retrying");
+                tokio::time::sleep(*tries.next().unwrap_or(&Duration::ZERO)).await;
+            }
+            Err(error) => {
+                warn!(%error, after, "cannot fill a gap in a watched conversation; closing the session");
+                return Err(WriteError::GapUnfilled);
+            }
+        }
+    };
+    let conversation = watch.key.conversation().as_str();
+    for event in events.iter().filter(|e| e.seq > after && e.seq < before) {
+        sink.feed(Message::Text(event.message_frame(conversation))).await?;
+        watch.sent.advance(event.seq);
+    }
+    Ok(())
+}

@@ -1,0 +1,36 @@
+//! `[agents]`: what contact-centre agents' sockets may do (watching
+//! conversations from the agent console).
+
+use serde::{Deserialize, Serialize};
+
+use super::ConfigError;
+
+/// Agents' sockets.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AgentsConfig {
+    /// Conversations one agent socket may watch at once; one more gets
+    /// `too_many_watched`. Default 50.
+    pub max_watched: usize,
+    /// Durable events a `watch` without `after` replays (the newest). Default 50.
+    pub watch_history: usize,
+}
+
+impl Default for AgentsConfig {
+    fn default() -> Self {
+        Self { max_watched: 50, watch_history: 50 }
+    }
+}
+
+impl AgentsConfig {
+    pub(super) fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |key, reason| Err(ConfigError::Invalid { key, reason });
+        if self.max_watched == 0 {
+            return invalid("agents.max_watched", "must be at least 1");
+        }
+        if self.watch_history > 1000 {
+            return invalid("agents.watch_history", "must be at most 1000");
+        }
+        Ok(())
+    }
+}

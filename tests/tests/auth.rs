@@ -439,6 +439,14 @@ async fn demo_tokens_carry_an_agents_display_name() {
         assert_eq!((minted["role"].as_str(), minted["name"].as_str()), (Some("agent"), Some(name)), "{query}");
         let claims = payload(minted["token"].as_str().unwrap());
         assert_eq!((claims["sub"].as_str(), claims["name"].as_str()), (Some("anna"), Some(name)), "{claims}");
+        // The agent's socket goes by that name.
+        let agent = Client::connect(&hub.ws_url(&format!("token={}", minted["token"].as_str().unwrap()))).await;
+        assert_eq!(
+            (agent.ready["role"].as_str(), agent.ready["agent"].as_str(), agent.ready["name"].as_str()),
+            (Some("agent"), Some("anna"), Some(name)),
+            "{}",
+            agent.ready
+        );
     }
     // Without `name`, neither the body nor the token has one.
     let (status, minted) = mint("tenant=demo&user=anna&role=agent".to_owned()).await;

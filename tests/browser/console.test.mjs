@@ -24,6 +24,8 @@
 //  4. The customer types: Anna sees "Customer is typing…".
 //  5. Anna writes a private note: Anna and Bob see it as a note; no customer frame ever carries it.
 //  6. Anna hands back: the customer sees that Anna left.
+//  7. The customer presses "Talk to a person": told a person will join; both consoles highlight the
+//     conversation as waiting for an agent.
 //
 // Every page must keep to its Content-Security-Policy and throw nothing. Exits 0 on success.
 
@@ -216,6 +218,16 @@ async function scenario(pages) {
   await until(customer, 'the customer sees Anna leave',
     () => [...document.querySelectorAll('#transcript .msg.system')].some((el) => el.dataset.event === 'agent_left'));
   await until(anna, 'the console offers to take over again', () => !document.querySelector('#take').hidden && document.querySelector('#reply').disabled);
+
+  // 7. The customer asks for a person: every console shows the conversation waiting.
+  await until(customer, '"Talk to a person" is enabled again', () => !document.querySelector('#handoff').disabled);
+  await customer.click('#handoff');
+  await until(customer, 'the customer is told a person will join',
+    () => [...document.querySelectorAll('#transcript .msg.system')].some((el) => el.dataset.event === 'waiting'));
+  for (const [page, name] of [[anna, 'Anna'], [bob, 'Bob']]) {
+    await until(page, `${name}'s list highlights the conversation as waiting for an agent`,
+      (u) => [...document.querySelectorAll('#conversations li.waiting')].some((li) => li.querySelector('.item-customer').textContent === u), user);
+  }
 
   const customerFrames = await customer.evaluate(() => JSON.stringify(window.__sockets.flatMap((ws) => ws.__frames)));
   if (customerFrames.includes(NOTE)) throw new Error('the private note reached a customer socket');

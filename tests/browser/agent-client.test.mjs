@@ -208,10 +208,13 @@ async function checks() {
   const cs = await nextSocket(1);
   cs.hub({ type: 'ready', conversation: C, seq: 0, epoch: 'e1' });
   expect(customer.handoff() === true && cs.sent.at(-1).type === 'handoff', 'handoff sends a handoff frame', cs.sent.at(-1));
+  const typingFrom = cs.sent.length;
   customer.typing(true);
   customer.typing(true);
+  await tick(3100); // a typist repeats `on: true` every 3 s, so the hub's ~4 s expiry never ends it early
   customer.typing(false);
-  expect(JSON.stringify(cs.sent.slice(-2)) === JSON.stringify([{ type: 'typing', on: true }, { type: 'typing', on: false }]), 'customer typing: on once, then off', cs.sent.slice(-2));
+  expect(JSON.stringify(cs.sent.slice(typingFrom)) === JSON.stringify([{ type: 'typing', on: true }, { type: 'typing', on: true }, { type: 'typing', on: false }]),
+    'customer typing: on at once and again after 3 s, then off', cs.sent.slice(typingFrom));
   cs.hub({ type: 'message', conversation: C, seq: 1, from: 'system', id: 's1', text: 'Anna from Support has joined the conversation.', event: 'agent_joined', agent: 'anna', name: 'Anna' });
   cs.hub({ type: 'typing', conversation: C, from: 'agent', name: 'Anna', on: true });
   cs.hub({ type: 'message', conversation: C, seq: 2, from: 'agent', id: 'a1', text: 'Hello', name: 'Anna' });

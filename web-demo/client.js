@@ -1327,6 +1327,20 @@ export class FengdaAgent extends Connection {
       case 'error':
         this.onError(f);
         return;
+      case 'ack': {
+        // Our own message is stored: it joins its transcript (the hub sends it to the others only).
+        const frame = this.outbox.get(f.id);
+        if (!frame || !this.settle(f.id)) return; // a resend's second ack
+        const w = this.watched.get(frame.conversation);
+        w?.addEvent(f.seq, { from: 'agent', id: f.id, text: frame.text, name: this.name, agent: this.agent, ...replyFlags({}) });
+        this.emit('ack', { conversation: frame.conversation, id: f.id, seq: f.seq, kind: 'message' });
+        if (w) this.changed(w, 'ack');
+        return;
+      }
+      case 'note':
+        // Our own note is stored (also when its conversation is not watched here).
+        if (typeof f.id === 'string' && this.settle(f.id)) this.emit('ack', { conversation: f.conversation, id: f.id, kind: 'note' });
+        break;
       default:
         break;
     }
@@ -1375,15 +1389,6 @@ export class FengdaAgent extends Connection {
         this.changed(w, 'message');
         return;
       }
-      case 'ack': {
-        // Our own message is stored: it joins the transcript (the hub sends it to the others only).
-        const frame = this.outbox.get(f.id);
-        if (!frame || !this.settle(f.id)) return;
-        w.addEvent(f.seq, { from: 'agent', id: f.id, text: frame.text, name: this.name, agent: this.agent, ...replyFlags({}) });
-        this.emit('ack', { conversation: w.conversation, id: f.id, seq: f.seq, kind: 'message' });
-        this.changed(w, 'ack');
-        return;
-      }
       case 'queued': {
         if (w.replies.known(f.reply)) return;
         w.queued.set(f.reply, Number.isInteger(f.position) && f.position > 0 ? f.position : null);
@@ -1412,7 +1417,6 @@ export class FengdaAgent extends Connection {
           id: f.id, seq: f.seq, after: Number.isInteger(f.after) ? f.after : 0,
           agent: f.agent, name: f.name, text: String(f.text ?? ''), at: f.at,
         });
-        if (this.settle(f.id)) this.emit('ack', { conversation: w.conversation, id: f.id, kind: 'note' });
         this.changed(w, 'note');
         return;
       }

@@ -45,8 +45,8 @@ pub trait IncomingEvents: Send + Sync + 'static {
     /// A durable event another node appended (`timing` rides along on a
     /// reply's `reply.done`; it is not stored).
     fn event(&self, key: &ConversationKey, event: &StoredEvent, timing: Option<&ReplyTiming>);
-    /// Non-durable frames another node streamed, in order.
-    fn frames(&self, key: &ConversationKey, frames: Vec<Utf8Bytes>);
+    /// Non-durable frames another node streamed, in order, under owner epoch `epoch`.
+    fn frames(&self, key: &ConversationKey, frames: Vec<Utf8Bytes>, epoch: u64);
     /// Events may have been missed (the subscription was down): every
     /// session re-reads its log after the last seq it sent.
     fn resync(&self);
@@ -63,9 +63,10 @@ pub trait EventBus: Send + Sync + 'static {
     /// Stops receiving them (this node's last socket left). Never fails.
     async fn unsubscribe(&self, key: &ConversationKey);
 
-    /// Publishes non-durable frames for other nodes' sockets, in order. Best
-    /// effort and never waits; frames no other node listens for are not sent.
-    fn publish_frames(&self, key: &ConversationKey, frames: &[Utf8Bytes]);
+    /// Publishes non-durable frames, produced under owner epoch `epoch`, for
+    /// other nodes' sockets, in order. Best effort and never waits; frames no
+    /// other node listens for are not sent.
+    fn publish_frames(&self, key: &ConversationKey, frames: &[Utf8Bytes], epoch: u64);
 
     /// Waits until every frame given to `publish_frames` so far has been
     /// published, so that a reply's deltas reach other nodes before its
@@ -93,7 +94,7 @@ impl EventBus for LocalBus {
 
     async fn unsubscribe(&self, _: &ConversationKey) {}
 
-    fn publish_frames(&self, _: &ConversationKey, _: &[Utf8Bytes]) {}
+    fn publish_frames(&self, _: &ConversationKey, _: &[Utf8Bytes], _: u64) {}
 
     async fn flush(&self) {}
 

@@ -76,6 +76,7 @@ impl Conversations {
                 epoch: pending.epoch.clone(),
                 missed: Vec::new(),
                 customer: None,
+                ownership: Default::default(),
             }),
             Ok(None) => {
                 self.detach(key, id).await;
@@ -124,13 +125,58 @@ impl Conversations {
         Ok(appended)
     }
 
-    /// Delivers non-durable frames (`reply.delta`s, `queued`), in order, to
-    /// every socket of the conversation: this node's at once, other nodes'
-    /// through the bus. Best effort and never waits: a lost delta is
-    /// repaired by `reply.done`.
-    pub fn publish_frames(&self, key: &ConversationKey, frames: Vec<Utf8Bytes>) {
-        self.bus.publish_frames(key, &frames);
-        self.fanout.deliver_frames(key, frames);
+    /// Delivers non-durable frames (`reply.delta`s, `queued`) produced under
+    /// owner epoch `epoch`, in order, to every socket of the conversation:
+    /// this node's at once, other nodes' through the bus. Best effort and
+    /// never waits: a lost delta is repaired by `reply.done`. Returns false,
+    /// sending nothing, when this node has delivered an owner change after
+    /// `epoch` (the frames are fenced off: see [`FanOut`]).
+    pub fn publish_frames(&self, key: &ConversationKey, frames: &[Utf8Bytes], epoch: u64) -> bool {
+        if !self.fanout.deliver_frames(key, frames, epoch) {
+            return false;
+        }
+        self.bus.publish_frames(key, frames, epoch);
+        true
+    }
+
+    /// Keeps the conversation subscribed on this node while a reply streams
+    /// here, even if its sockets leave, so the node hears of an owner
+    /// change: `takeover` is cancelled by one after `epoch` (see
+    /// [`FanOut::hold`]). Ended by [`Conversations::unhold`].
+    pub async fn hold(&self, key: &ConversationKey, epoch: u64, takeover: &tokio_util::sync::CancellationToken) {
+        // The common case, the asking socket still here: no lock, no round trip.
+        if self.fanout.hold_if_present(key, epoch, takeover) {
+            return;
+        }
+        let _guard = self.subscriptions.lock().await;
+        if self.fanout.hold(key, epoch, takeover.clone())
+            && let Err(error) = self.bus.subscribe(key).await
+        {
+            // The reply goes on; an owner change elsewhere reaches it only
+            // through the store's fence when it is stored.
+            tracing::warn!(%error, "cannot subscribe to the conversation of a reply");
+        }
+    }
+
+    /// Ends a [`Conversations::hold`].
+    pub async fn unhold(&self, key: &ConversationKey, takeover: &tokio_util::sync::CancellationToken) {
+        if self.fanout.unhold_unless_last(key, takeover) {
+            return;
+        }
+        let _guard = self.subscriptions.lock().await;
+        if self.fanout.unhold(key, takeover) {
+            self.bus.unsubscribe(key).await;
+        }
+    }
+
+    /// Who answers the conversation; `None` if it has no log.
+    pub async fn ownership(&self, key: &ConversationKey) -> Result<Option<crate::owner::Ownership>, StoreError> {
+        Ok(self.log.snapshot(key, None).await?.map(|snapshot| snapshot.ownership))
+    }
+
+    /// Whether this session has (or watches) the conversation on this node.
+    pub fn has_session(&self, key: &ConversationKey, session: SessionId) -> bool {
+        self.fanout.has_session(key, session)
     }
 
     /// Waits until the frames published so far have left for other nodes.

@@ -26,9 +26,48 @@ pub struct StoredEvent {
     pub cancelled: bool,
     /// When the event was stored, in milliseconds since the Unix epoch.
     pub at_ms: u64,
+    /// The agent an agent's message or a system event names (its id).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agent: Option<String>,
+    /// That agent's display name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// What a system event says happened.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub event: Option<SystemEvent>,
+    /// On a system event that changed the conversation's owner: the owner
+    /// epoch it began (the fan-out's delta fence, see [`crate::fanout`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub owner_epoch: Option<u64>,
+}
+
+/// What a durable `system` event records (protocol §14).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SystemEvent {
+    /// An agent took the conversation.
+    AgentJoined,
+    /// The owning agent handed it back to the assistant.
+    AgentLeft,
+    /// The customer asked for a person.
+    Waiting,
+    /// Nobody took it within `agents.handoff_timeout_secs`.
+    AssistantBack,
 }
 
 impl StoredEvent {
+    /// For a system event that changed the owner: the new owner epoch and
+    /// the agent-only `owner` frame that tells watchers.
+    pub fn owner_frame(&self, conversation: &str) -> Option<(u64, Utf8Bytes)> {
+        let owner_epoch = self.owner_epoch?;
+        let (owner, agent, agent_name) = match self.event {
+            Some(SystemEvent::AgentJoined) => ("agent", self.agent.as_deref(), self.name.as_deref()),
+            Some(SystemEvent::Waiting) => ("waiting", None, None),
+            Some(SystemEvent::AgentLeft | SystemEvent::AssistantBack) | None => ("assistant", None, None),
+        };
+        Some((owner_epoch, ServerFrame::Owner { conversation, owner, agent, agent_name, owner_epoch }.encode()))
+    }
+
     /// The `message` frame used for replay and for other sockets.
     pub fn message_frame(&self, conversation: &str) -> Utf8Bytes {
         ServerFrame::Message {
@@ -40,6 +79,9 @@ impl StoredEvent {
             fallback: self.fallback,
             interrupted: self.interrupted,
             cancelled: self.cancelled,
+            agent: self.agent.as_deref().filter(|_| self.from == Role::System),
+            name: self.name.as_deref(),
+            event: self.event,
         }
         .encode()
     }
@@ -56,12 +98,61 @@ pub struct NewEvent {
     pub cancelled: bool,
     /// Delivered with a reply's `reply.done`, never stored.
     pub timing: Option<ReplyTiming>,
+    /// See [`StoredEvent`].
+    pub agent: Option<String>,
+    pub name: Option<String>,
+    pub event: Option<SystemEvent>,
+    pub owner_epoch: Option<u64>,
 }
 
 impl NewEvent {
     /// A customer message.
     pub fn customer(id: String, text: String) -> Self {
-        Self { from: Role::Customer, id, text, fallback: false, interrupted: false, cancelled: false, timing: None }
+        Self {
+            from: Role::Customer,
+            id,
+            text,
+            fallback: false,
+            interrupted: false,
+            cancelled: false,
+            timing: None,
+            agent: None,
+            name: None,
+            event: None,
+            owner_epoch: None,
+        }
+    }
+
+    /// An agent's message to the customer.
+    pub fn agent(id: String, text: String, agent: &str, name: &str) -> Self {
+        Self {
+            from: Role::Agent,
+            agent: Some(agent.to_owned()),
+            name: Some(name.to_owned()),
+            ..Self::customer(id, text)
+        }
+    }
+
+    /// A system event; the owner change it records is filled in by the append.
+    pub fn system(event: SystemEvent, agent: Option<(&str, &str)>) -> Self {
+        let name = agent.map(|(_, name)| name);
+        let text = match event {
+            SystemEvent::AgentJoined => {
+                format!("{} from Support has joined the conversation.", name.unwrap_or("An agent"))
+            }
+            SystemEvent::AgentLeft => {
+                format!("{} has left; the assistant will answer again.", name.unwrap_or("The agent"))
+            }
+            SystemEvent::Waiting => "I've asked a person from our team to join. Please wait a moment.".to_owned(),
+            SystemEvent::AssistantBack => "Nobody is available right now; the assistant will answer again.".to_owned(),
+        };
+        Self {
+            from: Role::System,
+            agent: agent.map(|(id, _)| id.to_owned()),
+            name: name.map(str::to_owned),
+            event: Some(event),
+            ..Self::customer(format!("s-{}", uuid::Uuid::new_v4().simple()), text)
+        }
     }
 
     /// The event as stored with its seq and time (the timing is not stored).
@@ -75,6 +166,10 @@ impl NewEvent {
             interrupted: self.interrupted,
             cancelled: self.cancelled,
             at_ms,
+            agent: self.agent,
+            name: self.name,
+            event: self.event,
+            owner_epoch: self.owner_epoch,
         }
     }
 }

@@ -19,6 +19,8 @@
 //!   ([`store::redis`] also holds the Redis event bus: one wire, one set of names).
 //! - [`bus`]: the event bus seam (a conversation's events between nodes, handed
 //!   to an incoming-event handler; presence): local only, or Redis pub/sub.
+//! - [`owner`]: who answers a conversation (assistant, waiting, an agent)
+//!   and the rules of taking it.
 //! - [`fanout`]: this node's sockets by conversation; encode once, fan out
 //!   (the bus's incoming-event handler).
 //! - [`conversations`]: log, bus and fan-out composed, local first: what
@@ -47,6 +49,7 @@ pub mod http;
 pub mod ids;
 pub mod metric;
 pub mod nlp;
+pub mod owner;
 pub mod protocol;
 pub mod redact;
 pub mod reply;

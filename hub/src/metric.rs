@@ -53,6 +53,10 @@ metrics_table! {
     RUNTIME_TASKS_ALIVE = "fengda_hub_runtime_tasks_alive", Gauge, "Tasks alive in the node's runtime.";
     RUNTIME_WORKERS = "fengda_hub_runtime_workers", Gauge, "The runtime's worker threads.";
     CONVERSATIONS_EXPIRED = "fengda_hub_conversations_expired_total", Counter, "Conversations the in-memory store forgot after conversation.retention_secs.";
+    AGENT_TAKEOVERS = "fengda_hub_agent_takeovers_total", Counter, "Conversations an agent took (steals included).";
+    AGENT_STEALS = "fengda_hub_agent_steals_total", Counter, "Conversations an agent took from another agent (each also logged at info).";
+    AGENT_STALE_WRITES = "fengda_hub_agent_stale_writes_total", Counter, "Agents' writes refused because the conversation's owner had changed (not_owner).";
+    AGENT_HANDOFFS = "fengda_hub_agent_handoffs_total", Counter, "Conversations a customer asked a person for (put in waiting).";
 }
 
 /// Registers every metric's help text with the installed recorder.

@@ -240,3 +240,300 @@ async fn an_agent_watching_many_conversations_gets_each_in_order_with_its_id() {
         assert_eq!(frames[frames.len() - 1], reply.done);
     }
 }
+
+/// Reads a customer's frames until both the `agent_joined` event and the
+/// stored reply came; returns the deltas before the event, the event and
+/// the reply (its `reply.done`, or its `message` when another node's event
+/// overtook it and the socket filled the gap from the log). Fails on a
+/// delta after the event.
+async fn customer_through_takeover(customer: &mut Client) -> (Vec<Value>, Value, Value) {
+    let (mut deltas, mut joined, mut done) = (Vec::new(), None, None);
+    while joined.is_none() || done.is_none() {
+        let frame = customer.next().await;
+        match frame["type"].as_str() {
+            Some("reply.delta") => {
+                assert!(joined.is_none(), "a delta after agent_joined: {frame}");
+                deltas.push(frame);
+            }
+            Some("reply.done") => done = Some(frame),
+            Some("message") if frame["from"] == "assistant" => done = Some(frame),
+            Some("message") if frame["event"] == "agent_joined" => joined = Some(frame),
+            Some("queued") => {}
+            _ => panic!("unexpected frame {frame}"),
+        }
+    }
+    (deltas, joined.unwrap(), done.unwrap())
+}
+
+/// Reads an agent's frames until it learns of owner epoch `owner_epoch`
+/// (an `owner` frame, or the `watching` of a watch set up after the
+/// change), then up to a pong; returns the `error` frames seen and that frame.
+async fn agent_through_take(agent: &mut Client, owner_epoch: u64) -> (Vec<Value>, Value) {
+    let mut errors = Vec::new();
+    let mut seen = Vec::new();
+    let owner = loop {
+        let frame = match agent.try_next().await {
+            Ok(frame) => frame,
+            Err(error) => panic!("{error}: no owner epoch {owner_epoch} after {seen:#?}"),
+        };
+        seen.push(frame.clone());
+        match frame["type"].as_str() {
+            Some("owner" | "watching") if frame["owner_epoch"] == owner_epoch => break frame,
+            Some("error") => errors.push(frame),
+            _ => {}
+        }
+    };
+    agent.send_json(json!({"type": "ping"})).await;
+    loop {
+        let frame = agent.next().await;
+        match frame["type"].as_str() {
+            Some("pong") => return (errors, owner),
+            Some("error") => errors.push(frame),
+            _ => {}
+        }
+    }
+}
+
+#[tokio::test]
+async fn taking_over_mid_reply_stops_it_at_once_and_stores_what_the_customer_got() {
+    let answerer =
+        RecordingAnswerer::start(Script { tokens: 60, token_delay: Duration::from_millis(15), ..Script::default() })
+            .await;
+    let nodes = Nodes::start(&["--nlp-url", &answerer.url]).await;
+    let mut anna = agent(nodes.node(0), "bank", "anna").await;
+    let mut rng = fastrand::Rng::new();
+    for trial in 0..6 {
+        let mut customer = Client::connect(&nodes.node(1).ws_url(&format!("tenant=bank&user=c{trial}"))).await;
+        customer.send_message("q1", "Tell me about the Gold Card").await;
+        customer.expect("ack").await;
+        let conversation = customer.conversation();
+        // After k tokens on the customer's socket, the agent (on another node) takes it.
+        let k = rng.usize(1..12);
+        let mut before = Vec::new();
+        while before.len() < k {
+            before.push(customer.expect("reply.delta").await);
+        }
+        anna.send_json(json!({"type": "take", "conversation": conversation})).await;
+        let (mut deltas, joined, done) = customer_through_takeover(&mut customer).await;
+        before.append(&mut deltas);
+        assert_eq!(
+            (&joined["from"], &joined["agent"], &joined["name"]),
+            (&json!("system"), &json!("anna"), &json!("anna"))
+        );
+        assert!(joined["seq"].as_u64() < done["seq"].as_u64(), "the reply is stored after the takeover");
+        assert_eq!(done["interrupted"], true, "trial {trial}: {done}");
+        let streamed: String = before.iter().map(|d| d["text"].as_str().unwrap()).collect();
+        assert_eq!(done["text"], streamed.as_str(), "trial {trial}: stored = what the customer got");
+        assert!(before.len() < 60, "stopped, not finished");
+        answerer.wait_cancelled(trial + 1).await;
+        let (errors, owner) = agent_through_take(&mut anna, 1).await;
+        assert!(errors.is_empty(), "{errors:?}");
+        assert_eq!((&owner["owner"], &owner["agent"]), (&json!("agent"), &json!("anna")));
+        anna.send_json(json!({"type": "unwatch", "conversation": conversation})).await;
+    }
+}
+
+#[tokio::test]
+async fn while_an_agent_owns_it_the_customer_talks_to_the_agent_and_hand_back_gives_the_assistant_the_agents_turns() {
+    let answerer = RecordingAnswerer::start(Script { tokens: 3, ..Script::default() }).await;
+    let nodes = Nodes::start(&["--nlp-url", &answerer.url]).await;
+    let mut customer = customer_with_history(nodes.node(1), "bank", "carl").await;
+    let conversation = customer.conversation();
+    let token = agent_token(nodes.node(0), "bank", "anna").await;
+    let mut anna = Client::connect(&nodes.node(0).ws_url(&format!("token={token}"))).await;
+
+    // Not the owner: refused, nothing stored.
+    anna.send_json(json!({"type": "message", "conversation": conversation, "id": "a0", "text": "Hi"})).await;
+    let refused = anna.expect("error").await;
+    assert_eq!(
+        (&refused["code"], &refused["id"], &refused["conversation"]),
+        (&json!("not_owner"), &json!("a0"), &json!(conversation))
+    );
+    anna.send_json(json!({"type": "release", "conversation": conversation})).await;
+    assert_eq!(anna.expect("error").await["code"], "not_owner");
+
+    anna.send_json(json!({"type": "take", "conversation": conversation})).await;
+    let watching = anna.expect("watching").await;
+    assert_eq!(
+        (&watching["owner"], &watching["owner_epoch"]),
+        (&json!("assistant"), &json!(0)),
+        "watched before taken"
+    );
+    agent_through_take(&mut anna, 1).await;
+    let joined = customer.expect("message").await;
+    assert_eq!(
+        (&joined["event"], &joined["text"]),
+        (&json!("agent_joined"), &json!("anna from Support has joined the conversation."))
+    );
+
+    // The customer's message is stored and acked, and reaches the agent, not the NLP service.
+    customer.send_message("q2", "Can I get a refund?").await;
+    customer.expect("ack").await;
+    let heard = loop {
+        let frame = anna.next().await;
+        if frame["type"] == "message" && frame["id"] == "q2" {
+            break frame;
+        }
+    };
+    assert_eq!(heard["from"], "customer");
+    anna.send_json(
+        json!({"type": "message", "conversation": conversation, "id": "a1", "text": "Yes, within 30 days."}),
+    )
+    .await;
+    let ack = anna.expect("ack").await;
+    assert_eq!((&ack["id"], &ack["conversation"]), (&json!("a1"), &json!(conversation)));
+    let answer = customer.expect("message").await;
+    assert_eq!(
+        (&answer["from"], &answer["name"], &answer["text"]),
+        (&json!("agent"), &json!("anna"), &json!("Yes, within 30 days."))
+    );
+    assert_eq!(answer["seq"], ack["seq"]);
+    assert_eq!(answerer.requests().len(), 1, "only the first question reached the NLP service");
+
+    // Hand back: the customer is told, and the next question is the assistant's, with the agent's turn.
+    anna.send_json(json!({"type": "release", "conversation": conversation})).await;
+    let left = customer.expect("message").await;
+    assert_eq!((&left["event"], &left["agent"]), (&json!("agent_left"), &json!("anna")));
+    customer.ask("q3", "And how long does it take?").await;
+    let requests = answerer.requests();
+    assert_eq!(requests.len(), 2);
+    let history: Vec<_> = requests[1].history.iter().map(|turn| (turn.role, turn.text.as_str())).collect();
+    use fengda_proto::nlp::v1::Role;
+    assert!(history.contains(&(Role::Agent as i32, "Yes, within 30 days.")), "{history:?}");
+    assert!(history.contains(&(Role::Customer as i32, "Can I get a refund?")), "{history:?}");
+    // After handing back, the agent's messages are refused again.
+    anna.send_json(json!({"type": "message", "conversation": conversation, "id": "a2", "text": "One more thing"}))
+        .await;
+    loop {
+        let frame = anna.next().await;
+        if frame["type"] == "error" {
+            assert_eq!(frame["code"], "not_owner", "{frame}");
+            break;
+        }
+    }
+}
+
+#[tokio::test]
+async fn two_agents_taking_one_conversation_at_once_on_two_nodes_make_exactly_one_owner() {
+    let answerer =
+        RecordingAnswerer::start(Script { tokens: 6, token_delay: Duration::from_millis(3), ..Script::default() })
+            .await;
+    // Each agent sends three frames a trial: more than the default frame rate.
+    let nodes = Nodes::start(&["--nlp-url", &answerer.url, "--max-frames-per-second", "1000"]).await;
+    let mut anna = agent(nodes.node(0), "bank", "anna").await;
+    let mut bob = agent(nodes.node(1), "bank", "bob").await;
+    let mut winners = std::collections::BTreeMap::<String, usize>::new();
+    for trial in 0..50 {
+        let mut customer = Client::connect(&nodes.node(2).ws_url(&format!("tenant=bank&user=race{trial}"))).await;
+        customer.send_message("q1", "Tell me about the Gold Card").await;
+        customer.expect("ack").await;
+        let conversation = customer.conversation();
+        let take = json!({"type": "take", "conversation": conversation});
+        tokio::join!(anna.send_json(take.clone()), bob.send_json(take));
+        let ((anna_errors, anna_owner), (bob_errors, bob_owner)) =
+            tokio::join!(agent_through_take(&mut anna, 1), agent_through_take(&mut bob, 1));
+        assert_eq!(anna_owner["agent"], bob_owner["agent"], "both see one owner");
+        let winner = anna_owner["agent"].as_str().unwrap().to_owned();
+        let (loser_errors, winner_errors) =
+            if winner == "anna" { (&bob_errors, &anna_errors) } else { (&anna_errors, &bob_errors) };
+        assert!(winner_errors.is_empty(), "trial {trial}: {winner_errors:?}");
+        assert_eq!(loser_errors.len(), 1, "trial {trial}: {loser_errors:?}");
+        let refusal = &loser_errors[0];
+        assert_eq!(
+            (&refusal["code"], &refusal["agent"], &refusal["agent_name"], &refusal["conversation"]),
+            (&json!("already_owned"), &json!(winner), &json!(winner), &json!(conversation))
+        );
+        let (_, joined, _) = customer_through_takeover(&mut customer).await;
+        assert_eq!(joined["agent"], winner.as_str());
+        *winners.entry(winner).or_default() += 1;
+        for agent in [&mut anna, &mut bob] {
+            agent.send_json(json!({"type": "unwatch", "conversation": conversation})).await;
+        }
+    }
+    assert_eq!(winners.values().sum::<usize>(), 50);
+}
+
+#[tokio::test]
+async fn a_steal_needs_steal_rights_and_fences_the_old_owners_messages() {
+    for allow_steal in [false, true] {
+        let answerer = RecordingAnswerer::start(Script::default()).await;
+        let mut flags = vec!["--nlp-url", answerer.url.as_str()];
+        if allow_steal {
+            flags.push("--agents-allow-steal");
+        }
+        let nodes = Nodes::start(&flags).await;
+        let mut customer = customer_with_history(nodes.node(2), "bank", "carl").await;
+        let conversation = customer.conversation();
+        let mut anna = agent(nodes.node(0), "bank", "anna").await;
+        let mut bob = agent(nodes.node(1), "bank", "bob").await;
+        anna.send_json(json!({"type": "take", "conversation": conversation})).await;
+        agent_through_take(&mut anna, 1).await;
+        // Without `steal`: already owned, naming the owner.
+        bob.send_json(json!({"type": "take", "conversation": conversation})).await;
+        let (errors, _) = agent_through_take(&mut bob, 1).await;
+        assert_eq!((&errors[0]["code"], &errors[0]["agent"]), (&json!("already_owned"), &json!("anna")));
+        bob.send_json(json!({"type": "take", "conversation": conversation, "steal": true})).await;
+        if !allow_steal {
+            let refused = bob.expect("error").await;
+            assert_eq!((&refused["code"], &refused["conversation"]), (&json!("forbidden"), &json!(conversation)));
+            bob.assert_alive().await;
+            continue;
+        }
+        let (errors, owner) = agent_through_take(&mut bob, 2).await;
+        assert!(errors.is_empty(), "{errors:?}");
+        assert_eq!(owner["agent"], "bob");
+        let stolen = nodes.node(1).metric("fengda_hub_agent_steals_total").await;
+        assert_eq!(stolen, 1.0);
+        // Anna's message under her stale epoch is refused; nothing reaches the customer.
+        anna.send_json(json!({"type": "message", "conversation": conversation, "id": "a1", "text": "Hello?"})).await;
+        loop {
+            let frame = anna.next().await;
+            if frame["type"] == "error" {
+                assert_eq!((&frame["code"], &frame["id"]), (&json!("not_owner"), &json!("a1")));
+                break;
+            }
+        }
+        let joined = [customer.expect("message").await, customer.expect("message").await];
+        assert_eq!(joined.map(|m| m["agent"].clone()), [json!("anna"), json!("bob")]);
+        customer.assert_alive().await;
+    }
+}
+
+#[tokio::test]
+async fn a_customer_who_asks_for_a_person_waits_until_an_agent_takes_it_or_the_timeout() {
+    let answerer = RecordingAnswerer::start(Script { tokens: 3, ..Script::default() }).await;
+    let nodes = Nodes::start(&["--nlp-url", &answerer.url, "--agents-handoff-timeout-secs", "1"]).await;
+    // The handoff frame.
+    let mut customer = customer_with_history(nodes.node(1), "bank", "carl").await;
+    customer.send_json(json!({"type": "handoff"})).await;
+    let waiting = customer.expect("message").await;
+    assert_eq!((&waiting["from"], &waiting["event"]), (&json!("system"), &json!("waiting")));
+    customer.send_message("q2", "Hello?").await;
+    customer.expect("ack").await;
+    customer.assert_alive().await;
+    assert_eq!(answerer.requests().len(), 1, "nobody answers automatically while waiting");
+    let mut anna = agent(nodes.node(0), "bank", "anna").await;
+    anna.send_json(json!({"type": "watch", "conversation": customer.conversation()})).await;
+    let watching = anna.expect("watching").await;
+    assert_eq!((&watching["owner"], &watching["owner_epoch"]), (&json!("waiting"), &json!(1)), "{watching}");
+    anna.send_json(json!({"type": "take", "conversation": customer.conversation()})).await;
+    agent_through_take(&mut anna, 2).await;
+    assert_eq!(customer.expect("message").await["event"], "agent_joined");
+
+    // The words, then nobody comes: at the next message past the timeout, the assistant is back.
+    let mut other = customer_with_history(nodes.node(2), "bank", "dora").await;
+    other.send_message("q2", " 人工 ").await;
+    other.expect("ack").await;
+    assert_eq!(other.expect("message").await["event"], "waiting");
+    let deadline = tokio::time::Instant::now() + Duration::from_millis(1100);
+    other.send_message("q3", "Anyone?").await;
+    other.expect("ack").await;
+    other.assert_alive().await;
+    tokio::time::sleep_until(deadline).await;
+    other.send_message("q4", "Still there?").await;
+    other.expect("ack").await;
+    let back = other.expect("message").await;
+    assert_eq!(back["event"], "assistant_back", "{back}");
+    other.read_reply().await;
+    assert_eq!(answerer.requests().len(), 3, "carl's and dora's first questions, and dora's after the timeout");
+}

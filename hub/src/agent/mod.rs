@@ -19,6 +19,7 @@
 //! agent's tenant: a conversation id is always made into a key with the
 //! agent's [`Party`], so another tenant's id is simply not found.
 
+mod owning;
 mod writer;
 
 use std::sync::Arc;
@@ -77,8 +78,11 @@ async fn run_session(socket: WebSocket, party: Party, identity: Identity, sessio
         )
         .in_current_span(),
     );
-    let token = crate::auth::expiry::SessionToken::start(app.auth.clone(), identity, handle.clone(), &app.tracker);
-    let client_closed = run_reader(&mut stream, &app, &party.tenant, &handle, &command_tx, &token).await;
+    let token =
+        crate::auth::expiry::SessionToken::start(app.auth.clone(), identity.clone(), handle.clone(), &app.tracker);
+    let owning =
+        owning::Owning { app: &app, party: &party, identity: &identity, handle: &handle, taken: Default::default() };
+    let client_closed = run_reader(&mut stream, owning, &command_tx, &token).await;
     closer.close(close::NORMAL);
     // The writer leaves every watched conversation before it ends.
     let _ = writer.await;
@@ -99,13 +103,12 @@ async fn run_session(socket: WebSocket, party: Party, identity: Identity, sessio
 /// client closed the socket itself.
 async fn run_reader(
     stream: &mut futures::stream::SplitStream<WebSocket>,
-    app: &AppState,
-    tenant: &crate::ids::TenantId,
-    handle: &SessionHandle,
+    mut owning: owning::Owning<'_>,
     commands: &mpsc::Sender<Command>,
     token: &crate::auth::expiry::SessionToken,
 ) -> bool {
-    let limits = app.tenants.limits(tenant);
+    let (app, handle) = (owning.app, owning.handle);
+    let limits = app.tenants.limits(&owning.party.tenant);
     let mut frames = FrameReader::new(app, &limits);
     loop {
         let frame = match frames.next(stream, handle).await {
@@ -126,28 +129,67 @@ async fn run_reader(
                 continue;
             }
             Ok(ClientFrame::Watch { conversation, after }) => match conversation_id(handle, &conversation) {
-                Some(conversation) => Command::Watch { conversation, after },
+                Some(conversation) => Command::Watch { conversation, after, again: true, done: None },
                 None => continue,
             },
+            Ok(ClientFrame::Take { conversation, steal }) => {
+                let Some(conversation) = conversation_id(handle, &conversation) else { continue };
+                // A take implies a watch, set up first: the agent sees its
+                // `agent_joined` and what follows live.
+                let (done, watched) = tokio::sync::oneshot::channel();
+                let watch =
+                    Command::Watch { conversation: conversation.clone(), after: None, again: false, done: Some(done) };
+                if !send_command(handle, commands, watch).await {
+                    return false;
+                }
+                tokio::select! {
+                    _ = handle.closer.token().cancelled() => return false,
+                    _ = watched => {}
+                }
+                Box::pin(owning.take(conversation, steal)).await;
+                continue;
+            }
+            Ok(ClientFrame::Release { conversation }) => {
+                if let Some(conversation) = conversation_id(handle, &conversation) {
+                    Box::pin(owning.release(conversation)).await;
+                }
+                continue;
+            }
+            Ok(ClientFrame::Message { id, text, conversation: Some(conversation) }) => {
+                if token.expired() {
+                    let text = "this socket's token has expired; send `refresh` with a new token";
+                    send_to_this_socket(handle, session::error_frame(ErrorCode::TokenExpired, text, Some(&id)));
+                } else if let Some(conversation) = conversation_id(handle, &conversation) {
+                    Box::pin(owning.message(conversation, id, text)).await;
+                }
+                continue;
+            }
             Ok(ClientFrame::Unwatch { conversation }) => match conversation_id(handle, &conversation) {
                 Some(conversation) => Command::Unwatch { conversation },
                 None => continue,
             },
-            Ok(ClientFrame::Message { id, .. }) => {
-                let text = "only the conversation's owner may send a message; `take` it first";
-                send_to_this_socket(handle, session::error_frame(ErrorCode::NotOwner, text, Some(&id)));
+            Ok(ClientFrame::Message { id, conversation: None, .. }) => {
+                let text = "an agent's `message` names its `conversation`";
+                send_to_this_socket(handle, session::error_frame(ErrorCode::MissingField, text, Some(&id)));
                 continue;
             }
-            Ok(ClientFrame::Cancel { .. }) => continue,
+            Ok(ClientFrame::Cancel { .. } | ClientFrame::Handoff) => continue,
             Err(error) => {
                 send_to_this_socket(handle, error.to_frame());
                 continue;
             }
         };
-        tokio::select! {
-            _ = handle.closer.token().cancelled() => return false,
-            sent = commands.send(command) => if sent.is_err() { return false },
+        if !send_command(handle, commands, command).await {
+            return false;
         }
+    }
+}
+
+/// Hands the writer a command; false when the session is ending.
+async fn send_command(handle: &SessionHandle, commands: &mpsc::Sender<Command>, command: Command) -> bool {
+    tokio::select! {
+        _ = handle.closer.token().cancelled() => false,
+        sent = commands.send(command) => sent.is_ok(),
     }
 }
 
@@ -170,6 +212,7 @@ pub(crate) fn not_found(conversation: &str) -> axum::extract::ws::Utf8Bytes {
         code: ErrorCode::ConversationNotFound.as_str(),
         message: "no such conversation",
         conversation,
+        id: None,
     }
     .encode()
 }

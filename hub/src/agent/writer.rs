@@ -33,8 +33,15 @@ type Sink = SplitSink<WebSocket, Message>;
 /// What the reader asks of the writer.
 #[derive(Debug)]
 pub(super) enum Command {
-    /// Send the conversation's snapshot, then its events live.
-    Watch { conversation: ConversationId, after: Option<u64> },
+    /// Send the conversation's snapshot, then its events live (`again`:
+    /// also when it is watched already; a `take` watches only if not).
+    Watch {
+        conversation: ConversationId,
+        after: Option<u64>,
+        again: bool,
+        /// Told once the watch is set up (or refused).
+        done: Option<tokio::sync::oneshot::Sender<()>>,
+    },
     /// Stop the conversation's events.
     Unwatch { conversation: ConversationId },
 }
@@ -44,6 +51,8 @@ struct Watch {
     key: ConversationKey,
     /// The durable events of this conversation the agent has.
     sent: Cursor,
+    /// The owner epoch the agent knows of (`watching`, `owner` frames).
+    owner_epoch: u64,
 }
 
 /// An agent socket's watched conversations, and what it needs to set them up.
@@ -164,7 +173,16 @@ impl From<axum::Error> for WriteError {
 impl Watches {
     async fn apply(&mut self, sink: &mut Sink, command: Command) -> Result<(), WriteError> {
         match command {
-            Command::Watch { conversation, after } => self.watch(sink, conversation, after).await,
+            Command::Watch { conversation, after, again, done } => {
+                let result = match again || !self.watched.contains_key(&conversation) {
+                    true => self.watch(sink, conversation, after).await,
+                    false => Ok(()),
+                };
+                if let Some(done) = done {
+                    let _ = done.send(());
+                }
+                result
+            }
             Command::Unwatch { conversation } => {
                 if let Some(watch) = self.watched.remove(&conversation) {
                     self.app.conversations.detach(&watch.key, self.handle.id).await;
@@ -191,7 +209,12 @@ impl Watches {
         } else if self.watched.len() >= app.config.agents.max_watched {
             let message = format!("an agent may watch at most {} conversations at once", app.config.agents.max_watched);
             let code = ErrorCode::TooManyWatched.as_str();
-            let frame = ServerFrame::ConversationError { code, message: &message, conversation: conversation.as_str() };
+            let frame = ServerFrame::ConversationError {
+                code,
+                message: &message,
+                conversation: conversation.as_str(),
+                id: None,
+            };
             return Ok(sink.send(Message::Text(frame.encode())).await?);
         }
         let refused = |error: &StoreError| {
@@ -200,7 +223,8 @@ impl Watches {
                 StoreError::ConversationNotFound => "no such conversation".to_owned(),
                 other => other.to_string(),
             };
-            ServerFrame::ConversationError { code, message: &message, conversation: conversation.as_str() }.encode()
+            ServerFrame::ConversationError { code, message: &message, conversation: conversation.as_str(), id: None }
+                .encode()
         };
         let snapshot = match app.conversations.attach(&key, self.handle.watching(key.clone()), after, None).await {
             Ok(snapshot) => snapshot,
@@ -227,10 +251,10 @@ impl Watches {
             customer,
             seq: last_seq,
             epoch: &snapshot.epoch,
-            owner: "assistant",
-            agent: None,
-            agent_name: None,
-            owner_epoch: 0,
+            owner: snapshot.ownership.owner.kind(),
+            agent: snapshot.ownership.owner.agent().map(|(id, _)| id),
+            agent_name: snapshot.ownership.owner.agent().map(|(_, name)| name),
+            owner_epoch: snapshot.ownership.epoch,
             online: false,
             viewers: &[],
         }
@@ -241,7 +265,8 @@ impl Watches {
         }
         sink.flush().await?;
         debug!(conversation_id = %conversation, last_seq, replayed = history.len(), "watching");
-        self.watched.insert(conversation, Watch { key, sent: Cursor::at(last_seq) });
+        let watch = Watch { key, sent: Cursor::at(last_seq), owner_epoch: snapshot.ownership.epoch };
+        self.watched.insert(conversation, watch);
         Ok(())
     }
 
@@ -277,11 +302,17 @@ impl Watches {
                             watch.sent.advance(seq);
                         }
                         Outbound::Resync => Box::pin(fill_gap(&self.app, sink, watch, u64::MAX)).await?,
+                        Outbound::Owner { epoch, frame } => {
+                            if epoch > watch.owner_epoch {
+                                watch.owner_epoch = epoch;
+                                sink.feed(Message::Text(frame)).await?;
+                            }
+                        }
                         Outbound::Watched { .. } => {}
                     }
                 }
-                // Durable events reach an agent's socket only wrapped.
-                Outbound::Event { .. } | Outbound::Resync => {}
+                // Conversations' items reach an agent's socket only wrapped.
+                Outbound::Event { .. } | Outbound::Resync | Outbound::Owner { .. } => {}
             }
         }
         Ok(sink.flush().await?)
@@ -315,6 +346,13 @@ async fn fill_gap(app: &AppState, sink: &mut Sink, watch: &mut Watch, before: u6
     for event in events.iter().filter(|e| e.seq > after && e.seq < before) {
         sink.feed(Message::Text(event.message_frame(conversation))).await?;
         watch.sent.advance(event.seq);
+        // An owner change this node did not hear live is told all the same.
+        if let Some((epoch, frame)) = event.owner_frame(conversation)
+            && epoch > watch.owner_epoch
+        {
+            watch.owner_epoch = epoch;
+            sink.feed(Message::Text(frame)).await?;
+        }
     }
     Ok(())
 }

@@ -131,6 +131,12 @@ pub struct ServeArgs {
     /// Conversations one agent socket may watch at once [default: 50] (key `agents.max_watched`).
     #[arg(long, env = "FENGDA_AGENTS_MAX_WATCHED")]
     pub agents_max_watched: Option<usize>,
+    /// Let every agent steal a conversation another agent owns [default: false] (key `agents.allow_steal`).
+    #[arg(long, env = "FENGDA_AGENTS_ALLOW_STEAL", num_args = 0..=1, default_missing_value = "true")]
+    pub agents_allow_steal: Option<bool>,
+    /// Seconds a conversation waits for a person before the assistant answers again [default: 300] (key `agents.handoff_timeout_secs`).
+    #[arg(long, env = "FENGDA_AGENTS_HANDOFF_TIMEOUT_SECS")]
+    pub agents_handoff_timeout_secs: Option<u64>,
     /// TCP connections held at once [default: open-file limit minus 128] (key `server.max_connections`).
     #[arg(long, env = "FENGDA_MAX_CONNECTIONS")]
     pub max_connections: Option<usize>,
@@ -227,6 +233,8 @@ impl ServeArgs {
         set(&mut config.websocket.frame_burst, self.frame_burst);
         set(&mut config.conversation.max_sockets, self.max_sockets_per_conversation);
         set(&mut config.agents.max_watched, self.agents_max_watched);
+        set(&mut config.agents.allow_steal, self.agents_allow_steal);
+        set(&mut config.agents.handoff_timeout_secs, self.agents_handoff_timeout_secs);
         if self.max_connections.is_some() {
             config.server.max_connections = self.max_connections;
         }

@@ -15,6 +15,14 @@
 //! sessions already have is dropped (a copy that came back), the next one
 //! or one past a gap is handed on (each session's writer fills a gap from
 //! the log with its own cursor), so a socket's frames are never reordered.
+//!
+//! The fan-out is also where a takeover fences an assistant's reply: frames
+//! carry the owner epoch they were produced under, and once this node has
+//! delivered the event of an owner change (an event with `owner_epoch`),
+//! frames of an older epoch are dropped here (under the same entry lock as
+//! the event, so none slips in after it), and the replies streaming here
+//! under an older epoch ([`FanOut::hold`]) are told to stop. Agent-only
+//! frames (`owner`) go to agents' handles only ([`Audience`]).
 
 mod session;
 
@@ -23,6 +31,8 @@ use std::time::Instant;
 
 use axum::extract::ws::Utf8Bytes;
 use dashmap::DashMap;
+
+use tokio_util::sync::CancellationToken;
 
 use crate::bus::IncomingEvents;
 use crate::event::{Cursor, Step, StoredEvent};
@@ -69,6 +79,19 @@ struct Local {
     delivered: Cursor,
     /// Taken by this node's appends to the conversation (made by the first).
     turn: Option<AppendTurn>,
+    /// The highest owner epoch whose change these sessions were given:
+    /// frames of an older epoch are dropped.
+    owner_epoch: u64,
+    /// Replies streaming on this node, with the owner epoch each was asked
+    /// under: an owner change cancels the older ones. While any is here the
+    /// entry stays (and the node subscribed) even without sessions.
+    replies: Vec<(u64, CancellationToken)>,
+}
+
+impl Local {
+    fn is_empty(&self) -> bool {
+        self.handles.is_empty() && self.replies.is_empty()
+    }
 }
 
 impl FanOut {
@@ -83,8 +106,73 @@ impl FanOut {
         if entry.handles.len() >= self.max_sockets {
             return Err(ConversationFull);
         }
+        let first = entry.is_empty();
         entry.handles.push(handle);
-        Ok(entry.handles.len() == 1)
+        Ok(first)
+    }
+
+    /// Registers a reply streaming on this node under owner epoch `epoch`:
+    /// `takeover` is cancelled when an owner change of a later epoch is
+    /// delivered here (at once if one already was). Returns true when the
+    /// conversation had nothing on this node before (subscribe it).
+    pub fn hold(&self, key: &ConversationKey, epoch: u64, takeover: CancellationToken) -> bool {
+        let mut entry = self.sessions.entry(key.clone()).or_default();
+        let first = entry.is_empty();
+        if entry.owner_epoch > epoch {
+            takeover.cancel();
+        }
+        entry.replies.push((epoch, takeover));
+        first
+    }
+
+    /// [`FanOut::hold`] when the conversation already has something on this
+    /// node (it is subscribed: nothing more to do); false, doing nothing, if not.
+    pub fn hold_if_present(&self, key: &ConversationKey, epoch: u64, takeover: &CancellationToken) -> bool {
+        let Some(mut local) = self.sessions.get_mut(key) else { return false };
+        if local.is_empty() {
+            return false;
+        }
+        if local.owner_epoch > epoch {
+            takeover.cancel();
+        }
+        local.replies.push((epoch, takeover.clone()));
+        true
+    }
+
+    /// [`FanOut::unhold`] when it is not the conversation's last thing on
+    /// this node; false, doing nothing, if it is.
+    pub fn unhold_unless_last(&self, key: &ConversationKey, takeover: &CancellationToken) -> bool {
+        let Some(mut local) = self.sessions.get_mut(key) else { return false };
+        let Some(at) = local.replies.iter().position(|(_, t)| t == takeover) else { return false };
+        if local.handles.is_empty() && local.replies.len() == 1 {
+            return false;
+        }
+        local.replies.swap_remove(at);
+        true
+    }
+
+    /// Ends a [`FanOut::hold`]; returns true when it was the conversation's
+    /// last thing on this node (unsubscribe it).
+    pub fn unhold(&self, key: &ConversationKey, takeover: &CancellationToken) -> bool {
+        self.sessions
+            .remove_if_mut(key, |_, local| {
+                if let Some(at) = local.replies.iter().position(|(_, t)| t == takeover) {
+                    local.replies.swap_remove(at);
+                }
+                local.is_empty()
+            })
+            .is_some()
+    }
+
+    /// Whether frames of owner epoch `epoch` are dropped here (an owner
+    /// change after it was delivered).
+    pub fn is_fenced(&self, key: &ConversationKey, epoch: u64) -> bool {
+        self.sessions.get(key).is_some_and(|local| local.owner_epoch > epoch)
+    }
+
+    /// Whether this session watches or has the conversation on this node.
+    pub fn has_session(&self, key: &ConversationKey, id: SessionId) -> bool {
+        self.sessions.get(key).is_some_and(|local| local.handles.iter().any(|h| h.id == id))
     }
 
     /// The turn this node's appends to the conversation take, if it has
@@ -99,7 +187,7 @@ impl FanOut {
         self.sessions
             .remove_if_mut(key, |_, local| {
                 local.handles.retain(|h| h.id != id);
-                local.handles.is_empty()
+                local.is_empty()
             })
             .is_some()
     }
@@ -119,25 +207,26 @@ impl FanOut {
     }
 
     /// Delivers frames that are not durable events (`reply.delta`s,
-    /// `queued`), in order, to every session: one queue item per session
-    /// however many frames. The last session gets the frames themselves:
-    /// most conversations have one socket.
-    pub fn deliver_frames(&self, key: &ConversationKey, mut frames: Vec<Utf8Bytes>) {
-        let Some(local) = self.sessions.get(key) else { return };
+    /// `queued`), produced under owner epoch `epoch`, in order, to every
+    /// session: one queue item per session however many frames. Returns
+    /// false, delivering nothing, when an owner change after `epoch` was
+    /// delivered here (the frames are fenced off).
+    pub fn deliver_frames(&self, key: &ConversationKey, frames: &[Utf8Bytes], epoch: u64) -> bool {
+        let Some(local) = self.sessions.get(key) else { return true };
+        if local.owner_epoch > epoch {
+            return false;
+        }
         let queued_at = Instant::now();
-        let item = |mut frames: Vec<Utf8Bytes>| match frames.len() {
-            1 => Outbound::Frame { frame: frames.remove(0), queued_at },
-            _ => Outbound::Frames { frames, queued_at },
+        let item = || match frames {
+            [frame] => Outbound::Frame { frame: frame.clone(), queued_at },
+            _ => Outbound::Frames { frames: frames.to_vec(), queued_at },
         };
-        if frames.is_empty() {
-            return;
-        }
-        if let Some((last, others)) = local.handles.split_last() {
-            for handle in others {
-                handle.push(item(frames.clone()));
+        if !frames.is_empty() {
+            for handle in &local.handles {
+                handle.push(item());
             }
-            last.push(item(std::mem::take(&mut frames)));
         }
+        true
     }
 
     /// Delivers a durable event, unless these sessions already have it
@@ -158,6 +247,12 @@ impl FanOut {
         }
         local.delivered.advance(event.seq);
         let conversation = key.conversation().as_str();
+        let owner = event.owner_frame(conversation).inspect(|(epoch, _)| {
+            if *epoch > local.owner_epoch {
+                local.owner_epoch = *epoch;
+                local.replies.iter().filter(|(asked, _)| asked < epoch).for_each(|(_, takeover)| takeover.cancel());
+            }
+        });
         // The frame every session gets, except the one that sent a customer message (an `ack`).
         let shared = || match event.from {
             Role::Assistant => ServerFrame::ReplyDone {
@@ -173,7 +268,7 @@ impl FanOut {
             .encode(),
             Role::Customer | Role::Agent | Role::System => event.message_frame(conversation),
         };
-        let origin = origin.filter(|_| event.from == Role::Customer);
+        let origin = origin.filter(|_| matches!(event.from, Role::Customer | Role::Agent));
         let queued_at = Instant::now();
         // Encoded only if someone needs it (a lone customer socket needs just
         // its ack), and moved rather than cloned into the last session.
@@ -181,13 +276,19 @@ impl FanOut {
         let last = local.handles.len().saturating_sub(1);
         for (i, handle) in local.handles.iter().enumerate() {
             let frame = if origin == Some(handle.id) {
-                ServerFrame::Ack { id: &event.id, seq: event.seq }.encode()
+                let conversation = handle.is_agent().then_some(conversation);
+                ServerFrame::Ack { conversation, id: &event.id, seq: event.seq }.encode()
             } else if i == last {
                 encoded.take().unwrap_or_else(shared)
             } else {
                 encoded.get_or_insert_with(shared).clone()
             };
             handle.push(Outbound::Event { seq: event.seq, frame, queued_at });
+        }
+        if let Some((epoch, frame)) = owner {
+            for handle in local.handles.iter().filter(|handle| handle.is_agent()) {
+                handle.push(Outbound::Owner { epoch, frame: frame.clone() });
+            }
         }
     }
 }
@@ -198,8 +299,8 @@ impl IncomingEvents for FanOut {
         self.deliver_event(key, event, None, timing);
     }
 
-    fn frames(&self, key: &ConversationKey, frames: Vec<Utf8Bytes>) {
-        self.deliver_frames(key, frames);
+    fn frames(&self, key: &ConversationKey, frames: Vec<Utf8Bytes>, epoch: u64) {
+        self.deliver_frames(key, &frames, epoch);
     }
 
     fn resync(&self) {

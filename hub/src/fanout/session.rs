@@ -32,6 +32,9 @@ pub enum Outbound {
     /// This node may have missed events (its subscription dropped): the
     /// writer re-reads the log after the last seq it sent.
     Resync,
+    /// An agent-only `owner` frame: the owner changed, beginning `epoch`
+    /// (an agent's writer sends it once per epoch, however it learns of it).
+    Owner { epoch: u64, frame: Utf8Bytes },
     /// An item for an agent's socket, about one of the conversations it
     /// watches (an agent socket has one delivery cursor per conversation).
     Watched { key: ConversationKey, item: Box<Outbound> },
@@ -46,6 +49,7 @@ impl Outbound {
     pub fn frame(&self) -> Option<&Utf8Bytes> {
         match self {
             Self::Event { frame, .. } | Self::Frame { frame, .. } => Some(frame),
+            Self::Owner { frame, .. } => Some(frame),
             Self::Frames { .. } | Self::Resync | Self::Watched { .. } => None,
         }
     }

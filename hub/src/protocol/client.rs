@@ -9,8 +9,9 @@ use super::{ErrorCode, ServerFrame};
 /// A frame a client may send.
 #[derive(Debug, PartialEq, Eq)]
 pub enum ClientFrame {
-    /// A customer message; `id` is chosen by the client and makes resends idempotent.
-    Message { id: String, text: String },
+    /// A message; `id` is chosen by the client and makes resends
+    /// idempotent. An agent's names its `conversation`.
+    Message { id: String, text: String, conversation: Option<String> },
     /// Application-level keepalive, answered by `pong`.
     Ping,
     /// Stop a reply in progress; it ends with `reply.done` and `cancelled: true`.
@@ -21,17 +22,23 @@ pub enum ClientFrame {
     Watch { conversation: String, after: Option<u64> },
     /// Agents: stop a conversation's events.
     Unwatch { conversation: String },
+    /// Agents: become the conversation's owner (`steal`: from another agent).
+    Take { conversation: String, steal: bool },
+    /// Agents: hand the conversation back to the assistant.
+    Release { conversation: String },
+    /// Customers: ask for a person.
+    Handoff,
 }
 
 impl ClientFrame {
     /// Whether only agents' sockets may send this frame (customers get `forbidden`).
     pub fn is_agents(&self) -> bool {
-        matches!(self, Self::Watch { .. } | Self::Unwatch { .. })
+        matches!(self, Self::Watch { .. } | Self::Unwatch { .. } | Self::Take { .. } | Self::Release { .. })
     }
 
     /// Whether only customers' sockets may send this frame (agents get `forbidden`).
     pub fn is_customers(&self) -> bool {
-        matches!(self, Self::Cancel { .. })
+        matches!(self, Self::Cancel { .. } | Self::Handoff)
     }
 
     /// The wire name of the frame's type.
@@ -43,6 +50,9 @@ impl ClientFrame {
             Self::Refresh { .. } => "refresh",
             Self::Watch { .. } => "watch",
             Self::Unwatch { .. } => "unwatch",
+            Self::Take { .. } => "take",
+            Self::Release { .. } => "release",
+            Self::Handoff => "handoff",
         }
     }
 }
@@ -120,6 +130,18 @@ pub fn parse_client_frame(text: &str, limit: TextLimit) -> Result<ClientFrame, F
         "unwatch" => {
             Ok(ClientFrame::Unwatch { conversation: take_string(fields.conversation.take(), "conversation")? })
         }
+        "take" => Ok(ClientFrame::Take {
+            conversation: take_string(fields.conversation.take(), "conversation")?,
+            steal: match fields.steal.take() {
+                None | Some(Field::Null) => false,
+                Some(Field::Bool(steal)) => steal,
+                Some(_) => return Err(FrameError::new(ErrorCode::InvalidFrame, "field `steal` must be a boolean")),
+            },
+        }),
+        "release" => {
+            Ok(ClientFrame::Release { conversation: take_string(fields.conversation.take(), "conversation")? })
+        }
+        "handoff" => Ok(ClientFrame::Handoff),
         "message" => {
             let id = take_string(fields.id.take(), "id")?;
             if id.is_empty() || id.len() > MAX_MESSAGE_ID_LEN {
@@ -148,7 +170,11 @@ pub fn parse_client_frame(text: &str, limit: TextLimit) -> Result<ClientFrame, F
                     format!("`text` must be at most {} characters", limit.chars),
                 )));
             }
-            Ok(ClientFrame::Message { id, text })
+            let conversation = match fields.conversation.take() {
+                None | Some(Field::Null) => None,
+                field => Some(take_string(field, "conversation").map_err(with_id)?),
+            };
+            Ok(ClientFrame::Message { id, text, conversation })
         }
         other => {
             let shown: String = other.chars().take(40).collect();
@@ -201,6 +227,7 @@ enum Raw<'a> {
     Object(RawFields<'a>),
     Str(std::borrow::Cow<'a, str>),
     U64(u64),
+    Bool(bool),
     Null,
     Other,
 }
@@ -217,6 +244,7 @@ struct RawFields<'a> {
     token: Option<Field<'a>>,
     conversation: Option<Field<'a>>,
     after: Option<Field<'a>>,
+    steal: Option<Field<'a>>,
 }
 
 /// A field's value: a string, null, or anything else (an error for every
@@ -224,6 +252,7 @@ struct RawFields<'a> {
 enum Field<'a> {
     Str(std::borrow::Cow<'a, str>),
     U64(u64),
+    Bool(bool),
     Null,
     Other,
 }
@@ -233,6 +262,7 @@ impl<'a> From<Raw<'a>> for Field<'a> {
         match raw {
             Raw::Str(s) => Field::Str(s),
             Raw::U64(n) => Field::U64(n),
+            Raw::Bool(b) => Field::Bool(b),
             Raw::Null => Field::Null,
             Raw::Object(_) | Raw::Other => Field::Other,
         }
@@ -267,6 +297,7 @@ impl<'de> Deserialize<'de> for Raw<'de> {
                         "token" => &mut fields.token,
                         "conversation" => &mut fields.conversation,
                         "after" => &mut fields.after,
+                        "steal" => &mut fields.steal,
                         _ => {
                             if !others.get_or_insert_default().insert(key) {
                                 return Err(A::Error::custom("repeated key"));
@@ -296,8 +327,8 @@ impl<'de> Deserialize<'de> for Raw<'de> {
             fn visit_unit<E>(self) -> Result<Self::Value, E> {
                 Ok(Raw::Null)
             }
-            fn visit_bool<E>(self, _: bool) -> Result<Self::Value, E> {
-                Ok(Raw::Other)
+            fn visit_bool<E>(self, b: bool) -> Result<Self::Value, E> {
+                Ok(Raw::Bool(b))
             }
             fn visit_i64<E>(self, _: i64) -> Result<Self::Value, E> {
                 Ok(Raw::Other)
@@ -328,7 +359,7 @@ mod tests {
     fn parses_message_and_ping() {
         assert_eq!(
             parse_client_frame(r#"{"type":"message","id":"m1","text":"hi"}"#, LIMIT),
-            Ok(ClientFrame::Message { id: "m1".into(), text: "hi".into() })
+            Ok(ClientFrame::Message { id: "m1".into(), text: "hi".into(), conversation: None })
         );
         assert_eq!(parse_client_frame(r#"{"type":"ping"}"#, LIMIT), Ok(ClientFrame::Ping));
         assert_eq!(
@@ -361,6 +392,22 @@ mod tests {
         }
         assert!(ClientFrame::Watch { conversation: id.into(), after: None }.is_agents());
         assert!(ClientFrame::Cancel { reply: "r".into() }.is_customers());
+        assert_eq!(
+            parse_client_frame(&format!(r#"{{"type":"take","conversation":"{id}","steal":true}}"#), LIMIT),
+            Ok(ClientFrame::Take { conversation: id.into(), steal: true })
+        );
+        assert_eq!(
+            parse_client_frame(&format!(r#"{{"type":"take","conversation":"{id}"}}"#), LIMIT),
+            Ok(ClientFrame::Take { conversation: id.into(), steal: false })
+        );
+        assert_eq!(code(r#"{"type":"take","conversation":"c","steal":"yes"}"#), ErrorCode::InvalidFrame);
+        assert_eq!(parse_client_frame(r#"{"type":"handoff"}"#, LIMIT), Ok(ClientFrame::Handoff));
+        assert_eq!(
+            parse_client_frame(&format!(r#"{{"type":"message","id":"m1","text":"hi","conversation":"{id}"}}"#), LIMIT),
+            Ok(ClientFrame::Message { id: "m1".into(), text: "hi".into(), conversation: Some(id.into()) })
+        );
+        let error = parse_client_frame(r#"{"type":"message","id":"m1","text":"hi","conversation":5}"#, LIMIT);
+        assert_eq!(error.unwrap_err().id.as_deref(), Some("m1"));
         assert!(!ClientFrame::Ping.is_agents() && !ClientFrame::Ping.is_customers());
     }
 
@@ -384,7 +431,7 @@ mod tests {
         let frame = r#"{"extra":{"a":[1,{"b":null}]},"\u0074ype":"message","id":"m\"1","text":"line\nbreak","n":[]}"#;
         assert_eq!(
             parse_client_frame(frame, TextLimit { chars: 20, bytes: 40 }),
-            Ok(ClientFrame::Message { id: "m\"1".into(), text: "line\nbreak".into() })
+            Ok(ClientFrame::Message { id: "m\"1".into(), text: "line\nbreak".into(), conversation: None })
         );
         // A repeated key is refused, whichever key and however it is spelled.
         for repeated in [

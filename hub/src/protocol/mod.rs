@@ -78,6 +78,8 @@ pub enum ErrorCode {
     TooManyWatched,
     /// An agent's `message` or `release` in a conversation it does not own.
     NotOwner,
+    /// A `take` (without `steal`) of a conversation another agent owns.
+    AlreadyOwned,
 }
 
 impl ErrorCode {
@@ -104,6 +106,7 @@ impl ErrorCode {
             Self::Forbidden => "forbidden",
             Self::TooManyWatched => "too_many_watched",
             Self::NotOwner => "not_owner",
+            Self::AlreadyOwned => "already_owned",
         }
     }
 }

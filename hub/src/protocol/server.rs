@@ -31,7 +31,13 @@ pub enum ServerFrame<'a> {
     #[serde(rename = "ready")]
     Ready { conversation: &'a str, seq: u64, epoch: &'a str },
     #[serde(rename = "ack")]
-    Ack { id: &'a str, seq: u64 },
+    Ack {
+        /// On agents' sockets only.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        conversation: Option<&'a str>,
+        id: &'a str,
+        seq: u64,
+    },
     #[serde(rename = "reply.delta")]
     ReplyDelta { conversation: &'a str, reply: &'a str, index: u32, text: &'a str },
     /// The question waits for an NLP slot; `position` 1 is next. Repeated
@@ -70,6 +76,15 @@ pub enum ServerFrame<'a> {
         /// Only present (and true) on replayed cancelled replies.
         #[serde(skip_serializing_if = "std::ops::Not::not")]
         cancelled: bool,
+        /// On system events that name an agent: the agent's id.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        agent: Option<&'a str>,
+        /// On agents' messages and system events that name an agent: the display name.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        name: Option<&'a str>,
+        /// On system events: what happened.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        event: Option<crate::event::SystemEvent>,
     },
     #[serde(rename = "error")]
     Error {
@@ -108,9 +123,30 @@ pub enum ServerFrame<'a> {
         online: bool,
         viewers: &'a [Viewer],
     },
+    /// A watched conversation's owner changed (agents only).
+    #[serde(rename = "owner")]
+    Owner {
+        conversation: &'a str,
+        owner: &'a str,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        agent: Option<&'a str>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        agent_name: Option<&'a str>,
+        owner_epoch: u64,
+    },
+    /// `already_owned`: the conversation's owner, on an agent's socket.
+    #[serde(rename = "error")]
+    AlreadyOwned { code: &'a str, message: &'a str, conversation: &'a str, agent: &'a str, agent_name: &'a str },
     /// An `error` about one conversation, on an agent's socket.
     #[serde(rename = "error")]
-    ConversationError { code: &'a str, message: &'a str, conversation: &'a str },
+    ConversationError {
+        code: &'a str,
+        message: &'a str,
+        conversation: &'a str,
+        /// The message id, when the refused frame was a `message`.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        id: Option<&'a str>,
+    },
 }
 
 /// An agent watching a conversation, as `watching` and `presence` list them.
@@ -286,6 +322,9 @@ mod tests {
             fallback: false,
             interrupted: false,
             cancelled: false,
+            agent: None,
+            name: None,
+            event: None,
         }
         .encode();
         assert_eq!(
@@ -301,6 +340,9 @@ mod tests {
             fallback: false,
             interrupted: false,
             cancelled: true,
+            agent: None,
+            name: None,
+            event: None,
         }
         .encode();
         assert!(cancelled.as_str().ends_with(r#""text":"","cancelled":true}"#), "{}", cancelled.as_str());

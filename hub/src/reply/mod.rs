@@ -11,7 +11,13 @@
 //!   text plus the fallback sentence, `fallback: true, interrupted: true`;
 //! - a client sends `cancel` (`in_flight.rs`), or the caller cancels the
 //!   reply's token (no socket came back within the grace, hub shutdown): the
-//!   partial text, `cancelled: true`.
+//!   partial text, `cancelled: true`;
+//! - an agent takes the conversation over (an owner change after the owner
+//!   epoch the question was asked under, delivered on this node: the node
+//!   holds the conversation while the reply streams, see
+//!   [`Conversations::hold`]): the text its sockets were given, `interrupted: true`.
+//!   The fan-out fences the reply's deltas off from the owner change on
+//!   (see [`crate::fanout`]), and a batch it refused is not in the text.
 //!
 //! Either way the NLP call is cancelled upstream (its stream is dropped) and
 //! the reply is stored: every question gets exactly one answer event. The
@@ -47,6 +53,8 @@ pub struct Question {
     pub received: std::time::Instant,
     /// The asking socket wants a `timing` object on `reply.done`.
     pub timing: bool,
+    /// The owner epoch it was asked under (the assistant owned the conversation).
+    pub owner_epoch: u64,
 }
 
 /// What the replier needs, shared by all sessions of the node.
@@ -81,6 +89,8 @@ impl Replier {
         let reply_id = generate_reply_id();
         let cancel = stop.child_token();
         let _registered = self.in_flight.register(&reply_id, key, cancel.clone());
+        let takeover = tokio_util::sync::CancellationToken::new();
+        self.conversations.hold(key, question.owner_epoch, &takeover).await;
         let request = AnswerRequest {
             tenant_id: key.tenant().to_string(),
             conversation_id: key.conversation().to_string(),
@@ -90,9 +100,9 @@ impl Replier {
         };
         // The hub's own share before the model: store, hand-over.
         metrics::histogram!(crate::metric::REPLY_BEFORE_NLP).record(question.received.elapsed().as_secs_f64());
-        let mut draft = Draft::new(&self.conversations, key, &reply_id, question.timing);
+        let mut draft = Draft::new(&self.conversations, key, &reply_id, question.timing, question.owner_epoch);
         let before_nlp = question.received.elapsed();
-        let outcome = self.stream(&request, &mut draft, &cancel).await;
+        let outcome = self.stream(&request, &mut draft, &cancel, &takeover).await;
         if matches!(outcome, Outcome::Fallback { .. }) {
             let separator = if draft.text.is_empty() { "" } else { "\n\n" };
             draft.push(&format!("{separator}{}", self.polite_fallback(key, &question.text)));
@@ -108,6 +118,7 @@ impl Replier {
             Ok(Appended::Duplicate(_)) => {}
             Err(error) => warn!(%error, "reply streamed but could not be stored"),
         }
+        self.conversations.unhold(key, &takeover).await;
         // The customer has the whole reply; only now wait for the call's trailers.
         if let Outcome::Completed(call) = outcome {
             call.finish(true).await;
@@ -138,6 +149,7 @@ fn stored_reply(
         Outcome::Completed(_) => (false, false, false),
         Outcome::Fallback { interrupted } => (true, *interrupted, false),
         Outcome::Cancelled => (false, false, true),
+        Outcome::TakenOver => (false, true, false),
     };
     let timings = &draft.timings;
     let ms = |duration: std::time::Duration| duration.as_secs_f64() * 1000.0;
@@ -161,6 +173,10 @@ fn stored_reply(
         fallback,
         interrupted,
         cancelled,
+        agent: None,
+        name: None,
+        event: None,
+        owner_epoch: None,
     }
 }
 

@@ -25,6 +25,8 @@ pub(super) enum Outcome {
     Fallback { interrupted: bool },
     /// A client's `cancel`, the reply grace, shutdown: what streamed stays.
     Cancelled,
+    /// An agent took the conversation over: what streamed stays.
+    TakenOver,
 }
 
 /// Where a reply's time went, for its `timing` object.
@@ -44,12 +46,16 @@ impl Replier {
         request: &AnswerRequest,
         draft: &mut Draft<'_>,
         cancel: &CancellationToken,
+        takeover: &CancellationToken,
     ) -> Outcome {
         // One waiter for the whole reply, not one registration per token.
         let cancelled = cancel.cancelled();
         tokio::pin!(cancelled);
+        let taken = takeover.cancelled();
+        tokio::pin!(taken);
         let started = tokio::select! {
             biased;
+            _ = &mut taken => return Outcome::TakenOver,
             _ = &mut cancelled => return Outcome::Cancelled,
             started = self.start(request, draft) => started,
         };
@@ -71,6 +77,7 @@ impl Replier {
                 None => tokio::select! {
                     biased;
                     next = call.next() => next,
+                    _ = &mut taken => return Outcome::TakenOver,
                     _ = &mut cancelled => return Outcome::Cancelled,
                 },
             };
@@ -79,7 +86,12 @@ impl Replier {
                 Ok(None) => return broken(call, draft.index, StreamError::Truncated).await,
                 Err(error) => return broken(call, draft.index, error).await,
             };
-            if draft.relay_batch(chunk, &mut call, &mut read_ahead) {
+            let finished = draft.relay_batch(chunk, &mut call, &mut read_ahead);
+            // A batch the fan-out fenced off: the conversation was taken over.
+            if draft.fenced || takeover.is_cancelled() {
+                return Outcome::TakenOver;
+            }
+            if finished {
                 return Outcome::Completed(call);
             }
             // A stream that is always ready (an unpaced answerer, a full
@@ -128,11 +140,17 @@ pub(super) struct Draft<'a> {
     deltas: DeltaEncoder,
     pub(super) text: String,
     pub(super) index: u32,
-    /// Delta frames encoded but not yet published.
+    /// Delta frames encoded but not yet published, and their text.
     staged: Vec<Utf8Bytes>,
+    staged_text: String,
     /// Time each batch's relay (only for replies that report `timing`).
     measure: bool,
     pub(super) timings: Timings,
+    /// The owner epoch the question was asked under: the deltas' fence.
+    epoch: u64,
+    /// Set when the fan-out refused a batch (an owner change came first):
+    /// nothing more is published, and the batch is not in `text`.
+    pub(super) fenced: bool,
 }
 
 impl<'a> Draft<'a> {
@@ -141,6 +159,7 @@ impl<'a> Draft<'a> {
         key: &'a ConversationKey,
         reply_id: &'a str,
         measure: bool,
+        epoch: u64,
     ) -> Self {
         Self {
             conversations,
@@ -150,8 +169,11 @@ impl<'a> Draft<'a> {
             text: String::new(),
             index: 0,
             staged: Vec::new(),
+            staged_text: String::new(),
             measure,
             timings: Timings::default(),
+            epoch,
+            fenced: false,
         }
     }
 
@@ -193,7 +215,7 @@ impl<'a> Draft<'a> {
         let frame =
             ServerFrame::Queued { conversation: self.key.conversation().as_str(), reply: self.reply_id, position }
                 .encode();
-        self.conversations.publish_frames(self.key, vec![frame]);
+        self.conversations.publish_frames(self.key, &[frame], self.epoch);
     }
 
     /// Encodes a chunk's text as the next delta (empty texts make none);
@@ -206,19 +228,26 @@ impl<'a> Draft<'a> {
     }
 
     fn stage_text(&mut self, text: &str) {
-        self.staged.push(self.deltas.encode(self.index, text));
-        self.text.push_str(text);
-        self.index += 1;
+        let index = self.index + self.staged.len() as u32;
+        self.staged.push(self.deltas.encode(index, text));
+        self.staged_text.push_str(text);
     }
 
-    /// Publishes the staged deltas; returns how many.
+    /// Publishes the staged deltas; returns how many. Once fenced off
+    /// (see [`Draft::fenced`]), drops them and their text instead.
     fn publish(&mut self) -> usize {
         let staged = std::mem::take(&mut self.staged);
         let count = staged.len();
-        if count > 0 {
-            self.conversations.publish_frames(self.key, staged);
+        if count > 0 && !self.fenced {
+            if self.conversations.publish_frames(self.key, &staged, self.epoch) {
+                self.text.push_str(&self.staged_text);
+                self.index += count as u32;
+            } else {
+                self.fenced = true;
+            }
         }
-        count
+        self.staged_text.clear();
+        if self.fenced { 0 } else { count }
     }
 
     /// Appends text outside the model's stream (the fallback sentence) as one delta.
@@ -253,7 +282,7 @@ mod tests {
             backend.attach(&key, session, None, opened.pending.as_ref()).await.unwrap();
             queues.push(rx);
         }
-        let mut reply = Draft::new(&backend, &key, "r-1", false);
+        let mut reply = Draft::new(&backend, &key, "r-1", false, 0);
         let chunk = |text: &str, finish: i32| AnswerChunk { index: 0, text: text.into(), finish };
         assert!(!reply.stage(&chunk("Hello", 0)));
         assert!(!reply.stage(&chunk("", 0)), "an empty chunk makes no delta");
@@ -271,6 +300,29 @@ mod tests {
             let last = queue.try_recv().unwrap();
             let last: serde_json::Value = serde_json::from_str(last.frame().unwrap().as_str()).unwrap();
             assert_eq!((last["index"].as_u64(), last["text"].as_str()), (Some(2), Some("!")));
+            assert!(queue.try_recv().is_err());
+        }
+
+        // Taken over (an owner change delivered here): the next batch is
+        // fenced off, and is not part of the stored text.
+        use crate::event::SystemEvent;
+        use crate::owner::Owner;
+        use crate::store::{AppendWith, OwnerOp};
+        let anna = Owner::Agent { id: "anna".into(), name: "Anna".into() };
+        let with = AppendWith {
+            create: opened.pending.as_ref(),
+            owner: OwnerOp::Change { expected: 0, to: &anna },
+            ..Default::default()
+        };
+        let joined = crate::store::NewEvent::system(SystemEvent::AgentJoined, Some(("anna", "Anna")));
+        backend.append(&key, joined, None, with).await.unwrap();
+        assert!(!reply.stage(&chunk(" more", 0)));
+        assert_eq!(reply.publish(), 0);
+        assert!(reply.fenced);
+        assert_eq!((reply.text.as_str(), reply.index), ("Hello world!", 3));
+        for queue in &mut queues {
+            let joined = queue.try_recv().unwrap();
+            assert!(matches!(*joined, Outbound::Event { .. }), "the event, and no delta after it");
             assert!(queue.try_recv().is_err());
         }
     }

@@ -7,6 +7,7 @@
 //! share one [`SessionCloser`]; whichever side ends first cancels it and
 //! the writer sends the close frame with the recorded reason.
 
+pub(crate) mod handoff;
 mod reader;
 mod writer;
 
@@ -298,6 +299,7 @@ pub(crate) fn refusal(error: &StoreError) -> (&'static str, CloseReason) {
             (ErrorCode::TooManyConversations.as_str(), close::TOO_MANY_CONVERSATIONS)
         }
         StoreError::TooManySockets => (ErrorCode::TooManySockets.as_str(), close::TOO_MANY_SOCKETS),
+        StoreError::OwnerChanged(_) => (ErrorCode::NotOwner.as_str(), close::NORMAL),
     }
 }
 

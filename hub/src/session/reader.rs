@@ -26,11 +26,13 @@ use crate::AppState;
 use crate::auth::expiry::SessionToken;
 use crate::fanout::{Outbound, SessionHandle};
 use crate::ids::ConversationKey;
+use crate::owner::Owner;
 use crate::protocol::close;
 use crate::protocol::{ClientFrame, ErrorCode, ServerFrame, TextLimit, parse_client_frame};
 use crate::reply::Question;
+use crate::session::handoff;
 use crate::session::{Replies, SessionParams};
-use crate::store::{AppendWith, Appended, NewEvent, Pending, StoreError};
+use crate::store::{AppendWith, Appended, NewEvent, OwnerOp, Pending, StoreError};
 
 /// What [`FrameReader::next`] read.
 pub(crate) enum Inbound {
@@ -152,12 +154,13 @@ pub(super) async fn run_reader(
             Ok(ClientFrame::Cancel { reply }) => app.replier.cancel(key, &reply),
             Ok(ClientFrame::Refresh { token: fresh }) => refresh(app, session, token, &fresh).await,
             // Inside the expiry grace the socket reads and streams, but stores nothing new.
+            Ok(ClientFrame::Handoff) => on_handoff(app, key, pending, session).await,
             Ok(ClientFrame::Message { id, .. }) if token.is_some_and(SessionToken::expired) => {
                 let text = "this socket's token has expired; send `refresh` with a new token";
                 send_to_this_socket(session, error_frame(ErrorCode::TokenExpired, text, Some(&id)));
             }
             // Boxed: the reader's future lives as long as the socket, a message's handling only briefly.
-            Ok(ClientFrame::Message { id, text }) => {
+            Ok(ClientFrame::Message { id, text, .. }) => {
                 match app.tenants.admit_message(&params.party.tenant, &params.party.user, &limits).await {
                     Err(wait) => send_to_this_socket(session, over_message_rate(&id, wait)),
                     Ok(()) => {
@@ -166,7 +169,8 @@ pub(super) async fn run_reader(
                     }
                 }
             }
-            Ok(ClientFrame::Watch { .. } | ClientFrame::Unwatch { .. }) => {}
+            Ok(ClientFrame::Watch { .. } | ClientFrame::Unwatch { .. } | ClientFrame::Take { .. }) => {}
+            Ok(ClientFrame::Release { .. }) => {}
             Err(error) => send_to_this_socket(session, error.to_frame()),
         }
     }
@@ -193,6 +197,29 @@ pub(crate) fn forbidden(frame: &ClientFrame) -> axum::extract::ws::Utf8Bytes {
     error_frame(ErrorCode::Forbidden, &message, None)
 }
 
+/// `handoff`: the customer asks for a person.
+async fn on_handoff(app: &AppState, key: &ConversationKey, pending: &mut Option<Pending>, session: &SessionHandle) {
+    let epoch = match app.conversations.ownership(key).await {
+        Ok(Some(ownership)) if ownership.owner != crate::owner::Owner::Assistant => return,
+        Ok(Some(ownership)) => ownership.epoch,
+        // Not created yet: the `waiting` event creates it.
+        Ok(None) => 0,
+        Err(error) => {
+            warn!(%error, "handoff not recorded");
+            let message = "the request could not be recorded; send it again";
+            return send_to_this_socket(session, error_frame(ErrorCode::Unavailable, message, None));
+        }
+    };
+    match super::handoff::request(app, key, pending.as_ref(), epoch).await {
+        Ok(_) => *pending = None,
+        Err(error) => {
+            warn!(%error, "handoff not recorded");
+            let message = "the request could not be recorded; send it again";
+            send_to_this_socket(session, error_frame(ErrorCode::Unavailable, message, None));
+        }
+    }
+}
+
 #[allow(clippy::too_many_arguments)]
 async fn on_message(
     app: &AppState,
@@ -215,9 +242,13 @@ async fn on_message(
         }
     };
     let event = NewEvent::customer(id.clone(), text.clone());
-    // The user's activity and the question's history come with the append.
-    let with =
-        AppendWith { create: pending.as_ref(), active_user: Some(&params.party.user), turns_before: history_turns };
+    // The user's activity, the question's history and who answers it come with the append.
+    let with = AppendWith {
+        create: pending.as_ref(),
+        active_user: Some(&params.party.user),
+        turns_before: history_turns,
+        owner: OwnerOp::Any,
+    };
     let appended = app.conversations.append(key, event, Some(session.id), with).await;
     if appended.is_ok() {
         // The conversation exists from its first stored message on.
@@ -225,13 +256,37 @@ async fn on_message(
     }
     match appended {
         // The ack went out through the fan-out, in seq order with other events.
-        Ok(Appended::New { event, turns_before }) => {
+        Ok(Appended::New { event, turns_before, mut ownership }) => {
             let seq = event.seq;
-            permit.send(Box::new(Question { seq, text, history: turns_before, received, timing: params.timing }));
+            if handoff::waited_too_long(app, &ownership) {
+                ownership = match handoff::give_up_waiting(app, key, &ownership).await {
+                    Ok(ownership) => ownership,
+                    Err(error) => return warn!(%error, "could not hand a waiting conversation back"),
+                };
+            }
+            if ownership.owner != Owner::Assistant {
+                // Stored and acked: a person answers (or will).
+                return debug!(seq, owner = ownership.owner.kind(), "not for the assistant");
+            }
+            if handoff::asks_for_person(&text) {
+                if let Err(error) = handoff::request(app, key, None, ownership.epoch).await {
+                    warn!(%error, "handoff not recorded");
+                }
+                return;
+            }
+            let question = Question {
+                seq,
+                text,
+                history: turns_before,
+                received,
+                timing: params.timing,
+                owner_epoch: ownership.epoch,
+            };
+            permit.send(Box::new(question));
         }
         Ok(Appended::Duplicate(seq)) => {
             debug!(seq, "duplicate message acked again");
-            send_to_this_socket(session, ServerFrame::Ack { id: &id, seq }.encode());
+            send_to_this_socket(session, ServerFrame::Ack { conversation: None, id: &id, seq }.encode());
         }
         Err(StoreError::ConversationNotFound) => {
             // The log vanished under a live session (expiry, flush, failover):
@@ -241,6 +296,7 @@ async fn on_message(
             send_to_this_socket(session, error_frame(ErrorCode::ConversationNotFound, message, Some(&id)));
             session.closer.close(close::CONVERSATION_NOT_FOUND);
         }
+        Err(StoreError::OwnerChanged(_)) => warn!("a customer message was fenced by its owner"),
         Err(error @ StoreError::TooManyConversations { .. }) => {
             warn!(%error, "conversation not created: the user's creation cap is reached");
             let (code, reason) = crate::session::refusal(&error);

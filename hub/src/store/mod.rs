@@ -22,10 +22,15 @@
 //!   that never sends leaves no trace (no Redis key, no map entry) once it
 //!   is gone.
 //!
-//! Room left for what comes next: conversation ownership (the assistant or a
-//! human agent, changed by compare-and-set with an epoch that every append
-//! carries) is a field of the log's meta and an argument of `append`, fenced
-//! in the same atomic step as the seq; per-reply token logs that a
+//! - The conversation's [`Ownership`] (who answers it, [`crate::owner`]) is
+//!   kept with the log and changes only in an append
+//!   ([`OwnerOp::Change`]: compare-and-set on the owner epoch, with the
+//!   `system` event that records it); an append on behalf of an owner is
+//!   fenced by it ([`OwnerOp::Fence`]), in the same atomic step as the seq.
+//!   Every successful append returns the ownership, so a customer message
+//!   learns who answers it in its own round trip.
+//!
+//! Room left for what comes next: per-reply token logs that a
 //! reconnecting client resumes from an index are a second, short-lived log
 //! per reply beside this one, with the same seq-and-cursor rules.
 
@@ -37,6 +42,7 @@ use std::sync::Arc;
 use async_trait::async_trait;
 
 use crate::ids::{ConversationId, ConversationKey, Party, UserId};
+use crate::owner::{Owner, Ownership};
 
 pub use crate::event::{NewEvent, StoredEvent};
 pub use memory::MemoryLog;
@@ -52,6 +58,8 @@ pub enum Appended {
         /// The last [`AppendWith::turns_before`] turns before it (customer,
         /// assistant and agent events), oldest first: a question's history.
         turns_before: Vec<Arc<StoredEvent>>,
+        /// Who answers the conversation after this append.
+        ownership: Ownership,
     },
     /// A customer message with this id was already stored with this seq;
     /// nothing was stored or delivered.
@@ -68,6 +76,23 @@ pub struct AppendWith<'a> {
     pub active_user: Option<&'a UserId>,
     /// Turns before the event to return with it ([`Appended::New`]); 0 for none.
     pub turns_before: usize,
+    /// What the append checks, or changes, of the conversation's owner.
+    pub owner: OwnerOp<'a>,
+}
+
+/// An append's condition on, or change of, the conversation's owner.
+#[derive(Debug, Clone, Copy, Default)]
+pub enum OwnerOp<'a> {
+    /// Whoever owns it (customer messages, replies).
+    #[default]
+    Any,
+    /// Only if this agent owns it, and (when given) still under this epoch:
+    /// an agent's message. Else [`StoreError::OwnerChanged`].
+    Fence { agent: &'a str, epoch: Option<u64> },
+    /// Only if the owner epoch is `expected`: then `to` owns it, under
+    /// `expected + 1` (the event's `owner_epoch`). Else
+    /// [`StoreError::OwnerChanged`].
+    Change { expected: u64, to: &'a Owner },
 }
 
 /// The conversation `open` chose for a socket.
@@ -107,6 +132,8 @@ pub struct Snapshot {
     pub epoch: String,
     /// Durable events with a seq greater than the requested `after`, in order.
     pub missed: Vec<Arc<StoredEvent>>,
+    /// Who answers it.
+    pub ownership: Ownership,
     /// The customer the conversation belongs to (`None` while pending).
     pub customer: Option<UserId>,
 }
@@ -122,6 +149,9 @@ pub enum StoreError {
     /// The store could not be reached; nothing was stored.
     #[error("conversation store unavailable: {0}")]
     Unavailable(String),
+    /// An [`OwnerOp`] found another owner or epoch (the current one); nothing was stored.
+    #[error("the conversation's owner changed")]
+    OwnerChanged(Ownership),
     /// Creating this conversation would exceed the user's creation cap.
     #[error("this user created {max} conversations within the last {window_secs} s; try again later")]
     TooManyConversations { max: u32, window_secs: u64 },

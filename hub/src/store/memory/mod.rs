@@ -28,11 +28,13 @@ use tracing::debug;
 use users::Users;
 
 use super::{
-    AppendWith, Appended, ConversationLog, NewEvent, Opened, Pending, Snapshot, StoreError, StoredEvent, now_ms,
+    AppendWith, Appended, ConversationLog, NewEvent, Opened, OwnerOp, Pending, Snapshot, StoreError, StoredEvent,
+    now_ms,
 };
 use crate::config::ConversationConfig;
 use crate::fanout::FanOut;
 use crate::ids::{ConversationId, ConversationKey, Party, UserId};
+use crate::owner::Ownership;
 use crate::protocol::Role;
 
 #[derive(Debug)]
@@ -60,6 +62,8 @@ struct Conversation {
     /// Seq of each customer message in `events`, by client message id: a
     /// resent message is found without scanning the log.
     customer_ids: HashMap<String, u64>,
+    /// Who answers it.
+    ownership: Ownership,
 }
 
 impl MemoryLog {
@@ -141,6 +145,7 @@ impl MemoryLog {
             last_active_ms: now,
             events: VecDeque::new(),
             customer_ids: HashMap::new(),
+            ownership: Ownership::default(),
         };
         let log = vacant.insert(Arc::new(Mutex::new(log))).clone();
         self.users.point(key.tenant(), &create.user, key.conversation(), now);
@@ -203,8 +208,14 @@ impl ConversationLog for MemoryLog {
             Some(after) => log.events.iter().filter(|e| e.seq > after).cloned().collect(),
             None => Vec::new(),
         };
-        let customer = Some(log.user.clone());
-        Ok(Some(Snapshot { exists: true, last_seq: log.last_seq, epoch: log.epoch.clone(), missed, customer }))
+        Ok(Some(Snapshot {
+            exists: true,
+            last_seq: log.last_seq,
+            epoch: log.epoch.clone(),
+            missed,
+            customer: Some(log.user.clone()),
+            ownership: log.ownership.clone(),
+        }))
     }
 
     async fn touch(&self, user: &UserId, key: &ConversationKey) {
@@ -235,10 +246,27 @@ impl ConversationLog for MemoryLog {
             {
                 return Ok(Appended::Duplicate(seq));
             }
+            let now = now_ms();
+            let mut event = event;
+            match with.owner {
+                OwnerOp::Any => {}
+                OwnerOp::Fence { agent, epoch } => {
+                    let ownership = &log.ownership;
+                    if !ownership.owner.is_agent(agent) || epoch.is_some_and(|e| e != ownership.epoch) {
+                        return Err(StoreError::OwnerChanged(ownership.clone()));
+                    }
+                }
+                OwnerOp::Change { expected, to } => {
+                    if log.ownership.epoch != expected {
+                        return Err(StoreError::OwnerChanged(log.ownership.clone()));
+                    }
+                    log.ownership = Ownership { owner: to.clone(), epoch: expected + 1, since_ms: now };
+                    event.owner_epoch = Some(expected + 1);
+                }
+            }
             let mut turns_before: Vec<_> =
                 log.events.iter().rev().filter(|e| e.from != Role::System).take(with.turns_before).cloned().collect();
             turns_before.reverse();
-            let now = now_ms();
             log.last_seq += 1;
             log.last_active_ms = now;
             let stored = Arc::new(event.stored(log.last_seq, now));
@@ -253,7 +281,7 @@ impl ConversationLog for MemoryLog {
                     log.customer_ids.remove(&old.id);
                 }
             }
-            Appended::New { event: stored, turns_before }
+            Appended::New { event: stored, turns_before, ownership: log.ownership.clone() }
         };
         if let Some(user) = with.active_user {
             self.users.touch(user, key);

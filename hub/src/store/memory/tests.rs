@@ -241,7 +241,7 @@ async fn an_append_returns_the_newest_turns_before_it_and_records_the_users_acti
     std::thread::sleep(std::time::Duration::from_millis(2));
     let question = NewEvent::customer("m5".into(), "t5".into());
     let with = AppendWith { active_user: Some(&user), turns_before: 3, ..AppendWith::default() };
-    let Appended::New { event, turns_before } = backend.log.append(&key, question, with).await.unwrap() else {
+    let Appended::New { event, turns_before, .. } = backend.log.append(&key, question, with).await.unwrap() else {
         panic!("stored")
     };
     assert_eq!(event.seq, 5);
@@ -254,4 +254,56 @@ async fn an_append_returns_the_newest_turns_before_it_and_records_the_users_acti
         panic!("stored")
     };
     assert!(turns_before.is_empty(), "none asked for, none read");
+}
+
+#[tokio::test]
+async fn the_owner_changes_only_by_compare_and_set_and_fences_agents_writes() {
+    use crate::event::SystemEvent;
+    use crate::owner::Owner;
+    use crate::store::OwnerOp;
+    let backend = backend(100);
+    let key = started(&backend, &TenantId::parse("t").unwrap(), &UserId::parse("u").unwrap()).await;
+    let anna = Owner::Agent { id: "anna".into(), name: "Anna".into() };
+    let bob = Owner::Agent { id: "bob".into(), name: "Bob".into() };
+    let change = |expected, to| AppendWith { owner: OwnerOp::Change { expected, to }, ..AppendWith::default() };
+    let joined = |agent: &str| NewEvent::system(SystemEvent::AgentJoined, Some((agent, agent)));
+    // From epoch 0: exactly one of two takes at epoch 0 wins.
+    let Appended::New { event, ownership, .. } =
+        backend.log.append(&key, joined("anna"), change(0, &anna)).await.unwrap()
+    else {
+        panic!("stored")
+    };
+    assert_eq!((ownership.owner, ownership.epoch, event.owner_epoch), (anna.clone(), 1, Some(1)));
+    let Err(StoreError::OwnerChanged(now)) = backend.log.append(&key, joined("bob"), change(0, &bob)).await else {
+        panic!("a stale compare-and-set is refused")
+    };
+    assert_eq!((now.owner, now.epoch), (anna.clone(), 1));
+    // Fenced writes: the owner under its epoch only.
+    let fence = |agent, epoch| AppendWith { owner: OwnerOp::Fence { agent, epoch }, ..AppendWith::default() };
+    let said = |id: &str| NewEvent::agent(id.into(), "hello".into(), "anna", "Anna");
+    assert!(backend.log.append(&key, said("a1"), fence("anna", Some(1))).await.is_ok());
+    assert!(backend.log.append(&key, said("a2"), fence("anna", None)).await.is_ok());
+    assert!(matches!(backend.log.append(&key, said("a3"), fence("bob", None)).await, Err(StoreError::OwnerChanged(_))));
+    // Bob steals (at the epoch he read): anna's epoch is stale even if she takes it back.
+    backend.log.append(&key, joined("bob"), change(1, &bob)).await.unwrap();
+    backend.log.append(&key, joined("anna"), change(2, &anna)).await.unwrap();
+    assert!(matches!(
+        backend.log.append(&key, said("a4"), fence("anna", Some(1))).await,
+        Err(StoreError::OwnerChanged(_))
+    ));
+    let snapshot = backend.log.snapshot(&key, Some(0)).await.unwrap().unwrap();
+    assert_eq!((snapshot.ownership.owner, snapshot.ownership.epoch), (anna, 3));
+    let stored: Vec<_> = snapshot.missed.iter().map(|e| (e.from, e.owner_epoch)).collect();
+    assert_eq!(
+        stored,
+        [
+            (Role::Customer, None),
+            (Role::System, Some(1)),
+            (Role::Agent, None),
+            (Role::Agent, None),
+            (Role::System, Some(2)),
+            (Role::System, Some(3))
+        ],
+        "refused writes stored nothing"
+    );
 }

@@ -13,18 +13,25 @@
 --       before the new one to return (a question's history; 0 for none),
 --       13 and 14 the epoch and last seq the hub knows those entries at
 --       ("" and 0 for none): when the log is at exactly these, the entries
---       are not read (the hub has them, see recent.rs)
+--       are not read (the hub has them, see recent.rs),
+--       15 the owner operation: "" none, "fence" (store only if 16 owns
+--       it and, unless 17 is "", under owner epoch 17), "change" (store
+--       only if the owner epoch is 17; then 16, named 18, owns it under
+--       17 + 1, since 5)
 -- Returns {1, seq, other listening nodes, {entries before} or false when
--- not read, epoch} when stored, {0, seq, 0, false, ""} for a customer
--- message id already stored, {-1, 0, 0, false, ""} when the conversation
--- does not exist (lost or expired), or, when creating, exists with another
--- owner or epoch.
+-- not read, epoch, owner, owner name, owner epoch, owner since} when
+-- stored, {0, seq, 0, false, "", false x 4} for a customer message id
+-- already stored, {-1, 0, 0, false, "", false x 4} when the conversation does not exist (lost
+-- or expired), or, when creating, exists with another owner or epoch, and
+-- {-2, 0, 0, false, "", owner, owner name, owner epoch, owner since} when
+-- the owner operation found another owner or epoch (nothing stored).
+-- Owner fields absent from the meta hash mean the assistant, epoch 0.
 local meta, log, ids = KEYS[1], KEYS[2], KEYS[3]
 local owner, epoch = ARGV[9], ARGV[10]
 local current = redis.call('HMGET', meta, 'user', 'epoch', 'seq')
 if not current[2] then
   if owner == '' then
-    return {-1, 0, 0, false, ''}
+    return {-1, 0, 0, false, '', false, false, false, false}
   end
   -- A new log, or a lost one started again: leftovers of a lost one (its
   -- list or ids, if they outlived the meta) go, so the epoch starts clean.
@@ -34,14 +41,30 @@ if not current[2] then
   redis.call('HSET', KEYS[4], ARGV[11], 1)
   current = {owner, epoch, '0'}
 elseif owner ~= '' and (current[1] ~= owner or current[2] ~= epoch) then
-  return {-1, 0, 0, false, ''}
+  return {-1, 0, 0, false, '', false, false, false, false}
 end
 epoch = current[2]
+local o = redis.call('HMGET', meta, 'owner', 'owner_name', 'owner_epoch', 'owner_since')
+local owner_now, owner_name = o[1] or 'assistant', o[2] or ''
+local owner_epoch, owner_since = tonumber(o[3] or '0'), tonumber(o[4] or '0')
+local op = ARGV[15]
+if op == 'fence' then
+  if owner_now ~= ARGV[16] or (ARGV[17] ~= '' and owner_epoch ~= tonumber(ARGV[17])) then
+    return {-2, 0, 0, false, '', owner_now, owner_name, owner_epoch, owner_since}
+  end
+elseif op == 'change' then
+  if owner_epoch ~= tonumber(ARGV[17]) then
+    return {-2, 0, 0, false, '', owner_now, owner_name, owner_epoch, owner_since}
+  end
+  owner_now, owner_name, owner_epoch, owner_since = ARGV[16], ARGV[18], owner_epoch + 1, tonumber(ARGV[5])
+  redis.call('HSET', meta, 'owner', owner_now, 'owner_name', owner_name, 'owner_epoch', owner_epoch,
+    'owner_since', owner_since)
+end
 local id = ARGV[1]
 if id ~= '' then
   local seen = redis.call('ZSCORE', ids, id)
   if seen then
-    return {0, tonumber(seen), 0, false, ''}
+    return {0, tonumber(seen), 0, false, '', false, false, false, false}
   end
 end
 local before = false
@@ -68,4 +91,4 @@ local others = redis.call('HLEN', KEYS[4]) - redis.call('HEXISTS', KEYS[4], ARGV
 if others > 0 then
   redis.call('PUBLISH', ARGV[8], ARGV[4] .. entry)
 end
-return {1, seq, others, before, epoch}
+return {1, seq, others, before, epoch, owner_now, owner_name, owner_epoch, owner_since}

@@ -110,7 +110,7 @@ impl EventBus for RedisBus {
         self.leave_listeners(key).await;
     }
 
-    fn publish_frames(&self, key: &ConversationKey, frames: &[Utf8Bytes]) {
+    fn publish_frames(&self, key: &ConversationKey, frames: &[Utf8Bytes], epoch: u64) {
         let link = &self.inner.link;
         if !link.listeners.others_may_listen(key) {
             return;
@@ -118,7 +118,7 @@ impl EventBus for RedisBus {
         let channel = link.keys.channel(key);
         for frame in frames {
             // The node id lets this node skip its own echo.
-            self.inner.publisher.publish(key, channel.clone(), Payload::encode_frame(&link.node_id, frame));
+            self.inner.publisher.publish(key, channel.clone(), Payload::encode_frame(&link.node_id, frame, epoch));
         }
     }
 
@@ -128,13 +128,16 @@ impl EventBus for RedisBus {
 
     async fn has_remote_listeners(&self, key: &ConversationKey) -> bool {
         let link = &self.inner.link;
-        // Asked only while this node has no socket of it: it is unsubscribed,
-        // so any subscriber left is another node's.
+        // Asked while this node has no socket of it; it may still be
+        // subscribed (a reply streaming here holds the conversation): any
+        // other subscriber is another node's.
+        let channel = link.keys.channel(key);
+        let here = u64::from(link.listeners.channels.contains_key(&channel));
         let mut con = link.commands.clone();
         let mut numsub = redis::cmd("PUBSUB");
-        numsub.arg("NUMSUB").arg(link.keys.channel(key));
+        numsub.arg("NUMSUB").arg(&channel);
         match link.call(numsub.query_async::<(String, u64)>(&mut con)).await {
-            Ok((_, subscribers)) => subscribers > 0,
+            Ok((_, subscribers)) => subscribers > here,
             Err(_) => true,
         }
     }
@@ -173,7 +176,7 @@ fn dispatch(link: &Link, incoming: &dyn IncomingEvents, data: Vec<Value>) {
         return;
     }
     match Payload::decode(Bytes::from(payload)) {
-        Ok(Payload::Frame { frame, .. }) => incoming.frames(&key, vec![frame]),
+        Ok(Payload::Frame { frame, epoch, .. }) => incoming.frames(&key, vec![frame], epoch),
         // Another node started listening: publish this conversation's deltas again.
         Ok(Payload::Hello) => link.listeners.hello(&key),
         Ok(Payload::Event { timing, event, .. }) => {

@@ -11,9 +11,11 @@ use super::wire::{self, EncodedEvent};
 use super::{Link, recent};
 use crate::config::{ConversationConfig, CreationLimit};
 use crate::ids::{ConversationId, ConversationKey, Party, TenantId, UserId};
+use crate::owner::{Owner, Ownership};
 use crate::protocol::Role;
 use crate::store::{
-    AppendWith, Appended, ConversationLog, NewEvent, Opened, Pending, Snapshot, StoreError, StoredEvent, now_ms,
+    AppendWith, Appended, ConversationLog, NewEvent, Opened, OwnerOp, Pending, Snapshot, StoreError, StoredEvent,
+    now_ms,
 };
 
 #[derive(Clone)]
@@ -75,11 +77,18 @@ impl Inner {
         };
         let malformed =
             |e: redis::ParsingError| StoreError::Unavailable(format!("unexpected reply from read_after: {e}"));
+        let next = |parts: &mut Vec<Value>| parts.pop().unwrap_or(Value::Nil);
+        let owner_since: u64 = redis::from_redis_value(next(&mut parts)).map_err(malformed)?;
+        let owner_epoch: u64 = redis::from_redis_value(next(&mut parts)).map_err(malformed)?;
+        let owner_name: String = redis::from_redis_value(next(&mut parts)).map_err(malformed)?;
+        let owner: String = redis::from_redis_value(next(&mut parts)).map_err(malformed)?;
+        let ownership =
+            Ownership { owner: Owner::decode(&owner, &owner_name), epoch: owner_epoch, since_ms: owner_since };
         let customer: String = redis::from_redis_value(parts.pop().unwrap_or(Value::Nil)).map_err(malformed)?;
         let epoch: String = redis::from_redis_value(parts.pop().unwrap_or(Value::Nil)).map_err(malformed)?;
         let last_seq: u64 = redis::from_redis_value(parts.pop().unwrap_or(Value::Nil)).map_err(malformed)?;
         let customer = UserId::parse(&customer).ok();
-        Ok(Some(Snapshot { exists: true, last_seq, epoch, missed, customer }))
+        Ok(Some(Snapshot { exists: true, last_seq, epoch, missed, customer, ownership }))
     }
 
     /// Counts the creation of `key`'s conversation against its user's cap
@@ -255,6 +264,18 @@ impl ConversationLog for RedisLog {
             inner.count_creation(key, &create.user).await?;
         }
         let timing = event.timing;
+        let mut event = event;
+        // The epoch a change begins, if it succeeds (the script checks the expected one).
+        let (op, owner_arg, epoch_arg, name_arg) = match with.owner {
+            OwnerOp::Any => ("", String::new(), String::new(), ""),
+            OwnerOp::Fence { agent, epoch } => {
+                ("fence", format!("agent:{agent}"), epoch.map_or_else(String::new, |e| e.to_string()), "")
+            }
+            OwnerOp::Change { expected, to } => {
+                event.owner_epoch = Some(expected + 1);
+                ("change", to.encode(), expected.to_string(), to.name())
+            }
+        };
         let mut stored = event.stored(0, now_ms());
         // Only customer messages are de-duplicated (by their client-chosen id).
         let dedup_id = if stored.from == Role::Customer { stored.id.as_str() } else { "" };
@@ -264,7 +285,7 @@ impl ConversationLog for RedisLog {
         let channel = names.channel;
         // Sized once: growing the buffer arg by arg showed in profiles.
         let size = 160 + names.meta.len() * 5 + encoded.byte_len() + hint.epoch.len() + dedup_id.len();
-        let mut append = redis::Cmd::with_capacity(21, size);
+        let mut append = redis::Cmd::with_capacity(25, size + owner_arg.len() + name_arg.len());
         append
             .arg("EVALSHA")
             .arg(inner.append.get_hash())
@@ -286,7 +307,11 @@ impl ConversationLog for RedisLog {
             .arg(link.node_id.as_str())
             .arg(with.turns_before)
             .arg(&hint.epoch)
-            .arg(hint.last);
+            .arg(hint.last)
+            .arg(op)
+            .arg(&owner_arg)
+            .arg(&epoch_arg)
+            .arg(name_arg);
         let mut pipe = redis::pipe();
         pipe.add_command(append);
         // The user's activity rides in the same round trip (a new
@@ -297,8 +322,15 @@ impl ConversationLog for RedisLog {
             inner.point_latest(&mut pipe, user, key);
         }
         let sent_at = Instant::now();
-        let ((status, seq, others, before, epoch),): ((i64, u64, i64, Option<Vec<Vec<u8>>>, String),) =
+        type Reply =
+            (i64, u64, i64, Option<Vec<Vec<u8>>>, String, Option<String>, Option<String>, Option<u64>, Option<u64>);
+        let ((status, seq, others, before, epoch, owner, owner_name, owner_epoch, owner_since),): (Reply,) =
             inner.run_with_script(&inner.append, &pipe).await?;
+        let ownership = || Ownership {
+            owner: Owner::decode(owner.as_deref().unwrap_or(""), owner_name.as_deref().unwrap_or("")),
+            epoch: owner_epoch.unwrap_or(0),
+            since_ms: owner_since.unwrap_or(0),
+        };
         match status {
             1 => {
                 // The reply's deltas that follow go out only if someone else listens.
@@ -313,9 +345,10 @@ impl ConversationLog for RedisLog {
                     // Not read: the log was where the hint said, so its turns are the hint's.
                     None => hint.turns,
                 };
-                Ok(Appended::New { event, turns_before })
+                Ok(Appended::New { event, turns_before, ownership: ownership() })
             }
             0 => Ok(Appended::Duplicate(seq)),
+            -2 => Err(StoreError::OwnerChanged(ownership())),
             _ => Err(StoreError::ConversationNotFound),
         }
     }

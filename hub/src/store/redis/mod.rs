@@ -2,7 +2,9 @@
 //! conversation log) and a [`RedisBus`] (events between nodes), built
 //! together by [`connect`] over one command connection.
 //!
-//! Storage: each conversation is a meta hash (owner, epoch, last seq), a
+//! Storage: each conversation is a meta hash (its user, epoch, last seq,
+//! and who answers it: `owner`, `owner_name`, `owner_epoch`, `owner_since`,
+//! absent until the first change, which `append.lua` makes), a
 //! capped list of durable events (JSON), a zset of customer message ids for
 //! idempotent resends and a hash of the nodes listening to it, all under one
 //! hash tag (see [`keys`]) and all refreshed to the retention TTL on every

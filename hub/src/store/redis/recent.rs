@@ -173,6 +173,10 @@ mod tests {
             interrupted: false,
             cancelled: false,
             at_ms: seq,
+            agent: None,
+            name: None,
+            event: None,
+            owner_epoch: None,
         })
     }
 

@@ -10,7 +10,7 @@
 //! | payload | bytes | published by | why |
 //! |---|---|---|---|
 //! | [`Payload::Event`] | `E<node>\n<timing>\n<entry>` | `append.lua`, in the call that stores the event, when another node listens | every durable event (customer message, reply) reaches the other nodes' sockets; `<node>` is the appending node (its own sockets had the event at once, so it skips the echo); `<timing>` (JSON, or empty) rides along to a reply's `reply.done`; `<entry>` is the log entry, byte for byte |
-//! | [`Payload::Frame`] | `d<node>\n<frame>` | the node streaming a reply, from its publisher task, when another node listens | a server frame that is not stored (`reply.delta`, `queued`), already encoded for sockets and passed on as it is; the node that sent it skips its own echo |
+//! | [`Payload::Frame`] | `d<node>\n<frame>`, or `f<node>\n<epoch>\n<frame>` | the node streaming a reply, from its publisher task, when another node listens | a server frame that is not stored (`reply.delta`, `queued`), already encoded for sockets and passed on as it is; the node that sent it skips its own echo. `<epoch>` (decimal) is the owner epoch the frame was produced under, for the fan-out's fence; `d` means epoch 0 (a conversation whose owner never changed) |
 //! | [`Payload::Hello`] | `H` | a node that starts listening to the conversation | nodes that stopped publishing the conversation's deltas because no other node listened publish them again |
 //!
 //! Node ids are ASCII letters and digits ([`NodeId`]) and timings compact
@@ -51,6 +51,7 @@ use crate::store::StoredEvent;
 /// Kind bytes, first of every payload.
 const EVENT: u8 = b'E';
 const FRAME: u8 = b'd';
+const FENCED_FRAME: u8 = b'f';
 const HELLO: u8 = b'H';
 
 /// A payload that is not one this module encodes.
@@ -66,6 +67,8 @@ pub enum WireError {
     Trailing(char),
     #[error("node id is not ASCII letters and digits")]
     NodeId,
+    #[error("owner epoch is not a decimal number")]
+    Epoch,
     #[error("frame is not UTF-8")]
     NotUtf8,
     #[error("timing does not parse: {0}")]
@@ -107,8 +110,9 @@ impl std::fmt::Display for NodeId {
 pub enum Payload {
     /// A durable event, as stored, from the node that appended it.
     Event { node: NodeId, timing: Option<ReplyTiming>, event: StoredEvent },
-    /// A server frame that is not stored, as sockets receive it.
-    Frame { node: NodeId, frame: Utf8Bytes },
+    /// A server frame that is not stored, as sockets receive it, produced
+    /// under owner epoch `epoch`.
+    Frame { node: NodeId, frame: Utf8Bytes, epoch: u64 },
     /// A node started listening.
     Hello,
 }
@@ -121,18 +125,24 @@ impl Payload {
                 serde_json::to_writer(&mut out, event).expect("stored events always serialize");
                 out
             }
-            Payload::Frame { node, frame } => Self::encode_frame(node, frame),
+            Payload::Frame { node, frame, epoch } => Self::encode_frame(node, frame, *epoch),
             Payload::Hello => vec![HELLO],
         }
     }
 
     /// Encodes a [`Payload::Frame`] from borrowed parts (the hot path: one
     /// allocation per delta, no clone).
-    pub fn encode_frame(node: &NodeId, frame: &str) -> Vec<u8> {
-        let mut out = Vec::with_capacity(2 + node.as_str().len() + frame.len());
-        out.push(FRAME);
+    pub fn encode_frame(node: &NodeId, frame: &str, epoch: u64) -> Vec<u8> {
+        let mut digits = itoa::Buffer::new();
+        let epoch = (epoch > 0).then(|| digits.format(epoch));
+        let mut out = Vec::with_capacity(3 + node.as_str().len() + epoch.map_or(0, str::len) + frame.len());
+        out.push(if epoch.is_some() { FENCED_FRAME } else { FRAME });
         out.extend_from_slice(node.as_str().as_bytes());
         out.push(b'\n');
+        if let Some(epoch) = epoch {
+            out.extend_from_slice(epoch.as_bytes());
+            out.push(b'\n');
+        }
         out.extend_from_slice(frame.as_bytes());
         out
     }
@@ -154,10 +164,18 @@ impl Payload {
                     event: decode_entry(&rest)?,
                 })
             }
-            FRAME => {
-                let node = NodeId::parse(split_line(&mut rest, 'd')?)?;
+            FRAME | FENCED_FRAME => {
+                let node = NodeId::parse(split_line(&mut rest, char::from(kind))?)?;
+                let epoch = match kind {
+                    FRAME => 0,
+                    _ => {
+                        let line = split_line(&mut rest, 'f')?;
+                        let digits = std::str::from_utf8(&line).map_err(|_| WireError::Epoch)?;
+                        digits.parse().map_err(|_| WireError::Epoch)?
+                    }
+                };
                 let frame = Utf8Bytes::try_from(rest).map_err(|_| WireError::NotUtf8)?;
-                Ok(Payload::Frame { node, frame })
+                Ok(Payload::Frame { node, frame, epoch })
             }
             HELLO if rest.is_empty() => Ok(Payload::Hello),
             HELLO => Err(WireError::Trailing('H')),
@@ -205,7 +223,7 @@ pub fn decode_entry(entry: &[u8]) -> Result<StoredEvent, WireError> {
 /// echo), read from its first bytes only.
 pub fn published_by(payload: &[u8], node: &NodeId) -> bool {
     let node = node.as_str().as_bytes();
-    matches!(payload.first(), Some(&(EVENT | FRAME)))
+    matches!(payload.first(), Some(&(EVENT | FRAME | FENCED_FRAME)))
         && payload.get(1..=node.len()) == Some(node)
         && payload.get(node.len() + 1) == Some(&b'\n')
 }
@@ -252,6 +270,10 @@ mod tests {
             interrupted: true,
             cancelled: false,
             at_ms: 1_700_000_000_123,
+            agent: None,
+            name: None,
+            event: None,
+            owner_epoch: None,
         }
     }
 
@@ -273,15 +295,23 @@ mod tests {
     #[test]
     fn every_kind_round_trips() {
         round_trip(Payload::Hello);
-        round_trip(Payload::Frame { node: node("a1b2c3d4e5f6"), frame: r#"{"type":"reply.delta","i":0}"#.into() });
-        round_trip(Payload::Frame { node: node("n"), frame: "".into() });
+        round_trip(Payload::Frame {
+            node: node("a1b2c3d4e5f6"),
+            frame: r#"{"type":"reply.delta","i":0}"#.into(),
+            epoch: 0,
+        });
+        round_trip(Payload::Frame { node: node("n"), frame: "".into(), epoch: 0 });
+        round_trip(Payload::Frame { node: node("n"), frame: "x\ny".into(), epoch: 7 });
+        let fenced = Payload::Frame { node: node("ab"), frame: "{}".into(), epoch: 12 }.encode();
+        assert_eq!(fenced, b"fab\n12\n{}");
+        assert!(published_by(&fenced, &node("ab")));
         round_trip(Payload::Event { node: node("a1b2c3"), timing: Some(timing()), event: event(7, "hi \"seq\":1\n") });
         round_trip(Payload::Event { node: node("n"), timing: None, event: event(1, "") });
     }
 
     #[test]
     fn the_wire_bytes_are_the_documented_ones() {
-        let frame = Payload::Frame { node: node("abc"), frame: r#"{"type":"queued"}"#.into() };
+        let frame = Payload::Frame { node: node("abc"), frame: r#"{"type":"queued"}"#.into(), epoch: 0 };
         assert_eq!(frame.encode(), b"dabc\n{\"type\":\"queued\"}");
         assert_eq!(Payload::Hello.encode(), b"H");
         let published = Payload::Event { node: node("abc"), timing: None, event: event(3, "x") }.encode();
@@ -314,11 +344,11 @@ mod tests {
     #[test]
     fn a_node_knows_its_own_payloads_from_their_first_bytes() {
         let (mine, other) = (node("abc"), node("abcd"));
-        let delta = Payload::encode_frame(&mine, "{}");
+        let delta = Payload::encode_frame(&mine, "{}", 0);
         let event = Payload::Event { node: mine.clone(), timing: None, event: event(1, "") }.encode();
         assert!(published_by(&delta, &mine) && published_by(&event, &mine));
         assert!(!published_by(&delta, &other) && !published_by(&event, &other));
-        assert!(!published_by(&Payload::encode_frame(&other, "{}"), &mine), "a longer id is another node");
+        assert!(!published_by(&Payload::encode_frame(&other, "{}", 0), &mine), "a longer id is another node");
         assert!(!published_by(b"H", &mine) && !published_by(b"", &mine) && !published_by(b"Eab", &mine));
     }
 
@@ -346,7 +376,7 @@ mod tests {
         ) {
             let mut stored = StoredEvent {
                 seq: placeholder, from: Role::Customer, id, text,
-                fallback: flags.0, interrupted: flags.1, cancelled: flags.2, at_ms: 5,
+                fallback: flags.0, interrupted: flags.1, cancelled: flags.2, at_ms: 5, agent: None, name: None, event: None, owner_epoch: None,
             };
             let encoded = EncodedEvent::new(&stored, &node("f00d"), Some(&timing()));
             let (entry, published) = splice(&encoded, seq);
@@ -360,7 +390,7 @@ mod tests {
 
         #[test]
         fn frames_round_trip(frame in any::<String>()) {
-            round_trip(Payload::Frame { node: node("a1"), frame: frame.into() });
+            round_trip(Payload::Frame { node: node("a1"), frame: frame.into(), epoch: 0 });
         }
 
         #[test]

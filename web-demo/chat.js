@@ -145,7 +145,7 @@ function replyBubble(replyId) {
 }
 
 /** Shows a finished reply (live or replayed) in place of whatever streamed of it. */
-function finishReply(replyId, text, { fallback, cancelled }) {
+function finishReply(replyId, text, { fallback, cancelled, interrupted }) {
   const bubble = replyBubble(replyId);
   withScroll(() => {
     bubble.textContent = text;
@@ -157,6 +157,10 @@ function finishReply(replyId, text, { fallback, cancelled }) {
     } else if (cancelled) {
       bubble.classList.add('cancelled');
       setCaption(bubble, text ? 'This answer was stopped before it finished.' : 'Not answered — please ask again.', 'muted');
+    } else if (interrupted) {
+      // Stopped without a fallback: a person from the team took over the conversation.
+      bubble.classList.add('cancelled');
+      setCaption(bubble, 'A person from our team is taking over from here.', 'muted');
     }
   });
 }

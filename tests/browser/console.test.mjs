@@ -180,6 +180,9 @@ async function scenario(pages) {
   await until(anna, "Anna's list shows her as the owner",
     (u) => [...document.querySelectorAll('#conversations li')].some((li) => li.querySelector('.item-customer').textContent === u && li.dataset.owner === 'agent'), user);
 
+  await until(customer, "the customer's stopped reply says a person takes over",
+    (reply) => [...document.querySelectorAll('#transcript .msg.assistant[data-done="true"]')]
+      .some((el) => el.dataset.reply === reply && el.parentElement.querySelector('.caption')?.textContent.includes('taking over')), grow.reply);
   const frames = await customer.evaluate(() => window.__sockets.flatMap((ws) => ws.__frames));
   const joinedAt = frames.findIndex((f) => f.type === 'message' && f.from === 'system' && f.event === 'agent_joined');
   const late = frames.slice(joinedAt + 1).filter((f) => f.type === 'reply.delta');

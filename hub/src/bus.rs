@@ -47,6 +47,8 @@ pub trait IncomingEvents: Send + Sync + 'static {
     fn event(&self, key: &ConversationKey, event: &StoredEvent, timing: Option<&ReplyTiming>);
     /// Non-durable frames another node streamed, in order, under owner epoch `epoch`.
     fn frames(&self, key: &ConversationKey, frames: Vec<Utf8Bytes>, epoch: u64);
+    /// An agents' note another node stored (for agents' sockets only).
+    fn note(&self, key: &ConversationKey, note: &crate::event::StoredNote);
     /// Events may have been missed (the subscription was down): every
     /// session re-reads its log after the last seq it sent.
     fn resync(&self);

@@ -169,6 +169,23 @@ impl Conversations {
         }
     }
 
+    /// Stores an agents' note and delivers it to this node's agents at once
+    /// (the store carries it to other nodes'). See [`crate::store::NoteLog`].
+    pub async fn add_note(
+        &self,
+        key: &ConversationKey,
+        note: crate::event::StoredNote,
+    ) -> Result<Arc<crate::event::StoredNote>, StoreError> {
+        let note = self.log.add_note(key, note).await?;
+        self.fanout.deliver_note(key, &note);
+        Ok(note)
+    }
+
+    /// See [`crate::store::NoteLog::notes`].
+    pub async fn notes(&self, key: &ConversationKey) -> Result<Vec<Arc<crate::event::StoredNote>>, StoreError> {
+        self.log.notes(key).await
+    }
+
     /// Who answers the conversation; `None` if it has no log.
     pub async fn ownership(&self, key: &ConversationKey) -> Result<Option<crate::owner::Ownership>, StoreError> {
         Ok(self.log.snapshot(key, None).await?.map(|snapshot| snapshot.ownership))

@@ -41,6 +41,40 @@ pub struct StoredEvent {
     pub owner_epoch: Option<u64>,
 }
 
+/// A private note of agents about a conversation: durable, in its own
+/// per-conversation list (never in the events' seq space: a customer never
+/// sees it, nor a gap for it, and a question's history never reads it).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StoredNote {
+    /// The note's own sequence in the conversation's notes: 1, 2, …
+    /// (first field: the Redis store splices it in, see `note.lua`).
+    pub seq: u64,
+    /// The conversation's last event seq when it was written (second field, likewise).
+    pub after: u64,
+    pub agent: String,
+    pub name: String,
+    pub id: String,
+    pub text: String,
+    pub at_ms: u64,
+}
+
+impl StoredNote {
+    /// The agent-only `note` frame.
+    pub fn note_frame(&self, conversation: &str) -> Utf8Bytes {
+        ServerFrame::Note {
+            conversation,
+            id: &self.id,
+            seq: self.seq,
+            after: self.after,
+            agent: &self.agent,
+            name: &self.name,
+            text: &self.text,
+            at: self.at_ms,
+        }
+        .encode()
+    }
+}
+
 /// What a durable `system` event records (protocol §14).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]

@@ -401,6 +401,7 @@ async fn while_an_agent_owns_it_the_customer_talks_to_the_agent_and_hand_back_gi
     use fengda_proto::nlp::v1::Role;
     assert!(history.contains(&(Role::Agent as i32, "Yes, within 30 days.")), "{history:?}");
     assert!(history.contains(&(Role::Customer as i32, "Can I get a refund?")), "{history:?}");
+    assert!(!requests.iter().any(|r| format!("{r:?}").contains("Refund approved")), "no note reaches the NLP service");
     // After handing back, the agent's messages are refused again.
     anna.send_json(json!({"type": "message", "conversation": conversation, "id": "a2", "text": "One more thing"}))
         .await;
@@ -536,4 +537,118 @@ async fn a_customer_who_asks_for_a_person_waits_until_an_agent_takes_it_or_the_t
     assert_eq!(back["event"], "assistant_back", "{back}");
     other.read_reply().await;
     assert_eq!(answerer.requests().len(), 3, "carl's and dora's first questions, and dora's after the timeout");
+}
+
+#[tokio::test]
+async fn a_note_reaches_every_watching_agent_on_every_node_and_never_a_customer() {
+    let answerer = RecordingAnswerer::start(Script { tokens: 3, ..Script::default() }).await;
+    let nodes = Nodes::start(&["--nlp-url", &answerer.url]).await;
+    let mut customer = customer_with_history(nodes.node(2), "bank", "carl").await;
+    let conversation = customer.conversation();
+    let mut agents = Vec::new();
+    for (i, name) in ["anna", "bob", "cara"].iter().enumerate() {
+        let mut agent = agent(nodes.node(i), "bank", name).await;
+        agent.send_json(json!({"type": "watch", "conversation": conversation})).await;
+        agent.expect("watching").await;
+        agent.expect("message").await;
+        agent.expect("message").await;
+        agents.push(agent);
+    }
+    agents[0]
+        .send_json(json!({"type": "note", "conversation": conversation, "id": "n1", "text": "VIP customer"}))
+        .await;
+    let mut notes = Vec::new();
+    for agent in &mut agents {
+        notes.push(agent.expect("note").await);
+    }
+    assert_eq!(
+        (&notes[0]["seq"], &notes[0]["after"], &notes[0]["agent"], &notes[0]["name"], &notes[0]["id"]),
+        (&json!(1), &json!(2), &json!("anna"), &json!("anna"), &json!("n1"))
+    );
+    assert_eq!(notes[0]["conversation"], conversation.as_str());
+    assert!(notes.iter().all(|note| *note == notes[0]), "{notes:?}");
+    // Cara is on the customer's node: it had the note, the customer's socket did not.
+    customer.assert_alive().await;
+    // The conversation goes on; a second note follows the next events.
+    customer.ask("q2", "Thanks").await;
+    agents[1].send_json(json!({"type": "note", "conversation": conversation, "id": "n2", "text": "Follow up"})).await;
+    for agent in &mut agents {
+        loop {
+            let frame = agent.next().await;
+            if frame["type"] == "note" {
+                assert_eq!((&frame["seq"], &frame["after"], &frame["agent"]), (&json!(2), &json!(4), &json!("bob")));
+                break;
+            }
+        }
+    }
+    customer.assert_alive().await;
+    // A watch replays the notes after the history; `after` keeps those written since.
+    let mut dora = agent(nodes.node(1), "bank", "dora").await;
+    dora.send_json(json!({"type": "watch", "conversation": conversation})).await;
+    dora.expect("watching").await;
+    for seq in 1..=4 {
+        assert_eq!(dora.expect("message").await["seq"], seq);
+    }
+    assert_eq!(dora.expect("note").await["id"], "n1");
+    assert_eq!(dora.expect("note").await["id"], "n2");
+    dora.send_json(json!({"type": "watch", "conversation": conversation, "after": 3})).await;
+    dora.expect("watching").await;
+    assert_eq!(dora.expect("message").await["seq"], 4);
+    assert_eq!(dora.expect("note").await["id"], "n2");
+    dora.assert_alive().await;
+    // Not a conversation of this tenant: not found.
+    let other = customer_with_history(nodes.node(0), "telco", "tom").await;
+    dora.send_json(json!({"type": "note", "conversation": other.conversation(), "id": "n3", "text": "x"})).await;
+    assert_eq!(dora.expect("error").await["code"], "conversation_not_found");
+}
+
+#[tokio::test]
+async fn a_supervisor_may_steal_and_the_name_claim_is_shown_to_the_customer() {
+    use fengda_tests::tokens::{KeyDir, claims, with};
+    use jsonwebtoken::Algorithm;
+    let dir = KeyDir::new();
+    let signer = dir.hmac_secret("bank.secret");
+    let config = dir.write(
+        "fengda.toml",
+        b"[auth]\nmode = \"jwt\"\n[[auth.keys]]\ntenant = \"bank\"\nalg = \"HS256\"\nsecret_file = \"bank.secret\"\n",
+    );
+    let nodes = Nodes::start(&["--config", config.to_str().unwrap()]).await;
+    let token = |user: &str, changes: Value| signer.sign(Algorithm::HS256, None, &with(claims("bank", user), changes));
+    let connect = |node: usize, token: String| {
+        let url = nodes.node(node).ws_url(&format!("token={token}"));
+        async move { Client::connect(&url).await }
+    };
+    // A bad name is a bad token.
+    for name in [json!(""), json!(" "), json!("x".repeat(65)), json!(7)] {
+        let url = nodes.node(0).ws_url(&format!("token={}", token("anna", json!({"role": "agent", "name": name}))));
+        let error = tokio_tungstenite::connect_async(url).await.expect_err("refused");
+        let tokio_tungstenite::tungstenite::Error::Http(response) = error else { panic!("{error:?}") };
+        assert_eq!(response.status(), 401, "{name}");
+    }
+    let mut customer = connect(2, token("carl", json!({}))).await;
+    customer.ask("q1", "Tell me about the Gold Card").await;
+    let conversation = customer.conversation();
+    let mut anna = connect(0, token("anna", json!({"role": "agent", "name": "Anna from Cards"}))).await;
+    assert_eq!((&anna.ready["name"], &anna.ready["supervisor"]), (&json!("Anna from Cards"), &json!(false)));
+    let mut sue = connect(1, token("sue", json!({"role": "agent", "name": "Sue", "supervisor": true}))).await;
+    assert_eq!((&sue.ready["agent"], &sue.ready["supervisor"]), (&json!("sue"), &json!(true)));
+    anna.send_json(json!({"type": "take", "conversation": conversation})).await;
+    agent_through_take(&mut anna, 1).await;
+    let joined = customer.expect("message").await;
+    assert_eq!(joined["text"], "Anna from Cards from Support has joined the conversation.");
+    // Anna cannot steal back from a supervisor without rights of her own; Sue can steal.
+    sue.send_json(json!({"type": "take", "conversation": conversation, "steal": true})).await;
+    let (errors, owner) = agent_through_take(&mut sue, 2).await;
+    assert!(errors.is_empty(), "{errors:?}");
+    assert_eq!((&owner["agent"], &owner["agent_name"]), (&json!("sue"), &json!("Sue")));
+    anna.send_json(json!({"type": "take", "conversation": conversation, "steal": true})).await;
+    let refused = loop {
+        let frame = anna.next().await;
+        if frame["type"] == "error" {
+            break frame;
+        }
+    };
+    assert_eq!(refused["code"], "forbidden", "{refused}");
+    assert_eq!(customer.expect("message").await["name"], "Sue");
+    assert_eq!(nodes.node(1).metric("fengda_hub_agent_steals_total").await, 1.0);
 }

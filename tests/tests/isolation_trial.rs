@@ -4,13 +4,15 @@
 //! user: messages (some cancelled), reconnects to another node replaying
 //! the whole conversation (`after=0`), new conversations, watcher sockets on
 //! other nodes, and attempts to open other tenants' (and other users')
-//! conversations with one's own token.
+//! conversations with one's own token; and, for every tenant, an agent
+//! writing private notes into that tenant's conversations.
 //!
 //! Every frame every socket receives is checked: its conversation is the
 //! socket's, owned by the socket's tenant and user; every text carries no
 //! other tenant's marker (each tenant's messages embed a random per-tenant
 //! marker), and every customer message is the socket's own user's; a reply
-//! id is only ever seen by one tenant and user. Every foreign attempt gets
+//! id is only ever seen by one tenant and user; no customer's socket ever
+//! gets a note (nor a note's text), and an agent only its own tenant's. Every foreign attempt gets
 //! exactly the bytes a made-up conversation id gets (`error`
 //! `conversation_not_found`, then close 4004): no hint that it exists.
 //!
@@ -39,6 +41,8 @@ const TARGET_FRAMES: u64 = 100_000;
 /// The trial fails if it has not checked its frames by then.
 const DEADLINE: Duration = Duration::from_secs(60);
 const USERS: [&str; 5] = ["alice", "bob", "carol", "dave", "erin"];
+/// In every note's text, and in no customer's text.
+const NOTE_MARK: &str = "private-note";
 const QUESTIONS: [&str; 8] = [
     "Tell me about the Gold Card",
     "How much does it cost?",
@@ -90,6 +94,7 @@ struct Trial {
     cancels: AtomicU64,
     replays: AtomicU64,
     watchers: AtomicU64,
+    notes: AtomicU64,
 }
 
 impl Trial {
@@ -115,6 +120,7 @@ impl Trial {
         if let Some(id) = frame["conversation"].as_str() {
             assert_eq!(id, conversation, "{party:?}: a frame of another conversation: {text}");
         }
+        assert!(kind != "note" && !text.contains(NOTE_MARK), "{party:?}, a customer, received a note: {text}");
         match kind {
             "ready" => {
                 let id = frame["conversation"].as_str().expect("ready.conversation").to_owned();
@@ -218,6 +224,49 @@ async fn watch(trial: Arc<Trial>, mut socket: Socket, stop: CancellationToken) {
         }
     }
     socket.close().await;
+}
+
+/// A tenant's agent writing notes into the tenant's stored conversations
+/// (from a random node) until the trial has its frames; every frame it gets
+/// is its own tenant's.
+async fn run_agent(trial: Arc<Trial>, tenant: usize, token: String, seed: u64) {
+    let mut rng = fastrand::Rng::with_seed(seed);
+    let url = format!("{}/ws?token={token}", trial.nodes[rng.usize(..trial.nodes.len())]);
+    let (mut ws, _) = tokio_tungstenite::connect_async(&url).await.expect("the agent connects");
+    let own = &trial.tenants[tenant];
+    let mut written = 0u64;
+    while trial.frames.load(Ordering::Relaxed) < TARGET_FRAMES {
+        // Within the default frame rate (20 a second).
+        tokio::time::sleep(Duration::from_millis(60)).await;
+        let conversations: Vec<String> =
+            trial.stored.lock().unwrap().iter().filter(|(p, _)| p.tenant == tenant).map(|(_, c)| c.clone()).collect();
+        if conversations.is_empty() {
+            continue;
+        }
+        let conversation = &conversations[rng.usize(..conversations.len())];
+        written += 1;
+        let text = format!("{} {NOTE_MARK} {written}", own.marker);
+        let note = json!({"type": "note", "conversation": conversation, "id": format!("n{written}"), "text": text});
+        ws.send(Message::text(note.to_string())).await.expect("send");
+        loop {
+            let message = tokio::time::timeout(STEP_TIMEOUT, ws.next()).await.expect("the agent hears back");
+            let Some(Ok(Message::Text(frame))) = message else { continue };
+            for (i, other) in trial.tenants.iter().enumerate() {
+                assert!(i == tenant || !frame.contains(&other.marker), "{}'s agent got {frame}", own.name);
+            }
+            let frame: Value = serde_json::from_str(frame.as_str()).unwrap();
+            if frame["type"] == "ready" {
+                continue;
+            }
+            assert_eq!(
+                (&frame["type"], &frame["conversation"], &frame["text"]),
+                (&json!("note"), &json!(conversation), &json!(text))
+            );
+            trial.notes.fetch_add(1, Ordering::Relaxed);
+            break;
+        }
+    }
+    let _ = ws.close(None).await;
 }
 
 /// One user's random traffic until the trial has its frames.
@@ -447,6 +496,7 @@ async fn no_frame_of_one_tenant_ever_reaches_another_across_three_nodes() {
         cancels: AtomicU64::new(0),
         replays: AtomicU64::new(0),
         watchers: AtomicU64::new(0),
+        notes: AtomicU64::new(0),
     });
 
     // The reference: a made-up id, by every tenant, on every node, is refused identically.
@@ -468,19 +518,30 @@ async fn no_frame_of_one_tenant_ever_reaches_another_across_three_nodes() {
             tokio::spawn(run_user(trial.clone(), party, seed))
         })
         .collect();
-    let all = futures::future::try_join_all(users);
+    let agents: Vec<_> = trial
+        .tenants
+        .iter()
+        .enumerate()
+        .map(|(t, tenant)| {
+            let agent = fengda_tests::tokens::with(claims(tenant.name, "agent-1"), json!({"role": "agent"}));
+            let token = tenant.signer.sign(tenant.alg, tenant.kid, &agent);
+            tokio::spawn(run_agent(trial.clone(), t, token, rng.u64(..)))
+        })
+        .collect();
+    let all = futures::future::try_join_all(users.into_iter().chain(agents));
     tokio::time::timeout(DEADLINE, all).await.expect("the trial ran past its deadline").expect("a user's task failed");
 
     let frames = trial.frames.load(Ordering::Relaxed);
     let count = |c: &AtomicU64| c.load(Ordering::Relaxed);
     eprintln!(
         "isolation trial seed {seed}: {frames} frames checked in {:.1} s; {} messages, {} cancels, {} replays, \
-         {} watchers, {} conversations ({} stored), {} foreign-tenant attempts, {} other-user attempts",
+         {} watchers, {} notes, {} conversations ({} stored), {} foreign-tenant attempts, {} other-user attempts",
         started.elapsed().as_secs_f64(),
         count(&trial.messages),
         count(&trial.cancels),
         count(&trial.replays),
         count(&trial.watchers),
+        count(&trial.notes),
         trial.owners.lock().unwrap().len(),
         trial.stored.lock().unwrap().len(),
         count(&trial.foreign_attempts),
@@ -490,6 +551,7 @@ async fn no_frame_of_one_tenant_ever_reaches_another_across_three_nodes() {
     assert!(count(&trial.foreign_attempts) >= 100, "too few foreign attempts to mean anything");
     assert!(count(&trial.other_user_attempts) >= 10);
     assert!(count(&trial.cancels) >= 10 && count(&trial.replays) >= 50 && count(&trial.watchers) >= 20);
+    assert!(count(&trial.notes) >= 20, "too few notes to mean anything");
     // Every conversation in Redis is one the trial knows, named under its owner's tenant.
     let owners = trial.owners.lock().unwrap().clone();
     let logs = redis.cli(&["--scan", "--pattern", "fengda:conv:*:log"]).await;

@@ -168,6 +168,12 @@ async fn run_reader(
                 Some(conversation) => Command::Unwatch { conversation },
                 None => continue,
             },
+            Ok(ClientFrame::Note { conversation, id, text }) => {
+                if let Some(conversation) = conversation_id(handle, &conversation) {
+                    Box::pin(owning.note(conversation, id, text)).await;
+                }
+                continue;
+            }
             Ok(ClientFrame::Message { id, conversation: None, .. }) => {
                 let text = "an agent's `message` names its `conversation`";
                 send_to_this_socket(handle, session::error_frame(ErrorCode::MissingField, text, Some(&id)));

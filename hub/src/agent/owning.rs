@@ -21,7 +21,7 @@ use crate::ids::{ConversationId, ConversationKey, Party};
 use crate::owner::{self, Owner, Take, TakeRefused};
 use crate::protocol::{ErrorCode, ServerFrame};
 use crate::session::send_to_this_socket;
-use crate::store::{AppendWith, Appended, NewEvent, OwnerOp, StoreError};
+use crate::store::{AppendWith, Appended, NewEvent, OwnerOp, StoreError, StoredNote};
 
 /// How often a take re-reads the owner after losing a compare-and-set
 /// before it reports the store unavailable (each loss names a new owner).
@@ -148,6 +148,29 @@ impl Owning<'_> {
             Err(StoreError::OwnerChanged(_)) => {
                 metrics::counter!(crate::metric::AGENT_STALE_WRITES).increment(1);
                 self.not_owner(&conversation);
+            }
+            Err(error) => self.store_error(&error, &conversation),
+        }
+    }
+
+    /// A private note: any agent of the tenant may write one; every
+    /// watcher gets it (the writer too, directly when not watching).
+    pub async fn note(&mut self, conversation: ConversationId, id: String, text: String) {
+        let key = self.party.conversation(conversation.clone());
+        let note = StoredNote {
+            seq: 0,
+            after: 0,
+            agent: self.agent().to_owned(),
+            name: self.identity.name.clone(),
+            id,
+            text,
+            at_ms: 0,
+        };
+        match self.app.conversations.add_note(&key, note).await {
+            Ok(note) => {
+                if !self.app.conversations.has_session(&key, self.handle.id) {
+                    self.reply(note.note_frame(conversation.as_str()));
+                }
             }
             Err(error) => self.store_error(&error, &conversation),
         }

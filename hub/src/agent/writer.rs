@@ -53,6 +53,8 @@ struct Watch {
     sent: Cursor,
     /// The owner epoch the agent knows of (`watching`, `owner` frames).
     owner_epoch: u64,
+    /// The last note sent (notes have their own seq).
+    notes_sent: u64,
 }
 
 /// An agent socket's watched conversations, and what it needs to set them up.
@@ -245,6 +247,15 @@ impl Watches {
                 }
             }
         }
+        // Notes written since the first event replayed (all, without history).
+        let notes = match app.conversations.notes(&key).await {
+            Ok(notes) => notes,
+            Err(error) => {
+                app.conversations.detach(&key, self.handle.id).await;
+                return Ok(sink.send(Message::Text(refused(&error))).await?);
+            }
+        };
+        let from = history.first().map_or(last_seq, |event| event.seq.saturating_sub(1));
         let customer = snapshot.customer.as_ref().map_or("", |c| c.as_str());
         let watching = ServerFrame::Watching {
             conversation: conversation.as_str(),
@@ -263,9 +274,16 @@ impl Watches {
         for event in &history {
             sink.feed(Message::Text(event.message_frame(conversation.as_str()))).await?;
         }
+        let mut notes_sent = 0;
+        for note in &notes {
+            if note.after >= from {
+                sink.feed(Message::Text(note.note_frame(conversation.as_str()))).await?;
+            }
+            notes_sent = note.seq;
+        }
         sink.flush().await?;
         debug!(conversation_id = %conversation, last_seq, replayed = history.len(), "watching");
-        let watch = Watch { key, sent: Cursor::at(last_seq), owner_epoch: snapshot.ownership.epoch };
+        let watch = Watch { key, sent: Cursor::at(last_seq), owner_epoch: snapshot.ownership.epoch, notes_sent };
         self.watched.insert(conversation, watch);
         Ok(())
     }
@@ -308,11 +326,17 @@ impl Watches {
                                 sink.feed(Message::Text(frame)).await?;
                             }
                         }
+                        Outbound::Note { seq, frame } => {
+                            if seq > watch.notes_sent {
+                                watch.notes_sent = seq;
+                                sink.feed(Message::Text(frame)).await?;
+                            }
+                        }
                         Outbound::Watched { .. } => {}
                     }
                 }
                 // Conversations' items reach an agent's socket only wrapped.
-                Outbound::Event { .. } | Outbound::Resync | Outbound::Owner { .. } => {}
+                Outbound::Event { .. } | Outbound::Resync | Outbound::Owner { .. } | Outbound::Note { .. } => {}
             }
         }
         Ok(sink.flush().await?)

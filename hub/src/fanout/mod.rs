@@ -192,6 +192,17 @@ impl FanOut {
             .is_some()
     }
 
+    /// Delivers an agents' note to the agents watching the conversation
+    /// here (never to a customer's socket: see [`Audience`]).
+    pub fn deliver_note(&self, key: &ConversationKey, note: &crate::event::StoredNote) {
+        let Some(local) = self.sessions.get(key) else { return };
+        let mut frame = None;
+        for handle in local.handles.iter().filter(|handle| handle.is_agent()) {
+            let frame = frame.get_or_insert_with(|| note.note_frame(key.conversation().as_str())).clone();
+            handle.push(Outbound::Note { seq: note.seq, frame });
+        }
+    }
+
     /// Asks every session on this node to re-read its conversation's log.
     pub fn resync_all(&self) {
         for entry in self.sessions.iter() {
@@ -301,6 +312,10 @@ impl IncomingEvents for FanOut {
 
     fn frames(&self, key: &ConversationKey, frames: Vec<Utf8Bytes>, epoch: u64) {
         self.deliver_frames(key, &frames, epoch);
+    }
+
+    fn note(&self, key: &ConversationKey, note: &crate::event::StoredNote) {
+        self.deliver_note(key, note);
     }
 
     fn resync(&self) {

@@ -32,6 +32,9 @@ pub enum Outbound {
     /// This node may have missed events (its subscription dropped): the
     /// writer re-reads the log after the last seq it sent.
     Resync,
+    /// An agent-only `note` frame (the note's own `seq`: an agent's writer
+    /// sends each note once).
+    Note { seq: u64, frame: Utf8Bytes },
     /// An agent-only `owner` frame: the owner changed, beginning `epoch`
     /// (an agent's writer sends it once per epoch, however it learns of it).
     Owner { epoch: u64, frame: Utf8Bytes },
@@ -49,7 +52,7 @@ impl Outbound {
     pub fn frame(&self) -> Option<&Utf8Bytes> {
         match self {
             Self::Event { frame, .. } | Self::Frame { frame, .. } => Some(frame),
-            Self::Owner { frame, .. } => Some(frame),
+            Self::Owner { frame, .. } | Self::Note { frame, .. } => Some(frame),
             Self::Frames { .. } | Self::Resync | Self::Watched { .. } => None,
         }
     }

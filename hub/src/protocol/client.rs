@@ -28,12 +28,17 @@ pub enum ClientFrame {
     Release { conversation: String },
     /// Customers: ask for a person.
     Handoff,
+    /// Agents: a private note about the conversation.
+    Note { conversation: String, id: String, text: String },
 }
 
 impl ClientFrame {
     /// Whether only agents' sockets may send this frame (customers get `forbidden`).
     pub fn is_agents(&self) -> bool {
-        matches!(self, Self::Watch { .. } | Self::Unwatch { .. } | Self::Take { .. } | Self::Release { .. })
+        matches!(
+            self,
+            Self::Watch { .. } | Self::Unwatch { .. } | Self::Take { .. } | Self::Release { .. } | Self::Note { .. }
+        )
     }
 
     /// Whether only customers' sockets may send this frame (agents get `forbidden`).
@@ -53,6 +58,7 @@ impl ClientFrame {
             Self::Take { .. } => "take",
             Self::Release { .. } => "release",
             Self::Handoff => "handoff",
+            Self::Note { .. } => "note",
         }
     }
 }
@@ -142,7 +148,7 @@ pub fn parse_client_frame(text: &str, limit: TextLimit) -> Result<ClientFrame, F
             Ok(ClientFrame::Release { conversation: take_string(fields.conversation.take(), "conversation")? })
         }
         "handoff" => Ok(ClientFrame::Handoff),
-        "message" => {
+        "message" | "note" => {
             let id = take_string(fields.id.take(), "id")?;
             if id.is_empty() || id.len() > MAX_MESSAGE_ID_LEN {
                 return Err(FrameError::new(
@@ -174,7 +180,13 @@ pub fn parse_client_frame(text: &str, limit: TextLimit) -> Result<ClientFrame, F
                 None | Some(Field::Null) => None,
                 field => Some(take_string(field, "conversation").map_err(with_id)?),
             };
-            Ok(ClientFrame::Message { id, text, conversation })
+            match (kind, conversation) {
+                ("note", Some(conversation)) => Ok(ClientFrame::Note { conversation, id, text }),
+                ("note", None) => {
+                    Err(with_id(FrameError::new(ErrorCode::MissingField, "missing field `conversation`")))
+                }
+                (_, conversation) => Ok(ClientFrame::Message { id, text, conversation }),
+            }
         }
         other => {
             let shown: String = other.chars().take(40).collect();
@@ -402,6 +414,12 @@ mod tests {
         );
         assert_eq!(code(r#"{"type":"take","conversation":"c","steal":"yes"}"#), ErrorCode::InvalidFrame);
         assert_eq!(parse_client_frame(r#"{"type":"handoff"}"#, LIMIT), Ok(ClientFrame::Handoff));
+        assert_eq!(
+            parse_client_frame(&format!(r#"{{"type":"note","id":"n1","text":"VIP","conversation":"{id}"}}"#), LIMIT),
+            Ok(ClientFrame::Note { conversation: id.into(), id: "n1".into(), text: "VIP".into() })
+        );
+        assert_eq!(code(r#"{"type":"note","id":"n1","text":"VIP"}"#), ErrorCode::MissingField);
+        assert_eq!(code(r#"{"type":"note","id":"n1","text":" ","conversation":"c"}"#), ErrorCode::EmptyText);
         assert_eq!(
             parse_client_frame(&format!(r#"{{"type":"message","id":"m1","text":"hi","conversation":"{id}"}}"#), LIMIT),
             Ok(ClientFrame::Message { id: "m1".into(), text: "hi".into(), conversation: Some(id.into()) })

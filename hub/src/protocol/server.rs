@@ -134,6 +134,18 @@ pub enum ServerFrame<'a> {
         agent_name: Option<&'a str>,
         owner_epoch: u64,
     },
+    /// A private note (agents only).
+    #[serde(rename = "note")]
+    Note {
+        conversation: &'a str,
+        id: &'a str,
+        seq: u64,
+        after: u64,
+        agent: &'a str,
+        name: &'a str,
+        text: &'a str,
+        at: u64,
+    },
     /// `already_owned`: the conversation's owner, on an agent's socket.
     #[serde(rename = "error")]
     AlreadyOwned { code: &'a str, message: &'a str, conversation: &'a str, agent: &'a str, agent_name: &'a str },

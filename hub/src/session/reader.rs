@@ -170,7 +170,7 @@ pub(super) async fn run_reader(
                 }
             }
             Ok(ClientFrame::Watch { .. } | ClientFrame::Unwatch { .. } | ClientFrame::Take { .. }) => {}
-            Ok(ClientFrame::Release { .. }) => {}
+            Ok(ClientFrame::Release { .. } | ClientFrame::Note { .. }) => {}
             Err(error) => send_to_this_socket(session, error.to_frame()),
         }
     }

@@ -158,7 +158,7 @@ fn frames_before_close(queued: impl Iterator<Item = Outbound>, sent: &mut Cursor
             },
             Outbound::Resync => in_order = false,
             // Only agents' sockets get these.
-            Outbound::Watched { .. } | Outbound::Owner { .. } => {}
+            Outbound::Watched { .. } | Outbound::Owner { .. } | Outbound::Note { .. } => {}
         }
     }
     frames
@@ -202,7 +202,7 @@ async fn write_burst(sink: &mut Sink, burst: &mut Vec<Box<Outbound>>, replay: &m
             }
             Outbound::Resync => Box::pin(fill_gap(sink, replay, u64::MAX)).await?,
             // Only agents' sockets get these.
-            Outbound::Watched { .. } | Outbound::Owner { .. } => {}
+            Outbound::Watched { .. } | Outbound::Owner { .. } | Outbound::Note { .. } => {}
         }
     }
     sink.flush().await?;

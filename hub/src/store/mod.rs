@@ -44,7 +44,7 @@ use async_trait::async_trait;
 use crate::ids::{ConversationId, ConversationKey, Party, UserId};
 use crate::owner::{Owner, Ownership};
 
-pub use crate::event::{NewEvent, StoredEvent};
+pub use crate::event::{NewEvent, StoredEvent, StoredNote};
 pub use memory::MemoryLog;
 pub use redis::{RedisBus, RedisLog};
 
@@ -158,7 +158,7 @@ pub enum StoreError {
 }
 
 #[async_trait]
-pub trait ConversationLog: Send + Sync + 'static {
+pub trait ConversationLog: NoteLog {
     /// Chooses the conversation for a new socket: `requested` if it exists
     /// and is this user's, otherwise the user's most recent, otherwise a new
     /// one. An existing conversation becomes the user's most recent; a
@@ -190,6 +190,19 @@ pub trait ConversationLog: Send + Sync + 'static {
         event: NewEvent,
         with: AppendWith<'_>,
     ) -> Result<Appended, StoreError>;
+}
+
+/// Agents' private notes of one conversation, beside its log.
+#[async_trait]
+pub trait NoteLog: Send + Sync + 'static {
+    /// Stores a note (its `seq`, `after` and `at_ms` are assigned here;
+    /// shared by nodes: published to the others' [`crate::bus`], only if
+    /// another node listens). A conversation with no log is
+    /// `ConversationNotFound`. Notes are capped like the log.
+    async fn add_note(&self, key: &ConversationKey, note: StoredNote) -> Result<Arc<StoredNote>, StoreError>;
+
+    /// The conversation's notes, oldest first.
+    async fn notes(&self, key: &ConversationKey) -> Result<Vec<Arc<StoredNote>>, StoreError>;
 }
 
 /// Milliseconds since the Unix epoch, for event timestamps.

@@ -28,8 +28,8 @@ use tracing::debug;
 use users::Users;
 
 use super::{
-    AppendWith, Appended, ConversationLog, NewEvent, Opened, OwnerOp, Pending, Snapshot, StoreError, StoredEvent,
-    now_ms,
+    AppendWith, Appended, ConversationLog, NewEvent, NoteLog, Opened, OwnerOp, Pending, Snapshot, StoreError,
+    StoredEvent, StoredNote, now_ms,
 };
 use crate::config::ConversationConfig;
 use crate::fanout::FanOut;
@@ -64,6 +64,10 @@ struct Conversation {
     customer_ids: HashMap<String, u64>,
     /// Who answers it.
     ownership: Ownership,
+    /// Agents' notes, the newest `log_cap`, oldest first.
+    notes: VecDeque<Arc<StoredNote>>,
+    /// The seq of the last note written.
+    last_note: u64,
 }
 
 impl MemoryLog {
@@ -146,6 +150,8 @@ impl MemoryLog {
             events: VecDeque::new(),
             customer_ids: HashMap::new(),
             ownership: Ownership::default(),
+            notes: VecDeque::new(),
+            last_note: 0,
         };
         let log = vacant.insert(Arc::new(Mutex::new(log))).clone();
         self.users.point(key.tenant(), &create.user, key.conversation(), now);
@@ -161,6 +167,27 @@ fn lock(log: &Mutex<Conversation>) -> std::sync::MutexGuard<'_, Conversation> {
     // A panic while holding the lock cannot leave the log half-written (every
     // mutation is a single push or pop), so a poisoned lock is still usable.
     log.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+#[async_trait]
+impl NoteLog for MemoryLog {
+    async fn add_note(&self, key: &ConversationKey, note: StoredNote) -> Result<Arc<StoredNote>, StoreError> {
+        let log = self.log(key)?;
+        let mut log = lock(&log);
+        log.last_note += 1;
+        let note = Arc::new(StoredNote { seq: log.last_note, after: log.last_seq, at_ms: now_ms(), ..note });
+        log.notes.push_back(note.clone());
+        while log.notes.len() > self.log_cap {
+            log.notes.pop_front();
+        }
+        Ok(note)
+    }
+
+    async fn notes(&self, key: &ConversationKey) -> Result<Vec<Arc<StoredNote>>, StoreError> {
+        let log = self.log(key)?;
+        let log = lock(&log);
+        Ok(log.notes.iter().cloned().collect())
+    }
 }
 
 #[async_trait]

@@ -179,6 +179,7 @@ fn dispatch(link: &Link, incoming: &dyn IncomingEvents, data: Vec<Value>) {
         Ok(Payload::Frame { frame, epoch, .. }) => incoming.frames(&key, vec![frame], epoch),
         // Another node started listening: publish this conversation's deltas again.
         Ok(Payload::Hello) => link.listeners.hello(&key),
+        Ok(Payload::Note { note, .. }) => incoming.note(&key, &note),
         Ok(Payload::Event { timing, event, .. }) => {
             link.recent.heard(&key, event.seq);
             incoming.event(&key, &event, timing.as_ref());

@@ -85,6 +85,11 @@ impl Keys {
         self.conversation(key, "listeners")
     }
 
+    /// Agents' private notes of a conversation (a list of JSON notes).
+    pub fn notes(&self, key: &ConversationKey) -> String {
+        self.conversation(key, "notes")
+    }
+
     /// Every name of one conversation, its tag escaped and joined once
     /// (an append needs them all).
     pub fn conversation_names(&self, key: &ConversationKey) -> ConversationNames {

@@ -11,6 +11,7 @@
 //! |---|---|---|---|
 //! | [`Payload::Event`] | `E<node>\n<timing>\n<entry>` | `append.lua`, in the call that stores the event, when another node listens | every durable event (customer message, reply) reaches the other nodes' sockets; `<node>` is the appending node (its own sockets had the event at once, so it skips the echo); `<timing>` (JSON, or empty) rides along to a reply's `reply.done`; `<entry>` is the log entry, byte for byte |
 //! | [`Payload::Frame`] | `d<node>\n<frame>`, or `f<node>\n<epoch>\n<frame>` | the node streaming a reply, from its publisher task, when another node listens | a server frame that is not stored (`reply.delta`, `queued`), already encoded for sockets and passed on as it is; the node that sent it skips its own echo. `<epoch>` (decimal) is the owner epoch the frame was produced under, for the fan-out's fence; `d` means epoch 0 (a conversation whose owner never changed) |
+//! | [`Payload::Note`] | `N<node>\n<note>` | `note.lua`, in the call that stores the note, when another node listens | an agents' private note reaches the other nodes' agents (never a customer's socket); `<note>` is the stored note, byte for byte |
 //! | [`Payload::Hello`] | `H` | a node that starts listening to the conversation | nodes that stopped publishing the conversation's deltas because no other node listened publish them again |
 //!
 //! Node ids are ASCII letters and digits ([`NodeId`]) and timings compact
@@ -46,13 +47,23 @@ use bytes::{Buf, Bytes};
 
 use crate::ids::generate_token;
 use crate::protocol::ReplyTiming;
-use crate::store::StoredEvent;
+use crate::store::{StoredEvent, StoredNote};
+
+/// A note encoded for `note.lua`, which splices in `"seq":<n>,"after":<m>`
+/// before it: the note's JSON after its `after` field.
+pub fn note_tail(note: &StoredNote) -> Vec<u8> {
+    const HEAD: &[u8] = b"{\"seq\":0,\"after\":0";
+    let json = serde_json::to_vec(&StoredNote { seq: 0, after: 0, ..note.clone() }).expect("notes always serialize");
+    debug_assert!(json.starts_with(HEAD), "seq and after are a note's first fields");
+    json[HEAD.len()..].to_vec()
+}
 
 /// Kind bytes, first of every payload.
 const EVENT: u8 = b'E';
 const FRAME: u8 = b'd';
 const FENCED_FRAME: u8 = b'f';
 const HELLO: u8 = b'H';
+const NOTE: u8 = b'N';
 
 /// A payload that is not one this module encodes.
 #[derive(Debug, thiserror::Error)]
@@ -113,6 +124,8 @@ pub enum Payload {
     /// A server frame that is not stored, as sockets receive it, produced
     /// under owner epoch `epoch`.
     Frame { node: NodeId, frame: Utf8Bytes, epoch: u64 },
+    /// An agents' note, as stored, from the node that stored it.
+    Note { node: NodeId, note: StoredNote },
     /// A node started listening.
     Hello,
 }
@@ -126,6 +139,13 @@ impl Payload {
                 out
             }
             Payload::Frame { node, frame, epoch } => Self::encode_frame(node, frame, *epoch),
+            Payload::Note { node, note } => {
+                let mut out = vec![NOTE];
+                out.extend_from_slice(node.as_str().as_bytes());
+                out.push(b'\n');
+                serde_json::to_writer(&mut out, note).expect("notes always serialize");
+                out
+            }
             Payload::Hello => vec![HELLO],
         }
     }
@@ -177,6 +197,10 @@ impl Payload {
                 let frame = Utf8Bytes::try_from(rest).map_err(|_| WireError::NotUtf8)?;
                 Ok(Payload::Frame { node, frame, epoch })
             }
+            NOTE => {
+                let node = NodeId::parse(split_line(&mut rest, 'N')?)?;
+                Ok(Payload::Note { node, note: serde_json::from_slice(&rest).map_err(WireError::Event)? })
+            }
             HELLO if rest.is_empty() => Ok(Payload::Hello),
             HELLO => Err(WireError::Trailing('H')),
             other => Err(WireError::UnknownKind(other)),
@@ -223,7 +247,7 @@ pub fn decode_entry(entry: &[u8]) -> Result<StoredEvent, WireError> {
 /// echo), read from its first bytes only.
 pub fn published_by(payload: &[u8], node: &NodeId) -> bool {
     let node = node.as_str().as_bytes();
-    matches!(payload.first(), Some(&(EVENT | FRAME | FENCED_FRAME)))
+    matches!(payload.first(), Some(&(EVENT | FRAME | FENCED_FRAME | NOTE)))
         && payload.get(1..=node.len()) == Some(node)
         && payload.get(node.len() + 1) == Some(&b'\n')
 }
@@ -302,6 +326,20 @@ mod tests {
         });
         round_trip(Payload::Frame { node: node("n"), frame: "".into(), epoch: 0 });
         round_trip(Payload::Frame { node: node("n"), frame: "x\ny".into(), epoch: 7 });
+        let note = StoredNote {
+            seq: 3,
+            after: 9,
+            agent: "anna".into(),
+            name: "Anna \"A\"".into(),
+            id: "n1".into(),
+            text: "VIP\ncustomer".into(),
+            at_ms: 5,
+        };
+        round_trip(Payload::Note { node: node("ab"), note: note.clone() });
+        // What note.lua stores: its head spliced before the tail decodes as the note.
+        let mut entry = br#"{"seq":3,"after":9"#.to_vec();
+        entry.extend(note_tail(&note));
+        assert_eq!(serde_json::from_slice::<StoredNote>(&entry).unwrap(), note);
         let fenced = Payload::Frame { node: node("ab"), frame: "{}".into(), epoch: 12 }.encode();
         assert_eq!(fenced, b"fab\n12\n{}");
         assert!(published_by(&fenced, &node("ab")));

@@ -245,7 +245,7 @@ function renderView() {
   online.textContent = w.online ? 'online' : 'offline';
   online.className = `presence ${w.online ? 'online' : 'offline'}`;
   const owner = $('#view-owner');
-  owner.textContent = w.owner ? `Answered by: ${ownerLabel(w.owner, w.agent, w.agentName)}` : '';
+  owner.textContent = !w.owner ? '' : w.owner === 'waiting' ? 'Waiting for an agent' : `Answered by: ${ownerLabel(w.owner, w.agent, w.agentName)}`;
   owner.className = `owner-badge owner-${w.owner || 'unknown'}`;
   const others = w.viewers.filter((v) => v.agent !== agent.agent).map((v) => v.name || v.agent);
   $('#view-viewers').textContent = others.length ? `Also viewing: ${others.join(', ')}` : '';

@@ -131,12 +131,12 @@ impl Conversations {
     /// never waits: a lost delta is repaired by `reply.done`. Returns false,
     /// sending nothing, when this node has delivered an owner change after
     /// `epoch` (the frames are fenced off: see [`FanOut`]).
-    pub fn publish_frames(&self, key: &ConversationKey, frames: &[Utf8Bytes], epoch: u64) -> bool {
-        if !self.fanout.deliver_frames(key, frames, epoch) {
-            return false;
-        }
-        self.bus.publish_frames(key, frames, epoch);
-        true
+    pub fn publish_frames(&self, key: &ConversationKey, frames: Vec<Utf8Bytes>, epoch: u64) -> bool {
+        // The bus first, as always (one fan-out lookup per batch): another
+        // node's fan-out applies the same fence to what it receives, and
+        // the stored reply follows what this node's sockets got.
+        self.bus.publish_frames(key, &frames, epoch);
+        self.fanout.deliver_frames(key, frames, epoch)
     }
 
     /// Keeps the conversation subscribed on this node while a reply streams

@@ -164,12 +164,6 @@ impl FanOut {
             .is_some()
     }
 
-    /// Whether frames of owner epoch `epoch` are dropped here (an owner
-    /// change after it was delivered).
-    pub fn is_fenced(&self, key: &ConversationKey, epoch: u64) -> bool {
-        self.sessions.get(key).is_some_and(|local| local.owner_epoch > epoch)
-    }
-
     /// Whether this session watches or has the conversation on this node.
     pub fn has_session(&self, key: &ConversationKey, id: SessionId) -> bool {
         self.sessions.get(key).is_some_and(|local| local.handles.iter().any(|h| h.id == id))
@@ -219,23 +213,28 @@ impl FanOut {
 
     /// Delivers frames that are not durable events (`reply.delta`s,
     /// `queued`), produced under owner epoch `epoch`, in order, to every
-    /// session: one queue item per session however many frames. Returns
-    /// false, delivering nothing, when an owner change after `epoch` was
-    /// delivered here (the frames are fenced off).
-    pub fn deliver_frames(&self, key: &ConversationKey, frames: &[Utf8Bytes], epoch: u64) -> bool {
+    /// session: one queue item per session however many frames. The last
+    /// session gets the frames themselves: most conversations have one
+    /// socket. Returns false, delivering nothing, when an owner change after
+    /// `epoch` was delivered here (the frames are fenced off).
+    pub fn deliver_frames(&self, key: &ConversationKey, mut frames: Vec<Utf8Bytes>, epoch: u64) -> bool {
         let Some(local) = self.sessions.get(key) else { return true };
         if local.owner_epoch > epoch {
             return false;
         }
         let queued_at = Instant::now();
-        let item = || match frames {
-            [frame] => Outbound::Frame { frame: frame.clone(), queued_at },
-            _ => Outbound::Frames { frames: frames.to_vec(), queued_at },
+        let item = |mut frames: Vec<Utf8Bytes>| match frames.len() {
+            1 => Outbound::Frame { frame: frames.remove(0), queued_at },
+            _ => Outbound::Frames { frames, queued_at },
         };
-        if !frames.is_empty() {
-            for handle in &local.handles {
-                handle.push(item());
+        if frames.is_empty() {
+            return true;
+        }
+        if let Some((last, others)) = local.handles.split_last() {
+            for handle in others {
+                handle.push(item(frames.clone()));
             }
+            last.push(item(std::mem::take(&mut frames)));
         }
         true
     }
@@ -311,7 +310,7 @@ impl IncomingEvents for FanOut {
     }
 
     fn frames(&self, key: &ConversationKey, frames: Vec<Utf8Bytes>, epoch: u64) {
-        self.deliver_frames(key, &frames, epoch);
+        self.deliver_frames(key, frames, epoch);
     }
 
     fn note(&self, key: &ConversationKey, note: &crate::event::StoredNote) {

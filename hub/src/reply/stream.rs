@@ -215,7 +215,7 @@ impl<'a> Draft<'a> {
         let frame =
             ServerFrame::Queued { conversation: self.key.conversation().as_str(), reply: self.reply_id, position }
                 .encode();
-        self.conversations.publish_frames(self.key, &[frame], self.epoch);
+        self.conversations.publish_frames(self.key, vec![frame], self.epoch);
     }
 
     /// Encodes a chunk's text as the next delta (empty texts make none);
@@ -239,7 +239,7 @@ impl<'a> Draft<'a> {
         let staged = std::mem::take(&mut self.staged);
         let count = staged.len();
         if count > 0 && !self.fenced {
-            if self.conversations.publish_frames(self.key, &staged, self.epoch) {
+            if self.conversations.publish_frames(self.key, staged, self.epoch) {
                 self.text.push_str(&self.staged_text);
                 self.index += count as u32;
             } else {

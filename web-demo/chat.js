@@ -9,6 +9,7 @@ const form = $('#composer');
 const input = $('#question');
 const statusText = $('#status-text');
 const reconnectButton = $('#reconnect');
+const handoffButton = $('#handoff');
 const whoami = $('#whoami');
 
 // ---- who are we ---------------------------------------------------------------------------
@@ -56,11 +57,12 @@ function withScroll(change) {
 
 /**
  * Appends a message row and returns its bubble (the `.msg` element, whose textContent is exactly
- * the message text).
+ * the message text). `name` is the agent's display name, for an agent's message.
  * @param {'customer'|'assistant'|'agent'|'system'} role
  * @param {string} text
+ * @param {string} [name]
  */
-function addBubble(role, text) {
+function addBubble(role, text, name) {
   return withScroll(() => {
     const row = document.createElement('div');
     row.className = `row from-${role}`;
@@ -68,7 +70,7 @@ function addBubble(role, text) {
       const avatar = document.createElement('div');
       avatar.className = 'avatar';
       avatar.setAttribute('aria-hidden', 'true');
-      avatar.textContent = role === 'agent' ? 'A' : 'F';
+      avatar.textContent = role === 'agent' ? initial(name || ROLE_LABELS.agent) : 'F';
       row.append(avatar);
     }
     const column = document.createElement('div');
@@ -76,7 +78,7 @@ function addBubble(role, text) {
     if (role === 'agent') {
       const who = document.createElement('div');
       who.className = 'who';
-      who.textContent = ROLE_LABELS.agent;
+      who.textContent = name || ROLE_LABELS.agent;
       column.append(who);
     }
     const bubble = document.createElement('div');
@@ -87,6 +89,11 @@ function addBubble(role, text) {
     transcript.append(row);
     return bubble;
   });
+}
+
+/** The first letter of a name, for an avatar. */
+function initial(name) {
+  return (Array.from(name.trim())[0] || '?').toUpperCase();
 }
 
 /** Adds a small caption under a bubble (e.g. "Not sent"). */
@@ -138,7 +145,7 @@ function replyBubble(replyId) {
 }
 
 /** Shows a finished reply (live or replayed) in place of whatever streamed of it. */
-function finishReply(replyId, text, { fallback, cancelled }) {
+function finishReply(replyId, text, { fallback, cancelled, interrupted }) {
   const bubble = replyBubble(replyId);
   withScroll(() => {
     bubble.textContent = text;
@@ -150,6 +157,10 @@ function finishReply(replyId, text, { fallback, cancelled }) {
     } else if (cancelled) {
       bubble.classList.add('cancelled');
       setCaption(bubble, text ? 'This answer was stopped before it finished.' : 'Not answered — please ask again.', 'muted');
+    } else if (interrupted) {
+      // Stopped without a fallback: a person from the team took over the conversation.
+      bubble.classList.add('cancelled');
+      setCaption(bubble, 'A person from our team is taking over from here.', 'muted');
     }
   });
 }
@@ -191,6 +202,37 @@ function hideTyping() {
   clearTimeout(typingTimer);
   typingRow?.remove();
   typingRow = null;
+}
+
+// "Anna is typing…", while the agent answering the conversation types (the hub's `typing`). It
+// goes away on `on: false`, on the agent's message, and by itself a few seconds after the last
+// `on: true` (the agent repeats it every 3 s while typing), so it can never stick.
+let agentTypingRow = null;
+let agentTypingTimer = null;
+const AGENT_TYPING_SHOWN_MS = 6000;
+
+function showAgentTyping(name) {
+  const label = `${name || ROLE_LABELS.agent} is typing…`;
+  if (!agentTypingRow) {
+    agentTypingRow = typingIndicator();
+    agentTypingRow.classList.replace('from-assistant', 'from-agent');
+    agentTypingRow.id = 'agent-typing';
+    agentTypingRow.querySelector('.avatar').textContent = initial(name || ROLE_LABELS.agent);
+    const caption = document.createElement('div');
+    caption.className = 'caption typing-label';
+    agentTypingRow.querySelector('.column').append(caption);
+    withScroll(() => transcript.append(agentTypingRow));
+  }
+  agentTypingRow.setAttribute('aria-label', label);
+  agentTypingRow.querySelector('.typing-label').textContent = label;
+  clearTimeout(agentTypingTimer);
+  agentTypingTimer = setTimeout(hideAgentTyping, AGENT_TYPING_SHOWN_MS);
+}
+
+function hideAgentTyping() {
+  clearTimeout(agentTypingTimer);
+  agentTypingRow?.remove();
+  agentTypingRow = null;
 }
 
 // Questions waiting for a free slot at the NLP service (the hub sends `queued`): reply id →
@@ -265,6 +307,13 @@ try {
 /** Customer bubbles by client message id. */
 const sentBubbles = new Map();
 
+/**
+ * Whether a person (or the wait for one) answers the conversation instead of the assistant, from
+ * the `system` events: then a question gets no "assistant is typing" dots.
+ */
+let withPerson = false;
+const PERSON_EVENTS = { agent_joined: true, waiting: true, agent_left: false, assistant_back: false };
+
 const STATUS_TEXT = {
   idle: 'Starting…',
   connecting: 'Connecting…',
@@ -278,9 +327,11 @@ client.addEventListener('status', (e) => {
   document.body.dataset.status = status;
   statusText.textContent = STATUS_TEXT[status] || status;
   reconnectButton.hidden = status !== 'closed';
+  handoffButton.disabled = status !== 'open' || withPerson;
   if (status !== 'open') {
     // `queued` frames are not replayed: a reconnect shows the answer when it comes.
     hideTyping();
+    hideAgentTyping();
     dropAllQueued();
   }
 });
@@ -344,10 +395,26 @@ client.addEventListener('message', (e) => {
     return;
   }
   const role = ['customer', 'agent', 'system'].includes(from) ? from : 'system';
-  if (role === 'agent') hideTyping();
-  const bubble = addBubble(role, text);
+  if (role === 'agent') {
+    hideTyping();
+    hideAgentTyping();
+  }
+  if (role === 'system' && e.detail.event in PERSON_EVENTS) {
+    withPerson = PERSON_EVENTS[e.detail.event];
+    handoffButton.disabled = withPerson || client.status !== 'open';
+    if (withPerson) hideTyping();
+  }
+  const bubble = addBubble(role, text, e.detail.name);
   bubble.dataset.seq = String(seq);
   bubble.dataset.id = id;
+  if (e.detail.event) bubble.dataset.event = e.detail.event;
+  // The agent's typing row stays the last row while it is shown.
+  if (agentTypingRow) withScroll(() => transcript.append(agentTypingRow));
+});
+
+client.addEventListener('typing', (e) => {
+  if (e.detail.on) showAgentTyping(e.detail.name);
+  else hideAgentTyping();
 });
 
 const FRIENDLY_ERRORS = {
@@ -392,7 +459,7 @@ function send(text) {
     if (client.status !== 'open') setCaption(bubble, 'Will send when reconnected…', 'muted');
     sentBubbles.set(id, bubble);
   }
-  showTyping();
+  if (!withPerson) showTyping();
   transcript.scrollTop = transcript.scrollHeight;
 }
 
@@ -413,6 +480,17 @@ for (const chip of document.querySelectorAll('#suggestions .chip')) {
 }
 
 reconnectButton.addEventListener('click', () => client.connect());
+
+// Ask for a person: the hub answers with a `system` `waiting` message (or nothing, if a person
+// already answers).
+handoffButton.addEventListener('click', () => {
+  if (client.handoff()) handoffButton.disabled = true;
+});
+
+// Tell the agent we are typing: on every keystroke while there is text, off when the input is
+// emptied or loses focus (sending stops it too).
+input.addEventListener('input', () => client.typing(input.value.trim() !== ''));
+input.addEventListener('blur', () => client.typing(false));
 
 client.connect();
 input.focus();

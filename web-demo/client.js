@@ -2,6 +2,8 @@
 // Fengda realtime hub. Copy this file into your own site if you like; it has
 // no imports and works in every current browser.
 //
+// Customers (the chat widget):
+//
 //   import { FengdaClient } from '/client.js';
 //   const client = new FengdaClient({ tenant: 'demo', user: 'alice' });
 //   client.addEventListener('delta', (e) => render(e.detail.reply, e.detail.content));
@@ -9,21 +11,33 @@
 //   client.connect();
 //   client.send('Tell me about the Gold Card');
 //
-// What it takes care of:
+// Contact-centre agents (the console, docs/protocol.md §14):
+//
+//   import { FengdaAgent } from '/client.js';
+//   const agent = new FengdaAgent({ tenant: 'demo', user: 'anna', getToken });
+//   agent.addEventListener('list', () => renderList(agent.conversations));
+//   agent.addEventListener('transcript', (e) => renderTranscript(e.detail.transcript));
+//   agent.connect();
+//   agent.list();
+//   agent.watch(conversationId);
+//
+// Both share one connection (the `Connection` class below), which takes care of:
 //   * reconnecting with exponential backoff and jitter (capped at ~10 s), to
 //     whichever hub node the load balancer picks;
-//   * resuming the conversation after a reconnect (`conversation` + `after` +
-//     `epoch`) and de-duplicating replayed events by seq and by reply id;
-//   * noticing when the hub lost the conversation's history (`history_lost`:
-//     the log was recreated under a new epoch) and starting over from the new
-//     log, reported as a `reset` event so the page can clear its transcript;
+//   * fetching a fresh token before every connection (`getToken`) and
+//     answering `token.expiring` with `refresh`;
 //   * queueing messages while offline and resending unacknowledged ones with
 //     the same id (the hub acknowledges a resent id with its original seq and
-//     never answers it twice), also after `unavailable` (the hub's store is
+//     never stores it twice), also after `unavailable` (the hub's store is
 //     down) and `too_many_pending`;
-//   * an application-level ping every 25 s, which also detects dead sockets;
-//   * remembering the conversation id, its epoch and the last seq in
-//     sessionStorage.
+//   * an application-level ping every 25 s, which also detects dead sockets.
+//
+// The customer client also resumes its conversation after a reconnect
+// (`conversation` + `after` + `epoch`), de-duplicates replayed events by seq
+// and by reply id, notices lost history (`history_lost`, reported as a
+// `reset` event) and remembers the conversation id, its epoch and the last
+// seq in sessionStorage. The agent client lists again and watches every
+// watched conversation again, after the last seq it saw, on each reconnect.
 
 /**
  * Close codes used by the hub.
@@ -110,10 +124,16 @@ const FINAL_CLOSE_CODES = new Set([CloseCode.NORMAL, CloseCode.POLICY, CloseCode
  *             off by a reconnect comes back as a replayed message (finished while the socket was
  *             away, or cancelled because no socket came back in time: `cancelled: true`, `text`
  *             is what had streamed).
- * - `message` `{conversation, seq, from, id, text, fallback, interrupted, cancelled}` — any other
- *             durable event: replayed history, or something said on another socket of the
- *             conversation (agent, system, assistant, or the same customer on another device).
- *             The three flags describe assistant replies and are false otherwise.
+ * - `message` `{conversation, seq, from, id, text, fallback, interrupted, cancelled, name?, event?,
+ *             agent?}` — any other durable event: replayed history, or something said on another
+ *             socket of the conversation (agent, system, assistant, or the same customer on another
+ *             device). The three flags describe assistant replies and are false otherwise. An
+ *             agent's message has the agent's display `name`; a `system` one its `event`
+ *             (`agent_joined`, `agent_left`, `waiting`, `assistant_back`) and, when it names an
+ *             agent, `agent` and `name`.
+ * - `typing`  `{conversation, from: 'agent', name, on}` — the agent answering the conversation
+ *             started (`on: true`, repeated while typing) or stopped typing. Stop showing it on
+ *             `on: false`, on that agent's next message, or a few seconds after the last `on: true`.
  * - `error`   `{code, message, id?, retry?}` — an error frame from the hub, or a client-side
  *             problem such as `frame_too_big`. With an `id` it is about that message, which was
  *             not stored. With `retry: true` the message stays queued and is resent with the same
@@ -165,70 +185,158 @@ function rememberBounded(set, value, limit = 500) {
   if (set.size > limit) set.delete(set.values().next().value);
 }
 
+/** The message text the hub refuses as `empty_text`: only white space and zero-width characters. */
+function checkedText(text, what) {
+  const body = String(text ?? '').trim();
+  if (/^[\s\u0085\u180e\u200b-\u200d\u2060\ufeff]*$/u.test(body)) throw new TypeError(`${what}: text is empty`);
+  return body;
+}
+
 /** Error codes after which a message is resent (same id) after RETRY_DELAY_MS. */
 const RETRYABLE_ERRORS = new Set(['unavailable', 'too_many_pending']);
 const RETRY_DELAY_MS = 2000;
 /**
- * Error codes after which a message stays queued for the next connection: the hub closes with
- * 4004 and the message is resent, same id, in the conversation the reconnect gets.
+ * Error codes after which a customer message stays queued for the next connection: the hub closes
+ * with 4004 and the message is resent, same id, in the conversation the reconnect gets.
  */
 const REQUEUE_ERRORS = new Set(['conversation_not_found']);
 
+/** How often a typist repeats `typing` `on: true` (the hub forgets it after about 4 s). */
+export const TYPING_REPEAT_MS = 3000;
+/** A typing indicator heard nothing of for this long is dropped (the hub's own expiry is ~4 s). */
+const TYPING_SHOWN_MS = 6000;
+
 /**
- * A WebSocket client for one end user of one tenant.
+ * The durable events seen of one conversation: the highest seq below which every event has been
+ * seen (seqs are gap-free, so this is what a reconnect resumes `after`), and the early ones above it.
+ */
+class SeqWindow {
+  constructor(lastSeq = 0) {
+    this.lastSeq = lastSeq;
+    this.seenAbove = new Set();
+  }
+
+  /** Starts again from `seq` (nothing above it seen). */
+  reset(seq = 0) {
+    this.lastSeq = seq;
+    this.seenAbove.clear();
+  }
+
+  /** Records a durable seq; returns false if it was seen already. */
+  mark(seq) {
+    if (!Number.isInteger(seq) || seq <= 0) return true; // no seq: cannot de-duplicate by it
+    if (seq <= this.lastSeq || this.seenAbove.has(seq)) return false;
+    this.seenAbove.add(seq);
+    while (this.seenAbove.has(this.lastSeq + 1)) {
+      this.lastSeq += 1;
+      this.seenAbove.delete(this.lastSeq);
+    }
+    if (this.seenAbove.size > 1000) {
+      // A hole that never fills (should not happen: seqs are gap-free). Give up on it.
+      this.lastSeq = Math.min(...this.seenAbove) - 1;
+      this.mark(this.lastSeq + 1);
+    }
+    return true;
+  }
+}
+
+/** Assistant replies as they stream: tokens by index, and the ids of the finished ones. */
+class ReplyStreams {
+  constructor() {
+    /** reply id → array of tokens by index */
+    this.streams = new Map();
+    this.done = new Set();
+  }
+
+  clear() {
+    this.streams.clear();
+    this.done.clear();
+  }
+
+  /** Whether the reply has streamed or finished (its stored form replaces what was shown). */
+  known(reply) {
+    return this.streams.has(reply) || this.done.has(reply);
+  }
+
+  /**
+   * Adds one `reply.delta`; returns `{index, text, content}` (`content`: the contiguous text so
+   * far), or null for a duplicate token or a finished reply.
+   */
+  delta(f) {
+    if (this.done.has(f.reply)) return null;
+    let tokens = this.streams.get(f.reply);
+    if (!tokens) this.streams.set(f.reply, (tokens = []));
+    const index = Number.isInteger(f.index) ? f.index : tokens.length;
+    if (tokens[index] !== undefined) return null; // duplicate token
+    tokens[index] = String(f.text ?? '');
+    let content = '';
+    for (const t of tokens) {
+      if (t === undefined) break; // hole: show the contiguous prefix only
+      content += t;
+    }
+    return { index, text: tokens[index], content };
+  }
+
+  /** Marks a reply finished; returns false if it already was. */
+  finish(reply) {
+    if (this.done.has(reply)) return false;
+    rememberBounded(this.done, reply);
+    this.streams.delete(reply);
+    return true;
+  }
+}
+
+/** How a reply ended, from a `reply.done` or a replayed `message` (absent flags are false). */
+function replyFlags(f) {
+  return { fallback: f.fallback === true, interrupted: f.interrupted === true, cancelled: f.cancelled === true };
+}
+
+/** The fields of a durable `message` event that are not about replies (agent and system events). */
+function speakerFields(f) {
+  const out = {};
+  if (typeof f.name === 'string') out.name = f.name;
+  if (typeof f.event === 'string') out.event = f.event;
+  if (typeof f.agent === 'string') out.agent = f.agent;
+  if (Number.isInteger(f.at)) out.at = f.at;
+  return out;
+}
+
+/**
+ * One socket to the hub, kept open: connecting, backoff, tokens, heartbeat and the outbox of
+ * messages waiting for their acknowledgement. {@link FengdaClient} (a customer) and
+ * {@link FengdaAgent} (an agent) build their protocol on it; a subclass gives the URL of the next
+ * socket (`socketUrl`) and handles the frames (`onReady`, `onAppFrame`).
  * @extends EventTarget
  */
-export class FengdaClient extends EventTarget {
-  /** @param {FengdaClientOptions} options */
-  constructor(options) {
+class Connection extends EventTarget {
+  constructor(options, defaults = {}) {
     super();
     const { tenant, user } = options || {};
-    if (!tenant || !user) throw new TypeError('FengdaClient: tenant and user are required');
+    if (!tenant || !user) throw new TypeError(`${new.target.name}: tenant and user are required`);
     for (const [name, value] of [['tenant', tenant], ['user', user]]) {
       // The hub answers a bad id with HTTP 400 before the WebSocket opens, which a browser only
       // sees as an anonymous failure (close code 1006): refuse it here instead of retrying forever.
       if (!ID_PATTERN.test(String(value))) {
-        throw new TypeError(`FengdaClient: ${name} must be 1-128 characters of A-Z a-z 0-9 . _ : @ -`);
+        throw new TypeError(`${new.target.name}: ${name} must be 1-128 characters of A-Z a-z 0-9 . _ : @ -`);
       }
     }
     this.tenant = String(tenant);
     this.user = String(user);
-    this.endpoint = FengdaClient.endpointFrom(options);
+    this.endpoint = Connection.endpointFrom(options);
     this.options = {
       pingIntervalMs: 25000,
       pongTimeoutMs: 10000,
       minBackoffMs: 500,
       maxBackoffMs: 10000,
+      ...defaults,
       ...options,
     };
     this.WebSocket = options.WebSocket || globalThis.WebSocket;
-    this.storage = options.storage === undefined ? defaultStorage() : options.storage;
-    this.storageKey = `fengda:${encodeURIComponent(this.tenant)}:${encodeURIComponent(this.user)}`;
 
     /** @type {FengdaStatus} */
     this.status = 'idle';
-    /** @type {string|null} Current conversation id. */
-    this.conversation = null;
-    /** @type {string|null} Epoch of the conversation's log, from `ready` (sent back as `epoch`). */
-    this.epoch = null;
-    /** @type {{seq: number, epoch: string|null}|null} The current socket's `ready`. */
-    this.lastReady = null;
-    /**
-     * Highest seq below which every durable event has been seen (seqs are gap-free, so this is
-     * what we resume `after`). Events above it that arrived early are kept in `seenAbove`.
-     */
-    this.lastSeq = 0;
-    this.seenAbove = new Set();
-
-    /** Messages not yet acknowledged, in send order: id → text. */
+    /** Frames with an `id` not yet acknowledged, in send order: id → frame. */
     this.outbox = new Map();
-    /** Ids this client sent (to recognise our own messages when they are replayed). */
-    this.ownIds = new Set();
-    /** Streaming replies: reply id → array of tokens by index. */
-    this.streams = new Map();
-    /** Reply ids already finished. */
-    this.doneReplies = new Set();
-
     this.ws = null;
     this.attempt = 0;
     this.stopped = true;
@@ -238,9 +346,6 @@ export class FengdaClient extends EventTarget {
     /** The token of the current or next connection (with `getToken`). */
     this.token = null;
     this.sentOnSocket = []; // ids written to the current socket and not yet acked
-
-    this.restore();
-    if (this.options.replayHistory) this.lastSeq = 0;
 
     this.onOnline = () => {
       if (this.status === 'reconnecting' && this.reconnectTimer) {
@@ -279,26 +384,7 @@ export class FengdaClient extends EventTarget {
     this.open();
   }
 
-  /**
-   * Sends a customer message. While disconnected it is queued and sent after the reconnect;
-   * if the socket drops before the hub acknowledges it, it is resent with the same id.
-   * @param {string} text
-   * @returns {string} the client message id (also reported by the `ack` event)
-   */
-  send(text) {
-    const body = String(text ?? '').trim();
-    // The hub's rule for `empty_text`: only white space and zero-width characters.
-    if (/^[\s\u0085\u180e\u200b-\u200d\u2060\ufeff]*$/u.test(body)) {
-      throw new TypeError('FengdaClient.send: text is empty');
-    }
-    const id = newId();
-    this.outbox.set(id, body);
-    rememberBounded(this.ownIds, id);
-    if (this.status === 'open') this.transmit(id, body);
-    return id;
-  }
-
-  /** Whether the message with this id is still waiting for the hub's acknowledgement. */
+  /** Whether the message (or note) with this id is still waiting for the hub's acknowledgement. */
   isPending(id) {
     return this.outbox.has(id);
   }
@@ -316,83 +402,78 @@ export class FengdaClient extends EventTarget {
     this.setStatus('closed');
   }
 
-  /** Forgets the conversation (a new one starts on the next connection). */
-  resetConversation() {
-    const previous = this.conversation;
-    this.conversation = null;
-    this.epoch = null;
-    this.lastSeq = 0;
-    this.seenAbove.clear();
-    this.streams.clear();
-    this.doneReplies.clear();
-    this.persist();
-    if (previous) this.emit('conversation', { conversation: null, previous });
+  // ---- for subclasses --------------------------------------------------------------------
+
+  /** @protected The URL of the next socket. */
+  socketUrl() {
+    throw new Error('socketUrl is not implemented');
   }
 
-  // ---- internals -------------------------------------------------------------------------
+  /** @protected The hub's `ready` on a new socket. */
+  onReady(_f) {}
 
-  /** @private */
+  /** @protected Every other frame (after the connection's own: tokens, pong). */
+  onAppFrame(_f) {}
+
+  /** @protected The socket closed with `code` (before reconnecting or stopping). */
+  onSocketClosed(_code) {}
+
+  /** @protected Queues a frame with an `id` until its acknowledgement; sends it now if open. */
+  enqueue(frame) {
+    this.outbox.set(frame.id, frame);
+    if (this.status === 'open') this.transmit(frame.id);
+  }
+
+  /** @protected Marks an id acknowledged; returns false if it was not waiting. */
+  settle(id) {
+    return this.outbox.delete(id);
+  }
+
+  /** @protected Resends everything not yet acknowledged, oldest first, with the same ids. */
+  resendOutbox() {
+    for (const id of this.outbox.keys()) this.transmit(id);
+  }
+
+  /**
+   * @protected The hub refused the frame with this `id`: keeps it for a resend (returns true) if
+   * that can help, else drops it.
+   */
+  refused(id, code) {
+    if (RETRYABLE_ERRORS.has(code)) {
+      // Not stored, but worth another try with the same id: the hub is busy or its store is down.
+      setTimeout(() => {
+        if (this.outbox.has(id) && this.ws && this.ws.readyState === 1) this.transmit(id);
+      }, RETRY_DELAY_MS);
+      return true;
+    }
+    this.outbox.delete(id);
+    return false;
+  }
+
+  /** @protected */
   emit(type, detail) {
     this.dispatchEvent(new CustomEvent(type, { detail }));
   }
 
-  /** @private */
+  /** @protected */
   setStatus(status, extra = {}) {
     this.status = status;
     this.emit('status', { status, ...extra });
   }
 
-  /** @private */
-  restore() {
-    if (!this.storage) return;
-    try {
-      const saved = JSON.parse(this.storage.getItem(this.storageKey) || 'null');
-      if (saved && typeof saved.conversation === 'string' && CONVERSATION_ID_PATTERN.test(saved.conversation)) {
-        this.conversation = saved.conversation;
-        this.epoch = typeof saved.epoch === 'string' ? saved.epoch : null;
-        this.lastSeq = Number.isInteger(saved.seq) && saved.seq > 0 ? saved.seq : 0;
-      }
-    } catch {
-      /* corrupt entry: start fresh */
-    }
+  /** @protected Sends a frame on the open socket; false if there is none. */
+  write(frame) {
+    if (!this.ws || this.ws.readyState !== 1) return false;
+    this.ws.send(JSON.stringify(frame));
+    return true;
   }
 
-  /** @private */
-  persist() {
-    if (!this.storage) return;
-    try {
-      if (this.conversation) {
-        this.storage.setItem(
-          this.storageKey,
-          JSON.stringify({ conversation: this.conversation, epoch: this.epoch, seq: this.lastSeq }),
-        );
-      } else {
-        this.storage.removeItem(this.storageKey);
-      }
-    } catch {
-      /* storage full or unavailable: resuming is best effort */
-    }
-  }
+  // ---- internals -------------------------------------------------------------------------
 
-  /** @private Builds the URL for the next connection attempt. */
-  socketUrl() {
-    const u = new URL(this.endpoint, globalThis.location?.href);
-    if (this.token) {
-      // The token names the tenant and user; the hub takes them from it alone.
-      u.searchParams.set('token', this.token);
-    } else {
-      u.searchParams.set('tenant', this.tenant);
-      u.searchParams.set('user', this.user);
-    }
-    // A conversation exists from its first stored message on: with nothing seen and nothing sent,
-    // naming it would only get 4004, so let the hub choose (the user's most recent, or a new one).
-    if (this.conversation && (this.lastSeq > 0 || this.outbox.size > 0)) {
-      u.searchParams.set('conversation', this.conversation);
-      u.searchParams.set('after', String(this.lastSeq));
-      // Lets the hub tell us (`history_lost`) if this conversation's log was lost and recreated.
-      if (this.epoch) u.searchParams.set('epoch', this.epoch);
-    }
-    return u.toString();
+  /** @private */
+  transmit(id) {
+    const frame = this.outbox.get(id);
+    if (frame && this.write(frame)) this.sentOnSocket.push(id);
   }
 
   /** @private Fetches a fresh token first when the client has `getToken`. */
@@ -470,18 +551,22 @@ export class FengdaClient extends EventTarget {
     this.stopHeartbeat();
     if (this.stopped) return;
 
-    if (code === CloseCode.CONVERSATION_NOT_FOUND) {
-      // The hub does not know our conversation: start a new one (queued messages go there).
-      this.resetConversation();
-    } else if (code === CloseCode.TOO_BIG) {
+    if (code === CloseCode.TOO_BIG) {
       // The hub refused a frame: the last message we wrote is the likely culprit. Drop it so a
       // reconnect does not resend it forever.
       const id = this.sentOnSocket.filter((x) => this.outbox.has(x)).pop();
       if (id) {
+        const frame = this.outbox.get(id);
         this.outbox.delete(id);
-        this.emit('error', { code: 'frame_too_big', message: 'That message is too long to send.', id });
+        this.emit('error', {
+          code: 'frame_too_big',
+          message: 'That message is too long to send.',
+          id,
+          ...(frame.conversation ? { conversation: frame.conversation } : {}),
+        });
       }
     }
+    this.onSocketClosed(code);
 
     if (FINAL_CLOSE_CODES.has(code)) {
       this.stopped = true;
@@ -530,44 +615,6 @@ export class FengdaClient extends EventTarget {
   }
 
   /** @private */
-  write(frame) {
-    if (!this.ws || this.ws.readyState !== 1) return false;
-    this.ws.send(JSON.stringify(frame));
-    return true;
-  }
-
-  /** @private */
-  transmit(id, text) {
-    if (this.write({ type: 'message', id, text })) this.sentOnSocket.push(id);
-  }
-
-  /** @private Records a durable seq; returns false if it was seen already. */
-  markSeq(seq) {
-    if (!Number.isInteger(seq) || seq <= 0) return true; // no seq: cannot de-duplicate by it
-    if (seq <= this.lastSeq || this.seenAbove.has(seq)) return false;
-    this.seenAbove.add(seq);
-    while (this.seenAbove.has(this.lastSeq + 1)) {
-      this.lastSeq += 1;
-      this.seenAbove.delete(this.lastSeq);
-    }
-    if (this.seenAbove.size > 1000) {
-      // A hole that never fills (should not happen: seqs are gap-free). Give up on it.
-      this.lastSeq = Math.min(...this.seenAbove) - 1;
-      this.markSeq(this.lastSeq + 1);
-      return true;
-    }
-    this.persist();
-    return true;
-  }
-
-  /** @private */
-  acknowledge(id, seq) {
-    if (!this.outbox.has(id)) return; // already acked (e.g. a resend crossed a replay)
-    this.outbox.delete(id);
-    this.emit('ack', { id, seq });
-  }
-
-  /** @private */
   onFrame(ws, data) {
     if (ws !== this.ws) return;
     clearTimeout(this.pongTimer); // any frame proves the socket is alive
@@ -585,64 +632,257 @@ export class FengdaClient extends EventTarget {
         this.refreshToken(ws);
         break;
       case 'refreshed':
+      case 'pong':
         break;
-      case 'ready': {
-        const previous = this.conversation;
-        const resumed = previous !== null && previous === f.conversation;
-        const seq = Number.isInteger(f.seq) ? f.seq : 0;
-        const epoch = typeof f.epoch === 'string' && f.epoch ? f.epoch : null;
-        this.lastReady = { seq, epoch };
-        let rewound = false;
-        if (!resumed) {
-          this.conversation = f.conversation;
-          this.epoch = epoch;
-          this.seenAbove.clear();
-          // Without `after` the hub replays nothing: start from its current seq.
-          this.lastSeq = seq;
-          if (previous !== f.conversation) this.emit('conversation', { conversation: f.conversation, previous });
-        } else if (epoch && !this.epoch) {
-          this.epoch = epoch; // first epoch learnt for this conversation (e.g. saved by an older client)
-        } else if (epoch && epoch === this.epoch && seq < this.lastSeq) {
-          // Same log, but behind what we already saw (e.g. Redis failed over to a replica that
-          // missed the newest writes): those events are gone and their seqs will be reused.
-          rewound = true;
-        }
-        // A different epoch than ours: the hub follows this frame with `history_lost` (it got our
-        // epoch), and that is where we start over; until then our saved state stays as it was.
-        this.persist();
+      case 'ready':
         this.attempt = 0;
-        this.setStatus('open');
-        this.emit('ready', { conversation: f.conversation, seq: f.seq, epoch });
-        if (rewound) this.startOver('rewound');
+        this.onReady(f);
         this.startHeartbeat();
-        // Resend everything not yet acknowledged, oldest first, with the same ids.
-        for (const [id, text] of this.outbox) this.transmit(id, text);
         break;
+      default:
+        this.onAppFrame(f); // unknown frame types are ignored there, so the hub can add new ones
+        break;
+    }
+  }
+}
+
+/**
+ * Sends `typing` while someone types: `on: true` at once and every {@link TYPING_REPEAT_MS}, `on:
+ * false` when they stop. `send(on)` writes the frame (nothing while offline: the hub's own expiry
+ * covers that).
+ */
+class Typist {
+  constructor(send) {
+    this.send = send;
+    this.timer = null;
+  }
+
+  get active() {
+    return this.timer !== null;
+  }
+
+  start() {
+    if (this.timer) return;
+    this.send(true);
+    this.timer = setInterval(() => this.send(true), TYPING_REPEAT_MS);
+  }
+
+  stop() {
+    if (!this.timer) return;
+    this.forget();
+    this.send(false);
+  }
+
+  /** Stops repeating without a word (the socket is gone: the hub expires the indicator itself). */
+  forget() {
+    clearInterval(this.timer);
+    this.timer = null;
+  }
+}
+
+/**
+ * A WebSocket client for one end user (a customer) of one tenant.
+ * @extends EventTarget
+ */
+export class FengdaClient extends Connection {
+  /** @param {FengdaClientOptions} options */
+  constructor(options) {
+    super(options);
+    this.storage = options.storage === undefined ? defaultStorage() : options.storage;
+    this.storageKey = `fengda:${encodeURIComponent(this.tenant)}:${encodeURIComponent(this.user)}`;
+
+    /** @type {string|null} Current conversation id. */
+    this.conversation = null;
+    /** @type {string|null} Epoch of the conversation's log, from `ready` (sent back as `epoch`). */
+    this.epoch = null;
+    /** @type {{seq: number, epoch: string|null}|null} The current socket's `ready`. */
+    this.lastReady = null;
+    /** Durable events seen; `lastSeq` is what a reconnect resumes `after`. */
+    this.seqs = new SeqWindow();
+    /** Ids this client sent (to recognise our own messages when they are replayed). */
+    this.ownIds = new Set();
+    /** Assistant replies streaming and finished. */
+    this.replies = new ReplyStreams();
+    this.typist = new Typist((on) => this.write({ type: 'typing', on }));
+
+    this.restore();
+    if (this.options.replayHistory) this.seqs.reset(0);
+  }
+
+  /** Highest seq below which every durable event has been seen. */
+  get lastSeq() {
+    return this.seqs.lastSeq;
+  }
+
+  /**
+   * Sends a customer message. While disconnected it is queued and sent after the reconnect;
+   * if the socket drops before the hub acknowledges it, it is resent with the same id.
+   * @param {string} text
+   * @returns {string} the client message id (also reported by the `ack` event)
+   */
+  send(text) {
+    const body = checkedText(text, 'FengdaClient.send');
+    this.typist.stop();
+    const id = newId();
+    rememberBounded(this.ownIds, id);
+    this.enqueue({ type: 'message', id, text: body });
+    return id;
+  }
+
+  /**
+   * Asks for a person (`handoff`): the conversation waits for an agent, and the hub says so with a
+   * `system` message. Returns false while offline (nothing is queued: ask again when open).
+   */
+  handoff() {
+    return this.write({ type: 'handoff' });
+  }
+
+  /**
+   * The customer is typing (`true`: call on every keystroke, it is sent once and repeated every
+   * 3 s) or stopped (`false`: on blur and when the input is emptied; sending stops it too).
+   * @param {boolean} on
+   */
+  typing(on) {
+    if (on) this.typist.start();
+    else this.typist.stop();
+  }
+
+  /** Forgets the conversation (a new one starts on the next connection). */
+  resetConversation() {
+    const previous = this.conversation;
+    this.conversation = null;
+    this.epoch = null;
+    this.seqs.reset(0);
+    this.replies.clear();
+    this.persist();
+    if (previous) this.emit('conversation', { conversation: null, previous });
+  }
+
+  // ---- internals -------------------------------------------------------------------------
+
+  /** @private */
+  restore() {
+    if (!this.storage) return;
+    try {
+      const saved = JSON.parse(this.storage.getItem(this.storageKey) || 'null');
+      if (saved && typeof saved.conversation === 'string' && CONVERSATION_ID_PATTERN.test(saved.conversation)) {
+        this.conversation = saved.conversation;
+        this.epoch = typeof saved.epoch === 'string' ? saved.epoch : null;
+        this.seqs.reset(Number.isInteger(saved.seq) && saved.seq > 0 ? saved.seq : 0);
       }
+    } catch {
+      /* corrupt entry: start fresh */
+    }
+  }
+
+  /** @private */
+  persist() {
+    if (!this.storage) return;
+    try {
+      if (this.conversation) {
+        this.storage.setItem(
+          this.storageKey,
+          JSON.stringify({ conversation: this.conversation, epoch: this.epoch, seq: this.lastSeq }),
+        );
+      } else {
+        this.storage.removeItem(this.storageKey);
+      }
+    } catch {
+      /* storage full or unavailable: resuming is best effort */
+    }
+  }
+
+  /** @protected Builds the URL for the next connection attempt. */
+  socketUrl() {
+    const u = new URL(this.endpoint, globalThis.location?.href);
+    if (this.token) {
+      // The token names the tenant and user; the hub takes them from it alone.
+      u.searchParams.set('token', this.token);
+    } else {
+      u.searchParams.set('tenant', this.tenant);
+      u.searchParams.set('user', this.user);
+    }
+    // A conversation exists from its first stored message on: with nothing seen and nothing sent,
+    // naming it would only get 4004, so let the hub choose (the user's most recent, or a new one).
+    if (this.conversation && (this.lastSeq > 0 || this.outbox.size > 0)) {
+      u.searchParams.set('conversation', this.conversation);
+      u.searchParams.set('after', String(this.lastSeq));
+      // Lets the hub tell us (`history_lost`) if this conversation's log was lost and recreated.
+      if (this.epoch) u.searchParams.set('epoch', this.epoch);
+    }
+    return u.toString();
+  }
+
+  /** @protected */
+  onSocketClosed(code) {
+    // The typing indicator went with the socket (the hub expires it); start again on the next key.
+    this.typist.forget();
+    if (code === CloseCode.CONVERSATION_NOT_FOUND) {
+      // The hub does not know our conversation: start a new one (queued messages go there).
+      this.resetConversation();
+    }
+  }
+
+  /** @private Records a durable seq; returns false if it was seen already. */
+  markSeq(seq) {
+    if (!this.seqs.mark(seq)) return false;
+    this.persist();
+    return true;
+  }
+
+  /** @private */
+  acknowledge(id, seq) {
+    if (!this.settle(id)) return; // already acked (e.g. a resend crossed a replay)
+    this.emit('ack', { id, seq });
+  }
+
+  /** @protected */
+  onReady(f) {
+    const previous = this.conversation;
+    const resumed = previous !== null && previous === f.conversation;
+    const seq = Number.isInteger(f.seq) ? f.seq : 0;
+    const epoch = typeof f.epoch === 'string' && f.epoch ? f.epoch : null;
+    this.lastReady = { seq, epoch };
+    let rewound = false;
+    if (!resumed) {
+      this.conversation = f.conversation;
+      this.epoch = epoch;
+      // Without `after` the hub replays nothing: start from its current seq.
+      this.seqs.reset(seq);
+      if (previous !== f.conversation) this.emit('conversation', { conversation: f.conversation, previous });
+    } else if (epoch && !this.epoch) {
+      this.epoch = epoch; // first epoch learnt for this conversation (e.g. saved by an older client)
+    } else if (epoch && epoch === this.epoch && seq < this.lastSeq) {
+      // Same log, but behind what we already saw (e.g. Redis failed over to a replica that
+      // missed the newest writes): those events are gone and their seqs will be reused.
+      rewound = true;
+    }
+    // A different epoch than ours: the hub follows this frame with `history_lost` (it got our
+    // epoch), and that is where we start over; until then our saved state stays as it was.
+    this.persist();
+    this.setStatus('open');
+    this.emit('ready', { conversation: f.conversation, seq: f.seq, epoch });
+    if (rewound) this.startOver('rewound');
+    this.resendOutbox();
+  }
+
+  /** @protected */
+  onAppFrame(f) {
+    switch (f.type) {
       case 'ack':
         this.markSeq(f.seq);
         this.acknowledge(f.id, f.seq);
         break;
       case 'queued': {
         // Only while the reply has not started: a late one must not revive a finished reply.
-        if (this.doneReplies.has(f.reply) || this.streams.has(f.reply)) return;
+        if (this.replies.known(f.reply)) return;
         const position = Number.isInteger(f.position) && f.position > 0 ? f.position : null;
         this.emit('queued', { conversation: f.conversation, reply: f.reply, position });
         break;
       }
       case 'reply.delta': {
-        if (this.doneReplies.has(f.reply)) return;
-        let tokens = this.streams.get(f.reply);
-        if (!tokens) this.streams.set(f.reply, (tokens = []));
-        const index = Number.isInteger(f.index) ? f.index : tokens.length;
-        if (tokens[index] !== undefined) return; // duplicate token
-        tokens[index] = String(f.text ?? '');
-        let content = '';
-        for (const t of tokens) {
-          if (t === undefined) break; // hole: show the contiguous prefix only
-          content += t;
-        }
-        this.emit('delta', { conversation: f.conversation, reply: f.reply, index, text: tokens[index], content });
+        const piece = this.replies.delta(f);
+        if (piece) this.emit('delta', { conversation: f.conversation, reply: f.reply, ...piece });
         break;
       }
       case 'reply.done':
@@ -656,17 +896,23 @@ export class FengdaClient extends EventTarget {
           this.acknowledge(f.id, f.seq);
           return;
         }
-        if (f.from === 'assistant' && (this.streams.has(f.id) || this.doneReplies.has(f.id))) {
+        if (f.from === 'assistant' && this.replies.known(f.id)) {
           // The stored form of a reply we already (partly) showed: it replaces the partial one.
           this.finishReply({ ...f, reply: f.id }, true);
           return;
         }
-        if (f.from === 'assistant') rememberBounded(this.doneReplies, f.id);
+        if (f.from === 'assistant') rememberBounded(this.replies.done, f.id);
         this.emit('message', {
-          conversation: f.conversation, seq: f.seq, from: f.from, id: f.id, text: f.text, ...replyFlags(f),
+          conversation: f.conversation, seq: f.seq, from: f.from, id: f.id, text: f.text,
+          ...replyFlags(f), ...speakerFields(f),
         });
         break;
       }
+      case 'typing':
+        if (f.from === 'agent') {
+          this.emit('typing', { conversation: f.conversation, from: 'agent', name: String(f.name ?? ''), on: f.on === true });
+        }
+        break;
       case 'error': {
         if (f.code === 'history_lost') {
           // The conversation's log was lost and recreated: nothing was replayed, and what we saw
@@ -676,27 +922,18 @@ export class FengdaClient extends EventTarget {
         }
         const hasId = typeof f.id === 'string';
         let retry = false;
-        if (hasId && RETRYABLE_ERRORS.has(f.code)) {
-          // Not stored, but worth another try with the same id: the hub is busy or its store is down.
-          const id = f.id;
-          retry = true;
-          setTimeout(() => {
-            if (this.outbox.has(id) && this.ws && this.ws.readyState === 1) this.transmit(id, this.outbox.get(id));
-          }, RETRY_DELAY_MS);
-        } else if (hasId && REQUEUE_ERRORS.has(f.code)) {
+        if (hasId && REQUEUE_ERRORS.has(f.code)) {
           // Not stored; the hub closes with 4004 and the message goes to the next conversation.
           retry = true;
         } else if (hasId) {
-          // The hub refused the message itself (empty, too long, ...): resending cannot help.
-          this.outbox.delete(f.id);
+          // Resent after a pause if the hub is busy; refused for good (empty, too long, ...) else.
+          retry = this.refused(f.id, f.code);
         }
         this.emit('error', { code: f.code, message: f.message, ...(hasId ? { id: f.id, retry } : {}) });
         break;
       }
-      case 'pong':
-        break;
       default:
-        break; // unknown frame types are ignored so the hub can add new ones
+        break;
     }
   }
 
@@ -710,10 +947,8 @@ export class FengdaClient extends EventTarget {
     const ready = this.lastReady || { seq: 0, epoch: null };
     const previousEpoch = this.epoch;
     if (ready.epoch) this.epoch = ready.epoch;
-    this.lastSeq = ready.seq;
-    this.seenAbove.clear();
-    this.streams.clear();
-    this.doneReplies.clear();
+    this.seqs.reset(ready.seq);
+    this.replies.clear();
     this.persist();
     this.emit('reset', {
       conversation: this.conversation, seq: this.lastSeq, epoch: this.epoch, previousEpoch, reason,
@@ -722,9 +957,7 @@ export class FengdaClient extends EventTarget {
 
   /** @private */
   finishReply(f, replayed) {
-    if (this.doneReplies.has(f.reply)) return;
-    rememberBounded(this.doneReplies, f.reply);
-    this.streams.delete(f.reply);
+    if (!this.replies.finish(f.reply)) return;
     this.emit('done', {
       conversation: f.conversation,
       reply: f.reply,
@@ -736,7 +969,515 @@ export class FengdaClient extends EventTarget {
   }
 }
 
-/** How a reply ended, from a `reply.done` or a replayed `message` (absent flags are false). */
-function replyFlags(f) {
-  return { fallback: f.fallback === true, interrupted: f.interrupted === true, cancelled: f.cancelled === true };
+/**
+ * What an agent sees of one watched conversation: the `watching` snapshot kept up to date
+ * (`owner`, `presence`), its durable events by seq, the assistant's replies as they grow, the
+ * notes, and who is typing. {@link FengdaAgent} keeps one per watched conversation; read it in
+ * the `transcript` event.
+ */
+export class WatchedConversation {
+  constructor(conversation) {
+    this.conversation = conversation;
+    /** @type {string|null} The customer's user id. */
+    this.customer = null;
+    /** @type {'assistant'|'waiting'|'agent'|null} Who answers (null until `watching`). */
+    this.owner = null;
+    /** @type {string|null} The owning agent's id and display name, when `owner` is `agent`. */
+    this.agent = null;
+    this.agentName = null;
+    this.ownerEpoch = -1;
+    /** Whether the customer has a socket open on some hub node. */
+    this.online = false;
+    /** @type {{agent: string, name: string}[]} The agents watching. */
+    this.viewers = [];
+    /** @type {string|null} The conversation log's epoch, from `watching`. */
+    this.epoch = null;
+    /** Durable events: seq → `{seq, from, id, text, name?, event?, agent?, fallback, interrupted, cancelled}`. */
+    this.events = new Map();
+    /** Notes: id → `{id, seq, after, agent, name, text, at}`. */
+    this.notes = new Map();
+    /** Replies streaming now: reply id → `{reply, content}`. */
+    this.live = new Map();
+    /** Questions waiting for the NLP service: reply id → place in line (null if unknown). */
+    this.queued = new Map();
+    /** Who is typing: `customer` or `agent:<id>` → `{from, agent?, name?, note}`. */
+    this.typing = new Map();
+    /** @private */
+    this.seqs = new SeqWindow();
+    /** @private Events with a seq up to this came in the `watch` snapshot's history. */
+    this.historyUpTo = 0;
+    /** @private */
+    this.replies = new ReplyStreams();
+    /** @private typing key → expiry timer */
+    this.typingTimers = new Map();
+    /** Whether a `watching` snapshot has arrived. */
+    this.ready = false;
+  }
+
+  /** The `after` to watch again with: every durable event up to it has been seen. */
+  get lastSeq() {
+    return this.seqs.lastSeq;
+  }
+
+  /** The highest seq seen (the conversation's length as far as this transcript knows). */
+  get seq() {
+    return Math.max(this.seqs.lastSeq, ...this.events.keys(), 0);
+  }
+
+  /**
+   * Everything in display order: the durable events by seq, each note after the event it was
+   * written after (`after`), then the questions waiting and the replies streaming.
+   * @returns {Array<{kind: 'event'|'note'|'queued'|'streaming'} & object>}
+   */
+  items() {
+    const notesAfter = new Map();
+    for (const note of [...this.notes.values()].sort((a, b) => a.seq - b.seq)) {
+      const list = notesAfter.get(note.after) || [];
+      list.push({ kind: 'note', ...note });
+      notesAfter.set(note.after, list);
+    }
+    const out = [...(notesAfter.get(0) || [])];
+    notesAfter.delete(0);
+    for (const seq of [...this.events.keys()].sort((a, b) => a - b)) {
+      out.push({ kind: 'event', ...this.events.get(seq) });
+      for (const note of notesAfter.get(seq) || []) out.push(note);
+      notesAfter.delete(seq);
+    }
+    // Notes written after events this transcript does not have (older than its history, or not
+    // arrived yet): in order at the end of the durable part.
+    for (const after of [...notesAfter.keys()].sort((a, b) => a - b)) out.push(...notesAfter.get(after));
+    for (const [reply, position] of this.queued) out.push({ kind: 'queued', reply, position });
+    for (const live of this.live.values()) out.push({ kind: 'streaming', ...live });
+    return out;
+  }
+
+  /** @private Adds a durable event; returns false if it was there already. */
+  addEvent(seq, event) {
+    if (!Number.isInteger(seq) || seq <= 0) return false;
+    if (seq > this.historyUpTo && !this.seqs.mark(seq)) return false;
+    if (this.events.has(seq)) return false;
+    this.events.set(seq, { seq, ...event });
+    return true;
+  }
+
+  /** @private Forgets the events (a log lost and recreated, or rewound). */
+  clearEvents() {
+    this.events.clear();
+    this.live.clear();
+    this.queued.clear();
+    this.replies.clear();
+    this.seqs.reset(0);
+    this.historyUpTo = 0;
+  }
+
+  /** @private */
+  setTyping(key, entry, onExpire) {
+    clearTimeout(this.typingTimers.get(key));
+    this.typingTimers.delete(key);
+    if (!entry) {
+      this.typing.delete(key);
+      return;
+    }
+    this.typing.set(key, entry);
+    // The hub expires typing by itself; a lost `on: false` must not leave it shown forever.
+    this.typingTimers.set(key, setTimeout(() => {
+      this.typingTimers.delete(key);
+      this.typing.delete(key);
+      onExpire();
+    }, TYPING_SHOWN_MS));
+  }
+
+  /** @private */
+  clearTyping() {
+    for (const timer of this.typingTimers.values()) clearTimeout(timer);
+    this.typingTimers.clear();
+    this.typing.clear();
+  }
+}
+
+/**
+ * @typedef {object} FengdaAgentOptions
+ * @property {string} tenant  Tenant id.
+ * @property {string} user    The agent's user id (the token's `sub`).
+ * @property {() => Promise<string>} getToken  Returns a fresh token with `role: agent` (agents
+ *                            cannot connect with query identities). Called before every
+ *                            connection and on `token.expiring`.
+ * @property {string} [url]   Full WebSocket endpoint; or `base`, as for {@link FengdaClient}.
+ * @property {string} [base]
+ * @property {number} [pingIntervalMs=25000]
+ * @property {number} [pongTimeoutMs=10000]
+ * @property {number} [minBackoffMs=500]
+ * @property {number} [maxBackoffMs=10000]
+ * @property {typeof WebSocket} [WebSocket]
+ */
+
+/**
+ * Events of {@link FengdaAgent} (`CustomEvent`s, payload in `event.detail`):
+ * - `status`  as for {@link FengdaClient}.
+ * - `ready`   `{agent, name, supervisor}` — the hub accepted the agent socket.
+ * - `list`    `{change: 'snapshot'|'update'|'removed', conversation?}` — the live list
+ *             (`agent.conversations`, a Map id → summary) changed.
+ * - `transcript` `{conversation, change, transcript}` — a watched conversation changed;
+ *             `transcript` is its {@link WatchedConversation}; `change` is one of `watching`,
+ *             `message`, `delta`, `done`, `queued`, `note`, `typing`, `presence`, `owner`, `ack`,
+ *             `reset`, `unwatched`.
+ * - `ack`     `{conversation, id, seq?, kind}` — a message (`kind: 'message'`, with its `seq`) or a note
+ *             (`kind: 'note'`) you sent is stored.
+ * - `error`   `{code, message, conversation?, id?, retry?, agent?, agentName?}` — an `error` frame
+ *             (e.g. `already_owned` with the owner, `not_owner`, `forbidden`), or a client-side
+ *             problem. With an `id` it is about that message or note, which was not stored; with
+ *             `retry: true` it is resent by itself.
+ * @typedef {never} FengdaAgentEvents
+ */
+
+/**
+ * A WebSocket client for a contact-centre agent of one tenant (docs/protocol.md §14): the live
+ * list, watched conversations, ownership, messages, notes and typing.
+ * @extends EventTarget
+ */
+export class FengdaAgent extends Connection {
+  /** @param {FengdaAgentOptions} options */
+  constructor(options) {
+    super(options);
+    if (typeof this.options.getToken !== 'function') {
+      throw new TypeError('FengdaAgent: getToken is required (agents connect with a token)');
+    }
+    /** @type {string|null} The agent's id, display name and steal right, from `ready`. */
+    this.agent = null;
+    this.name = null;
+    this.supervisor = false;
+    /** The live list: conversation id → summary (docs/protocol.md §14), while {@link list} is on. */
+    this.conversations = new Map();
+    /** Watched conversations: id → {@link WatchedConversation}. */
+    this.watched = new Map();
+    /** Whether the list was asked for (asked again after every reconnect). */
+    this.listing = false;
+    /** @private conversation id → Typist */
+    this.typists = new Map();
+  }
+
+  /** Asks for the live list: a snapshot, then its changes, also after reconnects. */
+  list() {
+    this.listing = true;
+    this.write({ type: 'list' });
+  }
+
+  /** Stops the list's changes (and forgets the list). */
+  unlist() {
+    this.listing = false;
+    this.conversations.clear();
+    this.write({ type: 'unlist' });
+    this.emit('list', { change: 'snapshot' });
+  }
+
+  /**
+   * Watches a conversation: its history, then everything live, kept in
+   * `agent.watched.get(conversation)` (also after reconnects, from the last seq seen).
+   * @returns {WatchedConversation}
+   */
+  watch(conversation) {
+    let w = this.watched.get(conversation);
+    if (!w) this.watched.set(conversation, (w = new WatchedConversation(conversation)));
+    this.sendWatch(w);
+    return w;
+  }
+
+  /** Stops watching a conversation and forgets its transcript. */
+  unwatch(conversation) {
+    const w = this.watched.get(conversation);
+    if (!w) return;
+    this.typing(conversation, false);
+    w.clearTyping();
+    this.watched.delete(conversation);
+    this.write({ type: 'unwatch', conversation });
+    this.changed(w, 'unwatched');
+  }
+
+  /**
+   * Takes the conversation over (and watches it). `steal: true` takes it from another agent
+   * (supervisors only). The outcome is an `owner` change in the transcript, or an `error`
+   * (`already_owned` naming the owner, `forbidden`). Returns false while offline.
+   */
+  take(conversation, { steal = false } = {}) {
+    if (!this.watched.has(conversation)) this.watched.set(conversation, new WatchedConversation(conversation));
+    return this.write({ type: 'take', conversation, ...(steal ? { steal: true } : {}) });
+  }
+
+  /** Hands the conversation back to the assistant. Returns false while offline. */
+  release(conversation) {
+    this.typing(conversation, false);
+    return this.write({ type: 'release', conversation });
+  }
+
+  /**
+   * Sends a message to the customer (only the owner may). Queued while offline and resent with
+   * the same id until acknowledged. Stops this agent's typing in the conversation.
+   * @returns {string} the message id (reported by `ack`)
+   */
+  message(conversation, text) {
+    return this.sendDurable('message', conversation, checkedText(text, 'FengdaAgent.message'));
+  }
+
+  /**
+   * Writes a private note (agents only; never shown to the customer). Queued and resent like a
+   * message; its `note` frame from the hub acknowledges it.
+   * @returns {string} the note id
+   */
+  note(conversation, text) {
+    return this.sendDurable('note', conversation, checkedText(text, 'FengdaAgent.note'));
+  }
+
+  /**
+   * The agent is typing in the conversation (`true`: call on every keystroke; sent once and
+   * repeated every 3 s) or stopped (`false`: on blur, and sending stops it). `note: true` while
+   * typing a note, which the customer never sees.
+   */
+  typing(conversation, on, { note = false } = {}) {
+    let typist = this.typists.get(conversation);
+    if (on) {
+      if (typist && typist.note !== note) {
+        typist.stop();
+        typist = null;
+      }
+      if (!typist) {
+        typist = new Typist((isOn) => this.write({ type: 'typing', conversation, on: isOn, ...(note ? { note: true } : {}) }));
+        typist.note = note;
+        this.typists.set(conversation, typist);
+      }
+      typist.start();
+    } else if (typist) {
+      typist.stop();
+      this.typists.delete(conversation);
+    }
+  }
+
+  // ---- internals -------------------------------------------------------------------------
+
+  /** @private */
+  sendDurable(type, conversation, text) {
+    this.typing(conversation, false);
+    const id = newId();
+    this.enqueue({ type, conversation, id, text });
+    return id;
+  }
+
+  /** @private */
+  sendWatch(w) {
+    // Events seen so far are kept: ask for what came after them only.
+    const after = w.ready && w.lastSeq > 0 ? { after: w.lastSeq } : {};
+    w.asked = Object.keys(after).length > 0;
+    this.write({ type: 'watch', conversation: w.conversation, ...after });
+  }
+
+  /** @private */
+  changed(w, change) {
+    this.emit('transcript', { conversation: w.conversation, change, transcript: w });
+  }
+
+  /** @protected Agents connect with their token only. */
+  socketUrl() {
+    const u = new URL(this.endpoint, globalThis.location?.href);
+    if (this.token) u.searchParams.set('token', this.token);
+    return u.toString();
+  }
+
+  /** @protected */
+  onSocketClosed() {
+    for (const typist of this.typists.values()) typist.forget();
+    this.typists.clear();
+    for (const w of this.watched.values()) {
+      if (w.typing.size) {
+        w.clearTyping();
+        this.changed(w, 'typing');
+      }
+    }
+  }
+
+  /** @protected */
+  onReady(f) {
+    this.agent = typeof f.agent === 'string' ? f.agent : this.user;
+    this.name = typeof f.name === 'string' ? f.name : this.agent;
+    this.supervisor = f.supervisor === true;
+    this.setStatus('open');
+    this.emit('ready', { agent: this.agent, name: this.name, supervisor: this.supervisor, role: f.role ?? null });
+    if (this.listing) this.write({ type: 'list' });
+    for (const w of this.watched.values()) this.sendWatch(w);
+    this.resendOutbox();
+  }
+
+  /** @protected */
+  onAppFrame(f) {
+    switch (f.type) {
+      case 'conversations': {
+        if (!Array.isArray(f.conversations)) return;
+        this.conversations = new Map(f.conversations.filter((c) => c && typeof c.conversation === 'string').map((c) => [c.conversation, c]));
+        this.emit('list', { change: 'snapshot' });
+        return;
+      }
+      case 'conversation': {
+        if (typeof f.conversation !== 'string') return;
+        const { type: _type, ...summary } = f;
+        this.conversations.set(f.conversation, summary);
+        this.emit('list', { change: 'update', conversation: f.conversation });
+        return;
+      }
+      case 'conversation.removed':
+        if (this.conversations.delete(f.conversation)) this.emit('list', { change: 'removed', conversation: f.conversation });
+        return;
+      case 'error':
+        this.onError(f);
+        return;
+      case 'ack': {
+        // Our own message is stored: it joins its transcript (the hub sends it to the others only).
+        const frame = this.outbox.get(f.id);
+        if (!frame || !this.settle(f.id)) return; // a resend's second ack
+        const w = this.watched.get(frame.conversation);
+        w?.addEvent(f.seq, { from: 'agent', id: f.id, text: frame.text, name: this.name, agent: this.agent, ...replyFlags({}) });
+        this.emit('ack', { conversation: frame.conversation, id: f.id, seq: f.seq, kind: 'message' });
+        if (w) this.changed(w, 'ack');
+        return;
+      }
+      case 'note':
+        // Our own note is stored (also when its conversation is not watched here).
+        if (typeof f.id === 'string' && this.settle(f.id)) this.emit('ack', { conversation: f.conversation, id: f.id, kind: 'note' });
+        break;
+      default:
+        break;
+    }
+    const w = this.watched.get(f.conversation);
+    if (!w) return; // a frame of a conversation no longer watched
+    switch (f.type) {
+      case 'watching': {
+        const epoch = typeof f.epoch === 'string' ? f.epoch : null;
+        const seq = Number.isInteger(f.seq) ? f.seq : 0;
+        if (w.ready && ((w.epoch && epoch && epoch !== w.epoch) || seq < w.lastSeq)) {
+          // The log was lost and recreated, or is behind what we saw: start over from its history.
+          w.clearEvents();
+          w.ready = false;
+          w.epoch = epoch;
+          this.changed(w, 'reset');
+          this.write({ type: 'watch', conversation: w.conversation });
+          return;
+        }
+        if (!w.asked) {
+          // History without `after`: the newest events up to `seq` (de-duplicated by seq), then live
+          // from `seq` on.
+          w.historyUpTo = Math.max(w.historyUpTo, seq);
+          if (w.seqs.lastSeq < seq) w.seqs.reset(seq);
+        }
+        w.ready = true;
+        w.epoch = epoch;
+        w.customer = typeof f.customer === 'string' ? f.customer : w.customer;
+        this.applyOwner(w, f);
+        w.online = f.online === true;
+        w.viewers = Array.isArray(f.viewers) ? f.viewers : [];
+        this.changed(w, 'watching');
+        return;
+      }
+      case 'message': {
+        if (f.from === 'assistant' && w.replies.known(f.id)) {
+          // The stored form of a reply seen streaming: it replaces the partial one.
+          w.replies.finish(f.id);
+          w.live.delete(f.id);
+        } else if (f.from === 'assistant') {
+          rememberBounded(w.replies.done, f.id);
+        }
+        const event = { from: f.from, id: f.id, text: String(f.text ?? ''), ...replyFlags(f), ...speakerFields(f) };
+        if (!w.addEvent(f.seq, event)) return;
+        if (f.from === 'agent' && this.settle(f.id)) this.emit('ack', { conversation: w.conversation, id: f.id, seq: f.seq, kind: 'message' });
+        if (f.from === 'customer') w.setTyping('customer', null);
+        this.changed(w, 'message');
+        return;
+      }
+      case 'queued': {
+        if (w.replies.known(f.reply)) return;
+        w.queued.set(f.reply, Number.isInteger(f.position) && f.position > 0 ? f.position : null);
+        this.changed(w, 'queued');
+        return;
+      }
+      case 'reply.delta': {
+        const piece = w.replies.delta(f);
+        if (!piece) return;
+        w.queued.delete(f.reply);
+        w.live.set(f.reply, { reply: f.reply, content: piece.content });
+        this.changed(w, 'delta');
+        return;
+      }
+      case 'reply.done': {
+        w.replies.finish(f.reply);
+        w.live.delete(f.reply);
+        w.queued.delete(f.reply);
+        w.addEvent(f.seq, { from: 'assistant', id: f.reply, text: String(f.text ?? ''), ...replyFlags(f) });
+        this.changed(w, 'done');
+        return;
+      }
+      case 'note': {
+        if (typeof f.id !== 'string') return;
+        w.notes.set(f.id, {
+          id: f.id, seq: f.seq, after: Number.isInteger(f.after) ? f.after : 0,
+          agent: f.agent, name: f.name, text: String(f.text ?? ''), at: f.at,
+        });
+        this.changed(w, 'note');
+        return;
+      }
+      case 'typing': {
+        const key = f.from === 'customer' ? 'customer' : `agent:${f.agent}`;
+        const entry = f.on === true
+          ? { from: f.from, ...(f.from === 'agent' ? { agent: f.agent, name: f.name ?? f.agent } : {}), note: f.note === true }
+          : null;
+        w.setTyping(key, entry, () => this.changed(w, 'typing'));
+        this.changed(w, 'typing');
+        return;
+      }
+      case 'presence':
+        w.online = f.online === true;
+        if (Array.isArray(f.viewers)) w.viewers = f.viewers;
+        this.changed(w, 'presence');
+        return;
+      case 'owner':
+        if (this.applyOwner(w, f)) this.changed(w, 'owner');
+        return;
+      default:
+        return; // unknown frame types are ignored so the hub can add new ones
+    }
+  }
+
+  /** @private Applies an owner change unless it is older than the one we have. */
+  applyOwner(w, f) {
+    const epoch = Number.isInteger(f.owner_epoch) ? f.owner_epoch : w.ownerEpoch;
+    if (epoch < w.ownerEpoch) return false;
+    w.ownerEpoch = epoch;
+    w.owner = typeof f.owner === 'string' ? f.owner : w.owner;
+    w.agent = w.owner === 'agent' ? (f.agent ?? null) : null;
+    w.agentName = w.owner === 'agent' ? (f.agent_name ?? f.agent ?? null) : null;
+    if (w.owner !== 'agent' || w.agent !== this.agent) {
+      // No longer ours: stop saying we type a reply.
+      const typist = this.typists.get(w.conversation);
+      if (typist && !typist.note) this.typing(w.conversation, false);
+    }
+    return true;
+  }
+
+  /** @private */
+  onError(f) {
+    const conversation = typeof f.conversation === 'string' ? f.conversation : undefined;
+    const hasId = typeof f.id === 'string';
+    let retry = false;
+    if (hasId) retry = this.refused(f.id, f.code);
+    else if (conversation && ['conversation_not_found', 'too_many_watched'].includes(f.code)) {
+      // The watch (or take) did not happen: forget the transcript.
+      const w = this.watched.get(conversation);
+      if (w) {
+        this.watched.delete(conversation);
+        this.changed(w, 'unwatched');
+      }
+    }
+    this.emit('error', {
+      code: f.code,
+      message: f.message,
+      ...(conversation ? { conversation } : {}),
+      ...(hasId ? { id: f.id, retry } : {}),
+      ...(typeof f.agent === 'string' ? { agent: f.agent, agentName: f.agent_name ?? f.agent } : {}),
+    });
+  }
 }

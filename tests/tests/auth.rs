@@ -408,6 +408,59 @@ async fn demo_mode_mints_tokens_that_its_sockets_accept() {
     }
 }
 
+/// The claims of a token, unverified (the test only reads what was minted).
+fn payload(token: &str) -> Value {
+    use base64::Engine as _;
+    let part = token.split('.').nth(1).expect("a JWT has a payload");
+    serde_json::from_slice(&base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(part).expect("base64url"))
+        .expect("a JSON payload")
+}
+
+#[tokio::test]
+async fn demo_tokens_carry_an_agents_display_name() {
+    let hub = Hub::start(&[]).await;
+    let http = reqwest::Client::new();
+    let mint = |query: String| {
+        let http = http.clone();
+        let url = format!("{}/demo/token?{query}", hub.url);
+        async move {
+            let response = http.get(url).send().await.unwrap();
+            (response.status().as_u16(), response.json::<Value>().await.unwrap())
+        }
+    };
+    // A name (URL-encoded, 64 characters of three bytes each is the longest) is in the body and the token.
+    let longest = "安".repeat(64);
+    for (query, name) in [
+        ("tenant=demo&user=anna&role=agent&name=Anna%20from%20Support".to_owned(), "Anna from Support"),
+        (format!("tenant=demo&user=anna&role=agent&name={longest}"), longest.as_str()),
+    ] {
+        let (status, minted) = mint(query.clone()).await;
+        assert_eq!(status, 200, "{query}: {minted}");
+        assert_eq!((minted["role"].as_str(), minted["name"].as_str()), (Some("agent"), Some(name)), "{query}");
+        let claims = payload(minted["token"].as_str().unwrap());
+        assert_eq!((claims["sub"].as_str(), claims["name"].as_str()), (Some("anna"), Some(name)), "{claims}");
+        // The agent's socket goes by that name.
+        let agent = Client::connect(&hub.ws_url(&format!("token={}", minted["token"].as_str().unwrap()))).await;
+        assert_eq!(
+            (agent.ready["role"].as_str(), agent.ready["agent"].as_str(), agent.ready["name"].as_str()),
+            (Some("agent"), Some("anna"), Some(name)),
+            "{}",
+            agent.ready
+        );
+    }
+    // Without `name`, neither the body nor the token has one.
+    let (status, minted) = mint("tenant=demo&user=anna&role=agent".to_owned()).await;
+    assert_eq!(status, 200);
+    assert!(minted.get("name").is_none(), "{minted}");
+    assert!(payload(minted["token"].as_str().unwrap()).get("name").is_none(), "{minted}");
+    // Empty, blank, too long, a control character: 400 invalid_name, no token.
+    for bad in ["", "%20%20", "%E3%80%80", &"a".repeat(65), &"安".repeat(65), "Anna%0A"] {
+        let (status, body) = mint(format!("tenant=demo&user=anna&role=agent&name={bad}")).await;
+        assert_eq!((status, body["error"].as_str()), (400, Some("invalid_name")), "name={bad}: {body}");
+        assert!(body.get("token").is_none(), "{body}");
+    }
+}
+
 #[tokio::test]
 async fn jwt_mode_has_no_demo_tokens() {
     let t = tenants();

@@ -248,7 +248,11 @@ async fn health_probes_and_web_demo_are_served() {
     assert!(page.headers()["content-type"].to_str().unwrap().starts_with("text/html"));
     let body = page.text().await.unwrap();
     assert!(body.contains("chat.js"), "index.html loads the widget");
-    for asset in ["client.js", "chat.js", "style.css"] {
+    let console = http.get(format!("{}/console", hub.url)).send().await.unwrap();
+    assert_eq!(console.status(), 200);
+    assert!(console.headers()["content-type"].to_str().unwrap().starts_with("text/html"));
+    assert!(console.text().await.unwrap().contains("console.js"), "console.html loads the console");
+    for asset in ["client.js", "chat.js", "style.css", "console.js"] {
         let response = http.get(format!("{}/{asset}", hub.url)).send().await.unwrap();
         assert_eq!(response.status(), 200, "{asset}");
     }

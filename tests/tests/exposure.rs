@@ -138,7 +138,7 @@ async fn without_a_list_the_host_decides_but_two_origins_are_refused() {
 #[tokio::test]
 async fn demo_pages_send_security_headers() {
     let hub = Hub::start(&[]).await;
-    for path in ["/", "/client.js", "/chat.js", "/style.css"] {
+    for path in ["/", "/client.js", "/chat.js", "/style.css", "/console", "/console.js"] {
         let response = reqwest::get(format!("{}{path}", hub.url)).await.unwrap();
         assert_eq!(response.status(), 200, "{path}");
         let headers = response.headers();

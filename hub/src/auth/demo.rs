@@ -45,8 +45,16 @@ impl DemoIssuer {
         }
     }
 
-    /// A token for (tenant, user, role), valid for `ttl_secs`; returns it with its `exp`.
-    pub fn mint(&self, tenant: &TenantId, user: &UserId, role: Role, ttl_secs: u64) -> (String, u64) {
+    /// A token for (tenant, user, role), with the display name `name` when
+    /// given, valid for `ttl_secs`; returns it with its `exp`.
+    pub fn mint(
+        &self,
+        tenant: &TenantId,
+        user: &UserId,
+        role: Role,
+        name: Option<&str>,
+        ttl_secs: u64,
+    ) -> (String, u64) {
         let now = now_secs();
         let claims = Claims {
             sub: user.as_str().to_owned(),
@@ -54,7 +62,7 @@ impl DemoIssuer {
             role,
             exp: now + ttl_secs,
             iat: Some(now),
-            name: None,
+            name: name.map(str::to_owned),
             supervisor: false,
         };
         let header = Header { kid: Some(DEMO_KID.into()), ..Header::new(Algorithm::HS256) };

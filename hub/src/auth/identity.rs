@@ -55,13 +55,19 @@ pub struct Claims {
 /// Longest display name (`name` claim), in characters.
 pub const MAX_NAME_CHARS: usize = 64;
 
+/// Whether `name` may be a display name: 1 to [`MAX_NAME_CHARS`]
+/// characters, not blank, no control characters.
+pub fn is_display_name(name: &str) -> bool {
+    !crate::protocol::is_blank(name) && name.chars().count() <= MAX_NAME_CHARS && !name.chars().any(char::is_control)
+}
+
 impl Claims {
     /// The display name: the `name` claim, else the `sub`; `None` when the
-    /// claim is empty, blank or longer than [`MAX_NAME_CHARS`].
+    /// claim is not a display name ([`is_display_name`]).
     pub fn display_name(&self) -> Option<String> {
         match &self.name {
             None => Some(self.sub.clone()),
-            Some(name) if crate::protocol::is_blank(name) || name.chars().count() > MAX_NAME_CHARS => None,
+            Some(name) if !is_display_name(name) => None,
             Some(name) => Some(name.clone()),
         }
     }

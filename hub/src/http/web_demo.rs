@@ -1,5 +1,5 @@
-//! The web demo (chat widget and JS client), embedded in the binary so one
-//! file is the whole product.
+//! The web demo (chat widget, agent console and JS client), embedded in
+//! the binary so one file is the whole product.
 //!
 //! Every asset goes out with headers that keep the page to itself: a
 //! Content-Security-Policy allowing only its own scripts, styles and
@@ -44,5 +44,7 @@ pub fn routes() -> Router<Arc<AppState>> {
         .route("/", asset!("index.html", "text/html; charset=utf-8"))
         .route("/client.js", asset!("client.js", "text/javascript; charset=utf-8"))
         .route("/chat.js", asset!("chat.js", "text/javascript; charset=utf-8"))
+        .route("/console", asset!("console.html", "text/html; charset=utf-8"))
+        .route("/console.js", asset!("console.js", "text/javascript; charset=utf-8"))
         .route("/style.css", asset!("style.css", "text/css; charset=utf-8"))
 }

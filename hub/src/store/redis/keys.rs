@@ -127,6 +127,26 @@ impl Keys {
         self.user(tenant, user, "created")
     }
 
+    /// ZSET: the tenant's conversations → their last durable event (ms),
+    /// for the agents' list; written by the append, older than the
+    /// retention trimmed there.
+    pub fn active(&self, tenant: &TenantId) -> String {
+        format!("{}:tenant:{{{}}}:active", self.prefix, escape(tenant.as_str()))
+    }
+
+    /// STRING with a TTL: set while some node has an agent listing the
+    /// tenant's conversations (refreshed by each such node); without it
+    /// appends and presence changes publish nothing on [`Keys::changes`].
+    pub fn listing(&self, tenant: &TenantId) -> String {
+        format!("{}:tenant:{{{}}}:listing", self.prefix, escape(tenant.as_str()))
+    }
+
+    /// Pub/sub channel carrying the ids of the tenant's conversations that
+    /// changed, to the nodes listing them.
+    pub fn changes(&self, tenant: &TenantId) -> String {
+        format!("{}:tenant:{{{}}}:changes", self.prefix, escape(tenant.as_str()))
+    }
+
     /// Pub/sub channel each node subscribes for its whole life (node ids
     /// are the hub's hex tokens).
     pub fn heartbeat(&self, node: &str) -> String {

@@ -1,7 +1,8 @@
 //! Every Redis key and channel name the hub uses, in one place.
 //!
 //! Shape: `<prefix>:conv:{<tenant>:<conversation>}:<part>`,
-//! `<prefix>:user:{<tenant>:<user>}:<part>` and `<prefix>:node:<node>:heartbeat`.
+//! `<prefix>:user:{<tenant>:<user>}:<part>`, `<prefix>:tenant:{<tenant>}:<part>`
+//! and `<prefix>:node:<node>:heartbeat`.
 //! The prefix separates deployments sharing a Redis; the tenant is in every
 //! conversation and user name.
 //!
@@ -15,7 +16,9 @@
 //!
 //! All keys and the channel of one conversation share the hash tag
 //! `{tenant:conversation}` (no escaped id holds a brace, so Redis Cluster
-//! hashes exactly that part), so the atomic append touches a single slot and
+//! hashes exactly that part), so the atomic append touches that slot (and
+//! its tenant's, for the agents' list: [`Keys::active`], [`Keys::listing`];
+//! on Redis Cluster that part would move out of the script) and
 //! a move to sharded pub/sub (`SPUBLISH`/`SSUBSCRIBE`) changes no name; a
 //! user's keys share `{tenant:user}` likewise.
 

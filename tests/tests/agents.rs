@@ -107,6 +107,8 @@ async fn customer_frames_on_agent_sockets_and_agent_frames_on_customer_sockets_a
     for frame in [
         json!({"type": "watch", "conversation": conversation}),
         json!({"type": "unwatch", "conversation": conversation}),
+        json!({"type": "list"}),
+        json!({"type": "unlist"}),
     ] {
         customer.send_json(frame.clone()).await;
         let error = customer.expect("error").await;

@@ -27,8 +27,13 @@
 //! ([`EventBus::publish_typing`]), and each node's presence entry when it
 //! changes (written by the node's [`crate::presence::PresenceBoard`]).
 //!
-//! Room left for what comes next, each with its place here: a tenant-wide feed of conversation changes for the agent console (a
-//! per-tenant channel the bus subscribes with its own handler method), and
+//! The agents' live list ([`crate::listing`]) has a tenant-wide feed: while
+//! a node lists a tenant ([`EventBus::list_tenant`]) the ids of the
+//! tenant's conversations that change anywhere reach
+//! [`IncomingEvents::listed`] (in Redis: the append and the presence board
+//! publish them on the tenant's channel, only while some node lists it).
+//!
+//! Room left for what comes next, each with its place here:
 //! sharded pub/sub on Redis Cluster (`SSUBSCRIBE`/`SPUBLISH` inside
 //! [`crate::store::redis::RedisBus`]; channel names already share their
 //! conversation's hash tag).
@@ -37,7 +42,7 @@ use async_trait::async_trait;
 use axum::extract::ws::Utf8Bytes;
 
 use crate::event::StoredEvent;
-use crate::ids::ConversationKey;
+use crate::ids::{ConversationId, ConversationKey, TenantId};
 use crate::presence::{Present, Typing};
 use crate::protocol::ReplyTiming;
 use crate::store::StoreError;
@@ -59,6 +64,8 @@ pub trait IncomingEvents: Send + Sync + 'static {
     fn typing(&self, key: &ConversationKey, typing: &Typing);
     /// Another node's presence entry of the conversation changed (empty: it has none).
     fn presence(&self, key: &ConversationKey, node: &str, entry: Present);
+    /// A conversation of a tenant this node lists changed (on any node).
+    fn listed(&self, tenant: &TenantId, conversation: ConversationId);
 }
 
 /// Carries a conversation's events between nodes (see the module doc).
@@ -90,6 +97,17 @@ pub trait EventBus: Send + Sync + 'static {
     /// side of true.
     async fn has_remote_listeners(&self, key: &ConversationKey) -> bool;
 
+    /// Starts hearing which of the tenant's conversations change on other
+    /// nodes (this node's first agent listing it), and tells them to say so.
+    async fn list_tenant(&self, tenant: &TenantId) -> Result<(), StoreError>;
+
+    /// Stops hearing them (this node's last agent listing it left). Never fails.
+    async fn unlist_tenant(&self, tenant: &TenantId);
+
+    /// Tells the other nodes again that these tenants are listed here (a
+    /// node that stops saying so, or dies, costs them nothing after a while).
+    async fn keep_listing(&self, tenants: &[TenantId]);
+
     /// Whether this node currently receives other nodes' events (false
     /// while a subscription is down). Drives `/readyz`.
     fn is_receiving(&self) -> bool;
@@ -116,6 +134,14 @@ impl EventBus for LocalBus {
     async fn has_remote_listeners(&self, _: &ConversationKey) -> bool {
         false
     }
+
+    async fn list_tenant(&self, _: &TenantId) -> Result<(), StoreError> {
+        Ok(())
+    }
+
+    async fn unlist_tenant(&self, _: &TenantId) {}
+
+    async fn keep_listing(&self, _: &[TenantId]) {}
 
     fn is_receiving(&self) -> bool {
         true

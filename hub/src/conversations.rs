@@ -21,8 +21,9 @@ use axum::extract::ws::Utf8Bytes;
 use crate::bus::EventBus;
 use crate::event::{NewEvent, StoredEvent};
 use crate::fanout::{FanOut, SessionHandle};
-use crate::ids::{ConversationId, ConversationKey, Party, SessionId, UserId};
+use crate::ids::{ConversationId, ConversationKey, Party, SessionId, TenantId, UserId};
 use crate::presence::{PresenceBoard, Present, Typing};
+use crate::protocol::{LastEvent, Summary};
 use crate::store::{AppendWith, Appended, ConversationLog, Opened, Pending, Snapshot, StoreError};
 
 pub struct Conversations {
@@ -53,6 +54,69 @@ impl Conversations {
     pub async fn presence(&self, key: &ConversationKey, session: SessionId) -> Result<Present, StoreError> {
         let remote = self.board.read(std::slice::from_ref(key)).await?.pop().unwrap_or_default();
         Ok(self.fanout.set_remote_presence(key, remote, Some(session)))
+    }
+
+    /// The conversation as the agents' list shows it (`None`: no log):
+    /// the log's part and who is in it on every node. `typing` stays false.
+    pub async fn summary(&self, key: &ConversationKey) -> Result<Option<Summary>, StoreError> {
+        let Some(log) = self.log.summary(key).await? else { return Ok(None) };
+        let mut present = self.fanout.local_entry(key);
+        for (_, entry) in self.board.read(std::slice::from_ref(key)).await?.pop().unwrap_or_default() {
+            present.merge(&entry);
+        }
+        let (agent, agent_name) = match log.ownership.owner.agent() {
+            Some((id, name)) => (Some(id.to_owned()), Some(name.to_owned())),
+            None => (None, None),
+        };
+        let last = log.last.map(|event| LastEvent {
+            seq: event.seq,
+            from: event.from,
+            text: event.text.chars().take(LastEvent::MAX_CHARS).collect(),
+            at: event.at_ms,
+        });
+        Ok(Some(Summary {
+            conversation: key.conversation().as_str().to_owned(),
+            customer: log.customer.as_str().to_owned(),
+            owner: log.ownership.owner.kind(),
+            agent,
+            agent_name,
+            owner_epoch: log.ownership.epoch,
+            online: present.online,
+            typing: false,
+            last,
+            customer_at: log.customer_at,
+            viewers: present.viewers,
+        }))
+    }
+
+    /// See [`ConversationLog::active`].
+    pub async fn active(
+        &self,
+        tenant: &TenantId,
+        since_ms: u64,
+        max: usize,
+    ) -> Result<Vec<ConversationId>, StoreError> {
+        self.log.active(tenant, since_ms, max).await
+    }
+
+    /// See [`EventBus::list_tenant`].
+    pub async fn list_tenant(&self, tenant: &TenantId) -> Result<(), StoreError> {
+        self.bus.list_tenant(tenant).await
+    }
+
+    /// See [`EventBus::unlist_tenant`].
+    pub async fn unlist_tenant(&self, tenant: &TenantId) {
+        self.bus.unlist_tenant(tenant).await;
+    }
+
+    /// See [`EventBus::keep_listing`].
+    pub async fn keep_listing(&self, tenants: &[TenantId]) {
+        self.bus.keep_listing(tenants).await;
+    }
+
+    /// The changes the agents' lists of this node wait for.
+    pub fn list_changes(&self) -> Arc<crate::listing::Changes> {
+        self.fanout.list_changes().clone()
     }
 
     /// Someone typing (or stopped): to this node's sockets of the
@@ -151,6 +215,7 @@ impl Conversations {
                 // Its sockets' presence could not be kept before it existed.
                 self.fanout.mark_presence(key);
             }
+            self.fanout.mark_listed(key);
         }
         Ok(appended)
     }

@@ -23,6 +23,8 @@
 //!   and the rules of taking it.
 //! - [`presence`]: who is in a conversation (customer online, agents
 //!   viewing) and who is typing: expiring signals, kept apart from the owner.
+//! - [`listing`]: the agents' live list of a tenant's conversations: a
+//!   snapshot, then each change (from every node).
 //! - [`fanout`]: this node's sockets by conversation; encode once, fan out
 //!   (the bus's incoming-event handler).
 //! - [`conversations`]: log, bus and fan-out composed, local first: what
@@ -49,6 +51,7 @@ pub mod event;
 pub mod fanout;
 pub mod http;
 pub mod ids;
+pub mod listing;
 pub mod metric;
 pub mod nlp;
 pub mod owner;
@@ -103,6 +106,8 @@ pub struct AppState {
     pub auth: Arc<auth::Auth>,
     /// Per-tenant limits and their counts (reloadable).
     pub tenants: Arc<tenant::Tenants>,
+    /// The agents' live lists of this node ([`listing::run_listing`]).
+    pub lists: listing::Lists,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -214,6 +219,13 @@ impl App {
         let tenants = Arc::new(tenant::Tenants::new(&config, counts));
         nlp.set_tenant_caps(tenants.nlp_caps());
         let conversations = Arc::new(Conversations::new(log, bus, fanout, board));
+        let (lists, lists_inbox) = listing::Lists::new();
+        tracker.spawn(listing::run_listing(
+            conversations.clone(),
+            lists_inbox,
+            config.agents.list_window(),
+            shutdown.clone(),
+        ));
         let replier = Replier::new(conversations.clone(), nlp.clone(), &config.nlp);
         tracker.spawn(nlp::run_health_checks(nlp, shutdown.clone()));
         let listener = bind_listener(config.listen).map_err(|source| AppError::Bind { addr: config.listen, source })?;
@@ -237,6 +249,7 @@ impl App {
             connections,
             auth,
             tenants,
+            lists,
         });
         Ok(Self { listener, local_addr, admin_listener, admin_addr, state, embedded_answerer })
     }

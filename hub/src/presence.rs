@@ -173,6 +173,9 @@ pub async fn run_presence(
             () = fanout.presence_changed() => {
                 let changed = fanout.take_changed_presence();
                 board.write(&changed, ttl, true).await;
+                for (key, _) in &changed {
+                    fanout.mark_listed(key);
+                }
             }
             _ = heartbeat.tick() => {
                 board.write(&fanout.presence_entries(), ttl, false).await;

@@ -107,6 +107,8 @@ async fn customer_frames_on_agent_sockets_and_agent_frames_on_customer_sockets_a
     for frame in [
         json!({"type": "watch", "conversation": conversation}),
         json!({"type": "unwatch", "conversation": conversation}),
+        json!({"type": "list"}),
+        json!({"type": "unlist"}),
     ] {
         customer.send_json(frame.clone()).await;
         let error = customer.expect("error").await;
@@ -766,4 +768,130 @@ async fn presence_shows_who_is_there_and_a_dead_node_stops_counting_within_the_t
         until(&mut anna, "presence", |frame| shows(frame, false, &["anna"])).await;
         assert!(died_at.elapsed() < Duration::from_millis(2000), "{:?}", died_at.elapsed());
     }
+}
+
+/// Reads `agent`'s list frames until a `conversation` summary of
+/// `conversation` satisfies `wanted`; every list frame read goes into `seen`.
+async fn until_summary(
+    agent: &mut Client,
+    conversation: &str,
+    seen: &mut Vec<Value>,
+    wanted: impl Fn(&Value) -> bool,
+) -> Value {
+    loop {
+        let frame = agent.next().await;
+        seen.push(frame.clone());
+        if frame["type"] == "conversation" && frame["conversation"] == conversation && wanted(&frame) {
+            return frame;
+        }
+    }
+}
+
+/// The `conversations` snapshot a fresh `list` gets.
+async fn list(agent: &mut Client) -> Vec<Value> {
+    agent.send_json(json!({"type": "list"})).await;
+    let snapshot = agent.expect("conversations").await;
+    snapshot["conversations"].as_array().expect("an array of summaries").clone()
+}
+
+#[tokio::test]
+async fn the_live_list_shows_the_tenants_conversations_from_every_node_and_their_changes() {
+    let nodes = Nodes::start(&[]).await;
+    let mut anna = agent(nodes.node(0), "bank", "anna").await;
+    assert_eq!(list(&mut anna).await, Vec::<Value>::new(), "nothing is live yet");
+    let mut seen = Vec::new();
+
+    // Another tenant's conversation, on a third node, before and during.
+    let mut other = customer_with_history(nodes.node(2), "shop", "olga").await;
+    let foreign = other.conversation();
+
+    // A new conversation on another node appears, with its customer online.
+    let mut customer = customer_with_history(nodes.node(1), "bank", "carol").await;
+    let conversation = customer.conversation();
+    let live = |s: &Value| s["last"]["from"] == "assistant" && s["online"] == true;
+    let first = until_summary(&mut anna, &conversation, &mut seen, live).await;
+    assert_eq!(first["customer"], "carol", "{first}");
+    assert_eq!(first["owner"], "assistant", "{first}");
+    assert_eq!(first["owner_epoch"], 0, "{first}");
+    assert_eq!(first["last"]["seq"], 2, "{first}");
+    assert_eq!(first["typing"], false, "{first}");
+    assert!(first["customer_at"].as_u64().is_some_and(|at| at > 0), "{first}");
+
+    // A new message changes it in place.
+    other.ask("o2", "and another").await;
+    customer.ask("q2", "And the fees?").await;
+    let changed = until_summary(&mut anna, &conversation, &mut seen, |s| s["last"]["seq"] == 4).await;
+    assert_eq!(changed["last"]["from"], "assistant", "{changed}");
+    assert!(changed["customer_at"].as_u64() >= first["customer_at"].as_u64(), "{changed}");
+
+    // A take by an agent on another node shows the new owner.
+    let mut bob = agent(nodes.node(2), "bank", "bob").await;
+    bob.send_json(json!({"type": "take", "conversation": conversation})).await;
+    let taken = until_summary(&mut anna, &conversation, &mut seen, |s| s["owner"] == "agent").await;
+    assert_eq!(taken["agent"], "bob", "{taken}");
+    assert_eq!(taken["owner_epoch"], 1, "{taken}");
+    assert_eq!(taken["last"]["from"], "system", "{taken}");
+
+    // The customer writes to the agent (no reply follows): the text is cut to 200 characters.
+    customer.send_message("q3", &"x".repeat(300)).await;
+    while customer.next().await["type"] != "ack" {}
+    let asked = until_summary(&mut anna, &conversation, &mut seen, |s| s["last"]["seq"] == 6).await;
+    assert_eq!(asked["last"]["from"], "customer", "{asked}");
+    assert_eq!(asked["last"]["text"].as_str().map(|t| t.chars().count()), Some(200), "{asked}");
+    assert_eq!(asked["customer_at"], asked["last"]["at"], "{asked}");
+
+    // After a reconnect (to another node): the snapshot again, then changes.
+    drop(anna);
+    let mut anna = agent(nodes.node(1), "bank", "anna").await;
+    let snapshot = list(&mut anna).await;
+    assert_eq!(snapshot.len(), 1, "{snapshot:?}");
+    assert_eq!(snapshot[0]["conversation"], conversation.as_str());
+    assert_eq!(snapshot[0]["owner"], "agent");
+    assert_eq!(snapshot[0]["agent"], "bob");
+    assert_eq!(snapshot[0]["online"], true);
+    let viewers = &snapshot[0]["viewers"];
+    assert_eq!(viewers, &json!([{"agent": "bob", "name": "bob"}]), "{viewers}");
+    seen.extend(snapshot);
+
+    // The customer leaves: still listed (recent), now offline.
+    drop(customer);
+    until_summary(&mut anna, &conversation, &mut seen, |s| s["online"] == false).await;
+
+    // Another tenant's conversation never appeared, in any frame.
+    assert!(!seen.iter().any(|frame| frame.to_string().contains(&foreign)), "{seen:?}");
+    drop(other);
+}
+
+#[tokio::test]
+async fn a_conversation_leaves_the_list_once_its_customer_is_offline_past_the_window() {
+    let nodes = Nodes::start(&["--agents-list-window-secs", "1"]).await;
+    let mut anna = agent(nodes.node(0), "bank", "anna").await;
+    list(&mut anna).await;
+    let mut seen = Vec::new();
+    let customer = customer_with_history(nodes.node(1), "bank", "carol").await;
+    let conversation = customer.conversation();
+    until_summary(&mut anna, &conversation, &mut seen, |s| s["online"] == true).await;
+    // Online: listed past the window.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    anna.send_json(json!({"type": "ping"})).await;
+    loop {
+        let frame = anna.next().await;
+        assert_ne!(frame["type"], "conversation.removed", "an online customer's conversation stays: {frame}");
+        if frame["type"] == "pong" {
+            break;
+        }
+    }
+    drop(customer);
+    loop {
+        let frame = anna.next().await;
+        if frame["type"] == "conversation.removed" {
+            assert_eq!(frame["conversation"], conversation.as_str(), "{frame}");
+            break;
+        }
+    }
+    // `unlist` stops the changes; a new list has nothing.
+    anna.send_json(json!({"type": "unlist"})).await;
+    let mut again = customer_with_history(nodes.node(2), "bank", "dora").await;
+    again.ask("q2", "more").await;
+    assert_eq!(list(&mut anna).await.len(), 1, "dora's conversation is live");
 }

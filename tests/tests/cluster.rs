@@ -165,7 +165,8 @@ async fn connect_only_sockets_leave_no_redis_key_behind() {
     }
     assert_eq!(keys().await, 0, "closed sockets that sent nothing left no key");
 
-    // One message creates exactly the conversation's keys and the user's two.
+    // One message creates exactly the conversation's keys, the user's two and
+    // the tenant's list of active conversations (no listing key: no agent lists).
     let mut client = Client::connect(&nodes[0].ws_url("tenant=demo&user=probe-0")).await;
     client.ask("m1", "Hello").await;
     let tag = format!("fengda:conv:{{demo:{}}}", client.conversation());
@@ -186,6 +187,7 @@ async fn connect_only_sockets_leave_no_redis_key_behind() {
         format!("{tag}:log"),
         format!("{tag}:meta"),
         presence,
+        "fengda:tenant:{demo}:active".to_owned(),
         "fengda:user:{demo:probe-0}:created".to_owned(),
         "fengda:user:{demo:probe-0}:latest".to_owned(),
     ];

@@ -85,6 +85,7 @@ async fn run_session(socket: WebSocket, party: Party, identity: Identity, sessio
         owning::Owning { app: &app, party: &party, identity: &identity, handle: &handle, taken: Default::default() };
     let client_closed = run_reader(&mut stream, owning, &command_tx, &token).await;
     closer.close(close::NORMAL);
+    app.lists.unlist(session_id).await;
     // The writer leaves every watched conversation before it ends.
     let _ = writer.await;
     if !client_closed {
@@ -189,6 +190,14 @@ async fn run_reader(
             Ok(ClientFrame::Typing { conversation: None, .. }) => {
                 let text = "an agent's `typing` names its `conversation`";
                 send_to_this_socket(handle, session::error_frame(ErrorCode::MissingField, text, None));
+                continue;
+            }
+            Ok(ClientFrame::List) => {
+                app.lists.list(owning.party.clone(), handle.clone()).await;
+                continue;
+            }
+            Ok(ClientFrame::Unlist) => {
+                app.lists.unlist(handle.id).await;
                 continue;
             }
             Ok(ClientFrame::Cancel { .. } | ClientFrame::Handoff) => continue,

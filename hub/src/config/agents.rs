@@ -29,6 +29,9 @@ pub struct AgentsConfig {
     /// hold without its heartbeat (every third of it): a node that dies
     /// stops counting within it. Default 15.
     pub presence_ttl_secs: u64,
+    /// Seconds of inactivity after which a conversation whose customer is
+    /// offline leaves the agents' live list (`list`). Default 3600.
+    pub list_window_secs: u64,
 }
 
 impl Default for AgentsConfig {
@@ -40,6 +43,7 @@ impl Default for AgentsConfig {
             handoff_timeout_secs: 300,
             typing_ttl_ms: 4000,
             presence_ttl_secs: 15,
+            list_window_secs: 3600,
         }
     }
 }
@@ -59,6 +63,9 @@ impl AgentsConfig {
         if self.presence_ttl_secs < 2 {
             return invalid("agents.presence_ttl_secs", "must be at least 2");
         }
+        if self.list_window_secs == 0 {
+            return invalid("agents.list_window_secs", "must be at least 1");
+        }
         if self.watch_history > 1000 {
             return invalid("agents.watch_history", "must be at most 1000");
         }
@@ -68,6 +75,11 @@ impl AgentsConfig {
     /// How long a `typing` with `on: true` holds.
     pub fn typing_ttl(&self) -> std::time::Duration {
         std::time::Duration::from_millis(self.typing_ttl_ms)
+    }
+
+    /// How long an idle conversation of an offline customer stays listed.
+    pub fn list_window(&self) -> std::time::Duration {
+        std::time::Duration::from_secs(self.list_window_secs)
     }
 
     /// How long a node's presence entries hold without its heartbeat.

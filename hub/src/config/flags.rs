@@ -143,6 +143,9 @@ pub struct ServeArgs {
     /// Seconds a node's presence entries hold without its heartbeat [default: 15] (key `agents.presence_ttl_secs`).
     #[arg(long, env = "FENGDA_AGENTS_PRESENCE_TTL_SECS")]
     pub agents_presence_ttl_secs: Option<u64>,
+    /// Seconds an idle conversation of an offline customer stays in the agents' list [default: 3600] (key `agents.list_window_secs`).
+    #[arg(long, env = "FENGDA_AGENTS_LIST_WINDOW_SECS")]
+    pub agents_list_window_secs: Option<u64>,
     /// TCP connections held at once [default: open-file limit minus 128] (key `server.max_connections`).
     #[arg(long, env = "FENGDA_MAX_CONNECTIONS")]
     pub max_connections: Option<usize>,
@@ -243,6 +246,7 @@ impl ServeArgs {
         set(&mut config.agents.handoff_timeout_secs, self.agents_handoff_timeout_secs);
         set(&mut config.agents.typing_ttl_ms, self.agents_typing_ttl_ms);
         set(&mut config.agents.presence_ttl_secs, self.agents_presence_ttl_secs);
+        set(&mut config.agents.list_window_secs, self.agents_list_window_secs);
         if self.max_connections.is_some() {
             config.server.max_connections = self.max_connections;
         }

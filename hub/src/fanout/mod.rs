@@ -67,6 +67,9 @@ pub struct FanOut {
     presence_changed: dashmap::DashSet<ConversationKey, foldhash::fast::RandomState>,
     /// Wakes [`FanOut::presence_changed`].
     presence_notify: tokio::sync::Notify,
+    /// The conversations of listed tenants that changed, for this node's
+    /// agents' lists ([`crate::listing`]).
+    list_changes: Arc<crate::listing::Changes>,
 }
 
 impl Default for FanOut {
@@ -174,7 +177,23 @@ impl FanOut {
             typing: Default::default(),
             presence_changed: Default::default(),
             presence_notify: Default::default(),
+            list_changes: Default::default(),
         }
+    }
+
+    /// Where the changes of listed tenants' conversations are noted.
+    pub fn list_changes(&self) -> &Arc<crate::listing::Changes> {
+        &self.list_changes
+    }
+
+    /// Notes that the conversation changed, for the agents listing its tenant here.
+    pub fn mark_listed(&self, key: &ConversationKey) {
+        self.list_changes.mark(key.tenant(), key.conversation());
+    }
+
+    /// This node's presence entry of `key` (its own sockets only).
+    pub fn local_entry(&self, key: &ConversationKey) -> Present {
+        self.sessions.get(key).map(|local| local.entry()).unwrap_or_default()
     }
 
     /// How long typing signals hold here.
@@ -542,6 +561,7 @@ impl IncomingEvents for FanOut {
 
     fn resync(&self) {
         self.resync_all();
+        self.list_changes.resync();
     }
 
     fn typing(&self, key: &ConversationKey, typing: &Typing) {
@@ -550,6 +570,10 @@ impl IncomingEvents for FanOut {
 
     fn presence(&self, key: &ConversationKey, node: &str, entry: Present) {
         self.remote_presence(key, node, entry);
+    }
+
+    fn listed(&self, tenant: &crate::ids::TenantId, conversation: crate::ids::ConversationId) {
+        self.list_changes.mark(tenant, &conversation);
     }
 }
 

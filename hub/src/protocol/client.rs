@@ -33,6 +33,10 @@ pub enum ClientFrame {
     /// The sender is typing (`on`) or stopped; an agent's names its
     /// `conversation` and says whether it types a `note`.
     Typing { conversation: Option<String>, on: bool, note: bool },
+    /// Agents: the tenant's live conversations, then their changes.
+    List,
+    /// Agents: stop the list's changes.
+    Unlist,
 }
 
 impl ClientFrame {
@@ -40,7 +44,13 @@ impl ClientFrame {
     pub fn is_agents(&self) -> bool {
         matches!(
             self,
-            Self::Watch { .. } | Self::Unwatch { .. } | Self::Take { .. } | Self::Release { .. } | Self::Note { .. }
+            Self::Watch { .. }
+                | Self::Unwatch { .. }
+                | Self::Take { .. }
+                | Self::Release { .. }
+                | Self::Note { .. }
+                | Self::List
+                | Self::Unlist
         )
     }
 
@@ -63,6 +73,8 @@ impl ClientFrame {
             Self::Handoff => "handoff",
             Self::Note { .. } => "note",
             Self::Typing { .. } => "typing",
+            Self::List => "list",
+            Self::Unlist => "unlist",
         }
     }
 }
@@ -148,6 +160,8 @@ pub fn parse_client_frame(text: &str, limit: TextLimit) -> Result<ClientFrame, F
             Ok(ClientFrame::Release { conversation: take_string(fields.conversation.take(), "conversation")? })
         }
         "handoff" => Ok(ClientFrame::Handoff),
+        "list" => Ok(ClientFrame::List),
+        "unlist" => Ok(ClientFrame::Unlist),
         "typing" => Ok(ClientFrame::Typing {
             conversation: match fields.conversation.take() {
                 None | Some(Field::Null) => None,

@@ -13,7 +13,7 @@ mod server;
 use serde::{Deserialize, Serialize};
 
 pub use client::{ClientFrame, FrameError, MAX_MESSAGE_ID_LEN, TextLimit, is_blank, parse_client_frame};
-pub use server::{DeltaEncoder, ReplyTiming, ServerFrame, Viewer};
+pub use server::{DeltaEncoder, LastEvent, ReplyTiming, ServerFrame, Summary, Viewer};
 
 /// Who wrote a durable event.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]

@@ -169,6 +169,15 @@ pub enum ServerFrame<'a> {
     /// Who is in a watched conversation (agents only).
     #[serde(rename = "presence")]
     Presence { conversation: &'a str, online: bool, viewers: &'a [Viewer] },
+    /// The tenant's live conversations, most recent activity first (agents only).
+    #[serde(rename = "conversations")]
+    Conversations { conversations: &'a [Summary] },
+    /// One conversation entered the list or changed (agents only).
+    #[serde(rename = "conversation")]
+    Conversation(&'a Summary),
+    /// One conversation left the list (agents only).
+    #[serde(rename = "conversation.removed")]
+    ConversationRemoved { conversation: &'a str },
     /// `already_owned`: the conversation's owner, on an agent's socket.
     #[serde(rename = "error")]
     AlreadyOwned { code: &'a str, message: &'a str, conversation: &'a str, agent: &'a str, agent_name: &'a str },
@@ -182,6 +191,42 @@ pub enum ServerFrame<'a> {
         #[serde(skip_serializing_if = "Option::is_none")]
         id: Option<&'a str>,
     },
+}
+
+/// A conversation as the agents' live list shows it (`conversations`,
+/// `conversation`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Summary {
+    pub conversation: String,
+    pub customer: String,
+    /// `assistant`, `waiting` or `agent`.
+    pub owner: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub agent: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub agent_name: Option<String>,
+    pub owner_epoch: u64,
+    pub online: bool,
+    /// Always false: the list does not follow typing (see protocol §14).
+    pub typing: bool,
+    pub last: Option<LastEvent>,
+    pub customer_at: Option<u64>,
+    pub viewers: Vec<Viewer>,
+}
+
+/// A summary's last durable event.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct LastEvent {
+    pub seq: u64,
+    pub from: Role,
+    /// Cut to [`LastEvent::MAX_CHARS`] characters.
+    pub text: String,
+    pub at: u64,
+}
+
+impl LastEvent {
+    /// How much of the last event's text a summary carries.
+    pub const MAX_CHARS: usize = 200;
 }
 
 /// An agent watching a conversation, as `watching` and `presence` list them.

@@ -176,7 +176,7 @@ pub(super) async fn run_reader(
                 app.conversations.typing(key, &typing, session.id);
             }
             Ok(ClientFrame::Watch { .. } | ClientFrame::Unwatch { .. } | ClientFrame::Take { .. }) => {}
-            Ok(ClientFrame::Release { .. } | ClientFrame::Note { .. }) => {}
+            Ok(ClientFrame::Release { .. } | ClientFrame::Note { .. } | ClientFrame::List | ClientFrame::Unlist) => {}
             Err(error) => send_to_this_socket(session, error.to_frame()),
         }
     }

@@ -41,7 +41,7 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 
-use crate::ids::{ConversationId, ConversationKey, Party, UserId};
+use crate::ids::{ConversationId, ConversationKey, Party, TenantId, UserId};
 use crate::owner::{Owner, Ownership};
 
 pub use crate::event::{NewEvent, StoredEvent, StoredNote};
@@ -138,6 +138,17 @@ pub struct Snapshot {
     pub customer: Option<UserId>,
 }
 
+/// What the log knows of a conversation for the agents' list.
+#[derive(Debug, Clone)]
+pub struct LogSummary {
+    pub customer: UserId,
+    pub ownership: Ownership,
+    /// The last durable event.
+    pub last: Option<Arc<StoredEvent>>,
+    /// When the customer last wrote (ms since the Unix epoch).
+    pub customer_at: Option<u64>,
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     /// The conversation does not exist, or belongs to another user or tenant.
@@ -168,6 +179,14 @@ pub trait ConversationLog: NoteLog {
     /// Where the log stands and the events after `after` (none without
     /// it); `None` when the conversation has no log.
     async fn snapshot(&self, key: &ConversationKey, after: Option<u64>) -> Result<Option<Snapshot>, StoreError>;
+
+    /// What the agents' list shows of the conversation; `None` when it has
+    /// no log.
+    async fn summary(&self, key: &ConversationKey) -> Result<Option<LogSummary>, StoreError>;
+
+    /// The tenant's conversations with a durable event since `since_ms`,
+    /// most recent first, at most `max`.
+    async fn active(&self, tenant: &TenantId, since_ms: u64, max: usize) -> Result<Vec<ConversationId>, StoreError>;
 
     /// Records that the user was active in this conversation now (leaving;
     /// a message records it with its append, [`AppendWith::active_user`]):

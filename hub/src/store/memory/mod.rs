@@ -28,12 +28,12 @@ use tracing::debug;
 use users::Users;
 
 use super::{
-    AppendWith, Appended, ConversationLog, NewEvent, NoteLog, Opened, OwnerOp, Pending, Snapshot, StoreError,
-    StoredEvent, StoredNote, now_ms,
+    AppendWith, Appended, ConversationLog, LogSummary, NewEvent, NoteLog, Opened, OwnerOp, Pending, Snapshot,
+    StoreError, StoredEvent, StoredNote, now_ms,
 };
 use crate::config::ConversationConfig;
 use crate::fanout::FanOut;
-use crate::ids::{ConversationId, ConversationKey, Party, UserId};
+use crate::ids::{ConversationId, ConversationKey, Party, TenantId, UserId};
 use crate::owner::Ownership;
 use crate::protocol::Role;
 
@@ -68,6 +68,8 @@ struct Conversation {
     notes: VecDeque<Arc<StoredNote>>,
     /// The seq of the last note written.
     last_note: u64,
+    /// When the customer last wrote.
+    customer_at: Option<u64>,
 }
 
 impl MemoryLog {
@@ -152,6 +154,7 @@ impl MemoryLog {
             ownership: Ownership::default(),
             notes: VecDeque::new(),
             last_note: 0,
+            customer_at: None,
         };
         let log = vacant.insert(Arc::new(Mutex::new(log))).clone();
         self.users.point(key.tenant(), &create.user, key.conversation(), now);
@@ -245,6 +248,35 @@ impl ConversationLog for MemoryLog {
         }))
     }
 
+    async fn summary(&self, key: &ConversationKey) -> Result<Option<LogSummary>, StoreError> {
+        let Some(log) = self.conversations.get(key).map(|log| log.clone()) else {
+            return Ok(None);
+        };
+        let log = lock(&log);
+        Ok(Some(LogSummary {
+            customer: log.user.clone(),
+            ownership: log.ownership.clone(),
+            last: log.events.back().cloned(),
+            customer_at: log.customer_at,
+        }))
+    }
+
+    async fn active(&self, tenant: &TenantId, since_ms: u64, max: usize) -> Result<Vec<ConversationId>, StoreError> {
+        // The whole map is scanned: one node's conversations, read only when
+        // an agent lists.
+        let mut active: Vec<(u64, ConversationId)> = self
+            .conversations
+            .iter()
+            .filter(|entry| entry.key().tenant() == tenant)
+            .filter_map(|entry| {
+                let at = lock(entry.value()).events.back().map(|e| e.at_ms)?;
+                (at >= since_ms).then(|| (at, entry.key().conversation().clone()))
+            })
+            .collect();
+        active.sort_unstable_by(|a, b| b.cmp(a));
+        Ok(active.into_iter().take(max).map(|(_, id)| id).collect())
+    }
+
     async fn touch(&self, user: &UserId, key: &ConversationKey) {
         let _ = self.touch_log(key);
         self.users.touch(user, key);
@@ -299,6 +331,7 @@ impl ConversationLog for MemoryLog {
             let stored = Arc::new(event.stored(log.last_seq, now));
             if stored.from == Role::Customer {
                 log.customer_ids.insert(stored.id.clone(), stored.seq);
+                log.customer_at = Some(now);
             }
             log.events.push_back(stored.clone());
             while log.events.len() > self.log_cap {

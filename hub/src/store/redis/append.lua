@@ -3,7 +3,8 @@
 -- The hub encodes the event (see wire.rs); this script only splices in the
 -- seq it assigns, so an entry is never decoded nor re-encoded here.
 -- KEYS[1] meta hash, KEYS[2] log list, KEYS[3] message-id zset,
--- KEYS[4] listeners hash (node id -> 1, for each node with a socket of it)
+-- KEYS[4] listeners hash (node id -> 1, for each node with a socket of it),
+-- KEYS[5] the tenant's active zset, KEYS[6] the tenant's listing flag
 -- ARGV: 1 the customer message id to de-duplicate by ("" for any other
 --       event; customer ids are never empty), 2 and 3 the log entry before
 --       and after its seq, 4 the published payload before the entry,
@@ -17,7 +18,8 @@
 --       15 the owner operation: "" none, "fence" (store only if 16 owns
 --       it and, unless 17 is "", under owner epoch 17), "change" (store
 --       only if the owner epoch is 17; then 16, named 18, owns it under
---       17 + 1, since 5)
+--       17 + 1, since 5), 19 the conversation id, 20 the tenant's changes
+--       channel (published to only while the listing flag exists)
 -- Returns {1, seq, other listening nodes, {entries before} or false when
 -- not read, epoch, owner, owner name, owner epoch, owner since} when
 -- stored, {0, seq, 0, false, "", false x 4} for a customer message id
@@ -73,6 +75,9 @@ if wanted > 0 and not (epoch == ARGV[13] and current[3] == ARGV[14]) then
   before = redis.call('LRANGE', log, -wanted, -1)
 end
 local seq = redis.call('HINCRBY', meta, 'seq', 1)
+if id ~= '' then
+  redis.call('HSET', meta, 'customer_at', ARGV[5])
+end
 local entry = ARGV[2] .. string.format('%d', seq) .. ARGV[3]
 local cap = tonumber(ARGV[6])
 redis.call('RPUSH', log, entry)
@@ -86,6 +91,15 @@ redis.call('EXPIRE', meta, ttl)
 redis.call('EXPIRE', log, ttl)
 redis.call('EXPIRE', ids, ttl)
 redis.call('EXPIRE', KEYS[4], ttl)
+-- The agents' list: the tenant's conversations by last activity, and a
+-- doorbell for the nodes listing it (nothing when no console is open).
+local ttl_ms = ttl * 1000
+redis.call('ZADD', KEYS[5], ARGV[5], ARGV[19])
+redis.call('ZREMRANGEBYSCORE', KEYS[5], '-inf', tonumber(ARGV[5]) - ttl_ms)
+redis.call('EXPIRE', KEYS[5], ttl)
+if redis.call('EXISTS', KEYS[6]) == 1 then
+  redis.call('PUBLISH', ARGV[20], ARGV[19])
+end
 -- This node's sockets had the event at once: only other nodes need it.
 local others = redis.call('HLEN', KEYS[4]) - redis.call('HEXISTS', KEYS[4], ARGV[11])
 if others > 0 then

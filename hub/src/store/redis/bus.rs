@@ -25,7 +25,7 @@ use super::publisher::{PUBLISH_QUEUE, Publisher, run_publisher};
 use super::wire::{self, Payload};
 use super::{Link, StoreError};
 use crate::bus::{EventBus, IncomingEvents};
-use crate::ids::ConversationKey;
+use crate::ids::{ConversationId, ConversationKey, TenantId};
 
 /// How often the subscriber connection is probed.
 const HEARTBEAT: Duration = Duration::from_secs(1);
@@ -43,6 +43,8 @@ pub(super) struct Inner {
     heartbeat_channel: String,
     publisher: Publisher,
     listen: redis::Script,
+    /// The tenants' changes channels this node subscribes (it lists them).
+    tenant_channels: dashmap::DashMap<String, TenantId>,
 }
 
 impl RedisBus {
@@ -59,7 +61,14 @@ impl RedisBus {
         let unpublished = publisher.unpublished();
         let heartbeat_channel = link.keys.heartbeat(link.node_id.as_str());
         let listen = redis::Script::new(include_str!("listen.lua"));
-        let inner = Arc::new(Inner { link: link.clone(), subscriber, heartbeat_channel, publisher, listen });
+        let inner = Arc::new(Inner {
+            link: link.clone(),
+            subscriber,
+            heartbeat_channel,
+            publisher,
+            listen,
+            tenant_channels: Default::default(),
+        });
         inner.subscriber.clone().subscribe(&inner.heartbeat_channel).await?;
         // Subscribed: routing works from the first socket on (`/readyz` green).
         link.listeners.receiving.store(true, Ordering::Release);
@@ -151,6 +160,47 @@ impl EventBus for RedisBus {
         }
     }
 
+    async fn list_tenant(&self, tenant: &TenantId) -> Result<(), StoreError> {
+        let link = &self.inner.link;
+        let channel = link.keys.changes(tenant);
+        self.inner.tenant_channels.insert(channel.clone(), tenant.clone());
+        let mut subscriber = self.inner.subscriber.clone();
+        if let Err(error) = link.call(subscriber.subscribe(&channel)).await {
+            self.inner.tenant_channels.remove(&channel);
+            return Err(error);
+        }
+        // Subscribed first: a change published once the flag is up is heard.
+        self.keep_listing(std::slice::from_ref(tenant)).await;
+        Ok(())
+    }
+
+    async fn unlist_tenant(&self, tenant: &TenantId) {
+        let link = &self.inner.link;
+        let channel = link.keys.changes(tenant);
+        self.inner.tenant_channels.remove(&channel);
+        let mut subscriber = self.inner.subscriber.clone();
+        if let Err(error) = link.call(subscriber.unsubscribe(&channel)).await {
+            debug!(%error, "unsubscribe failed; the channel stays subscribed until reconnect");
+        }
+        // The flag stays until it expires: another node may list the tenant too.
+    }
+
+    async fn keep_listing(&self, tenants: &[TenantId]) {
+        if tenants.is_empty() {
+            return;
+        }
+        let link = &self.inner.link;
+        let ttl_ms = u64::try_from(crate::listing::LISTING_TTL.as_millis()).unwrap_or(u64::MAX);
+        let mut pipe = redis::pipe();
+        for tenant in tenants {
+            pipe.cmd("SET").arg(link.keys.listing(tenant)).arg(1).arg("PX").arg(ttl_ms).ignore();
+        }
+        let mut con = link.commands.clone();
+        if let Err(error) = link.call(pipe.query_async::<()>(&mut con)).await {
+            debug!(%error, "listing flags not written; the next refresh writes them");
+        }
+    }
+
     fn is_receiving(&self) -> bool {
         self.inner.link.listeners.receiving.load(Ordering::Acquire)
     }
@@ -171,13 +221,20 @@ impl RedisBus {
 }
 
 /// Hands one pushed message to `incoming`.
-fn dispatch(link: &Link, incoming: &dyn IncomingEvents, data: Vec<Value>) {
+fn dispatch(inner: &Inner, incoming: &dyn IncomingEvents, data: Vec<Value>) {
+    let link = &inner.link;
     let mut data = data.into_iter();
     let (Some(Value::BulkString(channel)), Some(Value::BulkString(payload))) = (data.next(), data.next()) else {
         return;
     };
     let Ok(channel) = std::str::from_utf8(&channel) else { return };
     let Some(key) = link.listeners.channels.get(channel).map(|k| k.clone()) else {
+        // A tenant's changes: the payload is the conversation id.
+        if let Some(tenant) = inner.tenant_channels.get(channel).map(|t| t.clone())
+            && let Some(conversation) = std::str::from_utf8(&payload).ok().and_then(|c| ConversationId::parse(c).ok())
+        {
+            incoming.listed(&tenant, conversation);
+        }
         return;
     };
     // This node delivered what it published when it published it.
@@ -225,7 +282,7 @@ async fn run_dispatcher(
             }
         };
         match push.kind {
-            PushKind::Message => dispatch(link, &*incoming, push.data),
+            PushKind::Message => dispatch(&inner, &*incoming, push.data),
             PushKind::Disconnection if receiving.swap(false, Ordering::AcqRel) => {
                 link.recent.invalidate_all();
                 warn!("Redis subscriber connection lost; reconnecting");

@@ -1,7 +1,8 @@
 //! Every Redis key and channel name the hub uses, in one place.
 //!
 //! Shape: `<prefix>:conv:{<tenant>:<conversation>}:<part>`,
-//! `<prefix>:user:{<tenant>:<user>}:<part>` and `<prefix>:node:<node>:heartbeat`.
+//! `<prefix>:user:{<tenant>:<user>}:<part>`, `<prefix>:tenant:{<tenant>}:<part>`
+//! and `<prefix>:node:<node>:heartbeat`.
 //! The prefix separates deployments sharing a Redis; the tenant is in every
 //! conversation and user name.
 //!
@@ -15,7 +16,9 @@
 //!
 //! All keys and the channel of one conversation share the hash tag
 //! `{tenant:conversation}` (no escaped id holds a brace, so Redis Cluster
-//! hashes exactly that part), so the atomic append touches a single slot and
+//! hashes exactly that part), so the atomic append touches that slot (and
+//! its tenant's, for the agents' list: [`Keys::active`], [`Keys::listing`];
+//! on Redis Cluster that part would move out of the script) and
 //! a move to sharded pub/sub (`SPUBLISH`/`SSUBSCRIBE`) changes no name; a
 //! user's keys share `{tenant:user}` likewise.
 
@@ -125,6 +128,26 @@ impl Keys {
     /// the per-user creation cap.
     pub fn created(&self, tenant: &TenantId, user: &UserId) -> String {
         self.user(tenant, user, "created")
+    }
+
+    /// ZSET: the tenant's conversations → their last durable event (ms),
+    /// for the agents' list; written by the append, older than the
+    /// retention trimmed there.
+    pub fn active(&self, tenant: &TenantId) -> String {
+        format!("{}:tenant:{{{}}}:active", self.prefix, escape(tenant.as_str()))
+    }
+
+    /// STRING with a TTL: set while some node has an agent listing the
+    /// tenant's conversations (refreshed by each such node); without it
+    /// appends and presence changes publish nothing on [`Keys::changes`].
+    pub fn listing(&self, tenant: &TenantId) -> String {
+        format!("{}:tenant:{{{}}}:listing", self.prefix, escape(tenant.as_str()))
+    }
+
+    /// Pub/sub channel carrying the ids of the tenant's conversations that
+    /// changed, to the nodes listing them.
+    pub fn changes(&self, tenant: &TenantId) -> String {
+        format!("{}:tenant:{{{}}}:changes", self.prefix, escape(tenant.as_str()))
     }
 
     /// Pub/sub channel each node subscribes for its whole life (node ids

@@ -14,8 +14,8 @@ use crate::ids::{ConversationId, ConversationKey, Party, TenantId, UserId};
 use crate::owner::{Owner, Ownership};
 use crate::protocol::Role;
 use crate::store::{
-    AppendWith, Appended, ConversationLog, NewEvent, NoteLog, Opened, OwnerOp, Pending, Snapshot, StoreError,
-    StoredEvent, StoredNote, now_ms,
+    AppendWith, Appended, ConversationLog, LogSummary, NewEvent, NoteLog, Opened, OwnerOp, Pending, Snapshot,
+    StoreError, StoredEvent, StoredNote, now_ms,
 };
 
 #[derive(Clone)]
@@ -289,6 +289,37 @@ impl ConversationLog for RedisLog {
         }
     }
 
+    async fn summary(&self, key: &ConversationKey) -> Result<Option<LogSummary>, StoreError> {
+        let link = &self.inner.link;
+        let mut pipe = redis::pipe();
+        pipe.cmd("HMGET")
+            .arg(link.keys.meta(key))
+            .arg(&["user", "owner", "owner_name", "owner_epoch", "owner_since", "customer_at"])
+            .cmd("LINDEX")
+            .arg(link.keys.log(key))
+            .arg(-1);
+        type Meta = (Option<String>, Option<String>, Option<String>, Option<u64>, Option<u64>, Option<u64>);
+        let mut con = link.commands.clone();
+        let ((user, owner, owner_name, owner_epoch, owner_since, customer_at), last): (Meta, Option<Vec<u8>>) =
+            link.call(pipe.query_async(&mut con)).await?;
+        let Some(customer) = user.and_then(|user| UserId::parse(&user).ok()) else { return Ok(None) };
+        let ownership = Ownership {
+            owner: Owner::decode(owner.as_deref().unwrap_or(""), owner_name.as_deref().unwrap_or("")),
+            epoch: owner_epoch.unwrap_or(0),
+            since_ms: owner_since.unwrap_or(0),
+        };
+        Ok(Some(LogSummary { customer, ownership, last: last.and_then(|entry| parse_entry(&entry)), customer_at }))
+    }
+
+    async fn active(&self, tenant: &TenantId, since_ms: u64, max: usize) -> Result<Vec<ConversationId>, StoreError> {
+        let link = &self.inner.link;
+        let mut con = link.commands.clone();
+        let mut range = redis::cmd("ZREVRANGEBYSCORE");
+        range.arg(link.keys.active(tenant)).arg("+inf").arg(since_ms).arg("LIMIT").arg(0).arg(max);
+        let ids: Vec<String> = link.call(range.query_async(&mut con)).await?;
+        Ok(ids.iter().filter_map(|id| ConversationId::parse(id).ok()).collect())
+    }
+
     async fn events_after(&self, key: &ConversationKey, after: u64) -> Result<Vec<Arc<StoredEvent>>, StoreError> {
         match self.inner.read_after(key, after).await? {
             Some(snapshot) => Ok(snapshot.missed),
@@ -334,11 +365,13 @@ impl ConversationLog for RedisLog {
         append
             .arg("EVALSHA")
             .arg(inner.append.get_hash())
-            .arg(4)
+            .arg(6)
             .arg(names.meta)
             .arg(names.log)
             .arg(names.message_ids)
             .arg(names.listeners)
+            .arg(link.keys.active(key.tenant()))
+            .arg(link.keys.listing(key.tenant()))
             .arg(dedup_id)
             .arg(encoded.entry_head)
             .arg(encoded.entry_tail)
@@ -356,7 +389,9 @@ impl ConversationLog for RedisLog {
             .arg(op)
             .arg(&owner_arg)
             .arg(&epoch_arg)
-            .arg(name_arg);
+            .arg(name_arg)
+            .arg(key.conversation().as_str())
+            .arg(link.keys.changes(key.tenant()));
         let mut pipe = redis::pipe();
         pipe.add_command(append);
         // The user's activity rides in the same round trip (a new

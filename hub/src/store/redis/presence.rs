@@ -26,6 +26,12 @@ redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
 redis.call('PEXPIRE', KEYS[1], ARGV[3])
 return 1
 ";
+/// Tells the nodes listing the conversation's tenant that it changed.
+/// KEYS: the tenant's listing flag. ARGV: its changes channel, the conversation id.
+const TELL_LISTING: &str = r"
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+return redis.call('PUBLISH', ARGV[1], ARGV[2])
+";
 use super::wire::Payload;
 use crate::ids::ConversationKey;
 use crate::presence::{PresenceBoard, Present};
@@ -42,8 +48,12 @@ impl PresenceBoard for RedisBus {
         let ttl_ms = u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX);
         let until = now_ms().saturating_add(ttl_ms);
         let script = redis::Script::new(WRITE_ENTRY);
+        let tell = redis::Script::new(TELL_LISTING);
         let mut pipe = redis::pipe();
         pipe.load_script(&script).ignore();
+        if announce {
+            pipe.load_script(&tell).ignore();
+        }
         for (key, entry) in entries {
             let name = link.keys.presence(key);
             if entry.is_empty() {
@@ -57,6 +67,9 @@ impl PresenceBoard for RedisBus {
             if announce {
                 let payload = Payload::Presence { node: link.node_id.clone(), entry: entry.clone() }.encode();
                 pipe.cmd("PUBLISH").arg(link.keys.channel(key)).arg(payload).ignore();
+                let mut listed = tell.key(link.keys.listing(key.tenant()));
+                listed.arg(link.keys.changes(key.tenant())).arg(key.conversation().as_str());
+                pipe.invoke_script(&listed).ignore();
             }
         }
         let mut con = link.commands.clone();

@@ -1,0 +1,315 @@
+//! The agents' live list (`list`, protocol §14): which of a tenant's
+//! conversations are live, and each change of one, to every agent socket
+//! of this node that lists the tenant.
+//!
+//! A conversation is live while its customer is online or its last
+//! durable event is within `agents.list_window_secs`. The log keeps the
+//! tenant's conversations by last activity ([`crate::store::ConversationLog::active`]),
+//! which the snapshot (`conversations`) reads. Changes are ids only: this
+//! node's appends and presence changes note them in [`Changes`] directly,
+//! other nodes' arrive through the bus ([`crate::bus::IncomingEvents::listed`],
+//! published only while some node lists the tenant, so customers pay
+//! nothing when no console is open). One task per node ([`run_listing`])
+//! owns the listing sockets and re-reads the summary of each changed
+//! conversation once, however many changes and listers it has, then sends
+//! `conversation` (or `conversation.removed` once it left the window).
+//! Everything runs in that task, in order: a `list` registers the socket,
+//! then reads and sends the snapshot, and changes noted meanwhile are
+//! re-read after it, so a change is never overtaken by an older snapshot.
+//!
+//! A summary's `typing` is always false: following typing tenant-wide
+//! would put every keystroke on the tenant's channel.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::sync::{Notify, mpsc};
+use tokio_util::sync::CancellationToken;
+use tracing::debug;
+
+use crate::conversations::Conversations;
+use crate::fanout::{Outbound, SessionHandle};
+use crate::ids::{ConversationId, Party, SessionId, TenantId};
+use crate::protocol::{ServerFrame, Summary};
+use crate::store::now_ms;
+
+/// How long a node's "this tenant is listed here" flag holds without a
+/// refresh (every third of it): other nodes stop publishing changes for a
+/// tenant no node lists within it.
+pub const LISTING_TTL: Duration = Duration::from_secs(30);
+
+/// The most conversations a `conversations` snapshot carries (the most
+/// recent ones).
+pub const MAX_LISTED: usize = 500;
+
+/// How often listed conversations past the window are removed.
+const SWEEP_INTERVAL: Duration = Duration::from_secs(1);
+
+/// `list`/`unlist` requests waiting for the listing task.
+const COMMAND_QUEUE: usize = 64;
+
+/// Changed conversations of the tenants listed on this node, noted
+/// without waiting (from the bus's receiving loop among others) and taken
+/// by [`run_listing`]; each conversation once however often it changed.
+#[derive(Debug, Default)]
+pub struct Changes {
+    /// By listed tenant (a tenant is here while it is listed).
+    pending: Mutex<HashMap<TenantId, HashSet<ConversationId>>>,
+    /// Every listing socket needs its snapshot again (changes may be lost).
+    resync: std::sync::atomic::AtomicBool,
+    notify: Notify,
+}
+
+impl Changes {
+    /// Notes a change; ignored for a tenant not listed here.
+    pub fn mark(&self, tenant: &TenantId, conversation: &ConversationId) {
+        let mut pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(ids) = pending.get_mut(tenant) {
+            ids.insert(conversation.clone());
+            self.notify.notify_one();
+        }
+    }
+
+    /// Changes may have been missed (the bus's subscription was down).
+    pub fn resync(&self) {
+        self.resync.store(true, std::sync::atomic::Ordering::Release);
+        self.notify.notify_one();
+    }
+
+    fn listen(&self, tenant: &TenantId) {
+        self.pending.lock().unwrap_or_else(|e| e.into_inner()).entry(tenant.clone()).or_default();
+    }
+
+    fn forget(&self, tenant: &TenantId) {
+        self.pending.lock().unwrap_or_else(|e| e.into_inner()).remove(tenant);
+    }
+
+    fn take(&self) -> Vec<(TenantId, Vec<ConversationId>)> {
+        let mut pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+        pending
+            .iter_mut()
+            .filter(|(_, ids)| !ids.is_empty())
+            .map(|(tenant, ids)| (tenant.clone(), ids.drain().collect()))
+            .collect()
+    }
+}
+
+/// What an agent's session asks of the listing task.
+#[derive(Debug)]
+enum Command {
+    List { party: Party, handle: SessionHandle },
+    Unlist { session: SessionId },
+}
+
+/// The node's listing task's inbox (a cheap handle).
+#[derive(Debug, Clone)]
+pub struct Lists {
+    commands: mpsc::Sender<Command>,
+}
+
+impl Lists {
+    /// The handle, and the inbox [`run_listing`] reads.
+    pub fn new() -> (Self, ListsInbox) {
+        let (commands, inbox) = mpsc::channel(COMMAND_QUEUE);
+        (Self { commands }, ListsInbox(inbox))
+    }
+
+    /// Sends the agent's socket the snapshot of its tenant, then changes
+    /// (listing again sends the snapshot again).
+    pub async fn list(&self, party: Party, handle: SessionHandle) {
+        let _ = self.commands.send(Command::List { party, handle }).await;
+    }
+
+    /// Stops the socket's changes.
+    pub async fn unlist(&self, session: SessionId) {
+        let _ = self.commands.send(Command::Unlist { session }).await;
+    }
+}
+
+/// The receiving end of [`Lists`].
+#[derive(Debug)]
+pub struct ListsInbox(mpsc::Receiver<Command>);
+
+/// One tenant listed on this node.
+struct Listed {
+    /// A party of the tenant, to make its conversations' keys.
+    party: Party,
+    listers: Vec<SessionHandle>,
+    /// The conversations the listers were given: last activity, online.
+    shown: HashMap<ConversationId, (u64, bool)>,
+}
+
+impl Listed {
+    fn send(&mut self, frame: &axum::extract::ws::Utf8Bytes) {
+        self.listers.retain(|handle| handle.push(Outbound::ephemeral(frame.clone())));
+    }
+}
+
+/// The node's listing task (see the module doc).
+pub async fn run_listing(
+    conversations: Arc<Conversations>,
+    mut inbox: ListsInbox,
+    window: Duration,
+    stop: CancellationToken,
+) {
+    let changes = conversations.list_changes();
+    let window_ms = u64::try_from(window.as_millis()).unwrap_or(u64::MAX);
+    let mut tenants: HashMap<TenantId, Listed> = HashMap::new();
+    let mut sweep = tokio::time::interval(SWEEP_INTERVAL);
+    sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut refresh = tokio::time::interval(LISTING_TTL / 3);
+    refresh.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => break,
+            command = inbox.0.recv() => match command {
+                None => break,
+                Some(Command::List { party, handle }) => {
+                    unlist(&conversations, &changes, &mut tenants, handle.id).await;
+                    let tenant = party.tenant.clone();
+                    if !tenants.contains_key(&tenant) {
+                        changes.listen(&tenant);
+                        if let Err(error) = conversations.list_tenant(&tenant).await {
+                            debug!(%error, tenant_id = %tenant, "cannot hear the tenant's changes; listing this node's only");
+                        }
+                        tenants.insert(tenant.clone(), Listed { party, listers: Vec::new(), shown: HashMap::new() });
+                    }
+                    let listed = tenants.get_mut(&tenant).expect("inserted above");
+                    let summaries = snapshot(&conversations, listed, window_ms).await;
+                    let frame = ServerFrame::Conversations { conversations: &summaries }.encode();
+                    if handle.push(Outbound::ephemeral(frame)) {
+                        listed.listers.push(handle);
+                    }
+                    debug!(tenant_id = %tenant, listed = summaries.len(), "listing");
+                }
+                Some(Command::Unlist { session }) => unlist(&conversations, &changes, &mut tenants, session).await,
+            },
+            () = changes.notify.notified() => {
+                if changes.resync.swap(false, std::sync::atomic::Ordering::AcqRel) {
+                    for listed in tenants.values_mut() {
+                        let summaries = snapshot(&conversations, listed, window_ms).await;
+                        listed.send(&ServerFrame::Conversations { conversations: &summaries }.encode());
+                    }
+                }
+                for (tenant, ids) in changes.take() {
+                    let Some(listed) = tenants.get_mut(&tenant) else { continue };
+                    for id in ids {
+                        changed(&conversations, listed, id, window_ms).await;
+                    }
+                }
+            }
+            _ = sweep.tick() => {
+                let cutoff = now_ms().saturating_sub(window_ms);
+                let mut gone = Vec::new();
+                for (tenant, listed) in tenants.iter_mut() {
+                    listed.listers.retain(|handle| !handle.closer.token().is_cancelled());
+                    if listed.listers.is_empty() {
+                        gone.push(tenant.clone());
+                        continue;
+                    }
+                    let expired: Vec<ConversationId> = listed
+                        .shown
+                        .iter()
+                        .filter(|(_, (at, online))| !online && *at < cutoff)
+                        .map(|(id, _)| id.clone())
+                        .collect();
+                    for id in expired {
+                        listed.shown.remove(&id);
+                        listed.send(&ServerFrame::ConversationRemoved { conversation: id.as_str() }.encode());
+                    }
+                }
+                for tenant in gone {
+                    tenants.remove(&tenant);
+                    changes.forget(&tenant);
+                    conversations.unlist_tenant(&tenant).await;
+                }
+            }
+            _ = refresh.tick() => {
+                let listed: Vec<TenantId> = tenants.keys().cloned().collect();
+                conversations.keep_listing(&listed).await;
+            }
+        }
+    }
+    for tenant in tenants.keys() {
+        conversations.unlist_tenant(tenant).await;
+    }
+}
+
+/// Takes the session off every list; a tenant without listers is no
+/// longer listed here.
+async fn unlist(
+    conversations: &Conversations,
+    changes: &Changes,
+    tenants: &mut HashMap<TenantId, Listed>,
+    session: SessionId,
+) {
+    let mut gone = Vec::new();
+    for (tenant, listed) in tenants.iter_mut() {
+        listed.listers.retain(|handle| handle.id != session);
+        if listed.listers.is_empty() {
+            gone.push(tenant.clone());
+        }
+    }
+    for tenant in gone {
+        tenants.remove(&tenant);
+        changes.forget(&tenant);
+        conversations.unlist_tenant(&tenant).await;
+    }
+}
+
+/// The tenant's live conversations, most recent first (what `shown` is now).
+async fn snapshot(conversations: &Conversations, listed: &mut Listed, window_ms: u64) -> Vec<Summary> {
+    let since = now_ms().saturating_sub(window_ms);
+    let tenant = listed.party.tenant.clone();
+    let ids = match conversations.active(&tenant, since, MAX_LISTED).await {
+        Ok(ids) => ids,
+        Err(error) => {
+            debug!(%error, tenant_id = %tenant, "cannot read the tenant's active conversations");
+            Vec::new()
+        }
+    };
+    let mut summaries = Vec::with_capacity(ids.len());
+    listed.shown.clear();
+    for id in ids {
+        let key = listed.party.conversation(id.clone());
+        match conversations.summary(&key).await {
+            Ok(Some(summary)) => {
+                listed.shown.insert(id, (activity(&summary), summary.online));
+                summaries.push(summary);
+            }
+            Ok(None) => {}
+            Err(error) => debug!(%error, conversation_id = %id, "cannot read a listed conversation"),
+        }
+    }
+    summaries
+}
+
+/// Re-reads one changed conversation and tells the listers.
+async fn changed(conversations: &Conversations, listed: &mut Listed, id: ConversationId, window_ms: u64) {
+    let key = listed.party.conversation(id.clone());
+    let summary = match conversations.summary(&key).await {
+        Ok(summary) => summary,
+        Err(error) => {
+            debug!(%error, conversation_id = %id, "cannot read a changed conversation; the list keeps it as it was");
+            return;
+        }
+    };
+    let cutoff = now_ms().saturating_sub(window_ms);
+    match summary {
+        Some(summary) if summary.online || activity(&summary) >= cutoff => {
+            listed.shown.insert(id, (activity(&summary), summary.online));
+            listed.send(&ServerFrame::Conversation(&summary).encode());
+        }
+        _ => {
+            if listed.shown.remove(&id).is_some() {
+                listed.send(&ServerFrame::ConversationRemoved { conversation: id.as_str() }.encode());
+            }
+        }
+    }
+}
+
+/// When the conversation last had a durable event.
+fn activity(summary: &Summary) -> u64 {
+    summary.last.as_ref().map_or(0, |last| last.at)
+}

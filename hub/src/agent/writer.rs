@@ -18,14 +18,14 @@ use axum::extract::ws::{Message, Utf8Bytes, WebSocket};
 use futures::SinkExt;
 use futures::stream::SplitSink;
 use tokio::sync::mpsc;
-use tracing::{debug, warn};
+use tracing::debug;
 
 use crate::AppState;
 use crate::event::{Cursor, Step};
 use crate::fanout::{Outbound, SessionCloser, SessionHandle};
 use crate::ids::{ConversationId, ConversationKey, Party};
 use crate::protocol::{ErrorCode, ServerFrame, close};
-use crate::session::{BURST, CLOSE_TIMEOUT, GAP_READ_RETRIES, close_message};
+use crate::session::{BURST, CLOSE_TIMEOUT, close_message, read_gap};
 use crate::store::StoreError;
 
 type Sink = SplitSink<WebSocket, Message>;
@@ -354,24 +354,10 @@ impl Watches {
 /// and `before` (exclusive); `u64::MAX` after a resync.
 async fn fill_gap(app: &AppState, sink: &mut Sink, watch: &mut Watch, before: u64) -> Result<(), WriteError> {
     let after = watch.sent.last();
-    let resync = before == u64::MAX;
-    let mut tries = if resync { [].iter() } else { GAP_READ_RETRIES.iter() };
-    let events = loop {
-        match app.conversations.events_after(&watch.key, after).await {
-            Ok(events) => break events,
-            Err(error) if resync => {
-                warn!(%error, after, "cannot re-read a watched conversation after a resync");
-                return Ok(());
-            }
-            Err(error) if tries.len() > 0 => {
-                debug!(%error, after, "cannot fill a gap yet; retrying");
-                tokio::time::sleep(*tries.next().unwrap_or(&Duration::ZERO)).await;
-            }
-            Err(error) => {
-                warn!(%error, after, "cannot fill a gap in a watched conversation; closing the session");
-                return Err(WriteError::GapUnfilled);
-            }
-        }
+    let events = match read_gap(&app.conversations, &watch.key, after, before).await {
+        Ok(Some(events)) => events,
+        Ok(None) => return Ok(()),
+        Err(_) => return Err(WriteError::GapUnfilled),
     };
     let conversation = watch.key.conversation().as_str();
     for event in events.iter().filter(|e| e.seq > after && e.seq < before) {

@@ -29,8 +29,42 @@ use crate::ids::ConversationKey;
 pub(crate) const BURST: usize = 64;
 /// Pauses before each new try to read a gap's events from the store (about
 /// 1.5 s in all) before the session gives up and closes with 4503.
-pub(crate) const GAP_READ_RETRIES: [Duration; 4] =
+const GAP_READ_RETRIES: [Duration; 4] =
     [Duration::from_millis(100), Duration::from_millis(200), Duration::from_millis(400), Duration::from_millis(800)];
+/// Reads a socket's missed events after `after`, for a gap before `before`
+/// (`u64::MAX`: a resync). A store that just came back gets a few more
+/// tries; past them the error is returned, and the caller closes the socket
+/// rather than skip past the gap (sending what comes after would tell the
+/// client it has events it never got). A resync asks "did I miss
+/// anything?": if the store cannot say yet, `None` (the next event's seq
+/// will show any gap, which is then filled).
+pub(crate) async fn read_gap(
+    conversations: &Conversations,
+    key: &ConversationKey,
+    after: u64,
+    before: u64,
+) -> Result<Option<Vec<Arc<crate::event::StoredEvent>>>, crate::store::StoreError> {
+    let resync = before == u64::MAX;
+    let mut tries = if resync { [].iter() } else { GAP_READ_RETRIES.iter() };
+    loop {
+        match conversations.events_after(key, after).await {
+            Ok(events) => return Ok(Some(events)),
+            Err(error) if resync => {
+                warn!(%error, after, "cannot re-read the event stream after a resync");
+                return Ok(None);
+            }
+            Err(error) if tries.len() > 0 => {
+                debug!(%error, after, "cannot fill a gap yet; retrying");
+                tokio::time::sleep(*tries.next().unwrap_or(&Duration::ZERO)).await;
+            }
+            Err(error) => {
+                warn!(%error, after, "cannot fill a gap in the event stream; closing the session");
+                return Err(error);
+            }
+        }
+    }
+}
+
 /// How long a closing socket gets to take its close frame.
 pub(crate) const CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
 
@@ -215,29 +249,12 @@ async fn write_burst(sink: &mut Sink, burst: &mut Vec<Box<Outbound>>, replay: &m
 /// Sends the logged events between the last sent seq and `before` (exclusive).
 async fn fill_gap(sink: &mut Sink, replay: &mut Replay, before: u64) -> Result<(), axum::Error> {
     let after = replay.sent.last();
-    // A resync asks "did I miss anything?": if the store cannot say yet,
-    // the next event's seq will show any gap, which is then filled.
-    let resync = before == u64::MAX;
-    let mut tries = if resync { [].iter() } else { GAP_READ_RETRIES.iter() };
-    let events = loop {
-        match replay.conversations.events_after(&replay.key, after).await {
-            Ok(events) => break events,
-            Err(error) if resync => {
-                warn!(%error, after, "cannot re-read the event stream after a resync");
-                return Ok(());
-            }
-            // A store that just came back: try again shortly.
-            Err(error) if tries.len() > 0 => {
-                debug!(%error, after, "cannot fill a gap yet; retrying");
-                tokio::time::sleep(*tries.next().unwrap_or(&Duration::ZERO)).await;
-            }
-            Err(error) => {
-                // Never skip past it: sending what comes after would tell the
-                // client it has events it never got.
-                warn!(%error, after, "cannot fill a gap in the event stream; closing the session");
-                replay.gap_unfilled = true;
-                return Err(axum::Error::new(error));
-            }
+    let events = match read_gap(&replay.conversations, &replay.key, after, before).await {
+        Ok(Some(events)) => events,
+        Ok(None) => return Ok(()),
+        Err(error) => {
+            replay.gap_unfilled = true;
+            return Err(axum::Error::new(error));
         }
     };
     let conversation = replay.key.conversation().as_str();

@@ -56,14 +56,26 @@ impl Conversations {
         Ok(self.fanout.set_remote_presence(key, remote, Some(session)))
     }
 
+    /// Who is in each conversation, every node's live entries merged (in
+    /// one read of the board).
+    pub async fn present(&self, keys: &[ConversationKey]) -> Result<Vec<Present>, StoreError> {
+        let remote = self.board.read(keys).await?;
+        Ok(keys
+            .iter()
+            .zip(remote)
+            .map(|(key, entries)| {
+                let mut present = self.fanout.local_entry(key);
+                entries.iter().for_each(|(_, entry)| present.merge(entry));
+                present
+            })
+            .collect())
+    }
+
     /// The conversation as the agents' list shows it (`None`: no log):
-    /// the log's part and who is in it on every node. `typing` stays false.
+    /// the log's part and who is in it on every node.
     pub async fn summary(&self, key: &ConversationKey) -> Result<Option<Summary>, StoreError> {
         let Some(log) = self.log.summary(key).await? else { return Ok(None) };
-        let mut present = self.fanout.local_entry(key);
-        for (_, entry) in self.board.read(std::slice::from_ref(key)).await?.pop().unwrap_or_default() {
-            present.merge(&entry);
-        }
+        let present = self.present(std::slice::from_ref(key)).await?.pop().unwrap_or_default();
         let (agent, agent_name) = match log.ownership.owner.agent() {
             Some((id, name)) => (Some(id.to_owned()), Some(name.to_owned())),
             None => (None, None),
@@ -81,8 +93,9 @@ impl Conversations {
             agent,
             agent_name,
             owner_epoch: log.ownership.epoch,
+            owner_since: Some(log.ownership.since_ms).filter(|since| *since > 0),
             online: present.online,
-            typing: false,
+            typing: present.typing,
             last,
             customer_at: log.customer_at,
             viewers: present.viewers,
@@ -112,6 +125,16 @@ impl Conversations {
     /// See [`EventBus::keep_listing`].
     pub async fn keep_listing(&self, tenants: &[TenantId]) {
         self.bus.keep_listing(tenants).await;
+    }
+
+    /// See [`FanOut::saw_owner`].
+    pub fn saw_owner(&self, key: &ConversationKey, epoch: u64, waiting: bool, since_ms: u64) {
+        self.fanout.saw_owner(key, epoch, waiting, since_ms);
+    }
+
+    /// See [`FanOut::take_waiting_since`].
+    pub fn take_waiting_since(&self, cutoff_ms: u64) -> Vec<(ConversationKey, u64, u64)> {
+        self.fanout.take_waiting_since(cutoff_ms)
     }
 
     /// The changes the agents' lists of this node wait for.

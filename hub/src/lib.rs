@@ -224,6 +224,12 @@ impl App {
             conversations.clone(),
             lists_inbox,
             config.agents.list_window(),
+            config.agents.presence_ttl(),
+            shutdown.clone(),
+        ));
+        tracker.spawn(session::handoff::run_timeouts(
+            conversations.clone(),
+            Duration::from_secs(config.agents.handoff_timeout_secs),
             shutdown.clone(),
         ));
         let replier = Replier::new(conversations.clone(), nlp.clone(), &config.nlp);

@@ -17,8 +17,15 @@
 //! then reads and sends the snapshot, and changes noted meanwhile are
 //! re-read after it, so a change is never overtaken by an older snapshot.
 //!
-//! A summary's `typing` is always false: following typing tenant-wide
-//! would put every keystroke on the tenant's channel.
+//! `online` and `typing` come from the presence board
+//! ([`crate::presence`]): a customer who starts or stops typing changes
+//! their node's entry, which is a change like any other (a typing signal
+//! that only goes on is not). A node that dies tells nobody, so every
+//! third of the presence TTL the task re-reads the presence of the
+//! conversations it shows online or typing, in one read, and re-sends
+//! those that changed: a dead node's customers go offline in the lists
+//! within the TTL. A conversation shown `waiting` is noted for the
+//! hand-over's timeout ([`crate::session::handoff`]).
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
@@ -30,7 +37,8 @@ use tracing::debug;
 
 use crate::conversations::Conversations;
 use crate::fanout::{Outbound, SessionHandle};
-use crate::ids::{ConversationId, Party, SessionId, TenantId};
+use crate::ids::{ConversationId, ConversationKey, Party, SessionId, TenantId};
+use crate::owner::Owner;
 use crate::protocol::{ServerFrame, Summary};
 use crate::store::now_ms;
 
@@ -136,8 +144,23 @@ struct Listed {
     /// A party of the tenant, to make its conversations' keys.
     party: Party,
     listers: Vec<SessionHandle>,
-    /// The conversations the listers were given: last activity, online.
-    shown: HashMap<ConversationId, (u64, bool)>,
+    /// The conversations the listers were given.
+    shown: HashMap<ConversationId, Shown>,
+}
+
+/// What the listers were last given of one conversation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Shown {
+    /// When it last had a durable event.
+    activity: u64,
+    online: bool,
+    typing: bool,
+}
+
+impl Shown {
+    fn of(summary: &Summary) -> Self {
+        Self { activity: activity(summary), online: summary.online, typing: summary.typing }
+    }
 }
 
 impl Listed {
@@ -151,6 +174,7 @@ pub async fn run_listing(
     conversations: Arc<Conversations>,
     mut inbox: ListsInbox,
     window: Duration,
+    presence_ttl: Duration,
     stop: CancellationToken,
 ) {
     let changes = conversations.list_changes();
@@ -160,6 +184,8 @@ pub async fn run_listing(
     sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut refresh = tokio::time::interval(LISTING_TTL / 3);
     refresh.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut presence = tokio::time::interval(presence_ttl / 3);
+    presence.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
             _ = stop.cancelled() => break,
@@ -211,7 +237,7 @@ pub async fn run_listing(
                     let expired: Vec<ConversationId> = listed
                         .shown
                         .iter()
-                        .filter(|(_, (at, online))| !online && *at < cutoff)
+                        .filter(|(_, shown)| !shown.online && shown.activity < cutoff)
                         .map(|(id, _)| id.clone())
                         .collect();
                     for id in expired {
@@ -228,6 +254,11 @@ pub async fn run_listing(
             _ = refresh.tick() => {
                 let listed: Vec<TenantId> = tenants.keys().cloned().collect();
                 conversations.keep_listing(&listed).await;
+            }
+            _ = presence.tick() => {
+                for listed in tenants.values_mut() {
+                    recheck_presence(&conversations, listed, window_ms).await;
+                }
             }
         }
     }
@@ -275,7 +306,8 @@ async fn snapshot(conversations: &Conversations, listed: &mut Listed, window_ms:
         let key = listed.party.conversation(id.clone());
         match conversations.summary(&key).await {
             Ok(Some(summary)) => {
-                listed.shown.insert(id, (activity(&summary), summary.online));
+                saw_owner(conversations, &key, &summary);
+                listed.shown.insert(id, Shown::of(&summary));
                 summaries.push(summary);
             }
             Ok(None) => {}
@@ -298,7 +330,8 @@ async fn changed(conversations: &Conversations, listed: &mut Listed, id: Convers
     let cutoff = now_ms().saturating_sub(window_ms);
     match summary {
         Some(summary) if summary.online || activity(&summary) >= cutoff => {
-            listed.shown.insert(id, (activity(&summary), summary.online));
+            saw_owner(conversations, &key, &summary);
+            listed.shown.insert(id, Shown::of(&summary));
             listed.send(&ServerFrame::Conversation(&summary).encode());
         }
         _ => {
@@ -307,6 +340,33 @@ async fn changed(conversations: &Conversations, listed: &mut Listed, id: Convers
             }
         }
     }
+}
+
+/// Re-reads the presence of the conversations shown online or typing and
+/// re-sends those whose presence changed (a node died, see the module doc).
+async fn recheck_presence(conversations: &Conversations, listed: &mut Listed, window_ms: u64) {
+    let ids: Vec<ConversationId> =
+        listed.shown.iter().filter(|(_, shown)| shown.online || shown.typing).map(|(id, _)| id.clone()).collect();
+    if ids.is_empty() {
+        return;
+    }
+    let keys: Vec<ConversationKey> = ids.iter().map(|id| listed.party.conversation(id.clone())).collect();
+    let present = match conversations.present(&keys).await {
+        Ok(present) => present,
+        Err(error) => return debug!(%error, "cannot re-read the listed conversations' presence"),
+    };
+    for (id, present) in ids.into_iter().zip(present) {
+        let shown = listed.shown[&id];
+        if (shown.online, shown.typing) != (present.online, present.typing) {
+            changed(conversations, listed, id, window_ms).await;
+        }
+    }
+}
+
+/// Tells the hand-over's timeout about a conversation shown `waiting`.
+fn saw_owner(conversations: &Conversations, key: &ConversationKey, summary: &Summary) {
+    let waiting = summary.owner == Owner::Waiting.kind();
+    conversations.saw_owner(key, summary.owner_epoch, waiting, summary.owner_since.unwrap_or(0));
 }
 
 /// When the conversation last had a durable event.

@@ -45,6 +45,9 @@ pub struct Present {
     pub online: bool,
     /// The agents watching, sorted, each once.
     pub viewers: Vec<Viewer>,
+    /// The customer is typing (set by the node holding the typing socket).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub typing: bool,
 }
 
 impl Present {
@@ -56,12 +59,14 @@ impl Present {
     /// Adds another node's entry.
     pub fn merge(&mut self, other: &Present) {
         self.online |= other.online;
+        self.typing |= other.typing;
         self.viewers.extend(other.viewers.iter().cloned());
         self.viewers.sort();
         self.viewers.dedup();
     }
 
-    /// The `presence` frame of the conversation.
+    /// The `presence` frame of the conversation (agents learn of the
+    /// customer's typing from `typing` frames, not from it).
     pub fn frame(&self, conversation: &str) -> Utf8Bytes {
         ServerFrame::Presence { conversation, online: self.online, viewers: &self.viewers }.encode()
     }

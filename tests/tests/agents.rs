@@ -895,3 +895,95 @@ async fn a_conversation_leaves_the_list_once_its_customer_is_offline_past_the_wi
     again.ask("q2", "more").await;
     assert_eq!(list(&mut anna).await.len(), 1, "dora's conversation is live");
 }
+
+#[tokio::test]
+async fn the_live_list_shows_the_customer_typing_and_a_dead_nodes_customers_going_offline() {
+    let nodes = Nodes::start(&["--agents-presence-ttl-secs", "2", "--agents-typing-ttl-ms", "1000"]).await;
+    let mut anna = agent(nodes.node(0), "bank", "anna").await;
+    list(&mut anna).await;
+    let mut seen = Vec::new();
+    let mut customer = customer_with_history(nodes.node(1), "bank", "carol").await;
+    let conversation = customer.conversation();
+    until_summary(&mut anna, &conversation, &mut seen, |s| s["online"] == true && s["last"]["seq"] == 2).await;
+
+    // Typing starts and stops in the list, from another node; refreshing it changes nothing.
+    customer.send_json(json!({"type": "typing", "on": true})).await;
+    let typing = until_summary(&mut anna, &conversation, &mut seen, |s| s["typing"] == true).await;
+    assert_eq!(typing["online"], true, "{typing}");
+    customer.send_json(json!({"type": "typing", "on": true})).await;
+    customer.send_json(json!({"type": "typing", "on": false})).await;
+    let stopped = seen.len();
+    until_summary(&mut anna, &conversation, &mut seen, |s| s["typing"] == false).await;
+    assert_eq!(seen.len(), stopped + 1, "one change for the refresh and the stop: {:?}", &seen[stopped..]);
+
+    // Typing again, the customer's node dies: offline and not typing within the presence TTL.
+    customer.send_json(json!({"type": "typing", "on": true})).await;
+    until_summary(&mut anna, &conversation, &mut seen, |s| s["typing"] == true).await;
+    let died_at = std::time::Instant::now();
+    if nodes.hubs.len() > 1 {
+        let mut nodes = nodes;
+        nodes.hubs[1].child.start_kill().unwrap();
+        nodes.hubs[1].child.wait().await.unwrap();
+        let gone = until_summary(&mut anna, &conversation, &mut seen, |s| s["online"] == false).await;
+        assert_eq!(gone["typing"], false, "{gone}");
+        assert!(died_at.elapsed() < Duration::from_millis(3500), "within the TTL: {:?}", died_at.elapsed());
+        // A new snapshot agrees.
+        let snapshot = list(&mut anna).await;
+        assert_eq!((&snapshot[0]["online"], &snapshot[0]["typing"]), (&json!(false), &json!(false)), "{snapshot:?}");
+    } else {
+        drop(customer);
+        let gone = until_summary(&mut anna, &conversation, &mut seen, |s| s["online"] == false).await;
+        if gone["typing"] == true {
+            until_summary(&mut anna, &conversation, &mut seen, |s| s["typing"] == false).await;
+        }
+        assert!(died_at.elapsed() < Duration::from_millis(2000), "{:?}", died_at.elapsed());
+    }
+}
+
+#[tokio::test]
+async fn a_waiting_conversation_goes_back_to_the_assistant_at_the_timeout_without_a_message() {
+    let answerer = RecordingAnswerer::start(Script { tokens: 3, ..Script::default() }).await;
+    let nodes = Nodes::start(&["--nlp-url", &answerer.url, "--agents-handoff-timeout-secs", "1"]).await;
+    let mut anna = agent(nodes.node(0), "bank", "anna").await;
+    list(&mut anna).await;
+    let mut seen = Vec::new();
+
+    // The customer is online and waits: told at the timeout, and the list shows it.
+    let mut customer = customer_with_history(nodes.node(1), "bank", "carl").await;
+    let conversation = customer.conversation();
+    customer.send_json(json!({"type": "handoff"})).await;
+    let waiting = customer.expect("message").await;
+    assert_eq!(waiting["event"], "waiting", "{waiting}");
+    let listed = until_summary(&mut anna, &conversation, &mut seen, |s| s["owner"] == "waiting").await;
+    assert_eq!(listed["owner_epoch"], 1, "{listed}");
+    assert!(listed["owner_since"].as_u64().is_some_and(|since| since > 0), "{listed}");
+    let asked_at = std::time::Instant::now();
+    let back = customer.expect("message").await;
+    assert_eq!((&back["from"], &back["event"]), (&json!("system"), &json!("assistant_back")), "{back}");
+    assert!(asked_at.elapsed() < Duration::from_millis(2500), "at the timeout: {:?}", asked_at.elapsed());
+    let listed = until_summary(&mut anna, &conversation, &mut seen, |s| s["owner"] == "assistant").await;
+    assert_eq!(listed["owner_epoch"], 2, "{listed}");
+    customer.ask("q2", "So, the fees?").await;
+    assert_eq!(answerer.requests().len(), 2, "the assistant answers again");
+
+    // A customer who left while waiting: the lists' nodes hand it back, exactly once.
+    let mut dora = customer_with_history(nodes.node(2), "bank", "dora").await;
+    let theirs = dora.conversation();
+    dora.send_message("q2", "human").await;
+    dora.expect("ack").await;
+    assert_eq!(dora.expect("message").await["event"], "waiting");
+    drop(dora);
+    until_summary(&mut anna, &theirs, &mut seen, |s| s["owner"] == "waiting").await;
+    let back = until_summary(&mut anna, &theirs, &mut seen, |s| s["owner"] == "assistant").await;
+    assert_eq!(back["owner_epoch"], 2, "{back}");
+    assert_eq!(back["last"]["seq"], 5, "q1, its reply, q2, waiting, assistant_back: {back}");
+    // Its history has the one hand-back, after the waiting.
+    anna.send_json(json!({"type": "watch", "conversation": theirs})).await;
+    until(&mut anna, "watching", |_| true).await;
+    let mut events = Vec::new();
+    for _ in 0..5 {
+        let (message, _) = until(&mut anna, "message", |_| true).await;
+        events.push(message["event"].as_str().unwrap_or(message["from"].as_str().unwrap()).to_owned());
+    }
+    assert_eq!(events, ["customer", "assistant", "customer", "waiting", "assistant_back"]);
+}

@@ -499,3 +499,44 @@ async fn a_node_shutting_down_mid_reply_stores_what_streamed_as_cancelled() {
     assert!((k..resume::TOKENS).contains(&streamed), "{streamed} tokens stored, k = {k}");
     resume::wait_for_cancellations(&answerer, 1).await;
 }
+
+#[tokio::test]
+async fn a_reply_whose_owner_epoch_went_stale_unheard_is_stored_as_interrupted() {
+    let answerer =
+        RecordingAnswerer::start(Script { tokens: 6, token_delay: Duration::from_millis(40), ..Script::default() })
+            .await;
+    let redis = RedisServer::start().await;
+    let nodes = cluster(&redis, 1, &["--nlp-url", &answerer.url]).await;
+    let mut customer = Client::connect(&nodes[0].ws_url("tenant=demo&user=unheard")).await;
+    customer.ask("q1", "hello").await;
+    customer.send_message("q2", "and then?").await;
+    customer.expect("ack").await;
+    let first = customer.expect("reply.delta").await;
+    assert_eq!(first["index"], 0, "{first}");
+    // An agent takes it in a way the node never hears of (the owner change's
+    // event lost on the way): the node streams on, the store refuses the
+    // reply as the assistant's and it is stored as interrupted.
+    let meta = format!("fengda:conv:{{demo:{}}}:meta", customer.conversation());
+    redis.cli(&["HSET", &meta, "owner", "agent:ghost", "owner_name", "Ghost", "owner_epoch", "1"]).await;
+    let mut deltas = 1;
+    let done = loop {
+        let frame = customer.next().await;
+        match frame["type"].as_str() {
+            Some("reply.delta") => deltas += 1,
+            Some("reply.done") => break frame,
+            _ => panic!("unexpected {frame}"),
+        }
+    };
+    assert_eq!(deltas, 6, "the rest streamed: the node heard nothing");
+    assert_eq!(done["interrupted"], true, "{done}");
+    assert_eq!(done["seq"], 4, "{done}");
+    // The log agrees, for a socket that reads it again.
+    let url = format!("tenant=demo&user=unheard&conversation={}&after=3", customer.conversation());
+    let mut again = Client::connect(&nodes[0].ws_url(&url)).await;
+    let stored = again.expect("message").await;
+    assert_eq!(
+        (&stored["seq"], &stored["from"], &stored["interrupted"]),
+        (&4.into(), &"assistant".into(), &true.into())
+    );
+    assert_eq!(stored["text"], done["text"]);
+}

@@ -27,7 +27,7 @@
 mod session;
 
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use axum::extract::ws::Utf8Bytes;
 use dashmap::DashMap;
@@ -35,9 +35,9 @@ use dashmap::DashMap;
 use tokio_util::sync::CancellationToken;
 
 use crate::bus::IncomingEvents;
-use crate::event::{Cursor, Step, StoredEvent};
+use crate::event::{Cursor, Step, StoredEvent, SystemEvent};
 use crate::ids::{ConversationKey, SessionId};
-use crate::presence::{Present, Typing};
+use crate::presence::{Present, Typing, Typist};
 use crate::protocol::{ReplyTiming, Role, ServerFrame};
 
 pub use session::{Audience, Outbound, SessionCloser, SessionHandle};
@@ -59,7 +59,7 @@ pub struct FanOut {
     /// this bounds what one conversation's traffic costs the node.
     max_sockets: usize,
     /// How long a typing signal holds (`agents.typing_ttl_ms`).
-    typing_ttl: std::time::Duration,
+    typing_ttl: Duration,
     /// Conversations with someone typing (the ones [`FanOut::expire_typing`] looks at).
     typing: dashmap::DashSet<ConversationKey, foldhash::fast::RandomState>,
     /// Conversations whose entry on this node changed since
@@ -70,6 +70,11 @@ pub struct FanOut {
     /// The conversations of listed tenants that changed, for this node's
     /// agents' lists ([`crate::listing`]).
     list_changes: Arc<crate::listing::Changes>,
+    /// Conversations this node saw become `waiting` (an owner change
+    /// delivered here, or an agents' list showing it): their owner epoch
+    /// and since when, for the hand-over's timeout
+    /// ([`crate::session::handoff::run_timeouts`]).
+    waiting: DashMap<ConversationKey, (u64, u64), foldhash::fast::RandomState>,
 }
 
 impl Default for FanOut {
@@ -101,6 +106,9 @@ struct Local {
     replies: Vec<(u64, CancellationToken)>,
     /// Who types, each until when (each typist once).
     typists: Vec<(Typing, Instant)>,
+    /// The customer types on a socket of this node (part of this node's
+    /// presence entry, so the agents' lists on every node see it).
+    customer_typing: bool,
     /// Other nodes' presence entries (by node), as last heard or read.
     remote: Vec<(String, Present)>,
     /// The presence view agents' handles were last given.
@@ -123,6 +131,7 @@ impl Local {
         }
         entry.viewers.sort();
         entry.viewers.dedup();
+        entry.typing = self.customer_typing;
         entry
     }
 
@@ -138,7 +147,8 @@ impl Local {
     /// Sends `presence` to the agents' handles (but `except`) if the view
     /// changed since they were last given it.
     fn tell_presence(&mut self, key: &ConversationKey, except: Option<SessionId>) {
-        let view = self.view();
+        // Typing has its own frames.
+        let view = Present { typing: false, ..self.view() };
         if view == self.presence_sent {
             return;
         }
@@ -147,6 +157,46 @@ impl Local {
         for handle in self.handles.iter().filter(|h| h.is_agent() && Some(h.id) != except) {
             handle.push(Outbound::ephemeral(frame.clone()));
         }
+    }
+
+    /// Holds a typing signal (see [`FanOut::deliver_typing`]) and tells the
+    /// sockets; true when it is the conversation's first typist held here.
+    fn hold_typing(
+        &mut self,
+        key: &ConversationKey,
+        typing: &Typing,
+        origin: Option<SessionId>,
+        ttl: Duration,
+    ) -> bool {
+        let held = self.typists.iter().position(|(held, _)| held.typist_id() == typing.typist_id());
+        if !typing.on {
+            if let Some(at) = held {
+                self.typists.swap_remove(at);
+                self.tell_typing(key, typing, origin);
+            }
+            return false;
+        }
+        let until = Instant::now() + ttl;
+        match held {
+            Some(at) if self.typists[at].0 == *typing => self.typists[at].1 = until,
+            Some(at) => {
+                let (before, _) = std::mem::replace(&mut self.typists[at], (typing.clone(), until));
+                if before.to_customer && !typing.to_customer {
+                    // The customer saw it; now it is a note, or not the owner's.
+                    let frame = before.stopped().customer_frame(key.conversation().as_str());
+                    for handle in self.handles.iter().filter(|h| !h.is_agent() && Some(h.id) != origin) {
+                        handle.push(Outbound::ephemeral(frame.clone()));
+                    }
+                }
+                self.tell_typing(key, typing, origin);
+            }
+            None => {
+                self.typists.push((typing.clone(), until));
+                self.tell_typing(key, typing, origin);
+                return true;
+            }
+        }
+        false
     }
 
     /// Pushes a typing signal to every handle but the typist's own
@@ -178,6 +228,7 @@ impl FanOut {
             presence_changed: Default::default(),
             presence_notify: Default::default(),
             list_changes: Default::default(),
+            waiting: Default::default(),
         }
     }
 
@@ -290,34 +341,22 @@ impl FanOut {
     /// Delivers a typing signal to the conversation's sockets here, but
     /// the typist's own (`origin`), and holds it until it expires: a repeated
     /// `on: true` only extends it; an `on: false` for nobody typing is dropped.
+    /// A customer typing on a socket here (`origin` given) changes this
+    /// node's presence entry.
     pub fn deliver_typing(&self, key: &ConversationKey, typing: &Typing, origin: Option<SessionId>) {
         let Some(mut local) = self.sessions.get_mut(key) else { return };
-        let held = local.typists.iter().position(|(held, _)| held.typist_id() == typing.typist_id());
-        if !typing.on {
-            if let Some(at) = held {
-                local.typists.swap_remove(at);
-                local.tell_typing(key, typing, origin);
-            }
-            return;
+        let here = origin.is_some() && typing.typist == Typist::Customer && local.customer_typing != typing.on;
+        if here {
+            local.customer_typing = typing.on;
         }
-        let until = Instant::now() + self.typing_ttl;
-        match held {
-            Some(at) if local.typists[at].0 == *typing => local.typists[at].1 = until,
-            Some(at) => {
-                let (before, _) = std::mem::replace(&mut local.typists[at], (typing.clone(), until));
-                if before.to_customer && !typing.to_customer {
-                    // The customer saw it; now it is a note, or not the owner's.
-                    for handle in local.handles.iter().filter(|h| !h.is_agent() && Some(h.id) != origin) {
-                        handle.push(Outbound::ephemeral(before.stopped().customer_frame(key.conversation().as_str())));
-                    }
-                }
-                local.tell_typing(key, typing, origin);
-            }
-            None => {
-                local.typists.push((typing.clone(), until));
-                local.tell_typing(key, typing, origin);
-                self.typing.insert(key.clone());
-            }
+        let held = local.hold_typing(key, typing, origin, self.typing_ttl);
+        // Not under the entry's lock: `expire_typing` takes these two the other way round.
+        drop(local);
+        if held {
+            self.typing.insert(key.clone());
+        }
+        if here {
+            self.mark_presence(key);
         }
     }
 
@@ -325,12 +364,17 @@ impl FanOut {
     /// `on: false`.
     pub fn expire_typing(&self) {
         let now = Instant::now();
+        let mut stopped_here = Vec::new();
         self.typing.retain(|key| {
             let Some(mut local) = self.sessions.get_mut(key) else { return false };
             let mut at = 0;
             while at < local.typists.len() {
                 if local.typists[at].1 <= now {
                     let (typing, _) = local.typists.swap_remove(at);
+                    if typing.typist == Typist::Customer && local.customer_typing {
+                        local.customer_typing = false;
+                        stopped_here.push(key.clone());
+                    }
                     local.tell_typing(key, &typing.stopped(), None);
                 } else {
                     at += 1;
@@ -338,6 +382,40 @@ impl FanOut {
             }
             !local.typists.is_empty()
         });
+        for key in &stopped_here {
+            self.mark_presence(key);
+        }
+    }
+
+    /// Notes the conversation's owner as of owner epoch `epoch`: `waiting`
+    /// since `since_ms`, or anyone else (a later epoch replaces an earlier).
+    pub fn saw_owner(&self, key: &ConversationKey, epoch: u64, waiting: bool, since_ms: u64) {
+        match self.waiting.entry(key.clone()) {
+            dashmap::Entry::Occupied(seen) if seen.get().0 > epoch => {}
+            dashmap::Entry::Occupied(seen) if !waiting => {
+                seen.remove();
+            }
+            dashmap::Entry::Occupied(mut seen) => *seen.get_mut() = (epoch, since_ms),
+            dashmap::Entry::Vacant(new) if waiting => {
+                new.insert((epoch, since_ms));
+            }
+            dashmap::Entry::Vacant(_) => {}
+        }
+    }
+
+    /// Takes the conversations seen `waiting` since `cutoff_ms` or earlier,
+    /// with their owner epoch and since when.
+    pub fn take_waiting_since(&self, cutoff_ms: u64) -> Vec<(ConversationKey, u64, u64)> {
+        let due: Vec<(ConversationKey, u64, u64)> = self
+            .waiting
+            .iter()
+            .filter(|seen| seen.value().1 <= cutoff_ms)
+            .map(|seen| (seen.key().clone(), seen.value().0, seen.value().1))
+            .collect();
+        for (key, epoch, _) in &due {
+            self.waiting.remove_if(key, |_, seen| seen.0 == *epoch);
+        }
+        due
     }
 
     /// Registers a reply streaming on this node under owner epoch `epoch`:
@@ -500,6 +578,7 @@ impl FanOut {
         local.delivered.advance(event.seq);
         let conversation = key.conversation().as_str();
         let owner = event.owner_frame(conversation).inspect(|(epoch, _)| {
+            self.saw_owner(key, *epoch, event.event == Some(SystemEvent::Waiting), event.at_ms);
             if *epoch > local.owner_epoch {
                 local.owner_epoch = *epoch;
                 local.replies.iter().filter(|(asked, _)| asked < epoch).for_each(|(_, takeover)| takeover.cancel());

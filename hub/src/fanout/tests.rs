@@ -331,3 +331,41 @@ fn typing_reaches_whom_it_may_and_expires_by_itself() {
     assert_eq!(changed.len(), 1);
     assert!(!changed[0].1.online && changed[0].1.viewers.len() == 2);
 }
+
+#[test]
+fn a_conversation_seen_waiting_is_due_once_and_a_later_owner_or_an_older_sighting_changes_that_rightly() {
+    let fanout = FanOut::default();
+    fanout.saw_owner(&key(), 1, true, 1_000);
+    // An older sighting (a list read before the change) changes nothing.
+    fanout.saw_owner(&key(), 0, false, 0);
+    assert!(fanout.take_waiting_since(999).is_empty(), "not due yet");
+    assert_eq!(fanout.take_waiting_since(1_000), vec![(key(), 1, 1_000)]);
+    assert!(fanout.take_waiting_since(u64::MAX).is_empty(), "taken once");
+    // Waiting again, then taken by an agent: nothing is due.
+    fanout.saw_owner(&key(), 3, true, 2_000);
+    fanout.saw_owner(&key(), 4, false, 2_500);
+    assert!(fanout.take_waiting_since(u64::MAX).is_empty());
+}
+
+#[test]
+fn the_customer_typing_here_is_in_this_nodes_presence_entry_until_it_stops_or_expires() {
+    let fanout = FanOut::default().with_typing_ttl(Duration::from_millis(20));
+    let (customer, _rx) = session(16);
+    let id = customer.id;
+    fanout.join(&key(), customer).unwrap();
+    fanout.take_changed_presence();
+    let typing = Typing { typist: Typist::Customer, on: true, note: false, to_customer: false };
+    // Heard from another node: not this node's to tell.
+    fanout.deliver_typing(&key(), &typing, None);
+    assert!(!fanout.local_entry(&key()).typing);
+    fanout.deliver_typing(&key(), &typing.stopped(), None);
+    fanout.deliver_typing(&key(), &typing, Some(id));
+    assert!(fanout.local_entry(&key()).typing);
+    assert_eq!(fanout.take_changed_presence().len(), 1, "a change to write");
+    fanout.deliver_typing(&key(), &typing, Some(id));
+    assert!(fanout.take_changed_presence().is_empty(), "a repeat is no change");
+    std::thread::sleep(Duration::from_millis(30));
+    fanout.expire_typing();
+    assert!(!fanout.local_entry(&key()).typing);
+    assert_eq!(fanout.take_changed_presence().len(), 1, "the expiry is a change");
+}

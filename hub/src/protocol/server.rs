@@ -206,8 +206,12 @@ pub struct Summary {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub agent_name: Option<String>,
     pub owner_epoch: u64,
+    /// Since when the owner is the one it is (ms since the Unix epoch;
+    /// absent if it never changed).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub owner_since: Option<u64>,
     pub online: bool,
-    /// Always false: the list does not follow typing (see protocol §14).
+    /// The customer is typing.
     pub typing: bool,
     pub last: Option<LastEvent>,
     pub customer_at: Option<u64>,

@@ -38,7 +38,7 @@ use crate::conversations::Conversations;
 use crate::ids::{ConversationKey, generate_reply_id};
 use crate::nlp::NlpPool;
 use crate::protocol::{ReplyTiming, Role};
-use crate::store::{AppendWith, Appended, NewEvent, StoredEvent};
+use crate::store::{AppendWith, Appended, NewEvent, OwnerOp, StoreError, StoredEvent};
 use in_flight::InFlight;
 use stream::{Draft, Outcome};
 
@@ -119,18 +119,40 @@ impl Replier {
                 .increment(usage.completion_tokens.into());
         }
         let event = stored_reply(&reply_id, draft, &outcome, &question, before_nlp);
-        let (fallback, interrupted, cancelled) = (event.fallback, event.interrupted, event.cancelled);
-        match self.conversations.append(key, event, None, AppendWith::default()).await {
-            Ok(Appended::New { event, .. }) => {
-                debug!(seq = event.seq, fallback, interrupted, cancelled, "reply stored")
-            }
-            Ok(Appended::Duplicate(_)) => {}
-            Err(error) => warn!(%error, "reply streamed but could not be stored"),
-        }
+        let taken_over = matches!(outcome, Outcome::TakenOver);
+        self.store(key, event, taken_over, question.owner_epoch).await;
         self.conversations.unhold(key, &takeover).await;
         // The customer has the whole reply; only now wait for the call's trailers.
         if let Outcome::Completed(call) = outcome {
             call.finish(true).await;
+        }
+    }
+
+    /// Stores a reply. One that was not stopped by a takeover is stored
+    /// only if the assistant still owns the conversation under the epoch it
+    /// answered in; if not (taken over while this node had not heard it),
+    /// it is stored as interrupted, after the takeover, as a taken-over
+    /// reply is: what streamed is what the sockets here were sent.
+    async fn store(&self, key: &ConversationKey, mut event: NewEvent, taken_over: bool, epoch: u64) {
+        let owner = if taken_over { OwnerOp::Any } else { OwnerOp::Assistant { epoch } };
+        let mut appended =
+            self.conversations.append(key, event.clone(), None, AppendWith { owner, ..Default::default() }).await;
+        if let Err(StoreError::OwnerChanged(now)) = &appended {
+            debug!(
+                owner = now.owner.kind(),
+                owner_epoch = now.epoch,
+                "the reply's owner epoch went stale; stored as interrupted"
+            );
+            event.interrupted = true;
+            appended = self.conversations.append(key, event, None, AppendWith::default()).await;
+        }
+        match appended {
+            Ok(Appended::New { event, .. }) => {
+                let (fallback, interrupted, cancelled) = (event.fallback, event.interrupted, event.cancelled);
+                debug!(seq = event.seq, fallback, interrupted, cancelled, "reply stored")
+            }
+            Ok(Appended::Duplicate(_)) => {}
+            Err(error) => warn!(%error, "reply streamed but could not be stored"),
         }
     }
 

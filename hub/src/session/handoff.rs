@@ -2,11 +2,20 @@
 //! person (a `handoff` frame, or a message whose whole text is `agent`,
 //! `human` or `人工`) makes an assistant-owned conversation `waiting`; a
 //! conversation left waiting past `agents.handoff_timeout_secs` goes back
-//! to the assistant, at the latest when the customer writes next.
+//! to the assistant. Every node that saw it become waiting (the customer's,
+//! those of the agents watching it, those listing its tenant) hands it back
+//! when the time is up ([`run_timeouts`]; the owner's compare-and-set lets
+//! exactly one of them), and the customer's next message does it too if
+//! none did (a node that saw it died).
 
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
 use tracing::{debug, info};
 
 use crate::AppState;
+use crate::conversations::Conversations;
 use crate::event::SystemEvent;
 use crate::ids::ConversationKey;
 use crate::owner::{Owner, Ownership};
@@ -54,14 +63,14 @@ pub(crate) fn waited_too_long(app: &AppState, ownership: &Ownership) -> bool {
 /// Hands a conversation that waited too long back to the assistant (the
 /// `assistant_back` event); returns the ownership after.
 pub(crate) async fn give_up_waiting(
-    app: &AppState,
+    conversations: &Conversations,
     key: &ConversationKey,
     waiting: &Ownership,
 ) -> Result<Ownership, StoreError> {
     let event = NewEvent::system(SystemEvent::AssistantBack, None);
     let with =
         AppendWith { owner: OwnerOp::Change { expected: waiting.epoch, to: &Owner::Assistant }, ..Default::default() };
-    match app.conversations.append(key, event, None, with).await {
+    match conversations.append(key, event, None, with).await {
         Ok(Appended::New { ownership, .. }) => {
             debug!(conversation_id = %key.conversation(), "nobody took the conversation; the assistant answers again");
             Ok(ownership)
@@ -69,6 +78,30 @@ pub(crate) async fn give_up_waiting(
         Ok(Appended::Duplicate(_)) => Err(StoreError::Unavailable("a system event was taken for a duplicate".into())),
         Err(StoreError::OwnerChanged(now)) => Ok(now),
         Err(error) => Err(error),
+    }
+}
+
+/// How often [`run_timeouts`] looks for conversations waiting too long.
+const TIMEOUT_CHECK: Duration = Duration::from_millis(250);
+
+/// The node's hand-over timeouts (see the module doc): hands back the
+/// conversations this node saw waiting for `timeout` or longer.
+pub async fn run_timeouts(conversations: Arc<Conversations>, timeout: Duration, stop: CancellationToken) {
+    let timeout_ms = u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX);
+    let mut check = tokio::time::interval(TIMEOUT_CHECK);
+    check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = check.tick() => {}
+        }
+        let cutoff = crate::store::now_ms().saturating_sub(timeout_ms);
+        for (key, epoch, since_ms) in conversations.take_waiting_since(cutoff) {
+            let waiting = Ownership { owner: Owner::Waiting, epoch, since_ms };
+            if let Err(error) = give_up_waiting(&conversations, &key, &waiting).await {
+                debug!(%error, conversation_id = %key.conversation(), "a waiting conversation not handed back; at the customer's next message");
+            }
+        }
     }
 }
 

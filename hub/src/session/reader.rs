@@ -265,7 +265,7 @@ async fn on_message(
         Ok(Appended::New { event, turns_before, mut ownership }) => {
             let seq = event.seq;
             if handoff::waited_too_long(app, &ownership) {
-                ownership = match handoff::give_up_waiting(app, key, &ownership).await {
+                ownership = match handoff::give_up_waiting(&app.conversations, key, &ownership).await {
                     Ok(ownership) => ownership,
                     Err(error) => return warn!(%error, "could not hand a waiting conversation back"),
                 };

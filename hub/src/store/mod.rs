@@ -89,6 +89,10 @@ pub enum OwnerOp<'a> {
     /// Only if this agent owns it, and (when given) still under this epoch:
     /// an agent's message. Else [`StoreError::OwnerChanged`].
     Fence { agent: &'a str, epoch: Option<u64> },
+    /// Only if the assistant owns it under this owner epoch: an assistant's
+    /// reply (one that streamed under an older epoch is not stored as if
+    /// the assistant still answered). Else [`StoreError::OwnerChanged`].
+    Assistant { epoch: u64 },
     /// Only if the owner epoch is `expected`: then `to` owns it, under
     /// `expected + 1` (the event's `owner_epoch`). Else
     /// [`StoreError::OwnerChanged`].

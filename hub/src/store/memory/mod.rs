@@ -34,7 +34,7 @@ use super::{
 use crate::config::ConversationConfig;
 use crate::fanout::FanOut;
 use crate::ids::{ConversationId, ConversationKey, Party, TenantId, UserId};
-use crate::owner::Ownership;
+use crate::owner::{Owner, Ownership};
 use crate::protocol::Role;
 
 #[derive(Debug)]
@@ -312,6 +312,12 @@ impl ConversationLog for MemoryLog {
                 OwnerOp::Fence { agent, epoch } => {
                     let ownership = &log.ownership;
                     if !ownership.owner.is_agent(agent) || epoch.is_some_and(|e| e != ownership.epoch) {
+                        return Err(StoreError::OwnerChanged(ownership.clone()));
+                    }
+                }
+                OwnerOp::Assistant { epoch } => {
+                    let ownership = &log.ownership;
+                    if ownership.owner != Owner::Assistant || ownership.epoch != epoch {
                         return Err(StoreError::OwnerChanged(ownership.clone()));
                     }
                 }

@@ -347,6 +347,7 @@ impl ConversationLog for RedisLog {
             OwnerOp::Fence { agent, epoch } => {
                 ("fence", format!("agent:{agent}"), epoch.map_or_else(String::new, |e| e.to_string()), "")
             }
+            OwnerOp::Assistant { epoch } => ("fence", Owner::Assistant.encode(), epoch.to_string(), ""),
             OwnerOp::Change { expected, to } => {
                 event.owner_epoch = Some(expected + 1);
                 ("change", to.encode(), expected.to_string(), to.name())

@@ -383,7 +383,7 @@ mod tests {
             typing: Typing { typist: customer, on: false, note: false, to_customer: false },
         });
         let viewers = vec![crate::protocol::Viewer { agent: "a".into(), name: "A".into() }];
-        round_trip(Payload::Presence { node: node("ab"), entry: Present { online: true, viewers } });
+        round_trip(Payload::Presence { node: node("ab"), entry: Present { online: true, viewers, typing: true } });
         assert_eq!(Payload::Presence { node: node("ab"), entry: Present::default() }.encode(), b"Pab\n");
         round_trip(Payload::Presence { node: node("ab"), entry: Present::default() });
         // What note.lua stores: its head spliced before the tail decodes as the note.

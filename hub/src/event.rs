@@ -121,6 +121,19 @@ impl StoredEvent {
     }
 }
 
+/// What a message is de-duplicated by in its conversation's log (a resend
+/// of a stored one is acknowledged again, not stored twice): a customer's
+/// by its client-chosen id, an agent's by `\u{1}agent\u{1}id`, which no
+/// client id can be (ids have no control characters), so neither shadows
+/// the other. Other events are not de-duplicated.
+pub fn dedup_key<'a>(from: Role, id: &'a str, agent: Option<&str>) -> Option<std::borrow::Cow<'a, str>> {
+    match (from, agent) {
+        (Role::Customer, _) => Some(std::borrow::Cow::Borrowed(id)),
+        (Role::Agent, Some(agent)) => Some(std::borrow::Cow::Owned(format!("\u{1}{agent}\u{1}{id}"))),
+        _ => None,
+    }
+}
+
 /// An event to append; the store assigns seq and time.
 #[derive(Debug, Clone)]
 pub struct NewEvent {

@@ -394,6 +394,20 @@ async fn while_an_agent_owns_it_the_customer_talks_to_the_agent_and_hand_back_gi
         (&json!("agent"), &json!("anna"), &json!("Yes, within 30 days."))
     );
     assert_eq!(answer["seq"], ack["seq"]);
+    // A resend (a console reconnecting with its unacknowledged message) is acked again, stored once;
+    // an agent's id equal to the customer's is the agent's own.
+    anna.send_json(
+        json!({"type": "message", "conversation": conversation, "id": "a1", "text": "Yes, within 30 days."}),
+    )
+    .await;
+    let again = anna.expect("ack").await;
+    assert_eq!((&again["id"], &again["seq"]), (&json!("a1"), &ack["seq"]), "{again}");
+    anna.send_json(json!({"type": "message", "conversation": conversation, "id": "q2", "text": "Anything else?"}))
+        .await;
+    let own = anna.expect("ack").await;
+    assert_eq!(own["seq"], ack["seq"].as_u64().unwrap() + 1, "{own}");
+    let next = customer.expect("message").await;
+    assert_eq!((&next["from"], &next["id"], &next["seq"]), (&json!("agent"), &json!("q2"), &own["seq"]), "{next}");
     assert_eq!(answerer.requests().len(), 1, "only the first question reached the NLP service");
 
     // Hand back: the customer is told, and the next question is the assistant's, with the agent's turn.
@@ -408,7 +422,13 @@ async fn while_an_agent_owns_it_the_customer_talks_to_the_agent_and_hand_back_gi
     assert!(history.contains(&(Role::Agent as i32, "Yes, within 30 days.")), "{history:?}");
     assert!(history.contains(&(Role::Customer as i32, "Can I get a refund?")), "{history:?}");
     assert!(!requests.iter().any(|r| format!("{r:?}").contains("Refund approved")), "no note reaches the NLP service");
-    // After handing back, the agent's messages are refused again.
+    // After handing back, a resend of a stored message is still acked; a new one is refused.
+    anna.send_json(
+        json!({"type": "message", "conversation": conversation, "id": "a1", "text": "Yes, within 30 days."}),
+    )
+    .await;
+    let (again, _) = until(&mut anna, "ack", |_| true).await;
+    assert_eq!(again["seq"], ack["seq"], "{again}");
     anna.send_json(json!({"type": "message", "conversation": conversation, "id": "a2", "text": "One more thing"}))
         .await;
     loop {

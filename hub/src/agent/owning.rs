@@ -207,7 +207,10 @@ impl Owning<'_> {
                     self.reply(ServerFrame::Ack { conversation, id: &id, seq: event.seq }.encode());
                 }
             }
-            Ok(Appended::Duplicate(_)) => {}
+            Ok(Appended::Duplicate(seq)) => {
+                // A resend of a stored message: acknowledged again, not stored twice.
+                self.reply(ServerFrame::Ack { conversation: Some(conversation.as_str()), id: &id, seq }.encode());
+            }
             Err(StoreError::OwnerChanged(_)) => {
                 metrics::counter!(crate::metric::AGENT_STALE_WRITES).increment(1);
                 let frame = ServerFrame::ConversationError {

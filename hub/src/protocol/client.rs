@@ -176,10 +176,10 @@ pub fn parse_client_frame(text: &str, limit: TextLimit) -> Result<ClientFrame, F
         }),
         "message" | "note" => {
             let id = take_string(fields.id.take(), "id")?;
-            if id.is_empty() || id.len() > MAX_MESSAGE_ID_LEN {
+            if id.is_empty() || id.len() > MAX_MESSAGE_ID_LEN || id.chars().any(char::is_control) {
                 return Err(FrameError::new(
                     ErrorCode::InvalidId,
-                    format!("`id` must be 1 to {MAX_MESSAGE_ID_LEN} bytes"),
+                    format!("`id` must be 1 to {MAX_MESSAGE_ID_LEN} bytes, without control characters"),
                 ));
             }
             let with_id = |mut e: FrameError| {
@@ -494,6 +494,8 @@ mod tests {
         assert_eq!(code(r#"{"type":"message","text":"hi"}"#), ErrorCode::MissingField);
         assert_eq!(code(r#"{"type":"message","id":"m1"}"#), ErrorCode::MissingField);
         assert_eq!(code(r#"{"type":"message","id":"","text":"hi"}"#), ErrorCode::InvalidId);
+        assert_eq!(code(r#"{"type":"message","id":"m\u0001","text":"hi"}"#), ErrorCode::InvalidId);
+        assert_eq!(code(r#"{"type":"message","id":"m\n1","text":"hi"}"#), ErrorCode::InvalidId);
         assert_eq!(code(r#"{"type":"message","id":"m1","text":7}"#), ErrorCode::InvalidFrame);
         assert_eq!(code(r#"{"type":"message","id":"m1","text":"  "}"#), ErrorCode::EmptyText);
         assert_eq!(code(r#"{"type":"message","id":"m1","text":"01234567890"}"#), ErrorCode::TextTooLong);

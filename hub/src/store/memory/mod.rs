@@ -32,6 +32,7 @@ use super::{
     StoreError, StoredEvent, StoredNote, now_ms,
 };
 use crate::config::ConversationConfig;
+use crate::event::dedup_key;
 use crate::fanout::FanOut;
 use crate::ids::{ConversationId, ConversationKey, Party, TenantId, UserId};
 use crate::owner::{Owner, Ownership};
@@ -59,9 +60,9 @@ struct Conversation {
     last_active_ms: u64,
     /// The newest `log_cap` events, oldest first.
     events: VecDeque<Arc<StoredEvent>>,
-    /// Seq of each customer message in `events`, by client message id: a
-    /// resent message is found without scanning the log.
-    customer_ids: HashMap<String, u64>,
+    /// Seq of each customer's and agent's message in `events`, by
+    /// [`dedup_key`]: a resent message is found without scanning the log.
+    message_ids: HashMap<String, u64>,
     /// Who answers it.
     ownership: Ownership,
     /// Agents' notes, the newest `log_cap`, oldest first.
@@ -150,7 +151,7 @@ impl MemoryLog {
             last_seq: 0,
             last_active_ms: now,
             events: VecDeque::new(),
-            customer_ids: HashMap::new(),
+            message_ids: HashMap::new(),
             ownership: Ownership::default(),
             notes: VecDeque::new(),
             last_note: 0,
@@ -300,9 +301,8 @@ impl ConversationLog for MemoryLog {
         };
         let appended = {
             let mut log = lock(&log);
-            if event.from == Role::Customer
-                && let Some(&seq) = log.customer_ids.get(&event.id)
-            {
+            let dedup = dedup_key(event.from, &event.id, event.agent.as_deref()).map(std::borrow::Cow::into_owned);
+            if let Some(&seq) = dedup.as_ref().and_then(|dedup| log.message_ids.get(dedup)) {
                 return Ok(Appended::Duplicate(seq));
             }
             let now = now_ms();
@@ -335,16 +335,18 @@ impl ConversationLog for MemoryLog {
             log.last_seq += 1;
             log.last_active_ms = now;
             let stored = Arc::new(event.stored(log.last_seq, now));
+            if let Some(dedup) = dedup {
+                log.message_ids.insert(dedup, stored.seq);
+            }
             if stored.from == Role::Customer {
-                log.customer_ids.insert(stored.id.clone(), stored.seq);
                 log.customer_at = Some(now);
             }
             log.events.push_back(stored.clone());
             while log.events.len() > self.log_cap {
                 if let Some(old) = log.events.pop_front()
-                    && old.from == Role::Customer
+                    && let Some(dedup) = dedup_key(old.from, &old.id, old.agent.as_deref())
                 {
-                    log.customer_ids.remove(&old.id);
+                    log.message_ids.remove(dedup.as_ref());
                 }
             }
             Appended::New { event: stored, turns_before, ownership: log.ownership.clone() }

@@ -5,8 +5,9 @@
 -- KEYS[1] meta hash, KEYS[2] log list, KEYS[3] message-id zset,
 -- KEYS[4] listeners hash (node id -> 1, for each node with a socket of it),
 -- KEYS[5] the tenant's active zset, KEYS[6] the tenant's listing flag
--- ARGV: 1 the customer message id to de-duplicate by ("" for any other
---       event; customer ids are never empty), 2 and 3 the log entry before
+-- ARGV: 1 the message's key to de-duplicate by ("" for other events; a
+--       customer's is its id, an agent's starts with \1, see dedup_key in
+--       event.rs), 2 and 3 the log entry before
 --       and after its seq, 4 the published payload before the entry,
 --       5 now_ms, 6 log cap, 7 retention seconds, 8 channel,
 --       9 owner and 10 epoch to create the log with if it is missing
@@ -22,8 +23,8 @@
 --       channel (published to only while the listing flag exists)
 -- Returns {1, seq, other listening nodes, {entries before} or false when
 -- not read, epoch, owner, owner name, owner epoch, owner since} when
--- stored, {0, seq, 0, false, "", false x 4} for a customer message id
--- already stored, {-1, 0, 0, false, "", false x 4} when the conversation does not exist (lost
+-- stored, {0, seq, 0, false, "", false x 4} for a message already stored,
+-- {-1, 0, 0, false, "", false x 4} when the conversation does not exist (lost
 -- or expired), or, when creating, exists with another owner or epoch, and
 -- {-2, 0, 0, false, "", owner, owner name, owner epoch, owner since} when
 -- the owner operation found another owner or epoch (nothing stored).
@@ -46,6 +47,14 @@ elseif owner ~= '' and (current[1] ~= owner or current[2] ~= epoch) then
   return {-1, 0, 0, false, '', false, false, false, false}
 end
 epoch = current[2]
+-- A resend of a stored message is acknowledged again, whoever owns it now.
+local id = ARGV[1]
+if id ~= '' then
+  local seen = redis.call('ZSCORE', ids, id)
+  if seen then
+    return {0, tonumber(seen), 0, false, '', false, false, false, false}
+  end
+end
 local o = redis.call('HMGET', meta, 'owner', 'owner_name', 'owner_epoch', 'owner_since')
 local owner_now, owner_name = o[1] or 'assistant', o[2] or ''
 local owner_epoch, owner_since = tonumber(o[3] or '0'), tonumber(o[4] or '0')
@@ -62,20 +71,13 @@ elseif op == 'change' then
   redis.call('HSET', meta, 'owner', owner_now, 'owner_name', owner_name, 'owner_epoch', owner_epoch,
     'owner_since', owner_since)
 end
-local id = ARGV[1]
-if id ~= '' then
-  local seen = redis.call('ZSCORE', ids, id)
-  if seen then
-    return {0, tonumber(seen), 0, false, '', false, false, false, false}
-  end
-end
 local before = false
 local wanted = tonumber(ARGV[12])
 if wanted > 0 and not (epoch == ARGV[13] and current[3] == ARGV[14]) then
   before = redis.call('LRANGE', log, -wanted, -1)
 end
 local seq = redis.call('HINCRBY', meta, 'seq', 1)
-if id ~= '' then
+if id ~= '' and string.byte(id, 1) ~= 1 then
   redis.call('HSET', meta, 'customer_at', ARGV[5])
 end
 local entry = ARGV[2] .. string.format('%d', seq) .. ARGV[3]

@@ -10,6 +10,7 @@ use tracing::{debug, warn};
 use super::wire::{self, EncodedEvent};
 use super::{Link, recent};
 use crate::config::{ConversationConfig, CreationLimit};
+use crate::event::dedup_key;
 use crate::ids::{ConversationId, ConversationKey, Party, TenantId, UserId};
 use crate::owner::{Owner, Ownership};
 use crate::protocol::Role;
@@ -354,8 +355,8 @@ impl ConversationLog for RedisLog {
             }
         };
         let mut stored = event.stored(0, now_ms());
-        // Only customer messages are de-duplicated (by their client-chosen id).
-        let dedup_id = if stored.from == Role::Customer { stored.id.as_str() } else { "" };
+        let dedup = dedup_key(stored.from, &stored.id, stored.agent.as_deref());
+        let dedup_id = dedup.as_deref().unwrap_or("");
         let encoded = EncodedEvent::new(&stored, &link.node_id, timing.as_ref());
         let hint = link.recent.hint(key, with.turns_before);
         let names = link.keys.conversation_names(key);

@@ -96,6 +96,7 @@ function renderList() {
     const dot = el('span', `presence-dot ${c.online ? 'online' : 'offline'}`);
     dot.title = c.online ? 'Customer online' : 'Customer offline';
     const owner = el('span', `owner-badge owner-${c.owner}`, ownerLabel(c.owner, c.agent, c.agent_name));
+    if (c.owner === 'waiting' && c.owner_since) owner.title = `Asked for a person ${since(c.owner_since)}`;
     top.append(dot, who, owner);
     const last = el('div', 'item-last');
     if (c.typing) last.append(el('span', 'item-typing', 'typing…'));

@@ -148,18 +148,15 @@ struct Listed {
     shown: HashMap<ConversationId, Shown>,
 }
 
-/// What the listers were last given of one conversation.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct Shown {
-    /// When it last had a durable event.
-    activity: u64,
-    online: bool,
-    typing: bool,
-}
+/// What the listers were last given of one conversation: a change that
+/// reads the same summary again is not sent.
+#[derive(Debug)]
+struct Shown(Summary);
 
 impl Shown {
-    fn of(summary: &Summary) -> Self {
-        Self { activity: activity(summary), online: summary.online, typing: summary.typing }
+    /// When it last had a durable event.
+    fn activity(&self) -> u64 {
+        activity(&self.0)
     }
 }
 
@@ -237,7 +234,7 @@ pub async fn run_listing(
                     let expired: Vec<ConversationId> = listed
                         .shown
                         .iter()
-                        .filter(|(_, shown)| !shown.online && shown.activity < cutoff)
+                        .filter(|(_, shown)| !shown.0.online && shown.activity() < cutoff)
                         .map(|(id, _)| id.clone())
                         .collect();
                     for id in expired {
@@ -307,7 +304,7 @@ async fn snapshot(conversations: &Conversations, listed: &mut Listed, window_ms:
         match conversations.summary(&key).await {
             Ok(Some(summary)) => {
                 saw_owner(conversations, &key, &summary);
-                listed.shown.insert(id, Shown::of(&summary));
+                listed.shown.insert(id, Shown(summary.clone()));
                 summaries.push(summary);
             }
             Ok(None) => {}
@@ -331,8 +328,10 @@ async fn changed(conversations: &Conversations, listed: &mut Listed, id: Convers
     match summary {
         Some(summary) if summary.online || activity(&summary) >= cutoff => {
             saw_owner(conversations, &key, &summary);
-            listed.shown.insert(id, Shown::of(&summary));
-            listed.send(&ServerFrame::Conversation(&summary).encode());
+            if listed.shown.get(&id).is_none_or(|shown| shown.0 != summary) {
+                listed.send(&ServerFrame::Conversation(&summary).encode());
+                listed.shown.insert(id, Shown(summary));
+            }
         }
         _ => {
             if listed.shown.remove(&id).is_some() {
@@ -346,7 +345,7 @@ async fn changed(conversations: &Conversations, listed: &mut Listed, id: Convers
 /// re-sends those whose presence changed (a node died, see the module doc).
 async fn recheck_presence(conversations: &Conversations, listed: &mut Listed, window_ms: u64) {
     let ids: Vec<ConversationId> =
-        listed.shown.iter().filter(|(_, shown)| shown.online || shown.typing).map(|(id, _)| id.clone()).collect();
+        listed.shown.iter().filter(|(_, shown)| shown.0.online || shown.0.typing).map(|(id, _)| id.clone()).collect();
     if ids.is_empty() {
         return;
     }
@@ -356,7 +355,7 @@ async fn recheck_presence(conversations: &Conversations, listed: &mut Listed, wi
         Err(error) => return debug!(%error, "cannot re-read the listed conversations' presence"),
     };
     for (id, present) in ids.into_iter().zip(present) {
-        let shown = listed.shown[&id];
+        let shown = &listed.shown[&id].0;
         if (shown.online, shown.typing) != (present.online, present.typing) {
             changed(conversations, listed, id, window_ms).await;
         }

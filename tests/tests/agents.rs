@@ -1007,3 +1007,41 @@ async fn a_waiting_conversation_goes_back_to_the_assistant_at_the_timeout_withou
     }
     assert_eq!(events, ["customer", "assistant", "customer", "waiting", "assistant_back"]);
 }
+
+#[tokio::test]
+async fn an_agent_watching_sees_the_customers_place_in_line_for_the_nlp_service() {
+    // One NLP slot per node, held a while by each question.
+    let answerer =
+        RecordingAnswerer::start(Script { first_chunk_delay: Duration::from_millis(500), ..Script::default() }).await;
+    let nodes = Nodes::start(&["--nlp-url", &answerer.url, "--nlp-max-concurrent", "1"]).await;
+    let mut waiter = customer_with_history(nodes.node(1), "bank", "wendy").await;
+    let conversation = waiter.conversation();
+    let mut anna = agent(nodes.node(0), "bank", "anna").await;
+    anna.send_json(json!({"type": "watch", "conversation": conversation})).await;
+    until(&mut anna, "watching", |_| true).await;
+    until(&mut anna, "message", |frame| frame["seq"] == 2).await;
+
+    // Another customer of the waiter's node holds the slot.
+    let mut holder = Client::connect(&nodes.node(1).ws_url("tenant=bank&user=holly")).await;
+    holder.send_message("h1", "Tell me about the Gold Card").await;
+    holder.expect("ack").await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while answerer.requests().len() < 2 {
+        assert!(tokio::time::Instant::now() < deadline, "the holder's question reaches the answerer");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    waiter.send_message("q2", "And the fees?").await;
+    waiter.expect("ack").await;
+    let reply = waiter.read_reply().await;
+    assert_eq!(reply.queued.first().map(|q| &q["position"]), Some(&json!(1)), "{:?}", reply.queued);
+    let (queued, _) = until(&mut anna, "queued", |_| true).await;
+    assert_eq!(
+        (&queued["conversation"], &queued["reply"], &queued["position"]),
+        (&json!(conversation), &reply.queued[0]["reply"], &json!(1)),
+        "{queued}"
+    );
+    let watched = anna.read_reply().await;
+    assert_eq!(watched.deltas, reply.deltas);
+    assert_eq!(watched.done, reply.done);
+    holder.read_reply().await;
+}

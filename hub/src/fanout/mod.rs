@@ -23,7 +23,14 @@
 //! the event, so none slips in after it), and the replies streaming here
 //! under an older epoch ([`FanOut::hold`]) are told to stop. Agent-only
 //! frames (`owner`) go to agents' handles only ([`Audience`]).
+//!
+//! Its part in presence and typing is in [`presence`](self::presence), its
+//! part in ownership (the takeover fence, conversations seen waiting) in
+//! [`owners`](self::owners): both are more methods of [`FanOut`] on the same
+//! per-conversation entries.
 
+mod owners;
+mod presence;
 mod session;
 
 use std::sync::Arc;
@@ -37,7 +44,7 @@ use tokio_util::sync::CancellationToken;
 use crate::bus::IncomingEvents;
 use crate::event::{Cursor, Step, StoredEvent, SystemEvent};
 use crate::ids::{ConversationKey, SessionId};
-use crate::presence::{Present, Typing, Typist};
+use crate::presence::{Present, Typing};
 use crate::protocol::{ReplyTiming, Role, ServerFrame};
 
 pub use session::{Audience, Outbound, SessionCloser, SessionHandle};
@@ -119,103 +126,6 @@ impl Local {
     fn is_empty(&self) -> bool {
         self.handles.is_empty() && self.replies.is_empty()
     }
-
-    /// This node's presence entry: from its handles.
-    fn entry(&self) -> Present {
-        let mut entry = Present::default();
-        for handle in &self.handles {
-            match handle.viewer() {
-                Some(viewer) => entry.viewers.push(viewer.clone()),
-                None => entry.online = true,
-            }
-        }
-        entry.viewers.sort();
-        entry.viewers.dedup();
-        entry.typing = self.customer_typing;
-        entry
-    }
-
-    /// Every node's entries merged.
-    fn view(&self) -> Present {
-        let mut view = self.entry();
-        for (_, entry) in &self.remote {
-            view.merge(entry);
-        }
-        view
-    }
-
-    /// Sends `presence` to the agents' handles (but `except`) if the view
-    /// changed since they were last given it.
-    fn tell_presence(&mut self, key: &ConversationKey, except: Option<SessionId>) {
-        // Typing has its own frames.
-        let view = Present { typing: false, ..self.view() };
-        if view == self.presence_sent {
-            return;
-        }
-        let frame = view.frame(key.conversation().as_str());
-        self.presence_sent = view;
-        for handle in self.handles.iter().filter(|h| h.is_agent() && Some(h.id) != except) {
-            handle.push(Outbound::ephemeral(frame.clone()));
-        }
-    }
-
-    /// Holds a typing signal (see [`FanOut::deliver_typing`]) and tells the
-    /// sockets; true when it is the conversation's first typist held here.
-    fn hold_typing(
-        &mut self,
-        key: &ConversationKey,
-        typing: &Typing,
-        origin: Option<SessionId>,
-        ttl: Duration,
-    ) -> bool {
-        let held = self.typists.iter().position(|(held, _)| held.typist_id() == typing.typist_id());
-        if !typing.on {
-            if let Some(at) = held {
-                self.typists.swap_remove(at);
-                self.tell_typing(key, typing, origin);
-            }
-            return false;
-        }
-        let until = Instant::now() + ttl;
-        match held {
-            Some(at) if self.typists[at].0 == *typing => self.typists[at].1 = until,
-            Some(at) => {
-                let (before, _) = std::mem::replace(&mut self.typists[at], (typing.clone(), until));
-                if before.to_customer && !typing.to_customer {
-                    // The customer saw it; now it is a note, or not the owner's.
-                    let frame = before.stopped().customer_frame(key.conversation().as_str());
-                    for handle in self.handles.iter().filter(|h| !h.is_agent() && Some(h.id) != origin) {
-                        handle.push(Outbound::ephemeral(frame.clone()));
-                    }
-                }
-                self.tell_typing(key, typing, origin);
-            }
-            None => {
-                self.typists.push((typing.clone(), until));
-                self.tell_typing(key, typing, origin);
-                return true;
-            }
-        }
-        false
-    }
-
-    /// Pushes a typing signal to every handle but the typist's own
-    /// (`origin`, and a typing agent's every socket): agents get it all,
-    /// customers only an owner's (see [`Typing`]).
-    fn tell_typing(&self, key: &ConversationKey, typing: &Typing, origin: Option<SessionId>) {
-        let conversation = key.conversation().as_str();
-        let (mut agents, mut customers) = (None, None);
-        let typist = typing.typist_id();
-        let own = |h: &&SessionHandle| Some(h.id) == origin || h.viewer().is_some_and(|v| v.agent == typist);
-        for handle in self.handles.iter().filter(|h| !own(h)) {
-            let frame = match handle.is_agent() {
-                true => agents.get_or_insert_with(|| typing.agent_frame(conversation)),
-                false if typing.to_customer => customers.get_or_insert_with(|| typing.customer_frame(conversation)),
-                false => continue,
-            };
-            handle.push(Outbound::ephemeral(frame.clone()));
-        }
-    }
 }
 
 impl FanOut {
@@ -242,11 +152,6 @@ impl FanOut {
         self.list_changes.mark(key.tenant(), key.conversation());
     }
 
-    /// This node's presence entry of `key` (its own sockets only).
-    pub fn local_entry(&self, key: &ConversationKey) -> Present {
-        self.sessions.get(key).map(|local| local.entry()).unwrap_or_default()
-    }
-
     /// How long typing signals hold here.
     pub fn with_typing_ttl(self, typing_ttl: std::time::Duration) -> Self {
         Self { typing_ttl, ..self }
@@ -270,205 +175,6 @@ impl FanOut {
             self.mark_presence(key);
         }
         Ok(first)
-    }
-
-    /// Notes that this node's presence entry of `key` changed (or must be
-    /// written again).
-    pub fn mark_presence(&self, key: &ConversationKey) {
-        self.presence_changed.insert(key.clone());
-        self.presence_notify.notify_one();
-    }
-
-    /// Resolves when some conversation's entry on this node changed.
-    pub async fn presence_changed(&self) {
-        self.presence_notify.notified().await;
-    }
-
-    /// This node's entries that changed (an empty one: it has none left).
-    pub fn take_changed_presence(&self) -> Vec<(ConversationKey, Present)> {
-        let keys: Vec<ConversationKey> = self.presence_changed.iter().map(|key| key.clone()).collect();
-        keys.into_iter()
-            .map(|key| {
-                self.presence_changed.remove(&key);
-                let entry = self.sessions.get(&key).map(|local| local.entry()).unwrap_or_default();
-                (key, entry)
-            })
-            .collect()
-    }
-
-    /// Every non-empty entry of this node (for the heartbeat).
-    pub fn presence_entries(&self) -> Vec<(ConversationKey, Present)> {
-        self.sessions
-            .iter()
-            .map(|local| (local.key().clone(), local.entry()))
-            .filter(|(_, entry)| !entry.is_empty())
-            .collect()
-    }
-
-    /// The conversations agents watch on this node.
-    pub fn watched_conversations(&self) -> Vec<ConversationKey> {
-        self.sessions
-            .iter()
-            .filter(|local| local.handles.iter().any(|h| h.is_agent()))
-            .map(|l| l.key().clone())
-            .collect()
-    }
-
-    /// Replaces what this node knows of the other nodes' entries of `key`
-    /// (telling its agents but `except` if the view changed); returns the view.
-    pub fn set_remote_presence(
-        &self,
-        key: &ConversationKey,
-        remote: Vec<(String, Present)>,
-        except: Option<SessionId>,
-    ) -> Present {
-        let Some(mut local) = self.sessions.get_mut(key) else { return Present::default() };
-        local.remote = remote;
-        local.tell_presence(key, except);
-        local.view()
-    }
-
-    /// Another node's entry of `key` changed.
-    pub fn remote_presence(&self, key: &ConversationKey, node: &str, entry: Present) {
-        let Some(mut local) = self.sessions.get_mut(key) else { return };
-        local.remote.retain(|(other, _)| other != node);
-        if !entry.is_empty() {
-            local.remote.push((node.to_owned(), entry));
-        }
-        local.tell_presence(key, None);
-    }
-
-    /// Delivers a typing signal to the conversation's sockets here, but
-    /// the typist's own (`origin`), and holds it until it expires: a repeated
-    /// `on: true` only extends it; an `on: false` for nobody typing is dropped.
-    /// A customer typing on a socket here (`origin` given) changes this
-    /// node's presence entry.
-    pub fn deliver_typing(&self, key: &ConversationKey, typing: &Typing, origin: Option<SessionId>) {
-        let Some(mut local) = self.sessions.get_mut(key) else { return };
-        let here = origin.is_some() && typing.typist == Typist::Customer && local.customer_typing != typing.on;
-        if here {
-            local.customer_typing = typing.on;
-        }
-        let held = local.hold_typing(key, typing, origin, self.typing_ttl);
-        // Not under the entry's lock: `expire_typing` takes these two the other way round.
-        drop(local);
-        if held {
-            self.typing.insert(key.clone());
-        }
-        if here {
-            self.mark_presence(key);
-        }
-    }
-
-    /// Stops every typing signal whose time is up, telling the sockets
-    /// `on: false`.
-    pub fn expire_typing(&self) {
-        let now = Instant::now();
-        let mut stopped_here = Vec::new();
-        self.typing.retain(|key| {
-            let Some(mut local) = self.sessions.get_mut(key) else { return false };
-            let mut at = 0;
-            while at < local.typists.len() {
-                if local.typists[at].1 <= now {
-                    let (typing, _) = local.typists.swap_remove(at);
-                    if typing.typist == Typist::Customer && local.customer_typing {
-                        local.customer_typing = false;
-                        stopped_here.push(key.clone());
-                    }
-                    local.tell_typing(key, &typing.stopped(), None);
-                } else {
-                    at += 1;
-                }
-            }
-            !local.typists.is_empty()
-        });
-        for key in &stopped_here {
-            self.mark_presence(key);
-        }
-    }
-
-    /// Notes the conversation's owner as of owner epoch `epoch`: `waiting`
-    /// since `since_ms`, or anyone else (a later epoch replaces an earlier).
-    pub fn saw_owner(&self, key: &ConversationKey, epoch: u64, waiting: bool, since_ms: u64) {
-        match self.waiting.entry(key.clone()) {
-            dashmap::Entry::Occupied(seen) if seen.get().0 > epoch => {}
-            dashmap::Entry::Occupied(seen) if !waiting => {
-                seen.remove();
-            }
-            dashmap::Entry::Occupied(mut seen) => *seen.get_mut() = (epoch, since_ms),
-            dashmap::Entry::Vacant(new) if waiting => {
-                new.insert((epoch, since_ms));
-            }
-            dashmap::Entry::Vacant(_) => {}
-        }
-    }
-
-    /// Takes the conversations seen `waiting` since `cutoff_ms` or earlier,
-    /// with their owner epoch and since when.
-    pub fn take_waiting_since(&self, cutoff_ms: u64) -> Vec<(ConversationKey, u64, u64)> {
-        let due: Vec<(ConversationKey, u64, u64)> = self
-            .waiting
-            .iter()
-            .filter(|seen| seen.value().1 <= cutoff_ms)
-            .map(|seen| (seen.key().clone(), seen.value().0, seen.value().1))
-            .collect();
-        for (key, epoch, _) in &due {
-            self.waiting.remove_if(key, |_, seen| seen.0 == *epoch);
-        }
-        due
-    }
-
-    /// Registers a reply streaming on this node under owner epoch `epoch`:
-    /// `takeover` is cancelled when an owner change of a later epoch is
-    /// delivered here (at once if one already was). Returns true when the
-    /// conversation had nothing on this node before (subscribe it).
-    pub fn hold(&self, key: &ConversationKey, epoch: u64, takeover: CancellationToken) -> bool {
-        let mut entry = self.sessions.entry(key.clone()).or_default();
-        let first = entry.is_empty();
-        if entry.owner_epoch > epoch {
-            takeover.cancel();
-        }
-        entry.replies.push((epoch, takeover));
-        first
-    }
-
-    /// [`FanOut::hold`] when the conversation already has something on this
-    /// node (it is subscribed: nothing more to do); false, doing nothing, if not.
-    pub fn hold_if_present(&self, key: &ConversationKey, epoch: u64, takeover: &CancellationToken) -> bool {
-        let Some(mut local) = self.sessions.get_mut(key) else { return false };
-        if local.is_empty() {
-            return false;
-        }
-        if local.owner_epoch > epoch {
-            takeover.cancel();
-        }
-        local.replies.push((epoch, takeover.clone()));
-        true
-    }
-
-    /// [`FanOut::unhold`] when it is not the conversation's last thing on
-    /// this node; false, doing nothing, if it is.
-    pub fn unhold_unless_last(&self, key: &ConversationKey, takeover: &CancellationToken) -> bool {
-        let Some(mut local) = self.sessions.get_mut(key) else { return false };
-        let Some(at) = local.replies.iter().position(|(_, t)| t == takeover) else { return false };
-        if local.handles.is_empty() && local.replies.len() == 1 {
-            return false;
-        }
-        local.replies.swap_remove(at);
-        true
-    }
-
-    /// Ends a [`FanOut::hold`]; returns true when it was the conversation's
-    /// last thing on this node (unsubscribe it).
-    pub fn unhold(&self, key: &ConversationKey, takeover: &CancellationToken) -> bool {
-        self.sessions
-            .remove_if_mut(key, |_, local| {
-                if let Some(at) = local.replies.iter().position(|(_, t)| t == takeover) {
-                    local.replies.swap_remove(at);
-                }
-                local.is_empty()
-            })
-            .is_some()
     }
 
     /// Whether this session watches or has the conversation on this node.

@@ -5,6 +5,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use super::*;
+use crate::presence::Typist;
 use crate::protocol::close;
 
 fn key() -> ConversationKey {

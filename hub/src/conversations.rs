@@ -138,7 +138,7 @@ impl Conversations {
     }
 
     /// The changes the agents' lists of this node wait for.
-    pub fn list_changes(&self) -> Arc<crate::listing::Changes> {
+    pub fn list_changes(&self) -> Arc<crate::listing::changes::Changes> {
         self.fanout.list_changes().clone()
     }
 

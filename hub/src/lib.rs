@@ -123,7 +123,7 @@ pub enum AppError {
     #[error("cannot connect to Redis for the tenant limits: {0}")]
     TenantCounts(#[from] tenant::CountError),
     #[error("cannot load the auth keys: {0}")]
-    Keys(#[from] auth::keys::KeyError),
+    Keys(#[from] auth::keyring::KeyError),
     #[error("server failed: {0}")]
     Serve(std::io::Error),
 }
@@ -209,7 +209,7 @@ impl App {
                 (Arc::new(log), Arc::new(bus.clone()), Arc::new(bus), counts)
             }
         };
-        tracker.spawn(presence::run_presence(
+        tracker.spawn(fanout::run_presence(
             fanout.clone(),
             board.clone(),
             config.agents.presence_ttl(),

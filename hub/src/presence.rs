@@ -13,7 +13,8 @@
 //! entries of the conversations their agents watch and send `presence`
 //! when the merged view changed. Nothing here is on a customer's message
 //! path: the fan-out only marks a conversation whose entry changed, and
-//! [`run_presence`] writes every marked entry in one round trip.
+//! [`crate::fanout::run_presence`] writes every marked entry in one round
+//! trip.
 //!
 //! **Typing** is a [`Typing`] signal handed to the fan-out of every node of
 //! the conversation (this node's directly, the others' through the
@@ -24,16 +25,12 @@
 //! that agent owns the conversation and is not writing a note
 //! ([`Typing::to_customer`]), and never a customer's typing.
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
 use axum::extract::ws::Utf8Bytes;
 use serde::{Deserialize, Serialize};
-use tokio_util::sync::CancellationToken;
-use tracing::debug;
 
-use crate::fanout::FanOut;
 use crate::ids::ConversationKey;
 use crate::protocol::{ServerFrame, Viewer};
 use crate::store::StoreError;
@@ -154,50 +151,5 @@ impl PresenceBoard for LocalBoard {
 
     async fn read(&self, keys: &[ConversationKey]) -> Result<Vec<Vec<(String, Present)>>, StoreError> {
         Ok(vec![Vec::new(); keys.len()])
-    }
-}
-
-/// The node's presence upkeep: writes the entries the fan-out marked as
-/// changed, refreshes all of them every third of the presence TTL (and
-/// re-reads the other nodes' entries of the watched conversations), and
-/// expires typing.
-pub async fn run_presence(
-    fanout: Arc<FanOut>,
-    board: Arc<dyn PresenceBoard>,
-    ttl: Duration,
-    typing_ttl: Duration,
-    stop: CancellationToken,
-) {
-    let mut heartbeat = tokio::time::interval(ttl / 3);
-    heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut typing = tokio::time::interval((typing_ttl / 4).min(Duration::from_millis(250)));
-    typing.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            _ = stop.cancelled() => return,
-            () = fanout.presence_changed() => {
-                let changed = fanout.take_changed_presence();
-                board.write(&changed, ttl, true).await;
-                for (key, _) in &changed {
-                    fanout.mark_listed(key);
-                }
-            }
-            _ = heartbeat.tick() => {
-                board.write(&fanout.presence_entries(), ttl, false).await;
-                let watched = fanout.watched_conversations();
-                if watched.is_empty() {
-                    continue;
-                }
-                match board.read(&watched).await {
-                    Ok(entries) => {
-                        for (key, entries) in watched.iter().zip(entries) {
-                            fanout.set_remote_presence(key, entries, None);
-                        }
-                    }
-                    Err(error) => debug!(%error, "cannot read presence; keeping the last known"),
-                }
-            }
-            _ = typing.tick() => fanout.expire_typing(),
-        }
     }
 }

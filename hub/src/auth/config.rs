@@ -150,9 +150,9 @@ impl AuthConfig {
                 return Err(bad("`kid` must be 1 to 256 bytes"));
             }
             if let Some(alg) = &key.alg {
-                let family = super::keys::family_of(alg).ok_or_else(|| bad(&format!("unknown alg {alg:?}")))?;
+                let family = super::alg::family_of(alg).ok_or_else(|| bad(&format!("unknown alg {alg:?}")))?;
                 let fits = match family {
-                    super::keys::Family::Hmac => key.secret_file.is_some(),
+                    super::alg::Family::Hmac => key.secret_file.is_some(),
                     _ => key.secret_file.is_none(),
                 };
                 if !fits {

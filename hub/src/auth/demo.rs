@@ -12,7 +12,7 @@
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
 
 use super::identity::{Claims, Identity, Role, now_secs};
-use super::keys::KeyFingerprint;
+use super::key::KeyFingerprint;
 use super::verify::{MAX_TOKEN_BYTES, Refusal};
 use crate::ids::{TenantId, UserId};
 

@@ -3,7 +3,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::keys::KeyFingerprint;
+use super::key::KeyFingerprint;
 use crate::ids::{TenantId, UserId};
 
 /// What a connecting party is, from the token's `role` claim.

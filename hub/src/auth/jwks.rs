@@ -26,8 +26,9 @@ use jsonwebtoken::jwk::{AlgorithmParameters, Jwk, KeyOperations, PublicKeyUse};
 use jsonwebtoken::{Algorithm, DecodingKey};
 use tracing::{info, warn};
 
+use super::alg::family;
 use super::config::{AuthConfig, KeyConfig};
-use super::keys::{Key, KeyFingerprint, family};
+use super::key::{Key, KeyFingerprint};
 use crate::ids::TenantId;
 
 /// Largest JWKS document accepted, in bytes.

@@ -1,7 +1,9 @@
 //! Identity: who is on the other end of each socket, proven by a signed token.
 //!
 //! - [`config`]: `[auth]` and `[[auth.keys]]`, checked before any file is read.
-//! - [`keys`]: the keyring, every configured key pinned to one tenant and one algorithm.
+//! - [`alg`]: algorithms by name, their families, a key file's bytes as a key.
+//! - [`key`]: one verifying key, the checks its tokens get, its fingerprint.
+//! - [`keyring`]: every configured key, pinned to one tenant and one algorithm.
 //! - [`jwks`]: a tenant's JWKS, fetched and cached per (tenant, kid).
 //! - [`verify`]: a token to an [`Identity`], or a [`Refusal`] with a stable code.
 //! - [`demo`]: the demo mode's own tokens (`GET /demo/token`).
@@ -12,12 +14,14 @@
 //! verify, SIGHUP asks it to [`Auth::reload`], sessions watch its keyring
 //! so a removed key closes their sockets at once.
 
+pub mod alg;
 pub mod config;
 pub mod demo;
 pub mod expiry;
 pub mod identity;
 pub mod jwks;
-pub mod keys;
+pub mod key;
+pub mod keyring;
 pub mod verify;
 
 use std::sync::Arc;
@@ -30,7 +34,7 @@ pub use identity::{Identity, Role};
 pub use verify::Refusal;
 
 use demo::DemoIssuer;
-use keys::{KeyError, Keyring};
+use keyring::{KeyError, Keyring};
 
 /// A loaded `[auth]`: its settings and its keys, swapped whole on reload.
 #[derive(Debug)]

@@ -16,7 +16,8 @@ use jsonwebtoken::errors::ErrorKind;
 use serde::Deserialize;
 
 use super::identity::{Claims, Identity, now_secs};
-use super::keys::{Key, Keyring};
+use super::key::Key;
+use super::keyring::Keyring;
 use crate::ids::{TenantId, UserId};
 
 /// Longest token accepted, in bytes.

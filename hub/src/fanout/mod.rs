@@ -47,6 +47,7 @@ use crate::ids::{ConversationKey, SessionId};
 use crate::presence::{Present, Typing};
 use crate::protocol::{ReplyTiming, Role, ServerFrame};
 
+pub use presence::run_presence;
 pub use session::{Audience, Outbound, SessionCloser, SessionHandle};
 
 /// Serializes this node's appends to one conversation, so that their local
@@ -76,7 +77,7 @@ pub struct FanOut {
     presence_notify: tokio::sync::Notify,
     /// The conversations of listed tenants that changed, for this node's
     /// agents' lists ([`crate::listing`]).
-    list_changes: Arc<crate::listing::Changes>,
+    list_changes: Arc<crate::listing::changes::Changes>,
     /// Conversations this node saw become `waiting` (an owner change
     /// delivered here, or an agents' list showing it): their owner epoch
     /// and since when, for the hand-over's timeout
@@ -143,7 +144,7 @@ impl FanOut {
     }
 
     /// Where the changes of listed tenants' conversations are noted.
-    pub fn list_changes(&self) -> &Arc<crate::listing::Changes> {
+    pub fn list_changes(&self) -> &Arc<crate::listing::changes::Changes> {
         &self.list_changes
     }
 

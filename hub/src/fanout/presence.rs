@@ -2,13 +2,18 @@
 //! node's presence entry of each conversation, made from its handles and
 //! the customer's typing here, the other nodes' entries as last heard, the
 //! `presence` frames agents get when the merged view changes, and the
-//! typing signals held until they expire.
+//! typing signals held until they expire; and the node's task that keeps
+//! this node's entries on the [`PresenceBoard`] ([`run_presence`]).
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
+
+use tokio_util::sync::CancellationToken;
+use tracing::debug;
 
 use super::{FanOut, Local, Outbound, SessionHandle};
 use crate::ids::{ConversationKey, SessionId};
-use crate::presence::{Present, Typing, Typist};
+use crate::presence::{PresenceBoard, Present, Typing, Typist};
 
 impl Local {
     /// This node's presence entry: from its handles.
@@ -227,6 +232,51 @@ impl FanOut {
         });
         for key in &stopped_here {
             self.mark_presence(key);
+        }
+    }
+}
+
+/// The node's presence upkeep: writes the entries the fan-out marked as
+/// changed, refreshes all of them every third of the presence TTL (and
+/// re-reads the other nodes' entries of the watched conversations), and
+/// expires typing.
+pub async fn run_presence(
+    fanout: Arc<FanOut>,
+    board: Arc<dyn PresenceBoard>,
+    ttl: Duration,
+    typing_ttl: Duration,
+    stop: CancellationToken,
+) {
+    let mut heartbeat = tokio::time::interval(ttl / 3);
+    heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut typing = tokio::time::interval((typing_ttl / 4).min(Duration::from_millis(250)));
+    typing.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            () = fanout.presence_changed() => {
+                let changed = fanout.take_changed_presence();
+                board.write(&changed, ttl, true).await;
+                for (key, _) in &changed {
+                    fanout.mark_listed(key);
+                }
+            }
+            _ = heartbeat.tick() => {
+                board.write(&fanout.presence_entries(), ttl, false).await;
+                let watched = fanout.watched_conversations();
+                if watched.is_empty() {
+                    continue;
+                }
+                match board.read(&watched).await {
+                    Ok(entries) => {
+                        for (key, entries) in watched.iter().zip(entries) {
+                            fanout.set_remote_presence(key, entries, None);
+                        }
+                    }
+                    Err(error) => debug!(%error, "cannot read presence; keeping the last known"),
+                }
+            }
+            _ = typing.tick() => fanout.expire_typing(),
         }
     }
 }

@@ -190,7 +190,7 @@ impl EventBus for RedisBus {
             return;
         }
         let link = &self.inner.link;
-        let ttl_ms = u64::try_from(crate::listing::LISTING_TTL.as_millis()).unwrap_or(u64::MAX);
+        let ttl_ms = u64::try_from(crate::listing::changes::LISTING_TTL.as_millis()).unwrap_or(u64::MAX);
         let mut pipe = redis::pipe();
         for tenant in tenants {
             pipe.cmd("SET").arg(link.keys.listing(tenant)).arg(1).arg("PX").arg(ttl_ms).ignore();

@@ -1,4 +1,7 @@
-//! The Redis conversation log (see the parent module for its layout).
+//! The Redis conversation log (see the parent module for its layout); its
+//! agents' notes are in [`notes`].
+
+mod notes;
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -15,8 +18,8 @@ use crate::ids::{ConversationId, ConversationKey, Party, TenantId, UserId};
 use crate::owner::{Owner, Ownership};
 use crate::protocol::Role;
 use crate::store::{
-    AppendWith, Appended, ConversationLog, LogSummary, NewEvent, NoteLog, Opened, OwnerOp, Pending, Snapshot,
-    StoreError, StoredEvent, StoredNote, now_ms,
+    AppendWith, Appended, ConversationLog, LogSummary, NewEvent, Opened, OwnerOp, Pending, Snapshot, StoreError,
+    StoredEvent, now_ms,
 };
 
 #[derive(Clone)]
@@ -205,49 +208,6 @@ fn parse_entry(entry: &[u8]) -> Option<Arc<StoredEvent>> {
             warn!(%error, "skipping a log entry that does not decode");
             None
         }
-    }
-}
-
-#[async_trait]
-impl NoteLog for RedisLog {
-    async fn add_note(&self, key: &ConversationKey, note: StoredNote) -> Result<Arc<StoredNote>, StoreError> {
-        let inner = &self.inner;
-        let link = &inner.link;
-        let at_ms = now_ms();
-        let note = StoredNote { at_ms, ..note };
-        let mut con = link.commands.clone();
-        let mut invocation = inner.note.prepare_invoke();
-        invocation
-            .key(link.keys.meta(key))
-            .key(link.keys.notes(key))
-            .key(link.keys.listeners(key))
-            .arg(wire::note_tail(&note))
-            .arg(inner.log_cap)
-            .arg(link.retention_secs)
-            .arg(link.keys.channel(key))
-            .arg(link.node_id.as_str());
-        let placed: Vec<u64> = link.call(invocation.invoke_async(&mut con)).await?;
-        match placed[..] {
-            [seq, after] => Ok(Arc::new(StoredNote { seq, after, ..note })),
-            _ => Err(StoreError::ConversationNotFound),
-        }
-    }
-
-    async fn notes(&self, key: &ConversationKey) -> Result<Vec<Arc<StoredNote>>, StoreError> {
-        let link = &self.inner.link;
-        let mut con = link.commands.clone();
-        let entries: Vec<Vec<u8>> =
-            link.call(redis::cmd("LRANGE").arg(link.keys.notes(key)).arg(0).arg(-1).query_async(&mut con)).await?;
-        Ok(entries
-            .iter()
-            .filter_map(|entry| match serde_json::from_slice(entry) {
-                Ok(note) => Some(Arc::new(note)),
-                Err(error) => {
-                    warn!(%error, "skipping a note that does not decode");
-                    None
-                }
-            })
-            .collect())
     }
 }
 

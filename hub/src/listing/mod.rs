@@ -27,13 +27,17 @@
 //! within the TTL. A conversation shown `waiting` is noted for the
 //! hand-over's timeout ([`crate::session::handoff`]).
 
-use std::collections::{HashMap, HashSet};
-use std::sync::{Arc, Mutex};
+pub mod changes;
+
+use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::{Notify, mpsc};
+use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::debug;
+
+use changes::{Changes, LISTING_TTL};
 
 use crate::conversations::Conversations;
 use crate::fanout::{Outbound, SessionHandle};
@@ -41,11 +45,6 @@ use crate::ids::{ConversationId, ConversationKey, Party, SessionId, TenantId};
 use crate::owner::Owner;
 use crate::protocol::{ServerFrame, Summary};
 use crate::store::now_ms;
-
-/// How long a node's "this tenant is listed here" flag holds without a
-/// refresh (every third of it): other nodes stop publishing changes for a
-/// tenant no node lists within it.
-pub const LISTING_TTL: Duration = Duration::from_secs(30);
 
 /// The most conversations a `conversations` snapshot carries (the most
 /// recent ones).
@@ -56,52 +55,6 @@ const SWEEP_INTERVAL: Duration = Duration::from_secs(1);
 
 /// `list`/`unlist` requests waiting for the listing task.
 const COMMAND_QUEUE: usize = 64;
-
-/// Changed conversations of the tenants listed on this node, noted
-/// without waiting (from the bus's receiving loop among others) and taken
-/// by [`run_listing`]; each conversation once however often it changed.
-#[derive(Debug, Default)]
-pub struct Changes {
-    /// By listed tenant (a tenant is here while it is listed).
-    pending: Mutex<HashMap<TenantId, HashSet<ConversationId>>>,
-    /// Every listing socket needs its snapshot again (changes may be lost).
-    resync: std::sync::atomic::AtomicBool,
-    notify: Notify,
-}
-
-impl Changes {
-    /// Notes a change; ignored for a tenant not listed here.
-    pub fn mark(&self, tenant: &TenantId, conversation: &ConversationId) {
-        let mut pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(ids) = pending.get_mut(tenant) {
-            ids.insert(conversation.clone());
-            self.notify.notify_one();
-        }
-    }
-
-    /// Changes may have been missed (the bus's subscription was down).
-    pub fn resync(&self) {
-        self.resync.store(true, std::sync::atomic::Ordering::Release);
-        self.notify.notify_one();
-    }
-
-    fn listen(&self, tenant: &TenantId) {
-        self.pending.lock().unwrap_or_else(|e| e.into_inner()).entry(tenant.clone()).or_default();
-    }
-
-    fn forget(&self, tenant: &TenantId) {
-        self.pending.lock().unwrap_or_else(|e| e.into_inner()).remove(tenant);
-    }
-
-    fn take(&self) -> Vec<(TenantId, Vec<ConversationId>)> {
-        let mut pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
-        pending
-            .iter_mut()
-            .filter(|(_, ids)| !ids.is_empty())
-            .map(|(tenant, ids)| (tenant.clone(), ids.drain().collect()))
-            .collect()
-    }
-}
 
 /// What an agent's session asks of the listing task.
 #[derive(Debug)]

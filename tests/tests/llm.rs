@@ -428,7 +428,7 @@ async fn the_request_id_goes_upstream_as_configured_per_backend() {
     let refused = call(&bridge, "forwarded", "Say hi.", "req-1").await;
     assert_eq!(refused.len(), 1, "{refused:?}");
     assert_eq!(refused[0].as_ref().unwrap_err().code(), Code::InvalidArgument, "{refused:?}");
-    assert!(bridge.logs().contains("upstream refused the request status=400"), "{}", bridge.logs());
+    bridge.wait_log_lines("upstream refused the request status=400", 1).await;
     // Renamed or turned off, the same id does not bother it.
     assert!(ok(&call(&bridge, "renamed", "Say hi.", "req-1").await));
     assert!(ok(&call(&bridge, "dropped", "Say hi.", "req-1").await));
@@ -460,6 +460,6 @@ async fn an_answer_the_model_server_cuts_short_for_another_request_ends_interrup
         }
     };
     assert_eq!((done["interrupted"].clone(), done["fallback"].clone()), (json!(true), json!(true)), "{done}");
-    assert!(bridge.logs().contains("upstream ended the answer without a finish reason"), "{}", bridge.logs());
+    bridge.wait_log_lines("upstream ended the answer without a finish reason", 1).await;
     assert_eq!(llama.completions(), [200, 200]);
 }

@@ -14,7 +14,7 @@ use crate::ids::{ConversationId, ConversationKey, Party, TenantId, UserId};
 use crate::owner::{Owner, Ownership};
 use crate::protocol::Role;
 use crate::store::{
-    AppendWith, Appended, ConversationLog, LogSummary, NewEvent, NoteLog, Opened, OwnerOp, Pending, Snapshot,
+    AppendWith, Appended, ConversationLog, LogEpoch, LogSummary, NewEvent, NoteLog, Opened, OwnerOp, Pending, Snapshot,
     StoreError, StoredEvent, StoredNote, now_ms,
 };
 
@@ -425,7 +425,7 @@ impl ConversationLog for RedisLog {
                     // Not read: the log was where the hint said, so its turns are the hint's.
                     None => hint.turns,
                 };
-                Ok(Appended::New { event, turns_before, ownership: ownership() })
+                Ok(Appended::New { event, epoch: LogEpoch::of(&epoch), turns_before, ownership: ownership() })
             }
             0 => Ok(Appended::Duplicate(seq)),
             -2 => Err(StoreError::OwnerChanged(ownership())),

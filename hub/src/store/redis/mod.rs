@@ -41,6 +41,15 @@
 //! leaves its name in the hashes it was in until they expire: other nodes
 //! then publish for nobody, which costs a PUBLISH and loses nothing.
 //!
+//! A log that is lost (flush, failover, expiry) takes its listeners hash
+//! with it. The append that recreates it (seq 1, a new epoch) enters its
+//! own node and publishes the event whoever listens; a node that hears it
+//! on a channel it is subscribed to enters the hash again and has its
+//! sessions of the conversation re-read the log (see `bus.rs`). Every
+//! published event names its log's epoch, so a node's fan-out and each
+//! socket follow the new log from seq 1 and never deliver the old one's
+//! events after it ([`crate::event::Cursor`]).
+//!
 //! If the subscription drops, `/readyz` turns red, the connection manager
 //! reconnects and resubscribes by itself (a heartbeat PING makes sure it
 //! tries), and every local session re-reads the log after its last seq, so

@@ -90,7 +90,7 @@ impl EventBus for RedisBus {
         // In the listeners hash before subscribed: an append from now on is
         // published (or in the log read that follows the subscription).
         self.inner.listen(key, &channel).await?;
-        link.listeners.channels.insert(channel.clone(), key.clone());
+        link.listeners.listen(key, link.keys.conversation_names(key));
         link.recent.listen(key);
         let mut subscriber = self.inner.subscriber.clone();
         if let Err(error) = link.call(subscriber.subscribe(&channel)).await {

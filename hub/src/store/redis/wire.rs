@@ -239,13 +239,18 @@ impl Payload {
 }
 
 /// A durable event encoded for `append.lua`, which assigns its seq: the log
-/// entry is `entry_head` + seq + `entry_tail`, and the payload published
-/// is `payload_head` + the log's epoch + `\n` + that entry ([`Payload::Event`]).
+/// entry is [`EncodedEvent::entry_head`] + seq + [`EncodedEvent::entry_tail`],
+/// and the payload published is [`EncodedEvent::payload_head`] + the log's
+/// epoch + `\n` + that entry ([`Payload::Event`]). All three parts are
+/// slices of one buffer, written once.
 #[derive(Debug, Clone)]
 pub struct EncodedEvent {
-    pub entry_head: Vec<u8>,
-    pub entry_tail: Vec<u8>,
-    pub payload_head: Vec<u8>,
+    /// The payload head, then the event's JSON.
+    bytes: Vec<u8>,
+    /// Where the JSON starts.
+    entry_at: usize,
+    /// The seq's digits in the JSON, cut out.
+    seq: std::ops::Range<usize>,
 }
 
 impl EncodedEvent {
@@ -253,18 +258,36 @@ impl EncodedEvent {
     /// assigns the one stored).
     pub fn new(event: &StoredEvent, node: &NodeId, timing: Option<&ReplyTiming>) -> Self {
         const SEQ_KEY: &[u8] = b"\"seq\":";
-        let mut entry_head = serde_json::to_vec(event).expect("stored events always serialize");
+        let mut bytes = event_head(node, timing);
+        let entry_at = bytes.len();
+        serde_json::to_writer(&mut bytes, event).expect("stored events always serialize");
         // The first `"seq":` is the key: inside a JSON string every `"` is escaped.
-        let seq_at = entry_head.windows(SEQ_KEY.len()).position(|w| w == SEQ_KEY).expect("a stored event has a seq")
-            + SEQ_KEY.len();
-        let entry_tail = entry_head[seq_at + event.seq.to_string().len()..].to_vec();
-        entry_head.truncate(seq_at);
-        Self { entry_head, entry_tail, payload_head: event_head(node, timing) }
+        let seq_at =
+            bytes[entry_at..].windows(SEQ_KEY.len()).position(|w| w == SEQ_KEY).expect("a stored event has a seq")
+                + entry_at
+                + SEQ_KEY.len();
+        let digits = itoa::Buffer::new().format(event.seq).len();
+        Self { bytes, entry_at, seq: seq_at..seq_at + digits }
+    }
+
+    /// `E<node>\n<timing>\n`: what the published payload starts with.
+    pub fn payload_head(&self) -> &[u8] {
+        &self.bytes[..self.entry_at]
+    }
+
+    /// The log entry before its seq.
+    pub fn entry_head(&self) -> &[u8] {
+        &self.bytes[self.entry_at..self.seq.start]
+    }
+
+    /// The log entry after its seq.
+    pub fn entry_tail(&self) -> &[u8] {
+        &self.bytes[self.seq.end..]
     }
 
     /// Bytes in all three parts.
     pub fn byte_len(&self) -> usize {
-        self.entry_head.len() + self.entry_tail.len() + self.payload_head.len()
+        self.bytes.len()
     }
 }
 
@@ -462,8 +485,8 @@ mod tests {
 
     /// What `append.lua` does with an [`EncodedEvent`].
     fn splice(encoded: &EncodedEvent, seq: u64) -> (Vec<u8>, Vec<u8>) {
-        let entry = [&encoded.entry_head[..], seq.to_string().as_bytes(), &encoded.entry_tail[..]].concat();
-        let published = [&encoded.payload_head[..], b"5e1b7c9d2a4f\n", &entry[..]].concat();
+        let entry = [encoded.entry_head(), seq.to_string().as_bytes(), encoded.entry_tail()].concat();
+        let published = [encoded.payload_head(), b"5e1b7c9d2a4f\n", &entry[..]].concat();
         (entry, published)
     }
 

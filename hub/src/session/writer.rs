@@ -1,9 +1,7 @@
 //! The writer half of a session: the only owner of the socket's sink.
 //!
 //! It drains the bounded outbound queue in bursts (feed every queued frame,
-//! flush once; a burst that did not fill gives the tasks woken with the
-//! writer one turn first, so that a reply's deltas queued right behind its
-//! `ack` share its write), keeps durable events in seq order without duplicates (an
+//! flush once), keeps durable events in seq order without duplicates (an
 //! event at or below the last sent seq is skipped; a jump past the next seq
 //! is filled from the log first, as is a `Resync` after the node's
 //! subscription dropped), follows the conversation's log when it was lost
@@ -138,15 +136,6 @@ pub(super) fn run_writer(
                     received = queue.recv_many(&mut burst, BURST) => {
                         if received == 0 {
                             return Ok(());
-                        }
-                        if received < BURST {
-                            // One turn for the tasks woken with this one (a reply's
-                            // deltas right behind its `ack`): what they queue goes
-                            // out in the same write.
-                            tokio::task::yield_now().await;
-                            while burst.len() < BURST && let Ok(item) = queue.try_recv() {
-                                burst.push(item);
-                            }
                         }
                         tokio::select! {
                             biased;

@@ -347,5 +347,19 @@ mod tests {
         let frames = frames_before_close(vec![frame(6, "event-6"), frame(5, "event-5")].into_iter(), &mut sent);
         assert!(frames.is_empty());
         assert_eq!(sent.last(), 4);
+        // An event of a log left behind is skipped; one of a new log stops
+        // stored events (the client must be told first: `ready`, `history_lost`).
+        let (old, new) = (LogEpoch::of("e"), LogEpoch::of("f"));
+        let event =
+            |epoch, seq, text| Outbound::Event { epoch, seq, frame: Utf8Bytes::from_static(text), queued_at: at };
+        let mut sent = Cursor::in_epoch(old, 4);
+        sent.restart(new, 0);
+        let queued = vec![event(old, 5, "old-5"), event(new, 1, "new-1"), event(old, 6, "old-6"), frame(0, "delta")];
+        let frames = frames_before_close(queued.into_iter(), &mut sent);
+        assert_eq!(frames.iter().map(Utf8Bytes::as_str).collect::<Vec<_>>(), ["new-1", "delta"]);
+        let mut sent = Cursor::in_epoch(old, 4);
+        let frames = frames_before_close(vec![event(new, 1, "new-1"), event(old, 5, "old-5")].into_iter(), &mut sent);
+        assert!(frames.is_empty(), "nothing of the new log before the client is told; nothing stored after a stop");
+        assert_eq!((sent.epoch(), sent.last()), (Some(old), 4));
     }
 }

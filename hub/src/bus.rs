@@ -41,7 +41,7 @@
 use async_trait::async_trait;
 use axum::extract::ws::Utf8Bytes;
 
-use crate::event::StoredEvent;
+use crate::event::{LogEpoch, StoredEvent};
 use crate::ids::{ConversationId, ConversationKey, TenantId};
 use crate::presence::{Present, Typing};
 use crate::protocol::ReplyTiming;
@@ -50,9 +50,9 @@ use crate::store::StoreError;
 /// Where a bus hands what it receives from other nodes. Never blocks: it is
 /// called from the bus's receiving loop.
 pub trait IncomingEvents: Send + Sync + 'static {
-    /// A durable event another node appended (`timing` rides along on a
-    /// reply's `reply.done`; it is not stored).
-    fn event(&self, key: &ConversationKey, event: &StoredEvent, timing: Option<&ReplyTiming>);
+    /// A durable event another node appended to the log incarnation
+    /// `epoch` (`timing` rides along on a reply's `reply.done`; it is not stored).
+    fn event(&self, key: &ConversationKey, epoch: LogEpoch, event: &StoredEvent, timing: Option<&ReplyTiming>);
     /// Non-durable frames another node streamed, in order, under owner epoch `epoch`.
     fn frames(&self, key: &ConversationKey, frames: Vec<Utf8Bytes>, epoch: u64);
     /// An agents' note another node stored (for agents' sockets only).
@@ -60,6 +60,10 @@ pub trait IncomingEvents: Send + Sync + 'static {
     /// Events may have been missed (the subscription was down): every
     /// session re-reads its log after the last seq it sent.
     fn resync(&self);
+    /// Events of this conversation may have been missed (the node was not
+    /// told of them: its log was recreated elsewhere): its sessions re-read
+    /// its log after the last seq each sent.
+    fn resync_conversation(&self, key: &ConversationKey);
     /// Someone typing on another node.
     fn typing(&self, key: &ConversationKey, typing: &Typing);
     /// Another node's presence entry of the conversation changed (empty: it has none).

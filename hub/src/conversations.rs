@@ -232,8 +232,8 @@ impl Conversations {
         };
         let creates = with.create.is_some();
         let appended = self.log.append(key, event, with).await?;
-        if let Appended::New { event, .. } = &appended {
-            self.fanout.deliver_event(key, event, origin, timing.as_ref());
+        if let Appended::New { event, epoch, .. } = &appended {
+            self.fanout.deliver_event(key, *epoch, event, origin, timing.as_ref());
             if creates {
                 // Its sockets' presence could not be kept before it existed.
                 self.fanout.mark_presence(key);
@@ -328,6 +328,12 @@ impl Conversations {
     /// Whether this node currently receives other nodes' events.
     pub fn is_receiving(&self) -> bool {
         self.bus.is_receiving()
+    }
+
+    /// Where the log stands and its events after `after` (`None`: it has no
+    /// log). See [`ConversationLog::snapshot`].
+    pub async fn read_log(&self, key: &ConversationKey, after: u64) -> Result<Option<Snapshot>, StoreError> {
+        self.log.snapshot(key, Some(after)).await
     }
 
     /// See [`ConversationLog::events_after`].

@@ -221,12 +221,36 @@ impl NewEvent {
     }
 }
 
-/// Where one delivery stream of durable events stands: the highest seq
-/// handed on. The one rule, for a socket's writer and for the fan-out of a
-/// conversation's sockets alike, of what an arriving event is.
+/// One incarnation of a conversation's log, as cursors compare it: a digest
+/// of the log's `epoch` (the string `ready` gives), so that every event can
+/// carry it for the price of a `u64`. A log lost and recreated under the same
+/// conversation id has another epoch, and its seqs start again at 1.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct LogEpoch(u64);
+
+impl LogEpoch {
+    pub fn of(epoch: &str) -> Self {
+        use std::hash::BuildHasher;
+        // Fixed seed: the same epoch has the same digest in every part of this node.
+        Self(foldhash::fast::FixedState::default().hash_one(epoch))
+    }
+}
+
+/// Log incarnations a [`Cursor`] remembers having left (an event of one of
+/// them is never handed on again).
+const RETIRED: usize = 3;
+
+/// Where one delivery stream of durable events stands: the log incarnation
+/// it follows and the highest seq handed on. The one rule, for a socket's
+/// writer and for the fan-out of a conversation's sockets alike, of what an
+/// arriving event is.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Cursor {
+    /// `None` until the stream learns it (the fan-out's, from its first event).
+    epoch: Option<LogEpoch>,
     last: u64,
+    /// The incarnations this stream followed before, newest first.
+    retired: [Option<LogEpoch>; RETIRED],
 }
 
 /// What a durable event is to a [`Cursor`].
@@ -240,21 +264,39 @@ pub enum Step {
     /// Past the next seq: the events in between must come first (from the
     /// log, after [`Cursor::last`]).
     Gap,
+    /// Of a log incarnation this stream has left: its seqs mean nothing
+    /// now. Drop it.
+    Stale,
+    /// Of another log incarnation than this stream's: the log was lost and
+    /// recreated. The stream starts again from the new log's beginning
+    /// ([`Cursor::restart`]) once the log confirms it.
+    NewLog,
 }
 
 impl Cursor {
-    /// A stream that has handed on every event up to `last`.
+    /// A stream that has handed on every event up to `last`, of a log
+    /// incarnation it has not learnt yet.
     pub fn at(last: u64) -> Self {
-        Self { last }
+        Self { last, ..Self::default() }
+    }
+
+    /// A stream that has handed on every event of `epoch` up to `last`.
+    pub fn in_epoch(epoch: LogEpoch, last: u64) -> Self {
+        Self { epoch: Some(epoch), ..Self::at(last) }
     }
 
     /// The highest seq handed on.
-    pub fn last(self) -> u64 {
+    pub fn last(&self) -> u64 {
         self.last
     }
 
-    /// What an event with `seq` is to this stream.
-    pub fn step(self, seq: u64) -> Step {
+    /// The log incarnation followed, once known.
+    pub fn epoch(&self) -> Option<LogEpoch> {
+        self.epoch
+    }
+
+    /// What an event with `seq` is to this stream (of its own incarnation).
+    pub fn step(&self, seq: u64) -> Step {
         match seq {
             seq if seq <= self.last => Step::Seen,
             seq if seq == self.last + 1 => Step::Next,
@@ -262,9 +304,39 @@ impl Cursor {
         }
     }
 
+    /// What an event of incarnation `epoch` with `seq` is to this stream (a
+    /// stream that has not learnt its incarnation takes it as its own).
+    pub fn arrive(&self, epoch: LogEpoch, seq: u64) -> Step {
+        match self.epoch {
+            None => self.step(seq),
+            Some(own) if own == epoch => self.step(seq),
+            Some(_) if self.retired.contains(&Some(epoch)) => Step::Stale,
+            Some(_) => Step::NewLog,
+        }
+    }
+
     /// `seq` was handed on (a gap before it, if any, was filled or given up).
     pub fn advance(&mut self, seq: u64) {
         self.last = self.last.max(seq);
+    }
+
+    /// `seq` of incarnation `epoch` was handed on: [`Cursor::advance`], and
+    /// a stream that had not learnt its incarnation learns it.
+    pub fn advance_in(&mut self, epoch: LogEpoch, seq: u64) {
+        self.epoch.get_or_insert(epoch);
+        self.advance(seq);
+    }
+
+    /// The stream follows the log incarnation `epoch` from now on, having
+    /// handed on its events up to `last`; the one it followed is retired.
+    pub fn restart(&mut self, epoch: LogEpoch, last: u64) {
+        if self.epoch != Some(epoch) {
+            self.retired.rotate_right(1);
+            self.retired[0] = self.epoch;
+            self.retired.iter_mut().filter(|old| **old == Some(epoch)).for_each(|old| *old = None);
+        }
+        self.epoch = Some(epoch);
+        self.last = last;
     }
 }
 
@@ -284,5 +356,28 @@ mod tests {
         cursor.advance(2);
         assert_eq!(cursor.last(), 7, "never moves back");
         assert_eq!(Cursor::default().step(1), Step::Next);
+    }
+
+    #[test]
+    fn a_cursor_starts_again_with_a_new_log_and_never_goes_back_to_an_old_one() {
+        let (old, new, newer) = (LogEpoch::of("5e1b7c9d2a4f"), LogEpoch::of("a07c3e91f6d2"), LogEpoch::of("0f"));
+        let mut cursor = Cursor::in_epoch(old, 4);
+        assert_eq!((cursor.arrive(old, 5), cursor.arrive(old, 3)), (Step::Next, Step::Seen));
+        assert_eq!((cursor.arrive(new, 1), cursor.arrive(new, 7)), (Step::NewLog, Step::NewLog));
+        cursor.restart(new, 0);
+        assert_eq!((cursor.epoch(), cursor.last()), (Some(new), 0));
+        assert_eq!((cursor.arrive(new, 1), cursor.arrive(new, 3)), (Step::Next, Step::Gap));
+        assert_eq!((cursor.arrive(old, 5), cursor.arrive(old, 1)), (Step::Stale, Step::Stale), "the old log is gone");
+        cursor.advance_in(new, 2);
+        cursor.restart(newer, 0);
+        assert_eq!((cursor.arrive(old, 9), cursor.arrive(new, 3)), (Step::Stale, Step::Stale));
+        cursor.restart(old, 0);
+        assert_eq!(cursor.arrive(newer, 1), Step::Stale, "a log started again is no longer retired, the one left is");
+        assert_eq!(cursor.arrive(old, 1), Step::Next);
+        // A stream that has not learnt its log takes the first one it is given.
+        let mut fresh = Cursor::at(0);
+        assert_eq!(fresh.arrive(new, 1), Step::Next);
+        fresh.advance_in(new, 1);
+        assert_eq!((fresh.arrive(new, 1), fresh.arrive(old, 2)), (Step::Seen, Step::NewLog));
     }
 }

@@ -540,3 +540,85 @@ async fn a_reply_whose_owner_epoch_went_stale_unheard_is_stored_as_interrupted()
     );
     assert_eq!(stored["text"], done["text"]);
 }
+
+/// The durable frames a client gets until it has seen `until` (a seq), in
+/// order, with `ready` and `error` frames among them (deltas skipped: they
+/// are best effort across nodes). A stored event reads `event <seq>`
+/// whether it came live (`message`, `reply.done`) or from the log (`message`).
+async fn durable_until(client: &mut Client, until: u64) -> Vec<String> {
+    let mut seen = Vec::new();
+    loop {
+        let frame = match client.try_next().await {
+            Ok(frame) => frame,
+            Err(error) => panic!("waiting for seq {until} after {seen:?}: {error:#}"),
+        };
+        let seq = durable_seq(&frame);
+        match frame["type"].as_str() {
+            Some("ready") => seen.push(format!("ready {} {}", frame["seq"], frame["epoch"].as_str().unwrap())),
+            Some("error") => seen.push(format!("error {}", frame["code"].as_str().unwrap())),
+            Some("ack") => seen.push(format!("ack {}", frame["seq"])),
+            Some(_) if let Some(seq) = seq => seen.push(format!("event {seq}")),
+            _ => {}
+        }
+        if seq == Some(until) {
+            return seen;
+        }
+    }
+}
+
+#[tokio::test]
+async fn sockets_open_while_their_log_is_recreated_get_the_new_log_whole_on_every_node() {
+    let redis = RedisServer::start().await;
+    let nodes = cluster(&redis, 2, &[]).await;
+    let user = "tenant=demo&user=relogged";
+    let mut phone = Client::connect(&nodes[0].ws_url(user)).await;
+    phone.ask("m1", "Tell me about the Gold Card").await;
+    phone.ask("m2", "How much does it cost?").await;
+    let (conversation, old_epoch) = (phone.conversation(), phone.ready["epoch"].as_str().unwrap().to_owned());
+    let joined = format!("{user}&conversation={conversation}");
+    // Two more sockets of it stay open: one on the same node, one on another.
+    let mut tab = Client::connect(&nodes[0].ws_url(&joined)).await;
+    let mut laptop = Client::connect(&nodes[1].ws_url(&joined)).await;
+    assert_eq!((tab.ready["seq"].as_u64(), laptop.ready["seq"].as_u64()), (Some(4), Some(4)));
+
+    // The log is lost (its keys expired, or Redis lost them); the user's
+    // pointer to the conversation survives.
+    let tag = format!("fengda:conv:{{demo:{conversation}}}");
+    let names = ["meta", "log", "ids", "listeners"].map(|name| format!("{tag}:{name}"));
+    let del: Vec<&str> = ["DEL"].into_iter().chain(names.iter().map(String::as_str)).collect();
+    assert_eq!(redis.cli(&del).await, "4");
+    phone.send_message("m3", "Hello?").await;
+    assert_eq!(phone.expect("error").await["code"], "conversation_not_found");
+    assert_eq!(u16::from(phone.expect_close().await.expect("close").code), 4004);
+
+    // The phone comes back (without `conversation`, as after 4004) and keeps
+    // talking: the conversation is recreated with a new log, from seq 1.
+    let mut phone = Client::connect(&nodes[0].ws_url(user)).await;
+    assert_eq!((phone.conversation(), phone.ready["seq"].as_u64()), (conversation.clone(), Some(0)));
+    let new_epoch = phone.ready["epoch"].as_str().unwrap().to_owned();
+    assert_ne!(new_epoch, old_epoch);
+    phone.send_message("m3", "Hello?").await;
+    assert_eq!(durable_until(&mut phone, 2).await, ["ack 1", "event 2"]);
+    // The sockets that were open on the old log, on both nodes, are told
+    // as a resume with the old epoch would tell them, then get the new log
+    // whole, in order.
+    let told = [format!("ready 0 {new_epoch}"), "error history_lost".into(), "event 1".into(), "event 2".into()];
+    assert_eq!(durable_until(&mut tab, 2).await, told);
+    assert_eq!(durable_until(&mut laptop, 2).await, told);
+
+    // Talking goes on from every socket: each gets every event live, in order
+    // (deltas are left out: a socket that read a reply from the log may
+    // still get its late deltas, which clients drop).
+    let mut sockets = [phone, tab, laptop];
+    for (asker, seq) in [(2, 3), (0, 5), (1, 7)] {
+        sockets[asker].send_message(&format!("then-{seq}"), "And then?").await;
+        for i in [asker, (asker + 1) % 3, (asker + 2) % 3] {
+            let first = if i == asker { format!("ack {seq}") } else { format!("event {seq}") };
+            assert_eq!(
+                durable_until(&mut sockets[i], seq + 1).await,
+                [first, format!("event {}", seq + 1)],
+                "socket {i}"
+            );
+        }
+    }
+}

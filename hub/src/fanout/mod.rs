@@ -42,7 +42,7 @@ use dashmap::DashMap;
 use tokio_util::sync::CancellationToken;
 
 use crate::bus::IncomingEvents;
-use crate::event::{Cursor, Step, StoredEvent, SystemEvent};
+use crate::event::{Cursor, LogEpoch, Step, StoredEvent, SystemEvent};
 use crate::ids::{ConversationKey, SessionId};
 use crate::presence::{Present, Typing};
 use crate::protocol::{ReplyTiming, Role, ServerFrame};
@@ -101,7 +101,8 @@ struct Local {
     handles: Vec<SessionHandle>,
     /// The durable events handed to these sessions: one that comes again
     /// (a replay overlapping live traffic) is dropped here, once for all
-    /// sessions.
+    /// sessions, and so is one of a log incarnation left behind (the log
+    /// was lost and recreated: the new log's seqs start again at 1).
     delivered: Cursor,
     /// Taken by this node's appends to the conversation (made by the first).
     turn: Option<AppendTurn>,
@@ -233,6 +234,13 @@ impl FanOut {
         }
     }
 
+    /// Asks the sessions of one conversation on this node to re-read its log.
+    pub fn resync(&self, key: &ConversationKey) {
+        if let Some(local) = self.sessions.get(key) {
+            local.handles.iter().for_each(|handle| _ = handle.push(Outbound::Resync));
+        }
+    }
+
     /// Number of sessions of this conversation on this node.
     pub fn local_sessions(&self, key: &ConversationKey) -> usize {
         self.sessions.get(key).map_or(0, |local| local.handles.len())
@@ -266,23 +274,32 @@ impl FanOut {
         true
     }
 
-    /// Delivers a durable event, unless these sessions already have it
-    /// (each session's writer fills a gap before it from the log). `origin`
-    /// is the session that sent a customer message: it gets an `ack`, the
-    /// other sessions the `message` itself. `timing` rides along on a
-    /// `reply.done` (it is not stored).
+    /// Delivers a durable event of the log incarnation `epoch`, unless
+    /// these sessions already have it or left that incarnation (each
+    /// session's writer fills a gap before it from the log, and tells its
+    /// client when the log was recreated). `origin` is the session that sent
+    /// a customer message: it gets an `ack`, the other sessions the
+    /// `message` itself. `timing` rides along on a `reply.done` (it is not
+    /// stored).
     pub fn deliver_event(
         &self,
         key: &ConversationKey,
+        epoch: LogEpoch,
         event: &StoredEvent,
         origin: Option<SessionId>,
         timing: Option<&ReplyTiming>,
     ) {
         let Some(mut local) = self.sessions.get_mut(key) else { return };
-        if local.delivered.step(event.seq) == Step::Seen {
-            return;
+        match local.delivered.arrive(epoch, event.seq) {
+            Step::Seen | Step::Stale => return,
+            Step::NewLog => {
+                // A new log: its seqs and its owner epochs start again.
+                local.delivered.restart(epoch, 0);
+                local.owner_epoch = 0;
+            }
+            Step::Next | Step::Gap => {}
         }
-        local.delivered.advance(event.seq);
+        local.delivered.advance_in(epoch, event.seq);
         let conversation = key.conversation().as_str();
         let owner = event.owner_frame(conversation).inspect(|(epoch, _)| {
             self.saw_owner(key, *epoch, event.event == Some(SystemEvent::Waiting), event.at_ms);
@@ -321,7 +338,7 @@ impl FanOut {
             } else {
                 encoded.get_or_insert_with(shared).clone()
             };
-            handle.push(Outbound::Event { seq: event.seq, frame, queued_at });
+            handle.push(Outbound::Event { epoch, seq: event.seq, frame, queued_at });
         }
         if let Some((epoch, frame)) = owner {
             for handle in local.handles.iter().filter(|handle| handle.is_agent()) {
@@ -332,9 +349,9 @@ impl FanOut {
 }
 
 impl IncomingEvents for FanOut {
-    fn event(&self, key: &ConversationKey, event: &StoredEvent, timing: Option<&ReplyTiming>) {
+    fn event(&self, key: &ConversationKey, epoch: LogEpoch, event: &StoredEvent, timing: Option<&ReplyTiming>) {
         // Another node's socket sent it: every session here gets the `message`.
-        self.deliver_event(key, event, None, timing);
+        self.deliver_event(key, epoch, event, None, timing);
     }
 
     fn frames(&self, key: &ConversationKey, frames: Vec<Utf8Bytes>, epoch: u64) {
@@ -348,6 +365,10 @@ impl IncomingEvents for FanOut {
     fn resync(&self) {
         self.resync_all();
         self.list_changes.resync();
+    }
+
+    fn resync_conversation(&self, key: &ConversationKey) {
+        self.resync(key);
     }
 
     fn typing(&self, key: &ConversationKey, typing: &Typing) {

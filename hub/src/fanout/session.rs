@@ -15,10 +15,12 @@ use crate::protocol::close::{self, CloseReason};
 /// One item queued for a socket's writer.
 #[derive(Debug, Clone)]
 pub enum Outbound {
-    /// A durable event's frame (`message`, `ack`, `reply.done`): the writer
-    /// puts it through the socket's [`Cursor`](crate::event::Cursor), skipping events it already
-    /// sent and filling gaps from the log.
+    /// A durable event's frame (`message`, `ack`, `reply.done`) of the log
+    /// incarnation `epoch`: the writer puts it through the socket's
+    /// [`Cursor`](crate::event::Cursor), skipping events it already sent
+    /// and filling gaps from the log.
     Event {
+        epoch: crate::event::LogEpoch,
         seq: u64,
         frame: Utf8Bytes,
         /// When the fan-out queued it (for the delivery-time metric).

@@ -18,6 +18,10 @@ fn session(capacity: usize) -> (SessionHandle, mpsc::Receiver<Box<Outbound>>) {
     (handle, rx)
 }
 
+fn epoch() -> LogEpoch {
+    LogEpoch::of("5e1b7c9d2a4f")
+}
+
 fn customer_event(seq: u64) -> StoredEvent {
     StoredEvent {
         seq,
@@ -44,7 +48,7 @@ fn origin_gets_ack_and_others_get_the_message_sharing_bytes() {
     assert_eq!(fanout.join(&key(), a.clone()), Ok(true));
     assert_eq!(fanout.join(&key(), b), Ok(false));
     fanout.join(&key(), c).unwrap();
-    fanout.deliver_event(&key(), &customer_event(1), Some(a.id), None);
+    fanout.deliver_event(&key(), epoch(), &customer_event(1), Some(a.id), None);
     assert!(a_rx.try_recv().unwrap().frame().unwrap().as_str().contains(r#""type":"ack""#));
     let Outbound::Event { seq, frame: b_frame, .. } = *b_rx.try_recv().unwrap() else { panic!("an event") };
     let c_frame = c_rx.try_recv().unwrap();
@@ -59,13 +63,13 @@ fn a_lone_sender_gets_its_ack_and_a_last_joined_sender_still_gets_an_ack() {
     let fanout = FanOut::default();
     let (a, mut a_rx) = session(8);
     fanout.join(&key(), a.clone()).unwrap();
-    fanout.deliver_event(&key(), &customer_event(1), Some(a.id), None);
+    fanout.deliver_event(&key(), epoch(), &customer_event(1), Some(a.id), None);
     assert!(a_rx.try_recv().unwrap().frame().unwrap().as_str().contains(r#""type":"ack""#));
     assert!(a_rx.try_recv().is_err(), "one frame: the ack");
     // The sender joined last: the earlier socket gets the message, the sender its ack.
     let (b, mut b_rx) = session(8);
     fanout.join(&key(), b.clone()).unwrap();
-    fanout.deliver_event(&key(), &customer_event(2), Some(b.id), None);
+    fanout.deliver_event(&key(), epoch(), &customer_event(2), Some(b.id), None);
     assert!(a_rx.try_recv().unwrap().frame().unwrap().as_str().contains(r#""type":"message""#));
     assert!(b_rx.try_recv().unwrap().frame().unwrap().as_str().contains(r#""type":"ack""#));
 }
@@ -86,9 +90,9 @@ fn the_echo_of_a_locally_delivered_event_is_dropped() {
     let fanout = FanOut::default();
     let (a, mut a_rx) = session(16);
     fanout.join(&key(), a.clone()).unwrap();
-    fanout.deliver_event(&key(), &customer_event(1), Some(a.id), None);
+    fanout.deliver_event(&key(), epoch(), &customer_event(1), Some(a.id), None);
     // The same event again, as the bus would hand it over: once is enough.
-    IncomingEvents::event(&fanout, &key(), &customer_event(1), None);
+    IncomingEvents::event(&fanout, &key(), epoch(), &customer_event(1), None);
     assert_eq!(events(&mut a_rx), [(1, true)]);
 }
 
@@ -97,20 +101,46 @@ fn remote_events_fill_in_in_order_and_a_gap_is_left_to_the_writer() {
     let fanout = FanOut::default();
     let (a, mut a_rx) = session(16);
     fanout.join(&key(), a.clone()).unwrap();
-    IncomingEvents::event(&fanout, &key(), &customer_event(1), None);
-    IncomingEvents::event(&fanout, &key(), &customer_event(2), None);
+    IncomingEvents::event(&fanout, &key(), epoch(), &customer_event(1), None);
+    IncomingEvents::event(&fanout, &key(), epoch(), &customer_event(2), None);
     // This node appended 4 while 3 (another node's) is still on its way:
     // handed on at once, the writer reads 3 from the log before it.
-    fanout.deliver_event(&key(), &customer_event(4), Some(a.id), None);
+    fanout.deliver_event(&key(), epoch(), &customer_event(4), Some(a.id), None);
     let received = events(&mut a_rx);
     assert_eq!(received, [(1, false), (2, false), (4, true)]);
     let mut writer = crate::event::Cursor::at(2);
     assert_eq!(writer.step(4), crate::event::Step::Gap, "the writer fills 3 from the log");
     writer.advance(4);
     // 3 arrives late: every session already has it (from the log).
-    IncomingEvents::event(&fanout, &key(), &customer_event(3), None);
-    IncomingEvents::event(&fanout, &key(), &customer_event(5), None);
+    IncomingEvents::event(&fanout, &key(), epoch(), &customer_event(3), None);
+    IncomingEvents::event(&fanout, &key(), epoch(), &customer_event(5), None);
     assert_eq!(events(&mut a_rx), [(5, false)]);
+}
+
+#[test]
+fn a_recreated_log_starts_the_fan_out_again_and_the_old_one_is_never_delivered_after_it() {
+    let fanout = FanOut::default();
+    let (a, mut a_rx) = session(16);
+    fanout.join(&key(), a.clone()).unwrap();
+    for seq in 1..=4 {
+        IncomingEvents::event(&fanout, &key(), epoch(), &customer_event(seq), None);
+    }
+    assert_eq!(events(&mut a_rx).len(), 4);
+    // The log was lost and recreated: its seqs start again at 1.
+    let new = LogEpoch::of("a07c3e91f6d2");
+    fanout.deliver_event(&key(), new, &customer_event(1), Some(a.id), None);
+    IncomingEvents::event(&fanout, &key(), new, &customer_event(2), None);
+    // A late copy of the old log's events: dropped, whatever its seq.
+    IncomingEvents::event(&fanout, &key(), epoch(), &customer_event(5), None);
+    IncomingEvents::event(&fanout, &key(), epoch(), &customer_event(3), None);
+    IncomingEvents::event(&fanout, &key(), new, &customer_event(2), None);
+    let mut received = Vec::new();
+    while let Ok(item) = a_rx.try_recv() {
+        if let Outbound::Event { epoch, seq, .. } = *item {
+            received.push((epoch == new, seq));
+        }
+    }
+    assert_eq!(received, [(true, 1), (true, 2)]);
 }
 
 #[tokio::test]
@@ -208,7 +238,7 @@ fn an_owner_change_fences_off_older_frames_and_stops_older_replies() {
     // The takeover event: delivered, and the reply asked at epoch 0 is told to stop.
     let mut joined = customer_event(1);
     (joined.from, joined.event, joined.owner_epoch) = (Role::System, Some(SystemEvent::AgentJoined), Some(1));
-    fanout.deliver_event(&key(), &joined, None, None);
+    fanout.deliver_event(&key(), epoch(), &joined, None, None);
     assert!(matches!(*rx.try_recv().unwrap(), Outbound::Event { seq: 1, .. }));
     assert!(asked_at_0.is_cancelled());
     // Older frames are dropped, newer ones pass; a customer gets no `owner` frame.

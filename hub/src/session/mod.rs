@@ -92,18 +92,7 @@ pub fn run(socket: WebSocket, params: SessionParams, app: Arc<AppState>) -> impl
         let mut intro = Vec::with_capacity(2 + snapshot.missed.len());
         intro.push(ServerFrame::Ready { conversation, seq: snapshot.last_seq, epoch: &snapshot.epoch }.encode());
         match &params.epoch {
-            Some(epoch) if *epoch != snapshot.epoch => {
-                let message = "this conversation's history was lost; events before the new epoch cannot be replayed";
-                intro.push(
-                    ServerFrame::Error {
-                        code: ErrorCode::HistoryLost.as_str(),
-                        message,
-                        id: None,
-                        retry_after_ms: None,
-                    }
-                    .encode(),
-                );
-            }
+            Some(epoch) if *epoch != snapshot.epoch => intro.push(history_lost()),
             _ => intro.extend(snapshot.missed.iter().map(|event| event.message_frame(conversation))),
         }
 
@@ -118,7 +107,10 @@ pub fn run(socket: WebSocket, params: SessionParams, app: Arc<AppState>) -> impl
                     conversations: app.conversations.clone(),
                     key: key.clone(),
                     intro,
-                    sent: crate::event::Cursor::at(snapshot.last_seq),
+                    sent: crate::event::Cursor::in_epoch(
+                        crate::event::LogEpoch::of(&snapshot.epoch),
+                        snapshot.last_seq,
+                    ),
                     delivery: metrics::histogram!(crate::metric::FRAME_DELIVERY),
                     gap_unfilled: false,
                 },
@@ -162,6 +154,13 @@ pub fn run(socket: WebSocket, params: SessionParams, app: Arc<AppState>) -> impl
         debug!(reason = closer.reason().reason, "session ended");
     }
     .instrument(span)
+}
+
+/// The `error` that tells a client its conversation's log was lost and
+/// recreated (after a `ready` with the new log's epoch).
+pub(crate) fn history_lost() -> axum::extract::ws::Utf8Bytes {
+    let message = "this conversation's history was lost; events before the new epoch cannot be replayed";
+    ServerFrame::Error { code: ErrorCode::HistoryLost.as_str(), message, id: None, retry_after_ms: None }.encode()
 }
 
 /// When a session sends its first ping: somewhere in the second half of the

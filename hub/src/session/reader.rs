@@ -262,7 +262,7 @@ async fn on_message(
     }
     match appended {
         // The ack went out through the fan-out, in seq order with other events.
-        Ok(Appended::New { event, turns_before, mut ownership }) => {
+        Ok(Appended::New { event, turns_before, mut ownership, .. }) => {
             let seq = event.seq;
             if handoff::waited_too_long(app, &ownership) {
                 ownership = match handoff::give_up_waiting(&app.conversations, key, &ownership).await {

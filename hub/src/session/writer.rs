@@ -4,7 +4,10 @@
 //! flush once), keeps durable events in seq order without duplicates (an
 //! event at or below the last sent seq is skipped; a jump past the next seq
 //! is filled from the log first, as is a `Resync` after the node's
-//! subscription dropped), sends keepalive pings, and on cancellation sends
+//! subscription dropped), follows the conversation's log when it was lost
+//! and recreated (the client gets `ready` with the new epoch and `error`
+//! `history_lost`, then the new log from seq 1; events of the old log are
+//! never sent after that), sends keepalive pings, and on cancellation sends
 //! the close frame whose reason the [`SessionCloser`] recorded, or, when the
 //! client closed first, the echo of the client's close frame. Every socket
 //! write races the cancellation token, so a client that stops reading cannot
@@ -21,9 +24,11 @@ use tracing::{debug, warn};
 
 use super::close_message;
 use crate::conversations::Conversations;
-use crate::event::{Cursor, Step};
+use crate::event::{Cursor, LogEpoch, Step};
 use crate::fanout::{Outbound, SessionCloser};
 use crate::ids::ConversationKey;
+use crate::protocol::ServerFrame;
+use crate::store::Snapshot;
 
 /// Frames written per flush at most.
 pub(crate) const BURST: usize = 64;
@@ -44,11 +49,22 @@ pub(crate) async fn read_gap(
     after: u64,
     before: u64,
 ) -> Result<Option<Vec<Arc<crate::event::StoredEvent>>>, crate::store::StoreError> {
+    Ok(read_log_gap(conversations, key, after, before).await?.map(|log| log.missed))
+}
+
+/// [`read_gap`], with where the log stands (its epoch: the gap may be a new log).
+async fn read_log_gap(
+    conversations: &Conversations,
+    key: &ConversationKey,
+    after: u64,
+    before: u64,
+) -> Result<Option<Snapshot>, crate::store::StoreError> {
     let resync = before == u64::MAX;
     let mut tries = if resync { [].iter() } else { GAP_READ_RETRIES.iter() };
     loop {
-        match conversations.events_after(key, after).await {
-            Ok(events) => return Ok(Some(events)),
+        let read = conversations.read_log(key, after).await;
+        match read.and_then(|log| log.ok_or(crate::store::StoreError::ConversationNotFound)) {
+            Ok(log) => return Ok(Some(log)),
             Err(error) if resync => {
                 warn!(%error, after, "cannot re-read the event stream after a resync");
                 return Ok(None);
@@ -181,14 +197,14 @@ fn frames_before_close(queued: impl Iterator<Item = Outbound>, sent: &mut Cursor
         match item {
             Outbound::Frame { frame, .. } => frames.push(frame),
             Outbound::Frames { frames: batch, .. } => frames.extend(batch),
-            Outbound::Event { seq, frame, .. } => match sent.step(seq) {
-                // Already sent (a local copy and its echo): once.
-                Step::Seen => {}
+            Outbound::Event { epoch, seq, frame, .. } => match sent.arrive(epoch, seq) {
+                // Already sent (a local copy and its echo), or of a log left behind.
+                Step::Seen | Step::Stale => {}
                 Step::Next if in_order => {
                     frames.push(frame);
                     sent.advance(seq);
                 }
-                Step::Next | Step::Gap => in_order = false,
+                Step::Next | Step::Gap | Step::NewLog => in_order = false,
             },
             Outbound::Resync => in_order = false,
             // Only agents' sockets get these.
@@ -221,15 +237,25 @@ async fn write_burst(sink: &mut Sink, burst: &mut Vec<Box<Outbound>>, replay: &m
                     sink.feed(Message::Text(frame)).await?;
                 }
             }
-            Outbound::Event { seq, frame, queued_at } => {
-                let step = replay.sent.step(seq);
-                if step == Step::Seen {
+            Outbound::Event { epoch, seq, frame, queued_at } => {
+                let mut step = replay.sent.arrive(epoch, seq);
+                if step == Step::NewLog {
+                    // Another log than the socket's: the log says which one
+                    // is current (and the client is told if it is new).
+                    Box::pin(fill_gap(sink, replay, u64::MAX)).await?;
+                    step = replay.sent.arrive(epoch, seq);
+                }
+                if matches!(step, Step::Seen | Step::Stale | Step::NewLog) {
                     continue;
                 }
                 oldest = Some(oldest.map_or(queued_at, |o| o.min(queued_at)));
                 if step == Step::Gap {
                     // Boxed: gaps are rare, and the writer's future should not carry this one.
                     Box::pin(fill_gap(sink, replay, seq)).await?;
+                    if matches!(replay.sent.arrive(epoch, seq), Step::Seen | Step::Stale) {
+                        // The log was recreated meanwhile: this one is of the old log.
+                        continue;
+                    }
                 }
                 sink.feed(Message::Text(frame)).await?;
                 replay.sent.advance(seq);
@@ -246,11 +272,15 @@ async fn write_burst(sink: &mut Sink, burst: &mut Vec<Box<Outbound>>, replay: &m
     Ok(())
 }
 
-/// Sends the logged events between the last sent seq and `before` (exclusive).
+/// Sends the logged events between the last sent seq and `before`
+/// (exclusive). If the log turns out to be another incarnation than the
+/// socket's (it was lost and recreated), the client gets `ready` with the
+/// new epoch and seq 0, then `error` `history_lost`, then every event of the
+/// new log: what `ready` and a resume with the old `epoch` would give it.
 async fn fill_gap(sink: &mut Sink, replay: &mut Replay, before: u64) -> Result<(), axum::Error> {
     let after = replay.sent.last();
-    let events = match read_gap(&replay.conversations, &replay.key, after, before).await {
-        Ok(Some(events)) => events,
+    let mut log = match read_log_gap(&replay.conversations, &replay.key, after, before).await {
+        Ok(Some(log)) => log,
         Ok(None) => return Ok(()),
         Err(error) => {
             replay.gap_unfilled = true;
@@ -258,7 +288,23 @@ async fn fill_gap(sink: &mut Sink, replay: &mut Replay, before: u64) -> Result<(
         }
     };
     let conversation = replay.key.conversation().as_str();
-    for event in events.iter().filter(|e| e.seq > after && e.seq < before) {
+    let (mut after, mut before) = (after, before);
+    let epoch = LogEpoch::of(&log.epoch);
+    if replay.sent.epoch() != Some(epoch) {
+        if after > 0 {
+            // From the new log's start (a read of the log as it is now).
+            match read_log_gap(&replay.conversations, &replay.key, 0, u64::MAX).await {
+                Ok(Some(whole)) if whole.epoch == log.epoch => log = whole,
+                _ => return Ok(()),
+            }
+        }
+        debug!(last = replay.sent.last(), "the conversation's log was recreated; starting over with the new one");
+        sink.feed(Message::Text(ServerFrame::Ready { conversation, seq: 0, epoch: &log.epoch }.encode())).await?;
+        sink.feed(Message::Text(super::history_lost())).await?;
+        replay.sent.restart(epoch, 0);
+        (after, before) = (0, u64::MAX);
+    }
+    for event in log.missed.iter().filter(|e| e.seq > after && e.seq < before) {
         sink.feed(Message::Text(event.message_frame(conversation))).await?;
         replay.sent.advance(event.seq);
     }
@@ -274,7 +320,9 @@ mod tests {
         let at = Instant::now();
         let frame = |seq: u64, text: &'static str| match seq {
             0 => Outbound::Frame { frame: Utf8Bytes::from_static(text), queued_at: at },
-            seq => Outbound::Event { seq, frame: Utf8Bytes::from_static(text), queued_at: at },
+            seq => {
+                Outbound::Event { epoch: LogEpoch::of("e"), seq, frame: Utf8Bytes::from_static(text), queued_at: at }
+            }
         };
         let queued = vec![
             frame(0, "delta-1"),
@@ -299,5 +347,19 @@ mod tests {
         let frames = frames_before_close(vec![frame(6, "event-6"), frame(5, "event-5")].into_iter(), &mut sent);
         assert!(frames.is_empty());
         assert_eq!(sent.last(), 4);
+        // An event of a log left behind is skipped; one of a new log stops
+        // stored events (the client must be told first: `ready`, `history_lost`).
+        let (old, new) = (LogEpoch::of("e"), LogEpoch::of("f"));
+        let event =
+            |epoch, seq, text| Outbound::Event { epoch, seq, frame: Utf8Bytes::from_static(text), queued_at: at };
+        let mut sent = Cursor::in_epoch(old, 4);
+        sent.restart(new, 0);
+        let queued = vec![event(old, 5, "old-5"), event(new, 1, "new-1"), event(old, 6, "old-6"), frame(0, "delta")];
+        let frames = frames_before_close(queued.into_iter(), &mut sent);
+        assert_eq!(frames.iter().map(Utf8Bytes::as_str).collect::<Vec<_>>(), ["new-1", "delta"]);
+        let mut sent = Cursor::in_epoch(old, 4);
+        let frames = frames_before_close(vec![event(new, 1, "new-1"), event(old, 5, "old-5")].into_iter(), &mut sent);
+        assert!(frames.is_empty(), "nothing of the new log before the client is told; nothing stored after a stop");
+        assert_eq!((sent.epoch(), sent.last()), (Some(old), 4));
     }
 }

@@ -44,7 +44,7 @@ use async_trait::async_trait;
 use crate::ids::{ConversationId, ConversationKey, Party, TenantId, UserId};
 use crate::owner::{Owner, Ownership};
 
-pub use crate::event::{NewEvent, StoredEvent, StoredNote};
+pub use crate::event::{LogEpoch, NewEvent, StoredEvent, StoredNote};
 pub use memory::MemoryLog;
 pub use redis::{RedisBus, RedisLog};
 
@@ -55,6 +55,8 @@ pub enum Appended {
     New {
         /// The event as stored.
         event: Arc<StoredEvent>,
+        /// The log incarnation it was stored in.
+        epoch: LogEpoch,
         /// The last [`AppendWith::turns_before`] turns before it (customer,
         /// assistant and agent events), oldest first: a question's history.
         turns_before: Vec<Arc<StoredEvent>>,

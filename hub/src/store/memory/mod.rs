@@ -28,7 +28,7 @@ use tracing::debug;
 use users::Users;
 
 use super::{
-    AppendWith, Appended, ConversationLog, LogSummary, NewEvent, NoteLog, Opened, OwnerOp, Pending, Snapshot,
+    AppendWith, Appended, ConversationLog, LogEpoch, LogSummary, NewEvent, NoteLog, Opened, OwnerOp, Pending, Snapshot,
     StoreError, StoredEvent, StoredNote, now_ms,
 };
 use crate::config::ConversationConfig;
@@ -349,7 +349,12 @@ impl ConversationLog for MemoryLog {
                     log.message_ids.remove(dedup.as_ref());
                 }
             }
-            Appended::New { event: stored, turns_before, ownership: log.ownership.clone() }
+            Appended::New {
+                event: stored,
+                epoch: LogEpoch::of(&log.epoch),
+                turns_before,
+                ownership: log.ownership.clone(),
+            }
         };
         if let Some(user) = with.active_user {
             self.users.touch(user, key);

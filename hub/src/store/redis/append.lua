@@ -1,5 +1,8 @@
 -- Appends one durable event to a conversation log and, if another node
--- listens to the conversation, publishes it, atomically.
+-- listens to the conversation, publishes it, atomically. The event that
+-- creates a log is always published: nodes that still have sockets of a
+-- lost log of the conversation are in no listeners hash any more, and
+-- learn of the new log from it (they listen again, see bus.rs).
 -- The hub encodes the event (see wire.rs); this script only splices in the
 -- seq it assigns, so an entry is never decoded nor re-encoded here.
 -- KEYS[1] meta hash, KEYS[2] log list, KEYS[3] message-id zset,
@@ -32,6 +35,7 @@
 local meta, log, ids = KEYS[1], KEYS[2], KEYS[3]
 local owner, epoch = ARGV[9], ARGV[10]
 local current = redis.call('HMGET', meta, 'user', 'epoch', 'seq')
+local created = false
 if not current[2] then
   if owner == '' then
     return {-1, 0, 0, false, '', false, false, false, false}
@@ -43,6 +47,7 @@ if not current[2] then
   -- The creating socket listens on this node (see listen.lua).
   redis.call('HSET', KEYS[4], ARGV[11], 1)
   current = {owner, epoch, '0'}
+  created = true
 elseif owner ~= '' and (current[1] ~= owner or current[2] ~= epoch) then
   return {-1, 0, 0, false, '', false, false, false, false}
 end
@@ -104,7 +109,7 @@ if redis.call('EXISTS', KEYS[6]) == 1 then
 end
 -- This node's sockets had the event at once: only other nodes need it.
 local others = redis.call('HLEN', KEYS[4]) - redis.call('HEXISTS', KEYS[4], ARGV[11])
-if others > 0 then
-  redis.call('PUBLISH', ARGV[8], ARGV[4] .. entry)
+if others > 0 or created then
+  redis.call('PUBLISH', ARGV[8], ARGV[4] .. epoch .. '\n' .. entry)
 end
 return {1, seq, others, before, epoch, owner_now, owner_name, owner_epoch, owner_since}

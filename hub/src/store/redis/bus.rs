@@ -25,6 +25,7 @@ use super::publisher::{PUBLISH_QUEUE, Publisher, run_publisher};
 use super::wire::{self, Payload};
 use super::{Link, StoreError};
 use crate::bus::{EventBus, IncomingEvents};
+use crate::event::LogEpoch;
 use crate::ids::{ConversationId, ConversationKey, TenantId};
 
 /// How often the subscriber connection is probed.
@@ -45,6 +46,8 @@ pub(super) struct Inner {
     listen: redis::Script,
     /// The tenants' changes channels this node subscribes (it lists them).
     tenant_channels: dashmap::DashMap<String, TenantId>,
+    /// Owns the tasks the dispatcher starts ([`rejoin`]).
+    tracker: TaskTracker,
 }
 
 impl RedisBus {
@@ -68,6 +71,7 @@ impl RedisBus {
             publisher,
             listen,
             tenant_channels: Default::default(),
+            tracker: tracker.clone(),
         });
         inner.subscriber.clone().subscribe(&inner.heartbeat_channel).await?;
         // Subscribed: routing works from the first socket on (`/readyz` green).
@@ -85,17 +89,8 @@ impl EventBus for RedisBus {
         let channel = link.keys.channel(key);
         // In the listeners hash before subscribed: an append from now on is
         // published (or in the log read that follows the subscription).
-        let mut con = link.commands.clone();
-        let mut listen = self.inner.listen.prepare_invoke();
-        listen
-            .key(link.keys.meta(key))
-            .key(link.keys.listeners(key))
-            .arg(link.node_id.as_str())
-            .arg(link.retention_secs)
-            .arg(&channel)
-            .arg(Payload::Hello.encode());
-        link.call(listen.invoke_async::<i64>(&mut con)).await?;
-        link.listeners.channels.insert(channel.clone(), key.clone());
+        self.inner.listen(key, &channel).await?;
+        link.listeners.listen(key, link.keys.conversation_names(key));
         link.recent.listen(key);
         let mut subscriber = self.inner.subscriber.clone();
         if let Err(error) = link.call(subscriber.subscribe(&channel)).await {
@@ -220,8 +215,38 @@ impl RedisBus {
     }
 }
 
+impl Inner {
+    /// Enters this node in the conversation's listeners hash and says hello
+    /// on its `channel` (`listen.lua`).
+    async fn listen(&self, key: &ConversationKey, channel: &str) -> Result<(), StoreError> {
+        let link = &self.link;
+        let mut con = link.commands.clone();
+        let mut listen = self.listen.prepare_invoke();
+        listen
+            .key(link.keys.meta(key))
+            .key(link.keys.listeners(key))
+            .arg(link.node_id.as_str())
+            .arg(link.retention_secs)
+            .arg(channel)
+            .arg(Payload::Hello.encode());
+        link.call(listen.invoke_async::<i64>(&mut con)).await.map(drop)
+    }
+}
+
+/// Another node created the log of a conversation this node listens to:
+/// it was lost (flush, failover, expiry) with this node's name in its
+/// listeners hash, and recreated. This node listens again, then its
+/// sessions of the conversation re-read the log for what was appended
+/// before (an append publishes only for the nodes in the hash).
+async fn rejoin(inner: Arc<Inner>, incoming: Arc<dyn IncomingEvents>, key: ConversationKey, channel: String) {
+    match inner.listen(&key, &channel).await {
+        Ok(()) => incoming.resync_conversation(&key),
+        Err(error) => warn!(%error, "cannot listen again to a recreated conversation log"),
+    }
+}
+
 /// Hands one pushed message to `incoming`.
-fn dispatch(inner: &Inner, incoming: &dyn IncomingEvents, data: Vec<Value>) {
+fn dispatch(inner: &Arc<Inner>, incoming: &Arc<dyn IncomingEvents>, data: Vec<Value>) {
     let link = &inner.link;
     let mut data = data.into_iter();
     let (Some(Value::BulkString(channel)), Some(Value::BulkString(payload))) = (data.next(), data.next()) else {
@@ -248,9 +273,13 @@ fn dispatch(inner: &Inner, incoming: &dyn IncomingEvents, data: Vec<Value>) {
         Ok(Payload::Note { note, .. }) => incoming.note(&key, &note),
         Ok(Payload::Typing { typing, .. }) => incoming.typing(&key, &typing),
         Ok(Payload::Presence { node, entry }) => incoming.presence(&key, node.as_str(), entry),
-        Ok(Payload::Event { timing, event, .. }) => {
+        Ok(Payload::Event { timing, log_epoch, event, .. }) => {
             link.recent.heard(&key, event.seq);
-            incoming.event(&key, &event, timing.as_ref());
+            incoming.event(&key, LogEpoch::of(&log_epoch), &event, timing.as_ref());
+            if event.seq == 1 {
+                let rejoin = rejoin(inner.clone(), incoming.clone(), key, channel.to_owned());
+                inner.tracker.spawn(rejoin);
+            }
         }
         Err(error) => warn!(%error, "dropping a payload that does not decode"),
     }
@@ -282,7 +311,7 @@ async fn run_dispatcher(
             }
         };
         match push.kind {
-            PushKind::Message => dispatch(&inner, &*incoming, push.data),
+            PushKind::Message => dispatch(&inner, &incoming, push.data),
             PushKind::Disconnection if receiving.swap(false, Ordering::AcqRel) => {
                 link.recent.invalidate_all();
                 warn!("Redis subscriber connection lost; reconnecting");

@@ -116,6 +116,10 @@ impl Keys {
             message_ids: name("ids"),
             listeners: name("listeners"),
             channel: name("events"),
+            active: self.active(key.tenant()),
+            listing: self.listing(key.tenant()),
+            changes: self.changes(key.tenant()),
+            latest: std::sync::OnceLock::new(),
         }
     }
 
@@ -157,7 +161,9 @@ impl Keys {
     }
 }
 
-/// The names of one conversation (see the [`Keys`] method of each).
+/// The names an append to one conversation uses (see the [`Keys`] method
+/// of each): its own, and its tenant's that the agents' list keeps.
+/// Built once per conversation a node listens to (see `publisher.rs`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ConversationNames {
     pub meta: String,
@@ -165,6 +171,24 @@ pub struct ConversationNames {
     pub message_ids: String,
     pub listeners: String,
     pub channel: String,
+    pub active: String,
+    pub listing: String,
+    pub changes: String,
+    /// The `latest` pointer of the conversation's customer, once an append
+    /// named them (see [`ConversationNames::latest`]).
+    latest: std::sync::OnceLock<(UserId, String)>,
+}
+
+impl ConversationNames {
+    /// [`Keys::latest`] of `user` in `key`'s tenant: made once for the
+    /// conversation's customer (the only user whose messages it holds).
+    pub fn latest(&self, keys: &Keys, key: &ConversationKey, user: &UserId) -> std::borrow::Cow<'_, str> {
+        let (customer, name) = self.latest.get_or_init(|| (user.clone(), keys.latest(key.tenant(), user)));
+        match customer == user {
+            true => std::borrow::Cow::Borrowed(name),
+            false => std::borrow::Cow::Owned(keys.latest(key.tenant(), user)),
+        }
+    }
 }
 
 #[cfg(test)]
@@ -207,8 +231,16 @@ mod tests {
             message_ids: keys.message_ids(&key),
             listeners: keys.listeners(&key),
             channel: keys.channel(&key),
+            active: keys.active(key.tenant()),
+            listing: keys.listing(key.tenant()),
+            changes: keys.changes(key.tenant()),
+            latest: Default::default(),
         };
         assert_eq!(keys.conversation_names(&key), names);
+        let (alice, bob) = (UserId::parse("alice").unwrap(), UserId::parse("bob").unwrap());
+        for user in [&alice, &bob, &alice] {
+            assert_eq!(names.latest(&keys, &key, user), keys.latest(key.tenant(), user));
+        }
         let (tenant, user) = (TenantId::parse("bank-a").unwrap(), UserId::parse("alice").unwrap());
         assert_eq!(keys.latest(&tenant, &user), "fengda:user:{bank-a:alice}:latest");
         assert_eq!(keys.created(&tenant, &user), "fengda:user:{bank-a:alice}:created");

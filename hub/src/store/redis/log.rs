@@ -10,6 +10,7 @@ use async_trait::async_trait;
 use redis::{Script, Value};
 use tracing::{debug, warn};
 
+use super::keys::ConversationNames;
 use super::wire::{self, EncodedEvent};
 use super::{Link, recent};
 use crate::config::{ConversationConfig, CreationLimit};
@@ -18,8 +19,8 @@ use crate::ids::{ConversationId, ConversationKey, Party, TenantId, UserId};
 use crate::owner::{Owner, Ownership};
 use crate::protocol::Role;
 use crate::store::{
-    AppendWith, Appended, ConversationLog, LogSummary, NewEvent, Opened, OwnerOp, Pending, Snapshot, StoreError,
-    StoredEvent, now_ms,
+    AppendWith, Appended, ConversationLog, LogEpoch, LogSummary, NewEvent, Opened, OwnerOp, Pending, Snapshot,
+    StoreError, StoredEvent, now_ms,
 };
 
 #[derive(Clone)]
@@ -137,23 +138,32 @@ impl Inner {
         for name in [keys.meta(key), keys.log(key), keys.message_ids(key), keys.listeners(key), keys.notes(key)] {
             pipe.cmd("EXPIRE").arg(name).arg(link.retention_secs).ignore();
         }
-        self.point_latest(&mut pipe, user, key);
+        self.point_latest(&mut pipe, user, key, None);
         link.call(pipe.query_async::<()>(&mut con)).await
     }
 
     /// Adds to `pipe` what makes `key` the user's most recent conversation,
-    /// active now.
-    fn point_latest(&self, pipe: &mut redis::Pipeline, user: &UserId, key: &ConversationKey) {
-        let latest = self.link.keys.latest(key.tenant(), user);
+    /// active now (`names`: the conversation's, when this node keeps them).
+    fn point_latest(
+        &self,
+        pipe: &mut redis::Pipeline,
+        user: &UserId,
+        key: &ConversationKey,
+        names: Option<&ConversationNames>,
+    ) {
+        let latest = match names {
+            Some(names) => names.latest(&self.link.keys, key, user),
+            None => self.link.keys.latest(key.tenant(), user).into(),
+        };
         pipe.cmd("HSET")
-            .arg(&latest)
+            .arg(&*latest)
             .arg("conversation")
             .arg(key.conversation().as_str())
             .arg("last_active_ms")
             .arg(now_ms())
             .ignore()
             .cmd("EXPIRE")
-            .arg(&latest)
+            .arg(&*latest)
             .arg(self.link.retention_secs)
             .ignore();
     }
@@ -169,7 +179,7 @@ impl Inner {
     ) -> Result<T, StoreError> {
         let link = &self.link;
         let mut con = link.commands.clone();
-        match super::with_timeout(link.command_timeout, pipe.query_async::<T>(&mut con)).await? {
+        match pipe.query_async::<T>(&mut con).await {
             Err(error) if error.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) => {
                 link.call(script.load_async(&mut con)).await?;
                 link.call(pipe.query_async::<T>(&mut con)).await
@@ -319,41 +329,42 @@ impl ConversationLog for RedisLog {
         let dedup_id = dedup.as_deref().unwrap_or("");
         let encoded = EncodedEvent::new(&stored, &link.node_id, timing.as_ref());
         let hint = link.recent.hint(key, with.turns_before);
-        let names = link.keys.conversation_names(key);
-        let channel = names.channel;
+        let listened = link.listeners.names(key);
+        let listening = listened.is_some();
+        let names = listened.unwrap_or_else(|| Arc::new(link.keys.conversation_names(key)));
         // Sized once: growing the buffer arg by arg showed in profiles.
-        let size = 160 + names.meta.len() * 5 + encoded.byte_len() + hint.epoch.len() + dedup_id.len();
+        let size = 160 + names.meta.len() * 8 + encoded.byte_len() + hint.epoch.len() + dedup_id.len();
         let mut append = redis::Cmd::with_capacity(25, size + owner_arg.len() + name_arg.len());
         append
             .arg("EVALSHA")
             .arg(inner.append.get_hash())
             .arg(6)
-            .arg(names.meta)
-            .arg(names.log)
-            .arg(names.message_ids)
-            .arg(names.listeners)
-            .arg(link.keys.active(key.tenant()))
-            .arg(link.keys.listing(key.tenant()))
+            .arg(&names.meta)
+            .arg(&names.log)
+            .arg(&names.message_ids)
+            .arg(&names.listeners)
+            .arg(&names.active)
+            .arg(&names.listing)
             .arg(dedup_id)
-            .arg(encoded.entry_head)
-            .arg(encoded.entry_tail)
-            .arg(encoded.payload_head)
+            .arg(encoded.entry_head())
+            .arg(encoded.entry_tail())
+            .arg(encoded.payload_head())
             .arg(stored.at_ms)
             .arg(inner.log_cap)
             .arg(link.retention_secs)
-            .arg(&channel)
+            .arg(&names.channel)
             .arg(create.map_or("", |c| c.user.as_str()))
             .arg(create.map_or("", |c| c.epoch.as_str()))
             .arg(link.node_id.as_str())
             .arg(with.turns_before)
-            .arg(&hint.epoch)
+            .arg(&*hint.epoch)
             .arg(hint.last)
             .arg(op)
             .arg(&owner_arg)
             .arg(&epoch_arg)
             .arg(name_arg)
             .arg(key.conversation().as_str())
-            .arg(link.keys.changes(key.tenant()));
+            .arg(&names.changes);
         let mut pipe = redis::pipe();
         pipe.add_command(append);
         // The user's activity rides in the same round trip (a new
@@ -361,7 +372,7 @@ impl ConversationLog for RedisLog {
         // append: the pointer lives in another cluster slot; it is best
         // effort like every touch, and `open` checks the owner it points to.
         if let Some(user) = with.active_user.or(create.map(|c| &c.user)) {
-            inner.point_latest(&mut pipe, user, key);
+            inner.point_latest(&mut pipe, user, key, Some(&names));
         }
         let sent_at = Instant::now();
         type Reply =
@@ -376,7 +387,7 @@ impl ConversationLog for RedisLog {
         match status {
             1 => {
                 // The reply's deltas that follow go out only if someone else listens.
-                link.listeners.note(key, &channel, sent_at, others);
+                link.listeners.note(key, listening, sent_at, others);
                 stored.seq = seq;
                 let event = Arc::new(stored);
                 let read: Option<Vec<_>> =
@@ -387,7 +398,7 @@ impl ConversationLog for RedisLog {
                     // Not read: the log was where the hint said, so its turns are the hint's.
                     None => hint.turns,
                 };
-                Ok(Appended::New { event, turns_before, ownership: ownership() })
+                Ok(Appended::New { event, epoch: LogEpoch::of(&epoch), turns_before, ownership: ownership() })
             }
             0 => Ok(Appended::Duplicate(seq)),
             -2 => Err(StoreError::OwnerChanged(ownership())),

@@ -41,6 +41,15 @@
 //! leaves its name in the hashes it was in until they expire: other nodes
 //! then publish for nobody, which costs a PUBLISH and loses nothing.
 //!
+//! A log that is lost (flush, failover, expiry) takes its listeners hash
+//! with it. The append that recreates it (seq 1, a new epoch) enters its
+//! own node and publishes the event whoever listens; a node that hears it
+//! on a channel it is subscribed to enters the hash again and has its
+//! sessions of the conversation re-read the log (see `bus.rs`). Every
+//! published event names its log's epoch, so a node's fan-out and each
+//! socket follow the new log from seq 1 and never deliver the old one's
+//! events after it ([`crate::event::Cursor`]).
+//!
 //! If the subscription drops, `/readyz` turns red, the connection manager
 //! reconnects and resubscribes by itself (a heartbeat PING makes sure it
 //! tries), and every local session re-reads the log after its last seq, so
@@ -104,10 +113,10 @@ struct Link {
 }
 
 impl Link {
-    /// Runs one Redis call with the command timeout (a connection manager
-    /// that is reconnecting would otherwise make the caller wait for it).
+    /// Runs one Redis call. Its one deadline is the connection manager's
+    /// ([`connect`]): no timer of our own is wrapped around the client's.
     async fn call<T>(&self, future: impl Future<Output = Result<T, RedisError>>) -> Result<T, StoreError> {
-        with_timeout(self.command_timeout, future).await?.map_err(StoreError::from)
+        future.await.map_err(StoreError::from)
     }
 }
 
@@ -122,6 +131,12 @@ pub async fn connect(
     shutdown: CancellationToken,
 ) -> Result<(RedisLog, RedisBus), StoreError> {
     let command_timeout = Duration::from_millis(config.command_timeout_ms);
+    // The one deadline of every Redis call (`redis.command_timeout_ms`): the
+    // client's response timeout, from when the command is written. On expiry
+    // the manager also drops the connection and makes a new one, so a
+    // half-dead link does not keep failing calls. A call made while the
+    // link is being made again waits for that first: two attempts at most,
+    // each given up after the same timeout, 50–500 ms apart.
     let manager_config = ConnectionManagerConfig::new()
         .set_connection_timeout(Some(command_timeout))
         .set_response_timeout(Some(command_timeout))

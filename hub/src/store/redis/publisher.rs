@@ -23,6 +23,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::debug;
 
 use super::Link;
+use super::keys::ConversationNames;
 use crate::ids::ConversationKey;
 
 /// Deltas waiting for the publisher task; beyond this they are dropped
@@ -38,10 +39,13 @@ const ALONE_RECHECK: Duration = Duration::from_secs(1);
 /// subscriptions) and, as far as it knows, other nodes.
 #[derive(Default)]
 pub(super) struct Listeners {
-    /// Subscribed channel name → conversation, for dispatching pushes (and
-    /// looked up by every append: foldhash, seeded per process, like the
-    /// fan-out's map).
+    /// Subscribed channel name → conversation, for dispatching pushes
+    /// (foldhash, seeded per process, like the fan-out's map).
     pub channels: DashMap<String, ConversationKey, foldhash::fast::RandomState>,
+    /// The conversations this node listens to (subscribed) → their names,
+    /// built once: every append looks its conversation up here, which also
+    /// tells it that this node listens.
+    names: DashMap<ConversationKey, Arc<ConversationNames>, foldhash::fast::RandomState>,
     /// Whether the subscriber connection works (`/readyz`).
     pub receiving: AtomicBool,
     /// Conversations whose last append or PUBLISH reached no other node →
@@ -60,15 +64,26 @@ impl Listeners {
         self.alone_until.get(key).is_none_or(|until| Instant::now() >= *until)
     }
 
-    /// Notes that what was sent on `key`'s `channel` at `sent_at` reached
-    /// `others` other nodes.
-    pub fn note(&self, key: &ConversationKey, channel: &str, sent_at: Instant, others: i64) {
+    /// This node listens to `key` (on `channel`) from now on.
+    pub fn listen(&self, key: &ConversationKey, names: ConversationNames) {
+        self.channels.insert(names.channel.clone(), key.clone());
+        self.names.insert(key.clone(), Arc::new(names));
+    }
+
+    /// The names of `key`, if this node listens to it.
+    pub fn names(&self, key: &ConversationKey) -> Option<Arc<ConversationNames>> {
+        self.names.get(key).map(|names| names.clone())
+    }
+
+    /// Notes that what was sent on `key`'s channel at `sent_at` reached
+    /// `others` other nodes; `listening`: this node listens to `key`.
+    pub fn note(&self, key: &ConversationKey, listening: bool, sent_at: Instant, others: i64) {
         if self.hello_at.get(key).is_some_and(|hello| *hello >= sent_at) {
             // Someone started listening after it went out.
             return;
         }
         // Only a node that listens itself can hear a newcomer's hello.
-        let here = self.receiving.load(Ordering::Acquire) && self.channels.contains_key(channel);
+        let here = listening && self.receiving.load(Ordering::Acquire);
         if here && others <= 0 {
             let until = Instant::now() + ALONE_RECHECK;
             // Updated in place when present: no key cloned per append.
@@ -92,6 +107,7 @@ impl Listeners {
     /// This node stopped listening to `key` (on `channel`).
     pub fn left(&self, key: &ConversationKey, channel: &str) {
         self.channels.remove(channel);
+        self.names.remove(key);
         self.alone_until.remove(key);
     }
 
@@ -183,7 +199,7 @@ pub(super) async fn run_publisher(
                     for ((key, channel), receivers) in published.iter().zip(receivers) {
                         // This node's own subscriber is one of the receivers, if it listens.
                         let here = link.listeners.channels.contains_key(channel);
-                        link.listeners.note(key, channel, sent_at, receivers - i64::from(here));
+                        link.listeners.note(key, here, sent_at, receivers - i64::from(here));
                     }
                 }
                 Err(error) => debug!(%error, "deltas not published"),

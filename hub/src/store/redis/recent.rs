@@ -16,9 +16,8 @@
 //! appends: an append whose answer shows the log was at this copy's epoch
 //! and `last` extends it by the new event; one that read the turns replaces
 //! it with them and the new event. Anything else empties it: an append that
-//! moved past it without reading, an event another node appended (published
-//! payloads carry no epoch, so one from a lost incarnation could not be told
-//! apart), and anything that may have lost events (the subscription
+//! moved past it without reading, an event another node appended past it
+//! (this copy learns events only from this node's own appends), and anything that may have lost events (the subscription
 //! dropped). A conversation is here from this node's first socket of it
 //! (its subscription) to its last one.
 
@@ -44,7 +43,8 @@ pub(super) struct RecentTurns {
 /// What this node knows of a log's tail.
 #[derive(Debug, Clone)]
 struct Known {
-    epoch: String,
+    /// Shared with every hint given: no copy per append.
+    epoch: Arc<str>,
     /// The log's last seq.
     last: u64,
     /// The events up to `last`, consecutive, oldest first, at most `capacity`.
@@ -56,7 +56,7 @@ struct Known {
 #[derive(Debug, Clone, Default)]
 pub(super) struct Hint {
     /// Empty when nothing is known (the script then reads).
-    pub epoch: String,
+    pub epoch: Arc<str>,
     pub last: u64,
     /// The turns the append returns if the log is at `epoch` and `last`.
     pub turns: Vec<Arc<StoredEvent>>,
@@ -96,6 +96,10 @@ impl RecentTurns {
     /// The hint for an append to `key` that wants `wanted` turns before it:
     /// empty unless this node knows at least the turns the log would return.
     pub fn hint(&self, key: &ConversationKey, wanted: usize) -> Hint {
+        if wanted == 0 {
+            // Nothing to return: the script reads nothing either way.
+            return Hint::default();
+        }
         let Some(entry) = self.conversations.get(key) else { return Hint::default() };
         let Some(known) = entry.as_ref() else { return Hint::default() };
         // What `LRANGE log -wanted -1` returns: the list holds min(last, log_cap).
@@ -112,14 +116,14 @@ impl RecentTurns {
         let Some(mut entry) = self.conversations.get_mut(key) else { return };
         let seq = outcome.event.seq;
         *entry = match (entry.take(), outcome.read) {
-            (Some(mut known), _) if known.epoch == outcome.epoch && known.last + 1 == seq => {
+            (Some(mut known), _) if *known.epoch == *outcome.epoch && known.last + 1 == seq => {
                 known.push(outcome.event.clone(), self.capacity);
                 Some(known)
             }
             // A newer answer of the same incarnation was learnt first.
-            (Some(known), _) if known.epoch == outcome.epoch && known.last >= seq => Some(known),
+            (Some(known), _) if *known.epoch == *outcome.epoch && known.last >= seq => Some(known),
             (_, Some(read)) if consecutive(read, seq) => {
-                let mut known = Known { epoch: outcome.epoch.to_owned(), last: seq - 1, events: VecDeque::new() };
+                let mut known = Known { epoch: outcome.epoch.into(), last: seq - 1, events: VecDeque::new() };
                 for event in read.iter().chain([outcome.event]) {
                     known.push(event.clone(), self.capacity);
                 }
@@ -205,11 +209,12 @@ mod tests {
         recent.listen(&key());
         learnt(&recent, "e1", 5);
         let hint = recent.hint(&key(), 3);
-        assert_eq!((hint.epoch.as_str(), hint.last, seqs(&hint)), ("e1", 5, vec![3, 4, 5]));
+        assert_eq!((&*hint.epoch, hint.last, seqs(&hint)), ("e1", 5, vec![3, 4, 5]));
         recent.appended(&key(), Outcome { epoch: "e1", event: &event(6, Role::Customer), read: None });
         assert_eq!(seqs(&recent.hint(&key(), 3)), vec![4, 5, 6]);
         assert_eq!(seqs(&recent.hint(&key(), 1)), vec![6]);
-        assert_eq!(recent.hint(&key(), 0).last, 6, "a hint for no turns still names the position");
+        let none = recent.hint(&key(), 0);
+        assert_eq!((&*none.epoch, none.last), ("", 0), "no turns wanted: nothing to skip, no lookup");
     }
 
     #[test]
@@ -260,7 +265,7 @@ mod tests {
         let read = [event(1, Role::Customer)];
         recent.appended(&key(), Outcome { epoch: "e2", event: &event(2, Role::Assistant), read: Some(&read) });
         let hint = recent.hint(&key(), 3);
-        assert_eq!((hint.epoch.as_str(), seqs(&hint)), ("e2", vec![1, 2]));
+        assert_eq!((&*hint.epoch, seqs(&hint)), ("e2", vec![1, 2]));
     }
 
     #[test]

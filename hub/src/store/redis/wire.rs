@@ -9,15 +9,16 @@
 //!
 //! | payload | bytes | published by | why |
 //! |---|---|---|---|
-//! | [`Payload::Event`] | `E<node>\n<timing>\n<entry>` | `append.lua`, in the call that stores the event, when another node listens | every durable event (customer message, reply) reaches the other nodes' sockets; `<node>` is the appending node (its own sockets had the event at once, so it skips the echo); `<timing>` (JSON, or empty) rides along to a reply's `reply.done`; `<entry>` is the log entry, byte for byte |
+//! | [`Payload::Event`] | `E<node>\n<timing>\n<log epoch>\n<entry>` | `append.lua`, in the call that stores the event, when another node listens, and always for the event that creates a log (seq 1: nodes with sockets of a lost conversation learn of its new log) | every durable event (customer message, reply) reaches the other nodes' sockets; `<node>` is the appending node (its own sockets had the event at once, so it skips the echo); `<timing>` (JSON, or empty) rides along to a reply's `reply.done`; `<log epoch>` is the epoch of the log it was stored in (the cursors' incarnation, [`LogEpoch`](crate::event::LogEpoch)); `<entry>` is the log entry, byte for byte |
 //! | [`Payload::Frame`] | `d<node>\n<frame>`, or `f<node>\n<epoch>\n<frame>` | the node streaming a reply, from its publisher task, when another node listens | a server frame that is not stored (`reply.delta`, `queued`), already encoded for sockets and passed on as it is; the node that sent it skips its own echo. `<epoch>` (decimal) is the owner epoch the frame was produced under, for the fan-out's fence; `d` means epoch 0 (a conversation whose owner never changed) |
 //! | [`Payload::Note`] | `N<node>\n<note>` | `note.lua`, in the call that stores the note, when another node listens | an agents' private note reaches the other nodes' agents (never a customer's socket); `<note>` is the stored note, byte for byte |
 //! | [`Payload::Typing`] | `T<node>\n<typing>` | the typist's node, from its publisher task, when another node listens | someone is typing (or stopped): each node holds it until it expires and tells its sockets ([`crate::presence`]); `<typing>` is a [`Typing`] as JSON |
 //! | [`Payload::Presence`] | `P<node>\n<entry>` | a node whose entry of the conversation changed (a socket came or went), in the pipeline that writes it | the other nodes' agents see who is there at once; `<entry>` is a [`Present`] as JSON, empty when the node has none left |
 //! | [`Payload::Hello`] | `H` | a node that starts listening to the conversation | nodes that stopped publishing the conversation's deltas because no other node listened publish them again |
 //!
-//! Node ids are ASCII letters and digits ([`NodeId`]) and timings compact
-//! JSON: neither holds a raw `\n`, so the first `\n`s split a payload
+//! Node ids are ASCII letters and digits ([`NodeId`]), log epochs
+//! ([`crate::ids::generate_token`]) hex digits, and timings compact
+//! JSON: none holds a raw `\n`, so the first `\n`s split a payload
 //! without escaping (what comes last, an entry or a frame, is taken whole),
 //! and a delta is published with one allocation and received without
 //! copying its frame. A payload published by a node comes back to that node
@@ -127,7 +128,7 @@ impl std::fmt::Display for NodeId {
 #[derive(Debug, Clone, PartialEq)]
 pub enum Payload {
     /// A durable event, as stored, from the node that appended it.
-    Event { node: NodeId, timing: Option<ReplyTiming>, event: StoredEvent },
+    Event { node: NodeId, timing: Option<ReplyTiming>, log_epoch: String, event: StoredEvent },
     /// A server frame that is not stored, as sockets receive it, produced
     /// under owner epoch `epoch`.
     Frame { node: NodeId, frame: Utf8Bytes, epoch: u64 },
@@ -144,8 +145,10 @@ pub enum Payload {
 impl Payload {
     pub fn encode(&self) -> Vec<u8> {
         match self {
-            Payload::Event { node, timing, event } => {
+            Payload::Event { node, timing, log_epoch, event } => {
                 let mut out = event_head(node, timing.as_ref());
+                out.extend_from_slice(log_epoch.as_bytes());
+                out.push(b'\n');
                 serde_json::to_writer(&mut out, event).expect("stored events always serialize");
                 out
             }
@@ -188,12 +191,14 @@ impl Payload {
             EVENT => {
                 let node = NodeId::parse(split_line(&mut rest, 'E')?)?;
                 let timing = split_line(&mut rest, 'E')?;
+                let log_epoch = split_line(&mut rest, 'E')?;
                 Ok(Payload::Event {
                     node,
                     timing: match timing.is_empty() {
                         true => None,
                         false => Some(serde_json::from_slice(&timing).map_err(WireError::Timing)?),
                     },
+                    log_epoch: String::from_utf8(log_epoch.to_vec()).map_err(|_| WireError::NotUtf8)?,
                     event: decode_entry(&rest)?,
                 })
             }
@@ -234,13 +239,18 @@ impl Payload {
 }
 
 /// A durable event encoded for `append.lua`, which assigns its seq: the log
-/// entry is `entry_head` + seq + `entry_tail`, and the payload published
-/// is `payload_head` + that entry ([`Payload::Event`]).
+/// entry is [`EncodedEvent::entry_head`] + seq + [`EncodedEvent::entry_tail`],
+/// and the payload published is [`EncodedEvent::payload_head`] + the log's
+/// epoch + `\n` + that entry ([`Payload::Event`]). All three parts are
+/// slices of one buffer, written once.
 #[derive(Debug, Clone)]
 pub struct EncodedEvent {
-    pub entry_head: Vec<u8>,
-    pub entry_tail: Vec<u8>,
-    pub payload_head: Vec<u8>,
+    /// The payload head, then the event's JSON.
+    bytes: Vec<u8>,
+    /// Where the JSON starts.
+    entry_at: usize,
+    /// The seq's digits in the JSON, cut out.
+    seq: std::ops::Range<usize>,
 }
 
 impl EncodedEvent {
@@ -248,18 +258,36 @@ impl EncodedEvent {
     /// assigns the one stored).
     pub fn new(event: &StoredEvent, node: &NodeId, timing: Option<&ReplyTiming>) -> Self {
         const SEQ_KEY: &[u8] = b"\"seq\":";
-        let mut entry_head = serde_json::to_vec(event).expect("stored events always serialize");
+        let mut bytes = event_head(node, timing);
+        let entry_at = bytes.len();
+        serde_json::to_writer(&mut bytes, event).expect("stored events always serialize");
         // The first `"seq":` is the key: inside a JSON string every `"` is escaped.
-        let seq_at = entry_head.windows(SEQ_KEY.len()).position(|w| w == SEQ_KEY).expect("a stored event has a seq")
-            + SEQ_KEY.len();
-        let entry_tail = entry_head[seq_at + event.seq.to_string().len()..].to_vec();
-        entry_head.truncate(seq_at);
-        Self { entry_head, entry_tail, payload_head: event_head(node, timing) }
+        let seq_at =
+            bytes[entry_at..].windows(SEQ_KEY.len()).position(|w| w == SEQ_KEY).expect("a stored event has a seq")
+                + entry_at
+                + SEQ_KEY.len();
+        let digits = itoa::Buffer::new().format(event.seq).len();
+        Self { bytes, entry_at, seq: seq_at..seq_at + digits }
+    }
+
+    /// `E<node>\n<timing>\n`: what the published payload starts with.
+    pub fn payload_head(&self) -> &[u8] {
+        &self.bytes[..self.entry_at]
+    }
+
+    /// The log entry before its seq.
+    pub fn entry_head(&self) -> &[u8] {
+        &self.bytes[self.entry_at..self.seq.start]
+    }
+
+    /// The log entry after its seq.
+    pub fn entry_tail(&self) -> &[u8] {
+        &self.bytes[self.seq.end..]
     }
 
     /// Bytes in all three parts.
     pub fn byte_len(&self) -> usize {
-        self.entry_head.len() + self.entry_tail.len() + self.payload_head.len()
+        self.bytes.len()
     }
 }
 
@@ -393,8 +421,13 @@ mod tests {
         let fenced = Payload::Frame { node: node("ab"), frame: "{}".into(), epoch: 12 }.encode();
         assert_eq!(fenced, b"fab\n12\n{}");
         assert!(published_by(&fenced, &node("ab")));
-        round_trip(Payload::Event { node: node("a1b2c3"), timing: Some(timing()), event: event(7, "hi \"seq\":1\n") });
-        round_trip(Payload::Event { node: node("n"), timing: None, event: event(1, "") });
+        round_trip(Payload::Event {
+            node: node("a1b2c3"),
+            timing: Some(timing()),
+            log_epoch: "5e1b7c9d2a4f".into(),
+            event: event(7, "hi \"seq\":1\n"),
+        });
+        round_trip(Payload::Event { node: node("n"), timing: None, log_epoch: "e".into(), event: event(1, "") });
     }
 
     #[test]
@@ -402,10 +435,11 @@ mod tests {
         let frame = Payload::Frame { node: node("abc"), frame: r#"{"type":"queued"}"#.into(), epoch: 0 };
         assert_eq!(frame.encode(), b"dabc\n{\"type\":\"queued\"}");
         assert_eq!(Payload::Hello.encode(), b"H");
-        let published = Payload::Event { node: node("abc"), timing: None, event: event(3, "x") }.encode();
+        let published =
+            Payload::Event { node: node("abc"), timing: None, log_epoch: "a07c".into(), event: event(3, "x") }.encode();
         assert_eq!(
             String::from_utf8(published).unwrap(),
-            "Eabc\n\n{\"seq\":3,\"from\":\"assistant\",\"id\":\"r-1\",\"text\":\"x\",\"interrupted\":true,\"at_ms\":1700000000123}"
+            "Eabc\n\na07c\n{\"seq\":3,\"from\":\"assistant\",\"id\":\"r-1\",\"text\":\"x\",\"interrupted\":true,\"at_ms\":1700000000123}"
         );
     }
 
@@ -424,16 +458,19 @@ mod tests {
         assert!(matches!(decode(b"Eabc\n"), WireError::Truncated('E')));
         assert!(matches!(decode(b"Eabc/1\n\n{}"), WireError::NodeId));
         assert!(matches!(decode(b"E\n\n{}"), WireError::NodeId));
-        assert!(matches!(decode(b"Ea\n{\n{}"), WireError::Timing(_)));
-        assert!(matches!(decode(b"Ea\n\n{\"seq\":1}"), WireError::Event(_)));
-        assert!(matches!(decode(b"Ea\n\nnot json"), WireError::Event(_)));
+        assert!(matches!(decode(b"Ea\n{\ne\n{}"), WireError::Timing(_)));
+        assert!(matches!(decode(b"Ea\n\n{\"seq\":1}"), WireError::Truncated('E')), "no log epoch");
+        assert!(matches!(decode(b"Ea\n\ne\n{\"seq\":1}"), WireError::Event(_)));
+        assert!(matches!(decode(b"Ea\n\ne\nnot json"), WireError::Event(_)));
+        assert!(matches!(decode(b"Ea\n\n\xff\n{}"), WireError::NotUtf8));
     }
 
     #[test]
     fn a_node_knows_its_own_payloads_from_their_first_bytes() {
         let (mine, other) = (node("abc"), node("abcd"));
         let delta = Payload::encode_frame(&mine, "{}", 0);
-        let event = Payload::Event { node: mine.clone(), timing: None, event: event(1, "") }.encode();
+        let event =
+            Payload::Event { node: mine.clone(), timing: None, log_epoch: "e".into(), event: event(1, "") }.encode();
         assert!(published_by(&delta, &mine) && published_by(&event, &mine));
         assert!(!published_by(&delta, &other) && !published_by(&event, &other));
         assert!(!published_by(&Payload::encode_frame(&other, "{}", 0), &mine), "a longer id is another node");
@@ -448,8 +485,8 @@ mod tests {
 
     /// What `append.lua` does with an [`EncodedEvent`].
     fn splice(encoded: &EncodedEvent, seq: u64) -> (Vec<u8>, Vec<u8>) {
-        let entry = [&encoded.entry_head[..], seq.to_string().as_bytes(), &encoded.entry_tail[..]].concat();
-        let published = [&encoded.payload_head[..], &entry[..]].concat();
+        let entry = [encoded.entry_head(), seq.to_string().as_bytes(), encoded.entry_tail()].concat();
+        let published = [encoded.payload_head(), b"5e1b7c9d2a4f\n", &entry[..]].concat();
         (entry, published)
     }
 
@@ -471,7 +508,7 @@ mod tests {
             stored.seq = seq;
             prop_assert_eq!(&entry, &serde_json::to_vec(&stored).unwrap());
             prop_assert_eq!(decode_entry(&entry).unwrap(), stored.clone());
-            let payload = Payload::Event { node: node("f00d"), timing: Some(timing()), event: stored };
+            let payload = Payload::Event { node: node("f00d"), timing: Some(timing()), log_epoch: "5e1b7c9d2a4f".into(), event: stored };
             prop_assert_eq!(&published, &payload.encode());
             prop_assert_eq!(Payload::decode(Bytes::from(published)).unwrap(), payload);
         }

@@ -624,3 +624,63 @@ async fn sockets_open_while_their_log_is_recreated_get_the_new_log_whole_on_ever
         }
     }
 }
+
+#[tokio::test]
+async fn an_agent_watching_a_conversation_whose_log_is_recreated_watches_the_new_log() {
+    let redis = RedisServer::start().await;
+    let nodes = cluster(&redis, 2, &[]).await;
+    let user = "tenant=bank&user=relogged";
+    let mut customer = Client::connect(&nodes[0].ws_url(user)).await;
+    customer.ask("m1", "Tell me about the Gold Card").await;
+    customer.ask("m2", "How much does it cost?").await;
+    let (conversation, old_epoch) = (customer.conversation(), customer.ready["epoch"].as_str().unwrap().to_owned());
+    let token: Value = reqwest::get(format!("{}/demo/token?tenant=bank&user=anna&role=agent", nodes[1].url))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let mut anna = Client::connect(&nodes[1].ws_url(&format!("token={}", token["token"].as_str().unwrap()))).await;
+    anna.ignored = &["presence"];
+    anna.send_json(serde_json::json!({"type": "watch", "conversation": conversation})).await;
+    let watching = anna.expect("watching").await;
+    assert_eq!((&watching["seq"], &watching["epoch"]), (&4.into(), &old_epoch.clone().into()));
+    for seq in 1..=4 {
+        assert_eq!(anna.expect("message").await["seq"], seq);
+    }
+
+    // The log is lost; the customer comes back and talks on a new one.
+    let tag = format!("fengda:conv:{{bank:{conversation}}}");
+    let names = ["meta", "log", "ids", "listeners"].map(|name| format!("{tag}:{name}"));
+    let del: Vec<&str> = ["DEL"].into_iter().chain(names.iter().map(String::as_str)).collect();
+    assert_eq!(redis.cli(&del).await, "4");
+    customer.send_message("m3", "Hello?").await;
+    assert_eq!(customer.expect("error").await["code"], "conversation_not_found");
+    let mut customer = Client::connect(&nodes[0].ws_url(user)).await;
+    let new_epoch = customer.ready["epoch"].as_str().unwrap().to_owned();
+    assert_ne!(new_epoch, old_epoch);
+    customer.ask("m3", "Hello?").await;
+
+    // Anna is shown the new log: `watching` again, then its events in order, none of the old one.
+    let rewatched = loop {
+        let frame = anna.next().await;
+        match frame["type"].as_str() {
+            Some("watching") => break frame,
+            Some("reply.delta") => {}
+            _ => panic!("nothing of the old log after it was lost, nor of the new one before `watching`: {frame}"),
+        }
+    };
+    assert_eq!(rewatched["epoch"], new_epoch.as_str(), "{rewatched}");
+    let (mut seqs, mut asked) = (Vec::new(), false);
+    while seqs.last() != Some(&4) {
+        if seqs.len() == 2 && !asked {
+            customer.ask("m4", "And then?").await;
+            asked = true;
+        }
+        let frame = anna.next().await;
+        if let ("message" | "reply.done", Some(seq)) = (frame["type"].as_str().unwrap(), frame["seq"].as_u64()) {
+            seqs.push(seq);
+        }
+    }
+    assert_eq!(seqs, [1, 2, 3, 4]);
+}

@@ -21,11 +21,11 @@ use tokio::sync::mpsc;
 use tracing::debug;
 
 use crate::AppState;
-use crate::event::{Cursor, Step};
+use crate::event::{Cursor, LogEpoch, Step};
 use crate::fanout::{Outbound, SessionCloser, SessionHandle};
 use crate::ids::{ConversationId, ConversationKey, Party};
 use crate::protocol::{ErrorCode, ServerFrame, close};
-use crate::session::{BURST, CLOSE_TIMEOUT, close_message, read_gap};
+use crate::session::{BURST, CLOSE_TIMEOUT, close_message, read_log_gap};
 use crate::store::StoreError;
 
 type Sink = SplitSink<WebSocket, Message>;
@@ -205,8 +205,10 @@ impl Watches {
     ) -> Result<(), WriteError> {
         let app = self.app.clone();
         let key = self.party.conversation(conversation.clone());
-        if self.watched.remove(&conversation).is_some() {
-            // Watching again: the snapshot again, from a fresh join.
+        // Watching again: the snapshot again, from a fresh join (the cursor
+        // remembers the logs it followed, so a lost log's late events stay dropped).
+        let previous = self.watched.remove(&conversation);
+        if previous.is_some() {
             app.conversations.detach(&key, self.handle.id).await;
         } else if self.watched.len() >= app.config.agents.max_watched {
             let message = format!("an agent may watch at most {} conversations at once", app.config.agents.max_watched);
@@ -290,7 +292,14 @@ impl Watches {
         }
         sink.flush().await?;
         debug!(conversation_id = %conversation, last_seq, replayed = history.len(), "watching");
-        let watch = Watch { key, sent: Cursor::at(last_seq), owner_epoch: snapshot.ownership.epoch, notes_sent };
+        let sent = match previous {
+            Some(Watch { mut sent, .. }) => {
+                sent.restart(LogEpoch::of(&snapshot.epoch), last_seq);
+                sent
+            }
+            None => Cursor::in_epoch(LogEpoch::of(&snapshot.epoch), last_seq),
+        };
+        let watch = Watch { key, sent, owner_epoch: snapshot.ownership.epoch, notes_sent };
         self.watched.insert(conversation, watch);
         Ok(())
     }
@@ -306,40 +315,10 @@ impl Watches {
                     }
                 }
                 Outbound::Watched { key, item } => {
-                    // Left over from a conversation no longer watched: dropped.
-                    let Some(watch) = self.watched.get_mut(key.conversation()) else { continue };
-                    match *item {
-                        Outbound::Frame { frame, .. } => sink.feed(Message::Text(frame)).await?,
-                        Outbound::Frames { frames, .. } => {
-                            for frame in frames {
-                                sink.feed(Message::Text(frame)).await?;
-                            }
-                        }
-                        Outbound::Event { seq, frame, .. } => {
-                            let step = watch.sent.step(seq);
-                            if step == Step::Seen {
-                                continue;
-                            }
-                            if step == Step::Gap {
-                                Box::pin(fill_gap(&self.app, sink, watch, seq)).await?;
-                            }
-                            sink.feed(Message::Text(frame)).await?;
-                            watch.sent.advance(seq);
-                        }
-                        Outbound::Resync => Box::pin(fill_gap(&self.app, sink, watch, u64::MAX)).await?,
-                        Outbound::Owner { epoch, frame } => {
-                            if epoch > watch.owner_epoch {
-                                watch.owner_epoch = epoch;
-                                sink.feed(Message::Text(frame)).await?;
-                            }
-                        }
-                        Outbound::Note { seq, frame } => {
-                            if seq > watch.notes_sent {
-                                watch.notes_sent = seq;
-                                sink.feed(Message::Text(frame)).await?;
-                            }
-                        }
-                        Outbound::Watched { .. } => {}
+                    if self.deliver(sink, key.conversation(), *item).await? == Delivered::NewLog {
+                        // The log was lost and recreated: the snapshot again, of the new one.
+                        debug!(conversation_id = %key.conversation(), "a watched conversation's log was recreated");
+                        Box::pin(self.watch(sink, key.conversation().clone(), None)).await?;
                     }
                 }
                 // Conversations' items reach an agent's socket only wrapped.
@@ -350,17 +329,84 @@ impl Watches {
     }
 }
 
+/// What became of an item of a watched conversation.
+#[derive(Debug, PartialEq, Eq)]
+enum Delivered {
+    /// Written, or dropped as seen or not watched.
+    Done,
+    /// The conversation's log is another one than the watch's: watch again.
+    NewLog,
+}
+
+impl Watches {
+    /// Writes one item of a watched conversation through its watch's
+    /// cursor (a durable event once, in order, a gap filled first).
+    async fn deliver(
+        &mut self,
+        sink: &mut Sink,
+        conversation: &ConversationId,
+        item: Outbound,
+    ) -> Result<Delivered, WriteError> {
+        // Left over from a conversation no longer watched: dropped.
+        let Some(watch) = self.watched.get_mut(conversation) else { return Ok(Delivered::Done) };
+        match item {
+            Outbound::Frame { frame, .. } => sink.feed(Message::Text(frame)).await?,
+            Outbound::Frames { frames, .. } => {
+                for frame in frames {
+                    sink.feed(Message::Text(frame)).await?;
+                }
+            }
+            Outbound::Event { epoch, seq, frame, .. } => match watch.sent.arrive(epoch, seq) {
+                Step::Seen | Step::Stale => {}
+                Step::NewLog => return Ok(Delivered::NewLog),
+                Step::Gap => {
+                    if Box::pin(fill_gap(&self.app, sink, watch, seq)).await? == Delivered::NewLog {
+                        return Ok(Delivered::NewLog);
+                    }
+                    if watch.sent.arrive(epoch, seq) == Step::Next {
+                        sink.feed(Message::Text(frame)).await?;
+                        watch.sent.advance(seq);
+                    }
+                }
+                Step::Next => {
+                    sink.feed(Message::Text(frame)).await?;
+                    watch.sent.advance(seq);
+                }
+            },
+            Outbound::Resync => return Box::pin(fill_gap(&self.app, sink, watch, u64::MAX)).await,
+            Outbound::Owner { epoch, frame } => {
+                if epoch > watch.owner_epoch {
+                    watch.owner_epoch = epoch;
+                    sink.feed(Message::Text(frame)).await?;
+                }
+            }
+            Outbound::Note { seq, frame } => {
+                if seq > watch.notes_sent {
+                    watch.notes_sent = seq;
+                    sink.feed(Message::Text(frame)).await?;
+                }
+            }
+            Outbound::Watched { .. } => {}
+        }
+        Ok(Delivered::Done)
+    }
+}
+
 /// Sends a watched conversation's logged events between the last sent seq
-/// and `before` (exclusive); `u64::MAX` after a resync.
-async fn fill_gap(app: &AppState, sink: &mut Sink, watch: &mut Watch, before: u64) -> Result<(), WriteError> {
+/// and `before` (exclusive); `u64::MAX` after a resync. Sends nothing if
+/// the log is another one than the watch's ([`Delivered::NewLog`]).
+async fn fill_gap(app: &AppState, sink: &mut Sink, watch: &mut Watch, before: u64) -> Result<Delivered, WriteError> {
     let after = watch.sent.last();
-    let events = match read_gap(&app.conversations, &watch.key, after, before).await {
-        Ok(Some(events)) => events,
-        Ok(None) => return Ok(()),
+    let log = match read_log_gap(&app.conversations, &watch.key, after, before).await {
+        Ok(Some(log)) => log,
+        Ok(None) => return Ok(Delivered::Done),
         Err(_) => return Err(WriteError::GapUnfilled),
     };
+    if watch.sent.epoch() != Some(LogEpoch::of(&log.epoch)) {
+        return Ok(Delivered::NewLog);
+    }
     let conversation = watch.key.conversation().as_str();
-    for event in events.iter().filter(|e| e.seq > after && e.seq < before) {
+    for event in log.missed.iter().filter(|e| e.seq > after && e.seq < before) {
         sink.feed(Message::Text(event.message_frame(conversation))).await?;
         watch.sent.advance(event.seq);
         // An owner change this node did not hear live is told all the same.
@@ -371,5 +417,5 @@ async fn fill_gap(app: &AppState, sink: &mut Sink, watch: &mut Watch, before: u6
             sink.feed(Message::Text(frame)).await?;
         }
     }
-    Ok(())
+    Ok(Delivered::Done)
 }

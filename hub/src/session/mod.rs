@@ -12,7 +12,7 @@ mod reader;
 mod writer;
 
 pub(crate) use reader::{FrameReader, Inbound, error_frame, forbidden, refresh, send_to_this_socket};
-pub(crate) use writer::{BURST, CLOSE_TIMEOUT, read_gap};
+pub(crate) use writer::{BURST, CLOSE_TIMEOUT, read_log_gap};
 
 use std::future::Future;
 use std::sync::Arc;

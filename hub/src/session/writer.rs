@@ -36,24 +36,15 @@ pub(crate) const BURST: usize = 64;
 /// 1.5 s in all) before the session gives up and closes with 4503.
 const GAP_READ_RETRIES: [Duration; 4] =
     [Duration::from_millis(100), Duration::from_millis(200), Duration::from_millis(400), Duration::from_millis(800)];
-/// Reads a socket's missed events after `after`, for a gap before `before`
+/// Reads a socket's missed events, with where the log stands (its epoch:
+/// the gap may be a new log), after `after`, for a gap before `before`
 /// (`u64::MAX`: a resync). A store that just came back gets a few more
 /// tries; past them the error is returned, and the caller closes the socket
 /// rather than skip past the gap (sending what comes after would tell the
 /// client it has events it never got). A resync asks "did I miss
 /// anything?": if the store cannot say yet, `None` (the next event's seq
 /// will show any gap, which is then filled).
-pub(crate) async fn read_gap(
-    conversations: &Conversations,
-    key: &ConversationKey,
-    after: u64,
-    before: u64,
-) -> Result<Option<Vec<Arc<crate::event::StoredEvent>>>, crate::store::StoreError> {
-    Ok(read_log_gap(conversations, key, after, before).await?.map(|log| log.missed))
-}
-
-/// [`read_gap`], with where the log stands (its epoch: the gap may be a new log).
-async fn read_log_gap(
+pub(crate) async fn read_log_gap(
     conversations: &Conversations,
     key: &ConversationKey,
     after: u64,

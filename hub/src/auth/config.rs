@@ -2,7 +2,7 @@
 //!
 //! Kept apart from the rest of the config because it is the part a running
 //! hub reloads (SIGHUP): [`AuthConfig::check`] says everything wrong with it
-//! before any key file is read, and the keyring ([`super::keys`]) refuses
+//! before any key file is read, and the keyring ([`super::keyring`]) refuses
 //! the files themselves.
 
 use std::net::SocketAddr;

@@ -24,9 +24,9 @@
 //! under an older epoch ([`FanOut::hold`]) are told to stop. Agent-only
 //! frames (`owner`) go to agents' handles only ([`Audience`]).
 //!
-//! Its part in presence and typing is in [`presence`](self::presence), its
+//! Its part in presence and typing is in [`presence`], its
 //! part in ownership (the takeover fence, conversations seen waiting) in
-//! [`owners`](self::owners): both are more methods of [`FanOut`] on the same
+//! [`owners`]: both are more methods of [`FanOut`] on the same
 //! per-conversation entries.
 
 mod owners;

@@ -19,7 +19,7 @@ pub const LISTING_TTL: Duration = Duration::from_secs(30);
 
 /// Changed conversations of the tenants listed on this node, noted
 /// without waiting (from the bus's receiving loop among others) and taken
-/// by [`run_listing`]; each conversation once however often it changed.
+/// by [`run_listing`](super::run_listing); each conversation once however often it changed.
 #[derive(Debug, Default)]
 pub struct Changes {
     /// By listed tenant (a tenant is here while it is listed).

@@ -26,7 +26,7 @@
 //! of them at every freed slot made the queue itself the bottleneck.
 //!
 //! Two halves: [`share`] decides who may start (capacity, tenant shares,
-//! activity) and [`line`] keeps who waits (per-tenant FIFOs, round robin).
+//! activity) and [`line`](mod@line) keeps who waits (per-tenant FIFOs, round robin).
 //! This module joins them behind one std `Mutex`, held for short,
 //! await-free updates, and hands out [`Permit`]s and [`Ticket`]s.
 

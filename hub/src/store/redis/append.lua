@@ -24,21 +24,35 @@
 --       only if the owner epoch is 17; then 16, named 18, owns it under
 --       17 + 1, since 5), 19 the conversation id, 20 the tenant's changes
 --       channel (published to only while the listing flag exists)
--- Returns {1, seq, other listening nodes, {entries before} or false when
--- not read, epoch, owner, owner name, owner epoch, owner since} when
--- stored, {0, seq, 0, false, "", false x 4} for a message already stored,
--- {-1, 0, 0, false, "", false x 4} when the conversation does not exist (lost
--- or expired), or, when creating, exists with another owner or epoch, and
--- {-2, 0, 0, false, "", owner, owner name, owner epoch, owner since} when
--- the owner operation found another owner or epoch (nothing stored).
+-- Returns one string (decoded by answer.rs, which describes it): status 1
+-- with the seq, the other listening nodes, the entries before when read,
+-- the epoch and the owner fields when stored; 0 and the seq for a message
+-- already stored; -1 when the conversation does not exist (lost or
+-- expired), or, when creating, exists with another owner or epoch; -2
+-- and the owner fields when the owner operation found another owner or
+-- epoch (nothing stored).
 -- Owner fields absent from the meta hash mean the assistant, epoch 0.
 local meta, log, ids = KEYS[1], KEYS[2], KEYS[3]
+local function answer(status, seq, others, before, epoch, owner, name, owner_epoch, owner_since)
+  local head = {status, seq, others, owner_epoch, owner_since, before and #before or -1, #epoch, #owner, #name}
+  local body = {epoch, owner, name}
+  if before then
+    for i = 1, #before do
+      head[#head + 1] = #before[i]
+      body[#body + 1] = before[i]
+    end
+  end
+  for i = 1, #head do
+    head[i] = string.format('%d', head[i])
+  end
+  return table.concat(head, ' ') .. '\n' .. table.concat(body)
+end
 local owner, epoch = ARGV[9], ARGV[10]
 local current = redis.call('HMGET', meta, 'user', 'epoch', 'seq')
 local created = false
 if not current[2] then
   if owner == '' then
-    return {-1, 0, 0, false, '', false, false, false, false}
+    return answer(-1, 0, 0, false, '', '', '', 0, 0)
   end
   -- A new log, or a lost one started again: leftovers of a lost one (its
   -- list or ids, if they outlived the meta) go, so the epoch starts clean.
@@ -49,7 +63,7 @@ if not current[2] then
   current = {owner, epoch, '0'}
   created = true
 elseif owner ~= '' and (current[1] ~= owner or current[2] ~= epoch) then
-  return {-1, 0, 0, false, '', false, false, false, false}
+  return answer(-1, 0, 0, false, '', '', '', 0, 0)
 end
 epoch = current[2]
 -- A resend of a stored message is acknowledged again, whoever owns it now.
@@ -57,7 +71,7 @@ local id = ARGV[1]
 if id ~= '' then
   local seen = redis.call('ZSCORE', ids, id)
   if seen then
-    return {0, tonumber(seen), 0, false, '', false, false, false, false}
+    return answer(0, tonumber(seen), 0, false, '', '', '', 0, 0)
   end
 end
 local o = redis.call('HMGET', meta, 'owner', 'owner_name', 'owner_epoch', 'owner_since')
@@ -66,11 +80,11 @@ local owner_epoch, owner_since = tonumber(o[3] or '0'), tonumber(o[4] or '0')
 local op = ARGV[15]
 if op == 'fence' then
   if owner_now ~= ARGV[16] or (ARGV[17] ~= '' and owner_epoch ~= tonumber(ARGV[17])) then
-    return {-2, 0, 0, false, '', owner_now, owner_name, owner_epoch, owner_since}
+    return answer(-2, 0, 0, false, '', owner_now, owner_name, owner_epoch, owner_since)
   end
 elseif op == 'change' then
   if owner_epoch ~= tonumber(ARGV[17]) then
-    return {-2, 0, 0, false, '', owner_now, owner_name, owner_epoch, owner_since}
+    return answer(-2, 0, 0, false, '', owner_now, owner_name, owner_epoch, owner_since)
   end
   owner_now, owner_name, owner_epoch, owner_since = ARGV[16], ARGV[18], owner_epoch + 1, tonumber(ARGV[5])
   redis.call('HSET', meta, 'owner', owner_now, 'owner_name', owner_name, 'owner_epoch', owner_epoch,
@@ -112,4 +126,4 @@ local others = redis.call('HLEN', KEYS[4]) - redis.call('HEXISTS', KEYS[4], ARGV
 if others > 0 or created then
   redis.call('PUBLISH', ARGV[8], ARGV[4] .. epoch .. '\n' .. entry)
 end
-return {1, seq, others, before, epoch, owner_now, owner_name, owner_epoch, owner_since}
+return answer(1, seq, others, before, epoch, owner_now, owner_name, owner_epoch, owner_since)

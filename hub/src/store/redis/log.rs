@@ -10,6 +10,7 @@ use async_trait::async_trait;
 use redis::{Script, Value};
 use tracing::{debug, warn};
 
+use super::answer::AppendAnswer;
 use super::keys::ConversationNames;
 use super::wire::{self, EncodedEvent};
 use super::{Link, recent};
@@ -375,32 +376,31 @@ impl ConversationLog for RedisLog {
             inner.point_latest(&mut pipe, user, key, Some(&names));
         }
         let sent_at = Instant::now();
-        type Reply =
-            (i64, u64, i64, Option<Vec<Vec<u8>>>, String, Option<String>, Option<String>, Option<u64>, Option<u64>);
-        let ((status, seq, others, before, epoch, owner, owner_name, owner_epoch, owner_since),): (Reply,) =
-            inner.run_with_script(&inner.append, &pipe).await?;
+        let answer: Vec<u8> = inner.run_with_script::<(Vec<u8>,)>(&inner.append, &pipe).await?.0;
+        let answer = AppendAnswer::decode(&answer).map_err(|e| StoreError::Unavailable(e.to_string()))?;
         let ownership = || Ownership {
-            owner: Owner::decode(owner.as_deref().unwrap_or(""), owner_name.as_deref().unwrap_or("")),
-            epoch: owner_epoch.unwrap_or(0),
-            since_ms: owner_since.unwrap_or(0),
+            owner: Owner::decode(answer.owner, answer.owner_name),
+            epoch: answer.owner_epoch,
+            since_ms: answer.owner_since,
         };
-        match status {
+        match answer.status {
             1 => {
                 // The reply's deltas that follow go out only if someone else listens.
-                link.listeners.note(key, listening, sent_at, others);
-                stored.seq = seq;
+                link.listeners.note(key, listening, sent_at, answer.others);
+                stored.seq = answer.seq;
                 let event = Arc::new(stored);
                 let read: Option<Vec<_>> =
-                    before.map(|entries| entries.iter().filter_map(|e| parse_entry(e)).collect());
-                link.recent.appended(key, recent::Outcome { epoch: &epoch, event: &event, read: read.as_deref() });
+                    answer.before.as_ref().map(|entries| entries.iter().filter_map(|e| parse_entry(e)).collect());
+                link.recent
+                    .appended(key, recent::Outcome { epoch: answer.epoch, event: &event, read: read.as_deref() });
                 let turns_before = match read {
                     Some(read) => read.into_iter().filter(|e| e.from != Role::System).collect(),
                     // Not read: the log was where the hint said, so its turns are the hint's.
                     None => hint.turns,
                 };
-                Ok(Appended::New { event, epoch: LogEpoch::of(&epoch), turns_before, ownership: ownership() })
+                Ok(Appended::New { event, epoch: LogEpoch::of(answer.epoch), turns_before, ownership: ownership() })
             }
-            0 => Ok(Appended::Duplicate(seq)),
+            0 => Ok(Appended::Duplicate(answer.seq)),
             -2 => Err(StoreError::OwnerChanged(ownership())),
             _ => Err(StoreError::ConversationNotFound),
         }

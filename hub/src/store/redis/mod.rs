@@ -61,6 +61,7 @@
 //! All reads that decide correctness go to the one configured Redis (the
 //! primary); there are no replica reads.
 
+mod answer;
 mod bus;
 pub mod keys;
 mod log;

@@ -136,6 +136,11 @@ mod tests {
             b"1 2 3 4 5 -1 -1 0 0\n",
             b"x 2 3 4 5 -1 0 0 0\n",
             b"1 2 3 4 5 -1 2 0 0\n\xff\xfe",
+            b"1  2 3 4 5 -1 0 0 0\n",
+            b"1 2 3 4 5 -1 0 0 0 \n",
+            b"- 2 3 4 5 -1 0 0 0\n",
+            b"1 99999999999999999999 3 4 5 -1 0 0 0\n",
+            b"1 2 3 4 5 -1 0 0 0",
         ] {
             assert!(AppendAnswer::decode(answer).is_err(), "{:?}", String::from_utf8_lossy(answer));
         }

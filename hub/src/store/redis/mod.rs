@@ -12,7 +12,7 @@
 //! seq, push, trim, publish if another node listens — atomic, so two nodes
 //! appending to one conversation can never race or leave a gap. The hub
 //! encodes the event and its payload ([`wire`]); the script splices in the
-//! seq and decodes nothing. Opening a socket writes nothing for a
+//! seq and decodes nothing, and answers one string ([`answer`]). Opening a socket writes nothing for a
 //! conversation that has no log yet: the first message's append creates it
 //! (same script), after counting it against the user's creation cap
 //! (`quota.lua`, in the user's slot). A customer message's append also

@@ -24,10 +24,13 @@ struct Outcome {
 }
 
 /// `CUSTOMERS` customers of `hub`, each on its own socket, ask `QUESTIONS`
-/// questions one after the other, all at once.
+/// questions one after the other, all at once: every socket is open before
+/// the first question, so the questions arrive together however slowly a
+/// loaded machine opens sockets.
 async fn crowd(hub: &Hub, tag: &str) -> Outcome {
-    let customers = (0..CUSTOMERS).map(|i| async move {
-        let mut client = Client::connect(&hub.ws_url(&format!("tenant=demo&user={tag}-{i}"))).await;
+    let urls: Vec<String> = (0..CUSTOMERS).map(|i| hub.ws_url(&format!("tenant=demo&user={tag}-{i}"))).collect();
+    let clients = join_all(urls.iter().map(|url| Client::connect(url))).await;
+    let customers = clients.into_iter().map(|mut client| async move {
         let mut outcome = Outcome::default();
         for q in 0..QUESTIONS {
             let (_, reply) = client.ask(&format!("m{q}"), "Tell me about the Gold Card").await;

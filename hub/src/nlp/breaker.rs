@@ -7,6 +7,15 @@
 //! until `open_for` has passed. Half-open: up to `half_open_probes` calls go
 //! through; one success closes the breaker, one failure opens it again.
 //!
+//! An open breaker also lets a probe through early when the endpoint's
+//! health check says it serves: when the check saw it come back
+//! ([`Breaker::probe_now`]), and once per opening when a check made after
+//! the breaker opened says serving ([`Breaker::serving_since`]), which
+//! catches a restart quicker than the checks (a bridge restarted by its
+//! supervisor within a second). An early probe that fails opens the
+//! breaker for the whole `open_for`: an endpoint that says it serves but
+//! fails every call is probed at the usual pace.
+//!
 //! The state sits behind a `std::sync::Mutex` held only for a few field
 //! updates, never across an `.await`. Time is passed in, so the logic is
 //! tested without sleeping.
@@ -47,6 +56,9 @@ enum Inner {
     },
     Open {
         until: Instant,
+        since: Instant,
+        /// May still probe early once, on a health check made after `since`.
+        early_probe: bool,
     },
     /// `since` bounds a probe that never reports (cancelled, dropped): after
     /// `open_for` a new round of probes is allowed, so the breaker cannot stick.
@@ -79,7 +91,7 @@ impl Breaker {
         let mut inner = self.lock();
         match &mut *inner {
             Inner::Closed { .. } => true,
-            Inner::Open { until } if now < *until => false,
+            Inner::Open { until, .. } if now < *until => false,
             Inner::Open { .. } => {
                 *inner = Inner::HalfOpen { probes: 1, since: now };
                 true
@@ -101,8 +113,21 @@ impl Breaker {
     /// `open_for`. Returns whether it was open.
     pub fn probe_now(&self, now: Instant) -> bool {
         match &mut *self.lock() {
-            Inner::Open { until } if now < *until => {
+            Inner::Open { until, .. } if now < *until => {
                 *until = now;
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// A health check made at `checked_at` says the endpoint serves: if the
+    /// breaker opened before that check and has not probed early since it
+    /// opened, a probe goes through now. Returns whether one was let through.
+    pub fn serving_since(&self, checked_at: Instant, now: Instant) -> bool {
+        match &mut *self.lock() {
+            Inner::Open { until, since, early_probe } if *early_probe && *since < checked_at && now < *until => {
+                (*until, *early_probe) = (now, false);
                 true
             }
             _ => false,
@@ -133,7 +158,7 @@ impl Breaker {
                 let rate_tripped =
                     recent.len() >= config.window && failed as f64 >= config.failure_rate * recent.len() as f64;
                 if !success && (*failures_in_a_row >= config.consecutive_failures || rate_tripped) {
-                    *inner = Inner::Open { until: now + config.open_for };
+                    *inner = Inner::Open { until: now + config.open_for, since: now, early_probe: true };
                     return Some(BreakerState::Open);
                 }
                 None
@@ -144,8 +169,9 @@ impl Breaker {
                 *inner = closed();
                 Some(BreakerState::Closed)
             }
+            // The probe failed: no early probe this time.
             Inner::HalfOpen { .. } => {
-                *inner = Inner::Open { until: now + config.open_for };
+                *inner = Inner::Open { until: now + config.open_for, since: now, early_probe: false };
                 Some(BreakerState::Open)
             }
         }
@@ -239,6 +265,34 @@ mod tests {
         assert!(b.allow(back), "the probe, 28 s before open_for would allow it");
         assert!(!b.allow(back), "still one probe at a time");
         assert_eq!(b.record(true, back), Some(BreakerState::Closed));
+    }
+
+    #[test]
+    fn a_health_check_made_after_the_opening_lets_one_early_probe_through() {
+        let t = Instant::now();
+        let b = opened_at(t);
+        let (before, after, now) =
+            (t - Duration::from_millis(10), t + Duration::from_millis(10), t + Duration::from_secs(1));
+        assert!(!b.serving_since(before, now), "a check from before the failures proves nothing");
+        assert!(!b.allow(now));
+        assert!(b.serving_since(after, now), "serving since it opened: probe now");
+        assert!(b.allow(now), "the probe, 29 s early");
+        assert!(!b.serving_since(after, now), "half-open: nothing to do");
+        assert_eq!(b.record(true, now), Some(BreakerState::Closed));
+    }
+
+    #[test]
+    fn an_early_probe_that_fails_waits_the_whole_open_for() {
+        let t = Instant::now();
+        let b = opened_at(t);
+        let now = t + Duration::from_secs(1);
+        assert!(b.serving_since(now, now));
+        assert!(b.allow(now));
+        assert_eq!(b.record(false, now), Some(BreakerState::Open));
+        let next_check = now + Duration::from_secs(2);
+        assert!(!b.serving_since(next_check, next_check), "one early probe per opening from closed");
+        assert!(!b.allow(next_check));
+        assert!(b.allow(now + Duration::from_secs(30)), "then the usual probe");
     }
 
     #[test]

@@ -50,6 +50,7 @@ pub async fn run_health_checks(pool: Arc<NlpPool>, stop: CancellationToken) {
         for (endpoint, client) in pool.endpoints.iter().zip(clients.iter_mut()) {
             let Some(client) = client else { continue };
             // The answer service's own status: a draining bridge marks it NOT_SERVING.
+            let checked_at = tokio::time::Instant::now();
             let mut request = tonic::Request::new(HealthCheckRequest { service: "fengda.nlp.v1.Nlp".into() });
             request.set_timeout(CHECK_TIMEOUT);
             // The outer timeout also bounds connecting, which `grpc-timeout`
@@ -62,13 +63,18 @@ pub async fn run_health_checks(pool: Arc<NlpPool>, stop: CancellationToken) {
             if let Some(limit) = advertised.and_then(|streams| endpoint.limit.advertised(streams)) {
                 endpoint.set_limit_gauge(limit);
             }
+            let now = tokio::time::Instant::now();
             if endpoint.healthy.swap(serving, Ordering::AcqRel) != serving {
                 info!(endpoint = %endpoint.name, serving, "NLP endpoint health changed");
                 // Back after a restart: its breaker, opened while it was
                 // gone, lets a probe through now instead of after `breaker_open_ms`.
-                if serving && endpoint.breaker.probe_now(tokio::time::Instant::now()) {
+                if serving && endpoint.breaker.probe_now(now) {
                     info!(endpoint = %endpoint.name, "NLP endpoint serving again; probing its breaker at once");
                 }
+            } else if serving && endpoint.breaker.serving_since(checked_at, now) {
+                // A restart quicker than the checks: serving before and
+                // after, its breaker opened in between.
+                info!(endpoint = %endpoint.name, "NLP endpoint serves, its breaker opened before; probing it at once");
             }
             // Every round, not only on a change: cheap, and heals any drift.
             pool.update_capacity();

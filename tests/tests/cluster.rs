@@ -197,6 +197,56 @@ async fn connect_only_sockets_leave_no_redis_key_behind() {
 }
 
 #[tokio::test]
+async fn a_conversations_keys_outlive_its_last_append_by_the_retention_and_are_refreshed_at_most_once_per_interval() {
+    // A 20 s retention: its keys expire 20 s + 2 s (the refresh interval, a
+    // tenth of it) after a refresh, made when 2 s have passed since the last.
+    let (retention_ms, refresh_ms) = (20_000_i64, 2_000_i64);
+    let redis = RedisServer::start().await;
+    let node = Hub::start_node(&redis, &["--retention-secs", "20", "--idle-window-ms", "20000"]).await;
+    let mut client = Client::connect(&node.ws_url("tenant=demo&user=kept")).await;
+    let tag = format!("fengda:conv:{{demo:{}}}", client.conversation());
+    let meta = format!("{tag}:meta");
+    let now_ms = || i64::try_from(std::time::UNIX_EPOCH.elapsed().unwrap().as_millis()).unwrap();
+    let refreshed = async || -> i64 { redis.cli(&["HGET", &meta, "refreshed_ms"]).await.parse().unwrap() };
+    // Every key of the conversation lives at least the retention after the
+    // append just answered (less the time since: 2 s on a loaded machine),
+    // and never more than the retention and the interval.
+    let mut names = ["meta", "log", "ids", "listeners"].map(|part| format!("{tag}:{part}")).to_vec();
+    names.push("fengda:tenant:{demo}:active".to_owned());
+    let check_ttls = async |after: &str| {
+        for name in &names {
+            let ttl: i64 = redis.cli(&["PTTL", name]).await.parse().unwrap();
+            assert!(
+                (retention_ms - 2_000..=retention_ms + refresh_ms).contains(&ttl),
+                "{name} after {after}: {ttl} ms"
+            );
+        }
+    };
+
+    client.ask("m1", "Hello").await;
+    let first = refreshed().await;
+    check_ttls("the creating append").await;
+
+    // Asked at once: within the interval (when it is), no refresh, and the
+    // keys still live long enough.
+    client.ask("m2", "And the Gold Card?").await;
+    let answered = now_ms();
+    check_ttls("an append within the interval").await;
+    if answered - first < refresh_ms {
+        assert_eq!(refreshed().await, first, "refreshed again within the interval");
+    }
+
+    // The interval is time: waiting it out is the point.
+    let wait = first + refresh_ms + 100 - now_ms();
+    if wait > 0 {
+        tokio::time::sleep(Duration::from_millis(wait.unsigned_abs())).await;
+    }
+    client.ask("m3", "Thanks").await;
+    assert!(refreshed().await >= first + refresh_ms, "an append after the interval refreshes");
+    check_ttls("an append after the interval").await;
+}
+
+#[tokio::test]
 async fn a_user_returning_after_the_idle_window_starts_a_new_conversation() {
     let redis = RedisServer::start().await;
     // The window is the opening node's setting: node 1's is long, so that

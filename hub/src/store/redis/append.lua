@@ -23,7 +23,11 @@
 --       it and, unless 17 is "", under owner epoch 17), "change" (store
 --       only if the owner epoch is 17; then 16, named 18, owns it under
 --       17 + 1, since 5), 19 the conversation id, 20 the tenant's changes
---       channel (published to only while the listing flag exists)
+--       channel (published to only while the listing flag exists), 21 the
+--       seconds between two refreshes of the keys' expiry: the keys expire
+--       7 + 21 seconds after the last refresh, which is made when that
+--       much has passed (`refreshed_ms` in the meta hash), so they live at
+--       least 7 seconds after the last append (see Retention in mod.rs)
 -- Returns one string (decoded by answer.rs, which describes it): status 1
 -- with the seq, the other listening nodes, the entries before when read,
 -- the epoch and the owner fields when stored; 0 and the seq for a message
@@ -48,7 +52,9 @@ local function answer(status, seq, others, before, epoch, owner, name, owner_epo
   return table.concat(head, ' ') .. '\n' .. table.concat(body)
 end
 local owner, epoch = ARGV[9], ARGV[10]
-local current = redis.call('HMGET', meta, 'user', 'epoch', 'seq')
+local now = tonumber(ARGV[5])
+local current = redis.call('HMGET', meta, 'user', 'epoch', 'seq', 'owner', 'owner_name', 'owner_epoch',
+  'owner_since', 'refreshed_ms')
 local created = false
 if not current[2] then
   if owner == '' then
@@ -60,7 +66,7 @@ if not current[2] then
   redis.call('HSET', meta, 'user', owner, 'epoch', epoch, 'seq', 0, 'created_ms', ARGV[5])
   -- The creating socket listens on this node (see listen.lua).
   redis.call('HSET', KEYS[4], ARGV[11], 1)
-  current = {owner, epoch, '0'}
+  current[1], current[2], current[3] = owner, epoch, '0'
   created = true
 elseif owner ~= '' and (current[1] ~= owner or current[2] ~= epoch) then
   return answer(-1, 0, 0, false, '', '', '', 0, 0)
@@ -74,9 +80,8 @@ if id ~= '' then
     return answer(0, tonumber(seen), 0, false, '', '', '', 0, 0)
   end
 end
-local o = redis.call('HMGET', meta, 'owner', 'owner_name', 'owner_epoch', 'owner_since')
-local owner_now, owner_name = o[1] or 'assistant', o[2] or ''
-local owner_epoch, owner_since = tonumber(o[3] or '0'), tonumber(o[4] or '0')
+local owner_now, owner_name = current[4] or 'assistant', current[5] or ''
+local owner_epoch, owner_since = tonumber(current[6] or '0'), tonumber(current[7] or '0')
 local op = ARGV[15]
 if op == 'fence' then
   if owner_now ~= ARGV[16] or (ARGV[17] ~= '' and owner_epoch ~= tonumber(ARGV[17])) then
@@ -95,10 +100,24 @@ local wanted = tonumber(ARGV[12])
 if wanted > 0 and not (epoch == ARGV[13] and current[3] == ARGV[14]) then
   before = redis.call('LRANGE', log, -wanted, -1)
 end
-local seq = redis.call('HINCRBY', meta, 'seq', 1)
+local ttl, refresh = tonumber(ARGV[7]), tonumber(ARGV[21])
+local expire = ttl + refresh
+-- Due when created (the keys have no expiry yet), `refresh` seconds after
+-- the last refresh, or when that refresh is in this node's future (clocks
+-- differ: better to refresh often than too late).
+local since = now - tonumber(current[8] or '0')
+local due = created or since >= refresh * 1000 or since < 0
+-- The seq read above, plus one: nothing else ran in between. One HSET
+-- writes it and the times this append sets.
+local seq = tonumber(current[3]) + 1
+local fields = {'seq', string.format('%d', seq)}
 if id ~= '' and string.byte(id, 1) ~= 1 then
-  redis.call('HSET', meta, 'customer_at', ARGV[5])
+  fields[#fields + 1], fields[#fields + 2] = 'customer_at', ARGV[5]
 end
+if due then
+  fields[#fields + 1], fields[#fields + 2] = 'refreshed_ms', ARGV[5]
+end
+redis.call('HSET', meta, unpack(fields))
 local entry = ARGV[2] .. string.format('%d', seq) .. ARGV[3]
 local cap = tonumber(ARGV[6])
 redis.call('RPUSH', log, entry)
@@ -106,18 +125,24 @@ redis.call('LTRIM', log, -cap, -1)
 if id ~= '' then
   redis.call('ZADD', ids, seq, id)
   redis.call('ZREMRANGEBYSCORE', ids, '-inf', seq - cap)
+  if not due then
+    -- This append may have created the set.
+    redis.call('EXPIRE', ids, expire)
+  end
 end
-local ttl = tonumber(ARGV[7])
-redis.call('EXPIRE', meta, ttl)
-redis.call('EXPIRE', log, ttl)
-redis.call('EXPIRE', ids, ttl)
-redis.call('EXPIRE', KEYS[4], ttl)
 -- The agents' list: the tenant's conversations by last activity, and a
 -- doorbell for the nodes listing it (nothing when no console is open).
-local ttl_ms = ttl * 1000
 redis.call('ZADD', KEYS[5], ARGV[5], ARGV[19])
-redis.call('ZREMRANGEBYSCORE', KEYS[5], '-inf', tonumber(ARGV[5]) - ttl_ms)
-redis.call('EXPIRE', KEYS[5], ttl)
+if due then
+  redis.call('EXPIRE', meta, expire)
+  redis.call('EXPIRE', log, expire)
+  redis.call('EXPIRE', ids, expire)
+  redis.call('EXPIRE', KEYS[4], expire)
+  -- The active set outlives each of its conversations' refreshes; its
+  -- entries past the retention go here, not on every append.
+  redis.call('ZREMRANGEBYSCORE', KEYS[5], '-inf', now - ttl * 1000)
+  redis.call('EXPIRE', KEYS[5], expire)
+end
 if redis.call('EXISTS', KEYS[6]) == 1 then
   redis.call('PUBLISH', ARGV[20], ARGV[19])
 end

@@ -226,7 +226,7 @@ impl Inner {
             .key(link.keys.meta(key))
             .key(link.keys.listeners(key))
             .arg(link.node_id.as_str())
-            .arg(link.retention_secs)
+            .arg(link.retention.expire_secs())
             .arg(channel)
             .arg(Payload::Hello.encode());
         link.call(listen.invoke_async::<i64>(&mut con)).await.map(drop)

@@ -137,7 +137,7 @@ impl Inner {
         let mut con = link.commands.clone();
         let mut pipe = redis::pipe();
         for name in [keys.meta(key), keys.log(key), keys.message_ids(key), keys.listeners(key), keys.notes(key)] {
-            pipe.cmd("EXPIRE").arg(name).arg(link.retention_secs).ignore();
+            pipe.cmd("EXPIRE").arg(name).arg(link.retention.expire_secs()).ignore();
         }
         self.point_latest(&mut pipe, user, key, None);
         link.call(pipe.query_async::<()>(&mut con)).await
@@ -165,7 +165,7 @@ impl Inner {
             .ignore()
             .cmd("EXPIRE")
             .arg(&*latest)
-            .arg(self.link.retention_secs)
+            .arg(self.link.retention.secs)
             .ignore();
     }
 
@@ -335,7 +335,7 @@ impl ConversationLog for RedisLog {
         let names = listened.unwrap_or_else(|| Arc::new(link.keys.conversation_names(key)));
         // Sized once: growing the buffer arg by arg showed in profiles.
         let size = 160 + names.meta.len() * 8 + encoded.byte_len() + hint.epoch.len() + dedup_id.len();
-        let mut append = redis::Cmd::with_capacity(25, size + owner_arg.len() + name_arg.len());
+        let mut append = redis::Cmd::with_capacity(30, size + owner_arg.len() + name_arg.len());
         append
             .arg("EVALSHA")
             .arg(inner.append.get_hash())
@@ -352,7 +352,7 @@ impl ConversationLog for RedisLog {
             .arg(encoded.payload_head())
             .arg(stored.at_ms)
             .arg(inner.log_cap)
-            .arg(link.retention_secs)
+            .arg(link.retention.secs)
             .arg(&names.channel)
             .arg(create.map_or("", |c| c.user.as_str()))
             .arg(create.map_or("", |c| c.epoch.as_str()))
@@ -365,7 +365,8 @@ impl ConversationLog for RedisLog {
             .arg(&epoch_arg)
             .arg(name_arg)
             .arg(key.conversation().as_str())
-            .arg(&names.changes);
+            .arg(&names.changes)
+            .arg(link.retention.refresh_secs);
         let mut pipe = redis::pipe();
         pipe.add_command(append);
         // The user's activity rides in the same round trip (a new

@@ -7,8 +7,8 @@
 //! absent until the first change, which `append.lua` makes), a
 //! capped list of durable events (JSON), a zset of customer message ids for
 //! idempotent resends and a hash of the nodes listening to it, all under one
-//! hash tag (see [`keys`]) and all refreshed to the retention TTL on every
-//! append. Append is one Lua script (`append.lua`): check duplicate, assign
+//! hash tag (see [`keys`]), their expiry refreshed by appends (see
+//! [`Retention`]). Append is one Lua script (`append.lua`): check duplicate, assign
 //! seq, push, trim, publish if another node listens — atomic, so two nodes
 //! appending to one conversation can never race or leave a gap. The hub
 //! encodes the event and its payload ([`wire`]); the script splices in the
@@ -106,8 +106,8 @@ struct Link {
     node_id: NodeId,
     commands: ConnectionManager,
     command_timeout: Duration,
-    /// Seconds every key of a conversation lives after its last activity.
-    retention_secs: u64,
+    /// How long a conversation's keys live.
+    retention: Retention,
     listeners: Listeners,
     /// The last turns of the conversations this node listens to.
     recent: RecentTurns,
@@ -118,6 +118,32 @@ impl Link {
     /// ([`connect`]): no timer of our own is wrapped around the client's.
     async fn call<T>(&self, future: impl Future<Output = Result<T, RedisError>>) -> Result<T, StoreError> {
         future.await.map_err(StoreError::from)
+    }
+}
+
+/// How long a conversation's keys live: at least `secs` after its last
+/// activity, at most `refresh_secs` longer. An append refreshes the
+/// expiry of the conversation's keys only when `refresh_secs` have passed
+/// since the last refresh (EXPIREs of five keys on every append were a
+/// quarter of `append.lua`'s calls), so every expiry set is
+/// [`Retention::expire_secs`]: the slack covers the appends between two
+/// refreshes.
+#[derive(Clone, Copy, Debug)]
+struct Retention {
+    secs: u64,
+    refresh_secs: u64,
+}
+
+impl Retention {
+    /// A tenth of the retention, at most a minute: a week-long retention
+    /// is refreshed at most once a minute per conversation.
+    fn new(secs: u64) -> Self {
+        Self { secs, refresh_secs: (secs / 10).min(60) }
+    }
+
+    /// What every EXPIRE of a conversation's keys sets.
+    fn expire_secs(self) -> u64 {
+        self.secs + self.refresh_secs
     }
 }
 
@@ -165,7 +191,7 @@ pub async fn connect(
         node_id: NodeId::generate(),
         commands,
         command_timeout,
-        retention_secs: conversation.redis_retention_secs(config),
+        retention: Retention::new(conversation.redis_retention_secs(config)),
         listeners: Listeners::default(),
         recent: RecentTurns::new(conversation.history_turns, conversation.log_cap),
     });

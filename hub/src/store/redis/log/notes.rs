@@ -27,7 +27,7 @@ impl NoteLog for RedisLog {
             .key(link.keys.listeners(key))
             .arg(wire::note_tail(&note))
             .arg(inner.log_cap)
-            .arg(link.retention_secs)
+            .arg(link.retention.expire_secs())
             .arg(link.keys.channel(key))
             .arg(link.node_id.as_str());
         let placed: Vec<u64> = link.call(invocation.invoke_async(&mut con)).await?;

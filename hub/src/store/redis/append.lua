@@ -54,7 +54,7 @@ end
 local owner, epoch = ARGV[9], ARGV[10]
 local now = tonumber(ARGV[5])
 local current = redis.call('HMGET', meta, 'user', 'epoch', 'seq', 'owner', 'owner_name', 'owner_epoch',
-  'owner_since', 'refreshed_ms')
+  'owner_since', 'refreshed_ms', 'customer_at')
 local created = false
 if not current[2] then
   if owner == '' then
@@ -111,7 +111,8 @@ local due = created or since >= refresh * 1000 or since < 0
 -- writes it and the times this append sets.
 local seq = tonumber(current[3]) + 1
 local fields = {'seq', string.format('%d', seq)}
-if id ~= '' and string.byte(id, 1) ~= 1 then
+local customer = id ~= '' and string.byte(id, 1) ~= 1
+if customer then
   fields[#fields + 1], fields[#fields + 2] = 'customer_at', ARGV[5]
 end
 if due then
@@ -120,13 +121,18 @@ end
 redis.call('HSET', meta, unpack(fields))
 local entry = ARGV[2] .. string.format('%d', seq) .. ARGV[3]
 local cap = tonumber(ARGV[6])
-redis.call('RPUSH', log, entry)
-redis.call('LTRIM', log, -cap, -1)
+if redis.call('RPUSH', log, entry) > cap then
+  redis.call('LTRIM', log, -cap, -1)
+end
 if id ~= '' then
   redis.call('ZADD', ids, seq, id)
-  redis.call('ZREMRANGEBYSCORE', ids, '-inf', seq - cap)
-  if not due then
-    -- This append may have created the set.
+  if seq > cap then
+    redis.call('ZREMRANGEBYSCORE', ids, '-inf', seq - cap)
+  end
+  -- The set always holds the last id stored (the trim keeps it), so it
+  -- exists, with an expiry, once a customer message was stored in this
+  -- epoch; otherwise this append may have created it.
+  if not due and not (customer and current[9] and not created) then
     redis.call('EXPIRE', ids, expire)
   end
 end

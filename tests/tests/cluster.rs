@@ -392,6 +392,29 @@ async fn nodes_survive_a_redis_restart_and_route_again_by_themselves() {
 }
 
 #[tokio::test]
+async fn presence_is_written_again_after_redis_forgets_its_scripts() {
+    let redis = RedisServer::start().await;
+    // Heartbeats every second (a third of the TTL).
+    let node = Hub::start_node(&redis, &["--agents-presence-ttl-secs", "3"]).await;
+    let mut client = Client::connect(&node.ws_url("tenant=demo&user=present")).await;
+    client.ask("m1", "Hello").await;
+    let presence = format!("fengda:conv:{{demo:{}}}:presence", client.conversation());
+    let wait_for_entry = async || {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        while redis.cli(&["HLEN", &presence]).await != "1" {
+            assert!(tokio::time::Instant::now() < deadline, "no presence entry for the open socket");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    };
+    wait_for_entry().await;
+    // As after a Redis restart: no scripts, no entry. The next heartbeat loads
+    // the scripts and writes the entry again.
+    assert_eq!(redis.cli(&["SCRIPT", "FLUSH"]).await, "OK");
+    redis.cli(&["DEL", &presence]).await;
+    wait_for_entry().await;
+}
+
+#[tokio::test]
 async fn a_node_subscribes_on_the_first_socket_and_unsubscribes_after_the_last() {
     let redis = RedisServer::start().await;
     let nodes = cluster(&redis, 1, &[]).await;

@@ -10,32 +10,23 @@
 //! for all the entries given; a change is announced on the conversation's
 //! channel in the same pipeline ([`Payload::Presence`]).
 
+use std::sync::LazyLock;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use redis::Value;
+use redis::{Script, Value};
 use tracing::debug;
 
 use super::RedisBus;
-
-/// Sets this node's entry, valid for the TTL, if the conversation exists.
-/// KEYS: presence hash, meta hash. ARGV: node, `<until>\n<entry>`, TTL in ms.
-const WRITE_ENTRY: &str = r"
-if redis.call('EXISTS', KEYS[2]) == 0 then return 0 end
-redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
-redis.call('PEXPIRE', KEYS[1], ARGV[3])
-return 1
-";
-/// Tells the nodes listing the conversation's tenant that it changed.
-/// KEYS: the tenant's listing flag. ARGV: its changes channel, the conversation id.
-const TELL_LISTING: &str = r"
-if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
-return redis.call('PUBLISH', ARGV[1], ARGV[2])
-";
 use super::wire::Payload;
 use crate::ids::ConversationKey;
 use crate::presence::{PresenceBoard, Present};
 use crate::store::{StoreError, now_ms};
+
+/// Sets this node's entry, valid for the TTL, if the conversation exists.
+static WRITE_ENTRY: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("presence.lua")));
+/// Tells the nodes listing the conversation's tenant that it changed.
+static TELL_LISTING: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("tell_listing.lua")));
 
 #[async_trait]
 impl PresenceBoard for RedisBus {
@@ -47,33 +38,39 @@ impl PresenceBoard for RedisBus {
         let node = link.node_id.as_str();
         let ttl_ms = u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX);
         let until = now_ms().saturating_add(ttl_ms);
-        let script = redis::Script::new(WRITE_ENTRY);
-        let tell = redis::Script::new(TELL_LISTING);
         let mut pipe = redis::pipe();
-        pipe.load_script(&script).ignore();
-        if announce {
-            pipe.load_script(&tell).ignore();
-        }
         for (key, entry) in entries {
             let name = link.keys.presence(key);
             if entry.is_empty() {
                 pipe.cmd("HDEL").arg(&name).arg(node).ignore();
             } else {
                 let json = serde_json::to_string(entry).expect("presence entries always serialize");
-                let mut write = script.key(&name);
+                let mut write = WRITE_ENTRY.key(&name);
                 write.key(link.keys.meta(key)).arg(node).arg(format!("{until}\n{json}")).arg(ttl_ms);
                 pipe.invoke_script(&write).ignore();
             }
             if announce {
                 let payload = Payload::Presence { node: link.node_id.clone(), entry: entry.clone() }.encode();
                 pipe.cmd("PUBLISH").arg(link.keys.channel(key)).arg(payload).ignore();
-                let mut listed = tell.key(link.keys.listing(key.tenant()));
+                let mut listed = TELL_LISTING.key(link.keys.listing(key.tenant()));
                 listed.arg(link.keys.changes(key.tenant())).arg(key.conversation().as_str());
                 pipe.invoke_script(&listed).ignore();
             }
         }
         let mut con = link.commands.clone();
-        if let Err(error) = link.call(pipe.query_async::<()>(&mut con)).await {
+        let mut written = pipe.query_async::<()>(&mut con).await;
+        if matches!(&written, Err(error) if error.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript))
+        {
+            // Redis lost its scripts (a restart, SCRIPT FLUSH): load them and
+            // write once more (the same entries, and announcements, again).
+            written = async {
+                WRITE_ENTRY.load_async(&mut con).await?;
+                TELL_LISTING.load_async(&mut con).await?;
+                pipe.query_async::<()>(&mut con).await
+            }
+            .await;
+        }
+        if let Err(error) = written {
             debug!(%error, entries = entries.len(), "presence not written; the next heartbeat writes it");
         }
     }

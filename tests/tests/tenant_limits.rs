@@ -212,6 +212,13 @@ async fn a_tenants_nlp_calls_in_flight_are_capped_and_others_do_not_wait() {
     let mut shop = Client::connect(&hub.ws_url("tenant=shop&user=n1")).await;
     acme1.send_message("q", "first").await;
     acme1.expect("ack").await;
+    // The ack comes with the append, before the call starts: the second
+    // question must not reach the tenant's one slot first.
+    let deadline = tokio::time::Instant::now() + STEP_TIMEOUT;
+    while answerer.requests().is_empty() {
+        assert!(tokio::time::Instant::now() < deadline, "the first question never reached the NLP service");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
     acme2.send_message("q", "second").await;
     shop.send_message("q", "third").await;
     let (acme2_ack, shop_ack) = (acme2.expect("ack").await, shop.expect("ack").await);

@@ -131,8 +131,8 @@ if id ~= '' then
   end
   -- The set always holds the last id stored (the trim keeps it), so it
   -- exists, with an expiry, once a customer message was stored in this
-  -- epoch; otherwise this append may have created it.
-  if not due and not (customer and current[9] and not created) then
+  -- epoch (a created log is due); otherwise this append may have created it.
+  if not due and not current[9] then
     redis.call('EXPIRE', ids, expire)
   end
 end

@@ -169,26 +169,6 @@ impl Inner {
             .ignore();
     }
 
-    /// Runs `pipe`, whose commands include an EVALSHA of `script`, in one
-    /// round trip; should Redis not know the script (it restarted), loads
-    /// it and runs the pipeline once more (every command in it is one that
-    /// may run twice: an EVALSHA that failed did nothing).
-    async fn run_with_script<T: redis::FromRedisValue>(
-        &self,
-        script: &Script,
-        pipe: &redis::Pipeline,
-    ) -> Result<T, StoreError> {
-        let link = &self.link;
-        let mut con = link.commands.clone();
-        match pipe.query_async::<T>(&mut con).await {
-            Err(error) if error.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) => {
-                link.call(script.load_async(&mut con)).await?;
-                link.call(pipe.query_async::<T>(&mut con)).await
-            }
-            other => other.map_err(StoreError::from),
-        }
-    }
-
     /// The user's most recent conversation, if it was active within the idle window.
     async fn recent(&self, tenant: &TenantId, user: &UserId) -> Result<Option<ConversationId>, StoreError> {
         let link = &self.link;
@@ -377,7 +357,7 @@ impl ConversationLog for RedisLog {
             inner.point_latest(&mut pipe, user, key, Some(&names));
         }
         let sent_at = Instant::now();
-        let answer: Vec<u8> = inner.run_with_script::<(Vec<u8>,)>(&inner.append, &pipe).await?.0;
+        let answer: Vec<u8> = link.run_with_scripts::<(Vec<u8>,)>(&[&inner.append], &pipe).await?.0;
         let answer = AppendAnswer::decode(&answer).map_err(|e| StoreError::Unavailable(e.to_string()))?;
         let ownership = || Ownership {
             owner: Owner::decode(answer.owner, answer.owner_name),

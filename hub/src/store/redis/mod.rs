@@ -119,6 +119,27 @@ impl Link {
     async fn call<T>(&self, future: impl Future<Output = Result<T, RedisError>>) -> Result<T, StoreError> {
         future.await.map_err(StoreError::from)
     }
+
+    /// Runs `pipe`, whose commands include EVALSHAs of `scripts`, in one
+    /// round trip; should Redis not know them (it restarted, SCRIPT FLUSH),
+    /// loads them and runs the pipeline once more (so every command in it
+    /// must be one that may run twice: an EVALSHA that failed did nothing).
+    async fn run_with_scripts<T: redis::FromRedisValue>(
+        &self,
+        scripts: &[&redis::Script],
+        pipe: &redis::Pipeline,
+    ) -> Result<T, StoreError> {
+        let mut con = self.commands.clone();
+        match pipe.query_async::<T>(&mut con).await {
+            Err(error) if error.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) => {
+                for script in scripts {
+                    self.call(script.load_async(&mut con)).await?;
+                }
+                self.call(pipe.query_async::<T>(&mut con)).await
+            }
+            other => other.map_err(StoreError::from),
+        }
+    }
 }
 
 /// How long a conversation's keys live: at least `secs` after its last

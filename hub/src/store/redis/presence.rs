@@ -57,19 +57,8 @@ impl PresenceBoard for RedisBus {
                 pipe.invoke_script(&listed).ignore();
             }
         }
-        let mut con = link.commands.clone();
-        let mut written = pipe.query_async::<()>(&mut con).await;
-        if matches!(&written, Err(error) if error.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript))
-        {
-            // Redis lost its scripts (a restart, SCRIPT FLUSH): load them and
-            // write once more (the same entries, and announcements, again).
-            written = async {
-                WRITE_ENTRY.load_async(&mut con).await?;
-                TELL_LISTING.load_async(&mut con).await?;
-                pipe.query_async::<()>(&mut con).await
-            }
-            .await;
-        }
+        // Every command may run twice: the same entries, and announcements, again.
+        let written = link.run_with_scripts::<()>(&[&WRITE_ENTRY, &TELL_LISTING], &pipe).await;
         if let Err(error) = written {
             debug!(%error, entries = entries.len(), "presence not written; the next heartbeat writes it");
         }

@@ -87,9 +87,18 @@ pub fn generate_token() -> String {
     uuid::Uuid::new_v4().simple().to_string()[..12].to_owned()
 }
 
-/// Identifies one assistant reply; it is also the `id` of the stored event.
-pub fn generate_reply_id() -> String {
-    format!("r-{}", uuid::Uuid::new_v4().simple())
+/// A new assistant reply's id (`r-` and 32 hex digits; also the `id` of
+/// its stored event) and the request id of its NLP call: the same UUID,
+/// hyphenated (model servers such as llama-cpp-python accept only a UUID
+/// there), so a bridge's or model server's log line leads back to the reply.
+pub fn generate_reply_ids() -> (String, String) {
+    let uuid = uuid::Uuid::new_v4();
+    let mut buffer = uuid::Uuid::encode_buffer();
+    let mut reply = String::with_capacity(2 + uuid::fmt::Simple::LENGTH);
+    reply.push_str("r-");
+    reply.push_str(uuid.simple().encode_lower(&mut buffer));
+    let request = uuid.hyphenated().encode_lower(&mut buffer).to_owned();
+    (reply, request)
 }
 
 /// One WebSocket connection on this node. Never leaves the process.
@@ -200,5 +209,14 @@ mod tests {
         ] {
             assert_eq!(ConversationId::parse(foreign), Err(IdError::NotHubConversation), "{foreign}");
         }
+    }
+
+    #[test]
+    fn a_replys_request_id_is_its_uuid_hyphenated() {
+        let (reply, request) = generate_reply_ids();
+        let uuid = uuid::Uuid::parse_str(&request).unwrap();
+        assert_eq!(request, uuid.hyphenated().to_string());
+        assert_eq!(reply, format!("r-{}", uuid.simple()));
+        assert_ne!(generate_reply_ids().0, reply);
     }
 }

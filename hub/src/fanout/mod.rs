@@ -53,7 +53,10 @@ pub use session::{Audience, Outbound, SessionCloser, SessionHandle};
 /// Serializes this node's appends to one conversation, so that their local
 /// deliveries reach the fan-out in seq order (an `ack` stays an `ack`, a
 /// `reply.done` a `reply.done`, instead of being filled from the log).
-pub type AppendTurn = Arc<tokio::sync::Mutex<()>>;
+/// Almost always uncontended, held across the log's await: `futures`'
+/// mutex takes and gives it back with one atomic operation each, where
+/// tokio's fair one goes through its semaphore's wait list.
+pub type AppendTurn = Arc<futures::lock::Mutex<()>>;
 
 /// This node's sessions, by conversation.
 #[derive(Debug)]

@@ -108,6 +108,7 @@ impl ActiveCall {
     /// The next chunk if it has already arrived; `None` if the stream would
     /// wait. For reading ahead right after [`Self::next`] returned: the gap
     /// clock it set still holds for these.
+    #[inline]
     pub fn next_if_ready(&mut self) -> Option<Result<Option<AnswerChunk>, StreamError>> {
         if let Some(first) = self.first.take() {
             return Some(Ok(Some(first)));

@@ -79,6 +79,9 @@ pub struct NlpPool {
     token_gap_timeout: Duration,
     reply_timeout: Duration,
     retry: RetryPolicy,
+    /// `NLP_CALLS` by outcome, registered once (every call ends in one).
+    calls_ok: metrics::Counter,
+    calls_failed: metrics::Counter,
 }
 
 /// Why no answer stream could be started; every case gets the fallback.
@@ -167,6 +170,8 @@ impl NlpPool {
                 initial_backoff: Duration::from_millis(config.retry_initial_backoff_ms),
                 max_backoff: Duration::from_millis(config.retry_max_backoff_ms),
             },
+            calls_ok: metrics::counter!(crate::metric::NLP_CALLS, "outcome" => "ok"),
+            calls_failed: metrics::counter!(crate::metric::NLP_CALLS, "outcome" => "failed"),
         };
         pool.update_capacity();
         pool
@@ -224,8 +229,7 @@ impl NlpPool {
 
     /// Records how a call ended: the breaker, and the limit on success.
     fn record(&self, endpoint: &Endpoint, success: bool) {
-        let outcome = if success { "ok" } else { "failed" };
-        metrics::counter!(crate::metric::NLP_CALLS, "outcome" => outcome).increment(1);
+        if success { &self.calls_ok } else { &self.calls_failed }.increment(1);
         let mut changed = false;
         if let Some(state) = endpoint.breaker.record(success, Instant::now()) {
             warn!(endpoint = %endpoint.name, ?state, "NLP circuit breaker changed state");

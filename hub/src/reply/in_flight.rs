@@ -10,7 +10,8 @@ use crate::ids::ConversationKey;
 /// Reply id → its conversation and the token that cancels it.
 #[derive(Debug, Default)]
 pub(super) struct InFlight {
-    replies: DashMap<String, (ConversationKey, CancellationToken)>,
+    /// Keyed by the hub's own random ids: a fast hash is safe.
+    replies: DashMap<String, (ConversationKey, CancellationToken), foldhash::fast::RandomState>,
 }
 
 impl InFlight {

@@ -35,7 +35,7 @@ use tracing::{debug, warn};
 
 use crate::config::FallbackText;
 use crate::conversations::Conversations;
-use crate::ids::{ConversationKey, generate_reply_id};
+use crate::ids::{ConversationKey, generate_reply_ids};
 use crate::nlp::NlpPool;
 use crate::protocol::{ReplyTiming, Role};
 use crate::store::{AppendWith, Appended, NewEvent, OwnerOp, StoreError, StoredEvent};
@@ -66,6 +66,8 @@ pub struct Replier {
     pub fallback: FallbackText,
     pub tenant_fallback: std::collections::HashMap<String, FallbackText>,
     in_flight: InFlight,
+    /// `REPLY_BEFORE_NLP`, registered once.
+    before_nlp: metrics::Histogram,
 }
 
 impl Replier {
@@ -76,6 +78,7 @@ impl Replier {
             fallback: config.fallback.clone(),
             tenant_fallback: config.tenant_fallback.clone(),
             in_flight: InFlight::default(),
+            before_nlp: metrics::histogram!(crate::metric::REPLY_BEFORE_NLP),
         }
     }
 
@@ -88,7 +91,7 @@ impl Replier {
     /// it like a client's `cancel` (at once, without an NLP call, if it is
     /// already cancelled): what streamed is stored with `cancelled: true`.
     pub async fn answer(&self, key: &ConversationKey, question: Question, stop: &CancellationToken) {
-        let reply_id = generate_reply_id();
+        let (reply_id, request_id) = generate_reply_ids();
         let cancel = stop.child_token();
         let _registered = self.in_flight.register(&reply_id, key, cancel.clone());
         let takeover = tokio_util::sync::CancellationToken::new();
@@ -96,12 +99,12 @@ impl Replier {
         let request = AnswerRequest {
             tenant_id: key.tenant().to_string(),
             conversation_id: key.conversation().to_string(),
-            request_id: uuid::Uuid::new_v4().to_string(),
+            request_id,
             history: question.history.iter().map(|event| turn(event)).collect(),
             question: question.text.clone(),
         };
         // The hub's own share before the model: store, hand-over.
-        metrics::histogram!(crate::metric::REPLY_BEFORE_NLP).record(question.received.elapsed().as_secs_f64());
+        self.before_nlp.record(question.received.elapsed().as_secs_f64());
         let mut draft = Draft::new(&self.conversations, key, &reply_id, question.timing, question.owner_epoch);
         let before_nlp = question.received.elapsed();
         let outcome = self.stream(&request, &mut draft, &cancel, &takeover).await;

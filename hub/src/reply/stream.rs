@@ -138,11 +138,13 @@ pub(super) struct Draft<'a> {
     key: &'a ConversationKey,
     reply_id: &'a str,
     deltas: DeltaEncoder,
+    /// The text published so far, then the staged deltas' text.
     pub(super) text: String,
     pub(super) index: u32,
-    /// Delta frames encoded but not yet published, and their text.
+    /// Delta frames encoded but not yet published; their text is the end
+    /// of `text`, from `published_len` on.
     staged: Vec<Utf8Bytes>,
-    staged_text: String,
+    published_len: usize,
     /// Time each batch's relay (only for replies that report `timing`).
     measure: bool,
     pub(super) timings: Timings,
@@ -171,7 +173,7 @@ impl<'a> Draft<'a> {
             text: String::new(),
             index: 0,
             staged: Vec::new(),
-            staged_text: String::new(),
+            published_len: 0,
             measure,
             timings: Timings::default(),
             usage: None,
@@ -235,8 +237,13 @@ impl<'a> Draft<'a> {
 
     fn stage_text(&mut self, text: &str) {
         let index = self.index + self.staged.len() as u32;
+        if self.staged.capacity() == 0 {
+            // The batch's frames go to the sockets as they are: one
+            // allocation per batch, not one per doubling.
+            self.staged.reserve_exact(MAX_BATCH);
+        }
         self.staged.push(self.deltas.encode(index, text));
-        self.staged_text.push_str(text);
+        self.text.push_str(text);
     }
 
     /// Publishes the staged deltas; returns how many. Once fenced off
@@ -244,16 +251,16 @@ impl<'a> Draft<'a> {
     fn publish(&mut self) -> usize {
         let staged = std::mem::take(&mut self.staged);
         let count = staged.len();
-        if count > 0 && !self.fenced {
-            if self.conversations.publish_frames(self.key, staged, self.epoch) {
-                self.text.push_str(&self.staged_text);
-                self.index += count as u32;
-            } else {
-                self.fenced = true;
-            }
+        if count > 0 && !self.fenced && !self.conversations.publish_frames(self.key, staged, self.epoch) {
+            self.fenced = true;
         }
-        self.staged_text.clear();
-        if self.fenced { 0 } else { count }
+        if self.fenced {
+            self.text.truncate(self.published_len);
+            return 0;
+        }
+        self.index += count as u32;
+        self.published_len = self.text.len();
+        count
     }
 
     /// Appends text outside the model's stream (the fallback sentence) as one delta.

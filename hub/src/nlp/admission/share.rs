@@ -49,9 +49,9 @@ pub(super) struct Shares {
     per_tenant: usize,
     running: usize,
     /// Running calls by tenant; tenants with none are absent.
-    running_by_tenant: HashMap<TenantId, usize>,
+    running_by_tenant: HashMap<TenantId, usize, foldhash::fast::RandomState>,
     /// When each tenant last asked (entries older than `ACTIVE_WINDOW` are pruned).
-    last_asked: HashMap<TenantId, Instant>,
+    last_asked: HashMap<TenantId, Instant, foldhash::fast::RandomState>,
     caps: TenantCaps,
 }
 
@@ -65,8 +65,8 @@ impl Shares {
             capacity: max_concurrent,
             per_tenant: max_per_tenant,
             running: 0,
-            running_by_tenant: HashMap::new(),
-            last_asked: HashMap::new(),
+            running_by_tenant: HashMap::default(),
+            last_asked: HashMap::default(),
             caps: TenantCaps::default(),
         }
     }

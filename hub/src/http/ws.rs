@@ -32,8 +32,10 @@ use crate::tenant::{AtConnectionCap, CONNECTION_RETRY_AFTER_SECS, ConnectionLeas
 
 /// Bytes the socket library gathers before writing, within one flush.
 const WRITE_BUFFER_BYTES: usize = 16 * 1024;
-/// Initial read buffer per socket; client frames are small.
-const READ_BUFFER_BYTES: usize = 4 * 1024;
+/// Read buffer per socket, and the most one read takes: client frames are
+/// small (a longer one takes several reads). tungstenite zero-fills this
+/// much before every read, and keeps it for the socket's life.
+const READ_BUFFER_BYTES: usize = 1024;
 
 #[derive(Debug, Deserialize)]
 pub struct WsQuery {

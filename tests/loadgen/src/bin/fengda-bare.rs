@@ -129,7 +129,7 @@ async fn main() -> anyhow::Result<()> {
 async fn connection(tcp: TcpStream, tokens: &[&str]) -> anyhow::Result<()> {
     tcp.set_nodelay(true)?;
     let mut conversation = None;
-    let config = WebSocketConfig::default().read_buffer_size(4 * 1024).write_buffer_size(16 * 1024);
+    let config = WebSocketConfig::default().read_buffer_size(1024).write_buffer_size(16 * 1024);
     let callback = |request: &Request, response: Response| -> Result<Response, ErrorResponse> {
         if request.uri().path() != "/ws" {
             let mut refused = ErrorResponse::new(Some("not found".into()));

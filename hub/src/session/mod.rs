@@ -64,62 +64,66 @@ pub fn run(socket: WebSocket, params: SessionParams, app: Arc<AppState>) -> impl
     let span = info_span!("session", tenant_id = %params.party.tenant, user_id = %params.party.user, session_id = %session_id, conversation_id = tracing::field::Empty);
     async move {
         let _open = OpenSession::count(&app);
-        let opened = match app.conversations.open(&params.party, params.conversation.as_ref()).await {
-            Ok(opened) => opened,
-            Err(error) => return refuse(&mut socket, &error).await,
-        };
-        let key = opened.key;
+        let crate::store::Opened { key, pending } =
+            match app.conversations.open(&params.party, params.conversation.as_ref()).await {
+                Ok(opened) => opened,
+                Err(error) => return refuse(&mut socket, &error).await,
+            };
         tracing::Span::current().record("conversation_id", tracing::field::display(&key.conversation()));
         let ws = &app.config.websocket;
         let closer = SessionCloser::child_of(&app.shutdown);
         let (out_tx, out_rx) = mpsc::channel(ws.outbound_queue_frames);
         let handle = SessionHandle::customer(session_id, out_tx.clone(), closer.clone());
-        let snapshot = match app.conversations.attach(&key, handle.clone(), params.after, opened.pending.as_ref()).await
-        {
-            Ok(snapshot) => snapshot,
-            Err(error) => return refuse(&mut socket, &error).await,
+        // Set-up in a block: what only it needs (the snapshot, the intro)
+        // ends with it instead of staying in the socket's future for its life.
+        let (mut pending, mut stream, writer) = {
+            let snapshot = match app.conversations.attach(&key, handle.clone(), params.after, pending.as_ref()).await {
+                Ok(snapshot) => snapshot,
+                Err(error) => return refuse(&mut socket, &error).await,
+            };
+            // Until its first message is stored, the conversation exists only for this socket.
+            let pending = pending.filter(|_| !snapshot.exists);
+            debug!(
+                last_seq = snapshot.last_seq,
+                missed = snapshot.missed.len(),
+                pending = pending.is_some(),
+                "session ready"
+            );
+
+            let conversation = key.conversation().as_str();
+            let mut intro = Vec::with_capacity(2 + snapshot.missed.len());
+            intro.push(ServerFrame::Ready { conversation, seq: snapshot.last_seq, epoch: &snapshot.epoch }.encode());
+            match &params.epoch {
+                Some(epoch) if *epoch != snapshot.epoch => intro.push(history_lost()),
+                _ => intro.extend(snapshot.missed.iter().map(|event| event.message_frame(conversation))),
+            }
+
+            let (sink, stream) = (*socket).split();
+            let ping_interval = std::time::Duration::from_millis(ws.ping_interval_ms);
+            let first_ping = first_ping(ping_interval, session_id);
+            let writer = app.tracker.spawn(
+                writer::run_writer(
+                    sink,
+                    out_rx,
+                    writer::Replay {
+                        conversations: app.conversations.clone(),
+                        key: key.clone(),
+                        intro,
+                        sent: crate::event::Cursor::in_epoch(
+                            crate::event::LogEpoch::of(&snapshot.epoch),
+                            snapshot.last_seq,
+                        ),
+                        delivery: metrics::histogram!(crate::metric::FRAME_DELIVERY),
+                        gap_unfilled: false,
+                    },
+                    closer.clone(),
+                    first_ping,
+                    ping_interval,
+                )
+                .in_current_span(),
+            );
+            (pending, stream, writer)
         };
-        // Until its first message is stored, the conversation exists only for this socket.
-        let mut pending = opened.pending.filter(|_| !snapshot.exists);
-        debug!(
-            last_seq = snapshot.last_seq,
-            missed = snapshot.missed.len(),
-            pending = pending.is_some(),
-            "session ready"
-        );
-
-        let conversation = key.conversation().as_str();
-        let mut intro = Vec::with_capacity(2 + snapshot.missed.len());
-        intro.push(ServerFrame::Ready { conversation, seq: snapshot.last_seq, epoch: &snapshot.epoch }.encode());
-        match &params.epoch {
-            Some(epoch) if *epoch != snapshot.epoch => intro.push(history_lost()),
-            _ => intro.extend(snapshot.missed.iter().map(|event| event.message_frame(conversation))),
-        }
-
-        let (sink, mut stream) = (*socket).split();
-        let ping_interval = std::time::Duration::from_millis(ws.ping_interval_ms);
-        let first_ping = first_ping(ping_interval, session_id);
-        let writer = app.tracker.spawn(
-            writer::run_writer(
-                sink,
-                out_rx,
-                writer::Replay {
-                    conversations: app.conversations.clone(),
-                    key: key.clone(),
-                    intro,
-                    sent: crate::event::Cursor::in_epoch(
-                        crate::event::LogEpoch::of(&snapshot.epoch),
-                        snapshot.last_seq,
-                    ),
-                    delivery: metrics::histogram!(crate::metric::FRAME_DELIVERY),
-                    gap_unfilled: false,
-                },
-                closer.clone(),
-                first_ping,
-                ping_interval,
-            )
-            .in_current_span(),
-        );
         let replies = Replies {
             app: app.clone(),
             key: key.clone(),

@@ -153,14 +153,15 @@ pub(super) async fn run_reader(
             Ok(frame) if frame.is_agents() => send_to_this_socket(session, forbidden(&frame)),
             // Unknown or finished replies are ignored: a cancel may cross the reply.done.
             Ok(ClientFrame::Cancel { reply }) => app.replier.cancel(key, &reply),
-            Ok(ClientFrame::Refresh { token: fresh }) => refresh(app, session, token, &fresh).await,
+            // Boxed, as the handlers below that wait: the reader's future
+            // lives as long as the socket, a handler's state only while it runs.
+            Ok(ClientFrame::Refresh { token: fresh }) => Box::pin(refresh(app, session, token, &fresh)).await,
             // Inside the expiry grace the socket reads and streams, but stores nothing new.
-            Ok(ClientFrame::Handoff) => on_handoff(app, key, pending, session).await,
+            Ok(ClientFrame::Handoff) => Box::pin(on_handoff(app, key, pending, session)).await,
             Ok(ClientFrame::Message { id, .. }) if token.is_some_and(SessionToken::expired) => {
                 let text = "this socket's token has expired; send `refresh` with a new token";
                 send_to_this_socket(session, error_frame(ErrorCode::TokenExpired, text, Some(&id)));
             }
-            // Boxed: the reader's future lives as long as the socket, a message's handling only briefly.
             Ok(ClientFrame::Message { id, text, .. }) => {
                 match app.tenants.admit_message(&params.party.tenant, &params.party.user, &limits).await {
                     Err(wait) => send_to_this_socket(session, over_message_rate(&id, wait)),

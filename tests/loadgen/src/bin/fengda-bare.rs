@@ -14,7 +14,7 @@
 //!
 //! It is written the straightforward efficient way, as a ceiling and not a
 //! strawman: one task per connection, TCP_NODELAY, the same WebSocket buffer
-//! sizes as the hub (4 KiB read, 16 KiB write), and each answer is fed frame
+//! sizes as the hub (1 KiB read, 16 KiB write), and each answer is fed frame
 //! by frame into the socket and flushed once. The canned answer is the demo
 //! knowledge base's Gold Card answer, split into the same 40 tokens, so the
 //! frames are the same size as the hub's.

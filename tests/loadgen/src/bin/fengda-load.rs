@@ -931,8 +931,8 @@ async fn connect(url: &str, timeout: Duration) -> anyhow::Result<(Ws, Frame)> {
         // TCP_NODELAY on our side, so any Nagle delay measured is the hub's.
         // 16 KiB read buffers: tungstenite's default 128 KiB per socket froze
         // the one runtime thread for about a second once 10,000 sockets were
-        // open (page faults and zeroing), and 4 KiB (the servers' size) cost
-        // a second read for most 40-token replies.
+        // open (page faults and zeroing), and 4 KiB cost a second read for
+        // most 40-token replies.
         let config = WebSocketConfig::default().read_buffer_size(16 * 1024).write_buffer_size(16 * 1024);
         let (mut ws, _) =
             connect_async_with_config(url, Some(config), true).await.with_context(|| format!("connect {url}"))?;

@@ -158,8 +158,8 @@ pub struct ConversationKey {
 /// Hashes the first half of the conversation id alone, as one word: the id
 /// is a random UUID (the hub makes them), so its first 16 hex digits carry
 /// 60 random bits (one digit is the UUID's version), and equal keys have
-/// equal ids. Keys are hashed on every
-/// lookup of the fan-out and the log, several times per reply.
+/// equal ids. Keys are hashed on every lookup of the fan-out and the log,
+/// several times per reply.
 impl std::hash::Hash for ConversationKey {
     fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
         let id = self.conversation.as_str().as_bytes();

@@ -47,9 +47,8 @@ pub struct AnswerError(&'static str);
 impl<'a> AppendAnswer<'a> {
     pub fn decode(answer: &'a [u8]) -> Result<Self, AnswerError> {
         let newline = answer.iter().position(|&b| b == b'\n').ok_or(AnswerError("no header line"))?;
-        let header = std::str::from_utf8(&answer[..newline]).map_err(|_| AnswerError("header not UTF-8"))?;
-        let mut numbers = header.split(' ').map(|n| n.parse::<i64>().map_err(|_| AnswerError("not a number")));
-        let mut next = || numbers.next().unwrap_or(Err(AnswerError("header cut short")));
+        let mut numbers = Numbers(&answer[..newline]);
+        let mut next = || numbers.next();
         let (status, seq, others, owner_epoch, owner_since, read) =
             (next()?, next()?, next()?, next()?, next()?, next()?);
         let mut body = &answer[newline + 1..];
@@ -73,7 +72,7 @@ impl<'a> AppendAnswer<'a> {
                 Some((0..count).map(|_| take(next()?)).collect::<Result<Vec<_>, _>>()?)
             }
         };
-        if !body.is_empty() || numbers.next().is_some() {
+        if !body.is_empty() || !numbers.0.is_empty() {
             return Err(AnswerError("unexpected bytes after the answer"));
         }
         let unsigned = |n: i64| u64::try_from(n).map_err(|_| AnswerError("negative number"));
@@ -88,6 +87,42 @@ impl<'a> AppendAnswer<'a> {
             owner_name,
             before,
         })
+    }
+}
+
+/// The header's numbers, read straight from its bytes (a `str` split and
+/// parse cost ~4k instructions per reply, on the path of every message).
+struct Numbers<'a>(&'a [u8]);
+
+impl Numbers<'_> {
+    /// The next number, and the one space after it unless it is the last.
+    fn next(&mut self) -> Result<i64, AnswerError> {
+        let (negative, digits) = match self.0 {
+            [b'-', rest @ ..] => (true, rest),
+            [] => return Err(AnswerError("header cut short")),
+            rest => (false, rest),
+        };
+        let end = digits.iter().position(|&b| b == b' ').unwrap_or(digits.len());
+        if end == 0 {
+            return Err(AnswerError("not a number"));
+        }
+        let mut value: i64 = 0;
+        for &digit in &digits[..end] {
+            if !digit.is_ascii_digit() {
+                return Err(AnswerError("not a number"));
+            }
+            value = value
+                .checked_mul(10)
+                .and_then(|v| v.checked_add(i64::from(digit - b'0')))
+                .ok_or(AnswerError("not a number"))?;
+        }
+        // A space is taken only with a number after it.
+        self.0 = match &digits[end..] {
+            [b' ', rest @ ..] if !rest.is_empty() => rest,
+            [] => &[],
+            _ => return Err(AnswerError("not a number")),
+        };
+        Ok(if negative { -value } else { value })
     }
 }
 

@@ -7,7 +7,9 @@
 -- seq it assigns, so an entry is never decoded nor re-encoded here.
 -- KEYS[1] meta hash, KEYS[2] log list, KEYS[3] message-id zset,
 -- KEYS[4] listeners hash (node id -> 1, for each node with a socket of it),
--- KEYS[5] the tenant's active zset, KEYS[6] the tenant's listing flag
+-- KEYS[5] the tenant's active zset, KEYS[6] the tenant's listing flag,
+-- KEYS[7] (optional) the writer's `latest` pointer (see keys.rs): the
+-- conversation becomes their most recent, active now, whatever the outcome
 -- ARGV: 1 the message's key to de-duplicate by ("" for other events; a
 --       customer's is its id, an agent's starts with \1, see dedup_key in
 --       event.rs), 2 and 3 the log entry before
@@ -37,6 +39,10 @@
 -- epoch (nothing stored).
 -- Owner fields absent from the meta hash mean the assistant, epoch 0.
 local meta, log, ids = KEYS[1], KEYS[2], KEYS[3]
+if KEYS[7] then
+  redis.call('HSET', KEYS[7], 'conversation', ARGV[19], 'last_active_ms', ARGV[5])
+  redis.call('EXPIRE', KEYS[7], ARGV[7])
+end
 local function answer(status, seq, others, before, epoch, owner, name, owner_epoch, owner_since)
   local head = {status, seq, others, owner_epoch, owner_since, before and #before or -1, #epoch, #owner, #name}
   local body = {epoch, owner, name}

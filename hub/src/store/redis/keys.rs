@@ -17,8 +17,9 @@
 //! All keys and the channel of one conversation share the hash tag
 //! `{tenant:conversation}` (no escaped id holds a brace, so Redis Cluster
 //! hashes exactly that part), so the atomic append touches that slot (and
-//! its tenant's, for the agents' list: [`Keys::active`], [`Keys::listing`];
-//! on Redis Cluster that part would move out of the script) and
+//! its tenant's, for the agents' list: [`Keys::active`], [`Keys::listing`],
+//! and its writer's, for [`Keys::latest`]; on Redis Cluster those parts
+//! would move out of the script) and
 //! a move to sharded pub/sub (`SPUBLISH`/`SSUBSCRIBE`) changes no name; a
 //! user's keys share `{tenant:user}` likewise.
 

@@ -11,7 +11,6 @@ use redis::{Script, Value};
 use tracing::{debug, warn};
 
 use super::answer::AppendAnswer;
-use super::keys::ConversationNames;
 use super::wire::{self, EncodedEvent};
 use super::{Link, recent};
 use crate::config::{ConversationConfig, CreationLimit};
@@ -139,32 +138,23 @@ impl Inner {
         for name in [keys.meta(key), keys.log(key), keys.message_ids(key), keys.listeners(key), keys.notes(key)] {
             pipe.cmd("EXPIRE").arg(name).arg(link.retention.expire_secs()).ignore();
         }
-        self.point_latest(&mut pipe, user, key, None);
+        self.point_latest(&mut pipe, user, key);
         link.call(pipe.query_async::<()>(&mut con)).await
     }
 
     /// Adds to `pipe` what makes `key` the user's most recent conversation,
-    /// active now (`names`: the conversation's, when this node keeps them).
-    fn point_latest(
-        &self,
-        pipe: &mut redis::Pipeline,
-        user: &UserId,
-        key: &ConversationKey,
-        names: Option<&ConversationNames>,
-    ) {
-        let latest = match names {
-            Some(names) => names.latest(&self.link.keys, key, user),
-            None => self.link.keys.latest(key.tenant(), user).into(),
-        };
+    /// active now (an append does the same in `append.lua`).
+    fn point_latest(&self, pipe: &mut redis::Pipeline, user: &UserId, key: &ConversationKey) {
+        let latest = self.link.keys.latest(key.tenant(), user);
         pipe.cmd("HSET")
-            .arg(&*latest)
+            .arg(&latest)
             .arg("conversation")
             .arg(key.conversation().as_str())
             .arg("last_active_ms")
             .arg(now_ms())
             .ignore()
             .cmd("EXPIRE")
-            .arg(&*latest)
+            .arg(latest)
             .arg(self.link.retention.secs)
             .ignore();
     }
@@ -313,19 +303,26 @@ impl ConversationLog for RedisLog {
         let listened = link.listeners.names(key);
         let listening = listened.is_some();
         let names = listened.unwrap_or_else(|| Arc::new(link.keys.conversation_names(key)));
+        // The user's activity rides in the same script (a new conversation
+        // becomes their most recent): one command per append.
+        let latest = with.active_user.or(create.map(|c| &c.user)).map(|user| names.latest(&link.keys, key, user));
         // Sized once: growing the buffer arg by arg showed in profiles.
-        let size = 160 + names.meta.len() * 8 + encoded.byte_len() + hint.epoch.len() + dedup_id.len();
-        let mut append = redis::Cmd::with_capacity(30, size + owner_arg.len() + name_arg.len());
+        let size = 160 + names.meta.len() * 9 + encoded.byte_len() + hint.epoch.len() + dedup_id.len();
+        let mut append = redis::Cmd::with_capacity(31, size + owner_arg.len() + name_arg.len());
         append
             .arg("EVALSHA")
             .arg(inner.append.get_hash())
-            .arg(6)
+            .arg(if latest.is_some() { 7 } else { 6 })
             .arg(&names.meta)
             .arg(&names.log)
             .arg(&names.message_ids)
             .arg(&names.listeners)
             .arg(&names.active)
-            .arg(&names.listing)
+            .arg(&names.listing);
+        if let Some(latest) = &latest {
+            append.arg(&**latest);
+        }
+        append
             .arg(dedup_id)
             .arg(encoded.entry_head())
             .arg(encoded.entry_tail())
@@ -347,17 +344,8 @@ impl ConversationLog for RedisLog {
             .arg(key.conversation().as_str())
             .arg(&names.changes)
             .arg(link.retention.refresh_secs);
-        let mut pipe = redis::pipe();
-        pipe.add_command(append);
-        // The user's activity rides in the same round trip (a new
-        // conversation becomes their most recent). Not atomic with the
-        // append: the pointer lives in another cluster slot; it is best
-        // effort like every touch, and `open` checks the owner it points to.
-        if let Some(user) = with.active_user.or(create.map(|c| &c.user)) {
-            inner.point_latest(&mut pipe, user, key, Some(&names));
-        }
         let sent_at = Instant::now();
-        let answer: Vec<u8> = link.run_with_scripts::<(Vec<u8>,)>(&[&inner.append], &pipe).await?.0;
+        let answer: Vec<u8> = link.run_script(&inner.append, &append).await?;
         let answer = AppendAnswer::decode(&answer).map_err(|e| StoreError::Unavailable(e.to_string()))?;
         let ownership = || Ownership {
             owner: Owner::decode(answer.owner, answer.owner_name),

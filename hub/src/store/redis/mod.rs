@@ -18,11 +18,11 @@
 //! (`quota.lua`, in the user's slot). A customer message's append also
 //! returns the turns before it (the question's history): the script reads
 //! them from the list it holds only when the log is not at the epoch and
-//! seq this node knows its last turns at (see `recent.rs`), and carries,
-//! pipelined in the same round trip,
-//! the refresh of the user's `latest` pointer (another slot, so not inside
-//! the script): a reply costs two round trips, the question's append and
-//! its own.
+//! seq this node knows its last turns at (see `recent.rs`), and refreshes
+//! the user's `latest` pointer (in the user's slot, like the tenant's keys
+//! the script touches: see [`keys`]). Each append is one command, an
+//! `EVALSHA`: a reply costs two round trips, the question's append and its
+//! own.
 //!
 //! Routing: pub/sub is the doorbell, the log is the truth. A node subscribes
 //! to a conversation's channel (on one dedicated RESP3 connection, whatever
@@ -118,6 +118,24 @@ impl Link {
     /// ([`connect`]): no timer of our own is wrapped around the client's.
     async fn call<T>(&self, future: impl Future<Output = Result<T, RedisError>>) -> Result<T, StoreError> {
         future.await.map_err(StoreError::from)
+    }
+
+    /// Runs `cmd`, an EVALSHA of `script`; should Redis not know it (it
+    /// restarted, SCRIPT FLUSH), loads it and runs `cmd` once more (an
+    /// EVALSHA that failed did nothing).
+    async fn run_script<T: redis::FromRedisValue>(
+        &self,
+        script: &redis::Script,
+        cmd: &redis::Cmd,
+    ) -> Result<T, StoreError> {
+        let mut con = self.commands.clone();
+        match cmd.query_async::<T>(&mut con).await {
+            Err(error) if error.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) => {
+                self.call(script.load_async(&mut con)).await?;
+                self.call(cmd.query_async::<T>(&mut con)).await
+            }
+            other => other.map_err(StoreError::from),
+        }
     }
 
     /// Runs `pipe`, whose commands include EVALSHAs of `scripts`, in one

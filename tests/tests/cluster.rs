@@ -415,6 +415,23 @@ async fn presence_is_written_again_after_redis_forgets_its_scripts() {
 }
 
 #[tokio::test]
+async fn appends_load_the_scripts_again_after_redis_forgets_them_and_point_the_user_at_their_conversation() {
+    let redis = RedisServer::start().await;
+    let node = Hub::start_node(&redis, &[]).await;
+    let mut client = Client::connect(&node.ws_url("tenant=demo&user=forgetful")).await;
+    let latest = "fengda:user:{demo:forgetful}:latest";
+    assert_eq!(redis.cli(&["EXISTS", latest]).await, "0", "opening a new conversation writes nothing");
+    client.ask("m1", "Hello").await;
+    // The question's append made the conversation the user's most recent.
+    assert_eq!(redis.cli(&["HGET", latest, "conversation"]).await, client.conversation());
+    assert_ne!(redis.cli(&["TTL", latest]).await, "-1", "the pointer expires");
+    assert_eq!(redis.cli(&["SCRIPT", "FLUSH"]).await, "OK");
+    let (ack, reply) = client.ask("m2", "Tell me about the Gold Card").await;
+    assert_eq!(ack["seq"], 3, "stored after the script was loaded again");
+    assert_eq!(reply.done["seq"], 4);
+}
+
+#[tokio::test]
 async fn a_node_subscribes_on_the_first_socket_and_unsubscribes_after_the_last() {
     let redis = RedisServer::start().await;
     let nodes = cluster(&redis, 1, &[]).await;

@@ -14,6 +14,7 @@
 //! The same code runs on both backends: the single node has the in-memory
 //! log and the [`crate::bus::LocalBus`], cluster mode the Redis log and bus.
 
+use std::collections::HashSet;
 use std::sync::Arc;
 
 use axum::extract::ws::Utf8Bytes;
@@ -33,8 +34,12 @@ pub struct Conversations {
     /// Where nodes keep who is in a conversation ([`crate::presence`]).
     board: Arc<dyn PresenceBoard>,
     /// Serializes fan-out join/leave with the bus's subscribe/unsubscribe,
-    /// so that a leave and a join of one conversation cannot reorder.
-    subscriptions: tokio::sync::Mutex<()>,
+    /// so that a leave and a join of one conversation cannot reorder. Holds
+    /// the conversations this node has sessions of but is not subscribed
+    /// to: fresh ones ([`Pending::fresh`]), subscribed at their first append
+    /// (a socket that never asks costs the bus nothing, not even in cluster
+    /// mode, where subscribing takes two Redis round trips).
+    subscriptions: tokio::sync::Mutex<HashSet<ConversationKey>>,
 }
 
 impl Conversations {
@@ -44,7 +49,7 @@ impl Conversations {
         fanout: Arc<FanOut>,
         board: Arc<dyn PresenceBoard>,
     ) -> Self {
-        Self { log, bus, fanout, board, subscriptions: tokio::sync::Mutex::new(()) }
+        Self { log, bus, fanout, board, subscriptions: Default::default() }
     }
 
     /// Who is in the conversation, on every node (read from the board now:
@@ -161,6 +166,9 @@ impl Conversations {
     ///
     /// Joined and subscribed first, read second: no event falls between;
     /// one that is both read and delivered is sent once (the writer's cursor).
+    /// A fresh conversation ([`Pending::fresh`]) is subscribed at its first
+    /// append instead ([`Conversations::append`]): until it exists, no one
+    /// else can name it.
     pub async fn attach(
         &self,
         key: &ConversationKey,
@@ -170,18 +178,21 @@ impl Conversations {
     ) -> Result<Snapshot, StoreError> {
         let id = session.id;
         {
-            let _guard = self.subscriptions.lock().await;
-            if self.fanout.join(key, session).map_err(|_| StoreError::TooManySockets)?
-                && let Err(error) = self.bus.subscribe(key).await
-            {
-                self.fanout.leave(key, id);
-                return Err(error);
+            let mut unsubscribed = self.subscriptions.lock().await;
+            if self.fanout.join(key, session).map_err(|_| StoreError::TooManySockets)? {
+                if pending.is_some_and(|pending| pending.fresh) {
+                    unsubscribed.insert(key.clone());
+                } else if let Err(error) = self.bus.subscribe(key).await {
+                    self.fanout.leave(key, id);
+                    return Err(error);
+                }
             }
         }
         match self.log.snapshot(key, after).await {
             Ok(Some(snapshot)) => Ok(snapshot),
-            // Not created yet: subscribed all the same, so the session hears
-            // its conversation from the first event on.
+            // Not created yet: an old id (a lost log) is subscribed all the
+            // same, so the session hears whoever starts it again; a fresh
+            // one at its first append.
             Ok(None) if let Some(pending) = pending => Ok(Snapshot {
                 exists: false,
                 last_seq: 0,
@@ -203,10 +214,23 @@ impl Conversations {
 
     /// Stops live events to a session. Never fails: a session that is gone is gone.
     pub async fn detach(&self, key: &ConversationKey, session: SessionId) {
-        let _guard = self.subscriptions.lock().await;
-        if self.fanout.leave(key, session) {
+        let mut unsubscribed = self.subscriptions.lock().await;
+        if self.fanout.leave(key, session) && !unsubscribed.remove(key) {
             self.bus.unsubscribe(key).await;
         }
+    }
+
+    /// Subscribes this node to a fresh conversation its sessions are about
+    /// to create: before the creating append enters this node in the
+    /// conversation's listeners (see [`crate::store::redis`]), so no event
+    /// of it can be published to this node unheard.
+    async fn subscribe_fresh(&self, key: &ConversationKey) -> Result<(), StoreError> {
+        let mut unsubscribed = self.subscriptions.lock().await;
+        if unsubscribed.contains(key) {
+            self.bus.subscribe(key).await?;
+            unsubscribed.remove(key);
+        }
+        Ok(())
     }
 
     /// See [`ConversationLog::touch`].
@@ -224,6 +248,9 @@ impl Conversations {
         origin: Option<SessionId>,
         with: AppendWith<'_>,
     ) -> Result<Appended, StoreError> {
+        if with.create.is_some_and(|pending| pending.fresh) {
+            self.subscribe_fresh(key).await?;
+        }
         let timing = event.timing;
         let turn = self.fanout.append_turn(key);
         let _turn = match &turn {
@@ -281,8 +308,8 @@ impl Conversations {
         if self.fanout.unhold_unless_last(key, takeover) {
             return;
         }
-        let _guard = self.subscriptions.lock().await;
-        if self.fanout.unhold(key, takeover) {
+        let mut unsubscribed = self.subscriptions.lock().await;
+        if self.fanout.unhold(key, takeover) && !unsubscribed.remove(key) {
             self.bus.unsubscribe(key).await;
         }
     }

@@ -432,15 +432,18 @@ async fn appends_load_the_scripts_again_after_redis_forgets_them_and_point_the_u
 }
 
 #[tokio::test]
-async fn a_node_subscribes_on_the_first_socket_and_unsubscribes_after_the_last() {
+async fn a_node_subscribes_at_a_new_conversations_first_message_and_unsubscribes_after_its_last_socket() {
     let redis = RedisServer::start().await;
     let nodes = cluster(&redis, 1, &[]).await;
     let conversation_channels = || redis.cli(&["PUBSUB", "CHANNELS", "*:conv:*"]);
     let mut first = Client::connect(&nodes[0].ws_url("tenant=demo&user=subs")).await;
     let conversation = first.conversation();
     let channel = format!("fengda:conv:{{demo:{conversation}}}:events");
-    assert_eq!(conversation_channels().await, channel, "one channel, with the conversation's hash tag");
+    // A new conversation: nobody else can name it before it exists.
+    first.assert_alive().await;
+    assert_eq!(conversation_channels().await, "", "a socket that has not asked subscribes nothing");
     first.ask("m1", "Hello").await;
+    assert_eq!(conversation_channels().await, channel, "one channel, with the conversation's hash tag");
     let mut sockets = Vec::new();
     for _ in 0..3 {
         sockets.push(

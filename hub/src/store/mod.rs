@@ -117,11 +117,21 @@ pub struct Opened {
 pub struct Pending {
     pub user: UserId,
     pub epoch: String,
+    /// A new id, just generated: no other socket can name the conversation
+    /// before its first append (a lost log started again under its old id
+    /// is not fresh: other sockets may follow it still).
+    pub fresh: bool,
 }
 
 impl Pending {
-    pub fn new(user: &UserId) -> Self {
-        Self { user: user.clone(), epoch: crate::ids::generate_token() }
+    /// A conversation with a new id.
+    pub fn fresh(user: &UserId) -> Self {
+        Self { user: user.clone(), epoch: crate::ids::generate_token(), fresh: true }
+    }
+
+    /// A conversation whose log was lost, started again under its id.
+    pub fn lost(user: &UserId) -> Self {
+        Self { fresh: false, ..Self::fresh(user) }
     }
 }
 

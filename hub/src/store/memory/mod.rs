@@ -219,12 +219,12 @@ impl ConversationLog for MemoryLog {
             Some(conversation) => {
                 let key = party.conversation(conversation);
                 // A log the sweeper forgot meanwhile starts again under the same id.
-                let pending = (!self.touch_log(&key)).then(|| Pending::new(user));
+                let pending = (!self.touch_log(&key)).then(|| Pending::lost(user));
                 Ok(Opened { key, pending })
             }
             None => {
                 let key = party.conversation(ConversationId::generate());
-                Ok(Opened { key, pending: Some(Pending::new(user)) })
+                Ok(Opened { key, pending: Some(Pending::fresh(user)) })
             }
         }
     }

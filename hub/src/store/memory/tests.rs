@@ -163,7 +163,7 @@ async fn the_first_message_creates_the_conversation_with_the_announced_epoch() {
     let opened = backend.open(&tenant, &user, None).await.unwrap();
     let pending = opened.pending.clone().unwrap();
     // Another user cannot take it over by naming it, nor create it with another epoch.
-    let thief = Pending::new(&UserId::parse("mallory").unwrap());
+    let thief = Pending::fresh(&UserId::parse("mallory").unwrap());
     let key = started(&backend, &tenant, &user).await;
     assert_ne!(key, opened.key, "the second open got its own new id: nothing pointed to the first");
     let first = NewEvent::customer("m1".into(), "hi".into());

@@ -213,12 +213,12 @@ impl ConversationLog for RedisLog {
                 }
                 // Lost (flush, failover, expiry): its first message starts it
                 // again under the same id, with a new epoch.
-                None => return Ok(Opened { key, pending: Some(Pending::new(user)) }),
+                None => return Ok(Opened { key, pending: Some(Pending::lost(user)) }),
                 Some(_) => {}
             }
         }
         let key = party.conversation(ConversationId::generate());
-        Ok(Opened { key, pending: Some(Pending::new(user)) })
+        Ok(Opened { key, pending: Some(Pending::fresh(user)) })
     }
 
     async fn snapshot(&self, key: &ConversationKey, after: Option<u64>) -> Result<Option<Snapshot>, StoreError> {

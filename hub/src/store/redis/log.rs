@@ -12,7 +12,7 @@ use tracing::{debug, warn};
 
 use super::answer::AppendAnswer;
 use super::wire::{self, EncodedEvent};
-use super::{Link, recent};
+use super::{Link, Request, recent};
 use crate::config::{ConversationConfig, CreationLimit};
 use crate::event::dedup_key;
 use crate::ids::{ConversationId, ConversationKey, Party, TenantId, UserId};
@@ -345,7 +345,7 @@ impl ConversationLog for RedisLog {
             .arg(&names.changes)
             .arg(link.retention.refresh_secs);
         let sent_at = Instant::now();
-        let answer: Vec<u8> = link.run_script(&inner.append, &append).await?;
+        let answer: Vec<u8> = link.run_with_scripts(&[&inner.append], Request::Cmd(&append)).await?;
         let answer = AppendAnswer::decode(&answer).map_err(|e| StoreError::Unavailable(e.to_string()))?;
         let ownership = || Ownership {
             owner: Owner::decode(answer.owner, answer.owner_name),

@@ -122,42 +122,41 @@ impl Link {
         future.await.map_err(StoreError::from)
     }
 
-    /// Runs `cmd`, an EVALSHA of `script`; should Redis not know it (it
-    /// restarted, SCRIPT FLUSH), loads it and runs `cmd` once more (an
-    /// EVALSHA that failed did nothing).
-    async fn run_script<T: redis::FromRedisValue>(
-        &self,
-        script: &redis::Script,
-        cmd: &redis::Cmd,
-    ) -> Result<T, StoreError> {
-        let mut con = self.commands.clone();
-        match cmd.query_async::<T>(&mut con).await {
-            Err(error) if error.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) => {
-                self.call(script.load_async(&mut con)).await?;
-                self.call(cmd.query_async::<T>(&mut con)).await
-            }
-            other => other.map_err(StoreError::from),
-        }
-    }
-
-    /// Runs `pipe`, whose commands include EVALSHAs of `scripts`, in one
+    /// Runs `request`, whose commands include EVALSHAs of `scripts`, in one
     /// round trip; should Redis not know them (it restarted, SCRIPT FLUSH),
-    /// loads them and runs the pipeline once more (so every command in it
+    /// loads them and runs the request once more (so every command in it
     /// must be one that may run twice: an EVALSHA that failed did nothing).
     async fn run_with_scripts<T: redis::FromRedisValue>(
         &self,
         scripts: &[&redis::Script],
-        pipe: &redis::Pipeline,
+        request: Request<'_>,
     ) -> Result<T, StoreError> {
         let mut con = self.commands.clone();
-        match pipe.query_async::<T>(&mut con).await {
+        match request.query::<T>(&mut con).await {
             Err(error) if error.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) => {
                 for script in scripts {
                     self.call(script.load_async(&mut con)).await?;
                 }
-                self.call(pipe.query_async::<T>(&mut con)).await
+                self.call(request.query::<T>(&mut con)).await
             }
             other => other.map_err(StoreError::from),
+        }
+    }
+}
+
+/// What [`Link::run_with_scripts`] sends: one command (an append is one
+/// `EVALSHA`: a pipeline's bookkeeping showed in its profile) or a pipeline.
+#[derive(Clone, Copy)]
+enum Request<'a> {
+    Cmd(&'a redis::Cmd),
+    Pipeline(&'a redis::Pipeline),
+}
+
+impl Request<'_> {
+    async fn query<T: redis::FromRedisValue>(self, con: &mut ConnectionManager) -> Result<T, RedisError> {
+        match self {
+            Request::Cmd(cmd) => cmd.query_async(con).await,
+            Request::Pipeline(pipe) => pipe.query_async(con).await,
         }
     }
 }

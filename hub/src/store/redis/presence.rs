@@ -17,8 +17,8 @@ use async_trait::async_trait;
 use redis::{Script, Value};
 use tracing::debug;
 
-use super::RedisBus;
 use super::wire::Payload;
+use super::{RedisBus, Request};
 use crate::ids::ConversationKey;
 use crate::presence::{PresenceBoard, Present};
 use crate::store::{StoreError, now_ms};
@@ -58,7 +58,7 @@ impl PresenceBoard for RedisBus {
             }
         }
         // Every command may run twice: the same entries, and announcements, again.
-        let written = link.run_with_scripts::<()>(&[&WRITE_ENTRY, &TELL_LISTING], &pipe).await;
+        let written = link.run_with_scripts::<()>(&[&WRITE_ENTRY, &TELL_LISTING], Request::Pipeline(&pipe)).await;
         if let Err(error) = written {
             debug!(%error, entries = entries.len(), "presence not written; the next heartbeat writes it");
         }

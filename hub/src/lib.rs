@@ -12,6 +12,8 @@
 //! - [`session`]: one customer's connection: reader, writer, bounded outbound queue.
 //! - [`agent`]: one agent's connection: the conversations it watches, each
 //!   with its own delivery cursor.
+//! - [`writer`]: the writer half of every session: the one loop that owns a
+//!   socket's sink (bursts, pings, the close frame).
 //! - [`event`]: a conversation's durable events and the delivery [`event::Cursor`]
 //!   (a leaf: shared by log, bus, fan-out and replier).
 //! - [`store`]: the conversation log seam (durable events, seqs, idempotency,
@@ -67,6 +69,7 @@ pub mod server;
 pub mod session;
 pub mod store;
 pub mod tenant;
+pub mod writer;
 
 use std::future::{Future, IntoFuture};
 use std::net::SocketAddr;

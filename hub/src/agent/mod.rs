@@ -68,14 +68,13 @@ async fn run_session(socket: WebSocket, party: Party, identity: Identity, sessio
     let (sink, mut stream) = socket.split();
     let ping_interval = std::time::Duration::from_millis(ws.ping_interval_ms);
     let writer = app.tracker.spawn(
-        writer::run_writer(
+        crate::writer::run(
             sink,
             out_rx,
-            command_rx,
+            Some(command_rx),
             writer::Watches::new(app.clone(), party.clone(), handle.clone(), ready),
             closer.clone(),
-            session::first_ping(ping_interval, session_id),
-            ping_interval,
+            crate::writer::Pings { first: session::first_ping(ping_interval, session_id), interval: ping_interval },
         )
         .in_current_span(),
     );

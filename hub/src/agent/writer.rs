@@ -1,8 +1,7 @@
-//! The writer half of an agent's session: the only owner of its sink and
-//! of its watches.
-//!
-//! It drains the socket's bounded queue like a customer's writer, but the
-//! durable events on it belong to many conversations: each arrives wrapped
+//! What an agent's socket writes ([`Watches`], its [`Writes`]), and its
+//! watches, which only the writer touches. The loop around it is
+//! [`crate::writer`]'s, as for a customer's socket, but the durable events
+//! on the queue belong to many conversations: each arrives wrapped
 //! with its conversation ([`Outbound::Watched`]) and goes through that
 //! watch's own [`Cursor`] (a duplicate is skipped, a gap is filled from the
 //! log first). A watch is set up here, not in the reader: joined to the
@@ -14,22 +13,16 @@ mod watch;
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::Duration;
 
-use axum::extract::ws::{Message, Utf8Bytes, WebSocket};
+use axum::extract::ws::{Message, Utf8Bytes};
 use futures::SinkExt;
-use futures::stream::SplitSink;
-use tokio::sync::mpsc;
 use tracing::debug;
 
 use crate::AppState;
 use crate::event::{Cursor, LogEpoch, Step};
-use crate::fanout::{Outbound, SessionCloser, SessionHandle};
+use crate::fanout::{Outbound, SessionHandle};
 use crate::ids::{ConversationId, ConversationKey, Party};
-use crate::protocol::close;
-use crate::session::{BURST, CLOSE_TIMEOUT, close_message, read_log_gap};
-
-type Sink = SplitSink<WebSocket, Message>;
+use crate::writer::{Sink, WriteError, Writes, read_log_gap};
 
 /// What the reader asks of the writer.
 #[derive(Debug)]
@@ -74,107 +67,40 @@ impl Watches {
     pub(super) fn new(app: Arc<AppState>, party: Party, handle: SessionHandle, ready: Utf8Bytes) -> Self {
         Self { app, party, handle, intro: Some(ready), watched: HashMap::new() }
     }
-
-    /// Leaves every watched conversation (the session is over).
-    async fn leave_all(&mut self) {
-        for (_, watch) in self.watched.drain() {
-            self.app.conversations.detach(&watch.key, self.handle.id).await;
-        }
-    }
 }
 
-#[allow(clippy::manual_async_fn, reason = "an async fn would keep its arguments twice")]
-pub(super) fn run_writer(
-    mut sink: Sink,
-    mut queue: mpsc::Receiver<Box<Outbound>>,
-    mut commands: mpsc::Receiver<Command>,
-    mut watches: Watches,
-    closer: SessionCloser,
-    first_ping: Duration,
-    ping_interval: Duration,
-) -> impl std::future::Future<Output = ()> {
-    async move {
-        let mut ping = tokio::time::interval_at(tokio::time::Instant::now() + first_ping, ping_interval);
-        ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut burst = Vec::new();
-        let cancelled = closer.token().cancelled();
-        tokio::pin!(cancelled);
-        let result: Result<(), WriteError> = async {
-            if let Some(ready) = watches.intro.take() {
-                tokio::select! {
-                    biased;
-                    _ = &mut cancelled => return Ok(()),
-                    result = sink.send(Message::Text(ready)) => result?,
-                }
-            }
-            loop {
-                tokio::select! {
-                    biased;
-                    _ = &mut cancelled => return Ok(()),
-                    command = commands.recv() => {
-                        let Some(command) = command else { return Ok(()) };
-                        tokio::select! {
-                            biased;
-                            _ = &mut cancelled => return Ok(()),
-                            result = watches.apply(&mut sink, command) => result?,
-                        }
-                    }
-                    received = queue.recv_many(&mut burst, BURST) => {
-                        if received == 0 {
-                            return Ok(());
-                        }
-                        tokio::select! {
-                            biased;
-                            _ = &mut cancelled => return Ok(()),
-                            result = watches.write_burst(&mut sink, &mut burst) => result?,
-                        }
-                    }
-                    _ = ping.tick() => {
-                        tokio::select! {
-                            biased;
-                            _ = &mut cancelled => return Ok(()),
-                            result = sink.send(Message::Ping(Default::default())) => result?,
-                        }
+impl Writes for Watches {
+    type Command = Command;
+
+    fn intro(&mut self) -> Vec<Utf8Bytes> {
+        self.intro.take().into_iter().collect()
+    }
+
+    #[allow(clippy::vec_box, reason = "the items arrive boxed from the queue (see `SessionHandle::tx`)")]
+    async fn burst(&mut self, sink: &mut Sink, burst: &mut Vec<Box<Outbound>>) -> Result<(), WriteError> {
+        for item in burst.drain(..) {
+            match *item {
+                Outbound::Frame { frame, .. } => sink.feed(Message::Text(frame)).await?,
+                Outbound::Frames { frames, .. } => {
+                    for frame in frames {
+                        sink.feed(Message::Text(frame)).await?;
                     }
                 }
+                Outbound::Watched { key, item } => {
+                    if self.deliver(sink, key.conversation(), *item).await? == Delivered::NewLog {
+                        // The log was lost and recreated: the snapshot again, of the new one.
+                        debug!(conversation_id = %key.conversation(), "a watched conversation's log was recreated");
+                        Box::pin(self.watch(sink, key.conversation().clone(), None)).await?;
+                    }
+                }
+                // Conversations' items reach an agent's socket only wrapped.
+                Outbound::Event { .. } | Outbound::Resync | Outbound::Owner { .. } | Outbound::Note { .. } => {}
             }
         }
-        .await;
-        match result {
-            Err(WriteError::GapUnfilled) => closer.close(close::UNAVAILABLE),
-            Err(WriteError::Socket(error)) => {
-                debug!(%error, "socket write failed");
-                closer.close(close::NORMAL);
-            }
-            Ok(()) => {}
-        }
-        watches.leave_all().await;
-        let reason = closer.reason();
-        let _ = tokio::time::timeout(CLOSE_TIMEOUT, async {
-            let _ = sink.send(close_message(reason)).await;
-            sink.close().await
-        })
-        .await;
+        Ok(sink.flush().await?)
     }
-}
 
-/// Why the writer stopped early.
-#[derive(Debug)]
-enum WriteError {
-    Socket(axum::Error),
-    /// A gap in a watched conversation could not be filled from the store:
-    /// the session closes with 4503 rather than skip events.
-    GapUnfilled,
-}
-
-impl From<axum::Error> for WriteError {
-    fn from(error: axum::Error) -> Self {
-        Self::Socket(error)
-    }
-}
-
-impl Watches {
-    async fn apply(&mut self, sink: &mut Sink, command: Command) -> Result<(), WriteError> {
+    async fn command(&mut self, sink: &mut Sink, command: Command) -> Result<(), WriteError> {
         match command {
             Command::Watch { conversation, after, again, done } => {
                 let result = match again || !self.watched.contains_key(&conversation) {
@@ -196,28 +122,16 @@ impl Watches {
         }
     }
 
-    #[allow(clippy::vec_box, reason = "the items arrive boxed from the queue (see `SessionHandle::tx`)")]
-    async fn write_burst(&mut self, sink: &mut Sink, burst: &mut Vec<Box<Outbound>>) -> Result<(), WriteError> {
-        for item in burst.drain(..) {
-            match *item {
-                Outbound::Frame { frame, .. } => sink.feed(Message::Text(frame)).await?,
-                Outbound::Frames { frames, .. } => {
-                    for frame in frames {
-                        sink.feed(Message::Text(frame)).await?;
-                    }
-                }
-                Outbound::Watched { key, item } => {
-                    if self.deliver(sink, key.conversation(), *item).await? == Delivered::NewLog {
-                        // The log was lost and recreated: the snapshot again, of the new one.
-                        debug!(conversation_id = %key.conversation(), "a watched conversation's log was recreated");
-                        Box::pin(self.watch(sink, key.conversation().clone(), None)).await?;
-                    }
-                }
-                // Conversations' items reach an agent's socket only wrapped.
-                Outbound::Event { .. } | Outbound::Resync | Outbound::Owner { .. } | Outbound::Note { .. } => {}
-            }
+    /// Nothing: an agent's client resumes each watch from its log.
+    fn before_close(&mut self, _: &mut dyn Iterator<Item = Outbound>) -> Vec<Utf8Bytes> {
+        Vec::new()
+    }
+
+    /// Leaves every watched conversation (the session is over).
+    async fn finish(&mut self) {
+        for (_, watch) in self.watched.drain() {
+            self.app.conversations.detach(&watch.key, self.handle.id).await;
         }
-        Ok(sink.flush().await?)
     }
 }
 
@@ -289,10 +203,8 @@ impl Watches {
 /// the log is another one than the watch's ([`Delivered::NewLog`]).
 async fn fill_gap(app: &AppState, sink: &mut Sink, watch: &mut Watch, before: u64) -> Result<Delivered, WriteError> {
     let after = watch.sent.last();
-    let log = match read_log_gap(&app.conversations, &watch.key, after, before).await {
-        Ok(Some(log)) => log,
-        Ok(None) => return Ok(Delivered::Done),
-        Err(_) => return Err(WriteError::GapUnfilled),
+    let Some(log) = read_log_gap(&app.conversations, &watch.key, after, before).await? else {
+        return Ok(Delivered::Done);
     };
     if watch.sent.epoch() != Some(LogEpoch::of(&log.epoch)) {
         return Ok(Delivered::NewLog);

@@ -1,9 +1,10 @@
 //! One WebSocket connection, from upgrade to close.
 //!
 //! A session is up to three tasks: the reader (this task: parses client
-//! frames, stores messages), the [`writer`] (alone owns the sink, drains a
-//! bounded queue) and the replier (answers this socket's questions in order;
-//! started by the first question, so an idle socket costs two tasks). They
+//! frames, stores messages), the writer ([`crate::writer`]'s loop with this
+//! module's [`writer`]: alone owns the sink, drains a bounded queue) and
+//! the replier (answers this socket's questions in order; started by the
+//! first question, so an idle socket costs two tasks). They
 //! share one [`SessionCloser`]; whichever side ends first cancels it and
 //! the writer sends the close frame with the recorded reason.
 
@@ -12,7 +13,6 @@ mod reader;
 mod writer;
 
 pub(crate) use reader::{FrameReader, Inbound, error_frame, forbidden, refresh, send_to_this_socket};
-pub(crate) use writer::{BURST, CLOSE_TIMEOUT, read_log_gap};
 
 use std::future::Future;
 use std::sync::Arc;
@@ -102,9 +102,10 @@ pub fn run(socket: WebSocket, params: SessionParams, app: Arc<AppState>) -> impl
             let ping_interval = std::time::Duration::from_millis(ws.ping_interval_ms);
             let first_ping = first_ping(ping_interval, session_id);
             let writer = app.tracker.spawn(
-                writer::run_writer(
+                crate::writer::run(
                     sink,
                     out_rx,
+                    None,
                     writer::Replay {
                         conversations: app.conversations.clone(),
                         key: key.clone(),
@@ -114,11 +115,9 @@ pub fn run(socket: WebSocket, params: SessionParams, app: Arc<AppState>) -> impl
                             snapshot.last_seq,
                         ),
                         delivery: metrics::histogram!(crate::metric::FRAME_DELIVERY),
-                        gap_unfilled: false,
                     },
                     closer.clone(),
-                    first_ping,
-                    ping_interval,
+                    crate::writer::Pings { first: first_ping, interval: ping_interval },
                 )
                 .in_current_span(),
             );
@@ -290,7 +289,7 @@ async fn refuse(socket: &mut WebSocket, error: &StoreError) {
     let message = error.to_string();
     let frame = ServerFrame::Error { code, message: &message, id: None, retry_after_ms: None }.encode();
     let _ = socket.send(Message::Text(frame)).await;
-    let _ = socket.send(close_message(reason)).await;
+    let _ = socket.send(crate::writer::close_message(reason)).await;
 }
 
 /// The error code and close code that tell a client why the store refused.
@@ -304,10 +303,6 @@ pub(crate) fn refusal(error: &StoreError) -> (&'static str, CloseReason) {
         StoreError::TooManySockets => (ErrorCode::TooManySockets.as_str(), close::TOO_MANY_SOCKETS),
         StoreError::OwnerChanged(_) => (ErrorCode::NotOwner.as_str(), close::NORMAL),
     }
-}
-
-pub(crate) fn close_message(reason: CloseReason) -> Message {
-    Message::Close(Some(axum::extract::ws::CloseFrame { code: reason.code, reason: reason.reason.into() }))
 }
 
 #[cfg(test)]

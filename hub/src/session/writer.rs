@@ -1,81 +1,27 @@
-//! The writer half of a session: the only owner of the socket's sink.
-//!
-//! It drains the bounded outbound queue in bursts (feed every queued frame,
-//! flush once), keeps durable events in seq order without duplicates (an
-//! event at or below the last sent seq is skipped; a jump past the next seq
-//! is filled from the log first, as is a `Resync` after the node's
-//! subscription dropped), follows the conversation's log when it was lost
-//! and recreated (the client gets `ready` with the new epoch and `error`
-//! `history_lost`, then the new log from seq 1; events of the old log are
-//! never sent after that), sends keepalive pings, and on cancellation sends
-//! the close frame whose reason the [`SessionCloser`] recorded, or, when the
-//! client closed first, the echo of the client's close frame. Every socket
-//! write races the cancellation token, so a client that stops reading cannot
-//! pin the task.
+//! What a customer's socket writes ([`Replay`], its [`Writes`]): durable
+//! events in seq order without duplicates (an event at or below the last
+//! sent seq is skipped; a jump past the next seq is filled from the log
+//! first, as is a `Resync` after the node's subscription dropped), the
+//! conversation's new log when it was lost and recreated (the client gets
+//! `ready` with the new epoch and `error` `history_lost`, then the new log
+//! from seq 1; events of the old log are never sent after that), and on a
+//! close the queued frames that still follow on. The loop around it is
+//! [`crate::writer`]'s.
 
+use std::convert::Infallible;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
-use axum::extract::ws::{Message, Utf8Bytes, WebSocket};
+use axum::extract::ws::{Message, Utf8Bytes};
 use futures::SinkExt;
-use futures::stream::SplitSink;
-use tokio::sync::mpsc;
-use tracing::{debug, warn};
+use tracing::debug;
 
-use super::close_message;
 use crate::conversations::Conversations;
 use crate::event::{Cursor, LogEpoch, Step};
-use crate::fanout::{Outbound, SessionCloser};
+use crate::fanout::Outbound;
 use crate::ids::ConversationKey;
 use crate::protocol::ServerFrame;
-use crate::store::Snapshot;
-
-/// Frames written per flush at most.
-pub(crate) const BURST: usize = 64;
-/// Pauses before each new try to read a gap's events from the store (about
-/// 1.5 s in all) before the session gives up and closes with 4503.
-const GAP_READ_RETRIES: [Duration; 4] =
-    [Duration::from_millis(100), Duration::from_millis(200), Duration::from_millis(400), Duration::from_millis(800)];
-/// Reads a socket's missed events, with where the log stands (its epoch:
-/// the gap may be a new log), after `after`, for a gap before `before`
-/// (`u64::MAX`: a resync). A store that just came back gets a few more
-/// tries; past them the error is returned, and the caller closes the socket
-/// rather than skip past the gap (sending what comes after would tell the
-/// client it has events it never got). A resync asks "did I miss
-/// anything?": if the store cannot say yet, `None` (the next event's seq
-/// will show any gap, which is then filled).
-pub(crate) async fn read_log_gap(
-    conversations: &Conversations,
-    key: &ConversationKey,
-    after: u64,
-    before: u64,
-) -> Result<Option<Snapshot>, crate::store::StoreError> {
-    let resync = before == u64::MAX;
-    let mut tries = if resync { [].iter() } else { GAP_READ_RETRIES.iter() };
-    loop {
-        let read = conversations.read_log(key, after).await;
-        match read.and_then(|log| log.ok_or(crate::store::StoreError::ConversationNotFound)) {
-            Ok(log) => return Ok(Some(log)),
-            Err(error) if resync => {
-                warn!(%error, after, "cannot re-read the event stream after a resync");
-                return Ok(None);
-            }
-            Err(error) if tries.len() > 0 => {
-                debug!(%error, after, "cannot fill a gap yet; retrying");
-                tokio::time::sleep(*tries.next().unwrap_or(&Duration::ZERO)).await;
-            }
-            Err(error) => {
-                warn!(%error, after, "cannot fill a gap in the event stream; closing the session");
-                return Err(error);
-            }
-        }
-    }
-}
-
-/// How long a closing socket gets to take its close frame.
-pub(crate) const CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
-
-type Sink = SplitSink<WebSocket, Message>;
+use crate::writer::{Sink, WriteError, Writes, read_log_gap};
 
 /// Where the session's durable stream stands, and how to repair it.
 pub(super) struct Replay {
@@ -87,94 +33,76 @@ pub(super) struct Replay {
     pub sent: Cursor,
     /// `fengda_hub_frame_delivery_seconds`, looked up once per session.
     pub delivery: metrics::Histogram,
-    /// Set when a gap could not be filled from the store: the session then
-    /// closes with 4503 instead of skipping events, and the client resumes
-    /// from the last seq it really got.
-    pub gap_unfilled: bool,
 }
 
-/// Not an `async fn`, so that its arguments are not kept twice in the
-/// future (as arguments and as the locals they move into): it lives as long
-/// as the socket.
-#[allow(clippy::manual_async_fn, reason = "an async fn would keep its arguments twice")]
-pub(super) fn run_writer(
-    mut sink: Sink,
-    mut queue: mpsc::Receiver<Box<Outbound>>,
-    mut replay: Replay,
-    closer: SessionCloser,
-    first_ping: Duration,
-    ping_interval: Duration,
-) -> impl std::future::Future<Output = ()> {
-    async move {
-        let mut ping = tokio::time::interval_at(tokio::time::Instant::now() + first_ping, ping_interval);
-        ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        // Grows on the first burst (`recv_many` reserves); an idle socket never pays for it.
-        let mut burst = Vec::new();
-        let intro = std::mem::take(&mut replay.intro);
-        // One waiter for the session's life, not one registration per burst.
-        let cancelled = closer.token().cancelled();
-        tokio::pin!(cancelled);
-        let result: Result<(), axum::Error> = async {
-            tokio::select! {
-                biased;
-                _ = &mut cancelled => return Ok(()),
-                result = write_intro(&mut sink, intro) => result?,
-            }
-            loop {
-                tokio::select! {
-                    biased;
-                    _ = &mut cancelled => return Ok(()),
-                    received = queue.recv_many(&mut burst, BURST) => {
-                        if received == 0 {
-                            return Ok(());
-                        }
-                        tokio::select! {
-                            biased;
-                            _ = &mut cancelled => return Ok(()),
-                            result = write_burst(&mut sink, &mut burst, &mut replay) => result?,
-                        }
-                    }
-                    _ = ping.tick() => {
-                        tokio::select! {
-                            biased;
-                            _ = &mut cancelled => return Ok(()),
-                            result = sink.send(Message::Ping(Default::default())) => result?,
-                        }
-                    }
-                }
-            }
-        }
-        .await;
-        let failed = result.is_err();
-        if let Err(error) = result {
-            if replay.gap_unfilled {
-                closer.close(crate::protocol::close::UNAVAILABLE);
-            } else {
-                // Also what a write after the client's close frame gets.
-                debug!(%error, "socket write failed");
-                closer.close(crate::protocol::close::NORMAL);
-            }
-        }
-        let reason = closer.reason();
-        let _ = tokio::time::timeout(CLOSE_TIMEOUT, async {
-            // Frames queued before the close (say, the error that explains it)
-            // still go out first, unless the client is the reason we stop.
-            if !failed && reason != crate::protocol::close::SLOW_CONSUMER {
-                let queued = std::iter::from_fn(|| queue.try_recv().ok().map(|item| *item));
-                for frame in frames_before_close(queued, &mut replay.sent) {
-                    if sink.feed(Message::Text(frame)).await.is_err() {
-                        break;
-                    }
-                }
-            }
-            // Refused once the client's own close frame has arrived: the
-            // library has then queued its echo (RFC 6455 §5.5.1), which
-            // `close` sends; otherwise `close` just flushes ours.
-            let _ = sink.send(close_message(reason)).await;
-            sink.close().await
-        })
-        .await;
+impl Writes for Replay {
+    /// A customer's reader hands its writer nothing.
+    type Command = Infallible;
+
+    fn intro(&mut self) -> Vec<Utf8Bytes> {
+        std::mem::take(&mut self.intro)
     }
+
+    #[allow(clippy::vec_box, reason = "the items arrive boxed from the queue (see `SessionHandle::tx`)")]
+    async fn burst(&mut self, sink: &mut Sink, burst: &mut Vec<Box<Outbound>>) -> Result<(), WriteError> {
+        // The oldest frame of this write, for the delivery-time metric.
+        let mut oldest: Option<Instant> = None;
+        for item in burst.drain(..) {
+            match *item {
+                Outbound::Frame { frame, queued_at } => {
+                    oldest = Some(oldest.map_or(queued_at, |o| o.min(queued_at)));
+                    sink.feed(Message::Text(frame)).await?
+                }
+                Outbound::Frames { frames, queued_at } => {
+                    oldest = Some(oldest.map_or(queued_at, |o| o.min(queued_at)));
+                    for frame in frames {
+                        sink.feed(Message::Text(frame)).await?;
+                    }
+                }
+                Outbound::Event { epoch, seq, frame, queued_at } => {
+                    let mut step = self.sent.arrive(epoch, seq);
+                    if step == Step::NewLog {
+                        // Another log than the socket's: the log says which one
+                        // is current (and the client is told if it is new).
+                        Box::pin(fill_gap(sink, self, u64::MAX)).await?;
+                        step = self.sent.arrive(epoch, seq);
+                    }
+                    if matches!(step, Step::Seen | Step::Stale | Step::NewLog) {
+                        continue;
+                    }
+                    oldest = Some(oldest.map_or(queued_at, |o| o.min(queued_at)));
+                    if step == Step::Gap {
+                        // Boxed: gaps are rare, and the writer's future should not carry this one.
+                        Box::pin(fill_gap(sink, self, seq)).await?;
+                        if matches!(self.sent.arrive(epoch, seq), Step::Seen | Step::Stale) {
+                            // The log was recreated meanwhile: this one is of the old log.
+                            continue;
+                        }
+                    }
+                    sink.feed(Message::Text(frame)).await?;
+                    self.sent.advance(seq);
+                }
+                Outbound::Resync => Box::pin(fill_gap(sink, self, u64::MAX)).await?,
+                // Only agents' sockets get these.
+                Outbound::Watched { .. } | Outbound::Owner { .. } | Outbound::Note { .. } => {}
+            }
+        }
+        sink.flush().await?;
+        if let Some(oldest) = oldest {
+            self.delivery.record(oldest.elapsed().as_secs_f64());
+        }
+        Ok(())
+    }
+
+    async fn command(&mut self, _: &mut Sink, command: Infallible) -> Result<(), WriteError> {
+        match command {}
+    }
+
+    fn before_close(&mut self, queued: &mut dyn Iterator<Item = Outbound>) -> Vec<Utf8Bytes> {
+        frames_before_close(queued, &mut self.sent)
+    }
+
+    async fn finish(&mut self) {}
 }
 
 /// What a closing socket still gets of its queue: every non-durable frame,
@@ -205,78 +133,15 @@ fn frames_before_close(queued: impl Iterator<Item = Outbound>, sent: &mut Cursor
     frames
 }
 
-async fn write_intro(sink: &mut Sink, intro: Vec<Utf8Bytes>) -> Result<(), axum::Error> {
-    for frame in intro {
-        sink.feed(Message::Text(frame)).await?;
-    }
-    sink.flush().await
-}
-
-#[allow(clippy::vec_box, reason = "the items arrive boxed from the queue (see `SessionHandle::tx`)")]
-async fn write_burst(sink: &mut Sink, burst: &mut Vec<Box<Outbound>>, replay: &mut Replay) -> Result<(), axum::Error> {
-    // The oldest frame of this write, for the delivery-time metric.
-    let mut oldest: Option<Instant> = None;
-    for item in burst.drain(..) {
-        match *item {
-            Outbound::Frame { frame, queued_at } => {
-                oldest = Some(oldest.map_or(queued_at, |o| o.min(queued_at)));
-                sink.feed(Message::Text(frame)).await?
-            }
-            Outbound::Frames { frames, queued_at } => {
-                oldest = Some(oldest.map_or(queued_at, |o| o.min(queued_at)));
-                for frame in frames {
-                    sink.feed(Message::Text(frame)).await?;
-                }
-            }
-            Outbound::Event { epoch, seq, frame, queued_at } => {
-                let mut step = replay.sent.arrive(epoch, seq);
-                if step == Step::NewLog {
-                    // Another log than the socket's: the log says which one
-                    // is current (and the client is told if it is new).
-                    Box::pin(fill_gap(sink, replay, u64::MAX)).await?;
-                    step = replay.sent.arrive(epoch, seq);
-                }
-                if matches!(step, Step::Seen | Step::Stale | Step::NewLog) {
-                    continue;
-                }
-                oldest = Some(oldest.map_or(queued_at, |o| o.min(queued_at)));
-                if step == Step::Gap {
-                    // Boxed: gaps are rare, and the writer's future should not carry this one.
-                    Box::pin(fill_gap(sink, replay, seq)).await?;
-                    if matches!(replay.sent.arrive(epoch, seq), Step::Seen | Step::Stale) {
-                        // The log was recreated meanwhile: this one is of the old log.
-                        continue;
-                    }
-                }
-                sink.feed(Message::Text(frame)).await?;
-                replay.sent.advance(seq);
-            }
-            Outbound::Resync => Box::pin(fill_gap(sink, replay, u64::MAX)).await?,
-            // Only agents' sockets get these.
-            Outbound::Watched { .. } | Outbound::Owner { .. } | Outbound::Note { .. } => {}
-        }
-    }
-    sink.flush().await?;
-    if let Some(oldest) = oldest {
-        replay.delivery.record(oldest.elapsed().as_secs_f64());
-    }
-    Ok(())
-}
-
 /// Sends the logged events between the last sent seq and `before`
 /// (exclusive). If the log turns out to be another incarnation than the
 /// socket's (it was lost and recreated), the client gets `ready` with the
 /// new epoch and seq 0, then `error` `history_lost`, then every event of the
 /// new log: what `ready` and a resume with the old `epoch` would give it.
-async fn fill_gap(sink: &mut Sink, replay: &mut Replay, before: u64) -> Result<(), axum::Error> {
+async fn fill_gap(sink: &mut Sink, replay: &mut Replay, before: u64) -> Result<(), WriteError> {
     let after = replay.sent.last();
-    let mut log = match read_log_gap(&replay.conversations, &replay.key, after, before).await {
-        Ok(Some(log)) => log,
-        Ok(None) => return Ok(()),
-        Err(error) => {
-            replay.gap_unfilled = true;
-            return Err(axum::Error::new(error));
-        }
+    let Some(mut log) = read_log_gap(&replay.conversations, &replay.key, after, before).await? else {
+        return Ok(());
     };
     let conversation = replay.key.conversation().as_str();
     let (mut after, mut before) = (after, before);

@@ -6,11 +6,12 @@ use axum::extract::ws::Message;
 use futures::SinkExt;
 use tracing::debug;
 
-use super::{Sink, Watch, Watches, WriteError};
+use super::{Watch, Watches};
 use crate::event::{Cursor, LogEpoch};
 use crate::ids::ConversationId;
 use crate::protocol::{ErrorCode, ServerFrame};
 use crate::store::StoreError;
+use crate::writer::{Sink, WriteError};
 
 impl Watches {
     /// Joins the conversation, then writes `watching` and its history; the

@@ -60,6 +60,11 @@ pub async fn upgrade(
     match prepare(&app, peer, &headers, query, upgrade).await {
         Ok((upgrade, params, address, lease)) => {
             let ws = &app.config.websocket;
+            // Boxed: axum's upgrade future keeps its callback's room for the
+            // socket's whole life, after calling it; boxed, that room is one
+            // pointer instead of the session's parameters (it keeps an idle
+            // socket's task a mimalloc size class smaller).
+            let parts = Box::new((params, app.clone(), address, lease));
             upgrade
                 // A small read buffer: idle sockets are the common case and the
                 // library's 128 KiB default would stay resident per socket.
@@ -74,6 +79,7 @@ pub async fn upgrade(
                 // Tracked, so that shutdown waits for the session's own end
                 // (detach, the close handshake) and not only for its tasks.
                 .on_upgrade(move |socket| {
+                    let (params, app, address, lease) = *parts;
                     let tracker = app.tracker.clone();
                     let agent = params.identity.as_ref().is_some_and(|identity| identity.role == Role::Agent);
                     // Boxed: a customer's idle session should not be sized for an agent's.

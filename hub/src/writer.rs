@@ -2,15 +2,16 @@
 //! owner of the socket's sink, and the one loop that drives it ([`run`]).
 //!
 //! It writes the session's intro, then drains the bounded outbound queue in
-//! bursts (feed every queued frame, flush once), takes the reader's commands
-//! (an agent's watches), sends keepalive pings, and on cancellation sends
-//! the close frame whose reason the [`SessionCloser`] recorded, or, when
-//! the client closed first, the echo of the client's close frame. Every
-//! socket write races the cancellation token, so a client that stops
-//! reading cannot pin the task. What the queue's items mean for the socket
-//! (one conversation's delivery cursor, or one per watched conversation) is
-//! each kind's [`Writes`]; reading a gap's events from the log is shared
-//! ([`read_log_gap`]).
+//! bursts (feed every queued item, flush once), takes the reader's commands
+//! (an agent's watches) and sends keepalive pings. Every write in that loop
+//! races the cancellation token, so a client that stops reading cannot pin
+//! the task. When the session is cancelled, a write fails or a channel
+//! closes, it sends the close frame whose reason the [`SessionCloser`]
+//! recorded (or, when the client closed first, the echo of the client's
+//! close frame), within [`CLOSE_TIMEOUT`]. What the queue's items mean for
+//! the socket (one conversation's delivery cursor, or one per watched
+//! conversation) is each kind's [`Writes`]; reading a gap's events from the
+//! log is shared ([`read_log_gap`]).
 
 use std::time::Duration;
 
@@ -28,7 +29,8 @@ use crate::store::{Snapshot, StoreError};
 
 pub(crate) type Sink = SplitSink<WebSocket, Message>;
 
-/// Frames written per flush at most.
+/// Queue items written per flush at most (a gap's fill or a batch of
+/// deltas adds frames to its item's).
 pub(crate) const BURST: usize = 64;
 /// How long a closing socket gets to take its close frame.
 pub(crate) const CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
@@ -78,10 +80,12 @@ pub(crate) trait Writes: Send {
     ) -> impl Future<Output = Result<(), WriteError>> + Send;
 
     /// What a closing socket still gets of what is left in its queue
-    /// (asked only when the close is not the client's doing).
+    /// (not asked after a failed write, nor when the socket is closed for
+    /// being a slow consumer).
     fn before_close(&mut self, queued: &mut dyn Iterator<Item = Outbound>) -> Vec<Utf8Bytes>;
 
-    /// Last words before the close frame (an agent leaves its watches).
+    /// Runs once the loop has ended, before the queue's last frames and the
+    /// close frame (an agent leaves its watches).
     fn finish(&mut self) -> impl Future<Output = ()> + Send;
 }
 
@@ -96,7 +100,7 @@ pub(crate) struct Pings {
 /// future (as arguments and as the locals they move into): it lives as long
 /// as the socket, so the ping timer is made here, not from `pings` inside
 /// it. `commands` is `None` for a session whose reader has none. Call it
-/// within the runtime (the timer registers with it).
+/// within the runtime (making the timer takes the runtime's handle).
 #[allow(clippy::manual_async_fn, reason = "an async fn would keep its arguments twice")]
 pub(crate) fn run<W: Writes>(
     mut sink: Sink,

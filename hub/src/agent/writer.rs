@@ -122,7 +122,8 @@ impl Writes for Watches {
         }
     }
 
-    /// Nothing: an agent's client resumes each watch from its log.
+    /// Nothing: an agent's client resumes each watch from its log, and
+    /// what was not durable is not sent again.
     fn before_close(&mut self, _: &mut dyn Iterator<Item = Outbound>) -> Vec<Utf8Bytes> {
         Vec::new()
     }

@@ -55,79 +55,26 @@ pub struct SessionParams {
 ///
 /// Not an `async fn`: its future is the whole life of an idle socket, and an
 /// `async fn` would keep a second copy of the socket and params beside the
-/// inner block that takes them. The socket is boxed for the same reason: a
-/// future keeps room for what it captured even after moving it out, and the
-/// socket moves into its two halves as soon as the session starts.
+/// inner block that takes them. For the same reason the set-up runs in a
+/// future of its own, boxed ([`start`]): what only it needs (the store's
+/// answers, the snapshot, the intro) is freed with it instead of keeping
+/// room in the socket's future for its life.
 pub fn run(socket: WebSocket, params: SessionParams, app: Arc<AppState>) -> impl Future<Output = ()> {
-    let mut socket = Box::new(socket);
+    let socket = Box::new(socket);
     let session_id = SessionId::next();
     let span = info_span!("session", tenant_id = %params.party.tenant, user_id = %params.party.user, session_id = %session_id, conversation_id = tracing::field::Empty);
     async move {
         let _open = OpenSession::count(&app);
-        let crate::store::Opened { key, pending } =
-            match app.conversations.open(&params.party, params.conversation.as_ref()).await {
-                Ok(opened) => opened,
-                Err(error) => return refuse(&mut socket, &error).await,
-            };
-        tracing::Span::current().record("conversation_id", tracing::field::display(&key.conversation()));
-        let ws = &app.config.websocket;
-        let closer = SessionCloser::child_of(&app.shutdown);
-        let (out_tx, out_rx) = mpsc::channel(ws.outbound_queue_frames);
-        let handle = SessionHandle::customer(session_id, out_tx.clone(), closer.clone());
-        // Set-up in a block: what only it needs (the snapshot, the intro)
-        // ends with it instead of staying in the socket's future for its life.
-        let (mut pending, mut stream, writer) = {
-            let snapshot = match app.conversations.attach(&key, handle.clone(), params.after, pending.as_ref()).await {
-                Ok(snapshot) => snapshot,
-                Err(error) => return refuse(&mut socket, &error).await,
-            };
-            // Until its first message is stored, the conversation exists only for this socket.
-            let pending = pending.filter(|_| !snapshot.exists);
-            debug!(
-                last_seq = snapshot.last_seq,
-                missed = snapshot.missed.len(),
-                pending = pending.is_some(),
-                "session ready"
-            );
-
-            let conversation = key.conversation().as_str();
-            let mut intro = Vec::with_capacity(2 + snapshot.missed.len());
-            intro.push(ServerFrame::Ready { conversation, seq: snapshot.last_seq, epoch: &snapshot.epoch }.encode());
-            match &params.epoch {
-                Some(epoch) if *epoch != snapshot.epoch => intro.push(history_lost()),
-                _ => intro.extend(snapshot.missed.iter().map(|event| event.message_frame(conversation))),
-            }
-
-            let (sink, stream) = (*socket).split();
-            let ping_interval = std::time::Duration::from_millis(ws.ping_interval_ms);
-            let first_ping = first_ping(ping_interval, session_id);
-            let writer = app.tracker.spawn(
-                crate::writer::run(
-                    sink,
-                    out_rx,
-                    None,
-                    writer::Replay {
-                        conversations: app.conversations.clone(),
-                        key: key.clone(),
-                        intro,
-                        sent: crate::event::Cursor::in_epoch(
-                            crate::event::LogEpoch::of(&snapshot.epoch),
-                            snapshot.last_seq,
-                        ),
-                        delivery: metrics::histogram!(crate::metric::FRAME_DELIVERY),
-                    },
-                    closer.clone(),
-                    crate::writer::Pings { first: first_ping, interval: ping_interval },
-                )
-                .in_current_span(),
-            );
-            (pending, stream, writer)
+        let Some(Started { key, mut pending, mut stream, writer, closer, handle }) =
+            Box::pin(start(socket, &params, &app, session_id)).await
+        else {
+            return;
         };
         let replies = Replies {
             app: app.clone(),
             key: key.clone(),
             closer: closer.clone(),
-            capacity: ws.max_pending_questions,
+            capacity: app.config.websocket.max_pending_questions,
             questions: None,
         };
         let token = params.identity.clone().map(|identity| {
@@ -157,6 +104,80 @@ pub fn run(socket: WebSocket, params: SessionParams, app: Arc<AppState>) -> impl
         debug!(reason = closer.reason().reason, "session ended");
     }
     .instrument(span)
+}
+
+/// What a session keeps once it has started.
+struct Started {
+    key: ConversationKey,
+    /// The conversation to create with the first message, until it exists.
+    pending: Option<crate::store::Pending>,
+    stream: futures::stream::SplitStream<WebSocket>,
+    writer: tokio::task::JoinHandle<()>,
+    closer: SessionCloser,
+    handle: SessionHandle,
+}
+
+/// Opens the socket's conversation, attaches the socket to it and starts
+/// its writer with `ready` and what the client missed. `None` when the
+/// store refused (the client was told why, and the socket is closed).
+async fn start(
+    mut socket: Box<WebSocket>,
+    params: &SessionParams,
+    app: &AppState,
+    session_id: SessionId,
+) -> Option<Started> {
+    let crate::store::Opened { key, pending } =
+        match app.conversations.open(&params.party, params.conversation.as_ref()).await {
+            Ok(opened) => opened,
+            Err(error) => {
+                refuse(&mut socket, &error).await;
+                return None;
+            }
+        };
+    tracing::Span::current().record("conversation_id", tracing::field::display(&key.conversation()));
+    let ws = &app.config.websocket;
+    let closer = SessionCloser::child_of(&app.shutdown);
+    let (out_tx, out_rx) = mpsc::channel(ws.outbound_queue_frames);
+    let handle = SessionHandle::customer(session_id, out_tx, closer.clone());
+    let snapshot = match app.conversations.attach(&key, handle.clone(), params.after, pending.as_ref()).await {
+        Ok(snapshot) => snapshot,
+        Err(error) => {
+            refuse(&mut socket, &error).await;
+            return None;
+        }
+    };
+    // Until its first message is stored, the conversation exists only for this socket.
+    let pending = pending.filter(|_| !snapshot.exists);
+    debug!(last_seq = snapshot.last_seq, missed = snapshot.missed.len(), pending = pending.is_some(), "session ready");
+
+    let conversation = key.conversation().as_str();
+    let mut intro = Vec::with_capacity(2 + snapshot.missed.len());
+    intro.push(ServerFrame::Ready { conversation, seq: snapshot.last_seq, epoch: &snapshot.epoch }.encode());
+    match &params.epoch {
+        Some(epoch) if *epoch != snapshot.epoch => intro.push(history_lost()),
+        _ => intro.extend(snapshot.missed.iter().map(|event| event.message_frame(conversation))),
+    }
+
+    let (sink, stream) = (*socket).split();
+    let ping_interval = std::time::Duration::from_millis(ws.ping_interval_ms);
+    let writer = app.tracker.spawn(
+        crate::writer::run(
+            sink,
+            out_rx,
+            None,
+            writer::Replay {
+                conversations: app.conversations.clone(),
+                key: key.clone(),
+                intro,
+                sent: crate::event::Cursor::in_epoch(crate::event::LogEpoch::of(&snapshot.epoch), snapshot.last_seq),
+                delivery: metrics::histogram!(crate::metric::FRAME_DELIVERY),
+            },
+            closer.clone(),
+            crate::writer::Pings { first: first_ping(ping_interval, session_id), interval: ping_interval },
+        )
+        .in_current_span(),
+    );
+    Some(Started { key, pending, stream, writer, closer, handle })
 }
 
 /// The `error` that tells a client its conversation's log was lost and

@@ -130,55 +130,65 @@ impl FrameReader {
 
 /// Reads until the session ends; returns true when the client closed the
 /// socket itself (close frame or end of stream).
+///
+/// Not an `async fn`, so that its arguments are not kept twice in the
+/// future (as arguments and as the locals they move into): an idle socket
+/// waits in it for its whole life.
 #[allow(clippy::too_many_arguments)]
-pub(super) async fn run_reader(
-    stream: &mut SplitStream<WebSocket>,
-    app: &AppState,
-    params: &SessionParams,
-    key: &ConversationKey,
-    pending: &mut Option<Pending>,
-    session: &SessionHandle,
+#[allow(clippy::manual_async_fn, reason = "an async fn would keep its arguments twice")]
+pub(super) fn run_reader<'a>(
+    stream: &'a mut SplitStream<WebSocket>,
+    app: &'a AppState,
+    params: &'a SessionParams,
+    key: &'a ConversationKey,
+    pending: &'a mut Option<Pending>,
+    session: &'a SessionHandle,
     mut replies: Replies,
-    token: Option<&SessionToken>,
-) -> bool {
-    let limits = app.tenants.limits(&params.party.tenant);
-    let mut frames = FrameReader::new(app, &limits);
-    loop {
-        let frame = match frames.next(stream, session).await {
-            Inbound::End { client_closed } => return client_closed,
-            Inbound::Frame(frame) => frame,
-        };
-        match frame {
-            Ok(ClientFrame::Ping) => send_to_this_socket(session, ServerFrame::Pong.encode()),
-            Ok(frame) if frame.is_agents() => send_to_this_socket(session, forbidden(&frame)),
-            // Unknown or finished replies are ignored: a cancel may cross the reply.done.
-            Ok(ClientFrame::Cancel { reply }) => app.replier.cancel(key, &reply),
-            // Boxed, as the handlers below that wait: the reader's future
-            // lives as long as the socket, a handler's state only while it runs.
-            Ok(ClientFrame::Refresh { token: fresh }) => Box::pin(refresh(app, session, token, &fresh)).await,
-            // Inside the expiry grace the socket reads and streams, but stores nothing new.
-            Ok(ClientFrame::Handoff) => Box::pin(on_handoff(app, key, pending, session)).await,
-            Ok(ClientFrame::Message { id, .. }) if token.is_some_and(SessionToken::expired) => {
-                let text = "this socket's token has expired; send `refresh` with a new token";
-                send_to_this_socket(session, error_frame(ErrorCode::TokenExpired, text, Some(&id)));
-            }
-            Ok(ClientFrame::Message { id, text, .. }) => {
-                match app.tenants.admit_message(&params.party.tenant, &params.party.user, &limits).await {
-                    Err(wait) => send_to_this_socket(session, over_message_rate(&id, wait)),
-                    Ok(()) => {
-                        let turns = limits.history_turns;
-                        Box::pin(on_message(app, params, key, pending, session, &mut replies, id, text, turns)).await
+    token: Option<&'a SessionToken>,
+) -> impl Future<Output = bool> + Send + 'a {
+    async move {
+        let limits = app.tenants.limits(&params.party.tenant);
+        let mut frames = FrameReader::new(app, &limits);
+        loop {
+            let frame = match frames.next(stream, session).await {
+                Inbound::End { client_closed } => return client_closed,
+                Inbound::Frame(frame) => frame,
+            };
+            match frame {
+                Ok(ClientFrame::Ping) => send_to_this_socket(session, ServerFrame::Pong.encode()),
+                Ok(frame) if frame.is_agents() => send_to_this_socket(session, forbidden(&frame)),
+                // Unknown or finished replies are ignored: a cancel may cross the reply.done.
+                Ok(ClientFrame::Cancel { reply }) => app.replier.cancel(key, &reply),
+                // Boxed, as the handlers below that wait: the reader's future
+                // lives as long as the socket, a handler's state only while it runs.
+                Ok(ClientFrame::Refresh { token: fresh }) => Box::pin(refresh(app, session, token, &fresh)).await,
+                // Inside the expiry grace the socket reads and streams, but stores nothing new.
+                Ok(ClientFrame::Handoff) => Box::pin(on_handoff(app, key, pending, session)).await,
+                Ok(ClientFrame::Message { id, .. }) if token.is_some_and(SessionToken::expired) => {
+                    let text = "this socket's token has expired; send `refresh` with a new token";
+                    send_to_this_socket(session, error_frame(ErrorCode::TokenExpired, text, Some(&id)));
+                }
+                Ok(ClientFrame::Message { id, text, .. }) => {
+                    match app.tenants.admit_message(&params.party.tenant, &params.party.user, &limits).await {
+                        Err(wait) => send_to_this_socket(session, over_message_rate(&id, wait)),
+                        Ok(()) => {
+                            let turns = limits.history_turns;
+                            Box::pin(on_message(app, params, key, pending, session, &mut replies, id, text, turns))
+                                .await
+                        }
                     }
                 }
+                // A customer's `conversation` is its socket's; whatever it names is ignored.
+                Ok(ClientFrame::Typing { on, .. }) => {
+                    let typing = Typing { typist: Typist::Customer, on, note: false, to_customer: false };
+                    app.conversations.typing(key, &typing, session.id);
+                }
+                Ok(ClientFrame::Watch { .. } | ClientFrame::Unwatch { .. } | ClientFrame::Take { .. }) => {}
+                Ok(
+                    ClientFrame::Release { .. } | ClientFrame::Note { .. } | ClientFrame::List | ClientFrame::Unlist,
+                ) => {}
+                Err(error) => send_to_this_socket(session, error.to_frame()),
             }
-            // A customer's `conversation` is its socket's; whatever it names is ignored.
-            Ok(ClientFrame::Typing { on, .. }) => {
-                let typing = Typing { typist: Typist::Customer, on, note: false, to_customer: false };
-                app.conversations.typing(key, &typing, session.id);
-            }
-            Ok(ClientFrame::Watch { .. } | ClientFrame::Unwatch { .. } | ClientFrame::Take { .. }) => {}
-            Ok(ClientFrame::Release { .. } | ClientFrame::Note { .. } | ClientFrame::List | ClientFrame::Unlist) => {}
-            Err(error) => send_to_this_socket(session, error.to_frame()),
         }
     }
 }

@@ -60,11 +60,6 @@ pub async fn upgrade(
     match prepare(&app, peer, &headers, query, upgrade).await {
         Ok((upgrade, params, address, lease)) => {
             let ws = &app.config.websocket;
-            // Boxed: axum's upgrade future keeps its callback's room for the
-            // socket's whole life, after calling it; boxed, that room is one
-            // pointer instead of the session's parameters (it keeps an idle
-            // socket's task a mimalloc size class smaller).
-            let parts = Box::new((params, app.clone(), address, lease));
             upgrade
                 // A small read buffer: idle sockets are the common case and the
                 // library's 128 KiB default would stay resident per socket.
@@ -75,19 +70,22 @@ pub async fn upgrade(
                 // coalesces one burst of small frames until the writer flushes.
                 .write_buffer_size(WRITE_BUFFER_BYTES)
                 .max_write_buffer_size(WRITE_BUFFER_BYTES + ws.max_frame_bytes * 4)
-                // The forwarded client's place under its address's cap goes with the session.
-                // Tracked, so that shutdown waits for the session's own end
-                // (detach, the close handshake) and not only for its tasks.
                 .on_upgrade(move |socket| {
-                    let (params, app, address, lease) = *parts;
-                    let tracker = app.tracker.clone();
                     let agent = params.identity.as_ref().is_some_and(|identity| identity.role == Role::Agent);
-                    // Boxed: a customer's idle session should not be sized for an agent's.
-                    let session = match agent {
-                        true => futures::future::Either::Left(Box::pin(crate::agent::run(socket, params, app))),
-                        false => futures::future::Either::Right(session::run(socket, params, app)),
-                    };
-                    tracker.track_future(session.map(move |()| drop((address, lease))))
+                    // The session gets a task of its own, sized for its kind:
+                    // axum's upgrade task keeps room for its own set-up and for
+                    // this callback as long as the future returned here runs,
+                    // which would be the socket's whole life. Tracked, so that
+                    // shutdown waits for the session's own end (detach, the
+                    // close handshake), and the forwarded client's place under
+                    // its address's cap goes with it.
+                    let tracker = app.tracker.clone();
+                    let release = move |()| drop((address, lease));
+                    match agent {
+                        true => drop(tracker.spawn(crate::agent::run(socket, params, app).map(release))),
+                        false => drop(tracker.spawn(session::run(socket, params, app).map(release))),
+                    }
+                    std::future::ready(())
                 })
         }
         Err(refused) => refused.into_response(),

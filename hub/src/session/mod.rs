@@ -55,10 +55,11 @@ pub struct SessionParams {
 ///
 /// Not an `async fn`: its future is the whole life of an idle socket, and an
 /// `async fn` would keep a second copy of the socket and params beside the
-/// inner block that takes them. For the same reason the set-up runs in a
-/// future of its own, boxed ([`start`]): what only it needs (the store's
-/// answers, the snapshot, the intro) is freed with it instead of keeping
-/// room in the socket's future for its life.
+/// inner block that takes them. For the same reason the socket is boxed (a
+/// future keeps room for what it captured even after moving it out), and
+/// the set-up runs in a future of its own, boxed ([`start`]): what only it
+/// needs (the store's answers, the snapshot, the intro) is freed with it
+/// instead of keeping room in the socket's future for its life.
 pub fn run(socket: WebSocket, params: SessionParams, app: Arc<AppState>) -> impl Future<Output = ()> {
     let socket = Box::new(socket);
     let session_id = SessionId::next();

@@ -32,9 +32,9 @@
 //! nothing), after entering the conversation's listeners hash and saying
 //! hello on the channel (`listen.lua`; a conversation not created yet gets
 //! no hash: the append that creates it enters its node); it unsubscribes,
-//! then leaves the hash, when the last socket goes. The node that produces an event or a frame delivers it to its own
-//! sockets at once ([`crate::conversations`]) and publishes it only for the
-//! other nodes: the append script publishes a durable event only if the
+//! then leaves the hash, when the last socket goes. The node that produces
+//! an event or a frame delivers it to its own sockets at once
+//! ([`crate::conversations`]) and publishes it only for the other nodes: the append script publishes a durable event only if the
 //! listeners hash names another node (exact: a node enters it before its
 //! subscription and its log read, so an event it is not sent is in that
 //! read), and deltas follow what the last append or PUBLISH said (see

@@ -80,6 +80,12 @@ pub trait EventBus: Send + Sync + 'static {
     /// node appends reaches the handler, or is in a log read started now.
     async fn subscribe(&self, key: &ConversationKey) -> Result<(), StoreError>;
 
+    /// [`EventBus::subscribe`] for a fresh conversation (see
+    /// [`crate::store::Pending::fresh`]) that this node's next append creates:
+    /// no other node can name it yet, so none has to be told that this node
+    /// listens (the creating append records it).
+    async fn subscribe_fresh(&self, key: &ConversationKey) -> Result<(), StoreError>;
+
     /// Stops receiving them (this node's last socket left). Never fails.
     async fn unsubscribe(&self, key: &ConversationKey);
 
@@ -124,6 +130,10 @@ pub struct LocalBus;
 #[async_trait]
 impl EventBus for LocalBus {
     async fn subscribe(&self, _: &ConversationKey) -> Result<(), StoreError> {
+        Ok(())
+    }
+
+    async fn subscribe_fresh(&self, _: &ConversationKey) -> Result<(), StoreError> {
         Ok(())
     }
 

@@ -166,9 +166,9 @@ impl Conversations {
     ///
     /// Joined and subscribed first, read second: no event falls between;
     /// one that is both read and delivered is sent once (the writer's cursor).
-    /// A fresh conversation ([`Pending::fresh`]) is subscribed at its first
-    /// append instead ([`Conversations::append`]): until it exists, no one
-    /// else can name it.
+    /// A fresh conversation ([`Pending::fresh`]) is neither subscribed nor
+    /// read: until its first append ([`Conversations::append`]) creates it,
+    /// no one else can name it.
     pub async fn attach(
         &self,
         key: &ConversationKey,
@@ -177,10 +177,11 @@ impl Conversations {
         pending: Option<&Pending>,
     ) -> Result<Snapshot, StoreError> {
         let id = session.id;
+        let fresh = pending.filter(|pending| pending.fresh);
         {
             let mut unsubscribed = self.subscriptions.lock().await;
             if self.fanout.join(key, session).map_err(|_| StoreError::TooManySockets)? {
-                if pending.is_some_and(|pending| pending.fresh) {
+                if fresh.is_some() {
                     unsubscribed.insert(key.clone());
                 } else if let Err(error) = self.bus.subscribe(key).await {
                     self.fanout.leave(key, id);
@@ -188,19 +189,19 @@ impl Conversations {
                 }
             }
         }
+        if let Some(fresh) = fresh {
+            return Ok(Snapshot::pending(fresh));
+        }
         match self.log.snapshot(key, after).await {
-            Ok(Some(snapshot)) => Ok(snapshot),
-            // Not created yet: an old id (a lost log) is subscribed all the
-            // same, so the session hears whoever starts it again; a fresh
-            // one at its first append.
-            Ok(None) if let Some(pending) = pending => Ok(Snapshot {
-                exists: false,
-                last_seq: 0,
-                epoch: pending.epoch.clone(),
-                missed: Vec::new(),
-                customer: None,
-                ownership: Default::default(),
-            }),
+            Ok(Some(snapshot)) => {
+                if snapshot.exists {
+                    self.fanout.exists(key);
+                }
+                Ok(snapshot)
+            }
+            // Not created again yet: a lost log's old id is subscribed all
+            // the same, so the session hears whoever starts it again.
+            Ok(None) if let Some(pending) = pending => Ok(Snapshot::pending(pending)),
             Ok(None) => {
                 self.detach(key, id).await;
                 Err(StoreError::ConversationNotFound)
@@ -227,7 +228,7 @@ impl Conversations {
     async fn subscribe_fresh(&self, key: &ConversationKey) -> Result<(), StoreError> {
         let mut unsubscribed = self.subscriptions.lock().await;
         if unsubscribed.contains(key) {
-            self.bus.subscribe(key).await?;
+            self.bus.subscribe_fresh(key).await?;
             unsubscribed.remove(key);
         }
         Ok(())
@@ -257,14 +258,9 @@ impl Conversations {
             Some(turn) => Some(turn.lock().await),
             None => None,
         };
-        let creates = with.create.is_some();
         let appended = self.log.append(key, event, with).await?;
         if let Appended::New { event, epoch, .. } = &appended {
             self.fanout.deliver_event(key, *epoch, event, origin, timing.as_ref());
-            if creates {
-                // Its sockets' presence could not be kept before it existed.
-                self.fanout.mark_presence(key);
-            }
             self.fanout.mark_listed(key);
         }
         Ok(appended)

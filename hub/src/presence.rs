@@ -3,8 +3,10 @@
 //!
 //! **Presence** is whether the customer has a socket open on some node
 //! (`online`) and which agents watch the conversation (`viewers`). Each node
-//! keeps one entry per conversation it has sockets of ([`Present`], made by
-//! the [`crate::fanout::FanOut`] from its handles) on a [`PresenceBoard`]:
+//! keeps one entry per conversation it has sockets of, once the conversation
+//! exists ([`Present`], made by the [`crate::fanout::FanOut`] from its
+//! handles; a new conversation has none before its first message, since
+//! nothing can list or watch it) on a [`PresenceBoard`]:
 //! written when it changes (and announced to the other nodes on the
 //! conversation's channel), refreshed by a heartbeat every third of
 //! `agents.presence_ttl_secs`, and ignored by readers once that long has

@@ -463,9 +463,71 @@ async fn a_node_subscribes_at_a_new_conversations_first_message_and_unsubscribes
 
 /// PUBLISH calls Redis has executed (scripts' included).
 async fn publishes(redis: &RedisServer) -> u64 {
+    calls(redis, "publish").await
+}
+
+/// Calls of `command` Redis has executed (scripts' inner calls included).
+async fn calls(redis: &RedisServer, command: &str) -> u64 {
     let stats = redis.cli(&["INFO", "commandstats"]).await;
-    let line = stats.lines().find(|l| l.starts_with("cmdstat_publish:")).unwrap_or("cmdstat_publish:calls=0,");
+    let prefix = format!("cmdstat_{command}:");
+    let Some(line) = stats.lines().find(|l| l.starts_with(&prefix)) else { return 0 };
     line.split(['=', ',']).nth(1).and_then(|n| n.parse().ok()).expect("a calls= count")
+}
+
+/// This node's presence entry of `tag`'s conversation once it differs from
+/// `last` (a heartbeat rewrites it with a later expiry).
+async fn next_presence_entry(redis: &RedisServer, tag: &str, last: &str) -> String {
+    let presence = format!("{tag}:presence");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let entry = redis.cli(&["HVALS", &presence]).await;
+        if !entry.is_empty() && entry != last {
+            return entry;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "the presence entry was not written again");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_socket_that_has_not_asked_costs_redis_only_its_open_and_its_presence_starts_with_the_conversation() {
+    let redis = RedisServer::start().await;
+    // Heartbeats every ~670 ms.
+    let node = Hub::start_node(&redis, &["--agents-presence-ttl-secs", "2"]).await;
+    let mut asked = Client::connect(&node.ws_url("tenant=demo&user=early")).await;
+    asked.ask("m1", "Hello").await;
+    let asked_tag = format!("fengda:conv:{{demo:{}}}", asked.conversation());
+    let entry = next_presence_entry(&redis, &asked_tag, "").await;
+    // Counted from just after a heartbeat to just after the second one that follows.
+    let entry = next_presence_entry(&redis, &asked_tag, &entry).await;
+    let (scripts, published, read) =
+        (calls(&redis, "evalsha").await, publishes(&redis).await, calls(&redis, "hmget").await);
+
+    let mut quiet = Client::connect(&node.ws_url("tenant=demo&user=quiet")).await;
+    quiet.send_json(serde_json::json!({"type": "typing", "on": true})).await;
+    quiet.assert_alive().await;
+    let entry = next_presence_entry(&redis, &asked_tag, &entry).await;
+    next_presence_entry(&redis, &asked_tag, &entry).await;
+    let scripts = calls(&redis, "evalsha").await - scripts;
+    // The other conversation's two refreshes (a third if a heartbeat came
+    // between the count and the new socket); no log read, no presence, no
+    // typing for a conversation nothing else can name yet.
+    assert!((2..=3).contains(&scripts), "{scripts} scripts ran");
+    assert_eq!(publishes(&redis).await - published, 0, "nothing published");
+    assert_eq!(calls(&redis, "hmget").await - read, 1, "the open's one read: the user's most recent conversation");
+
+    // Its first message creates it: from then on its presence is kept.
+    let published = publishes(&redis).await;
+    quiet.ask("m1", "Hello").await;
+    let quiet_tag = format!("fengda:conv:{{demo:{}}}", quiet.conversation());
+    let entry = next_presence_entry(&redis, &quiet_tag, "").await;
+    assert!(entry.ends_with(r#"{"online":true,"viewers":[]}"#), "{entry}");
+    // A heartbeat later, the entry's announcement is surely done too.
+    next_presence_entry(&redis, &quiet_tag, &entry).await;
+    // The creating append's event and the presence announcement: no hello
+    // to other nodes (none can name a conversation before it exists), and
+    // the reply is published for no one.
+    assert_eq!(publishes(&redis).await - published, 2);
 }
 
 #[tokio::test]

@@ -125,6 +125,10 @@ struct Local {
     remote: Vec<(String, Present)>,
     /// The presence view agents' handles were last given.
     presence_sent: Present,
+    /// The conversation has a log (a snapshot found it, or an event of it
+    /// came): until then this node keeps no presence entry of it, since
+    /// nothing can list or watch a conversation that does not exist.
+    exists: bool,
 }
 
 impl Local {
@@ -177,7 +181,9 @@ impl FanOut {
         entry.handles.push(handle);
         if entry.entry() != before {
             entry.tell_presence(key, Some(id));
-            self.mark_presence(key);
+            if entry.exists {
+                self.mark_presence(key);
+            }
         }
         Ok(first)
     }
@@ -205,7 +211,7 @@ impl FanOut {
                 let before = local.entry();
                 local.handles.retain(|h| h.id != id);
                 if local.entry() != before {
-                    changed = true;
+                    changed = local.exists;
                     local.tell_presence(key, None);
                 }
                 local.is_empty()
@@ -293,6 +299,11 @@ impl FanOut {
         timing: Option<&ReplyTiming>,
     ) {
         let Some(mut local) = self.sessions.get_mut(key) else { return };
+        if !local.exists {
+            local.exists = true;
+            // Not kept before it existed.
+            self.mark_presence(key);
+        }
         match local.delivered.arrive(epoch, event.seq) {
             Step::Seen | Step::Stale => return,
             Step::NewLog => {

@@ -120,6 +120,16 @@ impl FanOut {
         self.sessions.get(key).map(|local| local.entry()).unwrap_or_default()
     }
 
+    /// Notes that `key`'s conversation has a log (a snapshot found it):
+    /// from now on this node keeps its presence entry of it.
+    pub fn exists(&self, key: &ConversationKey) {
+        let Some(mut local) = self.sessions.get_mut(key) else { return };
+        if !local.exists {
+            local.exists = true;
+            self.mark_presence(key);
+        }
+    }
+
     /// Notes that this node's presence entry of `key` changed (or must be
     /// written again).
     pub fn mark_presence(&self, key: &ConversationKey) {
@@ -132,22 +142,29 @@ impl FanOut {
         self.presence_notify.notified().await;
     }
 
-    /// This node's entries that changed (an empty one: it has none left).
+    /// This node's entries that changed (an empty one: it has none left),
+    /// of conversations that exist.
     pub fn take_changed_presence(&self) -> Vec<(ConversationKey, Present)> {
         let keys: Vec<ConversationKey> = self.presence_changed.iter().map(|key| key.clone()).collect();
         keys.into_iter()
-            .map(|key| {
+            .filter_map(|key| {
                 self.presence_changed.remove(&key);
-                let entry = self.sessions.get(&key).map(|local| local.entry()).unwrap_or_default();
-                (key, entry)
+                let entry = match self.sessions.get(&key) {
+                    Some(local) if !local.exists => return None,
+                    Some(local) => local.entry(),
+                    None => Present::default(),
+                };
+                Some((key, entry))
             })
             .collect()
     }
 
-    /// Every non-empty entry of this node (for the heartbeat).
+    /// Every non-empty entry of this node, of conversations that exist
+    /// (for the heartbeat).
     pub fn presence_entries(&self) -> Vec<(ConversationKey, Present)> {
         self.sessions
             .iter()
+            .filter(|local| local.exists)
             .map(|local| (local.key().clone(), local.entry()))
             .filter(|(_, entry)| !entry.is_empty())
             .collect()

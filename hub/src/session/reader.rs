@@ -178,7 +178,9 @@ pub(super) fn run_reader<'a>(
                         }
                     }
                 }
-                // A customer's `conversation` is its socket's; whatever it names is ignored.
+                // A customer's `conversation` is its socket's; whatever it
+                // names is ignored. A fresh one has no one else to tell yet.
+                Ok(ClientFrame::Typing { .. }) if pending.as_ref().is_some_and(|pending| pending.fresh) => {}
                 Ok(ClientFrame::Typing { on, .. }) => {
                     let typing = Typing { typist: Typist::Customer, on, note: false, to_customer: false };
                     app.conversations.typing(key, &typing, session.id);

@@ -154,6 +154,13 @@ pub struct Snapshot {
     pub customer: Option<UserId>,
 }
 
+impl Snapshot {
+    /// A conversation whose first append will create its log.
+    pub fn pending(pending: &Pending) -> Self {
+        Snapshot { epoch: pending.epoch.clone(), ..Snapshot::default() }
+    }
+}
+
 /// What the log knows of a conversation for the agents' list.
 #[derive(Debug, Clone)]
 pub struct LogSummary {

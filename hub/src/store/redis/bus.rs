@@ -85,21 +85,17 @@ impl RedisBus {
 #[async_trait]
 impl EventBus for RedisBus {
     async fn subscribe(&self, key: &ConversationKey) -> Result<(), StoreError> {
-        let link = &self.inner.link;
-        let channel = link.keys.channel(key);
+        let channel = self.inner.link.keys.channel(key);
         // In the listeners hash before subscribed: an append from now on is
         // published (or in the log read that follows the subscription).
         self.inner.listen(key, &channel).await?;
-        link.listeners.listen(key, link.keys.conversation_names(key));
-        link.recent.listen(key);
-        let mut subscriber = self.inner.subscriber.clone();
-        if let Err(error) = link.call(subscriber.subscribe(&channel)).await {
-            link.listeners.left(key, &channel);
-            link.recent.forget(key);
-            self.leave_listeners(key).await;
-            return Err(error);
-        }
-        Ok(())
+        self.subscribe_channel(key, channel).await
+    }
+
+    async fn subscribe_fresh(&self, key: &ConversationKey) -> Result<(), StoreError> {
+        // No `listen.lua`: no log to enter this node in the listeners of, no
+        // node streaming into it to say hello to; the creating append enters it.
+        self.subscribe_channel(key, self.inner.link.keys.channel(key)).await
     }
 
     async fn unsubscribe(&self, key: &ConversationKey) {
@@ -202,6 +198,22 @@ impl EventBus for RedisBus {
 }
 
 impl RedisBus {
+    /// Subscribes to the conversation's `channel`, once this node is in its
+    /// listeners hash (or about to be entered by its creating append).
+    async fn subscribe_channel(&self, key: &ConversationKey, channel: String) -> Result<(), StoreError> {
+        let link = &self.inner.link;
+        link.listeners.listen(key, link.keys.conversation_names(key));
+        link.recent.listen(key);
+        let mut subscriber = self.inner.subscriber.clone();
+        if let Err(error) = link.call(subscriber.subscribe(&channel)).await {
+            link.listeners.left(key, &channel);
+            link.recent.forget(key);
+            self.leave_listeners(key).await;
+            return Err(error);
+        }
+        Ok(())
+    }
+
     /// Takes this node out of the conversation's listeners hash (best
     /// effort: a name left behind costs other nodes needless PUBLISHes
     /// until the hash expires).

@@ -26,13 +26,15 @@
 //!
 //! Routing: pub/sub is the doorbell, the log is the truth. A node subscribes
 //! to a conversation's channel (on one dedicated RESP3 connection, whatever
-//! its socket count) when its first socket of the conversation arrives (a
-//! new conversation's: just before its creating append, since no one else
-//! can name it before it exists; a socket that never asks costs Redis
-//! nothing), after entering the conversation's listeners hash and saying
-//! hello on the channel (`listen.lua`; a conversation not created yet gets
-//! no hash: the append that creates it enters its node); it unsubscribes,
-//! then leaves the hash, when the last socket goes. The node that produces
+//! its socket count) when its first socket of the conversation arrives,
+//! after entering the conversation's listeners hash and saying hello on the
+//! channel (`listen.lua`; a lost log's old id gets no hash: the append that
+//! creates it again enters its node). A new conversation is subscribed just
+//! before its creating append instead, without `listen.lua`: no one else can
+//! name it before it exists, and that append enters its node. Until then it
+//! is neither read nor given a presence entry, so a socket that never asks
+//! costs Redis one read, its open's (the user's most recent conversation).
+//! A node unsubscribes, then leaves the hash, when the last socket goes. The node that produces
 //! an event or a frame delivers it to its own sockets at once
 //! ([`crate::conversations`]) and publishes it only for the other nodes: the append script publishes a durable event only if the
 //! listeners hash names another node (exact: a node enters it before its

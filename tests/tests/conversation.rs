@@ -223,6 +223,9 @@ async fn a_user_creating_too_many_conversations_is_refused_and_other_users_are_n
     assert_eq!((error["code"].as_str(), error["id"].as_str()), (Some("too_many_conversations"), Some("m3")), "{error}");
     let close = fourth.expect_close().await.expect("close frame");
     assert_eq!(u16::from(close.code), 4430);
+    // The refused conversation did not become the user's most recent one.
+    let again = Client::connect(&hub.ws_url("tenant=demo&user=greedy")).await;
+    assert!(created.contains(&again.conversation()), "{} is not one of {created:?}", again.conversation());
 
     // Writing in a conversation that exists is no creation.
     let existing = created.first().unwrap();

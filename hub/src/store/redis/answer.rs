@@ -24,7 +24,8 @@ pub struct AppendAnswer<'a> {
     /// 1 stored, 0 a message already stored (`seq` is its seq), -1 the
     /// conversation does not exist (or exists with another owner or epoch
     /// than the append would create it with), -2 the owner operation
-    /// found another owner or owner epoch (the owner fields say which).
+    /// found another owner or owner epoch (the owner fields say which),
+    /// -3 creating the log would exceed its creator's cap.
     pub status: i64,
     pub seq: u64,
     /// Other nodes in the conversation's listeners hash.

@@ -10,6 +10,10 @@
 -- KEYS[5] the tenant's active zset, KEYS[6] the tenant's listing flag,
 -- KEYS[7] (optional) the writer's `latest` pointer (see keys.rs): the
 -- conversation becomes their most recent, active now, whatever the outcome
+-- but -3; KEYS[8] (optional, with KEYS[7]) the creator's `created` zset
+-- (conversation id -> created at, ms): creating the log counts against the
+-- creator's cap, ARGV 22 conversations per ARGV 23 ms (a conversation
+-- counted within the window, e.g. a lost log started again, counts once)
 -- ARGV: 1 the message's key to de-duplicate by ("" for other events; a
 --       customer's is its id, an agent's starts with \1, see dedup_key in
 --       event.rs), 2 and 3 the log entry before
@@ -36,13 +40,10 @@
 -- already stored; -1 when the conversation does not exist (lost or
 -- expired), or, when creating, exists with another owner or epoch; -2
 -- and the owner fields when the owner operation found another owner or
--- epoch (nothing stored).
+-- epoch (nothing stored); -3 when creating the log would exceed the
+-- creator's cap (nothing written).
 -- Owner fields absent from the meta hash mean the assistant, epoch 0.
 local meta, log, ids = KEYS[1], KEYS[2], KEYS[3]
-if KEYS[7] then
-  redis.call('HSET', KEYS[7], 'conversation', ARGV[19], 'last_active_ms', ARGV[5])
-  redis.call('EXPIRE', KEYS[7], ARGV[7])
-end
 local function answer(status, seq, others, before, epoch, owner, name, owner_epoch, owner_since)
   local head = {status, seq, others, owner_epoch, owner_since, before and #before or -1, #epoch, #owner, #name}
   local body = {epoch, owner, name}
@@ -61,6 +62,21 @@ local owner, epoch = ARGV[9], ARGV[10]
 local now = tonumber(ARGV[5])
 local current = redis.call('HMGET', meta, 'user', 'epoch', 'seq', 'owner', 'owner_name', 'owner_epoch',
   'owner_since', 'refreshed_ms', 'customer_at')
+if KEYS[8] and not current[2] and owner ~= '' then
+  local counted, window = KEYS[8], tonumber(ARGV[23])
+  redis.call('ZREMRANGEBYSCORE', counted, '-inf', now - window)
+  if not redis.call('ZSCORE', counted, ARGV[19]) then
+    if redis.call('ZCARD', counted) >= tonumber(ARGV[22]) then
+      return answer(-3, 0, 0, false, '', '', '', 0, 0)
+    end
+    redis.call('ZADD', counted, now, ARGV[19])
+    redis.call('PEXPIRE', counted, window)
+  end
+end
+if KEYS[7] then
+  redis.call('HSET', KEYS[7], 'conversation', ARGV[19], 'last_active_ms', ARGV[5])
+  redis.call('EXPIRE', KEYS[7], ARGV[7])
+end
 local created = false
 if not current[2] then
   if owner == '' then

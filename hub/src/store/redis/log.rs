@@ -31,7 +31,6 @@ pub struct RedisLog {
 struct Inner {
     link: Arc<Link>,
     append: Script,
-    quota: Script,
     read_after: Script,
     note: Script,
     log_cap: usize,
@@ -45,7 +44,6 @@ impl RedisLog {
             inner: Arc::new(Inner {
                 link,
                 append: Script::new(include_str!("append.lua")),
-                quota: Script::new(include_str!("quota.lua")),
                 read_after: Script::new(include_str!("read_after.lua")),
                 note: Script::new(include_str!("note.lua")),
                 log_cap: conversation.log_cap,
@@ -96,27 +94,6 @@ impl Inner {
         let last_seq: u64 = redis::from_redis_value(parts.pop().unwrap_or(Value::Nil)).map_err(malformed)?;
         let customer = UserId::parse(&customer).ok();
         Ok(Some(Snapshot { exists: true, last_seq, epoch, missed, customer, ownership }))
-    }
-
-    /// Counts the creation of `key`'s conversation against its user's cap
-    /// (`quota.lua`; counting one conversation twice is a no-op).
-    async fn count_creation(&self, key: &ConversationKey, user: &UserId) -> Result<(), StoreError> {
-        let Some(limit) = self.creation_limit else {
-            return Ok(());
-        };
-        let link = &self.link;
-        let mut con = link.commands.clone();
-        let mut invocation = self.quota.prepare_invoke();
-        invocation
-            .key(link.keys.created(key.tenant(), user))
-            .arg(key.conversation().as_str())
-            .arg(now_ms())
-            .arg(limit.window.as_millis() as u64)
-            .arg(limit.max);
-        match link.call(invocation.invoke_async::<i64>(&mut con)).await? {
-            1 => Ok(()),
-            _ => Err(StoreError::TooManyConversations { max: limit.max, window_secs: limit.window.as_secs() }),
-        }
     }
 
     /// The owner of a conversation, `None` if it has no log.
@@ -278,9 +255,6 @@ impl ConversationLog for RedisLog {
         let inner = &self.inner;
         let link = &inner.link;
         let create = with.create;
-        if let Some(create) = create {
-            inner.count_creation(key, &create.user).await?;
-        }
         let timing = event.timing;
         let mut event = event;
         // The epoch a change begins, if it succeeds (the script checks the expected one).
@@ -306,13 +280,16 @@ impl ConversationLog for RedisLog {
         // The user's activity rides in the same script (a new conversation
         // becomes their most recent): one command per append.
         let latest = with.active_user.or(create.map(|c| &c.user)).map(|user| names.latest(&link.keys, key, user));
+        // A creation counts against its user's cap in the same script.
+        let counted =
+            create.zip(inner.creation_limit).map(|(c, limit)| (link.keys.created(key.tenant(), &c.user), limit));
         // Sized once: growing the buffer arg by arg showed in profiles.
         let size = 160 + names.meta.len() * 9 + encoded.byte_len() + hint.epoch.len() + dedup_id.len();
-        let mut append = redis::Cmd::with_capacity(31, size + owner_arg.len() + name_arg.len());
+        let mut append = redis::Cmd::with_capacity(34, size + owner_arg.len() + name_arg.len());
         append
             .arg("EVALSHA")
             .arg(inner.append.get_hash())
-            .arg(if latest.is_some() { 7 } else { 6 })
+            .arg(6 + usize::from(latest.is_some()) + usize::from(counted.is_some()))
             .arg(&names.meta)
             .arg(&names.log)
             .arg(&names.message_ids)
@@ -321,6 +298,9 @@ impl ConversationLog for RedisLog {
             .arg(&names.listing);
         if let Some(latest) = &latest {
             append.arg(&**latest);
+        }
+        if let Some((created, _)) = &counted {
+            append.arg(created);
         }
         append
             .arg(dedup_id)
@@ -344,6 +324,9 @@ impl ConversationLog for RedisLog {
             .arg(key.conversation().as_str())
             .arg(&names.changes)
             .arg(link.retention.refresh_secs);
+        if let Some((_, limit)) = counted {
+            append.arg(limit.max).arg(limit.window.as_millis() as u64);
+        }
         let sent_at = Instant::now();
         let answer: Vec<u8> = link.run_with_scripts(&[&inner.append], Request::Cmd(&append)).await?;
         let answer = AppendAnswer::decode(&answer).map_err(|e| StoreError::Unavailable(e.to_string()))?;
@@ -371,6 +354,9 @@ impl ConversationLog for RedisLog {
             }
             0 => Ok(Appended::Duplicate(answer.seq)),
             -2 => Err(StoreError::OwnerChanged(ownership())),
+            -3 if let Some((_, limit)) = counted => {
+                Err(StoreError::TooManyConversations { max: limit.max, window_secs: limit.window.as_secs() })
+            }
             _ => Err(StoreError::ConversationNotFound),
         }
     }

@@ -14,8 +14,8 @@
 //! encodes the event and its payload ([`wire`]); the script splices in the
 //! seq and decodes nothing, and answers one string ([`answer`]). Opening a socket writes nothing for a
 //! conversation that has no log yet: the first message's append creates it
-//! (same script), after counting it against the user's creation cap
-//! (`quota.lua`, in the user's slot). A customer message's append also
+//! (same script), counting it against the user's creation cap (their
+//! `created` set, in the user's slot). A customer message's append also
 //! returns the turns before it (the question's history): the script reads
 //! them from the list it holds only when the log is not at the epoch and
 //! seq this node knows its last turns at (see `recent.rs`), and refreshes

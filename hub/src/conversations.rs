@@ -190,18 +190,18 @@ impl Conversations {
             }
         }
         if let Some(fresh) = fresh {
-            return Ok(Snapshot::pending(fresh));
+            return Ok(Snapshot::not_created(fresh));
         }
         match self.log.snapshot(key, after).await {
             Ok(Some(snapshot)) => {
                 if snapshot.exists {
-                    self.fanout.exists(key);
+                    self.fanout.note_exists(key);
                 }
                 Ok(snapshot)
             }
             // Not created again yet: a lost log's old id is subscribed all
             // the same, so the session hears whoever starts it again.
-            Ok(None) if let Some(pending) = pending => Ok(Snapshot::pending(pending)),
+            Ok(None) if let Some(pending) = pending => Ok(Snapshot::not_created(pending)),
             Ok(None) => {
                 self.detach(key, id).await;
                 Err(StoreError::ConversationNotFound)
@@ -225,7 +225,7 @@ impl Conversations {
     /// to create: before the creating append enters this node in the
     /// conversation's listeners (see [`crate::store::redis`]), so no event
     /// of it can be published to this node unheard.
-    async fn subscribe_fresh(&self, key: &ConversationKey) -> Result<(), StoreError> {
+    async fn subscribe_before_creating(&self, key: &ConversationKey) -> Result<(), StoreError> {
         let mut unsubscribed = self.subscriptions.lock().await;
         if unsubscribed.contains(key) {
             self.bus.subscribe_fresh(key).await?;
@@ -250,7 +250,7 @@ impl Conversations {
         with: AppendWith<'_>,
     ) -> Result<Appended, StoreError> {
         if with.create.is_some_and(|pending| pending.fresh) {
-            self.subscribe_fresh(key).await?;
+            self.subscribe_before_creating(key).await?;
         }
         let timing = event.timing;
         let turn = self.fanout.append_turn(key);
@@ -259,9 +259,14 @@ impl Conversations {
             None => None,
         };
         let appended = self.log.append(key, event, with).await?;
-        if let Appended::New { event, epoch, .. } = &appended {
-            self.fanout.deliver_event(key, *epoch, event, origin, timing.as_ref());
-            self.fanout.mark_listed(key);
+        match &appended {
+            Appended::New { event, epoch, .. } => {
+                self.fanout.deliver_event(key, *epoch, event, origin, timing.as_ref());
+                self.fanout.mark_listed(key);
+            }
+            // Stored before (a resend whose first answer was lost): the log
+            // exists, though this node may never deliver its creating event.
+            Appended::Duplicate(_) => self.fanout.note_exists(key),
         }
         Ok(appended)
     }

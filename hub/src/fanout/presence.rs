@@ -120,9 +120,10 @@ impl FanOut {
         self.sessions.get(key).map(|local| local.entry()).unwrap_or_default()
     }
 
-    /// Notes that `key`'s conversation has a log (a snapshot found it):
-    /// from now on this node keeps its presence entry of it.
-    pub fn exists(&self, key: &ConversationKey) {
+    /// Notes that `key`'s conversation has a log (a snapshot found it, an
+    /// append found its message stored): from now on this node keeps its
+    /// presence entry of it.
+    pub fn note_exists(&self, key: &ConversationKey) {
         let Some(mut local) = self.sessions.get_mut(key) else { return };
         if !local.exists {
             local.exists = true;
@@ -142,19 +143,20 @@ impl FanOut {
         self.presence_notify.notified().await;
     }
 
-    /// This node's entries that changed (an empty one: it has none left),
-    /// of conversations that exist.
+    /// This node's entries that changed (an empty one: it has none left).
+    /// Only conversations that exist are marked, so a marked one whose
+    /// entry here is not known to exist was left and then joined again
+    /// before this ran: its old entry is removed.
     pub fn take_changed_presence(&self) -> Vec<(ConversationKey, Present)> {
         let keys: Vec<ConversationKey> = self.presence_changed.iter().map(|key| key.clone()).collect();
         keys.into_iter()
-            .filter_map(|key| {
+            .map(|key| {
                 self.presence_changed.remove(&key);
                 let entry = match self.sessions.get(&key) {
-                    Some(local) if !local.exists => return None,
-                    Some(local) => local.entry(),
-                    None => Present::default(),
+                    Some(local) if local.exists => local.entry(),
+                    _ => Present::default(),
                 };
-                Some((key, entry))
+                (key, entry)
             })
             .collect()
     }
@@ -214,13 +216,15 @@ impl FanOut {
         if here {
             local.customer_typing = typing.on;
         }
+        // Only an entry that exists is kept (see `Local::exists`).
+        let changed_entry = here && local.exists;
         let held = local.hold_typing(key, typing, origin, self.typing_ttl);
         // Not under the entry's lock: `expire_typing` takes these two the other way round.
         drop(local);
         if held {
             self.typing.insert(key.clone());
         }
-        if here {
+        if changed_entry {
             self.mark_presence(key);
         }
     }
@@ -238,7 +242,9 @@ impl FanOut {
                     let (typing, _) = local.typists.swap_remove(at);
                     if typing.typist == Typist::Customer && local.customer_typing {
                         local.customer_typing = false;
-                        stopped_here.push(key.clone());
+                        if local.exists {
+                            stopped_here.push(key.clone());
+                        }
                     }
                     local.tell_typing(key, &typing.stopped(), None);
                 } else {

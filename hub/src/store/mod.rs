@@ -156,7 +156,7 @@ pub struct Snapshot {
 
 impl Snapshot {
     /// A conversation whose first append will create its log.
-    pub fn pending(pending: &Pending) -> Self {
+    pub fn not_created(pending: &Pending) -> Self {
         Snapshot { epoch: pending.epoch.clone(), ..Snapshot::default() }
     }
 }

@@ -14,7 +14,7 @@ fn typing_reaches_whom_it_may_and_expires_by_itself() {
     let ((anna_tx, mut anna_rx), (bob_tx, mut bob_rx)) = (mpsc::channel(16), mpsc::channel(16));
     let (anna, bob) = (agent_handle("anna", anna_tx), agent_handle("bob", bob_tx));
     fanout.join(&key, customer).unwrap();
-    fanout.exists(&key);
+    fanout.note_exists(&key);
     fanout.join(&key, anna.watching(key.clone())).unwrap();
     fanout.join(&key, bob.watching(key.clone())).unwrap();
     let present = drain(&mut anna_rx);
@@ -94,7 +94,7 @@ fn the_customer_typing_here_is_in_this_nodes_presence_entry_until_it_stops_or_ex
     let (customer, _rx) = session(16);
     let id = customer.id;
     fanout.join(&key(), customer).unwrap();
-    fanout.exists(&key());
+    fanout.note_exists(&key());
     fanout.take_changed_presence();
     let typing = Typing { typist: Typist::Customer, on: true, note: false, to_customer: false };
     // Heard from another node: not this node's to tell.
@@ -138,4 +138,23 @@ fn a_conversation_keeps_no_presence_entry_until_it_exists() {
     fanout.join(&key(), customer).unwrap();
     fanout.leave(&key(), id);
     assert!(fanout.take_changed_presence().is_empty());
+}
+
+#[test]
+fn an_entry_left_then_joined_again_before_it_was_written_is_removed() {
+    let fanout = FanOut::default();
+    let (customer, _rx) = session(16);
+    let id = customer.id;
+    fanout.join(&key(), customer).unwrap();
+    fanout.note_exists(&key());
+    fanout.take_changed_presence();
+    fanout.leave(&key(), id);
+    // A new socket of it arrives before the removal is written; its own
+    // entry waits for its snapshot, the old one goes.
+    let (again, _rx) = session(16);
+    fanout.join(&key(), again).unwrap();
+    assert_eq!(fanout.take_changed_presence(), [(key(), Present::default())]);
+    fanout.note_exists(&key());
+    let changed = fanout.take_changed_presence();
+    assert!(changed.len() == 1 && changed[0].1.online, "{changed:?}");
 }

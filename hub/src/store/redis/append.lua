@@ -41,7 +41,7 @@
 -- expired), or, when creating, exists with another owner or epoch; -2
 -- and the owner fields when the owner operation found another owner or
 -- epoch (nothing stored); -3 when creating the log would exceed the
--- creator's cap (nothing written).
+-- creator's cap (nothing of the conversation, nor `latest`, written).
 -- Owner fields absent from the meta hash mean the assistant, epoch 0.
 local meta, log, ids = KEYS[1], KEYS[2], KEYS[3]
 local function answer(status, seq, others, before, epoch, owner, name, owner_epoch, owner_since)
@@ -63,14 +63,14 @@ local now = tonumber(ARGV[5])
 local current = redis.call('HMGET', meta, 'user', 'epoch', 'seq', 'owner', 'owner_name', 'owner_epoch',
   'owner_since', 'refreshed_ms', 'customer_at')
 if KEYS[8] and not current[2] and owner ~= '' then
-  local counted, window = KEYS[8], tonumber(ARGV[23])
-  redis.call('ZREMRANGEBYSCORE', counted, '-inf', now - window)
-  if not redis.call('ZSCORE', counted, ARGV[19]) then
-    if redis.call('ZCARD', counted) >= tonumber(ARGV[22]) then
+  local created_set, window = KEYS[8], tonumber(ARGV[23])
+  redis.call('ZREMRANGEBYSCORE', created_set, '-inf', now - window)
+  if not redis.call('ZSCORE', created_set, ARGV[19]) then
+    if redis.call('ZCARD', created_set) >= tonumber(ARGV[22]) then
       return answer(-3, 0, 0, false, '', '', '', 0, 0)
     end
-    redis.call('ZADD', counted, now, ARGV[19])
-    redis.call('PEXPIRE', counted, window)
+    redis.call('ZADD', created_set, now, ARGV[19])
+    redis.call('PEXPIRE', created_set, window)
   end
 end
 if KEYS[7] then

@@ -89,7 +89,11 @@ impl EventBus for RedisBus {
         // In the listeners hash before subscribed: an append from now on is
         // published (or in the log read that follows the subscription).
         self.inner.listen(key, &channel).await?;
-        self.subscribe_channel(key, channel).await
+        let subscribed = self.subscribe_channel(key, channel).await;
+        if subscribed.is_err() {
+            self.leave_listeners(key).await;
+        }
+        subscribed
     }
 
     async fn subscribe_fresh(&self, key: &ConversationKey) -> Result<(), StoreError> {
@@ -199,7 +203,8 @@ impl EventBus for RedisBus {
 
 impl RedisBus {
     /// Subscribes to the conversation's `channel`, once this node is in its
-    /// listeners hash (or about to be entered by its creating append).
+    /// listeners hash (or about to be entered by its creating append); on
+    /// failure, forgets it again (the caller leaves the hash it entered).
     async fn subscribe_channel(&self, key: &ConversationKey, channel: String) -> Result<(), StoreError> {
         let link = &self.inner.link;
         link.listeners.listen(key, link.keys.conversation_names(key));
@@ -208,7 +213,6 @@ impl RedisBus {
         if let Err(error) = link.call(subscriber.subscribe(&channel)).await {
             link.listeners.left(key, &channel);
             link.recent.forget(key);
-            self.leave_listeners(key).await;
             return Err(error);
         }
         Ok(())

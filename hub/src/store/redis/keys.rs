@@ -18,7 +18,8 @@
 //! `{tenant:conversation}` (no escaped id holds a brace, so Redis Cluster
 //! hashes exactly that part), so the atomic append touches that slot (and
 //! its tenant's, for the agents' list: [`Keys::active`], [`Keys::listing`],
-//! and its writer's, for [`Keys::latest`]; on Redis Cluster those parts
+//! and its writer's, for [`Keys::latest`] and, when it creates the log,
+//! [`Keys::created`]; on Redis Cluster those parts
 //! would move out of the script) and
 //! a move to sharded pub/sub (`SPUBLISH`/`SSUBSCRIBE`) changes no name; a
 //! user's keys share `{tenant:user}` likewise.

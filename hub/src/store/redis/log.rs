@@ -281,15 +281,15 @@ impl ConversationLog for RedisLog {
         // becomes their most recent): one command per append.
         let latest = with.active_user.or(create.map(|c| &c.user)).map(|user| names.latest(&link.keys, key, user));
         // A creation counts against its user's cap in the same script.
-        let counted =
+        let creation_cap =
             create.zip(inner.creation_limit).map(|(c, limit)| (link.keys.created(key.tenant(), &c.user), limit));
         // Sized once: growing the buffer arg by arg showed in profiles.
-        let size = 160 + names.meta.len() * 9 + encoded.byte_len() + hint.epoch.len() + dedup_id.len();
+        let size = 200 + names.meta.len() * 10 + encoded.byte_len() + hint.epoch.len() + dedup_id.len();
         let mut append = redis::Cmd::with_capacity(34, size + owner_arg.len() + name_arg.len());
         append
             .arg("EVALSHA")
             .arg(inner.append.get_hash())
-            .arg(6 + usize::from(latest.is_some()) + usize::from(counted.is_some()))
+            .arg(6 + usize::from(latest.is_some()) + usize::from(creation_cap.is_some()))
             .arg(&names.meta)
             .arg(&names.log)
             .arg(&names.message_ids)
@@ -299,7 +299,7 @@ impl ConversationLog for RedisLog {
         if let Some(latest) = &latest {
             append.arg(&**latest);
         }
-        if let Some((created, _)) = &counted {
+        if let Some((created, _)) = &creation_cap {
             append.arg(created);
         }
         append
@@ -324,7 +324,7 @@ impl ConversationLog for RedisLog {
             .arg(key.conversation().as_str())
             .arg(&names.changes)
             .arg(link.retention.refresh_secs);
-        if let Some((_, limit)) = counted {
+        if let Some((_, limit)) = creation_cap {
             append.arg(limit.max).arg(limit.window.as_millis() as u64);
         }
         let sent_at = Instant::now();
@@ -354,7 +354,7 @@ impl ConversationLog for RedisLog {
             }
             0 => Ok(Appended::Duplicate(answer.seq)),
             -2 => Err(StoreError::OwnerChanged(ownership())),
-            -3 if let Some((_, limit)) = counted => {
+            -3 if let Some((_, limit)) = creation_cap => {
                 Err(StoreError::TooManyConversations { max: limit.max, window_secs: limit.window.as_secs() })
             }
             _ => Err(StoreError::ConversationNotFound),

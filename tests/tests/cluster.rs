@@ -463,14 +463,8 @@ async fn a_node_subscribes_at_a_new_conversations_first_message_and_unsubscribes
 
 /// PUBLISH calls Redis has executed (scripts' included).
 async fn publishes(redis: &RedisServer) -> u64 {
-    calls(redis, "publish").await
-}
-
-/// Calls of `command` Redis has executed (scripts' inner calls included).
-async fn calls(redis: &RedisServer, command: &str) -> u64 {
     let stats = redis.cli(&["INFO", "commandstats"]).await;
-    let prefix = format!("cmdstat_{command}:");
-    let Some(line) = stats.lines().find(|l| l.starts_with(&prefix)) else { return 0 };
+    let line = stats.lines().find(|l| l.starts_with("cmdstat_publish:")).unwrap_or("cmdstat_publish:calls=0,");
     line.split(['=', ',']).nth(1).and_then(|n| n.parse().ok()).expect("a calls= count")
 }
 
@@ -489,6 +483,46 @@ async fn next_presence_entry(redis: &RedisServer, tag: &str, last: &str) -> Stri
     }
 }
 
+/// Every command Redis runs while it lives (`MONITOR`), scripts' inner calls included.
+struct Monitor {
+    child: tokio::process::Child,
+    lines: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+}
+
+impl Monitor {
+    async fn start(redis: &RedisServer) -> Monitor {
+        use tokio::io::AsyncBufReadExt;
+        let mut child = tokio::process::Command::new("redis-cli")
+            .args(["-p", &redis.port.to_string(), "monitor"])
+            .stdout(std::process::Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("redis-cli not found (package redis-tools, installed with redis-server)");
+        let mut reader = tokio::io::BufReader::new(child.stdout.take().unwrap()).lines();
+        let first = tokio::time::timeout(Duration::from_secs(5), reader.next_line()).await;
+        assert_eq!(first.ok().and_then(Result::ok).flatten().as_deref(), Some("OK"), "MONITOR did not start");
+        let lines = std::sync::Arc::<std::sync::Mutex<Vec<String>>>::default();
+        let sink = lines.clone();
+        tokio::spawn(async move {
+            while let Ok(Some(line)) = reader.next_line().await {
+                sink.lock().unwrap().push(line);
+            }
+        });
+        Monitor { child, lines }
+    }
+
+    /// The commands seen so far that name `needle`.
+    fn naming(&self, needle: &str) -> Vec<String> {
+        self.lines.lock().unwrap().iter().filter(|line| line.contains(needle)).cloned().collect()
+    }
+}
+
+impl Drop for Monitor {
+    fn drop(&mut self) {
+        let _ = self.child.start_kill();
+    }
+}
+
 #[tokio::test]
 async fn a_socket_that_has_not_asked_costs_redis_only_its_open_and_its_presence_starts_with_the_conversation() {
     let redis = RedisServer::start().await;
@@ -498,36 +532,34 @@ async fn a_socket_that_has_not_asked_costs_redis_only_its_open_and_its_presence_
     asked.ask("m1", "Hello").await;
     let asked_tag = format!("fengda:conv:{{demo:{}}}", asked.conversation());
     let entry = next_presence_entry(&redis, &asked_tag, "").await;
-    // Counted from just after a heartbeat to just after the second one that follows.
-    let entry = next_presence_entry(&redis, &asked_tag, &entry).await;
-    let (scripts, published, read) =
-        (calls(&redis, "evalsha").await, publishes(&redis).await, calls(&redis, "hmget").await);
 
+    let monitor = Monitor::start(&redis).await;
     let mut quiet = Client::connect(&node.ws_url("tenant=demo&user=quiet")).await;
+    let conversation = quiet.conversation();
     quiet.send_json(serde_json::json!({"type": "typing", "on": true})).await;
     quiet.assert_alive().await;
+    // Two heartbeats of the node after the socket opened.
     let entry = next_presence_entry(&redis, &asked_tag, &entry).await;
     next_presence_entry(&redis, &asked_tag, &entry).await;
-    let scripts = calls(&redis, "evalsha").await - scripts;
-    // The other conversation's two refreshes (a third if a heartbeat came
-    // between the count and the new socket); no log read, no presence, no
-    // typing for a conversation nothing else can name yet.
-    assert!((2..=3).contains(&scripts), "{scripts} scripts ran");
-    assert_eq!(publishes(&redis).await - published, 0, "nothing published");
-    assert_eq!(calls(&redis, "hmget").await - read, 1, "the open's one read: the user's most recent conversation");
+    // No log read, no presence write or announcement, no typing: nothing
+    // else can name a conversation before its first message.
+    assert_eq!(monitor.naming(&conversation), Vec::<String>::new());
+    assert_eq!(monitor.naming("quiet").len(), 1, "the open's one read, the user's most recent conversation");
 
     // Its first message creates it: from then on its presence is kept.
-    let published = publishes(&redis).await;
     quiet.ask("m1", "Hello").await;
-    let quiet_tag = format!("fengda:conv:{{demo:{}}}", quiet.conversation());
+    let quiet_tag = format!("fengda:conv:{{demo:{conversation}}}");
     let entry = next_presence_entry(&redis, &quiet_tag, "").await;
     assert!(entry.ends_with(r#"{"online":true,"viewers":[]}"#), "{entry}");
     // A heartbeat later, the entry's announcement is surely done too.
     next_presence_entry(&redis, &quiet_tag, &entry).await;
-    // The creating append's event and the presence announcement: no hello
-    // to other nodes (none can name a conversation before it exists), and
-    // the reply is published for no one.
-    assert_eq!(publishes(&redis).await - published, 2);
+    let named = monitor.naming(&conversation);
+    assert!(named[0].contains("\"SUBSCRIBE\""), "its first message subscribes first: {named:#?}");
+    // The creating event and the presence announcement: no hello (no other
+    // node can name it yet), and the reply is published for no one.
+    let channel = format!("\"{quiet_tag}:events\"");
+    let published: Vec<_> = named.iter().filter(|l| l.contains("\"PUBLISH\"") && l.contains(&channel)).collect();
+    assert_eq!(published.len(), 2, "{published:#?}");
 }
 
 #[tokio::test]

@@ -135,6 +135,12 @@ impl Local {
     fn is_empty(&self) -> bool {
         self.handles.is_empty() && self.replies.is_empty()
     }
+
+    /// Notes that the conversation has a log; true the first time, when
+    /// this node's presence entry of it is due.
+    fn found_log(&mut self) -> bool {
+        !std::mem::replace(&mut self.exists, true)
+    }
 }
 
 impl FanOut {
@@ -299,8 +305,7 @@ impl FanOut {
         timing: Option<&ReplyTiming>,
     ) {
         let Some(mut local) = self.sessions.get_mut(key) else { return };
-        if !local.exists {
-            local.exists = true;
+        if local.found_log() {
             // Not kept before it existed.
             self.mark_presence(key);
         }

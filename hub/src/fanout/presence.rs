@@ -125,8 +125,7 @@ impl FanOut {
     /// presence entry of it.
     pub fn note_exists(&self, key: &ConversationKey) {
         let Some(mut local) = self.sessions.get_mut(key) else { return };
-        if !local.exists {
-            local.exists = true;
+        if local.found_log() {
             self.mark_presence(key);
         }
     }

@@ -14,7 +14,8 @@
 //! The same code runs on both backends: the single node has the in-memory
 //! log and the [`crate::bus::LocalBus`], cluster mode the Redis log and bus.
 
-use std::collections::HashSet;
+mod subscriptions;
+
 use std::sync::Arc;
 
 use axum::extract::ws::Utf8Bytes;
@@ -26,6 +27,7 @@ use crate::ids::{ConversationId, ConversationKey, Party, SessionId, TenantId, Us
 use crate::presence::{PresenceBoard, Present, Typing};
 use crate::protocol::{LastEvent, Summary};
 use crate::store::{AppendWith, Appended, ConversationLog, Opened, Pending, Snapshot, StoreError};
+use subscriptions::Subscriptions;
 
 pub struct Conversations {
     log: Arc<dyn ConversationLog>,
@@ -33,13 +35,14 @@ pub struct Conversations {
     fanout: Arc<FanOut>,
     /// Where nodes keep who is in a conversation ([`crate::presence`]).
     board: Arc<dyn PresenceBoard>,
-    /// Serializes fan-out join/leave with the bus's subscribe/unsubscribe,
-    /// so that a leave and a join of one conversation cannot reorder. Holds
-    /// the conversations this node has sessions of but is not subscribed
-    /// to: fresh ones ([`Pending::fresh`]), subscribed at their first append
-    /// (a socket that never asks costs the bus nothing, not even in cluster
-    /// mode, where subscribing takes two Redis round trips).
-    subscriptions: tokio::sync::Mutex<HashSet<ConversationKey>>,
+    /// Serializes, per conversation, fan-out join/leave with the bus's
+    /// subscribe/unsubscribe, so that a leave and a join of one
+    /// conversation cannot reorder; and knows the conversations this node
+    /// has sessions of but is not subscribed to: fresh ones
+    /// ([`Pending::fresh`]), subscribed at their first append (a socket
+    /// that never asks costs the bus nothing, not even in cluster mode,
+    /// where subscribing takes two Redis round trips).
+    subscriptions: Subscriptions,
 }
 
 impl Conversations {
@@ -179,10 +182,10 @@ impl Conversations {
         let id = session.id;
         let fresh = pending.filter(|pending| pending.fresh);
         {
-            let mut unsubscribed = self.subscriptions.lock().await;
+            let mut subscription = self.subscriptions.lock(key).await;
             if self.fanout.join(key, session).map_err(|_| StoreError::TooManySockets)? {
                 if fresh.is_some() {
-                    unsubscribed.insert(key.clone());
+                    subscription.fresh = true;
                 } else if let Err(error) = self.bus.subscribe(key).await {
                     self.fanout.leave(key, id);
                     return Err(error);
@@ -215,8 +218,8 @@ impl Conversations {
 
     /// Stops live events to a session. Never fails: a session that is gone is gone.
     pub async fn detach(&self, key: &ConversationKey, session: SessionId) {
-        let mut unsubscribed = self.subscriptions.lock().await;
-        if self.fanout.leave(key, session) && !unsubscribed.remove(key) {
+        let mut subscription = self.subscriptions.lock(key).await;
+        if self.fanout.leave(key, session) && !std::mem::take(&mut subscription.fresh) {
             self.bus.unsubscribe(key).await;
         }
     }
@@ -226,10 +229,10 @@ impl Conversations {
     /// conversation's listeners (see [`crate::store::redis`]), so no event
     /// of it can be published to this node unheard.
     async fn subscribe_before_creating(&self, key: &ConversationKey) -> Result<(), StoreError> {
-        let mut unsubscribed = self.subscriptions.lock().await;
-        if unsubscribed.contains(key) {
+        let mut subscription = self.subscriptions.lock(key).await;
+        if subscription.fresh {
             self.bus.subscribe_fresh(key).await?;
-            unsubscribed.remove(key);
+            subscription.fresh = false;
         }
         Ok(())
     }
@@ -294,7 +297,7 @@ impl Conversations {
         if self.fanout.hold_if_present(key, epoch, takeover) {
             return;
         }
-        let _guard = self.subscriptions.lock().await;
+        let _turn = self.subscriptions.lock(key).await;
         if self.fanout.hold(key, epoch, takeover.clone())
             && let Err(error) = self.bus.subscribe(key).await
         {
@@ -309,8 +312,8 @@ impl Conversations {
         if self.fanout.unhold_unless_last(key, takeover) {
             return;
         }
-        let mut unsubscribed = self.subscriptions.lock().await;
-        if self.fanout.unhold(key, takeover) && !unsubscribed.remove(key) {
+        let mut subscription = self.subscriptions.lock(key).await;
+        if self.fanout.unhold(key, takeover) && !std::mem::take(&mut subscription.fresh) {
             self.bus.unsubscribe(key).await;
         }
     }

@@ -213,6 +213,12 @@ impl RedisBus {
         if let Err(error) = link.call(subscriber.subscribe(&channel)).await {
             link.listeners.left(key, &channel);
             link.recent.forget(key);
+            // A SUBSCRIBE that timed out may still be confirmed, and redis-rs
+            // then keeps it (and renews it after every reconnect): undo it,
+            // in the caller's turn, so a later SUBSCRIBE cannot be overtaken.
+            if let Err(error) = link.call(subscriber.unsubscribe(&channel)).await {
+                debug!(%error, "could not undo a failed subscription");
+            }
             return Err(error);
         }
         Ok(())

@@ -182,10 +182,10 @@ impl Conversations {
         let id = session.id;
         let fresh = pending.filter(|pending| pending.fresh);
         {
-            let mut subscription = self.subscriptions.lock(key).await;
+            let turn = self.subscriptions.lock(key).await;
             if self.fanout.join(key, session).map_err(|_| StoreError::TooManySockets)? {
                 if fresh.is_some() {
-                    subscription.fresh = true;
+                    turn.mark_fresh();
                 } else if let Err(error) = self.bus.subscribe(key).await {
                     self.fanout.leave(key, id);
                     return Err(error);
@@ -218,8 +218,8 @@ impl Conversations {
 
     /// Stops live events to a session. Never fails: a session that is gone is gone.
     pub async fn detach(&self, key: &ConversationKey, session: SessionId) {
-        let mut subscription = self.subscriptions.lock(key).await;
-        if self.fanout.leave(key, session) && !std::mem::take(&mut subscription.fresh) {
+        let turn = self.subscriptions.lock(key).await;
+        if self.fanout.leave(key, session) && !turn.take_fresh() {
             self.bus.unsubscribe(key).await;
         }
     }
@@ -229,10 +229,10 @@ impl Conversations {
     /// conversation's listeners (see [`crate::store::redis`]), so no event
     /// of it can be published to this node unheard.
     async fn subscribe_before_creating(&self, key: &ConversationKey) -> Result<(), StoreError> {
-        let mut subscription = self.subscriptions.lock(key).await;
-        if subscription.fresh {
+        let turn = self.subscriptions.lock(key).await;
+        if turn.is_fresh() {
             self.bus.subscribe_fresh(key).await?;
-            subscription.fresh = false;
+            turn.take_fresh();
         }
         Ok(())
     }
@@ -312,8 +312,8 @@ impl Conversations {
         if self.fanout.unhold_unless_last(key, takeover) {
             return;
         }
-        let mut subscription = self.subscriptions.lock(key).await;
-        if self.fanout.unhold(key, takeover) && !std::mem::take(&mut subscription.fresh) {
+        let turn = self.subscriptions.lock(key).await;
+        if self.fanout.unhold(key, takeover) && !turn.take_fresh() {
             self.bus.unsubscribe(key).await;
         }
     }

@@ -11,88 +11,81 @@
 //! conversations, pipelined on the bus's connections, not one round trip
 //! after another.
 //!
-//! An entry lives while a task holds or waits for its lock, or while its
-//! conversation is fresh: joined by sessions but not subscribed, because it
-//! has no log yet and no other node can name it (its first append
-//! subscribes it, see [`super::Conversations::append`]). The subscribed
-//! conversations themselves are the fan-out's and the bus's to know.
+//! A lock lives while a task holds or waits for it. The fresh
+//! conversations, joined by sessions but not subscribed because they have
+//! no log yet and no other node can name them (the first append subscribes
+//! one, see [`super::Conversations::append`]), are a set of their own,
+//! changed only in their conversation's turn: an idle socket's conversation
+//! costs one set entry, no lock. The subscribed conversations themselves
+//! are the fan-out's and the bus's to know.
 
 use std::sync::Arc;
 
-use dashmap::DashMap;
+use dashmap::{DashMap, DashSet};
 use tokio::sync::{Mutex, OwnedMutexGuard};
 
 use crate::ids::ConversationKey;
 
-/// A conversation's subscription state, behind its lock.
-#[derive(Debug, Default)]
-pub(super) struct Subscription {
-    /// Sessions here have joined it, but the bus is not subscribed to it:
-    /// it has no log yet.
-    pub fresh: bool,
-}
+type Locks = DashMap<ConversationKey, Arc<Mutex<()>>, foldhash::fast::RandomState>;
 
-/// The per-conversation locks (see the module doc).
+/// The per-conversation locks and the fresh conversations (see the module doc).
 #[derive(Default)]
 pub(super) struct Subscriptions {
-    locks: DashMap<ConversationKey, Arc<Mutex<Subscription>>, foldhash::fast::RandomState>,
+    locks: Locks,
+    fresh: DashSet<ConversationKey, foldhash::fast::RandomState>,
 }
 
 impl Subscriptions {
-    /// Waits for `key`'s turn; its state is the turn's until it drops.
+    /// Waits for `key`'s turn, which lasts until the returned value drops.
     pub async fn lock<'a>(&'a self, key: &'a ConversationKey) -> Turn<'a> {
         // Cloned under the map's shard lock, where `Leave` decides to remove.
         let lock = self.locks.entry(key.clone()).or_default().clone();
         // Made before the wait: a waiter given up (its future dropped)
         // drops the wait first, then this, and leaves no entry behind.
-        let leave = Leave { subscriptions: self, key };
+        let leave = Leave { locks: &self.locks, key };
         let guard = lock.lock_owned().await;
-        Turn { guard, _leave: leave }
-    }
-
-    /// Conversations with an entry (fresh, or being changed).
-    #[cfg(test)]
-    fn len(&self) -> usize {
-        self.locks.len()
+        Turn { _guard: guard, _leave: leave, fresh: &self.fresh, key }
     }
 }
 
 /// One conversation's turn to change its subscription.
 pub(super) struct Turn<'a> {
     // Fields drop in order: the lock is released before `Leave` looks.
-    guard: OwnedMutexGuard<Subscription>,
+    _guard: OwnedMutexGuard<()>,
     _leave: Leave<'a>,
+    fresh: &'a DashSet<ConversationKey, foldhash::fast::RandomState>,
+    key: &'a ConversationKey,
 }
 
-impl std::ops::Deref for Turn<'_> {
-    type Target = Subscription;
+impl Turn<'_> {
+    /// Whether the conversation is fresh: joined here, not subscribed.
+    pub fn is_fresh(&self) -> bool {
+        self.fresh.contains(self.key)
+    }
 
-    fn deref(&self) -> &Subscription {
-        &self.guard
+    /// Its sessions joined it before it has a log: not subscribed yet.
+    pub fn mark_fresh(&self) {
+        self.fresh.insert(self.key.clone());
+    }
+
+    /// It is fresh no more (subscribed, or left); whether it was.
+    pub fn take_fresh(&self) -> bool {
+        self.fresh.remove(self.key).is_some()
     }
 }
 
-impl std::ops::DerefMut for Turn<'_> {
-    fn deref_mut(&mut self) -> &mut Subscription {
-        &mut self.guard
-    }
-}
-
-/// Removes a conversation's entry that no one holds or waits for and that
-/// is not fresh, once a turn (or a wait for one) ends.
+/// Removes a conversation's lock that no one holds or waits for, once a
+/// turn (or a wait for one) ends.
 struct Leave<'a> {
-    subscriptions: &'a Subscriptions,
+    locks: &'a Locks,
     key: &'a ConversationKey,
 }
 
 impl Drop for Leave<'_> {
     fn drop(&mut self) {
         // Decided under the map's shard lock, where every holder got its
-        // reference: the map's own reference alone means no one holds or
-        // waits (so the state can be read at once).
-        self.subscriptions
-            .locks
-            .remove_if(self.key, |_, lock| Arc::strong_count(lock) == 1 && lock.try_lock().is_ok_and(|s| !s.fresh));
+        // reference: the map's own reference alone means no one holds or waits.
+        self.locks.remove_if(self.key, |_, lock| Arc::strong_count(lock) == 1);
     }
 }
 
@@ -112,9 +105,9 @@ mod tests {
         let second = {
             let (subscriptions, a) = (subscriptions.clone(), a.clone());
             tokio::spawn(async move {
-                let mut turn = subscriptions.lock(&a).await;
+                let turn = subscriptions.lock(&a).await;
                 let _ = got_tx.send(());
-                turn.fresh = true;
+                turn.mark_fresh();
             })
         };
         // Another conversation's turn comes while `a` is held.
@@ -125,18 +118,22 @@ mod tests {
         assert!(got_rx.try_recv().is_err(), "a's second turn waits for the first");
         drop(first);
         second.await.unwrap();
-        assert!(subscriptions.lock(&a).await.fresh, "the state outlives the turn");
+        assert!(subscriptions.lock(&a).await.is_fresh(), "the state outlives the turn");
     }
 
     #[tokio::test]
-    async fn entries_stay_only_for_fresh_conversations() {
+    async fn locks_last_only_for_their_turns_and_fresh_conversations_stay_until_taken() {
         let subscriptions = Subscriptions::default();
         let (a, b) = (ConversationKey::for_test("t", "a"), ConversationKey::for_test("t", "b"));
-        subscriptions.lock(&a).await.fresh = true;
+        subscriptions.lock(&a).await.mark_fresh();
         drop(subscriptions.lock(&b).await);
-        assert_eq!(subscriptions.len(), 1, "b was never fresh");
-        subscriptions.lock(&a).await.fresh = false;
-        assert_eq!(subscriptions.len(), 0);
+        assert_eq!((subscriptions.locks.len(), subscriptions.fresh.len()), (0, 1));
+        let turn = subscriptions.lock(&a).await;
+        assert!(turn.is_fresh());
+        assert!(turn.take_fresh());
+        assert!(!turn.take_fresh(), "taken once");
+        drop(turn);
+        assert_eq!((subscriptions.locks.len(), subscriptions.fresh.len()), (0, 0));
     }
 
     #[tokio::test]
@@ -149,14 +146,14 @@ mod tests {
         assert!(futures::poll!(&mut waiter).is_pending());
         drop(waiter);
         drop(first);
-        assert_eq!(subscriptions.len(), 0);
+        assert_eq!(subscriptions.locks.len(), 0);
         // Given up after the turn ended, before it ran (the turn seemed wanted when it ended).
         let first = subscriptions.lock(&a).await;
         let mut waiter = Box::pin(subscriptions.lock(&a));
         assert!(futures::poll!(&mut waiter).is_pending());
         drop(first);
         drop(waiter);
-        assert_eq!(subscriptions.len(), 0);
+        assert_eq!(subscriptions.locks.len(), 0);
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -182,6 +179,6 @@ mod tests {
         for task in tasks {
             task.await.unwrap();
         }
-        assert_eq!(subscriptions.len(), 0);
+        assert_eq!(subscriptions.locks.len(), 0);
     }
 }

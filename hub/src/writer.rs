@@ -3,9 +3,10 @@
 //!
 //! It writes the session's intro, then drains the bounded outbound queue in
 //! bursts (feed every queued item, flush once), takes the reader's commands
-//! (an agent's watches) and sends keepalive pings. Every write in that loop
-//! races the cancellation token, so a client that stops reading cannot pin
-//! the task. When the session is cancelled, a write fails or a channel
+//! (an agent's watches) and sends keepalive pings. Every write that has to
+//! wait for the client races the cancellation token ([`Sink`]), so a client
+//! that stops reading cannot pin the task; the work between writes runs to
+//! its end. When the session is cancelled, a write fails or a channel
 //! closes, it sends the close frame whose reason the [`SessionCloser`]
 //! recorded (or, when the client closed first, the echo of the client's
 //! close frame), within [`CLOSE_TIMEOUT`]. What the queue's items mean for
@@ -13,11 +14,14 @@
 //! conversation) is each kind's [`Writes`]; reading a gap's events from the
 //! log is shared ([`read_log_gap`]).
 
+mod sink;
+
 use std::time::Duration;
 
 use axum::extract::ws::{Message, Utf8Bytes, WebSocket};
 use futures::SinkExt;
 use futures::stream::SplitSink;
+pub(crate) use sink::Sink;
 use tokio::sync::mpsc;
 use tracing::{debug, warn};
 
@@ -26,8 +30,6 @@ use crate::fanout::{Outbound, SessionCloser};
 use crate::ids::ConversationKey;
 use crate::protocol::close::{self, CloseReason};
 use crate::store::{Snapshot, StoreError};
-
-pub(crate) type Sink = SplitSink<WebSocket, Message>;
 
 /// Queue items written per flush at most (a gap's fill or a batch of
 /// deltas adds frames to its item's).
@@ -44,16 +46,12 @@ const GAP_READ_RETRIES: [Duration; 4] =
 pub(crate) enum WriteError {
     /// The socket refused a write (the client went away, or closed first).
     Socket(axum::Error),
+    /// The session was cancelled while a write waited for the client.
+    Cancelled,
     /// A gap could not be filled from the store: the session closes with
     /// 4503 rather than skip events, and the client resumes from the last
     /// seq it really got.
     GapUnfilled,
-}
-
-impl From<axum::Error> for WriteError {
-    fn from(error: axum::Error) -> Self {
-        Self::Socket(error)
-    }
 }
 
 /// What one kind of session writes for the items of its queue.
@@ -68,14 +66,14 @@ pub(crate) trait Writes: Send {
     #[allow(clippy::vec_box, reason = "the items arrive boxed from the queue (see `SessionHandle::tx`)")]
     fn burst(
         &mut self,
-        sink: &mut Sink,
+        sink: &mut Sink<'_>,
         burst: &mut Vec<Box<Outbound>>,
     ) -> impl Future<Output = Result<(), WriteError>> + Send;
 
     /// Carries out a command of the reader's.
     fn command(
         &mut self,
-        sink: &mut Sink,
+        sink: &mut Sink<'_>,
         command: Self::Command,
     ) -> impl Future<Output = Result<(), WriteError>> + Send;
 
@@ -103,7 +101,7 @@ pub(crate) struct Pings {
 /// within the runtime (making the timer takes the runtime's handle).
 #[allow(clippy::manual_async_fn, reason = "an async fn would keep its arguments twice")]
 pub(crate) fn run<W: Writes>(
-    mut sink: Sink,
+    socket: SplitSink<WebSocket, Message>,
     mut queue: mpsc::Receiver<Box<Outbound>>,
     mut commands: Option<mpsc::Receiver<W::Command>>,
     mut writes: W,
@@ -116,49 +114,32 @@ pub(crate) fn run<W: Writes>(
         // Grows on the first burst (`recv_many` reserves); an idle socket never pays for it.
         let mut burst = Vec::new();
         let intro = writes.intro();
-        // One waiter for the session's life, not one registration per burst.
-        let cancelled = closer.token().cancelled();
+        // One waiter for the session's life, not one registration per write.
+        let cancelled = closer.token().clone().cancelled_owned();
         tokio::pin!(cancelled);
+        let mut sink = Sink::new(socket, cancelled);
         let result: Result<(), WriteError> = async {
-            tokio::select! {
-                biased;
-                _ = &mut cancelled => return Ok(()),
-                result = write_intro(&mut sink, intro) => result?,
-            }
+            write_intro(&mut sink, intro).await?;
             loop {
                 tokio::select! {
                     biased;
-                    _ = &mut cancelled => return Ok(()),
+                    () = sink.cancelled() => return Ok(()),
                     command = next_command(&mut commands) => {
                         let Some(command) = command else { return Ok(()) };
-                        tokio::select! {
-                            biased;
-                            _ = &mut cancelled => return Ok(()),
-                            result = writes.command(&mut sink, command) => result?,
-                        }
+                        writes.command(&mut sink, command).await?;
                     }
                     received = queue.recv_many(&mut burst, BURST) => {
                         if received == 0 {
                             return Ok(());
                         }
-                        tokio::select! {
-                            biased;
-                            _ = &mut cancelled => return Ok(()),
-                            result = writes.burst(&mut sink, &mut burst) => result?,
-                        }
+                        writes.burst(&mut sink, &mut burst).await?;
                     }
-                    _ = ping.tick() => {
-                        tokio::select! {
-                            biased;
-                            _ = &mut cancelled => return Ok(()),
-                            result = sink.send(Message::Ping(Default::default())) => result?,
-                        }
-                    }
+                    _ = ping.tick() => sink.send(Message::Ping(Default::default())).await?,
                 }
             }
         }
         .await;
-        let failed = result.is_err();
+        let failed = matches!(result, Err(WriteError::Socket(_) | WriteError::GapUnfilled));
         match result {
             Err(WriteError::GapUnfilled) => closer.close(close::UNAVAILABLE),
             Err(WriteError::Socket(error)) => {
@@ -166,9 +147,10 @@ pub(crate) fn run<W: Writes>(
                 debug!(%error, "socket write failed");
                 closer.close(close::NORMAL);
             }
-            Ok(()) => {}
+            Ok(()) | Err(WriteError::Cancelled) => {}
         }
         writes.finish().await;
+        sink.closing();
         let reason = closer.reason();
         let _ = tokio::time::timeout(CLOSE_TIMEOUT, async {
             // Frames queued before the close (say, the error that explains it)
@@ -199,11 +181,11 @@ async fn next_command<C>(commands: &mut Option<mpsc::Receiver<C>>) -> Option<C> 
     }
 }
 
-async fn write_intro(sink: &mut Sink, intro: Vec<Utf8Bytes>) -> Result<(), WriteError> {
+async fn write_intro(sink: &mut Sink<'_>, intro: Vec<Utf8Bytes>) -> Result<(), WriteError> {
     for frame in intro {
         sink.feed(Message::Text(frame)).await?;
     }
-    Ok(sink.flush().await?)
+    sink.flush().await
 }
 
 /// The close frame that tells the client `reason`.

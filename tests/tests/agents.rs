@@ -166,6 +166,44 @@ async fn a_watch_beyond_max_watched_is_refused_but_watching_again_is_not() {
 }
 
 #[tokio::test]
+async fn agents_who_leave_while_their_watch_is_set_up_leave_nothing_behind() {
+    let nodes = Nodes::start(&[]).await;
+    let hub = nodes.node(0);
+    let customer = customer_with_history(hub, "bank", "carl").await;
+    let conversation = customer.conversation();
+    let mut ghosts = Vec::new();
+    for i in 0..4 {
+        ghosts.push(agent(hub, "bank", &format!("ghost{i}")).await);
+    }
+    // In cluster mode Redis stops answering for a while: each watch is
+    // stuck in its set-up, joined and its round trips in flight, when its
+    // session ends (the pause only widens that window; on one node the
+    // session ends while the watch is written, or before it starts).
+    if let Some(redis) = &nodes._redis {
+        redis.cli(&["CLIENT", "PAUSE", "600", "ALL"]).await;
+    }
+    for ghost in &mut ghosts {
+        ghost.send_json(json!({"type": "watch", "conversation": conversation})).await;
+    }
+    // Time for the hub to take the watches up (not a bound: were it slower,
+    // the sessions would end before the watches, which must hold as well).
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    for ghost in &mut ghosts {
+        ghost.ws.close(None).await.unwrap();
+    }
+    for ghost in &mut ghosts {
+        // The hub's close frame comes after the session has left its watches.
+        ghost.expect_close().await;
+    }
+    let mut anna = agent(hub, "bank", "anna").await;
+    anna.ignored = &[];
+    anna.send_json(json!({"type": "watch", "conversation": conversation})).await;
+    let (watching, _) = until(&mut anna, "watching", |_| true).await;
+    assert!(shows(&watching, true, &["anna"]), "no one else watches: {watching}");
+    drop(customer);
+}
+
+#[tokio::test]
 async fn an_agent_watching_from_another_node_gets_the_history_then_the_reply_token_by_token() {
     let answerer = RecordingAnswerer::start(paced()).await;
     let nodes = Nodes::start(&["--nlp-url", &answerer.url]).await;

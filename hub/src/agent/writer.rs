@@ -77,7 +77,7 @@ impl Writes for Watches {
     }
 
     #[allow(clippy::vec_box, reason = "the items arrive boxed from the queue (see `SessionHandle::tx`)")]
-    async fn burst(&mut self, sink: &mut Sink, burst: &mut Vec<Box<Outbound>>) -> Result<(), WriteError> {
+    async fn burst(&mut self, sink: &mut Sink<'_>, burst: &mut Vec<Box<Outbound>>) -> Result<(), WriteError> {
         for item in burst.drain(..) {
             match *item {
                 Outbound::Frame { frame, .. } => sink.feed(Message::Text(frame)).await?,
@@ -97,10 +97,10 @@ impl Writes for Watches {
                 Outbound::Event { .. } | Outbound::Resync | Outbound::Owner { .. } | Outbound::Note { .. } => {}
             }
         }
-        Ok(sink.flush().await?)
+        sink.flush().await
     }
 
-    async fn command(&mut self, sink: &mut Sink, command: Command) -> Result<(), WriteError> {
+    async fn command(&mut self, sink: &mut Sink<'_>, command: Command) -> Result<(), WriteError> {
         match command {
             Command::Watch { conversation, after, again, done } => {
                 let result = match again || !self.watched.contains_key(&conversation) {
@@ -150,7 +150,7 @@ impl Watches {
     /// cursor (a durable event once, in order, a gap filled first).
     async fn deliver(
         &mut self,
-        sink: &mut Sink,
+        sink: &mut Sink<'_>,
         conversation: &ConversationId,
         item: Outbound,
     ) -> Result<Delivered, WriteError> {
@@ -202,7 +202,12 @@ impl Watches {
 /// Sends a watched conversation's logged events between the last sent seq
 /// and `before` (exclusive); `u64::MAX` after a resync. Sends nothing if
 /// the log is another one than the watch's ([`Delivered::NewLog`]).
-async fn fill_gap(app: &AppState, sink: &mut Sink, watch: &mut Watch, before: u64) -> Result<Delivered, WriteError> {
+async fn fill_gap(
+    app: &AppState,
+    sink: &mut Sink<'_>,
+    watch: &mut Watch,
+    before: u64,
+) -> Result<Delivered, WriteError> {
     let after = watch.sent.last();
     let Some(log) = read_log_gap(&app.conversations, &watch.key, after, before).await? else {
         return Ok(Delivered::Done);

@@ -15,6 +15,8 @@
 //! log and the [`crate::bus::LocalBus`], cluster mode the Redis log and bus.
 
 mod subscriptions;
+#[cfg(test)]
+mod tests;
 
 use std::sync::Arc;
 
@@ -183,13 +185,17 @@ impl Conversations {
         let fresh = pending.filter(|pending| pending.fresh);
         {
             let turn = self.subscriptions.lock(key).await;
-            if self.fanout.join(key, session).map_err(|_| StoreError::TooManySockets)? {
-                if fresh.is_some() {
-                    turn.mark_fresh();
-                } else if let Err(error) = self.bus.subscribe(key).await {
-                    self.fanout.leave(key, id);
-                    return Err(error);
+            let first = self.fanout.join(key, session).map_err(|_| StoreError::TooManySockets)?;
+            if first && fresh.is_some() {
+                turn.mark_fresh();
+            } else if (first || turn.take_failed())
+                && let Err(error) = self.bus.subscribe(key).await
+            {
+                if !self.fanout.leave(key, id) {
+                    // A reply holds it still: the next join tries again.
+                    turn.mark_failed();
                 }
+                return Err(error);
             }
         }
         if let Some(fresh) = fresh {
@@ -219,7 +225,17 @@ impl Conversations {
     /// Stops live events to a session. Never fails: a session that is gone is gone.
     pub async fn detach(&self, key: &ConversationKey, session: SessionId) {
         let turn = self.subscriptions.lock(key).await;
-        if self.fanout.leave(key, session) && !turn.take_fresh() {
+        if self.fanout.leave(key, session) {
+            self.leave_bus(&turn, key).await;
+        }
+    }
+
+    /// The conversation's last session or hold left: it is not
+    /// subscribed if it was fresh; otherwise unsubscribed (also after a
+    /// failed subscription, which may have left part of it behind).
+    async fn leave_bus(&self, turn: &subscriptions::Turn<'_>, key: &ConversationKey) {
+        turn.take_failed();
+        if !turn.take_fresh() {
             self.bus.unsubscribe(key).await;
         }
     }
@@ -297,13 +313,15 @@ impl Conversations {
         if self.fanout.hold_if_present(key, epoch, takeover) {
             return;
         }
-        let _turn = self.subscriptions.lock(key).await;
+        let turn = self.subscriptions.lock(key).await;
         if self.fanout.hold(key, epoch, takeover.clone())
             && let Err(error) = self.bus.subscribe(key).await
         {
             // The reply goes on; an owner change elsewhere reaches it only
-            // through the store's fence when it is stored.
+            // through the store's fence when it is stored. A session that
+            // joins meanwhile subscribes it.
             tracing::warn!(%error, "cannot subscribe to the conversation of a reply");
+            turn.mark_failed();
         }
     }
 
@@ -313,8 +331,8 @@ impl Conversations {
             return;
         }
         let turn = self.subscriptions.lock(key).await;
-        if self.fanout.unhold(key, takeover) && !turn.take_fresh() {
-            self.bus.unsubscribe(key).await;
+        if self.fanout.unhold(key, takeover) {
+            self.leave_bus(&turn, key).await;
         }
     }
 
@@ -338,6 +356,16 @@ impl Conversations {
     /// Who answers the conversation; `None` if it has no log.
     pub async fn ownership(&self, key: &ConversationKey) -> Result<Option<crate::owner::Ownership>, StoreError> {
         Ok(self.log.snapshot(key, None).await?.map(|snapshot| snapshot.ownership))
+    }
+
+    /// [`Conversations::attach`]'s snapshot, for a session attached
+    /// already (a watch set up again): `ConversationNotFound` without a log.
+    pub async fn snapshot(&self, key: &ConversationKey, after: Option<u64>) -> Result<Snapshot, StoreError> {
+        let snapshot = self.log.snapshot(key, after).await?.ok_or(StoreError::ConversationNotFound)?;
+        if snapshot.exists {
+            self.fanout.note_exists(key);
+        }
+        Ok(snapshot)
     }
 
     /// Whether this session has (or watches) the conversation on this node.

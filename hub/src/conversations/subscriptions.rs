@@ -18,6 +18,11 @@
 //! changed only in their conversation's turn: an idle socket's conversation
 //! costs one set entry, no lock. The subscribed conversations themselves
 //! are the fan-out's and the bus's to know.
+//!
+//! A conversation whose subscription failed while a reply held it (see
+//! [`super::Conversations::hold`]: the reply goes on regardless) is marked
+//! too, so that the next session to join it subscribes it rather than
+//! take it for subscribed.
 
 use std::sync::Arc;
 
@@ -28,11 +33,15 @@ use crate::ids::ConversationKey;
 
 type Locks = DashMap<ConversationKey, Arc<Mutex<()>>, foldhash::fast::RandomState>;
 
-/// The per-conversation locks and the fresh conversations (see the module doc).
+type Keys = DashSet<ConversationKey, foldhash::fast::RandomState>;
+
+/// The per-conversation locks, the fresh conversations and those whose
+/// subscription failed (see the module doc).
 #[derive(Default)]
 pub(super) struct Subscriptions {
     locks: Locks,
-    fresh: DashSet<ConversationKey, foldhash::fast::RandomState>,
+    fresh: Keys,
+    failed: Keys,
 }
 
 impl Subscriptions {
@@ -44,7 +53,7 @@ impl Subscriptions {
         // drops the wait first, then this, and leaves no entry behind.
         let leave = Leave { locks: &self.locks, key };
         let guard = lock.lock_owned().await;
-        Turn { _guard: guard, _leave: leave, fresh: &self.fresh, key }
+        Turn { _guard: guard, _leave: leave, fresh: &self.fresh, failed: &self.failed, key }
     }
 }
 
@@ -53,7 +62,8 @@ pub(super) struct Turn<'a> {
     // Fields drop in order: the lock is released before `Leave` looks.
     _guard: OwnedMutexGuard<()>,
     _leave: Leave<'a>,
-    fresh: &'a DashSet<ConversationKey, foldhash::fast::RandomState>,
+    fresh: &'a Keys,
+    failed: &'a Keys,
     key: &'a ConversationKey,
 }
 
@@ -71,6 +81,16 @@ impl Turn<'_> {
     /// It is fresh no more (subscribed, or left); whether it was.
     pub fn take_fresh(&self) -> bool {
         self.fresh.remove(self.key).is_some()
+    }
+
+    /// Joined here, but subscribing it failed.
+    pub fn mark_failed(&self) {
+        self.failed.insert(self.key.clone());
+    }
+
+    /// Its failed subscription is over (subscribed again, or left); whether it had one.
+    pub fn take_failed(&self) -> bool {
+        self.failed.remove(self.key).is_some()
     }
 }
 

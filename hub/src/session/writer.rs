@@ -44,7 +44,7 @@ impl Writes for Replay {
     }
 
     #[allow(clippy::vec_box, reason = "the items arrive boxed from the queue (see `SessionHandle::tx`)")]
-    async fn burst(&mut self, sink: &mut Sink, burst: &mut Vec<Box<Outbound>>) -> Result<(), WriteError> {
+    async fn burst(&mut self, sink: &mut Sink<'_>, burst: &mut Vec<Box<Outbound>>) -> Result<(), WriteError> {
         // The oldest frame of this write, for the delivery-time metric.
         let mut oldest: Option<Instant> = None;
         for item in burst.drain(..) {
@@ -94,7 +94,7 @@ impl Writes for Replay {
         Ok(())
     }
 
-    async fn command(&mut self, _: &mut Sink, command: Infallible) -> Result<(), WriteError> {
+    async fn command(&mut self, _: &mut Sink<'_>, command: Infallible) -> Result<(), WriteError> {
         match command {}
     }
 
@@ -138,7 +138,7 @@ fn frames_before_close(queued: impl Iterator<Item = Outbound>, sent: &mut Cursor
 /// socket's (it was lost and recreated), the client gets `ready` with the
 /// new epoch and seq 0, then `error` `history_lost`, then every event of the
 /// new log: what `ready` and a resume with the old `epoch` would give it.
-async fn fill_gap(sink: &mut Sink, replay: &mut Replay, before: u64) -> Result<(), WriteError> {
+async fn fill_gap(sink: &mut Sink<'_>, replay: &mut Replay, before: u64) -> Result<(), WriteError> {
     let after = replay.sent.last();
     let Some(mut log) = read_log_gap(&replay.conversations, &replay.key, after, before).await? else {
         return Ok(());

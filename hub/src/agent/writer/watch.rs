@@ -2,34 +2,45 @@
 //! (`watching`, the history, the notes) written, so it always precedes the
 //! live events queued meanwhile (see the parent module).
 
+use std::sync::Arc;
+
 use axum::extract::ws::Message;
 use futures::SinkExt;
 use tracing::debug;
 
 use super::{Watch, Watches};
-use crate::event::{Cursor, LogEpoch};
-use crate::ids::ConversationId;
+use crate::event::{Cursor, LogEpoch, StoredEvent, StoredNote};
+use crate::ids::{ConversationId, ConversationKey};
+use crate::presence::Present;
 use crate::protocol::{ErrorCode, ServerFrame};
-use crate::store::StoreError;
+use crate::store::{Snapshot, StoreError};
 use crate::writer::{Sink, WriteError};
+
+/// What a watch starts with: where the log stands, the events to replay,
+/// who is in the conversation, its notes.
+struct WatchSnapshot {
+    log: Snapshot,
+    history: Vec<Arc<StoredEvent>>,
+    present: Present,
+    notes: Vec<Arc<StoredNote>>,
+}
 
 impl Watches {
     /// Joins the conversation, then writes `watching` and its history; the
     /// live events queued meanwhile follow through the watch's cursor.
     pub(super) async fn watch(
         &mut self,
-        sink: &mut Sink,
+        sink: &mut Sink<'_>,
         conversation: ConversationId,
         after: Option<u64>,
     ) -> Result<(), WriteError> {
         let app = self.app.clone();
         let key = self.party.conversation(conversation.clone());
-        // Watching again: the snapshot again, from a fresh join (the cursor
-        // remembers the logs it followed, so a lost log's late events stay dropped).
+        // Watching again: the snapshot again; the socket stays joined (the
+        // cursor remembers the logs it followed, so a lost log's late events
+        // stay dropped).
         let previous = self.watched.remove(&conversation);
-        if previous.is_some() {
-            app.conversations.detach(&key, self.handle.id).await;
-        } else if self.watched.len() >= app.config.agents.max_watched {
+        if previous.is_none() && self.watched.len() >= app.config.agents.max_watched {
             let message = format!("an agent may watch at most {} conversations at once", app.config.agents.max_watched);
             let code = ErrorCode::TooManyWatched.as_str();
             let frame = ServerFrame::ConversationError {
@@ -38,7 +49,7 @@ impl Watches {
                 conversation: conversation.as_str(),
                 id: None,
             };
-            return Ok(sink.send(Message::Text(frame.encode())).await?);
+            return sink.send(Message::Text(frame.encode())).await;
         }
         let refused = |error: &StoreError| {
             let (code, _) = crate::session::refusal(error);
@@ -49,40 +60,28 @@ impl Watches {
             ServerFrame::ConversationError { code, message: &message, conversation: conversation.as_str(), id: None }
                 .encode()
         };
-        let snapshot = match app.conversations.attach(&key, self.handle.watching(key.clone()), after, None).await {
-            Ok(snapshot) => snapshot,
+        let read = match previous {
+            Some(_) => app.conversations.snapshot(&key, after).await,
+            None => app.conversations.attach(&key, self.handle.watching(key.clone()), after, None).await,
+        };
+        // Joined from here on (an attach that fails has left again): every
+        // way out detaches, or records the watch for `finish` to detach.
+        let read = match read {
+            Ok(snapshot) => self.rest_of_snapshot(&key, snapshot, after).await,
+            Err(error) if previous.is_none() => Err(error),
+            Err(error) => {
+                app.conversations.detach(&key, self.handle.id).await;
+                Err(error)
+            }
+        };
+        let WatchSnapshot { log: snapshot, history, present, notes } = match read {
+            Ok(read) => read,
             Err(error) => {
                 debug!(conversation_id = %conversation, %error, "watch refused");
-                return Ok(sink.send(Message::Text(refused(&error))).await?);
+                return sink.send(Message::Text(refused(&error))).await;
             }
         };
-        let mut history = snapshot.missed;
         let last_seq = snapshot.last_seq;
-        let newest = app.config.agents.watch_history as u64;
-        if after.is_none() && newest > 0 && last_seq > 0 {
-            match app.conversations.events_after(&key, last_seq.saturating_sub(newest)).await {
-                Ok(events) => history = events.into_iter().filter(|e| e.seq <= last_seq).collect(),
-                Err(error) => {
-                    app.conversations.detach(&key, self.handle.id).await;
-                    return Ok(sink.send(Message::Text(refused(&error))).await?);
-                }
-            }
-        }
-        let present = match app.conversations.presence(&key, self.handle.id).await {
-            Ok(present) => present,
-            Err(error) => {
-                app.conversations.detach(&key, self.handle.id).await;
-                return Ok(sink.send(Message::Text(refused(&error))).await?);
-            }
-        };
-        // Notes written since the first event replayed (all, without history).
-        let notes = match app.conversations.notes(&key).await {
-            Ok(notes) => notes,
-            Err(error) => {
-                app.conversations.detach(&key, self.handle.id).await;
-                return Ok(sink.send(Message::Text(refused(&error))).await?);
-            }
-        };
         let from = history.first().map_or(last_seq, |event| event.seq.saturating_sub(1));
         let customer = snapshot.customer.as_ref().map_or("", |c| c.as_str());
         let watching = ServerFrame::Watching {
@@ -98,19 +97,8 @@ impl Watches {
             viewers: &present.viewers,
         }
         .encode();
-        sink.feed(Message::Text(watching)).await?;
-        for event in &history {
-            sink.feed(Message::Text(event.message_frame(conversation.as_str()))).await?;
-        }
-        let mut notes_sent = 0;
-        for note in &notes {
-            if note.after >= from {
-                sink.feed(Message::Text(note.note_frame(conversation.as_str()))).await?;
-            }
-            notes_sent = note.seq;
-        }
-        sink.flush().await?;
-        debug!(conversation_id = %conversation, last_seq, replayed = history.len(), "watching");
+        // Recorded before the writes: a session whose socket fails meanwhile
+        // still leaves the conversation when it finishes.
         let sent = match previous {
             Some(Watch { mut sent, .. }) => {
                 sent.restart(LogEpoch::of(&snapshot.epoch), last_seq);
@@ -118,8 +106,40 @@ impl Watches {
             }
             None => Cursor::in_epoch(LogEpoch::of(&snapshot.epoch), last_seq),
         };
+        let notes_sent = notes.last().map_or(0, |note| note.seq);
         let watch = Watch { key, sent, owner_epoch: snapshot.ownership.epoch, notes_sent };
-        self.watched.insert(conversation, watch);
+        self.watched.insert(conversation.clone(), watch);
+        sink.feed(Message::Text(watching)).await?;
+        for event in &history {
+            sink.feed(Message::Text(event.message_frame(conversation.as_str()))).await?;
+        }
+        for note in notes.iter().filter(|note| note.after >= from) {
+            sink.feed(Message::Text(note.note_frame(conversation.as_str()))).await?;
+        }
+        sink.flush().await?;
+        debug!(conversation_id = %conversation, last_seq, replayed = history.len(), "watching");
         Ok(())
+    }
+
+    /// What a watch's snapshot adds to the log's: the newest events when
+    /// no `after` was given, who is in the conversation, its notes.
+    async fn rest_of_snapshot(
+        &self,
+        key: &ConversationKey,
+        mut log: Snapshot,
+        after: Option<u64>,
+    ) -> Result<WatchSnapshot, StoreError> {
+        let conversations = &self.app.conversations;
+        let mut history = std::mem::take(&mut log.missed);
+        let last_seq = log.last_seq;
+        let newest = self.app.config.agents.watch_history as u64;
+        if after.is_none() && newest > 0 && last_seq > 0 {
+            let events = conversations.events_after(key, last_seq.saturating_sub(newest)).await?;
+            history = events.into_iter().filter(|e| e.seq <= last_seq).collect();
+        }
+        let present = conversations.presence(key, self.handle.id).await?;
+        // Notes written since the first event replayed (all, without history).
+        let notes = conversations.notes(key).await?;
+        Ok(WatchSnapshot { log, history, present, notes })
     }
 }

@@ -900,3 +900,44 @@ async fn a_wait_no_live_node_saw_is_handed_back_at_the_customers_next_message() 
     assert_eq!((&handed["from"], &handed["event"]), (&"system".into(), &"assistant_back".into()), "{handed}");
     back.read_reply().await;
 }
+
+#[tokio::test]
+async fn a_list_that_cannot_hear_the_other_nodes_at_first_gets_their_conversations_once_it_can() {
+    let redis = RedisServer::start().await;
+    let nodes = cluster(&redis, 2, &[]).await;
+    // Redis refuses every tenant's changes channel (NOPERM) for a while;
+    // conversations' and nodes' channels stay open.
+    redis.cli(&["ACL", "SETUSER", "default", "resetchannels", "&fengda:conv:*", "&fengda:node:*"]).await;
+    let token: Value = reqwest::get(format!("{}/demo/token?tenant=bank&user=anna&role=agent", nodes[0].url))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let mut anna = Client::connect(&nodes[0].ws_url(&format!("token={}", token["token"].as_str().unwrap()))).await;
+    anna.ignored = &["presence"];
+    anna.send_json(serde_json::json!({"type": "list"})).await;
+    assert_eq!(anna.expect("conversations").await["conversations"], serde_json::json!([]));
+    // A conversation starts on the other node: unheard here.
+    let mut carol = Client::connect(&nodes[1].ws_url("tenant=bank&user=carol")).await;
+    carol.ask("q1", "Tell me about the Gold Card").await;
+    let conversation = carol.conversation();
+    redis.cli(&["ACL", "SETUSER", "default", "allchannels"]).await;
+    // Heard now: the whole list again, with it, then its changes as they come.
+    let list = anna.expect("conversations").await;
+    let listed: Vec<&str> = list["conversations"]
+        .as_array()
+        .expect("summaries")
+        .iter()
+        .filter_map(|summary| summary["conversation"].as_str())
+        .collect();
+    assert_eq!(listed, [conversation.as_str()], "{list}");
+    carol.ask("q2", "And the fees?").await;
+    loop {
+        let change = anna.expect("conversation").await;
+        assert_eq!(change["conversation"], conversation.as_str(), "{change}");
+        if change["last"]["seq"] == 4 {
+            break;
+        }
+    }
+}

@@ -26,6 +26,11 @@
 //! those that changed: a dead node's customers go offline in the lists
 //! within the TTL. A conversation shown `waiting` is noted for the
 //! hand-over's timeout ([`crate::session::handoff`]).
+//!
+//! A tenant whose changes this node cannot hear yet (subscribing failed)
+//! is listed from this node's changes only, and tried again every sweep;
+//! once heard, its listers get the whole list again, with what other
+//! nodes changed meanwhile.
 
 pub mod changes;
 
@@ -35,7 +40,7 @@ use std::time::Duration;
 
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
-use tracing::debug;
+use tracing::{debug, warn};
 
 use changes::{Changes, LISTING_TTL};
 
@@ -99,6 +104,8 @@ struct Listed {
     listers: Vec<SessionHandle>,
     /// The conversations the listers were given.
     shown: HashMap<ConversationId, Shown>,
+    /// Whether this node hears the tenant's changes on other nodes.
+    heard: bool,
 }
 
 /// What the listers were last given of one conversation: a change that
@@ -146,10 +153,8 @@ pub async fn run_listing(
                     let tenant = party.tenant.clone();
                     if !tenants.contains_key(&tenant) {
                         changes.listen(&tenant);
-                        if let Err(error) = conversations.list_tenant(&tenant).await {
-                            debug!(%error, tenant_id = %tenant, "cannot hear the tenant's changes; listing this node's only");
-                        }
-                        tenants.insert(tenant.clone(), Listed { party, listers: Vec::new(), shown: HashMap::new() });
+                        let heard = hear(&conversations, &tenant).await;
+                        tenants.insert(tenant.clone(), Listed { party, listers: Vec::new(), shown: HashMap::new(), heard });
                     }
                     let listed = tenants.get_mut(&tenant).expect("inserted above");
                     let summaries = snapshot(&conversations, listed, window_ms).await;
@@ -176,6 +181,13 @@ pub async fn run_listing(
                 }
             }
             _ = sweep.tick() => {
+                for (tenant, listed) in tenants.iter_mut().filter(|(_, listed)| !listed.heard) {
+                    if hear(&conversations, tenant).await {
+                        listed.heard = true;
+                        let summaries = snapshot(&conversations, listed, window_ms).await;
+                        listed.send(&ServerFrame::Conversations { conversations: &summaries }.encode());
+                    }
+                }
                 let cutoff = now_ms().saturating_sub(window_ms);
                 let mut gone = Vec::new();
                 for (tenant, listed) in tenants.iter_mut() {
@@ -202,8 +214,9 @@ pub async fn run_listing(
                 }
             }
             _ = refresh.tick() => {
-                let listed: Vec<TenantId> = tenants.keys().cloned().collect();
-                conversations.keep_listing(&listed).await;
+                let heard: Vec<TenantId> =
+                    tenants.iter().filter(|(_, listed)| listed.heard).map(|(tenant, _)| tenant.clone()).collect();
+                conversations.keep_listing(&heard).await;
             }
             _ = presence.tick() => {
                 for listed in tenants.values_mut() {
@@ -214,6 +227,17 @@ pub async fn run_listing(
     }
     for tenant in tenants.keys() {
         conversations.unlist_tenant(tenant).await;
+    }
+}
+
+/// Starts hearing the tenant's changes on other nodes; whether it could.
+async fn hear(conversations: &Conversations, tenant: &TenantId) -> bool {
+    match conversations.list_tenant(tenant).await {
+        Ok(()) => true,
+        Err(error) => {
+            warn!(%error, tenant_id = %tenant, "cannot hear the tenant's changes on other nodes yet; listing this node's");
+            false
+        }
     }
 }
 

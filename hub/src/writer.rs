@@ -139,7 +139,8 @@ pub(crate) fn run<W: Writes>(
             }
         }
         .await;
-        let failed = matches!(result, Err(WriteError::Socket(_) | WriteError::GapUnfilled));
+        // The socket refused a write: nothing more can go out on it.
+        let failed = matches!(result, Err(WriteError::Socket(_)));
         match result {
             Err(WriteError::GapUnfilled) => closer.close(close::UNAVAILABLE),
             Err(WriteError::Socket(error)) => {

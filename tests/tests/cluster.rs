@@ -908,14 +908,7 @@ async fn a_list_that_cannot_hear_the_other_nodes_at_first_gets_their_conversatio
     // Redis refuses every tenant's changes channel (NOPERM) for a while;
     // conversations' and nodes' channels stay open.
     redis.cli(&["ACL", "SETUSER", "default", "resetchannels", "&fengda:conv:*", "&fengda:node:*"]).await;
-    let token: Value = reqwest::get(format!("{}/demo/token?tenant=bank&user=anna&role=agent", nodes[0].url))
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let mut anna = Client::connect(&nodes[0].ws_url(&format!("token={}", token["token"].as_str().unwrap()))).await;
-    anna.ignored = &["presence"];
+    let mut anna = agent(&nodes[0], "anna").await;
     anna.send_json(serde_json::json!({"type": "list"})).await;
     assert_eq!(anna.expect("conversations").await["conversations"], serde_json::json!([]));
     // A conversation starts on the other node: unheard here.
@@ -940,4 +933,44 @@ async fn a_list_that_cannot_hear_the_other_nodes_at_first_gets_their_conversatio
             break;
         }
     }
+}
+
+/// An agent of tenant `bank` on `hub`; `presence` frames are skipped.
+async fn agent(hub: &Hub, name: &str) -> Client {
+    let token: Value = reqwest::get(format!("{}/demo/token?tenant=bank&user={name}&role=agent", hub.url))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let mut agent = Client::connect(&hub.ws_url(&format!("token={}", token["token"].as_str().unwrap()))).await;
+    agent.ignored = &["presence"];
+    agent
+}
+
+#[tokio::test]
+async fn a_watch_refused_by_a_read_that_failed_after_joining_leaves_nothing_behind() {
+    let redis = RedisServer::start().await;
+    let nodes = cluster(&redis, 1, &[]).await;
+    let (customer, conversation, _) = two_turns(&nodes[0], "tenant=bank&user=carl").await;
+    // Redis refuses the presence read a watch makes once it has joined
+    // the conversation (and subscribed it).
+    redis.cli(&["ACL", "SETUSER", "default", "-hgetall"]).await;
+    let mut ghost = agent(&nodes[0], "ghost").await;
+    ghost.send_json(serde_json::json!({"type": "watch", "conversation": conversation})).await;
+    let refused = ghost.expect("error").await;
+    assert_eq!(
+        (refused["conversation"].as_str(), refused["code"].as_str()),
+        (Some(conversation.as_str()), Some("unavailable")),
+        "{refused}"
+    );
+    redis.cli(&["ACL", "SETUSER", "default", "+hgetall"]).await;
+    // The refused watch is no viewer, and gets nothing of the conversation.
+    let mut anna = agent(&nodes[0], "anna").await;
+    anna.send_json(serde_json::json!({"type": "watch", "conversation": conversation})).await;
+    let watching = anna.expect("watching").await;
+    assert_eq!(watching["viewers"], serde_json::json!([{"agent": "anna", "name": "anna"}]), "{watching}");
+    ghost.send_json(serde_json::json!({"type": "ping"})).await;
+    assert_eq!(ghost.next().await["type"], "pong", "nothing before the pong");
+    drop(customer);
 }

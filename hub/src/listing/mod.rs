@@ -28,9 +28,9 @@
 //! hand-over's timeout ([`crate::session::handoff`]).
 //!
 //! A tenant whose changes this node cannot hear yet (subscribing failed)
-//! is listed from this node's changes only, and tried again every sweep;
-//! once heard, its listers get the whole list again, with what other
-//! nodes changed meanwhile.
+//! is listed from this node's changes only, and tried again every sweep
+//! (all such tenants at once); once heard, its listers get the whole list
+//! again, with what other nodes changed meanwhile.
 
 pub mod changes;
 
@@ -181,13 +181,6 @@ pub async fn run_listing(
                 }
             }
             _ = sweep.tick() => {
-                for (tenant, listed) in tenants.iter_mut().filter(|(_, listed)| !listed.heard) {
-                    if hear(&conversations, tenant).await {
-                        listed.heard = true;
-                        let summaries = snapshot(&conversations, listed, window_ms).await;
-                        listed.send(&ServerFrame::Conversations { conversations: &summaries }.encode());
-                    }
-                }
                 let cutoff = now_ms().saturating_sub(window_ms);
                 let mut gone = Vec::new();
                 for (tenant, listed) in tenants.iter_mut() {
@@ -212,6 +205,7 @@ pub async fn run_listing(
                     changes.forget(&tenant);
                     conversations.unlist_tenant(&tenant).await;
                 }
+                hear_again(&conversations, &mut tenants, window_ms).await;
             }
             _ = refresh.tick() => {
                 let heard: Vec<TenantId> =
@@ -237,6 +231,29 @@ async fn hear(conversations: &Conversations, tenant: &TenantId) -> bool {
         Err(error) => {
             warn!(%error, tenant_id = %tenant, "cannot hear the tenant's changes on other nodes yet; listing this node's");
             false
+        }
+    }
+}
+
+/// Tries again to hear the tenants this node could not, all at once (one
+/// round trip's wait, however many); a tenant heard now gets its list
+/// again, with what other nodes changed meanwhile.
+async fn hear_again(conversations: &Conversations, tenants: &mut HashMap<TenantId, Listed>, window_ms: u64) {
+    let unheard: Vec<TenantId> =
+        tenants.iter().filter(|(_, listed)| !listed.heard).map(|(tenant, _)| tenant.clone()).collect();
+    if unheard.is_empty() {
+        return;
+    }
+    let tries = futures::future::join_all(unheard.iter().map(|tenant| conversations.list_tenant(tenant))).await;
+    for (tenant, heard) in unheard.into_iter().zip(tries) {
+        let Some(listed) = tenants.get_mut(&tenant) else { continue };
+        match heard {
+            Ok(()) => {
+                listed.heard = true;
+                let summaries = snapshot(conversations, listed, window_ms).await;
+                listed.send(&ServerFrame::Conversations { conversations: &summaries }.encode());
+            }
+            Err(error) => debug!(%error, tenant_id = %tenant, "still cannot hear the tenant's changes on other nodes"),
         }
     }
 }

@@ -62,7 +62,7 @@ pub enum ErrorCode {
     /// this hub node (then close 4409).
     TooManySockets,
     /// The user created `conversation.max_created_per_user` conversations
-    /// within the window; the message was NOT stored (then close 4429).
+    /// within the window; the message was NOT stored (then close 4430).
     TooManyConversations,
     /// The socket's token has expired: the message was NOT stored; send
     /// `refresh` (or reconnect with a new token).

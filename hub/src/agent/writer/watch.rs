@@ -60,23 +60,23 @@ impl Watches {
             ServerFrame::ConversationError { code, message: &message, conversation: conversation.as_str(), id: None }
                 .encode()
         };
-        let read = match previous {
+        let joined = match previous {
             Some(_) => app.conversations.snapshot(&key, after).await,
             None => app.conversations.attach(&key, self.handle.watching(key.clone()), after, None).await,
         };
-        // Joined from here on (an attach that fails has left again): every
-        // way out detaches, or records the watch for `finish` to detach.
-        let read = match read {
+        // Joined from here on, unless an attach failed (it has left again):
+        // every way out leaves, or records the watch for `finish` to leave.
+        let attach_failed = previous.is_none() && joined.is_err();
+        let read = match joined {
             Ok(snapshot) => self.rest_of_snapshot(&key, snapshot, after).await,
-            Err(error) if previous.is_none() => Err(error),
-            Err(error) => {
-                app.conversations.detach(&key, self.handle.id).await;
-                Err(error)
-            }
+            Err(error) => Err(error),
         };
         let WatchSnapshot { log: snapshot, history, present, notes } = match read {
             Ok(read) => read,
             Err(error) => {
+                if !attach_failed {
+                    app.conversations.detach(&key, self.handle.id).await;
+                }
                 debug!(conversation_id = %conversation, %error, "watch refused");
                 return sink.send(Message::Text(refused(&error))).await;
             }

@@ -47,6 +47,7 @@ metrics_table! {
     /// `{limit}`: `connections` or `messages`.
     TENANT_LIMITED = "fengda_hub_tenant_limited_total", Counter, "Upgrades (limit=connections) and messages (limit=messages) refused at a tenant's limits, by tenant (its [tenants.<id>] section, else default).";
     RATE_LIMIT_CLOSES = "fengda_hub_rate_limit_closes_total", Counter, "Sockets closed with 4429 for flooding frames.";
+    REDIS_UNSUBSCRIBES_PENDING = "fengda_hub_redis_unsubscribes_pending", Gauge, "Pub/sub channels the node left while Redis could not hear it, still to unsubscribe (cluster mode).";
     CONNECTIONS_OPEN = "fengda_hub_connections_open", Gauge, "TCP connections open on this node (WebSockets included).";
     CONNECTIONS_MAX = "fengda_hub_connections_max", Gauge, "The node's connection cap (server.max_connections as applied).";
     CONNECTIONS_REFUSED = "fengda_hub_connections_refused_total", Counter, "Connections refused by the node's limits, by reason.";

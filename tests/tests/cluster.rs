@@ -974,3 +974,41 @@ async fn a_watch_refused_by_a_read_that_failed_after_joining_leaves_nothing_behi
     assert_eq!(ghost.next().await["type"], "pong", "nothing before the pong");
     drop(customer);
 }
+
+#[tokio::test]
+async fn a_channel_left_while_redis_was_down_is_unsubscribed_once_it_is_back() {
+    // Persistent: the conversation's listeners hash outlives the restart.
+    let mut redis = RedisServer::start_persistent().await;
+    // Calls give up fast while Redis is down.
+    let dir = fengda_tests::tokens::KeyDir::new();
+    let config = dir.write("fengda.toml", b"[redis]\ncommand_timeout_ms = 300\n");
+    let nodes = cluster(&redis, 1, &["--config", config.to_str().unwrap()]).await;
+    let (customer, conversation, _) = two_turns(&nodes[0], "tenant=bank&user=carl").await;
+    let channel = format!("fengda:conv:{{bank:{conversation}}}:events");
+    let listeners = format!("fengda:conv:{{bank:{conversation}}}:listeners");
+    assert_eq!(redis.cli(&["PUBSUB", "NUMSUB", &channel]).await, format!("{channel}\n1"));
+    assert_eq!(redis.cli(&["HLEN", &listeners]).await, "1", "the node listens");
+
+    // Redis goes away; the customer leaves meanwhile: the node cannot
+    // unsubscribe, nor leave the listeners hash (counted once it tried both).
+    redis.kill().await;
+    drop(customer);
+    let pending = "fengda_hub_redis_unsubscribes_pending";
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while nodes[0].metric(pending).await != 1.0 {
+        assert!(tokio::time::Instant::now() < deadline, "the failed unsubscribe is not counted");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Back: the Redis client subscribes every channel it remembers again,
+    // then the node unsubscribes the one nobody here listens to, and
+    // leaves its listeners hash.
+    redis.restart().await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while nodes[0].metric(pending).await != 0.0 {
+        assert!(tokio::time::Instant::now() < deadline, "the left channel is not unsubscribed");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    nodes[0].wait_ready().await;
+    assert_eq!(redis.cli(&["PUBSUB", "NUMSUB", &channel]).await, format!("{channel}\n0"));
+    assert_eq!(redis.cli(&["HLEN", &listeners]).await, "0", "the node left the listeners");
+}

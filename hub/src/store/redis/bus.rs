@@ -21,6 +21,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 
+use super::leftovers::{self, Leftovers};
 use super::publisher::{PUBLISH_QUEUE, Publisher, run_publisher};
 use super::wire::{self, Payload};
 use super::{Link, StoreError};
@@ -46,7 +47,9 @@ pub(super) struct Inner {
     listen: redis::Script,
     /// The tenants' changes channels this node subscribes (it lists them).
     tenant_channels: dashmap::DashMap<String, TenantId>,
-    /// Owns the tasks the dispatcher starts ([`rejoin`]).
+    /// Channels left while Redis could not hear it, tried again.
+    leftovers: Arc<Leftovers>,
+    /// Owns the tasks the dispatcher starts ([`rejoin`], [`leftovers::unsubscribe`]).
     tracker: TaskTracker,
 }
 
@@ -71,6 +74,7 @@ impl RedisBus {
             publisher,
             listen,
             tenant_channels: Default::default(),
+            leftovers: Arc::default(),
             tracker: tracker.clone(),
         });
         inner.subscriber.clone().subscribe(&inner.heartbeat_channel).await?;
@@ -86,12 +90,16 @@ impl RedisBus {
 impl EventBus for RedisBus {
     async fn subscribe(&self, key: &ConversationKey) -> Result<(), StoreError> {
         let channel = self.inner.link.keys.channel(key);
+        // Before the listeners hash: no try at unsubscribing a channel left
+        // behind (which leaves the hash too) runs until it is subscribed.
+        let reclaiming = self.inner.leftovers.reclaim(&channel).await;
         // In the listeners hash before subscribed: an append from now on is
         // published (or in the log read that follows the subscription).
         self.inner.listen(key, &channel).await?;
-        let subscribed = self.subscribe_channel(key, channel).await;
-        if subscribed.is_err() {
-            self.leave_listeners(key).await;
+        let subscribed = self.subscribe_channel(key, channel.clone()).await;
+        match subscribed {
+            Ok(()) => reclaiming.subscribed(),
+            Err(_) => self.leave_listeners(key).await,
         }
         subscribed
     }
@@ -99,7 +107,11 @@ impl EventBus for RedisBus {
     async fn subscribe_fresh(&self, key: &ConversationKey) -> Result<(), StoreError> {
         // No `listen.lua`: no log to enter this node in the listeners of, no
         // node streaming into it to say hello to; the creating append enters it.
-        self.subscribe_channel(key, self.inner.link.keys.channel(key)).await
+        let channel = self.inner.link.keys.channel(key);
+        let reclaiming = self.inner.leftovers.reclaim(&channel).await;
+        self.subscribe_channel(key, channel.clone()).await?;
+        reclaiming.subscribed();
+        Ok(())
     }
 
     async fn unsubscribe(&self, key: &ConversationKey) {
@@ -108,10 +120,12 @@ impl EventBus for RedisBus {
         link.listeners.left(key, &channel);
         link.recent.forget(key);
         let mut subscriber = self.inner.subscriber.clone();
-        if let Err(error) = link.call(subscriber.unsubscribe(&channel)).await {
-            debug!(%error, "unsubscribe failed; the channel stays subscribed until reconnect");
-        }
+        let unsubscribed = link.call(subscriber.unsubscribe(&channel)).await;
         self.leave_listeners(key).await;
+        if let Err(error) = unsubscribed {
+            debug!(%error, "unsubscribe failed; tried again once Redis answers");
+            self.inner.leftovers.left(channel, Some(key.clone()));
+        }
     }
 
     fn publish_frames(&self, key: &ConversationKey, frames: &[Utf8Bytes], epoch: u64) {
@@ -159,11 +173,13 @@ impl EventBus for RedisBus {
         let link = &self.inner.link;
         let channel = link.keys.changes(tenant);
         self.inner.tenant_channels.insert(channel.clone(), tenant.clone());
+        let reclaiming = self.inner.leftovers.reclaim(&channel).await;
         let mut subscriber = self.inner.subscriber.clone();
         if let Err(error) = link.call(subscriber.subscribe(&channel)).await {
             self.inner.tenant_channels.remove(&channel);
             return Err(error);
         }
+        reclaiming.subscribed();
         // Subscribed first: a change published once the flag is up is heard.
         self.keep_listing(std::slice::from_ref(tenant)).await;
         Ok(())
@@ -175,7 +191,8 @@ impl EventBus for RedisBus {
         self.inner.tenant_channels.remove(&channel);
         let mut subscriber = self.inner.subscriber.clone();
         if let Err(error) = link.call(subscriber.unsubscribe(&channel)).await {
-            debug!(%error, "unsubscribe failed; the channel stays subscribed until reconnect");
+            debug!(%error, "unsubscribe failed; tried again once Redis answers");
+            self.inner.leftovers.left(channel, None);
         }
         // The flag stays until it expires: another node may list the tenant too.
     }
@@ -217,7 +234,8 @@ impl RedisBus {
             // then keeps it (and renews it after every reconnect): undo it,
             // in the caller's turn, so a later SUBSCRIBE cannot be overtaken.
             if let Err(error) = link.call(subscriber.unsubscribe(&channel)).await {
-                debug!(%error, "could not undo a failed subscription");
+                debug!(%error, "could not undo a failed subscription; tried again once Redis answers");
+                self.inner.leftovers.left(channel, Some(key.clone()));
             }
             return Err(error);
         }
@@ -228,10 +246,7 @@ impl RedisBus {
     /// effort: a name left behind costs other nodes needless PUBLISHes
     /// until the hash expires).
     async fn leave_listeners(&self, key: &ConversationKey) {
-        let link = &self.inner.link;
-        let mut con = link.commands.clone();
-        let hdel = redis::cmd("HDEL").arg(link.keys.listeners(key)).arg(link.node_id.as_str()).clone();
-        if let Err(error) = link.call(hdel.query_async::<()>(&mut con)).await {
+        if let Err(error) = self.inner.link.leave_listeners(key).await {
             debug!(%error, "could not leave the listeners of a conversation");
         }
     }
@@ -329,6 +344,12 @@ async fn run_dispatcher(
             _ = heartbeat.tick() => {
                 link.listeners.forget_expired();
                 probe(&inner).await;
+                if receiving.load(Ordering::Acquire)
+                    && let Some(trying) = inner.leftovers.start_try()
+                {
+                    let (left, link, subscriber) = (inner.leftovers.clone(), link.clone(), inner.subscriber.clone());
+                    inner.tracker.spawn(leftovers::unsubscribe(left, link, subscriber, trying));
+                }
                 continue;
             }
         };

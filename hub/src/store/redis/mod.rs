@@ -68,6 +68,7 @@
 mod answer;
 mod bus;
 pub mod keys;
+mod leftovers;
 mod log;
 mod presence;
 mod publisher;
@@ -143,6 +144,13 @@ impl Link {
             }
             other => other.map_err(StoreError::from),
         }
+    }
+
+    /// Takes this node out of the conversation's listeners hash.
+    async fn leave_listeners(&self, key: &crate::ids::ConversationKey) -> Result<(), StoreError> {
+        let mut con = self.commands.clone();
+        let hdel = redis::cmd("HDEL").arg(self.keys.listeners(key)).arg(self.node_id.as_str()).clone();
+        self.call(hdel.query_async::<()>(&mut con)).await
     }
 }
 

@@ -17,6 +17,9 @@ pub struct Client {
     /// Frame types [`Client::next`] skips (for tests about something else,
     /// e.g. `presence` on agents' sockets).
     pub ignored: &'static [&'static str],
+    /// How long [`Client::next`] waits for a frame ([`STEP_TIMEOUT`]; a
+    /// test of a real model waits as long as the hub waits for its first token).
+    pub step: std::time::Duration,
 }
 
 /// One streamed reply as a client saw it.
@@ -39,7 +42,12 @@ impl Client {
     /// Connects without waiting for `ready` (for sessions expected to be refused).
     pub async fn connect_unready(url: &str) -> Client {
         let (ws, _) = connect_async(url).await.unwrap_or_else(|e| panic!("connect {url}: {e}"));
-        Client { ws, ready: Value::Null, ignored: &[] }
+        Client::on(ws)
+    }
+
+    /// A client on a socket upgraded already, before its `ready`.
+    pub fn on(ws: WebSocketStream<MaybeTlsStream<TcpStream>>) -> Client {
+        Client { ws, ready: Value::Null, ignored: &[], step: STEP_TIMEOUT }
     }
 
     /// Connects and waits for `ready`.
@@ -77,7 +85,7 @@ impl Client {
 
     pub async fn try_next(&mut self) -> anyhow::Result<Value> {
         loop {
-            let message = tokio::time::timeout(STEP_TIMEOUT, self.ws.next())
+            let message = tokio::time::timeout(self.step, self.ws.next())
                 .await
                 .context("no frame within the step timeout")?
                 .context("socket ended")??;

@@ -19,7 +19,7 @@ async fn upgrade(url: &str, headers: &[(&'static str, &str)]) -> Result<Client, 
     }
     match tokio_tungstenite::connect_async(request).await {
         Ok((ws, _)) => {
-            let mut client = Client { ws, ready: Value::Null, ignored: &[] };
+            let mut client = Client::on(ws);
             client.ready = client.next().await;
             Ok(client)
         }

@@ -126,7 +126,7 @@ struct Refused {
 async fn upgrade(url: &str) -> Result<Client, Refused> {
     match tokio_tungstenite::connect_async(url).await {
         Ok((ws, _)) => {
-            let mut client = Client { ws, ready: Value::Null, ignored: &[] };
+            let mut client = Client::on(ws);
             client.ready = client.expect("ready").await;
             Ok(client)
         }

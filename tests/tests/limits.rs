@@ -185,7 +185,7 @@ async fn one_address_may_hold_only_its_share_of_connections() {
     let other = connect_from(&hub, [127, 0, 0, 4]).await;
     let stream = tokio_tungstenite::MaybeTlsStream::Plain(other);
     let (ws, _) = tokio_tungstenite::client_async(hub.ws_url("tenant=t&user=other"), stream).await.expect("upgrade");
-    let mut other = Client { ws, ready: Value::Null, ignored: &[] };
+    let mut other = Client::on(ws);
     other.expect("ready").await;
     other.assert_alive().await;
     drop(held.pop());
@@ -222,7 +222,7 @@ async fn via_proxy(hub: &Hub, user: &str, client: &str) -> Result<Client, u16> {
     let mut request = hub.ws_url(&format!("tenant=t&user={user}")).into_client_request().unwrap();
     request.headers_mut().insert("x-forwarded-for", format!("{client}, 127.0.0.9").parse().unwrap());
     match tokio_tungstenite::connect_async(request).await {
-        Ok((ws, _)) => Ok(Client { ws, ready: Value::Null, ignored: &[] }),
+        Ok((ws, _)) => Ok(Client::on(ws)),
         Err(tokio_tungstenite::tungstenite::Error::Http(response)) => Err(response.status().as_u16()),
         Err(error) => panic!("connect: {error}"),
     }

@@ -57,9 +57,21 @@ fn bridge_config(llama_base_url: &str) -> String {
     )
 }
 
+/// How long the hubs of these tests wait for a model's first chunk.
+const FIRST_CHUNK_MS: &str = "20000";
+
 /// A hub in front of `bridge` that waits for a model on a shared core.
 async fn hub(bridge: &NlpProcess) -> Hub {
-    Hub::start(&["--nlp-url", &bridge.url, "--nlp-first-chunk-timeout-ms", "20000", "--allow-timing"]).await
+    Hub::start(&["--nlp-url", &bridge.url, "--nlp-first-chunk-timeout-ms", FIRST_CHUNK_MS, "--allow-timing"]).await
+}
+
+/// A customer of `hub` (`query`: the socket's), who waits for a frame as
+/// long as the hub waits for the model's first chunk: on a loaded machine
+/// the prompt alone can take longer than [`STEP_TIMEOUT`].
+async fn customer(hub: &Hub, query: &str) -> Client {
+    let mut client = Client::connect(&hub.ws_url(query)).await;
+    client.step = Duration::from_millis(FIRST_CHUNK_MS.parse().unwrap()) + STEP_TIMEOUT;
+    client
 }
 
 /// Every chunk of one gRPC answer.
@@ -129,7 +141,7 @@ async fn a_customer_gets_a_real_model_answer_through_the_hub() {
     let llama = LlamaServer::start().await;
     let bridge = NlpProcess::start_with_config(&bridge_config(&llama.base_url)).await;
     let hub = hub(&bridge).await;
-    let mut client = Client::connect(&hub.ws_url("tenant=chat&user=alice&timing=1")).await;
+    let mut client = customer(&hub, "tenant=chat&user=alice&timing=1").await;
     let (_, reply) = client.ask("m1", "What is 2+2? Answer with one number.").await;
     assert_eq!(reply.done["fallback"], false, "{}", reply.done);
     assert!(reply.deltas.len() >= 3, "streamed token by token: {:?}", reply.deltas);
@@ -139,7 +151,7 @@ async fn a_customer_gets_a_real_model_answer_through_the_hub() {
     assert!(timing.get("completion_tokens").is_none(), "{timing}");
 
     // Chinese, in a conversation of its own (after English turns this model answers in English).
-    let mut chinese = Client::connect(&hub.ws_url("tenant=chat&user=li")).await;
+    let mut chinese = customer(&hub, "tenant=chat&user=li").await;
     let (_, zh) = chinese.ask("m1", "请用中文回答：你好吗？").await;
     assert_eq!(zh.done["fallback"], false, "{}", zh.done);
     let text = zh.text();
@@ -150,12 +162,18 @@ async fn a_customer_gets_a_real_model_answer_through_the_hub() {
 async fn cancelling_or_leaving_stops_generation_on_the_model_server() {
     let llama = LlamaServer::start().await;
     let bridge = NlpProcess::start_with_config(&bridge_config(&llama.base_url)).await;
-    let hub =
-        Hub::start(&["--nlp-url", &bridge.url, "--nlp-first-chunk-timeout-ms", "20000", "--reply-grace-ms", "200"])
-            .await;
+    let hub = Hub::start(&[
+        "--nlp-url",
+        &bridge.url,
+        "--nlp-first-chunk-timeout-ms",
+        FIRST_CHUNK_MS,
+        "--reply-grace-ms",
+        "200",
+    ])
+    .await;
 
     // The customer cancels a 1,500-token answer after two tokens.
-    let mut client = Client::connect(&hub.ws_url("tenant=long&user=bob")).await;
+    let mut client = customer(&hub, "tenant=long&user=bob").await;
     client.send_message("m1", "Tell me a long story.").await;
     client.expect("ack").await;
     let delta = client.expect("reply.delta").await;
@@ -166,14 +184,14 @@ async fn cancelling_or_leaving_stops_generation_on_the_model_server() {
     // The one-slot server is free at once: another tenant's answer is not
     // stuck behind the cancelled one (which would take about 20 s).
     let started = Instant::now();
-    let mut other = Client::connect(&hub.ws_url("tenant=chat&user=carol")).await;
+    let mut other = customer(&hub, "tenant=chat&user=carol").await;
     let (_, reply) = other.ask("m1", "What is 2+2? Answer with one number.").await;
     assert_eq!(reply.done["fallback"], false, "{}", reply.done);
     assert!(started.elapsed() < Duration::from_secs(8), "the model was still busy: {:?}", started.elapsed());
 
     // The customer closes the widget mid-answer: past the reply grace the
     // reply is cancelled, and the model server stops too.
-    let mut leaving = Client::connect(&hub.ws_url("tenant=long&user=dave")).await;
+    let mut leaving = customer(&hub, "tenant=long&user=dave").await;
     leaving.send_message("m1", "Tell me a long story.").await;
     leaving.expect("ack").await;
     leaving.expect("reply.delta").await;
@@ -187,7 +205,7 @@ async fn a_model_server_killed_mid_stream_leaves_an_interrupted_reply() {
     let mut llama = LlamaServer::start().await;
     let bridge = NlpProcess::start_with_config(&bridge_config(&llama.base_url)).await;
     let hub = hub(&bridge).await;
-    let mut client = Client::connect(&hub.ws_url("tenant=long&user=erin")).await;
+    let mut client = customer(&hub, "tenant=long&user=erin").await;
     let (conversation, epoch) = (client.conversation(), client.ready["epoch"].as_str().unwrap().to_owned());
     client.send_message("m1", "Tell me a long story.").await;
     client.expect("ack").await;
@@ -206,7 +224,7 @@ async fn a_model_server_killed_mid_stream_leaves_an_interrupted_reply() {
 
     // Stored with its marker: a reconnecting client replays it so.
     let query = format!("tenant=long&user=erin&conversation={conversation}&after=0&epoch={epoch}");
-    let mut back = Client::connect(&hub.ws_url(&query)).await;
+    let mut back = customer(&hub, &query).await;
     back.expect("message").await;
     let stored = back.expect("message").await;
     assert_eq!((stored["from"].clone(), stored["interrupted"].clone()), (json!("assistant"), json!(true)), "{stored}");
@@ -219,7 +237,7 @@ async fn a_model_server_slow_to_start_gets_the_fallback_until_it_listens() {
     let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
     let bridge = NlpProcess::start_with_config(&bridge_config(&format!("http://127.0.0.1:{port}/v1"))).await;
     let hub = hub(&bridge).await;
-    let mut client = Client::connect(&hub.ws_url("tenant=chat&user=frank")).await;
+    let mut client = customer(&hub, "tenant=chat&user=frank").await;
     let started = Instant::now();
     let (_, early) = client.ask("m1", "What is 2+2? Answer with one number.").await;
     assert_eq!(early.done["fallback"], true, "{}", early.done);
@@ -282,7 +300,7 @@ async fn a_grounded_answer_carries_the_tenants_knowledge_and_a_tenant_without_an
     let hub = hub(&bridge).await;
     let question = "What is the code word for the Zephyr account?";
     let ask = async |tenant: &str| {
-        let mut client = Client::connect(&hub.ws_url(&format!("tenant={tenant}&user=u"))).await;
+        let mut client = customer(&hub, &format!("tenant={tenant}&user=u")).await;
         let (_, reply) = client.ask("m1", question).await;
         assert_eq!(reply.done["fallback"], false, "{tenant}: {}", reply.done);
         assert!(reply.deltas.len() >= 3, "{tenant}: streamed token by token: {:?}", reply.deltas);
@@ -334,13 +352,12 @@ async fn one_tenant_cannot_take_a_second_model_slot_nor_any_tenant_one_past_the_
         "--nlp-url",
         &bridge.url,
         "--nlp-first-chunk-timeout-ms",
-        "20000",
+        FIRST_CHUNK_MS,
         "--nlp-retry-max-attempts",
         "3",
     ])
     .await;
-    let connect =
-        async |tenant: &str, user: &str| Client::connect(&hub.ws_url(&format!("tenant={tenant}&user={user}"))).await;
+    let connect = async |tenant: &str, user: &str| customer(&hub, &format!("tenant={tenant}&user={user}")).await;
     let story = "Tell me a long story.";
 
     // Tenant a's answer has the model.
@@ -442,13 +459,13 @@ async fn an_answer_the_model_server_cuts_short_for_another_request_ends_interrup
     let llama = LlamaServer::start_interrupting().await;
     let bridge = NlpProcess::start_with_config(&bridge_config(&llama.base_url)).await;
     let hub = hub(&bridge).await;
-    let mut long = Client::connect(&hub.ws_url("tenant=long&user=gina")).await;
+    let mut long = customer(&hub, "tenant=long&user=gina").await;
     long.send_message("m1", "Tell me a long story.").await;
     long.expect("ack").await;
     long.expect("reply.delta").await;
     long.expect("reply.delta").await;
 
-    let mut other = Client::connect(&hub.ws_url("tenant=chat&user=hank")).await;
+    let mut other = customer(&hub, "tenant=chat&user=hank").await;
     let (_, reply) = other.ask("m1", "What is 2+2? Answer with one number.").await;
     assert_eq!(reply.done["fallback"], false, "{}", reply.done);
     // The cut-short answer is not passed off as whole: the customer keeps

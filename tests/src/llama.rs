@@ -75,7 +75,7 @@ impl LlamaServer {
             .arg(&model)
             .args(["--host", "127.0.0.1", "--port", &port.to_string()])
             // One thread: the tests share two cores with everything else.
-            .args(["--n_threads", "1", "--n_ctx", "2048", "--verbose", "false"])
+            .args(["--n_threads", "1", "--n_ctx", "4096", "--verbose", "false"])
             .args(["--interrupt_requests", if interrupting { "true" } else { "false" }])
             .env("PYTHONUNBUFFERED", "1")
             .stdin(Stdio::null())

@@ -78,8 +78,8 @@ pub(crate) trait Writes: Send {
     ) -> impl Future<Output = Result<(), WriteError>> + Send;
 
     /// What a closing socket still gets of what is left in its queue
-    /// (not asked after a failed write, nor when the socket is closed for
-    /// being a slow consumer).
+    /// (not asked after a failed write or an intro cut short, nor when the
+    /// socket is closed for being a slow consumer).
     fn before_close(&mut self, queued: &mut dyn Iterator<Item = Outbound>) -> Vec<Utf8Bytes>;
 
     /// Runs once the loop has ended, before the queue's last frames and the
@@ -118,8 +118,10 @@ pub(crate) fn run<W: Writes>(
         let cancelled = closer.token().clone().cancelled_owned();
         tokio::pin!(cancelled);
         let mut sink = Sink::new(socket, cancelled);
+        let mut intro_written = false;
         let result: Result<(), WriteError> = async {
             write_intro(&mut sink, intro).await?;
+            intro_written = true;
             loop {
                 tokio::select! {
                     biased;
@@ -155,8 +157,11 @@ pub(crate) fn run<W: Writes>(
         let reason = closer.reason();
         let _ = tokio::time::timeout(CLOSE_TIMEOUT, async {
             // Frames queued before the close (say, the error that explains it)
-            // still go out first, unless the client is the reason we stop.
-            if !failed && reason != close::SLOW_CONSUMER {
+            // still go out first, unless the client is the reason we stop. Not
+            // after an intro cut short: the queue's events come after a replay
+            // the client did not get whole, and the writer counts it as sent,
+            // so the client would take the gap for events it has.
+            if !failed && intro_written && reason != close::SLOW_CONSUMER {
                 let mut queued = std::iter::from_fn(|| queue.try_recv().ok().map(|item| *item));
                 for frame in writes.before_close(&mut queued) {
                     if sink.feed(Message::Text(frame)).await.is_err() {

@@ -3,9 +3,11 @@
 use std::time::Duration;
 
 use fengda_tests::{Client, Hub, RecordingAnswerer, Script};
-use futures::StreamExt;
-use tokio_tungstenite::MaybeTlsStream;
+use futures::{SinkExt, StreamExt};
+use serde_json::{Value, json};
+use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
 #[tokio::test]
 async fn a_client_that_stops_reading_is_closed_as_a_slow_consumer() {
@@ -27,6 +29,82 @@ async fn a_client_that_stops_reading_is_closed_as_a_slow_consumer() {
     // The hub itself is fine: a new client is served.
     let mut fresh = Client::connect(&hub.ws_url("tenant=demo&user=fresh")).await;
     fresh.assert_alive().await;
+}
+
+/// Questions (and so replies) in the conversation a socket replays.
+const REPLAYED_QUESTIONS: usize = 30;
+
+#[tokio::test]
+async fn a_replay_cut_short_by_a_close_is_not_followed_by_newer_events() {
+    // Replies of ~200 KB (a frame the hub's WebSocket buffer takes whole):
+    // a replay of ~6 MB, more than the hub's send buffer (4 MB at most) and
+    // a small receive buffer hold.
+    let answerer = RecordingAnswerer::start(Script { tokens: 200, token_padding: 1000, ..Script::default() }).await;
+    let hub = Hub::start(&["--nlp-url", &answerer.url, "--outbound-queue-frames", "2048"]).await;
+    let mut asker = Client::connect(&hub.ws_url("tenant=demo&user=cut-short")).await;
+    for i in 1..=REPLAYED_QUESTIONS {
+        asker.ask(&format!("m{i}"), "Tell me a long story").await;
+    }
+    let (conversation, epoch) = (asker.conversation(), asker.ready["epoch"].as_str().unwrap().to_owned());
+
+    // A second socket of the customer resumes from the start and reads
+    // nothing: the hub's write of the replay waits for it.
+    let query = format!("tenant=demo&user=cut-short&conversation={conversation}&after=0&epoch={epoch}");
+    let mut reader = connect_with_small_receive_buffer(&hub.ws_url(&query)).await;
+    let MaybeTlsStream::Plain(stream) = reader.get_mut() else { panic!("plain TCP") };
+    // Bytes of the replay have arrived: the socket is attached.
+    stream.peek(&mut [0u8; 1]).await.expect("peek");
+    // A newer event is queued for it, behind the replay.
+    asker.send_message("newer", "One more").await;
+    asker.expect("ack").await;
+
+    // The socket floods frames (ignored cancels) until the hub closes it
+    // with 4429, its replay still unwritten.
+    for _ in 0..200 {
+        let cancel = json!({ "type": "cancel", "reply": "r-00000000000000000000000000000000" }).to_string();
+        if reader.send(Message::text(cancel)).await.is_err() {
+            break;
+        }
+    }
+    let deadline = tokio::time::Instant::now() + fengda_tests::STEP_TIMEOUT;
+    while hub.metric("fengda_hub_rate_limit_closes_total").await != 1.0 {
+        assert!(tokio::time::Instant::now() < deadline, "the hub never closed the flooding socket");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    // What it then reads: `ready`, the replay up to where the close cut it,
+    // and nothing newer (which would tell it it has the events in between).
+    let mut frames = Vec::new();
+    let mut close = None;
+    while let Ok(Some(Ok(message))) = tokio::time::timeout(fengda_tests::STEP_TIMEOUT, reader.next()).await {
+        match message {
+            Message::Text(text) => frames.push(serde_json::from_str::<Value>(&text).expect("JSON")),
+            Message::Close(frame) => close = frame.map(|frame| u16::from(frame.code)),
+            _ => {}
+        }
+    }
+    assert_eq!(frames[0]["type"], "ready");
+    let seqs: Vec<u64> = frames[1..]
+        .iter()
+        .map(|frame| {
+            assert_eq!(frame["type"], "message", "only the replay: {}", frame["type"]);
+            frame["seq"].as_u64().unwrap()
+        })
+        .collect();
+    assert!(seqs.len() < 2 * REPLAYED_QUESTIONS, "the close cut the replay short: got {seqs:?}");
+    assert_eq!(seqs, (1..=seqs.len() as u64).collect::<Vec<_>>(), "the replay in order, no gap");
+    // The close frame comes if the client drains the buffered replay within the close's 1 s.
+    assert!(close.is_none_or(|code| code == 4429), "{close:?}");
+}
+
+/// A WebSocket whose receive buffer is small (and not grown by the kernel).
+async fn connect_with_small_receive_buffer(url: &str) -> WebSocketStream<MaybeTlsStream<TcpStream>> {
+    let address = url.strip_prefix("ws://").and_then(|rest| rest.split('/').next()).expect("a ws:// url");
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(16 * 1024).unwrap();
+    let stream = socket.connect(address.parse().unwrap()).await.expect("connect");
+    let (ws, _) = tokio_tungstenite::client_async(url, MaybeTlsStream::Plain(stream)).await.expect("upgrade");
+    ws
 }
 
 #[tokio::test]

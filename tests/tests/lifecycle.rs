@@ -31,6 +31,30 @@ async fn a_client_that_stops_reading_is_closed_as_a_slow_consumer() {
     fresh.assert_alive().await;
 }
 
+#[tokio::test]
+async fn a_reply_of_megabytes_reaches_the_customer_live_and_replayed() {
+    // ~2 MB of text: the `reply.done` and the replayed `message` are frames
+    // far larger than any buffer of the hub's socket library.
+    let answerer = RecordingAnswerer::start(Script { tokens: 2000, token_padding: 1000, ..Script::default() }).await;
+    let hub = Hub::start(&["--nlp-url", &answerer.url]).await;
+    let mut client = Client::connect(&hub.ws_url("tenant=demo&user=long-reply")).await;
+    let (_, reply) = client.ask("m1", "Tell me everything").await;
+    let text = reply.text().to_owned();
+    assert!(text.len() > 2_000_000, "{} bytes", text.len());
+    let streamed: String = reply.deltas.iter().map(|delta| delta["text"].as_str().expect("delta text")).collect();
+    assert_eq!(streamed, text, "the deltas add up to the whole reply");
+
+    let query = format!(
+        "tenant=demo&user=long-reply&conversation={}&after=1&epoch={}",
+        client.conversation(),
+        client.ready["epoch"].as_str().unwrap()
+    );
+    let mut back = Client::connect(&hub.ws_url(&query)).await;
+    let replayed = back.expect("message").await;
+    assert_eq!((replayed["from"].as_str(), replayed["text"].as_str()), (Some("assistant"), Some(text.as_str())));
+    back.assert_alive().await;
+}
+
 /// Questions (and so replies) in the conversation a socket replays.
 const REPLAYED_QUESTIONS: usize = 30;
 

@@ -68,8 +68,12 @@ pub async fn upgrade(
                 .max_frame_size(ws.max_frame_bytes)
                 // Our bounded queue is the real buffer: the library's only
                 // coalesces one burst of small frames until the writer flushes.
+                // Its cap stays the default (none): the sink writes out what it
+                // holds past this size before it takes another frame, so it
+                // holds one frame more at most, and a cap would refuse every
+                // frame larger than it (a long reply, a replay of it, a full
+                // agents' list) on every try, closing the socket each time.
                 .write_buffer_size(WRITE_BUFFER_BYTES)
-                .max_write_buffer_size(WRITE_BUFFER_BYTES + ws.max_frame_bytes * 4)
                 .on_upgrade(move |socket| {
                     let agent = params.identity.as_ref().is_some_and(|identity| identity.role == Role::Agent);
                     // The session gets a task of its own, sized for its kind:

@@ -172,6 +172,38 @@ async fn a_cancel_frame_stops_the_reply_and_the_bridge() {
 }
 
 #[tokio::test]
+async fn an_answer_past_the_reply_cap_is_cut_there_and_ended_with_the_fallback() {
+    // 2,000 tokens of about 8 bytes, still streaming when the cap is reached.
+    let script = Script { tokens: 2000, token_delay: Duration::from_millis(1), ..Script::default() };
+    let answer: String = (0..script.tokens).map(|i| format!("tok{i} ")).collect();
+    let answerer = RecordingAnswerer::start(script).await;
+    let hub = Hub::start(&["--nlp-url", &answerer.url, "--nlp-max-reply-bytes", "1000"]).await;
+    let mut client = Client::connect(&hub.ws_url("tenant=demo&user=runaway")).await;
+    // `ask` checks that the deltas add up to the `reply.done` text.
+    let (_, reply) = client.ask("m1", "Tell me everything").await;
+    assert_eq!((reply.done["fallback"].as_bool(), reply.done["interrupted"].as_bool()), (Some(true), Some(true)));
+    let text = reply.text();
+    let (cut, rest) = text.split_at(1000);
+    assert_eq!(cut, &answer[..1000], "the answer up to the cap");
+    assert!(rest.starts_with("\n\nSorry"), "then the fallback sentence: {rest:?}");
+    // The service was told to stop; the cut is no failure of the endpoint.
+    answerer.wait_cancelled(1).await;
+    let metrics = metrics(&hub).await;
+    assert_eq!(metric_value(&metrics, r#"fengda_hub_nlp_fallbacks_total{reason="too_long"}"#), 1.0);
+    assert_eq!(metric_value(&metrics, r#"fengda_hub_nlp_calls_total{outcome="failed"}"#), 0.0);
+
+    // Stored so: a replay has the same text.
+    let query = format!(
+        "tenant=demo&user=runaway&conversation={}&after=1&epoch={}",
+        client.conversation(),
+        client.ready["epoch"].as_str().unwrap()
+    );
+    let mut back = Client::connect(&hub.ws_url(&query)).await;
+    let stored = back.expect("message").await;
+    assert_eq!((stored["text"].as_str(), stored["interrupted"].as_bool()), (Some(text), Some(true)));
+}
+
+#[tokio::test]
 async fn beyond_the_concurrency_limit_questions_queue_or_fall_back_and_none_hangs() {
     let answerer =
         RecordingAnswerer::start(Script { tokens: 5, token_delay: Duration::from_millis(80), ..Script::default() })

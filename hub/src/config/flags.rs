@@ -83,6 +83,9 @@ pub struct ServeArgs {
     /// Whole-answer deadline in ms [default: 30000] (key `nlp.reply_timeout_ms`).
     #[arg(long, env = "FENGDA_NLP_REPLY_TIMEOUT_MS")]
     pub nlp_reply_timeout_ms: Option<u64>,
+    /// Longest answer in UTF-8 bytes, cut there [default: 65536] (key `nlp.max_reply_bytes`).
+    #[arg(long, env = "FENGDA_NLP_MAX_REPLY_BYTES")]
+    pub nlp_max_reply_bytes: Option<usize>,
     /// Turns of history sent with each question [default: 10] (key `conversation.history_turns`).
     #[arg(long, env = "FENGDA_HISTORY_TURNS")]
     pub history_turns: Option<usize>,
@@ -226,6 +229,7 @@ impl ServeArgs {
         set(&mut config.nlp.max_queue_wait_ms, self.nlp_max_queue_wait_ms);
         set(&mut config.nlp.first_chunk_timeout_ms, self.nlp_first_chunk_timeout_ms);
         set(&mut config.nlp.reply_timeout_ms, self.nlp_reply_timeout_ms);
+        set(&mut config.nlp.max_reply_bytes, self.nlp_max_reply_bytes);
         set(&mut config.conversation.history_turns, self.history_turns);
         set(&mut config.conversation.log_cap, self.log_cap);
         set(&mut config.websocket.max_frame_bytes, self.max_frame_bytes);

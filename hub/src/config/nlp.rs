@@ -24,6 +24,12 @@ pub struct NlpConfig {
     /// Deadline for a whole answer, sent to the service as `grpc-timeout`.
     /// Default 30000 ms.
     pub reply_timeout_ms: u64,
+    /// Longest answer, in UTF-8 bytes of text. An answer that grows past it
+    /// is cut there (on a character boundary), its NLP call is cancelled,
+    /// and the fallback sentence ends it, as a stream that broke would.
+    /// Keeps a runaway model from growing a reply, the log and every NLP
+    /// request that carries it as history without bound. Default 65536.
+    pub max_reply_bytes: usize,
     /// Attempts per question before the first token (1 = no retry). Default 3.
     pub retry_max_attempts: u32,
     /// First retry backoff; doubles per attempt, with full jitter. Default 50 ms.
@@ -98,6 +104,7 @@ impl Default for NlpConfig {
             first_chunk_timeout_ms: 1500,
             token_gap_timeout_ms: 5000,
             reply_timeout_ms: 30_000,
+            max_reply_bytes: 64 * 1024,
             retry_max_attempts: 3,
             retry_initial_backoff_ms: 50,
             retry_max_backoff_ms: 400,
@@ -125,8 +132,15 @@ impl NlpConfig {
         if self.endpoints().iter().any(|url| !(url.starts_with("http://") || url.starts_with("https://"))) {
             return invalid("nlp.url", "every NLP URL must start with http:// or https://");
         }
-        if self.token_gap_timeout_ms == 0 || self.retry_max_attempts == 0 || self.max_concurrent == 0 {
-            return invalid("nlp", "token_gap_timeout_ms, retry_max_attempts and max_concurrent must be non-zero");
+        if self.token_gap_timeout_ms == 0
+            || self.retry_max_attempts == 0
+            || self.max_concurrent == 0
+            || self.max_reply_bytes == 0
+        {
+            return invalid(
+                "nlp",
+                "token_gap_timeout_ms, retry_max_attempts, max_concurrent and max_reply_bytes must be non-zero",
+            );
         }
         if self.max_concurrent_per_tenant.is_some_and(|n| n == 0 || n > self.max_concurrent) {
             return invalid("nlp", "max_concurrent_per_tenant must be between 1 and max_concurrent");

@@ -7,8 +7,9 @@
 //! whatever happens:
 //! - the NLP call cannot start (queue full or waited past `max_queue_wait_ms`, every breaker open, no first token
 //!   within the deadline after retries): the polite fallback, `fallback: true`;
-//! - the stream breaks after some tokens (error, token gap): the partial
-//!   text plus the fallback sentence, `fallback: true, interrupted: true`;
+//! - the stream breaks after some tokens (error, token gap), or the answer
+//!   grows past `nlp.max_reply_bytes` (cut there): the partial text plus
+//!   the fallback sentence, `fallback: true, interrupted: true`;
 //! - a client sends `cancel` (`in_flight.rs`), or the caller cancels the
 //!   reply's token (no socket came back within the grace, hub shutdown): the
 //!   partial text, `cancelled: true`;
@@ -65,6 +66,8 @@ pub struct Replier {
     pub nlp: Arc<NlpPool>,
     pub fallback: FallbackText,
     pub tenant_fallback: std::collections::HashMap<String, FallbackText>,
+    /// `nlp.max_reply_bytes`: where an answer is cut.
+    max_reply_bytes: usize,
     in_flight: InFlight,
     /// `REPLY_BEFORE_NLP`, registered once.
     before_nlp: metrics::Histogram,
@@ -77,6 +80,7 @@ impl Replier {
             nlp,
             fallback: config.fallback.clone(),
             tenant_fallback: config.tenant_fallback.clone(),
+            max_reply_bytes: config.max_reply_bytes,
             in_flight: InFlight::default(),
             before_nlp: metrics::histogram!(crate::metric::REPLY_BEFORE_NLP),
         }
@@ -105,7 +109,8 @@ impl Replier {
         };
         // The hub's own share before the model: store, hand-over.
         self.before_nlp.record(question.received.elapsed().as_secs_f64());
-        let mut draft = Draft::new(&self.conversations, key, &reply_id, question.timing, question.owner_epoch);
+        let mut draft = Draft::new(&self.conversations, key, &reply_id, question.owner_epoch, self.max_reply_bytes);
+        draft.measure = question.timing;
         let before_nlp = question.received.elapsed();
         let outcome = self.stream(&request, &mut draft, &cancel, &takeover).await;
         if matches!(outcome, Outcome::Fallback { .. }) {

@@ -91,6 +91,9 @@ impl Replier {
             if draft.fenced || takeover.is_cancelled() {
                 return Outcome::TakenOver;
             }
+            if draft.cut {
+                return too_long(draft);
+            }
             if finished {
                 return Outcome::Completed(call);
             }
@@ -128,6 +131,15 @@ async fn broken(call: ActiveCall, tokens: u32, failure: StreamError) -> Outcome 
     Outcome::Fallback { interrupted: tokens > 0 }
 }
 
+/// The answer reached `nlp.max_reply_bytes`: the fallback ends it. The call
+/// is dropped (its stream reset: the service stops) without a word to the
+/// breaker, since the endpoint did not fail.
+fn too_long(draft: &Draft<'_>) -> Outcome {
+    warn!(bytes = draft.text.len(), "NLP answer reached nlp.max_reply_bytes; cut there");
+    metrics::counter!(crate::metric::NLP_FALLBACKS, "reason" => "too_long").increment(1);
+    Outcome::Fallback { interrupted: true }
+}
+
 /// Deltas handed to the sockets together at most (see [`Draft::relay_batch`]).
 const MAX_BATCH: usize = 16;
 
@@ -145,8 +157,12 @@ pub(super) struct Draft<'a> {
     /// of `text`, from `published_len` on.
     staged: Vec<Utf8Bytes>,
     published_len: usize,
+    /// The model's text is cut past this many bytes (`nlp.max_reply_bytes`).
+    max_bytes: usize,
+    /// The model's text reached `max_bytes`: what came past it was dropped.
+    cut: bool,
     /// Time each batch's relay (only for replies that report `timing`).
-    measure: bool,
+    pub(super) measure: bool,
     pub(super) timings: Timings,
     /// The model's token counts, from the last chunk, when it sent them.
     pub(super) usage: Option<fengda_proto::nlp::v1::Usage>,
@@ -162,8 +178,8 @@ impl<'a> Draft<'a> {
         conversations: &'a Conversations,
         key: &'a ConversationKey,
         reply_id: &'a str,
-        measure: bool,
         epoch: u64,
+        max_bytes: usize,
     ) -> Self {
         Self {
             conversations,
@@ -174,7 +190,9 @@ impl<'a> Draft<'a> {
             index: 0,
             staged: Vec::new(),
             published_len: 0,
-            measure,
+            max_bytes,
+            cut: false,
+            measure: false,
             timings: Timings::default(),
             usage: None,
             epoch,
@@ -224,15 +242,22 @@ impl<'a> Draft<'a> {
     }
 
     /// Encodes a chunk's text as the next delta (empty texts make none);
-    /// returns whether it was the last chunk.
+    /// returns whether it was the last chunk, or the text reached
+    /// `max_bytes` (the part past it is dropped, and the draft is `cut`).
     fn stage(&mut self, chunk: &AnswerChunk) -> bool {
-        if !chunk.text.is_empty() {
-            self.stage_text(&chunk.text);
+        let mut text = chunk.text.as_str();
+        let room = self.max_bytes.saturating_sub(self.text.len());
+        if text.len() > room {
+            text = &text[..text.floor_char_boundary(room)];
+            self.cut = true;
+        }
+        if !text.is_empty() {
+            self.stage_text(text);
         }
         if chunk.usage.is_some() {
             self.usage = chunk.usage;
         }
-        chunk.finish != 0
+        chunk.finish != 0 || self.cut
     }
 
     fn stage_text(&mut self, text: &str) {
@@ -300,7 +325,7 @@ mod tests {
             backend.attach(&key, session, None, opened.pending.as_ref()).await.unwrap();
             queues.push(rx);
         }
-        let mut reply = Draft::new(&backend, &key, "r-1", false, 0);
+        let mut reply = Draft::new(&backend, &key, "r-1", 0, 64 * 1024);
         let chunk = |text: &str, finish: i32| AnswerChunk { index: 0, text: text.into(), finish, usage: None };
         assert!(!reply.stage(&chunk("Hello", 0)));
         assert!(!reply.stage(&chunk("", 0)), "an empty chunk makes no delta");
@@ -319,6 +344,19 @@ mod tests {
             let last: serde_json::Value = serde_json::from_str(last.frame().unwrap().as_str()).unwrap();
             assert_eq!((last["index"].as_u64(), last["text"].as_str()), (Some(2), Some("!")));
             assert!(queue.try_recv().is_err());
+        }
+
+        // A chunk past the cap: the part that fits (whole characters) is
+        // staged, the rest dropped, and the draft ends.
+        let mut short = Draft::new(&backend, &key, "r-2", 0, reply.text.len() + 4);
+        assert!(!short.stage(&chunk("Hello world!", 0)));
+        assert!(short.stage(&chunk("ab世界", 0)), "past the cap");
+        assert!(short.cut);
+        assert_eq!(short.text, "Hello world!ab", "no half character");
+        assert_eq!(short.publish(), 2);
+        for queue in &mut queues {
+            let Outbound::Frames { frames, .. } = *queue.try_recv().unwrap() else { panic!("one item") };
+            assert_eq!(frames.len(), 2);
         }
 
         // Taken over (an owner change delivered here): the next batch is

@@ -154,6 +154,13 @@ async fn a_watch_beyond_max_watched_is_refused_but_watching_again_is_not() {
     }
     let refused = watch_error(&mut anna, &ids[2]).await;
     assert_eq!(refused["code"], "too_many_watched", "{refused}");
+    // A take implies the watch: refused with it, nothing taken.
+    anna.send_json(json!({"type": "take", "conversation": ids[2]})).await;
+    let refused = anna.expect("error").await;
+    assert_eq!(
+        (refused["code"].as_str(), refused["conversation"].as_str()),
+        (Some("too_many_watched"), Some(ids[2].as_str()))
+    );
     // Watching one again re-sends its snapshot; it is not a third watch.
     anna.send_json(json!({"type": "watch", "conversation": ids[0], "after": 1})).await;
     assert_eq!(anna.expect("watching").await["conversation"], ids[0].as_str());
@@ -161,7 +168,11 @@ async fn a_watch_beyond_max_watched_is_refused_but_watching_again_is_not() {
     // Unwatching frees a place.
     anna.send_json(json!({"type": "unwatch", "conversation": ids[1]})).await;
     anna.send_json(json!({"type": "watch", "conversation": ids[2], "after": 2})).await;
-    assert_eq!(anna.expect("watching").await["conversation"], ids[2].as_str());
+    let watching = anna.expect("watching").await;
+    assert_eq!(
+        (watching["conversation"].as_str(), watching["owner"].as_str()),
+        (Some(ids[2].as_str()), Some("assistant"))
+    );
     anna.assert_alive().await;
 }
 

@@ -136,18 +136,21 @@ async fn run_reader(
             Ok(ClientFrame::Take { conversation, steal }) => {
                 let Some(conversation) = conversation_id(handle, &conversation) else { continue };
                 // A take implies a watch, set up first: the agent sees its
-                // `agent_joined` and what follows live.
+                // `agent_joined` and what follows live. A refused watch
+                // (its `error` is sent) refuses the take.
                 let (done, watched) = tokio::sync::oneshot::channel();
                 let watch =
                     Command::Watch { conversation: conversation.clone(), after: None, again: false, done: Some(done) };
                 if !send_command(handle, commands, watch).await {
                     return false;
                 }
-                tokio::select! {
+                let watching = tokio::select! {
                     _ = handle.closer.token().cancelled() => return false,
-                    _ = watched => {}
+                    watching = watched => watching.unwrap_or(false),
+                };
+                if watching {
+                    Box::pin(owning.take(conversation, steal)).await;
                 }
-                Box::pin(owning.take(conversation, steal)).await;
                 continue;
             }
             Ok(ClientFrame::Release { conversation }) => {

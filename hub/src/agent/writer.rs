@@ -33,8 +33,8 @@ pub(super) enum Command {
         conversation: ConversationId,
         after: Option<u64>,
         again: bool,
-        /// Told once the watch is set up (or refused).
-        done: Option<tokio::sync::oneshot::Sender<()>>,
+        /// Told once the watch is set up (`true`) or refused (`false`).
+        done: Option<tokio::sync::oneshot::Sender<bool>>,
     },
     /// Stop the conversation's events.
     Unwatch { conversation: ConversationId },
@@ -104,11 +104,11 @@ impl Writes for Watches {
         match command {
             Command::Watch { conversation, after, again, done } => {
                 let result = match again || !self.watched.contains_key(&conversation) {
-                    true => self.watch(sink, conversation, after).await,
+                    true => self.watch(sink, conversation.clone(), after).await,
                     false => Ok(()),
                 };
                 if let Some(done) = done {
-                    let _ = done.send(());
+                    let _ = done.send(self.watched.contains_key(&conversation));
                 }
                 result
             }

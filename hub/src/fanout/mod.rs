@@ -309,17 +309,20 @@ impl FanOut {
             // Not kept before it existed.
             self.mark_presence(key);
         }
-        match local.delivered.arrive(epoch, event.seq) {
-            Step::Seen | Step::Stale => return,
+        let step = local.delivered.arrive(epoch, event.seq);
+        match step {
+            Step::Stale => return,
             Step::NewLog => {
                 // A new log: its seqs and its owner epochs start again.
                 local.delivered.restart(epoch, 0);
                 local.owner_epoch = 0;
             }
-            Step::Next | Step::Gap => {}
+            Step::Seen | Step::Next | Step::Gap => {}
         }
-        local.delivered.advance_in(epoch, event.seq);
         let conversation = key.conversation().as_str();
+        // An owner change fences even when its event is one these sessions
+        // have: a later event of this node's came first, and their writers
+        // filled the change in from the log.
         let owner = event.owner_frame(conversation).inspect(|(epoch, _)| {
             self.saw_owner(key, *epoch, event.event == Some(SystemEvent::Waiting), event.at_ms);
             if *epoch > local.owner_epoch {
@@ -327,6 +330,10 @@ impl FanOut {
                 local.replies.iter().filter(|(asked, _)| asked < epoch).for_each(|(_, takeover)| takeover.cancel());
             }
         });
+        if step == Step::Seen {
+            return;
+        }
+        local.delivered.advance_in(epoch, event.seq);
         // The frame every session gets, except the one that sent a customer message (an `ack`).
         let shared = || match event.from {
             Role::Assistant => ServerFrame::ReplyDone {

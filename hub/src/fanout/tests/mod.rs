@@ -223,6 +223,26 @@ fn an_agents_handle_gets_every_item_wrapped_with_its_conversation() {
 }
 
 #[test]
+fn an_owner_change_that_arrives_after_a_later_event_of_this_node_still_fences_and_stops_older_replies() {
+    use crate::event::SystemEvent;
+    let fanout = FanOut::default();
+    let (customer, mut rx) = session(16);
+    fanout.join(&key(), customer.clone()).unwrap();
+    let asked_at_0 = CancellationToken::new();
+    fanout.hold(&key(), 0, asked_at_0.clone());
+    // This node appended 2 (the customer's message) while another node's
+    // takeover, 1, is still on its way: 2 goes on, the writer reads 1 from the log.
+    fanout.deliver_event(&key(), epoch(), &customer_event(2), Some(customer.id), None);
+    assert_eq!(events(&mut rx), [(2, true)]);
+    let mut joined = customer_event(1);
+    (joined.from, joined.event, joined.owner_epoch) = (Role::System, Some(SystemEvent::AgentJoined), Some(1));
+    IncomingEvents::event(&fanout, &key(), epoch(), &joined, None);
+    assert!(rx.try_recv().is_err(), "the sessions have it already");
+    assert!(asked_at_0.is_cancelled(), "the reply asked before the takeover stops");
+    assert!(!fanout.deliver_frames(&key(), vec![Utf8Bytes::from_static("delta")], 0), "its deltas are fenced off");
+}
+
+#[test]
 fn an_owner_change_fences_off_older_frames_and_stops_older_replies() {
     use crate::event::SystemEvent;
     let fanout = FanOut::default();

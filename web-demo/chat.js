@@ -422,6 +422,9 @@ const FRIENDLY_ERRORS = {
   frame_too_big: 'That message is too long — please shorten it and try again.',
   empty_text: 'Please type a message first.',
   too_many_pending: 'You are sending messages faster than we can answer — please wait a moment.',
+  rate_limited: 'You are sending messages very fast — we will send this one in a moment.',
+  token_expired: 'Your session is being renewed — we will send this in a moment.',
+  too_many_conversations: 'You have started many conversations recently — please try again later.',
   unavailable: 'Our assistant is briefly unavailable — we will keep trying.',
   conversation_not_found: 'This conversation is no longer available — continuing in a new one.',
 };

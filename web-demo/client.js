@@ -192,8 +192,11 @@ function checkedText(text, what) {
   return body;
 }
 
-/** Error codes after which a message is resent (same id) after RETRY_DELAY_MS. */
-const RETRYABLE_ERRORS = new Set(['unavailable', 'too_many_pending']);
+/**
+ * Error codes after which a message is resent (same id) after RETRY_DELAY_MS, or after the
+ * frame's `retry_after_ms` when it has one (a user's message rate).
+ */
+const RETRYABLE_ERRORS = new Set(['unavailable', 'too_many_pending', 'rate_limited']);
 const RETRY_DELAY_MS = 2000;
 /**
  * Error codes after which a customer message stays queued for the next connection: the hub closes
@@ -343,6 +346,8 @@ class Connection extends EventTarget {
     this.reconnectTimer = null;
     this.pingTimer = null;
     this.pongTimer = null;
+    /** Messages refused with `token_expired`, resent once a `refresh` is accepted. */
+    this.afterRefresh = new Set();
     /** The token of the current or next connection (with `getToken`). */
     this.token = null;
     this.sentOnSocket = []; // ids written to the current socket and not yet acked
@@ -438,12 +443,21 @@ class Connection extends EventTarget {
    * @protected The hub refused the frame with this `id`: keeps it for a resend (returns true) if
    * that can help, else drops it.
    */
-  refused(id, code) {
+  refused(id, code, retryAfterMs) {
     if (RETRYABLE_ERRORS.has(code)) {
-      // Not stored, but worth another try with the same id: the hub is busy or its store is down.
+      // Not stored, but worth another try with the same id: the hub is busy, its store is down,
+      // or we sent too fast.
+      const delay = Number.isInteger(retryAfterMs) && retryAfterMs > 0 ? retryAfterMs : RETRY_DELAY_MS;
       setTimeout(() => {
         if (this.outbox.has(id) && this.ws && this.ws.readyState === 1) this.transmit(id);
-      }, RETRY_DELAY_MS);
+      }, delay);
+      return true;
+    }
+    if (code === 'token_expired') {
+      // Not stored: resent once a `refresh` is accepted, or after the reconnect (with a fresh
+      // token) that the hub's 4001 brings.
+      this.afterRefresh.add(id);
+      this.refreshToken(this.ws);
       return true;
     }
     this.outbox.delete(id);
@@ -574,6 +588,8 @@ class Connection extends EventTarget {
       this.setStatus('closed', { code, reason });
       return;
     }
+    // The user's conversation cap counts over an hour: not at once, after the longest backoff.
+    if (code === CloseCode.TOO_MANY_CONVERSATIONS) this.attempt = Math.max(this.attempt, 30);
     this.scheduleReconnect({ code, reason });
   }
 
@@ -632,10 +648,14 @@ class Connection extends EventTarget {
         this.refreshToken(ws);
         break;
       case 'refreshed':
+        for (const id of this.afterRefresh) if (this.outbox.has(id)) this.transmit(id);
+        this.afterRefresh.clear();
+        break;
       case 'pong':
         break;
       case 'ready':
         this.attempt = 0;
+        this.afterRefresh.clear(); // the outbox is resent after `ready`
         this.onReady(f);
         this.startHeartbeat();
         break;
@@ -699,6 +719,10 @@ export class FengdaClient extends Connection {
     this.lastReady = null;
     /** Durable events seen; `lastSeq` is what a reconnect resumes `after`. */
     this.seqs = new SeqWindow();
+    /** The conversation has stored events (so the hub knows it by id), whether or not we hold them. */
+    this.stored = false;
+    /** The current socket's URL named the conversation (with `after` and `epoch`). */
+    this.named = false;
     /** Ids this client sent (to recognise our own messages when they are replayed). */
     this.ownIds = new Set();
     /** Assistant replies streaming and finished. */
@@ -753,6 +777,7 @@ export class FengdaClient extends Connection {
     this.conversation = null;
     this.epoch = null;
     this.seqs.reset(0);
+    this.stored = false;
     this.replies.clear();
     this.persist();
     if (previous) this.emit('conversation', { conversation: null, previous });
@@ -769,6 +794,7 @@ export class FengdaClient extends Connection {
         this.conversation = saved.conversation;
         this.epoch = typeof saved.epoch === 'string' ? saved.epoch : null;
         this.seqs.reset(Number.isInteger(saved.seq) && saved.seq > 0 ? saved.seq : 0);
+        this.stored = saved.stored === true || this.lastSeq > 0;
       }
     } catch {
       /* corrupt entry: start fresh */
@@ -782,7 +808,7 @@ export class FengdaClient extends Connection {
       if (this.conversation) {
         this.storage.setItem(
           this.storageKey,
-          JSON.stringify({ conversation: this.conversation, epoch: this.epoch, seq: this.lastSeq }),
+          JSON.stringify({ conversation: this.conversation, epoch: this.epoch, seq: this.lastSeq, stored: this.stored }),
         );
       } else {
         this.storage.removeItem(this.storageKey);
@@ -802,9 +828,11 @@ export class FengdaClient extends Connection {
       u.searchParams.set('tenant', this.tenant);
       u.searchParams.set('user', this.user);
     }
-    // A conversation exists from its first stored message on: with nothing seen and nothing sent,
+    // A conversation exists from its first stored message on: with nothing stored and nothing sent,
     // naming it would only get 4004, so let the hub choose (the user's most recent, or a new one).
-    if (this.conversation && (this.lastSeq > 0 || this.outbox.size > 0)) {
+    // One that exists is always named, with `after` (0 to have it all replayed) and `epoch`.
+    this.named = Boolean(this.conversation && (this.stored || this.outbox.size > 0));
+    if (this.named) {
       u.searchParams.set('conversation', this.conversation);
       u.searchParams.set('after', String(this.lastSeq));
       // Lets the hub tell us (`history_lost`) if this conversation's log was lost and recreated.
@@ -826,6 +854,7 @@ export class FengdaClient extends Connection {
   /** @private Records a durable seq; returns false if it was seen already. */
   markSeq(seq) {
     if (!this.seqs.mark(seq)) return false;
+    this.stored = true;
     this.persist();
     return true;
   }
@@ -839,7 +868,8 @@ export class FengdaClient extends Connection {
   /** @protected */
   onReady(f) {
     const previous = this.conversation;
-    const resumed = previous !== null && previous === f.conversation;
+    // Not named, the hub chose: even our own id comes as it is now (say, recreated by another tab).
+    const resumed = this.named && previous === f.conversation;
     const seq = Number.isInteger(f.seq) ? f.seq : 0;
     const epoch = typeof f.epoch === 'string' && f.epoch ? f.epoch : null;
     this.lastReady = { seq, epoch };
@@ -849,6 +879,7 @@ export class FengdaClient extends Connection {
       this.epoch = epoch;
       // Without `after` the hub replays nothing: start from its current seq.
       this.seqs.reset(seq);
+      this.stored = seq > 0;
       if (previous !== f.conversation) this.emit('conversation', { conversation: f.conversation, previous });
     } else if (epoch && !this.epoch) {
       this.epoch = epoch; // first epoch learnt for this conversation (e.g. saved by an older client)
@@ -927,7 +958,7 @@ export class FengdaClient extends Connection {
           retry = true;
         } else if (hasId) {
           // Resent after a pause if the hub is busy; refused for good (empty, too long, ...) else.
-          retry = this.refused(f.id, f.code);
+          retry = this.refused(f.id, f.code, f.retry_after_ms);
         }
         this.emit('error', { code: f.code, message: f.message, ...(hasId ? { id: f.id, retry } : {}) });
         break;
@@ -1463,7 +1494,7 @@ export class FengdaAgent extends Connection {
     const conversation = typeof f.conversation === 'string' ? f.conversation : undefined;
     const hasId = typeof f.id === 'string';
     let retry = false;
-    if (hasId) retry = this.refused(f.id, f.code);
+    if (hasId) retry = this.refused(f.id, f.code, f.retry_after_ms);
     else if (conversation && ['conversation_not_found', 'too_many_watched'].includes(f.code)) {
       // The watch (or take) did not happen: forget the transcript.
       const w = this.watched.get(conversation);

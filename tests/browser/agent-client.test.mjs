@@ -14,7 +14,10 @@
 // with stale ones ignored), a message resent with the same id after a reconnect that lists and
 // watches again after the last seq seen, a note acknowledged by its `note` frame, typing on/off
 // frames, errors, a changed epoch starting the transcript over; and for customers `handoff`,
-// `typing`, an agent's name and an agent's typing. Exits 0 on success.
+// `typing`, an agent's name and an agent's typing, a message resent with the same id after
+// `rate_limited` (its `retry_after_ms`) and after `token_expired` (a `refresh`, then `refreshed`),
+// the longest backoff after 4430, and a reloaded widget asking for its whole conversation
+// (`after=0` with its epoch) unless it was never stored. Exits 0 on success.
 
 import { existsSync } from 'node:fs';
 import { chromium } from 'playwright-core';
@@ -222,7 +225,65 @@ async function checks() {
   expect(joined?.event === 'agent_joined' && joined?.name === 'Anna', 'a system event carries its event and agent', joined);
   expect(typing?.type === 'typing' && typing?.name === 'Anna' && typing?.on === true, 'the agent\'s typing is reported', typing);
   expect(said?.from === 'agent' && said?.name === 'Anna' && said?.text === 'Hello', 'an agent\'s message carries the name', said);
+
+  // Refusals worth another try keep the message, same id: after the user's message rate's
+  // `retry_after_ms`, and after an accepted `refresh` for an expired token.
+  const errors = [];
+  customer.addEventListener('error', (e) => errors.push(e.detail));
+  const fast = customer.send('Too fast');
+  cs.hub({ type: 'error', code: 'rate_limited', id: fast, retry_after_ms: 50, message: 'slow down' });
+  expect(errors.at(-1)?.retry === true, 'rate_limited with an id is retried', errors.at(-1));
+  await tick(150);
+  expect(cs.sent.filter((f) => f.id === fast).length === 2, 'resent with the same id after retry_after_ms', cs.sent.filter((f) => f.id === fast));
+  cs.hub({ type: 'ack', id: fast, seq: 3 });
   customer.close();
+
+  let tokens = 0;
+  const renewing = new FengdaClient({
+    tenant: 'demo', user: 'alice', base: location.origin, WebSocket: FakeSocket, storage: null,
+    getToken: async () => `token-${++tokens}`,
+  });
+  const sockets = FakeSocket.all.length;
+  renewing.connect();
+  const rs = await nextSocket(sockets + 1);
+  rs.hub({ type: 'ready', conversation: C, seq: 3, epoch: 'e1' });
+  const late = renewing.send('After exp');
+  rs.hub({ type: 'error', code: 'token_expired', id: late, message: 'expired' });
+  for (let i = 0; i < 100 && !rs.sent.some((f) => f.type === 'refresh'); i++) await tick(5);
+  expect(rs.sent.some((f) => f.type === 'refresh' && f.token === 'token-2'), 'token_expired on a message sends a refresh', rs.types());
+  rs.hub({ type: 'refreshed', exp: 0 });
+  expect(rs.sent.filter((f) => f.id === late).length === 2, 'then resends the message, same id', rs.sent.filter((f) => f.id === late));
+
+  // 4430: the user's conversation cap counts over an hour; the reconnect waits the longest backoff.
+  const statuses = [];
+  renewing.addEventListener('status', (e) => statuses.push(e.detail));
+  rs.drop(4430);
+  const waiting = statuses.find((s) => s.status === 'reconnecting');
+  expect(waiting?.delay >= 5000, 'after 4430 the reconnect waits at least half the longest backoff', waiting);
+  renewing.close();
+
+  // A reloaded widget asks for the whole conversation it remembers (conversation, after=0, epoch);
+  // one whose conversation was never stored lets the hub choose.
+  const storage = new Map();
+  const store = { getItem: (k) => storage.get(k) ?? null, setItem: (k, v) => storage.set(k, v), removeItem: (k) => storage.delete(k) };
+  store.setItem('fengda:demo:alice', JSON.stringify({ conversation: C, epoch: 'e1', seq: 3 }));
+  const reloaded = new FengdaClient({ tenant: 'demo', user: 'alice', base: location.origin, WebSocket: FakeSocket, storage: store, replayHistory: true });
+  const opened = FakeSocket.all.length;
+  reloaded.connect();
+  const again = await nextSocket(opened + 1);
+  const asked = new URL(again.url).searchParams;
+  expect(asked.get('conversation') === C && asked.get('after') === '0' && asked.get('epoch') === 'e1',
+    'a reload with replayHistory names the conversation with after=0 and its epoch', again.url);
+  again.hub({ type: 'ready', conversation: C, seq: 3, epoch: 'e1' });
+  for (const seq of [1, 2, 3]) again.hub({ type: 'message', conversation: C, seq, from: 'customer', id: `m${seq}`, text: 'hi' });
+  expect(reloaded.lastSeq === 3, 'the replay brings lastSeq back', reloaded.lastSeq);
+  reloaded.close();
+  store.setItem('fengda:demo:alice', JSON.stringify({ conversation: C, epoch: 'e1', seq: 0, stored: false }));
+  const fresh = new FengdaClient({ tenant: 'demo', user: 'alice', base: location.origin, WebSocket: FakeSocket, storage: store, replayHistory: true });
+  fresh.connect();
+  const unnamed = await nextSocket(opened + 2);
+  expect(!new URL(unnamed.url).searchParams.has('conversation'), 'a conversation never stored is not named', unnamed.url);
+  fresh.close();
   return problems;
 }
 

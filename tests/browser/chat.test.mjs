@@ -18,6 +18,9 @@
 //     gets its answer; back online, the page's resume shows both, once each.
 //  4. "I lost my card": the socket drops after the first tokens and the page comes back at once:
 //     the rest of the answer streams live on the new socket and completes the same bubble.
+//  5. The page is reloaded: it asks for the whole conversation (`after=0`, its epoch) and redraws
+//     the same transcript; then a question the other device asks while it is offline shows after
+//     the reconnect, which resumes after what was redrawn.
 //
 // At the end, against the conversation's log as the hub stores it: the page's sockets received
 // every durable event (ack, reply.done, message) exactly once and in seq order, each reconnect
@@ -165,6 +168,7 @@ async function scenario(page, pageErrors) {
   await missedQuestionIsReplayed(page);
   await replyContinuesLiveAfterQuickReconnect(page);
   await everyEventExactlyOnce(page, pageErrors);
+  await reloadRedrawsTheTranscriptAndResumes(page);
 
   const shot = path.join(artifactDir, 'chat.png');
   await page.screenshot({ path: shot });
@@ -361,6 +365,36 @@ async function replyContinuesLiveAfterQuickReconnect(page) {
     problems.push(`the answer ${JSON.stringify(final)} does not complete the partial ${JSON.stringify(partial)}`);
   }
   if (problems.length) throw new Error(problems.join('\n  '));
+}
+
+/**
+ * A reload redraws the transcript from the hub (the widget asks for the whole conversation,
+ * `after=0`), and the page then resumes after what it redrew: a question asked on the other
+ * device while it is offline shows after the reconnect.
+ */
+async function reloadRedrawsTheTranscriptAndResumes(page) {
+  const bubbles = () => page.$$eval('#transcript .msg', (els) => els.map((el) => el.textContent));
+  const before = await bubbles();
+  const conversation = await conversationOf(page);
+  const epoch = await page.evaluate(() => window.__sockets[0].__frames.find((f) => f.type === 'ready').epoch);
+  await page.reload({ waitUntil: 'load', timeout: 15_000 });
+  await page.waitForFunction(() => document.body.dataset.status === 'open', null, { timeout: 15_000 });
+  const url = new URL(await page.evaluate(() => window.__sockets[0].url));
+  const resume = { conversation: url.searchParams.get('conversation'), after: url.searchParams.get('after'), epoch: url.searchParams.get('epoch') };
+  if (JSON.stringify(resume) !== JSON.stringify({ conversation, after: '0', epoch })) {
+    throw new Error(`after the reload the page asked for ${JSON.stringify(resume)}, not the whole conversation ${conversation} (after=0, epoch ${epoch})`);
+  }
+  await page
+    .waitForFunction((n) => document.querySelectorAll('#transcript .msg').length >= n, before.length, { timeout: 10_000, polling: 100 })
+    .catch(() => {});
+  const after = await bubbles();
+  if (JSON.stringify(after) !== JSON.stringify(before)) {
+    throw new Error(`the reloaded page shows ${JSON.stringify(after)}, not the transcript it had ${JSON.stringify(before)}`);
+  }
+  log(`the reload redrew ${after.length} bubbles`);
+  await missedQuestionIsReplayed(page);
+  const resumed = new URL(await page.evaluate(() => window.__sockets.at(-1).url)).searchParams.get('after');
+  if (resumed === '0' || resumed === null) throw new Error(`after the reload the page resumed with after=${resumed}, not after what it redrew`);
 }
 
 /** The page saw the stored log exactly once, in order, and shows it exactly once. */

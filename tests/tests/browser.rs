@@ -6,9 +6,11 @@
 //! - `chat.test.mjs`: four questions in one conversation across three
 //!   reconnects (mid-reply and between replies, away until the reply is
 //!   stored and back at once), checked against the stored log: every durable
-//!   event exactly once and in order, every reply shown once and whole.
+//!   event exactly once and in order, every reply shown once and whole; then
+//!   a reload that redraws the transcript and resumes after it.
 //! - `agent-client.test.mjs`: `client.js`'s agent API (and the customer's
-//!   hand-over additions) against a scripted socket in the page.
+//!   hand-over additions, resends after refusals, the 4430 backoff, a
+//!   reloaded widget's resume) against a scripted socket in the page.
 //! - `console.test.mjs`: a customer's widget and two agents' consoles in one
 //!   browser, each on its own node (three nodes sharing a Redis on the redis
 //!   backend), with a paced answerer: the agent sees the reply grow, takes

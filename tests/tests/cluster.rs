@@ -902,6 +902,22 @@ async fn a_wait_no_live_node_saw_is_handed_back_at_the_customers_next_message() 
 }
 
 #[tokio::test]
+async fn a_hand_back_that_redis_refused_when_the_wait_ran_out_is_tried_again() {
+    let redis = RedisServer::start().await;
+    let nodes = cluster(&redis, 1, &["--agents-handoff-timeout-secs", "1"]).await;
+    let (mut customer, _, _) = two_turns(&nodes[0], "tenant=bank&user=waits-on").await;
+    customer.send_json(serde_json::json!({"type": "handoff"})).await;
+    assert_eq!(customer.expect("message").await["event"], "waiting");
+    let ran_out = tokio::time::Instant::now() + Duration::from_millis(1000 + 2 * 250);
+    // Redis refuses every script (NOPERM) when the wait runs out, then accepts them again.
+    redis.cli(&["ACL", "SETUSER", "default", "-evalsha", "-eval"]).await;
+    tokio::time::sleep_until(ran_out).await;
+    redis.cli(&["ACL", "SETUSER", "default", "+evalsha", "+eval"]).await;
+    let handed = customer.expect("message").await;
+    assert_eq!((&handed["from"], &handed["event"]), (&"system".into(), &"assistant_back".into()), "{handed}");
+}
+
+#[tokio::test]
 async fn a_list_that_cannot_hear_the_other_nodes_at_first_gets_their_conversations_once_it_can() {
     let redis = RedisServer::start().await;
     let nodes = cluster(&redis, 2, &[]).await;

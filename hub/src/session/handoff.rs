@@ -5,8 +5,9 @@
 //! to the assistant. Every node that saw it become waiting (the customer's,
 //! those of the agents watching it, those listing its tenant) hands it back
 //! when the time is up ([`run_timeouts`]; the owner's compare-and-set lets
-//! exactly one of them), and the customer's next message does it too if
-//! none did (a node that saw it died).
+//! exactly one of them; one that cannot reach the store tries again at its
+//! next check), and the customer's next message does it too if none did (a
+//! node that saw it died).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -98,8 +99,16 @@ pub async fn run_timeouts(conversations: Arc<Conversations>, timeout: Duration, 
         let cutoff = crate::store::now_ms().saturating_sub(timeout_ms);
         for (key, epoch, since_ms) in conversations.take_waiting_since(cutoff) {
             let waiting = Ownership { owner: Owner::Waiting, epoch, since_ms };
-            if let Err(error) = give_up_waiting(&conversations, &key, &waiting).await {
-                debug!(%error, conversation_id = %key.conversation(), "a waiting conversation not handed back; at the customer's next message");
+            match give_up_waiting(&conversations, &key, &waiting).await {
+                Ok(_) => {}
+                // The store could not be reached: the next check tries again.
+                Err(error @ StoreError::Unavailable(_)) => {
+                    debug!(%error, conversation_id = %key.conversation(), "a waiting conversation not handed back yet");
+                    conversations.saw_owner(&key, epoch, true, since_ms);
+                }
+                Err(error) => {
+                    debug!(%error, conversation_id = %key.conversation(), "a waiting conversation not handed back")
+                }
             }
         }
     }

@@ -316,7 +316,6 @@ async fn on_message(
             send_to_this_socket(session, error_frame(ErrorCode::ConversationNotFound, message, Some(&id)));
             session.closer.close(close::CONVERSATION_NOT_FOUND);
         }
-        Err(StoreError::OwnerChanged(_)) => warn!("a customer message was fenced by its owner"),
         Err(error @ StoreError::TooManyConversations { .. }) => {
             warn!(%error, "conversation not created: the user's creation cap is reached");
             let (code, reason) = crate::session::refusal(&error);

@@ -1003,6 +1003,36 @@ async fn the_live_list_shows_the_customer_typing_and_a_dead_nodes_customers_goin
 }
 
 #[tokio::test]
+async fn a_dead_nodes_agents_stop_watching_in_the_live_list() {
+    let nodes = Nodes::start(&["--agents-presence-ttl-secs", "2"]).await;
+    let mut anna = agent(nodes.node(0), "bank", "anna").await;
+    list(&mut anna).await;
+    let mut seen = Vec::new();
+    // The customer stays online on Anna's node; Bob watches from another.
+    let customer = customer_with_history(nodes.node(0), "bank", "erin").await;
+    let conversation = customer.conversation();
+    let mut bob = agent(nodes.node(1), "bank", "bob").await;
+    bob.send_json(json!({"type": "watch", "conversation": conversation})).await;
+    bob.expect("watching").await;
+    let viewers = |summary: &Value| {
+        summary["viewers"].as_array().map(|v| v.iter().map(|v| v["agent"].clone()).collect::<Vec<_>>())
+    };
+    until_summary(&mut anna, &conversation, &mut seen, |s| viewers(s) == Some(vec![json!("bob")])).await;
+    if nodes.hubs.len() > 1 {
+        // Bob's node dies: nobody tells Anna's node, whose list re-reads presence.
+        let mut nodes = nodes;
+        nodes.hubs[1].child.start_kill().unwrap();
+        nodes.hubs[1].child.wait().await.unwrap();
+        let gone = until_summary(&mut anna, &conversation, &mut seen, |s| viewers(s) == Some(vec![])).await;
+        assert_eq!(gone["online"], true, "{gone}");
+    } else {
+        drop(bob);
+        until_summary(&mut anna, &conversation, &mut seen, |s| viewers(s) == Some(vec![])).await;
+    }
+    drop(customer);
+}
+
+#[tokio::test]
 async fn a_waiting_conversation_goes_back_to_the_assistant_at_the_timeout_without_a_message() {
     let answerer = RecordingAnswerer::start(Script { tokens: 3, ..Script::default() }).await;
     let nodes = Nodes::start(&["--nlp-url", &answerer.url, "--agents-handoff-timeout-secs", "1"]).await;

@@ -17,14 +17,14 @@
 //! then reads and sends the snapshot, and changes noted meanwhile are
 //! re-read after it, so a change is never overtaken by an older snapshot.
 //!
-//! `online` and `typing` come from the presence board
+//! `online`, `typing` and `viewers` come from the presence board
 //! ([`crate::presence`]): a customer who starts or stops typing changes
 //! their node's entry, which is a change like any other (a typing signal
 //! that only goes on is not). A node that dies tells nobody, so every
 //! third of the presence TTL the task re-reads the presence of the
-//! conversations it shows online or typing, in one read, and re-sends
-//! those that changed: a dead node's customers go offline in the lists
-//! within the TTL. A conversation shown `waiting` is noted for the
+//! conversations it shows online, typing or watched, in one read, and
+//! re-sends those that changed: a dead node's customers go offline, and
+//! its agents stop watching, in the lists within the TTL. A conversation shown `waiting` is noted for the
 //! hand-over's timeout ([`crate::session::handoff`]).
 //!
 //! A tenant whose changes this node cannot hear yet (subscribing failed)
@@ -335,11 +335,16 @@ async fn changed(conversations: &Conversations, listed: &mut Listed, id: Convers
     }
 }
 
-/// Re-reads the presence of the conversations shown online or typing and
-/// re-sends those whose presence changed (a node died, see the module doc).
+/// Re-reads the presence of the conversations shown online, typing or
+/// watched and re-sends those whose presence changed (a node died, see the
+/// module doc).
 async fn recheck_presence(conversations: &Conversations, listed: &mut Listed, window_ms: u64) {
-    let ids: Vec<ConversationId> =
-        listed.shown.iter().filter(|(_, shown)| shown.0.online || shown.0.typing).map(|(id, _)| id.clone()).collect();
+    let ids: Vec<ConversationId> = listed
+        .shown
+        .iter()
+        .filter(|(_, Shown(shown))| shown.online || shown.typing || !shown.viewers.is_empty())
+        .map(|(id, _)| id.clone())
+        .collect();
     if ids.is_empty() {
         return;
     }
@@ -350,7 +355,7 @@ async fn recheck_presence(conversations: &Conversations, listed: &mut Listed, wi
     };
     for (id, present) in ids.into_iter().zip(present) {
         let shown = &listed.shown[&id].0;
-        if (shown.online, shown.typing) != (present.online, present.typing) {
+        if (shown.online, shown.typing, &shown.viewers) != (present.online, present.typing, &present.viewers) {
             changed(conversations, listed, id, window_ms).await;
         }
     }

@@ -635,6 +635,14 @@ async fn a_note_reaches_every_watching_agent_on_every_node_and_never_a_customer(
     );
     assert_eq!(notes[0]["conversation"], conversation.as_str());
     assert!(notes.iter().all(|note| *note == notes[0]), "{notes:?}");
+    // A resend (same id: its `note` did not come back before a reconnect) is
+    // not stored again: its sender gets the stored note, nobody else anything
+    // (the next note each agent gets is n2, seq 2).
+    agents[0]
+        .send_json(json!({"type": "note", "conversation": conversation, "id": "n1", "text": "VIP customer"}))
+        .await;
+    let again = agents[0].expect("note").await;
+    assert_eq!((&again["seq"], &again["after"], &again["id"]), (&json!(1), &json!(2), &json!("n1")), "{again}");
     // Cara is on the customer's node: it had the note, the customer's socket did not.
     customer.assert_alive().await;
     // The conversation goes on; a second note follows the next events.

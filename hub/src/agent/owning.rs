@@ -22,7 +22,7 @@ use crate::owner::{self, Owner, Take, TakeRefused};
 use crate::presence::{Typing, Typist};
 use crate::protocol::{ErrorCode, ServerFrame};
 use crate::session::send_to_this_socket;
-use crate::store::{AppendWith, Appended, NewEvent, OwnerOp, StoreError, StoredNote};
+use crate::store::{AppendWith, Appended, NewEvent, NoteAdded, OwnerOp, StoreError, StoredNote};
 
 /// How often a take re-reads the owner after losing a compare-and-set
 /// before it reports the store unavailable (each loss names a new owner).
@@ -184,11 +184,14 @@ impl Owning<'_> {
             at_ms: 0,
         };
         match self.app.conversations.add_note(&key, note).await {
-            Ok(note) => {
+            // The fan-out gave it to this socket if it watches the conversation.
+            Ok(NoteAdded::New(note)) => {
                 if !self.app.conversations.has_session(&key, self.handle.id) {
                     self.reply(note.note_frame(conversation.as_str()));
                 }
             }
+            // A resend: only its sender is told (again), as a message's resend is acked.
+            Ok(NoteAdded::Duplicate(note)) => self.reply(note.note_frame(conversation.as_str())),
             Err(error) => self.store_error(&error, &conversation),
         }
     }

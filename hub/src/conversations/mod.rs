@@ -337,15 +337,18 @@ impl Conversations {
     }
 
     /// Stores an agents' note and delivers it to this node's agents at once
-    /// (the store carries it to other nodes'). See [`crate::store::NoteLog`].
+    /// (the store carries it to other nodes'); a resend is neither stored
+    /// nor delivered again. See [`crate::store::NoteLog`].
     pub async fn add_note(
         &self,
         key: &ConversationKey,
         note: crate::event::StoredNote,
-    ) -> Result<Arc<crate::event::StoredNote>, StoreError> {
-        let note = self.log.add_note(key, note).await?;
-        self.fanout.deliver_note(key, &note);
-        Ok(note)
+    ) -> Result<crate::store::NoteAdded, StoreError> {
+        let added = self.log.add_note(key, note).await?;
+        if let crate::store::NoteAdded::New(note) = &added {
+            self.fanout.deliver_note(key, note);
+        }
+        Ok(added)
     }
 
     /// See [`crate::store::NoteLog::notes`].

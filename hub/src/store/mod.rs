@@ -234,14 +234,31 @@ pub trait ConversationLog: NoteLog {
     ) -> Result<Appended, StoreError>;
 }
 
+/// What [`NoteLog::add_note`] did with a note.
+#[derive(Debug)]
+pub enum NoteAdded {
+    /// Stored (and published to the other nodes).
+    New(Arc<StoredNote>),
+    /// A resend: a note with its id is among the conversation's latest
+    /// [`NOTE_IDS_CHECKED`], and nothing was stored. Its `seq` and `after`
+    /// are the stored one's.
+    Duplicate(Arc<StoredNote>),
+}
+
+/// How many of a conversation's latest notes a new note's id is checked
+/// against: a client resends an unacknowledged note at its reconnect, so a
+/// resend's first copy is among the last few.
+pub const NOTE_IDS_CHECKED: usize = 100;
+
 /// Agents' private notes of one conversation, beside its log.
 #[async_trait]
 pub trait NoteLog: Send + Sync + 'static {
     /// Stores a note (its `seq`, `after` and `at_ms` are assigned here;
     /// shared by nodes: published to the others' [`crate::bus`], only if
-    /// another node listens). A conversation with no log is
-    /// `ConversationNotFound`. Notes are capped like the log.
-    async fn add_note(&self, key: &ConversationKey, note: StoredNote) -> Result<Arc<StoredNote>, StoreError>;
+    /// another node listens), unless it is a resend ([`NoteAdded::Duplicate`]).
+    /// A conversation with no log is `ConversationNotFound`. Notes are
+    /// capped like the log.
+    async fn add_note(&self, key: &ConversationKey, note: StoredNote) -> Result<NoteAdded, StoreError>;
 
     /// The conversation's notes, oldest first.
     async fn notes(&self, key: &ConversationKey) -> Result<Vec<Arc<StoredNote>>, StoreError>;

@@ -28,8 +28,8 @@ use tracing::debug;
 use users::Users;
 
 use super::{
-    AppendWith, Appended, ConversationLog, LogEpoch, LogSummary, NewEvent, NoteLog, Opened, OwnerOp, Pending, Snapshot,
-    StoreError, StoredEvent, StoredNote, now_ms,
+    AppendWith, Appended, ConversationLog, LogEpoch, LogSummary, NOTE_IDS_CHECKED, NewEvent, NoteAdded, NoteLog,
+    Opened, OwnerOp, Pending, Snapshot, StoreError, StoredEvent, StoredNote, now_ms,
 };
 use crate::config::ConversationConfig;
 use crate::event::dedup_key;
@@ -175,16 +175,19 @@ fn lock(log: &Mutex<Conversation>) -> std::sync::MutexGuard<'_, Conversation> {
 
 #[async_trait]
 impl NoteLog for MemoryLog {
-    async fn add_note(&self, key: &ConversationKey, note: StoredNote) -> Result<Arc<StoredNote>, StoreError> {
+    async fn add_note(&self, key: &ConversationKey, note: StoredNote) -> Result<NoteAdded, StoreError> {
         let log = self.log(key)?;
         let mut log = lock(&log);
+        if let Some(stored) = log.notes.iter().rev().take(NOTE_IDS_CHECKED).find(|stored| stored.id == note.id) {
+            return Ok(NoteAdded::Duplicate(stored.clone()));
+        }
         log.last_note += 1;
         let note = Arc::new(StoredNote { seq: log.last_note, after: log.last_seq, at_ms: now_ms(), ..note });
         log.notes.push_back(note.clone());
         while log.notes.len() > self.log_cap {
             log.notes.pop_front();
         }
-        Ok(note)
+        Ok(NoteAdded::New(note))
     }
 
     async fn notes(&self, key: &ConversationKey) -> Result<Vec<Arc<StoredNote>>, StoreError> {

@@ -2,13 +2,23 @@
 -- publishes it, atomically. The hub encodes the note (see wire.rs) with
 -- `seq` and `after` first; this script splices in the note's seq and the
 -- conversation's last event seq, and decodes nothing.
+-- A note whose id is among the latest ARGV[7] is a resend: nothing is
+-- stored, and the stored note's seq and after come back.
 -- KEYS[1] meta hash, KEYS[2] notes list, KEYS[3] listeners hash
 -- ARGV: 1 the note's JSON after its `"after":<n>`, 2 cap, 3 retention
---       seconds, 4 channel, 5 this node's id
--- Returns {seq, after}, or {} when the conversation does not exist.
+--       seconds, 4 channel, 5 this node's id, 6 the note's id as its JSON
+--       holds it (`,"id":"…",`), 7 how many of the latest notes to check
+-- Returns {seq, after}, {seq, after, 1} for a resend, or {} when the
+-- conversation does not exist.
 local meta = KEYS[1]
 if redis.call('EXISTS', meta) == 0 then
   return {}
+end
+for _, stored in ipairs(redis.call('LRANGE', KEYS[2], -tonumber(ARGV[7]), -1)) do
+  if string.find(stored, ARGV[6], 1, true) then
+    local seq, after = string.match(stored, '^{"seq":(%d+),"after":(%d+)')
+    return {tonumber(seq), tonumber(after), 1}
+  end
 end
 local seq = redis.call('HINCRBY', meta, 'note_seq', 1)
 local after = tonumber(redis.call('HGET', meta, 'seq') or '0')

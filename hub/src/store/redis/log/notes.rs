@@ -10,11 +10,11 @@ use tracing::warn;
 use super::super::wire;
 use super::RedisLog;
 use crate::ids::ConversationKey;
-use crate::store::{NoteLog, StoreError, StoredNote, now_ms};
+use crate::store::{NOTE_IDS_CHECKED, NoteAdded, NoteLog, StoreError, StoredNote, now_ms};
 
 #[async_trait]
 impl NoteLog for RedisLog {
-    async fn add_note(&self, key: &ConversationKey, note: StoredNote) -> Result<Arc<StoredNote>, StoreError> {
+    async fn add_note(&self, key: &ConversationKey, note: StoredNote) -> Result<NoteAdded, StoreError> {
         let inner = &self.inner;
         let link = &inner.link;
         let at_ms = now_ms();
@@ -29,10 +29,13 @@ impl NoteLog for RedisLog {
             .arg(inner.log_cap)
             .arg(link.retention.expire_secs())
             .arg(link.keys.channel(key))
-            .arg(link.node_id.as_str());
+            .arg(link.node_id.as_str())
+            .arg(wire::note_id(&note))
+            .arg(NOTE_IDS_CHECKED);
         let placed: Vec<u64> = link.call(invocation.invoke_async(&mut con)).await?;
         match placed[..] {
-            [seq, after] => Ok(Arc::new(StoredNote { seq, after, ..note })),
+            [seq, after] => Ok(NoteAdded::New(Arc::new(StoredNote { seq, after, ..note }))),
+            [seq, after, _] => Ok(NoteAdded::Duplicate(Arc::new(StoredNote { seq, after, ..note }))),
             _ => Err(StoreError::ConversationNotFound),
         }
     }

@@ -902,6 +902,47 @@ async fn a_wait_no_live_node_saw_is_handed_back_at_the_customers_next_message() 
 }
 
 #[tokio::test]
+async fn a_note_written_while_a_node_could_not_hear_reaches_its_watchers_once_it_can() {
+    let redis = RedisServer::start().await;
+    let nodes = cluster(&redis, 2, &[]).await;
+    let (_customer, conversation, _) = two_turns(&nodes[0], "tenant=bank&user=noted").await;
+    let mut watchers = Vec::new();
+    for (node, name) in [(0, "anna"), (1, "bob")] {
+        let mut watcher = agent(&nodes[node], name).await;
+        watcher.send_json(serde_json::json!({"type": "watch", "conversation": conversation})).await;
+        watcher.expect("watching").await;
+        watchers.push(watcher);
+    }
+    // Every node's subscriber link drops, and Redis refuses to subscribe again for a while.
+    redis.cli(&["ACL", "SETUSER", "default", "-subscribe", "-psubscribe", "-ssubscribe"]).await;
+    redis.cli(&["CLIENT", "KILL", "TYPE", "pubsub"]).await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while nodes[0].readyz().await == 200 {
+        assert!(tokio::time::Instant::now() < deadline, "readyz stays green while the node cannot hear");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Bob writes a note meanwhile: stored, unheard on Anna's node.
+    let note = serde_json::json!({"type": "note", "conversation": conversation, "id": "n1", "text": "VIP"});
+    watchers[1].send_json(note).await;
+    loop {
+        let frame = watchers[1].next().await;
+        if frame["type"] == "note" {
+            break;
+        }
+    }
+    redis.cli(&["ACL", "SETUSER", "default", "+subscribe", "+psubscribe", "+ssubscribe"]).await;
+    nodes[0].wait_ready().await;
+    // Anna's node resyncs its sessions: her watch gets the note it missed.
+    loop {
+        let frame = watchers[0].next().await;
+        if frame["type"] == "note" {
+            assert_eq!((&frame["id"], &frame["seq"]), (&"n1".into(), &1.into()), "{frame}");
+            break;
+        }
+    }
+}
+
+#[tokio::test]
 async fn a_hand_back_that_redis_refused_when_the_wait_ran_out_is_tried_again() {
     let redis = RedisServer::start().await;
     let nodes = cluster(&redis, 1, &["--agents-handoff-timeout-secs", "1"]).await;

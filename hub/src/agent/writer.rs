@@ -180,7 +180,13 @@ impl Watches {
                     watch.sent.advance(seq);
                 }
             },
-            Outbound::Resync => return Box::pin(fill_gap(&self.app, sink, watch, u64::MAX)).await,
+            Outbound::Resync => {
+                let delivered = Box::pin(fill_gap(&self.app, sink, watch, u64::MAX)).await?;
+                if delivered == Delivered::Done {
+                    Box::pin(catch_up_notes(&self.app, sink, watch)).await?;
+                }
+                return Ok(delivered);
+            }
             Outbound::Owner { epoch, frame } => {
                 if epoch > watch.owner_epoch {
                     watch.owner_epoch = epoch;
@@ -188,6 +194,11 @@ impl Watches {
                 }
             }
             Outbound::Note { seq, frame } => {
+                // Notes are numbered 1, 2, …: one skipped was written while
+                // this node could not hear the others.
+                if seq > watch.notes_sent + 1 {
+                    Box::pin(catch_up_notes(&self.app, sink, watch)).await?;
+                }
                 if seq > watch.notes_sent {
                     watch.notes_sent = seq;
                     sink.feed(Message::Text(frame)).await?;
@@ -197,6 +208,26 @@ impl Watches {
         }
         Ok(Delivered::Done)
     }
+}
+
+/// Sends the watched conversation's notes newer than the last one sent, in
+/// order (written while this node could not hear the other nodes). A read
+/// that fails leaves them to the next resync, note or watch.
+async fn catch_up_notes(app: &AppState, sink: &mut Sink<'_>, watch: &mut Watch) -> Result<(), WriteError> {
+    let notes = match app.conversations.notes(&watch.key).await {
+        Ok(notes) => notes,
+        Err(error) => {
+            debug!(%error, "cannot re-read a watched conversation's notes");
+            return Ok(());
+        }
+    };
+    let conversation = watch.key.conversation().as_str();
+    let sent = watch.notes_sent;
+    for note in notes.iter().filter(|note| note.seq > sent) {
+        sink.feed(Message::Text(note.note_frame(conversation))).await?;
+        watch.notes_sent = note.seq;
+    }
+    Ok(())
 }
 
 /// Sends a watched conversation's logged events between the last sent seq

@@ -245,19 +245,29 @@ impl<'a> Draft<'a> {
     /// returns whether it was the last chunk, or the text reached
     /// `max_bytes` (the part past it is dropped, and the draft is `cut`).
     fn stage(&mut self, chunk: &AnswerChunk) -> bool {
-        let mut text = chunk.text.as_str();
-        let room = self.max_bytes.saturating_sub(self.text.len());
-        if text.len() > room {
-            text = &text[..text.floor_char_boundary(room)];
-            self.cut = true;
+        if self.text.len() + chunk.text.len() > self.max_bytes {
+            return self.stage_cut(chunk);
         }
-        if !text.is_empty() {
-            self.stage_text(text);
+        if !chunk.text.is_empty() {
+            self.stage_text(&chunk.text);
         }
         if chunk.usage.is_some() {
             self.usage = chunk.usage;
         }
-        chunk.finish != 0 || self.cut
+        chunk.finish != 0
+    }
+
+    /// [`Draft::stage`] of a chunk that takes the text past `max_bytes`:
+    /// the part that fits (whole characters), and the draft is `cut`.
+    #[cold]
+    fn stage_cut(&mut self, chunk: &AnswerChunk) -> bool {
+        let room = self.max_bytes.saturating_sub(self.text.len());
+        let text = &chunk.text[..chunk.text.floor_char_boundary(room)];
+        if !text.is_empty() {
+            self.stage_text(text);
+        }
+        self.cut = true;
+        true
     }
 
     fn stage_text(&mut self, text: &str) {

@@ -642,7 +642,13 @@ async fn a_note_reaches_every_watching_agent_on_every_node_and_never_a_customer(
         .send_json(json!({"type": "note", "conversation": conversation, "id": "n1", "text": "VIP customer"}))
         .await;
     let again = agents[0].expect("note").await;
-    assert_eq!((&again["seq"], &again["after"], &again["id"]), (&json!(1), &json!(2), &json!("n1")), "{again}");
+    assert_eq!(again, notes[0], "the stored note, as it was");
+    // Another agent's note with the same id is a note of its own.
+    agents[1].send_json(json!({"type": "note", "conversation": conversation, "id": "n1", "text": "Seen it"})).await;
+    for agent in &mut agents {
+        let note = agent.expect("note").await;
+        assert_eq!((&note["seq"], &note["agent"], &note["id"]), (&json!(2), &json!("bob"), &json!("n1")), "{note}");
+    }
     // Cara is on the customer's node: it had the note, the customer's socket did not.
     customer.assert_alive().await;
     // The conversation goes on; a second note follows the next events.
@@ -652,7 +658,7 @@ async fn a_note_reaches_every_watching_agent_on_every_node_and_never_a_customer(
         loop {
             let frame = agent.next().await;
             if frame["type"] == "note" {
-                assert_eq!((&frame["seq"], &frame["after"], &frame["agent"]), (&json!(2), &json!(4), &json!("bob")));
+                assert_eq!((&frame["seq"], &frame["after"], &frame["agent"]), (&json!(3), &json!(4), &json!("bob")));
                 break;
             }
         }
@@ -665,8 +671,10 @@ async fn a_note_reaches_every_watching_agent_on_every_node_and_never_a_customer(
     for seq in 1..=4 {
         assert_eq!(dora.expect("message").await["seq"], seq);
     }
-    assert_eq!(dora.expect("note").await["id"], "n1");
-    assert_eq!(dora.expect("note").await["id"], "n2");
+    for (agent, id) in [("anna", "n1"), ("bob", "n1"), ("bob", "n2")] {
+        let note = dora.expect("note").await;
+        assert_eq!((note["agent"].as_str(), note["id"].as_str()), (Some(agent), Some(id)), "{note}");
+    }
     dora.send_json(json!({"type": "watch", "conversation": conversation, "after": 3})).await;
     dora.expect("watching").await;
     assert_eq!(dora.expect("message").await["seq"], 4);

@@ -137,7 +137,7 @@ async fn broken(call: ActiveCall, tokens: u32, failure: StreamError) -> Outcome 
 fn too_long(draft: &Draft<'_>) -> Outcome {
     warn!(bytes = draft.text.len(), "NLP answer reached nlp.max_reply_bytes; cut there");
     metrics::counter!(crate::metric::NLP_FALLBACKS, "reason" => "too_long").increment(1);
-    Outcome::Fallback { interrupted: true }
+    Outcome::Fallback { interrupted: !draft.text.is_empty() }
 }
 
 /// Deltas handed to the sockets together at most (see [`Draft::relay_batch`]).
@@ -363,6 +363,11 @@ mod tests {
         assert!(short.stage(&chunk("ab世界", 0)), "past the cap");
         assert!(short.cut);
         assert_eq!(short.text, "Hello world!ab", "no half character");
+        assert!(matches!(too_long(&short), Outcome::Fallback { interrupted: true }));
+        // A cap no whole character of the first chunk fits in: nothing streamed, not interrupted.
+        let mut empty = Draft::new(&backend, &key, "r-3", 0, 2);
+        assert!(empty.stage(&chunk("世界", 0)) && empty.cut && empty.text.is_empty());
+        assert!(matches!(too_long(&empty), Outcome::Fallback { interrupted: false }));
         assert_eq!(short.publish(), 2);
         for queue in &mut queues {
             let Outbound::Frames { frames, .. } = *queue.try_recv().unwrap() else { panic!("one item") };

@@ -239,9 +239,9 @@ pub trait ConversationLog: NoteLog {
 pub enum NoteAdded {
     /// Stored (and published to the other nodes).
     New(Arc<StoredNote>),
-    /// A resend: a note with its id is among the conversation's latest
-    /// [`NOTE_IDS_CHECKED`], and nothing was stored. Its `seq` and `after`
-    /// are the stored one's.
+    /// A resend: a note of the same agent with its id is among the
+    /// conversation's latest [`NOTE_IDS_CHECKED`], and nothing was stored.
+    /// Its `seq`, `after` and time are the stored one's.
     Duplicate(Arc<StoredNote>),
 }
 

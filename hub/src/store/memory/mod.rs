@@ -178,7 +178,8 @@ impl NoteLog for MemoryLog {
     async fn add_note(&self, key: &ConversationKey, note: StoredNote) -> Result<NoteAdded, StoreError> {
         let log = self.log(key)?;
         let mut log = lock(&log);
-        if let Some(stored) = log.notes.iter().rev().take(NOTE_IDS_CHECKED).find(|stored| stored.id == note.id) {
+        let resend = |stored: &&Arc<StoredNote>| stored.id == note.id && stored.agent == note.agent;
+        if let Some(stored) = log.notes.iter().rev().take(NOTE_IDS_CHECKED).find(resend) {
             return Ok(NoteAdded::Duplicate(stored.clone()));
         }
         log.last_note += 1;

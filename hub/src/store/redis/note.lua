@@ -2,22 +2,25 @@
 -- publishes it, atomically. The hub encodes the note (see wire.rs) with
 -- `seq` and `after` first; this script splices in the note's seq and the
 -- conversation's last event seq, and decodes nothing.
--- A note whose id is among the latest ARGV[7] is a resend: nothing is
--- stored, and the stored note's seq and after come back.
+-- A note of the same agent with the same id among the latest ARGV[8] is a
+-- resend: nothing is stored, and the stored note's seq, after and time
+-- come back.
 -- KEYS[1] meta hash, KEYS[2] notes list, KEYS[3] listeners hash
 -- ARGV: 1 the note's JSON after its `"after":<n>`, 2 cap, 3 retention
---       seconds, 4 channel, 5 this node's id, 6 the note's id as its JSON
---       holds it (`,"id":"…",`), 7 how many of the latest notes to check
--- Returns {seq, after}, {seq, after, 1} for a resend, or {} when the
+--       seconds, 4 channel, 5 this node's id, 6 and 7 the note's agent and
+--       id as its JSON holds them (`,"agent":"…",`, `,"id":"…",`), 8 how
+--       many of the latest notes to check
+-- Returns {seq, after}, {seq, after, at_ms} for a resend, or {} when the
 -- conversation does not exist.
 local meta = KEYS[1]
 if redis.call('EXISTS', meta) == 0 then
   return {}
 end
-for _, stored in ipairs(redis.call('LRANGE', KEYS[2], -tonumber(ARGV[7]), -1)) do
-  if string.find(stored, ARGV[6], 1, true) then
+for _, stored in ipairs(redis.call('LRANGE', KEYS[2], -tonumber(ARGV[8]), -1)) do
+  if string.find(stored, ARGV[7], 1, true) and string.find(stored, ARGV[6], 1, true) then
     local seq, after = string.match(stored, '^{"seq":(%d+),"after":(%d+)')
-    return {tonumber(seq), tonumber(after), 1}
+    local at = string.match(stored, '"at_ms":(%d+)}$')
+    return {tonumber(seq), tonumber(after), tonumber(at)}
   end
 end
 local seq = redis.call('HINCRBY', meta, 'note_seq', 1)

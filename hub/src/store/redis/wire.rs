@@ -53,14 +53,16 @@ use crate::presence::{Present, Typing};
 use crate::protocol::ReplyTiming;
 use crate::store::{StoredEvent, StoredNote};
 
-/// A note encoded for `note.lua`, which splices in `"seq":<n>,"after":<m>`
-/// before it: the note's JSON after its `after` field.
-/// How a note's id is written in its stored JSON (`,"id":"…",`): no other
-/// field's text can hold it, since every quote in a value is escaped.
-pub fn note_id(note: &StoredNote) -> String {
-    format!(",\"id\":{},", serde_json::to_string(&note.id).expect("strings always serialize"))
+/// How a note's agent and id are written in its stored JSON (`,"agent":"…",`
+/// and `,"id":"…",`), for `note.lua` to find a resend by: no field's value
+/// can hold either, since every quote in a value is escaped.
+pub fn note_author_and_id(note: &StoredNote) -> (String, String) {
+    let json = |value: &str| serde_json::to_string(value).expect("strings always serialize");
+    (format!(",\"agent\":{},", json(&note.agent)), format!(",\"id\":{},", json(&note.id)))
 }
 
+/// A note encoded for `note.lua`, which splices in `"seq":<n>,"after":<m>`
+/// before it: the note's JSON after its `after` field.
 pub fn note_tail(note: &StoredNote) -> Vec<u8> {
     const HEAD: &[u8] = b"{\"seq\":0,\"after\":0";
     let json = serde_json::to_vec(&StoredNote { seq: 0, after: 0, ..note.clone() }).expect("notes always serialize");

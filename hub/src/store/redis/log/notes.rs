@@ -29,13 +29,13 @@ impl NoteLog for RedisLog {
             .arg(inner.log_cap)
             .arg(link.retention.expire_secs())
             .arg(link.keys.channel(key))
-            .arg(link.node_id.as_str())
-            .arg(wire::note_id(&note))
-            .arg(NOTE_IDS_CHECKED);
+            .arg(link.node_id.as_str());
+        let (author, id) = wire::note_author_and_id(&note);
+        invocation.arg(author).arg(id).arg(NOTE_IDS_CHECKED);
         let placed: Vec<u64> = link.call(invocation.invoke_async(&mut con)).await?;
         match placed[..] {
             [seq, after] => Ok(NoteAdded::New(Arc::new(StoredNote { seq, after, ..note }))),
-            [seq, after, _] => Ok(NoteAdded::Duplicate(Arc::new(StoredNote { seq, after, ..note }))),
+            [seq, after, at_ms] => Ok(NoteAdded::Duplicate(Arc::new(StoredNote { seq, after, at_ms, ..note }))),
             _ => Err(StoreError::ConversationNotFound),
         }
     }

@@ -723,6 +723,8 @@ export class FengdaClient extends Connection {
     this.stored = false;
     /** The current socket's URL named the conversation (with `after` and `epoch`). */
     this.named = false;
+    /** Until the first durable event after `ready` on a named socket: the `after` it resumed from. */
+    this.replayAfter = null;
     /** Ids this client sent (to recognise our own messages when they are replayed). */
     this.ownIds = new Set();
     /** Assistant replies streaming and finished. */
@@ -853,6 +855,12 @@ export class FengdaClient extends Connection {
 
   /** @private Records a durable seq; returns false if it was seen already. */
   markSeq(seq) {
+    if (this.replayAfter !== null && Number.isInteger(seq)) {
+      // The replay's first event above `after` + 1: the events between were trimmed from the
+      // log (it keeps the latest `conversation.log_cap`) and are gone (protocol §7).
+      if (seq > this.replayAfter + 1 && this.lastSeq === this.replayAfter) this.seqs.reset(seq - 1);
+      this.replayAfter = null;
+    }
     if (!this.seqs.mark(seq)) return false;
     this.stored = true;
     this.persist();
@@ -890,6 +898,7 @@ export class FengdaClient extends Connection {
     }
     // A different epoch than ours: the hub follows this frame with `history_lost` (it got our
     // epoch), and that is where we start over; until then our saved state stays as it was.
+    this.replayAfter = resumed && !rewound && seq > this.lastSeq ? this.lastSeq : null;
     this.persist();
     this.setStatus('open');
     this.emit('ready', { conversation: f.conversation, seq: f.seq, epoch });
@@ -979,6 +988,7 @@ export class FengdaClient extends Connection {
     const previousEpoch = this.epoch;
     if (ready.epoch) this.epoch = ready.epoch;
     this.seqs.reset(ready.seq);
+    this.replayAfter = null;
     this.replies.clear();
     this.persist();
     this.emit('reset', {

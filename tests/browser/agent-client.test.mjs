@@ -17,7 +17,8 @@
 // `typing`, an agent's name and an agent's typing, a message resent with the same id after
 // `rate_limited` (its `retry_after_ms`) and after `token_expired` (a `refresh`, then `refreshed`),
 // the longest backoff after 4430, and a reloaded widget asking for its whole conversation
-// (`after=0` with its epoch) unless it was never stored. Exits 0 on success.
+// (`after=0` with its epoch) unless it was never stored, and resuming after a replay of a log
+// that kept only its latest events. Exits 0 on success.
 
 import { existsSync } from 'node:fs';
 import { chromium } from 'playwright-core';
@@ -278,10 +279,25 @@ async function checks() {
   for (const seq of [1, 2, 3]) again.hub({ type: 'message', conversation: C, seq, from: 'customer', id: `m${seq}`, text: 'hi' });
   expect(reloaded.lastSeq === 3, 'the replay brings lastSeq back', reloaded.lastSeq);
   reloaded.close();
+  // A log that kept only its latest events (`conversation.log_cap`): the replay starts above
+  // `after` + 1, the events before it are gone, and the client resumes after the last it got.
+  store.setItem('fengda:demo:alice', JSON.stringify({ conversation: C, epoch: 'e1', seq: 10 }));
+  const trimmed = new FengdaClient({ tenant: 'demo', user: 'alice', base: location.origin, WebSocket: FakeSocket, storage: store, replayHistory: true });
+  const beforeTrim = FakeSocket.all.length;
+  trimmed.connect();
+  const cut = await nextSocket(beforeTrim + 1);
+  cut.hub({ type: 'ready', conversation: C, seq: 12, epoch: 'e1' });
+  for (const seq of [3, 4, 5, 6, 7, 8, 9, 10, 11, 12]) cut.hub({ type: 'message', conversation: C, seq, from: 'customer', id: `m${seq}`, text: 'hi' });
+  expect(trimmed.lastSeq === 12, 'a replay of a trimmed log brings lastSeq to its end', trimmed.lastSeq);
+  cut.drop(4000);
+  const next = await nextSocket(beforeTrim + 2);
+  expect(new URL(next.url).searchParams.get('after') === '12', 'and the next socket resumes after it', next.url);
+  trimmed.close();
   store.setItem('fengda:demo:alice', JSON.stringify({ conversation: C, epoch: 'e1', seq: 0, stored: false }));
   const fresh = new FengdaClient({ tenant: 'demo', user: 'alice', base: location.origin, WebSocket: FakeSocket, storage: store, replayHistory: true });
+  const beforeFresh = FakeSocket.all.length;
   fresh.connect();
-  const unnamed = await nextSocket(opened + 2);
+  const unnamed = await nextSocket(beforeFresh + 1);
   expect(!new URL(unnamed.url).searchParams.has('conversation'), 'a conversation never stored is not named', unnamed.url);
   fresh.close();
   return problems;

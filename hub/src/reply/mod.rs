@@ -109,8 +109,14 @@ impl Replier {
         };
         // The hub's own share before the model: store, hand-over.
         self.before_nlp.record(question.received.elapsed().as_secs_f64());
-        let mut draft = Draft::new(&self.conversations, key, &reply_id, question.owner_epoch, self.max_reply_bytes);
-        draft.measure = question.timing;
+        let mut draft = Draft::new(
+            &self.conversations,
+            key,
+            &reply_id,
+            question.owner_epoch,
+            self.max_reply_bytes,
+            question.timing,
+        );
         let before_nlp = question.received.elapsed();
         let outcome = self.stream(&request, &mut draft, &cancel, &takeover).await;
         if matches!(outcome, Outcome::Fallback { .. }) {

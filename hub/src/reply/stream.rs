@@ -162,7 +162,7 @@ pub(super) struct Draft<'a> {
     /// The model's text reached `max_bytes`: what came past it was dropped.
     cut: bool,
     /// Time each batch's relay (only for replies that report `timing`).
-    pub(super) measure: bool,
+    measure: bool,
     pub(super) timings: Timings,
     /// The model's token counts, from the last chunk, when it sent them.
     pub(super) usage: Option<fengda_proto::nlp::v1::Usage>,
@@ -180,6 +180,7 @@ impl<'a> Draft<'a> {
         reply_id: &'a str,
         epoch: u64,
         max_bytes: usize,
+        measure: bool,
     ) -> Self {
         Self {
             conversations,
@@ -192,7 +193,7 @@ impl<'a> Draft<'a> {
             published_len: 0,
             max_bytes,
             cut: false,
-            measure: false,
+            measure,
             timings: Timings::default(),
             usage: None,
             epoch,
@@ -335,7 +336,7 @@ mod tests {
             backend.attach(&key, session, None, opened.pending.as_ref()).await.unwrap();
             queues.push(rx);
         }
-        let mut reply = Draft::new(&backend, &key, "r-1", 0, 64 * 1024);
+        let mut reply = Draft::new(&backend, &key, "r-1", 0, 64 * 1024, false);
         let chunk = |text: &str, finish: i32| AnswerChunk { index: 0, text: text.into(), finish, usage: None };
         assert!(!reply.stage(&chunk("Hello", 0)));
         assert!(!reply.stage(&chunk("", 0)), "an empty chunk makes no delta");
@@ -358,14 +359,14 @@ mod tests {
 
         // A chunk past the cap: the part that fits (whole characters) is
         // staged, the rest dropped, and the draft ends.
-        let mut short = Draft::new(&backend, &key, "r-2", 0, reply.text.len() + 4);
+        let mut short = Draft::new(&backend, &key, "r-2", 0, reply.text.len() + 4, false);
         assert!(!short.stage(&chunk("Hello world!", 0)));
         assert!(short.stage(&chunk("ab世界", 0)), "past the cap");
         assert!(short.cut);
         assert_eq!(short.text, "Hello world!ab", "no half character");
         assert!(matches!(too_long(&short), Outcome::Fallback { interrupted: true }));
         // A cap no whole character of the first chunk fits in: nothing streamed, not interrupted.
-        let mut empty = Draft::new(&backend, &key, "r-3", 0, 2);
+        let mut empty = Draft::new(&backend, &key, "r-3", 0, 2, false);
         assert!(empty.stage(&chunk("世界", 0)) && empty.cut && empty.text.is_empty());
         assert!(matches!(too_long(&empty), Outcome::Fallback { interrupted: false }));
         assert_eq!(short.publish(), 2);

@@ -992,6 +992,33 @@ async fn a_list_that_cannot_hear_the_other_nodes_at_first_gets_their_conversatio
     }
 }
 
+#[tokio::test]
+async fn a_list_whose_reads_redis_refused_is_read_again_once_it_can() {
+    let redis = RedisServer::start().await;
+    let nodes = cluster(&redis, 1, &[]).await;
+    let (_carol, conversation, _) = two_turns(&nodes[0], "tenant=bank&user=carol").await;
+    let mut anna = agent(&nodes[0], "anna").await;
+    let listed = |list: &Value| -> Vec<String> {
+        let summaries = list["conversations"].as_array().expect("summaries");
+        summaries.iter().map(|summary| summary["conversation"].as_str().unwrap().to_owned()).collect()
+    };
+    // Redis refuses the tenant's conversations (NOPERM on the read only the
+    // list makes): an empty list, then the whole list once it can be read.
+    redis.cli(&["ACL", "SETUSER", "default", "-zrevrangebyscore"]).await;
+    anna.send_json(serde_json::json!({"type": "list"})).await;
+    assert_eq!(listed(&anna.expect("conversations").await), Vec::<String>::new());
+    redis.cli(&["ACL", "SETUSER", "default", "+zrevrangebyscore"]).await;
+    assert_eq!(listed(&anna.expect("conversations").await), [conversation.as_str()]);
+    // Redis refuses the conversation's summary (the last event, read by
+    // summaries only): the list leaves it out, then sends it once it can.
+    redis.cli(&["ACL", "SETUSER", "default", "-lindex"]).await;
+    anna.send_json(serde_json::json!({"type": "list"})).await;
+    assert_eq!(listed(&anna.expect("conversations").await), Vec::<String>::new());
+    redis.cli(&["ACL", "SETUSER", "default", "+lindex"]).await;
+    let summary = anna.expect("conversation").await;
+    assert_eq!((summary["conversation"].as_str(), &summary["last"]["seq"]), (Some(conversation.as_str()), &4.into()));
+}
+
 /// An agent of tenant `bank` on `hub`; `presence` frames are skipped.
 async fn agent(hub: &Hub, name: &str) -> Client {
     let token: Value = reqwest::get(format!("{}/demo/token?tenant=bank&user={name}&role=agent", hub.url))

@@ -30,9 +30,13 @@
 //! A tenant whose changes this node cannot hear yet (subscribing failed)
 //! is listed from this node's changes only, and tried again every sweep
 //! (all such tenants at once); once heard, its listers get the whole list
-//! again, with what other nodes changed meanwhile.
+//! again, with what other nodes changed meanwhile. Reads that fail (the
+//! store is unreachable) are tried again every sweep too: a changed
+//! conversation whose summary could not be read, and a snapshot that could
+//! not read the tenant's conversations (sent again whole once it can).
 
 pub mod changes;
+mod listed;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -43,12 +47,12 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
 use changes::{Changes, LISTING_TTL};
+use listed::Listed;
 
 use crate::conversations::Conversations;
 use crate::fanout::{Outbound, SessionHandle};
-use crate::ids::{ConversationId, ConversationKey, Party, SessionId, TenantId};
-use crate::owner::Owner;
-use crate::protocol::{ServerFrame, Summary};
+use crate::ids::{Party, SessionId, TenantId};
+use crate::protocol::ServerFrame;
 use crate::store::now_ms;
 
 /// The most conversations a `conversations` snapshot carries (the most
@@ -97,35 +101,6 @@ impl Lists {
 #[derive(Debug)]
 pub struct ListsInbox(mpsc::Receiver<Command>);
 
-/// One tenant listed on this node.
-struct Listed {
-    /// A party of the tenant, to make its conversations' keys.
-    party: Party,
-    listers: Vec<SessionHandle>,
-    /// The conversations the listers were given.
-    shown: HashMap<ConversationId, Shown>,
-    /// Whether this node hears the tenant's changes on other nodes.
-    heard: bool,
-}
-
-/// What the listers were last given of one conversation: a change that
-/// reads the same summary again is not sent.
-#[derive(Debug)]
-struct Shown(Summary);
-
-impl Shown {
-    /// When it last had a durable event.
-    fn activity(&self) -> u64 {
-        activity(&self.0)
-    }
-}
-
-impl Listed {
-    fn send(&mut self, frame: &axum::extract::ws::Utf8Bytes) {
-        self.listers.retain(|handle| handle.push(Outbound::ephemeral(frame.clone())));
-    }
-}
-
 /// The node's listing task (see the module doc).
 pub async fn run_listing(
     conversations: Arc<Conversations>,
@@ -154,10 +129,11 @@ pub async fn run_listing(
                     if !tenants.contains_key(&tenant) {
                         changes.listen(&tenant);
                         let heard = hear(&conversations, &tenant).await;
-                        tenants.insert(tenant.clone(), Listed { party, listers: Vec::new(), shown: HashMap::new(), heard });
+                        tenants.insert(tenant.clone(), Listed::new(party, heard));
                     }
                     let listed = tenants.get_mut(&tenant).expect("inserted above");
-                    let summaries = snapshot(&conversations, listed, window_ms).await;
+                    // Unreadable, it is an empty list until the next sweep reads it.
+                    let summaries = listed.snapshot(&conversations, window_ms).await.unwrap_or_default();
                     let frame = ServerFrame::Conversations { conversations: &summaries }.encode();
                     if handle.push(Outbound::ephemeral(frame)) {
                         listed.listers.push(handle);
@@ -169,14 +145,13 @@ pub async fn run_listing(
             () = changes.notify.notified() => {
                 if changes.resync.swap(false, std::sync::atomic::Ordering::AcqRel) {
                     for listed in tenants.values_mut() {
-                        let summaries = snapshot(&conversations, listed, window_ms).await;
-                        listed.send(&ServerFrame::Conversations { conversations: &summaries }.encode());
+                        listed.snapshot_again(&conversations, window_ms).await;
                     }
                 }
                 for (tenant, ids) in changes.take() {
                     let Some(listed) = tenants.get_mut(&tenant) else { continue };
                     for id in ids {
-                        changed(&conversations, listed, id, window_ms).await;
+                        listed.changed(&conversations, id, window_ms).await;
                     }
                 }
             }
@@ -189,16 +164,7 @@ pub async fn run_listing(
                         gone.push(tenant.clone());
                         continue;
                     }
-                    let expired: Vec<ConversationId> = listed
-                        .shown
-                        .iter()
-                        .filter(|(_, shown)| !shown.0.online && shown.activity() < cutoff)
-                        .map(|(id, _)| id.clone())
-                        .collect();
-                    for id in expired {
-                        listed.shown.remove(&id);
-                        listed.send(&ServerFrame::ConversationRemoved { conversation: id.as_str() }.encode());
-                    }
+                    listed.remove_inactive(cutoff);
                 }
                 for tenant in gone {
                     tenants.remove(&tenant);
@@ -206,6 +172,9 @@ pub async fn run_listing(
                     conversations.unlist_tenant(&tenant).await;
                 }
                 hear_again(&conversations, &mut tenants, window_ms).await;
+                for listed in tenants.values_mut() {
+                    listed.read_again(&conversations, window_ms).await;
+                }
             }
             _ = refresh.tick() => {
                 let heard: Vec<TenantId> =
@@ -214,7 +183,7 @@ pub async fn run_listing(
             }
             _ = presence.tick() => {
                 for listed in tenants.values_mut() {
-                    recheck_presence(&conversations, listed, window_ms).await;
+                    listed.recheck_presence(&conversations, window_ms).await;
                 }
             }
         }
@@ -250,8 +219,7 @@ async fn hear_again(conversations: &Conversations, tenants: &mut HashMap<TenantI
         match heard {
             Ok(()) => {
                 listed.heard = true;
-                let summaries = snapshot(conversations, listed, window_ms).await;
-                listed.send(&ServerFrame::Conversations { conversations: &summaries }.encode());
+                listed.snapshot_again(conversations, window_ms).await;
             }
             Err(error) => debug!(%error, tenant_id = %tenant, "still cannot hear the tenant's changes on other nodes"),
         }
@@ -278,96 +246,4 @@ async fn unlist(
         changes.forget(&tenant);
         conversations.unlist_tenant(&tenant).await;
     }
-}
-
-/// The tenant's live conversations, most recent first (what `shown` is now).
-async fn snapshot(conversations: &Conversations, listed: &mut Listed, window_ms: u64) -> Vec<Summary> {
-    let since = now_ms().saturating_sub(window_ms);
-    let tenant = listed.party.tenant.clone();
-    let ids = match conversations.active(&tenant, since, MAX_LISTED).await {
-        Ok(ids) => ids,
-        Err(error) => {
-            debug!(%error, tenant_id = %tenant, "cannot read the tenant's active conversations");
-            Vec::new()
-        }
-    };
-    let mut summaries = Vec::with_capacity(ids.len());
-    listed.shown.clear();
-    for id in ids {
-        let key = listed.party.conversation(id.clone());
-        match conversations.summary(&key).await {
-            Ok(Some(summary)) => {
-                saw_owner(conversations, &key, &summary);
-                listed.shown.insert(id, Shown(summary.clone()));
-                summaries.push(summary);
-            }
-            Ok(None) => {}
-            Err(error) => debug!(%error, conversation_id = %id, "cannot read a listed conversation"),
-        }
-    }
-    summaries
-}
-
-/// Re-reads one changed conversation and tells the listers.
-async fn changed(conversations: &Conversations, listed: &mut Listed, id: ConversationId, window_ms: u64) {
-    let key = listed.party.conversation(id.clone());
-    let summary = match conversations.summary(&key).await {
-        Ok(summary) => summary,
-        Err(error) => {
-            debug!(%error, conversation_id = %id, "cannot read a changed conversation; the list keeps it as it was");
-            return;
-        }
-    };
-    let cutoff = now_ms().saturating_sub(window_ms);
-    match summary {
-        Some(summary) if summary.online || activity(&summary) >= cutoff => {
-            saw_owner(conversations, &key, &summary);
-            if listed.shown.get(&id).is_none_or(|shown| shown.0 != summary) {
-                listed.send(&ServerFrame::Conversation(&summary).encode());
-                listed.shown.insert(id, Shown(summary));
-            }
-        }
-        _ => {
-            if listed.shown.remove(&id).is_some() {
-                listed.send(&ServerFrame::ConversationRemoved { conversation: id.as_str() }.encode());
-            }
-        }
-    }
-}
-
-/// Re-reads the presence of the conversations shown online, typing or
-/// watched and re-sends those whose presence changed (a node died, see the
-/// module doc).
-async fn recheck_presence(conversations: &Conversations, listed: &mut Listed, window_ms: u64) {
-    let ids: Vec<ConversationId> = listed
-        .shown
-        .iter()
-        .filter(|(_, Shown(shown))| shown.online || shown.typing || !shown.viewers.is_empty())
-        .map(|(id, _)| id.clone())
-        .collect();
-    if ids.is_empty() {
-        return;
-    }
-    let keys: Vec<ConversationKey> = ids.iter().map(|id| listed.party.conversation(id.clone())).collect();
-    let present = match conversations.present(&keys).await {
-        Ok(present) => present,
-        Err(error) => return debug!(%error, "cannot re-read the listed conversations' presence"),
-    };
-    for (id, present) in ids.into_iter().zip(present) {
-        let shown = &listed.shown[&id].0;
-        if (shown.online, shown.typing, &shown.viewers) != (present.online, present.typing, &present.viewers) {
-            changed(conversations, listed, id, window_ms).await;
-        }
-    }
-}
-
-/// Tells the hand-over's timeout about a conversation shown `waiting`.
-fn saw_owner(conversations: &Conversations, key: &ConversationKey, summary: &Summary) {
-    let waiting = summary.owner == Owner::Waiting.kind();
-    conversations.saw_owner(key, summary.owner_epoch, waiting, summary.owner_since.unwrap_or(0));
-}
-
-/// When the conversation last had a durable event.
-fn activity(summary: &Summary) -> u64 {
-    summary.last.as_ref().map_or(0, |last| last.at)
 }

@@ -23,7 +23,7 @@ use std::sync::Arc;
 use axum::extract::ws::Utf8Bytes;
 
 use crate::bus::EventBus;
-use crate::event::{LogEpoch, NewEvent, StoredEvent};
+use crate::event::{NewEvent, StoredEvent};
 use crate::fanout::{FanOut, SessionHandle};
 use crate::ids::{ConversationId, ConversationKey, Party, SessionId, TenantId, UserId};
 use crate::presence::{PresenceBoard, Present, Typing};
@@ -205,7 +205,6 @@ impl Conversations {
             Ok(Some(snapshot)) => {
                 if snapshot.exists {
                     self.fanout.note_exists(key);
-                    self.fanout.fence_owner(key, LogEpoch::of(&snapshot.epoch), snapshot.ownership.epoch);
                 }
                 Ok(snapshot)
             }

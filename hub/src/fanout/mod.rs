@@ -141,15 +141,6 @@ impl Local {
     fn found_log(&mut self) -> bool {
         !std::mem::replace(&mut self.exists, true)
     }
-
-    /// The owner changed at `epoch`: older frames are fenced off from now
-    /// on, and the replies asked under an older epoch are told to stop.
-    fn raise_owner_epoch(&mut self, epoch: u64) {
-        if epoch > self.owner_epoch {
-            self.owner_epoch = epoch;
-            self.replies.iter().filter(|(asked, _)| *asked < epoch).for_each(|(_, takeover)| takeover.cancel());
-        }
-    }
 }
 
 impl FanOut {
@@ -334,7 +325,10 @@ impl FanOut {
         // filled the change in from the log.
         let owner = event.owner_frame(conversation).inspect(|(epoch, _)| {
             self.saw_owner(key, *epoch, event.event == Some(SystemEvent::Waiting), event.at_ms);
-            local.raise_owner_epoch(*epoch);
+            if *epoch > local.owner_epoch {
+                local.owner_epoch = *epoch;
+                local.replies.iter().filter(|(asked, _)| asked < epoch).for_each(|(_, takeover)| takeover.cancel());
+            }
         });
         if step == Step::Seen {
             return;

@@ -7,7 +7,6 @@
 use tokio_util::sync::CancellationToken;
 
 use super::FanOut;
-use crate::event::LogEpoch;
 use crate::ids::ConversationKey;
 
 impl FanOut {
@@ -40,19 +39,6 @@ impl FanOut {
             self.waiting.remove_if(key, |_, seen| seen.0 == *epoch);
         }
         due
-    }
-
-    /// Fences the conversation here at owner epoch `epoch` of log
-    /// incarnation `log`, as a session that just joined read it from the
-    /// log: an entry made after an owner change was never delivered that
-    /// change, and a late frame of an older epoch (another node's reply,
-    /// not stopped yet) would reach the new session. Ignored when the
-    /// entry follows another incarnation of the log.
-    pub fn fence_owner(&self, key: &ConversationKey, log: LogEpoch, epoch: u64) {
-        let Some(mut local) = self.sessions.get_mut(key) else { return };
-        if local.delivered.epoch().is_none_or(|followed| followed == log) {
-            local.raise_owner_epoch(epoch);
-        }
     }
 
     /// Registers a reply streaming on this node under owner epoch `epoch`:

@@ -280,26 +280,6 @@ fn an_owner_change_fences_off_older_frames_and_stops_older_replies() {
     assert!(fanout.deliver_frames(&key(), vec![delta.clone()], 0), "nothing here any more to fence");
 }
 
-#[test]
-fn an_entry_made_after_an_owner_change_is_fenced_at_the_epoch_its_session_read() {
-    let fanout = FanOut::default();
-    let (customer, mut rx) = session(16);
-    fanout.join(&key(), customer).unwrap();
-    let asked_at_0 = CancellationToken::new();
-    fanout.hold(&key(), 0, asked_at_0.clone());
-    // The joining session read owner epoch 1 from the log: a late delta of
-    // epoch 0 (another node's reply, taken over) no longer gets through.
-    fanout.fence_owner(&key(), epoch(), 1);
-    assert!(asked_at_0.is_cancelled(), "a reply here asked before the change stops too");
-    assert!(!fanout.deliver_frames(&key(), vec![Utf8Bytes::from_static("delta")], 0));
-    assert!(fanout.deliver_frames(&key(), vec![Utf8Bytes::from_static("delta")], 1));
-    assert_eq!(rx.try_recv().unwrap().frame().map(|frame| frame.as_str()), Some("delta"));
-    // Read from another incarnation of the log than the entry follows: ignored.
-    fanout.deliver_event(&key(), epoch(), &customer_event(1), None, None);
-    fanout.fence_owner(&key(), LogEpoch::of("an older log"), 5);
-    assert!(fanout.deliver_frames(&key(), vec![Utf8Bytes::from_static("delta")], 1));
-}
-
 fn agent_handle(agent: &str, tx: mpsc::Sender<Box<Outbound>>) -> SessionHandle {
     let viewer = crate::protocol::Viewer { agent: agent.into(), name: agent.to_uppercase() };
     SessionHandle::agent(SessionId::next(), tx, SessionCloser::child_of(&CancellationToken::new()), viewer)

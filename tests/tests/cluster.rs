@@ -995,28 +995,48 @@ async fn a_list_that_cannot_hear_the_other_nodes_at_first_gets_their_conversatio
 #[tokio::test]
 async fn a_list_whose_reads_redis_refused_is_read_again_once_it_can() {
     let redis = RedisServer::start().await;
-    let nodes = cluster(&redis, 1, &[]).await;
-    let (_carol, conversation, _) = two_turns(&nodes[0], "tenant=bank&user=carol").await;
-    let mut anna = agent(&nodes[0], "anna").await;
+    // Typing holds, and presence is re-read (which re-reads changed
+    // summaries too) less often than a step: only the sweep can re-read.
+    let flags = ["--agents-typing-ttl-ms", "60000", "--agents-presence-ttl-secs", "60"];
+    let nodes = cluster(&redis, 1, &flags).await;
+    let (mut carol, conversation, _) = two_turns(&nodes[0], "tenant=bank&user=carol").await;
+    let (mut anna, mut bob) = (agent(&nodes[0], "anna").await, agent(&nodes[0], "bob").await);
     let listed = |list: &Value| -> Vec<String> {
         let summaries = list["conversations"].as_array().expect("summaries");
         summaries.iter().map(|summary| summary["conversation"].as_str().unwrap().to_owned()).collect()
     };
+    let none = Vec::<String>::new();
     // Redis refuses the tenant's conversations (NOPERM on the read only the
-    // list makes): an empty list, then the whole list once it can be read.
+    // list makes): an empty list; once it can be read, every lister gets
+    // it, whoever asked.
     redis.cli(&["ACL", "SETUSER", "default", "-zrevrangebyscore"]).await;
     anna.send_json(serde_json::json!({"type": "list"})).await;
-    assert_eq!(listed(&anna.expect("conversations").await), Vec::<String>::new());
+    assert_eq!(listed(&anna.expect("conversations").await), none);
     redis.cli(&["ACL", "SETUSER", "default", "+zrevrangebyscore"]).await;
+    bob.send_json(serde_json::json!({"type": "list"})).await;
+    assert_eq!(listed(&bob.expect("conversations").await), [conversation.as_str()]);
     assert_eq!(listed(&anna.expect("conversations").await), [conversation.as_str()]);
-    // Redis refuses the conversation's summary (the last event, read by
-    // summaries only): the list leaves it out, then sends it once it can.
+    // Redis refuses the conversation's summary (its last event, read by
+    // summaries only): the same, the list being read whole or not at all.
     redis.cli(&["ACL", "SETUSER", "default", "-lindex"]).await;
     anna.send_json(serde_json::json!({"type": "list"})).await;
-    assert_eq!(listed(&anna.expect("conversations").await), Vec::<String>::new());
+    assert_eq!(listed(&anna.expect("conversations").await), none);
+    redis.cli(&["ACL", "SETUSER", "default", "+lindex"]).await;
+    assert_eq!(listed(&anna.expect("conversations").await), [conversation.as_str()]);
+    assert_eq!(listed(&bob.expect("conversations").await), [conversation.as_str()]);
+    // A change whose summary Redis refuses (the customer starts typing) is
+    // read again, and sent, once it can be.
+    redis.cli(&["ACL", "LOG", "RESET"]).await;
+    redis.cli(&["ACL", "SETUSER", "default", "-lindex"]).await;
+    carol.send_json(serde_json::json!({"type": "typing", "on": true})).await;
+    let refused = tokio::time::Instant::now() + fengda_tests::STEP_TIMEOUT;
+    while !redis.cli(&["ACL", "LOG"]).await.contains("lindex") {
+        assert!(tokio::time::Instant::now() < refused, "the list never read the change");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     redis.cli(&["ACL", "SETUSER", "default", "+lindex"]).await;
     let summary = anna.expect("conversation").await;
-    assert_eq!((summary["conversation"].as_str(), &summary["last"]["seq"]), (Some(conversation.as_str()), &4.into()));
+    assert_eq!((summary["conversation"].as_str(), &summary["typing"]), (Some(conversation.as_str()), &true.into()));
 }
 
 /// An agent of tenant `bank` on `hub`; `presence` frames are skipped.

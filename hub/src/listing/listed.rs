@@ -2,8 +2,10 @@
 //! shown of each conversation, and reading that from the conversations
 //! (the snapshot, a changed conversation, the presence re-read). Reads that
 //! fail are remembered and tried again at the next sweep
-//! ([`Listed::read_again`]); the listing task ([`super::run_listing`])
-//! decides when each runs.
+//! ([`Listed::read_again`]); after one fails, the reads queued behind it
+//! are remembered without being tried, so a store that does not answer
+//! costs one timeout per sweep, not one per conversation. The listing task
+//! ([`super::run_listing`]) decides when each runs.
 
 use std::collections::{HashMap, HashSet};
 
@@ -15,7 +17,7 @@ use crate::fanout::{Outbound, SessionHandle};
 use crate::ids::{ConversationId, ConversationKey, Party};
 use crate::owner::Owner;
 use crate::protocol::{ServerFrame, Summary};
-use crate::store::now_ms;
+use crate::store::{StoreError, now_ms};
 
 /// One tenant listed on this node.
 pub(super) struct Listed {
@@ -26,8 +28,8 @@ pub(super) struct Listed {
     shown: HashMap<ConversationId, Shown>,
     /// Whether this node hears the tenant's changes on other nodes.
     pub(super) heard: bool,
-    /// The last snapshot could not read the tenant's conversations: it is
-    /// read and sent again at the next sweep.
+    /// The last snapshot could not be read whole: it is read again at the
+    /// next sweep and sent to every lister.
     stale: bool,
     /// Changed conversations whose summary could not be read: read again
     /// at the next sweep.
@@ -44,44 +46,52 @@ impl Listed {
         Self { party, listers: Vec::new(), shown: HashMap::new(), heard, stale: false, unread: HashSet::new() }
     }
 
+    /// Whether the listers were not given everything: a snapshot or a
+    /// change that could not be read yet.
+    pub(super) fn owes_listers(&self) -> bool {
+        self.stale || !self.unread.is_empty()
+    }
+
     /// Sends `frame` to every lister (a closed one leaves the list).
     pub(super) fn send(&mut self, frame: &axum::extract::ws::Utf8Bytes) {
         self.listers.retain(|handle| handle.push(Outbound::ephemeral(frame.clone())));
     }
 
     /// The tenant's live conversations, most recent first (what `shown` is
-    /// now); `None`, marking the tenant stale, when they could not be read.
+    /// now); `None`, marking the tenant stale and leaving `shown` as it
+    /// was, when they could not all be read.
     pub(super) async fn snapshot(&mut self, conversations: &Conversations, window_ms: u64) -> Option<Vec<Summary>> {
-        let since = now_ms().saturating_sub(window_ms);
-        let tenant = &self.party.tenant;
-        let ids = match conversations.active(tenant, since, MAX_LISTED).await {
-            Ok(ids) => ids,
-            Err(error) => {
-                debug!(%error, tenant_id = %tenant, "cannot read the tenant's conversations; read again at the next sweep");
-                self.stale = true;
-                return None;
+        match self.read_snapshot(conversations, window_ms).await {
+            Ok((summaries, shown)) => {
+                (self.stale, self.shown) = (false, shown);
+                self.unread.clear();
+                Some(summaries)
             }
-        };
-        self.stale = false;
-        self.unread.clear();
-        self.shown.clear();
-        let mut summaries = Vec::with_capacity(ids.len());
-        for id in ids {
-            let key = self.party.conversation(id.clone());
-            match conversations.summary(&key).await {
-                Ok(Some(summary)) => {
-                    saw_owner(conversations, &key, &summary);
-                    self.shown.insert(id, Shown(summary.clone()));
-                    summaries.push(summary);
-                }
-                Ok(None) => {}
-                Err(error) => {
-                    debug!(%error, conversation_id = %id, "cannot read a listed conversation; read again at the next sweep");
-                    self.unread.insert(id);
-                }
+            Err(error) => {
+                debug!(%error, tenant_id = %self.party.tenant, "cannot read the tenant's list; read again at the next sweep");
+                self.stale = true;
+                None
             }
         }
-        Some(summaries)
+    }
+
+    async fn read_snapshot(
+        &self,
+        conversations: &Conversations,
+        window_ms: u64,
+    ) -> Result<(Vec<Summary>, HashMap<ConversationId, Shown>), StoreError> {
+        let since = now_ms().saturating_sub(window_ms);
+        let ids = conversations.active(&self.party.tenant, since, MAX_LISTED).await?;
+        let (mut summaries, mut shown) = (Vec::with_capacity(ids.len()), HashMap::with_capacity(ids.len()));
+        for id in ids {
+            let key = self.party.conversation(id.clone());
+            if let Some(summary) = conversations.summary(&key).await? {
+                saw_owner(conversations, &key, &summary);
+                shown.insert(id, Shown(summary.clone()));
+                summaries.push(summary);
+            }
+        }
+        Ok((summaries, shown))
     }
 
     /// Sends every lister the snapshot again, if it can be read (else the
@@ -92,21 +102,43 @@ impl Listed {
         }
     }
 
-    /// Re-reads one changed conversation and tells the listers.
-    pub(super) async fn changed(&mut self, conversations: &Conversations, id: ConversationId, window_ms: u64) {
-        let key = self.party.conversation(id.clone());
-        let summary = match conversations.summary(&key).await {
-            Ok(summary) => summary,
-            Err(error) => {
-                debug!(%error, conversation_id = %id, "cannot read a changed conversation; read again at the next sweep");
-                self.unread.insert(id);
-                return;
+    /// Re-reads changed conversations and tells the listers. Once a read
+    /// fails, it and the rest are read again at the next sweep.
+    pub(super) async fn changed(
+        &mut self,
+        conversations: &Conversations,
+        ids: impl IntoIterator<Item = ConversationId>,
+        window_ms: u64,
+    ) {
+        let mut ids = ids.into_iter();
+        for id in ids.by_ref() {
+            let key = self.party.conversation(id.clone());
+            match conversations.summary(&key).await {
+                Ok(summary) => self.show(conversations, &key, id, summary, window_ms),
+                Err(error) => {
+                    debug!(%error, conversation_id = %id, "cannot read a changed conversation; read again at the next sweep");
+                    self.unread.insert(id);
+                    break;
+                }
             }
-        };
+        }
+        self.unread.extend(ids);
+    }
+
+    /// Tells the listers what a changed conversation is now, if that is
+    /// not what they were given.
+    fn show(
+        &mut self,
+        conversations: &Conversations,
+        key: &ConversationKey,
+        id: ConversationId,
+        summary: Option<Summary>,
+        window_ms: u64,
+    ) {
         let cutoff = now_ms().saturating_sub(window_ms);
         match summary {
             Some(summary) if summary.online || activity(&summary) >= cutoff => {
-                saw_owner(conversations, &key, &summary);
+                saw_owner(conversations, key, &summary);
                 if self.shown.get(&id).is_none_or(|shown| shown.0 != summary) {
                     self.send(&ServerFrame::Conversation(&summary).encode());
                     self.shown.insert(id, Shown(summary));
@@ -126,9 +158,8 @@ impl Listed {
         if self.stale {
             return self.snapshot_again(conversations, window_ms).await;
         }
-        for id in std::mem::take(&mut self.unread) {
-            self.changed(conversations, id, window_ms).await;
-        }
+        let unread = std::mem::take(&mut self.unread);
+        self.changed(conversations, unread, window_ms).await;
     }
 
     /// Removes the conversations shown offline with no durable event since
@@ -164,12 +195,16 @@ impl Listed {
             Ok(present) => present,
             Err(error) => return debug!(%error, "cannot re-read the listed conversations' presence"),
         };
-        for (id, present) in ids.into_iter().zip(present) {
-            let shown = &self.shown[&id].0;
-            if (shown.online, shown.typing, &shown.viewers) != (present.online, present.typing, &present.viewers) {
-                self.changed(conversations, id, window_ms).await;
-            }
-        }
+        let moved: Vec<ConversationId> = ids
+            .into_iter()
+            .zip(present)
+            .filter(|(id, present)| {
+                let shown = &self.shown[id].0;
+                (shown.online, shown.typing, &shown.viewers) != (present.online, present.typing, &present.viewers)
+            })
+            .map(|(id, _)| id)
+            .collect();
+        self.changed(conversations, moved, window_ms).await;
     }
 }
 

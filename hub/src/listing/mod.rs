@@ -33,7 +33,7 @@
 //! again, with what other nodes changed meanwhile. Reads that fail (the
 //! store is unreachable) are tried again every sweep too: a changed
 //! conversation whose summary could not be read, and a snapshot that could
-//! not read the tenant's conversations (sent again whole once it can).
+//! not be read whole (then sent to every lister of the tenant).
 
 pub mod changes;
 mod listed;
@@ -132,10 +132,19 @@ pub async fn run_listing(
                         tenants.insert(tenant.clone(), Listed::new(party, heard));
                     }
                     let listed = tenants.get_mut(&tenant).expect("inserted above");
-                    // Unreadable, it is an empty list until the next sweep reads it.
-                    let summaries = listed.snapshot(&conversations, window_ms).await.unwrap_or_default();
+                    // The other listers are owed the list too when their
+                    // last one could not be read whole.
+                    let owed = listed.owes_listers();
+                    // Unreadable, it is an empty list until a sweep reads it
+                    // and sends it to every lister.
+                    let summaries = listed.snapshot(&conversations, window_ms).await;
+                    let read = summaries.is_some();
+                    let summaries = summaries.unwrap_or_default();
                     let frame = ServerFrame::Conversations { conversations: &summaries }.encode();
-                    if handle.push(Outbound::ephemeral(frame)) {
+                    if read && owed {
+                        listed.listers.push(handle);
+                        listed.send(&frame);
+                    } else if handle.push(Outbound::ephemeral(frame)) {
                         listed.listers.push(handle);
                     }
                     debug!(tenant_id = %tenant, listed = summaries.len(), "listing");
@@ -150,9 +159,7 @@ pub async fn run_listing(
                 }
                 for (tenant, ids) in changes.take() {
                     let Some(listed) = tenants.get_mut(&tenant) else { continue };
-                    for id in ids {
-                        listed.changed(&conversations, id, window_ms).await;
-                    }
+                    listed.changed(&conversations, ids, window_ms).await;
                 }
             }
             _ = sweep.tick() => {

@@ -351,6 +351,57 @@ async fn lost_history_is_reported_not_replayed_as_a_silent_gap() {
 }
 
 #[tokio::test]
+async fn agents_notes_live_and_die_with_their_conversations_log() {
+    let redis = RedisServer::start().await;
+    let nodes = cluster(&redis, 1, &[]).await;
+    let hub = &nodes[0];
+    let mut customer = Client::connect(&hub.ws_url("tenant=bank&user=noted")).await;
+    customer.ask("q1", "Tell me about the Gold Card").await;
+    let conversation = customer.conversation();
+    let mut anna = agent(hub, "anna").await;
+    anna.send_json(serde_json::json!({"type": "note", "conversation": conversation, "id": "n1", "text": "VIP"})).await;
+    assert_eq!(anna.expect("note").await["seq"], 1);
+    drop(anna);
+
+    // Kept as long as the log: an append that refreshes the keys' expiry
+    // (due here: its last refresh is made to look long ago) refreshes the
+    // notes' too, not only a note written.
+    let tag = format!("fengda:conv:{{bank:{conversation}}}");
+    let (meta, log, notes) = (format!("{tag}:meta"), format!("{tag}:log"), format!("{tag}:notes"));
+    assert_eq!(redis.cli(&["HSET", &meta, "refreshed_ms", "0"]).await, "0");
+    assert_eq!(redis.cli(&["EXPIRE", &notes, "100"]).await, "1");
+    customer.ask("q2", "How much does it cost?").await;
+    let log_ttl: i64 = redis.cli(&["TTL", &log]).await.parse().unwrap();
+    let notes_ttl: i64 = redis.cli(&["TTL", &notes]).await.parse().unwrap();
+    assert!(notes_ttl > 100 && notes_ttl >= log_ttl - 1, "notes expire in {notes_ttl} s, the log in {log_ttl} s");
+
+    // Lost with it: the log is lost (its notes outlived it) and started
+    // again; the new log has no notes, and its first note is seq 1 again.
+    assert_eq!(redis.cli(&["DEL", &meta, &log, &format!("{tag}:ids")]).await, "3");
+    customer.send_message("q3", "Hello?").await;
+    assert_eq!(customer.expect("error").await["code"], "conversation_not_found");
+    customer.expect_close().await;
+    let mut back = Client::connect(&hub.ws_url("tenant=bank&user=noted")).await;
+    assert_eq!(back.conversation(), conversation);
+    back.ask("q1", "Hello").await;
+    let mut bob = agent(hub, "bob").await;
+    bob.send_json(serde_json::json!({"type": "watch", "conversation": conversation})).await;
+    bob.expect("watching").await;
+    for seq in 1..=2 {
+        assert_eq!(bob.expect("message").await["seq"], seq);
+    }
+    bob.send_json(serde_json::json!({"type": "note", "conversation": conversation, "id": "n2", "text": "New start"}))
+        .await;
+    let note = bob.expect("note").await;
+    assert_eq!(
+        (&note["id"], &note["seq"]),
+        (&serde_json::json!("n2"), &serde_json::json!(1)),
+        "the lost log's note is gone: {note}"
+    );
+    bob.assert_alive().await;
+}
+
+#[tokio::test]
 async fn nodes_survive_a_redis_restart_and_route_again_by_themselves() {
     let mut redis = RedisServer::start_persistent().await;
     let nodes = cluster(&redis, 2, &[]).await;

@@ -8,9 +8,12 @@
 -- KEYS[1] meta hash, KEYS[2] log list, KEYS[3] message-id zset,
 -- KEYS[4] listeners hash (node id -> 1, for each node with a socket of it),
 -- KEYS[5] the tenant's active zset, KEYS[6] the tenant's listing flag,
--- KEYS[7] (optional) the writer's `latest` pointer (see keys.rs): the
+-- KEYS[7] the agents' notes list (it lives and dies with the log: its
+-- expiry is refreshed with the other keys', and a lost log's notes go
+-- when the log is started again), KEYS[8] (optional) the writer's
+-- `latest` pointer (see keys.rs): the
 -- conversation becomes their most recent, active now, whatever the outcome
--- but -3; KEYS[8] (optional, with KEYS[7]) the creator's `created` zset
+-- but -3; KEYS[9] (optional, with KEYS[8]) the creator's `created` zset
 -- (conversation id -> created at, ms): creating the log counts against the
 -- creator's cap, ARGV 22 conversations per ARGV 23 ms (a conversation
 -- counted within the window, e.g. a lost log started again, counts once)
@@ -62,8 +65,8 @@ local owner, epoch = ARGV[9], ARGV[10]
 local now = tonumber(ARGV[5])
 local current = redis.call('HMGET', meta, 'user', 'epoch', 'seq', 'owner', 'owner_name', 'owner_epoch',
   'owner_since', 'refreshed_ms', 'customer_at')
-if KEYS[8] and not current[2] and owner ~= '' then
-  local created_set, window = KEYS[8], tonumber(ARGV[23])
+if KEYS[9] and not current[2] and owner ~= '' then
+  local created_set, window = KEYS[9], tonumber(ARGV[23])
   redis.call('ZREMRANGEBYSCORE', created_set, '-inf', now - window)
   if not redis.call('ZSCORE', created_set, ARGV[19]) then
     if redis.call('ZCARD', created_set) >= tonumber(ARGV[22]) then
@@ -73,9 +76,9 @@ if KEYS[8] and not current[2] and owner ~= '' then
     redis.call('PEXPIRE', created_set, window)
   end
 end
-if KEYS[7] then
-  redis.call('HSET', KEYS[7], 'conversation', ARGV[19], 'last_active_ms', ARGV[5])
-  redis.call('EXPIRE', KEYS[7], ARGV[7])
+if KEYS[8] then
+  redis.call('HSET', KEYS[8], 'conversation', ARGV[19], 'last_active_ms', ARGV[5])
+  redis.call('EXPIRE', KEYS[8], ARGV[7])
 end
 local created = false
 if not current[2] then
@@ -83,8 +86,9 @@ if not current[2] then
     return answer(-1, 0, 0, false, '', '', '', 0, 0)
   end
   -- A new log, or a lost one started again: leftovers of a lost one (its
-  -- list or ids, if they outlived the meta) go, so the epoch starts clean.
-  redis.call('DEL', log, ids)
+  -- list, ids or notes, if they outlived the meta) go, so the epoch starts
+  -- clean (its notes' seqs start again at 1 with the meta's `note_seq`).
+  redis.call('DEL', log, ids, KEYS[7])
   redis.call('HSET', meta, 'user', owner, 'epoch', epoch, 'seq', 0, 'created_ms', ARGV[5])
   -- The creating socket listens on this node (see listen.lua).
   redis.call('HSET', KEYS[4], ARGV[11], 1)
@@ -166,6 +170,7 @@ if due then
   redis.call('EXPIRE', log, expire)
   redis.call('EXPIRE', ids, expire)
   redis.call('EXPIRE', KEYS[4], expire)
+  redis.call('EXPIRE', KEYS[7], expire)
   -- The active set outlives each of its conversations' refreshes; its
   -- entries past the retention go here, not on every append.
   redis.call('ZREMRANGEBYSCORE', KEYS[5], '-inf', now - ttl * 1000)

@@ -284,18 +284,19 @@ impl ConversationLog for RedisLog {
         let creation_cap =
             create.zip(inner.creation_limit).map(|(c, limit)| (link.keys.created(key.tenant(), &c.user), limit));
         // Sized once: growing the buffer arg by arg showed in profiles.
-        let size = 200 + names.meta.len() * 10 + encoded.byte_len() + hint.epoch.len() + dedup_id.len();
-        let mut append = redis::Cmd::with_capacity(34, size + owner_arg.len() + name_arg.len());
+        let size = 200 + names.meta.len() * 11 + encoded.byte_len() + hint.epoch.len() + dedup_id.len();
+        let mut append = redis::Cmd::with_capacity(35, size + owner_arg.len() + name_arg.len());
         append
             .arg("EVALSHA")
             .arg(inner.append.get_hash())
-            .arg(6 + usize::from(latest.is_some()) + usize::from(creation_cap.is_some()))
+            .arg(7 + usize::from(latest.is_some()) + usize::from(creation_cap.is_some()))
             .arg(&names.meta)
             .arg(&names.log)
             .arg(&names.message_ids)
             .arg(&names.listeners)
             .arg(&names.active)
-            .arg(&names.listing);
+            .arg(&names.listing)
+            .arg(&names.notes);
         if let Some(latest) = &latest {
             append.arg(&**latest);
         }

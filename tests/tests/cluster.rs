@@ -402,6 +402,51 @@ async fn agents_notes_live_and_die_with_their_conversations_log() {
 }
 
 #[tokio::test]
+async fn a_late_delta_of_a_taken_over_reply_never_follows_agent_joined_on_a_socket_that_joined_after() {
+    use fengda::store::redis::wire::{NodeId, Payload};
+    let redis = RedisServer::start().await;
+    let nodes = cluster(&redis, 1, &[]).await;
+    let hub = &nodes[0];
+    let mut customer = Client::connect(&hub.ws_url("tenant=bank&user=late")).await;
+    customer.ask("q1", "Tell me about the Gold Card").await;
+    let conversation = customer.conversation();
+    let mut anna = agent(hub, "anna").await;
+    anna.send_json(serde_json::json!({"type": "take", "conversation": conversation})).await;
+    while anna.next().await["type"] != "owner" {}
+    assert_eq!(customer.expect("message").await["event"], "agent_joined");
+    drop((anna, customer));
+
+    // A socket joins after the takeover (this node had no other socket of
+    // it): its snapshot tells it `agent_joined`. Then a delta another node
+    // produced under the old owner epoch arrives, and one under the new.
+    let mut back =
+        Client::connect(&hub.ws_url(&format!("tenant=bank&user=late&conversation={conversation}&after=0"))).await;
+    let mut bob = agent(hub, "bob").await;
+    bob.send_json(serde_json::json!({"type": "watch", "conversation": conversation})).await;
+    assert_eq!(bob.expect("watching").await["owner_epoch"], 1);
+    let channel = format!("fengda:conv:{{bank:{conversation}}}:events");
+    let other_node = NodeId::generate();
+    for (epoch, text) in [(0, "late"), (1, "current")] {
+        let frame = serde_json::json!({"type": "reply.delta", "conversation": conversation, "reply": format!("r-{epoch}"), "index": 0, "text": text});
+        let payload = String::from_utf8(Payload::encode_frame(&other_node, &frame.to_string(), epoch)).unwrap();
+        assert_eq!(redis.cli(&["PUBLISH", &channel, &payload]).await, "1", "the node listens");
+    }
+    for socket in [&mut back, &mut bob] {
+        let mut before = Vec::new();
+        let delta = loop {
+            let frame = socket.next().await;
+            match frame["type"].as_str() {
+                Some("reply.delta") => break frame,
+                _ => before.push(frame),
+            }
+        };
+        assert!(before.iter().any(|frame| frame["event"] == "agent_joined"), "{before:?}");
+        assert_eq!(delta["text"], "current", "the taken-over reply's delta was dropped: {delta}");
+        socket.assert_alive().await;
+    }
+}
+
+#[tokio::test]
 async fn nodes_survive_a_redis_restart_and_route_again_by_themselves() {
     let mut redis = RedisServer::start_persistent().await;
     let nodes = cluster(&redis, 2, &[]).await;

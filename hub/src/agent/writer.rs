@@ -158,6 +158,8 @@ impl Watches {
         let Some(watch) = self.watched.get_mut(conversation) else { return Ok(Delivered::Done) };
         match item {
             Outbound::Frame { frame, .. } => sink.feed(Message::Text(frame)).await?,
+            // A taken-over reply's, after the agent was told of the change.
+            Outbound::Frames { owner_epoch, .. } if owner_epoch < watch.owner_epoch => {}
             Outbound::Frames { frames, .. } => {
                 for frame in frames {
                     sink.feed(Message::Text(frame)).await?;

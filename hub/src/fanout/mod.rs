@@ -21,7 +21,10 @@
 //! delivered the event of an owner change (an event with `owner_epoch`),
 //! frames of an older epoch are dropped here (under the same entry lock as
 //! the event, so none slips in after it), and the replies streaming here
-//! under an older epoch ([`FanOut::hold`]) are told to stop. Agent-only
+//! under an older epoch ([`FanOut::hold`]) are told to stop. Each socket's
+//! writer keeps the same fence for itself ([`Outbound::Frames`]): a socket
+//! that joins after a takeover learns of it from its snapshot, before this
+//! node's entry of the conversation (made by that join) could. Agent-only
 //! frames (`owner`) go to agents' handles only ([`Audience`]).
 //!
 //! Its part in presence and typing is in [`presence`], its
@@ -273,10 +276,7 @@ impl FanOut {
             return false;
         }
         let queued_at = Instant::now();
-        let item = |mut frames: Vec<Utf8Bytes>| match frames.len() {
-            1 => Outbound::Frame { frame: frames.remove(0), queued_at },
-            _ => Outbound::Frames { frames, queued_at },
-        };
+        let item = |frames: Vec<Utf8Bytes>| Outbound::Frames { frames, owner_epoch: epoch, queued_at };
         if frames.is_empty() {
             return true;
         }
@@ -364,7 +364,8 @@ impl FanOut {
             } else {
                 encoded.get_or_insert_with(shared).clone()
             };
-            handle.push(Outbound::Event { epoch, seq: event.seq, frame, queued_at });
+            let owner_epoch = owner.as_ref().map(|(epoch, _)| *epoch);
+            handle.push(Outbound::Event { epoch, seq: event.seq, frame, owner_epoch, queued_at });
         }
         if let Some((epoch, frame)) = owner {
             for handle in local.handles.iter().filter(|handle| handle.is_agent()) {

@@ -23,15 +23,23 @@ pub enum Outbound {
         epoch: crate::event::LogEpoch,
         seq: u64,
         frame: Utf8Bytes,
+        /// The owner epoch it begins, if it changes who answers (see
+        /// [`Outbound::Frames`]).
+        owner_epoch: Option<u64>,
         /// When the fan-out queued it (for the delivery-time metric).
         queued_at: Instant,
     },
-    /// A frame that is not a durable event (a delta, `queued`, a pong, an
-    /// error, the ack of a duplicate): sent as it comes.
+    /// A frame that is neither a durable event nor a reply's (a pong, an
+    /// error, the ack of a duplicate, typing, presence): sent as it comes.
     Frame { frame: Utf8Bytes, queued_at: Instant },
-    /// Non-durable frames that were ready together (tokens of a reply that
-    /// arrived at once), in order: one hand-over to the writer for all of them.
-    Frames { frames: Vec<Utf8Bytes>, queued_at: Instant },
+    /// A reply's non-durable frames (its `reply.delta`s, `queued`) that were
+    /// ready together, in order, produced under owner epoch `owner_epoch`:
+    /// one hand-over to the writer for all of them. A writer that has sent
+    /// its socket an owner change of a later epoch drops them, so no frame
+    /// of a taken-over reply follows `agent_joined` on any socket, even one
+    /// that joined while they were on their way (its snapshot told it of
+    /// the change before the fan-out's entry of it could).
+    Frames { frames: Vec<Utf8Bytes>, owner_epoch: u64, queued_at: Instant },
     /// This node may have missed events (its subscription dropped): the
     /// writer re-reads the log after the last seq it sent.
     Resync,

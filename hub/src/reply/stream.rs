@@ -351,8 +351,8 @@ mod tests {
                 frames.iter().map(|f| serde_json::from_str(f.as_str()).unwrap()).collect();
             assert_eq!((deltas[0]["index"].as_u64(), deltas[0]["text"].as_str()), (Some(0), Some("Hello")));
             assert_eq!((deltas[1]["index"].as_u64(), deltas[1]["text"].as_str()), (Some(1), Some(" world")));
-            let last = queue.try_recv().unwrap();
-            let last: serde_json::Value = serde_json::from_str(last.frame().unwrap().as_str()).unwrap();
+            let Outbound::Frames { frames, .. } = *queue.try_recv().unwrap() else { panic!("one item for the last") };
+            let last: serde_json::Value = serde_json::from_str(frames[0].as_str()).unwrap();
             assert_eq!((last["index"].as_u64(), last["text"].as_str()), (Some(2), Some("!")));
             assert!(queue.try_recv().is_err());
         }

@@ -171,6 +171,7 @@ async fn start(
                 key: key.clone(),
                 intro,
                 sent: crate::event::Cursor::in_epoch(crate::event::LogEpoch::of(&snapshot.epoch), snapshot.last_seq),
+                owner_epoch: snapshot.ownership.epoch,
                 delivery: metrics::histogram!(crate::metric::FRAME_DELIVERY),
             },
             closer.clone(),

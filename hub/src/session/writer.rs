@@ -31,6 +31,10 @@ pub(super) struct Replay {
     pub intro: Vec<Utf8Bytes>,
     /// The durable events the client has (or is about to have).
     pub sent: Cursor,
+    /// The latest owner epoch the client was told of (by its snapshot, or
+    /// an owner change sent since): a reply's frames of an older one are
+    /// dropped ([`Outbound::Frames`]).
+    pub owner_epoch: u64,
     /// `fengda_hub_frame_delivery_seconds`, looked up once per session.
     pub delivery: metrics::Histogram,
 }
@@ -53,13 +57,16 @@ impl Writes for Replay {
                     oldest = Some(oldest.map_or(queued_at, |o| o.min(queued_at)));
                     sink.feed(Message::Text(frame)).await?
                 }
-                Outbound::Frames { frames, queued_at } => {
+                Outbound::Frames { frames, owner_epoch, queued_at } => {
+                    if owner_epoch < self.owner_epoch {
+                        continue;
+                    }
                     oldest = Some(oldest.map_or(queued_at, |o| o.min(queued_at)));
                     for frame in frames {
                         sink.feed(Message::Text(frame)).await?;
                     }
                 }
-                Outbound::Event { epoch, seq, frame, queued_at } => {
+                Outbound::Event { epoch, seq, frame, owner_epoch, queued_at } => {
                     let mut step = self.sent.arrive(epoch, seq);
                     if step == Step::NewLog {
                         // Another log than the socket's: the log says which one
@@ -81,6 +88,7 @@ impl Writes for Replay {
                     }
                     sink.feed(Message::Text(frame)).await?;
                     self.sent.advance(seq);
+                    self.owner_epoch = self.owner_epoch.max(owner_epoch.unwrap_or(0));
                 }
                 Outbound::Resync => Box::pin(fill_gap(sink, self, u64::MAX)).await?,
                 // Only agents' sockets get these.
@@ -99,29 +107,39 @@ impl Writes for Replay {
     }
 
     fn before_close(&mut self, queued: &mut dyn Iterator<Item = Outbound>) -> Vec<Utf8Bytes> {
-        frames_before_close(queued, &mut self.sent)
+        frames_before_close(queued, &mut self.sent, &mut self.owner_epoch)
     }
 
     async fn finish(&mut self) {}
 }
 
-/// What a closing socket still gets of its queue: every non-durable frame,
-/// and stored events only while they follow on from the last one sent (past
-/// a gap or a resync the client must resume with `after` from the last seq
-/// it got, or it would skip the gap). Advances `sent`.
-fn frames_before_close(queued: impl Iterator<Item = Outbound>, sent: &mut Cursor) -> Vec<Utf8Bytes> {
+/// What a closing socket still gets of its queue: every non-durable frame
+/// (but a reply's of an owner epoch before `owner_epoch`), and stored events
+/// only while they follow on from the last one sent (past a gap or a resync
+/// the client must resume with `after` from the last seq it got, or it
+/// would skip the gap). Advances `sent` and `owner_epoch`.
+fn frames_before_close(
+    queued: impl Iterator<Item = Outbound>,
+    sent: &mut Cursor,
+    owner_epoch: &mut u64,
+) -> Vec<Utf8Bytes> {
     let mut frames = Vec::new();
     let mut in_order = true;
     for item in queued {
         match item {
             Outbound::Frame { frame, .. } => frames.push(frame),
-            Outbound::Frames { frames: batch, .. } => frames.extend(batch),
-            Outbound::Event { epoch, seq, frame, .. } => match sent.arrive(epoch, seq) {
+            Outbound::Frames { frames: batch, owner_epoch: produced_under, .. } => {
+                if produced_under >= *owner_epoch {
+                    frames.extend(batch);
+                }
+            }
+            Outbound::Event { epoch, seq, frame, owner_epoch: begins, .. } => match sent.arrive(epoch, seq) {
                 // Already sent (a local copy and its echo), or of a log left behind.
                 Step::Seen | Step::Stale => {}
                 Step::Next if in_order => {
                     frames.push(frame);
                     sent.advance(seq);
+                    *owner_epoch = (*owner_epoch).max(begins.unwrap_or(0));
                 }
                 Step::Next | Step::Gap | Step::NewLog => in_order = false,
             },
@@ -158,11 +176,14 @@ async fn fill_gap(sink: &mut Sink<'_>, replay: &mut Replay, before: u64) -> Resu
         sink.feed(Message::Text(ServerFrame::Ready { conversation, seq: 0, epoch: &log.epoch }.encode())).await?;
         sink.feed(Message::Text(super::history_lost())).await?;
         replay.sent.restart(epoch, 0);
+        // The new log's owner epochs start again, told by its events below.
+        replay.owner_epoch = 0;
         (after, before) = (0, u64::MAX);
     }
     for event in log.missed.iter().filter(|e| e.seq > after && e.seq < before) {
         sink.feed(Message::Text(event.message_frame(conversation))).await?;
         replay.sent.advance(event.seq);
+        replay.owner_epoch = replay.owner_epoch.max(event.owner_epoch.unwrap_or(0));
     }
     Ok(())
 }
@@ -176,15 +197,20 @@ mod tests {
         let at = Instant::now();
         let frame = |seq: u64, text: &'static str| match seq {
             0 => Outbound::Frame { frame: Utf8Bytes::from_static(text), queued_at: at },
-            seq => {
-                Outbound::Event { epoch: LogEpoch::of("e"), seq, frame: Utf8Bytes::from_static(text), queued_at: at }
-            }
+            seq => Outbound::Event {
+                epoch: LogEpoch::of("e"),
+                seq,
+                frame: Utf8Bytes::from_static(text),
+                owner_epoch: None,
+                queued_at: at,
+            },
         };
         let queued = vec![
             frame(0, "delta-1"),
             frame(5, "event-5"),
             Outbound::Frames {
                 frames: vec![Utf8Bytes::from_static("delta-2"), Utf8Bytes::from_static("delta-3")],
+                owner_epoch: 0,
                 queued_at: at,
             },
             frame(5, "event-5-echo"),
@@ -194,28 +220,60 @@ mod tests {
             frame(0, "error"),
         ];
         let mut sent = Cursor::at(4);
-        let frames = frames_before_close(queued.into_iter(), &mut sent);
+        let frames = frames_before_close(queued.into_iter(), &mut sent, &mut 0);
         let texts: Vec<_> = frames.iter().map(Utf8Bytes::as_str).collect();
         assert_eq!(texts, ["delta-1", "event-5", "delta-2", "delta-3", "event-6", "error"]);
         assert_eq!(sent.last(), 6, "the client resumes after 6 and gets 7 and 8 from the log");
         // A gap stops stored events the same way.
         let mut sent = Cursor::at(4);
-        let frames = frames_before_close(vec![frame(6, "event-6"), frame(5, "event-5")].into_iter(), &mut sent);
+        let frames = frames_before_close(vec![frame(6, "event-6"), frame(5, "event-5")].into_iter(), &mut sent, &mut 0);
         assert!(frames.is_empty());
         assert_eq!(sent.last(), 4);
         // An event of a log left behind is skipped; one of a new log stops
         // stored events (the client must be told first: `ready`, `history_lost`).
         let (old, new) = (LogEpoch::of("e"), LogEpoch::of("f"));
-        let event =
-            |epoch, seq, text| Outbound::Event { epoch, seq, frame: Utf8Bytes::from_static(text), queued_at: at };
+        let event = |epoch, seq, text| Outbound::Event {
+            epoch,
+            seq,
+            frame: Utf8Bytes::from_static(text),
+            owner_epoch: None,
+            queued_at: at,
+        };
         let mut sent = Cursor::in_epoch(old, 4);
         sent.restart(new, 0);
         let queued = vec![event(old, 5, "old-5"), event(new, 1, "new-1"), event(old, 6, "old-6"), frame(0, "delta")];
-        let frames = frames_before_close(queued.into_iter(), &mut sent);
+        let frames = frames_before_close(queued.into_iter(), &mut sent, &mut 0);
         assert_eq!(frames.iter().map(Utf8Bytes::as_str).collect::<Vec<_>>(), ["new-1", "delta"]);
         let mut sent = Cursor::in_epoch(old, 4);
-        let frames = frames_before_close(vec![event(new, 1, "new-1"), event(old, 5, "old-5")].into_iter(), &mut sent);
+        let frames =
+            frames_before_close(vec![event(new, 1, "new-1"), event(old, 5, "old-5")].into_iter(), &mut sent, &mut 0);
         assert!(frames.is_empty(), "nothing of the new log before the client is told; nothing stored after a stop");
         assert_eq!((sent.epoch(), sent.last()), (Some(old), 4));
+    }
+
+    #[test]
+    fn a_closing_socket_gets_no_frame_of_a_reply_taken_over_before() {
+        let at = Instant::now();
+        let reply = |owner_epoch, text| Outbound::Frames {
+            frames: vec![Utf8Bytes::from_static(text)],
+            owner_epoch,
+            queued_at: at,
+        };
+        let joined = Outbound::Event {
+            epoch: LogEpoch::of("e"),
+            seq: 5,
+            frame: Utf8Bytes::from_static("agent_joined"),
+            owner_epoch: Some(2),
+            queued_at: at,
+        };
+        let queued = vec![reply(1, "delta-1"), joined, reply(1, "delta-2"), reply(2, "queued"), reply(3, "delta-3")];
+        let (mut sent, mut owner_epoch) = (Cursor::at(4), 1);
+        let frames = frames_before_close(queued.into_iter(), &mut sent, &mut owner_epoch);
+        let texts: Vec<_> = frames.iter().map(Utf8Bytes::as_str).collect();
+        assert_eq!(texts, ["delta-1", "agent_joined", "queued", "delta-3"], "nothing of epoch 1 after the change to 2");
+        assert_eq!(owner_epoch, 2);
+        // A socket whose snapshot told it of the change drops them from the start.
+        let frames = frames_before_close(vec![reply(1, "delta-1")].into_iter(), &mut Cursor::at(5), &mut 2);
+        assert!(frames.is_empty());
     }
 }

@@ -206,13 +206,13 @@ fn an_agents_handle_gets_every_item_wrapped_with_its_conversation() {
     fanout.join(&key, agent.watching(key.clone())).unwrap();
     fanout.deliver_frames(&key, vec![Utf8Bytes::from_static("delta")], 0);
     fanout.resync_all();
-    let Outbound::Frame { frame, .. } = *customer_rx.try_recv().unwrap() else { panic!("a plain frame") };
-    assert_eq!(frame.as_str(), "delta");
+    let Outbound::Frames { frames, owner_epoch: 0, .. } = *customer_rx.try_recv().unwrap() else { panic!("a reply's") };
+    assert_eq!(frames, ["delta"]);
     for expected in ["frame", "resync"] {
         let Outbound::Watched { key: watched, item } = *agent_rx.try_recv().unwrap() else { panic!("wrapped") };
         assert_eq!(watched, key);
         match (expected, *item) {
-            ("frame", Outbound::Frame { frame, .. }) => assert_eq!(frame.as_str(), "delta"),
+            ("frame", Outbound::Frames { frames, .. }) => assert_eq!(frames, ["delta"]),
             ("resync", Outbound::Resync) => {}
             (expected, other) => panic!("expected {expected}, got {other:?}"),
         }
@@ -253,7 +253,7 @@ fn an_owner_change_fences_off_older_frames_and_stops_older_replies() {
     assert!(!fanout.hold(&key(), 0, asked_at_0.clone()), "the conversation was here already");
     let delta = Utf8Bytes::from_static("delta");
     assert!(fanout.deliver_frames(&key(), vec![delta.clone()], 0));
-    assert!(matches!(*rx.try_recv().unwrap(), Outbound::Frame { .. }));
+    assert!(matches!(*rx.try_recv().unwrap(), Outbound::Frames { owner_epoch: 0, .. }));
     // The takeover event: delivered, and the reply asked at epoch 0 is told to stop.
     let mut joined = customer_event(1);
     (joined.from, joined.event, joined.owner_epoch) = (Role::System, Some(SystemEvent::AgentJoined), Some(1));
@@ -263,7 +263,7 @@ fn an_owner_change_fences_off_older_frames_and_stops_older_replies() {
     // Older frames are dropped, newer ones pass; a customer gets no `owner` frame.
     assert!(!fanout.deliver_frames(&key(), vec![delta.clone()], 0));
     assert!(fanout.deliver_frames(&key(), vec![delta.clone()], 1));
-    assert!(matches!(*rx.try_recv().unwrap(), Outbound::Frame { .. }));
+    assert!(matches!(*rx.try_recv().unwrap(), Outbound::Frames { owner_epoch: 1, .. }));
     assert!(rx.try_recv().is_err());
     // A reply registered under the old epoch now is stopped at once; one under the new is not.
     let late = CancellationToken::new();

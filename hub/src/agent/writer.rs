@@ -51,6 +51,22 @@ struct Watch {
     notes_sent: u64,
 }
 
+impl Watch {
+    /// Notes an owner change of log incarnation `log` beginning `epoch`;
+    /// true when it is news to the agent (its `owner` frame is due). A
+    /// change of a log the watch has left (the log was recreated and the
+    /// watch made again on the new one, where owner epochs start again)
+    /// is not: it would tell a wrong owner and fence off the new log's
+    /// replies.
+    fn learn_owner(&mut self, log: LogEpoch, epoch: u64) -> bool {
+        let news = self.sent.epoch() == Some(log) && epoch > self.owner_epoch;
+        if news {
+            self.owner_epoch = epoch;
+        }
+        news
+    }
+}
+
 /// An agent socket's watched conversations, and what it needs to set them up.
 pub(super) struct Watches {
     app: Arc<AppState>,
@@ -189,9 +205,8 @@ impl Watches {
                 }
                 return Ok(delivered);
             }
-            Outbound::Owner { epoch, frame } => {
-                if epoch > watch.owner_epoch {
-                    watch.owner_epoch = epoch;
+            Outbound::Owner { log, epoch, frame } => {
+                if watch.learn_owner(log, epoch) {
                     sink.feed(Message::Text(frame)).await?;
                 }
             }
@@ -261,4 +276,25 @@ async fn fill_gap(
         }
     }
     Ok(Delivered::Done)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_watch_learns_owner_changes_of_the_log_it_follows_only() {
+        let (old, new) = (LogEpoch::of("5e1b7c9d"), LogEpoch::of("a07c3e91"));
+        let key = ConversationKey::for_test("t", "c");
+        let mut watch = Watch { key, sent: Cursor::in_epoch(old, 4), owner_epoch: 1, notes_sent: 0 };
+        assert!(watch.learn_owner(old, 3));
+        assert!(!watch.learn_owner(old, 3) && !watch.learn_owner(old, 2), "once per epoch, never back");
+        // The log was recreated and the watch made again on it: a change of
+        // the old log queued behind is not the new log's owner.
+        watch.sent.restart(new, 1);
+        watch.owner_epoch = 0;
+        assert!(!watch.learn_owner(old, 4));
+        assert_eq!(watch.owner_epoch, 0, "the new log's replies (owner epoch 0) still pass");
+        assert!(watch.learn_owner(new, 1));
+    }
 }

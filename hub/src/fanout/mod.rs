@@ -367,9 +367,9 @@ impl FanOut {
             let owner_epoch = owner.as_ref().map(|(epoch, _)| *epoch);
             handle.push(Outbound::Event { epoch, seq: event.seq, frame, owner_epoch, queued_at });
         }
-        if let Some((epoch, frame)) = owner {
+        if let Some((owner_epoch, frame)) = owner {
             for handle in local.handles.iter().filter(|handle| handle.is_agent()) {
-                handle.push(Outbound::Owner { epoch, frame: frame.clone() });
+                handle.push(Outbound::Owner { log: epoch, epoch: owner_epoch, frame: frame.clone() });
             }
         }
     }

@@ -47,8 +47,10 @@ pub enum Outbound {
     /// sends each note once).
     Note { seq: u64, frame: Utf8Bytes },
     /// An agent-only `owner` frame: the owner changed, beginning `epoch`
-    /// (an agent's writer sends it once per epoch, however it learns of it).
-    Owner { epoch: u64, frame: Utf8Bytes },
+    /// in the log incarnation `log` (an agent's writer sends it once per
+    /// epoch, however it learns of it, and only while it follows that log:
+    /// owner epochs start again in a recreated log).
+    Owner { log: crate::event::LogEpoch, epoch: u64, frame: Utf8Bytes },
     /// An item for an agent's socket, about one of the conversations it
     /// watches (an agent socket has one delivery cursor per conversation).
     Watched { key: ConversationKey, item: Box<Outbound> },

@@ -25,7 +25,7 @@
 //! writer keeps the same fence for itself ([`Outbound::Frames`]): a socket
 //! that joins after a takeover learns of it from its snapshot, before this
 //! node's entry of the conversation (made by that join) could. Agent-only
-//! frames (`owner`) go to agents' handles only ([`Audience`]).
+//! frames (`owner`) are written to agents' sockets only ([`Audience`]).
 //!
 //! Its part in presence and typing is in [`presence`], its
 //! part in ownership (the takeover fence, conversations seen waiting) in
@@ -364,11 +364,10 @@ impl FanOut {
             } else {
                 encoded.get_or_insert_with(shared).clone()
             };
-            let owner_epoch = owner.as_ref().map(|(epoch, _)| *epoch);
-            handle.push(Outbound::Event { epoch, seq: event.seq, frame, owner_epoch, queued_at });
+            handle.push(Outbound::Event { epoch, seq: event.seq, frame, queued_at });
         }
         if let Some((owner_epoch, frame)) = owner {
-            for handle in local.handles.iter().filter(|handle| handle.is_agent()) {
+            for handle in &local.handles {
                 handle.push(Outbound::Owner { log: epoch, epoch: owner_epoch, frame: frame.clone() });
             }
         }

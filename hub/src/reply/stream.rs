@@ -395,6 +395,7 @@ mod tests {
         for queue in &mut queues {
             let joined = queue.try_recv().unwrap();
             assert!(matches!(*joined, Outbound::Event { .. }), "the event, and no delta after it");
+            assert!(matches!(*queue.try_recv().unwrap(), Outbound::Owner { epoch: 1, .. }), "the writers' fence");
             assert!(queue.try_recv().is_err());
         }
     }

@@ -66,7 +66,7 @@ impl Writes for Replay {
                         sink.feed(Message::Text(frame)).await?;
                     }
                 }
-                Outbound::Event { epoch, seq, frame, owner_epoch, queued_at } => {
+                Outbound::Event { epoch, seq, frame, queued_at } => {
                     let mut step = self.sent.arrive(epoch, seq);
                     if step == Step::NewLog {
                         // Another log than the socket's: the log says which one
@@ -88,11 +88,12 @@ impl Writes for Replay {
                     }
                     sink.feed(Message::Text(frame)).await?;
                     self.sent.advance(seq);
-                    self.owner_epoch = self.owner_epoch.max(owner_epoch.unwrap_or(0));
                 }
                 Outbound::Resync => Box::pin(fill_gap(sink, self, u64::MAX)).await?,
+                // Its event was just sent (or read from the log): only the fence moves.
+                Outbound::Owner { log, epoch, .. } => learn_owner(&self.sent, &mut self.owner_epoch, log, epoch),
                 // Only agents' sockets get these.
-                Outbound::Watched { .. } | Outbound::Owner { .. } | Outbound::Note { .. } => {}
+                Outbound::Watched { .. } | Outbound::Note { .. } => {}
             }
         }
         sink.flush().await?;
@@ -133,22 +134,30 @@ fn frames_before_close(
                     frames.extend(batch);
                 }
             }
-            Outbound::Event { epoch, seq, frame, owner_epoch: begins, .. } => match sent.arrive(epoch, seq) {
+            Outbound::Event { epoch, seq, frame, .. } => match sent.arrive(epoch, seq) {
                 // Already sent (a local copy and its echo), or of a log left behind.
                 Step::Seen | Step::Stale => {}
                 Step::Next if in_order => {
                     frames.push(frame);
                     sent.advance(seq);
-                    *owner_epoch = (*owner_epoch).max(begins.unwrap_or(0));
                 }
                 Step::Next | Step::Gap | Step::NewLog => in_order = false,
             },
             Outbound::Resync => in_order = false,
+            Outbound::Owner { log, epoch, .. } => learn_owner(sent, owner_epoch, log, epoch),
             // Only agents' sockets get these.
-            Outbound::Watched { .. } | Outbound::Owner { .. } | Outbound::Note { .. } => {}
+            Outbound::Watched { .. } | Outbound::Note { .. } => {}
         }
     }
     frames
+}
+
+/// Raises the socket's fence to an owner change of log incarnation `log`
+/// beginning `epoch`, if the socket follows that log.
+fn learn_owner(sent: &Cursor, owner_epoch: &mut u64, log: LogEpoch, epoch: u64) {
+    if sent.epoch() == Some(log) {
+        *owner_epoch = (*owner_epoch).max(epoch);
+    }
 }
 
 /// Sends the logged events between the last sent seq and `before`
@@ -197,13 +206,9 @@ mod tests {
         let at = Instant::now();
         let frame = |seq: u64, text: &'static str| match seq {
             0 => Outbound::Frame { frame: Utf8Bytes::from_static(text), queued_at: at },
-            seq => Outbound::Event {
-                epoch: LogEpoch::of("e"),
-                seq,
-                frame: Utf8Bytes::from_static(text),
-                owner_epoch: None,
-                queued_at: at,
-            },
+            seq => {
+                Outbound::Event { epoch: LogEpoch::of("e"), seq, frame: Utf8Bytes::from_static(text), queued_at: at }
+            }
         };
         let queued = vec![
             frame(0, "delta-1"),
@@ -232,13 +237,8 @@ mod tests {
         // An event of a log left behind is skipped; one of a new log stops
         // stored events (the client must be told first: `ready`, `history_lost`).
         let (old, new) = (LogEpoch::of("e"), LogEpoch::of("f"));
-        let event = |epoch, seq, text| Outbound::Event {
-            epoch,
-            seq,
-            frame: Utf8Bytes::from_static(text),
-            owner_epoch: None,
-            queued_at: at,
-        };
+        let event =
+            |epoch, seq, text| Outbound::Event { epoch, seq, frame: Utf8Bytes::from_static(text), queued_at: at };
         let mut sent = Cursor::in_epoch(old, 4);
         sent.restart(new, 0);
         let queued = vec![event(old, 5, "old-5"), event(new, 1, "new-1"), event(old, 6, "old-6"), frame(0, "delta")];
@@ -259,21 +259,31 @@ mod tests {
             owner_epoch,
             queued_at: at,
         };
-        let joined = Outbound::Event {
-            epoch: LogEpoch::of("e"),
-            seq: 5,
-            frame: Utf8Bytes::from_static("agent_joined"),
-            owner_epoch: Some(2),
-            queued_at: at,
-        };
-        let queued = vec![reply(1, "delta-1"), joined, reply(1, "delta-2"), reply(2, "queued"), reply(3, "delta-3")];
-        let (mut sent, mut owner_epoch) = (Cursor::at(4), 1);
+        let (log, old_log) = (LogEpoch::of("e"), LogEpoch::of("d"));
+        let joined =
+            Outbound::Event { epoch: log, seq: 5, frame: Utf8Bytes::from_static("agent_joined"), queued_at: at };
+        let owner = |log, epoch| Outbound::Owner { log, epoch, frame: Utf8Bytes::from_static("owner") };
+        let queued = vec![
+            reply(1, "delta-1"),
+            joined,
+            owner(log, 2),
+            reply(1, "delta-2"),
+            reply(2, "queued"),
+            reply(3, "delta-3"),
+        ];
+        let (mut sent, mut owner_epoch) = (Cursor::in_epoch(log, 4), 1);
         let frames = frames_before_close(queued.into_iter(), &mut sent, &mut owner_epoch);
         let texts: Vec<_> = frames.iter().map(Utf8Bytes::as_str).collect();
         assert_eq!(texts, ["delta-1", "agent_joined", "queued", "delta-3"], "nothing of epoch 1 after the change to 2");
-        assert_eq!(owner_epoch, 2);
+        assert_eq!(owner_epoch, 2, "a customer's socket is never sent the `owner` frame itself");
         // A socket whose snapshot told it of the change drops them from the start.
         let frames = frames_before_close(vec![reply(1, "delta-1")].into_iter(), &mut Cursor::at(5), &mut 2);
         assert!(frames.is_empty());
+        // A change of a log the socket has left (queued behind the events
+        // that moved it to the recreated log) does not fence the new log's replies.
+        let mut owner_epoch = 0;
+        let queued = vec![owner(old_log, 3), reply(0, "new-log-delta")];
+        let frames = frames_before_close(queued.into_iter(), &mut Cursor::in_epoch(log, 1), &mut owner_epoch);
+        assert_eq!((frames.len(), owner_epoch), (1, 0));
     }
 }

@@ -259,8 +259,10 @@ fn an_owner_change_fences_off_older_frames_and_stops_older_replies() {
     (joined.from, joined.event, joined.owner_epoch) = (Role::System, Some(SystemEvent::AgentJoined), Some(1));
     fanout.deliver_event(&key(), epoch(), &joined, None, None);
     assert!(matches!(*rx.try_recv().unwrap(), Outbound::Event { seq: 1, .. }));
+    // Its writer raises its own fence (a customer's is never sent the `owner` frame).
+    assert!(matches!(*rx.try_recv().unwrap(), Outbound::Owner { epoch: 1, .. }));
     assert!(asked_at_0.is_cancelled());
-    // Older frames are dropped, newer ones pass; a customer gets no `owner` frame.
+    // Older frames are dropped, newer ones pass.
     assert!(!fanout.deliver_frames(&key(), vec![delta.clone()], 0));
     assert!(fanout.deliver_frames(&key(), vec![delta.clone()], 1));
     assert!(matches!(*rx.try_recv().unwrap(), Outbound::Frames { owner_epoch: 1, .. }));

@@ -190,9 +190,8 @@ mod tests {
     use super::Outbound;
 
     /// Every queue item is boxed, one allocation per item: kept within 64
-    /// bytes, its allocator size class. At 80 bytes (an owner epoch added to
-    /// `Event`) the single binary counted ~1.4k more instructions per
-    /// reply, in the allocations of `SessionHandle::push`.
+    /// bytes (an 80-byte item counted more instructions per reply, see
+    /// docs/benchmarks.md, "Instructions per reply").
     #[test]
     fn a_queue_item_fits_64_bytes() {
         assert!(size_of::<Outbound>() <= 64, "{} bytes", size_of::<Outbound>());

@@ -241,14 +241,19 @@ impl LogEpoch {
 const RETIRED: usize = 3;
 
 /// Where one delivery stream of durable events stands: the log incarnation
-/// it follows and the highest seq handed on. The one rule, for a socket's
-/// writer and for the fan-out of a conversation's sockets alike, of what an
-/// arriving event is.
+/// it follows, the highest seq handed on and the latest owner change told.
+/// The one rule, for a socket's writer and for the fan-out of a
+/// conversation's sockets alike, of what an arriving event is, and of
+/// whether a reply's frames may still follow.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Cursor {
     /// `None` until the stream learns it (the fan-out's, from its first event).
     epoch: Option<LogEpoch>,
     last: u64,
+    /// The owner epoch of the latest owner change of this log the stream
+    /// has told (or was told of, by a snapshot): a reply asked under an
+    /// older one was taken over, and its frames are fenced off.
+    owner: u64,
     /// The incarnations this stream followed before, newest first.
     retired: [Option<LogEpoch>; RETIRED],
 }
@@ -283,6 +288,12 @@ impl Cursor {
     /// A stream that has handed on every event of `epoch` up to `last`.
     pub fn in_epoch(epoch: LogEpoch, last: u64) -> Self {
         Self { epoch: Some(epoch), ..Self::at(last) }
+    }
+
+    /// The same stream, told of the owner change beginning owner epoch
+    /// `owner` (by a snapshot).
+    pub fn with_owner(self, owner: u64) -> Self {
+        Self { owner, ..self }
     }
 
     /// The highest seq handed on.
@@ -328,15 +339,43 @@ impl Cursor {
     }
 
     /// The stream follows the log incarnation `epoch` from now on, having
-    /// handed on its events up to `last`; the one it followed is retired.
+    /// handed on its events up to `last`; the one it followed is retired,
+    /// and with it its owner changes (a new log's owner epochs start again).
     pub fn restart(&mut self, epoch: LogEpoch, last: u64) {
         if self.epoch != Some(epoch) {
             self.retired.rotate_right(1);
             self.retired[0] = self.epoch;
             self.retired.iter_mut().filter(|old| **old == Some(epoch)).for_each(|old| *old = None);
+            self.owner = 0;
         }
         self.epoch = Some(epoch);
         self.last = last;
+    }
+
+    /// An owner change beginning owner epoch `owner` of the log incarnation
+    /// `log` reached the stream; true when it is news (raises the fence,
+    /// and its `owner` frame is due). A change of a log the stream does not
+    /// follow is not: the log was recreated, owner epochs start again there,
+    /// and an old one would tell a wrong owner and fence off the new log's
+    /// replies. A stream that has not learnt its log takes it as its own,
+    /// as [`Cursor::arrive`] does.
+    pub fn learn_owner(&mut self, log: LogEpoch, owner: u64) -> bool {
+        self.epoch.is_none_or(|own| own == log) && self.raise_owner(owner)
+    }
+
+    /// An owner change of the log the stream follows (read from it, or
+    /// told by its snapshot) beginning owner epoch `owner`; true when news.
+    pub fn raise_owner(&mut self, owner: u64) -> bool {
+        let news = owner > self.owner;
+        self.owner = self.owner.max(owner);
+        news
+    }
+
+    /// Whether a reply's frames produced under owner epoch `owner` come
+    /// after an owner change the stream has told: the reply was taken
+    /// over, and its frames must not follow the change.
+    pub fn fences_off(&self, owner: u64) -> bool {
+        owner < self.owner
     }
 }
 
@@ -379,5 +418,29 @@ mod tests {
         assert_eq!(fresh.arrive(new, 1), Step::Next);
         fresh.advance_in(new, 1);
         assert_eq!((fresh.arrive(new, 1), fresh.arrive(old, 2)), (Step::Seen, Step::NewLog));
+    }
+
+    #[test]
+    fn a_cursor_fences_off_replies_older_than_the_owner_changes_of_the_log_it_follows_only() {
+        let (old, new) = (LogEpoch::of("5e1b7c9d"), LogEpoch::of("a07c3e91"));
+        let mut cursor = Cursor::in_epoch(old, 4);
+        assert!(cursor.raise_owner(1));
+        assert!(cursor.learn_owner(old, 3));
+        assert!(!cursor.learn_owner(old, 3) && !cursor.learn_owner(old, 2), "once per epoch, never back");
+        assert!(cursor.fences_off(2) && !cursor.fences_off(3) && !cursor.fences_off(4));
+        // The log was recreated: a change of the old log queued behind is
+        // not the new log's owner.
+        cursor.restart(new, 1);
+        assert!(!cursor.fences_off(0), "the new log's replies (owner epoch 0) pass");
+        assert!(!cursor.learn_owner(old, 4));
+        assert!(!cursor.fences_off(0), "still");
+        assert!(cursor.learn_owner(new, 1));
+        assert!(cursor.fences_off(0));
+        // Seen again on the same log, the fence stays.
+        cursor.restart(new, 6);
+        assert!(cursor.fences_off(0));
+        // A stream that has not learnt its log takes the change as its own.
+        let mut fresh = Cursor::at(0);
+        assert!(fresh.learn_owner(new, 2) && fresh.fences_off(1));
     }
 }

@@ -43,28 +43,11 @@ pub(super) enum Command {
 /// One watched conversation.
 struct Watch {
     key: ConversationKey,
-    /// The durable events of this conversation the agent has.
+    /// The durable events of this conversation the agent has, and the
+    /// latest owner change it was told of (`watching`, `owner` frames).
     sent: Cursor,
-    /// The owner epoch the agent knows of (`watching`, `owner` frames).
-    owner_epoch: u64,
     /// The last note sent (notes have their own seq).
     notes_sent: u64,
-}
-
-impl Watch {
-    /// Notes an owner change of log incarnation `log` beginning `epoch`;
-    /// true when it is news to the agent (its `owner` frame is due). A
-    /// change of a log the watch has left (the log was recreated and the
-    /// watch made again on the new one, where owner epochs start again)
-    /// is not: it would tell a wrong owner and fence off the new log's
-    /// replies.
-    fn learn_owner(&mut self, log: LogEpoch, epoch: u64) -> bool {
-        let news = self.sent.epoch() == Some(log) && epoch > self.owner_epoch;
-        if news {
-            self.owner_epoch = epoch;
-        }
-        news
-    }
 }
 
 /// An agent socket's watched conversations, and what it needs to set them up.
@@ -175,7 +158,7 @@ impl Watches {
         match item {
             Outbound::Frame { frame, .. } => sink.feed(Message::Text(frame)).await?,
             // A taken-over reply's, after the agent was told of the change.
-            Outbound::Frames { owner_epoch, .. } if owner_epoch < watch.owner_epoch => {}
+            Outbound::Frames { owner_epoch, .. } if watch.sent.fences_off(owner_epoch) => {}
             Outbound::Frames { frames, .. } => {
                 for frame in frames {
                     sink.feed(Message::Text(frame)).await?;
@@ -206,7 +189,7 @@ impl Watches {
                 return Ok(delivered);
             }
             Outbound::Owner { log, epoch, frame } => {
-                if watch.learn_owner(log, epoch) {
+                if watch.sent.learn_owner(log, epoch) {
                     sink.feed(Message::Text(frame)).await?;
                 }
             }
@@ -269,32 +252,10 @@ async fn fill_gap(
         watch.sent.advance(event.seq);
         // An owner change this node did not hear live is told all the same.
         if let Some((epoch, frame)) = event.owner_frame(conversation)
-            && epoch > watch.owner_epoch
+            && watch.sent.raise_owner(epoch)
         {
-            watch.owner_epoch = epoch;
             sink.feed(Message::Text(frame)).await?;
         }
     }
     Ok(Delivered::Done)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_watch_learns_owner_changes_of_the_log_it_follows_only() {
-        let (old, new) = (LogEpoch::of("5e1b7c9d"), LogEpoch::of("a07c3e91"));
-        let key = ConversationKey::for_test("t", "c");
-        let mut watch = Watch { key, sent: Cursor::in_epoch(old, 4), owner_epoch: 1, notes_sent: 0 };
-        assert!(watch.learn_owner(old, 3));
-        assert!(!watch.learn_owner(old, 3) && !watch.learn_owner(old, 2), "once per epoch, never back");
-        // The log was recreated and the watch made again on it: a change of
-        // the old log queued behind is not the new log's owner.
-        watch.sent.restart(new, 1);
-        watch.owner_epoch = 0;
-        assert!(!watch.learn_owner(old, 4));
-        assert_eq!(watch.owner_epoch, 0, "the new log's replies (owner epoch 0) still pass");
-        assert!(watch.learn_owner(new, 1));
-    }
 }

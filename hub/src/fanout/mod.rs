@@ -108,13 +108,12 @@ struct Local {
     /// The durable events handed to these sessions: one that comes again
     /// (a replay overlapping live traffic) is dropped here, once for all
     /// sessions, and so is one of a log incarnation left behind (the log
-    /// was lost and recreated: the new log's seqs start again at 1).
+    /// was lost and recreated: the new log's seqs start again at 1). Also
+    /// the latest owner change given them: a reply's frames of an older
+    /// owner epoch are dropped.
     delivered: Cursor,
     /// Taken by this node's appends to the conversation (made by the first).
     turn: Option<AppendTurn>,
-    /// The highest owner epoch whose change these sessions were given:
-    /// frames of an older epoch are dropped.
-    owner_epoch: u64,
     /// Replies streaming on this node, with the owner epoch each was asked
     /// under: an owner change cancels the older ones. While any is here the
     /// entry stays (and the node subscribed) even without sessions.
@@ -272,7 +271,7 @@ impl FanOut {
     /// `epoch` was delivered here (the frames are fenced off).
     pub fn deliver_frames(&self, key: &ConversationKey, mut frames: Vec<Utf8Bytes>, epoch: u64) -> bool {
         let Some(local) = self.sessions.get(key) else { return true };
-        if local.owner_epoch > epoch {
+        if local.delivered.fences_off(epoch) {
             return false;
         }
         let queued_at = Instant::now();
@@ -312,11 +311,8 @@ impl FanOut {
         let step = local.delivered.arrive(epoch, event.seq);
         match step {
             Step::Stale => return,
-            Step::NewLog => {
-                // A new log: its seqs and its owner epochs start again.
-                local.delivered.restart(epoch, 0);
-                local.owner_epoch = 0;
-            }
+            // A new log: its seqs and its owner epochs start again.
+            Step::NewLog => local.delivered.restart(epoch, 0),
             Step::Seen | Step::Next | Step::Gap => {}
         }
         let conversation = key.conversation().as_str();
@@ -325,8 +321,7 @@ impl FanOut {
         // filled the change in from the log.
         let owner = event.owner_frame(conversation).inspect(|(epoch, _)| {
             self.saw_owner(key, *epoch, event.event == Some(SystemEvent::Waiting), event.at_ms);
-            if *epoch > local.owner_epoch {
-                local.owner_epoch = *epoch;
+            if local.delivered.raise_owner(*epoch) {
                 local.replies.iter().filter(|(asked, _)| asked < epoch).for_each(|(_, takeover)| takeover.cancel());
             }
         });

@@ -48,7 +48,7 @@ impl FanOut {
     pub fn hold(&self, key: &ConversationKey, epoch: u64, takeover: CancellationToken) -> bool {
         let mut entry = self.sessions.entry(key.clone()).or_default();
         let first = entry.is_empty();
-        if entry.owner_epoch > epoch {
+        if entry.delivered.fences_off(epoch) {
             takeover.cancel();
         }
         entry.replies.push((epoch, takeover));
@@ -62,7 +62,7 @@ impl FanOut {
         if local.is_empty() {
             return false;
         }
-        if local.owner_epoch > epoch {
+        if local.delivered.fences_off(epoch) {
             takeover.cancel();
         }
         local.replies.push((epoch, takeover.clone()));

@@ -170,8 +170,8 @@ async fn start(
                 conversations: app.conversations.clone(),
                 key: key.clone(),
                 intro,
-                sent: crate::event::Cursor::in_epoch(crate::event::LogEpoch::of(&snapshot.epoch), snapshot.last_seq),
-                owner_epoch: snapshot.ownership.epoch,
+                sent: crate::event::Cursor::in_epoch(crate::event::LogEpoch::of(&snapshot.epoch), snapshot.last_seq)
+                    .with_owner(snapshot.ownership.epoch),
                 delivery: metrics::histogram!(crate::metric::FRAME_DELIVERY),
             },
             closer.clone(),

@@ -29,12 +29,11 @@ pub(super) struct Replay {
     pub key: ConversationKey,
     /// `ready` and the replayed events, sent before anything queued.
     pub intro: Vec<Utf8Bytes>,
-    /// The durable events the client has (or is about to have).
+    /// The durable events the client has (or is about to have), and the
+    /// latest owner change it was told of (by its snapshot, or an event
+    /// sent since): a reply's frames of an older owner epoch are dropped
+    /// ([`Outbound::Frames`]).
     pub sent: Cursor,
-    /// The latest owner epoch the client was told of (by its snapshot, or
-    /// an owner change sent since): a reply's frames of an older one are
-    /// dropped ([`Outbound::Frames`]).
-    pub owner_epoch: u64,
     /// `fengda_hub_frame_delivery_seconds`, looked up once per session.
     pub delivery: metrics::Histogram,
 }
@@ -58,7 +57,7 @@ impl Writes for Replay {
                     sink.feed(Message::Text(frame)).await?
                 }
                 Outbound::Frames { frames, owner_epoch, queued_at } => {
-                    if owner_epoch < self.owner_epoch {
+                    if self.sent.fences_off(owner_epoch) {
                         continue;
                     }
                     oldest = Some(oldest.map_or(queued_at, |o| o.min(queued_at)));
@@ -91,7 +90,7 @@ impl Writes for Replay {
                 }
                 Outbound::Resync => Box::pin(fill_gap(sink, self, u64::MAX)).await?,
                 // Its event was just sent (or read from the log): only the fence moves.
-                Outbound::Owner { log, epoch, .. } => learn_owner(&self.sent, &mut self.owner_epoch, log, epoch),
+                Outbound::Owner { log, epoch, .. } => _ = self.sent.learn_owner(log, epoch),
                 // Only agents' sockets get these.
                 Outbound::Watched { .. } | Outbound::Note { .. } => {}
             }
@@ -108,29 +107,25 @@ impl Writes for Replay {
     }
 
     fn before_close(&mut self, queued: &mut dyn Iterator<Item = Outbound>) -> Vec<Utf8Bytes> {
-        frames_before_close(queued, &mut self.sent, &mut self.owner_epoch)
+        frames_before_close(queued, &mut self.sent)
     }
 
     async fn finish(&mut self) {}
 }
 
 /// What a closing socket still gets of its queue: every non-durable frame
-/// (but a reply's of an owner epoch before `owner_epoch`), and stored events
-/// only while they follow on from the last one sent (past a gap or a resync
-/// the client must resume with `after` from the last seq it got, or it
-/// would skip the gap). Advances `sent` and `owner_epoch`.
-fn frames_before_close(
-    queued: impl Iterator<Item = Outbound>,
-    sent: &mut Cursor,
-    owner_epoch: &mut u64,
-) -> Vec<Utf8Bytes> {
+/// (but a reply's that `sent` fences off), and stored events only while
+/// they follow on from the last one sent (past a gap or a resync the client
+/// must resume with `after` from the last seq it got, or it would skip the
+/// gap). Advances `sent`.
+fn frames_before_close(queued: impl Iterator<Item = Outbound>, sent: &mut Cursor) -> Vec<Utf8Bytes> {
     let mut frames = Vec::new();
     let mut in_order = true;
     for item in queued {
         match item {
             Outbound::Frame { frame, .. } => frames.push(frame),
-            Outbound::Frames { frames: batch, owner_epoch: produced_under, .. } => {
-                if produced_under >= *owner_epoch {
+            Outbound::Frames { frames: batch, owner_epoch, .. } => {
+                if !sent.fences_off(owner_epoch) {
                     frames.extend(batch);
                 }
             }
@@ -144,20 +139,12 @@ fn frames_before_close(
                 Step::Next | Step::Gap | Step::NewLog => in_order = false,
             },
             Outbound::Resync => in_order = false,
-            Outbound::Owner { log, epoch, .. } => learn_owner(sent, owner_epoch, log, epoch),
+            Outbound::Owner { log, epoch, .. } => _ = sent.learn_owner(log, epoch),
             // Only agents' sockets get these.
             Outbound::Watched { .. } | Outbound::Note { .. } => {}
         }
     }
     frames
-}
-
-/// Raises the socket's fence to an owner change of log incarnation `log`
-/// beginning `epoch`, if the socket follows that log.
-fn learn_owner(sent: &Cursor, owner_epoch: &mut u64, log: LogEpoch, epoch: u64) {
-    if sent.epoch() == Some(log) {
-        *owner_epoch = (*owner_epoch).max(epoch);
-    }
 }
 
 /// Sends the logged events between the last sent seq and `before`
@@ -184,15 +171,14 @@ async fn fill_gap(sink: &mut Sink<'_>, replay: &mut Replay, before: u64) -> Resu
         debug!(last = replay.sent.last(), "the conversation's log was recreated; starting over with the new one");
         sink.feed(Message::Text(ServerFrame::Ready { conversation, seq: 0, epoch: &log.epoch }.encode())).await?;
         sink.feed(Message::Text(super::history_lost())).await?;
-        replay.sent.restart(epoch, 0);
         // The new log's owner epochs start again, told by its events below.
-        replay.owner_epoch = 0;
+        replay.sent.restart(epoch, 0);
         (after, before) = (0, u64::MAX);
     }
     for event in log.missed.iter().filter(|e| e.seq > after && e.seq < before) {
         sink.feed(Message::Text(event.message_frame(conversation))).await?;
         replay.sent.advance(event.seq);
-        replay.owner_epoch = replay.owner_epoch.max(event.owner_epoch.unwrap_or(0));
+        replay.sent.raise_owner(event.owner_epoch.unwrap_or(0));
     }
     Ok(())
 }
@@ -225,13 +211,13 @@ mod tests {
             frame(0, "error"),
         ];
         let mut sent = Cursor::at(4);
-        let frames = frames_before_close(queued.into_iter(), &mut sent, &mut 0);
+        let frames = frames_before_close(queued.into_iter(), &mut sent);
         let texts: Vec<_> = frames.iter().map(Utf8Bytes::as_str).collect();
         assert_eq!(texts, ["delta-1", "event-5", "delta-2", "delta-3", "event-6", "error"]);
         assert_eq!(sent.last(), 6, "the client resumes after 6 and gets 7 and 8 from the log");
         // A gap stops stored events the same way.
         let mut sent = Cursor::at(4);
-        let frames = frames_before_close(vec![frame(6, "event-6"), frame(5, "event-5")].into_iter(), &mut sent, &mut 0);
+        let frames = frames_before_close(vec![frame(6, "event-6"), frame(5, "event-5")].into_iter(), &mut sent);
         assert!(frames.is_empty());
         assert_eq!(sent.last(), 4);
         // An event of a log left behind is skipped; one of a new log stops
@@ -242,11 +228,10 @@ mod tests {
         let mut sent = Cursor::in_epoch(old, 4);
         sent.restart(new, 0);
         let queued = vec![event(old, 5, "old-5"), event(new, 1, "new-1"), event(old, 6, "old-6"), frame(0, "delta")];
-        let frames = frames_before_close(queued.into_iter(), &mut sent, &mut 0);
+        let frames = frames_before_close(queued.into_iter(), &mut sent);
         assert_eq!(frames.iter().map(Utf8Bytes::as_str).collect::<Vec<_>>(), ["new-1", "delta"]);
         let mut sent = Cursor::in_epoch(old, 4);
-        let frames =
-            frames_before_close(vec![event(new, 1, "new-1"), event(old, 5, "old-5")].into_iter(), &mut sent, &mut 0);
+        let frames = frames_before_close(vec![event(new, 1, "new-1"), event(old, 5, "old-5")].into_iter(), &mut sent);
         assert!(frames.is_empty(), "nothing of the new log before the client is told; nothing stored after a stop");
         assert_eq!((sent.epoch(), sent.last()), (Some(old), 4));
     }
@@ -271,19 +256,22 @@ mod tests {
             reply(2, "queued"),
             reply(3, "delta-3"),
         ];
-        let (mut sent, mut owner_epoch) = (Cursor::in_epoch(log, 4), 1);
-        let frames = frames_before_close(queued.into_iter(), &mut sent, &mut owner_epoch);
+        let mut sent = Cursor::in_epoch(log, 4).with_owner(1);
+        let frames = frames_before_close(queued.into_iter(), &mut sent);
         let texts: Vec<_> = frames.iter().map(Utf8Bytes::as_str).collect();
         assert_eq!(texts, ["delta-1", "agent_joined", "queued", "delta-3"], "nothing of epoch 1 after the change to 2");
-        assert_eq!(owner_epoch, 2, "a customer's socket is never sent the `owner` frame itself");
+        assert!(
+            sent.fences_off(1) && !sent.fences_off(2),
+            "a customer's socket is never sent the `owner` frame itself"
+        );
         // A socket whose snapshot told it of the change drops them from the start.
-        let frames = frames_before_close(vec![reply(1, "delta-1")].into_iter(), &mut Cursor::at(5), &mut 2);
-        assert!(frames.is_empty());
+        let mut sent = Cursor::in_epoch(log, 5).with_owner(2);
+        assert!(frames_before_close(vec![reply(1, "delta-1")].into_iter(), &mut sent).is_empty());
         // A change of a log the socket has left (queued behind the events
         // that moved it to the recreated log) does not fence the new log's replies.
-        let mut owner_epoch = 0;
+        let mut sent = Cursor::in_epoch(log, 1);
         let queued = vec![owner(old_log, 3), reply(0, "new-log-delta")];
-        let frames = frames_before_close(queued.into_iter(), &mut Cursor::in_epoch(log, 1), &mut owner_epoch);
-        assert_eq!((frames.len(), owner_epoch), (1, 0));
+        let frames = frames_before_close(queued.into_iter(), &mut sent);
+        assert!(frames.len() == 1 && !sent.fences_off(0));
     }
 }

@@ -99,15 +99,16 @@ impl Watches {
         .encode();
         // Recorded before the writes: a session whose socket fails meanwhile
         // still leaves the conversation when it finishes.
-        let sent = match previous {
+        let mut sent = match previous {
             Some(Watch { mut sent, .. }) => {
                 sent.restart(LogEpoch::of(&snapshot.epoch), last_seq);
                 sent
             }
             None => Cursor::in_epoch(LogEpoch::of(&snapshot.epoch), last_seq),
         };
+        sent.raise_owner(snapshot.ownership.epoch);
         let notes_sent = notes.last().map_or(0, |note| note.seq);
-        let watch = Watch { key, sent, owner_epoch: snapshot.ownership.epoch, notes_sent };
+        let watch = Watch { key, sent, notes_sent };
         self.watched.insert(conversation.clone(), watch);
         sink.feed(Message::Text(watching)).await?;
         for event in &history {

@@ -41,7 +41,7 @@
 use async_trait::async_trait;
 use axum::extract::ws::Utf8Bytes;
 
-use crate::event::{LogEpoch, StoredEvent};
+use crate::event::{LogEpoch, OwnerEpoch, StoredEvent};
 use crate::ids::{ConversationId, ConversationKey, TenantId};
 use crate::presence::{Present, Typing};
 use crate::protocol::ReplyTiming;
@@ -53,8 +53,8 @@ pub trait IncomingEvents: Send + Sync + 'static {
     /// A durable event another node appended to the log incarnation
     /// `epoch` (`timing` rides along on a reply's `reply.done`; it is not stored).
     fn event(&self, key: &ConversationKey, epoch: LogEpoch, event: &StoredEvent, timing: Option<&ReplyTiming>);
-    /// Non-durable frames another node streamed, in order, under owner epoch `epoch`.
-    fn frames(&self, key: &ConversationKey, frames: Vec<Utf8Bytes>, epoch: u64);
+    /// Non-durable frames another node streamed, in order, of a reply asked under `asked`.
+    fn frames(&self, key: &ConversationKey, frames: Vec<Utf8Bytes>, asked: OwnerEpoch);
     /// An agents' note another node stored (for agents' sockets only).
     fn note(&self, key: &ConversationKey, note: &crate::event::StoredNote);
     /// Events may have been missed (the subscription was down): every
@@ -89,10 +89,10 @@ pub trait EventBus: Send + Sync + 'static {
     /// Stops receiving them (this node's last socket left). Never fails.
     async fn unsubscribe(&self, key: &ConversationKey);
 
-    /// Publishes non-durable frames, produced under owner epoch `epoch`, for
-    /// other nodes' sockets, in order. Best effort and never waits; frames no
+    /// Publishes non-durable frames of a reply asked under `asked` for other
+    /// nodes' sockets, in order. Best effort and never waits; frames no
     /// other node listens for are not sent.
-    fn publish_frames(&self, key: &ConversationKey, frames: &[Utf8Bytes], epoch: u64);
+    fn publish_frames(&self, key: &ConversationKey, frames: &[Utf8Bytes], asked: OwnerEpoch);
 
     /// Publishes a typing signal for other nodes' sockets; best effort and
     /// never waits, like frames.
@@ -139,7 +139,7 @@ impl EventBus for LocalBus {
 
     async fn unsubscribe(&self, _: &ConversationKey) {}
 
-    fn publish_frames(&self, _: &ConversationKey, _: &[Utf8Bytes], _: u64) {}
+    fn publish_frames(&self, _: &ConversationKey, _: &[Utf8Bytes], _: OwnerEpoch) {}
 
     fn publish_typing(&self, _: &ConversationKey, _: &Typing) {}
 

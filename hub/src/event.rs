@@ -222,18 +222,39 @@ impl NewEvent {
 }
 
 /// One incarnation of a conversation's log, as cursors compare it: a digest
-/// of the log's `epoch` (the string `ready` gives), so that every event can
-/// carry it for the price of a `u64`. A log lost and recreated under the same
-/// conversation id has another epoch, and its seqs start again at 1.
+/// of the log's `epoch` (the string `ready` gives), so that every event and
+/// every reply's frame can carry it for the price of a `u64`. A log lost and
+/// recreated under the same conversation id has another epoch, and its seqs
+/// and owner epochs start again.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct LogEpoch(u64);
 
 impl LogEpoch {
     pub fn of(epoch: &str) -> Self {
-        use std::hash::BuildHasher;
-        // Fixed seed: the same epoch has the same digest in every part of this node.
-        Self(foldhash::fast::FixedState::default().hash_one(epoch))
+        // XXH3, a specified hash: the same epoch has the same digest on
+        // every node, of every release (frames carry it between nodes).
+        Self(xxhash_rust::xxh3::xxh3_64(epoch.as_bytes()))
     }
+
+    /// The digest, as it travels between nodes.
+    pub fn digest(self) -> u64 {
+        self.0
+    }
+
+    /// The log incarnation of a digest from another node.
+    pub fn from_digest(digest: u64) -> Self {
+        Self(digest)
+    }
+}
+
+/// An owner epoch of one log incarnation: what a reply is asked under, and
+/// what an owner change begins. Owner epochs count the owner changes of one
+/// log; a recreated log counts again from 0, so an epoch means nothing
+/// without its log.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OwnerEpoch {
+    pub log: LogEpoch,
+    pub epoch: u64,
 }
 
 /// Log incarnations a [`Cursor`] remembers having left (an event of one of
@@ -352,15 +373,14 @@ impl Cursor {
         self.last = last;
     }
 
-    /// An owner change beginning owner epoch `owner` of the log incarnation
-    /// `log` reached the stream; true when it is news (raises the fence,
-    /// and its `owner` frame is due). A change of a log the stream does not
-    /// follow is not: the log was recreated, owner epochs start again there,
-    /// and an old one would tell a wrong owner and fence off the new log's
-    /// replies. A stream that has not learnt its log takes it as its own,
-    /// as [`Cursor::arrive`] does.
-    pub fn learn_owner(&mut self, log: LogEpoch, owner: u64) -> bool {
-        self.epoch.is_none_or(|own| own == log) && self.raise_owner(owner)
+    /// An owner change beginning `change` reached the stream; true when it
+    /// is news (raises the fence, and its `owner` frame is due). A change of
+    /// a log the stream does not follow is not: the log was recreated, owner
+    /// epochs start again there, and an old one would tell a wrong owner and
+    /// fence off the new log's replies. A stream that has not learnt its log
+    /// takes it as its own, as [`Cursor::arrive`] does.
+    pub fn learn_owner(&mut self, change: OwnerEpoch) -> bool {
+        self.epoch.is_none_or(|own| own == change.log) && self.raise_owner(change.epoch)
     }
 
     /// An owner change of the log the stream follows (read from it, or
@@ -371,11 +391,17 @@ impl Cursor {
         news
     }
 
-    /// Whether a reply's frames produced under owner epoch `owner` come
-    /// after an owner change the stream has told: the reply was taken
-    /// over, and its frames must not follow the change.
-    pub fn fences_off(&self, owner: u64) -> bool {
-        owner < self.owner
+    /// Whether a reply asked under `asked` was taken over by an owner change
+    /// the stream has told, so that its frames must not follow the change:
+    /// a later owner epoch of the same log, or any owner change of the log
+    /// followed when the reply is of another one (a log lost since, which
+    /// the stream may never have known: owner epochs of two logs do not
+    /// compare, and after a takeover only the current log's replies stream).
+    pub fn fences_off(&self, asked: OwnerEpoch) -> bool {
+        match self.epoch {
+            Some(own) if own != asked.log => self.owner > 0,
+            _ => asked.epoch < self.owner,
+        }
     }
 }
 
@@ -423,24 +449,37 @@ mod tests {
     #[test]
     fn a_cursor_fences_off_replies_older_than_the_owner_changes_of_the_log_it_follows_only() {
         let (old, new) = (LogEpoch::of("5e1b7c9d"), LogEpoch::of("a07c3e91"));
+        let (in_old, in_new) = (|epoch| OwnerEpoch { log: old, epoch }, |epoch| OwnerEpoch { log: new, epoch });
         let mut cursor = Cursor::in_epoch(old, 4);
         assert!(cursor.raise_owner(1));
-        assert!(cursor.learn_owner(old, 3));
-        assert!(!cursor.learn_owner(old, 3) && !cursor.learn_owner(old, 2), "once per epoch, never back");
-        assert!(cursor.fences_off(2) && !cursor.fences_off(3) && !cursor.fences_off(4));
+        assert!(cursor.learn_owner(in_old(3)));
+        assert!(!cursor.learn_owner(in_old(3)) && !cursor.learn_owner(in_old(2)), "once per epoch, never back");
+        assert!(cursor.fences_off(in_old(2)) && !cursor.fences_off(in_old(3)) && !cursor.fences_off(in_old(4)));
+        assert!(cursor.fences_off(in_new(5)), "another log's reply, after a takeover in this one");
         // The log was recreated: a change of the old log queued behind is
-        // not the new log's owner.
+        // not the new log's owner, and the old log's replies still stream
+        // until the new log changes owner.
         cursor.restart(new, 1);
-        assert!(!cursor.fences_off(0), "the new log's replies (owner epoch 0) pass");
-        assert!(!cursor.learn_owner(old, 4));
-        assert!(!cursor.fences_off(0), "still");
-        assert!(cursor.learn_owner(new, 1));
-        assert!(cursor.fences_off(0));
+        assert!(!cursor.fences_off(in_new(0)), "the new log's replies (owner epoch 0) pass");
+        assert!(!cursor.learn_owner(in_old(4)));
+        assert!(!cursor.fences_off(in_new(0)) && !cursor.fences_off(in_old(3)), "still");
+        assert!(cursor.learn_owner(in_new(1)));
+        assert!(cursor.fences_off(in_new(0)) && !cursor.fences_off(in_new(1)));
+        assert!(cursor.fences_off(in_old(3)), "a reply of the lost log, whatever its owner epoch");
+        let never_known = OwnerEpoch { log: LogEpoch::of("0f"), epoch: 9 };
+        assert!(cursor.fences_off(never_known), "or of one lost before the stream began");
         // Seen again on the same log, the fence stays.
         cursor.restart(new, 6);
-        assert!(cursor.fences_off(0));
+        assert!(cursor.fences_off(in_new(0)));
         // A stream that has not learnt its log takes the change as its own.
         let mut fresh = Cursor::at(0);
-        assert!(fresh.learn_owner(new, 2) && fresh.fences_off(1));
+        assert!(fresh.learn_owner(in_new(2)) && fresh.fences_off(in_new(1)) && fresh.fences_off(in_old(1)));
+    }
+
+    #[test]
+    fn a_log_epochs_digest_is_the_same_on_every_node() {
+        // XXH3-64 of the bytes: pinned, since other nodes compare it.
+        assert_eq!(LogEpoch::of("").digest(), 0x2d06800538d394c2);
+        assert_eq!(LogEpoch::from_digest(LogEpoch::of("5e1b7c9d").digest()), LogEpoch::of("5e1b7c9d"));
     }
 }

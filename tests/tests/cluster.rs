@@ -403,7 +403,6 @@ async fn agents_notes_live_and_die_with_their_conversations_log() {
 
 #[tokio::test]
 async fn a_late_delta_of_a_taken_over_reply_never_follows_agent_joined_on_a_socket_that_joined_after() {
-    use fengda::store::redis::wire::{NodeId, Payload};
     let redis = RedisServer::start().await;
     let nodes = cluster(&redis, 1, &[]).await;
     let hub = &nodes[0];
@@ -424,26 +423,83 @@ async fn a_late_delta_of_a_taken_over_reply_never_follows_agent_joined_on_a_sock
     let mut bob = agent(hub, "bob").await;
     bob.send_json(serde_json::json!({"type": "watch", "conversation": conversation})).await;
     assert_eq!(bob.expect("watching").await["owner_epoch"], 1);
+    let log = redis.cli(&["HGET", &format!("fengda:conv:{{bank:{conversation}}}:meta"), "epoch"]).await;
+    publish_deltas_of_another_node(&redis, &conversation, [(&log, 0, "late"), (&log, 1, "current")]).await;
+    for socket in [&mut back, &mut bob] {
+        expect_only_the_current_delta_after_agent_joined(socket).await;
+    }
+}
+
+#[tokio::test]
+async fn a_late_delta_of_a_lost_logs_reply_never_follows_agent_joined_in_the_log_started_again() {
+    let redis = RedisServer::start().await;
+    let nodes = cluster(&redis, 1, &[]).await;
+    let hub = &nodes[0];
+    let mut customer = Client::connect(&hub.ws_url("tenant=bank&user=relost")).await;
+    customer.ask("q1", "Tell me about the Gold Card").await;
+    let conversation = customer.conversation();
+    let tag = format!("fengda:conv:{{bank:{conversation}}}");
+    let meta = format!("{tag}:meta");
+    let lost = redis.cli(&["HGET", &meta, "epoch"]).await;
+    // The log is lost, and the customer's next visit starts it again under
+    // the same id: its owner epochs count from 0 again.
+    assert_eq!(redis.cli(&["DEL", &meta, &format!("{tag}:log"), &format!("{tag}:ids")]).await, "3");
+    customer.send_message("q2", "Hello?").await;
+    assert_eq!(customer.expect("error").await["code"], "conversation_not_found");
+    customer.expect_close().await;
+    let mut back = Client::connect(&hub.ws_url("tenant=bank&user=relost")).await;
+    assert_eq!(back.conversation(), conversation);
+    back.ask("q1", "Hello").await;
+    let log = redis.cli(&["HGET", &meta, "epoch"]).await;
+    assert_ne!(log, lost);
+    let mut anna = agent(hub, "anna").await;
+    anna.send_json(serde_json::json!({"type": "take", "conversation": conversation})).await;
+    while anna.next().await["type"] != "owner" {}
+    let mut bob = agent(hub, "bob").await;
+    bob.send_json(serde_json::json!({"type": "watch", "conversation": conversation})).await;
+    assert_eq!(bob.expect("watching").await["owner_epoch"], 1);
+    // Another node's reply asked in the lost log, under its owner epoch 2
+    // (above the new log's 1: the two do not compare), still streams.
+    publish_deltas_of_another_node(&redis, &conversation, [(&lost, 2, "late"), (&log, 1, "current")]).await;
+    for socket in [&mut back, &mut bob] {
+        expect_only_the_current_delta_after_agent_joined(socket).await;
+    }
+}
+
+/// Publishes `reply.delta`s on the conversation's channel as another node
+/// streaming them would: each of a reply asked under owner epoch `epoch` of
+/// the log with epoch `log`.
+async fn publish_deltas_of_another_node<const N: usize>(
+    redis: &RedisServer,
+    conversation: &str,
+    deltas: [(&str, u64, &str); N],
+) {
+    use fengda::event::{LogEpoch, OwnerEpoch};
+    use fengda::store::redis::wire::{NodeId, Payload};
     let channel = format!("fengda:conv:{{bank:{conversation}}}:events");
     let other_node = NodeId::generate();
-    for (epoch, text) in [(0, "late"), (1, "current")] {
-        let frame = serde_json::json!({"type": "reply.delta", "conversation": conversation, "reply": format!("r-{epoch}"), "index": 0, "text": text});
-        let payload = String::from_utf8(Payload::encode_frame(&other_node, &frame.to_string(), epoch)).unwrap();
+    for (log, epoch, text) in deltas {
+        let frame = serde_json::json!({"type": "reply.delta", "conversation": conversation, "reply": format!("r-{text}"), "index": 0, "text": text});
+        let asked = OwnerEpoch { log: LogEpoch::of(log), epoch };
+        let payload = String::from_utf8(Payload::encode_frame(&other_node, &frame.to_string(), asked)).unwrap();
         assert_eq!(redis.cli(&["PUBLISH", &channel, &payload]).await, "1", "the node listens");
     }
-    for socket in [&mut back, &mut bob] {
-        let mut before = Vec::new();
-        let delta = loop {
-            let frame = socket.next().await;
-            match frame["type"].as_str() {
-                Some("reply.delta") => break frame,
-                _ => before.push(frame),
-            }
-        };
-        assert!(before.iter().any(|frame| frame["event"] == "agent_joined"), "{before:?}");
-        assert_eq!(delta["text"], "current", "the taken-over reply's delta was dropped: {delta}");
-        socket.assert_alive().await;
-    }
+}
+
+/// Reads up to the first `reply.delta`: `agent_joined` came before it, and
+/// it is the current owner's ("current"), the taken-over reply's dropped.
+async fn expect_only_the_current_delta_after_agent_joined(socket: &mut Client) {
+    let mut before = Vec::new();
+    let delta = loop {
+        let frame = socket.next().await;
+        match frame["type"].as_str() {
+            Some("reply.delta") => break frame,
+            _ => before.push(frame),
+        }
+    };
+    assert!(before.iter().any(|frame| frame["event"] == "agent_joined"), "{before:?}");
+    assert_eq!(delta["text"], "current", "the taken-over reply's delta was dropped: {delta}");
+    socket.assert_alive().await;
 }
 
 #[tokio::test]

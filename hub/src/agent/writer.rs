@@ -158,7 +158,7 @@ impl Watches {
         match item {
             Outbound::Frame { frame, .. } => sink.feed(Message::Text(frame)).await?,
             // A taken-over reply's, after the agent was told of the change.
-            Outbound::Frames { owner_epoch, .. } if watch.sent.fences_off(owner_epoch) => {}
+            Outbound::Frames { asked, .. } if watch.sent.fences_off(asked) => {}
             Outbound::Frames { frames, .. } => {
                 for frame in frames {
                     sink.feed(Message::Text(frame)).await?;
@@ -188,8 +188,8 @@ impl Watches {
                 }
                 return Ok(delivered);
             }
-            Outbound::Owner { log, epoch, frame } => {
-                if watch.sent.learn_owner(log, epoch) {
+            Outbound::Owner { change, frame } => {
+                if watch.sent.learn_owner(change) {
                     sink.feed(Message::Text(frame)).await?;
                 }
             }

@@ -23,7 +23,7 @@ use std::sync::Arc;
 use axum::extract::ws::Utf8Bytes;
 
 use crate::bus::EventBus;
-use crate::event::{NewEvent, StoredEvent};
+use crate::event::{NewEvent, OwnerEpoch, StoredEvent};
 use crate::fanout::{FanOut, SessionHandle};
 use crate::ids::{ConversationId, ConversationKey, Party, SessionId, TenantId, UserId};
 use crate::presence::{PresenceBoard, Present, Typing};
@@ -290,31 +290,31 @@ impl Conversations {
         Ok(appended)
     }
 
-    /// Delivers non-durable frames (`reply.delta`s, `queued`) produced under
-    /// owner epoch `epoch`, in order, to every socket of the conversation:
+    /// Delivers non-durable frames (`reply.delta`s, `queued`) of a reply
+    /// asked under `asked`, in order, to every socket of the conversation:
     /// this node's at once, other nodes' through the bus. Best effort and
     /// never waits: a lost delta is repaired by `reply.done`. Returns false,
-    /// sending nothing, when this node has delivered an owner change after
-    /// `epoch` (the frames are fenced off: see [`FanOut`]).
-    pub fn publish_frames(&self, key: &ConversationKey, frames: Vec<Utf8Bytes>, epoch: u64) -> bool {
+    /// sending nothing, when this node has delivered an owner change that
+    /// takes the reply over (the frames are fenced off: see [`FanOut`]).
+    pub fn publish_frames(&self, key: &ConversationKey, frames: Vec<Utf8Bytes>, asked: OwnerEpoch) -> bool {
         // The bus first, as always (one fan-out lookup per batch): another
         // node's fan-out applies the same fence to what it receives, and
         // the stored reply follows what this node's sockets got.
-        self.bus.publish_frames(key, &frames, epoch);
-        self.fanout.deliver_frames(key, frames, epoch)
+        self.bus.publish_frames(key, &frames, asked);
+        self.fanout.deliver_frames(key, frames, asked)
     }
 
     /// Keeps the conversation subscribed on this node while a reply streams
     /// here, even if its sockets leave, so the node hears of an owner
-    /// change: `takeover` is cancelled by one after `epoch` (see
-    /// [`FanOut::hold`]). Ended by [`Conversations::unhold`].
-    pub async fn hold(&self, key: &ConversationKey, epoch: u64, takeover: &tokio_util::sync::CancellationToken) {
+    /// change: `takeover` is cancelled by one that takes over a reply asked
+    /// under `asked` (see [`FanOut::hold`]). Ended by [`Conversations::unhold`].
+    pub async fn hold(&self, key: &ConversationKey, asked: OwnerEpoch, takeover: &tokio_util::sync::CancellationToken) {
         // The common case, the asking socket still here: no lock, no round trip.
-        if self.fanout.hold_if_present(key, epoch, takeover) {
+        if self.fanout.hold_if_present(key, asked, takeover) {
             return;
         }
         let turn = self.subscriptions.lock(key).await;
-        if self.fanout.hold(key, epoch, takeover.clone())
+        if self.fanout.hold(key, asked, takeover.clone())
             && let Err(error) = self.bus.subscribe(key).await
         {
             // The reply goes on; an owner change elsewhere reaches it only

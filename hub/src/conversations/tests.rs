@@ -50,7 +50,7 @@ impl EventBus for FlakyBus {
         self.subscribed.lock().unwrap().remove(key);
     }
 
-    fn publish_frames(&self, _: &ConversationKey, _: &[Utf8Bytes], _: u64) {}
+    fn publish_frames(&self, _: &ConversationKey, _: &[Utf8Bytes], _: crate::event::OwnerEpoch) {}
 
     fn publish_typing(&self, _: &ConversationKey, _: &Typing) {}
 
@@ -102,7 +102,9 @@ async fn a_session_that_joins_a_conversation_whose_reply_could_not_subscribe_sub
     // A reply streams with no session here; subscribing it fails.
     bus.failing.store(true, Ordering::Relaxed);
     let takeover = CancellationToken::new();
-    conversations.hold(&key, 0, &takeover).await;
+    conversations
+        .hold(&key, crate::event::OwnerEpoch { log: crate::event::LogEpoch::of("e"), epoch: 0 }, &takeover)
+        .await;
     assert!(!bus.is_subscribed(&key));
     // A session joining now fails to subscribe too: it is refused, and
     // the next one tries again.
@@ -127,7 +129,9 @@ async fn a_reply_that_could_not_subscribe_ends_alone_and_leaves_no_mark() {
     let before = counts(&bus);
     bus.failing.store(true, Ordering::Relaxed);
     let takeover = CancellationToken::new();
-    conversations.hold(&key, 0, &takeover).await;
+    conversations
+        .hold(&key, crate::event::OwnerEpoch { log: crate::event::LogEpoch::of("e"), epoch: 0 }, &takeover)
+        .await;
     bus.failing.store(false, Ordering::Relaxed);
     // Unsubscribed all the same: a failed subscription may have left part
     // of itself behind (in Redis, the node's name among the listeners).

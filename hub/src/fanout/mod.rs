@@ -45,7 +45,7 @@ use dashmap::DashMap;
 use tokio_util::sync::CancellationToken;
 
 use crate::bus::IncomingEvents;
-use crate::event::{Cursor, LogEpoch, Step, StoredEvent, SystemEvent};
+use crate::event::{Cursor, LogEpoch, OwnerEpoch, Step, StoredEvent, SystemEvent};
 use crate::ids::{ConversationKey, SessionId};
 use crate::presence::{Present, Typing};
 use crate::protocol::{ReplyTiming, Role, ServerFrame};
@@ -114,10 +114,10 @@ struct Local {
     delivered: Cursor,
     /// Taken by this node's appends to the conversation (made by the first).
     turn: Option<AppendTurn>,
-    /// Replies streaming on this node, with the owner epoch each was asked
-    /// under: an owner change cancels the older ones. While any is here the
+    /// Replies streaming on this node, with what each was asked under: an
+    /// owner change cancels those it takes over. While any is here the
     /// entry stays (and the node subscribed) even without sessions.
-    replies: Vec<(u64, CancellationToken)>,
+    replies: Vec<(OwnerEpoch, CancellationToken)>,
     /// Who types, each until when (each typist once).
     typists: Vec<(Typing, Instant)>,
     /// The customer types on a socket of this node (part of this node's
@@ -264,18 +264,18 @@ impl FanOut {
     }
 
     /// Delivers frames that are not durable events (`reply.delta`s,
-    /// `queued`), produced under owner epoch `epoch`, in order, to every
+    /// `queued`) of a reply asked under `asked`, in order, to every
     /// session: one queue item per session however many frames. The last
     /// session gets the frames themselves: most conversations have one
-    /// socket. Returns false, delivering nothing, when an owner change after
-    /// `epoch` was delivered here (the frames are fenced off).
-    pub fn deliver_frames(&self, key: &ConversationKey, mut frames: Vec<Utf8Bytes>, epoch: u64) -> bool {
+    /// socket. Returns false, delivering nothing, when an owner change that
+    /// takes the reply over was delivered here (the frames are fenced off).
+    pub fn deliver_frames(&self, key: &ConversationKey, mut frames: Vec<Utf8Bytes>, asked: OwnerEpoch) -> bool {
         let Some(local) = self.sessions.get(key) else { return true };
-        if local.delivered.fences_off(epoch) {
+        if local.delivered.fences_off(asked) {
             return false;
         }
         let queued_at = Instant::now();
-        let item = |frames: Vec<Utf8Bytes>| Outbound::Frames { frames, owner_epoch: epoch, queued_at };
+        let item = |frames: Vec<Utf8Bytes>| Outbound::Frames { frames, asked, queued_at };
         if frames.is_empty() {
             return true;
         }
@@ -322,7 +322,8 @@ impl FanOut {
         let owner = event.owner_frame(conversation).inspect(|(epoch, _)| {
             self.saw_owner(key, *epoch, event.event == Some(SystemEvent::Waiting), event.at_ms);
             if local.delivered.raise_owner(*epoch) {
-                local.replies.iter().filter(|(asked, _)| asked < epoch).for_each(|(_, takeover)| takeover.cancel());
+                let Local { delivered, replies, .. } = &*local;
+                replies.iter().filter(|(asked, _)| delivered.fences_off(*asked)).for_each(|(_, t)| t.cancel());
             }
         });
         if step == Step::Seen {
@@ -363,7 +364,10 @@ impl FanOut {
         }
         if let Some((owner_epoch, frame)) = owner {
             for handle in &local.handles {
-                handle.push(Outbound::Owner { log: epoch, epoch: owner_epoch, frame: frame.clone() });
+                handle.push(Outbound::Owner {
+                    change: OwnerEpoch { log: epoch, epoch: owner_epoch },
+                    frame: frame.clone(),
+                });
             }
         }
     }
@@ -375,8 +379,8 @@ impl IncomingEvents for FanOut {
         self.deliver_event(key, epoch, event, None, timing);
     }
 
-    fn frames(&self, key: &ConversationKey, frames: Vec<Utf8Bytes>, epoch: u64) {
-        self.deliver_frames(key, frames, epoch);
+    fn frames(&self, key: &ConversationKey, frames: Vec<Utf8Bytes>, asked: OwnerEpoch) {
+        self.deliver_frames(key, frames, asked);
     }
 
     fn note(&self, key: &ConversationKey, note: &crate::event::StoredNote) {

@@ -7,6 +7,7 @@
 use tokio_util::sync::CancellationToken;
 
 use super::FanOut;
+use crate::event::OwnerEpoch;
 use crate::ids::ConversationKey;
 
 impl FanOut {
@@ -41,31 +42,33 @@ impl FanOut {
         due
     }
 
-    /// Registers a reply streaming on this node under owner epoch `epoch`:
-    /// `takeover` is cancelled when an owner change of a later epoch is
-    /// delivered here (at once if one already was). Returns true when the
-    /// conversation had nothing on this node before (subscribe it).
-    pub fn hold(&self, key: &ConversationKey, epoch: u64, takeover: CancellationToken) -> bool {
+    /// Registers a reply streaming on this node, asked under `asked`:
+    /// `takeover` is cancelled when an owner change that takes it over is
+    /// delivered here (at once if one already was: see
+    /// [`Cursor::fences_off`](crate::event::Cursor::fences_off)). Returns
+    /// true when the conversation had nothing on this node before
+    /// (subscribe it).
+    pub fn hold(&self, key: &ConversationKey, asked: OwnerEpoch, takeover: CancellationToken) -> bool {
         let mut entry = self.sessions.entry(key.clone()).or_default();
         let first = entry.is_empty();
-        if entry.delivered.fences_off(epoch) {
+        if entry.delivered.fences_off(asked) {
             takeover.cancel();
         }
-        entry.replies.push((epoch, takeover));
+        entry.replies.push((asked, takeover));
         first
     }
 
     /// [`FanOut::hold`] when the conversation already has something on this
     /// node (it is subscribed: nothing more to do); false, doing nothing, if not.
-    pub fn hold_if_present(&self, key: &ConversationKey, epoch: u64, takeover: &CancellationToken) -> bool {
+    pub fn hold_if_present(&self, key: &ConversationKey, asked: OwnerEpoch, takeover: &CancellationToken) -> bool {
         let Some(mut local) = self.sessions.get_mut(key) else { return false };
         if local.is_empty() {
             return false;
         }
-        if local.delivered.fences_off(epoch) {
+        if local.delivered.fences_off(asked) {
             takeover.cancel();
         }
-        local.replies.push((epoch, takeover.clone()));
+        local.replies.push((asked, takeover.clone()));
         true
     }
 

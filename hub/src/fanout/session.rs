@@ -8,6 +8,7 @@ use axum::extract::ws::Utf8Bytes;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
+use crate::event::OwnerEpoch;
 use crate::ids::{ConversationKey, SessionId};
 use crate::protocol::Viewer;
 use crate::protocol::close::{self, CloseReason};
@@ -30,27 +31,29 @@ pub enum Outbound {
     /// error, the ack of a duplicate, typing, presence): sent as it comes.
     Frame { frame: Utf8Bytes, queued_at: Instant },
     /// A reply's non-durable frames (its `reply.delta`s, `queued`) that were
-    /// ready together, in order, produced under owner epoch `owner_epoch`:
-    /// one hand-over to the writer for all of them. A writer that has sent
-    /// its socket an owner change of a later epoch ([`Outbound::Owner`])
-    /// drops them, so no frame of a taken-over reply follows `agent_joined`
-    /// on any socket, even one that joined while they were on their way
-    /// (its snapshot told it of the change before the fan-out's entry of it
-    /// could).
-    Frames { frames: Vec<Utf8Bytes>, owner_epoch: u64, queued_at: Instant },
+    /// ready together, in order, of the reply `asked` under that owner
+    /// epoch: one hand-over to the writer for all of them. A writer that has
+    /// sent its socket an owner change that takes the reply over
+    /// ([`Outbound::Owner`], [`Cursor::fences_off`]) drops them, so no frame
+    /// of a taken-over reply follows `agent_joined` on any socket, even one
+    /// that joined while they were on their way (its snapshot told it of the
+    /// change before the fan-out's entry of it could).
+    ///
+    /// [`Cursor::fences_off`]: crate::event::Cursor::fences_off
+    Frames { frames: Vec<Utf8Bytes>, asked: OwnerEpoch, queued_at: Instant },
     /// This node may have missed events (its subscription dropped): the
     /// writer re-reads the log after the last seq it sent.
     Resync,
     /// An agent-only `note` frame (the note's own `seq`: an agent's writer
     /// sends each note once).
     Note { seq: u64, frame: Utf8Bytes },
-    /// The owner changed, beginning `epoch` in the log incarnation `log`:
-    /// queued right after the change's event, for every socket. Each
-    /// writer raises its fence of [`Outbound::Frames`] to it, but only
-    /// while it follows that log (owner epochs start again in a recreated
-    /// log); an agent's writer also sends the `owner` frame, once per epoch
-    /// however it learns of it. A customer's socket never gets that frame.
-    Owner { log: crate::event::LogEpoch, epoch: u64, frame: Utf8Bytes },
+    /// The owner changed, beginning `change`: queued right after the
+    /// change's event, for every socket. Each writer raises its fence of
+    /// [`Outbound::Frames`] to it, but only while it follows that log (owner
+    /// epochs start again in a recreated log); an agent's writer also sends
+    /// the `owner` frame, once per epoch however it learns of it. A
+    /// customer's socket never gets that frame.
+    Owner { change: OwnerEpoch, frame: Utf8Bytes },
     /// An item for an agent's socket, about one of the conversations it
     /// watches (an agent socket has one delivery cursor per conversation).
     Watched { key: ConversationKey, item: Box<Outbound> },

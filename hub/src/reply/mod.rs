@@ -36,6 +36,7 @@ use tracing::{debug, warn};
 
 use crate::config::FallbackText;
 use crate::conversations::Conversations;
+use crate::event::OwnerEpoch;
 use crate::ids::{ConversationKey, generate_reply_ids};
 use crate::nlp::NlpPool;
 use crate::protocol::{ReplyTiming, Role};
@@ -56,8 +57,9 @@ pub struct Question {
     pub timing: bool,
     /// The `tenant` label of the reply's metrics ([`crate::tenant`]).
     pub tenant_label: Arc<str>,
-    /// The owner epoch it was asked under (the assistant owned the conversation).
-    pub owner_epoch: u64,
+    /// The log incarnation it was stored in, and the owner epoch there it
+    /// was asked under (the assistant owned the conversation).
+    pub asked: OwnerEpoch,
 }
 
 /// What the replier needs, shared by all sessions of the node.
@@ -99,7 +101,7 @@ impl Replier {
         let cancel = stop.child_token();
         let _registered = self.in_flight.register(&reply_id, key, cancel.clone());
         let takeover = tokio_util::sync::CancellationToken::new();
-        self.conversations.hold(key, question.owner_epoch, &takeover).await;
+        self.conversations.hold(key, question.asked, &takeover).await;
         let request = AnswerRequest {
             tenant_id: key.tenant().to_string(),
             conversation_id: key.conversation().to_string(),
@@ -109,14 +111,8 @@ impl Replier {
         };
         // The hub's own share before the model: store, hand-over.
         self.before_nlp.record(question.received.elapsed().as_secs_f64());
-        let mut draft = Draft::new(
-            &self.conversations,
-            key,
-            &reply_id,
-            question.owner_epoch,
-            self.max_reply_bytes,
-            question.timing,
-        );
+        let mut draft =
+            Draft::new(&self.conversations, key, &reply_id, question.asked, self.max_reply_bytes, question.timing);
         let before_nlp = question.received.elapsed();
         let outcome = self.stream(&request, &mut draft, &cancel, &takeover).await;
         if matches!(outcome, Outcome::Fallback { .. }) {
@@ -134,7 +130,7 @@ impl Replier {
         }
         let event = stored_reply(&reply_id, draft, &outcome, &question, before_nlp);
         let taken_over = matches!(outcome, Outcome::TakenOver);
-        self.store(key, event, taken_over, question.owner_epoch).await;
+        self.store(key, event, taken_over, question.asked.epoch).await;
         self.conversations.unhold(key, &takeover).await;
         // The customer has the whole reply; only now wait for the call's trailers.
         if let Outcome::Completed(call) = outcome {

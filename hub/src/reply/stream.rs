@@ -10,6 +10,7 @@ use tracing::{debug, warn};
 
 use super::Replier;
 use crate::conversations::Conversations;
+use crate::event::OwnerEpoch;
 use crate::ids::ConversationKey;
 use crate::nlp::{ActiveCall, StartError, StreamError};
 use crate::protocol::{DeltaEncoder, ServerFrame};
@@ -166,8 +167,8 @@ pub(super) struct Draft<'a> {
     pub(super) timings: Timings,
     /// The model's token counts, from the last chunk, when it sent them.
     pub(super) usage: Option<fengda_proto::nlp::v1::Usage>,
-    /// The owner epoch the question was asked under: the deltas' fence.
-    epoch: u64,
+    /// What the question was asked under: the deltas' fence.
+    asked: OwnerEpoch,
     /// Set when the fan-out refused a batch (an owner change came first):
     /// nothing more is published, and the batch is not in `text`.
     pub(super) fenced: bool,
@@ -178,7 +179,7 @@ impl<'a> Draft<'a> {
         conversations: &'a Conversations,
         key: &'a ConversationKey,
         reply_id: &'a str,
-        epoch: u64,
+        asked: OwnerEpoch,
         max_bytes: usize,
         measure: bool,
     ) -> Self {
@@ -196,7 +197,7 @@ impl<'a> Draft<'a> {
             measure,
             timings: Timings::default(),
             usage: None,
-            epoch,
+            asked,
             fenced: false,
         }
     }
@@ -239,7 +240,7 @@ impl<'a> Draft<'a> {
         let frame =
             ServerFrame::Queued { conversation: self.key.conversation().as_str(), reply: self.reply_id, position }
                 .encode();
-        self.conversations.publish_frames(self.key, vec![frame], self.epoch);
+        self.conversations.publish_frames(self.key, vec![frame], self.asked);
     }
 
     /// Encodes a chunk's text as the next delta (empty texts make none);
@@ -287,7 +288,7 @@ impl<'a> Draft<'a> {
     fn publish(&mut self) -> usize {
         let staged = std::mem::take(&mut self.staged);
         let count = staged.len();
-        if count > 0 && !self.fenced && !self.conversations.publish_frames(self.key, staged, self.epoch) {
+        if count > 0 && !self.fenced && !self.conversations.publish_frames(self.key, staged, self.asked) {
             self.fenced = true;
         }
         if self.fenced {
@@ -336,7 +337,9 @@ mod tests {
             backend.attach(&key, session, None, opened.pending.as_ref()).await.unwrap();
             queues.push(rx);
         }
-        let mut reply = Draft::new(&backend, &key, "r-1", 0, 64 * 1024, false);
+        let log = crate::event::LogEpoch::of(&opened.pending.as_ref().expect("a new conversation").epoch);
+        let asked = OwnerEpoch { log, epoch: 0 };
+        let mut reply = Draft::new(&backend, &key, "r-1", asked, 64 * 1024, false);
         let chunk = |text: &str, finish: i32| AnswerChunk { index: 0, text: text.into(), finish, usage: None };
         assert!(!reply.stage(&chunk("Hello", 0)));
         assert!(!reply.stage(&chunk("", 0)), "an empty chunk makes no delta");
@@ -359,14 +362,14 @@ mod tests {
 
         // A chunk past the cap: the part that fits (whole characters) is
         // staged, the rest dropped, and the draft ends.
-        let mut short = Draft::new(&backend, &key, "r-2", 0, reply.text.len() + 4, false);
+        let mut short = Draft::new(&backend, &key, "r-2", asked, reply.text.len() + 4, false);
         assert!(!short.stage(&chunk("Hello world!", 0)));
         assert!(short.stage(&chunk("ab世界", 0)), "past the cap");
         assert!(short.cut);
         assert_eq!(short.text, "Hello world!ab", "no half character");
         assert!(matches!(too_long(&short), Outcome::Fallback { interrupted: true }));
         // A cap no whole character of the first chunk fits in: nothing streamed, not interrupted.
-        let mut empty = Draft::new(&backend, &key, "r-3", 0, 2, false);
+        let mut empty = Draft::new(&backend, &key, "r-3", asked, 2, false);
         assert!(empty.stage(&chunk("世界", 0)) && empty.cut && empty.text.is_empty());
         assert!(matches!(too_long(&empty), Outcome::Fallback { interrupted: false }));
         assert_eq!(short.publish(), 2);
@@ -395,7 +398,10 @@ mod tests {
         for queue in &mut queues {
             let joined = queue.try_recv().unwrap();
             assert!(matches!(*joined, Outbound::Event { .. }), "the event, and no delta after it");
-            assert!(matches!(*queue.try_recv().unwrap(), Outbound::Owner { epoch: 1, .. }), "the writers' fence");
+            assert!(
+                matches!(*queue.try_recv().unwrap(), Outbound::Owner { change: OwnerEpoch { epoch: 1, .. }, .. }),
+                "the writers' fence"
+            );
             assert!(queue.try_recv().is_err());
         }
     }

@@ -24,6 +24,7 @@ use tracing::{debug, warn};
 
 use crate::AppState;
 use crate::auth::expiry::SessionToken;
+use crate::event::OwnerEpoch;
 use crate::fanout::{Outbound, SessionHandle};
 use crate::ids::ConversationKey;
 use crate::owner::Owner;
@@ -275,7 +276,7 @@ async fn on_message(
     }
     match appended {
         // The ack went out through the fan-out, in seq order with other events.
-        Ok(Appended::New { event, turns_before, mut ownership, .. }) => {
+        Ok(Appended::New { event, epoch: log, turns_before, mut ownership }) => {
             let seq = event.seq;
             if handoff::waited_too_long(app, &ownership) {
                 ownership = match handoff::give_up_waiting(&app.conversations, key, &ownership).await {
@@ -300,7 +301,7 @@ async fn on_message(
                 received,
                 timing: params.timing,
                 tenant_label: app.tenants.limits(&params.party.tenant).label.clone(),
-                owner_epoch: ownership.epoch,
+                asked: OwnerEpoch { log, epoch: ownership.epoch },
             };
             permit.send(Box::new(question));
         }

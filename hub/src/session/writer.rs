@@ -17,6 +17,8 @@ use futures::SinkExt;
 use tracing::debug;
 
 use crate::conversations::Conversations;
+#[cfg(test)]
+use crate::event::OwnerEpoch;
 use crate::event::{Cursor, LogEpoch, Step};
 use crate::fanout::Outbound;
 use crate::ids::ConversationKey;
@@ -56,8 +58,8 @@ impl Writes for Replay {
                     oldest = Some(oldest.map_or(queued_at, |o| o.min(queued_at)));
                     sink.feed(Message::Text(frame)).await?
                 }
-                Outbound::Frames { frames, owner_epoch, queued_at } => {
-                    if self.sent.fences_off(owner_epoch) {
+                Outbound::Frames { frames, asked, queued_at } => {
+                    if self.sent.fences_off(asked) {
                         continue;
                     }
                     oldest = Some(oldest.map_or(queued_at, |o| o.min(queued_at)));
@@ -90,7 +92,7 @@ impl Writes for Replay {
                 }
                 Outbound::Resync => Box::pin(fill_gap(sink, self, u64::MAX)).await?,
                 // Its event was just sent (or read from the log): only the fence moves.
-                Outbound::Owner { log, epoch, .. } => _ = self.sent.learn_owner(log, epoch),
+                Outbound::Owner { change, .. } => _ = self.sent.learn_owner(change),
                 // Only agents' sockets get these.
                 Outbound::Watched { .. } | Outbound::Note { .. } => {}
             }
@@ -124,8 +126,8 @@ fn frames_before_close(queued: impl Iterator<Item = Outbound>, sent: &mut Cursor
     for item in queued {
         match item {
             Outbound::Frame { frame, .. } => frames.push(frame),
-            Outbound::Frames { frames: batch, owner_epoch, .. } => {
-                if !sent.fences_off(owner_epoch) {
+            Outbound::Frames { frames: batch, asked, .. } => {
+                if !sent.fences_off(asked) {
                     frames.extend(batch);
                 }
             }
@@ -139,7 +141,7 @@ fn frames_before_close(queued: impl Iterator<Item = Outbound>, sent: &mut Cursor
                 Step::Next | Step::Gap | Step::NewLog => in_order = false,
             },
             Outbound::Resync => in_order = false,
-            Outbound::Owner { log, epoch, .. } => _ = sent.learn_owner(log, epoch),
+            Outbound::Owner { change, .. } => _ = sent.learn_owner(change),
             // Only agents' sockets get these.
             Outbound::Watched { .. } | Outbound::Note { .. } => {}
         }
@@ -201,7 +203,7 @@ mod tests {
             frame(5, "event-5"),
             Outbound::Frames {
                 frames: vec![Utf8Bytes::from_static("delta-2"), Utf8Bytes::from_static("delta-3")],
-                owner_epoch: 0,
+                asked: OwnerEpoch { log: LogEpoch::of("e"), epoch: 0 },
                 queued_at: at,
             },
             frame(5, "event-5-echo"),
@@ -239,39 +241,38 @@ mod tests {
     #[test]
     fn a_closing_socket_gets_no_frame_of_a_reply_taken_over_before() {
         let at = Instant::now();
-        let reply = |owner_epoch, text| Outbound::Frames {
-            frames: vec![Utf8Bytes::from_static(text)],
-            owner_epoch,
-            queued_at: at,
-        };
         let (log, old_log) = (LogEpoch::of("e"), LogEpoch::of("d"));
+        let (in_log, in_old) = (|epoch| OwnerEpoch { log, epoch }, |epoch| OwnerEpoch { log: old_log, epoch });
+        let reply = |asked, text| Outbound::Frames { frames: vec![Utf8Bytes::from_static(text)], asked, queued_at: at };
         let joined =
             Outbound::Event { epoch: log, seq: 5, frame: Utf8Bytes::from_static("agent_joined"), queued_at: at };
-        let owner = |log, epoch| Outbound::Owner { log, epoch, frame: Utf8Bytes::from_static("owner") };
+        let owner = |change| Outbound::Owner { change, frame: Utf8Bytes::from_static("owner") };
         let queued = vec![
-            reply(1, "delta-1"),
+            reply(in_log(1), "delta-1"),
             joined,
-            owner(log, 2),
-            reply(1, "delta-2"),
-            reply(2, "queued"),
-            reply(3, "delta-3"),
+            owner(in_log(2)),
+            reply(in_log(1), "delta-2"),
+            reply(in_log(2), "queued"),
+            reply(in_log(3), "delta-3"),
         ];
         let mut sent = Cursor::in_epoch(log, 4).with_owner(1);
         let frames = frames_before_close(queued.into_iter(), &mut sent);
         let texts: Vec<_> = frames.iter().map(Utf8Bytes::as_str).collect();
         assert_eq!(texts, ["delta-1", "agent_joined", "queued", "delta-3"], "nothing of epoch 1 after the change to 2");
-        assert!(
-            sent.fences_off(1) && !sent.fences_off(2),
-            "a customer's socket is never sent the `owner` frame itself"
-        );
+        let fenced = sent.fences_off(in_log(1)) && !sent.fences_off(in_log(2));
+        assert!(fenced, "a customer's socket is never sent the `owner` frame itself");
         // A socket whose snapshot told it of the change drops them from the start.
         let mut sent = Cursor::in_epoch(log, 5).with_owner(2);
-        assert!(frames_before_close(vec![reply(1, "delta-1")].into_iter(), &mut sent).is_empty());
+        assert!(frames_before_close(vec![reply(in_log(1), "delta-1")].into_iter(), &mut sent).is_empty());
         // A change of a log the socket has left (queued behind the events
         // that moved it to the recreated log) does not fence the new log's replies.
-        let mut sent = Cursor::in_epoch(log, 1);
-        let queued = vec![owner(old_log, 3), reply(0, "new-log-delta")];
+        let mut sent = Cursor::in_epoch(old_log, 7);
+        sent.restart(log, 1);
+        let queued = vec![owner(in_old(3)), reply(in_log(0), "new-log-delta"), reply(in_old(3), "old-log-delta")];
         let frames = frames_before_close(queued.into_iter(), &mut sent);
-        assert!(frames.len() == 1 && !sent.fences_off(0));
+        assert_eq!(frames, ["new-log-delta", "old-log-delta"], "no takeover in the new log yet");
+        // One in the new log takes over the lost log's reply, whatever its owner epoch.
+        let queued = vec![owner(in_log(1)), reply(in_old(3), "old-log-delta"), reply(in_log(1), "agent-era")];
+        assert_eq!(frames_before_close(queued.into_iter(), &mut sent), ["agent-era"]);
     }
 }

@@ -21,6 +21,11 @@ fn epoch() -> LogEpoch {
     LogEpoch::of("5e1b7c9d2a4f")
 }
 
+/// Owner epoch `owner` of the log [`epoch`].
+fn asked(owner: u64) -> OwnerEpoch {
+    OwnerEpoch { log: epoch(), epoch: owner }
+}
+
 fn customer_event(seq: u64) -> StoredEvent {
     StoredEvent {
         seq,
@@ -161,9 +166,9 @@ fn full_queue_closes_the_session_as_slow_consumer() {
     let (slow, _rx) = session(1);
     fanout.join(&key(), slow.clone()).unwrap();
     let frame = Utf8Bytes::from_static("{}");
-    fanout.deliver_frames(&key(), vec![frame.clone(), frame.clone()], 0);
+    fanout.deliver_frames(&key(), vec![frame.clone(), frame.clone()], asked(0));
     assert!(!slow.closer.token().is_cancelled(), "a batch is one item");
-    fanout.deliver_frames(&key(), vec![frame.clone()], 0);
+    fanout.deliver_frames(&key(), vec![frame.clone()], asked(0));
     assert!(slow.closer.token().is_cancelled());
     assert_eq!(slow.closer.reason(), close::SLOW_CONSUMER);
 }
@@ -204,9 +209,11 @@ fn an_agents_handle_gets_every_item_wrapped_with_its_conversation() {
     assert!(agent.is_agent() && !customer.is_agent());
     fanout.join(&key, customer).unwrap();
     fanout.join(&key, agent.watching(key.clone())).unwrap();
-    fanout.deliver_frames(&key, vec![Utf8Bytes::from_static("delta")], 0);
+    fanout.deliver_frames(&key, vec![Utf8Bytes::from_static("delta")], asked(0));
     fanout.resync_all();
-    let Outbound::Frames { frames, owner_epoch: 0, .. } = *customer_rx.try_recv().unwrap() else { panic!("a reply's") };
+    let Outbound::Frames { frames, asked: OwnerEpoch { epoch: 0, .. }, .. } = *customer_rx.try_recv().unwrap() else {
+        panic!("a reply's")
+    };
     assert_eq!(frames, ["delta"]);
     for expected in ["frame", "resync"] {
         let Outbound::Watched { key: watched, item } = *agent_rx.try_recv().unwrap() else { panic!("wrapped") };
@@ -229,7 +236,7 @@ fn an_owner_change_that_arrives_after_a_later_event_of_this_node_still_fences_an
     let (customer, mut rx) = session(16);
     fanout.join(&key(), customer.clone()).unwrap();
     let asked_at_0 = CancellationToken::new();
-    fanout.hold(&key(), 0, asked_at_0.clone());
+    fanout.hold(&key(), asked(0), asked_at_0.clone());
     // This node appended 2 (the customer's message) while another node's
     // takeover, 1, is still on its way: 2 goes on, the writer reads 1 from the log.
     fanout.deliver_event(&key(), epoch(), &customer_event(2), Some(customer.id), None);
@@ -239,7 +246,10 @@ fn an_owner_change_that_arrives_after_a_later_event_of_this_node_still_fences_an
     IncomingEvents::event(&fanout, &key(), epoch(), &joined, None);
     assert!(rx.try_recv().is_err(), "the sessions have it already");
     assert!(asked_at_0.is_cancelled(), "the reply asked before the takeover stops");
-    assert!(!fanout.deliver_frames(&key(), vec![Utf8Bytes::from_static("delta")], 0), "its deltas are fenced off");
+    assert!(
+        !fanout.deliver_frames(&key(), vec![Utf8Bytes::from_static("delta")], asked(0)),
+        "its deltas are fenced off"
+    );
 }
 
 #[test]
@@ -250,27 +260,27 @@ fn an_owner_change_fences_off_older_frames_and_stops_older_replies() {
     let customer_id = customer.id;
     fanout.join(&key(), customer).unwrap();
     let (asked_at_0, later) = (CancellationToken::new(), CancellationToken::new());
-    assert!(!fanout.hold(&key(), 0, asked_at_0.clone()), "the conversation was here already");
+    assert!(!fanout.hold(&key(), asked(0), asked_at_0.clone()), "the conversation was here already");
     let delta = Utf8Bytes::from_static("delta");
-    assert!(fanout.deliver_frames(&key(), vec![delta.clone()], 0));
-    assert!(matches!(*rx.try_recv().unwrap(), Outbound::Frames { owner_epoch: 0, .. }));
+    assert!(fanout.deliver_frames(&key(), vec![delta.clone()], asked(0)));
+    assert!(matches!(*rx.try_recv().unwrap(), Outbound::Frames { asked: OwnerEpoch { epoch: 0, .. }, .. }));
     // The takeover event: delivered, and the reply asked at epoch 0 is told to stop.
     let mut joined = customer_event(1);
     (joined.from, joined.event, joined.owner_epoch) = (Role::System, Some(SystemEvent::AgentJoined), Some(1));
     fanout.deliver_event(&key(), epoch(), &joined, None, None);
     assert!(matches!(*rx.try_recv().unwrap(), Outbound::Event { seq: 1, .. }));
     // Its writer raises its own fence (a customer's is never sent the `owner` frame).
-    assert!(matches!(*rx.try_recv().unwrap(), Outbound::Owner { epoch: 1, .. }));
+    assert!(matches!(*rx.try_recv().unwrap(), Outbound::Owner { change: OwnerEpoch { epoch: 1, .. }, .. }));
     assert!(asked_at_0.is_cancelled());
     // Older frames are dropped, newer ones pass.
-    assert!(!fanout.deliver_frames(&key(), vec![delta.clone()], 0));
-    assert!(fanout.deliver_frames(&key(), vec![delta.clone()], 1));
-    assert!(matches!(*rx.try_recv().unwrap(), Outbound::Frames { owner_epoch: 1, .. }));
+    assert!(!fanout.deliver_frames(&key(), vec![delta.clone()], asked(0)));
+    assert!(fanout.deliver_frames(&key(), vec![delta.clone()], asked(1)));
+    assert!(matches!(*rx.try_recv().unwrap(), Outbound::Frames { asked: OwnerEpoch { epoch: 1, .. }, .. }));
     assert!(rx.try_recv().is_err());
     // A reply registered under the old epoch now is stopped at once; one under the new is not.
     let late = CancellationToken::new();
-    fanout.hold(&key(), 0, late.clone());
-    fanout.hold(&key(), 1, later.clone());
+    fanout.hold(&key(), asked(0), late.clone());
+    fanout.hold(&key(), asked(1), later.clone());
     assert!(late.is_cancelled() && !later.is_cancelled());
     // Holds keep the entry (the node subscribed) after the last socket left.
     assert!(!fanout.leave(&key(), customer_id), "replies still hold it");
@@ -279,7 +289,42 @@ fn an_owner_change_fences_off_older_frames_and_stops_older_replies() {
     }
     assert!(!fanout.unhold_unless_last(&key(), &later), "the last hold goes the slow way");
     assert!(fanout.unhold(&key(), &later), "and then the entry goes");
-    assert!(fanout.deliver_frames(&key(), vec![delta.clone()], 0), "nothing here any more to fence");
+    assert!(fanout.deliver_frames(&key(), vec![delta.clone()], asked(0)), "nothing here any more to fence");
+}
+
+#[test]
+fn an_owner_change_of_a_recreated_log_takes_over_the_replies_of_the_lost_one() {
+    use crate::event::SystemEvent;
+    let fanout = FanOut::default();
+    let (customer, mut rx) = session(16);
+    fanout.join(&key(), customer.clone()).unwrap();
+    fanout.deliver_event(&key(), epoch(), &customer_event(1), Some(customer.id), None);
+    // Asked at owner epoch 2 of the old log (taken over and handed back before).
+    let old_reply = CancellationToken::new();
+    fanout.hold(&key(), asked(2), old_reply.clone());
+    // The log is lost and recreated; its owner epochs start again.
+    let new = LogEpoch::of("a07c3e91f6d2");
+    fanout.deliver_event(&key(), new, &customer_event(1), None, None);
+    assert!(fanout.deliver_frames(&key(), vec![Utf8Bytes::from_static("delta")], asked(2)), "no takeover yet");
+    assert!(!old_reply.is_cancelled());
+    // An agent takes the new log over (its owner epoch 1, below the old reply's 2).
+    let mut joined = customer_event(2);
+    (joined.from, joined.event, joined.owner_epoch) = (Role::System, Some(SystemEvent::AgentJoined), Some(1));
+    fanout.deliver_event(&key(), new, &joined, None, None);
+    assert!(old_reply.is_cancelled(), "the lost log's reply stops");
+    assert!(!fanout.deliver_frames(&key(), vec![Utf8Bytes::from_static("delta")], asked(2)), "and is fenced off");
+    let in_new = |epoch| OwnerEpoch { log: new, epoch };
+    assert!(fanout.deliver_frames(&key(), vec![Utf8Bytes::from_static("delta")], in_new(1)));
+    let late = CancellationToken::new();
+    fanout.hold(&key(), asked(3), late.clone());
+    assert!(late.is_cancelled(), "a reply of the lost log registered now stops at once");
+    let writers_fence: Vec<_> = std::iter::from_fn(|| rx.try_recv().ok())
+        .filter_map(|item| match *item {
+            Outbound::Owner { change, .. } => Some(change),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(writers_fence, [in_new(1)], "each writer learns the change with its log");
 }
 
 fn agent_handle(agent: &str, tx: mpsc::Sender<Box<Outbound>>) -> SessionHandle {

@@ -26,7 +26,7 @@ use super::publisher::{PUBLISH_QUEUE, Publisher, run_publisher};
 use super::wire::{self, Payload};
 use super::{Link, StoreError};
 use crate::bus::{EventBus, IncomingEvents};
-use crate::event::LogEpoch;
+use crate::event::{LogEpoch, OwnerEpoch};
 use crate::ids::{ConversationId, ConversationKey, TenantId};
 
 /// How often the subscriber connection is probed.
@@ -128,7 +128,7 @@ impl EventBus for RedisBus {
         }
     }
 
-    fn publish_frames(&self, key: &ConversationKey, frames: &[Utf8Bytes], epoch: u64) {
+    fn publish_frames(&self, key: &ConversationKey, frames: &[Utf8Bytes], asked: OwnerEpoch) {
         let link = &self.inner.link;
         if !link.listeners.others_may_listen(key) {
             return;
@@ -136,7 +136,7 @@ impl EventBus for RedisBus {
         let channel = link.keys.channel(key);
         for frame in frames {
             // The node id lets this node skip its own echo.
-            self.inner.publisher.publish(key, channel.clone(), Payload::encode_frame(&link.node_id, frame, epoch));
+            self.inner.publisher.publish(key, channel.clone(), Payload::encode_frame(&link.node_id, frame, asked));
         }
     }
 
@@ -304,7 +304,7 @@ fn dispatch(inner: &Arc<Inner>, incoming: &Arc<dyn IncomingEvents>, data: Vec<Va
         return;
     }
     match Payload::decode(Bytes::from(payload)) {
-        Ok(Payload::Frame { frame, epoch, .. }) => incoming.frames(&key, vec![frame], epoch),
+        Ok(Payload::Frame { frame, asked, .. }) => incoming.frames(&key, vec![frame], asked),
         // Another node started listening: publish this conversation's deltas again.
         Ok(Payload::Hello) => link.listeners.hello(&key),
         Ok(Payload::Note { note, .. }) => incoming.note(&key, &note),

@@ -10,7 +10,7 @@
 //! | payload | bytes | published by | why |
 //! |---|---|---|---|
 //! | [`Payload::Event`] | `E<node>\n<timing>\n<log epoch>\n<entry>` | `append.lua`, in the call that stores the event, when another node listens, and always for the event that creates a log (seq 1: nodes with sockets of a lost conversation learn of its new log) | every durable event (customer message, reply) reaches the other nodes' sockets; `<node>` is the appending node (its own sockets had the event at once, so it skips the echo); `<timing>` (JSON, or empty) rides along to a reply's `reply.done`; `<log epoch>` is the epoch of the log it was stored in (the cursors' incarnation, [`LogEpoch`](crate::event::LogEpoch)); `<entry>` is the log entry, byte for byte |
-//! | [`Payload::Frame`] | `d<node>\n<frame>`, or `f<node>\n<epoch>\n<frame>` | the node streaming a reply, from its publisher task, when another node listens | a server frame that is not stored (`reply.delta`, `queued`), already encoded for sockets and passed on as it is; the node that sent it skips its own echo. `<epoch>` (decimal) is the owner epoch the frame was produced under, for the fan-out's fence; `d` means epoch 0 (a conversation whose owner never changed) |
+//! | [`Payload::Frame`] | `f<node>\n<log> <owner epoch>\n<frame>` | the node streaming a reply, from its publisher task, when another node listens | a server frame that is not stored (`reply.delta`, `queued`), already encoded for sockets and passed on as it is; the node that sent it skips its own echo. `<log> <owner epoch>` (both decimal) is what the reply was asked under ([`OwnerEpoch`]: the digest of its log's epoch, and the owner epoch in that log), for the fences of the fan-out and the writers |
 //! | [`Payload::Note`] | `N<node>\n<note>` | `note.lua`, in the call that stores the note, when another node listens | an agents' private note reaches the other nodes' agents (never a customer's socket); `<note>` is the stored note, byte for byte |
 //! | [`Payload::Typing`] | `T<node>\n<typing>` | the typist's node, from its publisher task, when another node listens | someone is typing (or stopped): each node holds it until it expires and tells its sockets ([`crate::presence`]); `<typing>` is a [`Typing`] as JSON |
 //! | [`Payload::Presence`] | `P<node>\n<entry>` | a node whose entry of the conversation changed (a socket came or went), in the pipeline that writes it | the other nodes' agents see who is there at once; `<entry>` is a [`Present`] as JSON, empty when the node has none left |
@@ -30,7 +30,7 @@
 //!  message ──▶ EVALSHA append.lua ─▶ RPUSH entry; another node listens?
 //!  ack + `message` locally at once ◀─ seq ┘  └ yes: PUBLISH E<A>… ─▶ `message` to its sockets
 //!                                               (echo to A: skipped unread)
-//!  reply.delta locally ──▶ PUBLISH d<A>\n… ────────────────────────▶ `reply.delta` to its sockets
+//!  reply.delta locally ──▶ PUBLISH f<A>\n… ────────────────────────▶ `reply.delta` to its sockets
 //!                                                                    (first socket of a conversation:)
 //!  publishes deltas again ◀──── HSET listeners B; PUBLISH H ◀─────── says hello, then subscribes
 //! ```
@@ -48,6 +48,7 @@
 use axum::extract::ws::Utf8Bytes;
 use bytes::{Buf, Bytes};
 
+use crate::event::{LogEpoch, OwnerEpoch};
 use crate::ids::generate_token;
 use crate::presence::{Present, Typing};
 use crate::protocol::ReplyTiming;
@@ -72,8 +73,7 @@ pub fn note_tail(note: &StoredNote) -> Vec<u8> {
 
 /// Kind bytes, first of every payload.
 const EVENT: u8 = b'E';
-const FRAME: u8 = b'd';
-const FENCED_FRAME: u8 = b'f';
+const FRAME: u8 = b'f';
 const HELLO: u8 = b'H';
 const NOTE: u8 = b'N';
 const TYPING: u8 = b'T';
@@ -92,7 +92,7 @@ pub enum WireError {
     Trailing(char),
     #[error("node id is not ASCII letters and digits")]
     NodeId,
-    #[error("owner epoch is not a decimal number")]
+    #[error("a frame's log and owner epoch are not two decimal numbers")]
     Epoch,
     #[error("frame is not UTF-8")]
     NotUtf8,
@@ -137,9 +137,9 @@ impl std::fmt::Display for NodeId {
 pub enum Payload {
     /// A durable event, as stored, from the node that appended it.
     Event { node: NodeId, timing: Option<ReplyTiming>, log_epoch: String, event: StoredEvent },
-    /// A server frame that is not stored, as sockets receive it, produced
-    /// under owner epoch `epoch`.
-    Frame { node: NodeId, frame: Utf8Bytes, epoch: u64 },
+    /// A server frame that is not stored, as sockets receive it, of a reply
+    /// asked under `asked`.
+    Frame { node: NodeId, frame: Utf8Bytes, asked: OwnerEpoch },
     /// An agents' note, as stored, from the node that stored it.
     Note { node: NodeId, note: StoredNote },
     /// Someone typing, from the typist's node.
@@ -160,7 +160,7 @@ impl Payload {
                 serde_json::to_writer(&mut out, event).expect("stored events always serialize");
                 out
             }
-            Payload::Frame { node, frame, epoch } => Self::encode_frame(node, frame, *epoch),
+            Payload::Frame { node, frame, asked } => Self::encode_frame(node, frame, *asked),
             Payload::Note { node, note } => {
                 let mut out = vec![NOTE];
                 out.extend_from_slice(node.as_str().as_bytes());
@@ -176,17 +176,17 @@ impl Payload {
 
     /// Encodes a [`Payload::Frame`] from borrowed parts (the hot path: one
     /// allocation per delta, no clone).
-    pub fn encode_frame(node: &NodeId, frame: &str, epoch: u64) -> Vec<u8> {
-        let mut digits = itoa::Buffer::new();
-        let epoch = (epoch > 0).then(|| digits.format(epoch));
-        let mut out = Vec::with_capacity(3 + node.as_str().len() + epoch.map_or(0, str::len) + frame.len());
-        out.push(if epoch.is_some() { FENCED_FRAME } else { FRAME });
+    pub fn encode_frame(node: &NodeId, frame: &str, asked: OwnerEpoch) -> Vec<u8> {
+        let (mut log_digits, mut epoch_digits) = (itoa::Buffer::new(), itoa::Buffer::new());
+        let (log, epoch) = (log_digits.format(asked.log.digest()), epoch_digits.format(asked.epoch));
+        let mut out = Vec::with_capacity(4 + node.as_str().len() + log.len() + epoch.len() + frame.len());
+        out.push(FRAME);
         out.extend_from_slice(node.as_str().as_bytes());
         out.push(b'\n');
-        if let Some(epoch) = epoch {
-            out.extend_from_slice(epoch.as_bytes());
-            out.push(b'\n');
-        }
+        out.extend_from_slice(log.as_bytes());
+        out.push(b' ');
+        out.extend_from_slice(epoch.as_bytes());
+        out.push(b'\n');
         out.extend_from_slice(frame.as_bytes());
         out
     }
@@ -210,18 +210,16 @@ impl Payload {
                     event: decode_entry(&rest)?,
                 })
             }
-            FRAME | FENCED_FRAME => {
-                let node = NodeId::parse(split_line(&mut rest, char::from(kind))?)?;
-                let epoch = match kind {
-                    FRAME => 0,
-                    _ => {
-                        let line = split_line(&mut rest, 'f')?;
-                        let digits = std::str::from_utf8(&line).map_err(|_| WireError::Epoch)?;
-                        digits.parse().map_err(|_| WireError::Epoch)?
-                    }
-                };
+            FRAME => {
+                let node = NodeId::parse(split_line(&mut rest, 'f')?)?;
+                let asked = split_line(&mut rest, 'f')?;
+                let (log, epoch) = std::str::from_utf8(&asked)
+                    .ok()
+                    .and_then(|asked| asked.split_once(' '))
+                    .and_then(|(log, epoch)| Some((log.parse().ok()?, epoch.parse().ok()?)))
+                    .ok_or(WireError::Epoch)?;
                 let frame = Utf8Bytes::try_from(rest).map_err(|_| WireError::NotUtf8)?;
-                Ok(Payload::Frame { node, frame, epoch })
+                Ok(Payload::Frame { node, frame, asked: OwnerEpoch { log: LogEpoch::from_digest(log), epoch } })
             }
             NOTE => {
                 let node = NodeId::parse(split_line(&mut rest, 'N')?)?;
@@ -308,7 +306,7 @@ pub fn decode_entry(entry: &[u8]) -> Result<StoredEvent, WireError> {
 /// echo), read from its first bytes only.
 pub fn published_by(payload: &[u8], node: &NodeId) -> bool {
     let node = node.as_str().as_bytes();
-    matches!(payload.first(), Some(&(EVENT | FRAME | FENCED_FRAME | NOTE | TYPING | PRESENCE)))
+    matches!(payload.first(), Some(&(EVENT | FRAME | NOTE | TYPING | PRESENCE)))
         && payload.get(1..=node.len()) == Some(node)
         && payload.get(node.len() + 1) == Some(&b'\n')
 }
@@ -383,6 +381,10 @@ mod tests {
         }
     }
 
+    fn asked(epoch: u64) -> OwnerEpoch {
+        OwnerEpoch { log: LogEpoch::of("5e1b7c9d2a4f"), epoch }
+    }
+
     fn round_trip(payload: Payload) {
         let encoded = payload.encode();
         assert_eq!(Payload::decode(Bytes::from(encoded)).unwrap(), payload);
@@ -394,10 +396,12 @@ mod tests {
         round_trip(Payload::Frame {
             node: node("a1b2c3d4e5f6"),
             frame: r#"{"type":"reply.delta","i":0}"#.into(),
-            epoch: 0,
+            asked: asked(0),
         });
-        round_trip(Payload::Frame { node: node("n"), frame: "".into(), epoch: 0 });
-        round_trip(Payload::Frame { node: node("n"), frame: "x\ny".into(), epoch: 7 });
+        round_trip(Payload::Frame { node: node("n"), frame: "".into(), asked: asked(0) });
+        round_trip(Payload::Frame { node: node("n"), frame: "x\ny".into(), asked: asked(7) });
+        let max = OwnerEpoch { log: LogEpoch::from_digest(u64::MAX), epoch: u64::MAX };
+        round_trip(Payload::Frame { node: node("n"), frame: "x".into(), asked: max });
         let note = StoredNote {
             seq: 3,
             after: 9,
@@ -426,8 +430,9 @@ mod tests {
         let mut entry = br#"{"seq":3,"after":9"#.to_vec();
         entry.extend(note_tail(&note));
         assert_eq!(serde_json::from_slice::<StoredNote>(&entry).unwrap(), note);
-        let fenced = Payload::Frame { node: node("ab"), frame: "{}".into(), epoch: 12 }.encode();
-        assert_eq!(fenced, b"fab\n12\n{}");
+        let asked = OwnerEpoch { log: LogEpoch::from_digest(7), epoch: 12 };
+        let fenced = Payload::Frame { node: node("ab"), frame: "{}".into(), asked }.encode();
+        assert_eq!(fenced, b"fab\n7 12\n{}");
         assert!(published_by(&fenced, &node("ab")));
         round_trip(Payload::Event {
             node: node("a1b2c3"),
@@ -440,8 +445,9 @@ mod tests {
 
     #[test]
     fn the_wire_bytes_are_the_documented_ones() {
-        let frame = Payload::Frame { node: node("abc"), frame: r#"{"type":"queued"}"#.into(), epoch: 0 };
-        assert_eq!(frame.encode(), b"dabc\n{\"type\":\"queued\"}");
+        let asked = OwnerEpoch { log: LogEpoch::of(""), epoch: 0 };
+        let frame = Payload::Frame { node: node("abc"), frame: r#"{"type":"queued"}"#.into(), asked };
+        assert_eq!(frame.encode(), b"fabc\n3244421341483603138 0\n{\"type\":\"queued\"}");
         assert_eq!(Payload::Hello.encode(), b"H");
         let published =
             Payload::Event { node: node("abc"), timing: None, log_epoch: "a07c".into(), event: event(3, "x") }.encode();
@@ -458,10 +464,15 @@ mod tests {
         assert!(matches!(decode(b"D{\"type\":\"queued\"}"), WireError::UnknownKind(b'D')));
         assert!(matches!(decode(b"x"), WireError::UnknownKind(b'x')));
         assert!(matches!(decode(b"Hx"), WireError::Trailing('H')));
-        assert!(matches!(decode(b"dabc"), WireError::Truncated('d')));
-        assert!(matches!(decode(b"d\n{}"), WireError::NodeId));
-        assert!(matches!(decode(b"da/b\n{}"), WireError::NodeId));
-        assert!(matches!(decode(b"dabc\n\xff\xfe"), WireError::NotUtf8));
+        assert!(matches!(decode(b"fabc"), WireError::Truncated('f')));
+        assert!(matches!(decode(b"f\n1 0\n{}"), WireError::NodeId));
+        assert!(matches!(decode(b"fa/b\n1 0\n{}"), WireError::NodeId));
+        assert!(matches!(decode(b"fabc\n1 0\n\xff\xfe"), WireError::NotUtf8));
+        assert!(matches!(decode(b"fa\n{}"), WireError::Truncated('f')), "no log and owner epoch");
+        assert!(matches!(decode(b"fa\n12\nx"), WireError::Epoch), "no owner epoch");
+        assert!(matches!(decode(b"fa\n12 -1\nx"), WireError::Epoch));
+        assert!(matches!(decode(b"fa\n12 1 2\nx"), WireError::Epoch));
+        assert!(matches!(decode(b"fa\n 1\nx"), WireError::Epoch));
         assert!(matches!(decode(b"E"), WireError::Truncated('E')));
         assert!(matches!(decode(b"Eabc\n"), WireError::Truncated('E')));
         assert!(matches!(decode(b"Eabc/1\n\n{}"), WireError::NodeId));
@@ -476,12 +487,12 @@ mod tests {
     #[test]
     fn a_node_knows_its_own_payloads_from_their_first_bytes() {
         let (mine, other) = (node("abc"), node("abcd"));
-        let delta = Payload::encode_frame(&mine, "{}", 0);
+        let delta = Payload::encode_frame(&mine, "{}", asked(0));
         let event =
             Payload::Event { node: mine.clone(), timing: None, log_epoch: "e".into(), event: event(1, "") }.encode();
         assert!(published_by(&delta, &mine) && published_by(&event, &mine));
         assert!(!published_by(&delta, &other) && !published_by(&event, &other));
-        assert!(!published_by(&Payload::encode_frame(&other, "{}", 0), &mine), "a longer id is another node");
+        assert!(!published_by(&Payload::encode_frame(&other, "{}", asked(0)), &mine), "a longer id is another node");
         assert!(!published_by(b"H", &mine) && !published_by(b"", &mine) && !published_by(b"Eab", &mine));
     }
 
@@ -522,12 +533,12 @@ mod tests {
         }
 
         #[test]
-        fn frames_round_trip(frame in any::<String>()) {
-            round_trip(Payload::Frame { node: node("a1"), frame: frame.into(), epoch: 0 });
+        fn frames_round_trip(frame in any::<String>(), epoch in any::<u64>()) {
+            round_trip(Payload::Frame { node: node("a1"), frame: frame.into(), asked: asked(epoch) });
         }
 
         #[test]
-        fn arbitrary_bytes_never_panic(raw in prop::collection::vec(any::<u8>(), 0..64), kind in prop::sample::select(vec![b'E', b'd', b'H'])) {
+        fn arbitrary_bytes_never_panic(raw in prop::collection::vec(any::<u8>(), 0..64), kind in prop::sample::select(vec![b'E', b'f', b'H'])) {
             let _ = Payload::decode(Bytes::from([&[kind][..], &raw[..]].concat()));
             let _ = Payload::decode(Bytes::from(raw));
         }

@@ -438,12 +438,11 @@ async fn a_late_delta_of_a_lost_logs_reply_never_follows_agent_joined_in_the_log
     let mut customer = Client::connect(&hub.ws_url("tenant=bank&user=relost")).await;
     customer.ask("q1", "Tell me about the Gold Card").await;
     let conversation = customer.conversation();
-    let tag = format!("fengda:conv:{{bank:{conversation}}}");
-    let meta = format!("{tag}:meta");
+    let meta = format!("fengda:conv:{{bank:{conversation}}}:meta");
     let lost = redis.cli(&["HGET", &meta, "epoch"]).await;
     // The log is lost, and the customer's next visit starts it again under
     // the same id: its owner epochs count from 0 again.
-    assert_eq!(redis.cli(&["DEL", &meta, &format!("{tag}:log"), &format!("{tag}:ids")]).await, "3");
+    lose_log(&redis, "bank", &conversation).await;
     customer.send_message("q2", "Hello?").await;
     assert_eq!(customer.expect("error").await["code"], "conversation_not_found");
     customer.expect_close().await;
@@ -455,13 +454,28 @@ async fn a_late_delta_of_a_lost_logs_reply_never_follows_agent_joined_in_the_log
     let mut anna = agent(hub, "anna").await;
     anna.send_json(serde_json::json!({"type": "take", "conversation": conversation})).await;
     while anna.next().await["type"] != "owner" {}
+    // Another node's reply asked in the lost log, under its owner epoch 2
+    // (above the new log's 1: the two do not compare), still streams. This
+    // node's fan-out followed the takeover and drops it.
+    let deltas = [(&lost[..], 2, "late"), (&log[..], 1, "current")];
+    publish_deltas_of_another_node(&redis, &conversation, deltas).await;
+    expect_only_the_current_delta_after_agent_joined(&mut back).await;
+    // Sockets that join afresh (this node had none left) learn of the
+    // takeover from their snapshots, and their writers drop it.
+    drop((back, anna));
+    let channel = format!("fengda:conv:{{bank:{conversation}}}:events");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while redis.cli(&["PUBSUB", "NUMSUB", &channel]).await != format!("{channel}\n0") {
+        assert!(tokio::time::Instant::now() < deadline, "the node still follows the conversation");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let url = format!("tenant=bank&user=relost&conversation={conversation}&after=0");
+    let mut again = Client::connect(&hub.ws_url(&url)).await;
     let mut bob = agent(hub, "bob").await;
     bob.send_json(serde_json::json!({"type": "watch", "conversation": conversation})).await;
     assert_eq!(bob.expect("watching").await["owner_epoch"], 1);
-    // Another node's reply asked in the lost log, under its owner epoch 2
-    // (above the new log's 1: the two do not compare), still streams.
-    publish_deltas_of_another_node(&redis, &conversation, [(&lost, 2, "late"), (&log, 1, "current")]).await;
-    for socket in [&mut back, &mut bob] {
+    publish_deltas_of_another_node(&redis, &conversation, deltas).await;
+    for socket in [&mut again, &mut bob] {
         expect_only_the_current_delta_after_agent_joined(socket).await;
     }
 }

@@ -17,11 +17,13 @@
 //! the log with its own cursor), so a socket's frames are never reordered.
 //!
 //! The fan-out is also where a takeover fences an assistant's reply: frames
-//! carry the owner epoch they were produced under, and once this node has
-//! delivered the event of an owner change (an event with `owner_epoch`),
-//! frames of an older epoch are dropped here (under the same entry lock as
-//! the event, so none slips in after it), and the replies streaming here
-//! under an older epoch ([`FanOut::hold`]) are told to stop. Each socket's
+//! carry what their reply was asked under (the log incarnation and the
+//! owner epoch in it, [`OwnerEpoch`]), and once this node has delivered the
+//! event of an owner change (an event with `owner_epoch`), frames of the
+//! replies it takes over ([`Cursor::fences_off`]: an older owner epoch, or
+//! a log lost since) are dropped here (under the same entry lock as the
+//! event, so none slips in after it), and those replies streaming here
+//! ([`FanOut::hold`]) are told to stop. Each socket's
 //! writer keeps the same fence for itself ([`Outbound::Frames`]): a socket
 //! that joins after a takeover learns of it from its snapshot, before this
 //! node's entry of the conversation (made by that join) could. Agent-only
@@ -109,8 +111,8 @@ struct Local {
     /// (a replay overlapping live traffic) is dropped here, once for all
     /// sessions, and so is one of a log incarnation left behind (the log
     /// was lost and recreated: the new log's seqs start again at 1). Also
-    /// the latest owner change given them: a reply's frames of an older
-    /// owner epoch are dropped.
+    /// the latest owner change given them: the frames of a reply it takes
+    /// over are dropped ([`Cursor::fences_off`]).
     delivered: Cursor,
     /// Taken by this node's appends to the conversation (made by the first).
     turn: Option<AppendTurn>,
@@ -313,7 +315,9 @@ impl FanOut {
             Step::Stale => return,
             // A new log: its seqs and its owner epochs start again.
             Step::NewLog => local.delivered.restart(epoch, 0),
-            Step::Seen | Step::Next | Step::Gap => {}
+            // A cursor that had not learnt its log learns it now, before an
+            // owner change of it is judged (seq 0: nothing handed on yet).
+            Step::Seen | Step::Next | Step::Gap => local.delivered.advance_in(epoch, 0),
         }
         let conversation = key.conversation().as_str();
         // An owner change fences even when its event is one these sessions

@@ -1,6 +1,7 @@
 //! The fan-out's part in ownership ([`crate::owner`]): the replies
-//! streaming on this node under an owner epoch, told to stop when a later
-//! owner change is delivered here (the takeover fence), and the
+//! streaming on this node, each with what it was asked under, told to stop
+//! when an owner change that takes them over is delivered here (the
+//! takeover fence, [`Cursor::fences_off`](crate::event::Cursor::fences_off)), and the
 //! conversations seen waiting for a person, for the hand-over's timeout
 //! ([`crate::session::handoff`]).
 

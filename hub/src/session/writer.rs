@@ -33,8 +33,8 @@ pub(super) struct Replay {
     pub intro: Vec<Utf8Bytes>,
     /// The durable events the client has (or is about to have), and the
     /// latest owner change it was told of (by its snapshot, or an event
-    /// sent since): a reply's frames of an older owner epoch are dropped
-    /// ([`Outbound::Frames`]).
+    /// sent since): the frames of a reply it takes over are dropped
+    /// ([`Outbound::Frames`], [`Cursor::fences_off`]).
     pub sent: Cursor,
     /// `fengda_hub_frame_delivery_seconds`, looked up once per session.
     pub delivery: metrics::Histogram,
@@ -258,9 +258,10 @@ mod tests {
         let mut sent = Cursor::in_epoch(log, 4).with_owner(1);
         let frames = frames_before_close(queued.into_iter(), &mut sent);
         let texts: Vec<_> = frames.iter().map(Utf8Bytes::as_str).collect();
-        assert_eq!(texts, ["delta-1", "agent_joined", "queued", "delta-3"], "nothing of epoch 1 after the change to 2");
+        let nothing_older = "nothing of epoch 1 after the change to 2, and no `owner` frame";
+        assert_eq!(texts, ["delta-1", "agent_joined", "queued", "delta-3"], "{nothing_older}");
         let fenced = sent.fences_off(in_log(1)) && !sent.fences_off(in_log(2));
-        assert!(fenced, "a customer's socket is never sent the `owner` frame itself");
+        assert!(fenced, "the `owner` item raised the fence");
         // A socket whose snapshot told it of the change drops them from the start.
         let mut sent = Cursor::in_epoch(log, 5).with_owner(2);
         assert!(frames_before_close(vec![reply(in_log(1), "delta-1")].into_iter(), &mut sent).is_empty());

@@ -299,12 +299,21 @@ fn an_owner_change_of_a_recreated_log_takes_over_the_replies_of_the_lost_one() {
     let (customer, mut rx) = session(16);
     fanout.join(&key(), customer.clone()).unwrap();
     fanout.deliver_event(&key(), epoch(), &customer_event(1), Some(customer.id), None);
-    // Asked at owner epoch 2 of the old log (taken over and handed back before).
+    // Taken over and handed back: the old log is at owner epoch 2.
+    for (seq, event) in [(2, SystemEvent::AgentJoined), (3, SystemEvent::AgentLeft)] {
+        let mut change = customer_event(seq);
+        (change.from, change.event, change.owner_epoch) = (Role::System, Some(event), Some(seq - 1));
+        fanout.deliver_event(&key(), epoch(), &change, None, None);
+    }
+    assert!(!fanout.deliver_frames(&key(), vec![Utf8Bytes::from_static("delta")], asked(1)));
+    // Asked at owner epoch 2 of the old log.
     let old_reply = CancellationToken::new();
     fanout.hold(&key(), asked(2), old_reply.clone());
     // The log is lost and recreated; its owner epochs start again.
     let new = LogEpoch::of("a07c3e91f6d2");
+    let in_new = |epoch| OwnerEpoch { log: new, epoch };
     fanout.deliver_event(&key(), new, &customer_event(1), None, None);
+    assert!(fanout.deliver_frames(&key(), vec![Utf8Bytes::from_static("delta")], in_new(0)), "the fence starts again");
     assert!(fanout.deliver_frames(&key(), vec![Utf8Bytes::from_static("delta")], asked(2)), "no takeover yet");
     assert!(!old_reply.is_cancelled());
     // An agent takes the new log over (its owner epoch 1, below the old reply's 2).
@@ -313,7 +322,6 @@ fn an_owner_change_of_a_recreated_log_takes_over_the_replies_of_the_lost_one() {
     fanout.deliver_event(&key(), new, &joined, None, None);
     assert!(old_reply.is_cancelled(), "the lost log's reply stops");
     assert!(!fanout.deliver_frames(&key(), vec![Utf8Bytes::from_static("delta")], asked(2)), "and is fenced off");
-    let in_new = |epoch| OwnerEpoch { log: new, epoch };
     assert!(fanout.deliver_frames(&key(), vec![Utf8Bytes::from_static("delta")], in_new(1)));
     let late = CancellationToken::new();
     fanout.hold(&key(), asked(3), late.clone());
@@ -324,7 +332,7 @@ fn an_owner_change_of_a_recreated_log_takes_over_the_replies_of_the_lost_one() {
             _ => None,
         })
         .collect();
-    assert_eq!(writers_fence, [in_new(1)], "each writer learns the change with its log");
+    assert_eq!(writers_fence, [asked(1), asked(2), in_new(1)], "each writer learns each change with its log");
 }
 
 fn agent_handle(agent: &str, tx: mpsc::Sender<Box<Outbound>>) -> SessionHandle {
